@@ -1,0 +1,187 @@
+"""Configuration tree: one pydantic model per task, nested like Rubin's config fields.
+
+The same models are the library's arguments, the CLI's ``--config`` JSON and
+the HTTP request schema, so every default lives here and only here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "KernelConfig",
+    "SourcesConfig",
+    "DetectionConfig",
+    "DecorrelationConfig",
+    "ScaleVarianceConfig",
+    "MetricsConfig",
+    "SubtractionConfig",
+    "Mode",
+]
+
+Mode = Literal["auto", "convolveTemplate", "convolveScience", "preconvolve"]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KernelConfig(_Config):
+    """Alard-Lupton basis and solver (algorithm.md section 9.3)."""
+
+    kernel_size: int = Field(21, description="Kernel width when not scaling by FWHM (odd).")
+    scale_by_fwhm: bool = Field(True, description="Size the basis from the two PSF widths.")
+    kernel_size_fwhm_scaling: float = Field(6.0, gt=0, description="Kernel size in widest sigma.")
+    kernel_size_min: int = Field(21, ge=3, description="Smallest kernel width.")
+    kernel_size_max: int = Field(35, ge=3, description="Largest kernel width.")
+    alard_n_gauss: int = Field(3, ge=1, description="Number of Gaussians in the basis.")
+    alard_deg_gauss: list[int] = Field([4, 2, 2], description="Polynomial degree per Gaussian.")
+    alard_sig_gauss: list[float] = Field(
+        [0.7, 1.5, 3.0], description="Gaussian sigmas used when the PSFs are equal (pixels)."
+    )
+    alard_gauss_beta: float = Field(2.0, gt=0, description="Ratio of successive Gaussian sigmas.")
+    alard_min_sig: float = Field(0.7, gt=0, description="Smallest sigma when convolving.")
+    alard_min_sig_deconv: float = Field(0.4, gt=0, description="Smallest sigma when deconvolving.")
+    spatial_kernel_order: int = Field(1, ge=0, le=4, description="Chebyshev order of the kernel.")
+    spatial_bg_order: int = Field(2, ge=0, le=4, description="Chebyshev order of the background.")
+    fit_for_background: bool = Field(True, description="Fit a differential background.")
+    size_cell_x: int = Field(128, ge=16, description="Spatial cell width (pixels).")
+    size_cell_y: int = Field(128, ge=16, description="Spatial cell height (pixels).")
+    n_star_per_cell: int = Field(5, ge=1, description="Candidates used per cell.")
+    max_spatial_iterations: int = Field(3, ge=1, le=5, description="Spatial fit iterations.")
+    single_kernel_clipping: bool = Field(True, description="Reject candidates by residuals.")
+    kernel_sum_clipping: bool = Field(True, description="Reject candidates by kernel sum.")
+    spatial_kernel_clipping: bool = Field(True, description="Reject by spatial-fit residuals.")
+    candidate_residual_mean_max: float = Field(0.25, gt=0, description="Max |mean| of D/sigma.")
+    candidate_residual_std_max: float = Field(1.5, gt=0, description="Max std of D/sigma.")
+    max_ksum_sigma: float = Field(3.0, gt=0, description="Kernel-sum clip, in clipped sigmas.")
+    use_core_stats: bool = Field(False, description="Residual stats on the stamp core only.")
+    candidate_core_radius: int = Field(3, ge=1, description="Core half-width for core stats.")
+    bad_mask_planes: list[str] = Field(
+        ["NO_DATA", "EDGE", "SAT"], description="Ignored in candidate residual statistics."
+    )
+    constant_variance_weighting: bool = Field(True, description="Weight stamps by median var.")
+    check_condition_number: bool = Field(False, description="Reject ill-conditioned stamps.")
+    max_condition_number: float = Field(5.0e7, gt=0, description="Stamp condition limit.")
+    max_spatial_condition_number: float = Field(1.0e10, gt=0, description="Warning limit.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kernel_size % 2 == 0:
+            raise ValueError("Only odd-sized Alard-Lupton bases allowed (kernel_size)")
+        if len(self.alard_deg_gauss) != self.alard_n_gauss:
+            raise ValueError(
+                f"len(alard_deg_gauss) != alard_n_gauss : "
+                f"{len(self.alard_deg_gauss)} vs {self.alard_n_gauss}"
+            )
+        if len(self.alard_sig_gauss) != self.alard_n_gauss:
+            raise ValueError(
+                f"len(alard_sig_gauss) != alard_n_gauss : "
+                f"{len(self.alard_sig_gauss)} vs {self.alard_n_gauss}"
+            )
+        if self.kernel_size_min > self.kernel_size_max:
+            raise ValueError("kernel_size_min must not exceed kernel_size_max")
+        return self
+
+
+class DetectionConfig(_Config):
+    """Source detection on an exposure (core.sources)."""
+
+    threshold: float = Field(5.0, gt=0, description="Detection threshold in local noise sigmas.")
+    min_pixels: int = Field(5, ge=1, description="Smallest footprint kept (pixels).")
+    background_mesh: int = Field(64, ge=8, description="Background mesh size (pixels).")
+    smooth_with_psf: bool = Field(True, description="Detect on the PSF-smoothed image.")
+
+
+class SourcesConfig(_Config):
+    """Kernel-source selection (algorithm.md sections 3.1 and 9.2, decision 5)."""
+
+    detection: DetectionConfig = Field(default_factory=DetectionConfig)
+    min_snr: float = Field(10.0, gt=0, description="Lowest S/N of a kernel source (exclusive).")
+    max_snr: float = Field(500.0, gt=0, description="Highest S/N of a kernel source (exclusive).")
+    isolation_radius_fwhm: float = Field(
+        2.0, ge=0, description="Reject sources with a detected neighbour within this many FWHM."
+    )
+    max_size_ratio: float = Field(
+        1.5, gt=0, description="Reject sources larger than the PSF by this factor (resolved)."
+    )
+    restrict_kernel_edge_sources: bool = Field(
+        True, description="Keep kernel stamps a kernel width away from the edge."
+    )
+    max_kernel_sources: int = Field(1000, description="Cap on kernel sources (<= 0 disables).")
+    min_kernel_sources: int = Field(3, ge=1, description="Fewest kernel sources to proceed.")
+    exclude_mask_planes: list[str] = Field(
+        ["NO_DATA", "BAD", "SAT", "EDGE", "FAKE", "HIGH_VARIANCE"],
+        description="Reject kernel sources whose stamp touches these planes.",
+    )
+    n_sky_sources: int = Field(100, ge=0, description="Sky positions placed for metrics.")
+    sky_source_radius: float = Field(8.0, gt=0, description="Sky-source footprint radius (px).")
+
+
+class DecorrelationConfig(_Config):
+    """Noise decorrelation afterburner (algorithm.md section 4, decision 4)."""
+
+    ignore_mask_planes: list[str] = Field(
+        ["INTRP", "EDGE", "DETECTED", "SAT", "CR", "BAD", "NO_DATA", "DETECTED_NEGATIVE"],
+        description="Ignored when averaging the input variance planes.",
+    )
+    complete_var_plane_propagation: bool = Field(
+        False, description="Convolve variance planes with the squared filters."
+    )
+    spatially_varying: bool = Field(False, description="Vary the filter across the image.")
+    grid_step: int = Field(256, ge=16, description="Spacing of spatial decorrelation nodes (px).")
+
+
+class ScaleVarianceConfig(_Config):
+    """Rescaling of variance planes to the measured pixel noise (section 1.6)."""
+
+    mask_planes: list[str] = Field(
+        ["DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP"],
+        description="Ignored in the variance-scale estimate.",
+    )
+    limit: float = Field(10.0, gt=1, description="Largest factor accepted.")
+    background_bin_size: int = Field(32, ge=4, description="Background mesh for the estimate.")
+
+
+class MetricsConfig(_Config):
+    """Quality metrics of the difference image (section 6)."""
+
+    footprint_radius_fwhm: float = Field(1.0, gt=0, description="Star footprint radius in FWHM.")
+
+
+class SubtractionConfig(_Config):
+    """Everything a subtraction takes besides its images."""
+
+    mode: Mode = Field("auto", description="Which image is convolved, or preconvolve (score).")
+    do_decorrelation: bool = Field(True, description="Whiten the difference noise.")
+    do_scale_variance: bool = Field(True, description="Rescale input variances to the noise.")
+    do_subtract_background: bool = Field(False, description="Subtract the fitted background.")
+    required_template_fraction: float = Field(
+        0.1, ge=0, le=1, description="Least template coverage to attempt subtraction."
+    )
+    min_template_fraction_for_expected_success: float = Field(
+        0.2, ge=0, le=1, description="Below this a kernel failure is reported as coverage."
+    )
+    bad_mask_planes: list[str] = Field(
+        ["NO_DATA", "BAD", "SAT", "EDGE"],
+        description="Pixels median-filled before preconvolution.",
+    )
+    preserve_template_mask: list[str] = Field(
+        ["NO_DATA", "BAD", "HIGH_VARIANCE"], description="Template planes kept by update_masks."
+    )
+    rename_template_mask: list[str] = Field(
+        ["SAT", "INJECTED", "INJECTED_CORE"], description="Template planes renamed X_TEMPLATE."
+    )
+    preserve_mask_planes: list[str] = Field(
+        ["INJECTED", "INJECTED_CORE", "INJECTED_TEMPLATE", "INJECTED_CORE_TEMPLATE"],
+        description="Planes not dilated by convolution.",
+    )
+    fwhm_exposure_grid: int = Field(10, ge=1, description="Grid for mean PSF FWHM fallback.")
+    fwhm_exposure_buffer: float = Field(0.05, ge=0, lt=0.5, description="Grid edge buffer.")
+    kernel: KernelConfig = Field(default_factory=KernelConfig)
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
+    decorrelation: DecorrelationConfig = Field(default_factory=DecorrelationConfig)
+    scale_variance: ScaleVarianceConfig = Field(default_factory=ScaleVarianceConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)

@@ -1,0 +1,92 @@
+"""Typed errors a user can cause, each with a stable machine-readable code.
+
+The service maps ``code`` to an HTTP status or a failed job; the CLI prints the
+message on one line and exits with status 2.
+"""
+
+__all__ = [
+    "AlsubError",
+    "InvalidExposureError",
+    "InvalidCatalogError",
+    "InvalidConfigError",
+    "IncompatibleInputsError",
+    "PsfError",
+    "InsufficientSourcesError",
+    "NoKernelCandidatesError",
+    "TemplateCoverageError",
+    "ExceedsMaxVarianceScaleError",
+    "KernelSolutionError",
+]
+
+
+class AlsubError(Exception):
+    """Base of every error a user's input can cause."""
+
+    code = "alsub_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidExposureError(AlsubError):
+    """A file or array cannot be read as an exposure."""
+
+    code = "invalid_exposure"
+
+
+class InvalidCatalogError(AlsubError):
+    """A source catalog cannot be read or lacks the required columns."""
+
+    code = "invalid_catalog"
+
+
+class InvalidConfigError(AlsubError):
+    """A configuration value is out of range or inconsistent."""
+
+    code = "invalid_config"
+
+
+class IncompatibleInputsError(AlsubError):
+    """Science and template cannot be subtracted (shape, WCS or band differ)."""
+
+    code = "incompatible_inputs"
+
+
+class PsfError(AlsubError):
+    """A PSF could not be evaluated or estimated."""
+
+    code = "psf_error"
+
+
+class InsufficientSourcesError(AlsubError):
+    """Too few sources to estimate a PSF or fit a kernel."""
+
+    code = "insufficient_sources"
+
+
+class NoKernelCandidatesError(AlsubError):
+    """Every kernel candidate was rejected during the fit."""
+
+    code = "no_kernel_candidates"
+
+
+class TemplateCoverageError(AlsubError):
+    """The template covers too little of the science image."""
+
+    code = "insufficient_template_coverage"
+
+
+class ExceedsMaxVarianceScaleError(AlsubError):
+    """The variance plane disagrees with the pixel noise by more than the limit."""
+
+    code = "variance_scale_exceeded"
+
+
+class KernelSolutionError(AlsubError):
+    """The kernel least-squares system could not be solved (NaN coefficients)."""
+
+    code = "kernel_solution_failed"

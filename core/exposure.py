@@ -1,0 +1,276 @@
+"""Exposures: image, variance and mask planes with their PSF, WCS and calibration.
+
+An `Exposure` is the unit every core function takes and returns. Pixel (row j,
+column i) of the arrays sits at parent position (x0 + i, y0 + j), as in the Rubin
+pipeline; most exposures have ``xy0 = (0, 0)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import InvalidExposureError
+
+if TYPE_CHECKING:
+    from astropy.wcs import WCS
+
+    from .psf import Psf
+
+__all__ = ["MaskPlanes", "PhotoCalib", "Exposure", "DEFAULT_MASK_PLANES"]
+
+#: Rubin's default planes and bits (algorithm.md section 0.5).
+DEFAULT_MASK_PLANES = (
+    "BAD",
+    "SAT",
+    "INTRP",
+    "CR",
+    "EDGE",
+    "DETECTED",
+    "DETECTED_NEGATIVE",
+    "SUSPECT",
+    "NO_DATA",
+)
+
+_MAX_PLANES = 31  # int32 mask, sign bit unused
+
+
+class MaskPlanes:
+    """Named bit planes of an int32 mask.
+
+    Each exposure owns its registry (unlike afw's process-global one), so adding
+    a plane to one exposure never changes another.
+    """
+
+    def __init__(self, planes: dict[str, int] | None = None):
+        self._bits: dict[str, int] = {}
+        source = planes if planes is not None else {n: i for i, n in enumerate(DEFAULT_MASK_PLANES)}
+        for name, bit in source.items():
+            self._set(name, int(bit))
+
+    def _set(self, name: str, bit: int) -> None:
+        if not 0 <= bit < _MAX_PLANES:
+            raise InvalidExposureError(f"mask plane {name!r} has bit {bit}, outside 0..30")
+        if bit in self._bits.values() and self._bits.get(name) != bit:
+            raise InvalidExposureError(f"mask plane {name!r} reuses bit {bit}")
+        self._bits[name.upper()] = bit
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._bits, key=self._bits.__getitem__)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self._bits)
+
+    def __contains__(self, name: str) -> bool:
+        return name.upper() in self._bits
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MaskPlanes) and self._bits == other._bits
+
+    def __repr__(self) -> str:
+        return f"MaskPlanes({self._bits})"
+
+    def copy(self) -> MaskPlanes:
+        return MaskPlanes(self._bits)
+
+    def bit(self, name: str) -> int:
+        """Bit number of ``name``, adding the plane on a free bit if it is new."""
+        key = name.upper()
+        if key not in self._bits:
+            used = set(self._bits.values())
+            free = next((b for b in range(_MAX_PLANES) if b not in used), None)
+            if free is None:
+                raise InvalidExposureError("no free mask bit left for plane " + key)
+            self._bits[key] = free
+        return self._bits[key]
+
+    def value(self, name: str) -> int:
+        """Integer value (1 << bit) of one plane, adding it if new."""
+        return 1 << self.bit(name)
+
+    def get_bitmask(self, names) -> int:
+        """OR of the planes named that exist; unknown names are skipped (as afw does)."""
+        bits = 0
+        for name in names:
+            key = name.upper()
+            if key in self._bits:
+                bits |= 1 << self._bits[key]
+        return bits
+
+    def remove(self, name: str) -> None:
+        self._bits.pop(name.upper(), None)
+
+
+@dataclass
+class PhotoCalib:
+    """Flux scale of an exposure: ``calibration`` nJy per image count.
+
+    Pairs with different zero points are handled by the kernel sum (the flux
+    ratio); this calibration is used for limiting magnitudes and reporting.
+    """
+
+    calibration: float = 1.0
+
+    @property
+    def zero_point(self) -> float:
+        """AB magnitude of an instrumental flux of 1 count."""
+        return 31.4 - 2.5 * math.log10(self.calibration)
+
+    @classmethod
+    def from_zero_point(cls, zero_point: float) -> PhotoCalib:
+        return cls(calibration=10 ** ((31.4 - zero_point) / 2.5))
+
+
+@dataclass
+class Exposure:
+    """A calibrated image with its variance, mask, PSF, WCS and metadata.
+
+    Parameters
+    ----------
+    image : `numpy.ndarray` (ny, nx), float32
+    variance : `numpy.ndarray` (ny, nx), float32, counts squared
+    mask : `numpy.ndarray` (ny, nx), int32 bit planes named by ``mask_planes``
+    mask_planes : `MaskPlanes`
+    psf : `core.psf.Psf` or None
+    wcs : `astropy.wcs.WCS` or None
+    photo_calib : `PhotoCalib` or None
+    band : str or None
+        Filter/band label; science and template must agree when both are set.
+    metadata : dict
+        Header keywords (GAIN, RDNOISE, EXPTIME, ...) carried through to outputs.
+    xy0 : (int, int)
+        Parent position of pixel [0, 0].
+    variance_source : str
+        Where the variance came from ("VARIANCE HDU", "gain/read noise", ...).
+    """
+
+    image: np.ndarray
+    variance: np.ndarray
+    mask: np.ndarray
+    mask_planes: MaskPlanes = field(default_factory=MaskPlanes)
+    psf: Psf | None = None
+    wcs: WCS | None = None
+    photo_calib: PhotoCalib | None = None
+    band: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    xy0: tuple[int, int] = (0, 0)
+    variance_source: str = "given"
+
+    def __post_init__(self) -> None:
+        self.image = np.asarray(self.image, dtype=np.float32)
+        self.variance = np.asarray(self.variance, dtype=np.float32)
+        self.mask = np.asarray(self.mask, dtype=np.int32)
+        if self.image.ndim != 2:
+            raise InvalidExposureError(f"image must be 2-D, got {self.image.ndim}-D")
+        if self.variance.shape != self.image.shape or self.mask.shape != self.image.shape:
+            raise InvalidExposureError(
+                f"planes differ in shape: image {self.image.shape}, "
+                f"variance {self.variance.shape}, mask {self.mask.shape}"
+            )
+        self.xy0 = (int(self.xy0[0]), int(self.xy0[1]))
+
+    @classmethod
+    def from_arrays(cls, image, variance=None, mask=None, **kwargs) -> Exposure:
+        """Build an exposure; a missing variance is 1, a missing mask is 0."""
+        image = np.asarray(image, dtype=np.float32)
+        if variance is None:
+            variance = np.ones_like(image)
+        if mask is None:
+            mask = np.zeros(image.shape, dtype=np.int32)
+        return cls(image=image, variance=variance, mask=mask, **kwargs)
+
+    # geometry -----------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.image.shape  # type: ignore[return-value]
+
+    @property
+    def width(self) -> int:
+        return self.image.shape[1]
+
+    @property
+    def height(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int]:
+        """Inclusive parent box (min_x, min_y, max_x, max_y)."""
+        x0, y0 = self.xy0
+        return (x0, y0, x0 + self.width - 1, y0 + self.height - 1)
+
+    def bbox_center(self) -> tuple[float, float]:
+        """Centre of the inclusive box, ((min+max)/2), as afw's getCenter."""
+        min_x, min_y, max_x, max_y = self.bbox
+        return ((min_x + max_x) / 2.0, (min_y + max_y) / 2.0)
+
+    def pixel_grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """Parent x (columns) and y (rows) coordinates as 1-D arrays."""
+        x0, y0 = self.xy0
+        return (
+            np.arange(self.width, dtype=np.float64) + x0,
+            np.arange(self.height, dtype=np.float64) + y0,
+        )
+
+    # copies and cutouts ------------------------------------------------------------
+    def copy(self) -> Exposure:
+        """Deep copy of the pixels and the mask registry; PSF and WCS are shared (immutable use)."""
+        return replace(
+            self,
+            image=self.image.copy(),
+            variance=self.variance.copy(),
+            mask=self.mask.copy(),
+            mask_planes=self.mask_planes.copy(),
+            metadata=copy.deepcopy(self.metadata),
+        )
+
+    def cutout(self, bbox: tuple[int, int, int, int]) -> Exposure:
+        """Sub-exposure over an inclusive parent box; PSF/WCS keep parent coordinates.
+
+        PSFs are evaluated in parent coordinates and the WCS is shifted by the
+        slice, so sky positions of pixels do not change.
+        """
+        min_x, min_y, max_x, max_y = bbox
+        x0, y0 = self.xy0
+        i0, j0 = min_x - x0, min_y - y0
+        i1, j1 = max_x - x0 + 1, max_y - y0 + 1
+        if i0 < 0 or j0 < 0 or i1 > self.width or j1 > self.height or i1 <= i0 or j1 <= j0:
+            raise InvalidExposureError(f"cutout box {bbox} is not inside {self.bbox}")
+        wcs = self.wcs[j0:j1, i0:i1] if self.wcs is not None else None
+        return replace(
+            self,
+            image=self.image[j0:j1, i0:i1].copy(),
+            variance=self.variance[j0:j1, i0:i1].copy(),
+            mask=self.mask[j0:j1, i0:i1].copy(),
+            mask_planes=self.mask_planes.copy(),
+            metadata=copy.deepcopy(self.metadata),
+            wcs=wcs,
+            xy0=(min_x, min_y),
+        )
+
+    # masks ---------------------------------------------------------------------------
+    def bitmask(self, names) -> int:
+        return self.mask_planes.get_bitmask(names)
+
+    def masked(self, names) -> np.ndarray:
+        """Boolean array: True where any of the named planes is set."""
+        bits = self.bitmask(names)
+        return (self.mask & bits) != 0 if bits else np.zeros(self.shape, dtype=bool)
+
+    def set_plane(self, name: str, where: np.ndarray) -> None:
+        self.mask[where] |= self.mask_planes.value(name)
+
+    def clear_plane(self, name: str) -> None:
+        if name in self.mask_planes:
+            self.mask &= ~np.int32(self.mask_planes.value(name))
+
+    def plane_counts(self) -> dict[str, int]:
+        """Number of pixels with each plane set."""
+        return {
+            name: int(np.count_nonzero(self.mask & (1 << bit)))
+            for name, bit in self.mask_planes.as_dict().items()
+        }
