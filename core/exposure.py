@@ -268,6 +268,19 @@ class Exposure:
         if name in self.mask_planes:
             self.mask &= ~np.int32(self.mask_planes.value(name))
 
+    def or_mask_from(self, other: Exposure) -> None:
+        """OR ``other``'s mask into this one by plane name (planes are added as needed).
+
+        Bit numbers may differ between the two registries (e.g. SAT_TEMPLATE),
+        so bits are mapped by name rather than OR'ed raw.
+        """
+        for name, bit in other.mask_planes.as_dict().items():
+            has = (other.mask & (1 << bit)) != 0
+            if has.any():
+                self.mask[has] |= self.mask_planes.value(name)
+            else:
+                self.mask_planes.bit(name)
+
     def plane_counts(self) -> dict[str, int]:
         """Number of pixels with each plane set."""
         return {
