@@ -1,0 +1,691 @@
+"""The subtraction tasks: Alard-Lupton (difference) and preconvolution (score).
+
+`AlardLuptonSubtractTask.run` reads top to bottom as algorithm.md 1.3: prepare
+the inputs, choose the direction, fit the matching kernel, convolve, subtract,
+decorrelate, measure. `AlardLuptonPreconvolveSubtractTask` (1.4) first
+correlates the science image with its own PSF and returns the score image.
+Inputs are never mutated (decision 7).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from .basis import kernel_size_for, make_kernel_basis
+from .config import SubtractionConfig
+from .convolve import convolve_exposure
+from .decorrelate import decorrelate_difference
+from .errors import (
+    IncompatibleInputsError,
+    InsufficientSourcesError,
+    KernelSolutionError,
+    NoKernelCandidatesError,
+    PsfError,
+    TemplateCoverageError,
+)
+from .exposure import Exposure
+from .kernel import BackgroundModel, SpatialKernel, fit_psf_matching_kernel
+from .metrics import compute_difference_metrics, limiting_magnitude, noise_statistics
+from .psf import SIGMA_TO_FWHM, estimate_psf
+from .sources import detect_sources, select_kernel_sources, sky_sources
+from .task import Task
+from .variance import scale_variance
+
+__all__ = [
+    "SubtractionResult",
+    "AlardLuptonSubtractTask",
+    "AlardLuptonPreconvolveSubtractTask",
+    "run_subtraction",
+]
+
+log = logging.getLogger("alsub.subtract")
+
+Progress = Callable[[str, float], None]
+
+#: Stage names reported to progress callbacks, with the fraction done when they start.
+STAGES = {
+    "prepare": 0.0,
+    "select": 0.15,
+    "fit": 0.25,
+    "convolve": 0.5,
+    "decorrelate": 0.7,
+    "metrics": 0.9,
+}
+
+
+@dataclass
+class SubtractionResult:
+    """Products of a subtraction (field names follow Rubin's result struct).
+
+    ``difference`` is set by the AL task, ``score`` by the preconvolution task.
+    ``background_model`` is the background that was subtracted (None unless
+    ``do_subtract_background``; always the fitted one for the score, as Rubin
+    does); ``fitted_background`` is always the fitted model.
+    """
+
+    difference: Exposure | None = None
+    score: Exposure | None = None
+    matched_template: Exposure | None = None
+    matched_science: Exposure | None = None
+    background_model: BackgroundModel | None = None
+    fitted_background: BackgroundModel | None = None
+    psf_matching_kernel: SpatialKernel | None = None
+    kernel_sources: Any = None
+    mode: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def output(self) -> Exposure:
+        """The main product: the score in preconvolve mode, else the difference."""
+        out = self.score if self.score is not None else self.difference
+        assert out is not None
+        return out
+
+    @property
+    def output_name(self) -> str:
+        return "score" if self.score is not None else "difference"
+
+
+class _SubtractBase(Task):
+    """Preparation, masks, PSF sizes and kernel fitting shared by both tasks."""
+
+    ConfigClass = SubtractionConfig
+    config: SubtractionConfig
+
+    def __init__(
+        self, config: SubtractionConfig | None = None, progress: Progress | None = None, **kwargs
+    ):
+        super().__init__(config=config, **kwargs)
+        self.progress = progress
+        self.make_subtask("makeKernel")
+        self.make_subtask("decorrelate")
+
+    # progress -------------------------------------------------------------------------
+    def _stage(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress(name, STAGES.get(name, 0.0))
+
+    # preparation ----------------------------------------------------------------------
+    def _prepare_inputs(self, template: Exposure, science: Exposure, sources):
+        """Validate, check coverage, detect sources, rescale variances, update masks, size PSFs.
+
+        Works in place on the (already copied) inputs; returns the source catalog.
+        """
+        self._validate(template, science)
+        coverage = self._template_coverage(template, science)
+        self.metadata["templateCoveragePercent"] = 100.0 * coverage
+        required = self.config.required_template_fraction
+        if coverage < required:
+            raise TemplateCoverageError(
+                f"Insufficient Template Coverage. ({100 * coverage:.1f}% < {100 * required:.1f}%) "
+                "Not attempting subtraction. Supply a template that covers the science image, "
+                "or set required_template_fraction=0 to force subtraction."
+            )
+        for exposure, label in ((science, "science"), (template, "template")):
+            if exposure.psf is None:
+                try:
+                    exposure.psf = estimate_psf(exposure)
+                except PsfError as exc:
+                    raise PsfError(
+                        f"the {label} image has no PSF and none could be estimated: {exc.message}"
+                    ) from None
+        if sources is None:
+            sources = detect_sources(science, self.config.sources.detection, psf=science.psf)
+        if self.config.do_scale_variance:
+            self.metadata["scaleTemplateVarianceFactor"] = scale_variance(
+                template, self.config.scale_variance
+            )
+            self.metadata["scaleScienceVarianceFactor"] = scale_variance(
+                science, self.config.scale_variance
+            )
+        # remember where sources are before update_masks clears DETECTED: metrics need
+        # empty sky for noise figures and sky-source footprints
+        detected = science.masked(["DETECTED", "DETECTED_NEGATIVE"])
+        self.source_mask = ndimage.binary_dilation(detected, iterations=3)
+        self.sky = sky_sources(
+            science,
+            n=self.config.sources.n_sky_sources,
+            radius=self.config.sources.sky_source_radius,
+        )
+        self.update_masks(template, science)
+        self.template_fwhm = self._psf_fwhm(template)
+        self.science_fwhm = self._psf_fwhm(science)
+        self.metadata["templatePsfSize"] = self.template_fwhm
+        self.metadata["sciencePsfSize"] = self.science_fwhm
+        sci_lim = limiting_magnitude(science, self.science_fwhm)
+        tmpl_lim = limiting_magnitude(template, self.template_fwhm)
+        self.metadata["scienceLimitingMagnitude"] = sci_lim
+        self.metadata["templateLimitingMagnitude"] = tmpl_lim
+        self.metadata["diffimLimitingMagnitude"] = _combine_limits(sci_lim, tmpl_lim)
+        return sources
+
+    @staticmethod
+    def _validate(template: Exposure, science: Exposure) -> None:
+        tx0, ty0, tx1, ty1 = template.bbox
+        sx0, sy0, sx1, sy1 = science.bbox
+        if template.band and science.band and template.band != science.band:
+            raise IncompatibleInputsError(
+                f"Science and template exposures have different bands: "
+                f"{science.band} and {template.band}"
+            )
+        if not (tx0 <= sx0 and ty0 <= sy0 and tx1 >= sx1 and ty1 >= sy1):
+            raise IncompatibleInputsError(
+                f"Template bbox does not contain all of the science image: template covers "
+                f"{template.bbox}, science {science.bbox} (min_x, min_y, max_x, max_y). "
+                "Resample the template onto the science pixel grid first."
+            )
+        if template.wcs is not None and science.wcs is not None and template.wcs.has_celestial:
+            # same sky position for the same parent pixel, to 1% of a pixel
+            xs = np.array([sx0, sx1, sx0, sx1, (sx0 + sx1) / 2])
+            ys = np.array([sy0, sy0, sy1, sy1, (sy0 + sy1) / 2])
+            sky_s = science.wcs.pixel_to_world_values(xs - sx0, ys - sy0)
+            pix_t = template.wcs.world_to_pixel_values(*sky_s)
+            err = np.hypot(pix_t[0] + tx0 - xs, pix_t[1] + ty0 - ys)
+            if not np.all(np.isfinite(err)) or err.max() > 0.01:
+                raise IncompatibleInputsError(
+                    "Template and science exposure WCS are not identical "
+                    f"(pixels disagree by up to {np.nanmax(err):.3g} px). "
+                    "Warp the template onto the science WCS first."
+                )
+
+    @staticmethod
+    def _template_coverage(template: Exposure, science: Exposure) -> float:
+        """Fraction of science pixels where neither image has NO_DATA."""
+        sub = template.cutout(science.bbox)
+        no_data = sub.masked(["NO_DATA"]) | science.masked(["NO_DATA"])
+        no_data |= ~np.isfinite(sub.image)
+        return 1.0 - np.count_nonzero(no_data) / no_data.size
+
+    def update_masks(self, template: Exposure, science: Exposure) -> None:
+        """Clear science detections and rename/clear template planes (algorithm.md 5.1)."""
+        science.clear_plane("DETECTED")
+        science.clear_plane("DETECTED_NEGATIVE")
+        if "FAKE" in science.mask_planes:
+            science.set_plane("INJECTED", science.masked(["FAKE"]))
+        planes = template.mask_planes
+        defined = list(planes.names)
+        clear = [p for p in defined if p not in self.config.preserve_template_mask]
+        rename = [p for p in self.config.rename_template_mask if p in planes]
+        if "FAKE" in planes:
+            template.set_plane("INJECTED_TEMPLATE", template.masked(["FAKE"]))
+            rename = [p for p in rename if p != "INJECTED"]
+            clear = [p for p in clear if p != "INJECTED_TEMPLATE"]
+        for name in rename:
+            template.set_plane(f"{name}_TEMPLATE", template.masked([name]))
+        for name in clear:
+            template.clear_plane(name)
+
+    def _psf_fwhm(self, exposure: Exposure) -> float:
+        """PSF FWHM at the average position, else the mean over a grid (algorithm.md 1.2.6)."""
+        psf = exposure.psf
+        position = psf.average_position or exposure.bbox_center()
+        try:
+            return float(psf.fwhm(*position))
+        except Exception:  # noqa: BLE001 - any evaluation failure falls back to the grid
+            log.info(
+                "Unable to evaluate PSF at the average position. Evaluting PSF on a grid of points."
+            )
+        values = []
+        for x, y in _position_grid(
+            exposure, self.config.fwhm_exposure_grid, self.config.fwhm_exposure_buffer
+        ):
+            try:
+                values.append(float(psf.fwhm(x, y)))
+            except Exception:  # noqa: BLE001
+                continue
+        if not values:
+            raise PsfError("Unable to compute PSF FWHM at any position on the exposure.")
+        return float(np.mean(values))
+
+    # kernel -------------------------------------------------------------------------------
+    def _select_sources(self, template, science, sources, matched_psf_size, edge_buffer=0):
+        self._stage("select")
+        k_size = kernel_size_for(self.template_fwhm, matched_psf_size, self.config.kernel)
+        selected = select_kernel_sources(
+            sources,
+            science,
+            template,
+            k_size,
+            self.config.sources,
+            psf_fwhm=self.science_fwhm,
+            edge_buffer=edge_buffer,
+        )
+        self.metadata["nPsfSources"] = len(selected)
+        return selected
+
+    def _fit_kernel(self, reference, target, kernel_sources, reference_fwhm, target_fwhm, bbox):
+        """Fit K and b with K * reference + b ~ target over ``bbox``."""
+        self._stage("fit")
+        basis = make_kernel_basis(reference_fwhm, target_fwhm, self.config.kernel)
+        return fit_psf_matching_kernel(
+            reference,
+            target,
+            kernel_sources,
+            basis,
+            self.config.kernel,
+            bbox=bbox,
+            task=self.makeKernel,
+        )
+
+    def _coverage_guard(self, template, science, exc):
+        """Report a kernel failure as a coverage failure when coverage is low (1.3 step 3)."""
+        coverage = self._template_coverage(template, science)
+        limit = self.config.min_template_fraction_for_expected_success
+        if coverage < limit:
+            return TemplateCoverageError(
+                f"Insufficient Template Coverage. ({100 * coverage:.1f}% < {100 * limit:.1f}%) "
+                f"Template coverage lower than expected to succeed. Failure is tolerable: "
+                f"{exc.message if hasattr(exc, 'message') else exc}"
+            )
+        return exc
+
+    def _convolve(self, exposure: Exposure, kernel) -> Exposure:
+        return convolve_exposure(
+            exposure, kernel, preserve_planes=self.config.preserve_mask_planes, copy_edge=True
+        )
+
+    def finalize(
+        self,
+        template,
+        science,
+        difference,
+        kernel,
+        template_matched=True,
+        preconv_mode=False,
+        preconv_kernel=None,
+        spatially_varying=None,
+    ):
+        """Decorrelate the difference (or score) when ``do_decorrelation`` (algorithm.md 4.2)."""
+        if preconv_kernel is not None and not (template_matched and preconv_mode):
+            raise ValueError(
+                "Pre-convolution kernel is allowed only if preConvMode==True and "
+                "templateMatched==True."
+            )
+        if not self.config.do_decorrelation:
+            return difference
+        self._stage("decorrelate")
+        if spatially_varying is None:
+            spatially_varying = self.config.decorrelation.spatially_varying
+        with self.decorrelate.timer("run"):
+            return decorrelate_difference(
+                difference,
+                science,
+                template.cutout(science.bbox),
+                kernel,
+                template_matched=template_matched,
+                preconv_mode=preconv_mode,
+                preconv_kernel=preconv_kernel,
+                spatially_varying=spatially_varying,
+                config=self.config.decorrelation,
+                task=self.decorrelate,
+            )
+
+    def _base_metrics(self, result: SubtractionResult, science: Exposure) -> dict[str, Any]:
+        kernel = result.psf_matching_kernel
+        metadata = self.metadata
+        metrics = {
+            "mode": result.mode,
+            "kernel_sum": float(kernel.sum(*science.bbox_center())) if kernel else math.nan,
+            "n_kernel_sources": int(metadata.get("nPsfSources", 0)),
+            "n_good_kernel_candidates": int(self.makeKernel.metadata.get("nGoodCandidates", 0)),
+            "kernel_size": int(kernel.size) if kernel else 0,
+            "science_psf_fwhm": metadata.get("sciencePsfSize"),
+            "template_psf_fwhm": metadata.get("templatePsfSize"),
+            "template_coverage_percent": metadata.get("templateCoveragePercent"),
+            "science_variance_scale": metadata.get("scaleScienceVarianceFactor", 1.0),
+            "template_variance_scale": metadata.get("scaleTemplateVarianceFactor", 1.0),
+            "science_limiting_magnitude": metadata.get("scienceLimitingMagnitude"),
+            "template_limiting_magnitude": metadata.get("templateLimitingMagnitude"),
+            "diffim_limiting_magnitude": metadata.get("diffimLimitingMagnitude"),
+            "spatial_condition_number": self.makeKernel.metadata.get("spatialConditionNum"),
+        }
+        if result.fitted_background is not None:
+            metrics["background_coefficients"] = [
+                float(c) for c in np.ravel(result.fitted_background.coefficients)
+            ]
+        metrics.update(noise_statistics(result.output, exclude=self.source_mask))
+        return metrics
+
+    def _finish(self, result: SubtractionResult, science: Exposure) -> SubtractionResult:
+        result.timings = {
+            k.split(".", 1)[1]: v
+            for k, v in self.durations().items()
+            if k.startswith(self.get_full_name() + ".")
+        }
+        result.metrics["timings"] = result.timings
+        result.metadata = self.get_full_metadata()
+        return result
+
+
+class AlardLuptonSubtractTask(_SubtractBase):
+    """PSF-match template and science with an AL kernel and subtract (algorithm.md 1.3)."""
+
+    _default_name = "alardLuptonSubtract"
+
+    def run(self, template: Exposure, science: Exposure, sources=None) -> SubtractionResult:
+        """Subtract ``template`` from ``science``; ``sources`` is an optional catalog.
+
+        Returns a `SubtractionResult` with ``difference`` in the science image's units.
+        """
+        if self.config.mode == "preconvolve":
+            raise ValueError("mode 'preconvolve' is run by AlardLuptonPreconvolveSubtractTask")
+        template, science = template.copy(), science.copy()
+        with self.timer("run"):
+            self._stage("prepare")
+            with self.timer("prepare"):
+                sources = self._prepare_inputs(template, science, sources)
+                convolve_template = self._choose_mode(template, science)
+            matched_psf = self.science_fwhm if convolve_template else self.template_fwhm
+            try:
+                with self.timer("select"):
+                    kernel_sources = self._select_sources(template, science, sources, matched_psf)
+                with self.timer("fit"):
+                    solution = self.run_make_kernel(
+                        template, science, kernel_sources, convolve_template
+                    )
+            except (InsufficientSourcesError, NoKernelCandidatesError, KernelSolutionError) as exc:
+                raise self._coverage_guard(template, science, exc) from None
+            if convolve_template:
+                result = self.run_convolve_template(template, science, solution)
+            else:
+                result = self.run_convolve_science(template, science, solution)
+            result.kernel_sources = kernel_sources
+            self._stage("metrics")
+            with self.timer("metrics"):
+                result.metrics = self.compute_image_metrics(science, result, sources)
+        return self._finish(result, science)
+
+    def _choose_mode(self, template: Exposure, science: Exposure) -> bool:
+        """True to convolve the template (algorithm.md 1.3 step 2)."""
+        mode = self.config.mode
+        if mode == "convolveTemplate":
+            convolve_template = True
+        elif mode == "convolveScience":
+            convolve_template = False
+        elif mode == "auto":
+            try:
+                t_xx, t_yy = _axis_fwhms(template)
+                s_xx, s_yy = _axis_fwhms(science)
+                convolve_template = bool(t_xx <= s_xx or t_yy <= s_yy)
+            except Exception:  # noqa: BLE001 - fall back to the grid-mean FWHMs
+                convolve_template = self.template_fwhm <= self.science_fwhm
+        else:
+            raise ValueError(f"Cannot handle AlardLuptonSubtract mode: {mode}")
+        self.metadata["convolvedExposure"] = "Template" if convolve_template else "Science"
+        return convolve_template
+
+    def run_make_kernel(self, template, science, kernel_sources, convolve_template=True):
+        """Fit the matching kernel in the chosen direction."""
+        bbox = _intersect(template.bbox, science.bbox)
+        if convolve_template:
+            return self._fit_kernel(
+                template, science, kernel_sources, self.template_fwhm, self.science_fwhm, bbox
+            )
+        return self._fit_kernel(
+            science, template, kernel_sources, self.science_fwhm, self.template_fwhm, bbox
+        )
+
+    def run_convolve_template(self, template, science, solution) -> SubtractionResult:
+        """D = S - (K * T + b): the template is matched to the science PSF."""
+        self._stage("convolve")
+        kernel, background = solution.kernel, solution.background
+        with self.timer("convolve"):
+            matched = self._convolve(template, kernel).cutout(science.bbox)
+            matched.psf = science.psf
+            matched.photo_calib = science.photo_calib
+            difference = science.copy()
+            if self.config.do_subtract_background:
+                difference.image -= background.image(difference.shape, difference.xy0)
+            _subtract_in_place(difference, matched)
+        difference = self.finalize(template, science, difference, kernel, template_matched=True)
+        return SubtractionResult(
+            difference=difference,
+            matched_template=matched,
+            matched_science=science,
+            background_model=background if self.config.do_subtract_background else None,
+            fitted_background=background,
+            psf_matching_kernel=kernel,
+            mode="convolveTemplate",
+        )
+
+    def run_convolve_science(self, template, science, solution) -> SubtractionResult:
+        """D = (K * S + b - T) / sum(K): the science is matched to the template PSF.
+
+        Dividing by the kernel sum keeps the difference in science units
+        (decision 2); the matched template is reported in those units too.
+        """
+        self._stage("convolve")
+        kernel, background = solution.kernel, solution.background
+        norm = float(kernel.sum(*science.bbox_center()))
+        with self.timer("convolve"):
+            matched_science = self._convolve(science, kernel)
+            matched_science.psf = template.psf
+            _scale(matched_science, 1.0 / norm)
+            matched_template = template.cutout(science.bbox)
+            matched_template.photo_calib = science.photo_calib
+            _scale(matched_template, 1.0 / norm)
+            difference = matched_science.copy()
+            if self.config.do_subtract_background:
+                difference.image += background.image(difference.shape, difference.xy0) / norm
+            _subtract_in_place(difference, matched_template)
+        difference = self.finalize(template, science, difference, kernel, template_matched=False)
+        return SubtractionResult(
+            difference=difference,
+            matched_template=matched_template,
+            matched_science=matched_science,
+            background_model=background.negated() if self.config.do_subtract_background else None,
+            fitted_background=background,
+            psf_matching_kernel=kernel,
+            mode="convolveScience",
+        )
+
+    def compute_image_metrics(self, science, result: SubtractionResult, sources) -> dict:
+        """Footprint ratios (algorithm.md 6.1) plus kernel, PSF, coverage and noise figures."""
+        metrics = self._base_metrics(result, science)
+        metrics.update(
+            compute_difference_metrics(
+                science, result.difference, sources, self.science_fwhm, self.config, sky=self.sky
+            )
+        )
+        for key in (
+            "differenceFootprintRatioMean",
+            "differenceFootprintRatioStdev",
+            "differenceFootprintSkyRatioMean",
+            "differenceFootprintSkyRatioStdev",
+        ):
+            self.metadata[key] = metrics.get(key)
+        return metrics
+
+
+class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
+    """Score image: science correlated with its PSF minus the matched template (1.4)."""
+
+    _default_name = "alardLuptonPreconvolveSubtract"
+
+    def run(self, template: Exposure, science: Exposure, sources=None) -> SubtractionResult:
+        """Return a `SubtractionResult` whose ``score`` / sqrt(variance) is the detection S/N."""
+        template, science = template.copy(), science.copy()
+        with self.timer("run"):
+            self._stage("prepare")
+            with self.timer("prepare"):
+                sources = self._prepare_inputs(template, science, sources)
+                preconv_kernel = self._preconvolution_kernel(science)
+                self.metadata["convolvedExposure"] = "Preconvolution"
+            self._stage("convolve")
+            with self.timer("preconvolve"):
+                matched_science = self._convolve(self._fill_bad(science), preconv_kernel)
+            self.metadata["preconvolvedSciencePsfSize"] = math.sqrt(2.0) * self.science_fwhm
+            try:
+                with self.timer("select"):
+                    half = preconv_kernel.shape[0] // 2
+                    kernel_sources = self._select_sources(
+                        template,
+                        matched_science,
+                        sources,
+                        math.sqrt(2.0) * self.science_fwhm,
+                        edge_buffer=half,
+                    )
+                result = self.run_preconvolve(
+                    template, science, matched_science, kernel_sources, preconv_kernel
+                )
+            except (InsufficientSourcesError, NoKernelCandidatesError, KernelSolutionError) as exc:
+                raise self._coverage_guard(template, science, exc) from None
+            result.kernel_sources = kernel_sources
+            self._stage("metrics")
+            with self.timer("metrics"):
+                result.metrics = self._base_metrics(result, science)
+                result.metrics["n_interpolated"] = int(self.metadata.get("nInterpolated", 0))
+        return self._finish(result, science)
+
+    def _preconvolution_kernel(self, science: Exposure) -> np.ndarray:
+        """Unit-sum science PSF at its average position, applied by correlation (decision 1)."""
+        psf = science.psf
+        position = psf.average_position or science.bbox_center()
+        stamp = np.asarray(psf.kernel_image(*position), dtype=np.float64)
+        if stamp.shape[0] % 2 == 0 or stamp.shape[1] % 2 == 0:
+            raise ValueError(
+                f"Preconvolution requires an odd-sized PSF kernel, got "
+                f"{stamp.shape[1]}x{stamp.shape[0]}."
+            )
+        return stamp / stamp.sum()
+
+    def _fill_bad(self, exposure: Exposure) -> Exposure:
+        """Copy with bad-plane pixels replaced by the median of the rest (1.4 step 3)."""
+        filled = exposure.copy()
+        bad = filled.masked(self.config.bad_mask_planes) | ~np.isfinite(filled.image)
+        self.metadata["nInterpolated"] = int(np.count_nonzero(bad))
+        if bad.any() and not bad.all():
+            filled.image[bad] = np.nanmedian(filled.image[~bad])
+        return filled
+
+    def run_preconvolve(
+        self, template, science, matched_science, select_sources, preconv_kernel
+    ) -> SubtractionResult:
+        """Fit K * T + b ~ P * S on the inner box, then score = P * S - K * T (- b)."""
+        half = preconv_kernel.shape[0] // 2
+        sx0, sy0, sx1, sy1 = science.bbox
+        inner = (sx0 + half, sy0 + half, sx1 - half, sy1 - half)
+        with self.timer("fit"):
+            solution = self._fit_kernel(
+                template,
+                matched_science,
+                select_sources,
+                self.template_fwhm,
+                math.sqrt(2.0) * self.science_fwhm,
+                inner,
+            )
+        kernel, background = solution.kernel, solution.background
+        self._stage("convolve")
+        with self.timer("convolve"):
+            matched_template = self._convolve(self._fill_bad(template), kernel).cutout(science.bbox)
+            matched_template.psf = science.psf
+            matched_template.photo_calib = science.photo_calib
+            score = matched_science.copy()
+            if self.config.do_subtract_background:
+                score.image -= background.image(score.shape, score.xy0)
+            _subtract_in_place(score, matched_template)
+        score = self.finalize(
+            template,
+            science,
+            score,
+            kernel,
+            template_matched=True,
+            preconv_mode=True,
+            preconv_kernel=preconv_kernel,
+        )
+        frame = np.ones(score.shape, dtype=bool)
+        frame[half : -half or None, half : -half or None] = False
+        score.set_plane("EDGE", frame)
+        return SubtractionResult(
+            score=score,
+            matched_template=matched_template,
+            matched_science=matched_science,
+            background_model=background,
+            fitted_background=background,
+            psf_matching_kernel=kernel,
+            mode="preconvolve",
+        )
+
+
+def run_subtraction(
+    science: Exposure,
+    template: Exposure,
+    config: SubtractionConfig | None = None,
+    sources=None,
+    progress: Progress | None = None,
+) -> SubtractionResult:
+    """Run the task that ``config.mode`` names: the library's one-call entry point.
+
+    Parameters
+    ----------
+    science, template : `Exposure`
+        The template must cover the science image on the same pixel grid.
+    config : `SubtractionConfig` or None
+    sources : `astropy.table.Table` or None
+        Catalog with x, y (and optionally flux); detected on the science image if None.
+    progress : callable(stage, fraction) or None
+        Called as each stage starts.
+    """
+    config = config or SubtractionConfig()
+    task_class = (
+        AlardLuptonPreconvolveSubtractTask
+        if config.mode == "preconvolve"
+        else AlardLuptonSubtractTask
+    )
+    task = task_class(config=config, progress=progress)
+    result = task.run(template, science, sources)
+    if progress is not None:
+        progress("done", 1.0)
+    return result
+
+
+# helpers ------------------------------------------------------------------------------------
+def _subtract_in_place(minuend: Exposure, subtrahend: Exposure) -> None:
+    """Masked-image subtraction: image subtract, variance add, mask OR by plane name."""
+    minuend.image -= subtrahend.image
+    minuend.variance += subtrahend.variance
+    minuend.or_mask_from(subtrahend)
+
+
+def _scale(exposure: Exposure, factor: float) -> None:
+    exposure.image *= np.float32(factor)
+    exposure.variance *= np.float32(factor * factor)
+
+
+def _intersect(a, b):
+    return (max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+
+
+def _axis_fwhms(exposure: Exposure) -> tuple[float, float]:
+    psf = exposure.psf
+    position = psf.average_position or exposure.bbox_center()
+    ixx, iyy, _ = psf.moments(*position)
+    return SIGMA_TO_FWHM * math.sqrt(ixx), SIGMA_TO_FWHM * math.sqrt(iyy)
+
+
+def _position_grid(exposure: Exposure, n: int, buffer: float):
+    min_x, min_y, max_x, max_y = exposure.bbox
+    bx, by = buffer * (max_x - min_x), buffer * (max_y - min_y)
+    for y in np.linspace(min_y + by, max_y - by, n):
+        for x in np.linspace(min_x + bx, max_x - bx, n):
+            yield float(x), float(y)
+
+
+def _combine_limits(science_mag: float, template_mag: float) -> float:
+    """5-sigma limit of the difference: fluxes of the two limits added in quadrature."""
+    if not math.isfinite(science_mag):
+        return math.nan
+    if not math.isfinite(template_mag):
+        return science_mag
+    f_sci = 10 ** (-0.4 * science_mag)
+    f_tmpl = 10 ** (-0.4 * template_mag)
+    return -2.5 * math.log10(math.hypot(f_sci, f_tmpl))
