@@ -20,10 +20,11 @@ import time
 
 
 def _run_case(size: int, mode: str, seed: int, spatially_varying: bool, queue) -> None:
-    from core.config import SubtractionConfig
+    from core.evaluate import measure_quality
     from core.simulate import preset, simulate_pair
+
+    from core.config import SubtractionConfig
     from core.subtract import run_subtraction
-    from tests.quality import measure_quality
 
     t0 = time.perf_counter()
     pair = simulate_pair(preset("varying", size=size, seed=seed))
