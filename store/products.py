@@ -1,0 +1,100 @@
+"""Per-job product directories, published atomically.
+
+A worker builds every product of a job in a fresh temporary directory and
+then renames it to ``<root>/<job_id>``. A redelivered job therefore rewrites
+the same products from scratch and readers never see a half-written set.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["ProductStore", "PRODUCT_FILES"]
+
+#: Product name -> file name inside the job directory.
+PRODUCT_FILES = {
+    "difference": "difference.fits",
+    "score": "score.fits",
+    "matched_template": "matched_template.fits",
+    "matched_science": "matched_science.fits",
+    "kernel": "kernel.fits",
+    "background": "background.fits",
+    "metrics": "metrics.json",
+}
+
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ProductStore:
+    """Directory of job products.
+
+    Parameters
+    ----------
+    root : `pathlib.Path`
+        Directory holding one sub-directory per job (created if missing).
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def job_dir(self, job_id: str) -> Path:
+        """Final directory of ``job_id``'s products."""
+        if not _JOB_ID_RE.match(job_id):
+            raise KeyError(job_id)
+        return self.root / job_id
+
+    def publish(self, job_id: str, build: Callable[[Path], object]) -> list[str]:
+        """Build products in a temporary directory, then swap it in atomically.
+
+        Parameters
+        ----------
+        job_id : `str`
+            Job the products belong to.
+        build : callable
+            ``build(directory)`` writes the product files into ``directory``.
+
+        Returns
+        -------
+        names : `list` of `str`
+            Names (keys of `PRODUCT_FILES`) of the products now published.
+        """
+        final = self.job_dir(job_id)
+        staging = self.root / f".tmp-{job_id}-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            build(staging)
+            if final.exists():
+                # A previous delivery of the same job published already: replace it whole.
+                trash = self.root / f".old-{job_id}-{uuid.uuid4().hex}"
+                os.rename(final, trash)
+                os.rename(staging, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return self.names(job_id)
+
+    def names(self, job_id: str) -> list[str]:
+        """Names of the published products of ``job_id`` (empty when none)."""
+        directory = self.job_dir(job_id)
+        return [name for name, file in PRODUCT_FILES.items() if (directory / file).is_file()]
+
+    def path(self, job_id: str, name: str) -> Path | None:
+        """File of product ``name`` of ``job_id``, or None when it does not exist."""
+        file = PRODUCT_FILES.get(name)
+        if file is None:
+            return None
+        path = self.job_dir(job_id) / file
+        return path if path.is_file() else None
+
+    def delete(self, job_id: str) -> None:
+        """Delete every product of ``job_id``."""
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

@@ -1,0 +1,145 @@
+"""Service settings, read from ``ALSUB_*`` environment variables.
+
+One `Settings` object configures both the API (``app``) and the workers
+(``worker``), so the two always agree on the data directory, the broker and
+the limits. It lives in the shared ``store`` package because neither side may
+import the other's framework.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+def _split_list(value):
+    # Environment variables carry lists as comma- or whitespace-separated text.
+    if isinstance(value, str):
+        return [item for item in value.replace(",", " ").split() if item]
+    return value
+
+
+class Settings(BaseSettings):
+    """Configuration of the alsub service (API and workers).
+
+    Every field reads the environment variable ``ALSUB_<FIELD NAME IN CAPITALS>``;
+    lists are comma-separated.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ALSUB_", extra="ignore")
+
+    data_dir: Path = Field(
+        Path("alsub-data"),
+        description="Directory of exposures, products, job records (embedded) and local broker.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL (e.g. redis://redis:6379/0). Set: Redis is broker and job-record "
+        "store (distributed deployment). Unset: local broker and records under data_dir.",
+    )
+    redis_prefix: str = Field("alsub:", description="Prefix of every Redis key alsub writes.")
+    queue_name: str = Field("alsub", description="Celery queue the subtraction jobs go to.")
+    tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens the API accepts (comma-separated). Empty: no authentication.",
+    )
+    max_upload_bytes: int = Field(
+        512 * 1024**2, gt=0, description="Largest accepted upload (bytes); larger answers 413."
+    )
+    max_pixels: int = Field(
+        8192 * 8192, gt=0, description="Largest accepted image (pixels); larger answers 422."
+    )
+    rate_limit_per_minute: int = Field(
+        600, ge=0, description="Requests per minute per token (or client address); 0 disables."
+    )
+    max_concurrent_jobs: int = Field(
+        8, ge=1, description="Queued plus running jobs per token; more answers 429."
+    )
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories that file:// URIs may point into (comma-separated). "
+        "Empty: URIs are refused.",
+    )
+    soft_time_limit: float = Field(
+        540.0, gt=0, description="Seconds after which a job is asked to stop (fails as time_limit)."
+    )
+    hard_time_limit: float = Field(
+        600.0, gt=0, description="Seconds after which the worker process running a job is killed."
+    )
+    visibility_timeout: float | None = Field(
+        None,
+        description="Seconds before Redis redelivers an unacked job; default hard limit + 300.",
+    )
+    heartbeat_interval: float = Field(
+        5.0, gt=0, description="Seconds between heartbeats a running job writes to its record."
+    )
+    heartbeat_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="A running job whose heartbeat is older than this is requeued (its worker is "
+        "considered lost).",
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Deliveries of one job before it fails as worker_lost."
+    )
+    worker_concurrency: int = Field(
+        1, ge=1, description="Jobs one worker process runs in parallel (Celery prefork children)."
+    )
+    webhook_retries: int = Field(5, ge=0, description="Retries of a failed callback_url POST.")
+    webhook_backoff: float = Field(
+        2.0, ge=0, description="Seconds before the first callback retry; doubles each retry."
+    )
+    webhook_timeout: float = Field(10.0, gt=0, description="Timeout of one callback POST (s).")
+    max_cutout_size: int = Field(1024, ge=8, description="Largest cutout side (pixels).")
+    max_list_limit: int = Field(200, ge=1, description="Largest page of a job listing.")
+    readiness_timeout: float = Field(
+        1.5, gt=0, description="Seconds /readyz waits for a worker to answer a ping."
+    )
+    log_level: str = Field("INFO", description="Log level of the API and workers.")
+    test_stage_delay: float = Field(
+        0.0,
+        ge=0,
+        description="Debug only, off by default: seconds a worker sleeps at every progress report, "
+        "so tests can interrupt or cancel a job mid-run.",
+    )
+
+    @field_validator("tokens", "allowed_roots", mode="before")
+    @classmethod
+    def _lists_from_text(cls, value):
+        return _split_list(value)
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _absolute_roots(cls, roots: list[Path]) -> list[Path]:
+        return [Path(os.path.realpath(root)) for root in roots]
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, path: Path) -> Path:
+        return Path(os.path.abspath(path))
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.soft_time_limit >= self.hard_time_limit:
+            raise ValueError("soft_time_limit must be below hard_time_limit")
+        if self.visibility_timeout is not None and self.visibility_timeout <= self.hard_time_limit:
+            raise ValueError("visibility_timeout must exceed hard_time_limit")
+        return self
+
+    @property
+    def broker_visibility_timeout(self) -> float:
+        """Seconds before an unacknowledged message is redelivered (above the hard limit)."""
+        if self.visibility_timeout is not None:
+            return self.visibility_timeout
+        return self.hard_time_limit + 300.0
+
+    @property
+    def distributed(self) -> bool:
+        """True when Redis carries the queue and the job records."""
+        return bool(self.redis_url)
