@@ -18,6 +18,7 @@ from core.simulate import (
     preset,
     simulate_command,
     simulate_pair,
+    write_pair,
 )
 
 
@@ -337,3 +338,28 @@ def test_presets_and_bad_configs():
         simulate_command("/nonexistent/never", size=64, no_such_field=1)
     rect = simulate_pair(SimulationConfig(size=(96, 64), n_transients=2))
     assert rect.science.shape == (64, 96)
+
+
+def test_write_pair_and_command(tmp_path):
+    from core.io import read_exposure
+
+    pair = simulate_pair(preset("varying", 128, seed=13))
+    paths = write_pair(pair, tmp_path / "pair")
+    assert json.loads(paths["truth"].read_text()) == pair.truth
+    for which in ("science", "template"):
+        original = getattr(pair, which)
+        back = read_exposure(paths[which])
+        np.testing.assert_array_equal(back.image, original.image)
+        np.testing.assert_array_equal(back.variance, original.variance)
+        np.testing.assert_array_equal(back.mask, original.mask)
+        assert back.band == "r"
+        assert back.metadata["GAIN"] == pytest.approx(original.metadata["GAIN"])
+        assert back.psf.fwhm(10, 100) == pytest.approx(original.psf.fwhm(10, 100), rel=1e-3)
+    written = simulate_command(
+        tmp_path / "cli", size=96, seed=3, preset="defects", science_psf={"fwhm": 5.0}
+    )
+    truth = json.loads(written["truth"].read_text())
+    assert truth["config"]["science_psf"]["fwhm"] == 5.0
+    assert truth["config"]["saturation_level"] == 30000.0
+    assert truth["shape"] == [96, 96]
+    assert read_exposure(written["science"]).masked(["BAD"]).any()
