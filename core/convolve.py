@@ -1,0 +1,353 @@
+"""Convolution of exposures by fixed or spatially varying kernels (the hot path).
+
+A spatial kernel of Chebyshev order o is K(X, Y) = sum_t T_t(x', y') K_t with
+(o+1)(o+2)/2 fixed images K_t, so the convolved image is that many full-frame
+correlations weighted pixelwise by the (separable) Chebyshev terms (decision 6),
+and the variance, which needs K^2 = sum_{t,l} T_t T_l K_t K_l, is
+n(n+1)/2 more. Each correlation is an FFT over overlapping tiles that share one
+set of kernel transforms; float32 for the image.
+
+Semantics follow algorithm.md sections 0.2 and 5.3: correlation (no kernel flip),
+variance by the squared kernel, every mask bit OR'ed over the kernel footprint,
+and a border of kernel half-width that cannot be computed (copied and flagged
+EDGE, or set to NaN / NO_DATA / inf).
+
+Non-finite pixels: an FFT would spread one NaN over the whole tile, so
+non-finite inputs are replaced by 0 for the transform and every output pixel
+whose kernel footprint (the full kernel box) touches one is set to NaN (image)
+or NaN/inf (variance), as a direct sum would give.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import scipy.fft as sfft
+
+from .exposure import Exposure
+from .kernel import SpatialKernel
+
+__all__ = ["convolve_exposure", "correlate_image", "or_filter"]
+
+# FFT length of a tile along each axis (power of two: fastest transform sizes here)
+_TILE_FFT = 512
+# use float64 transforms for planes whose dynamic range would let float32 round-off
+# from one huge pixel leak visibly into its tile
+_MAX_FLOAT32_RANGE = 1.0e4
+
+
+def _workers(workers: int | None) -> int:
+    return max(1, int(workers) if workers else (os.cpu_count() or 1))
+
+
+def _axis_plan(n: int, h: int, tile_fft: int) -> tuple[int, list[tuple[int, int]]]:
+    """FFT length and core ranges of the tiles along one axis."""
+    if n + 2 * h <= tile_fft:
+        return sfft.next_fast_len(n + 2 * h, real=True), [(0, n)]
+    length = tile_fft
+    while length - 2 * h < length // 2:  # keep the overlap under half the tile
+        length *= 2
+    core = length - 2 * h
+    return length, [(start, min(start + core, n)) for start in range(0, n, core)]
+
+
+def _kernel_transform(kernel: np.ndarray, shape: tuple[int, int], dtype) -> np.ndarray:
+    """rFFT of k_pad with k_pad(w) = K(-w), so circular convolution with it correlates with K."""
+    ky, kx = kernel.shape
+    pad = np.zeros(shape, dtype=dtype)
+    pad[:ky, :kx] = kernel[::-1, ::-1]
+    pad = np.roll(pad, (-(ky // 2), -(kx // 2)), axis=(0, 1))
+    return sfft.rfft2(pad)
+
+
+def _correlate_weighted(
+    data: np.ndarray,
+    kernels: np.ndarray,
+    wx: np.ndarray | None,
+    wy: np.ndarray | None,
+    *,
+    workers: int | None,
+    dtype=np.float32,
+    tile_fft: int = _TILE_FFT,
+) -> np.ndarray:
+    """sum_t wy[t, Y] wx[t, X] * correlate(data, kernels[t])(X, Y), zero outside the frame.
+
+    Parameters
+    ----------
+    data : (ny, nx) finite array
+    kernels : (m, ky, kx) odd kernels
+    wx, wy : (m, nx), (m, ny) separable weights, or None for unit weights
+    """
+    ny, nx = data.shape
+    m, ky, kx = kernels.shape
+    hy, hx = ky // 2, kx // 2
+    py, rows = _axis_plan(ny, hy, tile_fft)
+    px, cols = _axis_plan(nx, hx, tile_fft)
+    transforms = np.stack([_kernel_transform(k, (py, px), dtype) for k in kernels])
+    out = np.zeros((ny, nx), dtype=dtype)
+    tiles = [(r, c) for r in rows for c in cols]
+    n_threads = min(_workers(workers), len(tiles))
+    fft_workers = 1 if n_threads > 1 else _workers(workers)
+
+    def run(tile):
+        (y0, y1), (x0, x1) = tile
+        # input rows y0-hy .. y1+hy-1 (zero outside the frame) go to buffer rows 0..
+        in_y0, in_y1 = max(y0 - hy, 0), min(y1 + hy, ny)
+        in_x0, in_x1 = max(x0 - hx, 0), min(x1 + hx, nx)
+        buffer = np.zeros((py, px), dtype=dtype)
+        oy, ox = in_y0 - (y0 - hy), in_x0 - (x0 - hx)
+        buffer[oy : oy + in_y1 - in_y0, ox : ox + in_x1 - in_x0] = data[in_y0:in_y1, in_x0:in_x1]
+        spectrum = sfft.rfft2(buffer, workers=fft_workers)
+        acc = np.zeros((y1 - y0, x1 - x0), dtype=dtype)
+        for t in range(m):
+            full = sfft.irfft2(spectrum * transforms[t], s=(py, px), workers=fft_workers)
+            core = full[hy : hy + y1 - y0, hx : hx + x1 - x0]
+            if wx is None:
+                acc += core
+            else:
+                acc += (wy[t, y0:y1, np.newaxis] * wx[t, np.newaxis, x0:x1]).astype(
+                    acc.dtype
+                ) * core
+        out[y0:y1, x0:x1] = acc
+
+    if n_threads > 1:
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            list(pool.map(run, tiles))
+    else:
+        for tile in tiles:
+            run(tile)
+    return out
+
+
+def or_filter(array: np.ndarray, hy: int, hx: int) -> np.ndarray:
+    """Bitwise OR of ``array`` over a (2hy+1) x (2hx+1) box around each pixel (zero outside).
+
+    Works on integer or boolean arrays; separable, with windows built by doubling,
+    so the cost is O(log h) whole-array ORs per axis whatever the bits. Integer
+    arrays whose set bits fit in 8 or 16 bits are filtered in that narrower type.
+    """
+    narrow = array
+    if array.dtype.kind in "iu" and array.dtype.itemsize > 1:
+        present = int(np.bitwise_or.reduce(array, axis=None))
+        if present >= 0:
+            if present < 1 << 8:
+                narrow = array.astype(np.uint8)
+            elif present < 1 << 16 and array.dtype.itemsize > 2:
+                narrow = array.astype(np.uint16)
+    out = _or_filter_1d(_or_filter_1d(narrow, hx, 1), hy, 0)
+    return out.astype(array.dtype, copy=False)
+
+
+def _or_filter_1d(array: np.ndarray, h: int, axis: int) -> np.ndarray:
+    if h <= 0:
+        return array.copy()
+    n = array.shape[axis]
+    window = 2 * h + 1
+
+    def take(start, stop):
+        index = [slice(None)] * array.ndim
+        index[axis] = slice(start, stop)
+        return tuple(index)
+
+    shape = list(array.shape)
+    shape[axis] = n + 2 * h
+    w = np.zeros(shape, dtype=array.dtype)
+    w[take(h, h + n)] = array
+    total = shape[axis]
+    # after each step w[i] = OR of the `length` values starting at i
+    length = 1
+    while 2 * length <= window:
+        w[take(0, total - length)] |= w[take(length, total)]
+        length *= 2
+    return w[take(0, n)] | w[take(window - length, window - length + n)]
+
+
+def _dynamic_dtype(values: np.ndarray):
+    """float32 unless one pixel dwarfs the typical one (its round-off would leak)."""
+    if values.size == 0:
+        return np.float32
+    typical = float(np.median(np.abs(values[::7, ::7])))
+    peak = max(float(values.max()), -float(values.min()))
+    if peak > _MAX_FLOAT32_RANGE * max(typical, float(np.finfo(np.float32).tiny)):
+        return np.float64
+    return np.float32
+
+
+def _kernel_parts(
+    kernel: SpatialKernel | np.ndarray, exposure: Exposure
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Fixed images and separable pixel weights of a kernel over an exposure's pixels."""
+    if isinstance(kernel, SpatialKernel):
+        if not kernel.is_spatially_varying:
+            return kernel.image()[np.newaxis], None, None
+        images = kernel.spatial_images()
+        xs, ys = exposure.pixel_grid()
+        wx, wy = kernel.axis_terms(xs, ys)
+        keep = np.any(images != 0, axis=(1, 2))
+        keep[0] = True
+        return images[keep], wx[keep], wy[keep]
+    image = np.asarray(kernel, dtype=np.float64)
+    if image.ndim != 2 or image.shape[0] % 2 == 0 or image.shape[1] % 2 == 0:
+        raise ValueError(f"kernel image must be 2-D with odd sides, got shape {image.shape}")
+    return image[np.newaxis], None, None
+
+
+def _squared_parts(images, wx, wy):
+    """Images and weights of K^2 = sum_{t<=l} (2 - delta_tl) T_t T_l K_t K_l."""
+    if wx is None:
+        return images**2, None, None
+    sq, sx, sy = [], [], []
+    m = images.shape[0]
+    for t in range(m):
+        for s in range(t, m):
+            sq.append((1.0 if t == s else 2.0) * images[t] * images[s])
+            sx.append(wx[t] * wx[s])
+            sy.append(wy[t] * wy[s])
+    return np.array(sq), np.array(sx), np.array(sy)
+
+
+def _correlate_plane(values, images, wx, wy, *, workers, dtype=None):
+    """Correlate one plane, with the local non-finite handling of the module docstring.
+
+    Returns the result and the boolean arrays of outputs touched by NaN and by +inf.
+    """
+    _, ky, kx = images.shape
+    finite = np.isfinite(values)
+    all_finite = bool(finite.all())
+    data = values if all_finite else np.where(finite, values, 0.0).astype(values.dtype)
+    if dtype is None:
+        dtype = _dynamic_dtype(data)
+    out = _correlate_weighted(data, images, wx, wy, workers=workers, dtype=dtype)
+    if all_finite:
+        return out, None, None
+    hy, hx = ky // 2, kx // 2
+    touched_nan = or_filter(~finite & ~np.isposinf(values), hy, hx)
+    touched_inf = or_filter(np.isposinf(values), hy, hx)
+    return out, touched_nan, touched_inf
+
+
+def correlate_image(
+    image: np.ndarray, kernel: np.ndarray, *, workers: int | None = None
+) -> np.ndarray:
+    """Correlate an image with a fixed kernel by FFT: out(X,Y) = sum K(u,v) in(X+u, Y+v).
+
+    Same output shape as the input; pixels outside the frame count as zero
+    (``scipy.ndimage.correlate(image, kernel, mode="constant")``). Non-finite input
+    pixels make NaN every output whose kernel box touches them (+inf stays +inf
+    when no NaN is involved).
+
+    Parameters
+    ----------
+    image : `numpy.ndarray` (ny, nx)
+    kernel : `numpy.ndarray` (ky, kx), odd sides; pixel (j, i) is offset (j - ky//2, i - kx//2)
+    workers : int or None
+        Threads for the FFTs (default: all cores).
+
+    Returns
+    -------
+    out : `numpy.ndarray` (ny, nx), float32 for float32 input, else float64
+    """
+    image = np.asarray(image)
+    kernel = np.asarray(kernel, dtype=np.float64)
+    if kernel.ndim != 2 or kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
+        raise ValueError(f"kernel must be 2-D with odd sides, got shape {kernel.shape}")
+    out_dtype = np.float32 if image.dtype == np.float32 else np.float64
+    values = image.astype(out_dtype, copy=False)
+    dtype = np.float64 if out_dtype == np.float64 else None
+    out, touched_nan, touched_inf = _correlate_plane(
+        values, kernel[np.newaxis], None, None, workers=workers, dtype=dtype
+    )
+    out = out.astype(out_dtype, copy=False)
+    if touched_inf is not None:
+        out[touched_inf] = np.inf
+        out[touched_nan] = np.nan
+    return out
+
+
+def convolve_exposure(
+    exposure: Exposure,
+    kernel: SpatialKernel | np.ndarray,
+    *,
+    preserve_planes=(),
+    copy_edge: bool = True,
+    workers: int | None = None,
+) -> Exposure:
+    """Convolve an exposure (image, variance, mask) by a fixed or spatially varying kernel.
+
+    The kernel at output pixel (X, Y) is evaluated at that pixel's parent position
+    and applied as a correlation (algorithm.md 0.2). The input is not modified.
+
+    Parameters
+    ----------
+    exposure : `core.exposure.Exposure`
+    kernel : `core.kernel.SpatialKernel` or `numpy.ndarray` (ky, kx) with odd sides
+    preserve_planes : iterable of str
+        Mask planes that are not dilated: they keep exactly their input pixels (5.3).
+    copy_edge : bool
+        True: the border of kernel half-width keeps the input pixels and gets EDGE.
+        False: there image = NaN, mask = NO_DATA, variance = +inf.
+    workers : int or None
+        Threads for the FFTs (default: all cores).
+
+    Returns
+    -------
+    convolved : `core.exposure.Exposure`
+        A copy with image, variance and mask replaced (float32 planes).
+    """
+    images, wx, wy = _kernel_parts(kernel, exposure)
+    ky, kx = images.shape[1:]
+    hy, hx = ky // 2, kx // 2
+    ny, nx = exposure.shape
+    planes = exposure.mask_planes.copy()
+
+    image, nan_i, inf_i = _correlate_plane(
+        exposure.image, images, wx, wy, workers=workers, dtype=np.float32
+    )
+    if nan_i is not None:
+        image[nan_i | inf_i] = np.nan
+    sq_images, sq_wx, sq_wy = _squared_parts(images, wx, wy)
+    variance, nan_v, inf_v = _correlate_plane(
+        exposure.variance, sq_images, sq_wx, sq_wy, workers=workers
+    )
+    if nan_v is not None:
+        variance[inf_v] = np.inf
+        variance[nan_v] = np.nan
+    # a variance is never negative; FFT round-off can dip just below 0 next to zeros
+    np.maximum(variance, 0.0, out=variance)
+
+    preserved = np.int32(planes.get_bitmask(preserve_planes))
+    original = exposure.mask
+    dilating = original & ~preserved
+    mask = or_filter(dilating, hy, hx) if np.any(dilating) else np.zeros_like(original)
+
+    # the border that cannot be computed, as four strips (cheaper than a boolean frame)
+    strips = [
+        np.s_[: min(hy, ny), :],
+        np.s_[max(ny - hy, 0) :, :],
+        np.s_[:, : min(hx, nx)],
+        np.s_[:, max(nx - hx, 0) :],
+    ]
+    for strip in strips:
+        if copy_edge:
+            image[strip] = exposure.image[strip]
+            variance[strip] = exposure.variance[strip]
+            mask[strip] = original[strip] | np.int32(planes.value("EDGE"))
+        else:
+            image[strip] = np.nan
+            variance[strip] = np.inf
+            mask[strip] = np.int32(planes.value("NO_DATA"))
+    if preserved:
+        mask = (mask & ~preserved) | (original & preserved)
+
+    return replace(
+        exposure,
+        image=image.astype(np.float32, copy=False),
+        variance=variance.astype(np.float32, copy=False),
+        mask=mask.astype(np.int32, copy=False),
+        mask_planes=planes,
+        metadata=copy.deepcopy(exposure.metadata),
+    )
