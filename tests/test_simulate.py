@@ -363,3 +363,25 @@ def test_write_pair_and_command(tmp_path):
     assert truth["config"]["saturation_level"] == 30000.0
     assert truth["shape"] == [96, 96]
     assert read_exposure(written["science"]).masked(["BAD"]).any()
+
+
+def test_background_subtracted_sky_keeps_its_noise():
+    cfg = SimulationConfig(
+        size=128, seed=14, n_stars=0, science_sky={"level": 800.0, "subtracted": True}
+    )
+    pair = simulate_pair(cfg)
+    science = pair.science
+    assert abs(np.median(science.image)) < 2.0
+    assert np.median(science.variance) == pytest.approx(800.0 + 25.0, rel=1e-3)
+    assert mad_std(science.image) == pytest.approx(math.sqrt(825.0), rel=0.03)
+    # the template keeps its sky
+    assert np.median(pair.template.image) == pytest.approx(1000.0, abs=2.0)
+
+
+def test_transients_near_defects_are_flagged(defects):
+    transients = defects.truth["transients"]
+    bad = defects.science.masked(["SAT", "BAD"]) | defects.template.masked(["SAT", "BAD"])
+    for x, y, flag in zip(transients["x"], transients["y"], transients["near_defect"], strict=True):
+        ix, iy = int(round(x)), int(round(y))
+        if bad[iy - 3 : iy + 4, ix - 3 : ix + 4].any():
+            assert flag
