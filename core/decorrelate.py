@@ -1,0 +1,662 @@
+"""Noise decorrelation of difference and score images (algorithm.md sections 4.3 and 4.4).
+
+Convolving one image of a pair by the matching kernel correlates the noise of the
+difference. This afterburner whitens it with a Fourier filter that is 1 at zero
+frequency (fluxes are preserved), propagates the variance planes, and attaches the
+PSF of the corrected image (decision 3). With ``spatially_varying`` the filter is
+computed on a grid of nodes from the local kernel and local variances and the
+filtered images are blended with bilinear (tent) weights (decision 4).
+
+Operator convention
+-------------------
+alsub's "convolution" is a correlation (algorithm.md 0.2):
+``out(X, Y) = sum_{u,v} K(u, v) in(X + u, Y + v)``, as `core.convolve` applies
+kernels. A kernel stamp is embedded "centre at origin" (its middle pixel at FFT
+index 0) and ``K^ = FFT(embedded stamp)``. Correlating with K then multiplies
+the image spectrum by ``conj(K^)``, not by ``K^`` as a true convolution would.
+The whitening filter ``phi`` depends only on ``|K^|^2`` (and ``|P^|^2``), so it
+is real, even and the same under either convention; its image-space kernel is
+point symmetric. Where the orientation matters (the per-input transfer functions
+``c1``, ``c2`` used for complete variance propagation) this module uses the
+correlation form: the score's science part is ``conj(P^) phi S^`` and the matched
+template part ``conj(K^) phi T^``; Rubin writes ``c2 = K^ phi``, which differs by
+this conjugate and has the same ``|c2|^2`` (so the default variance is identical).
+
+Forms
+-----
+* difference: ``phi = sqrt((v + vt ksum^2) / (v + vt |K^|^2))``, ``c1 = phi``,
+  ``c2 = conj(K^) phi``. The corrected PSF is the difference PSF convolved with
+  the image-space kernel of ``phi``.
+* score (``preconv_mode``): ``phi = (v + vt ksum^2) / (v + vt |K^|^2 / |P^|^2)``
+  (no square root), ``c1 = conj(P^) phi``, ``c2 = conj(K^) phi``. The score is
+  then the matched-filter output of a whitened difference whose PSF is the input
+  PSF filtered by ``sqrt(phi)``; that PSF is what is attached to the score, so a
+  point source of flux F has score peak ``F sum(P_D^2)`` and
+  ``score / sqrt(variance)`` is its detection S/N.
+
+Here (v, vt) are the clipped-mean variances of the unconvolved and convolved
+input (science and template when the template was matched, swapped otherwise).
+In convolveScience mode the difference arrives divided by the kernel sum
+(decision 2), ``D = (K * S + b - T) / ksum``; its whitened noise is
+``(v + vt ksum^2) / ksum^2`` with v = template and vt = science variance, which is
+exactly section 4.3.8's extra division of the variance by ``ksum^2``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import fft as sfft
+from scipy.signal import fftconvolve
+
+from .config import DecorrelationConfig
+from .errors import IncompatibleInputsError, InvalidExposureError
+from .exposure import Exposure
+from .psf import Psf
+
+__all__ = [
+    "decorrelate_difference",
+    "decorrelation_filter",
+    "decorrelation_filters",
+    "DecorrelationFilters",
+    "DecorrelatedPsf",
+    "clipped_mean",
+    "filter_kernel_image",
+    "node_positions",
+]
+
+log = logging.getLogger(__name__)
+
+#: 0.741301109252802 * IQR is the sigma of a Gaussian (afw Statistics, section 0.4).
+_IQR_TO_SIGMA = 0.741301109252802
+#: Floor of |P^|^2 in the score filter: 1000 x the smallest positive normal double.
+_PSF_POWER_FLOOR = 1000.0 * np.finfo(np.float64).tiny
+#: Ratio vt / v above which the correction diverges (section 4.3 step 4).
+_DIVERGING_RATIO = 1e8
+_FFT_WORKERS = 2
+
+
+# ----------------------------------------------------------------------------------------
+# statistics
+def clipped_mean(
+    values: np.ndarray, good: np.ndarray | None = None, n_sigma: float = 3.0, n_iter: int = 3
+) -> float:
+    """Clipped mean as afw ``MEANCLIP`` (algorithm.md section 0.4).
+
+    Parameters
+    ----------
+    values : `numpy.ndarray`
+        Pixel values, any shape.
+    good : `numpy.ndarray` of bool or None
+        Pixels to use (unmasked); non-finite values are always ignored.
+    n_sigma : float
+        Clipping half-width in sigmas.
+    n_iter : int
+        Clipping passes. The first is centred on the median with sigma
+        ``0.7413 x IQR``; later ones on the previous clipped mean with its
+        unbiased standard deviation.
+
+    Returns
+    -------
+    mean : float
+        NaN when no pixel is usable.
+    """
+    x = np.asarray(values)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
+    keep = np.isfinite(x) if good is None else (np.asarray(good, dtype=bool) & np.isfinite(x))
+    x = x[keep]
+    if x.size == 0:
+        return math.nan
+    q25, centre, q75 = np.percentile(x, [25.0, 50.0, 75.0])
+    centre = float(centre)
+    half_width = n_sigma * _IQR_TO_SIGMA * float(q75 - q25)
+    for _ in range(n_iter):
+        kept = np.abs(x - centre) <= half_width
+        n_kept = int(np.count_nonzero(kept))
+        if n_kept == 0:
+            # a constant plane can lose its pixels to rounding of the mean; stop there
+            break
+        # float64 accumulators without copying the kept pixels
+        centre = float(np.mean(x, where=kept, dtype=np.float64))
+        spread = float(np.std(x, where=kept, ddof=1, dtype=np.float64)) if n_kept > 1 else 0.0
+        half_width = n_sigma * spread
+    return float(centre)
+
+
+# ----------------------------------------------------------------------------------------
+# filters
+def _embed(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Place a stamp with its middle pixel (index n//2) at FFT index 0, wrapping the rest."""
+    ky, kx = stamp.shape
+    if ky > shape[0] or kx > shape[1]:
+        raise ValueError(f"stamp {stamp.shape} does not fit in FFT shape {shape}")
+    out = np.zeros(shape, dtype=np.float64)
+    rows = (np.arange(ky) - ky // 2) % shape[0]
+    cols = (np.arange(kx) - kx // 2) % shape[1]
+    out[np.ix_(rows, cols)] = stamp
+    return out
+
+
+def _spectrum(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return sfft.rfft2(_embed(np.asarray(stamp, dtype=np.float64), shape), workers=_FFT_WORKERS)
+
+
+def _rfft_mean(power: np.ndarray, shape: tuple[int, int]) -> float:
+    """Mean over the full frequency plane of a Hermitian-symmetric quantity given on the
+    rfft half plane (columns other than 0 and Nyquist stand for two frequencies)."""
+    weights = np.full(power.shape[1], 2.0)
+    weights[0] = 1.0
+    if shape[1] % 2 == 0:
+        weights[-1] = 1.0
+    return float((power * weights).sum() / (shape[0] * shape[1]))
+
+
+@dataclass
+class DecorrelationFilters:
+    """Whitening filter and per-input transfer functions on one rfft grid.
+
+    Attributes
+    ----------
+    shape : (int, int)
+        Real-space FFT shape; arrays below have shape (shape[0], shape[1] // 2 + 1).
+    phi : `numpy.ndarray`, float64
+        Filter applied to the difference (or score) spectrum; ``phi[0, 0] == 1``.
+    kernel_hat : `numpy.ndarray`, complex128
+        Spectrum of the centre-at-origin matching kernel.
+    preconv_hat : `numpy.ndarray`, complex128, or None
+        Spectrum of the preconvolution kernel (score form only).
+    w1, w2 : float
+        Mean of ``|c1|^2`` and ``|c2|^2`` over frequency, the variance weights.
+    score_form : bool
+        True for the score (preconvolution) form.
+    """
+
+    shape: tuple[int, int]
+    phi: np.ndarray
+    kernel_hat: np.ndarray
+    preconv_hat: np.ndarray | None
+    w1: float
+    w2: float
+
+    @property
+    def score_form(self) -> bool:
+        return self.preconv_hat is not None
+
+    @property
+    def c1(self) -> np.ndarray:
+        """Transfer function from the unconvolved input to the output (correlation form)."""
+        return self.phi if self.preconv_hat is None else np.conj(self.preconv_hat) * self.phi
+
+    @property
+    def c2(self) -> np.ndarray:
+        """Transfer function from the convolved input to the output (correlation form)."""
+        return np.conj(self.kernel_hat) * self.phi
+
+    @property
+    def psf_filter(self) -> np.ndarray:
+        """Filter from the input PSF to the attached PSF: phi, or sqrt(phi) for the score."""
+        return np.sqrt(self.phi) if self.score_form else self.phi
+
+
+def decorrelation_filters(
+    kernel_image: np.ndarray,
+    v_unconvolved: float,
+    v_convolved: float,
+    shape: tuple[int, int],
+    preconv_image: np.ndarray | None = None,
+) -> DecorrelationFilters:
+    """Decorrelation filter and variance weights (algorithm.md section 4.3 step 6).
+
+    Parameters
+    ----------
+    kernel_image : `numpy.ndarray` (k, k)
+        Matching kernel stamp, not normalised (its sum is the flux ratio).
+    v_unconvolved, v_convolved : float
+        Mean variance of the image that was not convolved and of the one that was.
+    shape : (int, int)
+        Real-space FFT shape, at least the stamp sizes.
+    preconv_image : `numpy.ndarray` or None
+        Preconvolution kernel (unit sum) for the score form; None for the
+        difference form.
+
+    Returns
+    -------
+    filters : `DecorrelationFilters`
+    """
+    v, vt = float(v_unconvolved), float(v_convolved)
+    shape = (int(shape[0]), int(shape[1]))
+    kernel_hat = _spectrum(kernel_image, shape)
+    kernel_sum = float(np.sum(kernel_image, dtype=np.float64))
+    kernel_power = kernel_hat.real**2 + kernel_hat.imag**2
+    numerator = v + vt * kernel_sum**2
+    preconv_hat = None
+    if preconv_image is None:
+        phi = np.sqrt(numerator / (v + vt * kernel_power))
+        phi2 = phi * phi
+        w1 = _rfft_mean(phi2, shape)
+    else:
+        preconv_hat = _spectrum(preconv_image, shape)
+        preconv_power = np.maximum(preconv_hat.real**2 + preconv_hat.imag**2, _PSF_POWER_FLOOR)
+        phi = numerator / (v + vt * kernel_power / preconv_power)
+        phi2 = phi * phi
+        w1 = _rfft_mean(preconv_power * phi2, shape)
+    w2 = _rfft_mean(kernel_power * phi2, shape)
+    return DecorrelationFilters(
+        shape=shape, phi=phi, kernel_hat=kernel_hat, preconv_hat=preconv_hat, w1=w1, w2=w2
+    )
+
+
+def decorrelation_filter(
+    kernel_image: np.ndarray,
+    v_unconvolved: float,
+    v_convolved: float,
+    shape: tuple[int, int],
+    preconv_image: np.ndarray | None = None,
+) -> np.ndarray:
+    """The filter ``phi`` alone on the rfft half plane; see `decorrelation_filters`.
+
+    Returns
+    -------
+    phi : `numpy.ndarray` (shape[0], shape[1] // 2 + 1), float64
+        Real filter, 1 at zero frequency (index [0, 0]).
+    """
+    return decorrelation_filters(kernel_image, v_unconvolved, v_convolved, shape, preconv_image).phi
+
+
+def filter_kernel_image(filter_rfft: np.ndarray, size: int) -> np.ndarray:
+    """Image-space kernel of a real, even filter sampled on a (size, size) rfft grid.
+
+    Parameters
+    ----------
+    filter_rfft : `numpy.ndarray` (size, size // 2 + 1)
+    size : int
+        Odd stamp width.
+
+    Returns
+    -------
+    stamp : `numpy.ndarray` (size, size), float64
+        Centred on its middle pixel; sums to the filter's zero-frequency value.
+    """
+    return sfft.fftshift(sfft.irfft2(filter_rfft, s=(size, size)))
+
+
+def node_positions(length: int, step: int) -> np.ndarray:
+    """Evenly spaced node positions (array indices) spanning 0..length-1, spacing <= step."""
+    if length <= 1:
+        return np.zeros(1)
+    n_intervals = max(1, math.ceil((length - 1) / step))
+    return np.linspace(0.0, length - 1.0, n_intervals + 1)
+
+
+def _tent_matrix(length: int, nodes: np.ndarray) -> np.ndarray:
+    """(length, n_nodes) bilinear interpolation weights; every row sums to 1."""
+    if nodes.size == 1:
+        return np.ones((length, 1))
+    pos = np.arange(length, dtype=np.float64)
+    spacing = nodes[1] - nodes[0]
+    return np.clip(1.0 - np.abs(pos[:, None] - nodes[None, :]) / spacing, 0.0, None)
+
+
+def _interp_stamps(stamps: np.ndarray, nodes_x, nodes_y, x: float, y: float) -> np.ndarray:
+    """Bilinear blend of per-node stamps (ny_nodes, nx_nodes, L, L) at parent (x, y)."""
+
+    def weights(nodes, p):
+        if nodes.size == 1:
+            return np.ones(1)
+        p = min(max(p, nodes[0]), nodes[-1])
+        return np.clip(1.0 - np.abs(p - nodes) / (nodes[1] - nodes[0]), 0.0, None)
+
+    wy, wx = weights(nodes_y, y), weights(nodes_x, x)
+    return np.einsum("j,i,jikl->kl", wy, wx, stamps)
+
+
+# ----------------------------------------------------------------------------------------
+# corrected PSF
+class DecorrelatedPsf(Psf):
+    """PSF of a decorrelated image: an input PSF convolved with the decorrelation kernel.
+
+    Parameters
+    ----------
+    base : `core.psf.Psf`
+        PSF of the image before decorrelation.
+    filter_stamps : `numpy.ndarray` (ny_nodes, nx_nodes, L, L)
+        Image-space decorrelation kernels (odd L, point symmetric, unit sum) at
+        the nodes; one node for a uniform decorrelation.
+    nodes_x, nodes_y : `numpy.ndarray`
+        Parent positions of the node columns and rows (evenly spaced).
+    extra_size : int
+        Growth of the stamp width over the base PSF stamp (even).
+    """
+
+    def __init__(
+        self,
+        base: Psf,
+        filter_stamps: np.ndarray,
+        nodes_x: np.ndarray,
+        nodes_y: np.ndarray,
+        extra_size: int,
+    ):
+        self.base = base
+        self.filter_stamps = np.asarray(filter_stamps, dtype=np.float64)
+        self.nodes_x = np.asarray(nodes_x, dtype=np.float64)
+        self.nodes_y = np.asarray(nodes_y, dtype=np.float64)
+        self.extra_size = int(extra_size) // 2 * 2
+        self.average_position = base.average_position
+
+    def kernel_image(self, x: float | None = None, y: float | None = None) -> np.ndarray:
+        if x is None or y is None:
+            if self.average_position is not None:
+                x, y = self.average_position
+            else:
+                x, y = float(np.mean(self.nodes_x)), float(np.mean(self.nodes_y))
+        base = self.base.kernel_image(x, y)
+        filt = _interp_stamps(self.filter_stamps, self.nodes_x, self.nodes_y, x, y)
+        full = fftconvolve(base, filt, mode="full")
+        size = min(full.shape[0], base.shape[0] + self.extra_size)
+        start = (full.shape[0] - size) // 2
+        stamp = full[start : start + size, start : start + size]
+        return stamp / stamp.sum()
+
+    def __repr__(self) -> str:
+        return f"DecorrelatedPsf(base={self.base!r}, nodes={self.filter_stamps.shape[:2]})"
+
+
+# ----------------------------------------------------------------------------------------
+# entry point
+def _kernel_at(kernel, x: float, y: float) -> np.ndarray:
+    if isinstance(kernel, np.ndarray):
+        return kernel.astype(np.float64)
+    return np.asarray(kernel.image(x, y), dtype=np.float64)
+
+
+def _on_bbox(exposure: Exposure, bbox, what: str) -> Exposure:
+    if exposure.bbox == bbox:
+        return exposure
+    try:
+        return exposure.cutout(bbox)
+    except InvalidExposureError as exc:
+        raise IncompatibleInputsError(
+            f"{what} does not cover the difference box {bbox}: {exc.message}"
+        ) from exc
+
+
+def _fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Copy as float64 with NaN/inf replaced by the nan-mean (section 4.3 step 7)."""
+    data = image.astype(np.float64)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        data[bad] = np.mean(data[~bad]) if (~bad).any() else 0.0
+    return data, bad
+
+
+def _filter_padded(data: np.ndarray, shape: tuple[int, int], transfer: np.ndarray) -> np.ndarray:
+    """Zero-padded linear filtering of ``data`` by a zero-phase transfer function."""
+    spec = sfft.rfft2(data, s=shape, workers=_FFT_WORKERS)
+    out = sfft.irfft2(spec * transfer, s=shape, workers=_FFT_WORKERS)
+    return out[: data.shape[0], : data.shape[1]]
+
+
+def _squared_kernel_transfer(c: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Transfer function of the squared image-space kernel of ``c`` (variance propagation)."""
+    kernel = sfft.irfft2(c, s=shape, workers=_FFT_WORKERS)
+    return sfft.rfft2(kernel * kernel, workers=_FFT_WORKERS)
+
+
+def _complete_variance(v1, v2, sigma1, sigma2, filters, shape):
+    """V1 (x) c1^2 + V2 (x) c2^2 with non-finite V filled by the mean variance."""
+    v1f = np.where(np.isfinite(v1), v1, sigma1).astype(np.float64)
+    v2f = np.where(np.isfinite(v2), v2, sigma2).astype(np.float64)
+    spec = sfft.rfft2(v1f, s=shape, workers=_FFT_WORKERS) * _squared_kernel_transfer(
+        filters.c1, shape
+    ) + sfft.rfft2(v2f, s=shape, workers=_FFT_WORKERS) * _squared_kernel_transfer(filters.c2, shape)
+    return sfft.irfft2(spec, s=shape, workers=_FFT_WORKERS)[: v1.shape[0], : v1.shape[1]]
+
+
+def _margin(kernel_image: np.ndarray, preconv_image: np.ndarray | None) -> int:
+    """Padding that holds the decorrelation kernel's tails (they fall below 1e-6 of the
+    peak within about twice the matching-kernel width for Gaussian-like kernels)."""
+    size = max(kernel_image.shape)
+    if preconv_image is not None:
+        size = max(size, *preconv_image.shape)
+    return 2 * size
+
+
+def decorrelate_difference(
+    difference: Exposure,
+    science: Exposure,
+    template: Exposure,
+    kernel,
+    *,
+    template_matched: bool = True,
+    preconv_mode: bool = False,
+    preconv_kernel: np.ndarray | None = None,
+    spatially_varying: bool = False,
+    config: DecorrelationConfig | None = None,
+    task=None,
+    kernel_sum_norm: float | None = None,
+) -> Exposure:
+    """Whiten the noise of a difference or score exposure (algorithm.md 4.2-4.4).
+
+    Parameters
+    ----------
+    difference : `core.exposure.Exposure`
+        Difference (``S - K * T``, or ``(K * S - T) / ksum`` when the science was
+        convolved) or score exposure; not modified.
+    science, template : `core.exposure.Exposure`
+        The inputs (unconvolved, unpreconvolved); cut to the difference box if larger.
+    kernel : object with ``image(x, y) -> (k, k) array`` (parent coordinates), or an array
+        The matching kernel as applied (correlation semantics, not normalised).
+    template_matched : bool
+        True when the template was convolved (convolveTemplate, preconvolve).
+    preconv_mode : bool
+        Score form (the science was correlated with ``preconv_kernel``).
+    preconv_kernel : `numpy.ndarray` or None
+        Preconvolution kernel as applied; default the science PSF at its average
+        position. Only allowed with ``template_matched`` and ``preconv_mode``.
+    spatially_varying : bool
+        Decorrelate on a grid of nodes ``config.grid_step`` apart and blend (decision 4);
+        also on when ``config.spatially_varying`` is set.
+    config : `core.config.DecorrelationConfig` or None
+    task : `core.task.Task` or None
+        If given, the variances and kernel sum used are written to its metadata.
+    kernel_sum_norm : float or None
+        Factor the difference was divided by in convolveScience mode (decision 2);
+        default the kernel sum at the difference's bbox centre.
+
+    Returns
+    -------
+    corrected : `core.exposure.Exposure`
+        New exposure: decorrelated image and variance, the input mask, and the
+        corrected PSF (`DecorrelatedPsf`, see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        If ``preconv_kernel`` is given without ``template_matched`` and ``preconv_mode``.
+    """
+    if preconv_kernel is not None and not (template_matched and preconv_mode):
+        raise ValueError(
+            "Pre-convolution kernel is allowed only if preconv_mode==True and "
+            "template_matched==True."
+        )
+    config = config or DecorrelationConfig()
+    spatially_varying = bool(spatially_varying or config.spatially_varying)
+    science = _on_bbox(science, difference.bbox, "science")
+    template = _on_bbox(template, difference.bbox, "template")
+    x0, y0 = difference.xy0
+    ny, nx = difference.shape
+    # (begin + end) / 2 with an exclusive end, as section 4.3 step 1
+    xc, yc = x0 + nx / 2.0, y0 + ny / 2.0
+    kernel_image = _kernel_at(kernel, xc, yc)
+
+    preconv_image = None
+    if preconv_mode:
+        if preconv_kernel is None:
+            if science.psf is None:
+                raise ValueError("score decorrelation needs the science PSF or a preconv_kernel")
+            pos = science.psf.average_position or science.bbox_center()
+            preconv_kernel = science.psf.kernel_image(*pos)
+        preconv_image = np.asarray(preconv_kernel, dtype=np.float64)
+        preconv_image = preconv_image / preconv_image.sum()
+
+    ignore = config.ignore_mask_planes
+    good_s = ~science.masked(ignore)
+    good_t = ~template.masked(ignore)
+    var_science = clipped_mean(science.variance, good_s)
+    var_template = clipped_mean(template.variance, good_t)
+    if not (math.isfinite(var_science) and math.isfinite(var_template)):
+        log.warning(
+            "decorrelation skipped: mean variance is not finite (science %s, template %s)",
+            var_science,
+            var_template,
+        )
+        return difference.copy()
+
+    if template_matched:
+        v, vt = var_science, var_template
+        plane1, plane2, good1, good2 = science.variance, template.variance, good_s, good_t
+        scale = 1.0
+        base_psf = difference.psf or science.psf
+    else:
+        v, vt = var_template, var_science
+        plane1, plane2, good1, good2 = template.variance, science.variance, good_t, good_s
+        if kernel_sum_norm is None:
+            kernel_sum_norm = float(_kernel_at(kernel, *difference.bbox_center()).sum())
+        scale = 1.0 / kernel_sum_norm**2
+        base_psf = difference.psf or template.psf
+    if v > 0 and vt / v > _DIVERGING_RATIO:
+        log.warning("Diverging correction: convolved/unconvolved variance ratio %g", vt / v)
+
+    margin = _margin(kernel_image, preconv_image)
+    image, bad = _fill_nonfinite(difference.image)
+    complete = config.complete_var_plane_propagation
+
+    if not spatially_varying:
+        shape = (
+            sfft.next_fast_len(ny + margin, real=True),
+            sfft.next_fast_len(nx + margin, real=True),
+        )
+        filters = decorrelation_filters(kernel_image, v, vt, shape, preconv_image)
+        corrected = _filter_padded(image, shape, filters.phi)
+        if complete:
+            variance = _complete_variance(plane1, plane2, v, vt, filters, shape)
+        else:
+            variance = plane1 * filters.w1 + plane2 * filters.w2
+        stamp_size = 2 * margin + 1
+        small = decorrelation_filters(kernel_image, v, vt, (stamp_size, stamp_size), preconv_image)
+        psf_stamps = filter_kernel_image(small.psf_filter, stamp_size)[None, None]
+        nodes_x, nodes_y = np.array([xc]), np.array([yc])
+        n_nodes = 1
+    else:
+        corrected, variance, psf_stamps, nodes_x, nodes_y = _spatial(
+            image,
+            plane1,
+            plane2,
+            good1,
+            good2,
+            (v, vt),
+            kernel,
+            (x0, y0),
+            preconv_image,
+            margin,
+            config.grid_step,
+            complete,
+        )
+        n_nodes = nodes_x.size * nodes_y.size
+
+    nonfinite_var = ~(np.isfinite(plane1) & np.isfinite(plane2))
+    if complete and nonfinite_var.any():
+        # restore non-finite input variances (section 4.3 step 8)
+        variance[nonfinite_var] = (plane1 + plane2)[nonfinite_var]
+    corrected[bad] = difference.image[bad]
+
+    result = difference.copy()
+    result.image = corrected.astype(np.float32)
+    result.variance = (variance * scale).astype(np.float32)
+    if base_psf is not None:
+        result.psf = DecorrelatedPsf(
+            base_psf, psf_stamps, nodes_x, nodes_y, extra_size=2 * (kernel_image.shape[0] // 2)
+        )
+    if task is not None:
+        md = task.metadata
+        md["decorrelationVarianceScience"] = var_science
+        md["decorrelationVarianceTemplate"] = var_template
+        md["decorrelationKernelSum"] = float(kernel_image.sum())
+        md["decorrelationSpatiallyVarying"] = spatially_varying
+        md["decorrelationNodes"] = n_nodes
+    return result
+
+
+def _spatial(
+    image,
+    plane1,
+    plane2,
+    good1,
+    good2,
+    mean_vars,
+    kernel,
+    xy0,
+    preconv_image,
+    margin,
+    step,
+    complete,
+):
+    """Per-node filtering on overlapping tiles, blended with tent weights (decision 4)."""
+    ny, nx = image.shape
+    x0, y0 = xy0
+    nodes_x = node_positions(nx, step)
+    nodes_y = node_positions(ny, step)
+    tent_x = _tent_matrix(nx, nodes_x)
+    tent_y = _tent_matrix(ny, nodes_y)
+    spacing_x = nodes_x[1] - nodes_x[0] if nodes_x.size > 1 else nx
+    spacing_y = nodes_y[1] - nodes_y[0] if nodes_y.size > 1 else ny
+    # a node's support spans two spacings; its tile adds the margin on each side, and the
+    # FFT adds one more margin of zeros so wrap-around stays below the kernel tails
+    span_y = min(ny, int(2 * spacing_y) + 2 + 2 * margin)
+    span_x = min(nx, int(2 * spacing_x) + 2 + 2 * margin)
+    shape = (
+        sfft.next_fast_len(span_y + margin, real=True),
+        sfft.next_fast_len(span_x + margin, real=True),
+    )
+    stamp_size = 2 * margin + 1
+    corrected = np.zeros_like(image)
+    variance = np.zeros_like(image)
+    v_default, vt_default = mean_vars
+    psf_stamps = np.zeros((nodes_y.size, nodes_x.size, stamp_size, stamp_size))
+    for jn, yn in enumerate(nodes_y):
+        rows = np.nonzero(tent_y[:, jn] > 0)[0]
+        r0, r1 = rows[0], rows[-1] + 1
+        t0, t1 = max(0, r0 - margin), min(ny, r1 + margin)
+        for i_n, xn in enumerate(nodes_x):
+            cols = np.nonzero(tent_x[:, i_n] > 0)[0]
+            c0, c1 = cols[0], cols[-1] + 1
+            s0, s1 = max(0, c0 - margin), min(nx, c1 + margin)
+            # local mean variances over the node's support, falling back to the global ones
+            v = clipped_mean(plane1[r0:r1, c0:c1], good1[r0:r1, c0:c1])
+            vt = clipped_mean(plane2[r0:r1, c0:c1], good2[r0:r1, c0:c1])
+            v = v if math.isfinite(v) else v_default
+            vt = vt if math.isfinite(vt) else vt_default
+            kernel_image = _kernel_at(kernel, x0 + xn, y0 + yn)
+            filters = decorrelation_filters(kernel_image, v, vt, shape, preconv_image)
+            weight = tent_y[r0:r1, jn, None] * tent_x[None, c0:c1, i_n]
+            inner = (slice(r0 - t0, r1 - t0), slice(c0 - s0, c1 - s0))
+            tile = _filter_padded(image[t0:t1, s0:s1], shape, filters.phi)
+            corrected[r0:r1, c0:c1] += weight * tile[inner]
+            if complete:
+                tile_var = _complete_variance(
+                    plane1[t0:t1, s0:s1], plane2[t0:t1, s0:s1], v, vt, filters, shape
+                )
+                variance[r0:r1, c0:c1] += weight * tile_var[inner]
+            else:
+                variance[r0:r1, c0:c1] += weight * (
+                    plane1[r0:r1, c0:c1] * filters.w1 + plane2[r0:r1, c0:c1] * filters.w2
+                )
+            small = decorrelation_filters(
+                kernel_image, v, vt, (stamp_size, stamp_size), preconv_image
+            )
+            psf_stamps[jn, i_n] = filter_kernel_image(small.psf_filter, stamp_size)
+    return corrected, variance, psf_stamps, nodes_x + x0, nodes_y + y0

@@ -1,0 +1,312 @@
+"""Tests of core.decorrelate: whitening, variance planes, flux, score form, spatial blending."""
+
+import numpy as np
+import pytest
+from astropy.stats import mad_std
+from scipy import ndimage, signal
+
+from core.config import DecorrelationConfig
+from core.decorrelate import (
+    DecorrelatedPsf,
+    clipped_mean,
+    decorrelate_difference,
+    decorrelation_filter,
+    decorrelation_filters,
+)
+from core.exposure import Exposure
+from core.psf import GaussianPsf, ImagePsf
+
+N = 256
+INNER = (slice(32, -32), slice(32, -32))
+
+
+def gaussian(sigma: float, size: int = 21, total: float = 1.0) -> np.ndarray:
+    half = size // 2
+    y, x = np.mgrid[-half : half + 1, -half : half + 1]
+    g = np.exp(-0.5 * (x * x + y * y) / sigma**2)
+    return total * g / g.sum()
+
+
+class ConstantKernel:
+    """Test double of core.kernel.SpatialKernel: the same stamp everywhere."""
+
+    def __init__(self, stamp):
+        self.stamp = stamp
+        self.size = stamp.shape[0]
+
+    def image(self, x, y):
+        return self.stamp.copy()
+
+
+class LinearKernel:
+    """Test double: stamp interpolated linearly in x between k0 (x=0) and k1 (x=n-1)."""
+
+    def __init__(self, k0, k1, n):
+        self.k0, self.k1, self.n = k0, k1, n
+        self.size = k0.shape[0]
+
+    def image(self, x, y):
+        a = x / (self.n - 1)
+        return (1 - a) * self.k0 + a * self.k1
+
+
+def correlate(image, kernel):
+    """alsub's operator: out(X) = sum_u K(u) in(X + u)."""
+    return ndimage.correlate(image, kernel, mode="constant")
+
+
+def lag_correlations(image, lags=(1, 2, 3)):
+    """Largest |normalised autocorrelation| along x and y at each lag."""
+    a = image - image.mean()
+    var = (a * a).mean()
+    return np.array(
+        [
+            max(
+                abs((a[:, :-lag] * a[:, lag:]).mean() / var),
+                abs((a[:-lag] * a[lag:]).mean() / var),
+            )
+            for lag in lags
+        ]
+    )
+
+
+def exposures(science, template, difference, vs, vt, psf_s=1.5, psf_t=1.0):
+    shape = science.shape
+    sci = Exposure.from_arrays(science, np.full(shape, vs), psf=GaussianPsf(psf_s))
+    tmp = Exposure.from_arrays(template, np.full(shape, vt), psf=GaussianPsf(psf_t))
+    dif = Exposure.from_arrays(difference, np.ones(shape), psf=sci.psf)
+    return sci, tmp, dif
+
+
+@pytest.fixture(scope="module")
+def noisy_template_pair():
+    """Template 20x noisier than the science, matched by a 0.8-sum Gaussian kernel."""
+    rng = np.random.default_rng(11)
+    vs, vt = 1.0, 20.0
+    science = rng.normal(0.0, np.sqrt(vs), (N, N))
+    template = rng.normal(0.0, np.sqrt(vt), (N, N))
+    kernel = gaussian(2.0, 21, 0.8)
+    difference = science - correlate(template, kernel)
+    return exposures(science, template, difference, vs, vt) + (kernel, vs, vt)
+
+
+# ----------------------------------------------------------------------------------------
+def test_clipped_mean_rejects_outliers_and_masks():
+    rng = np.random.default_rng(0)
+    values = rng.normal(5.0, 1.0, 10000)
+    values[:200] = 1e4  # outliers
+    good = np.ones(values.size, bool)
+    good[200:400] = False
+    values[200:400] = -1e6  # masked, would ruin the mean
+    assert clipped_mean(values, good) == pytest.approx(5.0, abs=0.03)
+    assert clipped_mean(np.full(100, 0.1)) == pytest.approx(0.1, rel=1e-12)
+    assert np.isnan(clipped_mean(np.full(10, np.nan)))
+
+
+def test_filter_is_one_at_zero_frequency_and_real():
+    kernel = gaussian(1.7, 21, 0.8)
+    for preconv in (None, gaussian(1.5, 15)):
+        filt = decorrelation_filters(kernel, 1.0, 7.0, (64, 64), preconv)
+        assert filt.phi[0, 0] == pytest.approx(1.0, abs=1e-12)
+        assert np.all(np.isfinite(filt.phi))
+        assert filt.phi.dtype == np.float64
+    phi = decorrelation_filter(kernel, 1.0, 7.0, (64, 64))
+    # whitening boosts high frequencies: at Nyquist phi = sqrt((1 + 7 * 0.64) / (1 + ~0))
+    assert phi[32, 32] == pytest.approx(np.sqrt(1 + 7 * 0.64), rel=1e-3)
+
+
+def test_flux_preserved_and_psf_attached(noisy_template_pair):
+    sci, tmp, _, kernel, vs, vt = noisy_template_pair
+    flux = 1000.0
+    psf = sci.psf.kernel_image()
+    image = np.zeros((N, N))
+    h = psf.shape[0] // 2
+    image[128 - h : 128 + h + 1, 100 - h : 100 + h + 1] = flux * psf
+    dif = Exposure.from_arrays(image, np.ones((N, N)), psf=sci.psf)
+    out = decorrelate_difference(dif, sci, tmp, ConstantKernel(kernel))
+    assert out.image.astype(np.float64).sum() == pytest.approx(flux, rel=1e-6)
+    # the attached PSF is the decorrelated point source
+    assert isinstance(out.psf, DecorrelatedPsf)
+    stamp = out.psf.kernel_image(100, 128)
+    assert stamp.sum() == pytest.approx(1.0, abs=1e-9)
+    hs = stamp.shape[0] // 2
+    cut = out.image[128 - hs : 128 + hs + 1, 100 - hs : 100 + hs + 1] / flux
+    assert np.abs(cut - stamp).max() < 1e-3 * stamp.max()
+    # and differs from the input PSF (decorrelation sharpens it)
+    assert stamp.max() > 1.05 * psf.max()
+    # inputs not mutated
+    assert dif.image.sum() == pytest.approx(flux, rel=1e-6)
+
+
+def test_whitens_noise_and_variance_matches(noisy_template_pair):
+    sci, tmp, dif, kernel, vs, vt = noisy_template_pair
+    before = dif.image.copy()
+    raw = lag_correlations(dif.image[INNER])
+    assert raw[0] > 0.1  # the test can fail: the raw difference is correlated
+    out = decorrelate_difference(dif, sci, tmp, ConstantKernel(kernel))
+    assert np.array_equal(dif.image, before)
+    assert np.all(lag_correlations(out.image[INNER]) < 0.05)
+    expected = vs + vt * kernel.sum() ** 2  # section 4.3 expected outcome
+    assert np.median(out.variance) == pytest.approx(expected, rel=1e-5)
+    ratio = out.image[INNER] / np.sqrt(out.variance[INNER])
+    assert 0.97 < mad_std(ratio) < 1.03
+    assert abs(np.mean(ratio)) < 0.05
+
+
+def test_convolve_science_units_and_variance():
+    """Decision 2: D = (K * S - T) / ksum is in science units; V' divided by ksum^2."""
+    rng = np.random.default_rng(5)
+    vs, vt = 20.0, 1.0  # science much noisier: it is the image that gets convolved
+    science = rng.normal(0.0, np.sqrt(vs), (N, N))
+    template = rng.normal(0.0, np.sqrt(vt), (N, N))
+    kernel = gaussian(2.0, 21, 0.8)
+    ksum = kernel.sum()
+    difference = (correlate(science, kernel) - template) / ksum
+    sci, tmp, dif = exposures(science, template, difference, vs, vt)
+    assert lag_correlations(difference[INNER])[0] > 0.1
+    out = decorrelate_difference(dif, sci, tmp, ConstantKernel(kernel), template_matched=False)
+    assert np.all(lag_correlations(out.image[INNER]) < 0.05)
+    assert np.median(out.variance) == pytest.approx(vs + vt / ksum**2, rel=1e-5)
+    assert 0.97 < mad_std(out.image[INNER] / np.sqrt(out.variance[INNER])) < 1.03
+    # complete propagation agrees away from the edges
+    cfg = DecorrelationConfig(complete_var_plane_propagation=True)
+    full = decorrelate_difference(
+        dif, sci, tmp, ConstantKernel(kernel), template_matched=False, config=cfg
+    )
+    assert np.allclose(full.variance[INNER], out.variance[INNER], rtol=1e-4)
+
+
+def test_score_form_noise_and_matched_filter_snr():
+    rng = np.random.default_rng(7)
+    vs, vt = 1.0, 4.0
+    sigma_p, sigma_m, msum = 1.6, 1.2, 0.9
+    psf = gaussian(sigma_p, 21)
+    match = gaussian(sigma_m, 21, msum)
+    kernel = signal.convolve2d(psf, match)  # K^ = P^ M^: template matched to P * S
+    science = rng.normal(0.0, np.sqrt(vs), (N, N))
+    template = rng.normal(0.0, np.sqrt(vt), (N, N))
+    score = correlate(science, psf) - correlate(template, kernel)
+    sci, tmp, dif = exposures(score * 0, template, score, vs, vt, psf_s=sigma_p)
+    sci = Exposure.from_arrays(science, np.full((N, N), vs), psf=ImagePsf(psf))
+    out = decorrelate_difference(
+        dif, sci, tmp, ConstantKernel(kernel), preconv_mode=True, preconv_kernel=psf
+    )
+    snr_map = out.image[INNER] / np.sqrt(out.variance[INNER])
+    assert 0.97 < mad_std(snr_map) < 1.03
+    assert abs(np.mean(snr_map)) < 0.05
+
+    # a transient (only in the science) of flux F: score response is linear
+    flux = 300.0
+    source = np.zeros((N, N))
+    h = psf.shape[0] // 2
+    source[128 - h : 128 + h + 1, 128 - h : 128 + h + 1] = flux * psf
+    dif_src = Exposure.from_arrays(correlate(source, psf), np.ones((N, N)), psf=ImagePsf(psf))
+    resp = decorrelate_difference(
+        dif_src, sci, tmp, ConstantKernel(kernel), preconv_mode=True, preconv_kernel=psf
+    )
+    snr = resp.image[128, 128] / np.sqrt(resp.variance[128, 128])
+    # ideal matched-filter S/N for noise spectrum vs + vt |M^|^2 (continuous Gaussians)
+    k = (np.arange(512) - 256) / 512.0
+    kk = k[:, None] ** 2 + k[None, :] ** 2
+    p_hat2 = np.exp(-4 * np.pi**2 * sigma_p**2 * kk)
+    m_hat2 = msum**2 * np.exp(-4 * np.pi**2 * sigma_m**2 * kk)
+    ideal = flux * np.sqrt(np.mean(p_hat2 / (vs + vt * m_hat2)))
+    assert snr == pytest.approx(ideal, rel=0.05)
+    # the attached PSF explains the peak: score peak = F * sum(P_D^2)
+    p_d = resp.psf.kernel_image()
+    assert resp.image[128, 128] == pytest.approx(flux * np.sum(p_d**2), rel=0.01)
+
+
+def test_preconv_kernel_needs_score_mode(noisy_template_pair):
+    sci, tmp, dif, kernel, _, _ = noisy_template_pair
+    psf = sci.psf.kernel_image()
+    with pytest.raises(ValueError, match="Pre-convolution kernel"):
+        decorrelate_difference(dif, sci, tmp, ConstantKernel(kernel), preconv_kernel=psf)
+    with pytest.raises(ValueError, match="Pre-convolution kernel"):
+        decorrelate_difference(
+            dif,
+            sci,
+            tmp,
+            ConstantKernel(kernel),
+            template_matched=False,
+            preconv_mode=True,
+            preconv_kernel=psf,
+        )
+
+
+def test_nonfinite_pixels_restored(noisy_template_pair):
+    sci, tmp, dif, kernel, _, _ = noisy_template_pair
+    dirty = dif.copy()
+    dirty.image[50, 60:70] = np.nan
+    dirty.image[200, 10] = np.inf
+    dirty.image[201, 11] = -np.inf
+    out = decorrelate_difference(dirty, sci, tmp, ConstantKernel(kernel))
+    assert np.all(np.isnan(out.image[50, 60:70]))
+    assert out.image[200, 10] == np.inf and out.image[201, 11] == -np.inf
+    bad = ~np.isfinite(dirty.image)
+    assert np.all(np.isfinite(out.image[~bad]))
+    # elsewhere the result is the same as for the clean image, apart from the filled pixels'
+    # neighbourhood
+    clean = decorrelate_difference(dif, sci, tmp, ConstantKernel(kernel))
+    assert np.allclose(out.image[150:, 100:], clean.image[150:, 100:], atol=1e-3)
+
+
+def test_spatial_equals_uniform_for_constant_kernel(noisy_template_pair):
+    sci, tmp, dif, kernel, _, _ = noisy_template_pair
+    cfg = DecorrelationConfig(grid_step=64)
+    for kwargs in ({}, {"template_matched": False}):
+        uniform = decorrelate_difference(dif, sci, tmp, ConstantKernel(kernel), **kwargs)
+        spatial = decorrelate_difference(
+            dif, sci, tmp, ConstantKernel(kernel), spatially_varying=True, config=cfg, **kwargs
+        )
+        scale = np.abs(uniform.image).max()
+        assert np.abs(spatial.image - uniform.image).max() < 1e-4 * scale
+        assert np.allclose(spatial.variance, uniform.variance, rtol=1e-4)
+        assert np.allclose(spatial.psf.kernel_image(10, 200), uniform.psf.kernel_image(), atol=1e-6)
+
+
+def _varying_pair(seed, vs=1.0, vt=20.0):
+    """Difference with a kernel whose width grows from 0.7 px (x=0) to 3 px (x=N-1)."""
+    rng = np.random.default_rng(seed)
+    k0, k1 = gaussian(0.7, 21), gaussian(3.0, 21)
+    science = rng.normal(0.0, np.sqrt(vs), (N, N))
+    template = rng.normal(0.0, np.sqrt(vt), (N, N))
+    a = np.arange(N) / (N - 1)
+    difference = science - ((1 - a) * correlate(template, k0) + a * correlate(template, k1))
+    return exposures(science, template, difference, vs, vt) + (LinearKernel(k0, k1, N),)
+
+
+def test_spatially_varying_whitens_both_ends():
+    sci, tmp, dif, kernel = _varying_pair(3)
+    cfg = DecorrelationConfig(grid_step=64)
+    uniform = decorrelate_difference(dif, sci, tmp, kernel)
+    spatial = decorrelate_difference(dif, sci, tmp, kernel, spatially_varying=True, config=cfg)
+    corners = [(slice(16, 96), slice(12, 92)), (slice(160, 240), slice(164, 244))]
+    corners += [(slice(160, 240), slice(12, 92)), (slice(16, 96), slice(164, 244))]
+    worst_uniform = 0.0
+    for box in corners:
+        assert np.all(lag_correlations(spatial.image[box]) < 0.05)
+        ratio = spatial.image[box] / np.sqrt(spatial.variance[box])
+        assert 0.95 < mad_std(ratio) < 1.05
+        worst_uniform = max(worst_uniform, lag_correlations(uniform.image[box])[0])
+    assert worst_uniform > 0.08  # the uniform filter cannot whiten both ends
+
+
+def test_spatially_varying_has_no_seams():
+    cfg = DecorrelationConfig(grid_step=64)
+    stacks = []
+    for seed in range(12):
+        sci, tmp, dif, kernel = _varying_pair(100 + seed)
+        out = decorrelate_difference(dif, sci, tmp, kernel, spatially_varying=True, config=cfg)
+        stacks.append(out.image / np.sqrt(out.variance))
+        variance = out.variance
+    ratio = np.stack(stacks)[:, 16:-16, :]
+    # the variance plane is continuous: no jump between neighbouring pixels
+    assert np.abs(np.diff(variance, axis=1)).max() < 0.01 * variance.min()
+    assert np.abs(np.diff(variance, axis=0)).max() < 0.01 * variance.min()
+    # node lines at x = 63.75, 127.5, 191.25 and the cell middles between them
+    for x in (64, 96, 128, 160, 191):
+        strip = mad_std(ratio[:, :, x - 3 : x + 3])
+        left = mad_std(ratio[:, :, x - 15 : x - 9])
+        right = mad_std(ratio[:, :, x + 9 : x + 15])
+        assert abs(strip / (0.5 * (left + right)) - 1) < 0.03, x
