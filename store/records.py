@@ -14,6 +14,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -35,6 +36,7 @@ __all__ = [
     "time_key",
     "histogram_from_counts",
     "bucket_index",
+    "job_view",
 ]
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -242,3 +244,38 @@ def bucket_index(seconds: float) -> int:
         if seconds <= bound:
             return i
     return len(DURATION_BUCKETS)
+
+
+def _iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+def job_view(record: JobRecord, base: str = "/v1/subtractions") -> dict[str, Any]:
+    """The public JSON form of a record (API responses and webhook bodies)."""
+    links = {name: f"{base}/{record.id}/products/{name}" for name in record.products}
+    links.pop("metrics", None)
+    return {
+        "id": record.id,
+        "state": record.state,
+        "mode": record.mode,
+        "created_at": _iso(record.created_at),
+        "updated_at": _iso(record.updated_at),
+        "started_at": _iso(record.started_at),
+        "finished_at": _iso(record.finished_at),
+        "science": record.science.model_dump(),
+        "template": record.template.model_dump(),
+        "sources_id": record.sources_id,
+        "config": record.config,
+        "progress": record.progress,
+        "timings": record.timings,
+        "metrics": record.metrics,
+        "error": record.error,
+        "products": links,
+        "metrics_url": f"{base}/{record.id}/metrics" if "metrics" in record.products else None,
+        "attempts": record.attempts,
+        "idempotency_key": record.idempotency_key,
+        "callback_url": record.callback_url,
+        "callback": record.callback,
+    }

@@ -1,0 +1,98 @@
+"""JSON errors: every failure answers ``{"error": {"code": ..., "message": ...}}``.
+
+Core's typed errors (`core.errors.AlsubError`) map to 422 with their own code;
+store errors map to 413 (upload too large) and 409 (idempotency conflict).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import AlsubError
+from store import IdempotencyConflictError, UploadTooLargeError
+
+__all__ = ["ApiError", "install_error_handlers", "error_body"]
+
+log = logging.getLogger("alsub.api")
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+}
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, machine-readable code and a message a person can act on."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def error_body(code: str, message: str) -> dict:
+    """The JSON body of an error answer."""
+    return {"error": {"code": code, "message": message}}
+
+
+def _answer(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the exception handlers on ``app``."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _answer(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(AlsubError)
+    async def _core_error(request: Request, exc: AlsubError):
+        return _answer(422, exc.code, exc.message)
+
+    @app.exception_handler(UploadTooLargeError)
+    async def _too_large(request: Request, exc: UploadTooLargeError):
+        return _answer(413, "upload_too_large", f"the upload exceeds {exc.limit} bytes")
+
+    @app.exception_handler(IdempotencyConflictError)
+    async def _idempotency(request: Request, exc: IdempotencyConflictError):
+        return _answer(
+            409,
+            "idempotency_conflict",
+            f"this idempotency key was already used for job {exc.job_id} with a different "
+            "request; use a new key",
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _answer(422, "invalid_request", _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        return _answer(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _answer(500, "internal", "unexpected server error; the service logs have the trace")

@@ -1,0 +1,116 @@
+"""The FastAPI application: `create_app` builds it from `Settings`.
+
+Routers: ``/v1/exposures``, ``/v1/subtractions``, and ``/healthz``, ``/readyz``,
+``/metrics``. Shared things (settings, store, queue client, metrics registry)
+live on ``app.state`` and reach handlers through ``Depends``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+
+from store import Settings, open_store
+from store.sweeper import sweep_stale_jobs
+
+from .errors import install_error_handlers
+from .metrics import ServiceMetrics
+from .queue import JobQueue
+from .routers import exposures, health, subtractions
+from .schemas import SubtractionRequest
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("alsub.api")
+
+_DESCRIPTION = """
+Alard-Lupton image subtraction as a service.
+
+1. Upload exposures to `POST /v1/exposures` (FITS body or multipart `file`), or reference
+   them by `file://` URI under the configured roots.
+2. Submit `POST /v1/subtractions`; poll `GET /v1/subtractions/{id}` until `state` is
+   `succeeded` or `failed` (or pass a `callback_url`).
+3. Download `GET /v1/subtractions/{id}/products/difference` (FITS, `?format=png`, cutouts).
+
+When tokens are configured every `/v1` call needs `Authorization: Bearer <token>`; each
+token sees only its own exposures and jobs. Errors are `{"error": {"code", "message"}}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the alsub API.
+
+    Parameters
+    ----------
+    settings : `store.Settings` or None
+        None reads the ``ALSUB_*`` environment variables.
+
+    Returns
+    -------
+    app : `fastapi.FastAPI`
+    """
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            swept = sweep_stale_jobs(app.state.store.records, settings, app.state.queue.enqueue)
+            if swept:
+                log.warning("requeued %d job(s) of lost workers at start-up", len(swept))
+        except Exception:
+            log.warning("start-up sweep failed", exc_info=True)
+        yield
+        app.state.queue.close()
+        app.state.store.records.close()
+
+    app = FastAPI(
+        title="alsub",
+        version="0.1.0",
+        summary="Image subtraction for time-domain astronomy",
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = open_store(settings)
+    app.state.queue = JobQueue(settings)
+    app.state.metrics = ServiceMetrics(app.state.store)
+    install_error_handlers(app)
+    app.include_router(exposures.router)
+    app.include_router(subtractions.router)
+    app.include_router(health.router)
+
+    @app.middleware("http")
+    async def _count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        app.state.metrics.observe(request.method, template, response.status_code, started)
+        return response
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                description=app.description,
+                routes=app.routes,
+            )
+            # The submit body is parsed by hand (JSON or multipart), so add its model here.
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            extra = SubtractionRequest.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            for name, definition in extra.pop("$defs", {}).items():
+                components.setdefault(name, definition)
+            components["SubtractionRequest"] = extra
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app

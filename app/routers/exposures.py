@@ -1,0 +1,105 @@
+"""``/v1/exposures``: upload FITS exposures (content-addressed) and read what was stored."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from store import Settings, Store
+
+from ..deps import Caller, get_caller, get_settings, get_store
+from ..errors import ApiError
+from ..ingest import ingest_exposure, limited_request, stream_body, writer_from_upload
+from ..schemas import ErrorResponse, ExposureOut
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/exposures", tags=["exposures"])
+
+_ERRORS = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid bearer token."},
+    413: {"model": ErrorResponse, "description": "Upload larger than ALSUB_MAX_UPLOAD_BYTES."},
+    422: {"model": ErrorResponse, "description": "Not a readable exposure (reader's message)."},
+    429: {"model": ErrorResponse, "description": "Rate limit exceeded."},
+}
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The FITS file: raw bytes (Content-Type: application/fits) or a "
+        "multipart/form-data field named `file`.",
+        "content": {
+            "application/fits": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ExposureOut,
+    summary="Upload an exposure",
+    description="Streams the FITS file to the store (size-capped), validates it with the core "
+    "reader and stores it under the sha256 of its bytes: uploading the same bytes twice gives "
+    "the same id and one stored copy.",
+    responses=_ERRORS,
+    openapi_extra=_UPLOAD_BODY,
+)
+async def upload_exposure(
+    request: Request,
+    response: Response,
+    caller: Caller = Depends(get_caller),
+    settings: Settings = Depends(get_settings),
+    store: Store = Depends(get_store),
+) -> ExposureOut:
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        limited = limited_request(request, settings.max_upload_bytes + 64 * 1024)
+        async with limited.form(max_files=1, max_fields=4) as form:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(422, "invalid_request", "multipart upload needs a file field 'file'")
+            writer = await writer_from_upload(upload, store.exposures, settings.max_upload_bytes)
+    else:
+        writer = await stream_body(request, store, settings)
+    sha, meta = await ingest_exposure(writer, store, settings, caller.owner)
+    response.headers["Location"] = f"/v1/exposures/{sha}"
+    return ExposureOut(id=sha, size_bytes=meta["size_bytes"], description=meta["description"])
+
+
+@router.get(
+    "/{exposure_id}",
+    response_model=ExposureOut,
+    summary="Describe a stored exposure",
+    description="Shape, planes, PSF FWHM, WCS presence: what the reader found at upload.",
+    responses={404: {"model": ErrorResponse, "description": "Unknown or not yours."}},
+)
+def get_exposure(
+    exposure_id: str,
+    caller: Caller = Depends(get_caller),
+    store: Store = Depends(get_store),
+) -> ExposureOut:
+    meta = _owned_meta(store, exposure_id, caller)
+    return ExposureOut(
+        id=exposure_id, size_bytes=meta["size_bytes"], description=meta["description"]
+    )
+
+
+def _owned_meta(store: Store, exposure_id: str, caller: Caller) -> dict:
+    meta = store.exposures.read_meta(exposure_id) if store.exposures.exists(exposure_id) else None
+    if meta is None or not store.records.is_owner("exposure", exposure_id, caller.owner):
+        raise ApiError(404, "not_found", f"no exposure {exposure_id}")
+    return meta
+
+
+async def owned_exposure(store: Store, exposure_id: str, caller: Caller) -> None:
+    """Raise 404 unless ``exposure_id`` is stored and ``caller`` uploaded it."""
+    await run_in_threadpool(_owned_meta, store, exposure_id, caller)

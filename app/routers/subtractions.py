@@ -1,0 +1,448 @@
+"""``/v1/subtractions``: submit jobs, poll them, list them, download products, cancel/delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import datetime
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from store import ACTIVE_STATES, ExposureRef, JobRecord, Settings, Store, new_job_id
+from store.records import decode_cursor, job_view
+from store.sweeper import requeue_if_stale
+
+from ..deps import Caller, get_caller, get_queue, get_settings, get_store
+from ..errors import ApiError
+from ..imaging import EXPOSURE_PRODUCTS, cutout_fits, cutout_png, image_plane, png_bytes
+from ..ingest import (
+    ingest_catalog,
+    ingest_exposure,
+    limited_request,
+    resolve_uri,
+    writer_from_path,
+    writer_from_upload,
+)
+from ..queue import JobQueue
+from ..schemas import ErrorResponse, InputRef, JobList, JobOut, SubtractionRequest
+from .exposures import owned_exposure
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/subtractions", tags=["subtractions"])
+
+ProductName = Literal[
+    "difference", "score", "matched_template", "matched_science", "kernel", "background"
+]
+_MAX_JSON_BYTES = 4 * 1024 * 1024
+
+_AUTH = {401: {"model": ErrorResponse, "description": "Missing or invalid bearer token."}}
+_NOT_FOUND = {404: {"model": ErrorResponse, "description": "Unknown job, or not yours."}}
+
+_SUBMIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "JSON SubtractionRequest, or a one-shot multipart/form-data form with the "
+        "two FITS files and the config JSON.",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/SubtractionRequest"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["science", "template"],
+                    "properties": {
+                        "science": {"type": "string", "format": "binary"},
+                        "template": {"type": "string", "format": "binary"},
+                        "sources": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "Optional catalog (FITS table, CSV or JSON).",
+                        },
+                        "config": {
+                            "type": "string",
+                            "description": "SubtractionConfig as JSON text.",
+                            "example": '{"do_decorrelation": true}',
+                        },
+                        "mode": {
+                            "type": "string",
+                            "enum": ["auto", "convolveTemplate", "convolveScience", "preconvolve"],
+                        },
+                        "idempotency_key": {"type": "string"},
+                        "callback_url": {"type": "string"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def _job_out(record: JobRecord) -> JobOut:
+    return JobOut.model_validate(job_view(record))
+
+
+def _owned_job(store: Store, job_id: str, caller: Caller) -> JobRecord:
+    record = store.records.get(job_id) if len(job_id) <= 64 else None
+    if record is None or record.owner != caller.owner:
+        raise ApiError(404, "not_found", f"no subtraction job {job_id}")
+    return record
+
+
+# submission -----------------------------------------------------------------------------------
+async def _read_json(request: Request) -> SubtractionRequest:
+    limited = limited_request(request, _MAX_JSON_BYTES)
+    body = await limited.body()
+    try:
+        return SubtractionRequest.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ApiError(422, "invalid_request", f"{where or 'body'}: {first['msg']}") from None
+
+
+async def _read_form(
+    request: Request, caller: Caller, settings: Settings, store: Store
+) -> tuple[SubtractionRequest, bytes | None]:
+    cap = settings.max_upload_bytes
+    limited = limited_request(request, 3 * cap + 1024 * 1024)
+    async with limited.form(max_files=3, max_fields=10) as form:
+        ids = {}
+        for role in ("science", "template"):
+            upload = form.get(role)
+            if upload is None or isinstance(upload, str):
+                raise ApiError(422, "invalid_request", f"the form needs a file field {role!r}")
+            writer = await writer_from_upload(upload, store.exposures, cap)
+            ids[role], _ = await ingest_exposure(writer, store, settings, caller.owner, role)
+        sources = form.get("sources")
+        catalog = None
+        if sources is not None and not isinstance(sources, str):
+            catalog = await sources.read(cap + 1)
+            if len(catalog) > cap:
+                raise ApiError(413, "upload_too_large", f"the catalog exceeds {cap} bytes")
+        fields = {
+            key: form.get(key)
+            for key in ("mode", "idempotency_key", "callback_url")
+            if isinstance(form.get(key), str) and form.get(key)
+        }
+        config_text = form.get("config")
+    try:
+        config = json.loads(config_text) if isinstance(config_text, str) and config_text else {}
+        req = SubtractionRequest.model_validate(
+            {
+                "science": {"exposure_id": ids["science"]},
+                "template": {"exposure_id": ids["template"]},
+                "config": config,
+                **fields,
+            }
+        )
+    except (ValueError, ValidationError) as exc:
+        message = (
+            str(exc).splitlines()[0]
+            if not isinstance(exc, ValidationError)
+            else (f"{'.'.join(str(p) for p in exc.errors()[0]['loc'])}: {exc.errors()[0]['msg']}")
+        )
+        raise ApiError(422, "invalid_request", message) from None
+    return req, catalog
+
+
+async def _resolve_input(
+    ref: InputRef, role: str, caller: Caller, settings: Settings, store: Store
+) -> ExposureRef:
+    if ref.exposure_id is not None:
+        await owned_exposure(store, ref.exposure_id, caller)
+        return ExposureRef(exposure_id=ref.exposure_id)
+    path = resolve_uri(ref.uri, settings)
+    writer = await writer_from_path(path, store.exposures, settings.max_upload_bytes)
+    sha, _ = await ingest_exposure(writer, store, settings, caller.owner, role)
+    return ExposureRef(exposure_id=sha, uri=ref.uri)
+
+
+async def _resolve_sources(req: SubtractionRequest, settings: Settings) -> bytes | None:
+    if req.sources is None:
+        return None
+    if req.sources.inline is not None:
+        return req.sources.inline.encode()
+    path = resolve_uri(req.sources.uri, settings)
+    if path.stat().st_size > settings.max_upload_bytes:
+        raise ApiError(413, "upload_too_large", "the catalog exceeds the upload limit")
+    return await run_in_threadpool(path.read_bytes)
+
+
+def _fingerprint(req: SubtractionRequest, catalog: bytes | None, mode: str) -> str:
+    canonical = {
+        "science": req.science.model_dump(),
+        "template": req.template.model_dump(),
+        "mode": mode,
+        "config": req.config.model_dump(mode="json"),
+        "sources": hashlib.sha256(catalog).hexdigest() if catalog else None,
+        "callback_url": req.callback_url,
+    }
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    summary="Submit a subtraction",
+    description="Validates the inputs, records the job as `queued` and enqueues it; answers 202 "
+    "with `Location: /v1/subtractions/{id}`. With an `idempotency_key` (or an `Idempotency-Key` "
+    "header) a retried submission returns the same job.",
+    responses={
+        **_AUTH,
+        404: {"model": ErrorResponse, "description": "Exposure id unknown or not yours."},
+        409: {"model": ErrorResponse, "description": "Idempotency key reused, other request."},
+        413: {"model": ErrorResponse, "description": "An uploaded file is too large."},
+        415: {"model": ErrorResponse, "description": "Neither JSON nor multipart/form-data."},
+        422: {"model": ErrorResponse, "description": "Invalid request, exposure, catalog or URI."},
+        429: {"model": ErrorResponse, "description": "Too many active jobs or requests."},
+    },
+    openapi_extra=_SUBMIT_BODY,
+)
+async def submit_subtraction(
+    request: Request,
+    response: Response,
+    caller: Caller = Depends(get_caller),
+    settings: Settings = Depends(get_settings),
+    store: Store = Depends(get_store),
+    queue: JobQueue = Depends(get_queue),
+) -> JobOut:
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("application/json"):
+        req = await _read_json(request)
+        catalog = None
+    elif content_type.startswith("multipart/form-data"):
+        req, catalog = await _read_form(request, caller, settings, store)
+    else:
+        raise ApiError(
+            415, "unsupported_media_type", "send application/json or multipart/form-data"
+        )
+    key = req.idempotency_key or request.headers.get("idempotency-key") or None
+    if key is not None and len(key) > 200:
+        raise ApiError(422, "invalid_request", "idempotency key longer than 200 characters")
+    science = await _resolve_input(req.science, "science", caller, settings, store)
+    template = await _resolve_input(req.template, "template", caller, settings, store)
+    if catalog is None:
+        catalog = await _resolve_sources(req, settings)
+    sources_id = await ingest_catalog(catalog, store, caller.owner) if catalog else None
+    mode = req.mode or req.config.mode
+    config = req.config.model_dump(mode="json")
+    config["mode"] = mode
+    record = JobRecord(
+        id=new_job_id(),
+        owner=caller.owner,
+        science=science,
+        template=template,
+        sources_id=sources_id,
+        mode=mode,
+        config=config,
+        idempotency_key=key,
+        callback_url=req.callback_url,
+    )
+    fingerprint = _fingerprint(req, catalog, mode)
+    record, created = await run_in_threadpool(store.records.create, record, fingerprint)
+    if created:
+        active = await run_in_threadpool(store.records.count_active, caller.owner)
+        if active > settings.max_concurrent_jobs:
+            await run_in_threadpool(store.records.delete, record.id)
+            raise ApiError(
+                429,
+                "too_many_jobs",
+                f"{settings.max_concurrent_jobs} jobs are already queued or running for this "
+                "token; wait for one to finish",
+                headers={"Retry-After": "5"},
+            )
+        await run_in_threadpool(queue.enqueue, record.id)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/subtractions/{record.id}"
+    return _job_out(record)
+
+
+# reading --------------------------------------------------------------------------------------
+@router.get(
+    "",
+    response_model=JobList,
+    summary="List jobs",
+    description="The caller's jobs, newest first, filtered by state and creation time, one page "
+    "at a time: pass the returned `next_cursor` as `cursor` for the next page.",
+    responses={**_AUTH, 422: {"model": ErrorResponse, "description": "Bad filter or cursor."}},
+)
+def list_subtractions(
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = Query(
+        None, description="Only jobs in this state."
+    ),
+    since: datetime | None = Query(
+        None, description="Only jobs created at or after this ISO 8601 time."
+    ),
+    limit: int = Query(50, ge=1, description="Page size (at most ALSUB_MAX_LIST_LIMIT)."),
+    cursor: str | None = Query(None, description="next_cursor of the previous page."),
+    caller: Caller = Depends(get_caller),
+    settings: Settings = Depends(get_settings),
+    store: Store = Depends(get_store),
+) -> JobList:
+    if cursor is not None:
+        try:
+            decode_cursor(cursor)
+        except ValueError:
+            raise ApiError(422, "invalid_cursor", "cursor is not one this API returned") from None
+    since_ts = None
+    if since is not None:
+        since_ts = since.timestamp() if since.tzinfo else since.replace(tzinfo=None).timestamp()
+    records, next_cursor = store.records.list(
+        caller.owner, state, since_ts, min(limit, settings.max_list_limit), cursor
+    )
+    return JobList(items=[_job_out(r) for r in records], next_cursor=next_cursor)
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    summary="Job state",
+    description="State, progress (stage and fraction), timings, metrics, error and product links.",
+    responses={**_AUTH, **_NOT_FOUND},
+)
+def get_subtraction(
+    job_id: str,
+    caller: Caller = Depends(get_caller),
+    settings: Settings = Depends(get_settings),
+    store: Store = Depends(get_store),
+    queue: JobQueue = Depends(get_queue),
+) -> JobOut:
+    record = _owned_job(store, job_id, caller)
+    if record.state == "running":
+        # Sweep on read: a job whose worker died is requeued (or failed) right here.
+        record = requeue_if_stale(store.records, job_id, settings, queue.enqueue) or record
+    return _job_out(record)
+
+
+def _finished_job(store: Store, job_id: str, caller: Caller) -> JobRecord:
+    record = _owned_job(store, job_id, caller)
+    if record.state != "succeeded":
+        raise ApiError(
+            409,
+            "job_not_succeeded",
+            f"job {job_id} is {record.state}; products exist once it has succeeded",
+        )
+    return record
+
+
+@router.get(
+    "/{job_id}/products/{name}",
+    summary="Download a product",
+    description="The product as FITS (MEF layout), or `format=png` for a preview (zscale + asinh "
+    "stretch). With `x` and `y` (parent pixel coordinates) a `size`-pixel cutout, FITS or PNG.",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                "application/fits": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+            },
+            "description": "The product file, preview or cutout.",
+        },
+        **_AUTH,
+        **_NOT_FOUND,
+        409: {"model": ErrorResponse, "description": "The job has not succeeded."},
+        422: {"model": ErrorResponse, "description": "Bad cutout request."},
+    },
+)
+def get_product(
+    job_id: str,
+    name: ProductName,
+    format: Literal["fits", "png"] = Query("fits", description="fits or png."),
+    x: int | None = Query(None, description="Cutout centre column (parent pixels)."),
+    y: int | None = Query(None, description="Cutout centre row (parent pixels)."),
+    size: int = Query(64, ge=1, description="Cutout side (pixels)."),
+    caller: Caller = Depends(get_caller),
+    settings: Settings = Depends(get_settings),
+    store: Store = Depends(get_store),
+):
+    _finished_job(store, job_id, caller)
+    path = store.products.path(job_id, name)
+    if path is None:
+        available = [n for n in store.products.names(job_id) if n != "metrics"]
+        raise ApiError(
+            404, "not_found", f"job {job_id} has no {name} product; it has {', '.join(available)}"
+        )
+    if (x is None) != (y is None):
+        raise ApiError(422, "invalid_request", "a cutout needs both x and y")
+    if x is not None:
+        if name not in EXPOSURE_PRODUCTS:
+            raise ApiError(
+                422, "cutout_not_supported", f"cutouts exist for {', '.join(EXPOSURE_PRODUCTS)}"
+            )
+        if size > settings.max_cutout_size:
+            raise ApiError(
+                422, "invalid_request", f"size must be at most {settings.max_cutout_size}"
+            )
+        if format == "png":
+            return Response(cutout_png(path, x, y, size), media_type="image/png")
+        return Response(
+            cutout_fits(path, x, y, size),
+            media_type="application/fits",
+            headers={"Content-Disposition": f'attachment; filename="{name}-{x}-{y}.fits"'},
+        )
+    if format == "png":
+        return Response(png_bytes(image_plane(path)), media_type="image/png")
+    return FileResponse(path, media_type="application/fits", filename=f"{job_id}-{name}.fits")
+
+
+@router.get(
+    "/{job_id}/metrics",
+    summary="Job metrics",
+    description="The quality metrics JSON of a succeeded job.",
+    responses={**_AUTH, **_NOT_FOUND, 409: {"model": ErrorResponse}},
+)
+def get_metrics(
+    job_id: str,
+    caller: Caller = Depends(get_caller),
+    store: Store = Depends(get_store),
+) -> JSONResponse:
+    record = _finished_job(store, job_id, caller)
+    return JSONResponse(record.metrics)
+
+
+@router.delete(
+    "/{job_id}",
+    summary="Cancel or delete a job",
+    description="A queued or running job is cancelled (answers 200 with the record, state "
+    "`cancelled`); a finished job is deleted with its products (answers 204).",
+    responses={
+        200: {"model": JobOut, "description": "Cancelled."},
+        204: {"description": "Deleted."},
+        **_AUTH,
+        **_NOT_FOUND,
+    },
+)
+def delete_subtraction(
+    job_id: str,
+    caller: Caller = Depends(get_caller),
+    store: Store = Depends(get_store),
+    queue: JobQueue = Depends(get_queue),
+):
+    _owned_job(store, job_id, caller)
+
+    def cancel(record: JobRecord) -> bool:
+        if record.state not in ACTIVE_STATES:
+            return False
+        record.state = "cancelled"
+        record.finished_at = time.time()
+        record.progress = {"stage": "cancelled", "fraction": record.progress.get("fraction", 0.0)}
+        record.worker = None
+        return True
+
+    record, cancelled = store.records.update(job_id, cancel)
+    if cancelled and record is not None:
+        queue.revoke(job_id)
+        if record.callback_url:
+            queue.enqueue_callback(job_id)
+        return JSONResponse(job_view(record), status_code=200)
+    store.products.delete(job_id)
+    store.records.delete(job_id)
+    return Response(status_code=204)

@@ -1,0 +1,106 @@
+"""Recovery of jobs whose worker was lost: no job stays ``running`` forever.
+
+A running job's worker writes a heartbeat into its record every few seconds.
+When the heartbeat is older than ``heartbeat_timeout`` the worker is gone
+(killed, machine lost): the job is put back to ``queued`` and enqueued again,
+or failed as ``worker_lost`` once it has used ``max_attempts`` deliveries.
+Updates are conditional, so several sweepers (every worker, the API) can run
+at once and a job is requeued only once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from .records import JobRecord, RecordBackend
+from .settings import Settings
+
+__all__ = ["is_stale", "requeue_if_stale", "sweep_stale_jobs", "requeue_all"]
+
+log = logging.getLogger("alsub.sweeper")
+
+Enqueue = Callable[[str], None]
+
+
+def is_stale(record: JobRecord, timeout: float, now: float | None = None) -> bool:
+    """True when ``record`` is running but its heartbeat is older than ``timeout`` seconds."""
+    if record.state != "running":
+        return False
+    now = time.time() if now is None else now
+    last = record.heartbeat_at or record.started_at or record.updated_at
+    return now - last > timeout
+
+
+def _recover(record: JobRecord, settings: Settings, reason: str) -> None:
+    now = time.time()
+    if record.attempts >= settings.max_attempts:
+        record.state = "failed"
+        record.finished_at = now
+        record.error = {
+            "code": "worker_lost",
+            "message": f"the job was interrupted {record.attempts} times ({reason}); "
+            "try a smaller image or a longer time limit",
+        }
+        record.progress = {"stage": "failed", "fraction": record.progress.get("fraction", 0.0)}
+    else:
+        record.state = "queued"
+        record.progress = {"stage": "requeued", "fraction": 0.0}
+    record.worker = None
+    record.heartbeat_at = None
+
+
+def requeue_if_stale(
+    records: RecordBackend, job_id: str, settings: Settings, enqueue: Enqueue
+) -> JobRecord | None:
+    """Requeue (or fail) ``job_id`` when its heartbeat is stale; return the record after."""
+
+    def mutate(record: JobRecord) -> bool:
+        if not is_stale(record, settings.heartbeat_timeout):
+            return False
+        _recover(record, settings, "worker lost")
+        return True
+
+    record, written = records.update(job_id, mutate)
+    if written and record is not None:
+        if record.state == "queued":
+            log.warning("job %s: worker lost, requeued (attempt %d)", job_id, record.attempts)
+            enqueue(job_id)
+        else:
+            log.error("job %s: worker lost too often, failed", job_id)
+    return record
+
+
+def sweep_stale_jobs(records: RecordBackend, settings: Settings, enqueue: Enqueue) -> list[str]:
+    """Requeue or fail every stale running job; return their ids."""
+    swept = []
+    for record in records.in_state("running"):
+        if is_stale(record, settings.heartbeat_timeout):
+            after = requeue_if_stale(records, record.id, settings, enqueue)
+            if after is not None and after.state != "running":
+                swept.append(record.id)
+    return swept
+
+
+def requeue_all(records: RecordBackend, settings: Settings, enqueue: Enqueue) -> list[str]:
+    """Embedded start-up: no worker is alive yet, so every unfinished job is enqueued again.
+
+    Running jobs go back to queued; queued ones are re-sent in case their message
+    was taken by a worker that died (a duplicate message is harmless: the task
+    skips jobs that are already running or finished).
+    """
+    ids = []
+    for record in records.in_state("running"):
+
+        def mutate(current: JobRecord) -> bool:
+            if current.state != "running":
+                return False
+            _recover(current, settings, "service restarted")
+            return True
+
+        records.update(record.id, mutate)
+    for record in records.in_state("queued"):
+        enqueue(record.id)
+        ids.append(record.id)
+    return ids

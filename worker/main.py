@@ -1,0 +1,76 @@
+"""Entry point of a worker process: ``alsub worker`` / ``python -m worker.main``.
+
+Extra arguments are passed to ``celery worker`` (e.g. ``--concurrency 4``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import uuid
+
+__all__ = ["run_worker"]
+
+
+def run_worker(argv: list[str] | None = None) -> int:
+    """Run a Celery worker for the alsub queue until it is stopped.
+
+    Parameters
+    ----------
+    argv : `list` of `str` or None
+        Extra ``celery worker`` arguments; they override the defaults
+        (queue, concurrency and log level from the ``ALSUB_*`` settings).
+
+    Returns
+    -------
+    status : `int`
+        Exit status (0 on a clean shutdown).
+    """
+    from .tasks import app, settings
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(processName)s: %(message)s",
+    )
+    args = [
+        "worker",
+        "--loglevel",
+        settings.log_level,
+        "--queues",
+        settings.queue_name,
+        "--concurrency",
+        str(settings.worker_concurrency),
+        # Unique node name, so several workers on one host answer pings separately.
+        "--hostname",
+        f"alsub-{uuid.uuid4().hex[:8]}@%h",
+        "--without-mingle",
+        "--without-gossip",
+        *(argv or []),
+    ]
+    _exit_with_parent()
+    try:
+        app.worker_main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def _exit_with_parent() -> None:
+    """Embedded worker: stop when the ``alsub serve`` process that started it is gone."""
+    parent = os.environ.get("ALSUB_EMBEDDED_PARENT")
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            threading.Event().wait(1.0)
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+if __name__ == "__main__":
+    sys.exit(run_worker(sys.argv[1:]))

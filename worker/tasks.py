@@ -1,0 +1,125 @@
+"""Celery tasks of alsub: run a subtraction job, deliver a job's webhook.
+
+Tasks are thin: they carry a job id, open the store and call
+`worker.jobs.run_job`; state lives in the job record. The worker's main
+process also runs a sweeper thread that requeues jobs of lost workers and
+records this worker's liveness (used by ``/readyz``).
+
+Start a worker with ``alsub worker`` (or ``python -m worker.main``, or
+``celery -A worker.tasks worker``); settings come from ``ALSUB_*`` variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import httpx
+from celery.signals import worker_ready, worker_shutdown
+
+from store import JobRecord, Settings, Store, open_store
+from store.records import job_view
+from store.sweeper import sweep_stale_jobs
+
+from .celery_app import CALLBACK_TASK, RUN_TASK, enqueue_callback, enqueue_job, make_celery
+from .jobs import run_job
+
+__all__ = ["app", "settings", "run_subtraction_job", "deliver_callback", "get_store"]
+
+log = logging.getLogger("alsub.worker")
+
+settings = Settings()
+app = make_celery(settings)
+
+_stores: dict[int, Store] = {}
+
+
+def get_store() -> Store:
+    """The store of this process (opened once per process, after any fork)."""
+    pid = os.getpid()
+    if pid not in _stores:
+        _stores[pid] = open_store(settings)
+    return _stores[pid]
+
+
+def _on_final(record: JobRecord) -> None:
+    if record.callback_url:
+        enqueue_callback(app, settings, record.id)
+
+
+@app.task(name=RUN_TASK, ignore_result=True)
+def run_subtraction_job(job_id: str) -> str:
+    """Run subtraction job ``job_id`` (idempotent: a redelivery skips or reruns it cleanly)."""
+    return run_job(get_store(), settings, job_id, on_final=_on_final)
+
+
+@app.task(name=CALLBACK_TASK, bind=True, ignore_result=True, max_retries=settings.webhook_retries)
+def deliver_callback(self, job_id: str) -> bool:
+    """POST the final record of ``job_id`` to its ``callback_url``, retrying with backoff."""
+    store = get_store()
+    record = store.records.get(job_id)
+    if record is None or not record.callback_url:
+        return False
+    attempt = self.request.retries + 1
+    try:
+        response = httpx.post(
+            record.callback_url, json=job_view(record), timeout=settings.webhook_timeout
+        )
+        response.raise_for_status()
+        error = None
+    except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    delivered = error is None
+
+    def mutate(current: JobRecord) -> bool:
+        current.callback = {"delivered": delivered, "attempts": attempt, "last_error": error}
+        return True
+
+    store.records.update(job_id, mutate)
+    if not delivered:
+        if self.request.retries >= settings.webhook_retries:
+            log.warning("job %s: webhook gave up after %d attempts: %s", job_id, attempt, error)
+            return False
+        raise self.retry(countdown=settings.webhook_backoff * 2**self.request.retries)
+    return True
+
+
+class _Sweeper(threading.Thread):
+    """Main-process thread: mark this worker alive, requeue jobs of lost workers."""
+
+    def __init__(self, name: str):
+        super().__init__(name="alsub-sweeper", daemon=True)
+        self.worker_name = name
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        period = min(settings.heartbeat_interval, settings.heartbeat_timeout / 3)
+        store = open_store(settings)
+        while True:
+            try:
+                store.records.worker_seen(self.worker_name)
+                sweep_stale_jobs(store.records, settings, lambda i: enqueue_job(app, settings, i))
+            except Exception:
+                log.warning("sweeper pass failed", exc_info=True)
+            if self.stop.wait(period):
+                return
+
+
+_sweeper: _Sweeper | None = None
+
+
+@worker_ready.connect
+def _start_sweeper(sender=None, **_):
+    global _sweeper
+    name = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
+    _sweeper = _Sweeper(name)
+    _sweeper.start()
+    log.info("worker %s ready at %.0f", name, time.time())
+
+
+@worker_shutdown.connect
+def _stop_sweeper(**_):
+    if _sweeper is not None:
+        _sweeper.stop.set()
