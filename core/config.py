@@ -116,6 +116,15 @@ class SourcesConfig(_Config):
         ["NO_DATA", "BAD", "SAT", "EDGE", "FAKE", "HIGH_VARIANCE"],
         description="Reject kernel sources whose stamp touches these planes.",
     )
+    variability_sigma: float = Field(
+        5.0,
+        gt=0,
+        description="Reject kernel sources whose science/template flux ratio departs "
+        "from the median by more than this many sigma (transients, variables).",
+    )
+    variability_floor: float = Field(
+        0.05, ge=0, description="...and by more than this fraction of the median ratio."
+    )
     n_sky_sources: int = Field(100, ge=0, description="Sky positions placed for metrics.")
     sky_source_radius: float = Field(8.0, gt=0, description="Sky-source footprint radius (px).")
 
@@ -157,7 +166,11 @@ class SubtractionConfig(_Config):
     mode: Mode = Field("auto", description="Which image is convolved, or preconvolve (score).")
     do_decorrelation: bool = Field(True, description="Whiten the difference noise.")
     do_scale_variance: bool = Field(True, description="Rescale input variances to the noise.")
-    do_subtract_background: bool = Field(False, description="Subtract the fitted background.")
+    do_subtract_background: bool = Field(
+        True,
+        description="Subtract the fitted differential background. Rubin's default is False "
+        "because its inputs are sky-subtracted; alsub's inputs often still carry sky.",
+    )
     required_template_fraction: float = Field(
         0.1, ge=0, le=1, description="Least template coverage to attempt subtraction."
     )

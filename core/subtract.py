@@ -34,7 +34,7 @@ from .exposure import Exposure
 from .kernel import BackgroundModel, SpatialKernel, fit_psf_matching_kernel
 from .metrics import compute_difference_metrics, limiting_magnitude, noise_statistics
 from .psf import SIGMA_TO_FWHM, estimate_psf
-from .sources import detect_sources, select_kernel_sources, sky_sources
+from .sources import detect_sources, measure_sources, select_kernel_sources, sky_sources
 from .task import Task
 from .variance import scale_variance
 
@@ -259,8 +259,47 @@ class _SubtractBase(Task):
             psf_fwhm=self.science_fwhm,
             edge_buffer=edge_buffer,
         )
+        selected = self._reject_variable_sources(selected, science, template)
         self.metadata["nPsfSources"] = len(selected)
         return selected
+
+    def _reject_variable_sources(self, selected, science, template):
+        """Drop kernel sources whose flux changed between template and science.
+
+        Transients and variables have no (or a different) counterpart in the
+        template. Rubin leaves them to kernel-sum clipping, which a field with
+        many of them biases; comparing PSF fluxes first keeps them out.
+        """
+        if len(selected) < 3:
+            return selected
+        x, y = np.asarray(selected["x"], float), np.asarray(selected["y"], float)
+        sci = measure_sources(science, x, y, psf=science.psf)
+        tmpl = measure_sources(template, x, y, psf=template.psf)
+        f_s, e_s = np.asarray(sci["flux"], float), np.asarray(sci["flux_err"], float)
+        f_t, e_t = np.asarray(tmpl["flux"], float), np.asarray(tmpl["flux_err"], float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = f_s / f_t
+            detected = np.isfinite(ratio) & (f_t > 5.0 * e_t)
+            if detected.sum() < 3:
+                return selected
+            median = float(np.median(ratio[detected]))
+            sigma = np.abs(ratio) * np.hypot(e_s / f_s, e_t / f_t)
+        deviation = np.abs(ratio - median)
+        cfg = self.config.sources
+        variable = (deviation > cfg.variability_sigma * sigma) & (
+            deviation > cfg.variability_floor * abs(median)
+        )
+        keep = detected & ~variable
+        self.metadata["nVariableSourcesRejected"] = int(np.count_nonzero(~keep))
+        kept = selected[keep]
+        if len(kept) < cfg.min_kernel_sources:
+            raise InsufficientSourcesError(
+                f"Only {len(kept)} sources were selected for PSF matching, but "
+                f"{cfg.min_kernel_sources} are required ({int((~keep).sum())} were rejected "
+                "because their flux differs between template and science). Supply a source "
+                "catalog or lower sources.min_kernel_sources."
+            )
+        return kept
 
     def _fit_kernel(self, reference, target, kernel_sources, reference_fwhm, target_fwhm, bbox):
         """Fit K and b with K * reference + b ~ target over ``bbox``."""
