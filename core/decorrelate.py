@@ -44,9 +44,10 @@ exactly section 4.3.8's extra division of the variance by ``ksum^2``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import fft as sfft
@@ -148,11 +149,11 @@ def _spectrum(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def _rfft_mean(power: np.ndarray, shape: tuple[int, int]) -> float:
     """Mean over the full frequency plane of a Hermitian-symmetric quantity given on the
     rfft half plane (columns other than 0 and Nyquist stand for two frequencies)."""
-    weights = np.full(power.shape[1], 2.0)
-    weights[0] = 1.0
+    column_sums = power.sum(axis=0)
+    total = 2.0 * column_sums.sum() - column_sums[0]
     if shape[1] % 2 == 0:
-        weights[-1] = 1.0
-    return float((power * weights).sum() / (shape[0] * shape[1]))
+        total -= column_sums[-1]
+    return float(total / (shape[0] * shape[1]))
 
 
 @dataclass
@@ -366,7 +367,35 @@ class DecorrelatedPsf(Psf):
 
 
 # ----------------------------------------------------------------------------------------
-# entry point
+# applying filters
+@dataclass
+class _NodeFilter:
+    """Image-space kernels of one node's filters on a (L, L) grid, centred on pixel L // 2."""
+
+    image: np.ndarray  # kernel of phi (point symmetric, unit sum)
+    psf: np.ndarray  # kernel of the PSF filter (unit sum)
+    variance1: np.ndarray | None  # squared kernels of c1 and c2 (complete propagation)
+    variance2: np.ndarray | None
+    w1: float
+    w2: float
+
+
+def _node_filter(kernel_image, v, vt, preconv_image, size: int, complete: bool) -> _NodeFilter:
+    filters = decorrelation_filters(kernel_image, v, vt, (size, size), preconv_image)
+    variance1 = variance2 = None
+    if complete:
+        variance1 = filter_kernel_image(filters.c1, size) ** 2
+        variance2 = filter_kernel_image(filters.c2, size) ** 2
+    return _NodeFilter(
+        image=filter_kernel_image(filters.phi, size),
+        psf=filter_kernel_image(filters.psf_filter, size),
+        variance1=variance1,
+        variance2=variance2,
+        w1=filters.w1,
+        w2=filters.w2,
+    )
+
+
 def _kernel_at(kernel, x: float, y: float) -> np.ndarray:
     if isinstance(kernel, np.ndarray):
         return kernel.astype(np.float64)
@@ -385,46 +414,57 @@ def _on_bbox(exposure: Exposure, bbox, what: str) -> Exposure:
 
 
 def _fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Copy as float64 with NaN/inf replaced by the nan-mean (section 4.3 step 7)."""
-    data = image.astype(np.float64)
+    """Float32 image with NaN/inf replaced by the nan-mean (section 4.3 step 7)."""
+    data = np.asarray(image, dtype=np.float32)
     bad = ~np.isfinite(data)
     if bad.any():
-        data[bad] = np.mean(data[~bad]) if (~bad).any() else 0.0
+        fill = np.mean(data[~bad], dtype=np.float64) if (~bad).any() else 0.0
+        data = np.where(bad, np.float32(fill), data)
     return data, bad
 
 
-def _filter_padded(data: np.ndarray, shape: tuple[int, int], transfer: np.ndarray) -> np.ndarray:
-    """Zero-padded linear filtering of ``data`` by a zero-phase transfer function."""
-    spec = sfft.rfft2(data, s=shape, workers=_FFT_WORKERS)
-    out = sfft.irfft2(spec * transfer, s=shape, workers=_FFT_WORKERS)
-    return out[: data.shape[0], : data.shape[1]]
+def _fft_shape(data_shape, margin: int) -> tuple[int, int]:
+    """FFT shape leaving ``margin`` zeros after the data, so the filter tails do not wrap."""
+    return (
+        sfft.next_fast_len(data_shape[0] + margin, real=True),
+        sfft.next_fast_len(data_shape[1] + margin, real=True),
+    )
 
 
-def _squared_kernel_transfer(c: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Transfer function of the squared image-space kernel of ``c`` (variance propagation)."""
-    kernel = sfft.irfft2(c, s=shape, workers=_FFT_WORKERS)
-    return sfft.rfft2(kernel * kernel, workers=_FFT_WORKERS)
+def _convolve(data: np.ndarray, stamps, shape: tuple[int, int]) -> np.ndarray:
+    """Zero-padded linear convolution by centred stamps, summed: sum_i data_i (*) stamp_i.
+
+    ``data`` and ``stamps`` are sequences of equal length (one forward FFT per pair).
+    Float32 FFTs: the filtered images are noise-dominated differences, where single
+    precision (1e-7 relative) is far below the noise.
+    """
+    spec = None
+    for image, stamp in zip(data, stamps, strict=True):
+        transfer = sfft.rfft2(_embed(stamp, shape).astype(np.float32), workers=_FFT_WORKERS)
+        term = sfft.rfft2(image, s=shape, workers=_FFT_WORKERS) * transfer
+        spec = term if spec is None else spec + term
+    ny, nx = data[0].shape
+    return sfft.irfft2(spec, s=shape, workers=_FFT_WORKERS)[:ny, :nx]
 
 
-def _complete_variance(v1, v2, sigma1, sigma2, filters, shape):
-    """V1 (x) c1^2 + V2 (x) c2^2 with non-finite V filled by the mean variance."""
-    v1f = np.where(np.isfinite(v1), v1, sigma1).astype(np.float64)
-    v2f = np.where(np.isfinite(v2), v2, sigma2).astype(np.float64)
-    spec = sfft.rfft2(v1f, s=shape, workers=_FFT_WORKERS) * _squared_kernel_transfer(
-        filters.c1, shape
-    ) + sfft.rfft2(v2f, s=shape, workers=_FFT_WORKERS) * _squared_kernel_transfer(filters.c2, shape)
-    return sfft.irfft2(spec, s=shape, workers=_FFT_WORKERS)[: v1.shape[0], : v1.shape[1]]
+def _complete_variance(plane1, plane2, v1, v2, node: _NodeFilter, shape) -> np.ndarray:
+    """V1 (*) c1^2 + V2 (*) c2^2, non-finite V replaced by the mean variance (4.3 step 8)."""
+    filled1 = np.where(np.isfinite(plane1), plane1, np.float32(v1)).astype(np.float32)
+    filled2 = np.where(np.isfinite(plane2), plane2, np.float32(v2)).astype(np.float32)
+    return _convolve((filled1, filled2), (node.variance1, node.variance2), shape)
 
 
 def _margin(kernel_image: np.ndarray, preconv_image: np.ndarray | None) -> int:
-    """Padding that holds the decorrelation kernel's tails (they fall below 1e-6 of the
-    peak within about twice the matching-kernel width for Gaussian-like kernels)."""
+    """Half-width of the decorrelation kernels: their tails fall below 1e-6 of the peak
+    within about twice the matching-kernel stamp width for Gaussian-like kernels."""
     size = max(kernel_image.shape)
     if preconv_image is not None:
         size = max(size, *preconv_image.shape)
     return 2 * size
 
 
+# ----------------------------------------------------------------------------------------
+# entry point
 def decorrelate_difference(
     difference: Exposure,
     science: Exposure,
@@ -470,13 +510,15 @@ def decorrelate_difference(
     Returns
     -------
     corrected : `core.exposure.Exposure`
-        New exposure: decorrelated image and variance, the input mask, and the
-        corrected PSF (`DecorrelatedPsf`, see the module docstring).
+        New exposure: decorrelated image and variance (float32), the input mask,
+        and the corrected PSF (`DecorrelatedPsf`, see the module docstring).
 
     Raises
     ------
     ValueError
         If ``preconv_kernel`` is given without ``template_matched`` and ``preconv_mode``.
+    IncompatibleInputsError
+        If the science or template does not cover the difference.
     """
     if preconv_kernel is not None and not (template_matched and preconv_mode):
         raise ValueError(
@@ -532,32 +574,25 @@ def decorrelate_difference(
         log.warning("Diverging correction: convolved/unconvolved variance ratio %g", vt / v)
 
     margin = _margin(kernel_image, preconv_image)
-    image, bad = _fill_nonfinite(difference.image)
+    stamp_size = 2 * margin + 1
     complete = config.complete_var_plane_propagation
+    image, bad = _fill_nonfinite(difference.image)
 
     if not spatially_varying:
-        shape = (
-            sfft.next_fast_len(ny + margin, real=True),
-            sfft.next_fast_len(nx + margin, real=True),
-        )
-        filters = decorrelation_filters(kernel_image, v, vt, shape, preconv_image)
-        corrected = _filter_padded(image, shape, filters.phi)
+        node = _node_filter(kernel_image, v, vt, preconv_image, stamp_size, complete)
+        shape = _fft_shape(image.shape, margin)
+        corrected = _convolve((image,), (node.image,), shape)
         if complete:
-            variance = _complete_variance(plane1, plane2, v, vt, filters, shape)
+            variance = _complete_variance(plane1, plane2, v, vt, node, shape)
         else:
-            variance = plane1 * filters.w1 + plane2 * filters.w2
-        stamp_size = 2 * margin + 1
-        small = decorrelation_filters(kernel_image, v, vt, (stamp_size, stamp_size), preconv_image)
-        psf_stamps = filter_kernel_image(small.psf_filter, stamp_size)[None, None]
+            variance = plane1 * np.float32(node.w1) + plane2 * np.float32(node.w2)
+        psf_stamps = node.psf[None, None]
         nodes_x, nodes_y = np.array([xc]), np.array([yc])
-        n_nodes = 1
     else:
-        corrected, variance, psf_stamps, nodes_x, nodes_y = _spatial(
+        corrected, variance, psf_stamps, nodes_x, nodes_y = _decorrelate_on_grid(
             image,
-            plane1,
-            plane2,
-            good1,
-            good2,
+            (plane1, plane2),
+            (good1, good2),
             (v, vt),
             kernel,
             (x0, y0),
@@ -566,17 +601,21 @@ def decorrelate_difference(
             config.grid_step,
             complete,
         )
-        n_nodes = nodes_x.size * nodes_y.size
 
-    nonfinite_var = ~(np.isfinite(plane1) & np.isfinite(plane2))
-    if complete and nonfinite_var.any():
+    if complete:
         # restore non-finite input variances (section 4.3 step 8)
-        variance[nonfinite_var] = (plane1 + plane2)[nonfinite_var]
+        nonfinite = ~(np.isfinite(plane1) & np.isfinite(plane2))
+        variance[nonfinite] = (plane1 + plane2)[nonfinite]
     corrected[bad] = difference.image[bad]
 
-    result = difference.copy()
-    result.image = corrected.astype(np.float32)
-    result.variance = (variance * scale).astype(np.float32)
+    result = replace(
+        difference,
+        image=np.ascontiguousarray(corrected, dtype=np.float32),
+        variance=np.ascontiguousarray(variance * np.float32(scale), dtype=np.float32),
+        mask=difference.mask.copy(),
+        mask_planes=difference.mask_planes.copy(),
+        metadata=copy.deepcopy(difference.metadata),
+    )
     if base_psf is not None:
         result.psf = DecorrelatedPsf(
             base_psf, psf_stamps, nodes_x, nodes_y, extra_size=2 * (kernel_image.shape[0] // 2)
@@ -587,76 +626,76 @@ def decorrelate_difference(
         md["decorrelationVarianceTemplate"] = var_template
         md["decorrelationKernelSum"] = float(kernel_image.sum())
         md["decorrelationSpatiallyVarying"] = spatially_varying
-        md["decorrelationNodes"] = n_nodes
+        md["decorrelationNodes"] = int(nodes_x.size * nodes_y.size)
     return result
 
 
-def _spatial(
-    image,
-    plane1,
-    plane2,
-    good1,
-    good2,
-    mean_vars,
-    kernel,
-    xy0,
-    preconv_image,
-    margin,
-    step,
-    complete,
+def _node_ranges(length: int, nodes: np.ndarray, tent: np.ndarray):
+    """Per node: (support start, end) where its tent weight is > 0, and (window start, end)
+    of the pixels nearest to it (the local-statistics window; windows tile the axis)."""
+    spacing = nodes[1] - nodes[0] if nodes.size > 1 else float(length)
+    nearest = np.clip(np.rint(np.arange(length) / spacing), 0, nodes.size - 1).astype(int)
+    out = []
+    for n in range(nodes.size):
+        support = np.nonzero(tent[:, n] > 0)[0]
+        window = np.nonzero(nearest == n)[0]
+        if window.size == 0:  # cannot happen with spacing >= 1; keep the support then
+            window = support
+        out.append((support[0], support[-1] + 1, window[0], window[-1] + 1))
+    return out
+
+
+def _decorrelate_on_grid(
+    image, planes, goods, mean_vars, kernel, xy0, preconv_image, margin, step, complete
 ):
-    """Per-node filtering on overlapping tiles, blended with tent weights (decision 4)."""
+    """Decorrelation on a grid of nodes blended with tent weights (decision 4).
+
+    Each node's filter comes from the kernel at the node and the clipped-mean variances
+    of the pixels nearest to it; it is applied to the node's support (two grid spacings
+    per axis) plus a margin holding the filter tails, and weighted by the node's
+    bilinear tent, so the blend is continuous and the weights sum to 1 everywhere.
+    """
+    plane1, plane2 = planes
+    good1, good2 = goods
+    v_default, vt_default = mean_vars
     ny, nx = image.shape
     x0, y0 = xy0
     nodes_x = node_positions(nx, step)
     nodes_y = node_positions(ny, step)
     tent_x = _tent_matrix(nx, nodes_x)
     tent_y = _tent_matrix(ny, nodes_y)
-    spacing_x = nodes_x[1] - nodes_x[0] if nodes_x.size > 1 else nx
-    spacing_y = nodes_y[1] - nodes_y[0] if nodes_y.size > 1 else ny
-    # a node's support spans two spacings; its tile adds the margin on each side, and the
-    # FFT adds one more margin of zeros so wrap-around stays below the kernel tails
-    span_y = min(ny, int(2 * spacing_y) + 2 + 2 * margin)
-    span_x = min(nx, int(2 * spacing_x) + 2 + 2 * margin)
-    shape = (
-        sfft.next_fast_len(span_y + margin, real=True),
-        sfft.next_fast_len(span_x + margin, real=True),
-    )
+    ranges_x = _node_ranges(nx, nodes_x, tent_x)
+    ranges_y = _node_ranges(ny, nodes_y, tent_y)
+    span_y = max(r1 - r0 for r0, r1, _, _ in ranges_y)
+    span_x = max(c1 - c0 for c0, c1, _, _ in ranges_x)
+    shape = _fft_shape((min(ny, span_y + 2 * margin), min(nx, span_x + 2 * margin)), margin)
     stamp_size = 2 * margin + 1
-    corrected = np.zeros_like(image)
-    variance = np.zeros_like(image)
-    v_default, vt_default = mean_vars
+    corrected = np.zeros(image.shape, dtype=np.float32)
+    variance = np.zeros(image.shape, dtype=np.float32)
     psf_stamps = np.zeros((nodes_y.size, nodes_x.size, stamp_size, stamp_size))
-    for jn, yn in enumerate(nodes_y):
-        rows = np.nonzero(tent_y[:, jn] > 0)[0]
-        r0, r1 = rows[0], rows[-1] + 1
+    for jn, (r0, r1, wr0, wr1) in enumerate(ranges_y):
         t0, t1 = max(0, r0 - margin), min(ny, r1 + margin)
-        for i_n, xn in enumerate(nodes_x):
-            cols = np.nonzero(tent_x[:, i_n] > 0)[0]
-            c0, c1 = cols[0], cols[-1] + 1
+        for i_n, (c0, c1, wc0, wc1) in enumerate(ranges_x):
             s0, s1 = max(0, c0 - margin), min(nx, c1 + margin)
-            # local mean variances over the node's support, falling back to the global ones
-            v = clipped_mean(plane1[r0:r1, c0:c1], good1[r0:r1, c0:c1])
-            vt = clipped_mean(plane2[r0:r1, c0:c1], good2[r0:r1, c0:c1])
+            window = (slice(wr0, wr1), slice(wc0, wc1))
+            v = clipped_mean(plane1[window], good1[window])
+            vt = clipped_mean(plane2[window], good2[window])
             v = v if math.isfinite(v) else v_default
             vt = vt if math.isfinite(vt) else vt_default
-            kernel_image = _kernel_at(kernel, x0 + xn, y0 + yn)
-            filters = decorrelation_filters(kernel_image, v, vt, shape, preconv_image)
-            weight = tent_y[r0:r1, jn, None] * tent_x[None, c0:c1, i_n]
+            kernel_image = _kernel_at(kernel, x0 + nodes_x[i_n], y0 + nodes_y[jn])
+            node = _node_filter(kernel_image, v, vt, preconv_image, stamp_size, complete)
+            psf_stamps[jn, i_n] = node.psf
+
+            weight = (tent_y[r0:r1, jn, None] * tent_x[None, c0:c1, i_n]).astype(np.float32)
             inner = (slice(r0 - t0, r1 - t0), slice(c0 - s0, c1 - s0))
-            tile = _filter_padded(image[t0:t1, s0:s1], shape, filters.phi)
-            corrected[r0:r1, c0:c1] += weight * tile[inner]
+            support = (slice(r0, r1), slice(c0, c1))
+            tile = (slice(t0, t1), slice(s0, s1))
+            corrected[support] += weight * _convolve((image[tile],), (node.image,), shape)[inner]
             if complete:
-                tile_var = _complete_variance(
-                    plane1[t0:t1, s0:s1], plane2[t0:t1, s0:s1], v, vt, filters, shape
-                )
-                variance[r0:r1, c0:c1] += weight * tile_var[inner]
+                local = _complete_variance(plane1[tile], plane2[tile], v, vt, node, shape)
+                variance[support] += weight * local[inner]
             else:
-                variance[r0:r1, c0:c1] += weight * (
-                    plane1[r0:r1, c0:c1] * filters.w1 + plane2[r0:r1, c0:c1] * filters.w2
+                variance[support] += weight * (
+                    plane1[support] * np.float32(node.w1) + plane2[support] * np.float32(node.w2)
                 )
-            small = decorrelation_filters(
-                kernel_image, v, vt, (stamp_size, stamp_size), preconv_image
-            )
-            psf_stamps[jn, i_n] = filter_kernel_image(small.psf_filter, stamp_size)
     return corrected, variance, psf_stamps, nodes_x + x0, nodes_y + y0
