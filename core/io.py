@@ -41,6 +41,7 @@ import os
 import re
 import tempfile
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,11 +135,20 @@ def _source_name(source: Any, name: str | None = None) -> str:
 class _Fits:
     """An open HDU list with its display name and the warnings astropy gave."""
 
-    def __init__(self, source: Source, name: str):
+    def __init__(self, source: Source, name: str, max_bytes: int):
         self.name = name
         self.warnings: list[str] = []
+        if not isinstance(source, bytes | bytearray | str | os.PathLike) and not (
+            hasattr(source, "seekable") and source.seekable()
+        ):
+            source = source.read()
         if isinstance(source, bytes | bytearray):
-            fileobj: Any = io.BytesIO(bytes(source))
+            data = bytes(source)
+            if data[:2] == b"\x1f\x8b":
+                # astropy gunzips paths but not in-memory uploads; cap the output at room
+                # for image, variance, mask and PSF planes of max_pixels 8-byte values
+                data = _gunzip(data, name, max_bytes)
+            fileobj: Any = io.BytesIO(data)
         elif isinstance(source, str | os.PathLike):
             path = Path(source)
             if not path.exists():
@@ -148,8 +158,6 @@ class _Fits:
             fileobj = os.fspath(path)
         else:
             fileobj = source
-            if not (hasattr(fileobj, "seekable") and fileobj.seekable()):
-                fileobj = io.BytesIO(fileobj.read())
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -173,6 +181,8 @@ class _Fits:
         """
         if len(self.hdul) == 0:
             raise InvalidExposureError(f"{self.name}: not a FITS file (no HDU)")
+        if getattr(self.hdul[0].fileinfo()["file"], "compression", None):
+            return  # sizes of gzip/bzip2 files are unknown here; loading finds a cut
         for text in self.warnings:
             if "error validating header" in text.lower():
                 raise InvalidExposureError(
@@ -186,6 +196,8 @@ class _Fits:
             size = fileobj.seek(0, os.SEEK_END)
             fileobj.seek(position)
         for index, hdu in enumerate(self.hdul):
+            if isinstance(hdu, fits.CompImageHDU):
+                continue  # its size is the uncompressed one; loading finds a cut
             end = hdu.fileinfo()["datLoc"] + hdu.size
             if end > size:
                 raise InvalidExposureError(
@@ -216,6 +228,26 @@ class _Fits:
 
     def close(self) -> None:
         self.hdul.close()
+
+
+def _gunzip(data: bytes, name: str, max_bytes: int) -> bytes:
+    """Decompress gzip bytes, refusing output beyond ``max_bytes`` (a gzip bomb)."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        out = inflater.decompress(data, max_bytes + 1)
+    except zlib.error as exc:
+        raise InvalidExposureError(f"{name}: corrupt gzip data ({exc})") from None
+    if len(out) > max_bytes:
+        raise InvalidExposureError(
+            f"{name}: gzip data expands to more than {max_bytes} bytes, over the limit"
+        )
+    if not inflater.eof:
+        raise InvalidExposureError(f"{name}: truncated file (gzip stream ends early)")
+    return out
+
+
+def _gunzip_limit(max_pixels: int) -> int:
+    return 4 * 8 * max_pixels + 2**20
 
 
 def _short(exc: BaseException) -> str:
@@ -413,7 +445,7 @@ def _aux_plane(
             data = _load(main, index, what)
             return data, main.hdul[index].header, f"{what} extension {spec.upper()}", None
     name = _source_name(spec)
-    other = _Fits(spec, name)
+    other = _Fits(spec, name, _gunzip_limit(max_pixels))
     try:
         index = next(
             (i for i, hdu in enumerate(other.hdul) if _is_image(hdu) and hdu.header.get("NAXIS")),
@@ -538,7 +570,7 @@ def _psf_from_spec(spec: Any, main: _Fits, center, max_pixels: int) -> tuple[Psf
         if index is not None:
             return _psf_from_hdu(main, index, center, max_pixels), f"PSF extension {spec.upper()}"
     name = _source_name(spec)
-    other = _Fits(spec, name)
+    other = _Fits(spec, name, _gunzip_limit(max_pixels))
     try:
         index = other.index_of(_PSF_NAMES)
         if index is None:
@@ -587,6 +619,8 @@ def _photo_calib_from_headers(headers) -> PhotoCalib | None:
     if zero_point is not None:
         return PhotoCalib.from_zero_point(zero_point)
     bunit = str(_header_value(headers, ("BUNIT",)) or "").strip().lower().replace(" ", "")
+    if bunit == "njy":
+        return PhotoCalib(1.0)
     pixel_area = _float_value(headers, ("PIXAR_SR",))
     if bunit == "mjy/sr" and pixel_area and pixel_area > 0:
         # 1 MJy/sr over one pixel = 1e15 nJy x pixel solid angle
@@ -704,7 +738,7 @@ def _read(source, *, variance, weight, noise, mask, psf, hdu, saturation, max_pi
     given = [k for k, v in options if v is not None]
     if len(given) > 1:
         raise InvalidExposureError(f"{display}: give only one of {', '.join(given)}")
-    f = _Fits(source, display)
+    f = _Fits(source, display, _gunzip_limit(max_pixels))
     opened: list[_Fits] = []
     try:
         return _read_open(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
@@ -358,6 +359,55 @@ def test_image_in_first_extension_and_hdu_choice(tmp_path):
     assert exposure.metadata["EXPTIME"] == 5.0 and exposure.band == "z"
     np.testing.assert_array_equal(read_exposure(tmp_path / "e.fits", hdu="OTHER").image, other)
     np.testing.assert_array_equal(read_exposure(tmp_path / "e.fits", hdu=2).image, other)
+
+
+def test_compressed_files_and_gzip_uploads(tmp_path):
+    image = np.random.default_rng(13).normal(50, 3, (40, 40)).astype(np.float32)
+    plain = write_single(tmp_path / "p.fits", image, GAIN=2.0)
+    packed = gzip.compress(plain.read_bytes())
+    (tmp_path / "p.fits.gz").write_bytes(packed)
+    np.testing.assert_array_equal(read_exposure(tmp_path / "p.fits.gz").image, image)
+    np.testing.assert_array_equal(read_exposure(packed).image, image)
+    with pytest.raises(InvalidExposureError, match="up.fits.gz: truncated file"):
+        read_exposure(packed[:-200], name="up.fits.gz")
+    with pytest.raises(InvalidExposureError, match="up.fits.gz: gzip data expands"):
+        read_exposure(gzip.compress(bytes(8_000_000)), name="up.fits.gz", max_pixels=1000)
+    # tile-compressed (fpack-style) image extension
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(image, name="IMAGE")]).writeto(
+        tmp_path / "c.fits.fz"
+    )
+    exposure = read_exposure(tmp_path / "c.fits.fz")
+    assert np.max(np.abs(exposure.image - image)) < 0.2  # lossy quantisation
+    assert exposure.metadata == {}
+
+
+def test_rubin_style_mef_without_plane_names_uses_default_bits(tmp_path):
+    image = np.ones((12, 14), np.float32)
+    mask = np.zeros((12, 14), np.int32)
+    mask[1, 2] = 1 << 8
+    variance = np.full((12, 14), 2.0, np.float32)
+    variance[1, 2] = np.nan  # NO_DATA pixels often carry NaN variance
+    primary = fits.PrimaryHDU()
+    primary.header["FLUXMAG0"] = 1e11
+    primary.header["BUNIT"] = "adu"
+    image_hdu = fits.ImageHDU(image, name="IMAGE")
+    image_hdu.header["CTYPE1A"], image_hdu.header["CTYPE2A"] = "LINEAR", "LINEAR"
+    image_hdu.header["CRPIX1A"], image_hdu.header["CRPIX2A"] = 1.0, 1.0
+    image_hdu.header["CRVAL1A"], image_hdu.header["CRVAL2A"] = 512.0, 1024.0
+    fits.HDUList(
+        [
+            primary,
+            image_hdu,
+            fits.ImageHDU(mask, name="MASK"),
+            fits.ImageHDU(variance, name="VARIANCE"),
+        ]
+    ).writeto(tmp_path / "calexp.fits")
+    exposure = read_exposure(tmp_path / "calexp.fits")
+    assert exposure.masked(["NO_DATA"])[1, 2] and exposure.masked(["NO_DATA"]).sum() == 1
+    assert exposure.variance[1, 2] == 2.0  # replaced by a finite typical value
+    assert exposure.xy0 == (512, 1024)
+    assert exposure.photo_calib.zero_point == pytest.approx(27.5, abs=1e-9)
+    assert exposure.variance_source == "VARIANCE extension (HDU 3)"
 
 
 # ------------------------------------------------------------- separate planes
