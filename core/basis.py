@@ -46,6 +46,10 @@ class KernelBasis:
         Kernel width K (odd).
     half : int
         Half-width h = K // 2.
+    transform : `numpy.ndarray` (nb, nb) or None
+        ``images[k] = sum_n transform[k, n] raw[n]`` where raw[n] is the n-th
+        separable product ``gauss_i(v) gauss_i(u) (u/h)^p (v/h)^q`` (see
+        `separable_factors`); lets the solver correlate with 1-D passes.
     """
 
     images: np.ndarray
@@ -54,11 +58,31 @@ class KernelBasis:
     mode: str
     size: int
     half: int
+    transform: np.ndarray | None = None
 
     @property
     def n_basis(self) -> int:
         """Number of basis images."""
         return int(self.images.shape[0])
+
+    def separable_factors(self) -> list[tuple[np.ndarray, list[tuple[int, int]]]]:
+        """1-D factors of the raw (pre-renormalisation) basis, one entry per Gaussian.
+
+        Returns
+        -------
+        factors : list of (f, powers)
+            ``f`` is (d+1, K): f[p](o) = g(o) (o/h)^p with g the unit-sum 1-D Gaussian;
+            ``powers`` lists the (x power, y power) of that Gaussian's raw images in
+            basis order, raw = f[py](v) * f[px](u).
+        """
+        offsets = np.arange(-self.half, self.half + 1, dtype=np.float64)
+        out = []
+        for sigma, degree in zip(self.sigmas, self.degrees, strict=True):
+            g = np.exp(-(offsets**2) / (2.0 * sigma * sigma))
+            g /= g.sum()
+            f = np.array([g * (offsets / self.half) ** p for p in range(degree + 1)])
+            out.append((f, _monomial_powers(degree)))
+        return out
 
     def metadata(self) -> dict:
         """The AL* keys Rubin's makeKernel writes for this basis."""
@@ -157,17 +181,28 @@ def _raw_basis(sigmas: list[float], degrees: list[int], half: int) -> np.ndarray
     return np.array(images)
 
 
-def _renormalise(raw: np.ndarray) -> np.ndarray:
-    """Put all the flux in the first image (section 2.4); no orthogonalisation."""
+def _renormalise(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Put all the flux in the first image (section 2.4); no orthogonalisation.
+
+    Returns the images and the matrix T with images = T @ raw (flattened).
+    """
+    nb = raw.shape[0]
     out = np.empty_like(raw)
+    transform = np.zeros((nb, nb))
     out[0] = raw[0] / raw[0].sum()
-    for k in range(1, raw.shape[0]):
+    transform[0, 0] = 1.0 / raw[0].sum()
+    for k in range(1, nb):
         image = raw[k].copy()
+        row = np.zeros(nb)
+        row[k] = 1.0
         total = image.sum()
         if abs(total) > _ZERO_SUM:
             image = image / total - out[0]
-        out[k] = image / math.sqrt(float((image * image).sum()))
-    return out
+            row = row / total - transform[0]
+        norm = math.sqrt(float((image * image).sum()))
+        out[k] = image / norm
+        transform[k] = row / norm
+    return out, transform
 
 
 def make_kernel_basis(
@@ -208,7 +243,7 @@ def make_kernel_basis(
     else:
         size = _size_from_sigmas(sigmas, config)
     half = size // 2
-    images = _renormalise(_raw_basis(sigmas, degrees, half))
+    images, transform = _renormalise(_raw_basis(sigmas, degrees, half))
     return KernelBasis(
         images=images,
         sigmas=tuple(float(s) for s in sigmas),
@@ -216,4 +251,5 @@ def make_kernel_basis(
         mode=mode,
         size=size,
         half=half,
+        transform=transform,
     )

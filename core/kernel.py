@@ -13,16 +13,33 @@ Orientation (decision 1): every alsub kernel is applied as a correlation,
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg
 from astropy.io import fits
+from astropy.table import Table
+from numpy.lib.stride_tricks import sliding_window_view
 from numpy.polynomial import chebyshev
+from scipy import ndimage
+
+from .basis import KernelBasis
+from .config import KernelConfig
+from .errors import KernelSolutionError, NoKernelCandidatesError
+from .exposure import Exposure
+from .task import Task
 
 __all__ = [
     "SpatialKernel",
+    "KernelSolution",
+    "fit_psf_matching_kernel",
+    "clipped_mean_std",
     "BackgroundModel",
     "chebyshev_terms",
     "term_degrees",
@@ -32,7 +49,7 @@ __all__ = [
 Box = tuple[int, int, int, int]
 
 _ORIENTATION_COMMENT = (
-    "out(X,Y)=sum_uv K(u,v)*in(X+u,Y+v); pixel (j,i) <-> (v,u)=(j-h,i-h)",
+    "out(X,Y)=sum K(u,v)in(X+u,Y+v);(j,i)=(v+h,u+h)",
     "Kernels are applied as correlations (no flip): out(X,Y) = sum over u,v of",
     "K(u,v) * in(X+u, Y+v), x = column, y = row. Kernel pixel (row j, col i)",
     "holds K at offset (u,v) = (i-h, j-h) with h = KHALF. Basis image n has",
@@ -437,3 +454,579 @@ class BackgroundModel:
     def read(cls, path: str | os.PathLike) -> BackgroundModel:
         with fits.open(path) as hdul:
             return cls.from_hdulist(hdul)
+
+
+# -- the solver ------------------------------------------------------------------------------
+
+_log = logging.getLogger("alsub.kernel")
+
+# afw's IQR -> sigma factor for the first clipping pass (section 0.4)
+_IQR_TO_SIGMA = 0.741301109252802
+
+_GOOD, _BAD, _UNUSED = "GOOD", "BAD", "UNUSED"
+
+
+@dataclass
+class KernelSolution:
+    """Result of `fit_psf_matching_kernel`.
+
+    Attributes
+    ----------
+    kernel : `SpatialKernel`
+        K such that K * reference + b ~= target (correlation).
+    background : `BackgroundModel`
+        b, the differential background (zero when not fitted).
+    candidates : `astropy.table.Table`
+        Every kernel source: x, y, rating, cell, status (GOOD: used in the final
+        spatial fit; BAD: rejected, see ``reason``; UNUSED: not needed, its cell
+        already had ``n_star_per_cell`` usable candidates), ksum (single-kernel
+        sum), resid_mean and resid_std (of D/sigma, last assessment), reason.
+    n_good : int
+        Candidates used in the final spatial fit.
+    condition_number : float
+        max/min eigenvalue of the spatial normal matrix.
+    kernel_sum : float
+        Kernel sum at the centre of the fit region (the flux ratio target/reference).
+    basis : `core.basis.KernelBasis`
+    """
+
+    kernel: SpatialKernel
+    background: BackgroundModel
+    candidates: Table
+    n_good: int
+    condition_number: float
+    kernel_sum: float
+    basis: KernelBasis | None = None
+
+
+def clipped_mean_std(values, n_sigma: float = 3.0, n_iter: int = 3) -> tuple[float, float]:
+    """afw MEANCLIP and STDEVCLIP (algorithm.md 0.4).
+
+    The first pass keeps values within n_sigma * 0.7413 * IQR of the median, later
+    passes within n_sigma clipped standard deviations of the clipped mean;
+    unbiased variance. One value gives (value, 0); none gives (nan, nan).
+    """
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return math.nan, math.nan
+    if x.size == 1:
+        return float(x[0]), 0.0
+    q25, median, q75 = np.percentile(x, [25.0, 50.0, 75.0])
+    centre, half_width = median, n_sigma * _IQR_TO_SIGMA * (q75 - q25)
+    mean = std = math.nan
+    for _ in range(n_iter):
+        kept = x[np.abs(x - centre) <= half_width]
+        if kept.size == 0:
+            return math.nan, math.nan
+        mean = float(kept.mean())
+        std = float(kept.std(ddof=1)) if kept.size > 1 else 0.0
+        centre, half_width = mean, n_sigma * std
+    return mean, std
+
+
+def _solve_normal(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """LU when the matrix is clearly invertible, else an eigen pseudo-inverse (section 3.3.4)."""
+    n = matrix.shape[0]
+    if np.all(np.isfinite(matrix)) and np.all(np.isfinite(vector)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            lu, piv = scipy.linalg.lu_factor(matrix, check_finite=False)
+        pivots = np.abs(np.diag(lu))
+        if pivots.min() > pivots.max() * n * np.finfo(np.float64).eps:
+            solution = scipy.linalg.lu_solve((lu, piv), vector, check_finite=False)
+            if np.all(np.isfinite(solution)):
+                return solution
+        values, vectors = scipy.linalg.eigh(matrix, check_finite=False)
+        keep = np.abs(values) > np.abs(values).max() * n * np.finfo(np.float64).eps
+        inverse = np.zeros_like(values)
+        inverse[keep] = 1.0 / values[keep]
+        return vectors @ (inverse * (vectors.T @ vector))
+    return np.full(n, np.nan)
+
+
+def _condition_number(matrix: np.ndarray) -> float:
+    values = scipy.linalg.eigvalsh(matrix)
+    if values.min() == 0:
+        return math.inf
+    return float(values.max() / values.min())
+
+
+class _Candidate:
+    """One kernel source: its stamps, single-kernel fit and status."""
+
+    def __init__(self, index, x, y, rating, cell, stamps):
+        self.index, self.x, self.y, self.rating, self.cell = index, x, y, rating, cell
+        self.stamps = stamps  # dict of reference/target image/variance/mask stamps
+        self.status = ""
+        self.reason = ""
+        self.built = False
+        self.ksum = math.nan
+        self.resid_mean = math.nan
+        self.resid_std = math.nan
+        self.design: np.ndarray | None = None
+        self.normal: np.ndarray | None = None
+        self.rhs: np.ndarray | None = None
+
+    def reject(self, reason: str) -> None:
+        self.status, self.reason = _BAD, reason
+
+
+class _Fitter:
+    """State of one fit: the basis, stamps geometry and the per-candidate algebra."""
+
+    def __init__(self, basis: KernelBasis, config: KernelConfig, stamp_half: int):
+        self.basis = basis
+        self.config = config
+        self.nb = basis.n_basis
+        self.k = basis.size
+        self.h = basis.half
+        self.stamp_half = stamp_half
+        self.good = 2 * stamp_half + 1 - 2 * self.h  # side of the fitted region
+        self.flat_basis = basis.images.reshape(self.nb, -1)
+        self.basis_sums = basis.images.sum(axis=(1, 2))
+        self.with_bg = config.fit_for_background
+        self.factors = basis.separable_factors() if basis.transform is not None else None
+
+    def _windows(self, stamp: np.ndarray) -> np.ndarray:
+        """(good^2, K^2) matrix of the stamp pixels under the kernel at each fitted pixel."""
+        return sliding_window_view(stamp, (self.k, self.k)).reshape(self.good**2, self.k**2)
+
+    def correlate_basis(self, stamp: np.ndarray) -> np.ndarray:
+        """(good^2, nb): column n = (B_n correlated with the stamp) over the fitted region.
+
+        AL bases are linear maps of separable Gaussian x monomial images, so two
+        1-D passes per Gaussian do the work of nb full 2-D correlations (about
+        ten times fewer operations than the direct product).
+        """
+        if self.factors is None:
+            return self._windows(stamp) @ self.flat_basis.T
+        columns = []
+        for factor, powers in self.factors:
+            rows = sliding_window_view(stamp, self.k, axis=1) @ factor.T  # (S, G, d+1)
+            both = np.tensordot(
+                sliding_window_view(rows, self.k, axis=0), factor, axes=([3], [1])
+            )  # (G, G, x power, y power)
+            columns.extend(both[:, :, px, py].ravel() for px, py in powers)
+        return np.stack(columns, axis=1) @ self.basis.transform.T
+
+    def _inner(self, stamp: np.ndarray) -> np.ndarray:
+        h = self.h
+        return stamp[h : stamp.shape[0] - h, h : stamp.shape[1] - h].ravel()
+
+    def build(self, cand: _Candidate, bad_bits: tuple[int, int]) -> None:
+        """Single-kernel least squares for one candidate (section 3.3)."""
+        cand.built = True
+        s = cand.stamps
+        target = self._inner(s["tgt"])
+        design = self.correlate_basis(s["ref"])
+        if self.with_bg:
+            design = np.hstack([design, np.ones((design.shape[0], 1))])
+        if not (np.all(np.isfinite(design)) and np.all(np.isfinite(target))):
+            cand.reject("non-finite pixels in the stamp")
+            return
+        if self.config.constant_variance_weighting:
+            median = float(np.nanmedian(s["tgt_var"] + s["ref_var"]))
+            weight = 1.0 / median if np.isfinite(median) and median > 0 else 1.0
+            normal = weight * (design.T @ design)
+            rhs = weight * (design.T @ target)
+        else:
+            variance = self._inner(s["tgt_var"] + s["ref_var"])
+            if not np.all(variance > 0):
+                cand.reject("variance less than or equal to 0.0")
+                return
+            weighted = design / variance[:, np.newaxis]
+            normal = design.T @ weighted
+            rhs = weighted.T @ target
+        solution = _solve_normal(normal, rhs)
+        if not np.all(np.isfinite(solution)):
+            cand.reject(f"Unable to determine kernel solution {cand.index} (nan)")
+            return
+        if self.config.check_condition_number:
+            condition = _condition_number(normal)
+            if not condition <= self.config.max_condition_number:
+                cand.reject(f"condition number {condition:.3g} too large")
+                return
+        cand.design, cand.normal, cand.rhs = design, normal, rhs
+        coefficients = solution[: self.nb]
+        background = float(solution[self.nb]) if self.with_bg else 0.0
+        cand.ksum = float(self.basis_sums @ coefficients)
+        # pixels with a bad plane in the target, or in the reference under the kernel
+        tgt_bad = (s["tgt_mask"] & bad_bits[0]) != 0
+        ref_bad = ndimage.maximum_filter(
+            (s["ref_mask"] & bad_bits[1]) != 0, size=self.k, mode="constant"
+        )
+        s["bad"] = self._inner(tgt_bad | ref_bad)
+        self.assess(cand, coefficients, background, self.config.single_kernel_clipping)
+
+    def assess(self, cand: _Candidate, coefficients, background, clip: bool) -> bool:
+        """Residual statistics of D/sigma on the stamp (section 3.3.7); True if rejected."""
+        s = cand.stamps
+        kernel = coefficients @ self.flat_basis
+        model = cand.design[:, : self.nb] @ coefficients + background
+        diff = self._inner(s["tgt"]) - model
+        variance = self._inner(s["tgt_var"]) + self._windows(s["ref_var"]) @ kernel**2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = diff / np.sqrt(variance)
+        use = ~s["bad"] & np.isfinite(z) & (variance > 0)
+        if self.config.use_core_stats:
+            r = self.config.candidate_core_radius
+            core = np.zeros((self.good, self.good), dtype=bool)
+            c = self.good // 2
+            core[c - r : c + r + 1, c - r : c + r + 1] = True
+            use &= core.ravel()
+        values = z[use]
+        mean = float(values.mean()) if values.size else math.nan
+        std = float(values.std(ddof=1)) if values.size > 1 else math.nan
+        cand.resid_mean, cand.resid_std = mean, std
+        if not clip:
+            cand.status = _GOOD
+            return False
+        if not (np.isfinite(mean) and np.isfinite(std)):
+            cand.reject("residual statistics are NaN")
+        elif abs(mean) > self.config.candidate_residual_mean_max:
+            cand.reject(
+                f"|mean(D/sigma)| = {abs(mean):.3f} > {self.config.candidate_residual_mean_max}"
+            )
+        elif std > self.config.candidate_residual_std_max:
+            cand.reject(f"std(D/sigma) = {std:.3f} > {self.config.candidate_residual_std_max}")
+        else:
+            cand.status, cand.reason = _GOOD, ""
+            return False
+        return True
+
+
+def _rating(sources: Table, rating_column: str | None, n: int) -> np.ndarray:
+    names = {name.lower(): name for name in sources.colnames}
+    for key in ([rating_column] if rating_column else []) + ["flux", "psf_flux", "snr"]:
+        if key and key.lower() in names:
+            values = np.asarray(sources[names[key.lower()]], dtype=np.float64)
+            return np.where(np.isfinite(values), values, -np.inf)
+    return np.zeros(n)
+
+
+def _stamp(exposure: Exposure, box: Box) -> dict | None:
+    x0, y0 = exposure.xy0
+    i0, j0, i1, j1 = box[0] - x0, box[1] - y0, box[2] - x0 + 1, box[3] - y0 + 1
+    if i0 < 0 or j0 < 0 or i1 > exposure.width or j1 > exposure.height:
+        return None
+    window = np.s_[j0:j1, i0:i1]
+    return {
+        "image": exposure.image[window].astype(np.float64),
+        "variance": exposure.variance[window].astype(np.float64),
+        "mask": exposure.mask[window],
+    }
+
+
+def _make_candidates(reference, target, sources, bbox, stamp_half, config, rating_column):
+    """Candidates with stamps, grouped in cells of size_cell_x x size_cell_y (section 3.2)."""
+    n = len(sources)
+    xs = np.asarray(sources["x"], dtype=np.float64) if n else np.zeros(0)
+    ys = np.asarray(sources["y"], dtype=np.float64) if n else np.zeros(0)
+    ratings = _rating(sources, rating_column, n) if n else np.zeros(0)
+    all_candidates, cells = [], {}
+    for index in range(n):
+        x, y = float(xs[index]), float(ys[index])
+        cand = _Candidate(index, x, y, float(ratings[index]), (-1, -1), {})
+        all_candidates.append(cand)
+        if not (np.isfinite(x) and np.isfinite(y)):
+            cand.reject("non-finite position")
+            continue
+        ix, iy = math.floor(x + 0.5), math.floor(y + 0.5)
+        if not (bbox[0] <= ix <= bbox[2] and bbox[1] <= iy <= bbox[3]):
+            cand.reject(f"Unable to insert a candidate at ({x:.1f}, {y:.1f}): outside {bbox}")
+            continue
+        box = (ix - stamp_half, iy - stamp_half, ix + stamp_half, iy + stamp_half)
+        ref, tgt = _stamp(reference, box), _stamp(target, box)
+        if ref is None or tgt is None:
+            cand.reject("stamp not fully inside both images")
+            continue
+        cand.stamps = {
+            "ref": ref["image"],
+            "ref_var": ref["variance"],
+            "ref_mask": ref["mask"],
+            "tgt": tgt["image"],
+            "tgt_var": tgt["variance"],
+            "tgt_mask": tgt["mask"],
+        }
+        cand.cell = ((ix - bbox[0]) // config.size_cell_x, (iy - bbox[1]) // config.size_cell_y)
+        cells.setdefault(cand.cell, []).append(cand)
+    for members in cells.values():
+        members.sort(key=lambda c: -c.rating)  # stable: catalog order breaks ties
+    return all_candidates, cells
+
+
+def _visit(cells: dict, n_per_cell: int) -> list[_Candidate]:
+    """The first n_per_cell non-BAD candidates of each cell, by rating."""
+    chosen = []
+    for key in sorted(cells):
+        usable = [c for c in cells[key] if c.status != _BAD]
+        chosen.extend(usable[:n_per_cell])
+    return chosen
+
+
+def _hint() -> str:
+    return (
+        " Provide more (or brighter, isolated, unsaturated) kernel sources, check that the "
+        "PSF sizes are right, or relax kernel.candidate_residual_mean_max / "
+        "candidate_residual_std_max."
+    )
+
+
+def _spatial_fit(fitter: _Fitter, used: list[_Candidate], config: KernelConfig, domain: Box):
+    """Global fit from the per-candidate normal equations (section 3.5)."""
+    nb = fitter.nb
+    kernel_order, bg_order = config.spatial_kernel_order, config.spatial_bg_order
+    n_sp = n_spatial_terms(kernel_order)
+    n_bg = n_spatial_terms(bg_order) if fitter.with_bg else 0
+    n_unknown = 1 + (nb - 1) * n_sp + n_bg
+    n_single = nb + (1 if fitter.with_bg else 0)
+    x = np.array([c.x for c in used])
+    y = np.array([c.y for c in used])
+    p = chebyshev_terms(x, y, kernel_order, domain).T  # (n, n_sp)
+    # expansion from the global unknowns to each candidate's single-kernel unknowns
+    expand = np.zeros((len(used), n_single, n_unknown))
+    expand[:, 0, 0] = 1.0  # a_0 is constant over the image
+    for k in range(1, nb):
+        expand[:, k, 1 + (k - 1) * n_sp : 1 + k * n_sp] = p
+    if fitter.with_bg:
+        expand[:, nb, n_unknown - n_bg :] = chebyshev_terms(x, y, bg_order, domain).T
+    normals = np.stack([c.normal for c in used])
+    rhs_single = np.stack([c.rhs for c in used])
+    matrix = np.einsum("nki,nkj->ij", expand, normals @ expand)
+    matrix = 0.5 * (matrix + matrix.T)
+    rhs = np.einsum("nki,nk->i", expand, rhs_single)
+    solution = _solve_normal(matrix, rhs)
+    condition = _condition_number(matrix) if np.all(np.isfinite(matrix)) else math.nan
+    if not np.all(np.isfinite(solution[: n_unknown - n_bg])):
+        raise KernelSolutionError(
+            f"Unable to determine spatial kernel solution (nan). Condition number = "
+            f"{condition:.3g}; the kernel sources do not constrain the kernel, give more "
+            "sources spread over the image or lower kernel.spatial_kernel_order."
+        )
+    if not np.all(np.isfinite(solution[n_unknown - n_bg :])):
+        raise KernelSolutionError(
+            "Unable to determine spatial background solution (nan); lower "
+            "kernel.spatial_bg_order or give more kernel sources."
+        )
+    coefficients = np.zeros((nb, n_sp))
+    coefficients[0, 0] = solution[0]
+    coefficients[1:] = solution[1 : 1 + (nb - 1) * n_sp].reshape(nb - 1, n_sp)
+    kernel = SpatialKernel(
+        fitter.basis.images,
+        coefficients,
+        kernel_order,
+        domain,
+        {
+            "mode": fitter.basis.mode,
+            "sigmas": list(fitter.basis.sigmas),
+            "degrees": list(fitter.basis.degrees),
+        },
+    )
+    if fitter.with_bg:
+        background = BackgroundModel(solution[n_unknown - n_bg :], bg_order, domain)
+    else:
+        background = BackgroundModel.zero(bg_order, domain)
+    return kernel, background, condition
+
+
+def _spatial_warnings(n_good, n_bad, config, nb, condition):
+    if not (0 <= condition <= config.max_spatial_condition_number):
+        _log.warning("Spatial kernel condition number %.3g is large or negative", condition)
+    if n_bad > 2 * n_good:
+        _log.warning("Many more candidates rejected (%d) than accepted (%d)", n_bad, n_good)
+    n_kernel_terms = 1 + (nb - 1) * n_spatial_terms(config.spatial_kernel_order)
+    if n_good <= 2 * n_kernel_terms:
+        _log.warning(
+            "Spatial kernel model is poorly constrained: %d candidates for %d terms",
+            n_good,
+            n_kernel_terms,
+        )
+    if config.fit_for_background and n_good <= 2 * n_spatial_terms(config.spatial_bg_order):
+        _log.warning("Spatial background model is poorly constrained: %d candidates", n_good)
+
+
+def _build_until_stable(fitter: _Fitter, cells: dict, config: KernelConfig, bad_bits) -> None:
+    """Build single kernels for the visited candidates until a pass rejects nothing."""
+    while True:
+        rejected = 0
+        for cand in _visit(cells, config.n_star_per_cell):
+            if not cand.built:
+                fitter.build(cand, bad_bits)
+                rejected += cand.status == _BAD
+        if rejected == 0:
+            return
+
+
+def fit_psf_matching_kernel(
+    reference: Exposure,
+    target: Exposure,
+    sources: Table,
+    basis: KernelBasis,
+    config: KernelConfig,
+    *,
+    bbox: Box | None = None,
+    task: Task | None = None,
+    stamp_size: int | None = None,
+    rating_column: str | None = None,
+) -> KernelSolution:
+    """Fit the spatially varying kernel K and background b with K * reference + b ~= target.
+
+    Sections 3.2-3.5: candidates in cells of ``size_cell_x`` x ``size_cell_y``,
+    single-kernel weighted least squares per stamp with residual clipping,
+    kernel-sum clipping, then a global spatial fit from the per-stamp normal
+    equations with spatial assessment, up to ``max_spatial_iterations``.
+
+    Parameters
+    ----------
+    reference : `core.exposure.Exposure`
+        The image that is convolved.
+    target : `core.exposure.Exposure`
+        The image it is matched to.
+    sources : `astropy.table.Table`
+        Kernel sources with parent ``x``, ``y`` and optionally ``flux`` / ``snr``
+        (the rating that orders candidates within a cell, brightest first).
+    basis : `core.basis.KernelBasis`
+    config : `core.config.KernelConfig`
+    bbox : (min_x, min_y, max_x, max_y) or None
+        Fit region and Chebyshev domain; default the overlap of the two images.
+    task : `core.task.Task` or None
+        Receives the AL* basis keys, spatialConditionNum, spatialKernelSum,
+        nGoodCandidates and the ``_solve`` timer.
+    stamp_size : int or None
+        Side of the candidate stamps (odd); default 2 * basis.size + 1.
+    rating_column : str or None
+        Column used as the rating instead of flux / psf_flux / snr.
+
+    Returns
+    -------
+    solution : `KernelSolution`
+
+    Raises
+    ------
+    NoKernelCandidatesError
+        No usable candidate, or all rejected (section 7 messages plus a hint).
+    KernelSolutionError
+        The spatial system has NaN solutions.
+    """
+    if bbox is None:
+        rb, tb = reference.bbox, target.bbox
+        bbox = (max(rb[0], tb[0]), max(rb[1], tb[1]), min(rb[2], tb[2]), min(rb[3], tb[3]))
+    bbox = tuple(int(v) for v in bbox)  # type: ignore[assignment]
+    if bbox[2] < bbox[0] or bbox[3] < bbox[1]:
+        raise NoKernelCandidatesError("The reference and target images do not overlap.")
+    stamp_size = int(stamp_size) if stamp_size else 2 * basis.size + 1
+    if stamp_size % 2 == 0 or stamp_size <= 2 * basis.half:
+        raise ValueError(f"stamp_size {stamp_size} must be odd and larger than the kernel")
+    if task is not None:
+        for key, value in basis.metadata().items():
+            task.add_metadata(key, value)
+    timer = task.timer("_solve") if task is not None else contextlib.nullcontext()
+    with timer:
+        solution = _solve(
+            reference, target, sources, basis, config, bbox, stamp_size, rating_column
+        )
+    if task is not None:
+        task.metadata["spatialConditionNum"] = solution.condition_number
+        task.metadata["spatialKernelSum"] = solution.kernel_sum
+        task.metadata["nGoodCandidates"] = solution.n_good
+    return solution
+
+
+def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_column):
+    fitter = _Fitter(basis, config, stamp_size // 2)
+    bad_bits = (
+        target.mask_planes.get_bitmask(config.bad_mask_planes),
+        reference.mask_planes.get_bitmask(config.bad_mask_planes),
+    )
+    candidates, cells = _make_candidates(
+        reference, target, sources, bbox, stamp_size // 2, config, rating_column
+    )
+    if not cells:
+        raise NoKernelCandidatesError(
+            f"All spatial cells are empty of candidates: none of the {len(candidates)} kernel "
+            f"sources has a full {stamp_size}x{stamp_size} stamp inside both images and the "
+            f"fit region {bbox}." + _hint()
+        )
+    n_per_cell = config.n_star_per_cell
+    iteration = 0
+    rejected_spatial = 0
+    kernel = background = None
+    condition = math.nan
+    used: list[_Candidate] = []
+    while iteration < config.max_spatial_iterations:
+        _build_until_stable(fitter, cells, config, bad_bits)
+        visited = _visit(cells, n_per_cell)
+        if not visited:
+            raise NoKernelCandidatesError(
+                "All spatial cells are empty of candidates: every kernel source was rejected "
+                "by its single-kernel fit." + _hint()
+            )
+        mean, std = clipped_mean_std([c.ksum for c in visited])
+        if not (np.isfinite(mean) and np.isfinite(std)):
+            raise NoKernelCandidatesError(
+                f"Unable to calculate the kernel sum ({len(visited)} points)." + _hint()
+            )
+        if config.kernel_sum_clipping:
+            clipped = [c for c in visited if abs(c.ksum - mean) > config.max_ksum_sigma * std]
+            for cand in clipped:
+                cand.reject(
+                    f"kernel sum {cand.ksum:.4f} is more than {config.max_ksum_sigma} sigma "
+                    f"from the clipped mean {mean:.4f} (sigma {std:.4f})"
+                )
+            if clipped:
+                continue
+        used = visited
+        kernel, background, condition = _spatial_fit(fitter, used, config, bbox)
+        n_good = rejected_spatial = 0
+        for cand in used:
+            coefficients = kernel.coefficients_at(cand.x, cand.y)
+            bg = background.evaluate(cand.x, cand.y)
+            if fitter.assess(cand, coefficients, bg, config.spatial_kernel_clipping):
+                rejected_spatial += 1
+            else:
+                n_good += 1
+        if n_good == 0 and rejected_spatial == 0:
+            raise NoKernelCandidatesError("No kernel candidates for spatial fit." + _hint())
+        if rejected_spatial == 0:
+            break
+        iteration += 1
+    if rejected_spatial > 0 and iteration == config.max_spatial_iterations:
+        # final spatial fit without assessment, on the candidates now first in their cells
+        _build_until_stable(fitter, cells, config, bad_bits)
+        used = _visit(cells, n_per_cell)
+        if not used:
+            raise NoKernelCandidatesError(
+                "No kernel candidates remain after max iterations." + _hint()
+            )
+        kernel, background, condition = _spatial_fit(fitter, used, config, bbox)
+    if not used or kernel is None:
+        raise NoKernelCandidatesError("No kernel candidates remain after max iterations." + _hint())
+    used_ids = {c.index for c in used}
+    for cand in candidates:
+        if cand.index in used_ids:
+            cand.status = _GOOD
+        elif cand.status != _BAD:
+            cand.status = _UNUSED
+    n_good = len(used)
+    n_bad = sum(c.status == _BAD for c in candidates)
+    _spatial_warnings(n_good, n_bad, config, fitter.nb, condition)
+    table = Table(
+        {
+            "x": [c.x for c in candidates],
+            "y": [c.y for c in candidates],
+            "rating": [c.rating for c in candidates],
+            "cell_x": [c.cell[0] for c in candidates],
+            "cell_y": [c.cell[1] for c in candidates],
+            "status": [c.status for c in candidates],
+            "ksum": [c.ksum for c in candidates],
+            "resid_mean": [c.resid_mean for c in candidates],
+            "resid_std": [c.resid_std for c in candidates],
+            "reason": [c.reason for c in candidates],
+        },
+        dtype=[float, float, float, int, int, "U8", float, float, float, "U160"],
+    )
+    kernel_sum = kernel.sum(*kernel.domain_center())
+    if not np.isfinite(kernel_sum):
+        raise KernelSolutionError("The fitted kernel sum is not finite.")
+    return KernelSolution(kernel, background, table, n_good, condition, kernel_sum, basis)
