@@ -320,7 +320,7 @@ def _float_value(headers, keys) -> float | None:
 
 
 # ---------------------------------------------------------------------------- variance
-_STATS_MAX_SIDE = 4096
+_STATS_MAX_SIDE = 2048
 
 
 def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
@@ -336,7 +336,7 @@ def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]
         block = (slice(j0, j0 + _STATS_MAX_SIDE), slice(i0, i0 + _STATS_MAX_SIDE))
         if valid[block].sum() > 1000:
             image, valid = image[block], valid[block]
-    values = image[valid]
+    values = image[valid].astype(np.float64)
     if values.size == 0:
         raise InvalidExposureError("no valid pixels to measure the sky noise")
     _, sky, sigma = sigma_clipped_stats(values, sigma=3.0, maxiters=10, stdfunc="mad_std")
@@ -348,7 +348,7 @@ def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]
         keep = valid & ~sources
         if keep.sum() > max(100, 0.1 * valid.sum()):
             _, sky, sigma = sigma_clipped_stats(
-                image[keep], sigma=3.0, maxiters=10, stdfunc="mad_std"
+                image[keep].astype(np.float64), sigma=3.0, maxiters=10, stdfunc="mad_std"
             )
     sky, sigma = float(sky), float(sigma)
     if not math.isfinite(sigma) or sigma <= 0:
@@ -388,7 +388,8 @@ def estimate_variance(
     See the module docstring for the three cases (sky present with a gain, sky
     subtracted with a gain, no gain).
     """
-    image = np.asarray(image, dtype=np.float64)
+    # float32 throughout the full frame keeps memory at a few planes for 100 Mpix images
+    image = np.asarray(image, dtype=np.float32)
     if valid is None:
         valid = np.isfinite(image)
     sky, sigma = _sky_statistics(image, valid)
@@ -422,10 +423,10 @@ def estimate_variance(
             f"{effective_gain:.4g} from the sky level (no GAIN keyword)"
         )
     else:
-        variance = np.full(image.shape, measured)
+        variance = np.full(image.shape, measured, dtype=np.float32)
         text = f"measured sky noise {sigma:.4g} only (no GAIN keyword, sky-subtracted image)"
-    variance = np.where(np.isfinite(variance), variance, measured)
-    return variance.astype(np.float32), text, sky, sigma
+    variance = np.where(np.isfinite(variance), variance, np.float32(measured))
+    return variance.astype(np.float32, copy=False), text, sky, sigma
 
 
 # ---------------------------------------------------------------------- plane sources
@@ -1114,10 +1115,9 @@ def exposure_to_hdulist(
     }
     header[_ALSUB_JSON_KEY] = json.dumps(alsub, default=_json_default)
     if extra_header is not None:
-        items = extra_header.cards if isinstance(extra_header, fits.Header) else None
-        if items is not None:
-            for card in items:
-                header.append(card, end=True)
+        if isinstance(extra_header, fits.Header):
+            # update, not append: a key already set from the metadata is replaced
+            header.update(extra_header)
         else:
             for key, value in extra_header.items():
                 header[key if len(key) <= 8 else f"HIERARCH {key}"] = _plain(value)
