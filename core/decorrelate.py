@@ -40,6 +40,23 @@ In convolveScience mode the difference arrives divided by the kernel sum
 (decision 2), ``D = (K * S + b - T) / ksum``; its whitened noise is
 ``(v + vt ksum^2) / ksum^2`` with v = template and vt = science variance, which is
 exactly section 4.3.8's extra division of the variance by ``ksum^2``.
+
+Implementation
+--------------
+* Filters are computed on a small (L, L) frequency grid, L = 2 m + 1 with the margin
+  m = twice the matching (or preconvolution) kernel width, and applied as finite,
+  centred image-space stamps: their tails fall below ~1e-6 of the peak within m.
+  Images are zero padded by at least m before the FFT (Rubin pads by the kernel
+  width minus one), so filtering is linear convolution without wrap-around.
+* Image filtering uses float32 FFTs (noise-dominated differences); filters, weights
+  and statistics are computed in float64.
+* Spatially varying: nodes evenly spaced at most ``grid_step`` apart, corners
+  included. Each node's filter uses the kernel at the node and the clipped-mean
+  variances of the pixels nearest to it; the filtered node support (two spacings
+  per axis, plus the margin) is weighted by the node's bilinear tent. Tents sum to
+  1, so a constant kernel with constant variances gives the uniform result, and
+  the blend (image, variance and PSF) is continuous: no cell edges.
+* Whole-frame mean variances use a regular sub-grid of at most 2**21 pixels.
 """
 
 from __future__ import annotations
@@ -78,12 +95,18 @@ _PSF_POWER_FLOOR = 1000.0 * np.finfo(np.float64).tiny
 #: Ratio vt / v above which the correction diverges (section 4.3 step 4).
 _DIVERGING_RATIO = 1e8
 _FFT_WORKERS = 2
+#: Pixels used for a whole-frame mean variance (a regular sub-grid beyond this).
+_STATS_MAX_PIXELS = 1 << 21
 
 
 # ----------------------------------------------------------------------------------------
 # statistics
 def clipped_mean(
-    values: np.ndarray, good: np.ndarray | None = None, n_sigma: float = 3.0, n_iter: int = 3
+    values: np.ndarray,
+    good: np.ndarray | None = None,
+    n_sigma: float = 3.0,
+    n_iter: int = 3,
+    max_pixels: int | None = None,
 ) -> float:
     """Clipped mean as afw ``MEANCLIP`` (algorithm.md section 0.4).
 
@@ -99,6 +122,10 @@ def clipped_mean(
         Clipping passes. The first is centred on the median with sigma
         ``0.7413 x IQR``; later ones on the previous clipped mean with its
         unbiased standard deviation.
+    max_pixels : int or None
+        If set and a 2-D array has more pixels, use a regular sub-grid of about
+        this many pixels (every s-th row and column): the mean of a smooth
+        variance plane does not need all 16 million pixels of a 4k frame.
 
     Returns
     -------
@@ -106,6 +133,10 @@ def clipped_mean(
         NaN when no pixel is usable.
     """
     x = np.asarray(values)
+    if max_pixels is not None and x.ndim == 2 and x.size > max_pixels:
+        stride = math.ceil(math.sqrt(x.size / max_pixels))
+        x = x[::stride, ::stride]
+        good = None if good is None else np.asarray(good)[::stride, ::stride]
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float64)
     keep = np.isfinite(x) if good is None else (np.asarray(good, dtype=bool) & np.isfinite(x))
@@ -548,8 +579,8 @@ def decorrelate_difference(
     ignore = config.ignore_mask_planes
     good_s = ~science.masked(ignore)
     good_t = ~template.masked(ignore)
-    var_science = clipped_mean(science.variance, good_s)
-    var_template = clipped_mean(template.variance, good_t)
+    var_science = clipped_mean(science.variance, good_s, max_pixels=_STATS_MAX_PIXELS)
+    var_template = clipped_mean(template.variance, good_t, max_pixels=_STATS_MAX_PIXELS)
     if not (math.isfinite(var_science) and math.isfinite(var_template)):
         log.warning(
             "decorrelation skipped: mean variance is not finite (science %s, template %s)",

@@ -186,8 +186,8 @@ def test_score_form_noise_and_matched_filter_snr():
     science = rng.normal(0.0, np.sqrt(vs), (N, N))
     template = rng.normal(0.0, np.sqrt(vt), (N, N))
     score = correlate(science, psf) - correlate(template, kernel)
-    sci, tmp, dif = exposures(score * 0, template, score, vs, vt, psf_s=sigma_p)
-    sci = Exposure.from_arrays(science, np.full((N, N), vs), psf=ImagePsf(psf))
+    sci, tmp, dif = exposures(science, template, score, vs, vt)
+    sci.psf = dif.psf = ImagePsf(psf)
     out = decorrelate_difference(
         dif, sci, tmp, ConstantKernel(kernel), preconv_mode=True, preconv_kernel=psf
     )
@@ -263,6 +263,48 @@ def test_spatial_equals_uniform_for_constant_kernel(noisy_template_pair):
         assert np.abs(spatial.image - uniform.image).max() < 1e-4 * scale
         assert np.allclose(spatial.variance, uniform.variance, rtol=1e-4)
         assert np.allclose(spatial.psf.kernel_image(10, 200), uniform.psf.kernel_image(), atol=1e-6)
+
+
+def test_spatial_equals_uniform_score_and_complete_variance():
+    rng = np.random.default_rng(9)
+    vs, vt = 1.0, 5.0
+    psf = gaussian(1.6, 15)
+    kernel = signal.convolve2d(psf, gaussian(1.0, 11, 0.9))
+    science = rng.normal(0.0, 1.0, (N, N))
+    template = rng.normal(0.0, np.sqrt(vt), (N, N))
+    score = correlate(science, psf) - correlate(template, kernel)
+    sci, tmp, dif = exposures(science, template, score, vs, vt)
+    sci.psf = dif.psf = ImagePsf(psf)
+    kwargs = dict(preconv_mode=True, preconv_kernel=psf)
+    cfg = DecorrelationConfig(complete_var_plane_propagation=True)
+    uniform = decorrelate_difference(dif, sci, tmp, ConstantKernel(kernel), config=cfg, **kwargs)
+    cfg = DecorrelationConfig(complete_var_plane_propagation=True, grid_step=100)
+    spatial = decorrelate_difference(
+        dif, sci, tmp, ConstantKernel(kernel), spatially_varying=True, config=cfg, **kwargs
+    )
+    assert np.abs(spatial.image - uniform.image).max() < 1e-4 * np.abs(uniform.image).max()
+    assert np.allclose(spatial.variance, uniform.variance, rtol=1e-4)
+    # complete propagation of a flat variance equals the simple weights away from edges
+    simple = decorrelate_difference(dif, sci, tmp, ConstantKernel(kernel), **kwargs)
+    assert np.allclose(uniform.variance[INNER], simple.variance[INNER], rtol=1e-4)
+    # and is lower at the frame edge, where the zero padding has no noise
+    assert uniform.variance[0, 0] < 0.9 * simple.variance[0, 0]
+
+
+def test_template_cutout_and_metadata(noisy_template_pair):
+    from core.task import Task
+
+    sci, tmp, dif, kernel, vs, vt = noisy_template_pair
+    big = Exposure.from_arrays(np.zeros((N + 20, N + 30)), np.full((N + 20, N + 30), vt))
+    big.xy0 = (-10, -5)
+    big.image[5 : 5 + N, 10 : 10 + N] = tmp.image
+    task = Task(name="decorrelate")
+    out = decorrelate_difference(dif, sci, big, ConstantKernel(kernel), task=task)
+    ref = decorrelate_difference(dif, sci, tmp, ConstantKernel(kernel))
+    assert np.array_equal(out.image, ref.image)
+    assert task.metadata["decorrelationVarianceTemplate"] == pytest.approx(vt)
+    assert task.metadata["decorrelationKernelSum"] == pytest.approx(0.8)
+    assert task.metadata["decorrelationNodes"] == 1
 
 
 def _varying_pair(seed, vs=1.0, vt=20.0):
