@@ -104,3 +104,16 @@ def test_metadata_keys():
     assert meta["ALBasisDegGauss"] == [4, 2, 2]
     assert meta["ALBasisMode"] == "convolution"
     assert meta["ALKernelSize"] == 21
+
+
+def test_separable_factors_and_transform_rebuild_the_images():
+    basis = make_kernel_basis(2.4 * S2F, 2.0 * S2F, KernelConfig())
+    raw = []
+    for factor, powers in basis.separable_factors():
+        raw.extend(np.outer(factor[py], factor[px]) for px, py in powers)
+    raw = np.array(raw)
+    assert raw.shape == basis.images.shape
+    rebuilt = np.tensordot(basis.transform, raw, axes=(1, 0))
+    np.testing.assert_allclose(rebuilt, basis.images, atol=1e-12)
+    # raw term 1 is G1 * (u/h): odd in the column offset
+    assert raw[1][basis.half, -1] > 0 > raw[1][basis.half, 0]
