@@ -57,7 +57,7 @@ class _EmbeddedWorker:
         if process is None or process.poll() is not None:
             return
         try:
-            os.killpg(process.pid, signal.SIGTERM)
+            process.terminate()  # warm shutdown of the main process; it stops its children
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)

@@ -21,6 +21,13 @@ from functools import partial
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+# Imported here, in the worker's main process, so prefork children start with core loaded.
+from core.config import SubtractionConfig
+from core.errors import AlsubError
+from core.io import read_exposure
+from core.products import json_safe, write_products
+from core.sources import read_catalog
+from core.subtract import run_subtraction
 from store import FINAL_STATES, JobRecord, Settings, Store
 
 __all__ = ["run_job", "JobCancelled", "Heartbeat"]
@@ -172,12 +179,6 @@ def run_job(
     outcome : `str`
         The final state written, or ``"skipped"`` when this delivery did not run the job.
     """
-    from core.config import SubtractionConfig
-    from core.errors import AlsubError
-    from core.io import read_exposure
-    from core.products import json_safe, write_products
-    from core.subtract import run_subtraction
-
     token = _run_token()
     record = _claim(store, settings, job_id, token)
     if record is None:
@@ -204,16 +205,20 @@ def run_job(
         try:
             t0 = time.perf_counter()
             science = read_exposure(
-                store.exposures.path(record.science.exposure_id), max_pixels=settings.max_pixels
+                store.exposures.path(record.science.exposure_id),
+                max_pixels=settings.max_pixels,
+                name="science exposure",
             )
             template = read_exposure(
-                store.exposures.path(record.template.exposure_id), max_pixels=settings.max_pixels
+                store.exposures.path(record.template.exposure_id),
+                max_pixels=settings.max_pixels,
+                name="template exposure",
             )
             sources = None
             if record.sources_id is not None:
-                from core.sources import read_catalog
-
-                sources = read_catalog(store.catalogs.path(record.sources_id), wcs=science.wcs)
+                # Bytes, not the path: error messages must not name server paths.
+                catalog = store.catalogs.path(record.sources_id).read_bytes()
+                sources = read_catalog(catalog, wcs=science.wcs)
             config = SubtractionConfig.model_validate({**record.config, "mode": record.mode})
             timings["load_inputs"] = time.perf_counter() - t0
 
@@ -277,5 +282,6 @@ def _fail(store, job_id, token, timings, code, message):
         token,
         state="failed",
         error={"code": code, "message": message},
+        progress={"stage": "failed", "fraction": 1.0},
         timings={k: round(v, 4) for k, v in timings.items()},
     )

@@ -1,0 +1,230 @@
+"""The shared store: content-addressed blobs, atomic product directories, job records.
+
+Record backends run against SQLite and against the real Redis (test database,
+private key prefix), with the same assertions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import pytest
+
+from store import BlobStore, ExposureRef, JobRecord, ProductStore, Settings, UploadTooLargeError
+from store.records import IdempotencyConflictError, new_job_id
+from store.redis_backend import RedisRecords
+from store.sqlite_backend import SqliteRecords
+from store.sweeper import requeue_all, sweep_stale_jobs
+
+pytest_plugins = ["tests.service_fixtures"]
+
+
+# blobs and products -------------------------------------------------------------------------
+def test_blob_store_is_content_addressed(tmp_path):
+    blobs = BlobStore(tmp_path / "exposures", ".fits")
+    data = b"SIMPLE  = T" + bytes(range(256)) * 40
+    first = blobs.put_stream([data[:1000], data[1000:]], max_bytes=len(data))
+    second = blobs.put_bytes(data)
+    assert first == second == hashlib.sha256(data).hexdigest()
+    stored = list((tmp_path / "exposures").rglob("*.fits"))
+    assert stored == [blobs.path(first)] and stored[0].read_bytes() == data
+    assert list(blobs.tmp_dir.iterdir()) == []
+    blobs.write_meta(first, {"size_bytes": len(data)})
+    assert blobs.read_meta(first) == {"size_bytes": len(data)}
+    with pytest.raises(KeyError):
+        blobs.path("../../etc/passwd")
+    assert not blobs.exists("0" * 63)
+
+
+def test_blob_writer_enforces_the_cap_and_leaves_nothing(tmp_path):
+    blobs = BlobStore(tmp_path / "exposures", ".fits")
+    writer = blobs.writer(max_bytes=100)
+    writer.write(b"x" * 60)
+    with pytest.raises(UploadTooLargeError) as info:
+        writer.write(b"x" * 41)
+    assert info.value.limit == 100
+    assert list(blobs.tmp_dir.iterdir()) == []
+    assert list((tmp_path / "exposures").rglob("*.fits")) == []
+
+
+def test_products_are_published_atomically_and_replaced_whole(tmp_path):
+    products = ProductStore(tmp_path / "jobs")
+
+    def first_run(directory):
+        (directory / "difference.fits").write_bytes(b"one")
+        (directory / "kernel.fits").write_bytes(b"k1")
+
+    def second_run(directory):
+        (directory / "difference.fits").write_bytes(b"two")
+
+    assert products.publish("job1", first_run) == ["difference", "kernel"]
+    assert products.publish("job1", second_run) == ["difference"]  # redelivery: same dir, rewritten
+    assert products.path("job1", "difference").read_bytes() == b"two"
+    assert products.path("job1", "kernel") is None
+
+    def crash(directory):
+        (directory / "difference.fits").write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        products.publish("job1", crash)
+    assert products.path("job1", "difference").read_bytes() == b"two"
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["job1"]
+    products.delete("job1")
+    assert products.names("job1") == []
+    with pytest.raises(KeyError):
+        products.job_dir("../escape")
+
+
+# record backends ----------------------------------------------------------------------------
+@pytest.fixture(params=["sqlite", "redis"])
+def records(request, tmp_path):
+    if request.param == "sqlite":
+        backend = SqliteRecords(tmp_path / "records.sqlite")
+    else:
+        url, prefix = request.getfixturevalue("redis_prefix")
+        backend = RedisRecords(url, prefix)
+    yield backend
+    backend.close()
+
+
+def make_record(owner="alice", created_at=None, **fields) -> JobRecord:
+    return JobRecord(
+        id=new_job_id(),
+        owner=owner,
+        science=ExposureRef(exposure_id="a" * 64),
+        template=ExposureRef(exposure_id="b" * 64),
+        created_at=created_at if created_at is not None else time.time(),
+        **fields,
+    )
+
+
+def test_create_get_update_delete(records):
+    record = make_record()
+    stored, created = records.create(record)
+    assert created and records.get(record.id) == stored
+
+    def start(r):
+        r.state, r.attempts = "running", r.attempts + 1
+        return True
+
+    after, written = records.update(record.id, start)
+    assert written and after.state == "running" and records.get(record.id).attempts == 1
+    unchanged, written = records.update(record.id, lambda r: False)
+    assert not written and unchanged.state == "running"
+    assert records.update("missing", start) == (None, False)
+    assert records.state_counts().get("running") == 1
+    assert [r.id for r in records.in_state("running")] == [record.id]
+    assert records.delete(record.id) and records.get(record.id) is None
+    assert not records.delete(record.id)
+    assert records.state_counts().get("running", 0) == 0
+
+
+def test_concurrent_updates_do_not_lose_writes(records):
+    record = make_record()
+    records.create(record)
+
+    def bump(r):
+        r.attempts += 1
+        return True
+
+    threads = [
+        threading.Thread(target=lambda: [records.update(record.id, bump) for _ in range(20)])
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert records.get(record.id).attempts == 80
+
+
+def test_idempotency_keys_are_per_owner(records):
+    first = make_record(idempotency_key="k1")
+    stored, created = records.create(first, fingerprint="f1")
+    assert created
+    replay, created = records.create(make_record(idempotency_key="k1"), fingerprint="f1")
+    assert not created and replay.id == first.id
+    with pytest.raises(IdempotencyConflictError) as info:
+        records.create(make_record(idempotency_key="k1"), fingerprint="f2")
+    assert info.value.job_id == first.id
+    other, created = records.create(make_record(owner="bob", idempotency_key="k1"), "f1")
+    assert created and other.id != first.id
+    records.delete(first.id)  # a deleted job frees its key
+    fresh, created = records.create(make_record(idempotency_key="k1"), fingerprint="f3")
+    assert created and fresh.id != first.id
+
+
+def test_listing_is_newest_first_with_cursor_and_filters(records):
+    t0 = 1_700_000_000.0
+    made = [make_record(created_at=t0 + i) for i in range(7)]
+    made[3].state = "failed"
+    for record in made:
+        records.create(record)
+    records.create(make_record(owner="bob", created_at=t0 + 100))
+    seen, cursor = [], None
+    while True:
+        page, cursor = records.list("alice", limit=3, cursor=cursor)
+        assert len(page) <= 3
+        seen += [r.id for r in page]
+        if cursor is None:
+            break
+    assert seen == [r.id for r in reversed(made)]
+    failed, _ = records.list("alice", state="failed")
+    assert [r.id for r in failed] == [made[3].id]
+    recent, cursor = records.list("alice", since=t0 + 5)
+    assert [r.id for r in recent] == [made[6].id, made[5].id] and cursor is None
+    assert records.count_active("alice") == 6 and records.count_active("bob") == 1
+
+
+def test_owners_rate_counters_workers_and_durations(records):
+    records.add_owner("exposure", "c" * 64, "alice")
+    assert records.is_owner("exposure", "c" * 64, "alice")
+    assert not records.is_owner("exposure", "c" * 64, "bob")
+    # An hour-long window: the three hits land in one window barring an hour boundary.
+    assert [records.hit("rate:alice", 3600.0) for _ in range(3)] == [1, 2, 3]
+    assert records.hit("rate:bob", 3600.0) == 1
+    records.worker_seen("w1")
+    assert records.live_workers(10.0) == ["w1"]
+    for seconds in (0.3, 4.0, 4.5, 5000.0):
+        records.observe_duration(seconds)
+    cumulative, total, count = records.duration_histogram()
+    assert count == 4 and total == pytest.approx(5008.8)
+    assert cumulative[0] == 1 and cumulative[3] == 3 and cumulative[-1] == 4
+
+
+def test_sweeper_requeues_stale_jobs_then_fails_them(records, tmp_path):
+    settings = Settings(data_dir=tmp_path, heartbeat_timeout=5, max_attempts=2)
+    stale = make_record(state="running", attempts=1, heartbeat_at=time.time() - 60)
+    fresh = make_record(state="running", attempts=1, heartbeat_at=time.time())
+    worn_out = make_record(state="running", attempts=2, heartbeat_at=time.time() - 60)
+    for record in (stale, fresh, worn_out):
+        records.create(record)
+    enqueued: list[str] = []
+    swept = sweep_stale_jobs(records, settings, enqueued.append)
+    assert sorted(swept) == sorted([stale.id, worn_out.id])
+    assert enqueued == [stale.id]
+    assert records.get(stale.id).state == "queued"
+    assert records.get(fresh.id).state == "running"
+    failed = records.get(worn_out.id)
+    assert failed.state == "failed" and failed.error["code"] == "worker_lost"
+    assert sweep_stale_jobs(records, settings, enqueued.append) == []  # nothing twice
+    # Embedded restart: every unfinished job goes back to the queue.
+    assert sorted(requeue_all(records, settings, enqueued.append)) == sorted([stale.id, fresh.id])
+    assert records.get(fresh.id).state == "queued"
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("ALSUB_TOKENS", "one, two,three")
+    monkeypatch.setenv("ALSUB_ALLOWED_ROOTS", f"{tmp_path},{tmp_path}/sub")
+    monkeypatch.setenv("ALSUB_HARD_TIME_LIMIT", "100")
+    monkeypatch.setenv("ALSUB_SOFT_TIME_LIMIT", "90")
+    settings = Settings()
+    assert settings.tokens == ["one", "two", "three"]
+    assert settings.allowed_roots[0] == tmp_path.resolve()
+    assert settings.broker_visibility_timeout > settings.hard_time_limit
+    monkeypatch.setenv("ALSUB_SOFT_TIME_LIMIT", "120")
+    with pytest.raises(ValueError):
+        Settings()
