@@ -575,14 +575,12 @@ class _Candidate:
 class _Fitter:
     """State of one fit: the basis, stamps geometry and the per-candidate algebra."""
 
-    def __init__(self, basis: KernelBasis, config: KernelConfig, stamp_half: int):
+    def __init__(self, basis: KernelBasis, config: KernelConfig):
         self.basis = basis
         self.config = config
         self.nb = basis.n_basis
         self.k = basis.size
         self.h = basis.half
-        self.stamp_half = stamp_half
-        self.good = 2 * stamp_half + 1 - 2 * self.h  # side of the fitted region
         self.flat_basis = basis.images.reshape(self.nb, -1)
         self.basis_sums = basis.images.sum(axis=(1, 2))
         self.with_bg = config.fit_for_background
@@ -590,7 +588,7 @@ class _Fitter:
 
     def _windows(self, stamp: np.ndarray) -> np.ndarray:
         """(good^2, K^2) matrix of the stamp pixels under the kernel at each fitted pixel."""
-        return sliding_window_view(stamp, (self.k, self.k)).reshape(self.good**2, self.k**2)
+        return sliding_window_view(stamp, (self.k, self.k)).reshape(-1, self.k**2)
 
     def correlate_basis(self, stamp: np.ndarray) -> np.ndarray:
         """(good^2, nb): column n = (B_n correlated with the stamp) over the fitted region.
@@ -671,8 +669,9 @@ class _Fitter:
         use = ~s["bad"] & np.isfinite(z) & (variance > 0)
         if self.config.use_core_stats:
             r = self.config.candidate_core_radius
-            core = np.zeros((self.good, self.good), dtype=bool)
-            c = self.good // 2
+            good = s["ref"].shape[0] - 2 * self.h  # side of the fitted region
+            core = np.zeros((good, good), dtype=bool)
+            c = good // 2
             core[c - r : c + r + 1, c - r : c + r + 1] = True
             use &= core.ravel()
         values = z[use]
@@ -718,7 +717,10 @@ def _stamp(exposure: Exposure, box: Box) -> dict | None:
     }
 
 
-def _make_candidates(reference, target, sources, bbox, stamp_half, config, rating_column):
+_BOX_COLUMNS = ("stamp_x0", "stamp_y0", "stamp_x1", "stamp_y1")
+
+
+def _make_candidates(reference, target, sources, bbox, stamp_size, config, rating_column, half):
     """Candidates with stamps, grouped in cells of size_cell_x x size_cell_y (section 3.2)."""
     n = len(sources)
     xs = np.asarray(sources["x"], dtype=np.float64) if n else np.zeros(0)
@@ -736,7 +738,15 @@ def _make_candidates(reference, target, sources, bbox, stamp_half, config, ratin
         if not (bbox[0] <= ix <= bbox[2] and bbox[1] <= iy <= bbox[3]):
             cand.reject(f"Unable to insert a candidate at ({x:.1f}, {y:.1f}): outside {bbox}")
             continue
-        box = (ix - stamp_half, iy - stamp_half, ix + stamp_half, iy + stamp_half)
+        if stamp_size is None:  # the selection's stamp box
+            box = tuple(int(sources[name][index]) for name in _BOX_COLUMNS)
+            side = box[2] - box[0] + 1
+            if side != box[3] - box[1] + 1 or side % 2 == 0 or side <= 2 * half:
+                cand.reject(f"stamp box {box} is not odd, square and larger than the kernel")
+                continue
+        else:
+            r = stamp_size // 2
+            box = (ix - r, iy - r, ix + r, iy + r)
         ref, tgt = _stamp(reference, box), _stamp(target, box)
         if ref is None or tgt is None:
             cand.reject("stamp not fully inside both images")
@@ -894,7 +904,9 @@ def fit_psf_matching_kernel(
         Receives the AL* basis keys, spatialConditionNum, spatialKernelSum,
         nGoodCandidates and the ``_solve`` timer.
     stamp_size : int or None
-        Side of the candidate stamps (odd); default 2 * basis.size + 1.
+        Side of the candidate stamps (odd). Default: the boxes of the selection
+        (columns stamp_x0, stamp_y0, stamp_x1, stamp_y1, inclusive parent) when
+        present, else 2 * basis.size + 1 centred on round(x), round(y).
     rating_column : str or None
         Column used as the rating instead of flux / psf_flux / snr.
 
@@ -915,8 +927,9 @@ def fit_psf_matching_kernel(
     bbox = tuple(int(v) for v in bbox)  # type: ignore[assignment]
     if bbox[2] < bbox[0] or bbox[3] < bbox[1]:
         raise NoKernelCandidatesError("The reference and target images do not overlap.")
-    stamp_size = int(stamp_size) if stamp_size else 2 * basis.size + 1
-    if stamp_size % 2 == 0 or stamp_size <= 2 * basis.half:
+    if stamp_size is None and not all(name in sources.colnames for name in _BOX_COLUMNS):
+        stamp_size = 2 * basis.size + 1
+    if stamp_size is not None and (stamp_size % 2 == 0 or stamp_size <= 2 * basis.half):
         raise ValueError(f"stamp_size {stamp_size} must be odd and larger than the kernel")
     if task is not None:
         for key, value in basis.metadata().items():
@@ -934,19 +947,19 @@ def fit_psf_matching_kernel(
 
 
 def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_column):
-    fitter = _Fitter(basis, config, stamp_size // 2)
+    fitter = _Fitter(basis, config)
     bad_bits = (
         target.mask_planes.get_bitmask(config.bad_mask_planes),
         reference.mask_planes.get_bitmask(config.bad_mask_planes),
     )
     candidates, cells = _make_candidates(
-        reference, target, sources, bbox, stamp_size // 2, config, rating_column
+        reference, target, sources, bbox, stamp_size, config, rating_column, basis.half
     )
     if not cells:
         raise NoKernelCandidatesError(
             f"All spatial cells are empty of candidates: none of the {len(candidates)} kernel "
-            f"sources has a full {stamp_size}x{stamp_size} stamp inside both images and the "
-            f"fit region {bbox}." + _hint()
+            "sources has a full stamp inside both images and its centre in the fit region "
+            f"{bbox}." + _hint()
         )
     n_per_cell = config.n_star_per_cell
     iteration = 0

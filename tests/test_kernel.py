@@ -308,6 +308,26 @@ def test_per_pixel_variance_weighting():
         fit_psf_matching_kernel(template, science, sources, _basis(config), config)
 
 
+def test_stamp_boxes_from_the_selection():
+    template, science, sources, _ = _make_pair(seed=15, n_stars=120)
+    ix, iy = np.floor(sources["x"] + 0.5).astype(int), np.floor(sources["y"] + 0.5).astype(int)
+    sources["stamp_x0"], sources["stamp_x1"] = ix - 15, ix + 15
+    sources["stamp_y0"], sources["stamp_y1"] = iy - 15, iy + 15
+    sources["stamp_x1"][3] += 1  # not square: rejected
+    config = KernelConfig()
+    result = fit_psf_matching_kernel(template, science, sources, _basis(config), config)
+    assert result.kernel_sum == pytest.approx(KERNEL_SUM, rel=0.005)
+    assert result.candidates["status"][3] == "BAD"
+    assert "not odd, square" in result.candidates["reason"][3]
+    # an explicit stamp size wins over the columns
+    result = fit_psf_matching_kernel(
+        template, science, sources, _basis(config), config, stamp_size=51
+    )
+    assert result.candidates["status"][3] != "BAD"
+    with pytest.raises(ValueError, match="stamp_size"):
+        fit_psf_matching_kernel(template, science, sources, _basis(config), config, stamp_size=20)
+
+
 def test_fit_with_many_candidates_is_fast(pair):
     template, science, sources, _ = pair
     config = KernelConfig(size_cell_x=32, size_cell_y=32)
