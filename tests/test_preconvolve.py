@@ -1,0 +1,186 @@
+"""Acceptance of the preconvolution (score) task and of decorrelation (issue 4)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from core.config import SubtractionConfig
+from core.evaluate import measure_quality, sky_mask
+from core.simulate import preset, simulate_pair
+from core.subtract import AlardLuptonPreconvolveSubtractTask, run_subtraction
+from tests.conftest import simulated_pair
+
+
+@lru_cache(maxsize=8)
+def score_of(name: str, size: int, seed: int):
+    pair = simulated_pair(name, size, seed)
+    config = SubtractionConfig(mode="preconvolve")
+    return pair, run_subtraction(pair.science, pair.template, config)
+
+
+def _empty_sky(pair, result, margin: int = 40) -> np.ndarray:
+    out = result.output
+    fwhm = pair.science.psf.fwhm()
+    sigma = float(np.sqrt(np.median(pair.science.variance)))
+    empty = sky_mask(pair.truth, out.shape, fwhm, sigma)
+    empty &= ~out.masked(["EDGE", "NO_DATA", "BAD", "SAT", "SAT_TEMPLATE"])
+    empty[:margin] = empty[-margin:] = False
+    empty[:, :margin] = empty[:, -margin:] = False
+    return empty
+
+
+def _autocorrelation(image: np.ndarray, good: np.ndarray, lag: int) -> float:
+    """Mean of the x- and y-lag correlation coefficients over pixel pairs both good."""
+    values = []
+    for shift in ((0, lag), (lag, 0)):
+        a = image[: image.shape[0] - shift[0], : image.shape[1] - shift[1]]
+        b = image[shift[0] :, shift[1] :]
+        both = good[: a.shape[0], : a.shape[1]] & good[shift[0] :, shift[1] :]
+        x, y = a[both] - a[both].mean(), b[both] - b[both].mean()
+        values.append(float(np.sum(x * y) / np.sqrt(np.sum(x * x) * np.sum(y * y))))
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("name", ["sharper_template", "sharper_science", "varying"])
+def test_score_noise_matches_variance(name):
+    pair, result = score_of(name, 512, 201)
+    assert result.score is not None and result.difference is None
+    empty = _empty_sky(pair, result)
+    z = result.score.image[empty] / np.sqrt(result.score.variance[empty])
+    q25, q50, q75 = np.percentile(z, [25, 50, 75])
+    assert 0.95 <= 0.7413 * (q75 - q25) <= 1.05
+    assert abs(q50) <= 0.05
+
+
+def test_decorrelation_whitens_difference_noise():
+    pair = simulated_pair("noisy_template", 512, 202)
+    raw = run_subtraction(pair.science, pair.template, SubtractionConfig(do_decorrelation=False))
+    white = run_subtraction(pair.science, pair.template, SubtractionConfig())
+    empty = _empty_sky(pair, white)
+    for lag in (1, 2, 3):
+        assert abs(_autocorrelation(white.difference.image, empty, lag)) < 0.05
+    # without decorrelation the matched template's noise is visibly correlated
+    assert _autocorrelation(raw.difference.image, empty, 1) > 0.1
+    z = white.difference.image[empty] / np.sqrt(white.difference.variance[empty])
+    q25, q75 = np.percentile(z, [25, 75])
+    assert 0.95 <= 0.7413 * (q75 - q25) <= 1.05
+
+
+def test_score_detects_transients_and_few_false_peaks():
+    pair, result = score_of("sharper_template", 1024, 203)
+    quality = measure_quality(result, pair)
+    assert quality["transient_detected_fraction"] >= 0.95, quality
+    assert quality["transient_snr_ratio"] >= 0.85, quality
+    score = result.score
+    snr = score.image / np.sqrt(score.variance)
+    empty = _empty_sky(pair, result)
+    peaks = (snr == ndimage.maximum_filter(snr, size=5)) & (snr >= 5) & empty
+    assert peaks.sum() / empty.sum() * 1e6 < 1.0
+
+
+def test_score_is_template_psf_agnostic():
+    base = preset("equal", size=512, seed=204)
+    results = []
+    for fwhm in (2.6, 4.6):  # narrower and wider than the science PSF (3.5)
+        config = base.model_copy(deep=True)
+        config.template_psf.fwhm = fwhm
+        pair = simulate_pair(config)
+        results.append(
+            run_subtraction(pair.science, pair.template, SubtractionConfig(mode="preconvolve"))
+        )
+    a, b = (r.score for r in results)
+    empty = _empty_sky(pair, results[0])
+    delta = (a.image - b.image)[empty] / np.sqrt(a.variance[empty] + b.variance[empty])
+    # both share the science noise; only the (deep) template noise differs
+    assert np.std(delta) < 0.6
+    assert abs(np.median(delta)) < 0.05
+    # transients' peak S/N agree within their noise
+    for x, y in zip(pair.truth["transients"]["x"], pair.truth["transients"]["y"], strict=True):
+        ix, iy = int(round(x)), int(round(y))
+        if 30 < ix < 480 and 30 < iy < 480:
+            sa = a.image[iy, ix] / np.sqrt(a.variance[iy, ix])
+            sb = b.image[iy, ix] / np.sqrt(b.variance[iy, ix])
+            assert abs(sa - sb) < 1.5 + 0.05 * abs(sa)
+
+
+def test_quadratic_science_background_is_recovered():
+    config = preset("equal", size=512, seed=205)
+    config.science_sky.level = 500.0
+    config.science_sky.gradient_x = 40.0
+    config.science_sky.gradient_y = -25.0
+    config.science_sky.curvature_xx = 30.0
+    config.science_sky.curvature_xy = -20.0
+    config.science_sky.curvature_yy = 15.0
+    config.template_sky.level = 0.0
+    pair = simulate_pair(config)
+    result = run_subtraction(pair.science, pair.template, SubtractionConfig(mode="preconvolve"))
+    d = np.ravel(result.fitted_background.coefficients)
+    sky = config.science_sky
+    # simulator: c0 + cx X + cy Y + cxx X^2 + cxy XY + cyy Y^2; X^2 = (T2(X) + 1) / 2
+    expected = [
+        sky.level + (sky.curvature_xx + sky.curvature_yy) / 2,
+        sky.gradient_x,
+        sky.gradient_y,
+        sky.curvature_xx / 2,
+        sky.curvature_xy,
+        sky.curvature_yy / 2,
+    ]
+    for got, want in zip(d, expected, strict=True):
+        assert got == pytest.approx(want, rel=0.2)
+
+
+def test_spatially_varying_decorrelation_in_pipeline():
+    pair = simulated_pair("varying", 1024, 206)
+    config = SubtractionConfig()
+    config.decorrelation.spatially_varying = True
+    result = run_subtraction(pair.science, pair.template, config)
+    quality = measure_quality(result, pair)
+    assert 0.95 <= quality["noise_ratio"] <= 1.05
+    assert abs(quality["transient_flux_ratio"] - 1) <= 0.02
+    empty = _empty_sky(pair, result)
+    for corner in ((slice(0, 400), slice(0, 400)), (slice(624, 1024), slice(624, 1024))):
+        assert abs(_autocorrelation(result.difference.image[corner], empty[corner], 1)) < 0.05
+
+
+def test_finalize_validates_preconvolution_arguments():
+    pair = simulated_pair("equal", 256, 207)
+    task = AlardLuptonPreconvolveSubtractTask()
+    kernel = np.ones((3, 3)) / 9
+    with pytest.raises(ValueError, match="Pre-convolution kernel is allowed only"):
+        task.finalize(
+            pair.template,
+            pair.science,
+            pair.science,
+            None,
+            template_matched=False,
+            preconv_mode=True,
+            preconv_kernel=kernel,
+        )
+    with pytest.raises(ValueError, match="Pre-convolution kernel is allowed only"):
+        task.finalize(
+            pair.template,
+            pair.science,
+            pair.science,
+            None,
+            template_matched=True,
+            preconv_mode=False,
+            preconv_kernel=kernel,
+        )
+
+
+def test_score_carries_science_psf_wcs_and_calibration():
+    pair, result = score_of("sharper_template", 512, 201)
+    score = result.score
+    assert score.photo_calib == pair.science.photo_calib
+    assert score.wcs is not None
+    assert result.metadata["alardLuptonPreconvolveSubtract.convolvedExposure"] == "Preconvolution"
+    assert result.background_model is not None
+    # EDGE frame of the PSF half-width, not more
+    half = pair.science.psf.kernel_image().shape[0] // 2
+    edge = score.masked(["EDGE"])
+    assert edge[:half].all() and edge[:, :half].all()
+    assert not edge[2 * half + 30 : -2 * half - 30, 2 * half + 30 : -2 * half - 30].any()

@@ -1,0 +1,228 @@
+"""Acceptance of the AL subtraction on simulated pairs (issue 3) and task behaviour."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import pytest
+
+from core.config import SubtractionConfig
+from core.errors import (
+    IncompatibleInputsError,
+    InsufficientSourcesError,
+    TemplateCoverageError,
+)
+from core.evaluate import measure_quality, sky_mask
+from core.subtract import AlardLuptonSubtractTask, run_subtraction
+from tests.conftest import simulated_pair
+
+# seeds differ from the simulator's own tests
+SCENARIOS = {
+    "sharper_template": ("sharper_template", 512, 101, "convolveTemplate"),
+    "sharper_science": ("sharper_science", 512, 102, "convolveScience"),
+    "equal": ("equal", 512, 103, "convolveTemplate"),
+    "varying": ("varying", 1024, 104, None),
+    "defects": ("defects", 512, 105, None),
+}
+
+
+@lru_cache(maxsize=8)
+def subtracted(scenario: str, mode: str = "auto"):
+    name, size, seed, _ = SCENARIOS[scenario]
+    pair = simulated_pair(name, size, seed)
+    return pair, run_subtraction(pair.science, pair.template, SubtractionConfig(mode=mode))
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_difference_noise_matches_variance(scenario):
+    pair, result = subtracted(scenario)
+    quality = measure_quality(result, pair)
+    assert 0.95 <= quality["noise_ratio"] <= 1.05, quality
+    assert abs(quality["noise_mean"]) <= 0.05, quality
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_transient_fluxes_recovered(scenario):
+    pair, result = subtracted(scenario)
+    quality = measure_quality(result, pair)
+    assert quality["n_transients"] >= 5
+    assert abs(quality["transient_flux_ratio"] - 1.0) <= 0.02, quality
+    # scatter of (measured - true) / error is what the variance plane predicts
+    assert 0.7 <= quality["transient_pull_std"] <= 1.4, quality
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_constant_stars_vanish(scenario):
+    pair, result = subtracted(scenario)
+    quality = measure_quality(result, pair)
+    assert quality["star_chi2_median"] < 1.3, quality
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_kernel_sum_is_the_flux_ratio(scenario):
+    pair, result = subtracted(scenario)
+    ratio = pair.truth["flux_ratio"]  # science counts per template count
+    expected = ratio if result.mode == "convolveTemplate" else 1.0 / ratio
+    assert result.metrics["kernel_sum"] == pytest.approx(expected, rel=0.01)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_auto_chooses_direction(scenario):
+    expected = SCENARIOS[scenario][3]
+    _, result = subtracted(scenario)
+    if expected is not None:
+        assert result.mode == expected
+
+
+def test_difference_carries_science_calibration_and_matched_psf():
+    pair, result = subtracted("sharper_science")
+    difference = result.difference
+    assert result.mode == "convolveScience"
+    assert difference.photo_calib == pair.science.photo_calib
+    assert difference.wcs is not None
+    # the difference has the template PSF in convolveScience mode (matched image)
+    assert difference.psf.fwhm() == pytest.approx(pair.template.psf.fwhm(), rel=0.1)
+    pair, result = subtracted("sharper_template")
+    assert result.difference.psf.fwhm() == pytest.approx(pair.science.psf.fwhm(), rel=0.1)
+
+
+def test_defects_masked_and_finite():
+    pair, result = subtracted("defects")
+    difference = result.difference
+    bad = difference.masked(["NO_DATA"])
+    assert np.all(np.isfinite(difference.image[~bad]))
+    assert np.all(np.isfinite(difference.variance[~bad]))
+    # saturated science pixels stay flagged; template saturation arrives as SAT_TEMPLATE
+    assert np.all(difference.masked(["SAT"])[pair.science.masked(["SAT"])])
+    if pair.template.masked(["SAT"]).any():
+        assert difference.masked(["SAT_TEMPLATE"]).any()
+    # the bad columns of both images are flagged in the difference
+    assert np.all(difference.masked(["BAD"])[pair.science.masked(["BAD"])])
+    assert np.all(difference.masked(["BAD"])[pair.template.masked(["BAD"])])
+
+
+def test_directions_agree_on_equal_psfs():
+    pair, forward = subtracted("equal", "convolveTemplate")
+    _, backward = subtracted("equal", "convolveScience")
+    fwhm = pair.science.psf.fwhm()
+    sigma = float(np.sqrt(np.median(pair.science.variance)))
+    empty = sky_mask(pair.truth, pair.science.shape, fwhm, sigma)
+    empty[:40] = empty[-40:] = False
+    empty[:, :40] = empty[:, -40:] = False
+    a, b = forward.difference, backward.difference
+    delta = (a.image - b.image)[empty]
+    scale = np.sqrt(a.variance[empty] + b.variance[empty])
+    # the two differences share the science noise, so they agree far better than independent
+    # images would (std of delta/scale would be 1)
+    assert np.std(delta / scale) < 0.5
+    assert abs(np.median(delta / scale)) < 0.05
+    # and at the transients
+    tx, ty = pair.truth["transients"]["x"], pair.truth["transients"]["y"]
+    for x, y in zip(tx, ty, strict=True):
+        ix, iy = int(round(x)), int(round(y))
+        if 10 < ix < a.width - 10 and 10 < iy < a.height - 10:
+            sa = a.image[iy - 3 : iy + 4, ix - 3 : ix + 4].sum()
+            sb = b.image[iy - 3 : iy + 4, ix - 3 : ix + 4].sum()
+            assert sb == pytest.approx(sa, rel=0.1, abs=5 * np.sqrt(49) * sigma)
+
+
+def test_inputs_not_mutated():
+    pair = simulated_pair("equal", 256, 107)
+    before = [
+        x.copy() for e in (pair.science, pair.template) for x in (e.image, e.variance, e.mask)
+    ]
+    planes = (pair.science.mask_planes.as_dict(), pair.template.mask_planes.as_dict())
+    run_subtraction(pair.science, pair.template)
+    after = [x for e in (pair.science, pair.template) for x in (e.image, e.variance, e.mask)]
+    for old, new in zip(before, after, strict=True):
+        np.testing.assert_array_equal(old, new)
+    assert planes == (pair.science.mask_planes.as_dict(), pair.template.mask_planes.as_dict())
+
+
+def test_metadata_and_metrics():
+    pair, result = subtracted("sharper_template")
+    meta = result.metadata
+    for key in (
+        "templateCoveragePercent",
+        "scaleScienceVarianceFactor",
+        "sciencePsfSize",
+        "templatePsfSize",
+        "nPsfSources",
+        "convolvedExposure",
+        "differenceFootprintRatioMean",
+    ):
+        assert f"alardLuptonSubtract.{key}" in meta
+    assert "alardLuptonSubtract:makeKernel.ALKernelSize" in meta
+    assert meta["alardLuptonSubtract.templateCoveragePercent"] == pytest.approx(100.0)
+    metrics = result.metrics
+    assert metrics["n_kernel_sources"] >= 3
+    for stage in ("prepare", "select", "fit", "convolve", "metrics"):
+        assert metrics["timings"][stage] > 0
+
+
+def test_update_masks_clears_and_renames():
+    pair = simulated_pair("defects", 256, 108)
+    task = AlardLuptonSubtractTask()
+    science, template = pair.science.copy(), pair.template.copy()
+    science.set_plane("DETECTED", np.ones(science.shape, bool))
+    template.set_plane("CR", np.ones(template.shape, bool))
+    sat = template.masked(["SAT"]).copy()
+    task.update_masks(template, science)
+    assert not science.masked(["DETECTED"]).any()
+    assert not template.masked(["CR", "SAT"]).any()
+    np.testing.assert_array_equal(template.masked(["SAT_TEMPLATE"]), sat)
+    assert template.masked(["BAD"]).any()  # preserved
+
+
+def test_template_not_covering_science_is_refused():
+    pair = simulated_pair("equal", 256, 109)
+    small = pair.template.cutout((10, 10, 200, 200))
+    with pytest.raises(IncompatibleInputsError, match="does not contain"):
+        run_subtraction(pair.science, small)
+
+
+def test_band_mismatch_is_refused():
+    pair = simulated_pair("equal", 256, 109)
+    template = pair.template.copy()
+    template.band = "z"
+    with pytest.raises(IncompatibleInputsError, match="different bands"):
+        run_subtraction(pair.science, template)
+
+
+def test_wcs_mismatch_is_refused():
+    pair = simulated_pair("equal", 256, 109)
+    template = pair.template.copy()
+    template.wcs = pair.template.wcs.deepcopy()
+    template.wcs.wcs.crpix = template.wcs.wcs.crpix + [2.0, 0.0]
+    with pytest.raises(IncompatibleInputsError, match="WCS"):
+        run_subtraction(pair.science, template)
+
+
+def test_low_template_coverage_is_a_typed_error():
+    pair = simulated_pair("equal", 256, 109)
+    template = pair.template.copy()
+    template.set_plane("NO_DATA", np.ones(template.shape, bool))
+    template.mask[:, :20] &= ~template.mask_planes.value("NO_DATA")
+    with pytest.raises(TemplateCoverageError, match="Insufficient Template Coverage"):
+        run_subtraction(pair.science, template)
+
+
+def test_too_few_sources_is_a_typed_error():
+    from astropy.table import Table
+
+    pair = simulated_pair("equal", 256, 109)
+    catalog = Table({"x": [128.0], "y": [128.0]})
+    with pytest.raises((InsufficientSourcesError, TemplateCoverageError), match="required"):
+        run_subtraction(pair.science, pair.template, sources=catalog)
+
+
+def test_progress_reports_stages():
+    pair = simulated_pair("equal", 256, 110)
+    stages = []
+    run_subtraction(pair.science, pair.template, progress=lambda s, f: stages.append((s, f)))
+    names = [s for s, _ in stages]
+    assert names[0] == "prepare" and names[-1] == "done"
+    assert {"fit", "convolve", "decorrelate", "metrics"} <= set(names)
+    fractions = [f for _, f in stages]
+    assert fractions == sorted(fractions)
