@@ -300,11 +300,12 @@ def decorrelation_filter(
 
 
 def filter_kernel_image(filter_rfft: np.ndarray, size: int) -> np.ndarray:
-    """Image-space kernel of a real, even filter sampled on a (size, size) rfft grid.
+    """Image-space kernel of a filter sampled on a (size, size) rfft grid.
 
     Parameters
     ----------
     filter_rfft : `numpy.ndarray` (size, size // 2 + 1)
+        Half plane of a Hermitian spectrum (a real kernel); real and even for ``phi``.
     size : int
         Odd stamp width.
 
@@ -455,10 +456,11 @@ def _fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fft_shape(data_shape, margin: int) -> tuple[int, int]:
-    """FFT shape leaving ``margin`` zeros after the data, so the filter tails do not wrap."""
+    """FFT shape leaving ``margin`` zeros after the data, so the filter tails do not wrap,
+    and holding a (2 margin + 1) stamp."""
     return (
-        sfft.next_fast_len(data_shape[0] + margin, real=True),
-        sfft.next_fast_len(data_shape[1] + margin, real=True),
+        sfft.next_fast_len(max(data_shape[0] + margin, 2 * margin + 1), real=True),
+        sfft.next_fast_len(max(data_shape[1] + margin, 2 * margin + 1), real=True),
     )
 
 
@@ -505,7 +507,7 @@ def decorrelate_difference(
     template_matched: bool = True,
     preconv_mode: bool = False,
     preconv_kernel: np.ndarray | None = None,
-    spatially_varying: bool = False,
+    spatially_varying: bool | None = None,
     config: DecorrelationConfig | None = None,
     task=None,
     kernel_sum_norm: float | None = None,
@@ -528,9 +530,9 @@ def decorrelate_difference(
     preconv_kernel : `numpy.ndarray` or None
         Preconvolution kernel as applied; default the science PSF at its average
         position. Only allowed with ``template_matched`` and ``preconv_mode``.
-    spatially_varying : bool
+    spatially_varying : bool or None
         Decorrelate on a grid of nodes ``config.grid_step`` apart and blend (decision 4);
-        also on when ``config.spatially_varying`` is set.
+        None takes ``config.spatially_varying``.
     config : `core.config.DecorrelationConfig` or None
     task : `core.task.Task` or None
         If given, the variances and kernel sum used are written to its metadata.
@@ -557,7 +559,8 @@ def decorrelate_difference(
             "template_matched==True."
         )
     config = config or DecorrelationConfig()
-    spatially_varying = bool(spatially_varying or config.spatially_varying)
+    if spatially_varying is None:
+        spatially_varying = config.spatially_varying
     science = _on_bbox(science, difference.bbox, "science")
     template = _on_bbox(template, difference.bbox, "template")
     x0, y0 = difference.xy0
