@@ -390,6 +390,8 @@ def _odd(value: float) -> int:
     return size + 1 - size % 2
 
 
+#: Smallest adaptive sigma (px) a star may have; below are hot pixels and cosmic rays.
+_MIN_STAR_SIGMA = 0.6
 #: Mask planes that disqualify a star's stamp from PSF estimation.
 PSF_STAMP_BAD_PLANES = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "SUSPECT", "INTRP")
 
@@ -408,9 +410,10 @@ def estimate_psf(
     Stars come from ``catalog`` (parent ``x``, ``y``; measured on the exposure)
     or from `core.sources.detect_sources`. A star is used when it is not
     flagged (saturated, edge, masked, blended), its S/N is at least 20, its
-    adaptive size is within 20% of the median (rejects galaxies, cosmic rays
-    and blends), no other detected source with over 2% of its flux lies within
-    the stamp, and its stamp holds no pixel of `PSF_STAMP_BAD_PLANES`. The
+    adaptive size is within 15% of the stellar locus (the densest cluster of
+    sizes: rejects galaxies, cosmic rays and blends), no other detected source
+    with over 2% of its flux lies within the stamp radius, and its stamp holds
+    no pixel of `PSF_STAMP_BAD_PLANES`. The
     brightest ``max_stars`` are cut out with a margin, background subtracted
     (mesh background of `core.sources.background_map`), shifted by a Fourier
     phase ramp so the weighted centroid falls on the central pixel, cropped,
@@ -467,9 +470,10 @@ def estimate_psf(
         & np.isfinite(stars["size"])
     )
     size = np.asarray(stars["size"], dtype=np.float64)
+    ok &= size > _MIN_STAR_SIGMA
     if ok.sum() >= 3:
-        typical = float(np.median(size[ok]))
-        ok &= np.abs(size / typical - 1.0) < 0.2
+        typical = _stellar_locus(size[ok])
+        ok &= np.abs(size / typical - 1.0) < 0.15
     if ok.sum() == 0:
         raise PsfError(
             f"found 0 suitable stars among {n_found} sources, {need}: none is bright "
@@ -492,7 +496,7 @@ def estimate_psf(
     candidates = np.nonzero(ok)[0]
     isolated = []
     for k in candidates:
-        near = tree.query_ball_point([x_all[k], y_all[k]], r=half * math.sqrt(2.0))
+        near = tree.query_ball_point([x_all[k], y_all[k]], r=float(half))
         if all(j == k or not flux_all[j] > 0.02 * flux_all[k] for j in near):
             isolated.append(k)
     candidates = np.array(isolated, dtype=int)
@@ -542,6 +546,21 @@ def estimate_psf(
         combined = _clipped_mean(cube)
         return ImagePsf(_clean_stamp(combined), average_position=centre)
     return _fit_grid_psf(cube, np.array(xs), np.array(ys), order, exposure.bbox)
+
+
+def _stellar_locus(sizes: np.ndarray) -> float:
+    """Size of the tightest cluster of sizes (stars share one size; galaxies scatter).
+
+    For each size, count the sizes within 8% of it; among the windows holding
+    at least 30% of the densest one's count (and 4), the smallest wins: stars are
+    the smallest well-populated cluster, above hot pixels and below galaxies.
+    Its median is returned.
+    """
+    log_size = np.log(sizes)
+    counts = (np.abs(log_size[:, None] - log_size[None, :]) < 0.08).sum(axis=1)
+    best = counts >= min(counts.max(), max(4, 0.3 * counts.max()))
+    centre = log_size[best].min()
+    return float(np.exp(np.median(log_size[np.abs(log_size - centre) < 0.08])))
 
 
 def _shift_raw(stamp: np.ndarray, dx: float, dy: float) -> np.ndarray:

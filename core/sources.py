@@ -27,7 +27,7 @@ from scipy.stats import qmc
 from .config import DetectionConfig, SourcesConfig
 from .errors import InsufficientSourcesError, InvalidCatalogError
 from .exposure import Exposure
-from .psf import SIGMA_TO_FWHM, GaussianPsf, Psf
+from .psf import SIGMA_TO_FWHM, GaussianPsf, Psf, _stellar_locus
 
 __all__ = [
     "background_map",
@@ -53,7 +53,7 @@ BACKGROUND_IGNORE_PLANES = (
 #: Planes that set ``flag_masked`` when present in a source's footprint.
 MASKED_FLAG_PLANES = ("BAD", "NO_DATA", "SAT", "CR")
 #: Smoothing Gaussian sigma (pixels) for a first detection pass when no PSF is known.
-_DEFAULT_SMOOTH_SIGMA = 2.0
+_DEFAULT_SMOOTH_SIGMA = 1.0
 #: Fewest valid pixels (fraction of a mesh cell) for a cell to count in the background.
 _MIN_CELL_FRACTION = 0.25
 #: A secondary peak in a footprint counts as a source when it rises this many noise
@@ -63,19 +63,35 @@ _PEAK_PROMINENCE = 3.0
 
 # --------------------------------------------------------------------------------------
 # background and noise
-def _interp_matrix(n_out: int, centres: np.ndarray) -> np.ndarray:
-    """Linear interpolation weights (n_out, n_nodes) from nodes to 0..n_out-1, clamped."""
-    n = len(centres)
-    pos = np.arange(n_out, dtype=np.float64)
+def _interp_matrix(n_out: int, first: float, step: float, n: int) -> np.ndarray:
+    """Linear interpolation weights (n_out, n) from nodes at first + k step to pixels
+    0..n_out-1; pixels beyond the outer nodes are extrapolated linearly (half a cell
+    at most), so gradients stay straight up to the edge."""
     if n == 1:
         return np.ones((n_out, 1))
-    t = np.interp(pos, centres, np.arange(n, dtype=np.float64))
+    t = (np.arange(n_out, dtype=np.float64) - first) / step
     lo = np.clip(np.floor(t).astype(int), 0, n - 2)
     frac = t - lo
     weights = np.zeros((n_out, n))
     weights[np.arange(n_out), lo] = 1.0 - frac
     weights[np.arange(n_out), lo + 1] += frac
     return weights
+
+
+def _despike(mesh: np.ndarray, floor: float) -> np.ndarray:
+    """Replace cells that stand out from their 3x3 median (bright halos) by that median.
+
+    Only departures above ``floor`` count, so a smooth gradient (whose corner
+    cells differ from their median by about one cell's change) is left alone.
+    """
+    size = (min(3, mesh.shape[0]), min(3, mesh.shape[1]))
+    if size == (1, 1):
+        return mesh
+    smooth = ndimage.median_filter(mesh, size=size, mode="nearest")
+    diff = mesh - smooth
+    scatter = 1.4826 * np.median(np.abs(diff))
+    outlier = np.abs(diff) > max(3.0 * scatter, floor)
+    return np.where(outlier, smooth, mesh)
 
 
 def background_map(
@@ -87,8 +103,9 @@ def background_map(
 
     Each ``mesh`` x ``mesh`` cell gets the 3-sigma clipped median and standard
     deviation of its valid pixels (finite and not in ``ignore_planes``); cells
-    with under a quarter valid pixels take their nearest valid neighbour; the
-    mesh is median filtered (3x3) and linearly interpolated to every pixel.
+    with under a quarter valid pixels take their nearest valid neighbour; cells
+    far (3 sigma) from their 3x3 median are replaced by it; the mesh is then
+    linearly interpolated to every pixel.
 
     Parameters
     ----------
@@ -134,11 +151,11 @@ def background_map(
     if not good.all():
         _, (iy, ix) = ndimage.distance_transform_edt(~good, return_indices=True)
         median, std = median[iy, ix], std[iy, ix]
-    size = (min(3, nby), min(3, nbx))
-    median = ndimage.median_filter(median, size=size, mode="nearest")
-    std = ndimage.median_filter(std, size=size, mode="nearest")
-    wy = _interp_matrix(ny, np.arange(nby) * mesh + (mesh - 1) / 2.0)
-    wx = _interp_matrix(nx, np.arange(nbx) * mesh + (mesh - 1) / 2.0)
+    typical_noise = float(np.median(std))
+    median = _despike(median, 2.0 * typical_noise)
+    std = _despike(std, 0.5 * typical_noise)
+    wy = _interp_matrix(ny, (mesh - 1) / 2.0, mesh, nby)
+    wx = _interp_matrix(nx, (mesh - 1) / 2.0, mesh, nbx)
     background = wy @ median @ wx.T
     noise = wy @ std @ wx.T
     return background.astype(np.float32), noise.astype(np.float32)
@@ -423,7 +440,7 @@ def detect_sources(
         first = GaussianPsf(_DEFAULT_SMOOTH_SIGMA)
         table = _detect_pass(exposure, config, first, background, noise, grow_sigma, False)
         sizes = _clean_sizes(table)
-        sigma = float(np.median(sizes)) if sizes.size >= 3 else _DEFAULT_SMOOTH_SIGMA
+        sigma = _stellar_locus(sizes) if sizes.size >= 3 else _DEFAULT_SMOOTH_SIGMA
         if not config.smooth_with_psf:
             sigma = max(0.5, min(sigma, 20.0))
         if abs(sigma / _DEFAULT_SMOOTH_SIGMA - 1) > 0.15 or set_mask:
@@ -442,6 +459,7 @@ def _clean_sizes(table: Table) -> np.ndarray:
         & ~table["flag_edge"]
         & ~table["flag_blended"]
         & np.isfinite(table["size"])
+        & (table["size"] > 0.6)
     )
     return np.asarray(table["size"][ok])
 
@@ -719,7 +737,9 @@ def _load_bytes(data: bytes, name: str) -> Table:
     head = data.lstrip()[:1]
     try:
         if data.startswith(b"SIMPLE"):
-            return Table.read(io.BytesIO(data), format="fits")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return Table.read(io.BytesIO(data), format="fits")
         if head in (b"{", b"["):
             return _table_from_json(json.loads(data.decode("utf-8")), name)
         text = data.decode("utf-8")

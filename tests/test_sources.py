@@ -1,0 +1,436 @@
+"""Tests of core.sources: detection, catalogs, kernel-source selection, sky sources."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+from scipy.spatial import cKDTree
+
+from core.config import DetectionConfig, SourcesConfig
+from core.errors import InsufficientSourcesError, InvalidCatalogError
+from core.exposure import Exposure
+from core.psf import GaussianPsf
+from core.sources import (
+    background_map,
+    detect_sources,
+    measure_sources,
+    read_catalog,
+    select_kernel_sources,
+    sky_sources,
+)
+
+SKY, READ_NOISE = 100.0, 5.0
+
+
+def add_star(image: np.ndarray, psf, x: float, y: float, flux: float) -> None:
+    stamp, x_min, y_min = psf.image_at(x, y)
+    k = stamp.shape[0]
+    ny, nx = image.shape
+    j0, i0 = max(y_min, 0), max(x_min, 0)
+    j1, i1 = min(y_min + k, ny), min(x_min + k, nx)
+    image[j0:j1, i0:i1] += flux * stamp[j0 - y_min : j1 - y_min, i0 - x_min : i1 - x_min]
+
+
+def star_field(psf, size=512, spacing=24, seed=1, flux_range=(2.0, 4.7)):
+    """Stars on a jittered grid (no unresolvable blends), Poisson-like noise, known truth."""
+    rng = np.random.default_rng(seed)
+    centres = np.arange(spacing, size - spacing // 2, spacing, dtype=float)
+    gx, gy = np.meshgrid(centres, centres)
+    x = gx.ravel() + rng.uniform(-5, 5, gx.size)
+    y = gy.ravel() + rng.uniform(-5, 5, gy.size)
+    flux = 10 ** rng.uniform(*flux_range, x.size)
+    model = np.zeros((size, size))
+    for xi, yi, fi in zip(x, y, flux, strict=True):
+        add_star(model, psf, xi, yi, fi)
+    variance = SKY + READ_NOISE**2 + model
+    image = rng.normal(model + SKY, np.sqrt(variance))
+    return Exposure.from_arrays(image, variance), x, y, flux
+
+
+def true_snr(psf, flux):
+    p = psf.kernel_image()
+    s2 = np.sum(p**2)
+    var = np.array([np.sum(p**2 * (SKY + READ_NOISE**2 + f * p)) for f in flux])
+    return flux * s2 / np.sqrt(var)
+
+
+@pytest.fixture(scope="module")
+def field():
+    psf = GaussianPsf(1.8)
+    exposure, x, y, flux = star_field(psf)
+    return psf, exposure, x, y, flux
+
+
+# --------------------------------------------------------------------------------------
+# background
+def test_background_map_recovers_gradient():
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:256, 0:256]
+    sky = 50 + 0.1 * xx + 0.05 * yy
+    image = rng.normal(sky, 3.0)
+    exposure = Exposure.from_arrays(image, np.full(image.shape, 9.0))
+    background, noise = background_map(exposure, mesh=32)
+    inner = (slice(16, -16), slice(16, -16))
+    assert np.abs(background - sky)[inner].max() < 0.6
+    assert np.median(noise) == pytest.approx(3.0, rel=0.05)
+
+
+# --------------------------------------------------------------------------------------
+# detection
+def test_detection_completeness_and_purity(field):
+    psf, exposure, x, y, flux = field
+    work = exposure.copy()
+    table = detect_sources(work, psf=psf)
+    snr = true_snr(psf, flux)
+    bright = snr >= 10
+    dist, _ = cKDTree(np.column_stack([table["x"], table["y"]])).query(np.column_stack([x, y]))
+    completeness = np.mean(dist[bright] < 1.5)
+    assert bright.sum() > 200
+    assert completeness >= 0.95
+    back, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([table["x"], table["y"]]))
+    spurious = np.mean(back > 3.0)
+    assert spurious < 0.01
+    # the empty-sky S/N scatter is ~1 with a correct variance plane
+    assert table.meta["noise_factor"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_detection_measurements(field):
+    psf, exposure, x, y, flux = field
+    table = detect_sources(exposure.copy(), psf=psf)
+    dist, idx = cKDTree(np.column_stack([x, y])).query(np.column_stack([table["x"], table["y"]]))
+    snr = true_snr(psf, flux[idx])
+    good = (dist < 1.5) & (snr > 30) & ~table["flag_edge"]
+    assert good.sum() > 100
+    dx = np.asarray(table["x"])[good] - x[idx][good]
+    dy = np.asarray(table["y"])[good] - y[idx][good]
+    assert abs(np.mean(dx)) < 0.02 and abs(np.mean(dy)) < 0.02
+    assert np.std(dx) < 0.1
+    ratio = np.asarray(table["flux"])[good] / flux[idx][good]
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.01)
+    assert np.median(np.asarray(table["snr"])[good] / snr[good]) == pytest.approx(1.0, abs=0.05)
+    # flux errors describe the flux scatter
+    pull = (np.asarray(table["flux"])[good] - flux[idx][good]) / np.asarray(table["flux_err"])[good]
+    assert np.std(pull) == pytest.approx(1.0, abs=0.15)
+    # sizes of point sources equal the PSF's
+    assert np.median(np.asarray(table["size"])[good]) == pytest.approx(1.8, rel=0.02)
+    assert np.median(np.asarray(table["roundness"])[good]) > 0.9
+
+
+def test_detection_sets_planes_and_negative(field):
+    psf, exposure, x, y, flux = field
+    work = exposure.copy()
+    # a negative PSF-shaped hole
+    hole = np.zeros(work.shape)
+    add_star(hole, psf, 100.5, 300.5, -20000.0)
+    # away from the grid stars: put it between grid nodes
+    work.image += hole.astype(np.float32)
+    table = detect_sources(work, psf=psf)
+    detected = work.masked(["DETECTED"])
+    negative = work.masked(["DETECTED_NEGATIVE"])
+    bright = true_snr(psf, flux) > 20
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    assert detected[iy[bright], ix[bright]].all()
+    assert negative[300, 100]
+    assert table.meta["n_negative"] >= 1
+    assert not negative[iy[bright], ix[bright]].any()
+    # segmentation: each source's label covers its centre
+    seg = table.meta["segmentation"]
+    cx = np.floor(np.asarray(table["x"]) + 0.5).astype(int)
+    cy = np.floor(np.asarray(table["y"]) + 0.5).astype(int)
+    assert np.all(seg[cy, cx] == np.asarray(table["label"]))
+    # no pixel is detected far from every star and the hole
+    assert detected.mean() < 0.5
+    # set_mask=False leaves the mask alone
+    other = exposure.copy()
+    detect_sources(other, psf=psf, set_mask=False)
+    assert not other.masked(["DETECTED", "DETECTED_NEGATIVE"]).any()
+
+
+def test_detection_flags():
+    psf = GaussianPsf(1.8)
+    rng = np.random.default_rng(7)
+    model = np.zeros((200, 200))
+    add_star(model, psf, 50.0, 50.0, 30000.0)  # saturated below
+    add_star(model, psf, 2.0, 120.0, 30000.0)  # at the edge
+    add_star(model, psf, 140.0, 60.0, 20000.0)  # blended pair, 10 px apart
+    add_star(model, psf, 150.0, 60.0, 15000.0)
+    add_star(model, psf, 100.0, 150.0, 20000.0)  # masked by a bad column
+    add_star(model, psf, 150.0, 150.0, 20000.0)  # clean
+    variance = SKY + READ_NOISE**2 + model
+    exposure = Exposure.from_arrays(rng.normal(model + SKY, np.sqrt(variance)), variance)
+    sat = np.zeros(exposure.shape, dtype=bool)
+    sat[49:52, 49:52] = True
+    exposure.set_plane("SAT", sat)
+    bad = np.zeros(exposure.shape, dtype=bool)
+    bad[:, 101] = True
+    exposure.set_plane("BAD", bad)
+    table = detect_sources(exposure, psf=psf)
+
+    def row(x, y):
+        d = np.hypot(table["x"] - x, table["y"] - y)
+        assert d.min() < 1.5, (x, y)
+        return table[int(np.argmin(d))]
+
+    assert row(50, 50)["flag_saturated"] and row(50, 50)["flag_masked"]
+    assert row(2, 120)["flag_edge"]
+    assert row(140, 60)["flag_blended"] and row(150, 60)["flag_blended"]
+    assert row(140, 60)["label"] == row(150, 60)["label"]
+    assert row(100, 150)["flag_masked"] and not row(100, 150)["flag_saturated"]
+    clean = row(150, 150)
+    assert not (
+        clean["flag_saturated"]
+        or clean["flag_edge"]
+        or clean["flag_masked"]
+        or clean["flag_blended"]
+    )
+
+
+def test_detection_without_psf_and_with_wrong_variance(field):
+    psf, exposure, x, y, flux = field
+    # a unit variance plane: the S/N is renormalised by the measured noise
+    work = Exposure.from_arrays(exposure.image)
+    table = detect_sources(work)
+    assert table.meta["psf_sigma"] == pytest.approx(1.8, rel=0.05)
+    bright = true_snr(psf, flux) >= 10
+    dist, _ = cKDTree(np.column_stack([table["x"], table["y"]])).query(np.column_stack([x, y]))
+    assert np.mean(dist[bright] < 1.5) >= 0.95
+    assert table.meta["noise_factor"] == pytest.approx(np.sqrt(SKY + READ_NOISE**2), rel=0.1)
+
+
+def test_detection_threshold_config(field):
+    psf, exposure, *_ = field
+    low = detect_sources(exposure.copy(), DetectionConfig(threshold=5.0), psf=psf)
+    high = detect_sources(exposure.copy(), DetectionConfig(threshold=20.0), psf=psf)
+    assert len(high) < len(low)
+    assert np.all(np.asarray(high["peak_snr"]) >= 20.0)
+
+
+def test_measure_sources_at_positions(field):
+    psf, exposure, x, y, flux = field
+    bright = np.nonzero(true_snr(psf, flux) > 30)[0][:50]
+    xb, yb = x[bright], y[bright]
+    m = measure_sources(exposure, xb + 0.3, yb - 0.2, psf=psf, recentroid=True)
+    assert np.max(np.hypot(m["x"] - xb, m["y"] - yb)) < 0.2
+    assert np.median(m["flux"] / flux[bright]) == pytest.approx(1.0, abs=0.02)
+    assert not np.any(m["flag_edge"] | m["flag_masked"] | m["flag_saturated"])
+
+
+# --------------------------------------------------------------------------------------
+# catalogs
+def test_read_catalog_formats(tmp_path):
+    rows = [{"x": 10.5, "y": 20.0, "flux": 100.0}, {"x": 30.0, "y": 40.25, "flux": 5.0}]
+    csv = tmp_path / "cat.csv"
+    csv.write_text("X,Y,flux,flux_err\n10.5,20.0,100,10\n30.0,40.25,5,1\n")
+    jlist = tmp_path / "list.json"
+    jlist.write_text(json.dumps(rows))
+    jdict = tmp_path / "dict.json"
+    jdict.write_text(json.dumps({"sources": rows}))
+    fits_path = tmp_path / "cat.fits"
+    Table({"x": [10.5, 30.0], "y": [20.0, 40.25], "flux": [100.0, 5.0]}).write(fits_path)
+    for source in (csv, jlist, jdict, fits_path, str(csv), rows, fits_path.read_bytes()):
+        table = read_catalog(source)
+        np.testing.assert_allclose(table["x"], [10.5, 30.0])
+        np.testing.assert_allclose(table["y"], [20.0, 40.25])
+        np.testing.assert_allclose(table["flux"], [100.0, 5.0])
+    assert list(read_catalog(csv)["flux_err"]) == [10.0, 1.0]
+
+
+def test_read_catalog_radec_through_wcs(tmp_path):
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [150.0, 2.0]
+    wcs.wcs.crpix = [129.0, 129.0]
+    wcs.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+    x = np.array([10.0, 128.0, 200.5])
+    y = np.array([15.0, 128.0, 77.25])
+    ra, dec = wcs.all_pix2world(x, y, 0)
+    path = tmp_path / "radec.csv"
+    Table({"RA": ra, "Dec": dec}).write(path, format="ascii.csv")
+    table = read_catalog(path, wcs=wcs)
+    np.testing.assert_allclose(table["x"], x, atol=1e-6)
+    np.testing.assert_allclose(table["y"], y, atol=1e-6)
+    with pytest.raises(InvalidCatalogError, match="no WCS"):
+        read_catalog(path)
+
+
+def test_read_catalog_errors(tmp_path):
+    with pytest.raises(InvalidCatalogError, match="does not exist"):
+        read_catalog(tmp_path / "missing.csv")
+    nopos = tmp_path / "nopos.csv"
+    nopos.write_text("a,b\n1,2\n")
+    with pytest.raises(InvalidCatalogError, match="no position columns"):
+        read_catalog(nopos)
+    text = tmp_path / "text.json"
+    text.write_text(json.dumps([{"x": "left", "y": 3}]))
+    with pytest.raises(InvalidCatalogError, match="non-numeric"):
+        read_catalog(text)
+    csv = tmp_path / "text.csv"
+    csv.write_text("x,y\nabc,3\n")
+    with pytest.raises(InvalidCatalogError, match="not numeric"):
+        read_catalog(csv)
+    broken = tmp_path / "broken.fits"
+    broken.write_bytes(b"SIMPLE  =                    T" + b" " * 50)
+    with pytest.raises(InvalidCatalogError):
+        read_catalog(broken)
+    with pytest.raises(InvalidCatalogError, match="sources"):
+        read_catalog({"stars": []})
+
+
+# --------------------------------------------------------------------------------------
+# kernel-source selection
+def _pair(size=256):
+    science = Exposure.from_arrays(np.zeros((size, size)), np.ones((size, size)))
+    template = Exposure.from_arrays(np.zeros((size, size)), np.ones((size, size)))
+    return science, template
+
+
+def _catalog(x, y, snr, **columns):
+    n = len(x)
+    table = Table({"x": np.asarray(x, float), "y": np.asarray(y, float), "snr": snr})
+    table["size"] = columns.pop("size", np.full(n, 1.8))
+    for flag in ("flag_saturated", "flag_edge", "flag_masked", "flag_blended"):
+        table[flag] = columns.pop(flag, np.zeros(n, dtype=bool))
+    return table
+
+
+def test_selection_cuts_each():
+    science, template = _pair()
+    ksize = 10  # stamps 21 x 21; edge margin ksize + restrict ksize = 20
+    x = [60, 100, 140, 180, 60, 100, 140, 180, 15, 60, 100, 104, 180]
+    y = [60, 60, 60, 60, 120, 120, 120, 120, 120, 180, 180, 180, 180]
+    snr = [50, 50, 50, 50, 5, 600, 50, 50, 50, 50, 50, 50, 50]
+    size = np.full(len(x), 1.8)
+    size[3] = 4.0  # resolved
+    saturated = np.zeros(len(x), dtype=bool)
+    saturated[6] = True
+    table = _catalog(x, y, snr, size=size, flag_saturated=saturated)
+    bad = np.zeros(science.shape, dtype=bool)
+    bad[118:122, 185] = True  # inside the box of (180, 120) in the science
+    science.set_plane("BAD", bad)
+    tbad = np.zeros(science.shape, dtype=bool)
+    tbad[175, 55] = True  # inside the box of (60, 180) in the template
+    template.set_plane("NO_DATA", tbad)
+    config = SourcesConfig(min_kernel_sources=1)
+    result = select_kernel_sources(table, science, template, ksize, config, psf_fwhm=4.24)
+    rx, ry = np.asarray(result["x"]).astype(int), np.asarray(result["y"]).astype(int)
+    chosen = set(zip(rx.tolist(), ry.tolist(), strict=True))
+    assert chosen == {(60, 60), (100, 60), (140, 60), (180, 180)}
+    rejected = result.meta["rejected"]
+    assert rejected["snr"] == 2  # 5 and 600
+    assert rejected["flags"] == 1
+    assert rejected["resolved"] == 1
+    assert rejected["isolation"] == 2  # 100 and 104 are 4 px apart (< 2 FWHM)
+    assert rejected["edge"] == 1  # x = 15: box starts at 5 < ksize
+    assert rejected["mask"] == 2
+    # stamp boxes are 2 ksize + 1 wide, centred on the rounded position
+    assert all(result["stamp_x1"] - result["stamp_x0"] == 2 * ksize)
+    assert list(result["stamp_x0"]) == [50, 90, 130, 170]
+
+
+def test_selection_edge_buffer_and_restrict():
+    science, template = _pair()
+    table = _catalog([15, 25, 35], [128, 128, 128], [50, 50, 50])
+
+    def xs(config, **kwargs):
+        return list(select_kernel_sources(table, science, template, 10, config, **kwargs)["x"])
+
+    loose = SourcesConfig(min_kernel_sources=1, restrict_kernel_edge_sources=False)
+    assert xs(loose) == [15.0, 25.0, 35.0]  # box inside the image
+    strict = SourcesConfig(min_kernel_sources=1)
+    assert xs(strict) == [25.0, 35.0]  # box a kernel size from the edge
+    assert xs(strict, edge_buffer=10) == [35.0]  # plus the preconvolution buffer
+
+
+def test_selection_cap_keeps_bright_and_spread():
+    science, template = _pair(512)
+    rng = np.random.default_rng(2)
+    # a bright cluster in one corner and fainter sources everywhere
+    gx, gy = np.meshgrid(np.arange(40, 480, 20.0), np.arange(40, 480, 20.0))
+    x, y = gx.ravel(), gy.ravel()
+    snr = rng.uniform(15, 30, x.size)
+    corner = (x < 150) & (y < 150)
+    snr[corner] += 200
+    table = _catalog(x, y, snr)
+    config = SourcesConfig(max_kernel_sources=32, min_kernel_sources=3, isolation_radius_fwhm=0)
+    result = select_kernel_sources(table, science, template, 10, config)
+    assert len(result) == 32
+    assert result.meta["rejected"]["cap"] == x.size - 32
+    # not all in the bright corner: every quadrant is represented
+    rx, ry = np.asarray(result["x"]), np.asarray(result["y"])
+    for qx in (rx < 256, rx >= 256):
+        for qy in (ry < 256, ry >= 256):
+            assert np.sum(qx & qy) >= 4
+    # within the corner the brightest are kept
+    kept_corner = np.asarray(result["snr"])[(rx < 150) & (ry < 150)]
+    assert kept_corner.min() > 200
+
+
+def test_selection_too_few_raises_with_advice():
+    science, template = _pair()
+    table = _catalog([60, 100, 140], [60, 60, 60], [5, 6, 50])
+    with pytest.raises(InsufficientSourcesError) as info:
+        select_kernel_sources(table, science, template, 10, SourcesConfig())
+    message = str(info.value)
+    assert "Only 1 sources were selected for PSF matching, but 3 are required." in message
+    assert "min_snr" in message
+
+
+def test_selection_plain_catalog_is_measured(field):
+    psf, exposure, x, y, flux = field
+    exposure = exposure.copy()
+    exposure.psf = psf
+    template = exposure.copy()
+    plain = Table({"x": x, "y": y})
+    result = select_kernel_sources(plain, exposure, template, 10, SourcesConfig())
+    snr = true_snr(psf, flux)
+    interior = (x > 21) & (x < 490) & (y > 21) & (y < 490)
+    expected = interior & (snr > 11) & (snr < 450)
+    assert len(result) >= 0.9 * expected.sum()
+    assert np.all((result["snr"] > 10) & (result["snr"] < 500))
+
+
+# --------------------------------------------------------------------------------------
+# sky sources
+def test_sky_sources_avoid_detections(field):
+    psf, exposure, *_ = field
+    work = exposure.copy()
+    detect_sources(work, psf=psf)
+    sky = sky_sources(work, n=40, radius=6, seed=3)
+    assert len(sky) == 40
+    assert np.all(sky["sky_source"])
+    detected = work.masked(["DETECTED", "DETECTED_NEGATIVE"])
+    yy, xx = np.mgrid[-6:7, -6:7]
+    disc = xx**2 + yy**2 <= 36
+    for sx, sy in zip(sky["x"].astype(int), sky["y"].astype(int), strict=True):
+        assert not detected[sy - 6 : sy + 7, sx - 6 : sx + 7][disc].any()
+    pts = np.column_stack([sky["x"], sky["y"]])
+    d, _ = cKDTree(pts).query(pts, k=2)
+    assert d[:, 1].min() >= 12
+    # reproducible with the seed; another seed moves them
+    again = sky_sources(work, n=40, radius=6, seed=3)
+    np.testing.assert_array_equal(again["x"], sky["x"])
+    other = sky_sources(work, n=40, radius=6, seed=4)
+    assert not np.array_equal(other["x"], sky["x"])
+
+
+def test_sky_sources_detect_when_no_plane(field):
+    psf, exposure, x, y, flux = field
+    bright = true_snr(psf, flux) > 8
+    x, y = x[bright], y[bright]
+    sky = sky_sources(exposure, n=20, radius=8, seed=0)
+    assert len(sky) == 20
+    assert not exposure.masked(["DETECTED"]).any()  # the input is not modified
+    d, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([sky["x"], sky["y"]]))
+    assert d.min() > 8
+
+
+def test_fits_catalog_bytes_without_fits_suffix(tmp_path):
+    hdu = fits.BinTableHDU(Table({"x": [1.0], "y": [2.0]}))
+    path = tmp_path / "cat.dat"
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
+    assert float(read_catalog(path)["y"][0]) == 2.0
