@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.visualization import AsinhStretch, ImageNormalize, ZScaleInterval
+from astropy.visualization import AsinhStretch, ZScaleInterval
 from PIL import Image
 
 from .errors import ApiError
@@ -52,8 +52,10 @@ def png_bytes(image: np.ndarray, max_size: int = 1024) -> bytes:
         scaled = np.zeros(image.shape, dtype=np.uint8)
     else:
         filled = np.where(finite, image, np.nanmedian(image[finite]))
-        norm = ImageNormalize(filled, interval=ZScaleInterval(), stretch=AsinhStretch(0.1))
-        scaled = (np.clip(norm(filled).filled(0.0), 0.0, 1.0) * 255).astype(np.uint8)
+        vmin, vmax = ZScaleInterval().get_limits(filled)
+        span = vmax - vmin if vmax > vmin else 1.0
+        unit = np.clip((filled - vmin) / span, 0.0, 1.0)
+        scaled = (AsinhStretch(0.1)(unit, clip=True) * 255).astype(np.uint8)
     buffer = io.BytesIO()
     # FITS row 0 is the bottom of the picture.
     Image.fromarray(scaled[::-1]).save(buffer, format="PNG", optimize=False)

@@ -68,7 +68,7 @@ class JobRecord(BaseModel):
     id: str
     owner: str
     state: JobState = "queued"
-    created_at: float = Field(default_factory=time.time)
+    created_at: float = Field(default_factory=lambda: round(time.time(), 6))
     updated_at: float = Field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
@@ -111,12 +111,12 @@ def new_job_id() -> str:
 
 def sort_key(record: JobRecord) -> str:
     """Lexicographic key ordering records by creation time, then id."""
-    return f"{int(record.created_at * 1e6):017d}:{record.id}"
+    return f"{round(record.created_at * 1e6):017d}:{record.id}"
 
 
 def time_key(seconds: float) -> str:
     """The sort-key prefix of a creation time (for ``since`` filters)."""
-    return f"{int(seconds * 1e6):017d}"
+    return f"{round(seconds * 1e6):017d}"
 
 
 def encode_cursor(key: str) -> str:
