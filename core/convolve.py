@@ -95,6 +95,11 @@ def _correlate_weighted(
     tiles = [(r, c) for r in rows for c in cols]
     n_threads = min(_workers(workers), len(tiles))
     fft_workers = 1 if n_threads > 1 else _workers(workers)
+    if wx is not None:
+        wx, wy = wx.astype(dtype), wy.astype(dtype)
+        # factors equal to 1 everywhere (T0 along that axis) need no multiplication
+        unit_x = [bool(np.all(wx[t] == 1)) for t in range(m)]
+        unit_y = [bool(np.all(wy[t] == 1)) for t in range(m)]
 
     def run(tile):
         (y0, y1), (x0, x1) = tile
@@ -105,17 +110,17 @@ def _correlate_weighted(
         oy, ox = in_y0 - (y0 - hy), in_x0 - (x0 - hx)
         buffer[oy : oy + in_y1 - in_y0, ox : ox + in_x1 - in_x0] = data[in_y0:in_y1, in_x0:in_x1]
         spectrum = sfft.rfft2(buffer, workers=fft_workers)
-        acc = np.zeros((y1 - y0, x1 - x0), dtype=dtype)
+        acc = out[y0:y1, x0:x1]  # tiles do not overlap in the output: safe across threads
+        product = np.empty_like(spectrum)
         for t in range(m):
-            full = sfft.irfft2(spectrum * transforms[t], s=(py, px), workers=fft_workers)
+            np.multiply(spectrum, transforms[t], out=product)
+            full = sfft.irfft2(product, s=(py, px), workers=fft_workers, overwrite_x=True)
             core = full[hy : hy + y1 - y0, hx : hx + x1 - x0]
-            if wx is None:
-                acc += core
-            else:
-                acc += (wy[t, y0:y1, np.newaxis] * wx[t, np.newaxis, x0:x1]).astype(
-                    acc.dtype
-                ) * core
-        out[y0:y1, x0:x1] = acc
+            if wx is not None and not unit_x[t]:
+                core *= wx[t, np.newaxis, x0:x1]
+            if wx is not None and not unit_y[t]:
+                core *= wy[t, y0:y1, np.newaxis]
+            acc += core
 
     if n_threads > 1:
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
