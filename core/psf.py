@@ -21,6 +21,7 @@ __all__ = [
     "MoffatPsf",
     "ImagePsf",
     "GridPsf",
+    "KernelMatchedPsf",
     "SIGMA_TO_FWHM",
     "adaptive_moments",
     "shift_stamp",
@@ -620,3 +621,42 @@ def _fit_grid_psf(cube, xs, ys, order, bbox) -> GridPsf:
     model = (design(gx.ravel(), gy.ravel()) @ coeffs).reshape(3, 3, k, k)
     stamps = np.array([[_clean_stamp(model[j, i]) for i in range(3)] for j in range(3)])
     return GridPsf(stamps, x_nodes, y_nodes)
+
+
+class KernelMatchedPsf(Psf):
+    """PSF of an image after correlation with a (spatially varying) matching kernel.
+
+    The image K * S has, at (x, y), the PSF P_S(x, y) correlated with K(x, y),
+    normalised to unit sum: the exact profile of a point source in the matched
+    image, whether or not K reproduces the other image's PSF.
+
+    Parameters
+    ----------
+    psf : `Psf`
+        PSF of the image before matching.
+    kernel : object with ``image(x, y)``
+        The matching kernel (e.g. `core.kernel.SpatialKernel`), correlation semantics.
+    """
+
+    def __init__(self, psf: Psf, kernel):
+        self.psf = psf
+        self.kernel = kernel
+        self.average_position = psf.average_position
+
+    def kernel_image(self, x=None, y=None) -> np.ndarray:
+        stamp = self.psf.kernel_image(x, y)
+        if x is None or y is None:
+            x, y = self.average_position or (None, None)
+        kimg = np.asarray(
+            self.kernel.image(x, y) if x is not None else self.kernel.image(), dtype=np.float64
+        )
+        half = kimg.shape[0] // 2
+        padded = np.pad(stamp, half)
+        out = ndimage.correlate(padded, kimg, mode="constant")
+        total = out.sum()
+        if not np.isfinite(total) or total <= 0:
+            raise PsfError("the matching kernel leaves the PSF with no positive flux")
+        return out / total
+
+    def __repr__(self) -> str:
+        return f"KernelMatchedPsf({self.psf!r})"

@@ -468,7 +468,12 @@ def _find_peaks(snr: np.ndarray, labels: np.ndarray, n: int, sigma: float, promi
     """Peaks (row, col, label) of each footprint: its maximum, plus other local maxima
     that rise ``prominence`` above the lowest S/N on the line to a brighter peak."""
     index = np.arange(1, n + 1)
-    main = np.array(ndimage.maximum_position(snr, labels, index), dtype=int).reshape(-1, 2)
+    # brightest pixel of each footprint: sort only footprint pixels by (label, -snr)
+    pixels = np.flatnonzero(labels)
+    pixel_labels = labels.ravel()[pixels]
+    order = np.lexsort((-snr.ravel()[pixels], pixel_labels))
+    _, first = np.unique(pixel_labels[order], return_index=True)
+    main = np.column_stack(np.unravel_index(pixels[order][first], labels.shape)).astype(int)
     size = max(3, 2 * int(round(sigma)) + 1)
     local = (snr == ndimage.maximum_filter(snr, size=size)) & (labels > 0)
     local[main[:, 0], main[:, 1]] = False
@@ -500,15 +505,22 @@ def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask)
     neg_labels, n_neg = _footprints(-filtered.snr, config.threshold, config.min_pixels)
     # re-measure the S/N scatter on sky outside every footprint (sources and faint
     # wings inflate the first estimate), then detect again
-    sky = (_grow(labels, grow) == 0) & (_grow(neg_labels, grow) == 0) & ~filtered.no_data
+    footprints = (labels > 0) | (neg_labels > 0)
+    if grow > 0 and footprints.any():
+        sky = ndimage.distance_transform_edt(~footprints) > grow
+    else:
+        sky = ~footprints
+    sky &= ~filtered.no_data
     if sky.sum() > 1000:
         factor = _negative_side_sigma(filtered.snr[sky])
         filtered.snr /= factor
         filtered.noise_factor *= factor
         labels, n = _footprints(filtered.snr, config.threshold, config.min_pixels)
         neg_labels, n_neg = _footprints(-filtered.snr, config.threshold, config.min_pixels)
-    grown = _grow(labels, grow)
-    grown_neg = _grow(neg_labels, grow)
+    # grow positive and negative footprints together (one transform; nearest wins)
+    both = _grow(np.where(neg_labels > 0, neg_labels + n, labels), grow)
+    grown = np.where(both <= n, both, 0)
+    grown_neg = np.where(both > n, both - n, 0)
     if set_mask:
         exposure.clear_plane("DETECTED")
         exposure.clear_plane("DETECTED_NEGATIVE")
