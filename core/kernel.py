@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from .basis import KernelBasis
 from .config import KernelConfig
-from .errors import KernelSolutionError, NoKernelCandidatesError
+from .errors import InvalidCatalogError, KernelSolutionError, NoKernelCandidatesError
 from .exposure import Exposure
 from .task import Task
 
@@ -916,11 +916,17 @@ def fit_psf_matching_kernel(
 
     Raises
     ------
+    InvalidCatalogError
+        The sources have no ``x`` / ``y`` columns.
     NoKernelCandidatesError
         No usable candidate, or all rejected (section 7 messages plus a hint).
     KernelSolutionError
         The spatial system has NaN solutions.
     """
+    if "x" not in sources.colnames or "y" not in sources.colnames:
+        raise InvalidCatalogError(
+            f"kernel sources need 'x' and 'y' columns (parent pixels); found {sources.colnames}"
+        )
     if bbox is None:
         rb, tb = reference.bbox, target.bbox
         bbox = (max(rb[0], tb[0]), max(rb[1], tb[1]), min(rb[2], tb[2]), min(rb[3], tb[3]))

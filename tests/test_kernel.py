@@ -12,7 +12,7 @@ from scipy import ndimage
 from core.basis import FWHM_TO_SIGMA, make_kernel_basis
 from core.config import KernelConfig
 from core.convolve import convolve_exposure
-from core.errors import NoKernelCandidatesError
+from core.errors import InvalidCatalogError, NoKernelCandidatesError
 from core.exposure import Exposure
 from core.kernel import (
     BackgroundModel,
@@ -328,6 +328,23 @@ def test_stamp_boxes_from_the_selection():
         fit_psf_matching_kernel(template, science, sources, _basis(config), config, stamp_size=20)
 
 
+def test_other_spatial_orders_and_no_background(pair):
+    template, science, sources, _ = pair
+    config = KernelConfig(spatial_kernel_order=0, spatial_bg_order=1)
+    result = fit_psf_matching_kernel(template, science, sources, _basis(config), config)
+    assert result.kernel.coefficients.shape == (27, 1)
+    assert result.background.coefficients.shape == (3,)
+    assert result.kernel_sum == pytest.approx(KERNEL_SUM, rel=0.005)
+    config = KernelConfig(spatial_kernel_order=2, fit_for_background=False)
+    # without a background term the fit sees the true one only through the kernel
+    science_no_bg = science.copy()
+    science_no_bg.image -= BackgroundModel(TRUE_BACKGROUND, 2, DOMAIN).image(SHAPE)
+    result = fit_psf_matching_kernel(template, science_no_bg, sources, _basis(config), config)
+    assert result.kernel.coefficients.shape == (27, 6)
+    np.testing.assert_array_equal(result.background.coefficients, 0.0)
+    assert result.kernel_sum == pytest.approx(KERNEL_SUM, rel=0.005)
+
+
 def test_fit_with_many_candidates_is_fast(pair):
     template, science, sources, _ = pair
     config = KernelConfig(size_cell_x=32, size_cell_y=32)
@@ -337,6 +354,13 @@ def test_fit_with_many_candidates_is_fast(pair):
     assert result.n_good >= 200
     assert elapsed < 3.0
     assert result.kernel_sum == pytest.approx(KERNEL_SUM, rel=0.005)
+
+
+def test_catalog_without_positions():
+    template, science, _, _ = _make_pair(seed=13, n_stars=5)
+    config = KernelConfig()
+    with pytest.raises(InvalidCatalogError, match="'x' and 'y'"):
+        fit_psf_matching_kernel(template, science, Table({"ra": [1.0]}), _basis(config), config)
 
 
 def test_no_candidates_raise():
