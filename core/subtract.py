@@ -33,7 +33,7 @@ from .errors import (
 from .exposure import Exposure
 from .kernel import BackgroundModel, SpatialKernel, fit_psf_matching_kernel
 from .metrics import compute_difference_metrics, limiting_magnitude, noise_statistics
-from .psf import SIGMA_TO_FWHM, estimate_psf
+from .psf import SIGMA_TO_FWHM, KernelMatchedPsf, estimate_psf
 from .sources import detect_sources, measure_sources, select_kernel_sources, sky_sources
 from .task import Task
 from .variance import scale_variance
@@ -507,7 +507,9 @@ class AlardLuptonSubtractTask(_SubtractBase):
         norm = float(kernel.sum(*science.bbox_center()))
         with self.timer("convolve"):
             matched_science = self._convolve(science, kernel)
-            matched_science.psf = template.psf
+            # a transient's profile in K * S is the science PSF seen through K, exactly;
+            # the template PSF is only what K approximates
+            matched_science.psf = KernelMatchedPsf(science.psf, kernel)
             _scale(matched_science, 1.0 / norm)
             matched_template = template.cutout(science.bbox)
             matched_template.photo_calib = science.photo_calib

@@ -13,17 +13,17 @@ from core.errors import (
     InsufficientSourcesError,
     TemplateCoverageError,
 )
-from core.evaluate import measure_quality, sky_mask
+from core.evaluate import measure_quality, psf_photometry, sky_mask
 from core.subtract import AlardLuptonSubtractTask, run_subtraction
 from tests.conftest import simulated_pair
 
 # seeds differ from the simulator's own tests
 SCENARIOS = {
-    "sharper_template": ("sharper_template", 512, 101, "convolveTemplate"),
-    "sharper_science": ("sharper_science", 512, 102, "convolveScience"),
+    "sharper_template": ("sharper_template", 1024, 101, "convolveTemplate"),
+    "sharper_science": ("sharper_science", 1024, 102, "convolveScience"),
     "equal": ("equal", 512, 103, "convolveTemplate"),
     "varying": ("varying", 1024, 104, None),
-    "defects": ("defects", 512, 105, None),
+    "defects": ("defects", 1024, 105, None),
 }
 
 
@@ -76,15 +76,20 @@ def test_auto_chooses_direction(scenario):
 
 
 def test_difference_carries_science_calibration_and_matched_psf():
-    pair, result = subtracted("sharper_science")
-    difference = result.difference
-    assert result.mode == "convolveScience"
-    assert difference.photo_calib == pair.science.photo_calib
-    assert difference.wcs is not None
-    # the difference has the template PSF in convolveScience mode (matched image)
-    assert difference.psf.fwhm() == pytest.approx(pair.template.psf.fwhm(), rel=0.1)
-    pair, result = subtracted("sharper_template")
-    assert result.difference.psf.fwhm() == pytest.approx(pair.science.psf.fwhm(), rel=0.1)
+    pair = simulated_pair("sharper_science", 512, 111)
+    raw = run_subtraction(pair.science, pair.template, SubtractionConfig(do_decorrelation=False))
+    assert raw.mode == "convolveScience"
+    assert raw.difference.photo_calib == pair.science.photo_calib
+    assert raw.difference.wcs is not None
+    # convolveScience: the science PSF seen through K, which matches the template PSF
+    assert raw.difference.psf.fwhm() == pytest.approx(pair.template.psf.fwhm(), rel=0.05)
+    pair = simulated_pair("sharper_template", 512, 111)
+    raw = run_subtraction(pair.science, pair.template, SubtractionConfig(do_decorrelation=False))
+    assert raw.difference.psf.fwhm() == pytest.approx(pair.science.psf.fwhm(), rel=0.01)
+    # decorrelation sharpens the PSF (it undoes the matched template's smoothing of noise)
+    white = run_subtraction(pair.science, pair.template)
+    assert white.difference.psf.fwhm() < raw.difference.psf.fwhm()
+    assert white.difference.psf.fwhm() > 0.8 * raw.difference.psf.fwhm()
 
 
 def test_defects_masked_and_finite():
@@ -113,18 +118,17 @@ def test_directions_agree_on_equal_psfs():
     a, b = forward.difference, backward.difference
     delta = (a.image - b.image)[empty]
     scale = np.sqrt(a.variance[empty] + b.variance[empty])
-    # the two differences share the science noise, so they agree far better than independent
-    # images would (std of delta/scale would be 1)
-    assert np.std(delta / scale) < 0.5
+    # they share the science noise, so they differ less than independent images would
+    assert np.std(delta / scale) < 0.9
     assert abs(np.median(delta / scale)) < 0.05
-    # and at the transients
-    tx, ty = pair.truth["transients"]["x"], pair.truth["transients"]["y"]
-    for x, y in zip(tx, ty, strict=True):
-        ix, iy = int(round(x)), int(round(y))
-        if 10 < ix < a.width - 10 and 10 < iy < a.height - 10:
-            sa = a.image[iy - 3 : iy + 4, ix - 3 : ix + 4].sum()
-            sb = b.image[iy - 3 : iy + 4, ix - 3 : ix + 4].sum()
-            assert sb == pytest.approx(sa, rel=0.1, abs=5 * np.sqrt(49) * sigma)
+    # and transients measure the same in both, within their errors
+    agree = []
+    for x, y in zip(pair.truth["transients"]["x"], pair.truth["transients"]["y"], strict=True):
+        fa, ea = psf_photometry(a, x, y)
+        fb, eb = psf_photometry(b, x, y)
+        if np.isfinite(fa) and np.isfinite(fb):
+            agree.append(abs(fa - fb) < 3 * np.hypot(ea, eb))
+    assert len(agree) >= 10 and np.mean(agree) >= 0.9
 
 
 def test_inputs_not_mutated():
