@@ -51,7 +51,7 @@ class _EmbeddedWorker:
         self._spawn()
         self._watch.start()
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
         process = self.process
         if process is None or process.poll() is not None:

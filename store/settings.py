@@ -44,6 +44,11 @@ class Settings(BaseSettings):
         "store (distributed deployment). Unset: local broker and records under data_dir.",
     )
     redis_prefix: str = Field("alsub:", description="Prefix of every Redis key alsub writes.")
+    broker_key_prefix: str = Field(
+        "",
+        description="Prefix of the Celery broker's Redis keys (tools such as Flower must use "
+        "the same); empty: Celery's own key names.",
+    )
     queue_name: str = Field("alsub", description="Celery queue the subtraction jobs go to.")
     tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -76,7 +76,7 @@ class Process:
             pass
         self.popen.wait(timeout=10)
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM, then SIGKILL of the group if it does not exit in time."""
         if self.alive():
             self.popen.terminate()

@@ -35,6 +35,7 @@ def test_worker_killed_mid_job_is_completed_once_by_another(tmp_path, redis_pref
     env = service_env(
         redis_url=url,
         redis_prefix=prefix,
+        broker_key_prefix=f"{prefix}broker:",
         queue_name=f"alsub-{prefix.strip(':')}",
         tokens=TOKEN,
         data_dir=data_dir,

@@ -22,11 +22,11 @@ CALLBACK_TASK = "alsub.deliver_callback"
 
 def _broker(settings: Settings) -> tuple[str, dict]:
     if settings.redis_url:
-        return settings.redis_url, {
-            # Redelivery of an unacknowledged job must wait for the hard time limit.
-            "visibility_timeout": settings.broker_visibility_timeout,
-            "global_keyprefix": f"{settings.redis_prefix}broker:",
-        }
+        # Redelivery of an unacknowledged job must wait for the hard time limit.
+        options: dict = {"visibility_timeout": settings.broker_visibility_timeout}
+        if settings.broker_key_prefix:
+            options["global_keyprefix"] = settings.broker_key_prefix
+        return settings.redis_url, options
     folder = settings.data_dir / "broker"
     queue, control, processed = folder / "queue", folder / "control", folder / "processed"
     for path in (queue, control, processed):

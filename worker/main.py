@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import uuid
 
 __all__ = ["run_worker"]
@@ -66,8 +67,10 @@ def _exit_with_parent() -> None:
 
     def watch() -> None:
         while os.getppid() == int(parent):
-            threading.Event().wait(1.0)
-        os.killpg(os.getpgrp(), signal.SIGTERM)
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # warm shutdown first...
+        time.sleep(15.0)
+        os.killpg(os.getpgrp(), signal.SIGKILL)  # ...then no orphans, whatever it was doing
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
