@@ -33,7 +33,7 @@ from .errors import (
 from .exposure import Exposure
 from .kernel import BackgroundModel, SpatialKernel, fit_psf_matching_kernel
 from .metrics import compute_difference_metrics, limiting_magnitude, noise_statistics
-from .psf import SIGMA_TO_FWHM, KernelMatchedPsf, estimate_psf
+from .psf import SIGMA_TO_FWHM, GaussianPsf, KernelMatchedPsf, estimate_psf
 from .sources import detect_sources, measure_sources, select_kernel_sources, sky_sources
 from .task import Task
 from .variance import scale_variance
@@ -48,6 +48,9 @@ __all__ = [
 log = logging.getLogger("alsub.subtract")
 
 Progress = Callable[[str, float], None]
+
+#: Header keywords giving a PSF FWHM in pixels, used when no PSF can be estimated.
+_HEADER_FWHM_KEYS = ("FWHM", "PFWHM", "PSF_FWHM", "FWHM_PIX")
 
 #: Stage names reported to progress callbacks, with the fraction done when they start.
 STAGES = {
@@ -167,6 +170,21 @@ class _SubtractBase(Task):
         self.metadata["templateLimitingMagnitude"] = tmpl_lim
         self.metadata["diffimLimitingMagnitude"] = _combine_limits(sci_lim, tmpl_lim)
         return sources
+
+    def _find_psf(self, exposure: Exposure, label: str):
+        """Estimate a PSF from the stars; else a Gaussian of the header's FWHM (pixels)."""
+        try:
+            return estimate_psf(exposure)
+        except PsfError as exc:
+            for key in _HEADER_FWHM_KEYS:
+                value = exposure.metadata.get(key)
+                if isinstance(value, int | float) and 0.5 < value < 100:
+                    log.info("%s PSF: %s; using a Gaussian of %s = %.2f px", label,
+                             exc.message, key, value)
+                    self.metadata[f"{label}PsfFromHeader"] = key
+                    return GaussianPsf(float(value) / SIGMA_TO_FWHM)
+            raise PsfError(f"the {label} image has no PSF and none could be estimated: "
+                           f"{exc.message}; or add a FWHM keyword (pixels)") from None
 
     @staticmethod
     def _validate(template: Exposure, science: Exposure) -> None:
