@@ -15,7 +15,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "settings_markdown"]
 
 
 def _split_list(value):
@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         "Empty: URIs are refused.",
     )
     soft_time_limit: float = Field(
-        540.0, gt=0, description="Seconds after which a job is asked to stop (fails as time_limit)."
+        540.0, gt=0, description="Seconds after which a job stops and fails as time_limit_exceeded."
     )
     hard_time_limit: float = Field(
         600.0, gt=0, description="Seconds after which the worker process running a job is killed."
@@ -148,3 +148,14 @@ class Settings(BaseSettings):
     def distributed(self) -> bool:
         """True when Redis carries the queue and the job records."""
         return bool(self.redis_url)
+
+
+def settings_markdown() -> str:
+    """A Markdown table of every ``ALSUB_*`` variable, its default and meaning (for the README)."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(str(v) for v in default) or "(empty)"
+        rows.append(f"| `ALSUB_{name.upper()}` | `{default}` | {field.description} |")
+    return "\n".join(rows)

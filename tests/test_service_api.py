@@ -36,6 +36,7 @@ TOKENS = {"alice": "alice-token-1", "bob": "bob-token-2", "carol": "carol-3", "d
 MAX_UPLOAD = 2_000_000
 RATE_LIMIT = 400
 MAX_JOBS = 2
+MAX_PIXELS = 100_000  # the 256x256 pairs pass, a 320x320 image does not
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def service(tmp_path_factory, sim_pair):
     env = service_env(
         tokens=",".join(TOKENS.values()),
         max_upload_bytes=MAX_UPLOAD,
+        max_pixels=MAX_PIXELS,
         rate_limit_per_minute=RATE_LIMIT,
         max_concurrent_jobs=MAX_JOBS,
         allowed_roots=str(sim_pair["dir"]),
@@ -204,6 +206,16 @@ def test_invalid_uploads_are_422_with_the_reader_message(service, alice):
         422,
         "invalid_exposure",
     )
+    buffer = io.BytesIO()
+    fits.PrimaryHDU(np.zeros((320, 320), dtype=np.float32)).writeto(buffer)
+    error = assert_error(
+        alice.post(
+            "/v1/exposures", content=buffer.getvalue(), headers={"Content-Type": "application/fits"}
+        ),
+        422,
+        "invalid_exposure",
+    )
+    assert "pixels" in error["message"], error
     assert list((service["data"] / "exposures" / ".tmp").iterdir()) == []
 
 

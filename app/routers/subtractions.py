@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -293,7 +293,8 @@ def list_subtractions(
             raise ApiError(422, "invalid_cursor", "cursor is not one this API returned") from None
     since_ts = None
     if since is not None:
-        since_ts = since.timestamp() if since.tzinfo else since.replace(tzinfo=None).timestamp()
+        # A time without a zone is UTC, like the times this API writes.
+        since_ts = (since if since.tzinfo else since.replace(tzinfo=UTC)).timestamp()
     records, next_cursor = store.records.list(
         caller.owner, state, since_ts, min(limit, settings.max_list_limit), cursor
     )
