@@ -325,12 +325,19 @@ def test_end_to_end_difference_noise_and_transient_flux(service, alice, alice_in
     assert "alsub_queue_depth" in prometheus
 
 
-def test_one_shot_multipart_form(alice, sim_pair):
+def test_one_shot_multipart_form_with_a_source_catalog(alice, sim_pair):
+    stars = sim_pair["truth"]["stars"]
+    brightest = np.argsort(stars["flux_science"])[::-1][:60]
+    catalog = "x,y,flux\n" + "".join(
+        f"{stars['x'][i]:.2f},{stars['y'][i]:.2f},{stars['flux_science'][i]:.1f}\n"
+        for i in brightest
+    )
     response = alice.post(
         "/v1/subtractions",
         files={
             "science": ("science.fits", sim_pair["science"].read_bytes()),
             "template": ("template.fits", sim_pair["template"].read_bytes()),
+            "sources": ("stars.csv", catalog.encode()),
         },
         data={"config": json.dumps({"do_decorrelation": True}), "mode": "convolveTemplate"},
     )
@@ -338,6 +345,8 @@ def test_one_shot_multipart_form(alice, sim_pair):
     record = wait_job(alice, response.json()["id"])
     assert record["state"] == "succeeded", record
     assert record["mode"] == "convolveTemplate"
+    assert record["sources_id"] == hashlib.sha256(catalog.encode()).hexdigest()
+    assert record["metrics"]["n_kernel_sources"] >= 3
 
 
 def test_core_error_fails_the_job_with_its_code(alice, alice_inputs, small_template):
