@@ -155,7 +155,9 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 90.0, until=FIN
         record = response.json()
         if record["state"] in until:
             return record
-        time.sleep(0.25)
+        if record["state"] in FINAL:
+            raise AssertionError(f"job {job_id} ended {record['state']}, not {until}: {record}")
+        time.sleep(0.1)
     raise AssertionError(f"job {job_id} still {record.get('state')}: {record}")
 
 

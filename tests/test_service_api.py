@@ -55,7 +55,7 @@ def service(tmp_path_factory, sim_pair):
         heartbeat_timeout=20,
         webhook_backoff=0.2,
         # Debug delay per stage so cancellation and concurrency limits meet running jobs.
-        test_stage_delay=0.15,
+        test_stage_delay=0.25,
     )
     process, base = start_server(free_port(), data_dir, env, tmp_path_factory.mktemp("logs"))
     try:
