@@ -15,7 +15,7 @@ from typing import Any
 
 from astropy.io import fits
 
-from .io import write_exposure
+from .io import write_exposure, write_hdulist_atomic
 
 __all__ = ["write_difference", "write_products", "metrics_header", "json_safe", "PRODUCT_NAMES"]
 
@@ -88,6 +88,15 @@ def _write_json_atomic(data: Any, path: Path) -> None:
         raise
 
 
+def _background_hdulist(background, exposure) -> fits.HDUList:
+    """Coefficient table plus the model evaluated on the output's pixel grid (``IMAGE``)."""
+    hdul = background.to_hdulist()
+    image = fits.ImageHDU(background.image(exposure.shape, exposure.xy0), name="IMAGE")
+    image.header["LTV1"], image.header["LTV2"] = -exposure.xy0[0], -exposure.xy0[1]
+    hdul.append(image)
+    return hdul
+
+
 def write_products(result, outdir) -> dict[str, Path]:
     """Write every product of ``result`` into ``outdir``; return name -> path.
 
@@ -108,8 +117,8 @@ def write_products(result, outdir) -> dict[str, Path]:
         result.psf_matching_kernel.write(paths["kernel"])
     if result.fitted_background is not None:
         paths["background"] = outdir / "background.fits"
-        result.fitted_background.write(
-            paths["background"], shape=result.output.shape, xy0=result.output.xy0
+        write_hdulist_atomic(
+            _background_hdulist(result.fitted_background, result.output), paths["background"]
         )
     paths["metrics"] = outdir / "metrics.json"
     _write_json_atomic(result.metrics, paths["metrics"])

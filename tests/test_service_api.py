@@ -30,7 +30,6 @@ from .service_fixtures import (
 )
 
 # Shared fixtures (sim_pair, small_template) live in tests/service_fixtures.py.
-pytest_plugins = ["tests.service_fixtures"]
 
 TOKENS = {"alice": "alice-token-1", "bob": "bob-token-2", "carol": "carol-3", "dave": "dave-4"}
 MAX_UPLOAD = 2_000_000

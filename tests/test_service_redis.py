@@ -24,7 +24,6 @@ from .service_fixtures import (
     wait_ready,
 )
 
-pytest_plugins = ["tests.service_fixtures"]
 
 TOKEN = "redis-flow-token"
 

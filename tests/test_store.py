@@ -18,7 +18,6 @@ from store.redis_backend import RedisRecords
 from store.sqlite_backend import SqliteRecords
 from store.sweeper import requeue_all, sweep_stale_jobs
 
-pytest_plugins = ["tests.service_fixtures"]
 
 
 # blobs and products -------------------------------------------------------------------------
