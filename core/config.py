@@ -179,6 +179,12 @@ class SubtractionConfig(_Config):
         description="Subtract the fitted differential background. Rubin's default is False "
         "because its inputs are sky-subtracted; alsub's inputs often still carry sky.",
     )
+    refine_background: bool = Field(
+        True,
+        description="Refit the subtracted background on every sky pixel of the difference, "
+        "not only the kernel stamps (same Chebyshev order); the score image, smoothed by the "
+        "PSF, shows stamp-only background errors at several sigma.",
+    )
     required_template_fraction: float = Field(
         0.1, ge=0, le=1, description="Least template coverage to attempt subtraction."
     )

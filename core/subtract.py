@@ -31,8 +31,13 @@ from .errors import (
     TemplateCoverageError,
 )
 from .exposure import Exposure
-from .kernel import BackgroundModel, SpatialKernel, fit_psf_matching_kernel
-from .metrics import compute_difference_metrics, limiting_magnitude, noise_statistics
+from .kernel import BackgroundModel, SpatialKernel, chebyshev_terms, fit_psf_matching_kernel
+from .metrics import (
+    NOISE_MASK_PLANES,
+    compute_difference_metrics,
+    limiting_magnitude,
+    noise_statistics,
+)
 from .psf import SIGMA_TO_FWHM, GaussianPsf, KernelMatchedPsf, estimate_psf
 from .sources import detect_sources, measure_sources, select_kernel_sources, sky_sources
 from .task import Task
@@ -179,12 +184,19 @@ class _SubtractBase(Task):
             for key in _HEADER_FWHM_KEYS:
                 value = exposure.metadata.get(key)
                 if isinstance(value, int | float) and 0.5 < value < 100:
-                    log.info("%s PSF: %s; using a Gaussian of %s = %.2f px", label,
-                             exc.message, key, value)
+                    log.info(
+                        "%s PSF: %s; using a Gaussian of %s = %.2f px",
+                        label,
+                        exc.message,
+                        key,
+                        value,
+                    )
                     self.metadata[f"{label}PsfFromHeader"] = key
                     return GaussianPsf(float(value) / SIGMA_TO_FWHM)
-            raise PsfError(f"the {label} image has no PSF and none could be estimated: "
-                           f"{exc.message}; or add a FWHM keyword (pixels)") from None
+            raise PsfError(
+                f"the {label} image has no PSF and none could be estimated: "
+                f"{exc.message}; or add a FWHM keyword (pixels)"
+            ) from None
 
     @staticmethod
     def _validate(template: Exposure, science: Exposure) -> None:
@@ -350,6 +362,38 @@ class _SubtractBase(Task):
             exposure, kernel, preserve_planes=self.config.preserve_mask_planes, copy_edge=True
         )
 
+    def _refine_background(
+        self, difference: Exposure, background: BackgroundModel, scale: float
+    ) -> BackgroundModel:
+        """Fit the smooth residual of ``difference`` on sky pixels, subtract it in place.
+
+        The kernel fit sees the background only in the kernel stamps; every
+        other sky pixel constrains it too. The residual is fitted with the
+        background's own Chebyshev terms to medians of 32 px blocks of sky
+        (sources, masked and non-finite pixels left out) and returned folded
+        into the background model (``scale`` maps a residual in ``difference``
+        to the model's units and sign).
+        """
+        if not (self.config.do_subtract_background and self.config.refine_background):
+            return background
+        good = ~difference.masked(NOISE_MASK_PLANES) & ~self.source_mask
+        good &= np.isfinite(difference.image) & (difference.variance > 0)
+        x, y, level, weight = _block_medians(difference.image, good, 32)
+        if len(level) < 2 * background.coefficients.size:
+            return background
+        x, y = x + difference.xy0[0], y + difference.xy0[1]
+        design = chebyshev_terms(x, y, background.order, background.domain).T
+        sqrt_w = np.sqrt(weight)
+        residual, *_ = np.linalg.lstsq(design * sqrt_w[:, None], level * sqrt_w, rcond=None)
+        if not np.all(np.isfinite(residual)):
+            return background
+        correction = BackgroundModel(residual, background.order, background.domain)
+        difference.image -= correction.image(difference.shape, difference.xy0)
+        self.metadata["backgroundRefinement"] = [float(c) for c in residual]
+        return BackgroundModel(
+            background.coefficients + scale * residual, background.order, background.domain
+        )
+
     def finalize(
         self,
         template,
@@ -503,6 +547,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
             if self.config.do_subtract_background:
                 difference.image -= background.image(difference.shape, difference.xy0)
             _subtract_in_place(difference, matched)
+            background = self._refine_background(difference, background, scale=1.0)
         difference = self.finalize(template, science, difference, kernel, template_matched=True)
         return SubtractionResult(
             difference=difference,
@@ -536,6 +581,8 @@ class AlardLuptonSubtractTask(_SubtractBase):
             if self.config.do_subtract_background:
                 difference.image += background.image(difference.shape, difference.xy0) / norm
             _subtract_in_place(difference, matched_template)
+            # D = (K*S + b - T) / norm, so a residual r in D corrects b by -norm r
+            background = self._refine_background(difference, background, scale=-norm)
         difference = self.finalize(template, science, difference, kernel, template_matched=False)
         return SubtractionResult(
             difference=difference,
@@ -652,6 +699,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
             if self.config.do_subtract_background:
                 score.image -= background.image(score.shape, score.xy0)
             _subtract_in_place(score, matched_template)
+            background = self._refine_background(score, background, scale=1.0)
         score = self.finalize(
             template,
             science,
@@ -713,6 +761,24 @@ def _subtract_in_place(minuend: Exposure, subtrahend: Exposure) -> None:
     minuend.image -= subtrahend.image
     minuend.variance += subtrahend.variance
     minuend.or_mask_from(subtrahend)
+
+
+def _block_medians(image: np.ndarray, good: np.ndarray, size: int):
+    """Centres (x, y), medians and good-pixel counts of size x size blocks with enough sky."""
+    ny, nx = image.shape
+    my, mx = ny // size, nx // size
+    if my == 0 or mx == 0:
+        return (np.zeros(0),) * 4
+    crop = np.s_[: my * size, : mx * size]
+    data = np.where(good, image, np.nan)[crop]
+    blocks = data.reshape(my, size, mx, size).transpose(0, 2, 1, 3).reshape(my, mx, -1)
+    counts = np.sum(np.isfinite(blocks), axis=2)
+    enough = counts >= size * size // 4
+    medians = np.full((my, mx), np.nan)
+    medians[enough] = np.nanmedian(blocks[enough], axis=1)
+    jj, ii = np.nonzero(enough)
+    centre = (size - 1) / 2.0
+    return (ii * size + centre, jj * size + centre, medians[enough], counts[enough].astype(float))
 
 
 def _scale(exposure: Exposure, factor: float) -> None:
