@@ -140,12 +140,7 @@ class _SubtractBase(Task):
             )
         for exposure, label in ((science, "science"), (template, "template")):
             if exposure.psf is None:
-                try:
-                    exposure.psf = estimate_psf(exposure)
-                except PsfError as exc:
-                    raise PsfError(
-                        f"the {label} image has no PSF and none could be estimated: {exc.message}"
-                    ) from None
+                exposure.psf = self._find_psf(exposure, label)
         if sources is None:
             sources = detect_sources(science, self.config.sources.detection, psf=science.psf)
         if self.config.do_scale_variance:

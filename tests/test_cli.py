@@ -17,7 +17,7 @@ def pair_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("pair")
     assert (
         main(
-            ["simulate", str(out), "--size", "256", "--seed", "21", "--preset", "sharper_template"]
+            ["simulate", str(out), "--size", "512", "--seed", "21", "--preset", "sharper_template"]
         )
         == 0
     )
@@ -28,7 +28,7 @@ def test_simulate_writes_pair(pair_dir):
     assert (pair_dir / "science.fits").is_file()
     assert (pair_dir / "template.fits").is_file()
     truth = json.loads((pair_dir / "truth.json").read_text())
-    assert truth["shape"] == [256, 256]
+    assert truth["shape"] == [512, 512]
 
 
 def test_subtract_writes_difference_and_products(pair_dir, tmp_path, capsys):
@@ -49,7 +49,7 @@ def test_subtract_writes_difference_and_products(pair_dir, tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("mode=convolveTemplate") and "kernel_sum=" in line
     difference = read_exposure(output)
-    assert difference.shape == (256, 256)
+    assert difference.shape == (512, 512)
     assert "ALSUB KSUM" in difference.metadata or any("KSUM" in k for k in difference.metadata)
     for name in (
         "matched_template.fits",
@@ -136,7 +136,7 @@ def test_missing_file_is_a_user_error(tmp_path, capsys):
 def test_info_describes_file(pair_dir, capsys):
     assert main(["info", str(pair_dir / "science.fits")]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["shape"] == [256, 256]
+    assert info["shape"] == [512, 512]
     assert set(info["planes"]) >= {"IMAGE", "VARIANCE", "MASK", "PSF"}
     assert info["psf"]["fwhm_pixels"] == pytest.approx(3.9, abs=0.1)
     assert info["wcs"]["present"] is True
