@@ -18,8 +18,9 @@ import numpy as np
 
 from .exposure import Exposure
 from .metrics import NOISE_MASK_PLANES
+from .photometry import psf_flux
 
-__all__ = ["sky_mask", "psf_photometry", "measure_quality"]
+__all__ = ["sky_mask", "measure_quality"]
 
 _IQR_TO_SIGMA = 0.741301109252802
 
@@ -62,24 +63,6 @@ def sky_mask(truth: dict, shape, fwhm: float, noise_sigma: float) -> np.ndarray:
     return ~near
 
 
-def psf_photometry(exposure: Exposure, x: float, y: float) -> tuple[float, float]:
-    """Weighted PSF-fit flux and its error at (x, y) with the exposure's PSF; NaN off-image."""
-    stamp, x_min, y_min = exposure.psf.image_at(x, y)
-    ny, nx = stamp.shape
-    i0, j0 = x_min - exposure.xy0[0], y_min - exposure.xy0[1]
-    if i0 < 0 or j0 < 0 or i0 + nx > exposure.width or j0 + ny > exposure.height:
-        return math.nan, math.nan
-    data = exposure.image[j0 : j0 + ny, i0 : i0 + nx].astype(np.float64)
-    var = exposure.variance[j0 : j0 + ny, i0 : i0 + nx].astype(np.float64)
-    good = np.isfinite(data) & np.isfinite(var) & (var > 0)
-    if good.sum() < stamp.size // 2:
-        return math.nan, math.nan
-    weight = np.where(good, 1.0 / np.where(good, var, 1.0), 0.0)
-    denom = np.sum(stamp**2 * weight)
-    flux = np.sum(np.where(good, data, 0.0) * stamp * weight) / denom
-    return float(flux), float(1.0 / math.sqrt(denom))
-
-
 def _robust(z: np.ndarray) -> tuple[float, float]:
     q25, q50, q75 = np.percentile(z, [25, 50, 75])
     return float(_IQR_TO_SIGMA * (q75 - q25)), float(q50)
@@ -105,7 +88,7 @@ def measure_quality(result, pair) -> dict[str, float]:
     tflux = np.asarray(transients["flux_science"])
     clean = ~np.asarray(transients.get("near_defect", np.zeros(len(tx), bool)), bool)
     if result.score is None:
-        fluxes = np.array([psf_photometry(out, x, y) for x, y in zip(tx, ty, strict=True)])
+        fluxes = np.array([psf_flux(out, x, y) for x, y in zip(tx, ty, strict=True)])
         ok = clean & np.isfinite(fluxes[:, 0]) if len(tx) else np.zeros(0, bool)
         if ok.any():
             ratio = fluxes[ok, 0] / tflux[ok]

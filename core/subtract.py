@@ -38,8 +38,9 @@ from .metrics import (
     limiting_magnitude,
     noise_statistics,
 )
+from .photometry import psf_fluxes
 from .psf import SIGMA_TO_FWHM, GaussianPsf, KernelMatchedPsf, estimate_psf
-from .sources import detect_sources, measure_sources, select_kernel_sources, sky_sources
+from .sources import detect_sources, select_kernel_sources, sky_sources
 from .task import Task
 from .variance import scale_variance
 
@@ -298,10 +299,8 @@ class _SubtractBase(Task):
         if len(selected) < 3:
             return selected
         x, y = np.asarray(selected["x"], float), np.asarray(selected["y"], float)
-        sci = measure_sources(science, x, y, psf=science.psf)
-        tmpl = measure_sources(template, x, y, psf=template.psf)
-        f_s, e_s = np.asarray(sci["flux"], float), np.asarray(sci["flux_err"], float)
-        f_t, e_t = np.asarray(tmpl["flux"], float), np.asarray(tmpl["flux_err"], float)
+        f_s, e_s = psf_fluxes(science, x, y, science.psf)
+        f_t, e_t = psf_fluxes(template, x, y, template.psf)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = f_s / f_t
             detected = np.isfinite(ratio) & (f_t > 5.0 * e_t)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from core.config import SubtractionConfig
-from core.evaluate import psf_photometry
 from core.io import read_exposure
+from core.photometry import psf_flux
 from core.subtract import run_subtraction
 
 # 256x256 cutouts: Rubin's edge rule (stamps a kernel width inside the frame) leaves
@@ -18,14 +18,17 @@ CENTRE = (128, 129)  # (row, col) of the brightened source, from the data README
 
 def _subtract(real_data, science, template, **config):
     folder = real_data / "decam_sfft_decorr"
-    return run_subtraction(read_exposure(folder / science), read_exposure(folder / template),
-                           SubtractionConfig.model_validate({**SMALL_IMAGE, **config}))
+    return run_subtraction(
+        read_exposure(folder / science),
+        read_exposure(folder / template),
+        SubtractionConfig.model_validate({**SMALL_IMAGE, **config}),
+    )
 
 
 def _centre_snr(difference) -> float:
     """S/N of a PSF fit at the centre source with the difference's own PSF."""
     row, col = CENTRE
-    flux, error = psf_photometry(difference, col, row)
+    flux, error = psf_flux(difference, col, row)
     return flux / error
 
 
@@ -40,8 +43,9 @@ def test_single_epoch_pairs_subtract_to_their_noise(real_data, epoch):
 
 
 def test_coadd_pair_shows_the_brightened_source(real_data):
-    result = _subtract(real_data, "Stack-DEC-OBS04.fits", "Stack-DEC-OBS18.fits",
-                       do_decorrelation=False)
+    result = _subtract(
+        real_data, "Stack-DEC-OBS04.fits", "Stack-DEC-OBS18.fits", do_decorrelation=False
+    )
     assert _centre_snr(result.difference) > 5
     # SFFT's reference difference has the same sign and a similar flux there
     from astropy.io import fits
