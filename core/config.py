@@ -106,7 +106,9 @@ class DetectionConfig(_Config):
 class SourcesConfig(_Config):
     """Kernel-source selection (algorithm.md sections 3.1 and 9.2, decision 5)."""
 
-    detection: DetectionConfig = Field(default_factory=DetectionConfig)
+    detection: DetectionConfig = Field(
+        default_factory=DetectionConfig, description="Source detection on the science image."
+    )
     min_snr: float = Field(10.0, gt=0, description="Lowest S/N of a kernel source (exclusive).")
     max_snr: float = Field(500.0, gt=0, description="Highest S/N of a kernel source (exclusive).")
     isolation_radius_fwhm: float = Field(
@@ -207,8 +209,18 @@ class SubtractionConfig(_Config):
     )
     fwhm_exposure_grid: int = Field(10, ge=1, description="Grid for mean PSF FWHM fallback.")
     fwhm_exposure_buffer: float = Field(0.05, ge=0, lt=0.5, description="Grid edge buffer.")
-    kernel: KernelConfig = Field(default_factory=KernelConfig)
-    sources: SourcesConfig = Field(default_factory=SourcesConfig)
-    decorrelation: DecorrelationConfig = Field(default_factory=DecorrelationConfig)
-    scale_variance: ScaleVarianceConfig = Field(default_factory=ScaleVarianceConfig)
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    kernel: KernelConfig = Field(
+        default_factory=KernelConfig, description="AL basis and kernel solver."
+    )
+    sources: SourcesConfig = Field(
+        default_factory=SourcesConfig, description="Detection and kernel-source selection."
+    )
+    decorrelation: DecorrelationConfig = Field(
+        default_factory=DecorrelationConfig, description="Noise decorrelation afterburner."
+    )
+    scale_variance: ScaleVarianceConfig = Field(
+        default_factory=ScaleVarianceConfig, description="Input variance rescaling."
+    )
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig, description="Quality metrics of the difference."
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy import ndimage
 
 from .config import ScaleVarianceConfig
 from .errors import ExceedsMaxVarianceScaleError
@@ -54,13 +53,25 @@ def mesh_background(image: np.ndarray, good: np.ndarray, bin_size: int) -> np.nd
         return np.zeros(image.shape, dtype=np.float32)
     # empty cells take the median of the others rather than NaN
     mesh = np.where(np.isfinite(mesh), mesh, np.nanmedian(mesh))
-    if mesh.size == 1:
-        return np.full(image.shape, mesh[0, 0], dtype=np.float32)
-    # cell centres sit at (k + 0.5) * bin_size - 0.5 in pixel units
-    yy = (np.arange(ny) + 0.5) / bin_size - 0.5
-    xx = (np.arange(nx) + 0.5) / bin_size - 0.5
-    coords = np.meshgrid(np.clip(yy, 0, my - 1), np.clip(xx, 0, mx - 1), indexing="ij")
-    return ndimage.map_coordinates(mesh, coords, order=1, mode="nearest").astype(np.float32)
+    # cell centres sit at (k + 0.5) * bin_size - 0.5 in pixel units; outside the outer
+    # centres the surface is extrapolated linearly rather than held flat (gradients)
+    wy = _linear_weights((np.arange(ny) + 0.5) / bin_size - 0.5, my)
+    wx = _linear_weights((np.arange(nx) + 0.5) / bin_size - 0.5, mx)
+    return (wy @ mesh @ wx.T).astype(np.float32)
+
+
+def _linear_weights(coords: np.ndarray, n: int) -> np.ndarray:
+    """(len(coords), n) matrix of linear interpolation/extrapolation weights on 0..n-1."""
+    weights = np.zeros((coords.size, n))
+    if n == 1:
+        weights[:, 0] = 1.0
+        return weights
+    left = np.clip(np.floor(coords).astype(int), 0, n - 2)
+    frac = coords - left
+    rows = np.arange(coords.size)
+    weights[rows, left] = 1.0 - frac
+    weights[rows, left + 1] = frac
+    return weights
 
 
 def variance_scale_factor(exposure: Exposure, config: ScaleVarianceConfig | None = None) -> float:

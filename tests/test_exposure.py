@@ -1,0 +1,73 @@
+"""Exposure and mask planes: registry, cutouts, copies, merging masks by name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.wcs import WCS
+
+from core.errors import InvalidExposureError
+from core.exposure import DEFAULT_MASK_PLANES, Exposure, MaskPlanes, PhotoCalib
+
+
+def test_default_planes_have_rubin_bits():
+    planes = MaskPlanes()
+    assert [planes.bit(n) for n in DEFAULT_MASK_PLANES] == list(range(9))
+    assert planes.bit("INJECTED") == 9  # new planes get the next free bit
+    assert planes.get_bitmask(["BAD", "NO_SUCH"]) == 1  # unknown names are skipped
+
+
+def test_mask_plane_bits_must_be_unique_and_in_range():
+    with pytest.raises(InvalidExposureError):
+        MaskPlanes({"A": 1, "B": 1})
+    with pytest.raises(InvalidExposureError):
+        MaskPlanes({"A": 31})
+
+
+def test_shapes_must_agree():
+    with pytest.raises(InvalidExposureError, match="shape"):
+        Exposure(np.zeros((4, 4)), np.zeros((4, 5)), np.zeros((4, 4), int))
+    with pytest.raises(InvalidExposureError, match="2-D"):
+        Exposure.from_arrays(np.zeros(4))
+
+
+def test_cutout_keeps_planes_parent_coordinates_and_sky():
+    image = np.arange(100.0).reshape(10, 10)
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [10.0, 20.0]
+    wcs.wcs.crpix = [5.0, 5.0]
+    wcs.wcs.cdelt = [-1e-4, 1e-4]
+    exposure = Exposure.from_arrays(image, wcs=wcs, xy0=(100, 200))
+    exposure.set_plane("SAT", image > 90)
+    cut = exposure.cutout((102, 203, 105, 207))
+    assert cut.shape == (5, 4) and cut.xy0 == (102, 203)
+    assert cut.image[0, 0] == image[3, 2]
+    assert cut.bbox == (102, 203, 105, 207)
+    # the same pixel has the same sky position in both
+    assert np.allclose(cut.wcs.pixel_to_world_values(1, 2), wcs.pixel_to_world_values(3, 5))
+    with pytest.raises(InvalidExposureError, match="not inside"):
+        exposure.cutout((95, 200, 105, 205))
+
+
+def test_copy_is_deep_for_pixels_and_planes():
+    exposure = Exposure.from_arrays(np.ones((3, 3)))
+    other = exposure.copy()
+    other.image[0, 0] = 5
+    other.set_plane("NEW", np.ones((3, 3), bool))
+    assert exposure.image[0, 0] == 1 and "NEW" not in exposure.mask_planes
+
+
+def test_or_mask_from_maps_planes_by_name():
+    a = Exposure.from_arrays(np.zeros((2, 2)))
+    b = Exposure.from_arrays(np.zeros((2, 2)), mask_planes=MaskPlanes({"SAT_TEMPLATE": 3}))
+    b.mask[0, 1] = 1 << 3
+    a.or_mask_from(b)
+    assert a.masked(["SAT_TEMPLATE"])[0, 1] and not a.masked(["CR"])[0, 1]
+    assert a.plane_counts()["SAT_TEMPLATE"] == 1
+
+
+def test_photo_calib_zero_point_round_trip():
+    calib = PhotoCalib.from_zero_point(27.0)
+    assert calib.zero_point == pytest.approx(27.0)
+    assert PhotoCalib(1.0).zero_point == pytest.approx(31.4)
