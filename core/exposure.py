@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import InvalidExposureError
+from .errors import InvalidExposureError, PsfError
 
 if TYPE_CHECKING:
     from astropy.wcs import WCS
@@ -215,6 +215,12 @@ class Exposure:
             np.arange(self.width, dtype=np.float64) + x0,
             np.arange(self.height, dtype=np.float64) + y0,
         )
+
+    def require_psf(self) -> Psf:
+        """The PSF, or a `PsfError` saying the exposure has none."""
+        if self.psf is None:
+            raise PsfError("the exposure has no PSF; attach one or let alsub estimate it")
+        return self.psf
 
     # copies and cutouts ------------------------------------------------------------
     def copy(self) -> Exposure:

@@ -49,7 +49,7 @@ def limiting_magnitude(exposure: Exposure, fwhm: float) -> float:
     if exposure.photo_calib is None:
         return math.nan
     try:
-        psf = exposure.psf
+        psf = exposure.require_psf()
         ixx, iyy, _ = psf.moments(*(psf.average_position or exposure.bbox_center()))
         area = math.pi * math.sqrt(ixx * iyy)
     except Exception:  # noqa: BLE001 - documented fallback to the FWHM

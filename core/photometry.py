@@ -39,7 +39,7 @@ def psf_flux(
         sources' own Poisson noise does not bias the flux; the error uses the
         per-pixel variance.
     """
-    psf = psf or exposure.psf
+    psf = psf or exposure.require_psf()
     stamp, x_min, y_min = psf.image_at(x, y)
     ny, nx = stamp.shape
     i0, j0 = x_min - exposure.xy0[0], y_min - exposure.xy0[1]

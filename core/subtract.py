@@ -109,6 +109,8 @@ class _SubtractBase(Task):
 
     ConfigClass = SubtractionConfig
     config: SubtractionConfig
+    makeKernel: Task  # subtasks, made in __init__
+    decorrelate: Task
 
     def __init__(
         self, config: SubtractionConfig | None = None, progress: Progress | None = None, **kwargs
@@ -252,7 +254,7 @@ class _SubtractBase(Task):
 
     def _psf_fwhm(self, exposure: Exposure) -> float:
         """PSF FWHM at the average position, else the mean over a grid (algorithm.md 1.2.6)."""
-        psf = exposure.psf
+        psf = exposure.require_psf()
         position = psf.average_position or exposure.bbox_center()
         try:
             return float(psf.fwhm(*position))
@@ -535,7 +537,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
         kernel, background = solution.kernel, solution.background
         with self.timer("convolve"):
             matched = self._convolve(template, kernel).cutout(science.bbox)
-            matched.psf = science.psf
+            matched.psf = science.require_psf()
             matched.photo_calib = science.photo_calib
             difference = science.copy()
             if self.config.do_subtract_background:
@@ -593,7 +595,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
         metrics = self._base_metrics(result, science)
         metrics.update(
             compute_difference_metrics(
-                science, result.difference, sources, self.science_fwhm, self.config, sky=self.sky
+                science, result.output, sources, self.science_fwhm, self.config, sky=self.sky
             )
         )
         for key in (
@@ -648,7 +650,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
 
     def _preconvolution_kernel(self, science: Exposure) -> np.ndarray:
         """Unit-sum science PSF at its average position, applied by correlation (decision 1)."""
-        psf = science.psf
+        psf = science.require_psf()
         position = psf.average_position or science.bbox_center()
         stamp = np.asarray(psf.kernel_image(*position), dtype=np.float64)
         if stamp.shape[0] % 2 == 0 or stamp.shape[1] % 2 == 0:
@@ -687,7 +689,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         self._stage("convolve")
         with self.timer("convolve"):
             matched_template = self._convolve(self._fill_bad(template), kernel).cutout(science.bbox)
-            matched_template.psf = science.psf
+            matched_template.psf = science.require_psf()
             matched_template.photo_calib = science.photo_calib
             score = matched_science.copy()
             if self.config.do_subtract_background:
@@ -785,7 +787,7 @@ def _intersect(a, b):
 
 
 def _axis_fwhms(exposure: Exposure) -> tuple[float, float]:
-    psf = exposure.psf
+    psf = exposure.require_psf()
     position = psf.average_position or exposure.bbox_center()
     ixx, iyy, _ = psf.moments(*position)
     return SIGMA_TO_FWHM * math.sqrt(ixx), SIGMA_TO_FWHM * math.sqrt(iyy)
