@@ -1,7 +1,8 @@
 """Benchmark: whole subtractions of simulated pairs, with per-stage times, peak memory, quality.
 
-    python -m bench.subtract                    # 2048 and 4096, modes auto and preconvolve
-    python -m bench.subtract --sizes 2048 --modes auto --repeat 3
+    python -m bench.subtract        # 2048 and 4096; auto and preconvolve; uniform and spatially
+                                    # varying decorrelation
+    python -m bench.subtract --sizes 2048 --modes auto --repeat 3 --no-spatial
 
 Each case runs in its own process so its peak resident memory is its own.
 Quality figures: noise ratio (robust std of D/sqrt(V) on empty sky), median
@@ -20,10 +21,9 @@ import time
 
 
 def _run_case(size: int, mode: str, seed: int, spatially_varying: bool, queue) -> None:
+    from core.config import SubtractionConfig
     from core.evaluate import measure_quality
     from core.simulate import preset, simulate_pair
-
-    from core.config import SubtractionConfig
     from core.subtract import run_subtraction
 
     t0 = time.perf_counter()

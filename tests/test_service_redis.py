@@ -24,7 +24,6 @@ from .service_fixtures import (
     wait_ready,
 )
 
-
 TOKEN = "redis-flow-token"
 
 

@@ -19,7 +19,6 @@ from store.sqlite_backend import SqliteRecords
 from store.sweeper import requeue_all, sweep_stale_jobs
 
 
-
 # blobs and products -------------------------------------------------------------------------
 def test_blob_store_is_content_addressed(tmp_path):
     blobs = BlobStore(tmp_path / "exposures", ".fits")
