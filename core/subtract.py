@@ -144,8 +144,11 @@ class _SubtractBase(Task):
         for exposure, label in ((science, "science"), (template, "template")):
             if exposure.psf is None:
                 exposure.psf = self._find_psf(exposure, label)
+        # detection also sets DETECTED, which variance scaling, sky sources and the noise
+        # metrics rely on, so it runs even when the caller gives the kernel-source catalog
+        detected = detect_sources(science, self.config.sources.detection, psf=science.psf)
         if sources is None:
-            sources = detect_sources(science, self.config.sources.detection, psf=science.psf)
+            sources = detected
         if self.config.do_scale_variance:
             self.metadata["scaleTemplateVarianceFactor"] = scale_variance(
                 template, self.config.scale_variance

@@ -231,3 +231,23 @@ def test_progress_reports_stages():
     assert {"fit", "convolve", "decorrelate", "metrics"} <= set(names)
     fractions = [f for _, f in stages]
     assert fractions == sorted(fractions)
+
+
+def test_user_catalog_drives_kernel_sources():
+    from astropy.table import Table
+
+    pair = simulated_pair("sharper_template", 512, 112)
+    stars = pair.truth["stars"]
+    catalog = Table({"x": stars["x"], "y": stars["y"]})  # positions only, no fluxes
+    result = run_subtraction(pair.science, pair.template, sources=catalog)
+    used = result.kernel_sources
+    assert len(used) >= 3
+    # every kernel source is one of the catalog's stars, none of the transients
+    distance = np.hypot(
+        np.asarray(used["x"])[:, None] - np.asarray(stars["x"])[None],
+        np.asarray(used["y"])[:, None] - np.asarray(stars["y"])[None],
+    )
+    assert np.all(distance.min(axis=1) < 0.5)
+    quality = measure_quality(result, pair)
+    assert 0.95 <= quality["noise_ratio"] <= 1.05
+    assert abs(quality["transient_flux_ratio"] - 1) <= 0.03
