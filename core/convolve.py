@@ -97,6 +97,7 @@ def _correlate_weighted(
     n_threads = min(_workers(workers), len(tiles))
     fft_workers = 1 if n_threads > 1 else _workers(workers)
     if wx is not None:
+        assert wy is not None  # the weights come in pairs
         wx, wy = wx.astype(dtype), wy.astype(dtype)
         # factors equal to 1 everywhere (T0 along that axis) need no multiplication
         unit_x = [bool(np.all(wx[t] == 1)) for t in range(m)]

@@ -64,6 +64,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -464,7 +465,9 @@ def _fft_shape(data_shape, margin: int) -> tuple[int, int]:
     )
 
 
-def _convolve(data: np.ndarray, stamps, shape: tuple[int, int]) -> np.ndarray:
+def _convolve(
+    data: Sequence[np.ndarray], stamps: Sequence[np.ndarray], shape: tuple[int, int]
+) -> np.ndarray:
     """Zero-padded linear convolution by centred stamps, summed: sum_i data_i (*) stamp_i.
 
     ``data`` and ``stamps`` are sequences of equal length (one forward FFT per pair).
@@ -484,6 +487,8 @@ def _complete_variance(plane1, plane2, v1, v2, node: _NodeFilter, shape) -> np.n
     """V1 (*) c1^2 + V2 (*) c2^2, non-finite V replaced by the mean variance (4.3 step 8)."""
     filled1 = np.where(np.isfinite(plane1), plane1, np.float32(v1)).astype(np.float32)
     filled2 = np.where(np.isfinite(plane2), plane2, np.float32(v2)).astype(np.float32)
+    # the node filter carries the squared kernels whenever complete propagation is on
+    assert node.variance1 is not None and node.variance2 is not None
     return _convolve((filled1, filled2), (node.variance1, node.variance2), shape)
 
 

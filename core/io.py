@@ -507,6 +507,7 @@ def _psf_from_hdu(f: _Fits, index: int, center: tuple[float, float], max_pixels:
         if kind == "MOFFAT" and params:
             return MoffatPsf(**params)
         if data.ndim == 2:
+            average: tuple[float, float] | None
             if "PSFAVGX" in header:
                 average = (float(header["PSFAVGX"]), float(header["PSFAVGY"]))
             else:
@@ -759,6 +760,7 @@ def _read(source, *, variance, weight, noise, mask, psf, hdu, saturation, max_pi
 
 def _find_image_hdu(f: _Fits, hdu) -> int:
     n = len(f.hdul)
+    index: int | None
     if hdu is not None:
         if isinstance(hdu, int):
             if not -n <= hdu < n:

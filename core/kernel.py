@@ -20,6 +20,7 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import scipy.linalg
@@ -599,7 +600,9 @@ class _Fitter:
         """
         if self.factors is None:
             return self._windows(stamp) @ self.flat_basis.T
-        columns = []
+        # separable factors exist only for bases built with a transform
+        assert self.basis.transform is not None
+        columns: list[np.ndarray] = []
         for factor, powers in self.factors:
             rows = sliding_window_view(stamp, self.k, axis=1) @ factor.T  # (S, G, d+1)
             both = np.tensordot(
@@ -660,6 +663,7 @@ class _Fitter:
     def assess(self, cand: _Candidate, coefficients, background, clip: bool) -> bool:
         """Residual statistics of D/sigma on the stamp (section 3.3.7); True if rejected."""
         s = cand.stamps
+        assert cand.design is not None  # set by build() before any assessment
         kernel = coefficients @ self.flat_basis
         model = cand.design[:, : self.nb] @ coefficients + background
         diff = self._inner(s["tgt"]) - model
@@ -801,8 +805,9 @@ def _spatial_fit(fitter: _Fitter, used: list[_Candidate], config: KernelConfig, 
         expand[:, k, 1 + (k - 1) * n_sp : 1 + k * n_sp] = p
     if fitter.with_bg:
         expand[:, nb, n_unknown - n_bg :] = chebyshev_terms(x, y, bg_order, domain).T
-    normals = np.stack([c.normal for c in used])
-    rhs_single = np.stack([c.rhs for c in used])
+    # fitted candidates all carry their normal equations (set by _Fitter.build)
+    normals = np.stack([cast(np.ndarray, c.normal) for c in used])
+    rhs_single = np.stack([cast(np.ndarray, c.rhs) for c in used])
     matrix = np.einsum("nki,nkj->ij", expand, normals @ expand)
     matrix = 0.5 * (matrix + matrix.T)
     rhs = np.einsum("nki,nk->i", expand, rhs_single)

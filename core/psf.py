@@ -370,6 +370,8 @@ class GridPsf(Psf):
         return lo, hi, float((value - nodes[lo]) / (nodes[hi] - nodes[lo]))
 
     def kernel_image(self, x=None, y=None) -> np.ndarray:
+        # set to the node-range centre in __init__, never None for a GridPsf
+        assert self.average_position is not None
         ax, ay = self.average_position
         x = ax if x is None else float(x)
         y = ay if y is None else float(y)
