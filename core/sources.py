@@ -94,6 +94,106 @@ def _despike(mesh: np.ndarray, floor: float) -> np.ndarray:
     return np.where(outlier, smooth, mesh)
 
 
+def _search_rows(sorted_rows: np.ndarray, n: np.ndarray, value: np.ndarray, right: bool):
+    """Per-row `numpy.searchsorted` on rows sorted ascending with NaNs last (``n`` finite
+    values each): a vectorised binary search over all rows at once."""
+    rows = np.arange(sorted_rows.shape[0])
+    lo = np.zeros(rows.size, dtype=np.int64)
+    hi = n.astype(np.int64)
+    last = sorted_rows.shape[1] - 1
+    while True:
+        active = lo < hi
+        if not active.any():
+            return lo
+        mid = (lo + hi) // 2
+        probe = sorted_rows[rows, np.minimum(mid, last)]
+        with np.errstate(invalid="ignore"):
+            before = (probe <= value) if right else (probe < value)
+        before &= active
+        lo = np.where(before, mid + 1, lo)
+        hi = np.where(active & ~before, mid, hi)
+
+
+def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
+    """Clipped median and std of each row of ``s`` (sorted, NaNs last).
+
+    Reproduces `astropy.stats.sigma_clipped_stats` (median centre, population
+    std, clipping cumulative, final bounds applied to all values): on sorted rows
+    every clipped set is an index range, so each pass is a binary search and the
+    sums come from prefix sums instead of a new selection per pass.
+    """
+    k, length = s.shape
+    rows = np.arange(k)
+    finite = np.isfinite(s)
+    n = finite.sum(axis=1)
+    # sums about a value near the median keep E[d^2] - E[d]^2 accurate; one trailing
+    # zero lets every range end (up to k * length) be a valid reduceat index
+    ref = np.where(n > 0, s[rows, np.minimum(n // 2, length - 1)], 0.0)
+    d = np.zeros(k * length + 1)
+    d[:-1] = np.where(finite, s - ref[:, None].astype(np.float64), 0.0).ravel()
+    d2 = d * d
+    base = rows * length
+
+    def range_sum(values, a, b):
+        # sums over [a, b) of every row at once; empty ranges are blanked by the caller
+        bounds = np.empty(2 * k, dtype=np.int64)
+        bounds[0::2] = base + np.minimum(a, length - 1)
+        bounds[1::2] = base + np.maximum(b, a + 1)
+        return np.add.reduceat(values, bounds)[0::2]
+
+    def stats(a, b):
+        count = b - a
+        safe = np.maximum(count, 1)
+        mid = a + count // 2
+        upper = s[rows, np.clip(mid, 0, length - 1)].astype(np.float64)
+        lower = s[rows, np.clip(mid - 1, 0, length - 1)].astype(np.float64)
+        median = np.where(count % 2 == 1, upper, 0.5 * (upper + lower))
+        mean = range_sum(d, a, b) / safe
+        var = range_sum(d2, a, b) / safe - mean * mean
+        empty = count == 0
+        median[empty] = np.nan
+        std = np.sqrt(np.maximum(var, 0.0))
+        std[empty] = np.nan
+        return median, std
+
+    a = np.zeros(k, dtype=np.int64)
+    b = n.astype(np.int64)
+    done = n == 0
+    lower = np.full(k, np.nan)
+    upper = np.full(k, np.nan)
+    for _ in range(maxiters):
+        median, std = stats(a, b)
+        lower = np.where(done, lower, median - sigma * std)
+        upper = np.where(done, upper, median + sigma * std)
+        new_a = np.maximum(a, _search_rows(s, n, lower, right=False))
+        new_b = np.minimum(b, _search_rows(s, n, upper, right=True))
+        count = np.maximum(new_b - new_a, 0)
+        stop = (count == b - a) | (count == 0)
+        update = ~done & ~stop
+        a = np.where(update, new_a, a)
+        b = np.where(update, new_b, b)
+        done |= stop
+        if done.all():
+            break
+    # the final bounds select from all values, as astropy's final mask does
+    a = _search_rows(s, n, lower, right=False)
+    b = np.maximum(_search_rows(s, n, upper, right=True), a)
+    return stats(a, b)
+
+
+def _cell_stats(cells: np.ndarray, sigma: float = 3.0, maxiters: int = 5, chunk: int = 256):
+    """3-sigma clipped median and std of each row of ``cells`` (NaN = no data), in
+    chunks of rows so the sorted copy and prefix sums stay small."""
+    median = np.empty(cells.shape[0])
+    std = np.empty(cells.shape[0])
+    for start in range(0, cells.shape[0], chunk):
+        part = np.sort(cells[start : start + chunk], axis=1)
+        median[start : start + chunk], std[start : start + chunk] = _clipped_stats_sorted(
+            part, sigma, maxiters
+        )
+    return median, std
+
+
 def background_map(
     exposure: Exposure,
     mesh: int = 64,
@@ -119,21 +219,19 @@ def background_map(
     -------
     background, noise : `numpy.ndarray` (ny, nx), float32
     """
-    image = exposure.image.astype(np.float64)
+    image = np.asarray(exposure.image, dtype=np.float32)
     valid = np.isfinite(image) & ~exposure.masked(ignore_planes)
     ny, nx = image.shape
     mesh = int(max(4, min(mesh, ny, nx)))
     nby, nbx = -(-ny // mesh), -(-nx // mesh)
-    padded = np.full((nby * mesh, nbx * mesh), np.nan)
-    padded[:ny, :nx] = np.where(valid, image, np.nan)
-    cells = padded.reshape(nby, mesh, nbx, mesh).transpose(0, 2, 1, 3).reshape(nby, nbx, -1)
-    counts = np.isfinite(cells).sum(axis=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AstropyUserWarning)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        _, median, std = sigma_clipped_stats(cells, axis=2, sigma=3.0, maxiters=5)
-    median = np.asarray(median, dtype=np.float64)
-    std = np.asarray(std, dtype=np.float64)
+    if ny == nby * mesh and nx == nbx * mesh and valid.all():
+        padded = image
+    else:
+        padded = np.full((nby * mesh, nbx * mesh), np.nan, dtype=np.float32)
+        padded[:ny, :nx] = np.where(valid, image, np.float32(np.nan))
+    cells = padded.reshape(nby, mesh, nbx, mesh).transpose(0, 2, 1, 3).reshape(nby * nbx, -1)
+    counts = np.isfinite(cells).sum(axis=1).reshape(nby, nbx)
+    median, std = (v.reshape(nby, nbx) for v in _cell_stats(cells))
     good = (counts >= _MIN_CELL_FRACTION * mesh * mesh) & np.isfinite(median) & np.isfinite(std)
     if not good.any():
         # nothing usable cell by cell: one global estimate
@@ -156,28 +254,48 @@ def background_map(
     std = _despike(std, 0.5 * typical_noise)
     wy = _interp_matrix(ny, (mesh - 1) / 2.0, mesh, nby)
     wx = _interp_matrix(nx, (mesh - 1) / 2.0, mesh, nbx)
-    background = wy @ median @ wx.T
-    noise = wy @ std @ wx.T
-    return background.astype(np.float32), noise.astype(np.float32)
+    # (ny, nby) @ (nby, nx): the mesh is interpolated along y first, then along x
+    background = (wy @ median).astype(np.float32) @ wx.T.astype(np.float32)
+    noise = (wy @ std).astype(np.float32) @ wx.T.astype(np.float32)
+    return background, noise
 
 
 # --------------------------------------------------------------------------------------
 # matched filter
 def _correlate_fft(array: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """out(X) = sum_u K(u) in(X + u) with zero padding (alsub's operator), by FFT."""
+    """out(X) = sum_u K(u) in(X + u) with zero padding (alsub's operator), by FFT.
+
+    Single precision: the matched filter feeds a detection threshold and fluxes
+    quoted to far below 1e-5, and float32 transforms take half the time.
+    """
     ky, kx = kernel.shape
     ny, nx = array.shape
-    shape = (fft.next_fast_len(ny + ky - 1), fft.next_fast_len(nx + kx - 1))
+    shape = (
+        fft.next_fast_len(ny + ky - 1, real=True),
+        fft.next_fast_len(nx + kx - 1, real=True),
+    )
+    padded = np.zeros(shape, dtype=np.float32)
+    padded[:ny, :nx] = array
+    spec = fft.rfft2(padded, workers=-1, overwrite_x=True)
     # correlation = convolution with the reflected kernel
-    spec = fft.rfft2(array, shape, workers=-1) * fft.rfft2(kernel[::-1, ::-1], shape, workers=-1)
-    full = fft.irfft2(spec, shape, workers=-1)
+    spec *= fft.rfft2(np.asarray(kernel[::-1, ::-1], dtype=np.float32), shape, workers=-1)
+    full = fft.irfft2(spec, shape, workers=-1, overwrite_x=True)
     hy, hx = ky // 2, kx // 2
-    return full[hy : hy + ny, hx : hx + nx]
+    return np.ascontiguousarray(full[hy : hy + ny, hx : hx + nx])
 
 
-def _negative_side_sigma(values: np.ndarray) -> float:
-    """Noise from the lower half of a distribution (sources only add a positive tail)."""
-    values = values[np.isfinite(values)]
+def _negative_side_sigma(values: np.ndarray, use: np.ndarray | None = None) -> float:
+    """Noise from the lower half of a distribution (sources only add a positive tail).
+
+    ``use`` optionally selects the entries of ``values`` to look at (boolean, same
+    shape); at most about a million of them, evenly strided, enter the estimate.
+    """
+    values = values.ravel()
+    if use is not None and not use.all():
+        values = values[use.ravel()]
+    finite = np.isfinite(values)
+    if not finite.all():
+        values = values[finite]
     if values.size > 1_000_000:
         values = values[:: values.size // 1_000_000 + 1]
     if values.size < 10:
@@ -195,20 +313,28 @@ def _psf_sigma(psf: Psf) -> float:
 
 
 class _Filtered:
-    """Background-subtracted image, its matched-filtered S/N and the pieces to measure."""
+    """Background-subtracted image, its matched-filtered S/N and the pieces to measure.
+
+    Maps are float32 (the inputs are): half the memory traffic of float64 on
+    full frames, with rounding far below the noise.
+    """
 
     def __init__(self, exposure: Exposure, psf: Psf, background: np.ndarray, noise: np.ndarray):
-        image = exposure.image.astype(np.float64) - background
+        image = np.subtract(exposure.image, background, dtype=np.float32)
         no_data = ~np.isfinite(image) | exposure.masked(["NO_DATA"])
         image[no_data] = 0.0
-        variance = exposure.variance.astype(np.float64)
+        variance = np.asarray(exposure.variance, dtype=np.float32)
         var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
         if var_ok.mean() < 0.5:
             # unusable variance plane: the mesh noise is the local variance
-            variance = noise.astype(np.float64) ** 2
+            variance = np.square(noise, dtype=np.float32)
             var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
-        fill = float(np.median(variance[var_ok])) if var_ok.any() else 1.0
-        variance = np.where(var_ok, variance, fill)
+        all_ok = bool(var_ok.all())
+        good = variance.ravel() if all_ok else variance[var_ok]
+        # a strided sample's median is plenty for a fill value
+        fill = float(np.median(good[:: good.size // 1_000_000 + 1])) if good.size else 1.0
+        if not all_ok:
+            variance = np.where(var_ok, variance, np.float32(fill))
         self.image = image
         self.variance = variance
         self.no_data = no_data
@@ -217,92 +343,183 @@ class _Filtered:
         self.kernel = kernel
         self.psf_sum_sq = float(np.sum(kernel**2))
         self.smoothed = _correlate_fft(image, kernel)
-        self.smoothed_var = np.maximum(_correlate_fft(variance, kernel**2), 1e-30 * fill)
+        self.smoothed_var = np.maximum(
+            _correlate_fft(variance, kernel**2), np.float32(1e-30 * fill)
+        )
         snr = self.smoothed / np.sqrt(self.smoothed_var)
         snr[no_data] = 0.0
         # the variance plane may be off by a constant (correlated or mis-scaled noise):
         # rescale the S/N so that its empty-sky scatter is 1
-        self.noise_factor = _negative_side_sigma(snr[~no_data])
-        self.snr = snr / self.noise_factor
+        self.noise_factor = _negative_side_sigma(snr, ~no_data)
+        snr /= np.float32(self.noise_factor)
+        self.snr = snr
 
 
 # --------------------------------------------------------------------------------------
 # measurement helpers (vectorised over sources)
 def _stack(array: np.ndarray, cx: np.ndarray, cy: np.ndarray, half: int, fill=0.0) -> np.ndarray:
-    """Stamps (n, 2h+1, 2h+1) of ``array`` centred on integer array indices (cx, cy)."""
-    padded = np.pad(array, half, mode="constant", constant_values=fill)
-    offsets = np.arange(2 * half + 1)
-    rows = (cy[:, None] + offsets)[:, :, None]
-    cols = (cx[:, None] + offsets)[:, None, :]
-    return padded[rows, cols]
+    """Stamps (n, 2h+1, 2h+1) of ``array`` centred on integer array indices (cx, cy);
+    pixels off the array are ``fill``. Gathers only the stamps (no padded frame copy)."""
+    ny, nx = array.shape
+    offsets = np.arange(-half, half + 1)
+    rows = np.asarray(cy)[:, None] + offsets
+    cols = np.asarray(cx)[:, None] + offsets
+    stamps = array[np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]]
+    row_in = (rows >= 0) & (rows < ny)
+    col_in = (cols >= 0) & (cols < nx)
+    if not (row_in.all() and col_in.all()):
+        stamps[~(row_in[:, :, None] & col_in[:, None, :])] = fill
+    return stamps
+
+
+#: A source's iterative centroid or moments stop changing (and are frozen) once a step
+#: moves them by less than this (pixels, or relative to the trace for moments).
+_CONVERGED = 1e-10
 
 
 def _centroids(stamps: np.ndarray, sigma: float, iterations: int = 15):
-    """Gaussian-weighted centroid offsets (dx, dy) from the stamp centres."""
+    """Gaussian-weighted centroid offsets (dx, dy) from the stamp centres.
+
+    The weight is separable, so each step is one small matrix product per stamp;
+    sources whose step falls below `_CONVERGED` px are frozen.
+    """
     n, w, _ = stamps.shape
     half = w // 2
     grid = np.arange(w, dtype=np.float64) - half
     dx = np.zeros(n)
     dy = np.zeros(n)
     inv = 1.0 / (2.0 * sigma * sigma)
+    active = np.arange(n)
     for _ in range(iterations):
-        wx = np.exp(-((grid[None, :] - dx[:, None]) ** 2) * inv)
-        wy = np.exp(-((grid[None, :] - dy[:, None]) ** 2) * inv)
-        weighted = stamps * wy[:, :, None] * wx[:, None, :]
-        total = weighted.sum(axis=(1, 2))
+        if active.size == 0:
+            break
+        sub = stamps[active]
+        wx = np.exp(-((grid[None, :] - dx[active, None]) ** 2) * inv)
+        wy = np.exp(-((grid[None, :] - dy[active, None]) ** 2) * inv)
+        # columns weighted by wx and by wx * x: (m, w, 2), summed over x
+        rows = np.matmul(sub, np.stack([wx, wx * grid], axis=2))
+        total = np.einsum("mj,mj->m", rows[:, :, 0], wy)
+        sum_x = np.einsum("mj,mj->m", rows[:, :, 1], wy)
+        sum_y = np.einsum("mj,mj->m", rows[:, :, 0], wy * grid)
         ok = total > 0
-        new_dx = np.where(ok, (weighted * grid[None, None, :]).sum(axis=(1, 2)) / total, dx)
-        new_dy = np.where(ok, (weighted * grid[None, :, None]).sum(axis=(1, 2)) / total, dy)
-        dx = np.clip(new_dx, -half / 2.0, half / 2.0)
-        dy = np.clip(new_dy, -half / 2.0, half / 2.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new_dx = np.where(ok, sum_x / total, dx[active])
+            new_dy = np.where(ok, sum_y / total, dy[active])
+        new_dx = np.clip(new_dx, -half / 2.0, half / 2.0)
+        new_dy = np.clip(new_dy, -half / 2.0, half / 2.0)
+        step = np.maximum(np.abs(new_dx - dx[active]), np.abs(new_dy - dy[active]))
+        dx[active] = new_dx
+        dy[active] = new_dy
+        active = active[~(step < _CONVERGED)]
     return dx, dy
 
 
 def _moments(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, sigma: float, iterations=30):
-    """Adaptive second moments (ixx, iyy, ixy) of a stack of stamps about (dx, dy)."""
+    """Adaptive second moments (ixx, iyy, ixy) of a stack of stamps about (dx, dy).
+
+    Sources whose moments change by less than `_CONVERGED` of their trace in a
+    step are frozen (a fixed point would not move in later steps either).
+    """
     n, w, _ = stamps.shape
     half = w // 2
     grid = np.arange(w, dtype=np.float64) - half
-    x = grid[None, None, :] - dx[:, None, None]
-    y = grid[None, :, None] - dy[:, None, None]
-    xx, yy, xy = x * x, y * y, x * y
+    xs = grid[None, :] - dx[:, None]  # (n, w): x of each column
+    ys = grid[None, :] - dy[:, None]  # (n, w): y of each row
     cxx = np.full(n, sigma * sigma)
     cyy = cxx.copy()
     cxy = np.zeros(n)
+    total_all = np.full(n, np.nan)
     limit = float(half * half)
+    active = np.arange(n)
     for _ in range(iterations):
-        det = cxx * cyy - cxy * cxy
-        expo = (cyy[:, None, None] * xx - 2 * cxy[:, None, None] * xy + cxx[:, None, None] * yy) / (
-            2.0 * det[:, None, None]
-        )
-        weighted = stamps * np.exp(-expo)
-        total = weighted.sum(axis=(1, 2))
+        if active.size == 0:
+            break
+        axx, ayy, axy = cxx[active], cyy[active], cxy[active]
+        x, y = xs[active], ys[active]
+        det = axx * ayy - axy * axy
+        # weight exp(-(cyy x^2 - 2 cxy x y + cxx y^2) / (2 det)), split by term
+        ex = (ayy / (2.0 * det))[:, None] * (x * x)
+        ey = (axx / (2.0 * det))[:, None] * (y * y)
+        expo = (axy / det)[:, None, None] * (y[:, :, None] * x[:, None, :])
+        expo -= ey[:, :, None]
+        expo -= ex[:, None, :]
+        weighted = stamps[active] * np.exp(expo)
+        row_sum = weighted.sum(axis=2)  # (m, w) over x, per y
+        col_sum = weighted.sum(axis=1)  # (m, w) over y, per x
+        total = row_sum.sum(axis=1)
         total = np.where(total > 0, total, np.nan)
-        mxx = (weighted * xx).sum(axis=(1, 2)) / total
-        myy = (weighted * yy).sum(axis=(1, 2)) / total
-        mxy = (weighted * xy).sum(axis=(1, 2)) / total
+        mxx = np.einsum("mi,mi->m", col_sum, x * x) / total
+        myy = np.einsum("mj,mj->m", row_sum, y * y) / total
+        mxy = np.einsum("mj,mj->m", np.matmul(weighted, x[:, :, None])[:, :, 0], y) / total
         # object moments C from measured = (C^-1 + W^-1)^-1
         mdet = mxx * myy - mxy * mxy
         with np.errstate(divide="ignore", invalid="ignore"):
-            axx, ayy, axy = myy / mdet - cyy / det, mxx / mdet - cxx / det, -mxy / mdet + cxy / det
-            adet = axx * ayy - axy * axy
-            nxx, nyy, nxy = ayy / adet, axx / adet, -axy / adet
-        bad = ~(np.isfinite(nxx) & np.isfinite(nyy) & (nxx > 0) & (nyy > 0) & (adet > 0))
+            bxx, byy, bxy = myy / mdet - ayy / det, mxx / mdet - axx / det, -mxy / mdet + axy / det
+            bdet = bxx * byy - bxy * bxy
+            nxx, nyy, nxy = byy / bdet, bxx / bdet, -bxy / bdet
+        bad = ~(np.isfinite(nxx) & np.isfinite(nyy) & (nxx > 0) & (nyy > 0) & (bdet > 0))
         nxx = np.where(bad, 2 * mxx, nxx)
         nyy = np.where(bad, 2 * myy, nyy)
         nxy = np.where(bad, 2 * mxy, nxy)
         nxx = np.clip(np.nan_to_num(nxx, nan=limit), 0.05, limit)
         nyy = np.clip(np.nan_to_num(nyy, nan=limit), 0.05, limit)
         nxy = np.clip(np.nan_to_num(nxy), -0.95 * np.sqrt(nxx * nyy), 0.95 * np.sqrt(nxx * nyy))
-        cxx, cyy, cxy = nxx, nyy, nxy
-    failed = ~np.isfinite(total) | (cxx >= limit) | (cyy >= limit)
+        step = np.maximum(np.maximum(np.abs(nxx - axx), np.abs(nyy - ayy)), np.abs(nxy - axy))
+        cxx[active], cyy[active], cxy[active] = nxx, nyy, nxy
+        total_all[active] = total
+        active = active[~(step < _CONVERGED * (nxx + nyy))]
+    failed = ~np.isfinite(total_all) | (cxx >= limit) | (cyy >= limit)
     cxx[failed] = cyy[failed] = cxy[failed] = np.nan
     return cxx, cyy, cxy
 
 
+#: Margin (pixels) of the stamps that `_interp_at` spline-filters: the cubic B-spline
+#: prefilter is a recursive filter whose pole (sqrt(3) - 2) damps a stamp edge's
+#: influence by 0.27 per pixel, 2e-6 at this distance.
+_SPLINE_MARGIN = 10
+
+
 def _interp_at(array: np.ndarray, col: np.ndarray, row: np.ndarray) -> np.ndarray:
-    """Cubic-spline value of a smooth map at fractional array positions."""
-    return ndimage.map_coordinates(array, [row, col], order=3, mode="nearest")
+    """Cubic-spline value of a smooth map at fractional array positions.
+
+    Same as ``ndimage.map_coordinates(array, [row, col], order=3, mode="nearest")``
+    but the spline coefficients are computed on a stamp around each position
+    instead of over the whole frame (stamps beyond the frame repeat its edge).
+    """
+    col = np.asarray(col, dtype=np.float64)
+    row = np.asarray(row, dtype=np.float64)
+    if col.size == 0:
+        return np.zeros(0)
+    ny, nx = array.shape
+    col = np.clip(col, 0, nx - 1)
+    row = np.clip(row, 0, ny - 1)
+    ic = np.floor(col).astype(int)
+    ir = np.floor(row).astype(int)
+    h = _SPLINE_MARGIN
+    offsets = np.arange(-h, h + 2)
+    rows = np.clip(ir[:, None] + offsets, 0, ny - 1)
+    cols = np.clip(ic[:, None] + offsets, 0, nx - 1)
+    stamps = array[rows[:, :, None], cols[:, None, :]].astype(np.float64)
+    coeffs = ndimage.spline_filter1d(stamps, 3, axis=1, mode="nearest")
+    coeffs = ndimage.spline_filter1d(coeffs, 3, axis=2, mode="nearest")
+    # cubic B-spline weights of the nodes floor - 1 .. floor + 2
+    core = coeffs[:, h - 1 : h + 3, h - 1 : h + 3]
+    wy = _bspline_weights(row - ir)
+    wx = _bspline_weights(col - ic)
+    return np.einsum("nji,nj,ni->n", core, wy, wx)
+
+
+def _bspline_weights(t: np.ndarray) -> np.ndarray:
+    """Cubic B-spline weights (n, 4) of nodes -1, 0, 1, 2 at fractional offsets t."""
+    t = t[:, None]
+    t2, t3 = t * t, t * t * t
+    return (
+        np.concatenate(
+            [(1.0 - t) ** 3, 4.0 - 6.0 * t2 + 3.0 * t3, 1.0 + 3.0 * (t + t2 - t3), t3],
+            axis=1,
+        )
+        / 6.0
+    )
 
 
 def _measure(
@@ -360,24 +577,89 @@ def _resolve_psf(exposure: Exposure, psf: Psf | None) -> Psf | None:
 # --------------------------------------------------------------------------------------
 # detection
 def _footprints(snr: np.ndarray, threshold: float, min_pixels: int) -> tuple[np.ndarray, int]:
-    labels, n = ndimage.label(snr >= threshold, structure=np.ones((3, 3), dtype=bool))
+    above = snr >= threshold
+    labels, n = ndimage.label(above, structure=np.ones((3, 3), dtype=bool))
     if n == 0:
         return labels, 0
-    npix = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = npix >= min_pixels
+    # count and relabel only the (few) pixels above threshold, not the whole frame
+    flat = labels.ravel()
+    where = np.flatnonzero(above)
+    values = flat[where]
+    keep = np.bincount(values, minlength=n + 1) >= min_pixels
     keep[0] = False
-    relabel = np.zeros(n + 1, dtype=np.int32)
-    relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return relabel[labels], int(keep.sum())
+    n_keep = int(keep.sum())
+    if n_keep < n:
+        relabel = np.zeros(n + 1, dtype=labels.dtype)
+        relabel[keep] = np.arange(1, n_keep + 1, dtype=labels.dtype)
+        flat[where] = relabel[values]
+    return labels, n_keep
+
+
+def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within Euclidean distance ``radius`` of a True pixel of ``mask``.
+
+    Equal to ``distance_transform_edt(~mask) <= radius`` but built from shifted ORs:
+    rows of the disc are horizontal dilations of increasing half-width, each made
+    from the previous one, then OR-ed in at their vertical offsets.
+    """
+    if radius <= 0:
+        return mask.copy()
+    widths = [int(math.isqrt(radius * radius - dy * dy)) for dy in range(radius + 1)]
+    rows_by_width = {0: mask}
+    current = mask
+    for w in range(1, widths[0] + 1):
+        wider = current.copy()
+        wider[:, 1:] |= current[:, :-1]
+        wider[:, :-1] |= current[:, 1:]
+        if w in widths:
+            rows_by_width[w] = wider
+        current = wider
+    out = rows_by_width[widths[0]].copy()
+    for dy in range(1, radius + 1):
+        band = rows_by_width[widths[dy]]
+        if dy < mask.shape[0]:
+            out[dy:] |= band[:-dy]
+            out[:-dy] |= band[dy:]
+    return out
 
 
 def _grow(labels: np.ndarray, radius: int) -> np.ndarray:
-    """Grow labelled footprints by ``radius`` pixels (nearest label wins contested pixels)."""
+    """Grow labelled footprints by ``radius`` pixels (nearest label wins contested pixels).
+
+    The grown area is a disc dilation of all footprints; its connected pieces
+    that hold a single footprint take that label outright, and only pieces
+    shared by several footprints need a nearest-pixel (distance) transform, on
+    their own bounding box. A footprint pixel from another piece lies farther
+    than ``radius`` from every pixel of this one, so the result equals a
+    whole-frame nearest-label transform (up to ties between equidistant pixels).
+    """
     if radius <= 0 or labels.max() == 0:
         return labels
-    distance, (iy, ix) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
-    grown = labels[iy, ix]
-    grown[distance > radius] = 0
+    seeds = labels > 0
+    reach = _disc_dilate(seeds, radius)
+    pieces, n_pieces = ndimage.label(reach, structure=np.ones((3, 3), dtype=bool))
+    where = np.flatnonzero(seeds)
+    seed_labels = labels.ravel()[where]
+    seed_pieces = pieces.ravel()[where]
+    lowest = np.full(n_pieces + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    highest = np.zeros(n_pieces + 1, dtype=np.int64)
+    np.minimum.at(lowest, seed_pieces, seed_labels)
+    np.maximum.at(highest, seed_pieces, seed_labels)
+    single = lowest == highest
+    lookup = np.where(single, highest, 0).astype(labels.dtype)
+    lookup[0] = 0
+    grown = lookup[pieces]
+    shared = np.flatnonzero(~single[1:]) + 1
+    if shared.size:
+        boxes = ndimage.find_objects(pieces)
+        for piece in shared:
+            box = boxes[piece - 1]
+            inside = pieces[box] == piece
+            window = labels[box]
+            _, (iy, ix) = ndimage.distance_transform_edt(
+                ~((window > 0) & inside), return_indices=True
+            )
+            grown[box][inside] = window[iy, ix][inside]
     return grown
 
 
@@ -464,6 +746,29 @@ def _clean_sizes(table: Table) -> np.ndarray:
     return np.asarray(table["size"][ok])
 
 
+def _local_maxima(snr: np.ndarray, pixels: np.ndarray, half: int):
+    """(rows, cols) of the flat indices ``pixels`` whose value is the maximum of the
+    (2 half + 1)^2 box around them (clipped to the frame), in ``pixels`` order.
+
+    Same as comparing with ``ndimage.maximum_filter`` (whose reflected border
+    repeats in-frame values) but only at the given pixels; the nearest ring is
+    tested first, so most pixels drop out after eight comparisons.
+    """
+    ny, nx = snr.shape
+    rows, cols = np.divmod(pixels, nx)
+    value = snr.ravel()[pixels]
+    keep = np.arange(pixels.size)
+    offsets = [(dy, dx) for dy in range(-half, half + 1) for dx in range(-half, half + 1)]
+    offsets.sort(key=lambda o: max(abs(o[0]), abs(o[1])))
+    for dy, dx in offsets[1:]:
+        r = np.clip(rows[keep] + dy, 0, ny - 1)
+        c = np.clip(cols[keep] + dx, 0, nx - 1)
+        keep = keep[value[keep] >= snr[r, c]]
+        if keep.size == 0:
+            break
+    return rows[keep], cols[keep]
+
+
 def _find_peaks(snr: np.ndarray, labels: np.ndarray, n: int, sigma: float, prominence: float):
     """Peaks (row, col, label) of each footprint: its maximum, plus other local maxima
     that rise ``prominence`` above the lowest S/N on the line to a brighter peak."""
@@ -475,9 +780,11 @@ def _find_peaks(snr: np.ndarray, labels: np.ndarray, n: int, sigma: float, promi
     _, first = np.unique(pixel_labels[order], return_index=True)
     main = np.column_stack(np.unravel_index(pixels[order][first], labels.shape)).astype(int)
     size = max(3, 2 * int(round(sigma)) + 1)
-    local = (snr == ndimage.maximum_filter(snr, size=size)) & (labels > 0)
-    local[main[:, 0], main[:, 1]] = False
-    rows, cols = np.nonzero(local)
+    rows, cols = _local_maxima(snr, pixels, size // 2)
+    is_main = np.zeros(labels.shape, dtype=bool)
+    is_main[main[:, 0], main[:, 1]] = True
+    secondary = ~is_main[rows, cols]
+    rows, cols = rows[secondary], cols[secondary]
     plabel = labels[rows, cols]
     peaks = {lab: [(int(r), int(c))] for lab, (r, c) in zip(index, main, strict=True)}
     order = np.argsort(-snr[rows, cols])
@@ -507,12 +814,12 @@ def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask)
     # wings inflate the first estimate), then detect again
     footprints = (labels > 0) | (neg_labels > 0)
     if grow > 0 and footprints.any():
-        sky = ndimage.distance_transform_edt(~footprints) > grow
+        sky = ~_disc_dilate(footprints, grow)
     else:
         sky = ~footprints
     sky &= ~filtered.no_data
-    if sky.sum() > 1000:
-        factor = _negative_side_sigma(filtered.snr[sky])
+    if np.count_nonzero(sky) > 1000:
+        factor = _negative_side_sigma(filtered.snr, sky)
         filtered.snr /= factor
         filtered.noise_factor *= factor
         labels, n = _footprints(filtered.snr, config.threshold, config.min_pixels)
@@ -530,8 +837,8 @@ def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask)
     table = _empty_detection_table()
     table.meta.update(
         {
-            "segmentation": grown.astype(np.int32),
-            "segmentation_negative": grown_neg.astype(np.int32),
+            "segmentation": grown.astype(np.int32, copy=False),
+            "segmentation_negative": grown_neg.astype(np.int32, copy=False),
             "n_footprints": n,
             "n_negative": n_neg,
             "threshold": float(config.threshold),
@@ -546,20 +853,26 @@ def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask)
     prow, pcol, plabel = peaks[:, 0], peaks[:, 1], peaks[:, 2]
     measured = _measure(filtered, exposure, pcol.astype(float), prow.astype(float), True)
     n_peaks = np.bincount(plabel, minlength=n + 1)[plabel]
-    npix = np.bincount(grown.ravel(), minlength=n + 1)[plabel]
+    # per-footprint sums over the grown footprints' pixels only
+    inside = np.flatnonzero(grown)
+    inside_label = grown.ravel()[inside]
+    inside_mask = exposure.mask.ravel()[inside]
+    npix = np.bincount(inside_label, minlength=n + 1)[plabel]
     slices = ndimage.find_objects(grown, max_label=n)
     boxes = np.array([[s[1].start, s[0].start, s[1].stop - 1, s[0].stop - 1] for s in slices])
     bbox = boxes[plabel - 1]
 
     def any_in(planes) -> np.ndarray:
-        bits = exposure.masked(planes)
-        return (np.bincount(grown[bits], minlength=n + 1) > 0)[plabel]
+        bits = exposure.bitmask(planes)
+        hit = (inside_mask & bits) != 0 if bits else np.zeros(inside.size, dtype=bool)
+        return (np.bincount(inside_label[hit], minlength=n + 1) > 0)[plabel]
 
     saturated = any_in(["SAT"])
     saturate_level = exposure.metadata.get("SATURATE")
     if isinstance(saturate_level, int | float) and saturate_level > 0:
-        above = np.isfinite(exposure.image) & (exposure.image >= saturate_level)
-        saturated |= (np.bincount(grown[above], minlength=n + 1) > 0)[plabel]
+        values = exposure.image.ravel()[inside]
+        above = np.isfinite(values) & (values >= saturate_level)
+        saturated |= (np.bincount(inside_label[above], minlength=n + 1) > 0)[plabel]
     ny, nx = exposure.shape
     half = measured["half"]
     edge = (
@@ -599,7 +912,8 @@ def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask)
         "flag_masked": any_in(MASKED_FLAG_PLANES),
         "flag_blended": n_peaks > 1,
     }
-    return Table(columns, meta=table.meta)
+    # copy=False: the meta's segmentation images are fresh, no need to deep-copy them
+    return Table(columns, meta=table.meta, copy=False)
 
 
 _DETECTION_COLUMNS = {
