@@ -95,7 +95,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument(
-        "--spatial", action="store_true", help="also run the spatially varying decorrelation"
+        "--no-spatial",
+        dest="spatial",
+        action="store_false",
+        help="skip the spatially varying decorrelation runs",
     )
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
