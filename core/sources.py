@@ -372,16 +372,18 @@ def _stack(array: np.ndarray, cx: np.ndarray, cy: np.ndarray, half: int, fill=0.
     return stamps
 
 
-#: A source's iterative centroid or moments stop changing (and are frozen) once a step
-#: moves them by less than this (pixels, or relative to the trace for moments).
-_CONVERGED = 1e-10
+#: A source's iterative centroid is frozen once a step moves it by less than this (px).
+_CENTROID_CONVERGED = 1e-8
+#: A source's adaptive moments are frozen once a step changes them by less than this
+#: fraction of their trace (they then sit within a few 1e-6 of the fixed point).
+_MOMENTS_CONVERGED = 1e-6
 
 
 def _centroids(stamps: np.ndarray, sigma: float, iterations: int = 15):
     """Gaussian-weighted centroid offsets (dx, dy) from the stamp centres.
 
     The weight is separable, so each step is one small matrix product per stamp;
-    sources whose step falls below `_CONVERGED` px are frozen.
+    sources whose step falls below `_CENTROID_CONVERGED` px are frozen.
     """
     n, w, _ = stamps.shape
     half = w // 2
@@ -410,15 +412,16 @@ def _centroids(stamps: np.ndarray, sigma: float, iterations: int = 15):
         step = np.maximum(np.abs(new_dx - dx[active]), np.abs(new_dy - dy[active]))
         dx[active] = new_dx
         dy[active] = new_dy
-        active = active[~(step < _CONVERGED)]
+        active = active[~(step < _CENTROID_CONVERGED)]
     return dx, dy
 
 
 def _moments(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, sigma: float, iterations=30):
     """Adaptive second moments (ixx, iyy, ixy) of a stack of stamps about (dx, dy).
 
-    Sources whose moments change by less than `_CONVERGED` of their trace in a
-    step are frozen (a fixed point would not move in later steps either).
+    Sources whose moments change by less than `_MOMENTS_CONVERGED` of their
+    trace in a step are frozen (the iteration is a contraction near its fixed
+    point, so later steps would move them by about as little).
     """
     n, w, _ = stamps.shape
     half = w // 2
@@ -467,7 +470,7 @@ def _moments(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, sigma: float, i
         step = np.maximum(np.maximum(np.abs(nxx - axx), np.abs(nyy - ayy)), np.abs(nxy - axy))
         cxx[active], cyy[active], cxy[active] = nxx, nyy, nxy
         total_all[active] = total
-        active = active[~(step < _CONVERGED * (nxx + nyy))]
+        active = active[~(step < _MOMENTS_CONVERGED * (nxx + nyy))]
     failed = ~np.isfinite(total_all) | (cxx >= limit) | (cyy >= limit)
     cxx[failed] = cyy[failed] = cxy[failed] = np.nan
     return cxx, cyy, cxy

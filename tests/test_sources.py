@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.stats import sigma_clipped_stats
 from astropy.table import Table
 from astropy.wcs import WCS
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from core.config import DetectionConfig, SourcesConfig
@@ -16,6 +18,11 @@ from core.errors import InsufficientSourcesError, InvalidCatalogError
 from core.exposure import Exposure
 from core.psf import GaussianPsf
 from core.sources import (
+    _cell_stats,
+    _disc_dilate,
+    _grow,
+    _interp_at,
+    _local_maxima,
     background_map,
     detect_sources,
     measure_sources,
@@ -218,6 +225,107 @@ def test_measure_sources_at_positions(field):
     assert np.max(np.hypot(m["x"] - xb, m["y"] - yb)) < 0.2
     assert np.median(m["flux"] / flux[bright]) == pytest.approx(1.0, abs=0.02)
     assert not np.any(m["flag_edge"] | m["flag_masked"] | m["flag_saturated"])
+
+
+def regression_field():
+    """A fixed-seed field with a sky gradient, a negative hole, a blend and NaN pixels."""
+    psf = GaussianPsf(1.6)
+    exposure, x, y, flux = star_field(psf, size=320, spacing=20, seed=11, flux_range=(2.3, 4.8))
+    yy, xx = np.mgrid[0:320, 0:320]
+    exposure.image += (3.0 + 0.01 * xx - 0.006 * yy).astype(np.float32)
+    model = np.zeros(exposure.shape)
+    add_star(model, psf, 200.5, 110.5, -8000.0)
+    add_star(model, psf, 61.0, 250.0, 6000.0)
+    exposure.image += model.astype(np.float32)
+    exposure.image[300:304, 10:40] = np.nan
+    return psf, exposure, x, y, flux
+
+
+def test_detection_catalog_regression():
+    # figures pinned from the straightforward implementation (full-frame astropy
+    # clipping, float64 FFTs, distance-transform growing, full-frame splines); the
+    # fast paths must reproduce them, not merely stay plausible
+    psf, exposure, x, y, flux = regression_field()
+    table = detect_sources(exposure, psf=psf)
+    assert len(table) == 191
+    assert table.meta["n_footprints"] == 181
+    assert table.meta["n_negative"] == 1
+    assert int(np.sum(table["flag_blended"])) == 17
+    assert table.meta["noise_factor"] == pytest.approx(1.038256, rel=1e-4)
+    f = np.asarray(table["flux"])
+    assert f.sum() == pytest.approx(2573938.0, rel=1e-5)
+    assert np.sum(table["flux_err"]) == pytest.approx(26211.01, rel=1e-5)
+    assert np.sum(table["x"] * f) / f.sum() == pytest.approx(168.38243, abs=1e-3)
+    assert np.sum(table["y"] * f) / f.sum() == pytest.approx(151.29400, abs=1e-3)
+    assert np.nanmedian(table["size"]) == pytest.approx(1.592334, rel=1e-4)
+    assert int(np.sum(table["npix"])) == pytest.approx(51174, rel=2e-3)
+    assert int(exposure.masked(["DETECTED"]).sum()) == pytest.approx(44470, rel=2e-3)
+    assert int(exposure.masked(["DETECTED_NEGATIVE"]).sum()) == pytest.approx(187, abs=2)
+    # and against the truth (the star next to the added blend is pulled by it)
+    snr = true_snr(psf, flux)
+    dist, idx = cKDTree(np.column_stack([table["x"], table["y"]])).query(np.column_stack([x, y]))
+    assert np.mean(dist[snr > 10] < 0.5) >= 0.98
+    assert np.all(dist[snr > 100] < 0.1)
+    assert np.median(f[idx][snr > 100] / flux[snr > 100]) == pytest.approx(1.0, abs=0.005)
+    sky = sky_sources(exposure, n=30, radius=5, seed=2)
+    assert len(sky) == 30
+    assert (float(sky["x"][0]), float(sky["y"][0])) == (131.0, 244.0)
+
+
+def test_cell_stats_match_astropy():
+    rng = np.random.default_rng(5)
+    cells = rng.normal(10.0, 2.0, (40, 300))
+    cells[:, :12] += rng.uniform(10, 200, (40, 12))  # bright outliers
+    cells[:5, -20:] = -50.0  # a block of low outliers
+    cells[rng.random(cells.shape) < 0.2] = np.nan
+    cells[7] = np.nan  # an empty cell
+    cells[8, 3:] = np.nan  # three values only
+    median, std = _cell_stats(cells.astype(np.float32), chunk=16)
+    with np.errstate(all="ignore"), pytest.warns(Warning):
+        _, ref_median, ref_std = sigma_clipped_stats(
+            cells.astype(np.float32).astype(np.float64), axis=1, sigma=3.0, maxiters=5
+        )
+    ref_median = np.ma.filled(ref_median, np.nan)
+    ref_std = np.ma.filled(ref_std, np.nan)
+    np.testing.assert_array_equal(np.isnan(median), np.isnan(ref_median))
+    np.testing.assert_allclose(median, ref_median, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(std, ref_std, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+def test_grow_matches_nearest_label_transform():
+    rng = np.random.default_rng(9)
+    labels, _ = ndimage.label(ndimage.gaussian_filter(rng.normal(size=(150, 170)), 2) > 0.35)
+    assert labels.max() > 20
+    for radius in (1, 3, 6):
+        distance, (iy, ix) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+        np.testing.assert_array_equal(_disc_dilate(labels > 0, radius), distance <= radius)
+        grown = _grow(labels, radius)
+        ref = np.where(distance <= radius, labels[iy, ix], 0)
+        differ = grown != ref
+        # only pixels equidistant from two footprints may go either way
+        assert differ.mean() < 0.01
+        for j, i in zip(*np.nonzero(differ), strict=True):
+            own = np.hypot(*np.nonzero(labels == grown[j, i]) - np.array([[j], [i]])).min()
+            assert own == pytest.approx(distance[j, i])
+
+
+def test_interp_at_matches_full_frame_spline():
+    rng = np.random.default_rng(2)
+    smooth = ndimage.gaussian_filter(rng.normal(size=(120, 90)), 2.5) * 100 + 20
+    col = np.concatenate([rng.uniform(0, 89, 200), [0.0, 89.0, 0.4, 88.6]])
+    row = np.concatenate([rng.uniform(0, 119, 200), [0.0, 119.0, 118.7, 0.2]])
+    ref = ndimage.map_coordinates(smooth, [row, col], order=3, mode="nearest")
+    np.testing.assert_allclose(_interp_at(smooth, col, row), ref, atol=1e-5 * smooth.std())
+
+
+def test_local_maxima_match_maximum_filter():
+    rng = np.random.default_rng(4)
+    snr = ndimage.gaussian_filter(rng.normal(size=(80, 100)), 1.0).astype(np.float32)
+    pixels = np.flatnonzero(snr > 0.1)
+    for half in (1, 2, 3):
+        rows, cols = _local_maxima(snr, pixels, half)
+        ref = (snr == ndimage.maximum_filter(snr, size=2 * half + 1)).ravel()[pixels]
+        np.testing.assert_array_equal(rows * 100 + cols, pixels[ref])
 
 
 # --------------------------------------------------------------------------------------
