@@ -130,7 +130,9 @@ def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
     # zero lets every range end (up to k * length) be a valid reduceat index
     ref = np.where(n > 0, s[rows, np.minimum(n // 2, length - 1)], 0.0)
     d = np.zeros(k * length + 1)
-    d[:-1] = np.where(finite, s - ref[:, None].astype(np.float64), 0.0).ravel()
+    d[:-1] = (s - ref[:, None].astype(np.float64)).ravel()
+    if not finite.all():
+        d[:-1][~finite.ravel()] = 0.0
     d2 = d * d
     base = rows * length
 
@@ -178,20 +180,32 @@ def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
     # the final bounds select from all values, as astropy's final mask does
     a = _search_rows(s, n, lower, right=False)
     b = np.maximum(_search_rows(s, n, upper, right=True), a)
-    return stats(a, b)
+    return (*stats(a, b), n)
 
 
-def _cell_stats(cells: np.ndarray, sigma: float = 3.0, maxiters: int = 5, chunk: int = 256):
-    """3-sigma clipped median and std of each row of ``cells`` (NaN = no data), in
-    chunks of rows so the sorted copy and prefix sums stay small."""
-    median = np.empty(cells.shape[0])
-    std = np.empty(cells.shape[0])
-    for start in range(0, cells.shape[0], chunk):
-        part = np.sort(cells[start : start + chunk], axis=1)
-        median[start : start + chunk], std[start : start + chunk] = _clipped_stats_sorted(
-            part, sigma, maxiters
-        )
-    return median, std
+def _cell_stats(cells: np.ndarray, sigma: float = 3.0, maxiters: int = 5, chunk: int = 512):
+    """3-sigma clipped median, std and number of finite values of each cell.
+
+    ``cells`` is (m, n) rows or an (nby, nbx, h, w) block view of an image (NaN =
+    no data). Cells are copied, sorted and reduced a chunk at a time, so the
+    sorted copy and the sums stay small.
+    """
+    if cells.ndim == 4:
+        step = max(1, chunk // max(cells.shape[1], 1))
+        size = cells.shape[2] * cells.shape[3]
+        parts = [cells[i : i + step].reshape(-1, size) for i in range(0, cells.shape[0], step)]
+    else:
+        parts = [cells[i : i + chunk] for i in range(0, cells.shape[0], chunk)]
+    median, std, count = [], [], []
+    for part in parts:
+        part = np.sort(part, axis=1)
+        med, sd, n = _clipped_stats_sorted(part, sigma, maxiters)
+        median.append(med)
+        std.append(sd)
+        count.append(n)
+    if not parts:
+        return np.zeros(0), np.zeros(0), np.zeros(0, dtype=int)
+    return np.concatenate(median), np.concatenate(std), np.concatenate(count)
 
 
 def background_map(
@@ -229,9 +243,8 @@ def background_map(
     else:
         padded = np.full((nby * mesh, nbx * mesh), np.nan, dtype=np.float32)
         padded[:ny, :nx] = np.where(valid, image, np.float32(np.nan))
-    cells = padded.reshape(nby, mesh, nbx, mesh).transpose(0, 2, 1, 3).reshape(nby * nbx, -1)
-    counts = np.isfinite(cells).sum(axis=1).reshape(nby, nbx)
-    median, std = (v.reshape(nby, nbx) for v in _cell_stats(cells))
+    cells = padded.reshape(nby, mesh, nbx, mesh).transpose(0, 2, 1, 3)
+    median, std, counts = (v.reshape(nby, nbx) for v in _cell_stats(cells))
     good = (counts >= _MIN_CELL_FRACTION * mesh * mesh) & np.isfinite(median) & np.isfinite(std)
     if not good.any():
         # nothing usable cell by cell: one global estimate
@@ -281,7 +294,8 @@ def _correlate_fft(array: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     spec *= fft.rfft2(np.asarray(kernel[::-1, ::-1], dtype=np.float32), shape, workers=-1)
     full = fft.irfft2(spec, shape, workers=-1, overwrite_x=True)
     hy, hx = ky // 2, kx // 2
-    return np.ascontiguousarray(full[hy : hy + ny, hx : hx + nx])
+    # a view: copying the frame out costs more than the padding it keeps alive
+    return full[hy : hy + ny, hx : hx + nx]
 
 
 def _negative_side_sigma(values: np.ndarray, use: np.ndarray | None = None) -> float:
@@ -579,8 +593,12 @@ def _resolve_psf(exposure: Exposure, psf: Psf | None) -> Psf | None:
 
 # --------------------------------------------------------------------------------------
 # detection
-def _footprints(snr: np.ndarray, threshold: float, min_pixels: int) -> tuple[np.ndarray, int]:
-    above = snr >= threshold
+def _footprints(
+    snr: np.ndarray, threshold: float, min_pixels: int, negative: bool = False
+) -> tuple[np.ndarray, int]:
+    """Labels of 8-connected pieces with ``snr >= threshold`` (``<= -threshold`` when
+    ``negative``) of at least ``min_pixels`` pixels, numbered in raster order."""
+    above = snr <= -threshold if negative else snr >= threshold
     labels, n = ndimage.label(above, structure=np.ones((3, 3), dtype=bool))
     if n == 0:
         return labels, 0
@@ -651,7 +669,9 @@ def _grow(labels: np.ndarray, radius: int) -> np.ndarray:
     single = lowest == highest
     lookup = np.where(single, highest, 0).astype(labels.dtype)
     lookup[0] = 0
-    grown = lookup[pieces]
+    grown = np.zeros_like(labels)
+    where = np.flatnonzero(reach)
+    grown.ravel()[where] = lookup[pieces.ravel()[where]]
     shared = np.flatnonzero(~single[1:]) + 1
     if shared.size:
         boxes = ndimage.find_objects(pieces)
@@ -775,25 +795,28 @@ def _local_maxima(snr: np.ndarray, pixels: np.ndarray, half: int):
 def _find_peaks(snr: np.ndarray, labels: np.ndarray, n: int, sigma: float, prominence: float):
     """Peaks (row, col, label) of each footprint: its maximum, plus other local maxima
     that rise ``prominence`` above the lowest S/N on the line to a brighter peak."""
-    index = np.arange(1, n + 1)
-    # brightest pixel of each footprint: sort only footprint pixels by (label, -snr)
     pixels = np.flatnonzero(labels)
     pixel_labels = labels.ravel()[pixels]
-    order = np.lexsort((-snr.ravel()[pixels], pixel_labels))
-    _, first = np.unique(pixel_labels[order], return_index=True)
-    main = np.column_stack(np.unravel_index(pixels[order][first], labels.shape)).astype(int)
+    values = snr.ravel()[pixels]
+    # brightest pixel of each footprint (the first in raster order on ties)
+    best = np.full(n + 1, -np.inf, dtype=values.dtype)
+    np.maximum.at(best, pixel_labels, values)
+    top = np.flatnonzero(values == best[pixel_labels])
+    _, first = np.unique(pixel_labels[top], return_index=True)
+    main_flat = pixels[top[first]]
+    main = np.column_stack(np.divmod(main_flat, labels.shape[1])).astype(int)
     size = max(3, 2 * int(round(sigma)) + 1)
     rows, cols = _local_maxima(snr, pixels, size // 2)
-    is_main = np.zeros(labels.shape, dtype=bool)
-    is_main[main[:, 0], main[:, 1]] = True
-    secondary = ~is_main[rows, cols]
+    secondary = ~np.isin(rows * labels.shape[1] + cols, main_flat)
     rows, cols = rows[secondary], cols[secondary]
     plabel = labels[rows, cols]
-    peaks = {lab: [(int(r), int(c))] for lab, (r, c) in zip(index, main, strict=True)}
+    # peaks of footprints with candidate secondaries (brightest first), main peak first
+    peaks: dict[int, list[tuple[int, int]]] = {}
     order = np.argsort(-snr[rows, cols])
     for k in order:
         r, c, lab = int(rows[k]), int(cols[k]), int(plabel[k])
-        brighter = np.array(peaks[lab], dtype=float)
+        known = peaks.setdefault(lab, [(int(main[lab - 1, 0]), int(main[lab - 1, 1]))])
+        brighter = np.array(known, dtype=float)
         dist = np.hypot(brighter[:, 0] - r, brighter[:, 1] - c)
         near = brighter[int(np.argmin(dist))]
         steps = max(2, int(math.ceil(dist.min() * 2)))
@@ -802,9 +825,14 @@ def _find_peaks(snr: np.ndarray, labels: np.ndarray, n: int, sigma: float, promi
             snr, [r + t * (near[0] - r), c + t * (near[1] - c)], order=1, mode="nearest"
         )
         if snr[r, c] - line.min() >= prominence:
-            peaks[lab].append((r, c))
-    out = [(r, c, lab) for lab in index for (r, c) in peaks[lab]]
-    return np.array(out, dtype=int).reshape(-1, 3)
+            known.append((r, c))
+    extra = [(r, c, lab, k) for lab, found in peaks.items() for k, (r, c) in enumerate(found) if k]
+    out = np.column_stack([main, np.arange(1, n + 1), np.zeros(n, dtype=int)])
+    if extra:
+        out = np.concatenate([out, np.array(extra, dtype=int)])
+    # by footprint, main peak then secondaries in the order they were accepted
+    out = out[np.lexsort((out[:, 3], out[:, 2]))]
+    return out[:, :3]
 
 
 def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask) -> Table:
@@ -812,7 +840,7 @@ def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask)
     sigma = _psf_sigma(psf)
     grow = int(round(grow_sigma * sigma))
     labels, n = _footprints(filtered.snr, config.threshold, config.min_pixels)
-    neg_labels, n_neg = _footprints(-filtered.snr, config.threshold, config.min_pixels)
+    neg_labels, n_neg = _footprints(filtered.snr, config.threshold, config.min_pixels, True)
     # re-measure the S/N scatter on sky outside every footprint (sources and faint
     # wings inflate the first estimate), then detect again
     footprints = (labels > 0) | (neg_labels > 0)
@@ -826,11 +854,15 @@ def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask)
         filtered.snr /= factor
         filtered.noise_factor *= factor
         labels, n = _footprints(filtered.snr, config.threshold, config.min_pixels)
-        neg_labels, n_neg = _footprints(-filtered.snr, config.threshold, config.min_pixels)
+        neg_labels, n_neg = _footprints(filtered.snr, config.threshold, config.min_pixels, True)
     # grow positive and negative footprints together (one transform; nearest wins)
-    both = _grow(np.where(neg_labels > 0, neg_labels + n, labels), grow)
-    grown = np.where(both <= n, both, 0)
-    grown_neg = np.where(both > n, both - n, 0)
+    if n_neg:
+        both = _grow(np.where(neg_labels > 0, neg_labels + n, labels), grow)
+        grown = np.where(both <= n, both, 0)
+        grown_neg = np.where(both > n, both - n, 0)
+    else:
+        grown = _grow(labels, grow)
+        grown_neg = np.zeros_like(grown)
     if set_mask:
         exposure.clear_plane("DETECTED")
         exposure.clear_plane("DETECTED_NEGATIVE")
@@ -861,9 +893,15 @@ def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask)
     inside_label = grown.ravel()[inside]
     inside_mask = exposure.mask.ravel()[inside]
     npix = np.bincount(inside_label, minlength=n + 1)[plabel]
-    slices = ndimage.find_objects(grown, max_label=n)
-    boxes = np.array([[s[1].start, s[0].start, s[1].stop - 1, s[0].stop - 1] for s in slices])
-    bbox = boxes[plabel - 1]
+    inside_row, inside_col = np.divmod(inside, grown.shape[1])
+    boxes = np.empty((n + 1, 4), dtype=np.int64)
+    boxes[:, :2] = np.iinfo(np.int64).max
+    boxes[:, 2:] = -1
+    np.minimum.at(boxes[:, 0], inside_label, inside_col)
+    np.minimum.at(boxes[:, 1], inside_label, inside_row)
+    np.maximum.at(boxes[:, 2], inside_label, inside_col)
+    np.maximum.at(boxes[:, 3], inside_label, inside_row)
+    bbox = boxes[plabel]
 
     def any_in(planes) -> np.ndarray:
         bits = exposure.bitmask(planes)

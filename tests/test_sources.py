@@ -280,7 +280,8 @@ def test_cell_stats_match_astropy():
     cells[rng.random(cells.shape) < 0.2] = np.nan
     cells[7] = np.nan  # an empty cell
     cells[8, 3:] = np.nan  # three values only
-    median, std = _cell_stats(cells.astype(np.float32), chunk=16)
+    median, std, count = _cell_stats(cells.astype(np.float32), chunk=16)
+    np.testing.assert_array_equal(count, np.isfinite(cells).sum(axis=1))
     with np.errstate(all="ignore"), pytest.warns(Warning):
         _, ref_median, ref_std = sigma_clipped_stats(
             cells.astype(np.float32).astype(np.float64), axis=1, sigma=3.0, maxiters=5
@@ -290,6 +291,11 @@ def test_cell_stats_match_astropy():
     np.testing.assert_array_equal(np.isnan(median), np.isnan(ref_median))
     np.testing.assert_allclose(median, ref_median, rtol=1e-12, equal_nan=True)
     np.testing.assert_allclose(std, ref_std, rtol=1e-9, atol=1e-12, equal_nan=True)
+    # the block form used on images gives the same numbers
+    blocks = cells.astype(np.float32).reshape(8, 5, 15, 20)
+    block_median, block_std, _ = _cell_stats(blocks, chunk=10)
+    np.testing.assert_array_equal(block_median, median)
+    np.testing.assert_array_equal(block_std, std)
 
 
 def test_grow_matches_nearest_label_transform():
