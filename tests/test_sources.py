@@ -13,12 +13,14 @@ from astropy.wcs import WCS
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+import core.sources as sources_module
 from core.config import DetectionConfig, SourcesConfig
 from core.errors import InsufficientSourcesError, InvalidCatalogError
 from core.exposure import Exposure
 from core.psf import GaussianPsf
 from core.sources import (
     _cell_stats,
+    _correlate_fft,
     _disc_dilate,
     _grow,
     _interp_at,
@@ -322,6 +324,17 @@ def test_interp_at_matches_full_frame_spline():
     row = np.concatenate([rng.uniform(0, 119, 200), [0.0, 119.0, 118.7, 0.2]])
     ref = ndimage.map_coordinates(smooth, [row, col], order=3, mode="nearest")
     np.testing.assert_allclose(_interp_at(smooth, col, row), ref, atol=1e-5 * smooth.std())
+
+
+@pytest.mark.parametrize("strip_rows", [1024, 37])
+def test_correlate_fft_matches_direct_correlation(monkeypatch, strip_rows):
+    monkeypatch.setattr(sources_module, "_FFT_STRIP_ROWS", strip_rows)
+    rng = np.random.default_rng(8)
+    image = rng.normal(size=(150, 110)).astype(np.float32)
+    kernel = rng.random((13, 9))
+    ref = ndimage.correlate(image.astype(np.float64), kernel, mode="constant")
+    got = _correlate_fft(image, kernel)
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
 
 
 def test_local_maxima_match_maximum_filter():
