@@ -59,6 +59,22 @@ _MIN_CELL_FRACTION = 0.25
 #: A secondary peak in a footprint counts as a source when it rises this many noise
 #: sigmas (smoothed S/N units) above the saddle towards a brighter peak.
 _PEAK_PROMINENCE = 3.0
+#: Rows per block for frame-wide elementwise work: temporaries stay a few MB (reused
+#: by the allocator) instead of frame-sized arrays that each cost fresh page faults.
+_BLOCK_ROWS = 256
+
+
+def _row_blocks(ny: int):
+    """Row slices covering 0..ny in blocks of `_BLOCK_ROWS`."""
+    return [slice(y, min(y + _BLOCK_ROWS, ny)) for y in range(0, ny, _BLOCK_ROWS)]
+
+
+def _plane_hits(exposure: Exposure, names, rows: slice) -> np.ndarray:
+    """``exposure.masked(names)`` for a block of rows."""
+    bits = exposure.bitmask(names)
+    if not bits:
+        return np.zeros((rows.stop - rows.start, exposure.shape[1]), dtype=bool)
+    return (exposure.mask[rows] & bits) != 0
 
 
 # --------------------------------------------------------------------------------------
@@ -234,8 +250,12 @@ def background_map(
     background, noise : `numpy.ndarray` (ny, nx), float32
     """
     image = np.asarray(exposure.image, dtype=np.float32)
-    valid = np.isfinite(image) & ~exposure.masked(ignore_planes)
     ny, nx = image.shape
+    valid = np.empty((ny, nx), dtype=bool)
+    for rows in _row_blocks(ny):
+        np.logical_and(
+            np.isfinite(image[rows]), ~_plane_hits(exposure, ignore_planes, rows), out=valid[rows]
+        )
     mesh = int(max(4, min(mesh, ny, nx)))
     nby, nbx = -(-ny // mesh), -(-nx // mesh)
     if ny == nby * mesh and nx == nbx * mesh and valid.all():
@@ -316,20 +336,37 @@ def _negative_side_sigma(values: np.ndarray, use: np.ndarray | None = None) -> f
     """Noise from the lower half of a distribution (sources only add a positive tail).
 
     ``use`` optionally selects the entries of ``values`` to look at (boolean, same
-    shape); at most about a million of them, evenly strided, enter the estimate.
+    shape). Of the selected finite values at most about a million, evenly strided
+    (every k-th in raster order), enter the estimate; they are gathered block by
+    block so no frame-sized copy is made.
     """
-    values = values.ravel()
-    if use is not None and not use.all():
-        values = values[use.ravel()]
-    finite = np.isfinite(values)
-    if not finite.all():
-        values = values[finite]
-    if values.size > 1_000_000:
-        values = values[:: values.size // 1_000_000 + 1]
-    if values.size < 10:
+    values = np.atleast_2d(values)
+    if use is not None:
+        use = np.atleast_2d(use)
+    blocks = _row_blocks(values.shape[0])
+
+    def selected(rows: slice) -> np.ndarray:
+        keep = np.isfinite(values[rows])
+        if use is not None:
+            keep &= use[rows]
+        return keep
+
+    counts = [int(np.count_nonzero(selected(rows))) for rows in blocks]
+    total = sum(counts)
+    if total < 10:
         return 1.0
-    median = np.median(values)
-    sigma = median - np.percentile(values, 15.865525393145708)
+    step = total // 1_000_000 + 1 if total > 1_000_000 else 1
+    sample = []
+    seen = 0
+    for rows, count in zip(blocks, counts, strict=True):
+        if count:
+            chosen = values[rows][selected(rows)]
+            # global ordinals seen .. seen + count - 1; keep multiples of step
+            sample.append(chosen[(-seen) % step :: step])
+            seen += count
+    sample = np.concatenate(sample)
+    median = np.median(sample)
+    sigma = median - np.percentile(sample, 15.865525393145708)
     return float(sigma) if sigma > 0 else 1.0
 
 
@@ -349,20 +386,31 @@ class _Filtered:
 
     def __init__(self, exposure: Exposure, psf: Psf, background: np.ndarray, noise: np.ndarray):
         image = np.subtract(exposure.image, background, dtype=np.float32)
-        no_data = ~np.isfinite(image) | exposure.masked(["NO_DATA"])
-        image[no_data] = 0.0
+        ny = image.shape[0]
+        no_data = np.empty(image.shape, dtype=bool)
+        var_ok = np.empty(image.shape, dtype=bool)
         variance = np.asarray(exposure.variance, dtype=np.float32)
-        var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
-        if var_ok.mean() < 0.5:
+        for rows in _row_blocks(ny):
+            hits = _plane_hits(exposure, ["NO_DATA"], rows)
+            np.logical_or(~np.isfinite(image[rows]), hits, out=no_data[rows])
+            var = variance[rows]
+            var_ok[rows] = np.isfinite(var) & (var > 0) & ~no_data[rows]
+        any_no_data = bool(no_data.any())
+        if any_no_data:
+            image[no_data] = 0.0
+        n_ok = np.count_nonzero(var_ok)
+        if n_ok < 0.5 * var_ok.size:
             # unusable variance plane: the mesh noise is the local variance
             variance = np.square(noise, dtype=np.float32)
             var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
-        all_ok = bool(var_ok.all())
+            n_ok = np.count_nonzero(var_ok)
+        all_ok = n_ok == var_ok.size
         good = variance.ravel() if all_ok else variance[var_ok]
         # a strided sample's median is plenty for a fill value
         fill = float(np.median(good[:: good.size // 1_000_000 + 1])) if good.size else 1.0
         if not all_ok:
             variance = np.where(var_ok, variance, np.float32(fill))
+        del var_ok, good
         self.image = image
         self.variance = variance
         self.no_data = no_data
@@ -376,10 +424,11 @@ class _Filtered:
         # in place: every frame-sized temporary costs page faults on first touch
         snr = np.sqrt(self.smoothed_var)
         np.divide(self.smoothed, snr, out=snr)
-        snr[no_data] = 0.0
+        if any_no_data:
+            snr[no_data] = 0.0
         # the variance plane may be off by a constant (correlated or mis-scaled noise):
         # rescale the S/N so that its empty-sky scatter is 1
-        self.noise_factor = _negative_side_sigma(snr, ~no_data)
+        self.noise_factor = _negative_side_sigma(snr, ~no_data if any_no_data else None)
         snr /= np.float32(self.noise_factor)
         self.snr = snr
 
@@ -636,26 +685,30 @@ def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
     Equal to ``distance_transform_edt(~mask) <= radius`` but built from shifted ORs:
     rows of the disc are horizontal dilations of increasing half-width, each made
-    from the previous one, then OR-ed in at their vertical offsets.
+    from the previous one and OR-ed in at the vertical offsets that use it.
     """
     if radius <= 0:
         return mask.copy()
+    ny = mask.shape[0]
     widths = [int(math.isqrt(radius * radius - dy * dy)) for dy in range(radius + 1)]
-    rows_by_width = {0: mask}
+    out = np.zeros_like(mask)
     current = mask
-    for w in range(1, widths[0] + 1):
-        wider = current.copy()
-        wider[:, 1:] |= current[:, :-1]
-        wider[:, :-1] |= current[:, 1:]
-        if w in widths:
-            rows_by_width[w] = wider
-        current = wider
-    out = rows_by_width[widths[0]].copy()
-    for dy in range(1, radius + 1):
-        band = rows_by_width[widths[dy]]
-        if dy < mask.shape[0]:
-            out[dy:] |= band[:-dy]
-            out[:-dy] |= band[dy:]
+    spare = np.empty_like(mask)
+    wider = np.empty_like(mask)
+    for w in range(widths[0] + 1):
+        if w:
+            np.copyto(wider, current)
+            wider[:, 1:] |= current[:, :-1]
+            wider[:, :-1] |= current[:, 1:]
+            current, wider = wider, (spare if current is mask else current)
+        for dy in range(radius + 1):
+            if widths[dy] != w:
+                continue
+            if dy == 0:
+                out |= current
+            elif dy < ny:
+                out[dy:] |= current[:-dy]
+                out[:-dy] |= current[dy:]
     return out
 
 
@@ -684,15 +737,17 @@ def _grow(labels: np.ndarray, radius: int) -> np.ndarray:
     single = lowest == highest
     lookup = np.where(single, highest, 0).astype(labels.dtype)
     lookup[0] = 0
-    grown = np.zeros_like(labels)
-    where = np.flatnonzero(reach)
-    grown.ravel()[where] = lookup[pieces.ravel()[where]]
+    del reach, seeds
     shared = np.flatnonzero(~single[1:]) + 1
+    boxes = ndimage.find_objects(pieces) if shared.size else []
+    insides = [pieces[boxes[piece - 1]] == piece for piece in shared]
+    # the piece image becomes the grown label image, a block at a time
+    grown = pieces
+    for rows in _row_blocks(grown.shape[0]):
+        grown[rows] = lookup[grown[rows]]
     if shared.size:
-        boxes = ndimage.find_objects(pieces)
-        for piece in shared:
+        for piece, inside in zip(shared, insides, strict=True):
             box = boxes[piece - 1]
-            inside = pieces[box] == piece
             window = labels[box]
             _, (iy, ix) = ndimage.distance_transform_edt(
                 ~((window > 0) & inside), return_indices=True
@@ -858,12 +913,13 @@ def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask)
     neg_labels, n_neg = _footprints(filtered.snr, config.threshold, config.min_pixels, True)
     # re-measure the S/N scatter on sky outside every footprint (sources and faint
     # wings inflate the first estimate), then detect again
-    footprints = (labels > 0) | (neg_labels > 0)
-    if grow > 0 and footprints.any():
-        sky = ~_disc_dilate(footprints, grow)
-    else:
-        sky = ~footprints
-    sky &= ~filtered.no_data
+    footprints = np.empty(labels.shape, dtype=bool)
+    for rows in _row_blocks(labels.shape[0]):
+        np.logical_or(labels[rows] > 0, neg_labels[rows] > 0, out=footprints[rows])
+    sky = _disc_dilate(footprints, grow) if grow > 0 else footprints
+    np.logical_not(sky, out=sky)
+    for rows in _row_blocks(sky.shape[0]):
+        sky[rows] &= ~filtered.no_data[rows]
     if np.count_nonzero(sky) > 1000:
         factor = _negative_side_sigma(filtered.snr, sky)
         filtered.snr /= factor
@@ -882,7 +938,10 @@ def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask)
         exposure.clear_plane("DETECTED")
         exposure.clear_plane("DETECTED_NEGATIVE")
         exposure.set_plane("DETECTED", grown > 0)
-        exposure.set_plane("DETECTED_NEGATIVE", grown_neg > 0)
+        if n_neg:
+            exposure.set_plane("DETECTED_NEGATIVE", grown_neg > 0)
+        else:
+            exposure.mask_planes.bit("DETECTED_NEGATIVE")  # the plane exists, empty
     x0, y0 = exposure.xy0
     table = _empty_detection_table()
     table.meta.update(

@@ -25,6 +25,7 @@ from core.sources import (
     _grow,
     _interp_at,
     _local_maxima,
+    _negative_side_sigma,
     background_map,
     detect_sources,
     measure_sources,
@@ -335,6 +336,21 @@ def test_correlate_fft_matches_direct_correlation(monkeypatch, strip_rows):
     ref = ndimage.correlate(image.astype(np.float64), kernel, mode="constant")
     got = _correlate_fft(image, kernel)
     np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_negative_side_sigma_samples_like_a_plain_selection():
+    rng = np.random.default_rng(6)
+    values = rng.normal(0.0, 2.0, (1300, 1000)).astype(np.float32)
+    values[:, :40] += 30.0  # a positive tail the lower half ignores
+    values[rng.random(values.shape) < 0.01] = np.nan
+    use = rng.random(values.shape) < 0.9
+    plain = values[use]
+    plain = plain[np.isfinite(plain)]
+    plain = plain[:: plain.size // 1_000_000 + 1]
+    expected = np.median(plain) - np.percentile(plain, 15.865525393145708)
+    assert _negative_side_sigma(values, use) == pytest.approx(expected, rel=1e-12)
+    assert _negative_side_sigma(values) == pytest.approx(2.0, rel=0.05)
+    assert _negative_side_sigma(values[:2, :3]) == 1.0  # too few values
 
 
 def test_local_maxima_match_maximum_filter():
