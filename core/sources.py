@@ -224,6 +224,31 @@ def _cell_stats(cells: np.ndarray, sigma: float = 3.0, maxiters: int = 5, chunk:
     return np.concatenate(median), np.concatenate(std), np.concatenate(count)
 
 
+class _BackgroundMesh:
+    """Mesh background and noise of `background_map`, interpolated to pixels on demand
+    (whole frame, or a block of rows so that no frame-sized map need exist)."""
+
+    def __init__(self, median: np.ndarray, std: np.ndarray, wy: np.ndarray, wx: np.ndarray):
+        self.median = median
+        self.std = std
+        self.wy = wy
+        self.wx_t = wx.T.astype(np.float32)
+
+    @classmethod
+    def constant(cls, ny: int, nx: int, level: float, noise: float) -> _BackgroundMesh:
+        return cls(np.array([[level]]), np.array([[noise]]), np.ones((ny, 1)), np.ones((nx, 1)))
+
+    def _rows(self, mesh: np.ndarray, rows: slice) -> np.ndarray:
+        # (rows, nby) @ (nby, nbx) @ (nbx, nx): along y first, then along x
+        return (self.wy[rows] @ mesh).astype(np.float32) @ self.wx_t
+
+    def background(self, rows: slice = slice(None)) -> np.ndarray:
+        return self._rows(self.median, rows)
+
+    def noise(self, rows: slice = slice(None)) -> np.ndarray:
+        return self._rows(self.std, rows)
+
+
 def background_map(
     exposure: Exposure,
     mesh: int = 64,
@@ -249,6 +274,11 @@ def background_map(
     -------
     background, noise : `numpy.ndarray` (ny, nx), float32
     """
+    estimate = _background_mesh(exposure, mesh, ignore_planes)
+    return estimate.background(), estimate.noise()
+
+
+def _background_mesh(exposure: Exposure, mesh: int, ignore_planes) -> _BackgroundMesh:
     image = np.asarray(exposure.image, dtype=np.float32)
     ny, nx = image.shape
     valid = np.empty((ny, nx), dtype=bool)
@@ -270,15 +300,11 @@ def background_map(
         # nothing usable cell by cell: one global estimate
         finite = image[valid] if valid.any() else image[np.isfinite(image)]
         if finite.size == 0:
-            zeros = np.zeros(image.shape, dtype=np.float32)
-            return zeros, zeros + np.float32(1.0)
+            return _BackgroundMesh.constant(ny, nx, 0.0, 1.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AstropyUserWarning)
             _, med, sd = sigma_clipped_stats(finite, sigma=3.0, maxiters=5)
-        return (
-            np.full(image.shape, med, dtype=np.float32),
-            np.full(image.shape, sd if sd > 0 else 1.0, dtype=np.float32),
-        )
+        return _BackgroundMesh.constant(ny, nx, float(med), float(sd) if sd > 0 else 1.0)
     if not good.all():
         _, (iy, ix) = ndimage.distance_transform_edt(~good, return_indices=True)
         median, std = median[iy, ix], std[iy, ix]
@@ -287,10 +313,7 @@ def background_map(
     std = _despike(std, 0.5 * typical_noise)
     wy = _interp_matrix(ny, (mesh - 1) / 2.0, mesh, nby)
     wx = _interp_matrix(nx, (mesh - 1) / 2.0, mesh, nbx)
-    # (ny, nby) @ (nby, nx): the mesh is interpolated along y first, then along x
-    background = (wy @ median).astype(np.float32) @ wx.T.astype(np.float32)
-    noise = (wy @ std).astype(np.float32) @ wx.T.astype(np.float32)
-    return background, noise
+    return _BackgroundMesh(median, std, wy, wx)
 
 
 # --------------------------------------------------------------------------------------
@@ -384,13 +407,13 @@ class _Filtered:
     full frames, with rounding far below the noise.
     """
 
-    def __init__(self, exposure: Exposure, psf: Psf, background: np.ndarray, noise: np.ndarray):
-        image = np.subtract(exposure.image, background, dtype=np.float32)
-        ny = image.shape[0]
+    def __init__(self, exposure: Exposure, psf: Psf, estimate: _BackgroundMesh):
+        image = np.empty(exposure.shape, dtype=np.float32)
         no_data = np.empty(image.shape, dtype=bool)
         var_ok = np.empty(image.shape, dtype=bool)
         variance = np.asarray(exposure.variance, dtype=np.float32)
-        for rows in _row_blocks(ny):
+        for rows in _row_blocks(image.shape[0]):
+            np.subtract(exposure.image[rows], estimate.background(rows), out=image[rows])
             hits = _plane_hits(exposure, ["NO_DATA"], rows)
             np.logical_or(~np.isfinite(image[rows]), hits, out=no_data[rows])
             var = variance[rows]
@@ -401,7 +424,7 @@ class _Filtered:
         n_ok = np.count_nonzero(var_ok)
         if n_ok < 0.5 * var_ok.size:
             # unusable variance plane: the mesh noise is the local variance
-            variance = np.square(noise, dtype=np.float32)
+            variance = np.square(estimate.noise(), dtype=np.float32)
             var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
             n_ok = np.count_nonzero(var_ok)
         all_ok = n_ok == var_ok.size
@@ -658,12 +681,21 @@ def _resolve_psf(exposure: Exposure, psf: Psf | None) -> Psf | None:
 # --------------------------------------------------------------------------------------
 # detection
 def _footprints(
-    snr: np.ndarray, threshold: float, min_pixels: int, negative: bool = False
+    snr: np.ndarray,
+    threshold: float,
+    min_pixels: int,
+    negative: bool = False,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Labels of 8-connected pieces with ``snr >= threshold`` (``<= -threshold`` when
-    ``negative``) of at least ``min_pixels`` pixels, numbered in raster order."""
+    ``negative``) of at least ``min_pixels`` pixels, numbered in raster order; written
+    into ``out`` (int32, reused between passes) when given."""
     above = snr <= -threshold if negative else snr >= threshold
-    labels, n = ndimage.label(above, structure=np.ones((3, 3), dtype=bool))
+    structure = np.ones((3, 3), dtype=bool)
+    if out is None:
+        labels, n = ndimage.label(above, structure=structure)
+    else:
+        labels, n = out, ndimage.label(above, structure=structure, output=out)
     if n == 0:
         return labels, 0
     # count and relabel only the (few) pixels above threshold, not the whole frame
@@ -712,7 +744,7 @@ def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def _grow(labels: np.ndarray, radius: int) -> np.ndarray:
+def _grow(labels: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.ndarray:
     """Grow labelled footprints by ``radius`` pixels (nearest label wins contested pixels).
 
     The grown area is a disc dilation of all footprints; its connected pieces
@@ -721,12 +753,17 @@ def _grow(labels: np.ndarray, radius: int) -> np.ndarray:
     their own bounding box. A footprint pixel from another piece lies farther
     than ``radius`` from every pixel of this one, so the result equals a
     whole-frame nearest-label transform (up to ties between equidistant pixels).
+    ``out`` (int32, not ``labels``) receives the result when given.
     """
     if radius <= 0 or labels.max() == 0:
         return labels
     seeds = labels > 0
     reach = _disc_dilate(seeds, radius)
-    pieces, n_pieces = ndimage.label(reach, structure=np.ones((3, 3), dtype=bool))
+    structure = np.ones((3, 3), dtype=bool)
+    if out is None:
+        pieces, n_pieces = ndimage.label(reach, structure=structure)
+    else:
+        pieces, n_pieces = out, ndimage.label(reach, structure=structure, output=out)
     where = np.flatnonzero(seeds)
     seed_labels = labels.ravel()[where]
     seed_pieces = pieces.ravel()[where]
@@ -808,19 +845,19 @@ def detect_sources(
     """
     config = config or DetectionConfig()
     given = _resolve_psf(exposure, psf)
-    background, noise = background_map(exposure, config.background_mesh)
+    estimate = _background_mesh(exposure, config.background_mesh, BACKGROUND_IGNORE_PLANES)
     if given is not None and config.smooth_with_psf:
-        table = _detect_pass(exposure, config, given, background, noise, grow_sigma, set_mask)
+        table = _detect_pass(exposure, config, given, estimate, grow_sigma, set_mask)
     else:
         first = GaussianPsf(_DEFAULT_SMOOTH_SIGMA)
-        table = _detect_pass(exposure, config, first, background, noise, grow_sigma, False)
+        table = _detect_pass(exposure, config, first, estimate, grow_sigma, False)
         sizes = _clean_sizes(table)
         sigma = _stellar_locus(sizes) if sizes.size >= 3 else _DEFAULT_SMOOTH_SIGMA
         if not config.smooth_with_psf:
             sigma = max(0.5, min(sigma, 20.0))
         if abs(sigma / _DEFAULT_SMOOTH_SIGMA - 1) > 0.15 or set_mask:
             model = GaussianPsf(max(0.5, min(sigma, 20.0)))
-            table = _detect_pass(exposure, config, model, background, noise, grow_sigma, set_mask)
+            table = _detect_pass(exposure, config, model, estimate, grow_sigma, set_mask)
         if given is not None:
             table.meta["psf_sigma"] = _psf_sigma(given)
     return table
@@ -905,8 +942,8 @@ def _find_peaks(snr: np.ndarray, labels: np.ndarray, n: int, sigma: float, promi
     return out[:, :3]
 
 
-def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask) -> Table:
-    filtered = _Filtered(exposure, psf, background, noise)
+def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table:
+    filtered = _Filtered(exposure, psf, estimate)
     sigma = _psf_sigma(psf)
     grow = int(round(grow_sigma * sigma))
     labels, n = _footprints(filtered.snr, config.threshold, config.min_pixels)
@@ -924,15 +961,24 @@ def _detect_pass(exposure, config, psf, background, noise, grow_sigma, set_mask)
         factor = _negative_side_sigma(filtered.snr, sky)
         filtered.snr /= factor
         filtered.noise_factor *= factor
-        labels, n = _footprints(filtered.snr, config.threshold, config.min_pixels)
-        neg_labels, n_neg = _footprints(filtered.snr, config.threshold, config.min_pixels, True)
-    # grow positive and negative footprints together (one transform; nearest wins)
+        del footprints, sky
+        thr, least = config.threshold, config.min_pixels
+        labels, n = _footprints(filtered.snr, thr, least, out=labels)
+        neg_labels, n_neg = _footprints(filtered.snr, thr, least, True, out=neg_labels)
+    # grow positive and negative footprints together (one transform; nearest wins);
+    # the label buffers are reused for the grown images
     if n_neg:
-        both = _grow(np.where(neg_labels > 0, neg_labels + n, labels), grow)
-        grown = np.where(both <= n, both, 0)
-        grown_neg = np.where(both > n, both - n, 0)
+        both = np.where(neg_labels > 0, neg_labels + n, labels)
+        result = _grow(both, grow, out=neg_labels)
+        grown, grown_neg = both, neg_labels
+        for rows in _row_blocks(result.shape[0]):
+            block = result[rows]
+            positive = np.where(block <= n, block, 0)
+            negative = np.where(block > n, block - n, 0)
+            grown[rows] = positive
+            grown_neg[rows] = negative
     else:
-        grown = _grow(labels, grow)
+        grown = _grow(labels, grow, out=neg_labels)
         grown_neg = np.zeros_like(grown)
     if set_mask:
         exposure.clear_plane("DETECTED")
@@ -1103,8 +1149,8 @@ def measure_sources(
     x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     y = np.atleast_1d(np.asarray(y, dtype=np.float64))
     x0, y0 = exposure.xy0
-    background, noise = background_map(exposure, background_mesh)
-    filtered = _Filtered(exposure, psf, background, noise)
+    estimate = _background_mesh(exposure, background_mesh, BACKGROUND_IGNORE_PLANES)
+    filtered = _Filtered(exposure, psf, estimate)
     col, row = x - x0, y - y0
     if x.size == 0:
         m = {k: np.zeros(0) for k in ("col", "row", "flux", "flux_err", "snr", "peak")}
