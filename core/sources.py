@@ -604,10 +604,11 @@ def _interp_at(array: np.ndarray, col: np.ndarray, row: np.ndarray) -> np.ndarra
     rows = np.clip(ir[:, None] + offsets, 0, ny - 1)
     cols = np.clip(ic[:, None] + offsets, 0, nx - 1)
     stamps = array[rows[:, :, None], cols[:, None, :]].astype(np.float64)
-    coeffs = ndimage.spline_filter1d(stamps, 3, axis=1, mode="nearest")
+    # the filter is separable: along y for every column, then along x only for the
+    # four rows whose coefficients the cubic B-spline at floor - 1 .. floor + 2 uses
+    coeffs = ndimage.spline_filter1d(stamps, 3, axis=1, mode="nearest")[:, h - 1 : h + 3]
     coeffs = ndimage.spline_filter1d(coeffs, 3, axis=2, mode="nearest")
-    # cubic B-spline weights of the nodes floor - 1 .. floor + 2
-    core = coeffs[:, h - 1 : h + 3, h - 1 : h + 3]
+    core = coeffs[:, :, h - 1 : h + 3]
     wy = _bspline_weights(row - ir)
     wx = _bspline_weights(col - ic)
     return np.einsum("nji,nj,ni->n", core, wy, wx)
@@ -723,7 +724,7 @@ def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
         return mask.copy()
     ny = mask.shape[0]
     widths = [int(math.isqrt(radius * radius - dy * dy)) for dy in range(radius + 1)]
-    out = np.zeros_like(mask)
+    out = np.zeros(mask.shape, dtype=bool)
     current = mask
     spare = np.empty_like(mask)
     wider = np.empty_like(mask)
@@ -776,15 +777,29 @@ def _grow(labels: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.
     lookup[0] = 0
     del reach, seeds
     shared = np.flatnonzero(~single[1:]) + 1
-    boxes = ndimage.find_objects(pieces) if shared.size else []
-    insides = [pieces[boxes[piece - 1]] == piece for piece in shared]
+    # a piece is its seeds dilated by the disc: its box is theirs grown by the radius
+    ny, nx = labels.shape
+    in_shared = ~single[seed_pieces]
+    seed_rows, seed_cols = np.divmod(where[in_shared], nx)
+    box_lo = np.full((n_pieces + 1, 2), np.iinfo(np.int64).max, dtype=np.int64)
+    box_hi = np.full((n_pieces + 1, 2), -1, dtype=np.int64)
+    np.minimum.at(box_lo, seed_pieces[in_shared], np.column_stack([seed_rows, seed_cols]))
+    np.maximum.at(box_hi, seed_pieces[in_shared], np.column_stack([seed_rows, seed_cols]))
+    boxes = {
+        piece: (
+            slice(max(box_lo[piece, 0] - radius, 0), min(box_hi[piece, 0] + radius + 1, ny)),
+            slice(max(box_lo[piece, 1] - radius, 0), min(box_hi[piece, 1] + radius + 1, nx)),
+        )
+        for piece in shared
+    }
+    insides = [pieces[boxes[piece]] == piece for piece in shared]
     # the piece image becomes the grown label image, a block at a time
     grown = pieces
     for rows in _row_blocks(grown.shape[0]):
         grown[rows] = lookup[grown[rows]]
     if shared.size:
         for piece, inside in zip(shared, insides, strict=True):
-            box = boxes[piece - 1]
+            box = boxes[piece]
             window = labels[box]
             _, (iy, ix) = ndimage.distance_transform_edt(
                 ~((window > 0) & inside), return_indices=True
@@ -979,7 +994,7 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
             grown_neg[rows] = negative
     else:
         grown = _grow(labels, grow, out=neg_labels)
-        grown_neg = np.zeros_like(grown)
+        grown_neg = np.zeros(grown.shape, dtype=grown.dtype)  # calloc: no pages touched
     if set_mask:
         exposure.clear_plane("DETECTED")
         exposure.clear_plane("DETECTED_NEGATIVE")
