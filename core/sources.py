@@ -692,6 +692,12 @@ def _footprints(
     ``negative``) of at least ``min_pixels`` pixels, numbered in raster order; written
     into ``out`` (int32, reused between passes) when given."""
     above = snr <= -threshold if negative else snr >= threshold
+    if not above.any():
+        # nothing to label (often the negative side): skip the full-frame scan
+        if out is None:
+            return np.zeros(snr.shape, dtype=np.int32), 0
+        out.fill(0)
+        return out, 0
     structure = np.ones((3, 3), dtype=bool)
     if out is None:
         labels, n = ndimage.label(above, structure=structure)
