@@ -1380,15 +1380,22 @@ def read_catalog(source, wcs=None) -> Table:
 # --------------------------------------------------------------------------------------
 # kernel-source selection
 def _box_counts(bad: np.ndarray, x0: int, y0: int, bx0, by0, bx1, by1) -> np.ndarray:
-    """Number of ``bad`` pixels inside inclusive parent boxes (summed-area table)."""
+    """Number of ``bad`` pixels inside inclusive parent boxes.
+
+    Boxes are stamp-sized and a few thousand at most, so slicing each is far
+    cheaper than a summed-area table of the whole frame.
+    """
     ny, nx = bad.shape
-    sat = np.zeros((ny + 1, nx + 1), dtype=np.int64)
-    sat[1:, 1:] = np.cumsum(np.cumsum(bad, axis=0), axis=1)
-    i0 = np.clip(bx0 - x0, 0, nx)
-    j0 = np.clip(by0 - y0, 0, ny)
-    i1 = np.clip(bx1 - x0 + 1, 0, nx)
-    j1 = np.clip(by1 - y0 + 1, 0, ny)
-    return sat[j1, i1] - sat[j0, i1] - sat[j1, i0] + sat[j0, i0]
+    counts = np.zeros(len(np.atleast_1d(bx0)), dtype=np.int64)
+    if not bad.any():
+        return counts
+    i0 = np.clip(np.asarray(bx0) - x0, 0, nx)
+    j0 = np.clip(np.asarray(by0) - y0, 0, ny)
+    i1 = np.clip(np.asarray(bx1) - x0 + 1, 0, nx)
+    j1 = np.clip(np.asarray(by1) - y0 + 1, 0, ny)
+    for k in range(counts.size):
+        counts[k] = np.count_nonzero(bad[j0[k] : j1[k], i0[k] : i1[k]])
+    return counts
 
 
 def _spread_order(x: np.ndarray, y: np.ndarray, snr: np.ndarray, bbox, n_keep: int) -> np.ndarray:
