@@ -278,14 +278,17 @@ class Exposure:
         """OR ``other``'s mask into this one by plane name (planes are added as needed).
 
         Bit numbers may differ between the two registries (e.g. SAT_TEMPLATE),
-        so bits are mapped by name rather than OR'ed raw.
+        so bits are mapped by name; planes on the same bit in both go in one OR.
         """
+        same = 0
         for name, bit in other.mask_planes.as_dict().items():
-            has = (other.mask & (1 << bit)) != 0
-            if has.any():
-                self.mask[has] |= self.mask_planes.value(name)
+            if self.mask_planes.bit(name) == bit:
+                same |= 1 << bit
             else:
-                self.mask_planes.bit(name)
+                has = (other.mask & (1 << bit)) != 0
+                self.mask[has] |= self.mask_planes.value(name)
+        if same:
+            self.mask |= other.mask & np.int32(same)
 
     def plane_counts(self) -> dict[str, int]:
         """Number of pixels with each plane set."""
