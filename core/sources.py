@@ -379,15 +379,15 @@ def _negative_side_sigma(values: np.ndarray, use: np.ndarray | None = None) -> f
     if total < 10:
         return 1.0
     step = total // 1_000_000 + 1 if total > 1_000_000 else 1
-    sample = []
+    pieces: list[np.ndarray] = []
     seen = 0
     for rows, count in zip(blocks, counts, strict=True):
         if count:
             chosen = values[rows][selected(rows)]
             # global ordinals seen .. seen + count - 1; keep multiples of step
-            sample.append(chosen[(-seen) % step :: step])
+            pieces.append(chosen[(-seen) % step :: step])
             seen += count
-    sample = np.concatenate(sample)
+    sample = np.concatenate(pieces)
     median = np.median(sample)
     sigma = median - np.percentile(sample, 15.865525393145708)
     return float(sigma) if sigma > 0 else 1.0
@@ -1190,7 +1190,9 @@ def measure_sources(
     def any_in(planes) -> np.ndarray:
         if x.size == 0:
             return np.zeros(0, dtype=bool)
-        return _stack(exposure.masked(planes), cx, cy, h, fill=False).any(axis=(1, 2))
+        return np.asarray(
+            _stack(exposure.masked(planes), cx, cy, h, fill=False).any(axis=(1, 2)), dtype=bool
+        )
 
     return Table(
         {
@@ -1584,7 +1586,7 @@ def _advice(n_input: int, rejected: dict[str, int]) -> str:
     summary = ", ".join(f"{v} by {k}" for k, v in counts.items())
     if not counts:
         return f"Of {n_input} input sources none was rejected by a cut."
-    worst = max(counts, key=counts.get)
+    worst = max(counts, key=lambda name: counts[name])
     return f"Of {n_input} input sources, rejected {summary}; to fix: {_ADVICE[worst]}."
 
 

@@ -364,6 +364,21 @@ class _SubtractBase(Task):
             exposure, kernel, preserve_planes=self.config.preserve_mask_planes, copy_edge=True
         )
 
+    def _match_template(self, template: Exposure, science: Exposure, kernel) -> Exposure:
+        """K * T on the science box, with the science PSF and calibration."""
+        matched = self._convolve(template, kernel).cutout(science.bbox)
+        matched.psf = science.require_psf()
+        matched.photo_calib = science.photo_calib
+        return matched
+
+    def _subtract_matched(self, minuend: Exposure, matched: Exposure, background):
+        """minuend - b - matched (b if subtracted), refined; returns (difference, background)."""
+        difference = minuend.copy()
+        if self.config.do_subtract_background:
+            difference.image -= background.image(difference.shape, difference.xy0)
+        _subtract_in_place(difference, matched)
+        return difference, self._refine_background(difference, background, scale=1.0)
+
     def _refine_background(
         self, difference: Exposure, background: BackgroundModel, scale: float
     ) -> BackgroundModel:
@@ -544,14 +559,8 @@ class AlardLuptonSubtractTask(_SubtractBase):
         self._stage("convolve")
         kernel, background = solution.kernel, solution.background
         with self.timer("convolve"):
-            matched = self._convolve(template, kernel).cutout(science.bbox)
-            matched.psf = science.require_psf()
-            matched.photo_calib = science.photo_calib
-            difference = science.copy()
-            if self.config.do_subtract_background:
-                difference.image -= background.image(difference.shape, difference.xy0)
-            _subtract_in_place(difference, matched)
-            background = self._refine_background(difference, background, scale=1.0)
+            matched = self._match_template(template, science, kernel)
+            difference, background = self._subtract_matched(science, matched, background)
         difference = self.finalize(template, science, difference, kernel, template_matched=True)
         return SubtractionResult(
             difference=difference,
@@ -696,14 +705,10 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         kernel, background = solution.kernel, solution.background
         self._stage("convolve")
         with self.timer("convolve"):
-            matched_template = self._convolve(self._fill_bad(template), kernel).cutout(science.bbox)
-            matched_template.psf = science.require_psf()
-            matched_template.photo_calib = science.photo_calib
-            score = matched_science.copy()
-            if self.config.do_subtract_background:
-                score.image -= background.image(score.shape, score.xy0)
-            _subtract_in_place(score, matched_template)
-            background = self._refine_background(score, background, scale=1.0)
+            matched_template = self._match_template(self._fill_bad(template), science, kernel)
+            score, background = self._subtract_matched(
+                matched_science, matched_template, background
+            )
         score = self.finalize(
             template,
             science,
