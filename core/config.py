@@ -47,14 +47,6 @@ class KernelConfig(_Config):
     spatial_kernel_order: int = Field(1, ge=0, le=4, description="Chebyshev order of the kernel.")
     spatial_bg_order: int = Field(2, ge=0, le=4, description="Chebyshev order of the background.")
     fit_for_background: bool = Field(True, description="Fit a differential background.")
-    auto_reduce_spatial_order: bool = Field(
-        True,
-        description="Lower the spatial orders when there are too few kernel sources to "
-        "constrain them (Rubin only warns); see min_sources_per_spatial_term.",
-    )
-    min_sources_per_spatial_term: float = Field(
-        4.0, gt=0, description="Kernel sources needed per spatial term to keep an order."
-    )
     size_cell_x: int = Field(128, ge=16, description="Spatial cell width (pixels).")
     size_cell_y: int = Field(128, ge=16, description="Spatial cell height (pixels).")
     n_star_per_cell: int = Field(5, ge=1, description="Candidates used per cell.")

@@ -336,37 +336,10 @@ class _SubtractBase(Task):
     def _fit_kernel(self, reference, target, kernel_sources, reference_fwhm, target_fwhm, bbox):
         """Fit K and b with K * reference + b ~ target over ``bbox``."""
         self._stage("fit")
-        config = self._spatial_orders_for(len(kernel_sources))
+        config = self.config.kernel
         basis = make_kernel_basis(reference_fwhm, target_fwhm, config)
         return fit_psf_matching_kernel(
             reference, target, kernel_sources, basis, config, bbox=bbox, task=self.makeKernel
-        )
-
-    def _spatial_orders_for(self, n_sources: int):
-        """Kernel config whose spatial orders ``n_sources`` kernel sources can constrain."""
-        config = self.config.kernel
-        if not config.auto_reduce_spatial_order:
-            return config
-
-        def highest(order: int) -> int:
-            needed = config.min_sources_per_spatial_term
-            while order > 0 and n_sources < needed * (order + 1) * (order + 2) // 2:
-                order -= 1
-            return order
-
-        orders = highest(config.spatial_kernel_order), highest(config.spatial_bg_order)
-        self.makeKernel.metadata["spatialKernelOrder"] = orders[0]
-        self.makeKernel.metadata["spatialBgOrder"] = orders[1]
-        if orders == (config.spatial_kernel_order, config.spatial_bg_order):
-            return config
-        log.info(
-            "%d kernel sources: spatial orders (kernel, background) %s -> %s",
-            n_sources,
-            (config.spatial_kernel_order, config.spatial_bg_order),
-            orders,
-        )
-        return config.model_copy(
-            update={"spatial_kernel_order": orders[0], "spatial_bg_order": orders[1]}
         )
 
     def _coverage_guard(self, template, science, exc):

@@ -251,21 +251,3 @@ def test_user_catalog_drives_kernel_sources():
     quality = measure_quality(result, pair)
     assert 0.95 <= quality["noise_ratio"] <= 1.05
     assert abs(quality["transient_flux_ratio"] - 1) <= 0.03
-
-
-def test_spatial_orders_follow_the_number_of_kernel_sources():
-    pair, result = subtracted("sharper_template")  # 1024 px: plenty of sources
-    meta = result.metadata
-    assert meta["alardLuptonSubtract:makeKernel.spatialKernelOrder"] == 1
-    assert meta["alardLuptonSubtract:makeKernel.spatialBgOrder"] == 2
-    task = AlardLuptonSubtractTask()
-    # 4 sources per spatial term: order 1 (3 terms) needs 12, order 2 (6 terms) 24
-    assert task._spatial_orders_for(8).spatial_kernel_order == 0
-    assert task._spatial_orders_for(8).spatial_bg_order == 0
-    assert task._spatial_orders_for(12).spatial_kernel_order == 1
-    assert task._spatial_orders_for(12).spatial_bg_order == 1
-    assert task._spatial_orders_for(24).spatial_bg_order == 2
-    config = SubtractionConfig()
-    config.kernel.auto_reduce_spatial_order = False
-    fixed = AlardLuptonSubtractTask(config=config)
-    assert fixed._spatial_orders_for(3).spatial_kernel_order == 1
