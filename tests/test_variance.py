@@ -8,7 +8,7 @@ import pytest
 from core.config import ScaleVarianceConfig
 from core.errors import ExceedsMaxVarianceScaleError
 from core.exposure import Exposure
-from core.variance import mesh_background, scale_variance, variance_scale_factor
+from core.variance import scale_variance, variance_scale_factor
 
 
 def _noise_exposure(sigma, variance, shape=(512, 512), seed=0, sky=None):
@@ -47,11 +47,3 @@ def test_image_based_fallback_and_limit():
     assert variance_scale_factor(exposure, ScaleVarianceConfig(limit=200.0)) == pytest.approx(
         100.0, rel=0.03
     )
-
-
-def test_mesh_background_follows_a_smooth_surface():
-    yy, xx = np.mgrid[0:300, 0:400]
-    surface = 50 + 0.1 * xx + 0.05 * yy
-    good = np.ones(surface.shape, bool)
-    model = mesh_background(surface, good, 32)
-    assert np.abs(model - surface)[32:-32, 32:-32].max() < 0.5
