@@ -17,12 +17,10 @@ import math
 import numpy as np
 
 from .exposure import Exposure
-from .metrics import NOISE_MASK_PLANES
+from .metrics import NOISE_MASK_PLANES, robust_sigma_median
 from .photometry import psf_flux
 
 __all__ = ["sky_mask", "measure_quality"]
-
-_IQR_TO_SIGMA = 0.741301109252802
 
 
 def _discs(shape, x, y, radius) -> np.ndarray:
@@ -63,11 +61,6 @@ def sky_mask(truth: dict, shape, fwhm: float, noise_sigma: float) -> np.ndarray:
     return ~near
 
 
-def _robust(z: np.ndarray) -> tuple[float, float]:
-    q25, q50, q75 = np.percentile(z, [25, 50, 75])
-    return float(_IQR_TO_SIGMA * (q75 - q25)), float(q50)
-
-
 def measure_quality(result, pair) -> dict[str, float]:
     """Quality figures of ``result`` (a `SubtractionResult`) against ``pair.truth``."""
     out = result.output
@@ -77,7 +70,7 @@ def measure_quality(result, pair) -> dict[str, float]:
     sky_sigma = float(np.sqrt(np.median(pair.science.variance)))
     empty = sky_mask(truth, out.shape, fwhm, sky_sigma) & ~bad
     z = out.image[empty] / np.sqrt(out.variance[empty])
-    noise_ratio, noise_mean = _robust(z)
+    noise_ratio, noise_mean = robust_sigma_median(z)
     quality: dict[str, float] = {
         "noise_ratio": noise_ratio,
         "noise_mean": noise_mean,
@@ -95,7 +88,7 @@ def measure_quality(result, pair) -> dict[str, float]:
             pull = (fluxes[ok, 0] - tflux[ok]) / fluxes[ok, 1]
             quality["transient_flux_ratio"] = float(np.median(ratio))
             # robust: a transient on a bright star's residual should not dominate
-            quality["transient_pull_std"] = _robust(pull)[0]
+            quality["transient_pull_std"] = robust_sigma_median(pull)[0]
             quality["n_transients"] = float(ok.sum())
         quality["star_chi2_median"] = _star_chi2(out, truth, fwhm, bad)
     else:

@@ -16,6 +16,7 @@ from .exposure import Exposure
 __all__ = [
     "limiting_magnitude",
     "noise_statistics",
+    "robust_sigma_median",
     "footprint_means",
     "compute_difference_metrics",
     "NOISE_MASK_PLANES",
@@ -72,12 +73,14 @@ def noise_statistics(exposure: Exposure, exclude: np.ndarray | None = None) -> d
     if np.count_nonzero(good) < 10:
         return {"noise_ratio": math.nan, "noise_mean": math.nan, "noise_pixels": 0}
     z = exposure.image[good] / np.sqrt(exposure.variance[good])
-    q25, q50, q75 = np.percentile(z, [25, 50, 75])
-    return {
-        "noise_ratio": float(_IQR_TO_SIGMA * (q75 - q25)),
-        "noise_mean": float(q50),
-        "noise_pixels": int(z.size),
-    }
+    sigma, median = robust_sigma_median(z)
+    return {"noise_ratio": sigma, "noise_mean": median, "noise_pixels": int(z.size)}
+
+
+def robust_sigma_median(values: np.ndarray) -> tuple[float, float]:
+    """0.7413 x interquartile range (a Gaussian's sigma) and median of ``values``."""
+    q25, q50, q75 = np.percentile(values, [25, 50, 75])
+    return float(_IQR_TO_SIGMA * (q75 - q25)), float(q50)
 
 
 def footprint_means(exposure_images, x, y, radius: float, shape) -> list[np.ndarray]:
