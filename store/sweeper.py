@@ -17,7 +17,13 @@ from collections.abc import Callable
 from .records import JobRecord, RecordBackend
 from .settings import Settings
 
-__all__ = ["is_stale", "requeue_if_stale", "sweep_stale_jobs", "requeue_all"]
+__all__ = [
+    "is_stale",
+    "fail_worker_lost",
+    "requeue_if_stale",
+    "sweep_stale_jobs",
+    "requeue_all",
+]
 
 log = logging.getLogger("alsub.sweeper")
 
@@ -33,20 +39,26 @@ def is_stale(record: JobRecord, timeout: float, now: float | None = None) -> boo
     return now - last > timeout
 
 
+def fail_worker_lost(record: JobRecord, reason: str, now: float | None = None) -> None:
+    """Mark ``record`` failed as ``worker_lost`` after too many interrupted deliveries."""
+    record.state = "failed"
+    record.finished_at = time.time() if now is None else now
+    record.error = {
+        "code": "worker_lost",
+        "message": f"the job was interrupted {record.attempts} times ({reason}); "
+        "try a smaller image or a longer time limit",
+    }
+    record.progress = {"stage": "failed", "fraction": record.progress.get("fraction", 0.0)}
+    record.worker = None
+    record.heartbeat_at = None
+
+
 def _recover(record: JobRecord, settings: Settings, reason: str) -> None:
-    now = time.time()
     if record.attempts >= settings.max_attempts:
-        record.state = "failed"
-        record.finished_at = now
-        record.error = {
-            "code": "worker_lost",
-            "message": f"the job was interrupted {record.attempts} times ({reason}); "
-            "try a smaller image or a longer time limit",
-        }
-        record.progress = {"stage": "failed", "fraction": record.progress.get("fraction", 0.0)}
-    else:
-        record.state = "queued"
-        record.progress = {"stage": "requeued", "fraction": 0.0}
+        fail_worker_lost(record, reason)
+        return
+    record.state = "queued"
+    record.progress = {"stage": "requeued", "fraction": 0.0}
     record.worker = None
     record.heartbeat_at = None
 

@@ -29,6 +29,7 @@ from core.products import json_safe, write_products
 from core.sources import read_catalog
 from core.subtract import run_subtraction
 from store import FINAL_STATES, JobRecord, Settings, Store
+from store.sweeper import fail_worker_lost, is_stale
 
 __all__ = ["run_job", "JobCancelled", "Heartbeat"]
 
@@ -59,7 +60,6 @@ class Heartbeat:
     def __init__(self, store: Store, job_id: str, token: str, interval: float):
         self._store, self._job_id, self._token, self._interval = store, job_id, token, interval
         self._stop = threading.Event()
-        self.lost = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
     def _beat(self) -> None:
@@ -77,8 +77,7 @@ class Heartbeat:
                 log.warning("job %s: heartbeat failed", self._job_id, exc_info=True)
                 continue
             if not written:
-                self.lost.set()
-                return
+                return  # cancelled or taken over: the next progress report stops the job
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -98,20 +97,12 @@ def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobReco
         if record.state in FINAL_STATES:
             outcome["skip"] = f"already {record.state}"
             return False
-        if record.state == "running":
-            last = record.heartbeat_at or record.started_at or 0.0
-            if now - last <= settings.heartbeat_timeout:
-                # Another worker holds it (a duplicate delivery): leave it alone.
-                outcome["skip"] = f"running on {record.worker}"
-                return False
+        if record.state == "running" and not is_stale(record, settings.heartbeat_timeout, now):
+            # Another worker holds it (a duplicate delivery): leave it alone.
+            outcome["skip"] = f"running on {record.worker}"
+            return False
         if record.attempts >= settings.max_attempts:
-            record.state = "failed"
-            record.finished_at = now
-            record.error = {
-                "code": "worker_lost",
-                "message": f"the job was interrupted {record.attempts} times (worker lost or "
-                "hard time limit); try a smaller image or a longer time limit",
-            }
+            fail_worker_lost(record, "worker lost or hard time limit", now)
             outcome["skip"] = "too many attempts"
             return True
         record.state = "running"

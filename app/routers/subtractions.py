@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from store import ACTIVE_STATES, ExposureRef, JobRecord, Settings, Store, new_job_id
 from store.records import decode_cursor, job_view
-from store.sweeper import requeue_if_stale
+from store.sweeper import is_stale, requeue_if_stale
 
 from ..deps import Caller, get_caller, get_queue, get_settings, get_store
 from ..errors import ApiError
@@ -316,8 +316,9 @@ def get_subtraction(
     queue: JobQueue = Depends(get_queue),
 ) -> JobOut:
     record = _owned_job(store, job_id, caller)
-    if record.state == "running":
-        # Sweep on read: a job whose worker died is requeued (or failed) right here.
+    if is_stale(record, settings.heartbeat_timeout):
+        # Sweep on read: a job whose worker died is requeued (or failed) right here. Checked
+        # first so polling a live job costs no write transaction.
         record = requeue_if_stale(store.records, job_id, settings, queue.enqueue) or record
     return _job_out(record)
 
