@@ -516,7 +516,8 @@ def _psf_from_hdu(f: _Fits, index: int, center: tuple[float, float], max_pixels:
         if data.ndim == 4:
             x_nodes, y_nodes = _psf_nodes(f, header, data.shape)
             return GridPsf(data, x_nodes, y_nodes)
-    except (PsfError, TypeError, ValueError) as exc:
+    except (PsfError, TypeError, ValueError, KeyError) as exc:
+        # KeyError: PSFAVGX without PSFAVGY
         raise InvalidExposureError(f"{f.name}: invalid PSF in HDU {index}: {exc}") from None
     raise InvalidExposureError(
         f"{f.name}: PSF in HDU {index} is {data.ndim}-D; expected a 2-D stamp "
@@ -1008,25 +1009,15 @@ def _json_default(value: Any) -> Any:
 def _psf_hdus(psf: Psf, exposure: Exposure) -> list:
     """PSF extension(s) for any PSF: exact parameters where the model has them."""
     header = fits.Header()
-    if isinstance(psf, GaussianPsf):
-        header["PSFTYPE"] = "GAUSSIAN"
-        params = {
-            "sigma": psf.sigma_major,
-            "ellipticity": psf.ellipticity,
-            "angle": psf.angle,
-            "size": psf.size,
-        }
-        header["PSFPARS"] = json.dumps(params)
-        data = psf.kernel_image()
-    elif isinstance(psf, MoffatPsf):
-        header["PSFTYPE"] = "MOFFAT"
-        params = {
-            "fwhm": psf.true_fwhm,
-            "beta": psf.beta,
-            "ellipticity": psf.ellipticity,
-            "angle": psf.angle,
-            "size": psf.size,
-        }
+    if isinstance(psf, GaussianPsf | MoffatPsf):
+        # constructor arguments, so the reader rebuilds the model exactly
+        if isinstance(psf, GaussianPsf):
+            header["PSFTYPE"] = "GAUSSIAN"
+            params = {"sigma": psf.sigma_major}
+        else:
+            header["PSFTYPE"] = "MOFFAT"
+            params = {"fwhm": psf.true_fwhm, "beta": psf.beta}
+        params.update(ellipticity=psf.ellipticity, angle=psf.angle, size=psf.size)
         header["PSFPARS"] = json.dumps(params)
         data = psf.kernel_image()
     elif isinstance(psf, GridPsf):
