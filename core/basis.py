@@ -139,6 +139,11 @@ def basis_sigmas(
     return sigmas, mode
 
 
+def _scales(convolved_fwhm: float | None, matched_fwhm: float | None, config: KernelConfig) -> bool:
+    """Whether the basis follows the PSF widths (both known, scaling on)."""
+    return convolved_fwhm is not None and matched_fwhm is not None and config.scale_by_fwhm
+
+
 def _size_from_sigmas(sigmas: list[float], config: KernelConfig) -> int:
     size = int(config.kernel_size_fwhm_scaling * sigmas[-1])
     if size % 2 == 0:
@@ -155,7 +160,7 @@ def kernel_size_for(
     otherwise int(kernel_size_fwhm_scaling * widest sigma), made odd and
     clipped to [kernel_size_min, kernel_size_max].
     """
-    if convolved_fwhm is None or matched_fwhm is None or not config.scale_by_fwhm:
+    if not _scales(convolved_fwhm, matched_fwhm, config):
         return int(config.kernel_size)
     sigmas, _ = basis_sigmas(convolved_fwhm, matched_fwhm, config)
     return _size_from_sigmas(sigmas, config)
@@ -238,10 +243,11 @@ def make_kernel_basis(
             f"len(basisDegGauss) != basisNGauss : {len(degrees)} vs {config.alard_n_gauss}"
         )
     sigmas, mode = basis_sigmas(convolved_fwhm, matched_fwhm, config)
-    if convolved_fwhm is None or matched_fwhm is None or not config.scale_by_fwhm:
-        size = int(config.kernel_size)
-    else:
+    # same rule as `kernel_size_for`, reusing the sigmas already computed
+    if _scales(convolved_fwhm, matched_fwhm, config):
         size = _size_from_sigmas(sigmas, config)
+    else:
+        size = int(config.kernel_size)
     half = size // 2
     images, transform = _renormalise(_raw_basis(sigmas, degrees, half))
     return KernelBasis(
