@@ -8,6 +8,7 @@ the reader's message. Stored blobs are content-addressed (sha256).
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -27,6 +28,7 @@ __all__ = [
     "resolve_uri",
     "writer_from_upload",
     "writer_from_path",
+    "read_capped",
 ]
 
 _CHUNK = 1 << 20
@@ -42,15 +44,7 @@ def check_content_length(request: Request, limit: int) -> None:
 async def stream_body(request: Request, store: Store, settings: Settings) -> BlobWriter:
     """Stream a raw request body into a new blob writer (413 past the cap)."""
     check_content_length(request, settings.max_upload_bytes)
-    writer = store.exposures.writer(settings.max_upload_bytes)
-    try:
-        async for chunk in request.stream():
-            if chunk:
-                writer.write(chunk)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    writer = await _fill(store.exposures.writer(settings.max_upload_bytes), request.stream())
     if writer.size == 0:
         writer.abort()
         raise ApiError(422, "invalid_exposure", "the request body is empty: send the FITS bytes")
@@ -79,17 +73,26 @@ def limited_request(request: Request, limit: int) -> Request:
     return Request(request.scope, counting_receive)
 
 
-async def writer_from_upload(upload, store_blobs, limit: int) -> BlobWriter:
-    """Copy a multipart `UploadFile` into a new blob writer."""
-    writer = store_blobs.writer(limit)
+async def _fill(writer: BlobWriter, chunks: AsyncIterator[bytes]) -> BlobWriter:
+    """Write ``chunks`` into ``writer`` and close it; delete its file on any failure."""
     try:
-        while chunk := await upload.read(_CHUNK):
+        async for chunk in chunks:
             writer.write(chunk)
         writer.close()
     except BaseException:
         writer.abort()
         raise
     return writer
+
+
+async def _upload_chunks(upload) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(_CHUNK):
+        yield chunk
+
+
+async def writer_from_upload(upload, store_blobs, limit: int) -> BlobWriter:
+    """Copy a multipart `UploadFile` into a new blob writer."""
+    return await _fill(store_blobs.writer(limit), _upload_chunks(upload))
 
 
 def resolve_uri(uri: str, settings: Settings) -> Path:
@@ -125,6 +128,15 @@ def resolve_uri(uri: str, settings: Settings) -> Path:
                 raise ApiError(422, "uri_not_found", f"no file at {uri}")
             return path
     raise ApiError(422, "uri_not_allowed", f"{uri} is outside the allowed roots")
+
+
+def read_capped(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path``; 413 when it holds more than ``limit`` (never reads past it)."""
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, "upload_too_large", f"{what} exceeds the upload limit")
+    return data
 
 
 async def writer_from_path(path: Path, blobs, limit: int) -> BlobWriter:

@@ -64,10 +64,12 @@ def deliver_callback(self, job_id: str) -> bool:
         return False
     attempt = self.request.retries + 1
     try:
-        response = httpx.post(
-            record.callback_url, json=job_view(record), timeout=settings.webhook_timeout
-        )
-        response.raise_for_status()
+        # Streamed and closed unread: only the status matters, and the receiver's body may
+        # be arbitrarily large.
+        with httpx.stream(
+            "POST", record.callback_url, json=job_view(record), timeout=settings.webhook_timeout
+        ) as response:
+            response.raise_for_status()
         error = None
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"

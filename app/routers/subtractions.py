@@ -24,6 +24,7 @@ from ..ingest import (
     ingest_catalog,
     ingest_exposure,
     limited_request,
+    read_capped,
     resolve_uri,
     writer_from_path,
     writer_from_upload,
@@ -168,9 +169,7 @@ async def _resolve_sources(req: SubtractionRequest, settings: Settings) -> bytes
     if req.sources.inline is not None:
         return req.sources.inline.encode()
     path = resolve_uri(req.sources.uri, settings)
-    if path.stat().st_size > settings.max_upload_bytes:
-        raise ApiError(413, "upload_too_large", "the catalog exceeds the upload limit")
-    return await run_in_threadpool(path.read_bytes)
+    return await run_in_threadpool(read_capped, path, settings.max_upload_bytes, "the catalog")
 
 
 def _fingerprint(req: SubtractionRequest, catalog: bytes | None, mode: str) -> str:
@@ -257,7 +256,13 @@ async def submit_subtraction(
                 "token; wait for one to finish",
                 headers={"Retry-After": "5"},
             )
-        await run_in_threadpool(queue.enqueue, record.id)
+        try:
+            await run_in_threadpool(queue.enqueue, record.id)
+        except Exception:
+            # Without its message nothing would ever run the job (Redis mode has no start-up
+            # requeue) and it would count against the token's active jobs forever.
+            await run_in_threadpool(store.records.delete, record.id)
+            raise
     else:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/subtractions/{record.id}"
