@@ -30,7 +30,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from numpy.polynomial import chebyshev
 from scipy import ndimage
 
-from .basis import KernelBasis
+from .basis import KernelBasis, _monomial_powers
 from .config import KernelConfig
 from .errors import InvalidCatalogError, KernelSolutionError, NoKernelCandidatesError
 from .exposure import Exposure
@@ -70,8 +70,11 @@ def n_spatial_terms(order: int) -> int:
 
 
 def term_degrees(order: int) -> list[tuple[int, int]]:
-    """(x degree, y degree) of each term: (0,0), (1,0), (0,1), (2,0), (1,1), (0,2), ..."""
-    return [(n - k, k) for n in range(order + 1) for k in range(n + 1)]
+    """(x degree, y degree) of each term: (0,0), (1,0), (0,1), (2,0), (1,1), (0,2), ...
+
+    The same afw order as the monomials of the AL basis.
+    """
+    return _monomial_powers(order)
 
 
 def _normalised(coord, low: int, high: int) -> np.ndarray:
