@@ -326,23 +326,24 @@ def node_positions(length: int, step: int) -> np.ndarray:
     return np.linspace(0.0, length - 1.0, n_intervals + 1)
 
 
+def _tent(positions: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """(n_positions, n_nodes) bilinear weights of evenly spaced nodes (positions in range)."""
+    if nodes.size == 1:
+        return np.ones((positions.size, 1))
+    spacing = nodes[1] - nodes[0]
+    return np.clip(1.0 - np.abs(positions[:, None] - nodes[None, :]) / spacing, 0.0, None)
+
+
 def _tent_matrix(length: int, nodes: np.ndarray) -> np.ndarray:
     """(length, n_nodes) bilinear interpolation weights; every row sums to 1."""
-    if nodes.size == 1:
-        return np.ones((length, 1))
-    pos = np.arange(length, dtype=np.float64)
-    spacing = nodes[1] - nodes[0]
-    return np.clip(1.0 - np.abs(pos[:, None] - nodes[None, :]) / spacing, 0.0, None)
+    return _tent(np.arange(length, dtype=np.float64), nodes)
 
 
 def _interp_stamps(stamps: np.ndarray, nodes_x, nodes_y, x: float, y: float) -> np.ndarray:
     """Bilinear blend of per-node stamps (ny_nodes, nx_nodes, L, L) at parent (x, y)."""
 
     def weights(nodes, p):
-        if nodes.size == 1:
-            return np.ones(1)
-        p = min(max(p, nodes[0]), nodes[-1])
-        return np.clip(1.0 - np.abs(p - nodes) / (nodes[1] - nodes[0]), 0.0, None)
+        return _tent(np.array([min(max(p, nodes[0]), nodes[-1])]), nodes)[0]
 
     wy, wx = weights(nodes_y, y), weights(nodes_x, x)
     return np.einsum("j,i,jikl->kl", wy, wx, stamps)
@@ -485,8 +486,8 @@ def _convolve(
 
 def _complete_variance(plane1, plane2, v1, v2, node: _NodeFilter, shape) -> np.ndarray:
     """V1 (*) c1^2 + V2 (*) c2^2, non-finite V replaced by the mean variance (4.3 step 8)."""
-    filled1 = np.where(np.isfinite(plane1), plane1, np.float32(v1)).astype(np.float32)
-    filled2 = np.where(np.isfinite(plane2), plane2, np.float32(v2)).astype(np.float32)
+    filled1 = np.where(np.isfinite(plane1), plane1, np.float32(v1)).astype(np.float32, copy=False)
+    filled2 = np.where(np.isfinite(plane2), plane2, np.float32(v2)).astype(np.float32, copy=False)
     # the node filter carries the squared kernels whenever complete propagation is on
     assert node.variance1 is not None and node.variance2 is not None
     return _convolve((filled1, filled2), (node.variance1, node.variance2), shape)
@@ -644,7 +645,7 @@ def decorrelate_difference(
     if complete:
         # restore non-finite input variances (section 4.3 step 8)
         nonfinite = ~(np.isfinite(plane1) & np.isfinite(plane2))
-        variance[nonfinite] = (plane1 + plane2)[nonfinite]
+        variance[nonfinite] = plane1[nonfinite] + plane2[nonfinite]
     corrected[bad] = difference.image[bad]
 
     result = replace(
