@@ -121,7 +121,10 @@ def resolve_uri(uri: str, settings: Settings) -> Path:
         raise ApiError(422, "uri_not_allowed", "file:// URIs must not name a host")
     if not settings.allowed_roots:
         raise ApiError(422, "uri_not_allowed", "file:// URIs are disabled (no allowed roots)")
-    path = Path(os.path.realpath(unquote(parts.path)))
+    raw = unquote(parts.path)
+    if "\x00" in raw:  # realpath would raise ValueError (a 500) on it
+        raise ApiError(422, "uri_not_allowed", "the URI path contains a NUL byte")
+    path = Path(os.path.realpath(raw))
     for root in settings.allowed_roots:
         if path == root or root in path.parents:
             if not path.is_file():

@@ -226,6 +226,7 @@ def test_uris_outside_the_roots_are_refused(service, alice, sim_pair, alice_inpu
         f"file://{root}/../{service['outside'].name}/secret.fits",
         f"file://{root}/../../../../../../etc/passwd",
         "file:///etc/passwd",
+        f"file://{root}/science%00.fits",
         "http://example.org/science.fits",
         "https://127.0.0.1/science.fits",
         "s3://bucket/science.fits",
