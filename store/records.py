@@ -13,8 +13,10 @@ import base64
 import time
 import uuid
 from abc import ABC, abstractmethod
+from bisect import bisect_left
 from collections.abc import Callable
 from datetime import UTC, datetime
+from itertools import accumulate
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -231,19 +233,12 @@ class RecordBackend(ABC):
 
 def histogram_from_counts(bucket_counts: list[int], total: float, count: int):
     """Cumulative bucket counts from per-bucket counts (last entry is +Inf)."""
-    cumulative, running = [], 0
-    for n in bucket_counts:
-        running += n
-        cumulative.append(running)
-    return cumulative, total, count
+    return list(accumulate(bucket_counts)), total, count
 
 
 def bucket_index(seconds: float) -> int:
     """Index of the histogram bucket holding ``seconds`` (len(DURATION_BUCKETS) is +Inf)."""
-    for i, bound in enumerate(DURATION_BUCKETS):
-        if seconds <= bound:
-            return i
-    return len(DURATION_BUCKETS)
+    return bisect_left(DURATION_BUCKETS, seconds)
 
 
 def _iso(seconds: float | None) -> str | None:

@@ -256,14 +256,14 @@ def run_job(
                 f"unexpected {type(exc).__name__}; the service logs have the trace",
             )
 
+    if final is not None:
+        if on_final is not None:
+            on_final(final)
+        return final.state
     after = store.records.get(job_id)
     if after is None or after.state == "cancelled":
         store.products.delete(job_id)  # cancelled or deleted while the job ran
-    if final is None:
-        return "skipped" if after is None else after.state
-    if on_final is not None:
-        on_final(final)
-    return final.state
+    return "skipped" if after is None else after.state
 
 
 def _fail(store, job_id, token, timings, code, message):
