@@ -857,10 +857,11 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
         f, opened, index, variance, weight, noise, max_pixels, check_shape, set_plane, info
     )
     alsub = _alsub_json(primary)
+    unusable = (exposure_mask & planes.get_bitmask(_UNUSABLE_PLANES)) != 0
     if variance_array is None:
         gain = _float_value(headers, _GAIN_KEYS)
         read_noise = _float_value(headers, _READ_NOISE_KEYS)
-        valid = finite & ((exposure_mask & planes.get_bitmask(_UNUSABLE_PLANES)) == 0)
+        valid = finite & ~unusable
         if not valid.any():
             valid = finite
         variance_array, variance_source, info.sky, info.sky_sigma = estimate_variance(
@@ -875,7 +876,6 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
             vsrc = _header_value([f.hdul[f.index_of(_VARIANCE_NAMES)].header], ("VARSRC",))
             variance_source = str(vsrc) if vsrc else variance_source
 
-    unusable = (exposure_mask & planes.get_bitmask(_UNUSABLE_PLANES)) != 0
     bad_variance = ~np.isfinite(variance_array) | (variance_array < 0)
     problem = bad_variance & ~unusable
     if problem.any():
@@ -960,10 +960,11 @@ def _variance_plane(
     if data.ndim != 2:
         raise InvalidExposureError(f"{f.name}: {kind} {text} is {data.ndim}-D, expected 2-D")
     check_shape(data, f"{kind} {text}")
-    data = np.asarray(data, dtype=np.float64)
     info.planes["VARIANCE"] = text if kind == "variance" else f"{text} as {kind}"
     if kind == "variance":
-        return data.astype(np.float32), text
+        # straight to float32: no float64 round trip of the whole plane
+        return np.array(data, dtype=np.float32), text
+    data = np.asarray(data, dtype=np.float64)
     usable = np.isfinite(data) & (data > 0)
     set_plane("NO_DATA", ~usable)
     safe = np.where(usable, data, 1.0)
