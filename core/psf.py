@@ -163,6 +163,11 @@ def _odd(value: float) -> int:
     return size + 1 - size % 2
 
 
+def _moffat_alpha(fwhm: float, beta: float) -> float:
+    """Moffat core width alpha whose profile (1 + (r/alpha)^2)^-beta has this FWHM."""
+    return fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+
+
 def _rotated(x: np.ndarray, y: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
     """Coordinates (u, v) along and across a major axis at ``angle`` from +x."""
     c, s = math.cos(angle), math.sin(angle)
@@ -304,7 +309,7 @@ class MoffatPsf(Psf):
         sub = (np.arange(n) - (n - 1) / 2.0) / n
         axis = (np.arange(-half, half + 1)[:, None] + sub[None, :]).ravel()
         y, x = np.meshgrid(axis, axis, indexing="ij")
-        alpha = self.true_fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / self.beta) - 1.0))
+        alpha = _moffat_alpha(self.true_fwhm, self.beta)
         alpha_minor = alpha * (1.0 - self.ellipticity)
         u, v = _rotated(x, y, self.angle)
         fine = (1.0 + (u / alpha) ** 2 + (v / alpha_minor) ** 2) ** (-self.beta)

@@ -30,7 +30,7 @@ from scipy.signal import fftconvolve
 
 from .errors import InvalidConfigError
 from .exposure import Exposure, MaskPlanes, PhotoCalib
-from .psf import SIGMA_TO_FWHM, GaussianPsf, GridPsf, MoffatPsf, Psf
+from .psf import SIGMA_TO_FWHM, GaussianPsf, GridPsf, MoffatPsf, Psf, _moffat_alpha
 
 __all__ = [
     "PsfModelConfig",
@@ -286,10 +286,6 @@ class SimulatedPair:
 
 
 # PSF fields ---------------------------------------------------------------------------------
-
-
-def _moffat_alpha(fwhm: float, beta: float) -> float:
-    return fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
 
 
 def _default_stamp_size(cfg: PsfModelConfig, fwhm_max: float) -> int:
