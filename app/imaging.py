@@ -27,9 +27,10 @@ EXPOSURE_PRODUCTS = ("difference", "score", "matched_template", "matched_science
 def image_plane(path: Path) -> np.ndarray:
     """The image plane of a product file: the IMAGE HDU, else the first 2-D image HDU."""
     with fits.open(path, memmap=False) as hdul:
-        hdus = [h for h in hdul if getattr(h, "data", None) is not None and h.is_image]
+        # Chosen from the headers, so only the chosen HDU's data is read (not mask, variance...).
+        hdus = [h for h in hdul if h.is_image and h.size > 0]
         named = [h for h in hdus if h.name == "IMAGE"]
-        chosen = (named or [h for h in hdus if h.data.ndim == 2] or [None])[0]
+        chosen = (named or [h for h in hdus if len(h.shape) == 2] or [None])[0]
         if chosen is None:
             raise ApiError(422, "no_image", f"{path.name} has no 2-D image to preview")
         return np.asarray(chosen.data, dtype=np.float32)
