@@ -555,25 +555,22 @@ def test_nan_variance_is_accepted_where_masked(tmp_path):
     mask = np.zeros((10, 10), np.int32)
     mask[2, 2] = 1 << 8  # NO_DATA
     mask[3, 3] = 1 << 0  # BAD
-    fits.HDUList(
-        [
-            fits.PrimaryHDU(),
-            fits.ImageHDU(image, name="IMAGE"),
-            fits.ImageHDU(mask, name="MASK"),
-            fits.ImageHDU(variance, name="VARIANCE"),
-        ]
-    ).writeto(tmp_path / "ok.fits")
+
+    def write(name):
+        fits.HDUList(
+            [
+                fits.PrimaryHDU(),
+                fits.ImageHDU(image, name="IMAGE"),
+                fits.ImageHDU(mask, name="MASK"),
+                fits.ImageHDU(variance, name="VARIANCE"),
+            ]
+        ).writeto(tmp_path / name)
+
+    write("ok.fits")
     exposure = read_exposure(tmp_path / "ok.fits")
     assert np.all(np.isfinite(exposure.variance)) and exposure.variance[2, 2] == 1.0
     mask[3, 3] = 1 << 5  # DETECTED does not excuse a negative variance
-    fits.HDUList(
-        [
-            fits.PrimaryHDU(),
-            fits.ImageHDU(image, name="IMAGE"),
-            fits.ImageHDU(mask, name="MASK"),
-            fits.ImageHDU(variance, name="VARIANCE"),
-        ]
-    ).writeto(tmp_path / "bad.fits")
+    write("bad.fits")
     with pytest.raises(InvalidExposureError, match=r"bad\.fits: variance .* x=3, y=3"):
         read_exposure(tmp_path / "bad.fits")
 
@@ -750,3 +747,17 @@ def test_real_saao_uint16_gain_model_matches_frame_to_frame_noise():
     assert mad_std(pulls[faint]) == pytest.approx(1.0, abs=0.1)  # measured 1.03
     assert first.wcs is None and first.band is None
     assert first.metadata["PFWHM"] == pytest.approx(4.78, abs=0.01)
+
+
+def test_psf_average_position_needs_both_cards(tmp_path):
+    stamp = GaussianPsf(1.5).kernel_image()
+    header = fits.Header({"PSFTYPE": "IMAGE", "PSFAVGX": 4.0})  # PSFAVGY missing
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(),
+            fits.ImageHDU(np.ones((20, 20), np.float32), name="IMAGE"),
+            fits.ImageHDU(stamp, header=header, name="PSF"),
+        ]
+    ).writeto(tmp_path / "psf.fits")
+    with pytest.raises(InvalidExposureError, match=r"psf\.fits: invalid PSF in HDU 2"):
+        read_exposure(tmp_path / "psf.fits")
