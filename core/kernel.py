@@ -733,6 +733,12 @@ def _make_candidates(reference, target, sources, bbox, stamp_size, config, ratin
     xs = np.asarray(sources["x"], dtype=np.float64) if n else np.zeros(0)
     ys = np.asarray(sources["y"], dtype=np.float64) if n else np.zeros(0)
     ratings = _rating(sources, rating_column, n) if n else np.zeros(0)
+    # the selection's stamp boxes as one (n, 4) array: no per-row table look-ups
+    boxes = (
+        np.column_stack([np.asarray(sources[name]) for name in _BOX_COLUMNS])
+        if stamp_size is None and n
+        else None
+    )
     all_candidates, cells = [], {}
     for index in range(n):
         x, y = float(xs[index]), float(ys[index])
@@ -745,8 +751,8 @@ def _make_candidates(reference, target, sources, bbox, stamp_size, config, ratin
         if not (bbox[0] <= ix <= bbox[2] and bbox[1] <= iy <= bbox[3]):
             cand.reject(f"Unable to insert a candidate at ({x:.1f}, {y:.1f}): outside {bbox}")
             continue
-        if stamp_size is None:  # the selection's stamp box
-            box = tuple(int(sources[name][index]) for name in _BOX_COLUMNS)
+        if boxes is not None:  # the selection's stamp box
+            box = tuple(int(v) for v in boxes[index])
             side = box[2] - box[0] + 1
             if side != box[3] - box[1] + 1 or side % 2 == 0 or side <= 2 * half:
                 cand.reject(f"stamp box {box} is not odd, square and larger than the kernel")
