@@ -78,7 +78,7 @@ async def _fill(writer: BlobWriter, chunks: AsyncIterator[bytes]) -> BlobWriter:
     try:
         async for chunk in chunks:
             writer.write(chunk)
-        writer.close()
+        await run_in_threadpool(writer.close)  # fsync of up to the upload cap: off the loop
     except BaseException:
         writer.abort()
         raise
@@ -209,6 +209,6 @@ async def ingest_catalog(data: bytes, store: Store, owner: str) -> str:
     if not data.strip():
         raise InvalidCatalogError("the source catalog is empty")
     await run_in_threadpool(_check_catalog, data)
-    sha = store.catalogs.put_bytes(data)
+    sha = await run_in_threadpool(store.catalogs.put_bytes, data)
     await run_in_threadpool(store.records.add_owner, "catalog", sha, owner)
     return sha

@@ -95,15 +95,19 @@ def _owned_job(store: Store, job_id: str, caller: Caller) -> JobRecord:
 
 
 # submission -----------------------------------------------------------------------------------
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return f"{where or 'body'}: {first['msg']}"
+
+
 async def _read_json(request: Request) -> SubtractionRequest:
     limited = limited_request(request, _MAX_JSON_BYTES)
     body = await limited.body()
     try:
         return SubtractionRequest.model_validate_json(body or b"{}")
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise ApiError(422, "invalid_request", f"{where or 'body'}: {first['msg']}") from None
+        raise ApiError(422, "invalid_request", _first_error(exc)) from None
 
 
 async def _read_form(
@@ -142,10 +146,9 @@ async def _read_form(
             }
         )
     except (ValueError, ValidationError) as exc:
+        # ValidationError subclasses ValueError: test it first.
         message = (
-            str(exc).splitlines()[0]
-            if not isinstance(exc, ValidationError)
-            else (f"{'.'.join(str(p) for p in exc.errors()[0]['loc'])}: {exc.errors()[0]['msg']}")
+            _first_error(exc) if isinstance(exc, ValidationError) else str(exc).splitlines()[0]
         )
         raise ApiError(422, "invalid_request", message) from None
     return req, catalog
