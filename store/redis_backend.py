@@ -159,11 +159,16 @@ class RedisRecords(RecordBackend):
         return records, next_cursor
 
     def count_active(self, owner):
-        keys = [self._owner_index(owner, state) for state in ("queued", "running")]
-        return sum(int(self.redis.zcard(key)) for key in keys)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for state in ("queued", "running"):
+                pipe.zcard(self._owner_index(owner, state))
+            return sum(int(n) for n in pipe.execute())
 
     def state_counts(self):
-        return {state: int(self.redis.scard(self._state_set(state))) for state in JOB_STATES}
+        with self.redis.pipeline(transaction=False) as pipe:
+            for state in JOB_STATES:
+                pipe.scard(self._state_set(state))
+            return {state: int(n) for state, n in zip(JOB_STATES, pipe.execute(), strict=True)}
 
     def in_state(self, state):
         ids = [m.decode() for m in self.redis.smembers(self._state_set(state))]
