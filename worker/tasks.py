@@ -98,9 +98,12 @@ class _Sweeper(threading.Thread):
 
     def run(self) -> None:
         period = min(settings.heartbeat_interval, settings.heartbeat_timeout / 3)
-        store = open_store(settings)
+        store: Store | None = None
         while True:
             try:
+                # Opened inside the loop: a store that cannot be opened yet must not end the
+                # thread (no liveness, no sweeping) without a retry.
+                store = store or open_store(settings)
                 store.records.worker_seen(self.worker_name)
                 sweep_stale_jobs(store.records, settings, lambda i: enqueue_job(app, settings, i))
             except Exception:
