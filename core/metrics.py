@@ -83,35 +83,38 @@ def robust_sigma_median(values: np.ndarray) -> tuple[float, float]:
     return float(_IQR_TO_SIGMA * (q75 - q25)), float(q50)
 
 
-def footprint_means(exposure_images, x, y, radius: float, shape) -> list[np.ndarray]:
-    """Means of several images over circular footprints centred on (x, y).
+def footprint_means(stamp_values, n_values: int, x, y, radius: float, shape) -> list[np.ndarray]:
+    """Means of per-pixel quantities over circular footprints centred on (x, y).
 
     Parameters
     ----------
-    exposure_images : list of `numpy.ndarray` (ny, nx)
-        Images to average (already in array coordinates).
+    stamp_values : callable(window) -> sequence of `numpy.ndarray`
+        Given a (row slice, column slice) window, the ``n_values`` quantities to
+        average on it; computed per stamp, so nothing frame-sized is built.
+    n_values : int
     x, y : array-like
         Footprint centres in array coordinates.
     radius : float
         Footprint radius in pixels.
+    shape : (ny, nx)
 
     Returns
     -------
-    means : list of `numpy.ndarray`, one (n,) array per image; NaN for footprints
+    means : list of `numpy.ndarray`, one (n,) array per quantity; NaN for footprints
         with no finite pixel or off the image.
     """
     ny, nx = shape
     r = int(math.ceil(radius))
     dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
     disc = dx * dx + dy * dy <= radius * radius
-    out = [np.full(len(x), np.nan) for _ in exposure_images]
+    out = [np.full(len(x), np.nan) for _ in range(n_values)]
     for k, (xc, yc) in enumerate(zip(np.asarray(x, float), np.asarray(y, float), strict=True)):
         ix, iy = int(math.floor(xc + 0.5)), int(math.floor(yc + 0.5))
         x0, x1, y0, y1 = ix - r, ix + r + 1, iy - r, iy + r + 1
         if x0 < 0 or y0 < 0 or x1 > nx or y1 > ny:
             continue
-        for image, values in zip(exposure_images, out, strict=True):
-            pix = image[y0:y1, x0:x1][disc]
+        for stamp, values in zip(stamp_values(np.s_[y0:y1, x0:x1]), out, strict=True):
+            pix = stamp[disc]
             pix = pix[np.isfinite(pix)]
             if pix.size:
                 values[k] = pix.mean()
@@ -136,38 +139,36 @@ def compute_difference_metrics(
     """
     radius = max(1.5, config.metrics.footprint_radius_fwhm * fwhm)
     x0, y0 = difference.xy0
-    chi = np.where(difference.variance > 0, difference.image**2 / difference.variance, np.nan)
-    abs_sci, abs_diff = np.abs(science.image), np.abs(difference.image)
-    metrics: dict[str, float] = {}
-    if sky is not None and len(sky):
-        s_sky, d_sky = footprint_means(
-            [abs_sci, abs_diff],
-            np.asarray(sky["x"]) - x0,
-            np.asarray(sky["y"]) - y0,
+
+    def stamp_values(window):
+        image, variance = difference.image[window], difference.variance[window]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            chi = np.where(variance > 0, image**2 / variance, np.nan)
+        return np.abs(science.image[window]), np.abs(image), chi
+
+    def means(table, n_values):
+        return footprint_means(
+            stamp_values,
+            n_values,
+            np.asarray(table["x"]) - x0,
+            np.asarray(table["y"]) - y0,
             radius,
             difference.shape,
         )
-        ratio = np.abs(d_sky / s_sky)
-        ratio = ratio[np.isfinite(ratio)]
-        metrics["differenceFootprintSkyRatioMean"] = (
-            float(np.mean(ratio)) if ratio.size else math.nan
-        )
-        metrics["differenceFootprintSkyRatioStdev"] = (
-            float(np.std(ratio)) if ratio.size else math.nan
-        )
+
+    metrics: dict[str, float] = {}
+    if sky is not None and len(sky):
+        s_sky, d_sky = means(sky, 3)[:2]
+        mean, std = _mean_std(np.abs(d_sky / s_sky))
+        metrics["differenceFootprintSkyRatioMean"] = mean
+        metrics["differenceFootprintSkyRatioStdev"] = std
         level = float(np.nanmean(d_sky))
     else:
         metrics["differenceFootprintSkyRatioMean"] = math.nan
         metrics["differenceFootprintSkyRatioStdev"] = math.nan
-        level = float(np.nanmedian(abs_diff))
+        level = float(np.nanmedian(np.abs(difference.image)))
     if stars is not None and len(stars):
-        s_f, d_f, chi_f = footprint_means(
-            [abs_sci, abs_diff, chi],
-            np.asarray(stars["x"]) - x0,
-            np.asarray(stars["y"]) - y0,
-            radius,
-            difference.shape,
-        )
+        s_f, d_f, chi_f = means(stars, 3)
         mean, std = _mean_std(np.abs((d_f - level) / s_f))
         chi_f = chi_f[np.isfinite(chi_f)]
         metrics["differenceFootprintRatioMean"] = mean
