@@ -634,7 +634,6 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 sources = self._prepare_inputs(template, science, sources)
                 preconv_kernel = self._preconvolution_kernel(science)
                 self.metadata["convolvedExposure"] = "Preconvolution"
-            self._stage("convolve")
             with self.timer("preconvolve"):
                 matched_science = self._convolve(self._fill_bad(science), preconv_kernel)
             self.metadata["preconvolvedSciencePsfSize"] = math.sqrt(2.0) * self.science_fwhm

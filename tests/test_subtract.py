@@ -222,10 +222,16 @@ def test_too_few_sources_is_a_typed_error():
         run_subtraction(pair.science, pair.template, sources=catalog)
 
 
-def test_progress_reports_stages():
-    pair = simulated_pair("equal", 256, 110)
+@pytest.mark.parametrize("mode", ["auto", "preconvolve"])
+def test_progress_reports_stages(mode):
+    pair = simulated_pair("equal", 512, 110)
     stages = []
-    run_subtraction(pair.science, pair.template, progress=lambda s, f: stages.append((s, f)))
+    run_subtraction(
+        pair.science,
+        pair.template,
+        SubtractionConfig(mode=mode),
+        progress=lambda s, f: stages.append((s, f)),
+    )
     names = [s for s, _ in stages]
     assert names[0] == "prepare" and names[-1] == "done"
     assert {"fit", "convolve", "decorrelate", "metrics"} <= set(names)
