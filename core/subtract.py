@@ -470,7 +470,7 @@ class _SubtractBase(Task):
         metrics.update(noise_statistics(result.output, exclude=self.source_mask))
         return metrics
 
-    def _finish(self, result: SubtractionResult, science: Exposure) -> SubtractionResult:
+    def _finish(self, result: SubtractionResult) -> SubtractionResult:
         result.timings = {
             k.split(".", 1)[1]: v
             for k, v in self.durations().items()
@@ -517,7 +517,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
             self._stage("metrics")
             with self.timer("metrics"):
                 result.metrics = self.compute_image_metrics(science, result, sources)
-        return self._finish(result, science)
+        return self._finish(result)
 
     def _choose_mode(self, template: Exposure, science: Exposure) -> bool:
         """True to convolve the template (algorithm.md 1.3 step 2)."""
@@ -657,7 +657,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
             with self.timer("metrics"):
                 result.metrics = self._base_metrics(result, science)
                 result.metrics["n_interpolated"] = int(self.metadata.get("nInterpolated", 0))
-        return self._finish(result, science)
+        return self._finish(result)
 
     def _preconvolution_kernel(self, science: Exposure) -> np.ndarray:
         """Unit-sum science PSF at its average position, applied by correlation (decision 1)."""
