@@ -27,7 +27,7 @@ from scipy.stats import qmc
 from .config import DetectionConfig, SourcesConfig
 from .errors import InsufficientSourcesError, InvalidCatalogError
 from .exposure import Exposure
-from .psf import SIGMA_TO_FWHM, GaussianPsf, Psf, _stellar_locus
+from .psf import SIGMA_TO_FWHM, GaussianPsf, Psf, stellar_locus
 
 __all__ = [
     "background_map",
@@ -873,7 +873,7 @@ def detect_sources(
         first = GaussianPsf(_DEFAULT_SMOOTH_SIGMA)
         table = _detect_pass(exposure, config, first, estimate, grow_sigma, False)
         sizes = _clean_sizes(table)
-        sigma = _stellar_locus(sizes) if sizes.size >= 3 else _DEFAULT_SMOOTH_SIGMA
+        sigma = stellar_locus(sizes) if sizes.size >= 3 else _DEFAULT_SMOOTH_SIGMA
         if not config.smooth_with_psf:
             sigma = max(0.5, min(sigma, 20.0))
         if abs(sigma / _DEFAULT_SMOOTH_SIGMA - 1) > 0.15 or set_mask:

@@ -39,7 +39,8 @@ from .metrics import (
     noise_statistics,
 )
 from .photometry import psf_fluxes
-from .psf import SIGMA_TO_FWHM, GaussianPsf, KernelMatchedPsf, estimate_psf
+from .psf import SIGMA_TO_FWHM, GaussianPsf, KernelMatchedPsf
+from .psf_estimate import estimate_psf
 from .sources import detect_sources, select_kernel_sources, sky_sources
 from .task import Task
 from .variance import scale_variance

@@ -1,7 +1,7 @@
 """Fixtures and helpers of the service tests: real processes, real HTTP, real Redis.
 
 Imported by ``tests/test_service_*.py`` and ``tests/test_store.py``. Servers and
-workers are started with ``python -m core.cli serve|worker`` (the ``alsub``
+workers are started with ``python -m app.cli serve|worker`` (the ``alsub``
 command) on free loopback ports, each in its own process group so a test can
 SIGKILL a worker with its pool children; everything is torn down afterwards.
 """
@@ -100,7 +100,7 @@ def start_server(port: int, data_dir: Path, env: dict[str, str], log_dir: Path, 
     args = [
         sys.executable,
         "-m",
-        "core.cli",
+        "app.cli",
         "serve",
         "--host",
         "127.0.0.1",
@@ -129,7 +129,7 @@ def start_server(port: int, data_dir: Path, env: dict[str, str], log_dir: Path, 
 
 def start_worker(env: dict[str, str], log_path: Path) -> Process:
     """``alsub worker`` (a real Celery worker process)."""
-    return Process([sys.executable, "-m", "core.cli", "worker"], env, log_path)
+    return Process([sys.executable, "-m", "app.cli", "worker"], env, log_path)
 
 
 def wait_ready(client: httpx.Client, timeout: float = 60.0) -> dict:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from core.cli import main
+from app.cli import main
 from core.io import read_exposure
 
 
@@ -78,7 +78,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(pair_dir, tmp_path):
         [
             sys.executable,
             "-m",
-            "core.cli",
+            "app.cli",
             "subtract",
             str(not_fits),
             str(pair_dir / "template.fits"),

@@ -16,7 +16,7 @@ from astropy.stats import mad_std, sigma_clipped_stats
 from astropy.wcs import WCS
 from scipy import ndimage
 
-from core.cli import main as cli_main
+from app.cli import main as cli_main
 from core.errors import InvalidExposureError
 from core.exposure import Exposure, MaskPlanes, PhotoCalib
 from core.io import (

@@ -151,7 +151,7 @@ from astropy.stats import mad_std  # noqa: E402
 from astropy.table import Table  # noqa: E402
 
 from core.exposure import Exposure  # noqa: E402
-from core.psf import estimate_psf  # noqa: E402
+from core.psf_estimate import estimate_psf  # noqa: E402
 
 REAL = Path("/work/shared/data/real")
 

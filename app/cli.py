@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import AlsubError
+from core.errors import AlsubError
 
 __all__ = ["main"]
 
@@ -20,7 +20,7 @@ EXIT_USER_ERROR = 2
 
 
 def _cmd_simulate(args) -> int:
-    from .simulate import simulate_command
+    from core.simulate import simulate_command
 
     overrides = json.loads(args.set) if args.set else {}
     paths = simulate_command(
@@ -32,7 +32,7 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .io import describe_exposure
+    from core.io import describe_exposure
 
     print(json.dumps(describe_exposure(args.file), indent=2, default=str))
     return 0
@@ -41,8 +41,8 @@ def _cmd_info(args) -> int:
 def _load_config(path, mode):
     from pydantic import ValidationError
 
-    from .config import SubtractionConfig
-    from .errors import InvalidConfigError
+    from core.config import SubtractionConfig
+    from core.errors import InvalidConfigError
 
     data = {}
     if path:
@@ -61,10 +61,10 @@ def _load_config(path, mode):
 
 
 def _cmd_subtract(args) -> int:
-    from .io import read_exposure
-    from .products import write_difference, write_products
-    from .sources import read_catalog
-    from .subtract import run_subtraction
+    from core.io import read_exposure
+    from core.products import write_difference, write_products
+    from core.sources import read_catalog
+    from core.subtract import run_subtraction
 
     config = _load_config(args.config, args.mode)
     t0 = time.perf_counter()

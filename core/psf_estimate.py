@@ -1,0 +1,221 @@
+"""PSF estimation from the bright isolated stars of an exposure.
+
+It sits above detection (`core.sources`) and the PSF models (`core.psf`), so
+the models need not know how stars are found: no import circle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import PsfError
+from .psf import SIGMA_TO_FWHM, GridPsf, ImagePsf, Psf, _odd, _shift_raw, stellar_locus
+from .sources import background_map, detect_sources, measure_sources
+
+__all__ = ["estimate_psf", "PSF_STAMP_BAD_PLANES"]
+
+_MIN_STAR_SIGMA = 0.6
+#: Mask planes that disqualify a star's stamp from PSF estimation.
+PSF_STAMP_BAD_PLANES = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "SUSPECT", "INTRP")
+
+
+def estimate_psf(
+    exposure,
+    *,
+    catalog=None,
+    stamp_size: int | None = None,
+    max_stars: int = 200,
+    min_stars: int = 5,
+    spatial_order: int = 0,
+) -> Psf:
+    """Build a PSF from bright, isolated, unsaturated, unmasked stars.
+
+    Stars come from ``catalog`` (parent ``x``, ``y``; measured on the exposure)
+    or from `core.sources.detect_sources`. A star is used when it is not
+    flagged (saturated, edge, masked, blended), its S/N is at least 20, its
+    adaptive size is within 15% of the stellar locus (the densest cluster of
+    sizes: rejects galaxies, cosmic rays and blends), no other detected source
+    with over 2% of its flux lies within the stamp radius, and its stamp holds
+    no pixel of `PSF_STAMP_BAD_PLANES`. The
+    brightest ``max_stars`` are cut out with a margin, background subtracted
+    (mesh background of `core.sources.background_map`), shifted by a Fourier
+    phase ramp so the weighted centroid falls on the central pixel, cropped,
+    normalised by their flux within 2 FWHM and combined by a per-pixel
+    3-sigma clipped mean.
+
+    Parameters
+    ----------
+    exposure : `core.exposure.Exposure`
+        Not modified.
+    catalog : `astropy.table.Table` or None
+        Candidate stars (``x``, ``y`` parent); detection when None.
+    stamp_size : int or None
+        Odd width of the PSF stamp; default 6 x the measured FWHM (15..101).
+    max_stars : int
+        Most stars combined.
+    min_stars : int
+        Fewest usable stars; fewer raises `PsfError`.
+    spatial_order : int
+        0 gives an `ImagePsf`. 1 or 2 fits each pixel as a polynomial of that
+        order in (x, y) over the stars (stars with outlying residuals are
+        rejected) and returns a `GridPsf` of 3x3 nodes spanning the exposure;
+        with too few stars for the order (fewer than 3 per term) the order
+        is lowered.
+
+    Returns
+    -------
+    `ImagePsf` (average position at the exposure centre) or `GridPsf`.
+
+    Raises
+    ------
+    PsfError
+        Fewer than ``min_stars`` suitable stars.
+    """
+    if catalog is None:
+        stars = detect_sources(exposure, set_mask=False)
+    else:
+        x = np.asarray(catalog["x"], dtype=np.float64)
+        y = np.asarray(catalog["y"], dtype=np.float64)
+        stars = measure_sources(exposure, x, y, recentroid=True)
+    n_found = len(stars)
+    need = f"need at least {min_stars}"
+    if n_found == 0:
+        raise PsfError(f"found 0 suitable stars, {need} (no source detected) to estimate a PSF")
+    ok = (
+        ~np.asarray(stars["flag_saturated"])
+        & ~np.asarray(stars["flag_edge"])
+        & ~np.asarray(stars["flag_masked"])
+        & ~np.asarray(stars["flag_blended"])
+        & np.isfinite(stars["snr"])
+        & (np.asarray(stars["snr"]) >= 20.0)
+        & np.isfinite(stars["size"])
+    )
+    size = np.asarray(stars["size"], dtype=np.float64)
+    ok &= size > _MIN_STAR_SIGMA
+    if ok.sum() >= 3:
+        typical = stellar_locus(size[ok])
+        ok &= np.abs(size / typical - 1.0) < 0.15
+    if ok.sum() == 0:
+        raise PsfError(
+            f"found 0 suitable stars among {n_found} sources, {need}: none is bright "
+            "(S/N >= 20), unflagged and point-like"
+        )
+    typical = float(np.median(size[ok]))
+    fwhm = SIGMA_TO_FWHM * typical
+    if stamp_size is None:
+        stamp_size = int(np.clip(_odd(6.0 * fwhm), 15, 101))
+    if stamp_size % 2 == 0:
+        raise PsfError(f"PSF stamp size must be odd, got {stamp_size}")
+    half = stamp_size // 2
+    x_all = np.asarray(stars["x"], dtype=np.float64)
+    y_all = np.asarray(stars["y"], dtype=np.float64)
+    flux_all = np.asarray(stars["flux"], dtype=np.float64)
+    # isolation: no neighbour holding more than 2% of the star's flux inside the stamp
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(np.column_stack([x_all, y_all]))
+    candidates = np.nonzero(ok)[0]
+    isolated = []
+    for k in candidates:
+        near = tree.query_ball_point([x_all[k], y_all[k]], r=float(half))
+        if all(j == k or not flux_all[j] > 0.02 * flux_all[k] for j in near):
+            isolated.append(k)
+    candidates = np.array(isolated, dtype=int)
+    candidates = candidates[np.argsort(-flux_all[candidates])]
+
+    background, _ = background_map(exposure)
+    image = exposure.image.astype(np.float64) - background
+    bad = exposure.masked(PSF_STAMP_BAD_PLANES) | ~np.isfinite(exposure.image)
+    x0, y0 = exposure.xy0
+    ny, nx = exposure.shape
+    pad = max(4, int(math.ceil(2 * typical)))
+    big = half + pad
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    aperture = xx**2 + yy**2 <= (2.0 * fwhm) ** 2
+    stamps, xs, ys = [], [], []
+    for k in candidates:
+        col, row = x_all[k] - x0, y_all[k] - y0
+        ic, ir = int(math.floor(col + 0.5)), int(math.floor(row + 0.5))
+        if ic - big < 0 or ir - big < 0 or ic + big >= nx or ir + big >= ny:
+            continue
+        if bad[ir - half : ir + half + 1, ic - half : ic + half + 1].any():
+            continue
+        cut = image[ir - big : ir + big + 1, ic - big : ic + big + 1]
+        # recentre: move the centroid (col, row) onto the central pixel
+        shifted = _shift_raw(cut, ic - col, ir - row)[pad:-pad, pad:-pad]
+        norm = shifted[aperture].sum()
+        if not norm > 0:
+            continue
+        stamps.append(shifted / norm)
+        xs.append(x_all[k])
+        ys.append(y_all[k])
+        if len(stamps) >= max_stars:
+            break
+    n_used = len(stamps)
+    if n_used < min_stars:
+        raise PsfError(
+            f"found {n_used} suitable stars, {need} (of {n_found} sources, {int(ok.sum())} "
+            "were bright, unflagged and point-like; the rest had neighbours or masked "
+            "pixels in their stamp); give a catalog of stars or a PSF"
+        )
+    cube = np.array(stamps)
+    centre = exposure.bbox_center()
+    order = int(spatial_order)
+    while order > 0 and n_used < 3 * (order + 1) * (order + 2) // 2:
+        order -= 1
+    if order == 0:
+        combined = _clipped_mean(cube)
+        return ImagePsf(_clean_stamp(combined), average_position=centre)
+    return _fit_grid_psf(cube, np.array(xs), np.array(ys), order, exposure.bbox)
+
+
+def _clipped_mean(cube: np.ndarray) -> np.ndarray:
+    from astropy.stats import sigma_clip
+
+    clipped = sigma_clip(cube, sigma=3.0, maxiters=5, axis=0)
+    return np.ma.filled(clipped.mean(axis=0), 0.0)
+
+
+def _clean_stamp(stamp: np.ndarray) -> np.ndarray:
+    """Unit-sum stamp; negative noise pixels in the wings clipped to zero."""
+    stamp = np.where(stamp > 0, stamp, 0.0)
+    return stamp / stamp.sum()
+
+
+def _fit_grid_psf(cube, xs, ys, order, bbox) -> GridPsf:
+    """Per-pixel polynomial in (x, y) over the stars, sampled on 3x3 nodes."""
+    from astropy.stats import sigma_clip
+    from numpy.polynomial import polynomial as npoly
+
+    min_x, min_y, max_x, max_y = bbox
+    cx, cy = 0.5 * (min_x + max_x), 0.5 * (min_y + max_y)
+    sx, sy = max(0.5 * (max_x - min_x), 1.0), max(0.5 * (max_y - min_y), 1.0)
+    deg = [order, order]
+    # keep total degree <= order
+    keep = [
+        i * (order + 1) + j for i in range(order + 1) for j in range(order + 1) if i + j <= order
+    ]
+    n_terms = len(keep)
+
+    def design(x, y):
+        return npoly.polyvander2d((x - cx) / sx, (y - cy) / sy, deg)[:, keep]
+
+    n, k, _ = cube.shape
+    values = cube.reshape(n, -1)
+    use = np.ones(n, dtype=bool)
+    a_all = design(xs, ys)
+    for _ in range(3):
+        coeffs, *_ = np.linalg.lstsq(a_all[use], values[use], rcond=None)
+        residual = np.sqrt(np.mean((values - a_all @ coeffs) ** 2, axis=1))
+        new_use = ~np.ma.getmaskarray(sigma_clip(residual, sigma=3.0, maxiters=3))
+        if new_use.sum() < n_terms + 1 or np.array_equal(new_use, use):
+            break
+        use = new_use
+    x_nodes = np.array([min_x, cx, max_x], dtype=np.float64)
+    y_nodes = np.array([min_y, cy, max_y], dtype=np.float64)
+    gx, gy = np.meshgrid(x_nodes, y_nodes)
+    model = (design(gx.ravel(), gy.ravel()) @ coeffs).reshape(3, 3, k, k)
+    stamps = np.array([[_clean_stamp(model[j, i]) for i in range(3)] for j in range(3)])
+    return GridPsf(stamps, x_nodes, y_nodes)
