@@ -1,4 +1,4 @@
-"""Shared fixtures: simulated pairs (cached per session) and the real data folder."""
+"""Shared fixtures: simulated pairs (cached per session) and the real-data fixtures folder."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 
 pytest_plugins = ["tests.service_fixtures"]
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+#: gzipped copies of the project's real survey images (see tests/data/real/README.md)
+REAL_DATA = Path(__file__).resolve().parent / "data" / "real"
 
 
 @lru_cache(maxsize=16)

@@ -29,7 +29,7 @@ from core.io import (
 )
 from core.psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf
 
-REAL = Path("/work/shared/data/real")
+REAL = Path(__file__).resolve().parent / "data" / "real"
 DECAM = REAL / "decam_sfft_decorr"
 JWST = REAL / "jwst_nircam_a2744"
 SAAO = REAL / "saao_bulge_kb13475"
@@ -680,7 +680,7 @@ def _sky_pulls(exposure: Exposure) -> np.ndarray:
 
 @pytest.mark.parametrize("epoch", ["04a", "04c", "04e", "18a", "18b", "18d"])
 def test_real_decam_single_epochs_have_sensible_variance(epoch):
-    exposure = read_exposure(DECAM / f"DEC-OBS{epoch}.mini.fits")
+    exposure = read_exposure(DECAM / f"DEC-OBS{epoch}.mini.fits.gz")
     assert exposure.shape == (256, 256) and exposure.image.dtype == np.float32
     assert "sky-subtracted" in exposure.variance_source
     robust = mad_std(_sky_pulls(exposure))
@@ -694,27 +694,27 @@ def test_real_decam_single_epochs_have_sensible_variance(epoch):
 
 
 def test_real_decam_round_trip(tmp_path):
-    exposure = read_exposure(DECAM / "Stack-DEC-OBS04.fits")
+    exposure = read_exposure(DECAM / "Stack-DEC-OBS04.fits.gz")
     back = read_exposure(write_exposure(exposure, tmp_path / "stack.fits"))
     assert_same_exposure(exposure, back)
     assert back.wcs.to_header()["CTYPE1"] == "RA---TPV"
-    summary = describe_exposure(DECAM / "DEC-OBS04a.mini.fits")
+    summary = describe_exposure(DECAM / "DEC-OBS04a.mini.fits.gz")
     assert summary["planes"]["VARIANCE"] == "estimated" and summary["psf"] is None
     assert summary["wcs"]["pixel_scale_arcsec"] == pytest.approx(0.263, abs=0.002)
 
 
 def test_real_jwst_with_noise_map_and_webbpsf():
     for base in (JWST_REF, JWST_SCI):
-        noise_path = Path(f"{base}.noise.fits")
+        noise_path = Path(f"{base}.noise.fits.gz")
         exposure = read_exposure(
-            Path(f"{base}.fits"), noise=noise_path, psf=Path(f"{base}.WebbPSF.fits")
+            Path(f"{base}.fits.gz"), noise=noise_path, psf=Path(f"{base}.WebbPSF.fits.gz")
         )
         noise = fits.getdata(noise_path).astype(np.float64)
         usable = np.isfinite(noise) & (noise > 0)
         np.testing.assert_allclose(exposure.variance[usable], noise[usable] ** 2, rtol=1e-6)
         assert (
             exposure.masked(["NO_DATA"]).sum()
-            == (~usable | ~np.isfinite(fits.getdata(f"{base}.fits"))).sum()
+            == (~usable | ~np.isfinite(fits.getdata(f"{base}.fits.gz"))).sum()
         )
         robust = mad_std(_sky_pulls(exposure))
         assert 0.9 < robust < 1.12, robust  # measured 1.02
@@ -723,17 +723,17 @@ def test_real_jwst_with_noise_map_and_webbpsf():
         assert 1.6 < exposure.psf.fwhm() < 3.0  # adaptive-moment FWHM 2.0 px
         assert exposure.band == "F200W"
         # MJy/sr -> nJy per pixel: 1e15 x pixel solid angle (22.3 and 22.5 nJy)
-        pixel_area = fits.getheader(f"{base}.fits")["PIXAR_SR"]
+        pixel_area = fits.getheader(f"{base}.fits.gz")["PIXAR_SR"]
         assert exposure.photo_calib.calibration == pytest.approx(1e15 * pixel_area, rel=1e-12)
-    template = read_exposure(Path(f"{JWST_REF}.fits"))
+    template = read_exposure(Path(f"{JWST_REF}.fits.gz"))
     assert template.masked(["NO_DATA"]).sum() == 5 and np.all(np.isfinite(template.image))
     assert 0.9 < mad_std(_sky_pulls(template)) < 1.12  # measured 1.00
 
 
 def test_real_saao_uint16_gain_model_matches_frame_to_frame_noise():
-    first = read_exposure(SAAO / "AKB13475I0101.fits")
-    second = read_exposure(SAAO / "AKB13475I0103.fits")
-    raw = fits.getdata(SAAO / "AKB13475I0101.fits")
+    first = read_exposure(SAAO / "AKB13475I0101.fits.gz")
+    second = read_exposure(SAAO / "AKB13475I0103.fits.gz")
+    raw = fits.getdata(SAAO / "AKB13475I0101.fits.gz")
     assert raw.dtype == np.uint16 and first.image.dtype == np.float32
     np.testing.assert_array_equal(first.image, raw.astype(np.float32))
     assert "gain/read-noise model" in first.variance_source

@@ -153,7 +153,7 @@ from astropy.table import Table  # noqa: E402
 from core.exposure import Exposure  # noqa: E402
 from core.psf_estimate import estimate_psf  # noqa: E402
 
-REAL = Path("/work/shared/data/real")
+REAL = Path(__file__).resolve().parent / "data" / "real"
 
 
 def _star_field(psf, size=384, n=120, seed=3, sky=100.0, read_noise=5.0):
@@ -251,7 +251,7 @@ def _real_exposure(path: Path) -> tuple[Exposure, fits.Header]:
     return exposure, header
 
 
-@pytest.mark.parametrize("name", ["DEC-OBS04a.mini.fits", "DEC-OBS18a.mini.fits"])
+@pytest.mark.parametrize("name", ["DEC-OBS04a.mini.fits.gz", "DEC-OBS18a.mini.fits.gz"])
 def test_estimate_real_decam(name):
     exposure, header = _real_exposure(REAL / "decam_sfft_decorr" / name)
     estimated = estimate_psf(exposure)
@@ -263,7 +263,7 @@ def test_estimate_real_decam(name):
 def test_estimate_real_saao_follows_seeing():
     folder = REAL / "saao_bulge_kb13475"
     measured, header_fwhm = [], []
-    for name in ("AKB13475I0100.fits", "AKB13475I0028.fits", "AKB13475I0156.fits"):
+    for name in ("AKB13475I0100.fits.gz", "AKB13475I0028.fits.gz", "AKB13475I0156.fits.gz"):
         exposure, header = _real_exposure(folder / name)
         measured.append(estimate_psf(exposure).fwhm())
         header_fwhm.append(header["PFWHM"])
@@ -276,12 +276,12 @@ def test_estimate_real_saao_follows_seeing():
 
 def test_estimate_real_jwst_against_webbpsf():
     base = REAL / "jwst_nircam_a2744" / "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp"
-    data = fits.getdata(f"{base}.fits").astype(np.float64)
-    noise = fits.getdata(f"{base}.noise.fits").astype(np.float64)
+    data = fits.getdata(f"{base}.fits.gz").astype(np.float64)
+    noise = fits.getdata(f"{base}.noise.fits.gz").astype(np.float64)
     variance = np.where(noise > 0, noise**2, np.nanmedian(noise) ** 2)
     exposure = Exposure.from_arrays(np.nan_to_num(data), variance)
     exposure.set_plane("NO_DATA", ~np.isfinite(data))
-    webb = ImagePsf(fits.getdata(f"{base}.WebbPSF.fits").astype(np.float64))
+    webb = ImagePsf(fits.getdata(f"{base}.WebbPSF.fits.gz").astype(np.float64))
     estimated = estimate_psf(exposure)
     # a cluster field (galaxies outnumber stars) resampled with LANCZOS3: the stars'
     # locus must be found (not the galaxies, 3x wider) and be a little broader than

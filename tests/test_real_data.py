@@ -1,4 +1,4 @@
-"""Subtraction of the real DECam pairs (../shared/data/real/decam_sfft_decorr)."""
+"""Subtraction of the real DECam pairs (tests/data/real/decam_sfft_decorr)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ def _centre_snr(difference) -> float:
 
 @pytest.mark.parametrize("epoch", ["a", "b", "d", "e"])
 def test_single_epoch_pairs_subtract_to_their_noise(real_data, epoch):
-    result = _subtract(real_data, f"DEC-OBS04{epoch}.mini.fits", f"DEC-OBS18{epoch}.mini.fits")
+    result = _subtract(
+        real_data, f"DEC-OBS04{epoch}.mini.fits.gz", f"DEC-OBS18{epoch}.mini.fits.gz"
+    )
     assert result.mode == "convolveTemplate"  # the 2016 template had the better seeing
     assert 0.9 <= result.metrics["noise_ratio"] <= 1.1
     assert abs(result.metrics["noise_mean"]) < 0.1
@@ -44,13 +46,13 @@ def test_single_epoch_pairs_subtract_to_their_noise(real_data, epoch):
 
 def test_coadd_pair_shows_the_brightened_source(real_data):
     result = _subtract(
-        real_data, "Stack-DEC-OBS04.fits", "Stack-DEC-OBS18.fits", do_decorrelation=False
+        real_data, "Stack-DEC-OBS04.fits.gz", "Stack-DEC-OBS18.fits.gz", do_decorrelation=False
     )
     assert _centre_snr(result.difference) > 5
     # SFFT's reference difference has the same sign and a similar flux there
     from astropy.io import fits
 
-    reference = fits.getdata(real_data / "decam_sfft_decorr" / "FinalDifference.fits")
+    reference = fits.getdata(real_data / "decam_sfft_decorr" / "FinalDifference.fits.gz")
     row, col = CENTRE
     box = np.s_[row - 6 : row + 7, col - 6 : col + 7]
     ours, theirs = result.difference.image[box].sum(), reference[box].sum()
