@@ -147,6 +147,11 @@ class Exposure:
         Parent position of pixel [0, 0].
     variance_source : str
         Where the variance came from ("VARIANCE HDU", "gain/read noise", ...).
+    noise_correlation : `numpy.ndarray` (k, k), float64, or None
+        Autocorrelation of the pixel noise normalised to 1 at its centre (odd
+        square); None means white noise. Resampling (warping, coadding) correlates
+        neighbouring pixels; whoever knows or measures that sets it, and the
+        decorrelation and variance checks take it into account.
     """
 
     image: np.ndarray
@@ -160,6 +165,7 @@ class Exposure:
     metadata: dict[str, Any] = field(default_factory=dict)
     xy0: tuple[int, int] = (0, 0)
     variance_source: str = "given"
+    noise_correlation: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.image = np.asarray(self.image, dtype=np.float32)
