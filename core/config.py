@@ -243,6 +243,9 @@ class ReferenceFiguresConfig(_Config):
         2.0, ge=0, le=50, description="Random positions and stars keep this many FWHM from it."
     )
     n_stars: int = Field(30, ge=1, le=10_000, description="Brightest template stars for chi^2.")
+    exclude_blended_stars: bool = Field(
+        True, description="Skip footprints with several peaks: their flux is not one star's."
+    )
     star_radius_fwhm: float = Field(
         1.0, gt=0, le=10, description="Radius of the chi^2 aperture in science FWHM."
     )

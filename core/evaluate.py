@@ -19,7 +19,8 @@ arrays, so different codes are compared on the same pixels, positions and stars:
   robust std of the same statistic at random valid positions (a score image is sampled
   directly), so correlated noise counts;
 - ``star_chi2``: median over the brightest unsaturated template stars of mean(D^2/V)
-  within one science FWHM.
+  within one science FWHM (a blended footprint is not "a star": its summed flux would
+  rank it first; with blends kept the figures move away from REFERENCE.md's on SAAO).
 """
 
 from __future__ import annotations
@@ -357,6 +358,8 @@ def reference_field(
     ir = np.clip(np.round(star_rows).astype(int), 0, shape[0] - 1)
     ic = np.clip(np.round(star_cols).astype(int), 0, shape[1] - 1)
     ok = ~np.asarray(template_table["flag_saturated"], bool) & np.isfinite(flux)
+    if config.exclude_blended_stars:
+        ok &= ~np.asarray(template_table["flag_blended"], bool)
     ok &= inside[ir, ic] & ~near_sat[ir, ic]
     if target is not None:
         distance = np.hypot(star_rows - target[0], star_cols - target[1])
