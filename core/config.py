@@ -19,6 +19,7 @@ __all__ = [
     "MetricsConfig",
     "QualityConfig",
     "SubtractionConfig",
+    "ReferenceFiguresConfig",
     "Mode",
 ]
 
@@ -331,3 +332,36 @@ class SubtractionConfig(_Config):
     quality: QualityConfig = Field(
         default_factory=QualityConfig, description="Thresholds of the quality verdict."
     )
+
+
+class ReferenceFiguresConfig(_Config):
+    """Measurement of a difference on real data (core.evaluate.reference_figures).
+
+    The defaults are the definitions of ``data/real/REFERENCE.md`` (the figures HOTPANTS
+    was measured with); change them only to study the measurement itself.
+    """
+
+    border_fwhm: float = Field(
+        2.5, ge=0, le=20, description="Border margin: this many science FWHM ..."
+    )
+    border_pixels: int = Field(12, ge=0, le=1000, description="... plus this many pixels.")
+    saturation_radius_fwhm: float = Field(
+        2.0, ge=0, le=20, description="Skip pixels and stars within this many FWHM of saturation."
+    )
+    source_dilation: int = Field(
+        2, ge=0, le=100, description="Grow the detected sources of both inputs by this (px)."
+    )
+    n_random: int = Field(
+        500, ge=20, le=100_000, description="Random positions that calibrate the target S/N."
+    )
+    target_radius_fwhm: float = Field(
+        2.0, ge=0, le=50, description="Random positions and stars keep this many FWHM from it."
+    )
+    n_stars: int = Field(30, ge=1, le=10_000, description="Brightest template stars for chi^2.")
+    exclude_blended_stars: bool = Field(
+        True, description="Skip footprints with several peaks: their flux is not one star's."
+    )
+    star_radius_fwhm: float = Field(
+        1.0, gt=0, le=10, description="Radius of the chi^2 aperture in science FWHM."
+    )
+    seed: int = Field(0, ge=0, description="Seed of the random positions (fixed: same figures).")
