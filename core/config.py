@@ -292,6 +292,12 @@ class SubtractionConfig(_Config):
         "not only the kernel stamps (same Chebyshev order); the score image, smoothed by the "
         "PSF, shows stamp-only background errors at several sigma.",
     )
+    preconvolve_via_difference: bool = Field(
+        True,
+        description="In preconvolve mode, when the template is the sharper image, fit the "
+        "kernel between the images as they are and follow it by the science PSF (the same "
+        "score, a smaller and better constrained kernel); off: always fit K * T ~ P * S.",
+    )
     required_template_fraction: float = Field(
         0.1, ge=0, le=1, description="Least template coverage to attempt subtraction."
     )

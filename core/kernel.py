@@ -29,7 +29,7 @@ from astropy.stats import mad_std
 from astropy.table import Table
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.polynomial import chebyshev
-from scipy import ndimage
+from scipy import ndimage, signal
 
 from .basis import KernelBasis, _monomial_powers
 from .config import KernelConfig
@@ -194,6 +194,17 @@ class SpatialKernel:
     def constant(cls, image: np.ndarray, domain: Box = (0, 0, 0, 0)) -> SpatialKernel:
         """A fixed kernel (order 0, one basis image with coefficient 1), e.g. a PSF."""
         return cls(np.asarray(image, dtype=np.float64)[np.newaxis], np.ones((1, 1)), 0, domain)
+
+    def followed_by(self, image: np.ndarray) -> SpatialKernel:
+        """The kernel whose correlation equals correlating with this one, then with ``image``.
+
+        Correlating by K and then by P is correlating by the convolution K * P; the
+        kernel is linear in its basis, so each basis image is convolved with P and the
+        spatial coefficients stay as they are (exact, whatever the spatial variation).
+        """
+        image = np.asarray(image, dtype=np.float64)
+        images = np.array([signal.convolve(b, image, mode="full") for b in self.basis_images])
+        return SpatialKernel(images, self.coefficients, self.order, self.domain, self.basis_info)
 
     # geometry ------------------------------------------------------------------------
     @property

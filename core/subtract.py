@@ -711,18 +711,29 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 matched_science.psf = _preconvolved_psf(science, preconv_kernel)
             self.metadata["preconvolvedSciencePsfSize"] = math.sqrt(2.0) * self.science_fwhm
             try:
-                with self.timer("select"):
-                    half = preconv_kernel.shape[0] // 2
-                    kernel_sources = self._select_sources(
-                        template,
-                        matched_science,
-                        sources,
-                        math.sqrt(2.0) * self.science_fwhm,
-                        edge_buffer=half,
+                if self.config.preconvolve_via_difference and _template_is_sharper(
+                    template, science, self.template_fwhm, self.science_fwhm
+                ):
+                    with self.timer("select"):
+                        kernel_sources = self._select_sources(
+                            template, science, sources, self.science_fwhm
+                        )
+                    result = self.run_preconvolve_via_difference(
+                        template, science, matched_science, kernel_sources, preconv_kernel
                     )
-                result = self.run_preconvolve(
-                    template, science, matched_science, kernel_sources, preconv_kernel
-                )
+                else:
+                    with self.timer("select"):
+                        half = preconv_kernel.shape[0] // 2
+                        kernel_sources = self._select_sources(
+                            template,
+                            matched_science,
+                            sources,
+                            math.sqrt(2.0) * self.science_fwhm,
+                            edge_buffer=half,
+                        )
+                    result = self.run_preconvolve(
+                        template, science, matched_science, kernel_sources, preconv_kernel
+                    )
             except (InsufficientSourcesError, NoKernelCandidatesError, KernelSolutionError) as exc:
                 raise self._coverage_guard(template, science, exc) from None
             result.kernel_sources = kernel_sources
@@ -772,6 +783,36 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 inner,
                 noise_area=max(preconv_area * _noise_area(science), _noise_area(template)),
             )
+        return self._score(template, science, matched_science, solution, preconv_kernel)
+
+    def run_preconvolve_via_difference(
+        self, template, science, matched_science, kernel_sources, preconv_kernel
+    ) -> SubtractionResult:
+        """Fit K * T + b ~ S (T sharper), then score = P * S - (K then P) * T (- b).
+
+        The same score as `run_preconvolve`, whose kernel is K followed by P exactly,
+        but K is fitted where it is smallest and best constrained: between the two
+        images as they are (smaller kernel and stamps, more usable stars). Rubin's
+        preconvolution exists to avoid deconvolving when the science is sharper.
+        """
+        self.metadata["preconvolveKernelFit"] = "templateToScience"
+        with self.timer("fit"):
+            solution = self._fit_kernel(
+                template,
+                science,
+                kernel_sources,
+                self.template_fwhm,
+                self.science_fwhm,
+                _intersect(template.bbox, science.bbox),
+            )
+        solution.kernel = solution.kernel.followed_by(preconv_kernel)
+        return self._score(template, science, matched_science, solution, preconv_kernel)
+
+    def _score(
+        self, template, science, matched_science, solution, preconv_kernel
+    ) -> SubtractionResult:
+        """score = P * S - K * T (- b), decorrelated, with an EDGE frame P's half-width wide."""
+        half = preconv_kernel.shape[0] // 2
         kernel, background = solution.kernel, solution.background
         self._stage("convolve")
         with self.timer("convolve"):
@@ -858,6 +899,16 @@ def _block_medians(image: np.ndarray, good: np.ndarray, size: int):
     jj, ii = np.nonzero(enough)
     centre = (size - 1) / 2.0
     return (ii * size + centre, jj * size + centre, medians[enough], counts[enough].astype(float))
+
+
+def _template_is_sharper(template, science, template_fwhm: float, science_fwhm: float) -> bool:
+    """Auto mode's rule (algorithm.md 1.3 step 2): convolve the template when it is sharper."""
+    try:
+        t_xx, t_yy = _axis_fwhms(template)
+        s_xx, s_yy = _axis_fwhms(science)
+        return bool(t_xx <= s_xx or t_yy <= s_yy)
+    except Exception:  # noqa: BLE001 - fall back to the grid-mean FWHMs
+        return template_fwhm <= science_fwhm
 
 
 def _noise_area(exposure: Exposure) -> float:

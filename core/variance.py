@@ -252,37 +252,40 @@ def measure_variance_scale(
     measured_correlation = None
     method, factor = "sky", sky
     physical = exposure.variance_source.startswith(PHYSICAL_VARIANCE_PREFIX)
-    if (
+    excess = (
         math.isfinite(sky)
         and math.isfinite(pixel_scale)
         and sky > config.excess_ratio * pixel_scale
-    ):
-        if physical and exposure.noise_correlation is None and pixel_scale < 1.0:
-            # a photon-noise model is not too large; less pixel-scale noise than it
-            # predicts means an image resampled without saying so (its noise is
-            # correlated), where the pixel-scale estimate reads low: keep the model
-            method, factor = "none", 1.0
+    )
+    if excess and physical and exposure.noise_correlation is None and pixel_scale < 1.0:
+        # a photon-noise model is not too large; less pixel-scale noise than it
+        # predicts means an image resampled without saying so (its noise is
+        # correlated), where the pixel-scale estimate reads low: keep the model
+        method, factor = "none", 1.0
+        notes.append(
+            f"the pixel-scale noise is {pixel_scale:.2f}x the gain/read-noise model's "
+            "(a resampled image?); the model was kept"
+        )
+    elif excess and (physical or exposure.noise_correlation is not None):
+        method, factor = "pixel_scale", pixel_scale
+        notes.append(
+            f"the sky varies {math.sqrt(sky / pixel_scale):.1f}x more than its pixel noise "
+            "(a crowded, confusion-limited field); the variance was scaled from the "
+            "pixel-scale noise"
+        )
+    elif not physical and exposure.noise_correlation is None and math.isfinite(sky):
+        # given or sky-measured planes often belong to resampled or coadded images:
+        # per-pixel variances stay right, but sums over pixels (PSF fluxes, the score,
+        # the decorrelation) need the correlation
+        measured_correlation = measure_noise_correlation(exposure, config)
+        if not _is_white(measured_correlation, config.white_tolerance):
             notes.append(
-                f"the pixel-scale noise is {pixel_scale:.2f}x the gain/read-noise model's "
-                "(a resampled image?); the model was kept"
-            )
-        elif physical or exposure.noise_correlation is not None:
-            method, factor = "pixel_scale", pixel_scale
-            notes.append(
-                f"the sky varies {math.sqrt(sky / pixel_scale):.1f}x more than its pixel noise "
-                "(a crowded, confusion-limited field); the variance was scaled from the "
-                "pixel-scale noise"
+                "the input noise is correlated (resampled or coadded image): its "
+                "measured autocorrelation is used by the decorrelation"
             )
         else:
-            measured_correlation = measure_noise_correlation(exposure, config)
-            if not _is_white(measured_correlation, config.white_tolerance):
-                notes.append(
-                    "the input noise is correlated (resampled or coadded image): its "
-                    "measured autocorrelation is used by the decorrelation"
-                )
-            else:
-                measured_correlation = None
-    elif not math.isfinite(sky):
+            measured_correlation = None
+    if not math.isfinite(sky):
         method, factor = ("pixel_scale", pixel_scale) if math.isfinite(pixel_scale) else ("none", 1)
     limit = config.limit
     if not (math.isfinite(factor) and 1.0 / limit <= factor <= limit):
