@@ -206,6 +206,13 @@ class ScaleVarianceConfig(_Config):
     correlation_radius: int = Field(
         3, ge=1, le=16, description="Largest lag (px) of a measured noise autocorrelation."
     )
+    correlation_window: int = Field(
+        1024,
+        ge=64,
+        le=65536,
+        description="Side of the central window the pixel-scale noise and its correlation "
+        "are measured in.",
+    )
     min_sky_pixels: int = Field(
         10000, ge=100, le=10**8, description="Fewest sky pixels to measure a noise correlation."
     )
