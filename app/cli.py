@@ -9,6 +9,7 @@ the stage and the fraction done.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -86,16 +87,25 @@ class _Formatter(logging.Formatter):
         return super().format(record)
 
 
-def _setup_logging(verbose: int, progress: _Progress) -> None:
-    """All messages, core's warnings and Python warnings alike, as ``alsub: <level>: ...``."""
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: int, progress: _Progress):
+    """All messages, core's warnings and Python warnings alike, as ``alsub: <level>: ...``.
+
+    Undone on exit, so calling `main` from Python leaves the caller's logging alone.
+    """
     handler = _LogHandler(progress)
     handler.setFormatter(_Formatter("alsub: %(level)s: %(message)s"))
     root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _LogHandler)]:
-        root.removeHandler(old)  # main() may run more than once in a process (tests)
+    level = root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.setLevel(level)
+        root.removeHandler(handler)
 
 
 # checks before computing ----------------------------------------------------------------------
@@ -459,10 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     show = not getattr(args, "quiet", True) and sys.stderr.isatty()
     args.progress_display = _Progress(show)
-    if args.func not in (_cmd_serve, _cmd_worker):  # the service sets up its own logs
-        _setup_logging(getattr(args, "verbose", 0), args.progress_display)
+    service = args.func in (_cmd_serve, _cmd_worker)  # the service sets up its own logs
     try:
-        return args.func(args)
+        with (
+            contextlib.nullcontext()
+            if service
+            else _logging_to_stderr(getattr(args, "verbose", 0), args.progress_display)
+        ):
+            return args.func(args)
     except AlsubError as exc:
         args.progress_display.clear()
         print(f"alsub: error: {exc.message}", file=sys.stderr)
