@@ -219,8 +219,8 @@ def _combined_bytes(image: Path, planes: dict[str, Path], settings: Settings, la
     specs = {
         kind: _NamedBytes(
             _gunzipped(read_capped(path, settings.max_upload_bytes, f"the {label} {kind}"), limit),
-            f"{label} {kind}",
-        )
+            f"{kind} plane",  # not the label: it is recorded in the file, which must not
+        )  # depend on how the planes arrived (upload, form field or URI)
         for kind, path in planes.items()
     }
     exposure = read_exposure(image, max_pixels=settings.max_pixels, name=label, **specs)
