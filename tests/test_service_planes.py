@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -30,19 +33,46 @@ def _file(role: str, kind: str = "") -> Path:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def service(tmp_path_factory):
     env = service_env(tokens=TOKEN, allowed_roots=str(JWST.resolve()), heartbeat_interval=1)
-    process, base = start_server(
-        free_port(), tmp_path_factory.mktemp("data"), env, tmp_path_factory.mktemp("logs")
-    )
+    data_dir = tmp_path_factory.mktemp("data")
+    process, base = start_server(free_port(), data_dir, env, tmp_path_factory.mktemp("logs"))
     try:
         with httpx.Client(
             base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120
         ) as http:
             wait_ready(http)
-            yield http
+            yield {"client": http, "env": {**env, "ALSUB_DATA_DIR": str(data_dir)}}
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return service["client"]
+
+
+def test_worker_health_check_pings_the_local_worker(service, tmp_path):
+    # the container health check of a worker (python -m worker.health), on the live worker
+    ok = subprocess.run(
+        [sys.executable, "-m", "worker.health", "5"],
+        env=service["env"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert f"@{socket.gethostname()}" in ok.stdout
+    # a data directory no worker serves: nobody answers, unhealthy
+    empty = {**service["env"], "ALSUB_DATA_DIR": str(tmp_path)}
+    none = subprocess.run(
+        [sys.executable, "-m", "worker.health", "1"],
+        env=empty,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert none.returncode == 1 and "no worker" in none.stderr
 
 
 def _upload(client, role: str, noise: str | None = "noise", psf: bool = True) -> str:
