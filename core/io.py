@@ -29,6 +29,22 @@ The sky level ``sky`` and sky noise ``sigma`` are measured with
   gives the source Poisson term, otherwise there is none.
 
 What was done is recorded in `Exposure.variance_source`.
+
+astropy's CCDData and this module
+---------------------------------
+Pixels, headers, WCS, units and gzip go through astropy (`astropy.io.fits`,
+`astropy.wcs`, `astropy.units`). The CCDData reader and writer
+(`astropy.nddata.fits_ccddata_reader`/``CCDData.to_hdu``) are not used for the
+files themselves because they do a different job: the writer stores the mask as
+one boolean byte plane (Rubin's named ``MP_<NAME>`` bits would be lost) in an
+``UNCERT`` extension layout Rubin's tools do not read; the reader takes one data
+HDU with same-file planes, so it cannot model a variance from GAIN/RDNOISE or
+the sky, read separate noise/weight/mask/PSF files, PSF grids, or refuse
+truncated and oversized files before loading them. Instead the files this
+module writes follow the conventions the CCDData reader understands (BUNIT on
+IMAGE, ``UTYPE = VarianceUncertainty`` on VARIANCE, a MASK extension), so
+``CCDData.read(path, hdu="IMAGE", hdu_uncertainty="VARIANCE", hdu_mask="MASK")``
+works on them, and `to_ccddata`/`from_ccddata` convert in memory.
 """
 
 from __future__ import annotations
