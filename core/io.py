@@ -1150,7 +1150,7 @@ def exposure_to_hdulist(
     # astropy's CCDData/NDData readers take the unit from BUNIT of the data HDU and the
     # uncertainty's kind from UTYPE of its HDU (see `to_ccddata` for the documented call).
     unit = image_unit(exposure)
-    image_header["BUNIT"] = (unit.to_string(format="fits") or "", "unit of IMAGE")
+    image_header["BUNIT"] = (_unit_card(unit), "unit of IMAGE")
     image_hdu = fits.ImageHDU(exposure.image.astype(np.float32), header=image_header, name="IMAGE")
 
     mask_header = fits.Header()
@@ -1162,7 +1162,7 @@ def exposure_to_hdulist(
     source = exposure.variance_source
     if source.isascii() and source.isprintable():
         variance_header["VARSRC"] = source
-    variance_header["BUNIT"] = ((unit**2).to_string(format="fits") or "", "unit of VARIANCE")
+    variance_header["BUNIT"] = (_unit_card(unit**2), "unit of VARIANCE")
     variance_header["UTYPE"] = ("VarianceUncertainty", "astropy uncertainty class")
     variance_hdu = fits.ImageHDU(
         exposure.variance.astype(np.float32), header=variance_header, name="VARIANCE"
@@ -1283,15 +1283,26 @@ def image_unit(exposure: Exposure) -> Any:
     `astropy.units.UnitBase`
     """
     from astropy import units as u
+    from astropy.nddata import CCDData
 
     text = next((v for k, v in exposure.metadata.items() if str(k).upper() == "BUNIT"), None)
     if isinstance(text, str) and text.strip():
-        # FITS writes ADU upper case; astropy spells it adu (CCDData's reader does the same)
+        # FITS writes ADU upper case; astropy spells it adu. Common invalid spellings
+        # ("ELECTRONS/S") are mapped as CCDData's reader maps them.
         text = text.strip().lower() if text.strip().lower() == "adu" else text.strip()
+        text = CCDData.known_invalid_fits_unit_strings.get(text, text)
         unit = u.Unit(text, parse_strict="silent")
         if not isinstance(unit, u.UnrecognizedUnit):
             return unit
     return u.Unit(_DEFAULT_UNIT)
+
+
+def _unit_card(unit: Any) -> str:
+    """BUNIT text: the FITS spelling where the standard has the unit, else astropy's."""
+    try:
+        return unit.to_string(format="fits") or ""
+    except ValueError:  # e.g. electron, not a FITS-standard unit; astropy reads it back
+        return unit.to_string()
 
 
 def to_ccddata(exposure: Exposure, mask_planes: list[str] | None = None) -> Any:
@@ -1309,8 +1320,9 @@ def to_ccddata(exposure: Exposure, mask_planes: list[str] | None = None) -> Any:
     Returns
     -------
     `astropy.nddata.CCDData`
-        ``uncertainty`` a `~astropy.nddata.VarianceUncertainty`; ``meta`` holds the
-        metadata plus the ``MP_<NAME>`` bit numbers, so `from_ccddata` restores them.
+        ``uncertainty`` a `~astropy.nddata.VarianceUncertainty`; ``mask`` boolean, as
+        astropy expects (the named bits are not kept: use the exposure for those);
+        ``meta`` the metadata that fits in FITS cards.
     """
     from astropy.nddata import CCDData, VarianceUncertainty
 
@@ -1322,8 +1334,6 @@ def to_ccddata(exposure: Exposure, mask_planes: list[str] | None = None) -> Any:
     for key, value in exposure.metadata.items():
         if _STANDARD_KEY.match(str(key)) and _card_round_trips(str(key), _plain(value)):
             meta[str(key)] = _plain(value)
-    for plane, bit in exposure.mask_planes.as_dict().items():
-        meta[f"HIERARCH MP_{plane}"] = bit
     unit = image_unit(exposure)
     return CCDData(
         exposure.image.copy(),
@@ -1402,7 +1412,7 @@ def _ccd_header(meta: fits.Header, ccd: Any) -> fits.Header:
             continue
         header.append(card)
     if ccd.unit is not None:
-        header["BUNIT"] = ccd.unit.to_string(format="fits")
+        header["BUNIT"] = _unit_card(ccd.unit)
     return header
 
 
