@@ -1353,8 +1353,9 @@ def from_ccddata(ccd: Any, psf: Psf | None = None) -> Exposure:
     ccd : `astropy.nddata.CCDData`
         Its uncertainty may be a standard deviation, a variance or an inverse
         variance; without one the variance is estimated as `read_exposure` does.
-        A boolean mask becomes the BAD plane (an integer one keeps its bits when
-        ``meta`` carries ``MP_<NAME>`` cards, as `to_ccddata` writes).
+        A boolean mask (CCDData's are always boolean) becomes the BAD plane; the
+        integer mask of a plain NDData keeps its bits, named by ``MP_<NAME>`` cards
+        in ``meta`` when it has them.
     psf : `core.psf.Psf`, optional
 
     Returns

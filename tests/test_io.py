@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from astropy import units as u
 from astropy.io import fits
-from astropy.nddata import CCDData, InverseVariance, StdDevUncertainty, VarianceUncertainty
+from astropy.nddata import CCDData, InverseVariance, NDData, StdDevUncertainty, VarianceUncertainty
 from astropy.stats import mad_std, sigma_clipped_stats
 from astropy.wcs import WCS
 from scipy import ndimage
@@ -831,13 +831,14 @@ def test_from_ccddata_with_standard_deviation_and_boolean_mask():
     np.testing.assert_allclose(inverse.variance, 4.0)
 
 
-def test_from_ccddata_integer_mask_keeps_bits_named_in_meta():
+def test_from_nddata_integer_mask_keeps_bits_named_in_meta():
+    # CCDData turns every mask boolean; a plain NDData keeps an integer bit mask
     data = np.random.default_rng(4).normal(0.0, 1.0, (30, 30))
     mask = np.zeros((30, 30), dtype=np.int32)
     mask[4, 5] = 1 << 12
     meta = fits.Header()
     meta["HIERARCH MP_GHOST"] = 12
     meta["HIERARCH MP_BAD"] = 0
-    ccd = CCDData(data, unit="adu", mask=mask, meta=meta, uncertainty=VarianceUncertainty(data**0))
+    ccd = NDData(data, unit="adu", mask=mask, meta=meta, uncertainty=VarianceUncertainty(data**0))
     exposure = from_ccddata(ccd)
     assert exposure.masked(["GHOST"]).sum() == 1 and exposure.masked(["GHOST"])[4, 5]
