@@ -28,6 +28,9 @@ class _Collector(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        if logging.lastResort is not None and logging.getLogger().handlers == [self]:
+            # Nobody configured logging: keep Python's default of printing warnings.
+            logging.lastResort.handle(record)
         if record.thread != self.thread or not record.pathname.startswith(_CORE_DIR):
             return
         try:
@@ -36,9 +39,6 @@ class _Collector(logging.Handler):
             message = str(record.msg)
         if message not in self.messages:
             self.messages.append(message)
-        if logging.lastResort is not None and logging.getLogger().handlers == [self]:
-            # Nobody configured logging: keep Python's default of printing the warning.
-            logging.lastResort.handle(record)
 
 
 @contextmanager
