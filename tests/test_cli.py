@@ -249,22 +249,9 @@ def test_warnings_are_logged_in_one_format_and_kept_in_metrics(tmp_path):
     pair = tmp_path / "pair"
     assert main(["simulate", str(pair), "--size", "256", "--seed", "2"]) == 0
     products = tmp_path / "prod"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "subtract",
-            str(pair / "science.fits"),
-            str(pair / "template.fits"),
-            "-o",
-            str(tmp_path / "d.fits"),
-            "--products",
-            str(products),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    science, template = str(pair / "science.fits"), str(pair / "template.fits")
+    proc = _run_cli(
+        "subtract", science, template, "-o", str(tmp_path / "d.fits"), "--products", str(products)
     )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((products / "metrics.json").read_text())
@@ -285,6 +272,13 @@ def test_all_products_share_one_mode_from_the_umask(pair_dir, tmp_path):
     files = [out, *sorted((tmp_path / "p").iterdir())]
     assert len(files) == 7
     assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o640}
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The ``alsub`` command in a subprocess, stdout and stderr captured (not a terminal)."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def _run_on_tty(args: list[str]) -> str:
@@ -321,21 +315,7 @@ def test_progress_shows_on_a_terminal_only(pair_dir, tmp_path):
         assert f"] {stage}" in shown
     quiet = _run_on_tty(["subtract", science, template, "-o", str(tmp_path / "b.fits"), "-q"])
     assert "%]" not in quiet
-    piped = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "subtract",
-            science,
-            template,
-            "-o",
-            str(tmp_path / "c.fits"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    piped = _run_cli("subtract", science, template, "-o", str(tmp_path / "c.fits"))
     assert piped.returncode == 0 and "%]" not in piped.stderr
 
 
