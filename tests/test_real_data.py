@@ -10,9 +10,7 @@ from core.io import read_exposure
 from core.photometry import psf_flux
 from core.subtract import run_subtraction
 
-# 256x256 cutouts: Rubin's edge rule (stamps a kernel width inside the frame) leaves
-# too few stars, so the small-image setting is used
-SMALL_IMAGE = {"sources": {"restrict_kernel_edge_sources": False}}
+SMALL_IMAGE: dict = {}
 CENTRE = (128, 129)  # (row, col) of the brightened source, from the data README
 
 
