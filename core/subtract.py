@@ -809,7 +809,8 @@ def run_subtraction(
     Returns
     -------
     `SubtractionResult`
-        ``metrics["warnings"]`` lists the warnings core logged during the run.
+        ``metrics["warnings"]`` lists the task's warnings and then those core logged
+        during the run (`core.logcapture`).
 
     Raises
     ------
@@ -824,9 +825,11 @@ def run_subtraction(
         else AlardLuptonSubtractTask
     )
     task = task_class(config=config, progress=progress)
-    with collect_warnings() as warnings:
+    with collect_warnings() as logged:
         result = task.run(template, science, sources)
-    result.metrics["warnings"] = list(warnings)
+    # the task's own concerns first, then what core logged (kernel fit, decorrelation, io)
+    task_warnings = list(result.metrics.get("warnings", []))
+    result.metrics["warnings"] = task_warnings + [w for w in logged if w not in task_warnings]
     if progress is not None:
         progress("done", 1.0)
     return result

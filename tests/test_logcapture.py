@@ -58,7 +58,7 @@ def test_collects_core_warnings_of_this_thread_only():
 
 
 def test_run_subtraction_keeps_its_warnings_in_the_metrics():
-    # A 256x256 field has too few kernel sources per spatial term: the kernel fit warns.
+    # A sparse 256x256 field gives the kernel fit too few stamps: it warns.
     pair = simulated_pair("sharper_template", 256, 2)
     logged = []
     handler = logging.Handler(logging.WARNING)
@@ -69,8 +69,10 @@ def test_run_subtraction_keeps_its_warnings_in_the_metrics():
     finally:
         logging.getLogger().removeHandler(handler)
     warnings = result.metrics["warnings"]
-    assert any("poorly constrained" in w for w in warnings), warnings
-    assert warnings == list(dict.fromkeys(logged))  # exactly what was logged, in order
+    assert any("kernel" in w for w in logged), logged  # the kernel fit did warn
+    # everything core logged is kept, once each, in order, after the task's own concerns
+    kept = [w for w in warnings if w in logged]
+    assert kept == list(dict.fromkeys(logged))
 
 
 def test_identical_images_are_refused_with_a_typed_error():
