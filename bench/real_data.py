@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 from astropy.io import fits
-from scipy import ndimage
+from scipy import ndimage, signal
 
 from core.config import SubtractionConfig
 from core.evaluate import Output, output_valid, reference_figures
@@ -76,6 +76,9 @@ JWST_TEMPLATE = "jw01324001001-01324-o001_t001_nircam_clear-f200w_i2d_stamp"  # 
 SAAO_TEMPLATE = "0100"
 SAAO_SATURATION = 60000.0  # ADU, the SAAO README: treat >= 60000 as saturated
 DECAM_TARGET = (128.0, 129.0)  # (row, col), the DECam README
+#: lags recorded in the shifted template's noise_correlation: the cubic-spline weights'
+#: autocorrelation is below 0.03 beyond 4 px (half-pixel shift)
+CORRELATION_RADIUS = 4
 
 
 @dataclass
@@ -121,9 +124,13 @@ def register_by_offset(
     """Shift ``template`` by (dy, dx) onto ``science``'s grid; crop both to the overlap.
 
     A star at (row, col) of the template is at (row + dy, col + dx) of the science
-    (frames.csv's convention). The template is resampled with a cubic spline (variance
-    linearly, each mask bit to any touching pixel); the science is cut to the box where
-    the shifted template has data, so neither image is extrapolated.
+    (frames.csv's convention). The template is resampled with a cubic spline (each mask
+    bit to any touching pixel); the science is cut to the box where the shifted template
+    has data, so neither image is extrapolated. Interpolation averages neighbouring
+    pixels: the shifted template's variance plane is the per-pixel variance of the
+    interpolated noise (the plane shifted linearly, times sum w^2 of the interpolation
+    weights w) and its ``noise_correlation`` is their normalised autocorrelation, as a
+    warp records them.
 
     Returns
     -------
@@ -139,7 +146,9 @@ def register_by_offset(
     rows, cols = np.mgrid[r0 : r1 + 1, c0 : c1 + 1].astype(np.float64)
     coords = [rows - dy, cols - dx]
     image = ndimage.map_coordinates(template.image.astype(np.float64), coords, order=3)
+    weights = _interpolation_weights(dy, dx)
     variance = ndimage.map_coordinates(template.variance.astype(np.float64), coords, order=1)
+    variance *= np.sum(weights**2)
     mask = np.zeros(image.shape, np.int32)
     for bit in range(31):
         plane = (template.mask >> bit) & 1
@@ -152,6 +161,7 @@ def register_by_offset(
         template,
         image=image.astype(np.float32),
         variance=np.maximum(variance, 0.0).astype(np.float32),
+        noise_correlation=_autocorrelation(weights, CORRELATION_RADIUS),
         mask=mask,
         mask_planes=template.mask_planes.copy(),
         xy0=cut.xy0,
@@ -159,6 +169,27 @@ def register_by_offset(
         metadata=dict(template.metadata),
     )
     return cut, shifted
+
+
+def _interpolation_weights(dy: float, dx: float, half: int = 10) -> np.ndarray:
+    """Weights of the input pixels in one output pixel of the cubic-spline shift.
+
+    The shift is linear and translation invariant: its response to a unit impulse is
+    the weight pattern (the spline prefilter makes it a few pixels wide, not 4x4).
+    """
+    impulse = np.zeros((2 * half + 1, 2 * half + 1))
+    impulse[half, half] = 1.0
+    rows, cols = np.mgrid[: 2 * half + 1, : 2 * half + 1].astype(np.float64)
+    frac = [rows - (dy - math.floor(dy)), cols - (dx - math.floor(dx))]
+    return ndimage.map_coordinates(impulse, frac, order=3, mode="constant")
+
+
+def _autocorrelation(weights: np.ndarray, radius: int) -> np.ndarray:
+    """Normalised autocorrelation (lags up to ``radius``) of noise filtered by ``weights``."""
+    full = signal.correlate(weights, weights, mode="full")
+    c = full.shape[0] // 2
+    window = full[c - radius : c + radius + 1, c - radius : c + radius + 1]
+    return window / full[c, c]
 
 
 def _half_maximum_fwhm(psf_image: np.ndarray) -> float:

@@ -600,9 +600,12 @@ class _Candidate:
 class _Fitter:
     """State of one fit: the basis, stamps geometry and the per-candidate algebra."""
 
-    def __init__(self, basis: KernelBasis, config: KernelConfig):
+    def __init__(self, basis: KernelBasis, config: KernelConfig, noise_area: float = 1.0):
         self.basis = basis
         self.config = config
+        # the mean of D/sigma over a stamp of correlated noise scatters sqrt(area) times
+        # more than over white noise: Rubin's absolute mean limit assumes white noise
+        self.mean_floor = config.candidate_residual_mean_max * math.sqrt(max(noise_area, 1.0))
         self.nb = basis.n_basis
         self.k = basis.size
         self.h = basis.half
@@ -611,7 +614,7 @@ class _Fitter:
         self.with_bg = config.fit_for_background
         self.factors = basis.separable_factors() if basis.transform is not None else None
         self.mean_centre = 0.0
-        self.mean_limit = config.candidate_residual_mean_max
+        self.mean_limit = self.mean_floor
         self.std_limit = config.candidate_residual_std_max
 
     def _windows(self, stamp: np.ndarray) -> np.ndarray:
@@ -742,7 +745,7 @@ class _Fitter:
         """
         config = self.config
         self.mean_centre = 0.0
-        self.mean_limit = config.candidate_residual_mean_max
+        self.mean_limit = self.mean_floor
         self.std_limit = config.candidate_residual_std_max
         means = np.array([c.resid_mean for c in candidates], dtype=np.float64)
         stds = np.array([c.resid_std for c in candidates], dtype=np.float64)
@@ -753,7 +756,7 @@ class _Fitter:
         k = config.candidate_clip_sigma
         centre = float(np.median(means))
         spread = float(mad_std(means))
-        if abs(centre) <= config.candidate_residual_mean_max:
+        if abs(centre) <= self.mean_floor:
             centre = 0.0
         self.mean_centre = centre
         self.mean_limit = max(self.mean_limit, k * spread)
@@ -1003,6 +1006,7 @@ def fit_psf_matching_kernel(
     task: Task | None = None,
     stamp_size: int | None = None,
     rating_column: str | None = None,
+    noise_area: float = 1.0,
 ) -> KernelSolution:
     """Fit the spatially varying kernel K and background b with K * reference + b ~= target.
 
@@ -1033,6 +1037,10 @@ def fit_psf_matching_kernel(
         present, else 2 * basis.size + 1 centred on round(x), round(y).
     rating_column : str or None
         Column used as the rating instead of flux / psf_flux / snr.
+    noise_area : float
+        Sum of the normalised noise autocorrelation of the stamps (pixels per
+        independent noise sample; 1 for white noise): widens the residual-mean
+        limit by its square root (preconvolved or resampled images).
 
     Returns
     -------
@@ -1067,7 +1075,7 @@ def fit_psf_matching_kernel(
     timer = task.timer("_solve") if task is not None else contextlib.nullcontext()
     with timer:
         solution = _solve(
-            reference, target, sources, basis, config, bbox, stamp_size, rating_column
+            reference, target, sources, basis, config, bbox, stamp_size, rating_column, noise_area
         )
     if task is not None:
         task.metadata["spatialConditionNum"] = solution.condition_number
@@ -1078,8 +1086,8 @@ def fit_psf_matching_kernel(
     return solution
 
 
-def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_column):
-    fitter = _Fitter(basis, config)
+def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_column, noise_area):
+    fitter = _Fitter(basis, config, noise_area)
     bad_bits = (
         target.mask_planes.get_bitmask(config.bad_mask_planes),
         reference.mask_planes.get_bitmask(config.bad_mask_planes),

@@ -358,13 +358,28 @@ class _SubtractBase(Task):
             )
         return kept
 
-    def _fit_kernel(self, reference, target, kernel_sources, reference_fwhm, target_fwhm, bbox):
-        """Fit K and b with K * reference + b ~ target over ``bbox``."""
+    def _fit_kernel(
+        self, reference, target, kernel_sources, reference_fwhm, target_fwhm, bbox, noise_area=None
+    ):
+        """Fit K and b with K * reference + b ~ target over ``bbox``.
+
+        ``noise_area`` (pixels per independent noise sample in the stamps) defaults to
+        the larger of the two inputs' measured noise correlations.
+        """
         self._stage("fit")
         config = self.config.kernel
         basis = make_kernel_basis(reference_fwhm, target_fwhm, config)
+        if noise_area is None:
+            noise_area = max(_noise_area(reference), _noise_area(target))
         solution = fit_psf_matching_kernel(
-            reference, target, kernel_sources, basis, config, bbox=bbox, task=self.makeKernel
+            reference,
+            target,
+            kernel_sources,
+            basis,
+            config,
+            bbox=bbox,
+            task=self.makeKernel,
+            noise_area=noise_area,
         )
         self.notes.extend(solution.notes)
         self.solution = solution
@@ -748,6 +763,8 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         half = preconv_kernel.shape[0] // 2
         sx0, sy0, sx1, sy1 = science.bbox
         inner = (sx0 + half, sy0 + half, sx1 - half, sy1 - half)
+        # P * S has noise correlated over the PSF: 1 / sum(P^2) pixels per sample
+        preconv_area = 1.0 / float(np.sum(preconv_kernel**2))
         with self.timer("fit"):
             solution = self._fit_kernel(
                 template,
@@ -756,6 +773,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 self.template_fwhm,
                 math.sqrt(2.0) * self.science_fwhm,
                 inner,
+                noise_area=max(preconv_area * _noise_area(science), _noise_area(template)),
             )
         kernel, background = solution.kernel, solution.background
         self._stage("convolve")
@@ -879,6 +897,13 @@ def _block_medians(image: np.ndarray, good: np.ndarray, size: int):
     jj, ii = np.nonzero(enough)
     centre = (size - 1) / 2.0
     return (ii * size + centre, jj * size + centre, medians[enough], counts[enough].astype(float))
+
+
+def _noise_area(exposure: Exposure) -> float:
+    """Pixels per independent noise sample: the sum of the noise autocorrelation (1: white)."""
+    if exposure.noise_correlation is None:
+        return 1.0
+    return max(1.0, float(np.sum(exposure.noise_correlation)))
 
 
 def _preconvolved_psf(science: Exposure, preconv_kernel: np.ndarray) -> ImagePsf:

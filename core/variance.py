@@ -21,7 +21,8 @@ Rubin does. When ``sky`` is clearly larger, the excess is either confusion or
 correlated noise; one image cannot tell them apart, so the plane's provenance
 decides. A plane modelled from photon statistics (gain and read noise) is white
 unless the exposure says otherwise (``noise_correlation``), so the excess is
-confusion and ``pixel_scale`` is used. Any other plane (given by the user or
+confusion and ``pixel_scale`` is used (unless it reads below the model: an image
+resampled without saying so, whose model is kept). Any other plane (given by the user or
 measured from the sky) keeps ``sky`` and the measured noise autocorrelation is
 recorded on the exposure, for the decorrelation. A factor outside the plausible
 range is not applied and becomes a warning, never a refusal.
@@ -256,7 +257,16 @@ def measure_variance_scale(
         and math.isfinite(pixel_scale)
         and sky > config.excess_ratio * pixel_scale
     ):
-        if physical or exposure.noise_correlation is not None:
+        if physical and exposure.noise_correlation is None and pixel_scale < 1.0:
+            # a photon-noise model is not too large; less pixel-scale noise than it
+            # predicts means an image resampled without saying so (its noise is
+            # correlated), where the pixel-scale estimate reads low: keep the model
+            method, factor = "none", 1.0
+            notes.append(
+                f"the pixel-scale noise is {pixel_scale:.2f}x the gain/read-noise model's "
+                "(a resampled image?); the model was kept"
+            )
+        elif physical or exposure.noise_correlation is not None:
             method, factor = "pixel_scale", pixel_scale
             notes.append(
                 f"the sky varies {math.sqrt(sky / pixel_scale):.1f}x more than its pixel noise "

@@ -34,10 +34,30 @@ def test_shifted_template_lands_on_the_science_stars(dy, dx):
     assert cut.shape[0] == r1 - r0 + 1 and cut.xy0[1] == r0
     # cubic resampling of a 2 px Gaussian: residual below 1% of the peak
     assert np.max(np.abs(shifted.image - cut.image)) < 0.01 * 1e4
-    assert np.allclose(shifted.variance, 4.0, rtol=1e-5)
+    # uniform, reduced by the interpolation (checked on noise below)
+    assert np.ptp(shifted.variance) < 1e-4 and 2.0 < shifted.variance[0, 0] <= 4.0
     sat_rows, sat_cols = np.nonzero(shifted.masked(["SAT"]))
     assert np.all(np.abs(sat_rows + cut.xy0[1] - (50 + dy)) < 1.0)
     assert np.all(np.abs(sat_cols + cut.xy0[0] - (60 + dx)) < 1.0)
+
+
+@pytest.mark.parametrize("dy, dx", [(3.5, 2.5), (-1.2, 0.3)])
+def test_shifted_noise_keeps_an_honest_variance_and_records_its_correlation(dy, dx):
+    shape = (300, 300)
+    rng = np.random.default_rng(5)
+    template = Exposure.from_arrays(rng.normal(0.0, 3.0, shape), np.full(shape, 9.0))
+    science = Exposure.from_arrays(np.zeros(shape))
+    _, shifted = register_by_offset(science, template, dy, dx)
+    # interpolation smooths the noise: the plane must follow (0.57x at half a pixel)
+    pull = shifted.image / np.sqrt(shifted.variance)
+    assert np.std(pull) == pytest.approx(1.0, abs=0.02)
+    rho = shifted.noise_correlation
+    c = rho.shape[0] // 2
+    assert rho[c, c] == 1.0
+    z = shifted.image - shifted.image.mean()
+    for lag_y, lag_x in ((0, 1), (1, 0), (1, 1), (0, 2)):
+        measured = np.mean(z[: z.shape[0] - lag_y, : z.shape[1] - lag_x] * z[lag_y:, lag_x:])
+        assert measured / np.var(z) == pytest.approx(rho[c + lag_y, c + lag_x], abs=0.02)
 
 
 def test_saao_pair_is_registered_and_the_target_is_on_it(real_data):
