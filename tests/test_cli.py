@@ -54,7 +54,7 @@ def test_subtract_writes_difference_and_products(pair_dir, tmp_path, capsys):
     products = tmp_path / "products"
     code = _subtract(pair_dir, output, "--products", str(products))
     assert code == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("mode="))
     assert line.startswith("mode=convolveTemplate") and "kernel_sum=" in line
     difference = read_exposure(output)
     assert difference.shape == (512, 512)
