@@ -24,6 +24,7 @@ from .config import SubtractionConfig
 from .convolve import convolve_exposure
 from .decorrelate import decorrelate_difference
 from .errors import (
+    IdenticalInputsError,
     IncompatibleInputsError,
     InsufficientSourcesError,
     KernelSolutionError,
@@ -33,6 +34,7 @@ from .errors import (
 )
 from .exposure import Exposure
 from .kernel import BackgroundModel, SpatialKernel, chebyshev_terms, fit_psf_matching_kernel
+from .logcapture import collect_warnings
 from .metrics import (
     NOISE_MASK_PLANES,
     compute_difference_metrics,
@@ -52,6 +54,7 @@ __all__ = [
     "AlardLuptonSubtractTask",
     "AlardLuptonPreconvolveSubtractTask",
     "run_subtraction",
+    "check_not_identical",
 ]
 
 log = logging.getLogger("alsub.subtract")
@@ -903,18 +906,54 @@ def run_subtraction(
         Catalog with x, y (and optionally flux); detected on the science image if None.
     progress : callable(stage, fraction) or None
         Called as each stage starts.
+
+    Returns
+    -------
+    `SubtractionResult`
+        ``metrics["warnings"]`` lists the task's warnings and then those core logged
+        during the run (`core.logcapture`).
+
+    Raises
+    ------
+    IdenticalInputsError
+        Science and template hold the same pixels (the difference would be empty).
     """
     config = config or SubtractionConfig()
+    check_not_identical(science, template)
     task_class = (
         AlardLuptonPreconvolveSubtractTask
         if config.mode == "preconvolve"
         else AlardLuptonSubtractTask
     )
     task = task_class(config=config, progress=progress)
-    result = task.run(template, science, sources)
+    with collect_warnings() as logged:
+        result = task.run(template, science, sources)
+    # the task's own concerns first, then what core logged (kernel fit, decorrelation, io)
+    task_warnings = list(result.metrics.get("warnings", []))
+    result.metrics["warnings"] = task_warnings + [w for w in logged if w not in task_warnings]
     if progress is not None:
         progress("done", 1.0)
     return result
+
+
+def check_not_identical(science: Exposure, template: Exposure) -> None:
+    """Raise `IdenticalInputsError` when both images hold the same pixel values.
+
+    Parameters
+    ----------
+    science, template : `Exposure`
+
+    Raises
+    ------
+    IdenticalInputsError
+    """
+    if science.image.shape == template.image.shape and np.array_equal(
+        science.image, template.image
+    ):
+        raise IdenticalInputsError(
+            "science and template are the same image (identical pixels): give a template "
+            "taken at another time"
+        )
 
 
 # helpers ------------------------------------------------------------------------------------
