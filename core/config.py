@@ -206,6 +206,13 @@ class ScaleVarianceConfig(_Config):
     correlation_radius: int = Field(
         3, ge=1, le=16, description="Largest lag (px) of a measured noise autocorrelation."
     )
+    correlation_consistency: float = Field(
+        0.15,
+        gt=0,
+        le=1,
+        description="A measured noise autocorrelation is kept only if the pixel-scale to sky "
+        "noise ratio it predicts is within this of the measured ratio.",
+    )
     correlation_window: int = Field(
         1024,
         ge=64,
@@ -313,6 +320,13 @@ class SubtractionConfig(_Config):
         le=100,
         description="When the score's scatter on sky exceeds its propagated noise by more than "
         "this factor, the excess is added to its variance as a constant floor.",
+    )
+    preconvolution_power_fraction: float = Field(
+        0.999,
+        gt=0.5,
+        le=1,
+        description="The preconvolution kernel (science PSF) is cut to the box holding this "
+        "fraction of its squared sum (matched-filter S/N kept: its square root).",
     )
     preconvolve_via_difference: bool = Field(
         True,

@@ -797,6 +797,8 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 f"Preconvolution requires an odd-sized PSF kernel, got "
                 f"{stamp.shape[1]}x{stamp.shape[0]}."
             )
+        stamp = _trim_to_power(stamp, self.config.preconvolution_power_fraction)
+        self.metadata["preconvolutionKernelSize"] = int(stamp.shape[0])
         return stamp / stamp.sum()
 
     def _fill_bad(self, exposure: Exposure) -> Exposure:
@@ -990,6 +992,23 @@ def _template_is_sharper(template, science, template_fwhm: float, science_fwhm: 
         return bool(t_xx <= s_xx or t_yy <= s_yy)
     except Exception:  # noqa: BLE001 - fall back to the grid-mean FWHMs
         return template_fwhm <= science_fwhm
+
+
+def _trim_to_power(stamp: np.ndarray, fraction: float) -> np.ndarray:
+    """The smallest centred odd square holding ``fraction`` of sum(stamp^2).
+
+    A matched filter cut to the box holding a fraction f of the PSF's power keeps
+    sqrt(f) of its S/N, while far wings (a 205 px WebbPSF) make every convolution and
+    the decorrelation margins large.
+    """
+    ny, nx = stamp.shape
+    cy, cx = ny // 2, nx // 2
+    power = stamp.astype(np.float64) ** 2
+    total = power.sum()
+    for half in range(1, min(cy, cx) + 1):
+        if power[cy - half : cy + half + 1, cx - half : cx + half + 1].sum() >= fraction * total:
+            return stamp[cy - half : cy + half + 1, cx - half : cx + half + 1]
+    return stamp
 
 
 def _noise_area(exposure: Exposure) -> float:

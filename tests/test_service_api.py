@@ -269,6 +269,9 @@ def test_end_to_end_difference_noise_and_transient_flux(service, alice, alice_in
     assert record["attempts"] == 1
     assert record["timings"]["subtraction"] > 0 and record["timings"]["queue_wait"] >= 0
     assert record["metrics"]["mode"] == "convolveTemplate"
+    # the verdict stands beside the state, the same as in the metrics
+    assert record["quality"] == record["metrics"]["quality"]
+    assert record["quality"]["verdict"] in ("good", "suspect")
     assert set(record["products"]) >= {"difference", "matched_template", "kernel", "background"}
 
     difference = alice.get(record["products"]["difference"])
