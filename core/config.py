@@ -18,6 +18,8 @@ __all__ = [
     "ScaleVarianceConfig",
     "MetricsConfig",
     "SubtractionConfig",
+    "RegistrationConfig",
+    "WarpConfig",
     "Mode",
 ]
 
@@ -162,6 +164,68 @@ class MetricsConfig(_Config):
     footprint_radius_fwhm: float = Field(1.0, gt=0, description="Star footprint radius in FWHM.")
 
 
+class WarpConfig(_Config):
+    """Resampling of the template onto the science grid (core.warp, Lanczos-3)."""
+
+    grid_step: int = Field(
+        64, ge=8, le=1024, description="Spacing of exact WCS evaluations of the pixel map (px)."
+    )
+    affine_tolerance: float = Field(
+        0.005,
+        gt=0,
+        le=0.1,
+        description="Largest departure from an affine map (px) resampled as affine (two "
+        "separable passes); beyond it the direct 6x6 Lanczos sum follows the WCS exactly.",
+    )
+    noise_correlation_radius: int = Field(
+        5, ge=1, le=15, description="Half-size of the recorded noise autocorrelation (px)."
+    )
+
+
+class RegistrationConfig(_Config):
+    """Bringing the template onto the science pixel grid (core.register)."""
+
+    mode: Literal["auto", "wcs", "stars", "none"] = Field(
+        "auto",
+        description="auto: WCS (corrected on matched stars) when both images have one, "
+        "else stars; wcs: WCS only; stars: star matching only; none: inputs must already "
+        "share a pixel grid.",
+    )
+    same_grid_tolerance: float = Field(
+        0.01, gt=0, le=1, description="WCSs agreeing this well (px) everywhere mean one grid."
+    )
+    transform: Literal["auto", "translation", "similarity", "affine"] = Field(
+        "auto",
+        description="Star-fitted transform; auto picks the simplest the matches support "
+        "(Bayesian information criterion).",
+    )
+    max_stars: int = Field(
+        300, ge=10, le=5000, description="Brightest detected stars per image used to match."
+    )
+    triangle_stars: int = Field(
+        40, ge=5, le=200, description="Brightest stars per image forming matching triangles."
+    )
+    triangle_neighbours: int = Field(
+        5, ge=2, le=10, description="Nearest neighbours of each star forming its triangles."
+    )
+    match_radius: float = Field(
+        2.0, gt=0, le=50, description="Inlier radius (px) when verifying a trial transform."
+    )
+    min_matches: int = Field(
+        6, ge=3, le=1000, description="Fewest matched stars to accept a registration."
+    )
+    max_rms: float = Field(
+        0.5, gt=0, le=10, description="Largest residual rms (px) of matched stars accepted."
+    )
+    min_snr: float = Field(
+        10.0, gt=0, description="Faintest star (detection S/N) used for registration."
+    )
+    write_warped_template: bool = Field(
+        False, description="Keep the warped template as a product (warped_template.fits)."
+    )
+    warp: WarpConfig = Field(default_factory=WarpConfig, description="Lanczos-3 resampling.")
+
+
 class SubtractionConfig(_Config):
     """Everything a subtraction takes besides its images."""
 
@@ -215,4 +279,8 @@ class SubtractionConfig(_Config):
     )
     metrics: MetricsConfig = Field(
         default_factory=MetricsConfig, description="Quality metrics of the difference."
+    )
+    registration: RegistrationConfig = Field(
+        default_factory=RegistrationConfig,
+        description="Registration and warping of the template onto the science grid.",
     )

@@ -16,6 +16,7 @@ __all__ = [
     "TemplateCoverageError",
     "ExceedsMaxVarianceScaleError",
     "KernelSolutionError",
+    "RegistrationError",
 ]
 
 
@@ -90,3 +91,9 @@ class KernelSolutionError(AlsubError):
     """The kernel least-squares system could not be solved (NaN coefficients)."""
 
     code = "kernel_solution_failed"
+
+
+class RegistrationError(AlsubError):
+    """The template could not be registered onto the science image (misregistration)."""
+
+    code = "misregistration"
