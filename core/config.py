@@ -220,6 +220,18 @@ class RegistrationConfig(_Config):
     min_snr: float = Field(
         10.0, gt=0, description="Faintest star (detection S/N) used for registration."
     )
+    chance_sigma: float = Field(
+        5.0, gt=0, le=20, description="Matches must beat chance coincidences by this (Poisson)."
+    )
+    clip_sigma: float = Field(
+        3.5, gt=1, le=10, description="Matched pairs beyond this many sigma are dropped."
+    )
+    identity_sigma: float = Field(
+        3.0,
+        gt=0,
+        le=20,
+        description="A star-measured shift below this many standard errors is taken as none.",
+    )
     write_warped_template: bool = Field(
         False, description="Keep the warped template as a product (warped_template.fits)."
     )

@@ -43,8 +43,6 @@ log = logging.getLogger("alsub.register")
 _MODEL_PARAMETERS = {"translation": 2, "similarity": 4, "affine": 6}
 _REFINE_ITERATIONS = 4
 _INVARIANT_NEIGHBOURS = 3  # candidate template triangles per science triangle
-_CHANCE_SIGMA = 5.0  # matches must exceed chance coincidences by this many Poisson sigmas
-_IDENTITY_SIGMA = 3.0  # a star-fitted shift below this many standard errors is no shift
 
 
 @dataclass
@@ -82,28 +80,30 @@ class Registration:
 # --------------------------------------------------------------------------- stars
 def star_positions(
     exposure: Exposure, config: RegistrationConfig, detection: DetectionConfig | None = None
-) -> np.ndarray:
-    """Parent (x, y) of the brightest clean stars, brightest first: (n, 2) float64.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Parent (x, y) (n, 2) and S/N (n,) of the brightest clean stars, brightest first.
 
     Saturated, edge, masked and low-S/N detections are left out. The exposure's
     mask is not changed.
     """
+    empty = (np.zeros((0, 2)), np.zeros(0))
     try:
         table = detect_sources(exposure, detection, set_mask=False)
     except InsufficientSourcesError:
-        return np.zeros((0, 2))
+        return empty
     if len(table) == 0:
-        return np.zeros((0, 2))
+        return empty
     keep = np.asarray(table["snr"], float) >= config.min_snr
     for flag in ("flag_saturated", "flag_edge", "flag_masked"):
         if flag in table.colnames:
             keep &= ~np.asarray(table[flag], bool)
     xy = np.column_stack([np.asarray(table["x"], float), np.asarray(table["y"], float)])[keep]
     flux = np.asarray(table["flux"], float)[keep]
+    snr = np.asarray(table["snr"], float)[keep]
     good = np.all(np.isfinite(xy), axis=1) & np.isfinite(flux)
-    xy, flux = xy[good], flux[good]
-    order = np.argsort(-flux, kind="stable")
-    return xy[order][: config.max_stars]
+    xy, flux, snr = xy[good], flux[good], snr[good]
+    order = np.argsort(-flux, kind="stable")[: config.max_stars]
+    return xy[order], snr[order]
 
 
 def _triangles(xy: np.ndarray, neighbours: int):
@@ -152,8 +152,8 @@ def _similarity_batch(src: np.ndarray, dst: np.ndarray):
     return matrix, offset
 
 
-def _fit(src: np.ndarray, dst: np.ndarray, model: str):
-    """Least-squares transform dst ~ matrix @ src + offset; returns (matrix, offset, cov, rss)."""
+def _fit(src: np.ndarray, dst: np.ndarray, model: str, weights: np.ndarray | None = None):
+    """Weighted least-squares dst ~ matrix @ src + offset; returns (matrix, offset, cov, rss)."""
     n = len(src)
     x, y = src[:, 0], src[:, 1]
     one, zero = np.ones(n), np.zeros(n)
@@ -170,6 +170,9 @@ def _fit(src: np.ndarray, dst: np.ndarray, model: str):
         block = np.column_stack([x, y, one])
         design = np.block([[block, np.zeros((n, 3))], [np.zeros((n, 3)), block]])
     target = np.concatenate([dst[:, 0], dst[:, 1]])
+    if weights is not None:
+        root = np.sqrt(np.concatenate([weights, weights]))
+        design, target = design * root[:, None], target * root
     params, *_ = np.linalg.lstsq(design, target, rcond=None)
     rss = float(np.sum((design @ params - target) ** 2))
     dof = max(2 * n - len(params), 1)
@@ -206,8 +209,18 @@ def _pairs_within(src_mapped: np.ndarray, dst: np.ndarray, radius: float) -> np.
     return np.column_stack([i[ok], j[ok]])
 
 
-def match_stars(src: np.ndarray, dst: np.ndarray, config: RegistrationConfig) -> StarMatch:
+def match_stars(
+    src: np.ndarray,
+    dst: np.ndarray,
+    config: RegistrationConfig,
+    src_snr: np.ndarray | None = None,
+    dst_snr: np.ndarray | None = None,
+) -> StarMatch:
     """Find the transform taking star positions ``src`` (n, 2) onto ``dst`` (m, 2).
+
+    Both lists are brightest first. With the stars' S/N given, the final fit
+    weights each pair by 1 / (1/snr_src^2 + 1/snr_dst^2) (centroid errors scale
+    as 1/S/N).
 
     Raises
     ------
@@ -243,7 +256,7 @@ def match_stars(src: np.ndarray, dst: np.ndarray, config: RegistrationConfig) ->
     votes = np.isfinite(dist).reshape(len(matrices), len(src)).sum(axis=1)
     best = int(np.argmax(votes))
     chance = _chance_matches(src, dst, config.match_radius)
-    threshold = max(need, chance + _CHANCE_SIGMA * math.sqrt(chance) + 3)
+    threshold = max(need, chance + config.chance_sigma * math.sqrt(chance) + 3)
     if votes[best] < threshold:
         raise RegistrationError(
             f"misregistration: no transform matches enough stars (best {int(votes[best])} of "
@@ -268,7 +281,11 @@ def match_stars(src: np.ndarray, dst: np.ndarray, config: RegistrationConfig) ->
         raise RegistrationError(
             f"misregistration: only {len(pairs)} stars match after refinement ({need} needed)"
         )
-    return _select_model(src[pairs[:, 0]], dst[pairs[:, 1]], pairs, config)
+    weights = None
+    if src_snr is not None and dst_snr is not None:
+        weights = 1.0 / (1.0 / src_snr[pairs[:, 0]] ** 2 + 1.0 / dst_snr[pairs[:, 1]] ** 2)
+        weights = weights / weights.mean()
+    return _select_model(src[pairs[:, 0]], dst[pairs[:, 1]], pairs, config, weights)
 
 
 def _chance_matches(src: np.ndarray, dst: np.ndarray, radius: float) -> float:
@@ -278,7 +295,7 @@ def _chance_matches(src: np.ndarray, dst: np.ndarray, radius: float) -> float:
     return len(src) * min(1.0, len(dst) * math.pi * radius**2 / area)
 
 
-def _select_model(src, dst, pairs, config: RegistrationConfig) -> StarMatch:
+def _select_model(src, dst, pairs, config: RegistrationConfig, weights=None) -> StarMatch:
     """Fit the configured model, or the simplest the matches support (BIC); clip outliers."""
     models = (
         [config.transform]
@@ -286,27 +303,32 @@ def _select_model(src, dst, pairs, config: RegistrationConfig) -> StarMatch:
         else [m for m in _MODEL_PARAMETERS if len(src) >= _MODEL_PARAMETERS[m] + 2]
     )
     keep = np.ones(len(src), bool)
+    if weights is None:
+        weights = np.ones(len(src))
     best: tuple | None = None
-    for _ in range(3):
+    for _ in range(5):
         best = None
         for model in models:
-            matrix, offset, cov, rss = _fit(src[keep], dst[keep], model)
+            matrix, offset, cov, rss = _fit(src[keep], dst[keep], model, weights[keep])
             n2 = 2 * int(keep.sum())
             bic = n2 * math.log(max(rss, 1e-12) / n2) + _MODEL_PARAMETERS[model] * math.log(n2)
             if best is None or bic < best[0]:
                 best = (bic, model, matrix, offset, cov, rss)
         assert best is not None
         _, model, matrix, offset, cov, rss = best
-        residual = np.hypot(*(src @ matrix.T + offset - dst).T)
-        sigma = max(1.4826 * float(np.median(residual[keep])), 1e-3)
-        new_keep = residual <= 3.0 * sigma * 1.5
+        # residuals in units of each pair's expected error; for 2-D Gaussian errors the
+        # median distance is 1.1774 sigma, and 3.5 sigma leaves 0.2% of good pairs out
+        distance = np.hypot(*(src @ matrix.T + offset - dst).T) * np.sqrt(weights)
+        sigma = max(float(np.median(distance[keep])) / 1.1774, 1e-6)
+        new_keep = distance <= config.clip_sigma * sigma
         if new_keep.sum() < config.min_matches or np.array_equal(new_keep, keep):
             break
         keep = new_keep
     assert best is not None
     _, model, matrix, offset, cov, rss = best
     n = int(keep.sum())
-    rms = math.sqrt(rss / n)
+    residual = src[keep] @ matrix.T + offset - dst[keep]
+    rms = math.sqrt(float(np.mean(np.sum(residual**2, axis=1))))
     if rms > config.max_rms:
         raise RegistrationError(
             f"misregistration: matched stars scatter by {rms:.2f} px rms about the best "
@@ -373,7 +395,7 @@ def register(
         match = _match_exposures(template, science, PixelMap.identity(), config, detection)
         pixel_map = PixelMap.affine(match.matrix, match.offset)
         metrics.update(_match_figures(match))
-        if _insignificant(match, science):
+        if _insignificant(match, _corners(science), config.identity_sigma):
             metrics.update(_map_figures(pixel_map, science))
             metrics.update(method="stars: same grid", resampled=False)
             metrics["seconds"] = time.perf_counter() - t0
@@ -453,10 +475,10 @@ def _same_grid(pixel_map: PixelMap, science: Exposure, tolerance: float) -> bool
 
 def _match_exposures(template, science, prior: PixelMap, config, detection) -> StarMatch:
     """Stars of the science image, mapped by ``prior``, matched onto the template's stars."""
-    science_xy = star_positions(science, config, detection)
-    template_xy = star_positions(template, config, detection)
+    science_xy, science_snr = star_positions(science, config, detection)
+    template_xy, template_snr = star_positions(template, config, detection)
     mapped = np.column_stack(prior(science_xy[:, 0], science_xy[:, 1]))
-    match = match_stars(mapped, template_xy, config)
+    match = match_stars(mapped, template_xy, config, science_snr, template_snr)
     match.n_source, match.n_destination = len(science_xy), len(template_xy)
     return match
 
@@ -475,15 +497,26 @@ def _correct_on_stars(pixel_map, template, science, config, detection, metrics) 
     u0, v0 = pixel_map(*centre)
     u1, v1 = match.apply(u0, v0)
     metrics["wcs_correction_px"] = [float(u1 - u0), float(v1 - v0)]
+    if _insignificant(match, _corners(science, pixel_map), config.identity_sigma):
+        metrics["star_correction"] = "not needed: the WCS agrees with the stars within errors"
+        return pixel_map
     metrics["star_correction"] = "applied"
     return pixel_map.then(match.matrix, match.offset)
 
 
-def _insignificant(match: StarMatch, science: Exposure) -> bool:
-    """True when the fitted map is the identity within its errors (and 0.01 px is not beaten)."""
+def _corners(science: Exposure, pixel_map: PixelMap | None = None) -> list[tuple[float, float]]:
+    """The science box corners, mapped by ``pixel_map`` when given."""
     min_x, min_y, max_x, max_y = science.bbox
+    corners = [(min_x, min_y), (max_x, min_y), (min_x, max_y), (max_x, max_y)]
+    if pixel_map is None:
+        return [(float(x), float(y)) for x, y in corners]
+    return [tuple(float(c) for c in pixel_map(x, y)) for x, y in corners]  # type: ignore[misc]
+
+
+def _insignificant(match: StarMatch, corners, limit: float) -> bool:
+    """True when the fitted map moves no corner by more than a few standard errors."""
     worst = 0.0
-    for x, y in ((min_x, min_y), (max_x, min_y), (min_x, max_y), (max_x, max_y)):
+    for x, y in corners:
         du, dv = match.apply(x, y)
         shift = math.hypot(du - x, dv - y)
         row = np.array([[x, y, 1, 0, 0, 0], [0, 0, 0, x, y, 1]], float)
@@ -491,7 +524,7 @@ def _insignificant(match: StarMatch, science: Exposure) -> bool:
         if not math.isfinite(err):
             return False
         worst = max(worst, shift / max(err, 1e-12))
-    return worst < _IDENTITY_SIGMA
+    return worst < limit
 
 
 def _match_figures(match: StarMatch) -> dict[str, Any]:
