@@ -16,6 +16,8 @@ use the direct 6 x 6 Lanczos sum. Neither has a Python loop over pixels.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -38,6 +40,8 @@ __all__ = [
 
 _ORDER = 3  # Lanczos-3, as Rubin warps templates
 _TAPS = 2 * _ORDER
+_NODE_GUARD = np.float32(1e-5)
+_CHUNK_PIXELS = 1 << 16  # pixels per vectorised block: temporaries stay in cache
 _PAD = _ORDER  # NaN border: any tap that leaves the input reads NaN and marks NO_DATA
 
 
@@ -202,23 +206,27 @@ def lanczos_weights(frac: np.ndarray) -> np.ndarray:
     -------
     weights : `numpy.ndarray` (6,) + frac.shape, float32
     """
-    t = np.asarray(frac, dtype=np.float64)
+    # keep off the nodes, where the formula is 0/0: moves a position by at most 1e-5 px
+    t = np.clip(np.asarray(frac, dtype=np.float32), _NODE_GUARD, 1 - _NODE_GUARD)
     # sin(pi (t - o)) = (-1)^o sin(pi t): three transcendental calls instead of twelve
-    s1 = np.sin(np.pi * t)
-    s3, c3 = np.sin(np.pi * t / 3.0), np.cos(np.pi * t / 3.0)
-    weights = np.empty((_TAPS,) + t.shape, dtype=np.float64)
+    s1 = np.sin(np.float32(np.pi) * t)
+    third = np.float32(np.pi / 3.0) * t
+    s3, c3 = np.sin(third), np.cos(third)
+    weights = np.empty((_TAPS,) + t.shape, dtype=np.float32)
+    d2 = np.empty_like(t)
+    work = np.empty_like(t)
     for n, o in enumerate(range(1 - _ORDER, _ORDER + 1)):
-        d = t - o
-        sign = -1.0 if o % 2 else 1.0
-        num = sign * s1 * (s3 * math.cos(math.pi * o / 3.0) - c3 * math.sin(math.pi * o / 3.0))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            weights[n] = 3.0 * num / (np.pi * np.pi * d * d)
-    on_node = t < 1e-7
-    if np.any(on_node):
-        weights[:, on_node] = 0.0
-        weights[_ORDER - 1, on_node] = 1.0
+        np.subtract(t, np.float32(o), out=d2)
+        np.multiply(d2, d2, out=d2)
+        w = weights[n]
+        np.multiply(s3, np.float32(math.cos(math.pi * o / 3.0)), out=w)
+        np.multiply(c3, np.float32(math.sin(math.pi * o / 3.0)), out=work)
+        w -= work
+        w *= s1
+        w *= np.float32((-3.0 if o % 2 else 3.0) / math.pi**2)
+        w /= d2
     weights /= weights.sum(axis=0)
-    return weights.astype(np.float32)
+    return weights
 
 
 # --------------------------------------------------------------------------- warping
@@ -275,14 +283,20 @@ def warp_exposure(
     if ny < 1 or nx < 1:
         raise InvalidExposureError(f"cannot warp onto an empty grid {shape}")
     no_data_bits = exposure.bitmask(["NO_DATA"])
-    unusable = ~np.isfinite(exposure.image) | ((exposure.mask & no_data_bits) != 0)
-    image = np.where(unusable, np.float32(np.nan), exposure.image).astype(np.float32)
-    variance = np.where(unusable, np.float32(np.nan), exposure.variance).astype(np.float32)
+    image, variance = exposure.image, exposure.variance
+    unusable = ~np.isfinite(image) | ((exposure.mask & no_data_bits) != 0)
+    if unusable.any():
+        # NaN spreads through every tap, so any output touching these pixels is NO_DATA
+        image, variance = image.copy(), variance.copy()
+        image[unusable] = np.nan
+        variance[unusable] = np.nan
     # input index = input parent - input xy0; output parent = output index + xy0
     matrix = pixel_map.matrix
     offset = pixel_map.offset + matrix @ np.asarray(xy0, float) - np.asarray(exposure.xy0, float)
     index_map = PixelMap(matrix, offset, _shifted_residual(pixel_map, xy0))
-    if index_map.is_affine:
+    if index_map.is_affine and np.array_equal(matrix, np.eye(2)):
+        out_image, out_var, footprint = _warp_translation(image, variance, offset, ny, nx)
+    elif index_map.is_affine:
         out_image, out_var, footprint = _warp_affine(image, variance, matrix, offset, ny, nx)
     else:
         out_image, out_var, footprint = _warp_general(image, variance, index_map, ny, nx)
@@ -290,12 +304,13 @@ def warp_exposure(
     out_image *= det
     out_var *= det * det
     mask = _warp_mask(exposure.mask & ~np.int32(no_data_bits), index_map, ny, nx, footprint)
-    bad = ~np.isfinite(out_image) | ~np.isfinite(out_var)
+    bad = np.isnan(out_image)
+    bad |= np.isnan(out_var)
     planes = exposure.mask_planes.copy()
     mask[bad] |= np.int32(planes.value("NO_DATA"))
     out_image[bad] = 0.0
-    good_var = out_var[~bad]
-    out_var[bad] = np.median(good_var) if good_var.size else 1.0
+    sample = out_var[::7, ::7][~bad[::7, ::7]]  # a fill value only: a subsample is plenty
+    out_var[bad] = np.median(sample) if sample.size else 1.0
     centre = ((xy0[0] + xy0[0] + nx - 1) / 2.0, (xy0[1] + xy0[1] + ny - 1) / 2.0)
     psf = WarpedPsf(exposure.psf, pixel_map, centre) if exposure.psf is not None else None
     metadata = dict(exposure.metadata)
@@ -352,14 +367,22 @@ def _padded(plane: np.ndarray) -> np.ndarray:
 
 
 def _take_taps(flat_image, flat_var, base, step, weights, out_image, out_var):
-    """out = sum_k w_k src[base + k step]; variance with w_k^2 (in place)."""
+    """out = sum_k w_k src[base + k step]; variance with w_k^2 (in place, few temporaries)."""
     out_image[...] = 0.0
     out_var[...] = 0.0
+    index = np.empty_like(base)
+    got = np.empty(base.shape, dtype=np.float32)
+    square = np.empty_like(got)
     for k in range(_TAPS):
-        index = base + k * step if k else base
+        np.add(base, k * step, out=index)
         w = weights[k]
-        out_image += w * flat_image.take(index)
-        out_var += (w * w) * flat_var.take(index)
+        flat_image.take(index, out=got, mode="clip")
+        got *= w
+        out_image += got
+        flat_var.take(index, out=got, mode="clip")
+        np.multiply(w, w, out=square)
+        got *= square
+        out_var += got
 
 
 def _dihedral(matrix: np.ndarray, offset: np.ndarray, shape):
@@ -399,8 +422,60 @@ def _orient(plane: np.ndarray, transpose: bool, flip_x: bool, flip_y: bool) -> n
     return np.ascontiguousarray(plane)
 
 
-def _warp_affine(image, variance, matrix, offset, ny, nx, chunk=256):
-    """Two separable Lanczos passes for an affine index map; returns (image, variance, rx)."""
+def _in_parallel(task, starts) -> None:
+    """Run ``task(start)`` for every block start on a thread per core (numpy drops the GIL)."""
+    workers = min(os.cpu_count() or 1, len(starts))
+    if workers <= 1:
+        for start in starts:
+            task(start)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(task, starts):
+            pass
+
+
+def _warp_translation(image, variance, offset, ny, nx):
+    """A pure shift: the same six weights everywhere, two separable passes over row blocks."""
+    whole = np.floor(offset).astype(int)
+    wx, wy = (lanczos_weights(np.array([frac]))[:, 0] for frac in offset - whole)
+    h, w = image.shape
+    x0, y0 = whole[0] - (_ORDER - 1), whole[1] - (_ORDER - 1)
+    out_image = np.empty((ny, nx), dtype=np.float32)
+    out_var = np.empty((ny, nx), dtype=np.float32)
+    chunk = max(1, _CHUNK_PIXELS // nx)
+
+    def block(start: int) -> None:
+        stop = min(start + chunk, ny)
+        # input window feeding these output rows, NaN where it leaves the input
+        shape = (stop - start + _TAPS - 1, nx + _TAPS - 1)
+        wy0 = y0 + start
+        sx0, sy0 = max(x0, 0), max(wy0, 0)
+        sx1, sy1 = min(x0 + shape[1], w), min(wy0 + shape[0], h)
+        window = np.full(shape, np.nan, dtype=np.float32)
+        rows = np.empty((shape[0], nx), dtype=np.float32)
+        term = np.empty_like(rows)
+        for plane, wxk, wyk, out in (
+            (image, wx, wy, out_image),
+            (variance, wx * wx, wy * wy, out_var),
+        ):
+            if sx1 > sx0 and sy1 > sy0:
+                window[sy0 - wy0 : sy1 - wy0, sx0 - x0 : sx1 - x0] = plane[sy0:sy1, sx0:sx1]
+            np.multiply(window[:, :nx], wxk[0], out=rows)
+            for k in range(1, _TAPS):
+                np.multiply(window[:, k : k + nx], wxk[k], out=term)
+                rows += term
+            target = out[start:stop]
+            np.multiply(rows[: stop - start], wyk[0], out=target)
+            for k in range(1, _TAPS):
+                np.multiply(rows[k : k + stop - start], wyk[k], out=term[: stop - start])
+                target += term[: stop - start]
+
+    _in_parallel(block, range(0, ny, chunk))
+    return out_image, out_var, (_ORDER, _ORDER)
+
+
+def _warp_affine(image, variance, matrix, offset, ny, nx):
+    """Two separable Lanczos passes for an affine index map; returns (image, variance, reach)."""
     transpose, flip_x, flip_y, m, t = _dihedral(matrix, offset, image.shape)
     image = _padded(_orient(image, transpose, flip_x, flip_y))
     variance = _padded(_orient(variance, transpose, flip_x, flip_y))
@@ -413,57 +488,51 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, chunk=256):
     j_lo = int(np.clip(math.floor(min(corners_v)) - _ORDER + 1, 0, hp - 1))
     j_hi = int(np.clip(math.floor(max(corners_v)) + _ORDER, 0, hp - 1))
     rows = np.arange(j_lo, j_hi + 1)
+    chunk = max(1, _CHUNK_PIXELS // nx)
     columns = np.arange(nx, dtype=np.float64)
     mid_image = np.empty((rows.size, nx), dtype=np.float32)
     mid_var = np.empty_like(mid_image)
     flat_image, flat_var = image.ravel(), variance.ravel()
-    for start in range(0, rows.size, chunk):
+
+    def along_rows(start: int) -> None:
         j = rows[start : start + chunk]
         u = alpha * columns[None, :] + ((b / e) * (j - f) + c)[:, None]
         base = np.floor(u)
         weights = lanczos_weights(u - base)
         first = np.clip(base.astype(np.int64) - (_ORDER - 1), 0, wp - _TAPS)
         index = first + (j * wp)[:, None]
-        _take_taps(
-            flat_image,
-            flat_var,
-            index,
-            1,
-            weights,
-            mid_image[start : start + chunk],
-            mid_var[start : start + chunk],
-        )
+        block = np.s_[start : start + chunk]
+        _take_taps(flat_image, flat_var, index, 1, weights, mid_image[block], mid_var[block])
+
+    _in_parallel(along_rows, range(0, rows.size, chunk))
     # pass 2 along output columns: v = d x + e y + f, taps on rows of the intermediate
-    out_image = np.empty((ny, nx), dtype=np.float32)
-    out_var = np.empty_like(out_image)
-    flat_image, flat_var = mid_image.ravel(), mid_var.ravel()
+    out_image = np.full((ny, nx), np.nan, dtype=np.float32)
+    out_var = np.full((ny, nx), np.nan, dtype=np.float32)
+    reach_x = _ORDER + int(math.ceil(abs(b / e) * _ORDER))
+    reach = (reach_x, _ORDER) if not transpose else (_ORDER, reach_x)
+    if rows.size < _TAPS:
+        return out_image, out_var, reach
+    mid_flat_image, mid_flat_var = mid_image.ravel(), mid_var.ravel()
     x_index = np.arange(nx, dtype=np.int64)
-    for start in range(0, ny, chunk):
+
+    def along_columns(start: int) -> None:
         y = np.arange(start, min(start + chunk, ny), dtype=np.float64)
         v = d * columns[None, :] + (e * y + f)[:, None]
         base = np.floor(v)
         weights = lanczos_weights(v - base)
         first = np.clip(base.astype(np.int64) - (_ORDER - 1) - j_lo, 0, rows.size - _TAPS)
-        if rows.size < _TAPS:
-            out_image[start : start + chunk] = np.nan
-            out_var[start : start + chunk] = np.nan
-            continue
         index = first * nx + x_index[None, :]
+        block = np.s_[start : start + chunk]
         _take_taps(
-            flat_image,
-            flat_var,
-            index,
-            nx,
-            weights,
-            out_image[start : start + chunk],
-            out_var[start : start + chunk],
+            mid_flat_image, mid_flat_var, index, nx, weights, out_image[block], out_var[block]
         )
+
+    _in_parallel(along_columns, range(0, ny, chunk))
     # the row taps reach |b / e| * ORDER columns beyond the centre one
-    reach_x = _ORDER + int(math.ceil(abs(b / e) * _ORDER))
-    return out_image, out_var, (reach_x, _ORDER) if not transpose else (_ORDER, reach_x)
+    return out_image, out_var, reach
 
 
-def _warp_general(image, variance, index_map: PixelMap, ny, nx, chunk=128):
+def _warp_general(image, variance, index_map: PixelMap, ny, nx):
     """Direct 6 x 6 Lanczos sum at positions from the (non-affine) map."""
     image, variance = _padded(image), _padded(variance)
     hp, wp = image.shape
@@ -471,7 +540,9 @@ def _warp_general(image, variance, index_map: PixelMap, ny, nx, chunk=128):
     out_image = np.zeros((ny, nx), dtype=np.float32)
     out_var = np.zeros_like(out_image)
     xs = np.arange(nx, dtype=np.float64)
-    for start in range(0, ny, chunk):
+    chunk = max(1, _CHUNK_PIXELS // nx)
+
+    def block(start: int) -> None:
         ys = np.arange(start, min(start + chunk, ny), dtype=np.float64)
         u, v = index_map.on_grid(xs, ys)
         u, v = u + _PAD, v + _PAD
@@ -486,6 +557,8 @@ def _warp_general(image, variance, index_map: PixelMap, ny, nx, chunk=128):
             _take_taps(flat_image, flat_var, base + l * wp, 1, wu, row_img, row_var)
             img += wv[l] * row_img
             var += (wv[l] * wv[l]) * row_var
+
+    _in_parallel(block, range(0, ny, chunk))
     return out_image, out_var, (_ORDER, _ORDER)
 
 
