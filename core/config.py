@@ -220,8 +220,11 @@ class RegistrationConfig(_Config):
     min_snr: float = Field(
         10.0, gt=0, description="Faintest star (detection S/N) used for registration."
     )
-    chance_sigma: float = Field(
-        5.0, gt=0, le=20, description="Matches must beat chance coincidences by this (Poisson)."
+    false_match_probability: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Chance that the best trial transform's matches are all coincidences.",
     )
     clip_sigma: float = Field(
         3.5, gt=1, le=10, description="Matched pairs beyond this many sigma are dropped."

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
+from scipy.stats import poisson
 
 from .config import DetectionConfig, RegistrationConfig
 from .errors import IncompatibleInputsError, InsufficientSourcesError, RegistrationError
@@ -43,6 +44,7 @@ log = logging.getLogger("alsub.register")
 _MODEL_PARAMETERS = {"translation": 2, "similarity": 4, "affine": 6}
 _REFINE_ITERATIONS = 4
 _INVARIANT_NEIGHBOURS = 3  # candidate template triangles per science triangle
+_PLENTY = 3  # this many times min_matches stars on both images should always match
 
 
 @dataclass
@@ -256,7 +258,10 @@ def match_stars(
     votes = np.isfinite(dist).reshape(len(matrices), len(src)).sum(axis=1)
     best = int(np.argmax(votes))
     chance = _chance_matches(src, dst, config.match_radius)
-    threshold = max(need, chance + config.chance_sigma * math.sqrt(chance) + 3)
+    # each trial matches its own three triangle stars by construction; beyond those, the best
+    # of many trials must beat what chance gives any of them with small probability
+    by_chance = float(poisson.isf(config.false_match_probability / len(votes), chance))
+    threshold = max(need, 3 + by_chance + 1)
     if votes[best] < threshold:
         raise RegistrationError(
             f"misregistration: no transform matches enough stars (best {int(votes[best])} of "
@@ -475,8 +480,17 @@ def _same_grid(pixel_map: PixelMap, science: Exposure, tolerance: float) -> bool
 
 def _match_exposures(template, science, prior: PixelMap, config, detection) -> StarMatch:
     """Stars of the science image, mapped by ``prior``, matched onto the template's stars."""
-    science_xy, science_snr = star_positions(science, config, detection)
-    template_xy, template_snr = star_positions(template, config, detection)
+    return _match_stars_of(
+        star_positions(science, config, detection),
+        star_positions(template, config, detection),
+        prior,
+        config,
+    )
+
+
+def _match_stars_of(science_stars, template_stars, prior: PixelMap, config) -> StarMatch:
+    science_xy, science_snr = science_stars
+    template_xy, template_snr = template_stars
     mapped = np.column_stack(prior(science_xy[:, 0], science_xy[:, 1]))
     match = match_stars(mapped, template_xy, config, science_snr, template_snr)
     match.n_source, match.n_destination = len(science_xy), len(template_xy)
@@ -485,9 +499,18 @@ def _match_exposures(template, science, prior: PixelMap, config, detection) -> S
 
 def _correct_on_stars(pixel_map, template, science, config, detection, metrics) -> PixelMap:
     """The WCS map followed by the correction matched stars measure (kept if significant)."""
+    science_stars = star_positions(science, config, detection)
+    template_stars = star_positions(template, config, detection)
     try:
-        match = _match_exposures(template, science, pixel_map, config, detection)
+        match = _match_stars_of(science_stars, template_stars, pixel_map, config)
     except RegistrationError as exc:
+        crowded = min(len(science_stars[0]), len(template_stars[0])) >= _PLENTY * config.min_matches
+        if crowded:
+            # plenty of stars on both and none agree: not the sky the WCSs claim
+            raise RegistrationError(
+                f"{exc.message} (with {len(science_stars[0])} science and "
+                f"{len(template_stars[0])} template stars, where the WCSs say they overlap)"
+            ) from None
         # a sparse field: the WCS alone is the best there is; say so in the metrics
         log.info("registration: WCS kept without star correction: %s", exc.message)
         metrics["star_correction"] = f"not applied: {exc.message}"

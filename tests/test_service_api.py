@@ -29,7 +29,7 @@ from .service_fixtures import (
     wait_ready,
 )
 
-# Shared fixtures (sim_pair, small_template) live in tests/service_fixtures.py.
+# Shared fixtures (sim_pair, other_field_template) live in tests/service_fixtures.py.
 
 TOKENS = {"alice": "alice-token-1", "bob": "bob-token-2", "carol": "carol-3", "dave": "dave-4"}
 MAX_UPLOAD = 2_000_000
@@ -349,13 +349,14 @@ def test_one_shot_multipart_form_with_a_source_catalog(alice, sim_pair):
     assert record["metrics"]["n_kernel_sources"] >= 3
 
 
-def test_core_error_fails_the_job_with_its_code(alice, alice_inputs, small_template):
-    template_id = upload(alice, small_template)
+def test_core_error_fails_the_job_with_its_code(alice, alice_inputs, other_field_template):
+    template_id = upload(alice, other_field_template)
     response = submit(alice, alice_inputs[0], template_id)
     assert response.status_code == 202
     record = wait_job(alice, response.json()["id"])
     assert record["state"] == "failed"
-    assert record["error"]["code"] == "incompatible_inputs", record["error"]
+    # its stars do not match the science's where the WCSs say the two overlap
+    assert record["error"]["code"] == "misregistration", record["error"]
     assert_error(
         alice.get(f"/v1/subtractions/{record['id']}/products/difference"), 409, "job_not_succeeded"
     )
