@@ -25,7 +25,7 @@ from scipy import sparse
 from scipy.interpolate import RectBivariateSpline
 
 from .config import WarpConfig
-from .errors import IncompatibleInputsError, InvalidExposureError
+from .errors import IncompatibleInputsError, InvalidExposureError, PsfError
 from .exposure import Exposure
 from .psf import Psf
 
@@ -42,6 +42,7 @@ _ORDER = 3  # Lanczos-3, as Rubin warps templates
 _TAPS = 2 * _ORDER
 _NODE_GUARD = np.float32(1e-5)
 _CHUNK_PIXELS = 1 << 16  # pixels per vectorised block: temporaries stay in cache
+_TAP_REACH = ((_ORDER - 1, _ORDER), (_ORDER - 1, _ORDER))  # taps floor(p) - 2 ... floor(p) + 3
 _PAD = _ORDER  # NaN border: any tap that leaves the input reads NaN and marks NO_DATA
 
 
@@ -471,7 +472,7 @@ def _warp_translation(image, variance, offset, ny, nx):
                 target += term[: stop - start]
 
     _in_parallel(block, range(0, ny, chunk))
-    return out_image, out_var, (_ORDER, _ORDER)
+    return out_image, out_var, _TAP_REACH
 
 
 def _warp_affine(image, variance, matrix, offset, ny, nx):
@@ -508,8 +509,12 @@ def _warp_affine(image, variance, matrix, offset, ny, nx):
     # pass 2 along output columns: v = d x + e y + f, taps on rows of the intermediate
     out_image = np.full((ny, nx), np.nan, dtype=np.float32)
     out_var = np.full((ny, nx), np.nan, dtype=np.float32)
-    reach_x = _ORDER + int(math.ceil(abs(b / e) * _ORDER))
-    reach = (reach_x, _ORDER) if not transpose else (_ORDER, reach_x)
+    # pass 1 reads row j at U(j) = u + (b / e)(j - v), up to |b / e| ORDER columns from u;
+    # flips mirror the reach, so it is taken symmetric (at most a pixel too wide)
+    wide = _ORDER + int(math.ceil(abs(b / e) * _ORDER))
+    reach = ((wide, wide), (_ORDER, _ORDER))
+    if transpose:
+        reach = reach[::-1]
     if rows.size < _TAPS:
         return out_image, out_var, reach
     mid_flat_image, mid_flat_var = mid_image.ravel(), mid_var.ravel()
@@ -528,7 +533,6 @@ def _warp_affine(image, variance, matrix, offset, ny, nx):
         )
 
     _in_parallel(along_columns, range(0, ny, chunk))
-    # the row taps reach |b / e| * ORDER columns beyond the centre one
     return out_image, out_var, reach
 
 
@@ -559,35 +563,44 @@ def _warp_general(image, variance, index_map: PixelMap, ny, nx):
             var += (wv[l] * wv[l]) * row_var
 
     _in_parallel(block, range(0, ny, chunk))
-    return out_image, out_var, (_ORDER, _ORDER)
+    return out_image, out_var, _TAP_REACH
 
 
-def _or_dilate(mask: np.ndarray, rx: int, ry: int) -> np.ndarray:
-    """OR of every bit over a (2 ry + 1) x (2 rx + 1) box around each pixel."""
+def _or_dilate(mask: np.ndarray, reach_x: tuple[int, int], reach_y: tuple[int, int]):
+    """OR of every bit over the window [i - lo, i + hi] along x (and likewise along y).
+
+    ``reach_x = (lo, hi)``: a pixel's taps run from lo before to hi after its base index.
+    """
     out = mask.copy()
-    for s in range(1, rx + 1):
+    for s in range(1, reach_x[0] + 1):  # taps to the left of the base index
         out[:, s:] |= mask[:, :-s]
+    for s in range(1, reach_x[1] + 1):
         out[:, :-s] |= mask[:, s:]
     rows = out.copy()
-    for s in range(1, ry + 1):
+    for s in range(1, reach_y[0] + 1):
         out[s:] |= rows[:-s]
+    for s in range(1, reach_y[1] + 1):
         out[:-s] |= rows[s:]
     return out
 
 
 def _warp_mask(mask, index_map: PixelMap, ny, nx, footprint) -> np.ndarray:
-    """Input bits grown by the interpolation footprint, sampled at the nearest input pixel."""
+    """Input bits OR-ed over each output pixel's interpolation taps (base index floor(u), floor(v)).
+
+    ``footprint`` = ((lo, hi) along x, (lo, hi) along y): the taps' reach from the base index.
+    """
     out = np.zeros((ny, nx), dtype=np.int32)
     if not mask.any():
         return out
-    rx, ry = footprint
-    grown = _or_dilate(mask, rx, ry)
+    # a pixel at base index b reads b - lo ... b + hi: OR the bits over that window
+    grown = _or_dilate(mask, footprint[0], footprint[1])
     h, w = mask.shape
     xs = np.arange(nx, dtype=np.float64)
-    for start in range(0, ny, 512):
-        ys = np.arange(start, min(start + 512, ny), dtype=np.float64)
+    chunk = max(1, _CHUNK_PIXELS // nx)
+    for start in range(0, ny, chunk):
+        ys = np.arange(start, min(start + chunk, ny), dtype=np.float64)
         u, v = index_map.on_grid(xs, ys)
-        iu, iv = np.floor(u + 0.5).astype(np.int64), np.floor(v + 0.5).astype(np.int64)
+        iu, iv = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
         inside = (iu >= 0) & (iu < w) & (iv >= 0) & (iv < h)
         block = grown[np.clip(iv, 0, h - 1), np.clip(iu, 0, w - 1)]
         out[start : start + len(ys)] = np.where(inside, block, 0)
@@ -718,14 +731,17 @@ class WarpedPsf(Psf):
         stretch = float(np.linalg.norm(np.linalg.inv(jac), 2))
         size = int(math.ceil(n * stretch))
         size += 1 - size % 2
-        half, half_in = size // 2, n // 2
+        # zeros around the stamp: the wings fall to zero there, and the taps stay in data
+        margin = size // 2 + _TAPS
+        stamp = np.pad(stamp, margin)
+        half, half_in = size // 2, n // 2 + margin
         # centre maps to centre: u = J (x - half) + half_in in stamp indices
         offset = np.array([half_in, half_in], dtype=np.float64) - jac @ np.array([half, half])
-        warped, var, _ = _warp_affine(stamp, np.zeros_like(stamp), jac, offset, size, size)
+        warped, _, _ = _warp_affine(stamp, np.zeros_like(stamp), jac, offset, size, size)
         warped = np.where(np.isfinite(warped), warped, 0.0).astype(np.float64)
         total = warped.sum()
         if not np.isfinite(total) or total <= 0:
-            return stamp.astype(np.float64) / stamp.sum()
+            raise PsfError("the warped PSF stamp has no positive flux")
         return warped / total
 
     def __repr__(self) -> str:
