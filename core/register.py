@@ -375,7 +375,7 @@ def register(
     config = config or RegistrationConfig()
     t0 = time.perf_counter()
     both_wcs = all(e.wcs is not None and e.wcs.has_celestial for e in (template, science))
-    mode = config.mode
+    mode: str = config.mode
     if mode == "auto":
         mode = "wcs+stars" if both_wcs else "stars"
     metrics: dict[str, Any] = {"mode": config.mode, "method": mode}

@@ -96,12 +96,14 @@ class PixelMap:
                     f"the {label} exposure has no celestial WCS; register by stars instead "
                     "(registration.mode 'stars')"
                 )
+        output_wcs, input_wcs = output.wcs, input.wcs
+        assert output_wcs is not None and input_wcs is not None
         min_x, min_y, max_x, max_y = output.bbox
         xs = _nodes(min_x, max_x, config.grid_step)
         ys = _nodes(min_y, max_y, config.grid_step)
         gx, gy = np.meshgrid(xs, ys)
-        sky = output.wcs.pixel_to_world_values(gx - output.xy0[0], gy - output.xy0[1])
-        u, v = input.wcs.world_to_pixel_values(*sky)
+        sky = output_wcs.pixel_to_world_values(gx - output.xy0[0], gy - output.xy0[1])
+        u, v = input_wcs.world_to_pixel_values(*sky)
         u, v = np.asarray(u) + input.xy0[0], np.asarray(v) + input.xy0[1]
         if not (np.all(np.isfinite(u)) and np.all(np.isfinite(v))):
             raise IncompatibleInputsError(
