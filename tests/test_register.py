@@ -138,6 +138,22 @@ def test_offsets_of_100_px_subtract_as_well_as_a_by_hand_registration(with_wcs):
     assert ours["star_chi2_median"] < theirs["star_chi2_median"] + 0.1
 
 
+def test_uncovered_science_pixels_count_against_the_template_fraction():
+    """A template shifted 300 px along x covers ~40% of a 512 px science frame."""
+    pair = simulate_pair(
+        preset("equal", size=512, seed=23).model_copy(update={"template_shift": (300.4, 0.3)})
+    )
+    from core.errors import TemplateCoverageError
+
+    with pytest.raises(TemplateCoverageError, match="Insufficient Template Coverage"):
+        run_subtraction(
+            pair.science, pair.template, SubtractionConfig(required_template_fraction=0.5)
+        )
+    result = run_subtraction(pair.science, pair.template)
+    assert result.metrics["template_coverage_percent"] == pytest.approx(100 * 206 / 512, abs=1)
+    assert result.difference.masked(["NO_DATA"])[:, 220:].all()
+
+
 def test_pair_on_one_grid_is_not_resampled():
     pair = simulated_pair("sharper_template", 256, 21)
     default = run_subtraction(pair.science, pair.template)
