@@ -235,6 +235,16 @@ class RegistrationConfig(_Config):
         le=20,
         description="A star-measured shift below this many standard errors is taken as none.",
     )
+    star_patches: int = Field(
+        3,
+        ge=0,
+        le=10,
+        description="With a WCS, stars are detected in this many patches per axis (0: the "
+        "whole frame); frames under twice the patches' area are searched whole.",
+    )
+    star_patch_size: int = Field(
+        512, ge=128, le=4096, description="Side of each star-detection patch (px)."
+    )
     write_warped_template: bool = Field(
         False, description="Keep the warped template as a product (warped_template.fits)."
     )

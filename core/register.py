@@ -497,10 +497,52 @@ def _match_stars_of(science_stars, template_stars, prior: PixelMap, config) -> S
     return match
 
 
+def _patch_centres(science: Exposure, config: RegistrationConfig) -> list[tuple[float, float]]:
+    """Centres of star_patches x star_patches patches spread over the science box."""
+    n, size = config.star_patches, config.star_patch_size
+    min_x, min_y, max_x, max_y = science.bbox
+    if n == 0 or (max_x - min_x + 1) * (max_y - min_y + 1) <= 2 * (n * size) ** 2:
+        return []  # small enough: detect on the whole frame
+    xs = np.linspace(min_x + size / 2, max_x - size / 2, n)
+    ys = np.linspace(min_y + size / 2, max_y - size / 2, n)
+    return [(float(x), float(y)) for y in ys for x in xs]
+
+
+def _stars_in_patches(exposure: Exposure, centres, config, detection):
+    """Stars detected in patches around ``centres`` (the whole frame when there are none).
+
+    The WCS already fixes the map to a pixel or so, so a correction needs stars spread
+    over the frame, not every star: patches keep detection a small part of the time.
+    """
+    if not centres:
+        return star_positions(exposure, config, detection)
+    half = config.star_patch_size // 2
+    min_x, min_y, max_x, max_y = exposure.bbox
+    xy, snr = [np.zeros((0, 2))], [np.zeros(0)]
+    for x, y in centres:
+        box = (
+            max(min_x, int(x) - half),
+            max(min_y, int(y) - half),
+            min(max_x, int(x) + half),
+            min(max_y, int(y) + half),
+        )
+        if box[2] - box[0] < half or box[3] - box[1] < half:
+            continue  # the patch falls (mostly) off this image
+        patch_xy, patch_snr = star_positions(exposure.cutout(box), config, detection)
+        xy.append(patch_xy)
+        snr.append(patch_snr)
+    all_xy, all_snr = np.concatenate(xy), np.concatenate(snr)
+    order = np.argsort(-all_snr, kind="stable")[: config.max_stars]
+    return all_xy[order], all_snr[order]
+
+
 def _correct_on_stars(pixel_map, template, science, config, detection, metrics) -> PixelMap:
     """The WCS map followed by the correction matched stars measure (kept if significant)."""
-    science_stars = star_positions(science, config, detection)
-    template_stars = star_positions(template, config, detection)
+    centres = _patch_centres(science, config)
+    science_stars = _stars_in_patches(science, centres, config, detection)
+    template_stars = _stars_in_patches(
+        template, [tuple(float(c) for c in pixel_map(x, y)) for x, y in centres], config, detection
+    )
     try:
         match = _match_stars_of(science_stars, template_stars, pixel_map, config)
     except RegistrationError as exc:
