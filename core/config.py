@@ -199,6 +199,11 @@ class RegistrationConfig(_Config):
         description="Star-fitted transform; auto picks the simplest the matches support "
         "(Bayesian information criterion).",
     )
+    correction_transform: Literal["auto", "translation", "similarity", "affine"] = Field(
+        "translation",
+        description="Correction fitted to a WCS map on matched stars: an offset by default "
+        "(what pipeline WCSs get wrong); auto lets the matches choose.",
+    )
     max_stars: int = Field(
         300, ge=10, le=5000, description="Brightest detected stars per image used to match."
     )

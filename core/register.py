@@ -172,6 +172,8 @@ def _fit(src: np.ndarray, dst: np.ndarray, model: str, weights: np.ndarray | Non
         block = np.column_stack([x, y, one])
         design = np.block([[block, np.zeros((n, 3))], [np.zeros((n, 3)), block]])
     target = np.concatenate([dst[:, 0], dst[:, 1]])
+    if model == "translation":  # dst = src + t: the offsets are the data
+        target = target - np.concatenate([x, y])
     if weights is not None:
         root = np.sqrt(np.concatenate([weights, weights]))
         design, target = design * root[:, None], target * root
@@ -544,7 +546,9 @@ def _correct_on_stars(pixel_map, template, science, config, detection, metrics) 
         template, [tuple(float(c) for c in pixel_map(x, y)) for x, y in centres], config, detection
     )
     try:
-        match = _match_stars_of(science_stars, template_stars, pixel_map, config)
+        # a WCS is usually off by an offset: fit what correction_transform allows
+        correction_config = config.model_copy(update={"transform": config.correction_transform})
+        match = _match_stars_of(science_stars, template_stars, pixel_map, correction_config)
     except RegistrationError as exc:
         crowded = min(len(science_stars[0]), len(template_stars[0])) >= _PLENTY * config.min_matches
         if crowded:
