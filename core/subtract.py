@@ -44,7 +44,7 @@ from .metrics import (
 from .photometry import psf_fluxes
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf
 from .psf_estimate import estimate_psf
-from .quality import assess_quality
+from .quality import assess_quality, kernel_centroid
 from .register import register_template
 from .sources import detect_sources, select_kernel_sources, sky_sources
 from .task import Task
@@ -128,6 +128,8 @@ class _SubtractBase(Task):
         self.progress = progress
         #: concerns about this run: each makes the quality verdict suspect
         self.warnings: list[str] = []
+        #: centroid offset (dx, dy) the matching kernel has by design (preconvolution)
+        self.kernel_reference_shift: tuple[float, float] = (0.0, 0.0)
         #: what the run found and handled (confusion, correlated noise, lowered orders)
         self.notes: list[str] = []
         self.registration: dict[str, Any] = {}
@@ -564,6 +566,7 @@ class _SubtractBase(Task):
             stamps,
             self.warnings,
             self.config.quality,
+            reference_shift=self.kernel_reference_shift,
         )
         return verdict.as_dict()
 
@@ -829,6 +832,8 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
             )
         stamp = _trim_to_power(stamp, self.config.preconvolution_power_fraction)
         self.metadata["preconvolutionKernelSize"] = int(stamp.shape[0])
+        # K * T matches P * S, so K carries P's own centroid offset besides any misalignment
+        self.kernel_reference_shift = kernel_centroid(stamp)
         return stamp / stamp.sum()
 
     def _fill_bad(self, exposure: Exposure) -> Exposure:
