@@ -22,6 +22,7 @@ from .basis import kernel_size_for, make_kernel_basis
 from .config import SubtractionConfig
 from .convolve import convolve_exposure
 from .decorrelate import decorrelate_difference
+from .diasources import dia_sources
 from .errors import (
     IncompatibleInputsError,
     InsufficientSourcesError,
@@ -67,6 +68,7 @@ STAGES = {
     "convolve": 0.5,
     "decorrelate": 0.7,
     "metrics": 0.9,
+    "detect": 0.95,
 }
 
 
@@ -88,6 +90,7 @@ class SubtractionResult:
     fitted_background: BackgroundModel | None = None
     psf_matching_kernel: SpatialKernel | None = None
     kernel_sources: Any = None
+    dia_sources: Any = None
     mode: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -471,6 +474,25 @@ class _SubtractBase(Task):
         metrics.update(noise_statistics(result.output, exclude=self.source_mask))
         return metrics
 
+    def detect(self, result: SubtractionResult) -> None:
+        """DIA sources on the difference or score (``config.dia``); counts into the metrics."""
+        if not self.config.dia.enabled:
+            return
+        self._stage("detect")
+        with self.timer("detect"):
+            result.dia_sources = dia_sources(
+                result.output,
+                self.config.dia,
+                is_score=result.score is not None,
+                matched_science=result.matched_science,
+                matched_template=result.matched_template,
+                kernel_sources=result.kernel_sources,
+            )
+        meta = result.dia_sources.meta
+        result.metrics["n_dia_sources"] = len(result.dia_sources)
+        for key in ("positive", "negative", "dipoles"):
+            result.metrics[f"n_dia_{key}"] = meta[f"n_{key}"]
+
     def _finish(self, result: SubtractionResult) -> SubtractionResult:
         result.timings = {
             k.split(".", 1)[1]: v
@@ -518,6 +540,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
             self._stage("metrics")
             with self.timer("metrics"):
                 result.metrics = self.compute_image_metrics(science, result, sources)
+            self.detect(result)
         return self._finish(result)
 
     def _choose_mode(self, template: Exposure, science: Exposure) -> bool:
@@ -658,6 +681,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
             with self.timer("metrics"):
                 result.metrics = self._base_metrics(result, science)
                 result.metrics["n_interpolated"] = int(self.metadata.get("nInterpolated", 0))
+            self.detect(result)
         return self._finish(result)
 
     def _preconvolution_kernel(self, science: Exposure) -> np.ndarray:
