@@ -34,6 +34,7 @@ from .forced import (
     psf_photometry,
     sky_positions,
 )
+from .psf import KernelMatchedPsf, Psf
 from .sources import (
     _BackgroundMesh,
     _centroids,
@@ -45,7 +46,14 @@ from .sources import (
     _stack,
 )
 
-__all__ = ["detect_dia_sources", "measure_dia_sources", "dia_sources", "DIA_COLUMNS"]
+__all__ = [
+    "detect_dia_sources",
+    "measure_dia_sources",
+    "dia_sources",
+    "score_profile",
+    "Detections",
+    "DIA_COLUMNS",
+]
 
 #: Columns of a DIA-source table, in order, with their types.
 DIA_COLUMNS: dict[str, Any] = {
@@ -210,11 +218,19 @@ def _pair_dipoles(det: Detections, max_separation: float) -> np.ndarray:
     return np.array(pairs, dtype=int).reshape(-1, 2)
 
 
-def _fit_dipole(exposure: Exposure, stamps: PsfStamps, pos_xy, neg_xy) -> dict[str, float]:
+def _fit_dipole(
+    exposure: Exposure, stamps: PsfStamps, pos_xy, neg_xy, lobe_fluxes=None
+) -> dict[str, float]:
     """Two-PSF fit (positive and negative lobe) of a dipole, positions free.
 
     The lobe fluxes enter linearly, so only the four coordinates are searched
     (variable projection); the box spans both lobes plus the PSF fitting radius.
+    Lobes closer than a PSF FWHM are degenerate (flux times separation is all
+    the data fixes), so when ``lobe_fluxes`` (the science and template fluxes
+    of the star there, both > 0) are given they are held at those values and
+    only the positions are fitted, as Rubin's dipole fit leans on the images
+    before subtraction. The net flux and its error always come from the free
+    linear fit at the final positions (their sum is well determined).
     """
     x0, y0 = exposure.xy0
     h = stamps.half
@@ -238,8 +254,12 @@ def _fit_dipole(exposure: Exposure, stamps: PsfStamps, pos_xy, neg_xy) -> dict[s
             placed[k, ys, xs] = model[k, ys.start - j0 : ys.stop - j0, xs.start - i0 : xs.stop - i0]
         return placed * weight
 
+    fixed: list[np.ndarray] = []
+
     def solve(p):
         design = models(p).reshape(2, -1).T
+        if fixed:
+            return design, fixed[0]
         amplitude, *_ = np.linalg.lstsq(design, data.ravel(), rcond=None)
         return design, amplitude
 
@@ -250,11 +270,27 @@ def _fit_dipole(exposure: Exposure, stamps: PsfStamps, pos_xy, neg_xy) -> dict[s
     start = np.array([pos_xy[0], pos_xy[1], neg_xy[0], neg_xy[1]], dtype=float)
     lo = np.array([cx - half, cy - half, cx - half, cy - half], dtype=float) + 1
     hi = np.array([cx + half, cy + half, cx + half, cy + half], dtype=float) - 1
-    try:
-        fit = least_squares(residual, np.clip(start, lo, hi), bounds=(lo, hi), x_scale=1.0)
-        p = fit.x
-    except (ValueError, np.linalg.LinAlgError):
-        p = start
+
+    def search(begin):
+        try:
+            fit = least_squares(residual, np.clip(begin, lo, hi), bounds=(lo, hi), x_scale=1.0)
+            return fit.x
+        except (ValueError, np.linalg.LinAlgError):
+            return begin
+
+    p = search(start)
+    lobes = None
+    if (
+        lobe_fluxes is not None
+        and math.hypot(p[0] - p[2], p[1] - p[3]) < stamps.fwhm
+        and all(np.isfinite(f) and f > 0 for f in lobe_fluxes)
+    ):
+        lobes = (float(lobe_fluxes[0]), -float(lobe_fluxes[1]))
+        fixed.append(np.array(lobes))
+        mid = 0.5 * (start[:2] + start[2:])
+        step = 0.1 * (start[:2] - start[2:]) / max(math.hypot(*(start[:2] - start[2:])), 1e-9)
+        p = search(np.concatenate([mid + step, mid - step]))
+        fixed.clear()
     design, amplitude = solve(p)
     normal = design.T @ design
     try:
@@ -264,13 +300,14 @@ def _fit_dipole(exposure: Exposure, stamps: PsfStamps, pos_xy, neg_xy) -> dict[s
     estimator = inverse @ design.T
     covariance = (estimator * var.ravel().clip(0)[None, :]) @ estimator.T
     total_err = math.sqrt(max(float(np.sum(covariance)), 0.0))
-    pos_flux, neg_flux = float(amplitude[0]), -float(amplitude[1])
+    net = float(amplitude[0] + amplitude[1])
+    pos_flux, neg_flux = lobes if lobes is not None else (float(amplitude[0]), float(amplitude[1]))
     return {
         "x": 0.5 * (p[0] + p[2]),
         "y": 0.5 * (p[1] + p[3]),
         "pos_flux": pos_flux,
         "neg_flux": neg_flux,
-        "flux": pos_flux + neg_flux,
+        "flux": net,
         "flux_err": total_err,
         "separation": math.hypot(p[0] - p[2], p[1] - p[3]),
         # direction from the negative lobe to the positive one, degrees from +x to +y
@@ -340,6 +377,27 @@ def _outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray
     return distance > margin
 
 
+def _matched_photometry(output, matched_science, matched_template, config):
+    """PSF photometry functions (x, y) -> (flux, error) on the matched science and template.
+
+    Both are on the science PSF (the template is matched to it); a local constant is
+    fitted with the flux since they still carry sky. Empty when either is missing.
+    """
+    if matched_science is None or matched_template is None:
+        return []
+    psf = matched_science.psf or output.require_psf()
+    out = []
+    for exposure in (matched_science, matched_template):
+        stamps = PsfStamps(psf, exposure, config=config)
+
+        def measure(x, y, exposure=exposure, stamps=stamps):
+            fit = psf_photometry(exposure, x, y, stamps, True, config.min_psf_coverage)
+            return fit["flux"], fit["flux_err"]
+
+        out.append(measure)
+    return out
+
+
 def measure_dia_sources(
     output: Exposure,
     detections: Detections,
@@ -387,9 +445,19 @@ def measure_dia_sources(
     columns["psf_flux"][:n_single] = fit["flux"]
     columns["psf_flux_err"][:n_single] = fit["flux_err"] * scale
 
+    matched = _matched_photometry(output, matched_science, matched_template, forced)
     for k, (ip, jn) in enumerate(pairs):
+        mid_x = 0.5 * (det.col[ip] + det.col[jn])
+        mid_y = 0.5 * (det.row[ip] + det.row[jn])
+        lobe_fluxes = [measure(np.array([mid_x]), np.array([mid_y]))[0][0] for measure in matched]
+        dipole = _fit_dipole(
+            output,
+            stamps,
+            (det.col[ip], det.row[ip]),
+            (det.col[jn], det.row[jn]),
+            lobe_fluxes if len(matched) == 2 else None,
+        )
         row = n_single + k
-        dipole = _fit_dipole(output, stamps, (det.col[ip], det.row[ip]), (det.col[jn], det.row[jn]))
         columns["x"][row], columns["y"][row] = dipole["x"], dipole["y"]
         columns["psf_flux"][row] = dipole["flux"]
         columns["psf_flux_err"][row] = dipole["flux_err"] * scale
@@ -436,17 +504,12 @@ def measure_dia_sources(
     flags[outside] |= FLAG_BITS["suspect_kernel"][0]
     columns["flags"] = flags
     columns.update(flag_columns(flags))
-    for label, exposure in (("science", matched_science), ("template", matched_template)):
-        if exposure is None or n == 0:
+    for label, measure in zip(("science", "template"), matched, strict=False):
+        columns[f"{label}_flux"], columns[f"{label}_flux_err"] = measure(x_all, y_all)
+    if len(matched) < 2:
+        for label in ("science", "template")[len(matched) :]:
             columns[f"{label}_flux"][:] = np.nan
             columns[f"{label}_flux_err"][:] = np.nan
-            continue
-        # both are on the science PSF (the template is matched to it)
-        psf = (matched_science or exposure).psf or output.require_psf()
-        other = PsfStamps(psf, exposure, config=forced)
-        measured = psf_photometry(exposure, x_all, y_all, other, True, forced.min_psf_coverage)
-        columns[f"{label}_flux"] = measured["flux"]
-        columns[f"{label}_flux_err"] = measured["flux_err"]
 
     # most significant first; ids follow that order
     order = np.argsort(-np.abs(columns["detection_snr"]), kind="stable")
@@ -464,6 +527,24 @@ def measure_dia_sources(
         }
     )
     return table
+
+
+class _FixedKernel:
+    """A constant correlation kernel with the ``image(x, y)`` interface of a matching kernel."""
+
+    def __init__(self, stamp: np.ndarray):
+        self.stamp = stamp
+
+    def image(self, x=None, y=None) -> np.ndarray:
+        return self.stamp
+
+
+def score_profile(psf: Psf, preconvolution_psf: Psf) -> Psf:
+    """Profile of a point source in a score (or preconvolved) image: ``psf`` correlated
+    with the preconvolution kernel (``preconvolution_psf`` at its average position,
+    unit sum), as the preconvolution task builds it."""
+    stamp = np.asarray(preconvolution_psf.kernel_image(), dtype=np.float64)
+    return KernelMatchedPsf(psf, _FixedKernel(stamp / stamp.sum()))
 
 
 def dia_sources(
@@ -509,6 +590,14 @@ def dia_sources(
     """
     config = config or DiaSourceConfig()
     detections = detect_dia_sources(output, config, is_score)
+    if is_score and matched_science is not None and matched_science.psf is not None:
+        # the score and both matched images carry the science PSF's label, but a point
+        # source in them is that PSF correlated once more with the preconvolution kernel
+        science_psf = matched_science.psf
+        output = replace(output, psf=score_profile(output.require_psf(), science_psf))
+        matched_science = replace(matched_science, psf=score_profile(science_psf, science_psf))
+        if matched_template is not None:
+            matched_template = replace(matched_template, psf=matched_science.psf)
     return measure_dia_sources(
         output, detections, config, matched_science, matched_template, kernel_sources
     )
