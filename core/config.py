@@ -238,6 +238,9 @@ class DiaSourceConfig(_Config):
         description="Sources farther than this (px) outside the hull of the kernel sources "
         "sit where the matching kernel is extrapolated (flagged).",
     )
+    cutout_size: int = Field(
+        63, ge=5, le=1001, description="Side (px) of the alert cutout stamps (odd centres them)."
+    )
     max_sources: int = Field(
         20_000,
         ge=1,

@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+from astropy.io import fits
 from astropy.table import Table
 from scipy.optimize import least_squares
 from scipy.spatial import ConvexHull, QhullError, cKDTree
@@ -51,6 +52,8 @@ __all__ = [
     "measure_dia_sources",
     "dia_sources",
     "score_profile",
+    "catalog_hdulist",
+    "read_dia_sources",
     "Detections",
     "DIA_COLUMNS",
 ]
@@ -601,3 +604,36 @@ def dia_sources(
     return measure_dia_sources(
         output, detections, config, matched_science, matched_template, kernel_sources
     )
+
+
+#: Table meta -> FITS header keyword of a written catalog.
+_META_KEYS = {
+    "threshold": "THRESH",
+    "noise_factor": "NOISEFAC",
+    "noise_scale": "NOISESCL",
+    "psf_fwhm": "PSFFWHM",
+    "n_positive": "NPOS",
+    "n_negative": "NNEG",
+    "n_dipoles": "NDIPOLE",
+}
+
+
+def catalog_hdulist(table: Table) -> fits.HDUList:
+    """A DIA-source (or forced-photometry) table as FITS: primary + ``DIASOURCES`` binary
+    table; the table's figures and the flag bits (``FLAG_<NAME>``) in its header."""
+    hdu = fits.table_to_hdu(Table(table, meta={}))
+    hdu.name = "DIASOURCES"
+    for key, card in _META_KEYS.items():
+        if key in table.meta:
+            hdu.header[card] = (table.meta[key], key.replace("_", " "))
+    for name, (bit, _) in FLAG_BITS.items():
+        hdu.header[f"HIERARCH FLAG_{name.upper()}"] = (bit, f"flags bit: {name}")
+    return fits.HDUList([fits.PrimaryHDU(), hdu])
+
+
+def read_dia_sources(path) -> Table:
+    """Read a catalog written by `catalog_hdulist` (meta restored)."""
+    table = Table.read(path, hdu="DIASOURCES")
+    header = {v: k for k, v in _META_KEYS.items()}
+    table.meta = {header[k]: v for k, v in table.meta.items() if k in header}
+    return table

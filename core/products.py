@@ -15,6 +15,7 @@ from typing import Any
 
 from astropy.io import fits
 
+from .diasources import catalog_hdulist
 from .io import write_exposure, write_hdulist_atomic
 
 __all__ = ["write_difference", "write_products", "metrics_header", "json_safe", "PRODUCT_NAMES"]
@@ -27,6 +28,7 @@ PRODUCT_NAMES = (
     "matched_science",
     "kernel",
     "background",
+    "dia_sources",
 )
 
 # metric -> short header keyword (HIERARCH ALSUB <key>)
@@ -44,6 +46,7 @@ _HEADER_KEYS = {
     "differenceFootprintRatioMean": "FPRATIO",
     "differenceFootprintSkyRatioMean": "FPSKYRAT",
     "diffim_limiting_magnitude": "MAGLIM",
+    "n_dia_sources": "NDIASRC",
 }
 
 
@@ -101,7 +104,8 @@ def write_products(result, outdir) -> dict[str, Path]:
     """Write every product of ``result`` into ``outdir``; return name -> path.
 
     Files: ``difference.fits`` or ``score.fits``, ``matched_template.fits``,
-    ``matched_science.fits``, ``kernel.fits``, ``background.fits``, ``metrics.json``.
+    ``matched_science.fits``, ``kernel.fits``, ``background.fits``, ``dia_sources.fits``
+    (when DIA sources were measured), ``metrics.json``.
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +124,9 @@ def write_products(result, outdir) -> dict[str, Path]:
         write_hdulist_atomic(
             _background_hdulist(result.fitted_background, result.output), paths["background"]
         )
+    if getattr(result, "dia_sources", None) is not None:
+        paths["dia_sources"] = outdir / "dia_sources.fits"
+        write_hdulist_atomic(catalog_hdulist(result.dia_sources), paths["dia_sources"])
     paths["metrics"] = outdir / "metrics.json"
     _write_json_atomic(result.metrics, paths["metrics"])
     return paths

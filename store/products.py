@@ -24,6 +24,7 @@ PRODUCT_FILES = {
     "matched_science": "matched_science.fits",
     "kernel": "kernel.fits",
     "background": "background.fits",
+    "dia_sources": "dia_sources.fits",
     "metrics": "metrics.json",
 }
 
