@@ -7,7 +7,10 @@
 Each case runs in its own process so its peak resident memory is its own.
 Quality figures: noise ratio (robust std of D/sqrt(V) on empty sky), median
 flux ratio of injected transients measured on the difference, median reduced
-chi^2 at constant stars.
+chi^2 at constant stars. DIA sources: the ``detect`` stage (detection and
+measurement, inside the subtraction's wall time) and, after it, the time to cut
+63x63 FITS and PNG triplets for every DIA source; ``dia%`` is their sum over the
+wall time without ``detect`` (what the DIA products add to a subtraction).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def _run_case(size: int, mode: str, seed: int, spatially_varying: bool, queue) -
     result = run_subtraction(pair.science, pair.template, config)
     wall = time.perf_counter() - t0
     quality = measure_quality(result, pair)
+    cutout_s, n_dia = _cutouts(result)
     queue.put(
         {
             "size": size,
@@ -48,8 +52,26 @@ def _run_case(size: int, mode: str, seed: int, spatially_varying: bool, queue) -
             "rss_before_gb": rss_before / 1024**2,
             "quality": quality,
             "chosen_mode": result.mode,
+            "n_dia": n_dia,
+            "cutouts_s": cutout_s,
         }
     )
+
+
+def _cutouts(result) -> tuple[float, int]:
+    """Seconds to make the FITS and PNG cutout triplets of every DIA source; their number."""
+    from core.cutouts import cutout_triplet, result_images, triplet_fits, triplet_png
+
+    catalog = result.dia_sources
+    if catalog is None:
+        return 0.0, 0
+    images = result_images(result)
+    t0 = time.perf_counter()
+    for x, y in zip(catalog["x"], catalog["y"], strict=True):
+        stamps = cutout_triplet(images, float(x), float(y), 63)
+        triplet_fits(stamps)
+        triplet_png(stamps)
+    return time.perf_counter() - t0, len(catalog)
 
 
 def run(sizes, modes, repeat: int, seed: int, spatial: bool) -> list[dict]:
@@ -71,9 +93,17 @@ def run(sizes, modes, repeat: int, seed: int, spatial: bool) -> list[dict]:
                 row["wall_s"] = statistics.median(r["wall_s"] for r in runs)
                 row["wall_all_s"] = [round(r["wall_s"], 2) for r in runs]
                 row["peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
+                row["dia_fraction_all"] = [round(_dia_fraction(r), 4) for r in runs]
+                row["dia_fraction"] = statistics.median(_dia_fraction(r) for r in runs)
                 rows.append(row)
                 _print_row(row)
     return rows
+
+
+def _dia_fraction(row: dict) -> float:
+    """(detect + cutouts) / (wall - detect): the share DIA products add to a subtraction."""
+    detect = row["stages"].get("detect", 0.0)
+    return (detect + row["cutouts_s"]) / max(row["wall_s"] - detect, 1e-9)
 
 
 def _print_row(row: dict) -> None:
@@ -82,7 +112,9 @@ def _print_row(row: dict) -> None:
     print(
         f"{row['size']:>5} {row['mode']:<16} sv={int(row['spatially_varying'])} "
         f"({row['chosen_mode']}) wall={row['wall_s']:.2f}s runs={row['wall_all_s']} "
-        f"peak={row['peak_rss_gb']:.2f}GB | {stages} | "
+        f"peak={row['peak_rss_gb']:.2f}GB | {stages} | n_dia={row['n_dia']} "
+        f"cutouts={row['cutouts_s']:.2f}s dia%={100 * row['dia_fraction']:.1f} "
+        f"{row['dia_fraction_all']} | "
         + " ".join(f"{k}={v:.3f}" for k, v in q.items() if isinstance(v, float)),
         flush=True,
     )

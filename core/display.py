@@ -39,7 +39,7 @@ def stretch_8bit(image: np.ndarray) -> np.ndarray:
     return (AsinhStretch(0.1)(unit, clip=True) * 255).astype(np.uint8)
 
 
-def png_bytes(image: np.ndarray, max_size: int = 1024) -> bytes:
+def png_bytes(image: np.ndarray | list[np.ndarray], max_size: int = 1024) -> bytes:
     """8-bit PNG of ``image`` with a zscale + asinh stretch, row 0 at the bottom.
 
     ``image`` may be a list of equally tall images: each is stretched on its

@@ -9,9 +9,9 @@ import pytest
 from astropy.stats import mad_std
 from scipy.spatial import cKDTree
 
+from bench.diasources import evaluate, transient_truth
 from core.config import DiaSourceConfig, SubtractionConfig
 from core.diasources import dia_sources
-from core.forced import forced_photometry
 from core.simulate import preset, simulate_pair
 from core.subtract import run_subtraction
 
@@ -34,55 +34,9 @@ def _subtracted(name: str, mode: str = "auto"):
     return pair, run_subtraction(pair.science, pair.template, SubtractionConfig(mode=mode))
 
 
-def _truth(pair):
-    """Positions, signed fluxes on the difference and sign of every transient."""
-    pos, neg = pair.truth["transients"], pair.truth["negative_transients"]
-    x = np.concatenate([pos["x"], neg["x"]])
-    y = np.concatenate([pos["y"], neg["y"]])
-    flux = np.concatenate([pos["flux_science"], -np.asarray(neg["flux_science"])])
-    return x, y, flux
-
-
-def _evaluate(pair, result):
-    """Match the catalog to the truth: per-transient and per-detection figures."""
-    catalog = result.dia_sources
-    x, y, flux = _truth(pair)
-    forced = forced_photometry(result.output, x, y)
-    expected_snr = np.abs(flux) / np.asarray(forced["psf_flux_err"])
-    fwhm = catalog.meta["psf_fwhm"]
-    radius = 0.5 * fwhm
-    cxy = np.column_stack([catalog["x"], catalog["y"]])
-    distance, index = cKDTree(cxy).query(np.column_stack([x, y]))
-    found = distance < radius
-    same_sign = np.zeros(x.size, dtype=bool)
-    same_sign[found] = (np.asarray(catalog["is_negative"])[index[found]]) == (flux[found] < 0)
-    # detections near no transient: false, split by whether a constant star is near
-    tree = cKDTree(np.column_stack([x, y]))
-    # transients overlapping another transient (opposite signs cancel) are blends,
-    # not the detection limit: the completeness sample leaves them out
-    isolated = tree.query(np.column_stack([x, y]), k=2)[0][:, 1] > 3.0 * fwhm
-    near_transient = tree.query(cxy)[0] < radius
-    stars = pair.truth["stars"]
-    star_tree = cKDTree(np.column_stack([stars["x"], stars["y"]]))
-    near_star = star_tree.query(cxy)[0] < 2.0 * fwhm
-    return {
-        "catalog": catalog,
-        "forced": forced,
-        "flux": flux,
-        "expected_snr": expected_snr,
-        "isolated": isolated,
-        "found": found & same_sign & ~np.asarray(catalog["is_dipole"])[index],
-        "index": index,
-        "distance": distance,
-        "false_sky": int(np.count_nonzero(~near_transient & ~near_star)),
-        "false_star": int(np.count_nonzero(~near_transient & near_star)),
-        "pixels": pair.science.image.size,
-    }
-
-
 @pytest.fixture(scope="module")
 def evaluations():
-    return {name: _evaluate(*_subtracted(name)) for name in SCENARIOS}
+    return {name: evaluate(*_subtracted(name)) for name in SCENARIOS}
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -142,7 +96,7 @@ def test_forced_photometry_at_true_positions(evaluations, name):
     pull = ((flux - ev["flux"]) / err)[ev["isolated"]]
     assert 0.8 <= mad_std(pull) <= 1.25, mad_std(pull)
     assert len(forced) == ev["flux"].size
-    np.testing.assert_allclose(forced["x"], _truth(_subtracted(name)[0])[0])
+    np.testing.assert_allclose(forced["x"], transient_truth(_subtracted(name)[0])[0])
 
 
 def test_catalog_columns_and_sky_positions(evaluations):
@@ -170,9 +124,9 @@ def test_preconvolve_detects_on_the_score():
     """Score mode: same completeness and unbiased fluxes with the score's PSF."""
     pair, result = _subtracted("sharper_template", "preconvolve")
     assert result.score is not None
-    ev = _evaluate(pair, _subtracted("sharper_template")[1])  # expected S/N on the difference
+    ev = evaluate(pair, _subtracted("sharper_template")[1])  # expected S/N on the difference
     catalog = result.dia_sources
-    x, y, flux = _truth(pair)
+    x, y, flux = transient_truth(pair)
     distance, index = cKDTree(np.column_stack([catalog["x"], catalog["y"]])).query(
         np.column_stack([x, y])
     )
