@@ -154,14 +154,14 @@ def _cmd_cutouts(args) -> int:
         catalog = catalog[[int(i) in wanted for i in catalog["id"]]]
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    for row in catalog:
-        stamps = triplet_from_files(paths, float(row["x"]), float(row["y"]), args.size)
+    stamps = triplet_from_files(paths, catalog["x"], catalog["y"], args.size)
+    for k, row in enumerate(catalog):
         stem = outdir / f"dia_source_{int(row['id']):06d}"
         if args.format in ("fits", "both"):
             header = {"DIASRCID": int(row["id"]), "X": float(row["x"]), "Y": float(row["y"])}
-            stem.with_suffix(".fits").write_bytes(triplet_fits(stamps, header))
+            stem.with_suffix(".fits").write_bytes(triplet_fits(stamps, k, header))
         if args.format in ("png", "both"):
-            stem.with_suffix(".png").write_bytes(triplet_png(stamps))
+            stem.with_suffix(".png").write_bytes(triplet_png(stamps, k))
     print(f"cutouts={len(catalog)} size={args.size} -> {outdir}")
     return 0
 

@@ -171,17 +171,24 @@ class ForcedPhotometryConfig(_Config):
         False, description="Fit a local constant with the flux (a difference has none)."
     )
     fit_radius_fwhm: float = Field(
-        3.0, gt=0.5, le=20, description="Half-width of the fitted PSF stamp, in PSF FWHM."
+        2.0, gt=0.5, le=20, description="Half-width of the fitted PSF stamp, in PSF FWHM."
     )
     min_psf_coverage: float = Field(
         0.5, gt=0, le=1, description="Least PSF weight on usable pixels for a flux (else NaN)."
     )
     psf_grid_step: int = Field(
-        128,
+        256,
         ge=8,
         le=4096,
         description="Spacing (px) of the nodes where a varying PSF is drawn and then "
         "interpolated bilinearly to each position.",
+    )
+    psf_grid_max_nodes: int = Field(
+        9,
+        ge=2,
+        le=100,
+        description="Most nodes per axis (large frames get a wider spacing: drawing a PSF "
+        "costs milliseconds and PSFs vary smoothly).",
     )
     n_noise_positions: int = Field(
         400,

@@ -88,9 +88,11 @@ class PsfStamps:
         self.half = int(min(half, full))
         self._draw_half = int(min(self.half + _SHIFT_PAD, full))
         ny, nx = exposure.shape
-        step = config.psf_grid_step
-        self.nodes_x = self.xy0[0] + np.linspace(0, nx - 1, max(2, math.ceil((nx - 1) / step) + 1))
-        self.nodes_y = self.xy0[1] + np.linspace(0, ny - 1, max(2, math.ceil((ny - 1) / step) + 1))
+        step, most = config.psf_grid_step, config.psf_grid_max_nodes
+        count_x = min(most, max(2, math.ceil((nx - 1) / step) + 1))
+        count_y = min(most, max(2, math.ceil((ny - 1) / step) + 1))
+        self.nodes_x = self.xy0[0] + np.linspace(0, nx - 1, count_x)
+        self.nodes_y = self.xy0[1] + np.linspace(0, ny - 1, count_y)
         self._cache: dict[tuple[int, int], np.ndarray] = {}
         self.constant = self._is_constant()
 
@@ -117,15 +119,18 @@ class PsfStamps:
         j = np.clip(np.searchsorted(self.nodes_y, y) - 1, 0, self.nodes_y.size - 2)
         tx = np.clip((x - self.nodes_x[i]) / (self.nodes_x[i + 1] - self.nodes_x[i]), 0, 1)
         ty = np.clip((y - self.nodes_y[j]) / (self.nodes_y[j + 1] - self.nodes_y[j]), 0, 1)
-        out = np.zeros((x.size, 2 * self._draw_half + 1, 2 * self._draw_half + 1))
-        for dj, di, weight in (
-            (0, 0, (1 - tx) * (1 - ty)),
-            (0, 1, tx * (1 - ty)),
-            (1, 0, (1 - tx) * ty),
-            (1, 1, tx * ty),
-        ):
-            for k in range(x.size):
-                out[k] += weight[k] * self._node(int(j[k] + dj), int(i[k] + di))
+        # the nodes any position needs, drawn once each, then gathered for all positions
+        size = 2 * self._draw_half + 1
+        nodes = np.zeros((self.nodes_y.size, self.nodes_x.size, size, size))
+        corners = ((0, 0), (0, 1), (1, 0), (1, 1))
+        for jj, ii in {
+            (int(a + dj), int(b + di)) for a, b in zip(j, i, strict=True) for dj, di in corners
+        }:
+            nodes[jj, ii] = self._node(jj, ii)
+        weights = ((1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty)
+        out = np.zeros((x.size, size, size))
+        for (dj, di), weight in zip(corners, weights, strict=True):
+            out += weight[:, None, None] * nodes[j + dj, i + di]
         return out
 
     def at(self, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

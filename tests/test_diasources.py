@@ -39,20 +39,25 @@ def evaluations():
     return {name: evaluate(*_subtracted(name)) for name in SCENARIOS}
 
 
-@pytest.mark.parametrize("name", SCENARIOS)
-def test_completeness_positive_and_negative(evaluations, name):
-    """>= 98% of isolated transients with expected S/N >= 7 found, with their sign."""
-    ev = evaluations[name]
-    bright = (ev["expected_snr"] >= 7) & ev["isolated"]
-    for negative in (False, True):
-        sample = bright & ((ev["flux"] < 0) == negative)
-        assert sample.sum() >= 30
-        completeness = ev["found"][sample].mean()
-        assert completeness >= 0.98, (name, negative, completeness)
-    # and the faint ones are not all found: the threshold means something
-    faint = ev["expected_snr"] < 3
-    if faint.sum() >= 5:
-        assert ev["found"][faint].mean() < 0.5
+def test_completeness_positive_and_negative(evaluations):
+    """>= 98% of isolated transients with expected S/N >= 7 found with their sign, pooled
+    over the scenarios (one scenario's ~45 per sign cannot resolve 98%: at expected S/N 7
+    a 5-sigma threshold loses 2% to noise alone); each scenario >= 95%."""
+    pooled = {False: [], True: []}
+    for name, ev in evaluations.items():
+        bright = (ev["expected_snr"] >= 7) & ev["isolated"]
+        for negative in (False, True):
+            sample = bright & ((ev["flux"] < 0) == negative)
+            assert sample.sum() >= 30
+            assert ev["found"][sample].mean() >= 0.95, (name, negative)
+            pooled[negative].append(ev["found"][sample])
+        # and the faint ones are mostly not found: the threshold means something
+        faint = ev["expected_snr"] < 3
+        if faint.sum() >= 5:
+            assert ev["found"][faint].mean() < 0.5
+    for negative, found in pooled.items():
+        completeness = np.concatenate(found).mean()
+        assert completeness >= 0.98, (negative, completeness)
 
 
 def test_false_detection_rates(evaluations):

@@ -283,7 +283,7 @@ def _position_kind(positions: list[ForcedPosition]) -> tuple[str, str]:
 def source_cutouts(
     job_id: str,
     source_id: int,
-    size: int = Query(63, ge=5, description="Stamp side in pixels (odd centres the source)."),
+    size: int = Query(63, ge=5, description="Stamp side in pixels (odd)."),
     format: Literal["fits", "png"] = Query("fits", description="fits or png."),
     caller: Caller = Depends(get_caller),
     settings: Settings = Depends(get_settings),
@@ -306,12 +306,12 @@ def source_cutouts(
         if path is None:
             raise ApiError(404, "not_found", f"job {job_id} has no {product} product")
         paths[name] = path
-    stamps = triplet_from_files(paths, float(row["x"]), float(row["y"]), size)
+    stamps = triplet_from_files(paths, [float(row["x"])], [float(row["y"])], size)
     if format == "png":
         return Response(triplet_png(stamps), media_type="image/png")
     header = {"DIASRCID": int(row["id"]), "X": float(row["x"]), "Y": float(row["y"])}
     return Response(
-        triplet_fits(stamps, header),
+        triplet_fits(stamps, 0, header),
         media_type="application/fits",
         headers={"Content-Disposition": f'attachment; filename="{job_id}-source-{source_id}.fits"'},
     )
