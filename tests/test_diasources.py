@@ -12,6 +12,7 @@ from scipy.spatial import cKDTree
 from bench.diasources import evaluate, transient_truth
 from core.config import DiaSourceConfig, SubtractionConfig
 from core.diasources import dia_sources
+from core.forced import forced_photometry
 from core.simulate import preset, simulate_pair
 from core.subtract import run_subtraction
 
@@ -206,3 +207,46 @@ def test_disabled_and_threshold():
     strict = dia_sources(on.difference, DiaSourceConfig(threshold=10.0))
     assert len(strict) < len(on.dia_sources)
     assert np.all(np.abs(strict["detection_snr"]) >= 10.0)
+
+
+def test_flags_from_masks_kernel_hull_and_bright_stars():
+    """Mask planes near a source raise its flags; so do bright template stars and
+    positions far outside the kernel sources' hull."""
+    from astropy.table import Table
+
+    from core.forced import FLAG_BITS
+
+    pair = simulate_pair(preset("defects", size=512, seed=9))
+    result = run_subtraction(pair.science, pair.template)
+    difference = result.difference
+    # forced photometry on a bad column and next to a saturated pixel
+    bad_rows, bad_cols = np.nonzero(difference.masked(["BAD"]))
+    sat_rows, sat_cols = np.nonzero(difference.masked(["SAT"]))
+    assert bad_rows.size and sat_rows.size
+    forced = forced_photometry(
+        difference, [bad_cols[0], sat_cols[0] + 1.0, 128.0], [bad_rows[0], sat_rows[0], 128.0]
+    )
+    assert forced["flag_bad"][0] and forced["flags"][0] & FLAG_BITS["bad"][0]
+    assert forced["flag_saturated"][1]
+    edge = forced_photometry(difference, [1.0], [128.0])
+    assert edge["flag_edge"][0]
+    # a kernel "hull" in one corner: sources beyond it (plus the margin) are suspect
+    corner = Table({"x": [0.0, 40.0, 0.0], "y": [0.0, 0.0, 40.0]})
+    catalog = dia_sources(
+        difference,
+        DiaSourceConfig(suspect_kernel_margin=10.0),
+        matched_science=result.matched_science,
+        matched_template=result.matched_template,
+        kernel_sources=corner,
+    )
+    far = (catalog["x"] + catalog["y"]) > 40 + 10 * np.sqrt(2) + 1
+    near = (catalog["x"] + catalog["y"]) < 40
+    assert far.any()
+    assert np.all(catalog["flag_suspect_kernel"][far])
+    assert not np.any(catalog["flag_suspect_kernel"][near])
+    # residuals of saturated stars sit next to bright template stars (most of them: a
+    # star saturated in the science only can be below the template's bright limit)
+    saturated = np.asarray(catalog["flag_saturated"])
+    assert saturated.sum() >= 5
+    assert np.mean(np.asarray(catalog["flag_bright_star"])[saturated]) > 0.7
+    assert np.mean(np.asarray(catalog["flag_bright_star"])[~saturated]) < 0.5
