@@ -68,6 +68,12 @@ def test_subtract_writes_the_catalog(run):
     assert header["THRESH"] == 5.0 and header["FLAG_EDGE"] == 1
 
 
+def _forced(products, positions, output) -> int:
+    """Run ``alsub forced`` on the products' difference in-process."""
+    difference = str(products / "difference.fits")
+    return main(["forced", difference, "--positions", str(positions), "-o", str(output)])
+
+
 def test_forced_keeps_input_order(run, tmp_path):
     pair, products, _ = run
     truth = json.loads((pair / "truth.json").read_text())
@@ -77,16 +83,7 @@ def test_forced_keeps_input_order(run, tmp_path):
     positions = tmp_path / "positions.csv"
     Table({"x": x, "y": y}).write(positions, format="ascii.csv")
     out_csv = tmp_path / "forced.csv"
-    code = main(
-        [
-            "forced",
-            str(products / "difference.fits"),
-            "--positions",
-            str(positions),
-            "-o",
-            str(out_csv),
-        ]
-    )
+    code = _forced(products, positions, out_csv)
     assert code == 0
     table = Table.read(out_csv, format="ascii.csv")
     for column in ("x", "y", "psf_flux", "psf_flux_err", "snr", "flags"):
@@ -98,9 +95,7 @@ def test_forced_keeps_input_order(run, tmp_path):
     sky = tmp_path / "sky.csv"
     Table({"ra": table["ra"], "dec": table["dec"]}).write(sky, format="ascii.csv")
     out_fits = tmp_path / "forced.fits"
-    code = main(
-        ["forced", str(products / "difference.fits"), "--positions", str(sky), "-o", str(out_fits)]
-    )
+    code = _forced(products, sky, out_fits)
     assert code == 0
     again = Table.read(out_fits, hdu="DIASOURCES")
     np.testing.assert_allclose(again["x"], x, atol=1e-6)
@@ -111,16 +106,7 @@ def test_forced_bad_positions_exit_2(run, tmp_path, capsys):
     _, products, _ = run
     positions = tmp_path / "bad.csv"
     positions.write_text("a,b\n1,2\n")
-    code = main(
-        [
-            "forced",
-            str(products / "difference.fits"),
-            "--positions",
-            str(positions),
-            "-o",
-            str(tmp_path / "o.csv"),
-        ]
-    )
+    code = _forced(products, positions, tmp_path / "o.csv")
     assert code == 2
     assert "x,y" in capsys.readouterr().err
 
