@@ -184,7 +184,7 @@ class ForcedPhotometryConfig(_Config):
         "interpolated bilinearly to each position.",
     )
     psf_grid_max_nodes: int = Field(
-        9,
+        5,
         ge=2,
         le=100,
         description="Most nodes per axis (large frames get a wider spacing: drawing a PSF "

@@ -389,11 +389,12 @@ def _matched_photometry(output, matched_science, matched_template, config):
     if matched_science is None or matched_template is None:
         return []
     psf = matched_science.psf or output.require_psf()
+    # the two share the pixel grid and the PSF: one set of drawn stamps
+    stamps = PsfStamps(psf, matched_science, config=config)
     out = []
     for exposure in (matched_science, matched_template):
-        stamps = PsfStamps(psf, exposure, config=config)
 
-        def measure(x, y, exposure=exposure, stamps=stamps):
+        def measure(x, y, exposure=exposure):
             fit = psf_photometry(exposure, x, y, stamps, True, config.min_psf_coverage)
             return fit["flux"], fit["flux_err"]
 
