@@ -22,6 +22,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 from scipy.optimize import least_squares
+from scipy.signal import fftconvolve
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 
 from .config import DiaSourceConfig
@@ -35,7 +36,7 @@ from .forced import (
     psf_photometry,
     sky_positions,
 )
-from .psf import KernelMatchedPsf, Psf
+from .psf import Psf
 from .sources import (
     _BackgroundMesh,
     _centroids,
@@ -533,14 +534,17 @@ def measure_dia_sources(
     return table
 
 
-class _FixedKernel:
-    """A constant correlation kernel with the ``image(x, y)`` interface of a matching kernel."""
+class _CorrelatedPsf(Psf):
+    """A PSF correlated with a fixed kernel (FFT), normalised to unit sum."""
 
-    def __init__(self, stamp: np.ndarray):
-        self.stamp = stamp
+    def __init__(self, psf: Psf, kernel: np.ndarray):
+        self.psf = psf
+        self.kernel = kernel[::-1, ::-1]  # correlation = convolution with the flipped kernel
+        self.average_position = psf.average_position
 
-    def image(self, x=None, y=None) -> np.ndarray:
-        return self.stamp
+    def kernel_image(self, x=None, y=None) -> np.ndarray:
+        out = fftconvolve(self.psf.kernel_image(x, y), self.kernel, mode="full")
+        return out / out.sum()
 
 
 def score_profile(psf: Psf, preconvolution_psf: Psf) -> Psf:
@@ -548,7 +552,7 @@ def score_profile(psf: Psf, preconvolution_psf: Psf) -> Psf:
     with the preconvolution kernel (``preconvolution_psf`` at its average position,
     unit sum), as the preconvolution task builds it."""
     stamp = np.asarray(preconvolution_psf.kernel_image(), dtype=np.float64)
-    return KernelMatchedPsf(psf, _FixedKernel(stamp / stamp.sum()))
+    return _CorrelatedPsf(psf, stamp / stamp.sum())
 
 
 def dia_sources(
