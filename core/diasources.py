@@ -355,8 +355,12 @@ def _bright_star(template: Exposure | None, ix, iy, radius: float, limit: float)
     disc = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
     data = _stack(template.image, ix, iy, r, fill=np.nan).astype(np.float64)
     var = _stack(template.variance, ix, iy, r, fill=np.nan).astype(np.float64)
+    outside = np.where(disc, np.nan, data).reshape(ix.size, -1)[:, ~disc.ravel()]
+    level = np.median(outside, axis=1)
+    holes = ~np.isfinite(level)
+    if holes.any():  # stamps over the frame's edge: the NaN-aware (row by row) median
+        level[holes] = np.nanmedian(outside[holes], axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        level = np.nanmedian(np.where(disc, np.nan, data).reshape(ix.size, -1), axis=1)
         snr = (data - level[:, None, None]) / np.sqrt(var)
     snr = np.where(disc & np.isfinite(snr), snr, -np.inf)
     return snr.reshape(ix.size, -1).max(axis=1) > limit
