@@ -154,7 +154,10 @@ def _cmd_cutouts(args) -> int:
         catalog = catalog[[int(i) in wanted for i in catalog["id"]]]
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    stamps = triplet_from_files(paths, catalog["x"], catalog["y"], args.size)
+    from core.config import DiaSourceConfig
+
+    size = args.size or DiaSourceConfig().cutout_size
+    stamps = triplet_from_files(paths, catalog["x"], catalog["y"], size)
     for k, row in enumerate(catalog):
         stem = outdir / f"dia_source_{int(row['id']):06d}"
         if args.format in ("fits", "both"):
@@ -162,7 +165,7 @@ def _cmd_cutouts(args) -> int:
             stem.with_suffix(".fits").write_bytes(triplet_fits(stamps, k, header))
         if args.format in ("png", "both"):
             stem.with_suffix(".png").write_bytes(triplet_png(stamps, k))
-    print(f"cutouts={len(catalog)} size={args.size} -> {outdir}")
+    print(f"cutouts={len(catalog)} size={size} -> {outdir}")
     return 0
 
 
@@ -210,7 +213,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cutouts", help="science/template/difference stamps of DIA sources")
     p.add_argument("products", help="the --products directory of `alsub subtract`")
     p.add_argument("outdir", help="directory for dia_source_<id>.fits / .png")
-    p.add_argument("--size", type=int, default=63, help="stamp side in pixels (default 63)")
+    p.add_argument(
+        "--size", type=int, default=None, help="stamp side in pixels (default: dia.cutout_size)"
+    )
     p.add_argument("--format", choices=["fits", "png", "both"], default="both")
     p.add_argument("--ids", default=None, help="comma-separated source ids (default: all)")
     p.set_defaults(func=_cmd_cutouts)

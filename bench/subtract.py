@@ -63,13 +63,15 @@ def _run_case(size: int, mode: str, seed: int, spatially_varying: bool, queue) -
 def _cutouts(result) -> tuple[float, float, int]:
     """Seconds to gather the 63x63 triplets of every DIA source, milliseconds to encode one
     as FITS + PNG (mean of up to 50; encoding happens per request), number of sources."""
+    from core.config import DiaSourceConfig
     from core.cutouts import cutouts, result_images, triplet_fits, triplet_png
 
     catalog = result.dia_sources
     if catalog is None or len(catalog) == 0:
         return 0.0, 0.0, 0
     t0 = time.perf_counter()
-    stamps = cutouts(result_images(result), catalog["x"], catalog["y"], 63)
+    size = DiaSourceConfig().cutout_size
+    stamps = cutouts(result_images(result), catalog["x"], catalog["y"], size)
     gather = time.perf_counter() - t0
     n = min(50, len(catalog))
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Body, Depends, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.config import DiaSourceConfig
 from store import Settings, Store
 
 from ..deps import Caller, get_caller, get_settings, get_store
@@ -283,7 +284,9 @@ def _position_kind(positions: list[ForcedPosition]) -> tuple[str, str]:
 def source_cutouts(
     job_id: str,
     source_id: int,
-    size: int = Query(63, ge=5, description="Stamp side in pixels (odd)."),
+    size: int = Query(
+        DiaSourceConfig().cutout_size, ge=5, description="Stamp side in pixels (odd)."
+    ),
     format: Literal["fits", "png"] = Query("fits", description="fits or png."),
     caller: Caller = Depends(get_caller),
     settings: Settings = Depends(get_settings),
