@@ -16,7 +16,7 @@ from typing import Any
 from astropy.io import fits
 
 from .diasources import catalog_hdulist
-from .io import write_exposure, write_hdulist_atomic
+from .io import file_mode, write_exposure, write_hdulist_atomic
 
 __all__ = ["write_difference", "write_products", "metrics_header", "json_safe", "PRODUCT_NAMES"]
 
@@ -70,6 +70,11 @@ def metrics_header(metrics: dict[str, Any]) -> fits.Header:
         value = json_safe(metrics.get(name))
         if value is not None:
             header[f"HIERARCH ALSUB {key}"] = (value, name)
+    quality = metrics.get("quality")
+    if isinstance(quality, dict):
+        header["HIERARCH ALSUB QUALITY"] = (str(quality.get("verdict")), "good, suspect or bad")
+        for reason in quality.get("reasons", []):
+            header.add_comment(f"alsub quality: {reason}")
     return header
 
 
@@ -85,6 +90,7 @@ def _write_json_atomic(data: Any, path: Path) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(json_safe(data), handle, indent=2, allow_nan=False)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

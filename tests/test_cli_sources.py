@@ -51,7 +51,7 @@ def test_subtract_writes_the_catalog(run):
     table = Table.read(products / "dia_sources.fits", hdu="DIASOURCES")
     for column in REQUIRED:
         assert column in table.colnames, column
-    summary = stdout.strip().splitlines()[-1]
+    summary = next(line for line in stdout.splitlines() if line.startswith("mode="))
     assert f"dia_sources={len(table)} " in summary
     truth = json.loads((pair / "truth.json").read_text())
     # every bright injected transient of either sign is in the catalog with its sign
