@@ -484,7 +484,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--size", type=int, default=None, help="stamp side in pixels (default: dia.cutout_size)"
     )
-    p.add_argument("--format", choices=["fits", "png", "both"], default="both")
+    p.add_argument(
+        "--format",
+        choices=["fits", "png", "both"],
+        default="both",
+        help="FITS triplets (3 image HDUs with WCS), PNG triplets, or both (default)",
+    )
     p.add_argument("--ids", default=None, help="comma-separated source ids (default: all)")
     p.set_defaults(func=_cmd_cutouts)
 

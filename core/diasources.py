@@ -33,6 +33,7 @@ from .forced import (
     flag_columns,
     noise_scale,
     pixel_flags,
+    profile_sigma,
     psf_photometry,
     sky_positions,
 )
@@ -126,7 +127,7 @@ class Detections:
 def _snr_map(exposure: Exposure, is_score: bool) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Detection S/N map, the image for centroids, the noise factor and the profile sigma."""
     psf = exposure.require_psf()
-    sigma = float(psf.sigma())
+    sigma = profile_sigma(psf)
     # the convolution's edge band holds no usable difference: treat it as no data
     edge = exposure.bitmask([p for p in ("EDGE",) if p in exposure.mask_planes])
     if edge:

@@ -22,7 +22,7 @@ from scipy import fft
 from .config import ForcedPhotometryConfig
 from .errors import InvalidCatalogError, PsfError
 from .exposure import Exposure
-from .psf import Psf
+from .psf import SIGMA_TO_FWHM, Psf, adaptive_moments
 from .sources import _stack
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "forced_photometry",
     "noise_scale",
     "pixel_flags",
+    "profile_sigma",
     "psf_photometry",
     "sky_positions",
 ]
@@ -53,6 +54,34 @@ UNUSABLE_PLANES = ("NO_DATA", "EDGE", "BAD")
 #: Extra margin (px) of the drawn stamps beyond the fitted box, so that the Fourier
 #: sub-pixel shift wraps only the far wings into the box.
 _SHIFT_PAD = 4
+
+
+def profile_sigma(psf: Psf) -> float:
+    """Trace radius (px) of a PSF, robust to negative side lobes.
+
+    A decorrelated PSF can ring below zero, where the adaptive moments of the
+    stamp diverge; then the moments of its positive part are used.
+
+    Raises
+    ------
+    PsfError
+        The PSF cannot be evaluated or has no positive flux.
+    """
+    try:
+        sigma = float(psf.sigma())
+        if math.isfinite(sigma) and sigma > 0:
+            return sigma
+        stamp = np.clip(np.asarray(psf.kernel_image(), dtype=np.float64), 0.0, None)
+        with np.errstate(all="ignore"):
+            ixx, iyy, _ = adaptive_moments(stamp)
+        sigma = math.sqrt(0.5 * (ixx + iyy))
+    except PsfError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of a user PSF is a PSF error
+        raise PsfError(f"the PSF cannot be evaluated: {exc}") from None
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise PsfError("the PSF has no measurable width")
+    return sigma
 
 
 class PsfStamps:
@@ -78,10 +107,7 @@ class PsfStamps:
         config = config or ForcedPhotometryConfig()
         self.psf = psf
         self.xy0 = exposure.xy0
-        try:
-            self.fwhm = float(psf.fwhm())
-        except Exception as exc:  # noqa: BLE001 - any failure of a user PSF is a PSF error
-            raise PsfError(f"the PSF cannot be evaluated: {exc}") from None
+        self.fwhm = SIGMA_TO_FWHM * profile_sigma(psf)
         full = psf.kernel_image().shape[0] // 2
         if half is None:
             half = int(math.ceil(config.fit_radius_fwhm * self.fwhm))
