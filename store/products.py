@@ -24,6 +24,7 @@ PRODUCT_FILES = {
     "matched_science": "matched_science.fits",
     "kernel": "kernel.fits",
     "background": "background.fits",
+    "warped_template": "warped_template.fits",
     "dia_sources": "dia_sources.fits",
     "metrics": "metrics.json",
 }

@@ -47,6 +47,7 @@ ProductName = Literal[
     "matched_science",
     "kernel",
     "background",
+    "warped_template",
     "dia_sources",
 ]
 _MAX_JSON_BYTES = 4 * 1024 * 1024
