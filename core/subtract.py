@@ -23,6 +23,7 @@ from .basis import kernel_size_for, make_kernel_basis
 from .config import SubtractionConfig
 from .convolve import convolve_exposure
 from .decorrelate import decorrelate_difference
+from .diasources import dia_sources
 from .errors import (
     IdenticalInputsError,
     IncompatibleInputsError,
@@ -74,6 +75,7 @@ STAGES = {
     "convolve": 0.5,
     "decorrelate": 0.7,
     "metrics": 0.9,
+    "detect": 0.95,
 }
 
 
@@ -95,6 +97,7 @@ class SubtractionResult:
     fitted_background: BackgroundModel | None = None
     psf_matching_kernel: SpatialKernel | None = None
     kernel_sources: Any = None
+    dia_sources: Any = None
     warped_template: Exposure | None = None
     mode: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -546,6 +549,25 @@ class _SubtractBase(Task):
         metrics.update(noise_statistics(result.output, exclude=self.source_mask))
         return metrics
 
+    def detect(self, result: SubtractionResult) -> None:
+        """DIA sources on the difference or score (``config.dia``); counts into the metrics."""
+        if not self.config.dia.enabled:
+            return
+        self._stage("detect")
+        with self.timer("detect"):
+            result.dia_sources = dia_sources(
+                result.output,
+                self.config.dia,
+                is_score=result.score is not None,
+                matched_science=result.matched_science,
+                matched_template=result.matched_template,
+                kernel_sources=result.kernel_sources,
+            )
+        meta = result.dia_sources.meta
+        result.metrics["n_dia_sources"] = len(result.dia_sources)
+        for key in ("positive", "negative", "dipoles"):
+            result.metrics[f"n_dia_{key}"] = meta[f"n_{key}"]
+
     def assess_quality(self, result: SubtractionResult, science, template) -> dict[str, Any]:
         """The verdict (core.quality) from the metrics, the kernel and the warnings."""
         kernel = result.psf_matching_kernel
@@ -622,6 +644,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
             self._stage("metrics")
             with self.timer("metrics"):
                 result.metrics = self.compute_image_metrics(science, result, sources)
+            self.detect(result)
         return self._finish(result, science, template)
 
     def _choose_mode(self, template: Exposure, science: Exposure) -> bool:
@@ -780,6 +803,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 result.metrics["score_noise_ratio_propagated"] = self.metadata.get(
                     "scoreNoiseRatioPropagated"
                 )
+            self.detect(result)
         return self._finish(result, science, template)
 
     def _add_score_noise_floor(self, score: Exposure) -> None:
