@@ -18,7 +18,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=HealthOut, summary="Liveness: the process answers")
-def healthz() -> HealthOut:
+async def healthz() -> HealthOut:
+    # On the event loop, not the thread pool: busy upload threads must not delay liveness.
     return HealthOut()
 
 

@@ -1,0 +1,89 @@
+"""Hostile input against the embedded service: each test replays an attack of issue 12.
+
+One ``alsub serve`` (SQLite records, filesystem broker, one worker) with two
+tenants serves the module; a second API-only server has tight rate limits.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from .service_fixtures import free_port, service_env, start_server, upload, wait_ready
+from .test_fits_structure import naxis_bomb
+
+TOKENS = {"ann": "ann-token-12", "ben": "ben-token-12"}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, sim_pair):
+    data_dir = tmp_path_factory.mktemp("data")
+    root = tmp_path_factory.mktemp("root")
+    outside = tmp_path_factory.mktemp("outside")
+    env = service_env(
+        tokens=",".join(TOKENS.values()),
+        max_upload_bytes=2_000_000,
+        max_pixels=100_000,
+        allowed_roots=str(root),
+        heartbeat_interval=1,
+        heartbeat_timeout=20,
+        rate_limit_per_minute=0,
+    )
+    process, base = start_server(free_port(), data_dir, env, tmp_path_factory.mktemp("logs"))
+    try:
+        yield {"base": base, "data": data_dir, "root": root, "outside": outside, "process": process}
+    finally:
+        process.stop()
+
+
+def client_for(service, who: str | None, **kwargs) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {TOKENS[who]}"} if who else {}
+    return httpx.Client(base_url=service["base"], headers=headers, timeout=60, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def ann(service):
+    with client_for(service, "ann") as client:
+        wait_ready(client)
+        yield client
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error["message"]
+
+
+def post_fits(client: httpx.Client, data: bytes) -> httpx.Response:
+    return client.post("/v1/exposures", content=data, headers={"Content-Type": "application/fits"})
+
+
+# 1. FITS headers ------------------------------------------------------------------------------
+def test_naxis_bomb_is_refused_at_once_and_does_not_starve_healthz(service, ann):
+    started = time.perf_counter()
+    message = assert_error(post_fits(ann, naxis_bomb()), 422, "invalid_exposure")
+    assert "NAXIS" in message
+    assert time.perf_counter() - started < 5.0
+
+    def attack(_):
+        with client_for(service, "ann") as client:
+            return post_fits(client, naxis_bomb()).status_code
+
+    with ThreadPoolExecutor(45) as pool:
+        statuses = pool.map(attack, range(45))
+        time.sleep(0.2)  # the 45 uploads are in flight
+        t0 = time.perf_counter()
+        health = httpx.get(f"{service['base']}/healthz", timeout=30)
+        health_seconds = time.perf_counter() - t0
+        statuses = list(statuses)
+    assert health.status_code == 200
+    assert health_seconds < 3.0, health_seconds  # 14 s before the fix (noisy machine)
+    assert statuses == [422] * 45
+    # No temporary upload file is left behind by the refused uploads.
+    assert os.listdir(service["data"] / "exposures" / ".tmp") == []
