@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["BlobStore", "BlobWriter", "UploadTooLargeError"]
 
@@ -136,13 +137,12 @@ class BlobStore:
         """Store ``data``; return its id."""
         return self.put_stream([data], max_bytes if max_bytes is not None else len(data))
 
-    def copy_file(self, source: Path, max_bytes: int) -> BlobWriter:
-        """Copy a file into a new (uncommitted) writer, enforcing the cap while copying."""
+    def copy_file(self, source: BinaryIO, max_bytes: int) -> BlobWriter:
+        """Copy an open file into a new (uncommitted) writer, enforcing the cap while copying."""
         writer = self.writer(max_bytes)
         try:
-            with open(source, "rb") as handle:
-                while chunk := handle.read(_CHUNK):
-                    writer.write(chunk)
+            while chunk := source.read(_CHUNK):
+                writer.write(chunk)
             writer.close()
         except BaseException:
             writer.abort()

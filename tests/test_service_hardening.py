@@ -6,12 +6,15 @@ tenants serves the module; a second API-only server has tight rate limits.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from astropy.io import fits
 
 from .service_fixtures import free_port, service_env, start_server, upload, wait_ready
 from .test_fits_structure import naxis_bomb
@@ -87,3 +90,83 @@ def test_naxis_bomb_is_refused_at_once_and_does_not_starve_healthz(service, ann)
     assert statuses == [422] * 45
     # No temporary upload file is left behind by the refused uploads.
     assert os.listdir(service["data"] / "exposures" / ".tmp") == []
+
+
+# 2. file:// URIs ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ann_inputs(ann, sim_pair):
+    return upload(ann, sim_pair["science"]), upload(ann, sim_pair["template"])
+
+
+def test_symlink_swapped_during_submit_never_reads_outside_the_root(
+    service, ann, ann_inputs, sim_pair
+):
+    root, outside = service["root"], service["outside"]
+    secret = "SECRET-LINE-7f3a,not,a,catalog"
+    with fits.open(sim_pair["science"]) as hdul:  # a valid exposure nobody uploaded
+        hdul[0].header["SECRET"] = "outside"
+        hdul.writeto(outside / "data.fits")
+    (outside / "cat.csv").write_text(secret + "\n")
+    real = root / "d"
+    real.mkdir()
+    (real / "data.fits").write_bytes(b"inside: not FITS " * 200)
+    (real / "cat.csv").write_text("INSIDE-LINE\n")
+    stop = threading.Event()
+
+    def swap():
+        parked = root / "d-parked"
+        while not stop.is_set():
+            os.rename(real, parked)
+            os.symlink(outside, real)
+            os.unlink(real)
+            os.rename(parked, real)
+
+    swapper = threading.Thread(target=swap, daemon=True)
+    swapper.start()
+    statuses, messages = [], []
+    try:
+        for _ in range(60):
+            science = ann.post(
+                "/v1/subtractions",
+                json={
+                    "science": {"uri": f"file://{real}/data.fits"},
+                    "template": {"exposure_id": ann_inputs[1]},
+                },
+            )
+            catalog = ann.post(
+                "/v1/subtractions",
+                json={
+                    "science": {"exposure_id": ann_inputs[0]},
+                    "template": {"exposure_id": ann_inputs[1]},
+                    "sources": {"uri": f"file://{real}/cat.csv"},
+                },
+            )
+            for response in (science, catalog):
+                statuses.append(response.status_code)
+                messages.append(response.json()["error"]["message"])
+    finally:
+        stop.set()
+        swapper.join()
+    assert set(statuses) == {422}, statuses  # 27/300 outside files were ingested before
+    assert not any("SECRET" in m or "INSIDE" in m for m in messages)  # 42/300 echoed it
+    outside_id = hashlib.sha256((outside / "data.fits").read_bytes()).hexdigest()
+    assert not list((service["data"] / "exposures").rglob(f"{outside_id}*"))
+    # A link that stays in place is refused too: links are never followed.
+    (root / "link.fits").symlink_to(sim_pair["science"])
+    linked = ann.post(
+        "/v1/subtractions",
+        json={
+            "science": {"uri": f"file://{root}/link.fits"},
+            "template": {"exposure_id": ann_inputs[1]},
+        },
+    )
+    assert "symbolic link" in assert_error(linked, 422, "uri_not_allowed")
+
+
+def test_overlong_file_uri_is_422(service, ann, ann_inputs):
+    for path in (f"{service['root']}/{'a' * 5000}", f"{service['root']}/{'b/' * 2500}x.fits"):
+        response = ann.post(
+            "/v1/subtractions",
+            json={"science": {"uri": f"file://{path}"}, "template": {"exposure_id": ann_inputs[1]}},
+        )
+        assert_error(response, 422, "uri_not_allowed")

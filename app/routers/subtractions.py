@@ -25,12 +25,12 @@ from ..ingest import (
     ingest_exposure,
     limited_request,
     read_capped,
-    resolve_uri,
-    writer_from_path,
+    writer_from_file,
     writer_from_upload,
 )
 from ..queue import JobQueue
 from ..schemas import ErrorResponse, InputRef, JobList, JobOut, SubtractionRequest
+from ..uris import open_uri
 from .exposures import owned_exposure
 
 __all__ = ["router"]
@@ -160,8 +160,8 @@ async def _resolve_input(
     if ref.exposure_id is not None:
         await owned_exposure(store, ref.exposure_id, caller)
         return ExposureRef(exposure_id=ref.exposure_id)
-    path = resolve_uri(ref.uri, settings)
-    writer = await writer_from_path(path, store.exposures, settings.max_upload_bytes)
+    handle = await run_in_threadpool(open_uri, ref.uri, settings)
+    writer = await writer_from_file(handle, store.exposures, settings.max_upload_bytes)
     sha, _ = await ingest_exposure(writer, store, settings, caller.owner, role)
     return ExposureRef(exposure_id=sha, uri=ref.uri)
 
@@ -171,8 +171,8 @@ async def _resolve_sources(req: SubtractionRequest, settings: Settings) -> bytes
         return None
     if req.sources.inline is not None:
         return req.sources.inline.encode()
-    path = resolve_uri(req.sources.uri, settings)
-    return await run_in_threadpool(read_capped, path, settings.max_upload_bytes, "the catalog")
+    handle = await run_in_threadpool(open_uri, req.sources.uri, settings)
+    return await run_in_threadpool(read_capped, handle, settings.max_upload_bytes, "the catalog")
 
 
 def _fingerprint(req: SubtractionRequest, catalog: bytes | None, mode: str) -> str:
@@ -231,7 +231,10 @@ async def submit_subtraction(
     template = await _resolve_input(req.template, "template", caller, settings, store)
     if catalog is None:
         catalog = await _resolve_sources(req, settings)
-    sources_id = await ingest_catalog(catalog, store, caller.owner) if catalog else None
+    catalog_uri = req.sources.uri if req.sources is not None else None
+    sources_id = (
+        await ingest_catalog(catalog, store, caller.owner, catalog_uri) if catalog else None
+    )
     mode = req.mode or req.config.mode
     config = req.config.model_dump(mode="json")
     config["mode"] = mode
