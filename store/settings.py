@@ -113,6 +113,11 @@ class Settings(BaseSettings):
         description="Debug only, off by default: seconds a worker sleeps at every progress report, "
         "so tests can interrupt or cancel a job mid-run.",
     )
+    test_stage_holds_gil: bool = Field(
+        False,
+        description="Debug only, off by default: the stage delay keeps the GIL (as a long library "
+        "call does), so tests can check that heartbeats do not depend on the job's threads.",
+    )
 
     @field_validator("tokens", "allowed_roots", mode="before")
     @classmethod

@@ -170,3 +170,22 @@ def test_overlong_file_uri_is_422(service, ann, ann_inputs):
             json={"science": {"uri": f"file://{path}"}, "template": {"exposure_id": ann_inputs[1]}},
         )
         assert_error(response, 422, "uri_not_allowed")
+
+
+# 3. config bounds -----------------------------------------------------------------------------
+def test_hostile_config_and_empty_catalog_are_422_at_submit(ann, ann_inputs):
+    from .test_config_bounds import HOSTILE
+
+    body = {"science": {"exposure_id": ann_inputs[0]}, "template": {"exposure_id": ann_inputs[1]}}
+    for overrides in HOSTILE:
+        response = ann.post("/v1/subtractions", json={**body, "config": overrides})
+        message = assert_error(response, 422, "invalid_request")
+        assert (
+            "less than or equal" in message
+            or "greater than" in message
+            or "finite" in message
+            or "at most" in message
+        ), message
+    response = ann.post("/v1/subtractions", json={**body, "sources": {"inline": "x,y\n"}})
+    assert "no rows" in assert_error(response, 422, "invalid_catalog")
+    assert ann.get("/v1/subtractions").json()["items"] == []  # nothing was queued

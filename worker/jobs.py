@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
-import threading
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from core.io import read_exposure
 from core.products import json_safe, write_products
 from core.sources import read_catalog
 from core.subtract import run_subtraction
-from store import FINAL_STATES, JobRecord, Settings, Store
+from store import FINAL_STATES, JobRecord, Settings, Store, open_records
 from store.sweeper import fail_worker_lost, is_stale
 
 __all__ = ["run_job", "JobCancelled", "Heartbeat"]
@@ -44,48 +45,73 @@ def _run_token() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _beat_once(records, job_id: str, token: str) -> bool:
+    """Refresh ``heartbeat_at`` if this run still owns the job; False when it does not."""
+
+    def mutate(record: JobRecord) -> bool:
+        if record.state != "running" or record.worker != token:
+            return False
+        record.heartbeat_at = time.time()
+        return True
+
+    _, written = records.update(job_id, mutate)
+    return written
+
+
 class Heartbeat:
-    """Background thread refreshing ``heartbeat_at`` while a job runs.
+    """A forked process refreshing ``heartbeat_at`` while a job runs.
+
+    A thread is not enough: a long library call that keeps the GIL (scipy's
+    Halton generator for ten million sky sources ran for minutes) would stop
+    it, and the job would be requeued while it still runs. The heartbeat
+    process beats until the job leaves the block or its process dies (the
+    pipe between them closes either way), so a heartbeat means "the process
+    running this job is alive"; the hard time limit bounds how long that is.
 
     Parameters
     ----------
-    store : `store.Store`
+    settings : `store.Settings`
+        Where the records are (the child opens its own connection).
     job_id, token : `str`
-        The job and the token of this run; the heartbeat stops writing when the
-        record no longer carries the token.
-    interval : `float`
-        Seconds between beats.
+        The job and the token of this run; beating stops when the record no
+        longer carries the token.
     """
 
-    def __init__(self, store: Store, job_id: str, token: str, interval: float):
-        self._store, self._job_id, self._token, self._interval = store, job_id, token, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+    def __init__(self, settings: Settings, job_id: str, token: str):
+        self._settings, self._job_id, self._token = settings, job_id, token
+        self._pid: int | None = None
+        self._pipe: int | None = None
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self._interval):
-
-            def mutate(record: JobRecord) -> bool:
-                if record.state != "running" or record.worker != self._token:
-                    return False
-                record.heartbeat_at = time.time()
-                return True
-
-            try:
-                _, written = self._store.records.update(self._job_id, mutate)
-            except Exception:  # a transient store error must not kill the job
-                log.warning("job %s: heartbeat failed", self._job_id, exc_info=True)
-                continue
-            if not written:
-                return  # cancelled or taken over: the next progress report stops the job
+    def _child(self, read_end: int) -> None:
+        status = 0
+        try:
+            records = open_records(self._settings)
+            while not select.select([read_end], [], [], self._settings.heartbeat_interval)[0]:
+                try:
+                    if not _beat_once(records, self._job_id, self._token):
+                        break  # cancelled or taken over: the next progress report stops the job
+                except Exception:  # a transient store error must not end the heartbeat
+                    continue
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)  # never run the parent's cleanup (Celery, atexit) in this copy
 
     def __enter__(self) -> Heartbeat:
-        self._thread.start()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(write_end)
+            self._child(read_end)
+        os.close(read_end)
+        self._pid, self._pipe = pid, write_end
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        if self._pipe is not None:
+            os.close(self._pipe)  # EOF wakes the child, which exits
+        if self._pid is not None:
+            os.waitpid(self._pid, 0)
 
 
 def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobRecord | None:
@@ -188,11 +214,11 @@ def run_job(
         if not written:
             raise JobCancelled(job_id)
         if settings.test_stage_delay > 0 and stage != "done":
-            time.sleep(settings.test_stage_delay)
+            _debug_delay(settings.test_stage_delay, settings.test_stage_holds_gil)
 
     timings: dict[str, float] = dict(record.timings)
     final: JobRecord | None = None
-    with Heartbeat(store, job_id, token, settings.heartbeat_interval):
+    with Heartbeat(settings, job_id, token):
         try:
             t0 = time.perf_counter()
             science = read_exposure(
@@ -264,6 +290,22 @@ def run_job(
     if after is None or after.state == "cancelled":
         store.products.delete(job_id)  # cancelled or deleted while the job ran
     return "skipped" if after is None else after.state
+
+
+def _debug_delay(seconds: float, hold_gil: bool) -> None:
+    if not hold_gil:
+        time.sleep(seconds)
+        return
+    # No other thread of this process runs until the loop ends: a long switch interval and
+    # a loop that never blocks keep the GIL, as a long C call holding it does.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(seconds + 1.0)
+    try:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def _fail(store, job_id, token, timings, code, message):
