@@ -8,6 +8,7 @@ import the other's framework.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated
@@ -96,6 +97,11 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         1, ge=1, description="Jobs one worker process runs in parallel (Celery prefork children)."
     )
+    callback_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDR networks callback_url may reach although they are not public "
+        "(comma-separated, e.g. 10.0.0.0/8 for internal hooks). Empty: only global addresses.",
+    )
     webhook_retries: int = Field(5, ge=0, description="Retries of a failed callback_url POST.")
     webhook_backoff: float = Field(
         2.0, ge=0, description="Seconds before the first callback retry; doubles each retry."
@@ -119,7 +125,7 @@ class Settings(BaseSettings):
         "call does), so tests can check that heartbeats do not depend on the job's threads.",
     )
 
-    @field_validator("tokens", "allowed_roots", mode="before")
+    @field_validator("tokens", "allowed_roots", "callback_allowed_networks", mode="before")
     @classmethod
     def _lists_from_text(cls, value):
         return _split_list(value)
@@ -128,6 +134,11 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_roots(cls, roots: list[Path]) -> list[Path]:
         return [Path(os.path.realpath(root)) for root in roots]
+
+    @field_validator("callback_allowed_networks")
+    @classmethod
+    def _cidr_networks(cls, networks: list[str]) -> list[str]:
+        return [str(ipaddress.ip_network(text, strict=False)) for text in networks]
 
     @field_validator("data_dir")
     @classmethod

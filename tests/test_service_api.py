@@ -53,6 +53,7 @@ def service(tmp_path_factory, sim_pair):
         heartbeat_interval=1,
         heartbeat_timeout=20,
         webhook_backoff=0.2,
+        callback_allowed_networks="127.0.0.1/32",  # the test's hook listens on loopback
         # Debug delay per stage so cancellation and concurrency limits meet running jobs.
         test_stage_delay=0.25,
     )

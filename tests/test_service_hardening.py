@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
 import pytest
@@ -35,6 +36,11 @@ def service(tmp_path_factory, sim_pair):
         heartbeat_interval=1,
         heartbeat_timeout=20,
         rate_limit_per_minute=0,
+        max_concurrent_jobs=50,
+        callback_allowed_networks="127.0.0.2/32",
+        webhook_retries=1,
+        webhook_backoff=0.2,
+        test_stage_delay=0.5,  # jobs stay queued or running long enough to be cancelled
     )
     process, base = start_server(free_port(), data_dir, env, tmp_path_factory.mktemp("logs"))
     try:
@@ -189,3 +195,70 @@ def test_hostile_config_and_empty_catalog_are_422_at_submit(ann, ann_inputs):
     response = ann.post("/v1/subtractions", json={**body, "sources": {"inline": "x,y\n"}})
     assert "no rows" in assert_error(response, 422, "invalid_catalog")
     assert ann.get("/v1/subtractions").json()["items"] == []  # nothing was queued
+
+
+# 4. callbacks ---------------------------------------------------------------------------------
+def test_callback_to_internal_or_malformed_url_is_422(ann, ann_inputs):
+    from .test_callbacks import FORBIDDEN
+
+    body = {"science": {"exposure_id": ann_inputs[0]}, "template": {"exposure_id": ann_inputs[1]}}
+    for url in [*FORBIDDEN, "http://[::1", "http://x:99999/"]:
+        response = ann.post("/v1/subtractions", json={**body, "callback_url": url})
+        assert response.status_code == 422, (url, response.text)
+        assert response.json()["error"]["code"] in ("invalid_callback_url", "invalid_request")
+    assert ann.get("/v1/subtractions").json()["items"] == []
+
+
+def test_callback_redirect_is_not_followed_and_only_the_status_is_recorded(ann, ann_inputs):
+    hits = {"internal": 0, "hook": 0}
+
+    class Internal(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            hits["internal"] += 1
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    internal = HTTPServer(("127.0.0.1", 0), Internal)
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            hits["hook"] += 1
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.1:{internal.server_port}/admin")
+            self.send_header("X-Internal-Detail", "secret-header-value")
+            self.end_headers()
+            self.wfile.write(b"redirect body with secret-body-text")
+
+        def log_message(self, *args):
+            pass
+
+    hook = HTTPServer(("127.0.0.2", 0), Redirecting)  # the one allowed network
+    for server in (internal, hook):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.2:{hook.server_port}/done"
+        body = {
+            "science": {"exposure_id": ann_inputs[0]},
+            "template": {"exposure_id": ann_inputs[1]},
+        }
+        job = ann.post("/v1/subtractions", json={**body, "callback_url": url})
+        assert job.status_code == 202, job.text
+        job_id = job.json()["id"]
+        assert ann.delete(f"/v1/subtractions/{job_id}").status_code == 200  # final: callback
+        deadline = time.monotonic() + 30
+        callback = None
+        while time.monotonic() < deadline:
+            callback = ann.get(f"/v1/subtractions/{job_id}").json()["callback"]
+            if callback and callback["attempts"] == 2:
+                break
+            time.sleep(0.2)
+        assert callback == {"delivered": False, "attempts": 2, "status_code": 307}
+        assert hits == {"internal": 0, "hook": 2}
+        text = ann.get(f"/v1/subtractions/{job_id}").text
+        assert "secret" not in text and "/admin" not in text
+    finally:
+        internal.shutdown()
+        hook.shutdown()

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from store import ACTIVE_STATES, ExposureRef, JobRecord, Settings, Store, new_job_id
+from store.callbacks import CallbackRefusedError, resolve_callback
 from store.records import decode_cursor, job_view
 from store.sweeper import is_stale, requeue_if_stale
 
@@ -224,6 +225,13 @@ async def submit_subtraction(
         raise ApiError(
             415, "unsupported_media_type", "send application/json or multipart/form-data"
         )
+    if req.callback_url is not None:
+        try:
+            await run_in_threadpool(
+                resolve_callback, req.callback_url, settings.callback_allowed_networks
+            )
+        except CallbackRefusedError as exc:
+            raise ApiError(422, "invalid_callback_url", str(exc)) from None
     key = req.idempotency_key or request.headers.get("idempotency-key") or None
     if key is not None and len(key) > 200:
         raise ApiError(422, "invalid_request", "idempotency key longer than 200 characters")
