@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -183,7 +184,21 @@ class BlobStore:
             self.path(blob_id).unlink(missing_ok=True)
             self.meta_path(blob_id).unlink(missing_ok=True)
 
-    def clean_tmp(self) -> None:
-        """Remove abandoned temporary files (call when no upload is in flight)."""
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+    def clean_tmp(self, older_than: float) -> int:
+        """Remove temporary files not modified for ``older_than`` seconds; return how many.
+
+        Uploads in flight are written continuously, so they are younger than any sane age.
+        """
+        limit = time.time() - older_than
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < limit:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # committed or aborted meanwhile
+        return removed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,35 @@ class ProductStore:
             return None
         path = self.job_dir(job_id) / file
         return path if path.is_file() else None
+
+    def job_ids(self, older_than: float = 0.0) -> list[str]:
+        """Ids of the published job folders not modified for ``older_than`` seconds."""
+        limit = time.time() - older_than
+        ids = []
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".") or not _JOB_ID_RE.match(entry.name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False) and entry.stat().st_mtime < limit:
+                    ids.append(entry.name)
+            except FileNotFoundError:
+                continue
+        return ids
+
+    def clean_staging(self, older_than: float) -> int:
+        """Remove staging (``.tmp-*``) and replaced (``.old-*``) folders older than that."""
+        limit = time.time() - older_than
+        removed = 0
+        for entry in os.scandir(self.root):
+            if not entry.name.startswith((".tmp-", ".old-")):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < limit:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def delete(self, job_id: str) -> None:
         """Delete every product of ``job_id``."""

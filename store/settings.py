@@ -91,6 +91,12 @@ class Settings(BaseSettings):
         description="A running job whose heartbeat is older than this is requeued (its worker is "
         "considered lost).",
     )
+    queued_resend_after: float = Field(
+        900.0,
+        gt=0,
+        description="Seconds a job may wait queued before its message is sent again (one lost "
+        "with a broker outage); a duplicate message is skipped.",
+    )
     max_attempts: int = Field(
         3, ge=1, description="Deliveries of one job before it fails as worker_lost."
     )
@@ -111,6 +117,15 @@ class Settings(BaseSettings):
     max_list_limit: int = Field(200, ge=1, description="Largest page of a job listing.")
     readiness_timeout: float = Field(
         1.5, gt=0, description="Seconds /readyz waits for a worker to answer a ping."
+    )
+    tmp_max_age: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds after which abandoned upload temp files, product staging folders "
+        "and product folders of jobs without a record are deleted.",
+    )
+    maintenance_interval: float = Field(
+        300.0, gt=0, description="Seconds between a worker's disk clean-up passes."
     )
     log_level: str = Field("INFO", description="Log level of the API and workers.")
     test_stage_delay: float = Field(

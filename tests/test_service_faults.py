@@ -7,16 +7,22 @@ Redis (the shared server's test database with a private prefix, or a private
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
 import httpx
+import pytest
+import redis
 
 from .service_fixtures import (
+    Process,
     free_port,
     service_env,
     start_server,
     start_worker,
     upload,
+    wait_job,
     wait_ready,
 )
 
@@ -79,6 +85,125 @@ def test_heartbeat_continues_while_the_job_holds_the_gil(tmp_path, redis_prefix,
             assert record["state"] == "succeeded", (record, worker.log_tail())
             assert record["attempts"] == 1, record
             assert "requeued" not in stages, stages
+    finally:
+        worker.stop()
+        server.stop()
+
+
+class PrivateRedis:
+    """A redis-server of this test on a free loopback port, append-only file in ``folder``."""
+
+    def __init__(self, folder):
+        self.folder, self.port = folder, free_port()
+        self.process: Process | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        executable = shutil.which("redis-server")
+        assert executable, "redis-server is needed to restart a Redis"
+        args = [
+            executable,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+        ]
+        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        self.process = Process(args, service_env(), self.folder / f"redis-{time.time():.0f}.log")
+        client = redis.Redis.from_url(self.url)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError(self.process.log_tail())
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()  # SIGTERM: Redis closes its append-only file and exits
+            self.process = None
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_redis_restart_loses_no_job_and_the_api_answers_503_meanwhile(
+    tmp_path, private_redis, sim_pair
+):
+    data_dir = tmp_path / "data"
+    env = redis_env(
+        private_redis.url,
+        "alsub:",
+        data_dir,
+        heartbeat_interval=0.5,
+        heartbeat_timeout=10,
+        test_stage_delay=0.3,
+        tmp_max_age=20,
+        maintenance_interval=1,
+    )
+    # An orphan: the product folder of a job whose record is gone, and an abandoned upload.
+    orphan = data_dir / "jobs" / "0123456789abcdef0123456789abcdef"
+    orphan.mkdir(parents=True)
+    (orphan / "difference.fits").write_bytes(b"x" * 100)
+    abandoned = data_dir / "exposures" / ".tmp" / "tmpabandoned.fits"
+    abandoned.parent.mkdir(parents=True)
+    abandoned.write_bytes(b"x" * 100)
+    old = time.time() - 60
+    for path in (orphan, abandoned):
+        os.utime(path, (old, old))
+
+    server, base = start_server(free_port(), data_dir, env, tmp_path, workers=0)
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        with api_client(base) as client:
+            wait_ready(client)
+            assert not orphan.exists() and not abandoned.exists()
+            science, template = (
+                upload(client, sim_pair["science"]),
+                upload(client, sim_pair["template"]),
+            )
+            body = {"science": {"exposure_id": science}, "template": {"exposure_id": template}}
+            jobs = []
+            for _ in range(4):
+                response = client.post("/v1/subtractions", json=body)
+                assert response.status_code == 202, response.text
+                jobs.append(response.json()["id"])
+
+            private_redis.stop()
+            for response in (
+                client.get(f"/v1/subtractions/{jobs[0]}"),
+                client.get("/v1/subtractions"),
+                client.post("/v1/subtractions", json=body),
+            ):
+                assert response.status_code == 503, response.text
+                assert response.headers["retry-after"] == "5"
+                assert response.json()["error"]["code"] == "service_unavailable"
+            ready = client.get("/readyz")
+            assert ready.status_code == 503
+            assert not ready.json()["checks"]["store"]["ok"]
+            assert "onnect" in ready.json()["checks"]["store"]["detail"]  # ConnectionError
+            assert client.get("/healthz").status_code == 200
+            time.sleep(2.0)
+
+            private_redis.start()  # same port and folder: the append-only file is replayed
+            wait_ready(client)
+            records = [wait_job(client, job_id, timeout=150) for job_id in jobs]
+            assert [r["state"] for r in records] == ["succeeded"] * 4, (records, worker.log_tail())
+            listing = client.get("/v1/subtractions", params={"limit": 50}).json()["items"]
+            assert sorted(item["id"] for item in listing) == sorted(jobs)  # none lost or doubled
+            assert sorted(
+                p.name for p in (data_dir / "jobs").iterdir() if not p.name.startswith(".")
+            ) == sorted(jobs)
     finally:
         worker.stop()
         server.stop()

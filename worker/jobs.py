@@ -30,6 +30,7 @@ from core.products import json_safe, write_products
 from core.sources import read_catalog
 from core.subtract import run_subtraction
 from store import FINAL_STATES, JobRecord, Settings, Store, open_records
+from store.errors import UNAVAILABLE_ERRORS
 from store.sweeper import fail_worker_lost, is_stale
 
 __all__ = ["run_job", "JobCancelled", "Heartbeat"]
@@ -165,12 +166,31 @@ def _finish(store: Store, job_id: str, token: str, **fields) -> JobRecord | None
         record.heartbeat_at = now
         return True
 
-    record, written = store.records.update(job_id, mutate)
+    record, written = _retry_unavailable(lambda: store.records.update(job_id, mutate), job_id)
     if not written or record is None:
         return None
     if record.duration is not None:
         store.records.observe_duration(record.duration)
     return record
+
+
+def _retry_unavailable(call, job_id: str, attempts: int = 8, first_wait: float = 0.5):
+    """``call()``, retried with doubling waits (~2 min in all) while the store is unreachable.
+
+    A final state written late beats a job rerun from scratch; if the store stays away,
+    the error propagates and the stale-heartbeat sweep requeues the job later.
+    """
+    wait = first_wait
+    for attempt in range(attempts):
+        try:
+            return call()
+        except UNAVAILABLE_ERRORS:
+            if attempt == attempts - 1:
+                raise
+            log.warning("job %s: store unavailable, retrying in %.1f s", job_id, wait)
+            time.sleep(wait)
+            wait = min(2 * wait, 30.0)
+    raise AssertionError("unreachable")
 
 
 def run_job(
@@ -197,7 +217,7 @@ def run_job(
         The final state written, or ``"skipped"`` when this delivery did not run the job.
     """
     token = _run_token()
-    record = _claim(store, settings, job_id, token)
+    record = _retry_unavailable(lambda: _claim(store, settings, job_id, token), job_id)
     if record is None:
         return "skipped"
     log.info("job %s: attempt %d on %s", job_id, record.attempts, token)
@@ -210,7 +230,13 @@ def run_job(
             current.heartbeat_at = time.time()
             return True
 
-        _, written = store.records.update(job_id, mutate)
+        try:
+            _, written = store.records.update(job_id, mutate)
+        except UNAVAILABLE_ERRORS:
+            # Progress is informative: an unreachable store must not end a job that can still
+            # publish its products once the store is back.
+            log.warning("job %s: progress not recorded (store unavailable)", job_id)
+            written = True
         if not written:
             raise JobCancelled(job_id)
         if settings.test_stage_delay > 0 and stage != "done":
@@ -271,6 +297,8 @@ def run_job(
         except AlsubError as exc:
             log.info("job %s: failed: %s: %s", job_id, exc.code, exc.message)
             final = _fail(store, job_id, token, timings, exc.code, exc.message)
+        except UNAVAILABLE_ERRORS:
+            raise  # the final state could not be written: the stale-heartbeat sweep reruns it
         except Exception as exc:
             log.exception("job %s: unexpected error", job_id)
             final = _fail(

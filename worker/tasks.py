@@ -21,6 +21,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from store import JobRecord, Settings, Store, open_store
 from store.callbacks import CallbackRefusedError, resolve_callback
+from store.maintenance import clean_disk
 from store.records import job_view
 from store.sweeper import sweep_stale_jobs
 
@@ -113,7 +114,7 @@ def _post_record(record: JobRecord) -> tuple[int | None, bool]:
 
 
 class _Sweeper(threading.Thread):
-    """Main-process thread: mark this worker alive, requeue jobs of lost workers."""
+    """Main-process thread: mark this worker alive, requeue jobs of lost workers, clean disk."""
 
     def __init__(self, name: str):
         super().__init__(name="alsub-sweeper", daemon=True)
@@ -123,6 +124,7 @@ class _Sweeper(threading.Thread):
     def run(self) -> None:
         period = min(settings.heartbeat_interval, settings.heartbeat_timeout / 3)
         store: Store | None = None
+        next_clean = 0.0
         while True:
             try:
                 # Opened inside the loop: a store that cannot be opened yet must not end the
@@ -130,6 +132,9 @@ class _Sweeper(threading.Thread):
                 store = store or open_store(settings)
                 store.records.worker_seen(self.worker_name)
                 sweep_stale_jobs(store.records, settings, lambda i: enqueue_job(app, settings, i))
+                if time.monotonic() >= next_clean:
+                    clean_disk(store, settings)
+                    next_clean = time.monotonic() + settings.maintenance_interval
             except Exception:
                 log.warning("sweeper pass failed", exc_info=True)
             if self.stop.wait(period):
