@@ -19,10 +19,19 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["BlobStore", "BlobWriter", "UploadTooLargeError"]
+__all__ = ["BlobStore", "BlobWriter", "UploadTooLargeError", "fsync_dir"]
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class UploadTooLargeError(Exception):
@@ -157,6 +166,7 @@ class BlobStore:
             tmp_path.unlink(missing_ok=True)  # same bytes already stored: keep one copy
         else:
             os.replace(tmp_path, final)
+            fsync_dir(final.parent)
         return blob_id
 
     def meta_path(self, blob_id: str) -> Path:
@@ -167,16 +177,28 @@ class BlobStore:
         """Atomically write the JSON sidecar of a stored blob."""
         target = self.meta_path(blob_id)
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".json")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(meta, handle, default=str)
-        os.replace(name, target)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(meta, handle, default=str)
+                handle.flush()
+                os.fsync(handle.fileno())  # a crash must not leave an empty sidecar behind
+            os.replace(name, target)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        fsync_dir(target.parent)
 
     def read_meta(self, blob_id: str) -> dict | None:
-        """The JSON sidecar of ``blob_id``, or None when missing."""
+        """The JSON sidecar of ``blob_id``, or None when missing or unreadable.
+
+        An empty or truncated sidecar (a crash before it reached the disk) counts as
+        missing: uploading the same bytes again validates the blob and rewrites it.
+        """
         try:
-            return json.loads(self.meta_path(blob_id).read_text())
-        except (FileNotFoundError, KeyError):
+            meta = json.loads(self.meta_path(blob_id).read_text())
+        except (FileNotFoundError, KeyError, ValueError):
             return None
+        return meta if isinstance(meta, dict) else None
 
     def delete(self, blob_id: str) -> None:
         """Remove a blob and its sidecar (missing is fine)."""

@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from .blobs import fsync_dir
+
 __all__ = ["ProductStore", "PRODUCT_FILES"]
 
 #: Product name -> file name inside the job directory.
@@ -29,6 +31,18 @@ PRODUCT_FILES = {
 }
 
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _fsync_tree(directory: Path) -> None:
+    # Core's writers do not all fsync (kernel, metrics); one pass here covers every product.
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(directory)
 
 
 class ProductStore:
@@ -70,6 +84,7 @@ class ProductStore:
         staging.mkdir()
         try:
             build(staging)
+            _fsync_tree(staging)  # every product on disk before the folder is published
             if final.exists():
                 # A previous delivery of the same job published already: replace it whole.
                 trash = self.root / f".old-{job_id}-{uuid.uuid4().hex}"
@@ -78,6 +93,7 @@ class ProductStore:
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.rename(staging, final)
+            fsync_dir(self.root)  # the rename itself survives a crash
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -151,15 +151,17 @@ def test_redis_restart_loses_no_job_and_the_api_answers_503_meanwhile(
         tmp_max_age=20,
         maintenance_interval=1,
     )
-    # An orphan: the product folder of a job whose record is gone, and an abandoned upload.
+    # Leftovers: products of a job whose record is gone, an abandoned upload and staging folder.
     orphan = data_dir / "jobs" / "0123456789abcdef0123456789abcdef"
     orphan.mkdir(parents=True)
     (orphan / "difference.fits").write_bytes(b"x" * 100)
     abandoned = data_dir / "exposures" / ".tmp" / "tmpabandoned.fits"
     abandoned.parent.mkdir(parents=True)
     abandoned.write_bytes(b"x" * 100)
+    staging = data_dir / "jobs" / ".tmp-0123456789abcdef-dead"
+    staging.mkdir()
     old = time.time() - 60
-    for path in (orphan, abandoned):
+    for path in (orphan, abandoned, staging):
         os.utime(path, (old, old))
 
     server, base = start_server(free_port(), data_dir, env, tmp_path, workers=0)
@@ -167,7 +169,7 @@ def test_redis_restart_loses_no_job_and_the_api_answers_503_meanwhile(
     try:
         with api_client(base) as client:
             wait_ready(client)
-            assert not orphan.exists() and not abandoned.exists()
+            assert not orphan.exists() and not abandoned.exists() and not staging.exists()
             science, template = (
                 upload(client, sim_pair["science"]),
                 upload(client, sim_pair["template"]),

@@ -262,3 +262,40 @@ def test_callback_redirect_is_not_followed_and_only_the_status_is_recorded(ann, 
     finally:
         internal.shutdown()
         hook.shutdown()
+
+
+# 6. disk and file faults ----------------------------------------------------------------------
+def test_empty_or_truncated_sidecar_is_missing_and_reupload_repairs_it(service, ann, sim_pair):
+    from .test_fits_structure import mef_bytes
+
+    data = mef_bytes(size=32)
+    exposure_id = post_fits(ann, data).json()["id"]
+    sidecar = next((service["data"] / "exposures").rglob(f"{exposure_id}.json"))
+    whole = sidecar.read_text()
+    for broken in ("", whole[: len(whole) // 2]):
+        sidecar.write_text(broken)
+        assert_error(ann.get(f"/v1/exposures/{exposure_id}"), 404, "not_found")
+        body = {"science": {"exposure_id": exposure_id}, "template": {"exposure_id": exposure_id}}
+        assert_error(ann.post("/v1/subtractions", json=body), 404, "not_found")
+        again = post_fits(ann, data)
+        assert again.status_code == 201 and again.json()["id"] == exposure_id
+        assert ann.get(f"/v1/exposures/{exposure_id}").json()["description"]["shape"] == [32, 32]
+
+
+def test_cut_mef_tiny_images_and_empty_psfs_are_refused(ann):
+    import io
+
+    import numpy as np
+
+    from .test_fits_structure import mef_bytes
+
+    psf = np.outer(np.hanning(15), np.hanning(15))
+    whole = mef_bytes(psf)
+    assert "truncated" in assert_error(post_fits(ann, whole[:-3000]), 422, "invalid_exposure")
+    for shape in ((1, 1), (1, 64)):
+        buffer = io.BytesIO()
+        fits.PrimaryHDU(np.ones(shape, np.float32)).writeto(buffer)
+        assert "at least" in assert_error(post_fits(ann, buffer.getvalue()), 422)
+    for fill in (np.nan, 0.0):
+        message = assert_error(post_fits(ann, mef_bytes(np.full((15, 15), fill))), 422)
+        assert "PSF" in message
