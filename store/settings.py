@@ -62,7 +62,27 @@ class Settings(BaseSettings):
         8192 * 8192, gt=0, description="Largest accepted image (pixels); larger answers 422."
     )
     rate_limit_per_minute: int = Field(
-        600, ge=0, description="Requests per minute per token (or client address); 0 disables."
+        600,
+        ge=0,
+        description="Write requests (uploads, submissions, deletes) per minute per token (or "
+        "client address without tokens); 0 disables.",
+    )
+    read_rate_limit_per_minute: int = Field(
+        6000,
+        ge=0,
+        description="Read requests (GET: job status, listings, products) per minute per token "
+        "(or client address), so dashboards can poll; 0 disables.",
+    )
+    auth_failures_per_minute: int = Field(
+        30,
+        ge=0,
+        description="Requests with a missing or wrong token per minute per client address; past "
+        "it every request of that address answers 429 for the rest of the minute. 0 disables.",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDR networks of reverse proxies whose X-Forwarded-For names the client "
+        "(comma-separated). Empty: the header is ignored and the peer address is the client.",
     )
     max_concurrent_jobs: int = Field(
         8, ge=1, description="Queued plus running jobs per token; more answers 429."
@@ -140,7 +160,9 @@ class Settings(BaseSettings):
         "call does), so tests can check that heartbeats do not depend on the job's threads.",
     )
 
-    @field_validator("tokens", "allowed_roots", "callback_allowed_networks", mode="before")
+    @field_validator(
+        "tokens", "allowed_roots", "callback_allowed_networks", "trusted_proxies", mode="before"
+    )
     @classmethod
     def _lists_from_text(cls, value):
         return _split_list(value)
@@ -150,7 +172,7 @@ class Settings(BaseSettings):
     def _absolute_roots(cls, roots: list[Path]) -> list[Path]:
         return [Path(os.path.realpath(root)) for root in roots]
 
-    @field_validator("callback_allowed_networks")
+    @field_validator("callback_allowed_networks", "trusted_proxies")
     @classmethod
     def _cidr_networks(cls, networks: list[str]) -> list[str]:
         return [str(ipaddress.ip_network(text, strict=False)) for text in networks]

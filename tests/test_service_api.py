@@ -48,6 +48,7 @@ def service(tmp_path_factory, sim_pair):
         max_upload_bytes=MAX_UPLOAD,
         max_pixels=MAX_PIXELS,
         rate_limit_per_minute=RATE_LIMIT,
+        read_rate_limit_per_minute=RATE_LIMIT,  # test_request_rate_is_limited polls with GET
         max_concurrent_jobs=MAX_JOBS,
         allowed_roots=str(sim_pair["dir"]),
         heartbeat_interval=1,

@@ -299,3 +299,85 @@ def test_cut_mef_tiny_images_and_empty_psfs_are_refused(ann):
     for fill in (np.nan, 0.0):
         message = assert_error(post_fits(ann, mef_bytes(np.full((15, 15), fill))), 422)
         assert "PSF" in message
+
+
+# 7. rate limits -------------------------------------------------------------------------------
+WRITES, READS, AUTH_FAILURES = 20, 400, 10
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    """An API alone (no worker needed) with tight limits; one token."""
+    env = service_env(
+        tokens="lim-token",
+        rate_limit_per_minute=WRITES,
+        read_rate_limit_per_minute=READS,
+        auth_failures_per_minute=AUTH_FAILURES,
+    )
+    data_dir = tmp_path_factory.mktemp("limited")
+    process, base = start_server(free_port(), data_dir, env, data_dir, workers=0)
+    try:
+        yield base
+    finally:
+        process.stop()
+
+
+def _window_fresh() -> None:
+    # Fixed one-minute windows: start a burst early in one, so it is not cut in two.
+    if time.time() % 60 > 45:
+        time.sleep(61 - time.time() % 60)
+
+
+def test_wrong_tokens_are_limited_per_address_whatever_x_forwarded_for_says(limited):
+    _window_fresh()
+    statuses = []
+    with httpx.Client(base_url=limited, timeout=30) as client:
+        for guess in range(3 * AUTH_FAILURES):
+            response = client.get(
+                "/v1/subtractions",
+                headers={
+                    "Authorization": f"Bearer guess-{guess}",
+                    "X-Forwarded-For": f"203.0.113.{guess}",  # spoofed: no proxy is trusted
+                },
+            )
+            statuses.append(response.status_code)
+        assert statuses == [401] * AUTH_FAILURES + [429] * (2 * AUTH_FAILURES)  # all 401 before
+        # Once over the budget, even the right token waits: guessing gains nothing.
+        right = client.get("/v1/subtractions", headers={"Authorization": "Bearer lim-token"})
+        assert_error(right, 429, "rate_limited")
+        assert right.headers["retry-after"] == "60"
+
+
+def test_polling_reads_have_their_own_budget(limited, monkeypatch):
+    headers = {"Authorization": "Bearer lim-token", "X-Forwarded-For": "198.51.100.7"}
+    _window_fresh()
+    # The failures of the previous test blocked 127.0.0.1; this test speaks from 127.0.0.3.
+    transport = httpx.HTTPTransport(local_address="127.0.0.3")
+    with httpx.Client(base_url=limited, timeout=30, headers=headers, transport=transport) as client:
+        polls = [client.get("/v1/subtractions").status_code for _ in range(3 * WRITES)]
+        assert polls == [200] * (3 * WRITES)  # 60 jobs polled at 1 Hz stay under the reads budget
+        writes = [client.post("/v1/subtractions", json={}).status_code for _ in range(WRITES + 5)]
+        assert writes == [422] * WRITES + [429] * 5
+        assert client.get("/v1/subtractions").status_code == 200  # reads are not starved
+
+
+def test_x_forwarded_for_is_read_only_from_trusted_proxies():
+    from starlette.requests import Request
+
+    from app.deps import client_address
+    from store import Settings
+
+    def request(peer: str, forwarded: str | None) -> Request:
+        headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+        return Request({"type": "http", "client": (peer, 1234), "headers": headers})
+
+    closed = Settings(trusted_proxies=[])
+    proxied = Settings(trusted_proxies="10.0.0.0/8")
+    assert client_address(request("127.0.0.1", "203.0.113.9"), closed) == "127.0.0.1"
+    assert client_address(request("10.1.1.1", "203.0.113.9"), proxied) == "203.0.113.9"
+    # The client cannot prepend its own choice: the right-most untrusted hop counts.
+    assert client_address(request("10.1.1.1", "1.2.3.4, 203.0.113.9, 10.2.2.2"), proxied) == (
+        "203.0.113.9"
+    )
+    assert client_address(request("192.0.2.5", "203.0.113.9"), proxied) == "192.0.2.5"
+    assert client_address(request("10.1.1.1", "not-an-ip"), proxied) == "10.1.1.1"
