@@ -26,6 +26,7 @@ __all__ = [
     "Caller",
     "get_caller",
     "client_address",
+    "operator_access",
 ]
 
 _bearer = HTTPBearer(
@@ -155,3 +156,14 @@ def get_caller(
     else:
         _limit(store, f"rate:{limit_key}", settings.rate_limit_per_minute, "requests")
     return caller
+
+
+def operator_access(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    settings: Settings = Depends(get_settings),
+    store: Store = Depends(get_store),
+) -> None:
+    """Guard of /readyz and /metrics: a valid token when tokens are set, unless opened."""
+    if settings.tokens and not settings.open_health_endpoints:
+        get_caller(request, credentials, settings, store)

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     max_concurrent_jobs: int = Field(
         8, ge=1, description="Queued plus running jobs per token; more answers 429."
     )
+    open_health_endpoints: bool = Field(
+        False,
+        description="Serve /readyz and /metrics without a token although tokens are set (they "
+        "show worker host names and every tenant's job counts). /healthz is always open.",
+    )
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Directories that file:// URIs may point into (comma-separated). "

@@ -55,6 +55,7 @@ def service(tmp_path_factory, sim_pair):
         heartbeat_timeout=20,
         webhook_backoff=0.2,
         callback_allowed_networks="127.0.0.1/32",  # the test's hook listens on loopback
+        open_health_endpoints="true",  # probes without a token (closed by default)
         # Debug delay per stage so cancellation and concurrency limits meet running jobs.
         test_stage_delay=0.25,
     )

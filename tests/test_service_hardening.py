@@ -381,3 +381,15 @@ def test_x_forwarded_for_is_read_only_from_trusted_proxies():
     )
     assert client_address(request("192.0.2.5", "203.0.113.9"), proxied) == "192.0.2.5"
     assert client_address(request("10.1.1.1", "not-an-ip"), proxied) == "10.1.1.1"
+
+
+# 8. operator endpoints ------------------------------------------------------------------------
+def test_readyz_and_metrics_need_a_token_when_auth_is_on(service, ann):
+    with client_for(service, None) as anonymous:
+        assert anonymous.get("/healthz").status_code == 200
+        for path in ("/readyz", "/metrics"):
+            assert_error(anonymous.get(path), 401, "unauthorized")
+            wrong = anonymous.get(path, headers={"Authorization": "Bearer nope"})
+            assert_error(wrong, 401, "unauthorized")
+    assert ann.get("/readyz").json()["checks"]["workers"]["ok"] is True
+    assert "alsub_jobs" in ann.get("/metrics").text
