@@ -189,6 +189,43 @@ def difference_quality(fits_bytes: bytes, truth: dict) -> tuple[float, list[floa
     return noise, ratios
 
 
+class PrivateRedis:
+    """A redis-server of this test on a free loopback port, append-only file in ``folder``."""
+
+    def __init__(self, folder):
+        self.folder, self.port = folder, free_port()
+        self.process: Process | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        executable = shutil.which("redis-server")
+        assert executable, "redis-server is needed to restart a Redis"
+        args = [
+            executable,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+        ]
+        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        self.process = Process(args, service_env(), self.folder / f"redis-{time.time():.0f}.log")
+        client = redis.Redis.from_url(self.url)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError(self.process.log_tail())
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()  # SIGTERM: Redis closes its append-only file and exits
+            self.process = None
+
+
 @pytest.fixture(scope="session")
 def sim_pair(tmp_path_factory) -> dict:
     """A 256x256 simulated pair (science FWHM 4, template 3) with three bright transients."""

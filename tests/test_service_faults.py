@@ -8,15 +8,13 @@ Redis (the shared server's test database with a private prefix, or a private
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import httpx
 import pytest
-import redis
 
 from .service_fixtures import (
-    Process,
+    PrivateRedis,
     free_port,
     service_env,
     start_server,
@@ -88,43 +86,6 @@ def test_heartbeat_continues_while_the_job_holds_the_gil(tmp_path, redis_prefix,
     finally:
         worker.stop()
         server.stop()
-
-
-class PrivateRedis:
-    """A redis-server of this test on a free loopback port, append-only file in ``folder``."""
-
-    def __init__(self, folder):
-        self.folder, self.port = folder, free_port()
-        self.process: Process | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        executable = shutil.which("redis-server")
-        assert executable, "redis-server is needed to restart a Redis"
-        args = [
-            executable,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.folder),
-        ]
-        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-        self.process = Process(args, service_env(), self.folder / f"redis-{time.time():.0f}.log")
-        client = redis.Redis.from_url(self.url)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError(self.process.log_tail())
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()  # SIGTERM: Redis closes its append-only file and exits
-            self.process = None
 
 
 @pytest.fixture
