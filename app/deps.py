@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from store import Settings, Store
+from store.errors import UNAVAILABLE_ERRORS
 
 from .errors import ApiError
 from .queue import JobQueue
@@ -99,14 +100,28 @@ def _in_networks(text: str, networks) -> bool:
     return any(address in network for network in networks)
 
 
+def _token_matches(supplied: str, settings: Settings) -> bool:
+    # Compare against every token in constant time, so timing does not leak a prefix.
+    matches = [hmac.compare_digest(supplied.encode(), t.encode()) for t in settings.tokens]
+    return bool(supplied) and any(matches)
+
+
+def _unauthorized() -> ApiError:
+    return ApiError(
+        401,
+        "unauthorized",
+        "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _too_many(message: str) -> ApiError:
+    return ApiError(429, "rate_limited", message, headers={"Retry-After": "60"})
+
+
 def _limit(store: Store, bucket: str, budget: int, what: str) -> None:
     if budget > 0 and store.records.hit(bucket, 60.0) > budget:
-        raise ApiError(
-            429,
-            "rate_limited",
-            f"more than {budget} {what} per minute; slow down",
-            headers={"Retry-After": "60"},
-        )
+        raise _too_many(f"more than {budget} {what} per minute; slow down")
 
 
 def get_caller(
@@ -127,25 +142,15 @@ def get_caller(
         failures_key = f"authfail:ip-{address}"
         budget = settings.auth_failures_per_minute
         if budget > 0 and store.records.count(failures_key, 60.0) >= budget:
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"more than {budget} requests with a wrong token from this address in a "
-                "minute; wait",
-                headers={"Retry-After": "60"},
+            raise _too_many(
+                f"more than {budget} requests with a wrong token from this address in a minute; "
+                "wait"
             )
         supplied = credentials.credentials if credentials is not None else ""
-        # Compare against every token in constant time, so timing does not leak a prefix.
-        matches = [hmac.compare_digest(supplied.encode(), t.encode()) for t in settings.tokens]
-        if not supplied or not any(matches):
+        if not _token_matches(supplied, settings):
             if budget > 0:
                 store.records.hit(failures_key, 60.0)
-            raise ApiError(
-                401,
-                "unauthorized",
-                "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise _unauthorized()
         caller = Caller(owner=owner_of(supplied))
         limit_key = caller.owner
     else:
@@ -166,4 +171,10 @@ def operator_access(
 ) -> None:
     """Guard of /readyz and /metrics: a valid token when tokens are set, unless opened."""
     if settings.tokens and not settings.open_health_endpoints:
-        get_caller(request, credentials, settings, store)
+        try:
+            get_caller(request, credentials, settings, store)
+        except UNAVAILABLE_ERRORS:
+            # The store is down, so the counters are: /readyz must still be able to say so.
+            supplied = credentials.credentials if credentials is not None else ""
+            if not _token_matches(supplied, settings):
+                raise _unauthorized() from None

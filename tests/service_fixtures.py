@@ -170,6 +170,13 @@ def upload(client: httpx.Client, path: Path) -> str:
     return response.json()["id"]
 
 
+def submit_sim_pair(client: httpx.Client, pair: dict, **extra) -> httpx.Response:
+    """Upload a simulated pair's two exposures and submit their subtraction."""
+    science, template = upload(client, pair["science"]), upload(client, pair["template"])
+    body = {"science": {"exposure_id": science}, "template": {"exposure_id": template}}
+    return client.post("/v1/subtractions", json={**body, **extra})
+
+
 def difference_quality(fits_bytes: bytes, truth: dict) -> tuple[float, list[float]]:
     """Robust std of D/sqrt(V) on unmasked pixels, and measured/true flux of each transient."""
     from core.io import read_exposure

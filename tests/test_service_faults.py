@@ -19,6 +19,7 @@ from .service_fixtures import (
     service_env,
     start_server,
     start_worker,
+    submit_sim_pair,
     upload,
     wait_job,
     wait_ready,
@@ -62,14 +63,7 @@ def test_heartbeat_continues_while_the_job_holds_the_gil(tmp_path, redis_prefix,
     try:
         with api_client(base) as client:
             wait_ready(client)
-            science, template = (
-                upload(client, sim_pair["science"]),
-                upload(client, sim_pair["template"]),
-            )
-            submitted = client.post(
-                "/v1/subtractions",
-                json={"science": {"exposure_id": science}, "template": {"exposure_id": template}},
-            )
+            submitted = submit_sim_pair(client, sim_pair)
             assert submitted.status_code == 202, submitted.text
             job_id = submitted.json()["id"]
             stages = set()
