@@ -26,6 +26,7 @@ FUZZ = settings(
     max_examples=120,
     deadline=None,
     derandomize=True,  # the same requests on every run: CI failures reproduce locally
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
