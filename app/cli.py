@@ -76,11 +76,14 @@ def _cmd_subtract(args) -> int:
     if args.products:
         write_products(result, args.products)
     m = result.metrics
+    quality = m.get("quality", {})
     print(
         f"mode={m.get('mode')} kernel_sum={m.get('kernel_sum', float('nan')):.4f} "
         f"sources={m.get('n_kernel_sources')} noise_ratio={m.get('noise_ratio', float('nan')):.3f} "
-        f"seconds={time.perf_counter() - t0:.2f}"
+        f"verdict={quality.get('verdict')} seconds={time.perf_counter() - t0:.2f}"
     )
+    for reason in quality.get("reasons", []):
+        print(f"  {reason}")
     return 0
 
 

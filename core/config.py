@@ -17,7 +17,9 @@ __all__ = [
     "DecorrelationConfig",
     "ScaleVarianceConfig",
     "MetricsConfig",
+    "QualityConfig",
     "SubtractionConfig",
+    "ReferenceFiguresConfig",
     "Mode",
 ]
 
@@ -27,6 +29,8 @@ Mode = Literal["auto", "convolveTemplate", "convolveScience", "preconvolve"]
 _MAX_KERNEL = 99
 #: A mask-plane list: at most 64 names of at most 32 characters.
 PlaneList = Annotated[list[Annotated[str, Field(max_length=32)]], Field(max_length=64)]
+#: A noise ratio (robust std of D/sqrt(V)) in a verdict range.
+_NoiseRatio = Annotated[float, Field(ge=0, le=100)]
 
 
 class _Config(BaseModel):
@@ -75,6 +79,16 @@ class KernelConfig(_Config):
         0.25, gt=0, le=100, description="Max |mean| of D/sigma."
     )
     candidate_residual_std_max: float = Field(1.5, gt=0, le=100, description="Max std of D/sigma.")
+    candidate_clip_sigma: float = Field(
+        4.0,
+        gt=0,
+        le=100,
+        description="Residual limits widen to the candidates' median + this many robust "
+        "spreads (never below the absolute limits above).",
+    )
+    min_ensemble_candidates: int = Field(
+        5, ge=2, le=10000, description="Fewest fitted candidates for ensemble residual limits."
+    )
     max_ksum_sigma: float = Field(
         3.0, gt=0, le=100, description="Kernel-sum clip, in clipped sigmas."
     )
@@ -88,7 +102,27 @@ class KernelConfig(_Config):
     constant_variance_weighting: bool = Field(True, description="Weight stamps by median var.")
     check_condition_number: bool = Field(False, description="Reject ill-conditioned stamps.")
     max_condition_number: float = Field(5.0e7, gt=0, le=1e20, description="Stamp condition limit.")
-    max_spatial_condition_number: float = Field(1.0e10, gt=0, le=1e30, description="Warning limit.")
+    max_spatial_condition_number: float = Field(
+        1.0e10,
+        gt=0,
+        le=1e30,
+        description="Above this the spatial solution is refitted at lower orders (Rubin: a "
+        "warning only).",
+    )
+    min_stamps_per_spatial_term: float = Field(
+        2.0,
+        ge=1,
+        le=100,
+        description="Good stamps needed per Chebyshev term; fewer lower the spatial orders "
+        "(down to 0: a constant kernel and background).",
+    )
+    max_spatial_design_condition: float = Field(
+        100.0,
+        gt=1,
+        le=1e12,
+        description="Stamps whose Chebyshev design matrix is worse conditioned than this "
+        "(too clustered or in a line) lower the spatial order.",
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -144,9 +178,6 @@ class SourcesConfig(_Config):
         le=100,
         description="Reject sources larger than the PSF by this factor (resolved).",
     )
-    restrict_kernel_edge_sources: bool = Field(
-        True, description="Keep kernel stamps a kernel width away from the edge."
-    )
     max_kernel_sources: int = Field(
         1000, le=100_000, description="Cap on kernel sources (<= 0 disables)."
     )
@@ -198,9 +229,33 @@ class ScaleVarianceConfig(_Config):
         ["DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP"],
         description="Ignored in the variance-scale estimate.",
     )
-    limit: float = Field(10.0, gt=1, le=1000, description="Largest factor accepted.")
+    limit: float = Field(
+        10.0,
+        gt=1,
+        le=1e6,
+        description="Largest factor (or 1/smallest) applied; beyond it, a warning.",
+    )
     background_bin_size: int = Field(
-        32, ge=4, le=8192, description="Background mesh for the estimate."
+        32, ge=4, le=4096, description="Background mesh for the estimate."
+    )
+    source_dilation: int = Field(
+        2, ge=0, le=50, description="Pixels by which detected sources are grown out of the sky."
+    )
+    excess_ratio: float = Field(
+        1.5,
+        gt=1,
+        le=100,
+        description="Sky-to-pixel-scale noise ratio above which the sky holds more than noise "
+        "(confusion or correlated noise).",
+    )
+    white_tolerance: float = Field(
+        0.05, gt=0, lt=1, description="Largest |autocorrelation| at a lag for noise called white."
+    )
+    correlation_radius: int = Field(
+        3, ge=1, le=16, description="Largest lag (px) of a measured noise autocorrelation."
+    )
+    min_sky_pixels: int = Field(
+        10000, ge=100, le=10**8, description="Fewest sky pixels to measure a noise correlation."
     )
 
 
@@ -209,6 +264,68 @@ class MetricsConfig(_Config):
 
     footprint_radius_fwhm: float = Field(
         1.0, gt=0, le=20, description="Star footprint radius in FWHM."
+    )
+
+
+class QualityConfig(_Config):
+    """Thresholds of the quality verdict (core.quality): good, suspect or bad."""
+
+    noise_ratio_range: tuple[_NoiseRatio, _NoiseRatio] = Field(
+        (0.85, 1.2), description="Noise of D/sqrt(V) on sky outside this range: suspect."
+    )
+    noise_ratio_bad: tuple[_NoiseRatio, _NoiseRatio] = Field(
+        (0.5, 2.0), description="Noise of D/sqrt(V) on sky outside this range: bad."
+    )
+    identical_noise_ratio: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Below this noise ratio science and template are the same data: bad.",
+    )
+    kernel_sum_tolerance: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="Fractional departure of the kernel sum from the ratio of the "
+        "photometric calibrations above which the fit is suspect.",
+    )
+    kernel_sum_bad_factor: float = Field(
+        2.0, gt=1, le=1000, description="...and the factor beyond which it is bad."
+    )
+    exposure_time_factor: float = Field(
+        3.0,
+        gt=1,
+        le=1000,
+        description="Factor (either way) between the kernel sum and the exposure-time ratio "
+        "beyond which the fit is suspect (uncalibrated images; clouds change it too).",
+    )
+    min_good_stamps: int = Field(
+        5, ge=1, le=10000, description="Fewer fitted kernel stamps than this: suspect."
+    )
+    coverage_cells: int = Field(
+        3, ge=1, le=100, description="Grid (cells per side) for the stamp-spread check."
+    )
+    min_stamp_coverage: float = Field(
+        0.34, ge=0, le=1, description="Fewer grid cells holding a stamp than this: suspect."
+    )
+    max_kernel_shift: float = Field(
+        0.5,
+        gt=0,
+        le=100,
+        description="A kernel whose centroid moves the image by more than this (px) means "
+        "the images look misaligned: suspect.",
+    )
+    bad_kernel_shift: float = Field(
+        2.0, gt=0, le=1000, description="...and beyond this shift (px) the fit is bad."
+    )
+    max_condition_number: float = Field(
+        1.0e10,
+        gt=0,
+        le=1e30,
+        description="Spatial condition number above which the fit is suspect.",
+    )
+    max_registration_rms: float = Field(
+        0.3, gt=0, le=100, description="Registration residual rms (px) above which: suspect."
     )
 
 
@@ -228,6 +345,12 @@ class SubtractionConfig(_Config):
         description="Refit the subtracted background on every sky pixel of the difference, "
         "not only the kernel stamps (same Chebyshev order); the score image, smoothed by the "
         "PSF, shows stamp-only background errors at several sigma.",
+    )
+    preconvolve_via_difference: bool = Field(
+        True,
+        description="In preconvolve mode, when the template is the sharper image, fit the "
+        "kernel between the images as they are and follow it by the science PSF (the same "
+        "score, a smaller and better constrained kernel); off: always fit K * T ~ P * S.",
     )
     required_template_fraction: float = Field(
         0.1, ge=0, le=1, description="Least template coverage to attempt subtraction."
@@ -267,4 +390,42 @@ class SubtractionConfig(_Config):
     )
     metrics: MetricsConfig = Field(
         default_factory=MetricsConfig, description="Quality metrics of the difference."
+    )
+    quality: QualityConfig = Field(
+        default_factory=QualityConfig, description="Thresholds of the quality verdict."
+    )
+
+
+class ReferenceFiguresConfig(_Config):
+    """Measurement of a difference on real data (core.evaluate.reference_figures).
+
+    The defaults are the definitions of ``data/real/REFERENCE.md`` (the figures HOTPANTS
+    was measured with); change them only to study the measurement itself.
+    """
+
+    border_fwhm: float = Field(
+        2.5, ge=0, le=20, description="Border margin: this many science FWHM ..."
+    )
+    border_pixels: int = Field(12, ge=0, le=1000, description="... plus this many pixels.")
+    saturation_radius_fwhm: float = Field(
+        2.0, ge=0, le=20, description="Skip pixels and stars within this many FWHM of saturation."
+    )
+    source_dilation: int = Field(
+        2, ge=0, le=100, description="Grow the detected sources of both inputs by this (px)."
+    )
+    n_random: int = Field(
+        500, ge=20, le=100_000, description="Random positions that calibrate the target S/N."
+    )
+    target_radius_fwhm: float = Field(
+        2.0, ge=0, le=50, description="Random positions and stars keep this many FWHM from it."
+    )
+    n_stars: int = Field(30, ge=1, le=10_000, description="Brightest template stars for chi^2.")
+    exclude_blended_stars: bool = Field(
+        True, description="Skip footprints with several peaks: their flux is not one star's."
+    )
+    star_radius_fwhm: float = Field(
+        1.0, gt=0, le=10, description="Radius of the chi^2 aperture in science FWHM."
+    )
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of the random positions (fixed: same figures)."
     )

@@ -85,6 +85,7 @@ __all__ = [
     "clipped_mean",
     "filter_kernel_image",
     "node_positions",
+    "noise_power",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ log = logging.getLogger(__name__)
 _IQR_TO_SIGMA = 0.741301109252802
 #: Floor of |P^|^2 in the score filter: 1000 x the smallest positive normal double.
 _PSF_POWER_FLOOR = 1000.0 * np.finfo(np.float64).tiny
+#: Floor of a measured noise power spectrum (relative to its mean, 1): where resampling
+#: left almost no noise power, the filter must not amplify by more than ~1/sqrt(floor)
+_NOISE_POWER_FLOOR = 0.05
 #: Ratio vt / v above which the correction diverges (section 4.3 step 4).
 _DIVERGING_RATIO = 1e8
 _FFT_WORKERS = 2
@@ -235,12 +239,26 @@ class DecorrelationFilters:
         return np.sqrt(self.phi) if self.score_form else self.phi
 
 
+def noise_power(noise_correlation: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | float:
+    """Power spectrum shape of noise with normalised autocorrelation ``noise_correlation``.
+
+    Its mean over frequency is 1 (the autocorrelation is 1 at lag 0), so a variance
+    times it is the noise power spectrum; 1.0 (white) when None. Measured
+    autocorrelations can give slightly negative powers: they are floored.
+    """
+    if noise_correlation is None:
+        return 1.0
+    power = _spectrum(noise_correlation, shape).real
+    return np.maximum(power, _NOISE_POWER_FLOOR)
+
+
 def decorrelation_filters(
     kernel_image: np.ndarray,
     v_unconvolved: float,
     v_convolved: float,
     shape: tuple[int, int],
     preconv_image: np.ndarray | None = None,
+    correlations: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
 ) -> DecorrelationFilters:
     """Decorrelation filter and variance weights (algorithm.md section 4.3 step 6).
 
@@ -255,6 +273,12 @@ def decorrelation_filters(
     preconv_image : `numpy.ndarray` or None
         Preconvolution kernel (unit sum) for the score form; None for the
         difference form.
+    correlations : (array or None, array or None)
+        Noise autocorrelations of the unconvolved and the convolved input
+        (`Exposure.noise_correlation`); None is white. Correlated inputs (resampled
+        or coadded images) replace ``v`` and ``vt`` by their power spectra
+        ``v C1(f)`` and ``vt C2(f)`` in the filter and the variance weights, so the
+        output is white and its variance honest whatever the input correlation.
 
     Returns
     -------
@@ -266,18 +290,20 @@ def decorrelation_filters(
     kernel_sum = float(np.sum(kernel_image, dtype=np.float64))
     kernel_power = kernel_hat.real**2 + kernel_hat.imag**2
     numerator = v + vt * kernel_sum**2
+    power1 = noise_power(correlations[0], shape)
+    power2 = noise_power(correlations[1], shape)
     preconv_hat = None
     if preconv_image is None:
-        phi = np.sqrt(numerator / (v + vt * kernel_power))
+        phi = np.sqrt(numerator / (v * power1 + vt * kernel_power * power2))
         phi2 = phi * phi
-        w1 = _rfft_mean(phi2, shape)
+        w1 = _rfft_mean(phi2 * power1, shape)
     else:
         preconv_hat = _spectrum(preconv_image, shape)
         preconv_power = np.maximum(preconv_hat.real**2 + preconv_hat.imag**2, _PSF_POWER_FLOOR)
-        phi = numerator / (v + vt * kernel_power / preconv_power)
+        phi = numerator / (v * power1 + vt * kernel_power * power2 / preconv_power)
         phi2 = phi * phi
-        w1 = _rfft_mean(preconv_power * phi2, shape)
-    w2 = _rfft_mean(kernel_power * phi2, shape)
+        w1 = _rfft_mean(preconv_power * phi2 * power1, shape)
+    w2 = _rfft_mean(kernel_power * phi2 * power2, shape)
     return DecorrelationFilters(
         shape=shape, phi=phi, kernel_hat=kernel_hat, preconv_hat=preconv_hat, w1=w1, w2=w2
     )
@@ -414,8 +440,10 @@ class _NodeFilter:
     w2: float
 
 
-def _node_filter(kernel_image, v, vt, preconv_image, size: int, complete: bool) -> _NodeFilter:
-    filters = decorrelation_filters(kernel_image, v, vt, (size, size), preconv_image)
+def _node_filter(
+    kernel_image, v, vt, preconv_image, size: int, complete: bool, correlations=(None, None)
+) -> _NodeFilter:
+    filters = decorrelation_filters(kernel_image, v, vt, (size, size), preconv_image, correlations)
     variance1 = variance2 = None
     if complete:
         variance1 = filter_kernel_image(filters.c1, size) ** 2
@@ -600,11 +628,13 @@ def decorrelate_difference(
 
     if template_matched:
         v, vt = var_science, var_template
+        correlations = (science.noise_correlation, template.noise_correlation)
         plane1, plane2, good1, good2 = science.variance, template.variance, good_s, good_t
         scale = 1.0
         base_psf = difference.psf or science.psf
     else:
         v, vt = var_template, var_science
+        correlations = (template.noise_correlation, science.noise_correlation)
         plane1, plane2, good1, good2 = template.variance, science.variance, good_t, good_s
         if kernel_sum_norm is None:
             kernel_sum_norm = float(_kernel_at(kernel, *difference.bbox_center()).sum())
@@ -619,7 +649,7 @@ def decorrelate_difference(
     image, bad = _fill_nonfinite(difference.image)
 
     if not spatially_varying:
-        node = _node_filter(kernel_image, v, vt, preconv_image, stamp_size, complete)
+        node = _node_filter(kernel_image, v, vt, preconv_image, stamp_size, complete, correlations)
         shape = _fft_shape(image.shape, margin)
         corrected = _convolve((image,), (node.image,), shape)
         if complete:
@@ -640,6 +670,7 @@ def decorrelate_difference(
             margin,
             config.grid_step,
             complete,
+            correlations,
         )
 
     if complete:
@@ -686,7 +717,17 @@ def _node_ranges(length: int, nodes: np.ndarray, tent: np.ndarray):
 
 
 def _decorrelate_on_grid(
-    image, planes, goods, mean_vars, kernel, xy0, preconv_image, margin, step, complete
+    image,
+    planes,
+    goods,
+    mean_vars,
+    kernel,
+    xy0,
+    preconv_image,
+    margin,
+    step,
+    complete,
+    correlations=(None, None),
 ):
     """Decorrelation on a grid of nodes blended with tent weights (decision 4).
 
@@ -723,7 +764,9 @@ def _decorrelate_on_grid(
             v = v if math.isfinite(v) else v_default
             vt = vt if math.isfinite(vt) else vt_default
             kernel_image = _kernel_at(kernel, x0 + nodes_x[i_n], y0 + nodes_y[jn])
-            node = _node_filter(kernel_image, v, vt, preconv_image, stamp_size, complete)
+            node = _node_filter(
+                kernel_image, v, vt, preconv_image, stamp_size, complete, correlations
+            )
             psf_stamps[jn, i_n] = node.psf
 
             weight = (tent_y[r0:r1, jn, None] * tent_x[None, c0:c1, i_n]).astype(np.float32)

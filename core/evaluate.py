@@ -8,19 +8,54 @@
 - ``star_chi2_median``: median reduced chi^2 in an aperture of radius one FWHM
   around constant stars of 1e3-1e5 counts;
 - for a score image: ``transient_snr_ratio``, peak S/N over the ideal matched-filter S/N.
+
+On real data there is no truth; `reference_figures` measures any difference (alsub's,
+HOTPANTS's, ...) exactly as ``data/real/REFERENCE.md`` defines its figures, from plain
+arrays, so different codes are compared on the same pixels, positions and stars:
+
+- ``noise``: 1.4826 MAD of D/sqrt(V) on sky pixels (valid in every compared output, away
+  from the border, from saturation and from sources detected on either input);
+- ``target_snr``: D correlated with a Gaussian of the science FWHM at the target, over the
+  robust std of the same statistic at random valid positions (a score image is sampled
+  directly), so correlated noise counts;
+- ``star_chi2``: median over the brightest unsaturated template stars of mean(D^2/V)
+  within one science FWHM (a blended footprint is not "a star": its summed flux would
+  rank it first; with blends kept the figures move away from REFERENCE.md's on SAAO).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
+from scipy.stats import median_abs_deviation
 
+from .config import DetectionConfig, ReferenceFiguresConfig
 from .exposure import Exposure
-from .metrics import NOISE_MASK_PLANES, robust_sigma_median
+from .io import estimate_variance
+from .metrics import NOISE_MASK_PLANES, footprint_means, robust_sigma_median
 from .photometry import psf_flux
+from .sources import detect_sources
 
-__all__ = ["sky_mask", "measure_quality"]
+__all__ = [
+    "sky_mask",
+    "measure_quality",
+    "Output",
+    "ReferenceField",
+    "output_valid",
+    "detected_footprints",
+    "reference_field",
+    "noise_figure",
+    "target_snr",
+    "star_chi2",
+    "reference_figures",
+]
+
+#: Planes of an alsub product whose pixels hold no usable difference.
+INVALID_OUTPUT_PLANES = ("NO_DATA", "EDGE")
 
 
 def _discs(shape, x, y, radius) -> np.ndarray:
@@ -144,4 +179,301 @@ def _score_detection(result, pair, tx, ty, tflux, clean) -> dict[str, float]:
         "transient_detected_fraction": float(np.mean(measured_arr[ideal_arr >= 7] >= 5))
         if np.any(ideal_arr >= 7)
         else math.nan,
+    }
+
+
+# ---------------------------------------------------------------- real data (REFERENCE.md)
+@dataclass
+class Output:
+    """One difference to measure, as plain arrays.
+
+    Parameters
+    ----------
+    image : `numpy.ndarray` (ny, nx)
+        Difference D (or score image when ``score``), counts.
+    variance : `numpy.ndarray` (ny, nx)
+        Its variance V, counts^2 (for HOTPANTS the square of its ``-oni`` noise image).
+    valid : `numpy.ndarray` (ny, nx), bool, or None
+        Pixels holding a usable value; None: finite image and positive, finite variance.
+    score : bool
+        A preconvolved (score) image: the target S/N samples it without filtering again.
+    """
+
+    image: np.ndarray
+    variance: np.ndarray
+    valid: np.ndarray | None = None
+    score: bool = False
+
+    def usable(self) -> np.ndarray:
+        """``valid`` and finite image, positive finite variance (bool (ny, nx))."""
+        image = np.asarray(self.image)
+        variance = np.asarray(self.variance)
+        ok = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
+        return ok if self.valid is None else ok & np.asarray(self.valid, bool)
+
+
+@dataclass
+class ReferenceField:
+    """What every difference of one pair is measured on (the same for all of them).
+
+    Attributes
+    ----------
+    sky : `numpy.ndarray` (ny, nx), bool
+        Pixels of the noise figure.
+    random_rows, random_cols : `numpy.ndarray` (n,), int
+        Positions calibrating the target S/N.
+    stars : `numpy.ndarray` (n, 2), float
+        (row, col) of the chi^2 stars, brightest template flux first.
+    fwhm : float
+        Science FWHM (px).
+    target : (float, float) or None
+        (row, col) of the known variable.
+    """
+
+    sky: np.ndarray
+    random_rows: np.ndarray
+    random_cols: np.ndarray
+    stars: np.ndarray
+    fwhm: float
+    target: tuple[float, float] | None
+    config: ReferenceFiguresConfig
+
+
+def output_valid(exposure: Exposure, planes=INVALID_OUTPUT_PLANES) -> np.ndarray:
+    """Usable pixels of an alsub product: not NO_DATA/EDGE, finite, positive variance."""
+    return Output(exposure.image, exposure.variance, ~exposure.masked(planes)).usable()
+
+
+def detected_footprints(
+    image: np.ndarray,
+    variance: np.ndarray | None = None,
+    saturated: np.ndarray | None = None,
+    detection: DetectionConfig | None = None,
+):
+    """Sources detected on one input with alsub's own detection (`core.sources.detect_sources`).
+
+    Parameters
+    ----------
+    image : `numpy.ndarray` (ny, nx)
+        Input image (counts; NaN allowed: not searched).
+    variance : `numpy.ndarray` (ny, nx) or None
+        Its variance; None: modelled from the pixels (`core.io.estimate_variance`).
+    saturated : `numpy.ndarray` (ny, nx), bool, or None
+        Saturated pixels (flags the sources that touch them).
+    detection : `DetectionConfig` or None
+
+    Returns
+    -------
+    footprints : `numpy.ndarray` (ny, nx), bool
+        Grown positive and negative footprints.
+    table : `astropy.table.Table`
+        The detection table (x = column, y = row, flux, flag_saturated, ...).
+    """
+    image = np.asarray(image, dtype=np.float32)
+    finite = np.isfinite(image)
+    clean = np.where(finite, image, np.float32(0.0))
+    if variance is None:
+        variance = estimate_variance(clean, finite)[0]
+    variance = np.where(np.isfinite(variance) & (variance > 0), variance, np.nanmedian(variance))
+    exposure = Exposure.from_arrays(clean, variance)
+    exposure.set_plane("NO_DATA", ~finite)
+    if saturated is not None:
+        exposure.set_plane("SAT", np.asarray(saturated, bool))
+    table = detect_sources(exposure, detection, set_mask=False)
+    footprints = (table.meta["segmentation"] != 0) | (table.meta["segmentation_negative"] != 0)
+    return footprints, table
+
+
+def _within(mask: np.ndarray, radius: float) -> np.ndarray:
+    """True within ``radius`` px of any True pixel of ``mask`` (all False if none)."""
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=bool)
+    return ndimage.distance_transform_edt(~mask) <= radius
+
+
+def reference_field(
+    science: np.ndarray,
+    template: np.ndarray,
+    fwhm: float,
+    *,
+    valid: np.ndarray | None = None,
+    science_variance: np.ndarray | None = None,
+    template_variance: np.ndarray | None = None,
+    saturated: np.ndarray | None = None,
+    target: tuple[float, float] | None = None,
+    config: ReferenceFiguresConfig | None = None,
+) -> ReferenceField:
+    """Sky pixels, random positions and chi^2 stars shared by all differences of a pair.
+
+    Parameters
+    ----------
+    science, template : `numpy.ndarray` (ny, nx)
+        The two inputs on the difference's grid (counts).
+    fwhm : float
+        Science PSF FWHM (px).
+    valid : `numpy.ndarray` (ny, nx), bool, or None
+        Pixels valid in every compared output (AND of `Output.usable`).
+    science_variance, template_variance : `numpy.ndarray` (ny, nx) or None
+        Variances of the inputs for the detection (None: modelled from the pixels).
+    saturated : `numpy.ndarray` (ny, nx), bool, or None
+        Saturated pixels of either input.
+    target : (row, col) or None
+        Known variable: kept out of the random positions and the star list.
+    config : `ReferenceFiguresConfig` or None
+
+    Returns
+    -------
+    `ReferenceField`
+    """
+    config = config or ReferenceFiguresConfig()
+    shape = np.shape(science)
+    valid = np.ones(shape, bool) if valid is None else np.asarray(valid, bool)
+    valid = valid & np.isfinite(science) & np.isfinite(template)
+    sat = np.zeros(shape, bool) if saturated is None else np.asarray(saturated, bool)
+    border = int(math.ceil(config.border_fwhm * fwhm)) + config.border_pixels
+    inside = np.zeros(shape, bool)
+    inside[border : shape[0] - border, border : shape[1] - border] = True
+    near_sat = _within(sat, config.saturation_radius_fwhm * fwhm)
+    sources = np.zeros(shape, bool)
+    template_table = None
+    for image, variance in ((science, science_variance), (template, template_variance)):
+        footprints, table = detected_footprints(image, variance, sat)
+        sources |= footprints
+        template_table = table  # the template's, after the loop
+    sources = _within(sources, config.source_dilation)
+    usable = valid & inside
+    sky = usable & ~near_sat & ~sources
+
+    rows, cols = np.nonzero(usable)
+    if target is not None:
+        far = np.hypot(rows - target[0], cols - target[1]) > config.target_radius_fwhm * fwhm
+        rows, cols = rows[far], cols[far]
+    rng = np.random.default_rng(config.seed)
+    pick = rng.choice(rows.size, size=min(config.n_random, rows.size), replace=False)
+
+    assert template_table is not None
+    star_rows = np.asarray(template_table["y"], float) - template_table.meta["xy0"][1]
+    star_cols = np.asarray(template_table["x"], float) - template_table.meta["xy0"][0]
+    flux = np.asarray(template_table["flux"], float)
+    ir = np.clip(np.round(star_rows).astype(int), 0, shape[0] - 1)
+    ic = np.clip(np.round(star_cols).astype(int), 0, shape[1] - 1)
+    ok = ~np.asarray(template_table["flag_saturated"], bool) & np.isfinite(flux)
+    if config.exclude_blended_stars:
+        ok &= ~np.asarray(template_table["flag_blended"], bool)
+    ok &= inside[ir, ic] & ~near_sat[ir, ic]
+    if target is not None:
+        distance = np.hypot(star_rows - target[0], star_cols - target[1])
+        ok &= distance > config.target_radius_fwhm * fwhm
+    # the aperture must be valid in every output, so every output is measured on the same stars
+    radius = config.star_radius_fwhm * fwhm
+    (aperture_valid,) = footprint_means(
+        lambda window: [valid[window].astype(float)], 1, star_cols, star_rows, radius, shape
+    )
+    ok &= aperture_valid == 1.0
+    order = np.argsort(-flux[ok], kind="stable")[: config.n_stars]
+    stars = np.column_stack([star_rows[ok][order], star_cols[ok][order]])
+    return ReferenceField(
+        sky=sky,
+        random_rows=rows[pick],
+        random_cols=cols[pick],
+        stars=stars,
+        fwhm=float(fwhm),
+        target=None if target is None else (float(target[0]), float(target[1])),
+        config=config,
+    )
+
+
+def noise_figure(output: Output, field: ReferenceField) -> float:
+    """1.4826 MAD of D/sqrt(V) over the field's sky pixels (1 when V is right)."""
+    sky = field.sky & output.usable()
+    if not sky.any():
+        return math.nan
+    z = np.asarray(output.image, np.float64)[sky] / np.sqrt(np.asarray(output.variance)[sky])
+    return float(median_abs_deviation(z, scale="normal"))
+
+
+def target_snr(output: Output, field: ReferenceField) -> float:
+    """Matched-filter S/N at the target, calibrated on the random positions.
+
+    D (invalid pixels 0) is correlated with a unit-sum Gaussian of the science FWHM,
+    sampled at the target (bilinear) and divided by 1.4826 MAD of the same statistic at
+    the field's random positions; a score image is sampled as it is. NaN without target.
+    """
+    if field.target is None or field.random_rows.size == 0:
+        return math.nan
+    image = np.where(output.usable(), np.asarray(output.image, np.float64), 0.0)
+    if not output.score:
+        image = ndimage.gaussian_filter(image, field.fwhm / (2.0 * math.sqrt(2.0 * math.log(2))))
+    at_target = ndimage.map_coordinates(image, [[field.target[0]], [field.target[1]]], order=1)
+    scatter = median_abs_deviation(image[field.random_rows, field.random_cols], scale="normal")
+    return float(at_target[0] / scatter) if scatter > 0 else math.nan
+
+
+def star_chi2(output: Output, field: ReferenceField) -> float:
+    """Median over the field's stars of mean(D^2/V) within ``star_radius_fwhm`` x FWHM.
+
+    The field's stars have apertures valid in every output it was made for; for another
+    output, the valid pixels of each aperture are averaged.
+    """
+    if not len(field.stars):
+        return math.nan
+    image, variance = np.asarray(output.image), np.asarray(output.variance)
+    usable = output.usable()
+
+    def chi2(window):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = image[window].astype(np.float64) ** 2 / variance[window]
+        return [np.where(usable[window], value, np.nan)]
+
+    (means,) = footprint_means(
+        chi2,
+        1,
+        field.stars[:, 1],
+        field.stars[:, 0],
+        field.config.star_radius_fwhm * field.fwhm,
+        np.shape(image),
+    )
+    means = means[np.isfinite(means)]
+    return float(np.median(means)) if means.size else math.nan
+
+
+def reference_figures(
+    outputs: Mapping[str, Output],
+    science: np.ndarray,
+    template: np.ndarray,
+    fwhm: float,
+    **field_options,
+) -> dict[str, dict[str, float]]:
+    """REFERENCE.md's three figures of every output, measured on the same pixels and stars.
+
+    Parameters
+    ----------
+    outputs : mapping of name to `Output`
+        The differences to compare (e.g. alsub auto, alsub preconvolve, HOTPANTS).
+    science, template : `numpy.ndarray` (ny, nx)
+        The inputs, on the outputs' grid.
+    fwhm : float
+        Science PSF FWHM (px).
+    **field_options
+        ``science_variance``, ``template_variance``, ``saturated``, ``target``, ``config``
+        of `reference_field`.
+
+    Returns
+    -------
+    dict
+        name -> {"noise", "target_snr", "star_chi2", "n_sky_pixels", "n_stars"}.
+    """
+    valid = np.ones(np.shape(science), bool)
+    for output in outputs.values():
+        valid &= output.usable()
+    field_ = reference_field(science, template, fwhm, valid=valid, **field_options)
+    return {
+        name: {
+            "noise": noise_figure(output, field_),
+            "target_snr": target_snr(output, field_),
+            "star_chi2": star_chi2(output, field_),
+            "n_sky_pixels": float(np.count_nonzero(field_.sky)),
+            "n_stars": float(len(field_.stars)),
+        }
+        for name, output in outputs.items()
     }

@@ -25,10 +25,11 @@ from typing import cast
 import numpy as np
 import scipy.linalg
 from astropy.io import fits
+from astropy.stats import mad_std
 from astropy.table import Table
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.polynomial import chebyshev
-from scipy import ndimage
+from scipy import ndimage, signal
 
 from .basis import KernelBasis, _monomial_powers
 from .config import KernelConfig
@@ -193,6 +194,17 @@ class SpatialKernel:
     def constant(cls, image: np.ndarray, domain: Box = (0, 0, 0, 0)) -> SpatialKernel:
         """A fixed kernel (order 0, one basis image with coefficient 1), e.g. a PSF."""
         return cls(np.asarray(image, dtype=np.float64)[np.newaxis], np.ones((1, 1)), 0, domain)
+
+    def followed_by(self, image: np.ndarray) -> SpatialKernel:
+        """The kernel whose correlation equals correlating with this one, then with ``image``.
+
+        Correlating by K and then by P is correlating by the convolution K * P; the
+        kernel is linear in its basis, so each basis image is convolved with P and the
+        spatial coefficients stay as they are (exact, whatever the spatial variation).
+        """
+        image = np.asarray(image, dtype=np.float64)
+        images = np.array([signal.convolve(b, image, mode="full") for b in self.basis_images])
+        return SpatialKernel(images, self.coefficients, self.order, self.domain, self.basis_info)
 
     # geometry ------------------------------------------------------------------------
     @property
@@ -380,6 +392,16 @@ class BackgroundModel:
         """A background that is zero everywhere."""
         return cls(np.zeros(n_spatial_terms(order)), order, domain)
 
+    def raised(self, order: int) -> BackgroundModel:
+        """The same background written with the terms of a higher ``order`` (zeros added)."""
+        if order <= self.order:
+            return self
+        index = {degrees: i for i, degrees in enumerate(term_degrees(order))}
+        coefficients = np.zeros(n_spatial_terms(order))
+        for d, degrees in zip(self.coefficients, term_degrees(self.order), strict=True):
+            coefficients[index[degrees]] = d
+        return BackgroundModel(coefficients, order, self.domain)
+
     def _matrix(self) -> np.ndarray:
         """Coefficients as c[a, b] of T_a(x') T_b(y')."""
         c = np.zeros((self.order + 1, self.order + 1))
@@ -492,6 +514,12 @@ class KernelSolution:
     kernel_sum : float
         Kernel sum at the centre of the fit region (the flux ratio target/reference).
     basis : `core.basis.KernelBasis`
+    orders : (int, int)
+        Spatial orders of the kernel and the background actually fitted (lowered
+        from the configured ones when the stamps do not support them).
+    notes : list of str
+        What a user should know about the solution (conditioning, rejections,
+        lowered orders); the quality verdict judges the conditioning itself.
     """
 
     kernel: SpatialKernel
@@ -501,6 +529,8 @@ class KernelSolution:
     condition_number: float
     kernel_sum: float
     basis: KernelBasis | None = None
+    orders: tuple[int, int] = (0, 0)
+    notes: list[str] = field(default_factory=list)
 
 
 def clipped_mean_std(values, n_sigma: float = 3.0, n_iter: int = 3) -> tuple[float, float]:
@@ -579,9 +609,12 @@ class _Candidate:
 class _Fitter:
     """State of one fit: the basis, stamps geometry and the per-candidate algebra."""
 
-    def __init__(self, basis: KernelBasis, config: KernelConfig):
+    def __init__(self, basis: KernelBasis, config: KernelConfig, noise_area: float = 1.0):
         self.basis = basis
         self.config = config
+        # the mean of D/sigma over a stamp of correlated noise scatters sqrt(area) times
+        # more than over white noise: Rubin's absolute mean limit assumes white noise
+        self.mean_floor = config.candidate_residual_mean_max * math.sqrt(max(noise_area, 1.0))
         self.nb = basis.n_basis
         self.k = basis.size
         self.h = basis.half
@@ -589,6 +622,9 @@ class _Fitter:
         self.basis_sums = basis.images.sum(axis=(1, 2))
         self.with_bg = config.fit_for_background
         self.factors = basis.separable_factors() if basis.transform is not None else None
+        self.mean_centre = 0.0
+        self.mean_limit = self.mean_floor
+        self.std_limit = config.candidate_residual_std_max
 
     def _windows(self, stamp: np.ndarray) -> np.ndarray:
         """(good^2, K^2) matrix of the stamp pixels under the kernel at each fitted pixel."""
@@ -661,7 +697,7 @@ class _Fitter:
             (s["ref_mask"] & bad_bits[1]) != 0, size=self.k, mode="constant"
         )
         s["bad"] = self._inner(tgt_bad | ref_bad)
-        self.assess(cand, coefficients, background, self.config.single_kernel_clipping)
+        self.assess(cand, coefficients, background, clip=False)
 
     def assess(self, cand: _Candidate, coefficients, background, clip: bool) -> bool:
         """Residual statistics of D/sigma on the stamp (section 3.3.7); True if rejected."""
@@ -688,18 +724,52 @@ class _Fitter:
         if not clip:
             cand.status = _GOOD
             return False
+        return self.judge(cand)
+
+    def judge(self, cand: _Candidate) -> bool:
+        """Reject ``cand`` if its residual statistics pass the current limits; True if so."""
+        mean, std = cand.resid_mean, cand.resid_std
         if not (np.isfinite(mean) and np.isfinite(std)):
             cand.reject("residual statistics are NaN")
-        elif abs(mean) > self.config.candidate_residual_mean_max:
+        elif abs(mean - self.mean_centre) > self.mean_limit:
             cand.reject(
-                f"|mean(D/sigma)| = {abs(mean):.3f} > {self.config.candidate_residual_mean_max}"
+                f"|mean(D/sigma) - {self.mean_centre:.3f}| = {abs(mean - self.mean_centre):.3f} "
+                f"> {self.mean_limit:.3f}"
             )
-        elif std > self.config.candidate_residual_std_max:
-            cand.reject(f"std(D/sigma) = {std:.3f} > {self.config.candidate_residual_std_max}")
+        elif std > self.std_limit:
+            cand.reject(f"std(D/sigma) = {std:.3f} > {self.std_limit:.3f}")
         else:
             cand.status, cand.reason = _GOOD, ""
             return False
         return True
+
+    def set_limits(self, candidates: list[_Candidate]) -> None:
+        """Residual limits from the ensemble of fitted candidates (never below the config's).
+
+        Rubin's limits are absolute (|mean| 0.25, std 1.5 in units of the pixel noise).
+        Real PSFs are matched to a fraction of a percent, so residuals grow with
+        flux and correlated noise widens them: absolute limits reject the brightest,
+        best stars first. A candidate is an outlier when its statistics stand more
+        than ``candidate_clip_sigma`` robust spreads beyond the ensemble's.
+        """
+        config = self.config
+        self.mean_centre = 0.0
+        self.mean_limit = self.mean_floor
+        self.std_limit = config.candidate_residual_std_max
+        means = np.array([c.resid_mean for c in candidates], dtype=np.float64)
+        stds = np.array([c.resid_std for c in candidates], dtype=np.float64)
+        ok = np.isfinite(means) & np.isfinite(stds)
+        if np.count_nonzero(ok) < config.min_ensemble_candidates:
+            return
+        means, stds = means[ok], stds[ok]
+        k = config.candidate_clip_sigma
+        centre = float(np.median(means))
+        spread = float(mad_std(means))
+        if abs(centre) <= self.mean_floor:
+            centre = 0.0
+        self.mean_centre = centre
+        self.mean_limit = max(self.mean_limit, k * spread)
+        self.std_limit = max(self.std_limit, float(np.median(stds)) + k * float(mad_std(stds)))
 
 
 def _rating(sources: Table, rating_column: str | None, n: int) -> np.ndarray:
@@ -796,10 +866,46 @@ def _hint() -> str:
     )
 
 
-def _spatial_fit(fitter: _Fitter, used: list[_Candidate], config: KernelConfig, domain: Box):
-    """Global fit from the per-candidate normal equations (section 3.5)."""
+def _supported_order(x, y, order: int, domain: Box, per_term: float, max_condition: float) -> int:
+    """Highest order <= ``order`` the positions constrain: enough and well spread.
+
+    Order o needs ``per_term`` stamps per Chebyshev term and a design matrix of
+    those terms at the stamps whose condition number stays below ``max_condition``
+    (three stamps in a line cannot fit a plane).
+    """
+    while order > 0:
+        if len(x) >= per_term * n_spatial_terms(order):
+            design = chebyshev_terms(x, y, order, domain).T
+            if np.linalg.cond(design) < max_condition:
+                return order
+        order -= 1
+    return 0
+
+
+def _spatial_orders(used: list[_Candidate], config: KernelConfig, domain: Box) -> tuple[int, int]:
+    """Kernel and background orders the good stamps support (at most the configured ones)."""
+    x = np.array([c.x for c in used])
+    y = np.array([c.y for c in used])
+    per, cond = config.min_stamps_per_spatial_term, config.max_spatial_design_condition
+    return (
+        _supported_order(x, y, config.spatial_kernel_order, domain, per, cond),
+        _supported_order(x, y, config.spatial_bg_order, domain, per, cond),
+    )
+
+
+def _spatial_fit(
+    fitter: _Fitter,
+    used: list[_Candidate],
+    config: KernelConfig,
+    domain: Box,
+    orders: tuple[int, int] | None = None,
+):
+    """Global fit from the per-candidate normal equations (section 3.5).
+
+    ``orders`` (kernel, background) default to the configured ones.
+    """
     nb = fitter.nb
-    kernel_order, bg_order = config.spatial_kernel_order, config.spatial_bg_order
+    kernel_order, bg_order = orders or (config.spatial_kernel_order, config.spatial_bg_order)
     n_sp = n_spatial_terms(kernel_order)
     n_bg = n_spatial_terms(bg_order) if fitter.with_bg else 0
     n_unknown = 1 + (nb - 1) * n_sp + n_bg
@@ -854,30 +960,46 @@ def _spatial_fit(fitter: _Fitter, used: list[_Candidate], config: KernelConfig, 
     return kernel, background, condition
 
 
-def _spatial_warnings(n_good, n_bad, config, nb, condition):
+def _spatial_warnings(n_good, n_bad, config, condition, orders) -> list[str]:
+    """What a user should know about the spatial solution (logged and returned).
+
+    The conditioning itself is judged by the quality verdict; these are notes.
+    """
+    notes = []
     if not (0 <= condition <= config.max_spatial_condition_number):
-        _log.warning("Spatial kernel condition number %.3g is large or negative", condition)
+        notes.append(f"spatial kernel condition number {condition:.3g} is large or negative")
     if n_bad > 2 * n_good:
-        _log.warning("Many more candidates rejected (%d) than accepted (%d)", n_bad, n_good)
-    n_kernel_terms = 1 + (nb - 1) * n_spatial_terms(config.spatial_kernel_order)
-    if n_good <= 2 * n_kernel_terms:
-        _log.warning(
-            "Spatial kernel model is poorly constrained: %d candidates for %d terms",
-            n_good,
-            n_kernel_terms,
+        notes.append(f"many more kernel candidates rejected ({n_bad}) than accepted ({n_good})")
+    configured = (config.spatial_kernel_order, config.spatial_bg_order)
+    if tuple(orders) != configured:
+        notes.append(
+            f"{n_good} kernel stamps support spatial orders {orders[0]} (kernel) and "
+            f"{orders[1]} (background), lowered from {configured[0]} and {configured[1]}"
         )
-    if config.fit_for_background and n_good <= 2 * n_spatial_terms(config.spatial_bg_order):
-        _log.warning("Spatial background model is poorly constrained: %d candidates", n_good)
+    for note in notes:
+        _log.warning("%s", note)
+    return notes
 
 
 def _build_until_stable(fitter: _Fitter, cells: dict, config: KernelConfig, bad_bits) -> None:
-    """Build single kernels for the visited candidates until a pass rejects nothing."""
+    """Build single kernels for the visited candidates until a pass rejects nothing.
+
+    Each pass fits the candidates now first in their cells, sets the residual limits
+    from all fitted candidates, and rejects the outliers among the visited ones.
+    """
     while True:
         rejected = 0
         for cand in _visit(cells, config.n_star_per_cell):
             if not cand.built:
                 fitter.build(cand, bad_bits)
                 rejected += cand.status == _BAD
+        if config.single_kernel_clipping:
+            fitted = [
+                c for cells_ in cells.values() for c in cells_ if c.built and c.design is not None
+            ]
+            fitter.set_limits(fitted)
+            for cand in _visit(cells, config.n_star_per_cell):
+                rejected += fitter.judge(cand)
         if rejected == 0:
             return
 
@@ -893,6 +1015,7 @@ def fit_psf_matching_kernel(
     task: Task | None = None,
     stamp_size: int | None = None,
     rating_column: str | None = None,
+    noise_area: float = 1.0,
 ) -> KernelSolution:
     """Fit the spatially varying kernel K and background b with K * reference + b ~= target.
 
@@ -923,6 +1046,10 @@ def fit_psf_matching_kernel(
         present, else 2 * basis.size + 1 centred on round(x), round(y).
     rating_column : str or None
         Column used as the rating instead of flux / psf_flux / snr.
+    noise_area : float
+        Sum of the normalised noise autocorrelation of the stamps (pixels per
+        independent noise sample; 1 for white noise): widens the residual-mean
+        limit by its square root (preconvolved or resampled images).
 
     Returns
     -------
@@ -957,17 +1084,19 @@ def fit_psf_matching_kernel(
     timer = task.timer("_solve") if task is not None else contextlib.nullcontext()
     with timer:
         solution = _solve(
-            reference, target, sources, basis, config, bbox, stamp_size, rating_column
+            reference, target, sources, basis, config, bbox, stamp_size, rating_column, noise_area
         )
     if task is not None:
         task.metadata["spatialConditionNum"] = solution.condition_number
         task.metadata["spatialKernelSum"] = solution.kernel_sum
         task.metadata["nGoodCandidates"] = solution.n_good
+        task.metadata["spatialKernelOrder"] = solution.orders[0]
+        task.metadata["spatialBgOrder"] = solution.orders[1]
     return solution
 
 
-def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_column):
-    fitter = _Fitter(basis, config)
+def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_column, noise_area):
+    fitter = _Fitter(basis, config, noise_area)
     bad_bits = (
         target.mask_planes.get_bitmask(config.bad_mask_planes),
         reference.mask_planes.get_bitmask(config.bad_mask_planes),
@@ -1010,12 +1139,17 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
             if clipped:
                 continue
         used = visited
-        kernel, background, condition = _spatial_fit(fitter, used, config, bbox)
+        orders = _spatial_orders(used, config, bbox)
+        kernel, background, condition, orders = _conditioned_fit(fitter, used, config, bbox, orders)
         n_good = rejected_spatial = 0
         for cand in used:
             coefficients = kernel.coefficients_at(cand.x, cand.y)
             bg = background.evaluate(cand.x, cand.y)
-            if fitter.assess(cand, coefficients, bg, config.spatial_kernel_clipping):
+            fitter.assess(cand, coefficients, bg, clip=False)
+        if config.spatial_kernel_clipping:
+            fitter.set_limits(used)
+        for cand in used:
+            if config.spatial_kernel_clipping and fitter.judge(cand):
                 rejected_spatial += 1
             else:
                 n_good += 1
@@ -1032,7 +1166,8 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
             raise NoKernelCandidatesError(
                 "No kernel candidates remain after max iterations." + _hint()
             )
-        kernel, background, condition = _spatial_fit(fitter, used, config, bbox)
+        orders = _spatial_orders(used, config, bbox)
+        kernel, background, condition, orders = _conditioned_fit(fitter, used, config, bbox, orders)
     if not used or kernel is None:
         raise NoKernelCandidatesError("No kernel candidates remain after max iterations." + _hint())
     used_ids = {c.index for c in used}
@@ -1043,7 +1178,7 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
             cand.status = _UNUSED
     n_good = len(used)
     n_bad = sum(c.status == _BAD for c in candidates)
-    _spatial_warnings(n_good, n_bad, config, fitter.nb, condition)
+    notes = _spatial_warnings(n_good, n_bad, config, condition, orders)
     table = Table(
         {
             "x": [c.x for c in candidates],
@@ -1062,4 +1197,29 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
     kernel_sum = kernel.sum(*kernel.domain_center())
     if not np.isfinite(kernel_sum):
         raise KernelSolutionError("The fitted kernel sum is not finite.")
-    return KernelSolution(kernel, background, table, n_good, condition, kernel_sum, basis)
+    return KernelSolution(
+        kernel, background, table, n_good, condition, kernel_sum, basis, orders, notes
+    )
+
+
+def _conditioned_fit(fitter, used, config: KernelConfig, domain: Box, orders):
+    """Spatial fit at ``orders``; an ill-conditioned solution is refitted at lower orders.
+
+    Rubin only warns when the condition number passes ``max_spatial_condition_number``;
+    a solution that ill-conditioned is noise-driven (kernel sums of 5 seen), so the
+    kernel order, then the background order, is lowered until it is not.
+    """
+    kernel_order, bg_order = orders
+    while True:
+        kernel, background, condition = _spatial_fit(
+            fitter, used, config, domain, (kernel_order, bg_order)
+        )
+        if 0 <= condition <= config.max_spatial_condition_number:
+            break
+        if kernel_order > 0:
+            kernel_order -= 1
+        elif bg_order > 0:
+            bg_order -= 1
+        else:
+            break
+    return kernel, background, condition, (kernel_order, bg_order)

@@ -67,6 +67,11 @@ def metrics_header(metrics: dict[str, Any]) -> fits.Header:
         value = json_safe(metrics.get(name))
         if value is not None:
             header[f"HIERARCH ALSUB {key}"] = (value, name)
+    quality = metrics.get("quality")
+    if isinstance(quality, dict):
+        header["HIERARCH ALSUB QUALITY"] = (str(quality.get("verdict")), "good, suspect or bad")
+        for reason in quality.get("reasons", []):
+            header.add_comment(f"alsub quality: {reason}")
     return header
 
 

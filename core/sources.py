@@ -648,7 +648,8 @@ def _measure(
         dx, dy = col - cx, row - cy
     ixx, iyy, ixy = _moments(stamps, dx, dy, sigma)
     numerator = _interp_at(filtered.smoothed, col, row)
-    numerator_var = _interp_at(filtered.smoothed_var, col, row) * filtered.noise_factor**2
+    pixel_var = _interp_at(filtered.smoothed_var, col, row)
+    numerator_var = pixel_var * filtered.noise_factor**2
     flux = numerator / filtered.psf_sum_sq
     flux_err = np.sqrt(np.maximum(numerator_var, 0)) / filtered.psf_sum_sq
     inner = max(1, int(round(sigma)))
@@ -659,12 +660,16 @@ def _measure(
         root = np.sqrt((ixx - iyy) ** 2 + 4 * ixy**2)
         roundness = np.sqrt(np.clip((tr - root) / (tr + root), 0, 1))
         snr = flux / flux_err
+        # against the variance plane alone: in a crowded field the sky's scatter (which
+        # detection must beat) is confusion, but the kernel fit only sees pixel noise
+        snr_pixel = numerator / np.sqrt(np.maximum(pixel_var, 0))
     return {
         "col": col,
         "row": row,
         "flux": flux,
         "flux_err": flux_err,
         "snr": snr,
+        "snr_pixel": snr_pixel,
         "peak": core.max(axis=(1, 2)),
         "ixx": ixx,
         "iyy": iyy,
@@ -1076,6 +1081,7 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
         "flux": measured["flux"],
         "flux_err": measured["flux_err"],
         "snr": measured["snr"],
+        "snr_pixel": measured["snr_pixel"],
         "peak": measured["peak"],
         "peak_snr": filtered.snr[prow, pcol],
         "npix": npix,
@@ -1106,6 +1112,7 @@ _DETECTION_COLUMNS = {
     "flux": float,
     "flux_err": float,
     "snr": float,
+    "snr_pixel": float,
     "peak": float,
     "peak_snr": float,
     "npix": int,
@@ -1174,7 +1181,7 @@ def measure_sources(
     filtered = _Filtered(exposure, psf, estimate)
     col, row = x - x0, y - y0
     if x.size == 0:
-        m = {k: np.zeros(0) for k in ("col", "row", "flux", "flux_err", "snr", "peak")}
+        m = {k: np.zeros(0) for k in ("col", "row", "flux", "flux_err", "snr", "snr_pixel", "peak")}
         m.update({k: np.zeros(0) for k in ("ixx", "iyy", "ixy", "size", "roundness")})
         m["half"] = np.zeros(0, dtype=int)
     else:
@@ -1201,6 +1208,7 @@ def measure_sources(
             "flux": m["flux"],
             "flux_err": m["flux_err"],
             "snr": m["snr"],
+            "snr_pixel": m["snr_pixel"],
             "peak": m["peak"],
             "ixx": m["ixx"],
             "iyy": m["iyy"],
@@ -1436,8 +1444,8 @@ def select_kernel_sources(
     size > ``max_size_ratio`` x PSF sigma; a neighbour in the input catalog
     closer than ``isolation_radius_fwhm`` x FWHM; a stamp box of side
     ``2 kernel_size + 1`` centred on round(x, y) not inside the science box
-    shrunk by ``edge_buffer`` (+ ``kernel_size`` if
-    ``restrict_kernel_edge_sources``); a box touching ``exclude_mask_planes``
+    shrunk by ``edge_buffer`` (the centre a kernel size from the edge, Rubin's
+    ``restrictKernelEdgeSources``); a box touching ``exclude_mask_planes``
     in the science or template mask (or leaving the template). Then, above
     ``max_kernel_sources``, the highest-S/N sources are kept round-robin over
     a coarse grid so they spread across the frame.
@@ -1500,7 +1508,9 @@ def select_kernel_sources(
     if "snr" not in table.colnames:
         with np.errstate(divide="ignore", invalid="ignore"):
             table["snr"] = np.asarray(table["flux"], float) / np.asarray(table["flux_err"], float)
-    snr = np.asarray(table["snr"], dtype=np.float64)
+    # the kernel fit sees pixel noise, so its S/N window is on the variance plane's S/N
+    snr_column = "snr_pixel" if "snr_pixel" in table.colnames else "snr"
+    snr = np.asarray(table[snr_column], dtype=np.float64)
     keep = np.ones(n_input, dtype=bool)
     rejected: dict[str, int] = {}
 
@@ -1534,7 +1544,9 @@ def select_kernel_sources(
     ix = np.floor(x_all + 0.5).astype(int)
     iy = np.floor(y_all + 0.5).astype(int)
     bx0, by0, bx1, by1 = ix - half, iy - half, ix + half, iy + half
-    margin = int(edge_buffer) + (half if config.restrict_kernel_edge_sources else 0)
+    # Rubin keeps centres a kernel size from the edge, which is exactly the stamp box
+    # fitting inside: no second kernel size of margin on top of the box
+    margin = int(edge_buffer)
     min_x, min_y, max_x, max_y = science.bbox
     inside = (bx0 >= min_x + margin) & (by0 >= min_y + margin)
     inside &= (bx1 <= max_x - margin) & (by1 <= max_y - margin)
@@ -1576,7 +1588,7 @@ _ADVICE = {
     "flags": "most sources are saturated, masked, blended or at the edge; check the mask planes",
     "resolved": "most sources look resolved; raise sources.max_size_ratio or check the PSF",
     "isolation": "the field is crowded; lower sources.isolation_radius_fwhm",
-    "edge": "stamps do not fit; use a smaller kernel or set restrict_kernel_edge_sources=false",
+    "edge": "stamps do not fit; use a smaller kernel (kernel.kernel_size_max)",
     "mask": "stamps touch masked pixels; check sources.exclude_mask_planes and template coverage",
 }
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from astropy.stats import mad_std
 from scipy import ndimage
 
 from .basis import kernel_size_for, make_kernel_basis
@@ -39,8 +40,9 @@ from .metrics import (
     noise_statistics,
 )
 from .photometry import psf_fluxes
-from .psf import SIGMA_TO_FWHM, GaussianPsf, KernelMatchedPsf
+from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf
 from .psf_estimate import estimate_psf
+from .quality import assess_quality
 from .sources import detect_sources, select_kernel_sources, sky_sources
 from .task import Task
 from .variance import scale_variance
@@ -118,6 +120,10 @@ class _SubtractBase(Task):
     ):
         super().__init__(config=config, **kwargs)
         self.progress = progress
+        #: concerns about this run: each makes the quality verdict suspect
+        self.warnings: list[str] = []
+        #: what the run found and handled (confusion, correlated noise, lowered orders)
+        self.notes: list[str] = []
         self.make_subtask("makeKernel")
         self.make_subtask("decorrelate")
 
@@ -145,21 +151,31 @@ class _SubtractBase(Task):
         for exposure, label in ((science, "science"), (template, "template")):
             if exposure.psf is None:
                 exposure.psf = self._find_psf(exposure, label)
-        # detection also sets DETECTED, which variance scaling, sky sources and the noise
-        # metrics rely on, so it runs even when the caller gives the kernel-source catalog
+        # detection on both images sets DETECTED, which variance scaling, sky sources and
+        # the noise metrics rely on, so it runs even when the caller gives the catalog
         detected = detect_sources(science, self.config.sources.detection, psf=science.psf)
+        detect_sources(template, self.config.sources.detection, psf=template.psf)
         if sources is None:
             sources = detected
         if self.config.do_scale_variance:
-            self.metadata["scaleTemplateVarianceFactor"] = scale_variance(
-                template, self.config.scale_variance
-            )
-            self.metadata["scaleScienceVarianceFactor"] = scale_variance(
-                science, self.config.scale_variance
-            )
+            for exposure, label in ((template, "Template"), (science, "Science")):
+                scale = scale_variance(exposure, self.config.scale_variance)
+                self.metadata[f"scale{label}VarianceFactor"] = scale.factor
+                self.metadata[f"scale{label}VarianceMethod"] = scale.method
+                self.metadata[f"scale{label}VarianceEstimates"] = [scale.sky, scale.pixel_scale]
+                self.warnings.extend(f"{label.lower()}: {text}" for text in scale.warnings)
+                self.notes.extend(f"{label.lower()}: {text}" for text in scale.notes)
+            # the catalog's S/N was measured against the unscaled science variance
+            if sources is detected and "snr_pixel" in sources.colnames:
+                factor = self.metadata["scaleScienceVarianceFactor"]
+                sources["snr_pixel"] = sources["snr_pixel"] / math.sqrt(factor)
         # remember where sources are before update_masks clears DETECTED: metrics need
-        # empty sky for noise figures and sky-source footprints
+        # empty sky for noise figures and sky-source footprints (on either image, since
+        # a source on the template only leaves a residual too)
         detected = science.masked(["DETECTED", "DETECTED_NEGATIVE"])
+        x0, y0 = science.xy0[0] - template.xy0[0], science.xy0[1] - template.xy0[1]
+        window = np.s_[y0 : y0 + science.height, x0 : x0 + science.width]
+        detected |= template.masked(["DETECTED", "DETECTED_NEGATIVE"])[window]
         self.source_mask = ndimage.binary_dilation(detected, iterations=3)
         self.sky = sky_sources(
             science,
@@ -317,10 +333,15 @@ class _SubtractBase(Task):
                 return selected
             median = float(np.median(ratio[detected]))
             sigma = np.abs(ratio) * np.hypot(e_s / f_s, e_t / f_t)
+        # the ensemble's own scatter (blends, PSF-model errors, correlated noise) sets the
+        # scale too: a star is variable when it stands out of the crowd, not of its errors
+        spread = float(mad_std(ratio[detected])) if detected.sum() >= 5 else 0.0
         deviation = np.abs(ratio - median)
         cfg = self.config.sources
-        variable = (deviation > cfg.variability_sigma * sigma) & (
-            deviation > cfg.variability_floor * abs(median)
+        variable = (
+            (deviation > cfg.variability_sigma * sigma)
+            & (deviation > cfg.variability_sigma * spread)
+            & (deviation > cfg.variability_floor * abs(median))
         )
         keep = detected & ~variable
         self.metadata["nVariableSourcesRejected"] = int(np.count_nonzero(~keep))
@@ -334,14 +355,32 @@ class _SubtractBase(Task):
             )
         return kept
 
-    def _fit_kernel(self, reference, target, kernel_sources, reference_fwhm, target_fwhm, bbox):
-        """Fit K and b with K * reference + b ~ target over ``bbox``."""
+    def _fit_kernel(
+        self, reference, target, kernel_sources, reference_fwhm, target_fwhm, bbox, noise_area=None
+    ):
+        """Fit K and b with K * reference + b ~ target over ``bbox``.
+
+        ``noise_area`` (pixels per independent noise sample in the stamps) defaults to
+        the larger of the two inputs' measured noise correlations.
+        """
         self._stage("fit")
         config = self.config.kernel
         basis = make_kernel_basis(reference_fwhm, target_fwhm, config)
-        return fit_psf_matching_kernel(
-            reference, target, kernel_sources, basis, config, bbox=bbox, task=self.makeKernel
+        if noise_area is None:
+            noise_area = max(_noise_area(reference), _noise_area(target))
+        solution = fit_psf_matching_kernel(
+            reference,
+            target,
+            kernel_sources,
+            basis,
+            config,
+            bbox=bbox,
+            task=self.makeKernel,
+            noise_area=noise_area,
         )
+        self.notes.extend(solution.notes)
+        self.solution = solution
+        return solution
 
     def _coverage_guard(self, template, science, exc):
         """Report a kernel failure as a coverage failure when coverage is low (1.3 step 3)."""
@@ -389,6 +428,8 @@ class _SubtractBase(Task):
         """
         if not (self.config.do_subtract_background and self.config.refine_background):
             return background
+        # every sky pixel constrains the configured order, even where few stamps did not
+        background = background.raised(self.config.kernel.spatial_bg_order)
         good = ~difference.masked(NOISE_MASK_PLANES) & ~self.source_mask
         good &= np.isfinite(difference.image) & (difference.variance > 0)
         # a 2x2 subsample per 32 px block is plenty for six smooth terms and 4x cheaper
@@ -463,6 +504,8 @@ class _SubtractBase(Task):
             "template_limiting_magnitude": metadata.get("templateLimitingMagnitude"),
             "diffim_limiting_magnitude": metadata.get("diffimLimitingMagnitude"),
             "spatial_condition_number": self.makeKernel.metadata.get("spatialConditionNum"),
+            "spatial_kernel_order": self.makeKernel.metadata.get("spatialKernelOrder"),
+            "spatial_bg_order": self.makeKernel.metadata.get("spatialBgOrder"),
         }
         if result.fitted_background is not None:
             metrics["background_coefficients"] = [
@@ -471,7 +514,33 @@ class _SubtractBase(Task):
         metrics.update(noise_statistics(result.output, exclude=self.source_mask))
         return metrics
 
-    def _finish(self, result: SubtractionResult) -> SubtractionResult:
+    def assess_quality(self, result: SubtractionResult, science, template) -> dict[str, Any]:
+        """The verdict (core.quality) from the metrics, the kernel and the warnings."""
+        kernel = result.psf_matching_kernel
+        kernel_image = kernel.image(*science.bbox_center()) if kernel is not None else None
+        stamps = None
+        solution = getattr(self, "solution", None)
+        if solution is not None:
+            good = np.asarray(solution.candidates["status"]) == "GOOD"
+            stamps = (
+                np.asarray(solution.candidates["x"])[good],
+                np.asarray(solution.candidates["y"])[good],
+            )
+        verdict = assess_quality(
+            result.metrics,
+            science,
+            template,
+            kernel_image,
+            stamps,
+            self.warnings,
+            self.config.quality,
+        )
+        return verdict.as_dict()
+
+    def _finish(self, result: SubtractionResult, science, template) -> SubtractionResult:
+        result.metrics["warnings"] = list(self.warnings)
+        result.metrics["notes"] = list(self.notes)
+        result.metrics["quality"] = self.assess_quality(result, science, template)
         result.timings = {
             k.split(".", 1)[1]: v
             for k, v in self.durations().items()
@@ -518,7 +587,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
             self._stage("metrics")
             with self.timer("metrics"):
                 result.metrics = self.compute_image_metrics(science, result, sources)
-        return self._finish(result)
+        return self._finish(result, science, template)
 
     def _choose_mode(self, template: Exposure, science: Exposure) -> bool:
         """True to convolve the template (algorithm.md 1.3 step 2)."""
@@ -637,20 +706,34 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 self.metadata["convolvedExposure"] = "Preconvolution"
             with self.timer("preconvolve"):
                 matched_science = self._convolve(self._fill_bad(science), preconv_kernel)
+                # stars in P * S have the PSF seen through P: the variability filter
+                # compares their PSF fluxes with the template's
+                matched_science.psf = _preconvolved_psf(science, preconv_kernel)
             self.metadata["preconvolvedSciencePsfSize"] = math.sqrt(2.0) * self.science_fwhm
             try:
-                with self.timer("select"):
-                    half = preconv_kernel.shape[0] // 2
-                    kernel_sources = self._select_sources(
-                        template,
-                        matched_science,
-                        sources,
-                        math.sqrt(2.0) * self.science_fwhm,
-                        edge_buffer=half,
+                if self.config.preconvolve_via_difference and _template_is_sharper(
+                    template, science, self.template_fwhm, self.science_fwhm
+                ):
+                    with self.timer("select"):
+                        kernel_sources = self._select_sources(
+                            template, science, sources, self.science_fwhm
+                        )
+                    result = self.run_preconvolve_via_difference(
+                        template, science, matched_science, kernel_sources, preconv_kernel
                     )
-                result = self.run_preconvolve(
-                    template, science, matched_science, kernel_sources, preconv_kernel
-                )
+                else:
+                    with self.timer("select"):
+                        half = preconv_kernel.shape[0] // 2
+                        kernel_sources = self._select_sources(
+                            template,
+                            matched_science,
+                            sources,
+                            math.sqrt(2.0) * self.science_fwhm,
+                            edge_buffer=half,
+                        )
+                    result = self.run_preconvolve(
+                        template, science, matched_science, kernel_sources, preconv_kernel
+                    )
             except (InsufficientSourcesError, NoKernelCandidatesError, KernelSolutionError) as exc:
                 raise self._coverage_guard(template, science, exc) from None
             result.kernel_sources = kernel_sources
@@ -658,7 +741,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
             with self.timer("metrics"):
                 result.metrics = self._base_metrics(result, science)
                 result.metrics["n_interpolated"] = int(self.metadata.get("nInterpolated", 0))
-        return self._finish(result)
+        return self._finish(result, science, template)
 
     def _preconvolution_kernel(self, science: Exposure) -> np.ndarray:
         """Unit-sum science PSF at its average position, applied by correlation (decision 1)."""
@@ -688,6 +771,8 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         half = preconv_kernel.shape[0] // 2
         sx0, sy0, sx1, sy1 = science.bbox
         inner = (sx0 + half, sy0 + half, sx1 - half, sy1 - half)
+        # P * S has noise correlated over the PSF: 1 / sum(P^2) pixels per sample
+        preconv_area = 1.0 / float(np.sum(preconv_kernel**2))
         with self.timer("fit"):
             solution = self._fit_kernel(
                 template,
@@ -696,7 +781,38 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 self.template_fwhm,
                 math.sqrt(2.0) * self.science_fwhm,
                 inner,
+                noise_area=max(preconv_area * _noise_area(science), _noise_area(template)),
             )
+        return self._score(template, science, matched_science, solution, preconv_kernel)
+
+    def run_preconvolve_via_difference(
+        self, template, science, matched_science, kernel_sources, preconv_kernel
+    ) -> SubtractionResult:
+        """Fit K * T + b ~ S (T sharper), then score = P * S - (K then P) * T (- b).
+
+        The same score as `run_preconvolve`, whose kernel is K followed by P exactly,
+        but K is fitted where it is smallest and best constrained: between the two
+        images as they are (smaller kernel and stamps, more usable stars). Rubin's
+        preconvolution exists to avoid deconvolving when the science is sharper.
+        """
+        self.metadata["preconvolveKernelFit"] = "templateToScience"
+        with self.timer("fit"):
+            solution = self._fit_kernel(
+                template,
+                science,
+                kernel_sources,
+                self.template_fwhm,
+                self.science_fwhm,
+                _intersect(template.bbox, science.bbox),
+            )
+        solution.kernel = solution.kernel.followed_by(preconv_kernel)
+        return self._score(template, science, matched_science, solution, preconv_kernel)
+
+    def _score(
+        self, template, science, matched_science, solution, preconv_kernel
+    ) -> SubtractionResult:
+        """score = P * S - K * T (- b), decorrelated, with an EDGE frame P's half-width wide."""
+        half = preconv_kernel.shape[0] // 2
         kernel, background = solution.kernel, solution.background
         self._stage("convolve")
         with self.timer("convolve"):
@@ -783,6 +899,33 @@ def _block_medians(image: np.ndarray, good: np.ndarray, size: int):
     jj, ii = np.nonzero(enough)
     centre = (size - 1) / 2.0
     return (ii * size + centre, jj * size + centre, medians[enough], counts[enough].astype(float))
+
+
+def _template_is_sharper(template, science, template_fwhm: float, science_fwhm: float) -> bool:
+    """Auto mode's rule (algorithm.md 1.3 step 2): convolve the template when it is sharper."""
+    try:
+        t_xx, t_yy = _axis_fwhms(template)
+        s_xx, s_yy = _axis_fwhms(science)
+        return bool(t_xx <= s_xx or t_yy <= s_yy)
+    except Exception:  # noqa: BLE001 - fall back to the grid-mean FWHMs
+        return template_fwhm <= science_fwhm
+
+
+def _noise_area(exposure: Exposure) -> float:
+    """Pixels per independent noise sample: the sum of the noise autocorrelation (1: white)."""
+    if exposure.noise_correlation is None:
+        return 1.0
+    return max(1.0, float(np.sum(exposure.noise_correlation)))
+
+
+def _preconvolved_psf(science: Exposure, preconv_kernel: np.ndarray) -> ImagePsf:
+    """PSF of the science image correlated with ``preconv_kernel`` (at its average position)."""
+    psf = science.require_psf()
+    position = psf.average_position or science.bbox_center()
+    stamp = np.asarray(psf.kernel_image(*position), dtype=np.float64)
+    half = preconv_kernel.shape[0] // 2
+    matched = ndimage.correlate(np.pad(stamp, half), preconv_kernel, mode="constant")
+    return ImagePsf(matched, average_position=position)
 
 
 def _scale(exposure: Exposure, factor: float) -> None:

@@ -9,6 +9,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from app.cli import main as cli_main
+from core import config as config_module
 from core.config import SubtractionConfig
 
 #: The values issue 12 sent: minutes of work, gigabytes, or an ``internal`` failure each.
@@ -35,9 +36,16 @@ def _numeric_fields(model: type[BaseModel], prefix: str = ""):
 
 
 def test_every_numeric_field_has_an_upper_bound():
+    models = [
+        model
+        for model in vars(config_module).values()
+        if isinstance(model, type) and issubclass(model, BaseModel) and model is not BaseModel
+    ]
+    assert SubtractionConfig in models
     unbounded = [
-        name
-        for name, field in _numeric_fields(SubtractionConfig)
+        f"{model.__name__}.{name}"
+        for model in models
+        for name, field in _numeric_fields(model)
         if not any(hasattr(m, "le") or hasattr(m, "lt") for m in field.metadata)
     ]
     assert unbounded == []

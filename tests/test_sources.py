@@ -443,8 +443,8 @@ def _catalog(x, y, snr, **columns):
 
 def test_selection_cuts_each():
     science, template = _pair()
-    ksize = 10  # stamps 21 x 21; edge margin ksize + restrict ksize = 20
-    x = [60, 100, 140, 180, 60, 100, 140, 180, 15, 60, 100, 104, 180]
+    ksize = 10  # stamps 21 x 21, which must lie inside the image
+    x = [60, 100, 140, 180, 60, 100, 140, 180, 8, 60, 100, 104, 180]
     y = [60, 60, 60, 60, 120, 120, 120, 120, 120, 180, 180, 180, 180]
     snr = [50, 50, 50, 50, 5, 600, 50, 50, 50, 50, 50, 50, 50]
     size = np.full(len(x), 1.8)
@@ -468,25 +468,25 @@ def test_selection_cuts_each():
     assert rejected["flags"] == 1
     assert rejected["resolved"] == 1
     assert rejected["isolation"] == 2  # 100 and 104 are 4 px apart (< 2 FWHM)
-    assert rejected["edge"] == 1  # x = 15: box starts at 5 < ksize
+    assert rejected["edge"] == 1  # x = 8: box starts at -2, outside
     assert rejected["mask"] == 2
     # stamp boxes are 2 ksize + 1 wide, centred on the rounded position
     assert all(result["stamp_x1"] - result["stamp_x0"] == 2 * ksize)
     assert list(result["stamp_x0"]) == [50, 90, 130, 170]
 
 
-def test_selection_edge_buffer_and_restrict():
+def test_selection_edge_rule_is_rubins_one_kernel_size():
     science, template = _pair()
-    table = _catalog([15, 25, 35], [128, 128, 128], [50, 50, 50])
+    table = _catalog([9, 10, 25, 35], [128, 128, 128, 128], [50, 50, 50, 50])
 
-    def xs(config, **kwargs):
+    def xs(**kwargs):
+        config = SourcesConfig(min_kernel_sources=1)
         return list(select_kernel_sources(table, science, template, 10, config, **kwargs)["x"])
 
-    loose = SourcesConfig(min_kernel_sources=1, restrict_kernel_edge_sources=False)
-    assert xs(loose) == [15.0, 25.0, 35.0]  # box inside the image
-    strict = SourcesConfig(min_kernel_sources=1)
-    assert xs(strict) == [25.0, 35.0]  # box a kernel size from the edge
-    assert xs(strict, edge_buffer=10) == [35.0]  # plus the preconvolution buffer
+    # the centre one kernel size (10) from the edge, i.e. the stamp box inside the
+    # image, as Rubin's restrictKernelEdgeSources; no second kernel size of margin
+    assert xs() == [10.0, 25.0, 35.0]
+    assert xs(edge_buffer=10) == [25.0, 35.0]  # plus the preconvolution buffer
 
 
 def test_selection_cap_keeps_bright_and_spread():
@@ -534,7 +534,8 @@ def test_selection_plain_catalog_is_measured(field):
     interior = (x > 21) & (x < 490) & (y > 21) & (y < 490)
     expected = interior & (snr > 11) & (snr < 450)
     assert len(result) >= 0.9 * expected.sum()
-    assert np.all((result["snr"] > 10) & (result["snr"] < 500))
+    # the window is on the S/N against the variance plane (what the kernel fit sees)
+    assert np.all((result["snr_pixel"] > 10) & (result["snr_pixel"] < 500))
 
 
 # --------------------------------------------------------------------------------------

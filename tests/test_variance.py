@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from core.config import ScaleVarianceConfig
-from core.errors import ExceedsMaxVarianceScaleError
 from core.exposure import Exposure
-from core.variance import scale_variance, variance_scale_factor
+from core.variance import (
+    PHYSICAL_VARIANCE_PREFIX,
+    measure_variance_scale,
+    scale_variance,
+    second_difference_gain,
+    variance_scale_factor,
+)
 
 
 def _noise_exposure(sigma, variance, shape=(512, 512), seed=0, sky=None):
@@ -35,15 +41,61 @@ def test_masked_pixels_are_ignored():
 
 def test_scale_variance_multiplies_in_place_and_returns_factor():
     exposure = _noise_exposure(1.0, 0.25)
-    factor = scale_variance(exposure)
-    assert factor == pytest.approx(4.0, rel=0.02)
-    assert np.median(exposure.variance) == pytest.approx(0.25 * factor)
+    scale = scale_variance(exposure)
+    assert scale.factor == pytest.approx(4.0, rel=0.02) and scale.method == "sky"
+    assert np.median(exposure.variance) == pytest.approx(0.25 * scale.factor)
 
 
-def test_image_based_fallback_and_limit():
+def test_implausible_factor_is_a_warning_not_a_refusal():
     exposure = _noise_exposure(10.0, 1.0)  # 100x too small a variance
-    with pytest.raises(ExceedsMaxVarianceScaleError, match="factor"):
-        variance_scale_factor(exposure, ScaleVarianceConfig(limit=10.0))
+    scale = measure_variance_scale(exposure, ScaleVarianceConfig(limit=10.0))
+    assert scale.factor == 1.0 and scale.method == "none"
+    assert any("implausible factor" in text for text in scale.warnings)
     assert variance_scale_factor(exposure, ScaleVarianceConfig(limit=200.0)) == pytest.approx(
         100.0, rel=0.03
     )
+
+
+def _crowded_field(shape=(512, 512), seed=2, noise=3.0):
+    """White noise of sigma ``noise`` on a sky of thousands of faint PSF-smooth stars."""
+    rng = np.random.default_rng(seed)
+    stars = np.zeros(shape)
+    n = 20000
+    stars[rng.integers(0, shape[0], n), rng.integers(0, shape[1], n)] = rng.exponential(300, n)
+    sky = ndimage.gaussian_filter(stars, 2.0) + 500.0
+    return sky + rng.normal(0.0, noise, shape)
+
+
+def test_confusion_does_not_inflate_a_physical_variance():
+    image = _crowded_field()
+    exposure = Exposure.from_arrays(
+        image, np.full(image.shape, 9.0), variance_source=PHYSICAL_VARIANCE_PREFIX + " (test)"
+    )
+    scale = measure_variance_scale(exposure)
+    # the unresolved stars make the sky scatter several times the noise, yet the
+    # pixel-scale estimate sees the true noise: the right variance stays
+    assert scale.sky > 3.0
+    assert scale.method == "pixel_scale"
+    assert scale.factor == pytest.approx(1.0, abs=0.05)
+    assert any("confusion" in text for text in scale.notes) and not scale.warnings
+
+
+def test_correlated_noise_is_measured_and_keeps_the_marginal_variance():
+    rng = np.random.default_rng(5)
+    white = rng.normal(0.0, 1.0, (600, 600))
+    kernel = np.outer([0.25, 0.5, 0.25], [0.25, 0.5, 0.25])
+    smooth = ndimage.correlate(white, kernel)
+    marginal = float(np.sum(kernel**2))
+    exposure = Exposure.from_arrays(smooth, np.full(smooth.shape, marginal))
+    scale_variance(exposure)
+    # a given plane that is right per pixel keeps its scale, and the correlation is recorded
+    assert exposure.variance.mean() == pytest.approx(marginal, rel=0.05)
+    expected = ndimage.correlate(np.pad(kernel, 3), kernel, mode="constant")[1:-1, 1:-1]
+    expected /= expected[3, 3]
+    np.testing.assert_allclose(exposure.noise_correlation, expected, atol=0.02)
+    # and the pixel-scale estimate, corrected for that correlation, agrees
+    gain = second_difference_gain(exposure.noise_correlation)
+    assert gain < 0.5
+    exposure.variance_source = PHYSICAL_VARIANCE_PREFIX
+    exposure.variance[:] = marginal
+    assert measure_variance_scale(exposure).pixel_scale == pytest.approx(1.0, abs=0.08)

@@ -1,0 +1,216 @@
+"""The quality verdict every subtraction carries: good, suspect or bad, with reasons.
+
+A subtraction that ran to the end is not necessarily a good one: a kernel fitted
+on three stars, a kernel sum of 5 between two calibrated images, a variance plane
+that does not describe the noise. This module is the one place that knows the
+thresholds (`core.config.QualityConfig`); it reads the metrics a run computed and
+the warnings it collected, and says what a careful astronomer would say.
+
+``bad``: the difference should not be used (noise wildly off its variance, the
+same data twice, a kernel sum far from any plausible flux ratio).
+``suspect``: usable with care; each reason says what to check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import QualityConfig
+from .exposure import Exposure
+
+__all__ = ["Verdict", "assess_quality", "expected_kernel_sum", "kernel_centroid"]
+
+GOOD, SUSPECT, BAD = "good", "suspect", "bad"
+_RANK = {GOOD: 0, SUSPECT: 1, BAD: 2}
+
+
+@dataclass
+class Verdict:
+    """Outcome of `assess_quality`: ``verdict`` is the worst level among the reasons."""
+
+    verdict: str = GOOD
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, level: str, reason: str) -> None:
+        self.reasons.append(f"{level}: {reason}")
+        if _RANK[level] > _RANK[self.verdict]:
+            self.verdict = level
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "reasons": list(self.reasons)}
+
+
+def expected_kernel_sum(science: Exposure, template: Exposure) -> tuple[float, str] | None:
+    """Flux ratio template -> science the calibrations predict, and where it comes from.
+
+    Both photometric calibrations (nJy per count): ``cal_template / cal_science``.
+    Otherwise both exposure times: their ratio (transparency can change it, so the
+    caller allows a wide tolerance). None when neither is known.
+    """
+    if science.photo_calib is not None and template.photo_calib is not None:
+        ratio = template.photo_calib.calibration / science.photo_calib.calibration
+        if math.isfinite(ratio) and ratio > 0:
+            return ratio, "calibration"
+    t_sci, t_tpl = science.metadata.get("EXPTIME"), template.metadata.get("EXPTIME")
+    if isinstance(t_sci, int | float) and isinstance(t_tpl, int | float) and t_sci > 0 < t_tpl:
+        return float(t_sci) / float(t_tpl), "exposure time"
+    return None
+
+
+def kernel_centroid(kernel_image: np.ndarray) -> tuple[float, float]:
+    """Flux-weighted centroid offset (dx, dy) of a kernel stamp from its centre pixel."""
+    image = np.asarray(kernel_image, dtype=np.float64)
+    total = image.sum()
+    if not (math.isfinite(total) and total != 0):
+        return math.nan, math.nan
+    half_y, half_x = image.shape[0] // 2, image.shape[1] // 2
+    yy, xx = np.mgrid[-half_y : half_y + 1, -half_x : half_x + 1]
+    return float((image * xx).sum() / total), float((image * yy).sum() / total)
+
+
+def _stamp_coverage(x: np.ndarray, y: np.ndarray, bbox, cells: int) -> float:
+    """Fraction of a cells x cells grid over ``bbox`` holding at least one stamp."""
+    if x.size == 0:
+        return 0.0
+    min_x, min_y, max_x, max_y = bbox
+    ix = np.clip(((x - min_x) / (max_x - min_x + 1) * cells).astype(int), 0, cells - 1)
+    iy = np.clip(((y - min_y) / (max_y - min_y + 1) * cells).astype(int), 0, cells - 1)
+    return len(set(zip(ix.tolist(), iy.tolist(), strict=True))) / cells**2
+
+
+def assess_quality(
+    metrics: dict[str, Any],
+    science: Exposure,
+    template: Exposure,
+    kernel_image: np.ndarray | None,
+    stamps: tuple[np.ndarray, np.ndarray] | None,
+    warnings: list[str],
+    config: QualityConfig | None = None,
+) -> Verdict:
+    """The verdict on one subtraction.
+
+    Parameters
+    ----------
+    metrics : dict
+        The run's metrics (``noise_ratio``, ``kernel_sum``, ``n_good_kernel_candidates``,
+        ``spatial_condition_number``, ``mode``, ``registration`` when registered).
+    science, template : `Exposure`
+        The inputs (for calibrations and exposure times).
+    kernel_image : `numpy.ndarray` or None
+        The matching kernel at the image centre.
+    stamps : (x, y) arrays or None
+        Parent positions of the kernel stamps used in the final fit.
+    warnings : list of str
+        What the run noticed (variance scaling, spatial solution, ...); each becomes
+        a ``suspect`` reason.
+    config : `QualityConfig` or None
+    """
+    config = config or QualityConfig()
+    verdict = Verdict()
+    _noise(verdict, metrics, config)
+    _kernel_sum(verdict, metrics, science, template, config)
+    _stamps(verdict, metrics, stamps, science.bbox, config)
+    if kernel_image is not None:
+        dx, dy = kernel_centroid(kernel_image)
+        shift = math.hypot(dx, dy)
+        if math.isfinite(shift) and shift > config.max_kernel_shift:
+            verdict.add(
+                BAD if shift > config.bad_kernel_shift else SUSPECT,
+                f"the kernel shifts the image by {shift:.2f} px (dx {dx:+.2f}, dy {dy:+.2f}): "
+                "the images look misaligned; check the registration",
+            )
+    condition = metrics.get("spatial_condition_number")
+    limit = config.max_condition_number
+    if isinstance(condition, int | float) and not (0 <= condition <= limit):
+        verdict.add(
+            SUSPECT,
+            f"the kernel solution is ill-conditioned (condition number {condition:.3g})",
+        )
+    registration = metrics.get("registration")
+    if isinstance(registration, dict):
+        rms = registration.get("rms_px", registration.get("rms"))
+        if isinstance(rms, int | float) and rms > config.max_registration_rms:
+            verdict.add(SUSPECT, f"the registration residual is {rms:.2f} px rms (misregistration)")
+    for text in warnings:
+        if not any(text in reason for reason in verdict.reasons):
+            verdict.add(SUSPECT, text)
+    return verdict
+
+
+def _noise(verdict: Verdict, metrics: dict, config: QualityConfig) -> None:
+    ratio = metrics.get("noise_ratio")
+    if not isinstance(ratio, int | float) or not math.isfinite(ratio):
+        verdict.add(SUSPECT, "the noise of the difference could not be measured")
+        return
+    low, high = config.noise_ratio_range
+    bad_low, bad_high = config.noise_ratio_bad
+    if ratio < config.identical_noise_ratio:
+        verdict.add(
+            BAD,
+            f"the difference is {1 / max(ratio, 1e-9):.0f}x quieter than its variance: "
+            "science and template look like the same data",
+        )
+    elif ratio < bad_low or ratio > bad_high:
+        verdict.add(BAD, f"the noise is {ratio:.2f}x what the variance plane predicts")
+    elif ratio < low or ratio > high:
+        verdict.add(
+            SUSPECT,
+            f"the noise is {ratio:.2f}x what the variance plane predicts (expected {low}-{high})",
+        )
+
+
+def _kernel_sum(verdict, metrics, science, template, config: QualityConfig) -> None:
+    ksum = metrics.get("kernel_sum")
+    if not isinstance(ksum, int | float) or not math.isfinite(ksum) or ksum <= 0:
+        verdict.add(BAD, f"the kernel sum {ksum} is not a positive flux ratio")
+        return
+    expected = expected_kernel_sum(science, template)
+    if expected is None:
+        return
+    value, source = expected
+    # flux ratio of the difference's direction: the sum maps template -> science
+    off = ksum / value
+    if source == "calibration":
+        tolerance, bad_factor = config.kernel_sum_tolerance, config.kernel_sum_bad_factor
+        if off > bad_factor or off < 1 / bad_factor:
+            verdict.add(
+                BAD,
+                f"kernel sum {ksum:.3f} where the calibrations predict {value:.3f}: "
+                "the fit did not match the PSFs",
+            )
+        elif abs(off - 1) > tolerance:
+            verdict.add(
+                SUSPECT,
+                f"kernel sum {ksum:.3f} where the calibrations predict {value:.3f} "
+                f"(more than {100 * tolerance:.0f}% off): check the PSFs and the kernel stars",
+            )
+    elif off > config.exposure_time_factor or off < 1 / config.exposure_time_factor:
+        verdict.add(
+            SUSPECT,
+            f"kernel sum {ksum:.3f} where the exposure times predict {value:.3f}",
+        )
+
+
+def _stamps(verdict, metrics, stamps, bbox, config: QualityConfig) -> None:
+    n_good = metrics.get("n_good_kernel_candidates")
+    if isinstance(n_good, int) and n_good < config.min_good_stamps:
+        verdict.add(
+            SUSPECT,
+            f"only {n_good} kernel stamps were fitted (fewer than {config.min_good_stamps}): "
+            "the kernel is poorly constrained",
+        )
+    if stamps is not None and len(stamps[0]) >= config.min_good_stamps:
+        coverage = _stamp_coverage(
+            np.asarray(stamps[0]), np.asarray(stamps[1]), bbox, config.coverage_cells
+        )
+        if coverage < config.min_stamp_coverage:
+            verdict.add(
+                SUSPECT,
+                f"the kernel stamps cover {100 * coverage:.0f}% of a "
+                f"{config.coverage_cells}x{config.coverage_cells} grid over the image: "
+                "the kernel is extrapolated elsewhere",
+            )
