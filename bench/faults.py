@@ -103,6 +103,9 @@ def run(n_jobs: int, n_workers: int, kills: int, restarts: int, seed: int) -> di
         hard_time_limit=120,
         # Long enough jobs (a few seconds) that kills land mid-job.
         test_stage_delay=0.3,
+        # A message the broker lost (a worker killed between taking it and recording it as
+        # unacknowledged) is resent after a minute instead of the default five.
+        queued_resend_after=60,
     )
     server, base = start_server(free_port(), data_dir, env, folder, workers=0)
     workers = [start_worker(env, folder / f"worker-{i}.log") for i in range(n_workers)]

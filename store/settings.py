@@ -117,10 +117,10 @@ class Settings(BaseSettings):
         "considered lost).",
     )
     queued_resend_after: float = Field(
-        900.0,
+        300.0,
         gt=0,
-        description="Seconds a job may wait queued before its message is sent again (one lost "
-        "with a broker outage); a duplicate message is skipped.",
+        description="Seconds a job may wait queued before its message is sent again (the broker "
+        "can lose one taken by a worker killed or cut off mid-fetch); a duplicate is skipped.",
     )
     max_attempts: int = Field(
         3, ge=1, description="Deliveries of one job before it fails as worker_lost."
