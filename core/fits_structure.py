@@ -24,6 +24,11 @@ _CARD = 80
 _MAX_AXES = 999
 _MAX_FIELDS = 999
 _BITPIX = {8, 16, 32, 64, -32, -64}
+#: FITS sets no limit on these, astropy's parse time does: it grows faster than linearly with
+#: the cards (100 000 cards in one header: 80 s) and linearly with the HDUs. Real headers hold
+#: hundreds to a few thousand cards; mosaic files a few hundred HDUs.
+_MAX_HEADER_CARDS = 10_000
+_MAX_HDUS = 1000
 _INT_VALUE = re.compile(rb"^\s*([+-]?\d{1,20})\s*(/.*)?$")
 _STRUCTURAL = {b"SIMPLE", b"XTENSION", b"BITPIX", b"NAXIS", b"PCOUNT", b"GCOUNT", b"TFIELDS"}
 
@@ -49,7 +54,12 @@ def _read_header(read_at: ReadAt, offset: int, name: str, index: int) -> tuple[d
     """Mandatory keywords of the header at ``offset`` and the offset of its data."""
     keys: dict[bytes, bytes] = {}
     position = offset
+    too_many = InvalidExposureError(
+        f"{name}: the header of HDU {index} has more than {_MAX_HEADER_CARDS} cards"
+    )
     while True:
+        if position - offset >= _MAX_HEADER_CARDS * _CARD:
+            raise too_many
         block = read_at(position, _BLOCK)
         if len(block) < _BLOCK:
             raise InvalidExposureError(
@@ -60,6 +70,8 @@ def _read_header(read_at: ReadAt, offset: int, name: str, index: int) -> tuple[d
             card = block[start : start + _CARD]
             key = card[:8].rstrip()
             if key == b"END":
+                if (position - _BLOCK - offset + start) // _CARD > _MAX_HEADER_CARDS:
+                    raise too_many
                 return keys, position
             if key in _STRUCTURAL or re.fullmatch(rb"(Z?NAXIS\d{1,3}|ZNAXIS|ZIMAGE)", key):
                 keys.setdefault(key, card)
@@ -129,14 +141,17 @@ def check_fits_structure(read_at: ReadAt, size: int, name: str) -> int:
     Raises
     ------
     core.errors.InvalidExposureError
-        Not FITS, a structural keyword out of the standard's range, or a header
+        Not FITS, a structural keyword out of the standard's range, a header
         or data block that ends beyond the end of the file (only the final
-        padding of the last HDU may be missing).
+        padding of the last HDU may be missing), more than 10 000 cards in a
+        header or more than 1000 HDUs.
     """
     if read_at(0, 9) != b"SIMPLE  =":
         raise InvalidExposureError(f"{name}: not a FITS file (it does not start with SIMPLE)")
     offset, index = 0, 0
     while offset < size:
+        if index >= _MAX_HDUS:
+            raise InvalidExposureError(f"{name}: more than {_MAX_HDUS} HDUs")
         keys, data_start = _read_header(read_at, offset, name, index)
         nbytes, _ = _hdu_extent(keys, name, index)
         end = data_start + nbytes

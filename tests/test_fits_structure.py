@@ -104,3 +104,29 @@ def test_all_nan_or_all_zero_psf_is_refused(fill):
 def test_not_fits_is_named():
     with pytest.raises(InvalidExposureError, match="not a FITS file"):
         describe_exposure(b"GIF89a" + bytes(3000))
+
+
+def _header(cards: list[str]) -> bytes:
+    header = b"".join(_card(c) for c in [*cards, "END"])
+    return header.ljust(-(-len(header) // 2880) * 2880, b" ")
+
+
+def test_huge_headers_and_hdu_counts_are_refused_before_astropy():
+    base = [
+        "SIMPLE  =                    T",
+        "BITPIX  =                  -32",
+        "NAXIS   =                    0",
+    ]
+    filler = [f"KEY{i:05d} = {i:20d}" for i in range(10_001)]  # astropy: ~1 s per 10 000
+    started = time.perf_counter()
+    with pytest.raises(InvalidExposureError, match="more than 10000 cards"):
+        describe_exposure(_header(base + filler))
+    extension = [
+        "XTENSION= 'IMAGE   '",
+        "BITPIX  =                  -32",
+        "NAXIS   =                    0",
+    ]
+    many = _header(base + ["EXTEND  =                    T"]) + _header(extension) * 1001
+    with pytest.raises(InvalidExposureError, match="more than 1000 HDUs"):
+        describe_exposure(many)
+    assert time.perf_counter() - started < 2.0
