@@ -1,13 +1,18 @@
-"""The ``alsub`` command line: subtract, simulate, info, serve, worker.
+"""The alsub command line: subtract, simulate, config, info, serve, worker.
 
 User errors print one line naming the problem and exit with status 2; no
-traceback and no partial output file.
+traceback and no partial output file. Warnings go through `logging` in one
+format (``alsub: warning: ...``) on stderr; on a terminal a progress line shows
+the stage and the fraction done.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,11 +23,130 @@ __all__ = ["main"]
 
 EXIT_USER_ERROR = 2
 
+_DESCRIPTION = """\
+Alard-Lupton image subtraction for time-domain astronomy.
 
+Subtract a PSF-matched template from a science exposure (FITS), simulate a test
+pair, describe a file, print the configuration, or run the HTTP service.
+Run 'alsub COMMAND --help' for the options of a command."""
+
+_EPILOG = """\
+examples:
+  alsub simulate pair/ --size 1024 --seed 3
+  alsub subtract pair/science.fits pair/template.fits -o diff.fits --products prod/
+  alsub subtract sci.fits tmpl.fits -o diff.fits --science-noise sci_err.fits \\
+      --template-noise tmpl_err.fits --science-psf sci_psf.fits --template-psf tmpl_psf.fits
+  alsub config > my-config.json        (edit, then: alsub subtract ... --config my-config.json)"""
+
+_PLANE_KINDS = ("variance", "noise", "weight", "mask", "psf")
+
+
+class UsageError(AlsubError):
+    """A command-line argument that cannot work (checked before any computing)."""
+
+    code = "usage"
+
+
+# output ---------------------------------------------------------------------------------------
+class _Progress:
+    """One self-overwriting status line on stderr: stage name and percentage."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._shown = False
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if not self.enabled:
+            return
+        sys.stderr.write(f"\r\033[Kalsub: [{100 * fraction:3.0f}%] {stage}")
+        sys.stderr.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self._shown = False
+
+
+class _LogHandler(logging.StreamHandler):
+    """stderr handler that first clears the progress line, so messages never overlap it."""
+
+    def __init__(self, progress: _Progress):
+        super().__init__(sys.stderr)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.progress.clear()
+        super().emit(record)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.level = record.levelname.lower()
+        return super().format(record)
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: int, progress: _Progress):
+    """All messages, core's warnings and Python warnings alike, as ``alsub: <level>: ...``.
+
+    Undone on exit, so calling `main` from Python leaves the caller's logging alone.
+    """
+    handler = _LogHandler(progress)
+    handler.setFormatter(_Formatter("alsub: %(level)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.setLevel(level)
+        root.removeHandler(handler)
+
+
+# checks before computing ----------------------------------------------------------------------
+def _check_output_file(path: str) -> None:
+    """Exit 2 at once when the file cannot be created: its directory is missing or read-only."""
+    directory = Path(path).expanduser().absolute().parent
+    if not directory.is_dir():
+        raise UsageError(f"output directory {directory} does not exist: create it first")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {directory} is not writable")
+    if Path(path).is_dir():
+        raise UsageError(f"output {path} is a directory: give a file name")
+
+
+def _check_output_dir(path: str) -> None:
+    """Exit 2 at once when ``path`` is a file or cannot be created under its nearest parent."""
+    target = Path(path).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"products directory {target} is a file")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"products directory {target} cannot be written (in {existing})")
+
+
+def _check_input(path: str | None, what: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise UsageError(f"{what} {path}: no such file")
+
+
+# commands -------------------------------------------------------------------------------------
 def _cmd_simulate(args) -> int:
     from core.simulate import simulate_command
 
-    overrides = json.loads(args.set) if args.set else {}
+    try:
+        overrides = json.loads(args.set) if args.set else {}
+    except ValueError as exc:
+        raise UsageError(f"--set is not valid JSON: {exc}") from None
+    if not isinstance(overrides, dict):
+        raise UsageError("--set must be a JSON object, e.g. '{\"n_transients\": 10}'")
     paths = simulate_command(
         args.outdir, size=args.size, seed=args.seed, preset=args.preset, **overrides
     )
@@ -38,6 +162,45 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _config_lines(model, prefix: str = "") -> list[str]:
+    """``name = value  # description`` for every field of a pydantic model, sections nested."""
+    from pydantic import BaseModel
+
+    lines = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            lines.append(f"\n[{key}]  # {field.description or ''}".rstrip(" #"))
+            lines.extend(_config_lines(value, f"{key}."))
+            continue
+        bounds = [
+            f"{op} {getattr(m, attr)}"
+            for m in field.metadata
+            for op, attr in ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt"))
+            if getattr(m, attr, None) is not None
+        ]
+        note = field.description or ""
+        if bounds:
+            note = f"{note} ({', '.join(bounds)})"
+        lines.append(f"{key} = {json.dumps(value)}  # {note}")
+    return lines
+
+
+def _cmd_config(args) -> int:
+    from core.config import SubtractionConfig
+
+    config = SubtractionConfig()
+    if args.list:
+        print("# SubtractionConfig defaults: field = value  # description (bounds)")
+        print("# A --config file is JSON with any subset of these, nested by section, e.g.")
+        print('#   {"mode": "convolveScience", "kernel": {"spatial_kernel_order": 2}}')
+        print("\n".join(_config_lines(config)))
+    else:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+    return 0
+
+
 def _load_config(path, mode):
     from pydantic import ValidationError
 
@@ -50,6 +213,8 @@ def _load_config(path, mode):
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise InvalidConfigError(f"cannot read config {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidConfigError(f"config {path} must hold a JSON object (see `alsub config`)")
     if mode:
         data["mode"] = mode
     try:
@@ -60,27 +225,54 @@ def _load_config(path, mode):
         raise InvalidConfigError(f"config {where}: {first['msg']}") from None
 
 
+def _planes(args, role: str) -> dict[str, str]:
+    """The per-input plane files given for ``role`` (science or template), checked to exist."""
+    planes = {}
+    for kind in _PLANE_KINDS:
+        value = getattr(args, f"{role}_{kind}")
+        if value is not None:
+            _check_input(value, f"--{role}-{kind}")
+            planes[kind] = value
+    given = [k for k in ("variance", "noise", "weight") if k in planes]
+    if len(given) > 1:
+        raise UsageError(f"give only one of --{role}-{given[0]} and --{role}-{given[1]}")
+    return planes
+
+
 def _cmd_subtract(args) -> int:
+    config = _load_config(args.config, args.mode)  # bad configs fail before any reading
+    _check_input(args.science, "science")
+    _check_input(args.template, "template")
+    _check_input(args.sources, "--sources")
+    science_planes, template_planes = _planes(args, "science"), _planes(args, "template")
+    _check_output_file(args.output)
+    if args.products:
+        _check_output_dir(args.products)
+
     from core.io import read_exposure
     from core.products import write_difference, write_products
     from core.sources import read_catalog
     from core.subtract import run_subtraction
 
-    config = _load_config(args.config, args.mode)
+    progress = args.progress_display
     t0 = time.perf_counter()
-    science = read_exposure(args.science)
-    template = read_exposure(args.template)
+    progress("read", 0.0)
+    science = read_exposure(args.science, **science_planes)
+    template = read_exposure(args.template, **template_planes)
     sources = read_catalog(args.sources, wcs=science.wcs) if args.sources else None
-    result = run_subtraction(science, template, config, sources=sources)
+    result = run_subtraction(science, template, config, sources=sources, progress=progress)
+    progress("write", 1.0)
     write_difference(result, args.output)
     if args.products:
         write_products(result, args.products)
+    progress.clear()
     m = result.metrics
     quality = m.get("quality", {})
     print(
         f"mode={m.get('mode')} kernel_sum={m.get('kernel_sum', float('nan')):.4f} "
         f"sources={m.get('n_kernel_sources')} noise_ratio={m.get('noise_ratio', float('nan')):.3f} "
-        f"verdict={quality.get('verdict')} seconds={time.perf_counter() - t0:.2f}"
+        f"verdict={quality.get('verdict')} warnings={len(m.get('warnings', []))} "
+        f"seconds={time.perf_counter() - t0:.2f}"
     )
     for reason in quality.get("reasons", []):
         print(f"  {reason}")
@@ -88,7 +280,7 @@ def _cmd_subtract(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from app.server import serve  # the service lives outside core; imported only here
+    from app.server import serve
 
     serve(host=args.host, port=args.port, data_dir=args.data_dir, workers=args.workers)
     return 0
@@ -100,61 +292,205 @@ def _cmd_worker(args) -> int:
     return run_worker(args.celery_args) or 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alsub", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+# the parser -----------------------------------------------------------------------------------
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    p = sub.add_parser("subtract", help="subtract TEMPLATE from SCIENCE")
-    p.add_argument("science")
-    p.add_argument("template")
-    p.add_argument("-o", "--output", required=True, help="difference (or score) FITS to write")
+    try:
+        return version("alsub")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _add_plane_options(p: argparse.ArgumentParser, role: str) -> None:
+    group = p.add_argument_group(
+        f"{role} planes",
+        f"separate files for the {role} exposure (an image HDU each; they override the "
+        "planes of the file itself). At most one of variance, noise and weight.",
+    )
+    group.add_argument(
+        f"--{role}-variance", metavar="FILE", help=f"{role} variance map (image units squared)"
+    )
+    group.add_argument(
+        f"--{role}-noise", metavar="FILE", help=f"{role} 1-sigma noise map (e.g. JWST's ERR)"
+    )
+    group.add_argument(
+        f"--{role}-weight", metavar="FILE", help=f"{role} inverse-variance weight map"
+    )
+    group.add_argument(
+        f"--{role}-mask",
+        metavar="FILE",
+        help=f"{role} mask: named bits with MP_<NAME> cards, else any non-zero pixel is BAD",
+    )
+    group.add_argument(
+        f"--{role}-psf",
+        metavar="FILE",
+        help=f"{role} PSF image (2-D stamp, centred; or a 4-D grid with PSF_NODES)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    from core.simulate import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="alsub",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"alsub {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "subtract",
+        help="subtract a PSF-matched TEMPLATE from SCIENCE",
+        description="Subtract a PSF-matched template from a science exposure and write the "
+        "difference (or, with --mode preconvolve, the detection score image) as a multi-extension "
+        "FITS file (IMAGE, MASK, VARIANCE; readable with astropy's CCDData). Both images must be "
+        "on the same pixel grid.",
+    )
+    p.add_argument("science", help="science exposure: FITS file (MEF or a single image)")
+    p.add_argument("template", help="template exposure on the same pixel grid: FITS file")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="difference (or score) FITS to write"
+    )
     p.add_argument(
         "--mode",
         choices=["auto", "convolveTemplate", "convolveScience", "preconvolve"],
         default=None,
-        help="direction of convolution (default: config, else auto)",
+        help="direction of convolution, or preconvolve for the score image "
+        "(default: the config's, else auto)",
     )
-    p.add_argument("--config", help="SubtractionConfig as JSON")
-    p.add_argument("--sources", help="catalog (FITS table, CSV or JSON) of kernel sources")
-    p.add_argument("--products", help="directory for matched images, kernel, background, metrics")
+    p.add_argument(
+        "--config", metavar="FILE", help="SubtractionConfig as JSON (`alsub config` shows it)"
+    )
+    p.add_argument(
+        "--sources",
+        metavar="FILE",
+        help="catalog of kernel sources (FITS table, CSV or JSON; x/y pixels or ra/dec degrees)",
+    )
+    p.add_argument(
+        "--products",
+        metavar="DIR",
+        help="directory for all products: matched images, kernel, background, metrics.json",
+    )
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress line (it shows only on a terminal)"
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log messages (-vv: debug)"
+    )
+    _add_plane_options(p, "science")
+    _add_plane_options(p, "template")
     p.set_defaults(func=_cmd_subtract)
 
-    p = sub.add_parser("simulate", help="write a simulated science/template pair")
-    p.add_argument("outdir")
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default=None, help="named scenario, e.g. sharper_science")
-    p.add_argument("--set", default=None, help="JSON object of SimulationConfig overrides")
+    p = sub.add_parser(
+        "simulate",
+        help="write a simulated science/template pair with injected transients",
+        description="Write science.fits, template.fits and truth.json (stars, galaxies and the "
+        "transients injected into the science image, with their fluxes).",
+    )
+    p.add_argument("outdir", help="directory to write into (created)")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=PRESETS,
+        metavar="NAME",
+        help=f"named scenario: {', '.join(PRESETS)} (default: plain pair)",
+    )
+    p.add_argument(
+        "--set",
+        default=None,
+        metavar="JSON",
+        help="JSON object of SimulationConfig overrides, e.g. '{\"n_transients\": 0}'",
+    )
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("info", help="describe an exposure file")
-    p.add_argument("file")
+    p = sub.add_parser(
+        "config",
+        help="print the default SubtractionConfig (for --config files)",
+        description="Print the default configuration as JSON, ready to edit and pass with "
+        "`alsub subtract --config FILE` (any subset of fields will do), or with --list every "
+        "field with its description and bounds.",
+    )
+    p.add_argument(
+        "--list", action="store_true", help="one line per field: value, description, bounds"
+    )
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser(
+        "info",
+        help="describe an exposure file",
+        description="Print what the reader finds in a FITS file (JSON): shape, planes, PSF, WCS.",
+    )
+    p.add_argument("file", help="FITS file to describe")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("serve", help="run the HTTP service with an embedded worker")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--workers", type=int, default=None)
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP service with an embedded worker",
+        description="Run the HTTP API (OpenAPI docs at /docs) and a local worker; no external "
+        "server needed. With ALSUB_REDIS_URL set, Redis holds the queue and job records.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="exposures, products and job records (default: ALSUB_DATA_DIR, else ./alsub-data)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="jobs the embedded worker runs in parallel (default: ALSUB_WORKER_CONCURRENCY); "
+        "0 runs the API alone",
+    )
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("worker", help="run a worker for the distributed deployment")
-    p.add_argument("celery_args", nargs=argparse.REMAINDER)
+    p = sub.add_parser(
+        "worker",
+        help="run a worker for the distributed deployment",
+        description="Run a Celery worker taking jobs from Redis (ALSUB_REDIS_URL) and sharing "
+        "ALSUB_DATA_DIR with the API.",
+    )
+    p.add_argument(
+        "celery_args",
+        nargs=argparse.REMAINDER,
+        metavar="CELERY_ARGS",
+        help="extra `celery worker` arguments, e.g. --concurrency 4",
+    )
     p.set_defaults(func=_cmd_worker)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``alsub`` command line; return the exit status."""
     args = _parser().parse_args(argv)
+    show = not getattr(args, "quiet", True) and sys.stderr.isatty()
+    args.progress_display = _Progress(show)
+    service = args.func in (_cmd_serve, _cmd_worker)  # the service sets up its own logs
     try:
-        return args.func(args)
+        with (
+            contextlib.nullcontext()
+            if service
+            else _logging_to_stderr(getattr(args, "verbose", 0), args.progress_display)
+        ):
+            return args.func(args)
     except AlsubError as exc:
+        args.progress_display.clear()
         print(f"alsub: error: {exc.message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except FileNotFoundError as exc:
+        args.progress_display.clear()
         print(f"alsub: error: no such file: {exc.filename}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        args.progress_display.clear()
         return 130
 
 

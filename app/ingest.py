@@ -7,6 +7,8 @@ the reader's message. Stored blobs are content-addressed (sha256).
 
 from __future__ import annotations
 
+import io
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
@@ -27,7 +29,13 @@ __all__ = [
     "writer_from_upload",
     "writer_from_file",
     "read_capped",
+    "PLANE_KINDS",
+    "combine_planes",
+    "with_form_planes",
 ]
+
+#: Per-input planes an exposure can be given with (`core.io.read_exposure` keywords).
+PLANE_KINDS = ("variance", "noise", "weight", "mask", "psf")
 
 _CHUNK = 1 << 20
 
@@ -155,6 +163,114 @@ async def ingest_exposure(
         store.exposures.write_meta(sha, meta)
     await run_in_threadpool(store.records.add_owner, "exposure", sha, owner)
     return sha, meta
+
+
+class _NamedBytes(io.BytesIO):
+    """In-memory file whose name the reader's messages use (never a server path)."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.name = name
+
+
+def _combined_bytes(image: Path, planes: dict[str, Path], settings: Settings, label: str) -> bytes:
+    from core.io import exposure_to_bytes, read_exposure
+
+    given = [kind for kind in ("variance", "noise", "weight") if kind in planes]
+    if len(given) > 1:
+        raise ApiError(422, "invalid_request", f"{label}: give only one of {', '.join(given)}")
+    # planes of up to max_pixels 8-byte values, plus headers
+    limit = 8 * settings.max_pixels + (1 << 20)
+    specs = {
+        kind: _NamedBytes(
+            _gunzipped(
+                read_capped(open(path, "rb"), settings.max_upload_bytes, f"the {label} {kind}"),
+                limit,
+            ),
+            f"{kind} plane",  # not the label: it is recorded in the file, which must not
+        )  # depend on how the planes arrived (upload, form field or URI)
+        for kind, path in planes.items()
+    }
+    exposure = read_exposure(image, max_pixels=settings.max_pixels, name=label, **specs)
+    return exposure_to_bytes(exposure)
+
+
+def _gunzipped(data: bytes, limit: int) -> bytes:
+    """``data`` decompressed when gzipped (astropy gunzips paths, not file objects), capped."""
+    if data[:2] != b"\x1f\x8b":
+        return data
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise ApiError(422, "invalid_exposure", f"a plane is not valid gzip data ({exc})") from None
+    if len(out) > limit:
+        raise ApiError(413, "upload_too_large", "a gzipped plane decompresses past the pixel limit")
+    return out
+
+
+async def combine_planes(
+    writer: BlobWriter,
+    planes: dict[str, Path],
+    store: Store,
+    settings: Settings,
+    label: str,
+) -> BlobWriter:
+    """One exposure file from an image and its separate planes, in a new uncommitted writer.
+
+    The image and planes are read by the core reader (``planes`` maps a `PLANE_KINDS`
+    name to a file) and written in the MEF layout (IMAGE, MASK, VARIANCE[, PSF]); the
+    result is content-addressed like any upload, so the same image with another noise
+    map, mask or PSF is another exposure. ``writer`` is consumed (aborted).
+
+    Raises
+    ------
+    core.errors.AlsubError
+        A plane cannot be read or does not fit the image (answered 422).
+    """
+    try:
+        data = await run_in_threadpool(_combined_bytes, writer.path, planes, settings, label)
+    finally:
+        writer.abort()
+    combined = store.exposures.writer(len(data))  # our own output: the upload cap is not its
+    return await _fill(combined, _once(data))
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def with_form_planes(
+    writer: BlobWriter, form, prefix: str, store: Store, settings: Settings, label: str
+) -> BlobWriter:
+    """``writer`` combined with the plane files of a multipart form (fields ``prefix + kind``).
+
+    Returns ``writer`` itself when the form has no plane; else a new writer from
+    `combine_planes` (``writer`` is then consumed). On any error ``writer`` is aborted.
+    """
+    planes: dict[str, Path] = {}
+    plane_writers: list[BlobWriter] = []
+    try:
+        for kind in PLANE_KINDS:
+            part = form.get(prefix + kind)
+            if part is None:
+                continue
+            if isinstance(part, str):
+                raise ApiError(
+                    422, "invalid_request", f"form field {prefix + kind!r} must be a file"
+                )
+            plane = await writer_from_upload(part, store.exposures, settings.max_upload_bytes)
+            plane_writers.append(plane)
+            planes[kind] = plane.path
+        if not planes:
+            return writer
+        return await combine_planes(writer, planes, store, settings, label)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for plane in plane_writers:
+            plane.abort()
 
 
 def _check_catalog(data: bytes) -> None:

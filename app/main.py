@@ -1,8 +1,9 @@
 """The FastAPI application: `create_app` builds it from `Settings`.
 
 Routers: ``/v1/exposures``, ``/v1/subtractions``, and ``/healthz``, ``/readyz``,
-``/metrics``. Shared things (settings, store, queue client, metrics registry)
-live on ``app.state`` and reach handlers through ``Depends``.
+``/metrics``; documentation at ``/docs`` and ``/redoc`` from local assets. Shared
+things (settings, store, queue client, metrics registry) live on ``app.state`` and
+reach handlers through ``Depends``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from store import Settings, open_store
 from store.maintenance import clean_disk
 from store.sweeper import sweep_stale_jobs
 
+from .docs import install_docs
 from .errors import install_error_handlers
 from .metrics import ServiceMetrics
 from .queue import JobQueue
@@ -33,7 +35,10 @@ _DESCRIPTION = """
 Alard-Lupton image subtraction as a service.
 
 1. Upload exposures to `POST /v1/exposures` (FITS body or multipart `file`), or reference
-   them by `file://` URI under the configured roots.
+   them by `file://` URI under the configured roots. An exposure's separate planes
+   (`variance` or `noise` or `weight`, `mask`, `psf`) go as further multipart files with
+   the upload, as `planes` URIs of an input, or as `science_noise`-style fields of the
+   one-shot form; an image with its planes is stored (and addressed) as one exposure.
 2. Submit `POST /v1/subtractions`; poll `GET /v1/subtractions/{id}` until `state` is
    `succeeded` or `failed` (or pass a `callback_url`).
 3. Download `GET /v1/subtractions/{id}/products/difference` (FITS, `?format=png`, cutouts).
@@ -79,6 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Image subtraction for time-domain astronomy",
         description=_DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # replaced by install_docs: local assets, no CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.store = open_store(settings)
@@ -88,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(exposures.router)
     app.include_router(subtractions.router)
     app.include_router(health.router)
+    install_docs(app)
 
     @app.middleware("http")
     async def _count_requests(request: Request, call_next):

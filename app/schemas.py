@@ -23,9 +23,11 @@ __all__ = [
     "CheckOut",
     "ReadyOut",
     "Mode",
+    "PlaneKind",
 ]
 
 Mode = Literal["auto", "convolveTemplate", "convolveScience", "preconvolve"]
+PlaneKind = Literal["variance", "noise", "weight", "mask", "psf"]
 _SHA = "9f2c3a6b8d1e4f5a7b9c0d2e3f4a5b6c7d8e9f0a1b2c3d4e5f6a7b8c9d0e1f2a"
 
 
@@ -77,10 +79,23 @@ class InputRef(BaseModel):
         examples=["file:///data/incoming/visit-1234.fits"],
     )
 
+    planes: dict[PlaneKind, str] | None = Field(
+        None,
+        description="Separate planes of this input as file:// URIs under the allowed roots: "
+        "variance, noise (1-sigma) or weight (at most one), mask, psf. The image and its planes "
+        "are stored as one exposure (content-addressed as a whole). To upload planes instead, "
+        "send them with the image to POST /v1/exposures and use the id it returns.",
+        examples=[{"noise": "file:///data/incoming/visit-1234.err.fits"}],
+    )
+
     @model_validator(mode="after")
     def _exactly_one(self) -> InputRef:
         if (self.exposure_id is None) == (self.uri is None):
             raise ValueError("give exactly one of exposure_id or uri")
+        if self.planes:
+            given = [k for k in ("variance", "noise", "weight") if k in self.planes]
+            if len(given) > 1:
+                raise ValueError(f"give only one of {', '.join(given)}")
         return self
 
 
@@ -171,7 +186,12 @@ class JobOut(BaseModel):
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
         description="queued -> running -> succeeded | failed; cancelled on request."
     )
-    mode: str = Field(examples=["auto"])
+    mode: str = Field(
+        description="Direction of convolution: the chosen one (convolveTemplate, "
+        "convolveScience or preconvolve) once the run has chosen, else the requested one.",
+        examples=["convolveTemplate"],
+    )
+    requested_mode: str = Field(description="The mode the request asked for.", examples=["auto"])
     created_at: str | None = Field(None, examples=["2025-01-31T12:00:00.123456Z"])
     updated_at: str | None = None
     started_at: str | None = None
@@ -179,7 +199,10 @@ class JobOut(BaseModel):
     science: dict[str, Any] = Field(description="exposure_id (and uri when given by URI).")
     template: dict[str, Any] = Field(description="exposure_id (and uri when given by URI).")
     sources_id: str | None = Field(None, description="sha256 of the stored source catalog.")
-    config: dict[str, Any] = Field(description="The SubtractionConfig overrides of the request.")
+    config: dict[str, Any] | None = Field(
+        None,
+        description="The full SubtractionConfig of the job; only with ?include=config.",
+    )
     progress: Progress
     timings: dict[str, float] = Field(
         description="Seconds per stage.", examples=[{"queue_wait": 0.2, "subtraction": 3.1}]

@@ -110,11 +110,12 @@ class KernelConfig(_Config):
         "warning only).",
     )
     min_stamps_per_spatial_term: float = Field(
-        2.0,
+        3.0,
         ge=1,
         le=100,
-        description="Good stamps needed per Chebyshev term; fewer lower the spatial orders "
-        "(down to 0: a constant kernel and background).",
+        description="Good stamps needed per Chebyshev term (order 1: 9, order 2: 18); fewer "
+        "lower the spatial orders (down to 0: a constant kernel and background). Each "
+        "term multiplies every basis coefficient, so a few stamps per term overfit.",
     )
     max_spatial_design_condition: float = Field(
         100.0,
@@ -254,6 +255,13 @@ class ScaleVarianceConfig(_Config):
     correlation_radius: int = Field(
         3, ge=1, le=16, description="Largest lag (px) of a measured noise autocorrelation."
     )
+    correlation_window: int = Field(
+        1024,
+        ge=64,
+        le=65536,
+        description="Side of the central window the pixel-scale noise and its correlation "
+        "are measured in.",
+    )
     min_sky_pixels: int = Field(
         10000, ge=100, le=10**8, description="Fewest sky pixels to measure a noise correlation."
     )
@@ -324,6 +332,13 @@ class QualityConfig(_Config):
         le=1e30,
         description="Spatial condition number above which the fit is suspect.",
     )
+    max_score_excess: float = Field(
+        1.5,
+        ge=1,
+        le=100,
+        description="Score scatter on sky above this many times its propagated noise "
+        "(before the noise floor was added): suspect.",
+    )
     max_registration_rms: float = Field(
         0.3, gt=0, le=100, description="Registration residual rms (px) above which: suspect."
     )
@@ -345,6 +360,13 @@ class SubtractionConfig(_Config):
         description="Refit the subtracted background on every sky pixel of the difference, "
         "not only the kernel stamps (same Chebyshev order); the score image, smoothed by the "
         "PSF, shows stamp-only background errors at several sigma.",
+    )
+    score_noise_tolerance: float = Field(
+        1.1,
+        ge=1,
+        le=100,
+        description="When the score's scatter on sky exceeds its propagated noise by more than "
+        "this factor, the excess is added to its variance as a constant floor.",
     )
     preconvolve_via_difference: bool = Field(
         True,

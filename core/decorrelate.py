@@ -244,12 +244,11 @@ def noise_power(noise_correlation: np.ndarray | None, shape: tuple[int, int]) ->
 
     Its mean over frequency is 1 (the autocorrelation is 1 at lag 0), so a variance
     times it is the noise power spectrum; 1.0 (white) when None. Measured
-    autocorrelations can give slightly negative powers: they are floored.
+    autocorrelations can give slightly negative powers: they are set to 0.
     """
     if noise_correlation is None:
         return 1.0
-    power = _spectrum(noise_correlation, shape).real
-    return np.maximum(power, _NOISE_POWER_FLOOR)
+    return np.maximum(_spectrum(noise_correlation, shape).real, 0.0)
 
 
 def decorrelation_filters(
@@ -292,15 +291,19 @@ def decorrelation_filters(
     numerator = v + vt * kernel_sum**2
     power1 = noise_power(correlations[0], shape)
     power2 = noise_power(correlations[1], shape)
+    # the filter sees a floored power (it must not amplify frequencies resampling left
+    # almost empty); the variance weights below use the true power
+    floor1 = np.maximum(power1, _NOISE_POWER_FLOOR)
+    floor2 = np.maximum(power2, _NOISE_POWER_FLOOR)
     preconv_hat = None
     if preconv_image is None:
-        phi = np.sqrt(numerator / (v * power1 + vt * kernel_power * power2))
+        phi = np.sqrt(numerator / (v * floor1 + vt * kernel_power * floor2))
         phi2 = phi * phi
         w1 = _rfft_mean(phi2 * power1, shape)
     else:
         preconv_hat = _spectrum(preconv_image, shape)
         preconv_power = np.maximum(preconv_hat.real**2 + preconv_hat.imag**2, _PSF_POWER_FLOOR)
-        phi = numerator / (v * power1 + vt * kernel_power * power2 / preconv_power)
+        phi = numerator / (v * floor1 + vt * kernel_power * floor2 / preconv_power)
         phi2 = phi * phi
         w1 = _rfft_mean(preconv_power * phi2 * power1, shape)
     w2 = _rfft_mean(kernel_power * phi2 * power2, shape)

@@ -10,6 +10,7 @@ __all__ = [
     "InvalidCatalogError",
     "InvalidConfigError",
     "IncompatibleInputsError",
+    "IdenticalInputsError",
     "PsfError",
     "InsufficientSourcesError",
     "NoKernelCandidatesError",
@@ -54,6 +55,12 @@ class IncompatibleInputsError(AlsubError):
     """Science and template cannot be subtracted (shape, WCS or band differ)."""
 
     code = "incompatible_inputs"
+
+
+class IdenticalInputsError(IncompatibleInputsError):
+    """Science and template hold the same pixels: their difference says nothing."""
+
+    code = "identical_inputs"
 
 
 class PsfError(AlsubError):

@@ -29,6 +29,22 @@ The sky level ``sky`` and sky noise ``sigma`` are measured with
   gives the source Poisson term, otherwise there is none.
 
 What was done is recorded in `Exposure.variance_source`.
+
+astropy's CCDData and this module
+---------------------------------
+Pixels, headers, WCS, units and gzip go through astropy (`astropy.io.fits`,
+`astropy.wcs`, `astropy.units`). The CCDData reader and writer
+(`astropy.nddata.fits_ccddata_reader`/``CCDData.to_hdu``) are not used for the
+files themselves because they do a different job: the writer stores the mask as
+one boolean byte plane (Rubin's named ``MP_<NAME>`` bits would be lost) in an
+``UNCERT`` extension layout Rubin's tools do not read; the reader takes one data
+HDU with same-file planes, so it cannot model a variance from GAIN/RDNOISE or
+the sky, read separate noise/weight/mask/PSF files, PSF grids, or refuse
+truncated and oversized files before loading them. Instead the files this
+module writes follow the conventions the CCDData reader understands (BUNIT on
+IMAGE, ``UTYPE = VarianceUncertainty`` on VARIANCE, a MASK extension), so
+``CCDData.read(path, hdu="IMAGE", hdu_uncertainty="VARIANCE", hdu_mask="MASK")``
+works on them, and `to_ccddata`/`from_ccddata` convert in memory.
 """
 
 from __future__ import annotations
@@ -63,10 +79,14 @@ __all__ = [
     "read_exposure",
     "write_exposure",
     "write_hdulist_atomic",
+    "file_mode",
     "exposure_to_hdulist",
     "exposure_to_bytes",
     "describe_exposure",
     "estimate_variance",
+    "to_ccddata",
+    "from_ccddata",
+    "image_unit",
     "DEFAULT_MAX_PIXELS",
     "MIN_IMAGE_SIDE",
 ]
@@ -1167,6 +1187,10 @@ def exposure_to_hdulist(
     image_header["CUNIT1A"], image_header["CUNIT2A"] = "PIXEL", "PIXEL"
     image_header["WCSNAMEA"] = "PHYSICAL"
     image_header["LTV1"], image_header["LTV2"] = -float(x0), -float(y0)
+    # astropy's CCDData/NDData readers take the unit from BUNIT of the data HDU and the
+    # uncertainty's kind from UTYPE of its HDU (see `to_ccddata` for the documented call).
+    unit = image_unit(exposure)
+    image_header["BUNIT"] = (_unit_card(unit), "unit of IMAGE")
     image_hdu = fits.ImageHDU(exposure.image.astype(np.float32), header=image_header, name="IMAGE")
 
     mask_header = fits.Header()
@@ -1178,6 +1202,8 @@ def exposure_to_hdulist(
     source = exposure.variance_source
     if source.isascii() and source.isprintable():
         variance_header["VARSRC"] = source
+    variance_header["BUNIT"] = (_unit_card(unit**2), "unit of VARIANCE")
+    variance_header["UTYPE"] = ("VarianceUncertainty", "astropy uncertainty class")
     variance_hdu = fits.ImageHDU(
         exposure.variance.astype(np.float32), header=variance_header, name="VARIANCE"
     )
@@ -1194,6 +1220,24 @@ def exposure_to_bytes(
     buffer = io.BytesIO()
     exposure_to_hdulist(exposure, extra_header).writeto(buffer)
     return buffer.getvalue()
+
+
+def file_mode() -> int:
+    """Permission bits of a newly created product file: ``0o666`` less the process umask.
+
+    Temporary files are created 0600; every product gets this mode before its
+    rename, so all products of a run share one mode, as ``open()`` would give.
+    """
+    try:
+        with open("/proc/self/status") as status:  # Linux: reading it leaves the umask alone
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_hdulist_atomic(
@@ -1226,7 +1270,7 @@ def write_hdulist_atomic(
             hdulist.writeto(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)
+        os.chmod(tmp_name, file_mode())
         os.replace(tmp_name, path)
     except BaseException:
         try:
@@ -1260,6 +1304,161 @@ def write_exposure(
     `pathlib.Path`
     """
     return write_hdulist_atomic(exposure_to_hdulist(exposure, extra_header), path, overwrite)
+
+
+# --------------------------------------------------------------------------- astropy
+#: Unit of an image whose header names none: raw detector counts.
+_DEFAULT_UNIT = "adu"
+
+
+def image_unit(exposure: Exposure) -> Any:
+    """The astropy unit of ``exposure.image``: its BUNIT when astropy understands it, else adu.
+
+    Parameters
+    ----------
+    exposure : `core.exposure.Exposure`
+
+    Returns
+    -------
+    `astropy.units.UnitBase`
+    """
+    from astropy import units as u
+    from astropy.nddata import CCDData
+
+    text = next((v for k, v in exposure.metadata.items() if str(k).upper() == "BUNIT"), None)
+    if isinstance(text, str) and text.strip():
+        # FITS writes ADU upper case; astropy spells it adu. Common invalid spellings
+        # ("ELECTRONS/S") are mapped as CCDData's reader maps them.
+        text = text.strip().lower() if text.strip().lower() == "adu" else text.strip()
+        text = CCDData.known_invalid_fits_unit_strings.get(text, text)
+        unit = u.Unit(text, parse_strict="silent")
+        if not isinstance(unit, u.UnrecognizedUnit):
+            return unit
+    return u.Unit(_DEFAULT_UNIT)
+
+
+def _unit_card(unit: Any) -> str:
+    """BUNIT text: the FITS spelling where the standard has the unit, else astropy's."""
+    try:
+        return unit.to_string(format="fits") or ""
+    except ValueError:  # e.g. electron, not a FITS-standard unit; astropy reads it back
+        return unit.to_string()
+
+
+def to_ccddata(exposure: Exposure, mask_planes: list[str] | None = None) -> Any:
+    """The exposure as an `astropy.nddata.CCDData` (image, variance, boolean mask, WCS).
+
+    The same as reading a file alsub wrote with
+    ``CCDData.read(path, hdu="IMAGE", hdu_uncertainty="VARIANCE", hdu_mask="MASK")``.
+
+    Parameters
+    ----------
+    exposure : `core.exposure.Exposure`
+    mask_planes : list of str, optional
+        Planes whose pixels are True in the mask; default every plane (mask != 0).
+
+    Returns
+    -------
+    `astropy.nddata.CCDData`
+        ``uncertainty`` a `~astropy.nddata.VarianceUncertainty`; ``mask`` boolean, as
+        astropy expects (the named bits are not kept: use the exposure for those);
+        ``meta`` the metadata that fits in FITS cards.
+    """
+    from astropy.nddata import CCDData, VarianceUncertainty
+
+    if mask_planes is None:
+        mask = exposure.mask != 0
+    else:
+        mask = (exposure.mask & exposure.mask_planes.get_bitmask(mask_planes)) != 0
+    meta = fits.Header()
+    for key, value in exposure.metadata.items():
+        if _STANDARD_KEY.match(str(key)) and _card_round_trips(str(key), _plain(value)):
+            meta[str(key)] = _plain(value)
+    unit = image_unit(exposure)
+    return CCDData(
+        exposure.image.copy(),
+        unit=unit,
+        uncertainty=VarianceUncertainty(exposure.variance.copy(), unit=unit**2),
+        mask=mask,
+        wcs=exposure.wcs,
+        meta=meta,
+    )
+
+
+def from_ccddata(ccd: Any, psf: Psf | None = None) -> Exposure:
+    """An exposure from an `astropy.nddata.CCDData` (or any NDData with a unit).
+
+    Parameters
+    ----------
+    ccd : `astropy.nddata.CCDData`
+        Its uncertainty may be a standard deviation, a variance or an inverse
+        variance; without one the variance is estimated as `read_exposure` does.
+        A boolean mask (CCDData's are always boolean) becomes the BAD plane; the
+        integer mask of a plain NDData keeps its bits, named by ``MP_<NAME>`` cards
+        in ``meta`` when it has them.
+    psf : `core.psf.Psf`, optional
+
+    Returns
+    -------
+    `core.exposure.Exposure`
+
+    Raises
+    ------
+    InvalidExposureError
+        Not 2-D, or planes of different shapes.
+    """
+    from astropy.nddata import InverseVariance, StdDevUncertainty, VarianceUncertainty
+
+    image = np.asarray(ccd.data, dtype=np.float32)
+    if image.ndim != 2:
+        raise InvalidExposureError(f"CCDData is {image.ndim}-D, expected 2-D")
+    header = fits.Header(dict(ccd.meta)) if not isinstance(ccd.meta, fits.Header) else ccd.meta
+    variance: np.ndarray | None = None
+    unc = ccd.uncertainty
+    if unc is not None:
+        array = np.asarray(unc.array, dtype=np.float64)
+        if isinstance(unc, VarianceUncertainty):
+            variance = array
+        elif isinstance(unc, InverseVariance):
+            with np.errstate(divide="ignore"):
+                variance = np.where(array > 0, 1.0 / array, np.inf)
+        elif isinstance(unc, StdDevUncertainty):
+            variance = array**2
+        else:
+            raise InvalidExposureError(f"CCDData uncertainty {type(unc).__name__} not supported")
+    hdus = [fits.PrimaryHDU(header=_ccd_header(header, ccd))]
+    hdus.append(fits.ImageHDU(image, header=_ccd_wcs_header(ccd), name="IMAGE"))
+    if ccd.mask is not None:
+        mask = np.asarray(ccd.mask)
+        mask_header = fits.Header()
+        if mask.dtype != np.bool_:  # an integer mask keeps its named bits
+            for card in header.cards:
+                if str(card.keyword).upper().startswith("MP_"):
+                    mask_header[f"HIERARCH {card.keyword}"] = card.value
+        # a boolean mask is bit 0, which Rubin's layout (the default) names BAD
+        hdus.append(fits.ImageHDU(mask.astype(np.int32), header=mask_header, name="MASK"))
+    if variance is not None:
+        hdus.append(fits.ImageHDU(variance.astype(np.float32), name="VARIANCE"))
+    buffer = io.BytesIO()
+    fits.HDUList(hdus).writeto(buffer)
+    return read_exposure(buffer.getvalue(), psf=psf, name="CCDData")
+
+
+def _ccd_header(meta: fits.Header, ccd: Any) -> fits.Header:
+    """Primary header of the in-memory MEF: the metadata cards and the unit."""
+    header = fits.Header()
+    for card in meta.cards:
+        key = str(card.keyword).upper()
+        if key.startswith("MP_") or _STRUCTURAL.match(key) or _WCS_KEYS.match(key):
+            continue
+        header.append(card)
+    if ccd.unit is not None:
+        header["BUNIT"] = _unit_card(ccd.unit)
+    return header
+
+
+def _ccd_wcs_header(ccd: Any) -> fits.Header:
+    return ccd.wcs.to_header(relax=True) if ccd.wcs is not None else fits.Header()
 
 
 # --------------------------------------------------------------------------- describe

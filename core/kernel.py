@@ -35,6 +35,7 @@ from .basis import KernelBasis, _monomial_powers
 from .config import KernelConfig
 from .errors import InvalidCatalogError, KernelSolutionError, NoKernelCandidatesError
 from .exposure import Exposure
+from .io import file_mode
 from .task import Task
 
 __all__ = [
@@ -124,6 +125,7 @@ def _atomic_write(hdul: fits.HDUList, path: str | os.PathLike) -> None:
     os.close(fd)
     try:
         hdul.writeto(tmp, overwrite=True)
+        os.chmod(tmp, file_mode())  # the mode of every other product, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

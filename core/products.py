@@ -15,7 +15,7 @@ from typing import Any
 
 from astropy.io import fits
 
-from .io import write_exposure, write_hdulist_atomic
+from .io import file_mode, write_exposure, write_hdulist_atomic
 
 __all__ = ["write_difference", "write_products", "metrics_header", "json_safe", "PRODUCT_NAMES"]
 
@@ -87,6 +87,7 @@ def _write_json_atomic(data: Any, path: Path) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(json_safe(data), handle, indent=2, allow_nan=False)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -130,6 +130,13 @@ def assess_quality(
             SUSPECT,
             f"the kernel solution is ill-conditioned (condition number {condition:.3g})",
         )
+    excess = metrics.get("score_noise_ratio_propagated")
+    if isinstance(excess, int | float) and excess > config.max_score_excess:
+        verdict.add(
+            SUSPECT,
+            f"the score scattered {excess:.2f}x its propagated noise on empty sky (crowding or "
+            "PSF mismatch); its variance includes that floor, so faint detections are fewer",
+        )
     registration = metrics.get("registration")
     if isinstance(registration, dict):
         rms = registration.get("rms_px", registration.get("rms"))

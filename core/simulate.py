@@ -42,6 +42,7 @@ __all__ = [
     "simulate_command",
     "preset",
     "PRESETS",
+    "demo_transients",
 ]
 
 #: Names accepted by `preset`.
@@ -885,6 +886,12 @@ def _merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def demo_transients(config: SimulationConfig) -> int:
+    """Transients of a demonstration pair: about 20 per 512x512, at least 5."""
+    ny, nx = config.shape
+    return max(5, int(round(20 * nx * ny / 512.0**2)))
+
+
 def preset(name: str, size: int | tuple[int, int] = 512, seed: int = 0) -> SimulationConfig:
     """A named scenario used by tests and benchmarks.
 
@@ -899,7 +906,7 @@ def preset(name: str, size: int | tuple[int, int] = 512, seed: int = 0) -> Simul
     base = SimulationConfig(size=size, seed=seed)
     ny, nx = base.shape
     per_area = nx * ny / 512.0**2
-    settings: dict[str, Any] = {"n_transients": max(5, int(round(20 * per_area)))}
+    settings: dict[str, Any] = {"n_transients": demo_transients(base)}
     if name == "sharper_template":
         settings |= {
             "science_psf": {"fwhm": 4.0, "ellipticity": 0.05, "angle": 20.0},
@@ -962,13 +969,19 @@ def simulate_command(
         One of `PRESETS` as the starting configuration.
     **overrides
         Any `SimulationConfig` field; nested sections merge (``science_psf={"fwhm": 5}``).
+        Without a preset the pair gets `demo_transients` transients unless
+        ``n_transients`` is given (a demo pair should have something to find).
 
     Raises
     ------
     InvalidConfigError
         Unknown preset or field, or a value out of range.
     """
-    base = _preset(preset, size, seed) if preset else SimulationConfig(size=size, seed=seed)
+    if preset:
+        base = _preset(preset, size, seed)
+    else:
+        base = SimulationConfig(size=size, seed=seed)
+        base = base.model_copy(update={"n_transients": demo_transients(base)})
     try:
         config = SimulationConfig.model_validate(_merge(base.model_dump(), overrides))
     except ValidationError as exc:

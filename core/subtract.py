@@ -24,6 +24,7 @@ from .config import SubtractionConfig
 from .convolve import convolve_exposure
 from .decorrelate import decorrelate_difference
 from .errors import (
+    IdenticalInputsError,
     IncompatibleInputsError,
     InsufficientSourcesError,
     KernelSolutionError,
@@ -33,6 +34,7 @@ from .errors import (
 )
 from .exposure import Exposure
 from .kernel import BackgroundModel, SpatialKernel, chebyshev_terms, fit_psf_matching_kernel
+from .logcapture import collect_warnings
 from .metrics import (
     NOISE_MASK_PLANES,
     compute_difference_metrics,
@@ -52,6 +54,7 @@ __all__ = [
     "AlardLuptonSubtractTask",
     "AlardLuptonPreconvolveSubtractTask",
     "run_subtraction",
+    "check_not_identical",
 ]
 
 log = logging.getLogger("alsub.subtract")
@@ -741,7 +744,48 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
             with self.timer("metrics"):
                 result.metrics = self._base_metrics(result, science)
                 result.metrics["n_interpolated"] = int(self.metadata.get("nInterpolated", 0))
+                result.metrics["score_noise_ratio_propagated"] = self.metadata.get(
+                    "scoreNoiseRatioPropagated"
+                )
         return self._finish(result, science, template)
+
+    def _add_score_noise_floor(self, score: Exposure) -> None:
+        """Add to the score's variance the sky scatter its propagation does not explain.
+
+        Each score pixel is a matched-filter value, so residual structure on the PSF
+        scale (unresolved stars not matched to the last percent in a crowded field, PSF
+        mismatch) is noise for it, though not pixel noise: the propagated variance then
+        understates the scatter of the score on empty sky (SAAO bulge frames in poor
+        seeing: 1.6-2.9x). As Rubin scales input variances to the measured noise, the
+        excess is measured on sky pixels and added as a constant floor, so that
+        score / sqrt(variance) is an honest S/N; the ratio before goes to the metrics
+        and, when large, to the verdict.
+        """
+        good = ~score.masked(NOISE_MASK_PLANES) & ~self.source_mask
+        good &= np.isfinite(score.image) & np.isfinite(score.variance) & (score.variance > 0)
+        if np.count_nonzero(good) < 100:
+            return
+        values = score.image[good].astype(np.float64)
+        variance = score.variance[good].astype(np.float64)
+        ratio = float(mad_std(values / np.sqrt(variance)))
+        self.metadata["scoreNoiseRatioPropagated"] = ratio
+        if not ratio > self.config.score_noise_tolerance:
+            return
+        # the constant e with robust std of score / sqrt(variance + e) equal to 1
+        low, high = 0.0, float(np.median(variance)) * ratio**2
+        for _ in range(40):
+            floor = 0.5 * (low + high)
+            if mad_std(values / np.sqrt(variance + floor)) > 1.0:
+                low = floor
+            else:
+                high = floor
+        score.variance += np.float32(high)
+        self.metadata["scoreNoiseFloor"] = high
+        self.notes.append(
+            f"the score's scatter on sky was {ratio:.2f}x its propagated noise (structure on "
+            "the PSF scale: crowding or PSF mismatch); a constant noise floor was added to its "
+            "variance so that score/sqrt(variance) is an honest S/N"
+        )
 
     def _preconvolution_kernel(self, science: Exposure) -> np.ndarray:
         """Unit-sum science PSF at its average position, applied by correlation (decision 1)."""
@@ -832,6 +876,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         frame = np.ones(score.shape, dtype=bool)
         frame[half : -half or None, half : -half or None] = False
         score.set_plane("EDGE", frame)
+        self._add_score_noise_floor(score)
         return SubtractionResult(
             score=score,
             matched_template=matched_template,
@@ -861,18 +906,54 @@ def run_subtraction(
         Catalog with x, y (and optionally flux); detected on the science image if None.
     progress : callable(stage, fraction) or None
         Called as each stage starts.
+
+    Returns
+    -------
+    `SubtractionResult`
+        ``metrics["warnings"]`` lists the task's warnings and then those core logged
+        during the run (`core.logcapture`).
+
+    Raises
+    ------
+    IdenticalInputsError
+        Science and template hold the same pixels (the difference would be empty).
     """
     config = config or SubtractionConfig()
+    check_not_identical(science, template)
     task_class = (
         AlardLuptonPreconvolveSubtractTask
         if config.mode == "preconvolve"
         else AlardLuptonSubtractTask
     )
     task = task_class(config=config, progress=progress)
-    result = task.run(template, science, sources)
+    with collect_warnings() as logged:
+        result = task.run(template, science, sources)
+    # the task's own concerns first, then what core logged (kernel fit, decorrelation, io)
+    task_warnings = list(result.metrics.get("warnings", []))
+    result.metrics["warnings"] = task_warnings + [w for w in logged if w not in task_warnings]
     if progress is not None:
         progress("done", 1.0)
     return result
+
+
+def check_not_identical(science: Exposure, template: Exposure) -> None:
+    """Raise `IdenticalInputsError` when both images hold the same pixel values.
+
+    Parameters
+    ----------
+    science, template : `Exposure`
+
+    Raises
+    ------
+    IdenticalInputsError
+    """
+    if science.image.shape == template.image.shape and np.array_equal(
+        science.image, template.image
+    ):
+        raise IdenticalInputsError(
+            "science and template are the same image (identical pixels): give a template "
+            "taken at another time"
+        )
 
 
 # helpers ------------------------------------------------------------------------------------

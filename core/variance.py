@@ -169,17 +169,27 @@ def _pixel_scale_estimate(exposure: Exposure, config: ScaleVarianceConfig) -> fl
     good = _good(exposure, config)
     image = exposure.image.astype(np.float64)
     variance = exposure.variance.astype(np.float64)
-    # every step-th row (for differences along x) and column (along y): ~1e6 pixels each
-    step = max(1, int(image.size // _SAMPLE_PIXELS))
     values = []
-    for view in (np.s_[::step, :], np.s_[:, ::step]):
-        img, var, ok = image[view], variance[view], good[view]
-        if view[0] == slice(None):  # columns sampled: differences along y
-            img, var, ok = img.T, var.T, ok.T
+    for img, var, ok in ((image, variance, good), (image.T, variance.T, good.T)):
         pulls = _second_difference_pulls(img, var, ok)
         if pulls.size >= 100:
             values.append(float(mad_std(pulls) ** 2))
     return float(np.mean(values)) if values else math.nan
+
+
+def _central_window(exposure: Exposure, size: int) -> Exposure:
+    """The central size x size pixels (1 Mpx measures a noise scale or correlation to ~1e-3)."""
+    ny, nx = exposure.shape
+    if ny <= size and nx <= size:
+        return exposure
+    y0, x0 = max(0, (ny - size) // 2), max(0, (nx - size) // 2)
+    window = np.s_[y0 : y0 + size, x0 : x0 + size]
+    return Exposure(
+        exposure.image[window],
+        exposure.variance[window],
+        exposure.mask[window],
+        mask_planes=exposure.mask_planes,
+    )
 
 
 def measure_noise_correlation(
@@ -188,18 +198,18 @@ def measure_noise_correlation(
     """Autocorrelation of the normalised sky noise, lags up to ``radius`` (odd square).
 
     Sources and bad pixels are left out (set to zero and divided out through the
-    autocorrelation of the sky mask); a 64 px background mesh is removed first.
+    autocorrelation of the sky mask); the median sky is removed first.
     Returns None when fewer than ``config.min_sky_pixels`` sky pixels remain.
     """
     config = config or ScaleVarianceConfig()
     radius = config.correlation_radius if radius is None else radius
+    exposure = _central_window(exposure, config.correlation_window)
     good = _good(exposure, config)
     if np.count_nonzero(good) < config.min_sky_pixels:
         return None
-    background, _ = background_map(exposure, 64, ignore_planes=config.mask_planes)
-    pull = np.where(
-        good, (exposure.image - background) / np.sqrt(np.where(good, exposure.variance, 1)), 0
-    )
+    # a smooth sky left in the window only adds a plateau at every lag (removed below)
+    sky = float(np.median(exposure.image[good]))
+    pull = np.where(good, (exposure.image - sky) / np.sqrt(np.where(good, exposure.variance, 1)), 0)
     # clip what is left of sources and cosmic rays: the noise core is what matters
     sigma = mad_std(pull[good])
     weight = good & (np.abs(pull) < 5 * sigma)
@@ -246,7 +256,9 @@ def measure_variance_scale(
     config = config or ScaleVarianceConfig()
     sky = _sky_estimate(exposure, config)
     gain = second_difference_gain(exposure.noise_correlation)
-    pixel_scale = _pixel_scale_estimate(exposure, config) / gain
+    # pixel noise needs neighbours, not the whole frame: the central window
+    window = _central_window(exposure, config.correlation_window)
+    pixel_scale = _pixel_scale_estimate(window, config) / gain
     warnings: list[str] = []
     notes: list[str] = []
     measured_correlation = None

@@ -251,14 +251,21 @@ def _iso(seconds: float | None) -> str | None:
     return datetime.fromtimestamp(seconds, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
-def job_view(record: JobRecord, base: str = "/v1/subtractions") -> dict[str, Any]:
-    """The public JSON form of a record (API responses and webhook bodies)."""
+def job_view(
+    record: JobRecord, base: str = "/v1/subtractions", include_config: bool = False
+) -> dict[str, Any]:
+    """The public JSON form of a record (API responses and webhook bodies).
+
+    ``mode`` is the direction the run chose once it has one (``requested_mode`` is
+    what was asked, e.g. ``auto``); the config is left out unless asked for.
+    """
     links = {name: f"{base}/{record.id}/products/{name}" for name in record.products}
     links.pop("metrics", None)
     return {
         "id": record.id,
         "state": record.state,
         "mode": record.mode,
+        "requested_mode": record.config.get("mode", record.mode),
         "created_at": _iso(record.created_at),
         "updated_at": _iso(record.updated_at),
         "started_at": _iso(record.started_at),
@@ -266,7 +273,7 @@ def job_view(record: JobRecord, base: str = "/v1/subtractions") -> dict[str, Any
         "science": record.science.model_dump(),
         "template": record.template.model_dump(),
         "sources_id": record.sources_id,
-        "config": record.config,
+        "config": record.config if include_config else None,
         "progress": record.progress,
         "timings": record.timings,
         "metrics": record.metrics,

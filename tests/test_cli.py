@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import json
+import os
+import pty
+import re
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from astropy import units as u
+from astropy.nddata import CCDData, VarianceUncertainty
 
-from app.cli import main
+from app.cli import _parser, main
+from core.config import SubtractionConfig
 from core.io import read_exposure
+from core.simulate import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +54,7 @@ def test_subtract_writes_difference_and_products(pair_dir, tmp_path, capsys):
     products = tmp_path / "products"
     code = _subtract(pair_dir, output, "--products", str(products))
     assert code == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("mode="))
     assert line.startswith("mode=convolveTemplate") and "kernel_sum=" in line
     difference = read_exposure(output)
     assert difference.shape == (512, 512)
@@ -117,3 +129,238 @@ def test_info_describes_file(pair_dir, capsys):
     assert set(info["planes"]) >= {"IMAGE", "VARIANCE", "MASK", "PSF"}
     assert info["psf"]["fwhm_pixels"] == pytest.approx(3.9, abs=0.1)
     assert info["wcs"]["present"] is True
+
+
+# the newcomer's first hour: help, version, config, early errors, logs, modes, progress -----
+JWST = Path(__file__).parent / "data" / "real" / "jwst_nircam_a2744"
+JWST_SCIENCE = "jw02561001002-02561-o001_t003_nircam_clear-f200w_i2d_stamp"
+JWST_TEMPLATE = "jw01324001001-01324-o001_t001_nircam_clear-f200w_i2d_stamp"
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("no subcommands")
+
+
+def test_every_command_argument_and_option_has_help(capsys):
+    parser = _parser()
+    commands = _subparsers(parser)
+    assert set(commands) == {"subtract", "simulate", "config", "info", "serve", "worker"}
+    missing = []
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {action.dest}")
+    assert missing == []
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and "alsub" in text
+    for name in commands:
+        assert f"    {name}  " in text or f"    {name}\n" in text or f"  {name} " in text
+
+
+def test_version_is_the_installed_distributions(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"alsub {importlib.metadata.version('alsub')}"
+
+
+def test_simulate_help_lists_the_presets(capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name in PRESETS:
+        assert name in text
+
+
+def test_config_prints_a_usable_default_config(tmp_path, capsys, pair_dir):
+    assert main(["config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == SubtractionConfig().model_dump(mode="json")
+    # the printed JSON, edited, is a valid --config file
+    printed["mode"] = "convolveScience"
+    config = tmp_path / "mine.json"
+    config.write_text(json.dumps(printed))
+    assert _subtract(pair_dir, tmp_path / "d.fits", "--config", str(config)) == 0
+    assert "mode=convolveScience" in capsys.readouterr().out
+
+
+def test_config_list_describes_every_field(capsys):
+    assert main(["config", "--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    lines = [ln for ln in out if " = " in ln and not ln.startswith("#")]
+
+    def leaves(model, prefix=""):
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if hasattr(type(value), "model_fields"):
+                yield from leaves(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    names = list(leaves(SubtractionConfig()))
+    assert [ln.split(" = ")[0] for ln in lines] == names
+    assert all(len(ln.split("  # ", 1)[1]) > 5 for ln in lines)  # a description each
+    assert any("(>= 1)" in ln for ln in lines)  # bounds shown
+
+
+def test_simulate_makes_transients_by_default(tmp_path):
+    assert main(["simulate", str(tmp_path), "--size", "256", "--seed", "4"]) == 0
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    fluxes = truth["transients"]["flux_science"]
+    assert len(fluxes) >= 5 and min(fluxes) > 0
+    # the science image holds them: more flux near each transient than in the template
+    science, template = (
+        read_exposure(tmp_path / "science.fits"),
+        read_exposure(tmp_path / "template.fits"),
+    )
+    for x, y, flux in zip(truth["transients"]["x"], truth["transients"]["y"], fluxes, strict=True):
+        j, i = int(round(y)), int(round(x))
+        box = np.s_[j - 6 : j + 7, i - 6 : i + 7]
+        excess = float((science.image[box] - template.image[box]).sum())
+        assert excess > 0.3 * flux
+
+
+def test_missing_output_directory_fails_before_reading(tmp_path, capsys):
+    not_fits = tmp_path / "broken.fits"
+    not_fits.write_text("not FITS")  # reading it would fail: the output must be checked first
+    out = tmp_path / "missing" / "dir" / "x.fits"
+    code = main(["subtract", str(not_fits), str(not_fits), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(tmp_path / "missing" / "dir") in err and "broken" not in err
+    assert err.count("\n") == 1
+
+
+def test_identical_inputs_exit_2(pair_dir, tmp_path, capsys):
+    science = str(pair_dir / "science.fits")
+    assert main(["subtract", science, science, "-o", str(tmp_path / "d.fits")]) == 2
+    assert "same image" in capsys.readouterr().err
+    assert not (tmp_path / "d.fits").exists()
+
+
+def test_warnings_are_logged_in_one_format_and_kept_in_metrics(tmp_path):
+    # A small sparse field leaves the spatial kernel fit poorly constrained: it warns.
+    pair = tmp_path / "pair"
+    assert main(["simulate", str(pair), "--size", "256", "--seed", "2"]) == 0
+    products = tmp_path / "prod"
+    science, template = str(pair / "science.fits"), str(pair / "template.fits")
+    proc = _run_cli(
+        "subtract", science, template, "-o", str(tmp_path / "d.fits"), "--products", str(products)
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((products / "metrics.json").read_text())
+    lines = proc.stderr.strip().splitlines()
+    assert len(metrics["warnings"]) >= 1
+    assert all(line.startswith("alsub: warning: ") for line in lines)
+    logged = [line.removeprefix("alsub: warning: ") for line in lines]
+    assert logged and set(logged) <= set(metrics["warnings"])
+    assert f"warnings={len(metrics['warnings'])}" in proc.stdout
+
+
+def test_all_products_share_one_mode_from_the_umask(pair_dir, tmp_path):
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "d.fits"
+        assert _subtract(pair_dir, out, "--products", str(tmp_path / "p")) == 0
+    finally:
+        os.umask(old)
+    files = [out, *sorted((tmp_path / "p").iterdir())]
+    assert len(files) == 7
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o640}
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The ``alsub`` command in a subprocess, stdout and stderr captured (not a terminal)."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def _run_on_tty(args: list[str]) -> str:
+    """Run the CLI with stderr on a pseudo-terminal; return what the terminal showed."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the follower side closed: the process is done
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_shows_on_a_terminal_only(pair_dir, tmp_path):
+    science, template = str(pair_dir / "science.fits"), str(pair_dir / "template.fits")
+    shown = _run_on_tty(["subtract", science, template, "-o", str(tmp_path / "a.fits")])
+    percents = [int(p) for p in re.findall(r"\[\s*(\d+)%\]", shown)]
+    assert percents[0] == 0 and percents[-1] == 100 and len(percents) >= 5
+    assert percents == sorted(percents)
+    for stage in ("read", "convolve", "write"):
+        assert f"] {stage}" in shown
+    quiet = _run_on_tty(["subtract", science, template, "-o", str(tmp_path / "b.fits"), "-q"])
+    assert "%]" not in quiet
+    piped = _run_cli("subtract", science, template, "-o", str(tmp_path / "c.fits"))
+    assert piped.returncode == 0 and "%]" not in piped.stderr
+
+
+def test_jwst_with_noise_maps_and_psfs_from_the_flags(tmp_path, capsys):
+    out, products = tmp_path / "diff.fits", tmp_path / "prod"
+    code = main(
+        [
+            "subtract",
+            str(JWST / f"{JWST_SCIENCE}.fits.gz"),
+            str(JWST / f"{JWST_TEMPLATE}.fits.gz"),
+            "-o",
+            str(out),
+            "--products",
+            str(products),
+            "--science-noise",
+            str(JWST / f"{JWST_SCIENCE}.noise.fits.gz"),
+            "--science-psf",
+            str(JWST / f"{JWST_SCIENCE}.WebbPSF.fits.gz"),
+            "--template-noise",
+            str(JWST / f"{JWST_TEMPLATE}.noise.fits.gz"),
+            "--template-psf",
+            str(JWST / f"{JWST_TEMPLATE}.WebbPSF.fits.gz"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((products / "metrics.json").read_text())
+    assert 0.9 <= metrics["noise_ratio"] <= 1.15
+    # the product reads as astropy CCDData, in the science image's unit
+    ccd = CCDData.read(out, hdu="IMAGE")
+    assert ccd.unit == u.MJy / u.sr
+    full = CCDData.read(out, hdu="IMAGE", hdu_uncertainty="VARIANCE", hdu_mask="MASK")
+    difference = read_exposure(out)
+    assert isinstance(full.uncertainty, VarianceUncertainty)
+    np.testing.assert_array_equal(full.uncertainty.array, difference.variance)
+    np.testing.assert_array_equal(full.mask, difference.mask != 0)
+    np.testing.assert_array_equal(full.data, difference.image)
+    assert full.wcs is not None
+    assert (
+        full.wcs.pixel_to_world(450, 450).separation(difference.wcs.pixel_to_world(450, 450)).arcsec
+        < 1e-6
+    )
+
+
+def test_plane_flags_must_name_files(pair_dir, tmp_path, capsys):
+    code = _subtract(pair_dir, tmp_path / "d.fits", "--template-noise", str(tmp_path / "no.fits"))
+    assert code == 2
+    assert "--template-noise" in capsys.readouterr().err

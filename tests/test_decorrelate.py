@@ -352,3 +352,33 @@ def test_spatially_varying_has_no_seams():
         left = mad_std(ratio[:, :, x - 15 : x - 9])
         right = mad_std(ratio[:, :, x + 9 : x + 15])
         assert abs(strip / (0.5 * (left + right)) - 1) < 0.03, x
+
+
+def test_correlated_inputs_are_whitened_with_honest_variance():
+    """A resampled/coadded science (noise correlated by a known kernel) and a noisy template:
+    with the correlation recorded, D/sqrt(V) has unit scatter; assuming white inputs
+    (Rubin) the variance plane is wrong."""
+    rng = np.random.default_rng(21)
+    smooth = np.outer([0.25, 0.5, 0.25], [0.25, 0.5, 0.25])
+    science = correlate(rng.normal(0.0, 1.0, (N, N)), smooth)
+    vs = float(np.sum(smooth**2))  # per-pixel variance of the correlated science
+    vt = 4.0 * vs
+    template = rng.normal(0.0, np.sqrt(vt), (N, N))
+    kernel = gaussian(1.5, 15, 1.0)
+    sci, tmp, dif = exposures(science, template, science - correlate(template, kernel), vs, vt)
+    rho = correlate(np.pad(smooth, 3), smooth)[1:-1, 1:-1]
+    sci.noise_correlation = rho / rho[3, 3]
+
+    white = decorrelate_difference(
+        dif, exposures(science, template, dif.image, vs, vt)[0], tmp, ConstantKernel(kernel)
+    )
+    naive = mad_std(white.image[INNER] / np.sqrt(white.variance[INNER]))
+    out = decorrelate_difference(dif, sci, tmp, ConstantKernel(kernel))
+    honest = mad_std(out.image[INNER] / np.sqrt(out.variance[INNER]))
+    assert abs(naive - 1.0) > 0.1  # the test can fail: ignoring the correlation is wrong
+    assert 0.97 < honest < 1.03
+    # whiter than before (not white: the smoothing left no power at Nyquist to restore,
+    # and the filter is not allowed to amplify by more than 1/sqrt(floor))
+    assert lag_correlations(out.image[INNER])[0] < 0.5 * lag_correlations(dif.image[INNER])[0]
+    # flux is preserved: the filter is 1 at zero frequency
+    assert out.image[INNER].sum() == pytest.approx(dif.image[INNER].sum(), abs=5 * N)

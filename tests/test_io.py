@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy import units as u
 from astropy.io import fits
+from astropy.nddata import CCDData, InverseVariance, NDData, StdDevUncertainty, VarianceUncertainty
 from astropy.stats import mad_std, sigma_clipped_stats
 from astropy.wcs import WCS
 from scipy import ndimage
@@ -23,7 +25,9 @@ from core.io import (
     describe_exposure,
     exposure_to_bytes,
     exposure_to_hdulist,
+    from_ccddata,
     read_exposure,
+    to_ccddata,
     write_exposure,
     write_hdulist_atomic,
 )
@@ -761,3 +765,80 @@ def test_psf_average_position_needs_both_cards(tmp_path):
     ).writeto(tmp_path / "psf.fits")
     with pytest.raises(InvalidExposureError, match=r"psf\.fits: invalid PSF in HDU 2"):
         read_exposure(tmp_path / "psf.fits")
+
+
+# ------------------------------------------------------------------- astropy CCDData
+@pytest.mark.parametrize(
+    "bunit, expected",
+    [("nJy", u.nJy), ("MJy/sr", u.MJy / u.sr), ("ADU", u.adu), ("ELECTRONS/S", u.electron / u.s)],
+)
+def test_written_exposure_reads_as_ccddata(tmp_path, bunit, expected):
+    exposure = make_exposure()
+    exposure.metadata["BUNIT"] = bunit
+    path = write_exposure(exposure, tmp_path / "exp.fits")
+    assert CCDData.read(path, hdu="IMAGE").unit == expected
+    ccd = CCDData.read(path, hdu="IMAGE", hdu_uncertainty="VARIANCE", hdu_mask="MASK")
+    np.testing.assert_array_equal(ccd.data, exposure.image)
+    assert isinstance(ccd.uncertainty, VarianceUncertainty)
+    np.testing.assert_array_equal(ccd.uncertainty.array, exposure.variance)
+    np.testing.assert_array_equal(ccd.mask, exposure.mask != 0)
+    assert ccd.mask.sum() == 6
+    sky = ccd.wcs.pixel_to_world(10, 20)
+    assert sky.separation(exposure.wcs.pixel_to_world(10, 20)).arcsec < 1e-9
+    # the Rubin layout is unchanged for our own reader
+    assert_same_exposure(exposure, read_exposure(path))
+
+
+def test_exposure_without_unit_is_in_adu_for_ccddata(tmp_path):
+    exposure = make_exposure()
+    assert "BUNIT" not in exposure.metadata
+    path = write_exposure(exposure, tmp_path / "exp.fits")
+    assert CCDData.read(path, hdu="IMAGE").unit == u.adu
+
+
+def test_to_and_from_ccddata_round_trip():
+    exposure = make_exposure()
+    exposure.metadata["BUNIT"] = "nJy"
+    ccd = to_ccddata(exposure)
+    assert ccd.unit == u.nJy and isinstance(ccd.uncertainty, VarianceUncertainty)
+    assert ccd.uncertainty.unit == u.nJy**2
+    np.testing.assert_array_equal(ccd.mask, exposure.mask != 0)
+    only_sat = to_ccddata(exposure, mask_planes=["SAT"])
+    assert only_sat.mask.sum() == 1 and only_sat.mask[3, 4]
+    back = from_ccddata(ccd, psf=exposure.psf)
+    np.testing.assert_array_equal(back.image, exposure.image)
+    np.testing.assert_allclose(back.variance, exposure.variance, rtol=1e-7)
+    # CCDData's mask is boolean: flagged pixels come back as BAD
+    np.testing.assert_array_equal(back.masked(["BAD"]), exposure.mask != 0)
+    assert back.metadata["EXPTIME"] == 30.0 and back.metadata["BUNIT"] == "nJy"
+    assert back.wcs.pixel_to_world(5, 5).separation(exposure.wcs.pixel_to_world(5, 5)).arcsec < 1e-9
+
+
+def test_from_ccddata_with_standard_deviation_and_boolean_mask():
+    rng = np.random.default_rng(3)
+    data = rng.normal(0.0, 2.0, (40, 50))
+    bad = np.zeros((40, 50), dtype=bool)
+    bad[7, 9] = True
+    ccd = CCDData(
+        data, unit="electron", uncertainty=StdDevUncertainty(np.full_like(data, 2.0)), mask=bad
+    )
+    exposure = from_ccddata(ccd)
+    np.testing.assert_allclose(exposure.variance, 4.0)
+    assert exposure.masked(["BAD"]).sum() == 1 and exposure.masked(["BAD"])[7, 9]
+    inverse = from_ccddata(
+        CCDData(data, unit="electron", uncertainty=InverseVariance(np.full_like(data, 0.25)))
+    )
+    np.testing.assert_allclose(inverse.variance, 4.0)
+
+
+def test_from_nddata_integer_mask_keeps_bits_named_in_meta():
+    # CCDData turns every mask boolean; a plain NDData keeps an integer bit mask
+    data = np.random.default_rng(4).normal(0.0, 1.0, (30, 30))
+    mask = np.zeros((30, 30), dtype=np.int32)
+    mask[4, 5] = 1 << 12
+    meta = fits.Header()
+    meta["HIERARCH MP_GHOST"] = 12
+    meta["HIERARCH MP_BAD"] = 0
+    ccd = NDData(data, unit="adu", mask=mask, meta=meta, uncertainty=VarianceUncertainty(data**0))
+    exposure = from_ccddata(ccd)
+    assert exposure.masked(["GHOST"]).sum() == 1 and exposure.masked(["GHOST"])[4, 5]

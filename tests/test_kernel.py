@@ -377,3 +377,25 @@ def test_no_candidates_raise():
     )
     with pytest.raises(NoKernelCandidatesError):
         fit_psf_matching_kernel(template, noise, sources, basis, config)
+
+
+def test_kernel_followed_by_a_psf_is_exact():
+    """Correlating by K then by P equals correlating by K.followed_by(P), K varying."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    basis = rng.normal(0.0, 1.0, (3, 7, 7))
+    coefficients = np.array([[1.0, 0.0, 0.0], [0.2, 0.05, -0.03], [0.1, -0.02, 0.04]])
+    kernel = SpatialKernel(basis, coefficients, 1, (0, 0, 63, 63))
+    psf = np.exp(-0.5 * (np.arange(-4, 5)[:, None] ** 2 + np.arange(-4, 5) ** 2) / 1.5**2)
+    psf[3, 6] += 0.3  # not symmetric: the orientation matters
+    image = rng.normal(0.0, 1.0, (64, 64))
+    composite = kernel.followed_by(psf)
+    assert composite.size == 7 + 9 - 1
+    for x, y in ((10.0, 50.0), (40.0, 20.0)):
+        k = kernel.image(x, y)
+        two_steps = ndimage.correlate(
+            ndimage.correlate(image, k, mode="constant"), psf, mode="constant"
+        )
+        one_step = ndimage.correlate(image, composite.image(x, y), mode="constant")
+        np.testing.assert_allclose(one_step[12:-12, 12:-12], two_steps[12:-12, 12:-12], atol=1e-10)

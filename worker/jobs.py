@@ -278,6 +278,7 @@ def run_job(
                 job_id,
                 token,
                 state="succeeded",
+                mode=str(result.metrics.get("mode") or record.mode),  # the chosen direction
                 products=names,
                 metrics=json_safe(result.metrics),
                 timings={k: round(v, 4) for k, v in timings.items()},

@@ -9,7 +9,14 @@ from store import Settings, Store
 
 from ..deps import Caller, get_caller, get_settings, get_store
 from ..errors import ApiError
-from ..ingest import ingest_exposure, limited_request, stream_body, writer_from_upload
+from ..ingest import (
+    PLANE_KINDS,
+    ingest_exposure,
+    limited_request,
+    stream_body,
+    with_form_planes,
+    writer_from_upload,
+)
 from ..schemas import ErrorResponse, ExposureOut
 
 __all__ = ["router"]
@@ -27,14 +34,25 @@ _UPLOAD_BODY = {
     "requestBody": {
         "required": True,
         "description": "The FITS file: raw bytes (Content-Type: application/fits) or a "
-        "multipart/form-data field named `file`.",
+        "multipart/form-data field named `file`, optionally with the exposure's separate planes "
+        "as further file fields: `variance` (image units squared), `noise` (1-sigma), `weight` "
+        "(inverse variance) - at most one of these three - `mask` (MP_<NAME> cards name its "
+        "bits, else non-zero is BAD) and `psf` (a centred 2-D stamp). With planes, the stored "
+        "exposure is the image and its planes in one multi-extension file, content-addressed "
+        "as a whole: the same image with another noise map, mask or PSF gets another id.",
         "content": {
             "application/fits": {"schema": {"type": "string", "format": "binary"}},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        **{
+                            kind: {"type": "string", "format": "binary"}
+                            for kind in ("variance", "noise", "weight", "mask", "psf")
+                        },
+                    },
                 }
             },
         },
@@ -62,12 +80,22 @@ async def upload_exposure(
 ) -> ExposureOut:
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
-        limited = limited_request(request, settings.max_upload_bytes + 64 * 1024)
-        async with limited.form(max_files=1, max_fields=4) as form:
+        n_files = 1 + len(PLANE_KINDS)
+        limited = limited_request(request, n_files * settings.max_upload_bytes + 64 * 1024)
+        async with limited.form(max_files=n_files, max_fields=4) as form:
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise ApiError(422, "invalid_request", "multipart upload needs a file field 'file'")
+            unknown = sorted(set(form.keys()) - {"file", *PLANE_KINDS})
+            if unknown:
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"unknown form field(s) {', '.join(unknown)}: expected file and optionally "
+                    f"{', '.join(PLANE_KINDS)}",
+                )
             writer = await writer_from_upload(upload, store.exposures, settings.max_upload_bytes)
+            writer = await with_form_planes(writer, form, "", store, settings, "upload")
     else:
         writer = await stream_body(request, store, settings)
     sha, meta = await ingest_exposure(writer, store, settings, caller.owner)

@@ -22,10 +22,13 @@ from ..deps import Caller, get_caller, get_queue, get_settings, get_store
 from ..errors import ApiError
 from ..imaging import EXPOSURE_PRODUCTS, cutout_fits, cutout_png, image_plane, png_bytes
 from ..ingest import (
+    PLANE_KINDS,
+    combine_planes,
     ingest_catalog,
     ingest_exposure,
     limited_request,
     read_capped,
+    with_form_planes,
     writer_from_file,
     writer_from_upload,
 )
@@ -50,7 +53,9 @@ _SUBMIT_BODY = {
     "requestBody": {
         "required": True,
         "description": "JSON SubtractionRequest, or a one-shot multipart/form-data form with the "
-        "two FITS files and the config JSON.",
+        "two FITS files and the config JSON. Per-input planes go with either: as `planes` "
+        "(file:// URIs) of an input in JSON, as `science_noise`, `template_psf`, ... file fields "
+        "in the form, or uploaded with the image to POST /v1/exposures beforehand.",
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/SubtractionRequest"}},
             "multipart/form-data": {
@@ -76,6 +81,15 @@ _SUBMIT_BODY = {
                         },
                         "idempotency_key": {"type": "string"},
                         "callback_url": {"type": "string"},
+                        **{
+                            f"{role}_{kind}": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": f"Optional {kind} plane of the {role} exposure.",
+                            }
+                            for role in ("science", "template")
+                            for kind in ("variance", "noise", "weight", "mask", "psf")
+                        },
                     },
                 }
             },
@@ -84,8 +98,19 @@ _SUBMIT_BODY = {
 }
 
 
-def _job_out(record: JobRecord) -> JobOut:
-    return JobOut.model_validate(job_view(record))
+def _job_out(record: JobRecord, include: str | None = None) -> JobOut:
+    return JobOut.model_validate(job_view(record, include_config=_wants_config(include)))
+
+
+def _wants_config(include: str | None) -> bool:
+    names = {part.strip() for part in (include or "").split(",") if part.strip()}
+    unknown = names - {"config"}
+    if unknown:
+        raise ApiError(422, "invalid_request", f"include accepts only 'config', not {unknown}")
+    return "config" in names
+
+
+_INCLUDE = Query(None, description="`config` to add the job's full SubtractionConfig.")
 
 
 def _owned_job(store: Store, job_id: str, caller: Caller) -> JobRecord:
@@ -115,14 +140,16 @@ async def _read_form(
     request: Request, caller: Caller, settings: Settings, store: Store
 ) -> tuple[SubtractionRequest, bytes | None]:
     cap = settings.max_upload_bytes
-    limited = limited_request(request, 3 * cap + 1024 * 1024)
-    async with limited.form(max_files=3, max_fields=10) as form:
+    n_files = 3 + 2 * len(PLANE_KINDS)
+    limited = limited_request(request, n_files * cap + 1024 * 1024)
+    async with limited.form(max_files=n_files, max_fields=10) as form:
         ids = {}
         for role in ("science", "template"):
             upload = form.get(role)
             if upload is None or isinstance(upload, str):
                 raise ApiError(422, "invalid_request", f"the form needs a file field {role!r}")
             writer = await writer_from_upload(upload, store.exposures, cap)
+            writer = await with_form_planes(writer, form, f"{role}_", store, settings, role)
             ids[role], _ = await ingest_exposure(writer, store, settings, caller.owner, role)
         sources = form.get("sources")
         catalog = None
@@ -158,11 +185,29 @@ async def _read_form(
 async def _resolve_input(
     ref: InputRef, role: str, caller: Caller, settings: Settings, store: Store
 ) -> ExposureRef:
-    if ref.exposure_id is not None:
-        await owned_exposure(store, ref.exposure_id, caller)
-        return ExposureRef(exposure_id=ref.exposure_id)
-    handle = await run_in_threadpool(open_uri, ref.uri, settings)
-    writer = await writer_from_file(handle, store.exposures, settings.max_upload_bytes)
+    # Every URI is opened once, under a root and without links (app.uris), and copied into
+    # the store's temporary area: later reads are of those copies, never of the URI again.
+    cap = settings.max_upload_bytes
+    plane_writers = []
+    try:
+        planes = {}
+        for kind, uri in (ref.planes or {}).items():
+            handle = await run_in_threadpool(open_uri, uri, settings)
+            plane_writers.append(await writer_from_file(handle, store.exposures, cap))
+            planes[kind] = plane_writers[-1].path
+        if ref.exposure_id is not None:
+            await owned_exposure(store, ref.exposure_id, caller)
+            if not planes:
+                return ExposureRef(exposure_id=ref.exposure_id)
+            handle = open(store.exposures.path(ref.exposure_id), "rb")  # our own stored blob
+        else:
+            handle = await run_in_threadpool(open_uri, ref.uri, settings)
+        writer = await writer_from_file(handle, store.exposures, cap)
+        if planes:
+            writer = await combine_planes(writer, planes, store, settings, role)
+    finally:
+        for plane in plane_writers:
+            plane.abort()
     sha, _ = await ingest_exposure(writer, store, settings, caller.owner, role)
     return ExposureRef(exposure_id=sha, uri=ref.uri)
 
@@ -237,6 +282,13 @@ async def submit_subtraction(
         raise ApiError(422, "invalid_request", "idempotency key longer than 200 characters")
     science = await _resolve_input(req.science, "science", caller, settings, store)
     template = await _resolve_input(req.template, "template", caller, settings, store)
+    if science.exposure_id == template.exposure_id:
+        raise ApiError(
+            422,
+            "identical_inputs",
+            "science and template are the same exposure: a difference of an image with itself "
+            "is empty; give a template taken at another time",
+        )
     if catalog is None:
         catalog = await _resolve_sources(req, settings)
     catalog_uri = req.sources.uri if req.sources is not None else None
@@ -301,6 +353,7 @@ def list_subtractions(
     ),
     limit: int = Query(50, ge=1, description="Page size (at most ALSUB_MAX_LIST_LIMIT)."),
     cursor: str | None = Query(None, description="next_cursor of the previous page."),
+    include: str | None = _INCLUDE,
     caller: Caller = Depends(get_caller),
     settings: Settings = Depends(get_settings),
     store: Store = Depends(get_store),
@@ -317,18 +370,20 @@ def list_subtractions(
     records, next_cursor = store.records.list(
         caller.owner, state, since_ts, min(limit, settings.max_list_limit), cursor
     )
-    return JobList(items=[_job_out(r) for r in records], next_cursor=next_cursor)
+    return JobList(items=[_job_out(r, include) for r in records], next_cursor=next_cursor)
 
 
 @router.get(
     "/{job_id}",
     response_model=JobOut,
     summary="Job state",
-    description="State, progress (stage and fraction), timings, metrics, error and product links.",
+    description="State, progress (stage and fraction), timings, metrics, error and product links. "
+    "`mode` is the direction the run chose once it has run; `?include=config` adds the config.",
     responses={**_AUTH, **_NOT_FOUND},
 )
 def get_subtraction(
     job_id: str,
+    include: str | None = _INCLUDE,
     caller: Caller = Depends(get_caller),
     settings: Settings = Depends(get_settings),
     store: Store = Depends(get_store),
@@ -339,7 +394,7 @@ def get_subtraction(
         # Sweep on read: a job whose worker died is requeued (or failed) right here. Checked
         # first so polling a live job costs no write transaction.
         record = requeue_if_stale(store.records, job_id, settings, queue.enqueue) or record
-    return _job_out(record)
+    return _job_out(record, include)
 
 
 def _finished_job(store: Store, job_id: str, caller: Caller) -> JobRecord:
