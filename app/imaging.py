@@ -21,7 +21,13 @@ from .errors import ApiError
 __all__ = ["png_bytes", "image_plane", "cutout_fits", "cutout_png", "EXPOSURE_PRODUCTS"]
 
 #: Products stored in the exposure (MEF) layout, which support cutouts.
-EXPOSURE_PRODUCTS = ("difference", "score", "matched_template", "matched_science")
+EXPOSURE_PRODUCTS = (
+    "difference",
+    "score",
+    "matched_template",
+    "matched_science",
+    "warped_template",
+)
 
 
 def image_plane(path: Path) -> np.ndarray:

@@ -179,12 +179,29 @@ class JobError(BaseModel):
     message: str = Field(examples=["only 2 kernel sources passed the cuts; 3 are needed"])
 
 
+class Quality(BaseModel):
+    """The verdict on a result (core.quality)."""
+
+    verdict: Literal["good", "suspect", "bad"] = Field(
+        description="good; suspect: usable with care; bad: do not use.", examples=["suspect"]
+    )
+    reasons: list[str] = Field(
+        description="Why it is not good, each 'level: what to check'.",
+        examples=[["suspect: only 4 kernel stamps were fitted (fewer than 5)"]],
+    )
+
+
 class JobOut(BaseModel):
     """State and results of one subtraction job."""
 
     id: str = Field(examples=["3b1f0c2e9a7d4c55b8e2f1a0d9c8b7a6"])
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
         description="queued -> running -> succeeded | failed; cancelled on request."
+    )
+    quality: Quality | None = Field(
+        None,
+        description="The verdict on the result once succeeded: a succeeded job with a 'bad' "
+        "verdict ran to the end but its difference should not be used.",
     )
     mode: str = Field(
         description="Direction of convolution: the chosen one (convolveTemplate, "

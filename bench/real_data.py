@@ -98,6 +98,10 @@ class RealPair:
         Saturated pixels of either input, for the measurement.
     hotpants : dict
         What `run_hotpants` needs: option list and per-image noise maps.
+    preregistered : bool
+        The bench put the template on the science grid itself (SAAO, as REFERENCE.md
+        did for HOTPANTS); alsub then runs with ``registration: none`` so that the
+        template is not resampled twice.
     """
 
     name: str
@@ -107,6 +111,7 @@ class RealPair:
     target: tuple[float, float] | None
     saturated: np.ndarray
     hotpants: dict[str, Any] = field(default_factory=dict)
+    preregistered: bool = False
 
 
 def _file(root: Path, folder: str, stem: str) -> Path:
@@ -270,7 +275,14 @@ def load_pair(name: str, root: Path = DATA) -> RealPair:
         options = ["-r", "13", "-rss", "20"] if wide else ["-r", "10", "-rss", "15"]
         saturated = _saturated(science, template, level=SAAO_SATURATION)
         return RealPair(
-            name, science, template, fwhm, target, saturated, {"options": options, "level": 6e4}
+            name,
+            science,
+            template,
+            fwhm,
+            target,
+            saturated,
+            {"options": options, "level": 6e4},
+            preregistered=True,
         )
     raise ValueError(f"unknown pair {name!r}; choose from {', '.join(PAIRS)}")
 
@@ -289,7 +301,8 @@ def run_alsub(pair: RealPair, mode: str, overrides: dict | None = None) -> dict[
     """Default-settings subtraction; a failure is caught and reported, not raised."""
     from core.subtract import run_subtraction
 
-    config = SubtractionConfig.model_validate({**(overrides or {}), "mode": mode})
+    settings = {"registration": {"mode": "none"}} if pair.preregistered else {}
+    config = SubtractionConfig.model_validate({**settings, **(overrides or {}), "mode": mode})
     handler = _Warnings()
     logging.getLogger().addHandler(handler)
     t0 = time.perf_counter()

@@ -20,6 +20,8 @@ __all__ = [
     "QualityConfig",
     "SubtractionConfig",
     "ReferenceFiguresConfig",
+    "RegistrationConfig",
+    "WarpConfig",
     "Mode",
 ]
 
@@ -255,6 +257,13 @@ class ScaleVarianceConfig(_Config):
     correlation_radius: int = Field(
         3, ge=1, le=16, description="Largest lag (px) of a measured noise autocorrelation."
     )
+    correlation_consistency: float = Field(
+        0.15,
+        gt=0,
+        le=1,
+        description="A measured noise autocorrelation is kept only if the pixel-scale to sky "
+        "noise ratio it predicts is within this of the measured ratio.",
+    )
     correlation_window: int = Field(
         1024,
         ge=64,
@@ -344,6 +353,98 @@ class QualityConfig(_Config):
     )
 
 
+class WarpConfig(_Config):
+    """Resampling of the template onto the science grid (core.warp, Lanczos-3)."""
+
+    grid_step: int = Field(
+        64, ge=8, le=1024, description="Spacing of exact WCS evaluations of the pixel map (px)."
+    )
+    affine_tolerance: float = Field(
+        0.005,
+        gt=0,
+        le=0.1,
+        description="Largest departure from an affine map (px) resampled as affine (two "
+        "separable passes); beyond it the direct 6x6 Lanczos sum follows the WCS exactly.",
+    )
+    noise_correlation_radius: int = Field(
+        5, ge=1, le=15, description="Half-size of the recorded noise autocorrelation (px)."
+    )
+
+
+class RegistrationConfig(_Config):
+    """Bringing the template onto the science pixel grid (core.register)."""
+
+    mode: Literal["auto", "wcs", "stars", "none"] = Field(
+        "auto",
+        description="auto: WCS (corrected on matched stars) when both images have one, "
+        "else stars; wcs: WCS only; stars: star matching only; none: inputs must already "
+        "share a pixel grid.",
+    )
+    same_grid_tolerance: float = Field(
+        0.01, gt=0, le=1, description="WCSs agreeing this well (px) everywhere mean one grid."
+    )
+    transform: Literal["auto", "translation", "similarity", "affine"] = Field(
+        "auto",
+        description="Star-fitted transform; auto picks the simplest the matches support "
+        "(Bayesian information criterion).",
+    )
+    correction_transform: Literal["auto", "translation", "similarity", "affine"] = Field(
+        "translation",
+        description="Correction fitted to a WCS map on matched stars: an offset by default "
+        "(what pipeline WCSs get wrong); auto lets the matches choose.",
+    )
+    max_stars: int = Field(
+        300, ge=10, le=5000, description="Brightest detected stars per image used to match."
+    )
+    triangle_stars: int = Field(
+        40, ge=5, le=200, description="Brightest stars per image forming matching triangles."
+    )
+    triangle_neighbours: int = Field(
+        5, ge=2, le=10, description="Nearest neighbours of each star forming its triangles."
+    )
+    match_radius: float = Field(
+        2.0, gt=0, le=50, description="Inlier radius (px) when verifying a trial transform."
+    )
+    min_matches: int = Field(
+        6, ge=3, le=1000, description="Fewest matched stars to accept a registration."
+    )
+    max_rms: float = Field(
+        0.5, gt=0, le=10, description="Largest residual rms (px) of matched stars accepted."
+    )
+    min_snr: float = Field(
+        10.0, gt=0, le=1e6, description="Faintest star (detection S/N) used for registration."
+    )
+    false_match_probability: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Chance that the best trial transform's matches are all coincidences.",
+    )
+    clip_sigma: float = Field(
+        3.5, gt=1, le=10, description="Matched pairs beyond this many sigma are dropped."
+    )
+    identity_sigma: float = Field(
+        3.0,
+        gt=0,
+        le=20,
+        description="A star-measured shift below this many standard errors is taken as none.",
+    )
+    star_patches: int = Field(
+        3,
+        ge=0,
+        le=10,
+        description="With a WCS, stars are detected in this many patches per axis (0: the "
+        "whole frame); frames under twice the patches' area are searched whole.",
+    )
+    star_patch_size: int = Field(
+        512, ge=128, le=4096, description="Side of each star-detection patch (px)."
+    )
+    write_warped_template: bool = Field(
+        False, description="Keep the warped template as a product (warped_template.fits)."
+    )
+    warp: WarpConfig = Field(default_factory=WarpConfig, description="Lanczos-3 resampling.")
+
+
 class SubtractionConfig(_Config):
     """Everything a subtraction takes besides its images."""
 
@@ -367,6 +468,13 @@ class SubtractionConfig(_Config):
         le=100,
         description="When the score's scatter on sky exceeds its propagated noise by more than "
         "this factor, the excess is added to its variance as a constant floor.",
+    )
+    preconvolution_power_fraction: float = Field(
+        0.999,
+        gt=0.5,
+        le=1,
+        description="The preconvolution kernel (science PSF) is cut to the box holding this "
+        "fraction of its squared sum (matched-filter S/N kept: its square root).",
     )
     preconvolve_via_difference: bool = Field(
         True,
@@ -415,6 +523,11 @@ class SubtractionConfig(_Config):
     )
     quality: QualityConfig = Field(
         default_factory=QualityConfig, description="Thresholds of the quality verdict."
+    )
+
+    registration: RegistrationConfig = Field(
+        default_factory=RegistrationConfig,
+        description="Registration and warping of the template onto the science grid.",
     )
 
 

@@ -251,6 +251,10 @@ def noise_power(noise_correlation: np.ndarray | None, shape: tuple[int, int]) ->
     return np.maximum(_spectrum(noise_correlation, shape).real, 0.0)
 
 
+def _at_zero(power: np.ndarray | float) -> float:
+    return float(power[0, 0]) if isinstance(power, np.ndarray) else float(power)
+
+
 def decorrelation_filters(
     kernel_image: np.ndarray,
     v_unconvolved: float,
@@ -288,9 +292,11 @@ def decorrelation_filters(
     kernel_hat = _spectrum(kernel_image, shape)
     kernel_sum = float(np.sum(kernel_image, dtype=np.float64))
     kernel_power = kernel_hat.real**2 + kernel_hat.imag**2
-    numerator = v + vt * kernel_sum**2
     power1 = noise_power(correlations[0], shape)
     power2 = noise_power(correlations[1], shape)
+    # phi is 1 at zero frequency (fluxes kept): the output noise is white at the level
+    # of the inputs' zero-frequency power, v + vt ksum^2 for white inputs
+    numerator = v * _at_zero(power1) + vt * kernel_sum**2 * _at_zero(power2)
     # the filter sees a floored power (it must not amplify frequencies resampling left
     # almost empty); the variance weights below use the true power
     floor1 = np.maximum(power1, _NOISE_POWER_FLOOR)

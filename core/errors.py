@@ -17,6 +17,7 @@ __all__ = [
     "TemplateCoverageError",
     "ExceedsMaxVarianceScaleError",
     "KernelSolutionError",
+    "RegistrationError",
 ]
 
 
@@ -97,3 +98,9 @@ class KernelSolutionError(AlsubError):
     """The kernel least-squares system could not be solved (NaN coefficients)."""
 
     code = "kernel_solution_failed"
+
+
+class RegistrationError(AlsubError):
+    """The template could not be registered onto the science image (misregistration)."""
+
+    code = "misregistration"

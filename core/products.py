@@ -27,6 +27,7 @@ PRODUCT_NAMES = (
     "matched_science",
     "kernel",
     "background",
+    "warped_template",
 )
 
 # metric -> short header keyword (HIERARCH ALSUB <key>)
@@ -107,14 +108,16 @@ def write_products(result, outdir) -> dict[str, Path]:
     """Write every product of ``result`` into ``outdir``; return name -> path.
 
     Files: ``difference.fits`` or ``score.fits``, ``matched_template.fits``,
-    ``matched_science.fits``, ``kernel.fits``, ``background.fits``, ``metrics.json``.
+    ``matched_science.fits``, ``kernel.fits``, ``background.fits``, ``metrics.json``,
+    and ``warped_template.fits`` when the result keeps it
+    (``registration.write_warped_template``).
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     paths[result.output_name] = write_difference(result, outdir / f"{result.output_name}.fits")
-    for name in ("matched_template", "matched_science"):
-        exposure = getattr(result, name)
+    for name in ("matched_template", "matched_science", "warped_template"):
+        exposure = getattr(result, name, None)
         if exposure is not None:
             paths[name] = outdir / f"{name}.fits"
             write_exposure(exposure, paths[name])

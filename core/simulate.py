@@ -4,7 +4,9 @@
 PSFs (Gaussian or Moffat, elliptical, optionally varying across the frame), adds sky
 with gradients, Poisson and read noise, a photometric scale between the two images,
 optional bad columns, cosmic rays and saturation, and transients in the science image
-only. Both images are aligned (same WCS, no pixel offset). Everything drawn is recorded
+only. Both images are aligned (same WCS, no pixel offset) unless the template_* geometry
+fields put the template on its own grid (rotated, scaled, shifted, with its own WCS,
+deliberately wrong if asked), as real templates are. Everything drawn is recorded
 in a JSON-serialisable truth dictionary.
 
 Photometric convention: a constant source has ``science_counts = flux_ratio *
@@ -223,6 +225,21 @@ class SimulationConfig(_Model):
     pixel_scale: float = Field(0.2, gt=0, description="Pixel scale (arcsec) of the TAN WCS.")
     ra: float = Field(150.0, ge=0, lt=360, description="Right ascension at the centre (deg).")
     dec: float = Field(2.0, ge=-90, le=90, description="Declination at the centre (deg).")
+    template_size: int | tuple[int, int] | None = Field(
+        None, description="Template size (one int or (nx, ny)); None = the science size."
+    )
+    template_rotation: float = Field(
+        0.0, ge=-180, le=180, description="Template grid rotated by this angle (deg) on the sky."
+    )
+    template_scale: float = Field(
+        1.0, gt=0.5, lt=2.0, description="Template pixel scale / science pixel scale."
+    )
+    template_shift: tuple[float, float] = Field(
+        (0.0, 0.0), description="Template pixel of the science centre minus the centre (px)."
+    )
+    template_wcs_error: tuple[float, float] = Field(
+        (0.0, 0.0), description="Template WCS deliberately off by this (template px, x and y)."
+    )
 
     @field_validator("size")
     @classmethod
@@ -252,6 +269,35 @@ class SimulationConfig(_Model):
         """(ny, nx) of both images."""
         nx, ny = (self.size, self.size) if isinstance(self.size, int) else self.size
         return int(ny), int(nx)
+
+    @property
+    def template_shape(self) -> tuple[int, int]:
+        """(ny, nx) of the template image."""
+        if self.template_size is None:
+            return self.shape
+        size = self.template_size
+        nx, ny = (size, size) if isinstance(size, int) else size
+        return int(ny), int(nx)
+
+    @property
+    def template_geometry(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(matrix, offset) taking science pixels to template pixels; None when aligned."""
+        if (
+            self.template_rotation == 0
+            and self.template_scale == 1
+            and tuple(self.template_shift) == (0.0, 0.0)
+            and self.template_shape == self.shape
+        ):
+            return None
+        ny, nx = self.shape
+        centre = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0])
+        ty, tx = self.template_shape
+        template_centre = np.array([(tx - 1) / 2.0, (ty - 1) / 2.0])
+        phi = math.radians(self.template_rotation)
+        matrix = np.array([[math.cos(phi), -math.sin(phi)], [math.sin(phi), math.cos(phi)]])
+        matrix = matrix / self.template_scale
+        offset = template_centre + np.asarray(self.template_shift, float) - matrix @ centre
+        return matrix, offset
 
     @property
     def star_count(self) -> int:
@@ -592,6 +638,40 @@ def _make_wcs(cfg: SimulationConfig) -> WCS:
     return wcs
 
 
+def _template_wcs(cfg: SimulationConfig, wcs: WCS) -> WCS:
+    """The science WCS seen from the template grid (plus any deliberate error)."""
+    out = copy.deepcopy(wcs)
+    geometry = cfg.template_geometry
+    if geometry is not None:
+        matrix, offset = geometry
+        cd = np.diag(wcs.wcs.cdelt) @ wcs.wcs.get_pc()
+        ny, nx = cfg.shape
+        centre = np.array([(nx - 1) / 2.0, (ny - 1) / 2.0])
+        out.wcs.cdelt = [1.0, 1.0]
+        out.wcs.pc = cd @ np.linalg.inv(matrix)
+        out.wcs.crpix = list(matrix @ centre + offset + 1.0)
+    if any(cfg.template_wcs_error):
+        out.wcs.crpix = list(np.asarray(out.wcs.crpix) + np.asarray(cfg.template_wcs_error))
+    out.wcs.set()
+    return out
+
+
+def _to_template(sources: dict, geometry, cfg: SimulationConfig) -> dict:
+    """Sources with positions (and galaxy shapes) on the template grid."""
+    if geometry is None or len(sources.get("x", [])) == 0:
+        return sources
+    matrix, offset = geometry
+    x, y = np.asarray(sources["x"], float), np.asarray(sources["y"], float)
+    out = dict(sources)
+    out["x"] = matrix[0, 0] * x + matrix[0, 1] * y + offset[0]
+    out["y"] = matrix[1, 0] * x + matrix[1, 1] * y + offset[1]
+    if "angle" in out:
+        out["angle"] = np.asarray(out["angle"], float) + cfg.template_rotation
+    if "half_light_radius" in out:
+        out["half_light_radius"] = np.asarray(out["half_light_radius"], float) / cfg.template_scale
+    return out
+
+
 @dataclass
 class _ImageSpec:
     """Noise and defect settings of one image."""
@@ -702,14 +782,14 @@ def simulate_pair(config: SimulationConfig | None = None) -> SimulatedPair:
     rng_stars, rng_galaxies, rng_transients, rng_science, rng_template, _ = streams
 
     science_field = _PsfField(cfg.science_psf, shape, cfg.psf_node_spacing)
-    template_field = _PsfField(cfg.template_psf, shape, cfg.psf_node_spacing)
+    template_field = _PsfField(cfg.template_psf, cfg.template_shape, cfg.psf_node_spacing)
     stars = _draw_stars(cfg, rng_stars, science_field)
     galaxies = _draw_galaxies(cfg, rng_galaxies)
     transients = _draw_transients(cfg, rng_transients)
     inverse_ratio = 1.0 / cfg.flux_ratio
 
     science_model = _sky_model(cfg.science_sky, shape).astype(np.float64)
-    template_model = _sky_model(cfg.template_sky, shape).astype(np.float64)
+    template_model = _sky_model(cfg.template_sky, cfg.template_shape).astype(np.float64)
     for name, model in (("science", science_model), ("template", template_model)):
         if model.min() < 0:
             raise InvalidConfigError(
@@ -718,9 +798,15 @@ def simulate_pair(config: SimulationConfig | None = None) -> SimulatedPair:
             )
     _render_points(science_model, science_field, stars["x"], stars["y"], stars["flux_science"])
     template_star_flux = stars["flux_science"] * inverse_ratio
-    _render_points(template_model, template_field, stars["x"], stars["y"], template_star_flux)
+    geometry = cfg.template_geometry
+    template_stars = _to_template(stars, geometry, cfg)
+    _render_points(
+        template_model, template_field, template_stars["x"], template_stars["y"], template_star_flux
+    )
     _render_galaxies(science_model, science_field, galaxies, 1.0)
-    _render_galaxies(template_model, template_field, galaxies, inverse_ratio)
+    _render_galaxies(
+        template_model, template_field, _to_template(galaxies, geometry, cfg), inverse_ratio
+    )
     _render_points(
         science_model, science_field, transients["x"], transients["y"], transients["flux_science"]
     )
@@ -758,15 +844,20 @@ def simulate_pair(config: SimulationConfig | None = None) -> SimulatedPair:
         cfg, specs["science"], science_model, rng_science, science_field, wcs
     )
     template, template_defects, template_sky = _observe(
-        cfg, specs["template"], template_model, rng_template, template_field, copy.deepcopy(wcs)
+        cfg,
+        specs["template"],
+        template_model,
+        rng_template,
+        template_field,
+        _template_wcs(cfg, wcs),
     )
     if science_sky is not None:
         science_model -= science_sky
     if template_sky is not None:
         template_model -= template_sky
 
-    defects = _defect_map(science, science_defects["cosmic_rays"]) | _defect_map(
-        template, template_defects["cosmic_rays"]
+    defects = _defect_map(science, science_defects["cosmic_rays"]) | _on_science_grid(
+        _defect_map(template, template_defects["cosmic_rays"]), cfg
     )
     star_truth, galaxy_truth, transient_truth = _source_truth(
         cfg, stars, galaxies, transients, science, template, defects
@@ -798,6 +889,13 @@ def simulate_pair(config: SimulationConfig | None = None) -> SimulatedPair:
         "science": science_defects["cosmic_rays"],
         "template": template_defects["cosmic_rays"],
     }
+    if cfg.template_geometry is not None:
+        matrix, offset = cfg.template_geometry
+        truth["template_geometry"] = {
+            "matrix": matrix.tolist(),
+            "offset": offset.tolist(),
+            "definition": "template pixel = matrix @ science pixel + offset (0-based)",
+        }
     truth["config"] = cfg.model_dump(mode="json")
     return SimulatedPair(
         science=science,
@@ -815,6 +913,21 @@ def _defect_map(exposure: Exposure, cosmic_rays: list[dict[str, Any]]) -> np.nda
     for cr in cosmic_rays:
         bad[cr["y"], cr["x"]] = True
     return bad
+
+
+def _on_science_grid(template_map: np.ndarray, cfg: SimulationConfig) -> np.ndarray:
+    """A boolean template-grid map sampled at the nearest template pixel of each science pixel."""
+    geometry = cfg.template_geometry
+    if geometry is None:
+        return template_map
+    matrix, offset = geometry
+    ny, nx = cfg.shape
+    y, x = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    u = np.floor(matrix[0, 0] * x + matrix[0, 1] * y + offset[0] + 0.5).astype(int)
+    v = np.floor(matrix[1, 0] * x + matrix[1, 1] * y + offset[1] + 0.5).astype(int)
+    tny, tnx = template_map.shape
+    inside = (u >= 0) & (u < tnx) & (v >= 0) & (v < tny)
+    return inside & template_map[np.clip(v, 0, tny - 1), np.clip(u, 0, tnx - 1)]
 
 
 def _near(defects: np.ndarray, x, y, radius: int = 3) -> np.ndarray:
@@ -839,7 +952,11 @@ def _source_truth(cfg, stars, galaxies, transients, science, template, defects):
     # a star is saturated when its centre pixel is SAT in either image
     ix = np.clip(np.floor(stars["x"] + 0.5).astype(int), 0, nx - 1)
     iy = np.clip(np.floor(stars["y"] + 0.5).astype(int), 0, ny - 1)
-    saturated = (science.masked(["SAT"]) | template.masked(["SAT"]))[iy, ix]
+    geometry = _to_template(stars, cfg.template_geometry, cfg)
+    tny, tnx = cfg.template_shape
+    tx = np.clip(np.floor(geometry["x"] + 0.5).astype(int), 0, tnx - 1)
+    ty = np.clip(np.floor(geometry["y"] + 0.5).astype(int), 0, tny - 1)
+    saturated = science.masked(["SAT"])[iy, ix] | template.masked(["SAT"])[ty, tx]
     star_truth = columns(stars)
     star_truth["flux_template"] = (stars["flux_science"] * inverse_ratio).tolist()
     star_truth["saturated"] = saturated.tolist()

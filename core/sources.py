@@ -1440,7 +1440,8 @@ def select_kernel_sources(
 
     Cuts, in order (the count each removed goes to ``meta['rejected']``):
     non-finite or out-of-window S/N (``min_snr < snr < max_snr``); saturated,
-    edge, masked or blended flags (when the columns exist); resolved sources,
+    edge or masked flags (when the columns exist; a blend is the same in both images,
+    so it stays a good stamp unless the isolation cut removes it); resolved sources,
     size > ``max_size_ratio`` x PSF sigma; a neighbour in the input catalog
     closer than ``isolation_radius_fwhm`` x FWHM; a stamp box of side
     ``2 kernel_size + 1`` centred on round(x, y) not inside the science box
@@ -1521,7 +1522,7 @@ def select_kernel_sources(
 
     cut("snr", ~(np.isfinite(snr) & (snr > config.min_snr) & (snr < config.max_snr)))
     flags = np.zeros(n_input, dtype=bool)
-    for col in ("flag_saturated", "flag_edge", "flag_masked", "flag_blended"):
+    for col in ("flag_saturated", "flag_edge", "flag_masked"):
         if col in table.colnames:
             flags |= np.asarray(table[col], dtype=bool)
     cut("flags", flags)
@@ -1585,7 +1586,7 @@ def select_kernel_sources(
 
 _ADVICE = {
     "snr": "lower sources.min_snr (or raise sources.max_snr), or give a deeper catalog",
-    "flags": "most sources are saturated, masked, blended or at the edge; check the mask planes",
+    "flags": "most sources are saturated, masked or at the edge; check the mask planes",
     "resolved": "most sources look resolved; raise sources.max_size_ratio or check the PSF",
     "isolation": "the field is crowded; lower sources.isolation_radius_fwhm",
     "edge": "stamps do not fit; use a smaller kernel (kernel.kernel_size_max)",

@@ -45,6 +45,7 @@ from .photometry import psf_fluxes
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf
 from .psf_estimate import estimate_psf
 from .quality import assess_quality
+from .register import register_template
 from .sources import detect_sources, select_kernel_sources, sky_sources
 from .task import Task
 from .variance import scale_variance
@@ -66,7 +67,8 @@ _HEADER_FWHM_KEYS = ("FWHM", "PFWHM", "PSF_FWHM", "FWHM_PIX")
 
 #: Stage names reported to progress callbacks, with the fraction done when they start.
 STAGES = {
-    "prepare": 0.0,
+    "register": 0.0,
+    "prepare": 0.05,
     "select": 0.15,
     "fit": 0.25,
     "convolve": 0.5,
@@ -93,6 +95,7 @@ class SubtractionResult:
     fitted_background: BackgroundModel | None = None
     psf_matching_kernel: SpatialKernel | None = None
     kernel_sources: Any = None
+    warped_template: Exposure | None = None
     mode: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -127,6 +130,8 @@ class _SubtractBase(Task):
         self.warnings: list[str] = []
         #: what the run found and handled (confusion, correlated noise, lowered orders)
         self.notes: list[str] = []
+        self.registration: dict[str, Any] = {}
+        self.warped_template: Exposure | None = None
         self.make_subtask("makeKernel")
         self.make_subtask("decorrelate")
 
@@ -134,6 +139,25 @@ class _SubtractBase(Task):
     def _stage(self, name: str) -> None:
         if self.progress is not None:
             self.progress(name, STAGES.get(name, 0.0))
+
+    # registration ---------------------------------------------------------------------
+    def _register(self, template: Exposure, science: Exposure) -> Exposure:
+        """Bring the template onto the science pixel grid (core.register); figures in metadata.
+
+        Returns the template on the science grid: the given one when the two
+        already share a grid (nothing resampled), else the warped template.
+        """
+        self._stage("register")
+        config = self.config.registration
+        with self.timer("register"):
+            registered, figures = register_template(
+                template, science, config, self.config.sources.detection
+            )
+        self.registration = figures
+        self.warped_template = (
+            registered if figures.get("resampled") and config.write_warped_template else None
+        )
+        return registered
 
     # preparation ----------------------------------------------------------------------
     def _prepare_inputs(self, template: Exposure, science: Exposure, sources):
@@ -232,7 +256,8 @@ class _SubtractBase(Task):
             raise IncompatibleInputsError(
                 f"Template bbox does not contain all of the science image: template covers "
                 f"{template.bbox}, science {science.bbox} (min_x, min_y, max_x, max_y). "
-                "Resample the template onto the science pixel grid first."
+                "Turn registration on (registration.mode 'auto', the default) or warp the "
+                "template onto the science grid first (alsub warp)."
             )
         if template.wcs is not None and science.wcs is not None and template.wcs.has_celestial:
             # same sky position for the same parent pixel, to 1% of a pixel
@@ -245,7 +270,8 @@ class _SubtractBase(Task):
                 raise IncompatibleInputsError(
                     "Template and science exposure WCS are not identical "
                     f"(pixels disagree by up to {np.nanmax(err):.3g} px). "
-                    "Warp the template onto the science WCS first."
+                    "Turn registration on (registration.mode 'auto', the default, or 'wcs') "
+                    "or warp the template onto the science grid first (alsub warp)."
                 )
 
     @staticmethod
@@ -510,6 +536,7 @@ class _SubtractBase(Task):
             "spatial_kernel_order": self.makeKernel.metadata.get("spatialKernelOrder"),
             "spatial_bg_order": self.makeKernel.metadata.get("spatialBgOrder"),
         }
+        metrics["registration"] = self.registration
         if result.fitted_background is not None:
             metrics["background_coefficients"] = [
                 float(c) for c in np.ravel(result.fitted_background.coefficients)
@@ -544,6 +571,7 @@ class _SubtractBase(Task):
         result.metrics["warnings"] = list(self.warnings)
         result.metrics["notes"] = list(self.notes)
         result.metrics["quality"] = self.assess_quality(result, science, template)
+        result.warped_template = self.warped_template
         result.timings = {
             k.split(".", 1)[1]: v
             for k, v in self.durations().items()
@@ -568,6 +596,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
             raise ValueError("mode 'preconvolve' is run by AlardLuptonPreconvolveSubtractTask")
         template, science = template.copy(), science.copy()
         with self.timer("run"):
+            template = self._register(template, science)
             self._stage("prepare")
             with self.timer("prepare"):
                 sources = self._prepare_inputs(template, science, sources)
@@ -702,6 +731,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         """Return a `SubtractionResult` whose ``score`` / sqrt(variance) is the detection S/N."""
         template, science = template.copy(), science.copy()
         with self.timer("run"):
+            template = self._register(template, science)
             self._stage("prepare")
             with self.timer("prepare"):
                 sources = self._prepare_inputs(template, science, sources)
@@ -797,6 +827,8 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 f"Preconvolution requires an odd-sized PSF kernel, got "
                 f"{stamp.shape[1]}x{stamp.shape[0]}."
             )
+        stamp = _trim_to_power(stamp, self.config.preconvolution_power_fraction)
+        self.metadata["preconvolutionKernelSize"] = int(stamp.shape[0])
         return stamp / stamp.sum()
 
     def _fill_bad(self, exposure: Exposure) -> Exposure:
@@ -900,7 +932,8 @@ def run_subtraction(
     Parameters
     ----------
     science, template : `Exposure`
-        The template must cover the science image on the same pixel grid.
+        The template is registered and warped onto the science grid first
+        (``config.registration``).
     config : `SubtractionConfig` or None
     sources : `astropy.table.Table` or None
         Catalog with x, y (and optionally flux); detected on the science image if None.
@@ -990,6 +1023,23 @@ def _template_is_sharper(template, science, template_fwhm: float, science_fwhm: 
         return bool(t_xx <= s_xx or t_yy <= s_yy)
     except Exception:  # noqa: BLE001 - fall back to the grid-mean FWHMs
         return template_fwhm <= science_fwhm
+
+
+def _trim_to_power(stamp: np.ndarray, fraction: float) -> np.ndarray:
+    """The smallest centred odd square holding ``fraction`` of sum(stamp^2).
+
+    A matched filter cut to the box holding a fraction f of the PSF's power keeps
+    sqrt(f) of its S/N, while far wings (a 205 px WebbPSF) make every convolution and
+    the decorrelation margins large.
+    """
+    ny, nx = stamp.shape
+    cy, cx = ny // 2, nx // 2
+    power = stamp.astype(np.float64) ** 2
+    total = power.sum()
+    for half in range(1, min(cy, cx) + 1):
+        if power[cy - half : cy + half + 1, cx - half : cx + half + 1].sum() >= fraction * total:
+            return stamp[cy - half : cy + half + 1, cx - half : cx + half + 1]
+    return stamp
 
 
 def _noise_area(exposure: Exposure) -> float:

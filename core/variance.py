@@ -290,7 +290,15 @@ def measure_variance_scale(
         # per-pixel variances stay right, but sums over pixels (PSF fluxes, the score,
         # the decorrelation) need the correlation
         measured_correlation = measure_noise_correlation(exposure, config)
-        if not _is_white(measured_correlation, config.white_tolerance):
+        # the sky's autocorrelation also holds faint sources' wings; it is the noise's
+        # only if it predicts how much the pixel-scale differences are suppressed
+        consistent = (
+            measured_correlation is not None
+            and math.isfinite(pixel_scale)
+            and abs(second_difference_gain(measured_correlation) - pixel_scale / sky)
+            <= config.correlation_consistency
+        )
+        if consistent and not _is_white(measured_correlation, config.white_tolerance):
             notes.append(
                 "the input noise is correlated (resampled or coadded image): its "
                 "measured autocorrelation is used by the decorrelation"

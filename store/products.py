@@ -27,6 +27,7 @@ PRODUCT_FILES = {
     "matched_science": "matched_science.fits",
     "kernel": "kernel.fits",
     "background": "background.fits",
+    "warped_template": "warped_template.fits",
     "metrics": "metrics.json",
 }
 

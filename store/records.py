@@ -264,6 +264,8 @@ def job_view(
     return {
         "id": record.id,
         "state": record.state,
+        # a succeeded job is never shown without the verdict on its result
+        "quality": record.metrics.get("quality"),
         "mode": record.mode,
         "requested_mode": record.config.get("mode", record.mode),
         "created_at": _iso(record.created_at),

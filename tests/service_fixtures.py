@@ -257,12 +257,13 @@ def sim_pair(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def small_template(tmp_path_factory) -> Path:
-    """A 128x128 exposure: a template that cannot be subtracted from the 256x256 science."""
+def other_field_template(tmp_path_factory) -> Path:
+    """A template of another star field on a grid shifted by (5.5, -3.2) px: no stars match."""
     from core.simulate import SimulationConfig, simulate_pair, write_pair
 
-    pair = simulate_pair(SimulationConfig(size=128, seed=8))
-    return write_pair(pair, tmp_path_factory.mktemp("small"))["template"]
+    config = SimulationConfig(size=256, seed=8, star_density=3000, template_shift=(5.5, -3.2))
+    pair = simulate_pair(config)
+    return write_pair(pair, tmp_path_factory.mktemp("other"))["template"]
 
 
 @pytest.fixture(scope="session")

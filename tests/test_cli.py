@@ -147,7 +147,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_every_command_argument_and_option_has_help(capsys):
     parser = _parser()
     commands = _subparsers(parser)
-    assert set(commands) == {"subtract", "simulate", "config", "info", "serve", "worker"}
+    assert set(commands) == {"subtract", "warp", "simulate", "config", "info", "serve", "worker"}
     missing = []
     for name, sub in commands.items():
         for action in sub._actions:

@@ -382,3 +382,15 @@ def test_correlated_inputs_are_whitened_with_honest_variance():
     assert lag_correlations(out.image[INNER])[0] < 0.5 * lag_correlations(dif.image[INNER])[0]
     # flux is preserved: the filter is 1 at zero frequency
     assert out.image[INNER].sum() == pytest.approx(dif.image[INNER].sum(), abs=5 * N)
+
+
+def test_filter_keeps_flux_with_correlated_inputs():
+    """phi is 1 at zero frequency whatever the input correlations: fluxes are kept."""
+    smooth = np.outer([0.25, 0.5, 0.25], [0.25, 0.5, 0.25])
+    rho = correlate(np.pad(smooth, 3), smooth)[1:-1, 1:-1]
+    rho /= rho[3, 3]
+    for correlations in ((rho, None), (None, rho), (rho, rho)):
+        filters = decorrelation_filters(
+            gaussian(1.5, 15, 0.9), 1.0, 3.0, (64, 64), None, correlations
+        )
+        assert filters.phi[0, 0] == pytest.approx(1.0, abs=1e-12)

@@ -29,7 +29,7 @@ from .service_fixtures import (
     wait_ready,
 )
 
-# Shared fixtures (sim_pair, small_template) live in tests/service_fixtures.py.
+# Shared fixtures (sim_pair, other_field_template) live in tests/service_fixtures.py.
 
 TOKENS = {"alice": "alice-token-1", "bob": "bob-token-2", "carol": "carol-3", "dave": "dave-4"}
 MAX_UPLOAD = 2_000_000
@@ -272,6 +272,9 @@ def test_end_to_end_difference_noise_and_transient_flux(service, alice, alice_in
     assert record["attempts"] == 1
     assert record["timings"]["subtraction"] > 0 and record["timings"]["queue_wait"] >= 0
     assert record["metrics"]["mode"] == "convolveTemplate"
+    # the verdict stands beside the state, the same as in the metrics
+    assert record["quality"] == record["metrics"]["quality"]
+    assert record["quality"]["verdict"] in ("good", "suspect")
     assert set(record["products"]) >= {"difference", "matched_template", "kernel", "background"}
 
     difference = alice.get(record["products"]["difference"])
@@ -352,16 +355,62 @@ def test_one_shot_multipart_form_with_a_source_catalog(alice, sim_pair):
     assert record["metrics"]["n_kernel_sources"] >= 3
 
 
-def test_core_error_fails_the_job_with_its_code(alice, alice_inputs, small_template):
-    template_id = upload(alice, small_template)
+def test_core_error_fails_the_job_with_its_code(alice, alice_inputs, other_field_template):
+    template_id = upload(alice, other_field_template)
     response = submit(alice, alice_inputs[0], template_id)
     assert response.status_code == 202
     record = wait_job(alice, response.json()["id"])
     assert record["state"] == "failed"
-    assert record["error"]["code"] == "incompatible_inputs", record["error"]
+    # its stars do not match the science's where the WCSs say the two overlap
+    assert record["error"]["code"] == "misregistration", record["error"]
     assert_error(
         alice.get(f"/v1/subtractions/{record['id']}/products/difference"), 409, "job_not_succeeded"
     )
+
+
+def test_registered_job_records_its_figures_and_serves_the_warped_template(alice, tmp_path_factory):
+    """A template on its own grid (10 deg, 2%, WCS 0.4 px off): registered by the worker."""
+    from core.io import read_exposure
+    from core.simulate import SimulationConfig, simulate_pair, write_pair
+
+    config = SimulationConfig(
+        size=256,
+        seed=12,
+        star_density=3000,
+        n_transients=3,
+        transient_flux_min=2e4,
+        transient_flux_max=3e4,
+        template_size=300,
+        template_rotation=10.0,
+        template_scale=1.02,
+        template_shift=(3.3, -2.6),
+        template_wcs_error=(0.4, 0.0),
+    )
+    pair = simulate_pair(config)
+    paths = write_pair(pair, tmp_path_factory.mktemp("rotated"))
+    response = submit(
+        alice,
+        upload(alice, paths["science"]),
+        upload(alice, paths["template"]),
+        config={"registration": {"write_warped_template": True}},
+    )
+    assert response.status_code == 202, response.text
+    record = wait_job(alice, response.json()["id"])
+    assert record["state"] == "succeeded", record
+    figures = record["metrics"]["registration"]
+    assert figures["method"] == "wcs+stars" and figures["star_correction"] == "applied"
+    assert figures["n_matched"] >= 10 and figures["rms_px"] < 0.5
+    assert figures["rotation_deg"] == pytest.approx(10.0, abs=0.05)
+    assert figures["wcs_correction_px"][0] == pytest.approx(-0.4, abs=0.15)
+    warped = alice.get(record["products"]["warped_template"])
+    assert warped.status_code == 200
+    warped_template = read_exposure(io.BytesIO(warped.content))
+    assert warped_template.shape == (256, 256)
+    assert warped_template.masked(["NO_DATA"]).mean() < 0.1  # corners the template misses
+    difference = alice.get(record["products"]["difference"])
+    noise, flux_ratios = difference_quality(difference.content, pair.truth)
+    assert 0.9 < noise < 1.1, noise
+    assert np.allclose(flux_ratios, 1.0, atol=0.10), flux_ratios
 
 
 def test_invalid_requests_are_422(alice, alice_inputs):

@@ -180,11 +180,11 @@ def test_update_masks_clears_and_renames():
     assert template.masked(["BAD"]).any()  # preserved
 
 
-def test_template_not_covering_science_is_refused():
+def test_template_not_covering_science_is_refused_without_registration():
     pair = simulated_pair("equal", 256, 109)
     small = pair.template.cutout((10, 10, 200, 200))
-    with pytest.raises(IncompatibleInputsError, match="does not contain"):
-        run_subtraction(pair.science, small)
+    with pytest.raises(IncompatibleInputsError, match="does not contain.*registration"):
+        run_subtraction(pair.science, small, SubtractionConfig(registration={"mode": "none"}))
 
 
 def test_band_mismatch_is_refused():
@@ -200,8 +200,8 @@ def test_wcs_mismatch_is_refused():
     template = pair.template.copy()
     template.wcs = pair.template.wcs.deepcopy()
     template.wcs.wcs.crpix = template.wcs.wcs.crpix + [2.0, 0.0]
-    with pytest.raises(IncompatibleInputsError, match="WCS"):
-        run_subtraction(pair.science, template)
+    with pytest.raises(IncompatibleInputsError, match="WCS.*Turn registration on"):
+        run_subtraction(pair.science, template, SubtractionConfig(registration={"mode": "none"}))
 
 
 def test_low_template_coverage_is_a_typed_error():
@@ -233,7 +233,7 @@ def test_progress_reports_stages(mode):
         progress=lambda s, f: stages.append((s, f)),
     )
     names = [s for s, _ in stages]
-    assert names[0] == "prepare" and names[-1] == "done"
+    assert names[:2] == ["register", "prepare"] and names[-1] == "done"
     assert {"fit", "convolve", "decorrelate", "metrics"} <= set(names)
     fractions = [f for _, f in stages]
     assert fractions == sorted(fractions)

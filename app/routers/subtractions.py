@@ -42,7 +42,13 @@ __all__ = ["router"]
 router = APIRouter(prefix="/v1/subtractions", tags=["subtractions"])
 
 ProductName = Literal[
-    "difference", "score", "matched_template", "matched_science", "kernel", "background"
+    "difference",
+    "score",
+    "matched_template",
+    "matched_science",
+    "kernel",
+    "background",
+    "warped_template",
 ]
 _MAX_JSON_BYTES = 4 * 1024 * 1024
 
