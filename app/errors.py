@@ -1,7 +1,8 @@
 """JSON errors: every failure answers ``{"error": {"code": ..., "message": ...}}``.
 
 Core's typed errors (`core.errors.AlsubError`) map to 422 with their own code;
-store errors map to 413 (upload too large) and 409 (idempotency conflict).
+store errors map to 413 (upload too large) and 409 (idempotency conflict); an
+unreachable store or broker maps to 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError as KombuOperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import AlsubError
 from store import IdempotencyConflictError, UploadTooLargeError
+from store.errors import UNAVAILABLE_ERRORS
 
-__all__ = ["ApiError", "install_error_handlers", "error_body"]
+__all__ = ["ApiError", "install_error_handlers", "error_body", "RETRY_AFTER_SECONDS"]
+
+#: Retry-After of a 503 while the store or broker is unreachable (seconds).
+RETRY_AFTER_SECONDS = 5
 
 log = logging.getLogger("alsub.api")
 
@@ -82,6 +88,21 @@ def install_error_handlers(app: FastAPI) -> None:
             f"this idempotency key was already used for job {exc.job_id} with a different "
             "request; use a new key",
         )
+
+    async def _unavailable(request: Request, exc: Exception):
+        log.warning(
+            "store or broker unavailable on %s %s: %r", request.method, request.url.path, exc
+        )
+        return _answer(
+            503,
+            "service_unavailable",
+            "the job store or queue is unreachable (restarting?); retry after a few seconds "
+            "(GET /readyz says which part)",
+            {"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+
+    for exc_class in (*UNAVAILABLE_ERRORS, KombuOperationalError):
+        app.add_exception_handler(exc_class, _unavailable)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

@@ -8,11 +8,10 @@ the reader's message. Stored blobs are content-addressed (sha256).
 from __future__ import annotations
 
 import io
-import os
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from typing import BinaryIO
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -27,9 +26,8 @@ __all__ = [
     "limited_request",
     "ingest_exposure",
     "ingest_catalog",
-    "resolve_uri",
     "writer_from_upload",
-    "writer_from_path",
+    "writer_from_file",
     "read_capped",
     "PLANE_KINDS",
     "combine_planes",
@@ -103,56 +101,23 @@ async def writer_from_upload(upload, store_blobs, limit: int) -> BlobWriter:
     return await _fill(store_blobs.writer(limit), _upload_chunks(upload))
 
 
-def resolve_uri(uri: str, settings: Settings) -> Path:
-    """The local file a ``file://`` URI names, if it lies under an allowed root.
-
-    Raises
-    ------
-    ApiError
-        422 ``uri_not_allowed`` for any other scheme, a path outside every
-        root (after resolving ``..`` and symbolic links), or a missing file.
-    """
-    parts = urlsplit(uri)
-    scheme = parts.scheme.lower()
-    if scheme == "s3":
-        raise ApiError(
-            422, "uri_not_allowed", "s3:// URIs need an object store, and none is configured"
-        )
-    if scheme != "file":
-        raise ApiError(
-            422,
-            "uri_not_allowed",
-            f"URI scheme {scheme or '(none)'!r} is not fetched: use file:// under an allowed root "
-            "or upload the file to /v1/exposures",
-        )
-    if parts.netloc not in ("", "localhost"):
-        raise ApiError(422, "uri_not_allowed", "file:// URIs must not name a host")
-    if not settings.allowed_roots:
-        raise ApiError(422, "uri_not_allowed", "file:// URIs are disabled (no allowed roots)")
-    raw = unquote(parts.path)
-    if "\x00" in raw:  # realpath would raise ValueError (a 500) on it
-        raise ApiError(422, "uri_not_allowed", "the URI path contains a NUL byte")
-    path = Path(os.path.realpath(raw))
-    for root in settings.allowed_roots:
-        if path == root or root in path.parents:
-            if not path.is_file():
-                raise ApiError(422, "uri_not_found", f"no file at {uri}")
-            return path
-    raise ApiError(422, "uri_not_allowed", f"{uri} is outside the allowed roots")
-
-
-def read_capped(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of ``path``; 413 when it holds more than ``limit`` (never reads past it)."""
-    with open(path, "rb") as handle:
+def read_capped(handle: BinaryIO, limit: int, what: str) -> bytes:
+    """The bytes of an open file; 413 when it holds more than ``limit`` (never reads past it)."""
+    with handle:
         data = handle.read(limit + 1)
     if len(data) > limit:
         raise ApiError(413, "upload_too_large", f"{what} exceeds the upload limit")
     return data
 
 
-async def writer_from_path(path: Path, blobs, limit: int) -> BlobWriter:
-    """Copy a local file into a new blob writer (413 past the cap)."""
-    return await run_in_threadpool(blobs.copy_file, path, limit)
+async def writer_from_file(handle: BinaryIO, blobs, limit: int) -> BlobWriter:
+    """Copy an open file into a new blob writer (413 past the cap); closes ``handle``."""
+
+    def copy() -> BlobWriter:
+        with handle:
+            return blobs.copy_file(handle, limit)
+
+    return await run_in_threadpool(copy)
 
 
 def _describe(path: Path, settings: Settings, label: str) -> dict:
@@ -218,7 +183,10 @@ def _combined_bytes(image: Path, planes: dict[str, Path], settings: Settings, la
     limit = 8 * settings.max_pixels + (1 << 20)
     specs = {
         kind: _NamedBytes(
-            _gunzipped(read_capped(path, settings.max_upload_bytes, f"the {label} {kind}"), limit),
+            _gunzipped(
+                read_capped(open(path, "rb"), settings.max_upload_bytes, f"the {label} {kind}"),
+                limit,
+            ),
             f"{kind} plane",  # not the label: it is recorded in the file, which must not
         )  # depend on how the planes arrived (upload, form field or URI)
         for kind, path in planes.items()
@@ -317,11 +285,23 @@ def _check_catalog(data: bytes) -> None:
     read_catalog(data, wcs=placeholder)
 
 
-async def ingest_catalog(data: bytes, store: Store, owner: str) -> str:
-    """Validate and store a source catalog's bytes; return its sha256 id."""
+async def ingest_catalog(data: bytes, store: Store, owner: str, uri: str | None = None) -> str:
+    """Validate and store a source catalog's bytes; return its sha256 id.
+
+    A catalog read from a ``uri`` is a file other tenants may share: its errors
+    name the URI and never quote its content.
+    """
     if not data.strip():
         raise InvalidCatalogError("the source catalog is empty")
-    await run_in_threadpool(_check_catalog, data)
+    try:
+        await run_in_threadpool(_check_catalog, data)
+    except AlsubError:
+        if uri is None:
+            raise
+        raise InvalidCatalogError(
+            f"{uri} is not a readable catalog: give a FITS table, CSV with a header line or "
+            "JSON, with x/y (pixels) or ra/dec (degrees) columns"
+        ) from None
     sha = await run_in_threadpool(store.catalogs.put_bytes, data)
     await run_in_threadpool(store.records.add_owner, "catalog", sha, owner)
     return sha

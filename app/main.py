@@ -14,8 +14,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
+from starlette.concurrency import run_in_threadpool
 
 from store import Settings, open_store
+from store.maintenance import clean_disk
 from store.sweeper import sweep_stale_jobs
 
 from .docs import install_docs
@@ -71,6 +73,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.warning("requeued %d job(s) of lost workers at start-up", len(swept))
         except Exception:
             log.warning("start-up sweep failed", exc_info=True)
+        try:
+            await run_in_threadpool(clean_disk, app.state.store, settings)
+        except Exception:
+            log.warning("start-up disk clean-up failed", exc_info=True)
         yield
         app.state.queue.close()
         app.state.store.records.close()

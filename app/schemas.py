@@ -162,7 +162,9 @@ class SubtractionRequest(BaseModel):
         None,
         max_length=2000,
         pattern=r"^https?://",
-        description="http(s) URL POSTed the final job record when the job ends (with retries).",
+        description="http(s) URL POSTed the final job record when the job ends (with retries). "
+        "Its host must resolve to public addresses (or ALSUB_CALLBACK_ALLOWED_NETWORKS); "
+        "redirects are not followed.",
         examples=["https://broker.example.org/alsub-done"],
     )
 
@@ -236,7 +238,9 @@ class JobOut(BaseModel):
     idempotency_key: str | None = None
     callback_url: str | None = None
     callback: dict[str, Any] | None = Field(
-        None, description="Webhook delivery: delivered, attempts, last_error."
+        None,
+        description="Webhook delivery: delivered (bool), attempts, status_code of the last "
+        "answer (null when none came).",
     )
 
 

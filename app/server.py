@@ -122,6 +122,9 @@ def serve(
             port=port,
             log_level=settings.log_level.lower(),
             timeout_graceful_shutdown=5,
+            # The app reads X-Forwarded-For itself, from ALSUB_TRUSTED_PROXIES only: uvicorn's
+            # default trusts it from 127.0.0.1, which let a local client pick its address.
+            proxy_headers=False,
         )
     finally:
         if worker is not None:

@@ -6,7 +6,7 @@ the HTTP request schema, so every default lives here and only here.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -29,39 +29,60 @@ __all__ = [
 
 Mode = Literal["auto", "convolveTemplate", "convolveScience", "preconvolve"]
 
+#: Widest kernel basis (pixels): 99 px is over 16 sigma of a 14 px FWHM PSF.
+_MAX_KERNEL = 99
+#: A mask-plane list: at most 64 names of at most 32 characters.
+PlaneList = Annotated[list[Annotated[str, Field(max_length=32)]], Field(max_length=64)]
+#: A noise ratio (robust std of D/sqrt(V)) in a verdict range.
+_NoiseRatio = Annotated[float, Field(ge=0, le=100)]
+
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class KernelConfig(_Config):
     """Alard-Lupton basis and solver (algorithm.md section 9.3)."""
 
-    kernel_size: int = Field(21, description="Kernel width when not scaling by FWHM (odd).")
-    scale_by_fwhm: bool = Field(True, description="Size the basis from the two PSF widths.")
-    kernel_size_fwhm_scaling: float = Field(6.0, gt=0, description="Kernel size in widest sigma.")
-    kernel_size_min: int = Field(21, ge=3, description="Smallest kernel width.")
-    kernel_size_max: int = Field(35, ge=3, description="Largest kernel width.")
-    alard_n_gauss: int = Field(3, ge=1, description="Number of Gaussians in the basis.")
-    alard_deg_gauss: list[int] = Field([4, 2, 2], description="Polynomial degree per Gaussian.")
-    alard_sig_gauss: list[float] = Field(
-        [0.7, 1.5, 3.0], description="Gaussian sigmas used when the PSFs are equal (pixels)."
+    kernel_size: int = Field(
+        21, ge=3, le=_MAX_KERNEL, description="Kernel width when not scaling by FWHM (odd)."
     )
-    alard_gauss_beta: float = Field(2.0, gt=0, description="Ratio of successive Gaussian sigmas.")
-    alard_min_sig: float = Field(0.7, gt=0, description="Smallest sigma when convolving.")
-    alard_min_sig_deconv: float = Field(0.4, gt=0, description="Smallest sigma when deconvolving.")
+    scale_by_fwhm: bool = Field(True, description="Size the basis from the two PSF widths.")
+    kernel_size_fwhm_scaling: float = Field(
+        6.0, gt=0, le=20, description="Kernel size in widest sigma."
+    )
+    kernel_size_min: int = Field(21, ge=3, le=_MAX_KERNEL, description="Smallest kernel width.")
+    kernel_size_max: int = Field(35, ge=3, le=_MAX_KERNEL, description="Largest kernel width.")
+    alard_n_gauss: int = Field(3, ge=1, le=6, description="Number of Gaussians in the basis.")
+    alard_deg_gauss: list[Annotated[int, Field(ge=0, le=8)]] = Field(
+        [4, 2, 2], max_length=6, description="Polynomial degree per Gaussian."
+    )
+    alard_sig_gauss: list[Annotated[float, Field(gt=0, le=20)]] = Field(
+        [0.7, 1.5, 3.0],
+        max_length=6,
+        description="Gaussian sigmas used when the PSFs are equal (pixels).",
+    )
+    alard_gauss_beta: float = Field(
+        2.0, gt=0, le=10, description="Ratio of successive Gaussian sigmas."
+    )
+    alard_min_sig: float = Field(0.7, gt=0, le=10, description="Smallest sigma when convolving.")
+    alard_min_sig_deconv: float = Field(
+        0.4, gt=0, le=10, description="Smallest sigma when deconvolving."
+    )
     spatial_kernel_order: int = Field(1, ge=0, le=4, description="Chebyshev order of the kernel.")
     spatial_bg_order: int = Field(2, ge=0, le=4, description="Chebyshev order of the background.")
     fit_for_background: bool = Field(True, description="Fit a differential background.")
-    size_cell_x: int = Field(128, ge=16, description="Spatial cell width (pixels).")
-    size_cell_y: int = Field(128, ge=16, description="Spatial cell height (pixels).")
-    n_star_per_cell: int = Field(5, ge=1, description="Candidates used per cell.")
+    size_cell_x: int = Field(128, ge=16, le=8192, description="Spatial cell width (pixels).")
+    size_cell_y: int = Field(128, ge=16, le=8192, description="Spatial cell height (pixels).")
+    n_star_per_cell: int = Field(5, ge=1, le=100, description="Candidates used per cell.")
     max_spatial_iterations: int = Field(3, ge=1, le=5, description="Spatial fit iterations.")
     single_kernel_clipping: bool = Field(True, description="Reject candidates by residuals.")
     kernel_sum_clipping: bool = Field(True, description="Reject candidates by kernel sum.")
     spatial_kernel_clipping: bool = Field(True, description="Reject by spatial-fit residuals.")
-    candidate_residual_mean_max: float = Field(0.25, gt=0, description="Max |mean| of D/sigma.")
-    candidate_residual_std_max: float = Field(1.5, gt=0, description="Max std of D/sigma.")
+    candidate_residual_mean_max: float = Field(
+        0.25, gt=0, le=100, description="Max |mean| of D/sigma."
+    )
+    candidate_residual_std_max: float = Field(1.5, gt=0, le=100, description="Max std of D/sigma.")
     candidate_clip_sigma: float = Field(
         4.0,
         gt=0,
@@ -72,18 +93,23 @@ class KernelConfig(_Config):
     min_ensemble_candidates: int = Field(
         5, ge=2, le=10000, description="Fewest fitted candidates for ensemble residual limits."
     )
-    max_ksum_sigma: float = Field(3.0, gt=0, description="Kernel-sum clip, in clipped sigmas.")
+    max_ksum_sigma: float = Field(
+        3.0, gt=0, le=100, description="Kernel-sum clip, in clipped sigmas."
+    )
     use_core_stats: bool = Field(False, description="Residual stats on the stamp core only.")
-    candidate_core_radius: int = Field(3, ge=1, description="Core half-width for core stats.")
-    bad_mask_planes: list[str] = Field(
+    candidate_core_radius: int = Field(
+        3, ge=1, le=50, description="Core half-width for core stats."
+    )
+    bad_mask_planes: PlaneList = Field(
         ["NO_DATA", "EDGE", "SAT"], description="Ignored in candidate residual statistics."
     )
     constant_variance_weighting: bool = Field(True, description="Weight stamps by median var.")
     check_condition_number: bool = Field(False, description="Reject ill-conditioned stamps.")
-    max_condition_number: float = Field(5.0e7, gt=0, description="Stamp condition limit.")
+    max_condition_number: float = Field(5.0e7, gt=0, le=1e20, description="Stamp condition limit.")
     max_spatial_condition_number: float = Field(
         1.0e10,
         gt=0,
+        le=1e30,
         description="Above this the spatial solution is refitted at lower orders (Rubin: a "
         "warning only).",
     )
@@ -125,9 +151,11 @@ class KernelConfig(_Config):
 class DetectionConfig(_Config):
     """Source detection on an exposure (core.sources)."""
 
-    threshold: float = Field(5.0, gt=0, description="Detection threshold in local noise sigmas.")
-    min_pixels: int = Field(5, ge=1, description="Smallest footprint kept (pixels).")
-    background_mesh: int = Field(64, ge=8, description="Background mesh size (pixels).")
+    threshold: float = Field(
+        5.0, gt=0, le=1000, description="Detection threshold in local noise sigmas."
+    )
+    min_pixels: int = Field(5, ge=1, le=100_000, description="Smallest footprint kept (pixels).")
+    background_mesh: int = Field(64, ge=8, le=8192, description="Background mesh size (pixels).")
     smooth_with_psf: bool = Field(True, description="Detect on the PSF-smoothed image.")
 
 
@@ -137,37 +165,56 @@ class SourcesConfig(_Config):
     detection: DetectionConfig = Field(
         default_factory=DetectionConfig, description="Source detection on the science image."
     )
-    min_snr: float = Field(10.0, gt=0, description="Lowest S/N of a kernel source (exclusive).")
-    max_snr: float = Field(500.0, gt=0, description="Highest S/N of a kernel source (exclusive).")
+    min_snr: float = Field(
+        10.0, gt=0, le=1e6, description="Lowest S/N of a kernel source (exclusive)."
+    )
+    max_snr: float = Field(
+        500.0, gt=0, le=1e9, description="Highest S/N of a kernel source (exclusive)."
+    )
     isolation_radius_fwhm: float = Field(
-        2.0, ge=0, description="Reject sources with a detected neighbour within this many FWHM."
+        2.0,
+        ge=0,
+        le=20,
+        description="Reject sources with a detected neighbour within this many FWHM.",
     )
     max_size_ratio: float = Field(
-        1.5, gt=0, description="Reject sources larger than the PSF by this factor (resolved)."
+        1.5,
+        gt=0,
+        le=100,
+        description="Reject sources larger than the PSF by this factor (resolved).",
     )
-    max_kernel_sources: int = Field(1000, description="Cap on kernel sources (<= 0 disables).")
-    min_kernel_sources: int = Field(3, ge=1, description="Fewest kernel sources to proceed.")
-    exclude_mask_planes: list[str] = Field(
+    max_kernel_sources: int = Field(
+        1000, le=100_000, description="Cap on kernel sources (<= 0 disables)."
+    )
+    min_kernel_sources: int = Field(
+        3, ge=1, le=10_000, description="Fewest kernel sources to proceed."
+    )
+    exclude_mask_planes: PlaneList = Field(
         ["NO_DATA", "BAD", "SAT", "EDGE", "FAKE", "HIGH_VARIANCE"],
         description="Reject kernel sources whose stamp touches these planes.",
     )
     variability_sigma: float = Field(
         5.0,
         gt=0,
+        le=1000,
         description="Reject kernel sources whose science/template flux ratio departs "
         "from the median by more than this many sigma (transients, variables).",
     )
     variability_floor: float = Field(
-        0.05, ge=0, description="...and by more than this fraction of the median ratio."
+        0.05, ge=0, le=10, description="...and by more than this fraction of the median ratio."
     )
-    n_sky_sources: int = Field(100, ge=0, description="Sky positions placed for metrics.")
-    sky_source_radius: float = Field(8.0, gt=0, description="Sky-source footprint radius (px).")
+    n_sky_sources: int = Field(
+        100, ge=0, le=10_000, description="Sky positions placed for metrics."
+    )
+    sky_source_radius: float = Field(
+        8.0, gt=0, le=100, description="Sky-source footprint radius (px)."
+    )
 
 
 class DecorrelationConfig(_Config):
     """Noise decorrelation afterburner (algorithm.md section 4, decision 4)."""
 
-    ignore_mask_planes: list[str] = Field(
+    ignore_mask_planes: PlaneList = Field(
         ["INTRP", "EDGE", "DETECTED", "SAT", "CR", "BAD", "NO_DATA", "DETECTED_NEGATIVE"],
         description="Ignored when averaging the input variance planes.",
     )
@@ -175,13 +222,15 @@ class DecorrelationConfig(_Config):
         False, description="Convolve variance planes with the squared filters."
     )
     spatially_varying: bool = Field(False, description="Vary the filter across the image.")
-    grid_step: int = Field(256, ge=16, description="Spacing of spatial decorrelation nodes (px).")
+    grid_step: int = Field(
+        256, ge=16, le=8192, description="Spacing of spatial decorrelation nodes (px)."
+    )
 
 
 class ScaleVarianceConfig(_Config):
     """Rescaling of variance planes to the measured pixel noise (section 1.6)."""
 
-    mask_planes: list[str] = Field(
+    mask_planes: PlaneList = Field(
         ["DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP"],
         description="Ignored in the variance-scale estimate.",
     )
@@ -232,7 +281,9 @@ class ScaleVarianceConfig(_Config):
 class MetricsConfig(_Config):
     """Quality metrics of the difference image (section 6)."""
 
-    footprint_radius_fwhm: float = Field(1.0, gt=0, description="Star footprint radius in FWHM.")
+    footprint_radius_fwhm: float = Field(
+        1.0, gt=0, le=20, description="Star footprint radius in FWHM."
+    )
 
 
 class ForcedPhotometryConfig(_Config):
@@ -334,10 +385,10 @@ class DiaSourceConfig(_Config):
 class QualityConfig(_Config):
     """Thresholds of the quality verdict (core.quality): good, suspect or bad."""
 
-    noise_ratio_range: tuple[float, float] = Field(
+    noise_ratio_range: tuple[_NoiseRatio, _NoiseRatio] = Field(
         (0.85, 1.2), description="Noise of D/sqrt(V) on sky outside this range: suspect."
     )
-    noise_ratio_bad: tuple[float, float] = Field(
+    noise_ratio_bad: tuple[_NoiseRatio, _NoiseRatio] = Field(
         (0.5, 2.0), description="Noise of D/sqrt(V) on sky outside this range: bad."
     )
     identical_noise_ratio: float = Field(
@@ -383,7 +434,10 @@ class QualityConfig(_Config):
         2.0, gt=0, le=1000, description="...and beyond this shift (px) the fit is bad."
     )
     max_condition_number: float = Field(
-        1.0e10, gt=0, description="Spatial condition number above which the fit is suspect."
+        1.0e10,
+        gt=0,
+        le=1e30,
+        description="Spatial condition number above which the fit is suspect.",
     )
     max_score_excess: float = Field(
         1.5,
@@ -456,7 +510,7 @@ class RegistrationConfig(_Config):
         0.5, gt=0, le=10, description="Largest residual rms (px) of matched stars accepted."
     )
     min_snr: float = Field(
-        10.0, gt=0, description="Faintest star (detection S/N) used for registration."
+        10.0, gt=0, le=1e6, description="Faintest star (detection S/N) used for registration."
     )
     false_match_probability: float = Field(
         0.01,
@@ -532,21 +586,23 @@ class SubtractionConfig(_Config):
     min_template_fraction_for_expected_success: float = Field(
         0.2, ge=0, le=1, description="Below this a kernel failure is reported as coverage."
     )
-    bad_mask_planes: list[str] = Field(
+    bad_mask_planes: PlaneList = Field(
         ["NO_DATA", "BAD", "SAT", "EDGE"],
         description="Pixels median-filled before preconvolution.",
     )
-    preserve_template_mask: list[str] = Field(
+    preserve_template_mask: PlaneList = Field(
         ["NO_DATA", "BAD", "HIGH_VARIANCE"], description="Template planes kept by update_masks."
     )
-    rename_template_mask: list[str] = Field(
+    rename_template_mask: PlaneList = Field(
         ["SAT", "INJECTED", "INJECTED_CORE"], description="Template planes renamed X_TEMPLATE."
     )
-    preserve_mask_planes: list[str] = Field(
+    preserve_mask_planes: PlaneList = Field(
         ["INJECTED", "INJECTED_CORE", "INJECTED_TEMPLATE", "INJECTED_CORE_TEMPLATE"],
         description="Planes not dilated by convolution.",
     )
-    fwhm_exposure_grid: int = Field(10, ge=1, description="Grid for mean PSF FWHM fallback.")
+    fwhm_exposure_grid: int = Field(
+        10, ge=1, le=100, description="Grid for mean PSF FWHM fallback."
+    )
     fwhm_exposure_buffer: float = Field(0.05, ge=0, lt=0.5, description="Grid edge buffer.")
     kernel: KernelConfig = Field(
         default_factory=KernelConfig, description="AL basis and kernel solver."
@@ -607,4 +663,6 @@ class ReferenceFiguresConfig(_Config):
     star_radius_fwhm: float = Field(
         1.0, gt=0, le=10, description="Radius of the chi^2 aperture in science FWHM."
     )
-    seed: int = Field(0, ge=0, description="Seed of the random positions (fixed: same figures).")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of the random positions (fixed: same figures)."
+    )

@@ -72,6 +72,7 @@ from scipy import ndimage
 
 from .errors import InvalidExposureError, PsfError
 from .exposure import Exposure, MaskPlanes, PhotoCalib
+from .fits_structure import check_fits_structure
 from .psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf, Psf
 
 __all__ = [
@@ -87,12 +88,15 @@ __all__ = [
     "from_ccddata",
     "image_unit",
     "DEFAULT_MAX_PIXELS",
+    "MIN_IMAGE_SIDE",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Default limit on the number of pixels of any plane (100 megapixels).
 DEFAULT_MAX_PIXELS = 100_000_000
+#: Smallest image side read as an exposure: below it no PSF stamp or kernel fits.
+MIN_IMAGE_SIDE = 8
 
 # extension names recognised in the same file, in order of preference
 _IMAGE_NAMES = ("IMAGE", "SCI")
@@ -176,8 +180,14 @@ class _Fits:
             if not path.is_file():
                 raise InvalidExposureError(f"{name}: not a regular file")
             fileobj = os.fspath(path)
+            with open(fileobj, "rb") as handle:
+                if handle.read(2) == b"\x1f\x8b":
+                    # Gunzipped here (capped) so that the structure check sees the FITS bytes.
+                    handle.seek(0)
+                    fileobj = io.BytesIO(_gunzip(handle.read(), name, max_bytes))
         else:
             fileobj = source
+        _check_structure(fileobj, name)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -248,6 +258,31 @@ class _Fits:
 
     def close(self) -> None:
         self.hdul.close()
+
+
+def _check_structure(fileobj: Any, name: str) -> None:
+    """Validate the structural keywords and extents before astropy parses anything."""
+    if isinstance(fileobj, str):
+        with open(fileobj, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+
+            def read_at(offset: int, n: int) -> bytes:
+                handle.seek(offset)
+                return handle.read(n)
+
+            check_fits_structure(read_at, size, name)
+        return
+    position = fileobj.tell()
+    size = fileobj.seek(0, os.SEEK_END)
+
+    def read_from(offset: int, n: int) -> bytes:
+        fileobj.seek(offset)
+        return fileobj.read(n)
+
+    try:
+        check_fits_structure(read_from, size, name)
+    finally:
+        fileobj.seek(position)
 
 
 def _gunzip(data: bytes, name: str, max_bytes: int) -> bytes:
@@ -809,6 +844,11 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
     image_hdu = f.hdul[index]
     shape = _check_pixels(f, index, "image", max_pixels)
     _require_2d(f, shape, "image data", index)
+    if min(shape) < MIN_IMAGE_SIDE:
+        raise InvalidExposureError(
+            f"{f.name}: image is {shape[1]}x{shape[0]} pixels; an exposure needs at least "
+            f"{MIN_IMAGE_SIDE} pixels on each side to hold a PSF"
+        )
     raw = _load(f, index, "image")
     image = _to_float32(raw)
     primary = f.hdul[0].header

@@ -1369,6 +1369,8 @@ def read_catalog(source, wcs=None) -> Table:
             f"catalog {name} has no position columns: need x and y (pixels) or ra and dec "
             f"(degrees); found {', '.join(table.colnames) or 'no columns'}"
         )
+    if len(x) == 0:
+        raise InvalidCatalogError(f"catalog {name} has no rows: give at least one source")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise InvalidCatalogError(f"catalog {name} has missing or non-finite positions")
     out["x"] = x

@@ -27,6 +27,7 @@ from .settings import Settings
 __all__ = [
     "Store",
     "open_store",
+    "open_records",
     "Settings",
     "BlobStore",
     "BlobWriter",
@@ -60,6 +61,17 @@ class Store:
         probe.unlink()
 
 
+def open_records(settings: Settings) -> RecordBackend:
+    """The job-record backend of ``settings``: Redis when ``redis_url`` is set, else SQLite."""
+    if settings.redis_url:
+        from .redis_backend import RedisRecords
+
+        return RedisRecords(settings.redis_url, settings.redis_prefix)
+    from .sqlite_backend import SqliteRecords
+
+    return SqliteRecords(settings.data_dir / "records.sqlite")
+
+
 def open_store(settings: Settings) -> Store:
     """Open (and create if needed) the store described by ``settings``.
 
@@ -73,14 +85,7 @@ def open_store(settings: Settings) -> Store:
     store : `Store`
     """
     root = settings.data_dir
-    if settings.redis_url:
-        from .redis_backend import RedisRecords
-
-        records: RecordBackend = RedisRecords(settings.redis_url, settings.redis_prefix)
-    else:
-        from .sqlite_backend import SqliteRecords
-
-        records = SqliteRecords(root / "records.sqlite")
+    records = open_records(settings)
     return Store(
         exposures=BlobStore(root / "exposures", ".fits"),
         catalogs=BlobStore(root / "catalogs", ".cat"),

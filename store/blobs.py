@@ -14,13 +14,24 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["BlobStore", "BlobWriter", "UploadTooLargeError"]
+__all__ = ["BlobStore", "BlobWriter", "UploadTooLargeError", "fsync_dir"]
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename or a new file in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class UploadTooLargeError(Exception):
@@ -136,13 +147,12 @@ class BlobStore:
         """Store ``data``; return its id."""
         return self.put_stream([data], max_bytes if max_bytes is not None else len(data))
 
-    def copy_file(self, source: Path, max_bytes: int) -> BlobWriter:
-        """Copy a file into a new (uncommitted) writer, enforcing the cap while copying."""
+    def copy_file(self, source: BinaryIO, max_bytes: int) -> BlobWriter:
+        """Copy an open file into a new (uncommitted) writer, enforcing the cap while copying."""
         writer = self.writer(max_bytes)
         try:
-            with open(source, "rb") as handle:
-                while chunk := handle.read(_CHUNK):
-                    writer.write(chunk)
+            while chunk := source.read(_CHUNK):
+                writer.write(chunk)
             writer.close()
         except BaseException:
             writer.abort()
@@ -156,6 +166,7 @@ class BlobStore:
             tmp_path.unlink(missing_ok=True)  # same bytes already stored: keep one copy
         else:
             os.replace(tmp_path, final)
+            fsync_dir(final.parent)
         return blob_id
 
     def meta_path(self, blob_id: str) -> Path:
@@ -166,16 +177,28 @@ class BlobStore:
         """Atomically write the JSON sidecar of a stored blob."""
         target = self.meta_path(blob_id)
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".json")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(meta, handle, default=str)
-        os.replace(name, target)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(meta, handle, default=str)
+                handle.flush()
+                os.fsync(handle.fileno())  # a crash must not leave an empty sidecar behind
+            os.replace(name, target)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        fsync_dir(target.parent)
 
     def read_meta(self, blob_id: str) -> dict | None:
-        """The JSON sidecar of ``blob_id``, or None when missing."""
+        """The JSON sidecar of ``blob_id``, or None when missing or unreadable.
+
+        An empty or truncated sidecar (a crash before it reached the disk) counts as
+        missing: uploading the same bytes again validates the blob and rewrites it.
+        """
         try:
-            return json.loads(self.meta_path(blob_id).read_text())
-        except (FileNotFoundError, KeyError):
+            meta = json.loads(self.meta_path(blob_id).read_text())
+        except (FileNotFoundError, KeyError, ValueError):
             return None
+        return meta if isinstance(meta, dict) else None
 
     def delete(self, blob_id: str) -> None:
         """Remove a blob and its sidecar (missing is fine)."""
@@ -183,7 +206,21 @@ class BlobStore:
             self.path(blob_id).unlink(missing_ok=True)
             self.meta_path(blob_id).unlink(missing_ok=True)
 
-    def clean_tmp(self) -> None:
-        """Remove abandoned temporary files (call when no upload is in flight)."""
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+    def clean_tmp(self, older_than: float) -> int:
+        """Remove temporary files not modified for ``older_than`` seconds; return how many.
+
+        Uploads in flight are written continuously, so they are younger than any sane age.
+        """
+        limit = time.time() - older_than
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < limit:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # committed or aborted meanwhile
+        return removed

@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from .blobs import fsync_dir
 
 __all__ = ["ProductStore", "PRODUCT_FILES"]
 
@@ -30,6 +33,18 @@ PRODUCT_FILES = {
 }
 
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _fsync_tree(directory: Path) -> None:
+    # Core's writers do not all fsync (kernel, metrics); one pass here covers every product.
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(directory)
 
 
 class ProductStore:
@@ -71,6 +86,7 @@ class ProductStore:
         staging.mkdir()
         try:
             build(staging)
+            _fsync_tree(staging)  # every product on disk before the folder is published
             if final.exists():
                 # A previous delivery of the same job published already: replace it whole.
                 trash = self.root / f".old-{job_id}-{uuid.uuid4().hex}"
@@ -79,6 +95,7 @@ class ProductStore:
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.rename(staging, final)
+            fsync_dir(self.root)  # the rename itself survives a crash
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -96,6 +113,35 @@ class ProductStore:
             return None
         path = self.job_dir(job_id) / file
         return path if path.is_file() else None
+
+    def job_ids(self, older_than: float = 0.0) -> list[str]:
+        """Ids of the published job folders not modified for ``older_than`` seconds."""
+        limit = time.time() - older_than
+        ids = []
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".") or not _JOB_ID_RE.match(entry.name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False) and entry.stat().st_mtime < limit:
+                    ids.append(entry.name)
+            except FileNotFoundError:
+                continue
+        return ids
+
+    def clean_staging(self, older_than: float) -> int:
+        """Remove staging (``.tmp-*``) and replaced (``.old-*``) folders older than that."""
+        limit = time.time() - older_than
+        removed = 0
+        for entry in os.scandir(self.root):
+            if not entry.name.startswith((".tmp-", ".old-")):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < limit:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     def delete(self, job_id: str) -> None:
         """Delete every product of ``job_id``."""

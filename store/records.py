@@ -216,6 +216,10 @@ class RecordBackend(ABC):
         """Count one request for ``key`` in the current fixed window; return the count."""
 
     @abstractmethod
+    def count(self, key: str, window: float) -> int:
+        """Requests counted for ``key`` in the current fixed window (without counting one)."""
+
+    @abstractmethod
     def worker_seen(self, name: str) -> None:
         """Record that worker ``name`` is alive now."""
 

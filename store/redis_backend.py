@@ -207,6 +207,10 @@ class RedisRecords(RecordBackend):
             count, _ = pipe.execute()
         return int(count)
 
+    def count(self, key, window):
+        current = int(time.time() // window)
+        return int(self.redis.get(f"{self.prefix}rate:{key}:{current}") or 0)
+
     def worker_seen(self, name):
         self.redis.zadd(f"{self.prefix}workers", {name: time.time()})
 

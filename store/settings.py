@@ -8,6 +8,7 @@ import the other's framework.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated
@@ -61,10 +62,35 @@ class Settings(BaseSettings):
         8192 * 8192, gt=0, description="Largest accepted image (pixels); larger answers 422."
     )
     rate_limit_per_minute: int = Field(
-        600, ge=0, description="Requests per minute per token (or client address); 0 disables."
+        600,
+        ge=0,
+        description="Write requests (uploads, submissions, deletes) per minute per token (or "
+        "client address without tokens); 0 disables.",
+    )
+    read_rate_limit_per_minute: int = Field(
+        6000,
+        ge=0,
+        description="Read requests (GET: job status, listings, products) per minute per token "
+        "(or client address), so dashboards can poll; 0 disables.",
+    )
+    auth_failures_per_minute: int = Field(
+        30,
+        ge=0,
+        description="Requests with a missing or wrong token per minute per client address; past "
+        "it every request of that address answers 429 for the rest of the minute. 0 disables.",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDR networks of reverse proxies whose X-Forwarded-For names the client "
+        "(comma-separated). Empty: the header is ignored and the peer address is the client.",
     )
     max_concurrent_jobs: int = Field(
         8, ge=1, description="Queued plus running jobs per token; more answers 429."
+    )
+    open_health_endpoints: bool = Field(
+        False,
+        description="Serve /readyz and /metrics without a token although tokens are set (they "
+        "show worker host names and every tenant's job counts). /healthz is always open.",
     )
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
@@ -90,11 +116,22 @@ class Settings(BaseSettings):
         description="A running job whose heartbeat is older than this is requeued (its worker is "
         "considered lost).",
     )
+    queued_resend_after: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a job may wait queued before its message is sent again (the broker "
+        "can lose one taken by a worker killed or cut off mid-fetch); a duplicate is skipped.",
+    )
     max_attempts: int = Field(
         3, ge=1, description="Deliveries of one job before it fails as worker_lost."
     )
     worker_concurrency: int = Field(
         1, ge=1, description="Jobs one worker process runs in parallel (Celery prefork children)."
+    )
+    callback_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDR networks callback_url may reach although they are not public "
+        "(comma-separated, e.g. 10.0.0.0/8 for internal hooks). Empty: only global addresses.",
     )
     webhook_retries: int = Field(5, ge=0, description="Retries of a failed callback_url POST.")
     webhook_backoff: float = Field(
@@ -106,6 +143,15 @@ class Settings(BaseSettings):
     readiness_timeout: float = Field(
         1.5, gt=0, description="Seconds /readyz waits for a worker to answer a ping."
     )
+    tmp_max_age: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds after which abandoned upload temp files, product staging folders "
+        "and product folders of jobs without a record are deleted.",
+    )
+    maintenance_interval: float = Field(
+        300.0, gt=0, description="Seconds between a worker's disk clean-up passes."
+    )
     log_level: str = Field("INFO", description="Log level of the API and workers.")
     test_stage_delay: float = Field(
         0.0,
@@ -113,8 +159,15 @@ class Settings(BaseSettings):
         description="Debug only, off by default: seconds a worker sleeps at every progress report, "
         "so tests can interrupt or cancel a job mid-run.",
     )
+    test_stage_holds_gil: bool = Field(
+        False,
+        description="Debug only, off by default: the stage delay keeps the GIL (as a long library "
+        "call does), so tests can check that heartbeats do not depend on the job's threads.",
+    )
 
-    @field_validator("tokens", "allowed_roots", mode="before")
+    @field_validator(
+        "tokens", "allowed_roots", "callback_allowed_networks", "trusted_proxies", mode="before"
+    )
     @classmethod
     def _lists_from_text(cls, value):
         return _split_list(value)
@@ -123,6 +176,11 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_roots(cls, roots: list[Path]) -> list[Path]:
         return [Path(os.path.realpath(root)) for root in roots]
+
+    @field_validator("callback_allowed_networks", "trusted_proxies")
+    @classmethod
+    def _cidr_networks(cls, networks: list[str]) -> list[str]:
+        return [str(ipaddress.ip_network(text, strict=False)) for text in networks]
 
     @field_validator("data_dir")
     @classmethod

@@ -251,6 +251,15 @@ class SqliteRecords(RecordBackend):
             row = db.execute("SELECT count FROM rate WHERE key = ?", (key,)).fetchone()
         return int(row[0])
 
+    def count(self, key, window):
+        current = int(time.time() // window)
+        row = (
+            self._connection()
+            .execute("SELECT count FROM rate WHERE key = ? AND window = ?", (key, current))
+            .fetchone()
+        )
+        return int(row[0]) if row is not None else 0
+
     def worker_seen(self, name):
         with self._transaction() as db:
             db.execute(

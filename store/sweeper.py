@@ -23,6 +23,7 @@ __all__ = [
     "requeue_if_stale",
     "sweep_stale_jobs",
     "requeue_all",
+    "resend_waiting_jobs",
 ]
 
 log = logging.getLogger("alsub.sweeper")
@@ -84,9 +85,36 @@ def requeue_if_stale(
     return record
 
 
+def resend_waiting_jobs(records: RecordBackend, settings: Settings, enqueue: Enqueue) -> list[str]:
+    """Send again the message of every job queued, untouched, for ``queued_resend_after`` s.
+
+    A message can be lost with the broker (an outage while a worker held it); the job
+    record then waits forever. A duplicate message is harmless: the task skips a job
+    that is running or finished.
+    """
+    now = time.time()
+    resent = []
+    for record in records.in_state("queued"):
+        if now - record.updated_at <= settings.queued_resend_after:
+            continue
+
+        def touch(current: JobRecord) -> bool:
+            # Conditional, so several sweepers resend once; writing refreshes updated_at.
+            return current.state == "queued" and now - current.updated_at > (
+                settings.queued_resend_after
+            )
+
+        _, written = records.update(record.id, touch)
+        if written:
+            log.warning("job %s: queued for long, message sent again", record.id)
+            enqueue(record.id)
+            resent.append(record.id)
+    return resent
+
+
 def sweep_stale_jobs(records: RecordBackend, settings: Settings, enqueue: Enqueue) -> list[str]:
-    """Requeue or fail every stale running job; return their ids."""
-    swept = []
+    """Requeue or fail every stale running job, resend long-waiting ones; return their ids."""
+    swept = resend_waiting_jobs(records, settings, enqueue)
     for record in records.in_state("running"):
         if is_stale(record, settings.heartbeat_timeout):
             after = requeue_if_stale(records, record.id, settings, enqueue)

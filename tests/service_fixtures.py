@@ -170,6 +170,13 @@ def upload(client: httpx.Client, path: Path) -> str:
     return response.json()["id"]
 
 
+def submit_sim_pair(client: httpx.Client, pair: dict, **extra) -> httpx.Response:
+    """Upload a simulated pair's two exposures and submit their subtraction."""
+    science, template = upload(client, pair["science"]), upload(client, pair["template"])
+    body = {"science": {"exposure_id": science}, "template": {"exposure_id": template}}
+    return client.post("/v1/subtractions", json={**body, **extra})
+
+
 def difference_quality(fits_bytes: bytes, truth: dict) -> tuple[float, list[float]]:
     """Robust std of D/sqrt(V) on unmasked pixels, and measured/true flux of each transient."""
     from core.io import read_exposure
@@ -187,6 +194,43 @@ def difference_quality(fits_bytes: bytes, truth: dict) -> tuple[float, list[floa
         background = np.median(difference.image[annulus])
         ratios.append(float((difference.image[aperture] - background).sum() / flux))
     return noise, ratios
+
+
+class PrivateRedis:
+    """A redis-server of this test on a free loopback port, append-only file in ``folder``."""
+
+    def __init__(self, folder):
+        self.folder, self.port = folder, free_port()
+        self.process: Process | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        executable = shutil.which("redis-server")
+        assert executable, "redis-server is needed to restart a Redis"
+        args = [
+            executable,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.folder),
+        ]
+        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        self.process = Process(args, service_env(), self.folder / f"redis-{time.time():.0f}.log")
+        client = redis.Redis.from_url(self.url)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError(self.process.log_tail())
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()  # SIGTERM: Redis closes its append-only file and exits
+            self.process = None
 
 
 @pytest.fixture(scope="session")

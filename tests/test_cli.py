@@ -216,7 +216,7 @@ def test_config_list_describes_every_field(capsys):
     names = list(leaves(SubtractionConfig()))
     assert [ln.split(" = ")[0] for ln in lines] == names
     assert all(len(ln.split("  # ", 1)[1]) > 5 for ln in lines)  # a description each
-    assert any("(>= 1)" in ln for ln in lines)  # bounds shown
+    assert any("(>= 1, <= " in ln for ln in lines)  # both bounds shown
 
 
 def test_simulate_makes_transients_by_default(tmp_path):

@@ -48,11 +48,14 @@ def service(tmp_path_factory, sim_pair):
         max_upload_bytes=MAX_UPLOAD,
         max_pixels=MAX_PIXELS,
         rate_limit_per_minute=RATE_LIMIT,
+        read_rate_limit_per_minute=RATE_LIMIT,  # test_request_rate_is_limited polls with GET
         max_concurrent_jobs=MAX_JOBS,
         allowed_roots=str(sim_pair["dir"]),
         heartbeat_interval=1,
         heartbeat_timeout=20,
         webhook_backoff=0.2,
+        callback_allowed_networks="127.0.0.1/32",  # the test's hook listens on loopback
+        open_health_endpoints="true",  # probes without a token (closed by default)
         # Debug delay per stage so cancellation and concurrency limits meet running jobs.
         test_stage_delay=0.25,
     )

@@ -102,7 +102,7 @@ def test_worker_killed_mid_job_is_completed_once_by_another(tmp_path, redis_pref
             assert [item["id"] for item in listing["items"]] == [job_id]
             assert sorted(p.name for p in (data_dir / "jobs").iterdir()) == [job_id]
 
-            prometheus = httpx.get(f"{base}/metrics").text
+            prometheus = client.get("/metrics").text  # tokens are set: /metrics needs one
             assert 'alsub_jobs{state="succeeded"} 1.0' in prometheus
 
         # Everything alsub wrote to the test database is under the prefix.

@@ -7,6 +7,7 @@ private key prefix), with the same assertions.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 
@@ -16,7 +17,7 @@ from store import BlobStore, ExposureRef, JobRecord, ProductStore, Settings, Upl
 from store.records import IdempotencyConflictError, new_job_id
 from store.redis_backend import RedisRecords
 from store.sqlite_backend import SqliteRecords
-from store.sweeper import requeue_all, sweep_stale_jobs
+from store.sweeper import requeue_all, resend_waiting_jobs, sweep_stale_jobs
 
 
 # blobs and products -------------------------------------------------------------------------
@@ -226,3 +227,45 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ALSUB_SOFT_TIME_LIMIT", "120")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_jobs_waiting_queued_too_long_are_resent_once_per_period(records, tmp_path):
+    settings = Settings(data_dir=tmp_path, queued_resend_after=30)
+    lost = make_record(updated_at=time.time() - 120)  # its message vanished with a worker
+    waiting = make_record()
+    for record in (lost, waiting):
+        records.create(record)
+    enqueued: list[str] = []
+    assert resend_waiting_jobs(records, settings, enqueued.append) == [lost.id]
+    assert enqueued == [lost.id]
+    assert resend_waiting_jobs(records, settings, enqueued.append) == []  # not again at once
+    assert records.get(lost.id).state == "queued"
+    assert records.count("rate:x", 60.0) == 0  # counting without a hit
+    records.hit("rate:x", 60.0)
+    assert records.count("rate:x", 60.0) == 1
+
+
+def test_clean_tmp_and_staging_spare_fresh_files(tmp_path):
+    blobs = BlobStore(tmp_path / "blobs", ".fits")
+    products = ProductStore(tmp_path / "jobs")
+    old, fresh = blobs.tmp_dir / "old.fits", blobs.tmp_dir / "fresh.fits"
+    stale_staging = products.root / ".tmp-job-1"
+    for path in (old, fresh):
+        path.write_bytes(b"x")
+    stale_staging.mkdir()
+    past = time.time() - 600
+    os.utime(old, (past, past))
+    os.utime(stale_staging, (past, past))
+    assert blobs.clean_tmp(older_than=60) == 1
+    assert products.clean_staging(older_than=60) == 1
+    assert not old.exists() and fresh.exists() and not stale_staging.exists()
+
+
+def test_empty_or_cut_sidecar_reads_as_missing(tmp_path):
+    blobs = BlobStore(tmp_path, ".fits")
+    blob_id = blobs.put_bytes(b"data")
+    blobs.write_meta(blob_id, {"size_bytes": 4})
+    assert blobs.read_meta(blob_id) == {"size_bytes": 4}
+    for broken in ("", '{"size_by', "[1, 2]"):
+        blobs.meta_path(blob_id).write_text(broken)
+        assert blobs.read_meta(blob_id) is None

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
-import threading
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -28,7 +29,8 @@ from core.io import read_exposure
 from core.products import json_safe, write_products
 from core.sources import read_catalog
 from core.subtract import run_subtraction
-from store import FINAL_STATES, JobRecord, Settings, Store
+from store import FINAL_STATES, JobRecord, Settings, Store, open_records
+from store.errors import UNAVAILABLE_ERRORS
 from store.sweeper import fail_worker_lost, is_stale
 
 __all__ = ["run_job", "JobCancelled", "Heartbeat"]
@@ -44,48 +46,73 @@ def _run_token() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _beat_once(records, job_id: str, token: str) -> bool:
+    """Refresh ``heartbeat_at`` if this run still owns the job; False when it does not."""
+
+    def mutate(record: JobRecord) -> bool:
+        if record.state != "running" or record.worker != token:
+            return False
+        record.heartbeat_at = time.time()
+        return True
+
+    _, written = records.update(job_id, mutate)
+    return written
+
+
 class Heartbeat:
-    """Background thread refreshing ``heartbeat_at`` while a job runs.
+    """A forked process refreshing ``heartbeat_at`` while a job runs.
+
+    A thread is not enough: a long library call that keeps the GIL (scipy's
+    Halton generator for ten million sky sources ran for minutes) would stop
+    it, and the job would be requeued while it still runs. The heartbeat
+    process beats until the job leaves the block or its process dies (the
+    pipe between them closes either way), so a heartbeat means "the process
+    running this job is alive"; the hard time limit bounds how long that is.
 
     Parameters
     ----------
-    store : `store.Store`
+    settings : `store.Settings`
+        Where the records are (the child opens its own connection).
     job_id, token : `str`
-        The job and the token of this run; the heartbeat stops writing when the
-        record no longer carries the token.
-    interval : `float`
-        Seconds between beats.
+        The job and the token of this run; beating stops when the record no
+        longer carries the token.
     """
 
-    def __init__(self, store: Store, job_id: str, token: str, interval: float):
-        self._store, self._job_id, self._token, self._interval = store, job_id, token, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+    def __init__(self, settings: Settings, job_id: str, token: str):
+        self._settings, self._job_id, self._token = settings, job_id, token
+        self._pid: int | None = None
+        self._pipe: int | None = None
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self._interval):
-
-            def mutate(record: JobRecord) -> bool:
-                if record.state != "running" or record.worker != self._token:
-                    return False
-                record.heartbeat_at = time.time()
-                return True
-
-            try:
-                _, written = self._store.records.update(self._job_id, mutate)
-            except Exception:  # a transient store error must not kill the job
-                log.warning("job %s: heartbeat failed", self._job_id, exc_info=True)
-                continue
-            if not written:
-                return  # cancelled or taken over: the next progress report stops the job
+    def _child(self, read_end: int) -> None:
+        status = 0
+        try:
+            records = open_records(self._settings)
+            while not select.select([read_end], [], [], self._settings.heartbeat_interval)[0]:
+                try:
+                    if not _beat_once(records, self._job_id, self._token):
+                        break  # cancelled or taken over: the next progress report stops the job
+                except Exception:  # a transient store error must not end the heartbeat
+                    continue
+        except BaseException:
+            status = 1
+        finally:
+            os._exit(status)  # never run the parent's cleanup (Celery, atexit) in this copy
 
     def __enter__(self) -> Heartbeat:
-        self._thread.start()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(write_end)
+            self._child(read_end)
+        os.close(read_end)
+        self._pid, self._pipe = pid, write_end
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        if self._pipe is not None:
+            os.close(self._pipe)  # EOF wakes the child, which exits
+        if self._pid is not None:
+            os.waitpid(self._pid, 0)
 
 
 def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobRecord | None:
@@ -139,12 +166,31 @@ def _finish(store: Store, job_id: str, token: str, **fields) -> JobRecord | None
         record.heartbeat_at = now
         return True
 
-    record, written = store.records.update(job_id, mutate)
+    record, written = _retry_unavailable(lambda: store.records.update(job_id, mutate), job_id)
     if not written or record is None:
         return None
     if record.duration is not None:
         store.records.observe_duration(record.duration)
     return record
+
+
+def _retry_unavailable(call, job_id: str, attempts: int = 8, first_wait: float = 0.5):
+    """``call()``, retried with doubling waits (~2 min in all) while the store is unreachable.
+
+    A final state written late beats a job rerun from scratch; if the store stays away,
+    the error propagates and the stale-heartbeat sweep requeues the job later.
+    """
+    wait = first_wait
+    for attempt in range(attempts):
+        try:
+            return call()
+        except UNAVAILABLE_ERRORS:
+            if attempt == attempts - 1:
+                raise
+            log.warning("job %s: store unavailable, retrying in %.1f s", job_id, wait)
+            time.sleep(wait)
+            wait = min(2 * wait, 30.0)
+    raise AssertionError("unreachable")
 
 
 def run_job(
@@ -171,7 +217,7 @@ def run_job(
         The final state written, or ``"skipped"`` when this delivery did not run the job.
     """
     token = _run_token()
-    record = _claim(store, settings, job_id, token)
+    record = _retry_unavailable(lambda: _claim(store, settings, job_id, token), job_id)
     if record is None:
         return "skipped"
     log.info("job %s: attempt %d on %s", job_id, record.attempts, token)
@@ -184,15 +230,21 @@ def run_job(
             current.heartbeat_at = time.time()
             return True
 
-        _, written = store.records.update(job_id, mutate)
+        try:
+            _, written = store.records.update(job_id, mutate)
+        except UNAVAILABLE_ERRORS:
+            # Progress is informative: an unreachable store must not end a job that can still
+            # publish its products once the store is back.
+            log.warning("job %s: progress not recorded (store unavailable)", job_id)
+            written = True
         if not written:
             raise JobCancelled(job_id)
         if settings.test_stage_delay > 0 and stage != "done":
-            time.sleep(settings.test_stage_delay)
+            _debug_delay(settings.test_stage_delay, settings.test_stage_holds_gil)
 
     timings: dict[str, float] = dict(record.timings)
     final: JobRecord | None = None
-    with Heartbeat(store, job_id, token, settings.heartbeat_interval):
+    with Heartbeat(settings, job_id, token):
         try:
             t0 = time.perf_counter()
             science = read_exposure(
@@ -246,6 +298,8 @@ def run_job(
         except AlsubError as exc:
             log.info("job %s: failed: %s: %s", job_id, exc.code, exc.message)
             final = _fail(store, job_id, token, timings, exc.code, exc.message)
+        except UNAVAILABLE_ERRORS:
+            raise  # the final state could not be written: the stale-heartbeat sweep reruns it
         except Exception as exc:
             log.exception("job %s: unexpected error", job_id)
             final = _fail(
@@ -265,6 +319,22 @@ def run_job(
     if after is None or after.state == "cancelled":
         store.products.delete(job_id)  # cancelled or deleted while the job ran
     return "skipped" if after is None else after.state
+
+
+def _debug_delay(seconds: float, hold_gil: bool) -> None:
+    if not hold_gil:
+        time.sleep(seconds)
+        return
+    # No other thread of this process runs until the loop ends: a long switch interval and
+    # a loop that never blocks keep the GIL, as a long C call holding it does.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(seconds + 1.0)
+    try:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def _fail(store, job_id, token, timings, code, message):

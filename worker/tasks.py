@@ -20,6 +20,8 @@ import httpx
 from celery.signals import worker_ready, worker_shutdown
 
 from store import JobRecord, Settings, Store, open_store
+from store.callbacks import CallbackRefusedError, resolve_callback
+from store.maintenance import clean_disk
 from store.records import job_view
 from store.sweeper import sweep_stale_jobs
 
@@ -63,33 +65,56 @@ def deliver_callback(self, job_id: str) -> bool:
     if record is None or not record.callback_url:
         return False
     attempt = self.request.retries + 1
-    try:
-        # Streamed and closed unread: only the status matters, and the receiver's body may
-        # be arbitrarily large.
-        with httpx.stream(
-            "POST", record.callback_url, json=job_view(record), timeout=settings.webhook_timeout
-        ) as response:
-            response.raise_for_status()
-        error = None
-    except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    delivered = error is None
+    status_code, refused = _post_record(record)
+    delivered = status_code is not None and 200 <= status_code < 300
 
     def mutate(current: JobRecord) -> bool:
-        current.callback = {"delivered": delivered, "attempts": attempt, "last_error": error}
+        # Only the outcome: the receiver's error text, headers or redirect target are not
+        # ours to show (they would make the service a probe of other hosts).
+        current.callback = {"delivered": delivered, "attempts": attempt, "status_code": status_code}
         return True
 
     store.records.update(job_id, mutate)
     if not delivered:
-        if self.request.retries >= settings.webhook_retries:
-            log.warning("job %s: webhook gave up after %d attempts: %s", job_id, attempt, error)
+        if refused or self.request.retries >= settings.webhook_retries:
+            log.warning("job %s: webhook gave up after %d attempt(s)", job_id, attempt)
             return False
         raise self.retry(countdown=settings.webhook_backoff * 2**self.request.retries)
     return True
 
 
+def _post_record(record: JobRecord) -> tuple[int | None, bool]:
+    """POST ``record`` to its callback; (status code or None, refused for good)."""
+    try:
+        # Checked again at delivery (DNS may have changed since submission), and the POST goes
+        # to the address just checked, with the URL's host as Host header and TLS server name.
+        target = resolve_callback(record.callback_url, settings.callback_allowed_networks)
+    except CallbackRefusedError as exc:
+        log.warning("job %s: callback refused: %s", record.id, exc)
+        return None, True
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    default_port = 443 if target.scheme == "https" else 80
+    headers = {"Host": host if target.port == default_port else f"{host}:{target.port}"}
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    try:
+        with httpx.Client(timeout=settings.webhook_timeout, follow_redirects=False) as client:
+            request = client.build_request(
+                "POST",
+                target.pinned_url(),
+                json=job_view(record),
+                headers=headers,
+                extensions=extensions,
+            )
+            # Streamed and closed unread: the receiver's body may be arbitrarily large.
+            response = client.send(request, stream=True)
+            response.close()
+        return response.status_code, False
+    except httpx.HTTPError:
+        return None, False
+
+
 class _Sweeper(threading.Thread):
-    """Main-process thread: mark this worker alive, requeue jobs of lost workers."""
+    """Main-process thread: mark this worker alive, requeue jobs of lost workers, clean disk."""
 
     def __init__(self, name: str):
         super().__init__(name="alsub-sweeper", daemon=True)
@@ -99,6 +124,7 @@ class _Sweeper(threading.Thread):
     def run(self) -> None:
         period = min(settings.heartbeat_interval, settings.heartbeat_timeout / 3)
         store: Store | None = None
+        next_clean = 0.0
         while True:
             try:
                 # Opened inside the loop: a store that cannot be opened yet must not end the
@@ -106,6 +132,9 @@ class _Sweeper(threading.Thread):
                 store = store or open_store(settings)
                 store.records.worker_seen(self.worker_name)
                 sweep_stale_jobs(store.records, settings, lambda i: enqueue_job(app, settings, i))
+                if time.monotonic() >= next_clean:
+                    clean_disk(store, settings)
+                    next_clean = time.monotonic() + settings.maintenance_interval
             except Exception:
                 log.warning("sweeper pass failed", exc_info=True)
             if self.stop.wait(period):

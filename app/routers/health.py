@@ -1,4 +1,9 @@
-"""Health, readiness and Prometheus metrics (unauthenticated, for operators)."""
+"""Health, readiness and Prometheus metrics, for operators.
+
+``/healthz`` is always open. ``/readyz`` (worker host names) and ``/metrics``
+(every tenant's job counts) need a token when tokens are configured, unless
+``ALSUB_OPEN_HEALTH_ENDPOINTS`` opens them (probes and Prometheus on a private network).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from store import Settings, Store
 
-from ..deps import get_queue, get_settings, get_store
+from ..deps import get_queue, get_settings, get_store, operator_access
 from ..queue import JobQueue
 from ..schemas import CheckOut, HealthOut, ReadyOut
 
@@ -18,7 +23,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=HealthOut, summary="Liveness: the process answers")
-def healthz() -> HealthOut:
+async def healthz() -> HealthOut:
+    # On the event loop, not the thread pool: busy upload threads must not delay liveness.
     return HealthOut()
 
 
@@ -35,7 +41,11 @@ def _check(func) -> CheckOut:
     response_model=ReadyOut,
     summary="Readiness: broker, store and at least one worker reachable",
     description="Answers 200 when ready, 503 otherwise; `checks` says which part is missing.",
-    responses={503: {"model": ReadyOut, "description": "Not ready."}},
+    responses={
+        401: {"description": "Tokens are set and none (or a wrong one) was sent."},
+        503: {"model": ReadyOut, "description": "Not ready."},
+    },
+    dependencies=[Depends(operator_access)],
 )
 def readyz(
     settings: Settings = Depends(get_settings),
@@ -73,6 +83,8 @@ def readyz(
     summary="Prometheus metrics",
     description="Jobs by state, job durations, queue depth, live workers, HTTP requests.",
     response_class=PlainTextResponse,
+    responses={401: {"description": "Tokens are set and none (or a wrong one) was sent."}},
+    dependencies=[Depends(operator_access)],
 )
 def metrics(request: Request) -> PlainTextResponse:
     data = generate_latest(request.app.state.metrics.registry)

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from store import ACTIVE_STATES, ExposureRef, JobRecord, Settings, Store, new_job_id
+from store.callbacks import CallbackRefusedError, resolve_callback
 from store.records import decode_cursor, job_view
 from store.sweeper import is_stale, requeue_if_stale
 
@@ -27,13 +28,13 @@ from ..ingest import (
     ingest_exposure,
     limited_request,
     read_capped,
-    resolve_uri,
     with_form_planes,
-    writer_from_path,
+    writer_from_file,
     writer_from_upload,
 )
 from ..queue import JobQueue
 from ..schemas import ErrorResponse, InputRef, JobList, JobOut, SubtractionRequest
+from ..uris import open_uri
 from .exposures import owned_exposure
 
 __all__ = ["router"]
@@ -191,17 +192,29 @@ async def _read_form(
 async def _resolve_input(
     ref: InputRef, role: str, caller: Caller, settings: Settings, store: Store
 ) -> ExposureRef:
-    planes = {kind: resolve_uri(uri, settings) for kind, uri in (ref.planes or {}).items()}
-    if ref.exposure_id is not None:
-        await owned_exposure(store, ref.exposure_id, caller)
-        if not planes:
-            return ExposureRef(exposure_id=ref.exposure_id)
-        path = store.exposures.path(ref.exposure_id)
-    else:
-        path = resolve_uri(ref.uri, settings)
-    writer = await writer_from_path(path, store.exposures, settings.max_upload_bytes)
-    if planes:
-        writer = await combine_planes(writer, planes, store, settings, role)
+    # Every URI is opened once, under a root and without links (app.uris), and copied into
+    # the store's temporary area: later reads are of those copies, never of the URI again.
+    cap = settings.max_upload_bytes
+    plane_writers = []
+    try:
+        planes = {}
+        for kind, uri in (ref.planes or {}).items():
+            handle = await run_in_threadpool(open_uri, uri, settings)
+            plane_writers.append(await writer_from_file(handle, store.exposures, cap))
+            planes[kind] = plane_writers[-1].path
+        if ref.exposure_id is not None:
+            await owned_exposure(store, ref.exposure_id, caller)
+            if not planes:
+                return ExposureRef(exposure_id=ref.exposure_id)
+            handle = open(store.exposures.path(ref.exposure_id), "rb")  # our own stored blob
+        else:
+            handle = await run_in_threadpool(open_uri, ref.uri, settings)
+        writer = await writer_from_file(handle, store.exposures, cap)
+        if planes:
+            writer = await combine_planes(writer, planes, store, settings, role)
+    finally:
+        for plane in plane_writers:
+            plane.abort()
     sha, _ = await ingest_exposure(writer, store, settings, caller.owner, role)
     return ExposureRef(exposure_id=sha, uri=ref.uri)
 
@@ -211,8 +224,8 @@ async def _resolve_sources(req: SubtractionRequest, settings: Settings) -> bytes
         return None
     if req.sources.inline is not None:
         return req.sources.inline.encode()
-    path = resolve_uri(req.sources.uri, settings)
-    return await run_in_threadpool(read_capped, path, settings.max_upload_bytes, "the catalog")
+    handle = await run_in_threadpool(open_uri, req.sources.uri, settings)
+    return await run_in_threadpool(read_capped, handle, settings.max_upload_bytes, "the catalog")
 
 
 def _fingerprint(req: SubtractionRequest, catalog: bytes | None, mode: str) -> str:
@@ -264,6 +277,13 @@ async def submit_subtraction(
         raise ApiError(
             415, "unsupported_media_type", "send application/json or multipart/form-data"
         )
+    if req.callback_url is not None:
+        try:
+            await run_in_threadpool(
+                resolve_callback, req.callback_url, settings.callback_allowed_networks
+            )
+        except CallbackRefusedError as exc:
+            raise ApiError(422, "invalid_callback_url", str(exc)) from None
     key = req.idempotency_key or request.headers.get("idempotency-key") or None
     if key is not None and len(key) > 200:
         raise ApiError(422, "invalid_request", "idempotency key longer than 200 characters")
@@ -278,7 +298,10 @@ async def submit_subtraction(
         )
     if catalog is None:
         catalog = await _resolve_sources(req, settings)
-    sources_id = await ingest_catalog(catalog, store, caller.owner) if catalog else None
+    catalog_uri = req.sources.uri if req.sources is not None else None
+    sources_id = (
+        await ingest_catalog(catalog, store, caller.owner, catalog_uri) if catalog else None
+    )
     mode = req.mode or req.config.mode
     config = req.config.model_dump(mode="json")
     config["mode"] = mode
