@@ -241,7 +241,7 @@ def _correlate_plane(values, images, wx, wy, *, workers, max_range, dtype=None):
 
 
 def correlate_image(
-    image: np.ndarray, kernel: np.ndarray, *, workers: int | None = None
+    image: np.ndarray, kernel: np.ndarray, *, workers: int | None = None, single: bool = False
 ) -> np.ndarray:
     """Correlate an image with a fixed kernel by FFT: out(X,Y) = sum K(u,v) in(X+u, Y+v).
 
@@ -256,6 +256,9 @@ def correlate_image(
     kernel : `numpy.ndarray` (ky, kx), odd sides; pixel (j, i) is offset (j - ky//2, i - kx//2)
     workers : int or None
         Threads for the FFTs (default: all cores).
+    single : bool
+        Transform float32 input in float32 whatever its dynamic range (for callers
+        such as detection's matched filter whose output only meets a threshold).
 
     Returns
     -------
@@ -267,7 +270,7 @@ def correlate_image(
         raise ValueError(f"kernel must be 2-D with odd sides, got shape {kernel.shape}")
     out_dtype = np.float32 if image.dtype == np.float32 else np.float64
     values = image.astype(out_dtype, copy=False)
-    dtype = np.float64 if out_dtype == np.float64 else None
+    dtype = np.float64 if out_dtype == np.float64 else (np.float32 if single else None)
     out, touched_nan, touched_inf = _correlate_plane(
         values,
         kernel[np.newaxis],

@@ -72,6 +72,7 @@ from scipy import fft as sfft
 from scipy.signal import fftconvolve
 
 from .config import DecorrelationConfig
+from .convolve import correlate_image
 from .errors import IncompatibleInputsError, InvalidExposureError
 from .exposure import Exposure
 from .psf import Psf
@@ -96,6 +97,8 @@ _PSF_POWER_FLOOR = 1000.0 * np.finfo(np.float64).tiny
 #: Ratio vt / v above which the correction diverges (section 4.3 step 4).
 _DIVERGING_RATIO = 1e8
 _FFT_WORKERS = 2
+#: Largest side (px) filtered by one padded FFT; larger frames go through threaded tiles.
+_WHOLE_FFT_MAX = 1024
 #: Pixels used for a whole-frame mean variance (a regular sub-grid beyond this).
 _STATS_MAX_PIXELS = 1 << 21
 
@@ -473,8 +476,20 @@ def _convolve(
 
     ``data`` and ``stamps`` are sequences of equal length (one forward FFT per pair).
     Float32 FFTs: the filtered images are noise-dominated differences, where single
-    precision (1e-7 relative) is far below the noise.
+    precision (1e-7 relative) is far below the noise. Frames larger than
+    `_WHOLE_FFT_MAX` go through `core.convolve.correlate_image` (overlap-save tiles
+    on a thread pool, the same sum) instead of one padded whole-frame transform.
     """
+    if max(data[0].shape) > _WHOLE_FFT_MAX:
+        out = None
+        for image, stamp in zip(data, stamps, strict=True):
+            # convolution by a centred stamp = correlation with the stamp reflected
+            term = correlate_image(
+                np.asarray(image, dtype=np.float32), stamp[::-1, ::-1], single=True
+            )
+            out = term if out is None else np.add(out, term, out=out)
+        assert out is not None
+        return out
     spec = None
     for image, stamp in zip(data, stamps, strict=True):
         transfer = sfft.rfft2(_embed(stamp, shape).astype(np.float32), workers=_FFT_WORKERS)

@@ -20,11 +20,12 @@ import numpy as np
 from astropy.stats import sigma_clipped_stats
 from astropy.table import Table
 from astropy.utils.exceptions import AstropyUserWarning
-from scipy import fft, ndimage
+from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.stats import qmc
 
 from .config import DetectionConfig, SourcesConfig
+from .convolve import correlate_image
 from .errors import InsufficientSourcesError, InvalidCatalogError
 from .exposure import Exposure
 from .psf import SIGMA_TO_FWHM, GaussianPsf, Psf, stellar_locus
@@ -316,45 +317,6 @@ def _background_mesh(exposure: Exposure, mesh: int, ignore_planes) -> _Backgroun
     return _BackgroundMesh(median, std, wy, wx)
 
 
-# --------------------------------------------------------------------------------------
-# matched filter
-#: Output rows per FFT strip of `_correlate_fft` (overlap-save along y).
-_FFT_STRIP_ROWS = 1024
-
-
-def _correlate_fft(array: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """out(X) = sum_u K(u) in(X + u) with zero padding (alsub's operator), by FFT.
-
-    Single precision: the matched filter feeds a detection threshold and fluxes
-    quoted to far below 1e-5, and float32 transforms take half the time. Large
-    frames go through in strips of `_FFT_STRIP_ROWS` rows (overlap-save along y,
-    zero padding along x): the same numbers with small, cache-friendly buffers
-    instead of several padded copies of the frame.
-    """
-    ky, kx = kernel.shape
-    ny, nx = array.shape
-    hy, hx = ky // 2, kx // 2
-    rows = min(_FFT_STRIP_ROWS, ny)
-    height = rows + ky - 1
-    shape = (fft.next_fast_len(height, real=True), fft.next_fast_len(nx + kx - 1, real=True))
-    # correlation = convolution with the reflected kernel
-    kernel_spec = fft.rfft2(np.asarray(kernel[::-1, ::-1], dtype=np.float32), shape, workers=-1)
-    out = np.empty((ny, nx), dtype=np.float32)
-    strip = np.zeros(shape, dtype=np.float32)
-    for y0 in range(0, ny, rows):
-        y1 = min(y0 + rows, ny)
-        # strip row r holds input row y0 - hy + r (zero beyond the frame); output
-        # row y0 + t is then full row t + ky - 1, clear of the circular wrap in y
-        lo, hi = y0 - hy, y1 + hy
-        strip[:] = 0.0
-        strip[max(lo, 0) - lo : min(hi, ny) - lo, :nx] = array[max(lo, 0) : min(hi, ny)]
-        spec = fft.rfft2(strip, workers=-1)
-        spec *= kernel_spec
-        full = fft.irfft2(spec, shape, workers=-1, overwrite_x=True)
-        out[y0:y1] = full[ky - 1 : ky - 1 + (y1 - y0), hx : hx + nx]
-    return out
-
-
 def _negative_side_sigma(values: np.ndarray, use: np.ndarray | None = None) -> float:
     """Noise from the lower half of a distribution (sources only add a positive tail).
 
@@ -441,8 +403,10 @@ class _Filtered:
         kernel = psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64)
         self.kernel = kernel
         self.psf_sum_sq = float(np.sum(kernel**2))
-        self.smoothed = _correlate_fft(image, kernel)
-        self.smoothed_var = _correlate_fft(variance, kernel**2)
+        # single precision: the matched filter feeds a threshold and fluxes quoted far
+        # above 1e-5; tiled and threaded like the kernel convolution
+        self.smoothed = correlate_image(image, kernel, single=True)
+        self.smoothed_var = correlate_image(variance, kernel**2, single=True)
         np.maximum(self.smoothed_var, np.float32(1e-30 * fill), out=self.smoothed_var)
         # in place: every frame-sized temporary costs page faults on first touch
         snr = np.sqrt(self.smoothed_var)
