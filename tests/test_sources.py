@@ -13,7 +13,6 @@ from astropy.wcs import WCS
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-import core.sources as sources_module
 from core.config import DetectionConfig, SourcesConfig
 from core.errors import InsufficientSourcesError, InvalidCatalogError
 from core.exposure import Exposure
