@@ -28,6 +28,7 @@ from .config import DetectionConfig, SourcesConfig
 from .convolve import correlate_image
 from .errors import InsufficientSourcesError, InvalidCatalogError
 from .exposure import Exposure
+from .parallel import thread_map
 from .psf import SIGMA_TO_FWHM, GaussianPsf, Psf, stellar_locus
 
 __all__ = [
@@ -213,15 +214,14 @@ def _cell_stats(cells: np.ndarray, sigma: float = 3.0, maxiters: int = 5, chunk:
         parts = [cells[i : i + step].reshape(-1, size) for i in range(0, cells.shape[0], step)]
     else:
         parts = [cells[i : i + chunk] for i in range(0, cells.shape[0], chunk)]
-    median, std, count = [], [], []
-    for part in parts:
-        part = np.sort(part, axis=1)
-        med, sd, n = _clipped_stats_sorted(part, sigma, maxiters)
-        median.append(med)
-        std.append(sd)
-        count.append(n)
     if not parts:
         return np.zeros(0), np.zeros(0), np.zeros(0, dtype=int)
+
+    def reduce(part: np.ndarray):
+        return _clipped_stats_sorted(np.sort(part, axis=1), sigma, maxiters)
+
+    # sorting and the clipping passes release the GIL: chunks run on all cores
+    median, std, count = zip(*thread_map(reduce, parts), strict=True)
     return np.concatenate(median), np.concatenate(std), np.concatenate(count)
 
 

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from .basis import kernel_size_for, make_kernel_basis
 from .config import SubtractionConfig
-from .convolve import convolve_exposure
+from .convolve import convolve_exposure, dilate_cross
 from .decorrelate import decorrelate_difference
 from .errors import (
     IncompatibleInputsError,
@@ -160,7 +159,7 @@ class _SubtractBase(Task):
         # remember where sources are before update_masks clears DETECTED: metrics need
         # empty sky for noise figures and sky-source footprints
         detected = science.masked(["DETECTED", "DETECTED_NEGATIVE"])
-        self.source_mask = ndimage.binary_dilation(detected, iterations=3)
+        self.source_mask = dilate_cross(detected, 3)
         self.sky = sky_sources(
             science,
             n=self.config.sources.n_sky_sources,
