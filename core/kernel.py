@@ -49,6 +49,9 @@ __all__ = [
 
 Box = tuple[int, int, int, int]
 
+#: Pixels per block of frame-wide background evaluation (temporaries stay a few MB).
+_BLOCK_PIXELS = 1 << 20
+
 _ORIENTATION_COMMENT = (
     "out(X,Y)=sum K(u,v)in(X+u,Y+v);(j,i)=(v+h,u+h)",
     "Kernels are applied as correlations (no flip): out(X,Y) = sum over u,v of",
@@ -407,10 +410,37 @@ class BackgroundModel:
         -------
         image : `numpy.ndarray` (ny, nx), float32
         """
-        ny, nx = shape
+        out = np.zeros(shape, dtype=np.float32)
+        self.add_to(out, xy0)
+        return out
+
+    def add_to(self, array: np.ndarray, xy0: tuple[int, int] = (0, 0), scale: float = 1.0):
+        """``array += scale * background`` in place, a block of rows at a time.
+
+        The separable terms are combined in float64 along y and applied in float32
+        along x: no frame-sized float64 temporary, rounding far below the noise.
+
+        Parameters
+        ----------
+        array : `numpy.ndarray` (ny, nx), float32
+        xy0 : (x0, y0)
+            Parent position of pixel [0, 0].
+        scale : float
+        """
+        ny, nx = array.shape
         tx = _axis_terms(np.arange(nx) + xy0[0], self.domain[0], self.domain[2], self.order)
         ty = _axis_terms(np.arange(ny) + xy0[1], self.domain[1], self.domain[3], self.order)
-        return (ty.T @ self._matrix().T @ tx).astype(np.float32)
+        left = (scale * (ty.T @ self._matrix().T)).astype(np.float32)  # (ny, order + 1)
+        right = tx.astype(np.float32)
+        step = max(1, _BLOCK_PIXELS // max(nx, 1))
+        term = np.empty((min(step, ny), nx), dtype=np.float32)
+        for y in range(0, ny, step):
+            block = array[y : y + step]
+            part = term[: block.shape[0]]
+            # order + 1 broadcast products: a (rows, 3) @ (3, nx) matmul is 4x slower
+            for t in range(right.shape[0]):
+                np.multiply(left[y : y + step, t : t + 1], right[t], out=part)
+                block += part
 
     def negated(self) -> BackgroundModel:
         """The model with every coefficient negated."""

@@ -370,7 +370,7 @@ class _SubtractBase(Task):
         """minuend - b - matched (b if subtracted), refined; returns (difference, background)."""
         difference = minuend.copy()
         if self.config.do_subtract_background:
-            difference.image -= background.image(difference.shape, difference.xy0)
+            background.add_to(difference.image, difference.xy0, scale=-1.0)
         _subtract_in_place(difference, matched)
         return difference, self._refine_background(difference, background, scale=1.0)
 
@@ -402,7 +402,7 @@ class _SubtractBase(Task):
         if not np.all(np.isfinite(residual)):
             return background
         correction = BackgroundModel(residual, background.order, background.domain)
-        difference.image -= correction.image(difference.shape, difference.xy0)
+        correction.add_to(difference.image, difference.xy0, scale=-1.0)
         self.metadata["backgroundRefinement"] = [float(c) for c in residual]
         return BackgroundModel(
             background.coefficients + scale * residual, background.order, background.domain
@@ -587,7 +587,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
             _scale(matched_template, 1.0 / norm)
             difference = matched_science.copy()
             if self.config.do_subtract_background:
-                difference.image += background.image(difference.shape, difference.xy0) / norm
+                background.add_to(difference.image, difference.xy0, scale=1.0 / norm)
             _subtract_in_place(difference, matched_template)
             # D = (K*S + b - T) / norm, so a residual r in D corrects b by -norm r
             background = self._refine_background(difference, background, scale=-norm)

@@ -172,6 +172,13 @@ def test_background_model(tmp_path):
     assert image.dtype == np.float32 and image.shape == (40, 64)
     ys, xs = np.mgrid[0:40, 10:74]
     np.testing.assert_allclose(image, model.evaluate(xs, ys), rtol=1e-6)
+    # in place, block by block (more rows than one block): array += scale * background
+    tall = BackgroundModel(TRUE_BACKGROUND, 2, (0, 0, 9, 2999))
+    target = np.full((3000, 10), 5.0, dtype=np.float32)
+    tall.add_to(target, scale=-0.5)
+    ys, xs = np.mgrid[0:3000, 0:10]
+    expected = 5.0 - 0.5 * tall.evaluate(xs, ys)
+    np.testing.assert_allclose(target, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
     xp, yp = 2 * (30 - 41.5) / 64, 2 * (25 - 19.5) / 40
     terms = [1, xp, yp, 2 * xp**2 - 1, xp * yp, 2 * yp**2 - 1]
     assert model.evaluate(30, 25) == pytest.approx(float(np.dot(TRUE_BACKGROUND, terms)))
