@@ -385,3 +385,24 @@ def test_no_candidates_raise():
     )
     with pytest.raises(NoKernelCandidatesError):
         fit_psf_matching_kernel(template, noise, sources, basis, config)
+
+
+def test_fft_design_matrices_match_the_direct_product():
+    """The FFT design matrices equal the straightforward ones: each stamp window (under
+    the kernel at every fitted pixel) times every flattened basis image."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from core.kernel import _Fitter
+
+    config = KernelConfig()
+    basis = _basis(config)
+    fitter = _Fitter(basis, config)
+    rng = np.random.default_rng(12)
+    k = basis.size
+    flat = basis.images.reshape(basis.n_basis, -1)
+    for side in (2 * k + 1, 2 * k + 1, 2 * k + 6, k):
+        stamp = rng.normal(size=(side, side)) * 100.0
+        direct = sliding_window_view(stamp, (k, k)).reshape(-1, k * k) @ flat.T
+        got = fitter.correlate_basis(stamp)
+        assert got.shape == direct.shape
+        np.testing.assert_allclose(got, direct, rtol=0, atol=1e-12 * np.abs(direct).max())
