@@ -5,6 +5,7 @@ FFT passes and quality, beside HOTPANTS and the FFT floor measured in the same r
                                     # varying decorrelation
     python -m bench.subtract --sizes 4096 --modes auto plain preconvolve --repeat 3 --no-spatial
     python -m bench.subtract --hotpants /path/to/hotpants   # default: `hotpants` on PATH
+    python -m bench.subtract --baseline /path/to/main/checkout  # before/after, interleaved
 
 Each case runs in its own process so its peak resident memory is its own. Modes:
 ``auto``, ``preconvolve`` (and the other task modes) take the simulated exposures as
@@ -74,7 +75,13 @@ def _write_plain(pair, directory: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def _run_case(size: int, mode: str, seed: int, spatially_varying: bool, queue) -> None:
+def _run_case(
+    size: int, mode: str, seed: int, spatially_varying: bool, root: str | None, queue
+) -> None:
+    if root:  # another checkout's core (the baseline of a before/after comparison)
+        import sys
+
+        sys.path.insert(0, root)
     from core.config import SubtractionConfig
     from core.evaluate import measure_quality
     from core.simulate import preset, simulate_pair
@@ -121,6 +128,7 @@ def _run_case(size: int, mode: str, seed: int, spatially_varying: bool, queue) -
             "rss_before_gb": rss_before / 1024**2,
             "quality": quality,
             "chosen_mode": result.mode,
+            "code": root or "this checkout",
         }
     )
 
@@ -219,13 +227,22 @@ def _median_row(runs: list[dict]) -> dict:
     return row
 
 
-def run(sizes, modes, repeat: int, seed: int, spatial: bool, hotpants: str | None) -> list[dict]:
+def run(
+    sizes,
+    modes,
+    repeat: int,
+    seed: int,
+    spatial: bool,
+    hotpants: str | None,
+    baseline: str | None = None,
+) -> list[dict]:
     rows = []
     for size in sizes:
         cases = []
         for mode in modes:
             for spatially_varying in [False, True] if spatial and mode != "plain" else [False]:
-                cases.append((_run_case, (size, mode, seed, spatially_varying)))
+                for root in [baseline, None] if baseline else [None]:
+                    cases.append((_run_case, (size, mode, seed, spatially_varying, root)))
         if hotpants:
             cases.append((_hotpants_case, (size, seed, hotpants)))
         cases.append((_fft_floor_case, (size,)))
@@ -234,7 +251,7 @@ def run(sizes, modes, repeat: int, seed: int, spatial: bool, hotpants: str | Non
         for k in range(repeat):
             for i, (target, args) in enumerate(cases):
                 if target is _run_case:
-                    args = (*args[:2], args[2] + k, args[3])
+                    args = (*args[:2], args[2] + k, *args[3:])
                 elif target is _hotpants_case:
                     args = (args[0], args[1] + k, args[2])
                 runs[i].append(_in_process(target, *args))
@@ -259,6 +276,8 @@ def _print_row(row: dict) -> None:
         return
     stages = " ".join(f"{k}={v:.2f}" for k, v in row["stages"].items() if not k.startswith("run"))
     q = row["quality"]
+    if row.get("code") != "this checkout":
+        head += f" [{row.get('code')}]"
     print(
         f"{head} sv={int(row['spatially_varying'])} ({row['chosen_mode']}) "
         f"wall={row['wall_s']:.2f}s runs={row['wall_all_s']} cpu={row['cpu_s']:.1f}s "
@@ -288,9 +307,22 @@ def main(argv=None) -> None:
         help="HOTPANTS binary to time beside alsub (default: ALSUB_HOTPANTS or PATH)",
     )
     parser.add_argument("--no-hotpants", dest="hotpants", action="store_const", const=None)
+    parser.add_argument(
+        "--baseline",
+        help="also run every alsub case with the code of this checkout (e.g. of main), "
+        "interleaved with this one's, for before/after ratios in one run",
+    )
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
-    rows = run(args.sizes, args.modes, args.repeat, args.seed, args.spatial, args.hotpants)
+    rows = run(
+        args.sizes,
+        args.modes,
+        args.repeat,
+        args.seed,
+        args.spatial,
+        args.hotpants,
+        args.baseline,
+    )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2, default=str)
