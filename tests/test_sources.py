@@ -1,4 +1,5 @@
-"""Tests of core.sources: detection, catalogs, kernel-source selection, sky sources."""
+"""Tests of core.sources (catalogs, kernel-source selection, sky sources) and of the modules it
+re-exports: core.background, core.detection, core.measure."""
 
 from __future__ import annotations
 
@@ -13,24 +14,14 @@ from astropy.wcs import WCS
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from core.background import _cell_stats, background_map
 from core.config import DetectionConfig, SourcesConfig
+from core.detection import _disc_dilate, _grow, _local_maxima, detect_sources
 from core.errors import InsufficientSourcesError, InvalidCatalogError
 from core.exposure import Exposure
+from core.measure import _interp_at, _negative_side_sigma, measure_sources
 from core.psf import GaussianPsf
-from core.sources import (
-    _cell_stats,
-    _disc_dilate,
-    _grow,
-    _interp_at,
-    _local_maxima,
-    _negative_side_sigma,
-    background_map,
-    detect_sources,
-    measure_sources,
-    read_catalog,
-    select_kernel_sources,
-    sky_sources,
-)
+from core.sources import read_catalog, select_kernel_sources, sky_sources
 
 SKY, READ_NOISE = 100.0, 5.0
 
