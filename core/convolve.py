@@ -30,7 +30,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from .exposure import Exposure
-from .kernel import SpatialKernel
+from .kernel import SpatialKernel, term_degrees
 
 __all__ = ["convolve_exposure", "correlate_image", "or_filter", "dilate_cross"]
 
@@ -222,13 +222,19 @@ def _kernel_parts(
         images = kernel.spatial_images()
         xs, ys = exposure.pixel_grid()
         wx, wy = kernel.axis_terms(xs, ys)
-        keep = np.any(images != 0, axis=(1, 2))
-        keep[0] = True
+        keep = _kept_terms(images)
         return images[keep], wx[keep], wy[keep]
     image = np.asarray(kernel, dtype=np.float64)
     if image.ndim != 2 or image.shape[0] % 2 == 0 or image.shape[1] % 2 == 0:
         raise ValueError(f"kernel image must be 2-D with odd sides, got shape {image.shape}")
     return image[np.newaxis], None, None
+
+
+def _kept_terms(images: np.ndarray) -> np.ndarray:
+    """Spatial terms whose image is not zero (the constant term always)."""
+    keep = np.any(images != 0, axis=(1, 2))
+    keep[0] = True
+    return keep
 
 
 def _squared_parts(images, wx, wy):
@@ -243,6 +249,47 @@ def _squared_parts(images, wx, wy):
             sx.append(wx[t] * wx[s])
             sy.append(wy[t] * wy[s])
     return np.array(sq), np.array(sx), np.array(sy)
+
+
+def _squared_chebyshev_parts(kernel: SpatialKernel, exposure: Exposure):
+    """Images and weights of K^2 grouped by Chebyshev products (exact, fewer terms).
+
+    K^2 = sum_{t,l} T_t T_l K_t K_l, and T_a(x) T_c(x) = (T_{a+c}(x) + T_{|a-c|}(x)) / 2,
+    so every product of two terms of total degree <= o is a sum of T_i(x') T_j(y')
+    with i + j <= 2 o: (2o + 1)(2o + 2) / 2 correlations (15 for o = 2) instead of
+    the n (n + 1) / 2 products (21), one inverse FFT fewer per tile for each saved.
+    """
+    images = kernel.spatial_images()
+    keep = _kept_terms(images)
+    degrees = [d for d, k in zip(term_degrees(kernel.order), keep, strict=True) if k]
+    images = images[keep]
+    groups: dict[tuple[int, int], np.ndarray] = {}
+    m = images.shape[0]
+    for t in range(m):
+        for s in range(t, m):
+            product = (1.0 if t == s else 2.0) * images[t] * images[s]
+            (a, b), (c, d) = degrees[t], degrees[s]
+            for i, wi in _chebyshev_product(a, c):
+                for j, wj in _chebyshev_product(b, d):
+                    if (i, j) in groups:
+                        groups[(i, j)] = groups[(i, j)] + (wi * wj) * product
+                    else:
+                        groups[(i, j)] = (wi * wj) * product
+    keys = sorted(groups)
+    xs, ys = exposure.pixel_grid()
+    tx, ty = kernel.axis_polynomials(xs, ys, 2 * kernel.order)
+    return (
+        np.array([groups[key] for key in keys]),
+        np.array([tx[i] for i, _ in keys]),
+        np.array([ty[j] for _, j in keys]),
+    )
+
+
+def _chebyshev_product(a: int, c: int) -> list[tuple[int, float]]:
+    """T_a T_c as [(degree, weight), ...]."""
+    if a == 0 or c == 0:
+        return [(a + c, 1.0)]
+    return [(a + c, 0.5), (abs(a - c), 0.5)]
 
 
 def _correlate_plane(values, images, wx, wy, *, workers, max_range, dtype=None):
@@ -353,7 +400,10 @@ def convolve_exposure(
     )
     if nan_i is not None:
         image[nan_i | inf_i] = np.nan
-    sq_images, sq_wx, sq_wy = _squared_parts(images, wx, wy)
+    if isinstance(kernel, SpatialKernel) and wx is not None:
+        sq_images, sq_wx, sq_wy = _squared_chebyshev_parts(kernel, exposure)
+    else:
+        sq_images, sq_wx, sq_wy = _squared_parts(images, wx, wy)
     variance, nan_v, inf_v = _correlate_plane(
         exposure.variance,
         sq_images,

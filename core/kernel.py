@@ -263,6 +263,15 @@ class SpatialKernel:
         """
         return np.tensordot(self.coefficients, self.basis_images, axes=(0, 0))
 
+    def axis_polynomials(
+        self, xs: np.ndarray, ys: np.ndarray, degree: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """T_0..T_degree of the normalised x' and y' on a pixel grid: (degree + 1, len(xs))
+        and (degree + 1, len(ys)); products of spatial terms expand in these."""
+        tx = _axis_terms(xs, self.domain[0], self.domain[2], degree)
+        ty = _axis_terms(ys, self.domain[1], self.domain[3], degree)
+        return tx, ty
+
     def axis_terms(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Separable factors of the spatial terms on a pixel grid.
 
