@@ -1,17 +1,27 @@
-"""Benchmark: whole subtractions of simulated pairs, with per-stage times, peak memory, quality.
+"""Benchmark: whole subtractions of simulated pairs, with per-stage times, peak memory,
+FFT passes and quality, beside HOTPANTS and the FFT floor measured in the same run.
 
     python -m bench.subtract        # 2048 and 4096; auto and preconvolve; uniform and spatially
                                     # varying decorrelation
-    python -m bench.subtract --sizes 2048 --modes auto --repeat 3 --no-spatial
+    python -m bench.subtract --sizes 4096 --modes auto plain preconvolve --repeat 3 --no-spatial
+    python -m bench.subtract --hotpants /path/to/hotpants   # default: `hotpants` on PATH
+    python -m bench.subtract --baseline /path/to/main/checkout  # before/after, interleaved
 
-Each case runs in its own process so its peak resident memory is its own.
-Quality figures: noise ratio (robust std of D/sqrt(V) on empty sky), median
-flux ratio of injected transients measured on the difference, median reduced
-chi^2 at constant stars. DIA sources: the ``detect`` stage (detection and
-measurement, inside the subtraction's wall time), the time to gather the 63x63
-triplets of every DIA source, and the time to encode one triplet as FITS + PNG
-(done per request by the HTTP route and the CLI); ``dia%`` is detect + gather over
-the wall time without ``detect`` (what the DIA products add to a subtraction).
+Each case runs in its own process so its peak resident memory is its own. Modes:
+``auto``, ``preconvolve`` (and the other task modes) take the simulated exposures as
+they are (variance planes and PSFs given); ``plain`` writes both images as bare
+single-HDU FITS (GAIN/RDNOISE in the header, no variance, no PSF) and times
+``read_exposure`` + the auto subtraction, as a user with plain files would run it.
+Quality figures: noise ratio (robust std of D/sqrt(V) on empty sky), median flux ratio
+of injected transients measured on the difference, median reduced chi^2 at constant
+stars. ``fft`` counts the FFTs a run made, in full-frame equivalents (transformed
+pixels / frame pixels, forward and inverse counted separately).
+
+Reference rows measured in the same run: ``hotpants`` (HOTPANTS on the same bare
+FITS, -r 10 -rss 15, its default kernel and background orders; wall and peak memory
+of the process; skipped when no binary is found) and ``fft floor`` (8 forward +
+inverse float32 real-FFT pairs of the full frame, and the same pixels in 512-px tiles
+on all cores: what any FFT-based subtraction of this frame must at least spend).
 """
 
 from __future__ import annotations
@@ -19,12 +29,59 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
+
+TASK_MODES = ("auto", "convolveTemplate", "convolveScience", "preconvolve")
 
 
-def _run_case(size: int, mode: str, seed: int, spatially_varying: bool, queue) -> None:
+def _count_ffts(counter: list[float], frame_pixels: int) -> None:
+    """Wrap scipy.fft's transforms so every call adds its pixels / frame pixels."""
+    import numpy as np
+    import scipy.fft as sfft
+
+    for name in ("rfft2", "irfft2", "rfftn", "irfftn", "fft2", "ifft2", "fftn", "ifftn"):
+        original = getattr(sfft, name)
+
+        def counted(x, *args, _original=original, _name=name, **kwargs):
+            out = _original(x, *args, **kwargs)
+            real = out if _name.startswith("i") else x
+            counter.append(np.asarray(real).size / frame_pixels)
+            return out
+
+        setattr(sfft, name, counted)
+
+
+def _write_plain(pair, directory: Path) -> tuple[Path, Path]:
+    """Science and template as bare single-HDU FITS (image and header keywords only)."""
+    import numpy as np
+    from astropy.io import fits
+
+    paths = []
+    for role, exposure in (("science", pair.science), ("template", pair.template)):
+        header = fits.Header()
+        for key in ("GAIN", "RDNOISE", "EXPTIME", "FILTER", "SATURATE"):
+            if key in exposure.metadata:
+                header[key] = exposure.metadata[key]
+        path = directory / f"{role}.fits"
+        fits.writeto(path, np.asarray(exposure.image, dtype=np.float32), header, overwrite=True)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def _run_case(
+    size: int, mode: str, seed: int, spatially_varying: bool, root: str | None, queue
+) -> None:
+    if root:  # another checkout's core (the baseline of a before/after comparison)
+        import sys
+
+        sys.path.insert(0, root)
     from core.config import SubtractionConfig
     from core.evaluate import measure_quality
     from core.simulate import preset, simulate_pair
@@ -33,14 +90,30 @@ def _run_case(size: int, mode: str, seed: int, spatially_varying: bool, queue) -
     t0 = time.perf_counter()
     pair = simulate_pair(preset("varying", size=size, seed=seed))
     t_sim = time.perf_counter() - t0
-    config = SubtractionConfig(mode=mode)
+    config = SubtractionConfig(mode="auto" if mode == "plain" else mode)
     config.decorrelation.spatially_varying = spatially_varying
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    result = run_subtraction(pair.science, pair.template, config)
-    wall = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        science, template = pair.science, pair.template
+        if mode == "plain":
+            science_path, template_path = _write_plain(pair, Path(tmp))
+            del science, template
+        ffts: list[float] = []
+        _count_ffts(ffts, size * size)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        if mode == "plain":
+            from core.io import read_exposure
+
+            science, template = read_exposure(science_path), read_exposure(template_path)
+        t_read = time.perf_counter() - t0
+        result = run_subtraction(science, template, config)
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
     quality = measure_quality(result, pair)
-    cutout_s, encode_ms, n_dia = _cutouts(result)
+    stages = dict(result.timings)
+    if mode == "plain":
+        stages = {"read": t_read, **stages}
     queue.put(
         {
             "size": size,
@@ -48,81 +121,167 @@ def _run_case(size: int, mode: str, seed: int, spatially_varying: bool, queue) -
             "spatially_varying": spatially_varying,
             "simulate_s": t_sim,
             "wall_s": wall,
-            "stages": result.timings,
+            "cpu_s": cpu,
+            "stages": stages,
+            "fft_passes": sum(ffts),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
             "rss_before_gb": rss_before / 1024**2,
             "quality": quality,
             "chosen_mode": result.mode,
-            "n_dia": n_dia,
-            "cutouts_s": cutout_s,
-            "encode_ms": encode_ms,
+            "code": root or "this checkout",
         }
     )
 
 
-def _cutouts(result) -> tuple[float, float, int]:
-    """Seconds to gather the 63x63 triplets of every DIA source, milliseconds to encode one
-    as FITS + PNG (mean of up to 50; encoding happens per request), number of sources."""
-    from core.config import DiaSourceConfig
-    from core.cutouts import cutouts, result_images, triplet_fits, triplet_png
+def _hotpants_case(size: int, seed: int, binary: str, queue) -> None:
+    """HOTPANTS on the bare FITS of the same simulated pair; wall and peak RSS of its process."""
+    import numpy as np
 
-    catalog = result.dia_sources
-    if catalog is None or len(catalog) == 0:
-        return 0.0, 0.0, 0
+    from core.simulate import preset, simulate_pair
+
+    pair = simulate_pair(preset("varying", size=size, seed=seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        science_path, template_path = _write_plain(pair, Path(tmp))
+        args = [binary]
+        for flag, exposure in (("i", pair.science), ("t", pair.template)):
+            meta, image = exposure.metadata, exposure.image
+            args += [
+                f"-{flag}g", str(float(meta.get("GAIN", 1.0))),
+                f"-{flag}r", str(float(meta.get("RDNOISE", 0.0))),
+                f"-{flag}l", str(float(np.nanmin(image)) - 1.0),
+                f"-{flag}u", str(float(meta.get("SATURATE", np.nanmax(image) + 1.0))),
+            ]  # fmt: skip
+        args += ["-inim", str(science_path), "-tmplim", str(template_path)]
+        args += ["-outim", str(Path(tmp) / "diff.fits"), "-r", "10", "-rss", "15", "-v", "0"]
+        timer = shutil.which("time") or "/usr/bin/time"
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [timer, "-f", "%M", *args], capture_output=True, text=True, timeout=3600
+        )
+        wall = time.perf_counter() - t0
+    lines = (proc.stderr or "").strip().splitlines()
+    peak_kb = float(lines[-1]) if lines and lines[-1].isdigit() else float("nan")
+    queue.put(
+        {
+            "size": size,
+            "mode": "hotpants",
+            "wall_s": wall,
+            "peak_rss_gb": peak_kb / 1024**2,
+            "status": "ok" if proc.returncode == 0 else f"exit {proc.returncode}",
+        }
+    )
+
+
+def _fft_floor_case(size: int, queue) -> None:
+    """8 float32 real-FFT pairs of the frame: whole, and in 512-px tiles on all cores."""
+    import numpy as np
+    import scipy.fft as sfft
+
+    from core.parallel import n_threads, thread_map
+
+    rng = np.random.default_rng(0)
+    frame = rng.normal(size=(size, size)).astype(np.float32)
+    workers = n_threads()
     t0 = time.perf_counter()
-    size = DiaSourceConfig().cutout_size
-    stamps = cutouts(result_images(result), catalog["x"], catalog["y"], size)
-    gather = time.perf_counter() - t0
-    n = min(50, len(catalog))
+    for _ in range(8):
+        sfft.irfft2(sfft.rfft2(frame, workers=workers), s=frame.shape, workers=workers)
+    whole = time.perf_counter() - t0
+    tile = min(512, size)
+    corners = [(y, x) for y in range(0, size, tile) for x in range(0, size, tile)]
+
+    def one(corner):
+        y, x = corner
+        block = frame[y : y + tile, x : x + tile]
+        sfft.irfft2(sfft.rfft2(block, workers=1), s=block.shape, workers=1)
+
     t0 = time.perf_counter()
-    for k in range(n):
-        triplet_fits(stamps, k)
-        triplet_png(stamps, k)
-    return gather, 1000 * (time.perf_counter() - t0) / n, len(catalog)
+    for _ in range(8):
+        thread_map(one, corners)
+    tiled = time.perf_counter() - t0
+    queue.put({"size": size, "mode": "fft floor", "wall_s": whole, "tiled_s": tiled})
 
 
-def run(sizes, modes, repeat: int, seed: int, spatial: bool) -> list[dict]:
+def _in_process(target, *args) -> dict:
     ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    row = queue.get()
+    proc.join()
+    return row
+
+
+def _median_row(runs: list[dict]) -> dict:
+    row = dict(runs[0])
+    row["wall_s"] = statistics.median(r["wall_s"] for r in runs)
+    row["wall_all_s"] = [round(r["wall_s"], 2) for r in runs]
+    if "stages" in row:
+        row["stages"] = {
+            k: statistics.median(r["stages"].get(k, 0.0) for r in runs) for k in row["stages"]
+        }
+        row["cpu_s"] = statistics.median(r["cpu_s"] for r in runs)
+    if "tiled_s" in row:
+        row["tiled_s"] = statistics.median(r["tiled_s"] for r in runs)
+    if "peak_rss_gb" in row:
+        row["peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
+    return row
+
+
+def run(
+    sizes,
+    modes,
+    repeat: int,
+    seed: int,
+    spatial: bool,
+    hotpants: str | None,
+    baseline: str | None = None,
+) -> list[dict]:
     rows = []
     for size in sizes:
+        cases = []
         for mode in modes:
-            for spatially_varying in [False, True] if spatial else [False]:
-                runs = []
-                for k in range(repeat):
-                    queue = ctx.Queue()
-                    proc = ctx.Process(
-                        target=_run_case, args=(size, mode, seed + k, spatially_varying, queue)
-                    )
-                    proc.start()
-                    runs.append(queue.get())
-                    proc.join()
-                row = dict(runs[0])
-                row["wall_s"] = statistics.median(r["wall_s"] for r in runs)
-                row["wall_all_s"] = [round(r["wall_s"], 2) for r in runs]
-                row["peak_rss_gb"] = max(r["peak_rss_gb"] for r in runs)
-                row["dia_fraction_all"] = [round(_dia_fraction(r), 4) for r in runs]
-                row["dia_fraction"] = statistics.median(_dia_fraction(r) for r in runs)
-                rows.append(row)
-                _print_row(row)
+            for spatially_varying in [False, True] if spatial and mode != "plain" else [False]:
+                for root in [baseline, None] if baseline else [None]:
+                    cases.append((_run_case, (size, mode, seed, spatially_varying, root)))
+        if hotpants:
+            cases.append((_hotpants_case, (size, seed, hotpants)))
+        cases.append((_fft_floor_case, (size,)))
+        # rounds interleave the cases, so a busy spell of the machine hits all of them
+        runs: list[list[dict]] = [[] for _ in cases]
+        for k in range(repeat):
+            for i, (target, args) in enumerate(cases):
+                if target is _run_case:
+                    args = (*args[:2], args[2] + k, *args[3:])
+                elif target is _hotpants_case:
+                    args = (args[0], args[1] + k, args[2])
+                runs[i].append(_in_process(target, *args))
+        for case_runs in runs:
+            row = _median_row(case_runs)
+            rows.append(row)
+            _print_row(row)
     return rows
 
 
-def _dia_fraction(row: dict) -> float:
-    """(detect + cutouts) / (wall - detect): the share DIA products add to a subtraction."""
-    detect = row["stages"].get("detect", 0.0)
-    return (detect + row["cutouts_s"]) / max(row["wall_s"] - detect, 1e-9)
-
-
 def _print_row(row: dict) -> None:
+    head = f"{row['size']:>5} {row['mode']:<16}"
+    if row["mode"] == "fft floor":
+        print(f"{head} 8 pairs whole={row['wall_s']:.2f}s tiled={row['tiled_s']:.2f}s", flush=True)
+        return
+    if row["mode"] == "hotpants":
+        print(
+            f"{head} wall={row['wall_s']:.2f}s runs={row['wall_all_s']} "
+            f"peak={row['peak_rss_gb']:.2f}GB {row['status']}",
+            flush=True,
+        )
+        return
     stages = " ".join(f"{k}={v:.2f}" for k, v in row["stages"].items() if not k.startswith("run"))
     q = row["quality"]
+    if row.get("code") != "this checkout":
+        head += f" [{row.get('code')}]"
     print(
-        f"{row['size']:>5} {row['mode']:<16} sv={int(row['spatially_varying'])} "
-        f"({row['chosen_mode']}) wall={row['wall_s']:.2f}s runs={row['wall_all_s']} "
-        f"peak={row['peak_rss_gb']:.2f}GB | {stages} | n_dia={row['n_dia']} "
-        f"cutouts={row['cutouts_s']:.2f}s encode={row['encode_ms']:.1f}ms/source "
-        f"dia%={100 * row['dia_fraction']:.1f} "
-        f"{row['dia_fraction_all']} | "
+        f"{head} sv={int(row['spatially_varying'])} ({row['chosen_mode']}) "
+        f"wall={row['wall_s']:.2f}s runs={row['wall_all_s']} cpu={row['cpu_s']:.1f}s "
+        f"peak={row['peak_rss_gb']:.2f}GB fft={row['fft_passes']:.1f} | {stages} | "
         + " ".join(f"{k}={v:.3f}" for k, v in q.items() if isinstance(v, float)),
         flush=True,
     )
@@ -131,7 +290,9 @@ def _print_row(row: dict) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
-    parser.add_argument("--modes", nargs="+", default=["auto", "preconvolve"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["auto", "preconvolve"], choices=[*TASK_MODES, "plain"]
+    )
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument(
@@ -140,9 +301,28 @@ def main(argv=None) -> None:
         action="store_false",
         help="skip the spatially varying decorrelation runs",
     )
+    parser.add_argument(
+        "--hotpants",
+        default=os.environ.get("ALSUB_HOTPANTS") or shutil.which("hotpants"),
+        help="HOTPANTS binary to time beside alsub (default: ALSUB_HOTPANTS or PATH)",
+    )
+    parser.add_argument("--no-hotpants", dest="hotpants", action="store_const", const=None)
+    parser.add_argument(
+        "--baseline",
+        help="also run every alsub case with the code of this checkout (e.g. of main), "
+        "interleaved with this one's, for before/after ratios in one run",
+    )
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
-    rows = run(args.sizes, args.modes, args.repeat, args.seed, args.spatial)
+    rows = run(
+        args.sizes,
+        args.modes,
+        args.repeat,
+        args.seed,
+        args.spatial,
+        args.hotpants,
+        args.baseline,
+    )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2, default=str)

@@ -30,9 +30,9 @@ import numpy as np
 import scipy.fft as sfft
 
 from .exposure import Exposure
-from .kernel import SpatialKernel
+from .kernel import SpatialKernel, term_degrees
 
-__all__ = ["convolve_exposure", "correlate_image", "or_filter"]
+__all__ = ["convolve_exposure", "correlate_image", "or_filter", "dilate_cross"]
 
 # FFT length of a tile along each axis (power of two: fastest transform sizes here)
 _TILE_FFT = 512
@@ -152,6 +152,31 @@ def or_filter(array: np.ndarray, hy: int, hx: int) -> np.ndarray:
     return out.astype(array.dtype, copy=False)
 
 
+def dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """``scipy.ndimage.binary_dilation(mask, iterations=iterations)`` (4-connected cross,
+    nothing beyond the border), as in-place shifted ORs: about 5x faster on full frames.
+
+    Parameters
+    ----------
+    mask : `numpy.ndarray` (ny, nx), bool
+    iterations : int
+        Growth in pixels of city-block distance.
+
+    Returns
+    -------
+    grown : `numpy.ndarray` (ny, nx), bool (a new array)
+    """
+    out = np.array(mask, dtype=bool, copy=True)
+    previous = np.empty_like(out)
+    for _ in range(max(0, int(iterations))):
+        np.copyto(previous, out)
+        out[1:] |= previous[:-1]
+        out[:-1] |= previous[1:]
+        out[:, 1:] |= previous[:, :-1]
+        out[:, :-1] |= previous[:, 1:]
+    return out
+
+
 def _or_filter_1d(array: np.ndarray, h: int, axis: int) -> np.ndarray:
     if h <= 0:
         return array.copy()
@@ -197,13 +222,19 @@ def _kernel_parts(
         images = kernel.spatial_images()
         xs, ys = exposure.pixel_grid()
         wx, wy = kernel.axis_terms(xs, ys)
-        keep = np.any(images != 0, axis=(1, 2))
-        keep[0] = True
+        keep = _kept_terms(images)
         return images[keep], wx[keep], wy[keep]
     image = np.asarray(kernel, dtype=np.float64)
     if image.ndim != 2 or image.shape[0] % 2 == 0 or image.shape[1] % 2 == 0:
         raise ValueError(f"kernel image must be 2-D with odd sides, got shape {image.shape}")
     return image[np.newaxis], None, None
+
+
+def _kept_terms(images: np.ndarray) -> np.ndarray:
+    """Spatial terms whose image is not zero (the constant term always)."""
+    keep = np.any(images != 0, axis=(1, 2))
+    keep[0] = True
+    return keep
 
 
 def _squared_parts(images, wx, wy):
@@ -218,6 +249,47 @@ def _squared_parts(images, wx, wy):
             sx.append(wx[t] * wx[s])
             sy.append(wy[t] * wy[s])
     return np.array(sq), np.array(sx), np.array(sy)
+
+
+def _squared_chebyshev_parts(kernel: SpatialKernel, exposure: Exposure):
+    """Images and weights of K^2 grouped by Chebyshev products (exact, fewer terms).
+
+    K^2 = sum_{t,l} T_t T_l K_t K_l, and T_a(x) T_c(x) = (T_{a+c}(x) + T_{|a-c|}(x)) / 2,
+    so every product of two terms of total degree <= o is a sum of T_i(x') T_j(y')
+    with i + j <= 2 o: (2o + 1)(2o + 2) / 2 correlations (15 for o = 2) instead of
+    the n (n + 1) / 2 products (21), one inverse FFT fewer per tile for each saved.
+    """
+    images = kernel.spatial_images()
+    keep = _kept_terms(images)
+    degrees = [d for d, k in zip(term_degrees(kernel.order), keep, strict=True) if k]
+    images = images[keep]
+    groups: dict[tuple[int, int], np.ndarray] = {}
+    m = images.shape[0]
+    for t in range(m):
+        for s in range(t, m):
+            product = (1.0 if t == s else 2.0) * images[t] * images[s]
+            (a, b), (c, d) = degrees[t], degrees[s]
+            for i, wi in _chebyshev_product(a, c):
+                for j, wj in _chebyshev_product(b, d):
+                    if (i, j) in groups:
+                        groups[(i, j)] = groups[(i, j)] + (wi * wj) * product
+                    else:
+                        groups[(i, j)] = (wi * wj) * product
+    keys = sorted(groups)
+    xs, ys = exposure.pixel_grid()
+    tx, ty = kernel.axis_polynomials(xs, ys, 2 * kernel.order)
+    return (
+        np.array([groups[key] for key in keys]),
+        np.array([tx[i] for i, _ in keys]),
+        np.array([ty[j] for _, j in keys]),
+    )
+
+
+def _chebyshev_product(a: int, c: int) -> list[tuple[int, float]]:
+    """T_a T_c as [(degree, weight), ...]."""
+    if a == 0 or c == 0:
+        return [(a + c, 1.0)]
+    return [(a + c, 0.5), (abs(a - c), 0.5)]
 
 
 def _correlate_plane(values, images, wx, wy, *, workers, max_range, dtype=None):
@@ -241,7 +313,7 @@ def _correlate_plane(values, images, wx, wy, *, workers, max_range, dtype=None):
 
 
 def correlate_image(
-    image: np.ndarray, kernel: np.ndarray, *, workers: int | None = None
+    image: np.ndarray, kernel: np.ndarray, *, workers: int | None = None, single: bool = False
 ) -> np.ndarray:
     """Correlate an image with a fixed kernel by FFT: out(X,Y) = sum K(u,v) in(X+u, Y+v).
 
@@ -256,6 +328,9 @@ def correlate_image(
     kernel : `numpy.ndarray` (ky, kx), odd sides; pixel (j, i) is offset (j - ky//2, i - kx//2)
     workers : int or None
         Threads for the FFTs (default: all cores).
+    single : bool
+        Transform float32 input in float32 whatever its dynamic range (for callers
+        such as detection's matched filter whose output only meets a threshold).
 
     Returns
     -------
@@ -267,7 +342,7 @@ def correlate_image(
         raise ValueError(f"kernel must be 2-D with odd sides, got shape {kernel.shape}")
     out_dtype = np.float32 if image.dtype == np.float32 else np.float64
     values = image.astype(out_dtype, copy=False)
-    dtype = np.float64 if out_dtype == np.float64 else None
+    dtype = np.float64 if out_dtype == np.float64 else (np.float32 if single else None)
     out, touched_nan, touched_inf = _correlate_plane(
         values,
         kernel[np.newaxis],
@@ -325,7 +400,10 @@ def convolve_exposure(
     )
     if nan_i is not None:
         image[nan_i | inf_i] = np.nan
-    sq_images, sq_wx, sq_wy = _squared_parts(images, wx, wy)
+    if isinstance(kernel, SpatialKernel) and wx is not None:
+        sq_images, sq_wx, sq_wy = _squared_chebyshev_parts(kernel, exposure)
+    else:
+        sq_images, sq_wx, sq_wy = _squared_parts(images, wx, wy)
     variance, nan_v, inf_v = _correlate_plane(
         exposure.variance,
         sq_images,

@@ -72,8 +72,10 @@ from scipy import fft as sfft
 from scipy.signal import fftconvolve
 
 from .config import DecorrelationConfig
+from .convolve import correlate_image
 from .errors import IncompatibleInputsError, InvalidExposureError
 from .exposure import Exposure
+from .parallel import thread_map
 from .psf import Psf
 
 __all__ = [
@@ -100,6 +102,8 @@ _NOISE_POWER_FLOOR = 0.05
 #: Ratio vt / v above which the correction diverges (section 4.3 step 4).
 _DIVERGING_RATIO = 1e8
 _FFT_WORKERS = 2
+#: Largest side (px) filtered by one padded FFT; larger frames go through threaded tiles.
+_WHOLE_FFT_MAX = 1024
 #: Pixels used for a whole-frame mean variance (a regular sub-grid beyond this).
 _STATS_MAX_PIXELS = 1 << 21
 
@@ -504,30 +508,47 @@ def _fft_shape(data_shape, margin: int) -> tuple[int, int]:
 
 
 def _convolve(
-    data: Sequence[np.ndarray], stamps: Sequence[np.ndarray], shape: tuple[int, int]
+    data: Sequence[np.ndarray],
+    stamps: Sequence[np.ndarray],
+    shape: tuple[int, int],
+    workers: int = _FFT_WORKERS,
 ) -> np.ndarray:
     """Zero-padded linear convolution by centred stamps, summed: sum_i data_i (*) stamp_i.
 
     ``data`` and ``stamps`` are sequences of equal length (one forward FFT per pair).
     Float32 FFTs: the filtered images are noise-dominated differences, where single
-    precision (1e-7 relative) is far below the noise.
+    precision (1e-7 relative) is far below the noise. Frames larger than
+    `_WHOLE_FFT_MAX` go through `core.convolve.correlate_image` (overlap-save tiles
+    on a thread pool, the same sum) instead of one padded whole-frame transform.
     """
+    if max(data[0].shape) > _WHOLE_FFT_MAX:
+        out = None
+        for image, stamp in zip(data, stamps, strict=True):
+            # convolution by a centred stamp = correlation with the stamp reflected
+            term = correlate_image(
+                np.asarray(image, dtype=np.float32), stamp[::-1, ::-1], single=True
+            )
+            out = term if out is None else np.add(out, term, out=out)
+        assert out is not None
+        return out
     spec = None
     for image, stamp in zip(data, stamps, strict=True):
-        transfer = sfft.rfft2(_embed(stamp, shape).astype(np.float32), workers=_FFT_WORKERS)
-        term = sfft.rfft2(image, s=shape, workers=_FFT_WORKERS) * transfer
+        transfer = sfft.rfft2(_embed(stamp, shape).astype(np.float32), workers=workers)
+        term = sfft.rfft2(image, s=shape, workers=workers) * transfer
         spec = term if spec is None else spec + term
     ny, nx = data[0].shape
-    return sfft.irfft2(spec, s=shape, workers=_FFT_WORKERS)[:ny, :nx]
+    return sfft.irfft2(spec, s=shape, workers=workers)[:ny, :nx]
 
 
-def _complete_variance(plane1, plane2, v1, v2, node: _NodeFilter, shape) -> np.ndarray:
+def _complete_variance(
+    plane1, plane2, v1, v2, node: _NodeFilter, shape, workers: int = _FFT_WORKERS
+) -> np.ndarray:
     """V1 (*) c1^2 + V2 (*) c2^2, non-finite V replaced by the mean variance (4.3 step 8)."""
     filled1 = np.where(np.isfinite(plane1), plane1, np.float32(v1)).astype(np.float32, copy=False)
     filled2 = np.where(np.isfinite(plane2), plane2, np.float32(v2)).astype(np.float32, copy=False)
     # the node filter carries the squared kernels whenever complete propagation is on
     assert node.variance1 is not None and node.variance2 is not None
-    return _convolve((filled1, filled2), (node.variance1, node.variance2), shape)
+    return _convolve((filled1, filled2), (node.variance1, node.variance2), shape, workers)
 
 
 def _margin(kernel_image: np.ndarray, preconv_image: np.ndarray | None) -> int:
@@ -765,7 +786,9 @@ def _decorrelate_on_grid(
     psf_stamps = np.zeros((nodes_y.size, nodes_x.size, stamp_size, stamp_size))
     for jn, (r0, r1, wr0, wr1) in enumerate(ranges_y):
         t0, t1 = max(0, r0 - margin), min(ny, r1 + margin)
-        for i_n, (c0, c1, wc0, wc1) in enumerate(ranges_x):
+
+        def filter_node(i_n, jn=jn, r0=r0, r1=r1, wr0=wr0, wr1=wr1, t0=t0, t1=t1):
+            c0, c1, wc0, wc1 = ranges_x[i_n]
             s0, s1 = max(0, c0 - margin), min(nx, c1 + margin)
             window = (slice(wr0, wr1), slice(wc0, wc1))
             v = clipped_mean(plane1[window], good1[window])
@@ -776,18 +799,28 @@ def _decorrelate_on_grid(
             node = _node_filter(
                 kernel_image, v, vt, preconv_image, stamp_size, complete, correlations
             )
-            psf_stamps[jn, i_n] = node.psf
-
             weight = (tent_y[r0:r1, jn, None] * tent_x[None, c0:c1, i_n]).astype(np.float32)
             inner = (slice(r0 - t0, r1 - t0), slice(c0 - s0, c1 - s0))
             support = (slice(r0, r1), slice(c0, c1))
             tile = (slice(t0, t1), slice(s0, s1))
-            corrected[support] += weight * _convolve((image[tile],), (node.image,), shape)[inner]
+            image_part = weight * _convolve((image[tile],), (node.image,), shape, workers=1)[inner]
             if complete:
-                local = _complete_variance(plane1[tile], plane2[tile], v, vt, node, shape)
-                variance[support] += weight * local[inner]
+                local = _complete_variance(
+                    plane1[tile], plane2[tile], v, vt, node, shape, workers=1
+                )
+                variance_part = weight * local[inner]
             else:
-                variance[support] += weight * (
+                variance_part = weight * (
                     plane1[support] * np.float32(node.w1) + plane2[support] * np.float32(node.w2)
                 )
+            return node.psf, support, image_part, variance_part
+
+        # the nodes of a row are independent: filtered on all cores, then blended in
+        # order (the same sums as one node after the other)
+        for i_n, (psf, support, image_part, variance_part) in enumerate(
+            thread_map(filter_node, range(len(ranges_x)))
+        ):
+            psf_stamps[jn, i_n] = psf
+            corrected[support] += image_part
+            variance[support] += variance_part
     return corrected, variance, psf_stamps, nodes_x + x0, nodes_y + y0

@@ -37,6 +37,8 @@ DEFAULT_MASK_PLANES = (
 )
 
 _MAX_PLANES = 31  # int32 mask, sign bit unused
+#: Pixels per block of frame-wide mask passes (block temporaries stay a few MB).
+_BLOCK_PIXELS = 1 << 20
 
 
 class MaskPlanes:
@@ -269,9 +271,18 @@ class Exposure:
         return self.mask_planes.get_bitmask(names)
 
     def masked(self, names) -> np.ndarray:
-        """Boolean array: True where any of the named planes is set."""
+        """Boolean array: True where any of the named planes is set.
+
+        Computed a block of rows at a time: no frame-sized integer temporary.
+        """
         bits = self.bitmask(names)
-        return (self.mask & bits) != 0 if bits else np.zeros(self.shape, dtype=bool)
+        if not bits:
+            return np.zeros(self.shape, dtype=bool)
+        out = np.empty(self.shape, dtype=bool)
+        step = max(1, _BLOCK_PIXELS // max(self.mask.shape[-1], 1))
+        for y in range(0, self.mask.shape[0], step):
+            np.not_equal(self.mask[y : y + step] & np.int32(bits), 0, out=out[y : y + step])
+        return out
 
     def set_plane(self, name: str, where: np.ndarray) -> None:
         self.mask[where] |= self.mask_planes.value(name)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
+import scipy.fft as sp_fft
 import scipy.linalg
 from astropy.io import fits
 from astropy.stats import mad_std
@@ -30,6 +31,7 @@ from astropy.table import Table
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.polynomial import chebyshev
 from scipy import ndimage, signal
+from threadpoolctl import threadpool_limits
 
 from .basis import KernelBasis, _monomial_powers
 from .config import KernelConfig
@@ -50,6 +52,9 @@ __all__ = [
 ]
 
 Box = tuple[int, int, int, int]
+
+#: Pixels per block of frame-wide background evaluation (temporaries stay a few MB).
+_BLOCK_PIXELS = 1 << 20
 
 _ORIENTATION_COMMENT = (
     "out(X,Y)=sum K(u,v)in(X+u,Y+v);(j,i)=(v+h,u+h)",
@@ -273,6 +278,15 @@ class SpatialKernel:
         """
         return np.tensordot(self.coefficients, self.basis_images, axes=(0, 0))
 
+    def axis_polynomials(
+        self, xs: np.ndarray, ys: np.ndarray, degree: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """T_0..T_degree of the normalised x' and y' on a pixel grid: (degree + 1, len(xs))
+        and (degree + 1, len(ys)); products of spatial terms expand in these."""
+        tx = _axis_terms(xs, self.domain[0], self.domain[2], degree)
+        ty = _axis_terms(ys, self.domain[1], self.domain[3], degree)
+        return tx, ty
+
     def axis_terms(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Separable factors of the spatial terms on a pixel grid.
 
@@ -431,10 +445,37 @@ class BackgroundModel:
         -------
         image : `numpy.ndarray` (ny, nx), float32
         """
-        ny, nx = shape
+        out = np.zeros(shape, dtype=np.float32)
+        self.add_to(out, xy0)
+        return out
+
+    def add_to(self, array: np.ndarray, xy0: tuple[int, int] = (0, 0), scale: float = 1.0):
+        """``array += scale * background`` in place, a block of rows at a time.
+
+        The separable terms are combined in float64 along y and applied in float32
+        along x: no frame-sized float64 temporary, rounding far below the noise.
+
+        Parameters
+        ----------
+        array : `numpy.ndarray` (ny, nx), float32
+        xy0 : (x0, y0)
+            Parent position of pixel [0, 0].
+        scale : float
+        """
+        ny, nx = array.shape
         tx = _axis_terms(np.arange(nx) + xy0[0], self.domain[0], self.domain[2], self.order)
         ty = _axis_terms(np.arange(ny) + xy0[1], self.domain[1], self.domain[3], self.order)
-        return (ty.T @ self._matrix().T @ tx).astype(np.float32)
+        left = (scale * (ty.T @ self._matrix().T)).astype(np.float32)  # (ny, order + 1)
+        right = tx.astype(np.float32)
+        step = max(1, _BLOCK_PIXELS // max(nx, 1))
+        term = np.empty((min(step, ny), nx), dtype=np.float32)
+        for y in range(0, ny, step):
+            block = array[y : y + step]
+            part = term[: block.shape[0]]
+            # order + 1 broadcast products: a (rows, 3) @ (3, nx) matmul is 4x slower
+            for t in range(right.shape[0]):
+                np.multiply(left[y : y + step, t : t + 1], right[t], out=part)
+                block += part
 
     def negated(self) -> BackgroundModel:
         """The model with every coefficient negated."""
@@ -623,10 +664,11 @@ class _Fitter:
         self.flat_basis = basis.images.reshape(self.nb, -1)
         self.basis_sums = basis.images.sum(axis=(1, 2))
         self.with_bg = config.fit_for_background
-        self.factors = basis.separable_factors() if basis.transform is not None else None
         self.mean_centre = 0.0
         self.mean_limit = self.mean_floor
         self.std_limit = config.candidate_residual_std_max
+        # basis spectra per stamp shape, for `correlate_basis`
+        self._spectra: dict[tuple[int, ...], tuple[tuple[int, ...], np.ndarray]] = {}
 
     def _windows(self, stamp: np.ndarray) -> np.ndarray:
         """(good^2, K^2) matrix of the stamp pixels under the kernel at each fitted pixel."""
@@ -635,22 +677,24 @@ class _Fitter:
     def correlate_basis(self, stamp: np.ndarray) -> np.ndarray:
         """(good^2, nb): column n = (B_n correlated with the stamp) over the fitted region.
 
-        AL bases are linear maps of separable Gaussian x monomial images, so two
-        1-D passes per Gaussian do the work of nb full 2-D correlations (about
-        ten times fewer operations than the direct product).
+        One real FFT of the stamp, a product with the (cached) spectra of the
+        reflected basis images and one batched inverse transform: the same numbers
+        as the direct windowed product (to ~1e-15 relative) at about a seventh of the
+        cost of the separable passes for the default basis (1 ms vs 7 ms a stamp).
         """
-        if self.factors is None:
-            return self._windows(stamp) @ self.flat_basis.T
-        # separable factors exist only for bases built with a transform
-        assert self.basis.transform is not None
-        columns: list[np.ndarray] = []
-        for factor, powers in self.factors:
-            rows = sliding_window_view(stamp, self.k, axis=1) @ factor.T  # (S, G, d+1)
-            both = np.tensordot(
-                sliding_window_view(rows, self.k, axis=0), factor, axes=([3], [1])
-            )  # (G, G, x power, y power)
-            columns.extend(both[:, :, px, py].ravel() for px, py in powers)
-        return np.stack(columns, axis=1) @ self.basis.transform.T
+        shape = stamp.shape
+        spectra = self._spectra.get(shape)
+        if spectra is None:
+            size = tuple(sp_fft.next_fast_len(n, real=True) for n in shape)
+            reflected = self.basis.images[:, ::-1, ::-1]
+            spectra = (size, sp_fft.rfft2(reflected, s=size, axes=(1, 2)))
+            self._spectra[shape] = spectra
+        size, basis_spectra = spectra
+        full = sp_fft.irfft2(basis_spectra * sp_fft.rfft2(stamp, s=size), s=size, axes=(1, 2))
+        # linear convolution with the reflected image = correlation, valid part only
+        k = self.k
+        valid = full[:, k - 1 : shape[0], k - 1 : shape[1]]
+        return valid.reshape(self.nb, -1).T
 
     def _inner(self, stamp: np.ndarray) -> np.ndarray:
         h = self.h
@@ -1084,7 +1128,9 @@ def fit_psf_matching_kernel(
         for key, value in basis.metadata().items():
             task.add_metadata(key, value)
     timer = task.timer("_solve") if task is not None else contextlib.nullcontext()
-    with timer:
+    # hundreds of small per-stamp products and solves: BLAS threads only contend (on a
+    # busy 2-core machine the preconvolve fit took 21 s with them, 3.6 s without)
+    with timer, threadpool_limits(limits=1, user_api="blas"):
         solution = _solve(
             reference, target, sources, basis, config, bbox, stamp_size, rating_column, noise_area
         )

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from astropy.io import fits
 
 from .diasources import catalog_hdulist
 from .io import file_mode, write_exposure, write_hdulist_atomic
+from .parallel import thread_map
 
 __all__ = ["write_difference", "write_products", "metrics_header", "json_safe", "PRODUCT_NAMES"]
 
@@ -118,23 +120,33 @@ def write_products(result, outdir) -> dict[str, Path]:
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    paths[result.output_name] = write_difference(result, outdir / f"{result.output_name}.fits")
+    writes: list = []
+    paths[result.output_name] = outdir / f"{result.output_name}.fits"
+    writes.append(partial(write_difference, result, paths[result.output_name]))
     for name in ("matched_template", "matched_science", "warped_template"):
         exposure = getattr(result, name, None)
         if exposure is not None:
             paths[name] = outdir / f"{name}.fits"
-            write_exposure(exposure, paths[name])
+            writes.append(partial(write_exposure, exposure, paths[name]))
     if result.psf_matching_kernel is not None:
         paths["kernel"] = outdir / "kernel.fits"
-        result.psf_matching_kernel.write(paths["kernel"])
+        writes.append(partial(result.psf_matching_kernel.write, paths["kernel"]))
     if result.fitted_background is not None:
         paths["background"] = outdir / "background.fits"
-        write_hdulist_atomic(
-            _background_hdulist(result.fitted_background, result.output), paths["background"]
+        writes.append(
+            partial(
+                write_hdulist_atomic,
+                _background_hdulist(result.fitted_background, result.output),
+                paths["background"],
+            )
         )
     if getattr(result, "dia_sources", None) is not None:
         paths["dia_sources"] = outdir / "dia_sources.fits"
-        write_hdulist_atomic(catalog_hdulist(result.dia_sources), paths["dia_sources"])
+        writes.append(
+            partial(write_hdulist_atomic, catalog_hdulist(result.dia_sources), paths["dia_sources"])
+        )
+    # the frame-sized files are independent: encode and write them on all cores
+    thread_map(lambda write: write(), writes)
     paths["metrics"] = outdir / "metrics.json"
     _write_json_atomic(result.metrics, paths["metrics"])
     return paths

@@ -1,6 +1,6 @@
 """PSF estimation from the bright isolated stars of an exposure.
 
-It sits above detection (`core.sources`) and the PSF models (`core.psf`), so
+It sits above detection (`core.detection`) and the PSF models (`core.psf`), so
 the models need not know how stars are found: no import circle.
 """
 
@@ -10,9 +10,11 @@ import math
 
 import numpy as np
 
+from .background import background_map
+from .detection import detect_sources
 from .errors import PsfError
+from .measure import measure_sources
 from .psf import SIGMA_TO_FWHM, GridPsf, ImagePsf, Psf, _odd, _shift_raw, stellar_locus
-from .sources import background_map, detect_sources, measure_sources
 
 __all__ = ["estimate_psf", "PSF_STAMP_BAD_PLANES"]
 
@@ -33,14 +35,14 @@ def estimate_psf(
     """Build a PSF from bright, isolated, unsaturated, unmasked stars.
 
     Stars come from ``catalog`` (parent ``x``, ``y``; measured on the exposure)
-    or from `core.sources.detect_sources`. A star is used when it is not
+    or from `core.detection.detect_sources`. A star is used when it is not
     flagged (saturated, edge, masked, blended), its S/N is at least 20, its
     adaptive size is within 15% of the stellar locus (the densest cluster of
     sizes: rejects galaxies, cosmic rays and blends), no other detected source
     with over 2% of its flux lies within the stamp radius, and its stamp holds
     no pixel of `PSF_STAMP_BAD_PLANES`. The
     brightest ``max_stars`` are cut out with a margin, background subtracted
-    (mesh background of `core.sources.background_map`), shifted by a Fourier
+    (mesh background of `core.background.background_map`), shifted by a Fourier
     phase ramp so the weighted centroid falls on the central pixel, cropped,
     normalised by their flux within 2 FWHM and combined by a per-pixel
     3-sigma clipped mean.

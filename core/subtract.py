@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from .basis import kernel_size_for, make_kernel_basis
 from .config import SubtractionConfig
-from .convolve import convolve_exposure
+from .convolve import convolve_exposure, dilate_cross
 from .decorrelate import decorrelate_difference
 from .diasources import dia_sources
 from .errors import (
@@ -208,7 +208,7 @@ class _SubtractBase(Task):
         x0, y0 = science.xy0[0] - template.xy0[0], science.xy0[1] - template.xy0[1]
         window = np.s_[y0 : y0 + science.height, x0 : x0 + science.width]
         detected |= template.masked(["DETECTED", "DETECTED_NEGATIVE"])[window]
-        self.source_mask = ndimage.binary_dilation(detected, iterations=3)
+        self.source_mask = dilate_cross(detected, 3)
         self.sky = sky_sources(
             science,
             n=self.config.sources.n_sky_sources,
@@ -444,7 +444,7 @@ class _SubtractBase(Task):
         """minuend - b - matched (b if subtracted), refined; returns (difference, background)."""
         difference = minuend.copy()
         if self.config.do_subtract_background:
-            difference.image -= background.image(difference.shape, difference.xy0)
+            background.add_to(difference.image, difference.xy0, scale=-1.0)
         _subtract_in_place(difference, matched)
         return difference, self._refine_background(difference, background, scale=1.0)
 
@@ -478,7 +478,7 @@ class _SubtractBase(Task):
         if not np.all(np.isfinite(residual)):
             return background
         correction = BackgroundModel(residual, background.order, background.domain)
-        difference.image -= correction.image(difference.shape, difference.xy0)
+        correction.add_to(difference.image, difference.xy0, scale=-1.0)
         self.metadata["backgroundRefinement"] = [float(c) for c in residual]
         return BackgroundModel(
             background.coefficients + scale * residual, background.order, background.domain
@@ -715,7 +715,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
             _scale(matched_template, 1.0 / norm)
             difference = matched_science.copy()
             if self.config.do_subtract_background:
-                difference.image += background.image(difference.shape, difference.xy0) / norm
+                background.add_to(difference.image, difference.xy0, scale=1.0 / norm)
             _subtract_in_place(difference, matched_template)
             # D = (K*S + b - T) / norm, so a residual r in D corrects b by -norm r
             background = self._refine_background(difference, background, scale=-norm)

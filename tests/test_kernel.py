@@ -171,6 +171,13 @@ def test_background_model(tmp_path):
     assert image.dtype == np.float32 and image.shape == (40, 64)
     ys, xs = np.mgrid[0:40, 10:74]
     np.testing.assert_allclose(image, model.evaluate(xs, ys), rtol=1e-6)
+    # in place, block by block (more rows than one block): array += scale * background
+    tall = BackgroundModel(TRUE_BACKGROUND, 2, (0, 0, 9, 2999))
+    target = np.full((3000, 10), 5.0, dtype=np.float32)
+    tall.add_to(target, scale=-0.5)
+    ys, xs = np.mgrid[0:3000, 0:10]
+    expected = 5.0 - 0.5 * tall.evaluate(xs, ys)
+    np.testing.assert_allclose(target, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
     xp, yp = 2 * (30 - 41.5) / 64, 2 * (25 - 19.5) / 40
     terms = [1, xp, yp, 2 * xp**2 - 1, xp * yp, 2 * yp**2 - 1]
     assert model.evaluate(30, 25) == pytest.approx(float(np.dot(TRUE_BACKGROUND, terms)))
@@ -399,3 +406,24 @@ def test_kernel_followed_by_a_psf_is_exact():
         )
         one_step = ndimage.correlate(image, composite.image(x, y), mode="constant")
         np.testing.assert_allclose(one_step[12:-12, 12:-12], two_steps[12:-12, 12:-12], atol=1e-10)
+
+
+def test_fft_design_matrices_match_the_direct_product():
+    """The FFT design matrices equal the straightforward ones: each stamp window (under
+    the kernel at every fitted pixel) times every flattened basis image."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    from core.kernel import _Fitter
+
+    config = KernelConfig()
+    basis = _basis(config)
+    fitter = _Fitter(basis, config)
+    rng = np.random.default_rng(12)
+    k = basis.size
+    flat = basis.images.reshape(basis.n_basis, -1)
+    for side in (2 * k + 1, 2 * k + 1, 2 * k + 6, k):
+        stamp = rng.normal(size=(side, side)) * 100.0
+        direct = sliding_window_view(stamp, (k, k)).reshape(-1, k * k) @ flat.T
+        got = fitter.correlate_basis(stamp)
+        assert got.shape == direct.shape
+        np.testing.assert_allclose(got, direct, rtol=0, atol=1e-12 * np.abs(direct).max())

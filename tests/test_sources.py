@@ -1,4 +1,5 @@
-"""Tests of core.sources: detection, catalogs, kernel-source selection, sky sources."""
+"""Tests of core.sources (catalogs, kernel-source selection, sky sources) and of the modules it
+re-exports: core.background, core.detection, core.measure."""
 
 from __future__ import annotations
 
@@ -13,26 +14,14 @@ from astropy.wcs import WCS
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-import core.sources as sources_module
+from core.background import _cell_stats, background_map
 from core.config import DetectionConfig, SourcesConfig
+from core.detection import _disc_dilate, _grow, _local_maxima, detect_sources
 from core.errors import InsufficientSourcesError, InvalidCatalogError
 from core.exposure import Exposure
+from core.measure import _interp_at, _negative_side_sigma, measure_sources
 from core.psf import GaussianPsf
-from core.sources import (
-    _cell_stats,
-    _correlate_fft,
-    _disc_dilate,
-    _grow,
-    _interp_at,
-    _local_maxima,
-    _negative_side_sigma,
-    background_map,
-    detect_sources,
-    measure_sources,
-    read_catalog,
-    select_kernel_sources,
-    sky_sources,
-)
+from core.sources import read_catalog, select_kernel_sources, sky_sources
 
 SKY, READ_NOISE = 100.0, 5.0
 
@@ -257,7 +246,9 @@ def test_detection_catalog_regression():
     assert table.meta["noise_factor"] == pytest.approx(1.038256, rel=1e-4)
     f = np.asarray(table["flux"])
     assert f.sum() == pytest.approx(2573938.0, rel=1e-5)
-    assert np.sum(table["flux_err"]) == pytest.approx(26211.01, rel=1e-5)
+    # flux_err scales with noise_factor, a sample percentile: float32 round-off of the
+    # (tiled) matched filter moves it by ~1e-5
+    assert np.sum(table["flux_err"]) == pytest.approx(26211.01, rel=3e-5)
     assert np.sum(table["x"] * f) / f.sum() == pytest.approx(168.38243, abs=1e-3)
     assert np.sum(table["y"] * f) / f.sum() == pytest.approx(151.29400, abs=1e-3)
     assert np.nanmedian(table["size"]) == pytest.approx(1.592334, rel=1e-4)
@@ -325,17 +316,6 @@ def test_interp_at_matches_full_frame_spline():
     row = np.concatenate([rng.uniform(0, 119, 200), [0.0, 119.0, 118.7, 0.2]])
     ref = ndimage.map_coordinates(smooth, [row, col], order=3, mode="nearest")
     np.testing.assert_allclose(_interp_at(smooth, col, row), ref, atol=1e-5 * smooth.std())
-
-
-@pytest.mark.parametrize("strip_rows", [1024, 37])
-def test_correlate_fft_matches_direct_correlation(monkeypatch, strip_rows):
-    monkeypatch.setattr(sources_module, "_FFT_STRIP_ROWS", strip_rows)
-    rng = np.random.default_rng(8)
-    image = rng.normal(size=(150, 110)).astype(np.float32)
-    kernel = rng.random((13, 9))
-    ref = ndimage.correlate(image.astype(np.float64), kernel, mode="constant")
-    got = _correlate_fft(image, kernel)
-    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
 
 
 def test_negative_side_sigma_samples_like_a_plain_selection():

@@ -1,0 +1,298 @@
+"""Background and noise maps of an exposure: a mesh of sigma-clipped cell statistics.
+
+Each cell gets the 3-sigma clipped median and standard deviation of its valid
+pixels; the mesh is despiked and interpolated to pixels on demand (a block of rows
+at a time, so no frame-sized map need exist).
+
+Why not a library: ``sep.Background`` (SExtractor's mesh, C) does the same job with
+a different estimator (mode = 2.5 median - 1.5 mean, bicubic spline between
+cells). Measured at 4096 x 4096 (the bench's simulated science frame, both the
+mesh and the two full-frame maps, medians of 3, 2026-12-01, shared 2-core
+machine): sep 0.51 s of CPU and 2.34 s wall, this module 0.59 s of CPU and 2.05 s
+wall (its cells are reduced on all cores), backgrounds equal to 0.6 counts rms on a
+35-count noise. No gain large enough for a compiled dependency that would also
+move every detection figure the tests pin; photutils' ``Background2D`` is slower
+than both (a Python loop over cells). The clipping here is the one of
+`astropy.stats.sigma_clipped_stats`, vectorised over cells.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from astropy.stats import sigma_clipped_stats
+from astropy.utils.exceptions import AstropyUserWarning
+from scipy import ndimage
+
+from .exposure import Exposure
+from .parallel import thread_map
+
+__all__ = ["background_map", "BACKGROUND_IGNORE_PLANES"]
+
+#: Planes whose pixels do not enter the background and noise estimate.
+BACKGROUND_IGNORE_PLANES = (
+    "BAD",
+    "SAT",
+    "NO_DATA",
+    "EDGE",
+    "CR",
+    "DETECTED",
+    "DETECTED_NEGATIVE",
+)
+#: Fewest valid pixels (fraction of a mesh cell) for a cell to count in the background.
+_MIN_CELL_FRACTION = 0.25
+#: Rows per block for frame-wide elementwise work: temporaries stay a few MB (reused
+#: by the allocator) instead of frame-sized arrays that each cost fresh page faults.
+_BLOCK_ROWS = 256
+
+
+def _row_blocks(ny: int):
+    """Row slices covering 0..ny in blocks of `_BLOCK_ROWS`."""
+    return [slice(y, min(y + _BLOCK_ROWS, ny)) for y in range(0, ny, _BLOCK_ROWS)]
+
+
+def _plane_hits(exposure: Exposure, names, rows: slice) -> np.ndarray:
+    """``exposure.masked(names)`` for a block of rows."""
+    bits = exposure.bitmask(names)
+    if not bits:
+        return np.zeros((rows.stop - rows.start, exposure.shape[1]), dtype=bool)
+    return (exposure.mask[rows] & bits) != 0
+
+
+# --------------------------------------------------------------------------------------
+# background and noise
+def _interp_matrix(n_out: int, first: float, step: float, n: int) -> np.ndarray:
+    """Linear interpolation weights (n_out, n) from nodes at first + k step to pixels
+    0..n_out-1; pixels beyond the outer nodes are extrapolated linearly (half a cell
+    at most), so gradients stay straight up to the edge."""
+    if n == 1:
+        return np.ones((n_out, 1))
+    t = (np.arange(n_out, dtype=np.float64) - first) / step
+    lo = np.clip(np.floor(t).astype(int), 0, n - 2)
+    frac = t - lo
+    weights = np.zeros((n_out, n))
+    weights[np.arange(n_out), lo] = 1.0 - frac
+    weights[np.arange(n_out), lo + 1] += frac
+    return weights
+
+
+def _despike(mesh: np.ndarray, floor: float) -> np.ndarray:
+    """Replace cells that stand out from their 3x3 median (bright halos) by that median.
+
+    Only departures above ``floor`` count, so a smooth gradient (whose corner
+    cells differ from their median by about one cell's change) is left alone.
+    """
+    size = (min(3, mesh.shape[0]), min(3, mesh.shape[1]))
+    if size == (1, 1):
+        return mesh
+    smooth = ndimage.median_filter(mesh, size=size, mode="nearest")
+    diff = mesh - smooth
+    scatter = 1.4826 * np.median(np.abs(diff))
+    outlier = np.abs(diff) > max(3.0 * scatter, floor)
+    return np.where(outlier, smooth, mesh)
+
+
+def _search_rows(sorted_rows: np.ndarray, n: np.ndarray, value: np.ndarray, right: bool):
+    """Per-row `numpy.searchsorted` on rows sorted ascending with NaNs last (``n`` finite
+    values each): a vectorised binary search over all rows at once."""
+    rows = np.arange(sorted_rows.shape[0])
+    lo = np.zeros(rows.size, dtype=np.int64)
+    hi = n.astype(np.int64)
+    last = sorted_rows.shape[1] - 1
+    while True:
+        active = lo < hi
+        if not active.any():
+            return lo
+        mid = (lo + hi) // 2
+        probe = sorted_rows[rows, np.minimum(mid, last)]
+        with np.errstate(invalid="ignore"):
+            before = (probe <= value) if right else (probe < value)
+        before &= active
+        lo = np.where(before, mid + 1, lo)
+        hi = np.where(active & ~before, mid, hi)
+
+
+def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
+    """Clipped median and std of each row of ``s`` (sorted, NaNs last).
+
+    Reproduces `astropy.stats.sigma_clipped_stats` (median centre, population
+    std, clipping cumulative, final bounds applied to all values): on sorted rows
+    every clipped set is an index range, so each pass is a binary search and the
+    sums come from prefix sums instead of a new selection per pass.
+    """
+    k, length = s.shape
+    rows = np.arange(k)
+    finite = np.isfinite(s)
+    n = finite.sum(axis=1)
+    # sums about a value near the median keep E[d^2] - E[d]^2 accurate; one trailing
+    # zero lets every range end (up to k * length) be a valid reduceat index
+    ref = np.where(n > 0, s[rows, np.minimum(n // 2, length - 1)], 0.0)
+    d = np.zeros(k * length + 1)
+    d[:-1] = (s - ref[:, None].astype(np.float64)).ravel()
+    if not finite.all():
+        d[:-1][~finite.ravel()] = 0.0
+    d2 = d * d
+    base = rows * length
+
+    def range_sum(values, a, b):
+        # sums over [a, b) of every row at once; empty ranges are blanked by the caller
+        bounds = np.empty(2 * k, dtype=np.int64)
+        bounds[0::2] = base + np.minimum(a, length - 1)
+        bounds[1::2] = base + np.maximum(b, a + 1)
+        return np.add.reduceat(values, bounds)[0::2]
+
+    def stats(a, b):
+        count = b - a
+        safe = np.maximum(count, 1)
+        mid = a + count // 2
+        upper = s[rows, np.clip(mid, 0, length - 1)].astype(np.float64)
+        lower = s[rows, np.clip(mid - 1, 0, length - 1)].astype(np.float64)
+        median = np.where(count % 2 == 1, upper, 0.5 * (upper + lower))
+        mean = range_sum(d, a, b) / safe
+        var = range_sum(d2, a, b) / safe - mean * mean
+        empty = count == 0
+        median[empty] = np.nan
+        std = np.sqrt(np.maximum(var, 0.0))
+        std[empty] = np.nan
+        return median, std
+
+    a = np.zeros(k, dtype=np.int64)
+    b = n.astype(np.int64)
+    done = n == 0
+    lower = np.full(k, np.nan)
+    upper = np.full(k, np.nan)
+    for _ in range(maxiters):
+        median, std = stats(a, b)
+        lower = np.where(done, lower, median - sigma * std)
+        upper = np.where(done, upper, median + sigma * std)
+        new_a = np.maximum(a, _search_rows(s, n, lower, right=False))
+        new_b = np.minimum(b, _search_rows(s, n, upper, right=True))
+        count = np.maximum(new_b - new_a, 0)
+        stop = (count == b - a) | (count == 0)
+        update = ~done & ~stop
+        a = np.where(update, new_a, a)
+        b = np.where(update, new_b, b)
+        done |= stop
+        if done.all():
+            break
+    # the final bounds select from all values, as astropy's final mask does
+    a = _search_rows(s, n, lower, right=False)
+    b = np.maximum(_search_rows(s, n, upper, right=True), a)
+    return (*stats(a, b), n)
+
+
+def _cell_stats(cells: np.ndarray, sigma: float = 3.0, maxiters: int = 5, chunk: int = 512):
+    """3-sigma clipped median, std and number of finite values of each cell.
+
+    ``cells`` is (m, n) rows or an (nby, nbx, h, w) block view of an image (NaN =
+    no data). Cells are copied, sorted and reduced a chunk at a time, so the
+    sorted copy and the sums stay small.
+    """
+    if cells.ndim == 4:
+        step = max(1, chunk // max(cells.shape[1], 1))
+        size = cells.shape[2] * cells.shape[3]
+        parts = [cells[i : i + step].reshape(-1, size) for i in range(0, cells.shape[0], step)]
+    else:
+        parts = [cells[i : i + chunk] for i in range(0, cells.shape[0], chunk)]
+    if not parts:
+        return np.zeros(0), np.zeros(0), np.zeros(0, dtype=int)
+
+    def reduce(part: np.ndarray):
+        return _clipped_stats_sorted(np.sort(part, axis=1), sigma, maxiters)
+
+    # sorting and the clipping passes release the GIL: chunks run on all cores
+    median, std, count = zip(*thread_map(reduce, parts), strict=True)
+    return np.concatenate(median), np.concatenate(std), np.concatenate(count)
+
+
+class _BackgroundMesh:
+    """Mesh background and noise of `background_map`, interpolated to pixels on demand
+    (whole frame, or a block of rows so that no frame-sized map need exist)."""
+
+    def __init__(self, median: np.ndarray, std: np.ndarray, wy: np.ndarray, wx: np.ndarray):
+        self.median = median
+        self.std = std
+        self.wy = wy
+        self.wx_t = wx.T.astype(np.float32)
+
+    @classmethod
+    def constant(cls, ny: int, nx: int, level: float, noise: float) -> _BackgroundMesh:
+        return cls(np.array([[level]]), np.array([[noise]]), np.ones((ny, 1)), np.ones((nx, 1)))
+
+    def _rows(self, mesh: np.ndarray, rows: slice) -> np.ndarray:
+        # (rows, nby) @ (nby, nbx) @ (nbx, nx): along y first, then along x
+        return (self.wy[rows] @ mesh).astype(np.float32) @ self.wx_t
+
+    def background(self, rows: slice = slice(None)) -> np.ndarray:
+        return self._rows(self.median, rows)
+
+    def noise(self, rows: slice = slice(None)) -> np.ndarray:
+        return self._rows(self.std, rows)
+
+
+def background_map(
+    exposure: Exposure,
+    mesh: int = 64,
+    ignore_planes=BACKGROUND_IGNORE_PLANES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth background and noise maps from a mesh of sigma-clipped statistics.
+
+    Each ``mesh`` x ``mesh`` cell gets the 3-sigma clipped median and standard
+    deviation of its valid pixels (finite and not in ``ignore_planes``); cells
+    with under a quarter valid pixels take their nearest valid neighbour; cells
+    far (3 sigma) from their 3x3 median are replaced by it; the mesh is then
+    linearly interpolated to every pixel.
+
+    Parameters
+    ----------
+    exposure : `Exposure`
+    mesh : int
+        Cell size in pixels.
+    ignore_planes : sequence of str
+        Mask planes excluded from the statistics.
+
+    Returns
+    -------
+    background, noise : `numpy.ndarray` (ny, nx), float32
+    """
+    estimate = _background_mesh(exposure, mesh, ignore_planes)
+    return estimate.background(), estimate.noise()
+
+
+def _background_mesh(exposure: Exposure, mesh: int, ignore_planes) -> _BackgroundMesh:
+    image = np.asarray(exposure.image, dtype=np.float32)
+    ny, nx = image.shape
+    valid = np.empty((ny, nx), dtype=bool)
+    for rows in _row_blocks(ny):
+        np.logical_and(
+            np.isfinite(image[rows]), ~_plane_hits(exposure, ignore_planes, rows), out=valid[rows]
+        )
+    mesh = int(max(4, min(mesh, ny, nx)))
+    nby, nbx = -(-ny // mesh), -(-nx // mesh)
+    if ny == nby * mesh and nx == nbx * mesh and valid.all():
+        padded = image
+    else:
+        padded = np.full((nby * mesh, nbx * mesh), np.nan, dtype=np.float32)
+        padded[:ny, :nx] = np.where(valid, image, np.float32(np.nan))
+    cells = padded.reshape(nby, mesh, nbx, mesh).transpose(0, 2, 1, 3)
+    median, std, counts = (v.reshape(nby, nbx) for v in _cell_stats(cells))
+    good = (counts >= _MIN_CELL_FRACTION * mesh * mesh) & np.isfinite(median) & np.isfinite(std)
+    if not good.any():
+        # nothing usable cell by cell: one global estimate
+        finite = image[valid] if valid.any() else image[np.isfinite(image)]
+        if finite.size == 0:
+            return _BackgroundMesh.constant(ny, nx, 0.0, 1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            _, med, sd = sigma_clipped_stats(finite, sigma=3.0, maxiters=5)
+        return _BackgroundMesh.constant(ny, nx, float(med), float(sd) if sd > 0 else 1.0)
+    if not good.all():
+        _, (iy, ix) = ndimage.distance_transform_edt(~good, return_indices=True)
+        median, std = median[iy, ix], std[iy, ix]
+    typical_noise = float(np.median(std))
+    median = _despike(median, 2.0 * typical_noise)
+    std = _despike(std, 0.5 * typical_noise)
+    wy = _interp_matrix(ny, (mesh - 1) / 2.0, mesh, nby)
+    wx = _interp_matrix(nx, (mesh - 1) / 2.0, mesh, nbx)
+    return _BackgroundMesh(median, std, wy, wx)

@@ -1,0 +1,494 @@
+"""Detection of sources: matched-filter S/N, thresholded 8-connected footprints,
+grown by the PSF, split into peaks, measured (`core.measure`) and flagged.
+
+Why not a library: ``sep.extract`` with the same semantics (matched filter with
+the PSF, S/N threshold against the variance plane, deblending) was measured 2-3x
+slower than this module on 4096 x 4096 frames (issue 11); photutils'
+``detect_sources``/``deblend_sources`` label with `scipy.ndimage` as this module
+does but deblend footprint by footprint in Python (far slower on tens of thousands
+of sources). Labelling, distance transforms and filters are `scipy.ndimage`'s.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from astropy.table import Table
+from scipy import ndimage
+
+from .background import BACKGROUND_IGNORE_PLANES, _background_mesh, _row_blocks
+from .config import DetectionConfig
+from .exposure import Exposure
+from .measure import (
+    _DEFAULT_SMOOTH_SIGMA,
+    MASKED_FLAG_PLANES,
+    _Filtered,
+    _measure,
+    _negative_side_sigma,
+    _psf_sigma,
+    _resolve_psf,
+)
+from .psf import GaussianPsf, Psf, stellar_locus
+
+__all__ = ["detect_sources"]
+
+#: A secondary peak in a footprint counts as a source when it rises this many noise
+#: sigmas (smoothed S/N units) above the saddle towards a brighter peak.
+_PEAK_PROMINENCE = 3.0
+
+
+# --------------------------------------------------------------------------------------
+# detection
+def _footprints(
+    snr: np.ndarray,
+    threshold: float,
+    min_pixels: int,
+    negative: bool = False,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
+    """Labels of 8-connected pieces with ``snr >= threshold`` (``<= -threshold`` when
+    ``negative``) of at least ``min_pixels`` pixels, numbered in raster order; written
+    into ``out`` (int32, reused between passes) when given."""
+    above = snr <= -threshold if negative else snr >= threshold
+    if not above.any():
+        # nothing to label (often the negative side): skip the full-frame scan
+        if out is None:
+            return np.zeros(snr.shape, dtype=np.int32), 0
+        out.fill(0)
+        return out, 0
+    structure = np.ones((3, 3), dtype=bool)
+    if out is None:
+        labels, n = ndimage.label(above, structure=structure)
+    else:
+        labels, n = out, ndimage.label(above, structure=structure, output=out)
+    if n == 0:
+        return labels, 0
+    # count and relabel only the (few) pixels above threshold, not the whole frame
+    flat = labels.ravel()
+    where = np.flatnonzero(above)
+    values = flat[where]
+    keep = np.bincount(values, minlength=n + 1) >= min_pixels
+    keep[0] = False
+    n_keep = int(keep.sum())
+    if n_keep < n:
+        relabel = np.zeros(n + 1, dtype=labels.dtype)
+        relabel[keep] = np.arange(1, n_keep + 1, dtype=labels.dtype)
+        flat[where] = relabel[values]
+    return labels, n_keep
+
+
+def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within Euclidean distance ``radius`` of a True pixel of ``mask``.
+
+    Equal to ``distance_transform_edt(~mask) <= radius`` but built from shifted ORs:
+    rows of the disc are horizontal dilations of increasing half-width, each made
+    from the previous one and OR-ed in at the vertical offsets that use it.
+    """
+    if radius <= 0:
+        return mask.copy()
+    ny = mask.shape[0]
+    widths = [int(math.isqrt(radius * radius - dy * dy)) for dy in range(radius + 1)]
+    out = np.zeros(mask.shape, dtype=bool)
+    current = mask
+    spare = np.empty_like(mask)
+    wider = np.empty_like(mask)
+    for w in range(widths[0] + 1):
+        if w:
+            np.copyto(wider, current)
+            wider[:, 1:] |= current[:, :-1]
+            wider[:, :-1] |= current[:, 1:]
+            current, wider = wider, (spare if current is mask else current)
+        for dy in range(radius + 1):
+            if widths[dy] != w:
+                continue
+            if dy == 0:
+                out |= current
+            elif dy < ny:
+                out[dy:] |= current[:-dy]
+                out[:-dy] |= current[dy:]
+    return out
+
+
+def _grow(labels: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Grow labelled footprints by ``radius`` pixels (nearest label wins contested pixels).
+
+    The grown area is a disc dilation of all footprints; its connected pieces
+    that hold a single footprint take that label outright, and only pieces
+    shared by several footprints need a nearest-pixel (distance) transform, on
+    their own bounding box. A footprint pixel from another piece lies farther
+    than ``radius`` from every pixel of this one, so the result equals a
+    whole-frame nearest-label transform (up to ties between equidistant pixels).
+    ``out`` (int32, not ``labels``) receives the result when given.
+    """
+    if radius <= 0 or labels.max() == 0:
+        return labels
+    seeds = labels > 0
+    reach = _disc_dilate(seeds, radius)
+    structure = np.ones((3, 3), dtype=bool)
+    if out is None:
+        pieces, n_pieces = ndimage.label(reach, structure=structure)
+    else:
+        pieces, n_pieces = out, ndimage.label(reach, structure=structure, output=out)
+    where = np.flatnonzero(seeds)
+    seed_labels = labels.ravel()[where]
+    seed_pieces = pieces.ravel()[where]
+    lowest = np.full(n_pieces + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    highest = np.zeros(n_pieces + 1, dtype=np.int64)
+    np.minimum.at(lowest, seed_pieces, seed_labels)
+    np.maximum.at(highest, seed_pieces, seed_labels)
+    single = lowest == highest
+    lookup = np.where(single, highest, 0).astype(labels.dtype)
+    lookup[0] = 0
+    del reach, seeds
+    shared = np.flatnonzero(~single[1:]) + 1
+    # a piece is its seeds dilated by the disc: its box is theirs grown by the radius
+    ny, nx = labels.shape
+    in_shared = ~single[seed_pieces]
+    seed_rows, seed_cols = np.divmod(where[in_shared], nx)
+    box_lo = np.full((n_pieces + 1, 2), np.iinfo(np.int64).max, dtype=np.int64)
+    box_hi = np.full((n_pieces + 1, 2), -1, dtype=np.int64)
+    np.minimum.at(box_lo, seed_pieces[in_shared], np.column_stack([seed_rows, seed_cols]))
+    np.maximum.at(box_hi, seed_pieces[in_shared], np.column_stack([seed_rows, seed_cols]))
+    boxes = {
+        piece: (
+            slice(max(box_lo[piece, 0] - radius, 0), min(box_hi[piece, 0] + radius + 1, ny)),
+            slice(max(box_lo[piece, 1] - radius, 0), min(box_hi[piece, 1] + radius + 1, nx)),
+        )
+        for piece in shared
+    }
+    insides = [pieces[boxes[piece]] == piece for piece in shared]
+    # the piece image becomes the grown label image, a block at a time
+    grown = pieces
+    for rows in _row_blocks(grown.shape[0]):
+        grown[rows] = lookup[grown[rows]]
+    if shared.size:
+        for piece, inside in zip(shared, insides, strict=True):
+            box = boxes[piece]
+            window = labels[box]
+            _, (iy, ix) = ndimage.distance_transform_edt(
+                ~((window > 0) & inside), return_indices=True
+            )
+            grown[box][inside] = window[iy, ix][inside]
+    return grown
+
+
+def detect_sources(
+    exposure: Exposure,
+    config: DetectionConfig | None = None,
+    psf: Psf | None = None,
+    set_mask: bool = True,
+    grow_sigma: float = 2.4,
+) -> Table:
+    """Detect sources above a threshold in units of the local noise.
+
+    The background and its noise come from `background_map`. With a PSF (given,
+    or the exposure's) and ``config.smooth_with_psf`` the background-subtracted
+    image is correlated with the PSF (matched filter) and divided by the square
+    root of the equally filtered variance plane, giving an S/N image whose
+    empty-sky scatter is renormalised to 1 (robust lower-half estimate). Without
+    a PSF a Gaussian of sigma 2 px is used, then the sources' median adaptive
+    size defines a Gaussian PSF for a second pass. Connected pixels (8-way) at or
+    above ``threshold`` with at least ``min_pixels`` form footprints, which are
+    then grown by ``grow_sigma`` PSF sigmas (as Rubin's detection does); the
+    same is done on the negated S/N image for negative sources.
+
+    Parameters
+    ----------
+    exposure : `Exposure`
+        Searched; its DETECTED and DETECTED_NEGATIVE planes are replaced when
+        ``set_mask`` (the only change made to it).
+    config : `DetectionConfig` or None
+        Threshold, minimum footprint size, background mesh, smoothing switch.
+    psf : `Psf` or None
+        Overrides the exposure's PSF for the matched filter and photometry.
+    set_mask : bool
+        Write the grown footprints into the DETECTED / DETECTED_NEGATIVE planes.
+    grow_sigma : float
+        Footprint growth in PSF sigmas.
+
+    Returns
+    -------
+    `astropy.table.Table`
+        One row per positive footprint: ``id``, ``label`` (value in the
+        segmentation image), ``x``, ``y`` (parent coordinates, weighted
+        centroid), ``flux``, ``flux_err`` (PSF flux and its error, counts),
+        ``snr``, ``peak`` (background-subtracted, counts), ``peak_snr``,
+        ``npix``, ``bbox_x0``, ``bbox_y0``, ``bbox_x1``, ``bbox_y1`` (inclusive
+        parent box of the footprint), ``n_peaks``, ``ixx``, ``iyy``, ``ixy``
+        (adaptive moments, px^2), ``size`` (trace radius, px), ``roundness``
+        (minor/major axis ratio), ``flag_saturated``, ``flag_edge``,
+        ``flag_masked``, ``flag_blended``. ``meta`` holds ``segmentation``
+        (int32 label image of grown positive footprints, array indices),
+        ``segmentation_negative``, ``n_negative``, ``threshold``,
+        ``noise_factor``, ``psf_sigma`` and ``xy0``.
+    """
+    config = config or DetectionConfig()
+    given = _resolve_psf(exposure, psf)
+    estimate = _background_mesh(exposure, config.background_mesh, BACKGROUND_IGNORE_PLANES)
+    if given is not None and config.smooth_with_psf:
+        table = _detect_pass(exposure, config, given, estimate, grow_sigma, set_mask)
+    else:
+        first = GaussianPsf(_DEFAULT_SMOOTH_SIGMA)
+        table = _detect_pass(exposure, config, first, estimate, grow_sigma, False)
+        sizes = _clean_sizes(table)
+        sigma = stellar_locus(sizes) if sizes.size >= 3 else _DEFAULT_SMOOTH_SIGMA
+        if not config.smooth_with_psf:
+            sigma = max(0.5, min(sigma, 20.0))
+        if abs(sigma / _DEFAULT_SMOOTH_SIGMA - 1) > 0.15 or set_mask:
+            model = GaussianPsf(max(0.5, min(sigma, 20.0)))
+            table = _detect_pass(exposure, config, model, estimate, grow_sigma, set_mask)
+        if given is not None:
+            table.meta["psf_sigma"] = _psf_sigma(given)
+    return table
+
+
+def _clean_sizes(table: Table) -> np.ndarray:
+    ok = (
+        (table["snr"] > 20)
+        & ~table["flag_saturated"]
+        & ~table["flag_masked"]
+        & ~table["flag_edge"]
+        & ~table["flag_blended"]
+        & np.isfinite(table["size"])
+        & (table["size"] > 0.6)
+    )
+    return np.asarray(table["size"][ok])
+
+
+def _local_maxima(snr: np.ndarray, pixels: np.ndarray, half: int):
+    """(rows, cols) of the flat indices ``pixels`` whose value is the maximum of the
+    (2 half + 1)^2 box around them (clipped to the frame), in ``pixels`` order.
+
+    Same as comparing with ``ndimage.maximum_filter`` (whose reflected border
+    repeats in-frame values) but only at the given pixels; the nearest ring is
+    tested first, so most pixels drop out after eight comparisons.
+    """
+    ny, nx = snr.shape
+    rows, cols = np.divmod(pixels, nx)
+    value = snr.ravel()[pixels]
+    keep = np.arange(pixels.size)
+    offsets = [(dy, dx) for dy in range(-half, half + 1) for dx in range(-half, half + 1)]
+    offsets.sort(key=lambda o: max(abs(o[0]), abs(o[1])))
+    for dy, dx in offsets[1:]:
+        r = np.clip(rows[keep] + dy, 0, ny - 1)
+        c = np.clip(cols[keep] + dx, 0, nx - 1)
+        keep = keep[value[keep] >= snr[r, c]]
+        if keep.size == 0:
+            break
+    return rows[keep], cols[keep]
+
+
+def _find_peaks(snr: np.ndarray, labels: np.ndarray, n: int, sigma: float, prominence: float):
+    """Peaks (row, col, label) of each footprint: its maximum, plus other local maxima
+    that rise ``prominence`` above the lowest S/N on the line to a brighter peak."""
+    pixels = np.flatnonzero(labels)
+    pixel_labels = labels.ravel()[pixels]
+    values = snr.ravel()[pixels]
+    # brightest pixel of each footprint (the first in raster order on ties)
+    best = np.full(n + 1, -np.inf, dtype=values.dtype)
+    np.maximum.at(best, pixel_labels, values)
+    top = np.flatnonzero(values == best[pixel_labels])
+    _, first = np.unique(pixel_labels[top], return_index=True)
+    main_flat = pixels[top[first]]
+    main = np.column_stack(np.divmod(main_flat, labels.shape[1])).astype(int)
+    size = max(3, 2 * int(round(sigma)) + 1)
+    rows, cols = _local_maxima(snr, pixels, size // 2)
+    secondary = ~np.isin(rows * labels.shape[1] + cols, main_flat)
+    rows, cols = rows[secondary], cols[secondary]
+    plabel = labels[rows, cols]
+    # peaks of footprints with candidate secondaries (brightest first), main peak first
+    peaks: dict[int, list[tuple[int, int]]] = {}
+    order = np.argsort(-snr[rows, cols])
+    for k in order:
+        r, c, lab = int(rows[k]), int(cols[k]), int(plabel[k])
+        known = peaks.setdefault(lab, [(int(main[lab - 1, 0]), int(main[lab - 1, 1]))])
+        brighter = np.array(known, dtype=float)
+        dist = np.hypot(brighter[:, 0] - r, brighter[:, 1] - c)
+        near = brighter[int(np.argmin(dist))]
+        steps = max(2, int(math.ceil(dist.min() * 2)))
+        t = np.linspace(0.0, 1.0, steps + 1)
+        line = ndimage.map_coordinates(
+            snr, [r + t * (near[0] - r), c + t * (near[1] - c)], order=1, mode="nearest"
+        )
+        if snr[r, c] - line.min() >= prominence:
+            known.append((r, c))
+    extra = [(r, c, lab, k) for lab, found in peaks.items() for k, (r, c) in enumerate(found) if k]
+    out = np.column_stack([main, np.arange(1, n + 1), np.zeros(n, dtype=int)])
+    if extra:
+        out = np.concatenate([out, np.array(extra, dtype=int)])
+    # by footprint, main peak then secondaries in the order they were accepted
+    out = out[np.lexsort((out[:, 3], out[:, 2]))]
+    return out[:, :3]
+
+
+def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table:
+    filtered = _Filtered(exposure, psf, estimate)
+    sigma = _psf_sigma(psf)
+    grow = int(round(grow_sigma * sigma))
+    labels, n = _footprints(filtered.snr, config.threshold, config.min_pixels)
+    neg_labels, n_neg = _footprints(filtered.snr, config.threshold, config.min_pixels, True)
+    # re-measure the S/N scatter on sky outside every footprint (sources and faint
+    # wings inflate the first estimate), then detect again
+    footprints = np.empty(labels.shape, dtype=bool)
+    for rows in _row_blocks(labels.shape[0]):
+        np.logical_or(labels[rows] > 0, neg_labels[rows] > 0, out=footprints[rows])
+    sky = _disc_dilate(footprints, grow) if grow > 0 else footprints
+    np.logical_not(sky, out=sky)
+    for rows in _row_blocks(sky.shape[0]):
+        sky[rows] &= ~filtered.no_data[rows]
+    if np.count_nonzero(sky) > 1000:
+        factor = _negative_side_sigma(filtered.snr, sky)
+        filtered.snr /= factor
+        filtered.noise_factor *= factor
+        del footprints, sky
+        thr, least = config.threshold, config.min_pixels
+        labels, n = _footprints(filtered.snr, thr, least, out=labels)
+        neg_labels, n_neg = _footprints(filtered.snr, thr, least, True, out=neg_labels)
+    # grow positive and negative footprints together (one transform; nearest wins);
+    # the label buffers are reused for the grown images
+    if n_neg:
+        both = np.where(neg_labels > 0, neg_labels + n, labels)
+        result = _grow(both, grow, out=neg_labels)
+        grown, grown_neg = both, neg_labels
+        for rows in _row_blocks(result.shape[0]):
+            block = result[rows]
+            positive = np.where(block <= n, block, 0)
+            negative = np.where(block > n, block - n, 0)
+            grown[rows] = positive
+            grown_neg[rows] = negative
+    else:
+        grown = _grow(labels, grow, out=neg_labels)
+        grown_neg = np.zeros(grown.shape, dtype=grown.dtype)  # calloc: no pages touched
+    if set_mask:
+        exposure.clear_plane("DETECTED")
+        exposure.clear_plane("DETECTED_NEGATIVE")
+        exposure.set_plane("DETECTED", grown > 0)
+        if n_neg:
+            exposure.set_plane("DETECTED_NEGATIVE", grown_neg > 0)
+        else:
+            exposure.mask_planes.bit("DETECTED_NEGATIVE")  # the plane exists, empty
+    x0, y0 = exposure.xy0
+    table = _empty_detection_table()
+    table.meta.update(
+        {
+            "segmentation": grown.astype(np.int32, copy=False),
+            "segmentation_negative": grown_neg.astype(np.int32, copy=False),
+            "n_footprints": n,
+            "n_negative": n_neg,
+            "threshold": float(config.threshold),
+            "noise_factor": float(filtered.noise_factor),
+            "psf_sigma": float(sigma),
+            "xy0": (x0, y0),
+        }
+    )
+    if n == 0:
+        return table
+    peaks = _find_peaks(filtered.snr, labels, n, sigma, _PEAK_PROMINENCE)
+    prow, pcol, plabel = peaks[:, 0], peaks[:, 1], peaks[:, 2]
+    measured = _measure(filtered, exposure, pcol.astype(float), prow.astype(float), True)
+    n_peaks = np.bincount(plabel, minlength=n + 1)[plabel]
+    # per-footprint sums over the grown footprints' pixels only
+    inside = np.flatnonzero(grown)
+    inside_label = grown.ravel()[inside]
+    inside_mask = exposure.mask.ravel()[inside]
+    npix = np.bincount(inside_label, minlength=n + 1)[plabel]
+    inside_row, inside_col = np.divmod(inside, grown.shape[1])
+    boxes = np.empty((n + 1, 4), dtype=np.int64)
+    boxes[:, :2] = np.iinfo(np.int64).max
+    boxes[:, 2:] = -1
+    np.minimum.at(boxes[:, 0], inside_label, inside_col)
+    np.minimum.at(boxes[:, 1], inside_label, inside_row)
+    np.maximum.at(boxes[:, 2], inside_label, inside_col)
+    np.maximum.at(boxes[:, 3], inside_label, inside_row)
+    bbox = boxes[plabel]
+
+    def any_in(planes) -> np.ndarray:
+        bits = exposure.bitmask(planes)
+        hit = (inside_mask & bits) != 0 if bits else np.zeros(inside.size, dtype=bool)
+        return (np.bincount(inside_label[hit], minlength=n + 1) > 0)[plabel]
+
+    saturated = any_in(["SAT"])
+    saturate_level = exposure.metadata.get("SATURATE")
+    if isinstance(saturate_level, int | float) and saturate_level > 0:
+        values = exposure.image.ravel()[inside]
+        above = np.isfinite(values) & (values >= saturate_level)
+        saturated |= (np.bincount(inside_label[above], minlength=n + 1) > 0)[plabel]
+    ny, nx = exposure.shape
+    half = measured["half"]
+    edge = (
+        any_in(["EDGE"])
+        | (bbox[:, 0] == 0)
+        | (bbox[:, 1] == 0)
+        | (bbox[:, 2] == nx - 1)
+        | (bbox[:, 3] == ny - 1)
+        | (measured["col"] < half)
+        | (measured["row"] < half)
+        | (measured["col"] > nx - 1 - half)
+        | (measured["row"] > ny - 1 - half)
+    )
+    columns = {
+        "id": np.arange(len(peaks)),
+        "label": plabel.astype(np.int32),
+        "x": measured["col"] + x0,
+        "y": measured["row"] + y0,
+        "flux": measured["flux"],
+        "flux_err": measured["flux_err"],
+        "snr": measured["snr"],
+        "snr_pixel": measured["snr_pixel"],
+        "peak": measured["peak"],
+        "peak_snr": filtered.snr[prow, pcol],
+        "npix": npix,
+        "bbox_x0": bbox[:, 0] + x0,
+        "bbox_y0": bbox[:, 1] + y0,
+        "bbox_x1": bbox[:, 2] + x0,
+        "bbox_y1": bbox[:, 3] + y0,
+        "n_peaks": n_peaks,
+        "ixx": measured["ixx"],
+        "iyy": measured["iyy"],
+        "ixy": measured["ixy"],
+        "size": measured["size"],
+        "roundness": measured["roundness"],
+        "flag_saturated": saturated,
+        "flag_edge": edge,
+        "flag_masked": any_in(MASKED_FLAG_PLANES),
+        "flag_blended": n_peaks > 1,
+    }
+    # copy=False: the meta's segmentation images are fresh, no need to deep-copy them
+    return Table(columns, meta=table.meta, copy=False)
+
+
+_DETECTION_COLUMNS = {
+    "id": int,
+    "label": np.int32,
+    "x": float,
+    "y": float,
+    "flux": float,
+    "flux_err": float,
+    "snr": float,
+    "snr_pixel": float,
+    "peak": float,
+    "peak_snr": float,
+    "npix": int,
+    "bbox_x0": int,
+    "bbox_y0": int,
+    "bbox_x1": int,
+    "bbox_y1": int,
+    "n_peaks": int,
+    "ixx": float,
+    "iyy": float,
+    "ixy": float,
+    "size": float,
+    "roundness": float,
+    "flag_saturated": bool,
+    "flag_edge": bool,
+    "flag_masked": bool,
+    "flag_blended": bool,
+}
+
+
+def _empty_detection_table() -> Table:
+    return Table(
+        [np.zeros(0, dtype=t) for t in _DETECTION_COLUMNS.values()],
+        names=list(_DETECTION_COLUMNS),
+    )

@@ -1,0 +1,452 @@
+"""Measurement of sources on a matched-filtered exposure: centroids, adaptive moments,
+PSF fluxes and their S/N, vectorised over sources; `measure_sources` at given positions.
+
+`_Filtered` (background-subtracted image, its PSF-correlated S/N and variance) is
+shared with detection (`core.detection`), which measures the peaks it finds here.
+
+Why not a library: photutils' ``SourceCatalog`` measures one segment at a time in
+Python and has no PSF-weighted flux with a matched-filter error; sep's windowed
+positions are close, but its fluxes are apertures. The stamps here are gathered
+once and every iteration runs on all sources at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from astropy.table import Table
+from scipy import ndimage
+
+from .background import (
+    BACKGROUND_IGNORE_PLANES,
+    _background_mesh,
+    _BackgroundMesh,
+    _plane_hits,
+    _row_blocks,
+)
+from .convolve import correlate_image
+from .exposure import Exposure
+from .psf import GaussianPsf, Psf
+
+__all__ = ["measure_sources", "MASKED_FLAG_PLANES"]
+
+#: Planes that set ``flag_masked`` when present in a source's footprint.
+MASKED_FLAG_PLANES = ("BAD", "NO_DATA", "SAT", "CR")
+#: Smoothing Gaussian sigma (pixels) for a first detection pass when no PSF is known.
+_DEFAULT_SMOOTH_SIGMA = 1.0
+
+
+def _negative_side_sigma(values: np.ndarray, use: np.ndarray | None = None) -> float:
+    """Noise from the lower half of a distribution (sources only add a positive tail).
+
+    ``use`` optionally selects the entries of ``values`` to look at (boolean, same
+    shape). Of the selected finite values at most about a million, evenly strided
+    (every k-th in raster order), enter the estimate; they are gathered block by
+    block so no frame-sized copy is made.
+    """
+    values = np.atleast_2d(values)
+    if use is not None:
+        use = np.atleast_2d(use)
+    blocks = _row_blocks(values.shape[0])
+
+    def selected(rows: slice) -> np.ndarray:
+        keep = np.isfinite(values[rows])
+        if use is not None:
+            keep &= use[rows]
+        return keep
+
+    counts = [int(np.count_nonzero(selected(rows))) for rows in blocks]
+    total = sum(counts)
+    if total < 10:
+        return 1.0
+    step = total // 1_000_000 + 1 if total > 1_000_000 else 1
+    pieces: list[np.ndarray] = []
+    seen = 0
+    for rows, count in zip(blocks, counts, strict=True):
+        if count:
+            chosen = values[rows][selected(rows)]
+            # global ordinals seen .. seen + count - 1; keep multiples of step
+            pieces.append(chosen[(-seen) % step :: step])
+            seen += count
+    sample = np.concatenate(pieces)
+    median = np.median(sample)
+    sigma = median - np.percentile(sample, 15.865525393145708)
+    return float(sigma) if sigma > 0 else 1.0
+
+
+def _psf_sigma(psf: Psf) -> float:
+    try:
+        return float(psf.sigma())
+    except Exception:  # noqa: BLE001 - a broken PSF falls back to a generic width
+        return _DEFAULT_SMOOTH_SIGMA
+
+
+class _Filtered:
+    """Background-subtracted image, its matched-filtered S/N and the pieces to measure.
+
+    Maps are float32 (the inputs are): half the memory traffic of float64 on
+    full frames, with rounding far below the noise.
+    """
+
+    def __init__(self, exposure: Exposure, psf: Psf, estimate: _BackgroundMesh):
+        image = np.empty(exposure.shape, dtype=np.float32)
+        no_data = np.empty(image.shape, dtype=bool)
+        var_ok = np.empty(image.shape, dtype=bool)
+        variance = np.asarray(exposure.variance, dtype=np.float32)
+        for rows in _row_blocks(image.shape[0]):
+            np.subtract(exposure.image[rows], estimate.background(rows), out=image[rows])
+            hits = _plane_hits(exposure, ["NO_DATA"], rows)
+            np.logical_or(~np.isfinite(image[rows]), hits, out=no_data[rows])
+            var = variance[rows]
+            var_ok[rows] = np.isfinite(var) & (var > 0) & ~no_data[rows]
+        any_no_data = bool(no_data.any())
+        if any_no_data:
+            image[no_data] = 0.0
+        n_ok = np.count_nonzero(var_ok)
+        if n_ok < 0.5 * var_ok.size:
+            # unusable variance plane: the mesh noise is the local variance
+            variance = np.square(estimate.noise(), dtype=np.float32)
+            var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
+            n_ok = np.count_nonzero(var_ok)
+        all_ok = n_ok == var_ok.size
+        good = variance.ravel() if all_ok else variance[var_ok]
+        # a strided sample's median is plenty for a fill value
+        fill = float(np.median(good[:: good.size // 1_000_000 + 1])) if good.size else 1.0
+        if not all_ok:
+            variance = np.where(var_ok, variance, np.float32(fill))
+        del var_ok, good
+        self.image = image
+        self.variance = variance
+        self.no_data = no_data
+        self.psf = psf
+        kernel = psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64)
+        self.kernel = kernel
+        self.psf_sum_sq = float(np.sum(kernel**2))
+        # single precision: the matched filter feeds a threshold and fluxes quoted far
+        # above 1e-5; tiled and threaded like the kernel convolution
+        self.smoothed = correlate_image(image, kernel, single=True)
+        self.smoothed_var = correlate_image(variance, kernel**2, single=True)
+        np.maximum(self.smoothed_var, np.float32(1e-30 * fill), out=self.smoothed_var)
+        # in place: every frame-sized temporary costs page faults on first touch
+        snr = np.sqrt(self.smoothed_var)
+        np.divide(self.smoothed, snr, out=snr)
+        if any_no_data:
+            snr[no_data] = 0.0
+        # the variance plane may be off by a constant (correlated or mis-scaled noise):
+        # rescale the S/N so that its empty-sky scatter is 1
+        self.noise_factor = _negative_side_sigma(snr, ~no_data if any_no_data else None)
+        snr /= np.float32(self.noise_factor)
+        self.snr = snr
+
+
+# --------------------------------------------------------------------------------------
+# measurement helpers (vectorised over sources)
+def _stack(array: np.ndarray, cx: np.ndarray, cy: np.ndarray, half: int, fill=0.0) -> np.ndarray:
+    """Stamps (n, 2h+1, 2h+1) of ``array`` centred on integer array indices (cx, cy);
+    pixels off the array are ``fill``. Gathers only the stamps (no padded frame copy)."""
+    ny, nx = array.shape
+    offsets = np.arange(-half, half + 1)
+    rows = np.asarray(cy)[:, None] + offsets
+    cols = np.asarray(cx)[:, None] + offsets
+    stamps = array[np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]]
+    row_in = (rows >= 0) & (rows < ny)
+    col_in = (cols >= 0) & (cols < nx)
+    if not (row_in.all() and col_in.all()):
+        stamps[~(row_in[:, :, None] & col_in[:, None, :])] = fill
+    return stamps
+
+
+#: A source's iterative centroid is frozen once a step moves it by less than this (px).
+_CENTROID_CONVERGED = 1e-8
+#: A source's adaptive moments are frozen once a step changes them by less than this
+#: fraction of their trace (they then sit within a few 1e-6 of the fixed point).
+_MOMENTS_CONVERGED = 1e-6
+
+
+def _centroids(stamps: np.ndarray, sigma: float, iterations: int = 15):
+    """Gaussian-weighted centroid offsets (dx, dy) from the stamp centres.
+
+    The weight is separable, so each step is one small matrix product per stamp;
+    sources whose step falls below `_CENTROID_CONVERGED` px are frozen.
+    """
+    n, w, _ = stamps.shape
+    half = w // 2
+    grid = np.arange(w, dtype=np.float64) - half
+    dx = np.zeros(n)
+    dy = np.zeros(n)
+    inv = 1.0 / (2.0 * sigma * sigma)
+    active = np.arange(n)
+    for _ in range(iterations):
+        if active.size == 0:
+            break
+        sub = stamps[active]
+        wx = np.exp(-((grid[None, :] - dx[active, None]) ** 2) * inv)
+        wy = np.exp(-((grid[None, :] - dy[active, None]) ** 2) * inv)
+        # columns weighted by wx and by wx * x: (m, w, 2), summed over x
+        rows = np.matmul(sub, np.stack([wx, wx * grid], axis=2))
+        total = np.einsum("mj,mj->m", rows[:, :, 0], wy)
+        sum_x = np.einsum("mj,mj->m", rows[:, :, 1], wy)
+        sum_y = np.einsum("mj,mj->m", rows[:, :, 0], wy * grid)
+        ok = total > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            new_dx = np.where(ok, sum_x / total, dx[active])
+            new_dy = np.where(ok, sum_y / total, dy[active])
+        new_dx = np.clip(new_dx, -half / 2.0, half / 2.0)
+        new_dy = np.clip(new_dy, -half / 2.0, half / 2.0)
+        step = np.maximum(np.abs(new_dx - dx[active]), np.abs(new_dy - dy[active]))
+        dx[active] = new_dx
+        dy[active] = new_dy
+        active = active[~(step < _CENTROID_CONVERGED)]
+    return dx, dy
+
+
+def _moments(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, sigma: float, iterations=30):
+    """Adaptive second moments (ixx, iyy, ixy) of a stack of stamps about (dx, dy).
+
+    Sources whose moments change by less than `_MOMENTS_CONVERGED` of their
+    trace in a step are frozen (the iteration is a contraction near its fixed
+    point, so later steps would move them by about as little).
+    """
+    n, w, _ = stamps.shape
+    half = w // 2
+    grid = np.arange(w, dtype=np.float64) - half
+    xs = grid[None, :] - dx[:, None]  # (n, w): x of each column
+    ys = grid[None, :] - dy[:, None]  # (n, w): y of each row
+    cxx = np.full(n, sigma * sigma)
+    cyy = cxx.copy()
+    cxy = np.zeros(n)
+    total_all = np.full(n, np.nan)
+    limit = float(half * half)
+    active = np.arange(n)
+    for _ in range(iterations):
+        if active.size == 0:
+            break
+        axx, ayy, axy = cxx[active], cyy[active], cxy[active]
+        x, y = xs[active], ys[active]
+        det = axx * ayy - axy * axy
+        # weight exp(-(cyy x^2 - 2 cxy x y + cxx y^2) / (2 det)), split by term
+        ex = (ayy / (2.0 * det))[:, None] * (x * x)
+        ey = (axx / (2.0 * det))[:, None] * (y * y)
+        expo = (axy / det)[:, None, None] * (y[:, :, None] * x[:, None, :])
+        expo -= ey[:, :, None]
+        expo -= ex[:, None, :]
+        weighted = stamps[active] * np.exp(expo)
+        row_sum = weighted.sum(axis=2)  # (m, w) over x, per y
+        col_sum = weighted.sum(axis=1)  # (m, w) over y, per x
+        total = row_sum.sum(axis=1)
+        total = np.where(total > 0, total, np.nan)
+        mxx = np.einsum("mi,mi->m", col_sum, x * x) / total
+        myy = np.einsum("mj,mj->m", row_sum, y * y) / total
+        mxy = np.einsum("mj,mj->m", np.matmul(weighted, x[:, :, None])[:, :, 0], y) / total
+        # object moments C from measured = (C^-1 + W^-1)^-1
+        mdet = mxx * myy - mxy * mxy
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bxx, byy, bxy = myy / mdet - ayy / det, mxx / mdet - axx / det, -mxy / mdet + axy / det
+            bdet = bxx * byy - bxy * bxy
+            nxx, nyy, nxy = byy / bdet, bxx / bdet, -bxy / bdet
+        bad = ~(np.isfinite(nxx) & np.isfinite(nyy) & (nxx > 0) & (nyy > 0) & (bdet > 0))
+        nxx = np.where(bad, 2 * mxx, nxx)
+        nyy = np.where(bad, 2 * myy, nyy)
+        nxy = np.where(bad, 2 * mxy, nxy)
+        nxx = np.clip(np.nan_to_num(nxx, nan=limit), 0.05, limit)
+        nyy = np.clip(np.nan_to_num(nyy, nan=limit), 0.05, limit)
+        nxy = np.clip(np.nan_to_num(nxy), -0.95 * np.sqrt(nxx * nyy), 0.95 * np.sqrt(nxx * nyy))
+        step = np.maximum(np.maximum(np.abs(nxx - axx), np.abs(nyy - ayy)), np.abs(nxy - axy))
+        cxx[active], cyy[active], cxy[active] = nxx, nyy, nxy
+        total_all[active] = total
+        active = active[~(step < _MOMENTS_CONVERGED * (nxx + nyy))]
+    failed = ~np.isfinite(total_all) | (cxx >= limit) | (cyy >= limit)
+    cxx[failed] = cyy[failed] = cxy[failed] = np.nan
+    return cxx, cyy, cxy
+
+
+#: Margin (pixels) of the stamps that `_interp_at` spline-filters: the cubic B-spline
+#: prefilter is a recursive filter whose pole (sqrt(3) - 2) damps a stamp edge's
+#: influence by 0.27 per pixel, 2e-6 at this distance.
+_SPLINE_MARGIN = 10
+
+
+def _interp_at(array: np.ndarray, col: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """Cubic-spline value of a smooth map at fractional array positions.
+
+    Same as ``ndimage.map_coordinates(array, [row, col], order=3, mode="nearest")``
+    but the spline coefficients are computed on a stamp around each position
+    instead of over the whole frame (stamps beyond the frame repeat its edge).
+    """
+    col = np.asarray(col, dtype=np.float64)
+    row = np.asarray(row, dtype=np.float64)
+    if col.size == 0:
+        return np.zeros(0)
+    ny, nx = array.shape
+    col = np.clip(col, 0, nx - 1)
+    row = np.clip(row, 0, ny - 1)
+    ic = np.floor(col).astype(int)
+    ir = np.floor(row).astype(int)
+    h = _SPLINE_MARGIN
+    offsets = np.arange(-h, h + 2)
+    rows = np.clip(ir[:, None] + offsets, 0, ny - 1)
+    cols = np.clip(ic[:, None] + offsets, 0, nx - 1)
+    stamps = array[rows[:, :, None], cols[:, None, :]].astype(np.float64)
+    # the filter is separable: along y for every column, then along x only for the
+    # four rows whose coefficients the cubic B-spline at floor - 1 .. floor + 2 uses
+    coeffs = ndimage.spline_filter1d(stamps, 3, axis=1, mode="nearest")[:, h - 1 : h + 3]
+    coeffs = ndimage.spline_filter1d(coeffs, 3, axis=2, mode="nearest")
+    core = coeffs[:, :, h - 1 : h + 3]
+    wy = _bspline_weights(row - ir)
+    wx = _bspline_weights(col - ic)
+    return np.einsum("nji,nj,ni->n", core, wy, wx)
+
+
+def _bspline_weights(t: np.ndarray) -> np.ndarray:
+    """Cubic B-spline weights (n, 4) of nodes -1, 0, 1, 2 at fractional offsets t."""
+    t = t[:, None]
+    t2, t3 = t * t, t * t * t
+    return (
+        np.concatenate(
+            [(1.0 - t) ** 3, 4.0 - 6.0 * t2 + 3.0 * t3, 1.0 + 3.0 * (t + t2 - t3), t3],
+            axis=1,
+        )
+        / 6.0
+    )
+
+
+def _measure(
+    filtered: _Filtered,
+    exposure: Exposure,
+    col: np.ndarray,
+    row: np.ndarray,
+    recentroid: bool,
+) -> dict[str, np.ndarray]:
+    """Centroid, PSF flux, S/N, peak, adaptive size of sources near array positions."""
+    sigma = _psf_sigma(filtered.psf)
+    half = int(max(5, math.ceil(4.0 * sigma)))
+    ny, nx = filtered.image.shape
+    cx = np.clip(np.floor(col + 0.5).astype(int), 0, nx - 1)
+    cy = np.clip(np.floor(row + 0.5).astype(int), 0, ny - 1)
+    stamps = _stack(filtered.image, cx, cy, half)
+    if recentroid:
+        dx, dy = _centroids(stamps, sigma)
+        col, row = cx + dx, cy + dy
+    else:
+        dx, dy = col - cx, row - cy
+    ixx, iyy, ixy = _moments(stamps, dx, dy, sigma)
+    numerator = _interp_at(filtered.smoothed, col, row)
+    pixel_var = _interp_at(filtered.smoothed_var, col, row)
+    numerator_var = pixel_var * filtered.noise_factor**2
+    flux = numerator / filtered.psf_sum_sq
+    flux_err = np.sqrt(np.maximum(numerator_var, 0)) / filtered.psf_sum_sq
+    inner = max(1, int(round(sigma)))
+    core = stamps[:, half - inner : half + inner + 1, half - inner : half + inner + 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        size = np.sqrt(0.5 * (ixx + iyy))
+        tr = ixx + iyy
+        root = np.sqrt((ixx - iyy) ** 2 + 4 * ixy**2)
+        roundness = np.sqrt(np.clip((tr - root) / (tr + root), 0, 1))
+        snr = flux / flux_err
+        # against the variance plane alone: in a crowded field the sky's scatter (which
+        # detection must beat) is confusion, but the kernel fit only sees pixel noise
+        snr_pixel = numerator / np.sqrt(np.maximum(pixel_var, 0))
+    return {
+        "col": col,
+        "row": row,
+        "flux": flux,
+        "flux_err": flux_err,
+        "snr": snr,
+        "snr_pixel": snr_pixel,
+        "peak": core.max(axis=(1, 2)),
+        "ixx": ixx,
+        "iyy": iyy,
+        "ixy": ixy,
+        "size": size,
+        "roundness": roundness,
+        "half": np.full(col.shape, half),
+    }
+
+
+def _resolve_psf(exposure: Exposure, psf: Psf | None) -> Psf | None:
+    return psf if psf is not None else exposure.psf
+
+
+# --------------------------------------------------------------------------------------
+# measurement at given positions
+def measure_sources(
+    exposure: Exposure,
+    x,
+    y,
+    psf: Psf | None = None,
+    recentroid: bool = False,
+    background_mesh: int = 64,
+) -> Table:
+    """Measure flux, S/N, size and flags at given parent positions.
+
+    Used for catalogs that carry only positions. Flags look at a box of
+    half-width 4 PSF sigmas (at least 5 px) around each position.
+
+    Parameters
+    ----------
+    exposure : `Exposure`
+    x, y : array-like
+        Parent positions.
+    psf : `Psf` or None
+        PSF for the photometry; default the exposure's, else a 2 px Gaussian.
+    recentroid : bool
+        Replace the positions by weighted centroids.
+    background_mesh : int
+        Background mesh size (pixels).
+
+    Returns
+    -------
+    `astropy.table.Table`
+        Columns x, y, flux, flux_err, snr, peak, ixx, iyy, ixy, size, roundness,
+        flag_saturated, flag_edge, flag_masked, flag_blended (always False).
+    """
+    psf = _resolve_psf(exposure, psf) or GaussianPsf(_DEFAULT_SMOOTH_SIGMA)
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+    x0, y0 = exposure.xy0
+    estimate = _background_mesh(exposure, background_mesh, BACKGROUND_IGNORE_PLANES)
+    filtered = _Filtered(exposure, psf, estimate)
+    col, row = x - x0, y - y0
+    if x.size == 0:
+        m = {k: np.zeros(0) for k in ("col", "row", "flux", "flux_err", "snr", "snr_pixel", "peak")}
+        m.update({k: np.zeros(0) for k in ("ixx", "iyy", "ixy", "size", "roundness")})
+        m["half"] = np.zeros(0, dtype=int)
+    else:
+        m = _measure(filtered, exposure, col, row, recentroid)
+    ny, nx = exposure.shape
+    half = m["half"]
+    inside = (m["col"] >= half) & (m["row"] >= half)
+    inside &= (m["col"] <= nx - 1 - half) & (m["row"] <= ny - 1 - half)
+    h = int(half[0]) if half.size else 0
+    cx = np.clip(np.floor(m["col"] + 0.5).astype(int), 0, max(nx - 1, 0))
+    cy = np.clip(np.floor(m["row"] + 0.5).astype(int), 0, max(ny - 1, 0))
+
+    def any_in(planes) -> np.ndarray:
+        if x.size == 0:
+            return np.zeros(0, dtype=bool)
+        return np.asarray(
+            _stack(exposure.masked(planes), cx, cy, h, fill=False).any(axis=(1, 2)), dtype=bool
+        )
+
+    return Table(
+        {
+            "x": m["col"] + x0,
+            "y": m["row"] + y0,
+            "flux": m["flux"],
+            "flux_err": m["flux_err"],
+            "snr": m["snr"],
+            "snr_pixel": m["snr_pixel"],
+            "peak": m["peak"],
+            "ixx": m["ixx"],
+            "iyy": m["iyy"],
+            "ixy": m["ixy"],
+            "size": m["size"],
+            "roundness": m["roundness"],
+            "flag_saturated": any_in(["SAT"]),
+            "flag_edge": ~inside | any_in(["EDGE"]),
+            "flag_masked": any_in(MASKED_FLAG_PLANES),
+            "flag_blended": np.zeros(x.size, dtype=bool),
+        },
+        meta={"psf_sigma": _psf_sigma(psf), "noise_factor": filtered.noise_factor},
+    )
