@@ -568,11 +568,13 @@ class SubtractionConfig(_Config):
         "this factor, the excess is added to its variance as a constant floor.",
     )
     preconvolution_power_fraction: float = Field(
-        0.999,
+        1.0,
         gt=0.5,
         le=1,
-        description="The preconvolution kernel (science PSF) is cut to the box holding this "
-        "fraction of its squared sum (matched-filter S/N kept: its square root).",
+        description="Cut the preconvolution kernel (science PSF) to the box holding this "
+        "fraction of its squared sum (matched-filter S/N kept: its square root); 1: no cut. "
+        "A cut makes huge PSF stamps cheap, but the score's PSF then no longer is the "
+        "matched filter's and score photometry is biased by the flux cut away.",
     )
     preconvolve_via_difference: bool = Field(
         True,

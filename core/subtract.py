@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -765,9 +765,6 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 self.metadata["convolvedExposure"] = "Preconvolution"
             with self.timer("preconvolve"):
                 matched_science = self._convolve(self._fill_bad(science), preconv_kernel)
-                # stars in P * S have the PSF seen through P: the variability filter
-                # compares their PSF fluxes with the template's
-                matched_science.psf = _preconvolved_psf(science, preconv_kernel)
             self.metadata["preconvolvedSciencePsfSize"] = math.sqrt(2.0) * self.science_fwhm
             try:
                 if self.config.preconvolve_via_difference and _template_is_sharper(
@@ -783,9 +780,15 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 else:
                     with self.timer("select"):
                         half = preconv_kernel.shape[0] // 2
+                        # stars in P * S have the PSF seen through P: the variability
+                        # filter compares their PSF fluxes with the template's (the
+                        # matched science itself keeps the science PSF, as results do)
+                        seen_through_p = replace(
+                            matched_science, psf=_preconvolved_psf(science, preconv_kernel)
+                        )
                         kernel_sources = self._select_sources(
                             template,
-                            matched_science,
+                            seen_through_p,
                             sources,
                             math.sqrt(2.0) * self.science_fwhm,
                             edge_buffer=half,
@@ -1063,6 +1066,8 @@ def _trim_to_power(stamp: np.ndarray, fraction: float) -> np.ndarray:
     """
     ny, nx = stamp.shape
     cy, cx = ny // 2, nx // 2
+    if fraction >= 1.0:
+        return stamp
     power = stamp.astype(np.float64) ** 2
     total = power.sum()
     for half in range(1, min(cy, cx) + 1):
