@@ -11,8 +11,8 @@ mesh and the two full-frame maps, medians of 3, 2026-12-01, shared 2-core
 machine): sep 0.51 s of CPU and 2.34 s wall, this module 0.59 s of CPU and 2.05 s
 wall (its cells are reduced on all cores), backgrounds equal to 0.6 counts rms on a
 35-count noise. No gain large enough for a compiled dependency that would also
-move every detection figure the tests pin; photutils' ``Background2D`` is slower
-than both (a Python loop over cells). The clipping here is the one of
+move every detection figure the tests pin. photutils' ``Background2D`` was not
+measured (not installed here). The clipping here is the one of
 `astropy.stats.sigma_clipped_stats`, vectorised over cells.
 """
 
