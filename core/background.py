@@ -28,7 +28,7 @@ from scipy import ndimage
 from .exposure import Exposure
 from .parallel import thread_map
 
-__all__ = ["background_map", "BACKGROUND_IGNORE_PLANES"]
+__all__ = ["background_map", "background_image", "BACKGROUND_IGNORE_PLANES"]
 
 #: Planes whose pixels do not enter the background and noise estimate.
 BACKGROUND_IGNORE_PLANES = (
@@ -258,6 +258,20 @@ def background_map(
     """
     estimate = _background_mesh(exposure, mesh, ignore_planes)
     return estimate.background(), estimate.noise()
+
+
+def background_image(
+    exposure: Exposure,
+    mesh: int = 64,
+    ignore_planes=BACKGROUND_IGNORE_PLANES,
+) -> np.ndarray:
+    """The background map of `background_map` alone (no noise map is interpolated).
+
+    Returns
+    -------
+    background : `numpy.ndarray` (ny, nx), float32
+    """
+    return _background_mesh(exposure, mesh, ignore_planes).background()
 
 
 def _background_mesh(exposure: Exposure, mesh: int, ignore_planes) -> _BackgroundMesh:
