@@ -3,10 +3,9 @@ grown by the PSF, split into peaks, measured (`core.measure`) and flagged.
 
 Why not a library: ``sep.extract`` with the same semantics (matched filter with
 the PSF, S/N threshold against the variance plane, deblending) was measured 2-3x
-slower than this module on 4096 x 4096 frames (issue 11); photutils'
-``detect_sources``/``deblend_sources`` label with `scipy.ndimage` as this module
-does but deblend footprint by footprint in Python (far slower on tens of thousands
-of sources). Labelling, distance transforms and filters are `scipy.ndimage`'s.
+slower than this module on 4096 x 4096 frames (issue 11's findings; not re-measured
+here). photutils' ``detect_sources``/``deblend_sources`` were not measured (not
+installed here). Labelling, distance transforms and filters are `scipy.ndimage`'s.
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ PSF fluxes and their S/N, vectorised over sources; `measure_sources` at given po
 `_Filtered` (background-subtracted image, its PSF-correlated S/N and variance) is
 shared with detection (`core.detection`), which measures the peaks it finds here.
 
-Why not a library: photutils' ``SourceCatalog`` measures one segment at a time in
-Python and has no PSF-weighted flux with a matched-filter error; sep's windowed
-positions are close, but its fluxes are apertures. The stamps here are gathered
-once and every iteration runs on all sources at once.
+Why not a library (not measured yet, by design only): photutils' ``SourceCatalog``
+has no PSF-weighted flux with a matched-filter error, and sep's fluxes are
+apertures; the stamps here are gathered once and every iteration runs on all
+sources at once.
 """
 
 from __future__ import annotations

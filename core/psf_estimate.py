@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from .background import background_map
+from .background import background_image
 from .detection import detect_sources
 from .errors import PsfError
 from .measure import measure_sources
@@ -42,7 +42,7 @@ def estimate_psf(
     with over 2% of its flux lies within the stamp radius, and its stamp holds
     no pixel of `PSF_STAMP_BAD_PLANES`. The
     brightest ``max_stars`` are cut out with a margin, background subtracted
-    (mesh background of `core.background.background_map`), shifted by a Fourier
+    (mesh background of `core.background.background_image`), shifted by a Fourier
     phase ramp so the weighted centroid falls on the central pixel, cropped,
     normalised by their flux within 2 FWHM and combined by a per-pixel
     3-sigma clipped mean.
@@ -127,8 +127,8 @@ def estimate_psf(
     candidates = np.array(isolated, dtype=int)
     candidates = candidates[np.argsort(-flux_all[candidates])]
 
-    background, _ = background_map(exposure)
-    image = exposure.image.astype(np.float64) - background
+    # float32 map; stamps are cut and subtracted in float64 (no float64 frame)
+    background = background_image(exposure)
     bad = exposure.masked(PSF_STAMP_BAD_PLANES) | ~np.isfinite(exposure.image)
     x0, y0 = exposure.xy0
     ny, nx = exposure.shape
@@ -144,7 +144,8 @@ def estimate_psf(
             continue
         if bad[ir - half : ir + half + 1, ic - half : ic + half + 1].any():
             continue
-        cut = image[ir - big : ir + big + 1, ic - big : ic + big + 1]
+        box = np.s_[ir - big : ir + big + 1, ic - big : ic + big + 1]
+        cut = exposure.image[box].astype(np.float64) - background[box]
         # recentre: move the centroid (col, row) onto the central pixel
         shifted = _shift_raw(cut, ic - col, ir - row)[pad:-pad, pad:-pad]
         norm = shifted[aperture].sum()
