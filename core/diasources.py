@@ -25,7 +25,9 @@ from scipy.optimize import least_squares
 from scipy.signal import fftconvolve
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 
+from .background import _BackgroundMesh
 from .config import DiaSourceConfig
+from .detection import _find_peaks, _footprints
 from .exposure import Exposure
 from .forced import (
     FLAG_BITS,
@@ -37,17 +39,8 @@ from .forced import (
     psf_photometry,
     sky_positions,
 )
+from .measure import _centroids, _Filtered, _moments, _negative_side_sigma, _stack
 from .psf import Psf
-from .sources import (
-    _BackgroundMesh,
-    _centroids,
-    _Filtered,
-    _find_peaks,
-    _footprints,
-    _moments,
-    _negative_side_sigma,
-    _stack,
-)
 
 __all__ = [
     "detect_dia_sources",

@@ -34,11 +34,11 @@ from scipy import ndimage
 from scipy.stats import median_abs_deviation
 
 from .config import DetectionConfig, ReferenceFiguresConfig
+from .detection import detect_sources
 from .exposure import Exposure
 from .io import estimate_variance
 from .metrics import NOISE_MASK_PLANES, footprint_means, robust_sigma_median
 from .photometry import psf_flux
-from .sources import detect_sources
 
 __all__ = [
     "sky_mask",

@@ -22,8 +22,8 @@ from scipy import fft
 from .config import ForcedPhotometryConfig
 from .errors import InvalidCatalogError, PsfError
 from .exposure import Exposure
+from .measure import _stack
 from .psf import SIGMA_TO_FWHM, Psf, adaptive_moments
-from .sources import _stack
 
 __all__ = [
     "FLAG_BITS",

@@ -25,9 +25,9 @@ from scipy.spatial import cKDTree
 from scipy.stats import poisson
 
 from .config import DetectionConfig, RegistrationConfig
+from .detection import detect_sources
 from .errors import IncompatibleInputsError, InsufficientSourcesError, RegistrationError
 from .exposure import Exposure
-from .sources import detect_sources
 from .warp import PixelMap, warp_exposure
 
 __all__ = [

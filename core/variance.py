@@ -38,9 +38,9 @@ from astropy.stats import mad_std
 from scipy import fft as sp_fft
 from scipy import ndimage
 
+from .background import background_map
 from .config import ScaleVarianceConfig
 from .exposure import Exposure
-from .sources import background_map
 
 __all__ = [
     "VarianceScale",
