@@ -30,9 +30,9 @@ SATURATION_ADU = 60000.0
 #: Margin (px) dropped at the overlap's border, where the shifted template is interpolated
 #: from beyond its frame.
 MARGIN = 3
-# Registration is issue 9's (not on this branch): the test pre-registers with frames.csv's
-# offsets. The variance scaling refuses these frames until the lead's fix lands, hence off.
-CONFIG = SubtractionConfig(do_scale_variance=False)
+# The test pre-registers with frames.csv's offsets (a small helper, independent of core's
+# registration) so that it checks DIA sources, not registration; default configuration.
+CONFIG = SubtractionConfig()
 
 
 def _frames(real_data):
