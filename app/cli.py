@@ -1,4 +1,5 @@
-"""The alsub command line: subtract, warp, simulate, config, info, serve, worker.
+"""The alsub command line: subtract, warp, forced, cutouts, simulate, config, info, serve,
+worker.
 
 User errors print one line naming the problem and exit with status 2; no
 traceback and no partial output file. Warnings go through `logging` in one
@@ -272,10 +273,95 @@ def _cmd_subtract(args) -> int:
         f"mode={m.get('mode')} kernel_sum={m.get('kernel_sum', float('nan')):.4f} "
         f"sources={m.get('n_kernel_sources')} noise_ratio={m.get('noise_ratio', float('nan')):.3f} "
         f"verdict={quality.get('verdict')} warnings={len(m.get('warnings', []))} "
-        f"seconds={time.perf_counter() - t0:.2f}"
+        f"dia_sources={m.get('n_dia_sources', 'off')} seconds={time.perf_counter() - t0:.2f}"
     )
     for reason in quality.get("reasons", []):
         print(f"  {reason}")
+    return 0
+
+
+def _read_positions(path):
+    """x,y (or ra,dec) columns of a positions CSV (or FITS table), in file order."""
+    from astropy.table import Table
+
+    from core.errors import InvalidCatalogError
+
+    try:
+        table = Table.read(path, format="fits" if str(path).endswith(".fits") else "ascii.csv")
+    except (OSError, ValueError) as exc:
+        raise InvalidCatalogError(f"cannot read positions {path}: {exc}") from None
+    names = {name.lower(): name for name in table.colnames}
+    for pair in (("x", "y"), ("ra", "dec")):
+        if all(k in names for k in pair):
+            try:
+                return {k: table[names[k]].astype(float) for k in pair}
+            except (TypeError, ValueError):
+                raise InvalidCatalogError(f"{path}: columns {pair} must be numbers") from None
+    raise InvalidCatalogError(
+        f"{path} needs columns x,y (pixels, 0-based) or ra,dec (degrees); has {table.colnames}"
+    )
+
+
+def _cmd_forced(args) -> int:
+    from core.config import ForcedPhotometryConfig
+    from core.diasources import catalog_hdulist
+    from core.forced import forced_photometry
+    from core.io import read_exposure, write_hdulist_atomic
+
+    config = _load_config(args.config, None).dia.forced if args.config else ForcedPhotometryConfig()
+    difference = read_exposure(args.difference)
+    table = forced_photometry(difference, config=config, **_read_positions(args.positions))
+    if str(args.output).lower().endswith((".fits", ".fit", ".fts")):
+        write_hdulist_atomic(catalog_hdulist(table), args.output)
+    else:
+        table.write(args.output, format="ascii.csv", overwrite=True)
+    print(f"positions={len(table)} noise_scale={table.meta['noise_scale']:.3f} -> {args.output}")
+    return 0
+
+
+def _cmd_cutouts(args) -> int:
+    from core.cutouts import TRIPLET, triplet_fits, triplet_from_files, triplet_png
+    from core.diasources import read_dia_sources
+    from core.errors import InvalidConfigError
+
+    products = Path(args.products)
+    output = "score" if (products / "score.fits").is_file() else "difference"
+    paths = dict(
+        zip(
+            TRIPLET,
+            [products / f"{n}.fits" for n in ("matched_science", "matched_template", output)],
+            strict=True,
+        )
+    )
+    catalog_path = products / "dia_sources.fits"
+    for path in (catalog_path, *paths.values()):
+        if not path.is_file():
+            raise InvalidConfigError(
+                f"{path.name} is missing in {products}: give the --products directory of "
+                "`alsub subtract`"
+            )
+    catalog = read_dia_sources(catalog_path)
+    if args.ids:
+        try:
+            wanted = {int(i) for i in args.ids.split(",")}
+        except ValueError:
+            message = f"--ids must be comma-separated integers, got {args.ids!r}"
+            raise InvalidConfigError(message) from None
+        catalog = catalog[[int(i) in wanted for i in catalog["id"]]]
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    from core.config import DiaSourceConfig
+
+    size = args.size or DiaSourceConfig().cutout_size
+    stamps = triplet_from_files(paths, catalog["x"], catalog["y"], size)
+    for k, row in enumerate(catalog):
+        stem = outdir / f"dia_source_{int(row['id']):06d}"
+        if args.format in ("fits", "both"):
+            header = {"DIASRCID": int(row["id"]), "X": float(row["x"]), "Y": float(row["y"])}
+            stem.with_suffix(".fits").write_bytes(triplet_fits(stamps, k, header))
+        if args.format in ("png", "both"):
+            stem.with_suffix(".png").write_bytes(triplet_png(stamps, k))
+    print(f"cutouts={len(catalog)} size={size} -> {outdir}")
     return 0
 
 
@@ -426,6 +512,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="SubtractionConfig as JSON (its registration section)")
     p.set_defaults(func=_cmd_warp)
+
+    p = sub.add_parser("forced", help="PSF photometry of a difference at given positions")
+    p.add_argument("difference", help="difference FITS (with its PSF)")
+    p.add_argument(
+        "--positions", required=True, help="CSV with columns x,y (0-based pixels) or ra,dec"
+    )
+    p.add_argument("-o", "--output", required=True, help="table to write: .csv, or .fits")
+    p.add_argument("--config", help="SubtractionConfig JSON (its dia.forced section is used)")
+    p.set_defaults(func=_cmd_forced)
+
+    p = sub.add_parser("cutouts", help="science/template/difference stamps of DIA sources")
+    p.add_argument("products", help="the --products directory of `alsub subtract`")
+    p.add_argument("outdir", help="directory for dia_source_<id>.fits / .png")
+    p.add_argument(
+        "--size", type=int, default=None, help="stamp side in pixels (default: dia.cutout_size)"
+    )
+    p.add_argument(
+        "--format",
+        choices=["fits", "png", "both"],
+        default="both",
+        help="FITS triplets (3 image HDUs with WCS), PNG triplets, or both (default)",
+    )
+    p.add_argument("--ids", default=None, help="comma-separated source ids (default: all)")
+    p.set_defaults(func=_cmd_cutouts)
 
     p = sub.add_parser(
         "simulate",

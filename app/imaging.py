@@ -1,20 +1,18 @@
 """PNG previews and cutouts of image products.
 
-Previews use a zscale interval and an asinh stretch (astropy.visualization),
-the usual display for difference images: faint residuals visible, bright
-stars not saturated into blobs. Large frames are block-averaged to at most
+The stretch and the PNG encoding live in `core.display` (the DIA-source cutout
+triplets use them too); large frames are block-averaged to at most
 ``max_size`` pixels a side.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.visualization import AsinhStretch, ZScaleInterval
-from PIL import Image
+
+from core.display import png_bytes
 
 from .errors import ApiError
 
@@ -40,33 +38,6 @@ def image_plane(path: Path) -> np.ndarray:
         if chosen is None:
             raise ApiError(422, "no_image", f"{path.name} has no 2-D image to preview")
         return np.asarray(chosen.data, dtype=np.float32)
-
-
-def _block_mean(image: np.ndarray, max_size: int) -> np.ndarray:
-    factor = int(np.ceil(max(image.shape) / max_size))
-    if factor <= 1:
-        return image
-    ny, nx = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
-    blocks = image[:ny, :nx].reshape(ny // factor, factor, nx // factor, factor)
-    return np.nanmean(blocks, axis=(1, 3))
-
-
-def png_bytes(image: np.ndarray, max_size: int = 1024) -> bytes:
-    """8-bit PNG of ``image`` with a zscale + asinh stretch, north (row 0) at the bottom."""
-    image = _block_mean(np.asarray(image, dtype=np.float32), max_size)
-    finite = np.isfinite(image)
-    if not finite.any():
-        scaled = np.zeros(image.shape, dtype=np.uint8)
-    else:
-        filled = np.where(finite, image, np.nanmedian(image[finite]))
-        vmin, vmax = ZScaleInterval().get_limits(filled)
-        span = vmax - vmin if vmax > vmin else 1.0
-        unit = np.clip((filled - vmin) / span, 0.0, 1.0)
-        scaled = (AsinhStretch(0.1)(unit, clip=True) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    # FITS row 0 is the bottom of the picture.
-    Image.fromarray(scaled[::-1]).save(buffer, format="PNG", optimize=False)
-    return buffer.getvalue()
 
 
 def _box(x: int, y: int, size: int, bbox) -> tuple[int, int, int, int]:

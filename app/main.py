@@ -24,7 +24,7 @@ from .docs import install_docs
 from .errors import install_error_handlers
 from .metrics import ServiceMetrics
 from .queue import JobQueue
-from .routers import exposures, health, subtractions
+from .routers import exposures, health, sources, subtractions
 from .schemas import SubtractionRequest
 
 __all__ = ["create_app"]
@@ -42,6 +42,9 @@ Alard-Lupton image subtraction as a service.
 2. Submit `POST /v1/subtractions`; poll `GET /v1/subtractions/{id}` until `state` is
    `succeeded` or `failed` (or pass a `callback_url`).
 3. Download `GET /v1/subtractions/{id}/products/difference` (FITS, `?format=png`, cutouts).
+4. Read what changed: `GET /v1/subtractions/{id}/sources` (DIA sources, JSON/CSV/FITS),
+   `POST /v1/subtractions/{id}/forced` (photometry at your positions) and
+   `GET /v1/subtractions/{id}/sources/{source_id}/cutouts` (alert triplets).
 
 When tokens are configured every `/v1` call needs `Authorization: Bearer <token>`; each
 token sees only its own exposures and jobs. Errors are `{"error": {"code", "message"}}`.
@@ -94,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(exposures.router)
     app.include_router(subtractions.router)
+    app.include_router(sources.router)
     app.include_router(health.router)
     install_docs(app)
 

@@ -17,6 +17,8 @@ __all__ = [
     "DecorrelationConfig",
     "ScaleVarianceConfig",
     "MetricsConfig",
+    "DiaSourceConfig",
+    "ForcedPhotometryConfig",
     "QualityConfig",
     "SubtractionConfig",
     "ReferenceFiguresConfig",
@@ -284,6 +286,104 @@ class MetricsConfig(_Config):
     )
 
 
+class ForcedPhotometryConfig(_Config):
+    """PSF photometry at given positions on a difference (core.forced)."""
+
+    fit_background: bool = Field(
+        False, description="Fit a local constant with the flux (a difference has none)."
+    )
+    fit_radius_fwhm: float = Field(
+        2.0, gt=0.5, le=20, description="Half-width of the fitted PSF stamp, in PSF FWHM."
+    )
+    min_psf_coverage: float = Field(
+        0.5, gt=0, le=1, description="Least PSF weight on usable pixels for a flux (else NaN)."
+    )
+    psf_grid_step: int = Field(
+        256,
+        ge=8,
+        le=4096,
+        description="Spacing (px) of the nodes where a varying PSF is drawn and then "
+        "interpolated bilinearly to each position.",
+    )
+    psf_grid_max_nodes: int = Field(
+        5,
+        ge=2,
+        le=100,
+        description="Most nodes per axis (large frames get a wider spacing: drawing a PSF "
+        "costs milliseconds and PSFs vary smoothly).",
+    )
+    n_noise_positions: int = Field(
+        400,
+        ge=0,
+        le=100_000,
+        description="Random positions whose flux scatter calibrates the errors for correlated "
+        "noise (0 = trust the variance plane).",
+    )
+    flag_radius_fwhm: float = Field(
+        1.0, ge=0, le=10, description="Radius (PSF FWHM) in which mask planes raise flags."
+    )
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the noise-calibration positions.")
+
+
+class DiaSourceConfig(_Config):
+    """Detection and measurement of sources on the difference or score (core.diasources)."""
+
+    enabled: bool = Field(True, description="Detect and measure DIA sources in every subtraction.")
+    threshold: float = Field(
+        5.0, gt=0, le=1000, description="Detection threshold in S/N of the matched filter."
+    )
+    min_pixels: int = Field(
+        3, ge=1, le=10_000, description="Fewest connected pixels above threshold."
+    )
+    peak_prominence: float = Field(
+        3.0,
+        gt=0,
+        le=1000,
+        description="A second peak in a footprint is its own source when it rises this many "
+        "S/N above the saddle towards a brighter peak (deblending).",
+    )
+    dipole_max_separation_fwhm: float = Field(
+        2.0,
+        ge=0,
+        le=20,
+        description="A positive and a negative peak closer than this (PSF FWHM), each the "
+        "other's nearest, form one dipole (0 = no dipoles).",
+    )
+    aperture_radius_fwhm: float = Field(
+        1.5, gt=0, le=20, description="Radius of the aperture flux, in PSF FWHM."
+    )
+    bright_star_peak_snr: float = Field(
+        300.0,
+        gt=0,
+        le=1e9,
+        description="A matched-template pixel above this S/N marks a bright star whose "
+        "residuals may fake sources nearby.",
+    )
+    bright_star_radius_fwhm: float = Field(
+        3.0, ge=0, le=50, description="Radius (PSF FWHM) of the bright-star flag."
+    )
+    suspect_kernel_margin: float = Field(
+        64.0,
+        ge=0,
+        le=100_000,
+        description="Sources farther than this (px) outside the hull of the kernel sources "
+        "sit where the matching kernel is extrapolated (flagged).",
+    )
+    cutout_size: int = Field(
+        63, ge=5, le=1001, description="Side (px) of the alert cutout stamps (odd centres them)."
+    )
+    max_sources: int = Field(
+        20_000,
+        ge=1,
+        le=10_000_000,
+        description="Cap on measured sources (the most significant kept) so that a failed "
+        "subtraction cannot make the catalog unbounded.",
+    )
+    forced: ForcedPhotometryConfig = Field(
+        default_factory=ForcedPhotometryConfig, description="PSF photometry settings."
+    )
+
+
 class QualityConfig(_Config):
     """Thresholds of the quality verdict (core.quality): good, suspect or bad."""
 
@@ -520,6 +620,10 @@ class SubtractionConfig(_Config):
     )
     metrics: MetricsConfig = Field(
         default_factory=MetricsConfig, description="Quality metrics of the difference."
+    )
+    dia: DiaSourceConfig = Field(
+        default_factory=DiaSourceConfig,
+        description="DIA sources: detection and measurement on the difference or score.",
     )
     quality: QualityConfig = Field(
         default_factory=QualityConfig, description="Thresholds of the quality verdict."

@@ -15,6 +15,7 @@ from typing import Any
 
 from astropy.io import fits
 
+from .diasources import catalog_hdulist
 from .io import file_mode, write_exposure, write_hdulist_atomic
 
 __all__ = ["write_difference", "write_products", "metrics_header", "json_safe", "PRODUCT_NAMES"]
@@ -28,6 +29,7 @@ PRODUCT_NAMES = (
     "kernel",
     "background",
     "warped_template",
+    "dia_sources",
 )
 
 # metric -> short header keyword (HIERARCH ALSUB <key>)
@@ -45,6 +47,7 @@ _HEADER_KEYS = {
     "differenceFootprintRatioMean": "FPRATIO",
     "differenceFootprintSkyRatioMean": "FPSKYRAT",
     "diffim_limiting_magnitude": "MAGLIM",
+    "n_dia_sources": "NDIASRC",
 }
 
 
@@ -109,8 +112,8 @@ def write_products(result, outdir) -> dict[str, Path]:
 
     Files: ``difference.fits`` or ``score.fits``, ``matched_template.fits``,
     ``matched_science.fits``, ``kernel.fits``, ``background.fits``, ``metrics.json``,
-    and ``warped_template.fits`` when the result keeps it
-    (``registration.write_warped_template``).
+    ``dia_sources.fits`` when DIA sources were measured, and ``warped_template.fits``
+    when the result keeps it (``registration.write_warped_template``).
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +132,9 @@ def write_products(result, outdir) -> dict[str, Path]:
         write_hdulist_atomic(
             _background_hdulist(result.fitted_background, result.output), paths["background"]
         )
+    if getattr(result, "dia_sources", None) is not None:
+        paths["dia_sources"] = outdir / "dia_sources.fits"
+        write_hdulist_atomic(catalog_hdulist(result.dia_sources), paths["dia_sources"])
     paths["metrics"] = outdir / "metrics.json"
     _write_json_atomic(result.metrics, paths["metrics"])
     return paths

@@ -90,6 +90,7 @@ def assess_quality(
     stamps: tuple[np.ndarray, np.ndarray] | None,
     warnings: list[str],
     config: QualityConfig | None = None,
+    reference_shift: tuple[float, float] = (0.0, 0.0),
 ) -> Verdict:
     """The verdict on one subtraction.
 
@@ -108,6 +109,9 @@ def assess_quality(
         What the run noticed (variance scaling, spatial solution, ...); each becomes
         a ``suspect`` reason.
     config : `QualityConfig` or None
+    reference_shift : (dx, dy)
+        Centroid offset the kernel has by design (the preconvolution PSF's, which the
+        matched science shares); only the rest means misalignment.
     """
     config = config or QualityConfig()
     verdict = Verdict()
@@ -116,6 +120,7 @@ def assess_quality(
     _stamps(verdict, metrics, stamps, science.bbox, config)
     if kernel_image is not None:
         dx, dy = kernel_centroid(kernel_image)
+        dx, dy = dx - reference_shift[0], dy - reference_shift[1]
         shift = math.hypot(dx, dy)
         if math.isfinite(shift) and shift > config.max_kernel_shift:
             verdict.add(

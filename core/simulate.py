@@ -220,6 +220,12 @@ class SimulationConfig(_Model):
     transient_flux_min: float = Field(1.0e3, gt=0, description="Faintest (science counts).")
     transient_flux_max: float = Field(2.0e4, gt=0, description="Brightest (science counts).")
     transient_margin: int = Field(20, ge=0, description="Transients keep this far from edges.")
+    n_negative_transients: int = Field(
+        0,
+        ge=0,
+        description="Point sources in the template only (faded by the science epoch); "
+        "fluxes drawn like the transients' (science counts).",
+    )
     # labels and geometry ---------------------------------------------------------------
     band: str = Field("r", description="Band label of both images.")
     pixel_scale: float = Field(0.2, gt=0, description="Pixel scale (arcsec) of the TAN WCS.")
@@ -576,9 +582,9 @@ def _draw_galaxies(cfg: SimulationConfig, rng) -> dict[str, np.ndarray]:
     }
 
 
-def _draw_transients(cfg: SimulationConfig, rng) -> dict[str, np.ndarray]:
+def _draw_transients(cfg: SimulationConfig, rng, n: int | None = None) -> dict[str, np.ndarray]:
     ny, nx = cfg.shape
-    n = cfg.n_transients
+    n = cfg.n_transients if n is None else n
     m = min(cfg.transient_margin, nx // 4, ny // 4)
     return {
         "x": rng.uniform(m, nx - 1 - m, n),
@@ -767,8 +773,10 @@ def simulate_pair(config: SimulationConfig | None = None) -> SimulatedPair:
         the same TAN WCS, band, `PhotoCalib` with ``template = science x flux_ratio``
         nJy per count, GAIN/RDNOISE/EXPTIME/SATURATE metadata) and ``truth``: ``stars``,
         ``transients`` and ``galaxies`` as columns (x, y, flux_science, flux_template,
-        flags), ``psf`` per image, ``sky`` coefficients per image, ``bad_columns`` and
-        ``cosmic_rays`` per image, ``flux_ratio``, ``seed`` and the ``config``.
+        flags), ``negative_transients`` (x, y, flux_science: the science-unit flux the
+        source had in the template, seen as -flux_science in the difference), ``psf``
+        per image, ``sky`` coefficients per image, ``bad_columns`` and ``cosmic_rays``
+        per image, ``flux_ratio``, ``seed`` and the ``config``.
 
     Raises
     ------
@@ -779,13 +787,14 @@ def simulate_pair(config: SimulationConfig | None = None) -> SimulatedPair:
     shape = cfg.shape
     # independent streams: changing one ingredient does not redraw the others
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(6)]
-    rng_stars, rng_galaxies, rng_transients, rng_science, rng_template, _ = streams
+    rng_stars, rng_galaxies, rng_transients, rng_science, rng_template, rng_faded = streams
 
     science_field = _PsfField(cfg.science_psf, shape, cfg.psf_node_spacing)
     template_field = _PsfField(cfg.template_psf, cfg.template_shape, cfg.psf_node_spacing)
     stars = _draw_stars(cfg, rng_stars, science_field)
     galaxies = _draw_galaxies(cfg, rng_galaxies)
     transients = _draw_transients(cfg, rng_transients)
+    faded = _draw_transients(cfg, rng_faded, cfg.n_negative_transients)
     inverse_ratio = 1.0 / cfg.flux_ratio
 
     science_model = _sky_model(cfg.science_sky, shape).astype(np.float64)
@@ -809,6 +818,13 @@ def simulate_pair(config: SimulationConfig | None = None) -> SimulatedPair:
     )
     _render_points(
         science_model, science_field, transients["x"], transients["y"], transients["flux_science"]
+    )
+    _render_points(
+        template_model,
+        template_field,
+        faded["x"],
+        faded["y"],
+        faded["flux_science"] * inverse_ratio,
     )
     science_model = science_model.astype(np.float32)
     template_model = template_model.astype(np.float32)
@@ -870,6 +886,7 @@ def simulate_pair(config: SimulationConfig | None = None) -> SimulatedPair:
         "stars": star_truth,
         "galaxies": galaxy_truth,
         "transients": transient_truth,
+        "negative_transients": {key: np.asarray(value).tolist() for key, value in faded.items()},
     }
     truth["psf"] = {"science": science_field.truth(), "template": template_field.truth()}
     truth["sky"] = {

@@ -23,6 +23,7 @@ from .basis import kernel_size_for, make_kernel_basis
 from .config import SubtractionConfig
 from .convolve import convolve_exposure
 from .decorrelate import decorrelate_difference
+from .diasources import dia_sources
 from .errors import (
     IdenticalInputsError,
     IncompatibleInputsError,
@@ -44,7 +45,7 @@ from .metrics import (
 from .photometry import psf_fluxes
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf
 from .psf_estimate import estimate_psf
-from .quality import assess_quality
+from .quality import assess_quality, kernel_centroid
 from .register import register_template
 from .sources import detect_sources, select_kernel_sources, sky_sources
 from .task import Task
@@ -74,6 +75,7 @@ STAGES = {
     "convolve": 0.5,
     "decorrelate": 0.7,
     "metrics": 0.9,
+    "detect": 0.95,
 }
 
 
@@ -95,6 +97,7 @@ class SubtractionResult:
     fitted_background: BackgroundModel | None = None
     psf_matching_kernel: SpatialKernel | None = None
     kernel_sources: Any = None
+    dia_sources: Any = None
     warped_template: Exposure | None = None
     mode: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -128,6 +131,8 @@ class _SubtractBase(Task):
         self.progress = progress
         #: concerns about this run: each makes the quality verdict suspect
         self.warnings: list[str] = []
+        #: centroid offset (dx, dy) the matching kernel has by design (preconvolution)
+        self.kernel_reference_shift: tuple[float, float] = (0.0, 0.0)
         #: what the run found and handled (confusion, correlated noise, lowered orders)
         self.notes: list[str] = []
         self.registration: dict[str, Any] = {}
@@ -544,6 +549,25 @@ class _SubtractBase(Task):
         metrics.update(noise_statistics(result.output, exclude=self.source_mask))
         return metrics
 
+    def detect(self, result: SubtractionResult) -> None:
+        """DIA sources on the difference or score (``config.dia``); counts into the metrics."""
+        if not self.config.dia.enabled:
+            return
+        self._stage("detect")
+        with self.timer("detect"):
+            result.dia_sources = dia_sources(
+                result.output,
+                self.config.dia,
+                is_score=result.score is not None,
+                matched_science=result.matched_science,
+                matched_template=result.matched_template,
+                kernel_sources=result.kernel_sources,
+            )
+        meta = result.dia_sources.meta
+        result.metrics["n_dia_sources"] = len(result.dia_sources)
+        for key in ("positive", "negative", "dipoles"):
+            result.metrics[f"n_dia_{key}"] = meta[f"n_{key}"]
+
     def assess_quality(self, result: SubtractionResult, science, template) -> dict[str, Any]:
         """The verdict (core.quality) from the metrics, the kernel and the warnings."""
         kernel = result.psf_matching_kernel
@@ -564,6 +588,7 @@ class _SubtractBase(Task):
             stamps,
             self.warnings,
             self.config.quality,
+            reference_shift=self.kernel_reference_shift,
         )
         return verdict.as_dict()
 
@@ -619,6 +644,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
             self._stage("metrics")
             with self.timer("metrics"):
                 result.metrics = self.compute_image_metrics(science, result, sources)
+            self.detect(result)
         return self._finish(result, science, template)
 
     def _choose_mode(self, template: Exposure, science: Exposure) -> bool:
@@ -777,6 +803,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 result.metrics["score_noise_ratio_propagated"] = self.metadata.get(
                     "scoreNoiseRatioPropagated"
                 )
+            self.detect(result)
         return self._finish(result, science, template)
 
     def _add_score_noise_floor(self, score: Exposure) -> None:
@@ -829,6 +856,8 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
             )
         stamp = _trim_to_power(stamp, self.config.preconvolution_power_fraction)
         self.metadata["preconvolutionKernelSize"] = int(stamp.shape[0])
+        # K * T matches P * S, so K carries P's own centroid offset besides any misalignment
+        self.kernel_reference_shift = kernel_centroid(stamp)
         return stamp / stamp.sum()
 
     def _fill_bad(self, exposure: Exposure) -> Exposure:

@@ -28,6 +28,7 @@ PRODUCT_FILES = {
     "kernel": "kernel.fits",
     "background": "background.fits",
     "warped_template": "warped_template.fits",
+    "dia_sources": "dia_sources.fits",
     "metrics": "metrics.json",
 }
 

@@ -147,7 +147,17 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_every_command_argument_and_option_has_help(capsys):
     parser = _parser()
     commands = _subparsers(parser)
-    assert set(commands) == {"subtract", "warp", "simulate", "config", "info", "serve", "worker"}
+    assert set(commands) == {
+        "subtract",
+        "warp",
+        "forced",
+        "cutouts",
+        "simulate",
+        "config",
+        "info",
+        "serve",
+        "worker",
+    }
     missing = []
     for name, sub in commands.items():
         for action in sub._actions:
@@ -271,7 +281,7 @@ def test_all_products_share_one_mode_from_the_umask(pair_dir, tmp_path):
     finally:
         os.umask(old)
     files = [out, *sorted((tmp_path / "p").iterdir())]
-    assert len(files) == 7
+    assert len(files) == 8  # with dia_sources.fits
     assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o640}
 
 

@@ -48,15 +48,14 @@ def measured(request):
 #: the criterion that fails, the bound it is held to instead, and why. Everything not
 #: listed here is held to the issue's own criteria.
 SHORTFALLS: dict[tuple[str, str], dict[str, float]] = {
-    # 4 usable kernel stars in 256 px: chi2 1.6 where HOTPANTS (stamps on any peak) has 1.27
-    ("decam_d", "auto"): {"chi2_factor": 1.5},
-    # a score image's chi2 at stars is its matched filter of the star residuals
-    ("decam_d", "preconvolve"): {"chi2_factor": 8.0},
-    ("decam_e", "preconvolve"): {"chi2_factor": 2.2},
-    ("saao_0156", "preconvolve"): {"chi2_factor": 2.1},
+    # a score image's chi2 at stars is its matched filter of the star residuals: 6 kernel
+    # stars in 256 px leave residuals the score shows at 5-6x HOTPANTS's difference chi2
+    ("decam_d", "preconvolve"): {"chi2_factor": 6.0},
+    ("saao_0156", "preconvolve"): {"chi2_factor": 2.4},
     # the score's variance over-counts the coadds' correlated noise by ~12%
     ("decam_coadd", "preconvolve"): {"noise_low": 0.85},
-    # crowding at 9 px seeing: the score's sky noise floor is measured on another sky
+    # crowding at 9 px seeing: the score's constant noise floor, measured on alsub's sky,
+    # leaves 1.32 on the reference's sky
     ("saao_0015", "preconvolve"): {"noise_high": 1.45},
 }
 

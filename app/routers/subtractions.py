@@ -49,6 +49,7 @@ ProductName = Literal[
     "kernel",
     "background",
     "warped_template",
+    "dia_sources",
 ]
 _MAX_JSON_BYTES = 4 * 1024 * 1024
 

@@ -1,0 +1,320 @@
+"""``/v1/subtractions/{id}/sources``, ``/forced`` and cutouts: what alert brokers consume.
+
+The DIA-source catalog of a succeeded job (JSON, CSV or FITS, with filters),
+forced PSF photometry on its difference at positions the caller gives, and
+science / template / difference cutout triplets around a DIA source (FITS or
+PNG). Same bearer-token auth and tenant isolation as the job routes: another
+owner's job is a 404.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Literal
+
+import numpy as np
+from astropy.table import Table
+from fastapi import APIRouter, Body, Depends, Query, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.config import DiaSourceConfig
+from store import Settings, Store
+
+from ..deps import Caller, get_caller, get_settings, get_store
+from ..errors import ApiError
+from ..schemas import ErrorResponse
+from .subtractions import _finished_job
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1/subtractions", tags=["sources"])
+
+#: Most positions one forced-photometry request may carry.
+_MAX_POSITIONS = 10_000
+
+_AUTH = {401: {"model": ErrorResponse, "description": "Missing or invalid bearer token."}}
+_NOT_FOUND = {404: {"model": ErrorResponse, "description": "Unknown job or source, or not yours."}}
+_NOT_DONE = {409: {"model": ErrorResponse, "description": "The job has not succeeded."}}
+
+_SOURCE_EXAMPLE = {
+    "id": 0,
+    "x": 311.42,
+    "y": 87.03,
+    "ra": 150.0123,
+    "dec": 2.0071,
+    "psf_flux": 10422.5,
+    "psf_flux_err": 212.3,
+    "snr": 49.1,
+    "detection_snr": 48.7,
+    "is_negative": False,
+    "is_dipole": False,
+    "science_flux": 10398.0,
+    "template_flux": -12.4,
+    "flags": 0,
+}
+
+
+class ForcedPosition(BaseModel):
+    """One position: ``x`` and ``y`` (0-based column and row of the science array) or
+    ``ra`` and ``dec`` (degrees; needs a WCS). All positions of a request use one kind."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"x": 311.4, "y": 87.0}]}
+    )
+
+    x: float | None = Field(None, description="Column (pixels, 0-based).")
+    y: float | None = Field(None, description="Row (pixels, 0-based).")
+    ra: float | None = Field(None, description="Right ascension (degrees).")
+    dec: float | None = Field(None, description="Declination (degrees).")
+
+
+def _catalog(store: Store, job_id: str) -> Table:
+    from core.diasources import read_dia_sources
+
+    path = store.products.path(job_id, "dia_sources")
+    if path is None:
+        raise ApiError(
+            404,
+            "no_dia_sources",
+            f"job {job_id} has no DIA-source catalog (it ran with dia.enabled = false); "
+            "resubmit with DIA sources enabled",
+        )
+    return read_dia_sources(path)
+
+
+def _rows(table: Table) -> list[dict]:
+    """Table rows as JSON objects (NaN as null, numpy scalars as Python numbers)."""
+    columns = {name: table[name].tolist() for name in table.colnames}
+    out = []
+    for k in range(len(table)):
+        row = {}
+        for name, values in columns.items():
+            value = values[k]
+            row[name] = None if isinstance(value, float) and not math.isfinite(value) else value
+        out.append(row)
+    return out
+
+
+def _table_response(table: Table, format: str, filename: str) -> Response:
+    from core.diasources import catalog_hdulist
+
+    if format == "csv":
+        buffer = io.StringIO()
+        table.write(buffer, format="ascii.csv")
+        return Response(
+            buffer.getvalue(),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{filename}.csv"'},
+        )
+    if format == "fits":
+        buffer = io.BytesIO()
+        catalog_hdulist(table).writeto(buffer)
+        return Response(
+            buffer.getvalue(),
+            media_type="application/fits",
+            headers={"Content-Disposition": f'attachment; filename="{filename}.fits"'},
+        )
+    return JSONResponse(_rows(table))
+
+
+_TABLE_CONTENT = {
+    "application/json": {"example": [_SOURCE_EXAMPLE]},
+    "text/csv": {"schema": {"type": "string"}},
+    "application/fits": {"schema": {"type": "string", "format": "binary"}},
+}
+
+
+@router.get(
+    "/{job_id}/sources",
+    summary="DIA sources of a subtraction",
+    description="The catalog of what changed: one object per DIA source (positive, negative or "
+    "dipole), most significant first. Columns: `id`, `x`, `y` (0-based column and row of the "
+    "science array), `ra`, `dec` (degrees; null without WCS), `psf_flux`, `psf_flux_err` "
+    "(science counts), `snr`, `detection_snr`, `aperture_flux`, moments `ixx`, `iyy`, `ixy`, "
+    "`is_negative`, `is_dipole`, `dipole_separation`, `dipole_angle`, `dipole_pos_flux`, "
+    "`dipole_neg_flux`, `science_flux`, `template_flux` (to tell a brightening from a new "
+    "source), `flags` (bits: edge 1, saturated 2, bad 4, interpolated 8, no_data 16, "
+    "bright_star 32, suspect_kernel 64) and a boolean `flag_<name>` per bit. `format=csv` or "
+    "`fits` gives the same rows as a table file.",
+    responses={
+        200: {"content": _TABLE_CONTENT, "description": "The DIA sources."},
+        **_AUTH,
+        **_NOT_FOUND,
+        **_NOT_DONE,
+    },
+)
+def list_sources(
+    job_id: str,
+    format: Literal["json", "csv", "fits"] = Query("json", description="json, csv or fits."),
+    min_snr: float | None = Query(None, ge=0, description="Keep sources with |snr| >= this."),
+    sign: Literal["positive", "negative", "dipole"] | None = Query(
+        None, description="Keep only positive, negative or dipole sources."
+    ),
+    exclude_flags: int = Query(
+        0, ge=0, description="Drop sources with any of these flag bits (e.g. 1 = edge)."
+    ),
+    limit: int | None = Query(None, ge=1, description="At most this many (most significant)."),
+    caller: Caller = Depends(get_caller),
+    store: Store = Depends(get_store),
+) -> Response:
+    _finished_job(store, job_id, caller)
+    table = _catalog(store, job_id)
+    keep = np.ones(len(table), dtype=bool)
+    if min_snr is not None:
+        keep &= np.abs(np.nan_to_num(np.asarray(table["snr"], dtype=float))) >= min_snr
+    if sign == "positive":
+        keep &= ~np.asarray(table["is_negative"]) & ~np.asarray(table["is_dipole"])
+    elif sign == "negative":
+        keep &= np.asarray(table["is_negative"])
+    elif sign == "dipole":
+        keep &= np.asarray(table["is_dipole"])
+    if exclude_flags:
+        keep &= (np.asarray(table["flags"]) & exclude_flags) == 0
+    table = table[keep]
+    if limit is not None:
+        table = table[:limit]
+    return _table_response(table, format, f"{job_id}-dia_sources")
+
+
+@router.post(
+    "/{job_id}/forced",
+    summary="Forced photometry on the difference",
+    description="PSF photometry of the job's difference at the given positions (light curves "
+    "of known objects): one object per position, in the order given, with `x`, `y`, `ra`, "
+    "`dec`, `psf_flux`, `psf_flux_err` (science counts; errors include correlated noise), "
+    f"`snr` and `flags` (bits as for the sources). At most {_MAX_POSITIONS} positions. "
+    "`format=csv` or `fits` returns a table file.",
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": [
+                        {
+                            "x": 311.4,
+                            "y": 87.0,
+                            "ra": 150.0123,
+                            "dec": 2.0071,
+                            "psf_flux": 10420.1,
+                            "psf_flux_err": 211.9,
+                            "snr": 49.2,
+                            "flags": 0,
+                        }
+                    ]
+                },
+                "text/csv": {"schema": {"type": "string"}},
+                "application/fits": {"schema": {"type": "string", "format": "binary"}},
+            },
+            "description": "One row per position, in order.",
+        },
+        **_AUTH,
+        **_NOT_FOUND,
+        **_NOT_DONE,
+        422: {"model": ErrorResponse, "description": "Bad positions, or no difference."},
+    },
+)
+def forced(
+    job_id: str,
+    positions: list[ForcedPosition] = Body(
+        ...,
+        description="Positions: all with x and y, or all with ra and dec.",
+        examples=[[{"x": 311.4, "y": 87.0}, {"x": 20.0, "y": 400.5}]],
+    ),
+    format: Literal["json", "csv", "fits"] = Query("json", description="json, csv or fits."),
+    caller: Caller = Depends(get_caller),
+    store: Store = Depends(get_store),
+) -> Response:
+    from core.forced import forced_photometry
+    from core.io import read_exposure
+
+    record = _finished_job(store, job_id, caller)
+    if not positions:
+        raise ApiError(422, "invalid_request", "give at least one position")
+    if len(positions) > _MAX_POSITIONS:
+        raise ApiError(422, "invalid_request", f"at most {_MAX_POSITIONS} positions per request")
+    kind = _position_kind(positions)
+    path = store.products.path(job_id, "difference")
+    if path is None:
+        raise ApiError(
+            422,
+            "no_difference",
+            f"job {job_id} made a {record.mode} score, not a difference; forced photometry "
+            "needs a difference (submit with another mode)",
+        )
+    values = {k: [getattr(p, k) for p in positions] for k in kind}
+    difference = read_exposure(path, name="difference")
+    table = forced_photometry(difference, **values)
+    return _table_response(table, format, f"{job_id}-forced")
+
+
+def _position_kind(positions: list[ForcedPosition]) -> tuple[str, str]:
+    for kind in (("x", "y"), ("ra", "dec")):
+        if all(None not in (getattr(p, kind[0]), getattr(p, kind[1])) for p in positions):
+            return kind
+    raise ApiError(
+        422,
+        "invalid_positions",
+        "every position needs x and y (pixels), or every position ra and dec (degrees)",
+    )
+
+
+@router.get(
+    "/{job_id}/sources/{source_id}/cutouts",
+    summary="Cutout triplet of a DIA source",
+    description="Science (matched), template (matched) and difference (or score) stamps of "
+    "`size` x `size` pixels centred on the source, as in alert packets: `format=fits` gives "
+    "three image HDUs SCIENCE, TEMPLATE, DIFFERENCE with their WCS (NaN beyond the frame); "
+    "`format=png` the three side by side (zscale + asinh each).",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                "application/fits": {"schema": {"type": "string", "format": "binary"}},
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+            },
+            "description": "The cutout triplet.",
+        },
+        **_AUTH,
+        **_NOT_FOUND,
+        **_NOT_DONE,
+        422: {"model": ErrorResponse, "description": "Bad size."},
+    },
+)
+def source_cutouts(
+    job_id: str,
+    source_id: int,
+    size: int = Query(
+        DiaSourceConfig().cutout_size, ge=5, description="Stamp side in pixels (odd)."
+    ),
+    format: Literal["fits", "png"] = Query("fits", description="fits or png."),
+    caller: Caller = Depends(get_caller),
+    settings: Settings = Depends(get_settings),
+    store: Store = Depends(get_store),
+) -> Response:
+    from core.cutouts import TRIPLET, triplet_fits, triplet_from_files, triplet_png
+
+    _finished_job(store, job_id, caller)
+    if size > settings.max_cutout_size:
+        raise ApiError(422, "invalid_request", f"size must be at most {settings.max_cutout_size}")
+    table = _catalog(store, job_id)
+    match = np.flatnonzero(np.asarray(table["id"]) == source_id)
+    if match.size == 0:
+        raise ApiError(404, "not_found", f"job {job_id} has no DIA source {source_id}")
+    row = table[int(match[0])]
+    output = "difference" if store.products.path(job_id, "difference") else "score"
+    paths = {}
+    for name, product in zip(TRIPLET, ("matched_science", "matched_template", output), strict=True):
+        path = store.products.path(job_id, product)
+        if path is None:
+            raise ApiError(404, "not_found", f"job {job_id} has no {product} product")
+        paths[name] = path
+    stamps = triplet_from_files(paths, [float(row["x"])], [float(row["y"])], size)
+    if format == "png":
+        return Response(triplet_png(stamps), media_type="image/png")
+    header = {"DIASRCID": int(row["id"]), "X": float(row["x"]), "Y": float(row["y"])}
+    return Response(
+        triplet_fits(stamps, 0, header),
+        media_type="application/fits",
+        headers={"Content-Disposition": f'attachment; filename="{job_id}-source-{source_id}.fits"'},
+    )

@@ -1,0 +1,175 @@
+"""Alert cutouts: science, matched template and difference stamps around DIA sources.
+
+As in ZTF and Rubin alert packets, each DIA source gets a triplet of stamps
+centred on its pixel: a FITS file of three image HDUs (SCIENCE, TEMPLATE,
+DIFFERENCE, each with its WCS) and a PNG of the three side by side for
+dashboards. Stamps of all sources are gathered at once (fancy indexing, NaN
+beyond the frame); a stamp's WCS is the frame's with CRPIX moved to the stamp's
+origin, the same as slicing the WCS.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from .display import png_bytes
+from .errors import InvalidConfigError
+
+__all__ = [
+    "TRIPLET",
+    "Cutouts",
+    "cutouts",
+    "result_images",
+    "triplet_fits",
+    "triplet_png",
+    "triplet_from_files",
+]
+
+#: HDU names of a triplet, in order.
+TRIPLET = ("SCIENCE", "TEMPLATE", "DIFFERENCE")
+
+
+@dataclass
+class Cutouts:
+    """Stamps of several sources in several images.
+
+    Attributes
+    ----------
+    stamps : dict
+        Image name -> `numpy.ndarray` (n, size, size), float32, NaN off the frame.
+    origin : `numpy.ndarray` (n, 2), int
+        Array column and row of each stamp's pixel [0, 0] in the frame.
+    headers : dict
+        Image name -> the frame's WCS as a FITS header, or None without a WCS.
+    """
+
+    stamps: dict[str, np.ndarray]
+    origin: np.ndarray
+    headers: dict[str, fits.Header | None]
+
+    def header(self, name: str, k: int) -> fits.Header:
+        """FITS header with the WCS of stamp ``k`` of image ``name`` (empty without WCS)."""
+        base = self.headers.get(name)
+        if base is None:
+            return fits.Header()
+        header = base.copy()
+        # a stamp starting at column x0 sees reference pixel CRPIX1 - x0 (slicing a WCS)
+        header["CRPIX1"] = base.get("CRPIX1", 0.0) - float(self.origin[k, 0])
+        header["CRPIX2"] = base.get("CRPIX2", 0.0) - float(self.origin[k, 1])
+        return header
+
+
+def _gather(data: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
+    ny, nx = data.shape
+    offsets = np.arange(-half, half + 1)
+    rows = iy[:, None] + offsets
+    cols = ix[:, None] + offsets
+    out = np.asarray(
+        data[np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]],
+        dtype=np.float32,
+    )
+    outside = ~(((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :])
+    out[outside] = np.nan
+    return out
+
+
+def cutouts(images: Mapping[str, tuple[np.ndarray, WCS | None]], x, y, size: int) -> Cutouts:
+    """Stamps of ``size`` x ``size`` px (odd) centred on the pixels nearest (x, y).
+
+    Parameters
+    ----------
+    images : mapping
+        Name (e.g. `TRIPLET`) -> (image (ny, nx), WCS or None), one pixel grid.
+    x, y : array-like (n,)
+        0-based columns and rows of the sources.
+    size : int
+        Odd stamp side, so the source's pixel is the centre pixel.
+
+    Raises
+    ------
+    InvalidConfigError
+        Even or non-positive size, or a centre outside the frame.
+    """
+    if size < 1 or size % 2 == 0:
+        raise InvalidConfigError(f"cutout size must be a positive odd number, got {size}")
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+    ix = np.floor(x + 0.5).astype(int)
+    iy = np.floor(y + 0.5).astype(int)
+    half = size // 2
+    stamps, headers = {}, {}
+    for name, (data, wcs) in images.items():
+        ny, nx = data.shape
+        if np.any((ix < 0) | (ix >= nx) | (iy < 0) | (iy >= ny)):
+            raise InvalidConfigError(f"a cutout centre is outside the {nx}x{ny} image")
+        stamps[name] = _gather(data, ix, iy, half)
+        headers[name] = wcs.to_header(relax=True) if wcs is not None else None
+    return Cutouts(stamps, np.column_stack([ix - half, iy - half]), headers)
+
+
+def result_images(result) -> dict[str, tuple[np.ndarray, WCS | None]]:
+    """`TRIPLET` name -> (image, WCS) of a `core.subtract.SubtractionResult`: the matched
+    science, the matched template and the difference (or score)."""
+    exposures = (result.matched_science, result.matched_template, result.output)
+    return {name: (e.image, e.wcs) for name, e in zip(TRIPLET, exposures, strict=True)}
+
+
+def triplet_fits(cut: Cutouts, k: int = 0, header: Mapping | None = None) -> bytes:
+    """FITS bytes of source ``k``: empty primary HDU (``header`` cards) and one image HDU
+    per image, named as in ``cut.stamps``, with the stamp's WCS."""
+    primary = fits.PrimaryHDU()
+    for key, value in (header or {}).items():
+        primary.header[key] = value
+    hdus: list = [primary]
+    for name, stack in cut.stamps.items():
+        hdus.append(fits.ImageHDU(stack[k], header=cut.header(name, k), name=name))
+    buffer = io.BytesIO()
+    # the headers are built here, not read: nothing to verify
+    fits.HDUList(hdus).writeto(buffer, output_verify="ignore")
+    return buffer.getvalue()
+
+
+def triplet_png(cut: Cutouts, k: int = 0) -> bytes:
+    """PNG of source ``k``'s stamps side by side (science, template, difference), each
+    stretched on its own."""
+    return png_bytes([stack[k] for stack in cut.stamps.values()])
+
+
+def triplet_from_files(paths: Mapping[str, Path], x, y, size: int) -> Cutouts:
+    """`cutouts` from product files, reading only the stamps' rows (memory map).
+
+    Parameters
+    ----------
+    paths : mapping
+        Name -> product file (matched science, matched template, difference or
+        score); the image is the MEF ``IMAGE`` HDU, else the first 2-D image HDU.
+    x, y : array-like (n,)
+        0-based columns and rows.
+    size : int
+        Odd stamp side.
+    """
+    parts = []
+    for name, path in paths.items():
+        with fits.open(path, memmap=True) as hdul:
+            hdus = [h for h in hdul if h.is_image and h.header.get("NAXIS") == 2]
+            named = [h for h in hdus if h.name == "IMAGE"]
+            if not (named or hdus):
+                raise InvalidConfigError(f"{Path(path).name} has no 2-D image for a cutout")
+            chosen = (named or hdus)[0]
+            try:
+                wcs = WCS(chosen.header) if chosen.header.get("CTYPE1") else None
+            except Exception:  # noqa: BLE001 - an unreadable WCS: stamps without one
+                wcs = None
+            parts.append(cutouts({name: (chosen.data, wcs)}, x, y, size))
+    return Cutouts(
+        {name: part.stamps[name] for part, name in zip(parts, paths, strict=True)},
+        parts[0].origin,
+        {name: part.headers[name] for part, name in zip(parts, paths, strict=True)},
+    )

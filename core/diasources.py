@@ -1,0 +1,649 @@
+"""DIA sources: detection and measurement of what changed, on the difference or the score.
+
+In the ordinary modes the difference is correlated with its own PSF (matched
+filter) and divided by the equally filtered noise, renormalised so that its
+empty-sky scatter is 1 (correlated noise widens it); in preconvolve mode the
+score divided by the square root of its variance already is that S/N.
+Positive and negative footprints above the threshold are labelled, their
+peaks found and close peaks deblended (core.sources does the pixel work). A
+positive and a negative peak that are each other's nearest within a couple of
+PSF widths are one dipole (a misregistered or moving star), fitted with two
+PSFs. Every source gets a centroid, PSF and aperture fluxes on the difference,
+moments, flags, and the science and template fluxes at its position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from scipy.optimize import least_squares
+from scipy.signal import fftconvolve
+from scipy.spatial import ConvexHull, QhullError, cKDTree
+
+from .config import DiaSourceConfig
+from .exposure import Exposure
+from .forced import (
+    FLAG_BITS,
+    PsfStamps,
+    flag_columns,
+    noise_scale,
+    pixel_flags,
+    profile_sigma,
+    psf_photometry,
+    sky_positions,
+)
+from .psf import Psf
+from .sources import (
+    _BackgroundMesh,
+    _centroids,
+    _Filtered,
+    _find_peaks,
+    _footprints,
+    _moments,
+    _negative_side_sigma,
+    _stack,
+)
+
+__all__ = [
+    "detect_dia_sources",
+    "measure_dia_sources",
+    "dia_sources",
+    "score_profile",
+    "catalog_hdulist",
+    "read_dia_sources",
+    "Detections",
+    "DIA_COLUMNS",
+]
+
+#: Columns of a DIA-source table, in order, with their types.
+DIA_COLUMNS: dict[str, Any] = {
+    "id": np.int64,
+    "x": np.float64,
+    "y": np.float64,
+    "ra": np.float64,
+    "dec": np.float64,
+    "psf_flux": np.float64,
+    "psf_flux_err": np.float64,
+    "snr": np.float64,
+    "detection_snr": np.float64,
+    "aperture_flux": np.float64,
+    "aperture_flux_err": np.float64,
+    "ixx": np.float64,
+    "iyy": np.float64,
+    "ixy": np.float64,
+    "is_negative": bool,
+    "is_dipole": bool,
+    "dipole_separation": np.float64,
+    "dipole_angle": np.float64,
+    "dipole_pos_flux": np.float64,
+    "dipole_neg_flux": np.float64,
+    "footprint": np.int64,
+    "n_peaks": np.int64,
+    "science_flux": np.float64,
+    "science_flux_err": np.float64,
+    "template_flux": np.float64,
+    "template_flux_err": np.float64,
+    "flags": np.int32,
+    **{f"flag_{name}": bool for name in FLAG_BITS},
+}
+#: Sub-pixel samples per axis for the fractional pixel coverage of apertures.
+_APERTURE_SUBSAMPLE = 5
+
+
+class Detections:
+    """Peaks above threshold on a difference or score.
+
+    Attributes
+    ----------
+    col, row : `numpy.ndarray` (n,), int
+        Array position of each peak.
+    sign : `numpy.ndarray` (n,), int
+        +1 for a positive peak, -1 for a negative one.
+    footprint : `numpy.ndarray` (n,), int
+        Footprint number (positive and negative footprints numbered apart).
+    n_peaks : `numpy.ndarray` (n,), int
+        Peaks in the source's footprint (more than one: deblended).
+    peak_snr : `numpy.ndarray` (n,), float
+        Detection S/N at the peak (negative for negative peaks).
+    image : `numpy.ndarray` (ny, nx), float32
+        The searched image with unusable pixels set to 0 (for centroids).
+    noise_factor : float
+        Measured empty-sky scatter of the S/N before renormalisation.
+    psf_sigma : float
+        Trace radius (px) of the profile of a point source in ``image``.
+    """
+
+    def __init__(self, col, row, sign, footprint, n_peaks, peak_snr, image, noise_factor, sigma):
+        self.col, self.row, self.sign = col, row, sign
+        self.footprint, self.n_peaks, self.peak_snr = footprint, n_peaks, peak_snr
+        self.image, self.noise_factor, self.psf_sigma = image, noise_factor, sigma
+
+
+def _snr_map(exposure: Exposure, is_score: bool) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Detection S/N map, the image for centroids, the noise factor and the profile sigma."""
+    psf = exposure.require_psf()
+    sigma = profile_sigma(psf)
+    # the convolution's edge band holds no usable difference: treat it as no data
+    edge = exposure.bitmask([p for p in ("EDGE",) if p in exposure.mask_planes])
+    if edge:
+        mask = np.where(
+            (exposure.mask & edge) != 0,
+            exposure.mask | exposure.mask_planes.value("NO_DATA"),
+            exposure.mask,
+        )
+        exposure = replace(exposure, mask=mask)
+    if is_score:
+        image = np.where(np.isfinite(exposure.image), exposure.image, np.float32(0))
+        var = exposure.variance
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = np.where(np.isfinite(var) & (var > 0), image / np.sqrt(var), np.float32(0))
+        snr[exposure.masked(["NO_DATA"])] = 0.0
+        factor = _negative_side_sigma(snr)
+        snr /= np.float32(factor)
+        return snr.astype(np.float32, copy=False), image, factor, sigma
+    # the difference has no background left (fitted and refined): no mesh estimate
+    ny, nx = exposure.shape
+    filtered = _Filtered(exposure, psf, _BackgroundMesh.constant(ny, nx, 0.0, 1.0))
+    return filtered.snr, filtered.image, filtered.noise_factor, sigma
+
+
+def detect_dia_sources(
+    exposure: Exposure, config: DiaSourceConfig | None = None, is_score: bool = False
+) -> Detections:
+    """Positive and negative peaks above ``config.threshold`` on a difference or score.
+
+    Parameters
+    ----------
+    exposure : `Exposure`
+        The difference (its PSF is the matched filter) or the score.
+    config : `DiaSourceConfig` or None
+    is_score : bool
+        ``exposure`` is a preconvolution score: score / sqrt(variance) is the S/N.
+
+    Returns
+    -------
+    `Detections`
+        Peaks sorted by decreasing absolute S/N, at most ``config.max_sources``.
+    """
+    config = config or DiaSourceConfig()
+    snr, image, factor, sigma = _snr_map(exposure, is_score)
+    parts = []
+    offset = 0
+    for sign in (1, -1):
+        if sign < 0:
+            np.negative(snr, out=snr)
+        labels, n = _footprints(snr, config.threshold, config.min_pixels)
+        if n:
+            peaks = _find_peaks(snr, labels, n, sigma, config.peak_prominence)
+            row, col, label = peaks[:, 0], peaks[:, 1], peaks[:, 2]
+            count = np.bincount(label, minlength=n + 1)[label]
+            parts.append((col, row, np.full(row.size, sign), label + offset, count, snr[row, col]))
+            offset += n
+        if sign < 0:
+            np.negative(snr, out=snr)
+    if not parts:
+        empty = np.zeros(0, dtype=int)
+        return Detections(empty, empty, empty, empty, empty, np.zeros(0), image, factor, sigma)
+    stacked = (np.concatenate(p) for p in zip(*parts, strict=True))
+    col, row, sign_, footprint, n_peaks, value = stacked
+    order = np.argsort(-value, kind="stable")[: config.max_sources]
+    return Detections(
+        col[order],
+        row[order],
+        sign_[order],
+        footprint[order],
+        n_peaks[order],
+        (value * sign_)[order].astype(np.float64),
+        image,
+        factor,
+        sigma,
+    )
+
+
+def _pair_dipoles(det: Detections, max_separation: float) -> np.ndarray:
+    """(k, 2) indices (positive, negative) of peaks that are each other's nearest."""
+    pos = np.flatnonzero(det.sign > 0)
+    neg = np.flatnonzero(det.sign < 0)
+    if max_separation <= 0 or pos.size == 0 or neg.size == 0:
+        return np.zeros((0, 2), dtype=int)
+    pxy = np.column_stack([det.col[pos], det.row[pos]]).astype(float)
+    nxy = np.column_stack([det.col[neg], det.row[neg]]).astype(float)
+    d_pn, to_neg = cKDTree(nxy).query(pxy, distance_upper_bound=max_separation)
+    _, to_pos = cKDTree(pxy).query(nxy, distance_upper_bound=max_separation)
+    pairs = [
+        (pos[i], neg[j])
+        for i, j in enumerate(to_neg)
+        if np.isfinite(d_pn[i]) and j < neg.size and to_pos[j] == i
+    ]
+    return np.array(pairs, dtype=int).reshape(-1, 2)
+
+
+def _fit_dipole(
+    exposure: Exposure, stamps: PsfStamps, pos_xy, neg_xy, lobe_fluxes=None
+) -> dict[str, float]:
+    """Two-PSF fit (positive and negative lobe) of a dipole, positions free.
+
+    The lobe fluxes enter linearly, so only the four coordinates are searched
+    (variable projection); the box spans both lobes plus the PSF fitting radius.
+    Lobes closer than a PSF FWHM are degenerate (flux times separation is all
+    the data fixes), so when ``lobe_fluxes`` (the science and template fluxes
+    of the star there, both > 0) are given they are held at those values and
+    only the positions are fitted, as Rubin's dipole fit leans on the images
+    before subtraction. The net flux and its error always come from the free
+    linear fit at the final positions (their sum is well determined).
+    """
+    x0, y0 = exposure.xy0
+    h = stamps.half
+    cx = int(round(0.5 * (pos_xy[0] + neg_xy[0])))
+    cy = int(round(0.5 * (pos_xy[1] + neg_xy[1])))
+    half = h + int(math.ceil(0.5 * math.hypot(pos_xy[0] - neg_xy[0], pos_xy[1] - neg_xy[1])))
+    data = _stack(exposure.image, np.array([cx]), np.array([cy]), half, fill=np.nan)[0]
+    var = _stack(exposure.variance, np.array([cx]), np.array([cy]), half, fill=np.nan)[0]
+    good = np.isfinite(data) & np.isfinite(var) & (var > 0)
+    data = np.where(good, data, 0.0).astype(np.float64)
+    weight = np.where(good, 1.0, 0.0)
+    size = 2 * half + 1
+
+    def models(p):
+        placed = np.zeros((2, size, size))
+        model, ix, iy = stamps.at(np.array([p[0], p[2]]) + x0, np.array([p[1], p[3]]) + y0)
+        for k in range(2):
+            j0, i0 = iy[k] - h - (cy - half), ix[k] - h - (cx - half)
+            ys = slice(max(j0, 0), min(j0 + 2 * h + 1, size))
+            xs = slice(max(i0, 0), min(i0 + 2 * h + 1, size))
+            placed[k, ys, xs] = model[k, ys.start - j0 : ys.stop - j0, xs.start - i0 : xs.stop - i0]
+        return placed * weight
+
+    fixed: list[np.ndarray] = []
+
+    def solve(p):
+        design = models(p).reshape(2, -1).T
+        if fixed:
+            return design, fixed[0]
+        amplitude, *_ = np.linalg.lstsq(design, data.ravel(), rcond=None)
+        return design, amplitude
+
+    def residual(p):
+        design, amplitude = solve(p)
+        return design @ amplitude - data.ravel()
+
+    start = np.array([pos_xy[0], pos_xy[1], neg_xy[0], neg_xy[1]], dtype=float)
+    lo = np.array([cx - half, cy - half, cx - half, cy - half], dtype=float) + 1
+    hi = np.array([cx + half, cy + half, cx + half, cy + half], dtype=float) - 1
+
+    def search(begin):
+        try:
+            fit = least_squares(residual, np.clip(begin, lo, hi), bounds=(lo, hi), x_scale=1.0)
+            return fit.x
+        except (ValueError, np.linalg.LinAlgError):
+            return begin
+
+    p = search(start)
+    lobes = None
+    if (
+        lobe_fluxes is not None
+        and math.hypot(p[0] - p[2], p[1] - p[3]) < stamps.fwhm
+        and all(np.isfinite(f) and f > 0 for f in lobe_fluxes)
+    ):
+        lobes = (float(lobe_fluxes[0]), -float(lobe_fluxes[1]))
+        fixed.append(np.array(lobes))
+        mid = 0.5 * (start[:2] + start[2:])
+        step = 0.1 * (start[:2] - start[2:]) / max(math.hypot(*(start[:2] - start[2:])), 1e-9)
+        p = search(np.concatenate([mid + step, mid - step]))
+        fixed.clear()
+    design, amplitude = solve(p)
+    normal = design.T @ design
+    try:
+        inverse = np.linalg.inv(normal)
+    except np.linalg.LinAlgError:
+        inverse = np.full((2, 2), np.nan)
+    estimator = inverse @ design.T
+    covariance = (estimator * var.ravel().clip(0)[None, :]) @ estimator.T
+    total_err = math.sqrt(max(float(np.sum(covariance)), 0.0))
+    net = float(amplitude[0] + amplitude[1])
+    pos_flux, neg_flux = lobes if lobes is not None else (float(amplitude[0]), float(amplitude[1]))
+    return {
+        "x": 0.5 * (p[0] + p[2]),
+        "y": 0.5 * (p[1] + p[3]),
+        "pos_flux": pos_flux,
+        "neg_flux": neg_flux,
+        "flux": net,
+        "flux_err": total_err,
+        "separation": math.hypot(p[0] - p[2], p[1] - p[3]),
+        # direction from the negative lobe to the positive one, degrees from +x to +y
+        "angle": math.degrees(math.atan2(p[1] - p[3], p[0] - p[2])),
+    }
+
+
+def _aperture(exposure: Exposure, x, y, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Circular aperture sums and errors with fractional pixel coverage (sub-sampled)."""
+    if x.size == 0:
+        return np.zeros(0), np.zeros(0)
+    half = int(math.ceil(radius)) + 1
+    ix = np.floor(x + 0.5).astype(int)
+    iy = np.floor(y + 0.5).astype(int)
+    s = _APERTURE_SUBSAMPLE
+    sub = (np.arange(s) + 0.5) / s - 0.5
+    grid = np.arange(-half, half + 1)
+    # (n, w, s) sub-pixel offsets from each source's centre along x and y
+    ox = grid[None, :, None] + sub[None, None, :] - (x - ix)[:, None, None]
+    oy = grid[None, :, None] + sub[None, None, :] - (y - iy)[:, None, None]
+    inside = oy[:, :, None, :, None] ** 2 + ox[:, None, :, None, :] ** 2 <= radius * radius
+    weight = inside.mean(axis=(3, 4))
+    data = _stack(exposure.image, ix, iy, half, fill=np.nan).astype(np.float64)
+    var = _stack(exposure.variance, ix, iy, half, fill=np.nan).astype(np.float64)
+    good = np.isfinite(data) & np.isfinite(var)
+    covered = np.where(good, weight, 0).sum(axis=(1, 2)) / weight.sum(axis=(1, 2))
+    flux = np.where(good, weight * data, 0).sum(axis=(1, 2))
+    err = np.sqrt(np.where(good, weight**2 * var, 0).sum(axis=(1, 2)))
+    incomplete = covered < 1.0
+    flux[incomplete] = np.nan
+    err[incomplete] = np.nan
+    return flux, err
+
+
+def _bright_star(template: Exposure | None, ix, iy, radius: float, limit: float) -> np.ndarray:
+    """True where a matched-template pixel within ``radius`` exceeds ``limit`` S/N."""
+    if template is None or ix.size == 0 or radius <= 0:
+        return np.zeros(ix.size, dtype=bool)
+    r = int(math.ceil(radius))
+    offsets = np.arange(-r, r + 1)
+    disc = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
+    data = _stack(template.image, ix, iy, r, fill=np.nan).astype(np.float64)
+    var = _stack(template.variance, ix, iy, r, fill=np.nan).astype(np.float64)
+    outside = np.where(disc, np.nan, data).reshape(ix.size, -1)[:, ~disc.ravel()]
+    level = np.median(outside, axis=1)
+    holes = ~np.isfinite(level)
+    if holes.any():  # stamps over the frame's edge: the NaN-aware (row by row) median
+        level[holes] = np.nanmedian(outside[holes], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = (data - level[:, None, None]) / np.sqrt(var)
+    snr = np.where(disc & np.isfinite(snr), snr, -np.inf)
+    return snr.reshape(ix.size, -1).max(axis=1) > limit
+
+
+def _outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray:
+    """True where a position lies more than ``margin`` px outside the kernel sources' hull."""
+    out = np.zeros(x.size, dtype=bool)
+    if kernel_sources is None or x.size == 0 or len(kernel_sources) < 3:
+        return out
+    if "x" not in kernel_sources.colnames or "y" not in kernel_sources.colnames:
+        return out
+    points = np.column_stack(
+        [np.asarray(kernel_sources["x"]) - xy0[0], np.asarray(kernel_sources["y"]) - xy0[1]]
+    )
+    try:
+        hull = ConvexHull(points)
+    except QhullError:
+        return out
+    # signed distance to each facet's line; the largest is the distance outside
+    distance = (hull.equations[:, :2] @ np.vstack([x, y]) + hull.equations[:, 2:3]).max(axis=0)
+    return distance > margin
+
+
+def _matched_photometry(output, matched_science, matched_template, config):
+    """PSF photometry functions (x, y) -> (flux, error) on the matched science and template.
+
+    Both are on the science PSF (the template is matched to it); a local constant is
+    fitted with the flux since they still carry sky. Empty when either is missing.
+    """
+    if matched_science is None or matched_template is None:
+        return []
+    psf = matched_science.psf or output.require_psf()
+    # the two share the pixel grid and the PSF: one set of drawn stamps
+    stamps = PsfStamps(psf, matched_science, config=config)
+    out = []
+    for exposure in (matched_science, matched_template):
+
+        def measure(x, y, exposure=exposure):
+            fit = psf_photometry(exposure, x, y, stamps, True, config.min_psf_coverage)
+            return fit["flux"], fit["flux_err"]
+
+        out.append(measure)
+    return out
+
+
+def measure_dia_sources(
+    output: Exposure,
+    detections: Detections,
+    config: DiaSourceConfig | None = None,
+    matched_science: Exposure | None = None,
+    matched_template: Exposure | None = None,
+    kernel_sources: Table | None = None,
+) -> Table:
+    """Measure detected DIA sources; see `dia_sources` for the columns."""
+    config = config or DiaSourceConfig()
+    forced = config.forced
+    stamps = PsfStamps(output.require_psf(), output, config=forced)
+    fwhm = stamps.fwhm
+    det = detections
+    pairs = _pair_dipoles(det, config.dipole_max_separation_fwhm * fwhm)
+    in_pair = np.zeros(det.col.size, dtype=bool)
+    in_pair[pairs.ravel()] = True
+    single = np.flatnonzero(~in_pair)
+
+    # centroids and moments of single-signed sources, on sign-corrected stamps
+    half = int(max(5, math.ceil(4.0 * det.psf_sigma)))
+    sign = det.sign[single].astype(float)
+    profile = _stack(det.image, det.col[single], det.row[single], half) * sign[:, None, None]
+    dx, dy = _centroids(profile, det.psf_sigma)
+    ixx, iyy, ixy = _moments(profile, dx, dy, det.psf_sigma)
+    x = det.col[single] + dx
+    y = det.row[single] + dy
+    n_single, n_pair = single.size, pairs.shape[0]
+    n = n_single + n_pair
+
+    columns: dict[str, np.ndarray] = {
+        name: np.zeros(n, dtype=kind) for name, kind in DIA_COLUMNS.items()
+    }
+    for name in ("dipole_separation", "dipole_angle", "dipole_pos_flux", "dipole_neg_flux"):
+        columns[name][:] = np.nan
+    columns["x"][:n_single], columns["y"][:n_single] = x, y
+    columns["ixx"][:n_single], columns["iyy"][:n_single], columns["ixy"][:n_single] = ixx, iyy, ixy
+    columns["is_negative"][:n_single] = det.sign[single] < 0
+    columns["detection_snr"][:n_single] = det.peak_snr[single]
+    columns["footprint"][:n_single] = det.footprint[single]
+    columns["n_peaks"][:n_single] = det.n_peaks[single]
+
+    scale = noise_scale(output, stamps, forced)
+    fit = psf_photometry(output, x, y, stamps, forced.fit_background, forced.min_psf_coverage)
+    columns["psf_flux"][:n_single] = fit["flux"]
+    columns["psf_flux_err"][:n_single] = fit["flux_err"] * scale
+
+    matched = _matched_photometry(output, matched_science, matched_template, forced)
+    for k, (ip, jn) in enumerate(pairs):
+        mid_x = 0.5 * (det.col[ip] + det.col[jn])
+        mid_y = 0.5 * (det.row[ip] + det.row[jn])
+        lobe_fluxes = [measure(np.array([mid_x]), np.array([mid_y]))[0][0] for measure in matched]
+        dipole = _fit_dipole(
+            output,
+            stamps,
+            (det.col[ip], det.row[ip]),
+            (det.col[jn], det.row[jn]),
+            lobe_fluxes if len(matched) == 2 else None,
+        )
+        row = n_single + k
+        columns["x"][row], columns["y"][row] = dipole["x"], dipole["y"]
+        columns["psf_flux"][row] = dipole["flux"]
+        columns["psf_flux_err"][row] = dipole["flux_err"] * scale
+        columns["dipole_separation"][row] = dipole["separation"]
+        columns["dipole_angle"][row] = dipole["angle"]
+        columns["dipole_pos_flux"][row] = dipole["pos_flux"]
+        columns["dipole_neg_flux"][row] = dipole["neg_flux"]
+        columns["is_dipole"][row] = True
+        strongest = ip if abs(det.peak_snr[ip]) >= abs(det.peak_snr[jn]) else jn
+        columns["detection_snr"][row] = det.peak_snr[strongest]
+        columns["footprint"][row] = det.footprint[ip]
+        columns["n_peaks"][row] = det.n_peaks[ip] + det.n_peaks[jn]
+    if n_pair:
+        pair_x, pair_y = columns["x"][n_single:], columns["y"][n_single:]
+        profile = _stack(
+            det.image,
+            np.floor(pair_x + 0.5).astype(int),
+            np.floor(pair_y + 0.5).astype(int),
+            half,
+        )
+        # moments of the absolute profile: the extent of both lobes
+        offset_x = pair_x - np.floor(pair_x + 0.5)
+        offset_y = pair_y - np.floor(pair_y + 0.5)
+        m = _moments(np.abs(profile), offset_x, offset_y, det.psf_sigma)
+        columns["ixx"][n_single:], columns["iyy"][n_single:], columns["ixy"][n_single:] = m
+
+    x_all, y_all = columns["x"], columns["y"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        columns["snr"] = columns["psf_flux"] / columns["psf_flux_err"]
+    columns["ra"], columns["dec"] = sky_positions(output, x_all, y_all)
+    columns["aperture_flux"], columns["aperture_flux_err"] = _aperture(
+        output, x_all, y_all, config.aperture_radius_fwhm * fwhm
+    )
+    ix = np.floor(x_all + 0.5).astype(int)
+    iy = np.floor(y_all + 0.5).astype(int)
+    flags = pixel_flags(output, ix, iy, forced.flag_radius_fwhm * fwhm, stamps.half)
+    bright = _bright_star(
+        matched_template, ix, iy, config.bright_star_radius_fwhm * fwhm, config.bright_star_peak_snr
+    )
+    flags[bright] |= FLAG_BITS["bright_star"][0]
+    outside = _outside_kernel_hull(
+        kernel_sources, output.xy0, x_all, y_all, config.suspect_kernel_margin
+    )
+    flags[outside] |= FLAG_BITS["suspect_kernel"][0]
+    columns["flags"] = flags
+    columns.update(flag_columns(flags))
+    for label, measure in zip(("science", "template"), matched, strict=False):
+        columns[f"{label}_flux"], columns[f"{label}_flux_err"] = measure(x_all, y_all)
+    if len(matched) < 2:
+        for label in ("science", "template")[len(matched) :]:
+            columns[f"{label}_flux"][:] = np.nan
+            columns[f"{label}_flux_err"][:] = np.nan
+
+    # most significant first; ids follow that order
+    order = np.argsort(-np.abs(columns["detection_snr"]), kind="stable")
+    table = Table({name: columns[name][order] for name in DIA_COLUMNS})
+    table["id"] = np.arange(n, dtype=np.int64)
+    table.meta.update(
+        {
+            "threshold": float(config.threshold),
+            "noise_factor": float(det.noise_factor),
+            "noise_scale": float(scale),
+            "psf_fwhm": float(fwhm),
+            "n_positive": int(np.count_nonzero(~table["is_negative"] & ~table["is_dipole"])),
+            "n_negative": int(np.count_nonzero(table["is_negative"])),
+            "n_dipoles": int(n_pair),
+        }
+    )
+    return table
+
+
+class _CorrelatedPsf(Psf):
+    """A PSF correlated with a fixed kernel (FFT), normalised to unit sum."""
+
+    def __init__(self, psf: Psf, kernel: np.ndarray):
+        self.psf = psf
+        self.kernel = kernel[::-1, ::-1]  # correlation = convolution with the flipped kernel
+        self.average_position = psf.average_position
+
+    def kernel_image(self, x=None, y=None) -> np.ndarray:
+        out = fftconvolve(self.psf.kernel_image(x, y), self.kernel, mode="full")
+        return out / out.sum()
+
+
+def score_profile(psf: Psf, preconvolution_psf: Psf) -> Psf:
+    """Profile of a point source in a score (or preconvolved) image: ``psf`` correlated
+    with the preconvolution kernel (``preconvolution_psf`` at its average position,
+    unit sum), as the preconvolution task builds it."""
+    stamp = np.asarray(preconvolution_psf.kernel_image(), dtype=np.float64)
+    return _CorrelatedPsf(psf, stamp / stamp.sum())
+
+
+def dia_sources(
+    output: Exposure,
+    config: DiaSourceConfig | None = None,
+    is_score: bool = False,
+    matched_science: Exposure | None = None,
+    matched_template: Exposure | None = None,
+    kernel_sources: Table | None = None,
+) -> Table:
+    """Detect and measure the DIA sources of a subtraction.
+
+    Parameters
+    ----------
+    output : `Exposure`
+        The difference (science units) or, with ``is_score``, the score.
+    config : `DiaSourceConfig` or None
+    is_score : bool
+        Detect on score / sqrt(variance) instead of the matched-filtered difference.
+    matched_science, matched_template : `Exposure` or None
+        For the science and template fluxes at each position and the bright-star flag.
+    kernel_sources : `astropy.table.Table` or None
+        The kernel sources (parent x, y); sources far outside their hull are flagged
+        ``suspect_kernel``.
+
+    Returns
+    -------
+    `astropy.table.Table`
+        One row per DIA source, most significant first (`DIA_COLUMNS`): ``id``;
+        ``x``, ``y`` (0-based column and row of the science array); ``ra``,
+        ``dec`` (degrees, NaN without WCS); ``psf_flux``, ``psf_flux_err``
+        (PSF fit on the output with its PSF at the position, science counts;
+        errors scaled for correlated noise) and ``snr``; ``detection_snr`` (peak
+        of the detection S/N, negative for negative sources); ``aperture_flux``
+        and error (radius ``aperture_radius_fwhm`` FWHM); adaptive moments
+        ``ixx``, ``iyy``, ``ixy`` (px^2); ``is_negative``; ``is_dipole`` with
+        ``dipole_separation`` (px), ``dipole_angle`` (degrees from +x towards
+        +y, negative lobe to positive lobe), ``dipole_pos_flux`` and
+        ``dipole_neg_flux`` (< 0); ``footprint`` and ``n_peaks`` (deblending);
+        ``science_flux``, ``template_flux`` (PSF fluxes with a local background
+        on the matched images, science units) and errors; ``flags`` (bits of
+        `core.forced.FLAG_BITS`) and one ``flag_<name>`` column per bit.
+    """
+    config = config or DiaSourceConfig()
+    detections = detect_dia_sources(output, config, is_score)
+    if is_score and matched_science is not None and matched_science.psf is not None:
+        # the score and both matched images carry the science PSF's label, but a point
+        # source in them is that PSF correlated once more with the preconvolution kernel
+        science_psf = matched_science.psf
+        output = replace(output, psf=score_profile(output.require_psf(), science_psf))
+        matched_science = replace(matched_science, psf=score_profile(science_psf, science_psf))
+        if matched_template is not None:
+            matched_template = replace(matched_template, psf=matched_science.psf)
+    return measure_dia_sources(
+        output, detections, config, matched_science, matched_template, kernel_sources
+    )
+
+
+#: Table meta -> FITS header keyword of a written catalog.
+_META_KEYS = {
+    "threshold": "THRESH",
+    "noise_factor": "NOISEFAC",
+    "noise_scale": "NOISESCL",
+    "psf_fwhm": "PSFFWHM",
+    "n_positive": "NPOS",
+    "n_negative": "NNEG",
+    "n_dipoles": "NDIPOLE",
+}
+
+
+def catalog_hdulist(table: Table) -> fits.HDUList:
+    """A DIA-source (or forced-photometry) table as FITS: primary + ``DIASOURCES`` binary
+    table; the table's figures and the flag bits (``FLAG_<NAME>``) in its header."""
+    hdu = fits.table_to_hdu(Table(table, meta={}))
+    hdu.name = "DIASOURCES"
+    for key, card in _META_KEYS.items():
+        if key in table.meta:
+            hdu.header[card] = (table.meta[key], key.replace("_", " "))
+    for name, (bit, _) in FLAG_BITS.items():
+        hdu.header[f"HIERARCH FLAG_{name.upper()}"] = (bit, f"flags bit: {name}")
+    return fits.HDUList([fits.PrimaryHDU(), hdu])
+
+
+def read_dia_sources(path) -> Table:
+    """Read a catalog written by `catalog_hdulist` (meta restored)."""
+    table = Table.read(path, hdu="DIASOURCES")
+    header = {v: k for k, v in _META_KEYS.items()}
+    table.meta = {header[k]: v for k, v in table.meta.items() if k in header}
+    return table

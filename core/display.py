@@ -1,0 +1,59 @@
+"""Display stretch and PNG encoding of images: previews, cutouts and alert triplets.
+
+A zscale interval and an asinh stretch (astropy.visualization), the usual
+display for difference images: faint residuals visible, bright stars not
+saturated into blobs. FITS row 0 is drawn at the bottom.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from astropy.visualization import AsinhStretch, ZScaleInterval
+from PIL import Image
+
+__all__ = ["png_bytes", "stretch_8bit", "block_mean"]
+
+
+def block_mean(image: np.ndarray, max_size: int) -> np.ndarray:
+    """Block-average ``image`` so that neither side exceeds ``max_size`` pixels."""
+    factor = int(np.ceil(max(image.shape) / max_size))
+    if factor <= 1:
+        return image
+    ny, nx = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    blocks = image[:ny, :nx].reshape(ny // factor, factor, nx // factor, factor)
+    return np.nanmean(blocks, axis=(1, 3))
+
+
+def stretch_8bit(image: np.ndarray) -> np.ndarray:
+    """uint8 display values of ``image`` (zscale + asinh); NaNs drawn at the median."""
+    image = np.asarray(image, dtype=np.float32)
+    finite = np.isfinite(image)
+    if not finite.any():
+        return np.zeros(image.shape, dtype=np.uint8)
+    filled = np.where(finite, image, np.nanmedian(image[finite]))
+    vmin, vmax = ZScaleInterval().get_limits(filled)
+    span = vmax - vmin if vmax > vmin else 1.0
+    unit = np.clip((filled - vmin) / span, 0.0, 1.0)
+    return (AsinhStretch(0.1)(unit, clip=True) * 255).astype(np.uint8)
+
+
+def png_bytes(image: np.ndarray | list[np.ndarray], max_size: int = 1024) -> bytes:
+    """8-bit PNG of ``image`` with a zscale + asinh stretch, row 0 at the bottom.
+
+    ``image`` may be a list of equally tall images: each is stretched on its
+    own and they are drawn side by side, 2 px apart (a cutout triplet).
+    """
+    images = image if isinstance(image, list | tuple) else [image]
+    panels = [stretch_8bit(block_mean(np.asarray(i, dtype=np.float32), max_size)) for i in images]
+    gap = np.zeros((panels[0].shape[0], 2), dtype=np.uint8) if len(panels) > 1 else None
+    row: list[np.ndarray] = []
+    for k, panel in enumerate(panels):
+        if k and gap is not None:
+            row.append(gap)
+        row.append(panel)
+    scaled = np.concatenate(row, axis=1) if len(row) > 1 else row[0]
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(scaled[::-1])).save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()

@@ -1,0 +1,423 @@
+"""Forced PSF photometry on a difference image: fluxes, errors and pixel flags at positions.
+
+Alert brokers ask for light curves of known objects: the PSF flux of the
+difference at a fixed position in every epoch, detected or not. The fit is
+linear (amplitude of the difference's PSF, optionally a local constant) and
+vectorised over positions; a spatially varying PSF is drawn on a coarse grid of
+nodes and interpolated bilinearly. Errors come from the variance plane, scaled
+by the flux scatter at random positions so that correlated noise (a difference
+without decorrelation, a warped template) does not make them too small.
+Positions are 0-based array coordinates: x the column, y the row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from astropy.stats import mad_std
+from astropy.table import Table
+from scipy import fft
+
+from .config import ForcedPhotometryConfig
+from .errors import InvalidCatalogError, PsfError
+from .exposure import Exposure
+from .psf import SIGMA_TO_FWHM, Psf, adaptive_moments
+from .sources import _stack
+
+__all__ = [
+    "FLAG_BITS",
+    "UNUSABLE_PLANES",
+    "PsfStamps",
+    "flag_columns",
+    "forced_photometry",
+    "noise_scale",
+    "pixel_flags",
+    "profile_sigma",
+    "psf_photometry",
+    "sky_positions",
+]
+
+#: Bits of the ``flags`` column and the mask planes that raise each (empty: set by
+#: the caller). The schema of every DIA-source and forced-photometry table.
+FLAG_BITS = {
+    "edge": (1, ("EDGE",)),
+    "saturated": (2, ("SAT", "SAT_TEMPLATE")),
+    "bad": (4, ("BAD", "CR", "BAD_TEMPLATE")),
+    "interpolated": (8, ("INTRP",)),
+    "no_data": (16, ("NO_DATA",)),
+    "bright_star": (32, ()),
+    "suspect_kernel": (64, ("SUSPECT",)),
+}
+#: Pixels left out of every fit: no data, the convolution's edge band, dead or hot pixels.
+UNUSABLE_PLANES = ("NO_DATA", "EDGE", "BAD")
+#: Extra margin (px) of the drawn stamps beyond the fitted box, so that the Fourier
+#: sub-pixel shift wraps only the far wings into the box.
+_SHIFT_PAD = 4
+
+
+def profile_sigma(psf: Psf) -> float:
+    """Trace radius (px) of a PSF, robust to negative side lobes.
+
+    A decorrelated PSF can ring below zero, where the adaptive moments of the
+    stamp diverge; then the moments of its positive part are used.
+
+    Raises
+    ------
+    PsfError
+        The PSF cannot be evaluated or has no positive flux.
+    """
+    try:
+        sigma = float(psf.sigma())
+        if math.isfinite(sigma) and sigma > 0:
+            return sigma
+        stamp = np.clip(np.asarray(psf.kernel_image(), dtype=np.float64), 0.0, None)
+        with np.errstate(all="ignore"):
+            ixx, iyy, _ = adaptive_moments(stamp)
+        sigma = math.sqrt(0.5 * (ixx + iyy))
+    except PsfError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of a user PSF is a PSF error
+        raise PsfError(f"the PSF cannot be evaluated: {exc}") from None
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise PsfError("the PSF has no measurable width")
+    return sigma
+
+
+class PsfStamps:
+    """Unit-sum PSF stamps at sub-pixel positions, cropped to a fitting box.
+
+    Parameters
+    ----------
+    psf : `core.psf.Psf`
+    exposure : `Exposure`
+        Gives the parent origin and the extent of the node grid.
+    half : int or None
+        Half-width of the returned stamps (px); None sizes it from ``fit_radius_fwhm``.
+    config : `ForcedPhotometryConfig` or None
+    """
+
+    def __init__(
+        self,
+        psf: Psf,
+        exposure: Exposure,
+        half: int | None = None,
+        config: ForcedPhotometryConfig | None = None,
+    ):
+        config = config or ForcedPhotometryConfig()
+        self.psf = psf
+        self.xy0 = exposure.xy0
+        self.fwhm = SIGMA_TO_FWHM * profile_sigma(psf)
+        full = psf.kernel_image().shape[0] // 2
+        if half is None:
+            half = int(math.ceil(config.fit_radius_fwhm * self.fwhm))
+        self.half = int(min(half, full))
+        self._draw_half = int(min(self.half + _SHIFT_PAD, full))
+        ny, nx = exposure.shape
+        step, most = config.psf_grid_step, config.psf_grid_max_nodes
+        count_x = min(most, max(2, math.ceil((nx - 1) / step) + 1))
+        count_y = min(most, max(2, math.ceil((ny - 1) / step) + 1))
+        self.nodes_x = self.xy0[0] + np.linspace(0, nx - 1, count_x)
+        self.nodes_y = self.xy0[1] + np.linspace(0, ny - 1, count_y)
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self.constant = self._is_constant()
+
+    def _node(self, j: int, i: int) -> np.ndarray:
+        key = (j, i)
+        if key not in self._cache:
+            stamp = self.psf.kernel_image(float(self.nodes_x[i]), float(self.nodes_y[j]))
+            c, h = stamp.shape[0] // 2, self._draw_half
+            self._cache[key] = np.asarray(stamp[c - h : c + h + 1, c - h : c + h + 1], float)
+        return self._cache[key]
+
+    def _is_constant(self) -> bool:
+        last_j, last_i = self.nodes_y.size - 1, self.nodes_x.size - 1
+        centre = self._node(last_j // 2, last_i // 2)
+        corners = [(0, 0), (0, last_i), (last_j, 0), (last_j, last_i)]
+        return all(np.allclose(self._node(j, i), centre, rtol=0, atol=1e-7) for j, i in corners)
+
+    def _centred(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Bilinearly interpolated node stamps at parent positions (n, 2d+1, 2d+1)."""
+        if self.constant:
+            centre = self._node((self.nodes_y.size - 1) // 2, (self.nodes_x.size - 1) // 2)
+            return np.broadcast_to(centre, (x.size, *centre.shape)).copy()
+        i = np.clip(np.searchsorted(self.nodes_x, x) - 1, 0, self.nodes_x.size - 2)
+        j = np.clip(np.searchsorted(self.nodes_y, y) - 1, 0, self.nodes_y.size - 2)
+        tx = np.clip((x - self.nodes_x[i]) / (self.nodes_x[i + 1] - self.nodes_x[i]), 0, 1)
+        ty = np.clip((y - self.nodes_y[j]) / (self.nodes_y[j + 1] - self.nodes_y[j]), 0, 1)
+        # the nodes any position needs, drawn once each, then gathered for all positions
+        size = 2 * self._draw_half + 1
+        nodes = np.zeros((self.nodes_y.size, self.nodes_x.size, size, size))
+        corners = ((0, 0), (0, 1), (1, 0), (1, 1))
+        for jj, ii in {
+            (int(a + dj), int(b + di)) for a, b in zip(j, i, strict=True) for dj, di in corners
+        }:
+            nodes[jj, ii] = self._node(jj, ii)
+        weights = ((1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty)
+        out = np.zeros((x.size, size, size))
+        for (dj, di), weight in zip(corners, weights, strict=True):
+            out += weight[:, None, None] * nodes[j + dj, i + di]
+        return out
+
+    def at(self, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stamps centred on parent positions (x, y).
+
+        Returns
+        -------
+        stamps : `numpy.ndarray` (n, 2 half + 1, 2 half + 1), float64
+            Pixel [half, half] of stamp k is the pixel nearest (x[k], y[k]); the
+            PSF is shifted there by the sub-pixel remainder (unit sum before cropping).
+        ix, iy : `numpy.ndarray` (n,), int
+            Array column and row of each stamp's centre pixel.
+        """
+        x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+        y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+        ix = np.floor(x + 0.5).astype(int)
+        iy = np.floor(y + 0.5).astype(int)
+        stamps = self._centred(x, y)
+        if stamps.shape[0]:
+            stamps = _shift(stamps, x - ix, y - iy)
+        c, h = self._draw_half, self.half
+        return stamps[:, c - h : c + h + 1, c - h : c + h + 1], ix - self.xy0[0], iy - self.xy0[1]
+
+
+def _shift(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Sub-pixel Fourier shift of a stack of stamps by (dx[k], dy[k]) each."""
+    ny, nx = stamps.shape[1:]
+    spectrum = fft.rfft2(stamps, axes=(1, 2))
+    ramp_y = np.exp(-2j * np.pi * dy[:, None] * fft.fftfreq(ny)[None, :])[:, :, None]
+    ramp_x = np.exp(-2j * np.pi * dx[:, None] * fft.rfftfreq(nx)[None, :])[:, None, :]
+    return fft.irfft2(spectrum * ramp_y * ramp_x, s=(ny, nx), axes=(1, 2))
+
+
+def psf_photometry(
+    exposure: Exposure,
+    x,
+    y,
+    stamps: PsfStamps,
+    fit_background: bool = False,
+    min_coverage: float = 0.5,
+) -> dict[str, np.ndarray]:
+    """Linear PSF fit at array positions, vectorised.
+
+    The fit is unweighted within the stamp (bright sources' own Poisson noise
+    does not bias it); the error propagates the per-pixel variance.
+
+    Parameters
+    ----------
+    exposure : `Exposure`
+    x, y : array-like (n,)
+        Array column and row of each position.
+    stamps : `PsfStamps`
+        The PSF to fit (its ``xy0`` must be the exposure's).
+    fit_background : bool
+        Fit a constant with the amplitude.
+    min_coverage : float
+        Least fraction of the stamp's PSF sum on usable pixels; NaN below.
+
+    Returns
+    -------
+    dict of `numpy.ndarray` (n,)
+        ``flux``, ``flux_err`` (counts, variance-plane errors), ``coverage`` and
+        ``ix``, ``iy`` (centre pixels).
+    """
+    x0, y0 = exposure.xy0
+    x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+    y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+    model, ix, iy = stamps.at(x + x0, y + y0)
+    h = stamps.half
+    data = _stack(exposure.image, ix, iy, h, fill=np.nan).astype(np.float64)
+    var = _stack(exposure.variance, ix, iy, h, fill=np.nan).astype(np.float64)
+    no_data = _stack(exposure.mask, ix, iy, h, fill=-1) & exposure.bitmask(UNUSABLE_PLANES) != 0
+    good = np.isfinite(data) & np.isfinite(var) & (var > 0) & ~no_data
+    data = np.where(good, data, 0.0)
+    var = np.where(good, var, 0.0)
+    p = np.where(good, model, 0.0)
+    total = model.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        coverage = p.sum(axis=(1, 2)) / total
+        spp = np.einsum("nij,nij->n", p, p)
+        spd = np.einsum("nij,nij->n", p, data)
+        if fit_background:
+            n1 = good.sum(axis=(1, 2)).astype(float)
+            sp = p.sum(axis=(1, 2))
+            sd = data.sum(axis=(1, 2))
+            det = spp * n1 - sp * sp
+            flux = (n1 * spd - sp * sd) / det
+            # estimator weights per pixel: (n1 p - sp) / det
+            weights = (n1[:, None, None] * p - sp[:, None, None] * good) / det[:, None, None]
+        else:
+            flux = spd / spp
+            weights = p / spp[:, None, None]
+        flux_err = np.sqrt(np.einsum("nij,nij,nij->n", weights, weights, var))
+    bad = ~(coverage >= min_coverage) | ~np.isfinite(flux) | ~np.isfinite(flux_err)
+    flux[bad] = np.nan
+    flux_err[bad] = np.nan
+    return {"flux": flux, "flux_err": flux_err, "coverage": coverage, "ix": ix, "iy": iy}
+
+
+def noise_scale(exposure: Exposure, stamps: PsfStamps, config: ForcedPhotometryConfig) -> float:
+    """Robust scatter of flux / error at random positions: the factor errors need.
+
+    The variance plane describes each pixel, not the covariance between
+    pixels; a PSF fit sums many pixels, so correlated noise makes its true
+    error larger. Fitting at ``config.n_noise_positions`` random positions (a
+    difference is empty sky almost everywhere) and taking the normalised median
+    absolute deviation of flux / error measures that factor directly. 1.0
+    when fewer than 30 positions give a flux.
+    """
+    n = config.n_noise_positions
+    ny, nx = exposure.shape
+    h = stamps.half
+    if n == 0 or nx <= 2 * h + 1 or ny <= 2 * h + 1:
+        return 1.0
+    rng = np.random.default_rng(config.seed)
+    x = rng.uniform(h, nx - 1 - h, n)
+    y = rng.uniform(h, ny - 1 - h, n)
+    fit = psf_photometry(exposure, x, y, stamps, config.fit_background, config.min_psf_coverage)
+    pull = fit["flux"] / fit["flux_err"]
+    pull = pull[np.isfinite(pull)]
+    if pull.size < 30:
+        return 1.0
+    scale = float(mad_std(pull))
+    return scale if scale > 0 else 1.0
+
+
+def pixel_flags(
+    exposure: Exposure, ix: np.ndarray, iy: np.ndarray, radius: float, fit_half: int
+) -> np.ndarray:
+    """`FLAG_BITS` raised by mask planes within ``radius`` px of centre pixels (ix, iy).
+
+    ``edge`` is also raised where the fitting box (half-width ``fit_half``) leaves
+    the array, and ``no_data`` where the centre pixel is not finite.
+    """
+    ix = np.asarray(ix, dtype=int)
+    iy = np.asarray(iy, dtype=int)
+    flags = np.zeros(ix.size, dtype=np.int32)
+    if ix.size == 0:
+        return flags
+    r = int(math.ceil(radius))
+    offsets = np.arange(-r, r + 1)
+    disc = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
+    masks = _stack(exposure.mask, ix, iy, r, fill=0)
+    hits = np.bitwise_or.reduce(np.where(disc, masks, 0).reshape(ix.size, -1), axis=1)
+    for bit, planes in FLAG_BITS.values():
+        bits = exposure.bitmask([p for p in planes if p in exposure.mask_planes])
+        if bits:
+            flags[(hits & bits) != 0] |= bit
+    ny, nx = exposure.shape
+    outside = (ix - fit_half < 0) | (iy - fit_half < 0)
+    outside |= (ix + fit_half > nx - 1) | (iy + fit_half > ny - 1)
+    flags[outside] |= FLAG_BITS["edge"][0]
+    inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+    centre = np.full(ix.size, np.nan, dtype=np.float32)
+    centre[inside] = exposure.image[iy[inside], ix[inside]]
+    flags[~np.isfinite(centre)] |= FLAG_BITS["no_data"][0]
+    return flags
+
+
+def flag_columns(flags: np.ndarray) -> dict[str, np.ndarray]:
+    """One boolean ``flag_<name>`` column per `FLAG_BITS` entry."""
+    return {f"flag_{name}": (flags & bit) != 0 for name, (bit, _) in FLAG_BITS.items()}
+
+
+def forced_photometry(
+    difference: Exposure,
+    x=None,
+    y=None,
+    ra=None,
+    dec=None,
+    config: ForcedPhotometryConfig | None = None,
+    psf: Psf | None = None,
+) -> Table:
+    """PSF photometry of a difference at given positions, one row per position, in order.
+
+    Parameters
+    ----------
+    difference : `Exposure`
+        A difference image with its PSF (the difference's, e.g. decorrelated).
+    x, y : array-like (n,), optional
+        0-based array column and row.
+    ra, dec : array-like (n,), optional
+        Sky positions (degrees), used when x and y are not given; need a WCS.
+    config : `ForcedPhotometryConfig` or None
+    psf : `core.psf.Psf` or None
+        Overrides the difference's PSF.
+
+    Returns
+    -------
+    `astropy.table.Table`
+        ``x``, ``y``, ``ra``, ``dec`` (NaN without a WCS), ``psf_flux``,
+        ``psf_flux_err`` (counts of the difference, i.e. science units), ``snr``,
+        ``flags`` (`FLAG_BITS`) and one boolean ``flag_<name>`` per bit. Meta:
+        ``noise_scale`` applied to the errors.
+
+    Raises
+    ------
+    InvalidCatalogError
+        Neither x/y nor ra/dec, lengths differ, or ra/dec without a WCS.
+    PsfError
+        The difference has no PSF.
+    """
+    config = config or ForcedPhotometryConfig()
+    x, y, ra, dec = _positions(difference, x, y, ra, dec)
+    psf = psf or difference.require_psf()
+    stamps = PsfStamps(psf, difference, config=config)
+    scale = noise_scale(difference, stamps, config)
+    fit = psf_photometry(difference, x, y, stamps, config.fit_background, config.min_psf_coverage)
+    flux_err = fit["flux_err"] * scale
+    flags = pixel_flags(
+        difference, fit["ix"], fit["iy"], config.flag_radius_fwhm * stamps.fwhm, stamps.half
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = fit["flux"] / flux_err
+    table = Table(
+        {
+            "x": x,
+            "y": y,
+            "ra": ra,
+            "dec": dec,
+            "psf_flux": fit["flux"],
+            "psf_flux_err": flux_err,
+            "snr": snr,
+            "flags": flags,
+            **flag_columns(flags),
+        }
+    )
+    table.meta["noise_scale"] = scale
+    return table
+
+
+def _positions(exposure: Exposure, x, y, ra, dec):
+    """(x, y, ra, dec) float arrays from either array or sky positions."""
+    if x is not None and y is not None:
+        x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+        y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+        if x.shape != y.shape or x.ndim != 1:
+            raise InvalidCatalogError(f"x and y differ in length ({x.size} vs {y.size})")
+        ra, dec = sky_positions(exposure, x, y)
+    elif ra is not None and dec is not None:
+        ra = np.atleast_1d(np.asarray(ra, dtype=np.float64))
+        dec = np.atleast_1d(np.asarray(dec, dtype=np.float64))
+        if ra.shape != dec.shape or ra.ndim != 1:
+            raise InvalidCatalogError(f"ra and dec differ in length ({ra.size} vs {dec.size})")
+        if exposure.wcs is None:
+            raise InvalidCatalogError(
+                "positions are given as ra/dec but the difference has no WCS; give x/y instead"
+            )
+        pixels = exposure.wcs.world_to_pixel_values(ra, dec)
+        x, y = (np.asarray(v, dtype=np.float64) for v in pixels)
+    else:
+        raise InvalidCatalogError("give positions as x and y (pixels) or as ra and dec (degrees)")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise InvalidCatalogError("positions must be finite numbers")
+    return x, y, ra, dec
+
+
+def sky_positions(exposure: Exposure, x: np.ndarray, y: np.ndarray):
+    """(ra, dec) in degrees of array positions; NaN without a WCS."""
+    if exposure.wcs is None or x.size == 0:
+        nan = np.full(x.size, np.nan)
+        return nan, nan.copy()
+    ra, dec = exposure.wcs.pixel_to_world_values(x, y)
+    return np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64)

@@ -1,0 +1,136 @@
+"""CLI contract of DIA sources: the catalog product, `alsub forced` and `alsub cutouts`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+from PIL import Image
+
+from app.cli import main
+
+REQUIRED = ("id", "x", "y", "ra", "dec", "psf_flux", "psf_flux_err", "snr")
+REQUIRED += ("is_negative", "is_dipole", "flags")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A simulated pair subtracted with --products; returns (pair dir, products dir, stdout)."""
+    out = tmp_path_factory.mktemp("dia")
+    pair = out / "pair"
+    overrides = json.dumps({"n_transients": 15, "n_negative_transients": 10})
+    argv = ["simulate", str(pair), "--size", "384", "--seed", "31", "--preset", "sharper_template"]
+    assert main([*argv, "--set", overrides]) == 0
+    products = out / "products"
+    science, template = str(pair / "science.fits"), str(pair / "template.fits")
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(
+            [
+                "subtract",
+                science,
+                template,
+                "-o",
+                str(out / "diff.fits"),
+                "--products",
+                str(products),
+            ]
+        )
+    assert code == 0
+    return pair, products, buffer.getvalue()
+
+
+def test_subtract_writes_the_catalog(run):
+    pair, products, stdout = run
+    table = Table.read(products / "dia_sources.fits", hdu="DIASOURCES")
+    for column in REQUIRED:
+        assert column in table.colnames, column
+    summary = next(line for line in stdout.splitlines() if line.startswith("mode="))
+    assert f"dia_sources={len(table)} " in summary
+    truth = json.loads((pair / "truth.json").read_text())
+    # every bright injected transient of either sign is in the catalog with its sign
+    for key, negative in (("transients", False), ("negative_transients", True)):
+        x, y, flux = (np.asarray(truth[key][k]) for k in ("x", "y", "flux_science"))
+        bright = flux > 5e3
+        assert bright.sum() >= 3
+        for xs, ys in zip(x[bright], y[bright], strict=True):
+            d = np.hypot(table["x"] - xs, table["y"] - ys)
+            k = int(np.argmin(d))
+            assert d[k] < 1.0
+            assert bool(table["is_negative"][k]) is negative
+    header = fits.getheader(products / "dia_sources.fits", "DIASOURCES")
+    assert header["THRESH"] == 5.0 and header["FLAG_EDGE"] == 1
+
+
+def _forced(products, positions, output) -> int:
+    """Run ``alsub forced`` on the products' difference in-process."""
+    difference = str(products / "difference.fits")
+    return main(["forced", difference, "--positions", str(positions), "-o", str(output)])
+
+
+def test_forced_keeps_input_order(run, tmp_path):
+    pair, products, _ = run
+    truth = json.loads((pair / "truth.json").read_text())
+    x = np.asarray(truth["transients"]["x"])[::-1]
+    y = np.asarray(truth["transients"]["y"])[::-1]
+    flux = np.asarray(truth["transients"]["flux_science"])[::-1]
+    positions = tmp_path / "positions.csv"
+    Table({"x": x, "y": y}).write(positions, format="ascii.csv")
+    out_csv = tmp_path / "forced.csv"
+    code = _forced(products, positions, out_csv)
+    assert code == 0
+    table = Table.read(out_csv, format="ascii.csv")
+    for column in ("x", "y", "psf_flux", "psf_flux_err", "snr", "flags"):
+        assert column in table.colnames
+    np.testing.assert_allclose(table["x"], x)
+    strong = flux > 5e3
+    assert abs(np.median(table["psf_flux"][strong] / flux[strong]) - 1) < 0.03
+    # the same positions as ra/dec give the same fluxes; FITS output by extension
+    sky = tmp_path / "sky.csv"
+    Table({"ra": table["ra"], "dec": table["dec"]}).write(sky, format="ascii.csv")
+    out_fits = tmp_path / "forced.fits"
+    code = _forced(products, sky, out_fits)
+    assert code == 0
+    again = Table.read(out_fits, hdu="DIASOURCES")
+    np.testing.assert_allclose(again["x"], x, atol=1e-6)
+    np.testing.assert_allclose(again["psf_flux"], table["psf_flux"], rtol=1e-6, atol=1e-6)
+
+
+def test_forced_bad_positions_exit_2(run, tmp_path, capsys):
+    _, products, _ = run
+    positions = tmp_path / "bad.csv"
+    positions.write_text("a,b\n1,2\n")
+    code = _forced(products, positions, tmp_path / "o.csv")
+    assert code == 2
+    assert "x,y" in capsys.readouterr().err
+
+
+def test_cutouts_triplets(run, tmp_path):
+    _, products, _ = run
+    table = Table.read(products / "dia_sources.fits", hdu="DIASOURCES")
+    ids = [int(i) for i in table["id"][:3]]
+    outdir = tmp_path / "cutouts"
+    code = main(["cutouts", str(products), str(outdir), "--ids", ",".join(map(str, ids))])
+    assert code == 0
+    assert len(list(outdir.glob("*.fits"))) == 3 and len(list(outdir.glob("*.png"))) == 3
+    row = table[0]
+    with fits.open(outdir / f"dia_source_{ids[0]:06d}.fits") as hdul:
+        assert [h.name for h in hdul[1:]] == ["SCIENCE", "TEMPLATE", "DIFFERENCE"]
+        for hdu in hdul[1:]:
+            assert hdu.data.shape == (63, 63)
+            # the centre pixel of each stamp is the source's pixel, on the sky too
+            ra, dec = WCS(hdu.header).pixel_to_world_values(
+                31 + row["x"] - round(row["x"]), 31 + row["y"] - round(row["y"])
+            )
+            assert abs(ra - row["ra"]) < 1e-7 and abs(dec - row["dec"]) < 1e-7
+        difference = fits.getdata(products / "difference.fits", "IMAGE")
+        cx, cy = int(round(row["x"])), int(round(row["y"]))
+        np.testing.assert_array_equal(hdul["DIFFERENCE"].data[31, 31], difference[cy, cx])
+    with Image.open(outdir / f"dia_source_{ids[0]:06d}.png") as image:
+        assert image.size == (3 * 63 + 4, 63)

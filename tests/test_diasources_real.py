@@ -1,0 +1,110 @@
+"""DIA sources on real SAAO bulge frames: the microlensing target (tests/data/real)."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.stats import spearmanr
+
+from core.config import ForcedPhotometryConfig, SubtractionConfig
+from core.exposure import Exposure
+from core.forced import forced_photometry
+from core.io import read_exposure
+from core.subtract import run_subtraction
+
+FOLDER = "saao_bulge_kb13475"
+TEMPLATE = "AKB13475I0100.fits"
+SCIENCE = (
+    "AKB13475I0015.fits",
+    "AKB13475I0028.fits",
+    "AKB13475I0101.fits",
+    "AKB13475I0103.fits",
+    "AKB13475I0156.fits",
+)
+#: From the data README: pixels at or above this (ADU) are saturated.
+SATURATION_ADU = 60000.0
+#: Margin (px) dropped at the overlap's border, where the shifted template is interpolated
+#: from beyond its frame.
+MARGIN = 3
+# Registration is issue 9's (not on this branch): the test pre-registers with frames.csv's
+# offsets. The variance scaling refuses these frames until the lead's fix lands, hence off.
+CONFIG = SubtractionConfig(do_scale_variance=False)
+
+
+def _frames(real_data):
+    with open(real_data / FOLDER / "frames.csv") as handle:
+        return {row["file"]: row for row in csv.DictReader(handle)}
+
+
+def _read(real_data, name: str) -> Exposure:
+    exposure = read_exposure(real_data / FOLDER / f"{name}.gz")
+    exposure.set_plane("SAT", exposure.image >= SATURATION_ADU)
+    return exposure
+
+
+def _registered_pair(science: Exposure, template: Exposure, dy: float, dx: float):
+    """Template shifted by (dy, dx) onto the science grid, both cropped to their overlap.
+
+    A star at (row, col) of the template is at (row + dy, col + dx) of the science
+    (frames.csv). Returns (science, template, row0, col0): the crop's origin in science.
+    """
+    ny, nx = science.shape
+    row0 = max(0, math.ceil(dy)) + MARGIN
+    col0 = max(0, math.ceil(dx)) + MARGIN
+    row1 = min(ny, ny + math.floor(dy)) - MARGIN
+    col1 = min(nx, nx + math.floor(dx)) - MARGIN
+    shifted = template.copy()
+    shifted.image = ndimage.shift(template.image, (dy, dx), order=3, mode="nearest")
+    shifted.variance = ndimage.shift(template.variance, (dy, dx), order=1, mode="nearest")
+    shifted.mask = ndimage.shift(template.mask, (round(dy), round(dx)), order=0, mode="nearest")
+    box = (col0, row0, col1 - 1, row1 - 1)
+    science_crop = science.cutout(box)
+    template_crop = shifted.cutout(box)
+    for exposure in (science_crop, template_crop):
+        exposure.xy0 = (0, 0)
+    return science_crop, template_crop, row0, col0
+
+
+@pytest.fixture(scope="module")
+def subtractions(real_data):
+    frames = _frames(real_data)
+    template = _read(real_data, TEMPLATE)
+    out = {}
+    for name in SCIENCE:
+        row = frames[name]
+        science, matched, row0, col0 = _registered_pair(
+            _read(real_data, name), template, float(row["dy_pix"]), float(row["dx_pix"])
+        )
+        result = run_subtraction(science, matched, CONFIG)
+        target = (float(row["target_col0"]) - col0, float(row["target_row0"]) - row0)
+        out[name] = (result, target, float(row["target_diff_frac_vs_0100"]))
+    return out
+
+
+@pytest.mark.parametrize("name", SCIENCE)
+def test_target_is_a_negative_dia_source(subtractions, name):
+    result, (x, y), _ = subtractions[name]
+    catalog = result.dia_sources
+    distance = np.hypot(catalog["x"] - x, catalog["y"] - y)
+    k = int(np.argmin(distance))
+    assert distance[k] < 1.5, catalog[k]
+    assert catalog["is_negative"][k] and not catalog["is_dipole"][k], catalog[k]
+
+
+def test_forced_fluxes_rank_the_frames(subtractions):
+    """Forced difference flux over the template's flux there (both science units; the frames'
+    exposure times and transparency differ) ranks the frames as frames.csv does."""
+    fractions, expected = [], []
+    with_sky = ForcedPhotometryConfig(fit_background=True)  # the matched template has sky
+    for result, (x, y), frac in subtractions.values():
+        forced = forced_photometry(result.difference, [x], [y])
+        template = forced_photometry(result.matched_template, [x], [y], config=with_sky)
+        fractions.append(forced["psf_flux"][0] / template["psf_flux"][0])
+        expected.append(frac)
+    assert all(f < 0 for f in fractions), fractions
+    rho = spearmanr(fractions, expected).statistic
+    assert rho >= 0.9, (fractions, expected, rho)

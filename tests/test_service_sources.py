@@ -1,0 +1,211 @@
+"""DIA sources, forced photometry and cutouts over HTTP: real API, real worker, real Redis.
+
+The API runs alone (``alsub serve --workers 0``) with Redis records and broker on
+the test database under a private prefix, and one ``alsub worker`` process runs
+the job, as in tests/test_service_redis.py.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from astropy.io import fits
+from astropy.table import Table
+from PIL import Image
+
+from .service_fixtures import (
+    REDIS_TEST_DB,
+    free_port,
+    service_env,
+    start_server,
+    start_worker,
+    upload,
+    wait_job,
+    wait_ready,
+)
+
+TOKENS = {"alice": "sources-alice-token", "bob": "sources-bob-token"}
+
+
+@pytest.fixture(scope="module")
+def deployment(redis_server, sim_pair, tmp_path_factory):
+    """A job subtracted by a real worker; yields (base url, job id, record, truth)."""
+    host, port = redis_server
+    prefix = f"alsubtest-{uuid.uuid4().hex[:10]}:"
+    url = f"redis://{host}:{port}/{REDIS_TEST_DB}"
+    data_dir = tmp_path_factory.mktemp("data")
+    logs = tmp_path_factory.mktemp("logs")
+    env = service_env(
+        redis_url=url,
+        redis_prefix=prefix,
+        broker_key_prefix=f"{prefix}broker:",
+        queue_name=f"alsub-{prefix.strip(':')}",
+        tokens=",".join(TOKENS.values()),
+        data_dir=data_dir,
+    )
+    server, base = start_server(free_port(), data_dir, env, logs, workers=0)
+    worker = start_worker(env, logs / "worker.log")
+    try:
+        with httpx.Client(base_url=base, headers=_auth("alice"), timeout=60) as client:
+            wait_ready(client)
+            science = upload(client, sim_pair["science"])
+            template = upload(client, sim_pair["template"])
+            submitted = client.post(
+                "/v1/subtractions",
+                json={"science": {"exposure_id": science}, "template": {"exposure_id": template}},
+            )
+            assert submitted.status_code == 202, submitted.text
+            job_id = submitted.json()["id"]
+            record = wait_job(client, job_id, timeout=120)
+            assert record["state"] == "succeeded", (record, worker.log_tail())
+        yield base, job_id, record, sim_pair["truth"]
+    finally:
+        worker.stop()
+        server.stop()
+        client = redis.Redis.from_url(url)
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+def _auth(who: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[who]}"}
+
+
+@pytest.fixture(scope="module")
+def alice(deployment):
+    with httpx.Client(base_url=deployment[0], headers=_auth("alice"), timeout=60) as client:
+        yield client
+
+
+def _transients(truth):
+    t = truth["transients"]
+    return np.asarray(t["x"]), np.asarray(t["y"]), np.asarray(t["flux_science"])
+
+
+def test_catalog_is_a_product_with_its_count(deployment, alice):
+    _, job_id, record, truth = deployment
+    assert "dia_sources" in record["products"]
+    sources = alice.get(f"/v1/subtractions/{job_id}/sources")
+    assert sources.status_code == 200, sources.text
+    rows = sources.json()
+    assert record["metrics"]["n_dia_sources"] == len(rows) >= 3
+    # the three injected transients, at their positions with their fluxes
+    x, y, flux = _transients(truth)
+    for xs, ys, fs in zip(x, y, flux, strict=True):
+        d = [np.hypot(r["x"] - xs, r["y"] - ys) for r in rows]
+        best = rows[int(np.argmin(d))]
+        assert min(d) < 0.5
+        assert not best["is_negative"] and not best["is_dipole"]
+        assert abs(best["psf_flux"] / fs - 1) < 0.1
+    # the FITS product download is the same catalog
+    product = alice.get(record["products"]["dia_sources"])
+    assert product.status_code == 200
+    table = Table.read(io.BytesIO(product.content), hdu="DIASOURCES")
+    assert len(table) == len(rows)
+
+
+def test_filters_and_formats(deployment, alice):
+    _, job_id, _, _ = deployment
+    rows = alice.get(f"/v1/subtractions/{job_id}/sources").json()
+    strong = alice.get(f"/v1/subtractions/{job_id}/sources", params={"min_snr": 20}).json()
+    assert len(strong) == sum(abs(r["snr"] or 0) >= 20 for r in rows)
+    assert all(abs(r["snr"]) >= 20 for r in strong)
+    negative = alice.get(f"/v1/subtractions/{job_id}/sources", params={"sign": "negative"}).json()
+    assert all(r["is_negative"] for r in negative)
+    clean = alice.get(f"/v1/subtractions/{job_id}/sources", params={"exclude_flags": 1}).json()
+    assert all(r["flags"] & 1 == 0 for r in clean)
+    csv = alice.get(f"/v1/subtractions/{job_id}/sources", params={"format": "csv"})
+    assert csv.headers["content-type"].startswith("text/csv")
+    table = Table.read(csv.text, format="ascii.csv")
+    np.testing.assert_allclose(table["x"], [r["x"] for r in rows])
+    fits_answer = alice.get(f"/v1/subtractions/{job_id}/sources", params={"format": "fits"})
+    assert len(Table.read(io.BytesIO(fits_answer.content), hdu="DIASOURCES")) == len(rows)
+
+
+def test_forced_photometry_in_order(deployment, alice):
+    _, job_id, _, truth = deployment
+    x, y, flux = _transients(truth)
+    order = [2, 0, 1]
+    positions = [{"x": float(x[k]), "y": float(y[k])} for k in order]
+    positions.append({"x": 60.0, "y": 200.0})  # empty sky: consistent with zero
+    answer = alice.post(f"/v1/subtractions/{job_id}/forced", json=positions)
+    assert answer.status_code == 200, answer.text
+    rows = answer.json()
+    assert [r["x"] for r in rows] == [p["x"] for p in positions]
+    for row, k in zip(rows, order, strict=False):
+        assert abs(row["psf_flux"] / flux[k] - 1) < 0.1
+        assert row["psf_flux_err"] > 0 and row["snr"] > 20
+    assert abs(rows[-1]["snr"]) < 5
+    # by sky position: the same fluxes
+    sky = [{"ra": r["ra"], "dec": r["dec"]} for r in rows]
+    again = alice.post(f"/v1/subtractions/{job_id}/forced", json=sky).json()
+    np.testing.assert_allclose([r["psf_flux"] for r in again], [r["psf_flux"] for r in rows])
+    # bad input: 422 with the error body
+    mixed = alice.post(f"/v1/subtractions/{job_id}/forced", json=[{"x": 1, "y": 2}, {"ra": 1}])
+    assert mixed.status_code == 422
+    assert mixed.json()["error"]["code"] == "invalid_positions"
+    empty = alice.post(f"/v1/subtractions/{job_id}/forced", json=[])
+    assert empty.status_code == 422 and "error" in empty.json()
+
+
+def test_cutout_triplets(deployment, alice):
+    _, job_id, _, _ = deployment
+    rows = alice.get(f"/v1/subtractions/{job_id}/sources").json()
+    source = rows[0]
+    answer = alice.get(f"/v1/subtractions/{job_id}/sources/{source['id']}/cutouts")
+    assert answer.status_code == 200, answer.text
+    with fits.open(io.BytesIO(answer.content)) as hdul:
+        assert [h.name for h in hdul[1:]] == ["SCIENCE", "TEMPLATE", "DIFFERENCE"]
+        assert all(h.data.shape == (63, 63) for h in hdul[1:])
+        difference = hdul["DIFFERENCE"].data
+        # the source sits on the centre pixel of the difference stamp
+        assert difference[31, 31] > 0.6 * np.nanmax(difference)
+        assert hdul["SCIENCE"].header["CTYPE1"].startswith("RA")
+    png = alice.get(
+        f"/v1/subtractions/{job_id}/sources/{source['id']}/cutouts",
+        params={"format": "png", "size": 31},
+    )
+    assert png.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(png.content)) as image:
+        assert image.size == (3 * 31 + 4, 31)
+    missing = alice.get(f"/v1/subtractions/{job_id}/sources/99999/cutouts")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    huge = alice.get(f"/v1/subtractions/{job_id}/sources/0/cutouts", params={"size": 100000})
+    assert huge.status_code == 422
+
+
+def test_tenant_isolation_and_auth(deployment):
+    base, job_id, _, _ = deployment
+    paths = [
+        ("get", f"/v1/subtractions/{job_id}/sources", None),
+        ("post", f"/v1/subtractions/{job_id}/forced", [{"x": 1.0, "y": 1.0}]),
+        ("get", f"/v1/subtractions/{job_id}/sources/0/cutouts", None),
+    ]
+    with httpx.Client(base_url=base, headers=_auth("bob"), timeout=60) as bob:
+        for method, path, body in paths:
+            answer = bob.request(method, path, json=body)
+            assert answer.status_code == 404, (path, answer.text)
+            assert answer.json()["error"]["code"] == "not_found"
+    with httpx.Client(base_url=base, timeout=60) as anonymous:
+        for method, path, body in paths:
+            assert anonymous.request(method, path, json=body).status_code == 401
+
+
+def test_openapi_documents_the_routes(deployment):
+    schema = httpx.get(f"{deployment[0]}/openapi.json").json()
+    for path in (
+        "/v1/subtractions/{job_id}/sources",
+        "/v1/subtractions/{job_id}/forced",
+        "/v1/subtractions/{job_id}/sources/{source_id}/cutouts",
+    ):
+        assert path in schema["paths"], path
+        operation = next(iter(schema["paths"][path].values()))
+        assert len(operation["description"]) > 100
+    forced = schema["paths"]["/v1/subtractions/{job_id}/forced"]["post"]
+    assert "example" in forced["responses"]["200"]["content"]["application/json"]
