@@ -322,7 +322,7 @@ class ForcedPhotometryConfig(_Config):
     flag_radius_fwhm: float = Field(
         1.0, ge=0, le=10, description="Radius (PSF FWHM) in which mask planes raise flags."
     )
-    seed: int = Field(0, ge=0, description="Seed of the noise-calibration positions.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the noise-calibration positions.")
 
 
 class DiaSourceConfig(_Config):
@@ -355,6 +355,7 @@ class DiaSourceConfig(_Config):
     bright_star_peak_snr: float = Field(
         300.0,
         gt=0,
+        le=1e9,
         description="A matched-template pixel above this S/N marks a bright star whose "
         "residuals may fake sources nearby.",
     )
@@ -364,6 +365,7 @@ class DiaSourceConfig(_Config):
     suspect_kernel_margin: float = Field(
         64.0,
         ge=0,
+        le=100_000,
         description="Sources farther than this (px) outside the hull of the kernel sources "
         "sit where the matching kernel is extrapolated (flagged).",
     )

@@ -46,6 +46,18 @@ def service_env(**settings) -> dict[str, str]:
     return env
 
 
+def redis_service_env(url: str, prefix: str, data_dir, **settings) -> dict[str, str]:
+    """`service_env` of a distributed deployment whose every Redis key starts with ``prefix``."""
+    return service_env(
+        redis_url=url,
+        redis_prefix=prefix,
+        broker_key_prefix=f"{prefix}broker:",
+        queue_name=f"alsub-{prefix.strip(':')}",
+        data_dir=data_dir,
+        **settings,
+    )
+
+
 class Process:
     """A subprocess in its own process group, logging to a file."""
 

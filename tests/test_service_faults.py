@@ -16,7 +16,7 @@ import pytest
 from .service_fixtures import (
     PrivateRedis,
     free_port,
-    service_env,
+    redis_service_env,
     start_server,
     start_worker,
     submit_sim_pair,
@@ -29,15 +29,7 @@ TOKEN = "faults-token-12"
 
 
 def redis_env(url: str, prefix: str, data_dir, **extra) -> dict[str, str]:
-    return service_env(
-        redis_url=url,
-        redis_prefix=prefix,
-        broker_key_prefix=f"{prefix}broker:",
-        queue_name=f"alsub-{prefix.strip(':')}",
-        tokens=TOKEN,
-        data_dir=data_dir,
-        **extra,
-    )
+    return redis_service_env(url, prefix, data_dir, tokens=TOKEN, **extra)
 
 
 def api_client(base: str) -> httpx.Client:

@@ -16,7 +16,7 @@ import redis
 from .service_fixtures import (
     difference_quality,
     free_port,
-    service_env,
+    redis_service_env,
     start_server,
     start_worker,
     upload,
@@ -30,13 +30,11 @@ TOKEN = "redis-flow-token"
 def test_worker_killed_mid_job_is_completed_once_by_another(tmp_path, redis_prefix, sim_pair):
     url, prefix = redis_prefix
     data_dir = tmp_path / "data"
-    env = service_env(
-        redis_url=url,
-        redis_prefix=prefix,
-        broker_key_prefix=f"{prefix}broker:",
-        queue_name=f"alsub-{prefix.strip(':')}",
+    env = redis_service_env(
+        url,
+        prefix,
+        data_dir,
         tokens=TOKEN,
-        data_dir=data_dir,
         heartbeat_interval=0.5,
         heartbeat_timeout=3,
         soft_time_limit=50,
