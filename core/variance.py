@@ -109,7 +109,7 @@ def second_difference_gain(noise_correlation: np.ndarray | None) -> float:
     for axis_rho in (rho[c, :], rho[:, c]):
         r = np.where(inside, axis_rho[np.clip(c + lags, 0, 2 * c)], 0.0)
         gains.append(float(_STENCIL @ r @ _STENCIL) / float(_STENCIL @ _STENCIL))
-    return float(max(np.mean(gains), 1e-3))
+    return max(float(np.mean(gains)), 1e-3)
 
 
 def _subsample(exposure: Exposure) -> tuple[Exposure, int]:
