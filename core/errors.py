@@ -15,7 +15,6 @@ __all__ = [
     "InsufficientSourcesError",
     "NoKernelCandidatesError",
     "TemplateCoverageError",
-    "ExceedsMaxVarianceScaleError",
     "KernelSolutionError",
     "RegistrationError",
 ]
@@ -86,12 +85,6 @@ class TemplateCoverageError(AlsubError):
     """The template covers too little of the science image."""
 
     code = "insufficient_template_coverage"
-
-
-class ExceedsMaxVarianceScaleError(AlsubError):
-    """The variance plane disagrees with the pixel noise by more than the limit."""
-
-    code = "variance_scale_exceeded"
 
 
 class KernelSolutionError(AlsubError):

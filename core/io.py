@@ -108,6 +108,9 @@ _PSF_NAMES = ("PSF",)
 _PSF_NODES_NAME = "PSF_NODES"
 
 _GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN", "EFFGAIN")
+#: How `Exposure.variance_source` starts for planes modelled from gain and read noise
+#: (photon statistics: white noise, unlike resampled or measured planes; core.variance).
+PHYSICAL_VARIANCE_PREFIX = "gain/read-noise model"
 _READ_NOISE_KEYS = ("RDNOISE", "READNOIS", "READNOISE", "RON")
 _SATURATION_KEYS = ("SATURATE", "SATLEVEL")
 _BAND_KEYS = ("BAND", "FILTER", "FILTNAME", "FILTNAM")
@@ -456,7 +459,7 @@ def estimate_variance(
         model_sky = max(sky, 0.0) / gain + read_var
         if sky_present and measured >= 0.8 * model_sky:
             variance = np.maximum(image, 0.0) / gain + read_var
-            text = f"gain/read-noise model (GAIN={gain:.4g} e-/ADU, RDNOISE={rn:.4g} e-)"
+            text = f"{PHYSICAL_VARIANCE_PREFIX} (GAIN={gain:.4g} e-/ADU, RDNOISE={rn:.4g} e-)"
         elif sky_present:
             variance = measured + np.maximum(image - sky, 0.0) / gain
             text = (

@@ -41,6 +41,7 @@ from scipy import ndimage
 from .background import background_map
 from .config import ScaleVarianceConfig
 from .exposure import Exposure
+from .io import PHYSICAL_VARIANCE_PREFIX
 
 __all__ = [
     "VarianceScale",
@@ -52,8 +53,6 @@ __all__ = [
     "PHYSICAL_VARIANCE_PREFIX",
 ]
 
-#: `Exposure.variance_source` of planes modelled from gain and read noise (core.io).
-PHYSICAL_VARIANCE_PREFIX = "gain/read-noise model"
 
 _SAMPLE_PIXELS = 1_000_000
 #: Fourth difference: it cancels cubics, so PSF-smooth sky (confusion) leaves ~nothing,
