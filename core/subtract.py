@@ -655,12 +655,9 @@ class AlardLuptonSubtractTask(_SubtractBase):
         elif mode == "convolveScience":
             convolve_template = False
         elif mode == "auto":
-            try:
-                t_xx, t_yy = _axis_fwhms(template)
-                s_xx, s_yy = _axis_fwhms(science)
-                convolve_template = bool(t_xx <= s_xx or t_yy <= s_yy)
-            except Exception:  # noqa: BLE001 - fall back to the grid-mean FWHMs
-                convolve_template = self.template_fwhm <= self.science_fwhm
+            convolve_template = _template_is_sharper(
+                template, science, self.template_fwhm, self.science_fwhm
+            )
         else:
             raise ValueError(f"Cannot handle AlardLuptonSubtract mode: {mode}")
         self.metadata["convolvedExposure"] = "Template" if convolve_template else "Science"

@@ -111,20 +111,21 @@ def second_difference_gain(noise_correlation: np.ndarray | None) -> float:
     return max(float(np.mean(gains)), 1e-3)
 
 
-def _subsample(exposure: Exposure) -> tuple[Exposure, int]:
-    # a regular subsample of about a million pixels measures a noise scale to 0.1%;
-    # the pixel-scale estimate needs neighbours, so it subsamples whole rows instead
-    step = max(1, int(np.sqrt(exposure.image.size / _SAMPLE_PIXELS)))
-    sample = np.s_[::step, ::step]
-    return (
-        Exposure(
-            exposure.image[sample],
-            exposure.variance[sample],
-            exposure.mask[sample],
-            mask_planes=exposure.mask_planes,
-        ),
-        step,
+def _view(exposure: Exposure, index) -> Exposure:
+    """The image, variance and mask planes of ``exposure`` at ``index`` (views, no copy)."""
+    return Exposure(
+        exposure.image[index],
+        exposure.variance[index],
+        exposure.mask[index],
+        mask_planes=exposure.mask_planes,
     )
+
+
+def _subsample(exposure: Exposure) -> tuple[Exposure, int]:
+    # a regular subsample of about a million pixels measures a noise scale to 0.1%
+    # (the pixel-scale estimate needs neighbours: it uses a central window instead)
+    step = max(1, int(np.sqrt(exposure.image.size / _SAMPLE_PIXELS)))
+    return _view(exposure, np.s_[::step, ::step]), step
 
 
 def _good(exposure: Exposure, config: ScaleVarianceConfig) -> np.ndarray:
@@ -182,13 +183,7 @@ def _central_window(exposure: Exposure, size: int) -> Exposure:
     if ny <= size and nx <= size:
         return exposure
     y0, x0 = max(0, (ny - size) // 2), max(0, (nx - size) // 2)
-    window = np.s_[y0 : y0 + size, x0 : x0 + size]
-    return Exposure(
-        exposure.image[window],
-        exposure.variance[window],
-        exposure.mask[window],
-        mask_planes=exposure.mask_planes,
-    )
+    return _view(exposure, np.s_[y0 : y0 + size, x0 : x0 + size])
 
 
 def measure_noise_correlation(

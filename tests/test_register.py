@@ -48,7 +48,7 @@ def test_saao_offsets_agree_with_frames_csv():
 
 
 def _matched_filter_snr(difference, x: float, y: float, fwhm: float) -> float:
-    """Target S/N as ../shared REFERENCE.md measures it: Gaussian matched filter at the
+    """Target S/N as data/real/REFERENCE.md measures it: Gaussian matched filter at the
     target over the robust scatter of the same statistic at 500 random covered positions."""
     from astropy.stats import mad_std
     from scipy import ndimage
