@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from astropy.stats import mad_std
+from astropy.table import Table
 from scipy import ndimage
 
 from .basis import kernel_size_for, make_kernel_basis
@@ -42,14 +43,15 @@ from .metrics import (
     limiting_magnitude,
     noise_statistics,
 )
+from .parallel import thread_map
 from .photometry import psf_fluxes
-from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf
+from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf, Psf
 from .psf_estimate import estimate_psf
 from .quality import assess_quality, kernel_centroid
 from .register import register_template
 from .sources import detect_sources, select_kernel_sources, sky_sources
 from .task import Task
-from .variance import scale_variance
+from .variance import VarianceScale, scale_variance
 
 __all__ = [
     "SubtractionResult",
@@ -77,6 +79,15 @@ STAGES = {
     "metrics": 0.9,
     "detect": 0.95,
 }
+
+
+@dataclass
+class _Prepared:
+    """What preparing one input gave: its detections, variance scale, PSF provenance."""
+
+    detected: Table
+    scale: VarianceScale | None
+    psf_header_key: str | None
 
 
 @dataclass
@@ -180,23 +191,29 @@ class _SubtractBase(Task):
                 "Not attempting subtraction. Supply a template that covers the science image, "
                 "or set required_template_fraction=0 to force subtraction."
             )
-        for exposure, label in ((science, "science"), (template, "template")):
-            if exposure.psf is None:
-                exposure.psf = self._find_psf(exposure, label)
-        # detection on both images sets DETECTED, which variance scaling, sky sources and
-        # the noise metrics rely on, so it runs even when the caller gives the catalog
-        detected = detect_sources(science, self.config.sources.detection, psf=science.psf)
-        detect_sources(template, self.config.sources.detection, psf=template.psf)
+        # science and template are prepared independently (PSF, detection, variance
+        # scale), on two threads: the heavy numpy/scipy calls release the GIL
+        jobs = [(science, "science"), (template, "template")]
+        prepared = {
+            label: done
+            for (_, label), done in zip(jobs, thread_map(self._prepare_one, jobs, 2), strict=True)
+        }
+        for label in ("science", "template"):
+            if prepared[label].psf_header_key is not None:
+                self.metadata[f"{label}PsfFromHeader"] = prepared[label].psf_header_key
+        detected = prepared["science"].detected
         if sources is None:
             sources = detected
         if self.config.do_scale_variance:
-            for exposure, label in ((template, "Template"), (science, "Science")):
-                scale = scale_variance(exposure, self.config.scale_variance)
-                self.metadata[f"scale{label}VarianceFactor"] = scale.factor
-                self.metadata[f"scale{label}VarianceMethod"] = scale.method
-                self.metadata[f"scale{label}VarianceEstimates"] = [scale.sky, scale.pixel_scale]
-                self.warnings.extend(f"{label.lower()}: {text}" for text in scale.warnings)
-                self.notes.extend(f"{label.lower()}: {text}" for text in scale.notes)
+            for label in ("template", "science"):
+                scale = prepared[label].scale
+                assert scale is not None
+                name = label.capitalize()
+                self.metadata[f"scale{name}VarianceFactor"] = scale.factor
+                self.metadata[f"scale{name}VarianceMethod"] = scale.method
+                self.metadata[f"scale{name}VarianceEstimates"] = [scale.sky, scale.pixel_scale]
+                self.warnings.extend(f"{label}: {text}" for text in scale.warnings)
+                self.notes.extend(f"{label}: {text}" for text in scale.notes)
             # the catalog's S/N was measured against the unscaled science variance
             if sources is detected and "snr_pixel" in sources.colnames:
                 factor = self.metadata["scaleScienceVarianceFactor"]
@@ -226,10 +243,28 @@ class _SubtractBase(Task):
         self.metadata["diffimLimitingMagnitude"] = _combine_limits(sci_lim, tmpl_lim)
         return sources
 
-    def _find_psf(self, exposure: Exposure, label: str):
-        """Estimate a PSF from the stars; else a Gaussian of the header's FWHM (pixels)."""
+    def _prepare_one(self, job: tuple[Exposure, str]) -> _Prepared:
+        """PSF (estimated if missing), detection (sets DETECTED) and variance scale of one
+        input; touches only that exposure, so science and template can run at once."""
+        exposure, label = job
+        header_key = None
+        if exposure.psf is None:
+            exposure.psf, header_key = self._find_psf(exposure, label)
+        # detection on both images sets DETECTED, which variance scaling, sky sources and
+        # the noise metrics rely on, so it runs even when the caller gives the catalog
+        detected = detect_sources(exposure, self.config.sources.detection, psf=exposure.psf)
+        scale = None
+        if self.config.do_scale_variance:
+            scale = scale_variance(exposure, self.config.scale_variance)
+        return _Prepared(detected, scale, header_key)
+
+    def _find_psf(self, exposure: Exposure, label: str) -> tuple[Psf, str | None]:
+        """Estimate a PSF from the stars; else a Gaussian of the header's FWHM (pixels).
+
+        Also returns the header keyword the FWHM came from (None when estimated).
+        """
         try:
-            return estimate_psf(exposure)
+            return estimate_psf(exposure), None
         except PsfError as exc:
             for key in _HEADER_FWHM_KEYS:
                 value = exposure.metadata.get(key)
@@ -241,8 +276,7 @@ class _SubtractBase(Task):
                         key,
                         value,
                     )
-                    self.metadata[f"{label}PsfFromHeader"] = key
-                    return GaussianPsf(float(value) / SIGMA_TO_FWHM)
+                    return GaussianPsf(float(value) / SIGMA_TO_FWHM), key
             raise PsfError(
                 f"the {label} image has no PSF and none could be estimated: "
                 f"{exc.message}; or add a FWHM keyword (pixels)"
