@@ -62,15 +62,23 @@ def _plane_hits(exposure: Exposure, names, rows: slice) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------
 # background and noise
-def _interp_matrix(n_out: int, first: float, step: float, n: int) -> np.ndarray:
-    """Linear interpolation weights (n_out, n) from nodes at first + k step to pixels
-    0..n_out-1; pixels beyond the outer nodes are extrapolated linearly (half a cell
-    at most), so gradients stay straight up to the edge."""
+def _interp_nodes(n_out: int, first: float, step: float, n: int):
+    """Left node and the right node's weight (``frac``) of each pixel 0..n_out-1, for
+    linear interpolation from nodes at first + k step; pixels beyond the outer nodes
+    are extrapolated linearly (half a cell at most), so gradients stay straight up to
+    the edge. With one node, every pixel takes it (lo 0, frac 0)."""
     if n == 1:
-        return np.ones((n_out, 1))
+        return np.zeros(n_out, dtype=int), np.zeros(n_out)
     t = (np.arange(n_out, dtype=np.float64) - first) / step
     lo = np.clip(np.floor(t).astype(int), 0, n - 2)
-    frac = t - lo
+    return lo, t - lo
+
+
+def _interp_matrix(n_out: int, first: float, step: float, n: int) -> np.ndarray:
+    """The weights (n_out, n) of `_interp_nodes` as a matrix."""
+    if n == 1:
+        return np.ones((n_out, 1))
+    lo, frac = _interp_nodes(n_out, first, step, n)
     weights = np.zeros((n_out, n))
     weights[np.arange(n_out), lo] = 1.0 - frac
     weights[np.arange(n_out), lo + 1] += frac
@@ -125,22 +133,23 @@ def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
     rows = np.arange(k)
     finite = np.isfinite(s)
     n = finite.sum(axis=1)
-    # sums about a value near the median keep E[d^2] - E[d]^2 accurate; one trailing
-    # zero lets every range end (up to k * length) be a valid reduceat index
+    # sums about a value near the median keep E[d^2] - E[d]^2 accurate; prefix sums
+    # (a leading zero per row) turn every pass's range sums into two lookups
     ref = np.where(n > 0, s[rows, np.minimum(n // 2, length - 1)], 0.0)
-    d = np.zeros(k * length + 1)
-    d[:-1] = (s - ref[:, None].astype(np.float64)).ravel()
+    d = s.astype(np.float64)
+    d -= ref[:, None]
     if not finite.all():
-        d[:-1][~finite.ravel()] = 0.0
-    d2 = d * d
-    base = rows * length
+        d[~finite] = 0.0
+    prefix = np.zeros((k, length + 1))
+    np.cumsum(d, axis=1, out=prefix[:, 1:])
+    np.square(d, out=d)
+    prefix2 = np.zeros((k, length + 1))
+    np.cumsum(d, axis=1, out=prefix2[:, 1:])
+    del d
 
     def range_sum(values, a, b):
         # sums over [a, b) of every row at once; empty ranges are blanked by the caller
-        bounds = np.empty(2 * k, dtype=np.int64)
-        bounds[0::2] = base + np.minimum(a, length - 1)
-        bounds[1::2] = base + np.maximum(b, a + 1)
-        return np.add.reduceat(values, bounds)[0::2]
+        return values[rows, np.maximum(b, a)] - values[rows, a]
 
     def stats(a, b):
         count = b - a
@@ -149,8 +158,8 @@ def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
         upper = s[rows, np.clip(mid, 0, length - 1)].astype(np.float64)
         lower = s[rows, np.clip(mid - 1, 0, length - 1)].astype(np.float64)
         median = np.where(count % 2 == 1, upper, 0.5 * (upper + lower))
-        mean = range_sum(d, a, b) / safe
-        var = range_sum(d2, a, b) / safe - mean * mean
+        mean = range_sum(prefix, a, b) / safe
+        var = range_sum(prefix2, a, b) / safe - mean * mean
         empty = count == 0
         median[empty] = np.nan
         std = np.sqrt(np.maximum(var, 0.0))
@@ -208,27 +217,44 @@ def _cell_stats(cells: np.ndarray, sigma: float = 3.0, maxiters: int = 5, chunk:
 
 class _BackgroundMesh:
     """Mesh background and noise of `background_map`, interpolated to pixels on demand
-    (whole frame, or a block of rows so that no frame-sized map need exist)."""
+    (whole frame, or a block of rows so that no frame-sized map need exist).
 
-    def __init__(self, median: np.ndarray, std: np.ndarray, wy: np.ndarray, wx: np.ndarray):
+    The mesh rows are interpolated along x once (nby x nx, small); a block of image
+    rows is then the weighted sum of two such rows per image row: two multiply-adds
+    per pixel, instead of a dense matrix product whose threads spin on a busy machine.
+    """
+
+    def __init__(self, median: np.ndarray, std: np.ndarray, y_nodes, wx: np.ndarray):
         self.median = median
         self.std = std
-        self.wy = wy
-        self.wx_t = wx.T.astype(np.float32)
+        self.lo, frac = y_nodes
+        self.hi = np.minimum(self.lo + 1, median.shape[0] - 1)
+        self.frac = frac.astype(np.float32)[:, None]
+        self.wx_t = wx.T
+        self._along_x: dict[str, np.ndarray] = {}
 
     @classmethod
     def constant(cls, ny: int, nx: int, level: float, noise: float) -> _BackgroundMesh:
-        return cls(np.array([[level]]), np.array([[noise]]), np.ones((ny, 1)), np.ones((nx, 1)))
+        nodes = (np.zeros(ny, dtype=int), np.zeros(ny))
+        return cls(np.array([[level]]), np.array([[noise]]), nodes, np.ones((nx, 1)))
 
-    def _rows(self, mesh: np.ndarray, rows: slice) -> np.ndarray:
-        # (rows, nby) @ (nby, nbx) @ (nbx, nx): along y first, then along x
-        return (self.wy[rows] @ mesh).astype(np.float32) @ self.wx_t
+    def _rows(self, name: str, rows: slice) -> np.ndarray:
+        along_x = self._along_x.get(name)
+        if along_x is None:
+            mesh = self.median if name == "median" else self.std
+            along_x = (mesh @ self.wx_t).astype(np.float32)
+            self._along_x[name] = along_x
+        frac = self.frac[rows]
+        out = along_x[self.lo[rows]]
+        out *= 1.0 - frac
+        out += along_x[self.hi[rows]] * frac
+        return out
 
     def background(self, rows: slice = slice(None)) -> np.ndarray:
-        return self._rows(self.median, rows)
+        return self._rows("median", rows)
 
     def noise(self, rows: slice = slice(None)) -> np.ndarray:
-        return self._rows(self.std, rows)
+        return self._rows("std", rows)
 
 
 def background_map(
@@ -307,6 +333,6 @@ def _background_mesh(exposure: Exposure, mesh: int, ignore_planes) -> _Backgroun
     typical_noise = float(np.median(std))
     median = _despike(median, 2.0 * typical_noise)
     std = _despike(std, 0.5 * typical_noise)
-    wy = _interp_matrix(ny, (mesh - 1) / 2.0, mesh, nby)
+    y_nodes = _interp_nodes(ny, (mesh - 1) / 2.0, mesh, nby)
     wx = _interp_matrix(nx, (mesh - 1) / 2.0, mesh, nbx)
-    return _BackgroundMesh(median, std, wy, wx)
+    return _BackgroundMesh(median, std, y_nodes, wx)

@@ -10,7 +10,8 @@ with an input raises `InvalidExposureError` naming the file and the problem.
 Variance of a single image without a variance plane (`estimate_variance`)
 -------------------------------------------------------------------------
 The sky level ``sky`` and sky noise ``sigma`` are measured with
-`astropy.stats.sigma_clipped_stats` (3 sigma, MAD-based width). Then:
+`astropy.stats.sigma_clipped_stats` (3 sigma, MAD-based width; computed from one sort by
+`core.clipping`). Then:
 
 * GAIN known, sky present (``sky > 3 sigma``: the sky was not subtracted):
   the CCD model ``max(image, 0) / gain + (rdnoise / gain)**2`` (ADU**2, RDNOISE in
@@ -65,11 +66,11 @@ from typing import IO, Any
 
 import numpy as np
 from astropy.io import fits
-from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 from scipy import ndimage
 
+from .clipping import sigma_clipped_median_std
 from .errors import InvalidExposureError, PsfError
 from .exposure import Exposure, MaskPlanes, PhotoCalib
 from .fits_structure import check_fits_structure
@@ -394,10 +395,11 @@ def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]
         block = (slice(j0, j0 + _STATS_MAX_SIDE), slice(i0, i0 + _STATS_MAX_SIDE))
         if valid[block].sum() > 1000:
             image, valid = image[block], valid[block]
-    values = image[valid].astype(np.float64)
+    # float32 values: the clipping sorts them once (core.clipping), no float64 copy
+    values = image[valid]
     if values.size == 0:
         raise InvalidExposureError("no valid pixels to measure the sky noise")
-    _, sky, sigma = sigma_clipped_stats(values, sigma=3.0, maxiters=10, stdfunc="mad_std")
+    sky, sigma = sigma_clipped_median_std(values, sigma=3.0, maxiters=10)
     if math.isfinite(sigma) and sigma > 0:
         filled = np.where(valid, image, sky)
         # a 3x3 mean has noise sigma/3, so 1 sigma of the raw image is a 3-sigma cut
@@ -405,12 +407,10 @@ def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]
         sources = ndimage.binary_dilation(smooth - sky > sigma, iterations=3)
         keep = valid & ~sources
         if keep.sum() > max(100, 0.1 * valid.sum()):
-            _, sky, sigma = sigma_clipped_stats(
-                image[keep].astype(np.float64), sigma=3.0, maxiters=10, stdfunc="mad_std"
-            )
+            sky, sigma = sigma_clipped_median_std(image[keep], sigma=3.0, maxiters=10)
     sky, sigma = float(sky), float(sigma)
     if not math.isfinite(sigma) or sigma <= 0:
-        sigma = float(np.std(values)) or 1.0
+        sigma = float(np.std(values, dtype=np.float64)) or 1.0
     return sky, sigma
 
 
@@ -458,7 +458,10 @@ def estimate_variance(
         read_var = (rn / gain) ** 2
         model_sky = max(sky, 0.0) / gain + read_var
         if sky_present and measured >= 0.8 * model_sky:
-            variance = np.maximum(image, 0.0) / gain + read_var
+            # in place: each frame-sized temporary costs fresh pages
+            variance = np.maximum(image, np.float32(0.0))
+            variance /= np.float32(gain)
+            variance += np.float32(read_var)
             text = f"{PHYSICAL_VARIANCE_PREFIX} (GAIN={gain:.4g} e-/ADU, RDNOISE={rn:.4g} e-)"
         elif sky_present:
             variance = measured + np.maximum(image - sky, 0.0) / gain
@@ -483,8 +486,11 @@ def estimate_variance(
     else:
         variance = np.full(image.shape, measured, dtype=np.float32)
         text = f"measured sky noise {sigma:.4g} only (no GAIN keyword, sky-subtracted image)"
-    variance = np.where(np.isfinite(variance), variance, np.float32(measured))
-    return variance.astype(np.float32, copy=False), text, sky, sigma
+    variance = np.asarray(variance, dtype=np.float32)
+    bad = ~np.isfinite(variance)
+    if bad.any():
+        variance[bad] = np.float32(measured)
+    return variance, text, sky, sigma
 
 
 # ---------------------------------------------------------------------- plane sources
