@@ -250,6 +250,15 @@ class _BackgroundMesh:
         out += along_x[self.hi[rows]] * frac
         return out
 
+    def window(self, rows: slice, cols: slice) -> _BackgroundMesh:
+        """The same maps over a window of the frame (array rows and columns)."""
+        part = _BackgroundMesh.__new__(_BackgroundMesh)
+        part.median, part.std = self.median, self.std
+        part.lo, part.hi, part.frac = self.lo[rows], self.hi[rows], self.frac[rows]
+        part.wx_t = self.wx_t[:, cols]
+        part._along_x = {}
+        return part
+
     def background(self, rows: slice = slice(None)) -> np.ndarray:
         return self._rows("median", rows)
 

@@ -30,7 +30,7 @@ from .measure import (
 )
 from .psf import GaussianPsf, Psf, stellar_locus
 
-__all__ = ["detect_sources"]
+__all__ = ["detect_sources", "background_estimate"]
 
 #: A secondary peak in a footprint counts as a source when it rises this many noise
 #: sigmas (smoothed S/N units) above the saddle towards a brighter peak.
@@ -178,6 +178,7 @@ def detect_sources(
     psf: Psf | None = None,
     set_mask: bool = True,
     grow_sigma: float = 2.4,
+    background=None,
 ) -> Table:
     """Detect sources above a threshold in units of the local noise.
 
@@ -186,10 +187,11 @@ def detect_sources(
     image is correlated with the PSF (matched filter) and divided by the square
     root of the equally filtered variance plane, giving an S/N image whose
     empty-sky scatter is renormalised to 1 (robust lower-half estimate). Without
-    a PSF a Gaussian of sigma 2 px is used, then the sources' median adaptive
-    size defines a Gaussian PSF for a second pass. Connected pixels (8-way) at or
-    above ``threshold`` with at least ``min_pixels`` form footprints, which are
-    then grown by ``grow_sigma`` PSF sigmas (as Rubin's detection does); the
+    a PSF a Gaussian of sigma 1 px is used (on the central quarter of frames of
+    2048 px or more a side, when it holds 30 clean sources), then the sources'
+    stellar-locus size defines a Gaussian PSF for a second pass. Connected
+    pixels (8-way) at or above ``threshold`` with at least ``min_pixels`` form
+    footprints, which are then grown by ``grow_sigma`` PSF sigmas (as Rubin's detection does); the
     same is done on the negated S/N image for negative sources.
 
     Parameters
@@ -205,6 +207,9 @@ def detect_sources(
         Write the grown footprints into the DETECTED / DETECTED_NEGATIVE planes.
     grow_sigma : float
         Footprint growth in PSF sigmas.
+    background : optional
+        `background_estimate` of this exposure (computed when None): lets several
+        detections of an exposure whose masks did not change share one mesh.
 
     Returns
     -------
@@ -224,22 +229,61 @@ def detect_sources(
     """
     config = config or DetectionConfig()
     given = _resolve_psf(exposure, psf)
-    estimate = _background_mesh(exposure, config.background_mesh, BACKGROUND_IGNORE_PLANES)
+    if background is None:
+        background = background_estimate(exposure, config)
+    estimate = background
     if given is not None and config.smooth_with_psf:
         table = _detect_pass(exposure, config, given, estimate, grow_sigma, set_mask)
     else:
         first = GaussianPsf(_DEFAULT_SMOOTH_SIGMA)
-        table = _detect_pass(exposure, config, first, estimate, grow_sigma, False)
-        sizes = _clean_sizes(table)
+        # the first pass only measures the sources' sizes: on a large frame, the
+        # central quarter holds stars enough for their locus (else the whole frame)
+        sizes, table = _first_pass_sizes(exposure, config, first, estimate, grow_sigma)
         sigma = stellar_locus(sizes) if sizes.size >= 3 else _DEFAULT_SMOOTH_SIGMA
         if not config.smooth_with_psf:
             sigma = max(0.5, min(sigma, 20.0))
-        if abs(sigma / _DEFAULT_SMOOTH_SIGMA - 1) > 0.15 or set_mask:
+        if table is None or abs(sigma / _DEFAULT_SMOOTH_SIGMA - 1) > 0.15 or set_mask:
             model = GaussianPsf(max(0.5, min(sigma, 20.0)))
             table = _detect_pass(exposure, config, model, estimate, grow_sigma, set_mask)
         if given is not None:
             table.meta["psf_sigma"] = _psf_sigma(given)
     return table
+
+
+def background_estimate(exposure: Exposure, config: DetectionConfig | None = None):
+    """The background mesh `detect_sources` uses for ``exposure`` (its masks as they are
+    now): computed once, it can be passed to several detections of the same exposure."""
+    mesh = (config or DetectionConfig()).background_mesh
+    return _background_mesh(exposure, mesh, BACKGROUND_IGNORE_PLANES)
+
+
+#: Frames with both sides at least this long measure source sizes (first pass of a
+#: detection without a PSF) on their central quarter.
+_SIZE_WINDOW_MIN_SIDE = 2048
+#: Fewest clean sizes the central quarter must give; else the whole frame is used.
+_SIZE_WINDOW_MIN_STARS = 30
+
+
+def _first_pass_sizes(exposure, config, psf, estimate, grow_sigma):
+    """Clean source sizes from a detection pass with a generic PSF, and that pass's
+    catalog when it covered the whole frame (None when it covered the central quarter)."""
+    ny, nx = exposure.shape
+    if min(ny, nx) >= _SIZE_WINDOW_MIN_SIDE:
+        rows = slice(ny // 4, ny // 4 + ny // 2)
+        cols = slice(nx // 4, nx // 4 + nx // 2)
+        window = Exposure(
+            exposure.image[rows, cols],
+            exposure.variance[rows, cols],
+            exposure.mask[rows, cols],
+            mask_planes=exposure.mask_planes,
+            metadata=exposure.metadata,
+        )
+        table = _detect_pass(window, config, psf, estimate.window(rows, cols), grow_sigma, False)
+        sizes = _clean_sizes(table)
+        if sizes.size >= _SIZE_WINDOW_MIN_STARS:
+            return sizes, None
+    table = _detect_pass(exposure, config, psf, estimate, grow_sigma, False)
+    return _clean_sizes(table), table
 
 
 def _clean_sizes(table: Table) -> np.ndarray:

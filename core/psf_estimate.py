@@ -10,8 +10,7 @@ import math
 
 import numpy as np
 
-from .background import background_image
-from .detection import detect_sources
+from .detection import background_estimate, detect_sources
 from .errors import PsfError
 from .measure import measure_sources
 from .psf import SIGMA_TO_FWHM, GridPsf, ImagePsf, Psf, _odd, _shift_raw, stellar_locus
@@ -31,6 +30,7 @@ def estimate_psf(
     max_stars: int = 200,
     min_stars: int = 5,
     spatial_order: int = 0,
+    background=None,
 ) -> Psf:
     """Build a PSF from bright, isolated, unsaturated, unmasked stars.
 
@@ -42,7 +42,7 @@ def estimate_psf(
     with over 2% of its flux lies within the stamp radius, and its stamp holds
     no pixel of `PSF_STAMP_BAD_PLANES`. The
     brightest ``max_stars`` are cut out with a margin, background subtracted
-    (mesh background of `core.background.background_image`), shifted by a Fourier
+    (the mesh background detection uses), shifted by a Fourier
     phase ramp so the weighted centroid falls on the central pixel, cropped,
     normalised by their flux within 2 FWHM and combined by a per-pixel
     3-sigma clipped mean.
@@ -65,6 +65,9 @@ def estimate_psf(
         rejected) and returns a `GridPsf` of 3x3 nodes spanning the exposure;
         with too few stars for the order (fewer than 3 per term) the order
         is lowered.
+    background : optional
+        `core.detection.background_estimate` of the exposure (default mesh), when the
+        caller has it already; computed otherwise.
 
     Returns
     -------
@@ -75,8 +78,10 @@ def estimate_psf(
     PsfError
         Fewer than ``min_stars`` suitable stars.
     """
+    # one mesh serves the detection and the stamps' background
+    mesh = background if background is not None else background_estimate(exposure)
     if catalog is None:
-        stars = detect_sources(exposure, set_mask=False)
+        stars = detect_sources(exposure, set_mask=False, background=mesh)
     else:
         x = np.asarray(catalog["x"], dtype=np.float64)
         y = np.asarray(catalog["y"], dtype=np.float64)
@@ -128,7 +133,7 @@ def estimate_psf(
     candidates = candidates[np.argsort(-flux_all[candidates])]
 
     # float32 map; stamps are cut and subtracted in float64 (no float64 frame)
-    background = background_image(exposure)
+    background = mesh.background()
     bad = exposure.masked(PSF_STAMP_BAD_PLANES) | ~np.isfinite(exposure.image)
     x0, y0 = exposure.xy0
     ny, nx = exposure.shape

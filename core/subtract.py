@@ -21,9 +21,10 @@ from astropy.table import Table
 from scipy import ndimage
 
 from .basis import kernel_size_for, make_kernel_basis
-from .config import SubtractionConfig
+from .config import DetectionConfig, SubtractionConfig
 from .convolve import convolve_exposure, dilate_cross
 from .decorrelate import decorrelate_difference
+from .detection import background_estimate
 from .diasources import dia_sources
 from .errors import (
     IdenticalInputsError,
@@ -248,23 +249,28 @@ class _SubtractBase(Task):
         input; touches only that exposure, so science and template can run at once."""
         exposure, label = job
         header_key = None
+        detection = self.config.sources.detection
+        # the masks do not change before detection: PSF estimation (its own detection
+        # and stamps) and detection share one background mesh when its size agrees
+        mesh = background_estimate(exposure, detection)
         if exposure.psf is None:
-            exposure.psf, header_key = self._find_psf(exposure, label)
+            same = detection.background_mesh == DetectionConfig().background_mesh
+            exposure.psf, header_key = self._find_psf(exposure, label, mesh if same else None)
         # detection on both images sets DETECTED, which variance scaling, sky sources and
         # the noise metrics rely on, so it runs even when the caller gives the catalog
-        detected = detect_sources(exposure, self.config.sources.detection, psf=exposure.psf)
+        detected = detect_sources(exposure, detection, psf=exposure.psf, background=mesh)
         scale = None
         if self.config.do_scale_variance:
             scale = scale_variance(exposure, self.config.scale_variance)
         return _Prepared(detected, scale, header_key)
 
-    def _find_psf(self, exposure: Exposure, label: str) -> tuple[Psf, str | None]:
+    def _find_psf(self, exposure: Exposure, label: str, background=None) -> tuple[Psf, str | None]:
         """Estimate a PSF from the stars; else a Gaussian of the header's FWHM (pixels).
 
         Also returns the header keyword the FWHM came from (None when estimated).
         """
         try:
-            return estimate_psf(exposure), None
+            return estimate_psf(exposure, background=background), None
         except PsfError as exc:
             for key in _HEADER_FWHM_KEYS:
                 value = exposure.metadata.get(key)
