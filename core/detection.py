@@ -15,6 +15,8 @@ import math
 import numpy as np
 from astropy.table import Table
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from .background import BACKGROUND_IGNORE_PLANES, _background_mesh, _row_blocks
 from .config import DetectionConfig
@@ -50,31 +52,69 @@ def _footprints(
     ``negative``) of at least ``min_pixels`` pixels, numbered in raster order; written
     into ``out`` (int32, reused between passes) when given."""
     above = snr <= -threshold if negative else snr >= threshold
-    if not above.any():
+    where = np.flatnonzero(above)
+    if where.size == 0:
         # nothing to label (often the negative side): skip the full-frame scan
         if out is None:
             return np.zeros(snr.shape, dtype=np.int32), 0
         out.fill(0)
         return out, 0
-    structure = np.ones((3, 3), dtype=bool)
-    if out is None:
-        labels, n = ndimage.label(above, structure=structure)
+    if where.size <= _SPARSE_LABEL_FRACTION * above.size:
+        # few pixels: label them as a graph, not the whole frame
+        values, n = _label_pixels(where, above.shape)
+        if out is None:
+            labels = np.zeros(snr.shape, dtype=np.int32)  # calloc: only touched pages cost
+        else:
+            labels = out
+            labels.fill(0)
     else:
-        labels, n = out, ndimage.label(above, structure=structure, output=out)
-    if n == 0:
-        return labels, 0
+        structure = np.ones((3, 3), dtype=bool)
+        if out is None:
+            labels, n = ndimage.label(above, structure=structure)
+        else:
+            labels, n = out, ndimage.label(above, structure=structure, output=out)
+        values = labels.ravel()[where]
+    del above
     # count and relabel only the (few) pixels above threshold, not the whole frame
     flat = labels.ravel()
-    where = np.flatnonzero(above)
-    values = flat[where]
     keep = np.bincount(values, minlength=n + 1) >= min_pixels
     keep[0] = False
     n_keep = int(keep.sum())
     if n_keep < n:
         relabel = np.zeros(n + 1, dtype=labels.dtype)
         relabel[keep] = np.arange(1, n_keep + 1, dtype=labels.dtype)
-        flat[where] = relabel[values]
+        values = relabel[values]
+    flat[where] = values
     return labels, n_keep
+
+
+#: Pixel pieces are labelled as a graph of their pixels (`_label_pixels`) when they
+#: cover at most this fraction of the frame (typical: the negative side, difference
+#: images), else by `scipy.ndimage.label` over the whole frame.
+_SPARSE_LABEL_FRACTION = 0.02
+#: Forward neighbours of a pixel in 8-connectivity (the others are their reverses).
+_FORWARD = ((0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def _label_pixels(where: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """8-connected labels (1..n, numbered by first pixel in raster order, as
+    `scipy.ndimage.label` numbers them) of the pixels at sorted flat indices ``where``."""
+    ny, nx = shape
+    m = where.size
+    rows, cols = np.divmod(where, nx)
+    src, dst = [], []
+    for dy, dx in _FORWARD:
+        idx = np.flatnonzero((rows + dy < ny) & (cols + dx >= 0) & (cols + dx < nx))
+        target = where[idx] + (dy * nx + dx)
+        pos = np.minimum(np.searchsorted(where, target), m - 1)
+        hit = where[pos] == target
+        src.append(idx[hit])
+        dst.append(pos[hit])
+    edges = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(edges[0].size, dtype=np.int8), edges), shape=(m, m))
+    # components are numbered by their lowest node, i.e. their first pixel in raster order
+    n, component = connected_components(graph.tocsr(), directed=False)
+    return (component + 1).astype(np.int32), int(n)
 
 
 def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:

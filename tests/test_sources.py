@@ -16,7 +16,7 @@ from scipy.spatial import cKDTree
 
 from core.background import _cell_stats, background_map
 from core.config import DetectionConfig, SourcesConfig
-from core.detection import _disc_dilate, _grow, _local_maxima, detect_sources
+from core.detection import _disc_dilate, _footprints, _grow, _local_maxima, detect_sources
 from core.errors import InsufficientSourcesError, InvalidCatalogError
 from core.exposure import Exposure
 from core.measure import _interp_at, _negative_side_sigma, measure_sources
@@ -571,3 +571,35 @@ def test_fits_catalog_bytes_without_fits_suffix(tmp_path):
     path = tmp_path / "cat.dat"
     fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
     assert float(read_catalog(path)["y"][0]) == 2.0
+
+
+def _reference_footprints(snr, threshold, min_pixels, negative=False):
+    above = snr <= -threshold if negative else snr >= threshold
+    labels, n = ndimage.label(above, structure=np.ones((3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_pixels
+    keep[0] = False
+    relabel = np.zeros(n + 1, dtype=np.int32)
+    relabel[keep] = np.arange(1, int(keep.sum()) + 1)
+    return relabel[labels], int(keep.sum())
+
+
+def test_footprints_match_plain_labelling():
+    # sparse pieces are labelled as a pixel graph, dense ones by ndimage.label: both
+    # must give the plain labelling (raster-order numbers, small pieces dropped)
+    rng = np.random.default_rng(12)
+    snr = ndimage.gaussian_filter(rng.normal(size=(180, 150)), 1.5) * 6.0
+    snr[0, :] = 9.0  # a piece along the top edge
+    snr[:, -1] = -9.0  # and a negative one down the right edge (no wrap to column 0)
+    snr[90, 0] = 9.0
+    for threshold in (1.2, 2.0, 3.0):  # from dense (ndimage) to sparse (graph) pieces
+        for negative in (False, True):
+            for min_pixels in (1, 5):
+                out = np.full(snr.shape, 7, dtype=np.int32)
+                for buffer in (None, out):
+                    labels, n = _footprints(snr, threshold, min_pixels, negative, out=buffer)
+                    ref, n_ref = _reference_footprints(snr, threshold, min_pixels, negative)
+                    assert n == n_ref
+                    np.testing.assert_array_equal(labels, ref)
+    # both paths were taken, on either side
+    assert max(np.mean(snr >= 3.0), np.mean(snr <= -3.0)) < 0.02 < np.mean(snr <= -1.2)
