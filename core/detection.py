@@ -444,13 +444,15 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
         grown = _grow(labels, grow, out=neg_labels)
         grown_neg = np.zeros(grown.shape, dtype=grown.dtype)  # calloc: no pages touched
     if set_mask:
-        exposure.clear_plane("DETECTED")
-        exposure.clear_plane("DETECTED_NEGATIVE")
-        exposure.set_plane("DETECTED", grown > 0)
-        if n_neg:
-            exposure.set_plane("DETECTED_NEGATIVE", grown_neg > 0)
-        else:
-            exposure.mask_planes.bit("DETECTED_NEGATIVE")  # the plane exists, empty
+        # both planes replaced in one pass over the mask, a block of rows at a time
+        positive = np.int32(exposure.mask_planes.value("DETECTED"))
+        negative = np.int32(exposure.mask_planes.value("DETECTED_NEGATIVE"))
+        for rows in _row_blocks(grown.shape[0]):
+            block = exposure.mask[rows]
+            block &= ~(positive | negative)
+            block |= np.where(grown[rows] > 0, positive, np.int32(0))
+            if n_neg:
+                block |= np.where(grown_neg[rows] > 0, negative, np.int32(0))
     x0, y0 = exposure.xy0
     table = _empty_detection_table()
     table.meta.update(

@@ -325,15 +325,26 @@ class _SubtractBase(Task):
         # views, not a cutout: this runs on full frames and needs no copy
         x0, y0 = science.xy0[0] - template.xy0[0], science.xy0[1] - template.xy0[1]
         window = np.s_[y0 : y0 + science.height, x0 : x0 + science.width]
-        no_data = (template.mask[window] & template.bitmask(["NO_DATA"])) != 0
-        no_data |= science.masked(["NO_DATA"])
-        no_data |= ~np.isfinite(template.image[window])
-        return 1.0 - np.count_nonzero(no_data) / no_data.size
+        t_mask, t_image = template.mask[window], template.image[window]
+        t_bits, s_bits = template.bitmask(["NO_DATA"]), science.bitmask(["NO_DATA"])
+        missing = 0
+        # a block of rows at a time: no frame-sized integer or boolean temporaries
+        for y in range(0, science.height, 256):
+            rows = slice(y, y + 256)
+            no_data = ~np.isfinite(t_image[rows])
+            if t_bits:
+                no_data |= (t_mask[rows] & t_bits) != 0
+            if s_bits:
+                no_data |= (science.mask[rows] & s_bits) != 0
+            missing += int(np.count_nonzero(no_data))
+        return 1.0 - missing / (science.height * science.width)
 
     def update_masks(self, template: Exposure, science: Exposure) -> None:
         """Clear science detections and rename/clear template planes (algorithm.md 5.1)."""
-        science.clear_plane("DETECTED")
-        science.clear_plane("DETECTED_NEGATIVE")
+        # one pass over the mask for both planes
+        detections = science.bitmask(["DETECTED", "DETECTED_NEGATIVE"])
+        if detections:
+            science.mask &= np.int32(~detections)
         if "FAKE" in science.mask_planes:
             science.set_plane("INJECTED", science.masked(["FAKE"]))
         planes = template.mask_planes
@@ -346,8 +357,10 @@ class _SubtractBase(Task):
             clear = [p for p in clear if p != "INJECTED_TEMPLATE"]
         for name in rename:
             template.set_plane(f"{name}_TEMPLATE", template.masked([name]))
-        for name in clear:
-            template.clear_plane(name)
+        # one pass over the mask for every plane cleared
+        cleared = template.bitmask(clear)
+        if cleared:
+            template.mask &= np.int32(~cleared)
 
     def _psf_fwhm(self, exposure: Exposure) -> float:
         """PSF FWHM at the average position, else the mean over a grid (algorithm.md 1.2.6)."""
