@@ -38,7 +38,7 @@ from astropy.stats import mad_std
 from scipy import fft as sp_fft
 from scipy import ndimage
 
-from .background import background_map
+from .background import background_image
 from .config import ScaleVarianceConfig
 from .exposure import Exposure
 from .io import PHYSICAL_VARIANCE_PREFIX
@@ -147,31 +147,35 @@ def _sky_estimate(exposure: Exposure, config: ScaleVarianceConfig) -> float:
     if np.count_nonzero(good) < 2:
         return math.nan
     bin_size = max(4, config.background_bin_size // step)
-    background, _ = background_map(subsample, bin_size, ignore_planes=config.mask_planes)
+    background = background_image(subsample, bin_size, ignore_planes=config.mask_planes)
     residual = (subsample.image - background)[good]
     return float(mad_std(residual / np.sqrt(subsample.variance[good])) ** 2)
 
 
-def _second_difference_pulls(image, variance, good) -> np.ndarray:
-    """Pixel-scale differences along the last axis, normalised by their predicted sigma."""
+def _second_difference_pulls(image, variance, good, axis: int = 1) -> np.ndarray:
+    """Pixel-scale differences along ``axis``, normalised by their predicted sigma (in
+    place of a transpose: slices along either axis stay contiguous rows)."""
     n = _STENCIL.size
-    width = image.shape[1] - n + 1
+    width = image.shape[axis] - n + 1
     if width < 1:
         return np.zeros(0)
-    parts = [np.s_[:, i : i + width] for i in range(n)]
+    parts = [np.s_[:, i : i + width] if axis else np.s_[i : i + width] for i in range(n)]
     use = np.logical_and.reduce([good[part] for part in parts])
     value = sum(w * image[part] for w, part in zip(_STENCIL, parts, strict=True))
     expected = sum(w * w * variance[part] for w, part in zip(_STENCIL, parts, strict=True))
     return value[use] / np.sqrt(expected[use])
 
 
-def _pixel_scale_estimate(exposure: Exposure, config: ScaleVarianceConfig) -> float:
-    good = _good(exposure, config)
+def _pixel_scale_estimate(
+    exposure: Exposure, config: ScaleVarianceConfig, good: np.ndarray | None = None
+) -> float:
+    if good is None:
+        good = _good(exposure, config)
     image = exposure.image.astype(np.float64)
     variance = exposure.variance.astype(np.float64)
     values = []
-    for img, var, ok in ((image, variance, good), (image.T, variance.T, good.T)):
-        pulls = _second_difference_pulls(img, var, ok)
+    for axis in (1, 0):
+        pulls = _second_difference_pulls(image, variance, good, axis)
         if pulls.size >= 100:
             values.append(float(mad_std(pulls) ** 2))
     return float(np.mean(values)) if values else math.nan
@@ -196,9 +200,15 @@ def measure_noise_correlation(
     Returns None when fewer than ``config.min_sky_pixels`` sky pixels remain.
     """
     config = config or ScaleVarianceConfig()
+    window = _central_window(exposure, config.correlation_window)
+    return _noise_correlation(window, _good(window, config), config, radius)
+
+
+def _noise_correlation(
+    exposure: Exposure, good: np.ndarray, config: ScaleVarianceConfig, radius: int | None = None
+) -> np.ndarray | None:
+    """`measure_noise_correlation` on a window whose sky pixels ``good`` are known."""
     radius = config.correlation_radius if radius is None else radius
-    exposure = _central_window(exposure, config.correlation_window)
-    good = _good(exposure, config)
     if np.count_nonzero(good) < config.min_sky_pixels:
         return None
     # a smooth sky left in the window only adds a plateau at every lag (removed below)
@@ -252,7 +262,8 @@ def measure_variance_scale(
     gain = second_difference_gain(exposure.noise_correlation)
     # pixel noise needs neighbours, not the whole frame: the central window
     window = _central_window(exposure, config.correlation_window)
-    pixel_scale = _pixel_scale_estimate(window, config) / gain
+    window_good = _good(window, config)  # shared with the noise correlation
+    pixel_scale = _pixel_scale_estimate(window, config, window_good) / gain
     warnings: list[str] = []
     notes: list[str] = []
     measured_correlation = None
@@ -283,7 +294,7 @@ def measure_variance_scale(
         # given or sky-measured planes often belong to resampled or coadded images:
         # per-pixel variances stay right, but sums over pixels (PSF fluxes, the score,
         # the decorrelation) need the correlation
-        measured_correlation = measure_noise_correlation(exposure, config)
+        measured_correlation = _noise_correlation(window, window_good, config)
         # the sky's autocorrelation also holds faint sources' wings; it is the noise's
         # only if it predicts how much the pixel-scale differences are suppressed
         consistent = (
