@@ -603,3 +603,15 @@ def test_footprints_match_plain_labelling():
                     np.testing.assert_array_equal(labels, ref)
     # both paths were taken, on either side
     assert max(np.mean(snr >= 3.0), np.mean(snr <= -3.0)) < 0.02 < np.mean(snr <= -1.2)
+
+
+def test_disc_dilate_matches_distance_transform_on_word_widths():
+    # rows are packed 64 pixels to a word: widths on and off a word boundary, pixels
+    # on the first and last columns (carries across words, no wrap between rows)
+    rng = np.random.default_rng(21)
+    for shape in ((60, 128), (5, 64), (40, 65), (3, 200)):
+        mask = rng.random(shape) < 0.03
+        mask[1, 0] = mask[2, -1] = True
+        for radius in (1, 2, 4, 7):
+            distance = ndimage.distance_transform_edt(~mask)
+            np.testing.assert_array_equal(_disc_dilate(mask, radius), distance <= radius)
