@@ -454,14 +454,14 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
         grown_neg = np.zeros(grown.shape, dtype=grown.dtype)  # calloc: no pages touched
     if set_mask:
         # both planes replaced in one pass over the mask, a block of rows at a time
-        positive = np.int32(exposure.mask_planes.value("DETECTED"))
-        negative = np.int32(exposure.mask_planes.value("DETECTED_NEGATIVE"))
+        det_bit = np.int32(exposure.mask_planes.value("DETECTED"))
+        neg_bit = np.int32(exposure.mask_planes.value("DETECTED_NEGATIVE"))
         for rows in _row_blocks(grown.shape[0]):
             block = exposure.mask[rows]
-            block &= ~(positive | negative)
-            block |= np.where(grown[rows] > 0, positive, np.int32(0))
+            block &= ~(det_bit | neg_bit)
+            block |= np.where(grown[rows] > 0, det_bit, np.int32(0))
             if n_neg:
-                block |= np.where(grown_neg[rows] > 0, negative, np.int32(0))
+                block |= np.where(grown_neg[rows] > 0, neg_bit, np.int32(0))
     x0, y0 = exposure.xy0
     table = _empty_detection_table()
     table.meta.update(
