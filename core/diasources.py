@@ -25,9 +25,17 @@ from scipy.optimize import least_squares
 from scipy.signal import fftconvolve
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 
-from .background import _BackgroundMesh
 from .config import DiaSourceConfig
-from .detection import _find_peaks, _footprints
+from .convolve import correlate_image
+from .diadetect import (
+    DifferenceSnr,
+    _patches,
+    block_extremes,
+    block_size,
+    crop_kernel,
+    prepare_difference,
+    sparse_peaks,
+)
 from .exposure import Exposure
 from .forced import (
     FLAG_BITS,
@@ -39,7 +47,7 @@ from .forced import (
     psf_photometry,
     sky_positions,
 )
-from .measure import _centroids, _Filtered, _moments, _negative_side_sigma, _stack
+from .measure import _centroids, _moments, _negative_side_sigma, _stack
 from .psf import Psf
 
 __all__ = [
@@ -117,32 +125,61 @@ class Detections:
         self.image, self.noise_factor, self.psf_sigma = image, noise_factor, sigma
 
 
-def _snr_map(exposure: Exposure, is_score: bool) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Detection S/N map, the image for centroids, the noise factor and the profile sigma."""
+def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
+    """Peaks of the matched-filtered difference (core.diadetect), the image searched and
+    the noise factor. The convolution's EDGE band holds no usable difference: it
+    counts as no data."""
     psf = exposure.require_psf()
-    sigma = profile_sigma(psf)
-    # the convolution's edge band holds no usable difference: treat it as no data
-    edge = exposure.bitmask([p for p in ("EDGE",) if p in exposure.mask_planes])
-    if edge:
-        mask = np.where(
-            (exposure.mask & edge) != 0,
-            exposure.mask | exposure.mask_planes.value("NO_DATA"),
-            exposure.mask,
-        )
-        exposure = replace(exposure, mask=mask)
-    if is_score:
-        image = np.where(np.isfinite(exposure.image), exposure.image, np.float32(0))
-        var = exposure.variance
-        with np.errstate(invalid="ignore", divide="ignore"):
-            snr = np.where(np.isfinite(var) & (var > 0), image / np.sqrt(var), np.float32(0))
-        snr[exposure.masked(["NO_DATA"])] = 0.0
-        factor = _negative_side_sigma(snr)
-        snr /= np.float32(factor)
-        return snr.astype(np.float32, copy=False), image, factor, sigma
-    # the difference has no background left (fitted and refined): no mesh estimate
-    ny, nx = exposure.shape
-    filtered = _Filtered(exposure, psf, _BackgroundMesh.constant(ny, nx, 0.0, 1.0))
-    return filtered.snr, filtered.image, filtered.noise_factor, sigma
+    kernel = psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64)
+    kernel = crop_kernel(kernel)
+    size = block_size(kernel.shape[0] // 2)
+    bits = exposure.bitmask([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])
+    image, variance, no_data, fill, vmin = prepare_difference(
+        exposure.image, exposure.variance, exposure.mask, bits, size
+    )
+    smoothed = correlate_image(image, kernel, single=True)
+    snr = DifferenceSnr(smoothed, variance, no_data, kernel, 1e-30 * fill, vmin)
+    factor = snr.noise_factor()
+    peaks = sparse_peaks(
+        image.shape,
+        snr.size,
+        snr.candidates(config.threshold),
+        snr.blocks,
+        config.threshold,
+        config.min_pixels,
+        sigma,
+        config.peak_prominence,
+    )
+    return peaks, image, factor
+
+
+def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
+    """Peaks of score / sqrt(variance), the image searched and the noise factor."""
+    image = np.where(np.isfinite(exposure.image), exposure.image, np.float32(0))
+    var = exposure.variance
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = np.where(np.isfinite(var) & (var > 0), image / np.sqrt(var), np.float32(0))
+    snr = snr.astype(np.float32, copy=False)
+    snr[exposure.masked([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])] = 0.0
+    factor = _negative_side_sigma(snr)
+    snr /= np.float32(factor)
+    size = 64
+    top = block_extremes(snr, size)
+
+    def blocks(by, bx):
+        return _patches(snr, by * size, bx * size, size)
+
+    peaks = sparse_peaks(
+        snr.shape,
+        size,
+        top >= config.threshold,
+        blocks,
+        config.threshold,
+        config.min_pixels,
+        sigma,
+        config.peak_prominence,
+    )
+    return peaks, image, factor
 
 
 def detect_dia_sources(
@@ -164,34 +201,17 @@ def detect_dia_sources(
         Peaks sorted by decreasing absolute S/N, at most ``config.max_sources``.
     """
     config = config or DiaSourceConfig()
-    snr, image, factor, sigma = _snr_map(exposure, is_score)
-    parts = []
-    offset = 0
-    for sign in (1, -1):
-        if sign < 0:
-            np.negative(snr, out=snr)
-        labels, n = _footprints(snr, config.threshold, config.min_pixels)
-        if n:
-            peaks = _find_peaks(snr, labels, n, sigma, config.peak_prominence)
-            row, col, label = peaks[:, 0], peaks[:, 1], peaks[:, 2]
-            count = np.bincount(label, minlength=n + 1)[label]
-            parts.append((col, row, np.full(row.size, sign), label + offset, count, snr[row, col]))
-            offset += n
-        if sign < 0:
-            np.negative(snr, out=snr)
-    if not parts:
-        empty = np.zeros(0, dtype=int)
-        return Detections(empty, empty, empty, empty, empty, np.zeros(0), image, factor, sigma)
-    stacked = (np.concatenate(p) for p in zip(*parts, strict=True))
-    col, row, sign_, footprint, n_peaks, value = stacked
-    order = np.argsort(-value, kind="stable")[: config.max_sources]
+    sigma = profile_sigma(exposure.require_psf())
+    find = _score_peaks if is_score else _difference_peaks
+    peaks, image, factor = find(exposure, config, sigma)
+    order = np.argsort(-peaks.value, kind="stable")[: config.max_sources]
     return Detections(
-        col[order],
-        row[order],
-        sign_[order],
-        footprint[order],
-        n_peaks[order],
-        (value * sign_)[order].astype(np.float64),
+        peaks.col[order],
+        peaks.row[order],
+        peaks.sign[order],
+        peaks.footprint[order],
+        peaks.n_peaks[order],
+        (peaks.value * peaks.sign)[order].astype(np.float64),
         image,
         factor,
         sigma,
