@@ -35,6 +35,7 @@ from scipy import ndimage
 from .detection import _find_peaks, _footprints
 from .measure import _negative_side_sigma
 from .parallel import thread_map
+from .stamps import windows as _patches
 
 __all__ = [
     "KERNEL_ENERGY_LOSS",
@@ -51,7 +52,7 @@ __all__ = [
 #: Fraction of the squared PSF stamp left out of the matched filter by cropping.
 KERNEL_ENERGY_LOSS = 1e-6
 #: Pixels (in whole blocks on a fixed lattice) whose S/N measures the noise factor.
-NOISE_SAMPLE_PIXELS = 2**20
+NOISE_SAMPLE_PIXELS = 2**21
 
 
 def crop_kernel(kernel: np.ndarray, loss: float = KERNEL_ENERGY_LOSS) -> np.ndarray:
@@ -62,8 +63,10 @@ def crop_kernel(kernel: np.ndarray, loss: float = KERNEL_ENERGY_LOSS) -> np.ndar
     if not total > 0:
         return kernel
     # energy inside the centred square of half-width h, for every h at once
-    ring = np.maximum(np.abs(np.arange(kernel.shape[0]) - c)[:, None],
-                      np.abs(np.arange(kernel.shape[1]) - kernel.shape[1] // 2)[None, :])
+    ring = np.maximum(
+        np.abs(np.arange(kernel.shape[0]) - c)[:, None],
+        np.abs(np.arange(kernel.shape[1]) - kernel.shape[1] // 2)[None, :],
+    )
     inside = np.cumsum(np.bincount(ring.ravel(), weights=k2.ravel()))
     half = int(np.searchsorted(inside, (1.0 - loss) * total))
     half = min(half, c, kernel.shape[1] // 2)
@@ -159,8 +162,10 @@ def sparse_peaks(
     owner = np.full((cny, cnx), -1, dtype=np.int32)
     # every block of every rectangle (one batch; blocks shared by rectangles once)
     place = [
-        (i, j, m) for i, r in enumerate(rects)
-        for j in range(r[0].start, r[0].stop) for m in range(r[1].start, r[1].stop)
+        (i, j, m)
+        for i, r in enumerate(rects)
+        for j in range(r[0].start, r[0].stop)
+        for m in range(r[1].start, r[1].stop)
     ]
     index = np.array(place, dtype=int).reshape(-1, 3)
     keys, inverse = np.unique(index[:, 1] * candidate.shape[1] + index[:, 2], return_inverse=True)
@@ -217,27 +222,6 @@ def sparse_peaks(
         np.concatenate(p) for p in zip(*parts, strict=True)
     )
     return Peaks(col, row, sign_, footprint, n_peaks, value)
-
-
-def _patches(array: np.ndarray, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
-    """(m, side, side) windows of ``array`` with corners (y0, x0), zero beyond the frame."""
-    ny, nx = array.shape
-    y0 = np.asarray(y0, dtype=int)
-    x0 = np.asarray(x0, dtype=int)
-    inside = (y0 >= 0) & (x0 >= 0) & (y0 + side <= ny) & (x0 + side <= nx)
-    if inside.all() and y0.size:
-        windows = np.lib.stride_tricks.sliding_window_view(array, (side, side))
-        return windows[y0, x0]
-    out = np.zeros((y0.size, side, side), dtype=array.dtype)
-    if inside.any():
-        windows = np.lib.stride_tricks.sliding_window_view(array, (side, side))
-        out[inside] = windows[y0[inside], x0[inside]]
-    for k in np.flatnonzero(~inside):
-        ya, yb = max(y0[k], 0), min(y0[k] + side, ny)
-        xa, xb = max(x0[k], 0), min(x0[k] + side, nx)
-        if ya < yb and xa < xb:
-            out[k, ya - y0[k] : yb - y0[k], xa - x0[k] : xb - x0[k]] = array[ya:yb, xa:xb]
-    return out
 
 
 def _bands(ny: int, size: int) -> list[slice]:
@@ -429,8 +413,10 @@ class DifferenceSnr:
         s, h = self.size, self.half
         ny, nx = self.smoothed.shape
         nby, nbx = self.grid
-        vmin = self.vmin if self.vmin is not None else _block_reduce(
-            self.variance, s, np.minimum, np.inf
+        vmin = (
+            self.vmin
+            if self.vmin is not None
+            else _block_reduce(self.variance, s, np.minimum, np.inf)
         )
         reach = -(-h // s)
         vmin = ndimage.minimum_filter(vmin, size=2 * reach + 1, mode="nearest")

@@ -29,7 +29,6 @@ from .config import DiaSourceConfig
 from .convolve import correlate_image
 from .diadetect import (
     DifferenceSnr,
-    _patches,
     block_extremes,
     block_size,
     crop_kernel,
@@ -47,8 +46,10 @@ from .forced import (
     psf_photometry,
     sky_positions,
 )
-from .measure import _centroids, _moments, _negative_side_sigma, _stack
+from .measure import _centroids, _moments, _negative_side_sigma
 from .psf import Psf
+from .stamps import stamps as _stack
+from .stamps import windows
 
 __all__ = [
     "detect_dia_sources",
@@ -167,7 +168,7 @@ def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
     top = block_extremes(snr, size)
 
     def blocks(by, bx):
-        return _patches(snr, by * size, bx * size, size)
+        return windows(snr, by * size, bx * size, size)
 
     peaks = sparse_peaks(
         snr.shape,
@@ -333,6 +334,28 @@ def _fit_dipole(
     }
 
 
+def _aperture_weights(fx, fy, half: int, radius: float) -> np.ndarray:
+    """Fraction of each pixel of a (2 half + 1)^2 stamp inside a circle of ``radius``
+    about offset (fx, fy) from its centre pixel, on `_APERTURE_SUBSAMPLE`^2 sub-pixels.
+
+    Along a sub-row the sub-pixel centres inside the circle form one run, so each
+    pixel's count along x is a difference of two floors (no (s x s) grid per pixel).
+    """
+    s = _APERTURE_SUBSAMPLE
+    sub = (np.arange(s) + 0.5) / s - 0.5
+    grid = np.arange(-half, half + 1)
+    oy = grid[None, :, None] + sub[None, None, :] - np.asarray(fy)[:, None, None]  # (n, w, s)
+    reach = radius * radius - oy * oy
+    inside_x = np.sqrt(np.where(reach >= 0, reach, np.nan))[..., None]  # (n, w, s, 1)
+    c = (grid[None, :] - np.asarray(fx)[:, None])[:, None, None, :]  # (n, 1, 1, w)
+    # sub-pixel b of pixel i sits at c + sub[b]: inside when |c + sub[b]| <= X
+    with np.errstate(invalid="ignore"):
+        first = np.ceil(s * (0.5 - inside_x - c) - 0.5).clip(0, s)
+        last = np.floor(s * (0.5 + inside_x - c) - 0.5).clip(-1, s - 1)
+        count = np.nan_to_num(last - first + 1, nan=0.0).clip(0, s)
+    return count.sum(axis=2) / (s * s)
+
+
 def _aperture(exposure: Exposure, x, y, radius: float) -> tuple[np.ndarray, np.ndarray]:
     """Circular aperture sums and errors with fractional pixel coverage (sub-sampled)."""
     if x.size == 0:
@@ -340,14 +363,7 @@ def _aperture(exposure: Exposure, x, y, radius: float) -> tuple[np.ndarray, np.n
     half = int(math.ceil(radius)) + 1
     ix = np.floor(x + 0.5).astype(int)
     iy = np.floor(y + 0.5).astype(int)
-    s = _APERTURE_SUBSAMPLE
-    sub = (np.arange(s) + 0.5) / s - 0.5
-    grid = np.arange(-half, half + 1)
-    # (n, w, s) sub-pixel offsets from each source's centre along x and y
-    ox = grid[None, :, None] + sub[None, None, :] - (x - ix)[:, None, None]
-    oy = grid[None, :, None] + sub[None, None, :] - (y - iy)[:, None, None]
-    inside = oy[:, :, None, :, None] ** 2 + ox[:, None, :, None, :] ** 2 <= radius * radius
-    weight = inside.mean(axis=(3, 4))
+    weight = _aperture_weights(x - ix, y - iy, half, radius)
     data = _stack(exposure.image, ix, iy, half, fill=np.nan).astype(np.float64)
     var = _stack(exposure.variance, ix, iy, half, fill=np.nan).astype(np.float64)
     good = np.isfinite(data) & np.isfinite(var)
@@ -400,25 +416,28 @@ def _outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray
 
 
 def _matched_photometry(output, matched_science, matched_template, config):
-    """PSF photometry functions (x, y) -> (flux, error) on the matched science and template.
+    """PSF photometry function (x, y) -> [(flux, error) on the matched science, on the
+    matched template].
 
     Both are on the science PSF (the template is matched to it); a local constant is
-    fitted with the flux since they still carry sky. Empty when either is missing.
+    fitted with the flux since they still carry sky. None when either is missing.
     """
     if matched_science is None or matched_template is None:
-        return []
+        return None
     psf = matched_science.psf or output.require_psf()
-    # the two share the pixel grid and the PSF: one set of drawn stamps
+    # the two share the pixel grid and the PSF: one set of drawn stamps per position
     stamps = PsfStamps(psf, matched_science, config=config)
-    out = []
-    for exposure in (matched_science, matched_template):
 
-        def measure(x, y, exposure=exposure):
-            fit = psf_photometry(exposure, x, y, stamps, True, config.min_psf_coverage)
-            return fit["flux"], fit["flux_err"]
+    def measure(x, y):
+        x0, y0 = matched_science.xy0
+        model = stamps.at(np.asarray(x, dtype=np.float64) + x0, np.asarray(y) + y0)
+        out = []
+        for exposure in (matched_science, matched_template):
+            fit = psf_photometry(exposure, x, y, stamps, True, config.min_psf_coverage, model=model)
+            out.append((fit["flux"], fit["flux_err"]))
+        return out
 
-        out.append(measure)
-    return out
+    return measure
 
 
 def measure_dia_sources(
@@ -472,13 +491,11 @@ def measure_dia_sources(
     for k, (ip, jn) in enumerate(pairs):
         mid_x = 0.5 * (det.col[ip] + det.col[jn])
         mid_y = 0.5 * (det.row[ip] + det.row[jn])
-        lobe_fluxes = [measure(np.array([mid_x]), np.array([mid_y]))[0][0] for measure in matched]
+        lobes = None
+        if matched is not None:
+            lobes = [f[0] for f, _ in matched(np.array([mid_x]), np.array([mid_y]))]
         dipole = _fit_dipole(
-            output,
-            stamps,
-            (det.col[ip], det.row[ip]),
-            (det.col[jn], det.row[jn]),
-            lobe_fluxes if len(matched) == 2 else None,
+            output, stamps, (det.col[ip], det.row[ip]), (det.col[jn], det.row[jn]), lobes
         )
         row = n_single + k
         columns["x"][row], columns["y"][row] = dipole["x"], dipole["y"]
@@ -527,12 +544,10 @@ def measure_dia_sources(
     flags[outside] |= FLAG_BITS["suspect_kernel"][0]
     columns["flags"] = flags
     columns.update(flag_columns(flags))
-    for label, measure in zip(("science", "template"), matched, strict=False):
-        columns[f"{label}_flux"], columns[f"{label}_flux_err"] = measure(x_all, y_all)
-    if len(matched) < 2:
-        for label in ("science", "template")[len(matched) :]:
-            columns[f"{label}_flux"][:] = np.nan
-            columns[f"{label}_flux_err"][:] = np.nan
+    fluxes = matched(x_all, y_all) if matched is not None else [(np.nan, np.nan)] * 2
+    for label, (flux, error) in zip(("science", "template"), fluxes, strict=True):
+        columns[f"{label}_flux"][:] = flux
+        columns[f"{label}_flux_err"][:] = error
 
     # most significant first; ids follow that order
     order = np.argsort(-np.abs(columns["detection_snr"]), kind="stable")
