@@ -331,7 +331,9 @@ class DifferenceSnr:
         self.floor = np.float32(floor)
         self._transforms: dict[int, np.ndarray] = {}
         self.factor = 1.0
-        self._cache: dict[int, np.ndarray] = {}
+        # blocks computed so far: their S/N (before the noise factor) and where each is
+        self._store = np.zeros((0, self.size, self.size), dtype=np.float32)
+        self._where = np.full(self.grid, -1, dtype=np.intp)
 
     def _snr(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
         """Unscaled S/N (before the noise factor) of (side, side) windows with corners
@@ -348,8 +350,9 @@ class DifferenceSnr:
             return np.zeros((0, side, side), dtype=np.float32)
         spectrum = sfft.rfft2(_patches(self.variance, y0 - h, x0 - h, n), axes=(1, 2), workers=-1)
         spectrum *= self._transforms[n]
-        var = sfft.irfft2(spectrum, s=(n, n), axes=(1, 2), workers=-1, overwrite_x=True)
-        var = var[:, h : h + side, h : h + side]
+        # inverse transform of the kept rows only (the rest is the padding)
+        rows = sfft.ifft(spectrum, axis=1, workers=-1, overwrite_x=True)[:, h : h + side]
+        var = sfft.irfft(rows, n=n, axis=2, workers=-1)[:, :, h : h + side]
         np.maximum(var, self.floor, out=var)
         np.sqrt(var, out=var)
         snr = _patches(self.smoothed, y0, x0, side)
@@ -360,17 +363,18 @@ class DifferenceSnr:
 
     def blocks(self, by: np.ndarray, bx: np.ndarray) -> np.ndarray:
         """Final S/N (noise factor applied) of blocks (block row and column indices),
-        (m, size, size); computed once per block."""
-        nbx, s = self.grid[1], self.size
-        keys = by * nbx + bx
-        todo = np.array([k for k in np.unique(keys) if int(k) not in self._cache], dtype=int)
+        (m, size, size); each block is computed once and kept."""
+        s = self.size
+        by = np.asarray(by, dtype=int)
+        bx = np.asarray(bx, dtype=int)
+        where = self._where[by, bx]
+        todo = np.unique(by[where < 0] * self.grid[1] + bx[where < 0])
         if todo.size:
-            values = self._snr(todo // nbx * s, todo % nbx * s, s)
-            for key, block in zip(todo, values, strict=True):
-                self._cache[int(key)] = block
-        if keys.size == 0:
-            return np.zeros((0, s, s), dtype=np.float32)
-        out = np.stack([self._cache[int(k)] for k in keys])
+            ty, tx = np.divmod(todo, self.grid[1])
+            self._where[ty, tx] = self._store.shape[0] + np.arange(todo.size)
+            self._store = np.concatenate([self._store, self._snr(ty * s, tx * s, s)])
+            where = self._where[by, bx]
+        out = self._store[where]
         out /= np.float32(self.factor)
         return out
 
