@@ -45,6 +45,7 @@ __all__ = [
     "sparse_peaks",
     "DifferenceSnr",
     "prepare_difference",
+    "prepare_score",
     "block_size",
     "block_extremes",
 ]
@@ -284,6 +285,36 @@ def prepare_difference(
 
     any_bad = any(thread_map(band, _bands(ny, size)))
     return out_image, out_var, no_data if any_bad else None, fill, vmin
+
+
+def prepare_score(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, bits: int, size: int):
+    """Score / sqrt(variance) (0 where the variance is unusable or any of ``bits`` is
+    set), the score with non-finite pixels at 0, and the largest |S/N| of every
+    ``size`` block; in threaded bands of rows."""
+    ny, nx = image.shape
+    out_image = np.empty((ny, nx), dtype=np.float32)
+    snr = np.zeros((ny, nx), dtype=np.float32)
+    top = np.empty((-(-ny // size), -(-nx // size)))
+
+    def band(rows: slice) -> None:
+        img = out_image[rows]
+        np.copyto(img, image[rows])
+        np.copyto(img, np.float32(0), where=~np.isfinite(img))
+        var = variance[rows]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ok = np.isfinite(var) & (var > 0)
+            np.divide(img, np.sqrt(var), out=snr[rows], where=ok)
+        if bits:
+            np.copyto(snr[rows], np.float32(0), where=(mask[rows] & bits) != 0)
+        b0 = rows.start // size
+        part = snr[rows]
+        high = _block_reduce(part, size, np.maximum, -np.inf)
+        top[b0 : b0 + high.shape[0]] = np.maximum(
+            high, -_block_reduce(part, size, np.minimum, np.inf)
+        )
+
+    thread_map(band, _bands(ny, size))
+    return snr, out_image, top
 
 
 def block_extremes(array: np.ndarray, size: int) -> np.ndarray:

@@ -29,10 +29,10 @@ from .config import DiaSourceConfig
 from .convolve import correlate_image
 from .diadetect import (
     DifferenceSnr,
-    block_extremes,
     block_size,
     crop_kernel,
     prepare_difference,
+    prepare_score,
     sparse_peaks,
 )
 from .exposure import Exposure
@@ -156,24 +156,20 @@ def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float)
 
 def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
     """Peaks of score / sqrt(variance), the image searched and the noise factor."""
-    image = np.where(np.isfinite(exposure.image), exposure.image, np.float32(0))
-    var = exposure.variance
-    with np.errstate(invalid="ignore", divide="ignore"):
-        snr = np.where(np.isfinite(var) & (var > 0), image / np.sqrt(var), np.float32(0))
-    snr = snr.astype(np.float32, copy=False)
-    snr[exposure.masked([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])] = 0.0
-    factor = _negative_side_sigma(snr)
-    snr /= np.float32(factor)
-    size = 64
-    top = block_extremes(snr, size)
+    size = 32
+    bits = exposure.bitmask([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])
+    snr, image, top = prepare_score(exposure.image, exposure.variance, exposure.mask, bits, size)
+    # every value is finite: the whole-frame estimate's strided sample is a strided view
+    step = snr.size // 1_000_000 + 1 if snr.size > 1_000_000 else 1
+    factor = _negative_side_sigma(snr.ravel()[::step])
 
     def blocks(by, bx):
-        return windows(snr, by * size, bx * size, size)
+        return windows(snr, by * size, bx * size, size) / np.float32(factor)
 
     peaks = sparse_peaks(
         snr.shape,
         size,
-        top >= config.threshold,
+        top >= config.threshold * factor * (1.0 - 1e-6),
         blocks,
         config.threshold,
         config.min_pixels,
