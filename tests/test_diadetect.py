@@ -187,3 +187,73 @@ def test_aperture_weights_equal_subpixel_grid(radius):
     oy = grid[None, :, None] + sub[None, None, :] - fy[:, None, None]
     inside = oy[:, :, None, :, None] ** 2 + ox[:, None, :, None, :] ** 2 <= radius**2
     np.testing.assert_array_equal(_aperture_weights(fx, fy, half, radius), inside.mean(axis=(3, 4)))
+
+
+def _reference_detect(exposure, config, is_score):
+    """The whole-frame detection as it was before core.diadetect: the S/N map of the
+    full frame (core.measure._Filtered, or score / sqrt(variance)), then footprints
+    and peaks of each sign over the whole frame."""
+    from dataclasses import replace
+
+    from core.background import _BackgroundMesh
+    from core.forced import profile_sigma
+    from core.measure import _Filtered
+
+    psf = exposure.require_psf()
+    sigma = profile_sigma(psf)
+    bits = exposure.bitmask(["EDGE"])
+    mask = np.where(
+        exposure.mask & bits, exposure.mask | exposure.bitmask(["NO_DATA"]), exposure.mask
+    )
+    exposure = replace(exposure, mask=mask)
+    if is_score:
+        image = np.where(np.isfinite(exposure.image), exposure.image, np.float32(0))
+        var = exposure.variance
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = np.where(np.isfinite(var) & (var > 0), image / np.sqrt(var), np.float32(0))
+        snr = snr.astype(np.float32)
+        snr[exposure.masked(["NO_DATA"])] = 0.0
+        factor = _negative_side_sigma(snr)
+        snr /= np.float32(factor)
+    else:
+        ny, nx = exposure.shape
+        filtered = _Filtered(exposure, psf, _BackgroundMesh.constant(ny, nx, 0.0, 1.0))
+        snr, factor = filtered.snr, filtered.noise_factor
+    found = []
+    offset = 0
+    for sign in (1, -1):
+        signed = snr * sign
+        labels, n = _footprints(signed, config.threshold, config.min_pixels)
+        if n:
+            peaks = _find_peaks(signed, labels, n, sigma, config.peak_prominence)
+            count = np.bincount(peaks[:, 2], minlength=n + 1)[peaks[:, 2]]
+            for (row, col, label), c in zip(peaks, count, strict=True):
+                found.append((col, row, sign, label + offset, c, signed[row, col]))
+            offset += n
+    found.sort(key=lambda p: -p[5])
+    return found, factor
+
+
+@pytest.mark.parametrize("is_score", [False, True])
+def test_detect_dia_sources_equals_whole_frame(is_score):
+    """`detect_dia_sources` on an exposure (EDGE band, NaNs, a bad variance patch)
+    finds what the whole-frame map finds, in the same order, with the same S/N."""
+    from core.config import DiaSourceConfig
+    from core.diasources import detect_dia_sources
+    from core.exposure import Exposure
+    from core.psf import GaussianPsf
+
+    image, variance, mask, _ = _frame(seed=7, shape=(700, 760))
+    exposure = Exposure.from_arrays(image, variance, psf=GaussianPsf(1.8))
+    edge = np.zeros(image.shape, dtype=bool)
+    edge[:12], edge[:, -12:] = True, True
+    exposure.mask[edge] |= exposure.bitmask(["EDGE"])
+    exposure.mask[mask != 0] |= exposure.bitmask(["NO_DATA"])
+    config = DiaSourceConfig()
+    expected, factor = _reference_detect(exposure, config, is_score)
+    det = detect_dia_sources(exposure, config, is_score=is_score)
+    assert det.noise_factor == pytest.approx(factor, rel=1e-4)
+    assert len(expected) > 40
+    got = list(zip(det.col, det.row, det.sign, det.footprint, det.n_peaks, strict=True))
+    assert got == [p[:5] for p in expected]
+    np.testing.assert_allclose(np.abs(det.peak_snr), [p[5] for p in expected], rtol=1e-3)
