@@ -150,7 +150,7 @@ def sparse_peaks(
         As `core.detection._footprints` and `_find_peaks`.
     """
     ny, nx = shape
-    groups, rects = _groups(candidate) if candidate.any() else (None, [])
+    labels, rects = _groups(candidate)
     if not rects:
         empty = np.zeros(0, dtype=int)
         return Peaks(empty, empty, empty, empty, empty, np.zeros(0, dtype=np.float32))
@@ -180,7 +180,7 @@ def sparse_peaks(
         y = cy0[i] + j * size - fy0[i]
         x = cx0[i] + m * size - fx0[i]
         block = values[k, :h, :w]
-        if groups[j, m] not in (0, i + 1):
+        if labels[j, m] not in (0, i + 1):
             block = np.clip(block, -below, below)
         canvas[y : y + h, x : x + w] = block
     for i in range(len(rects)):

@@ -5,7 +5,10 @@ filter) and divided by the equally filtered noise, renormalised so that its
 empty-sky scatter is 1 (correlated noise widens it); in preconvolve mode the
 score divided by the square root of its variance already is that S/N.
 Positive and negative footprints above the threshold are labelled, their
-peaks found and close peaks deblended (core.sources does the pixel work). A
+peaks found and close peaks deblended (core.detection does the pixel work).
+The noise of the filtered difference is computed only on the blocks where
+the S/N can reach the threshold, and labelling runs on those blocks alone
+(core.diadetect): the result is that of the whole-frame map. A
 positive and a negative peak that are each other's nearest within a couple of
 PSF widths are one dipole (a misregistered or moving star), fitted with two
 PSFs. Every source gets a centroid, PSF and aperture fluxes on the difference,
@@ -429,7 +432,7 @@ def _matched_photometry(output, matched_science, matched_template, config):
         model = stamps.at(np.asarray(x, dtype=np.float64) + x0, np.asarray(y) + y0)
         out = []
         for exposure in (matched_science, matched_template):
-            fit = psf_photometry(exposure, x, y, stamps, True, config.min_psf_coverage, model=model)
+            fit = psf_photometry(exposure, x, y, stamps, True, config.min_psf_coverage, drawn=model)
             out.append((fit["flux"], fit["flux_err"]))
         return out
 

@@ -204,7 +204,7 @@ def psf_photometry(
     stamps: PsfStamps,
     fit_background: bool = False,
     min_coverage: float = 0.5,
-    model: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    drawn: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Linear PSF fit at array positions, vectorised.
 
@@ -222,7 +222,7 @@ def psf_photometry(
         Fit a constant with the amplitude.
     min_coverage : float
         Least fraction of the stamp's PSF sum on usable pixels; NaN below.
-    model : tuple or None
+    drawn : tuple or None
         ``stamps.at`` at these positions when already drawn (several exposures on
         one pixel grid and PSF).
 
@@ -235,7 +235,7 @@ def psf_photometry(
     x0, y0 = exposure.xy0
     x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     y = np.atleast_1d(np.asarray(y, dtype=np.float64))
-    model, ix, iy = model if model is not None else stamps.at(x + x0, y + y0)
+    model, ix, iy = drawn if drawn is not None else stamps.at(x + x0, y + y0)
     h = stamps.half
     data = _stack(exposure.image, ix, iy, h, fill=np.nan).astype(np.float64)
     var = _stack(exposure.variance, ix, iy, h, fill=np.nan).astype(np.float64)
