@@ -17,6 +17,13 @@ of injected transients measured on the difference, median reduced chi^2 at const
 stars. ``fft`` counts the FFTs a run made, in full-frame equivalents (transformed
 pixels / frame pixels, forward and inverse counted separately).
 
+DIA sources: ``detect`` is the stage inside the subtraction (detection and
+measurement); ``gather`` cuts the alert triplets (science, matched template,
+difference; ``dia.cutout_size`` px) of every DIA source from the in-memory
+images; ``encode`` is one triplet as FITS + PNG, done per request (HTTP route,
+``alsub cutouts``), not during a subtraction. ``dia%`` = (detect + gather) /
+(wall - detect): what the DIA products add to a subtraction (issue 10: <= 10%).
+
 Reference rows measured in the same run: ``hotpants`` (HOTPANTS on the same bare
 FITS, -r 10 -rss 15, its default kernel and background orders; wall and peak memory
 of the process; skipped when no binary is found) and ``fft floor`` (8 forward +
@@ -111,6 +118,7 @@ def _run_case(
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
     quality = measure_quality(result, pair)
+    dia = _dia_costs(result, config.dia.cutout_size)
     stages = dict(result.timings)
     if mode == "plain":
         stages = {"read": t_read, **stages}
@@ -129,8 +137,40 @@ def _run_case(
             "quality": quality,
             "chosen_mode": result.mode,
             "code": root or "this checkout",
+            **dia,
         }
     )
+
+
+def _dia_costs(result, size: int) -> dict:
+    """Number of DIA sources, seconds to gather the cutout triplets of all of them, and
+    milliseconds to encode one triplet as FITS + PNG (median of up to 20 sources)."""
+    from core.cutouts import cutouts, result_images, triplet_fits, triplet_png
+
+    catalog = result.dia_sources
+    if catalog is None or len(catalog) == 0:
+        return {"n_dia": 0, "gather_s": 0.0, "encode_ms": 0.0}
+    images = result_images(result)
+    t0 = time.perf_counter()
+    cut = cutouts(images, catalog["x"], catalog["y"], size)
+    gather = time.perf_counter() - t0
+    encode = []
+    for k in range(min(20, len(catalog))):
+        t0 = time.perf_counter()
+        triplet_fits(cut, k)
+        triplet_png(cut, k)
+        encode.append(time.perf_counter() - t0)
+    return {
+        "n_dia": len(catalog),
+        "gather_s": gather,
+        "encode_ms": 1e3 * statistics.median(encode),
+    }
+
+
+def _dia_share(run: dict) -> float:
+    """(detect + gather) / (wall - detect): the share the DIA products add."""
+    detect = run["stages"].get("detect", 0.0)
+    return (detect + run.get("gather_s", 0.0)) / max(run["wall_s"] - detect, 1e-9)
 
 
 def _hotpants_case(size: int, seed: int, binary: str, queue) -> None:
@@ -220,6 +260,10 @@ def _median_row(runs: list[dict]) -> dict:
             k: statistics.median(r["stages"].get(k, 0.0) for r in runs) for k in row["stages"]
         }
         row["cpu_s"] = statistics.median(r["cpu_s"] for r in runs)
+        row["dia_share_all"] = [round(100 * _dia_share(r), 1) for r in runs]
+        row["dia_share"] = statistics.median(_dia_share(r) for r in runs)
+        for key in ("gather_s", "encode_ms"):
+            row[key] = statistics.median(r.get(key, 0.0) for r in runs)
     if "tiled_s" in row:
         row["tiled_s"] = statistics.median(r["tiled_s"] for r in runs)
     if "peak_rss_gb" in row:
@@ -283,6 +327,12 @@ def _print_row(row: dict) -> None:
         f"wall={row['wall_s']:.2f}s runs={row['wall_all_s']} cpu={row['cpu_s']:.1f}s "
         f"peak={row['peak_rss_gb']:.2f}GB fft={row['fft_passes']:.1f} | {stages} | "
         + " ".join(f"{k}={v:.3f}" for k, v in q.items() if isinstance(v, float)),
+        flush=True,
+    )
+    print(
+        f"{head} DIA n={row['n_dia']} detect={row['stages'].get('detect', 0.0):.2f}s "
+        f"gather={row['gather_s']:.2f}s encode={row['encode_ms']:.0f}ms/source "
+        f"dia%={100 * row['dia_share']:.1f} runs={row['dia_share_all']}",
         flush=True,
     )
 

@@ -3,7 +3,7 @@
 As in ZTF and Rubin alert packets, each DIA source gets a triplet of stamps
 centred on its pixel: a FITS file of three image HDUs (SCIENCE, TEMPLATE,
 DIFFERENCE, each with its WCS) and a PNG of the three side by side for
-dashboards. Stamps of all sources are gathered at once (fancy indexing, NaN
+dashboards. Stamps of all sources are gathered at once (core.stamps, NaN
 beyond the frame); a stamp's WCS is the frame's with CRPIX moved to the stamp's
 origin, the same as slicing the WCS.
 """
@@ -21,6 +21,7 @@ from astropy.wcs import WCS
 
 from .display import png_bytes
 from .errors import InvalidConfigError
+from .stamps import stamps
 
 __all__ = [
     "TRIPLET",
@@ -67,16 +68,14 @@ class Cutouts:
 
 
 def _gather(data: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
+    if np.issubdtype(data.dtype, np.floating):
+        return stamps(data, ix, iy, half, fill=np.nan).astype(np.float32, copy=False)
+    out = stamps(data, ix, iy, half).astype(np.float32)
     ny, nx = data.shape
     offsets = np.arange(-half, half + 1)
-    rows = iy[:, None] + offsets
-    cols = ix[:, None] + offsets
-    out = np.asarray(
-        data[np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]],
-        dtype=np.float32,
-    )
-    outside = ~(((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :])
-    out[outside] = np.nan
+    rows_in = ((iy[:, None] + offsets) >= 0) & ((iy[:, None] + offsets) < ny)
+    cols_in = ((ix[:, None] + offsets) >= 0) & ((ix[:, None] + offsets) < nx)
+    out[~(rows_in[:, :, None] & cols_in[:, None, :])] = np.nan
     return out
 
 

@@ -5,7 +5,10 @@ filter) and divided by the equally filtered noise, renormalised so that its
 empty-sky scatter is 1 (correlated noise widens it); in preconvolve mode the
 score divided by the square root of its variance already is that S/N.
 Positive and negative footprints above the threshold are labelled, their
-peaks found and close peaks deblended (core.sources does the pixel work). A
+peaks found and close peaks deblended (core.detection does the pixel work).
+The noise of the filtered difference is computed only on the blocks where
+the S/N can reach the threshold, and labelling runs on those blocks alone
+(core.diadetect): the result is that of the whole-frame map. A
 positive and a negative peak that are each other's nearest within a couple of
 PSF widths are one dipole (a misregistered or moving star), fitted with two
 PSFs. Every source gets a centroid, PSF and aperture fluxes on the difference,
@@ -25,9 +28,16 @@ from scipy.optimize import least_squares
 from scipy.signal import fftconvolve
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 
-from .background import _BackgroundMesh
 from .config import DiaSourceConfig
-from .detection import _find_peaks, _footprints
+from .convolve import correlate_image
+from .diadetect import (
+    DifferenceSnr,
+    block_size,
+    crop_kernel,
+    prepare_difference,
+    prepare_score,
+    sparse_peaks,
+)
 from .exposure import Exposure
 from .forced import (
     FLAG_BITS,
@@ -39,8 +49,10 @@ from .forced import (
     psf_photometry,
     sky_positions,
 )
-from .measure import _centroids, _Filtered, _moments, _negative_side_sigma, _stack
+from .measure import _centroids, _moments, _negative_side_sigma
 from .psf import Psf
+from .stamps import stamps as _stack
+from .stamps import windows
 
 __all__ = [
     "detect_dia_sources",
@@ -117,32 +129,57 @@ class Detections:
         self.image, self.noise_factor, self.psf_sigma = image, noise_factor, sigma
 
 
-def _snr_map(exposure: Exposure, is_score: bool) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Detection S/N map, the image for centroids, the noise factor and the profile sigma."""
+def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
+    """Peaks of the matched-filtered difference (core.diadetect), the image searched and
+    the noise factor. The convolution's EDGE band holds no usable difference: it
+    counts as no data."""
     psf = exposure.require_psf()
-    sigma = profile_sigma(psf)
-    # the convolution's edge band holds no usable difference: treat it as no data
-    edge = exposure.bitmask([p for p in ("EDGE",) if p in exposure.mask_planes])
-    if edge:
-        mask = np.where(
-            (exposure.mask & edge) != 0,
-            exposure.mask | exposure.mask_planes.value("NO_DATA"),
-            exposure.mask,
-        )
-        exposure = replace(exposure, mask=mask)
-    if is_score:
-        image = np.where(np.isfinite(exposure.image), exposure.image, np.float32(0))
-        var = exposure.variance
-        with np.errstate(invalid="ignore", divide="ignore"):
-            snr = np.where(np.isfinite(var) & (var > 0), image / np.sqrt(var), np.float32(0))
-        snr[exposure.masked(["NO_DATA"])] = 0.0
-        factor = _negative_side_sigma(snr)
-        snr /= np.float32(factor)
-        return snr.astype(np.float32, copy=False), image, factor, sigma
-    # the difference has no background left (fitted and refined): no mesh estimate
-    ny, nx = exposure.shape
-    filtered = _Filtered(exposure, psf, _BackgroundMesh.constant(ny, nx, 0.0, 1.0))
-    return filtered.snr, filtered.image, filtered.noise_factor, sigma
+    kernel = psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64)
+    kernel = crop_kernel(kernel)
+    size = block_size(kernel.shape[0] // 2)
+    bits = exposure.bitmask([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])
+    image, variance, no_data, fill, vmin = prepare_difference(
+        exposure.image, exposure.variance, exposure.mask, bits, size
+    )
+    smoothed = correlate_image(image, kernel, single=True)
+    snr = DifferenceSnr(smoothed, variance, no_data, kernel, 1e-30 * fill, vmin)
+    factor = snr.noise_factor()
+    peaks = sparse_peaks(
+        image.shape,
+        snr.size,
+        snr.candidates(config.threshold),
+        snr.blocks,
+        config.threshold,
+        config.min_pixels,
+        sigma,
+        config.peak_prominence,
+    )
+    return peaks, image, factor
+
+
+def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
+    """Peaks of score / sqrt(variance), the image searched and the noise factor."""
+    size = 32
+    bits = exposure.bitmask([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])
+    snr, image, top = prepare_score(exposure.image, exposure.variance, exposure.mask, bits, size)
+    # every value is finite: the whole-frame estimate's strided sample is a strided view
+    step = snr.size // 1_000_000 + 1 if snr.size > 1_000_000 else 1
+    factor = _negative_side_sigma(snr.ravel()[::step])
+
+    def blocks(by, bx):
+        return windows(snr, by * size, bx * size, size) / np.float32(factor)
+
+    peaks = sparse_peaks(
+        snr.shape,
+        size,
+        top >= config.threshold * factor * (1.0 - 1e-6),
+        blocks,
+        config.threshold,
+        config.min_pixels,
+        sigma,
+        config.peak_prominence,
+    )
+    return peaks, image, factor
 
 
 def detect_dia_sources(
@@ -164,34 +201,17 @@ def detect_dia_sources(
         Peaks sorted by decreasing absolute S/N, at most ``config.max_sources``.
     """
     config = config or DiaSourceConfig()
-    snr, image, factor, sigma = _snr_map(exposure, is_score)
-    parts = []
-    offset = 0
-    for sign in (1, -1):
-        if sign < 0:
-            np.negative(snr, out=snr)
-        labels, n = _footprints(snr, config.threshold, config.min_pixels)
-        if n:
-            peaks = _find_peaks(snr, labels, n, sigma, config.peak_prominence)
-            row, col, label = peaks[:, 0], peaks[:, 1], peaks[:, 2]
-            count = np.bincount(label, minlength=n + 1)[label]
-            parts.append((col, row, np.full(row.size, sign), label + offset, count, snr[row, col]))
-            offset += n
-        if sign < 0:
-            np.negative(snr, out=snr)
-    if not parts:
-        empty = np.zeros(0, dtype=int)
-        return Detections(empty, empty, empty, empty, empty, np.zeros(0), image, factor, sigma)
-    stacked = (np.concatenate(p) for p in zip(*parts, strict=True))
-    col, row, sign_, footprint, n_peaks, value = stacked
-    order = np.argsort(-value, kind="stable")[: config.max_sources]
+    sigma = profile_sigma(exposure.require_psf())
+    find = _score_peaks if is_score else _difference_peaks
+    peaks, image, factor = find(exposure, config, sigma)
+    order = np.argsort(-peaks.value, kind="stable")[: config.max_sources]
     return Detections(
-        col[order],
-        row[order],
-        sign_[order],
-        footprint[order],
-        n_peaks[order],
-        (value * sign_)[order].astype(np.float64),
+        peaks.col[order],
+        peaks.row[order],
+        peaks.sign[order],
+        peaks.footprint[order],
+        peaks.n_peaks[order],
+        (peaks.value * peaks.sign)[order].astype(np.float64),
         image,
         factor,
         sigma,
@@ -313,6 +333,28 @@ def _fit_dipole(
     }
 
 
+def _aperture_weights(fx, fy, half: int, radius: float) -> np.ndarray:
+    """Fraction of each pixel of a (2 half + 1)^2 stamp inside a circle of ``radius``
+    about offset (fx, fy) from its centre pixel, on `_APERTURE_SUBSAMPLE`^2 sub-pixels.
+
+    Along a sub-row the sub-pixel centres inside the circle form one run, so each
+    pixel's count along x is a difference of two floors (no (s x s) grid per pixel).
+    """
+    s = _APERTURE_SUBSAMPLE
+    sub = (np.arange(s) + 0.5) / s - 0.5
+    grid = np.arange(-half, half + 1)
+    oy = grid[None, :, None] + sub[None, None, :] - np.asarray(fy)[:, None, None]  # (n, w, s)
+    reach = radius * radius - oy * oy
+    inside_x = np.sqrt(np.where(reach >= 0, reach, np.nan))[..., None]  # (n, w, s, 1)
+    c = (grid[None, :] - np.asarray(fx)[:, None])[:, None, None, :]  # (n, 1, 1, w)
+    # sub-pixel b of pixel i sits at c + sub[b]: inside when |c + sub[b]| <= X
+    with np.errstate(invalid="ignore"):
+        first = np.ceil(s * (0.5 - inside_x - c) - 0.5).clip(0, s)
+        last = np.floor(s * (0.5 + inside_x - c) - 0.5).clip(-1, s - 1)
+        count = np.nan_to_num(last - first + 1, nan=0.0).clip(0, s)
+    return count.sum(axis=2) / (s * s)
+
+
 def _aperture(exposure: Exposure, x, y, radius: float) -> tuple[np.ndarray, np.ndarray]:
     """Circular aperture sums and errors with fractional pixel coverage (sub-sampled)."""
     if x.size == 0:
@@ -320,14 +362,7 @@ def _aperture(exposure: Exposure, x, y, radius: float) -> tuple[np.ndarray, np.n
     half = int(math.ceil(radius)) + 1
     ix = np.floor(x + 0.5).astype(int)
     iy = np.floor(y + 0.5).astype(int)
-    s = _APERTURE_SUBSAMPLE
-    sub = (np.arange(s) + 0.5) / s - 0.5
-    grid = np.arange(-half, half + 1)
-    # (n, w, s) sub-pixel offsets from each source's centre along x and y
-    ox = grid[None, :, None] + sub[None, None, :] - (x - ix)[:, None, None]
-    oy = grid[None, :, None] + sub[None, None, :] - (y - iy)[:, None, None]
-    inside = oy[:, :, None, :, None] ** 2 + ox[:, None, :, None, :] ** 2 <= radius * radius
-    weight = inside.mean(axis=(3, 4))
+    weight = _aperture_weights(x - ix, y - iy, half, radius)
     data = _stack(exposure.image, ix, iy, half, fill=np.nan).astype(np.float64)
     var = _stack(exposure.variance, ix, iy, half, fill=np.nan).astype(np.float64)
     good = np.isfinite(data) & np.isfinite(var)
@@ -380,25 +415,28 @@ def _outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray
 
 
 def _matched_photometry(output, matched_science, matched_template, config):
-    """PSF photometry functions (x, y) -> (flux, error) on the matched science and template.
+    """PSF photometry function (x, y) -> [(flux, error) on the matched science, on the
+    matched template].
 
     Both are on the science PSF (the template is matched to it); a local constant is
-    fitted with the flux since they still carry sky. Empty when either is missing.
+    fitted with the flux since they still carry sky. None when either is missing.
     """
     if matched_science is None or matched_template is None:
-        return []
+        return None
     psf = matched_science.psf or output.require_psf()
-    # the two share the pixel grid and the PSF: one set of drawn stamps
+    # the two share the pixel grid and the PSF: one set of drawn stamps per position
     stamps = PsfStamps(psf, matched_science, config=config)
-    out = []
-    for exposure in (matched_science, matched_template):
 
-        def measure(x, y, exposure=exposure):
-            fit = psf_photometry(exposure, x, y, stamps, True, config.min_psf_coverage)
-            return fit["flux"], fit["flux_err"]
+    def measure(x, y):
+        x0, y0 = matched_science.xy0
+        model = stamps.at(np.asarray(x, dtype=np.float64) + x0, np.asarray(y) + y0)
+        out = []
+        for exposure in (matched_science, matched_template):
+            fit = psf_photometry(exposure, x, y, stamps, True, config.min_psf_coverage, drawn=model)
+            out.append((fit["flux"], fit["flux_err"]))
+        return out
 
-        out.append(measure)
-    return out
+    return measure
 
 
 def measure_dia_sources(
@@ -452,13 +490,11 @@ def measure_dia_sources(
     for k, (ip, jn) in enumerate(pairs):
         mid_x = 0.5 * (det.col[ip] + det.col[jn])
         mid_y = 0.5 * (det.row[ip] + det.row[jn])
-        lobe_fluxes = [measure(np.array([mid_x]), np.array([mid_y]))[0][0] for measure in matched]
+        lobes = None
+        if matched is not None:
+            lobes = [f[0] for f, _ in matched(np.array([mid_x]), np.array([mid_y]))]
         dipole = _fit_dipole(
-            output,
-            stamps,
-            (det.col[ip], det.row[ip]),
-            (det.col[jn], det.row[jn]),
-            lobe_fluxes if len(matched) == 2 else None,
+            output, stamps, (det.col[ip], det.row[ip]), (det.col[jn], det.row[jn]), lobes
         )
         row = n_single + k
         columns["x"][row], columns["y"][row] = dipole["x"], dipole["y"]
@@ -507,12 +543,10 @@ def measure_dia_sources(
     flags[outside] |= FLAG_BITS["suspect_kernel"][0]
     columns["flags"] = flags
     columns.update(flag_columns(flags))
-    for label, measure in zip(("science", "template"), matched, strict=False):
-        columns[f"{label}_flux"], columns[f"{label}_flux_err"] = measure(x_all, y_all)
-    if len(matched) < 2:
-        for label in ("science", "template")[len(matched) :]:
-            columns[f"{label}_flux"][:] = np.nan
-            columns[f"{label}_flux_err"][:] = np.nan
+    fluxes = matched(x_all, y_all) if matched is not None else [(np.nan, np.nan)] * 2
+    for label, (flux, error) in zip(("science", "template"), fluxes, strict=True):
+        columns[f"{label}_flux"][:] = flux
+        columns[f"{label}_flux_err"][:] = error
 
     # most significant first; ids follow that order
     order = np.argsort(-np.abs(columns["detection_snr"]), kind="stable")

@@ -17,13 +17,13 @@ import math
 import numpy as np
 from astropy.stats import mad_std
 from astropy.table import Table
-from scipy import fft
+from scipy import fft, sparse
 
 from .config import ForcedPhotometryConfig
 from .errors import InvalidCatalogError, PsfError
 from .exposure import Exposure
-from .measure import _stack
 from .psf import SIGMA_TO_FWHM, Psf, adaptive_moments
+from .stamps import stamps as _stack
 
 __all__ = [
     "FLAG_BITS",
@@ -145,19 +145,26 @@ class PsfStamps:
         j = np.clip(np.searchsorted(self.nodes_y, y) - 1, 0, self.nodes_y.size - 2)
         tx = np.clip((x - self.nodes_x[i]) / (self.nodes_x[i + 1] - self.nodes_x[i]), 0, 1)
         ty = np.clip((y - self.nodes_y[j]) / (self.nodes_y[j + 1] - self.nodes_y[j]), 0, 1)
-        # the nodes any position needs, drawn once each, then gathered for all positions
+        # the nodes any position needs, drawn once each; the bilinear sum of all
+        # positions is one product with a (positions x nodes) weight matrix
         size = 2 * self._draw_half + 1
-        nodes = np.zeros((self.nodes_y.size, self.nodes_x.size, size, size))
-        corners = ((0, 0), (0, 1), (1, 0), (1, 1))
-        for jj, ii in {
-            (int(a + dj), int(b + di)) for a, b in zip(j, i, strict=True) for dj, di in corners
-        }:
-            nodes[jj, ii] = self._node(jj, ii)
-        weights = ((1 - tx) * (1 - ty), tx * (1 - ty), (1 - tx) * ty, tx * ty)
-        out = np.zeros((x.size, size, size))
-        for (dj, di), weight in zip(corners, weights, strict=True):
-            out += weight[:, None, None] * nodes[j + dj, i + di]
-        return out
+        n_y, n_x = self.nodes_y.size, self.nodes_x.size
+        bilinear = (
+            (0, 0, (1 - tx) * (1 - ty)),
+            (0, 1, tx * (1 - ty)),
+            (1, 0, (1 - tx) * ty),
+            (1, 1, tx * ty),
+        )
+        flat = [((j + dj) * n_x + i + di, weight) for dj, di, weight in bilinear]
+        columns = np.concatenate([f for f, _ in flat])
+        weights = sparse.csr_matrix(
+            (np.concatenate([w for _, w in flat]), (np.tile(np.arange(x.size), 4), columns)),
+            shape=(x.size, n_y * n_x),
+        )
+        nodes = np.zeros((n_y * n_x, size * size))
+        for k in np.unique(columns):
+            nodes[k] = self._node(int(k) // n_x, int(k) % n_x).ravel()
+        return (weights @ nodes).reshape(x.size, size, size)
 
     def at(self, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stamps centred on parent positions (x, y).
@@ -197,6 +204,7 @@ def psf_photometry(
     stamps: PsfStamps,
     fit_background: bool = False,
     min_coverage: float = 0.5,
+    drawn: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Linear PSF fit at array positions, vectorised.
 
@@ -214,6 +222,9 @@ def psf_photometry(
         Fit a constant with the amplitude.
     min_coverage : float
         Least fraction of the stamp's PSF sum on usable pixels; NaN below.
+    drawn : tuple or None
+        ``stamps.at`` at these positions when already drawn (several exposures on
+        one pixel grid and PSF).
 
     Returns
     -------
@@ -224,7 +235,7 @@ def psf_photometry(
     x0, y0 = exposure.xy0
     x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     y = np.atleast_1d(np.asarray(y, dtype=np.float64))
-    model, ix, iy = stamps.at(x + x0, y + y0)
+    model, ix, iy = drawn if drawn is not None else stamps.at(x + x0, y + y0)
     h = stamps.half
     data = _stack(exposure.image, ix, iy, h, fill=np.nan).astype(np.float64)
     var = _stack(exposure.variance, ix, iy, h, fill=np.nan).astype(np.float64)

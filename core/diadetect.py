@@ -1,0 +1,493 @@
+"""Footprints and peaks of a DIA S/N map computed only where it can pass the threshold.
+
+The matched-filter S/N of a difference is (image (x) PSF) / sqrt(variance (x)
+PSF^2). The numerator is one full-frame correlation; the denominator is not
+needed on the whole frame: the squared kernel is non-negative, so on a block
+of pixels the noise is at least the smallest variance within the kernel's
+reach times the kernel's energy (the part of it inside the frame). Blocks
+whose largest |numerator| stays below the threshold times that lower bound
+cannot hold a pixel above threshold; only the others (a few per cent of a
+difference: sources and star residuals) get the exact denominator, by small
+batched FFTs. The renormalisation of the S/N by its empty-sky scatter is
+measured on a fixed lattice of blocks (about `NOISE_SAMPLE_PIXELS` pixels),
+computed exactly as well.
+
+Connected candidate blocks (and every block inside their bounding
+rectangle) are laid side by side, one zero pixel apart, on a small canvas
+where footprints are labelled and peaks found by `core.detection`'s
+routines. Outside the rectangles every pixel is below the threshold, so the
+footprints, peaks and their S/N equal those of the whole-frame map.
+
+The PSF stamp is cropped to the box holding all but `KERNEL_ENERGY_LOSS` of
+its squared sum: for a point source the matched-filter signal and its noise
+both scale with that sum, so the S/N changes by about that fraction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import scipy.fft as sfft
+from scipy import ndimage
+
+from .detection import _find_peaks, _footprints
+from .measure import _negative_side_sigma
+from .parallel import thread_map
+from .stamps import windows as _patches
+
+__all__ = [
+    "KERNEL_ENERGY_LOSS",
+    "NOISE_SAMPLE_PIXELS",
+    "crop_kernel",
+    "Peaks",
+    "sparse_peaks",
+    "DifferenceSnr",
+    "prepare_difference",
+    "prepare_score",
+    "block_size",
+    "block_extremes",
+]
+
+#: Fraction of the squared PSF stamp left out of the matched filter by cropping.
+KERNEL_ENERGY_LOSS = 1e-6
+#: Pixels (in whole blocks on a fixed lattice) whose S/N measures the noise factor.
+NOISE_SAMPLE_PIXELS = 2**21
+
+
+def crop_kernel(kernel: np.ndarray, loss: float = KERNEL_ENERGY_LOSS) -> np.ndarray:
+    """The smallest centred square of ``kernel`` holding all but ``loss`` of its sum of squares."""
+    k2 = np.asarray(kernel, dtype=np.float64) ** 2
+    total = k2.sum()
+    c = kernel.shape[0] // 2
+    if not total > 0:
+        return kernel
+    # energy inside the centred square of half-width h, for every h at once
+    ring = np.maximum(
+        np.abs(np.arange(kernel.shape[0]) - c)[:, None],
+        np.abs(np.arange(kernel.shape[1]) - kernel.shape[1] // 2)[None, :],
+    )
+    inside = np.cumsum(np.bincount(ring.ravel(), weights=k2.ravel()))
+    half = int(np.searchsorted(inside, (1.0 - loss) * total))
+    half = min(half, c, kernel.shape[1] // 2)
+    cx = kernel.shape[1] // 2
+    return kernel[c - half : c + half + 1, cx - half : cx + half + 1]
+
+
+def block_size(half: int) -> int:
+    """Block side: at least the kernel's width, so the FFT padding stays under ~4x."""
+    size = 32
+    while size < 2 * half:
+        size *= 2
+    return size
+
+
+class Peaks:
+    """Peaks of both signs, in the order of ``core.detection`` on the whole frame.
+
+    Attributes: ``col``, ``row``, ``sign``, ``footprint`` (numbered in raster order
+    of their first pixel, negative footprints after the positive ones),
+    ``n_peaks``, ``value`` (|S/N| at the peak).
+    """
+
+    def __init__(self, col, row, sign, footprint, n_peaks, value):
+        self.col, self.row, self.sign = col, row, sign
+        self.footprint, self.n_peaks, self.value = footprint, n_peaks, value
+
+
+def _grid_blocks(shape: tuple[int, int], size: int) -> tuple[int, int]:
+    return -(-shape[0] // size), -(-shape[1] // size)
+
+
+def _groups(candidate: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
+    """Labels (block grid) of the 8-connected groups of candidate blocks and their
+    bounding rectangles (block slices)."""
+    labels, _ = ndimage.label(candidate, structure=np.ones((3, 3), dtype=bool))
+    return labels, [b for b in ndimage.find_objects(labels) if b is not None]
+
+
+def _pack(heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Shelf packing of rectangles with a one-pixel gap after each: origins and canvas size."""
+    width = int(max(widths.max() + 1, math.isqrt(int(((heights + 1) * (widths + 1)).sum())) + 1))
+    ys = np.zeros(heights.size, dtype=int)
+    xs = np.zeros(heights.size, dtype=int)
+    y = x = shelf = 0
+    for k in np.argsort(-heights, kind="stable"):
+        if x + widths[k] + 1 > width:
+            y, x, shelf = y + shelf, 0, 0
+        ys[k], xs[k] = y + 1, x + 1
+        x += widths[k] + 1
+        shelf = max(shelf, heights[k] + 1)
+    return ys, xs, y + shelf + 1, width + 1
+
+
+def sparse_peaks(
+    shape: tuple[int, int],
+    size: int,
+    candidate: np.ndarray,
+    snr_blocks: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    threshold: float,
+    min_pixels: int,
+    sigma: float,
+    prominence: float,
+) -> Peaks:
+    """Footprints and peaks above ``threshold`` in an S/N map known block by block.
+
+    Parameters
+    ----------
+    shape : (ny, nx)
+        The frame.
+    size : int
+        Block side (px); blocks at the far edges are cut by the frame.
+    candidate : `numpy.ndarray` (nby, nbx), bool
+        Blocks that may hold a pixel with |S/N| >= ``threshold``; every other pixel
+        must be below it.
+    snr_blocks : callable (by, bx) -> (m, size, size) float32
+        The S/N of blocks (block row and column indices); pixels beyond the frame
+        are ignored.
+    threshold, min_pixels, sigma, prominence
+        As `core.detection._footprints` and `_find_peaks`.
+    """
+    ny, nx = shape
+    labels, rects = _groups(candidate)
+    if not rects:
+        empty = np.zeros(0, dtype=int)
+        return Peaks(empty, empty, empty, empty, empty, np.zeros(0, dtype=np.float32))
+    fy0 = np.array([r[0].start * size for r in rects])
+    fx0 = np.array([r[1].start * size for r in rects])
+    heights = np.array([min(r[0].stop * size, ny) for r in rects]) - fy0
+    widths = np.array([min(r[1].stop * size, nx) for r in rects]) - fx0
+    cy0, cx0, cny, cnx = _pack(heights, widths)
+    canvas = np.zeros((cny, cnx), dtype=np.float32)
+    owner = np.full((cny, cnx), -1, dtype=np.int32)
+    # every block of every rectangle (one batch; blocks shared by rectangles once)
+    place = [
+        (i, j, m)
+        for i, r in enumerate(rects)
+        for j in range(r[0].start, r[0].stop)
+        for m in range(r[1].start, r[1].stop)
+    ]
+    index = np.array(place, dtype=int).reshape(-1, 3)
+    keys, inverse = np.unique(index[:, 1] * candidate.shape[1] + index[:, 2], return_inverse=True)
+    values = snr_blocks(*np.divmod(keys, candidate.shape[1]))
+    # another group's blocks inside a rectangle stay below the threshold there (they are
+    # searched in their own rectangle); the S/N of all pixels between is exact
+    below = np.nextafter(np.float32(threshold), np.float32(0))
+    for (i, j, m), k in zip(place, inverse.ravel(), strict=True):
+        h = min(size, ny - j * size)
+        w = min(size, nx - m * size)
+        y = cy0[i] + j * size - fy0[i]
+        x = cx0[i] + m * size - fx0[i]
+        block = values[k, :h, :w]
+        if labels[j, m] not in (0, i + 1):
+            block = np.clip(block, -below, below)
+        canvas[y : y + h, x : x + w] = block
+    for i in range(len(rects)):
+        owner[cy0[i] : cy0[i] + heights[i], cx0[i] : cx0[i] + widths[i]] = i
+    parts = []
+    offset = 0
+    for sign in (1, -1):
+        if sign < 0:
+            np.negative(canvas, out=canvas)
+        labels, n = _footprints(canvas, threshold, min_pixels)
+        if n:
+            peaks = _find_peaks(canvas, labels, n, sigma, prominence)
+            row, col, label = peaks[:, 0], peaks[:, 1], peaks[:, 2]
+            # footprints renumbered in raster order of their first pixel on the frame
+            pixels = np.flatnonzero(labels)
+            prow, pcol = np.divmod(pixels, cnx)
+            rid = owner.ravel()[pixels]
+            frame = (prow - cy0[rid] + fy0[rid]) * nx + (pcol - cx0[rid] + fx0[rid])
+            first = np.full(n + 1, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(first, labels.ravel()[pixels], frame)
+            rank = np.empty(n + 1, dtype=np.int64)
+            rank[0] = 0
+            rank[1:][np.argsort(first[1:], kind="stable")] = np.arange(1, n + 1)
+            value = canvas[row, col]
+            rid = owner[row, col]
+            row = row - cy0[rid] + fy0[rid]
+            col = col - cx0[rid] + fx0[rid]
+            label = rank[label]
+            order = np.argsort(label, kind="stable")  # by footprint, peaks in found order
+            row, col, label, value = row[order], col[order], label[order], value[order]
+            count = np.bincount(label, minlength=n + 1)[label]
+            parts.append((col, row, np.full(row.size, sign), label + offset, count, value))
+            offset += n
+        if sign < 0:
+            np.negative(canvas, out=canvas)
+    if not parts:
+        empty = np.zeros(0, dtype=int)
+        return Peaks(empty, empty, empty, empty, empty, np.zeros(0, dtype=np.float32))
+    col, row, sign_, footprint, n_peaks, value = (
+        np.concatenate(p) for p in zip(*parts, strict=True)
+    )
+    return Peaks(col, row, sign_, footprint, n_peaks, value)
+
+
+def _bands(ny: int, size: int) -> list[slice]:
+    """Row bands of whole blocks (about 64 rows) for the threaded frame passes."""
+    rows = size * max(1, 64 // size)
+    return [slice(y, min(y + rows, ny)) for y in range(0, ny, rows)]
+
+
+def prepare_difference(
+    image: np.ndarray, variance: np.ndarray, mask: np.ndarray, bits: int, size: int
+):
+    """The difference with unusable pixels at 0, its variance with those filled, the
+    unusable pixels (None when there are none), the fill value and the least
+    variance of every ``size`` block; in threaded bands of rows.
+
+    Unusable: not finite or any of ``bits`` set in ``mask``. Unusable variances
+    (also non-finite or <= 0 ones) take the median of the usable ones, estimated
+    on every k-th row (about a million pixels); when fewer than half of those are
+    usable the variance plane is ignored (1 everywhere: the S/N is then
+    normalised by its measured scatter alone).
+    """
+    ny, nx = image.shape
+    step = max(1, (ny * nx) // 1_000_000)
+    with np.errstate(invalid="ignore"):
+        sampled = variance[::step]
+        ok = np.isfinite(sampled) & (sampled > 0) & np.isfinite(image[::step])
+        if bits:
+            ok &= (mask[::step] & bits) == 0
+    usable = np.asarray(sampled[ok], dtype=np.float32)
+    ignore = usable.size < 0.5 * ok.size
+    fill = 1.0 if ignore or usable.size == 0 else float(np.median(usable))
+    out_image = np.empty((ny, nx), dtype=np.float32)
+    out_var = np.empty((ny, nx), dtype=np.float32)
+    no_data = np.empty((ny, nx), dtype=bool)
+    nbx = -(-nx // size)
+    vmin = np.empty((-(-ny // size), nbx))
+
+    def band(rows: slice) -> bool:
+        img = image[rows]
+        bad = ~np.isfinite(img)
+        if bits:
+            bad |= (mask[rows] & bits) != 0
+        np.copyto(out_image[rows], img)
+        np.copyto(out_image[rows], np.float32(0), where=bad)
+        no_data[rows] = bad
+        if ignore:
+            out_var[rows] = 1.0
+        else:
+            var = variance[rows]
+            np.copyto(out_var[rows], var)
+            with np.errstate(invalid="ignore"):
+                keep = np.isfinite(var) & (var > 0)
+            keep &= ~bad
+            np.copyto(out_var[rows], np.float32(fill), where=~keep)
+        b0 = rows.start // size
+        vmin[b0 : b0 + -(-(rows.stop - rows.start) // size)] = _block_reduce(
+            out_var[rows], size, np.minimum, np.inf
+        )
+        return bool(bad.any())
+
+    any_bad = any(thread_map(band, _bands(ny, size)))
+    return out_image, out_var, no_data if any_bad else None, fill, vmin
+
+
+def prepare_score(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, bits: int, size: int):
+    """Score / sqrt(variance) (0 where the variance is unusable or any of ``bits`` is
+    set), the score with non-finite pixels at 0, and the largest |S/N| of every
+    ``size`` block; in threaded bands of rows."""
+    ny, nx = image.shape
+    out_image = np.empty((ny, nx), dtype=np.float32)
+    snr = np.zeros((ny, nx), dtype=np.float32)
+    top = np.empty((-(-ny // size), -(-nx // size)))
+
+    def band(rows: slice) -> None:
+        img = out_image[rows]
+        np.copyto(img, image[rows])
+        np.copyto(img, np.float32(0), where=~np.isfinite(img))
+        var = variance[rows]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ok = np.isfinite(var) & (var > 0)
+            np.divide(img, np.sqrt(var), out=snr[rows], where=ok)
+        if bits:
+            np.copyto(snr[rows], np.float32(0), where=(mask[rows] & bits) != 0)
+        b0 = rows.start // size
+        part = snr[rows]
+        high = _block_reduce(part, size, np.maximum, -np.inf)
+        top[b0 : b0 + high.shape[0]] = np.maximum(
+            high, -_block_reduce(part, size, np.minimum, np.inf)
+        )
+
+    thread_map(band, _bands(ny, size))
+    return snr, out_image, top
+
+
+def block_extremes(array: np.ndarray, size: int) -> np.ndarray:
+    """Largest |value| of every ``size`` block, in threaded bands of rows."""
+    ny, nx = array.shape
+    out = np.empty((-(-ny // size), -(-nx // size)))
+
+    def band(rows: slice) -> None:
+        b0 = rows.start // size
+        part = array[rows]
+        top = _block_reduce(part, size, np.maximum, -np.inf)
+        low = _block_reduce(part, size, np.minimum, np.inf)
+        out[b0 : b0 + top.shape[0]] = np.maximum(top, -low)
+
+    thread_map(band, _bands(ny, size))
+    return out
+
+
+class DifferenceSnr:
+    """Matched-filter S/N of a difference, exact on the blocks asked for.
+
+    Parameters
+    ----------
+    smoothed : (ny, nx) float32
+        The image correlated with ``kernel``.
+    variance : (ny, nx) float32
+        Positive, finite variance (unusable pixels already filled).
+    no_data : (ny, nx) bool or None
+        Pixels whose S/N is 0.
+    kernel : (k, k) float64
+        The matched filter (odd side).
+    floor : float
+        Least value of the correlated variance.
+    """
+
+    def __init__(self, smoothed, variance, no_data, kernel, floor: float, vmin=None):
+        self.smoothed, self.variance, self.no_data = smoothed, variance, no_data
+        self.vmin = vmin
+        self.half = kernel.shape[0] // 2
+        self.size = block_size(self.half)
+        self.grid = _grid_blocks(smoothed.shape, self.size)
+        k2 = kernel.astype(np.float64) ** 2
+        self.energy = float(k2.sum())
+        self.k2 = k2
+        self.floor = np.float32(floor)
+        self._transforms: dict[int, np.ndarray] = {}
+        self.factor = 1.0
+        # blocks computed so far: their S/N (before the noise factor) and where each is
+        self._store = np.zeros((0, self.size, self.size), dtype=np.float32)
+        self._where = np.full(self.grid, -1, dtype=np.intp)
+
+    def _snr(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
+        """Unscaled S/N (before the noise factor) of (side, side) windows with corners
+        (y0, x0), (m, side, side) float32; the correlated variance by batched FFTs of a
+        power-of-two side (the fastest small transforms)."""
+        h = self.half
+        n = 1 << (side + 2 * h - 1).bit_length()
+        if n not in self._transforms:
+            pad = np.zeros((n, n))
+            pad[: 2 * h + 1, : 2 * h + 1] = self.k2[::-1, ::-1]
+            pad = np.roll(pad, (-h, -h), axis=(0, 1))
+            self._transforms[n] = sfft.rfft2(pad).astype(np.complex64)
+        if y0.size == 0:
+            return np.zeros((0, side, side), dtype=np.float32)
+        spectrum = sfft.rfft2(_patches(self.variance, y0 - h, x0 - h, n), axes=(1, 2), workers=-1)
+        spectrum *= self._transforms[n]
+        # inverse transform of the kept rows only (the rest is the padding)
+        rows = sfft.ifft(spectrum, axis=1, workers=-1, overwrite_x=True)[:, h : h + side]
+        var = sfft.irfft(rows, n=n, axis=2, workers=-1)[:, :, h : h + side]
+        np.maximum(var, self.floor, out=var)
+        np.sqrt(var, out=var)
+        snr = _patches(self.smoothed, y0, x0, side)
+        np.divide(snr, var, out=snr)
+        if self.no_data is not None:
+            snr[_patches(self.no_data, y0, x0, side)] = 0.0
+        return snr
+
+    def blocks(self, by: np.ndarray, bx: np.ndarray) -> np.ndarray:
+        """Final S/N (noise factor applied) of blocks (block row and column indices),
+        (m, size, size); each block is computed once and kept."""
+        s = self.size
+        by = np.asarray(by, dtype=int)
+        bx = np.asarray(bx, dtype=int)
+        where = self._where[by, bx]
+        todo = np.unique(by[where < 0] * self.grid[1] + bx[where < 0])
+        if todo.size:
+            ty, tx = np.divmod(todo, self.grid[1])
+            self._where[ty, tx] = self._store.shape[0] + np.arange(todo.size)
+            self._store = np.concatenate([self._store, self._snr(ty * s, tx * s, s)])
+            where = self._where[by, bx]
+        out = self._store[where]
+        out /= np.float32(self.factor)
+        return out
+
+    def noise_factor(self, sample_pixels: int = NOISE_SAMPLE_PIXELS) -> float:
+        """Empty-sky scatter of the S/N (`core.measure._negative_side_sigma`); sets
+        ``factor``. Frames of up to twice ``sample_pixels`` are measured whole (every
+        block, kept for the detection), larger ones on a lattice of square windows
+        (256-pixel transforms) holding about ``sample_pixels`` pixels."""
+        ny, nx = self.smoothed.shape
+        self.factor = 1.0
+        side = 256 - 2 * self.half
+        if ny * nx <= 2 * sample_pixels or side < 64 or min(ny, nx) < side:
+            nby, nbx = self.grid
+            by, bx = np.divmod(np.arange(nby * nbx), nbx)
+            values = self.blocks(by, bx)
+            s = self.size
+            keep = np.ones(values.shape, dtype=bool)
+            for k in np.flatnonzero(((by + 1) * s > ny) | ((bx + 1) * s > nx)):
+                keep[k, max(ny - by[k] * s, 0) :, :] = False  # off the frame
+                keep[k, :, max(nx - bx[k] * s, 0) :] = False
+            y0, x0 = by * s, bx * s
+        else:
+            count = -(-sample_pixels // (side * side))
+            gy = max(1, round(math.sqrt(count * ny / nx)))
+            gx = -(-count // gy)
+            # window centres in the middle of a gy x gx grid of cells
+            cy = ((np.arange(gy) + 0.5) * ny / gy - side / 2).astype(int).clip(0, ny - side)
+            cx = ((np.arange(gx) + 0.5) * nx / gx - side / 2).astype(int).clip(0, nx - side)
+            y0, x0 = np.repeat(cy, gx), np.tile(cx, gy)
+            values = self._snr(y0, x0, side)
+            keep = np.ones(values.shape, dtype=bool)
+            s = side
+        if self.no_data is not None:
+            keep &= ~_patches(self.no_data, y0, x0, s)
+        self.factor = _negative_side_sigma(values[keep])
+        return self.factor
+
+    def candidates(self, threshold: float) -> np.ndarray:
+        """Blocks (nby, nbx) where |S/N| may reach ``threshold`` (see the module docstring)."""
+        s, h = self.size, self.half
+        ny, nx = self.smoothed.shape
+        nby, nbx = self.grid
+        vmin = (
+            self.vmin
+            if self.vmin is not None
+            else _block_reduce(self.variance, s, np.minimum, np.inf)
+        )
+        reach = -(-h // s)
+        vmin = ndimage.minimum_filter(vmin, size=2 * reach + 1, mode="nearest")
+        top = block_extremes(self.smoothed, s)
+        # kernel energy inside the frame, bounded below per block: rows lost at the
+        # top/bottom and columns lost at the sides are subtracted separately
+        rows_energy = self.k2.sum(axis=1)
+        cols_energy = self.k2.sum(axis=0)
+        ey = _inside_energy(rows_energy, ny, h, s)
+        ex = _inside_energy(cols_energy, nx, h, s)
+        energy = np.clip(ey[:, None] + ex[None, :] - self.energy, 0.0, None)
+        bound = np.sqrt(np.maximum(vmin * energy, float(self.floor)))
+        return top >= threshold * self.factor * bound * (1.0 - 1e-5)
+
+
+def _inside_energy(profile: np.ndarray, n: int, h: int, s: int) -> np.ndarray:
+    """Least kernel energy (summed over the other axis) inside [0, n) over each block's
+    pixels along one axis; ``profile[d + h]`` is the energy at offset d."""
+    cum = np.concatenate([[0.0], np.cumsum(profile)])
+    pos = np.arange(n)
+    lo = np.clip(-pos, -h, h + 1) + h  # first kernel row inside the frame
+    hi = np.clip(n - 1 - pos, -h - 1, h) + h + 1
+    inside = cum[np.clip(hi, 0, 2 * h + 1)] - cum[np.clip(lo, 0, 2 * h + 1)]
+    pad = -(-n // s) * s - n
+    inside = np.concatenate([inside, np.full(pad, np.inf)])
+    return inside.reshape(-1, s).min(axis=1)
+
+
+def _block_reduce(array: np.ndarray, s: int, ufunc, fill) -> np.ndarray:
+    """``ufunc`` (np.minimum / np.maximum) over s x s blocks; blocks cut by the frame's far
+    edges reduce over their pixels on it."""
+    ny, nx = array.shape
+    nby, nbx = -(-ny // s), -(-nx // s)
+    if nby * s != ny:  # rows first (whole contiguous rows at a time), padded with fill
+        array = np.concatenate([array, np.full((nby * s - ny, nx), fill, dtype=array.dtype)])
+    rows = ufunc.reduce(array.reshape(nby, s, nx), axis=1)
+    if nbx * s != nx:
+        rows = np.concatenate([rows, np.full((nby, nbx * s - nx), fill, dtype=rows.dtype)], axis=1)
+    return ufunc.reduce(rows.reshape(nby, nbx, s), axis=2).astype(np.float64)

@@ -1,0 +1,41 @@
+"""Square stamps of a frame around many pixels at once.
+
+Every stamp that lies wholly on the frame is one strided copy out of a
+sliding-window view (no index arrays per pixel); the few that cross the
+frame's edge are copied piece by piece with ``fill`` beyond it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["windows", "stamps"]
+
+
+def windows(array: np.ndarray, y0, x0, side: int, fill=0) -> np.ndarray:
+    """(m, side, side) copies of ``array`` with corners (y0[k], x0[k]); ``fill`` off the frame."""
+    ny, nx = array.shape
+    y0 = np.asarray(y0, dtype=np.intp).ravel()
+    x0 = np.asarray(x0, dtype=np.intp).ravel()
+    inside = (y0 >= 0) & (x0 >= 0) & (y0 + side <= ny) & (x0 + side <= nx)
+    if y0.size and ny >= side and nx >= side:
+        view = np.lib.stride_tricks.sliding_window_view(array, (side, side))
+        if inside.all():
+            return view[y0, x0]
+    out = np.full((y0.size, side, side), fill, dtype=array.dtype)
+    if inside.any():
+        out[inside] = view[y0[inside], x0[inside]]
+    for k in np.flatnonzero(~inside):
+        ya, yb = max(y0[k], 0), min(y0[k] + side, ny)
+        xa, xb = max(x0[k], 0), min(x0[k] + side, nx)
+        if ya < yb and xa < xb:
+            out[k, ya - y0[k] : yb - y0[k], xa - x0[k] : xb - x0[k]] = array[ya:yb, xa:xb]
+    return out
+
+
+def stamps(array: np.ndarray, cx, cy, half: int, fill=0) -> np.ndarray:
+    """(n, 2 half + 1, 2 half + 1) stamps centred on array indices (cx, cy) (column,
+    row); ``fill`` off the frame. Same values as ``core.measure._stack``."""
+    cx = np.asarray(cx, dtype=np.intp)
+    cy = np.asarray(cy, dtype=np.intp)
+    return windows(array, cy - half, cx - half, 2 * half + 1, fill)

@@ -1,0 +1,259 @@
+"""The fast DIA detection (core.diadetect) and stamp helpers against straightforward
+whole-frame references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.convolve import correlate_image
+from core.detection import _find_peaks, _footprints
+from core.diadetect import (
+    DifferenceSnr,
+    _block_reduce,
+    block_size,
+    crop_kernel,
+    prepare_difference,
+    sparse_peaks,
+)
+from core.diasources import _APERTURE_SUBSAMPLE, _aperture_weights
+from core.measure import _negative_side_sigma, _stack
+from core.stamps import stamps
+
+THRESHOLD, MIN_PIXELS, PROMINENCE = 5.0, 3, 3.0
+NO_DATA_BIT = 1
+
+
+def _gaussian(sigma: float, half: int) -> np.ndarray:
+    g = np.arange(-half, half + 1)
+    k = np.exp(-(g[:, None] ** 2 + g[None, :] ** 2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+def _frame(seed: int = 3, shape=(651, 703)):
+    """A difference with a varying variance (gradient and bright-star bumps), positive
+    and negative sources (some blended, some on the edge), a NO_DATA band and NaNs."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    yy, xx = np.mgrid[:ny, :nx]
+    variance = 100.0 + 60.0 * xx / nx + 30.0 * yy / ny
+    psf = _gaussian(1.8, 12)
+    image = np.zeros(shape)
+    for _ in range(25):  # stars: only their Poisson noise is left
+        x, y = rng.uniform(0, nx), rng.uniform(0, ny)
+        variance += 4e4 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.8**2)) / 20
+    points = [(rng.uniform(0, nx), rng.uniform(0, ny), rng.uniform(100, 3000)) for _ in range(60)]
+    # a blended pair (deblended), and sources on the frame's edges
+    points += [(200.0, 300.0, 6000.0), (207.0, 301.0, 5000.0), (2.0, 100.0, 2000.0)]
+    points += [(nx - 1.5, ny - 2.0, 2000.0)]
+    for k, (x, y, flux) in enumerate(points):
+        sign = -1 if k % 3 == 0 and k < 60 else 1
+        profile = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.8**2)) / (2 * np.pi * 1.8**2)
+        image += sign * flux * profile
+    image += rng.normal(size=shape) * np.sqrt(variance)
+    mask = np.zeros(shape, dtype=np.int32)
+    mask[:, :9] = NO_DATA_BIT
+    mask[-5:, :] = NO_DATA_BIT
+    image[400, 500] = np.nan
+    variance[410:412, 100:104] = 0.0
+    return image.astype(np.float32), variance.astype(np.float32), mask, psf
+
+
+def _whole_frame(image, variance, no_data, kernel, floor, factor):
+    """The S/N map on the whole frame (two full correlations) and its peaks, as the
+    detection did before: positive footprints, then negative ones, raster order."""
+    smoothed = correlate_image(image, kernel, single=True)
+    noise = correlate_image(variance, kernel**2, single=True)
+    snr = smoothed / np.sqrt(np.maximum(noise, np.float32(floor)))
+    if no_data is not None:
+        snr[no_data] = 0.0
+    snr /= np.float32(factor)
+    peaks = []
+    offset = 0
+    for sign in (1, -1):
+        signed = snr * sign
+        labels, n = _footprints(signed, THRESHOLD, MIN_PIXELS)
+        if n:
+            found = _find_peaks(signed, labels, n, 1.8, PROMINENCE)
+            count = np.bincount(found[:, 2], minlength=n + 1)[found[:, 2]]
+            for (row, col, label), c in zip(found, count, strict=True):
+                peaks.append((col, row, sign, label + offset, c, signed[row, col]))
+            offset += n
+    return snr, peaks
+
+
+def _fast(image, variance, mask, psf, sample_pixels, factor=None):
+    kernel = crop_kernel(psf)
+    size = block_size(kernel.shape[0] // 2)
+    image, variance, no_data, fill, vmin = prepare_difference(
+        image, variance, mask, NO_DATA_BIT, size
+    )
+    smoothed = correlate_image(image, kernel, single=True)
+    snr = DifferenceSnr(smoothed, variance, no_data, kernel, 1e-30 * fill, vmin)
+    snr.noise_factor(sample_pixels)
+    if factor is not None:
+        snr.factor = factor
+    candidate = snr.candidates(THRESHOLD)
+    peaks = sparse_peaks(
+        image.shape, size, candidate, snr.blocks, THRESHOLD, MIN_PIXELS, 1.8, PROMINENCE
+    )
+    return snr, candidate, peaks, (image, variance, no_data, kernel, 1e-30 * fill)
+
+
+@pytest.mark.parametrize("sample_pixels", [2**21, 60_000])
+def test_sparse_detection_equals_whole_frame(sample_pixels):
+    """Same footprints, peaks, numbering and S/N as the whole-frame map (same noise
+    factor), whether the noise factor used every block or a lattice of windows."""
+    image, variance, mask, psf = _frame()
+    snr, candidate, peaks, prepared = _fast(image, variance, mask, psf, sample_pixels)
+    full, expected = _whole_frame(*prepared, snr.factor)
+    assert len(expected) > 40
+    got = list(zip(peaks.col, peaks.row, peaks.sign, peaks.footprint, peaks.n_peaks, strict=True))
+    assert got == [p[:5] for p in expected]
+    np.testing.assert_allclose(peaks.value, [p[5] for p in expected], rtol=1e-4)
+    assert np.any(np.asarray(peaks.n_peaks) > 1)  # the blended pair was deblended
+    # no pixel above threshold outside the candidate blocks (the bound holds)
+    s = snr.size
+    ys, xs = np.nonzero(np.abs(full) >= THRESHOLD)
+    assert candidate[ys // s, xs // s].all()
+    assert candidate.mean() < 0.5  # and it does spare blocks
+    # the S/N of the blocks computed equals the whole-frame map
+    by, bx = np.nonzero(candidate)
+    blocks = snr.blocks(by, bx)
+    ny, nx = full.shape
+    for k in range(by.size):
+        h, w = min(s, ny - by[k] * s), min(s, nx - bx[k] * s)
+        ref = full[by[k] * s : by[k] * s + h, bx[k] * s : bx[k] * s + w]
+        np.testing.assert_allclose(blocks[k, :h, :w], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_noise_factor_whole_and_sampled():
+    """Measured on every block it is the whole-frame estimate; on a lattice of windows
+    it agrees within the sampling noise."""
+    image, variance, mask, psf = _frame(seed=5, shape=(990, 1000))
+    whole, *_, prepared = _fast(image, variance, mask, psf, 2**21)
+    full, _ = _whole_frame(*prepared, 1.0)
+    expected = _negative_side_sigma(full, ~prepared[2])
+    assert whole.factor == pytest.approx(expected, rel=1e-4)
+    sampled, *_ = _fast(image, variance, mask, psf, 200_000)
+    assert sampled.factor == pytest.approx(expected, rel=0.03)
+
+
+def test_crop_kernel_keeps_energy():
+    psf = _gaussian(2.0, 35)
+    cropped = crop_kernel(psf)
+    assert cropped.shape[0] % 2 == 1 and cropped.shape[0] < psf.shape[0]
+    assert 1 - (cropped**2).sum() / (psf**2).sum() <= 1e-6
+    c = psf.shape[0] // 2
+    h = cropped.shape[0] // 2
+    assert np.array_equal(cropped, psf[c - h : c + h + 1, c - h : c + h + 1])
+    # one pixel less loses more than allowed
+    smaller = psf[c - h + 1 : c + h, c - h + 1 : c + h]
+    assert 1 - (smaller**2).sum() / (psf**2).sum() > 1e-6
+
+
+@pytest.mark.parametrize("shape", [(128, 96), (100, 77)])
+def test_block_reduce(shape):
+    a = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    got = _block_reduce(a, 32, np.maximum, -np.inf)
+    for by in range(got.shape[0]):
+        for bx in range(got.shape[1]):
+            assert got[by, bx] == a[by * 32 : by * 32 + 32, bx * 32 : bx * 32 + 32].max()
+
+
+def test_stamps_equal_fancy_indexing():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(60, 45)).astype(np.float32)
+    cx = np.array([0, 3, 22, 44, 44, 10, -2])
+    cy = np.array([0, 59, 30, 0, 59, 2, 5])
+    for half in (0, 3, 7):
+        np.testing.assert_array_equal(
+            stamps(a, cx, cy, half, fill=np.nan), _stack(a, cx, cy, half, fill=np.nan)
+        )
+    m = rng.integers(0, 8, size=(60, 45)).astype(np.int32)
+    np.testing.assert_array_equal(stamps(m, cx, cy, 4, fill=-1), _stack(m, cx, cy, 4, fill=-1))
+
+
+@pytest.mark.parametrize("radius", [1.3, 2.0, 6.6])
+def test_aperture_weights_equal_subpixel_grid(radius):
+    """The closed-form coverage equals counting the s x s sub-pixel centres."""
+    rng = np.random.default_rng(2)
+    fx, fy = rng.uniform(-0.5, 0.5, 500), rng.uniform(-0.5, 0.5, 500)
+    half = int(np.ceil(radius)) + 1
+    s = _APERTURE_SUBSAMPLE
+    sub = (np.arange(s) + 0.5) / s - 0.5
+    grid = np.arange(-half, half + 1)
+    ox = grid[None, :, None] + sub[None, None, :] - fx[:, None, None]
+    oy = grid[None, :, None] + sub[None, None, :] - fy[:, None, None]
+    inside = oy[:, :, None, :, None] ** 2 + ox[:, None, :, None, :] ** 2 <= radius**2
+    np.testing.assert_array_equal(_aperture_weights(fx, fy, half, radius), inside.mean(axis=(3, 4)))
+
+
+def _reference_detect(exposure, config, is_score):
+    """The whole-frame detection as it was before core.diadetect: the S/N map of the
+    full frame (core.measure._Filtered, or score / sqrt(variance)), then footprints
+    and peaks of each sign over the whole frame."""
+    from dataclasses import replace
+
+    from core.background import _BackgroundMesh
+    from core.forced import profile_sigma
+    from core.measure import _Filtered
+
+    psf = exposure.require_psf()
+    sigma = profile_sigma(psf)
+    bits = exposure.bitmask(["EDGE"])
+    mask = np.where(
+        exposure.mask & bits, exposure.mask | exposure.bitmask(["NO_DATA"]), exposure.mask
+    )
+    exposure = replace(exposure, mask=mask)
+    if is_score:
+        image = np.where(np.isfinite(exposure.image), exposure.image, np.float32(0))
+        var = exposure.variance
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = np.where(np.isfinite(var) & (var > 0), image / np.sqrt(var), np.float32(0))
+        snr = snr.astype(np.float32)
+        snr[exposure.masked(["NO_DATA"])] = 0.0
+        factor = _negative_side_sigma(snr)
+        snr /= np.float32(factor)
+    else:
+        ny, nx = exposure.shape
+        filtered = _Filtered(exposure, psf, _BackgroundMesh.constant(ny, nx, 0.0, 1.0))
+        snr, factor = filtered.snr, filtered.noise_factor
+    found = []
+    offset = 0
+    for sign in (1, -1):
+        signed = snr * sign
+        labels, n = _footprints(signed, config.threshold, config.min_pixels)
+        if n:
+            peaks = _find_peaks(signed, labels, n, sigma, config.peak_prominence)
+            count = np.bincount(peaks[:, 2], minlength=n + 1)[peaks[:, 2]]
+            for (row, col, label), c in zip(peaks, count, strict=True):
+                found.append((col, row, sign, label + offset, c, signed[row, col]))
+            offset += n
+    found.sort(key=lambda p: -p[5])
+    return found, factor
+
+
+@pytest.mark.parametrize("is_score", [False, True])
+def test_detect_dia_sources_equals_whole_frame(is_score):
+    """`detect_dia_sources` on an exposure (EDGE band, NaNs, a bad variance patch)
+    finds what the whole-frame map finds, in the same order, with the same S/N."""
+    from core.config import DiaSourceConfig
+    from core.diasources import detect_dia_sources
+    from core.exposure import Exposure
+    from core.psf import GaussianPsf
+
+    image, variance, mask, _ = _frame(seed=7, shape=(700, 760))
+    exposure = Exposure.from_arrays(image, variance, psf=GaussianPsf(1.8))
+    edge = np.zeros(image.shape, dtype=bool)
+    edge[:12], edge[:, -12:] = True, True
+    exposure.mask[edge] |= exposure.bitmask(["EDGE"])
+    exposure.mask[mask != 0] |= exposure.bitmask(["NO_DATA"])
+    config = DiaSourceConfig()
+    expected, factor = _reference_detect(exposure, config, is_score)
+    det = detect_dia_sources(exposure, config, is_score=is_score)
+    assert det.noise_factor == pytest.approx(factor, rel=1e-4)
+    assert len(expected) > 40
+    got = list(zip(det.col, det.row, det.sign, det.footprint, det.n_peaks, strict=True))
+    assert got == [p[:5] for p in expected]
+    np.testing.assert_allclose(np.abs(det.peak_snr), [p[5] for p in expected], rtol=1e-3)
