@@ -1072,7 +1072,10 @@ def _quiet_edge_band(score: Exposure):
     if not band.any() or band.all():
         return None
     values = score.image[band].copy()
-    score.image[band] = np.float32(np.median(score.image[~band]))
+    # a 4x4-strided sample gives the median to well within the noise, 16x cheaper
+    sample = score.image[::4, ::4][~band[::4, ::4]]
+    level = np.median(sample) if sample.size else np.median(score.image[~band])
+    score.image[band] = np.float32(level)
     return band, values
 
 
