@@ -69,9 +69,12 @@ SHORTFALLS: dict[tuple[str, str], dict[str, float]] = {
     # correlated noise)
     ("decam_coadd", "preconvolve"): {"noise_low": 0.85},
     # confusion at 9 px seeing: PSF-scale residual structure grows with the local
-    # brightness (score scatter 2.1x its propagated noise on alsub's own sky, 3.5x on the
+    # brightness (score scatter 2.0x its propagated noise on alsub's own sky, 3.2x on the
     # pixels near sources that this figure's sky keeps); the constant floor is measured
-    # on the former. (On the sky shared with HOTPANTS's valid pixels: 1.14.)
+    # on the former. A quarter of this figure's sky is flagged SAT_TEMPLATE in the score
+    # (a saturated template star, median-filled, spread by the 91 px kernel) and counts
+    # as valid here while HOTPANTS masks its own: without those pixels 1.16, and on the
+    # sky shared with HOTPANTS's valid pixels 1.14.
     ("saao_0015", "preconvolve"): {"noise_high": 1.45},
 }
 
