@@ -9,7 +9,9 @@ import pytest
 from scipy import ndimage
 
 from core.config import SubtractionConfig
+from core.evaluate import _star_chi2 as star_chi2_median
 from core.evaluate import measure_quality, sky_mask
+from core.metrics import NOISE_MASK_PLANES
 from core.simulate import preset, simulate_pair
 from core.subtract import AlardLuptonPreconvolveSubtractTask, run_subtraction
 from tests.conftest import simulated_pair
@@ -54,6 +56,21 @@ def test_score_noise_matches_variance(name):
     q25, q50, q75 = np.percentile(z, [25, 50, 75])
     assert 0.95 <= 0.7413 * (q75 - q25) <= 1.05
     assert abs(q50) <= 0.05
+
+
+@pytest.mark.parametrize("name", ["sharper_template", "sharper_science", "varying"])
+def test_score_variance_is_honest_at_stars(name):
+    """Where the subtraction is good, mean(score^2 / V) at stars is about 1.
+
+    The score's variance must carry the stars' own photon noise through the matched
+    filter; a variance that dropped it (or a score that left the stars' flux) shows as
+    chi2 far above 1, one that double-counted it as chi2 far below.
+    """
+    pair, result = score_of(name, 512, 201)
+    out = result.output
+    bad = out.masked(NOISE_MASK_PLANES) | ~np.isfinite(out.image) | ~(out.variance > 0)
+    chi2 = star_chi2_median(out, pair.truth, float(pair.science.psf.fwhm()), bad)
+    assert 0.7 <= chi2 <= 1.3, chi2
 
 
 def test_decorrelation_whitens_difference_noise():
