@@ -15,6 +15,7 @@ use the direct 6 x 6 Lanczos sum. Neither has a Python loop over pixels.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from .psf import Psf
 __all__ = [
     "PixelMap",
     "lanczos_weights",
+    "tabulated_weights",
     "warp_exposure",
     "warp_onto",
     "warp_noise_correlation",
@@ -41,9 +43,14 @@ __all__ = [
 _ORDER = 3  # Lanczos-3, as Rubin warps templates
 _TAPS = 2 * _ORDER
 _NODE_GUARD = np.float32(1e-5)
-_CHUNK_PIXELS = 1 << 16  # pixels per vectorised block: temporaries stay in cache
+_CHUNK_PIXELS = 1 << 14  # pixels per vectorised block: temporaries stay in L2 (best of 2^13-2^16)
+_SHIFT_CHUNK_PIXELS = 1 << 16  # a shift's row blocks re-read 5 rows each: larger blocks
 _TAP_REACH = ((_ORDER - 1, _ORDER), (_ORDER - 1, _ORDER))  # taps floor(p) - 2 ... floor(p) + 3
 _PAD = _ORDER  # NaN border: any tap that leaves the input reads NaN and marks NO_DATA
+# The frame-sized paths read the weights from a table every 1/8192 px instead of evaluating
+# sines per pixel (6x cheaper); sampling positions move by at most 6e-5 px (Rubin's warper
+# caches its kernel the same way, every 1e-4 px).
+_TABLE_STEPS = 8192
 
 
 # --------------------------------------------------------------------------- maps
@@ -232,6 +239,27 @@ def lanczos_weights(frac: np.ndarray) -> np.ndarray:
     return weights
 
 
+@functools.lru_cache(maxsize=1)
+def _weight_table() -> np.ndarray:
+    """(6, _TABLE_STEPS + 1) float32: `lanczos_weights` at fractions 0, 1/N, ..., 1."""
+    table = lanczos_weights(np.arange(_TABLE_STEPS + 1) / _TABLE_STEPS)
+    table.setflags(write=False)
+    return table
+
+
+def _table_index(frac: np.ndarray) -> np.ndarray:
+    """Row of `_weight_table` nearest to each fraction in [0, 1)."""
+    return (np.asarray(frac) * _TABLE_STEPS + 0.5).astype(np.intp)
+
+
+def tabulated_weights(frac: np.ndarray) -> np.ndarray:
+    """The Lanczos-3 weights the warp applies: `lanczos_weights` at the nearest 1/8192 px.
+
+    Same shape convention as `lanczos_weights`: (6,) + frac.shape, float32.
+    """
+    return _weight_table()[:, _table_index(frac)]
+
+
 # --------------------------------------------------------------------------- warping
 def warp_onto(
     template: Exposure,
@@ -365,27 +393,49 @@ def _jacobian_determinant(index_map: PixelMap, ny: int, nx: int):
     return spline(np.arange(ny), np.arange(nx)).astype(np.float32)
 
 
-def _padded(plane: np.ndarray) -> np.ndarray:
-    return np.pad(plane, _PAD, constant_values=np.nan)
+def _interleaved(image: np.ndarray, variance: np.ndarray, orient=(False, False, False)):
+    """(h + 2 PAD, w + 2 PAD, 2) float32: image and variance side by side, NaN border.
+
+    One gather of a 64-bit element then fetches a pixel's image and variance together
+    (the gathers are what the warp spends its time on). ``orient`` = (transpose,
+    flip_x, flip_y) as `_dihedral` returns, applied while copying.
+    """
+    planes = [_oriented_view(plane, *orient) for plane in (image, variance)]
+    h, w = planes[0].shape
+    pairs = np.empty((h + 2 * _PAD, w + 2 * _PAD, 2), dtype=np.float32)
+    pairs[:_PAD] = np.nan
+    pairs[-_PAD:] = np.nan
+    pairs[:, :_PAD] = np.nan
+    pairs[:, -_PAD:] = np.nan
+    for n, plane in enumerate(planes):
+        pairs[_PAD:-_PAD, _PAD:-_PAD, n] = plane
+    return pairs
 
 
-def _take_taps(flat_image, flat_var, base, step, weights, out_image, out_var):
-    """out = sum_k w_k src[base + k step]; variance with w_k^2 (in place, few temporaries)."""
-    out_image[...] = 0.0
-    out_var[...] = 0.0
-    index = np.empty_like(base)
-    got = np.empty(base.shape, dtype=np.float32)
-    square = np.empty_like(got)
+def _take_pairs(pairs: np.ndarray, base, step: int, q, out_image, out_var) -> None:
+    """out = sum_k w_k src[base + k step], variance with w_k^2; w_k = table[k, q].
+
+    ``pairs`` is the flat uint64 view of an interleaved (image, variance) array.
+    """
+    table = _weight_table()
+    got = np.empty(base.shape, dtype=np.uint64)
+    pair = got.view(np.float32).reshape(base.shape + (2,))
+    weight = np.empty(base.shape, dtype=np.float32)
+    term = np.empty_like(weight)
     for k in range(_TAPS):
-        np.add(base, k * step, out=index)
-        w = weights[k]
-        flat_image.take(index, out=got, mode="clip")
-        got *= w
-        out_image += got
-        flat_var.take(index, out=got, mode="clip")
-        np.multiply(w, w, out=square)
-        got *= square
-        out_var += got
+        # tap k of every pixel: the same indices into the array shifted by k steps
+        pairs[k * step :].take(base, out=got, mode="clip")
+        table[k].take(q, out=weight)
+        if k == 0:
+            np.multiply(pair[..., 0], weight, out=out_image)
+            weight *= weight
+            np.multiply(pair[..., 1], weight, out=out_var)
+            continue
+        np.multiply(pair[..., 0], weight, out=term)
+        out_image += term
+        weight *= weight
+        np.multiply(pair[..., 1], weight, out=term)
+        out_var += term
 
 
 def _dihedral(matrix: np.ndarray, offset: np.ndarray, shape):
@@ -415,14 +465,14 @@ def _dihedral(matrix: np.ndarray, offset: np.ndarray, shape):
     return best[1:]
 
 
-def _orient(plane: np.ndarray, transpose: bool, flip_x: bool, flip_y: bool) -> np.ndarray:
+def _oriented_view(plane: np.ndarray, transpose: bool, flip_x: bool, flip_y: bool):
     if transpose:
         plane = plane.T
     if flip_x:
         plane = plane[:, ::-1]
     if flip_y:
         plane = plane[::-1]
-    return np.ascontiguousarray(plane)
+    return plane
 
 
 def _in_parallel(task, starts) -> None:
@@ -440,12 +490,12 @@ def _in_parallel(task, starts) -> None:
 def _warp_translation(image, variance, offset, ny, nx):
     """A pure shift: the same six weights everywhere, two separable passes over row blocks."""
     whole = np.floor(offset).astype(int)
-    wx, wy = (lanczos_weights(np.array([frac]))[:, 0] for frac in offset - whole)
+    wx, wy = (tabulated_weights(np.array([frac]))[:, 0] for frac in offset - whole)
     h, w = image.shape
     x0, y0 = whole[0] - (_ORDER - 1), whole[1] - (_ORDER - 1)
     out_image = np.empty((ny, nx), dtype=np.float32)
     out_var = np.empty((ny, nx), dtype=np.float32)
-    chunk = max(1, _CHUNK_PIXELS // nx)
+    chunk = max(1, _SHIFT_CHUNK_PIXELS // nx)
 
     def block(start: int) -> None:
         stop = min(start + chunk, ny)
@@ -480,9 +530,8 @@ def _warp_translation(image, variance, offset, ny, nx):
 def _warp_affine(image, variance, matrix, offset, ny, nx):
     """Two separable Lanczos passes for an affine index map; returns (image, variance, reach)."""
     transpose, flip_x, flip_y, m, t = _dihedral(matrix, offset, image.shape)
-    image = _padded(_orient(image, transpose, flip_x, flip_y))
-    variance = _padded(_orient(variance, transpose, flip_x, flip_y))
-    hp, wp = image.shape
+    source = _interleaved(image, variance, (transpose, flip_x, flip_y))
+    hp, wp = source.shape[:2]
     (a, b), (d, e) = m
     c, f = t[0] + _PAD, t[1] + _PAD  # padded input coordinates
     # pass 1 along input rows j: the output column x meets row j at u = alpha x + beta_j
@@ -493,24 +542,25 @@ def _warp_affine(image, variance, matrix, offset, ny, nx):
     rows = np.arange(j_lo, j_hi + 1)
     chunk = max(1, _CHUNK_PIXELS // nx)
     columns = np.arange(nx, dtype=np.float64)
-    mid_image = np.empty((rows.size, nx), dtype=np.float32)
-    mid_var = np.empty_like(mid_image)
-    flat_image, flat_var = image.ravel(), variance.ravel()
+    alpha_x = alpha * columns
+    # the intermediate image keeps the pairs interleaved for pass 2's gathers
+    middle = np.empty((rows.size, nx, 2), dtype=np.float32)
+    flat_source = source.view(np.uint64).ravel()
 
     def along_rows(start: int) -> None:
         j = rows[start : start + chunk]
-        u = alpha * columns[None, :] + ((b / e) * (j - f) + c)[:, None]
+        u = alpha_x[None, :] + ((b / e) * (j - f) + c)[:, None]
         base = np.floor(u)
-        weights = lanczos_weights(u - base)
-        first = np.clip(base.astype(np.int64) - (_ORDER - 1), 0, wp - _TAPS)
-        index = first + (j * wp)[:, None]
-        block = np.s_[start : start + chunk]
-        _take_taps(flat_image, flat_var, index, 1, weights, mid_image[block], mid_var[block])
+        u -= base
+        q = _table_index(u)
+        first = base.astype(np.int64)
+        first -= _ORDER - 1
+        np.clip(first, 0, wp - _TAPS, out=first)
+        first += (j * wp)[:, None]
+        block = middle[start : start + chunk]
+        _take_pairs(flat_source, first, 1, q, block[..., 0], block[..., 1])
 
     _in_parallel(along_rows, range(0, rows.size, chunk))
-    # pass 2 along output columns: v = d x + e y + f, taps on rows of the intermediate
-    out_image = np.full((ny, nx), np.nan, dtype=np.float32)
-    out_var = np.full((ny, nx), np.nan, dtype=np.float32)
     # pass 1 reads row j at U(j) = u + (b / e)(j - v), up to |b / e| ORDER columns from u;
     # flips mirror the reach, so it is taken symmetric (at most a pixel too wide)
     wide = _ORDER + int(math.ceil(abs(b / e) * _ORDER))
@@ -518,21 +568,28 @@ def _warp_affine(image, variance, matrix, offset, ny, nx):
     if transpose:
         reach = reach[::-1]
     if rows.size < _TAPS:
-        return out_image, out_var, reach
-    mid_flat_image, mid_flat_var = mid_image.ravel(), mid_var.ravel()
+        nothing = np.full((ny, nx), np.nan, dtype=np.float32)
+        return nothing, nothing.copy(), reach
+    # pass 2 along output columns: v = d x + e y + f, taps on rows of the intermediate
+    out_image = np.empty((ny, nx), dtype=np.float32)
+    out_var = np.empty((ny, nx), dtype=np.float32)
+    flat_middle = middle.view(np.uint64).ravel()
     x_index = np.arange(nx, dtype=np.int64)
+    d_x = d * columns
 
     def along_columns(start: int) -> None:
         y = np.arange(start, min(start + chunk, ny), dtype=np.float64)
-        v = d * columns[None, :] + (e * y + f)[:, None]
+        v = d_x[None, :] + (e * y + f)[:, None]
         base = np.floor(v)
-        weights = lanczos_weights(v - base)
-        first = np.clip(base.astype(np.int64) - (_ORDER - 1) - j_lo, 0, rows.size - _TAPS)
-        index = first * nx + x_index[None, :]
+        v -= base
+        q = _table_index(v)
+        first = base.astype(np.int64)
+        first -= _ORDER - 1 + j_lo
+        np.clip(first, 0, rows.size - _TAPS, out=first)
+        first *= nx
+        first += x_index[None, :]
         block = np.s_[start : start + chunk]
-        _take_taps(
-            mid_flat_image, mid_flat_var, index, nx, weights, out_image[block], out_var[block]
-        )
+        _take_pairs(flat_middle, first, nx, q, out_image[block], out_var[block])
 
     _in_parallel(along_columns, range(0, ny, chunk))
     return out_image, out_var, reach
@@ -540,29 +597,35 @@ def _warp_affine(image, variance, matrix, offset, ny, nx):
 
 def _warp_general(image, variance, index_map: PixelMap, ny, nx):
     """Direct 6 x 6 Lanczos sum at positions from the (non-affine) map."""
-    image, variance = _padded(image), _padded(variance)
-    hp, wp = image.shape
-    flat_image, flat_var = image.ravel(), variance.ravel()
+    source = _interleaved(image, variance)
+    hp, wp = source.shape[:2]
+    flat_source = source.view(np.uint64).ravel()
     out_image = np.zeros((ny, nx), dtype=np.float32)
     out_var = np.zeros_like(out_image)
     xs = np.arange(nx, dtype=np.float64)
     chunk = max(1, _CHUNK_PIXELS // nx)
+    table = _weight_table()
 
     def block(start: int) -> None:
         ys = np.arange(start, min(start + chunk, ny), dtype=np.float64)
         u, v = index_map.on_grid(xs, ys)
         u, v = u + _PAD, v + _PAD
         bu, bv = np.floor(u), np.floor(v)
-        wu, wv = lanczos_weights(u - bu), lanczos_weights(v - bv)
+        qu, qv = _table_index(u - bu), _table_index(v - bv)
         col = np.clip(bu.astype(np.int64) - (_ORDER - 1), 0, wp - _TAPS)
         row = np.clip(bv.astype(np.int64) - (_ORDER - 1), 0, hp - _TAPS)
         base = row * wp + col
         img, var = out_image[start : start + len(ys)], out_var[start : start + len(ys)]
         row_img, row_var = np.empty_like(img), np.empty_like(var)
+        weight = np.empty_like(img)
         for l in range(_TAPS):
-            _take_taps(flat_image, flat_var, base + l * wp, 1, wu, row_img, row_var)
-            img += wv[l] * row_img
-            var += (wv[l] * wv[l]) * row_var
+            _take_pairs(flat_source, base + l * wp, 1, qu, row_img, row_var)
+            table[l].take(qv, out=weight)
+            row_img *= weight
+            img += row_img
+            weight *= weight
+            row_var *= weight
+            var += row_var
 
     _in_parallel(block, range(0, ny, chunk))
     return out_image, out_var, _TAP_REACH
@@ -597,15 +660,35 @@ def _warp_mask(mask, index_map: PixelMap, ny, nx, footprint) -> np.ndarray:
     # a pixel at base index b reads b - lo ... b + hi: OR the bits over that window
     grown = _or_dilate(mask, footprint[0], footprint[1])
     h, w = mask.shape
+    # a zero border: bases off the input read 0 there (those pixels are NO_DATA anyway)
+    padded = np.zeros((h + 2, w + 2), dtype=np.int32)
+    padded[1:-1, 1:-1] = grown
+    if index_map.is_affine and np.array_equal(index_map.matrix, np.eye(2)):
+        # a shift: base index = output index + floor(offset), as _warp_translation takes it
+        sx, sy = (int(s) for s in np.floor(index_map.offset))
+        x0, x1 = max(0, -sx - 1), min(nx, w + 1 - sx)
+        y0, y1 = max(0, -sy - 1), min(ny, h + 1 - sy)
+        if x1 > x0 and y1 > y0:
+            out[y0:y1, x0:x1] = padded[y0 + sy + 1 : y1 + sy + 1, x0 + sx + 1 : x1 + sx + 1]
+        return out
+    flat = padded.ravel()
     xs = np.arange(nx, dtype=np.float64)
     chunk = max(1, _CHUNK_PIXELS // nx)
-    for start in range(0, ny, chunk):
+
+    def block(start: int) -> None:
         ys = np.arange(start, min(start + chunk, ny), dtype=np.float64)
         u, v = index_map.on_grid(xs, ys)
-        iu, iv = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
-        inside = (iu >= 0) & (iu < w) & (iv >= 0) & (iv < h)
-        block = grown[np.clip(iv, 0, h - 1), np.clip(iu, 0, w - 1)]
-        out[start : start + len(ys)] = np.where(inside, block, 0)
+        np.floor(u, out=u)
+        np.floor(v, out=v)
+        np.clip(u, -1, w, out=u)
+        np.clip(v, -1, h, out=v)
+        v += 1
+        v *= w + 2
+        v += u
+        v += 1
+        flat.take(v.astype(np.int64), out=out[start : start + len(ys)])
+
+    _in_parallel(block, range(0, ny, chunk))
     return out
 
 
@@ -624,18 +707,18 @@ def _tap_matrix(index_map: PixelMap, xs: np.ndarray, ys: np.ndarray):
         gx, gy = np.meshgrid(xs, ys)
         v = d * gx + e * gy + t[1]
         bv = np.floor(v)
-        wv = lanczos_weights(v - bv)
+        wv = tabulated_weights(v - bv)
         rows_l = bv[None] + np.arange(1 - _ORDER, _ORDER + 1)[:, None, None]
         u = alpha * gx[None] + (b / e) * (rows_l - t[1]) + t[0]
         bu = np.floor(u)
-        wu = lanczos_weights(u - bu)  # (6 cols, 6 rows, ny, nx)
+        wu = tabulated_weights(u - bu)  # (6 cols, 6 rows, ny, nx)
         cols = bu[None] + np.arange(1 - _ORDER, _ORDER + 1)[:, None, None, None]
         rows = np.broadcast_to(rows_l[None], cols.shape)
         weights = wu * wv[None]
     else:
         u, v = index_map.on_grid(xs, ys)
         bu, bv = np.floor(u), np.floor(v)
-        wu, wv = lanczos_weights(u - bu), lanczos_weights(v - bv)
+        wu, wv = tabulated_weights(u - bu), tabulated_weights(v - bv)
         offsets = np.arange(1 - _ORDER, _ORDER + 1)
         cols = np.broadcast_to(bu[None, None] + offsets[:, None, None, None], (6, 6) + u.shape)
         rows = np.broadcast_to(bv[None, None] + offsets[None, :, None, None], (6, 6) + u.shape)
