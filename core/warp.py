@@ -329,6 +329,10 @@ def warp_exposure(
         out_image, out_var, footprint = _warp_translation(image, variance, offset, ny, nx)
     elif index_map.is_affine:
         out_image, out_var, footprint = _warp_affine(image, variance, matrix, offset, ny, nx)
+    elif _gently_bent(index_map, ny, nx):
+        out_image, out_var, footprint = _warp_affine(
+            image, variance, matrix, offset, ny, nx, index_map
+        )
     else:
         out_image, out_var, footprint = _warp_general(image, variance, index_map, ny, nx)
     det = _jacobian_determinant(index_map, ny, nx)
@@ -361,6 +365,20 @@ def warp_exposure(
             pixel_map, (ny, nx), xy0, config.noise_correlation_radius
         ),
     )
+
+
+def _gently_bent(index_map: PixelMap, ny: int, nx: int) -> bool:
+    """True when the map's Jacobian stays within 5% of its affine part over the box.
+
+    Then the two separable passes follow it (the departures ride on them, see
+    `_smooth_corrections`); a stronger bend takes the direct 6 x 6 sum.
+    """
+    scale = float(np.abs(index_map.matrix).max())
+    for x in np.linspace(0, nx - 1, 5):
+        for y in np.linspace(0, ny - 1, 5):
+            if np.abs(index_map.jacobian(x, y) - index_map.matrix).max() > 0.05 * scale:
+                return False
+    return True
 
 
 def _shifted_residual(pixel_map: PixelMap, xy0) -> tuple | None:
@@ -527,8 +545,84 @@ def _warp_translation(image, variance, offset, ny, nx):
     return out_image, out_var, _TAP_REACH
 
 
-def _warp_affine(image, variance, matrix, offset, ny, nx):
-    """Two separable Lanczos passes for an affine index map; returns (image, variance, reach)."""
+class _Smooth:
+    """A smooth correction sampled on nodes, read back row by row by bilinear interpolation.
+
+    Node spacing `_SMOOTH_STEP` px: a WCS residual bends over hundreds of pixels, so the
+    interpolation error (spacing^2 / 8 x curvature) stays far below 1e-3 px.
+    """
+
+    def __init__(self, row_nodes: np.ndarray, col_nodes: np.ndarray, values: np.ndarray, n: int):
+        self.row_nodes, self.values = row_nodes, values
+        columns = np.arange(n, dtype=np.float64)
+        self.col_index = np.clip(
+            np.searchsorted(col_nodes, columns, side="right") - 1, 0, len(col_nodes) - 2
+        )
+        self.col_frac = (columns - col_nodes[self.col_index]) / np.diff(col_nodes)[self.col_index]
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), n) values at the given rows and every column."""
+        k = np.clip(
+            np.searchsorted(self.row_nodes, rows, side="right") - 1, 0, len(self.row_nodes) - 2
+        )
+        a = ((rows - self.row_nodes[k]) / np.diff(self.row_nodes)[k])[:, None]
+        at_rows = (1 - a) * self.values[k] + a * self.values[k + 1]
+        left = at_rows[:, self.col_index]
+        return left + (at_rows[:, self.col_index + 1] - left) * self.col_frac
+
+
+_SMOOTH_STEP = 16
+
+
+def _smooth_corrections(index_map: PixelMap, orientation, m, t, ny, nx, hp):
+    """Departures of a non-affine map from its affine part, for the two passes.
+
+    In the oriented input frame: pass 2 samples row v(x, y) of the intermediate, pass 1
+    samples input row j at u(x, y*) where output column x crosses it (v(x, y*) = j).
+    Returns (row range j_lo, j_hi (padded), du for pass 1, dv for pass 2).
+    """
+    transpose, flip_x, flip_y, shape = orientation
+    linear = np.eye(2)
+    if transpose:
+        linear = np.array([[0.0, 1.0], [1.0, 0.0]])
+    linear = np.diag([-1.0 if flip_x else 1.0, -1.0 if flip_y else 1.0]) @ linear
+    shift = t - linear @ index_map.offset
+
+    def oriented(x, y):
+        u, v = index_map(x, y)
+        return (
+            linear[0, 0] * u + linear[0, 1] * v + shift[0],
+            linear[1, 0] * u + linear[1, 1] * v + shift[1],
+        )
+
+    (a, b), (d, e) = m
+    # nodes every 16 px, closer on small boxes (at least 64 per side; they are cheap)
+    step = max(1, min(_SMOOTH_STEP, (max(nx, ny, hp) - 1) // 64))
+    xn = _nodes(0, nx - 1, step)
+    yn = _nodes(0, ny - 1, step)
+    gx, gy = np.meshgrid(xn, yn)
+    _, v_exact = oriented(gx, gy)
+    dv = v_exact - (d * gx + e * gy + t[1])
+    j_lo = int(np.clip(math.floor(v_exact.min() + _PAD) - _ORDER, 0, hp - 1))
+    j_hi = int(np.clip(math.floor(v_exact.max() + _PAD) + _ORDER + 1, 0, hp - 1))
+    jn = _nodes(j_lo - _PAD, j_hi - _PAD, step)  # unpadded input rows
+    gx, gj = np.meshgrid(xn, jn)
+    y = (gj - d * gx - t[1]) / e
+    for _ in range(6):  # Newton on v(x, y) = j; the slope is e up to the small residual
+        _, v = oriented(gx, y)
+        y -= (v - gj) / e
+    u_exact, _ = oriented(gx, y)
+    alpha = (a * e - b * d) / e
+    du = u_exact - (alpha * gx + (b / e) * (gj - t[1]) + t[0])
+    return j_lo, j_hi, _Smooth(jn + _PAD, xn, du, nx), _Smooth(yn, xn, dv, nx)
+
+
+def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | None = None):
+    """Two separable Lanczos passes; returns (image, variance, reach).
+
+    An affine index map, or with ``index_map`` a smooth non-affine one whose affine
+    part is (matrix, offset): its departures ride on the same two passes.
+    """
     transpose, flip_x, flip_y, m, t = _dihedral(matrix, offset, image.shape)
     source = _interleaved(image, variance, (transpose, flip_x, flip_y))
     hp, wp = source.shape[:2]
@@ -536,9 +630,15 @@ def _warp_affine(image, variance, matrix, offset, ny, nx):
     c, f = t[0] + _PAD, t[1] + _PAD  # padded input coordinates
     # pass 1 along input rows j: the output column x meets row j at u = alpha x + beta_j
     alpha = (a * e - b * d) / e
-    corners_v = [d * x + e * y + f for x in (0, nx - 1) for y in (0, ny - 1)]
-    j_lo = int(np.clip(math.floor(min(corners_v)) - _ORDER + 1, 0, hp - 1))
-    j_hi = int(np.clip(math.floor(max(corners_v)) + _ORDER, 0, hp - 1))
+    du = dv = None
+    if index_map is not None and not index_map.is_affine:
+        j_lo, j_hi, du, dv = _smooth_corrections(
+            index_map, (transpose, flip_x, flip_y, image.shape), m, t, ny, nx, hp
+        )
+    else:
+        corners_v = [d * x + e * y + f for x in (0, nx - 1) for y in (0, ny - 1)]
+        j_lo = int(np.clip(math.floor(min(corners_v)) - _ORDER + 1, 0, hp - 1))
+        j_hi = int(np.clip(math.floor(max(corners_v)) + _ORDER, 0, hp - 1))
     rows = np.arange(j_lo, j_hi + 1)
     chunk = max(1, _CHUNK_PIXELS // nx)
     columns = np.arange(nx, dtype=np.float64)
@@ -550,6 +650,8 @@ def _warp_affine(image, variance, matrix, offset, ny, nx):
     def along_rows(start: int) -> None:
         j = rows[start : start + chunk]
         u = alpha_x[None, :] + ((b / e) * (j - f) + c)[:, None]
+        if du is not None:
+            u += du.rows(j.astype(np.float64))
         base = np.floor(u)
         u -= base
         q = _table_index(u)
@@ -562,9 +664,10 @@ def _warp_affine(image, variance, matrix, offset, ny, nx):
 
     _in_parallel(along_rows, range(0, rows.size, chunk))
     # pass 1 reads row j at U(j) = u + (b / e)(j - v), up to |b / e| ORDER columns from u;
-    # flips mirror the reach, so it is taken symmetric (at most a pixel too wide)
-    wide = _ORDER + int(math.ceil(abs(b / e) * _ORDER))
-    reach = ((wide, wide), (_ORDER, _ORDER))
+    # flips mirror the reach, so it is taken symmetric (at most a pixel too wide; one more
+    # for a bending map, whose local slope departs a little from b / e)
+    wide = _ORDER + int(math.ceil(abs(b / e) * _ORDER)) + (du is not None)
+    reach = ((wide, wide), (_ORDER, _ORDER + (du is not None)))
     if transpose:
         reach = reach[::-1]
     if rows.size < _TAPS:
@@ -580,6 +683,8 @@ def _warp_affine(image, variance, matrix, offset, ny, nx):
     def along_columns(start: int) -> None:
         y = np.arange(start, min(start + chunk, ny), dtype=np.float64)
         v = d_x[None, :] + (e * y + f)[:, None]
+        if dv is not None:
+            v += dv.rows(y)
         base = np.floor(v)
         v -= base
         q = _table_index(v)
