@@ -171,8 +171,8 @@ def test_masks_no_data_outside_and_bits_grown_by_the_footprint():
     assert 1 - no_data.mean() == pytest.approx(94**2 / 130**2, abs=0.03)
 
 
-def test_non_affine_wcs_pair_is_followed_exactly():
-    """Two TAN projections with tangent points 1 deg apart: the map is not affine."""
+def _tangent_points_apart():
+    """(science, template WCS): TAN projections, tangent points 1 deg apart, 20"/px."""
     science_wcs = WCS(naxis=2)
     science_wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     science_wcs.wcs.crval = [150.0, 2.0]
@@ -181,6 +181,12 @@ def test_non_affine_wcs_pair_is_followed_exactly():
     template_wcs = science_wcs.deepcopy()
     template_wcs.wcs.crval = [151.0, 3.0]
     template_wcs.wcs.crpix = [128.5 - 180.0, 128.5 + 180.0]  # roughly the same sky
+    return science_wcs, template_wcs
+
+
+def test_non_affine_wcs_pair_is_followed_exactly():
+    """Two TAN projections with tangent points 1 deg apart: the map is not affine."""
+    science_wcs, template_wcs = _tangent_points_apart()
     science = Exposure.from_arrays(np.zeros((256, 256)), wcs=science_wcs)
     psf = GaussianPsf(1.5)
     image = np.zeros((400, 400), dtype=np.float32)
@@ -343,3 +349,22 @@ def test_gently_bent_map_rides_on_the_two_passes():
             )
     exact = np.einsum("yxji,ji->yx", np.nan_to_num(weights) ** 2, variance) * det**2
     np.testing.assert_allclose(warped.variance[covered], exact[covered], rtol=2e-4)
+
+
+def test_noise_correlation_of_a_bent_wcs_map_predicts_warped_white_noise():
+    science_wcs, template_wcs = _tangent_points_apart()
+    science = Exposure.from_arrays(np.zeros((256, 256)), wcs=science_wcs)
+    measured = np.zeros((7, 7))
+    for seed in (1, 2, 3, 4):
+        template = _white_noise(400, seed)
+        template.wcs = template_wcs
+        pixel_map = PixelMap.from_wcs(science, template)
+        assert not pixel_map.is_affine
+        warped = warp_exposure(template, pixel_map, science.shape, wcs=science_wcs)
+        box = np.s_[20:236, 20:236]
+        assert np.all(warped.mask[box] == 0)
+        measured += _autocorrelation(warped.image[box], 3) / 4
+        z = warped.image[box] / np.sqrt(warped.variance[box])
+        assert np.std(z) == pytest.approx(1.0, abs=0.02)
+    predicted = warped.noise_correlation[2:-2, 2:-2]
+    np.testing.assert_allclose(measured, predicted, atol=0.025)
