@@ -651,11 +651,29 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
     middle = np.empty((rows.size, nx, 2), dtype=np.float32)
     flat_source = source.view(np.uint64).ravel()
 
+    # pass 2 reads, in column x, rows around v(x, y) for y in the output: only there
+    # does pass 1 need that column (a turned grid's band of rows is a parallelogram)
+    low, high = sorted((0.0, e * (ny - 1)))
+    margin = _ORDER + 2 + (float(np.abs(dv.values).max()) if dv is not None else 0.0)
+
+    def needed_columns(j_first: int, j_last: int) -> tuple[int, int]:
+        top, bottom = j_last - f - low + margin, j_first - f - high - margin
+        if d == 0:
+            return (0, nx) if bottom <= 0 <= top else (0, 0)
+        lo, hi = sorted((top / d, bottom / d))
+        return max(0, math.floor(lo)), min(nx, math.ceil(hi) + 1)
+
     def along_rows(start: int) -> None:
         j = rows[start : start + chunk]
-        u = alpha_x[None, :] + ((b / e) * (j - f) + c)[:, None]
+        block = middle[start : start + chunk]
+        x0, x1 = needed_columns(int(j[0]), int(j[-1]))
+        block[:, :x0] = np.nan  # never read by pass 2 for a pixel inside the input
+        block[:, max(x0, x1) :] = np.nan
+        if x1 <= x0:
+            return
+        u = alpha_x[None, x0:x1] + ((b / e) * (j - f) + c)[:, None]
         if du is not None:
-            u += du.rows(j.astype(np.float64))
+            u += du.rows(j.astype(np.float64))[:, x0:x1]
         base = np.floor(u)
         u -= base
         q = _table_index(u)
@@ -663,7 +681,7 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
         first -= _ORDER - 1
         np.clip(first, 0, wp - _TAPS, out=first)
         first += (j * wp)[:, None]
-        block = middle[start : start + chunk]
+        block = block[:, x0:x1]
         _take_pairs(flat_source, first, 1, q, block[..., 0], block[..., 1])
 
     _in_parallel(along_rows, range(0, rows.size, chunk))
