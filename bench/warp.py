@@ -9,6 +9,7 @@ beside same-run references: ``scipy.ndimage.map_coordinates`` (order 3) on the s
 frame and an FFT floor (one forward and one inverse real 2-D FFT of the frame,
 float32, scipy.fft on all cores), the cost of a single Fourier convolution.
 ``--baseline`` runs another source tree's warp in the same session (e.g. main's).
+The template has no mask bits, so the mask growth (a dilation and one gather) is not timed.
 
 Each case runs in its own process (its peak resident memory is its own). alsub's
 warp does image, variance (sum of squared weights), mask (footprint growth),
