@@ -2,6 +2,14 @@
 
     python -m bench.warp                      # 2048 and 4096, four kinds of map
     python -m bench.warp --sizes 4096 --repeat 3
+    python -m bench.warp --sizes 4096 --kinds translation rotated --baseline /work/main
+
+Times are wall and CPU seconds (all threads; less sensitive to a busy machine), each
+beside same-run references: ``scipy.ndimage.map_coordinates`` (order 3) on the same
+frame and an FFT floor (one forward and one inverse real 2-D FFT of the frame,
+float32, scipy.fft on all cores), the cost of a single Fourier convolution.
+``--baseline`` runs another source tree's warp in the same session (e.g. main's).
+The template has no mask bits, so the mask growth (a dilation and one gather) is not timed.
 
 Each case runs in its own process (its peak resident memory is its own). alsub's
 warp does image, variance (sum of squared weights), mask (footprint growth),
@@ -89,8 +97,23 @@ def _maps(kind: str, size: int):
     return PixelMap.from_wcs(science, template)
 
 
-def _run_case(size: int, kind: str, repeat: int, queue) -> None:
-    from scipy import ndimage
+def _timed(function, repeat: int):
+    """(median wall s, median CPU s, last result) of ``repeat`` calls."""
+    walls, cpus, result = [], [], None
+    for _ in range(repeat):
+        c0, t0 = time.process_time(), time.perf_counter()
+        result = function()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus), result
+
+
+def _run_case(size: int, kind: str, repeat: int, queue, root: str | None = None) -> None:
+    if root is not None:  # another tree's core (a baseline), imported before ours
+        import sys
+
+        sys.path.insert(0, root)
+    from scipy import fft, ndimage
 
     from core.exposure import Exposure
     from core.psf import GaussianPsf
@@ -115,20 +138,23 @@ def _run_case(size: int, kind: str, repeat: int, queue) -> None:
     scale = 1.0 / math.sqrt(det)
     expected = _draw((size, size), xo, yo, flux, scale)
 
-    ours, theirs = [], []
-    warped = None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        warped = warp_exposure(template, pixel_map, (size, size))
-        ours.append(time.perf_counter() - t0)
+    ours_wall, ours_cpu, warped = _timed(
+        lambda: warp_exposure(template, pixel_map, (size, size)), repeat
+    )
     rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    reference = None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+
+    def scipy_cubic():
         u, v = pixel_map.on_grid(np.arange(size, dtype=float), np.arange(size, dtype=float))
-        reference = ndimage.map_coordinates(image, [v, u], order=3, mode="constant", cval=np.nan)
-        reference *= det
-        theirs.append(time.perf_counter() - t0)
+        out = ndimage.map_coordinates(image, [v, u], order=3, mode="constant", cval=np.nan)
+        out *= det
+        return out
+
+    theirs_wall, theirs_cpu, reference = _timed(scipy_cubic, repeat)
+
+    def fft_floor():
+        return fft.irfft2(fft.rfft2(image, workers=-1), s=image.shape, workers=-1)
+
+    fft_wall, fft_cpu, _ = _timed(fft_floor, repeat)
     assert warped is not None and reference is not None
     peak = float(expected.max())
     good = (warped.mask == 0) & np.isfinite(reference)
@@ -147,9 +173,13 @@ def _run_case(size: int, kind: str, repeat: int, queue) -> None:
             "size": size,
             "kind": kind,
             "affine": pixel_map.is_affine,
-            "ours_s": statistics.median(ours),
-            "ours_all_s": [round(t, 2) for t in ours],
-            "scipy_s": statistics.median(theirs),
+            "tree": root or "this",
+            "ours_s": ours_wall,
+            "ours_cpu_s": ours_cpu,
+            "scipy_s": theirs_wall,
+            "scipy_cpu_s": theirs_cpu,
+            "fft_s": fft_wall,
+            "fft_cpu_s": fft_cpu,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
             "rss_after_ours_gb": rss_ours,
             "ours_error": error(warped.image),
@@ -168,25 +198,34 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument(
+        "--baseline", help="another source tree whose warp runs in the same session"
+    )
     args = parser.parse_args(argv)
     ctx = mp.get_context("spawn")
     rows = []
+    trees = [None] + ([args.baseline] if args.baseline else [])
     for size in args.sizes:
         for kind in args.kinds:
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_run_case, args=(size, kind, args.repeat, queue))
-            proc.start()
-            row = queue.get()
-            proc.join()
-            rows.append(row)
-            print(
-                f"{row['size']:>5} {row['kind']:<14} affine={int(row['affine'])} "
-                f"alsub={row['ours_s']:.2f}s {row['ours_all_s']} scipy-cubic={row['scipy_s']:.2f}s "
-                f"ratio={row['ours_s'] / row['scipy_s']:.2f} peak={row['peak_rss_gb']:.2f}GB | "
-                f"error alsub={row['ours_error']:.2e} scipy={row['scipy_error']:.2e} | "
-                f"flux alsub={row['ours_flux']:.4f} scipy={row['scipy_flux']:.4f}",
-                flush=True,
-            )
+            for root in trees:
+                queue = ctx.Queue()
+                proc = ctx.Process(target=_run_case, args=(size, kind, args.repeat, queue, root))
+                proc.start()
+                row = queue.get()
+                proc.join()
+                rows.append(row)
+                print(
+                    f"{row['size']:>5} {row['kind']:<14} {row['tree']:<12} "
+                    f"alsub wall={row['ours_s']:.2f}s cpu={row['ours_cpu_s']:.2f}s | "
+                    f"scipy-cubic wall={row['scipy_s']:.2f}s cpu={row['scipy_cpu_s']:.2f}s | "
+                    f"fft-floor wall={row['fft_s']:.2f}s cpu={row['fft_cpu_s']:.2f}s | "
+                    f"cpu/scipy={row['ours_cpu_s'] / row['scipy_cpu_s']:.2f} "
+                    f"cpu/fft={row['ours_cpu_s'] / row['fft_cpu_s']:.1f} "
+                    f"peak={row['peak_rss_gb']:.2f}GB | "
+                    f"error alsub={row['ours_error']:.2e} scipy={row['scipy_error']:.2e} | "
+                    f"flux alsub={row['ours_flux']:.4f}",
+                    flush=True,
+                )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)

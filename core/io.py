@@ -107,6 +107,8 @@ _WEIGHT_NAMES = ("WEIGHT", "IVAR", "INVVAR")
 _MASK_NAMES = ("MASK",)
 _PSF_NAMES = ("PSF",)
 _PSF_NODES_NAME = "PSF_NODES"
+#: Normalised noise autocorrelation of a resampled image (`Exposure.noise_correlation`).
+_NOISECORR_NAME = "NOISECORR"
 
 _GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN", "EFFGAIN")
 #: How `Exposure.variance_source` starts for planes modelled from gain and read noise
@@ -971,6 +973,10 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
             psf_model = _psf_from_hdu(f, p_index, center, max_pixels)
             info.planes["PSF"] = f"HDU {p_index} (PSF)"
 
+    noise_correlation = _noise_correlation_from_file(f, index)
+    if noise_correlation is not None:
+        info.planes["NOISECORR"] = f"HDU {f.index_of((_NOISECORR_NAME,))} (NOISECORR)"
+
     metadata = _metadata_from_header(primary)
     if is_mef and f.index_of(("IMAGE",)) is None:
         # an image in an extension of a non-Rubin file: its own header holds keywords too
@@ -995,8 +1001,29 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
         metadata=metadata,
         xy0=xy0,
         variance_source=variance_source,
+        noise_correlation=noise_correlation,
     )
     return exposure, info
+
+
+def _noise_correlation_from_file(f: _Fits, image_index: int) -> np.ndarray | None:
+    """The NOISECORR extension alsub writes for resampled images, checked; None if absent."""
+    index = f.index_of((_NOISECORR_NAME,))
+    if index is None or index == image_index:
+        return None
+    _check_pixels(f, index, _NOISECORR_NAME, 10_000)
+    data = np.asarray(_load(f, index, _NOISECORR_NAME), dtype=np.float64)
+    if data.ndim != 2 or data.shape[0] != data.shape[1] or data.shape[0] % 2 == 0:
+        raise InvalidExposureError(
+            f"{f.name}: {_NOISECORR_NAME} must be a square 2-D array of odd size, "
+            f"got shape {data.shape}"
+        )
+    r = data.shape[0] // 2
+    if not np.all(np.isfinite(data)) or data[r, r] <= 0:
+        raise InvalidExposureError(
+            f"{f.name}: {_NOISECORR_NAME} needs finite values and a positive centre"
+        )
+    return data / data[r, r]
 
 
 def _variance_plane(
@@ -1102,7 +1129,7 @@ def _psf_hdus(psf: Psf, exposure: Exposure) -> list:
         min_x, min_y, max_x, max_y = exposure.bbox
         xs = np.array([min_x, (min_x + max_x) / 2.0, max_x])
         ys = np.array([min_y, (min_y + max_y) / 2.0, max_y])
-        stamps = np.array([[psf.kernel_image(x, y) for x in xs] for y in ys])
+        stamps = _common_size([[psf.kernel_image(x, y) for x in xs] for y in ys])
         if np.allclose(stamps, stamps[1, 1], rtol=0, atol=1e-12):
             header["PSFTYPE"] = "IMAGE"
             data = stamps[1, 1]
@@ -1112,6 +1139,17 @@ def _psf_hdus(psf: Psf, exposure: Exposure) -> list:
             return _grid_hdus(stamps, xs, ys)
     header["PSFFWHM"] = (round(psf.fwhm(), 6), "FWHM from adaptive moments, pixels")
     return [fits.ImageHDU(np.asarray(data, dtype=np.float64), header=header, name="PSF")]
+
+
+def _common_size(rows: list[list[np.ndarray]]) -> np.ndarray:
+    """Stamps zero-padded about their centres to the largest (odd) size, as one array."""
+    size = max(stamp.shape[0] for row in rows for stamp in row)
+    out = np.zeros((len(rows), len(rows[0]), size, size))
+    for j, row in enumerate(rows):
+        for i, stamp in enumerate(row):
+            pad = (size - stamp.shape[0]) // 2
+            out[j, i, pad : size - pad, pad : size - pad] = stamp
+    return out
 
 
 def _grid_hdus(stamps, x_nodes, y_nodes) -> list:
@@ -1219,7 +1257,23 @@ def exposure_to_hdulist(
     hdus = [primary, image_hdu, mask_hdu, variance_hdu]
     if exposure.psf is not None:
         hdus.extend(_psf_hdus(exposure.psf, exposure))
+    if exposure.noise_correlation is not None:
+        hdus.append(_noise_correlation_hdu(exposure.noise_correlation))
     return fits.HDUList(hdus)
+
+
+def _noise_correlation_hdu(correlation: np.ndarray):
+    """NOISECORR: the normalised noise autocorrelation, lag (0, 0) at the centre pixel.
+
+    Without it a warped template read back would look white to the decorrelation and
+    the difference's variance plane would not be honest.
+    """
+    header = fits.Header()
+    header["COMMENT"] = "normalised autocorrelation of the pixel noise (e.g. after resampling)"
+    header["COMMENT"] = "element [r + dy, r + dx] is the correlation at lag (dx, dy); centre 1"
+    return fits.ImageHDU(
+        np.asarray(correlation, dtype=np.float64), header=header, name=_NOISECORR_NAME
+    )
 
 
 def exposure_to_bytes(

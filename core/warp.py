@@ -9,12 +9,17 @@ Jacobian so fluxes are conserved, and records the noise correlation the
 interpolation leaves (`warp_noise_correlation`) in ``Exposure.noise_correlation``.
 
 Affine maps are resampled in two separable passes (along input rows, then along
-output columns: Catmull and Smith's decomposition), six taps each; other maps
-use the direct 6 x 6 Lanczos sum. Neither has a Python loop over pixels.
+output columns: Catmull and Smith's decomposition), six taps each. A gently bent
+map (a WCS pair whose Jacobian stays within 5% of its affine part) rides on the
+same passes, its departures sampled on nodes; a stronger bend takes the direct
+6 x 6 Lanczos sum. Two passes keep the variance exact: each combines pixels the
+previous one left independent. The weights come from a table every 1/8192 px.
+No path has a Python loop over pixels.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +37,7 @@ from .psf import Psf
 __all__ = [
     "PixelMap",
     "lanczos_weights",
+    "tabulated_weights",
     "warp_exposure",
     "warp_onto",
     "warp_noise_correlation",
@@ -41,9 +47,14 @@ __all__ = [
 _ORDER = 3  # Lanczos-3, as Rubin warps templates
 _TAPS = 2 * _ORDER
 _NODE_GUARD = np.float32(1e-5)
-_CHUNK_PIXELS = 1 << 16  # pixels per vectorised block: temporaries stay in cache
+_CHUNK_PIXELS = 1 << 14  # pixels per vectorised block: temporaries stay in L2 (best of 2^13-2^16)
+_SHIFT_CHUNK_PIXELS = 1 << 16  # a shift's row blocks re-read 5 rows each: larger blocks
 _TAP_REACH = ((_ORDER - 1, _ORDER), (_ORDER - 1, _ORDER))  # taps floor(p) - 2 ... floor(p) + 3
 _PAD = _ORDER  # NaN border: any tap that leaves the input reads NaN and marks NO_DATA
+# The frame-sized paths read the weights from a table every 1/8192 px instead of evaluating
+# sines per pixel (6x cheaper); sampling positions move by at most 6e-5 px (Rubin's warper
+# caches its kernel the same way, every 1e-4 px).
+_TABLE_STEPS = 8192
 
 
 # --------------------------------------------------------------------------- maps
@@ -232,6 +243,27 @@ def lanczos_weights(frac: np.ndarray) -> np.ndarray:
     return weights
 
 
+@functools.lru_cache(maxsize=1)
+def _weight_table() -> np.ndarray:
+    """(6, _TABLE_STEPS + 1) float32: `lanczos_weights` at fractions 0, 1/N, ..., 1."""
+    table = lanczos_weights(np.arange(_TABLE_STEPS + 1) / _TABLE_STEPS)
+    table.setflags(write=False)
+    return table
+
+
+def _table_index(frac: np.ndarray) -> np.ndarray:
+    """Row of `_weight_table` nearest to each fraction in [0, 1)."""
+    return (np.asarray(frac) * _TABLE_STEPS + 0.5).astype(np.intp)
+
+
+def tabulated_weights(frac: np.ndarray) -> np.ndarray:
+    """The Lanczos-3 weights the warp applies: `lanczos_weights` at the nearest 1/8192 px.
+
+    Same shape convention as `lanczos_weights`: (6,) + frac.shape, float32.
+    """
+    return _weight_table()[:, _table_index(frac)]
+
+
 # --------------------------------------------------------------------------- warping
 def warp_onto(
     template: Exposure,
@@ -301,6 +333,10 @@ def warp_exposure(
         out_image, out_var, footprint = _warp_translation(image, variance, offset, ny, nx)
     elif index_map.is_affine:
         out_image, out_var, footprint = _warp_affine(image, variance, matrix, offset, ny, nx)
+    elif _gently_bent(index_map, ny, nx):
+        out_image, out_var, footprint = _warp_affine(
+            image, variance, matrix, offset, ny, nx, index_map
+        )
     else:
         out_image, out_var, footprint = _warp_general(image, variance, index_map, ny, nx)
     det = _jacobian_determinant(index_map, ny, nx)
@@ -335,6 +371,20 @@ def warp_exposure(
     )
 
 
+def _gently_bent(index_map: PixelMap, ny: int, nx: int, xy0=(0, 0)) -> bool:
+    """True when the map's Jacobian stays within 5% of its affine part over the box.
+
+    Then the two separable passes follow it (the departures ride on them, see
+    `_smooth_corrections`); a stronger bend takes the direct 6 x 6 sum.
+    """
+    scale = float(np.abs(index_map.matrix).max())
+    for x in np.linspace(xy0[0], xy0[0] + nx - 1, 5):
+        for y in np.linspace(xy0[1], xy0[1] + ny - 1, 5):
+            if np.abs(index_map.jacobian(x, y) - index_map.matrix).max() > 0.05 * scale:
+                return False
+    return True
+
+
 def _shifted_residual(pixel_map: PixelMap, xy0) -> tuple | None:
     """The residual splines re-expressed in output index coordinates."""
     if pixel_map.residual is None:
@@ -365,27 +415,49 @@ def _jacobian_determinant(index_map: PixelMap, ny: int, nx: int):
     return spline(np.arange(ny), np.arange(nx)).astype(np.float32)
 
 
-def _padded(plane: np.ndarray) -> np.ndarray:
-    return np.pad(plane, _PAD, constant_values=np.nan)
+def _interleaved(image: np.ndarray, variance: np.ndarray, orient=(False, False, False)):
+    """(h + 2 PAD, w + 2 PAD, 2) float32: image and variance side by side, NaN border.
+
+    One gather of a 64-bit element then fetches a pixel's image and variance together
+    (the gathers are what the warp spends its time on). ``orient`` = (transpose,
+    flip_x, flip_y) as `_dihedral` returns, applied while copying.
+    """
+    planes = [_oriented_view(plane, *orient) for plane in (image, variance)]
+    h, w = planes[0].shape
+    pairs = np.empty((h + 2 * _PAD, w + 2 * _PAD, 2), dtype=np.float32)
+    pairs[:_PAD] = np.nan
+    pairs[-_PAD:] = np.nan
+    pairs[:, :_PAD] = np.nan
+    pairs[:, -_PAD:] = np.nan
+    for n, plane in enumerate(planes):
+        pairs[_PAD:-_PAD, _PAD:-_PAD, n] = plane
+    return pairs
 
 
-def _take_taps(flat_image, flat_var, base, step, weights, out_image, out_var):
-    """out = sum_k w_k src[base + k step]; variance with w_k^2 (in place, few temporaries)."""
-    out_image[...] = 0.0
-    out_var[...] = 0.0
-    index = np.empty_like(base)
-    got = np.empty(base.shape, dtype=np.float32)
-    square = np.empty_like(got)
+def _take_pairs(pairs: np.ndarray, base, step: int, q, out_image, out_var) -> None:
+    """out = sum_k w_k src[base + k step], variance with w_k^2; w_k = table[k, q].
+
+    ``pairs`` is the flat uint64 view of an interleaved (image, variance) array.
+    """
+    table = _weight_table()
+    got = np.empty(base.shape, dtype=np.uint64)
+    pair = got.view(np.float32).reshape(base.shape + (2,))
+    weight = np.empty(base.shape, dtype=np.float32)
+    term = np.empty_like(weight)
     for k in range(_TAPS):
-        np.add(base, k * step, out=index)
-        w = weights[k]
-        flat_image.take(index, out=got, mode="clip")
-        got *= w
-        out_image += got
-        flat_var.take(index, out=got, mode="clip")
-        np.multiply(w, w, out=square)
-        got *= square
-        out_var += got
+        # tap k of every pixel: the same indices into the array shifted by k steps
+        pairs[k * step :].take(base, out=got, mode="clip")
+        table[k].take(q, out=weight)
+        if k == 0:
+            np.multiply(pair[..., 0], weight, out=out_image)
+            weight *= weight
+            np.multiply(pair[..., 1], weight, out=out_var)
+            continue
+        np.multiply(pair[..., 0], weight, out=term)
+        out_image += term
+        weight *= weight
+        np.multiply(pair[..., 1], weight, out=term)
+        out_var += term
 
 
 def _dihedral(matrix: np.ndarray, offset: np.ndarray, shape):
@@ -415,14 +487,14 @@ def _dihedral(matrix: np.ndarray, offset: np.ndarray, shape):
     return best[1:]
 
 
-def _orient(plane: np.ndarray, transpose: bool, flip_x: bool, flip_y: bool) -> np.ndarray:
+def _oriented_view(plane: np.ndarray, transpose: bool, flip_x: bool, flip_y: bool):
     if transpose:
         plane = plane.T
     if flip_x:
         plane = plane[:, ::-1]
     if flip_y:
         plane = plane[::-1]
-    return np.ascontiguousarray(plane)
+    return plane
 
 
 def _in_parallel(task, starts) -> None:
@@ -440,12 +512,12 @@ def _in_parallel(task, starts) -> None:
 def _warp_translation(image, variance, offset, ny, nx):
     """A pure shift: the same six weights everywhere, two separable passes over row blocks."""
     whole = np.floor(offset).astype(int)
-    wx, wy = (lanczos_weights(np.array([frac]))[:, 0] for frac in offset - whole)
+    wx, wy = (tabulated_weights(np.array([frac]))[:, 0] for frac in offset - whole)
     h, w = image.shape
     x0, y0 = whole[0] - (_ORDER - 1), whole[1] - (_ORDER - 1)
     out_image = np.empty((ny, nx), dtype=np.float32)
     out_var = np.empty((ny, nx), dtype=np.float32)
-    chunk = max(1, _CHUNK_PIXELS // nx)
+    chunk = max(1, _SHIFT_CHUNK_PIXELS // nx)
 
     def block(start: int) -> None:
         stop = min(start + chunk, ny)
@@ -477,62 +549,174 @@ def _warp_translation(image, variance, offset, ny, nx):
     return out_image, out_var, _TAP_REACH
 
 
-def _warp_affine(image, variance, matrix, offset, ny, nx):
-    """Two separable Lanczos passes for an affine index map; returns (image, variance, reach)."""
+class _Smooth:
+    """A smooth correction sampled on nodes, read back row by row by bilinear interpolation.
+
+    Node spacing `_SMOOTH_STEP` px: a WCS residual bends over hundreds of pixels, so the
+    interpolation error (spacing^2 / 8 x curvature) stays far below 1e-3 px.
+    """
+
+    def __init__(self, row_nodes: np.ndarray, col_nodes: np.ndarray, values: np.ndarray, n: int):
+        self.row_nodes, self.values = row_nodes, values
+        columns = np.arange(n, dtype=np.float64)
+        self.col_index = np.clip(
+            np.searchsorted(col_nodes, columns, side="right") - 1, 0, len(col_nodes) - 2
+        )
+        self.col_frac = (columns - col_nodes[self.col_index]) / np.diff(col_nodes)[self.col_index]
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), n) values at the given rows and every column."""
+        k = np.clip(
+            np.searchsorted(self.row_nodes, rows, side="right") - 1, 0, len(self.row_nodes) - 2
+        )
+        a = ((rows - self.row_nodes[k]) / np.diff(self.row_nodes)[k])[:, None]
+        at_rows = (1 - a) * self.values[k] + a * self.values[k + 1]
+        left = at_rows[:, self.col_index]
+        return left + (at_rows[:, self.col_index + 1] - left) * self.col_frac
+
+
+_SMOOTH_STEP = 16
+
+
+def _smooth_corrections(index_map: PixelMap, orientation, m, t, ny, nx, hp):
+    """Departures of a non-affine map from its affine part, for the two passes.
+
+    In the oriented input frame: pass 2 samples row v(x, y) of the intermediate, pass 1
+    samples input row j at u(x, y*) where output column x crosses it (v(x, y*) = j).
+    Returns (row range j_lo, j_hi (padded), du for pass 1, dv for pass 2).
+    """
+    transpose, flip_x, flip_y, shape = orientation
+    linear = np.eye(2)
+    if transpose:
+        linear = np.array([[0.0, 1.0], [1.0, 0.0]])
+    linear = np.diag([-1.0 if flip_x else 1.0, -1.0 if flip_y else 1.0]) @ linear
+    shift = t - linear @ index_map.offset
+
+    def oriented(x, y):
+        u, v = index_map(x, y)
+        return (
+            linear[0, 0] * u + linear[0, 1] * v + shift[0],
+            linear[1, 0] * u + linear[1, 1] * v + shift[1],
+        )
+
+    (a, b), (d, e) = m
+    # nodes every 16 px, closer on small boxes (at least 64 per side; they are cheap)
+    step = max(1, min(_SMOOTH_STEP, (max(nx, ny, hp) - 1) // 64))
+    xn = _nodes(0, nx - 1, step)
+    yn = _nodes(0, ny - 1, step)
+    gx, gy = np.meshgrid(xn, yn)
+    _, v_exact = oriented(gx, gy)
+    dv = v_exact - (d * gx + e * gy + t[1])
+    j_lo = int(np.clip(math.floor(v_exact.min() + _PAD) - _ORDER, 0, hp - 1))
+    j_hi = int(np.clip(math.floor(v_exact.max() + _PAD) + _ORDER + 1, 0, hp - 1))
+    jn = _nodes(j_lo - _PAD, j_hi - _PAD, step)  # unpadded input rows
+    gx, gj = np.meshgrid(xn, jn)
+    y = (gj - d * gx - t[1]) / e
+    for _ in range(6):  # Newton on v(x, y) = j; the slope is e up to the small residual
+        _, v = oriented(gx, y)
+        y -= (v - gj) / e
+    u_exact, _ = oriented(gx, y)
+    alpha = (a * e - b * d) / e
+    du = u_exact - (alpha * gx + (b / e) * (gj - t[1]) + t[0])
+    return j_lo, j_hi, _Smooth(jn + _PAD, xn, du, nx), _Smooth(yn, xn, dv, nx)
+
+
+def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | None = None):
+    """Two separable Lanczos passes; returns (image, variance, reach).
+
+    An affine index map, or with ``index_map`` a smooth non-affine one whose affine
+    part is (matrix, offset): its departures ride on the same two passes.
+    """
     transpose, flip_x, flip_y, m, t = _dihedral(matrix, offset, image.shape)
-    image = _padded(_orient(image, transpose, flip_x, flip_y))
-    variance = _padded(_orient(variance, transpose, flip_x, flip_y))
-    hp, wp = image.shape
+    source = _interleaved(image, variance, (transpose, flip_x, flip_y))
+    hp, wp = source.shape[:2]
     (a, b), (d, e) = m
     c, f = t[0] + _PAD, t[1] + _PAD  # padded input coordinates
     # pass 1 along input rows j: the output column x meets row j at u = alpha x + beta_j
     alpha = (a * e - b * d) / e
-    corners_v = [d * x + e * y + f for x in (0, nx - 1) for y in (0, ny - 1)]
-    j_lo = int(np.clip(math.floor(min(corners_v)) - _ORDER + 1, 0, hp - 1))
-    j_hi = int(np.clip(math.floor(max(corners_v)) + _ORDER, 0, hp - 1))
+    du = dv = None
+    if index_map is not None and not index_map.is_affine:
+        j_lo, j_hi, du, dv = _smooth_corrections(
+            index_map, (transpose, flip_x, flip_y, image.shape), m, t, ny, nx, hp
+        )
+    else:
+        corners_v = [d * x + e * y + f for x in (0, nx - 1) for y in (0, ny - 1)]
+        j_lo = int(np.clip(math.floor(min(corners_v)) - _ORDER + 1, 0, hp - 1))
+        j_hi = int(np.clip(math.floor(max(corners_v)) + _ORDER, 0, hp - 1))
     rows = np.arange(j_lo, j_hi + 1)
     chunk = max(1, _CHUNK_PIXELS // nx)
     columns = np.arange(nx, dtype=np.float64)
-    mid_image = np.empty((rows.size, nx), dtype=np.float32)
-    mid_var = np.empty_like(mid_image)
-    flat_image, flat_var = image.ravel(), variance.ravel()
+    alpha_x = alpha * columns
+    # the intermediate image keeps the pairs interleaved for pass 2's gathers
+    middle = np.empty((rows.size, nx, 2), dtype=np.float32)
+    flat_source = source.view(np.uint64).ravel()
+
+    # pass 2 reads, in column x, rows around v(x, y) for y in the output: only there
+    # does pass 1 need that column (a turned grid's band of rows is a parallelogram)
+    low, high = sorted((0.0, e * (ny - 1)))
+    margin = _ORDER + 2 + (float(np.abs(dv.values).max()) if dv is not None else 0.0)
+
+    def needed_columns(j_first: int, j_last: int) -> tuple[int, int]:
+        top, bottom = j_last - f - low + margin, j_first - f - high - margin
+        if d == 0:
+            return (0, nx) if bottom <= 0 <= top else (0, 0)
+        lo, hi = sorted((top / d, bottom / d))
+        return max(0, math.floor(lo)), min(nx, math.ceil(hi) + 1)
 
     def along_rows(start: int) -> None:
         j = rows[start : start + chunk]
-        u = alpha * columns[None, :] + ((b / e) * (j - f) + c)[:, None]
+        block = middle[start : start + chunk]
+        x0, x1 = needed_columns(int(j[0]), int(j[-1]))
+        block[:, :x0] = np.nan  # never read by pass 2 for a pixel inside the input
+        block[:, max(x0, x1) :] = np.nan
+        if x1 <= x0:
+            return
+        u = alpha_x[None, x0:x1] + ((b / e) * (j - f) + c)[:, None]
+        if du is not None:
+            u += du.rows(j.astype(np.float64))[:, x0:x1]
         base = np.floor(u)
-        weights = lanczos_weights(u - base)
-        first = np.clip(base.astype(np.int64) - (_ORDER - 1), 0, wp - _TAPS)
-        index = first + (j * wp)[:, None]
-        block = np.s_[start : start + chunk]
-        _take_taps(flat_image, flat_var, index, 1, weights, mid_image[block], mid_var[block])
+        u -= base
+        q = _table_index(u)
+        first = base.astype(np.int64)
+        first -= _ORDER - 1
+        np.clip(first, 0, wp - _TAPS, out=first)
+        first += (j * wp)[:, None]
+        block = block[:, x0:x1]
+        _take_pairs(flat_source, first, 1, q, block[..., 0], block[..., 1])
 
     _in_parallel(along_rows, range(0, rows.size, chunk))
-    # pass 2 along output columns: v = d x + e y + f, taps on rows of the intermediate
-    out_image = np.full((ny, nx), np.nan, dtype=np.float32)
-    out_var = np.full((ny, nx), np.nan, dtype=np.float32)
     # pass 1 reads row j at U(j) = u + (b / e)(j - v), up to |b / e| ORDER columns from u;
-    # flips mirror the reach, so it is taken symmetric (at most a pixel too wide)
-    wide = _ORDER + int(math.ceil(abs(b / e) * _ORDER))
-    reach = ((wide, wide), (_ORDER, _ORDER))
+    # flips mirror the reach, so it is taken symmetric (at most a pixel too wide; one more
+    # for a bending map, whose local slope departs a little from b / e)
+    wide = _ORDER + int(math.ceil(abs(b / e) * _ORDER)) + (du is not None)
+    reach = ((wide, wide), (_ORDER, _ORDER + (du is not None)))
     if transpose:
         reach = reach[::-1]
     if rows.size < _TAPS:
-        return out_image, out_var, reach
-    mid_flat_image, mid_flat_var = mid_image.ravel(), mid_var.ravel()
+        nothing = np.full((ny, nx), np.nan, dtype=np.float32)
+        return nothing, nothing.copy(), reach
+    # pass 2 along output columns: v = d x + e y + f, taps on rows of the intermediate
+    out_image = np.empty((ny, nx), dtype=np.float32)
+    out_var = np.empty((ny, nx), dtype=np.float32)
+    flat_middle = middle.view(np.uint64).ravel()
     x_index = np.arange(nx, dtype=np.int64)
+    d_x = d * columns
 
     def along_columns(start: int) -> None:
         y = np.arange(start, min(start + chunk, ny), dtype=np.float64)
-        v = d * columns[None, :] + (e * y + f)[:, None]
+        v = d_x[None, :] + (e * y + f)[:, None]
+        if dv is not None:
+            v += dv.rows(y)
         base = np.floor(v)
-        weights = lanczos_weights(v - base)
-        first = np.clip(base.astype(np.int64) - (_ORDER - 1) - j_lo, 0, rows.size - _TAPS)
-        index = first * nx + x_index[None, :]
+        v -= base
+        q = _table_index(v)
+        first = base.astype(np.int64)
+        first -= _ORDER - 1 + j_lo
+        np.clip(first, 0, rows.size - _TAPS, out=first)
+        first *= nx
+        first += x_index[None, :]
         block = np.s_[start : start + chunk]
-        _take_taps(
-            mid_flat_image, mid_flat_var, index, nx, weights, out_image[block], out_var[block]
-        )
+        _take_pairs(flat_middle, first, nx, q, out_image[block], out_var[block])
 
     _in_parallel(along_columns, range(0, ny, chunk))
     return out_image, out_var, reach
@@ -540,29 +724,35 @@ def _warp_affine(image, variance, matrix, offset, ny, nx):
 
 def _warp_general(image, variance, index_map: PixelMap, ny, nx):
     """Direct 6 x 6 Lanczos sum at positions from the (non-affine) map."""
-    image, variance = _padded(image), _padded(variance)
-    hp, wp = image.shape
-    flat_image, flat_var = image.ravel(), variance.ravel()
+    source = _interleaved(image, variance)
+    hp, wp = source.shape[:2]
+    flat_source = source.view(np.uint64).ravel()
     out_image = np.zeros((ny, nx), dtype=np.float32)
     out_var = np.zeros_like(out_image)
     xs = np.arange(nx, dtype=np.float64)
     chunk = max(1, _CHUNK_PIXELS // nx)
+    table = _weight_table()
 
     def block(start: int) -> None:
         ys = np.arange(start, min(start + chunk, ny), dtype=np.float64)
         u, v = index_map.on_grid(xs, ys)
         u, v = u + _PAD, v + _PAD
         bu, bv = np.floor(u), np.floor(v)
-        wu, wv = lanczos_weights(u - bu), lanczos_weights(v - bv)
+        qu, qv = _table_index(u - bu), _table_index(v - bv)
         col = np.clip(bu.astype(np.int64) - (_ORDER - 1), 0, wp - _TAPS)
         row = np.clip(bv.astype(np.int64) - (_ORDER - 1), 0, hp - _TAPS)
         base = row * wp + col
         img, var = out_image[start : start + len(ys)], out_var[start : start + len(ys)]
         row_img, row_var = np.empty_like(img), np.empty_like(var)
+        weight = np.empty_like(img)
         for l in range(_TAPS):
-            _take_taps(flat_image, flat_var, base + l * wp, 1, wu, row_img, row_var)
-            img += wv[l] * row_img
-            var += (wv[l] * wv[l]) * row_var
+            _take_pairs(flat_source, base + l * wp, 1, qu, row_img, row_var)
+            table[l].take(qv, out=weight)
+            row_img *= weight
+            img += row_img
+            weight *= weight
+            row_var *= weight
+            var += row_var
 
     _in_parallel(block, range(0, ny, chunk))
     return out_image, out_var, _TAP_REACH
@@ -597,15 +787,35 @@ def _warp_mask(mask, index_map: PixelMap, ny, nx, footprint) -> np.ndarray:
     # a pixel at base index b reads b - lo ... b + hi: OR the bits over that window
     grown = _or_dilate(mask, footprint[0], footprint[1])
     h, w = mask.shape
+    # a zero border: bases off the input read 0 there (those pixels are NO_DATA anyway)
+    padded = np.zeros((h + 2, w + 2), dtype=np.int32)
+    padded[1:-1, 1:-1] = grown
+    if index_map.is_affine and np.array_equal(index_map.matrix, np.eye(2)):
+        # a shift: base index = output index + floor(offset), as _warp_translation takes it
+        sx, sy = (int(s) for s in np.floor(index_map.offset))
+        x0, x1 = max(0, -sx - 1), min(nx, w + 1 - sx)
+        y0, y1 = max(0, -sy - 1), min(ny, h + 1 - sy)
+        if x1 > x0 and y1 > y0:
+            out[y0:y1, x0:x1] = padded[y0 + sy + 1 : y1 + sy + 1, x0 + sx + 1 : x1 + sx + 1]
+        return out
+    flat = padded.ravel()
     xs = np.arange(nx, dtype=np.float64)
     chunk = max(1, _CHUNK_PIXELS // nx)
-    for start in range(0, ny, chunk):
+
+    def block(start: int) -> None:
         ys = np.arange(start, min(start + chunk, ny), dtype=np.float64)
         u, v = index_map.on_grid(xs, ys)
-        iu, iv = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
-        inside = (iu >= 0) & (iu < w) & (iv >= 0) & (iv < h)
-        block = grown[np.clip(iv, 0, h - 1), np.clip(iu, 0, w - 1)]
-        out[start : start + len(ys)] = np.where(inside, block, 0)
+        np.floor(u, out=u)
+        np.floor(v, out=v)
+        np.clip(u, -1, w, out=u)
+        np.clip(v, -1, h, out=v)
+        v += 1
+        v *= w + 2
+        v += u
+        v += 1
+        flat.take(v.astype(np.int64), out=out[start : start + len(ys)])
+
+    _in_parallel(block, range(0, ny, chunk))
     return out
 
 
@@ -624,18 +834,18 @@ def _tap_matrix(index_map: PixelMap, xs: np.ndarray, ys: np.ndarray):
         gx, gy = np.meshgrid(xs, ys)
         v = d * gx + e * gy + t[1]
         bv = np.floor(v)
-        wv = lanczos_weights(v - bv)
+        wv = tabulated_weights(v - bv)
         rows_l = bv[None] + np.arange(1 - _ORDER, _ORDER + 1)[:, None, None]
         u = alpha * gx[None] + (b / e) * (rows_l - t[1]) + t[0]
         bu = np.floor(u)
-        wu = lanczos_weights(u - bu)  # (6 cols, 6 rows, ny, nx)
+        wu = tabulated_weights(u - bu)  # (6 cols, 6 rows, ny, nx)
         cols = bu[None] + np.arange(1 - _ORDER, _ORDER + 1)[:, None, None, None]
         rows = np.broadcast_to(rows_l[None], cols.shape)
         weights = wu * wv[None]
     else:
         u, v = index_map.on_grid(xs, ys)
         bu, bv = np.floor(u), np.floor(v)
-        wu, wv = lanczos_weights(u - bu), lanczos_weights(v - bv)
+        wu, wv = tabulated_weights(u - bu), tabulated_weights(v - bv)
         offsets = np.arange(1 - _ORDER, _ORDER + 1)
         cols = np.broadcast_to(bu[None, None] + offsets[:, None, None, None], (6, 6) + u.shape)
         rows = np.broadcast_to(bv[None, None] + offsets[None, :, None, None], (6, 6) + u.shape)
@@ -684,6 +894,12 @@ def warp_noise_correlation(
     y0 = xy0[1] + (ny - n) // 2
     xs = np.arange(x0, x0 + n, dtype=np.float64)
     ys = np.arange(y0, y0 + n, dtype=np.float64)
+    if not pixel_map.is_affine and _gently_bent(pixel_map, ny, nx, xy0):
+        # resampled by the two passes: locally the affine map tangent at the patch centre
+        xc, yc = x0 + (n - 1) / 2.0, y0 + (n - 1) / 2.0
+        tangent = pixel_map.jacobian(xc, yc)
+        uc, vc = pixel_map(xc, yc)
+        pixel_map = PixelMap.affine(tangent, np.array([uc, vc]) - tangent @ np.array([xc, yc]))
     weights = _tap_matrix(pixel_map, xs, ys)
     cov = (weights @ weights.T).toarray().reshape(n, n, n, n)
     size = 2 * radius + 1

@@ -10,7 +10,14 @@ from astropy.wcs import WCS
 
 from core.exposure import Exposure
 from core.psf import GaussianPsf
-from core.warp import PixelMap, lanczos_weights, warp_exposure, warp_noise_correlation
+from core.warp import (
+    PixelMap,
+    _jacobian_determinant,
+    _warp_affine,
+    lanczos_weights,
+    warp_exposure,
+    warp_noise_correlation,
+)
 
 
 def _rotation(degrees: float, scale: float = 1.0) -> np.ndarray:
@@ -164,8 +171,8 @@ def test_masks_no_data_outside_and_bits_grown_by_the_footprint():
     assert 1 - no_data.mean() == pytest.approx(94**2 / 130**2, abs=0.03)
 
 
-def test_non_affine_wcs_pair_is_followed_exactly():
-    """Two TAN projections with tangent points 1 deg apart: the map is not affine."""
+def _tangent_points_apart():
+    """(science, template WCS): TAN projections, tangent points 1 deg apart, 20"/px."""
     science_wcs = WCS(naxis=2)
     science_wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
     science_wcs.wcs.crval = [150.0, 2.0]
@@ -174,6 +181,12 @@ def test_non_affine_wcs_pair_is_followed_exactly():
     template_wcs = science_wcs.deepcopy()
     template_wcs.wcs.crval = [151.0, 3.0]
     template_wcs.wcs.crpix = [128.5 - 180.0, 128.5 + 180.0]  # roughly the same sky
+    return science_wcs, template_wcs
+
+
+def test_non_affine_wcs_pair_is_followed_exactly():
+    """Two TAN projections with tangent points 1 deg apart: the map is not affine."""
+    science_wcs, template_wcs = _tangent_points_apart()
     science = Exposure.from_arrays(np.zeros((256, 256)), wcs=science_wcs)
     psf = GaussianPsf(1.5)
     image = np.zeros((400, 400), dtype=np.float32)
@@ -199,3 +212,159 @@ def test_non_affine_wcs_pair_is_followed_exactly():
         assert cut.sum() == pytest.approx(
             1000.0 * abs(np.linalg.det(pixel_map.jacobian(x, y))), rel=5e-3
         )
+
+
+def _direct_lanczos(image, variance, pixel_map, shape):
+    """Reference: the plain per-pixel 6 x 6 Lanczos-3 sum with exactly evaluated weights."""
+    ny, nx = shape
+    out_image = np.full(shape, np.nan)
+    out_var = np.full(shape, np.nan)
+    h, w = image.shape
+    for y in range(ny):
+        for x in range(nx):
+            u, v = (float(c) for c in pixel_map(x, y))
+            bu, bv = math.floor(u), math.floor(v)
+            if bu - 2 < 0 or bv - 2 < 0 or bu + 3 >= w or bv + 3 >= h:
+                continue
+            wu = lanczos_weights(np.array([u - bu]))[:, 0]
+            wv = lanczos_weights(np.array([v - bv]))[:, 0]
+            weights = np.outer(wv, wu).astype(np.float64)
+            cut = np.s_[bv - 2 : bv + 4, bu - 2 : bu + 4]
+            out_image[y, x] = (weights * image[cut]).sum()
+            out_var[y, x] = (weights**2 * variance[cut]).sum()
+    return out_image, out_var
+
+
+@pytest.mark.parametrize(
+    ("kind", "matrix", "offset", "image_tol"),
+    [
+        # a shift is separable: the fast path is the direct sum (weights tabulated every 1/8192 px)
+        ("shift", np.eye(2), (3.37, -2.61), 2e-4),
+        # two passes (Catmull-Smith) differ from the 2-D sum by interpolation error only
+        ("affine", _rotation(30.0, 1 / 1.02), (20.3, -8.6), 5e-3),
+        ("near identity", _rotation(0.3, 1.001), (2.3, 1.6), 2e-3),
+    ],
+)
+def test_fast_paths_match_a_direct_per_pixel_lanczos_sum(kind, matrix, offset, image_tol):
+    rng = np.random.default_rng(7)
+    size = 48
+    yy, xx = np.mgrid[0:size, 0:size]
+    image = np.zeros((size, size))
+    centres = rng.uniform(8, 40, (12, 2))
+    for (x0, y0), flux in zip(centres, rng.uniform(1, 5, 12), strict=True):
+        image += flux * np.exp(-0.5 * ((xx - x0) ** 2 + (yy - y0) ** 2) / 2.0**2)
+    image += rng.normal(0, 0.002, image.shape)  # some high-frequency content too
+    variance = rng.uniform(0.5, 2.0, image.shape)  # non-uniform: each pixel's weight^2 counts
+    template = Exposure.from_arrays(image.astype(np.float32), variance=variance.astype(np.float32))
+    pixel_map = PixelMap.affine(matrix, offset)
+    warped = warp_exposure(template, pixel_map, (40, 40))
+    expected_image, expected_var = _direct_lanczos(image, variance, pixel_map, (40, 40))
+    det = abs(np.linalg.det(matrix))
+    covered = np.isfinite(expected_image) & ~warped.masked(["NO_DATA"])
+    assert covered.sum() > 400
+    peak = np.abs(image).max()
+    error = np.abs(warped.image[covered] - det * expected_image[covered]).max() / peak
+    assert error < image_tol, (kind, error)
+    if kind == "shift":  # the same weights as the 2-D sum: the same variance
+        np.testing.assert_allclose(warped.variance[covered], expected_var[covered], rtol=1e-4)
+        return
+    # two passes apply other weights than the 2-D sum; the variance must be the exact
+    # sum of squares of the weights they do apply: measured here with unit impulses
+    weights = np.zeros((40, 40, size, size))
+    for j in range(size):
+        for i in range(size):
+            impulse = np.zeros((size, size), np.float32)
+            impulse[j, i] = 1.0
+            weights[:, :, j, i], _, _ = _warp_affine(
+                impulse, impulse, pixel_map.matrix, pixel_map.offset, 40, 40
+            )
+    exact = np.einsum("yxji,ji->yx", np.nan_to_num(weights) ** 2, variance) * det**2
+    np.testing.assert_allclose(warped.variance[covered], exact[covered], rtol=2e-4)
+
+
+def _bent_map(amplitude: float) -> PixelMap:
+    """10 deg turn plus a quadratic bend of ``amplitude`` px over a 40 px box."""
+    from scipy.interpolate import RectBivariateSpline
+
+    affine = PixelMap.affine(_rotation(10.0), (6.2, -1.7))
+    nodes = np.linspace(0, 39, 4)  # one cubic piece holding the quadratic
+    bend = amplitude * (nodes[None, :] / 39) ** 2 + 0.0 * nodes[:, None]
+    residual = (
+        RectBivariateSpline(nodes, nodes, bend, kx=3, ky=3),
+        RectBivariateSpline(nodes, nodes, -bend.T, kx=3, ky=3),
+    )
+    return PixelMap(affine.matrix, affine.offset, residual)
+
+
+def test_strongly_bent_map_takes_the_direct_sum():
+    """Jacobian 15% off its affine part: the direct 6 x 6 path, equal to the reference."""
+    rng = np.random.default_rng(8)
+    image = rng.normal(10, 1, (48, 48))
+    variance = rng.uniform(0.5, 2.0, image.shape)
+    template = Exposure.from_arrays(image.astype(np.float32), variance=variance.astype(np.float32))
+    pixel_map = _bent_map(3.0)
+    warped = warp_exposure(template, pixel_map, (40, 40))
+    expected_image, expected_var = _direct_lanczos(image, variance, pixel_map, (40, 40))
+    covered = np.isfinite(expected_image) & ~warped.masked(["NO_DATA"])
+    assert covered.sum() > 400
+    # the warp multiplies by its Jacobian determinant (flux tests above check it): divide it out
+    det = _jacobian_determinant(pixel_map, 40, 40).astype(np.float64)
+    np.testing.assert_allclose((warped.image / det)[covered], expected_image[covered], rtol=2e-3)
+    np.testing.assert_allclose(
+        (warped.variance / det**2)[covered], expected_var[covered], rtol=5e-3
+    )
+
+
+def test_gently_bent_map_rides_on_the_two_passes():
+    """A 0.3 px bend: two passes with the departures, against the direct sum (smooth image)."""
+    rng = np.random.default_rng(9)
+    size = 48
+    yy, xx = np.mgrid[0:size, 0:size]
+    image = np.zeros((size, size))
+    centres = rng.uniform(8, 40, (12, 2))
+    for (x0, y0), flux in zip(centres, rng.uniform(1, 5, 12), strict=True):
+        image += flux * np.exp(-0.5 * ((xx - x0) ** 2 + (yy - y0) ** 2) / 2.0**2)
+    variance = rng.uniform(0.5, 2.0, image.shape)
+    template = Exposure.from_arrays(image.astype(np.float32), variance=variance.astype(np.float32))
+    pixel_map = _bent_map(0.3)
+    warped = warp_exposure(template, pixel_map, (40, 40))
+    expected_image, _ = _direct_lanczos(image, variance, pixel_map, (40, 40))
+    covered = np.isfinite(expected_image) & ~warped.masked(["NO_DATA"])
+    assert covered.sum() > 400
+    det = _jacobian_determinant(pixel_map, 40, 40).astype(np.float64)
+    error = np.abs(warped.image / det - expected_image)[covered].max() / image.max()
+    assert error < 2e-3
+    # without the departures (the affine part alone) the same comparison fails
+    affine = PixelMap.affine(pixel_map.matrix, pixel_map.offset)
+    plain = warp_exposure(template, affine, (40, 40))
+    assert np.abs(plain.image / det - expected_image)[covered].max() / image.max() > 5 * error
+    # the variance is the exact sum of squared applied weights (unit impulses)
+    weights = np.zeros((40, 40, size, size))
+    for j in range(size):
+        for i in range(size):
+            impulse = np.zeros((size, size), np.float32)
+            impulse[j, i] = 1.0
+            weights[:, :, j, i], _, _ = _warp_affine(
+                impulse, impulse, pixel_map.matrix, pixel_map.offset, 40, 40, pixel_map
+            )
+    exact = np.einsum("yxji,ji->yx", np.nan_to_num(weights) ** 2, variance) * det**2
+    np.testing.assert_allclose(warped.variance[covered], exact[covered], rtol=2e-4)
+
+
+def test_noise_correlation_of_a_bent_wcs_map_predicts_warped_white_noise():
+    science_wcs, template_wcs = _tangent_points_apart()
+    science = Exposure.from_arrays(np.zeros((256, 256)), wcs=science_wcs)
+    measured = np.zeros((7, 7))
+    for seed in (1, 2, 3, 4):
+        template = _white_noise(400, seed)
+        template.wcs = template_wcs
+        pixel_map = PixelMap.from_wcs(science, template)
+        assert not pixel_map.is_affine
+        warped = warp_exposure(template, pixel_map, science.shape, wcs=science_wcs)
+        box = np.s_[20:236, 20:236]
+        assert np.all(warped.mask[box] == 0)
+        measured += _autocorrelation(warped.image[box], 3) / 4
+        z = warped.image[box] / np.sqrt(warped.variance[box])
+        assert np.std(z) == pytest.approx(1.0, abs=0.02)
+    predicted = warped.noise_correlation[2:-2, 2:-2]
+    np.testing.assert_allclose(measured, predicted, atol=0.025)
