@@ -415,6 +415,13 @@ def _finished_job(store: Store, job_id: str, caller: Caller) -> JobRecord:
     return record
 
 
+class _ProductFile(FileResponse):
+    """A product file sent in 1 MiB chunks: each chunk is a thread hop, and Starlette's
+    64 KiB default made a 200 MB difference take twice as long to download."""
+
+    chunk_size = 1 << 20
+
+
 @router.get(
     "/{job_id}/products/{name}",
     summary="Download a product",
@@ -473,7 +480,7 @@ def get_product(
         )
     if format == "png":
         return Response(png_bytes(image_plane(path)), media_type="image/png")
-    return FileResponse(path, media_type="application/fits", filename=f"{job_id}-{name}.fits")
+    return _ProductFile(path, media_type="application/fits", filename=f"{job_id}-{name}.fits")
 
 
 @router.get(
