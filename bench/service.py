@@ -73,7 +73,17 @@ def make_pair(folder: Path, size: int, seed: int) -> dict[str, Path]:
     """A simulated pair (science.fits, template.fits) written by `core.simulate`."""
     if not (folder / "template.fits").exists():
         subprocess.run(
-            [PY, "-m", "app.cli", "simulate", str(folder), "--size", str(size), "--seed", str(seed)],
+            [
+                PY,
+                "-m",
+                "app.cli",
+                "simulate",
+                str(folder),
+                "--size",
+                str(size),
+                "--seed",
+                str(seed),
+            ],
             env=_env(),
             cwd=REPO,
             check=True,
@@ -252,8 +262,17 @@ def run_latency(args, root: Path) -> list[dict]:
         pair = make_pair(root / f"pair-{size}", size, seed=size % 97)
         for repeat in range(args.repeat):
             cli_wall, cli_cpu = _timed(
-                [PY, "-m", "app.cli", "subtract", str(pair["science"]), str(pair["template"]),
-                 "-o", str(root / f"cli-{size}.fits"), "-q"]
+                [
+                    PY,
+                    "-m",
+                    "app.cli",
+                    "subtract",
+                    str(pair["science"]),
+                    str(pair["template"]),
+                    "-o",
+                    str(root / f"cli-{size}.fits"),
+                    "-q",
+                ]
             )
             service = Service(args.redis, root)
             try:
@@ -262,8 +281,15 @@ def run_latency(args, root: Path) -> list[dict]:
                 wall, timings = service_latency(service, pair, root / f"svc-{size}.fits")
             finally:
                 service.stop()
-            row = {"size": size, "repeat": repeat, "cli": cli_wall, "cli_cpu": cli_cpu,
-                   "service": wall, "ratio": wall / cli_wall, "timings": timings}
+            row = {
+                "size": size,
+                "repeat": repeat,
+                "cli": cli_wall,
+                "cli_cpu": cli_cpu,
+                "service": wall,
+                "ratio": wall / cli_wall,
+                "timings": timings,
+            }
             rows.append(row)
             print(
                 f"latency {size} #{repeat}: cli {cli_wall:.2f} s (cpu {cli_cpu:.1f}), "
