@@ -4,6 +4,7 @@
     python -m bench.service --latency-sizes 4096 1024 --repeat 3
     python -m bench.service --skip-latency --pairs 8 --workers 1 2   # throughput only
     python -m bench.service --skip-latency --skip-throughput          # start-up only
+    python -m bench.service --baseline /path/to/main   # the same for another checkout, interleaved
 
 What it measures, all in one run so load on a shared machine hits both sides alike:
 
@@ -50,19 +51,20 @@ def _load() -> str:
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
 
 
-def _env(**alsub) -> dict[str, str]:
+def _env(repo: Path = REPO, **alsub) -> dict[str, str]:
+    """The environment of a process running the code of ``repo`` with ``alsub`` settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALSUB_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
     env["ALSUB_LOG_LEVEL"] = "WARNING"
     env.update({f"ALSUB_{k.upper()}": str(v) for k, v in alsub.items()})
     return env
 
 
-def _timed(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run ``args`` to completion; (wall s, CPU s of the process and its children)."""
+def _timed(args: list[str], repo: Path = REPO) -> tuple[float, float]:
+    """Run ``args`` (code of ``repo``) to completion; (wall s, CPU s of it and its children)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(args, env=env or _env(), cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(args, env=_env(repo), cwd=repo, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -102,11 +104,12 @@ def _free_port() -> int:
 class Service:
     """An API (uvicorn, no embedded worker) and worker processes on a private Redis prefix."""
 
-    def __init__(self, redis_url: str, root: Path, **settings):
-        self.redis_url = redis_url
+    def __init__(self, redis_url: str, root: Path, repo: Path = REPO, **settings):
+        self.redis_url, self.repo = redis_url, repo
         self.prefix = f"alsub-bench-{uuid.uuid4().hex[:8]}:"
         self.data_dir = root / f"data-{self.prefix.strip(':')}"
         self.env = _env(
+            repo,
             redis_url=redis_url,
             redis_prefix=self.prefix,
             broker_key_prefix=f"{self.prefix}broker:",
@@ -129,7 +132,7 @@ class Service:
         return subprocess.Popen(
             [PY, "-m", "app.cli", *args],
             env=self.env,
-            cwd=REPO,
+            cwd=self.repo,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own group: stopping it stops a worker's pool children
@@ -256,54 +259,58 @@ def service_latency(service: Service, pair: dict[str, Path], out: Path) -> tuple
     return wall, timings
 
 
+def _trees(args) -> dict[str, Path]:
+    """The code trees measured: this checkout, and ``--baseline`` if given."""
+    trees = {"this": REPO}
+    if args.baseline:
+        trees["baseline"] = Path(args.baseline).resolve()
+    return trees
+
+
 def run_latency(args, root: Path) -> list[dict]:
     rows = []
+    trees = _trees(args)
     for size in args.latency_sizes:
         pair = make_pair(root / f"pair-{size}", size, seed=size % 97)
         for repeat in range(args.repeat):
-            cli_wall, cli_cpu = _timed(
-                [
-                    PY,
-                    "-m",
-                    "app.cli",
-                    "subtract",
-                    str(pair["science"]),
-                    str(pair["template"]),
-                    "-o",
-                    str(root / f"cli-{size}.fits"),
-                    "-q",
-                ]
-            )
-            service = Service(args.redis, root)
-            try:
-                service.start_api()
-                service.start_workers(1)
-                wall, timings = service_latency(service, pair, root / f"svc-{size}.fits")
-            finally:
-                service.stop()
-            row = {
-                "size": size,
-                "repeat": repeat,
-                "cli": cli_wall,
-                "cli_cpu": cli_cpu,
-                "service": wall,
-                "ratio": wall / cli_wall,
-                "timings": timings,
-            }
-            rows.append(row)
-            print(
-                f"latency {size} #{repeat}: cli {cli_wall:.2f} s (cpu {cli_cpu:.1f}), "
-                f"service {wall:.2f} s, ratio {wall / cli_wall:.3f}  "
-                + " ".join(f"{k}={v:.2f}" for k, v in timings.items()),
-                flush=True,
-            )
+            for label, repo in trees.items():  # interleaved: load hits both alike
+                out = root / f"cli-{size}.fits"
+                command = [PY, "-m", "app.cli", "subtract", str(pair["science"])]
+                command += [str(pair["template"]), "-o", str(out), "-q"]
+                cli_wall, cli_cpu = _timed(command, repo)
+                service = Service(args.redis, root, repo)
+                try:
+                    service.start_api()
+                    service.start_workers(1)
+                    wall, timings = service_latency(service, pair, root / f"svc-{size}.fits")
+                finally:
+                    service.stop()
+                row = {
+                    "tree": label,
+                    "size": size,
+                    "repeat": repeat,
+                    "cli": cli_wall,
+                    "cli_cpu": cli_cpu,
+                    "service": wall,
+                    "ratio": wall / cli_wall,
+                    "timings": timings,
+                }
+                rows.append(row)
+                print(
+                    f"latency {label} {size} #{repeat}: cli {cli_wall:.2f} s (cpu {cli_cpu:.1f}), "
+                    f"service {wall:.2f} s, ratio {wall / cli_wall:.3f}  "
+                    + " ".join(f"{k}={v:.2f}" for k, v in timings.items()),
+                    flush=True,
+                )
     for size in args.latency_sizes:
-        mine = [r for r in rows if r["size"] == size]
-        print(
-            f"latency {size} median: cli {statistics.median(r['cli'] for r in mine):.2f} s, "
-            f"service {statistics.median(r['service'] for r in mine):.2f} s, "
-            f"ratio {statistics.median(r['ratio'] for r in mine):.3f} (n={len(mine)})"
-        )
+        for label in trees:
+            mine = [r for r in rows if r["size"] == size and r["tree"] == label]
+            print(
+                f"latency {label} {size} median: "
+                f"cli {statistics.median(r['cli'] for r in mine):.2f} s, "
+                f"service {statistics.median(r['service'] for r in mine):.2f} s, "
+                f"ratio {statistics.median(r['ratio'] for r in mine):.3f} (n={len(mine)})"
+            )
     return rows
 
 
@@ -311,58 +318,73 @@ def run_throughput(args, root: Path) -> list[dict]:
     import httpx
 
     pairs = [make_pair(root / f"pair-1024-{i}", 1024, seed=100 + i) for i in range(args.pairs)]
-    service = Service(args.redis, root)
     rows = []
+    trees = _trees(args)
+    services = {label: Service(args.redis, root, repo) for label, repo in trees.items()}
     try:
-        service.start_api()
-        with httpx.Client(base_url=service.base, timeout=600) as client:
-            ids = [(_upload(client, p["science"]), _upload(client, p["template"])) for p in pairs]
-            for repeat in range(args.repeat):
+        ids = {}
+        for label, service in services.items():
+            service.start_api()
+            with httpx.Client(base_url=service.base, timeout=600) as client:
+                ids[label] = [
+                    (_upload(client, p["science"]), _upload(client, p["template"])) for p in pairs
+                ]
+        for repeat in range(args.repeat):
+            for label, service in services.items():
                 rates = {}
-                for count in args.workers:
-                    service.start_workers(count)
-                    try:
-                        t0 = time.perf_counter()
-                        jobs = [_submit(client, s, t) for s, t in ids]
-                        for job in jobs:
-                            _wait(client, job, poll=0.2)
-                        elapsed = time.perf_counter() - t0
-                    finally:
-                        service.stop_workers()
-                    rates[count] = 60.0 * len(jobs) / elapsed
-                    print(
-                        f"throughput #{repeat}: {count} worker(s), {len(jobs)} jobs in "
-                        f"{elapsed:.1f} s = {rates[count]:.2f} jobs/min",
-                        flush=True,
-                    )
-                row = {"repeat": repeat, "rates": rates}
+                with httpx.Client(base_url=service.base, timeout=600) as client:
+                    for count in args.workers:
+                        service.start_workers(count)
+                        try:
+                            t0 = time.perf_counter()
+                            jobs = [_submit(client, s, t) for s, t in ids[label]]
+                            for job in jobs:
+                                _wait(client, job, poll=0.2)
+                            elapsed = time.perf_counter() - t0
+                        finally:
+                            service.stop_workers()
+                        rates[count] = 60.0 * len(jobs) / elapsed
+                        print(
+                            f"throughput {label} #{repeat}: {count} worker(s), {len(jobs)} jobs "
+                            f"in {elapsed:.1f} s = {rates[count]:.2f} jobs/min",
+                            flush=True,
+                        )
+                row = {"tree": label, "repeat": repeat, "rates": rates}
                 if 1 in rates and 2 in rates:
                     row["scaling"] = rates[2] / rates[1]
-                    print(f"throughput #{repeat}: 2 workers / 1 worker = {row['scaling']:.3f}")
+                    print(f"throughput {label} #{repeat}: 2 workers / 1 = {row['scaling']:.3f}")
                 rows.append(row)
     finally:
-        service.stop()
-    for count in args.workers:
-        print(
-            f"throughput median: {count} worker(s) "
-            f"{statistics.median(r['rates'][count] for r in rows):.2f} jobs/min"
-        )
-    if rows and "scaling" in rows[0]:
-        print(f"throughput median scaling 2/1: {statistics.median(r['scaling'] for r in rows):.3f}")
+        for service in services.values():
+            service.stop()
+    for label in trees:
+        mine = [r for r in rows if r["tree"] == label]
+        for count in args.workers:
+            print(
+                f"throughput {label} median: {count} worker(s) "
+                f"{statistics.median(r['rates'][count] for r in mine):.2f} jobs/min"
+            )
+        if mine and "scaling" in mine[0]:
+            print(
+                f"throughput {label} median scaling 2/1: "
+                f"{statistics.median(r['scaling'] for r in mine):.3f}"
+            )
     return rows
 
 
 def run_startup(args, root: Path) -> None:
     pair = make_pair(root / "pair-512", 512, seed=5)
-    commands = {
-        "alsub --help": [PY, "-m", "app.cli", "--help"],
-        "alsub info": [PY, "-m", "app.cli", "info", str(pair["science"])],
-        "python (empty)": [PY, "-c", "pass"],
-    }
+    commands = {"python (empty)": ([PY, "-c", "pass"], REPO)}
+    for label, repo in _trees(args).items():
+        commands[f"{label} alsub --help"] = ([PY, "-m", "app.cli", "--help"], repo)
+        commands[f"{label} alsub info"] = (
+            [PY, "-m", "app.cli", "info", str(pair["science"])],
+            repo,
+        )
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
     for _ in range(args.startup_repeat):
-        for name, command in commands.items():  # interleaved
-            results[name].append(_timed(command))
+        for name, (command, repo) in commands.items():  # interleaved
+            results[name].append(_timed(command, repo))
     for name, runs in results.items():
         print(
             f"startup {name}: wall median {statistics.median(w for w, _ in runs):.3f} s "
@@ -372,13 +394,20 @@ def run_startup(args, root: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--latency-sizes", type=int, nargs="+", default=[4096, 1024])
     parser.add_argument("--repeat", type=int, default=3, help="repeats of latency and throughput")
     parser.add_argument("--pairs", type=int, default=6, help="1024 pairs of the throughput run")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--startup-repeat", type=int, default=10)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/14")
+    parser.add_argument(
+        "--baseline", metavar="DIR", help="another checkout measured the same way, interleaved"
+    )
     parser.add_argument("--keep", metavar="DIR", help="work in DIR (pairs kept between runs)")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
