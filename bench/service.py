@@ -218,10 +218,13 @@ def _submit(client, science: str, template: str) -> str:
     return response.json()["id"]
 
 
-def _wait(client, job_id: str, poll: float = 0.05, timeout: float = 1800) -> dict:
+def _wait(client, job_id: str, poll: float = 0.05, timeout: float = 1800, product=None) -> dict:
+    """Poll until the job succeeds (or, with ``product``, until that product is listed)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         record = client.get(f"/v1/subtractions/{job_id}").json()
+        if product is not None and product in (record.get("products") or {}):
+            return record
         if record["state"] in ("succeeded", "failed", "cancelled"):
             if record["state"] != "succeeded":
                 raise RuntimeError(f"job {job_id} {record['state']}: {record.get('error')}")
@@ -241,7 +244,9 @@ def service_latency(service: Service, pair: dict[str, Path], out: Path) -> tuple
         template = _upload(client, pair["template"])
         t_up2 = time.perf_counter()
         job = _submit(client, science, template)
-        record = _wait(client, job)
+        # A client that wants the difference fetches it as soon as its link is listed
+        # (older versions list it only once the job has succeeded).
+        _wait(client, job, product="difference")
         t_done = time.perf_counter()
         with client.stream("GET", f"/v1/subtractions/{job}/products/difference") as response:
             response.raise_for_status()
@@ -249,12 +254,17 @@ def service_latency(service: Service, pair: dict[str, Path], out: Path) -> tuple
                 for chunk in response.iter_bytes(1 << 20):
                     handle.write(chunk)
         wall = time.perf_counter() - t0
+        record = _wait(client, job)  # the job's own timings are final once it has succeeded
     timings = {
         "upload_science": t_up1 - t0,
         "upload_template": t_up2 - t_up1,
-        "submit_to_done": t_done - t_up2,
+        "submit_to_difference": t_done - t_up2,
         "download": wall - (t_done - t0),
-        **{f"job.{k}": v for k, v in record["timings"].items() if not k.startswith("stage.")},
+        **{
+            f"job.{k}": v
+            for k, v in record["timings"].items()
+            if not k.startswith("stage.") and k != "threads"
+        },
     }
     return wall, timings
 
