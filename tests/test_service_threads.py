@@ -8,6 +8,7 @@ workers; the thread count a job ran with is in its record's ``timings["threads"]
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import httpx
@@ -85,3 +86,29 @@ def test_worker_threads_setting_fixes_the_count(tmp_path, redis_prefix, sim_pair
     finally:
         worker.stop()
         server.stop()
+
+
+def test_workers_are_counted_per_machine_not_per_host_name(tmp_path, redis_prefix):
+    """Containers on one machine have their own host names but share the kernel's boot id."""
+    from store import Settings
+    from store.redis_backend import RedisRecords
+    from worker.threads import job_threads, machine_key, workers_on_this_machine
+
+    url, prefix = redis_prefix
+    records = RedisRecords(url, prefix)
+    settings = Settings(data_dir=tmp_path, heartbeat_interval=5, heartbeat_timeout=60)
+    here, elsewhere = machine_key(), "0badcafe" if machine_key() != "0badcafe" else "1badcafe"
+    try:
+        assert workers_on_this_machine(records, settings) == 1  # none seen yet: this one
+        for name in (
+            f"alsub-aaaaaaaa.{here}@container-1",  # same machine, other container
+            f"alsub-bbbbbbbb.{here}@container-2",
+            f"alsub-cccccccc.{elsewhere}@container-3",  # another machine
+            f"celery@{socket.gethostname()}",  # a worker named by Celery: counted by host
+            "celery@some-other-host",
+        ):
+            records.worker_seen(name)
+        assert workers_on_this_machine(records, settings) == 3
+        assert job_threads(records, settings) == max(1, _cores() // 3)
+    finally:
+        records.close()
