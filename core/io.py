@@ -65,10 +65,8 @@ from typing import IO, Any
 
 import numpy as np
 from astropy.io import fits
-from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
-from scipy import ndimage
 
 from .errors import InvalidExposureError, PsfError
 from .exposure import Exposure, MaskPlanes, PhotoCalib
@@ -394,6 +392,11 @@ def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]
         block = (slice(j0, j0 + _STATS_MAX_SIDE), slice(i0, i0 + _STATS_MAX_SIDE))
         if valid[block].sum() > 1000:
             image, valid = image[block], valid[block]
+    # Imported here: reading a file that has its variance (and `alsub info`) needs neither,
+    # and they are half of this module's import time.
+    from astropy.stats import sigma_clipped_stats
+    from scipy import ndimage
+
     values = image[valid].astype(np.float64)
     if values.size == 0:
         raise InvalidExposureError("no valid pixels to measure the sky noise")
