@@ -215,6 +215,22 @@ def test_help_imports_no_science_library(argv):
     assert "HEAVY []" in done.stderr, done.stderr
 
 
+def test_info_imports_no_scipy(pair_dir):
+    """`alsub info` on a file with its variance reads FITS and WCS only: scipy (a third of
+    the start-up) stays unimported."""
+    code = (
+        "import sys\n"
+        "from app.cli import main\n"
+        f"main(['info', {str(pair_dir / 'science.fits')!r}])\n"
+        "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'),"
+        " file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert "HEAVY []" in done.stderr, done.stderr
+
+
 def test_config_prints_a_usable_default_config(tmp_path, capsys, pair_dir):
     assert main(["config"]) == 0
     printed = json.loads(capsys.readouterr().out)
