@@ -95,6 +95,27 @@ def make_pair(folder: Path, size: int, seed: int) -> dict[str, Path]:
 
 
 # the service -------------------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _session_cpu(session: int) -> float:
+    """CPU seconds of every live process of ``session`` (a service process started with
+    ``start_new_session``), including the children they have waited for."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                fields = handle.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile
+        # after the command: state ppid pgrp session ... utime(11) stime cutime cstime
+        if int(fields[3]) == session:
+            total += sum(int(v) for v in fields[11:15])
+    return total / _TICK
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -169,6 +190,11 @@ class Service:
             time.sleep(0.5)
         raise RuntimeError(f"workers not ready: {body}")
 
+    def cpu(self) -> float:
+        """CPU seconds used so far by the API and the workers (with their pool children)."""
+        processes = ([self.api] if self.api else []) + self.workers
+        return sum(_session_cpu(process.pid) for process in processes)
+
     def stop_workers(self) -> None:
         for process in self.workers:
             _stop(process)
@@ -238,6 +264,7 @@ def service_latency(service: Service, pair: dict[str, Path], out: Path) -> tuple
     import httpx
 
     with httpx.Client(base_url=service.base, timeout=600) as client:
+        cpu0, client0 = service.cpu(), resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         science = _upload(client, pair["science"])
         t_up1 = time.perf_counter()
@@ -254,8 +281,13 @@ def service_latency(service: Service, pair: dict[str, Path], out: Path) -> tuple
                 for chunk in response.iter_bytes(1 << 20):
                     handle.write(chunk)
         wall = time.perf_counter() - t0
+        client1 = resource.getrusage(resource.RUSAGE_SELF)
+        # Server CPU up to the download; the rest of the products are written after it.
+        server_cpu = service.cpu() - cpu0
         record = _wait(client, job)  # the job's own timings are final once it has succeeded
     timings = {
+        "server_cpu": server_cpu,
+        "client_cpu": (client1.ru_utime - client0.ru_utime) + (client1.ru_stime - client0.ru_stime),
         "upload_science": t_up1 - t0,
         "upload_template": t_up2 - t_up1,
         "submit_to_difference": t_done - t_up2,
@@ -303,12 +335,14 @@ def run_latency(args, root: Path) -> list[dict]:
                     "cli_cpu": cli_cpu,
                     "service": wall,
                     "ratio": wall / cli_wall,
+                    "cpu_ratio": (timings["server_cpu"] + timings["client_cpu"]) / cli_cpu,
                     "timings": timings,
                 }
                 rows.append(row)
                 print(
                     f"latency {label} {size} #{repeat}: cli {cli_wall:.2f} s (cpu {cli_cpu:.1f}), "
-                    f"service {wall:.2f} s, ratio {wall / cli_wall:.3f}  "
+                    f"service {wall:.2f} s, ratio {wall / cli_wall:.3f}, "
+                    f"cpu ratio {row['cpu_ratio']:.3f}  "
                     + " ".join(f"{k}={v:.2f}" for k, v in timings.items()),
                     flush=True,
                 )
@@ -319,7 +353,8 @@ def run_latency(args, root: Path) -> list[dict]:
                 f"latency {label} {size} median: "
                 f"cli {statistics.median(r['cli'] for r in mine):.2f} s, "
                 f"service {statistics.median(r['service'] for r in mine):.2f} s, "
-                f"ratio {statistics.median(r['ratio'] for r in mine):.3f} (n={len(mine)})"
+                f"ratio {statistics.median(r['ratio'] for r in mine):.3f}, "
+                f"cpu ratio {statistics.median(r['cpu_ratio'] for r in mine):.3f} (n={len(mine)})"
             )
     return rows
 
