@@ -26,7 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.config import SubtractionConfig
 from core.errors import AlsubError
 from core.io import read_exposure
-from core.parallel import n_threads, set_thread_limit, thread_limit, thread_map
+from core.parallel import thread_map
 from core.products import PRODUCT_NAMES, json_safe, write_products
 from core.sources import read_catalog
 from core.subtract import run_subtraction
@@ -34,7 +34,7 @@ from store import FINAL_STATES, JobRecord, Settings, Store, open_records
 from store.errors import UNAVAILABLE_ERRORS
 from store.sweeper import fail_worker_lost, is_stale
 
-from .threads import job_threads
+from .threads import thread_share
 
 __all__ = ["run_job", "JobCancelled", "Heartbeat"]
 
@@ -269,93 +269,82 @@ def run_job(
             _debug_delay(settings.test_stage_delay, settings.test_stage_holds_gil)
 
     timings: dict[str, float] = dict(record.timings)
-    try:
-        threads = job_threads(store.records, settings)
-    except UNAVAILABLE_ERRORS:
-        threads = settings.worker_threads or n_threads()  # unknown neighbours: all cores
-    timings["threads"] = threads  # not a time, but how the job ran: kept beside its timings
-    previous_limit = thread_limit()
-    set_thread_limit(threads)
     final: JobRecord | None = None
-    try:
-        with Heartbeat(settings, job_id, token):
-            try:
-                t0 = time.perf_counter()
-                # Both inputs at once: the reader spends its time in numpy and file reads,
-                # which release the GIL, so the two files overlap on two cores.
-                science, template = thread_map(
-                    lambda role: read_exposure(
-                        store.exposures.path(getattr(record, role).exposure_id),
-                        max_pixels=settings.max_pixels,
-                        name=f"{role} exposure",
-                    ),
-                    ("science", "template"),
-                )
-                sources = None
-                if record.sources_id is not None:
-                    # Bytes, not the path: error messages must not name server paths.
-                    catalog = store.catalogs.path(record.sources_id).read_bytes()
-                    sources = read_catalog(catalog, wcs=science.wcs)
-                config = SubtractionConfig.model_validate({**record.config, "mode": record.mode})
-                timings["load_inputs"] = time.perf_counter() - t0
+    with Heartbeat(settings, job_id, token), thread_share(store.records, settings) as threads:
+        timings["threads"] = threads  # not a time, but how the job ran: kept beside its timings
+        try:
+            t0 = time.perf_counter()
+            # Both inputs at once: the reader spends its time in numpy and file reads,
+            # which release the GIL, so the two files overlap on two cores.
+            science, template = thread_map(
+                lambda role: read_exposure(
+                    store.exposures.path(getattr(record, role).exposure_id),
+                    max_pixels=settings.max_pixels,
+                    name=f"{role} exposure",
+                ),
+                ("science", "template"),
+            )
+            sources = None
+            if record.sources_id is not None:
+                # Bytes, not the path: error messages must not name server paths.
+                catalog = store.catalogs.path(record.sources_id).read_bytes()
+                sources = read_catalog(catalog, wcs=science.wcs)
+            config = SubtractionConfig.model_validate({**record.config, "mode": record.mode})
+            timings["load_inputs"] = time.perf_counter() - t0
 
-                t0 = time.perf_counter()
-                result = run_subtraction(
-                    science, template, config, sources=sources, progress=progress
-                )
-                timings["subtraction"] = time.perf_counter() - t0
-                timings.update({f"stage.{k}": float(v) for k, v in (result.timings or {}).items()})
+            t0 = time.perf_counter()
+            result = run_subtraction(science, template, config, sources=sources, progress=progress)
+            timings["subtraction"] = time.perf_counter() - t0
+            timings.update({f"stage.{k}": float(v) for k, v in (result.timings or {}).items()})
 
-                t0 = time.perf_counter()
-                first = {result.output_name, *FIRST_PRODUCTS}
-                names = store.products.publish(job_id, partial(write_products, result, names=first))
-                timings["write_first_products"] = time.perf_counter() - t0
-                _show_products(store, job_id, token, names)
-                if settings.test_stage_delay > 0:  # a progress report too: tests see this state
-                    _debug_delay(settings.test_stage_delay, settings.test_stage_holds_gil)
-                rest = set(PRODUCT_NAMES) - first
-                names = store.products.add(job_id, partial(write_products, result, names=rest))
-                timings["write_products"] = time.perf_counter() - t0
-                final = _finish(
-                    store,
-                    job_id,
-                    token,
-                    state="succeeded",
-                    mode=str(result.metrics.get("mode") or record.mode),  # the chosen direction
-                    products=names,
-                    metrics=json_safe(result.metrics),
-                    timings={k: round(v, 4) for k, v in timings.items()},
-                    progress={"stage": "done", "fraction": 1.0},
-                )
-            except JobCancelled:
-                log.info("job %s: cancelled or taken over, stopping", job_id)
-            except SoftTimeLimitExceeded:
-                final = _fail(
-                    store,
-                    job_id,
-                    token,
-                    timings,
-                    "time_limit_exceeded",
-                    f"the job ran longer than {settings.soft_time_limit:g} s",
-                )
-            except AlsubError as exc:
-                log.info("job %s: failed: %s: %s", job_id, exc.code, exc.message)
-                final = _fail(store, job_id, token, timings, exc.code, exc.message)
-            except UNAVAILABLE_ERRORS:
-                raise  # the final state could not be written: the stale-heartbeat sweep reruns it
-            except Exception as exc:
-                log.exception("job %s: unexpected error", job_id)
-                final = _fail(
-                    store,
-                    job_id,
-                    token,
-                    timings,
-                    "internal",
-                    f"unexpected {type(exc).__name__}; the service logs have the trace",
-                )
+            t0 = time.perf_counter()
+            first = {result.output_name, *FIRST_PRODUCTS}
+            names = store.products.publish(job_id, partial(write_products, result, names=first))
+            timings["write_first_products"] = time.perf_counter() - t0
+            _show_products(store, job_id, token, names)
+            if settings.test_stage_delay > 0:  # a progress report too: tests see this state
+                _debug_delay(settings.test_stage_delay, settings.test_stage_holds_gil)
+            rest = set(PRODUCT_NAMES) - first
+            names = store.products.add(job_id, partial(write_products, result, names=rest))
+            timings["write_products"] = time.perf_counter() - t0
+            final = _finish(
+                store,
+                job_id,
+                token,
+                state="succeeded",
+                mode=str(result.metrics.get("mode") or record.mode),  # the chosen direction
+                products=names,
+                metrics=json_safe(result.metrics),
+                timings={k: round(v, 4) for k, v in timings.items()},
+                progress={"stage": "done", "fraction": 1.0},
+            )
+        except JobCancelled:
+            log.info("job %s: cancelled or taken over, stopping", job_id)
+        except SoftTimeLimitExceeded:
+            final = _fail(
+                store,
+                job_id,
+                token,
+                timings,
+                "time_limit_exceeded",
+                f"the job ran longer than {settings.soft_time_limit:g} s",
+            )
+        except AlsubError as exc:
+            log.info("job %s: failed: %s: %s", job_id, exc.code, exc.message)
+            final = _fail(store, job_id, token, timings, exc.code, exc.message)
+        except UNAVAILABLE_ERRORS:
+            raise  # the final state could not be written: the stale-heartbeat sweep reruns it
+        except Exception as exc:
+            log.exception("job %s: unexpected error", job_id)
+            final = _fail(
+                store,
+                job_id,
+                token,
+                timings,
+                "internal",
+                f"unexpected {type(exc).__name__}; the service logs have the trace",
+            )
 
-    finally:
-        set_thread_limit(previous_limit)
     if final is not None:
         if on_final is not None:
             on_final(final)

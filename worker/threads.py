@@ -16,14 +16,21 @@ runtime, or a machine shared with other work).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from core.parallel import set_thread_limit, thread_limit
 from store import Settings
+from store.errors import UNAVAILABLE_ERRORS
 
-__all__ = ["job_threads", "workers_on_this_machine", "machine_key", "node_name"]
+__all__ = ["job_threads", "thread_share", "workers_on_this_machine", "machine_key", "node_name"]
+
+log = logging.getLogger("alsub.worker")
 
 
 def machine_key() -> str:
@@ -66,3 +73,19 @@ def job_threads(records, settings: Settings) -> int:
         return settings.worker_threads
     jobs = workers_on_this_machine(records, settings) * settings.worker_concurrency
     return max(1, _cores() // jobs)
+
+
+@contextmanager
+def thread_share(records, settings: Settings) -> Iterator[int]:
+    """Cap core's threads at `job_threads` inside the block; yield the cap."""
+    try:
+        threads = job_threads(records, settings)
+    except UNAVAILABLE_ERRORS:  # neighbours unknown for now: all cores, as without a cap
+        log.warning("worker liveness unavailable; this job uses every core")
+        threads = settings.worker_threads or _cores()
+    previous = thread_limit()
+    set_thread_limit(threads)
+    try:
+        yield threads
+    finally:
+        set_thread_limit(previous)
