@@ -11,10 +11,13 @@ What it measures, all in one run so load on a shared machine hits both sides ali
 * ``latency``: the CLI (``alsub subtract sci tmpl -o diff.fits``, a fresh process) and
   the service on the same simulated pair, interleaved: a real HTTP client uploads both
   exposures to a real uvicorn API, submits the subtraction, polls the job and downloads
-  the difference; ``ratio`` = service wall / CLI wall, per repeat, and its median. Each
-  service repeat gets a fresh data directory and Redis prefix, so uploads are validated
-  as new (no content-address shortcut). The job record's ``timings`` (queue wait, input
-  loading, subtraction, product writing) show where the service's time goes.
+  the difference as soon as its link is listed; ``ratio`` = service wall / CLI wall, per
+  repeat, and its median. ``cpu ratio`` = CPU seconds of the service (API and worker
+  processes up to the download, plus the client) / those of the CLI: less sensitive to
+  other work on the machine than wall time. Each service repeat gets a fresh data
+  directory and Redis prefix, so uploads are validated as new (no content-address
+  shortcut). The job record's ``timings`` (queue wait, input loading, subtraction,
+  product writing) show where the service's time goes.
 * ``throughput``: N 1024 pairs uploaded beforehand, then submitted at once to 1 and to 2
   worker processes (alternating per repeat); jobs/minute from the first submission to
   the last job done, and the 2-worker/1-worker ratio of the same repeat.

@@ -48,6 +48,7 @@ def test_difference_is_downloadable_while_the_rest_is_written(tmp_path, sim_pair
             assert record["state"] == "running", record
             assert record["progress"]["stage"] == "writing products", record
             assert set(record["products"]) == {"difference", "kernel", "dia_sources"}, record
+            assert record["metrics_url"] is None  # the metrics come with the final state
             difference = client.get(record["products"]["difference"])
             assert difference.status_code == 200, difference.text
             noise, flux_ratios = difference_quality(difference.content, sim_pair["truth"])
