@@ -461,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-startup", action="store_true")
     args = parser.parse_args(argv)
+    # SIGTERM (and SIGINT, which a shell's background job ignores) end the run through the
+    # finally blocks below, which stop the API and workers and delete their Redis keys.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="alsub-bench-svc-"))
     root.mkdir(parents=True, exist_ok=True)
     print(f"start: {_load()}", flush=True)
