@@ -445,9 +445,20 @@ def _add_plane_options(p: argparse.ArgumentParser, role: str) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    from core.simulate import PRESETS
+#: `core.simulate.PRESETS`, spelled out so that building the parser (``alsub --help``) does
+#: not import the simulator and with it scipy and astropy (seconds); tests/test_cli.py checks
+#: the two agree.
+SIMULATE_PRESETS = (
+    "sharper_template",
+    "sharper_science",
+    "equal",
+    "varying",
+    "defects",
+    "noisy_template",
+)
 
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alsub",
         description=_DESCRIPTION,
@@ -549,9 +560,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default=None,
-        choices=PRESETS,
+        choices=SIMULATE_PRESETS,
         metavar="NAME",
-        help=f"named scenario: {', '.join(PRESETS)} (default: plain pair)",
+        help=f"named scenario: {', '.join(SIMULATE_PRESETS)} (default: plain pair)",
     )
     p.add_argument(
         "--set",

@@ -9,10 +9,9 @@ reach handlers through ``Depends``.
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
@@ -22,7 +21,7 @@ from store.sweeper import sweep_stale_jobs
 
 from .docs import install_docs
 from .errors import install_error_handlers
-from .metrics import ServiceMetrics
+from .metrics import RequestMetricsMiddleware, ServiceMetrics
 from .queue import JobQueue
 from .routers import exposures, health, sources, subtractions
 from .schemas import SubtractionRequest
@@ -101,14 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     install_docs(app)
 
-    @app.middleware("http")
-    async def _count_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        app.state.metrics.observe(request.method, template, response.status_code, started)
-        return response
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

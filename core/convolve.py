@@ -22,7 +22,6 @@ or NaN/inf (variance), as a direct sum would give.
 from __future__ import annotations
 
 import copy
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -31,6 +30,7 @@ import scipy.fft as sfft
 
 from .exposure import Exposure
 from .kernel import SpatialKernel, term_degrees
+from .parallel import n_threads
 
 __all__ = ["convolve_exposure", "correlate_image", "or_filter", "dilate_cross"]
 
@@ -45,7 +45,7 @@ _MAX_FLOAT32_RANGE_IMAGE = 1.0e7
 
 
 def _workers(workers: int | None) -> int:
-    return max(1, int(workers) if workers else (os.cpu_count() or 1))
+    return n_threads(workers)
 
 
 def _axis_plan(n: int, h: int, tile_fft: int) -> tuple[int, list[tuple[int, int]]]:

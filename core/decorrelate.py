@@ -75,7 +75,7 @@ from .config import DecorrelationConfig
 from .convolve import correlate_image
 from .errors import IncompatibleInputsError, InvalidExposureError
 from .exposure import Exposure
-from .parallel import thread_map
+from .parallel import n_threads, thread_map
 from .psf import Psf
 
 __all__ = [
@@ -183,7 +183,8 @@ def _embed(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _spectrum(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return sfft.rfft2(_embed(np.asarray(stamp, dtype=np.float64), shape), workers=_FFT_WORKERS)
+    padded = _embed(np.asarray(stamp, dtype=np.float64), shape)
+    return sfft.rfft2(padded, workers=min(_FFT_WORKERS, n_threads()))
 
 
 def _rfft_mean(power: np.ndarray, shape: tuple[int, int]) -> float:
@@ -532,6 +533,7 @@ def _convolve(
         assert out is not None
         return out
     spec = None
+    workers = min(workers, n_threads())  # within this process's thread cap, if any
     for image, stamp in zip(data, stamps, strict=True):
         transfer = sfft.rfft2(_embed(stamp, shape).astype(np.float32), workers=workers)
         term = sfft.rfft2(image, s=shape, workers=workers) * transfer

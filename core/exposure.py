@@ -309,7 +309,9 @@ class Exposure:
 
     def plane_counts(self) -> dict[str, int]:
         """Number of pixels with each plane set."""
+        # Most pixels carry no bit: count each plane over the few that carry any, not the frame.
+        flagged = self.mask[self.mask != 0]
         return {
-            name: int(np.count_nonzero(self.mask & (1 << bit)))
+            name: int(np.count_nonzero(flagged & (1 << bit)))
             for name, bit in self.mask_planes.as_dict().items()
         }

@@ -68,7 +68,6 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
-from scipy import ndimage
 
 from .clipping import sigma_clipped_median_std
 from .errors import InvalidExposureError, PsfError
@@ -397,6 +396,10 @@ def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]
         block = (slice(j0, j0 + _STATS_MAX_SIDE), slice(i0, i0 + _STATS_MAX_SIDE))
         if valid[block].sum() > 1000:
             image, valid = image[block], valid[block]
+    # Imported here: reading a file that has its variance (and `alsub info`) needs no scipy,
+    # half of this module's import time.
+    from scipy import ndimage
+
     # float32 values: the clipping sorts them once (core.clipping), no float64 copy
     values = image[valid]
     if values.size == 0:

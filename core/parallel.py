@@ -8,20 +8,40 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-__all__ = ["n_threads", "thread_map"]
+__all__ = ["n_threads", "thread_map", "set_thread_limit", "thread_limit"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+_limit: int | None = None
+
+
+def set_thread_limit(limit: int | None) -> None:
+    """Cap the threads of this process's frame-wide work at ``limit`` (None or 0: no cap).
+
+    Several processes sharing a machine (service workers) each take their share of the
+    cores this way, instead of each starting a thread per core and oversubscribing them.
+    """
+    global _limit
+    _limit = max(1, int(limit)) if limit else None
+
+
+def thread_limit() -> int | None:
+    """The cap set by `set_thread_limit` (None: none)."""
+    return _limit
+
+
 def n_threads(workers: int | None = None) -> int:
-    """Threads to use: ``workers`` if given, else the cores this process may run on."""
+    """Threads to use: ``workers`` if given, else the cores this process may run on (at most
+    the `set_thread_limit` cap)."""
     if workers:
         return max(1, int(workers))
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    return min(cores, _limit) if _limit else cores
 
 
 def thread_map(function: Callable[[T], R], items: Iterable[T], workers: int | None = None):

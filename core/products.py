@@ -10,6 +10,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Collection
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -109,44 +110,49 @@ def _background_hdulist(background, exposure) -> fits.HDUList:
     return hdul
 
 
-def write_products(result, outdir) -> dict[str, Path]:
-    """Write every product of ``result`` into ``outdir``; return name -> path.
+def write_products(result, outdir, names: Collection[str] | None = None) -> dict[str, Path]:
+    """Write every product of ``result`` (or those in ``names``) into ``outdir``; name -> path.
 
     Files: ``difference.fits`` or ``score.fits``, ``matched_template.fits``,
     ``matched_science.fits``, ``kernel.fits``, ``background.fits``, ``metrics.json``,
     ``dia_sources.fits`` when DIA sources were measured, and ``warped_template.fits``
-    when the result keeps it (``registration.write_warped_template``).
+    when the result keeps it (``registration.write_warped_template``). ``names``
+    (product names, ``metrics`` included) lets a caller write the products in turns,
+    e.g. the difference first.
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    writes: list = []
-    paths[result.output_name] = outdir / f"{result.output_name}.fits"
-    writes.append(partial(write_difference, result, paths[result.output_name]))
+    # name -> (file, writer); each writer builds its HDUs only when it runs
+    plan: dict[str, tuple[Path, Any]] = {}
+    path = outdir / f"{result.output_name}.fits"
+    plan[result.output_name] = (path, partial(write_difference, result, path))
     for name in ("matched_template", "matched_science", "warped_template"):
         exposure = getattr(result, name, None)
         if exposure is not None:
-            paths[name] = outdir / f"{name}.fits"
-            writes.append(partial(write_exposure, exposure, paths[name]))
+            path = outdir / f"{name}.fits"
+            plan[name] = (path, partial(write_exposure, exposure, path))
     if result.psf_matching_kernel is not None:
-        paths["kernel"] = outdir / "kernel.fits"
-        writes.append(partial(result.psf_matching_kernel.write, paths["kernel"]))
+        path = outdir / "kernel.fits"
+        plan["kernel"] = (path, partial(result.psf_matching_kernel.write, path))
     if result.fitted_background is not None:
-        paths["background"] = outdir / "background.fits"
-        writes.append(
-            partial(
-                write_hdulist_atomic,
-                _background_hdulist(result.fitted_background, result.output),
-                paths["background"],
-            )
+        path = outdir / "background.fits"
+        plan["background"] = (
+            path,
+            lambda path=path: write_hdulist_atomic(
+                _background_hdulist(result.fitted_background, result.output), path
+            ),
         )
     if getattr(result, "dia_sources", None) is not None:
-        paths["dia_sources"] = outdir / "dia_sources.fits"
-        writes.append(
-            partial(write_hdulist_atomic, catalog_hdulist(result.dia_sources), paths["dia_sources"])
+        path = outdir / "dia_sources.fits"
+        plan["dia_sources"] = (
+            path,
+            lambda path=path: write_hdulist_atomic(catalog_hdulist(result.dia_sources), path),
         )
-    # the frame-sized files are independent: encode and write them on all cores
-    thread_map(lambda write: write(), writes)
-    paths["metrics"] = outdir / "metrics.json"
-    _write_json_atomic(result.metrics, paths["metrics"])
+    path = outdir / "metrics.json"
+    plan["metrics"] = (path, partial(_write_json_atomic, result.metrics, path))
+    if names is not None:
+        plan = {name: entry for name, entry in plan.items() if name in names}
+    # the files are independent: encode and write them on all cores
+    thread_map(lambda entry: entry[1](), list(plan.values()))
+    paths = {name: entry[0] for name, entry in plan.items()}
     return paths

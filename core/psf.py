@@ -11,8 +11,6 @@ import math
 from abc import ABC, abstractmethod
 
 import numpy as np
-from scipy import fft as sp_fft
-from scipy import ndimage
 
 from .errors import PsfError
 
@@ -148,6 +146,8 @@ def shift_stamp(stamp: np.ndarray, dx: float, dy: float) -> np.ndarray:
 
 def _shift_raw(stamp: np.ndarray, dx: float, dy: float) -> np.ndarray:
     """Sub-pixel Fourier shift without renormalisation (noisy star cutouts)."""
+    from scipy import fft as sp_fft  # here: importing scipy would double `alsub info`'s start
+
     ny, nx = stamp.shape
     # real FFT and a separable ramp: the same shift as ndimage.fourier_shift, 5x cheaper
     spectrum = sp_fft.rfft2(stamp.astype(np.float64))
@@ -446,6 +446,8 @@ class KernelMatchedPsf(Psf):
         )
         half = kimg.shape[0] // 2
         padded = np.pad(stamp, half)
+        from scipy import ndimage  # here: see _shift_raw
+
         out = ndimage.correlate(padded, kimg, mode="constant")
         total = out.sum()
         if not np.isfinite(total) or total <= 0:

@@ -42,6 +42,7 @@ from .background import background_image
 from .config import ScaleVarianceConfig
 from .exposure import Exposure
 from .io import PHYSICAL_VARIANCE_PREFIX
+from .parallel import n_threads
 
 __all__ = [
     "VarianceScale",
@@ -219,10 +220,10 @@ def _noise_correlation(
     weight = good & (np.abs(pull) < 5 * sigma)
     pull = np.where(weight, pull, 0.0)
     shape = [sp_fft.next_fast_len(n + radius + 1) for n in pull.shape]
-    f_pull = sp_fft.rfft2(pull, shape, workers=-1)
-    f_mask = sp_fft.rfft2(weight.astype(np.float64), shape, workers=-1)
-    corr = sp_fft.irfft2(f_pull * np.conj(f_pull), shape, workers=-1)
-    count = sp_fft.irfft2(f_mask * np.conj(f_mask), shape, workers=-1)
+    f_pull = sp_fft.rfft2(pull, shape, workers=n_threads())
+    f_mask = sp_fft.rfft2(weight.astype(np.float64), shape, workers=n_threads())
+    corr = sp_fft.irfft2(f_pull * np.conj(f_pull), shape, workers=n_threads())
+    count = sp_fft.irfft2(f_mask * np.conj(f_mask), shape, workers=n_threads())
     lags = np.arange(-radius, radius + 1)
     window = np.ix_(lags % shape[0], lags % shape[1])
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -32,6 +31,7 @@ from scipy.interpolate import RectBivariateSpline
 from .config import WarpConfig
 from .errors import IncompatibleInputsError, InvalidExposureError, PsfError
 from .exposure import Exposure
+from .parallel import n_threads
 from .psf import Psf
 
 __all__ = [
@@ -499,7 +499,7 @@ def _oriented_view(plane: np.ndarray, transpose: bool, flip_x: bool, flip_y: boo
 
 def _in_parallel(task, starts) -> None:
     """Run ``task(start)`` for every block start on a thread per core (numpy drops the GIL)."""
-    workers = min(os.cpu_count() or 1, len(starts))
+    workers = min(n_threads(), len(starts))
     if workers <= 1:
         for start in starts:
             task(start)

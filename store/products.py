@@ -1,8 +1,11 @@
 """Per-job product directories, published atomically.
 
-A worker builds every product of a job in a fresh temporary directory and
-then renames it to ``<root>/<job_id>``. A redelivered job therefore rewrites
-the same products from scratch and readers never see a half-written set.
+A worker builds the first products of a job (the difference, its metrics) in a
+fresh temporary directory and then renames it to ``<root>/<job_id>``; the
+frame-sized products clients download less often (matched images, background)
+are added to the published folder afterwards, each file renamed into place when
+complete (`ProductStore.add`). A redelivered job therefore rewrites its products
+from scratch, and readers never see a half-written file.
 """
 
 from __future__ import annotations
@@ -99,6 +102,25 @@ class ProductStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        return self.names(job_id)
+
+    def add(self, job_id: str, build: Callable[[Path], object]) -> list[str]:
+        """Write more products into the published folder of ``job_id``; return all names.
+
+        ``build(directory)`` must write each file atomically (a temporary name, then a
+        rename, as core's writers do), so a reader sees a product whole or not at all.
+        """
+        final = self.job_dir(job_id)
+        before = {entry.name for entry in os.scandir(final)}
+        build(final)
+        for entry in os.scandir(final):
+            if entry.name not in before and entry.is_file(follow_symlinks=False):
+                fd = os.open(entry.path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(final)
         return self.names(job_id)
 
     def names(self, job_id: str) -> list[str]:

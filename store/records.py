@@ -281,7 +281,10 @@ def job_view(
         "metrics": record.metrics,
         "error": record.error,
         "products": links,
-        "metrics_url": f"{base}/{record.id}/metrics" if "metrics" in record.products else None,
+        # the record's metrics are written when the job succeeds (products may come earlier)
+        "metrics_url": f"{base}/{record.id}/metrics"
+        if record.state == "succeeded" and "metrics" in record.products
+        else None,
         "attempts": record.attempts,
         "idempotency_key": record.idempotency_key,
         "callback_url": record.callback_url,

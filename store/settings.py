@@ -128,6 +128,13 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         1, ge=1, description="Jobs one worker process runs in parallel (Celery prefork children)."
     )
+    worker_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads one job may use. 0: this machine's cores shared out among the jobs "
+        "that can run on it at once (live workers on this host x worker_concurrency), so workers "
+        "side by side do not oversubscribe the cores.",
+    )
     callback_allowed_networks: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="CIDR networks callback_url may reach although they are not public "

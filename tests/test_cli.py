@@ -23,6 +23,8 @@ from core.config import SubtractionConfig
 from core.io import read_exposure
 from core.simulate import PRESETS
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def pair_dir(tmp_path_factory):
@@ -186,6 +188,47 @@ def test_simulate_help_lists_the_presets(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for name in PRESETS:
         assert name in text
+
+
+def test_the_parser_offers_every_simulator_preset():
+    from app.cli import SIMULATE_PRESETS
+
+    assert tuple(SIMULATE_PRESETS) == tuple(PRESETS)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["subtract", "--help"], ["--version"]])
+def test_help_imports_no_science_library(argv):
+    """`alsub --help` answers before numpy, scipy and astropy are imported (they take seconds)."""
+    code = (
+        "import sys\n"
+        "from app.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted(m for m in ('numpy', 'scipy', 'astropy', 'core.io') if m in sys.modules)\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert "HEAVY []" in done.stderr, done.stderr
+
+
+def test_info_imports_no_scipy(pair_dir):
+    """`alsub info` on a file with its variance reads FITS and WCS only: scipy (a third of
+    the start-up) stays unimported."""
+    code = (
+        "import sys\n"
+        "from app.cli import main\n"
+        f"main(['info', {str(pair_dir / 'science.fits')!r}])\n"
+        "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'),"
+        " file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert "HEAVY []" in done.stderr, done.stderr
 
 
 def test_config_prints_a_usable_default_config(tmp_path, capsys, pair_dir):

@@ -77,6 +77,24 @@ def test_products_are_published_atomically_and_replaced_whole(tmp_path):
         products.job_dir("../escape")
 
 
+def test_products_added_after_publishing_join_the_published_folder(tmp_path):
+    products = ProductStore(tmp_path / "jobs")
+    assert products.publish("job1", lambda d: (d / "difference.fits").write_bytes(b"d")) == [
+        "difference"
+    ]
+    seen_while_writing = []
+
+    def rest(directory):
+        tmp = directory / ".matched_template.fits.x.tmp"  # core's writers: temp name, rename
+        tmp.write_bytes(b"m")
+        seen_while_writing.append(products.names("job1"))
+        tmp.rename(directory / "matched_template.fits")
+
+    assert products.add("job1", rest) == ["difference", "matched_template"]
+    assert seen_while_writing == [["difference"]]  # a file being written is not a product
+    assert products.path("job1", "matched_template").read_bytes() == b"m"
+
+
 # record backends ----------------------------------------------------------------------------
 @pytest.fixture(params=["sqlite", "redis"])
 def records(request, tmp_path):

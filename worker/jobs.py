@@ -26,12 +26,15 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.config import SubtractionConfig
 from core.errors import AlsubError
 from core.io import read_exposure
-from core.products import json_safe, write_products
+from core.parallel import thread_map
+from core.products import PRODUCT_NAMES, json_safe, write_products
 from core.sources import read_catalog
 from core.subtract import run_subtraction
 from store import FINAL_STATES, JobRecord, Settings, Store, open_records
 from store.errors import UNAVAILABLE_ERRORS
 from store.sweeper import fail_worker_lost, is_stale
+
+from .threads import thread_share
 
 __all__ = ["run_job", "JobCancelled", "Heartbeat"]
 
@@ -140,6 +143,7 @@ def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobReco
             record.started_at = now
             record.timings["queue_wait"] = round(now - record.created_at, 4)
         record.progress = {"stage": "starting", "fraction": 0.0}
+        record.products = []  # a lost earlier attempt's products are not shown for this one
         record.error = None
         return True
 
@@ -151,6 +155,28 @@ def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobReco
         log.info("job %s: not run here (%s)", job_id, outcome.get("skip", "not claimed"))
         return None
     return record
+
+
+#: Products published before the others (besides the difference or score): small, and what
+#: an alert broker reads first. The frame-sized rest is written after their links appear.
+FIRST_PRODUCTS = ("metrics", "kernel", "dia_sources")
+
+
+def _show_products(store: Store, job_id: str, token: str, names: list[str]) -> None:
+    """List the products published so far in the running job's record (they can be
+    downloaded from now on); raise `JobCancelled` if this run no longer owns the job."""
+
+    def mutate(record: JobRecord) -> bool:
+        if record.state != "running" or record.worker != token:
+            return False
+        record.products = names
+        record.progress = {"stage": "writing products", "fraction": 0.99}
+        record.heartbeat_at = time.time()
+        return True
+
+    _, written = _retry_unavailable(lambda: store.records.update(job_id, mutate), job_id)
+    if not written:
+        raise JobCancelled(job_id)
 
 
 def _finish(store: Store, job_id: str, token: str, **fields) -> JobRecord | None:
@@ -244,18 +270,19 @@ def run_job(
 
     timings: dict[str, float] = dict(record.timings)
     final: JobRecord | None = None
-    with Heartbeat(settings, job_id, token):
+    with Heartbeat(settings, job_id, token), thread_share(store.records, settings) as threads:
+        timings["threads"] = threads  # not a time, but how the job ran: kept beside its timings
         try:
             t0 = time.perf_counter()
-            science = read_exposure(
-                store.exposures.path(record.science.exposure_id),
-                max_pixels=settings.max_pixels,
-                name="science exposure",
-            )
-            template = read_exposure(
-                store.exposures.path(record.template.exposure_id),
-                max_pixels=settings.max_pixels,
-                name="template exposure",
+            # Both inputs at once: the reader spends its time in numpy and file reads,
+            # which release the GIL, so the two files overlap on two cores.
+            science, template = thread_map(
+                lambda role: read_exposure(
+                    store.exposures.path(getattr(record, role).exposure_id),
+                    max_pixels=settings.max_pixels,
+                    name=f"{role} exposure",
+                ),
+                ("science", "template"),
             )
             sources = None
             if record.sources_id is not None:
@@ -271,7 +298,14 @@ def run_job(
             timings.update({f"stage.{k}": float(v) for k, v in (result.timings or {}).items()})
 
             t0 = time.perf_counter()
-            names = store.products.publish(job_id, partial(write_products, result))
+            first = {result.output_name, *FIRST_PRODUCTS}
+            names = store.products.publish(job_id, partial(write_products, result, names=first))
+            timings["write_first_products"] = time.perf_counter() - t0
+            _show_products(store, job_id, token, names)
+            if settings.test_stage_delay > 0:  # a progress report too: tests see this state
+                _debug_delay(settings.test_stage_delay, settings.test_stage_holds_gil)
+            rest = set(PRODUCT_NAMES) - first
+            names = store.products.add(job_id, partial(write_products, result, names=rest))
             timings["write_products"] = time.perf_counter() - t0
             final = _finish(
                 store,

@@ -11,7 +11,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 
 __all__ = ["run_worker"]
 
@@ -31,6 +30,7 @@ def run_worker(argv: list[str] | None = None) -> int:
         Exit status (0 on a clean shutdown).
     """
     from .tasks import app, settings
+    from .threads import node_name
 
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -44,9 +44,10 @@ def run_worker(argv: list[str] | None = None) -> int:
         settings.queue_name,
         "--concurrency",
         str(settings.worker_concurrency),
-        # Unique node name, so several workers on one host answer pings separately.
+        # Unique node name, so several workers on one host answer pings separately; it
+        # names the machine too, so that workers in containers side by side share its cores.
         "--hostname",
-        f"alsub-{uuid.uuid4().hex[:8]}@%h",
+        node_name(),
         "--without-mingle",
         "--without-gossip",
         *(argv or []),

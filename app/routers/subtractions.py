@@ -415,11 +415,37 @@ def _finished_job(store: Store, job_id: str, caller: Caller) -> JobRecord:
     return record
 
 
+def _job_with_product(store: Store, job_id: str, caller: Caller, name: str) -> JobRecord:
+    """A succeeded job, or a running one whose record lists ``name`` already: the worker
+    publishes the difference (and metrics, kernel, DIA sources) before writing the
+    frame-sized rest, so the difference can be downloaded before the job ends."""
+    record = _owned_job(store, job_id, caller)
+    if record.state == "running" and name in record.products:
+        return record
+    if record.state != "succeeded":
+        raise ApiError(
+            409,
+            "job_not_succeeded",
+            f"job {job_id} is {record.state}; its {name} product is not written yet",
+        )
+    return record
+
+
+class _ProductFile(FileResponse):
+    """A product file sent in 1 MiB chunks: each chunk is a thread hop, and Starlette's
+    64 KiB default made a 200 MB difference take twice as long to download."""
+
+    chunk_size = 1 << 20
+
+
 @router.get(
     "/{job_id}/products/{name}",
     summary="Download a product",
     description="The product as FITS (MEF layout), or `format=png` for a preview (zscale + asinh "
-    "stretch). With `x` and `y` (parent pixel coordinates) a `size`-pixel cutout, FITS or PNG.",
+    "stretch). With `x` and `y` (parent pixel coordinates) a `size`-pixel cutout, FITS or PNG. "
+    "A product can be downloaded as soon as its link is in the job's `products`: the "
+    "difference (or score) is published while the job is still `running` and writes the "
+    "matched images and background.",
     response_class=Response,
     responses={
         200: {
@@ -446,7 +472,7 @@ def get_product(
     settings: Settings = Depends(get_settings),
     store: Store = Depends(get_store),
 ):
-    _finished_job(store, job_id, caller)
+    _job_with_product(store, job_id, caller, name)
     path = store.products.path(job_id, name)
     if path is None:
         available = [n for n in store.products.names(job_id) if n != "metrics"]
@@ -473,7 +499,7 @@ def get_product(
         )
     if format == "png":
         return Response(png_bytes(image_plane(path)), media_type="image/png")
-    return FileResponse(path, media_type="application/fits", filename=f"{job_id}-{name}.fits")
+    return _ProductFile(path, media_type="application/fits", filename=f"{job_id}-{name}.fits")
 
 
 @router.get(
