@@ -201,6 +201,16 @@ def _or_filter_1d(array: np.ndarray, h: int, axis: int) -> np.ndarray:
     return w[take(0, n)] | w[take(window - length, window - length + n)]
 
 
+def _replace_bits(mask: np.ndarray, source: np.ndarray, bits) -> None:
+    """mask = (mask & ~bits) | (source & bits) in place, without frame-sized temporaries."""
+    bits = np.int32(bits)
+    step = max(1, (1 << 20) // max(mask.shape[-1], 1))
+    for y in range(0, mask.shape[0], step):
+        rows = mask[y : y + step]
+        rows &= ~bits
+        rows |= source[y : y + step] & bits
+
+
 def _dynamic_dtype(values: np.ndarray, max_range: float):
     """float32 unless one pixel dwarfs the typical one (its round-off would leak)."""
     if values.size == 0:
@@ -420,8 +430,13 @@ def convolve_exposure(
 
     preserved = np.int32(planes.get_bitmask(preserve_planes))
     original = exposure.mask
-    dilating = original & ~preserved
-    mask = or_filter(dilating, hy, hx) if np.any(dilating) else np.zeros_like(original)
+    # the bits present decide the work: no frame-sized temporaries when nothing dilates
+    present = np.int32(np.bitwise_or.reduce(original, axis=None)) if original.size else 0
+    dilating = np.int32(present & ~preserved)
+    if dilating:
+        mask = or_filter(original & dilating if present & preserved else original, hy, hx)
+    else:
+        mask = np.zeros(original.shape, dtype=original.dtype)
 
     # the border that cannot be computed, as four strips (cheaper than a boolean frame)
     strips = [
@@ -440,7 +455,8 @@ def convolve_exposure(
             variance[strip] = np.inf
             mask[strip] = np.int32(planes.value("NO_DATA"))
     if preserved:
-        mask = (mask & ~preserved) | (original & preserved)
+        # (mask & ~preserved) | (original & preserved), in place a block of rows at a time
+        _replace_bits(mask, original, preserved)
 
     return replace(
         exposure,

@@ -498,6 +498,26 @@ def _fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return data, bad
 
 
+def _mean_variance(exposure: Exposure, ignore) -> float:
+    """Clipped mean of the variance plane on unmasked pixels of a regular sub-grid
+    (`_STATS_MAX_PIXELS`); the mask is read only on that sub-grid."""
+    variance, mask = exposure.variance, exposure.mask
+    if variance.size > _STATS_MAX_PIXELS:
+        stride = math.ceil(math.sqrt(variance.size / _STATS_MAX_PIXELS))
+        variance, mask = variance[::stride, ::stride], mask[::stride, ::stride]
+    good = (mask & np.int32(exposure.bitmask(ignore))) == 0
+    return clipped_mean(variance, good)
+
+
+def _weighted_sum(a: np.ndarray, wa, b: np.ndarray, wb) -> np.ndarray:
+    """a * wa + b * wb with one output array (each product rounded as numpy would)."""
+    out = np.multiply(a, wa)
+    step = max(1, (1 << 20) // max(out.shape[-1], 1))
+    for y in range(0, out.shape[0], step):
+        out[y : y + step] += b[y : y + step] * wb
+    return out
+
+
 def _fft_shape(data_shape, margin: int) -> tuple[int, int]:
     """FFT shape leaving ``margin`` zeros after the data, so the filter tails do not wrap,
     and holding a (2 margin + 1) stamp."""
@@ -575,6 +595,7 @@ def decorrelate_difference(
     config: DecorrelationConfig | None = None,
     task=None,
     kernel_sum_norm: float | None = None,
+    consume: bool = False,
 ) -> Exposure:
     """Whiten the noise of a difference or score exposure (algorithm.md 4.2-4.4).
 
@@ -603,6 +624,10 @@ def decorrelate_difference(
     kernel_sum_norm : float or None
         Factor the difference was divided by in convolveScience mode (decision 2);
         default the kernel sum at the difference's bbox centre.
+    consume : bool
+        The caller discards ``difference`` afterwards: the result takes over its mask
+        array instead of a copy (a frame-sized saving); ``difference`` is then not
+        to be used.
 
     Returns
     -------
@@ -644,10 +669,8 @@ def decorrelate_difference(
         preconv_image = preconv_image / preconv_image.sum()
 
     ignore = config.ignore_mask_planes
-    good_s = ~science.masked(ignore)
-    good_t = ~template.masked(ignore)
-    var_science = clipped_mean(science.variance, good_s, max_pixels=_STATS_MAX_PIXELS)
-    var_template = clipped_mean(template.variance, good_t, max_pixels=_STATS_MAX_PIXELS)
+    var_science = _mean_variance(science, ignore)
+    var_template = _mean_variance(template, ignore)
     if not (math.isfinite(var_science) and math.isfinite(var_template)):
         log.warning(
             "decorrelation skipped: mean variance is not finite (science %s, template %s)",
@@ -659,13 +682,15 @@ def decorrelate_difference(
     if template_matched:
         v, vt = var_science, var_template
         correlations = (science.noise_correlation, template.noise_correlation)
-        plane1, plane2, good1, good2 = science.variance, template.variance, good_s, good_t
+        plane1, plane2 = science.variance, template.variance
+        exposure1, exposure2 = science, template
         scale = 1.0
         base_psf = difference.psf or science.psf
     else:
         v, vt = var_template, var_science
         correlations = (template.noise_correlation, science.noise_correlation)
-        plane1, plane2, good1, good2 = template.variance, science.variance, good_t, good_s
+        plane1, plane2 = template.variance, science.variance
+        exposure1, exposure2 = template, science
         if kernel_sum_norm is None:
             kernel_sum_norm = float(_kernel_at(kernel, *difference.bbox_center()).sum())
         scale = 1.0 / kernel_sum_norm**2
@@ -685,14 +710,14 @@ def decorrelate_difference(
         if complete:
             variance = _complete_variance(plane1, plane2, v, vt, node, shape)
         else:
-            variance = plane1 * np.float32(node.w1) + plane2 * np.float32(node.w2)
+            variance = _weighted_sum(plane1, np.float32(node.w1), plane2, np.float32(node.w2))
         psf_stamps = node.psf[None, None]
         nodes_x, nodes_y = np.array([xc]), np.array([yc])
     else:
         corrected, variance, psf_stamps, nodes_x, nodes_y = _decorrelate_on_grid(
             image,
             (plane1, plane2),
-            (good1, good2),
+            (~exposure1.masked(ignore), ~exposure2.masked(ignore)),
             (v, vt),
             kernel,
             (x0, y0),
@@ -707,13 +732,18 @@ def decorrelate_difference(
         # restore non-finite input variances (section 4.3 step 8)
         nonfinite = ~(np.isfinite(plane1) & np.isfinite(plane2))
         variance[nonfinite] = plane1[nonfinite] + plane2[nonfinite]
-    corrected[bad] = difference.image[bad]
+    if bad.any():
+        corrected[bad] = difference.image[bad]
+    variance = np.ascontiguousarray(variance, dtype=np.float32)
+    if scale != 1.0:
+        variance *= np.float32(scale)
 
     result = replace(
         difference,
         image=np.ascontiguousarray(corrected, dtype=np.float32),
-        variance=np.ascontiguousarray(variance * np.float32(scale), dtype=np.float32),
-        mask=difference.mask.copy(),
+        variance=variance,
+        # a consumed difference gives up its mask: no frame-sized copy
+        mask=difference.mask if consume else difference.mask.copy(),
         mask_planes=difference.mask_planes.copy(),
         metadata=copy.deepcopy(difference.metadata),
     )

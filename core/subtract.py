@@ -435,7 +435,9 @@ class _SubtractBase(Task):
 
     def _match_template(self, template: Exposure, science: Exposure, kernel) -> Exposure:
         """K * T on the science box, with the science PSF and calibration."""
-        matched = self._convolve(template, kernel).cutout(science.bbox)
+        convolved = self._convolve(template, kernel)
+        # a registered template is already on the science box: no frame-sized copy then
+        matched = convolved if convolved.bbox == science.bbox else convolved.cutout(science.bbox)
         matched.psf = science.require_psf()
         matched.photo_calib = science.photo_calib
         return matched
@@ -507,10 +509,11 @@ class _SubtractBase(Task):
         if spatially_varying is None:
             spatially_varying = self.config.decorrelation.spatially_varying
         with self.decorrelate.timer("run"):
+            # decorrelate_difference cuts the template to the difference box only if needed
             return decorrelate_difference(
                 difference,
                 science,
-                template.cutout(science.bbox),
+                template,
                 kernel,
                 template_matched=template_matched,
                 preconv_mode=preconv_mode,
@@ -518,6 +521,7 @@ class _SubtractBase(Task):
                 spatially_varying=spatially_varying,
                 config=self.config.decorrelation,
                 task=self.decorrelate,
+                consume=True,  # the difference is replaced by the result
             )
 
     def _base_metrics(self, result: SubtractionResult, science: Exposure) -> dict[str, Any]:
