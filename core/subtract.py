@@ -9,6 +9,7 @@ Inputs are never mutated (decision 7).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from astropy.stats import mad_std
+from astropy.table import Table
 from scipy import ndimage
 
 from .basis import kernel_size_for, make_kernel_basis
@@ -623,12 +625,12 @@ class AlardLuptonSubtractTask(_SubtractBase):
         """
         if self.config.mode == "preconvolve":
             raise ValueError("mode 'preconvolve' is run by AlardLuptonPreconvolveSubtractTask")
-        template, science = template.copy(), science.copy()
+        template, science = _working_copy(template), _working_copy(science)
         with self.timer("run"):
             template = self._register(template, science)
             self._stage("prepare")
             with self.timer("prepare"):
-                sources = self._prepare_inputs(template, science, sources)
+                sources = _without_frame_meta(self._prepare_inputs(template, science, sources))
                 convolve_template = self._choose_mode(template, science)
             matched_psf = self.science_fwhm if convolve_template else self.template_fwhm
             try:
@@ -756,12 +758,12 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
 
     def run(self, template: Exposure, science: Exposure, sources=None) -> SubtractionResult:
         """Return a `SubtractionResult` whose ``score`` / sqrt(variance) is the detection S/N."""
-        template, science = template.copy(), science.copy()
+        template, science = _working_copy(template), _working_copy(science)
         with self.timer("run"):
             template = self._register(template, science)
             self._stage("prepare")
             with self.timer("prepare"):
-                sources = self._prepare_inputs(template, science, sources)
+                sources = _without_frame_meta(self._prepare_inputs(template, science, sources))
                 preconv_kernel = self._preconvolution_kernel(science)
                 self.metadata["convolvedExposure"] = "Preconvolution"
             with self.timer("preconvolve"):
@@ -1023,6 +1025,35 @@ def check_not_identical(science: Exposure, template: Exposure) -> None:
 
 
 # helpers ------------------------------------------------------------------------------------
+def _working_copy(exposure: Exposure) -> Exposure:
+    """The copy a task changes (decision 7): variance, mask and metadata are copied, the
+    image is shared read only. No stage writes the inputs' pixels (they write new
+    arrays), so copying them would only cost a frame each; a write raises instead."""
+    image = exposure.image.view()
+    image.flags.writeable = False
+    return replace(
+        exposure,
+        image=image,
+        variance=exposure.variance.copy(),
+        mask=exposure.mask.copy(),
+        mask_planes=exposure.mask_planes.copy(),
+        metadata=copy.deepcopy(exposure.metadata),
+    )
+
+
+def _without_frame_meta(sources):
+    """The catalog without frame-sized arrays in its meta (detection's segmentation
+    images): nothing after preparation reads them, and they would be held all run."""
+    if sources is None or not any(_is_frame(v) for v in sources.meta.values()):
+        return sources
+    meta = {k: v for k, v in sources.meta.items() if not _is_frame(v)}
+    return Table(sources, copy=False, meta=meta)
+
+
+def _is_frame(value) -> bool:
+    return isinstance(value, np.ndarray) and value.ndim == 2 and value.size >= 1 << 16
+
+
 def _subtract_in_place(minuend: Exposure, subtrahend: Exposure) -> None:
     """Masked-image subtraction: image subtract, variance add, mask OR by plane name."""
     minuend.image -= subtrahend.image
