@@ -468,10 +468,14 @@ class _SubtractBase(Task):
             return background
         # every sky pixel constrains the configured order, even where few stamps did not
         background = background.raised(self.config.kernel.spatial_bg_order)
-        good = ~difference.masked(NOISE_MASK_PLANES) & ~self.source_mask
-        good &= np.isfinite(difference.image) & (difference.variance > 0)
         # a 2x2 subsample per 32 px block is plenty for six smooth terms and 4x cheaper
-        x, y, level, weight = _block_medians(difference.image[::2, ::2], good[::2, ::2], 16)
+        # (the masks too are only read on that subsample)
+        sub = np.s_[::2, ::2]
+        image = difference.image[sub]
+        good = (difference.mask[sub] & np.int32(difference.bitmask(NOISE_MASK_PLANES))) == 0
+        good &= ~self.source_mask[sub]
+        good &= np.isfinite(image) & (difference.variance[sub] > 0)
+        x, y, level, weight = _block_medians(image, good, 16)
         x, y = 2 * x, 2 * y
         if len(level) < 2 * background.coefficients.size:
             return background
