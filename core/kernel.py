@@ -28,7 +28,6 @@ import scipy.linalg
 from astropy.io import fits
 from astropy.stats import mad_std
 from astropy.table import Table
-from numpy.lib.stride_tricks import sliding_window_view
 from numpy.polynomial import chebyshev
 from scipy import ndimage, signal
 from threadpoolctl import threadpool_limits
@@ -670,9 +669,21 @@ class _Fitter:
         # basis spectra per stamp shape, for `correlate_basis`
         self._spectra: dict[tuple[int, ...], tuple[tuple[int, ...], np.ndarray]] = {}
 
-    def _windows(self, stamp: np.ndarray) -> np.ndarray:
-        """(good^2, K^2) matrix of the stamp pixels under the kernel at each fitted pixel."""
-        return sliding_window_view(stamp, (self.k, self.k)).reshape(-1, self.k**2)
+    def _convolved_variance(self, cand: _Candidate, kernel: np.ndarray) -> np.ndarray:
+        """The reference variance correlated with K^2 over the fitted pixels (a direct
+        sum would be sum_{u,v} ref_var[i + u, j + v] K[u, v]^2) by FFT: the stamp's spectrum is kept with the candidate, so an
+        assessment costs one small product and inverse transform instead of a
+        (good^2, K^2) window matrix (equal to round-off)."""
+        s = cand.stamps
+        shape = s["ref_var"].shape
+        size = tuple(sp_fft.next_fast_len(n, real=True) for n in shape)
+        spectrum = s.get("ref_var_hat")
+        if spectrum is None:
+            spectrum = s["ref_var_hat"] = sp_fft.rfft2(s["ref_var"].astype(np.float64), s=size)
+        squared = (kernel.reshape(self.k, self.k) ** 2)[::-1, ::-1]
+        full = sp_fft.irfft2(spectrum * sp_fft.rfft2(squared, s=size), s=size)
+        k = self.k
+        return full[k - 1 : shape[0], k - 1 : shape[1]].ravel()
 
     def correlate_basis(self, stamp: np.ndarray) -> np.ndarray:
         """(good^2, nb): column n = (B_n correlated with the stamp) over the fitted region.
@@ -739,9 +750,9 @@ class _Fitter:
         cand.ksum = float(self.basis_sums @ coefficients)
         # pixels with a bad plane in the target, or in the reference under the kernel
         tgt_bad = (s["tgt_mask"] & bad_bits[0]) != 0
-        ref_bad = ndimage.maximum_filter(
-            (s["ref_mask"] & bad_bits[1]) != 0, size=self.k, mode="constant"
-        )
+        ref_bad = (s["ref_mask"] & bad_bits[1]) != 0
+        if ref_bad.any():  # (most stamps have no bad pixel: no filter then)
+            ref_bad = ndimage.maximum_filter(ref_bad, size=self.k, mode="constant")
         s["bad"] = self._inner(tgt_bad | ref_bad)
         self.assess(cand, coefficients, background, clip=False)
 
@@ -752,7 +763,7 @@ class _Fitter:
         kernel = coefficients @ self.flat_basis
         model = cand.design[:, : self.nb] @ coefficients + background
         diff = self._inner(s["tgt"]) - model
-        variance = self._inner(s["tgt_var"]) + self._windows(s["ref_var"]) @ kernel**2
+        variance = self._inner(s["tgt_var"]) + self._convolved_variance(cand, kernel)
         with np.errstate(divide="ignore", invalid="ignore"):
             z = diff / np.sqrt(variance)
         use = ~s["bad"] & np.isfinite(z) & (variance > 0)
