@@ -670,10 +670,12 @@ class _Fitter:
         self._spectra: dict[tuple[int, ...], tuple[tuple[int, ...], np.ndarray]] = {}
 
     def _convolved_variance(self, cand: _Candidate, kernel: np.ndarray) -> np.ndarray:
-        """The reference variance correlated with K^2 over the fitted pixels (a direct
-        sum would be sum_{u,v} ref_var[i + u, j + v] K[u, v]^2) by FFT: the stamp's spectrum is kept with the candidate, so an
-        assessment costs one small product and inverse transform instead of a
-        (good^2, K^2) window matrix (equal to round-off)."""
+        """The reference variance correlated with K^2 over the fitted pixels, by FFT.
+
+        The direct sum is sum_{u,v} ref_var[i + u, j + v] K[u, v]^2; with the stamp's
+        spectrum kept with the candidate an assessment costs one small product and
+        inverse transform instead of a (good^2, K^2) window matrix (equal to round-off).
+        """
         s = cand.stamps
         shape = s["ref_var"].shape
         size = tuple(sp_fft.next_fast_len(n, real=True) for n in shape)
