@@ -88,12 +88,17 @@ def psf_fluxes(
     psf = psf or exposure.require_psf()
     if type(psf).image_at is not Psf.image_at:  # a model with its own drawing: one by one
         out = np.array(
-            [psf_flux(exposure, float(a), float(b), psf, fit_background) for a, b in zip(xs, ys, strict=True)]
+            [
+                psf_flux(exposure, float(a), float(b), psf, fit_background)
+                for a, b in zip(xs, ys, strict=True)
+            ]
         )
         return out[:, 0], out[:, 1]
     flux = np.full(xs.size, math.nan)
     error = np.full(xs.size, math.nan)
-    stamps = [np.asarray(psf.kernel_image(a, b), dtype=np.float64) for a, b in zip(xs, ys, strict=True)]
+    stamps = [
+        np.asarray(psf.kernel_image(a, b), dtype=np.float64) for a, b in zip(xs, ys, strict=True)
+    ]
     for shape in {stamp.shape for stamp in stamps}:
         same = np.array([i for i, stamp in enumerate(stamps) if stamp.shape == shape])
         # batches small enough to stay in cache (large ones are memory bound)
