@@ -871,13 +871,16 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         return stamp / stamp.sum()
 
     def _fill_bad(self, exposure: Exposure) -> Exposure:
-        """Copy with bad-plane pixels replaced by the median of the rest (1.4 step 3)."""
-        filled = exposure.copy()
-        bad = filled.masked(self.config.bad_mask_planes) | ~np.isfinite(filled.image)
+        """The exposure with bad-plane pixels replaced by the median of the rest (1.4 step 3)."""
+        bad = exposure.masked(self.config.bad_mask_planes)
+        bad |= ~np.isfinite(exposure.image)
         self.metadata["nInterpolated"] = int(np.count_nonzero(bad))
+        image = exposure.image
         if bad.any() and not bad.all():
-            filled.image[bad] = np.nanmedian(filled.image[~bad])
-        return filled
+            image = image.copy()
+            image[bad] = np.nanmedian(image[~bad])
+        # only the image changes: variance and mask are shared (they are only read)
+        return replace(exposure, image=image)
 
     def run_preconvolve(
         self, template, science, matched_science, select_sources, preconv_kernel
