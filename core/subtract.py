@@ -832,17 +832,29 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         good &= np.isfinite(score.image) & np.isfinite(score.variance) & (score.variance > 0)
         if np.count_nonzero(good) < 100:
             return
-        values = score.image[good].astype(np.float64)
-        variance = score.variance[good].astype(np.float64)
-        ratio = float(mad_std(values / np.sqrt(variance)))
+        # float32 gathers, z in float64 (the same numbers as casting both first), so the
+        # frame-sized float64 temporaries are one at a time
+        values, variance = score.image[good], score.variance[good]
+        del good
+
+        def pulls(floor: float) -> np.ndarray:
+            z = values.astype(np.float64)
+            scale = variance.astype(np.float64)
+            if floor:
+                scale += floor
+            np.sqrt(scale, out=scale)
+            z /= scale
+            return z
+
+        ratio = float(mad_std(pulls(0.0)))
         self.metadata["scoreNoiseRatioPropagated"] = ratio
         if not ratio > self.config.score_noise_tolerance:
             return
         # the constant e with robust std of score / sqrt(variance + e) equal to 1
-        low, high = 0.0, float(np.median(variance)) * ratio**2
+        low, high = 0.0, float(np.median(variance.astype(np.float64))) * ratio**2
         for _ in range(40):
             floor = 0.5 * (low + high)
-            if mad_std(values / np.sqrt(variance + floor)) > 1.0:
+            if mad_std(pulls(floor)) > 1.0:
                 low = floor
             else:
                 high = floor
