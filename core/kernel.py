@@ -37,6 +37,7 @@ from .config import KernelConfig
 from .errors import InvalidCatalogError, KernelSolutionError, NoKernelCandidatesError
 from .exposure import Exposure
 from .io import file_mode
+from .parallel import thread_map
 from .task import Task
 
 __all__ = [
@@ -1047,11 +1048,14 @@ def _build_until_stable(fitter: _Fitter, cells: dict, config: KernelConfig, bad_
     from all fitted candidates, and rejects the outliers among the visited ones.
     """
     while True:
-        rejected = 0
-        for cand in _visit(cells, config.n_star_per_cell):
-            if not cand.built:
-                fitter.build(cand, bad_bits)
-                rejected += cand.status == _BAD
+        todo = [c for c in _visit(cells, config.n_star_per_cell) if not c.built]
+        # candidates are independent: built on all cores (FFTs and small solves release
+        # the GIL); the warning filter is set once around them (catch_warnings inside
+        # threads would race on the global filter list)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            thread_map(lambda cand: fitter.build(cand, bad_bits), todo)
+        rejected = sum(cand.status == _BAD for cand in todo)
         if config.single_kernel_clipping:
             fitted = [
                 c for cells_ in cells.values() for c in cells_ if c.built and c.design is not None
@@ -1203,10 +1207,13 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
         orders = _spatial_orders(used, config, bbox)
         kernel, background, condition, orders = _conditioned_fit(fitter, used, config, bbox, orders)
         n_good = rejected_spatial = 0
-        for cand in used:
+
+        def assess_spatial(cand, kernel=kernel, background=background):
             coefficients = kernel.coefficients_at(cand.x, cand.y)
             bg = background.evaluate(cand.x, cand.y)
             fitter.assess(cand, coefficients, bg, clip=False)
+
+        thread_map(assess_spatial, used)  # independent candidates, on all cores
         if config.spatial_kernel_clipping:
             fitter.set_limits(used)
         for cand in used:
