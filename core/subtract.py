@@ -846,7 +846,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
             z /= scale
             return z
 
-        ratio = float(mad_std(pulls(0.0)))
+        ratio = _mad_std_in_place(pulls(0.0))
         self.metadata["scoreNoiseRatioPropagated"] = ratio
         if not ratio > self.config.score_noise_tolerance:
             return
@@ -854,7 +854,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         low, high = 0.0, float(np.median(variance.astype(np.float64))) * ratio**2
         for _ in range(40):
             floor = 0.5 * (low + high)
-            if mad_std(pulls(floor)) > 1.0:
+            if _mad_std_in_place(pulls(floor)) > 1.0:
                 low = floor
             else:
                 high = floor
@@ -1044,6 +1044,15 @@ def check_not_identical(science: Exposure, template: Exposure) -> None:
 
 
 # helpers ------------------------------------------------------------------------------------
+def _mad_std_in_place(values: np.ndarray) -> float:
+    """``astropy.stats.mad_std(values)`` (the same number), with ``values`` (float,
+    consumed) partitioned in place instead of two frame-sized copies."""
+    median = np.median(values, overwrite_input=True)
+    np.subtract(values, median, out=values)
+    np.abs(values, out=values)
+    return float(np.median(values, overwrite_input=True) * 1.482602218505602)
+
+
 def _working_copy(exposure: Exposure) -> Exposure:
     """The copy a task changes (decision 7): variance, mask and metadata are copied, the
     image is shared read only. No stage writes the inputs' pixels (they write new

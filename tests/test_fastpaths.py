@@ -284,3 +284,14 @@ def test_working_copy_shares_the_image_read_only_and_never_writes_the_input():
     np.testing.assert_array_equal(exposure.mask, before.mask)
     assert "x" not in exposure.metadata
     assert exposure.image.flags.writeable  # the caller's array keeps its flags
+
+
+def test_in_place_mad_std_is_astropys():
+    from astropy.stats import mad_std
+
+    from core.subtract import _mad_std_in_place
+
+    rng = np.random.default_rng(11)
+    for n in (7, 8, 10001):
+        values = rng.standard_t(3, size=n)
+        assert _mad_std_in_place(values.copy()) == float(mad_std(values))
