@@ -513,13 +513,22 @@ def _mean_variance(exposure: Exposure, ignore) -> float:
     return clipped_mean(variance, good)
 
 
-def _weighted_sum(a: np.ndarray, wa, b: np.ndarray, wb) -> np.ndarray:
-    """a * wa + b * wb with one output array (each product rounded as numpy would)."""
-    out = np.multiply(a, wa)
+def _weighted_sum(a: np.ndarray, wa, b: np.ndarray, wb, out=None) -> np.ndarray:
+    """a * wa + b * wb into one output array (each product rounded as numpy would)."""
+    out = np.multiply(a, wa, out=out)
     step = max(1, (1 << 20) // max(out.shape[-1], 1))
     for y in range(0, out.shape[0], step):
         out[y : y + step] += b[y : y + step] * wb
     return out
+
+
+def _reusable(plane: np.ndarray, *inputs: np.ndarray) -> np.ndarray | None:
+    """``plane`` if it can take an output computed from ``inputs``, else None."""
+    if plane.dtype != np.float32 or not (plane.flags.writeable and plane.flags.c_contiguous):
+        return None
+    if any(np.shares_memory(plane, other) for other in inputs):
+        return None
+    return plane
 
 
 def _fft_shape(data_shape, margin: int) -> tuple[int, int]:
@@ -630,8 +639,8 @@ def decorrelate_difference(
         default the kernel sum at the difference's bbox centre.
     consume : bool
         The caller discards ``difference`` afterwards: the result takes over its mask
-        array instead of a copy (a frame-sized saving); ``difference`` is then not
-        to be used.
+        array instead of a copy, and may write its variance into the difference's
+        variance array (frame-sized savings); ``difference`` is then not to be used.
 
     Returns
     -------
@@ -714,7 +723,14 @@ def decorrelate_difference(
         if complete:
             variance = _complete_variance(plane1, plane2, v, vt, node, shape)
         else:
-            variance = _weighted_sum(plane1, np.float32(node.w1), plane2, np.float32(node.w2))
+            variance = _weighted_sum(
+                plane1,
+                np.float32(node.w1),
+                plane2,
+                np.float32(node.w2),
+                # a consumed difference's own variance plane is reused (no fresh frame)
+                out=_reusable(difference.variance, plane1, plane2) if consume else None,
+            )
         psf_stamps = node.psf[None, None]
         nodes_x, nodes_y = np.array([xc]), np.array([yc])
     else:

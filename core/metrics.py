@@ -90,15 +90,15 @@ def noise_statistics(exposure: Exposure, exclude: np.ndarray | None = None) -> d
             keep &= ~exclude[rows]
         return keep
 
-    counts = [int(np.count_nonzero(good(rows))) for rows in blocks]
+    keeps = [good(rows) for rows in blocks]  # one bool per pixel, evaluated once
+    counts = [int(np.count_nonzero(keep)) for keep in keeps]
     total = sum(counts)
     if total < 10:
         return {"noise_ratio": math.nan, "noise_mean": math.nan, "noise_pixels": 0}
     step = total // _NOISE_SAMPLE + 1
     pieces, seen = [], 0
-    for rows, count in zip(blocks, counts, strict=True):
+    for rows, count, keep in zip(blocks, counts, keeps, strict=True):
         if count:
-            keep = good(rows)
             first = (-seen) % step  # global ordinals seen.. ; keep multiples of step
             image = exposure.image[rows][keep][first::step]
             variance = exposure.variance[rows][keep][first::step]

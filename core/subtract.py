@@ -1096,12 +1096,18 @@ def _block_medians(image: np.ndarray, good: np.ndarray, size: int):
     if my == 0 or mx == 0:
         return (np.zeros(0),) * 4
     crop = np.s_[: my * size, : mx * size]
-    data = np.where(good, image, np.nan)[crop]
+    # unusable pixels as +inf sort last: the median of the first `count` of each sorted
+    # block is its nanmedian (the same numbers, without masked-array machinery)
+    data = np.where(good[crop], image[crop], np.inf)
     blocks = data.reshape(my, size, mx, size).transpose(0, 2, 1, 3).reshape(my, mx, -1)
-    counts = np.sum(np.isfinite(blocks), axis=2)
+    counts = np.sum(good[crop].reshape(my, size, mx, size), axis=(1, 3))
     enough = counts >= size * size // 4
     medians = np.full((my, mx), np.nan)
-    medians[enough] = np.nanmedian(blocks[enough], axis=1)
+    ordered = np.sort(blocks[enough], axis=1)
+    n = counts[enough]
+    rows = np.arange(n.size)
+    low, high = ordered[rows, (n - 1) // 2], ordered[rows, n // 2]
+    medians[enough] = np.where(n % 2 == 1, high, (low + high) / np.asarray(2, low.dtype))
     jj, ii = np.nonzero(enough)
     centre = (size - 1) / 2.0
     return (ii * size + centre, jj * size + centre, medians[enough], counts[enough].astype(float))

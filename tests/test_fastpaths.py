@@ -295,3 +295,22 @@ def test_in_place_mad_std_is_astropys():
     for n in (7, 8, 10001):
         values = rng.standard_t(3, size=n)
         assert _mad_std_in_place(values.copy()) == float(mad_std(values))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_medians_equal_nanmedian_of_each_block(dtype):
+    from core.subtract import _block_medians
+
+    rng = np.random.default_rng(12)
+    image = (rng.normal(size=(200, 230)) * 5).astype(dtype)
+    good = rng.random(image.shape) > rng.random((1, 230))  # some blocks too sparse
+    image[rng.random(image.shape) < 0.01] = np.nan
+    good &= np.isfinite(image)
+    x, y, level, count = _block_medians(image, good, 16)
+    data = np.where(good, image, np.nan)
+    assert 10 < level.size < (200 // 16) * (230 // 16)
+    for xc, yc, value, n in zip(x, y, level, count, strict=True):
+        i0, j0 = int(xc - 7.5), int(yc - 7.5)
+        block = data[j0 : j0 + 16, i0 : i0 + 16]
+        assert n == np.isfinite(block).sum() >= 64
+        assert value == np.nanmedian(block)
