@@ -830,20 +830,27 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         """
         good = ~score.masked(NOISE_MASK_PLANES) & ~self.source_mask
         good &= np.isfinite(score.image) & np.isfinite(score.variance) & (score.variance > 0)
-        if np.count_nonzero(good) < 100:
+        n_good = int(np.count_nonzero(good))
+        if n_good < 100:
             return
-        # float32 gathers, z in float64 (the same numbers as casting both first), so the
-        # frame-sized float64 temporaries are one at a time
-        values, variance = score.image[good], score.variance[good]
-        del good
+        step = max(1, (1 << 20) // max(score.width, 1))
+        blocks = [slice(y, y + step) for y in range(0, score.height, step)]
 
         def pulls(floor: float) -> np.ndarray:
-            z = values.astype(np.float64)
-            scale = variance.astype(np.float64)
-            if floor:
-                scale += floor
-            np.sqrt(scale, out=scale)
-            z /= scale
+            """score / sqrt(variance + floor) on the good pixels in float64, a block of rows
+            at a time (the same numbers as casting whole gathers; one frame-sized array)."""
+            z = np.empty(n_good, dtype=np.float64)
+            k = 0
+            for rows in blocks:
+                keep = good[rows]
+                part = score.image[rows][keep].astype(np.float64)
+                scale = score.variance[rows][keep].astype(np.float64)
+                if floor:
+                    scale += floor
+                np.sqrt(scale, out=scale)
+                part /= scale
+                z[k : k + part.size] = part
+                k += part.size
             return z
 
         ratio = _mad_std_in_place(pulls(0.0))
@@ -851,7 +858,8 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         if not ratio > self.config.score_noise_tolerance:
             return
         # the constant e with robust std of score / sqrt(variance + e) equal to 1
-        low, high = 0.0, float(np.median(variance.astype(np.float64))) * ratio**2
+        median_variance = float(np.median(score.variance[good].astype(np.float64)))
+        low, high = 0.0, median_variance * ratio**2
         for _ in range(40):
             floor = 0.5 * (low + high)
             if _mad_std_in_place(pulls(floor)) > 1.0:
