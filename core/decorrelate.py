@@ -106,6 +106,9 @@ _FFT_WORKERS = 2
 _WHOLE_FFT_MAX = 1024
 #: Pixels used for a whole-frame mean variance (a regular sub-grid beyond this).
 _STATS_MAX_PIXELS = 1 << 21
+#: The same for a node's local mean variances (a smooth plane's mean over 16k pixels is
+#: good to ~1e-3 and the filter depends on it weakly; 2 x 289 windows of 65k at 4k / 256)
+_NODE_STATS_MAX_PIXELS = 1 << 14
 
 
 # ----------------------------------------------------------------------------------------
@@ -843,8 +846,8 @@ def _decorrelate_on_grid(
     def node_filter(index: int) -> _NodeFilter:
         jn, i_n = divmod(index, nodes_x.size)
         window = (slice(*windows_y[jn]), slice(*windows_x[i_n]))
-        v = clipped_mean(plane1[window], good1[window])
-        vt = clipped_mean(plane2[window], good2[window])
+        v = clipped_mean(plane1[window], good1[window], max_pixels=_NODE_STATS_MAX_PIXELS)
+        vt = clipped_mean(plane2[window], good2[window], max_pixels=_NODE_STATS_MAX_PIXELS)
         v = v if math.isfinite(v) else v_default
         vt = vt if math.isfinite(vt) else vt_default
         kernel_image = _kernel_at(kernel, x0 + nodes_x[i_n], y0 + nodes_y[jn])
