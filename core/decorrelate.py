@@ -106,6 +106,9 @@ _FFT_WORKERS = 2
 _WHOLE_FFT_MAX = 1024
 #: Pixels used for a whole-frame mean variance (a regular sub-grid beyond this).
 _STATS_MAX_PIXELS = 1 << 21
+#: The same for a node's local mean variances (a smooth plane's mean over 16k pixels is
+#: good to ~1e-3 and the filter depends on it weakly; 2 x 289 windows of 65k at 4k / 256)
+_NODE_STATS_MAX_PIXELS = 1 << 14
 
 
 # ----------------------------------------------------------------------------------------
@@ -155,15 +158,15 @@ def clipped_mean(
     q25, centre, q75 = np.percentile(x, [25.0, 50.0, 75.0])
     centre = float(centre)
     half_width = n_sigma * _IQR_TO_SIGMA * float(q75 - q25)
+    x = x.astype(np.float64, copy=False)
     for _ in range(n_iter):
-        kept = np.abs(x - centre) <= half_width
-        n_kept = int(np.count_nonzero(kept))
-        if n_kept == 0:
+        kept = x[np.abs(x - centre) <= half_width]
+        if kept.size == 0:
             # a constant plane can lose its pixels to rounding of the mean; stop there
             break
-        # float64 accumulators without copying the kept pixels
-        centre = float(np.mean(x, where=kept, dtype=np.float64))
-        spread = float(np.std(x, where=kept, ddof=1, dtype=np.float64)) if n_kept > 1 else 0.0
+        # the kept pixels compressed: contiguous (pairwise) sums, faster than where= masks
+        centre = float(kept.mean())
+        spread = float(kept.std(ddof=1)) if kept.size > 1 else 0.0
         half_width = n_sigma * spread
     return float(centre)
 
@@ -452,6 +455,8 @@ class _NodeFilter:
     variance2: np.ndarray | None
     w1: float
     w2: float
+    v1: float = math.nan  # the mean variances the filter was made for
+    v2: float = math.nan
 
 
 def _node_filter(
@@ -469,6 +474,8 @@ def _node_filter(
         variance2=variance2,
         w1=filters.w1,
         w2=filters.w2,
+        v1=float(v),
+        v2=float(vt),
     )
 
 
@@ -497,6 +504,35 @@ def _fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         fill = np.mean(data[~bad], dtype=np.float64) if (~bad).any() else 0.0
         data = np.where(bad, np.float32(fill), data)
     return data, bad
+
+
+def _mean_variance(exposure: Exposure, ignore) -> float:
+    """Clipped mean of the variance plane on unmasked pixels of a regular sub-grid
+    (`_STATS_MAX_PIXELS`); the mask is read only on that sub-grid."""
+    variance, mask = exposure.variance, exposure.mask
+    if variance.size > _STATS_MAX_PIXELS:
+        stride = math.ceil(math.sqrt(variance.size / _STATS_MAX_PIXELS))
+        variance, mask = variance[::stride, ::stride], mask[::stride, ::stride]
+    good = (mask & np.int32(exposure.bitmask(ignore))) == 0
+    return clipped_mean(variance, good)
+
+
+def _weighted_sum(a: np.ndarray, wa, b: np.ndarray, wb, out=None) -> np.ndarray:
+    """a * wa + b * wb into one output array (each product rounded as numpy would)."""
+    out = np.multiply(a, wa, out=out)
+    step = max(1, (1 << 20) // max(out.shape[-1], 1))
+    for y in range(0, out.shape[0], step):
+        out[y : y + step] += b[y : y + step] * wb
+    return out
+
+
+def _reusable(plane: np.ndarray, *inputs: np.ndarray) -> np.ndarray | None:
+    """``plane`` if it can take an output computed from ``inputs``, else None."""
+    if plane.dtype != np.float32 or not (plane.flags.writeable and plane.flags.c_contiguous):
+        return None
+    if any(np.shares_memory(plane, other) for other in inputs):
+        return None
+    return plane
 
 
 def _fft_shape(data_shape, margin: int) -> tuple[int, int]:
@@ -577,6 +613,7 @@ def decorrelate_difference(
     config: DecorrelationConfig | None = None,
     task=None,
     kernel_sum_norm: float | None = None,
+    consume: bool = False,
 ) -> Exposure:
     """Whiten the noise of a difference or score exposure (algorithm.md 4.2-4.4).
 
@@ -605,6 +642,10 @@ def decorrelate_difference(
     kernel_sum_norm : float or None
         Factor the difference was divided by in convolveScience mode (decision 2);
         default the kernel sum at the difference's bbox centre.
+    consume : bool
+        The caller discards ``difference`` afterwards: the result takes over its mask
+        array instead of a copy, and may write its variance into the difference's
+        variance array (frame-sized savings); ``difference`` is then not to be used.
 
     Returns
     -------
@@ -646,10 +687,8 @@ def decorrelate_difference(
         preconv_image = preconv_image / preconv_image.sum()
 
     ignore = config.ignore_mask_planes
-    good_s = ~science.masked(ignore)
-    good_t = ~template.masked(ignore)
-    var_science = clipped_mean(science.variance, good_s, max_pixels=_STATS_MAX_PIXELS)
-    var_template = clipped_mean(template.variance, good_t, max_pixels=_STATS_MAX_PIXELS)
+    var_science = _mean_variance(science, ignore)
+    var_template = _mean_variance(template, ignore)
     if not (math.isfinite(var_science) and math.isfinite(var_template)):
         log.warning(
             "decorrelation skipped: mean variance is not finite (science %s, template %s)",
@@ -661,13 +700,15 @@ def decorrelate_difference(
     if template_matched:
         v, vt = var_science, var_template
         correlations = (science.noise_correlation, template.noise_correlation)
-        plane1, plane2, good1, good2 = science.variance, template.variance, good_s, good_t
+        plane1, plane2 = science.variance, template.variance
+        exposure1, exposure2 = science, template
         scale = 1.0
         base_psf = difference.psf or science.psf
     else:
         v, vt = var_template, var_science
         correlations = (template.noise_correlation, science.noise_correlation)
-        plane1, plane2, good1, good2 = template.variance, science.variance, good_t, good_s
+        plane1, plane2 = template.variance, science.variance
+        exposure1, exposure2 = template, science
         if kernel_sum_norm is None:
             kernel_sum_norm = float(_kernel_at(kernel, *difference.bbox_center()).sum())
         scale = 1.0 / kernel_sum_norm**2
@@ -687,14 +728,21 @@ def decorrelate_difference(
         if complete:
             variance = _complete_variance(plane1, plane2, v, vt, node, shape)
         else:
-            variance = plane1 * np.float32(node.w1) + plane2 * np.float32(node.w2)
+            variance = _weighted_sum(
+                plane1,
+                np.float32(node.w1),
+                plane2,
+                np.float32(node.w2),
+                # a consumed difference's own variance plane is reused (no fresh frame)
+                out=_reusable(difference.variance, plane1, plane2) if consume else None,
+            )
         psf_stamps = node.psf[None, None]
         nodes_x, nodes_y = np.array([xc]), np.array([yc])
     else:
         corrected, variance, psf_stamps, nodes_x, nodes_y = _decorrelate_on_grid(
             image,
             (plane1, plane2),
-            (good1, good2),
+            (~exposure1.masked(ignore), ~exposure2.masked(ignore)),
             (v, vt),
             kernel,
             (x0, y0),
@@ -709,13 +757,18 @@ def decorrelate_difference(
         # restore non-finite input variances (section 4.3 step 8)
         nonfinite = ~(np.isfinite(plane1) & np.isfinite(plane2))
         variance[nonfinite] = plane1[nonfinite] + plane2[nonfinite]
-    corrected[bad] = difference.image[bad]
+    if bad.any():
+        corrected[bad] = difference.image[bad]
+    variance = np.ascontiguousarray(variance, dtype=np.float32)
+    if scale != 1.0:
+        variance *= np.float32(scale)
 
     result = replace(
         difference,
         image=np.ascontiguousarray(corrected, dtype=np.float32),
-        variance=np.ascontiguousarray(variance * np.float32(scale), dtype=np.float32),
-        mask=difference.mask.copy(),
+        variance=variance,
+        # a consumed difference gives up its mask: no frame-sized copy
+        mask=difference.mask if consume else difference.mask.copy(),
         mask_planes=difference.mask_planes.copy(),
         metadata=copy.deepcopy(difference.metadata),
     )
@@ -733,19 +786,28 @@ def decorrelate_difference(
     return result
 
 
-def _node_ranges(length: int, nodes: np.ndarray, tent: np.ndarray):
-    """Per node: (support start, end) where its tent weight is > 0, and (window start, end)
-    of the pixels nearest to it (the local-statistics window; windows tile the axis)."""
+def _node_windows(length: int, nodes: np.ndarray) -> list[tuple[int, int]]:
+    """Per node: (start, end) of the pixels nearest to it (its local-statistics window;
+    the windows tile the axis)."""
     spacing = nodes[1] - nodes[0] if nodes.size > 1 else float(length)
     nearest = np.clip(np.rint(np.arange(length) / spacing), 0, nodes.size - 1).astype(int)
     out = []
     for n in range(nodes.size):
-        support = np.nonzero(tent[:, n] > 0)[0]
         window = np.nonzero(nearest == n)[0]
-        if window.size == 0:  # cannot happen with spacing >= 1; keep the support then
-            window = support
-        out.append((support[0], support[-1] + 1, window[0], window[-1] + 1))
+        out.append((int(window[0]), int(window[-1]) + 1))
     return out
+
+
+def _cells(length: int, nodes: np.ndarray) -> list[tuple[int, int, list[int]]]:
+    """The axis cut at the nodes: (start, end, nodes whose tent is > 0 there) per cell.
+
+    Between two neighbouring nodes only their two tents are non-zero, so a cell is
+    blended from (at most) its 2 x 2 corner nodes.
+    """
+    if nodes.size == 1:
+        return [(0, length, [0])]
+    bounds = [int(math.ceil(node)) for node in nodes[:-1]] + [length]
+    return [(bounds[i], bounds[i + 1], [i, i + 1]) for i in range(nodes.size - 1)]
 
 
 def _decorrelate_on_grid(
@@ -764,9 +826,11 @@ def _decorrelate_on_grid(
     """Decorrelation on a grid of nodes blended with tent weights (decision 4).
 
     Each node's filter comes from the kernel at the node and the clipped-mean variances
-    of the pixels nearest to it; it is applied to the node's support (two grid spacings
-    per axis) plus a margin holding the filter tails, and weighted by the node's
-    bilinear tent, so the blend is continuous and the weights sum to 1 everywhere.
+    of the pixels nearest to it. The blend sum_n tent_n(X) (phi_n (*) D)(X) is computed
+    cell by cell (a cell lies between 2 x 2 nodes, the only ones whose tents are
+    non-zero in it): one forward FFT of the cell plus a margin holding the filter tails,
+    and one inverse per corner node, each weighted by the node's bilinear tent. The
+    weights sum to 1 everywhere and the blend is continuous: no cell edges.
     """
     plane1, plane2 = planes
     good1, good2 = goods
@@ -775,54 +839,109 @@ def _decorrelate_on_grid(
     x0, y0 = xy0
     nodes_x = node_positions(nx, step)
     nodes_y = node_positions(ny, step)
-    tent_x = _tent_matrix(nx, nodes_x)
-    tent_y = _tent_matrix(ny, nodes_y)
-    ranges_x = _node_ranges(nx, nodes_x, tent_x)
-    ranges_y = _node_ranges(ny, nodes_y, tent_y)
-    span_y = max(r1 - r0 for r0, r1, _, _ in ranges_y)
-    span_x = max(c1 - c0 for c0, c1, _, _ in ranges_x)
-    shape = _fft_shape((min(ny, span_y + 2 * margin), min(nx, span_x + 2 * margin)), margin)
+    tent_x = _tent_matrix(nx, nodes_x).astype(np.float32)
+    tent_y = _tent_matrix(ny, nodes_y).astype(np.float32)
+    windows_x = _node_windows(nx, nodes_x)
+    windows_y = _node_windows(ny, nodes_y)
     stamp_size = 2 * margin + 1
+
+    def node_filter(index: int) -> _NodeFilter:
+        jn, i_n = divmod(index, nodes_x.size)
+        window = (slice(*windows_y[jn]), slice(*windows_x[i_n]))
+        v = clipped_mean(plane1[window], good1[window], max_pixels=_NODE_STATS_MAX_PIXELS)
+        vt = clipped_mean(plane2[window], good2[window], max_pixels=_NODE_STATS_MAX_PIXELS)
+        v = v if math.isfinite(v) else v_default
+        vt = vt if math.isfinite(vt) else vt_default
+        kernel_image = _kernel_at(kernel, x0 + nodes_x[i_n], y0 + nodes_y[jn])
+        return _node_filter(kernel_image, v, vt, preconv_image, stamp_size, complete, correlations)
+
+    filters = thread_map(node_filter, range(nodes_y.size * nodes_x.size))
+    psf_stamps = np.array([f.psf for f in filters]).reshape(
+        nodes_y.size, nodes_x.size, stamp_size, stamp_size
+    )
+    cells_y, cells_x = _cells(ny, nodes_y), _cells(nx, nodes_x)
+    h = margin
+    shape = (
+        sfft.next_fast_len(max(c1 - c0 for c0, c1, _ in cells_y) + 2 * h, real=True),
+        sfft.next_fast_len(max(c1 - c0 for c0, c1, _ in cells_x) + 2 * h, real=True),
+    )
     corrected = np.zeros(image.shape, dtype=np.float32)
     variance = np.zeros(image.shape, dtype=np.float32)
-    psf_stamps = np.zeros((nodes_y.size, nodes_x.size, stamp_size, stamp_size))
-    for jn, (r0, r1, wr0, wr1) in enumerate(ranges_y):
-        t0, t1 = max(0, r0 - margin), min(ny, r1 + margin)
+    if complete:
+        bad1, bad2 = ~np.isfinite(plane1), ~np.isfinite(plane2)
+        zeroed1 = np.where(bad1, np.float32(0), plane1).astype(np.float32, copy=False)
+        zeroed2 = np.where(bad2, np.float32(0), plane2).astype(np.float32, copy=False)
 
-        def filter_node(i_n, jn=jn, r0=r0, r1=r1, wr0=wr0, wr1=wr1, t0=t0, t1=t1):
-            c0, c1, wc0, wc1 = ranges_x[i_n]
-            s0, s1 = max(0, c0 - margin), min(nx, c1 + margin)
-            window = (slice(wr0, wr1), slice(wc0, wc1))
-            v = clipped_mean(plane1[window], good1[window])
-            vt = clipped_mean(plane2[window], good2[window])
-            v = v if math.isfinite(v) else v_default
-            vt = vt if math.isfinite(vt) else vt_default
-            kernel_image = _kernel_at(kernel, x0 + nodes_x[i_n], y0 + nodes_y[jn])
-            node = _node_filter(
-                kernel_image, v, vt, preconv_image, stamp_size, complete, correlations
-            )
-            weight = (tent_y[r0:r1, jn, None] * tent_x[None, c0:c1, i_n]).astype(np.float32)
-            inner = (slice(r0 - t0, r1 - t0), slice(c0 - s0, c1 - s0))
-            support = (slice(r0, r1), slice(c0, c1))
-            tile = (slice(t0, t1), slice(s0, s1))
-            image_part = weight * _convolve((image[tile],), (node.image,), shape, workers=1)[inner]
+    def transfer(stamp: np.ndarray) -> np.ndarray:
+        return sfft.rfft2(_embed(stamp, shape).astype(np.float32), workers=1)
+
+    def node_spectra(jn: int) -> list:
+        """Transfer functions of the nodes of row jn at the cell FFT shape."""
+        out = []
+        for i_n in range(nodes_x.size):
+            node = filters[jn * nodes_x.size + i_n]
+            entry = [transfer(node.image)]
             if complete:
-                local = _complete_variance(
-                    plane1[tile], plane2[tile], v, vt, node, shape, workers=1
-                )
-                variance_part = weight * local[inner]
-            else:
-                variance_part = weight * (
-                    plane1[support] * np.float32(node.w1) + plane2[support] * np.float32(node.w2)
-                )
-            return node.psf, support, image_part, variance_part
+                assert node.variance1 is not None and node.variance2 is not None
+                entry += [transfer(node.variance1), transfer(node.variance2)]
+            out.append(entry)
+        return out
 
-        # the nodes of a row are independent: filtered on all cores, then blended in
-        # order (the same sums as one node after the other)
-        for i_n, (psf, support, image_part, variance_part) in enumerate(
-            thread_map(filter_node, range(len(ranges_x)))
-        ):
-            psf_stamps[jn, i_n] = psf
-            corrected[support] += image_part
-            variance[support] += variance_part
+    def tile_spectrum(data: np.ndarray, r0, r1, c0, c1) -> np.ndarray:
+        """rFFT of data rows r0 - h .. r1 + h - 1 (zero outside the frame) at ``shape``."""
+        buffer = np.zeros(shape, dtype=np.float32)
+        a0, a1 = max(r0 - h, 0), min(r1 + h, ny)
+        b0, b1 = max(c0 - h, 0), min(c1 + h, nx)
+        oy, ox = a0 - (r0 - h), b0 - (c0 - h)
+        buffer[oy : oy + a1 - a0, ox : ox + b1 - b0] = data[a0:a1, b0:b1]
+        return sfft.rfft2(buffer, workers=1)
+
+    spectra: dict[int, list] = {}
+    for r0, r1, row_nodes in cells_y:
+        for jn in [j for j in spectra if j not in row_nodes]:
+            del spectra[jn]  # node rows are visited in order: keep two rows of transfers
+        for jn in row_nodes:
+            if jn not in spectra:
+                spectra[jn] = node_spectra(jn)
+
+        def blend_cell(cell, r0=r0, r1=r1, row_nodes=row_nodes):
+            c0, c1, col_nodes = cell
+            core = np.s_[h : h + r1 - r0, h : h + c1 - c0]
+            data = tile_spectrum(image, r0, r1, c0, c1)
+            if complete:
+                parts = [tile_spectrum(zeroed1, r0, r1, c0, c1)]
+                parts.append(tile_spectrum(zeroed2, r0, r1, c0, c1))
+                # a node fills non-finite variances with its own mean: V0 + v * indicator
+                near = np.s_[max(r0 - h, 0) : r1 + h, max(c0 - h, 0) : c1 + h]
+                holes = [
+                    tile_spectrum(bad, r0, r1, c0, c1) if bad[near].any() else None
+                    for bad in (bad1, bad2)
+                ]
+            image_out = corrected[r0:r1, c0:c1]  # cells do not overlap: safe across threads
+            variance_out = variance[r0:r1, c0:c1]
+            w1 = w2 = None
+            for jn in row_nodes:
+                for i_n in col_nodes:
+                    weight = tent_y[r0:r1, jn, None] * tent_x[None, c0:c1, i_n]
+                    node = filters[jn * nodes_x.size + i_n]
+                    entry = spectra[jn][i_n]
+                    filtered = sfft.irfft2(data * entry[0], s=shape, workers=1)[core]
+                    filtered *= weight
+                    image_out += filtered
+                    if complete:
+                        total = None
+                        for part, hole, mean, spectrum in zip(
+                            parts, holes, (node.v1, node.v2), entry[1:], strict=True
+                        ):
+                            filled = part if hole is None else part + np.float32(mean) * hole
+                            term = filled * spectrum
+                            total = term if total is None else total + term
+                        variance_out += weight * sfft.irfft2(total, s=shape, workers=1)[core]
+                    else:  # the blended weights of the two variance planes
+                        w1 = weight * np.float32(node.w1) + (0 if w1 is None else w1)
+                        w2 = weight * np.float32(node.w2) + (0 if w2 is None else w2)
+            if w1 is not None and w2 is not None:
+                variance_out += plane1[r0:r1, c0:c1] * w1 + plane2[r0:r1, c0:c1] * w2
+
+        thread_map(blend_cell, cells_x)
     return corrected, variance, psf_stamps, nodes_x + x0, nodes_y + y0

@@ -298,14 +298,22 @@ class Exposure:
         so bits are mapped by name; planes on the same bit in both go in one OR.
         """
         same = 0
+        moved: list[tuple[int, int]] = []  # (bit in other, bit here)
         for name, bit in other.mask_planes.as_dict().items():
-            if self.mask_planes.bit(name) == bit:
+            target = self.mask_planes.bit(name)
+            if target == bit:
                 same |= 1 << bit
             else:
-                has = (other.mask & (1 << bit)) != 0
-                self.mask[has] |= self.mask_planes.value(name)
-        if same:
-            self.mask |= other.mask & np.int32(same)
+                moved.append((bit, target))
+        same_bits = np.int32(np.uint32(same).view(np.int32))
+        # a block of rows at a time, by shifts: no frame-sized temporaries or fancy indexing
+        step = max(1, _BLOCK_PIXELS // max(self.mask.shape[-1], 1))
+        for y in range(0, self.mask.shape[0], step):
+            source, rows = other.mask[y : y + step], self.mask[y : y + step]
+            if same:
+                rows |= source & same_bits
+            for bit, target in moved:
+                rows |= ((source >> np.int32(bit)) & np.int32(1)) << np.int32(target)
 
     def plane_counts(self) -> dict[str, int]:
         """Number of pixels with each plane set."""

@@ -28,7 +28,6 @@ import scipy.linalg
 from astropy.io import fits
 from astropy.stats import mad_std
 from astropy.table import Table
-from numpy.lib.stride_tricks import sliding_window_view
 from numpy.polynomial import chebyshev
 from scipy import ndimage, signal
 from threadpoolctl import threadpool_limits
@@ -38,6 +37,7 @@ from .config import KernelConfig
 from .errors import InvalidCatalogError, KernelSolutionError, NoKernelCandidatesError
 from .exposure import Exposure
 from .io import file_mode
+from .parallel import thread_map
 from .task import Task
 
 __all__ = [
@@ -670,9 +670,23 @@ class _Fitter:
         # basis spectra per stamp shape, for `correlate_basis`
         self._spectra: dict[tuple[int, ...], tuple[tuple[int, ...], np.ndarray]] = {}
 
-    def _windows(self, stamp: np.ndarray) -> np.ndarray:
-        """(good^2, K^2) matrix of the stamp pixels under the kernel at each fitted pixel."""
-        return sliding_window_view(stamp, (self.k, self.k)).reshape(-1, self.k**2)
+    def _convolved_variance(self, cand: _Candidate, kernel: np.ndarray) -> np.ndarray:
+        """The reference variance correlated with K^2 over the fitted pixels, by FFT.
+
+        The direct sum is sum_{u,v} ref_var[i + u, j + v] K[u, v]^2; with the stamp's
+        spectrum kept with the candidate an assessment costs one small product and
+        inverse transform instead of a (good^2, K^2) window matrix (equal to round-off).
+        """
+        s = cand.stamps
+        shape = s["ref_var"].shape
+        size = tuple(sp_fft.next_fast_len(n, real=True) for n in shape)
+        spectrum = s.get("ref_var_hat")
+        if spectrum is None:
+            spectrum = s["ref_var_hat"] = sp_fft.rfft2(s["ref_var"].astype(np.float64), s=size)
+        squared = (kernel.reshape(self.k, self.k) ** 2)[::-1, ::-1]
+        full = sp_fft.irfft2(spectrum * sp_fft.rfft2(squared, s=size), s=size)
+        k = self.k
+        return full[k - 1 : shape[0], k - 1 : shape[1]].ravel()
 
     def correlate_basis(self, stamp: np.ndarray) -> np.ndarray:
         """(good^2, nb): column n = (B_n correlated with the stamp) over the fitted region.
@@ -739,9 +753,9 @@ class _Fitter:
         cand.ksum = float(self.basis_sums @ coefficients)
         # pixels with a bad plane in the target, or in the reference under the kernel
         tgt_bad = (s["tgt_mask"] & bad_bits[0]) != 0
-        ref_bad = ndimage.maximum_filter(
-            (s["ref_mask"] & bad_bits[1]) != 0, size=self.k, mode="constant"
-        )
+        ref_bad = (s["ref_mask"] & bad_bits[1]) != 0
+        if ref_bad.any():  # (most stamps have no bad pixel: no filter then)
+            ref_bad = ndimage.maximum_filter(ref_bad, size=self.k, mode="constant")
         s["bad"] = self._inner(tgt_bad | ref_bad)
         self.assess(cand, coefficients, background, clip=False)
 
@@ -752,7 +766,7 @@ class _Fitter:
         kernel = coefficients @ self.flat_basis
         model = cand.design[:, : self.nb] @ coefficients + background
         diff = self._inner(s["tgt"]) - model
-        variance = self._inner(s["tgt_var"]) + self._windows(s["ref_var"]) @ kernel**2
+        variance = self._inner(s["tgt_var"]) + self._convolved_variance(cand, kernel)
         with np.errstate(divide="ignore", invalid="ignore"):
             z = diff / np.sqrt(variance)
         use = ~s["bad"] & np.isfinite(z) & (variance > 0)
@@ -1034,11 +1048,14 @@ def _build_until_stable(fitter: _Fitter, cells: dict, config: KernelConfig, bad_
     from all fitted candidates, and rejects the outliers among the visited ones.
     """
     while True:
-        rejected = 0
-        for cand in _visit(cells, config.n_star_per_cell):
-            if not cand.built:
-                fitter.build(cand, bad_bits)
-                rejected += cand.status == _BAD
+        todo = [c for c in _visit(cells, config.n_star_per_cell) if not c.built]
+        # candidates are independent: built on all cores (FFTs and small solves release
+        # the GIL); the warning filter is set once around them (catch_warnings inside
+        # threads would race on the global filter list)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            thread_map(lambda cand: fitter.build(cand, bad_bits), todo)
+        rejected = sum(cand.status == _BAD for cand in todo)
         if config.single_kernel_clipping:
             fitted = [
                 c for cells_ in cells.values() for c in cells_ if c.built and c.design is not None
@@ -1190,10 +1207,13 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
         orders = _spatial_orders(used, config, bbox)
         kernel, background, condition, orders = _conditioned_fit(fitter, used, config, bbox, orders)
         n_good = rejected_spatial = 0
-        for cand in used:
+
+        def assess_spatial(cand, kernel=kernel, background=background):
             coefficients = kernel.coefficients_at(cand.x, cand.y)
             bg = background.evaluate(cand.x, cand.y)
             fitter.assess(cand, coefficients, bg, clip=False)
+
+        thread_map(assess_spatial, used)  # independent candidates, on all cores
         if config.spatial_kernel_clipping:
             fitter.set_limits(used)
         for cand in used:

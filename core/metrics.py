@@ -63,6 +63,10 @@ def limiting_magnitude(exposure: Exposure, fwhm: float) -> float:
     return exposure.photo_calib.zero_point - 2.5 * math.log10(5.0 * math.sqrt(area))
 
 
+#: Footprints measured together by `footprint_means`.
+_FOOTPRINT_BATCH = 256
+
+
 def noise_statistics(exposure: Exposure, exclude: np.ndarray | None = None) -> dict[str, float]:
     """Robust mean and width of image/sqrt(variance) over unmasked pixels.
 
@@ -86,15 +90,15 @@ def noise_statistics(exposure: Exposure, exclude: np.ndarray | None = None) -> d
             keep &= ~exclude[rows]
         return keep
 
-    counts = [int(np.count_nonzero(good(rows))) for rows in blocks]
+    keeps = [good(rows) for rows in blocks]  # one bool per pixel, evaluated once
+    counts = [int(np.count_nonzero(keep)) for keep in keeps]
     total = sum(counts)
     if total < 10:
         return {"noise_ratio": math.nan, "noise_mean": math.nan, "noise_pixels": 0}
     step = total // _NOISE_SAMPLE + 1
     pieces, seen = [], 0
-    for rows, count in zip(blocks, counts, strict=True):
+    for rows, count, keep in zip(blocks, counts, keeps, strict=True):
         if count:
-            keep = good(rows)
             first = (-seen) % step  # global ordinals seen.. ; keep multiples of step
             image = exposure.image[rows][keep][first::step]
             variance = exposure.variance[rows][keep][first::step]
@@ -121,8 +125,9 @@ def footprint_means(stamp_values, n_values: int, x, y, radius: float, shape) -> 
     Parameters
     ----------
     stamp_values : callable(window) -> sequence of `numpy.ndarray`
-        Given a (row slice, column slice) window, the ``n_values`` quantities to
-        average on it; computed per stamp, so nothing frame-sized is built.
+        Given an index into the frame (row and column index arrays that broadcast to
+        (m, 2r + 1, 2r + 1): a batch of m square stamps), the ``n_values``
+        quantities on those pixels, elementwise; nothing frame-sized is built.
     n_values : int
     x, y : array-like
         Footprint centres in array coordinates.
@@ -139,17 +144,23 @@ def footprint_means(stamp_values, n_values: int, x, y, radius: float, shape) -> 
     r = int(math.ceil(radius))
     dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
     disc = dx * dx + dy * dy <= radius * radius
-    out = [np.full(len(x), np.nan) for _ in range(n_values)]
-    for k, (xc, yc) in enumerate(zip(np.asarray(x, float), np.asarray(y, float), strict=True)):
-        ix, iy = int(math.floor(xc + 0.5)), int(math.floor(yc + 0.5))
-        x0, x1, y0, y1 = ix - r, ix + r + 1, iy - r, iy + r + 1
-        if x0 < 0 or y0 < 0 or x1 > nx or y1 > ny:
-            continue
-        for stamp, values in zip(stamp_values(np.s_[y0:y1, x0:x1]), out, strict=True):
-            pix = stamp[disc]
-            pix = pix[np.isfinite(pix)]
-            if pix.size:
-                values[k] = pix.mean()
+    xs, ys = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()
+    out = [np.full(xs.size, np.nan) for _ in range(n_values)]
+    ix, iy = np.floor(xs + 0.5).astype(int), np.floor(ys + 0.5).astype(int)
+    inside = np.nonzero((ix - r >= 0) & (iy - r >= 0) & (ix + r + 1 <= nx) & (iy + r + 1 <= ny))[0]
+    offsets = np.arange(-r, r + 1)
+    # footprints in batches (one set of numpy calls each) small enough to stay in cache
+    for start in range(0, inside.size, _FOOTPRINT_BATCH):
+        batch = inside[start : start + _FOOTPRINT_BATCH]
+        rows = (iy[batch, None] + offsets)[:, :, None]
+        cols = (ix[batch, None] + offsets)[:, None, :]
+        for stamps, values in zip(stamp_values((rows, cols)), out, strict=True):
+            pix = np.asarray(stamps, dtype=np.float64)[:, disc]
+            finite = np.isfinite(pix)
+            count = finite.sum(axis=1)
+            total = np.where(finite, pix, 0.0).sum(axis=1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                values[batch] = np.where(count > 0, total / count, np.nan)
     return out
 
 

@@ -297,7 +297,14 @@ def select_kernel_sources(
         Fewer than ``min_kernel_sources`` remain.
     """
     config = config or SourcesConfig()
-    table = catalog.copy(copy_data=True)
+    # columns copied, meta shallow: a detection catalog's meta holds frame-sized
+    # segmentation images that a deep copy would duplicate (read here, never written)
+    table = Table(
+        [catalog[name].copy() for name in catalog.colnames],
+        names=catalog.colnames,
+        meta=dict(catalog.meta),
+        copy=False,
+    )
     if "x" not in table.colnames or "y" not in table.colnames:
         raise InvalidCatalogError("kernel-source catalog needs x and y columns")
     n_input = len(table)

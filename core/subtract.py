@@ -9,6 +9,7 @@ Inputs are never mutated (decision 7).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
@@ -488,7 +489,9 @@ class _SubtractBase(Task):
 
     def _match_template(self, template: Exposure, science: Exposure, kernel) -> Exposure:
         """K * T on the science box, with the science PSF and calibration."""
-        matched = self._convolve(template, kernel).cutout(science.bbox)
+        convolved = self._convolve(template, kernel)
+        # a registered template is already on the science box: no frame-sized copy then
+        matched = convolved if convolved.bbox == science.bbox else convolved.cutout(science.bbox)
         matched.psf = science.require_psf()
         matched.photo_calib = science.photo_calib
         return matched
@@ -517,10 +520,14 @@ class _SubtractBase(Task):
             return background
         # every sky pixel constrains the configured order, even where few stamps did not
         background = background.raised(self.config.kernel.spatial_bg_order)
-        good = ~difference.masked(NOISE_MASK_PLANES) & ~self.source_mask
-        good &= np.isfinite(difference.image) & (difference.variance > 0)
         # a 2x2 subsample per 32 px block is plenty for six smooth terms and 4x cheaper
-        x, y, level, weight = _block_medians(difference.image[::2, ::2], good[::2, ::2], 16)
+        # (the masks too are only read on that subsample)
+        sub = np.s_[::2, ::2]
+        image = difference.image[sub]
+        good = (difference.mask[sub] & np.int32(difference.bitmask(NOISE_MASK_PLANES))) == 0
+        good &= ~self.source_mask[sub]
+        good &= np.isfinite(image) & (difference.variance[sub] > 0)
+        x, y, level, weight = _block_medians(image, good, 16)
         x, y = 2 * x, 2 * y
         if len(level) < 2 * background.coefficients.size:
             return background
@@ -560,10 +567,11 @@ class _SubtractBase(Task):
         if spatially_varying is None:
             spatially_varying = self.config.decorrelation.spatially_varying
         with self.decorrelate.timer("run"):
+            # decorrelate_difference cuts the template to the difference box only if needed
             return decorrelate_difference(
                 difference,
                 science,
-                template.cutout(science.bbox),
+                template,
                 kernel,
                 template_matched=template_matched,
                 preconv_mode=preconv_mode,
@@ -571,6 +579,7 @@ class _SubtractBase(Task):
                 spatially_varying=spatially_varying,
                 config=self.config.decorrelation,
                 task=self.decorrelate,
+                consume=True,  # the difference is replaced by the result
             )
 
     def _base_metrics(self, result: SubtractionResult, science: Exposure) -> dict[str, Any]:
@@ -672,12 +681,12 @@ class AlardLuptonSubtractTask(_SubtractBase):
         """
         if self.config.mode == "preconvolve":
             raise ValueError("mode 'preconvolve' is run by AlardLuptonPreconvolveSubtractTask")
-        template, science = template.copy(), science.copy()
+        template, science = _working_copy(template), _working_copy(science)
         with self.timer("run"):
             template = self._register(template, science)
             self._stage("prepare")
             with self.timer("prepare"):
-                sources = self._prepare_inputs(template, science, sources)
+                sources = _without_frame_meta(self._prepare_inputs(template, science, sources))
                 convolve_template = self._choose_mode(template, science)
             matched_psf = self.science_fwhm if convolve_template else self.template_fwhm
             try:
@@ -805,12 +814,12 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
 
     def run(self, template: Exposure, science: Exposure, sources=None) -> SubtractionResult:
         """Return a `SubtractionResult` whose ``score`` / sqrt(variance) is the detection S/N."""
-        template, science = template.copy(), science.copy()
+        template, science = _working_copy(template), _working_copy(science)
         with self.timer("run"):
             template = self._register(template, science)
             self._stage("prepare")
             with self.timer("prepare"):
-                sources = self._prepare_inputs(template, science, sources)
+                sources = _without_frame_meta(self._prepare_inputs(template, science, sources))
                 preconv_kernel = self._preconvolution_kernel(science)
                 self.metadata["convolvedExposure"] = "Preconvolution"
             with self.timer("preconvolve"):
@@ -873,19 +882,39 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         """
         good = ~score.masked(NOISE_MASK_PLANES) & ~self.source_mask
         good &= np.isfinite(score.image) & np.isfinite(score.variance) & (score.variance > 0)
-        if np.count_nonzero(good) < 100:
+        n_good = int(np.count_nonzero(good))
+        if n_good < 100:
             return
-        values = score.image[good].astype(np.float64)
-        variance = score.variance[good].astype(np.float64)
-        ratio = float(mad_std(values / np.sqrt(variance)))
+        step = max(1, (1 << 20) // max(score.width, 1))
+        blocks = [slice(y, y + step) for y in range(0, score.height, step)]
+
+        def pulls(floor: float) -> np.ndarray:
+            """score / sqrt(variance + floor) on the good pixels in float64, a block of rows
+            at a time (the same numbers as casting whole gathers; one frame-sized array)."""
+            z = np.empty(n_good, dtype=np.float64)
+            k = 0
+            for rows in blocks:
+                keep = good[rows]
+                part = score.image[rows][keep].astype(np.float64)
+                scale = score.variance[rows][keep].astype(np.float64)
+                if floor:
+                    scale += floor
+                np.sqrt(scale, out=scale)
+                part /= scale
+                z[k : k + part.size] = part
+                k += part.size
+            return z
+
+        ratio = _mad_std_in_place(pulls(0.0))
         self.metadata["scoreNoiseRatioPropagated"] = ratio
         if not ratio > self.config.score_noise_tolerance:
             return
         # the constant e with robust std of score / sqrt(variance + e) equal to 1
-        low, high = 0.0, float(np.median(variance)) * ratio**2
+        median_variance = float(np.median(score.variance[good].astype(np.float64)))
+        low, high = 0.0, median_variance * ratio**2
         for _ in range(40):
             floor = 0.5 * (low + high)
-            if mad_std(values / np.sqrt(variance + floor)) > 1.0:
+            if _mad_std_in_place(pulls(floor)) > 1.0:
                 low = floor
             else:
                 high = floor
@@ -914,13 +943,16 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         return stamp / stamp.sum()
 
     def _fill_bad(self, exposure: Exposure) -> Exposure:
-        """Copy with bad-plane pixels replaced by the median of the rest (1.4 step 3)."""
-        filled = exposure.copy()
-        bad = filled.masked(self.config.bad_mask_planes) | ~np.isfinite(filled.image)
+        """The exposure with bad-plane pixels replaced by the median of the rest (1.4 step 3)."""
+        bad = exposure.masked(self.config.bad_mask_planes)
+        bad |= ~np.isfinite(exposure.image)
         self.metadata["nInterpolated"] = int(np.count_nonzero(bad))
+        image = exposure.image
         if bad.any() and not bad.all():
-            filled.image[bad] = np.nanmedian(filled.image[~bad])
-        return filled
+            image = image.copy()
+            image[bad] = np.nanmedian(image[~bad])
+        # only the image changes: variance and mask are shared (they are only read)
+        return replace(exposure, image=image)
 
     def run_preconvolve(
         self, template, science, matched_science, select_sources, preconv_kernel
@@ -1076,6 +1108,44 @@ def check_not_identical(science: Exposure, template: Exposure) -> None:
 
 
 # helpers ------------------------------------------------------------------------------------
+def _mad_std_in_place(values: np.ndarray) -> float:
+    """``astropy.stats.mad_std(values)`` (the same number), with ``values`` (float,
+    consumed) partitioned in place instead of two frame-sized copies."""
+    median = np.median(values, overwrite_input=True)
+    np.subtract(values, median, out=values)
+    np.abs(values, out=values)
+    return float(np.median(values, overwrite_input=True) * 1.482602218505602)
+
+
+def _working_copy(exposure: Exposure) -> Exposure:
+    """The copy a task changes (decision 7): variance, mask and metadata are copied, the
+    image is shared read only. No stage writes the inputs' pixels (they write new
+    arrays), so copying them would only cost a frame each; a write raises instead."""
+    image = exposure.image.view()
+    image.flags.writeable = False
+    return replace(
+        exposure,
+        image=image,
+        variance=exposure.variance.copy(),
+        mask=exposure.mask.copy(),
+        mask_planes=exposure.mask_planes.copy(),
+        metadata=copy.deepcopy(exposure.metadata),
+    )
+
+
+def _without_frame_meta(sources):
+    """The catalog without frame-sized arrays in its meta (detection's segmentation
+    images): nothing after preparation reads them, and they would be held all run."""
+    if sources is None or not any(_is_frame(v) for v in sources.meta.values()):
+        return sources
+    meta = {k: v for k, v in sources.meta.items() if not _is_frame(v)}
+    return Table(sources, copy=False, meta=meta)
+
+
+def _is_frame(value) -> bool:
+    return isinstance(value, np.ndarray) and value.ndim == 2 and value.size >= 1 << 16
+
+
 def _subtract_in_place(minuend: Exposure, subtrahend: Exposure) -> None:
     """Masked-image subtraction: image subtract, variance add, mask OR by plane name."""
     minuend.image -= subtrahend.image
@@ -1090,12 +1160,18 @@ def _block_medians(image: np.ndarray, good: np.ndarray, size: int):
     if my == 0 or mx == 0:
         return (np.zeros(0),) * 4
     crop = np.s_[: my * size, : mx * size]
-    data = np.where(good, image, np.nan)[crop]
+    # unusable pixels as +inf sort last: the median of the first `count` of each sorted
+    # block is its nanmedian (the same numbers, without masked-array machinery)
+    data = np.where(good[crop], image[crop], np.inf)
     blocks = data.reshape(my, size, mx, size).transpose(0, 2, 1, 3).reshape(my, mx, -1)
-    counts = np.sum(np.isfinite(blocks), axis=2)
+    counts = np.sum(good[crop].reshape(my, size, mx, size), axis=(1, 3))
     enough = counts >= size * size // 4
     medians = np.full((my, mx), np.nan)
-    medians[enough] = np.nanmedian(blocks[enough], axis=1)
+    ordered = np.sort(blocks[enough], axis=1)
+    n = counts[enough]
+    rows = np.arange(n.size)
+    low, high = ordered[rows, (n - 1) // 2], ordered[rows, n // 2]
+    medians[enough] = np.where(n % 2 == 1, high, (low + high) / np.asarray(2, low.dtype))
     jj, ii = np.nonzero(enough)
     centre = (size - 1) / 2.0
     return (ii * size + centre, jj * size + centre, medians[enough], counts[enough].astype(float))

@@ -1,0 +1,316 @@
+"""Fast paths of the subtraction stages against straightforward reference implementations.
+
+Each fast path (batched, tiled, blockwise or FFT-based) must give the numbers a plain
+loop or direct sum gives: exactly where only the memory traffic changed, to round-off
+where the summation order did.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from core import decorrelate as dmod
+from core.basis import make_kernel_basis
+from core.config import DecorrelationConfig, KernelConfig
+from core.convolve import convolve_exposure
+from core.decorrelate import clipped_mean, decorrelate_difference
+from core.exposure import Exposure
+from core.kernel import _Candidate, _Fitter
+from core.metrics import footprint_means
+from core.photometry import psf_flux, psf_fluxes
+from core.psf import GaussianPsf, MoffatPsf
+from core.subtract import _working_copy
+
+
+def _or_mask_reference(target: Exposure, other: Exposure) -> None:
+    """The plane-by-plane OR (boolean index per plane), as it was first written."""
+    for name, bit in other.mask_planes.as_dict().items():
+        has = (other.mask & (1 << bit)) != 0
+        target.mask[has] |= target.mask_planes.value(name)
+
+
+def test_or_mask_from_maps_planes_by_name_like_a_per_plane_loop():
+    rng = np.random.default_rng(3)
+    for trial in range(10):
+        a = Exposure.from_arrays(np.zeros((70, 33)))
+        b = Exposure.from_arrays(np.zeros((70, 33)))
+        names = [f"P{i}" for i in range(12)]
+        rng.shuffle(names)
+        for name in names[: rng.integers(2, 8)]:
+            a.mask_planes.bit(name)
+        rng.shuffle(names)
+        for name in names[:10]:
+            b.mask_planes.bit(name)
+        a.mask[:] = rng.integers(0, 1 << 14, a.shape)
+        b.mask[:] = rng.integers(0, 1 << 19, b.shape)
+        expected = copy.deepcopy(a)
+        _or_mask_reference(expected, b)
+        a.or_mask_from(b)
+        assert a.mask_planes == expected.mask_planes, trial
+        np.testing.assert_array_equal(a.mask, expected.mask)
+
+
+def test_convolved_mask_is_a_per_bit_box_dilation():
+    rng = np.random.default_rng(4)
+    shape, k = (90, 75), 7
+    h = k // 2
+    mask = np.zeros(shape, dtype=np.int32)
+    for bit in (0, 1, 8, 20):  # 20: past 16 bits, the int32 path
+        mask[rng.random(shape) < 0.002] |= 1 << bit
+    exposure = Exposure.from_arrays(rng.normal(size=shape), mask=mask)
+    preserved = exposure.mask_planes.get_bitmask(["SAT"])  # bit 1 is not dilated
+    kernel = np.ones((k, k)) / k**2
+    out = convolve_exposure(exposure, kernel, preserve_planes=["SAT"])
+    expected = np.zeros(shape, dtype=np.int32)
+    for bit in range(31):
+        plane = (mask & (1 << bit)) != 0
+        if not plane.any():
+            continue
+        if (1 << bit) & preserved:
+            grown = plane
+        else:
+            grown = ndimage.binary_dilation(plane, structure=np.ones((k, k), bool))
+        expected[grown] |= 1 << bit
+    edge = np.ones(shape, bool)
+    edge[h:-h, h:-h] = False
+    expected[edge] = mask[edge] | exposure.mask_planes.value("EDGE")
+    np.testing.assert_array_equal(out.mask, expected)
+    np.testing.assert_array_equal(exposure.mask, mask)  # the input is not touched
+
+
+@pytest.mark.parametrize("fit_background", [True, False])
+@pytest.mark.parametrize("psf", [GaussianPsf(1.7), MoffatPsf(4.0, 3.0)])
+def test_batched_psf_fluxes_equal_the_one_source_fit(psf, fit_background):
+    rng = np.random.default_rng(5)
+    shape = (160, 140)
+    image = rng.normal(10.0, 3.0, shape)
+    variance = np.full(shape, 9.0) + rng.random(shape)
+    image[40:44, 60:62] = np.nan  # a star with bad pixels
+    variance[100, 30] = 0.0
+    exposure = Exposure.from_arrays(image, variance, psf=psf, xy0=(7, -3))
+    n = 150
+    x = rng.uniform(-5, 150, n) + 7
+    y = rng.uniform(-5, 165, n) - 3
+    x[:3] = np.floor(x[:3])  # whole-pixel positions (no shift)
+    y[:3] = np.floor(y[:3])
+    x[3], y[3] = 61.0 + 7, 42.0 - 3
+    flux, error = psf_fluxes(exposure, x, y, fit_background=fit_background)
+    reference = np.array(
+        [psf_flux(exposure, a, b, None, fit_background) for a, b in zip(x, y, strict=True)]
+    )
+    np.testing.assert_array_equal(np.isnan(flux), np.isnan(reference[:, 0]))
+    assert np.isnan(flux).sum() > 5 and np.isfinite(flux).sum() > 50  # both kinds tested
+    ok = np.isfinite(flux)
+    np.testing.assert_allclose(flux[ok], reference[ok, 0], rtol=1e-9, atol=1e-9 * error[ok].max())
+    np.testing.assert_allclose(error[ok], reference[ok, 1], rtol=1e-9)
+
+
+def test_kernel_fit_variance_through_k_equals_the_direct_sum():
+    config = KernelConfig()
+    basis = make_kernel_basis(2.0, 3.0, config)
+    fitter = _Fitter(basis, config)
+    k, size = basis.size, 2 * basis.size + 5
+    rng = np.random.default_rng(6)
+    ref_var = rng.uniform(5, 50, (size, size))
+    cand = _Candidate(0, 0.0, 0.0, 1.0, (0, 0), {"ref_var": ref_var})
+    kernel = rng.normal(size=k * k)
+    got = fitter._convolved_variance(cand, kernel)
+    n = size - k + 1
+    direct = np.zeros((n, n))
+    k2 = kernel.reshape(k, k) ** 2
+    for u in range(k):
+        for v in range(k):
+            direct += k2[u, v] * ref_var[u : u + n, v : v + n]
+    np.testing.assert_allclose(got, direct.ravel(), rtol=1e-10)
+    # the cached spectrum serves the next kernel too
+    kernel2 = rng.normal(size=k * k)
+    again = fitter._convolved_variance(cand, kernel2)
+    direct2 = sum(
+        (kernel2.reshape(k, k)[u, v] ** 2) * ref_var[u : u + n, v : v + n]
+        for u in range(k)
+        for v in range(k)
+    )
+    np.testing.assert_allclose(again, direct2.ravel(), rtol=1e-10)
+
+
+def test_footprint_means_equal_a_loop_over_footprints():
+    rng = np.random.default_rng(7)
+    shape = (120, 90)
+    a = rng.normal(size=shape)
+    a[rng.random(shape) < 0.05] = np.nan
+    b = rng.random(shape).astype(np.float32)
+    x = rng.uniform(-3, 93, 700)
+    y = rng.uniform(-3, 123, 700)
+    radius = 4.3
+
+    def values(window):
+        return np.abs(a[window]), b[window] * 2
+
+    got = footprint_means(values, 2, x, y, radius, shape)
+    r = math.ceil(radius)
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    disc = dx * dx + dy * dy <= radius * radius
+    for k in range(x.size):
+        ix, iy = math.floor(x[k] + 0.5), math.floor(y[k] + 0.5)
+        if ix - r < 0 or iy - r < 0 or ix + r + 1 > shape[1] or iy + r + 1 > shape[0]:
+            assert np.isnan(got[0][k]) and np.isnan(got[1][k])
+            continue
+        window = np.s_[iy - r : iy + r + 1, ix - r : ix + r + 1]
+        for stamp, means in zip(values(window), got, strict=True):
+            pix = stamp[disc]
+            pix = pix[np.isfinite(pix)]
+            expected = pix.astype(np.float64).mean() if pix.size else np.nan
+            np.testing.assert_allclose(means[k], expected, rtol=1e-12)
+
+
+def test_clipped_mean_equals_the_masked_mean_form():
+    rng = np.random.default_rng(8)
+    values = rng.normal(100.0, 5.0, (300, 200)).astype(np.float32)
+    values[rng.random(values.shape) < 0.01] += 200
+    good = rng.random(values.shape) > 0.1
+    x = values[good & np.isfinite(values)].astype(np.float64)
+    q25, centre, q75 = np.percentile(x, [25, 50, 75])
+    half = 3 * 0.741301109252802 * (q75 - q25)
+    for _ in range(3):
+        kept = np.abs(x - centre) <= half
+        centre = np.mean(x, where=kept)
+        half = 3 * np.std(x, where=kept, ddof=1)
+    assert clipped_mean(values, good) == pytest.approx(centre, rel=1e-12)
+
+
+def _varying_pair(seed: int, shape=(150, 190)):
+    rng = np.random.default_rng(seed)
+    ny, nx = shape
+    sky = 50.0 + 30.0 * np.linspace(0, 1, nx)[None, :] * np.ones((ny, 1))
+    science = Exposure.from_arrays(rng.normal(0, 1, shape) * np.sqrt(sky), sky.copy())
+    template = Exposure.from_arrays(rng.normal(0, 1, shape) * 4.0, np.full(shape, 16.0))
+    science.mask[rng.random(shape) < 0.01] |= science.mask_planes.value("SAT")
+
+    class Varying:
+        """A kernel whose width grows across the frame."""
+
+        def image(self, x, y):
+            sigma = 1.0 + 1.5 * x / nx + 0.5 * y / ny
+            half = 6
+            yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+            g = np.exp(-0.5 * (xx * xx + yy * yy) / sigma**2)
+            return 1.1 * g / g.sum()
+
+    difference = Exposure.from_arrays(
+        rng.normal(0, 9, shape).astype(np.float32), science.variance + 16.0
+    )
+    difference.image[40, 50] = np.nan
+    return science, template, difference, Varying()
+
+
+def _grid_reference(difference, science, template, kernel, step, complete):
+    """sum_n tent_n(X) (phi_n (*) D)(X) with one whole-frame direct convolution per node."""
+    image = np.where(np.isfinite(difference.image), difference.image, 0.0).astype(np.float64)
+    image[~np.isfinite(difference.image)] = np.nanmean(difference.image)
+    ny, nx = image.shape
+    ignore = DecorrelationConfig().ignore_mask_planes
+    v_all = clipped_mean(science.variance, ~science.masked(ignore))
+    vt_all = clipped_mean(template.variance, ~template.masked(ignore))
+    margin = 2 * kernel.image(0, 0).shape[0]
+    nodes_x, nodes_y = dmod.node_positions(nx, step), dmod.node_positions(ny, step)
+    tent_x, tent_y = dmod._tent_matrix(nx, nodes_x), dmod._tent_matrix(ny, nodes_y)
+    win_x, win_y = dmod._node_windows(nx, nodes_x), dmod._node_windows(ny, nodes_y)
+    good_s, good_t = ~science.masked(ignore), ~template.masked(ignore)
+    corrected = np.zeros((ny, nx))
+    variance = np.zeros((ny, nx))
+    for jn in range(nodes_y.size):
+        for i_n in range(nodes_x.size):
+            w = (slice(*win_y[jn]), slice(*win_x[i_n]))
+            v = clipped_mean(science.variance[w], good_s[w])
+            vt = clipped_mean(template.variance[w], good_t[w])
+            v = v if math.isfinite(v) else v_all
+            vt = vt if math.isfinite(vt) else vt_all
+            node = dmod._node_filter(
+                kernel.image(nodes_x[i_n], nodes_y[jn]), v, vt, None, 2 * margin + 1, complete
+            )
+            weight = tent_y[:, jn, None] * tent_x[None, :, i_n]
+            corrected += weight * ndimage.convolve(image, node.image, mode="constant")
+            if complete:
+                p1 = np.where(np.isfinite(science.variance), science.variance, v)
+                p2 = np.where(np.isfinite(template.variance), template.variance, vt)
+                variance += weight * (
+                    ndimage.convolve(p1.astype(np.float64), node.variance1, mode="constant")
+                    + ndimage.convolve(p2.astype(np.float64), node.variance2, mode="constant")
+                )
+            else:
+                variance += weight * (science.variance * node.w1 + template.variance * node.w2)
+    return corrected, variance
+
+
+@pytest.mark.parametrize("complete", [False, True])
+def test_cell_blended_decorrelation_equals_per_node_whole_frame_filtering(complete):
+    science, template, difference, kernel = _varying_pair(9)
+    if complete:
+        science.variance[70, 100] = np.nan
+    config = DecorrelationConfig(grid_step=64, complete_var_plane_propagation=complete)
+    out = decorrelate_difference(
+        difference, science, template, kernel, spatially_varying=True, config=config
+    )
+    corrected, variance = _grid_reference(difference, science, template, kernel, 64, complete)
+    finite = np.isfinite(difference.image)
+    scale = np.abs(corrected).max()
+    assert np.abs(out.image - corrected)[finite].max() < 2e-5 * scale
+    if complete:
+        keep = np.isfinite(science.variance)
+        variance = variance[keep]
+        got = out.variance[keep]
+    else:
+        got = out.variance
+    np.testing.assert_allclose(got, variance, rtol=2e-5)
+
+
+def test_working_copy_shares_the_image_read_only_and_never_writes_the_input():
+    rng = np.random.default_rng(10)
+    exposure = Exposure.from_arrays(rng.normal(size=(20, 30)), psf=GaussianPsf(1.5))
+    before = exposure.copy()
+    work = _working_copy(exposure)
+    assert np.shares_memory(work.image, exposure.image)
+    with pytest.raises(ValueError):
+        work.image[0, 0] = 1.0
+    work.variance *= 2
+    work.mask |= 1
+    work.metadata["x"] = 1
+    np.testing.assert_array_equal(exposure.variance, before.variance)
+    np.testing.assert_array_equal(exposure.mask, before.mask)
+    assert "x" not in exposure.metadata
+    assert exposure.image.flags.writeable  # the caller's array keeps its flags
+
+
+def test_in_place_mad_std_is_astropys():
+    from astropy.stats import mad_std
+
+    from core.subtract import _mad_std_in_place
+
+    rng = np.random.default_rng(11)
+    for n in (7, 8, 10001):
+        values = rng.standard_t(3, size=n)
+        assert _mad_std_in_place(values.copy()) == float(mad_std(values))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_medians_equal_nanmedian_of_each_block(dtype):
+    from core.subtract import _block_medians
+
+    rng = np.random.default_rng(12)
+    image = (rng.normal(size=(200, 230)) * 5).astype(dtype)
+    good = rng.random(image.shape) < np.linspace(0.05, 1.0, 230)  # sparse blocks on the left
+    image[rng.random(image.shape) < 0.01] = np.nan
+    good &= np.isfinite(image)
+    x, y, level, count = _block_medians(image, good, 16)
+    data = np.where(good, image, np.nan)
+    assert 10 < level.size < (200 // 16) * (230 // 16)
+    for xc, yc, value, n in zip(x, y, level, count, strict=True):
+        i0, j0 = int(xc - 7.5), int(yc - 7.5)
+        block = data[j0 : j0 + 16, i0 : i0 + 16]
+        assert n == np.isfinite(block).sum() >= 64
+        assert value == np.nanmedian(block)
