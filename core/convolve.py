@@ -471,3 +471,35 @@ def convolve_exposure(
         mask_planes=planes,
         metadata=copy.deepcopy(exposure.metadata),
     )
+
+
+def convolved_noise_correlation(
+    correlation: np.ndarray | None, kernel_image: np.ndarray
+) -> np.ndarray:
+    """Normalised noise autocorrelation after convolving by ``kernel_image``.
+
+    Noise with autocorrelation C, convolved by K, has autocorrelation C * (K star K)
+    (the kernel's own autocorrelation); white input (None) gives K star K. The result
+    is square with odd sides and 1 at the centre, as `Exposure.noise_correlation`
+    expects, so a convolved product written to FITS states its true correlation
+    instead of its input's.
+    """
+    from scipy.signal import fftconvolve
+
+    k = np.asarray(kernel_image, dtype=np.float64)
+    auto = fftconvolve(k, k[::-1, ::-1], mode="full")
+    if correlation is not None:
+        auto = fftconvolve(auto, np.asarray(correlation, dtype=np.float64), mode="full")
+    side = max(auto.shape) | 1
+    out = np.zeros((side, side))
+    oy, ox = (side - auto.shape[0]) // 2, (side - auto.shape[1]) // 2
+    out[oy : oy + auto.shape[0], ox : ox + auto.shape[1]] = auto
+    centre = out[side // 2, side // 2]
+    if not centre > 0:
+        return np.ones((1, 1))
+    out /= centre
+    # keep the centred square that holds every lag above 1e-4 (a wide kernel's tails are 0)
+    lags = np.argwhere(np.abs(out) >= 1e-4) - side // 2
+    half = int(np.abs(lags).max()) if lags.size else 0
+    c = side // 2
+    return out[c - half : c + half + 1, c - half : c + half + 1]

@@ -28,6 +28,7 @@ from .config import DetectionConfig, RegistrationConfig
 from .detection import detect_sources
 from .errors import IncompatibleInputsError, InsufficientSourcesError, RegistrationError
 from .exposure import Exposure
+from .parallel import thread_map
 from .warp import PixelMap, warp_exposure
 
 __all__ = [
@@ -482,12 +483,11 @@ def _same_grid(pixel_map: PixelMap, science: Exposure, tolerance: float) -> bool
 
 def _match_exposures(template, science, prior: PixelMap, config, detection) -> StarMatch:
     """Stars of the science image, mapped by ``prior``, matched onto the template's stars."""
-    return _match_stars_of(
-        star_positions(science, config, detection),
-        star_positions(template, config, detection),
-        prior,
-        config,
+    # the two detections are independent and mostly GIL-free numpy: one per core
+    science_stars, template_stars = thread_map(
+        lambda exposure: star_positions(exposure, config, detection), (science, template)
     )
+    return _match_stars_of(science_stars, template_stars, prior, config)
 
 
 def _match_stars_of(science_stars, template_stars, prior: PixelMap, config) -> StarMatch:
@@ -541,9 +541,10 @@ def _stars_in_patches(exposure: Exposure, centres, config, detection):
 def _correct_on_stars(pixel_map, template, science, config, detection, metrics) -> PixelMap:
     """The WCS map followed by the correction matched stars measure (kept if significant)."""
     centres = _patch_centres(science, config)
-    science_stars = _stars_in_patches(science, centres, config, detection)
-    template_stars = _stars_in_patches(
-        template, [tuple(float(c) for c in pixel_map(x, y)) for x, y in centres], config, detection
+    template_centres = [tuple(float(c) for c in pixel_map(x, y)) for x, y in centres]
+    science_stars, template_stars = thread_map(
+        lambda job: _stars_in_patches(job[0], job[1], config, detection),
+        ((science, centres), (template, template_centres)),
     )
     try:
         # a WCS is usually off by an offset: fit what correction_transform allows

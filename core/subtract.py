@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from .basis import kernel_size_for, make_kernel_basis
 from .config import DetectionConfig, SubtractionConfig
-from .convolve import convolve_exposure, dilate_cross
+from .convolve import convolve_exposure, convolved_noise_correlation, dilate_cross
 from .decorrelate import decorrelate_difference
 from .detection import background_estimate
 from .diasources import dia_sources
@@ -483,9 +483,15 @@ class _SubtractBase(Task):
         return exc
 
     def _convolve(self, exposure: Exposure, kernel) -> Exposure:
-        return convolve_exposure(
+        convolved = convolve_exposure(
             exposure, kernel, preserve_planes=self.config.preserve_mask_planes, copy_edge=True
         )
+        # the product states its own correlation, not its input's (read back by read_exposure)
+        at_centre = kernel if isinstance(kernel, np.ndarray) else kernel.image()
+        convolved.noise_correlation = convolved_noise_correlation(
+            exposure.noise_correlation, at_centre
+        )
+        return convolved
 
     def _match_template(self, template: Exposure, science: Exposure, kernel) -> Exposure:
         """K * T on the science box, with the science PSF and calibration."""

@@ -7,7 +7,13 @@ from scipy import ndimage
 
 from core.basis import make_kernel_basis
 from core.config import KernelConfig
-from core.convolve import convolve_exposure, correlate_image, dilate_cross, or_filter
+from core.convolve import (
+    convolve_exposure,
+    convolved_noise_correlation,
+    correlate_image,
+    dilate_cross,
+    or_filter,
+)
 from core.exposure import Exposure
 from core.kernel import SpatialKernel
 
@@ -250,3 +256,36 @@ def test_dilate_cross_matches_binary_dilation():
     for iterations in (0, 1, 3):
         expected = ndimage.binary_dilation(mask, iterations=iterations) if iterations else mask
         np.testing.assert_array_equal(dilate_cross(mask, iterations), expected)
+
+
+def _measured_correlation(noise: np.ndarray, radius: int) -> np.ndarray:
+    """Normalised autocorrelation of an image at lags up to ``radius``, by direct products."""
+    ny, nx = noise.shape
+    core_ = noise[radius : ny - radius, radius : nx - radius]
+    out = np.empty((2 * radius + 1, 2 * radius + 1))
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            shifted = noise[radius + dy : ny - radius + dy, radius + dx : nx - radius + dx]
+            out[dy + radius, dx + radius] = np.mean(core_ * shifted)
+    return out / out[radius, radius]
+
+
+@pytest.mark.parametrize("correlated_input", [False, True])
+def test_convolved_noise_correlation_matches_convolved_noise(correlated_input):
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[-4:5, -4:5]
+    kernel = np.exp(-(xx**2 + (yy / 1.5) ** 2) / 3.0) * (1 + 0.2 * xx)  # asymmetric
+    noise = rng.normal(size=(1200, 1200))
+    input_correlation = None
+    if correlated_input:
+        smooth = np.array([[0.0, 0.3, 0.0], [0.3, 1.0, 0.3], [0.0, 0.3, 0.0]])
+        noise = ndimage.correlate(noise, smooth, mode="wrap")
+        input_correlation = _measured_correlation(noise, 2)
+    convolved = ndimage.correlate(noise, kernel, mode="wrap")
+    predicted = convolved_noise_correlation(input_correlation, kernel)
+    radius = predicted.shape[0] // 2
+    assert predicted.shape[0] == predicted.shape[1] and predicted.shape[0] % 2 == 1
+    assert predicted[radius, radius] == 1.0
+    measured = _measured_correlation(convolved, 4)
+    inner = predicted[radius - 4 : radius + 5, radius - 4 : radius + 5]
+    np.testing.assert_allclose(inner, measured, atol=0.02)
