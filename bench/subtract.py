@@ -118,7 +118,9 @@ def _run_case(
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
     quality = measure_quality(result, pair)
-    dia = _dia_costs(result, config.dia.cutout_size)
+    # a baseline from before DIA sources existed has neither the config nor the catalog
+    dia_config = getattr(config, "dia", None)
+    dia = _dia_costs(result, dia_config.cutout_size) if dia_config is not None else {}
     stages = dict(result.timings)
     if mode == "plain":
         stages = {"read": t_read, **stages}
@@ -147,7 +149,7 @@ def _dia_costs(result, size: int) -> dict:
     milliseconds to encode one triplet as FITS + PNG (median of up to 20 sources)."""
     from core.cutouts import cutouts, result_images, triplet_fits, triplet_png
 
-    catalog = result.dia_sources
+    catalog = getattr(result, "dia_sources", None)
     if catalog is None or len(catalog) == 0:
         return {"n_dia": 0, "gather_s": 0.0, "encode_ms": 0.0}
     images = result_images(result)
@@ -329,6 +331,8 @@ def _print_row(row: dict) -> None:
         + " ".join(f"{k}={v:.3f}" for k, v in q.items() if isinstance(v, float)),
         flush=True,
     )
+    if "n_dia" not in row:
+        return  # a baseline without DIA sources
     print(
         f"{head} DIA n={row['n_dia']} detect={row['stages'].get('detect', 0.0):.2f}s "
         f"gather={row['gather_s']:.2f}s encode={row['encode_ms']:.0f}ms/source "
