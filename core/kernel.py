@@ -927,10 +927,11 @@ class _Fitter:
                 [self._inner(c.stamps["tgt_var"] + c.stamps["ref_var"]) for c in cands]
             )
             positive = (variance > 0).all(axis=1)
+            # stamps with a variance <= 0 give inf/nan here; they are rejected below
             with np.errstate(divide="ignore", invalid="ignore"):
                 weighted = design / variance[:, :, None]
-            normal = transposed @ weighted
-            rhs = (weighted.transpose(0, 2, 1) @ target[:, :, None])[:, :, 0]
+                normal = transposed @ weighted
+                rhs = (weighted.transpose(0, 2, 1) @ target[:, :, None])[:, :, 0]
         solvable = finite & positive
         solution = np.full(rhs.shape, np.nan)
         if solvable.any():
@@ -962,9 +963,7 @@ class _Fitter:
             fitted.append(i)
         if fitted:
             background = solution[fitted, self.nb] if self.with_bg else np.zeros(len(fitted))
-            self._assess_chunk(
-                [cands[i] for i in fitted], solution[fitted, : self.nb], background
-            )
+            self._assess_chunk([cands[i] for i in fitted], solution[fitted, : self.nb], background)
 
     def assess_many(self, cands: list[_Candidate], coefficients, backgrounds) -> None:
         """`assess` (clip=False) for every candidate: (n, nb) coefficients, (n,) backgrounds."""
