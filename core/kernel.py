@@ -863,7 +863,16 @@ class _Fitter:
                     raw[:, :, :, index[(px, py)]] = out[:, :, :, py].transpose(0, 2, 1)
             offset += degree + 1
             column += len(powers)
-        return raw.reshape(n * good * good, -1).dot(transform.T).reshape(n, good * good, -1)
+        raw = raw.reshape(n, good * good, -1)
+        # the renormalisation only rescales each raw image and subtracts a multiple of the
+        # first: two broadcast products instead of a dense (nb x nb) product
+        diagonal, first = np.diagonal(transform), transform[:, 0].copy()
+        first[0] = 0.0
+        rest = transform - np.diag(diagonal)
+        rest[:, 0] = 0.0
+        if transform.shape[0] != transform.shape[1] or np.any(rest):
+            return raw @ transform.T
+        return raw * diagonal + raw[:, :, :1] * first
 
     def _convolved_variances(self, cands: list[_Candidate], kernels: np.ndarray) -> np.ndarray:
         """`_convolved_variance` for same-shape candidates and (n, K^2) kernels at once."""
@@ -1192,25 +1201,38 @@ def _spatial_fit(
     n_sp = n_spatial_terms(kernel_order)
     n_bg = n_spatial_terms(bg_order) if fitter.with_bg else 0
     n_unknown = 1 + (nb - 1) * n_sp + n_bg
-    n_single = nb + (1 if fitter.with_bg else 0)
     x = np.array([c.x for c in used])
     y = np.array([c.y for c in used])
     p = chebyshev_terms(x, y, kernel_order, domain).T  # (n, n_sp)
-    # expansion from the global unknowns to each candidate's single-kernel unknowns
-    expand = np.zeros((len(used), n_single, n_unknown))
-    expand[:, 0, 0] = 1.0  # a_0 is constant over the image
-    for k in range(1, nb):
-        expand[:, k, 1 + (k - 1) * n_sp : 1 + k * n_sp] = p
+    # Single-kernel unknown k of candidate n stands for the global unknowns w_n^k times
+    # its coefficient: a_0 is constant (w = 1), a_k varies as the kernel terms p_n,
+    # the background as its own terms. The global normal matrix sum_n E_n^T N_n E_n is
+    # then, block by block, sum_n N_n[k, l] w_n^k (w_n^l)^T: one small matrix product
+    # per pair of kinds instead of a (n, n_single, n_unknown) expansion.
+    kinds = [(np.arange(1), np.ones((len(used), 1)))]
+    if nb > 1:
+        kinds.append((np.arange(1, nb), p))
     if fitter.with_bg:
-        expand[:, nb, n_unknown - n_bg :] = chebyshev_terms(x, y, bg_order, domain).T
+        kinds.append((np.array([nb]), chebyshev_terms(x, y, bg_order, domain).T))
     # fitted candidates all carry their normal equations (set by _Fitter.build)
     normals = np.stack([cast(np.ndarray, c.normal) for c in used])
     rhs_single = np.stack([cast(np.ndarray, c.rhs) for c in used])
-    # sum_n E_n^T N_n E_n and sum_n E_n^T r_n as single matrix products over all n
-    flat = expand.reshape(-1, n_unknown)
-    matrix = flat.T @ (normals @ expand).reshape(-1, n_unknown)
+    n = len(used)
+    blocks = []
+    rhs_parts = []
+    for rows_a, wa in kinds:
+        rhs_parts.append((rhs_single[:, rows_a].T @ wa).ravel())
+        row = []
+        for rows_b, wb in kinds:
+            pair = normals[:, rows_a][:, :, rows_b].reshape(n, -1)
+            outer = (wa[:, :, np.newaxis] * wb[:, np.newaxis, :]).reshape(n, -1)
+            block = (pair.T @ outer).reshape(rows_a.size, rows_b.size, wa.shape[1], wb.shape[1])
+            row.append(block.transpose(0, 2, 1, 3).reshape(rows_a.size * wa.shape[1], -1))
+        blocks.append(row)
+    matrix = np.block(blocks)
+    assert matrix.shape == (n_unknown, n_unknown)
     matrix = 0.5 * (matrix + matrix.T)
-    rhs = flat.T @ rhs_single.ravel()
+    rhs = np.concatenate(rhs_parts)
     solution = _solve_normal(matrix, rhs)
     condition = _condition_number(matrix) if np.all(np.isfinite(matrix)) else math.nan
     if not np.all(np.isfinite(solution[: n_unknown - n_bg])):
