@@ -650,6 +650,16 @@ def _solve_normal_many(matrices: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     return out
 
 
+def _renormalisation(transform: np.ndarray) -> bool:
+    """Whether ``transform`` only rescales each image and subtracts multiples of the
+    first (what `core.basis` builds), so that applying it is two broadcast products."""
+    if transform.ndim != 2 or transform.shape[0] != transform.shape[1]:
+        return False
+    rest = transform - np.diag(np.diagonal(transform))
+    rest[:, 0] = 0.0
+    return not np.any(rest)
+
+
 def _condition_number(matrix: np.ndarray) -> float:
     values = scipy.linalg.eigvalsh(matrix)
     if values.min() == 0:
@@ -829,50 +839,54 @@ class _Fitter:
             out[o : o + k, o, :] = factors.T
         return out.reshape(side, good * m)
 
-    def design_matrices(self, stamps: np.ndarray) -> np.ndarray:
-        """(n, good^2, nb): `correlate_basis` of each of a stack of (n, S, S) stamps.
+    def design_matrices(self, stamps: np.ndarray, extra_ones: bool = False) -> np.ndarray:
+        """(n, nb, good^2): `correlate_basis` of each of a stack of (n, S, S) stamps,
+        transposed (one row per basis image, the layout the normal equations use), with
+        a last row of ones when ``extra_ones`` (the background column).
 
         The AL basis is a fixed linear mix (``basis.transform``) of separable images
-        g(v) v^q g(u) u^p, so each column is two 1-D correlation passes, each pass one
+        g(v) v^q g(u) u^p, so each row is two 1-D correlation passes, each pass one
         matrix product with a band matrix for the whole stack (about 0.5 M multiply-adds
-        a default stamp, against 27 inverse FFTs); other bases take the batched FFT.
+        a default stamp, against 27 inverse FFTs); other bases take the FFT.
         """
         n, side = stamps.shape[0], stamps.shape[1]
         transform = self.basis.transform
-        if transform is None or stamps.shape[2] != side:
-            return np.stack([self.correlate_basis(stamp) for stamp in stamps])
+        nb = self.nb
+        if transform is None or stamps.shape[2] != side or not _renormalisation(transform):
+            rows = [self.correlate_basis(stamp).T for stamp in stamps]
+            if extra_ones:
+                rows = [np.vstack([r, np.ones((1, r.shape[1]))]) for r in rows]
+            return np.stack(rows)
         good = side - self.k + 1
-        groups = self.basis.separable_factors()
-        all_factors = np.concatenate([f for f, _ in groups])
-        n_factors = all_factors.shape[0]
-        # pass along x (columns u): (n, S rows, good x, factor)
-        rows = (stamps.reshape(n * side, side) @ self._toeplitz(all_factors, side)).reshape(
-            n, side, good, n_factors
-        )
-        raw = np.empty((n, good, good, transform.shape[1]))  # (n, y, x, raw image)
-        offset = column = 0
-        for f, powers in groups:
-            index = {pq: column + i for i, pq in enumerate(powers)}
+        # rows y, then stamps, then columns x: both passes are plain 2-D matrix products
+        lines = stamps.transpose(1, 0, 2).reshape(side * n, side)
+        raw = np.empty((nb, good, n, good))  # raw image, y, stamp, x
+        order = []  # raw images in the order computed
+        column = 0
+        for f, powers in self.basis.separable_factors():
             degree = f.shape[0] - 1
             for px in range(degree + 1):
-                # pass along y (rows v) for every y power that goes with this x power
-                line = rows[:, :, :, offset + px].transpose(0, 2, 1).reshape(n * good, side)
+                # pass along x (columns u), then along y (rows v) for each y power
+                along_x = (lines @ self._toeplitz(f[px : px + 1], side)).reshape(side, n * good)
                 q = degree - px + 1
-                out = (line @ self._toeplitz(f[:q], side)).reshape(n, good, good, q)
-                for py in range(q):  # out[n, x, y, py]
-                    raw[:, :, :, index[(px, py)]] = out[:, :, :, py].transpose(0, 2, 1)
-            offset += degree + 1
+                start = len(order)
+                along_y = self._toeplitz(f[:q], side).T.reshape(good, q, side).transpose(1, 0, 2)
+                raw[start : start + q] = (
+                    np.ascontiguousarray(along_y).reshape(q * good, side) @ along_x
+                ).reshape(q, good, n, good)
+                order.extend(column + powers.index((px, py)) for py in range(q))
             column += len(powers)
-        raw = raw.reshape(n, good * good, -1)
-        # the renormalisation only rescales each raw image and subtracts a multiple of the
-        # first: two broadcast products instead of a dense (nb x nb) product
-        diagonal, first = np.diagonal(transform), transform[:, 0].copy()
-        first[0] = 0.0
-        rest = transform - np.diag(diagonal)
-        rest[:, 0] = 0.0
-        if transform.shape[0] != transform.shape[1] or np.any(rest):
-            return raw @ transform.T
-        return raw * diagonal + raw[:, :, :1] * first
+        position = np.argsort(order)  # basis raw index -> where it was computed
+        out = np.empty((n, nb + (1 if extra_ones else 0), good, good))
+        view = out[:, :nb].transpose(1, 2, 0, 3)  # (nb, y, stamp, x)
+        # the renormalisation rescales each raw image and subtracts a multiple of the first
+        for k in range(nb):
+            np.multiply(raw[position[k]], transform[k, k], out=view[k])
+            if k > 0 and transform[k, 0] != 0.0:
+                view[k] += transform[k, 0] * raw[position[0]]
+        if extra_ones:
+            out[:, nb] = 1.0
+        return out.reshape(n, out.shape[1], good * good)
 
     def _convolved_variances(self, cands: list[_Candidate], kernels: np.ndarray) -> np.ndarray:
         """`_convolved_variance` for same-shape candidates and (n, K^2) kernels at once."""
@@ -912,11 +926,10 @@ class _Fitter:
         for cand in cands:
             cand.built = True
         target = np.stack([self._inner(c.stamps["tgt"]) for c in cands])
-        design = self.design_matrices(np.stack([c.stamps["ref"] for c in cands]))
-        if self.with_bg:
-            design = np.concatenate([design, np.ones(design.shape[:2] + (1,))], axis=2)
-        finite = np.isfinite(design).all(axis=(1, 2)) & np.isfinite(target).all(axis=1)
-        transposed = design.transpose(0, 2, 1)
+        # (n, nb [+ 1], pixels): one row per design column
+        rows = self.design_matrices(np.stack([c.stamps["ref"] for c in cands]), self.with_bg)
+        finite = np.isfinite(rows).all(axis=(1, 2)) & np.isfinite(target).all(axis=1)
+        columns = rows.transpose(0, 2, 1)
         positive = np.ones(n, dtype=bool)
         if self.config.constant_variance_weighting:
             total = np.stack([c.stamps["tgt_var"] + c.stamps["ref_var"] for c in cands])
@@ -929,8 +942,8 @@ class _Fitter:
                     median = np.nanmedian(total, axis=1)
             ok = np.isfinite(median) & (median > 0)
             weight = np.where(ok, 1.0 / np.where(ok, median, 1.0), 1.0)
-            normal = weight[:, None, None] * (transposed @ design)
-            rhs = weight[:, None] * (transposed @ target[:, :, None])[:, :, 0]
+            normal = weight[:, None, None] * (rows @ columns)
+            rhs = weight[:, None] * (rows @ target[:, :, None])[:, :, 0]
         else:
             variance = np.stack(
                 [self._inner(c.stamps["tgt_var"] + c.stamps["ref_var"]) for c in cands]
@@ -938,9 +951,9 @@ class _Fitter:
             positive = (variance > 0).all(axis=1)
             # stamps with a variance <= 0 give inf/nan here; they are rejected below
             with np.errstate(divide="ignore", invalid="ignore"):
-                weighted = design / variance[:, :, None]
-                normal = transposed @ weighted
-                rhs = (weighted.transpose(0, 2, 1) @ target[:, :, None])[:, :, 0]
+                weighted = rows / variance[:, None, :]
+                normal = rows @ weighted.transpose(0, 2, 1)
+                rhs = (weighted @ target[:, :, None])[:, :, 0]
         solvable = finite & positive
         solution = np.full(rhs.shape, np.nan)
         if solvable.any():
@@ -961,7 +974,7 @@ class _Fitter:
                 if not condition <= self.config.max_condition_number:
                     cand.reject(f"condition number {condition:.3g} too large")
                     continue
-            cand.design, cand.normal, cand.rhs = design[i], normal[i], rhs[i]
+            cand.design, cand.normal, cand.rhs = columns[i], normal[i], rhs[i]
             cand.ksum = float(self.basis_sums @ solution[i, : self.nb])
             s = cand.stamps
             tgt_bad = (s["tgt_mask"] & bad_bits[0]) != 0

@@ -37,7 +37,8 @@ def test_separable_design_matrices_equal_the_direct_product(basis):
     for side in (2 * k + 1, k + 4):
         stamps = rng.normal(size=(5, side, side)) * 100.0 + 50.0
         got = fitter.design_matrices(stamps)
-        for stamp, design in zip(stamps, got, strict=True):
+        for stamp, rows in zip(stamps, got, strict=True):
+            design = rows.T
             direct = sliding_window_view(stamp, (k, k)).reshape(-1, k * k) @ flat.T
             np.testing.assert_allclose(design, direct, rtol=0, atol=1e-12 * np.abs(direct).max())
             np.testing.assert_allclose(
@@ -53,8 +54,11 @@ def test_design_matrices_without_a_separable_form_use_the_fft():
     fitter = _Fitter(plain, KernelConfig())
     stamps = np.random.default_rng(4).normal(size=(3, 2 * basis.size + 1, 2 * basis.size + 1))
     got = fitter.design_matrices(stamps)
-    for stamp, design in zip(stamps, got, strict=True):
-        np.testing.assert_array_equal(design, fitter.correlate_basis(stamp))
+    for stamp, rows in zip(stamps, got, strict=True):
+        np.testing.assert_array_equal(rows.T, fitter.correlate_basis(stamp))
+    with_ones = fitter.design_matrices(stamps, extra_ones=True)
+    np.testing.assert_array_equal(with_ones[:, :-1], got)
+    assert np.all(with_ones[:, -1] == 1.0)
 
 
 def test_batched_solves_equal_single_solves():
