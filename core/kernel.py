@@ -707,6 +707,8 @@ class _Fitter:
         self.std_limit = config.candidate_residual_std_max
         # basis spectra per stamp shape, for `correlate_basis`
         self._spectra: dict[tuple[int, ...], tuple[tuple[int, ...], np.ndarray]] = {}
+        # band matrices of the separable design passes, for `_toeplitz`
+        self._bands: dict[tuple, np.ndarray] = {}
 
     def _convolved_variance(self, cand: _Candidate, kernel: np.ndarray) -> np.ndarray:
         """The reference variance correlated with K^2 over the fitted pixels, by FFT.
@@ -831,7 +833,16 @@ class _Fitter:
 
     def _toeplitz(self, factors: np.ndarray, side: int) -> np.ndarray:
         """(side, good * m) band matrix: a line of ``side`` pixels times it is the line
-        correlated with each of the m 1-D ``factors``, column o * m + p = output o, factor p."""
+        correlated with each of the m 1-D ``factors``, column o * m + p = output o, factor p.
+        Kept per factors and side (the same few serve every stamp)."""
+        key = (factors.tobytes(), factors.shape, side)
+        cached = self._bands.get(key)
+        if cached is None:
+            cached = self._bands[key] = self._band(factors, side)
+        return cached
+
+    @staticmethod
+    def _band(factors: np.ndarray, side: int) -> np.ndarray:
         m, k = factors.shape
         good = side - k + 1
         out = np.zeros((side, good, m))
@@ -861,7 +872,7 @@ class _Fitter:
         # rows y, then stamps, then columns x: both passes are plain 2-D matrix products
         lines = stamps.transpose(1, 0, 2).reshape(side * n, side)
         raw = np.empty((nb, good, n, good))  # raw image, y, stamp, x
-        order = []  # raw images in the order computed
+        order: list[int] = []  # raw images in the order computed
         column = 0
         for f, powers in self.basis.separable_factors():
             degree = f.shape[0] - 1
@@ -948,7 +959,7 @@ class _Fitter:
             variance = np.stack(
                 [self._inner(c.stamps["tgt_var"] + c.stamps["ref_var"]) for c in cands]
             )
-            positive = (variance > 0).all(axis=1)
+            positive = np.asarray((variance > 0).all(axis=1))
             # stamps with a variance <= 0 give inf/nan here; they are rejected below
             with np.errstate(divide="ignore", invalid="ignore"):
                 weighted = rows / variance[:, None, :]
@@ -1003,7 +1014,10 @@ class _Fitter:
         kernels = coefficients @ self.flat_basis
         convolved = self._convolved_variances(cands, kernels)
         model = np.stack(
-            [c.design[:, : self.nb] @ a for c, a in zip(cands, coefficients, strict=True)]
+            [
+                cast(np.ndarray, c.design)[:, : self.nb] @ a
+                for c, a in zip(cands, coefficients, strict=True)
+            ]
         )
         diff = np.stack([self._inner(c.stamps["tgt"]) for c in cands]) - (
             model + backgrounds[:, None]
