@@ -938,8 +938,15 @@ class _Fitter:
             cand.built = True
         target = np.stack([self._inner(c.stamps["tgt"]) for c in cands])
         # (n, nb [+ 1], pixels): one row per design column
-        rows = self.design_matrices(np.stack([c.stamps["ref"] for c in cands]), self.with_bg)
-        finite = np.isfinite(rows).all(axis=(1, 2)) & np.isfinite(target).all(axis=1)
+        stamps = np.stack([c.stamps["ref"] for c in cands])
+        rows = self.design_matrices(stamps, self.with_bg)
+        # a non-finite reference pixel spoils the FFT design of `build` everywhere; the
+        # band products may leave it where a Gaussian tail underflows: tested directly
+        finite = (
+            np.isfinite(rows).all(axis=(1, 2))
+            & np.isfinite(target).all(axis=1)
+            & np.isfinite(stamps).all(axis=(1, 2))
+        )
         columns = rows.transpose(0, 2, 1)
         positive = np.ones(n, dtype=bool)
         if self.config.constant_variance_weighting:
