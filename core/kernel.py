@@ -534,6 +534,9 @@ _IQR_TO_SIGMA = 0.741301109252802
 
 _GOOD, _BAD, _UNUSED = "GOOD", "BAD", "UNUSED"
 
+#: Candidates per batch of the single-kernel fits (stacks of a few MB each).
+_CHUNK = 32
+
 
 @dataclass
 class KernelSolution:
@@ -622,6 +625,41 @@ def _solve_normal(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
     return np.full(n, np.nan)
 
 
+def _solve_normal_many(matrices: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """`_solve_normal` for a stack (n, m, m) and (n, m): one batched LU (the same LAPACK
+    factorisation per matrix), the rare singular or non-finite ones one by one."""
+    n = matrices.shape[1]
+    out = np.full(vectors.shape, np.nan)
+    finite = np.isfinite(matrices).all(axis=(1, 2)) & np.isfinite(vectors).all(axis=1)
+    rows = np.flatnonzero(finite)
+    if rows.size:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            lu, piv = scipy.linalg.lu_factor(matrices[rows], check_finite=False)
+        pivots = np.abs(np.diagonal(lu, axis1=1, axis2=2))
+        clear = pivots.min(axis=1) > pivots.max(axis=1) * n * np.finfo(np.float64).eps
+        if clear.any():
+            solved = scipy.linalg.lu_solve(
+                (lu[clear], piv[clear]), vectors[rows[clear]][:, :, None], check_finite=False
+            )[:, :, 0]
+            ok = np.isfinite(solved).all(axis=1)
+            out[rows[clear][ok]] = solved[ok]
+            clear[np.flatnonzero(clear)[~ok]] = False
+        for i in rows[~clear]:  # eigen pseudo-inverse, as the single solve does
+            out[i] = _solve_normal(matrices[i], vectors[i])
+    return out
+
+
+def _renormalisation(transform: np.ndarray) -> bool:
+    """Whether ``transform`` only rescales each image and subtracts multiples of the
+    first (what `core.basis` builds), so that applying it is two broadcast products."""
+    if transform.ndim != 2 or transform.shape[0] != transform.shape[1]:
+        return False
+    rest = transform - np.diag(np.diagonal(transform))
+    rest[:, 0] = 0.0
+    return not np.any(rest)
+
+
 def _condition_number(matrix: np.ndarray) -> float:
     values = scipy.linalg.eigvalsh(matrix)
     if values.min() == 0:
@@ -669,6 +707,8 @@ class _Fitter:
         self.std_limit = config.candidate_residual_std_max
         # basis spectra per stamp shape, for `correlate_basis`
         self._spectra: dict[tuple[int, ...], tuple[tuple[int, ...], np.ndarray]] = {}
+        # band matrices of the separable design passes, for `_toeplitz`
+        self._bands: dict[tuple, np.ndarray] = {}
 
     def _convolved_variance(self, cand: _Candidate, kernel: np.ndarray) -> np.ndarray:
         """The reference variance correlated with K^2 over the fitted pixels, by FFT.
@@ -785,6 +825,232 @@ class _Fitter:
             cand.status = _GOOD
             return False
         return self.judge(cand)
+
+    # -- batched path: what the solver runs ------------------------------------------------
+    # `build` and `assess` above are the per-stamp reference; the methods below do the
+    # same algebra for a stack of stamps at once (hundreds of stamps at 4096: the Python
+    # and FFT-call overhead per stamp, not the arithmetic, was the cost).
+
+    def _toeplitz(self, factors: np.ndarray, side: int) -> np.ndarray:
+        """(side, good * m) band matrix: a line of ``side`` pixels times it is the line
+        correlated with each of the m 1-D ``factors``, column o * m + p = output o, factor p.
+        Kept per factors and side (the same few serve every stamp)."""
+        key = (factors.tobytes(), factors.shape, side)
+        cached = self._bands.get(key)
+        if cached is None:
+            cached = self._bands[key] = self._band(factors, side)
+        return cached
+
+    @staticmethod
+    def _band(factors: np.ndarray, side: int) -> np.ndarray:
+        m, k = factors.shape
+        good = side - k + 1
+        out = np.zeros((side, good, m))
+        for o in range(good):
+            out[o : o + k, o, :] = factors.T
+        return out.reshape(side, good * m)
+
+    def design_matrices(self, stamps: np.ndarray, extra_ones: bool = False) -> np.ndarray:
+        """(n, nb, good^2): `correlate_basis` of each of a stack of (n, S, S) stamps,
+        transposed (one row per basis image, the layout the normal equations use), with
+        a last row of ones when ``extra_ones`` (the background column).
+
+        The AL basis is a fixed linear mix (``basis.transform``) of separable images
+        g(v) v^q g(u) u^p, so each row is two 1-D correlation passes, each pass one
+        matrix product with a band matrix for the whole stack (about 0.5 M multiply-adds
+        a default stamp, against 27 inverse FFTs); other bases take the FFT.
+        """
+        n, side = stamps.shape[0], stamps.shape[1]
+        transform = self.basis.transform
+        nb = self.nb
+        if transform is None or stamps.shape[2] != side or not _renormalisation(transform):
+            rows = [self.correlate_basis(stamp).T for stamp in stamps]
+            if extra_ones:
+                rows = [np.vstack([r, np.ones((1, r.shape[1]))]) for r in rows]
+            return np.stack(rows)
+        good = side - self.k + 1
+        # rows y, then stamps, then columns x: both passes are plain 2-D matrix products
+        lines = stamps.transpose(1, 0, 2).reshape(side * n, side)
+        raw = np.empty((nb, good, n, good))  # raw image, y, stamp, x
+        order: list[int] = []  # raw images in the order computed
+        column = 0
+        for f, powers in self.basis.separable_factors():
+            degree = f.shape[0] - 1
+            for px in range(degree + 1):
+                # pass along x (columns u), then along y (rows v) for each y power
+                along_x = (lines @ self._toeplitz(f[px : px + 1], side)).reshape(side, n * good)
+                q = degree - px + 1
+                start = len(order)
+                along_y = self._toeplitz(f[:q], side).T.reshape(good, q, side).transpose(1, 0, 2)
+                raw[start : start + q] = (
+                    np.ascontiguousarray(along_y).reshape(q * good, side) @ along_x
+                ).reshape(q, good, n, good)
+                order.extend(column + powers.index((px, py)) for py in range(q))
+            column += len(powers)
+        position = np.argsort(order)  # basis raw index -> where it was computed
+        out = np.empty((n, nb + (1 if extra_ones else 0), good, good))
+        view = out[:, :nb].transpose(1, 2, 0, 3)  # (nb, y, stamp, x)
+        # the renormalisation rescales each raw image and subtracts a multiple of the first
+        for k in range(nb):
+            np.multiply(raw[position[k]], transform[k, k], out=view[k])
+            if k > 0 and transform[k, 0] != 0.0:
+                view[k] += transform[k, 0] * raw[position[0]]
+        if extra_ones:
+            out[:, nb] = 1.0
+        return out.reshape(n, out.shape[1], good * good)
+
+    def _convolved_variances(self, cands: list[_Candidate], kernels: np.ndarray) -> np.ndarray:
+        """`_convolved_variance` for same-shape candidates and (n, K^2) kernels at once."""
+        shape = cands[0].stamps["ref_var"].shape
+        size = tuple(sp_fft.next_fast_len(n, real=True) for n in shape)
+        missing = [c for c in cands if c.stamps.get("ref_var_hat") is None]
+        if missing:
+            stack = np.stack([c.stamps["ref_var"] for c in missing]).astype(np.float64)
+            for c, spectrum in zip(missing, sp_fft.rfft2(stack, s=size, axes=(1, 2)), strict=True):
+                c.stamps["ref_var_hat"] = spectrum
+        spectra = np.stack([c.stamps["ref_var_hat"] for c in cands])
+        squared = (kernels.reshape(-1, self.k, self.k) ** 2)[:, ::-1, ::-1]
+        full = sp_fft.irfft2(
+            spectra * sp_fft.rfft2(squared, s=size, axes=(1, 2)), s=size, axes=(1, 2)
+        )
+        k = self.k
+        return full[:, k - 1 : shape[0], k - 1 : shape[1]].reshape(len(cands), -1)
+
+    def _chunks(self, cands: list[_Candidate]) -> list[list[_Candidate]]:
+        """Same-shape groups of at most _CHUNK candidates (stacks stay a few MB; the
+        chunks run on all cores)."""
+        by_shape: dict[tuple[int, ...], list[_Candidate]] = {}
+        for cand in cands:
+            by_shape.setdefault(cand.stamps["ref"].shape, []).append(cand)
+        return [
+            members[i : i + _CHUNK]
+            for members in by_shape.values()
+            for i in range(0, len(members), _CHUNK)
+        ]
+
+    def build_many(self, cands: list[_Candidate], bad_bits: tuple[int, int]) -> None:
+        """`build` for every candidate, batched by stamp shape."""
+        thread_map(lambda chunk: self._build_chunk(chunk, bad_bits), self._chunks(cands))
+
+    def _build_chunk(self, cands: list[_Candidate], bad_bits: tuple[int, int]) -> None:
+        n = len(cands)
+        for cand in cands:
+            cand.built = True
+        target = np.stack([self._inner(c.stamps["tgt"]) for c in cands])
+        # (n, nb [+ 1], pixels): one row per design column
+        stamps = np.stack([c.stamps["ref"] for c in cands])
+        rows = self.design_matrices(stamps, self.with_bg)
+        # a non-finite reference pixel spoils the FFT design of `build` everywhere; the
+        # band products may leave it where a Gaussian tail underflows: tested directly
+        finite = (
+            np.isfinite(rows).all(axis=(1, 2))
+            & np.isfinite(target).all(axis=1)
+            & np.isfinite(stamps).all(axis=(1, 2))
+        )
+        columns = rows.transpose(0, 2, 1)
+        positive = np.ones(n, dtype=bool)
+        if self.config.constant_variance_weighting:
+            total = np.stack([c.stamps["tgt_var"] + c.stamps["ref_var"] for c in cands])
+            total = total.reshape(n, -1)
+            if np.isfinite(total).all():  # the same medians, without nanmedian's row loop
+                median = np.median(total, axis=1)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN stamps
+                    median = np.nanmedian(total, axis=1)
+            ok = np.isfinite(median) & (median > 0)
+            weight = np.where(ok, 1.0 / np.where(ok, median, 1.0), 1.0)
+            normal = weight[:, None, None] * (rows @ columns)
+            rhs = weight[:, None] * (rows @ target[:, :, None])[:, :, 0]
+        else:
+            variance = np.stack(
+                [self._inner(c.stamps["tgt_var"] + c.stamps["ref_var"]) for c in cands]
+            )
+            positive = np.asarray((variance > 0).all(axis=1))
+            # stamps with a variance <= 0 give inf/nan here; they are rejected below
+            with np.errstate(divide="ignore", invalid="ignore"):
+                weighted = rows / variance[:, None, :]
+                normal = rows @ weighted.transpose(0, 2, 1)
+                rhs = (weighted @ target[:, :, None])[:, :, 0]
+        solvable = finite & positive
+        solution = np.full(rhs.shape, np.nan)
+        if solvable.any():
+            solution[solvable] = _solve_normal_many(normal[solvable], rhs[solvable])
+        fitted = []
+        for i, cand in enumerate(cands):
+            if not finite[i]:
+                cand.reject("non-finite pixels in the stamp")
+                continue
+            if not positive[i]:
+                cand.reject("variance less than or equal to 0.0")
+                continue
+            if not np.all(np.isfinite(solution[i])):
+                cand.reject(f"Unable to determine kernel solution {cand.index} (nan)")
+                continue
+            if self.config.check_condition_number:
+                condition = _condition_number(normal[i])
+                if not condition <= self.config.max_condition_number:
+                    cand.reject(f"condition number {condition:.3g} too large")
+                    continue
+            cand.design, cand.normal, cand.rhs = columns[i], normal[i], rhs[i]
+            cand.ksum = float(self.basis_sums @ solution[i, : self.nb])
+            s = cand.stamps
+            tgt_bad = (s["tgt_mask"] & bad_bits[0]) != 0
+            ref_bad = (s["ref_mask"] & bad_bits[1]) != 0
+            if ref_bad.any():  # (most stamps have no bad pixel: no filter then)
+                ref_bad = ndimage.maximum_filter(ref_bad, size=self.k, mode="constant")
+            s["bad"] = self._inner(tgt_bad | ref_bad)
+            fitted.append(i)
+        if fitted:
+            background = solution[fitted, self.nb] if self.with_bg else np.zeros(len(fitted))
+            self._assess_chunk([cands[i] for i in fitted], solution[fitted, : self.nb], background)
+
+    def assess_many(self, cands: list[_Candidate], coefficients, backgrounds) -> None:
+        """`assess` (clip=False) for every candidate: (n, nb) coefficients, (n,) backgrounds."""
+        position = {id(c): i for i, c in enumerate(cands)}
+        coefficients = np.asarray(coefficients, dtype=np.float64)
+        backgrounds = np.asarray(backgrounds, dtype=np.float64)
+
+        def run(chunk):
+            rows = [position[id(c)] for c in chunk]
+            self._assess_chunk(chunk, coefficients[rows], backgrounds[rows])
+
+        thread_map(run, self._chunks(cands))
+
+    def _assess_chunk(self, cands: list[_Candidate], coefficients, backgrounds) -> None:
+        kernels = coefficients @ self.flat_basis
+        convolved = self._convolved_variances(cands, kernels)
+        model = np.stack(
+            [
+                cast(np.ndarray, c.design)[:, : self.nb] @ a
+                for c, a in zip(cands, coefficients, strict=True)
+            ]
+        )
+        diff = np.stack([self._inner(c.stamps["tgt"]) for c in cands]) - (
+            model + backgrounds[:, None]
+        )
+        variance = np.stack([self._inner(c.stamps["tgt_var"]) for c in cands]) + convolved
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = diff / np.sqrt(variance)
+        bad = np.stack([c.stamps["bad"] for c in cands])
+        use = ~bad & np.isfinite(z) & (variance > 0)
+        if self.config.use_core_stats:
+            r = self.config.candidate_core_radius
+            good = cands[0].stamps["ref"].shape[0] - 2 * self.h
+            core = np.zeros((good, good), dtype=bool)
+            c = good // 2
+            core[c - r : c + r + 1, c - r : c + r + 1] = True
+            use &= core.ravel()
+        count = use.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = np.where(use, z, 0.0).sum(axis=1) / count
+            deviation = np.where(use, z - mean[:, None], 0.0)
+            std = np.sqrt((deviation * deviation).sum(axis=1) / (count - 1))
+        mean[count == 0] = np.nan
+        std[count <= 1] = np.nan
+        for cand, m, s in zip(cands, mean, std, strict=True):
+            cand.resid_mean, cand.resid_std = float(m), float(s)
+            cand.status = _GOOD
 
     def judge(self, cand: _Candidate) -> bool:
         """Reject ``cand`` if its residual statistics pass the current limits; True if so."""
@@ -969,23 +1235,38 @@ def _spatial_fit(
     n_sp = n_spatial_terms(kernel_order)
     n_bg = n_spatial_terms(bg_order) if fitter.with_bg else 0
     n_unknown = 1 + (nb - 1) * n_sp + n_bg
-    n_single = nb + (1 if fitter.with_bg else 0)
     x = np.array([c.x for c in used])
     y = np.array([c.y for c in used])
     p = chebyshev_terms(x, y, kernel_order, domain).T  # (n, n_sp)
-    # expansion from the global unknowns to each candidate's single-kernel unknowns
-    expand = np.zeros((len(used), n_single, n_unknown))
-    expand[:, 0, 0] = 1.0  # a_0 is constant over the image
-    for k in range(1, nb):
-        expand[:, k, 1 + (k - 1) * n_sp : 1 + k * n_sp] = p
+    # Single-kernel unknown k of candidate n stands for the global unknowns w_n^k times
+    # its coefficient: a_0 is constant (w = 1), a_k varies as the kernel terms p_n,
+    # the background as its own terms. The global normal matrix sum_n E_n^T N_n E_n is
+    # then, block by block, sum_n N_n[k, l] w_n^k (w_n^l)^T: one small matrix product
+    # per pair of kinds instead of a (n, n_single, n_unknown) expansion.
+    kinds = [(np.arange(1), np.ones((len(used), 1)))]
+    if nb > 1:
+        kinds.append((np.arange(1, nb), p))
     if fitter.with_bg:
-        expand[:, nb, n_unknown - n_bg :] = chebyshev_terms(x, y, bg_order, domain).T
+        kinds.append((np.array([nb]), chebyshev_terms(x, y, bg_order, domain).T))
     # fitted candidates all carry their normal equations (set by _Fitter.build)
     normals = np.stack([cast(np.ndarray, c.normal) for c in used])
     rhs_single = np.stack([cast(np.ndarray, c.rhs) for c in used])
-    matrix = np.einsum("nki,nkj->ij", expand, normals @ expand)
+    n = len(used)
+    blocks = []
+    rhs_parts = []
+    for rows_a, wa in kinds:
+        rhs_parts.append((rhs_single[:, rows_a].T @ wa).ravel())
+        row = []
+        for rows_b, wb in kinds:
+            pair = normals[:, rows_a][:, :, rows_b].reshape(n, -1)
+            outer = (wa[:, :, np.newaxis] * wb[:, np.newaxis, :]).reshape(n, -1)
+            block = (pair.T @ outer).reshape(rows_a.size, rows_b.size, wa.shape[1], wb.shape[1])
+            row.append(block.transpose(0, 2, 1, 3).reshape(rows_a.size * wa.shape[1], -1))
+        blocks.append(row)
+    matrix = np.block(blocks)
+    assert matrix.shape == (n_unknown, n_unknown)
     matrix = 0.5 * (matrix + matrix.T)
-    rhs = np.einsum("nki,nk->i", expand, rhs_single)
+    rhs = np.concatenate(rhs_parts)
     solution = _solve_normal(matrix, rhs)
     condition = _condition_number(matrix) if np.all(np.isfinite(matrix)) else math.nan
     if not np.all(np.isfinite(solution[: n_unknown - n_bg])):
@@ -1054,7 +1335,7 @@ def _build_until_stable(fitter: _Fitter, cells: dict, config: KernelConfig, bad_
         # threads would race on the global filter list)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-            thread_map(lambda cand: fitter.build(cand, bad_bits), todo)
+            fitter.build_many(todo, bad_bits)
         rejected = sum(cand.status == _BAD for cand in todo)
         if config.single_kernel_clipping:
             fitted = [
@@ -1208,12 +1489,11 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
         kernel, background, condition, orders = _conditioned_fit(fitter, used, config, bbox, orders)
         n_good = rejected_spatial = 0
 
-        def assess_spatial(cand, kernel=kernel, background=background):
-            coefficients = kernel.coefficients_at(cand.x, cand.y)
-            bg = background.evaluate(cand.x, cand.y)
-            fitter.assess(cand, coefficients, bg, clip=False)
-
-        thread_map(assess_spatial, used)  # independent candidates, on all cores
+        xs = np.array([c.x for c in used])
+        ys = np.array([c.y for c in used])
+        fitter.assess_many(
+            used, kernel.coefficients_at(xs, ys).T, np.atleast_1d(background.evaluate(xs, ys))
+        )
         if config.spatial_kernel_clipping:
             fitter.set_limits(used)
         for cand in used:
