@@ -107,8 +107,8 @@ class _Filtered:
         if not all_ok:
             variance = np.where(var_ok, variance, np.float32(fill))
         del var_ok, good
+        # the variance plane is only needed for the filtered variance below
         self.image = image
-        self.variance = variance
         self.no_data = no_data
         self.psf = psf
         kernel = psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64)

@@ -82,6 +82,9 @@ def estimate_psf(
     mesh = background if background is not None else background_estimate(exposure)
     if catalog is None:
         stars = detect_sources(exposure, set_mask=False, background=mesh)
+        # only the catalog is used: free its segmentation images (two int32 frames)
+        stars.meta.pop("segmentation", None)
+        stars.meta.pop("segmentation_negative", None)
     else:
         x = np.asarray(catalog["x"], dtype=np.float64)
         y = np.asarray(catalog["y"], dtype=np.float64)
