@@ -333,6 +333,10 @@ def block_extremes(array: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+#: Working memory (bytes) of one batch of `DifferenceSnr` block transforms.
+_SNR_BATCH_BYTES = 64 << 20
+
+
 class DifferenceSnr:
     """Matched-filter S/N of a difference, exact on the blocks asked for.
 
@@ -403,7 +407,18 @@ class DifferenceSnr:
         if todo.size:
             ty, tx = np.divmod(todo, self.grid[1])
             self._where[ty, tx] = self._store.shape[0] + np.arange(todo.size)
-            self._store = np.concatenate([self._store, self._snr(ty * s, tx * s, s)])
+            # batches of blocks: the padded patches and their spectra of every candidate
+            # block at once would cost several frames; each transform is independent,
+            # so the values do not depend on the batching
+            n = 1 << (s + 2 * self.half - 1).bit_length()
+            batch = max(1, _SNR_BATCH_BYTES // (16 * n * n))
+            new = np.empty((todo.size, s, s), dtype=np.float32)
+            for a in range(0, todo.size, batch):
+                new[a : a + batch] = self._snr(ty[a : a + batch] * s, tx[a : a + batch] * s, s)
+            if self._store.shape[0]:
+                self._store = np.concatenate([self._store, new])
+            else:
+                self._store = new
             where = self._where[by, bx]
         out = self._store[where]
         out /= np.float32(self.factor)
