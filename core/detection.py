@@ -435,8 +435,12 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
         filtered.noise_factor *= factor
         del footprints, sky
         thr, least = config.threshold, config.min_pixels
-        labels, n = _footprints(filtered.snr, thr, least, out=labels)
-        neg_labels, n_neg = _footprints(filtered.snr, thr, least, True, out=neg_labels)
+        # fresh (calloc'd) label images rather than the first pass's: a sparse
+        # labelling writes only the pages its footprints touch, so most of a fresh
+        # frame costs no memory, while clearing the old one would touch every page
+        del labels, neg_labels
+        labels, n = _footprints(filtered.snr, thr, least)
+        neg_labels, n_neg = _footprints(filtered.snr, thr, least, True)
     # peaks and their S/N first: then the ungrown labels, the S/N map and the no-data
     # map are no longer needed, and their frames are freed or reused before growing
     peaks = _find_peaks(filtered.snr, labels, n, sigma, _PEAK_PROMINENCE) if n else None
