@@ -154,8 +154,10 @@ class _Filtered:
         if bits:
             bad |= (exposure.mask[rows, cols] & bits) != 0
         stamps[bad] = 0.0
-        inside_r = (np.asarray(cy)[:, None] + offsets >= 0) & (np.asarray(cy)[:, None] + offsets < ny)
-        inside_c = (np.asarray(cx)[:, None] + offsets >= 0) & (np.asarray(cx)[:, None] + offsets < nx)
+        rows_all = np.asarray(cy)[:, None] + offsets
+        cols_all = np.asarray(cx)[:, None] + offsets
+        inside_r = (rows_all >= 0) & (rows_all < ny)
+        inside_c = (cols_all >= 0) & (cols_all < nx)
         if not (inside_r.all() and inside_c.all()):
             stamps[~(inside_r[:, :, None] & inside_c[:, None, :])] = 0.0
         return stamps
