@@ -262,6 +262,17 @@ class _BackgroundMesh:
     def background(self, rows: slice = slice(None)) -> np.ndarray:
         return self._rows("median", rows)
 
+    def background_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The background at array indices (broadcast ``rows``, ``cols``): the same
+        float32 operations as `background`, so the values are identical to its map's."""
+        self._rows("median", slice(0, 0))  # the x-interpolated mesh rows, cached
+        along_x = self._along_x["median"]
+        frac = self.frac[:, 0][rows]
+        out = along_x[self.lo[rows], cols]
+        out *= 1.0 - frac
+        out += along_x[self.hi[rows], cols] * frac
+        return out
+
     def noise(self, rows: slice = slice(None)) -> np.ndarray:
         return self._rows("std", rows)
 

@@ -435,12 +435,24 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
         filtered.noise_factor *= factor
         del footprints, sky
         thr, least = config.threshold, config.min_pixels
-        labels, n = _footprints(filtered.snr, thr, least, out=labels)
-        neg_labels, n_neg = _footprints(filtered.snr, thr, least, True, out=neg_labels)
+        # fresh (calloc'd) label images rather than the first pass's: a sparse
+        # labelling writes only the pages its footprints touch, so most of a fresh
+        # frame costs no memory, while clearing the old one would touch every page
+        del labels, neg_labels
+        labels, n = _footprints(filtered.snr, thr, least)
+        neg_labels, n_neg = _footprints(filtered.snr, thr, least, True)
+    # peaks and their S/N first: then the ungrown labels, the S/N map and the no-data
+    # map are no longer needed, and their frames are freed or reused before growing
+    peaks = _find_peaks(filtered.snr, labels, n, sigma, _PEAK_PROMINENCE) if n else None
+    peak_snr = filtered.snr[peaks[:, 0], peaks[:, 1]] if peaks is not None else None
+    del filtered.snr, filtered.no_data
     # grow positive and negative footprints together (one transform; nearest wins);
     # the label buffers are reused for the grown images
     if n_neg:
-        both = np.where(neg_labels > 0, neg_labels + n, labels)
+        both = labels  # negative labels folded in place, after the positive ones
+        for rows in _row_blocks(both.shape[0]):
+            neg = neg_labels[rows]
+            np.copyto(both[rows], neg + np.int32(n), where=neg > 0)
         result = _grow(both, grow, out=neg_labels)
         grown, grown_neg = both, neg_labels
         for rows in _row_blocks(result.shape[0]):
@@ -476,9 +488,8 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
             "xy0": (x0, y0),
         }
     )
-    if n == 0:
+    if peaks is None:
         return table
-    peaks = _find_peaks(filtered.snr, labels, n, sigma, _PEAK_PROMINENCE)
     prow, pcol, plabel = peaks[:, 0], peaks[:, 1], peaks[:, 2]
     measured = _measure(filtered, exposure, pcol.astype(float), prow.astype(float), True)
     n_peaks = np.bincount(plabel, minlength=n + 1)[plabel]
@@ -531,7 +542,7 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
         "snr": measured["snr"],
         "snr_pixel": measured["snr_pixel"],
         "peak": measured["peak"],
-        "peak_snr": filtered.snr[prow, pcol],
+        "peak_snr": peak_snr,
         "npix": npix,
         "bbox_x0": bbox[:, 0] + x0,
         "bbox_y0": bbox[:, 1] + y0,

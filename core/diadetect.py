@@ -232,7 +232,12 @@ def _bands(ny: int, size: int) -> list[slice]:
 
 
 def prepare_difference(
-    image: np.ndarray, variance: np.ndarray, mask: np.ndarray, bits: int, size: int
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    bits: int,
+    size: int,
+    lazy_variance: bool = False,
 ):
     """The difference with unusable pixels at 0, its variance with those filled, the
     unusable pixels (None when there are none), the fill value and the least
@@ -242,7 +247,8 @@ def prepare_difference(
     (also non-finite or <= 0 ones) take the median of the usable ones, estimated
     on every k-th row (about a million pixels); when fewer than half of those are
     usable the variance plane is ignored (1 everywhere: the S/N is then
-    normalised by its measured scatter alone).
+    normalised by its measured scatter alone). With ``lazy_variance`` the filled
+    variance is a `FilledVariance` (windows filled on demand, no frame copy).
     """
     ny, nx = image.shape
     step = max(1, (ny * nx) // 1_000_000)
@@ -255,7 +261,7 @@ def prepare_difference(
     ignore = usable.size < 0.5 * ok.size
     fill = 1.0 if ignore or usable.size == 0 else float(np.median(usable))
     out_image = np.empty((ny, nx), dtype=np.float32)
-    out_var = np.empty((ny, nx), dtype=np.float32)
+    out_var = None if lazy_variance else np.empty((ny, nx), dtype=np.float32)
     no_data = np.empty((ny, nx), dtype=bool)
     nbx = -(-nx // size)
     vmin = np.empty((-(-ny // size), nbx))
@@ -268,36 +274,77 @@ def prepare_difference(
         np.copyto(out_image[rows], img)
         np.copyto(out_image[rows], np.float32(0), where=bad)
         no_data[rows] = bad
-        if ignore:
-            out_var[rows] = 1.0
-        else:
-            var = variance[rows]
-            np.copyto(out_var[rows], var)
-            with np.errstate(invalid="ignore"):
-                keep = np.isfinite(var) & (var > 0)
-            keep &= ~bad
-            np.copyto(out_var[rows], np.float32(fill), where=~keep)
+        filled = np.empty(img.shape, np.float32) if out_var is None else out_var[rows]
+        _fill_variance(filled, variance[rows], bad, fill, ignore)
         b0 = rows.start // size
         vmin[b0 : b0 + -(-(rows.stop - rows.start) // size)] = _block_reduce(
-            out_var[rows], size, np.minimum, np.inf
+            filled, size, np.minimum, np.inf
         )
         return bool(bad.any())
 
     any_bad = any(thread_map(band, _bands(ny, size)))
-    return out_image, out_var, no_data if any_bad else None, fill, vmin
+    var_out = (
+        FilledVariance(image, variance, mask, bits, fill, ignore) if out_var is None else out_var
+    )
+    return out_image, var_out, no_data if any_bad else None, fill, vmin
 
 
-def prepare_score(image: np.ndarray, variance: np.ndarray, mask: np.ndarray, bits: int, size: int):
+def _fill_variance(out: np.ndarray, var: np.ndarray, bad: np.ndarray, fill: float, ignore: bool):
+    """``out`` (float32) = the variance, or ``fill`` where it is unusable or ``bad``
+    (all 1 when the plane is ignored)."""
+    if ignore:
+        out[...] = 1.0
+        return
+    np.copyto(out, var)
+    with np.errstate(invalid="ignore"):
+        keep = np.isfinite(var) & (var > 0)
+    keep &= ~bad
+    np.copyto(out, np.float32(fill), where=~keep)
+
+
+class FilledVariance:
+    """The filled variance of `prepare_difference`, cut window by window: the same
+    values as its frame (0 off the frame), without holding a frame-sized copy."""
+
+    def __init__(self, image, variance, mask, bits: int, fill: float, ignore: bool):
+        self.image, self.variance, self.mask = image, variance, mask
+        self.bits, self.fill, self.ignore = bits, fill, ignore
+        self.shape = image.shape
+
+    def windows(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
+        ny, nx = self.shape
+        offsets = np.arange(side)
+        rows = np.asarray(y0)[:, None] + offsets
+        cols = np.asarray(x0)[:, None] + offsets
+        inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
+        bad = ~np.isfinite(_patches(self.image, y0, x0, side))
+        if self.bits:
+            bad |= (_patches(self.mask, y0, x0, side) & self.bits) != 0
+        out = np.empty(bad.shape, dtype=np.float32)
+        _fill_variance(out, _patches(self.variance, y0, x0, side), bad, self.fill, self.ignore)
+        out[~inside] = 0.0
+        return out
+
+
+def prepare_score(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray,
+    bits: int,
+    size: int,
+    keep_image: bool = True,
+):
     """Score / sqrt(variance) (0 where the variance is unusable or any of ``bits`` is
-    set), the score with non-finite pixels at 0, and the largest |S/N| of every
-    ``size`` block; in threaded bands of rows."""
+    set), the score with non-finite pixels at 0 (None unless ``keep_image``), and the
+    largest |S/N| of every ``size`` block; in threaded bands of rows."""
     ny, nx = image.shape
-    out_image = np.empty((ny, nx), dtype=np.float32)
+    out_image = np.empty((ny, nx), dtype=np.float32) if keep_image else None
     snr = np.zeros((ny, nx), dtype=np.float32)
     top = np.empty((-(-ny // size), -(-nx // size)))
 
     def band(rows: slice) -> None:
-        img = out_image[rows]
+        shape = (rows.stop - rows.start, nx)
+        img = out_image[rows] if out_image is not None else np.empty(shape, np.float32)
         np.copyto(img, image[rows])
         np.copyto(img, np.float32(0), where=~np.isfinite(img))
         var = variance[rows]
@@ -331,6 +378,10 @@ def block_extremes(array: np.ndarray, size: int) -> np.ndarray:
 
     thread_map(band, _bands(ny, size))
     return out
+
+
+#: Working memory (bytes) of one batch of `DifferenceSnr` block transforms.
+_SNR_BATCH_BYTES = 64 << 20
 
 
 class DifferenceSnr:
@@ -379,7 +430,12 @@ class DifferenceSnr:
             self._transforms[n] = sfft.rfft2(pad).astype(np.complex64)
         if y0.size == 0:
             return np.zeros((0, side, side), dtype=np.float32)
-        spectrum = sfft.rfft2(_patches(self.variance, y0 - h, x0 - h, n), axes=(1, 2), workers=-1)
+        if isinstance(self.variance, FilledVariance):
+            patches = self.variance.windows(y0 - h, x0 - h, n)
+        else:
+            patches = _patches(self.variance, y0 - h, x0 - h, n)
+        spectrum = sfft.rfft2(patches, axes=(1, 2), workers=-1)
+        del patches
         spectrum *= self._transforms[n]
         # inverse transform of the kept rows only (the rest is the padding)
         rows = sfft.ifft(spectrum, axis=1, workers=-1, overwrite_x=True)[:, h : h + side]
@@ -403,7 +459,18 @@ class DifferenceSnr:
         if todo.size:
             ty, tx = np.divmod(todo, self.grid[1])
             self._where[ty, tx] = self._store.shape[0] + np.arange(todo.size)
-            self._store = np.concatenate([self._store, self._snr(ty * s, tx * s, s)])
+            # batches of blocks: the padded patches and their spectra of every candidate
+            # block at once would cost several frames; each transform is independent,
+            # so the values do not depend on the batching
+            n = 1 << (s + 2 * self.half - 1).bit_length()
+            batch = max(1, _SNR_BATCH_BYTES // (16 * n * n))
+            new = np.empty((todo.size, s, s), dtype=np.float32)
+            for a in range(0, todo.size, batch):
+                new[a : a + batch] = self._snr(ty[a : a + batch] * s, tx[a : a + batch] * s, s)
+            if self._store.shape[0]:
+                self._store = np.concatenate([self._store, new])
+            else:
+                self._store = new
             where = self._where[by, bx]
         out = self._store[where]
         out /= np.float32(self.factor)

@@ -115,8 +115,9 @@ class Detections:
         Peaks in the source's footprint (more than one: deblended).
     peak_snr : `numpy.ndarray` (n,), float
         Detection S/N at the peak (negative for negative peaks).
-    image : `numpy.ndarray` (ny, nx), float32
-        The searched image with unusable pixels set to 0 (for centroids).
+    image : `SearchedImage`
+        Stamps of the searched image with unusable pixels set to 0 (for centroids);
+        cut on demand, so no frame-sized copy of it is held.
     noise_factor : float
         Measured empty-sky scatter of the S/N before renormalisation.
     psf_sigma : float
@@ -129,6 +130,27 @@ class Detections:
         self.image, self.noise_factor, self.psf_sigma = image, noise_factor, sigma
 
 
+class SearchedImage:
+    """Stamps of an exposure's image as float32 with non-finite pixels and those with
+    any of ``bits`` set in the mask at 0 (0 off the frame): the values of the frame
+    copy the S/N was computed from, cut only where measurements need them."""
+
+    def __init__(self, exposure: Exposure, bits: int, after_cast: bool = False):
+        # after_cast: non-finite tested on the float32 values (the score's copy), else
+        # on the image's own (the difference's)
+        self.exposure, self.bits, self.after_cast = exposure, bits, after_cast
+        self.shape = exposure.shape
+
+    def stamps(self, cx, cy, half: int) -> np.ndarray:
+        raw = _stack(self.exposure.image, cx, cy, half)
+        out = raw.astype(np.float32)
+        bad = ~np.isfinite(out if self.after_cast else raw)
+        if self.bits:
+            bad |= (_stack(self.exposure.mask, cx, cy, half) & self.bits) != 0
+        out[bad] = 0.0
+        return out
+
+
 def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
     """Peaks of the matched-filtered difference (core.diadetect), the image searched and
     the noise factor. The convolution's EDGE band holds no usable difference: it
@@ -138,14 +160,17 @@ def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float)
     kernel = crop_kernel(kernel)
     size = block_size(kernel.shape[0] // 2)
     bits = exposure.bitmask([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])
+    # the variance is filled block by block as the S/N needs it, and the filled image
+    # only lives for its correlation (measurements cut their stamps again)
     image, variance, no_data, fill, vmin = prepare_difference(
-        exposure.image, exposure.variance, exposure.mask, bits, size
+        exposure.image, exposure.variance, exposure.mask, bits, size, lazy_variance=True
     )
     smoothed = correlate_image(image, kernel, single=True)
+    del image
     snr = DifferenceSnr(smoothed, variance, no_data, kernel, 1e-30 * fill, vmin)
     factor = snr.noise_factor()
     peaks = sparse_peaks(
-        image.shape,
+        exposure.shape,
         snr.size,
         snr.candidates(config.threshold),
         snr.blocks,
@@ -154,14 +179,16 @@ def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float)
         sigma,
         config.peak_prominence,
     )
-    return peaks, image, factor
+    return peaks, SearchedImage(exposure, bits), factor
 
 
 def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
     """Peaks of score / sqrt(variance), the image searched and the noise factor."""
     size = 32
     bits = exposure.bitmask([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])
-    snr, image, top = prepare_score(exposure.image, exposure.variance, exposure.mask, bits, size)
+    snr, _, top = prepare_score(
+        exposure.image, exposure.variance, exposure.mask, bits, size, keep_image=False
+    )
     # every value is finite: the whole-frame estimate's strided sample is a strided view
     step = snr.size // 1_000_000 + 1 if snr.size > 1_000_000 else 1
     factor = _negative_side_sigma(snr.ravel()[::step])
@@ -179,7 +206,7 @@ def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
         sigma,
         config.peak_prominence,
     )
-    return peaks, image, factor
+    return peaks, SearchedImage(exposure, 0, after_cast=True), factor
 
 
 def detect_dia_sources(
@@ -461,7 +488,7 @@ def measure_dia_sources(
     # centroids and moments of single-signed sources, on sign-corrected stamps
     half = int(max(5, math.ceil(4.0 * det.psf_sigma)))
     sign = det.sign[single].astype(float)
-    profile = _stack(det.image, det.col[single], det.row[single], half) * sign[:, None, None]
+    profile = det.image.stamps(det.col[single], det.row[single], half) * sign[:, None, None]
     dx, dy = _centroids(profile, det.psf_sigma)
     ixx, iyy, ixy = _moments(profile, dx, dy, det.psf_sigma)
     x = det.col[single] + dx
@@ -511,8 +538,7 @@ def measure_dia_sources(
         columns["n_peaks"][row] = det.n_peaks[ip] + det.n_peaks[jn]
     if n_pair:
         pair_x, pair_y = columns["x"][n_single:], columns["y"][n_single:]
-        profile = _stack(
-            det.image,
+        profile = det.image.stamps(
             np.floor(pair_x + 0.5).astype(int),
             np.floor(pair_y + 0.5).astype(int),
             half,

@@ -107,8 +107,12 @@ class _Filtered:
         if not all_ok:
             variance = np.where(var_ok, variance, np.float32(fill))
         del var_ok, good
-        self.image = image
-        self.variance = variance
+        # the variance plane is only needed for the filtered variance below, and the
+        # background-subtracted image only for its correlation: measurements recompute
+        # their stamps of it (`image_stamps`), so no frame of it outlives this
+        self.shape = image.shape
+        self._exposure = exposure
+        self._estimate = estimate
         self.no_data = no_data
         self.psf = psf
         kernel = psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64)
@@ -117,7 +121,9 @@ class _Filtered:
         # single precision: the matched filter feeds a threshold and fluxes quoted far
         # above 1e-5; tiled and threaded like the kernel convolution
         self.smoothed = correlate_image(image, kernel, single=True)
+        del image
         self.smoothed_var = correlate_image(variance, kernel**2, single=True)
+        del variance
         np.maximum(self.smoothed_var, np.float32(1e-30 * fill), out=self.smoothed_var)
         # in place: every frame-sized temporary costs page faults on first touch
         snr = np.sqrt(self.smoothed_var)
@@ -129,6 +135,32 @@ class _Filtered:
         self.noise_factor = _negative_side_sigma(snr, ~no_data if any_no_data else None)
         snr /= np.float32(self.noise_factor)
         self.snr = snr
+
+    def image_stamps(self, cx: np.ndarray, cy: np.ndarray, half: int) -> np.ndarray:
+        """Stamps (n, 2h+1, 2h+1) of the background-subtracted image (no-data pixels 0)
+        centred on array indices (cx, cy), pixels off the frame 0: what `_stack` cuts
+        from the full map, recomputed with the same float32 operations."""
+        exposure = self._exposure
+        ny, nx = self.shape
+        offsets = np.arange(-half, half + 1)
+        rows = np.clip(np.asarray(cy)[:, None] + offsets, 0, ny - 1)[:, :, None]
+        cols = np.clip(np.asarray(cx)[:, None] + offsets, 0, nx - 1)[:, None, :]
+        stamps = np.empty((len(cx), offsets.size, offsets.size), dtype=np.float32)
+        np.subtract(
+            exposure.image[rows, cols], self._estimate.background_at(rows, cols), out=stamps
+        )
+        bad = ~np.isfinite(stamps)
+        bits = exposure.bitmask(["NO_DATA"])
+        if bits:
+            bad |= (exposure.mask[rows, cols] & bits) != 0
+        stamps[bad] = 0.0
+        rows_all = np.asarray(cy)[:, None] + offsets
+        cols_all = np.asarray(cx)[:, None] + offsets
+        inside_r = (rows_all >= 0) & (rows_all < ny)
+        inside_c = (cols_all >= 0) & (cols_all < nx)
+        if not (inside_r.all() and inside_c.all()):
+            stamps[~(inside_r[:, :, None] & inside_c[:, None, :])] = 0.0
+        return stamps
 
 
 # --------------------------------------------------------------------------------------
@@ -312,10 +344,10 @@ def _measure(
     """Centroid, PSF flux, S/N, peak, adaptive size of sources near array positions."""
     sigma = _psf_sigma(filtered.psf)
     half = int(max(5, math.ceil(4.0 * sigma)))
-    ny, nx = filtered.image.shape
+    ny, nx = filtered.shape
     cx = np.clip(np.floor(col + 0.5).astype(int), 0, nx - 1)
     cy = np.clip(np.floor(row + 0.5).astype(int), 0, ny - 1)
-    stamps = _stack(filtered.image, cx, cy, half)
+    stamps = filtered.image_stamps(cx, cy, half)
     if recentroid:
         dx, dy = _centroids(stamps, sigma)
         col, row = cx + dx, cy + dy

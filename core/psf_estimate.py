@@ -82,6 +82,9 @@ def estimate_psf(
     mesh = background if background is not None else background_estimate(exposure)
     if catalog is None:
         stars = detect_sources(exposure, set_mask=False, background=mesh)
+        # only the catalog is used: free its segmentation images (two int32 frames)
+        stars.meta.pop("segmentation", None)
+        stars.meta.pop("segmentation_negative", None)
     else:
         x = np.asarray(catalog["x"], dtype=np.float64)
         y = np.asarray(catalog["y"], dtype=np.float64)
@@ -132,8 +135,8 @@ def estimate_psf(
     candidates = np.array(isolated, dtype=int)
     candidates = candidates[np.argsort(-flux_all[candidates])]
 
-    # float32 map; stamps are cut and subtracted in float64 (no float64 frame)
-    background = mesh.background()
+    # stamps are cut and their background (the float32 map's values, evaluated on the
+    # stamp alone: no frame of it) subtracted in float64
     bad = exposure.masked(PSF_STAMP_BAD_PLANES) | ~np.isfinite(exposure.image)
     x0, y0 = exposure.xy0
     ny, nx = exposure.shape
@@ -150,7 +153,10 @@ def estimate_psf(
         if bad[ir - half : ir + half + 1, ic - half : ic + half + 1].any():
             continue
         box = np.s_[ir - big : ir + big + 1, ic - big : ic + big + 1]
-        cut = exposure.image[box].astype(np.float64) - background[box]
+        sky = mesh.background_at(
+            np.arange(ir - big, ir + big + 1)[:, None], np.arange(ic - big, ic + big + 1)[None, :]
+        )
+        cut = exposure.image[box].astype(np.float64) - sky
         # recentre: move the centroid (col, row) onto the central pixel
         shifted = _shift_raw(cut, ic - col, ir - row)[pad:-pad, pad:-pad]
         norm = shifted[aperture].sum()

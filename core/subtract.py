@@ -260,6 +260,9 @@ class _SubtractBase(Task):
         # detection on both images sets DETECTED, which variance scaling, sky sources and
         # the noise metrics rely on, so it runs even when the caller gives the catalog
         detected = detect_sources(exposure, detection, psf=exposure.psf, background=mesh)
+        # drop its segmentation images now: the other input's preparation may still run
+        detected = _without_frame_meta(detected)
+        del mesh
         scale = None
         if self.config.do_scale_variance:
             scale = scale_variance(exposure, self.config.scale_variance)
