@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from core.products import PRODUCT_NAMES
 from store import ACTIVE_STATES, ExposureRef, JobRecord, Settings, Store, new_job_id
 from store.callbacks import CallbackRefusedError, resolve_callback
 from store.records import decode_cursor, job_view
@@ -41,16 +42,8 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/subtractions", tags=["subtractions"])
 
-ProductName = Literal[
-    "difference",
-    "score",
-    "matched_template",
-    "matched_science",
-    "kernel",
-    "background",
-    "warped_template",
-    "dia_sources",
-]
+#: The product names of a route's path, from the one list core writes (an enum in OpenAPI).
+ProductName = Literal[PRODUCT_NAMES]  # type: ignore[valid-type]
 _MAX_JSON_BYTES = 4 * 1024 * 1024
 
 _AUTH = {401: {"model": ErrorResponse, "description": "Missing or invalid bearer token."}}
