@@ -38,10 +38,11 @@ PRODUCT_FILES = {
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def _fsync_tree(directory: Path) -> None:
-    # Core's writers do not all fsync (kernel, metrics); one pass here covers every product.
+def _fsync_tree(directory: Path, skip: frozenset[str] = frozenset()) -> None:
+    # Core's writers do not all fsync (kernel, metrics); one pass here covers every product
+    # (but the files named in ``skip``, already durable from an earlier pass).
     for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False):
+        if entry.name not in skip and entry.is_file(follow_symlinks=False):
             fd = os.open(entry.path, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -111,16 +112,9 @@ class ProductStore:
         rename, as core's writers do), so a reader sees a product whole or not at all.
         """
         final = self.job_dir(job_id)
-        before = {entry.name for entry in os.scandir(final)}
+        before = frozenset(entry.name for entry in os.scandir(final))
         build(final)
-        for entry in os.scandir(final):
-            if entry.name not in before and entry.is_file(follow_symlinks=False):
-                fd = os.open(entry.path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        fsync_dir(final)
+        _fsync_tree(final, skip=before)
         return self.names(job_id)
 
     def names(self, job_id: str) -> list[str]:
