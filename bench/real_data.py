@@ -472,12 +472,9 @@ def _fmt(value, digits=3) -> str:
     return str(value)
 
 
-def measure_pair(pair: RealPair, runs: dict[str, dict]) -> None:
-    """Add ``figures`` to every successful run, all measured on the same pixels and stars."""
-    outputs = {k: r["output"] for k, r in runs.items() if r["status"] == "ok"}
-    if not outputs:
-        return
-    figures = reference_figures(
+def pair_figures(pair: RealPair, outputs: dict) -> dict:
+    """REFERENCE.md's figures of every output of ``pair``, on the same pixels and stars."""
+    return reference_figures(
         outputs,
         pair.science.image,
         pair.template.image,
@@ -487,7 +484,14 @@ def measure_pair(pair: RealPair, runs: dict[str, dict]) -> None:
         saturated=pair.saturated,
         target=pair.target,
     )
-    for key, value in figures.items():
+
+
+def measure_pair(pair: RealPair, runs: dict[str, dict]) -> None:
+    """Add ``figures`` to every successful run, all measured on the same pixels and stars."""
+    outputs = {k: r["output"] for k, r in runs.items() if r["status"] == "ok"}
+    if not outputs:
+        return
+    for key, value in pair_figures(pair, outputs).items():
         runs[key]["figures"] = value
 
 

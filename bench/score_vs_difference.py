@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from bench.real_data import HOTPANTS_REFERENCE, PAIRS, load_pair, run_hotpants
+from bench.real_data import HOTPANTS_REFERENCE, PAIRS, load_pair, pair_figures, run_hotpants
 from core.config import SubtractionConfig
-from core.evaluate import Output, output_valid, reference_field, reference_figures
+from core.evaluate import Output, output_valid, reference_field
 from core.subtract import run_subtraction
 
 
@@ -97,16 +97,7 @@ def figures(name: str, hotpants: str | None = None) -> dict[str, dict[str, float
             scale = float(np.median(np.abs(z - np.median(z)))) * 1.4826
             filtered.variance = filtered.variance * scale**2
             outputs["HOTPANTS through P"] = filtered
-    return reference_figures(
-        outputs,
-        pair.science.image,
-        pair.template.image,
-        pair.fwhm,
-        science_variance=pair.science.variance,
-        template_variance=pair.template.variance,
-        saturated=pair.saturated,
-        target=pair.target,
-    )
+    return pair_figures(pair, outputs)
 
 
 def main(argv: list[str] | None = None) -> int:
