@@ -32,7 +32,7 @@ from .measure import (
 )
 from .psf import GaussianPsf, Psf, stellar_locus
 
-__all__ = ["detect_sources", "background_estimate"]
+__all__ = ["detect_sources", "background_estimate", "DetectionMemo"]
 
 #: A secondary peak in a footprint counts as a source when it rises this many noise
 #: sigmas (smoothed S/N units) above the saddle towards a brighter peak.
@@ -304,6 +304,46 @@ def background_estimate(exposure: Exposure, config: DetectionConfig | None = Non
     now): computed once, it can be passed to several detections of the same exposure."""
     mesh = (config or DetectionConfig()).background_mesh
     return _background_mesh(exposure, mesh, BACKGROUND_IGNORE_PLANES)
+
+
+class DetectionMemo:
+    """Background meshes and generic (no-PSF, default settings) detections of exposures,
+    kept by one step for a later one while the exposure's pixels and masks stay as they
+    were: registration detects stars on plain inputs, PSF estimation needs the same
+    catalog, and detection the same mesh.
+
+    Entries are keyed by the exposure object itself (identity, not equality): an
+    exposure that was cut, padded or warped in between is a new object and misses.
+    """
+
+    def __init__(self) -> None:
+        self._meshes: dict[int, tuple[Exposure, int, object]] = {}
+        self._catalogs: dict[int, tuple[Exposure, Table]] = {}
+
+    def mesh(self, exposure: Exposure, config: DetectionConfig | None = None):
+        """`background_estimate` of ``exposure`` with ``config``'s mesh, computed once."""
+        size = (config or DetectionConfig()).background_mesh
+        kept = self._meshes.get(id(exposure))
+        if kept is not None and kept[0] is exposure and kept[1] == size:
+            return kept[2]
+        mesh = background_estimate(exposure, config)
+        self._meshes[id(exposure)] = (exposure, size, mesh)
+        return mesh
+
+    def generic(self, exposure: Exposure) -> Table | None:
+        """The catalog ``detect_sources(exposure, set_mask=False)`` gives (default settings,
+        no PSF), if one was kept."""
+        kept = self._catalogs.get(id(exposure))
+        return kept[1] if kept is not None and kept[0] is exposure else None
+
+    def keep(self, exposure: Exposure, config: DetectionConfig | None, table: Table) -> None:
+        """Keep ``table``, a ``set_mask=False`` detection of ``exposure`` with ``config``,
+        when it is the generic one (default settings, the exposure has no PSF)."""
+        if exposure.psf is not None or (config is not None and config != DetectionConfig()):
+            return
+        table.meta.pop("segmentation", None)
+        table.meta.pop("segmentation_negative", None)
+        self._catalogs[id(exposure)] = (exposure, table)
 
 
 #: Frames with both sides at least this long measure source sizes (first pass of a

@@ -31,6 +31,7 @@ def estimate_psf(
     min_stars: int = 5,
     spatial_order: int = 0,
     background=None,
+    detected=None,
 ) -> Psf:
     """Build a PSF from bright, isolated, unsaturated, unmasked stars.
 
@@ -68,6 +69,10 @@ def estimate_psf(
     background : optional
         `core.detection.background_estimate` of the exposure (default mesh), when the
         caller has it already; computed otherwise.
+    detected : `astropy.table.Table` or None
+        The table ``detect_sources(exposure, set_mask=False)`` gives (default settings,
+        no PSF), when the caller has it already (registration of plain images makes
+        it); detected otherwise. Ignored when ``catalog`` is given.
 
     Returns
     -------
@@ -80,7 +85,9 @@ def estimate_psf(
     """
     # one mesh serves the detection and the stamps' background
     mesh = background if background is not None else background_estimate(exposure)
-    if catalog is None:
+    if catalog is None and detected is not None:
+        stars = detected
+    elif catalog is None:
         stars = detect_sources(exposure, set_mask=False, background=mesh)
         # only the catalog is used: free its segmentation images (two int32 frames)
         stars.meta.pop("segmentation", None)

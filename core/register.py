@@ -25,7 +25,7 @@ from scipy.spatial import cKDTree
 from scipy.stats import poisson
 
 from .config import DetectionConfig, RegistrationConfig
-from .detection import detect_sources
+from .detection import DetectionMemo, detect_sources
 from .errors import IncompatibleInputsError, InsufficientSourcesError, RegistrationError
 from .exposure import Exposure
 from .parallel import thread_map
@@ -82,18 +82,25 @@ class Registration:
 
 # --------------------------------------------------------------------------- stars
 def star_positions(
-    exposure: Exposure, config: RegistrationConfig, detection: DetectionConfig | None = None
+    exposure: Exposure,
+    config: RegistrationConfig,
+    detection: DetectionConfig | None = None,
+    memo: DetectionMemo | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Parent (x, y) (n, 2) and S/N (n,) of the brightest clean stars, brightest first.
 
     Saturated, edge, masked and low-S/N detections are left out. The exposure's
-    mask is not changed.
+    mask is not changed. ``memo`` keeps the background mesh and catalog for the
+    steps after registration (PSF estimation and detection of the same exposure).
     """
     empty = (np.zeros((0, 2)), np.zeros(0))
     try:
-        table = detect_sources(exposure, detection, set_mask=False)
+        mesh = memo.mesh(exposure, detection) if memo is not None else None
+        table = detect_sources(exposure, detection, set_mask=False, background=mesh)
     except InsufficientSourcesError:
         return empty
+    if memo is not None:
+        memo.keep(exposure, detection, table)
     if len(table) == 0:
         return empty
     keep = np.asarray(table["snr"], float) >= config.min_snr
@@ -352,6 +359,7 @@ def register(
     science: Exposure,
     config: RegistrationConfig | None = None,
     detection: DetectionConfig | None = None,
+    memo: DetectionMemo | None = None,
 ) -> Registration:
     """The pixel map from the science grid onto the template, and how it was found.
 
@@ -361,6 +369,8 @@ def register(
     config : `RegistrationConfig` or None
     detection : `DetectionConfig` or None
         Detection settings for the stars matched.
+    memo : `DetectionMemo` or None
+        Receives the whole-frame detections made here, for later steps to reuse.
 
     Returns
     -------
@@ -398,9 +408,11 @@ def register(
             metrics["seconds"] = time.perf_counter() - t0
             return Registration(PixelMap.identity(), "same grid", False, metrics)
         if mode == "wcs+stars":
-            pixel_map = _correct_on_stars(pixel_map, template, science, config, detection, metrics)
+            pixel_map = _correct_on_stars(
+                pixel_map, template, science, config, detection, metrics, memo
+            )
     else:
-        match = _match_exposures(template, science, PixelMap.identity(), config, detection)
+        match = _match_exposures(template, science, PixelMap.identity(), config, detection, memo)
         pixel_map = PixelMap.affine(match.matrix, match.offset)
         metrics.update(_match_figures(match))
         if _insignificant(match, _corners(science), config.identity_sigma):
@@ -419,17 +431,19 @@ def register_template(
     science: Exposure,
     config: RegistrationConfig | None = None,
     detection: DetectionConfig | None = None,
+    memo: DetectionMemo | None = None,
 ) -> tuple[Exposure, dict[str, Any]]:
     """Bring ``template`` onto ``science``'s pixel grid: (template on that grid, metrics).
 
     Nothing is resampled when the two already share a grid (the template is
     returned as given, or cut/padded with NO_DATA to the science box on the
     same grid); otherwise the template is warped (`core.warp.warp_exposure`).
+    ``memo`` (see `register`) keeps the detections for the steps that follow.
     """
     config = config or RegistrationConfig()
     if config.mode == "none":
         return template, {"mode": "none", "method": "none", "resampled": False}
-    registration = register(template, science, config, detection)
+    registration = register(template, science, config, detection, memo)
     metrics = registration.metrics
     if not registration.resampled:
         return _on_science_box(template, science), metrics
@@ -481,11 +495,11 @@ def _same_grid(pixel_map: PixelMap, science: Exposure, tolerance: float) -> bool
     return float(np.hypot(u - xs[None, :], v - ys[:, None]).max()) <= tolerance
 
 
-def _match_exposures(template, science, prior: PixelMap, config, detection) -> StarMatch:
+def _match_exposures(template, science, prior: PixelMap, config, detection, memo=None) -> StarMatch:
     """Stars of the science image, mapped by ``prior``, matched onto the template's stars."""
     # the two detections are independent and mostly GIL-free numpy: one per core
     science_stars, template_stars = thread_map(
-        lambda exposure: star_positions(exposure, config, detection), (science, template)
+        lambda exposure: star_positions(exposure, config, detection, memo), (science, template)
     )
     return _match_stars_of(science_stars, template_stars, prior, config)
 
@@ -510,14 +524,15 @@ def _patch_centres(science: Exposure, config: RegistrationConfig) -> list[tuple[
     return [(float(x), float(y)) for y in ys for x in xs]
 
 
-def _stars_in_patches(exposure: Exposure, centres, config, detection):
+def _stars_in_patches(exposure: Exposure, centres, config, detection, memo=None):
     """Stars detected in patches around ``centres`` (the whole frame when there are none).
 
     The WCS already fixes the map to a pixel or so, so a correction needs stars spread
     over the frame, not every star: patches keep detection a small part of the time.
+    Only a whole-frame detection goes into ``memo`` (a patch is of no later use).
     """
     if not centres:
-        return star_positions(exposure, config, detection)
+        return star_positions(exposure, config, detection, memo)
     half = config.star_patch_size // 2
     min_x, min_y, max_x, max_y = exposure.bbox
     xy, snr = [np.zeros((0, 2))], [np.zeros(0)]
@@ -538,12 +553,14 @@ def _stars_in_patches(exposure: Exposure, centres, config, detection):
     return all_xy[order], all_snr[order]
 
 
-def _correct_on_stars(pixel_map, template, science, config, detection, metrics) -> PixelMap:
+def _correct_on_stars(
+    pixel_map, template, science, config, detection, metrics, memo=None
+) -> PixelMap:
     """The WCS map followed by the correction matched stars measure (kept if significant)."""
     centres = _patch_centres(science, config)
     template_centres = [tuple(float(c) for c in pixel_map(x, y)) for x, y in centres]
     science_stars, template_stars = thread_map(
-        lambda job: _stars_in_patches(job[0], job[1], config, detection),
+        lambda job: _stars_in_patches(job[0], job[1], config, detection, memo),
         ((science, centres), (template, template_centres)),
     )
     try:

@@ -25,7 +25,7 @@ from .basis import kernel_size_for, make_kernel_basis
 from .config import DetectionConfig, SubtractionConfig
 from .convolve import convolve_exposure, convolved_noise_correlation, dilate_cross
 from .decorrelate import decorrelate_difference
-from .detection import background_estimate
+from .detection import DetectionMemo
 from .diasources import dia_sources
 from .errors import (
     IdenticalInputsError,
@@ -150,6 +150,8 @@ class _SubtractBase(Task):
         self.notes: list[str] = []
         self.registration: dict[str, Any] = {}
         self.warped_template: Exposure | None = None
+        #: registration's detections, reused by preparation; dropped once it is done
+        self._memo: DetectionMemo | None = None
         self.make_subtask("makeKernel")
         self.make_subtask("decorrelate")
 
@@ -167,9 +169,10 @@ class _SubtractBase(Task):
         """
         self._stage("register")
         config = self.config.registration
+        self._memo = DetectionMemo()
         with self.timer("register"):
             registered, figures = register_template(
-                template, science, config, self.config.sources.detection
+                template, science, config, self.config.sources.detection, self._memo
             )
         self.registration = figures
         self.warped_template = (
@@ -196,10 +199,15 @@ class _SubtractBase(Task):
         # science and template are prepared independently (PSF, detection, variance
         # scale), on two threads: the heavy numpy/scipy calls release the GIL
         jobs = [(science, "science"), (template, "template")]
-        prepared = {
-            label: done
-            for (_, label), done in zip(jobs, thread_map(self._prepare_one, jobs, 2), strict=True)
-        }
+        try:
+            prepared = {
+                label: done
+                for (_, label), done in zip(
+                    jobs, thread_map(self._prepare_one, jobs, 2), strict=True
+                )
+            }
+        finally:
+            self._memo = None  # frees registration's catalogs and meshes
         for label in ("science", "template"):
             if prepared[label].psf_header_key is not None:
                 self.metadata[f"{label}PsfFromHeader"] = prepared[label].psf_header_key
@@ -252,11 +260,15 @@ class _SubtractBase(Task):
         header_key = None
         detection = self.config.sources.detection
         # the masks do not change before detection: PSF estimation (its own detection
-        # and stamps) and detection share one background mesh when its size agrees
-        mesh = background_estimate(exposure, detection)
+        # and stamps) and detection share one background mesh when its size agrees, and
+        # registration's, when it detected on this very exposure
+        memo = self._memo or DetectionMemo()
+        mesh = memo.mesh(exposure, detection)
         if exposure.psf is None:
             same = detection.background_mesh == DetectionConfig().background_mesh
-            exposure.psf, header_key = self._find_psf(exposure, label, mesh if same else None)
+            exposure.psf, header_key = self._find_psf(
+                exposure, label, mesh if same else None, memo.generic(exposure)
+            )
         # detection on both images sets DETECTED, which variance scaling, sky sources and
         # the noise metrics rely on, so it runs even when the caller gives the catalog
         detected = detect_sources(exposure, detection, psf=exposure.psf, background=mesh)
@@ -268,13 +280,17 @@ class _SubtractBase(Task):
             scale = scale_variance(exposure, self.config.scale_variance)
         return _Prepared(detected, scale, header_key)
 
-    def _find_psf(self, exposure: Exposure, label: str, background=None) -> tuple[Psf, str | None]:
+    def _find_psf(
+        self, exposure: Exposure, label: str, background=None, detected=None
+    ) -> tuple[Psf, str | None]:
         """Estimate a PSF from the stars; else a Gaussian of the header's FWHM (pixels).
 
-        Also returns the header keyword the FWHM came from (None when estimated).
+        ``background`` and ``detected`` (a generic detection of the exposure) are
+        reused when given. Also returns the header keyword the FWHM came from (None
+        when estimated).
         """
         try:
-            return estimate_psf(exposure, background=background), None
+            return estimate_psf(exposure, background=background, detected=detected), None
         except PsfError as exc:
             for key in _HEADER_FWHM_KEYS:
                 value = exposure.metadata.get(key)

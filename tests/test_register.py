@@ -197,6 +197,42 @@ def test_pair_on_one_grid_is_not_resampled():
     np.testing.assert_array_equal(default.difference.variance, none.difference.variance)
 
 
+def test_plain_images_on_one_grid_reuse_registrations_detections(monkeypatch):
+    """Without PSF or WCS, star registration detects on both whole frames; PSF estimation
+    and detection then reuse those catalogs and meshes instead of detecting again: the
+    run makes no more detection passes than one without registration, with the same result.
+    """
+    import core.detection
+    from core.exposure import Exposure
+
+    pair = simulated_pair("sharper_template", 512, 21)
+
+    def plain(exposure: Exposure) -> Exposure:
+        return Exposure(
+            exposure.image, exposure.variance, exposure.mask, metadata=exposure.metadata
+        )
+
+    passes = []
+    real_pass = core.detection._detect_pass
+
+    def counted(*args, **kwargs):
+        passes.append(args[0].shape)
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr(core.detection, "_detect_pass", counted)
+    runs = {}
+    for mode in ("stars", "none"):
+        passes.clear()
+        config = SubtractionConfig(registration={"mode": mode})
+        result = run_subtraction(plain(pair.science), plain(pair.template), config)
+        runs[mode] = (result, len(passes))
+    (stars, n_stars), (none, n_none) = runs["stars"], runs["none"]
+    assert stars.metrics["registration"]["method"] == "stars: same grid"
+    assert n_none > 0 and n_stars == n_none
+    np.testing.assert_array_equal(stars.difference.image, none.difference.image)
+    np.testing.assert_array_equal(stars.difference.variance, none.difference.variance)
+
+
 def test_small_shift_in_preconvolve_mode():
     pair = simulate_pair(
         preset("sharper_template", size=384, seed=22).model_copy(
