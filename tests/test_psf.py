@@ -205,6 +205,39 @@ def test_estimate_moffat_fwhm_within_3_percent(psf):
     assert est == pytest.approx(truth[t, t + r] / truth[t, t], rel=0.15)
 
 
+def _crop(kernel: np.ndarray, size: int) -> np.ndarray:
+    """``kernel`` cut (or zero padded) to a centred ``size`` square, unit sum."""
+    out = np.zeros((size, size))
+    h, c = size // 2, kernel.shape[0] // 2
+    r = min(h, c)
+    out[h - r : h + r + 1, h - r : h + r + 1] = kernel[c - r : c + r + 1, c - r : c + r + 1]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+@pytest.mark.parametrize(
+    ("psf", "tolerance"),
+    [
+        (GaussianPsf(1.6), 0.01),
+        (GaussianPsf(2.5, ellipticity=0.2, angle=0.4), 0.01),
+        # a Moffat's wings reach the 64 px background mesh, which takes part of them
+        # for sky: 1-1.7% of the flux is missing from the estimate's outer rings
+        (MoffatPsf(4.0), 0.02),
+    ],
+    ids=["round", "elliptical", "moffat"],
+)
+def test_estimated_psf_gives_unbiased_psf_fluxes(psf, tolerance, seed):
+    """PSF photometry with the estimate, of a star drawn with the truth (cut to the same
+    stamp), recovers its flux: the wings carry no pedestal or noise that the unit sum
+    would take from the core (the old estimate was 3-12% off on these fields), and a
+    bright blend does not set the PSF."""
+    exposure, *_ = _star_field(psf, seed=seed, size=512, n=200)
+    estimated = estimate_psf(exposure).kernel_image()
+    truth = _crop(psf.kernel_image(), estimated.shape[0])
+    factor = np.sum(estimated * truth) / np.sum(estimated * estimated)
+    assert factor == pytest.approx(1.0, abs=tolerance), factor
+
+
 def test_estimate_from_catalog_positions():
     psf = GaussianPsf(2.0)
     exposure, x, y = _star_field(psf)

@@ -257,3 +257,25 @@ def test_user_catalog_drives_kernel_sources():
     quality = measure_quality(result, pair)
     assert 0.95 <= quality["noise_ratio"] <= 1.05
     assert abs(quality["transient_flux_ratio"] - 1) <= 0.03
+
+
+@pytest.mark.parametrize("name", ["sharper_template", "sharper_science"])
+def test_plain_images_give_unbiased_transient_fluxes(name):
+    """Images without PSF or variance-derived PSF (a user's plain FITS): the PSF is
+    estimated, and PSF photometry on the difference with it recovers injected transients
+    within 3% with honest errors. (The estimate once carried a wing pedestal that biased
+    these fluxes 8-12% high with pulls of 1.6-2.1.)"""
+    from core.exposure import Exposure
+
+    pair = simulated_pair(name, 1024, 1)
+
+    def plain(exposure: Exposure) -> Exposure:
+        return Exposure(
+            exposure.image, exposure.variance, exposure.mask.copy(), metadata=exposure.metadata
+        )
+
+    result = run_subtraction(plain(pair.science), plain(pair.template))
+    quality = measure_quality(result, pair)
+    assert quality["n_transients"] >= 40
+    assert quality["transient_flux_ratio"] == pytest.approx(1.0, abs=0.03), quality
+    assert 0.8 <= quality["transient_pull_std"] <= 1.25, quality
