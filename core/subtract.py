@@ -53,7 +53,7 @@ from .quality import assess_quality, kernel_centroid
 from .register import register_template
 from .sources import detect_sources, select_kernel_sources, sky_sources
 from .task import Task
-from .variance import VarianceScale, scale_variance
+from .variance import VarianceScale, scale_variance, static_structure_correction
 
 __all__ = [
     "SubtractionResult",
@@ -216,6 +216,10 @@ class _SubtractBase(Task):
                 self.metadata[f"scale{name}VarianceEstimates"] = [scale.sky, scale.pixel_scale]
                 self.warnings.extend(f"{label}: {text}" for text in scale.warnings)
                 self.notes.extend(f"{label}: {text}" for text in scale.notes)
+            self.sky_correlated = tuple(
+                prepared[label].scale.noise_correlation is not None  # type: ignore[union-attr]
+                for label in ("science", "template")
+            )
             # the catalog's S/N was measured against the unscaled science variance
             if sources is detected and "snr_pixel" in sources.colnames:
                 factor = self.metadata["scaleScienceVarianceFactor"]
@@ -575,6 +579,10 @@ class _SubtractBase(Task):
         self._stage("decorrelate")
         if spatially_varying is None:
             spatially_varying = self.config.decorrelation.spatially_varying
+        if template_matched:
+            science, template = self._correct_static_structure(
+                difference, science, template, kernel, preconv_kernel if preconv_mode else None
+            )
         with self.decorrelate.timer("run"):
             # decorrelate_difference cuts the template to the difference box only if needed
             return decorrelate_difference(
@@ -590,6 +598,53 @@ class _SubtractBase(Task):
                 task=self.decorrelate,
                 consume=True,  # the difference is replaced by the result
             )
+
+    def _correct_static_structure(
+        self, difference, science, template, kernel, preconv_kernel
+    ) -> tuple[Exposure, Exposure]:
+        """Inputs whose sky-measured noise held static structure, corrected on the
+        difference where it cancels (`static_structure_correction`); else unchanged."""
+        measured = getattr(self, "sky_correlated", (False, False))
+        if not any(measured) or self.source_mask.shape != difference.shape:
+            return science, template
+        kernel_image = _kernel_image_at(kernel, difference)
+        preconv = None
+        if preconv_kernel is not None:
+            preconv = np.asarray(preconv_kernel, dtype=np.float64)
+            preconv = preconv / preconv.sum()
+        # sky: no source on either input, unmasked, clear of the convolution edges
+        sky = ~difference.masked(NOISE_MASK_PLANES) & ~self.source_mask
+        margin = kernel_image.shape[0] // 2 + (0 if preconv is None else preconv.shape[0] // 2)
+        frame = np.ones(sky.shape, dtype=bool)
+        frame[margin : -margin or None, margin : -margin or None] = False
+        sky &= ~frame
+        box = difference.bbox
+        inputs = (science.cutout(box), template.cutout(box))
+        correction = static_structure_correction(
+            difference.image, sky, *inputs, kernel_image, preconv, measured
+        )
+        if correction is None:
+            return science, template
+        self.metadata["staticStructureRatio"] = correction.ratio
+        self.metadata["staticStructureFactors"] = list(correction.factors)
+        self.notes.append(
+            f"the difference is {correction.ratio:.2f}x as noisy on sky as the inputs' "
+            "sky-measured noise predicts (static faint structure in those estimates): "
+            f"their variances were scaled by {correction.factors[0]:.2f} (science) and "
+            f"{correction.factors[1]:.2f} (template) for the decorrelation"
+        )
+        out = []
+        for exposure, factor, rho in zip(
+            (science, template), correction.factors, correction.correlations, strict=True
+        ):
+            out.append(
+                replace(
+                    exposure,
+                    variance=exposure.variance * np.float32(factor),
+                    noise_correlation=rho,
+                )
+            )
+        return out[0], out[1]
 
     def _base_metrics(self, result: SubtractionResult, science: Exposure) -> dict[str, Any]:
         kernel = result.psf_matching_kernel
@@ -1286,3 +1341,11 @@ def _combine_limits(science_mag: float, template_mag: float) -> float:
     f_sci = 10 ** (-0.4 * science_mag)
     f_tmpl = 10 ** (-0.4 * template_mag)
     return -2.5 * math.log10(math.hypot(f_sci, f_tmpl))
+
+
+def _kernel_image_at(kernel, exposure: Exposure) -> np.ndarray:
+    """The matching kernel stamp at the centre of ``exposure`` (as the decorrelation takes it)."""
+    if isinstance(kernel, np.ndarray):
+        return np.asarray(kernel, dtype=np.float64)
+    x0, y0 = exposure.xy0
+    return np.asarray(kernel.image(x0 + exposure.width / 2.0, y0 + exposure.height / 2.0))

@@ -348,3 +348,143 @@ def scale_variance(exposure: Exposure, config: ScaleVarianceConfig | None = None
     if scale.noise_correlation is not None and exposure.noise_correlation is None:
         exposure.noise_correlation = scale.noise_correlation
     return scale
+
+
+@dataclass
+class StaticCorrection:
+    """Input noise estimates corrected for static sky structure (`static_structure_correction`).
+
+    Attributes
+    ----------
+    ratio : float
+        Robust variance of the uncorrected difference on sky over its prediction from
+        the inputs' noise estimates (below 1: the estimates held static structure).
+    power : float
+        Static power per unit PSF power in science units (c of the docstring).
+    factors : (float, float)
+        Factors the science and template variance planes are multiplied by.
+    correlations : (array or None, array or None)
+        Corrected noise autocorrelations of science and template.
+    """
+
+    ratio: float
+    power: float
+    factors: tuple[float, float]
+    correlations: tuple[np.ndarray | None, np.ndarray | None]
+
+
+def _autocorrelate(stamp: np.ndarray, radius: int) -> np.ndarray:
+    """Autocorrelation of ``stamp`` at lags up to ``radius`` ((2r+1) square, zero beyond)."""
+    stamp = np.asarray(stamp, dtype=np.float64)
+    full = sp_fft.irfft2(
+        np.abs(sp_fft.rfft2(stamp, [2 * n for n in stamp.shape])) ** 2,
+        [2 * n for n in stamp.shape],
+    )
+    full = np.fft.fftshift(full)
+    cy, cx = stamp.shape[0], stamp.shape[1]
+    out = np.zeros((2 * radius + 1, 2 * radius + 1))
+    ry, rx = min(radius, cy - 1), min(radius, cx - 1)
+    out[radius - ry : radius + ry + 1, radius - rx : radius + rx + 1] = full[
+        cy - ry : cy + ry + 1, cx - rx : cx + rx + 1
+    ]
+    return out
+
+
+def _static_acf(psf: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """What static sky of unit power through ``psf`` adds to a variance times an
+    autocorrelation ``rho`` measured as `_noise_correlation` does (at its lags, less the
+    plateau of its outer ring, which that estimate removes and renormalises)."""
+    radius = rho.shape[0] // 2
+    pp = _autocorrelate(psf, radius)
+    if radius == 0:
+        return pp
+    ring = np.ones(pp.shape, dtype=bool)
+    ring[1:-1, 1:-1] = False
+    plateau = float(np.median(pp[ring]))
+    return pp - plateau + plateau * rho
+
+
+def _acf_weight(transfer: np.ndarray, correlation: np.ndarray) -> float:
+    """sum_lags (t * t)(lag) rho(lag): variance of noise of autocorrelation rho filtered by t."""
+    r = correlation.shape[0] // 2
+    return float(np.sum(_autocorrelate(transfer, r) * correlation))
+
+
+def static_structure_correction(
+    raw: np.ndarray,
+    raw_sky: np.ndarray,
+    science: Exposure,
+    template: Exposure,
+    kernel_image: np.ndarray,
+    preconv_image: np.ndarray | None,
+    measured: tuple[bool, bool],
+    max_correction: float = 0.5,
+) -> StaticCorrection | None:
+    """Remove from the inputs' sky-measured noise what static structure put in it.
+
+    A noise autocorrelation measured on one image's sky also holds the faint sources
+    that sky keeps (below detection, wings): one image cannot tell them from
+    correlated noise. They are the same sky in both images, so they cancel in the
+    difference ``t1 * S - K * T`` (``t1`` the preconvolution kernel or identity), whose
+    noise the inputs' estimates predict. Unresolved sources at random positions have a
+    flat power spectrum seen through the PSF: an input's measured autocorrelation holds
+    ``c (P * P)`` at the lags it was measured (``c / ksum^2`` with the template PSF for
+    the template). The one unknown ``c`` follows from the difference's robust variance
+    on sky (``raw_sky``: no source on either input), and is removed from the inputs
+    whose autocorrelation was measured on sky (``measured``); the others were not
+    fooled. Returns None when nothing is to correct (the difference is not quieter than
+    predicted, no input was measured on sky, or the PSFs are unknown).
+    """
+    if not any(measured) or science.psf is None or template.psf is None:
+        return None
+    kernel_image = np.asarray(kernel_image, dtype=np.float64)
+    ksum = float(kernel_image.sum())
+    transfer1 = np.ones((1, 1)) if preconv_image is None else np.asarray(preconv_image, float)
+    psfs = []
+    for exposure in (science, template):
+        p = np.asarray(exposure.psf.kernel_image(*exposure.bbox_center()), dtype=np.float64)
+        psfs.append(p / p.sum())
+    correlations, weights, statics = [], [], []
+    for exposure, transfer, psf, scale, fooled in zip(
+        (science, template), (transfer1, kernel_image), psfs, (1.0, 1.0 / ksum**2), measured,
+        strict=True,
+    ):
+        rho = exposure.noise_correlation
+        rho = np.ones((1, 1)) if rho is None else np.asarray(rho, dtype=np.float64)
+        static = scale * _static_acf(psf, rho) if fooled else np.zeros_like(rho)
+        correlations.append(rho)
+        weights.append(_acf_weight(transfer, rho))
+        statics.append(static)
+    good = raw_sky & np.isfinite(raw)
+    planes = (science.variance, template.variance)
+    predicted = weights[0] * planes[0][good] + weights[1] * planes[1][good]
+    use = predicted > 0
+    if np.count_nonzero(use) < 1000:
+        return None
+    pulls = raw[good][use] / np.sqrt(predicted[use])
+    ratio = float(mad_std(pulls - np.median(pulls)) ** 2)
+    if not ratio < 1.0:
+        return None
+    means = [float(np.mean(p[good][use], dtype=np.float64)) for p in planes]
+    static_unit = sum(
+        _acf_weight(t, s) for t, s in zip((transfer1, kernel_image), statics, strict=True)
+    )
+    if not static_unit > 0:
+        return None
+    power = (1.0 - ratio) * (weights[0] * means[0] + weights[1] * means[1]) / static_unit
+    # the corrected lag-0 variance stays at least (1 - max_correction) of the estimate
+    for v, s in zip(means, statics, strict=True):
+        c = s.shape[0] // 2
+        if s[c, c] > 0:
+            power = min(power, max_correction * v / s[c, c])
+    factors, corrected = [], []
+    for v, rho, s in zip(means, correlations, statics, strict=True):
+        acf = v * rho - power * s
+        c = acf.shape[0] // 2
+        factors.append(float(acf[c, c] / v))
+        corrected.append(acf / acf[c, c])
+    out = [
+        None if e.noise_correlation is None and r.shape == (1, 1) else r
+        for e, r in zip((science, template), corrected, strict=True)
+    ]
+    return StaticCorrection(ratio, float(power), (factors[0], factors[1]), (out[0], out[1]))
