@@ -210,6 +210,9 @@ def _noise_correlation(
 ) -> np.ndarray | None:
     """`measure_noise_correlation` on a window whose sky pixels ``good`` are known."""
     radius = config.correlation_radius if radius is None else radius
+    # measured out to where the noise's own correlation has died (a resampling or
+    # coadding kernel reaches ~radius): the plateau there is sky, not noise
+    outer = _plateau_radius(radius)
     if np.count_nonzero(good) < config.min_sky_pixels:
         return None
     # a smooth sky left in the window only adds a plateau at every lag (removed below)
@@ -219,26 +222,35 @@ def _noise_correlation(
     sigma = mad_std(pull[good])
     weight = good & (np.abs(pull) < 5 * sigma)
     pull = np.where(weight, pull, 0.0)
-    shape = [sp_fft.next_fast_len(n + radius + 1) for n in pull.shape]
+    shape = [sp_fft.next_fast_len(n + outer + 1) for n in pull.shape]
     f_pull = sp_fft.rfft2(pull, shape, workers=n_threads())
     f_mask = sp_fft.rfft2(weight.astype(np.float64), shape, workers=n_threads())
     corr = sp_fft.irfft2(f_pull * np.conj(f_pull), shape, workers=n_threads())
     count = sp_fft.irfft2(f_mask * np.conj(f_mask), shape, workers=n_threads())
-    lags = np.arange(-radius, radius + 1)
+    lags = np.arange(-outer, outer + 1)
     window = np.ix_(lags % shape[0], lags % shape[1])
     with np.errstate(invalid="ignore", divide="ignore"):
         acf = corr[window] / np.maximum(count[window], 1.0)
-    if not acf[radius, radius] > 0:
+    if not acf[outer, outer] > 0:
         return None
-    acf = acf / acf[radius, radius]
-    # a plateau at the largest lags is sky structure left by the background mesh,
-    # not noise (resampling correlates pixels over a few lags only): remove it
-    ring = np.ones(acf.shape, dtype=bool)
-    ring[1:-1, 1:-1] = False
-    plateau = float(np.median(acf[ring]))
+    acf = acf / acf[outer, outer]
+    # a plateau at the outer lags is sky structure left by the background mesh, not
+    # noise (resampling correlates pixels over a few lags only): remove it
+    plateau = _ring_median(acf)
     if 0 < plateau < 0.5:
         acf = (acf - plateau) / (1.0 - plateau)
-    return acf
+    cut = outer - radius
+    return acf[cut : cut + 2 * radius + 1, cut : cut + 2 * radius + 1]
+
+
+def _plateau_radius(radius: int) -> int:
+    return 2 * radius + 2
+
+
+def _ring_median(acf: np.ndarray) -> float:
+    ring = np.ones(acf.shape, dtype=bool)
+    ring[1:-1, 1:-1] = False
+    return float(np.median(acf[ring]))
 
 
 def _is_white(noise_correlation: np.ndarray | None, tolerance: float) -> bool:
@@ -395,12 +407,13 @@ def _static_acf(psf: np.ndarray, rho: np.ndarray) -> np.ndarray:
     autocorrelation ``rho`` measured as `_noise_correlation` does (at its lags, less the
     plateau of its outer ring, which that estimate removes and renormalises)."""
     radius = rho.shape[0] // 2
-    pp = _autocorrelate(psf, radius)
     if radius == 0:
-        return pp
-    ring = np.ones(pp.shape, dtype=bool)
-    ring[1:-1, 1:-1] = False
-    plateau = float(np.median(pp[ring]))
+        return _autocorrelate(psf, 0)
+    outer = _plateau_radius(radius)
+    pp = _autocorrelate(psf, outer)
+    plateau = _ring_median(pp)
+    cut = outer - radius
+    pp = pp[cut : cut + 2 * radius + 1, cut : cut + 2 * radius + 1]
     return pp - plateau + plateau * rho
 
 
