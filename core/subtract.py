@@ -1007,14 +1007,16 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         return stamp / stamp.sum()
 
     def _fill_bad(self, exposure: Exposure) -> Exposure:
-        """The exposure with bad-plane pixels replaced by the median of the rest (1.4 step 3)."""
+        """The exposure with bad-plane pixels replaced by their nearest good pixel's value
+        (1.4 step 3; Rubin interpolates them). A saturated core keeps about its
+        saturation level, as a convolution of the clipped values would: the frame median
+        would leave a star-sized hole that the kernel spreads over its whole footprint."""
         bad = exposure.masked(self.config.bad_mask_planes)
         bad |= ~np.isfinite(exposure.image)
         self.metadata["nInterpolated"] = int(np.count_nonzero(bad))
         image = exposure.image
         if bad.any() and not bad.all():
-            image = image.copy()
-            image[bad] = np.nanmedian(image[~bad])
+            image = fill_from_nearest(image, bad)
         # only the image changes: variance and mask are shared (they are only read)
         return replace(exposure, image=image)
 
@@ -1349,3 +1351,39 @@ def _kernel_image_at(kernel, exposure: Exposure) -> np.ndarray:
         return np.asarray(kernel, dtype=np.float64)
     x0, y0 = exposure.xy0
     return np.asarray(kernel.image(x0 + exposure.width / 2.0, y0 + exposure.height / 2.0))
+
+
+#: Above this many groups of bad pixels, one distance transform of the frame is cheaper.
+_MAX_FILL_GROUPS = 256
+
+
+def fill_from_nearest(image: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """A copy of ``image`` whose ``bad`` pixels take the value of the nearest good pixel.
+
+    Each group of bad pixels is filled within its bounding box grown by one pixel (the
+    box holds its nearest good pixels unless the group spans the frame), so the cost
+    follows the bad area, not the frame.
+    """
+    out = np.array(image, copy=True)
+    labels, n_groups = ndimage.label(bad)
+    ny, nx = bad.shape
+    if n_groups > _MAX_FILL_GROUPS:
+        # many small groups (bad pixels, cosmic rays): one transform of the frame
+        _, (iy, ix) = ndimage.distance_transform_edt(bad, return_indices=True)
+        out[bad] = image[iy[bad], ix[bad]]
+        return out
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        rows = slice(max(box[0].start - 1, 0), min(box[0].stop + 1, ny))
+        cols = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, nx))
+        hole = bad[rows, cols]
+        if hole.all():
+            # a group filling its whole box (the frame): nothing near to copy
+            out[rows, cols][labels[rows, cols] == index] = np.nanmedian(image[~bad])
+            continue
+        _, (iy, ix) = ndimage.distance_transform_edt(hole, return_indices=True)
+        mine = labels[rows, cols] == index
+        window = out[rows, cols]
+        window[mine] = image[rows, cols][iy[mine], ix[mine]]
+    return out

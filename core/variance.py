@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy.stats import mad_std
 from scipy import fft as sp_fft
-from scipy import ndimage
+from scipy import ndimage, signal
 
 from .background import background_image
 from .config import ScaleVarianceConfig
@@ -402,6 +402,16 @@ def _autocorrelate(stamp: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+#: Side of the central box of the difference the static-structure probe uses (px).
+_PROBE_WINDOW = 1024
+
+
+def _central_box(shape: tuple[int, ...], size: int) -> tuple[slice, slice]:
+    ny, nx = shape[0], shape[1]
+    y0, x0 = max(0, (ny - size) // 2), max(0, (nx - size) // 2)
+    return np.s_[y0 : y0 + size, x0 : x0 + size]
+
+
 def _static_acf(psf: np.ndarray, rho: np.ndarray) -> np.ndarray:
     """What static sky of unit power through ``psf`` adds to a variance times an
     autocorrelation ``rho`` measured as `_noise_correlation` does (at its lags, less the
@@ -457,31 +467,39 @@ def static_structure_correction(
     for exposure in (science, template):
         p = np.asarray(exposure.psf.kernel_image(*exposure.bbox_center()), dtype=np.float64)
         psfs.append(p / p.sum())
-    correlations, weights, statics = [], [], []
-    for exposure, transfer, psf, scale, fooled in zip(
-        (science, template), (transfer1, kernel_image), psfs, (1.0, 1.0 / ksum**2), measured,
-        strict=True,
+    correlations, statics = [], []
+    for exposure, psf, scale, fooled in zip(
+        (science, template), psfs, (1.0, 1.0 / ksum**2), measured, strict=True
     ):
         rho = exposure.noise_correlation
         rho = np.ones((1, 1)) if rho is None else np.asarray(rho, dtype=np.float64)
         static = scale * _static_acf(psf, rho) if fooled else np.zeros_like(rho)
         correlations.append(rho)
-        weights.append(_acf_weight(transfer, rho))
         statics.append(static)
-    good = raw_sky & np.isfinite(raw)
-    planes = (science.variance, template.variance)
+    # the difference is probed through the science PSF: static structure lives at the
+    # PSF's frequencies, while the inputs' high-frequency noise (white or resampled) is
+    # another matter this correction must not answer for
+    probe = psfs[0]
+    transfers = [signal.fftconvolve(t, probe) for t in (transfer1, kernel_image)]
+    weights = [_acf_weight(t, r) for t, r in zip(transfers, correlations, strict=True)]
+    window = _central_box(raw.shape, _PROBE_WINDOW)
+    raw, raw_sky = raw[window], raw_sky[window]
+    planes = (science.variance[window], template.variance[window])
+    finite = np.isfinite(raw)
+    filtered = signal.fftconvolve(np.where(finite, raw, 0.0), probe, mode="same")
+    # only where the probe sees sky alone
+    half = probe.shape[0] // 2
+    good = ndimage.binary_erosion(raw_sky & finite, np.ones((2 * half + 1,) * 2, bool))
     predicted = weights[0] * planes[0][good] + weights[1] * planes[1][good]
     use = predicted > 0
     if np.count_nonzero(use) < 1000:
         return None
-    pulls = raw[good][use] / np.sqrt(predicted[use])
+    pulls = filtered[good][use] / np.sqrt(predicted[use])
     ratio = float(mad_std(pulls - np.median(pulls)) ** 2)
     if not ratio < 1.0:
         return None
     means = [float(np.mean(p[good][use], dtype=np.float64)) for p in planes]
-    static_unit = sum(
-        _acf_weight(t, s) for t, s in zip((transfer1, kernel_image), statics, strict=True)
-    )
+    static_unit = sum(_acf_weight(t, s) for t, s in zip(transfers, statics, strict=True))
     if not static_unit > 0:
         return None
     power = (1.0 - ratio) * (weights[0] * means[0] + weights[1] * means[1]) / static_unit
