@@ -465,7 +465,8 @@ def static_structure_correction(
     transfer1 = np.ones((1, 1)) if preconv_image is None else np.asarray(preconv_image, float)
     psfs = []
     for exposure in (science, template):
-        p = np.asarray(exposure.psf.kernel_image(*exposure.bbox_center()), dtype=np.float64)
+        p = exposure.require_psf().kernel_image(*exposure.bbox_center())
+        p = np.asarray(p, dtype=np.float64)
         psfs.append(p / p.sum())
     correlations, statics = [], []
     for exposure, psf, scale, fooled in zip(

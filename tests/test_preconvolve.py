@@ -201,3 +201,22 @@ def test_score_carries_science_psf_wcs_and_calibration():
     edge = score.masked(["EDGE"])
     assert edge[:half].all() and edge[:, :half].all()
     assert not edge[2 * half + 30 : -2 * half - 30, 2 * half + 30 : -2 * half - 30].any()
+
+
+def test_bad_template_pixels_take_their_nearest_good_value():
+    """A saturated core keeps about its saturation level (the frame median would leave a
+    star-sized hole the kernel spreads); one group or many, the same nearest values."""
+    from core.subtract import fill_from_nearest
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(120, 160)).astype(np.float32)
+    yy, xx = np.mgrid[:120, :160]
+    image += 1000.0 * np.exp(-((xx - 80) ** 2 + (yy - 60) ** 2) / 18.0)
+    core = image > 600.0
+    image[core] = 600.0  # clipped at saturation
+    for bad in (core, core | (rng.random(image.shape) < 0.03)):  # 1 group, then > 256
+        filled = fill_from_nearest(image, bad)
+        _, (iy, ix) = ndimage.distance_transform_edt(bad, return_indices=True)
+        np.testing.assert_array_equal(filled, image[iy, ix])
+        assert filled[core].min() > 300.0  # the sky median is ~0
+        np.testing.assert_array_equal(filled[~bad], image[~bad])
