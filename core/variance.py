@@ -26,6 +26,11 @@ resampled without saying so, whose model is kept). Any other plane (given by the
 measured from the sky) keeps ``sky`` and the measured noise autocorrelation is
 recorded on the exposure, for the decorrelation. A factor outside the plausible
 range is not applied and becomes a warning, never a refusal.
+
+A sky-measured noise and autocorrelation also hold the faint static sources that sky
+keeps; one image cannot tell them from correlated noise, the difference can (they
+cancel there): `static_structure_correction` measures them on the difference, through
+the science PSF, and takes them out of the inputs' estimates before the decorrelation.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ __all__ = [
     "scale_variance",
     "measure_noise_correlation",
     "second_difference_gain",
+    "static_structure_correction",
+    "StaticCorrection",
     "PHYSICAL_VARIANCE_PREFIX",
 ]
 
