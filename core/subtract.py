@@ -1353,8 +1353,8 @@ def _kernel_image_at(kernel, exposure: Exposure) -> np.ndarray:
     return np.asarray(kernel.image(x0 + exposure.width / 2.0, y0 + exposure.height / 2.0))
 
 
-#: Above this many groups of bad pixels, one distance transform of the frame is cheaper.
-_MAX_FILL_GROUPS = 256
+#: Groups of bad pixels filled from their nearest good pixel, largest first.
+_MAX_FILL_GROUPS = 512
 
 
 def fill_from_nearest(image: np.ndarray, bad: np.ndarray) -> np.ndarray:
@@ -1362,17 +1362,25 @@ def fill_from_nearest(image: np.ndarray, bad: np.ndarray) -> np.ndarray:
 
     Each group of bad pixels is filled within its bounding box grown by one pixel (the
     box holds its nearest good pixels unless the group spans the frame), so the cost
-    follows the bad area, not the frame.
+    follows the bad area, not the frame; beyond `_MAX_FILL_GROUPS` groups the smallest
+    take the median of the good pixels.
     """
     out = np.array(image, copy=True)
     labels, n_groups = ndimage.label(bad)
     ny, nx = bad.shape
+    boxes = ndimage.find_objects(labels)
+    order = np.arange(1, n_groups + 1)
     if n_groups > _MAX_FILL_GROUPS:
-        # many small groups (bad pixels, cosmic rays): one transform of the frame
-        _, (iy, ix) = ndimage.distance_transform_edt(bad, return_indices=True)
-        out[bad] = image[iy[bad], ix[bad]]
-        return out
-    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        # the largest groups (saturated stars, missing regions) carry the flux that
+        # matters; the many smallest (isolated bad pixels) take the frame median
+        areas = np.bincount(labels.ravel(), minlength=n_groups + 1)[1:]
+        order = order[np.argsort(-areas, kind="stable")[:_MAX_FILL_GROUPS]]
+        kept = np.zeros(n_groups + 1, dtype=bool)
+        kept[order] = True
+        rest = bad & ~kept[labels]
+        out[rest] = _good_median(image, bad)
+    for index in order:
+        box = boxes[index - 1]
         if box is None:
             continue
         rows = slice(max(box[0].start - 1, 0), min(box[0].stop + 1, ny))
@@ -1380,10 +1388,17 @@ def fill_from_nearest(image: np.ndarray, bad: np.ndarray) -> np.ndarray:
         hole = bad[rows, cols]
         if hole.all():
             # a group filling its whole box (the frame): nothing near to copy
-            out[rows, cols][labels[rows, cols] == index] = np.nanmedian(image[~bad])
+            out[rows, cols][labels[rows, cols] == index] = _good_median(image, bad)
             continue
         _, (iy, ix) = ndimage.distance_transform_edt(hole, return_indices=True)
         mine = labels[rows, cols] == index
         window = out[rows, cols]
         window[mine] = image[rows, cols][iy[mine], ix[mine]]
     return out
+
+
+def _good_median(image: np.ndarray, bad: np.ndarray) -> float:
+    """Median of the good pixels on a sub-grid of about a million (a sky level)."""
+    step = max(1, int(math.sqrt(image.size / 1e6)))
+    sample = image[::step, ::step][~bad[::step, ::step]]
+    return float(np.median(sample)) if sample.size else 0.0
