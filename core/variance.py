@@ -497,7 +497,8 @@ def static_structure_correction(
     filtered = signal.fftconvolve(np.where(finite, raw, 0.0), probe, mode="same")
     # only where the probe sees sky alone
     half = probe.shape[0] // 2
-    good = ndimage.binary_erosion(raw_sky & finite, np.ones((2 * half + 1,) * 2, bool))
+    sky = (raw_sky & finite).astype(np.uint8)
+    good = ndimage.minimum_filter(sky, size=2 * half + 1, mode="constant", cval=0) > 0
     predicted = weights[0] * planes[0][good] + weights[1] * planes[1][good]
     use = predicted > 0
     if np.count_nonzero(use) < 1000:
