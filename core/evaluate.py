@@ -54,8 +54,11 @@ __all__ = [
     "reference_figures",
 ]
 
-#: Planes of an alsub product whose pixels hold no usable difference.
-INVALID_OUTPUT_PLANES = ("NO_DATA", "EDGE")
+#: Planes of an alsub product whose pixels hold no usable difference: no data, the
+#: convolution border, and values that depend on saturated (clipped or filled) input
+#: pixels through the kernel footprint, as HOTPANTS masks its own (REFERENCE.md compares
+#: only pixels valid in every output)
+INVALID_OUTPUT_PLANES = ("NO_DATA", "EDGE", "SAT", "SAT_TEMPLATE")
 
 
 def _discs(shape, x, y, radius) -> np.ndarray:

@@ -53,7 +53,7 @@ from .quality import assess_quality, kernel_centroid
 from .register import register_template
 from .sources import detect_sources, select_kernel_sources, sky_sources
 from .task import Task
-from .variance import VarianceScale, scale_variance
+from .variance import VarianceScale, scale_variance, static_structure_correction
 
 __all__ = [
     "SubtractionResult",
@@ -224,6 +224,10 @@ class _SubtractBase(Task):
                 self.metadata[f"scale{name}VarianceEstimates"] = [scale.sky, scale.pixel_scale]
                 self.warnings.extend(f"{label}: {text}" for text in scale.warnings)
                 self.notes.extend(f"{label}: {text}" for text in scale.notes)
+            self.sky_correlated = tuple(
+                prepared[label].scale.noise_correlation is not None  # type: ignore[union-attr]
+                for label in ("science", "template")
+            )
             # the catalog's S/N was measured against the unscaled science variance
             if sources is detected and "snr_pixel" in sources.colnames:
                 factor = self.metadata["scaleScienceVarianceFactor"]
@@ -591,6 +595,10 @@ class _SubtractBase(Task):
         self._stage("decorrelate")
         if spatially_varying is None:
             spatially_varying = self.config.decorrelation.spatially_varying
+        if template_matched:
+            science, template = self._correct_static_structure(
+                difference, science, template, kernel, preconv_kernel if preconv_mode else None
+            )
         with self.decorrelate.timer("run"):
             # decorrelate_difference cuts the template to the difference box only if needed
             return decorrelate_difference(
@@ -606,6 +614,53 @@ class _SubtractBase(Task):
                 task=self.decorrelate,
                 consume=True,  # the difference is replaced by the result
             )
+
+    def _correct_static_structure(
+        self, difference, science, template, kernel, preconv_kernel
+    ) -> tuple[Exposure, Exposure]:
+        """Inputs whose sky-measured noise held static structure, corrected on the
+        difference where it cancels (`static_structure_correction`); else unchanged."""
+        measured = getattr(self, "sky_correlated", (False, False))
+        if not any(measured) or self.source_mask.shape != difference.shape:
+            return science, template
+        kernel_image = _kernel_image_at(kernel, difference)
+        preconv = None
+        if preconv_kernel is not None:
+            preconv = np.asarray(preconv_kernel, dtype=np.float64)
+            preconv = preconv / preconv.sum()
+        # sky: no source on either input, unmasked, clear of the convolution edges
+        sky = ~difference.masked(NOISE_MASK_PLANES) & ~self.source_mask
+        margin = kernel_image.shape[0] // 2 + (0 if preconv is None else preconv.shape[0] // 2)
+        frame = np.ones(sky.shape, dtype=bool)
+        frame[margin : -margin or None, margin : -margin or None] = False
+        sky &= ~frame
+        box = difference.bbox
+        inputs = (science.cutout(box), template.cutout(box))
+        correction = static_structure_correction(
+            difference.image, sky, *inputs, kernel_image, preconv, measured
+        )
+        if correction is None:
+            return science, template
+        self.metadata["staticStructureRatio"] = correction.ratio
+        self.metadata["staticStructureFactors"] = list(correction.factors)
+        self.notes.append(
+            f"the difference is {correction.ratio:.2f}x as noisy on sky as the inputs' "
+            "sky-measured noise predicts (static faint structure in those estimates): "
+            f"their variances were scaled by {correction.factors[0]:.2f} (science) and "
+            f"{correction.factors[1]:.2f} (template) for the decorrelation"
+        )
+        out = []
+        for exposure, factor, rho in zip(
+            (science, template), correction.factors, correction.correlations, strict=True
+        ):
+            out.append(
+                replace(
+                    exposure,
+                    variance=exposure.variance * np.float32(factor),
+                    noise_correlation=rho,
+                )
+            )
+        return out[0], out[1]
 
     def _base_metrics(self, result: SubtractionResult, science: Exposure) -> dict[str, Any]:
         kernel = result.psf_matching_kernel
@@ -968,14 +1023,16 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         return stamp / stamp.sum()
 
     def _fill_bad(self, exposure: Exposure) -> Exposure:
-        """The exposure with bad-plane pixels replaced by the median of the rest (1.4 step 3)."""
+        """The exposure with bad-plane pixels replaced by their nearest good pixel's value
+        (1.4 step 3; Rubin interpolates them). A saturated core keeps about its
+        saturation level, as a convolution of the clipped values would: the frame median
+        would leave a star-sized hole that the kernel spreads over its whole footprint."""
         bad = exposure.masked(self.config.bad_mask_planes)
         bad |= ~np.isfinite(exposure.image)
         self.metadata["nInterpolated"] = int(np.count_nonzero(bad))
         image = exposure.image
         if bad.any() and not bad.all():
-            image = image.copy()
-            image[bad] = np.nanmedian(image[~bad])
+            image = fill_from_nearest(image, bad)
         # only the image changes: variance and mask are shared (they are only read)
         return replace(exposure, image=image)
 
@@ -1302,3 +1359,62 @@ def _combine_limits(science_mag: float, template_mag: float) -> float:
     f_sci = 10 ** (-0.4 * science_mag)
     f_tmpl = 10 ** (-0.4 * template_mag)
     return -2.5 * math.log10(math.hypot(f_sci, f_tmpl))
+
+
+def _kernel_image_at(kernel, exposure: Exposure) -> np.ndarray:
+    """The matching kernel stamp at the centre of ``exposure`` (as the decorrelation takes it)."""
+    if isinstance(kernel, np.ndarray):
+        return np.asarray(kernel, dtype=np.float64)
+    x0, y0 = exposure.xy0
+    return np.asarray(kernel.image(x0 + exposure.width / 2.0, y0 + exposure.height / 2.0))
+
+
+#: Groups of bad pixels filled from their nearest good pixel, largest first.
+_MAX_FILL_GROUPS = 512
+
+
+def fill_from_nearest(image: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """A copy of ``image`` whose ``bad`` pixels take the value of the nearest good pixel.
+
+    Each group of bad pixels is filled within its bounding box grown by one pixel (the
+    box holds its nearest good pixels unless the group spans the frame), so the cost
+    follows the bad area, not the frame; beyond `_MAX_FILL_GROUPS` groups the smallest
+    take the median of the good pixels.
+    """
+    out = np.array(image, copy=True)
+    labels, n_groups = ndimage.label(bad)
+    ny, nx = bad.shape
+    boxes = ndimage.find_objects(labels)
+    order = np.arange(1, n_groups + 1)
+    if n_groups > _MAX_FILL_GROUPS:
+        # the largest groups (saturated stars, missing regions) carry the flux that
+        # matters; the many smallest (isolated bad pixels) take the frame median
+        areas = np.bincount(labels.ravel(), minlength=n_groups + 1)[1:]
+        order = order[np.argsort(-areas, kind="stable")[:_MAX_FILL_GROUPS]]
+        kept = np.zeros(n_groups + 1, dtype=bool)
+        kept[order] = True
+        rest = bad & ~kept[labels]
+        out[rest] = _good_median(image, bad)
+    for index in order:
+        box = boxes[index - 1]
+        if box is None:
+            continue
+        rows = slice(max(box[0].start - 1, 0), min(box[0].stop + 1, ny))
+        cols = slice(max(box[1].start - 1, 0), min(box[1].stop + 1, nx))
+        hole = bad[rows, cols]
+        if hole.all():
+            # a group filling its whole box (the frame): nothing near to copy
+            out[rows, cols][labels[rows, cols] == index] = _good_median(image, bad)
+            continue
+        _, (iy, ix) = ndimage.distance_transform_edt(hole, return_indices=True)
+        mine = labels[rows, cols] == index
+        window = out[rows, cols]
+        window[mine] = image[rows, cols][iy[mine], ix[mine]]
+    return out
+
+
+def _good_median(image: np.ndarray, bad: np.ndarray) -> float:
+    """Median of the good pixels on a sub-grid of about a million (a sky level)."""
+    step = max(1, int(math.sqrt(image.size / 1e6)))
+    sample = image[::step, ::step][~bad[::step, ::step]]
+    return float(np.median(sample)) if sample.size else 0.0

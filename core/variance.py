@@ -26,6 +26,11 @@ resampled without saying so, whose model is kept). Any other plane (given by the
 measured from the sky) keeps ``sky`` and the measured noise autocorrelation is
 recorded on the exposure, for the decorrelation. A factor outside the plausible
 range is not applied and becomes a warning, never a refusal.
+
+A sky-measured noise and autocorrelation also hold the faint static sources that sky
+keeps; one image cannot tell them from correlated noise, the difference can (they
+cancel there): `static_structure_correction` measures them on the difference, through
+the science PSF, and takes them out of the inputs' estimates before the decorrelation.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy.stats import mad_std
 from scipy import fft as sp_fft
-from scipy import ndimage
+from scipy import ndimage, signal
 
 from .background import background_image
 from .config import ScaleVarianceConfig
@@ -51,6 +56,8 @@ __all__ = [
     "scale_variance",
     "measure_noise_correlation",
     "second_difference_gain",
+    "static_structure_correction",
+    "StaticCorrection",
     "PHYSICAL_VARIANCE_PREFIX",
 ]
 
@@ -210,6 +217,9 @@ def _noise_correlation(
 ) -> np.ndarray | None:
     """`measure_noise_correlation` on a window whose sky pixels ``good`` are known."""
     radius = config.correlation_radius if radius is None else radius
+    # measured out to where the noise's own correlation has died (a resampling or
+    # coadding kernel reaches ~radius): the plateau there is sky, not noise
+    outer = _plateau_radius(radius)
     if np.count_nonzero(good) < config.min_sky_pixels:
         return None
     # a smooth sky left in the window only adds a plateau at every lag (removed below)
@@ -219,26 +229,35 @@ def _noise_correlation(
     sigma = mad_std(pull[good])
     weight = good & (np.abs(pull) < 5 * sigma)
     pull = np.where(weight, pull, 0.0)
-    shape = [sp_fft.next_fast_len(n + radius + 1) for n in pull.shape]
+    shape = [sp_fft.next_fast_len(n + outer + 1) for n in pull.shape]
     f_pull = sp_fft.rfft2(pull, shape, workers=n_threads())
     f_mask = sp_fft.rfft2(weight.astype(np.float64), shape, workers=n_threads())
     corr = sp_fft.irfft2(f_pull * np.conj(f_pull), shape, workers=n_threads())
     count = sp_fft.irfft2(f_mask * np.conj(f_mask), shape, workers=n_threads())
-    lags = np.arange(-radius, radius + 1)
+    lags = np.arange(-outer, outer + 1)
     window = np.ix_(lags % shape[0], lags % shape[1])
     with np.errstate(invalid="ignore", divide="ignore"):
         acf = corr[window] / np.maximum(count[window], 1.0)
-    if not acf[radius, radius] > 0:
+    if not acf[outer, outer] > 0:
         return None
-    acf = acf / acf[radius, radius]
-    # a plateau at the largest lags is sky structure left by the background mesh,
-    # not noise (resampling correlates pixels over a few lags only): remove it
-    ring = np.ones(acf.shape, dtype=bool)
-    ring[1:-1, 1:-1] = False
-    plateau = float(np.median(acf[ring]))
+    acf = acf / acf[outer, outer]
+    # a plateau at the outer lags is sky structure left by the background mesh, not
+    # noise (resampling correlates pixels over a few lags only): remove it
+    plateau = _ring_median(acf)
     if 0 < plateau < 0.5:
         acf = (acf - plateau) / (1.0 - plateau)
-    return acf
+    cut = outer - radius
+    return acf[cut : cut + 2 * radius + 1, cut : cut + 2 * radius + 1]
+
+
+def _plateau_radius(radius: int) -> int:
+    return 2 * radius + 2
+
+
+def _ring_median(acf: np.ndarray) -> float:
+    ring = np.ones(acf.shape, dtype=bool)
+    ring[1:-1, 1:-1] = False
+    return float(np.median(acf[ring]))
 
 
 def _is_white(noise_correlation: np.ndarray | None, tolerance: float) -> bool:
@@ -348,3 +367,164 @@ def scale_variance(exposure: Exposure, config: ScaleVarianceConfig | None = None
     if scale.noise_correlation is not None and exposure.noise_correlation is None:
         exposure.noise_correlation = scale.noise_correlation
     return scale
+
+
+@dataclass
+class StaticCorrection:
+    """Input noise estimates corrected for static sky structure (`static_structure_correction`).
+
+    Attributes
+    ----------
+    ratio : float
+        Robust variance of the uncorrected difference on sky over its prediction from
+        the inputs' noise estimates (below 1: the estimates held static structure).
+    power : float
+        Static power per unit PSF power in science units (c of the docstring).
+    factors : (float, float)
+        Factors the science and template variance planes are multiplied by.
+    correlations : (array or None, array or None)
+        Corrected noise autocorrelations of science and template.
+    """
+
+    ratio: float
+    power: float
+    factors: tuple[float, float]
+    correlations: tuple[np.ndarray | None, np.ndarray | None]
+
+
+def _autocorrelate(stamp: np.ndarray, radius: int) -> np.ndarray:
+    """Autocorrelation of ``stamp`` at lags up to ``radius`` ((2r+1) square, zero beyond)."""
+    stamp = np.asarray(stamp, dtype=np.float64)
+    full = sp_fft.irfft2(
+        np.abs(sp_fft.rfft2(stamp, [2 * n for n in stamp.shape])) ** 2,
+        [2 * n for n in stamp.shape],
+    )
+    full = np.fft.fftshift(full)
+    cy, cx = stamp.shape[0], stamp.shape[1]
+    out = np.zeros((2 * radius + 1, 2 * radius + 1))
+    ry, rx = min(radius, cy - 1), min(radius, cx - 1)
+    out[radius - ry : radius + ry + 1, radius - rx : radius + rx + 1] = full[
+        cy - ry : cy + ry + 1, cx - rx : cx + rx + 1
+    ]
+    return out
+
+
+#: Side of the central box of the difference the static-structure probe uses (px).
+_PROBE_WINDOW = 1024
+
+
+def _central_box(shape: tuple[int, ...], size: int) -> tuple[slice, slice]:
+    ny, nx = shape[0], shape[1]
+    y0, x0 = max(0, (ny - size) // 2), max(0, (nx - size) // 2)
+    return np.s_[y0 : y0 + size, x0 : x0 + size]
+
+
+def _static_acf(psf: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """What static sky of unit power through ``psf`` adds to a variance times an
+    autocorrelation ``rho`` measured as `_noise_correlation` does (at its lags, less the
+    plateau of its outer ring, which that estimate removes and renormalises)."""
+    radius = rho.shape[0] // 2
+    if radius == 0:
+        return _autocorrelate(psf, 0)
+    outer = _plateau_radius(radius)
+    pp = _autocorrelate(psf, outer)
+    plateau = _ring_median(pp)
+    cut = outer - radius
+    pp = pp[cut : cut + 2 * radius + 1, cut : cut + 2 * radius + 1]
+    return pp - plateau + plateau * rho
+
+
+def _acf_weight(transfer: np.ndarray, correlation: np.ndarray) -> float:
+    """sum_lags (t * t)(lag) rho(lag): variance of noise of autocorrelation rho filtered by t."""
+    r = correlation.shape[0] // 2
+    return float(np.sum(_autocorrelate(transfer, r) * correlation))
+
+
+def static_structure_correction(
+    raw: np.ndarray,
+    raw_sky: np.ndarray,
+    science: Exposure,
+    template: Exposure,
+    kernel_image: np.ndarray,
+    preconv_image: np.ndarray | None,
+    measured: tuple[bool, bool],
+    max_correction: float = 0.5,
+) -> StaticCorrection | None:
+    """Remove from the inputs' sky-measured noise what static structure put in it.
+
+    A noise autocorrelation measured on one image's sky also holds the faint sources
+    that sky keeps (below detection, wings): one image cannot tell them from
+    correlated noise. They are the same sky in both images, so they cancel in the
+    difference ``t1 * S - K * T`` (``t1`` the preconvolution kernel or identity), whose
+    noise the inputs' estimates predict. Unresolved sources at random positions have a
+    flat power spectrum seen through the PSF: an input's measured autocorrelation holds
+    ``c (P * P)`` at the lags it was measured (``c / ksum^2`` with the template PSF for
+    the template). The one unknown ``c`` follows from the difference's robust variance
+    on sky (``raw_sky``: no source on either input), and is removed from the inputs
+    whose autocorrelation was measured on sky (``measured``); the others were not
+    fooled. Returns None when nothing is to correct (the difference is not quieter than
+    predicted, no input was measured on sky, or the PSFs are unknown).
+    """
+    if not any(measured) or science.psf is None or template.psf is None:
+        return None
+    kernel_image = np.asarray(kernel_image, dtype=np.float64)
+    ksum = float(kernel_image.sum())
+    transfer1 = np.ones((1, 1)) if preconv_image is None else np.asarray(preconv_image, float)
+    psfs = []
+    for exposure in (science, template):
+        p = exposure.require_psf().kernel_image(*exposure.bbox_center())
+        p = np.asarray(p, dtype=np.float64)
+        psfs.append(p / p.sum())
+    correlations, statics = [], []
+    for exposure, psf, scale, fooled in zip(
+        (science, template), psfs, (1.0, 1.0 / ksum**2), measured, strict=True
+    ):
+        rho = exposure.noise_correlation
+        rho = np.ones((1, 1)) if rho is None else np.asarray(rho, dtype=np.float64)
+        static = scale * _static_acf(psf, rho) if fooled else np.zeros_like(rho)
+        correlations.append(rho)
+        statics.append(static)
+    # the difference is probed through the science PSF: static structure lives at the
+    # PSF's frequencies, while the inputs' high-frequency noise (white or resampled) is
+    # another matter this correction must not answer for
+    probe = psfs[0]
+    transfers = [signal.fftconvolve(t, probe) for t in (transfer1, kernel_image)]
+    weights = [_acf_weight(t, r) for t, r in zip(transfers, correlations, strict=True)]
+    window = _central_box(raw.shape, _PROBE_WINDOW)
+    raw, raw_sky = raw[window], raw_sky[window]
+    planes = (science.variance[window], template.variance[window])
+    finite = np.isfinite(raw)
+    filtered = signal.fftconvolve(np.where(finite, raw, 0.0), probe, mode="same")
+    # only where the probe sees sky alone
+    half = probe.shape[0] // 2
+    sky = (raw_sky & finite).astype(np.uint8)
+    good = ndimage.minimum_filter(sky, size=2 * half + 1, mode="constant", cval=0) > 0
+    predicted = weights[0] * planes[0][good] + weights[1] * planes[1][good]
+    use = predicted > 0
+    if np.count_nonzero(use) < 1000:
+        return None
+    pulls = filtered[good][use] / np.sqrt(predicted[use])
+    ratio = float(mad_std(pulls - np.median(pulls)) ** 2)
+    if not ratio < 1.0:
+        return None
+    means = [float(np.mean(p[good][use], dtype=np.float64)) for p in planes]
+    static_unit = sum(_acf_weight(t, s) for t, s in zip(transfers, statics, strict=True))
+    if not static_unit > 0:
+        return None
+    power = (1.0 - ratio) * (weights[0] * means[0] + weights[1] * means[1]) / static_unit
+    # the corrected lag-0 variance stays at least (1 - max_correction) of the estimate
+    for v, s in zip(means, statics, strict=True):
+        c = s.shape[0] // 2
+        if s[c, c] > 0:
+            power = min(power, max_correction * v / s[c, c])
+    factors, corrected = [], []
+    for v, rho, s in zip(means, correlations, statics, strict=True):
+        acf = v * rho - power * s
+        c = acf.shape[0] // 2
+        factors.append(float(acf[c, c] / v))
+        corrected.append(acf / acf[c, c])
+    out = [
+        None if e.noise_correlation is None and r.shape == (1, 1) else r
+        for e, r in zip((science, template), corrected, strict=True)
+    ]
+    return StaticCorrection(ratio, float(power), (factors[0], factors[1]), (out[0], out[1]))

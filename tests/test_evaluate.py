@@ -155,3 +155,18 @@ def test_star_chi2_is_one_on_noise_and_grows_with_star_residuals(pair, field):
     assert star_chi2(Output(noise, variance / 4), field) == pytest.approx(4.0, abs=0.4)
     residual = 0.5 * (pair.science_model - np.median(pair.science_model))
     assert star_chi2(Output(noise + residual, variance), field) > 2.0
+
+
+def test_saturation_touched_product_pixels_are_not_valid():
+    """SAT / SAT_TEMPLATE (spread by the kernel) mark values that depend on saturated input:
+    not a usable difference, as HOTPANTS masks its own."""
+    from core.evaluate import output_valid
+    from core.exposure import Exposure
+
+    out = Exposure.from_arrays(np.zeros((20, 20)), np.ones((20, 20)))
+    touched = np.zeros((20, 20), bool)
+    touched[5:9, 5:9] = True
+    out.set_plane("SAT_TEMPLATE", touched)
+    out.set_plane("DETECTED", np.ones((20, 20), bool))  # a plane that leaves pixels valid
+    valid = output_valid(out)
+    assert not valid[touched].any() and valid[~touched].all()

@@ -201,3 +201,29 @@ def test_score_carries_science_psf_wcs_and_calibration():
     edge = score.masked(["EDGE"])
     assert edge[:half].all() and edge[:, :half].all()
     assert not edge[2 * half + 30 : -2 * half - 30, 2 * half + 30 : -2 * half - 30].any()
+
+
+def test_bad_template_pixels_take_their_nearest_good_value():
+    """A saturated core keeps about its saturation level (the frame median would leave a
+    star-sized hole the kernel spreads); with very many groups the largest still do."""
+    from core.subtract import _MAX_FILL_GROUPS, fill_from_nearest
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(300, 400)).astype(np.float32)
+    yy, xx = np.mgrid[:300, :400]
+    image += 1000.0 * np.exp(-((xx - 80) ** 2 + (yy - 60) ** 2) / 18.0)
+    core = image > 600.0
+    image[core] = 600.0  # clipped at saturation
+    filled = fill_from_nearest(image, core)
+    _, (iy, ix) = ndimage.distance_transform_edt(core, return_indices=True)
+    np.testing.assert_array_equal(filled, image[iy, ix])
+    assert filled[core].min() > 300.0  # the rim, not the sky (~0)
+    # more single bad pixels than groups filled from their neighbours: the median
+    isolated = np.zeros(core.shape, bool)
+    isolated[150::3, ::3] = True
+    bad = core | isolated
+    assert np.count_nonzero(isolated) > _MAX_FILL_GROUPS
+    filled = fill_from_nearest(image, bad)
+    np.testing.assert_array_equal(filled[core], image[iy, ix][core])
+    np.testing.assert_array_equal(filled[~bad], image[~bad])
+    assert abs(np.median(filled[isolated])) < 0.1
