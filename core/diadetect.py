@@ -265,6 +265,7 @@ def prepare_difference(
     no_data = np.empty((ny, nx), dtype=bool)
     nbx = -(-nx // size)
     vmin = np.empty((-(-ny // size), nbx))
+    dirty = np.empty(vmin.shape, dtype=bool)  # blocks where the filled variance differs
 
     def band(rows: slice) -> bool:
         img = image[rows]
@@ -275,43 +276,74 @@ def prepare_difference(
         np.copyto(out_image[rows], np.float32(0), where=bad)
         no_data[rows] = bad
         filled = np.empty(img.shape, np.float32) if out_var is None else out_var[rows]
-        _fill_variance(filled, variance[rows], bad, fill, ignore)
+        replaced = _fill_variance(filled, variance[rows], bad, fill, ignore)
         b0 = rows.start // size
-        vmin[b0 : b0 + -(-(rows.stop - rows.start) // size)] = _block_reduce(
-            filled, size, np.minimum, np.inf
-        )
+        b1 = b0 + -(-(rows.stop - rows.start) // size)
+        vmin[b0:b1] = _block_reduce(filled, size, np.minimum, np.inf)
+        dirty[b0:b1] = True if replaced is None else _block_reduce(replaced, size, np.maximum, 0)
         return bool(bad.any())
 
     any_bad = any(thread_map(band, _bands(ny, size)))
     var_out = (
-        FilledVariance(image, variance, mask, bits, fill, ignore) if out_var is None else out_var
+        FilledVariance(image, variance, mask, bits, fill, ignore, (dirty, size))
+        if out_var is None
+        else out_var
     )
     return out_image, var_out, no_data if any_bad else None, fill, vmin
 
 
 def _fill_variance(out: np.ndarray, var: np.ndarray, bad: np.ndarray, fill: float, ignore: bool):
     """``out`` (float32) = the variance, or ``fill`` where it is unusable or ``bad``
-    (all 1 when the plane is ignored)."""
+    (all 1 when the plane is ignored); returns the replaced pixels (None if ignored)."""
     if ignore:
         out[...] = 1.0
-        return
+        return None
     np.copyto(out, var)
     with np.errstate(invalid="ignore"):
         keep = np.isfinite(var) & (var > 0)
     keep &= ~bad
-    np.copyto(out, np.float32(fill), where=~keep)
+    np.logical_not(keep, out=keep)
+    np.copyto(out, np.float32(fill), where=keep)
+    return keep
 
 
 class FilledVariance:
     """The filled variance of `prepare_difference`, cut window by window: the same
-    values as its frame (0 off the frame), without holding a frame-sized copy."""
+    values as its frame (0 off the frame), without holding a frame-sized copy.
 
-    def __init__(self, image, variance, mask, bits: int, fill: float, ignore: bool):
+    ``dirty`` (grid, block side), when given, marks the blocks holding a replaced
+    pixel: windows on the frame that touch none of them are plain copies of the
+    variance (most windows; the fill's tests cost ~5x the copy).
+    """
+
+    def __init__(self, image, variance, mask, bits: int, fill: float, ignore: bool, dirty=None):
         self.image, self.variance, self.mask = image, variance, mask
         self.bits, self.fill, self.ignore = bits, fill, ignore
         self.shape = image.shape
+        self._dirty_sum = None
+        if dirty is not None and not ignore:
+            grid, self._block = dirty
+            # 2-d prefix sum: dirty blocks in any block rectangle in O(1)
+            self._dirty_sum = np.pad(grid.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
 
     def windows(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
+        y0, x0 = np.asarray(y0, dtype=np.intp), np.asarray(x0, dtype=np.intp)
+        ny, nx = self.shape
+        if self._dirty_sum is not None and y0.size:
+            s, c = self._block, self._dirty_sum
+            on = (y0 >= 0) & (x0 >= 0) & (y0 + side <= ny) & (x0 + side <= nx)
+            b0, b1 = np.clip(y0 // s, 0, None), np.clip((y0 + side - 1) // s + 1, 0, c.shape[0] - 1)
+            a0, a1 = np.clip(x0 // s, 0, None), np.clip((x0 + side - 1) // s + 1, 0, c.shape[1] - 1)
+            clean = on & (c[b1, a1] - c[b0, a1] - c[b1, a0] + c[b0, a0] == 0)
+            if clean.any():
+                out = np.empty((y0.size, side, side), dtype=np.float32)
+                out[clean] = _patches(self.variance, y0[clean], x0[clean], side)
+                if not clean.all():
+                    out[~clean] = self._filled(y0[~clean], x0[~clean], side)
+                return out
+        return self._filled(y0, x0, side)
+
+    def _filled(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
         ny, nx = self.shape
         offsets = np.arange(side)
         rows = np.asarray(y0)[:, None] + offsets
