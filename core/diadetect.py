@@ -174,17 +174,21 @@ def sparse_peaks(
     # another group's blocks inside a rectangle stay below the threshold there (they are
     # searched in their own rectangle); the S/N of all pixels between is exact
     below = np.nextafter(np.float32(threshold), np.float32(0))
-    for (i, j, m), k in zip(place, inverse.ravel(), strict=True):
-        h = min(size, ny - j * size)
-        w = min(size, nx - m * size)
-        y = cy0[i] + j * size - fy0[i]
-        x = cx0[i] + m * size - fx0[i]
-        block = values[k, :h, :w]
-        if labels[j, m] not in (0, i + 1):
-            block = np.clip(block, -below, below)
-        canvas[y : y + h, x : x + w] = block
-    for i in range(len(rects)):
-        owner[cy0[i] : cy0[i] + heights[i], cx0[i] : cx0[i] + widths[i]] = i
+    inverse = inverse.ravel()
+    start = 0
+    for i, (rows, cols) in enumerate(rects):
+        # the rectangle's blocks (raster order in `place`) tiled into one array
+        bh, bw = rows.stop - rows.start, cols.stop - cols.start
+        tiles = values[inverse[start : start + bh * bw]].reshape(bh, bw, size, size)
+        start += bh * bw
+        other = labels[rows, cols]
+        other = (other != 0) & (other != i + 1)
+        if other.any():
+            tiles[other] = np.clip(tiles[other], -below, below)
+        whole = tiles.transpose(0, 2, 1, 3).reshape(bh * size, bw * size)
+        y, x, h, w = cy0[i], cx0[i], heights[i], widths[i]
+        canvas[y : y + h, x : x + w] = whole[:h, :w]
+        owner[y : y + h, x : x + w] = i
     parts = []
     offset = 0
     for sign in (1, -1):
