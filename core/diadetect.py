@@ -45,6 +45,7 @@ __all__ = [
     "sparse_peaks",
     "DifferenceSnr",
     "prepare_difference",
+    "matched_numerator",
     "prepare_score",
     "block_size",
     "block_extremes",
@@ -242,10 +243,12 @@ def prepare_difference(
     bits: int,
     size: int,
     lazy_variance: bool = False,
+    keep_image: bool = True,
 ):
-    """The difference with unusable pixels at 0, its variance with those filled, the
-    unusable pixels (None when there are none), the fill value and the least
-    variance of every ``size`` block; in threaded bands of rows.
+    """The difference with unusable pixels at 0 (None unless ``keep_image``; see
+    `matched_numerator`), its variance with those filled, the unusable pixels (None
+    when there are none), the fill value and the least variance of every ``size``
+    block; in threaded bands of rows.
 
     Unusable: not finite or any of ``bits`` set in ``mask``. Unusable variances
     (also non-finite or <= 0 ones) take the median of the usable ones, estimated
@@ -264,7 +267,7 @@ def prepare_difference(
     usable = np.asarray(sampled[ok], dtype=np.float32)
     ignore = usable.size < 0.5 * ok.size
     fill = 1.0 if ignore or usable.size == 0 else float(np.median(usable))
-    out_image = np.empty((ny, nx), dtype=np.float32)
+    out_image = np.empty((ny, nx), dtype=np.float32) if keep_image else None
     out_var = None if lazy_variance else np.empty((ny, nx), dtype=np.float32)
     no_data = np.empty((ny, nx), dtype=bool)
     nbx = -(-nx // size)
@@ -276,8 +279,9 @@ def prepare_difference(
         bad = ~np.isfinite(img)
         if bits:
             bad |= (mask[rows] & bits) != 0
-        np.copyto(out_image[rows], img)
-        np.copyto(out_image[rows], np.float32(0), where=bad)
+        if out_image is not None:
+            np.copyto(out_image[rows], img)
+            np.copyto(out_image[rows], np.float32(0), where=bad)
         no_data[rows] = bad
         filled = np.empty(img.shape, np.float32) if out_var is None else out_var[rows]
         replaced = _fill_variance(filled, variance[rows], bad, fill, ignore)
@@ -294,6 +298,47 @@ def prepare_difference(
         else out_var
     )
     return out_image, var_out, no_data if any_bad else None, fill, vmin
+
+
+def matched_numerator(
+    image: np.ndarray, no_data: np.ndarray | None, kernel: np.ndarray, tile: int = 256
+) -> np.ndarray:
+    """float32 correlation of ``image`` (pixels of ``no_data`` at 0, 0 off the frame) with
+    ``kernel``: ``core.convolve.correlate_image`` of `prepare_difference`'s image, in the
+    same overlap-save tiles, without that frame-sized zeroed copy.
+
+    A band of tile rows is padded once and its tiles transformed in one batch (one
+    call per band rather than per tile), bands on the thread pool.
+    """
+    ny, nx = image.shape
+    h = kernel.shape[0] // 2
+    while 2 * h > tile // 4:  # the overlap at most a quarter of the tile, as correlate_image
+        tile *= 2
+    core = tile - 2 * h
+    nty, ntx = -(-ny // core), -(-nx // core)
+    pad = np.zeros((tile, tile))
+    pad[: 2 * h + 1, : 2 * h + 1] = kernel[::-1, ::-1]
+    transform = sfft.rfft2(np.roll(pad, (-h, -h), axis=(0, 1)).astype(np.float32))
+    out = np.empty((ny, nx), dtype=np.float32)
+
+    def band(r: int) -> None:
+        y0 = r * core
+        rows = slice(max(y0 - h, 0), min(y0 + core + h, ny))
+        buffer = np.zeros((tile, ntx * core + 2 * h), dtype=np.float32)
+        part = buffer[rows.start - (y0 - h) : rows.stop - (y0 - h), h : h + nx]
+        np.copyto(part, image[rows], casting="unsafe")
+        if no_data is not None:
+            np.copyto(part, np.float32(0), where=no_data[rows])
+        tiles = np.lib.stride_tricks.sliding_window_view(buffer, tile, axis=1)[:, ::core]
+        spectrum = sfft.rfft2(tiles.transpose(1, 0, 2), workers=1)
+        spectrum *= transform
+        full = sfft.irfft2(spectrum, s=(tile, tile), workers=1, overwrite_x=True)
+        y1 = min(y0 + core, ny)
+        kept = full[:, h : h + y1 - y0, h : h + core].transpose(1, 0, 2)
+        out[y0:y1] = kept.reshape(y1 - y0, ntx * core)[:, :nx]
+
+    thread_map(band, range(nty))
+    return out
 
 
 def _fill_variance(out: np.ndarray, var: np.ndarray, bad: np.ndarray, fill: float, ignore: bool):

@@ -13,6 +13,7 @@ from core.diadetect import (
     _block_reduce,
     block_size,
     crop_kernel,
+    matched_numerator,
     prepare_difference,
     sparse_peaks,
 )
@@ -281,3 +282,24 @@ def test_lazy_variance_windows_equal_the_filled_frame():
         if 0 <= y0[k] <= 300 < y0[k] + side and 0 <= x0[k] <= 350 < x0[k] + side
     ]
     assert touched and lazy._dirty_sum[-1, -1] < lazy._dirty_sum.size / 2
+
+
+@pytest.mark.parametrize("shape", [(651, 703), (420, 1100), (415, 1201)])
+def test_matched_numerator_equals_correlation_of_zeroed_frame(shape):
+    """The tiled numerator (unusable pixels zeroed tile by tile) equals correlate_image
+    of prepare_difference's zeroed frame, with and without unusable pixels."""
+    image, variance, mask, psf = _frame(seed=11, shape=shape)
+    kernel = crop_kernel(psf)
+    zeroed, _, no_data, *_ = prepare_difference(image, variance, mask, NO_DATA_BIT, 32)
+    assert no_data is not None
+    expected = correlate_image(zeroed, kernel, single=True)
+    np.testing.assert_allclose(
+        matched_numerator(image, no_data, kernel), expected, rtol=1e-5, atol=1e-4
+    )
+    clean = np.nan_to_num(image)
+    np.testing.assert_allclose(
+        matched_numerator(clean, None, kernel),
+        correlate_image(clean, kernel, single=True),
+        rtol=1e-5,
+        atol=1e-4,
+    )
