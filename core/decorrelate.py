@@ -389,7 +389,9 @@ def _interp_stamps(stamps: np.ndarray, nodes_x, nodes_y, x: float, y: float) -> 
         return _tent(np.array([min(max(p, nodes[0]), nodes[-1])]), nodes)[0]
 
     wy, wx = weights(nodes_y, y), weights(nodes_x, x)
-    return np.einsum("j,i,jikl->kl", wy, wx, stamps)
+    # at most 2 x 2 nodes have weight: the blend reads those stamps, not the whole grid
+    jy, ix = np.flatnonzero(wy), np.flatnonzero(wx)
+    return np.einsum("j,i,jikl->kl", wy[jy], wx[ix], stamps[jy[:, None], ix[None, :]])
 
 
 # ----------------------------------------------------------------------------------------

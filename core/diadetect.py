@@ -45,6 +45,7 @@ __all__ = [
     "sparse_peaks",
     "DifferenceSnr",
     "prepare_difference",
+    "matched_numerator",
     "prepare_score",
     "block_size",
     "block_extremes",
@@ -174,17 +175,21 @@ def sparse_peaks(
     # another group's blocks inside a rectangle stay below the threshold there (they are
     # searched in their own rectangle); the S/N of all pixels between is exact
     below = np.nextafter(np.float32(threshold), np.float32(0))
-    for (i, j, m), k in zip(place, inverse.ravel(), strict=True):
-        h = min(size, ny - j * size)
-        w = min(size, nx - m * size)
-        y = cy0[i] + j * size - fy0[i]
-        x = cx0[i] + m * size - fx0[i]
-        block = values[k, :h, :w]
-        if labels[j, m] not in (0, i + 1):
-            block = np.clip(block, -below, below)
-        canvas[y : y + h, x : x + w] = block
-    for i in range(len(rects)):
-        owner[cy0[i] : cy0[i] + heights[i], cx0[i] : cx0[i] + widths[i]] = i
+    inverse = inverse.ravel()
+    start = 0
+    for i, (rows, cols) in enumerate(rects):
+        # the rectangle's blocks (raster order in `place`) tiled into one array
+        bh, bw = rows.stop - rows.start, cols.stop - cols.start
+        tiles = values[inverse[start : start + bh * bw]].reshape(bh, bw, size, size)
+        start += bh * bw
+        other = labels[rows, cols]
+        other = (other != 0) & (other != i + 1)
+        if other.any():
+            tiles[other] = np.clip(tiles[other], -below, below)
+        whole = tiles.transpose(0, 2, 1, 3).reshape(bh * size, bw * size)
+        y, x, h, w = cy0[i], cx0[i], heights[i], widths[i]
+        canvas[y : y + h, x : x + w] = whole[:h, :w]
+        owner[y : y + h, x : x + w] = i
     parts = []
     offset = 0
     for sign in (1, -1):
@@ -238,10 +243,12 @@ def prepare_difference(
     bits: int,
     size: int,
     lazy_variance: bool = False,
+    keep_image: bool = True,
 ):
-    """The difference with unusable pixels at 0, its variance with those filled, the
-    unusable pixels (None when there are none), the fill value and the least
-    variance of every ``size`` block; in threaded bands of rows.
+    """The difference with unusable pixels at 0 (None unless ``keep_image``; see
+    `matched_numerator`), its variance with those filled, the unusable pixels (None
+    when there are none), the fill value and the least variance of every ``size``
+    block; in threaded bands of rows.
 
     Unusable: not finite or any of ``bits`` set in ``mask``. Unusable variances
     (also non-finite or <= 0 ones) take the median of the usable ones, estimated
@@ -260,58 +267,132 @@ def prepare_difference(
     usable = np.asarray(sampled[ok], dtype=np.float32)
     ignore = usable.size < 0.5 * ok.size
     fill = 1.0 if ignore or usable.size == 0 else float(np.median(usable))
-    out_image = np.empty((ny, nx), dtype=np.float32)
+    out_image = np.empty((ny, nx), dtype=np.float32) if keep_image else None
     out_var = None if lazy_variance else np.empty((ny, nx), dtype=np.float32)
     no_data = np.empty((ny, nx), dtype=bool)
     nbx = -(-nx // size)
     vmin = np.empty((-(-ny // size), nbx))
+    dirty = np.empty(vmin.shape, dtype=bool)  # blocks where the filled variance differs
 
     def band(rows: slice) -> bool:
         img = image[rows]
         bad = ~np.isfinite(img)
         if bits:
             bad |= (mask[rows] & bits) != 0
-        np.copyto(out_image[rows], img)
-        np.copyto(out_image[rows], np.float32(0), where=bad)
+        if out_image is not None:
+            np.copyto(out_image[rows], img)
+            np.copyto(out_image[rows], np.float32(0), where=bad)
         no_data[rows] = bad
         filled = np.empty(img.shape, np.float32) if out_var is None else out_var[rows]
-        _fill_variance(filled, variance[rows], bad, fill, ignore)
+        replaced = _fill_variance(filled, variance[rows], bad, fill, ignore)
         b0 = rows.start // size
-        vmin[b0 : b0 + -(-(rows.stop - rows.start) // size)] = _block_reduce(
-            filled, size, np.minimum, np.inf
-        )
+        b1 = b0 + -(-(rows.stop - rows.start) // size)
+        vmin[b0:b1] = _block_reduce(filled, size, np.minimum, np.inf)
+        dirty[b0:b1] = True if replaced is None else _block_reduce(replaced, size, np.maximum, 0)
         return bool(bad.any())
 
     any_bad = any(thread_map(band, _bands(ny, size)))
     var_out = (
-        FilledVariance(image, variance, mask, bits, fill, ignore) if out_var is None else out_var
+        FilledVariance(image, variance, mask, bits, fill, ignore, (dirty, size))
+        if out_var is None
+        else out_var
     )
     return out_image, var_out, no_data if any_bad else None, fill, vmin
 
 
+def matched_numerator(
+    image: np.ndarray, no_data: np.ndarray | None, kernel: np.ndarray, tile: int = 256
+) -> np.ndarray:
+    """float32 correlation of ``image`` (pixels of ``no_data`` at 0, 0 off the frame) with
+    ``kernel``: ``core.convolve.correlate_image`` of `prepare_difference`'s image, in the
+    same overlap-save tiles, without that frame-sized zeroed copy.
+
+    A band of tile rows is padded once and its tiles transformed in one batch (one
+    call per band rather than per tile), bands on the thread pool.
+    """
+    ny, nx = image.shape
+    h = kernel.shape[0] // 2
+    while 2 * h > tile // 4:  # the overlap at most a quarter of the tile, as correlate_image
+        tile *= 2
+    core = tile - 2 * h
+    nty, ntx = -(-ny // core), -(-nx // core)
+    pad = np.zeros((tile, tile))
+    pad[: 2 * h + 1, : 2 * h + 1] = kernel[::-1, ::-1]
+    transform = sfft.rfft2(np.roll(pad, (-h, -h), axis=(0, 1)).astype(np.float32))
+    out = np.empty((ny, nx), dtype=np.float32)
+
+    def band(r: int) -> None:
+        y0 = r * core
+        rows = slice(max(y0 - h, 0), min(y0 + core + h, ny))
+        buffer = np.zeros((tile, ntx * core + 2 * h), dtype=np.float32)
+        part = buffer[rows.start - (y0 - h) : rows.stop - (y0 - h), h : h + nx]
+        np.copyto(part, image[rows], casting="unsafe")
+        if no_data is not None:
+            np.copyto(part, np.float32(0), where=no_data[rows])
+        tiles = np.lib.stride_tricks.sliding_window_view(buffer, tile, axis=1)[:, ::core]
+        spectrum = sfft.rfft2(tiles.transpose(1, 0, 2), workers=1)
+        spectrum *= transform
+        full = sfft.irfft2(spectrum, s=(tile, tile), workers=1, overwrite_x=True)
+        y1 = min(y0 + core, ny)
+        kept = full[:, h : h + y1 - y0, h : h + core].transpose(1, 0, 2)
+        out[y0:y1] = kept.reshape(y1 - y0, ntx * core)[:, :nx]
+
+    thread_map(band, range(nty))
+    return out
+
+
 def _fill_variance(out: np.ndarray, var: np.ndarray, bad: np.ndarray, fill: float, ignore: bool):
     """``out`` (float32) = the variance, or ``fill`` where it is unusable or ``bad``
-    (all 1 when the plane is ignored)."""
+    (all 1 when the plane is ignored); returns the replaced pixels (None if ignored)."""
     if ignore:
         out[...] = 1.0
-        return
+        return None
     np.copyto(out, var)
     with np.errstate(invalid="ignore"):
         keep = np.isfinite(var) & (var > 0)
     keep &= ~bad
-    np.copyto(out, np.float32(fill), where=~keep)
+    np.logical_not(keep, out=keep)
+    np.copyto(out, np.float32(fill), where=keep)
+    return keep
 
 
 class FilledVariance:
     """The filled variance of `prepare_difference`, cut window by window: the same
-    values as its frame (0 off the frame), without holding a frame-sized copy."""
+    values as its frame (0 off the frame), without holding a frame-sized copy.
 
-    def __init__(self, image, variance, mask, bits: int, fill: float, ignore: bool):
+    ``dirty`` (grid, block side), when given, marks the blocks holding a replaced
+    pixel: windows on the frame that touch none of them are plain copies of the
+    variance (most windows; the fill's tests cost ~5x the copy).
+    """
+
+    def __init__(self, image, variance, mask, bits: int, fill: float, ignore: bool, dirty=None):
         self.image, self.variance, self.mask = image, variance, mask
         self.bits, self.fill, self.ignore = bits, fill, ignore
         self.shape = image.shape
+        self._dirty_sum = None
+        if dirty is not None and not ignore:
+            grid, self._block = dirty
+            # 2-d prefix sum: dirty blocks in any block rectangle in O(1)
+            self._dirty_sum = np.pad(grid.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
 
     def windows(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
+        y0, x0 = np.asarray(y0, dtype=np.intp), np.asarray(x0, dtype=np.intp)
+        ny, nx = self.shape
+        if self._dirty_sum is not None and y0.size:
+            s, c = self._block, self._dirty_sum
+            on = (y0 >= 0) & (x0 >= 0) & (y0 + side <= ny) & (x0 + side <= nx)
+            b0, b1 = np.clip(y0 // s, 0, None), np.clip((y0 + side - 1) // s + 1, 0, c.shape[0] - 1)
+            a0, a1 = np.clip(x0 // s, 0, None), np.clip((x0 + side - 1) // s + 1, 0, c.shape[1] - 1)
+            clean = on & (c[b1, a1] - c[b0, a1] - c[b1, a0] + c[b0, a0] == 0)
+            if clean.any():
+                out = np.empty((y0.size, side, side), dtype=np.float32)
+                out[clean] = _patches(self.variance, y0[clean], x0[clean], side)
+                if not clean.all():
+                    out[~clean] = self._filled(y0[~clean], x0[~clean], side)
+                return out
+        return self._filled(y0, x0, side)
+
+    def _filled(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
         ny, nx = self.shape
         offsets = np.arange(side)
         rows = np.asarray(y0)[:, None] + offsets

@@ -29,11 +29,11 @@ from scipy.signal import fftconvolve
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 
 from .config import DiaSourceConfig
-from .convolve import correlate_image
 from .diadetect import (
     DifferenceSnr,
     block_size,
     crop_kernel,
+    matched_numerator,
     prepare_difference,
     prepare_score,
     sparse_peaks,
@@ -160,13 +160,12 @@ def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float)
     kernel = crop_kernel(kernel)
     size = block_size(kernel.shape[0] // 2)
     bits = exposure.bitmask([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])
-    # the variance is filled block by block as the S/N needs it, and the filled image
-    # only lives for its correlation (measurements cut their stamps again)
-    image, variance, no_data, fill, vmin = prepare_difference(
-        exposure.image, exposure.variance, exposure.mask, bits, size, lazy_variance=True
+    # the variance is filled block by block as the S/N needs it, and unusable pixels are
+    # zeroed tile by tile inside the correlation (no frame-sized copies of either)
+    _, variance, no_data, fill, vmin = prepare_difference(
+        exposure.image, exposure.variance, exposure.mask, bits, size, True, keep_image=False
     )
-    smoothed = correlate_image(image, kernel, single=True)
-    del image
+    smoothed = matched_numerator(exposure.image, no_data, kernel)
     snr = DifferenceSnr(smoothed, variance, no_data, kernel, 1e-30 * fill, vmin)
     factor = snr.noise_factor()
     peaks = sparse_peaks(

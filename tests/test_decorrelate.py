@@ -408,3 +408,21 @@ def test_tiled_filtering_matches_one_padded_transform():
     reference = signal.fftconvolve(image.astype(np.float64), stamp, mode="same")
     got = module._convolve((image,), (stamp,), (0, 0))
     assert np.abs(got - reference).max() < 1e-5 * np.abs(reference).max()
+
+
+def test_interp_stamps_equals_blend_over_every_node():
+    """The blend read from the (at most 2 x 2) weighted nodes equals the tent-weighted
+    sum over the whole node grid, inside, between and beyond the nodes."""
+    from core.decorrelate import _interp_stamps, _tent
+
+    rng = np.random.default_rng(4)
+    stamps = rng.normal(size=(5, 6, 7, 7))
+    nodes_y = np.linspace(10.0, 410.0, 5)
+    nodes_x = np.linspace(-3.0, 497.0, 6)
+    for x, y in [(0.0, 10.0), (130.5, 222.2), (496.9, 409.0), (600.0, -50.0), (97.0, 110.0)]:
+        wy = _tent(np.array([np.clip(y, nodes_y[0], nodes_y[-1])]), nodes_y)[0]
+        wx = _tent(np.array([np.clip(x, nodes_x[0], nodes_x[-1])]), nodes_x)[0]
+        expected = (wy[:, None, None, None] * wx[None, :, None, None] * stamps).sum(axis=(0, 1))
+        np.testing.assert_allclose(
+            _interp_stamps(stamps, nodes_x, nodes_y, x, y), expected, rtol=1e-12, atol=1e-14
+        )

@@ -13,6 +13,7 @@ from core.diadetect import (
     _block_reduce,
     block_size,
     crop_kernel,
+    matched_numerator,
     prepare_difference,
     sparse_peaks,
 )
@@ -257,3 +258,48 @@ def test_detect_dia_sources_equals_whole_frame(is_score):
     got = list(zip(det.col, det.row, det.sign, det.footprint, det.n_peaks, strict=True))
     assert got == [p[:5] for p in expected]
     np.testing.assert_allclose(np.abs(det.peak_snr), [p[5] for p in expected], rtol=1e-3)
+
+
+def test_lazy_variance_windows_equal_the_filled_frame():
+    """Windows of the lazily filled variance (plain copies where no block holds a
+    replaced pixel, filled ones elsewhere and off the frame) equal the filled frame's."""
+    image, variance, mask, psf = _frame(seed=7)
+    variance[300, 350] = np.nan
+    size = 32
+    frame = prepare_difference(image, variance, mask, NO_DATA_BIT, size)[1]
+    lazy = prepare_difference(image, variance, mask, NO_DATA_BIT, size, lazy_variance=True)[1]
+    rng = np.random.default_rng(1)
+    side = 60
+    y0 = rng.integers(-side, image.shape[0], 400)
+    x0 = rng.integers(-side, image.shape[1], 400)
+    got = lazy.windows(y0, x0, side)
+    expected = stamps(frame, x0 + side // 2, y0 + side // 2, side // 2, fill=0)[:, :side, :side]
+    np.testing.assert_array_equal(got, expected)
+    # both paths ran: windows touching a replaced pixel and windows that do not
+    touched = [
+        (y0[k], x0[k])
+        for k in range(y0.size)
+        if 0 <= y0[k] <= 300 < y0[k] + side and 0 <= x0[k] <= 350 < x0[k] + side
+    ]
+    assert touched and lazy._dirty_sum[-1, -1] < lazy._dirty_sum.size / 2
+
+
+@pytest.mark.parametrize("shape", [(651, 703), (420, 1100), (415, 1201)])
+def test_matched_numerator_equals_correlation_of_zeroed_frame(shape):
+    """The tiled numerator (unusable pixels zeroed tile by tile) equals correlate_image
+    of prepare_difference's zeroed frame, with and without unusable pixels."""
+    image, variance, mask, psf = _frame(seed=11, shape=shape)
+    kernel = crop_kernel(psf)
+    zeroed, _, no_data, *_ = prepare_difference(image, variance, mask, NO_DATA_BIT, 32)
+    assert no_data is not None
+    expected = correlate_image(zeroed, kernel, single=True)
+    np.testing.assert_allclose(
+        matched_numerator(image, no_data, kernel), expected, rtol=1e-5, atol=1e-4
+    )
+    clean = np.nan_to_num(image)
+    np.testing.assert_allclose(
+        matched_numerator(clean, None, kernel),
+        correlate_image(clean, kernel, single=True),
+        rtol=1e-5,
+        atol=1e-4,
+    )
