@@ -251,6 +251,16 @@ def _weight_table() -> np.ndarray:
     return table
 
 
+@functools.lru_cache(maxsize=1)
+def _pair_table() -> np.ndarray:
+    """(6, _TABLE_STEPS + 1) uint64: each the float32 pair (w, w^2) of `_weight_table`."""
+    table = _weight_table()
+    pairs = np.stack([table, table * table], axis=-1)
+    pairs = pairs.view(np.uint64)[..., 0]
+    pairs.setflags(write=False)
+    return pairs
+
+
 def _table_index(frac: np.ndarray) -> np.ndarray:
     """Row of `_weight_table` nearest to each fraction in [0, 1)."""
     return (np.asarray(frac) * _TABLE_STEPS + 0.5).astype(np.intp)
@@ -434,30 +444,28 @@ def _interleaved(image: np.ndarray, variance: np.ndarray, orient=(False, False, 
     return pairs
 
 
-def _take_pairs(pairs: np.ndarray, base, step: int, q, out_image, out_var) -> None:
-    """out = sum_k w_k src[base + k step], variance with w_k^2; w_k = table[k, q].
+def _take_pairs(pairs: np.ndarray, base, step: int, q, out) -> None:
+    """out = sum_k (w_k, w_k^2) * src[base + k step]: image and variance, w_k = table[k, q].
 
-    ``pairs`` is the flat uint64 view of an interleaved (image, variance) array.
+    ``pairs`` is the flat uint64 view of an interleaved (image, variance) array and
+    ``out`` is float32 of shape base.shape + (2,) (interleaved too, rows may be strided):
+    one 64-bit gather fetches a pixel's pair, one more its (w, w^2), one multiply and one
+    add serve both planes.
     """
-    table = _weight_table()
+    table = _pair_table()
     got = np.empty(base.shape, dtype=np.uint64)
     pair = got.view(np.float32).reshape(base.shape + (2,))
-    weight = np.empty(base.shape, dtype=np.float32)
-    term = np.empty_like(weight)
+    got_weights = np.empty(base.shape, dtype=np.uint64)
+    weights = got_weights.view(np.float32).reshape(base.shape + (2,))
     for k in range(_TAPS):
         # tap k of every pixel: the same indices into the array shifted by k steps
         pairs[k * step :].take(base, out=got, mode="clip")
-        table[k].take(q, out=weight)
+        table[k].take(q, out=got_weights)
         if k == 0:
-            np.multiply(pair[..., 0], weight, out=out_image)
-            weight *= weight
-            np.multiply(pair[..., 1], weight, out=out_var)
+            np.multiply(pair, weights, out=out)
             continue
-        np.multiply(pair[..., 0], weight, out=term)
-        out_image += term
-        weight *= weight
-        np.multiply(pair[..., 1], weight, out=term)
-        out_var += term
+        pair *= weights
+        out += pair
 
 
 def _dihedral(matrix: np.ndarray, offset: np.ndarray, shape):
@@ -681,8 +689,7 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
         first -= _ORDER - 1
         np.clip(first, 0, wp - _TAPS, out=first)
         first += (j * wp)[:, None]
-        block = block[:, x0:x1]
-        _take_pairs(flat_source, first, 1, q, block[..., 0], block[..., 1])
+        _take_pairs(flat_source, first, 1, q, block[:, x0:x1])
 
     _in_parallel(along_rows, range(0, rows.size, chunk))
     # pass 1 reads row j at U(j) = u + (b / e)(j - v), up to |b / e| ORDER columns from u;
@@ -715,8 +722,11 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
         np.clip(first, 0, rows.size - _TAPS, out=first)
         first *= nx
         first += x_index[None, :]
+        pairs = np.empty(first.shape + (2,), dtype=np.float32)
+        _take_pairs(flat_middle, first, nx, q, pairs)
         block = np.s_[start : start + chunk]
-        _take_pairs(flat_middle, first, nx, q, out_image[block], out_var[block])
+        out_image[block] = pairs[..., 0]
+        out_var[block] = pairs[..., 1]
 
     _in_parallel(along_columns, range(0, ny, chunk))
     return out_image, out_var, reach
@@ -727,11 +737,11 @@ def _warp_general(image, variance, index_map: PixelMap, ny, nx):
     source = _interleaved(image, variance)
     hp, wp = source.shape[:2]
     flat_source = source.view(np.uint64).ravel()
-    out_image = np.zeros((ny, nx), dtype=np.float32)
-    out_var = np.zeros_like(out_image)
+    out_image = np.empty((ny, nx), dtype=np.float32)
+    out_var = np.empty_like(out_image)
     xs = np.arange(nx, dtype=np.float64)
     chunk = max(1, _CHUNK_PIXELS // nx)
-    table = _weight_table()
+    table = _pair_table()
 
     def block(start: int) -> None:
         ys = np.arange(start, min(start + chunk, ny), dtype=np.float64)
@@ -742,17 +752,17 @@ def _warp_general(image, variance, index_map: PixelMap, ny, nx):
         col = np.clip(bu.astype(np.int64) - (_ORDER - 1), 0, wp - _TAPS)
         row = np.clip(bv.astype(np.int64) - (_ORDER - 1), 0, hp - _TAPS)
         base = row * wp + col
-        img, var = out_image[start : start + len(ys)], out_var[start : start + len(ys)]
-        row_img, row_var = np.empty_like(img), np.empty_like(var)
-        weight = np.empty_like(img)
+        total = np.zeros(base.shape + (2,), dtype=np.float32)
+        along = np.empty_like(total)
+        got_weights = np.empty(base.shape, dtype=np.uint64)
+        weights = got_weights.view(np.float32).reshape(total.shape)
         for l in range(_TAPS):
-            _take_pairs(flat_source, base + l * wp, 1, qu, row_img, row_var)
-            table[l].take(qv, out=weight)
-            row_img *= weight
-            img += row_img
-            weight *= weight
-            row_var *= weight
-            var += row_var
+            _take_pairs(flat_source, base + l * wp, 1, qu, along)
+            table[l].take(qv, out=got_weights)
+            along *= weights
+            total += along
+        out_image[start : start + len(ys)] = total[..., 0]
+        out_var[start : start + len(ys)] = total[..., 1]
 
     _in_parallel(block, range(0, ny, chunk))
     return out_image, out_var, _TAP_REACH
