@@ -49,6 +49,7 @@ _TAPS = 2 * _ORDER
 _NODE_GUARD = np.float32(1e-5)
 _CHUNK_PIXELS = 1 << 14  # pixels per vectorised block: temporaries stay in L2 (best of 2^13-2^16)
 _SHIFT_CHUNK_PIXELS = 1 << 16  # a shift's row blocks re-read 5 rows each: larger blocks
+_TILE_DRIFT = 128  # pass 2's tiles span at most this many rows across their width (2^6-2^8)
 _TAP_REACH = ((_ORDER - 1, _ORDER), (_ORDER - 1, _ORDER))  # taps floor(p) - 2 ... floor(p) + 3
 _PAD = _ORDER  # NaN border: any tap that leaves the input reads NaN and marks NO_DATA
 # The frame-sized paths read the weights from a table every 1/8192 px instead of evaluating
@@ -561,26 +562,33 @@ class _Smooth:
     """A smooth correction sampled on nodes, read back row by row by bilinear interpolation.
 
     Node spacing `_SMOOTH_STEP` px: a WCS residual bends over hundreds of pixels, so the
-    interpolation error (spacing^2 / 8 x curvature) stays far below 1e-3 px.
+    interpolation error (spacing^2 / 8 x curvature) stays far below 1e-3 px. The node rows
+    are interpolated along the columns once; a block of rows then blends two of them.
     """
 
     def __init__(self, row_nodes: np.ndarray, col_nodes: np.ndarray, values: np.ndarray, n: int):
         self.row_nodes, self.values = row_nodes, values
         columns = np.arange(n, dtype=np.float64)
-        self.col_index = np.clip(
+        col_index = np.clip(
             np.searchsorted(col_nodes, columns, side="right") - 1, 0, len(col_nodes) - 2
         )
-        self.col_frac = (columns - col_nodes[self.col_index]) / np.diff(col_nodes)[self.col_index]
+        col_frac = (columns - col_nodes[col_index]) / np.diff(col_nodes)[col_index]
+        left = values[:, col_index]
+        # C order (fancy indexing leaves these transposed): a block's rows are then contiguous
+        self.along = np.ascontiguousarray(left + (values[:, col_index + 1] - left) * col_frac)
 
-    def rows(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), n) values at the given rows and every column."""
+    def rows(self, rows: np.ndarray, x0: int = 0, x1: int | None = None) -> np.ndarray:
+        """(len(rows), x1 - x0) values at the given rows and columns x0 ... x1 - 1."""
         k = np.clip(
             np.searchsorted(self.row_nodes, rows, side="right") - 1, 0, len(self.row_nodes) - 2
         )
         a = ((rows - self.row_nodes[k]) / np.diff(self.row_nodes)[k])[:, None]
-        at_rows = (1 - a) * self.values[k] + a * self.values[k + 1]
-        left = at_rows[:, self.col_index]
-        return left + (at_rows[:, self.col_index + 1] - left) * self.col_frac
+        low = self.along[k, x0:x1]
+        high = self.along[k + 1, x0:x1]
+        high -= low
+        high *= a
+        high += low
+        return high
 
 
 _SMOOTH_STEP = 16
@@ -681,7 +689,7 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
             return
         u = alpha_x[None, x0:x1] + ((b / e) * (j - f) + c)[:, None]
         if du is not None:
-            u += du.rows(j.astype(np.float64))[:, x0:x1]
+            u += du.rows(j.astype(np.float64), x0, x1)
         base = np.floor(u)
         u -= base
         q = _table_index(u)
@@ -709,11 +717,18 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
     x_index = np.arange(nx, dtype=np.int64)
     d_x = d * columns
 
-    def along_columns(start: int) -> None:
-        y = np.arange(start, min(start + chunk, ny), dtype=np.float64)
-        v = d_x[None, :] + (e * y + f)[:, None]
+    # pass 2 in tiles: along a row of the output, pass 2 drifts by d rows of the intermediate
+    # per column; a tile narrow enough keeps the rows it reads in cache (a turned grid)
+    tile_x = nx if abs(d) * nx <= _TILE_DRIFT else max(_TILE_DRIFT, int(_TILE_DRIFT / abs(d)))
+    tile_y = max(1, _CHUNK_PIXELS // tile_x)
+
+    def along_columns(corner: tuple[int, int]) -> None:
+        start, x0 = corner
+        x1 = min(x0 + tile_x, nx)
+        y = np.arange(start, min(start + tile_y, ny), dtype=np.float64)
+        v = d_x[None, x0:x1] + (e * y + f)[:, None]
         if dv is not None:
-            v += dv.rows(y)
+            v += dv.rows(y, x0, x1)
         base = np.floor(v)
         v -= base
         q = _table_index(v)
@@ -721,14 +736,16 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
         first -= _ORDER - 1 + j_lo
         np.clip(first, 0, rows.size - _TAPS, out=first)
         first *= nx
-        first += x_index[None, :]
+        first += x_index[None, x0:x1]
         pairs = np.empty(first.shape + (2,), dtype=np.float32)
         _take_pairs(flat_middle, first, nx, q, pairs)
-        block = np.s_[start : start + chunk]
+        block = np.s_[start : start + tile_y, x0:x1]
         out_image[block] = pairs[..., 0]
         out_var[block] = pairs[..., 1]
 
-    _in_parallel(along_columns, range(0, ny, chunk))
+    _in_parallel(
+        along_columns, [(y, x) for y in range(0, ny, tile_y) for x in range(0, nx, tile_x)]
+    )
     return out_image, out_var, reach
 
 
