@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import sparse
-from scipy.interpolate import RectBivariateSpline
+from scipy.interpolate import BSpline, RectBivariateSpline
 
 from .config import WarpConfig
 from .errors import IncompatibleInputsError, InvalidExposureError, PsfError
@@ -48,7 +48,8 @@ _ORDER = 3  # Lanczos-3, as Rubin warps templates
 _TAPS = 2 * _ORDER
 _NODE_GUARD = np.float32(1e-5)
 _CHUNK_PIXELS = 1 << 14  # pixels per vectorised block: temporaries stay in L2 (best of 2^13-2^16)
-_SHIFT_CHUNK_PIXELS = 1 << 16  # a shift's row blocks re-read 5 rows each: larger blocks
+_SHIFT_CHUNK_PIXELS = 1 << 16
+_FINISH_PIXELS = 1 << 16  # the Jacobian and NO_DATA pass: a few cheap ops per block  # a shift's row blocks re-read 5 rows each: larger blocks
 _TILE_DRIFT = 128  # pass 2's tiles span at most this many rows across their width (2^6-2^8)
 _TAP_REACH = ((_ORDER - 1, _ORDER), (_ORDER - 1, _ORDER))  # taps floor(p) - 2 ... floor(p) + 3
 _PAD = _ORDER  # NaN border: any tap that leaves the input reads NaN and marks NO_DATA
@@ -351,16 +352,9 @@ def warp_exposure(
     else:
         out_image, out_var, footprint = _warp_general(image, variance, index_map, ny, nx)
     det = _jacobian_determinant(index_map, ny, nx)
-    out_image *= det
-    out_var *= det * det
     mask = _warp_mask(exposure.mask & ~np.int32(no_data_bits), index_map, ny, nx, footprint)
-    bad = np.isnan(out_image)
-    bad |= np.isnan(out_var)
     planes = exposure.mask_planes.copy()
-    mask[bad] |= np.int32(planes.value("NO_DATA"))
-    out_image[bad] = 0.0
-    sample = out_var[::7, ::7][~bad[::7, ::7]]  # a fill value only: a subsample is plenty
-    out_var[bad] = np.median(sample) if sample.size else 1.0
+    _finish(out_image, out_var, det, mask, np.int32(planes.value("NO_DATA")))
     centre = ((xy0[0] + xy0[0] + nx - 1) / 2.0, (xy0[1] + xy0[1] + ny - 1) / 2.0)
     psf = WarpedPsf(exposure.psf, pixel_map, centre) if exposure.psf is not None else None
     metadata = dict(exposure.metadata)
@@ -423,7 +417,59 @@ def _jacobian_determinant(index_map: PixelMap, ny: int, nx: int):
     u_down, v_down = index_map.on_grid(xs, ys - 0.5)
     dets = np.abs((u_right - u_left) * (v_up - v_down) - (u_up - u_down) * (v_right - v_left))
     spline = RectBivariateSpline(ys, xs, dets, kx=3, ky=3)
-    return spline(np.arange(ny), np.arange(nx)).astype(np.float32)
+    return _spline_grid(spline, np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64))
+
+
+def _spline_grid(spline, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """``spline(ys, xs).astype(float32)``: the tensor-product B-spline as two matrix products.
+
+    Evaluating a frame-sized grid point by point (fitpack) costs a second or so; the
+    dense basis matrices (a few dozen columns) turn it into BLAS products.
+    """
+    t1, t2, c = spline.tck
+    k1, k2 = spline.degrees
+    b1, b2 = _basis(ys, t1, k1), _basis(xs, t2, k2)
+    left = b1 @ c.reshape(b1.shape[1], b2.shape[1])
+    out = np.empty((len(ys), len(xs)), dtype=np.float32)
+    step = max(1, (1 << 20) // len(xs))
+    for start in range(0, len(ys), step):
+        out[start : start + step] = left[start : start + step] @ b2.T
+    return out
+
+
+def _basis(points: np.ndarray, knots: np.ndarray, k: int) -> np.ndarray:
+    """Dense B-spline basis (len(points), len(knots) - k - 1); points clamped as fitpack does."""
+    inside = np.clip(points, knots[k], knots[-k - 1])
+    return BSpline.design_matrix(inside, knots, k).toarray()
+
+
+def _finish(out_image, out_var, det, mask, no_data: np.int32) -> None:
+    """Multiply by the Jacobian, then NO_DATA where image or variance is NaN (in place).
+
+    There the image is 0 and the variance the median elsewhere; row blocks run in threads.
+    """
+    ny, nx = out_image.shape
+    bad = np.empty((ny, nx), dtype=bool)
+    chunk = max(1, _FINISH_PIXELS // nx)
+    found = []
+
+    def block(start: int) -> None:
+        rows = np.s_[start : start + chunk]
+        image, var, flagged = out_image[rows], out_var[rows], bad[rows]
+        scale = det if np.ndim(det) == 0 else det[rows]
+        image *= scale
+        var *= scale * scale
+        np.isnan(image, out=flagged)
+        flagged |= np.isnan(var)
+        if flagged.any():
+            found.append(start)
+            np.copyto(image, 0.0, where=flagged)
+            np.bitwise_or(mask[rows], no_data, out=mask[rows], where=flagged)
+
+    _in_parallel(block, range(0, ny, chunk))
+    if found:
+        sample = out_var[::7, ::7][~bad[::7, ::7]]  # a fill value only: a subsample is plenty
+        np.copyto(out_var, np.median(sample) if sample.size else 1.0, where=bad)
 
 
 def _interleaved(image: np.ndarray, variance: np.ndarray, orient=(False, False, False)):
