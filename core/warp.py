@@ -421,7 +421,7 @@ def _jacobian_determinant(index_map: PixelMap, ny: int, nx: int):
 
 
 def _spline_grid(spline, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """``spline(ys, xs).astype(float32)``: the tensor-product B-spline as two matrix products.
+    """``spline(ys, xs)`` in float32: the tensor-product B-spline as two matrix products.
 
     Evaluating a frame-sized grid point by point (fitpack) costs a second or so; the
     dense basis matrices (a few dozen columns) turn it into BLAS products.
@@ -429,11 +429,12 @@ def _spline_grid(spline, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     t1, t2, c = spline.tck
     k1, k2 = spline.degrees
     b1, b2 = _basis(ys, t1, k1), _basis(xs, t2, k2)
-    left = b1 @ c.reshape(b1.shape[1], b2.shape[1])
-    out = np.empty((len(ys), len(xs)), dtype=np.float32)
-    step = max(1, (1 << 20) // len(xs))
-    for start in range(0, len(ys), step):
-        out[start : start + step] = left[start : start + step] @ b2.T
+    # the bases sum to 1, so a constant comes out of the coefficients: the float32 product
+    # then only carries the small variation, to float32 rounding of the whole
+    level = float(np.float32(np.median(c)))  # exact in float32
+    left = b1 @ (c.reshape(b1.shape[1], b2.shape[1]) - level)
+    out = np.matmul(left.astype(np.float32), b2.T.astype(np.float32))
+    out += np.float32(level)
     return out
 
 
@@ -486,8 +487,14 @@ def _interleaved(image: np.ndarray, variance: np.ndarray, orient=(False, False, 
     pairs[-_PAD:] = np.nan
     pairs[:, :_PAD] = np.nan
     pairs[:, -_PAD:] = np.nan
-    for n, plane in enumerate(planes):
-        pairs[_PAD:-_PAD, _PAD:-_PAD, n] = plane
+    chunk = max(1, _FINISH_PIXELS // w)
+
+    def copy(start: int) -> None:  # a frame-sized strided copy: worth both cores
+        stop = min(start + chunk, h)
+        for n, plane in enumerate(planes):
+            pairs[_PAD + start : _PAD + stop, _PAD:-_PAD, n] = plane[start:stop]
+
+    _in_parallel(copy, range(0, h, chunk))
     return pairs
 
 
