@@ -441,7 +441,8 @@ def _spline_grid(spline, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
 def _basis(points: np.ndarray, knots: np.ndarray, k: int) -> np.ndarray:
     """Dense B-spline basis (len(points), len(knots) - k - 1); points clamped as fitpack does."""
     inside = np.clip(points, knots[k], knots[-k - 1])
-    return BSpline.design_matrix(inside, knots, k).toarray()
+    # clamped already: extrapolate=True only skips a bounds check that loops in Python
+    return BSpline.design_matrix(inside, knots, k, extrapolate=True).toarray()
 
 
 def _finish(out_image, out_var, det, mask, no_data: np.int32) -> None:
@@ -626,9 +627,13 @@ class _Smooth:
             np.searchsorted(col_nodes, columns, side="right") - 1, 0, len(col_nodes) - 2
         )
         col_frac = (columns - col_nodes[col_index]) / np.diff(col_nodes)[col_index]
-        left = values[:, col_index]
-        # C order (fancy indexing leaves these transposed): a block's rows are then contiguous
-        self.along = np.ascontiguousarray(left + (values[:, col_index + 1] - left) * col_frac)
+        # take (C order, unlike fancy indexing on axis 1): a block's rows are then contiguous
+        left = values.take(col_index, axis=1)
+        along = values.take(col_index + 1, axis=1)
+        along -= left
+        along *= col_frac
+        along += left
+        self.along = along
 
     def rows(self, rows: np.ndarray, x0: int = 0, x1: int | None = None) -> np.ndarray:
         """(len(rows), x1 - x0) values at the given rows and columns x0 ... x1 - 1."""
@@ -647,6 +652,36 @@ class _Smooth:
 _SMOOTH_STEP = 16
 
 
+class _ColumnSpline:
+    """A residual spline f(y, x) on fixed columns xs, evaluated at any rows there.
+
+    Along a column it is a 1-D spline in y whose coefficients are the 2-D ones summed
+    against the column's x basis: B-spline bases instead of fitpack point by point.
+    Rows outside the knots are clamped, as fitpack does.
+    """
+
+    def __init__(self, spline, xs: np.ndarray):
+        ty, tx, c = spline.tck
+        ky, kx = spline.degrees
+        bx = _basis(xs, tx, kx)
+        self.knots, self.degree = ty, ky
+        self.columns = c.reshape(len(ty) - ky - 1, bx.shape[1]) @ bx.T  # (n basis y, len(xs))
+
+    def __call__(self, y: np.ndarray) -> np.ndarray:
+        """Values at rows ``y`` (m, len(xs)), column by column."""
+        k = self.degree
+        rows = np.clip(np.ravel(y), self.knots[k], self.knots[-k - 1])
+        # k + 1 consecutive entries a row; extrapolate=True: see _basis
+        basis = BSpline.design_matrix(rows, self.knots, k, extrapolate=True)
+        first = basis.indices[:: k + 1].reshape(y.shape)
+        weights = basis.data.reshape(y.shape + (k + 1,))
+        columns = np.arange(y.shape[1])
+        total = weights[..., 0] * self.columns[first, columns]
+        for i in range(1, k + 1):
+            total += weights[..., i] * self.columns[first + i, columns]
+        return total
+
+
 def _smooth_corrections(index_map: PixelMap, orientation, m, t, ny, nx, hp):
     """Departures of a non-affine map from its affine part, for the two passes.
 
@@ -659,32 +694,33 @@ def _smooth_corrections(index_map: PixelMap, orientation, m, t, ny, nx, hp):
     if transpose:
         linear = np.array([[0.0, 1.0], [1.0, 0.0]])
     linear = np.diag([-1.0 if flip_x else 1.0, -1.0 if flip_y else 1.0]) @ linear
-    shift = t - linear @ index_map.offset
-
-    def oriented(x, y):
-        u, v = index_map(x, y)
-        return (
-            linear[0, 0] * u + linear[0, 1] * v + shift[0],
-            linear[1, 0] * u + linear[1, 1] * v + shift[1],
-        )
+    oriented = index_map.then(linear, t - linear @ index_map.offset)
+    assert oriented.residual is not None
 
     (a, b), (d, e) = m
     # nodes every 16 px, closer on small boxes (at least 64 per side; they are cheap)
     step = max(1, min(_SMOOTH_STEP, (max(nx, ny, hp) - 1) // 64))
     xn = _nodes(0, nx - 1, step)
     yn = _nodes(0, ny - 1, step)
-    gx, gy = np.meshgrid(xn, yn)
-    _, v_exact = oriented(gx, gy)
-    dv = v_exact - (d * gx + e * gy + t[1])
+    # all the map is sampled at is the node columns xn: the splines along them are 1-D
+    residual_u, residual_v = (_ColumnSpline(spline, xn) for spline in oriented.residual)
+    (mu, nu), (mv, nv) = oriented.matrix
+    tu, tv = oriented.offset
+
+    def v_at(y):
+        return mv * xn + nv * y + tv + residual_v(y)
+
+    gy = np.broadcast_to(yn[:, None], (len(yn), len(xn)))
+    v_exact = v_at(gy)
+    dv = v_exact - (d * xn + e * gy + t[1])
     j_lo = int(np.clip(math.floor(v_exact.min() + _PAD) - _ORDER, 0, hp - 1))
     j_hi = int(np.clip(math.floor(v_exact.max() + _PAD) + _ORDER + 1, 0, hp - 1))
     jn = _nodes(j_lo - _PAD, j_hi - _PAD, step)  # unpadded input rows
     gx, gj = np.meshgrid(xn, jn)
     y = (gj - d * gx - t[1]) / e
     for _ in range(6):  # Newton on v(x, y) = j; the slope is e up to the small residual
-        _, v = oriented(gx, y)
-        y -= (v - gj) / e
-    u_exact, _ = oriented(gx, y)
+        y -= (v_at(y) - gj) / e
+    u_exact = mu * gx + nu * y + tu + residual_u(y)
     alpha = (a * e - b * d) / e
     du = u_exact - (alpha * gx + (b / e) * (gj - t[1]) + t[0])
     return j_lo, j_hi, _Smooth(jn + _PAD, xn, du, nx), _Smooth(yn, xn, dv, nx)
