@@ -48,9 +48,11 @@ _ORDER = 3  # Lanczos-3, as Rubin warps templates
 _TAPS = 2 * _ORDER
 _NODE_GUARD = np.float32(1e-5)
 _CHUNK_PIXELS = 1 << 14  # pixels per vectorised block: temporaries stay in L2 (best of 2^13-2^16)
-_SHIFT_CHUNK_PIXELS = 1 << 16
-_FINISH_PIXELS = 1 << 16  # the Jacobian and NO_DATA pass: a few cheap ops per block  # a shift's row blocks re-read 5 rows each: larger blocks
-_TILE_DRIFT = 128  # pass 2's tiles span at most this many rows across their width (2^6-2^8)
+_SHIFT_CHUNK_PIXELS = 1 << 16  # a shift's row blocks re-read 5 rows each: larger blocks
+_FINISH_PIXELS = 1 << 16  # the Jacobian and NO_DATA pass: a few cheap ops per block
+# pass 2's tiles drift across at most this many intermediate rows (30 deg turn, 4096 px:
+# 32-128 alike, 250 as slow as whole rows)
+_TILE_DRIFT = 128
 _TAP_REACH = ((_ORDER - 1, _ORDER), (_ORDER - 1, _ORDER))  # taps floor(p) - 2 ... floor(p) + 3
 _PAD = _ORDER  # NaN border: any tap that leaves the input reads NaN and marks NO_DATA
 # The frame-sized paths read the weights from a table every 1/8192 px instead of evaluating
