@@ -684,6 +684,33 @@ class _ColumnSpline:
         return total
 
 
+class _GridRows:
+    """``index_map.on_grid(xs, ys)`` for one block of rows ys after another.
+
+    The residual splines' x bases are summed once against their coefficients, so a block
+    costs one small matrix product per spline instead of fitpack at every pixel.
+    """
+
+    def __init__(self, index_map: PixelMap, xs: np.ndarray):
+        self.map, self.xs = index_map, xs
+        self.parts = []
+        for spline in index_map.residual or ():
+            ty, tx, c = spline.tck
+            ky, kx = spline.degrees
+            bx = _basis(xs, tx, kx)
+            self.parts.append((ty, ky, c.reshape(len(ty) - ky - 1, bx.shape[1]) @ bx.T))
+
+    def __call__(self, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m, t = self.map.matrix, self.map.offset
+        u = (m[0, 0] * self.xs)[None, :] + (m[0, 1] * ys + t[0])[:, None]
+        v = (m[1, 0] * self.xs)[None, :] + (m[1, 1] * ys + t[1])[:, None]
+        for plane, (ty, ky, along_x) in zip((u, v), self.parts, strict=False):
+            # sparse rows (k + 1 entries): no BLAS call, whose threads fight the blocks' own
+            rows = np.clip(ys, ty[ky], ty[-ky - 1])
+            plane += BSpline.design_matrix(rows, ty, ky, extrapolate=True) @ along_x
+        return u, v
+
+
 def _smooth_corrections(index_map: PixelMap, orientation, m, t, ny, nx, hp):
     """Departures of a non-affine map from its affine part, for the two passes.
 
@@ -847,13 +874,13 @@ def _warp_general(image, variance, index_map: PixelMap, ny, nx):
     flat_source = source.view(np.uint64).ravel()
     out_image = np.empty((ny, nx), dtype=np.float32)
     out_var = np.empty_like(out_image)
-    xs = np.arange(nx, dtype=np.float64)
+    on_grid = _GridRows(index_map, np.arange(nx, dtype=np.float64))
     chunk = max(1, _CHUNK_PIXELS // nx)
     table = _pair_table()
 
     def block(start: int) -> None:
         ys = np.arange(start, min(start + chunk, ny), dtype=np.float64)
-        u, v = index_map.on_grid(xs, ys)
+        u, v = on_grid(ys)
         u, v = u + _PAD, v + _PAD
         bu, bv = np.floor(u), np.floor(v)
         qu, qv = _table_index(u - bu), _table_index(v - bv)
@@ -880,18 +907,53 @@ def _or_dilate(mask: np.ndarray, reach_x: tuple[int, int], reach_y: tuple[int, i
     """OR of every bit over the window [i - lo, i + hi] along x (and likewise along y).
 
     ``reach_x = (lo, hi)``: a pixel's taps run from lo before to hi after its base index.
+    Rows (then columns) are independent: blocks of them run in threads.
     """
-    out = mask.copy()
-    for s in range(1, reach_x[0] + 1):  # taps to the left of the base index
-        out[:, s:] |= mask[:, :-s]
-    for s in range(1, reach_x[1] + 1):
-        out[:, :-s] |= mask[:, s:]
-    rows = out.copy()
-    for s in range(1, reach_y[0] + 1):
-        out[s:] |= rows[:-s]
-    for s in range(1, reach_y[1] + 1):
-        out[:-s] |= rows[s:]
+    h, w = mask.shape
+    rows = np.empty_like(mask)
+    out = np.empty_like(mask)
+    step_y = max(1, _FINISH_PIXELS // w)
+    step_x = max(1, _FINISH_PIXELS // h)
+
+    def along_x(start: int) -> None:
+        band = np.s_[start : start + step_y]
+        rows[band] = _or_window(mask[band], *reach_x, axis=1)
+
+    def along_y(start: int) -> None:
+        band = np.s_[:, start : start + step_x]
+        out[band] = _or_window(rows[band], *reach_y, axis=0)
+
+    _in_parallel(along_x, range(0, h, step_y))
+    _in_parallel(along_y, range(0, w, step_x))
     return out
+
+
+def _or_window(a: np.ndarray, lo: int, hi: int, axis: int) -> np.ndarray:
+    """OR over [i - lo, i + hi] along ``axis`` (clipped at the ends) by doubling windows.
+
+    ceil(log2(lo + hi + 1)) passes instead of lo + hi: the window covering [p, p + width)
+    of the zero-padded array ORs with itself shifted by up to its width.
+    """
+    n, length = a.shape[axis], lo + hi + 1
+
+    def cut(start, stop):
+        index = [slice(None)] * a.ndim
+        index[axis] = slice(start, stop)
+        return tuple(index)
+
+    shape = list(a.shape)
+    shape[axis] = n + lo + hi
+    acc = np.zeros(shape, dtype=a.dtype)
+    acc[cut(lo, lo + n)] = a
+    spare = np.empty_like(acc)
+    width = 1
+    while width < length:
+        step = min(width, length - width)
+        np.bitwise_or(acc[cut(None, -step)], acc[cut(step, None)], out=spare[cut(None, -step)])
+        spare[cut(-step, None)] = acc[cut(-step, None)]
+        acc, spare = spare, acc
+        width += step
+    return acc[cut(0, n)]
 
 
 def _warp_mask(mask, index_map: PixelMap, ny, nx, footprint) -> np.ndarray:
@@ -917,12 +979,13 @@ def _warp_mask(mask, index_map: PixelMap, ny, nx, footprint) -> np.ndarray:
             out[y0:y1, x0:x1] = padded[y0 + sy + 1 : y1 + sy + 1, x0 + sx + 1 : x1 + sx + 1]
         return out
     flat = padded.ravel()
-    xs = np.arange(nx, dtype=np.float64)
-    chunk = max(1, _CHUNK_PIXELS // nx)
+    on_grid = _GridRows(index_map, np.arange(nx, dtype=np.float64))
+    # a few cheap ops a pixel; a bent map's residual costs ~0.5 ms of set-up a block
+    chunk = max(1, (_CHUNK_PIXELS if index_map.is_affine else _FINISH_PIXELS << 2) // nx)
 
     def block(start: int) -> None:
         ys = np.arange(start, min(start + chunk, ny), dtype=np.float64)
-        u, v = index_map.on_grid(xs, ys)
+        u, v = on_grid(ys)
         np.floor(u, out=u)
         np.floor(v, out=v)
         np.clip(u, -1, w, out=u)

@@ -408,7 +408,7 @@ def test_spline_shortcuts_match_fitpack_and_bilinear_reference():
     """The basis-product evaluations of a bent map equal scipy's direct ones."""
     from scipy.interpolate import RectBivariateSpline, RegularGridInterpolator
 
-    from core.warp import _ColumnSpline, _Smooth, _spline_grid
+    from core.warp import _ColumnSpline, _GridRows, _Smooth, _spline_grid
 
     rng = np.random.default_rng(12)
     ys, xs = np.linspace(0, 299, 7), np.linspace(0, 399, 9)
@@ -421,6 +421,13 @@ def test_spline_shortcuts_match_fitpack_and_bilinear_reference():
     rows = rng.uniform(-20, 320, (13, 11))
     expected = spline.ev(np.clip(rows, 0, 299), np.broadcast_to(columns, rows.shape))
     np.testing.assert_allclose(_ColumnSpline(spline, columns)(rows), expected, atol=1e-12)
+    # the map on the output grid a block of rows at a time, rows beyond the knots included
+    pixel_map = PixelMap(_rotation(5.0), np.array([2.0, -3.0]), (spline, spline))
+    block = np.arange(290.0, 310.0)
+    u, v = _GridRows(pixel_map, np.arange(400.0))(block)
+    u_ref, v_ref = pixel_map.on_grid(np.arange(400.0), block)
+    np.testing.assert_allclose(u, u_ref, atol=1e-11)
+    np.testing.assert_allclose(v, v_ref, atol=1e-11)
     # node values read back bilinearly, a block of rows and a slice of columns at a time
     values = rng.normal(size=(7, 9))
     smooth = _Smooth(ys, xs, values, 400)
@@ -430,3 +437,30 @@ def test_spline_shortcuts_match_fitpack_and_bilinear_reference():
     np.testing.assert_allclose(
         smooth.rows(at, 100, 180), reference((gy, gx)), rtol=1e-12, atol=1e-12
     )
+
+
+def test_doubling_dilation_equals_shifted_ors():
+    """The mask's growth by doubling windows ORs exactly the bits the taps reach."""
+    from core.warp import _or_dilate
+
+    rng = np.random.default_rng(13)
+    for shape in [(1, 1), (9, 4), (3, 40), (150, 170)]:
+        mask = rng.integers(0, 1 << 12, shape) * (rng.random(shape) < 0.05)
+        mask = mask.astype(np.int32)
+        for reach_x, reach_y in [
+            ((2, 3), (2, 3)),
+            ((5, 5), (3, 4)),
+            ((0, 0), (0, 1)),
+            ((7, 2), (1, 6)),
+        ]:
+            expected = mask.copy()
+            for s in range(1, reach_x[0] + 1):
+                expected[:, s:] |= mask[:, :-s]
+            for s in range(1, reach_x[1] + 1):
+                expected[:, :-s] |= mask[:, s:]
+            rows = expected.copy()
+            for s in range(1, reach_y[0] + 1):
+                expected[s:] |= rows[:-s]
+            for s in range(1, reach_y[1] + 1):
+                expected[:-s] |= rows[s:]
+            np.testing.assert_array_equal(_or_dilate(mask, reach_x, reach_y), expected)
