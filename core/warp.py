@@ -265,9 +265,13 @@ def _pair_table() -> np.ndarray:
     return pairs
 
 
-def _table_index(frac: np.ndarray) -> np.ndarray:
-    """Row of `_weight_table` nearest to each fraction in [0, 1)."""
-    return (np.asarray(frac) * _TABLE_STEPS + 0.5).astype(np.intp)
+def _table_index(frac: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Row of `_weight_table` nearest to each fraction in [0, 1) (``out``: float64 scratch)."""
+    if out is None:
+        return (np.asarray(frac) * _TABLE_STEPS + 0.5).astype(np.intp)
+    np.multiply(frac, _TABLE_STEPS, out=out)
+    out += 0.5
+    return out.astype(np.intp)
 
 
 def tabulated_weights(frac: np.ndarray) -> np.ndarray:
@@ -810,7 +814,7 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
             u += du.rows(j.astype(np.float64), x0, x1)
         base = np.floor(u)
         u -= base
-        q = _table_index(u)
+        q = _table_index(u, out=u)
         first = base.astype(np.int64)
         first -= _ORDER - 1
         np.clip(first, 0, wp - _TAPS, out=first)
@@ -849,7 +853,7 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
             v += dv.rows(y, x0, x1)
         base = np.floor(v)
         v -= base
-        q = _table_index(v)
+        q = _table_index(v, out=v)
         first = base.astype(np.int64)
         first -= _ORDER - 1 + j_lo
         np.clip(first, 0, rows.size - _TAPS, out=first)
