@@ -692,7 +692,8 @@ class _GridRows:
     """``index_map.on_grid(xs, ys)`` for one block of rows ys after another.
 
     The residual splines' x bases are summed once against their coefficients, so a block
-    costs one small matrix product per spline instead of fitpack at every pixel.
+    costs one sparse product per spline (k + 1 y basis entries a row) instead of fitpack
+    at every pixel.
     """
 
     def __init__(self, index_map: PixelMap, xs: np.ndarray):
