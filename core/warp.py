@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import sparse
-from scipy.interpolate import RectBivariateSpline
+from scipy.interpolate import BSpline, RectBivariateSpline
 
 from .config import WarpConfig
 from .errors import IncompatibleInputsError, InvalidExposureError, PsfError
@@ -49,6 +49,10 @@ _TAPS = 2 * _ORDER
 _NODE_GUARD = np.float32(1e-5)
 _CHUNK_PIXELS = 1 << 14  # pixels per vectorised block: temporaries stay in L2 (best of 2^13-2^16)
 _SHIFT_CHUNK_PIXELS = 1 << 16  # a shift's row blocks re-read 5 rows each: larger blocks
+_FINISH_PIXELS = 1 << 16  # the Jacobian and NO_DATA pass: a few cheap ops per block
+# pass 2's tiles drift across at most this many intermediate rows (30 deg turn, 4096 px:
+# 32-128 alike, 250 as slow as whole rows)
+_TILE_DRIFT = 128
 _TAP_REACH = ((_ORDER - 1, _ORDER), (_ORDER - 1, _ORDER))  # taps floor(p) - 2 ... floor(p) + 3
 _PAD = _ORDER  # NaN border: any tap that leaves the input reads NaN and marks NO_DATA
 # The frame-sized paths read the weights from a table every 1/8192 px instead of evaluating
@@ -251,9 +255,23 @@ def _weight_table() -> np.ndarray:
     return table
 
 
-def _table_index(frac: np.ndarray) -> np.ndarray:
-    """Row of `_weight_table` nearest to each fraction in [0, 1)."""
-    return (np.asarray(frac) * _TABLE_STEPS + 0.5).astype(np.intp)
+@functools.lru_cache(maxsize=1)
+def _pair_table() -> np.ndarray:
+    """(6, _TABLE_STEPS + 1) uint64: each the float32 pair (w, w^2) of `_weight_table`."""
+    table = _weight_table()
+    pairs = np.stack([table, table * table], axis=-1)
+    pairs = pairs.view(np.uint64)[..., 0]
+    pairs.setflags(write=False)
+    return pairs
+
+
+def _table_index(frac: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Row of `_weight_table` nearest to each fraction in [0, 1) (``out``: float64 scratch)."""
+    if out is None:
+        return (np.asarray(frac) * _TABLE_STEPS + 0.5).astype(np.intp)
+    np.multiply(frac, _TABLE_STEPS, out=out)
+    out += 0.5
+    return out.astype(np.intp)
 
 
 def tabulated_weights(frac: np.ndarray) -> np.ndarray:
@@ -340,16 +358,9 @@ def warp_exposure(
     else:
         out_image, out_var, footprint = _warp_general(image, variance, index_map, ny, nx)
     det = _jacobian_determinant(index_map, ny, nx)
-    out_image *= det
-    out_var *= det * det
     mask = _warp_mask(exposure.mask & ~np.int32(no_data_bits), index_map, ny, nx, footprint)
-    bad = np.isnan(out_image)
-    bad |= np.isnan(out_var)
     planes = exposure.mask_planes.copy()
-    mask[bad] |= np.int32(planes.value("NO_DATA"))
-    out_image[bad] = 0.0
-    sample = out_var[::7, ::7][~bad[::7, ::7]]  # a fill value only: a subsample is plenty
-    out_var[bad] = np.median(sample) if sample.size else 1.0
+    _finish(out_image, out_var, det, mask, np.int32(planes.value("NO_DATA")))
     centre = ((xy0[0] + xy0[0] + nx - 1) / 2.0, (xy0[1] + xy0[1] + ny - 1) / 2.0)
     psf = WarpedPsf(exposure.psf, pixel_map, centre) if exposure.psf is not None else None
     metadata = dict(exposure.metadata)
@@ -412,7 +423,61 @@ def _jacobian_determinant(index_map: PixelMap, ny: int, nx: int):
     u_down, v_down = index_map.on_grid(xs, ys - 0.5)
     dets = np.abs((u_right - u_left) * (v_up - v_down) - (u_up - u_down) * (v_right - v_left))
     spline = RectBivariateSpline(ys, xs, dets, kx=3, ky=3)
-    return spline(np.arange(ny), np.arange(nx)).astype(np.float32)
+    return _spline_grid(spline, np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64))
+
+
+def _spline_grid(spline, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """``spline(ys, xs)`` in float32: the tensor-product B-spline as two matrix products.
+
+    Evaluating a frame-sized grid point by point (fitpack) costs a second or so; the
+    dense basis matrices (a few dozen columns) turn it into BLAS products.
+    """
+    t1, t2, c = spline.tck
+    k1, k2 = spline.degrees
+    b1, b2 = _basis(ys, t1, k1), _basis(xs, t2, k2)
+    # the bases sum to 1, so a constant comes out of the coefficients: the float32 product
+    # then only carries the small variation, to float32 rounding of the whole
+    level = float(np.float32(np.median(c)))  # exact in float32
+    left = b1 @ (c.reshape(b1.shape[1], b2.shape[1]) - level)
+    out = np.matmul(left.astype(np.float32), b2.T.astype(np.float32))
+    out += np.float32(level)
+    return out
+
+
+def _basis(points: np.ndarray, knots: np.ndarray, k: int) -> np.ndarray:
+    """Dense B-spline basis (len(points), len(knots) - k - 1); points clamped as fitpack does."""
+    inside = np.clip(points, knots[k], knots[-k - 1])
+    # clamped already: extrapolate=True only skips a bounds check that loops in Python
+    return BSpline.design_matrix(inside, knots, k, extrapolate=True).toarray()
+
+
+def _finish(out_image, out_var, det, mask, no_data: np.int32) -> None:
+    """Multiply by the Jacobian, then NO_DATA where image or variance is NaN (in place).
+
+    There the image is 0 and the variance the median elsewhere; row blocks run in threads.
+    """
+    ny, nx = out_image.shape
+    bad = np.empty((ny, nx), dtype=bool)
+    chunk = max(1, _FINISH_PIXELS // nx)
+    found = []
+
+    def block(start: int) -> None:
+        rows = np.s_[start : start + chunk]
+        image, var, flagged = out_image[rows], out_var[rows], bad[rows]
+        scale = det if np.ndim(det) == 0 else det[rows]
+        image *= scale
+        var *= scale * scale
+        np.isnan(image, out=flagged)
+        flagged |= np.isnan(var)
+        if flagged.any():
+            found.append(start)
+            np.copyto(image, 0.0, where=flagged)
+            np.bitwise_or(mask[rows], no_data, out=mask[rows], where=flagged)
+
+    _in_parallel(block, range(0, ny, chunk))
+    if found:
+        sample = out_var[::7, ::7][~bad[::7, ::7]]  # a fill value only: a subsample is plenty
+        np.copyto(out_var, np.median(sample) if sample.size else 1.0, where=bad)
 
 
 def _interleaved(image: np.ndarray, variance: np.ndarray, orient=(False, False, False)):
@@ -429,35 +494,39 @@ def _interleaved(image: np.ndarray, variance: np.ndarray, orient=(False, False, 
     pairs[-_PAD:] = np.nan
     pairs[:, :_PAD] = np.nan
     pairs[:, -_PAD:] = np.nan
-    for n, plane in enumerate(planes):
-        pairs[_PAD:-_PAD, _PAD:-_PAD, n] = plane
+    chunk = max(1, _FINISH_PIXELS // w)
+
+    def copy(start: int) -> None:  # a frame-sized strided copy: worth both cores
+        stop = min(start + chunk, h)
+        for n, plane in enumerate(planes):
+            pairs[_PAD + start : _PAD + stop, _PAD:-_PAD, n] = plane[start:stop]
+
+    _in_parallel(copy, range(0, h, chunk))
     return pairs
 
 
-def _take_pairs(pairs: np.ndarray, base, step: int, q, out_image, out_var) -> None:
-    """out = sum_k w_k src[base + k step], variance with w_k^2; w_k = table[k, q].
+def _take_pairs(pairs: np.ndarray, base, step: int, q, out) -> None:
+    """out = sum_k (w_k, w_k^2) * src[base + k step]: image and variance, w_k = table[k, q].
 
-    ``pairs`` is the flat uint64 view of an interleaved (image, variance) array.
+    ``pairs`` is the flat uint64 view of an interleaved (image, variance) array and
+    ``out`` is float32 of shape base.shape + (2,) (interleaved too, rows may be strided):
+    one 64-bit gather fetches a pixel's pair, one more its (w, w^2), one multiply and one
+    add serve both planes.
     """
-    table = _weight_table()
+    table = _pair_table()
     got = np.empty(base.shape, dtype=np.uint64)
     pair = got.view(np.float32).reshape(base.shape + (2,))
-    weight = np.empty(base.shape, dtype=np.float32)
-    term = np.empty_like(weight)
+    got_weights = np.empty(base.shape, dtype=np.uint64)
+    weights = got_weights.view(np.float32).reshape(base.shape + (2,))
     for k in range(_TAPS):
         # tap k of every pixel: the same indices into the array shifted by k steps
         pairs[k * step :].take(base, out=got, mode="clip")
-        table[k].take(q, out=weight)
+        table[k].take(q, out=got_weights)
         if k == 0:
-            np.multiply(pair[..., 0], weight, out=out_image)
-            weight *= weight
-            np.multiply(pair[..., 1], weight, out=out_var)
+            np.multiply(pair, weights, out=out)
             continue
-        np.multiply(pair[..., 0], weight, out=term)
-        out_image += term
-        weight *= weight
-        np.multiply(pair[..., 1], weight, out=term)
-        out_var += term
+        pair *= weights
+        out += pair
 
 
 def _dihedral(matrix: np.ndarray, offset: np.ndarray, shape):
@@ -553,29 +622,98 @@ class _Smooth:
     """A smooth correction sampled on nodes, read back row by row by bilinear interpolation.
 
     Node spacing `_SMOOTH_STEP` px: a WCS residual bends over hundreds of pixels, so the
-    interpolation error (spacing^2 / 8 x curvature) stays far below 1e-3 px.
+    interpolation error (spacing^2 / 8 x curvature) stays far below 1e-3 px. The node rows
+    are interpolated along the columns once; a block of rows then blends two of them.
     """
 
     def __init__(self, row_nodes: np.ndarray, col_nodes: np.ndarray, values: np.ndarray, n: int):
         self.row_nodes, self.values = row_nodes, values
         columns = np.arange(n, dtype=np.float64)
-        self.col_index = np.clip(
+        col_index = np.clip(
             np.searchsorted(col_nodes, columns, side="right") - 1, 0, len(col_nodes) - 2
         )
-        self.col_frac = (columns - col_nodes[self.col_index]) / np.diff(col_nodes)[self.col_index]
+        col_frac = (columns - col_nodes[col_index]) / np.diff(col_nodes)[col_index]
+        # take (C order, unlike fancy indexing on axis 1): a block's rows are then contiguous
+        left = values.take(col_index, axis=1)
+        along = values.take(col_index + 1, axis=1)
+        along -= left
+        along *= col_frac
+        along += left
+        self.along = along
 
-    def rows(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), n) values at the given rows and every column."""
+    def rows(self, rows: np.ndarray, x0: int = 0, x1: int | None = None) -> np.ndarray:
+        """(len(rows), x1 - x0) values at the given rows and columns x0 ... x1 - 1."""
         k = np.clip(
             np.searchsorted(self.row_nodes, rows, side="right") - 1, 0, len(self.row_nodes) - 2
         )
         a = ((rows - self.row_nodes[k]) / np.diff(self.row_nodes)[k])[:, None]
-        at_rows = (1 - a) * self.values[k] + a * self.values[k + 1]
-        left = at_rows[:, self.col_index]
-        return left + (at_rows[:, self.col_index + 1] - left) * self.col_frac
+        low = self.along[k, x0:x1]
+        high = self.along[k + 1, x0:x1]
+        high -= low
+        high *= a
+        high += low
+        return high
 
 
 _SMOOTH_STEP = 16
+
+
+class _ColumnSpline:
+    """A residual spline f(y, x) on fixed columns xs, evaluated at any rows there.
+
+    Along a column it is a 1-D spline in y whose coefficients are the 2-D ones summed
+    against the column's x basis: B-spline bases instead of fitpack point by point.
+    Rows outside the knots are clamped, as fitpack does.
+    """
+
+    def __init__(self, spline, xs: np.ndarray):
+        ty, tx, c = spline.tck
+        ky, kx = spline.degrees
+        bx = _basis(xs, tx, kx)
+        self.knots, self.degree = ty, ky
+        self.columns = c.reshape(len(ty) - ky - 1, bx.shape[1]) @ bx.T  # (n basis y, len(xs))
+
+    def __call__(self, y: np.ndarray) -> np.ndarray:
+        """Values at rows ``y`` (m, len(xs)), column by column."""
+        k = self.degree
+        rows = np.clip(np.ravel(y), self.knots[k], self.knots[-k - 1])
+        # k + 1 consecutive entries a row; extrapolate=True: see _basis
+        basis = BSpline.design_matrix(rows, self.knots, k, extrapolate=True)
+        first = basis.indices[:: k + 1].reshape(y.shape)
+        weights = basis.data.reshape(y.shape + (k + 1,))
+        columns = np.arange(y.shape[1])
+        total = weights[..., 0] * self.columns[first, columns]
+        for i in range(1, k + 1):
+            total += weights[..., i] * self.columns[first + i, columns]
+        return total
+
+
+class _GridRows:
+    """``index_map.on_grid(xs, ys)`` for one block of rows ys after another.
+
+    The residual splines' x bases are summed once against their coefficients, so a block
+    costs one sparse product per spline (k + 1 y basis entries a row) instead of fitpack
+    at every pixel.
+    """
+
+    def __init__(self, index_map: PixelMap, xs: np.ndarray):
+        self.map, self.xs = index_map, xs
+        self.parts = []
+        for spline in index_map.residual or ():
+            ty, tx, c = spline.tck
+            ky, kx = spline.degrees
+            bx = _basis(xs, tx, kx)
+            self.parts.append((ty, ky, c.reshape(len(ty) - ky - 1, bx.shape[1]) @ bx.T))
+
+    def __call__(self, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m, t = self.map.matrix, self.map.offset
+        u = (m[0, 0] * self.xs)[None, :] + (m[0, 1] * ys + t[0])[:, None]
+        v = (m[1, 0] * self.xs)[None, :] + (m[1, 1] * ys + t[1])[:, None]
+        for plane, (ty, ky, along_x) in zip((u, v), self.parts, strict=False):
+            # sparse rows (k + 1 entries): no BLAS call, whose threads fight the blocks' own
+            rows = np.clip(ys, ty[ky], ty[-ky - 1])
+            plane += BSpline.design_matrix(rows, ty, ky, extrapolate=True) @ along_x
+        return u, v
 
 
 def _smooth_corrections(index_map: PixelMap, orientation, m, t, ny, nx, hp):
@@ -590,32 +728,33 @@ def _smooth_corrections(index_map: PixelMap, orientation, m, t, ny, nx, hp):
     if transpose:
         linear = np.array([[0.0, 1.0], [1.0, 0.0]])
     linear = np.diag([-1.0 if flip_x else 1.0, -1.0 if flip_y else 1.0]) @ linear
-    shift = t - linear @ index_map.offset
-
-    def oriented(x, y):
-        u, v = index_map(x, y)
-        return (
-            linear[0, 0] * u + linear[0, 1] * v + shift[0],
-            linear[1, 0] * u + linear[1, 1] * v + shift[1],
-        )
+    oriented = index_map.then(linear, t - linear @ index_map.offset)
+    assert oriented.residual is not None
 
     (a, b), (d, e) = m
     # nodes every 16 px, closer on small boxes (at least 64 per side; they are cheap)
     step = max(1, min(_SMOOTH_STEP, (max(nx, ny, hp) - 1) // 64))
     xn = _nodes(0, nx - 1, step)
     yn = _nodes(0, ny - 1, step)
-    gx, gy = np.meshgrid(xn, yn)
-    _, v_exact = oriented(gx, gy)
-    dv = v_exact - (d * gx + e * gy + t[1])
+    # all the map is sampled at is the node columns xn: the splines along them are 1-D
+    residual_u, residual_v = (_ColumnSpline(spline, xn) for spline in oriented.residual)
+    (mu, nu), (mv, nv) = oriented.matrix
+    tu, tv = oriented.offset
+
+    def v_at(y):
+        return mv * xn + nv * y + tv + residual_v(y)
+
+    gy = np.broadcast_to(yn[:, None], (len(yn), len(xn)))
+    v_exact = v_at(gy)
+    dv = v_exact - (d * xn + e * gy + t[1])
     j_lo = int(np.clip(math.floor(v_exact.min() + _PAD) - _ORDER, 0, hp - 1))
     j_hi = int(np.clip(math.floor(v_exact.max() + _PAD) + _ORDER + 1, 0, hp - 1))
     jn = _nodes(j_lo - _PAD, j_hi - _PAD, step)  # unpadded input rows
     gx, gj = np.meshgrid(xn, jn)
     y = (gj - d * gx - t[1]) / e
     for _ in range(6):  # Newton on v(x, y) = j; the slope is e up to the small residual
-        _, v = oriented(gx, y)
-        y -= (v - gj) / e
-    u_exact, _ = oriented(gx, y)
+        y -= (v_at(y) - gj) / e
+    u_exact = mu * gx + nu * y + tu + residual_u(y)
     alpha = (a * e - b * d) / e
     du = u_exact - (alpha * gx + (b / e) * (gj - t[1]) + t[0])
     return j_lo, j_hi, _Smooth(jn + _PAD, xn, du, nx), _Smooth(yn, xn, dv, nx)
@@ -673,16 +812,15 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
             return
         u = alpha_x[None, x0:x1] + ((b / e) * (j - f) + c)[:, None]
         if du is not None:
-            u += du.rows(j.astype(np.float64))[:, x0:x1]
+            u += du.rows(j.astype(np.float64), x0, x1)
         base = np.floor(u)
         u -= base
-        q = _table_index(u)
+        q = _table_index(u, out=u)
         first = base.astype(np.int64)
         first -= _ORDER - 1
         np.clip(first, 0, wp - _TAPS, out=first)
         first += (j * wp)[:, None]
-        block = block[:, x0:x1]
-        _take_pairs(flat_source, first, 1, q, block[..., 0], block[..., 1])
+        _take_pairs(flat_source, first, 1, q, block[:, x0:x1])
 
     _in_parallel(along_rows, range(0, rows.size, chunk))
     # pass 1 reads row j at U(j) = u + (b / e)(j - v), up to |b / e| ORDER columns from u;
@@ -702,23 +840,35 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
     x_index = np.arange(nx, dtype=np.int64)
     d_x = d * columns
 
-    def along_columns(start: int) -> None:
-        y = np.arange(start, min(start + chunk, ny), dtype=np.float64)
-        v = d_x[None, :] + (e * y + f)[:, None]
+    # pass 2 in tiles: along a row of the output, pass 2 drifts by d rows of the intermediate
+    # per column; a tile narrow enough keeps the rows it reads in cache (a turned grid)
+    tile_x = nx if abs(d) * nx <= _TILE_DRIFT else max(_TILE_DRIFT, int(_TILE_DRIFT / abs(d)))
+    tile_y = max(1, _CHUNK_PIXELS // tile_x)
+
+    def along_columns(corner: tuple[int, int]) -> None:
+        start, x0 = corner
+        x1 = min(x0 + tile_x, nx)
+        y = np.arange(start, min(start + tile_y, ny), dtype=np.float64)
+        v = d_x[None, x0:x1] + (e * y + f)[:, None]
         if dv is not None:
-            v += dv.rows(y)
+            v += dv.rows(y, x0, x1)
         base = np.floor(v)
         v -= base
-        q = _table_index(v)
+        q = _table_index(v, out=v)
         first = base.astype(np.int64)
         first -= _ORDER - 1 + j_lo
         np.clip(first, 0, rows.size - _TAPS, out=first)
         first *= nx
-        first += x_index[None, :]
-        block = np.s_[start : start + chunk]
-        _take_pairs(flat_middle, first, nx, q, out_image[block], out_var[block])
+        first += x_index[None, x0:x1]
+        pairs = np.empty(first.shape + (2,), dtype=np.float32)
+        _take_pairs(flat_middle, first, nx, q, pairs)
+        block = np.s_[start : start + tile_y, x0:x1]
+        out_image[block] = pairs[..., 0]
+        out_var[block] = pairs[..., 1]
 
-    _in_parallel(along_columns, range(0, ny, chunk))
+    _in_parallel(
+        along_columns, [(y, x) for y in range(0, ny, tile_y) for x in range(0, nx, tile_x)]
+    )
     return out_image, out_var, reach
 
 
@@ -727,32 +877,32 @@ def _warp_general(image, variance, index_map: PixelMap, ny, nx):
     source = _interleaved(image, variance)
     hp, wp = source.shape[:2]
     flat_source = source.view(np.uint64).ravel()
-    out_image = np.zeros((ny, nx), dtype=np.float32)
-    out_var = np.zeros_like(out_image)
-    xs = np.arange(nx, dtype=np.float64)
+    out_image = np.empty((ny, nx), dtype=np.float32)
+    out_var = np.empty_like(out_image)
+    on_grid = _GridRows(index_map, np.arange(nx, dtype=np.float64))
     chunk = max(1, _CHUNK_PIXELS // nx)
-    table = _weight_table()
+    table = _pair_table()
 
     def block(start: int) -> None:
         ys = np.arange(start, min(start + chunk, ny), dtype=np.float64)
-        u, v = index_map.on_grid(xs, ys)
+        u, v = on_grid(ys)
         u, v = u + _PAD, v + _PAD
         bu, bv = np.floor(u), np.floor(v)
         qu, qv = _table_index(u - bu), _table_index(v - bv)
         col = np.clip(bu.astype(np.int64) - (_ORDER - 1), 0, wp - _TAPS)
         row = np.clip(bv.astype(np.int64) - (_ORDER - 1), 0, hp - _TAPS)
         base = row * wp + col
-        img, var = out_image[start : start + len(ys)], out_var[start : start + len(ys)]
-        row_img, row_var = np.empty_like(img), np.empty_like(var)
-        weight = np.empty_like(img)
+        total = np.zeros(base.shape + (2,), dtype=np.float32)
+        along = np.empty_like(total)
+        got_weights = np.empty(base.shape, dtype=np.uint64)
+        weights = got_weights.view(np.float32).reshape(total.shape)
         for l in range(_TAPS):
-            _take_pairs(flat_source, base + l * wp, 1, qu, row_img, row_var)
-            table[l].take(qv, out=weight)
-            row_img *= weight
-            img += row_img
-            weight *= weight
-            row_var *= weight
-            var += row_var
+            _take_pairs(flat_source, base + l * wp, 1, qu, along)
+            table[l].take(qv, out=got_weights)
+            along *= weights
+            total += along
+        out_image[start : start + len(ys)] = total[..., 0]
+        out_var[start : start + len(ys)] = total[..., 1]
 
     _in_parallel(block, range(0, ny, chunk))
     return out_image, out_var, _TAP_REACH
@@ -762,18 +912,53 @@ def _or_dilate(mask: np.ndarray, reach_x: tuple[int, int], reach_y: tuple[int, i
     """OR of every bit over the window [i - lo, i + hi] along x (and likewise along y).
 
     ``reach_x = (lo, hi)``: a pixel's taps run from lo before to hi after its base index.
+    Rows (then columns) are independent: blocks of them run in threads.
     """
-    out = mask.copy()
-    for s in range(1, reach_x[0] + 1):  # taps to the left of the base index
-        out[:, s:] |= mask[:, :-s]
-    for s in range(1, reach_x[1] + 1):
-        out[:, :-s] |= mask[:, s:]
-    rows = out.copy()
-    for s in range(1, reach_y[0] + 1):
-        out[s:] |= rows[:-s]
-    for s in range(1, reach_y[1] + 1):
-        out[:-s] |= rows[s:]
+    h, w = mask.shape
+    rows = np.empty_like(mask)
+    out = np.empty_like(mask)
+    step_y = max(1, _FINISH_PIXELS // w)
+    step_x = max(1, _FINISH_PIXELS // h)
+
+    def along_x(start: int) -> None:
+        band = np.s_[start : start + step_y]
+        rows[band] = _or_window(mask[band], *reach_x, axis=1)
+
+    def along_y(start: int) -> None:
+        band = np.s_[:, start : start + step_x]
+        out[band] = _or_window(rows[band], *reach_y, axis=0)
+
+    _in_parallel(along_x, range(0, h, step_y))
+    _in_parallel(along_y, range(0, w, step_x))
     return out
+
+
+def _or_window(a: np.ndarray, lo: int, hi: int, axis: int) -> np.ndarray:
+    """OR over [i - lo, i + hi] along ``axis`` (clipped at the ends) by doubling windows.
+
+    ceil(log2(lo + hi + 1)) passes instead of lo + hi: the window covering [p, p + width)
+    of the zero-padded array ORs with itself shifted by up to its width.
+    """
+    n, length = a.shape[axis], lo + hi + 1
+
+    def cut(start, stop):
+        index = [slice(None)] * a.ndim
+        index[axis] = slice(start, stop)
+        return tuple(index)
+
+    shape = list(a.shape)
+    shape[axis] = n + lo + hi
+    acc = np.zeros(shape, dtype=a.dtype)
+    acc[cut(lo, lo + n)] = a
+    spare = np.empty_like(acc)
+    width = 1
+    while width < length:
+        step = min(width, length - width)
+        np.bitwise_or(acc[cut(None, -step)], acc[cut(step, None)], out=spare[cut(None, -step)])
+        spare[cut(-step, None)] = acc[cut(-step, None)]
+        acc, spare = spare, acc
+        width += step
+    return acc[cut(0, n)]
 
 
 def _warp_mask(mask, index_map: PixelMap, ny, nx, footprint) -> np.ndarray:
@@ -799,12 +984,13 @@ def _warp_mask(mask, index_map: PixelMap, ny, nx, footprint) -> np.ndarray:
             out[y0:y1, x0:x1] = padded[y0 + sy + 1 : y1 + sy + 1, x0 + sx + 1 : x1 + sx + 1]
         return out
     flat = padded.ravel()
-    xs = np.arange(nx, dtype=np.float64)
-    chunk = max(1, _CHUNK_PIXELS // nx)
+    on_grid = _GridRows(index_map, np.arange(nx, dtype=np.float64))
+    # a few cheap ops a pixel; a bent map's residual costs ~0.5 ms of set-up a block
+    chunk = max(1, (_CHUNK_PIXELS if index_map.is_affine else _FINISH_PIXELS << 2) // nx)
 
     def block(start: int) -> None:
         ys = np.arange(start, min(start + chunk, ny), dtype=np.float64)
-        u, v = index_map.on_grid(xs, ys)
+        u, v = on_grid(ys)
         np.floor(u, out=u)
         np.floor(v, out=v)
         np.clip(u, -1, w, out=u)

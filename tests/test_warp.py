@@ -368,3 +368,99 @@ def test_noise_correlation_of_a_bent_wcs_map_predicts_warped_white_noise():
         assert np.std(z) == pytest.approx(1.0, abs=0.02)
     predicted = warped.noise_correlation[2:-2, 2:-2]
     np.testing.assert_allclose(measured, predicted, atol=0.025)
+
+
+@pytest.mark.parametrize("bent", [False, True])
+def test_pass_two_tiles_match_whole_rows(bent, monkeypatch):
+    """A turned grid's second pass runs in tiles: the same pixels as whole rows, bit for bit."""
+    import core.warp as warp
+
+    rng = np.random.default_rng(11)
+    image = rng.normal(0, 1, (420, 440)).astype(np.float32)
+    variance = rng.uniform(0.5, 2.0, image.shape).astype(np.float32)
+    matrix = _rotation(30.0, 1 / 1.02)  # pass 2 drifts sin 30 deg rows per column
+    offset = np.array([220.0, 210.0]) - matrix @ np.array([180.0, 170.0])
+    pixel_map = PixelMap.affine(matrix, offset)
+    if bent:
+        from scipy.interpolate import RectBivariateSpline
+
+        nodes = np.linspace(0, 399, 5)
+        bend = 0.4 * (nodes[None, :] / 399) ** 2 + 0.0 * nodes[:, None]
+        residual = (
+            RectBivariateSpline(nodes, nodes, bend),
+            RectBivariateSpline(nodes, nodes, -bend.T),
+        )
+        pixel_map = PixelMap(matrix, offset, residual)
+    results = []
+    for drift in (8, 128, 10**9):  # 16 px wide tiles, 256 px, whole rows (400 x 0.5 < 10^9)
+        monkeypatch.setattr(warp, "_TILE_DRIFT", drift)
+        results.append(
+            _warp_affine(image, variance, matrix, offset, 360, 400, pixel_map if bent else None)
+        )
+    covered = np.isfinite(results[-1][0])
+    assert covered.mean() > 0.5
+    for out_image, out_var, _ in results[:-1]:
+        np.testing.assert_array_equal(out_image, results[-1][0])
+        np.testing.assert_array_equal(out_var, results[-1][1])
+
+
+def test_spline_shortcuts_match_fitpack_and_bilinear_reference():
+    """The basis-product evaluations of a bent map equal scipy's direct ones."""
+    from scipy.interpolate import RectBivariateSpline, RegularGridInterpolator
+
+    from core.warp import _ColumnSpline, _GridRows, _Smooth, _spline_grid
+
+    rng = np.random.default_rng(12)
+    ys, xs = np.linspace(0, 299, 7), np.linspace(0, 399, 9)
+    spline = RectBivariateSpline(ys, xs, 1 + 0.01 * rng.normal(size=(7, 9)))
+    # the Jacobian image: float32 products around the median level, to float32 rounding
+    grid = _spline_grid(spline, np.arange(300.0), np.arange(400.0))
+    np.testing.assert_allclose(grid, spline(np.arange(300.0), np.arange(400.0)), rtol=2.5e-7)
+    # along fixed columns at any rows, rows beyond the knots clamped (as fitpack does)
+    columns = np.linspace(0, 399, 11)
+    rows = rng.uniform(-20, 320, (13, 11))
+    expected = spline.ev(np.clip(rows, 0, 299), np.broadcast_to(columns, rows.shape))
+    np.testing.assert_allclose(_ColumnSpline(spline, columns)(rows), expected, atol=1e-12)
+    # the map on the output grid a block of rows at a time, rows beyond the knots included
+    pixel_map = PixelMap(_rotation(5.0), np.array([2.0, -3.0]), (spline, spline))
+    block = np.arange(290.0, 310.0)
+    u, v = _GridRows(pixel_map, np.arange(400.0))(block)
+    u_ref, v_ref = pixel_map.on_grid(np.arange(400.0), block)
+    np.testing.assert_allclose(u, u_ref, atol=1e-11)
+    np.testing.assert_allclose(v, v_ref, atol=1e-11)
+    # node values read back bilinearly, a block of rows and a slice of columns at a time
+    values = rng.normal(size=(7, 9))
+    smooth = _Smooth(ys, xs, values, 400)
+    at = np.arange(40.0, 47.0)
+    reference = RegularGridInterpolator((ys, xs), values)
+    gy, gx = np.meshgrid(at, np.arange(100.0, 180.0), indexing="ij")
+    np.testing.assert_allclose(
+        smooth.rows(at, 100, 180), reference((gy, gx)), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_doubling_dilation_equals_shifted_ors():
+    """The mask's growth by doubling windows ORs exactly the bits the taps reach."""
+    from core.warp import _or_dilate
+
+    rng = np.random.default_rng(13)
+    for shape in [(1, 1), (9, 4), (3, 40), (150, 170)]:
+        mask = rng.integers(0, 1 << 12, shape) * (rng.random(shape) < 0.05)
+        mask = mask.astype(np.int32)
+        for reach_x, reach_y in [
+            ((2, 3), (2, 3)),
+            ((5, 5), (3, 4)),
+            ((0, 0), (0, 1)),
+            ((7, 2), (1, 6)),
+        ]:
+            expected = mask.copy()
+            for s in range(1, reach_x[0] + 1):
+                expected[:, s:] |= mask[:, :-s]
+            for s in range(1, reach_x[1] + 1):
+                expected[:, :-s] |= mask[:, s:]
+            rows = expected.copy()
+            for s in range(1, reach_y[0] + 1):
+                expected[s:] |= rows[:-s]
+            for s in range(1, reach_y[1] + 1):
+                expected[:-s] |= rows[s:]
+            np.testing.assert_array_equal(_or_dilate(mask, reach_x, reach_y), expected)
