@@ -63,13 +63,6 @@ SHORTFALLS: dict[tuple[str, str], dict[str, float]] = {
     # the same figure effect: the auto difference through the PSF 3.4-4.4 on these stars,
     # the score 2.9-3.0 (its noise floor absorbs part of the crowding)
     ("saao_0156", "preconvolve"): {"chi2_factor": 2.4},
-    # confusion at 9 px seeing: PSF-scale residual structure grows with the local
-    # brightness (score scatter 2.0x its propagated noise on alsub's own sky, 3.2x on the
-    # pixels near sources that this figure's sky keeps); the constant floor is measured
-    # on the former. The SAT_TEMPLATE pixels (a saturated template star spread by the
-    # 91 px kernel, a quarter of this sky) are no longer counted as valid (they were:
-    # 1.34): 1.157 measured on 2026-12-02.
-    ("saao_0015", "preconvolve"): {"noise_high": 1.2},
 }
 
 
