@@ -46,7 +46,9 @@ def estimate_psf(
     (the mesh background detection uses), shifted by a Fourier
     phase ramp so the weighted centroid falls on the central pixel, cropped,
     normalised by their flux within 2 FWHM and combined by a per-pixel
-    3-sigma clipped mean.
+    3-sigma clipped mean weighted by each star's S/N; with many stars, those
+    whose shape departs from the ensemble beyond their noise (blends) are left
+    out and no star weighs more than the fifth heaviest.
 
     Parameters
     ----------
@@ -195,9 +197,10 @@ def estimate_psf(
     return _fit_grid_psf(cube, np.array(xs), np.array(ys), order, exposure.bbox)
 
 
-#: With many stars, none weighs more than the this-many-th heaviest in the PSF's mean,
-#: so that one bright unresolved blend cannot set the PSF; with few (fewer than
-#: `_WEIGHT_CAP_MIN_STARS`), every bright star's full weight is needed.
+#: With many stars, none weighs more than the this-many-th heaviest in the PSF's mean and
+#: the inconsistent ones are left out, so that one bright unresolved blend cannot set the
+#: PSF; with few (fewer than `_WEIGHT_CAP_MIN_STARS`), every star and its full weight
+#: are needed.
 _WEIGHT_CAP_RANK = 5
 _WEIGHT_CAP_MIN_STARS = 15
 
