@@ -24,7 +24,7 @@ from scipy import ndimage
 from .basis import kernel_size_for, make_kernel_basis
 from .config import DetectionConfig, SubtractionConfig
 from .convolve import convolve_exposure, convolved_noise_correlation, dilate_cross
-from .decorrelate import decorrelate_difference
+from .decorrelate import _kernel_at, decorrelate_difference
 from .detection import DetectionMemo
 from .diasources import dia_sources
 from .errors import (
@@ -152,6 +152,8 @@ class _SubtractBase(Task):
         self.warped_template: Exposure | None = None
         #: registration's detections, reused by preparation; dropped once it is done
         self._memo: DetectionMemo | None = None
+        #: whether each input's (science, template) noise correlation was measured on sky
+        self.sky_correlated: tuple[bool, bool] = (False, False)
         self.make_subtask("makeKernel")
         self.make_subtask("decorrelate")
 
@@ -224,9 +226,11 @@ class _SubtractBase(Task):
                 self.metadata[f"scale{name}VarianceEstimates"] = [scale.sky, scale.pixel_scale]
                 self.warnings.extend(f"{label}: {text}" for text in scale.warnings)
                 self.notes.extend(f"{label}: {text}" for text in scale.notes)
-            self.sky_correlated = tuple(
-                prepared[label].scale.noise_correlation is not None  # type: ignore[union-attr]
-                for label in ("science", "template")
+            science_scale, template_scale = prepared["science"].scale, prepared["template"].scale
+            assert science_scale is not None and template_scale is not None
+            self.sky_correlated = (
+                science_scale.noise_correlation is not None,
+                template_scale.noise_correlation is not None,
             )
             # the catalog's S/N was measured against the unscaled science variance
             if sources is detected and "snr_pixel" in sources.colnames:
@@ -620,10 +624,12 @@ class _SubtractBase(Task):
     ) -> tuple[Exposure, Exposure]:
         """Inputs whose sky-measured noise held static structure, corrected on the
         difference where it cancels (`static_structure_correction`); else unchanged."""
-        measured = getattr(self, "sky_correlated", (False, False))
+        measured = self.sky_correlated
         if not any(measured) or self.source_mask.shape != difference.shape:
             return science, template
-        kernel_image = _kernel_image_at(kernel, difference)
+        # as the decorrelation takes it: at the centre, (begin + end) / 2
+        x0, y0 = difference.xy0
+        kernel_image = _kernel_at(kernel, x0 + difference.width / 2.0, y0 + difference.height / 2.0)
         preconv = None
         if preconv_kernel is not None:
             preconv = np.asarray(preconv_kernel, dtype=np.float64)
@@ -1359,14 +1365,6 @@ def _combine_limits(science_mag: float, template_mag: float) -> float:
     f_sci = 10 ** (-0.4 * science_mag)
     f_tmpl = 10 ** (-0.4 * template_mag)
     return -2.5 * math.log10(math.hypot(f_sci, f_tmpl))
-
-
-def _kernel_image_at(kernel, exposure: Exposure) -> np.ndarray:
-    """The matching kernel stamp at the centre of ``exposure`` (as the decorrelation takes it)."""
-    if isinstance(kernel, np.ndarray):
-        return np.asarray(kernel, dtype=np.float64)
-    x0, y0 = exposure.xy0
-    return np.asarray(kernel.image(x0 + exposure.width / 2.0, y0 + exposure.height / 2.0))
 
 
 #: Groups of bad pixels filled from their nearest good pixel, largest first.
