@@ -69,7 +69,27 @@ class KernelConfig(_Config):
     alard_min_sig_deconv: float = Field(
         0.4, gt=0, le=10, description="Smallest sigma when deconvolving."
     )
-    spatial_kernel_order: int = Field(1, ge=0, le=4, description="Chebyshev order of the kernel.")
+    spatial_kernel_order: int = Field(
+        1,
+        ge=0,
+        le=4,
+        description="Chebyshev order of the kernel when choose_spatial_kernel_order is off "
+        "(giving this order without choose_spatial_kernel_order turns the choice off).",
+    )
+    choose_spatial_kernel_order: bool = Field(
+        True,
+        description="Choose the kernel's spatial order (0 to max_spatial_kernel_order) by "
+        "cross-validation on the kernel stamps: the order whose fits predict the held-out "
+        "stamps best. A fixed order either leaves dipoles "
+        "where the kernel varies (a template registered by a shift only) or fits noise "
+        "where it does not.",
+    )
+    max_spatial_kernel_order: int = Field(
+        2, ge=0, le=4, description="Highest kernel order choose_spatial_kernel_order tries."
+    )
+    cross_validation_folds: int = Field(
+        5, ge=2, le=20, description="Folds of the kernel stamps for the order choice."
+    )
     spatial_bg_order: int = Field(2, ge=0, le=4, description="Chebyshev order of the background.")
     fit_for_background: bool = Field(True, description="Fit a differential background.")
     size_cell_x: int = Field(128, ge=16, le=8192, description="Spatial cell width (pixels).")
@@ -128,6 +148,18 @@ class KernelConfig(_Config):
         description="Stamps whose Chebyshev design matrix is worse conditioned than this "
         "(too clustered or in a line) lower the spatial order.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _explicit_order_is_fixed(cls, data):
+        # a caller who names the kernel's spatial order wants that order, not a choice
+        if (
+            isinstance(data, dict)
+            and "spatial_kernel_order" in data
+            and "choose_spatial_kernel_order" not in data
+        ):
+            data = {**data, "choose_spatial_kernel_order": False}
+        return data
 
     @model_validator(mode="after")
     def _check(self):
@@ -663,6 +695,11 @@ class ReferenceFiguresConfig(_Config):
     n_stars: int = Field(30, ge=1, le=10_000, description="Brightest template stars for chi^2.")
     exclude_blended_stars: bool = Field(
         True, description="Skip footprints with several peaks: their flux is not one star's."
+    )
+    exclude_sharp_sources: bool = Field(
+        True,
+        description="Skip detections whose flux/peak area is under 2/3 of the stars' (cosmic "
+        "rays and hot pixels of a single exposure): they are not stars.",
     )
     star_radius_fwhm: float = Field(
         1.0, gt=0, le=10, description="Radius of the chi^2 aperture in science FWHM."

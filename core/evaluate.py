@@ -60,6 +60,11 @@ __all__ = [
 #: only pixels valid in every output)
 INVALID_OUTPUT_PLANES = ("NO_DATA", "EDGE", "SAT", "SAT_TEMPLATE")
 
+#: Below this fraction of the stars' flux/peak area a detection is a cosmic ray, not a star.
+_SHARP_AREA_FRACTION = 2.0 / 3.0
+#: Peak S/N above which noise no longer lifts a peak enough to matter for that area.
+_LOCUS_PEAK_SNR = 20.0
+
 
 def _discs(shape, x, y, radius) -> np.ndarray:
     """Boolean image, True within ``radius`` (scalar or per-point) of the points."""
@@ -287,6 +292,41 @@ def detected_footprints(
     return footprints, table
 
 
+def _sharper_than_stars(table, candidates: np.ndarray) -> np.ndarray:
+    """Detections whose flux/peak (an effective area) is under 2/3 of the stars'.
+
+    A cosmic ray or hot pixel puts most of its flux in one or two pixels; a star
+    spreads it over the PSF. The stars' area is the densest cluster of the areas of
+    the candidates whose peak has S/N of at least `_LOCUS_PEAK_SNR` (noise lifts faint
+    peaks, so faint areas run small), or of all candidates when fewer than 4 are that
+    bright: stars share one profile, cosmic rays (energy, track) and galaxies do not.
+    """
+    flux = np.asarray(table["flux"], float)
+    peak = np.asarray(table["peak"], float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        area = flux / peak
+    usable = candidates & np.isfinite(area) & (area > 0)
+    bright = usable & (np.asarray(table["peak_snr"], float) >= _LOCUS_PEAK_SNR)
+    if np.count_nonzero(bright) < 4:
+        bright = usable
+    if np.count_nonzero(bright) < 4:
+        return np.zeros(len(flux), bool)
+    stars = _densest(area[bright])
+    # a peak high by twice its noise shrinks the area as much: only a sharpness the
+    # noise cannot explain marks a cosmic ray
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lifted = 1.0 + 2.0 / np.asarray(table["peak_snr"], float)
+    return usable & (area * lifted < _SHARP_AREA_FRACTION * stars)
+
+
+def _densest(values: np.ndarray, width: float = 0.08) -> float:
+    """Median of the densest cluster of positive ``values`` (within ``width`` in log)."""
+    log_values = np.log(values)
+    counts = (np.abs(log_values[:, None] - log_values[None, :]) < width).sum(axis=1)
+    centre = log_values[np.argmax(counts)]
+    return float(np.exp(np.median(log_values[np.abs(log_values - centre) < width])))
+
+
 def _within(mask: np.ndarray, radius: float) -> np.ndarray:
     """True within ``radius`` px of any True pixel of ``mask`` (all False if none)."""
     if not mask.any():
@@ -363,6 +403,8 @@ def reference_field(
     ok = ~np.asarray(template_table["flag_saturated"], bool) & np.isfinite(flux)
     if config.exclude_blended_stars:
         ok &= ~np.asarray(template_table["flag_blended"], bool)
+    if config.exclude_sharp_sources:
+        ok &= ~_sharper_than_stars(template_table, ok)
     ok &= inside[ir, ic] & ~near_sat[ir, ic]
     if target is not None:
         distance = np.hypot(star_rows - target[0], star_cols - target[1])

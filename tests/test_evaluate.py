@@ -92,6 +92,39 @@ def test_chi2_stars_are_the_brightest_unsaturated_template_stars_away_from_the_t
     assert field.stars.min() >= border and field.stars.max() < 384 - border
 
 
+def test_cosmic_rays_of_the_template_are_not_chi2_stars(pair):
+    """Spikes of one or two pixels, as bright as bright stars, are not stars.
+
+    Like real cosmic rays they differ in energy and track (stars share one profile:
+    that is how the stellar locus tells them apart).
+    """
+    template = pair.template.image.copy()
+    peak = float(template.max())
+    rng = np.random.default_rng(5)
+    spikes = []
+    for _ in range(12):
+        row, col = rng.integers(40, 344, size=2)
+        template[row, col] += rng.uniform(5.0, 30.0) * peak
+        drow, dcol = [(0, 1), (1, 0), (1, 1)][rng.integers(3)]
+        template[row + drow, col + dcol] += rng.uniform(0.0, 0.8) * template[row, col]
+        spikes.append((row, col))
+    fwhm = pair.science.psf.fwhm()
+    options = dict(science_variance=pair.science.variance, template_variance=pair.template.variance)
+    field = reference_field(pair.science.image, template, fwhm, **options)
+    clean = reference_field(pair.science.image, pair.template.image, fwhm, **options)
+    near = [np.hypot(*(field.stars - np.array(spike)).T).min() for spike in spikes]
+    assert min(near) > 3, "a cosmic ray was taken for a star"
+    # the stars are the clean field's, less those the spikes' footprints touch or blend
+    kept = {tuple(np.round(star)) for star in field.stars}
+    assert len(kept & {tuple(np.round(star)) for star in clean.stars}) >= 25
+    # without the cut the spikes, brightest of all, lead the list
+    from core.config import ReferenceFiguresConfig
+
+    config = ReferenceFiguresConfig(exclude_sharp_sources=False)
+    loose = reference_field(pair.science.image, template, fwhm, config=config, **options)
+    assert sum(np.hypot(*(loose.stars - np.array(s)).T).min() < 3 for s in spikes) >= 6
+
+
 def _expected_snr(amplitude: float, fwhm: float, sigma: float) -> float:
     """Matched-filter S/N of a Gaussian star (FWHM ``fwhm``) in white noise, discrete sums."""
     s = fwhm / (2 * math.sqrt(2 * math.log(2)))

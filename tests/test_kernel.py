@@ -59,7 +59,7 @@ def _render_stars(shape, xs, ys, fluxes, sigma):
     return image
 
 
-def _make_pair(seed=11, n_stars=400, variable=None):
+def _make_pair(seed=11, n_stars=400, variable=None, truth=None):
     """Template with Gaussian stars; science = K_true * template + background + noise."""
     rng = np.random.default_rng(seed)
     margin = 30
@@ -67,7 +67,7 @@ def _make_pair(seed=11, n_stars=400, variable=None):
     ys = rng.uniform(margin, SHAPE[0] - margin, n_stars)
     fluxes = 10 ** rng.uniform(3.3, 4.7, n_stars)
     clean = _render_stars(SHAPE, xs, ys, fluxes, TEMPLATE_SIGMA)
-    truth = _true_kernel()
+    truth = truth or _true_kernel()
     science_clean = convolve_exposure(Exposure.from_arrays(clean), truth).image.astype(float)
     background = BackgroundModel(TRUE_BACKGROUND, 2, DOMAIN)
     science_clean += background.image(SHAPE)
@@ -351,6 +351,64 @@ def test_other_spatial_orders_and_no_background(pair):
     assert result.kernel.coefficients.shape == (27, 6)
     np.testing.assert_array_equal(result.background.coefficients, 0.0)
     assert result.kernel_sum == pytest.approx(KERNEL_SUM, rel=0.005)
+
+
+def _kernel_with_order(order):
+    """The test kernel's two Gaussians with weights of the given spatial order (sum 1.3)."""
+    images = np.array([_gauss(1.0), _gauss(1.4)])
+    # T0, T1(x'), T1(y'), T2(x'), T1(x')T1(y'), T2(y'): weights move between the Gaussians
+    varying = np.array([0.0, 0.35, 0.1, 0.3, -0.25, 0.2])[: (order + 1) * (order + 2) // 2]
+    coefficients = np.zeros((2, varying.size))
+    coefficients[:, 0] = 0.5 * KERNEL_SUM
+    coefficients[0] += KERNEL_SUM * varying
+    coefficients[1] -= KERNEL_SUM * varying
+    return SpatialKernel(images, coefficients, order, DOMAIN)
+
+
+def _corner_error(result, truth):
+    """Largest |PSF_fit - PSF_true| at the fit region's corners and centre, as a fraction
+    of the true PSF's peak, where PSF = the kernel applied to a template star."""
+    star = _gauss(TEMPLATE_SIGMA, half=15)
+    errors = []
+    for x, y in [(40, 40), (40, 470), (470, 40), (470, 470), (255, 255)]:
+        psfs = [
+            ndimage.convolve(np.pad(star, k.shape[0] // 2), k[::-1, ::-1], mode="constant")
+            for k in (result.kernel.image(x, y), truth.image(x, y))
+        ]
+        fitted, true = psfs
+        side = min(fitted.shape[0], true.shape[0])
+        fitted = fitted[(fitted.shape[0] - side) // 2 :][:side, (fitted.shape[1] - side) // 2 :][
+            :, :side
+        ]
+        true = true[(true.shape[0] - side) // 2 :][:side, (true.shape[1] - side) // 2 :][:, :side]
+        errors.append(np.abs(fitted - true).max() / true.max())
+    return max(errors)
+
+
+@pytest.mark.parametrize("true_order", [0, 1, 2])
+def test_spatial_order_is_chosen_by_cross_validation(true_order):
+    truth = _kernel_with_order(true_order)
+    template, science, sources, _ = _make_pair(seed=21, n_stars=300, truth=truth)
+    config = KernelConfig()  # choose_spatial_kernel_order is the default
+    result = fit_psf_matching_kernel(template, science, sources, _basis(config), config)
+    # a varying kernel is never held constant, a constant one never given terms it lacks
+    assert result.orders[0] == true_order, result.notes
+    assert any("cross-validation" in note for note in result.notes)
+    if true_order:
+        # the order the configuration would have fixed (1) misses a quadratic variation
+        fixed = KernelConfig(spatial_kernel_order=true_order - 1)
+        assert not fixed.choose_spatial_kernel_order
+        lower = fit_psf_matching_kernel(template, science, sources, _basis(fixed), fixed)
+        assert lower.orders[0] == true_order - 1
+        assert _corner_error(result, truth) < 0.5 * _corner_error(lower, truth)
+
+
+def test_a_named_spatial_order_is_kept(pair):
+    template, science, sources, _ = pair
+    config = KernelConfig(spatial_kernel_order=2)
+    result = fit_psf_matching_kernel(template, science, sources, _basis(config), config)
+    assert result.orders[0] == 2
+    assert not any("cross-validation" in note for note in result.notes)
 
 
 def test_fit_with_many_candidates(pair):

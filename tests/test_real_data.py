@@ -44,26 +44,12 @@ def measured(request):
     return request.param, runs
 
 
-#: Where alsub does not yet meet issue 8's acceptance (measured 2026-12-02 with
-#: bench.real_data and bench.score_vs_difference): the criterion that fails, the bound it
-#: is held to instead, and the measured cause. Everything not listed here is held to the
-#: issue's own criteria.
-SHORTFALLS: dict[tuple[str, str], dict[str, float]] = {
-    # Star chi2 of a score is not a difference's: a score is a matched filter, so a star
-    # residual of matched-filter S/N s shows as chi2 ~ 1 + s^2 however small it is per
-    # pixel. The auto difference (chi2 1.23, below HOTPANTS's 1.27) correlated with the
-    # same PSF gives 6.84 on these stars, the score 6.86: the score is as good as the
-    # subtraction it came from and its variance is honest (complete variance
-    # propagation changes nothing). HOTPANTS's difference through the same filter gives
-    # 4.2: its kernel (spatial order 1, many stamps) leaves smaller integrated residuals
-    # at these stars than 6 stamps at order 0 do. The lever is the kernel fit. (Since
-    # the static-structure correction the score's noise is 1.00, no longer 0.97, and
-    # this figure 5.7x HOTPANTS's, 5.4x before.)
-    ("decam_d", "preconvolve"): {"chi2_factor": 6.0},
-    # the same figure effect: the auto difference through the PSF 3.4-4.4 on these stars,
-    # the score 2.9-3.0 (its noise floor absorbs part of the crowding)
-    ("saao_0156", "preconvolve"): {"chi2_factor": 2.4},
-}
+#: Where alsub does not yet meet issue 8's acceptance: the criterion that fails, the
+#: bound it is held to instead, and the measured cause. Everything not listed here is
+#: held to the issue's own criteria. (Empty since the kernel's spatial order is chosen by
+#: cross-validation and cosmic rays of single-exposure templates are no longer taken for
+#: chi^2 stars; bench/README.md "Real data, session 6".)
+SHORTFALLS: dict[tuple[str, str], dict[str, float]] = {}
 
 
 @pytest.mark.slow
