@@ -79,8 +79,9 @@ class KernelConfig(_Config):
     choose_spatial_kernel_order: bool = Field(
         True,
         description="Choose the kernel's spatial order (0 to max_spatial_kernel_order) by "
-        "cross-validation on the kernel stamps: the order whose fits predict the held-out "
-        "stamps best. A fixed order either leaves dipoles "
+        "cross-validation on the kernel stamps: the lowest order whose fits predict the "
+        "held-out stamps within one unit of chi^2 per stamp of the best. A fixed order "
+        "either leaves dipoles "
         "where the kernel varies (a template registered by a shift only) or fits noise "
         "where it does not.",
     )

@@ -1260,10 +1260,10 @@ def _chosen_orders(fitter, used, config: KernelConfig, domain: Box):
 
     With ``choose_spatial_kernel_order`` every kernel order the stamps support (up to
     ``max_spatial_kernel_order``) is fitted without each fold of stamps and scored on
-    it; the order with the best held-out score is taken. (The rule "lowest order within
-    one standard error of the best" was tried: the held-out gains sit on the few bright
-    stamps, so its error is wide and it kept order 0 where order 1 took 76 from the
-    held-out chi^2 and halved the residuals at bright stars.)
+    it; the lowest order whose held-out chi^2 is within one unit per stamp of the best
+    is taken. (A standard-error margin was tried: the gains sit on the few bright stamps,
+    so it was wide and kept order 0 where order 1 took 76 from 22 stamps' held-out chi^2
+    and halved the residuals at bright stars.)
     """
     supported = _spatial_orders(used, config, domain)
     kernel_order, bg_order = supported
@@ -1277,7 +1277,10 @@ def _chosen_orders(fitter, used, config: KernelConfig, domain: Box):
             scores[order] = held_out
     if not scores:
         return (0, bg_order), supported, None
-    chosen = min(scores, key=lambda o: scores[o].sum())
+    # the lowest order within one unit of chi^2 per stamp of the best: a smaller gain is
+    # beyond what any stamp's residual shows, and each term costs a frame convolution
+    best = min(scores[o].sum() for o in scores)
+    chosen = min(o for o in scores if scores[o].sum() <= best + len(used))
     lowest = min(scores)
     gains = ", ".join(
         f"order {o} {scores[o].sum() - scores[lowest].sum():+.4g}" for o in sorted(scores)
