@@ -1226,35 +1226,63 @@ def _spatial_orders(used: list[_Candidate], config: KernelConfig, domain: Box) -
     )
 
 
-def _held_out_scores(fitter, used, config, domain, orders, folds) -> np.ndarray | None:
-    """Per-stamp residual score of fits that did not see the stamp (None: a fit failed).
+def _held_out_scores(fitter, used, domain, orders, folds) -> dict[int, np.ndarray]:
+    """Per-stamp residual score, for every kernel order up to ``orders[0]``, of fits that
+    did not see the stamp (orders whose fits fail are left out).
 
     A stamp's chi^2 under coefficients a is c - 2 a.b + a.N.a (N, b its normal
-    equations): c is the same for every model, so a.N.a - 2 a.b ranks them.
+    equations): c is the same for every model, so a.N.a - 2 a.b ranks them. The
+    folds' systems are assembled once at the highest order: a training system is the
+    total less its fold's, and a lower order's unknowns are a subset of a higher's
+    (its Chebyshev terms come first).
     """
-    scores = np.empty(len(used))
-    for fold in range(folds):
-        train = [c for i, c in enumerate(used) if i % folds != fold]
-        test = [i for i in range(len(used)) if i % folds == fold]
-        try:
-            kernel, background, condition = _spatial_fit(fitter, train, config, domain, orders)
-        except KernelSolutionError:
-            return None
-        if not 0 <= condition <= config.max_spatial_condition_number:
-            return None
-        xs = np.array([used[i].x for i in test])
-        ys = np.array([used[i].y for i in test])
-        coefficients = kernel.coefficients_at(xs, ys).T  # (n_test, nb)
-        if fitter.with_bg:
-            bg = np.atleast_1d(background.evaluate(xs, ys))
-            coefficients = np.column_stack([coefficients, np.broadcast_to(bg, xs.shape)])
-        for row, i in zip(coefficients, test, strict=True):
-            normal, rhs = cast(np.ndarray, used[i].normal), cast(np.ndarray, used[i].rhs)
-            scores[i] = row @ normal @ row - 2.0 * row @ rhs
+    top, bg_order = orders
+    nb, n_top = fitter.nb, n_spatial_terms(top)
+    fold_of = np.arange(len(used)) % folds
+    members = [np.flatnonzero(fold_of == f) for f in range(folds)]
+    systems = [_spatial_system(fitter, [used[i] for i in m], domain, orders) for m in members]
+    total_matrix = sum(matrix for matrix, _ in systems)
+    total_rhs = sum(rhs for _, rhs in systems)
+    xs = np.array([c.x for c in used])
+    ys = np.array([c.y for c in used])
+    normals = np.stack([cast(np.ndarray, c.normal) for c in used])
+    rhs_single = np.stack([cast(np.ndarray, c.rhs) for c in used])
+    n_bg = n_spatial_terms(bg_order) if fitter.with_bg else 0
+    bg_terms = chebyshev_terms(xs, ys, bg_order, domain).T if n_bg else None
+    scores: dict[int, np.ndarray] = {}
+    for order in range(top + 1):
+        n_sp = n_spatial_terms(order)
+        kernel_rows = (1 + np.arange(nb - 1)[:, None] * n_top + np.arange(n_sp)).ravel()
+        keep = np.concatenate([[0], kernel_rows, total_rhs.size - n_bg + np.arange(n_bg)]).astype(
+            int
+        )
+        terms = chebyshev_terms(xs, ys, order, domain).T  # (n, n_sp)
+        score = np.empty(len(used))
+        for (matrix, rhs), test in zip(systems, members, strict=True):
+            train = (total_matrix - matrix)[np.ix_(keep, keep)]
+            train = 0.5 * (train + train.T)
+            # (no condition check: a noise-driven fit predicts held-out stamps badly, and
+            # the final fit at the chosen order is checked by `_conditioned_fit`)
+            solution = _solve_normal(train, (total_rhs - rhs)[keep])
+            if not np.all(np.isfinite(solution)):
+                break
+            # single-kernel coefficients the fit predicts at the held-out stamps
+            kernel = solution[1 : 1 + (nb - 1) * n_sp].reshape(nb - 1, n_sp)
+            predicted = [np.full((test.size, 1), solution[0]), terms[test] @ kernel.T]
+            if n_bg:
+                assert bg_terms is not None
+                predicted.append(bg_terms[test] @ solution[-n_bg:][:, None])
+            a = np.hstack(predicted)
+            score[test] = np.einsum("ij,ijk,ik->i", a, normals[test], a) - 2.0 * np.einsum(
+                "ij,ij->i", a, rhs_single[test]
+            )
+        else:
+            if np.all(np.isfinite(score)):
+                scores[order] = score
     return scores
 
 
-def _chosen_orders(fitter, used, config: KernelConfig, domain: Box):
+def _chosen_orders(fitter, used, config: KernelConfig, domain: Box, previous=None):
     """Spatial orders for the fit, the orders the stamps support, and a note when the
     kernel's was chosen by cross-validation.
 
@@ -1269,12 +1297,12 @@ def _chosen_orders(fitter, used, config: KernelConfig, domain: Box):
     kernel_order, bg_order = supported
     if not config.choose_spatial_kernel_order or kernel_order == 0:
         return supported, supported, None
+    if previous is not None:
+        # a later spatial iteration (a few outliers clipped) keeps the first choice
+        order, note = previous
+        return (min(order, kernel_order), bg_order), supported, note
     folds = min(config.cross_validation_folds, len(used))
-    scores = {}
-    for order in range(kernel_order + 1):
-        held_out = _held_out_scores(fitter, used, config, domain, (order, bg_order), folds)
-        if held_out is not None and np.all(np.isfinite(held_out)):
-            scores[order] = held_out
+    scores = _held_out_scores(fitter, used, domain, supported, folds)
     if not scores:
         return (0, bg_order), supported, None
     # the lowest order within one unit of chi^2 per stamp of the best: a smaller gain is
@@ -1292,22 +1320,14 @@ def _chosen_orders(fitter, used, config: KernelConfig, domain: Box):
     return (chosen, bg_order), supported, note
 
 
-def _spatial_fit(
-    fitter: _Fitter,
-    used: list[_Candidate],
-    config: KernelConfig,
-    domain: Box,
-    orders: tuple[int, int] | None = None,
-):
-    """Global fit from the per-candidate normal equations (section 3.5).
+def _spatial_system(fitter: _Fitter, used: list[_Candidate], domain: Box, orders):
+    """Normal matrix and right-hand side of the global fit at ``orders`` (section 3.5).
 
-    ``orders`` (kernel, background) default to the configured ones.
+    Unknowns: the constant coefficient of basis 0, then basis k's Chebyshev terms at
+    ``1 + (k - 1) * n_terms + t``, then the background's terms.
     """
     nb = fitter.nb
-    kernel_order, bg_order = orders or (config.spatial_kernel_order, config.spatial_bg_order)
-    n_sp = n_spatial_terms(kernel_order)
-    n_bg = n_spatial_terms(bg_order) if fitter.with_bg else 0
-    n_unknown = 1 + (nb - 1) * n_sp + n_bg
+    kernel_order, bg_order = orders
     x = np.array([c.x for c in used])
     y = np.array([c.y for c in used])
     p = chebyshev_terms(x, y, kernel_order, domain).T  # (n, n_sp)
@@ -1336,10 +1356,28 @@ def _spatial_fit(
             block = (pair.T @ outer).reshape(rows_a.size, rows_b.size, wa.shape[1], wb.shape[1])
             row.append(block.transpose(0, 2, 1, 3).reshape(rows_a.size * wa.shape[1], -1))
         blocks.append(row)
-    matrix = np.block(blocks)
+    return np.block(blocks), np.concatenate(rhs_parts)
+
+
+def _spatial_fit(
+    fitter: _Fitter,
+    used: list[_Candidate],
+    config: KernelConfig,
+    domain: Box,
+    orders: tuple[int, int] | None = None,
+):
+    """Global fit from the per-candidate normal equations (section 3.5).
+
+    ``orders`` (kernel, background) default to the configured ones.
+    """
+    nb = fitter.nb
+    kernel_order, bg_order = orders or (config.spatial_kernel_order, config.spatial_bg_order)
+    n_sp = n_spatial_terms(kernel_order)
+    n_bg = n_spatial_terms(bg_order) if fitter.with_bg else 0
+    n_unknown = 1 + (nb - 1) * n_sp + n_bg
+    matrix, rhs = _spatial_system(fitter, used, domain, (kernel_order, bg_order))
     assert matrix.shape == (n_unknown, n_unknown)
     matrix = 0.5 * (matrix + matrix.T)
-    rhs = np.concatenate(rhs_parts)
     solution = _solve_normal(matrix, rhs)
     condition = _condition_number(matrix) if np.all(np.isfinite(matrix)) else math.nan
     if not np.all(np.isfinite(solution[: n_unknown - n_bg])):
@@ -1544,6 +1582,7 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
     kernel = background = None
     condition = math.nan
     used: list[_Candidate] = []
+    choice = None  # (kernel order, note) of the first cross-validation
     while iteration < config.max_spatial_iterations:
         _build_until_stable(fitter, cells, config, bad_bits)
         visited = _visit(cells, n_per_cell)
@@ -1567,7 +1606,9 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
             if clipped:
                 continue
         used = visited
-        planned, supported, order_note = _chosen_orders(fitter, used, config, bbox)
+        planned, supported, order_note = _chosen_orders(fitter, used, config, bbox, choice)
+        if order_note is not None:
+            choice = (planned[0], order_note)
         kernel, background, condition, orders = _conditioned_fit(
             fitter, used, config, bbox, planned
         )
@@ -1598,7 +1639,9 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
             raise NoKernelCandidatesError(
                 "No kernel candidates remain after max iterations." + _hint()
             )
-        planned, supported, order_note = _chosen_orders(fitter, used, config, bbox)
+        planned, supported, order_note = _chosen_orders(fitter, used, config, bbox, choice)
+        if order_note is not None:
+            choice = (planned[0], order_note)
         kernel, background, condition, orders = _conditioned_fit(
             fitter, used, config, bbox, planned
         )

@@ -403,6 +403,39 @@ def test_spatial_order_is_chosen_by_cross_validation(true_order):
         assert _corner_error(result, truth) < 0.5 * _corner_error(lower, truth)
 
 
+def test_held_out_scores_equal_refits_without_each_fold():
+    """The fast cross-validation (fold systems subtracted from the total, lower orders as
+    sub-blocks) against fitting each training set from scratch with `_spatial_fit`."""
+    from core import kernel as kmod
+
+    truth = _kernel_with_order(2)
+    template, science, sources, _ = _make_pair(seed=22, n_stars=200, truth=truth)
+    config = KernelConfig()
+    basis = _basis(config)
+    fitter = kmod._Fitter(basis, config)
+    bad_bits = (0, 0)
+    _, cells = kmod._make_candidates(
+        template, science, sources, DOMAIN, 2 * basis.size + 1, config, None, basis.half
+    )
+    kmod._build_until_stable(fitter, cells, config, bad_bits)
+    used = kmod._visit(cells, config.n_star_per_cell)
+    folds = 5
+    fast = kmod._held_out_scores(fitter, used, DOMAIN, (2, 2), folds)
+    assert sorted(fast) == [0, 1, 2]
+    for order in range(3):
+        reference = np.empty(len(used))
+        for fold in range(folds):
+            train = [c for i, c in enumerate(used) if i % folds != fold]
+            kernel, background, _ = kmod._spatial_fit(fitter, train, config, DOMAIN, (order, 2))
+            for i in range(fold, len(used), folds):
+                c = used[i]
+                a = np.append(kernel.coefficients_at(c.x, c.y), background.evaluate(c.x, c.y))
+                reference[i] = a @ c.normal @ a - 2 * a @ c.rhs
+        np.testing.assert_allclose(
+            fast[order], reference, rtol=1e-6, atol=1e-6 * np.abs(reference).max()
+        )
+
+
 def test_a_named_spatial_order_is_kept(pair):
     template, science, sources, _ = pair
     config = KernelConfig(spatial_kernel_order=2)
