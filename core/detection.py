@@ -192,12 +192,13 @@ def _grow(labels: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.
     where = np.flatnonzero(seeds)
     seed_labels = labels.ravel()[where]
     seed_pieces = pieces.ravel()[where]
-    lowest = np.full(n_pieces + 1, np.iinfo(np.int64).max, dtype=np.int64)
-    highest = np.zeros(n_pieces + 1, dtype=np.int64)
-    np.minimum.at(lowest, seed_pieces, seed_labels)
-    np.maximum.at(highest, seed_pieces, seed_labels)
-    single = lowest == highest
-    lookup = np.where(single, highest, 0).astype(labels.dtype)
+    # a piece holds one footprint when all its seeds carry the label one of them has
+    # (gathers and a count: no unbuffered ufunc.at over millions of seeds)
+    some = np.zeros(n_pieces + 1, dtype=labels.dtype)
+    some[seed_pieces] = seed_labels
+    mixed = np.bincount(seed_pieces[seed_labels != some[seed_pieces]], minlength=n_pieces + 1)
+    single = mixed == 0
+    lookup = np.where(single, some, 0).astype(labels.dtype)
     lookup[0] = 0
     del reach, seeds
     shared = np.flatnonzero(~single[1:]) + 1
@@ -522,9 +523,9 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
         for rows in _row_blocks(grown.shape[0]):
             block = exposure.mask[rows]
             block &= ~(det_bit | neg_bit)
-            block |= np.where(grown[rows] > 0, det_bit, np.int32(0))
+            np.bitwise_or(block, det_bit, out=block, where=grown[rows] > 0)
             if n_neg:
-                block |= np.where(grown_neg[rows] > 0, neg_bit, np.int32(0))
+                np.bitwise_or(block, neg_bit, out=block, where=grown_neg[rows] > 0)
     x0, y0 = exposure.xy0
     table = _empty_detection_table()
     table.meta.update(
