@@ -126,30 +126,40 @@ def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
 
     Reproduces `astropy.stats.sigma_clipped_stats` (median centre, population
     std, clipping cumulative, final bounds applied to all values): on sorted rows
-    every clipped set is an index range, so each pass is a binary search and the
-    sums come from prefix sums instead of a new selection per pass.
+    every clipped set is an index range, so each pass is a binary search, and its
+    sums are the row totals less the sums of the clipped ends (a few columns: the
+    ends are short except in cells with bright sources).
     """
     k, length = s.shape
     rows = np.arange(k)
     finite = np.isfinite(s)
     n = finite.sum(axis=1)
-    # sums about a value near the median keep E[d^2] - E[d]^2 accurate; prefix sums
-    # (a leading zero per row) turn every pass's range sums into two lookups
+    # sums about a value near the median keep E[d^2] - E[d]^2 accurate
     ref = np.where(n > 0, s[rows, np.minimum(n // 2, length - 1)], 0.0)
     d = s.astype(np.float64)
     d -= ref[:, None]
     if not finite.all():
         d[~finite] = 0.0
-    prefix = np.zeros((k, length + 1))
-    np.cumsum(d, axis=1, out=prefix[:, 1:])
-    np.square(d, out=d)
-    prefix2 = np.zeros((k, length + 1))
-    np.cumsum(d, axis=1, out=prefix2[:, 1:])
-    del d
+    total, total2 = d.sum(axis=1), np.einsum("ij,ij->i", d, d)
 
-    def range_sum(values, a, b):
-        # sums over [a, b) of every row at once; empty ranges are blanked by the caller
-        return values[rows, np.maximum(b, a)] - values[rows, a]
+    def end_sums(a, b):
+        # sums of d and d^2 over [0, a) and [b, n) of every row, over only as many
+        # columns as the longest clipped end (masked per row; the upper ends end at
+        # each row's n), summed in order (cumsum) so that the masked zeros leave each
+        # row's sums as they would be alone; returns sum and sum of squares, both ends
+        sums = np.zeros((2, k))
+        wide = int(a.max(initial=0))
+        if wide:
+            head = np.where(np.arange(wide) < a[:, None], d[:, :wide], 0.0)
+            sums[0] += head.cumsum(axis=1)[:, -1]
+            sums[1] += np.square(head, out=head).cumsum(axis=1)[:, -1]
+        wide = int((n - b).max(initial=0))
+        if wide:
+            cols = n[:, None] - wide + np.arange(wide)  # the last `wide` of [0, n)
+            tail = np.where(cols >= b[:, None], d[rows[:, None], np.maximum(cols, 0)], 0.0)
+            sums[0] += tail.cumsum(axis=1)[:, -1]
+            sums[1] += np.square(tail, out=tail).cumsum(axis=1)[:, -1]
+        return sums
 
     def stats(a, b):
         count = b - a
@@ -158,8 +168,9 @@ def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
         upper = s[rows, np.clip(mid, 0, length - 1)].astype(np.float64)
         lower = s[rows, np.clip(mid - 1, 0, length - 1)].astype(np.float64)
         median = np.where(count % 2 == 1, upper, 0.5 * (upper + lower))
-        mean = range_sum(prefix, a, b) / safe
-        var = range_sum(prefix2, a, b) / safe - mean * mean
+        ends, ends2 = end_sums(a, b)
+        mean = (total - ends) / safe
+        var = (total2 - ends2) / safe - mean * mean
         empty = count == 0
         median[empty] = np.nan
         std = np.sqrt(np.maximum(var, 0.0))
@@ -191,13 +202,21 @@ def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
     return (*stats(a, b), n)
 
 
-def _cell_stats(cells: np.ndarray, sigma: float = 3.0, maxiters: int = 5, chunk: int = 512):
+#: Bytes of a chunk's float64 copy in `_cell_stats`: below `core.parallel.MMAP_THRESHOLD`,
+#: so the chunks' buffers are reused from the heap instead of mapped afresh each time.
+_CHUNK_BYTES = 8 << 20
+
+
+def _cell_stats(cells: np.ndarray, sigma: float = 3.0, maxiters: int = 5, chunk: int | None = None):
     """3-sigma clipped median, std and number of finite values of each cell.
 
     ``cells`` is (m, n) rows or an (nby, nbx, h, w) block view of an image (NaN =
-    no data). Cells are copied, sorted and reduced a chunk at a time, so the
-    sorted copy and the sums stay small.
+    no data). Cells are copied, sorted and reduced ``chunk`` cells at a time (default:
+    `_CHUNK_BYTES` of float64), so the sorted copy and the sums stay small.
     """
+    if chunk is None:
+        size = cells.shape[-1] * (cells.shape[-2] if cells.ndim == 4 else 1)
+        chunk = max(1, _CHUNK_BYTES // (8 * max(size, 1)))
     if cells.ndim == 4:
         step = max(1, chunk // max(cells.shape[1], 1))
         size = cells.shape[2] * cells.shape[3]

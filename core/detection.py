@@ -51,22 +51,30 @@ def _footprints(
     """Labels of 8-connected pieces with ``snr >= threshold`` (``<= -threshold`` when
     ``negative``) of at least ``min_pixels`` pixels, numbered in raster order; written
     into ``out`` (int32, reused between passes) when given."""
-    above = snr <= -threshold if negative else snr >= threshold
-    where = np.flatnonzero(above)
-    if where.size == 0:
-        # nothing to label (often the negative side): skip the full-frame scan
-        if out is None:
-            return np.zeros(snr.shape, dtype=np.int32), 0
-        out.fill(0)
-        return out, 0
-    if where.size <= _SPARSE_LABEL_FRACTION * above.size:
-        # few pixels: label them as a graph, not the whole frame
-        values, n = _label_pixels(where, above.shape)
+    where, values, n, labels = _footprint_pixels(snr, threshold, min_pixels, negative, out)
+    if labels is None:
         if out is None:
             labels = np.zeros(snr.shape, dtype=np.int32)  # calloc: only touched pages cost
         else:
             labels = out
             labels.fill(0)
+    labels.ravel()[where] = values
+    return labels, n
+
+
+def _footprint_pixels(snr, threshold, min_pixels, negative=False, out=None):
+    """Flat indices of the pixels of the pieces `_footprints` keeps, their labels, the
+    number of pieces and, when the whole frame had to be labelled, that label image
+    (kept pieces' pixels not yet written; else None: no frame was made)."""
+    above = snr <= -threshold if negative else snr >= threshold
+    where = np.flatnonzero(above)
+    if where.size == 0:
+        # nothing to label (often the negative side): skip the full-frame scan
+        return where, np.zeros(0, dtype=np.int32), 0, None
+    labels = None
+    if where.size <= _SPARSE_LABEL_FRACTION * above.size:
+        # few pixels: label them as a graph, not the whole frame
+        values, n = _label_pixels(where, above.shape)
     else:
         structure = np.ones((3, 3), dtype=bool)
         if out is None:
@@ -76,16 +84,19 @@ def _footprints(
         values = labels.ravel()[where]
     del above
     # count and relabel only the (few) pixels above threshold, not the whole frame
-    flat = labels.ravel()
     keep = np.bincount(values, minlength=n + 1) >= min_pixels
     keep[0] = False
     n_keep = int(keep.sum())
     if n_keep < n:
-        relabel = np.zeros(n + 1, dtype=labels.dtype)
-        relabel[keep] = np.arange(1, n_keep + 1, dtype=labels.dtype)
+        relabel = np.zeros(n + 1, dtype=np.int32)
+        relabel[keep] = np.arange(1, n_keep + 1, dtype=np.int32)
         values = relabel[values]
-    flat[where] = values
-    return labels, n_keep
+    if labels is not None:
+        return where, values, n_keep, labels
+    kept = values > 0
+    if not kept.all():
+        where, values = where[kept], values[kept]
+    return where, values, n_keep, None
 
 
 #: Pixel pieces are labelled as a graph of their pixels (`_label_pixels`) when they
@@ -181,12 +192,13 @@ def _grow(labels: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.
     where = np.flatnonzero(seeds)
     seed_labels = labels.ravel()[where]
     seed_pieces = pieces.ravel()[where]
-    lowest = np.full(n_pieces + 1, np.iinfo(np.int64).max, dtype=np.int64)
-    highest = np.zeros(n_pieces + 1, dtype=np.int64)
-    np.minimum.at(lowest, seed_pieces, seed_labels)
-    np.maximum.at(highest, seed_pieces, seed_labels)
-    single = lowest == highest
-    lookup = np.where(single, highest, 0).astype(labels.dtype)
+    # a piece holds one footprint when all its seeds carry the label one of them has
+    # (gathers and a count: no unbuffered ufunc.at over millions of seeds)
+    some = np.zeros(n_pieces + 1, dtype=labels.dtype)
+    some[seed_pieces] = seed_labels
+    mixed = np.bincount(seed_pieces[seed_labels != some[seed_pieces]], minlength=n_pieces + 1)
+    single = mixed == 0
+    lookup = np.where(single, some, 0).astype(labels.dtype)
     lookup[0] = 0
     del reach, seeds
     shared = np.flatnonzero(~single[1:]) + 1
@@ -458,13 +470,16 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
     filtered = _Filtered(exposure, psf, estimate)
     sigma = _psf_sigma(psf)
     grow = int(round(grow_sigma * sigma))
-    labels, n = _footprints(filtered.snr, config.threshold, config.min_pixels)
-    neg_labels, n_neg = _footprints(filtered.snr, config.threshold, config.min_pixels, True)
     # re-measure the S/N scatter on sky outside every footprint (sources and faint
-    # wings inflate the first estimate), then detect again
-    footprints = np.empty(labels.shape, dtype=bool)
-    for rows in _row_blocks(labels.shape[0]):
-        np.logical_or(labels[rows] > 0, neg_labels[rows] > 0, out=footprints[rows])
+    # wings inflate the first estimate), then detect again; the first pass needs only
+    # which pixels its footprints cover, not label images
+    footprints = np.zeros(filtered.snr.shape, dtype=bool)
+    for negative in (False, True):
+        where, values, _, _ = _footprint_pixels(
+            filtered.snr, config.threshold, config.min_pixels, negative
+        )
+        footprints.ravel()[where[values > 0]] = True
+        del where, values
     sky = _disc_dilate(footprints, grow) if grow > 0 else footprints
     np.logical_not(sky, out=sky)
     for rows in _row_blocks(sky.shape[0]):
@@ -473,14 +488,11 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
         factor = _negative_side_sigma(filtered.snr, sky)
         filtered.snr /= factor
         filtered.noise_factor *= factor
-        del footprints, sky
-        thr, least = config.threshold, config.min_pixels
-        # fresh (calloc'd) label images rather than the first pass's: a sparse
-        # labelling writes only the pages its footprints touch, so most of a fresh
-        # frame costs no memory, while clearing the old one would touch every page
-        del labels, neg_labels
-        labels, n = _footprints(filtered.snr, thr, least)
-        neg_labels, n_neg = _footprints(filtered.snr, thr, least, True)
+    del footprints, sky
+    # fresh (calloc'd) label images: a sparse labelling writes only the pages its
+    # footprints touch, so most of such a frame costs no memory
+    labels, n = _footprints(filtered.snr, config.threshold, config.min_pixels)
+    neg_labels, n_neg = _footprints(filtered.snr, config.threshold, config.min_pixels, True)
     # peaks and their S/N first: then the ungrown labels, the S/N map and the no-data
     # map are no longer needed, and their frames are freed or reused before growing
     peaks = _find_peaks(filtered.snr, labels, n, sigma, _PEAK_PROMINENCE) if n else None
@@ -511,9 +523,9 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
         for rows in _row_blocks(grown.shape[0]):
             block = exposure.mask[rows]
             block &= ~(det_bit | neg_bit)
-            block |= np.where(grown[rows] > 0, det_bit, np.int32(0))
+            np.bitwise_or(block, det_bit, out=block, where=grown[rows] > 0)
             if n_neg:
-                block |= np.where(grown_neg[rows] > 0, neg_bit, np.int32(0))
+                np.bitwise_or(block, neg_bit, out=block, where=grown_neg[rows] > 0)
     x0, y0 = exposure.xy0
     table = _empty_detection_table()
     table.meta.update(

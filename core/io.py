@@ -381,14 +381,19 @@ def _float_value(headers, keys) -> float | None:
 
 # ---------------------------------------------------------------------------- variance
 _STATS_MAX_SIDE = 2048
+#: The first (masking) pass of `_sky_statistics` takes every this-many-th value, when
+#: that leaves at least `_FIRST_PASS_MIN` of them.
+_FIRST_PASS_STEP = 4
+_FIRST_PASS_MIN = 250_000
 
 
 def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
     """Sky level and robust sky noise, with sources and their wings masked.
 
-    A first sigma-clipped pass gives a threshold; pixels above it after a 3x3
-    smoothing, grown by 3 pixels, are masked so that star wings (which clipping
-    keeps) do not inflate the noise. Large images use a central block.
+    A first sigma-clipped pass (on every 4th value of large samples) gives a
+    threshold; pixels above it after a 3x3 smoothing, grown by 3 pixels, are masked
+    so that star wings (which clipping keeps) do not inflate the noise. Large images
+    use a central block.
     """
     ny, nx = image.shape
     if ny > _STATS_MAX_SIDE or nx > _STATS_MAX_SIDE:
@@ -404,7 +409,10 @@ def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]
     values = image[valid]
     if values.size == 0:
         raise InvalidExposureError("no valid pixels to measure the sky noise")
-    sky, sigma = sigma_clipped_median_std(values, sigma=3.0, maxiters=10)
+    # the first pass only sets the source-masking threshold: a regular quarter of the
+    # values gives it to ~0.1% (of a 1-sigma cut) at a quarter of the sort
+    step = _FIRST_PASS_STEP if values.size >= _FIRST_PASS_STEP * _FIRST_PASS_MIN else 1
+    sky, sigma = sigma_clipped_median_std(values[::step], sigma=3.0, maxiters=10)
     if math.isfinite(sigma) and sigma > 0:
         filled = np.where(valid, image, sky)
         # a 3x3 mean has noise sigma/3, so 1 sigma of the raw image is a 3-sigma cut
@@ -931,7 +939,12 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
         f, opened, index, variance, weight, noise, max_pixels, check_shape, set_plane, info
     )
     alsub = _alsub_json(primary)
-    unusable = (exposure_mask & planes.get_bitmask(_UNUSABLE_PLANES)) != 0
+    # a block of rows at a time: no frame-sized int32 temporary
+    unusable = np.empty(image.shape, dtype=bool)
+    unusable_bits = np.int32(planes.get_bitmask(_UNUSABLE_PLANES))
+    for y in range(0, image.shape[0], 256):
+        rows = slice(y, y + 256)
+        np.not_equal(exposure_mask[rows] & unusable_bits, 0, out=unusable[rows])
     if variance_array is None:
         gain = _float_value(headers, _GAIN_KEYS)
         read_noise = _float_value(headers, _READ_NOISE_KEYS)

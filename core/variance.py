@@ -119,6 +119,15 @@ def second_difference_gain(noise_correlation: np.ndarray | None) -> float:
     return max(float(np.mean(gains)), 1e-3)
 
 
+def _mad_std_consumed(values: np.ndarray):
+    """``astropy.stats.mad_std(values)`` (the same number, of the same type) with
+    ``values`` (float, not needed afterwards) partitioned in place, not copied twice."""
+    median = np.median(values, overwrite_input=True)
+    np.subtract(values, median, out=values)
+    np.abs(values, out=values)
+    return np.median(values, overwrite_input=True) * 1.482602218505602
+
+
 def _view(exposure: Exposure, index) -> Exposure:
     """The image, variance and mask planes of ``exposure`` at ``index`` (views, no copy)."""
     return Exposure(
@@ -157,7 +166,8 @@ def _sky_estimate(exposure: Exposure, config: ScaleVarianceConfig) -> float:
     bin_size = max(4, config.background_bin_size // step)
     background = background_image(subsample, bin_size, ignore_planes=config.mask_planes)
     residual = (subsample.image - background)[good]
-    return float(mad_std(residual / np.sqrt(subsample.variance[good])) ** 2)
+    residual /= np.sqrt(subsample.variance[good])
+    return float(_mad_std_consumed(residual) ** 2)
 
 
 def _second_difference_pulls(image, variance, good, axis: int = 1) -> np.ndarray:
@@ -169,9 +179,17 @@ def _second_difference_pulls(image, variance, good, axis: int = 1) -> np.ndarray
         return np.zeros(0)
     parts = [np.s_[:, i : i + width] if axis else np.s_[i : i + width] for i in range(n)]
     use = np.logical_and.reduce([good[part] for part in parts])
-    value = sum(w * image[part] for w, part in zip(_STENCIL, parts, strict=True))
-    expected = sum(w * w * variance[part] for w, part in zip(_STENCIL, parts, strict=True))
-    return value[use] / np.sqrt(expected[use])
+    # accumulated in place, in the order (and so to the bit) of a plain sum of the terms
+    value = _STENCIL[0] * image[parts[0]]
+    expected = _STENCIL[0] ** 2 * variance[parts[0]]
+    term = np.empty_like(value)
+    for w, part in zip(_STENCIL[1:], parts[1:], strict=True):
+        value += np.multiply(w, image[part], out=term)
+        expected += np.multiply(w * w, variance[part], out=term)
+    del term
+    value = value[use]
+    value /= np.sqrt(expected[use])
+    return value
 
 
 def _pixel_scale_estimate(
@@ -185,7 +203,7 @@ def _pixel_scale_estimate(
     for axis in (1, 0):
         pulls = _second_difference_pulls(image, variance, good, axis)
         if pulls.size >= 100:
-            values.append(float(mad_std(pulls) ** 2))
+            values.append(float(_mad_std_consumed(pulls) ** 2))
     return float(np.mean(values)) if values else math.nan
 
 

@@ -48,3 +48,28 @@ def test_capped_work_runs_on_one_thread_and_gives_the_same_numbers():
     finally:
         set_thread_limit(None)
     np.testing.assert_allclose(capped, free, rtol=1e-5, atol=1e-4 * float(np.abs(free).max()))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_large_blocks_are_returned_to_the_system_when_freed():
+    import sys
+
+    import pytest
+
+    from core.parallel import MMAP_THRESHOLD, large_blocks_to_mmap
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt is Linux only")
+    assert large_blocks_to_mmap()
+    # a block above the threshold, then a small one after it (on the heap it would be
+    # pinned below the small one): freeing the large one must give its pages back
+    large = np.ones(MMAP_THRESHOLD + (4 << 20), dtype=np.uint8)
+    small = np.ones(1 << 16, dtype=np.uint8)
+    before = _rss_bytes()
+    del large
+    assert before - _rss_bytes() >= MMAP_THRESHOLD
+    del small

@@ -16,7 +16,14 @@ from scipy.spatial import cKDTree
 
 from core.background import _cell_stats, background_map
 from core.config import DetectionConfig, SourcesConfig
-from core.detection import _disc_dilate, _footprints, _grow, _local_maxima, detect_sources
+from core.detection import (
+    _disc_dilate,
+    _footprint_pixels,
+    _footprints,
+    _grow,
+    _local_maxima,
+    detect_sources,
+)
 from core.errors import InsufficientSourcesError, InvalidCatalogError
 from core.exposure import Exposure
 from core.measure import _interp_at, _negative_side_sigma, measure_sources
@@ -601,6 +608,11 @@ def test_footprints_match_plain_labelling():
                     ref, n_ref = _reference_footprints(snr, threshold, min_pixels, negative)
                     assert n == n_ref
                     np.testing.assert_array_equal(labels, ref)
+                # the kept pixels alone (detection's first pass) are the same pieces
+                where, values, n, _ = _footprint_pixels(snr, threshold, min_pixels, negative)
+                kept = values > 0
+                np.testing.assert_array_equal(where[kept], np.flatnonzero(ref))
+                np.testing.assert_array_equal(values[kept], ref.ravel()[np.flatnonzero(ref)])
     # both paths were taken, on either side
     assert max(np.mean(snr >= 3.0), np.mean(snr <= -3.0)) < 0.02 < np.mean(snr <= -1.2)
 

@@ -166,3 +166,32 @@ def test_static_sky_in_sky_measured_noise_does_not_bias_the_output_noise(mode):
             assert ratio and ratio[0] < 0.95
     assert 0.9 <= figures[0] <= 1.1
     assert figures[1] == pytest.approx(figures[0], abs=0.03)
+
+
+def test_in_place_helpers_match_their_plain_versions():
+    """The consumed-input MAD and the in-place stencil sums give the plain code's
+    numbers to the bit (float32 and float64 inputs)."""
+    from astropy.stats import mad_std as plain_mad_std
+
+    from core.variance import _STENCIL, _mad_std_consumed, _second_difference_pulls
+
+    rng = np.random.default_rng(21)
+    for dtype in (np.float32, np.float64):
+        values = rng.standard_t(4, 100_001).astype(dtype)
+        expected = plain_mad_std(values) ** 2
+        got = _mad_std_consumed(values.copy()) ** 2
+        assert type(got) is type(expected) and got == expected
+    image = rng.normal(size=(60, 70))
+    variance = rng.uniform(0.5, 2.0, image.shape)
+    good = rng.random(image.shape) > 0.1
+    n = _STENCIL.size
+    for axis in (1, 0):
+        width = image.shape[axis] - n + 1
+        parts = [np.s_[:, i : i + width] if axis else np.s_[i : i + width] for i in range(n)]
+        use = np.logical_and.reduce([good[p] for p in parts])
+        value = sum(w * image[p] for w, p in zip(_STENCIL, parts, strict=True))
+        expected = sum(w * w * variance[p] for w, p in zip(_STENCIL, parts, strict=True))
+        np.testing.assert_array_equal(
+            _second_difference_pulls(image, variance, good, axis),
+            value[use] / np.sqrt(expected[use]),
+        )
