@@ -127,11 +127,14 @@ def _run_case(
         import sys
 
         sys.path.insert(0, root)
+    from core import parallel
     from core.config import SubtractionConfig
     from core.evaluate import measure_quality
     from core.simulate import preset, simulate_pair
     from core.subtract import run_subtraction
 
+    # as the CLI and the worker do at start (a baseline from before it has no such call)
+    getattr(parallel, "large_blocks_to_mmap", lambda: None)()
     t0 = time.perf_counter()
     pair = simulate_pair(preset("varying", size=size, seed=seed))
     t_sim = time.perf_counter() - t0

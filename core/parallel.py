@@ -1,7 +1,8 @@
 """Threads for frame-wide numpy work: numpy and scipy.fft release the GIL in their loops,
 so independent blocks of rows (or tiles) run on all cores from one process.
 
-Also sets where glibc puts large blocks (`large_blocks_to_mmap`, on import).
+`large_blocks_to_mmap` sets where glibc puts large blocks; the CLI and the worker call
+it at start (a process-wide setting: an application's choice, not a library import's).
 """
 
 from __future__ import annotations
@@ -95,6 +96,3 @@ def large_blocks_to_mmap(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-
-
-large_blocks_to_mmap()
