@@ -408,7 +408,7 @@ def test_spline_shortcuts_match_fitpack_and_bilinear_reference():
     """The basis-product evaluations of a bent map equal scipy's direct ones."""
     from scipy.interpolate import RectBivariateSpline, RegularGridInterpolator
 
-    from core.warp import _ColumnSpline, _GridRows, _Smooth, _spline_grid
+    from core.warp import _ColumnSpline, _GridRows, _Positions, _spline_grid
 
     rng = np.random.default_rng(12)
     ys, xs = np.linspace(0, 299, 7), np.linspace(0, 399, 9)
@@ -428,15 +428,19 @@ def test_spline_shortcuts_match_fitpack_and_bilinear_reference():
     u_ref, v_ref = pixel_map.on_grid(np.arange(400.0), block)
     np.testing.assert_allclose(u, u_ref, atol=1e-11)
     np.testing.assert_allclose(v, v_ref, atol=1e-11)
-    # node values read back bilinearly, a block of rows and a slice of columns at a time
+    # positions slope x + start(row) + node values read back bilinearly, in fixed point
+    # (2^-20 px), a block of rows and a slice of columns at a time
     values = rng.normal(size=(7, 9))
-    smooth = _Smooth(ys, xs, values, 400)
+    positions = _Positions(1.37, 400, ys, xs, values)
     at = np.arange(40.0, 47.0)
+    start = 3.3 - 0.21 * at
     reference = RegularGridInterpolator((ys, xs), values)
     gy, gx = np.meshgrid(at, np.arange(100.0, 180.0), indexing="ij")
-    np.testing.assert_allclose(
-        smooth.rows(at, 100, 180), reference((gy, gx)), rtol=1e-12, atol=1e-12
-    )
+    expected = reference((gy, gx)) + 1.37 * gx + start[:, None]
+    np.testing.assert_allclose(positions.values(at, start, 100, 180), expected, atol=2e-6)
+    # affine: no correction, exact to the two roundings
+    plain = _Positions(-0.8, 400).values(at, start, 100, 180)
+    np.testing.assert_allclose(plain, -0.8 * gx + start[:, None], atol=1.01 / 2**20)
 
 
 def test_doubling_dilation_equals_shifted_ors():
