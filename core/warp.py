@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -540,9 +541,9 @@ def _take_pairs(pairs: np.ndarray, base, step: int, q, out) -> None:
     add serve both planes.
     """
     table = _pair_table()
-    got = np.empty(base.shape, dtype=np.uint64)
+    got = _scratch("got", base.shape, np.uint64)
     pair = got.view(np.float32).reshape(base.shape + (2,))
-    got_weights = np.empty(base.shape, dtype=np.uint64)
+    got_weights = _scratch("got weights", base.shape, np.uint64)
     weights = got_weights.view(np.float32).reshape(base.shape + (2,))
     for k in range(_TAPS):
         # tap k of every pixel: the same indices into the array shifted by k steps
@@ -593,14 +594,38 @@ def _oriented_view(plane: np.ndarray, transpose: bool, flip_x: bool, flip_y: boo
     return plane
 
 
+_scratch_space = threading.local()
+
+
+def _scratch(slot: str, shape, dtype=np.float32) -> np.ndarray:
+    """A reusable per-thread buffer for a block's temporaries, viewed as ``shape``.
+
+    A block's temporaries are a few hundred kB: fresh ones come from the system (mmap)
+    and are page-faulted in on every block, which costs as much as the arithmetic on
+    them. Kept per thread (slot names distinguish buffers live at the same time) until
+    `_in_parallel` returns.
+    """
+    dtype = np.dtype(dtype)
+    need = math.prod(shape) * dtype.itemsize
+    buffers = _scratch_space.__dict__
+    buffer = buffers.get(slot)
+    if buffer is None or buffer.size < need:
+        buffer = np.empty(need, dtype=np.uint8)  # malloc alignment: any dtype's view is aligned
+        buffers[slot] = buffer
+    return buffer[:need].view(dtype).reshape(shape)
+
+
 def _in_parallel(task, starts) -> None:
     """Run ``task(start)`` for every block start on a thread per core (numpy drops the GIL)."""
     workers = min(n_threads(), len(starts))
     if workers <= 1:
-        for start in starts:
-            task(start)
+        try:
+            for start in starts:
+                task(start)
+        finally:
+            _scratch_space.__dict__.clear()  # this thread lives on: free its buffers
         return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # its threads take their buffers
         for _ in pool.map(task, starts):
             pass
 
@@ -669,7 +694,7 @@ def _tap_starts(p: np.ndarray, last: int) -> tuple[np.ndarray, np.ndarray]:
     (it is NO_DATA whatever its weights). The table row is the nearest 1/8192 px.
     """
     np.clip(p, 0, ((last + 1) << _FIX) - 1, out=p)
-    q = p & (_FIX_ONE - 1)
+    q = np.bitwise_and(p, _FIX_ONE - 1, out=_scratch("table rows", p.shape, np.int64))
     q += 1 << (_TABLE_SHIFT - 1)
     q >>= _TABLE_SHIFT
     p >>= _FIX
@@ -719,17 +744,28 @@ class _Positions:
         self.rise = np.diff(self.along, axis=0)  # from each node row to the next
 
     def __call__(self, rows: np.ndarray, start: np.ndarray, x0: int = 0, x1: int | None = None):
-        """(len(rows), x1 - x0) int64 positions at columns x0 ... x1 - 1; start per row (px)."""
+        """(len(rows), x1 - x0) int64 positions at columns x0 ... x1 - 1; start per row (px).
+
+        The result is a per-thread scratch buffer (`_scratch`), valid until the next call.
+        """
         first = _fixed(start)[:, None]
+        columns = np.s_[x0 : self.along.shape[1] if x1 is None else x1]
+        width = self.along[0, columns].size
+        out = _scratch("positions", (len(rows), width), np.int64)
         if self.row_nodes is None:
-            return self.along[0, x0:x1] + first
+            np.add(self.along[0, columns], first, out=out)
+            return out
         nodes = self.row_nodes
         k = np.clip(np.searchsorted(nodes, rows, side="right") - 1, 0, len(nodes) - 2)
         weight = np.rint((rows - nodes[k]) / np.diff(nodes)[k] * (1 << _BLEND_BITS))
-        out = self.rise[k, x0:x1]
-        out *= weight.astype(np.int64)[:, None]
-        out >>= _BLEND_BITS
-        out += self.along[k, x0:x1]
+        weight = weight.astype(np.int64)[:, None]
+        # rows between the same two nodes share their slices (a block spans one or a few)
+        edges = np.flatnonzero(np.diff(k)) + 1
+        for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(rows)], strict=True):
+            band = out[lo:hi]
+            np.multiply(self.rise[k[lo], columns], weight[lo:hi], out=band)
+            band >>= _BLEND_BITS
+            band += self.along[k[lo], columns]
         out += first
         return out
 
@@ -881,9 +917,9 @@ def _warp_affine(
     v_at = _Positions(d, nx, *(dv or ()))
     rows = np.arange(j_lo, j_hi + 1)
     chunk = max(1, _CHUNK_PIXELS // nx)
+    flat_source = source.view(np.uint64).ravel()  # a pixel's (image, variance) an element
     # the intermediate image keeps the pairs interleaved for pass 2's gathers
     middle = np.empty((rows.size, nx, 2), dtype=np.float32)
-    flat_source = source.view(np.uint64).ravel()
 
     # pass 2 reads, in column x, rows around v(x, y) for y in the output: only there
     # does pass 1 need that column (a turned grid's band of rows is a parallelogram)
@@ -911,6 +947,7 @@ def _warp_affine(
         _take_pairs(flat_source, first, 1, q, block[:, x0:x1])
 
     _in_parallel(along_rows, range(0, rows.size, chunk))
+    del source, flat_source  # the intermediate and the outputs take its place
     # pass 1 reads row j at U(j) = u + (b / e)(j - v), up to |b / e| ORDER columns from u;
     # flips mirror the reach, so it is taken symmetric (at most a pixel too wide; one more
     # for a bending map, whose local slope departs a little from b / e)
@@ -940,7 +977,7 @@ def _warp_affine(
         first, q = _tap_starts(v_at(y, first, x0, x1), rows.size - _TAPS)
         first *= nx
         first += x_index[None, x0:x1]
-        pairs = np.empty(first.shape + (2,), dtype=np.float32)
+        pairs = _scratch("pairs", first.shape + (2,))
         _take_pairs(flat_middle, first, nx, q, pairs)
         block = np.s_[start : start + tile_y, x0:x1]
         out_image[block] = pairs[..., 0]
@@ -1052,7 +1089,7 @@ def _warp_mask(mask, no_data_bits: int, index_map: PixelMap, ny, nx, footprint) 
     """
     out = np.zeros((ny, nx), dtype=np.int32)
     keep = np.int32(~np.int32(no_data_bits))
-    budget = ny * nx // _SPARSE_MASK_SHARE
+    budget = int(ny * nx / _SPARSE_MASK_SHARE)
     window = _scatter_window(index_map, footprint, ny, nx)
     points = None
     if window is not None:
@@ -1173,7 +1210,18 @@ def _scatter_mask(mask, keep, points, index_map: PixelMap, footprint, window, ou
 
 
 def _taylor(spline, x, y, dx, dy) -> np.ndarray:
-    """``spline`` (built as f(y, x)) at (x + dx, y + dy) to second order about each (x, y)."""
+    """``spline`` (built as f(y, x)) at (x + dx, y + dy) to second order about each (x, y).
+
+    Beyond its knots the spline is constant (fitpack clamps the points): points and
+    centres are clamped alike, so the expansion is of the smooth part inside.
+    """
+    ty, tx, _ = spline.tck
+    ky, kx = spline.degrees
+    x_range, y_range = (tx[kx], tx[-kx - 1]), (ty[ky], ty[-ky - 1])
+    cx, cy = np.clip(x, *x_range), np.clip(y, *y_range)
+    dx = np.clip(x[:, None] + dx, *x_range) - cx[:, None]
+    dy = np.clip(y[:, None] + dy, *y_range) - cy[:, None]
+    x, y = cx, cy
 
     def ev(order_y: int, order_x: int) -> np.ndarray:
         return spline.ev(y, x, dx=order_y, dy=order_x)[:, None]

@@ -468,3 +468,57 @@ def test_doubling_dilation_equals_shifted_ors():
             for s in range(1, reach_y[1] + 1):
                 expected[:-s] |= rows[s:]
             np.testing.assert_array_equal(_or_dilate(mask, reach_x, reach_y), expected)
+
+
+def _mask_reference(mask, keep, index_map, ny, nx, footprint):
+    """Per output pixel: the OR of the kept bits over its taps' box around floor(u), floor(v)."""
+    (lo_x, hi_x), (lo_y, hi_y) = footprint
+    h, w = mask.shape
+    out = np.zeros((ny, nx), dtype=np.int32)
+    for y in range(ny):
+        for x in range(nx):
+            u, v = index_map(float(x), float(y))
+            bu, bv = int(math.floor(u)), int(math.floor(v))
+            if 0 <= bu < w and 0 <= bv < h:
+                box = mask[max(bv - lo_y, 0) : bv + hi_y + 1, max(bu - lo_x, 0) : bu + hi_x + 1]
+                out[y, x] = np.bitwise_or.reduce(box & keep, axis=None)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["shift", "turned", "flipped", "bent"])
+def test_mask_scatter_and_gather_equal_a_per_pixel_or(kind, monkeypatch):
+    """The sparse (scatter) and dense (grow and gather) mask paths give the reference's bits."""
+    import core.warp as warp
+
+    rng = np.random.default_rng(13)
+    h, w, ny, nx = 50, 60, 44, 56
+    mask = np.zeros((h, w), dtype=np.int32)
+    mask.ravel()[rng.integers(0, h * w, 40)] |= 2
+    mask.ravel()[rng.integers(0, h * w, 25)] |= 1 | 256  # BAD and NO_DATA together
+    mask[:, 17] |= 4
+    mask[:3] |= 256  # NO_DATA only: carried by the image's NaN, not by these bits
+    maps = {
+        "shift": PixelMap.affine(np.eye(2), (3.37, -2.61)),
+        "turned": PixelMap.affine(_rotation(30.0, 1 / 1.02), (12.3, -8.6)),
+        "flipped": PixelMap.affine(_rotation(170.0, 1.03), (55.1, 47.4)),
+        "bent": _bent_map(0.4),
+    }
+    index_map = maps[kind]
+    footprint = ((5, 5), (2, 3)) if kind != "shift" else ((2, 3), (2, 3))
+    keep = ~np.int32(256)
+    expected = _mask_reference(mask, keep, index_map, ny, nx, footprint)
+    assert expected.any() and (expected & 256 == 0).all()
+    results = {}
+    for path, share in (("scatter", 1e-6), ("gather", 1e12)):
+        monkeypatch.setattr(warp, "_SPARSE_MASK_SHARE", share)
+        calls = []
+        for name in ("_scatter_mask", "_gather_mask"):
+            original = getattr(warp, name)
+            monkeypatch.setattr(
+                warp, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
+            )
+        results[path] = warp._warp_mask(mask, 256, index_map, ny, nx, footprint)
+        assert calls == [f"_{path}_mask"]
+        monkeypatch.undo()
+    np.testing.assert_array_equal(results["scatter"], expected)
+    np.testing.assert_array_equal(results["gather"], expected)
