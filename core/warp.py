@@ -873,7 +873,10 @@ def _smooth_corrections(index_map: PixelMap, orientation, m, t, ny, nx, hp):
     gx, gj = np.meshgrid(xn, jn)
     y = (gj - d * gx - t[1]) / e
     for _ in range(6):  # Newton on v(x, y) = j; the slope is e up to the small residual
-        y -= (v_at(y) - gj) / e
+        step = (v_at(y) - gj) / e
+        y -= step
+        if np.abs(step).max() < 1e-7:  # converged (fixed point resolves 1e-6 px)
+            break
     u_exact = mu * gx + nu * y + tu + residual_u(y)
     alpha = (a * e - b * d) / e
     du = u_exact - (alpha * gx + (b / e) * (gj - t[1]) + t[0])
@@ -1100,8 +1103,12 @@ def _warp_mask(mask, no_data_bits: int, index_map: PixelMap, ny, nx, footprint) 
         return out
     kept = np.empty_like(mask)
     np.bitwise_and(mask, keep, out=kept)
-    if kept.any():
-        _gather_mask(kept, index_map, footprint, out)
+    used = int(np.bitwise_or.reduce(kept, axis=None))
+    if used:
+        # the planes in use fit a byte (Rubin's default ones but NO_DATA do): a quarter of
+        # the memory for the growth and the gather to stream through
+        small = np.uint8 if used < 1 << 8 else np.uint16 if used < 1 << 16 else None
+        _gather_mask(kept if small is None else kept.astype(small), index_map, footprint, out)
     return out
 
 
@@ -1173,7 +1180,7 @@ def _scatter_mask(mask, keep, points, index_map: PixelMap, footprint, window, ou
     m, t = index_map.matrix, index_map.offset
     inverse = np.linalg.inv(m)
     flat_out = out.ravel()
-    step = max(1, (1 << 20) // offset_x.size)  # a million candidates a block
+    step = max(1, (1 << 16) // offset_x.size)  # 64k candidates a block: temporaries in cache
     for start in range(0, points.size, step):
         chunk = points[start : start + step]
         py, px = np.divmod(chunk, w)
@@ -1232,13 +1239,16 @@ def _taylor(spline, x, y, dx, dy) -> np.ndarray:
 
 
 def _gather_mask(mask, index_map: PixelMap, footprint, out) -> None:
-    """Grow the bits over the footprint, then read them at every output's base (in place)."""
+    """Grow the bits over the footprint, then read them at every output's base (in place).
+
+    ``mask`` may be of a narrower integer type than ``out`` (int32) when its bits fit.
+    """
     ny, nx = out.shape
     # a pixel at base index b reads b - lo ... b + hi: OR the bits over that window
     grown = _or_dilate(mask, footprint[0], footprint[1])
     h, w = mask.shape
     # a zero border: bases off the input read 0 there (those pixels are NO_DATA anyway)
-    padded = np.zeros((h + 2, w + 2), dtype=np.int32)
+    padded = np.zeros((h + 2, w + 2), dtype=grown.dtype)
     padded[1:-1, 1:-1] = grown
     if index_map.is_affine and np.array_equal(index_map.matrix, np.eye(2)):
         # a shift: base index = output index + floor(offset), as _warp_translation takes it
@@ -1264,7 +1274,10 @@ def _gather_mask(mask, index_map: PixelMap, footprint, out) -> None:
         v *= w + 2
         v += u
         v += 1
-        flat.take(v.astype(np.int64), out=out[start : start + len(ys)])
+        if flat.dtype == out.dtype:
+            flat.take(v.astype(np.int64), out=out[start : start + len(ys)])
+        else:
+            out[start : start + len(ys)] = flat.take(v.astype(np.int64))
 
     _in_parallel(block, range(0, ny, chunk))
 

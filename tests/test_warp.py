@@ -497,6 +497,9 @@ def test_mask_scatter_and_gather_equal_a_per_pixel_or(kind, monkeypatch):
     mask.ravel()[rng.integers(0, h * w, 25)] |= 1 | 256  # BAD and NO_DATA together
     mask[:, 17] |= 4
     mask[:3] |= 256  # NO_DATA only: carried by the image's NaN, not by these bits
+    # planes beyond a byte (or two) take the wider types of the gather path
+    wide = {"turned": 1 << 20, "flipped": 1 << 12}.get(kind, 0)
+    mask.ravel()[rng.integers(0, h * w, 10)] |= wide
     maps = {
         "shift": PixelMap.affine(np.eye(2), (3.37, -2.61)),
         "turned": PixelMap.affine(_rotation(30.0, 1 / 1.02), (12.3, -8.6)),
