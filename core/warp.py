@@ -532,6 +532,62 @@ def _interleaved(
     return pairs
 
 
+class _RowSource:
+    """The padded input's rows as (image, variance) pairs, a block of rows at a time.
+
+    Pass 1 reads each input row in one block only, so the pairs are interleaved block by
+    block into a per-thread buffer (cache-sized; no frame-sized copy, which would cost
+    134 MB at 4096^2 and its page faults). A transposed input reads its rows down the
+    columns of the arrays: one frame-wide `_interleaved` copy then reads them once.
+    ``orient`` and ``unusable`` as in `_interleaved`.
+    """
+
+    def __init__(self, image, variance, orient, unusable=None):
+        self.planes = [_oriented_view(plane, *orient) for plane in (image, variance)]
+        h, w = self.planes[0].shape
+        self.shape = (h + 2 * _PAD, w + 2 * _PAD)
+        self.mask = None
+        if unusable is not None and unusable[1]:
+            self.mask = _oriented_view(unusable[0], *orient)
+            self.bits = unusable[1]
+        self.unusable = unusable is not None
+        self.whole = None
+        if orient[0]:
+            self.whole = _interleaved(image, variance, orient, unusable)
+            self.flat = self.whole.view(np.uint64).ravel()
+
+    def rows(self, j0: int, j1: int, c0: int, c1: int) -> tuple[np.ndarray, int]:
+        """(flat pairs, row stride): padded pixel (j, c) of rows j0 ... j1 - 1 and columns
+        c0 ... c1 - 1 at index (j - j0) stride + c - c0, a uint64 element each."""
+        wp = self.shape[1]
+        if self.whole is not None:
+            return self.flat[j0 * wp + c0 :], wp
+        out = _scratch("source rows", (j1 - j0, c1 - c0), np.uint64)
+        pairs = out.view(np.float32).reshape(out.shape + (2,))
+        h, w = self.shape[0] - 2 * _PAD, wp - 2 * _PAD
+        # the input inside the window; NaN elsewhere (the border, as `_interleaved` has)
+        r0, r1 = max(j0, _PAD), min(j1, h + _PAD)
+        s0, s1 = max(c0, _PAD), min(c1, w + _PAD)
+        if r1 <= r0 or s1 <= s0:
+            pairs[...] = np.nan
+            return out.ravel(), c1 - c0
+        pairs[: r0 - j0] = np.nan
+        pairs[r1 - j0 :] = np.nan
+        pairs[:, : s0 - c0] = np.nan
+        pairs[:, s1 - c0 :] = np.nan
+        inner = pairs[r0 - j0 : r1 - j0, s0 - c0 : s1 - c0]
+        rows, cols = np.s_[r0 - _PAD : r1 - _PAD], np.s_[s0 - _PAD : s1 - _PAD]
+        for n, plane in enumerate(self.planes):
+            inner[..., n] = plane[rows, cols]
+        if self.unusable:
+            bad = ~np.isfinite(inner[..., 0])
+            if self.mask is not None:
+                bad |= (self.mask[rows, cols] & self.bits) != 0
+            if bad.any():
+                inner[bad] = np.nan
+        return out.ravel(), c1 - c0
+
+
 def _take_pairs(pairs: np.ndarray, base, step: int, q, out) -> None:
     """out = sum_k (w_k, w_k^2) * src[base + k step]: image and variance, w_k = table[k, q].
 
@@ -900,8 +956,8 @@ def _warp_affine(
     = (mask, bits): input pixels with those bits read as NaN (see `_interleaved`).
     """
     transpose, flip_x, flip_y, m, t = _dihedral(matrix, offset, image.shape)
-    source = _interleaved(image, variance, (transpose, flip_x, flip_y), unusable)
-    hp, wp = source.shape[:2]
+    source = _RowSource(image, variance, (transpose, flip_x, flip_y), unusable)
+    hp, wp = source.shape
     (a, b), (d, e) = m
     c, f = t[0] + _PAD, t[1] + _PAD  # padded input coordinates
     # pass 1 along input rows j: the output column x meets row j at u = alpha x + beta_j
@@ -920,7 +976,6 @@ def _warp_affine(
     v_at = _Positions(d, nx, *(dv or ()))
     rows = np.arange(j_lo, j_hi + 1)
     chunk = max(1, _CHUNK_PIXELS // nx)
-    flat_source = source.view(np.uint64).ravel()  # a pixel's (image, variance) an element
     # the intermediate image keeps the pairs interleaved for pass 2's gathers
     middle = np.empty((rows.size, nx, 2), dtype=np.float32)
 
@@ -946,11 +1001,15 @@ def _warp_affine(
             return
         first = (b / e) * (j - f) + c - (_ORDER - 1)
         first, q = _tap_starts(u_at(j.astype(np.float64), first, x0, x1), wp - _TAPS)
-        first += (j * wp)[:, None]
-        _take_pairs(flat_source, first, 1, q, block[:, x0:x1])
+        # the columns these rows' taps read
+        c0, c1 = int(first.min()), int(first.max()) + _TAPS
+        pairs, stride = source.rows(int(j[0]), int(j[-1]) + 1, c0, c1)
+        first -= c0
+        first += (np.arange(len(j)) * stride)[:, None]
+        _take_pairs(pairs, first, 1, q, block[:, x0:x1])
 
     _in_parallel(along_rows, range(0, rows.size, chunk))
-    del source, flat_source  # the intermediate and the outputs take its place
+    del source  # the intermediate and the outputs take its place
     # pass 1 reads row j at U(j) = u + (b / e)(j - v), up to |b / e| ORDER columns from u;
     # flips mirror the reach, so it is taken symmetric (at most a pixel too wide; one more
     # for a bending map, whose local slope departs a little from b / e)
