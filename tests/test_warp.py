@@ -243,6 +243,13 @@ def _direct_lanczos(image, variance, pixel_map, shape):
         # two passes (Catmull-Smith) differ from the 2-D sum by interpolation error only
         ("affine", _rotation(30.0, 1 / 1.02), (20.3, -8.6), 5e-3),
         ("near identity", _rotation(0.3, 1.001), (2.3, 1.6), 2e-3),
+        # past 45 degrees: the input is read transposed and flipped (frame-wide copy)
+        (
+            "turned 100",
+            _rotation(100.0, 1.01),
+            tuple(np.array([23.6, 24.2]) - _rotation(100.0, 1.01) @ np.array([19.5, 19.5])),
+            5e-3,
+        ),
     ],
 )
 def test_fast_paths_match_a_direct_per_pixel_lanczos_sum(kind, matrix, offset, image_tol):
