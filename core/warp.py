@@ -422,36 +422,62 @@ def _shifted_residual(pixel_map: PixelMap, xy0) -> tuple | None:
 
 
 def _jacobian_determinant(index_map: PixelMap, ny: int, nx: int):
-    """|det J| of the map: a scalar for affine maps, else an (ny, nx) float32 image."""
+    """|det J| of the map: a float32 scalar for affine maps, else a `_Determinant`."""
     if index_map.is_affine:
         return np.float32(abs(np.linalg.det(index_map.matrix)))
-    xs = _nodes(0, nx - 1, 64)
-    ys = _nodes(0, ny - 1, 64)
-    u_right, v_right = index_map.on_grid(xs + 0.5, ys)
-    u_left, v_left = index_map.on_grid(xs - 0.5, ys)
-    u_up, v_up = index_map.on_grid(xs, ys + 0.5)
-    u_down, v_down = index_map.on_grid(xs, ys - 0.5)
-    dets = np.abs((u_right - u_left) * (v_up - v_down) - (u_up - u_down) * (v_right - v_left))
-    spline = RectBivariateSpline(ys, xs, dets, kx=3, ky=3)
-    return _spline_grid(spline, np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64))
+    return _Determinant(index_map, ny, nx)
 
 
-def _spline_grid(spline, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """``spline(ys, xs)`` in float32: the tensor-product B-spline as two matrix products.
+def _along_columns(col_nodes: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Node rows ``values`` (rows, len(col_nodes)) interpolated linearly to columns 0 ... n - 1."""
+    columns = np.arange(n, dtype=np.float64)
+    index = np.clip(np.searchsorted(col_nodes, columns, side="right") - 1, 0, len(col_nodes) - 2)
+    frac = (columns - col_nodes[index]) / np.diff(col_nodes)[index]
+    # take (C order, unlike fancy indexing on axis 1): a block's rows are then contiguous
+    left = values.take(index, axis=1)
+    along = values.take(index + 1, axis=1)
+    along -= left
+    along *= frac
+    along += left
+    return along
 
-    Evaluating a frame-sized grid point by point (fitpack) costs a second or so; the
-    dense basis matrices (a few dozen columns) turn it into BLAS products.
+
+class _Determinant:
+    """|det J| of a non-affine map on the output grid, a block of rows at a time.
+
+    Exact (central differences of the map) on nodes every `_SMOOTH_STEP` px, read back
+    bilinearly: a WCS map's Jacobian varies over thousands of pixels, so the error is
+    ~1e-9 of it, and no frame-sized image (nor a frame-sized spline product) is made.
     """
-    t1, t2, c = spline.tck
-    k1, k2 = spline.degrees
-    b1, b2 = _basis(ys, t1, k1), _basis(xs, t2, k2)
-    # the bases sum to 1, so a constant comes out of the coefficients: the float32 product
-    # then only carries the small variation, to float32 rounding of the whole
-    level = float(np.float32(np.median(c)))  # exact in float32
-    left = b1 @ (c.reshape(b1.shape[1], b2.shape[1]) - level)
-    out = np.matmul(left.astype(np.float32), b2.T.astype(np.float32))
-    out += np.float32(level)
-    return out
+
+    def __init__(self, index_map: PixelMap, ny: int, nx: int):
+        step = max(1, min(_SMOOTH_STEP, (max(nx, ny) - 1) // 64))
+        xs, ys = _nodes(0, nx - 1, step), _nodes(0, ny - 1, step)
+        u_right, v_right = index_map.on_grid(xs + 0.5, ys)
+        u_left, v_left = index_map.on_grid(xs - 0.5, ys)
+        u_up, v_up = index_map.on_grid(xs, ys + 0.5)
+        u_down, v_down = index_map.on_grid(xs, ys - 0.5)
+        dets = np.abs(
+            (u_right - u_left) * (v_up - v_down) - (u_up - u_down) * (v_right - v_left)
+        )
+        self.row_nodes, self.shape = ys, (ny, nx)
+        self.along = _along_columns(xs, dets, nx).astype(np.float32)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start, nx) float32: rows start ... stop - 1."""
+        rows = np.arange(start, min(stop, self.shape[0]), dtype=np.float64)
+        nodes = self.row_nodes
+        k = np.clip(np.searchsorted(nodes, rows, side="right") - 1, 0, len(nodes) - 2)
+        weight = ((rows - nodes[k]) / np.diff(nodes)[k]).astype(np.float32)[:, None]
+        out = self.along[k + 1]
+        out -= self.along[k]
+        out *= weight
+        out += self.along[k]
+        return out
+
+    def image(self) -> np.ndarray:
+        """The whole (ny, nx) float32 image (for tests and references)."""
+        return self.rows(0, self.shape[0])
 
 
 def _basis(points: np.ndarray, knots: np.ndarray, k: int) -> np.ndarray:
@@ -474,7 +500,7 @@ def _finish(out_image, out_var, det, mask, no_data: np.int32) -> None:
     def block(start: int) -> None:
         rows = np.s_[start : start + chunk]
         image, var, flagged = out_image[rows], out_var[rows], bad[rows]
-        scale = det if np.ndim(det) == 0 else det[rows]
+        scale = det.rows(start, start + chunk) if isinstance(det, _Determinant) else det
         image *= scale
         var *= scale * scale
         np.isnan(image, out=flagged)
@@ -785,16 +811,7 @@ class _Positions:
         if values is None:
             self.along = _fixed(slope * columns)[None, :]
             return
-        col_index = np.clip(
-            np.searchsorted(col_nodes, columns, side="right") - 1, 0, len(col_nodes) - 2
-        )
-        col_frac = (columns - col_nodes[col_index]) / np.diff(col_nodes)[col_index]
-        # take (C order, unlike fancy indexing on axis 1): a block's rows are then contiguous
-        left = values.take(col_index, axis=1)
-        along = values.take(col_index + 1, axis=1)
-        along -= left
-        along *= col_frac
-        along += left
+        along = _along_columns(col_nodes, values, n)
         along += slope * columns
         self.along = _fixed(along)
         self.rise = np.diff(self.along, axis=0)  # from each node row to the next

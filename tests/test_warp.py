@@ -315,7 +315,7 @@ def test_strongly_bent_map_takes_the_direct_sum():
     covered = np.isfinite(expected_image) & ~warped.masked(["NO_DATA"])
     assert covered.sum() > 400
     # the warp multiplies by its Jacobian determinant (flux tests above check it): divide it out
-    det = _jacobian_determinant(pixel_map, 40, 40).astype(np.float64)
+    det = _jacobian_determinant(pixel_map, 40, 40).image().astype(np.float64)
     np.testing.assert_allclose((warped.image / det)[covered], expected_image[covered], rtol=2e-3)
     np.testing.assert_allclose(
         (warped.variance / det**2)[covered], expected_var[covered], rtol=5e-3
@@ -338,7 +338,7 @@ def test_gently_bent_map_rides_on_the_two_passes():
     expected_image, _ = _direct_lanczos(image, variance, pixel_map, (40, 40))
     covered = np.isfinite(expected_image) & ~warped.masked(["NO_DATA"])
     assert covered.sum() > 400
-    det = _jacobian_determinant(pixel_map, 40, 40).astype(np.float64)
+    det = _jacobian_determinant(pixel_map, 40, 40).image().astype(np.float64)
     error = np.abs(warped.image / det - expected_image)[covered].max() / image.max()
     assert error < 2e-3
     # without the departures (the affine part alone) the same comparison fails
@@ -415,14 +415,28 @@ def test_spline_shortcuts_match_fitpack_and_bilinear_reference():
     """The basis-product evaluations of a bent map equal scipy's direct ones."""
     from scipy.interpolate import RectBivariateSpline, RegularGridInterpolator
 
-    from core.warp import _ColumnSpline, _GridRows, _Positions, _spline_grid
+    from core.warp import _ColumnSpline, _Determinant, _GridRows, _Positions
 
     rng = np.random.default_rng(12)
     ys, xs = np.linspace(0, 299, 7), np.linspace(0, 399, 9)
     spline = RectBivariateSpline(ys, xs, 1 + 0.01 * rng.normal(size=(7, 9)))
-    # the Jacobian image: float32 products around the median level, to float32 rounding
-    grid = _spline_grid(spline, np.arange(300.0), np.arange(400.0))
-    np.testing.assert_allclose(grid, spline(np.arange(300.0), np.arange(400.0)), rtol=2.5e-7)
+    # the Jacobian determinant read back from nodes, against central differences at
+    # every pixel (a gently bent map: a quadratic bend of 0.4 px over 400 px)
+    bend = 0.4 * (xs[None, :] / 399) ** 2 * (1 + 0.5 * ys[:, None] / 299)
+    bent = PixelMap(
+        _rotation(5.0),
+        np.array([2.0, -3.0]),
+        (RectBivariateSpline(ys, xs, bend), RectBivariateSpline(ys, xs, -0.5 * bend)),
+    )
+    gx, gy = np.meshgrid(np.arange(400.0), np.arange(300.0))
+    (u1, v1), (u2, v2) = bent(gx + 0.5, gy), bent(gx - 0.5, gy)
+    (u3, v3), (u4, v4) = bent(gx, gy + 0.5), bent(gx, gy - 0.5)
+    direct = np.abs((u1 - u2) * (v3 - v4) - (u3 - u4) * (v1 - v2))
+    determinant = _Determinant(bent, 300, 400)
+    # (within a node of the edges the differences step past the spline's knots)
+    inner = np.s_[8:-8, 8:-8]
+    np.testing.assert_allclose(determinant.image()[inner], direct[inner], rtol=2e-6)
+    np.testing.assert_array_equal(determinant.rows(37, 52), determinant.image()[37:52])
     # along fixed columns at any rows, rows beyond the knots clamped (as fitpack does)
     columns = np.linspace(0, 399, 11)
     rows = rng.uniform(-20, 320, (13, 11))
