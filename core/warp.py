@@ -13,8 +13,11 @@ output columns: Catmull and Smith's decomposition), six taps each. A gently bent
 map (a WCS pair whose Jacobian stays within 5% of its affine part) rides on the
 same passes, its departures sampled on nodes; a stronger bend takes the direct
 6 x 6 Lanczos sum. Two passes keep the variance exact: each combines pixels the
-previous one left independent. The weights come from a table every 1/8192 px.
-No path has a Python loop over pixels.
+previous one left independent. The weights come from a table every 1/8192 px,
+positions are carried in fixed point, and the passes run in cache-sized blocks on
+all cores. A mask with few set pixels is scattered onto the outputs their taps
+reach; a dense one is grown over the footprint and gathered. No path has a Python
+loop over pixels.
 """
 
 from __future__ import annotations
@@ -352,9 +355,7 @@ def warp_exposure(
     offset = pixel_map.offset + matrix @ np.asarray(xy0, float) - np.asarray(exposure.xy0, float)
     index_map = PixelMap(matrix, offset, _shifted_residual(pixel_map, xy0))
     if index_map.is_affine and np.array_equal(matrix, np.eye(2)):
-        out_image, out_var, footprint = _warp_translation(
-            image, variance, offset, ny, nx, unusable
-        )
+        out_image, out_var, footprint = _warp_translation(image, variance, offset, ny, nx, unusable)
     elif index_map.is_affine:
         out_image, out_var, footprint = _warp_affine(
             image, variance, matrix, offset, ny, nx, unusable=unusable
@@ -364,9 +365,7 @@ def warp_exposure(
             image, variance, matrix, offset, ny, nx, index_map, unusable
         )
     else:
-        out_image, out_var, footprint = _warp_general(
-            image, variance, index_map, ny, nx, unusable
-        )
+        out_image, out_var, footprint = _warp_general(image, variance, index_map, ny, nx, unusable)
     det = _jacobian_determinant(index_map, ny, nx)
     mask = _warp_mask(exposure.mask, no_data_bits, index_map, ny, nx, footprint)
     planes = exposure.mask_planes.copy()
@@ -457,9 +456,7 @@ class _Determinant:
         u_left, v_left = index_map.on_grid(xs - 0.5, ys)
         u_up, v_up = index_map.on_grid(xs, ys + 0.5)
         u_down, v_down = index_map.on_grid(xs, ys - 0.5)
-        dets = np.abs(
-            (u_right - u_left) * (v_up - v_down) - (u_up - u_down) * (v_right - v_left)
-        )
+        dets = np.abs((u_right - u_left) * (v_up - v_down) - (u_up - u_down) * (v_right - v_left))
         self.row_nodes, self.shape = ys, (ny, nx)
         self.along = _along_columns(xs, dets, nx).astype(np.float32)
 
@@ -973,8 +970,10 @@ def _warp_affine(
     = (mask, bits): input pixels with those bits read as NaN (see `_interleaved`).
     """
     transpose, flip_x, flip_y, m, t = _dihedral(matrix, offset, image.shape)
-    source = _RowSource(image, variance, (transpose, flip_x, flip_y), unusable)
-    hp, wp = source.shape
+    reader = _RowSource(image, variance, (transpose, flip_x, flip_y), unusable)
+    hp, wp = reader.shape
+    source: _RowSource | None = reader
+    del reader
     (a, b), (d, e) = m
     c, f = t[0] + _PAD, t[1] + _PAD  # padded input coordinates
     # pass 1 along input rows j: the output column x meets row j at u = alpha x + beta_j
@@ -1020,13 +1019,14 @@ def _warp_affine(
         first, q = _tap_starts(u_at(j.astype(np.float64), first, x0, x1), wp - _TAPS)
         # the columns these rows' taps read
         c0, c1 = int(first.min()), int(first.max()) + _TAPS
+        assert source is not None
         pairs, stride = source.rows(int(j[0]), int(j[-1]) + 1, c0, c1)
         first -= c0
         first += (np.arange(len(j)) * stride)[:, None]
         _take_pairs(pairs, first, 1, q, block[:, x0:x1])
 
     _in_parallel(along_rows, range(0, rows.size, chunk))
-    del source  # the intermediate and the outputs take its place
+    source = None  # the intermediate and the outputs take its place
     # pass 1 reads row j at U(j) = u + (b / e)(j - v), up to |b / e| ORDER columns from u;
     # flips mirror the reach, so it is taken symmetric (at most a pixel too wide; one more
     # for a bending map, whose local slope departs a little from b / e)
@@ -1244,7 +1244,7 @@ def _scatter_window(index_map: PixelMap, footprint, ny: int, nx: int):
 
 
 def _scatter_mask(mask, keep, points, index_map: PixelMap, footprint, window, out) -> None:
-    """OR each set input pixel's bits (those in ``keep``) into the outputs whose taps reach it (in place).
+    """OR each input pixel's bits in ``keep`` into the outputs whose taps reach it (in place).
 
     Candidates come from `_scatter_window` around the pixel's preimage; each is kept if its
     base index (computed as `_GridRows` does) lies in the pixel's tap box and in the input.

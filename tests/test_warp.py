@@ -539,7 +539,7 @@ def test_mask_scatter_and_gather_equal_a_per_pixel_or(kind, monkeypatch):
         for name in ("_scatter_mask", "_gather_mask"):
             original = getattr(warp, name)
             monkeypatch.setattr(
-                warp, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)
+                warp, name, lambda *a, _f=original, _n=name, _c=calls: _c.append(_n) or _f(*a)
             )
         results[path] = warp._warp_mask(mask, 256, index_map, ny, nx, footprint)
         assert calls == [f"_{path}_mask"]
