@@ -1007,11 +1007,25 @@ def _warp_affine(
         lo, hi = sorted((top / d, bottom / d))
         return max(0, math.floor(lo)), min(nx, math.ceil(hi) + 1)
 
+    # a pixel whose taps reach the NaN border is NaN whatever its weights: with u (padded)
+    # below 5 or from the input's width on, taps floor(u) - 2 ... floor(u) + 3 do. Those
+    # are set, not computed (one pixel of margin for rounding, more for a bend)
+    u_inside = (_PAD + 1 - u_at.largest, wp - 2 * _PAD + 1 + u_at.largest)
+    v_inside = (_PAD + 1 - v_at.largest, hp - 2 * _PAD + 1 + v_at.largest)
+
+    def inside_columns(j_first: int, j_last: int, x0: int, x1: int) -> tuple[int, int]:
+        """Columns x0 ... x1 - 1 narrowed to those whose u on rows j_first ... j_last may
+        be inside the input (u = alpha x + beta_j, beta linear in j)."""
+        betas = [(b / e) * (j - f) + c for j in (j_first, j_last)]
+        ends = sorted(((u_inside[0] - max(betas)) / alpha, (u_inside[1] - min(betas)) / alpha))
+        return max(x0, math.floor(ends[0])), min(x1, math.ceil(ends[1]) + 1)
+
     def along_rows(start: int) -> None:
         j = rows[start : start + chunk]
         block = middle[start : start + chunk]
         x0, x1 = needed_columns(int(j[0]), int(j[-1]))
-        block[:, :x0] = np.nan  # never read by pass 2 for a pixel inside the input
+        x0, x1 = inside_columns(int(j[0]), int(j[-1]), x0, x1)
+        block[:, :x0] = np.nan  # never read by pass 2, or NaN whatever
         block[:, max(x0, x1) :] = np.nan
         if x1 <= x0:
             return
@@ -1048,9 +1062,23 @@ def _warp_affine(
     tile_x = nx if abs(d) * nx <= _TILE_DRIFT else max(_TILE_DRIFT, int(_TILE_DRIFT / abs(d)))
     tile_y = max(1, _CHUNK_PIXELS // tile_x)
 
+    def outside(y0: int, y1: int, x0: int, x1: int) -> bool:
+        """True if every output pixel of the tile has a tap on the NaN border (all NaN)."""
+        vs = [d * x + e * y + f for x in (x0, x1 - 1) for y in (y0, y1 - 1)]
+        if max(vs) < v_inside[0] or min(vs) >= v_inside[1]:
+            return True
+        # the intermediate rows the tile reads, and u along them
+        js = (min(vs) - _ORDER - v_at.largest, max(vs) + _ORDER + v_at.largest)
+        us = [alpha * x + (b / e) * (j - f) + c for x in (x0, x1 - 1) for j in js]
+        return max(us) < u_inside[0] or min(us) >= u_inside[1]
+
     def along_columns(corner: tuple[int, int]) -> None:
         start, x0 = corner
         x1 = min(x0 + tile_x, nx)
+        if outside(start, min(start + tile_y, ny), x0, x1):
+            out_image[start : start + tile_y, x0:x1] = np.nan
+            out_var[start : start + tile_y, x0:x1] = np.nan
+            return
         y = np.arange(start, min(start + tile_y, ny), dtype=np.float64)
         first = e * y + f - (_ORDER - 1) - j_lo
         first, q = _tap_starts(v_at(y, first, x0, x1), rows.size - _TAPS)
