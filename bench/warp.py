@@ -9,7 +9,10 @@ beside same-run references: ``scipy.ndimage.map_coordinates`` (order 3) on the s
 frame and an FFT floor (one forward and one inverse real 2-D FFT of the frame,
 float32, scipy.fft on all cores), the cost of a single Fourier convolution.
 ``--baseline`` runs another source tree's warp in the same session (e.g. main's).
-The template has no mask bits, so the mask growth (a dilation and one gather) is not timed.
+The plain kinds' template has no mask bits; ``masked`` (the rotated map) times the mask
+path too: 3000 saturated and 1000 bad pixels, a bad column and a 16 px NO_DATA border,
+and ``detected`` adds DETECTED footprints over a fifth of the pixels (8 x 8 blocks: a
+dense mask, as a template with its detections in the mask has).
 
 Each case runs in its own process (its peak resident memory is its own). alsub's
 warp does image, variance (sum of squared weights), mask (footprint growth),
@@ -72,6 +75,8 @@ def _maps(kind: str, size: int):
     c = (size - 1) / 2.0
     if kind == "translation":
         return PixelMap.affine(np.eye(2), (12.37, -5.61))
+    if kind in ("masked", "detected"):
+        kind = "rotated"
     if kind in ("near_identity", "rotated"):
         angle, scale = (0.01, 1.0001) if kind == "near_identity" else (30.0, 1 / 1.02)
         phi = math.radians(angle)
@@ -95,6 +100,22 @@ def _maps(kind: str, size: int):
     template = Exposure.from_arrays(np.zeros((8, 8)), wcs=template_wcs)
     template.image = science.image
     return PixelMap.from_wcs(science, template)
+
+
+def _add_mask_bits(template, rng, detected: bool) -> None:
+    """Saturated and bad pixels, a bad column, a NO_DATA border (and DETECTED footprints)."""
+    ny, nx = template.shape
+    mask = template.mask
+    mask.ravel()[rng.integers(0, ny * nx, 3000)] |= template.bitmask(["SAT"])
+    mask.ravel()[rng.integers(0, ny * nx, 1000)] |= template.bitmask(["BAD"])
+    mask[:, nx // 3] |= template.bitmask(["BAD"])
+    no_data = template.bitmask(["NO_DATA"])
+    for edge in (np.s_[:16], np.s_[-16:], np.s_[:, :16], np.s_[:, -16:]):
+        mask[edge] |= no_data
+    if detected:  # footprints as 8 x 8 blocks, a fifth of them
+        blocks = rng.random((-(-ny // 8), -(-nx // 8))) < 0.2
+        footprints = np.repeat(np.repeat(blocks, 8, axis=0), 8, axis=1)[:ny, :nx]
+        mask[footprints] |= template.bitmask(["DETECTED"])
 
 
 def _timed(function, repeat: int):
@@ -125,6 +146,8 @@ def _run_case(size: int, kind: str, repeat: int, queue, root: str | None = None)
     template = Exposure.from_arrays(
         image, variance=np.full(image.shape, 4.0, np.float32), psf=GaussianPsf(_SIGMA)
     )
+    if kind in ("masked", "detected"):
+        _add_mask_bits(template, rng, kind == "detected")
     pixel_map = _maps(kind, size)
     # expected: the stars where the map puts them, Jacobian included
     inverse = np.linalg.inv(pixel_map.matrix)
@@ -194,7 +217,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument(
-        "--kinds", nargs="+", default=["translation", "near_identity", "rotated", "wcs"]
+        "--kinds",
+        nargs="+",
+        default=["translation", "near_identity", "rotated", "wcs", "masked", "detected"],
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="write the rows to this file")

@@ -13,14 +13,18 @@ output columns: Catmull and Smith's decomposition), six taps each. A gently bent
 map (a WCS pair whose Jacobian stays within 5% of its affine part) rides on the
 same passes, its departures sampled on nodes; a stronger bend takes the direct
 6 x 6 Lanczos sum. Two passes keep the variance exact: each combines pixels the
-previous one left independent. The weights come from a table every 1/8192 px.
-No path has a Python loop over pixels.
+previous one left independent. The weights come from a table every 1/8192 px,
+positions are carried in fixed point, and the passes run in cache-sized blocks on
+all cores. A mask with few set pixels is scattered onto the outputs their taps
+reach; a dense one is grown over the footprint and gathered. No path has a Python
+loop over pixels.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -31,7 +35,7 @@ from scipy.interpolate import BSpline, RectBivariateSpline
 from .config import WarpConfig
 from .errors import IncompatibleInputsError, InvalidExposureError, PsfError
 from .exposure import Exposure
-from .parallel import n_threads
+from .parallel import n_threads, thread_map
 from .psf import Psf
 
 __all__ = [
@@ -59,6 +63,13 @@ _PAD = _ORDER  # NaN border: any tap that leaves the input reads NaN and marks N
 # sines per pixel (6x cheaper); sampling positions move by at most 6e-5 px (Rubin's warper
 # caches its kernel the same way, every 1e-4 px).
 _TABLE_STEPS = 8192
+# The passes carry positions in fixed point (int64, 2^-20 px): the base pixel and the table
+# row are then a shift and a mask instead of floor, subtract, scale and two conversions.
+# A position is the sum of two rounded terms: it moves by at most 1e-6 px.
+_FIX = 20
+_FIX_ONE = 1 << _FIX
+_TABLE_SHIFT = _FIX - 13  # _TABLE_STEPS = 2^13
+_BLEND_BITS = 24  # fixed-point weight of the row blend of a smooth correction
 
 
 # --------------------------------------------------------------------------- maps
@@ -337,28 +348,26 @@ def warp_exposure(
         raise InvalidExposureError(f"cannot warp onto an empty grid {shape}")
     no_data_bits = exposure.bitmask(["NO_DATA"])
     image, variance = exposure.image, exposure.variance
-    unusable = ~np.isfinite(image) | ((exposure.mask & no_data_bits) != 0)
-    if unusable.any():
-        # NaN spreads through every tap, so any output touching these pixels is NO_DATA
-        image, variance = image.copy(), variance.copy()
-        image[unusable] = np.nan
-        variance[unusable] = np.nan
+    # NO_DATA and non-finite input pixels read as NaN (marked while the passes copy)
+    unusable = (exposure.mask, no_data_bits)
     # input index = input parent - input xy0; output parent = output index + xy0
     matrix = pixel_map.matrix
     offset = pixel_map.offset + matrix @ np.asarray(xy0, float) - np.asarray(exposure.xy0, float)
     index_map = PixelMap(matrix, offset, _shifted_residual(pixel_map, xy0))
     if index_map.is_affine and np.array_equal(matrix, np.eye(2)):
-        out_image, out_var, footprint = _warp_translation(image, variance, offset, ny, nx)
+        out_image, out_var, footprint = _warp_translation(image, variance, offset, ny, nx, unusable)
     elif index_map.is_affine:
-        out_image, out_var, footprint = _warp_affine(image, variance, matrix, offset, ny, nx)
+        out_image, out_var, footprint = _warp_affine(
+            image, variance, matrix, offset, ny, nx, unusable=unusable
+        )
     elif _gently_bent(index_map, ny, nx):
         out_image, out_var, footprint = _warp_affine(
-            image, variance, matrix, offset, ny, nx, index_map
+            image, variance, matrix, offset, ny, nx, index_map, unusable
         )
     else:
-        out_image, out_var, footprint = _warp_general(image, variance, index_map, ny, nx)
+        out_image, out_var, footprint = _warp_general(image, variance, index_map, ny, nx, unusable)
     det = _jacobian_determinant(index_map, ny, nx)
-    mask = _warp_mask(exposure.mask & ~np.int32(no_data_bits), index_map, ny, nx, footprint)
+    mask = _warp_mask(exposure.mask, no_data_bits, index_map, ny, nx, footprint)
     planes = exposure.mask_planes.copy()
     _finish(out_image, out_var, det, mask, np.int32(planes.value("NO_DATA")))
     centre = ((xy0[0] + xy0[0] + nx - 1) / 2.0, (xy0[1] + xy0[1] + ny - 1) / 2.0)
@@ -412,36 +421,61 @@ def _shifted_residual(pixel_map: PixelMap, xy0) -> tuple | None:
 
 
 def _jacobian_determinant(index_map: PixelMap, ny: int, nx: int):
-    """|det J| of the map: a scalar for affine maps, else an (ny, nx) float32 image."""
+    """|det J| of the map: a float32 scalar for affine maps, else a `_Determinant`."""
     if index_map.is_affine:
         return np.float32(abs(np.linalg.det(index_map.matrix)))
-    xs = _nodes(0, nx - 1, 64)
-    ys = _nodes(0, ny - 1, 64)
-    u_right, v_right = index_map.on_grid(xs + 0.5, ys)
-    u_left, v_left = index_map.on_grid(xs - 0.5, ys)
-    u_up, v_up = index_map.on_grid(xs, ys + 0.5)
-    u_down, v_down = index_map.on_grid(xs, ys - 0.5)
-    dets = np.abs((u_right - u_left) * (v_up - v_down) - (u_up - u_down) * (v_right - v_left))
-    spline = RectBivariateSpline(ys, xs, dets, kx=3, ky=3)
-    return _spline_grid(spline, np.arange(ny, dtype=np.float64), np.arange(nx, dtype=np.float64))
+    return _Determinant(index_map, ny, nx)
 
 
-def _spline_grid(spline, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """``spline(ys, xs)`` in float32: the tensor-product B-spline as two matrix products.
+def _along_columns(col_nodes: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Node rows ``values`` (rows, len(col_nodes)) interpolated linearly to columns 0 ... n - 1."""
+    columns = np.arange(n, dtype=np.float64)
+    index = np.clip(np.searchsorted(col_nodes, columns, side="right") - 1, 0, len(col_nodes) - 2)
+    frac = (columns - col_nodes[index]) / np.diff(col_nodes)[index]
+    # take (C order, unlike fancy indexing on axis 1): a block's rows are then contiguous
+    left = values.take(index, axis=1)
+    along = values.take(index + 1, axis=1)
+    along -= left
+    along *= frac
+    along += left
+    return along
 
-    Evaluating a frame-sized grid point by point (fitpack) costs a second or so; the
-    dense basis matrices (a few dozen columns) turn it into BLAS products.
+
+class _Determinant:
+    """|det J| of a non-affine map on the output grid, a block of rows at a time.
+
+    Exact (central differences of the map) on nodes every `_SMOOTH_STEP` px, read back
+    bilinearly: a WCS map's Jacobian varies over thousands of pixels, so it is good to
+    float32 rounding (1e-7 against central differences at every pixel), and no
+    frame-sized image (nor a frame-sized spline product) is made.
     """
-    t1, t2, c = spline.tck
-    k1, k2 = spline.degrees
-    b1, b2 = _basis(ys, t1, k1), _basis(xs, t2, k2)
-    # the bases sum to 1, so a constant comes out of the coefficients: the float32 product
-    # then only carries the small variation, to float32 rounding of the whole
-    level = float(np.float32(np.median(c)))  # exact in float32
-    left = b1 @ (c.reshape(b1.shape[1], b2.shape[1]) - level)
-    out = np.matmul(left.astype(np.float32), b2.T.astype(np.float32))
-    out += np.float32(level)
-    return out
+
+    def __init__(self, index_map: PixelMap, ny: int, nx: int):
+        step = max(1, min(_SMOOTH_STEP, (max(nx, ny) - 1) // 64))
+        xs, ys = _nodes(0, nx - 1, step), _nodes(0, ny - 1, step)
+        u_right, v_right = index_map.on_grid(xs + 0.5, ys)
+        u_left, v_left = index_map.on_grid(xs - 0.5, ys)
+        u_up, v_up = index_map.on_grid(xs, ys + 0.5)
+        u_down, v_down = index_map.on_grid(xs, ys - 0.5)
+        dets = np.abs((u_right - u_left) * (v_up - v_down) - (u_up - u_down) * (v_right - v_left))
+        self.row_nodes, self.shape = ys, (ny, nx)
+        self.along = _along_columns(xs, dets, nx).astype(np.float32)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start, nx) float32: rows start ... stop - 1."""
+        rows = np.arange(start, min(stop, self.shape[0]), dtype=np.float64)
+        nodes = self.row_nodes
+        k = np.clip(np.searchsorted(nodes, rows, side="right") - 1, 0, len(nodes) - 2)
+        weight = ((rows - nodes[k]) / np.diff(nodes)[k]).astype(np.float32)[:, None]
+        out = self.along[k + 1]
+        out -= self.along[k]
+        out *= weight
+        out += self.along[k]
+        return out
+
+    def image(self) -> np.ndarray:
+        """The whole (ny, nx) float32 image (for tests and references)."""
+        return self.rows(0, self.shape[0])
 
 
 def _basis(points: np.ndarray, knots: np.ndarray, k: int) -> np.ndarray:
@@ -464,7 +498,7 @@ def _finish(out_image, out_var, det, mask, no_data: np.int32) -> None:
     def block(start: int) -> None:
         rows = np.s_[start : start + chunk]
         image, var, flagged = out_image[rows], out_var[rows], bad[rows]
-        scale = det if np.ndim(det) == 0 else det[rows]
+        scale = det.rows(start, start + chunk) if isinstance(det, _Determinant) else det
         image *= scale
         var *= scale * scale
         np.isnan(image, out=flagged)
@@ -480,14 +514,23 @@ def _finish(out_image, out_var, det, mask, no_data: np.int32) -> None:
         np.copyto(out_var, np.median(sample) if sample.size else 1.0, where=bad)
 
 
-def _interleaved(image: np.ndarray, variance: np.ndarray, orient=(False, False, False)):
+def _interleaved(
+    image: np.ndarray,
+    variance: np.ndarray,
+    orient=(False, False, False),
+    unusable: tuple[np.ndarray, int] | None = None,
+):
     """(h + 2 PAD, w + 2 PAD, 2) float32: image and variance side by side, NaN border.
 
     One gather of a 64-bit element then fetches a pixel's image and variance together
     (the gathers are what the warp spends its time on). ``orient`` = (transpose,
-    flip_x, flip_y) as `_dihedral` returns, applied while copying.
+    flip_x, flip_y) as `_dihedral` returns, applied while copying. ``unusable`` = (mask,
+    bits): pixels with those bits, or a non-finite image, are NaN in both planes (NaN
+    spreads through every tap, so any output touching them is NO_DATA); marked block by
+    block while copying, with no frame-sized temporaries.
     """
     planes = [_oriented_view(plane, *orient) for plane in (image, variance)]
+    mask = None if unusable is None or not unusable[1] else _oriented_view(unusable[0], *orient)
     h, w = planes[0].shape
     pairs = np.empty((h + 2 * _PAD, w + 2 * _PAD, 2), dtype=np.float32)
     pairs[:_PAD] = np.nan
@@ -498,11 +541,75 @@ def _interleaved(image: np.ndarray, variance: np.ndarray, orient=(False, False, 
 
     def copy(start: int) -> None:  # a frame-sized strided copy: worth both cores
         stop = min(start + chunk, h)
+        inner = pairs[_PAD + start : _PAD + stop, _PAD:-_PAD]
         for n, plane in enumerate(planes):
-            pairs[_PAD + start : _PAD + stop, _PAD:-_PAD, n] = plane[start:stop]
+            inner[..., n] = plane[start:stop]
+        if unusable is None:
+            return
+        bad = ~np.isfinite(inner[..., 0])
+        if mask is not None:
+            bad |= (mask[start:stop] & unusable[1]) != 0
+        if bad.any():
+            inner[bad] = np.nan
 
     _in_parallel(copy, range(0, h, chunk))
     return pairs
+
+
+class _RowSource:
+    """The padded input's rows as (image, variance) pairs, a block of rows at a time.
+
+    Pass 1 reads each input row in one block only, so the pairs are interleaved block by
+    block into a per-thread buffer (cache-sized; no frame-sized copy, which would cost
+    134 MB at 4096^2 and its page faults). A transposed input reads its rows down the
+    columns of the arrays: one frame-wide `_interleaved` copy then reads them once.
+    ``orient`` and ``unusable`` as in `_interleaved`.
+    """
+
+    def __init__(self, image, variance, orient, unusable=None):
+        self.planes = [_oriented_view(plane, *orient) for plane in (image, variance)]
+        h, w = self.planes[0].shape
+        self.shape = (h + 2 * _PAD, w + 2 * _PAD)
+        self.mask = None
+        if unusable is not None and unusable[1]:
+            self.mask = _oriented_view(unusable[0], *orient)
+            self.bits = unusable[1]
+        self.unusable = unusable is not None
+        self.whole = None
+        if orient[0]:
+            self.whole = _interleaved(image, variance, orient, unusable)
+            self.flat = self.whole.view(np.uint64).ravel()
+
+    def rows(self, j0: int, j1: int, c0: int, c1: int) -> tuple[np.ndarray, int]:
+        """(flat pairs, row stride): padded pixel (j, c) of rows j0 ... j1 - 1 and columns
+        c0 ... c1 - 1 at index (j - j0) stride + c - c0, a uint64 element each."""
+        wp = self.shape[1]
+        if self.whole is not None:
+            return self.flat[j0 * wp + c0 :], wp
+        out = _scratch("source rows", (j1 - j0, c1 - c0), np.uint64)
+        pairs = out.view(np.float32).reshape(out.shape + (2,))
+        h, w = self.shape[0] - 2 * _PAD, wp - 2 * _PAD
+        # the input inside the window; NaN elsewhere (the border, as `_interleaved` has)
+        r0, r1 = max(j0, _PAD), min(j1, h + _PAD)
+        s0, s1 = max(c0, _PAD), min(c1, w + _PAD)
+        if r1 <= r0 or s1 <= s0:
+            pairs[...] = np.nan
+            return out.ravel(), c1 - c0
+        pairs[: r0 - j0] = np.nan
+        pairs[r1 - j0 :] = np.nan
+        pairs[:, : s0 - c0] = np.nan
+        pairs[:, s1 - c0 :] = np.nan
+        inner = pairs[r0 - j0 : r1 - j0, s0 - c0 : s1 - c0]
+        rows, cols = np.s_[r0 - _PAD : r1 - _PAD], np.s_[s0 - _PAD : s1 - _PAD]
+        for n, plane in enumerate(self.planes):
+            inner[..., n] = plane[rows, cols]
+        if self.unusable:
+            bad = ~np.isfinite(inner[..., 0])
+            if self.mask is not None:
+                bad |= (self.mask[rows, cols] & self.bits) != 0
+            if bad.any():
+                inner[bad] = np.nan
+        return out.ravel(), c1 - c0
 
 
 def _take_pairs(pairs: np.ndarray, base, step: int, q, out) -> None:
@@ -514,14 +621,15 @@ def _take_pairs(pairs: np.ndarray, base, step: int, q, out) -> None:
     add serve both planes.
     """
     table = _pair_table()
-    got = np.empty(base.shape, dtype=np.uint64)
+    got = _scratch("got", base.shape, np.uint64)
     pair = got.view(np.float32).reshape(base.shape + (2,))
-    got_weights = np.empty(base.shape, dtype=np.uint64)
+    got_weights = _scratch("got weights", base.shape, np.uint64)
     weights = got_weights.view(np.float32).reshape(base.shape + (2,))
     for k in range(_TAPS):
         # tap k of every pixel: the same indices into the array shifted by k steps
-        pairs[k * step :].take(base, out=got, mode="clip")
-        table[k].take(q, out=got_weights)
+        # the callers clip the indices: "wrap" never wraps, and gathers faster than "clip"
+        pairs[k * step :].take(base, out=got, mode="wrap")
+        table[k].take(q, out=got_weights, mode="wrap")
         if k == 0:
             np.multiply(pair, weights, out=out)
             continue
@@ -566,20 +674,47 @@ def _oriented_view(plane: np.ndarray, transpose: bool, flip_x: bool, flip_y: boo
     return plane
 
 
+_scratch_space = threading.local()
+
+
+def _scratch(slot: str, shape, dtype=np.float32) -> np.ndarray:
+    """A reusable per-thread buffer for a block's temporaries, viewed as ``shape``.
+
+    A block's temporaries are a few hundred kB: fresh ones come from the system (mmap)
+    and are page-faulted in on every block, which costs as much as the arithmetic on
+    them. Kept per thread (slot names distinguish buffers live at the same time) until
+    `_in_parallel` returns.
+    """
+    dtype = np.dtype(dtype)
+    need = math.prod(shape) * dtype.itemsize
+    buffers = _scratch_space.__dict__
+    buffer = buffers.get(slot)
+    if buffer is None or buffer.size < need:
+        buffer = np.empty(need, dtype=np.uint8)  # malloc alignment: any dtype's view is aligned
+        buffers[slot] = buffer
+    return buffer[:need].view(dtype).reshape(shape)
+
+
 def _in_parallel(task, starts) -> None:
     """Run ``task(start)`` for every block start on a thread per core (numpy drops the GIL)."""
     workers = min(n_threads(), len(starts))
     if workers <= 1:
-        for start in starts:
-            task(start)
+        try:
+            for start in starts:
+                task(start)
+        finally:
+            _scratch_space.__dict__.clear()  # this thread lives on: free its buffers
         return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # its threads take their buffers
         for _ in pool.map(task, starts):
             pass
 
 
-def _warp_translation(image, variance, offset, ny, nx):
-    """A pure shift: the same six weights everywhere, two separable passes over row blocks."""
+def _warp_translation(image, variance, offset, ny, nx, unusable=None):
+    """A pure shift: the same six weights everywhere, two separable passes over row blocks.
+
+    ``unusable`` = (mask, bits): as in `_interleaved`, such input pixels read as NaN.
+    """
     whole = np.floor(offset).astype(int)
     wx, wy = (tabulated_weights(np.array([frac]))[:, 0] for frac in offset - whole)
     h, w = image.shape
@@ -598,12 +733,21 @@ def _warp_translation(image, variance, offset, ny, nx):
         window = np.full(shape, np.nan, dtype=np.float32)
         rows = np.empty((shape[0], nx), dtype=np.float32)
         term = np.empty_like(rows)
+        inside = np.s_[sy0 - wy0 : sy1 - wy0, sx0 - x0 : sx1 - x0]
+        bad = None
+        if unusable is not None and sx1 > sx0 and sy1 > sy0:
+            bad = ~np.isfinite(image[sy0:sy1, sx0:sx1])
+            if unusable[1]:
+                bad |= (unusable[0][sy0:sy1, sx0:sx1] & unusable[1]) != 0
+            bad = bad if bad.any() else None
         for plane, wxk, wyk, out in (
             (image, wx, wy, out_image),
             (variance, wx * wx, wy * wy, out_var),
         ):
             if sx1 > sx0 and sy1 > sy0:
-                window[sy0 - wy0 : sy1 - wy0, sx0 - x0 : sx1 - x0] = plane[sy0:sy1, sx0:sx1]
+                window[inside] = plane[sy0:sy1, sx0:sx1]
+                if bad is not None:
+                    window[inside][bad] = np.nan
             np.multiply(window[:, :nx], wxk[0], out=rows)
             for k in range(1, _TAPS):
                 np.multiply(window[:, k : k + nx], wxk[k], out=term)
@@ -618,41 +762,87 @@ def _warp_translation(image, variance, offset, ny, nx):
     return out_image, out_var, _TAP_REACH
 
 
-class _Smooth:
-    """A smooth correction sampled on nodes, read back row by row by bilinear interpolation.
+def _fixed(values) -> np.ndarray:
+    """Positions (px) in fixed point: int64 multiples of 2^-_FIX px, rounded."""
+    return np.rint(np.asarray(values, dtype=np.float64) * _FIX_ONE).astype(np.int64)
 
-    Node spacing `_SMOOTH_STEP` px: a WCS residual bends over hundreds of pixels, so the
-    interpolation error (spacing^2 / 8 x curvature) stays far below 1e-3 px. The node rows
-    are interpolated along the columns once; a block of rows then blends two of them.
+
+def _tap_starts(p: np.ndarray, last: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first tap, table row) of fixed-point positions of the first tap (``p``, reused).
+
+    Positions are clipped to [0, last + 1): a clipped pixel's taps reach the NaN border
+    (it is NO_DATA whatever its weights). The table row is the nearest 1/8192 px.
+    """
+    np.clip(p, 0, ((last + 1) << _FIX) - 1, out=p)
+    q = np.bitwise_and(p, _FIX_ONE - 1, out=_scratch("table rows", p.shape, np.int64))
+    q += 1 << (_TABLE_SHIFT - 1)
+    q >>= _TABLE_SHIFT
+    p >>= _FIX
+    return p, q
+
+
+class _Positions:
+    """Fixed-point positions ``slope * x + start(row) + correction(row, x)`` a block at a time.
+
+    The smooth correction (a WCS map's departure from its affine part) is sampled on
+    nodes and read back bilinearly: a WCS residual bends over hundreds of pixels, so node
+    spacing `_SMOOTH_STEP` px keeps the interpolation error (spacing^2 / 8 x curvature)
+    far below 1e-3 px. The node rows are interpolated along the columns once (with the
+    slope folded in); a block of rows then blends two of them in integers.
+
+    Parameters
+    ----------
+    slope : float
+        Change of position per column.
+    n : int
+        Number of columns.
+    row_nodes, col_nodes : `numpy.ndarray` or None
+        Node coordinates of ``values`` (rows, columns), increasing.
+    values : `numpy.ndarray` (len(row_nodes), len(col_nodes)) or None
+        The correction at the nodes (px); None: none.
     """
 
-    def __init__(self, row_nodes: np.ndarray, col_nodes: np.ndarray, values: np.ndarray, n: int):
-        self.row_nodes, self.values = row_nodes, values
+    def __init__(self, slope: float, n: int, row_nodes=None, col_nodes=None, values=None):
         columns = np.arange(n, dtype=np.float64)
-        col_index = np.clip(
-            np.searchsorted(col_nodes, columns, side="right") - 1, 0, len(col_nodes) - 2
-        )
-        col_frac = (columns - col_nodes[col_index]) / np.diff(col_nodes)[col_index]
-        # take (C order, unlike fancy indexing on axis 1): a block's rows are then contiguous
-        left = values.take(col_index, axis=1)
-        along = values.take(col_index + 1, axis=1)
-        along -= left
-        along *= col_frac
-        along += left
-        self.along = along
+        self.row_nodes = row_nodes
+        self.largest = 0.0 if values is None else float(np.abs(values).max())
+        if values is None:
+            self.along = _fixed(slope * columns)[None, :]
+            return
+        along = _along_columns(col_nodes, values, n)
+        along += slope * columns
+        self.along = _fixed(along)
+        self.rise = np.diff(self.along, axis=0)  # from each node row to the next
 
-    def rows(self, rows: np.ndarray, x0: int = 0, x1: int | None = None) -> np.ndarray:
-        """(len(rows), x1 - x0) values at the given rows and columns x0 ... x1 - 1."""
-        k = np.clip(
-            np.searchsorted(self.row_nodes, rows, side="right") - 1, 0, len(self.row_nodes) - 2
-        )
-        a = ((rows - self.row_nodes[k]) / np.diff(self.row_nodes)[k])[:, None]
-        low = self.along[k, x0:x1]
-        high = self.along[k + 1, x0:x1]
-        high -= low
-        high *= a
-        high += low
-        return high
+    def __call__(self, rows: np.ndarray, start: np.ndarray, x0: int = 0, x1: int | None = None):
+        """(len(rows), x1 - x0) int64 positions at columns x0 ... x1 - 1; start per row (px).
+
+        The result is a per-thread scratch buffer (`_scratch`), valid until the next call.
+        """
+        first = _fixed(start)[:, None]
+        columns = np.s_[x0 : self.along.shape[1] if x1 is None else x1]
+        width = self.along[0, columns].size
+        out = _scratch("positions", (len(rows), width), np.int64)
+        if self.row_nodes is None:
+            np.add(self.along[0, columns], first, out=out)
+            return out
+        nodes = self.row_nodes
+        k = np.clip(np.searchsorted(nodes, rows, side="right") - 1, 0, len(nodes) - 2)
+        weight = np.rint((rows - nodes[k]) / np.diff(nodes)[k] * (1 << _BLEND_BITS))
+        weight = weight.astype(np.int64)[:, None]
+        # rows between the same two nodes share their slices (a block spans one or a few)
+        edges = np.flatnonzero(np.diff(k)) + 1
+        for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(rows)], strict=True):
+            band = out[lo:hi]
+            np.multiply(self.rise[k[lo], columns], weight[lo:hi], out=band)
+            band >>= _BLEND_BITS
+            band += self.along[k[lo], columns]
+        out += first
+        return out
+
+    def values(self, rows: np.ndarray, start: np.ndarray, x0: int = 0, x1: int | None = None):
+        """The same positions in px (float64): for tests and references."""
+        return self(rows, start, x0, x1) / float(_FIX_ONE)
 
 
 _SMOOTH_STEP = 16
@@ -721,7 +911,8 @@ def _smooth_corrections(index_map: PixelMap, orientation, m, t, ny, nx, hp):
 
     In the oriented input frame: pass 2 samples row v(x, y) of the intermediate, pass 1
     samples input row j at u(x, y*) where output column x crosses it (v(x, y*) = j).
-    Returns (row range j_lo, j_hi (padded), du for pass 1, dv for pass 2).
+    Returns (row range j_lo, j_hi (padded), du for pass 1, dv for pass 2), du and dv as
+    (row nodes, column nodes, values) for `_Positions`.
     """
     transpose, flip_x, flip_y, shape = orientation
     linear = np.eye(2)
@@ -753,22 +944,37 @@ def _smooth_corrections(index_map: PixelMap, orientation, m, t, ny, nx, hp):
     gx, gj = np.meshgrid(xn, jn)
     y = (gj - d * gx - t[1]) / e
     for _ in range(6):  # Newton on v(x, y) = j; the slope is e up to the small residual
-        y -= (v_at(y) - gj) / e
+        step = (v_at(y) - gj) / e
+        y -= step
+        if np.abs(step).max() < 1e-7:  # converged (fixed point resolves 1e-6 px)
+            break
     u_exact = mu * gx + nu * y + tu + residual_u(y)
     alpha = (a * e - b * d) / e
     du = u_exact - (alpha * gx + (b / e) * (gj - t[1]) + t[0])
-    return j_lo, j_hi, _Smooth(jn + _PAD, xn, du, nx), _Smooth(yn, xn, dv, nx)
+    return j_lo, j_hi, (jn + _PAD, xn, du), (yn, xn, dv)
 
 
-def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | None = None):
+def _warp_affine(
+    image,
+    variance,
+    matrix,
+    offset,
+    ny,
+    nx,
+    index_map: PixelMap | None = None,
+    unusable: tuple[np.ndarray, int] | None = None,
+):
     """Two separable Lanczos passes; returns (image, variance, reach).
 
     An affine index map, or with ``index_map`` a smooth non-affine one whose affine
-    part is (matrix, offset): its departures ride on the same two passes.
+    part is (matrix, offset): its departures ride on the same two passes. ``unusable``
+    = (mask, bits): input pixels with those bits read as NaN (see `_interleaved`).
     """
     transpose, flip_x, flip_y, m, t = _dihedral(matrix, offset, image.shape)
-    source = _interleaved(image, variance, (transpose, flip_x, flip_y))
-    hp, wp = source.shape[:2]
+    reader = _RowSource(image, variance, (transpose, flip_x, flip_y), unusable)
+    hp, wp = reader.shape
+    source: _RowSource | None = reader
+    del reader
     (a, b), (d, e) = m
     c, f = t[0] + _PAD, t[1] + _PAD  # padded input coordinates
     # pass 1 along input rows j: the output column x meets row j at u = alpha x + beta_j
@@ -782,18 +988,18 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
         corners_v = [d * x + e * y + f for x in (0, nx - 1) for y in (0, ny - 1)]
         j_lo = int(np.clip(math.floor(min(corners_v)) - _ORDER + 1, 0, hp - 1))
         j_hi = int(np.clip(math.floor(max(corners_v)) + _ORDER, 0, hp - 1))
+    # first-tap positions of both passes (ORDER - 1 before the base pixel), fixed point
+    u_at = _Positions(alpha, nx, *(du or ()))
+    v_at = _Positions(d, nx, *(dv or ()))
     rows = np.arange(j_lo, j_hi + 1)
     chunk = max(1, _CHUNK_PIXELS // nx)
-    columns = np.arange(nx, dtype=np.float64)
-    alpha_x = alpha * columns
     # the intermediate image keeps the pairs interleaved for pass 2's gathers
     middle = np.empty((rows.size, nx, 2), dtype=np.float32)
-    flat_source = source.view(np.uint64).ravel()
 
     # pass 2 reads, in column x, rows around v(x, y) for y in the output: only there
     # does pass 1 need that column (a turned grid's band of rows is a parallelogram)
     low, high = sorted((0.0, e * (ny - 1)))
-    margin = _ORDER + 2 + (float(np.abs(dv.values).max()) if dv is not None else 0.0)
+    margin = _ORDER + 2 + v_at.largest
 
     def needed_columns(j_first: int, j_last: int) -> tuple[int, int]:
         top, bottom = j_last - f - low + margin, j_first - f - high - margin
@@ -802,27 +1008,40 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
         lo, hi = sorted((top / d, bottom / d))
         return max(0, math.floor(lo)), min(nx, math.ceil(hi) + 1)
 
+    # a pixel whose taps reach the NaN border is NaN whatever its weights: with u (padded)
+    # below 5 or from the input's width on, taps floor(u) - 2 ... floor(u) + 3 do. Those
+    # are set, not computed (one pixel of margin for rounding, more for a bend)
+    u_inside = (_PAD + 1 - u_at.largest, wp - 2 * _PAD + 1 + u_at.largest)
+    v_inside = (_PAD + 1 - v_at.largest, hp - 2 * _PAD + 1 + v_at.largest)
+
+    def inside_columns(j_first: int, j_last: int, x0: int, x1: int) -> tuple[int, int]:
+        """Columns x0 ... x1 - 1 narrowed to those whose u on rows j_first ... j_last may
+        be inside the input (u = alpha x + beta_j, beta linear in j)."""
+        betas = [(b / e) * (j - f) + c for j in (j_first, j_last)]
+        ends = sorted(((u_inside[0] - max(betas)) / alpha, (u_inside[1] - min(betas)) / alpha))
+        return max(x0, math.floor(ends[0])), min(x1, math.ceil(ends[1]) + 1)
+
     def along_rows(start: int) -> None:
         j = rows[start : start + chunk]
         block = middle[start : start + chunk]
         x0, x1 = needed_columns(int(j[0]), int(j[-1]))
-        block[:, :x0] = np.nan  # never read by pass 2 for a pixel inside the input
+        x0, x1 = inside_columns(int(j[0]), int(j[-1]), x0, x1)
+        block[:, :x0] = np.nan  # never read by pass 2, or NaN whatever
         block[:, max(x0, x1) :] = np.nan
         if x1 <= x0:
             return
-        u = alpha_x[None, x0:x1] + ((b / e) * (j - f) + c)[:, None]
-        if du is not None:
-            u += du.rows(j.astype(np.float64), x0, x1)
-        base = np.floor(u)
-        u -= base
-        q = _table_index(u, out=u)
-        first = base.astype(np.int64)
-        first -= _ORDER - 1
-        np.clip(first, 0, wp - _TAPS, out=first)
-        first += (j * wp)[:, None]
-        _take_pairs(flat_source, first, 1, q, block[:, x0:x1])
+        first = (b / e) * (j - f) + c - (_ORDER - 1)
+        first, q = _tap_starts(u_at(j.astype(np.float64), first, x0, x1), wp - _TAPS)
+        # the columns these rows' taps read
+        c0, c1 = int(first.min()), int(first.max()) + _TAPS
+        assert source is not None
+        pairs, stride = source.rows(int(j[0]), int(j[-1]) + 1, c0, c1)
+        first -= c0
+        first += (np.arange(len(j)) * stride)[:, None]
+        _take_pairs(pairs, first, 1, q, block[:, x0:x1])
 
     _in_parallel(along_rows, range(0, rows.size, chunk))
+    source = None  # the intermediate and the outputs take its place
     # pass 1 reads row j at U(j) = u + (b / e)(j - v), up to |b / e| ORDER columns from u;
     # flips mirror the reach, so it is taken symmetric (at most a pixel too wide; one more
     # for a bending map, whose local slope departs a little from b / e)
@@ -838,29 +1057,35 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
     out_var = np.empty((ny, nx), dtype=np.float32)
     flat_middle = middle.view(np.uint64).ravel()
     x_index = np.arange(nx, dtype=np.int64)
-    d_x = d * columns
 
     # pass 2 in tiles: along a row of the output, pass 2 drifts by d rows of the intermediate
     # per column; a tile narrow enough keeps the rows it reads in cache (a turned grid)
     tile_x = nx if abs(d) * nx <= _TILE_DRIFT else max(_TILE_DRIFT, int(_TILE_DRIFT / abs(d)))
     tile_y = max(1, _CHUNK_PIXELS // tile_x)
 
+    def outside(y0: int, y1: int, x0: int, x1: int) -> bool:
+        """True if every output pixel of the tile has a tap on the NaN border (all NaN)."""
+        vs = [d * x + e * y + f for x in (x0, x1 - 1) for y in (y0, y1 - 1)]
+        if max(vs) < v_inside[0] or min(vs) >= v_inside[1]:
+            return True
+        # the intermediate rows the tile reads, and u along them
+        js = (min(vs) - _ORDER - v_at.largest, max(vs) + _ORDER + v_at.largest)
+        us = [alpha * x + (b / e) * (j - f) + c for x in (x0, x1 - 1) for j in js]
+        return max(us) < u_inside[0] or min(us) >= u_inside[1]
+
     def along_columns(corner: tuple[int, int]) -> None:
         start, x0 = corner
         x1 = min(x0 + tile_x, nx)
+        if outside(start, min(start + tile_y, ny), x0, x1):
+            out_image[start : start + tile_y, x0:x1] = np.nan
+            out_var[start : start + tile_y, x0:x1] = np.nan
+            return
         y = np.arange(start, min(start + tile_y, ny), dtype=np.float64)
-        v = d_x[None, x0:x1] + (e * y + f)[:, None]
-        if dv is not None:
-            v += dv.rows(y, x0, x1)
-        base = np.floor(v)
-        v -= base
-        q = _table_index(v, out=v)
-        first = base.astype(np.int64)
-        first -= _ORDER - 1 + j_lo
-        np.clip(first, 0, rows.size - _TAPS, out=first)
+        first = e * y + f - (_ORDER - 1) - j_lo
+        first, q = _tap_starts(v_at(y, first, x0, x1), rows.size - _TAPS)
         first *= nx
         first += x_index[None, x0:x1]
-        pairs = np.empty(first.shape + (2,), dtype=np.float32)
+        pairs = _scratch("pairs", first.shape + (2,))
         _take_pairs(flat_middle, first, nx, q, pairs)
         block = np.s_[start : start + tile_y, x0:x1]
         out_image[block] = pairs[..., 0]
@@ -872,9 +1097,9 @@ def _warp_affine(image, variance, matrix, offset, ny, nx, index_map: PixelMap | 
     return out_image, out_var, reach
 
 
-def _warp_general(image, variance, index_map: PixelMap, ny, nx):
+def _warp_general(image, variance, index_map: PixelMap, ny, nx, unusable=None):
     """Direct 6 x 6 Lanczos sum at positions from the (non-affine) map."""
-    source = _interleaved(image, variance)
+    source = _interleaved(image, variance, unusable=unusable)
     hp, wp = source.shape[:2]
     flat_source = source.view(np.uint64).ravel()
     out_image = np.empty((ny, nx), dtype=np.float32)
@@ -961,19 +1186,174 @@ def _or_window(a: np.ndarray, lo: int, hi: int, axis: int) -> np.ndarray:
     return acc[cut(0, n)]
 
 
-def _warp_mask(mask, index_map: PixelMap, ny, nx, footprint) -> np.ndarray:
+def _warp_mask(mask, no_data_bits: int, index_map: PixelMap, ny, nx, footprint) -> np.ndarray:
     """Input bits OR-ed over each output pixel's interpolation taps (base index floor(u), floor(v)).
 
-    ``footprint`` = ((lo, hi) along x, (lo, hi) along y): the taps' reach from the base index.
+    NO_DATA bits are left out (the image's NaN carries them). ``footprint`` = ((lo, hi)
+    along x, (lo, hi) along y): the taps' reach from the base index. A few set pixels (bad
+    columns, saturated stars, cosmic rays) are scattered onto the outputs whose taps reach
+    them (`_scatter_mask`); many are grown over the footprint and read back at every
+    output's base (`_gather_mask`). Both give the same bits.
     """
     out = np.zeros((ny, nx), dtype=np.int32)
-    if not mask.any():
+    keep = np.int32(~np.int32(no_data_bits))
+    budget = int(ny * nx / _SPARSE_MASK_SHARE)
+    window = _scatter_window(index_map, footprint, ny, nx)
+    points = None
+    if window is not None:
+        points = _set_pixels(mask, keep, max(1, budget // window[0].size))
+    if points is not None:
+        if points.size:
+            _scatter_mask(mask, keep, points, index_map, footprint, window, out)
         return out
+    kept = np.empty_like(mask)
+    np.bitwise_and(mask, keep, out=kept)
+    used = int(np.bitwise_or.reduce(kept, axis=None))
+    if used:
+        # the planes in use fit a byte (Rubin's default ones but NO_DATA do): a quarter of
+        # the memory for the growth and the gather to stream through
+        small = np.uint8 if used < 1 << 8 else np.uint16 if used < 1 << 16 else None
+        _gather_mask(kept if small is None else kept.astype(small), index_map, footprint, out)
+    return out
+
+
+_SPARSE_MASK_SHARE = 8  # scatter while the candidate outputs number under 1/8 of the output
+
+
+def _set_pixels(mask: np.ndarray, keep: np.int32, most: int) -> np.ndarray | None:
+    """Flat indices of the pixels with bits in ``keep``; None if there are more than ``most``."""
+    h, w = mask.shape
+    chunk = max(1, (_FINISH_PIXELS << 2) // w)
+
+    def find(start: int) -> np.ndarray | None:
+        kept = mask[start : start + chunk] & keep
+        if np.count_nonzero(kept) > most:
+            return None
+        found = np.flatnonzero(kept)
+        found += start * w
+        return found
+
+    parts = thread_map(find, range(0, h, chunk))
+    if any(part is None for part in parts) or sum(part.size for part in parts) > most:
+        return None
+    return np.concatenate(parts)
+
+
+def _scatter_window(index_map: PixelMap, footprint, ny: int, nx: int):
+    """Output pixels that may read an input pixel: offsets (x, y) from the first of them.
+
+    The taps of an output at base b reach b - lo ... b + hi, so those reading input pixel p
+    have u in [p - hi, p + lo + 1) (likewise v): the preimage of that box under the map.
+    Returned as (offsets x, offsets y, corner x, corner y): the corner is the box's
+    bounding corner relative to p's preimage, one pixel wider all round (more for a bent
+    map, whose local Jacobian departs from its affine part). None: the map bends too much
+    for a window (the direct path's strong bends), or the map is singular.
+    """
+    (lo_x, hi_x), (lo_y, hi_y) = footprint
+    if abs(np.linalg.det(index_map.matrix)) < 1e-9:
+        return None
+    inverse = np.linalg.inv(index_map.matrix)
+    box = np.array([[-hi_x, -hi_y], [lo_x + 1, -hi_y], [-hi_x, lo_y + 1], [lo_x + 1, lo_y + 1]])
+    corners = box @ inverse.T
+    margin = 1.0
+    if not index_map.is_affine:
+        # how far the local inverse Jacobian departs from the affine part's, over the box
+        worst = 0.0
+        for x in np.linspace(0, nx - 1, 9):
+            for y in np.linspace(0, ny - 1, 9):
+                local = np.linalg.inv(index_map.jacobian(x, y))
+                worst = max(worst, float(np.abs(local - inverse).max()))
+        margin += 2 * worst * float(np.abs(box).max(axis=0).sum())
+        if margin > 4:
+            return None
+    first = corners.min(axis=0) - margin
+    size = np.ceil(corners.max(axis=0) - corners.min(axis=0) + 2 * margin).astype(int) + 1
+    offset_x, offset_y = np.meshgrid(np.arange(size[0]), np.arange(size[1]))
+    return offset_x.ravel(), offset_y.ravel(), float(first[0]), float(first[1])
+
+
+def _scatter_mask(mask, keep, points, index_map: PixelMap, footprint, window, out) -> None:
+    """OR each input pixel's bits in ``keep`` into the outputs whose taps reach it (in place).
+
+    Candidates come from `_scatter_window` around the pixel's preimage; each is kept if its
+    base index (computed as `_GridRows` does) lies in the pixel's tap box and in the input.
+    """
+    (lo_x, hi_x), (lo_y, hi_y) = footprint
+    h, w = mask.shape
+    ny, nx = out.shape
+    offset_x, offset_y, first_x, first_y = window
+    m, t = index_map.matrix, index_map.offset
+    inverse = np.linalg.inv(m)
+    flat_out = out.ravel()
+    step = max(1, (1 << 16) // offset_x.size)  # 64k candidates a block: temporaries in cache
+    for start in range(0, points.size, step):
+        chunk = points[start : start + step]
+        py, px = np.divmod(chunk, w)
+        bits = mask.ravel()[chunk] & keep
+        # where the map lands on each pixel: the affine inverse, then Newton for a bent map
+        ox = inverse[0, 0] * (px - t[0]) + inverse[0, 1] * (py - t[1])
+        oy = inverse[1, 0] * (px - t[0]) + inverse[1, 1] * (py - t[1])
+        for _ in range(0 if index_map.is_affine else 3):
+            u, v = index_map(ox, oy)
+            ox = ox - (inverse[0, 0] * (u - px) + inverse[0, 1] * (v - py))
+            oy = oy - (inverse[1, 0] * (u - px) + inverse[1, 1] * (v - py))
+        cx = np.floor(ox + first_x)[:, None] + offset_x
+        cy = np.floor(oy + first_y)[:, None] + offset_y
+        # the same expression as _GridRows, so the same base index to the last bit
+        u = m[0, 0] * cx + (m[0, 1] * cy + t[0])
+        v = m[1, 0] * cx + (m[1, 1] * cy + t[1])
+        if index_map.residual is not None:
+            # a residual bends over hundreds of pixels: its Taylor expansion to second order
+            # about the preimage holds to ~1e-8 px over the window (fitpack at every
+            # candidate would cost 20x more)
+            dx, dy = cx - ox[:, None], cy - oy[:, None]
+            u += _taylor(index_map.residual[0], ox, oy, dx, dy)
+            v += _taylor(index_map.residual[1], ox, oy, dx, dy)
+        bu, bv = np.floor(u), np.floor(v)
+        inside = (bu >= np.maximum(px - hi_x, 0)[:, None]) & (
+            bu <= np.minimum(px + lo_x, w - 1)[:, None]
+        )
+        inside &= (bv >= np.maximum(py - hi_y, 0)[:, None]) & (
+            bv <= np.minimum(py + lo_y, h - 1)[:, None]
+        )
+        inside &= (cx >= 0) & (cx < nx) & (cy >= 0) & (cy < ny)
+        index = (cy[inside] * nx + cx[inside]).astype(np.int64)
+        np.bitwise_or.at(flat_out, index, np.broadcast_to(bits[:, None], inside.shape)[inside])
+
+
+def _taylor(spline, x, y, dx, dy) -> np.ndarray:
+    """``spline`` (built as f(y, x)) at (x + dx, y + dy) to second order about each (x, y).
+
+    Beyond its knots the spline is constant (fitpack clamps the points): points and
+    centres are clamped alike, so the expansion is of the smooth part inside.
+    """
+    ty, tx, _ = spline.tck
+    ky, kx = spline.degrees
+    x_range, y_range = (tx[kx], tx[-kx - 1]), (ty[ky], ty[-ky - 1])
+    cx, cy = np.clip(x, *x_range), np.clip(y, *y_range)
+    dx = np.clip(x[:, None] + dx, *x_range) - cx[:, None]
+    dy = np.clip(y[:, None] + dy, *y_range) - cy[:, None]
+    x, y = cx, cy
+
+    def ev(order_y: int, order_x: int) -> np.ndarray:
+        return spline.ev(y, x, dx=order_y, dy=order_x)[:, None]
+
+    out = ev(0, 0) + ev(0, 1) * dx + ev(1, 0) * dy
+    out += (0.5 * ev(0, 2)) * dx * dx + ev(1, 1) * dx * dy + (0.5 * ev(2, 0)) * dy * dy
+    return out
+
+
+def _gather_mask(mask, index_map: PixelMap, footprint, out) -> None:
+    """Grow the bits over the footprint, then read them at every output's base (in place).
+
+    ``mask`` may be of a narrower integer type than ``out`` (int32) when its bits fit.
+    """
+    ny, nx = out.shape
     # a pixel at base index b reads b - lo ... b + hi: OR the bits over that window
     grown = _or_dilate(mask, footprint[0], footprint[1])
     h, w = mask.shape
     # a zero border: bases off the input read 0 there (those pixels are NO_DATA anyway)
-    padded = np.zeros((h + 2, w + 2), dtype=np.int32)
+    padded = np.zeros((h + 2, w + 2), dtype=grown.dtype)
     padded[1:-1, 1:-1] = grown
     if index_map.is_affine and np.array_equal(index_map.matrix, np.eye(2)):
         # a shift: base index = output index + floor(offset), as _warp_translation takes it
@@ -982,7 +1362,7 @@ def _warp_mask(mask, index_map: PixelMap, ny, nx, footprint) -> np.ndarray:
         y0, y1 = max(0, -sy - 1), min(ny, h + 1 - sy)
         if x1 > x0 and y1 > y0:
             out[y0:y1, x0:x1] = padded[y0 + sy + 1 : y1 + sy + 1, x0 + sx + 1 : x1 + sx + 1]
-        return out
+        return
     flat = padded.ravel()
     on_grid = _GridRows(index_map, np.arange(nx, dtype=np.float64))
     # a few cheap ops a pixel; a bent map's residual costs ~0.5 ms of set-up a block
@@ -999,10 +1379,12 @@ def _warp_mask(mask, index_map: PixelMap, ny, nx, footprint) -> np.ndarray:
         v *= w + 2
         v += u
         v += 1
-        flat.take(v.astype(np.int64), out=out[start : start + len(ys)])
+        if flat.dtype == out.dtype:
+            flat.take(v.astype(np.int64), out=out[start : start + len(ys)])
+        else:
+            out[start : start + len(ys)] = flat.take(v.astype(np.int64))
 
     _in_parallel(block, range(0, ny, chunk))
-    return out
 
 
 # --------------------------------------------------------------------------- noise

@@ -243,6 +243,13 @@ def _direct_lanczos(image, variance, pixel_map, shape):
         # two passes (Catmull-Smith) differ from the 2-D sum by interpolation error only
         ("affine", _rotation(30.0, 1 / 1.02), (20.3, -8.6), 5e-3),
         ("near identity", _rotation(0.3, 1.001), (2.3, 1.6), 2e-3),
+        # past 45 degrees: the input is read transposed and flipped (frame-wide copy)
+        (
+            "turned 100",
+            _rotation(100.0, 1.01),
+            tuple(np.array([23.6, 24.2]) - _rotation(100.0, 1.01) @ np.array([19.5, 19.5])),
+            5e-3,
+        ),
     ],
 )
 def test_fast_paths_match_a_direct_per_pixel_lanczos_sum(kind, matrix, offset, image_tol):
@@ -308,7 +315,7 @@ def test_strongly_bent_map_takes_the_direct_sum():
     covered = np.isfinite(expected_image) & ~warped.masked(["NO_DATA"])
     assert covered.sum() > 400
     # the warp multiplies by its Jacobian determinant (flux tests above check it): divide it out
-    det = _jacobian_determinant(pixel_map, 40, 40).astype(np.float64)
+    det = _jacobian_determinant(pixel_map, 40, 40).image().astype(np.float64)
     np.testing.assert_allclose((warped.image / det)[covered], expected_image[covered], rtol=2e-3)
     np.testing.assert_allclose(
         (warped.variance / det**2)[covered], expected_var[covered], rtol=5e-3
@@ -331,7 +338,7 @@ def test_gently_bent_map_rides_on_the_two_passes():
     expected_image, _ = _direct_lanczos(image, variance, pixel_map, (40, 40))
     covered = np.isfinite(expected_image) & ~warped.masked(["NO_DATA"])
     assert covered.sum() > 400
-    det = _jacobian_determinant(pixel_map, 40, 40).astype(np.float64)
+    det = _jacobian_determinant(pixel_map, 40, 40).image().astype(np.float64)
     error = np.abs(warped.image / det - expected_image)[covered].max() / image.max()
     assert error < 2e-3
     # without the departures (the affine part alone) the same comparison fails
@@ -408,14 +415,28 @@ def test_spline_shortcuts_match_fitpack_and_bilinear_reference():
     """The basis-product evaluations of a bent map equal scipy's direct ones."""
     from scipy.interpolate import RectBivariateSpline, RegularGridInterpolator
 
-    from core.warp import _ColumnSpline, _GridRows, _Smooth, _spline_grid
+    from core.warp import _ColumnSpline, _Determinant, _GridRows, _Positions
 
     rng = np.random.default_rng(12)
     ys, xs = np.linspace(0, 299, 7), np.linspace(0, 399, 9)
     spline = RectBivariateSpline(ys, xs, 1 + 0.01 * rng.normal(size=(7, 9)))
-    # the Jacobian image: float32 products around the median level, to float32 rounding
-    grid = _spline_grid(spline, np.arange(300.0), np.arange(400.0))
-    np.testing.assert_allclose(grid, spline(np.arange(300.0), np.arange(400.0)), rtol=2.5e-7)
+    # the Jacobian determinant read back from nodes, against central differences at
+    # every pixel (a gently bent map: a quadratic bend of 0.4 px over 400 px)
+    bend = 0.4 * (xs[None, :] / 399) ** 2 * (1 + 0.5 * ys[:, None] / 299)
+    bent = PixelMap(
+        _rotation(5.0),
+        np.array([2.0, -3.0]),
+        (RectBivariateSpline(ys, xs, bend), RectBivariateSpline(ys, xs, -0.5 * bend)),
+    )
+    gx, gy = np.meshgrid(np.arange(400.0), np.arange(300.0))
+    (u1, v1), (u2, v2) = bent(gx + 0.5, gy), bent(gx - 0.5, gy)
+    (u3, v3), (u4, v4) = bent(gx, gy + 0.5), bent(gx, gy - 0.5)
+    direct = np.abs((u1 - u2) * (v3 - v4) - (u3 - u4) * (v1 - v2))
+    determinant = _Determinant(bent, 300, 400)
+    # (within a node of the edges the differences step past the spline's knots)
+    inner = np.s_[8:-8, 8:-8]
+    np.testing.assert_allclose(determinant.image()[inner], direct[inner], rtol=2e-6)
+    np.testing.assert_array_equal(determinant.rows(37, 52), determinant.image()[37:52])
     # along fixed columns at any rows, rows beyond the knots clamped (as fitpack does)
     columns = np.linspace(0, 399, 11)
     rows = rng.uniform(-20, 320, (13, 11))
@@ -428,15 +449,19 @@ def test_spline_shortcuts_match_fitpack_and_bilinear_reference():
     u_ref, v_ref = pixel_map.on_grid(np.arange(400.0), block)
     np.testing.assert_allclose(u, u_ref, atol=1e-11)
     np.testing.assert_allclose(v, v_ref, atol=1e-11)
-    # node values read back bilinearly, a block of rows and a slice of columns at a time
+    # positions slope x + start(row) + node values read back bilinearly, in fixed point
+    # (2^-20 px), a block of rows and a slice of columns at a time
     values = rng.normal(size=(7, 9))
-    smooth = _Smooth(ys, xs, values, 400)
+    positions = _Positions(1.37, 400, ys, xs, values)
     at = np.arange(40.0, 47.0)
+    start = 3.3 - 0.21 * at
     reference = RegularGridInterpolator((ys, xs), values)
     gy, gx = np.meshgrid(at, np.arange(100.0, 180.0), indexing="ij")
-    np.testing.assert_allclose(
-        smooth.rows(at, 100, 180), reference((gy, gx)), rtol=1e-12, atol=1e-12
-    )
+    expected = reference((gy, gx)) + 1.37 * gx + start[:, None]
+    np.testing.assert_allclose(positions.values(at, start, 100, 180), expected, atol=2e-6)
+    # affine: no correction, exact to the two roundings
+    plain = _Positions(-0.8, 400).values(at, start, 100, 180)
+    np.testing.assert_allclose(plain, -0.8 * gx + start[:, None], atol=1.01 / 2**20)
 
 
 def test_doubling_dilation_equals_shifted_ors():
@@ -464,3 +489,60 @@ def test_doubling_dilation_equals_shifted_ors():
             for s in range(1, reach_y[1] + 1):
                 expected[:-s] |= rows[s:]
             np.testing.assert_array_equal(_or_dilate(mask, reach_x, reach_y), expected)
+
+
+def _mask_reference(mask, keep, index_map, ny, nx, footprint):
+    """Per output pixel: the OR of the kept bits over its taps' box around floor(u), floor(v)."""
+    (lo_x, hi_x), (lo_y, hi_y) = footprint
+    h, w = mask.shape
+    out = np.zeros((ny, nx), dtype=np.int32)
+    for y in range(ny):
+        for x in range(nx):
+            u, v = index_map(float(x), float(y))
+            bu, bv = int(math.floor(u)), int(math.floor(v))
+            if 0 <= bu < w and 0 <= bv < h:
+                box = mask[max(bv - lo_y, 0) : bv + hi_y + 1, max(bu - lo_x, 0) : bu + hi_x + 1]
+                out[y, x] = np.bitwise_or.reduce(box & keep, axis=None)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["shift", "turned", "flipped", "bent"])
+def test_mask_scatter_and_gather_equal_a_per_pixel_or(kind, monkeypatch):
+    """The sparse (scatter) and dense (grow and gather) mask paths give the reference's bits."""
+    import core.warp as warp
+
+    rng = np.random.default_rng(13)
+    h, w, ny, nx = 50, 60, 44, 56
+    mask = np.zeros((h, w), dtype=np.int32)
+    mask.ravel()[rng.integers(0, h * w, 40)] |= 2
+    mask.ravel()[rng.integers(0, h * w, 25)] |= 1 | 256  # BAD and NO_DATA together
+    mask[:, 17] |= 4
+    mask[:3] |= 256  # NO_DATA only: carried by the image's NaN, not by these bits
+    # planes beyond a byte (or two) take the wider types of the gather path
+    wide = {"turned": 1 << 20, "flipped": 1 << 12}.get(kind, 0)
+    mask.ravel()[rng.integers(0, h * w, 10)] |= wide
+    maps = {
+        "shift": PixelMap.affine(np.eye(2), (3.37, -2.61)),
+        "turned": PixelMap.affine(_rotation(30.0, 1 / 1.02), (12.3, -8.6)),
+        "flipped": PixelMap.affine(_rotation(170.0, 1.03), (55.1, 47.4)),
+        "bent": _bent_map(0.4),
+    }
+    index_map = maps[kind]
+    footprint = ((5, 5), (2, 3)) if kind != "shift" else ((2, 3), (2, 3))
+    keep = ~np.int32(256)
+    expected = _mask_reference(mask, keep, index_map, ny, nx, footprint)
+    assert expected.any() and (expected & 256 == 0).all()
+    results = {}
+    for path, share in (("scatter", 1e-6), ("gather", 1e12)):
+        monkeypatch.setattr(warp, "_SPARSE_MASK_SHARE", share)
+        calls = []
+        for name in ("_scatter_mask", "_gather_mask"):
+            original = getattr(warp, name)
+            monkeypatch.setattr(
+                warp, name, lambda *a, _f=original, _n=name, _c=calls: _c.append(_n) or _f(*a)
+            )
+        results[path] = warp._warp_mask(mask, 256, index_map, ny, nx, footprint)
+        assert calls == [f"_{path}_mask"]
+        monkeypatch.undo()
+    np.testing.assert_array_equal(results["scatter"], expected)
+    np.testing.assert_array_equal(results["gather"], expected)
