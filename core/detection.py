@@ -509,10 +509,8 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
         grown, grown_neg = both, neg_labels
         for rows in _row_blocks(result.shape[0]):
             block = result[rows]
-            positive = np.where(block <= n, block, 0)
-            negative = np.where(block > n, block - n, 0)
-            grown[rows] = positive
-            grown_neg[rows] = negative
+            grown[rows] = np.where(block <= n, block, 0)
+            grown_neg[rows] = np.where(block > n, block - n, 0)
     else:
         grown = _grow(labels, grow, out=neg_labels)
         grown_neg = np.zeros(grown.shape, dtype=grown.dtype)  # calloc: no pages touched

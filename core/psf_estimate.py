@@ -29,7 +29,7 @@ def estimate_psf(
     stamp_size: int | None = None,
     max_stars: int = 200,
     min_stars: int = 5,
-    spatial_order: int = 0,
+    spatial_order: int | None = 0,
     background=None,
     detected=None,
 ) -> Psf:
@@ -62,12 +62,15 @@ def estimate_psf(
         Most stars combined.
     min_stars : int
         Fewest usable stars; fewer raises `PsfError`.
-    spatial_order : int
+    spatial_order : int or None
         0 gives an `ImagePsf`. 1 or 2 fits each pixel as a polynomial of that
-        order in (x, y) over the stars (stars with outlying residuals are
-        rejected) and returns a `GridPsf` of 3x3 nodes spanning the exposure;
-        with too few stars for the order (fewer than 3 per term) the order
-        is lowered.
+        order in (x, y) over the stars (weighted as the mean; stars with outlying
+        residuals are rejected) and returns a `GridPsf` of 3x3 nodes spanning the
+        exposure; with too few stars for the order (fewer than 3 per term) the order
+        is lowered. None chooses the order (0 to 2) by cross-validation over the
+        stars: the lowest whose fits predict the held-out stars' stamps within one
+        unit of chi^2 per star of the best (a PSF that varies over the field and is
+        taken as constant biases PSF fluxes by position).
     background : optional
         `core.detection.background_estimate` of the exposure (default mesh), when the
         caller has it already; computed otherwise.
@@ -153,7 +156,7 @@ def estimate_psf(
     big = half + pad
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
     aperture = xx**2 + yy**2 <= (2.0 * fwhm) ** 2
-    stamps, xs, ys, weights = [], [], [], []
+    stamps, xs, ys, weights, noise = [], [], [], [], []
     for k in candidates:
         col, row = x_all[k] - x0, y_all[k] - y0
         ic, ir = int(math.floor(col + 0.5)), int(math.floor(row + 0.5))
@@ -174,6 +177,8 @@ def estimate_psf(
         stamps.append(shifted / norm)
         # inverse variance of the normalised stamp's sky noise: bright stars weigh more
         weights.append(norm**2 / max(float(np.median(exposure.variance[box])), 1e-30))
+        # the normalised stamp's pixel variances (the star's own noise included)
+        noise.append(exposure.variance[box][pad:-pad, pad:-pad].astype(np.float64) / norm**2)
         xs.append(x_all[k])
         ys.append(y_all[k])
         if len(stamps) >= max_stars:
@@ -187,14 +192,73 @@ def estimate_psf(
         )
     cube = np.array(stamps)
     centre = exposure.bbox_center()
-    order = int(spatial_order)
+    order = _MAX_CHOSEN_ORDER if spatial_order is None else int(spatial_order)
     while order > 0 and n_used < 3 * (order + 1) * (order + 2) // 2:
         order -= 1
+    xs_, ys_, weights_ = np.array(xs), np.array(ys), np.array(weights)
+    if spatial_order is None and order > 0:
+        core = (slice(None), aperture)  # the pixels PSF fluxes rest on
+        order = _chosen_order(
+            cube[core], np.array(noise)[core], xs_, ys_, weights_, exposure.bbox, order
+        )
     if order == 0:
-        keep = _consistent(cube, np.array(weights))
-        combined = _clipped_mean(cube[keep], _capped(np.array(weights)[keep]))
+        keep = _consistent(cube, weights_)
+        combined = _clipped_mean(cube[keep], _capped(weights_[keep]))
         return ImagePsf(_clean_stamp(combined), average_position=centre)
-    return _fit_grid_psf(cube, np.array(xs), np.array(ys), order, exposure.bbox)
+    return _fit_grid_psf(cube, xs_, ys_, order, exposure.bbox, weights_)
+
+
+#: Highest PSF order `estimate_psf` chooses from, and the folds of its cross-validation.
+_MAX_CHOSEN_ORDER = 2
+_FOLDS = 5
+
+
+def _design(x, y, order: int, bbox) -> np.ndarray:
+    """Monomials of total degree <= ``order`` in (x, y) scaled to [-1, 1] over ``bbox``."""
+    from numpy.polynomial import polynomial as npoly
+
+    min_x, min_y, max_x, max_y = bbox
+    cx, cy = 0.5 * (min_x + max_x), 0.5 * (min_y + max_y)
+    sx, sy = max(0.5 * (max_x - min_x), 1.0), max(0.5 * (max_y - min_y), 1.0)
+    keep = [
+        i * (order + 1) + j for i in range(order + 1) for j in range(order + 1) if i + j <= order
+    ]
+    vander = npoly.polyvander2d((np.asarray(x) - cx) / sx, (np.asarray(y) - cy) / sy, [order] * 2)
+    return vander[:, keep]
+
+
+def _weighted_fit(design: np.ndarray, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients of ``values`` (n, pixels) on ``design`` (n, terms)."""
+    root = np.sqrt(weights)[:, np.newaxis]
+    return np.linalg.lstsq(design * root, values * root, rcond=None)[0]
+
+
+def _chosen_order(cube, variances, xs, ys, weights, bbox, top: int) -> int:
+    """Lowest order <= ``top`` whose fits predict held-out stars within one unit of chi^2
+    per star of the best (fits weighted as the mean; chi^2 against each stamp's pixel
+    variances, so a bright star's own photon noise does not count as misfit).
+    ``cube`` and ``variances`` hold the stamps' pixels within the flux aperture: the
+    wings' noise, the same for every order, would drown the shape that varies."""
+    # stars the top order's own fit rejects (blends, defects) would tilt the others' fits
+    keep = _fitted_stars(cube, xs, ys, weights, bbox, top)
+    cube, variances, xs, ys, weights = (a[keep] for a in (cube, variances, xs, ys, weights))
+    n = len(cube)
+    values = cube.reshape(n, -1)
+    capped = _capped(weights)
+    fold = np.arange(n) % min(_FOLDS, n)
+    chi2 = np.empty((top + 1, n))
+    for order in range(top + 1):
+        design = _design(xs, ys, order, bbox)
+        predicted = np.empty_like(values)
+        for f in np.unique(fold):
+            train, test = fold != f, fold == f
+            predicted[test] = design[test] @ _weighted_fit(
+                design[train], values[train], capped[train]
+            )
+        chi2[order] = np.sum((values - predicted) ** 2 / variances.reshape(n, -1), axis=1)
+    totals = chi2.sum(axis=1)
+    best = totals.min()
+    return next(o for o, total in enumerate(totals) if total <= best + n)
 
 
 #: With many stars, none weighs more than the this-many-th heaviest in the PSF's mean and
@@ -254,38 +318,46 @@ def _clean_stamp(stamp: np.ndarray) -> np.ndarray:
     return stamp / stamp.sum()
 
 
-def _fit_grid_psf(cube, xs, ys, order, bbox) -> GridPsf:
-    """Per-pixel polynomial in (x, y) over the stars, sampled on 3x3 nodes."""
+def _fitted_stars(cube, xs, ys, weights, bbox, order: int) -> np.ndarray:
+    """Stars a per-pixel polynomial fit of ``order`` keeps: those whose residual chi^2 is
+    not an outlier (3 sigma, iterated)."""
     from astropy.stats import sigma_clip
-    from numpy.polynomial import polynomial as npoly
 
-    min_x, min_y, max_x, max_y = bbox
-    cx, cy = 0.5 * (min_x + max_x), 0.5 * (min_y + max_y)
-    sx, sy = max(0.5 * (max_x - min_x), 1.0), max(0.5 * (max_y - min_y), 1.0)
-    deg = [order, order]
-    # keep total degree <= order
-    keep = [
-        i * (order + 1) + j for i in range(order + 1) for j in range(order + 1) if i + j <= order
-    ]
-    n_terms = len(keep)
-
-    def design(x, y):
-        return npoly.polyvander2d((x - cx) / sx, (y - cy) / sy, deg)[:, keep]
-
-    n, k, _ = cube.shape
+    n = len(cube)
     values = cube.reshape(n, -1)
+    noise = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    capped = _capped(noise)
+    design = _design(xs, ys, order, bbox)
     use = np.ones(n, dtype=bool)
-    a_all = design(xs, ys)
     for _ in range(3):
-        coeffs, *_ = np.linalg.lstsq(a_all[use], values[use], rcond=None)
-        residual = np.sqrt(np.mean((values - a_all @ coeffs) ** 2, axis=1))
+        coeffs = _weighted_fit(design[use], values[use], capped[use])
+        residual = np.sqrt(noise * np.mean((values - design @ coeffs) ** 2, axis=1))
         new_use = ~np.ma.getmaskarray(sigma_clip(residual, sigma=3.0, maxiters=3))
-        if new_use.sum() < n_terms + 1 or np.array_equal(new_use, use):
+        if new_use.sum() < design.shape[1] + 1 or np.array_equal(new_use, use):
             break
         use = new_use
+    return use
+
+
+def _fit_grid_psf(cube, xs, ys, order, bbox, weights=None) -> GridPsf:
+    """Per-pixel polynomial in (x, y) over the stars, sampled on 3x3 nodes.
+
+    ``weights`` (the stamps' inverse variances; capped as for the mean) weight the
+    fit; stars whose residual chi^2 is an outlier are rejected (`_fitted_stars`).
+    """
+    min_x, min_y, max_x, max_y = bbox
+    cx, cy = 0.5 * (min_x + max_x), 0.5 * (min_y + max_y)
+    n, k, _ = cube.shape
+    noise = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    use = _fitted_stars(cube, xs, ys, noise, bbox, order)
+    coeffs = _weighted_fit(
+        _design(xs[use], ys[use], order, bbox),
+        cube[use].reshape(use.sum(), -1),
+        _capped(noise)[use],
+    )
     x_nodes = np.array([min_x, cx, max_x], dtype=np.float64)
     y_nodes = np.array([min_y, cy, max_y], dtype=np.float64)
     gx, gy = np.meshgrid(x_nodes, y_nodes)
-    model = (design(gx.ravel(), gy.ravel()) @ coeffs).reshape(3, 3, k, k)
+    model = (_design(gx.ravel(), gy.ravel(), order, bbox) @ coeffs).reshape(3, 3, k, k)
     stamps = np.array([[_clean_stamp(model[j, i]) for i in range(3)] for j in range(3)])
     return GridPsf(stamps, x_nodes, y_nodes)

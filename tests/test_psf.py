@@ -261,6 +261,35 @@ def test_estimate_spatially_varying():
     assert truth.fwhm(0, 0) < constant.fwhm() < truth.fwhm(511, 511)
 
 
+def _flux_factors(estimated, truth, points):
+    """PSF-fit flux, with the estimate, of a unit star drawn with the truth (same stamp)."""
+    factors = []
+    for x, y in points:
+        model = estimated.kernel_image(x, y)
+        star = _crop(truth.kernel_image(x, y), model.shape[0])
+        factors.append(np.sum(model * star / star.sum()) / np.sum(model * model))
+    return np.array(factors)
+
+
+def test_the_psf_order_is_chosen_by_cross_validation():
+    """A field whose PSF varies gets a varying estimate; a constant one keeps ImagePsf."""
+    stamps = np.array(
+        [[GaussianPsf(s, size=25).kernel_image() for s in row] for row in [[1.6, 2.0], [2.0, 2.4]]]
+    )
+    varying = GridPsf(stamps, [0.0, 511.0], [0.0, 511.0])
+    exposure, *_ = _star_field(varying, size=512, n=260, seed=5)
+    chosen = estimate_psf(exposure, spatial_order=None)
+    assert isinstance(chosen, GridPsf)
+    points = [(60, 60), (256, 256), (450, 450), (450, 60), (60, 450)]
+    factors = _flux_factors(chosen, varying, points)
+    constant = _flux_factors(estimate_psf(exposure), varying, points)
+    # a constant estimate's PSF fluxes move by position; the chosen one's do not
+    assert np.ptp(constant) > 0.15
+    assert np.ptp(factors) < 0.04 and np.all(np.abs(factors - 1) < 0.03), factors
+    steady, *_ = _star_field(GaussianPsf(2.0), size=512, n=260, seed=5)
+    assert isinstance(estimate_psf(steady, spatial_order=None), ImagePsf)
+
+
 def test_estimate_too_few_stars():
     psf = GaussianPsf(2.0)
     exposure, *_ = _star_field(psf, n=3)
