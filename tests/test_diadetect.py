@@ -175,7 +175,7 @@ def test_stamps_equal_fancy_indexing():
     np.testing.assert_array_equal(stamps(m, cx, cy, 4, fill=-1), _stack(m, cx, cy, 4, fill=-1))
 
 
-@pytest.mark.parametrize("radius", [1.3, 2.0, 6.6])
+@pytest.mark.parametrize("radius", [0.4, 1.3, 2.0, 6.6, 6.62])
 def test_aperture_weights_equal_subpixel_grid(radius):
     """The closed-form coverage equals counting the s x s sub-pixel centres."""
     rng = np.random.default_rng(2)
