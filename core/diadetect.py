@@ -356,31 +356,6 @@ def _fill_variance(out: np.ndarray, var: np.ndarray, bad: np.ndarray, fill: floa
     return keep
 
 
-def _windows(array: np.ndarray, y0, x0, shape, fill=0) -> np.ndarray:
-    """(m, sy, sx) copies of ``array`` with corners (y0[k], x0[k]), ``fill`` off the
-    frame: `core.stamps.windows` for rectangles (``shape`` an int: squares)."""
-    sy, sx = (shape, shape) if np.ndim(shape) == 0 else shape
-    if sy == sx:
-        return _patches(array, y0, x0, sy, fill)
-    ny, nx = array.shape
-    y0 = np.asarray(y0, dtype=np.intp).ravel()
-    x0 = np.asarray(x0, dtype=np.intp).ravel()
-    inside = (y0 >= 0) & (x0 >= 0) & (y0 + sy <= ny) & (x0 + sx <= nx)
-    if y0.size and ny >= sy and nx >= sx:
-        view = np.lib.stride_tricks.sliding_window_view(array, (sy, sx))
-        if inside.all():
-            return view[y0, x0]
-    out = np.full((y0.size, sy, sx), fill, dtype=array.dtype)
-    if inside.any():
-        out[inside] = view[y0[inside], x0[inside]]
-    for k in np.flatnonzero(~inside):
-        ya, yb = max(y0[k], 0), min(y0[k] + sy, ny)
-        xa, xb = max(x0[k], 0), min(x0[k] + sx, nx)
-        if ya < yb and xa < xb:
-            out[k, ya - y0[k] : yb - y0[k], xa - x0[k] : xb - x0[k]] = array[ya:yb, xa:xb]
-    return out
-
-
 class FilledVariance:
     """The filled variance of `prepare_difference`, cut window by window: the same
     values as its frame (0 off the frame), without holding a frame-sized copy.
@@ -400,35 +375,34 @@ class FilledVariance:
             # 2-d prefix sum: dirty blocks in any block rectangle in O(1)
             self._dirty_sum = np.pad(grid.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
 
-    def windows(self, y0: np.ndarray, x0: np.ndarray, side) -> np.ndarray:
-        """(m, sy, sx) windows with corners (y0, x0); ``side`` an int (squares) or (sy, sx)."""
+    def windows(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
         y0, x0 = np.asarray(y0, dtype=np.intp), np.asarray(x0, dtype=np.intp)
-        sy, sx = (side, side) if np.ndim(side) == 0 else side
         ny, nx = self.shape
         if self._dirty_sum is not None and y0.size:
             s, c = self._block, self._dirty_sum
-            on = (y0 >= 0) & (x0 >= 0) & (y0 + sy <= ny) & (x0 + sx <= nx)
-            b0, b1 = np.clip(y0 // s, 0, None), np.clip((y0 + sy - 1) // s + 1, 0, c.shape[0] - 1)
-            a0, a1 = np.clip(x0 // s, 0, None), np.clip((x0 + sx - 1) // s + 1, 0, c.shape[1] - 1)
+            on = (y0 >= 0) & (x0 >= 0) & (y0 + side <= ny) & (x0 + side <= nx)
+            b0, b1 = np.clip(y0 // s, 0, None), np.clip((y0 + side - 1) // s + 1, 0, c.shape[0] - 1)
+            a0, a1 = np.clip(x0 // s, 0, None), np.clip((x0 + side - 1) // s + 1, 0, c.shape[1] - 1)
             clean = on & (c[b1, a1] - c[b0, a1] - c[b1, a0] + c[b0, a0] == 0)
             if clean.any():
-                out = np.empty((y0.size, sy, sx), dtype=np.float32)
-                out[clean] = _windows(self.variance, y0[clean], x0[clean], (sy, sx))
+                out = np.empty((y0.size, side, side), dtype=np.float32)
+                out[clean] = _patches(self.variance, y0[clean], x0[clean], side)
                 if not clean.all():
-                    out[~clean] = self._filled(y0[~clean], x0[~clean], (sy, sx))
+                    out[~clean] = self._filled(y0[~clean], x0[~clean], side)
                 return out
-        return self._filled(y0, x0, (sy, sx))
+        return self._filled(y0, x0, side)
 
-    def _filled(self, y0: np.ndarray, x0: np.ndarray, shape) -> np.ndarray:
+    def _filled(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
         ny, nx = self.shape
-        rows = np.asarray(y0)[:, None] + np.arange(shape[0])
-        cols = np.asarray(x0)[:, None] + np.arange(shape[1])
+        offsets = np.arange(side)
+        rows = np.asarray(y0)[:, None] + offsets
+        cols = np.asarray(x0)[:, None] + offsets
         inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
-        bad = ~np.isfinite(_windows(self.image, y0, x0, shape))
+        bad = ~np.isfinite(_patches(self.image, y0, x0, side))
         if self.bits:
-            bad |= (_windows(self.mask, y0, x0, shape) & self.bits) != 0
+            bad |= (_patches(self.mask, y0, x0, side) & self.bits) != 0
         out = np.empty(bad.shape, dtype=np.float32)
-        _fill_variance(out, _windows(self.variance, y0, x0, shape), bad, self.fill, self.ignore)
+        _fill_variance(out, _patches(self.variance, y0, x0, side), bad, self.fill, self.ignore)
         out[~inside] = 0.0
         return out
 
@@ -489,9 +463,6 @@ def block_extremes(array: np.ndarray, size: int) -> np.ndarray:
 
 #: Working memory (bytes) of one batch of `DifferenceSnr` block transforms.
 _SNR_BATCH_BYTES = 64 << 20
-#: Least fraction of its bounding box a group of blocks fills to be computed as one
-#: rectangle (else block by block).
-_RECTANGLE_FILL = 0.75
 
 
 class DifferenceSnr:
@@ -521,74 +492,42 @@ class DifferenceSnr:
         self.energy = float(k2.sum())
         self.k2 = k2
         self.floor = np.float32(floor)
-        self._transforms: dict[tuple[int, int], np.ndarray] = {}
+        self._transforms: dict[int, np.ndarray] = {}
         self.factor = 1.0
         # blocks computed so far: their S/N (before the noise factor) and where each is
         self._store = np.zeros((0, self.size, self.size), dtype=np.float32)
         self._where = np.full(self.grid, -1, dtype=np.intp)
 
-    def _transform(self, shape: tuple[int, int]) -> np.ndarray:
-        """rfft2 of the squared kernel, flipped and centred on pixel 0, padded to ``shape``."""
-        if shape not in self._transforms:
-            h = self.half
-            pad = np.zeros(shape)
+    def _snr(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
+        """Unscaled S/N (before the noise factor) of (side, side) windows with corners
+        (y0, x0), (m, side, side) float32; the correlated variance by batched FFTs of a
+        power-of-two side (the fastest small transforms)."""
+        h = self.half
+        n = 1 << (side + 2 * h - 1).bit_length()
+        if n not in self._transforms:
+            pad = np.zeros((n, n))
             pad[: 2 * h + 1, : 2 * h + 1] = self.k2[::-1, ::-1]
             pad = np.roll(pad, (-h, -h), axis=(0, 1))
-            self._transforms[shape] = sfft.rfft2(pad).astype(np.complex64)
-        return self._transforms[shape]
-
-    def _fft_shape(self, shape) -> tuple[int, int]:
-        """Transform size for windows of ``shape``: the kernel's reach added, rounded up to
-        a fast length (2-, 3- and 5-smooth)."""
-        return tuple(sfft.next_fast_len(int(n) + 2 * self.half) for n in shape)
-
-    def _snr(self, y0: np.ndarray, x0: np.ndarray, side) -> np.ndarray:
-        """Unscaled S/N (before the noise factor) of windows with corners (y0, x0) and
-        side ``side`` (an int, or (sy, sx)), (m, sy, sx) float32; the correlated variance
-        by batched FFTs of a fast size."""
-        h = self.half
-        sy, sx = (side, side) if np.ndim(side) == 0 else side
-        shape = self._fft_shape((sy, sx))
-        transform = self._transform(shape)
+            self._transforms[n] = sfft.rfft2(pad).astype(np.complex64)
         if y0.size == 0:
-            return np.zeros((0, sy, sx), dtype=np.float32)
+            return np.zeros((0, side, side), dtype=np.float32)
         if isinstance(self.variance, FilledVariance):
-            patches = self.variance.windows(y0 - h, x0 - h, shape)
+            patches = self.variance.windows(y0 - h, x0 - h, n)
         else:
-            patches = _windows(self.variance, y0 - h, x0 - h, shape)
+            patches = _patches(self.variance, y0 - h, x0 - h, n)
         spectrum = sfft.rfft2(patches, axes=(1, 2), workers=-1)
         del patches
-        spectrum *= transform
+        spectrum *= self._transforms[n]
         # inverse transform of the kept rows only (the rest is the padding)
-        rows = sfft.ifft(spectrum, axis=1, workers=-1, overwrite_x=True)[:, h : h + sy]
-        var = sfft.irfft(rows, n=shape[1], axis=2, workers=-1)[:, :, h : h + sx]
+        rows = sfft.ifft(spectrum, axis=1, workers=-1, overwrite_x=True)[:, h : h + side]
+        var = sfft.irfft(rows, n=n, axis=2, workers=-1)[:, :, h : h + side]
         np.maximum(var, self.floor, out=var)
         np.sqrt(var, out=var)
-        snr = _windows(self.smoothed, y0, x0, (sy, sx))
+        snr = _patches(self.smoothed, y0, x0, side)
         np.divide(snr, var, out=snr)
         if self.no_data is not None:
-            snr[_windows(self.no_data, y0, x0, (sy, sx))] = 0.0
+            snr[_patches(self.no_data, y0, x0, side)] = 0.0
         return snr
-
-    def _rectangles(self, ty: np.ndarray, tx: np.ndarray) -> list[tuple[int, int, int, int]]:
-        """Rectangles (by0, bx0, bh, bw) of blocks covering the blocks (ty, tx): each
-        4-connected group's bounding box when the group fills most of it, else its
-        blocks one by one. A rectangle's window pads the kernel's reach once, not
-        around each block (a 2 x 2 group costs a 92 px transform, not four of 60)."""
-        mark = np.zeros(self.grid, dtype=bool)
-        mark[ty, tx] = True
-        labels, _ = ndimage.label(mark)
-        rects = []
-        for number, box in enumerate(ndimage.find_objects(labels), start=1):
-            if box is None:
-                continue
-            own = labels[box] == number
-            if own.mean() >= _RECTANGLE_FILL:
-                rects.append((box[0].start, box[1].start, own.shape[0], own.shape[1]))
-            else:
-                jy, jx = np.nonzero(own)
-                rects.extend((box[0].start + a, box[1].start + b, 1, 1) for a, b in zip(jy, jx))
-        return rects
 
     def blocks(self, by: np.ndarray, bx: np.ndarray) -> np.ndarray:
         """Final S/N (noise factor applied) of blocks (block row and column indices),
@@ -600,30 +539,15 @@ class DifferenceSnr:
         todo = np.unique(by[where < 0] * self.grid[1] + bx[where < 0])
         if todo.size:
             ty, tx = np.divmod(todo, self.grid[1])
-            slot = np.full(self.grid, -1, dtype=np.intp)
-            slot[ty, tx] = np.arange(todo.size)
-            new = np.empty((todo.size, s, s), dtype=np.float32)
-            rects = np.array(self._rectangles(ty, tx), dtype=int).reshape(-1, 4)
-            # rectangles of one size in batches: the padded patches and their spectra of
-            # every block at once would cost several frames; each transform is
-            # independent, so the values do not depend on the batching
-            for bh, bw in np.unique(rects[:, 2:], axis=0):
-                group = rects[(rects[:, 2] == bh) & (rects[:, 3] == bw)]
-                ny_t, nx_t = self._fft_shape((bh * s, bw * s))
-                batch = max(1, _SNR_BATCH_BYTES // (16 * ny_t * nx_t))
-                for a in range(0, group.shape[0], batch):
-                    part = group[a : a + batch]
-                    values = self._snr(part[:, 0] * s, part[:, 1] * s, (bh * s, bw * s))
-                    tiles = values.reshape(-1, bh, s, bw, s).transpose(0, 1, 3, 2, 4)
-                    gy, gx = np.broadcast_arrays(
-                        part[:, 0, None, None] + np.arange(bh)[None, :, None],
-                        part[:, 1, None, None] + np.arange(bw)[None, None, :],
-                    )
-                    target = slot[gy, gx]  # -1: not asked for, or already filled
-                    fill = target >= 0
-                    new[target[fill]] = tiles[fill]
-                    slot[gy[fill], gx[fill]] = -1
             self._where[ty, tx] = self._store.shape[0] + np.arange(todo.size)
+            # batches of blocks: the padded patches and their spectra of every candidate
+            # block at once would cost several frames; each transform is independent,
+            # so the values do not depend on the batching
+            n = 1 << (s + 2 * self.half - 1).bit_length()
+            batch = max(1, _SNR_BATCH_BYTES // (16 * n * n))
+            new = np.empty((todo.size, s, s), dtype=np.float32)
+            for a in range(0, todo.size, batch):
+                new[a : a + batch] = self._snr(ty[a : a + batch] * s, tx[a : a + batch] * s, s)
             if self._store.shape[0]:
                 self._store = np.concatenate([self._store, new])
             else:
