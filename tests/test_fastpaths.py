@@ -493,3 +493,22 @@ def test_order_statistics_and_percentiles_equal_numpys():
         median, lower = _median_and_percentile(values, 15.865525393145708)
         assert median == np.median(values), trial
         assert lower == np.percentile(values, 15.865525393145708), trial
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_cutout_stamps_sliced_one_by_one_equal_the_fancy_gather(dtype):
+    """`core.cutouts._gather` (slices for stamps on the frame) equals the stamps of one
+    fancy-indexed gather, NaN off the frame, near every edge and corner."""
+    from core.cutouts import _gather
+    from core.stamps import stamps
+
+    rng = np.random.default_rng(14)
+    data = (rng.normal(0, 100, (120, 97))).astype(dtype)
+    ix = np.concatenate([rng.integers(0, 97, 200), [0, 96, 0, 96, 10, 48]])
+    iy = np.concatenate([rng.integers(0, 120, 200), [0, 0, 119, 119, 118, 1]])
+    half = 15
+    expected = stamps(data.astype(np.float64), ix, iy, half, fill=np.nan).astype(np.float32)
+    got = _gather(data, ix, iy, half)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    assert np.isnan(got).any() and np.isfinite(got[:, half, half]).all()
