@@ -419,18 +419,18 @@ def _bright_star(template: Exposure | None, ix, iy, radius: float, limit: float)
         return np.zeros(ix.size, dtype=bool)
     r = int(math.ceil(radius))
     offsets = np.arange(-r, r + 1)
-    disc = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
-    data = _stack(template.image, ix, iy, r, fill=np.nan).astype(np.float64)
-    var = _stack(template.variance, ix, iy, r, fill=np.nan).astype(np.float64)
-    outside = np.where(disc, np.nan, data).reshape(ix.size, -1)[:, ~disc.ravel()]
+    disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius).ravel()
+    data = _stack(template.image, ix, iy, r, fill=np.nan).reshape(ix.size, -1)
+    # the level from the pixels around the disc, the S/N on the disc's pixels only
+    outside = data[:, ~disc].astype(np.float64)
     level = np.median(outside, axis=1)
     holes = ~np.isfinite(level)
     if holes.any():  # stamps over the frame's edge: the NaN-aware (row by row) median
         level[holes] = np.nanmedian(outside[holes], axis=1)
+    var = _stack(template.variance, ix, iy, r, fill=np.nan).reshape(ix.size, -1)[:, disc]
     with np.errstate(invalid="ignore", divide="ignore"):
-        snr = (data - level[:, None, None]) / np.sqrt(var)
-    snr = np.where(disc & np.isfinite(snr), snr, -np.inf)
-    return snr.reshape(ix.size, -1).max(axis=1) > limit
+        snr = (data[:, disc].astype(np.float64) - level[:, None]) / np.sqrt(var.astype(np.float64))
+    return np.any((snr > limit) & np.isfinite(snr), axis=1)
 
 
 def _outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray:

@@ -512,3 +512,41 @@ def test_cutout_stamps_sliced_one_by_one_equal_the_fancy_gather(dtype):
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, expected)
     assert np.isnan(got).any() and np.isfinite(got[:, half, half]).all()
+
+
+def _plain_bright_star(template, ix, iy, radius, limit):
+    """The bright-star test as first written: the whole stamp's S/N, masked to the disc."""
+    from core.measure import _stack
+
+    r = int(math.ceil(radius))
+    offsets = np.arange(-r, r + 1)
+    disc = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
+    data = _stack(template.image, ix, iy, r, fill=np.nan).astype(np.float64)
+    var = _stack(template.variance, ix, iy, r, fill=np.nan).astype(np.float64)
+    outside = np.where(disc, np.nan, data).reshape(ix.size, -1)[:, ~disc.ravel()]
+    level = np.nanmedian(outside, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = (data - level[:, None, None]) / np.sqrt(var)
+    snr = np.where(disc & np.isfinite(snr), snr, -np.inf)
+    return snr.reshape(ix.size, -1).max(axis=1) > limit
+
+
+def test_bright_star_on_disc_pixels_equals_the_masked_stamp():
+    from core.diasources import _bright_star
+
+    rng = np.random.default_rng(15)
+    shape = (150, 170)
+    image = rng.normal(50.0, 5.0, shape).astype(np.float32)
+    variance = np.full(shape, 25.0, dtype=np.float32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for x, y, f in rng.uniform([0, 0, 2e2], [170, 150, 2e4], (25, 3)):
+        image += (f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)).astype(np.float32)
+    image[70:73, 20:25] = np.nan
+    variance[30, 30] = 0.0
+    variance[90:92, 100:140] = np.inf
+    template = Exposure.from_arrays(image, variance)
+    ix, iy = rng.integers(0, 170, 400), rng.integers(0, 150, 400)
+    for radius, limit in ((6.5, 30.0), (13.2, 100.0), (3.0, 5.0)):
+        got = _bright_star(template, ix, iy, radius, limit)
+        np.testing.assert_array_equal(got, _plain_bright_star(template, ix, iy, radius, limit))
+        assert 0 < got.sum() < got.size
