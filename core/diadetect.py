@@ -16,7 +16,9 @@ Connected candidate blocks (and every block inside their bounding
 rectangle) are laid side by side, one zero pixel apart, on a small canvas
 where footprints are labelled and peaks found by `core.detection`'s
 routines. Outside the rectangles every pixel is below the threshold, so the
-footprints, peaks and their S/N equal those of the whole-frame map.
+footprints, peaks and their S/N equal those of the whole-frame map. The
+rectangles' blocks that are no candidate are computed only where a deblending
+test could read them (`_Fillers`).
 
 The PSF stamp is cropped to the box holding all but `KERNEL_ENERGY_LOSS` of
 its squared sum: for a point source the matched-filter signal and its noise
