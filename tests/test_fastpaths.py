@@ -452,7 +452,9 @@ def test_moments_equal_the_plain_iteration():
     gy = (grid[None, :, None] - cy[:, None, None]) / sy[:, None, None]
     q = (gx**2 - 2 * rho[:, None, None] * gx * gy + gy**2) / (1 - rho[:, None, None] ** 2)
     flux = rng.choice([30.0, 300.0, 3000.0], n)
-    stamps = flux[:, None, None] * np.exp(-0.5 * q) + rng.normal(0, 3.0, (n, 2 * half + 1, 2 * half + 1))
+    stamps = flux[:, None, None] * np.exp(-0.5 * q) + rng.normal(
+        0, 3.0, (n, 2 * half + 1, 2 * half + 1)
+    )
     stamps[:20] = rng.normal(0, 3.0, (20, 2 * half + 1, 2 * half + 1))  # noise only
     stamps[20:25] = -np.abs(stamps[20:25])  # no positive flux: failed
     dx, dy = _centroids(stamps, sigma)
