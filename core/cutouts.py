@@ -68,6 +68,22 @@ class Cutouts:
 
 
 def _gather(data: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
+    """(n, 2 half + 1, 2 half + 1) float32 stamps, NaN off the frame. Stamps wholly on
+    the frame are sliced one by one: for cutout-sized stamps a slice copy per stamp is
+    ~2x faster than one fancy-indexed gather (whose cost is per row of every stamp)."""
+    ny, nx = data.shape
+    size = 2 * half + 1
+    out = np.empty((ix.size, size, size), dtype=np.float32)
+    inside = (ix >= half) & (iy >= half) & (ix < nx - half) & (iy < ny - half)
+    for k in np.flatnonzero(inside):
+        out[k] = data[iy[k] - half : iy[k] + half + 1, ix[k] - half : ix[k] + half + 1]
+    edge = np.flatnonzero(~inside)
+    if edge.size:
+        out[edge] = _gather_edge(data, ix[edge], iy[edge], half)
+    return out
+
+
+def _gather_edge(data: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
     if np.issubdtype(data.dtype, np.floating):
         return stamps(data, ix, iy, half, fill=np.nan).astype(np.float32, copy=False)
     out = stamps(data, ix, iy, half).astype(np.float32)

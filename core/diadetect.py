@@ -16,7 +16,9 @@ Connected candidate blocks (and every block inside their bounding
 rectangle) are laid side by side, one zero pixel apart, on a small canvas
 where footprints are labelled and peaks found by `core.detection`'s
 routines. Outside the rectangles every pixel is below the threshold, so the
-footprints, peaks and their S/N equal those of the whole-frame map.
+footprints, peaks and their S/N equal those of the whole-frame map. The
+rectangles' blocks that are no candidate are computed only where a deblending
+test could read them (`_Fillers`).
 
 The PSF stamp is cropped to the box holding all but `KERNEL_ENERGY_LOSS` of
 its squared sum: for a point source the matched-filter signal and its noise
@@ -32,7 +34,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
-from .detection import _find_peaks, _footprints
+from .detection import _find_peaks, _footprints, _local_maxima
 from .measure import _negative_side_sigma
 from .parallel import thread_map
 from .stamps import windows as _patches
@@ -123,6 +125,69 @@ def _pack(heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return ys, xs, y + shelf + 1, width + 1
 
 
+class _Fillers:
+    """The blocks of `sparse_peaks`' rectangles that are no candidate, held at -inf on
+    the canvas until their S/N can matter.
+
+    Footprints (pixels >= threshold) and local maxima (a footprint pixel against its
+    neighbours, which are below it when outside the footprint) are the same for any
+    value below the threshold there. Only the prominence test of a secondary peak
+    reads values between pixels (bilinearly, on a line inside its footprint's
+    bounding box): for footprints with two or more local maxima in 3 x 3 boxes (a
+    superset of `_find_peaks`' candidates), the filler blocks of every rectangle
+    their box, one pixel wider, touches get their exact S/N first.
+    """
+
+    def __init__(self, canvas, owner, rects, placement, blocks, size: int, snr_blocks):
+        """``blocks`` (k, 3): rectangle, block row and block column of each filler;
+        ``placement``: `sparse_peaks`' canvas origins and sizes of the rectangles."""
+        self.canvas, self.owner, self.rects, self.size = canvas, owner, rects, size
+        self.placement, self.snr_blocks = placement, snr_blocks
+        self.pending: dict[int, list[tuple[int, int]]] = {}
+        for i, j, m in blocks.tolist():
+            self.pending.setdefault(i, []).append((j, m))
+        self.pixels = np.flatnonzero(np.isneginf(canvas)) if self.pending else np.zeros(0, int)
+
+    def reset(self) -> None:
+        """Fillers back to -inf after the canvas changed sign."""
+        self.canvas.ravel()[self.pixels] = -np.inf
+
+    def draw_near_deblending(self, labels: np.ndarray, n: int, sign: int) -> None:
+        """Exact S/N (times ``sign``, the canvas's) of the fillers a prominence line of
+        the footprints ``labels`` (1..n) could read."""
+        if not self.pending:
+            return
+        rows, cols = _local_maxima(self.canvas, np.flatnonzero(labels), 1)
+        multi = np.flatnonzero(np.bincount(labels[rows, cols], minlength=n + 1) >= 2)
+        if multi.size == 0:
+            return
+        boxes = ndimage.find_objects(labels)
+        touched = set()
+        for label in multi:
+            rows_, cols_ = boxes[label - 1]
+            box = (
+                slice(max(rows_.start - 1, 0), rows_.stop + 1),
+                slice(max(cols_.start - 1, 0), cols_.stop + 1),
+            )
+            if np.isneginf(self.canvas[box]).any():
+                touched.update(int(i) for i in np.unique(self.owner[box]) if i >= 0)
+        todo = [(i, j, m) for i in sorted(touched) for j, m in self.pending.pop(i, [])]
+        if not todo:
+            return
+        blocks = np.array(todo, dtype=int)
+        values = self.snr_blocks(blocks[:, 1], blocks[:, 2])
+        if sign < 0:
+            np.negative(values, out=values)
+        cy0, cx0, heights, widths = self.placement
+        s = self.size
+        for (i, j, m), value in zip(todo, values, strict=True):
+            rows_, cols_ = self.rects[i]
+            y, x = (j - rows_.start) * s, (m - cols_.start) * s
+            h, w = min(s, heights[i] - y), min(s, widths[i] - x)
+            self.canvas[cy0[i] + y : cy0[i] + y + h, cx0[i] + x : cx0[i] + x + w] = value[:h, :w]
+        self.pixels = np.flatnonzero(np.isneginf(self.canvas))
+
+
 def sparse_peaks(
     shape: tuple[int, int],
     size: int,
@@ -171,7 +236,13 @@ def sparse_peaks(
     ]
     index = np.array(place, dtype=int).reshape(-1, 3)
     keys, inverse = np.unique(index[:, 1] * candidate.shape[1] + index[:, 2], return_inverse=True)
-    values = snr_blocks(*np.divmod(keys, candidate.shape[1]))
+    key_y, key_x = np.divmod(keys, candidate.shape[1])
+    # blocks that are no candidate only fill their rectangle: every pixel in them is
+    # below the threshold, so they stay -inf until their values can matter (`_Fillers`)
+    needed = candidate[key_y, key_x]
+    values = np.full((keys.size, size, size), -np.inf, dtype=np.float32)
+    if needed.any():
+        values[needed] = snr_blocks(key_y[needed], key_x[needed])
     # another group's blocks inside a rectangle stay below the threshold there (they are
     # searched in their own rectangle); the S/N of all pixels between is exact
     below = np.nextafter(np.float32(threshold), np.float32(0))
@@ -190,13 +261,18 @@ def sparse_peaks(
         y, x, h, w = cy0[i], cx0[i], heights[i], widths[i]
         canvas[y : y + h, x : x + w] = whole[:h, :w]
         owner[y : y + h, x : x + w] = i
+    placement = (cy0, cx0, heights, widths)
+    filler_blocks = index[~needed[inverse.ravel()]]
+    fillers = _Fillers(canvas, owner, rects, placement, filler_blocks, size, snr_blocks)
     parts = []
     offset = 0
     for sign in (1, -1):
         if sign < 0:
             np.negative(canvas, out=canvas)
+            fillers.reset()
         labels, n = _footprints(canvas, threshold, min_pixels)
         if n:
+            fillers.draw_near_deblending(labels, n, sign)
             peaks = _find_peaks(canvas, labels, n, sigma, prominence)
             row, col, label = peaks[:, 0], peaks[:, 1], peaks[:, 2]
             # footprints renumbered in raster order of their first pixel on the frame

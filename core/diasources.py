@@ -363,22 +363,34 @@ def _aperture_weights(fx, fy, half: int, radius: float) -> np.ndarray:
     """Fraction of each pixel of a (2 half + 1)^2 stamp inside a circle of ``radius``
     about offset (fx, fy) from its centre pixel, on `_APERTURE_SUBSAMPLE`^2 sub-pixels.
 
-    Along a sub-row the sub-pixel centres inside the circle form one run, so each
-    pixel's count along x is a difference of two floors (no (s x s) grid per pixel).
+    Pixels whose every sub-pixel centre is inside (outside) by a margin weigh 1
+    (0); only the ring between is counted. Along a sub-row the sub-pixel centres
+    inside the circle form one run, so each ring pixel's count along x is a
+    difference of two floors (no (s x s) grid per pixel).
     """
     s = _APERTURE_SUBSAMPLE
     sub = (np.arange(s) + 0.5) / s - 0.5
     grid = np.arange(-half, half + 1)
-    oy = grid[None, :, None] + sub[None, None, :] - np.asarray(fy)[:, None, None]  # (n, w, s)
-    reach = radius * radius - oy * oy
-    inside_x = np.sqrt(np.where(reach >= 0, reach, np.nan))[..., None]  # (n, w, s, 1)
-    c = (grid[None, :] - np.asarray(fx)[:, None])[:, None, None, :]  # (n, 1, 1, w)
+    fx, fy = np.asarray(fx, dtype=np.float64), np.asarray(fy, dtype=np.float64)
+    # nearest and farthest sub-pixel centre of each pixel, per axis
+    ax, ay = np.abs(grid[None, :] - fx[:, None]), np.abs(grid[None, :] - fy[:, None])
+    reach = sub[-1]
+    far = (ay + reach)[:, :, None] ** 2 + (ax + reach)[:, None, :] ** 2
+    near = np.maximum(ay - reach, 0)[:, :, None] ** 2 + np.maximum(ax - reach, 0)[:, None, :] ** 2
+    r2 = radius * radius
+    weight = (far < r2 * (1 - 1e-9)).astype(np.float64)
+    k, j, i = np.nonzero(~(far < r2 * (1 - 1e-9)) & (near <= r2 * (1 + 1e-9)))
+    oy = grid[j][:, None] + sub[None, :] - fy[k][:, None]  # (ring pixels, s)
+    reach_x = r2 - oy * oy
+    inside_x = np.sqrt(np.where(reach_x >= 0, reach_x, np.nan))
+    c = (grid[i] - fx[k])[:, None]
     # sub-pixel b of pixel i sits at c + sub[b]: inside when |c + sub[b]| <= X
     with np.errstate(invalid="ignore"):
         first = np.ceil(s * (0.5 - inside_x - c) - 0.5).clip(0, s)
         last = np.floor(s * (0.5 + inside_x - c) - 0.5).clip(-1, s - 1)
         count = np.nan_to_num(last - first + 1, nan=0.0).clip(0, s)
-    return count.sum(axis=2) / (s * s)
+    weight[k, j, i] = count.sum(axis=1) / (s * s)
+    return weight
 
 
 def _aperture(exposure: Exposure, x, y, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -407,18 +419,18 @@ def _bright_star(template: Exposure | None, ix, iy, radius: float, limit: float)
         return np.zeros(ix.size, dtype=bool)
     r = int(math.ceil(radius))
     offsets = np.arange(-r, r + 1)
-    disc = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
-    data = _stack(template.image, ix, iy, r, fill=np.nan).astype(np.float64)
-    var = _stack(template.variance, ix, iy, r, fill=np.nan).astype(np.float64)
-    outside = np.where(disc, np.nan, data).reshape(ix.size, -1)[:, ~disc.ravel()]
+    disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius).ravel()
+    data = _stack(template.image, ix, iy, r, fill=np.nan).reshape(ix.size, -1)
+    # the level from the pixels around the disc, the S/N on the disc's pixels only
+    outside = data[:, ~disc].astype(np.float64)
     level = np.median(outside, axis=1)
     holes = ~np.isfinite(level)
     if holes.any():  # stamps over the frame's edge: the NaN-aware (row by row) median
         level[holes] = np.nanmedian(outside[holes], axis=1)
+    var = _stack(template.variance, ix, iy, r, fill=np.nan).reshape(ix.size, -1)[:, disc]
     with np.errstate(invalid="ignore", divide="ignore"):
-        snr = (data - level[:, None, None]) / np.sqrt(var)
-    snr = np.where(disc & np.isfinite(snr), snr, -np.inf)
-    return snr.reshape(ix.size, -1).max(axis=1) > limit
+        snr = (data[:, disc].astype(np.float64) - level[:, None]) / np.sqrt(var.astype(np.float64))
+    return np.any((snr > limit) & np.isfinite(snr), axis=1)
 
 
 def _outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray:

@@ -120,6 +120,7 @@ class PsfStamps:
         self.nodes_x = self.xy0[0] + np.linspace(0, nx - 1, count_x)
         self.nodes_y = self.xy0[1] + np.linspace(0, ny - 1, count_y)
         self._cache: dict[tuple[int, int], np.ndarray] = {}
+        self._spectra: dict[tuple[int, int], np.ndarray] = {}
         self.constant = self._is_constant()
 
     def _node(self, j: int, i: int) -> np.ndarray:
@@ -136,18 +137,19 @@ class PsfStamps:
         corners = [(0, 0), (0, last_i), (last_j, 0), (last_j, last_i)]
         return all(np.allclose(self._node(j, i), centre, rtol=0, atol=1e-7) for j, i in corners)
 
-    def _centred(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Bilinearly interpolated node stamps at parent positions (n, 2d+1, 2d+1)."""
-        if self.constant:
-            centre = self._node((self.nodes_y.size - 1) // 2, (self.nodes_x.size - 1) // 2)
-            return np.broadcast_to(centre, (x.size, *centre.shape)).copy()
+    def _spectrum(self, j: int, i: int) -> np.ndarray:
+        key = (j, i)
+        if key not in self._spectra:
+            self._spectra[key] = fft.rfft2(self._node(j, i))
+        return self._spectra[key]
+
+    def _weights(self, x: np.ndarray, y: np.ndarray):
+        """Bilinear weights (sparse, positions x nodes) of the nodes at parent positions
+        and the nodes any position needs."""
         i = np.clip(np.searchsorted(self.nodes_x, x) - 1, 0, self.nodes_x.size - 2)
         j = np.clip(np.searchsorted(self.nodes_y, y) - 1, 0, self.nodes_y.size - 2)
         tx = np.clip((x - self.nodes_x[i]) / (self.nodes_x[i + 1] - self.nodes_x[i]), 0, 1)
         ty = np.clip((y - self.nodes_y[j]) / (self.nodes_y[j + 1] - self.nodes_y[j]), 0, 1)
-        # the nodes any position needs, drawn once each; the bilinear sum of all
-        # positions is one product with a (positions x nodes) weight matrix
-        size = 2 * self._draw_half + 1
         n_y, n_x = self.nodes_y.size, self.nodes_x.size
         bilinear = (
             (0, 0, (1 - tx) * (1 - ty)),
@@ -161,10 +163,22 @@ class PsfStamps:
             (np.concatenate([w for _, w in flat]), (np.tile(np.arange(x.size), 4), columns)),
             shape=(x.size, n_y * n_x),
         )
-        nodes = np.zeros((n_y * n_x, size * size))
-        for k in np.unique(columns):
-            nodes[k] = self._node(int(k) // n_x, int(k) % n_x).ravel()
-        return (weights @ nodes).reshape(x.size, size, size)
+        return weights, np.unique(columns)
+
+    def _centred_spectra(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``rfft2`` of the node stamps interpolated bilinearly at parent positions
+        (n, 2d+1, d+1): the nodes' spectra blended (the transform is linear), so no
+        stamp is transformed per position; each node is drawn once."""
+        size = 2 * self._draw_half + 1
+        if self.constant:
+            centre = self._spectrum((self.nodes_y.size - 1) // 2, (self.nodes_x.size - 1) // 2)
+            return np.broadcast_to(centre, (x.size, *centre.shape))
+        weights, needed = self._weights(x, y)
+        n_x = self.nodes_x.size
+        spectra = np.zeros((weights.shape[1], size * (size // 2 + 1)), dtype=complex)
+        for k in needed:
+            spectra[k] = self._spectrum(int(k) // n_x, int(k) % n_x).ravel()
+        return (weights @ spectra).reshape(x.size, size, size // 2 + 1)
 
     def at(self, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stamps centred on parent positions (x, y).
@@ -181,20 +195,23 @@ class PsfStamps:
         y = np.atleast_1d(np.asarray(y, dtype=np.float64))
         ix = np.floor(x + 0.5).astype(int)
         iy = np.floor(y + 0.5).astype(int)
-        stamps = self._centred(x, y)
-        if stamps.shape[0]:
-            stamps = _shift(stamps, x - ix, y - iy)
         c, h = self._draw_half, self.half
-        return stamps[:, c - h : c + h + 1, c - h : c + h + 1], ix - self.xy0[0], iy - self.xy0[1]
+        if x.size:
+            spectra = self._centred_spectra(x, y)
+            stamps = _shift_spectra(spectra, x - ix, y - iy, 2 * c + 1, slice(c - h, c + h + 1))
+        else:
+            stamps = np.zeros((0, 2 * h + 1, 2 * h + 1))
+        return stamps, ix - self.xy0[0], iy - self.xy0[1]
 
 
-def _shift(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """Sub-pixel Fourier shift of a stack of stamps by (dx[k], dy[k]) each."""
-    ny, nx = stamps.shape[1:]
-    spectrum = fft.rfft2(stamps, axes=(1, 2))
-    ramp_y = np.exp(-2j * np.pi * dy[:, None] * fft.fftfreq(ny)[None, :])[:, :, None]
-    ramp_x = np.exp(-2j * np.pi * dx[:, None] * fft.rfftfreq(nx)[None, :])[:, None, :]
-    return fft.irfft2(spectrum * ramp_y * ramp_x, s=(ny, nx), axes=(1, 2))
+def _shift_spectra(spectra: np.ndarray, dx, dy, size: int, keep: slice) -> np.ndarray:
+    """Square stamps (side ``size``) given by their ``rfft2``, shifted by (dx[k], dy[k])
+    each (Fourier phase ramps) and cropped to rows and columns ``keep``: only the kept
+    rows are transformed back along x."""
+    ramp_y = np.exp(-2j * np.pi * dy[:, None] * fft.fftfreq(size)[None, :])[:, :, None]
+    ramp_x = np.exp(-2j * np.pi * dx[:, None] * fft.rfftfreq(size)[None, :])[:, None, :]
+    rows = fft.ifft(spectra * ramp_y * ramp_x, axis=1)[:, keep]
+    return fft.irfft(rows, n=size, axis=2)[:, :, keep]
 
 
 def psf_photometry(

@@ -61,9 +61,70 @@ def _negative_side_sigma(values: np.ndarray, use: np.ndarray | None = None) -> f
     sample = sample[keep]
     if sample.size < 10:
         return 1.0
-    median = np.median(sample)
-    sigma = median - np.percentile(sample, 15.865525393145708)
+    median, lower = _median_and_percentile(sample, 15.865525393145708)
+    sigma = median - lower
     return float(sigma) if sigma > 0 else 1.0
+
+
+#: Samples smaller than this are partitioned whole by `_order_statistics`.
+_SELECT_DIRECT = 200_000
+#: Length of the sorted strided sample that brackets each wanted rank.
+_SELECT_GUIDE = 16_384
+
+
+def _order_statistics(values: np.ndarray, ranks) -> np.ndarray:
+    """``np.sort(values)[ranks]`` of a 1-d array of finite values, without sorting or
+    partitioning all of it.
+
+    A sorted strided sample gives, for each rank, two values that bracket it
+    with a wide margin (~6 binomial sigmas); one pass counts the values below
+    the bracket and keeps those inside, and only those are partitioned. The
+    counts prove the bracket holds the rank, else the whole array is
+    partitioned: the result is exact either way.
+    """
+    ranks = np.asarray(ranks, dtype=np.intp)
+    n = values.size
+    if n < _SELECT_DIRECT:
+        return np.partition(values, ranks)[ranks]
+    guide = np.sort(values[:: n // _SELECT_GUIDE])
+    m = guide.size
+    out = np.empty(ranks.size, dtype=values.dtype)
+    done = np.zeros(ranks.size, dtype=bool)
+    for k in range(ranks.size):
+        if done[k]:
+            continue
+        q = ranks[k] / (n - 1)
+        margin = int(6 * math.sqrt(m * q * (1 - q))) + 2
+        at = int(round(q * (m - 1)))
+        lo = guide[max(at - margin, 0)]
+        hi = guide[min(at + margin, m - 1)]
+        below = int(np.count_nonzero(values < lo))
+        inside = values[(values >= lo) & (values <= hi)]
+        held = (ranks >= below) & (ranks < below + inside.size) & ~done
+        if not held[k]:  # the sample misled the bracket: select in the whole array
+            return np.partition(values, ranks)[ranks]
+        inside.partition(ranks[held] - below)
+        out[held] = inside[ranks[held] - below]
+        done |= held
+    return out
+
+
+def _median_and_percentile(sample: np.ndarray, percent: float):
+    """(np.median(sample), np.percentile(sample, percent)) of a 1-d array of finite values,
+    from its order statistics (`_order_statistics`), with numpy's arithmetic:
+    the median the mean of the middle pair, the quantile numpy's default
+    ("linear") interpolation between its two neighbouring order statistics."""
+    n = sample.size
+    virtual = (n - 1) * (percent / 100)  # numpy's virtual index of the linear method
+    below = min(max(int(math.floor(virtual)), 0), n - 1)
+    gamma = virtual - below
+    ranks = [(n - 1) // 2, n // 2, below, min(below + 1, n - 1)]
+    mid_a, mid_b, a, b = _order_statistics(sample, ranks)
+    median = np.mean(np.array([mid_a, mid_b] if n % 2 == 0 else [mid_b]))
+    diff = b - a
+    # numpy's lerp: from the nearer end, in the sample's precision
+    lower = b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
+    return median, lower
 
 
 def _psf_sigma(psf: Psf) -> float:
@@ -236,6 +297,9 @@ def _moments(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, sigma: float, i
     grid = np.arange(w, dtype=np.float64) - half
     xs = grid[None, :] - dx[:, None]  # (n, w): x of each column
     ys = grid[None, :] - dy[:, None]  # (n, w): y of each row
+    data = np.asarray(stamps, dtype=np.float64)
+    # columns weighted by 1, x and x^2: one product per stamp gives every sum over x
+    powers = np.stack([np.ones_like(xs), xs, xs * xs], axis=2)  # (n, w, 3)
     cxx = np.full(n, sigma * sigma)
     cyy = cxx.copy()
     cxy = np.zeros(n)
@@ -249,32 +313,34 @@ def _moments(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, sigma: float, i
         x, y = xs[active], ys[active]
         det = axx * ayy - axy * axy
         # weight exp(-(cyy x^2 - 2 cxy x y + cxx y^2) / (2 det)), split by term
-        ex = (ayy / (2.0 * det))[:, None] * (x * x)
-        ey = (axx / (2.0 * det))[:, None] * (y * y)
-        expo = (axy / det)[:, None, None] * (y[:, :, None] * x[:, None, :])
-        expo -= ey[:, :, None]
-        expo -= ex[:, None, :]
-        weighted = stamps[active] * np.exp(expo)
-        row_sum = weighted.sum(axis=2)  # (m, w) over x, per y
-        col_sum = weighted.sum(axis=1)  # (m, w) over y, per x
-        total = row_sum.sum(axis=1)
+        ex = (-ayy / (2.0 * det))[:, None] * (x * x)
+        ey = (-axx / (2.0 * det))[:, None] * (y * y)
+        weighted = ((axy / det)[:, None] * y)[:, :, None] * x[:, None, :]
+        weighted += ey[:, :, None]
+        weighted += ex[:, None, :]
+        np.exp(weighted, out=weighted)
+        weighted *= data[active]
+        rows = np.matmul(weighted, powers[active])  # (m, w, 3) per row y
+        total = rows[:, :, 0].sum(axis=1)
         total = np.where(total > 0, total, np.nan)
-        mxx = np.einsum("mi,mi->m", col_sum, x * x) / total
-        myy = np.einsum("mj,mj->m", row_sum, y * y) / total
-        mxy = np.einsum("mj,mj->m", np.matmul(weighted, x[:, :, None])[:, :, 0], y) / total
+        mxx = rows[:, :, 2].sum(axis=1) / total
+        myy = np.einsum("mj,mj->m", rows[:, :, 0], y * y) / total
+        mxy = np.einsum("mj,mj->m", rows[:, :, 1], y) / total
         # object moments C from measured = (C^-1 + W^-1)^-1
         mdet = mxx * myy - mxy * mxy
         with np.errstate(divide="ignore", invalid="ignore"):
             bxx, byy, bxy = myy / mdet - ayy / det, mxx / mdet - axx / det, -mxy / mdet + axy / det
             bdet = bxx * byy - bxy * bxy
             nxx, nyy, nxy = byy / bdet, bxx / bdet, -bxy / bdet
-        bad = ~(np.isfinite(nxx) & np.isfinite(nyy) & (nxx > 0) & (nyy > 0) & (bdet > 0))
-        nxx = np.where(bad, 2 * mxx, nxx)
-        nyy = np.where(bad, 2 * myy, nyy)
-        nxy = np.where(bad, 2 * mxy, nxy)
-        nxx = np.clip(np.nan_to_num(nxx, nan=limit), 0.05, limit)
-        nyy = np.clip(np.nan_to_num(nyy, nan=limit), 0.05, limit)
-        nxy = np.clip(np.nan_to_num(nxy), -0.95 * np.sqrt(nxx * nyy), 0.95 * np.sqrt(nxx * nyy))
+            bad = ~(np.isfinite(nxx) & np.isfinite(nyy) & (nxx > 0) & (nyy > 0) & (bdet > 0))
+            nxx = np.where(bad, 2 * mxx, nxx)
+            nyy = np.where(bad, 2 * myy, nyy)
+            nxy = np.where(bad, 2 * mxy, nxy)
+            # no flux (NaN): the limit, which marks the source failed below
+            nxx = np.clip(np.where(np.isnan(nxx), limit, nxx), 0.05, limit)
+            nyy = np.clip(np.where(np.isnan(nyy), limit, nyy), 0.05, limit)
+            bound = 0.95 * np.sqrt(nxx * nyy)
+            nxy = np.clip(np.where(np.isnan(nxy), 0.0, nxy), -bound, bound)
         step = np.maximum(np.maximum(np.abs(nxx - axx), np.abs(nyy - ayy)), np.abs(nxy - axy))
         cxx[active], cyy[active], cxy[active] = nxx, nyy, nxy
         total_all[active] = total

@@ -175,7 +175,7 @@ def test_stamps_equal_fancy_indexing():
     np.testing.assert_array_equal(stamps(m, cx, cy, 4, fill=-1), _stack(m, cx, cy, 4, fill=-1))
 
 
-@pytest.mark.parametrize("radius", [1.3, 2.0, 6.6])
+@pytest.mark.parametrize("radius", [0.4, 1.3, 2.0, 6.6, 6.62])
 def test_aperture_weights_equal_subpixel_grid(radius):
     """The closed-form coverage equals counting the s x s sub-pixel centres."""
     rng = np.random.default_rng(2)
@@ -303,3 +303,39 @@ def test_matched_numerator_equals_correlation_of_zeroed_frame(shape):
         rtol=1e-5,
         atol=1e-4,
     )
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_filler_blocks_drawn_where_a_prominence_line_reads_them(sign):
+    """A group's rectangle holds a block that is no candidate (all below threshold):
+    it stays -inf on the canvas unless a deblending line can read it. Here the line
+    between the two peaks of an L-shaped footprint crosses it, and its values (just
+    below threshold) make the second peak not prominent: the result must be the
+    whole-frame one (with -inf there it would be a second source)."""
+    size, thr = 32, 5.0
+    snr = np.zeros((128, 160), dtype=np.float32)
+    snr[:64, :64] = 4.9  # the rectangle's four blocks; block (1, 1) stays below thr
+    snr[19:22, 20:61] = 5.2  # ridge along row 20 ...
+    snr[20:61, 19:22] = 5.2  # ... and down column 20
+    snr[20, 60] = snr[60, 20] = 5.5  # the two peaks at its ends
+    snr[100:103, 120:124] = 7.0  # an isolated source elsewhere
+    snr *= sign
+    candidate = _block_reduce(np.abs(snr), size, np.maximum, 0) >= thr
+    assert not candidate[1, 1] and candidate[0, 0] and candidate[0, 1] and candidate[1, 0]
+
+    def blocks(by, bx):
+        return stamps(snr, bx * size + size // 2, by * size + size // 2, size // 2)[:, :size, :size]
+
+    peaks = sparse_peaks(snr.shape, size, candidate, blocks, thr, 3, 1.0, 1.0)
+    signed = snr * sign
+    labels, n = _footprints(signed, thr, 3)
+    expected = _find_peaks(signed, labels, n, 1.0, 1.0)
+    assert n == 2 and len(expected) == 2  # the L is one source: its far end is not prominent
+    got = sorted(zip(peaks.row.tolist(), peaks.col.tolist(), strict=True))
+    assert got == sorted((int(r), int(c)) for r, c, _ in expected)
+    assert set(peaks.sign.tolist()) == {sign}
+    # the same map with the line's block really at -inf would deblend the L
+    holed = signed.copy()
+    holed[32:64, 32:64] = -np.inf
+    labels, n = _footprints(holed, thr, 3)
+    assert len(_find_peaks(holed, labels, n, 1.0, 1.0)) == 3

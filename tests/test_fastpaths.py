@@ -314,3 +314,241 @@ def test_block_medians_equal_nanmedian_of_each_block(dtype):
         block = data[j0 : j0 + 16, i0 : i0 + 16]
         assert n == np.isfinite(block).sum() >= 64
         assert value == np.nanmedian(block)
+
+
+# --------------------------------------------------------------------------------------
+# DIA measurement (core.measure, core.forced, core.diasources)
+def _plain_psf_stamps(stamps, x, y):
+    """`PsfStamps.at` as first written: node stamps blended bilinearly per position,
+    each shifted by its own rfft2 / irfft2, then cropped."""
+    from scipy import fft
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    nx_, ny_ = stamps.nodes_x, stamps.nodes_y
+    blended = []
+    for a, b in zip(x, y, strict=True):
+        i = int(np.clip(np.searchsorted(nx_, a) - 1, 0, nx_.size - 2))
+        j = int(np.clip(np.searchsorted(ny_, b) - 1, 0, ny_.size - 2))
+        tx = np.clip((a - nx_[i]) / (nx_[i + 1] - nx_[i]), 0, 1)
+        ty = np.clip((b - ny_[j]) / (ny_[j + 1] - ny_[j]), 0, 1)
+        if stamps.constant:
+            centre = stamps._node((ny_.size - 1) // 2, (nx_.size - 1) // 2)
+            blended.append(centre)
+            continue
+        blended.append(
+            (1 - tx) * (1 - ty) * stamps._node(j, i)
+            + tx * (1 - ty) * stamps._node(j, i + 1)
+            + (1 - tx) * ty * stamps._node(j + 1, i)
+            + tx * ty * stamps._node(j + 1, i + 1)
+        )
+    blended = np.array(blended)
+    size = blended.shape[1]
+    dx, dy = x - ix, y - iy
+    spectrum = fft.rfft2(blended, axes=(1, 2))
+    ramp_y = np.exp(-2j * np.pi * dy[:, None] * fft.fftfreq(size)[None, :])[:, :, None]
+    ramp_x = np.exp(-2j * np.pi * dx[:, None] * fft.rfftfreq(size)[None, :])[:, None, :]
+    shifted = fft.irfft2(spectrum * ramp_y * ramp_x, s=(size, size), axes=(1, 2))
+    c, h = size // 2, stamps.half
+    return shifted[:, c - h : c + h + 1, c - h : c + h + 1], ix, iy
+
+
+@pytest.mark.parametrize("varying", [False, True])
+def test_psf_stamps_from_node_spectra_equal_shifted_blends(varying):
+    """`PsfStamps.at` blends the nodes' spectra and transforms back only the kept rows:
+    the stamps of blending the node images and shifting each one, to round-off."""
+    from core.forced import PsfStamps
+    from core.psf import GridPsf
+
+    rng = np.random.default_rng(11)
+    k = 31
+    yy, xx = np.mgrid[:k, :k] - k // 2
+    if varying:
+        grid = np.empty((3, 4, k, k))
+        for j in range(3):
+            for i in range(4):
+                sx, sy = 1.6 + 0.2 * i, 1.8 + 0.3 * j
+                grid[j, i] = np.exp(-0.5 * ((xx - 0.1 * j) ** 2 / sx**2 + yy**2 / sy**2))
+        psf = GridPsf(grid, [0.0, 100.0, 200.0, 300.0], [0.0, 150.0, 250.0])
+    else:
+        psf = MoffatPsf(4.0, 3.0)
+    exposure = Exposure.from_arrays(np.zeros((260, 310)), xy0=(5, -7))
+    stamps = PsfStamps(psf, exposure)
+    assert stamps.constant is not varying
+    x = rng.uniform(-10, 320, 300) + 5
+    y = rng.uniform(-10, 270, 300) - 7
+    x[:3], y[:3] = np.floor(x[:3]), np.floor(y[:3])
+    model, ix, iy = stamps.at(x, y)
+    expected, ex, ey = _plain_psf_stamps(stamps, x, y)
+    np.testing.assert_array_equal(ix, ex - 5)
+    np.testing.assert_array_equal(iy, ey + 7)
+    np.testing.assert_allclose(model, expected, rtol=0, atol=1e-14)
+    assert stamps.at(np.zeros(0), np.zeros(0))[0].shape == (0, *expected.shape[1:])
+
+
+def _plain_moments(stamps, dx, dy, sigma, iterations=30):
+    """Adaptive moments as first written: the full (m, w, w) sums each step, float64."""
+    from core.measure import _MOMENTS_CONVERGED
+
+    n, w, _ = stamps.shape
+    half = w // 2
+    grid = np.arange(w, dtype=np.float64) - half
+    xs, ys = grid[None, :] - dx[:, None], grid[None, :] - dy[:, None]
+    cxx = np.full(n, sigma * sigma)
+    cyy, cxy = cxx.copy(), np.zeros(n)
+    total_all = np.full(n, np.nan)
+    limit = float(half * half)
+    active = np.arange(n)
+    for _ in range(iterations):
+        if active.size == 0:
+            break
+        axx, ayy, axy = cxx[active], cyy[active], cxy[active]
+        x, y = xs[active], ys[active]
+        det = axx * ayy - axy * axy
+        expo = (
+            (axy / det)[:, None, None] * (y[:, :, None] * x[:, None, :])
+            - (axx / (2 * det))[:, None, None] * (y * y)[:, :, None]
+            - (ayy / (2 * det))[:, None, None] * (x * x)[:, None, :]
+        )
+        weighted = stamps[active] * np.exp(expo)
+        total = weighted.sum(axis=(1, 2))
+        total = np.where(total > 0, total, np.nan)
+        mxx = (weighted * (x * x)[:, None, :]).sum(axis=(1, 2)) / total
+        myy = (weighted * (y * y)[:, :, None]).sum(axis=(1, 2)) / total
+        mxy = (weighted * (y[:, :, None] * x[:, None, :])).sum(axis=(1, 2)) / total
+        mdet = mxx * myy - mxy * mxy
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bxx, byy, bxy = myy / mdet - ayy / det, mxx / mdet - axx / det, -mxy / mdet + axy / det
+            bdet = bxx * byy - bxy * bxy
+            nxx, nyy, nxy = byy / bdet, bxx / bdet, -bxy / bdet
+        bad = ~(np.isfinite(nxx) & np.isfinite(nyy) & (nxx > 0) & (nyy > 0) & (bdet > 0))
+        nxx = np.where(bad, 2 * mxx, nxx)
+        nyy = np.where(bad, 2 * myy, nyy)
+        nxy = np.where(bad, 2 * mxy, nxy)
+        nxx = np.clip(np.nan_to_num(nxx, nan=limit), 0.05, limit)
+        nyy = np.clip(np.nan_to_num(nyy, nan=limit), 0.05, limit)
+        nxy = np.clip(np.nan_to_num(nxy), -0.95 * np.sqrt(nxx * nyy), 0.95 * np.sqrt(nxx * nyy))
+        step = np.maximum(np.maximum(np.abs(nxx - axx), np.abs(nyy - ayy)), np.abs(nxy - axy))
+        cxx[active], cyy[active], cxy[active] = nxx, nyy, nxy
+        total_all[active] = total
+        active = active[~(step < _MOMENTS_CONVERGED * (nxx + nyy))]
+    failed = ~np.isfinite(total_all) | (cxx >= limit) | (cyy >= limit)
+    cxx[failed] = cyy[failed] = cxy[failed] = np.nan
+    return cxx, cyy, cxy
+
+
+def test_moments_equal_the_plain_iteration():
+    """`_moments` (row sums of 1, x, x^2 by one product per stamp) gives the moments of
+    the plain triple sums, to round-off, including failed (NaN) sources."""
+    from core.measure import _centroids, _moments
+
+    rng = np.random.default_rng(12)
+    n, half, sigma = 400, 8, 1.9
+    grid = np.arange(-half, half + 1)
+    cx, cy = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)
+    sx, sy = rng.uniform(1.2, 3.5, n), rng.uniform(1.2, 3.5, n)
+    rho = rng.uniform(-0.5, 0.5, n)
+    gx = (grid[None, None, :] - cx[:, None, None]) / sx[:, None, None]
+    gy = (grid[None, :, None] - cy[:, None, None]) / sy[:, None, None]
+    q = (gx**2 - 2 * rho[:, None, None] * gx * gy + gy**2) / (1 - rho[:, None, None] ** 2)
+    flux = rng.choice([30.0, 300.0, 3000.0], n)
+    stamps = flux[:, None, None] * np.exp(-0.5 * q) + rng.normal(
+        0, 3.0, (n, 2 * half + 1, 2 * half + 1)
+    )
+    stamps[:20] = rng.normal(0, 3.0, (20, 2 * half + 1, 2 * half + 1))  # noise only
+    stamps[20:25] = -np.abs(stamps[20:25])  # no positive flux: failed
+    dx, dy = _centroids(stamps, sigma)
+    fast = np.array(_moments(stamps, dx, dy, sigma))
+    plain = np.array(_plain_moments(stamps, dx, dy, sigma))
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(plain))
+    assert np.isnan(fast[0]).sum() >= 5 and np.isfinite(fast[0]).sum() > 300
+    ok = np.isfinite(plain[0])
+    trace = plain[0, ok] + plain[1, ok]
+    # the iteration amplifies round-off only where it does not settle (noise-only stamps)
+    settled = np.abs(fast[:, ok] - plain[:, ok]).max(axis=0) / trace
+    assert np.median(settled) < 1e-12
+    assert np.mean(settled < 1e-6) > 0.97
+
+
+def test_order_statistics_and_percentiles_equal_numpys():
+    """`_order_statistics` (bracketed selection) equals a full sort, and the noise
+    estimate's median and 15.9th percentile equal numpy's bit for bit."""
+    from core.measure import _median_and_percentile, _order_statistics
+
+    rng = np.random.default_rng(13)
+    for trial in range(24):
+        n = int(rng.choice([10, 11, 5_000, 200_000, 200_001, 1_234_567]))
+        kind = trial % 4
+        if kind == 0:
+            values = rng.normal(size=n)
+        elif kind == 1:
+            values = rng.standard_cauchy(size=n)  # far tails
+        elif kind == 2:
+            values = np.round(rng.normal(size=n) * 3)  # heavy ties
+        else:
+            values = np.sort(rng.normal(size=n))[::-1].copy()  # a misleading strided sample
+        values = values.astype(np.float32 if trial % 3 else np.float64)
+        if trial == 23:  # a strided sample unlike the rest: the whole-array fallback
+            values[:: max(1, n // 16_384)] = 1e3
+        ranks = np.unique(rng.integers(0, n, 5))
+        np.testing.assert_array_equal(_order_statistics(values, ranks), np.sort(values)[ranks])
+        median, lower = _median_and_percentile(values, 15.865525393145708)
+        assert median == np.median(values), trial
+        assert lower == np.percentile(values, 15.865525393145708), trial
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_cutout_stamps_sliced_one_by_one_equal_the_fancy_gather(dtype):
+    """`core.cutouts._gather` (slices for stamps on the frame) equals the stamps of one
+    fancy-indexed gather, NaN off the frame, near every edge and corner."""
+    from core.cutouts import _gather
+    from core.stamps import stamps
+
+    rng = np.random.default_rng(14)
+    data = (rng.normal(0, 100, (120, 97))).astype(dtype)
+    ix = np.concatenate([rng.integers(0, 97, 200), [0, 96, 0, 96, 10, 48]])
+    iy = np.concatenate([rng.integers(0, 120, 200), [0, 0, 119, 119, 118, 1]])
+    half = 15
+    expected = stamps(data.astype(np.float64), ix, iy, half, fill=np.nan).astype(np.float32)
+    got = _gather(data, ix, iy, half)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    assert np.isnan(got).any() and np.isfinite(got[:, half, half]).all()
+
+
+def _plain_bright_star(template, ix, iy, radius, limit):
+    """The bright-star test as first written: the whole stamp's S/N, masked to the disc."""
+    from core.measure import _stack
+
+    r = int(math.ceil(radius))
+    offsets = np.arange(-r, r + 1)
+    disc = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
+    data = _stack(template.image, ix, iy, r, fill=np.nan).astype(np.float64)
+    var = _stack(template.variance, ix, iy, r, fill=np.nan).astype(np.float64)
+    outside = np.where(disc, np.nan, data).reshape(ix.size, -1)[:, ~disc.ravel()]
+    level = np.nanmedian(outside, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = (data - level[:, None, None]) / np.sqrt(var)
+    snr = np.where(disc & np.isfinite(snr), snr, -np.inf)
+    return snr.reshape(ix.size, -1).max(axis=1) > limit
+
+
+def test_bright_star_on_disc_pixels_equals_the_masked_stamp():
+    from core.diasources import _bright_star
+
+    rng = np.random.default_rng(15)
+    shape = (150, 170)
+    image = rng.normal(50.0, 5.0, shape).astype(np.float32)
+    variance = np.full(shape, 25.0, dtype=np.float32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for x, y, f in rng.uniform([0, 0, 2e2], [170, 150, 2e4], (25, 3)):
+        image += (f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)).astype(np.float32)
+    image[70:73, 20:25] = np.nan
+    variance[30, 30] = 0.0
+    variance[90:92, 100:140] = np.inf
+    template = Exposure.from_arrays(image, variance)
+    ix, iy = rng.integers(0, 170, 400), rng.integers(0, 150, 400)
+    for radius, limit in ((6.5, 30.0), (13.2, 100.0), (3.0, 5.0)):
+        got = _bright_star(template, ix, iy, radius, limit)
+        np.testing.assert_array_equal(got, _plain_bright_star(template, ix, iy, radius, limit))
+        assert 0 < got.sum() < got.size
