@@ -162,7 +162,7 @@ class _Fillers:
         if multi.size == 0:
             return
         boxes = ndimage.find_objects(labels)
-        touched = set()
+        touched: set[int] = set()
         for label in multi:
             rows_, cols_ = boxes[label - 1]
             box = (
