@@ -156,7 +156,7 @@ def estimate_psf(
     big = half + pad
     yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
     aperture = xx**2 + yy**2 <= (2.0 * fwhm) ** 2
-    stamps, xs, ys, weights, noise = [], [], [], [], []
+    stamps, xs, ys, weights, variances = [], [], [], [], []
     for k in candidates:
         col, row = x_all[k] - x0, y_all[k] - y0
         ic, ir = int(math.floor(col + 0.5)), int(math.floor(row + 0.5))
@@ -177,8 +177,10 @@ def estimate_psf(
         stamps.append(shifted / norm)
         # inverse variance of the normalised stamp's sky noise: bright stars weigh more
         weights.append(norm**2 / max(float(np.median(exposure.variance[box])), 1e-30))
-        # the normalised stamp's pixel variances (the star's own noise included)
-        noise.append(exposure.variance[box][pad:-pad, pad:-pad].astype(np.float64) / norm**2)
+        if spatial_order is None:
+            # the normalised stamp's pixel variances (the star's own noise included),
+            # for the order's cross-validation
+            variances.append(exposure.variance[box][pad:-pad, pad:-pad] / norm**2)
         xs.append(x_all[k])
         ys.append(y_all[k])
         if len(stamps) >= max_stars:
@@ -199,7 +201,13 @@ def estimate_psf(
     if spatial_order is None and order > 0:
         core = (slice(None), aperture)  # the pixels PSF fluxes rest on
         order = _chosen_order(
-            cube[core], np.array(noise)[core], xs_, ys_, weights_, exposure.bbox, order
+            cube[core],
+            np.array(variances, np.float64)[core],
+            xs_,
+            ys_,
+            weights_,
+            exposure.bbox,
+            order,
         )
     if order == 0:
         keep = _consistent(cube, weights_)
@@ -325,13 +333,12 @@ def _fitted_stars(cube, xs, ys, weights, bbox, order: int) -> np.ndarray:
 
     n = len(cube)
     values = cube.reshape(n, -1)
-    noise = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
-    capped = _capped(noise)
+    capped = _capped(weights)
     design = _design(xs, ys, order, bbox)
     use = np.ones(n, dtype=bool)
     for _ in range(3):
         coeffs = _weighted_fit(design[use], values[use], capped[use])
-        residual = np.sqrt(noise * np.mean((values - design @ coeffs) ** 2, axis=1))
+        residual = np.sqrt(weights * np.mean((values - design @ coeffs) ** 2, axis=1))
         new_use = ~np.ma.getmaskarray(sigma_clip(residual, sigma=3.0, maxiters=3))
         if new_use.sum() < design.shape[1] + 1 or np.array_equal(new_use, use):
             break
@@ -339,7 +346,7 @@ def _fitted_stars(cube, xs, ys, weights, bbox, order: int) -> np.ndarray:
     return use
 
 
-def _fit_grid_psf(cube, xs, ys, order, bbox, weights=None) -> GridPsf:
+def _fit_grid_psf(cube, xs, ys, order, bbox, weights) -> GridPsf:
     """Per-pixel polynomial in (x, y) over the stars, sampled on 3x3 nodes.
 
     ``weights`` (the stamps' inverse variances; capped as for the mean) weight the
@@ -347,13 +354,12 @@ def _fit_grid_psf(cube, xs, ys, order, bbox, weights=None) -> GridPsf:
     """
     min_x, min_y, max_x, max_y = bbox
     cx, cy = 0.5 * (min_x + max_x), 0.5 * (min_y + max_y)
-    n, k, _ = cube.shape
-    noise = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
-    use = _fitted_stars(cube, xs, ys, noise, bbox, order)
+    k = cube.shape[1]
+    use = _fitted_stars(cube, xs, ys, weights, bbox, order)
     coeffs = _weighted_fit(
         _design(xs[use], ys[use], order, bbox),
         cube[use].reshape(use.sum(), -1),
-        _capped(noise)[use],
+        _capped(weights)[use],
     )
     x_nodes = np.array([min_x, cx, max_x], dtype=np.float64)
     y_nodes = np.array([min_y, cy, max_y], dtype=np.float64)
