@@ -1566,6 +1566,10 @@ def _json_number(value: float | None, digits: int = 6) -> float | None:
     return float(f"{value:.{digits}g}")
 
 
+#: Pixels (a regular sub-grid) behind `describe_exposure`'s sky medians.
+_DESCRIBE_MAX_PIXELS = 1 << 20
+
+
 def describe_exposure(source: Source, **kwargs: Any) -> dict[str, Any]:
     """Summary of an exposure file for ``alsub info`` (JSON-serialisable).
 
@@ -1582,7 +1586,8 @@ def describe_exposure(source: Source, **kwargs: Any) -> dict[str, Any]:
         MASK and PSF came from), ``variance_source``, ``psf`` (type, stamp size,
         FWHM in pixels, or None), ``wcs`` (present, centre RA/Dec, pixel scale),
         ``mask_planes`` (pixel count per plane), ``band``, ``zero_point``,
-        ``saturation``, ``sky`` statistics and ``header`` (key keywords).
+        ``saturation``, ``sky`` (medians of the good pixels' image and variance, on a
+        regular sub-grid of at most 2**20 pixels) and ``header`` (key keywords).
     """
     exposure, info = _read(
         source,
@@ -1621,7 +1626,12 @@ def describe_exposure(source: Source, **kwargs: Any) -> dict[str, Any]:
             pixel_scale_arcsec=_json_number(float(np.mean(scales)) * 3600, 5),
             ctype=list(exposure.wcs.wcs.ctype),
         )
-    good = exposure.mask == 0
+    # the sky figures describe, they do not measure: a regular sub-grid of at most
+    # `_DESCRIBE_MAX_PIXELS` gives the medians to ~1e-3 sigma at a fraction of the sort
+    # (the service describes every upload: 0.3 s per 4096^2 frame on the whole frame)
+    stride = max(1, math.ceil(math.sqrt(exposure.image.size / _DESCRIBE_MAX_PIXELS)))
+    sub = np.s_[::stride, ::stride]
+    good = exposure.mask[sub] == 0
     header = {k: _plain(exposure.metadata[k]) for k in _INFO_KEYS if k in exposure.metadata}
     return {
         "file": _source_name(source, None),
@@ -1639,9 +1649,11 @@ def describe_exposure(source: Source, **kwargs: Any) -> dict[str, Any]:
         else None,
         "saturation": info.saturation,
         "sky": {
-            "median": _json_number(float(np.median(exposure.image[good])) if good.any() else None),
+            "median": _json_number(
+                float(np.median(exposure.image[sub][good])) if good.any() else None
+            ),
             "median_sigma_from_variance": _json_number(
-                float(np.sqrt(np.median(exposure.variance[good]))) if good.any() else None
+                float(np.sqrt(np.median(exposure.variance[sub][good]))) if good.any() else None
             ),
         },
         "header": {

@@ -695,6 +695,32 @@ def test_describe_exposure_and_cli_info(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "junk.fits: not a FITS file" in err
 
 
+def test_describe_sky_medians_on_a_sub_grid_match_the_whole_frame(tmp_path, monkeypatch):
+    # a frame above the sub-grid size: stars, a masked block and a sky of 1000 +- 20
+    rng = np.random.default_rng(7)
+    points = np.zeros((1024, 1536))
+    points[rng.integers(0, 1024, 400), rng.integers(0, 1536, 400)] = rng.uniform(2e3, 4e4, 400)
+    image = 1000.0 + ndimage.gaussian_filter(points, 2.0) + rng.normal(0, 20, points.shape)
+    image = image.astype(np.float32)
+    variance = np.full(image.shape, 400.0, dtype=np.float32) + 0.05 * image
+    mask = np.zeros(image.shape, dtype=np.int32)
+    mask[:300, :300] = 1  # BAD: left out of both medians
+    image[:300, :300] = 1e5
+    exposure = Exposure(image, variance, mask)
+    path = write_exposure(exposure, tmp_path / "big.fits")
+    good = mask == 0
+    whole_median = float(np.median(image[good]))
+    whole_sigma = float(np.sqrt(np.median(variance[good])))
+    sky = describe_exposure(path)["sky"]
+    noise = 20.0
+    assert abs(sky["median"] - whole_median) < 0.02 * noise
+    assert sky["median_sigma_from_variance"] == pytest.approx(whole_sigma, rel=1e-3)
+    # the sub-grid is what is described: at a tiny sub-grid size the figures still hold
+    monkeypatch.setattr("core.io._DESCRIBE_MAX_PIXELS", 4096)
+    coarse = describe_exposure(path)["sky"]
+    assert abs(coarse["median"] - whole_median) < 0.1 * noise
+
+
 # ---------------------------------------------------------------------- real data
 def _sky_pulls(exposure: Exposure) -> np.ndarray:
     """image / sqrt(variance) on sky pixels: unmasked and away from sources.
