@@ -980,9 +980,10 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         blocks = [slice(y, y + step) for y in range(0, score.height, step)]
 
         def pulls(floor: float) -> np.ndarray:
-            """score / sqrt(variance + floor) on the good pixels in float64, a block of rows
-            at a time (the same numbers as casting whole gathers; one frame-sized array)."""
-            z = np.empty(n_good, dtype=np.float64)
+            """score / sqrt(variance + floor) on the good pixels, computed in float64 a block
+            of rows at a time and kept in float32 (half a float64 frame at the run's peak;
+            its robust std moves by round-off, ~1e-7)."""
+            z = np.empty(n_good, dtype=np.float32)
             k = 0
             for rows in blocks:
                 keep = good[rows]
@@ -1285,7 +1286,7 @@ def _quiet_edge_band(score: Exposure):
 
     The band the convolutions could not reach holds copied input pixels (P * S minus
     an unconvolved template: unmatched stars, the inputs' own border artefacts). The
-    score's decorrelation filter reaches twice the kernel width, so it would spread
+    score's decorrelation filter reaches beyond the band, so it would spread
     them into valid pixels (a coadd's border: a score 17x its noise 20 px inside the
     edge). Filtering the band's median instead keeps valid pixels clean; the copied
     values are put back afterwards, still flagged EDGE. None when there is no band.
