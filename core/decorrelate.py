@@ -571,14 +571,16 @@ def _on_bbox(exposure: Exposure, bbox, what: str) -> Exposure:
         ) from exc
 
 
-def _fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 image with NaN/inf replaced by the nan-mean (section 4.3 step 7)."""
+def _fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Float32 image with NaN/inf replaced by the nan-mean (section 4.3 step 7), and
+    where they were (None when all are finite: no frame-sized boolean kept)."""
     data = np.asarray(image, dtype=np.float32)
-    bad = ~np.isfinite(data)
-    if bad.any():
-        fill = np.mean(data[~bad], dtype=np.float64) if (~bad).any() else 0.0
-        data = np.where(bad, np.float32(fill), data)
-    return data, bad
+    finite = np.isfinite(data)
+    if finite.all():
+        return data, None
+    fill = np.mean(data[finite], dtype=np.float64) if finite.any() else 0.0
+    bad = np.logical_not(finite, out=finite)
+    return np.where(bad, np.float32(fill), data), bad
 
 
 def _mean_variance(exposure: Exposure, ignore) -> float:
@@ -825,7 +827,7 @@ def decorrelate_difference(
         # restore non-finite input variances (section 4.3 step 8)
         nonfinite = ~(np.isfinite(plane1) & np.isfinite(plane2))
         variance[nonfinite] = plane1[nonfinite] + plane2[nonfinite]
-    if bad.any():
+    if bad is not None:
         corrected[bad] = difference.image[bad]
     variance = np.ascontiguousarray(variance, dtype=np.float32)
     if scale != 1.0:
@@ -957,17 +959,18 @@ def _decorrelate_on_grid(
     def transfer(stamp: np.ndarray) -> np.ndarray:
         return sfft.rfft2(_embed(stamp, shape).astype(np.float32), workers=1)
 
+    def node_spectrum(index: int) -> list:
+        """Transfer functions of a node at the cell FFT shape."""
+        node = filters[index]
+        entry = [transfer(node.image)]
+        if complete:
+            assert node.variance1 is not None and node.variance2 is not None
+            entry += [transfer(node.variance1), transfer(node.variance2)]
+        return entry
+
     def node_spectra(jn: int) -> list:
-        """Transfer functions of the nodes of row jn at the cell FFT shape."""
-        out = []
-        for i_n in range(nodes_x.size):
-            node = filters[jn * nodes_x.size + i_n]
-            entry = [transfer(node.image)]
-            if complete:
-                assert node.variance1 is not None and node.variance2 is not None
-                entry += [transfer(node.variance1), transfer(node.variance2)]
-            out.append(entry)
-        return out
+        """Transfer functions of the nodes of row jn (threaded: 17 FFTs of a cell each)."""
+        return thread_map(node_spectrum, range(jn * nodes_x.size, (jn + 1) * nodes_x.size))
 
     def tile_spectrum(data: np.ndarray, r0, r1, c0, c1) -> np.ndarray:
         """rFFT of data rows r0 - h .. r1 + h - 1 (zero outside the frame) at ``shape``."""
@@ -1001,7 +1004,6 @@ def _decorrelate_on_grid(
                 ]
             image_out = corrected[r0:r1, c0:c1]  # cells do not overlap: safe across threads
             variance_out = variance[r0:r1, c0:c1]
-            w1 = w2 = None
             for jn in row_nodes:
                 for i_n in col_nodes:
                     weight = tent_y[r0:r1, jn, None] * tent_x[None, c0:c1, i_n]
@@ -1019,11 +1021,19 @@ def _decorrelate_on_grid(
                             term = filled * spectrum
                             total = term if total is None else total + term
                         variance_out += weight * sfft.irfft2(total, s=shape, workers=1)[core]
-                    else:  # the blended weights of the two variance planes
-                        w1 = weight * np.float32(node.w1) + (0 if w1 is None else w1)
-                        w2 = weight * np.float32(node.w2) + (0 if w2 is None else w2)
-            if w1 is not None and w2 is not None:
-                variance_out += plane1[r0:r1, c0:c1] * w1 + plane2[r0:r1, c0:c1] * w2
+            if not complete:
+                # the blended weights of the two variance planes: sum over the corners of
+                # tent_y tent_x w, one (rows, 2) x (2, 2) x (2, cols) product per plane
+                rows, cols = tent_y[r0:r1][:, row_nodes], tent_x[c0:c1][:, col_nodes].T
+                for plane, attribute in ((plane1, "w1"), (plane2, "w2")):
+                    corners = np.array(
+                        [
+                            [getattr(filters[j * nodes_x.size + i], attribute) for i in col_nodes]
+                            for j in row_nodes
+                        ],
+                        dtype=np.float32,
+                    )
+                    variance_out += plane[r0:r1, c0:c1] * (rows @ corners @ cols)
 
         thread_map(blend_cell, cells_x)
     return corrected, variance, psf_stamps, nodes_x + x0, nodes_y + y0
