@@ -43,16 +43,16 @@ exactly section 4.3.8's extra division of the variance by ``ksum^2``.
 
 Implementation
 --------------
-* Filters are computed on a small (L, L) frequency grid, L = 4 k + 1 for the widest
-  stamp k (matching or preconvolution kernel), and applied as finite, centred
-  image-space stamps cut to their real extent: the smallest half-width h outside
-  which the stamp's absolute values sum to at most 1e-7 of its total (`_TAIL_FRACTION`),
-  the cut stamp rescaled to the full stamp's sum (unit flux for phi, the variance
-  weight for c^2). A filtered pixel then differs from the uncut filter's by at most
-  ~2e-7 of the largest |value| within its reach. h follows the filter, not the
-  kernels: about 16 px for a 4-px FWHM pair, where k is 21 (auto) or 71
-  (preconvolve). Images are zero padded by at least h before the FFT, so filtering is
-  linear convolution without wrap-around.
+* Filters are computed on a small (L, L) frequency grid, from the fast size >= 2 k + 1
+  for the widest stamp k (matching or preconvolution kernel) up, until L >= 4 h (at
+  most 4 k + 1), and applied as finite, centred image-space stamps cut to their real
+  extent: the smallest half-width h outside which the stamp's absolute values sum to
+  at most 1e-7 of its total (`_TAIL_FRACTION`), the cut stamp rescaled to the full
+  stamp's sum (unit flux for phi, the variance weight for c^2). A filtered pixel then
+  differs from the uncut filter's by at most ~2e-7 of the largest |value| within its
+  reach. h follows the filter, not the kernels: about 20 px for the 4-px FWHM
+  "varying" pair, where k is 21 (auto) or 71 (preconvolve). Images are zero padded
+  by at least h before the FFT, so filtering is linear convolution without wrap-around.
 * Image filtering uses float32 FFTs (noise-dominated differences); filters, weights
   and statistics are computed in float64.
 * Spatially varying: nodes evenly spaced at most ``grid_step`` apart, corners
