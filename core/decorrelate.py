@@ -43,17 +43,22 @@ exactly section 4.3.8's extra division of the variance by ``ksum^2``.
 
 Implementation
 --------------
-* Filters are computed on a small (L, L) frequency grid, L = 2 m + 1 with the margin
-  m = twice the matching (or preconvolution) kernel width, and applied as finite,
-  centred image-space stamps: their tails fall below ~1e-6 of the peak within m.
-  Images are zero padded by at least m before the FFT (Rubin pads by the kernel
-  width minus one), so filtering is linear convolution without wrap-around.
+* Filters are computed on a small (L, L) frequency grid, from the fast size >= 2 k + 1
+  for the widest stamp k (matching or preconvolution kernel) up, until L >= 4 h (at
+  most 4 k + 1), and applied as finite, centred image-space stamps cut to their real
+  extent: the smallest half-width h outside which the stamp's absolute values sum to
+  at most 1e-7 of its total (`_TAIL_FRACTION`), the cut stamp rescaled to the full
+  stamp's sum (unit flux for phi, the variance weight for c^2). A filtered pixel then
+  differs from the uncut filter's by at most ~2e-7 of the largest |value| within its
+  reach. h follows the filter, not the kernels: about 20 px for the 4-px FWHM
+  "varying" pair, where k is 21 (auto) or 71 (preconvolve). Images are zero padded
+  by at least h before the FFT, so filtering is linear convolution without wrap-around.
 * Image filtering uses float32 FFTs (noise-dominated differences); filters, weights
   and statistics are computed in float64.
 * Spatially varying: nodes evenly spaced at most ``grid_step`` apart, corners
   included. Each node's filter uses the kernel at the node and the clipped-mean
   variances of the pixels nearest to it; the filtered node support (two spacings
-  per axis, plus the margin) is weighted by the node's bilinear tent. Tents sum to
+  per axis, plus the widest node's h) is weighted by the node's bilinear tent. Tents sum to
   1, so a constant kernel with constant variances gives the uniform result, and
   the blend (image, variance and PSF) is continuous: no cell edges.
 * Whole-frame mean variances use a regular sub-grid of at most 2**21 pixels.
@@ -106,6 +111,11 @@ _FFT_WORKERS = 2
 _WHOLE_FFT_MAX = 1024
 #: Pixels used for a whole-frame mean variance (a regular sub-grid beyond this).
 _STATS_MAX_PIXELS = 1 << 21
+#: A filter's image-space stamps are cut to the smallest centred box outside which their
+#: absolute values sum to at most this fraction of the whole stamp's, then rescaled to
+#: their full sums: a filtered pixel then moves by at most ~2e-7 of the largest |value|
+#: within the filter's reach (float32 rounding is 6e-8)
+_TAIL_FRACTION = 1e-7
 #: The same for a node's local mean variances (a smooth plane's mean over 16k pixels is
 #: good to ~1e-3 and the filter depends on it weakly; 2 x 289 windows of 65k at 4k / 256)
 _NODE_STATS_MAX_PIXELS = 1 << 14
@@ -436,7 +446,9 @@ class DecorrelatedPsf(Psf):
         base = self.base.kernel_image(x, y)
         filt = _interp_stamps(self.filter_stamps, self.nodes_x, self.nodes_y, x, y)
         full = fftconvolve(base, filt, mode="full")
-        size = min(full.shape[0], base.shape[0] + self.extra_size)
+        size = base.shape[0] + self.extra_size
+        # a filter cut to its extent can be narrower than the growth: zeros beyond it
+        full = np.pad(full, max(0, (size - full.shape[0]) // 2))
         start = (full.shape[0] - size) // 2
         stamp = full[start : start + size, start : start + size]
         return stamp / stamp.sum()
@@ -459,26 +471,87 @@ class _NodeFilter:
     w2: float
     v1: float = math.nan  # the mean variances the filter was made for
     v2: float = math.nan
+    grid: int = 0  # side of the frequency grid it was computed on
+
+    @property
+    def half(self) -> int:
+        return self.image.shape[0] // 2
+
+    def padded(self, half: int) -> _NodeFilter:
+        """The same filter with its stamps zero padded to (2 half + 1) pixels."""
+
+        def pad(stamp):
+            return None if stamp is None else np.pad(stamp, half - stamp.shape[0] // 2)
+
+        return replace(
+            self,
+            image=pad(self.image),
+            psf=pad(self.psf),
+            variance1=pad(self.variance1),
+            variance2=pad(self.variance2),
+        )
 
 
 def _node_filter(
-    kernel_image, v, vt, preconv_image, size: int, complete: bool, correlations=(None, None)
+    kernel_image, v, vt, preconv_image, complete: bool, correlations=(None, None), size=None
 ) -> _NodeFilter:
-    filters = decorrelation_filters(kernel_image, v, vt, (size, size), preconv_image, correlations)
-    variance1 = variance2 = None
-    if complete:
-        variance1 = filter_kernel_image(filters.c1, size) ** 2
-        variance2 = filter_kernel_image(filters.c2, size) ** 2
+    """A node's filter with its image-space stamps cut to their real extent h (`_extent`):
+    filtering costs then follow the filter, not the kernels.
+
+    The filter is sampled on an (L, L) grid, which folds its tails with period L; L
+    starts at the smallest fast size holding twice the widest stamp k and doubles until
+    L >= 4 h (the folded tails then come from >= 3 h away, far below the cut), up to
+    4 k + 1, where a filter whose tails do not decay (strongly correlated inputs) keeps
+    stamps as wide as they reach. ``size`` starts the search elsewhere (a neighbouring
+    node's grid: one pass instead of two).
+    """
+    widest = max(kernel_image.shape[0], 0 if preconv_image is None else preconv_image.shape[0])
+    limit = 4 * widest + 1
+    size = min(size or sfft.next_fast_len(2 * widest + 1, real=True), limit)
+    while True:
+        filters = decorrelation_filters(
+            kernel_image, v, vt, (size, size), preconv_image, correlations
+        )
+        stamps = [filter_kernel_image(filters.phi, size)]
+        stamps.append(filter_kernel_image(filters.psf_filter, size))
+        if complete:
+            stamps += [filter_kernel_image(c, size) ** 2 for c in (filters.c1, filters.c2)]
+        half = max(_extent(stamp, _TAIL_FRACTION) for stamp in stamps)
+        if 4 * half <= size or size >= limit:
+            break
+        size = min(sfft.next_fast_len(2 * size, real=True), limit)
+    stamps = [_crop(stamp, half) for stamp in stamps]
     return _NodeFilter(
-        image=filter_kernel_image(filters.phi, size),
-        psf=filter_kernel_image(filters.psf_filter, size),
-        variance1=variance1,
-        variance2=variance2,
+        image=stamps[0],
+        psf=stamps[1],
+        variance1=stamps[2] if complete else None,
+        variance2=stamps[3] if complete else None,
         w1=filters.w1,
         w2=filters.w2,
         v1=float(v),
         v2=float(vt),
+        grid=size,
     )
+
+
+def _extent(stamp: np.ndarray, fraction: float) -> int:
+    """Smallest half-width h such that the values outside the centred (2h + 1) box of a
+    square stamp sum, in absolute value, to at most ``fraction`` of the stamp's."""
+    centre = stamp.shape[0] // 2
+    offsets = np.abs(np.arange(stamp.shape[0]) - centre)
+    ring = np.maximum(offsets[:, None], offsets[None, :])  # box half-width holding a pixel
+    weight = np.abs(stamp)
+    inside = np.cumsum(np.bincount(ring.ravel(), weights=weight.ravel()))
+    outside = inside[-1] - inside
+    return int(np.argmax(outside <= fraction * inside[-1]))
+
+
+def _crop(stamp: np.ndarray, half: int) -> np.ndarray:
+    """The centred (2 half + 1) box of a stamp, rescaled to the stamp's sum (the filter's
+    zero-frequency value: unit flux for phi, the variance weight for c^2)."""
+    centre = stamp.shape[0] // 2
+    box = stamp[centre - half : centre + half + 1, centre - half : centre + half + 1]
+    return box * (stamp.sum() / box.sum())
 
 
 def _kernel_at(kernel, x: float, y: float) -> np.ndarray:
@@ -498,14 +571,16 @@ def _on_bbox(exposure: Exposure, bbox, what: str) -> Exposure:
         ) from exc
 
 
-def _fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Float32 image with NaN/inf replaced by the nan-mean (section 4.3 step 7)."""
+def _fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Float32 image with NaN/inf replaced by the nan-mean (section 4.3 step 7), and
+    where they were (None when all are finite: no frame-sized boolean kept)."""
     data = np.asarray(image, dtype=np.float32)
-    bad = ~np.isfinite(data)
-    if bad.any():
-        fill = np.mean(data[~bad], dtype=np.float64) if (~bad).any() else 0.0
-        data = np.where(bad, np.float32(fill), data)
-    return data, bad
+    finite = np.isfinite(data)
+    if finite.all():
+        return data, None
+    fill = np.mean(data[finite], dtype=np.float64) if finite.any() else 0.0
+    bad = np.logical_not(finite, out=finite)
+    return np.where(bad, np.float32(fill), data), bad
 
 
 def _mean_variance(exposure: Exposure, ignore) -> float:
@@ -589,15 +664,6 @@ def _complete_variance(
     # the node filter carries the squared kernels whenever complete propagation is on
     assert node.variance1 is not None and node.variance2 is not None
     return _convolve((filled1, filled2), (node.variance1, node.variance2), shape, workers)
-
-
-def _margin(kernel_image: np.ndarray, preconv_image: np.ndarray | None) -> int:
-    """Half-width of the decorrelation kernels: their tails fall below 1e-6 of the peak
-    within about twice the matching-kernel stamp width for Gaussian-like kernels."""
-    size = max(kernel_image.shape)
-    if preconv_image is not None:
-        size = max(size, *preconv_image.shape)
-    return 2 * size
 
 
 # ----------------------------------------------------------------------------------------
@@ -718,14 +784,12 @@ def decorrelate_difference(
     if v > 0 and vt / v > _DIVERGING_RATIO:
         log.warning("Diverging correction: convolved/unconvolved variance ratio %g", vt / v)
 
-    margin = _margin(kernel_image, preconv_image)
-    stamp_size = 2 * margin + 1
     complete = config.complete_var_plane_propagation
     image, bad = _fill_nonfinite(difference.image)
 
     if not spatially_varying:
-        node = _node_filter(kernel_image, v, vt, preconv_image, stamp_size, complete, correlations)
-        shape = _fft_shape(image.shape, margin)
+        node = _node_filter(kernel_image, v, vt, preconv_image, complete, correlations)
+        shape = _fft_shape(image.shape, node.half)
         corrected = _convolve((image,), (node.image,), shape)
         if complete:
             variance = _complete_variance(plane1, plane2, v, vt, node, shape)
@@ -744,22 +808,26 @@ def decorrelate_difference(
         corrected, variance, psf_stamps, nodes_x, nodes_y = _decorrelate_on_grid(
             image,
             (plane1, plane2),
-            (~exposure1.masked(ignore), ~exposure2.masked(ignore)),
+            (
+                (exposure1.mask, exposure1.bitmask(ignore)),
+                (exposure2.mask, exposure2.bitmask(ignore)),
+            ),
             (v, vt),
             kernel,
             (x0, y0),
             preconv_image,
-            margin,
             config.grid_step,
             complete,
             correlations,
+            # a consumed difference's own variance plane is reused (no fresh frame)
+            variance_out=_reusable(difference.variance, plane1, plane2) if consume else None,
         )
 
     if complete:
         # restore non-finite input variances (section 4.3 step 8)
         nonfinite = ~(np.isfinite(plane1) & np.isfinite(plane2))
         variance[nonfinite] = plane1[nonfinite] + plane2[nonfinite]
-    if bad.any():
+    if bad is not None:
         corrected[bad] = difference.image[bad]
     variance = np.ascontiguousarray(variance, dtype=np.float32)
     if scale != 1.0:
@@ -815,27 +883,26 @@ def _cells(length: int, nodes: np.ndarray) -> list[tuple[int, int, list[int]]]:
 def _decorrelate_on_grid(
     image,
     planes,
-    goods,
+    masks,
     mean_vars,
     kernel,
     xy0,
     preconv_image,
-    margin,
     step,
     complete,
     correlations=(None, None),
+    variance_out=None,
 ):
     """Decorrelation on a grid of nodes blended with tent weights (decision 4).
 
     Each node's filter comes from the kernel at the node and the clipped-mean variances
     of the pixels nearest to it. The blend sum_n tent_n(X) (phi_n (*) D)(X) is computed
     cell by cell (a cell lies between 2 x 2 nodes, the only ones whose tents are
-    non-zero in it): one forward FFT of the cell plus a margin holding the filter tails,
+    non-zero in it): one forward FFT of the cell plus a margin holding the filters' extent,
     and one inverse per corner node, each weighted by the node's bilinear tent. The
     weights sum to 1 everywhere and the blend is continuous: no cell edges.
     """
     plane1, plane2 = planes
-    good1, good2 = goods
     v_default, vt_default = mean_vars
     ny, nx = image.shape
     x0, y0 = xy0
@@ -845,30 +912,45 @@ def _decorrelate_on_grid(
     tent_y = _tent_matrix(ny, nodes_y).astype(np.float32)
     windows_x = _node_windows(nx, nodes_x)
     windows_y = _node_windows(ny, nodes_y)
-    stamp_size = 2 * margin + 1
 
-    def node_filter(index: int) -> _NodeFilter:
+    def node_filter(index: int, size: int | None = None) -> _NodeFilter:
         jn, i_n = divmod(index, nodes_x.size)
         window = (slice(*windows_y[jn]), slice(*windows_x[i_n]))
-        v = clipped_mean(plane1[window], good1[window], max_pixels=_NODE_STATS_MAX_PIXELS)
-        vt = clipped_mean(plane2[window], good2[window], max_pixels=_NODE_STATS_MAX_PIXELS)
+        # unmasked pixels of the window only: no frame-sized boolean per input
+        v, vt = (
+            clipped_mean(
+                plane[window],
+                (mask[window] & np.int32(bits)) == 0,
+                max_pixels=_NODE_STATS_MAX_PIXELS,
+            )
+            for plane, (mask, bits) in zip(planes, masks, strict=True)
+        )
         v = v if math.isfinite(v) else v_default
         vt = vt if math.isfinite(vt) else vt_default
         kernel_image = _kernel_at(kernel, x0 + nodes_x[i_n], y0 + nodes_y[jn])
-        return _node_filter(kernel_image, v, vt, preconv_image, stamp_size, complete, correlations)
+        return _node_filter(kernel_image, v, vt, preconv_image, complete, correlations, size)
 
-    filters = thread_map(node_filter, range(nodes_y.size * nodes_x.size))
+    # the central node's grid starts the others' search (neighbours' filters are alike)
+    n_nodes = nodes_y.size * nodes_x.size
+    grid = node_filter(n_nodes // 2).grid
+    filters = thread_map(lambda index: node_filter(index, grid), range(n_nodes))
+    # the cells' margin holds the widest node filter
+    h = max(f.half for f in filters)
+    filters = [f.padded(h) for f in filters]
     psf_stamps = np.array([f.psf for f in filters]).reshape(
-        nodes_y.size, nodes_x.size, stamp_size, stamp_size
+        nodes_y.size, nodes_x.size, 2 * h + 1, 2 * h + 1
     )
     cells_y, cells_x = _cells(ny, nodes_y), _cells(nx, nodes_x)
-    h = margin
     shape = (
         sfft.next_fast_len(max(c1 - c0 for c0, c1, _ in cells_y) + 2 * h, real=True),
         sfft.next_fast_len(max(c1 - c0 for c0, c1, _ in cells_x) + 2 * h, real=True),
     )
     corrected = np.zeros(image.shape, dtype=np.float32)
-    variance = np.zeros(image.shape, dtype=np.float32)
+    if variance_out is None:
+        variance = np.zeros(image.shape, dtype=np.float32)
+    else:
+        variance = variance_out
+        variance.fill(0.0)
     if complete:
         bad1, bad2 = ~np.isfinite(plane1), ~np.isfinite(plane2)
         zeroed1 = np.where(bad1, np.float32(0), plane1).astype(np.float32, copy=False)
@@ -877,17 +959,18 @@ def _decorrelate_on_grid(
     def transfer(stamp: np.ndarray) -> np.ndarray:
         return sfft.rfft2(_embed(stamp, shape).astype(np.float32), workers=1)
 
+    def node_spectrum(index: int) -> list:
+        """Transfer functions of a node at the cell FFT shape."""
+        node = filters[index]
+        entry = [transfer(node.image)]
+        if complete:
+            assert node.variance1 is not None and node.variance2 is not None
+            entry += [transfer(node.variance1), transfer(node.variance2)]
+        return entry
+
     def node_spectra(jn: int) -> list:
-        """Transfer functions of the nodes of row jn at the cell FFT shape."""
-        out = []
-        for i_n in range(nodes_x.size):
-            node = filters[jn * nodes_x.size + i_n]
-            entry = [transfer(node.image)]
-            if complete:
-                assert node.variance1 is not None and node.variance2 is not None
-                entry += [transfer(node.variance1), transfer(node.variance2)]
-            out.append(entry)
-        return out
+        """Transfer functions of the nodes of row jn (threaded: 17 FFTs of a cell each)."""
+        return thread_map(node_spectrum, range(jn * nodes_x.size, (jn + 1) * nodes_x.size))
 
     def tile_spectrum(data: np.ndarray, r0, r1, c0, c1) -> np.ndarray:
         """rFFT of data rows r0 - h .. r1 + h - 1 (zero outside the frame) at ``shape``."""
@@ -921,7 +1004,6 @@ def _decorrelate_on_grid(
                 ]
             image_out = corrected[r0:r1, c0:c1]  # cells do not overlap: safe across threads
             variance_out = variance[r0:r1, c0:c1]
-            w1 = w2 = None
             for jn in row_nodes:
                 for i_n in col_nodes:
                     weight = tent_y[r0:r1, jn, None] * tent_x[None, c0:c1, i_n]
@@ -939,11 +1021,19 @@ def _decorrelate_on_grid(
                             term = filled * spectrum
                             total = term if total is None else total + term
                         variance_out += weight * sfft.irfft2(total, s=shape, workers=1)[core]
-                    else:  # the blended weights of the two variance planes
-                        w1 = weight * np.float32(node.w1) + (0 if w1 is None else w1)
-                        w2 = weight * np.float32(node.w2) + (0 if w2 is None else w2)
-            if w1 is not None and w2 is not None:
-                variance_out += plane1[r0:r1, c0:c1] * w1 + plane2[r0:r1, c0:c1] * w2
+            if not complete:
+                # the blended weights of the two variance planes: sum over the corners of
+                # tent_y tent_x w, one (rows, 2) x (2, 2) x (2, cols) product per plane
+                rows, cols = tent_y[r0:r1][:, row_nodes], tent_x[c0:c1][:, col_nodes].T
+                for plane, attribute in ((plane1, "w1"), (plane2, "w2")):
+                    corners = np.array(
+                        [
+                            [getattr(filters[j * nodes_x.size + i], attribute) for i in col_nodes]
+                            for j in row_nodes
+                        ],
+                        dtype=np.float32,
+                    )
+                    variance_out += plane[r0:r1, c0:c1] * (rows @ corners @ cols)
 
         thread_map(blend_cell, cells_x)
     return corrected, variance, psf_stamps, nodes_x + x0, nodes_y + y0

@@ -426,3 +426,82 @@ def test_interp_stamps_equals_blend_over_every_node():
         np.testing.assert_allclose(
             _interp_stamps(stamps, nodes_x, nodes_y, x, y), expected, rtol=1e-12, atol=1e-14
         )
+
+
+# ----------------------------------------------------------------------------------------
+# filters cut to their extent
+def _varying_score_case():
+    """Noise-only score of a pair whose matching kernel widens across the frame, with a
+    star-sized residual (filter tails act on it: what a cut must keep)."""
+    rng = np.random.default_rng(31)
+    vs, vt = 1.0, 3.0
+    psf = gaussian(1.7, 21)
+    k0 = signal.convolve2d(psf, gaussian(1.0, 15, 0.9))
+    k1 = signal.convolve2d(psf, gaussian(1.6, 15, 0.9))
+    science = rng.normal(0.0, 1.0, (N, N))
+    template = rng.normal(0.0, np.sqrt(vt), (N, N))
+    a = np.arange(N) / (N - 1.0)  # K(x) linear in x: T * K(x) blends T * k0 and T * k1
+    matched = (1 - a) * correlate(template, k0) + a * correlate(template, k1)
+    score = correlate(science, psf) - matched
+    score[100:121, 60:81] += 50.0 * psf  # a 50-sigma-ish residual
+    sci, tmp, dif = exposures(science, template, score, vs, vt)
+    sci.psf = dif.psf = ImagePsf(psf)
+    return sci, tmp, dif, LinearKernel(k0, k1, N), psf, science - matched
+
+
+@pytest.mark.parametrize("spatially_varying", [False, True])
+@pytest.mark.parametrize("complete", [False, True])
+@pytest.mark.parametrize("score_form", [False, True])
+def test_cut_filters_match_uncut_reference(monkeypatch, spatially_varying, complete, score_form):
+    """Stamps cut where every dropped value is below 1e-7 of the peak give the image and
+    variance of the uncut filters on the generous (4 k + 1) grid to 1e-5 of the noise,
+    and the whitened score or difference keeps unit noise ratio."""
+    import core.decorrelate as decorrelate
+
+    sci, tmp, dif, kernel, psf, difference = _varying_score_case()
+    if not score_form:  # the same pair as a difference: S - K * T
+        dif = Exposure.from_arrays(difference, np.ones((N, N)), psf=sci.psf)
+    kwargs = dict(
+        spatially_varying=spatially_varying,
+        config=DecorrelationConfig(complete_var_plane_propagation=complete, grid_step=64),
+    )
+    if score_form:
+        kwargs |= dict(preconv_mode=True, preconv_kernel=psf)
+    cut = decorrelate_difference(dif, sci, tmp, kernel, **kwargs)
+    monkeypatch.setattr(decorrelate, "_TAIL_FRACTION", 0.0)  # nothing is below 0: no cut
+    reference = decorrelate_difference(dif, sci, tmp, kernel, **kwargs)
+    sigma = np.sqrt(reference.variance)
+    assert np.abs(cut.image - reference.image).max() < 1e-5 * sigma.min()
+    assert np.abs(cut.variance / reference.variance - 1.0).max() < 1e-5
+    assert np.allclose(
+        cut.psf.kernel_image(30, 200), reference.psf.kernel_image(30, 200), atol=1e-7
+    )
+    # a star-sized residual is filtered as by the uncut filter, not just the noise
+    assert np.abs(cut.image[90:131, 50:91] - reference.image[90:131, 50:91]).max() < 1e-4
+    noise = cut.image[INNER] / np.sqrt(cut.variance[INNER])
+    assert 0.97 < mad_std(noise) < 1.03
+
+
+def test_node_filter_is_cut_to_its_extent():
+    """The cut stamps are far narrower than the kernels, keep the full stamps' sums (unit
+    flux), and drop only values whose absolute sum is below 1e-7 of the stamp's."""
+    import core.decorrelate as decorrelate
+
+    psf = gaussian(1.7, 21)
+    kernel = signal.convolve2d(psf, gaussian(1.2, 51, 0.9))  # 71 px: a preconvolve kernel
+    node = decorrelate._node_filter(kernel, 1.0, 3.0, psf, complete=True)
+    size = 4 * 71 + 1
+    full = decorrelation_filters(kernel, 1.0, 3.0, (size, size), psf)
+    stamp = decorrelate.filter_kernel_image(full.phi, size)
+    half = node.half
+    assert half < 71 // 2
+    centre = size // 2
+    dropped = stamp.copy()
+    dropped[centre - half : centre + half + 1, centre - half : centre + half + 1] = 0.0
+    assert np.abs(dropped).sum() <= 1e-7 * np.abs(stamp).sum()
+    assert node.image.sum() == pytest.approx(1.0, abs=1e-12)
+    assert node.psf.sum() == pytest.approx(1.0, abs=1e-12)
+    assert node.variance1.sum() == pytest.approx(full.w1, rel=1e-9)
+    assert node.variance2.sum() == pytest.approx(full.w2, rel=1e-9)
+    inner = stamp[centre - half : centre + half + 1, centre - half : centre + half + 1]
+    assert np.abs(node.image - inner).sum() < 2e-7 * np.abs(stamp).sum()

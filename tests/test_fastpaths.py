@@ -230,20 +230,27 @@ def _grid_reference(difference, science, template, kernel, step, complete):
             vt = clipped_mean(template.variance[w], good_t[w])
             v = v if math.isfinite(v) else v_all
             vt = vt if math.isfinite(vt) else vt_all
-            node = dmod._node_filter(
-                kernel.image(nodes_x[i_n], nodes_y[jn]), v, vt, None, 2 * margin + 1, complete
+            # the whole filter on the generous grid (not cut to its extent)
+            size = 2 * margin + 1
+            filters = dmod.decorrelation_filters(
+                kernel.image(nodes_x[i_n], nodes_y[jn]), v, vt, (size, size)
             )
+            phi = dmod.filter_kernel_image(filters.phi, size)
             weight = tent_y[:, jn, None] * tent_x[None, :, i_n]
-            corrected += weight * ndimage.convolve(image, node.image, mode="constant")
+            corrected += weight * ndimage.convolve(image, phi, mode="constant")
             if complete:
+                c1 = dmod.filter_kernel_image(filters.c1, size)
+                c2 = dmod.filter_kernel_image(filters.c2, size)
                 p1 = np.where(np.isfinite(science.variance), science.variance, v)
                 p2 = np.where(np.isfinite(template.variance), template.variance, vt)
                 variance += weight * (
-                    ndimage.convolve(p1.astype(np.float64), node.variance1, mode="constant")
-                    + ndimage.convolve(p2.astype(np.float64), node.variance2, mode="constant")
+                    ndimage.convolve(p1.astype(np.float64), c1**2, mode="constant")
+                    + ndimage.convolve(p2.astype(np.float64), c2**2, mode="constant")
                 )
             else:
-                variance += weight * (science.variance * node.w1 + template.variance * node.w2)
+                variance += weight * (
+                    science.variance * filters.w1 + template.variance * filters.w2
+                )
     return corrected, variance
 
 

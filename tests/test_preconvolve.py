@@ -231,3 +231,33 @@ def test_bad_template_pixels_take_their_nearest_good_value():
     np.testing.assert_array_equal(filled[core], image[iy, ix][core])
     np.testing.assert_array_equal(filled[~bad], image[~bad])
     assert abs(np.median(filled[isolated])) < 0.1
+
+
+def test_score_noise_floor_equals_float64_reference():
+    """The noise floor kept in float32 pulls gives the float64 computation's ratio and
+    floor to round-off (score scatter 1.6x its propagated noise, a masked corner)."""
+    from astropy.stats import mad_std
+
+    from core.exposure import Exposure
+
+    rng = np.random.default_rng(5)
+    shape = (300, 400)
+    variance = rng.uniform(1.0, 3.0, shape).astype(np.float32)
+    image = (1.6 * rng.normal(size=shape) * np.sqrt(variance)).astype(np.float32)
+    score = Exposure.from_arrays(image, variance.copy())
+    score.set_plane("BAD", np.pad(np.ones((20, 30), bool), ((0, 280), (0, 370))))
+    task = AlardLuptonPreconvolveSubtractTask(SubtractionConfig())
+    task.source_mask = np.zeros(shape, bool)
+    task.source_mask[100:110, 200:215] = True
+    task._add_score_noise_floor(score)
+
+    good = ~score.masked(NOISE_MASK_PLANES) & ~task.source_mask
+    data, var = image[good].astype(np.float64), variance[good].astype(np.float64)
+    ratio = mad_std(data / np.sqrt(var))
+    assert task.metadata["scoreNoiseRatioPropagated"] == pytest.approx(ratio, rel=1e-6)
+    low, high = 0.0, float(np.median(var)) * ratio**2
+    for _ in range(40):
+        floor = 0.5 * (low + high)
+        low, high = (floor, high) if mad_std(data / np.sqrt(var + floor)) > 1.0 else (low, floor)
+    assert task.metadata["scoreNoiseFloor"] == pytest.approx(high, rel=1e-5)
+    assert np.allclose(score.variance, variance + np.float32(high))
