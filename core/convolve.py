@@ -85,6 +85,11 @@ def _correlate_weighted(
 ) -> np.ndarray:
     """sum_t wy[t, Y] wx[t, X] * correlate(data, kernels[t])(X, Y), zero outside the frame.
 
+    Terms that share their x weights share the inverse transform along x: each one's
+    product spectrum is inverted along y (c2c), cropped to the tile's core rows,
+    weighted by its y weights and summed, and the sum inverted along x once (the
+    weights are separable). A group of one term takes the plain 2-D inverse.
+
     Parameters
     ----------
     data : (ny, nx) finite array
@@ -97,16 +102,32 @@ def _correlate_weighted(
     py, rows = _axis_plan(ny, hy, tile_fft)
     px, cols = _axis_plan(nx, hx, tile_fft)
     transforms = np.stack([_kernel_transform(k, (py, px), dtype) for k in kernels])
-    out = np.zeros((ny, nx), dtype=dtype)
+    out = np.empty((ny, nx), dtype=dtype)
     tiles = [(r, c) for r in rows for c in cols]
     n_threads = min(_workers(workers), len(tiles))
     fft_workers = 1 if n_threads > 1 else _workers(workers)
+    # factors equal to 1 everywhere (T0 along that axis) need no multiplication
+    unit_x, unit_y = [True] * m, [True] * m
     if wx is not None:
         assert wy is not None  # the weights come in pairs
         wx, wy = wx.astype(dtype), wy.astype(dtype)
-        # factors equal to 1 everywhere (T0 along that axis) need no multiplication
         unit_x = [bool(np.all(wx[t] == 1)) for t in range(m)]
         unit_y = [bool(np.all(wy[t] == 1)) for t in range(m)]
+    groups: list[list[int]] = []  # terms with the same x weights
+    for t in range(m):
+        same = next(
+            (
+                g
+                for g in groups
+                if unit_x[g[0]] == unit_x[t]
+                and (unit_x[t] or wx is not None and np.array_equal(wx[g[0]], wx[t]))
+            ),
+            None,
+        )
+        if same is None:
+            groups.append([t])
+        else:
+            same.append(t)
 
     def run(tile):
         (y0, y1), (x0, x1) = tile
@@ -119,15 +140,41 @@ def _correlate_weighted(
         spectrum = sfft.rfft2(buffer, workers=fft_workers)
         acc = out[y0:y1, x0:x1]  # tiles do not overlap in the output: safe across threads
         product = np.empty_like(spectrum)
-        for t in range(m):
-            np.multiply(spectrum, transforms[t], out=product)
-            full = sfft.irfft2(product, s=(py, px), workers=fft_workers, overwrite_x=True)
-            core = full[hy : hy + y1 - y0, hx : hx + x1 - x0]
-            if wx is not None and not unit_x[t]:
-                core *= wx[t, np.newaxis, x0:x1]
-            if wx is not None and not unit_y[t]:
-                core *= wy[t, y0:y1, np.newaxis]
-            acc += core
+        first = True
+        for group in groups:
+            if len(group) == 1:
+                (t,) = group
+                np.multiply(spectrum, transforms[t], out=product)
+                full = sfft.irfft2(product, s=(py, px), workers=fft_workers, overwrite_x=True)
+                core = full[hy : hy + y1 - y0, hx : hx + x1 - x0]
+                if not unit_y[t]:
+                    assert wy is not None
+                    core *= wy[t, y0:y1, np.newaxis]
+            else:
+                rows_sum = None
+                for t in group:
+                    np.multiply(spectrum, transforms[t], out=product)
+                    # the first term's inverse is kept: it may not overwrite `product`
+                    part = sfft.ifft(
+                        product, axis=0, workers=fft_workers, overwrite_x=rows_sum is not None
+                    )[hy : hy + y1 - y0]
+                    if not unit_y[t]:
+                        assert wy is not None
+                        part *= wy[t, y0:y1, np.newaxis]
+                    if rows_sum is None:
+                        rows_sum = part
+                    else:
+                        rows_sum += part
+                core = sfft.irfft(rows_sum, n=px, axis=1, workers=fft_workers)
+                core = core[:, hx : hx + x1 - x0]
+            if not unit_x[group[0]]:
+                assert wx is not None
+                core *= wx[group[0], np.newaxis, x0:x1]
+            if first:
+                acc[...] = core
+                first = False
+            else:
+                acc += core
 
     if n_threads > 1:
         with ThreadPoolExecutor(max_workers=n_threads) as pool:

@@ -83,6 +83,37 @@ def test_convolved_mask_is_a_per_bit_box_dilation():
     np.testing.assert_array_equal(exposure.mask, mask)  # the input is not touched
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_grouped_tile_transforms_equal_per_term_correlations(order):
+    """The tiled correlation that shares the inverse x transform between terms of equal x
+    weights gives sum_t wy_t wx_t (data correlated with K_t), each term a direct sum."""
+    from core.convolve import _correlate_weighted, _squared_chebyshev_parts
+    from core.kernel import SpatialKernel
+
+    rng = np.random.default_rng(21)
+    shape, xy0 = (600, 650), (30, 50)  # several tiles along both axes
+    data = rng.normal(100.0, 10.0, shape)
+    basis = make_kernel_basis(None, None, KernelConfig(kernel_size=11))
+    n_spatial = (order + 1) * (order + 2) // 2
+    coefficients = rng.normal(0, 0.05, (basis.n_basis, n_spatial))
+    coefficients[0, 0] = 1.0
+    kernel = SpatialKernel(basis.images, coefficients, order, (0, 0, 700, 700))
+    exposure = Exposure.from_arrays(data.astype(np.float32), xy0=xy0)
+    for images, wx, wy in (
+        (kernel.spatial_images(), *kernel.axis_terms(*exposure.pixel_grid())),
+        _squared_chebyshev_parts(kernel, exposure),
+    ):
+        expected = sum(
+            wy[t][:, None] * wx[t][None, :] * ndimage.correlate(data, images[t], mode="constant")
+            for t in range(images.shape[0])
+        )
+        for workers in (1, 2):
+            out = _correlate_weighted(data, images, wx, wy, workers=workers, dtype=np.float64)
+            np.testing.assert_allclose(out, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
+        single = _correlate_weighted(data.astype(np.float32), images, wx, wy, workers=2)
+        assert np.abs(single - expected).max() < 1e-5 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("fit_background", [True, False])
 @pytest.mark.parametrize("psf", [GaussianPsf(1.7), MoffatPsf(4.0, 3.0)])
 def test_batched_psf_fluxes_equal_the_one_source_fit(psf, fit_background):
