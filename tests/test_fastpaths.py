@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from core import decorrelate as dmod
 from core.basis import make_kernel_basis
@@ -81,6 +81,29 @@ def test_convolved_mask_is_a_per_bit_box_dilation():
     expected[edge] = mask[edge] | exposure.mask_planes.value("EDGE")
     np.testing.assert_array_equal(out.mask, expected)
     np.testing.assert_array_equal(exposure.mask, mask)  # the input is not touched
+
+
+def test_noise_statistics_equal_the_boolean_gather(monkeypatch):
+    """The sampled noise figures (flat indices of the kept pixels, blocks on threads) are
+    those of gathering every kept pixel by boolean index and striding the whole set."""
+    from core import metrics
+
+    rng = np.random.default_rng(8)
+    shape = (1100, 300)
+    image = rng.normal(0.0, 3.0, shape).astype(np.float32)
+    variance = rng.uniform(4.0, 16.0, shape).astype(np.float32)
+    image[rng.random(shape) < 0.01] = np.nan
+    variance[rng.random(shape) < 0.01] = 0.0
+    exposure = Exposure.from_arrays(image, variance)
+    exposure.set_plane("BAD", rng.random(shape) < 0.05)
+    exclude = rng.random(shape) < 0.2
+    monkeypatch.setattr(metrics, "_NOISE_SAMPLE", 1 << 16)  # a stride of 4
+    out = metrics.noise_statistics(exposure, exclude=exclude)
+    keep = np.isfinite(image) & (variance > 0) & ~exclude & ~exposure.masked(["BAD"])
+    z = (image[keep] / np.sqrt(variance[keep]))[:: keep.sum() // (1 << 16) + 1]
+    assert out["noise_pixels"] == keep.sum()
+    assert out["noise_ratio"] == float(stats.iqr(z, scale="normal"))
+    assert out["noise_mean"] == float(np.median(z))
 
 
 @pytest.mark.parametrize("order", [1, 2])
