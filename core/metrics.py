@@ -8,6 +8,8 @@ residual chi^2 are what the acceptance tests and dashboards read.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy.stats import iqr
@@ -127,9 +129,11 @@ def robust_sigma_median(values: np.ndarray) -> tuple[float, float]:
     """
     values = np.asarray(values)
     # two independent selections over the same values: on two threads
-    sigma, median = thread_map(
-        lambda statistic: statistic(values), [lambda v: iqr(v, scale="normal"), np.median], 2
-    )
+    statistics: list[Callable[[np.ndarray], Any]] = [
+        lambda v: iqr(v, scale="normal"),
+        np.median,
+    ]
+    sigma, median = thread_map(lambda statistic: statistic(values), statistics, 2)
     return float(sigma), float(median)
 
 
