@@ -370,6 +370,33 @@ def test_block_medians_equal_nanmedian_of_each_block(dtype):
         assert value == np.nanmedian(block)
 
 
+def test_sky_block_medians_in_bands_equal_the_whole_subsample():
+    """The refinement's block medians, taken in bands of block rows on threads, are those
+    of `_block_medians` over the whole 2x2 subsample (the same blocks, in order)."""
+    from types import SimpleNamespace
+
+    from core.metrics import NOISE_MASK_PLANES
+    from core.subtract import _block_medians, _SubtractBase
+
+    rng = np.random.default_rng(13)
+    shape = (1101, 901)  # odd: the subsample has a partial last block row and column
+    image = rng.normal(0.0, 5.0, shape).astype(np.float32)
+    image[rng.random(shape) < 0.01] = np.nan
+    variance = rng.uniform(1.0, 2.0, shape).astype(np.float32)
+    difference = Exposure.from_arrays(image, variance)
+    difference.set_plane("SAT", rng.random(shape) < 0.02)
+    source_mask = rng.random(shape) < np.linspace(0.0, 0.9, shape[1])
+    task = SimpleNamespace(source_mask=source_mask)
+    x, y, level, weight = _SubtractBase._sky_block_medians(task, difference)  # type: ignore[arg-type]
+    sub = np.s_[::2, ::2]
+    good = (difference.mask[sub] & difference.bitmask(NOISE_MASK_PLANES)) == 0
+    good &= ~source_mask[sub] & np.isfinite(image[sub]) & (variance[sub] > 0)
+    ex, ey, elevel, eweight = _block_medians(image[sub], good, 16)
+    assert level.size > 100
+    for got, expected in ((x, 2 * ex), (y, 2 * ey), (level, elevel), (weight, eweight)):
+        np.testing.assert_array_equal(got, expected)
+
+
 # --------------------------------------------------------------------------------------
 # DIA measurement (core.measure, core.forced, core.diasources)
 def _plain_psf_stamps(stamps, x, y):
