@@ -22,6 +22,7 @@ or NaN/inf (variance), as a direct sum would give.
 from __future__ import annotations
 
 import copy
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -263,12 +264,18 @@ def _replace_bits(mask: np.ndarray, source: np.ndarray, bits) -> None:
         rows |= source[y : y + step] & bits
 
 
-def _dynamic_dtype(values: np.ndarray, max_range: float):
-    """float32 unless one pixel dwarfs the typical one (its round-off would leak)."""
+def _dynamic_dtype(
+    values: np.ndarray, max_range: float, extremes: tuple[float, float] | None = None
+):
+    """float32 unless one pixel dwarfs the typical one (its round-off would leak).
+
+    ``extremes``: (max, min) of ``values`` when the caller has them.
+    """
     if values.size == 0:
         return np.float32
     typical = float(np.median(np.abs(values[::7, ::7])))
-    peak = max(float(values.max()), -float(values.min()))
+    high, low = extremes if extremes is not None else (float(values.max()), float(values.min()))
+    peak = max(high, -low)
     if peak > max_range * max(typical, float(np.finfo(np.float32).tiny)):
         return np.float64
     return np.float32
@@ -360,11 +367,16 @@ def _correlate_plane(values, images, wx, wy, *, workers, max_range, dtype=None):
     Returns the result and the boolean arrays of outputs touched by NaN and by +inf.
     """
     _, ky, kx = images.shape
-    finite = np.isfinite(values)
-    all_finite = bool(finite.all())
-    data = values if all_finite else np.where(finite, values, 0.0).astype(values.dtype)
+    # max and min propagate NaN and show inf: finite extremes mean a finite plane (the
+    # check and the dynamic range in the same two passes, no frame-sized boolean)
+    extremes = (float(values.max()), float(values.min())) if values.size else (0.0, 0.0)
+    all_finite = math.isfinite(extremes[0]) and math.isfinite(extremes[1])
+    data = values
+    if not all_finite:
+        finite = np.isfinite(values)
+        data = np.where(finite, values, 0.0).astype(values.dtype)
     if dtype is None:
-        dtype = _dynamic_dtype(data, max_range)
+        dtype = _dynamic_dtype(data, max_range, extremes if all_finite else None)
     out = _correlate_weighted(data, images, wx, wy, workers=workers, dtype=dtype)
     if all_finite:
         return out, None, None
