@@ -538,10 +538,23 @@ class _SubtractBase(Task):
 
     def _subtract_matched(self, minuend: Exposure, matched: Exposure, background):
         """minuend - b - matched (b if subtracted), refined; returns (difference, background)."""
-        difference = minuend.copy()
+        # the difference's planes are written from the operands (no copy of the minuend
+        # first): the same numbers as copy, subtract the background, subtract in place
+        image = np.empty_like(minuend.image)
         if self.config.do_subtract_background:
-            background.add_to(difference.image, difference.xy0, scale=-1.0)
-        _subtract_in_place(difference, matched)
+            background.add_to(image, minuend.xy0, scale=-1.0, source=minuend.image)
+        else:
+            np.copyto(image, minuend.image)
+        image -= matched.image
+        difference = replace(
+            minuend,
+            image=image,
+            variance=np.add(minuend.variance, matched.variance),
+            mask=minuend.mask.copy(),
+            mask_planes=minuend.mask_planes.copy(),
+            metadata=copy.deepcopy(minuend.metadata),
+        )
+        difference.or_mask_from(matched)
         return difference, self._refine_background(difference, background, scale=1.0)
 
     def _refine_background(

@@ -397,6 +397,43 @@ def test_sky_block_medians_in_bands_equal_the_whole_subsample():
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("subtract_background", [True, False])
+def test_difference_from_the_operands_equals_copy_then_subtract(subtract_background):
+    """`_subtract_matched` writes the difference's planes from its operands: the same
+    numbers as copying the minuend, subtracting the background and the matched image."""
+    from core.config import SubtractionConfig
+    from core.kernel import BackgroundModel
+    from core.subtract import AlardLuptonSubtractTask, _subtract_in_place
+
+    rng = np.random.default_rng(17)
+    shape, xy0 = (300, 260), (40, 70)
+    minuend = Exposure.from_arrays(
+        rng.normal(100.0, 5.0, shape).astype(np.float32),
+        rng.uniform(20.0, 30.0, shape).astype(np.float32),
+        xy0=xy0,
+    )
+    minuend.set_plane("SAT", rng.random(shape) < 0.01)
+    matched = Exposure.from_arrays(
+        rng.normal(90.0, 5.0, shape).astype(np.float32),
+        rng.uniform(10.0, 15.0, shape).astype(np.float32),
+        xy0=xy0,
+    )
+    matched.set_plane("SAT_TEMPLATE", rng.random(shape) < 0.01)  # a bit the minuend lacks
+    background = BackgroundModel(np.array([3.0, 0.5, -0.25]), 1, (40, 70, 299, 369))
+    config = SubtractionConfig(do_subtract_background=subtract_background)
+    config.refine_background = False
+    task = AlardLuptonSubtractTask(config=config)
+    difference, _ = task._subtract_matched(minuend, matched, background)
+    expected = minuend.copy()
+    if subtract_background:
+        background.add_to(expected.image, expected.xy0, scale=-1.0)
+    _subtract_in_place(expected, matched)
+    for plane in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(getattr(difference, plane), getattr(expected, plane))
+    assert difference.mask_planes == expected.mask_planes
+    assert not np.shares_memory(difference.mask, minuend.mask)
+
+
 # --------------------------------------------------------------------------------------
 # DIA measurement (core.measure, core.forced, core.diasources)
 def _plain_psf_stamps(stamps, x, y):
