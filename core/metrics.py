@@ -133,7 +133,7 @@ def robust_sigma_median(values: np.ndarray) -> tuple[float, float]:
         lambda v: iqr(v, scale="normal"),
         np.median,
     ]
-    sigma, median = thread_map(lambda statistic: statistic(values), statistics, 2)
+    sigma, median = thread_map(lambda statistic: statistic(values), statistics)
     return float(sigma), float(median)
 
 

@@ -446,7 +446,7 @@ class _SubtractBase(Task):
         x, y = np.asarray(selected["x"], float), np.asarray(selected["y"], float)
         # the two images' fits are independent: on two threads (numpy releases the GIL)
         (f_s, e_s), (f_t, e_t) = thread_map(
-            lambda exposure: psf_fluxes(exposure, x, y, exposure.psf), [science, template], 2
+            lambda exposure: psf_fluxes(exposure, x, y, exposure.psf), [science, template]
         )
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = f_s / f_t
