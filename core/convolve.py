@@ -4,9 +4,10 @@ A spatial kernel of Chebyshev order o is K(X, Y) = sum_t T_t(x', y') K_t with
 (o+1)(o+2)/2 fixed images K_t, so the convolved image is that many full-frame
 correlations weighted pixelwise by the (separable) Chebyshev terms (decision 6),
 and the variance, which needs K^2 = sum_{t,l} T_t T_l K_t K_l, is
-n(n+1)/2 more. Each correlation is an FFT over overlapping 512-pixel tiles that
-share one set of kernel transforms, run on a thread pool, in float32 unless a
-plane's dynamic range would let round-off leak (then float64).
+n(n+1)/2 more. Each correlation is an FFT over overlapping tiles (256 px and up)
+that share one set of kernel transforms, run on a thread pool, in float32 unless a
+plane's dynamic range would let round-off leak (then float64); terms whose x weights
+are equal share their inverse transform along x (the weights are separable).
 
 Semantics follow algorithm.md sections 0.2 and 5.3: correlation (no kernel flip),
 variance by the squared kernel, every mask bit OR'ed over the kernel footprint,
