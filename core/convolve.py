@@ -4,9 +4,10 @@ A spatial kernel of Chebyshev order o is K(X, Y) = sum_t T_t(x', y') K_t with
 (o+1)(o+2)/2 fixed images K_t, so the convolved image is that many full-frame
 correlations weighted pixelwise by the (separable) Chebyshev terms (decision 6),
 and the variance, which needs K^2 = sum_{t,l} T_t T_l K_t K_l, is
-n(n+1)/2 more. Each correlation is an FFT over overlapping 512-pixel tiles that
-share one set of kernel transforms, run on a thread pool, in float32 unless a
-plane's dynamic range would let round-off leak (then float64).
+n(n+1)/2 more. Each correlation is an FFT over overlapping tiles (256 px and up)
+that share one set of kernel transforms, run on a thread pool, in float32 unless a
+plane's dynamic range would let round-off leak (then float64); terms whose x weights
+are equal share their inverse transform along x (the weights are separable).
 
 Semantics follow algorithm.md sections 0.2 and 5.3: correlation (no kernel flip),
 variance by the squared kernel, every mask bit OR'ed over the kernel footprint,
@@ -22,6 +23,7 @@ or NaN/inf (variance), as a direct sum would give.
 from __future__ import annotations
 
 import copy
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -85,6 +87,11 @@ def _correlate_weighted(
 ) -> np.ndarray:
     """sum_t wy[t, Y] wx[t, X] * correlate(data, kernels[t])(X, Y), zero outside the frame.
 
+    Terms that share their x weights share the inverse transform along x: each one's
+    product spectrum is inverted along y (c2c), cropped to the tile's core rows,
+    weighted by its y weights and summed, and the sum inverted along x once (the
+    weights are separable). A group of one term takes the plain 2-D inverse.
+
     Parameters
     ----------
     data : (ny, nx) finite array
@@ -97,16 +104,32 @@ def _correlate_weighted(
     py, rows = _axis_plan(ny, hy, tile_fft)
     px, cols = _axis_plan(nx, hx, tile_fft)
     transforms = np.stack([_kernel_transform(k, (py, px), dtype) for k in kernels])
-    out = np.zeros((ny, nx), dtype=dtype)
+    out = np.empty((ny, nx), dtype=dtype)
     tiles = [(r, c) for r in rows for c in cols]
     n_threads = min(_workers(workers), len(tiles))
     fft_workers = 1 if n_threads > 1 else _workers(workers)
+    # factors equal to 1 everywhere (T0 along that axis) need no multiplication
+    unit_x, unit_y = [True] * m, [True] * m
     if wx is not None:
         assert wy is not None  # the weights come in pairs
         wx, wy = wx.astype(dtype), wy.astype(dtype)
-        # factors equal to 1 everywhere (T0 along that axis) need no multiplication
         unit_x = [bool(np.all(wx[t] == 1)) for t in range(m)]
         unit_y = [bool(np.all(wy[t] == 1)) for t in range(m)]
+    groups: list[list[int]] = []  # terms with the same x weights
+    for t in range(m):
+        same = next(
+            (
+                g
+                for g in groups
+                if unit_x[g[0]] == unit_x[t]
+                and (unit_x[t] or wx is not None and np.array_equal(wx[g[0]], wx[t]))
+            ),
+            None,
+        )
+        if same is None:
+            groups.append([t])
+        else:
+            same.append(t)
 
     def run(tile):
         (y0, y1), (x0, x1) = tile
@@ -119,15 +142,41 @@ def _correlate_weighted(
         spectrum = sfft.rfft2(buffer, workers=fft_workers)
         acc = out[y0:y1, x0:x1]  # tiles do not overlap in the output: safe across threads
         product = np.empty_like(spectrum)
-        for t in range(m):
-            np.multiply(spectrum, transforms[t], out=product)
-            full = sfft.irfft2(product, s=(py, px), workers=fft_workers, overwrite_x=True)
-            core = full[hy : hy + y1 - y0, hx : hx + x1 - x0]
-            if wx is not None and not unit_x[t]:
-                core *= wx[t, np.newaxis, x0:x1]
-            if wx is not None and not unit_y[t]:
-                core *= wy[t, y0:y1, np.newaxis]
-            acc += core
+        first = True
+        for group in groups:
+            if len(group) == 1:
+                (t,) = group
+                np.multiply(spectrum, transforms[t], out=product)
+                full = sfft.irfft2(product, s=(py, px), workers=fft_workers, overwrite_x=True)
+                core = full[hy : hy + y1 - y0, hx : hx + x1 - x0]
+                if not unit_y[t]:
+                    assert wy is not None
+                    core *= wy[t, y0:y1, np.newaxis]
+            else:
+                rows_sum = None
+                for t in group:
+                    np.multiply(spectrum, transforms[t], out=product)
+                    # the first term's inverse is kept: it may not overwrite `product`
+                    part = sfft.ifft(
+                        product, axis=0, workers=fft_workers, overwrite_x=rows_sum is not None
+                    )[hy : hy + y1 - y0]
+                    if not unit_y[t]:
+                        assert wy is not None
+                        part *= wy[t, y0:y1, np.newaxis]
+                    if rows_sum is None:
+                        rows_sum = part
+                    else:
+                        rows_sum += part
+                core = sfft.irfft(rows_sum, n=px, axis=1, workers=fft_workers)
+                core = core[:, hx : hx + x1 - x0]
+            if not unit_x[group[0]]:
+                assert wx is not None
+                core *= wx[group[0], np.newaxis, x0:x1]
+            if first:
+                acc[...] = core
+                first = False
+            else:
+                acc += core
 
     if n_threads > 1:
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
@@ -216,12 +265,18 @@ def _replace_bits(mask: np.ndarray, source: np.ndarray, bits) -> None:
         rows |= source[y : y + step] & bits
 
 
-def _dynamic_dtype(values: np.ndarray, max_range: float):
-    """float32 unless one pixel dwarfs the typical one (its round-off would leak)."""
+def _dynamic_dtype(
+    values: np.ndarray, max_range: float, extremes: tuple[float, float] | None = None
+):
+    """float32 unless one pixel dwarfs the typical one (its round-off would leak).
+
+    ``extremes``: (max, min) of ``values`` when the caller has them.
+    """
     if values.size == 0:
         return np.float32
     typical = float(np.median(np.abs(values[::7, ::7])))
-    peak = max(float(values.max()), -float(values.min()))
+    high, low = extremes if extremes is not None else (float(values.max()), float(values.min()))
+    peak = max(high, -low)
     if peak > max_range * max(typical, float(np.finfo(np.float32).tiny)):
         return np.float64
     return np.float32
@@ -313,11 +368,16 @@ def _correlate_plane(values, images, wx, wy, *, workers, max_range, dtype=None):
     Returns the result and the boolean arrays of outputs touched by NaN and by +inf.
     """
     _, ky, kx = images.shape
-    finite = np.isfinite(values)
-    all_finite = bool(finite.all())
-    data = values if all_finite else np.where(finite, values, 0.0).astype(values.dtype)
+    # max and min propagate NaN and show inf: finite extremes mean a finite plane (the
+    # check and the dynamic range in the same two passes, no frame-sized boolean)
+    extremes = (float(values.max()), float(values.min())) if values.size else (0.0, 0.0)
+    all_finite = math.isfinite(extremes[0]) and math.isfinite(extremes[1])
+    data = values
+    if not all_finite:
+        finite = np.isfinite(values)
+        data = np.where(finite, values, 0.0).astype(values.dtype)
     if dtype is None:
-        dtype = _dynamic_dtype(data, max_range)
+        dtype = _dynamic_dtype(data, max_range, extremes if all_finite else None)
     out = _correlate_weighted(data, images, wx, wy, workers=workers, dtype=dtype)
     if all_finite:
         return out, None, None

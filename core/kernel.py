@@ -449,7 +449,13 @@ class BackgroundModel:
         self.add_to(out, xy0)
         return out
 
-    def add_to(self, array: np.ndarray, xy0: tuple[int, int] = (0, 0), scale: float = 1.0):
+    def add_to(
+        self,
+        array: np.ndarray,
+        xy0: tuple[int, int] = (0, 0),
+        scale: float = 1.0,
+        source: np.ndarray | None = None,
+    ):
         """``array += scale * background`` in place, a block of rows at a time.
 
         The separable terms are combined in float64 along y and applied in float32
@@ -461,6 +467,10 @@ class BackgroundModel:
         xy0 : (x0, y0)
             Parent position of pixel [0, 0].
         scale : float
+        source : `numpy.ndarray` (ny, nx) or None
+            When given, ``array = source + scale * background`` (``array`` is only
+            written): the same numbers as copying ``source`` into it first, in one pass
+            fewer.
         """
         ny, nx = array.shape
         tx = _axis_terms(np.arange(nx) + xy0[0], self.domain[0], self.domain[2], self.order)
@@ -475,7 +485,10 @@ class BackgroundModel:
             # order + 1 broadcast products: a (rows, 3) @ (3, nx) matmul is 4x slower
             for t in range(right.shape[0]):
                 np.multiply(left[y : y + step, t : t + 1], right[t], out=part)
-                block += part
+                if t == 0 and source is not None:
+                    np.add(source[y : y + step], part, out=block)
+                else:
+                    block += part
 
     def negated(self) -> BackgroundModel:
         """The model with every coefficient negated."""

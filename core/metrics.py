@@ -8,11 +8,14 @@ residual chi^2 are what the acceptance tests and dashboards read.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy.stats import iqr
 
 from .exposure import Exposure
+from .parallel import thread_map
 
 __all__ = [
     "limiting_magnitude",
@@ -90,20 +93,29 @@ def noise_statistics(exposure: Exposure, exclude: np.ndarray | None = None) -> d
             keep &= ~exclude[rows]
         return keep
 
-    keeps = [good(rows) for rows in blocks]  # one bool per pixel, evaluated once
+    keeps = thread_map(good, blocks)  # one bool per pixel, evaluated once
     counts = [int(np.count_nonzero(keep)) for keep in keeps]
     total = sum(counts)
     if total < 10:
         return {"noise_ratio": math.nan, "noise_mean": math.nan, "noise_pixels": 0}
     step = total // _NOISE_SAMPLE + 1
-    pieces, seen = [], 0
-    for rows, count, keep in zip(blocks, counts, keeps, strict=True):
-        if count:
-            first = (-seen) % step  # global ordinals seen.. ; keep multiples of step
-            image = exposure.image[rows][keep][first::step]
-            variance = exposure.variance[rows][keep][first::step]
-            pieces.append(image / np.sqrt(variance))
-            seen += count
+    # global ordinals seen.. of each block's good pixels; keep multiples of step
+    starts = np.cumsum([0] + counts[:-1])
+
+    def sample(job) -> np.ndarray:
+        rows, keep, seen = job
+        # the kept pixels' flat indices: only the sampled ones are gathered
+        index = np.flatnonzero(keep)[(-int(seen)) % step :: step]
+        image = exposure.image[rows].ravel()[index]
+        variance = exposure.variance[rows].ravel()[index]
+        return image / np.sqrt(variance)
+
+    jobs = [
+        (rows, keep, seen)
+        for rows, count, keep, seen in zip(blocks, counts, keeps, starts, strict=True)
+        if count
+    ]
+    pieces = thread_map(sample, jobs)
     sigma, median = robust_sigma_median(np.concatenate(pieces))
     return {"noise_ratio": sigma, "noise_mean": median, "noise_pixels": total}
 
@@ -116,7 +128,13 @@ def robust_sigma_median(values: np.ndarray) -> tuple[float, float]:
     differ on skewed pixel distributions (faint sources on the sky of a difference).
     """
     values = np.asarray(values)
-    return float(iqr(values, scale="normal")), float(np.median(values))
+    # two independent selections over the same values: on two threads
+    statistics: list[Callable[[np.ndarray], Any]] = [
+        lambda v: iqr(v, scale="normal"),
+        np.median,
+    ]
+    sigma, median = thread_map(lambda statistic: statistic(values), statistics)
+    return float(sigma), float(median)
 
 
 def footprint_means(stamp_values, n_values: int, x, y, radius: float, shape) -> list[np.ndarray]:

@@ -444,8 +444,10 @@ class _SubtractBase(Task):
         if len(selected) < 3:
             return selected
         x, y = np.asarray(selected["x"], float), np.asarray(selected["y"], float)
-        f_s, e_s = psf_fluxes(science, x, y, science.psf)
-        f_t, e_t = psf_fluxes(template, x, y, template.psf)
+        # the two images' fits are independent: on two threads (numpy releases the GIL)
+        (f_s, e_s), (f_t, e_t) = thread_map(
+            lambda exposure: psf_fluxes(exposure, x, y, exposure.psf), [science, template]
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = f_s / f_t
             detected = np.isfinite(ratio) & (f_t > 5.0 * e_t)
@@ -536,10 +538,23 @@ class _SubtractBase(Task):
 
     def _subtract_matched(self, minuend: Exposure, matched: Exposure, background):
         """minuend - b - matched (b if subtracted), refined; returns (difference, background)."""
-        difference = minuend.copy()
+        # the difference's planes are written from the operands (no copy of the minuend
+        # first): the same numbers as copy, subtract the background, subtract in place
+        image = np.empty_like(minuend.image)
         if self.config.do_subtract_background:
-            background.add_to(difference.image, difference.xy0, scale=-1.0)
-        _subtract_in_place(difference, matched)
+            background.add_to(image, minuend.xy0, scale=-1.0, source=minuend.image)
+        else:
+            np.copyto(image, minuend.image)
+        image -= matched.image
+        difference = replace(
+            minuend,
+            image=image,
+            variance=np.add(minuend.variance, matched.variance),
+            mask=minuend.mask.copy(),
+            mask_planes=minuend.mask_planes.copy(),
+            metadata=copy.deepcopy(minuend.metadata),
+        )
+        difference.or_mask_from(matched)
         return difference, self._refine_background(difference, background, scale=1.0)
 
     def _refine_background(
@@ -558,15 +573,7 @@ class _SubtractBase(Task):
             return background
         # every sky pixel constrains the configured order, even where few stamps did not
         background = background.raised(self.config.kernel.spatial_bg_order)
-        # a 2x2 subsample per 32 px block is plenty for six smooth terms and 4x cheaper
-        # (the masks too are only read on that subsample)
-        sub = np.s_[::2, ::2]
-        image = difference.image[sub]
-        good = (difference.mask[sub] & np.int32(difference.bitmask(NOISE_MASK_PLANES))) == 0
-        good &= ~self.source_mask[sub]
-        good &= np.isfinite(image) & (difference.variance[sub] > 0)
-        x, y, level, weight = _block_medians(image, good, 16)
-        x, y = 2 * x, 2 * y
+        x, y, level, weight = self._sky_block_medians(difference)
         if len(level) < 2 * background.coefficients.size:
             return background
         x, y = x + difference.xy0[0], y + difference.xy0[1]
@@ -581,6 +588,30 @@ class _SubtractBase(Task):
         return BackgroundModel(
             background.coefficients + scale * residual, background.order, background.domain
         )
+
+    def _sky_block_medians(self, difference: Exposure):
+        """`_block_medians` of the sky pixels of ``difference`` in 32 px blocks, on a 2x2
+        subsample (plenty for six smooth terms and 4x cheaper; the masks too are only
+        read on it); centres in the difference's pixels.
+
+        Bands of block rows are independent: they run on threads, and the temporaries
+        stay band-sized.
+        """
+        size, band = 16, 256  # subsample pixels per block side, subsample rows per band
+        bits = np.int32(difference.bitmask(NOISE_MASK_PLANES))
+
+        def medians(start: int):
+            rows = np.s_[2 * start : 2 * (start + band) : 2, ::2]
+            image = difference.image[rows]
+            good = (difference.mask[rows] & bits) == 0
+            good &= ~self.source_mask[rows]
+            good &= np.isfinite(image) & (difference.variance[rows] > 0)
+            x, y, level, weight = _block_medians(image, good, size)
+            return x, y + start, level, weight
+
+        parts = thread_map(medians, range(0, (difference.height + 1) // 2, band))
+        x, y, level, weight = (np.concatenate(values) for values in zip(*parts, strict=True))
+        return 2 * x, 2 * y, level, weight
 
     def finalize(
         self,

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from core import decorrelate as dmod
 from core.basis import make_kernel_basis
@@ -81,6 +81,60 @@ def test_convolved_mask_is_a_per_bit_box_dilation():
     expected[edge] = mask[edge] | exposure.mask_planes.value("EDGE")
     np.testing.assert_array_equal(out.mask, expected)
     np.testing.assert_array_equal(exposure.mask, mask)  # the input is not touched
+
+
+def test_noise_statistics_equal_the_boolean_gather(monkeypatch):
+    """The sampled noise figures (flat indices of the kept pixels, blocks on threads) are
+    those of gathering every kept pixel by boolean index and striding the whole set."""
+    from core import metrics
+
+    rng = np.random.default_rng(8)
+    shape = (1100, 300)
+    image = rng.normal(0.0, 3.0, shape).astype(np.float32)
+    variance = rng.uniform(4.0, 16.0, shape).astype(np.float32)
+    image[rng.random(shape) < 0.01] = np.nan
+    variance[rng.random(shape) < 0.01] = 0.0
+    exposure = Exposure.from_arrays(image, variance)
+    exposure.set_plane("BAD", rng.random(shape) < 0.05)
+    exclude = rng.random(shape) < 0.2
+    monkeypatch.setattr(metrics, "_NOISE_SAMPLE", 1 << 16)  # a stride of 4
+    out = metrics.noise_statistics(exposure, exclude=exclude)
+    keep = np.isfinite(image) & (variance > 0) & ~exclude & ~exposure.masked(["BAD"])
+    z = (image[keep] / np.sqrt(variance[keep]))[:: keep.sum() // (1 << 16) + 1]
+    assert out["noise_pixels"] == keep.sum()
+    assert out["noise_ratio"] == float(stats.iqr(z, scale="normal"))
+    assert out["noise_mean"] == float(np.median(z))
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_grouped_tile_transforms_equal_per_term_correlations(order):
+    """The tiled correlation that shares the inverse x transform between terms of equal x
+    weights gives sum_t wy_t wx_t (data correlated with K_t), each term a direct sum."""
+    from core.convolve import _correlate_weighted, _squared_chebyshev_parts
+    from core.kernel import SpatialKernel
+
+    rng = np.random.default_rng(21)
+    shape, xy0 = (600, 650), (30, 50)  # several tiles along both axes
+    data = rng.normal(100.0, 10.0, shape)
+    basis = make_kernel_basis(None, None, KernelConfig(kernel_size=11))
+    n_spatial = (order + 1) * (order + 2) // 2
+    coefficients = rng.normal(0, 0.05, (basis.n_basis, n_spatial))
+    coefficients[0, 0] = 1.0
+    kernel = SpatialKernel(basis.images, coefficients, order, (0, 0, 700, 700))
+    exposure = Exposure.from_arrays(data.astype(np.float32), xy0=xy0)
+    for images, wx, wy in (
+        (kernel.spatial_images(), *kernel.axis_terms(*exposure.pixel_grid())),
+        _squared_chebyshev_parts(kernel, exposure),
+    ):
+        expected = sum(
+            wy[t][:, None] * wx[t][None, :] * ndimage.correlate(data, images[t], mode="constant")
+            for t in range(images.shape[0])
+        )
+        for workers in (1, 2):
+            out = _correlate_weighted(data, images, wx, wy, workers=workers, dtype=np.float64)
+            np.testing.assert_allclose(out, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
+        single = _correlate_weighted(data.astype(np.float32), images, wx, wy, workers=2)
+        assert np.abs(single - expected).max() < 1e-5 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("fit_background", [True, False])
@@ -321,6 +375,70 @@ def test_block_medians_equal_nanmedian_of_each_block(dtype):
         block = data[j0 : j0 + 16, i0 : i0 + 16]
         assert n == np.isfinite(block).sum() >= 64
         assert value == np.nanmedian(block)
+
+
+def test_sky_block_medians_in_bands_equal_the_whole_subsample():
+    """The refinement's block medians, taken in bands of block rows on threads, are those
+    of `_block_medians` over the whole 2x2 subsample (the same blocks, in order)."""
+    from types import SimpleNamespace
+
+    from core.metrics import NOISE_MASK_PLANES
+    from core.subtract import _block_medians, _SubtractBase
+
+    rng = np.random.default_rng(13)
+    shape = (1101, 901)  # odd: the subsample has a partial last block row and column
+    image = rng.normal(0.0, 5.0, shape).astype(np.float32)
+    image[rng.random(shape) < 0.01] = np.nan
+    variance = rng.uniform(1.0, 2.0, shape).astype(np.float32)
+    difference = Exposure.from_arrays(image, variance)
+    difference.set_plane("SAT", rng.random(shape) < 0.02)
+    source_mask = rng.random(shape) < np.linspace(0.0, 0.9, shape[1])
+    task = SimpleNamespace(source_mask=source_mask)
+    x, y, level, weight = _SubtractBase._sky_block_medians(task, difference)  # type: ignore[arg-type]
+    sub = np.s_[::2, ::2]
+    good = (difference.mask[sub] & difference.bitmask(NOISE_MASK_PLANES)) == 0
+    good &= ~source_mask[sub] & np.isfinite(image[sub]) & (variance[sub] > 0)
+    ex, ey, elevel, eweight = _block_medians(image[sub], good, 16)
+    assert level.size > 100
+    for got, expected in ((x, 2 * ex), (y, 2 * ey), (level, elevel), (weight, eweight)):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("subtract_background", [True, False])
+def test_difference_from_the_operands_equals_copy_then_subtract(subtract_background):
+    """`_subtract_matched` writes the difference's planes from its operands: the same
+    numbers as copying the minuend, subtracting the background and the matched image."""
+    from core.config import SubtractionConfig
+    from core.kernel import BackgroundModel
+    from core.subtract import AlardLuptonSubtractTask, _subtract_in_place
+
+    rng = np.random.default_rng(17)
+    shape, xy0 = (300, 260), (40, 70)
+    minuend = Exposure.from_arrays(
+        rng.normal(100.0, 5.0, shape).astype(np.float32),
+        rng.uniform(20.0, 30.0, shape).astype(np.float32),
+        xy0=xy0,
+    )
+    minuend.set_plane("SAT", rng.random(shape) < 0.01)
+    matched = Exposure.from_arrays(
+        rng.normal(90.0, 5.0, shape).astype(np.float32),
+        rng.uniform(10.0, 15.0, shape).astype(np.float32),
+        xy0=xy0,
+    )
+    matched.set_plane("SAT_TEMPLATE", rng.random(shape) < 0.01)  # a bit the minuend lacks
+    background = BackgroundModel(np.array([3.0, 0.5, -0.25]), 1, (40, 70, 299, 369))
+    config = SubtractionConfig(do_subtract_background=subtract_background)
+    config.refine_background = False
+    task = AlardLuptonSubtractTask(config=config)
+    difference, _ = task._subtract_matched(minuend, matched, background)
+    expected = minuend.copy()
+    if subtract_background:
+        background.add_to(expected.image, expected.xy0, scale=-1.0)
+    _subtract_in_place(expected, matched)
+    for plane in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(getattr(difference, plane), getattr(expected, plane))
+    assert difference.mask_planes == expected.mask_planes
+    assert not np.shares_memory(difference.mask, minuend.mask)
 
 
 # --------------------------------------------------------------------------------------
