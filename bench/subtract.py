@@ -18,7 +18,8 @@ single-HDU FITS (GAIN/RDNOISE in the header, no variance, no PSF) and times
 Quality figures: noise ratio (robust std of D/sqrt(V) on empty sky), median flux ratio
 of injected transients measured on the difference, median reduced chi^2 at constant
 stars. ``fft`` counts the FFTs a run made, in full-frame equivalents (transformed
-pixels / frame pixels, forward and inverse counted separately).
+pixels / frame pixels, forward and inverse counted separately; a 1-D transform along
+one axis of an image counts half).
 
 DIA sources: ``detect`` is the stage inside the subtraction (detection and
 measurement); ``gather`` cuts the alert triplets (science, matched template,
@@ -56,13 +57,17 @@ def _count_ffts(counter: list[float], frame_pixels: int) -> None:
     import numpy as np
     import scipy.fft as sfft
 
-    for name in ("rfft2", "irfft2", "rfftn", "irfftn", "fft2", "ifft2", "fftn", "ifftn"):
+    two_d = ("rfft2", "irfft2", "rfftn", "irfftn", "fft2", "ifft2", "fftn", "ifftn")
+    one_d = ("rfft", "irfft", "fft", "ifft")
+    for name in two_d + one_d:
         original = getattr(sfft, name)
+        # a transform along one axis of an image is half of a 2-D pass over it
+        weight = 0.5 if name in one_d else 1.0
 
-        def counted(x, *args, _original=original, _name=name, **kwargs):
+        def counted(x, *args, _original=original, _name=name, _weight=weight, **kwargs):
             out = _original(x, *args, **kwargs)
             real = out if _name.startswith("i") else x
-            counter.append(np.asarray(real).size / frame_pixels)
+            counter.append(_weight * np.asarray(real).size / frame_pixels)
             return out
 
         setattr(sfft, name, counted)
