@@ -240,6 +240,7 @@ def detect_sources(
     set_mask: bool = True,
     grow_sigma: float = 2.4,
     background=None,
+    measure: bool = True,
 ) -> Table:
     """Detect sources above a threshold in units of the local noise.
 
@@ -271,6 +272,9 @@ def detect_sources(
     background : optional
         `background_estimate` of this exposure (computed when None): lets several
         detections of an exposure whose masks did not change share one mesh.
+    measure : bool
+        Find peaks and measure them; when False only the footprints are made (mask
+        planes and segmentation images) and the table has no rows.
 
     Returns
     -------
@@ -294,7 +298,7 @@ def detect_sources(
         background = background_estimate(exposure, config)
     estimate = background
     if given is not None and config.smooth_with_psf:
-        table = _detect_pass(exposure, config, given, estimate, grow_sigma, set_mask)
+        table = _detect_pass(exposure, config, given, estimate, grow_sigma, set_mask, measure)
     else:
         first = GaussianPsf(_DEFAULT_SMOOTH_SIGMA)
         # the first pass only measures the sources' sizes: on a large frame, the
@@ -305,7 +309,7 @@ def detect_sources(
             sigma = max(0.5, min(sigma, 20.0))
         if table is None or abs(sigma / _DEFAULT_SMOOTH_SIGMA - 1) > 0.15 or set_mask:
             model = GaussianPsf(max(0.5, min(sigma, 20.0)))
-            table = _detect_pass(exposure, config, model, estimate, grow_sigma, set_mask)
+            table = _detect_pass(exposure, config, model, estimate, grow_sigma, set_mask, measure)
         if given is not None:
             table.meta["psf_sigma"] = _psf_sigma(given)
     return table
@@ -466,7 +470,9 @@ def _find_peaks(snr: np.ndarray, labels: np.ndarray, n: int, sigma: float, promi
     return out[:, :3]
 
 
-def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table:
+def _detect_pass(
+    exposure, config, psf, estimate, grow_sigma, set_mask, measure: bool = True
+) -> Table:
     filtered = _Filtered(exposure, psf, estimate)
     sigma = _psf_sigma(psf)
     grow = int(round(grow_sigma * sigma))
@@ -495,7 +501,7 @@ def _detect_pass(exposure, config, psf, estimate, grow_sigma, set_mask) -> Table
     neg_labels, n_neg = _footprints(filtered.snr, config.threshold, config.min_pixels, True)
     # peaks and their S/N first: then the ungrown labels, the S/N map and the no-data
     # map are no longer needed, and their frames are freed or reused before growing
-    peaks = _find_peaks(filtered.snr, labels, n, sigma, _PEAK_PROMINENCE) if n else None
+    peaks = _find_peaks(filtered.snr, labels, n, sigma, _PEAK_PROMINENCE) if n and measure else None
     peak_snr = filtered.snr[peaks[:, 0], peaks[:, 1]] if peaks is not None else None
     del filtered.snr, filtered.no_data
     # grow positive and negative footprints together (one transform; nearest wins);
