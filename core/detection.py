@@ -99,33 +99,46 @@ def _footprint_pixels(snr, threshold, min_pixels, negative=False, out=None):
     return where, values, n_keep, None
 
 
-#: Pixel pieces are labelled as a graph of their pixels (`_label_pixels`) when they
+#: Pixel pieces are labelled as a graph of their runs (`_label_pixels`) when they
 #: cover at most this fraction of the frame (typical: the negative side, difference
-#: images), else by `scipy.ndimage.label` over the whole frame.
-_SPARSE_LABEL_FRACTION = 0.02
-#: Forward neighbours of a pixel in 8-connectivity (the others are their reverses).
-_FORWARD = ((0, 1), (1, -1), (1, 0), (1, 1))
+#: images), else by `scipy.ndimage.label` over the whole frame (the two cost the same
+#: near 8% at 4096 x 4096).
+_SPARSE_LABEL_FRACTION = 0.05
 
 
 def _label_pixels(where: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
     """8-connected labels (1..n, numbered by first pixel in raster order, as
-    `scipy.ndimage.label` numbers them) of the pixels at sorted flat indices ``where``."""
+    `scipy.ndimage.label` numbers them) of the pixels at sorted flat indices ``where``.
+
+    The pixels form runs (consecutive pixels of a row); a run touches the runs of the
+    next row that overlap its columns widened by one, which are a contiguous range of
+    runs: the graph of runs is ~10x smaller than that of pixels.
+    """
     ny, nx = shape
-    m = where.size
-    rows, cols = np.divmod(where, nx)
-    src, dst = [], []
-    for dy, dx in _FORWARD:
-        idx = np.flatnonzero((rows + dy < ny) & (cols + dx >= 0) & (cols + dx < nx))
-        target = where[idx] + (dy * nx + dx)
-        pos = np.minimum(np.searchsorted(where, target), m - 1)
-        hit = where[pos] == target
-        src.append(idx[hit])
-        dst.append(pos[hit])
-    edges = np.concatenate(src), np.concatenate(dst)
-    graph = coo_matrix((np.ones(edges[0].size, dtype=np.int8), edges), shape=(m, m))
-    # components are numbered by their lowest node, i.e. their first pixel in raster order
+    rows = where // nx
+    breaks = np.flatnonzero((np.diff(where) != 1) | (np.diff(rows) != 0)) + 1
+    starts = np.concatenate([[0], breaks])
+    lengths = np.diff(np.concatenate([starts, [where.size]]))
+    first = where[starts]
+    last = first + (lengths - 1)
+    run_row = rows[starts]
+    col0 = first - run_row * nx
+    col1 = col0 + (lengths - 1)
+    # runs of the next row holding a column in [col0 - 1, col1 + 1] (clipped to the
+    # row, so no run of another row qualifies): their ends reach col0 - 1, their
+    # starts col1 + 1
+    below = (run_row + 1) * nx
+    lo = np.searchsorted(last, below + np.maximum(col0 - 1, 0), "left")
+    hi = np.searchsorted(first, below + np.minimum(col1 + 1, nx - 1), "right")
+    count = np.maximum(hi - lo, 0)
+    src = np.repeat(np.arange(starts.size), count)
+    # each run's range lo..hi-1, laid end to end: lo less the run's offset in that list
+    dst = np.repeat(lo - (np.cumsum(count) - count), count) + np.arange(src.size)
+    m = starts.size
+    graph = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(m, m))
+    # components are numbered by their lowest node, i.e. their first run in raster order
     n, component = connected_components(graph.tocsr(), directed=False)
-    return (component + 1).astype(np.int32), int(n)
+    return np.repeat((component + 1).astype(np.int32), lengths), int(n)
 
 
 def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
