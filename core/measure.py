@@ -109,6 +109,14 @@ def _order_statistics(values: np.ndarray, ranks) -> np.ndarray:
     return out
 
 
+def _median(sample: np.ndarray):
+    """``np.median(sample)`` of a 1-d array of finite values (same number, same type),
+    from its order statistics (`_order_statistics`): ~4x faster on millions of values."""
+    n = sample.size
+    mid_a, mid_b = _order_statistics(sample, [(n - 1) // 2, n // 2])
+    return np.mean(np.array([mid_a, mid_b] if n % 2 == 0 else [mid_b]))
+
+
 def _median_and_percentile(sample: np.ndarray, percent: float):
     """(np.median(sample), np.percentile(sample, percent)) of a 1-d array of finite values,
     from its order statistics (`_order_statistics`), with numpy's arithmetic:

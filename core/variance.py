@@ -45,8 +45,10 @@ from scipy import ndimage, signal
 
 from .background import background_image
 from .config import ScaleVarianceConfig
+from .convolve import dilate_cross
 from .exposure import Exposure
 from .io import PHYSICAL_VARIANCE_PREFIX
+from .measure import _median
 from .parallel import n_threads
 
 __all__ = [
@@ -120,12 +122,12 @@ def second_difference_gain(noise_correlation: np.ndarray | None) -> float:
 
 
 def _mad_std_consumed(values: np.ndarray):
-    """``astropy.stats.mad_std(values)`` (the same number, of the same type) with
-    ``values`` (float, not needed afterwards) partitioned in place, not copied twice."""
-    median = np.median(values, overwrite_input=True)
+    """``astropy.stats.mad_std(values)`` (the same number, of the same type) of finite
+    ``values`` (float, 1-d, not needed afterwards: overwritten by the deviations)."""
+    median = _median(values)
     np.subtract(values, median, out=values)
     np.abs(values, out=values)
-    return np.median(values, overwrite_input=True) * 1.482602218505602
+    return _median(values) * 1.482602218505602
 
 
 def _view(exposure: Exposure, index) -> Exposure:
@@ -149,7 +151,7 @@ def _good(exposure: Exposure, config: ScaleVarianceConfig) -> np.ndarray:
     bad = exposure.masked(config.mask_planes)
     if config.source_dilation > 0:
         detected = exposure.masked(["DETECTED", "DETECTED_NEGATIVE"])
-        bad |= ndimage.binary_dilation(detected, iterations=config.source_dilation)
+        bad |= dilate_cross(detected, config.source_dilation)
     return (
         ~bad
         & np.isfinite(exposure.image)
@@ -241,10 +243,10 @@ def _noise_correlation(
     if np.count_nonzero(good) < config.min_sky_pixels:
         return None
     # a smooth sky left in the window only adds a plateau at every lag (removed below)
-    sky = float(np.median(exposure.image[good]))
+    sky = float(_median(exposure.image[good]))
     pull = np.where(good, (exposure.image - sky) / np.sqrt(np.where(good, exposure.variance, 1)), 0)
     # clip what is left of sources and cosmic rays: the noise core is what matters
-    sigma = mad_std(pull[good])
+    sigma = _mad_std_consumed(pull[good])
     weight = good & (np.abs(pull) < 5 * sigma)
     pull = np.where(weight, pull, 0.0)
     shape = [sp_fft.next_fast_len(n + outer + 1) for n in pull.shape]

@@ -552,3 +552,23 @@ def test_bright_star_on_disc_pixels_equals_the_masked_stamp():
         got = _bright_star(template, ix, iy, radius, limit)
         np.testing.assert_array_equal(got, _plain_bright_star(template, ix, iy, radius, limit))
         assert 0 < got.sum() < got.size
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_selected_median_and_mad_std_equal_numpys_and_astropys(dtype):
+    """The variance scale's medians (bracketed selection, not a partition of all values)
+    and its consumed ``mad_std`` equal numpy's and astropy's bit for bit, type included."""
+    from astropy.stats import mad_std
+
+    from core.measure import _median
+    from core.variance import _mad_std_consumed
+
+    rng = np.random.default_rng(17)
+    for n in (1, 2, 7, 8, 10_001, 200_000, 200_001, 1_000_000, 1_000_001):
+        values = rng.standard_t(3, size=n).astype(dtype)
+        values[: n // 3] = np.round(values[: n // 3] * 4)  # ties
+        median = _median(values)
+        assert median == np.median(values) and type(median) is type(np.median(values))
+        expected = mad_std(values)
+        got = _mad_std_consumed(values.copy())
+        assert got == expected and type(got) is type(expected), n
