@@ -268,11 +268,13 @@ def _centroids(stamps: np.ndarray, sigma: float, iterations: int = 15):
     dx = np.zeros(n)
     dy = np.zeros(n)
     inv = 1.0 / (2.0 * sigma * sigma)
+    # the products run in float64: cast once, not in every step's product
+    data = np.asarray(stamps, dtype=np.float64)
     active = np.arange(n)
     for _ in range(iterations):
         if active.size == 0:
             break
-        sub = stamps[active]
+        sub = data if active.size == n else data[active]
         wx = np.exp(-((grid[None, :] - dx[active, None]) ** 2) * inv)
         wy = np.exp(-((grid[None, :] - dy[active, None]) ** 2) * inv)
         # columns weighted by wx and by wx * x: (m, w, 2), summed over x
@@ -327,8 +329,9 @@ def _moments(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, sigma: float, i
         weighted += ey[:, :, None]
         weighted += ex[:, None, :]
         np.exp(weighted, out=weighted)
-        weighted *= data[active]
-        rows = np.matmul(weighted, powers[active])  # (m, w, 3) per row y
+        everyone = active.size == n  # no gathered copies while no source is frozen
+        weighted *= data if everyone else data[active]
+        rows = np.matmul(weighted, powers if everyone else powers[active])  # (m, w, 3) per y
         total = rows[:, :, 0].sum(axis=1)
         total = np.where(total > 0, total, np.nan)
         mxx = rows[:, :, 2].sum(axis=1) / total
