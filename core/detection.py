@@ -66,23 +66,31 @@ def _footprint_pixels(snr, threshold, min_pixels, negative=False, out=None):
     """Flat indices of the pixels of the pieces `_footprints` keeps, their labels, the
     number of pieces and, when the whole frame had to be labelled, that label image
     (kept pieces' pixels not yet written; else None: no frame was made)."""
-    above = snr <= -threshold if negative else snr >= threshold
-    where = np.flatnonzero(above)
+    # found a block of rows at a time: no frame-sized mask unless it is labelled whole
+    ncols = snr.shape[1]
+    where = np.concatenate(
+        [
+            np.flatnonzero(snr[rows] <= -threshold if negative else snr[rows] >= threshold)
+            + rows.start * ncols
+            for rows in _row_blocks(snr.shape[0])
+        ]
+    )
     if where.size == 0:
         # nothing to label (often the negative side): skip the full-frame scan
         return where, np.zeros(0, dtype=np.int32), 0, None
     labels = None
-    if where.size <= _SPARSE_LABEL_FRACTION * above.size:
+    if where.size <= _SPARSE_LABEL_FRACTION * snr.size:
         # few pixels: label them as a graph, not the whole frame
-        values, n = _label_pixels(where, above.shape)
+        values, n = _label_pixels(where, snr.shape)
     else:
+        above = snr <= -threshold if negative else snr >= threshold
         structure = np.ones((3, 3), dtype=bool)
         if out is None:
             labels, n = ndimage.label(above, structure=structure)
         else:
             labels, n = out, ndimage.label(above, structure=structure, output=out)
         values = labels.ravel()[where]
-    del above
+        del above
     # count and relabel only the (few) pixels above threshold, not the whole frame
     keep = np.bincount(values, minlength=n + 1) >= min_pixels
     keep[0] = False

@@ -22,7 +22,6 @@ from .background import (
     BACKGROUND_IGNORE_PLANES,
     _background_mesh,
     _BackgroundMesh,
-    _plane_hits,
     _row_blocks,
 )
 from .convolve import correlate_image
@@ -152,28 +151,39 @@ class _Filtered:
     def __init__(self, exposure: Exposure, psf: Psf, estimate: _BackgroundMesh):
         image = np.empty(exposure.shape, dtype=np.float32)
         no_data = np.empty(image.shape, dtype=bool)
-        var_ok = np.empty(image.shape, dtype=bool)
         variance = np.asarray(exposure.variance, dtype=np.float32)
+        no_data_bits = exposure.bitmask(["NO_DATA"])
+        # usable variances are only counted here: their frame is made only when some
+        # are not (finite and positive: NaN fails both comparisons)
+        n_ok = 0
         for rows in _row_blocks(image.shape[0]):
-            np.subtract(exposure.image[rows], estimate.background(rows), out=image[rows])
-            hits = _plane_hits(exposure, ["NO_DATA"], rows)
-            np.logical_or(~np.isfinite(image[rows]), hits, out=no_data[rows])
+            block, bad = image[rows], no_data[rows]
+            np.subtract(exposure.image[rows], estimate.background(rows), out=block)
+            np.isfinite(block, out=bad)
+            np.logical_not(bad, out=bad)
+            if no_data_bits:
+                bad |= (exposure.mask[rows] & no_data_bits) != 0
             var = variance[rows]
-            var_ok[rows] = np.isfinite(var) & (var > 0) & ~no_data[rows]
+            ok = var > 0
+            ok &= var < np.inf
+            ok &= ~bad
+            n_ok += int(np.count_nonzero(ok))
         any_no_data = bool(no_data.any())
         if any_no_data:
             image[no_data] = 0.0
-        n_ok = np.count_nonzero(var_ok)
-        if n_ok < 0.5 * var_ok.size:
+        var_ok = None
+        if n_ok < 0.5 * image.size:
             # unusable variance plane: the mesh noise is the local variance
             variance = np.square(estimate.noise(), dtype=np.float32)
             var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
-            n_ok = np.count_nonzero(var_ok)
-        all_ok = n_ok == var_ok.size
-        good = variance.ravel() if all_ok else variance[var_ok]
+            n_ok = int(np.count_nonzero(var_ok))
+        all_ok = n_ok == image.size
+        if not all_ok and var_ok is None:
+            var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
+        good = variance.ravel() if var_ok is None else variance[var_ok]
         # a strided sample's median is plenty for a fill value
         fill = float(np.median(good[:: good.size // 1_000_000 + 1])) if good.size else 1.0
-        if not all_ok:
+        if var_ok is not None and not all_ok:
             variance = np.where(var_ok, variance, np.float32(fill))
         del var_ok, good
         # the variance plane is only needed for the filtered variance below, and the
