@@ -22,7 +22,6 @@ from .background import (
     BACKGROUND_IGNORE_PLANES,
     _background_mesh,
     _BackgroundMesh,
-    _plane_hits,
     _row_blocks,
 )
 from .convolve import correlate_image
@@ -109,6 +108,14 @@ def _order_statistics(values: np.ndarray, ranks) -> np.ndarray:
     return out
 
 
+def _median(sample: np.ndarray):
+    """``np.median(sample)`` of a 1-d array of finite values (same number, same type),
+    from its order statistics (`_order_statistics`): ~4x faster on millions of values."""
+    n = sample.size
+    mid_a, mid_b = _order_statistics(sample, [(n - 1) // 2, n // 2])
+    return np.mean(np.array([mid_a, mid_b] if n % 2 == 0 else [mid_b]))
+
+
 def _median_and_percentile(sample: np.ndarray, percent: float):
     """(np.median(sample), np.percentile(sample, percent)) of a 1-d array of finite values,
     from its order statistics (`_order_statistics`), with numpy's arithmetic:
@@ -144,28 +151,39 @@ class _Filtered:
     def __init__(self, exposure: Exposure, psf: Psf, estimate: _BackgroundMesh):
         image = np.empty(exposure.shape, dtype=np.float32)
         no_data = np.empty(image.shape, dtype=bool)
-        var_ok = np.empty(image.shape, dtype=bool)
         variance = np.asarray(exposure.variance, dtype=np.float32)
+        no_data_bits = exposure.bitmask(["NO_DATA"])
+        # usable variances are only counted here: their frame is made only when some
+        # are not (finite and positive: NaN fails both comparisons)
+        n_ok = 0
         for rows in _row_blocks(image.shape[0]):
-            np.subtract(exposure.image[rows], estimate.background(rows), out=image[rows])
-            hits = _plane_hits(exposure, ["NO_DATA"], rows)
-            np.logical_or(~np.isfinite(image[rows]), hits, out=no_data[rows])
+            block, bad = image[rows], no_data[rows]
+            np.subtract(exposure.image[rows], estimate.background(rows), out=block)
+            np.isfinite(block, out=bad)
+            np.logical_not(bad, out=bad)
+            if no_data_bits:
+                bad |= (exposure.mask[rows] & no_data_bits) != 0
             var = variance[rows]
-            var_ok[rows] = np.isfinite(var) & (var > 0) & ~no_data[rows]
+            ok = var > 0
+            ok &= var < np.inf
+            ok &= ~bad
+            n_ok += int(np.count_nonzero(ok))
         any_no_data = bool(no_data.any())
         if any_no_data:
             image[no_data] = 0.0
-        n_ok = np.count_nonzero(var_ok)
-        if n_ok < 0.5 * var_ok.size:
+        var_ok = None
+        if n_ok < 0.5 * image.size:
             # unusable variance plane: the mesh noise is the local variance
             variance = np.square(estimate.noise(), dtype=np.float32)
             var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
-            n_ok = np.count_nonzero(var_ok)
-        all_ok = n_ok == var_ok.size
-        good = variance.ravel() if all_ok else variance[var_ok]
+            n_ok = int(np.count_nonzero(var_ok))
+        all_ok = n_ok == image.size
+        if not all_ok and var_ok is None:
+            var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
+        good = variance.ravel() if var_ok is None else variance[var_ok]
         # a strided sample's median is plenty for a fill value
         fill = float(np.median(good[:: good.size // 1_000_000 + 1])) if good.size else 1.0
-        if not all_ok:
+        if var_ok is not None and not all_ok:
             variance = np.where(var_ok, variance, np.float32(fill))
         del var_ok, good
         # the variance plane is only needed for the filtered variance below, and the
@@ -260,11 +278,13 @@ def _centroids(stamps: np.ndarray, sigma: float, iterations: int = 15):
     dx = np.zeros(n)
     dy = np.zeros(n)
     inv = 1.0 / (2.0 * sigma * sigma)
+    # the products run in float64: cast once, not in every step's product
+    data = np.asarray(stamps, dtype=np.float64)
     active = np.arange(n)
     for _ in range(iterations):
         if active.size == 0:
             break
-        sub = stamps[active]
+        sub = data if active.size == n else data[active]
         wx = np.exp(-((grid[None, :] - dx[active, None]) ** 2) * inv)
         wy = np.exp(-((grid[None, :] - dy[active, None]) ** 2) * inv)
         # columns weighted by wx and by wx * x: (m, w, 2), summed over x
@@ -319,8 +339,9 @@ def _moments(stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, sigma: float, i
         weighted += ey[:, :, None]
         weighted += ex[:, None, :]
         np.exp(weighted, out=weighted)
-        weighted *= data[active]
-        rows = np.matmul(weighted, powers[active])  # (m, w, 3) per row y
+        everyone = active.size == n  # no gathered copies while no source is frozen
+        weighted *= data if everyone else data[active]
+        rows = np.matmul(weighted, powers if everyone else powers[active])  # (m, w, 3) per y
         total = rows[:, :, 0].sum(axis=1)
         total = np.where(total > 0, total, np.nan)
         mxx = rows[:, :, 2].sum(axis=1) / total

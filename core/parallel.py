@@ -73,12 +73,14 @@ def thread_map(function: Callable[[T], R], items: Iterable[T], workers: int | No
 #: Blocks of at least this many bytes get their own mapping, returned to the system when
 #: freed; smaller ones (rows blocks of frame-wide passes: 4-8 MB) stay on the heap for reuse.
 MMAP_THRESHOLD = 12 << 20
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
+_M_MMAP_THRESHOLD = -3
 
 
 def large_blocks_to_mmap(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Make glibc map blocks of ``threshold`` bytes or more (fixed, not adaptive);
-    True when set (glibc only).
+    """Make glibc map blocks of ``threshold`` bytes or more (fixed, not adaptive) and
+    keep up to twice that much free memory on top of a heap for reuse; True when set
+    (glibc only).
 
     By default glibc raises its threshold to the largest block freed so far (up to
     32 MB), after which partial frames (boolean frames, 16 MB FFT and statistics
@@ -95,4 +97,9 @@ def large_blocks_to_mmap(threshold: int = MMAP_THRESHOLD) -> bool:
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    if not mallopt(_M_MMAP_THRESHOLD, int(threshold)):
+        return False
+    # a fixed mmap threshold also fixes the trim threshold at glibc's 128 kB: every
+    # freed block of rows at a heap's top would go back to the system and fault in
+    # again at the next allocation (2048 pair, preparation: 140k -> 28k page faults)
+    return bool(mallopt(_M_TRIM_THRESHOLD, 2 * int(threshold)))

@@ -278,8 +278,11 @@ class _SubtractBase(Task):
                 exposure, label, mesh if same else None, memo.generic(exposure)
             )
         # detection on both images sets DETECTED, which variance scaling, sky sources and
-        # the noise metrics rely on, so it runs even when the caller gives the catalog
-        detected = detect_sources(exposure, detection, psf=exposure.psf, background=mesh)
+        # the noise metrics rely on, so it runs even when the caller gives the catalog;
+        # only the science catalog is used, so the template's sources are not measured
+        detected = detect_sources(
+            exposure, detection, psf=exposure.psf, background=mesh, measure=label == "science"
+        )
         # drop its segmentation images now: the other input's preparation may still run
         detected = _without_frame_meta(detected)
         del mesh

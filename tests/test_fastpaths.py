@@ -677,3 +677,77 @@ def test_bright_star_on_disc_pixels_equals_the_masked_stamp():
         got = _bright_star(template, ix, iy, radius, limit)
         np.testing.assert_array_equal(got, _plain_bright_star(template, ix, iy, radius, limit))
         assert 0 < got.sum() < got.size
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_selected_median_and_mad_std_equal_numpys_and_astropys(dtype):
+    """The variance scale's medians (bracketed selection, not a partition of all values)
+    and its consumed ``mad_std`` equal numpy's and astropy's bit for bit, type included."""
+    from astropy.stats import mad_std
+
+    from core.measure import _median
+    from core.variance import _mad_std_consumed
+
+    rng = np.random.default_rng(17)
+    for n in (1, 2, 7, 8, 10_001, 200_000, 200_001, 1_000_000, 1_000_001):
+        values = rng.standard_t(3, size=n).astype(dtype)
+        values[: n // 3] = np.round(values[: n // 3] * 4)  # ties
+        median = _median(values)
+        assert median == np.median(values) and type(median) is type(np.median(values))
+        expected = mad_std(values)
+        got = _mad_std_consumed(values.copy())
+        assert got == expected and type(got) is type(expected), n
+
+
+def _reference_filter_inputs(exposure: Exposure, estimate):
+    """The matched filter's inputs as whole-frame operations: background-subtracted
+    image (no-data pixels 0), the no-data map and the filled variance plane."""
+    image = (exposure.image - estimate.background()).astype(np.float32)
+    no_data = ~np.isfinite(image) | exposure.masked(["NO_DATA"])
+    image[no_data] = 0.0
+    variance = exposure.variance.astype(np.float32)
+    ok = np.isfinite(variance) & (variance > 0) & ~no_data
+    if ok.sum() < 0.5 * ok.size:
+        variance = np.square(estimate.noise(), dtype=np.float32)
+        ok = np.isfinite(variance) & (variance > 0) & ~no_data
+    good = variance[ok]
+    fill = float(np.median(good[:: good.size // 1_000_000 + 1]))
+    return image, no_data, np.where(ok, variance, np.float32(fill)), fill
+
+
+@pytest.mark.parametrize("case", ["clean", "holes", "bad_variance", "inf_variance", "no_variance"])
+def test_matched_filter_blockwise_inputs_equal_whole_frame_ones(case):
+    from core.convolve import correlate_image
+    from core.detection import background_estimate
+    from core.measure import _Filtered
+
+    rng = np.random.default_rng(19)
+    shape = (300, 260)  # more than one block of rows
+    image = rng.normal(100.0, 5.0, shape).astype(np.float32)
+    variance = np.full(shape, 25.0, dtype=np.float32)
+    exposure = Exposure.from_arrays(image, variance)
+    if case == "holes":
+        exposure.image[10:20, 30:40] = np.nan
+        exposure.mask[200:210, 5:50] |= exposure.mask_planes.value("NO_DATA")
+    if case in ("bad_variance", "holes"):
+        exposure.variance[50, :] = 0.0
+        exposure.variance[51, :] = np.inf
+        exposure.variance[52, :] = np.nan
+        exposure.variance[53, :] = -np.inf
+    if case == "inf_variance":  # the only unusable variances: infinite ones
+        exposure.variance[51, 7:90] = np.inf
+    if case == "no_variance":
+        exposure.variance[:200] = 0.0
+    psf = GaussianPsf(1.7)
+    estimate = background_estimate(exposure)
+    filtered = _Filtered(exposure, psf, estimate)
+    ref_image, ref_no_data, ref_variance, fill = _reference_filter_inputs(exposure, estimate)
+    kernel = filtered.kernel
+    np.testing.assert_array_equal(filtered.no_data, ref_no_data)
+    np.testing.assert_array_equal(
+        filtered.smoothed, correlate_image(ref_image, kernel, single=True)
+    )
+    smoothed_var = correlate_image(ref_variance, kernel**2, single=True)
+    np.maximum(smoothed_var, np.float32(1e-30 * fill), out=smoothed_var)
+    np.testing.assert_array_equal(filtered.smoothed_var, smoothed_var)
+    assert ref_no_data.any() == (case == "holes")

@@ -96,3 +96,42 @@ def test_large_blocks_are_returned_to_the_system_when_freed():
     # without it glibc's adaptive threshold keeps the second large block on the heap
     _, dropped_default, _ = run("default")
     assert dropped_default < threshold
+
+
+_REUSE_SCRIPT = """
+import resource, sys
+import numpy as np
+from core.parallel import large_blocks_to_mmap
+if not large_blocks_to_mmap():
+    print(-1)
+    sys.exit()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):  # warm up: the heap grows once
+    np.ones(4 << 20, dtype=np.uint8)
+start = faults()
+for _ in range(50):
+    np.ones(4 << 20, dtype=np.uint8)  # a 4 MB block of rows, freed at once
+print(faults() - start)
+"""
+
+
+def test_freed_heap_blocks_are_reused_without_faulting_again():
+    # with a fixed mmap threshold glibc would trim every freed MB-sized block at the
+    # top of the heap (128 kB trim threshold), and 50 such blocks would fault in 50 x
+    # 1024 pages; a separate process, since the setting is process-wide
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", _REUSE_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    faults = int(out.stdout.split()[-1])
+    if faults < 0:
+        return  # not glibc: nothing to check
+    assert faults < 5 * 1024

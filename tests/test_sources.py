@@ -21,6 +21,7 @@ from core.detection import (
     _footprint_pixels,
     _footprints,
     _grow,
+    _label_pixels,
     _local_maxima,
     detect_sources,
 )
@@ -125,6 +126,26 @@ def test_detection_measurements(field):
     # sizes of point sources equal the PSF's
     assert np.median(np.asarray(table["size"])[good]) == pytest.approx(1.8, rel=0.02)
     assert np.median(np.asarray(table["roundness"])[good]) > 0.9
+
+
+def test_detection_without_measurement_sets_the_same_planes(field):
+    # the template's detection only sets mask planes: skipping peaks and measurement
+    # must leave them, and the segmentation images, as a measured detection does
+    psf, exposure, x, y, flux = field
+    for smooth in (True, False):
+        config = DetectionConfig(smooth_with_psf=smooth)
+        measured, masks_only = exposure.copy(), exposure.copy()
+        masks_only.image[300:310, 100:110] -= 2000.0  # a negative footprint too
+        measured.image[300:310, 100:110] -= 2000.0
+        table = detect_sources(measured, config, psf=psf)
+        bare = detect_sources(masks_only, config, psf=psf, measure=False)
+        assert len(table) > 100 and len(bare) == 0
+        assert table.meta["n_negative"] >= 1
+        np.testing.assert_array_equal(masks_only.mask, measured.mask)
+        for key in ("segmentation", "segmentation_negative"):
+            np.testing.assert_array_equal(bare.meta[key], table.meta[key])
+        for key in ("n_footprints", "n_negative", "noise_factor", "psf_sigma"):
+            assert bare.meta[key] == table.meta[key]
 
 
 def test_detection_sets_planes_and_negative(field):
@@ -615,6 +636,27 @@ def test_footprints_match_plain_labelling():
                 np.testing.assert_array_equal(values[kept], ref.ravel()[np.flatnonzero(ref)])
     # both paths were taken, on either side
     assert max(np.mean(snr >= 3.0), np.mean(snr <= -3.0)) < 0.02 < np.mean(snr <= -1.2)
+
+
+def test_run_labelling_equals_ndimage_label():
+    # runs that end on the last column must not join runs starting the next row, runs
+    # touching only diagonally must join; numbering is by first pixel in raster order
+    rng = np.random.default_rng(5)
+    shapes = [(1, 1), (1, 9), (9, 1), (2, 2)] + [tuple(rng.integers(1, 40, 2)) for _ in range(300)]
+    structure = np.ones((3, 3), dtype=bool)
+    for shape in shapes:
+        mask = rng.random(shape) < rng.random()
+        mask.ravel()[0] = True
+        where = np.flatnonzero(mask)
+        values, n = _label_pixels(where, mask.shape)
+        labels, n_ref = ndimage.label(mask, structure=structure)
+        assert n == n_ref
+        np.testing.assert_array_equal(values, labels.ravel()[where])
+    stairs = np.eye(6, dtype=bool)[::-1].copy()  # one piece, joined only diagonally
+    stairs[5, 5] = True  # and a lone pixel
+    values, n = _label_pixels(np.flatnonzero(stairs), stairs.shape)
+    assert n == 2
+    np.testing.assert_array_equal(values, [1, 1, 1, 1, 1, 1, 2])
 
 
 def test_disc_dilate_matches_distance_transform_on_word_widths():
