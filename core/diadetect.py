@@ -426,9 +426,11 @@ def correlate_rows(
         tiles = np.lib.stride_tricks.sliding_window_view(buffer, tile, axis=1)[:, ::core]
         spectrum = sfft.rfft2(tiles.transpose(1, 0, 2), workers=1)
         spectrum *= transform
-        full = sfft.irfft2(spectrum, s=(tile, tile), workers=1, overwrite_x=True)
         y1 = min(y0 + core, ny)
-        kept = full[:, h : h + y1 - y0, h : h + core].transpose(1, 0, 2)
+        # inverse along y first, then along x for the kept rows only
+        rows = sfft.ifft(spectrum, axis=1, workers=1, overwrite_x=True)[:, h : h + y1 - y0]
+        full = sfft.irfft(rows, n=tile, axis=2, workers=1)
+        kept = full[:, :, h : h + core].transpose(1, 0, 2)
         values = kept.reshape(y1 - y0, ntx * core)[:, :nx]
         if out is None:
             assert write is not None
