@@ -34,7 +34,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
-from .detection import _find_peaks, _footprints, _local_maxima
+from .detection import _find_peaks, _footprint_pixels, _local_maxima
 from .measure import _negative_side_sigma
 from .parallel import thread_map
 from .stamps import windows as _patches
@@ -146,31 +146,50 @@ class _Fillers:
         self.pending: dict[int, list[tuple[int, int]]] = {}
         for i, j, m in blocks.tolist():
             self.pending.setdefault(i, []).append((j, m))
-        self.pixels = np.flatnonzero(np.isneginf(canvas)) if self.pending else np.zeros(0, int)
+
+    def _where(self, i: int, j: int, m: int) -> tuple[slice, slice]:
+        """Canvas pixels of block (j, m) of rectangle i (cut by the frame's far edges)."""
+        cy0, cx0, heights, widths = self.placement
+        rows, cols = self.rects[i]
+        s = self.size
+        y, x = (j - rows.start) * s, (m - cols.start) * s
+        h, w = min(s, heights[i] - y), min(s, widths[i] - x)
+        return slice(cy0[i] + y, cy0[i] + y + h), slice(cx0[i] + x, cx0[i] + x + w)
 
     def reset(self) -> None:
         """Fillers back to -inf after the canvas changed sign."""
-        self.canvas.ravel()[self.pixels] = -np.inf
+        for i, blocks in self.pending.items():
+            for j, m in blocks:
+                self.canvas[self._where(i, j, m)] = -np.inf
 
-    def draw_near_deblending(self, labels: np.ndarray, n: int, sign: int) -> None:
+    def draw_near_deblending(self, pixels: np.ndarray, labels: np.ndarray, sign: int) -> None:
         """Exact S/N (times ``sign``, the canvas's) of the fillers a prominence line of
-        the footprints ``labels`` (1..n) could read."""
+        the footprints could read; ``pixels`` (sorted flat indices) and ``labels``
+        (1..n) are the footprints' pixels."""
         if not self.pending:
             return
-        rows, cols = _local_maxima(self.canvas, np.flatnonzero(labels), 1)
-        multi = np.flatnonzero(np.bincount(labels[rows, cols], minlength=n + 1) >= 2)
-        if multi.size == 0:
+        nx = self.canvas.shape[1]
+        rows, cols = _local_maxima(self.canvas, pixels, 1)
+        flat = np.searchsorted(pixels, rows * nx + cols)
+        count = np.bincount(labels[flat], minlength=int(labels.max()) + 1)
+        of_multi = count[labels] >= 2
+        if not of_multi.any():
             return
-        boxes = ndimage.find_objects(labels)
+        # bounding boxes of those footprints, from their pixels
+        multi, index = np.unique(labels[of_multi], return_inverse=True)
+        prow, pcol = np.divmod(pixels[of_multi], nx)
+        box = np.empty((4, multi.size), dtype=np.int64)
+        box[0], box[2] = np.iinfo(np.int64).max, np.iinfo(np.int64).max
+        box[1], box[3] = -1, -1
+        np.minimum.at(box[0], index, prow)
+        np.maximum.at(box[1], index, prow)
+        np.minimum.at(box[2], index, pcol)
+        np.maximum.at(box[3], index, pcol)
         touched: set[int] = set()
-        for label in multi:
-            rows_, cols_ = boxes[label - 1]
-            box = (
-                slice(max(rows_.start - 1, 0), rows_.stop + 1),
-                slice(max(cols_.start - 1, 0), cols_.stop + 1),
-            )
-            if np.isneginf(self.canvas[box]).any():
-                touched.update(int(i) for i in np.unique(self.owner[box]) if i >= 0)
+        for r0, r1, c0, c1 in box.T.tolist():
+            region = (slice(max(r0 - 1, 0), r1 + 2), slice(max(c0 - 1, 0), c1 + 2))
+            if np.isneginf(self.canvas[region]).any():
+                touched.update(int(i) for i in np.unique(self.owner[region]) if i >= 0)
         todo = [(i, j, m) for i in sorted(touched) for j, m in self.pending.pop(i, [])]
         if not todo:
             return
@@ -178,14 +197,10 @@ class _Fillers:
         values = self.snr_blocks(blocks[:, 1], blocks[:, 2])
         if sign < 0:
             np.negative(values, out=values)
-        cy0, cx0, heights, widths = self.placement
-        s = self.size
         for (i, j, m), value in zip(todo, values, strict=True):
-            rows_, cols_ = self.rects[i]
-            y, x = (j - rows_.start) * s, (m - cols_.start) * s
-            h, w = min(s, heights[i] - y), min(s, widths[i] - x)
-            self.canvas[cy0[i] + y : cy0[i] + y + h, cx0[i] + x : cx0[i] + x + w] = value[:h, :w]
-        self.pixels = np.flatnonzero(np.isneginf(self.canvas))
+            where = self._where(i, j, m)
+            h, w = where[0].stop - where[0].start, where[1].stop - where[1].start
+            self.canvas[where] = value[:h, :w]
 
 
 def sparse_peaks(
@@ -270,18 +285,23 @@ def sparse_peaks(
         if sign < 0:
             np.negative(canvas, out=canvas)
             fillers.reset()
-        labels, n = _footprints(canvas, threshold, min_pixels)
+        # `_footprints`, keeping its list of the footprints' pixels
+        where, values, n, labels = _footprint_pixels(canvas, threshold, min_pixels)
         if n:
-            fillers.draw_near_deblending(labels, n, sign)
+            if labels is None:
+                labels = np.zeros(canvas.shape, dtype=np.int32)
+            labels.ravel()[where] = values
+            kept = values > 0
+            pixels, pixel_labels = where[kept], values[kept]
+            fillers.draw_near_deblending(pixels, pixel_labels, sign)
             peaks = _find_peaks(canvas, labels, n, sigma, prominence)
             row, col, label = peaks[:, 0], peaks[:, 1], peaks[:, 2]
             # footprints renumbered in raster order of their first pixel on the frame
-            pixels = np.flatnonzero(labels)
             prow, pcol = np.divmod(pixels, cnx)
             rid = owner.ravel()[pixels]
             frame = (prow - cy0[rid] + fy0[rid]) * nx + (pcol - cx0[rid] + fx0[rid])
             first = np.full(n + 1, np.iinfo(np.int64).max, dtype=np.int64)
-            np.minimum.at(first, labels.ravel()[pixels], frame)
+            np.minimum.at(first, pixel_labels, frame)
             rank = np.empty(n + 1, dtype=np.int64)
             rank[0] = 0
             rank[1:][np.argsort(first[1:], kind="stable")] = np.arange(1, n + 1)
