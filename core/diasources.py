@@ -22,10 +22,10 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import scipy.fft as sfft
 from astropy.io import fits
 from astropy.table import Table
 from scipy.optimize import least_squares
-from scipy.signal import fftconvolve
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 
 from .config import DiaSourceConfig
@@ -604,15 +604,27 @@ def measure_dia_sources(
 
 
 class _CorrelatedPsf(Psf):
-    """A PSF correlated with a fixed kernel (FFT), normalised to unit sum."""
+    """A PSF correlated with a fixed kernel, normalised to unit sum: the steps of
+    ``scipy.signal.fftconvolve(stamp, flipped kernel, "full")`` with the kernel's
+    transform made once per stamp shape (PSF photometry draws a stamp at every node of
+    its grid)."""
 
     def __init__(self, psf: Psf, kernel: np.ndarray):
         self.psf = psf
         self.kernel = kernel[::-1, ::-1]  # correlation = convolution with the flipped kernel
         self.average_position = psf.average_position
+        self._spectra: dict[tuple[int, ...], tuple[list[int], list[int], np.ndarray]] = {}
 
     def kernel_image(self, x=None, y=None) -> np.ndarray:
-        out = fftconvolve(self.psf.kernel_image(x, y), self.kernel, mode="full")
+        stamp = np.asarray(self.psf.kernel_image(x, y))
+        if stamp.shape not in self._spectra:
+            shape = [a + b - 1 for a, b in zip(stamp.shape, self.kernel.shape, strict=True)]
+            fast = [sfft.next_fast_len(n, True) for n in shape]
+            spectrum = sfft.rfftn(self.kernel, fast, axes=[0, 1])
+            self._spectra[stamp.shape] = shape, fast, spectrum
+        shape, fast, spectrum = self._spectra[stamp.shape]
+        out = sfft.irfftn(sfft.rfftn(stamp, fast, axes=[0, 1]) * spectrum, fast, axes=[0, 1])
+        out = out[: shape[0], : shape[1]]
         return out / out.sum()
 
 

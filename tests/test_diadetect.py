@@ -339,3 +339,35 @@ def test_filler_blocks_drawn_where_a_prominence_line_reads_them(sign):
     holed[32:64, 32:64] = -np.inf
     labels, n = _footprints(holed, thr, 3)
     assert len(_find_peaks(holed, labels, n, 1.0, 1.0)) == 3
+
+
+def test_whole_frame_noise_factor_samples_blocks_in_raster_order():
+    """Over 4 million pixels the whole-frame estimate samples every other value: they
+    must be taken block by block (raster order of the blocks, then of their pixels),
+    as when every block was transformed on its own, for the same factor."""
+    rng = np.random.default_rng(12)
+    shape = (2090, 2050)
+    variance = (100.0 + 50.0 * rng.random(shape)).astype(np.float32)
+    image = (rng.normal(size=shape) * np.sqrt(variance)).astype(np.float32)
+    mask = np.zeros(shape, dtype=np.int32)
+    mask[:, :7] = NO_DATA_BIT
+    kernel = crop_kernel(_gaussian(1.8, 12))
+    size = block_size(kernel.shape[0] // 2)
+    _, var, no_data, fill, vmin = prepare_difference(
+        image, variance, mask, NO_DATA_BIT, size, lazy_variance=True, keep_image=False
+    )
+    smoothed = matched_numerator(image, no_data, kernel)
+    snr = DifferenceSnr(smoothed, var, no_data, kernel, 1e-30 * fill, vmin)
+    factor = snr.noise_factor(2**22)
+    # the reference: each block's S/N by its own transform, concatenated block by block
+    nby, nbx = snr.grid
+    by, bx = np.divmod(np.arange(nby * nbx), nbx)
+    values = snr._snr(by * size, bx * size, size)
+    keep = ~stamps(no_data, bx * size + size // 2, by * size + size // 2, size // 2, fill=True)
+    keep = keep[:, :size, :size]
+    for k in range(by.size):
+        keep[k, max(shape[0] - by[k] * size, 0) :, :] = False
+        keep[k, :, max(shape[1] - bx[k] * size, 0) :] = False
+    assert keep.sum() > 4_000_000  # every other value is sampled
+    assert factor == pytest.approx(_negative_side_sigma(values[keep]), rel=1e-6)
+    np.testing.assert_allclose(snr.blocks(by, bx), values / factor, rtol=1e-4, atol=1e-4)

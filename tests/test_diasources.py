@@ -250,3 +250,24 @@ def test_flags_from_masks_kernel_hull_and_bright_stars():
     assert saturated.sum() >= 5
     assert np.mean(np.asarray(catalog["flag_bright_star"])[saturated]) > 0.7
     assert np.mean(np.asarray(catalog["flag_bright_star"])[~saturated]) < 0.5
+
+
+def test_score_profile_equals_fftconvolve_of_the_stamp():
+    """The correlated PSF (its kernel's transform made once) draws the stamps of
+    ``scipy.signal.fftconvolve`` of each stamp with the flipped kernel, unit sum (to
+    round-off: the same transforms, products possibly vectorised differently)."""
+    from scipy.signal import fftconvolve
+
+    from core.diasources import score_profile
+    from core.psf import GaussianPsf, MoffatPsf
+
+    base = MoffatPsf(2.2, 3.0)
+    pre = GaussianPsf(1.6)
+    profile = score_profile(base, pre)
+    kernel = np.asarray(pre.kernel_image(), dtype=np.float64)
+    kernel = (kernel / kernel.sum())[::-1, ::-1]
+    for x, y in [(10.0, 20.0), (500.5, 3.25), (None, None)]:
+        expected = fftconvolve(base.kernel_image(x, y), kernel, mode="full")
+        np.testing.assert_allclose(
+            profile.kernel_image(x, y), expected / expected.sum(), rtol=0, atol=1e-15
+        )
