@@ -139,7 +139,8 @@ def _run_case(
     from core.subtract import run_subtraction
 
     # as the CLI and the worker do at start (a baseline from before it has no such call)
-    getattr(parallel, "large_blocks_to_mmap", lambda: None)()
+    policy = getattr(parallel, "set_memory_policy", None)
+    (policy or getattr(parallel, "large_blocks_to_mmap", lambda: None))()
     t0 = time.perf_counter()
     pair = simulate_pair(preset("varying", size=size, seed=seed))
     t_sim = time.perf_counter() - t0

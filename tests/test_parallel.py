@@ -135,3 +135,52 @@ def test_freed_heap_blocks_are_reused_without_faulting_again():
     if faults < 0:
         return  # not glibc: nothing to check
     assert faults < 5 * 1024
+
+
+_SPARSE_TOUCH_SCRIPT = """
+import os, sys
+import numpy as np
+from core.parallel import set_memory_policy
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+if sys.argv[1] == "set":
+    set_memory_policy()
+frame = np.zeros(256 << 20, dtype=np.uint8)  # calloc'd: no page touched yet
+before = rss()
+frame[:: 2 << 20] = 1  # one byte per 2 MB, as a sparse label image is written
+print(rss() - before)
+"""
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
+def test_sparsely_written_frames_cost_only_the_pages_touched():
+    # numpy advises huge pages for large arrays: one byte written would then zero and
+    # hold a whole 2 MB page, and a sparse label image would cost its full size
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def grown(mode: str) -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", _SPARSE_TOUCH_SCRIPT, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": root},
+        )
+        return int(out.stdout.split()[-1])
+
+    assert grown("set") < 16 << 20  # 128 pages touched, not 256 MB
+    if _thp_mode() == "madvise":  # where numpy's advice takes effect, it costs it all
+        assert grown("default") > 128 << 20

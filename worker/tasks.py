@@ -19,7 +19,7 @@ import time
 import httpx
 from celery.signals import worker_ready, worker_shutdown
 
-from core.parallel import large_blocks_to_mmap
+from core.parallel import set_memory_policy
 from store import JobRecord, Settings, Store, open_store
 from store.callbacks import CallbackRefusedError, resolve_callback
 from store.maintenance import clean_disk
@@ -32,8 +32,8 @@ from .jobs import run_job
 __all__ = ["app", "settings", "run_subtraction_job", "deliver_callback", "get_store"]
 
 log = logging.getLogger("alsub.worker")
-# the worker process is an application: its freed partial frames go back to the system
-large_blocks_to_mmap()
+# the worker process is an application: it sets how it gets memory (core.parallel)
+set_memory_policy()
 
 settings = Settings()
 app = make_celery(settings)
