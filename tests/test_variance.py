@@ -173,7 +173,7 @@ def test_in_place_helpers_match_their_plain_versions():
     numbers to the bit (float32 and float64 inputs)."""
     from astropy.stats import mad_std as plain_mad_std
 
-    from core.variance import _STENCIL, _mad_std_consumed, _second_difference_pulls
+    from core.variance import _mad_std_consumed, _second_difference_pulls
 
     rng = np.random.default_rng(21)
     for dtype in (np.float32, np.float64):
@@ -184,38 +184,39 @@ def test_in_place_helpers_match_their_plain_versions():
     image = rng.normal(size=(60, 70))
     variance = rng.uniform(0.5, 2.0, image.shape)
     good = rng.random(image.shape) > 0.1
-    n = _STENCIL.size
     for axis in (1, 0):
-        width = image.shape[axis] - n + 1
-        parts = [np.s_[:, i : i + width] if axis else np.s_[i : i + width] for i in range(n)]
-        use = np.logical_and.reduce([good[p] for p in parts])
-        value = sum(w * image[p] for w, p in zip(_STENCIL, parts, strict=True))
-        expected = sum(w * w * variance[p] for w, p in zip(_STENCIL, parts, strict=True))
         np.testing.assert_array_equal(
             _second_difference_pulls(image, variance, good, axis),
-            value[use] / np.sqrt(expected[use]),
+            _plain_stencil_pulls(image, variance, good, axis),
         )
+
+
+def _plain_stencil_pulls(image, variance, good, axis):
+    """The stencil's pulls along ``axis`` as plain whole-window sums (the reference)."""
+    from core.variance import _STENCIL
+
+    n = _STENCIL.size
+    width = image.shape[axis] - n + 1
+    parts = [np.s_[:, i : i + width] if axis else np.s_[i : i + width] for i in range(n)]
+    use = np.logical_and.reduce([good[p] for p in parts])
+    value = sum(w * image[p] for w, p in zip(_STENCIL, parts, strict=True))
+    expected = sum(w * w * variance[p] for w, p in zip(_STENCIL, parts, strict=True))
+    return value[use] / np.sqrt(expected[use])
 
 
 def test_blockwise_stencil_pulls_of_float32_planes_equal_the_plain_float64_sums():
     # several blocks of output rows (and a partial last one), float32 planes widened
     # block by block: the plain float64 sums over the whole window, to the bit
-    from core.variance import _PULL_BLOCK_ROWS, _STENCIL, _second_difference_pulls
+    from core.variance import _PULL_BLOCK_ROWS, _second_difference_pulls
 
     rng = np.random.default_rng(23)
     shape = (2 * _PULL_BLOCK_ROWS + 37, 90)
     image = rng.normal(size=shape).astype(np.float32)
     variance = rng.uniform(0.5, 2.0, shape).astype(np.float32)
     good = rng.random(shape) > 0.1
-    n = _STENCIL.size
     wide, wide_var = image.astype(np.float64), variance.astype(np.float64)
     for axis in (1, 0):
-        width = shape[axis] - n + 1
-        parts = [np.s_[:, i : i + width] if axis else np.s_[i : i + width] for i in range(n)]
-        use = np.logical_and.reduce([good[p] for p in parts])
-        value = sum(w * wide[p] for w, p in zip(_STENCIL, parts, strict=True))
-        expected = sum(w * w * wide_var[p] for w, p in zip(_STENCIL, parts, strict=True))
         np.testing.assert_array_equal(
             _second_difference_pulls(image, variance, good, axis),
-            value[use] / np.sqrt(expected[use]),
+            _plain_stencil_pulls(wide, wide_var, good, axis),
         )
