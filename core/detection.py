@@ -53,19 +53,28 @@ def _footprints(
     into ``out`` (int32, reused between passes) when given."""
     where, values, n, labels = _footprint_pixels(snr, threshold, min_pixels, negative, out)
     if labels is None:
-        if out is None:
-            labels = np.zeros(snr.shape, dtype=np.int32)  # calloc: only touched pages cost
-        else:
-            labels = out
-            labels.fill(0)
-    labels.ravel()[where] = values
+        labels = _label_image(where, values, snr.shape, out)
     return labels, n
+
+
+def _label_image(
+    where: np.ndarray, values: np.ndarray, shape: tuple[int, int], out: np.ndarray | None = None
+) -> np.ndarray:
+    """The int32 label image holding ``values`` at flat indices ``where`` (0 elsewhere),
+    in ``out`` when given."""
+    if out is None:
+        labels = np.zeros(shape, dtype=np.int32)  # calloc: only touched pages cost
+    else:
+        labels = out
+        labels.fill(0)
+    labels.ravel()[where] = values
+    return labels
 
 
 def _footprint_pixels(snr, threshold, min_pixels, negative=False, out=None):
     """Flat indices of the pixels of the pieces `_footprints` keeps, their labels, the
     number of pieces and, when the whole frame had to be labelled, that label image
-    (kept pieces' pixels not yet written; else None: no frame was made)."""
+    (complete: the dropped pieces cleared; else None: no frame was made)."""
     # found a block of rows at a time: no frame-sized mask unless it is labelled whole
     ncols = snr.shape[1]
     where = np.concatenate(
@@ -99,12 +108,11 @@ def _footprint_pixels(snr, threshold, min_pixels, negative=False, out=None):
         relabel = np.zeros(n + 1, dtype=np.int32)
         relabel[keep] = np.arange(1, n_keep + 1, dtype=np.int32)
         values = relabel[values]
-    if labels is not None:
-        return where, values, n_keep, labels
-    kept = values > 0
-    if not kept.all():
+        if labels is not None:
+            labels.ravel()[where] = values  # dropped pieces cleared, kept ones renumbered
+        kept = values > 0
         where, values = where[kept], values[kept]
-    return where, values, n_keep, None
+    return where, values, n_keep, labels
 
 
 #: Pixel pieces are labelled as a graph of their runs (`_label_pixels`) when they
@@ -505,7 +513,7 @@ def _detect_pass(
         where, values, _, _ = _footprint_pixels(
             filtered.snr, config.threshold, config.min_pixels, negative
         )
-        footprints.ravel()[where[values > 0]] = True
+        footprints.ravel()[where] = True
         del where, values
     sky = _disc_dilate(footprints, grow) if grow > 0 else footprints
     np.logical_not(sky, out=sky)

@@ -34,7 +34,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
-from .detection import _find_peaks, _footprint_pixels, _local_maxima
+from .detection import _find_peaks, _footprint_pixels, _label_image, _local_maxima
 from .measure import _negative_side_sigma
 from .parallel import thread_map
 from .stamps import windows as _patches
@@ -286,13 +286,10 @@ def sparse_peaks(
             np.negative(canvas, out=canvas)
             fillers.reset()
         # `_footprints`, keeping its list of the footprints' pixels
-        where, values, n, labels = _footprint_pixels(canvas, threshold, min_pixels)
+        pixels, pixel_labels, n, labels = _footprint_pixels(canvas, threshold, min_pixels)
         if n:
             if labels is None:
-                labels = np.zeros(canvas.shape, dtype=np.int32)
-            labels.ravel()[where] = values
-            kept = values > 0
-            pixels, pixel_labels = where[kept], values[kept]
+                labels = _label_image(pixels, pixel_labels, canvas.shape)
             fillers.draw_near_deblending(pixels, pixel_labels, sign)
             peaks = _find_peaks(canvas, labels, n, sigma, prominence)
             row, col, label = peaks[:, 0], peaks[:, 1], peaks[:, 2]

@@ -632,6 +632,7 @@ def test_footprints_match_plain_labelling():
                 # the kept pixels alone (detection's first pass) are the same pieces
                 where, values, n, _ = _footprint_pixels(snr, threshold, min_pixels, negative)
                 kept = values > 0
+                assert kept.all()  # only the kept pieces' pixels are listed
                 np.testing.assert_array_equal(where[kept], np.flatnonzero(ref))
                 np.testing.assert_array_equal(values[kept], ref.ravel()[np.flatnonzero(ref)])
     # both paths were taken, on either side
