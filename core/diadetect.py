@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from .detection import _find_peaks, _footprint_pixels, _label_image, _local_maxima
 from .measure import _negative_side_sigma
-from .parallel import thread_map
+from .parallel import n_threads, thread_map
 from .stamps import windows as _patches
 
 __all__ = [
@@ -642,12 +642,12 @@ class DifferenceSnr:
             patches = self.variance.windows(y0 - h, x0 - h, n)
         else:
             patches = _patches(self.variance, y0 - h, x0 - h, n)
-        spectrum = sfft.rfft2(patches, axes=(1, 2), workers=-1)
+        spectrum = sfft.rfft2(patches, axes=(1, 2), workers=n_threads())
         del patches
         spectrum *= self._transforms[n]
         # inverse transform of the kept rows only (the rest is the padding)
-        rows = sfft.ifft(spectrum, axis=1, workers=-1, overwrite_x=True)[:, h : h + side]
-        var = sfft.irfft(rows, n=n, axis=2, workers=-1)[:, :, h : h + side]
+        rows = sfft.ifft(spectrum, axis=1, workers=n_threads(), overwrite_x=True)[:, h : h + side]
+        var = sfft.irfft(rows, n=n, axis=2, workers=n_threads())[:, :, h : h + side]
         np.maximum(var, self.floor, out=var)
         np.sqrt(var, out=var)
         snr = _patches(self.smoothed, y0, x0, side)

@@ -49,10 +49,11 @@ def thread_limit() -> int | None:
 
 
 def n_threads(workers: int | None = None) -> int:
-    """Threads to use: ``workers`` if given, else the cores this process may run on (at most
-    the `set_thread_limit` cap)."""
+    """Threads to use: ``workers`` if given, else the cores this process may run on; at
+    most the `set_thread_limit` cap either way (a service worker's share of the cores)."""
     if workers:
-        return max(1, int(workers))
+        workers = max(1, int(workers))
+        return min(workers, _limit) if _limit else workers
     try:
         cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux

@@ -20,13 +20,14 @@ def test_the_cap_bounds_the_threads_and_lifts():
         set_thread_limit(1)
         assert thread_limit() == 1
         assert n_threads() == 1
-        assert n_threads(3) == 3  # an explicit count is the caller's choice
+        assert n_threads(3) == 1  # an explicit count stays within the worker's share too
         set_thread_limit(10 * _cores())
         assert n_threads() == _cores()  # a cap never adds threads
     finally:
         set_thread_limit(None)
     assert thread_limit() is None
     assert n_threads() == _cores()
+    assert n_threads(3) == 3  # without a cap an explicit count is the caller's choice
 
 
 def test_capped_work_runs_on_one_thread_and_gives_the_same_numbers():
