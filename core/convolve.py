@@ -30,6 +30,7 @@ from dataclasses import replace
 import numpy as np
 import scipy.fft as sfft
 
+from . import order
 from .exposure import Exposure
 from .kernel import SpatialKernel, term_degrees
 from .parallel import n_threads
@@ -274,7 +275,7 @@ def _dynamic_dtype(
     """
     if values.size == 0:
         return np.float32
-    typical = float(np.median(np.abs(values[::7, ::7])))
+    typical = float(order.median(np.abs(values[::7, ::7]), consume=True))
     high, low = extremes if extremes is not None else (float(values.max()), float(values.min()))
     peak = max(high, -low)
     if peak > max_range * max(typical, float(np.finfo(np.float32).tiny)):

@@ -76,6 +76,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy.signal import fftconvolve
 
+from . import order
 from .config import DecorrelationConfig
 from .convolve import correlate_image
 from .errors import IncompatibleInputsError, InvalidExposureError
@@ -155,17 +156,17 @@ def clipped_mean(
         NaN when no pixel is usable.
     """
     x = np.asarray(values)
-    if max_pixels is not None and x.ndim == 2 and x.size > max_pixels:
-        stride = math.ceil(math.sqrt(x.size / max_pixels))
-        x = x[::stride, ::stride]
-        good = None if good is None else np.asarray(good)[::stride, ::stride]
+    if max_pixels is not None and x.ndim == 2:
+        grid = _sub_grid(x.shape, max_pixels)
+        x = x[grid]
+        good = None if good is None else np.asarray(good)[grid]
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float64)
     keep = np.isfinite(x) if good is None else (np.asarray(good, dtype=bool) & np.isfinite(x))
     x = x[keep]
     if x.size == 0:
         return math.nan
-    q25, centre, q75 = np.percentile(x, [25.0, 50.0, 75.0])
+    q25, centre, q75 = order.percentiles(x, [25.0, 50.0, 75.0])  # numpy's, faster
     centre = float(centre)
     half_width = n_sigma * _IQR_TO_SIGMA * float(q75 - q25)
     x = x.astype(np.float64, copy=False)
@@ -179,6 +180,14 @@ def clipped_mean(
         spread = float(kept.std(ddof=1)) if kept.size > 1 else 0.0
         half_width = n_sigma * spread
     return float(centre)
+
+
+def _sub_grid(shape: tuple[int, ...], max_pixels: int) -> tuple[slice, slice]:
+    """Every s-th row and column: about ``max_pixels`` of a larger 2-d array (all of a
+    smaller one)."""
+    size = math.prod(shape)
+    stride = math.ceil(math.sqrt(size / max_pixels)) if size > max_pixels else 1
+    return np.s_[::stride, ::stride]
 
 
 # ----------------------------------------------------------------------------------------
@@ -916,13 +925,10 @@ def _decorrelate_on_grid(
     def node_filter(index: int, size: int | None = None) -> _NodeFilter:
         jn, i_n = divmod(index, nodes_x.size)
         window = (slice(*windows_y[jn]), slice(*windows_x[i_n]))
-        # unmasked pixels of the window only: no frame-sized boolean per input
+        grid = _sub_grid(plane1[window].shape, _NODE_STATS_MAX_PIXELS)
+        # unmasked pixels of the window's sub-grid only: no frame-sized boolean per input
         v, vt = (
-            clipped_mean(
-                plane[window],
-                (mask[window] & np.int32(bits)) == 0,
-                max_pixels=_NODE_STATS_MAX_PIXELS,
-            )
+            clipped_mean(plane[window][grid], (mask[window][grid] & np.int32(bits)) == 0)
             for plane, (mask, bits) in zip(planes, masks, strict=True)
         )
         v = v if math.isfinite(v) else v_default

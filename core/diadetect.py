@@ -34,6 +34,7 @@ import numpy as np
 import scipy.fft as sfft
 from scipy import ndimage
 
+from . import order
 from .detection import _find_peaks, _footprint_pixels, _label_image, _local_maxima
 from .measure import _negative_side_sigma
 from .parallel import n_threads, thread_map
@@ -359,7 +360,7 @@ def prepare_difference(
             ok &= (mask[::step] & bits) == 0
     usable = np.asarray(sampled[ok], dtype=np.float32)
     ignore = usable.size < 0.5 * ok.size
-    fill = 1.0 if ignore or usable.size == 0 else float(np.median(usable))
+    fill = 1.0 if ignore or usable.size == 0 else float(order.median(usable, consume=True))
     out_image = np.empty((ny, nx), dtype=np.float32) if keep_image else None
     out_var = None if lazy_variance else np.empty((ny, nx), dtype=np.float32)
     no_data = np.empty((ny, nx), dtype=bool)

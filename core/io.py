@@ -69,6 +69,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
+from . import order
 from .clipping import sigma_clipped_median_std
 from .errors import InvalidExposureError, PsfError
 from .exposure import Exposure, MaskPlanes, PhotoCalib
@@ -1650,10 +1651,12 @@ def describe_exposure(source: Source, **kwargs: Any) -> dict[str, Any]:
         "saturation": info.saturation,
         "sky": {
             "median": _json_number(
-                float(np.median(exposure.image[sub][good])) if good.any() else None
+                float(order.median(exposure.image[sub][good], consume=True)) if good.any() else None
             ),
             "median_sigma_from_variance": _json_number(
-                float(np.sqrt(np.median(exposure.variance[sub][good]))) if good.any() else None
+                float(np.sqrt(order.median(exposure.variance[sub][good], consume=True)))
+                if good.any()
+                else None
             ),
         },
         "header": {

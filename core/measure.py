@@ -18,6 +18,7 @@ import numpy as np
 from astropy.table import Table
 from scipy import ndimage
 
+from . import order
 from .background import (
     BACKGROUND_IGNORE_PLANES,
     _background_mesh,
@@ -60,78 +61,9 @@ def _negative_side_sigma(values: np.ndarray, use: np.ndarray | None = None) -> f
     sample = sample[keep]
     if sample.size < 10:
         return 1.0
-    median, lower = _median_and_percentile(sample, 15.865525393145708)
+    median, lower = order.median_and_percentile(sample, 15.865525393145708, consume=True)
     sigma = median - lower
     return float(sigma) if sigma > 0 else 1.0
-
-
-#: Samples smaller than this are partitioned whole by `_order_statistics`.
-_SELECT_DIRECT = 200_000
-#: Length of the sorted strided sample that brackets each wanted rank.
-_SELECT_GUIDE = 16_384
-
-
-def _order_statistics(values: np.ndarray, ranks) -> np.ndarray:
-    """``np.sort(values)[ranks]`` of a 1-d array of finite values, without sorting or
-    partitioning all of it.
-
-    A sorted strided sample gives, for each rank, two values that bracket it
-    with a wide margin (~6 binomial sigmas); one pass counts the values below
-    the bracket and keeps those inside, and only those are partitioned. The
-    counts prove the bracket holds the rank, else the whole array is
-    partitioned: the result is exact either way.
-    """
-    ranks = np.asarray(ranks, dtype=np.intp)
-    n = values.size
-    if n < _SELECT_DIRECT:
-        return np.partition(values, ranks)[ranks]
-    guide = np.sort(values[:: n // _SELECT_GUIDE])
-    m = guide.size
-    out = np.empty(ranks.size, dtype=values.dtype)
-    done = np.zeros(ranks.size, dtype=bool)
-    for k in range(ranks.size):
-        if done[k]:
-            continue
-        q = ranks[k] / (n - 1)
-        margin = int(6 * math.sqrt(m * q * (1 - q))) + 2
-        at = int(round(q * (m - 1)))
-        lo = guide[max(at - margin, 0)]
-        hi = guide[min(at + margin, m - 1)]
-        below = int(np.count_nonzero(values < lo))
-        inside = values[(values >= lo) & (values <= hi)]
-        held = (ranks >= below) & (ranks < below + inside.size) & ~done
-        if not held[k]:  # the sample misled the bracket: select in the whole array
-            return np.partition(values, ranks)[ranks]
-        inside.partition(ranks[held] - below)
-        out[held] = inside[ranks[held] - below]
-        done |= held
-    return out
-
-
-def _median(sample: np.ndarray):
-    """``np.median(sample)`` of a 1-d array of finite values (same number, same type),
-    from its order statistics (`_order_statistics`): ~4x faster on millions of values."""
-    n = sample.size
-    mid_a, mid_b = _order_statistics(sample, [(n - 1) // 2, n // 2])
-    return np.mean(np.array([mid_a, mid_b] if n % 2 == 0 else [mid_b]))
-
-
-def _median_and_percentile(sample: np.ndarray, percent: float):
-    """(np.median(sample), np.percentile(sample, percent)) of a 1-d array of finite values,
-    from its order statistics (`_order_statistics`), with numpy's arithmetic:
-    the median the mean of the middle pair, the quantile numpy's default
-    ("linear") interpolation between its two neighbouring order statistics."""
-    n = sample.size
-    virtual = (n - 1) * (percent / 100)  # numpy's virtual index of the linear method
-    below = min(max(int(math.floor(virtual)), 0), n - 1)
-    gamma = virtual - below
-    ranks = [(n - 1) // 2, n // 2, below, min(below + 1, n - 1)]
-    mid_a, mid_b, a, b = _order_statistics(sample, ranks)
-    median = np.mean(np.array([mid_a, mid_b] if n % 2 == 0 else [mid_b]))
-    diff = b - a
-    # numpy's lerp: from the nearer end, in the sample's precision
-    lower = b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
-    return median, lower
 
 
 def _psf_sigma(psf: Psf) -> float:
@@ -182,7 +114,7 @@ class _Filtered:
             var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
         good = variance.ravel() if var_ok is None else variance[var_ok]
         # a strided sample's median is plenty for a fill value
-        fill = float(np.median(good[:: good.size // 1_000_000 + 1])) if good.size else 1.0
+        fill = float(order.median(good[:: good.size // 1_000_000 + 1])) if good.size else 1.0
         if var_ok is not None and not all_ok:
             variance = np.where(var_ok, variance, np.float32(fill))
         del var_ok, good

@@ -24,6 +24,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 from scipy.stats import poisson
 
+from . import order
 from .config import DetectionConfig, RegistrationConfig
 from .detection import DetectionMemo, detect_sources
 from .errors import IncompatibleInputsError, InsufficientSourcesError, RegistrationError
@@ -473,7 +474,7 @@ def _on_science_box(template: Exposure, science: Exposure) -> Exposure:
         image[dst] = template.image[src]
         variance[dst] = template.variance[src]
         mask[dst] = template.mask[src]
-        variance[mask & no_data != 0] = np.median(template.variance[src])
+        variance[mask & no_data != 0] = order.median(template.variance[src])
     return replace(
         template,
         image=image,

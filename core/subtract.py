@@ -21,6 +21,7 @@ from astropy.stats import mad_std
 from astropy.table import Table
 from scipy import ndimage, optimize
 
+from . import order
 from .basis import kernel_size_for, make_kernel_basis
 from .config import DetectionConfig, SubtractionConfig
 from .convolve import convolve_exposure, convolved_noise_correlation, dilate_cross
@@ -1031,7 +1032,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 k += part.size
             return z
 
-        ratio = _mad_std_in_place(pulls(0.0))
+        ratio = float(order.mad_std(pulls(0.0), consume=True))
         self.metadata["scoreNoiseRatioPropagated"] = ratio
         if not ratio > self.config.score_noise_tolerance:
             return
@@ -1040,10 +1041,10 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         # of a continuous decreasing function, bracketed by 0 (ratio - 1 > 0) and about
         # median(variance) ratio^2 (Brent: ~10 passes over the frame where bisection took 40)
         def excess(floor: float) -> float:
-            return _mad_std_in_place(pulls(floor)) - 1.0
+            return float(order.mad_std(pulls(floor), consume=True)) - 1.0
 
         sample = score.variance[::4, ::4][good[::4, ::4]]  # the bracket needs no precision
-        upper = float(np.median(sample)) * ratio**2 if sample.size else 1.0
+        upper = float(order.median(sample, consume=True)) * ratio**2 if sample.size else 1.0
         for _ in range(60):
             if excess(upper) <= 0.0:
                 break
@@ -1241,15 +1242,6 @@ def check_not_identical(science: Exposure, template: Exposure) -> None:
 
 
 # helpers ------------------------------------------------------------------------------------
-def _mad_std_in_place(values: np.ndarray) -> float:
-    """``astropy.stats.mad_std(values)`` (the same number), with ``values`` (float,
-    consumed) partitioned in place instead of two frame-sized copies."""
-    median = np.median(values, overwrite_input=True)
-    np.subtract(values, median, out=values)
-    np.abs(values, out=values)
-    return float(np.median(values, overwrite_input=True) * 1.482602218505602)
-
-
 def _working_copy(exposure: Exposure) -> Exposure:
     """The copy a task changes (decision 7): variance, mask and metadata are copied, the
     image is shared read only. No stage writes the inputs' pixels (they write new
@@ -1336,7 +1328,7 @@ def _quiet_edge_band(score: Exposure):
     values = score.image[band].copy()
     # a 4x4-strided sample gives the median to well within the noise, 16x cheaper
     sample = score.image[::4, ::4][~band[::4, ::4]]
-    level = np.median(sample) if sample.size else np.median(score.image[~band])
+    level = order.median(sample, consume=True) if sample.size else np.median(score.image[~band])
     score.image[band] = np.float32(level)
     return band, values
 
@@ -1460,4 +1452,4 @@ def _good_median(image: np.ndarray, bad: np.ndarray) -> float:
     """Median of the good pixels on a sub-grid of about a million (a sky level)."""
     step = max(1, int(math.sqrt(image.size / 1e6)))
     sample = image[::step, ::step][~bad[::step, ::step]]
-    return float(np.median(sample)) if sample.size else 0.0
+    return float(order.median(sample, consume=True)) if sample.size else 0.0

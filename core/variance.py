@@ -39,16 +39,15 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from astropy.stats import mad_std
 from scipy import fft as sp_fft
 from scipy import ndimage, signal
 
+from . import order
 from .background import background_image
 from .config import ScaleVarianceConfig
 from .convolve import dilate_cross
 from .exposure import Exposure
 from .io import PHYSICAL_VARIANCE_PREFIX
-from .measure import _median
 from .parallel import n_threads
 
 __all__ = [
@@ -124,15 +123,6 @@ def second_difference_gain(noise_correlation: np.ndarray | None) -> float:
     return max(float(np.mean(gains)), 1e-3)
 
 
-def _mad_std_consumed(values: np.ndarray):
-    """``astropy.stats.mad_std(values)`` (the same number, of the same type) of finite
-    ``values`` (float, 1-d, not needed afterwards: overwritten by the deviations)."""
-    median = _median(values)
-    np.subtract(values, median, out=values)
-    np.abs(values, out=values)
-    return _median(values) * 1.482602218505602
-
-
 def _view(exposure: Exposure, index) -> Exposure:
     """The image, variance and mask planes of ``exposure`` at ``index`` (views, no copy)."""
     return Exposure(
@@ -172,7 +162,7 @@ def _sky_estimate(exposure: Exposure, config: ScaleVarianceConfig) -> float:
     background = background_image(subsample, bin_size, ignore_planes=config.mask_planes)
     residual = (subsample.image - background)[good]
     residual /= np.sqrt(subsample.variance[good])
-    return float(_mad_std_consumed(residual) ** 2)
+    return float(order.mad_std(residual, consume=True) ** 2)
 
 
 def _second_difference_pulls(image, variance, good, axis: int = 1) -> np.ndarray:
@@ -215,7 +205,7 @@ def _pixel_scale_estimate(
     for axis in (1, 0):
         pulls = _second_difference_pulls(exposure.image, exposure.variance, good, axis)
         if pulls.size >= 100:
-            values.append(float(_mad_std_consumed(pulls) ** 2))
+            values.append(float(order.mad_std(pulls, consume=True) ** 2))
     return float(np.mean(values)) if values else math.nan
 
 
@@ -253,10 +243,10 @@ def _noise_correlation(
     if np.count_nonzero(good) < config.min_sky_pixels:
         return None
     # a smooth sky left in the window only adds a plateau at every lag (removed below)
-    sky = float(_median(exposure.image[good]))
+    sky = float(order.median(exposure.image[good], consume=True))
     pull = np.where(good, (exposure.image - sky) / np.sqrt(np.where(good, exposure.variance, 1)), 0)
     # clip what is left of sources and cosmic rays: the noise core is what matters
-    sigma = _mad_std_consumed(pull[good])
+    sigma = order.mad_std(pull[good], consume=True)
     weight = good & (np.abs(pull) < 5 * sigma)
     pull = np.where(weight, pull, 0.0)
     shape = [sp_fft.next_fast_len(n + outer + 1) for n in pull.shape]
@@ -534,7 +524,7 @@ def static_structure_correction(
     if np.count_nonzero(use) < 1000:
         return None
     pulls = filtered[good][use] / np.sqrt(predicted[use])
-    ratio = float(mad_std(pulls - np.median(pulls)) ** 2)
+    ratio = float(order.mad_std(pulls - order.median(pulls), consume=True) ** 2)
     if not ratio < 1.0:
         return None
     means = [float(np.mean(p[good][use], dtype=np.float64)) for p in planes]

@@ -32,6 +32,7 @@ import numpy as np
 from scipy import sparse
 from scipy.interpolate import BSpline, RectBivariateSpline
 
+from . import order
 from .config import WarpConfig
 from .errors import IncompatibleInputsError, InvalidExposureError, PsfError
 from .exposure import Exposure
@@ -511,7 +512,7 @@ def _finish(out_image, out_var, det, mask, no_data: np.int32) -> None:
     _in_parallel(block, range(0, ny, chunk))
     if found:
         sample = out_var[::7, ::7][~bad[::7, ::7]]  # a fill value only: a subsample is plenty
-        np.copyto(out_var, np.median(sample) if sample.size else 1.0, where=bad)
+        np.copyto(out_var, order.median(sample, consume=True) if sample.size else 1.0, where=bad)
 
 
 def _interleaved(

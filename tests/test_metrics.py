@@ -28,3 +28,13 @@ def test_robust_sigma_is_the_interquartile_width_not_the_mad():
     sigma, _ = robust_sigma_median(values)
     assert abs(sigma - (q75 - q25) / 1.3489795) < 1e-6
     assert abs(sigma / mad_std(values) - 1) > 0.003  # mad_std would move noise_ratio
+
+
+def test_robust_sigma_median_of_non_finite_or_no_values_is_nan():
+    # as scipy's iqr and np.median propagate NaN
+    values = np.arange(100.0)
+    values[7] = np.nan
+    assert all(np.isnan(v) for v in robust_sigma_median(values))
+    values[7] = np.inf
+    assert all(np.isnan(v) for v in robust_sigma_median(values))
+    assert all(np.isnan(v) for v in robust_sigma_median(np.zeros(0)))
