@@ -37,6 +37,7 @@ from .config import KernelConfig
 from .errors import InvalidCatalogError, KernelSolutionError, NoKernelCandidatesError
 from .exposure import Exposure
 from .io import file_mode
+from .order import percentiles, row_medians
 from .parallel import thread_map
 from .task import Task
 
@@ -605,7 +606,7 @@ def clipped_mean_std(values, n_sigma: float = 3.0, n_iter: int = 3) -> tuple[flo
         return math.nan, math.nan
     if x.size == 1:
         return float(x[0]), 0.0
-    q25, median, q75 = np.percentile(x, [25.0, 50.0, 75.0])
+    q25, median, q75 = percentiles(x, [25.0, 50.0, 75.0])
     centre, half_width = median, n_sigma * _IQR_TO_SIGMA * (q75 - q25)
     mean = std = math.nan
     for _ in range(n_iter):
@@ -966,7 +967,7 @@ class _Fitter:
             total = np.stack([c.stamps["tgt_var"] + c.stamps["ref_var"] for c in cands])
             total = total.reshape(n, -1)
             if np.isfinite(total).all():  # the same medians, without nanmedian's row loop
-                median = np.median(total, axis=1)
+                median = row_medians(total)
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN stamps

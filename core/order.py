@@ -22,6 +22,7 @@ __all__ = [
     "median_and_percentile",
     "median_and_percentiles",
     "mad_std",
+    "row_medians",
 ]
 
 
@@ -106,6 +107,17 @@ def mad_std(values: np.ndarray, consume: bool = False):
     np.subtract(values, centre, out=values)
     np.abs(values, out=values)
     return median(values, consume=True) * 1.482602218505602
+
+
+def row_medians(values: np.ndarray) -> np.ndarray:
+    """``np.median(values, axis=1)`` of a 2-d array of finite values (same numbers and
+    type): its rows sorted (numpy's vectorised sort beats its selection along an axis
+    ~10x on a few hundred kernel stamps)."""
+    n = values.shape[1]
+    ordered = np.sort(values, axis=1)
+    if n % 2:
+        return ordered[:, n // 2]
+    return np.mean(ordered[:, [n // 2 - 1, n // 2]], axis=1)
 
 
 def _bracket(n: int, percent: float) -> tuple[int, float]:

@@ -678,6 +678,19 @@ def test_bright_star_on_disc_pixels_equals_the_masked_stamp():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_medians_equal_numpys(dtype):
+    from core.order import row_medians
+
+    rng = np.random.default_rng(19)
+    for shape in ((5, 1), (5, 2), (40, 1225), (40, 1224)):
+        values = np.round(rng.normal(100, 3, size=shape) * 2).astype(dtype)  # ties
+        expected = np.median(values, axis=1)
+        got = row_medians(values)
+        np.testing.assert_array_equal(got, expected)
+        assert got.dtype == expected.dtype
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_selected_median_and_mad_std_equal_numpys_and_astropys(dtype):
     """`core.order`'s medians (one-rank selections, not numpy's several-rank partition)
     and its ``mad_std`` (consumed or not) equal numpy's and astropy's bit for bit, type
