@@ -764,8 +764,10 @@ def decorrelate_difference(
         preconv_image = preconv_image / preconv_image.sum()
 
     ignore = config.ignore_mask_planes
-    var_science = _mean_variance(science, ignore)
-    var_template = _mean_variance(template, ignore)
+    # independent sub-grid statistics of the two planes: one per core
+    var_science, var_template = thread_map(
+        lambda exposure: _mean_variance(exposure, ignore), (science, template)
+    )
     if not (math.isfinite(var_science) and math.isfinite(var_template)):
         log.warning(
             "decorrelation skipped: mean variance is not finite (science %s, template %s)",

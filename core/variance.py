@@ -251,7 +251,8 @@ def _noise_correlation(
     pull = np.where(weight, pull, 0.0)
     shape = [sp_fft.next_fast_len(n + outer + 1) for n in pull.shape]
     f_pull = sp_fft.rfft2(pull, shape, workers=n_threads())
-    f_mask = sp_fft.rfft2(weight.astype(np.float64), shape, workers=n_threads())
+    # float32 as the pulls: pair counts (~1e6) carry ~1e-6 relative round-off
+    f_mask = sp_fft.rfft2(weight.astype(np.float32), shape, workers=n_threads())
     corr = sp_fft.irfft2(f_pull * np.conj(f_pull), shape, workers=n_threads())
     count = sp_fft.irfft2(f_mask * np.conj(f_mask), shape, workers=n_threads())
     lags = np.arange(-outer, outer + 1)
