@@ -133,11 +133,23 @@ def _view(exposure: Exposure, index) -> Exposure:
     )
 
 
-def _subsample(exposure: Exposure) -> tuple[Exposure, int]:
-    # a regular subsample of about a million pixels measures a noise scale to 0.1%
-    # (the pixel-scale estimate needs neighbours: it uses a central window instead)
-    step = max(1, int(np.sqrt(exposure.image.size / _SAMPLE_PIXELS)))
-    return _view(exposure, np.s_[::step, ::step]), step
+def _sky_tiles(shape: tuple[int, int], bin_size: int) -> list[tuple[slice, slice]]:
+    """Where the sky estimate looks: the whole frame up to 4 x `_SAMPLE_PIXELS`, else
+    a regular grid of full-resolution tiles of 8 x 8 background bins holding about
+    `_SAMPLE_PIXELS` in all.
+
+    Not a strided subsample: its background bins would hold step^2 fewer pixels, and
+    a mesh of few pixels follows the noise it should leave in the residual (the
+    estimate read 2% low at 4096^2 with a stride of 4, ~8% at 8192^2 with 8).
+    """
+    ny, nx = shape
+    side = 8 * bin_size
+    per_axis = math.ceil(math.sqrt(_SAMPLE_PIXELS) / side)
+    if ny * nx <= 4 * _SAMPLE_PIXELS or per_axis * side > min(ny, nx):
+        return [np.s_[:, :]]
+    starts_y = np.linspace(0, ny - side, per_axis).round().astype(int)
+    starts_x = np.linspace(0, nx - side, per_axis).round().astype(int)
+    return [np.s_[y : y + side, x : x + side] for y in starts_y for x in starts_x]
 
 
 def _good(exposure: Exposure, config: ScaleVarianceConfig) -> np.ndarray:
@@ -154,14 +166,21 @@ def _good(exposure: Exposure, config: ScaleVarianceConfig) -> np.ndarray:
 
 
 def _sky_estimate(exposure: Exposure, config: ScaleVarianceConfig) -> float:
-    subsample, step = _subsample(exposure)
-    good = _good(subsample, config)
-    if np.count_nonzero(good) < 2:
+    pieces = []
+    for tile in _sky_tiles(exposure.shape, config.background_bin_size):
+        view = _view(exposure, tile)
+        good = _good(view, config)
+        if not good.any():
+            continue
+        background = background_image(
+            view, config.background_bin_size, ignore_planes=config.mask_planes
+        )
+        residual = (view.image - background)[good]
+        residual /= np.sqrt(view.variance[good])
+        pieces.append(residual)
+    residual = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    if residual.size < 2:
         return math.nan
-    bin_size = max(4, config.background_bin_size // step)
-    background = background_image(subsample, bin_size, ignore_planes=config.mask_planes)
-    residual = (subsample.image - background)[good]
-    residual /= np.sqrt(subsample.variance[good])
     return float(order.mad_std(residual, consume=True) ** 2)
 
 
