@@ -56,11 +56,12 @@ def _select(scratch: np.ndarray, ranks: np.ndarray) -> np.ndarray:
 
 
 def median(sample: np.ndarray, consume: bool = False):
-    """``np.median(sample)`` of a 1-d array (same number, same type; NaN if any value is);
+    """``np.median(sample)`` of a 1-d array (same number, same type; NaN if any value is
+    or none is given);
     ``consume``: ``sample`` is not needed afterwards (reordered, not copied)."""
     n = sample.size
-    if np.isnan(sample).any():
-        return sample.dtype.type(np.nan)
+    if n == 0 or np.isnan(sample).any():
+        return np.float64(np.nan) if n == 0 else sample.dtype.type(np.nan)
     mid_a, mid_b = order_statistics(sample, [(n - 1) // 2, n // 2], consume)
     return _mean_of_middle(mid_a, mid_b, n)
 

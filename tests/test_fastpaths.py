@@ -714,6 +714,7 @@ def test_selected_median_and_mad_std_equal_numpys_and_astropys(dtype):
         np.testing.assert_array_equal(values, kept)
         values[n // 2] = np.nan
         assert np.isnan(_median(values)) and type(_median(values)) is type(np.median(values))
+    assert np.isnan(_median(np.zeros(0, dtype=dtype)))
 
 
 def _reference_filter_inputs(exposure: Exposure, estimate):
