@@ -65,7 +65,7 @@ __all__ = [
 
 _SAMPLE_PIXELS = 1_000_000
 #: Output rows per block of `_second_difference_pulls` (a 1024-px row block of float64
-#: terms is 0.5 MB: it stays in cache through the stencil's ten passes).
+#: terms is 0.5 MB, of float32 ones half: it stays in cache through the stencil's passes).
 _PULL_BLOCK_ROWS = 64
 #: Fourth difference: it cancels cubics, so PSF-smooth sky (confusion) leaves ~nothing,
 #: while white noise passes (SAAO bulge frames: 1.00-1.03 x the gain model, where the
@@ -186,7 +186,8 @@ def _sky_estimate(exposure: Exposure, config: ScaleVarianceConfig) -> float:
 
 def _second_difference_pulls(image, variance, good, axis: int = 1) -> np.ndarray:
     """Pixel-scale differences along ``axis``, normalised by their predicted sigma (in
-    place of a transpose: slices along either axis stay contiguous rows), in float64.
+    place of a transpose: slices along either axis stay contiguous rows), in the planes'
+    precision: float32 planes round at ~1e-7 of their values, ~1e-5 of the noise.
 
     Made a block of output rows at a time, so that the sums' terms stay in cache."""
     n = _STENCIL.size
@@ -194,6 +195,7 @@ def _second_difference_pulls(image, variance, good, axis: int = 1) -> np.ndarray
     if width < 1:
         return np.zeros(0)
     rows_out = image.shape[0] if axis else width
+    stencil = _STENCIL.astype(np.result_type(image.dtype, variance.dtype, np.float32))
     pulls = []
     for r0 in range(0, rows_out, _PULL_BLOCK_ROWS):
         r1 = min(r0 + _PULL_BLOCK_ROWS, rows_out)
@@ -201,12 +203,11 @@ def _second_difference_pulls(image, variance, good, axis: int = 1) -> np.ndarray
             np.s_[r0:r1, i : i + width] if axis else np.s_[r0 + i : r1 + i, :] for i in range(n)
         ]
         use = np.logical_and.reduce([good[part] for part in parts])
-        # accumulated in place, in the order (and so to the bit) of a plain sum of the
-        # terms (float64 weights: float32 planes are widened exactly)
-        value = _STENCIL[0] * image[parts[0]]
-        expected = _STENCIL[0] ** 2 * variance[parts[0]]
+        # accumulated in place, in the order of a plain sum of the terms
+        value = stencil[0] * image[parts[0]]
+        expected = stencil[0] ** 2 * variance[parts[0]]
         term = np.empty_like(value)
-        for w, part in zip(_STENCIL[1:], parts[1:], strict=True):
+        for w, part in zip(stencil[1:], parts[1:], strict=True):
             value += np.multiply(w, image[part], out=term)
             expected += np.multiply(w * w, variance[part], out=term)
         value = value[use]
