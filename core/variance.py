@@ -147,8 +147,10 @@ def _sky_tiles(shape: tuple[int, int], bin_size: int) -> list[tuple[slice, slice
     per_axis = math.ceil(math.sqrt(_SAMPLE_PIXELS) / side)
     if ny * nx <= 4 * _SAMPLE_PIXELS or per_axis * side > min(ny, nx):
         return [np.s_[:, :]]
-    starts_y = np.linspace(0, ny - side, per_axis).round().astype(int)
-    starts_x = np.linspace(0, nx - side, per_axis).round().astype(int)
+    # centred in equal parts of the frame: spread evenly, one tile in the middle
+    centres = (np.arange(per_axis) + 0.5) / per_axis
+    starts_y = np.clip(np.round(centres * ny - side / 2), 0, ny - side).astype(int)
+    starts_x = np.clip(np.round(centres * nx - side / 2), 0, nx - side).astype(int)
     return [np.s_[y : y + side, x : x + side] for y in starts_y for x in starts_x]
 
 
