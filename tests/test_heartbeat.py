@@ -1,0 +1,99 @@
+"""The heartbeat helper of worker processes (worker.heartbeat): one forked helper per
+process, beating the job of the current block only, and gone with its parent."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from store import Settings, open_records
+from store.records import ExposureRef, JobRecord, new_job_id
+from worker import heartbeat
+from worker.heartbeat import Heartbeat
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _running_job(records, token: str) -> str:
+    record = JobRecord(
+        id=new_job_id(),
+        owner="alice",
+        science=ExposureRef(exposure_id="a" * 64),
+        template=ExposureRef(exposure_id="b" * 64),
+        state="running",
+        worker=token,
+        heartbeat_at=0.0,
+    )
+    records.create(record)
+    return record.id
+
+
+def _beaten(records, job_id: str) -> bool:
+    return records.get(job_id).heartbeat_at > 0.0
+
+
+def _wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_one_helper_beats_each_block_s_job_and_only_while_it_runs(tmp_path):
+    settings = Settings(data_dir=tmp_path, heartbeat_interval=0.1)
+    records = open_records(settings)
+    first, second = _running_job(records, "run-1"), _running_job(records, "run-2")
+    with Heartbeat(settings, first, "run-1"):
+        assert _wait_until(lambda: _beaten(records, first))
+        helper = heartbeat._helper[2]
+    time.sleep(0.3)  # a beat already under way may still land
+    after = records.get(first).heartbeat_at
+    with Heartbeat(settings, second, "run-2"):
+        assert _wait_until(lambda: _beaten(records, second))
+        # the same process, not one forked per job (whose copy-on-write faults cost ~13%)
+        assert heartbeat._helper[2] is helper and helper.alive()
+        time.sleep(0.3)
+        assert records.get(first).heartbeat_at == after  # the finished block's job: no beats
+    # a record carrying another run's token is not beaten
+    third = _running_job(records, "someone-else")
+    with Heartbeat(settings, third, "run-3"):
+        time.sleep(0.4)
+        assert not _beaten(records, third)
+    helper.close()
+    heartbeat._helper = None
+    records.close()
+
+
+def test_the_helper_exits_when_its_process_dies(tmp_path):
+    script = (
+        "import os, sys, time\n"
+        "from store import Settings\n"
+        "from worker import heartbeat\n"
+        f"settings = Settings(data_dir={str(tmp_path)!r}, heartbeat_interval=0.1)\n"
+        "with heartbeat.Heartbeat(settings, 'job', 'token'):\n"
+        "    print(heartbeat._helper[2].pid, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+    try:
+        helper_pid = int(process.stdout.readline())
+        os.kill(helper_pid, 0)  # running
+    finally:
+        process.kill()
+        process.wait()
+
+    def gone() -> bool:
+        try:
+            os.kill(helper_pid, 0)
+        except ProcessLookupError:
+            return True
+        # orphaned, then reaped by init; a zombie still answers kill(0)
+        return Path(f"/proc/{helper_pid}/stat").read_text().split(") ")[1].startswith("Z")
+
+    assert _wait_until(gone)
