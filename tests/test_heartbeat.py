@@ -50,13 +50,13 @@ def test_one_helper_beats_each_block_s_job_and_only_while_it_runs(tmp_path):
     first, second = _running_job(records, "run-1"), _running_job(records, "run-2")
     with Heartbeat(settings, first, "run-1"):
         assert _wait_until(lambda: _beaten(records, first))
-        helper = heartbeat._helper[2]
+        helper = heartbeat._helper[1]
     time.sleep(0.3)  # a beat already under way may still land
     after = records.get(first).heartbeat_at
     with Heartbeat(settings, second, "run-2"):
         assert _wait_until(lambda: _beaten(records, second))
         # the same process, not one forked per job (whose copy-on-write faults cost ~13%)
-        assert heartbeat._helper[2] is helper and helper.alive()
+        assert heartbeat._helper[1] is helper and helper.alive()
         time.sleep(0.3)
         assert records.get(first).heartbeat_at == after  # the finished block's job: no beats
     # a record carrying another run's token is not beaten
@@ -76,7 +76,7 @@ def test_the_helper_exits_when_its_process_dies(tmp_path):
         "from worker import heartbeat\n"
         f"settings = Settings(data_dir={str(tmp_path)!r}, heartbeat_interval=0.1)\n"
         "with heartbeat.Heartbeat(settings, 'job', 'token'):\n"
-        "    print(heartbeat._helper[2].pid, flush=True)\n"
+        "    print(heartbeat._helper[1].pid, flush=True)\n"
         "    time.sleep(60)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -97,3 +97,23 @@ def test_the_helper_exits_when_its_process_dies(tmp_path):
         return Path(f"/proc/{helper_pid}/stat").read_text().split(") ")[1].startswith("Z")
 
     assert _wait_until(gone)
+
+
+def test_a_forked_child_does_not_keep_the_helper_alive(tmp_path):
+    """A process forked after the helper (Celery replacing a pool process, core forking)
+    closes its copy of the helper's pipe, so the helper still ends with its parent."""
+    settings = Settings(data_dir=tmp_path, heartbeat_interval=0.1)
+    with Heartbeat(settings, "job", "token"):
+        helper = heartbeat._helper[1]
+    child = os.fork()
+    if child == 0:
+        time.sleep(5.0)  # holds every inherited descriptor meanwhile
+        os._exit(0)
+    try:
+        started = time.monotonic()
+        helper.close()  # EOF unless the child's copy of the pipe is still open
+        assert time.monotonic() - started < 2.0
+    finally:
+        heartbeat._helper = None
+        os.kill(child, 9)
+        os.waitpid(child, 0)

@@ -94,7 +94,8 @@ class _Helper:
             pass
 
 
-_helper: tuple[int, tuple, _Helper] | None = None
+#: (settings key, helper) of this process
+_helper: tuple[tuple, _Helper] | None = None
 
 
 def _helper_for(settings: Settings) -> _Helper:
@@ -103,14 +104,25 @@ def _helper_for(settings: Settings) -> _Helper:
     key = (settings.redis_url, settings.redis_prefix, settings.data_dir)
     key += (settings.heartbeat_interval,)
     if _helper is not None:
-        pid, helper_key, helper = _helper
-        if pid == os.getpid() and helper_key == key and helper.alive():
+        helper_key, helper = _helper
+        if helper_key == key and helper.alive():
             return helper
-        if pid == os.getpid():
-            helper.close()  # other settings (tests), or it died: start another
-        _helper = None  # a forked copy of a parent's entry: not this process's child
-    _helper = (os.getpid(), key, _Helper(settings))
-    return _helper[2]
+        helper.close()  # other settings (tests), or it died: start another
+        _helper = None
+    _helper = (key, _Helper(settings))
+    return _helper[1]
+
+
+def _forget_parent_helper() -> None:
+    """In a forked child: drop the parent's helper, closing this copy of its pipe, which
+    would otherwise keep the helper alive past the parent."""
+    global _helper
+    if _helper is not None:
+        os.close(_helper[1].pipe)
+        _helper = None
+
+
+os.register_at_fork(after_in_child=_forget_parent_helper)
 
 
 class Heartbeat:
