@@ -117,3 +117,38 @@ def test_a_forked_child_does_not_keep_the_helper_alive(tmp_path):
         heartbeat._helper = None
         os.kill(child, 9)
         os.waitpid(child, 0)
+
+
+def test_jobs_side_by_side_in_one_process_are_all_beaten(tmp_path):
+    """A thread pool runs jobs side by side in one process: the helper beats each until
+    its own block ends."""
+    import threading
+
+    settings = Settings(data_dir=tmp_path, heartbeat_interval=0.1)
+    records = open_records(settings)
+    first, second = _running_job(records, "run-1"), _running_job(records, "run-2")
+    first_done = threading.Event()
+
+    def run_first():
+        with Heartbeat(settings, first, "run-1"):
+            first_done.wait(10)
+
+    thread = threading.Thread(target=run_first)
+    thread.start()
+    try:
+        with Heartbeat(settings, second, "run-2"):
+            assert _wait_until(lambda: _beaten(records, first) and _beaten(records, second))
+            first_done.set()
+            thread.join()
+            time.sleep(0.3)  # a beat already under way may still land
+            ended = records.get(first).heartbeat_at
+            beaten = records.get(second).heartbeat_at
+            time.sleep(0.4)
+            assert records.get(first).heartbeat_at == ended  # its block ended
+            assert records.get(second).heartbeat_at > beaten  # still beaten
+    finally:
+        first_done.set()
+        thread.join()
+        heartbeat._helper[1].close()
+        heartbeat._helper = None
+        records.close()

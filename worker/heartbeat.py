@@ -7,7 +7,7 @@ running job's ``heartbeat_at`` instead, so a heartbeat means "the process
 running this job is alive"; the hard time limit bounds how long that is.
 
 The helper is forked once per worker process, at its first job, and kept: it is
-told over a pipe which job to beat, and exits when the pipe closes (its parent
+told over a pipe which jobs to beat, and exits when the pipe closes (its parent
 ended or died). Forking a helper at every job made the first write to every page
 of the worker's grown heap a copy-on-write fault, with a TLB flush on every core
 the job's threads ran on (perf, 1024 pairs on one worker: ~13% of its CPU).
@@ -38,8 +38,9 @@ def beat_once(records, job_id: str, token: str) -> bool:
 
 
 class _Helper:
-    """A forked process beating the job named last on its pipe (``"<job> <token>\\n"``;
-    an empty line: none) every ``heartbeat_interval`` seconds."""
+    """A forked process beating the running jobs named on its pipe (``"+ <job> <token>"``
+    starts one, ``"- <job> <token>"`` ends it; one per line) every ``heartbeat_interval``
+    seconds. Several at once: a thread pool may run jobs side by side in one process."""
 
     def __init__(self, settings: Settings):
         read_end, write_end = os.pipe()
@@ -55,26 +56,33 @@ class _Helper:
         status = 0
         try:
             records = open_records(settings)
-            job: tuple[str, str] | None = None
-            next_beat, pending = 0.0, b""
+            jobs: dict[tuple[str, str], float] = {}  # (job, token) -> when to beat next
+            pending = b""
             while True:
-                timeout = None if job is None else max(0.0, next_beat - time.monotonic())
+                soonest = min(jobs.values(), default=None)
+                timeout = None if soonest is None else max(0.0, soonest - time.monotonic())
                 if select.select([read_end], [], [], timeout)[0]:
                     data = os.read(read_end, 4096)
                     if not data:
                         break  # the parent closed the pipe or died
                     *lines, pending = (pending + data).split(b"\n")
-                    for line in lines:
-                        words = line.decode().split()
-                        job = (words[0], words[1]) if words else None
-                        next_beat = time.monotonic() + settings.heartbeat_interval
+                    for sign, job_id, token in (line.decode().split() for line in lines):
+                        if sign == "+":
+                            jobs[job_id, token] = time.monotonic() + settings.heartbeat_interval
+                        else:
+                            jobs.pop((job_id, token), None)
                     continue
-                next_beat = time.monotonic() + settings.heartbeat_interval
-                try:
-                    if not beat_once(records, *job):
-                        job = None  # cancelled or taken over: the next progress report stops it
-                except Exception:  # a transient store error must not end the heartbeat
-                    continue
+                now = time.monotonic()
+                for job, due in list(jobs.items()):
+                    if due > now:
+                        continue
+                    jobs[job] = now + settings.heartbeat_interval
+                    try:
+                        if not beat_once(records, *job):
+                            # cancelled or taken over: its next progress report stops it
+                            del jobs[job]
+                    except Exception:  # a transient store error must not end the heartbeat
+                        pass
         except BaseException:
             status = 1
         finally:
@@ -143,13 +151,13 @@ class Heartbeat:
 
     def __enter__(self) -> Heartbeat:
         self._helper = _helper_for(self._settings)
-        self._helper.send(f"{self._job_id} {self._token}")
+        self._helper.send(f"+ {self._job_id} {self._token}")
         return self
 
     def __exit__(self, *exc) -> None:
         if self._helper is None:
             return
         try:
-            self._helper.send("")
+            self._helper.send(f"- {self._job_id} {self._token}")
         except OSError:  # the helper died; the next job starts another
             pass
