@@ -195,8 +195,12 @@ class Service:
 
     def cpu(self) -> float:
         """CPU seconds used so far by the API and the workers (with their pool children)."""
-        processes = ([self.api] if self.api else []) + self.workers
-        return sum(_session_cpu(process.pid) for process in processes)
+        return sum(self.cpu_split())
+
+    def cpu_split(self) -> tuple[float, float]:
+        """CPU seconds used so far by (the API, the workers with their pool children)."""
+        api = _session_cpu(self.api.pid) if self.api else 0.0
+        return api, sum(_session_cpu(process.pid) for process in self.workers)
 
     def stop_workers(self) -> None:
         for process in self.workers:
@@ -384,17 +388,29 @@ def run_throughput(args, root: Path) -> list[dict]:
                     for count in args.workers:
                         service.start_workers(count)
                         try:
+                            (api0, work0), own0 = service.cpu_split(), time.process_time()
                             t0 = time.perf_counter()
                             jobs = [_submit(client, s, t) for s, t in ids[label]]
                             for job in jobs:
                                 _wait(client, job, poll=0.2)
                             elapsed = time.perf_counter() - t0
+                            (api1, work1), own1 = service.cpu_split(), time.process_time()
                         finally:
                             service.stop_workers()
                         rates[count] = 60.0 * len(jobs) / elapsed
+                        # CPU seconds per job of each side, and cores kept busy: where the
+                        # machine's time goes besides the subtraction's threads.
+                        cpu = {
+                            "api": (api1 - api0) / len(jobs),
+                            "workers": (work1 - work0) / len(jobs),
+                            "client": (own1 - own0) / len(jobs),
+                        }
+                        busy = sum(cpu.values()) * len(jobs) / elapsed
                         print(
                             f"throughput {label} #{repeat}: {count} worker(s), {len(jobs)} jobs "
-                            f"in {elapsed:.1f} s = {rates[count]:.2f} jobs/min",
+                            f"in {elapsed:.1f} s = {rates[count]:.2f} jobs/min; cpu s/job "
+                            + " ".join(f"{k} {v:.3f}" for k, v in cpu.items())
+                            + f", {busy:.2f} cores busy",
                             flush=True,
                         )
                 row = {"tree": label, "repeat": repeat, "rates": rates}

@@ -224,6 +224,10 @@ class RecordBackend(ABC):
         """Record that worker ``name`` is alive now."""
 
     @abstractmethod
+    def worker_gone(self, name: str) -> None:
+        """Forget worker ``name`` (it shut down): it no longer counts as alive."""
+
+    @abstractmethod
     def live_workers(self, max_age: float) -> list[str]:
         """Workers seen within the last ``max_age`` seconds."""
 

@@ -214,6 +214,9 @@ class RedisRecords(RecordBackend):
     def worker_seen(self, name):
         self.redis.zadd(f"{self.prefix}workers", {name: time.time()})
 
+    def worker_gone(self, name):
+        self.redis.zrem(f"{self.prefix}workers", name)
+
     def live_workers(self, max_age):
         members = self.redis.zrangebyscore(f"{self.prefix}workers", time.time() - max_age, "+inf")
         return [m.decode() for m in members]

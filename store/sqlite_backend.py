@@ -266,6 +266,10 @@ class SqliteRecords(RecordBackend):
                 "INSERT OR REPLACE INTO workers (name, seen_at) VALUES (?, ?)", (name, time.time())
             )
 
+    def worker_gone(self, name):
+        with self._transaction() as db:
+            db.execute("DELETE FROM workers WHERE name = ?", (name,))
+
     def live_workers(self, max_age):
         rows = self._connection().execute(
             "SELECT name FROM workers WHERE seen_at >= ?", (time.time() - max_age,)

@@ -204,6 +204,9 @@ def test_owners_rate_counters_workers_and_durations(records):
     assert [records.hit("rate:alice", 3600.0) for _ in range(3)] == [1, 2, 3]
     assert records.hit("rate:bob", 3600.0) == 1
     records.worker_seen("w1")
+    records.worker_seen("w2")
+    assert sorted(records.live_workers(10.0)) == ["w1", "w2"]
+    records.worker_gone("w2")  # shut down: no longer counted, before its liveness ages out
     assert records.live_workers(10.0) == ["w1"]
     for seconds in (0.3, 4.0, 4.5, 5000.0):
         records.observe_duration(seconds)

@@ -279,3 +279,34 @@ def test_plain_images_give_unbiased_transient_fluxes(name):
     assert quality["n_transients"] >= 40
     assert quality["transient_flux_ratio"] == pytest.approx(1.0, abs=0.03), quality
     assert 0.8 <= quality["transient_pull_std"] <= 1.25, quality
+
+
+def test_one_thread_cap_prepares_on_the_calling_thread_with_the_same_pixels(monkeypatch):
+    """A service worker beside another runs its job under a one-thread cap: science and
+    template are then prepared one after the other (two threads would only contend for
+    the GIL and the other worker's core), with the same result bit for bit."""
+    import threading
+
+    from core.parallel import set_thread_limit
+
+    pair = simulated_pair("sharper_template", 512, 111)
+    free = run_subtraction(pair.science, pair.template, SubtractionConfig())
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counted(self):
+        started.append(self.name)
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    try:
+        set_thread_limit(1)
+        capped = run_subtraction(pair.science, pair.template, SubtractionConfig())
+    finally:
+        set_thread_limit(None)
+    assert started == []
+    for plane in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(
+            getattr(capped.difference, plane), getattr(free.difference, plane)
+        )
+    assert len(capped.dia_sources) == len(free.dia_sources)

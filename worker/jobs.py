@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import socket
 import sys
 import time
@@ -30,13 +29,14 @@ from core.parallel import thread_map
 from core.products import PRODUCT_NAMES, json_safe, write_products
 from core.sources import read_catalog
 from core.subtract import run_subtraction
-from store import FINAL_STATES, JobRecord, Settings, Store, open_records
+from store import FINAL_STATES, JobRecord, Settings, Store
 from store.errors import UNAVAILABLE_ERRORS
 from store.sweeper import fail_worker_lost, is_stale
 
+from .heartbeat import Heartbeat
 from .threads import thread_share
 
-__all__ = ["run_job", "JobCancelled", "Heartbeat"]
+__all__ = ["run_job", "JobCancelled"]
 
 log = logging.getLogger("alsub.worker")
 
@@ -47,75 +47,6 @@ class JobCancelled(Exception):
 
 def _run_token() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _beat_once(records, job_id: str, token: str) -> bool:
-    """Refresh ``heartbeat_at`` if this run still owns the job; False when it does not."""
-
-    def mutate(record: JobRecord) -> bool:
-        if record.state != "running" or record.worker != token:
-            return False
-        record.heartbeat_at = time.time()
-        return True
-
-    _, written = records.update(job_id, mutate)
-    return written
-
-
-class Heartbeat:
-    """A forked process refreshing ``heartbeat_at`` while a job runs.
-
-    A thread is not enough: a long library call that keeps the GIL (scipy's
-    Halton generator for ten million sky sources ran for minutes) would stop
-    it, and the job would be requeued while it still runs. The heartbeat
-    process beats until the job leaves the block or its process dies (the
-    pipe between them closes either way), so a heartbeat means "the process
-    running this job is alive"; the hard time limit bounds how long that is.
-
-    Parameters
-    ----------
-    settings : `store.Settings`
-        Where the records are (the child opens its own connection).
-    job_id, token : `str`
-        The job and the token of this run; beating stops when the record no
-        longer carries the token.
-    """
-
-    def __init__(self, settings: Settings, job_id: str, token: str):
-        self._settings, self._job_id, self._token = settings, job_id, token
-        self._pid: int | None = None
-        self._pipe: int | None = None
-
-    def _child(self, read_end: int) -> None:
-        status = 0
-        try:
-            records = open_records(self._settings)
-            while not select.select([read_end], [], [], self._settings.heartbeat_interval)[0]:
-                try:
-                    if not _beat_once(records, self._job_id, self._token):
-                        break  # cancelled or taken over: the next progress report stops the job
-                except Exception:  # a transient store error must not end the heartbeat
-                    continue
-        except BaseException:
-            status = 1
-        finally:
-            os._exit(status)  # never run the parent's cleanup (Celery, atexit) in this copy
-
-    def __enter__(self) -> Heartbeat:
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(write_end)
-            self._child(read_end)
-        os.close(read_end)
-        self._pid, self._pipe = pid, write_end
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._pipe is not None:
-            os.close(self._pipe)  # EOF wakes the child, which exits
-        if self._pid is not None:
-            os.waitpid(self._pid, 0)
 
 
 def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobRecord | None:

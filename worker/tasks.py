@@ -141,7 +141,13 @@ class _Sweeper(threading.Thread):
             except Exception:
                 log.warning("sweeper pass failed", exc_info=True)
             if self.stop.wait(period):
-                return
+                break
+        # Shut down: stop counting as alive at once, so the workers left take this one's
+        # share of the cores from their next job (worker.threads), not a liveness period later.
+        try:
+            (store or open_store(settings)).records.worker_gone(self.worker_name)
+        except Exception:
+            log.warning("could not record this worker's shutdown", exc_info=True)
 
 
 _sweeper: _Sweeper | None = None
@@ -160,3 +166,4 @@ def _start_sweeper(sender=None, **_):
 def _stop_sweeper(**_):
     if _sweeper is not None:
         _sweeper.stop.set()
+        _sweeper.join(timeout=10)  # its last act forgets this worker's liveness

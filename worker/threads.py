@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from threadpoolctl import threadpool_limits
+
 from core.parallel import set_thread_limit, thread_limit
 from store import Settings
 from store.errors import UNAVAILABLE_ERRORS
@@ -77,7 +79,7 @@ def job_threads(records, settings: Settings) -> int:
 
 @contextmanager
 def thread_share(records, settings: Settings) -> Iterator[int]:
-    """Cap core's threads at `job_threads` inside the block; yield the cap."""
+    """Cap core's threads and BLAS threads at `job_threads` inside the block; yield the cap."""
     try:
         threads = job_threads(records, settings)
     except UNAVAILABLE_ERRORS:  # neighbours unknown for now: all cores, as without a cap
@@ -86,6 +88,10 @@ def thread_share(records, settings: Settings) -> Iterator[int]:
     previous = thread_limit()
     set_thread_limit(threads)
     try:
-        yield threads
+        # BLAS too: OpenBLAS threads busy-wait after each call, and with a thread per core
+        # in every worker they spun beside the other workers' jobs (perf, 2 workers on 2
+        # cores: ~6% of the workers' CPU in blas_thread_server).
+        with threadpool_limits(limits=threads, user_api="blas"):
+            yield threads
     finally:
         set_thread_limit(previous)
