@@ -21,7 +21,6 @@ from astropy.wcs import WCS
 
 from .display import png_bytes
 from .errors import InvalidConfigError
-from .parallel import thread_map
 from .stamps import stamps
 
 __all__ = [
@@ -120,19 +119,13 @@ def cutouts(images: Mapping[str, tuple[np.ndarray, WCS | None]], x, y, size: int
     ix = np.floor(x + 0.5).astype(int)
     iy = np.floor(y + 0.5).astype(int)
     half = size // 2
-    for data, _ in images.values():
+    stamps, headers = {}, {}
+    for name, (data, wcs) in images.items():
         ny, nx = data.shape
         if np.any((ix < 0) | (ix >= nx) | (iy < 0) | (iy >= ny)):
             raise InvalidConfigError(f"a cutout centre is outside the {nx}x{ny} image")
-
-    def one(item):
-        data, wcs = item
-        return _gather(data, ix, iy, half), wcs.to_header(relax=True) if wcs is not None else None
-
-    # the images' gathers are independent (their copies and page faults release the GIL)
-    parts = thread_map(one, images.values())
-    stamps = {name: part[0] for name, part in zip(images, parts, strict=True)}
-    headers = {name: part[1] for name, part in zip(images, parts, strict=True)}
+        stamps[name] = _gather(data, ix, iy, half)
+        headers[name] = wcs.to_header(relax=True) if wcs is not None else None
     return Cutouts(stamps, np.column_stack([ix - half, iy - half]), headers)
 
 

@@ -641,9 +641,9 @@ def test_cutout_stamps_sliced_one_by_one_equal_the_fancy_gather(dtype):
     assert np.isnan(got).any() and np.isfinite(got[:, half, half]).all()
 
 
-def test_cutouts_gathered_on_threads_equal_one_image_at_a_time():
-    """`core.cutouts.cutouts` gathers the images on threads: each stack and header is
-    that image's own gather; a centre off the frame still raises."""
+def test_cutouts_equal_one_gather_per_image():
+    """`core.cutouts.cutouts` of several images: each stack and header is that image's
+    own gather and WCS header; a centre off the frame raises."""
     from astropy.wcs import WCS
 
     from core.cutouts import _gather, cutouts
