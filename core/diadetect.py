@@ -503,11 +503,16 @@ class FilledVariance:
             b0, b1 = np.clip(y0 // s, 0, None), np.clip((y0 + side - 1) // s + 1, 0, c.shape[0] - 1)
             a0, a1 = np.clip(x0 // s, 0, None), np.clip((x0 + side - 1) // s + 1, 0, c.shape[1] - 1)
             clean = on & (c[b1, a1] - c[b0, a1] - c[b1, a0] + c[b0, a0] == 0)
+            if clean.all():
+                return _patches(self.variance, y0, x0, side)
             if clean.any():
+                # the clean windows sliced straight into the result: a gathered stack
+                # scattered into it would copy every window twice
                 out = np.empty((y0.size, side, side), dtype=np.float32)
-                out[clean] = _patches(self.variance, y0[clean], x0[clean], side)
-                if not clean.all():
-                    out[~clean] = self._filled(y0[~clean], x0[~clean], side)
+                corners = zip(y0[clean].tolist(), x0[clean].tolist(), strict=True)
+                for k, (y, x) in zip(np.flatnonzero(clean).tolist(), corners, strict=True):
+                    out[k] = self.variance[y : y + side, x : x + side]
+                out[~clean] = self._filled(y0[~clean], x0[~clean], side)
                 return out
         return self._filled(y0, x0, side)
 
@@ -626,10 +631,9 @@ class DifferenceSnr:
         # or the S/N of the whole frame (before the noise factor), 0-padded to whole blocks
         self._frame: np.ndarray | None = None
 
-    def _snr(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
-        """Unscaled S/N (before the noise factor) of (side, side) windows with corners
-        (y0, x0), (m, side, side) float32; the correlated variance by batched FFTs of the
-        least fast length holding the window and the kernel's reach (no wrap-around)."""
+    def _transform(self, side: int) -> tuple[int, np.ndarray]:
+        """FFT length for (side, side) windows (the least fast length holding a window
+        and the kernel's reach: no wrap-around) and the squared kernel's transform."""
         h = self.half
         n = sfft.next_fast_len(side + 2 * h - 1, real=True)
         if n not in self._transforms:
@@ -637,18 +641,43 @@ class DifferenceSnr:
             pad[: 2 * h + 1, : 2 * h + 1] = self.k2[::-1, ::-1]
             pad = np.roll(pad, (-h, -h), axis=(0, 1))
             self._transforms[n] = sfft.rfft2(pad).astype(np.complex64)
+        return n, self._transforms[n]
+
+    def _snr(self, y0: np.ndarray, x0: np.ndarray, side: int, batch: int) -> np.ndarray:
+        """Unscaled S/N (before the noise factor) of (side, side) windows with corners
+        (y0, x0), (m, side, side) float32, in batches of at most ``batch`` windows on the
+        thread pool (about `_SNR_BATCH_BYTES` of working memory in all). Each window's
+        transforms are its own, so the values do not depend on the batching."""
+        n, _ = self._transform(side)
+        out = np.empty((y0.size, side, side), dtype=np.float32)
+        threads = max(1, min(n_threads(), y0.size))
+        # as many pieces as threads at least (the windows' copies, transforms and
+        # divisions all release the GIL), each at most `batch` / threads windows
+        step = max(1, min(-(-y0.size // threads), batch // threads))
+        parts = [slice(a, min(a + step, y0.size)) for a in range(0, y0.size, step)]
+
+        def one(part: slice) -> None:
+            out[part] = self._snr_windows(y0[part], x0[part], side)
+
+        thread_map(one, parts, threads)
+        return out
+
+    def _snr_windows(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
+        """`_snr` of one batch of windows, in the calling thread."""
+        h = self.half
+        n, transform = self._transform(side)
         if y0.size == 0:
             return np.zeros((0, side, side), dtype=np.float32)
         if isinstance(self.variance, FilledVariance):
             patches = self.variance.windows(y0 - h, x0 - h, n)
         else:
             patches = _patches(self.variance, y0 - h, x0 - h, n)
-        spectrum = sfft.rfft2(patches, axes=(1, 2), workers=n_threads())
+        spectrum = sfft.rfft2(patches, axes=(1, 2), workers=1)
         del patches
-        spectrum *= self._transforms[n]
+        spectrum *= transform
         # inverse transform of the kept rows only (the rest is the padding)
-        rows = sfft.ifft(spectrum, axis=1, workers=n_threads(), overwrite_x=True)[:, h : h + side]
-        var = sfft.irfft(rows, n=n, axis=2, workers=n_threads())[:, :, h : h + side]
+        rows = sfft.ifft(spectrum, axis=1, workers=1, overwrite_x=True)[:, h : h + side]
+        var = sfft.irfft(rows, n=n, axis=2, workers=1)[:, :, h : h + side]
         np.maximum(var, self.floor, out=var)
         np.sqrt(var, out=var)
         snr = _patches(self.smoothed, y0, x0, side)
@@ -673,13 +702,9 @@ class DifferenceSnr:
             ty, tx = np.divmod(todo, self.grid[1])
             self._where[ty, tx] = self._store.shape[0] + np.arange(todo.size)
             # batches of blocks: the padded patches and their spectra of every candidate
-            # block at once would cost several frames; each transform is independent,
-            # so the values do not depend on the batching
-            n = sfft.next_fast_len(s + 2 * self.half - 1, real=True)
-            batch = max(1, _SNR_BATCH_BYTES // (16 * n * n))
-            new = np.empty((todo.size, s, s), dtype=np.float32)
-            for a in range(0, todo.size, batch):
-                new[a : a + batch] = self._snr(ty[a : a + batch] * s, tx[a : a + batch] * s, s)
+            # block at once would cost several frames
+            n, _ = self._transform(s)
+            new = self._snr(ty * s, tx * s, s, max(1, _SNR_BATCH_BYTES // (16 * n * n)))
             if self._store.shape[0]:
                 self._store = np.concatenate([self._store, new])
             else:
@@ -746,7 +771,7 @@ class DifferenceSnr:
         cy = ((np.arange(gy) + 0.5) * ny / gy - side / 2).astype(int).clip(0, ny - side)
         cx = ((np.arange(gx) + 0.5) * nx / gx - side / 2).astype(int).clip(0, nx - side)
         y0, x0 = np.repeat(cy, gx), np.tile(cx, gy)
-        values = self._snr(y0, x0, side)
+        values = self._snr(y0, x0, side, max(1, _SNR_BATCH_BYTES // (16 * 256 * 256)))
         keep = np.ones(values.shape, dtype=bool)
         if self.no_data is not None:
             keep &= ~_patches(self.no_data, y0, x0, side)

@@ -18,6 +18,7 @@ moments, flags, and the science and template fluxes at its position.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Executor, Future
 from dataclasses import replace
 from typing import Any
 
@@ -50,9 +51,10 @@ from .forced import (
     sky_positions,
 )
 from .measure import _centroids, _moments, _negative_side_sigma
+from .parallel import InlineExecutor, task_pool
 from .psf import Psf
+from .stamps import batches, windows
 from .stamps import stamps as _stack
-from .stamps import windows
 
 __all__ = [
     "detect_dia_sources",
@@ -395,6 +397,10 @@ def _aperture_weights(fx, fy, half: int, radius: float) -> np.ndarray:
 
 def _aperture(exposure: Exposure, x, y, radius: float) -> tuple[np.ndarray, np.ndarray]:
     """Circular aperture sums and errors with fractional pixel coverage (sub-sampled)."""
+    parts = batches(x.size)
+    if len(parts) > 1:  # in batches that stay in the caches (`core.stamps.STAMP_BATCH`)
+        sums = [_aperture(exposure, x[part], y[part], radius) for part in parts]
+        return np.concatenate([s[0] for s in sums]), np.concatenate([s[1] for s in sums])
     if x.size == 0:
         return np.zeros(0), np.zeros(0)
     half = int(math.ceil(radius)) + 1
@@ -417,6 +423,9 @@ def _bright_star(template: Exposure | None, ix, iy, radius: float, limit: float)
     """True where a matched-template pixel within ``radius`` exceeds ``limit`` S/N."""
     if template is None or ix.size == 0 or radius <= 0:
         return np.zeros(ix.size, dtype=bool)
+    parts = batches(ix.size)
+    if len(parts) > 1:  # in batches that stay in the caches (`core.stamps.STAMP_BATCH`)
+        return np.concatenate([_bright_star(template, ix[p], iy[p], radius, limit) for p in parts])
     r = int(math.ceil(radius))
     offsets = np.arange(-r, r + 1)
     disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius).ravel()
@@ -453,8 +462,8 @@ def _outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray
 
 
 def _matched_photometry(output, matched_science, matched_template, config):
-    """PSF photometry function (x, y) -> [(flux, error) on the matched science, on the
-    matched template].
+    """PSF photometry function (x, y, pool) -> [(flux, error) on the matched science, on
+    the matched template], each a future of ``pool`` (computed at once without one).
 
     Both are on the science PSF (the template is matched to it); a local constant is
     fitted with the flux since they still carry sky. None when either is missing.
@@ -465,16 +474,25 @@ def _matched_photometry(output, matched_science, matched_template, config):
     # the two share the pixel grid and the PSF: one set of drawn stamps per position
     stamps = PsfStamps(psf, matched_science, config=config)
 
-    def measure(x, y):
+    def measure(x, y, pool: Executor | None = None) -> list[Future]:
         x0, y0 = matched_science.xy0
         model = stamps.at(np.asarray(x, dtype=np.float64) + x0, np.asarray(y) + y0)
-        out = []
-        for exposure in (matched_science, matched_template):
+
+        def fit(exposure):
             fit = psf_photometry(exposure, x, y, stamps, True, config.min_psf_coverage, drawn=model)
-            out.append((fit["flux"], fit["flux_err"]))
-        return out
+            return fit["flux"], fit["flux_err"]
+
+        pool = pool or InlineExecutor()
+        return [pool.submit(fit, exposure) for exposure in (matched_science, matched_template)]
 
     return measure
+
+
+def _output_stamps(output: Exposure, forced) -> tuple[PsfStamps, float]:
+    """The output's PSF stamps and the noise scale of its PSF fluxes (`noise_scale`):
+    neither depends on the detections, so they are measured beside them."""
+    stamps = PsfStamps(output.require_psf(), output, config=forced)
+    return stamps, noise_scale(output, stamps, forced)
 
 
 def measure_dia_sources(
@@ -487,10 +505,35 @@ def measure_dia_sources(
 ) -> Table:
     """Measure detected DIA sources; see `dia_sources` for the columns."""
     config = config or DiaSourceConfig()
+    with task_pool() as pool:
+        setup = pool.submit(_output_stamps, output, config.forced)
+        return _measure(
+            output,
+            detections,
+            config,
+            matched_science,
+            matched_template,
+            kernel_sources,
+            setup,
+            pool,
+        )
+
+
+def _measure(
+    output: Exposure,
+    det: Detections,
+    config: DiaSourceConfig,
+    matched_science: Exposure | None,
+    matched_template: Exposure | None,
+    kernel_sources: Table | None,
+    setup: Future,
+    pool: Executor,
+) -> Table:
+    """`measure_dia_sources` with the output's stamps and noise scale in ``setup`` (a
+    future of `_output_stamps`); the independent measurements run on ``pool``."""
     forced = config.forced
-    stamps = PsfStamps(output.require_psf(), output, config=forced)
+    stamps, scale = setup.result()
     fwhm = stamps.fwhm
-    det = detections
     pairs = _pair_dipoles(det, config.dipole_max_separation_fwhm * fwhm)
     in_pair = np.zeros(det.col.size, dtype=bool)
     in_pair[pairs.ravel()] = True
@@ -501,9 +544,12 @@ def measure_dia_sources(
     sign = det.sign[single].astype(float)
     profile = det.image.stamps(det.col[single], det.row[single], half) * sign[:, None, None]
     dx, dy = _centroids(profile, det.psf_sigma)
-    ixx, iyy, ixy = _moments(profile, dx, dy, det.psf_sigma)
+    moments = pool.submit(_moments, profile, dx, dy, det.psf_sigma)
     x = det.col[single] + dx
     y = det.row[single] + dy
+    fit = pool.submit(
+        psf_photometry, output, x, y, stamps, forced.fit_background, forced.min_psf_coverage
+    )
     n_single, n_pair = single.size, pairs.shape[0]
     n = n_single + n_pair
 
@@ -513,16 +559,10 @@ def measure_dia_sources(
     for name in ("dipole_separation", "dipole_angle", "dipole_pos_flux", "dipole_neg_flux"):
         columns[name][:] = np.nan
     columns["x"][:n_single], columns["y"][:n_single] = x, y
-    columns["ixx"][:n_single], columns["iyy"][:n_single], columns["ixy"][:n_single] = ixx, iyy, ixy
     columns["is_negative"][:n_single] = det.sign[single] < 0
     columns["detection_snr"][:n_single] = det.peak_snr[single]
     columns["footprint"][:n_single] = det.footprint[single]
     columns["n_peaks"][:n_single] = det.n_peaks[single]
-
-    scale = noise_scale(output, stamps, forced)
-    fit = psf_photometry(output, x, y, stamps, forced.fit_background, forced.min_psf_coverage)
-    columns["psf_flux"][:n_single] = fit["flux"]
-    columns["psf_flux_err"][:n_single] = fit["flux_err"] * scale
 
     matched = _matched_photometry(output, matched_science, matched_template, forced)
     for k, (ip, jn) in enumerate(pairs):
@@ -530,7 +570,7 @@ def measure_dia_sources(
         mid_y = 0.5 * (det.row[ip] + det.row[jn])
         lobes = None
         if matched is not None:
-            lobes = [f[0] for f, _ in matched(np.array([mid_x]), np.array([mid_y]))]
+            lobes = [f.result()[0][0] for f in matched(np.array([mid_x]), np.array([mid_y]))]
         dipole = _fit_dipole(
             output, stamps, (det.col[ip], det.row[ip]), (det.col[jn], det.row[jn]), lobes
         )
@@ -561,27 +601,38 @@ def measure_dia_sources(
         columns["ixx"][n_single:], columns["iyy"][n_single:], columns["ixy"][n_single:] = m
 
     x_all, y_all = columns["x"], columns["y"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        columns["snr"] = columns["psf_flux"] / columns["psf_flux_err"]
-    columns["ra"], columns["dec"] = sky_positions(output, x_all, y_all)
-    columns["aperture_flux"], columns["aperture_flux_err"] = _aperture(
-        output, x_all, y_all, config.aperture_radius_fwhm * fwhm
-    )
     ix = np.floor(x_all + 0.5).astype(int)
     iy = np.floor(y_all + 0.5).astype(int)
-    flags = pixel_flags(output, ix, iy, forced.flag_radius_fwhm * fwhm, stamps.half)
-    bright = _bright_star(
-        matched_template, ix, iy, config.bright_star_radius_fwhm * fwhm, config.bright_star_peak_snr
+    # the measurements at the final positions are independent of each other
+    aperture = pool.submit(_aperture, output, x_all, y_all, config.aperture_radius_fwhm * fwhm)
+    bright = pool.submit(
+        _bright_star,
+        matched_template,
+        ix,
+        iy,
+        config.bright_star_radius_fwhm * fwhm,
+        config.bright_star_peak_snr,
     )
-    flags[bright] |= FLAG_BITS["bright_star"][0]
+    fluxes = matched(x_all, y_all, pool) if matched is not None else None
+    columns["ra"], columns["dec"] = sky_positions(output, x_all, y_all)
+    flags = pixel_flags(output, ix, iy, forced.flag_radius_fwhm * fwhm, stamps.half)
     outside = _outside_kernel_hull(
         kernel_sources, output.xy0, x_all, y_all, config.suspect_kernel_margin
     )
+    single_fit = fit.result()
+    columns["psf_flux"][:n_single] = single_fit["flux"]
+    columns["psf_flux_err"][:n_single] = single_fit["flux_err"] * scale
+    ixx, iyy, ixy = moments.result()
+    columns["ixx"][:n_single], columns["iyy"][:n_single], columns["ixy"][:n_single] = ixx, iyy, ixy
+    with np.errstate(invalid="ignore", divide="ignore"):
+        columns["snr"] = columns["psf_flux"] / columns["psf_flux_err"]
+    columns["aperture_flux"], columns["aperture_flux_err"] = aperture.result()
+    flags[bright.result()] |= FLAG_BITS["bright_star"][0]
     flags[outside] |= FLAG_BITS["suspect_kernel"][0]
     columns["flags"] = flags
     columns.update(flag_columns(flags))
-    fluxes = matched(x_all, y_all) if matched is not None else [(np.nan, np.nan)] * 2
-    for label, (flux, error) in zip(("science", "template"), fluxes, strict=True):
+    for label, result in zip(("science", "template"), fluxes or [None, None], strict=True):
+        flux, error = result.result() if result is not None else (np.nan, np.nan)
         columns[f"{label}_flux"][:] = flux
         columns[f"{label}_flux_err"][:] = error
 
@@ -678,18 +729,29 @@ def dia_sources(
         `core.forced.FLAG_BITS`) and one ``flag_<name>`` column per bit.
     """
     config = config or DiaSourceConfig()
-    detections = detect_dia_sources(output, config, is_score)
+    measured = output
     if is_score and matched_science is not None and matched_science.psf is not None:
         # the score and both matched images carry the science PSF's label, but a point
         # source in them is that PSF correlated once more with the preconvolution kernel
         science_psf = matched_science.psf
-        output = replace(output, psf=score_profile(output.require_psf(), science_psf))
+        measured = replace(output, psf=score_profile(output.require_psf(), science_psf))
         matched_science = replace(matched_science, psf=score_profile(science_psf, science_psf))
         if matched_template is not None:
             matched_template = replace(matched_template, psf=matched_science.psf)
-    return measure_dia_sources(
-        output, detections, config, matched_science, matched_template, kernel_sources
-    )
+    with task_pool() as pool:
+        # the output's PSF stamps and noise scale do not need the detections: beside them
+        setup = pool.submit(_output_stamps, measured, config.forced)
+        detections = detect_dia_sources(output, config, is_score)
+        return _measure(
+            measured,
+            detections,
+            config,
+            matched_science,
+            matched_template,
+            kernel_sources,
+            setup,
+            pool,
+        )
 
 
 #: Table meta -> FITS header keyword of a written catalog.

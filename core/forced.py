@@ -23,6 +23,7 @@ from .config import ForcedPhotometryConfig
 from .errors import InvalidCatalogError, PsfError
 from .exposure import Exposure
 from .psf import SIGMA_TO_FWHM, Psf, adaptive_moments
+from .stamps import batches
 from .stamps import stamps as _stack
 
 __all__ = [
@@ -196,11 +197,12 @@ class PsfStamps:
         ix = np.floor(x + 0.5).astype(int)
         iy = np.floor(y + 0.5).astype(int)
         c, h = self._draw_half, self.half
-        if x.size:
-            spectra = self._centred_spectra(x, y)
-            stamps = _shift_spectra(spectra, x - ix, y - iy, 2 * c + 1, slice(c - h, c + h + 1))
-        else:
-            stamps = np.zeros((0, 2 * h + 1, 2 * h + 1))
+        stamps = np.empty((x.size, 2 * h + 1, 2 * h + 1))
+        for part in batches(x.size):
+            spectra = self._centred_spectra(x[part], y[part])
+            stamps[part] = _shift_spectra(
+                spectra, (x - ix)[part], (y - iy)[part], 2 * c + 1, slice(c - h, c + h + 1)
+            )
         return stamps, ix - self.xy0[0], iy - self.xy0[1]
 
 
@@ -210,7 +212,9 @@ def _shift_spectra(spectra: np.ndarray, dx, dy, size: int, keep: slice) -> np.nd
     rows are transformed back along x."""
     ramp_y = np.exp(-2j * np.pi * dy[:, None] * fft.fftfreq(size)[None, :])[:, :, None]
     ramp_x = np.exp(-2j * np.pi * dx[:, None] * fft.rfftfreq(size)[None, :])[:, None, :]
-    rows = fft.ifft(spectra * ramp_y * ramp_x, axis=1)[:, keep]
+    shifted = spectra * ramp_y
+    shifted *= ramp_x
+    rows = fft.ifft(shifted, axis=1, overwrite_x=True)[:, keep]
     return fft.irfft(rows, n=size, axis=2)[:, :, keep]
 
 
@@ -252,6 +256,21 @@ def psf_photometry(
     x0, y0 = exposure.xy0
     x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+    parts = batches(x.size)
+    if len(parts) > 1:  # in batches that stay in the caches (`core.stamps.STAMP_BATCH`)
+        fits = [
+            psf_photometry(
+                exposure,
+                x[part],
+                y[part],
+                stamps,
+                fit_background,
+                min_coverage,
+                None if drawn is None else (drawn[0][part], drawn[1][part], drawn[2][part]),
+            )
+            for part in parts
+        ]
+        return {key: np.concatenate([f[key] for f in fits]) for key in fits[0]}
     model, ix, iy = drawn if drawn is not None else stamps.at(x + x0, y + y0)
     h = stamps.half
     data = _stack(exposure.image, ix, iy, h, fill=np.nan).astype(np.float64)

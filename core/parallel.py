@@ -11,13 +11,16 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 __all__ = [
     "n_threads",
     "thread_map",
+    "task_pool",
+    "InlineExecutor",
     "set_thread_limit",
     "thread_limit",
     "large_blocks_to_mmap",
@@ -72,6 +75,32 @@ def thread_map(function: Callable[[T], R], items: Iterable[T], workers: int | No
         return [function(item) for item in items]
     with ThreadPoolExecutor(max_workers=count) as pool:
         return list(pool.map(function, items))
+
+
+class InlineExecutor(Executor):
+    """Runs each submitted call at once in the caller's thread (one thread allowed)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed back by result(), as a pool does
+            future.set_exception(exc)
+        return future
+
+
+@contextmanager
+def task_pool(workers: int | None = None) -> Iterator[Executor]:
+    """An executor for independent calls that run beside the caller's own work (numpy
+    releases the GIL): a pool of `n_threads` threads, or calls run at once in the
+    caller's thread when only one is allowed (`set_thread_limit`). The pool is waited
+    for on leaving."""
+    count = n_threads(workers)
+    if count <= 1:
+        yield InlineExecutor()
+        return
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        yield pool
 
 
 #: Blocks of at least this many bytes get their own mapping, returned to the system when

@@ -282,6 +282,11 @@ def test_lazy_variance_windows_equal_the_filled_frame():
         if 0 <= y0[k] <= 300 < y0[k] + side and 0 <= x0[k] <= 350 < x0[k] + side
     ]
     assert touched and lazy._dirty_sum[-1, -1] < lazy._dirty_sum.size / 2
+    # windows all on the frame and clear of the replaced pixel: one plain gather
+    y0, x0 = rng.integers(0, 200, 50), rng.integers(400, image.shape[1] - side, 50)
+    expected = stamps(frame, x0 + side // 2, y0 + side // 2, side // 2)[:, :side, :side]
+    lazy._filled = None  # (no window may take the filling path)
+    np.testing.assert_array_equal(lazy.windows(y0, x0, side), expected)
 
 
 @pytest.mark.parametrize("shape", [(651, 703), (420, 1100), (415, 1201)])
@@ -362,7 +367,7 @@ def test_whole_frame_noise_factor_samples_blocks_in_raster_order():
     # the reference: each block's S/N by its own transform, concatenated block by block
     nby, nbx = snr.grid
     by, bx = np.divmod(np.arange(nby * nbx), nbx)
-    values = snr._snr(by * size, bx * size, size)
+    values = snr._snr_windows(by * size, bx * size, size)
     keep = ~stamps(no_data, bx * size + size // 2, by * size + size // 2, size // 2, fill=True)
     keep = keep[:, :size, :size]
     for k in range(by.size):
@@ -371,3 +376,23 @@ def test_whole_frame_noise_factor_samples_blocks_in_raster_order():
     assert keep.sum() > 4_000_000  # every other value is sampled
     assert factor == pytest.approx(_negative_side_sigma(values[keep]), rel=1e-6)
     np.testing.assert_allclose(snr.blocks(by, bx), values / factor, rtol=1e-4, atol=1e-4)
+
+
+def test_snr_batches_on_threads_equal_one_batch():
+    """DifferenceSnr._snr splits its windows into batches on the thread pool: the values
+    of one batch in the calling thread, bit for bit (on and off the frame)."""
+    image, variance, mask, psf = _frame(seed=9)
+    kernel = crop_kernel(psf)
+    size = block_size(kernel.shape[0] // 2)
+    _, var, no_data, fill, vmin = prepare_difference(
+        image, variance, mask, NO_DATA_BIT, size, lazy_variance=True, keep_image=False
+    )
+    snr = DifferenceSnr(matched_numerator(image, no_data, kernel), var, no_data, kernel, fill, vmin)
+    rng = np.random.default_rng(4)
+    y0 = rng.integers(-size, image.shape[0], 150)
+    x0 = rng.integers(-size, image.shape[1], 150)
+    one = snr._snr_windows(y0, x0, size)
+    assert np.isfinite(one).all() and (one != 0).mean() > 0.5
+    for batch in (1, 7, 64, 10**6):
+        np.testing.assert_array_equal(snr._snr(y0, x0, size, batch), one)
+    assert snr._snr(y0[:0], x0[:0], size, 8).shape == (0, size, size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
@@ -193,6 +194,47 @@ def test_misregistered_stars_are_dipoles():
         assert abs(row["dipole_separation"] - 0.5) < 0.2, row["dipole_separation"]
         # net flux ~ 0 compared with a lobe
         assert abs(row["psf_flux"]) < 0.2 * row["dipole_pos_flux"]
+
+
+@pytest.mark.parametrize("mode", ["auto", "preconvolve"])
+def test_measurements_beside_detection_equal_one_thread_and_the_two_steps(mode):
+    """dia_sources measures on a pool of threads, the output's PSF stamps and noise
+    scale beside the detection: the catalog equals, bit for bit, the one made with
+    every call in the caller's thread (thread cap 1) and detect then measure (the two
+    public steps). Misregistered stars give dipoles (their lobe fluxes are futures)."""
+    from core.diasources import detect_dia_sources, measure_dia_sources, score_profile
+    from core.parallel import set_thread_limit
+
+    science, template, _, _ = _misregistered_pair(5, 0.5)
+    result = run_subtraction(science, template, SubtractionConfig(mode=mode))
+    is_score = result.score is not None
+    assert is_score is (mode == "preconvolve")
+    config = DiaSourceConfig()
+    matched = {
+        "matched_science": result.matched_science,
+        "matched_template": result.matched_template,
+    }
+    kwargs = {**matched, "kernel_sources": result.kernel_sources}
+    pooled = dia_sources(result.output, config, is_score, **kwargs)
+    try:
+        set_thread_limit(1)
+        inline = dia_sources(result.output, config, is_score, **kwargs)
+    finally:
+        set_thread_limit(None)
+    measured = result.output
+    if is_score:  # as dia_sources does: the profile of a point source in the score
+        science_psf = result.matched_science.psf
+        measured = replace(result.output, psf=score_profile(result.output.psf, science_psf))
+        profile = score_profile(science_psf, science_psf)
+        kwargs["matched_science"] = replace(result.matched_science, psf=profile)
+        kwargs["matched_template"] = replace(result.matched_template, psf=profile)
+    detections = detect_dia_sources(result.output, config, is_score)
+    steps = measure_dia_sources(measured, detections, config, **kwargs)
+    assert len(pooled) > 20 and pooled["is_dipole"].sum() >= 3
+    for other in (inline, steps):
+        assert other.colnames == pooled.colnames and other.meta == pooled.meta
+        for name in pooled.colnames:
+            np.testing.assert_array_equal(other[name], pooled[name], err_msg=name)
 
 
 def test_disabled_and_threshold():

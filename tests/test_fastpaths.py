@@ -639,6 +639,34 @@ def test_cutout_stamps_sliced_one_by_one_equal_the_fancy_gather(dtype):
     assert np.isnan(got).any() and np.isfinite(got[:, half, half]).all()
 
 
+def test_cutouts_equal_one_gather_per_image():
+    """`core.cutouts.cutouts` of several images: each stack and header is that image's
+    own gather and WCS header; a centre off the frame raises."""
+    from astropy.wcs import WCS
+
+    from core.cutouts import _gather, cutouts
+    from core.errors import InvalidConfigError
+
+    rng = np.random.default_rng(16)
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crpix, wcs.wcs.crval, wcs.wcs.cdelt = [40.0, 50.0], [150.0, 2.0], [-1e-4, 1e-4]
+    images = {
+        name: (rng.normal(size=(120, 97)).astype(dtype), wcs if name != "B" else None)
+        for name, dtype in (("A", np.float32), ("B", np.float64), ("C", np.int32))
+    }
+    x, y = rng.uniform(-0.4, 96.4, 300), rng.uniform(-0.4, 119.4, 300)
+    cut = cutouts(images, x, y, 21)
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    assert list(cut.stamps) == ["A", "B", "C"]
+    for name, (data, image_wcs) in images.items():
+        np.testing.assert_array_equal(cut.stamps[name], _gather(data, ix, iy, 10))
+        expected = image_wcs.to_header(relax=True) if image_wcs is not None else None
+        assert cut.headers[name] == expected
+    with pytest.raises(InvalidConfigError, match="outside"):
+        cutouts(images, [10.0, 97.6], [5.0, 5.0], 21)
+
+
 def _plain_bright_star(template, ix, iy, radius, limit):
     """The bright-star test as first written: the whole stamp's S/N, masked to the disc."""
     from core.measure import _stack
@@ -675,6 +703,58 @@ def test_bright_star_on_disc_pixels_equals_the_masked_stamp():
         got = _bright_star(template, ix, iy, radius, limit)
         np.testing.assert_array_equal(got, _plain_bright_star(template, ix, iy, radius, limit))
         assert 0 < got.sum() < got.size
+
+
+def test_stamp_work_in_batches_equals_one_batch_of_all(monkeypatch):
+    """PSF stamps and fits, apertures and the bright-star test, run in batches of
+    `core.stamps.STAMP_BATCH` positions, equal one batch of every position bit for bit
+    (each position's numbers are computed on their own)."""
+    import core.stamps
+    from core.diasources import _aperture, _bright_star
+    from core.forced import PsfStamps, psf_photometry
+    from core.psf import GridPsf
+
+    rng = np.random.default_rng(21)
+    shape = (180, 210)
+    image = rng.normal(10.0, 4.0, shape).astype(np.float32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for x, y, f in rng.uniform([0, 0, 1e2], [210, 180, 1e4], (30, 3)):
+        image += (f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 6.0)).astype(np.float32)
+    image[40:44, 60:70] = np.nan
+    variance = np.full(shape, 16.0, dtype=np.float32)
+    variance[100, 20:40] = 0.0
+    mask = np.zeros(shape, dtype=np.int32)
+    exposure = Exposure.from_arrays(image, variance, mask)
+    mask[120:125, 150:160] = exposure.bitmask(["BAD"])
+    k = 25
+    ky, kx = np.mgrid[:k, :k] - k // 2
+    grid = np.array(
+        [[np.exp(-0.5 * (kx**2 + ky**2) / (1.5 + 0.2 * i + 0.3 * j) ** 2) for i in range(3)]
+         for j in range(2)]
+    )  # fmt: skip
+    psf = GridPsf(grid, [0.0, 100.0, 209.0], [0.0, 179.0])
+    x = np.concatenate([rng.uniform(-2, 212, 290), [0.0, 209.0, 5.5]])
+    y = np.concatenate([rng.uniform(-2, 182, 290), [0.0, 179.0, 5.5]])
+    ix, iy = np.clip(np.floor(x + 0.5), 0, 209).astype(int), np.clip(np.floor(y + 0.5), 0, 179)
+
+    def measure():
+        stamps = PsfStamps(psf, exposure)
+        drawn = stamps.at(x, y)
+        out = [drawn[0], *_aperture(exposure, x, y, 5.3), _bright_star(exposure, ix, iy, 5, 20)]
+        for background in (True, False):
+            out += list(psf_photometry(exposure, x, y, stamps, background).values())
+        out += list(psf_photometry(exposure, x, y, stamps, True, drawn=drawn).values())
+        return out
+
+    monkeypatch.setattr(core.stamps, "STAMP_BATCH", 10**9)
+    whole = measure()
+    monkeypatch.setattr(core.stamps, "STAMP_BATCH", 37)
+    assert len(core.stamps.batches(x.size)) == 8
+    batched = measure()
+    for got, expected in zip(batched, whole, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    assert np.isnan(whole[1]).any() and np.isfinite(whole[1]).sum() > 200
+    assert 0 < whole[3].sum() < x.size
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

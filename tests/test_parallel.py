@@ -6,9 +6,10 @@ import os
 import threading
 
 import numpy as np
+import pytest
 
 from core.convolve import correlate_image
-from core.parallel import n_threads, set_thread_limit, thread_limit, thread_map
+from core.parallel import n_threads, set_thread_limit, task_pool, thread_limit, thread_map
 
 
 def _cores() -> int:
@@ -49,6 +50,38 @@ def test_capped_work_runs_on_one_thread_and_gives_the_same_numbers():
     finally:
         set_thread_limit(None)
     np.testing.assert_allclose(capped, free, rtol=1e-5, atol=1e-4 * float(np.abs(free).max()))
+
+
+def test_task_pool_runs_beside_the_caller_or_in_its_thread_when_capped():
+    """task_pool: calls on other threads while the caller works on; with the cap at 1
+    each call runs at once in the caller's thread. Results and errors come back through
+    the futures either way."""
+
+    def where(i: int) -> tuple[int, int]:
+        if i < 0:
+            raise ValueError("negative")
+        return i * i, threading.get_ident()
+
+    me = threading.get_ident()
+    with task_pool() as pool:
+        futures = [pool.submit(where, i) for i in range(6)]
+        failed = pool.submit(where, -1)
+    assert [f.result()[0] for f in futures] == [i * i for i in range(6)]
+    if n_threads() > 1:
+        assert all(f.result()[1] != me for f in futures)
+    with pytest.raises(ValueError, match="negative"):
+        failed.result()
+    try:
+        set_thread_limit(1)
+        with task_pool() as pool:
+            futures = [pool.submit(where, i) for i in range(6)]
+            assert all(f.done() for f in futures)  # ran at submission
+            failed = pool.submit(where, -1)
+    finally:
+        set_thread_limit(None)
+    assert [f.result() for f in futures] == [(i * i, me) for i in range(6)]
+    with pytest.raises(ValueError, match="negative"):
+        failed.result()
 
 
 _FREED_BLOCK_SCRIPT = """
