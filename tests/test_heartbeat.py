@@ -152,3 +152,32 @@ def test_jobs_side_by_side_in_one_process_are_all_beaten(tmp_path):
         heartbeat._helper[1].close()
         heartbeat._helper = None
         records.close()
+
+
+def test_jobs_starting_at_once_share_one_helper_that_ends_promptly(tmp_path):
+    """Blocks entered by several threads at the same moment fork one helper, not one each
+    (a helper forked beside another kept a copy of its pipe, and closing the other then
+    waited forever); closing it returns at once."""
+    import threading
+
+    settings = Settings(data_dir=tmp_path, heartbeat_interval=0.1)
+    start = threading.Barrier(8)
+    seen = []
+
+    def run(k: int) -> None:
+        start.wait()
+        with Heartbeat(settings, f"job-{k}", "token"):
+            seen.append(heartbeat._helper[1])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert len(seen) == 8 and all(helper is seen[0] for helper in seen)
+    finally:
+        started = time.monotonic()
+        heartbeat._helper[1].close()
+        heartbeat._helper = None
+    assert time.monotonic() - started < 2.0

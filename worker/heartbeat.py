@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import select
+import threading
 import time
 
 from store import JobRecord, Settings, open_records
@@ -50,6 +51,7 @@ class _Helper:
             self._serve(read_end, settings)
         os.close(read_end)
         self.pid, self.pipe = pid, write_end
+        _pipes.add(write_end)  # closed in every process forked from now on
 
     @staticmethod
     def _serve(read_end: int, settings: Settings) -> None:
@@ -95,11 +97,28 @@ class _Helper:
         os.write(self.pipe, f"{line}\n".encode())
 
     def close(self) -> None:
+        _pipes.discard(self.pipe)
         os.close(self.pipe)  # EOF: the helper exits
+        # bounded: a process that still holds a copy of the pipe would keep it waiting
+        deadline = time.monotonic() + _CLOSE_WAIT
         try:
-            os.waitpid(self.pid, 0)
+            while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.kill(self.pid, 9)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.01)
         except ChildProcessError:  # already reaped by alive()
             pass
+
+
+#: Seconds `_Helper.close` waits for the helper to see the end of its pipe.
+_CLOSE_WAIT = 5.0
+#: Write ends of this process's helper pipes: a forked process must not keep them open
+#: (a helper exits only when every copy of its pipe's write end is closed).
+_pipes: set[int] = set()
+#: One helper per process even when a thread pool starts jobs at once.
+_lock = threading.Lock()
 
 
 #: (settings key, helper) of this process
@@ -111,23 +130,29 @@ def _helper_for(settings: Settings) -> _Helper:
     global _helper
     key = (settings.redis_url, settings.redis_prefix, settings.data_dir)
     key += (settings.heartbeat_interval,)
-    if _helper is not None:
-        helper_key, helper = _helper
-        if helper_key == key and helper.alive():
-            return helper
-        helper.close()  # other settings (tests), or it died: start another
-        _helper = None
-    _helper = (key, _Helper(settings))
-    return _helper[1]
+    with _lock:
+        if _helper is not None:
+            helper_key, helper = _helper
+            if helper_key == key and helper.alive():
+                return helper
+            helper.close()  # other settings (tests), or it died: start another
+            _helper = None
+        _helper = (key, _Helper(settings))
+        return _helper[1]
 
 
 def _forget_parent_helper() -> None:
-    """In a forked child: drop the parent's helper, closing this copy of its pipe, which
-    would otherwise keep the helper alive past the parent."""
-    global _helper
-    if _helper is not None:
-        os.close(_helper[1].pipe)
-        _helper = None
+    """In a forked child: drop the parent's helpers, closing this copy of their pipes,
+    which would otherwise keep them alive past the parent."""
+    global _helper, _lock
+    for pipe in _pipes:
+        try:
+            os.close(pipe)
+        except OSError:
+            pass
+    _pipes.clear()
+    _helper = None
+    _lock = threading.Lock()  # the parent's may have been held by another thread
 
 
 os.register_at_fork(after_in_child=_forget_parent_helper)
