@@ -46,7 +46,7 @@ from .metrics import (
     limiting_magnitude,
     noise_statistics,
 )
-from .parallel import n_threads, thread_map
+from .parallel import thread_map
 from .photometry import psf_fluxes
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf, Psf
 from .psf_estimate import estimate_psf
@@ -201,15 +201,15 @@ class _SubtractBase(Task):
             )
         # science and template are prepared independently (PSF, detection, variance
         # scale), on two threads: the heavy numpy/scipy calls release the GIL. Under a
-        # one-thread cap (a service worker beside another) one after the other: two threads
-        # there only contend for the GIL and the core the other worker needs (2 workers on
-        # 2 cores, 1024 pairs: 1.31 -> 1.23 CPU s per subtraction)
+        # one-thread cap (a service worker beside another) thread_map runs them one after
+        # the other: two threads there only contend for the GIL and the core the other
+        # worker needs (2 workers on 2 cores, 1024 pairs: 1.31 -> 1.23 CPU s per subtraction)
         jobs = [(science, "science"), (template, "template")]
         try:
             prepared = {
                 label: done
                 for (_, label), done in zip(
-                    jobs, thread_map(self._prepare_one, jobs, min(2, n_threads())), strict=True
+                    jobs, thread_map(self._prepare_one, jobs, 2), strict=True
                 )
             }
         finally:
