@@ -643,12 +643,15 @@ class DifferenceSnr:
             self._transforms[n] = sfft.rfft2(pad).astype(np.complex64)
         return n, self._transforms[n]
 
-    def _snr(self, y0: np.ndarray, x0: np.ndarray, side: int, batch: int) -> np.ndarray:
+    def _snr(
+        self, y0: np.ndarray, x0: np.ndarray, side: int, batch: int | None = None
+    ) -> np.ndarray:
         """Unscaled S/N (before the noise factor) of (side, side) windows with corners
         (y0, x0), (m, side, side) float32, in batches of at most ``batch`` windows on the
-        thread pool (about `_SNR_BATCH_BYTES` of working memory in all). Each window's
-        transforms are its own, so the values do not depend on the batching."""
+        thread pool (default: about `_SNR_BATCH_BYTES` of working memory in all). Each
+        window's transforms are its own, so the values do not depend on the batching."""
         n, _ = self._transform(side)
+        batch = batch or max(1, _SNR_BATCH_BYTES // (16 * n * n))
         out = np.empty((y0.size, side, side), dtype=np.float32)
         threads = max(1, min(n_threads(), y0.size))
         # as many pieces as threads at least (the windows' copies, transforms and
@@ -701,10 +704,9 @@ class DifferenceSnr:
         if todo.size:
             ty, tx = np.divmod(todo, self.grid[1])
             self._where[ty, tx] = self._store.shape[0] + np.arange(todo.size)
-            # batches of blocks: the padded patches and their spectra of every candidate
+            # in batches (`_snr`): the padded patches and their spectra of every candidate
             # block at once would cost several frames
-            n, _ = self._transform(s)
-            new = self._snr(ty * s, tx * s, s, max(1, _SNR_BATCH_BYTES // (16 * n * n)))
+            new = self._snr(ty * s, tx * s, s)
             if self._store.shape[0]:
                 self._store = np.concatenate([self._store, new])
             else:
@@ -771,7 +773,7 @@ class DifferenceSnr:
         cy = ((np.arange(gy) + 0.5) * ny / gy - side / 2).astype(int).clip(0, ny - side)
         cx = ((np.arange(gx) + 0.5) * nx / gx - side / 2).astype(int).clip(0, nx - side)
         y0, x0 = np.repeat(cy, gx), np.tile(cx, gy)
-        values = self._snr(y0, x0, side, max(1, _SNR_BATCH_BYTES // (16 * 256 * 256)))
+        values = self._snr(y0, x0, side)
         keep = np.ones(values.shape, dtype=bool)
         if self.no_data is not None:
             keep &= ~_patches(self.no_data, y0, x0, side)
