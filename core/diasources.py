@@ -18,6 +18,7 @@ moments, flags, and the science and template fluxes at its position.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import replace
 from typing import Any
@@ -504,9 +505,29 @@ def measure_dia_sources(
     kernel_sources: Table | None = None,
 ) -> Table:
     """Measure detected DIA sources; see `dia_sources` for the columns."""
-    config = config or DiaSourceConfig()
+    return _measure_beside(
+        output,
+        lambda: detections,
+        config or DiaSourceConfig(),
+        matched_science,
+        matched_template,
+        kernel_sources,
+    )
+
+
+def _measure_beside(
+    output: Exposure,
+    detect: Callable[[], Detections],
+    config: DiaSourceConfig,
+    matched_science: Exposure | None,
+    matched_template: Exposure | None,
+    kernel_sources: Table | None,
+) -> Table:
+    """`_measure` of the detections ``detect()`` gives, on a task pool: the output's PSF
+    stamps and noise scale do not need them, so they are made beside ``detect``."""
     with task_pool() as pool:
         setup = pool.submit(_output_stamps, output, config.forced)
+        detections = detect()
         return _measure(
             output,
             detections,
@@ -738,20 +759,14 @@ def dia_sources(
         matched_science = replace(matched_science, psf=score_profile(science_psf, science_psf))
         if matched_template is not None:
             matched_template = replace(matched_template, psf=matched_science.psf)
-    with task_pool() as pool:
-        # the output's PSF stamps and noise scale do not need the detections: beside them
-        setup = pool.submit(_output_stamps, measured, config.forced)
-        detections = detect_dia_sources(output, config, is_score)
-        return _measure(
-            measured,
-            detections,
-            config,
-            matched_science,
-            matched_template,
-            kernel_sources,
-            setup,
-            pool,
-        )
+    return _measure_beside(
+        measured,
+        lambda: detect_dia_sources(output, config, is_score),
+        config,
+        matched_science,
+        matched_template,
+        kernel_sources,
+    )
 
 
 #: Table meta -> FITS header keyword of a written catalog.
