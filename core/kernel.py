@@ -30,7 +30,6 @@ from astropy.stats import mad_std
 from astropy.table import Table
 from numpy.polynomial import chebyshev
 from scipy import ndimage, signal
-from threadpoolctl import threadpool_limits
 
 from .basis import KernelBasis, _monomial_powers
 from .config import KernelConfig
@@ -38,7 +37,7 @@ from .errors import InvalidCatalogError, KernelSolutionError, NoKernelCandidates
 from .exposure import Exposure
 from .io import file_mode
 from .order import percentiles, row_medians
-from .parallel import thread_map
+from .parallel import one_blas_thread, thread_map
 from .task import Task
 
 __all__ = [
@@ -1562,7 +1561,7 @@ def fit_psf_matching_kernel(
     timer = task.timer("_solve") if task is not None else contextlib.nullcontext()
     # hundreds of small per-stamp products and solves: BLAS threads only contend (on a
     # busy 2-core machine the preconvolve fit took 21 s with them, 3.6 s without)
-    with timer, threadpool_limits(limits=1, user_api="blas"):
+    with timer, one_blas_thread():
         solution = _solve(
             reference, target, sources, basis, config, bbox, stamp_size, rating_column, noise_area
         )

@@ -16,6 +16,8 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from threadpoolctl import threadpool_limits
+
 __all__ = [
     "n_threads",
     "thread_map",
@@ -26,6 +28,7 @@ __all__ = [
     "large_blocks_to_mmap",
     "small_pages_for_arrays",
     "set_memory_policy",
+    "one_blas_thread",
     "MMAP_THRESHOLD",
 ]
 
@@ -101,6 +104,19 @@ def task_pool(workers: int | None = None) -> Iterator[Executor]:
         return
     with ThreadPoolExecutor(max_workers=count) as pool:
         yield pool
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS (OpenBLAS, MKL) at one thread inside the block.
+
+    core spreads its work over its own threads; BLAS calls inside them (batched small
+    solves and products) gain nothing from more threads, and OpenBLAS's idle threads
+    busy-wait after every call, taking the cores those threads need (4096 auto: ~1 s of
+    CPU, about 20% of the run). The setting is process-wide while the block lasts.
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 #: Blocks of at least this many bytes get their own mapping, returned to the system when

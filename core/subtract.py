@@ -46,7 +46,7 @@ from .metrics import (
     limiting_magnitude,
     noise_statistics,
 )
-from .parallel import thread_map
+from .parallel import one_blas_thread, thread_map
 from .photometry import psf_fluxes
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf, Psf
 from .psf_estimate import estimate_psf
@@ -811,7 +811,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
         if self.config.mode == "preconvolve":
             raise ValueError("mode 'preconvolve' is run by AlardLuptonPreconvolveSubtractTask")
         template, science = _working_copy(template), _working_copy(science)
-        with self.timer("run"):
+        with self.timer("run"), one_blas_thread():
             template = self._register(template, science)
             self._stage("prepare")
             with self.timer("prepare"):
@@ -944,7 +944,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
     def run(self, template: Exposure, science: Exposure, sources=None) -> SubtractionResult:
         """Return a `SubtractionResult` whose ``score`` / sqrt(variance) is the detection S/N."""
         template, science = _working_copy(template), _working_copy(science)
-        with self.timer("run"):
+        with self.timer("run"), one_blas_thread():
             template = self._register(template, science)
             self._stage("prepare")
             with self.timer("prepare"):

@@ -222,21 +222,37 @@ def test_too_few_sources_is_a_typed_error():
         run_subtraction(pair.science, pair.template, sources=catalog)
 
 
+def _blas_threads() -> set[int]:
+    from threadpoolctl import threadpool_info
+
+    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+
 @pytest.mark.parametrize("mode", ["auto", "preconvolve"])
 def test_progress_reports_stages(mode):
+    from threadpoolctl import threadpool_limits
+
     pair = simulated_pair("equal", 512, 110)
     stages = []
-    run_subtraction(
-        pair.science,
-        pair.template,
-        SubtractionConfig(mode=mode),
-        progress=lambda s, f: stages.append((s, f)),
-    )
+    blas = []
+
+    def progress(stage, fraction):
+        stages.append((stage, fraction))
+        blas.append((stage, _blas_threads()))
+
+    # two BLAS threads outside: the run works with one (core threads its own work;
+    # OpenBLAS's idle threads busy-wait) and gives the caller's setting back
+    with threadpool_limits(limits=2, user_api="blas"):
+        run_subtraction(
+            pair.science, pair.template, SubtractionConfig(mode=mode), progress=progress
+        )
+        assert _blas_threads() <= {2}
     names = [s for s, _ in stages]
     assert names[:2] == ["register", "prepare"] and names[-1] == "done"
     assert {"fit", "convolve", "decorrelate", "metrics"} <= set(names)
     fractions = [f for _, f in stages]
     assert fractions == sorted(fractions)
+    assert all(threads <= {1} for stage, threads in blas if stage != "done"), blas
 
 
 def test_user_catalog_drives_kernel_sources():
