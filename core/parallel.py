@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from threadpoolctl import threadpool_limits
 __all__ = [
     "n_threads",
     "thread_map",
+    "split_map",
     "task_pool",
     "InlineExecutor",
     "set_thread_limit",
@@ -54,17 +56,48 @@ def thread_limit() -> int | None:
     return _limit
 
 
+_local = threading.local()
+
+
 def n_threads(workers: int | None = None) -> int:
     """Threads to use: ``workers`` if given, else the cores this process may run on; at
-    most the `set_thread_limit` cap either way (a service worker's share of the cores)."""
+    most the `set_thread_limit` cap either way (a service worker's share of the cores),
+    and at most the calling thread's share when it is one of `split_map`'s."""
+    limit = _limit
+    share = getattr(_local, "share", None)
+    if share:
+        limit = min(limit, share) if limit else share
     if workers:
         workers = max(1, int(workers))
-        return min(workers, _limit) if _limit else workers
+        return min(workers, limit) if limit else workers
     try:
         cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         cores = max(1, os.cpu_count() or 1)
-    return min(cores, _limit) if _limit else cores
+    return min(cores, limit) if limit else cores
+
+
+def split_map(function: Callable[[T], R], items: Iterable[T]):
+    """`thread_map` of a few large independent jobs that each thread their own frame
+    passes: the cores are split between the jobs (a job's nested `thread_map` calls get
+    its share) instead of each job starting a thread per core. Nested pools on a busy
+    core only add switching and cache misses: two detections at once, each with two
+    threads, took 25% more CPU than each with one."""
+    items = list(items)
+    count = min(n_threads(), len(items))
+    if count <= 1:
+        return [function(item) for item in items]
+    share = max(1, n_threads() // count)
+
+    def run(item: T) -> R:
+        _local.share = share
+        try:
+            return function(item)
+        finally:
+            _local.share = None
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(run, items))
 
 
 def thread_map(function: Callable[[T], R], items: Iterable[T], workers: int | None = None):

@@ -46,7 +46,7 @@ from .metrics import (
     limiting_magnitude,
     noise_statistics,
 )
-from .parallel import one_blas_thread, thread_map
+from .parallel import one_blas_thread, split_map, thread_map
 from .photometry import psf_fluxes
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf, Psf
 from .psf_estimate import estimate_psf
@@ -209,7 +209,7 @@ class _SubtractBase(Task):
             prepared = {
                 label: done
                 for (_, label), done in zip(
-                    jobs, thread_map(self._prepare_one, jobs, 2), strict=True
+                    jobs, split_map(self._prepare_one, jobs), strict=True
                 )
             }
         finally:

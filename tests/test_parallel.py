@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from core.convolve import correlate_image
-from core.parallel import n_threads, set_thread_limit, task_pool, thread_limit, thread_map
+from core.parallel import (
+    n_threads,
+    set_thread_limit,
+    split_map,
+    task_pool,
+    thread_limit,
+    thread_map,
+)
 
 
 def _cores() -> int:
@@ -50,6 +57,36 @@ def test_capped_work_runs_on_one_thread_and_gives_the_same_numbers():
     finally:
         set_thread_limit(None)
     np.testing.assert_allclose(capped, free, rtol=1e-5, atol=1e-4 * float(np.abs(free).max()))
+
+
+def test_split_map_shares_the_cores_between_its_jobs():
+    """Each of split_map's jobs gets its share of the cores for its nested passes (two
+    jobs on 2 cores: one thread each), the same results as thread_map, and the share
+    ends with the job."""
+    cores = _cores()
+
+    def job(i: int) -> tuple[int, int, int]:
+        inner: set[int] = set()
+
+        def square(k: int) -> int:
+            inner.add(threading.get_ident())
+            return k * k
+
+        assert thread_map(square, range(16)) == [k * k for k in range(16)]
+        return i * i, n_threads(), len(inner)
+
+    out = split_map(job, range(2))
+    assert [v for v, _, _ in out] == [0, 1]
+    share = max(1, cores // 2)
+    assert all(seen == share for _, seen, _ in out)
+    assert all(used <= share for _, _, used in out)
+    assert n_threads() == cores  # the caller's own count is untouched
+    # jobs that outnumber the cores run one thread each, the process cap still holds
+    try:
+        set_thread_limit(2)
+        assert all(seen == 1 for _, seen, _ in split_map(job, range(3)))
+    finally:
+        set_thread_limit(None)
 
 
 def test_task_pool_runs_beside_the_caller_or_in_its_thread_when_capped():
