@@ -38,9 +38,48 @@ def order_statistics(values: np.ndarray, ranks, consume: bool = False) -> np.nda
     return _select(np.ravel(values) if consume else np.array(values).ravel(), ranks)
 
 
+#: Values sampled to look for one value held by a large share of the array.
+_TIE_SAMPLE = 2048
+#: Sampled share above which that value is split off before selecting.
+_TIE_SHARE = 1 / 16
+
+
 def _select(scratch: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-    """``np.sort(scratch)[ranks]``, reordering ``scratch``: one-rank partitions from the
-    largest rank down, each of the part below the rank before (all of it <= that value)."""
+    """``np.sort(scratch)[ranks]``, reordering ``scratch`` (or reading it only, when one
+    value holds a large share of it: `_select_around`)."""
+    if scratch.size > 4 * _TIE_SAMPLE:
+        sample = scratch[:: scratch.size // _TIE_SAMPLE]
+        values, counts = np.unique(sample, return_counts=True)
+        top = int(np.argmax(counts))
+        if counts[top] > _TIE_SHARE * sample.size:
+            return _select_around(scratch, ranks, values[top])
+    return _select_partitioned(scratch, ranks)
+
+
+def _select_around(values: np.ndarray, ranks: np.ndarray, tied) -> np.ndarray:
+    """`_select` of an array where ``tied`` is frequent: numpy's vectorised partition
+    slows down many times when much of the array equals the pivot (a million float32
+    with half of them equal: 64 ms against 7; a template's variance plane, flat on the
+    sky, is like that), so ranks that fall on ``tied`` are read off the counts of
+    values below and equal to it, and the others selected among the values below or
+    above it alone."""
+    below = values < tied
+    n_below = int(np.count_nonzero(below))
+    n_tied = int(np.count_nonzero(values == tied))
+    out = np.empty(ranks.size, dtype=values.dtype)
+    out[:] = tied
+    low = ranks < n_below
+    high = ranks >= n_below + n_tied
+    if low.any():
+        out[low] = _select(values[below], ranks[low])
+    if high.any():
+        out[high] = _select(values[values > tied], ranks[high] - n_below - n_tied)
+    return out
+
+
+def _select_partitioned(scratch: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """One-rank partitions from the largest rank down, each of the part below the rank
+    before (all of it <= that value)."""
     out = np.empty(ranks.size, dtype=scratch.dtype)
     top = scratch.size  # scratch[:top] holds the `top` smallest values
     for i in np.argsort(ranks, kind="stable")[::-1]:

@@ -208,9 +208,7 @@ class _SubtractBase(Task):
         try:
             prepared = {
                 label: done
-                for (_, label), done in zip(
-                    jobs, split_map(self._prepare_one, jobs), strict=True
-                )
+                for (_, label), done in zip(jobs, split_map(self._prepare_one, jobs), strict=True)
             }
         finally:
             self._memo = None  # frees registration's catalogs and meshes

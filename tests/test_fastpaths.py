@@ -593,19 +593,27 @@ def test_order_statistics_and_percentiles_equal_numpys():
     from core.order import median_and_percentile, order_statistics, percentiles
 
     rng = np.random.default_rng(13)
-    for trial in range(24):
+    for trial in range(30):
         n = int(rng.choice([10, 11, 5_000, 200_000, 200_001, 1_234_567]))
-        kind = trial % 4
+        kind = trial % 6
         if kind == 0:
             values = rng.normal(size=n)
         elif kind == 1:
             values = rng.standard_cauchy(size=n)  # far tails
         elif kind == 2:
             values = np.round(rng.normal(size=n) * 3)  # heavy ties
-        else:
+        elif kind == 3:
             values = np.sort(rng.normal(size=n))[::-1].copy()  # a misleading strided sample
+        elif kind == 4:
+            # one value held by half the array (a flat variance plane), another by a
+            # fifth of the rest: ranks on, below and above each
+            values = rng.normal(size=n)
+            values[rng.random(n) < 0.5] = values[0]
+            values[(values != values[0]) & (rng.random(n) < 0.2)] = values[-1]
+        else:
+            values = np.maximum(rng.normal(size=n), 0.0)  # the tied value is the least
         values = values.astype(np.float32 if trial % 3 else np.float64)
-        if trial == 23:  # a strided sample unlike the rest: the whole-array fallback
+        if trial == 27:  # a strided sample unlike the rest: the whole-array fallback
             values[:: max(1, n // 16_384)] = 1e3
         ranks = np.unique(rng.integers(0, n, 5))
         ranks = np.concatenate([ranks, ranks[:1], [n - 1, 0]])  # a repeat, both ends
