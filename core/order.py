@@ -39,7 +39,7 @@ def order_statistics(values: np.ndarray, ranks, consume: bool = False) -> np.nda
 
 
 #: Values sampled to look for one value held by a large share of the array.
-_TIE_SAMPLE = 2048
+_TIE_SAMPLE = 256
 #: Sampled share above which that value is split off before selecting.
 _TIE_SHARE = 1 / 16
 
