@@ -35,7 +35,7 @@ from .exposure import Exposure
 from .kernel import SpatialKernel, term_degrees
 from .parallel import n_threads
 
-__all__ = ["convolve_exposure", "correlate_image", "or_filter", "dilate_cross"]
+__all__ = ["convolve_exposure", "correlate_image", "or_filter"]
 
 # Frames whose side plus kernel margins fits this are one transform (no tiles).
 _TILE_FFT = 512
@@ -205,31 +205,6 @@ def or_filter(array: np.ndarray, hy: int, hx: int) -> np.ndarray:
                 narrow = array.astype(np.uint16)
     out = _or_filter_1d(_or_filter_1d(narrow, hx, 1), hy, 0)
     return out.astype(array.dtype, copy=False)
-
-
-def dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
-    """``scipy.ndimage.binary_dilation(mask, iterations=iterations)`` (4-connected cross,
-    nothing beyond the border), as in-place shifted ORs: about 5x faster on full frames.
-
-    Parameters
-    ----------
-    mask : `numpy.ndarray` (ny, nx), bool
-    iterations : int
-        Growth in pixels of city-block distance.
-
-    Returns
-    -------
-    grown : `numpy.ndarray` (ny, nx), bool (a new array)
-    """
-    out = np.array(mask, dtype=bool, copy=True)
-    previous = np.empty_like(out)
-    for _ in range(max(0, int(iterations))):
-        np.copyto(previous, out)
-        out[1:] |= previous[:-1]
-        out[:-1] |= previous[1:]
-        out[:, 1:] |= previous[:, :-1]
-        out[:, :-1] |= previous[:, 1:]
-    return out
 
 
 def _or_filter_1d(array: np.ndarray, h: int, axis: int) -> np.ndarray:

@@ -71,6 +71,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from . import order
 from .clipping import sigma_clipped_median_std
+from .dilation import dilate_cross
 from .errors import InvalidExposureError, PsfError
 from .exposure import Exposure, MaskPlanes, PhotoCalib
 from .fits_structure import check_fits_structure
@@ -418,7 +419,7 @@ def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]
         filled = np.where(valid, image, sky)
         # a 3x3 mean has noise sigma/3, so 1 sigma of the raw image is a 3-sigma cut
         smooth = ndimage.uniform_filter(filled, size=3)
-        sources = ndimage.binary_dilation(smooth - sky > sigma, iterations=3)
+        sources = dilate_cross(smooth - sky > sigma, 3)
         keep = valid & ~sources
         if keep.sum() > max(100, 0.1 * valid.sum()):
             sky, sigma = sigma_clipped_median_std(image[keep], sigma=3.0, maxiters=10)

@@ -24,10 +24,11 @@ from scipy import ndimage, optimize
 from . import order
 from .basis import kernel_size_for, make_kernel_basis
 from .config import DetectionConfig, SubtractionConfig
-from .convolve import convolve_exposure, convolved_noise_correlation, dilate_cross
+from .convolve import convolve_exposure, convolved_noise_correlation
 from .decorrelate import _kernel_at, decorrelate_difference
 from .detection import DetectionMemo
 from .diasources import dia_sources
+from .dilation import dilate_cross
 from .errors import (
     IdenticalInputsError,
     IncompatibleInputsError,

@@ -45,7 +45,7 @@ from scipy import ndimage, signal
 from . import order
 from .background import background_image
 from .config import ScaleVarianceConfig
-from .convolve import dilate_cross
+from .dilation import dilate_cross
 from .exposure import Exposure
 from .io import PHYSICAL_VARIANCE_PREFIX
 from .parallel import n_threads

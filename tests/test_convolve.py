@@ -11,9 +11,9 @@ from core.convolve import (
     convolve_exposure,
     convolved_noise_correlation,
     correlate_image,
-    dilate_cross,
     or_filter,
 )
+from core.dilation import dilate_cross
 from core.exposure import Exposure
 from core.kernel import SpatialKernel
 
