@@ -29,7 +29,7 @@ from .config import DetectionConfig, RegistrationConfig
 from .detection import DetectionMemo, detect_sources
 from .errors import IncompatibleInputsError, InsufficientSourcesError, RegistrationError
 from .exposure import Exposure
-from .parallel import thread_map
+from .parallel import split_map
 from .warp import PixelMap, warp_exposure
 
 __all__ = [
@@ -498,8 +498,9 @@ def _same_grid(pixel_map: PixelMap, science: Exposure, tolerance: float) -> bool
 
 def _match_exposures(template, science, prior: PixelMap, config, detection, memo=None) -> StarMatch:
     """Stars of the science image, mapped by ``prior``, matched onto the template's stars."""
-    # the two detections are independent and mostly GIL-free numpy: one per core
-    science_stars, template_stars = thread_map(
+    # the two detections are independent and mostly GIL-free numpy: each on its share
+    # of the cores
+    science_stars, template_stars = split_map(
         lambda exposure: star_positions(exposure, config, detection, memo), (science, template)
     )
     return _match_stars_of(science_stars, template_stars, prior, config)
@@ -560,7 +561,7 @@ def _correct_on_stars(
     """The WCS map followed by the correction matched stars measure (kept if significant)."""
     centres = _patch_centres(science, config)
     template_centres = [tuple(float(c) for c in pixel_map(x, y)) for x, y in centres]
-    science_stars, template_stars = thread_map(
+    science_stars, template_stars = split_map(
         lambda job: _stars_in_patches(job[0], job[1], config, detection, memo),
         ((science, centres), (template, template_centres)),
     )

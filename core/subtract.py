@@ -201,8 +201,8 @@ class _SubtractBase(Task):
                 "or set required_template_fraction=0 to force subtraction."
             )
         # science and template are prepared independently (PSF, detection, variance
-        # scale), on two threads: the heavy numpy/scipy calls release the GIL. Under a
-        # one-thread cap (a service worker beside another) thread_map runs them one after
+        # scale), each on its share of the cores: the heavy numpy/scipy calls release the
+        # GIL. Under a one-thread cap (a service worker beside another) they run one after
         # the other: two threads there only contend for the GIL and the core the other
         # worker needs (2 workers on 2 cores, 1024 pairs: 1.31 -> 1.23 CPU s per subtraction)
         jobs = [(science, "science"), (template, "template")]
