@@ -64,8 +64,9 @@ def n_threads(workers: int | None = None) -> int:
     most the `set_thread_limit` cap either way (a service worker's share of the cores),
     and at most the calling thread's share when it is one of `split_map`'s."""
     limit = _limit
-    share = getattr(_local, "share", None)
-    if share:
+    split = getattr(_local, "split", None)
+    if split is not None:
+        share = split.share()
         limit = min(limit, share) if limit else share
     if workers:
         workers = max(1, int(workers))
@@ -77,24 +78,41 @@ def n_threads(workers: int | None = None) -> int:
     return min(cores, limit) if limit else cores
 
 
+class _Split:
+    """The cores of a `split_map` call, shared among its jobs still running."""
+
+    def __init__(self, cores: int, jobs: int, workers: int) -> None:
+        self.cores, self.running, self.workers = cores, jobs, workers
+        self._lock = threading.Lock()
+
+    def share(self) -> int:
+        return max(1, self.cores // max(1, min(self.running, self.workers)))
+
+    def finished(self) -> None:
+        with self._lock:
+            self.running -= 1
+
+
 def split_map(function: Callable[[T], R], items: Iterable[T]):
     """`thread_map` of a few large independent jobs that each thread their own frame
-    passes: the cores are split between the jobs (a job's nested `thread_map` calls get
-    its share) instead of each job starting a thread per core. Nested pools on a busy
-    core only add switching and cache misses: two detections at once, each with two
-    threads, took 25% more CPU than each with one."""
+    passes: the cores are split between the jobs still running (a job's nested
+    `thread_map` calls get its share; once the others are done, all of them) instead of
+    each job starting a thread per core. Nested pools on busy cores only add switching
+    and cache misses: two detections at once, each with two threads, took 25% more CPU
+    than each with one."""
     items = list(items)
     count = min(n_threads(), len(items))
     if count <= 1:
         return [function(item) for item in items]
-    share = max(1, n_threads() // count)
+    split = _Split(n_threads(), len(items), count)
 
     def run(item: T) -> R:
-        _local.share = share
+        _local.split = split
         try:
             return function(item)
         finally:
-            _local.share = None
+            _local.split = None
+            split.finished()
 
     with ThreadPoolExecutor(max_workers=count) as pool:
         return list(pool.map(run, items))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -64,8 +65,11 @@ def test_split_map_shares_the_cores_between_its_jobs():
     jobs on 2 cores: one thread each), the same results as thread_map, and the share
     ends with the job."""
     cores = _cores()
+    parties = min(2, cores)  # one core: the jobs run one after the other
+    start, end = threading.Barrier(parties, timeout=10), threading.Barrier(parties, timeout=10)
 
     def job(i: int) -> tuple[int, int, int]:
+        start.wait()  # both running while they read their shares
         inner: set[int] = set()
 
         def square(k: int) -> int:
@@ -73,7 +77,9 @@ def test_split_map_shares_the_cores_between_its_jobs():
             return k * k
 
         assert thread_map(square, range(16)) == [k * k for k in range(16)]
-        return i * i, n_threads(), len(inner)
+        seen = n_threads()
+        end.wait()
+        return i * i, seen, len(inner)
 
     out = split_map(job, range(2))
     assert [v for v, _, _ in out] == [0, 1]
@@ -81,12 +87,33 @@ def test_split_map_shares_the_cores_between_its_jobs():
     assert all(seen == share for _, seen, _ in out)
     assert all(used <= share for _, _, used in out)
     assert n_threads() == cores  # the caller's own count is untouched
-    # jobs that outnumber the cores run one thread each, the process cap still holds
-    try:
-        set_thread_limit(2)
-        assert all(seen == 1 for _, seen, _ in split_map(job, range(3)))
+    try:  # under a cap of one thread the jobs run one after the other, in the caller
+        set_thread_limit(1)
+        me = threading.get_ident()
+        assert split_map(lambda i: (threading.get_ident(), n_threads()), range(2)) == [(me, 1)] * 2
     finally:
         set_thread_limit(None)
+
+
+def test_split_map_gives_the_last_job_running_all_the_cores():
+    """A job still running when the others are done gets their cores for its next passes
+    (the science's measurement after the template's detection)."""
+    cores = _cores()
+    both = threading.Barrier(min(2, cores), timeout=10)
+
+    def job(i: int) -> list[int]:
+        seen = [n_threads()]
+        both.wait()  # each read its share while the other ran
+        if i == 0:
+            return seen
+        deadline = time.monotonic() + 10
+        while n_threads() != cores and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return seen + [n_threads()]
+
+    first, second = split_map(job, range(2))
+    assert first == [max(1, cores // 2)]
+    assert second == [max(1, cores // 2), cores]
 
 
 def test_task_pool_runs_beside_the_caller_or_in_its_thread_when_capped():
