@@ -37,7 +37,7 @@ from scipy import ndimage
 from . import order
 from .detection import _find_peaks, _footprint_pixels, _label_image, _local_maxima
 from .measure import _negative_side_sigma
-from .parallel import n_threads, thread_map
+from .parallel import frame_array, n_threads, thread_map
 from .stamps import windows as _patches
 
 __all__ = [
@@ -363,7 +363,7 @@ def prepare_difference(
     fill = 1.0 if ignore or usable.size == 0 else float(order.median(usable, consume=True))
     out_image = np.empty((ny, nx), dtype=np.float32) if keep_image else None
     out_var = None if lazy_variance else np.empty((ny, nx), dtype=np.float32)
-    no_data = np.empty((ny, nx), dtype=bool)
+    no_data = frame_array((ny, nx), bool)
     nbx = -(-nx // size)
     vmin = np.empty((-(-ny // size), nbx))
     dirty = np.empty(vmin.shape, dtype=bool)  # blocks where the filled variance differs
@@ -434,7 +434,7 @@ def correlate_rows(
     pad = np.zeros((tile, tile))
     pad[: 2 * h + 1, : 2 * h + 1] = kernel[::-1, ::-1]
     transform = sfft.rfft2(np.roll(pad, (-h, -h), axis=(0, 1)).astype(np.float32))
-    out = np.empty((ny, nx), dtype=np.float32) if write is None else None
+    out = frame_array((ny, nx), np.float32) if write is None else None
 
     def band(r: int) -> None:
         y0 = r * core
