@@ -243,7 +243,7 @@ def sparse_peaks(
     cy0, cx0, cny, cnx = _pack(heights, widths)
     canvas = np.zeros((cny, cnx), dtype=np.float32)
     owner = np.full((cny, cnx), -1, dtype=np.int32)
-    # every block of every rectangle (one batch; blocks shared by rectangles once)
+    # every block of every rectangle (blocks shared by rectangles once in the batch)
     place = [
         (i, j, m)
         for i, r in enumerate(rects)
@@ -256,29 +256,42 @@ def sparse_peaks(
     # blocks that are no candidate only fill their rectangle: every pixel in them is
     # below the threshold, so they stay -inf until their values can matter (`_Fillers`)
     needed = candidate[key_y, key_x]
-    values = np.full((keys.size, size, size), -np.inf, dtype=np.float32)
-    if needed.any():
-        values[needed] = snr_blocks(key_y[needed], key_x[needed])
+    values = snr_blocks(key_y[needed], key_x[needed])
+    slot = np.cumsum(needed) - 1  # each needed key's block in `values`
+    for i in range(len(rects)):
+        y, x, h, w = cy0[i], cx0[i], heights[i], widths[i]
+        canvas[y : y + h, x : x + w] = -np.inf
+        owner[y : y + h, x : x + w] = i
     # another group's blocks inside a rectangle stay below the threshold there (they are
     # searched in their own rectangle); the S/N of all pixels between is exact
     below = np.nextafter(np.float32(threshold), np.float32(0))
-    inverse = inverse.ravel()
-    start = 0
-    for i, (rows, cols) in enumerate(rects):
-        # the rectangle's blocks (raster order in `place`) tiled into one array
-        bh, bw = rows.stop - rows.start, cols.stop - cols.start
-        tiles = values[inverse[start : start + bh * bw]].reshape(bh, bw, size, size)
-        start += bh * bw
-        other = labels[rows, cols]
-        other = (other != 0) & (other != i + 1)
-        if other.any():
-            tiles[other] = np.clip(tiles[other], -below, below)
-        whole = tiles.transpose(0, 2, 1, 3).reshape(bh * size, bw * size)
-        y, x, h, w = cy0[i], cx0[i], heights[i], widths[i]
-        canvas[y : y + h, x : x + w] = whole[:h, :w]
-        owner[y : y + h, x : x + w] = i
+    key = inverse.ravel()
+    on = needed[key]
+    other = labels[index[:, 1], index[:, 2]]
+    other = (other != 0) & (other != index[:, 0] + 1)
+    # each needed block written straight to its place on the canvas (cut by the frame)
+    rect, by, bx = index[on].T
+    top = cy0[rect] + (by - fy0[rect] // size) * size
+    left = cx0[rect] + (bx - fx0[rect] // size) * size
+    high = np.minimum(size, heights[rect] - (top - cy0[rect]))
+    wide = np.minimum(size, widths[rect] - (left - cx0[rect]))
+    rows = zip(
+        slot[key[on]].tolist(),
+        top.tolist(),
+        left.tolist(),
+        high.tolist(),
+        wide.tolist(),
+        other[on].tolist(),
+        strict=True,
+    )
+    for k, y, x, h, w, clip in rows:
+        target = canvas[y : y + h, x : x + w]
+        if clip:
+            np.clip(values[k, :h, :w], -below, below, out=target)
+        else:
+            target[...] = values[k, :h, :w]
     placement = (cy0, cx0, heights, widths)
-    filler_blocks = index[~needed[inverse.ravel()]]
+    filler_blocks = index[~on]
     fillers = _Fillers(canvas, owner, rects, placement, filler_blocks, size, snr_blocks)
     parts = []
     offset = 0
