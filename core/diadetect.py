@@ -462,12 +462,16 @@ def correlate_rows(
         rows = sfft.ifft(spectrum, axis=1, workers=1, overwrite_x=True)[:, h : h + y1 - y0]
         full = sfft.irfft(rows, n=tile, axis=2, workers=1)
         kept = full[:, :, h : h + core].transpose(1, 0, 2)
-        values = kept.reshape(y1 - y0, ntx * core)[:, :nx]
         if out is None:
             assert write is not None
-            write(slice(y0, y1), values)
-        else:
-            out[y0:y1] = values
+            write(slice(y0, y1), kept.reshape(y1 - y0, ntx * core)[:, :nx])
+            return
+        # the tiles' kept columns straight into the frame (no joined copy first)
+        whole = nx // core
+        into = out[y0:y1, : whole * core].reshape(y1 - y0, whole, core)
+        np.copyto(into, kept[:, :whole])
+        if whole < ntx:
+            out[y0:y1, whole * core :] = kept[:, whole, : nx - whole * core]
 
     thread_map(band, range(nty))
     return out
