@@ -383,13 +383,14 @@ def prepare_difference(
 
     def band(rows: slice) -> bool:
         img = image[rows]
-        bad = ~np.isfinite(img)
+        bad = no_data[rows]  # computed in place
+        np.isfinite(img, out=bad)
+        np.logical_not(bad, out=bad)
         if bits:
             bad |= (mask[rows] & bits) != 0
         if out_image is not None:
             np.copyto(out_image[rows], img)
             np.copyto(out_image[rows], np.float32(0), where=bad)
-        no_data[rows] = bad
         filled = np.empty(img.shape, np.float32) if out_var is None else out_var[rows]
         replaced = _fill_variance(filled, variance[rows], bad, fill, ignore)
         b0 = rows.start // size
@@ -680,17 +681,21 @@ class DifferenceSnr:
         parts = [slice(a, min(a + step, y0.size)) for a in range(0, y0.size, step)]
 
         def one(part: slice) -> None:
-            out[part] = self._snr_windows(y0[part], x0[part], side)
+            self._snr_windows(y0[part], x0[part], side, out[part])
 
         thread_map(one, parts, threads)
         return out
 
-    def _snr_windows(self, y0: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
-        """`_snr` of one batch of windows, in the calling thread."""
+    def _snr_windows(
+        self, y0: np.ndarray, x0: np.ndarray, side: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`_snr` of one batch of windows, in the calling thread (into ``out`` if given)."""
         h = self.half
         n, transform = self._transform(side)
+        if out is None:
+            out = np.empty((y0.size, side, side), dtype=np.float32)
         if y0.size == 0:
-            return np.zeros((0, side, side), dtype=np.float32)
+            return out
         if isinstance(self.variance, FilledVariance):
             patches = self.variance.windows(y0 - h, x0 - h, n)
         else:
@@ -703,11 +708,10 @@ class DifferenceSnr:
         var = sfft.irfft(rows, n=n, axis=2, workers=1)[:, :, h : h + side]
         np.maximum(var, self.floor, out=var)
         np.sqrt(var, out=var)
-        snr = _patches(self.smoothed, y0, x0, side)
-        np.divide(snr, var, out=snr)
+        np.divide(_patches(self.smoothed, y0, x0, side), var, out=out)
         if self.no_data is not None:
-            snr[_patches(self.no_data, y0, x0, side)] = 0.0
-        return snr
+            out[_patches(self.no_data, y0, x0, side)] = 0.0
+        return out
 
     def blocks(self, by: np.ndarray, bx: np.ndarray) -> np.ndarray:
         """Final S/N (noise factor applied) of blocks (block row and column indices),
@@ -794,10 +798,11 @@ class DifferenceSnr:
         cx = ((np.arange(gx) + 0.5) * nx / gx - side / 2).astype(int).clip(0, nx - side)
         y0, x0 = np.repeat(cy, gx), np.tile(cx, gy)
         values = self._snr(y0, x0, side)
-        keep = np.ones(values.shape, dtype=bool)
         if self.no_data is not None:
-            keep &= ~_patches(self.no_data, y0, x0, side)
-        self.factor = _negative_side_sigma(values[keep])
+            keep = ~_patches(self.no_data, y0, x0, side)
+            if not keep.all():
+                values = values[keep]
+        self.factor = _negative_side_sigma(values.reshape(1, -1))
         return self.factor
 
     def candidates(self, threshold: float) -> np.ndarray:
