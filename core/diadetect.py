@@ -35,7 +35,7 @@ import scipy.fft as sfft
 from scipy import ndimage
 
 from . import order
-from .detection import _find_peaks, _footprint_pixels, _label_image, _local_maxima
+from .detection import _find_peaks, _footprint_pixels, _local_maxima
 from .measure import _negative_side_sigma
 from .parallel import frame_array, n_threads, thread_map
 from .stamps import windows as _patches
@@ -300,12 +300,11 @@ def sparse_peaks(
             np.negative(canvas, out=canvas)
             fillers.reset()
         # `_footprints`, keeping its list of the footprints' pixels
-        pixels, pixel_labels, n, labels = _footprint_pixels(canvas, threshold, min_pixels)
+        pixels, pixel_labels, n, _ = _footprint_pixels(canvas, threshold, min_pixels)
         if n:
-            if labels is None:
-                labels = _label_image(pixels, pixel_labels, canvas.shape)
             fillers.draw_near_deblending(pixels, pixel_labels, sign)
-            peaks = _find_peaks(canvas, labels, n, sigma, prominence)
+            # the footprints' pixels stand for their label image (none is made)
+            peaks = _find_peaks(canvas, None, n, sigma, prominence, pixels, pixel_labels)
             row, col, label = peaks[:, 0], peaks[:, 1], peaks[:, 2]
             # footprints renumbered in raster order of their first pixel on the frame
             prow, pcol = np.divmod(pixels, cnx)
