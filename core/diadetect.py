@@ -241,8 +241,10 @@ def sparse_peaks(
     heights = np.array([min(r[0].stop * size, ny) for r in rects]) - fy0
     widths = np.array([min(r[1].stop * size, nx) for r in rects]) - fx0
     cy0, cx0, cny, cnx = _pack(heights, widths)
-    canvas = np.zeros((cny, cnx), dtype=np.float32)
-    owner = np.full((cny, cnx), -1, dtype=np.int32)
+    canvas = frame_array((cny, cnx), np.float32)
+    canvas.fill(0)
+    owner = frame_array((cny, cnx), np.int32)
+    owner.fill(-1)
     # every block of every rectangle (blocks shared by rectangles once in the batch)
     place = [
         (i, j, m)
@@ -672,7 +674,7 @@ class DifferenceSnr:
         window's transforms are its own, so the values do not depend on the batching."""
         n, _ = self._transform(side)
         batch = batch or max(1, _SNR_BATCH_BYTES // (16 * n * n))
-        out = np.empty((y0.size, side, side), dtype=np.float32)
+        out = frame_array((y0.size, side, side), np.float32)
         threads = max(1, min(n_threads(), y0.size))
         # as many pieces as threads at least (the windows' copies, transforms and
         # divisions all release the GIL), each at most `batch` / threads windows

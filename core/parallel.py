@@ -28,6 +28,7 @@ __all__ = [
     "small_pages_for_arrays",
     "set_memory_policy",
     "frame_array",
+    "HUGE_FRAME_BYTES",
     "MMAP_THRESHOLD",
 ]
 
@@ -169,9 +170,15 @@ def set_memory_policy() -> None:
     small_pages_for_arrays()
 
 
+#: Least size (bytes) of a `frame_array` on huge pages: a few of them, so the partly
+#: used pages at its ends are a small share. Smaller arrays come from the heap, but
+#: heap blocks of MBs are trimmed and faulted in again between calls as often as not.
+HUGE_FRAME_BYTES = 4 << 20
+
+
 def frame_array(shape: tuple[int, ...], dtype) -> Any:
     """An uninitialised array for a frame whose every element is written (a correlated
-    image, a map of unusable pixels): from ``MMAP_THRESHOLD`` bytes on, mapped with
+    image, a map of unusable pixels): from `HUGE_FRAME_BYTES` on, mapped with
     transparent huge pages advised (Linux), so its first writes fault once per 2 MB
     page instead of once per 4 kB one (a 4096 x 4096 float32 frame: ~27 -> ~4 ms of
     CPU here). Not for frames written only in part: each page touched is zeroed whole
@@ -183,7 +190,7 @@ def frame_array(shape: tuple[int, ...], dtype) -> Any:
     for n in shape:
         count *= int(n)
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if count * dtype.itemsize < MMAP_THRESHOLD or advice is None:
+    if count * dtype.itemsize < HUGE_FRAME_BYTES or advice is None:
         return np.empty(shape, dtype=dtype)
     # private: a shared anonymous mapping is shmem, which takes no huge pages by default
     pages = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
