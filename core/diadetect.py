@@ -339,8 +339,10 @@ def sparse_peaks(
 
 
 def _bands(ny: int, size: int) -> list[slice]:
-    """Row bands of whole blocks (about 64 rows) for the threaded frame passes."""
-    rows = size * max(1, 64 // size)
+    """Row bands of whole blocks (about 128 rows) for the threaded frame passes: half
+    as many numpy calls as 64-row bands, temporaries still ~2 MB (4096 wide, two
+    threads: prepare_difference 38.9 -> 32.5 ms, block_extremes 10.8 -> 8.5 ms)."""
+    rows = size * max(1, 128 // size)
     return [slice(y, min(y + rows, ny)) for y in range(0, ny, rows)]
 
 
