@@ -456,11 +456,25 @@ def _local_maxima(snr: np.ndarray, pixels: np.ndarray, half: int):
     return rows[keep], cols[keep]
 
 
-def _find_peaks(snr: np.ndarray, labels: np.ndarray, n: int, sigma: float, prominence: float):
+def _find_peaks(
+    snr: np.ndarray,
+    labels: np.ndarray | None,
+    n: int,
+    sigma: float,
+    prominence: float,
+    pixels: np.ndarray | None = None,
+    pixel_labels: np.ndarray | None = None,
+):
     """Peaks (row, col, label) of each footprint: its maximum, plus other local maxima
-    that rise ``prominence`` above the lowest S/N on the line to a brighter peak."""
-    pixels = np.flatnonzero(labels)
-    pixel_labels = labels.ravel()[pixels]
+    that rise ``prominence`` above the lowest S/N on the line to a brighter peak.
+
+    ``pixels`` (sorted flat indices) and ``pixel_labels``, the footprints' pixels and
+    labels when known, stand for the label image (``labels`` may then be None)."""
+    if pixels is None or pixel_labels is None:
+        assert labels is not None
+        pixels = np.flatnonzero(labels)
+        pixel_labels = labels.ravel()[pixels]
+    nx = snr.shape[1]
     values = snr.ravel()[pixels]
     # brightest pixel of each footprint (the first in raster order on ties)
     best = np.full(n + 1, -np.inf, dtype=values.dtype)
@@ -468,12 +482,12 @@ def _find_peaks(snr: np.ndarray, labels: np.ndarray, n: int, sigma: float, promi
     top = np.flatnonzero(values == best[pixel_labels])
     _, first = np.unique(pixel_labels[top], return_index=True)
     main_flat = pixels[top[first]]
-    main = np.column_stack(np.divmod(main_flat, labels.shape[1])).astype(int)
+    main = np.column_stack(np.divmod(main_flat, nx)).astype(int)
     size = max(3, 2 * int(round(sigma)) + 1)
     rows, cols = _local_maxima(snr, pixels, size // 2)
-    secondary = ~np.isin(rows * labels.shape[1] + cols, main_flat)
+    secondary = ~np.isin(rows * nx + cols, main_flat)
     rows, cols = rows[secondary], cols[secondary]
-    plabel = labels[rows, cols]
+    plabel = pixel_labels[np.searchsorted(pixels, rows * nx + cols)]
     # peaks of footprints with candidate secondaries (brightest first), main peak first
     peaks: dict[int, list[tuple[int, int]]] = {}
     order = np.argsort(-snr[rows, cols])

@@ -282,3 +282,43 @@ def test_sparsely_written_frames_cost_only_the_pages_touched():
     assert grown("set") < 16 << 20  # 128 pages touched, not 256 MB
     if _thp_mode() == "madvise":  # where numpy's advice takes effect, it costs it all
         assert grown("default") > 128 << 20
+
+
+_FRAME_SCRIPT = """
+import resource
+import numpy as np
+from core.parallel import frame_array, set_memory_policy
+
+set_memory_policy()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+frame_array((8, 8), np.float32)  # warm up
+start = faults()
+frame = frame_array((4096, 4096), np.float32)
+frame[...] = np.float32(1.5)
+print(faults() - start, int(frame.sum(dtype=np.float64)), frame.flags.writeable)
+"""
+
+
+def test_a_frame_written_whole_faults_in_huge_pages():
+    # 64 MB in 4 kB pages is 16384 faults; in 2 MB ones (numpy.empty without the
+    # advice, as `small_pages_for_arrays` sets) it is a few dozen
+    import subprocess
+    import sys
+
+    from core.parallel import frame_array
+
+    small = frame_array((3, 5), np.int32)
+    assert small.shape == (3, 5) and small.dtype == np.int32
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", _FRAME_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": root},
+    ).stdout.split()
+    faults, total, writeable = int(out[0]), int(out[1]), out[2]
+    assert total == 4096 * 4096 * 3 // 2 and writeable == "True"
+    if _thp_mode() in ("madvise", "always"):
+        assert faults < 1024
