@@ -33,7 +33,7 @@ import scipy.fft as sfft
 from . import order
 from .exposure import Exposure
 from .kernel import SpatialKernel, term_degrees
-from .parallel import n_threads
+from .parallel import frame_array, n_threads
 
 __all__ = ["convolve_exposure", "correlate_image", "or_filter"]
 
@@ -105,7 +105,7 @@ def _correlate_weighted(
     py, rows = _axis_plan(ny, hy, tile_fft)
     px, cols = _axis_plan(nx, hx, tile_fft)
     transforms = np.stack([_kernel_transform(k, (py, px), dtype) for k in kernels])
-    out = np.empty((ny, nx), dtype=dtype)
+    out = frame_array((ny, nx), dtype)  # every tile writes its core
     tiles = [(r, c) for r in rows for c in cols]
     n_threads = min(_workers(workers), len(tiles))
     fft_workers = 1 if n_threads > 1 else _workers(workers)

@@ -27,6 +27,7 @@ from .background import (
 )
 from .convolve import correlate_image
 from .exposure import Exposure
+from .parallel import frame_array
 from .psf import GaussianPsf, Psf
 
 __all__ = ["measure_sources", "MASKED_FLAG_PLANES"]
@@ -81,8 +82,9 @@ class _Filtered:
     """
 
     def __init__(self, exposure: Exposure, psf: Psf, estimate: _BackgroundMesh):
-        image = np.empty(exposure.shape, dtype=np.float32)
-        no_data = np.empty(image.shape, dtype=bool)
+        # written whole, block by block: huge pages (`frame_array`)
+        image = frame_array(exposure.shape, np.float32)
+        no_data = frame_array(image.shape, bool)
         variance = np.asarray(exposure.variance, dtype=np.float32)
         no_data_bits = exposure.bitmask(["NO_DATA"])
         # usable variances are only counted here: their frame is made only when some
@@ -137,7 +139,7 @@ class _Filtered:
         del variance
         np.maximum(self.smoothed_var, np.float32(1e-30 * fill), out=self.smoothed_var)
         # in place: every frame-sized temporary costs page faults on first touch
-        snr = np.sqrt(self.smoothed_var)
+        snr = np.sqrt(self.smoothed_var, out=frame_array(self.smoothed_var.shape, np.float32))
         np.divide(self.smoothed, snr, out=snr)
         if any_no_data:
             snr[no_data] = 0.0

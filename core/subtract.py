@@ -47,7 +47,7 @@ from .metrics import (
     limiting_magnitude,
     noise_statistics,
 )
-from .parallel import one_blas_thread, split_map, thread_map
+from .parallel import frame_array, one_blas_thread, split_map, thread_map
 from .photometry import psf_fluxes
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf, Psf
 from .psf_estimate import estimate_psf
@@ -546,7 +546,7 @@ class _SubtractBase(Task):
         """minuend - b - matched (b if subtracted), refined; returns (difference, background)."""
         # the difference's planes are written from the operands (no copy of the minuend
         # first): the same numbers as copy, subtract the background, subtract in place
-        image = np.empty_like(minuend.image)
+        image = frame_array(minuend.image.shape, minuend.image.dtype)
         if self.config.do_subtract_background:
             background.add_to(image, minuend.xy0, scale=-1.0, source=minuend.image)
         else:
