@@ -170,20 +170,29 @@ print(int(set_), dropped, MMAP_THRESHOLD)
 """
 
 
-def test_large_blocks_are_returned_to_the_system_when_freed():
-    """In a fresh process (as the CLI and the worker call it, at start)."""
+def _fresh_process(script: str, *args: str) -> list[str]:
+    """The words a script prints, run in a fresh interpreter on this checkout (the
+    memory settings are process-wide)."""
     import subprocess
     import sys
 
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    return out.stdout.split()
+
+
+def test_large_blocks_are_returned_to_the_system_when_freed():
+    """In a fresh process (as the CLI and the worker call it, at start)."""
+    import sys
+
     def run(mode):
-        out = subprocess.run(
-            [sys.executable, "-c", _FREED_BLOCK_SCRIPT, mode],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        ).stdout.split()
-        return [int(v) for v in out]
+        return [int(v) for v in _fresh_process(_FREED_BLOCK_SCRIPT, mode)]
 
     was_set, dropped, threshold = run("set")
     if not sys.platform.startswith("linux"):
@@ -218,18 +227,8 @@ def test_freed_heap_blocks_are_reused_without_faulting_again():
     # with a fixed mmap threshold glibc would trim every freed MB-sized block at the
     # top of the heap (128 kB trim threshold), and 50 such blocks would fault in 50 x
     # 1024 pages; a separate process, since the setting is process-wide
-    import subprocess
-    import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-c", _REUSE_SCRIPT],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": root},
-    )
-    faults = int(out.stdout.split()[-1])
+    faults = int(_fresh_process(_REUSE_SCRIPT)[-1])
     if faults < 0:
         return  # not glibc: nothing to check
     assert faults < 5 * 1024
@@ -264,20 +263,9 @@ def _thp_mode() -> str:
 def test_sparsely_written_frames_cost_only_the_pages_touched():
     # numpy advises huge pages for large arrays: one byte written would then zero and
     # hold a whole 2 MB page, and a sparse label image would cost its full size
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def grown(mode: str) -> int:
-        out = subprocess.run(
-            [sys.executable, "-c", _SPARSE_TOUCH_SCRIPT, mode],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONPATH": root},
-        )
-        return int(out.stdout.split()[-1])
+        return int(_fresh_process(_SPARSE_TOUCH_SCRIPT, mode)[-1])
 
     assert grown("set") < 16 << 20  # 128 pages touched, not 256 MB
     if _thp_mode() == "madvise":  # where numpy's advice takes effect, it costs it all
@@ -303,21 +291,12 @@ print(faults() - start, int(frame.sum(dtype=np.float64)), frame.flags.writeable)
 def test_a_frame_written_whole_faults_in_huge_pages():
     # 64 MB in 4 kB pages is 16384 faults; in 2 MB ones (numpy.empty without the
     # advice, as `small_pages_for_arrays` sets) it is a few dozen
-    import subprocess
-    import sys
 
     from core.parallel import frame_array
 
     small = frame_array((3, 5), np.int32)
     assert small.shape == (3, 5) and small.dtype == np.int32
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-c", _FRAME_SCRIPT],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": root},
-    ).stdout.split()
+    out = _fresh_process(_FRAME_SCRIPT)
     faults, total, writeable = int(out[0]), int(out[1]), out[2]
     assert total == 4096 * 4096 * 3 // 2 and writeable == "True"
     if _thp_mode() in ("madvise", "always"):
