@@ -11,6 +11,7 @@ installed here). Labelling, distance transforms and filters are `scipy.ndimage`'
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from astropy.table import Table
@@ -270,6 +271,7 @@ def detect_sources(
     grow_sigma: float = 2.4,
     background=None,
     measure: bool = True,
+    before_measure: Callable[[], object] | None = None,
 ) -> Table:
     """Detect sources above a threshold in units of the local noise.
 
@@ -304,6 +306,11 @@ def detect_sources(
     measure : bool
         Find peaks and measure them; when False only the footprints are made (mask
         planes and segmentation images) and the table has no rows.
+    before_measure : callable or None
+        Called once, with no arguments, when the mask planes are final and before the
+        peaks are measured: a caller's work that needs the planes (variance scaling)
+        runs there, so that the measurement, the tail of the detection, can use the
+        cores other work has left by then.
 
     Returns
     -------
@@ -326,8 +333,9 @@ def detect_sources(
     if background is None:
         background = background_estimate(exposure, config)
     estimate = background
+    hook = _Once(before_measure)
     if given is not None and config.smooth_with_psf:
-        table = _detect_pass(exposure, config, given, estimate, grow_sigma, set_mask, measure)
+        table = _detect_pass(exposure, config, given, estimate, grow_sigma, set_mask, measure, hook)
     else:
         first = GaussianPsf(_DEFAULT_SMOOTH_SIGMA)
         # the first pass only measures the sources' sizes: on a large frame, the
@@ -338,10 +346,25 @@ def detect_sources(
             sigma = max(0.5, min(sigma, 20.0))
         if table is None or abs(sigma / _DEFAULT_SMOOTH_SIGMA - 1) > 0.15 or set_mask:
             model = GaussianPsf(max(0.5, min(sigma, 20.0)))
-            table = _detect_pass(exposure, config, model, estimate, grow_sigma, set_mask, measure)
+            table = _detect_pass(
+                exposure, config, model, estimate, grow_sigma, set_mask, measure, hook
+            )
         if given is not None:
             table.meta["psf_sigma"] = _psf_sigma(given)
+    hook()  # when the first pass's catalog was kept
     return table
+
+
+class _Once:
+    """A callable that calls ``function`` (if any) the first time only."""
+
+    def __init__(self, function: Callable[[], object] | None) -> None:
+        self._function = function
+
+    def __call__(self) -> None:
+        function, self._function = self._function, None
+        if function is not None:
+            function()
 
 
 def background_estimate(exposure: Exposure, config: DetectionConfig | None = None):
@@ -514,7 +537,14 @@ def _find_peaks(
 
 
 def _detect_pass(
-    exposure, config, psf, estimate, grow_sigma, set_mask, measure: bool = True
+    exposure,
+    config,
+    psf,
+    estimate,
+    grow_sigma,
+    set_mask,
+    measure: bool = True,
+    before_measure: Callable[[], object] = lambda: None,
 ) -> Table:
     filtered = _Filtered(exposure, psf, estimate)
     sigma = _psf_sigma(psf)
@@ -573,6 +603,7 @@ def _detect_pass(
             np.bitwise_or(block, det_bit, out=block, where=grown[rows] > 0)
             if n_neg:
                 np.bitwise_or(block, neg_bit, out=block, where=grown_neg[rows] > 0)
+    before_measure()
     x0, y0 = exposure.xy0
     table = _empty_detection_table()
     table.meta.update(

@@ -283,16 +283,28 @@ class _SubtractBase(Task):
         # detection on both images sets DETECTED, which variance scaling, sky sources and
         # the noise metrics rely on, so it runs even when the caller gives the catalog;
         # only the science catalog is used, so the template's sources are not measured
+        scales = []
+
+        def scale() -> None:
+            if self.config.do_scale_variance:
+                scales.append(scale_variance(exposure, self.config.scale_variance))
+
+        # the variance is scaled as soon as DETECTED is set, before the science's
+        # sources are measured: the template's preparation has ended by then, and
+        # the measurement takes both cores (the catalog's S/N is against the
+        # unscaled variance either way: its filtered planes are made before)
         detected = detect_sources(
-            exposure, detection, psf=exposure.psf, background=mesh, measure=label == "science"
+            exposure,
+            detection,
+            psf=exposure.psf,
+            background=mesh,
+            measure=label == "science",
+            before_measure=scale,
         )
         # drop its segmentation images now: the other input's preparation may still run
         detected = _without_frame_meta(detected)
         del mesh
-        scale = None
-        if self.config.do_scale_variance:
-            scale = scale_variance(exposure, self.config.scale_variance)
-        return _Prepared(detected, scale, header_key)
+        return _Prepared(detected, scales[0] if scales else None, header_key)
 
     def _find_psf(
         self, exposure: Exposure, label: str, background=None, detected=None

@@ -217,6 +217,68 @@ def test_detection_flags():
     )
 
 
+def test_before_measure_runs_once_with_the_final_planes_and_does_not_change_the_catalog(
+    field, monkeypatch
+):
+    # the preparation scales the variance in this hook: it must see DETECTED as the
+    # detection leaves it, run before any source is measured, once on either path
+    # (matched filter; generic first pass then a second pass), and change nothing
+    import core.detection as detection
+
+    psf, exposure, x, y, flux = field
+    measure = detection._measure
+    for smooth in (True, False):
+        config = DetectionConfig(smooth_with_psf=smooth)
+        plain, hooked = exposure.copy(), exposure.copy()
+        calls = []
+
+        def counted(*args, **kwargs):
+            calls.append("measure")
+            return measure(*args, **kwargs)
+
+        def hook(work=hooked):
+            calls.append(("hook", work.masked(["DETECTED"]).copy()))
+            work.variance *= np.float32(4.0)  # what variance scaling does
+
+        monkeypatch.setattr(detection, "_measure", measure)
+        table = detect_sources(plain, config, psf=psf)
+        monkeypatch.setattr(detection, "_measure", counted)
+        hooked_table = detect_sources(hooked, config, psf=psf, before_measure=hook)
+        hooks = [c for c in calls if c != "measure"]
+        assert len(hooks) == 1 and calls[-1] == "measure"
+        assert calls.index(hooks[0]) == len(calls) - 2  # right before the last measurement
+        np.testing.assert_array_equal(hooks[0][1], hooked.masked(["DETECTED"]))
+        np.testing.assert_array_equal(hooked.mask, plain.mask)
+        assert hooked_table.colnames == table.colnames
+        for name in table.colnames:
+            np.testing.assert_array_equal(hooked_table[name], table[name])
+    # without measurement the hook still runs, once
+    calls = []
+    detect_sources(exposure.copy(), psf=psf, measure=False, before_measure=lambda: calls.append(1))
+    assert calls == [1]
+
+
+def test_measurement_split_among_threads_equals_one_pass(field, monkeypatch):
+    # sources are measured in chunks on several threads: every column must be the one
+    # a single pass over all sources gives
+    import core.measure as measure
+
+    psf, exposure, x, y, flux = field
+    monkeypatch.setattr(measure, "n_threads", lambda workers=None: 1)
+    whole = detect_sources(exposure.copy(), psf=psf)
+    monkeypatch.setattr(measure, "n_threads", lambda workers=None: workers or 3)
+    monkeypatch.setattr(measure, "_SOURCES_PER_THREAD", 50)
+    chunks = []
+    one_chunk = measure._measure_stamps
+    monkeypatch.setattr(
+        measure, "_measure_stamps", lambda *a: chunks.append(len(a[2])) or one_chunk(*a)
+    )
+    split = detect_sources(exposure.copy(), psf=psf)
+    assert len(chunks) == 3 and sum(chunks) == len(whole) > 150
+    for name in whole.colnames:
+        np.testing.assert_array_equal(split[name], whole[name])
+
+
 def test_detection_without_psf_and_with_wrong_variance(field):
     psf, exposure, x, y, flux = field
     # a unit variance plane: the S/N is renormalised by the measured noise
