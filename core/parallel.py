@@ -24,6 +24,7 @@ __all__ = [
     "n_threads",
     "thread_map",
     "split_map",
+    "alongside",
     "task_pool",
     "InlineExecutor",
     "set_thread_limit",
@@ -119,6 +120,38 @@ def split_map(function: Callable[[T], R], items: Iterable[T]):
 
     with ThreadPoolExecutor(max_workers=count) as pool:
         return list(pool.map(run, items))
+
+
+@contextmanager
+def alongside(function: Callable[[], R]) -> Iterator[Future]:
+    """Run ``function`` on another thread while the caller's block runs, the cores split
+    between the two as `split_map` splits them (whichever is left takes all); the
+    future of its result is waited for on leaving. The caller's block stays on the
+    calling thread (progress reports, for one, are made there). With one thread
+    allowed, ``function`` runs first, in the caller's thread."""
+    count = min(n_threads(), 2)
+    if count <= 1:
+        yield InlineExecutor().submit(function)
+        return
+    split = _Split(n_threads(), 2, 2)
+    previous = getattr(_local, "split", None)
+
+    def run() -> R:
+        _local.split = split
+        try:
+            return function()
+        finally:
+            _local.split = None
+            split.finished()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(run)
+        _local.split = split
+        try:
+            yield future
+        finally:
+            _local.split = previous
+            split.finished()
 
 
 def thread_map(function: Callable[[T], R], items: Iterable[T], workers: int | None = None):

@@ -47,7 +47,7 @@ from .metrics import (
     limiting_magnitude,
     noise_statistics,
 )
-from .parallel import frame_array, one_blas_thread, split_map, thread_map
+from .parallel import alongside, frame_array, one_blas_thread, split_map, thread_map
 from .photometry import psf_fluxes
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf, Psf
 from .psf_estimate import estimate_psf
@@ -962,21 +962,24 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 sources = _without_frame_meta(self._prepare_inputs(template, science, sources))
                 preconv_kernel = self._preconvolution_kernel(science)
                 self.metadata["convolvedExposure"] = "Preconvolution"
-            with self.timer("preconvolve"):
-                matched_science = self._convolve(self._fill_bad(science), preconv_kernel)
             self.metadata["preconvolvedSciencePsfSize"] = math.sqrt(2.0) * self.science_fwhm
             try:
                 if self.config.preconvolve_via_difference and _template_is_sharper(
                     template, science, self.template_fwhm, self.science_fwhm
                 ):
-                    with self.timer("select"):
-                        kernel_sources = self._select_sources(
-                            template, science, sources, self.science_fwhm
+                    # the fit is between the images as they are: P * S is made beside the
+                    # selection and the fit, which leave a core mostly idle
+                    with alongside(lambda: self._preconvolve(science, preconv_kernel)) as made:
+                        with self.timer("select"):
+                            kernel_sources = self._select_sources(
+                                template, science, sources, self.science_fwhm
+                            )
+                        solution = self._fit_template_to_science(
+                            template, science, kernel_sources, preconv_kernel
                         )
-                    result = self.run_preconvolve_via_difference(
-                        template, science, matched_science, kernel_sources, preconv_kernel
-                    )
+                    result = self._score(template, science, made.result(), solution, preconv_kernel)
                 else:
+                    matched_science = self._preconvolve(science, preconv_kernel)
                     with self.timer("select"):
                         half = preconv_kernel.shape[0] // 2
                         # stars in P * S have the PSF seen through P: the variability
@@ -1020,30 +1023,46 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         score / sqrt(variance) is an honest S/N; the ratio before goes to the metrics
         and, when large, to the verdict.
         """
-        good = ~score.masked(NOISE_MASK_PLANES) & ~self.source_mask
-        good &= np.isfinite(score.image) & np.isfinite(score.variance) & (score.variance > 0)
-        n_good = int(np.count_nonzero(good))
-        if n_good < 100:
-            return
         step = max(1, (1 << 20) // max(score.width, 1))
         blocks = [slice(y, y + step) for y in range(0, score.height, step)]
+        bits = score.bitmask(NOISE_MASK_PLANES)
+
+        def good_rows(rows: slice) -> np.ndarray:
+            """Sky pixels with a usable score and variance, in a block of rows."""
+            image, variance = score.image[rows], score.variance[rows]
+            keep = ~self.source_mask[rows]
+            if bits:
+                keep &= (score.mask[rows] & bits) == 0
+            keep &= np.isfinite(image)
+            keep &= np.isfinite(variance)
+            keep &= variance > 0
+            return keep
+
+        # blocks of rows on all cores: each pass is a few whole-frame operations
+        good = thread_map(good_rows, blocks)
+        counts = [int(np.count_nonzero(keep)) for keep in good]
+        n_good = sum(counts)
+        if n_good < 100:
+            return
+        starts = np.concatenate([[0], np.cumsum(counts)])
 
         def pulls(floor: float) -> np.ndarray:
             """score / sqrt(variance + floor) on the good pixels, computed in float64 a block
             of rows at a time and kept in float32 (half a float64 frame at the run's peak;
-            its robust std moves by round-off, ~1e-7)."""
+            its robust std moves by round-off, ~1e-7), in frame order."""
             z = np.empty(n_good, dtype=np.float32)
-            k = 0
-            for rows in blocks:
-                keep = good[rows]
+
+            def block(k: int) -> None:
+                rows, keep = blocks[k], good[k]
                 part = score.image[rows][keep].astype(np.float64)
                 scale = score.variance[rows][keep].astype(np.float64)
                 if floor:
                     scale += floor
                 np.sqrt(scale, out=scale)
                 part /= scale
-                z[k : k + part.size] = part
-                k += part.size
+                z[starts[k] : starts[k + 1]] = part
+
+            thread_map(block, range(len(blocks)))
             return z
 
         ratio = float(order.mad_std(pulls(0.0), consume=True))
@@ -1057,7 +1076,13 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         def excess(floor: float) -> float:
             return float(order.mad_std(pulls(floor), consume=True)) - 1.0
 
-        sample = score.variance[::4, ::4][good[::4, ::4]]  # the bracket needs no precision
+        # every 4th row and column: the bracket needs no precision
+        sample = np.concatenate(
+            [
+                score.variance[rows][-rows.start % 4 :: 4, ::4][keep[-rows.start % 4 :: 4, ::4]]
+                for rows, keep in zip(blocks, good, strict=True)
+            ]
+        )
         upper = float(order.median(sample, consume=True)) * ratio**2 if sample.size else 1.0
         for _ in range(60):
             if excess(upper) <= 0.0:
@@ -1123,15 +1148,12 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
             )
         return self._score(template, science, matched_science, solution, preconv_kernel)
 
-    def run_preconvolve_via_difference(
-        self, template, science, matched_science, kernel_sources, preconv_kernel
-    ) -> SubtractionResult:
-        """Fit K * T + b ~ S (T sharper), then score = P * S - (K then P) * T (- b).
-
-        The same score as `run_preconvolve`, whose kernel is K followed by P exactly,
-        but K is fitted where it is smallest and best constrained: between the two
-        images as they are (smaller kernel and stamps, more usable stars). Rubin's
-        preconvolution exists to avoid deconvolving when the science is sharper.
+    def _fit_template_to_science(self, template, science, kernel_sources, preconv_kernel):
+        """Fit K * T + b ~ S (T sharper) and return it with K followed by P: the score
+        P * S - (K then P) * T (- b) is `run_preconvolve`'s, whose kernel is K followed
+        by P exactly, but K is fitted where it is smallest and best constrained: between
+        the two images as they are (smaller kernel and stamps, more usable stars).
+        Rubin's preconvolution exists to avoid deconvolving when the science is sharper.
         """
         self.metadata["preconvolveKernelFit"] = "templateToScience"
         with self.timer("fit"):
@@ -1144,7 +1166,12 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 _intersect(template.bbox, science.bbox),
             )
         solution.kernel = solution.kernel.followed_by(preconv_kernel)
-        return self._score(template, science, matched_science, solution, preconv_kernel)
+        return solution
+
+    def _preconvolve(self, science: Exposure, preconv_kernel: np.ndarray) -> Exposure:
+        """P * S (bad pixels filled first)."""
+        with self.timer("preconvolve"):
+            return self._convolve(self._fill_bad(science), preconv_kernel)
 
     def _score(
         self, template, science, matched_science, solution, preconv_kernel

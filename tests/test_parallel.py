@@ -11,6 +11,7 @@ import pytest
 
 from core.convolve import correlate_image
 from core.parallel import (
+    alongside,
     n_threads,
     set_thread_limit,
     split_map,
@@ -114,6 +115,54 @@ def test_split_map_gives_the_last_job_running_all_the_cores():
     first, second = split_map(job, range(2))
     assert first == [max(1, cores // 2)]
     assert second == [max(1, cores // 2), cores]
+
+
+def test_alongside_shares_the_cores_with_the_callers_block():
+    """alongside: the function runs on another thread while the caller's block runs on
+    the calling thread, each with its share of the cores; once the block has ended the
+    function gets them all. With the cap at 1 it runs first, in the caller's thread.
+    Its result and its error come back through the future."""
+    cores = _cores()
+    me = threading.get_ident()
+    both = threading.Barrier(min(2, cores), timeout=10)
+    block_done = threading.Event()
+    if cores == 1:  # the function runs before the block: nothing to wait for
+        block_done.set()
+
+    def background() -> tuple[int, int, int]:
+        both.wait()  # the caller's block is running
+        during = n_threads()
+        both.wait()
+        block_done.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while n_threads() != cores and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return threading.get_ident(), during, n_threads()
+
+    previous = n_threads()
+    with alongside(background) as made:
+        both.wait()
+        mine = n_threads()
+        both.wait()
+        block_done.set()
+    assert n_threads() == previous  # the caller's own count is restored
+    ident, during, after = made.result()
+    if cores > 1:
+        assert ident != me
+        assert mine == during == max(1, cores // 2)
+        assert after == cores
+    with alongside(lambda: int("bad")) as failed:
+        pass
+    with pytest.raises(ValueError, match="bad"):
+        failed.result()
+    try:
+        set_thread_limit(1)
+        order: list[str] = []
+        with alongside(lambda: order.append("function") or threading.get_ident()) as made:
+            order.append("block")
+        assert order == ["function", "block"] and made.result() == me
+    finally:
+        set_thread_limit(None)
 
 
 def test_task_pool_runs_beside_the_caller_or_in_its_thread_when_capped():

@@ -235,17 +235,18 @@ def test_bad_template_pixels_take_their_nearest_good_value():
 
 def test_score_noise_floor_equals_float64_reference():
     """The noise floor kept in float32 pulls gives the float64 computation's ratio and
-    floor to round-off (score scatter 1.6x its propagated noise, a masked corner)."""
+    floor to round-off (score scatter 1.6x its propagated noise, a masked corner; wide
+    enough for several blocks of rows)."""
     from astropy.stats import mad_std
 
     from core.exposure import Exposure
 
     rng = np.random.default_rng(5)
-    shape = (300, 400)
+    shape = (300, 4000)
     variance = rng.uniform(1.0, 3.0, shape).astype(np.float32)
     image = (1.6 * rng.normal(size=shape) * np.sqrt(variance)).astype(np.float32)
     score = Exposure.from_arrays(image, variance.copy())
-    score.set_plane("BAD", np.pad(np.ones((20, 30), bool), ((0, 280), (0, 370))))
+    score.set_plane("BAD", np.pad(np.ones((20, 30), bool), ((0, 280), (0, 3970))))
     task = AlardLuptonPreconvolveSubtractTask(SubtractionConfig())
     task.source_mask = np.zeros(shape, bool)
     task.source_mask[100:110, 200:215] = True

@@ -232,11 +232,11 @@ def test_before_measure_runs_once_with_the_final_planes_and_does_not_change_the_
         plain, hooked = exposure.copy(), exposure.copy()
         calls = []
 
-        def counted(*args, **kwargs):
+        def counted(*args, calls=calls, **kwargs):
             calls.append("measure")
             return measure(*args, **kwargs)
 
-        def hook(work=hooked):
+        def hook(work=hooked, calls=calls):
             calls.append(("hook", work.masked(["DETECTED"]).copy()))
             work.variance *= np.float32(4.0)  # what variance scaling does
 
