@@ -47,7 +47,14 @@ from .metrics import (
     limiting_magnitude,
     noise_statistics,
 )
-from .parallel import alongside, frame_array, one_blas_thread, split_map, thread_map
+from .parallel import (
+    alongside,
+    frame_array,
+    frame_copy,
+    one_blas_thread,
+    split_map,
+    thread_map,
+)
 from .photometry import psf_fluxes
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf, Psf
 from .psf_estimate import estimate_psf
@@ -1292,8 +1299,8 @@ def _working_copy(exposure: Exposure) -> Exposure:
     return replace(
         exposure,
         image=image,
-        variance=exposure.variance.copy(),
-        mask=exposure.mask.copy(),
+        variance=frame_copy(exposure.variance),
+        mask=frame_copy(exposure.mask),
         mask_planes=exposure.mask_planes.copy(),
         metadata=copy.deepcopy(exposure.metadata),
     )

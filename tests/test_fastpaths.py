@@ -333,11 +333,17 @@ def test_cell_blended_decorrelation_equals_per_node_whole_frame_filtering(comple
     np.testing.assert_allclose(got, variance, rtol=2e-5)
 
 
-def test_working_copy_shares_the_image_read_only_and_never_writes_the_input():
+@pytest.mark.parametrize("shape", [(20, 30), (1100, 1000)])  # heap; mapped (frame_copy)
+def test_working_copy_shares_the_image_read_only_and_never_writes_the_input(shape):
     rng = np.random.default_rng(10)
-    exposure = Exposure.from_arrays(rng.normal(size=(20, 30)), psf=GaussianPsf(1.5))
+    exposure = Exposure.from_arrays(rng.normal(size=shape).astype(np.float32), psf=GaussianPsf(1.5))
+    exposure.mask[::7] |= 5
     before = exposure.copy()
     work = _working_copy(exposure)
+    np.testing.assert_array_equal(work.variance, exposure.variance)
+    np.testing.assert_array_equal(work.mask, exposure.mask)
+    assert work.variance.dtype == exposure.variance.dtype
+    assert work.mask.dtype == exposure.mask.dtype
     assert np.shares_memory(work.image, exposure.image)
     with pytest.raises(ValueError):
         work.image[0, 0] = 1.0
