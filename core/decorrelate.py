@@ -1012,24 +1012,37 @@ def _decorrelate_on_grid(
                 ]
             image_out = corrected[r0:r1, c0:c1]  # cells do not overlap: safe across threads
             variance_out = variance[r0:r1, c0:c1]
-            for jn in row_nodes:
-                for i_n in col_nodes:
-                    weight = tent_y[r0:r1, jn, None] * tent_x[None, c0:c1, i_n]
-                    node = filters[jn * nodes_x.size + i_n]
-                    entry = spectra[jn][i_n]
-                    filtered = sfft.irfft2(data * entry[0], s=shape, workers=1)[core]
-                    filtered *= weight
-                    image_out += filtered
-                    if complete:
+            # the tents are separable: the corner nodes of a column share the inverse
+            # transform along x (each one's along y, cut to the cell's rows and weighted
+            # by its tent in y, is summed first): half the x passes, on the core rows only
+            for i_n in col_nodes:
+                rows_sum = None
+                for jn in row_nodes:
+                    part = sfft.ifft(data * spectra[jn][i_n][0], axis=0, workers=1)
+                    part = part[h : h + r1 - r0]
+                    part *= tent_y[r0:r1, jn, None]
+                    if rows_sum is None:
+                        rows_sum = part
+                    else:
+                        rows_sum += part
+                filtered = sfft.irfft(rows_sum, n=shape[1], axis=1, workers=1)
+                filtered = filtered[:, h : h + c1 - c0]
+                filtered *= tent_x[None, c0:c1, i_n]
+                image_out += filtered
+            if complete:
+                for jn in row_nodes:
+                    for i_n in col_nodes:
+                        weight = tent_y[r0:r1, jn, None] * tent_x[None, c0:c1, i_n]
+                        node = filters[jn * nodes_x.size + i_n]
                         total = None
                         for part, hole, mean, spectrum in zip(
-                            parts, holes, (node.v1, node.v2), entry[1:], strict=True
+                            parts, holes, (node.v1, node.v2), spectra[jn][i_n][1:], strict=True
                         ):
                             filled = part if hole is None else part + np.float32(mean) * hole
                             term = filled * spectrum
                             total = term if total is None else total + term
                         variance_out += weight * sfft.irfft2(total, s=shape, workers=1)[core]
-            if not complete:
+            else:
                 # the blended weights of the two variance planes: sum over the corners of
                 # tent_y tent_x w, one (rows, 2) x (2, 2) x (2, cols) product per plane
                 rows, cols = tent_y[r0:r1][:, row_nodes], tent_x[c0:c1][:, col_nodes].T

@@ -454,7 +454,8 @@ def _varying_score_case():
 @pytest.mark.parametrize("score_form", [False, True])
 def test_cut_filters_match_uncut_reference(monkeypatch, spatially_varying, complete, score_form):
     """Stamps cut where every dropped value is below 1e-7 of the peak give the image and
-    variance of the uncut filters on the generous (4 k + 1) grid to 1e-5 of the noise,
+    variance of the uncut filters on the generous (4 k + 1) grid to 1e-5 of the noise
+    (or float32 round-off of bright values),
     and the whitened score or difference keeps unit noise ratio."""
     import core.decorrelate as decorrelate
 
@@ -471,7 +472,9 @@ def test_cut_filters_match_uncut_reference(monkeypatch, spatially_varying, compl
     monkeypatch.setattr(decorrelate, "_TAIL_FRACTION", 0.0)  # nothing is below 0: no cut
     reference = decorrelate_difference(dif, sci, tmp, kernel, **kwargs)
     sigma = np.sqrt(reference.variance)
-    assert np.abs(cut.image - reference.image).max() < 1e-5 * sigma.min()
+    # to 1e-5 of the noise, or a few float32 steps of the value (the residual's peak)
+    tolerance = 1e-5 * sigma.min() + 8 * np.finfo(np.float32).eps * np.abs(reference.image)
+    assert np.all(np.abs(cut.image - reference.image) < tolerance)
     assert np.abs(cut.variance / reference.variance - 1.0).max() < 1e-5
     assert np.allclose(
         cut.psf.kernel_image(30, 200), reference.psf.kernel_image(30, 200), atol=1e-7
