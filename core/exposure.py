@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import InvalidExposureError, PsfError
+from .parallel import frame_array
 
 if TYPE_CHECKING:
     from astropy.wcs import WCS
@@ -270,15 +271,28 @@ class Exposure:
     def bitmask(self, names) -> int:
         return self.mask_planes.get_bitmask(names)
 
+    def any_masked(self, names) -> bool:
+        """Whether any pixel has one of the named planes set (`masked(names).any()`,
+        block by block, stopping at the first hit)."""
+        bits = self.bitmask(names)
+        if not bits:
+            return False
+        step = max(1, _BLOCK_PIXELS // max(self.mask.shape[-1], 1))
+        return any(
+            bool(np.any(self.mask[y : y + step] & np.int32(bits)))
+            for y in range(0, self.mask.shape[0], step)
+        )
+
     def masked(self, names) -> np.ndarray:
         """Boolean array: True where any of the named planes is set.
 
-        Computed a block of rows at a time: no frame-sized integer temporary.
+        Computed a block of rows at a time: no frame-sized integer temporary; the
+        result is written whole, so a large one is on huge pages (`frame_array`).
         """
         bits = self.bitmask(names)
         if not bits:
             return np.zeros(self.shape, dtype=bool)
-        out = np.empty(self.shape, dtype=bool)
+        out = frame_array(self.shape, bool)
         step = max(1, _BLOCK_PIXELS // max(self.mask.shape[-1], 1))
         for y in range(0, self.mask.shape[0], step):
             np.not_equal(self.mask[y : y + step] & np.int32(bits), 0, out=out[y : y + step])

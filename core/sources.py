@@ -23,7 +23,7 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 from scipy.stats import qmc
 
-from .background import BACKGROUND_IGNORE_PLANES, background_map
+from .background import BACKGROUND_IGNORE_PLANES, _row_blocks, background_map
 from .config import SourcesConfig
 from .detection import detect_sources
 from .errors import InsufficientSourcesError, InvalidCatalogError
@@ -468,13 +468,14 @@ def sky_sources(
     `astropy.table.Table`
         Columns ``x``, ``y`` (parent), ``radius``, ``sky_source`` (True).
     """
-    if detect_if_needed and not exposure.masked(["DETECTED"]).any():
+    if detect_if_needed and not exposure.any_masked(["DETECTED"]):
         work = exposure.copy()
         detect_sources(work, set_mask=True)
         avoid = work.masked(avoid_planes)
     else:
-        avoid = exposure.masked(avoid_planes).copy()
-    avoid |= ~np.isfinite(exposure.image)
+        avoid = exposure.masked(avoid_planes)
+    for rows in _row_blocks(avoid.shape[0]):  # no frame-sized temporary
+        avoid[rows] |= ~np.isfinite(exposure.image[rows])
     ny, nx = exposure.shape
     x0, y0 = exposure.xy0
     r_in = int(math.ceil(radius))

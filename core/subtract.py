@@ -571,11 +571,15 @@ class _SubtractBase(Task):
         else:
             np.copyto(image, minuend.image)
         image -= matched.image
+        dtype = np.result_type(minuend.variance, matched.variance)
+        variance = np.add(
+            minuend.variance, matched.variance, out=frame_array(minuend.variance.shape, dtype)
+        )
         difference = replace(
             minuend,
             image=image,
-            variance=np.add(minuend.variance, matched.variance),
-            mask=minuend.mask.copy(),
+            variance=variance,
+            mask=frame_copy(minuend.mask),
             mask_planes=minuend.mask_planes.copy(),
             metadata=copy.deepcopy(minuend.metadata),
         )

@@ -71,3 +71,18 @@ def test_photo_calib_zero_point_round_trip():
     calib = PhotoCalib.from_zero_point(27.0)
     assert calib.zero_point == pytest.approx(27.0)
     assert PhotoCalib(1.0).zero_point == pytest.approx(31.4)
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (2100, 2050)])  # heap; huge-page frame
+def test_masked_and_any_masked_equal_the_per_pixel_bit_test(shape):
+    exposure = Exposure.from_arrays(np.zeros(shape, np.float32))
+    sat, det = exposure.mask_planes.value("SAT"), exposure.mask_planes.value("DETECTED")
+    assert not exposure.any_masked(["SAT", "DETECTED"])
+    assert not exposure.any_masked(["NOT_A_PLANE"])
+    exposure.mask[-1, -1] |= det  # the last pixel of the last block only
+    exposure.mask[::7, ::5] |= sat
+    for names in (["SAT"], ["DETECTED"], ["SAT", "DETECTED"], ["CR"]):
+        bits = exposure.bitmask(names)
+        expected = (exposure.mask & bits) != 0
+        np.testing.assert_array_equal(exposure.masked(names), expected)
+        assert exposure.any_masked(names) == bool(expected.any())
