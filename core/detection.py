@@ -31,6 +31,7 @@ from .measure import (
     _psf_sigma,
     _resolve_psf,
 )
+from .parallel import frame_array, frame_zeros
 from .psf import GaussianPsf, Psf, stellar_locus
 
 __all__ = ["detect_sources", "background_estimate", "DetectionMemo"]
@@ -48,26 +49,33 @@ def _footprints(
     min_pixels: int,
     negative: bool = False,
     out: np.ndarray | None = None,
+    out_zeroed: bool = False,
 ) -> tuple[np.ndarray, int]:
     """Labels of 8-connected pieces with ``snr >= threshold`` (``<= -threshold`` when
     ``negative``) of at least ``min_pixels`` pixels, numbered in raster order; written
-    into ``out`` (int32, reused between passes) when given."""
+    into ``out`` (int32, reused between passes) when given (``out_zeroed``: it holds
+    zeros, which are then not written again)."""
     where, values, n, labels = _footprint_pixels(snr, threshold, min_pixels, negative, out)
     if labels is None:
-        labels = _label_image(where, values, snr.shape, out)
+        labels = _label_image(where, values, snr.shape, out, out_zeroed)
     return labels, n
 
 
 def _label_image(
-    where: np.ndarray, values: np.ndarray, shape: tuple[int, int], out: np.ndarray | None = None
+    where: np.ndarray,
+    values: np.ndarray,
+    shape: tuple[int, int],
+    out: np.ndarray | None = None,
+    out_zeroed: bool = False,
 ) -> np.ndarray:
     """The int32 label image holding ``values`` at flat indices ``where`` (0 elsewhere),
-    in ``out`` when given."""
+    in ``out`` when given (cleared first unless ``out_zeroed``)."""
     if out is None:
         labels = np.zeros(shape, dtype=np.int32)  # calloc: only touched pages cost
     else:
         labels = out
-        labels.fill(0)
+        if not out_zeroed:
+            labels.fill(0)
     labels.ravel()[where] = values
     return labels
 
@@ -95,10 +103,9 @@ def _footprint_pixels(snr, threshold, min_pixels, negative=False, out=None):
     else:
         above = snr <= -threshold if negative else snr >= threshold
         structure = np.ones((3, 3), dtype=bool)
-        if out is None:
-            labels, n = ndimage.label(above, structure=structure)
-        else:
-            labels, n = out, ndimage.label(above, structure=structure, output=out)
+        # the label image is written whole: on huge pages unless a buffer is given
+        labels = frame_array(snr.shape, np.int32) if out is None else out
+        n = ndimage.label(above, structure=structure, output=labels)
         values = labels.ravel()[where]
         del above
     # count and relabel only the (few) pixels above threshold, not the whole frame
@@ -571,7 +578,16 @@ def _detect_pass(
     # fresh (calloc'd) label images: a sparse labelling writes only the pages its
     # footprints touch, so most of such a frame costs no memory
     labels, n = _footprints(filtered.snr, config.threshold, config.min_pixels)
-    neg_labels, n_neg = _footprints(filtered.snr, config.threshold, config.min_pixels, True)
+    # the negative labels' buffer is written whole later (the grown labels): on huge
+    # pages, fresh (zero) ones, which its few negative footprints leave mostly untouched
+    neg_labels, n_neg = _footprints(
+        filtered.snr,
+        config.threshold,
+        config.min_pixels,
+        True,
+        out=frame_zeros(filtered.snr.shape, np.int32),
+        out_zeroed=True,
+    )
     # peaks and their S/N first: then the ungrown labels, the S/N map and the no-data
     # map are no longer needed, and their frames are freed or reused before growing
     peaks = _find_peaks(filtered.snr, labels, n, sigma, _PEAK_PROMINENCE) if n and measure else None

@@ -9,6 +9,7 @@ process-wide setting: an application's choice, not a library import's).
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import sys
@@ -35,6 +36,7 @@ __all__ = [
     "one_blas_thread",
     "frame_array",
     "frame_copy",
+    "frame_zeros",
     "HUGE_FRAME_BYTES",
     "MMAP_THRESHOLD",
 ]
@@ -308,3 +310,16 @@ def frame_copy(array: Any) -> Any:
     out = frame_array(array.shape, array.dtype)
     np.copyto(out, array)
     return out
+
+
+def frame_zeros(shape: tuple[int, ...], dtype) -> Any:
+    """A zero-filled `frame_array`, for a frame read before it is written whole (a label
+    buffer written sparsely first): fresh anonymous pages are zero (a large one), or
+    `numpy.zeros` (a small one)."""
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    mapped = getattr(mmap, "MADV_HUGEPAGE", None) is not None
+    if not mapped or math.prod(int(n) for n in shape) * dtype.itemsize < HUGE_FRAME_BYTES:
+        return np.zeros(shape, dtype=dtype)  # frame_array would not map it
+    return frame_array(shape, dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -350,3 +351,18 @@ def test_a_frame_written_whole_faults_in_huge_pages():
     assert total == 4096 * 4096 * 3 // 2 and writeable == "True"
     if _thp_mode() in ("madvise", "always"):
         assert faults < 1024
+
+
+def test_frame_zeros_and_frame_copy_hold_zeros_and_the_copied_values():
+    from core.parallel import frame_copy, frame_zeros
+
+    # small ones come from numpy (a heap block: zeroed explicitly), large ones from fresh
+    # anonymous pages (zero); both are writable and independent of their source
+    for shape, dtype in (((3, 5), np.int32), ((1100, 1000), np.int32), ((2100, 2050), bool)):
+        zeros = frame_zeros(shape, dtype)
+        assert zeros.shape == shape and zeros.dtype == dtype and not zeros.any()
+        source = np.arange(math.prod(shape)).reshape(shape).astype(dtype)
+        copied = frame_copy(source)
+        np.testing.assert_array_equal(copied, source)
+        copied[0, 0] = 1 - copied[0, 0]
+        assert copied[0, 0] != source[0, 0] and copied.dtype == dtype
