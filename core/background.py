@@ -103,22 +103,24 @@ def _despike(mesh: np.ndarray, floor: float) -> np.ndarray:
 
 def _search_rows(sorted_rows: np.ndarray, n: np.ndarray, value: np.ndarray, right: bool):
     """Per-row `numpy.searchsorted` on rows sorted ascending with NaNs last (``n`` finite
-    values each): a vectorised binary search over all rows at once."""
+    values each): a vectorised binary search over all rows at once, by powers of two
+    (the count below ``value`` is built bit by bit: a fixed number of steps, few calls)."""
     rows = np.arange(sorted_rows.shape[0])
-    lo = np.zeros(rows.size, dtype=np.int64)
-    hi = n.astype(np.int64)
-    last = sorted_rows.shape[1] - 1
-    while True:
-        active = lo < hi
-        if not active.any():
-            return lo
-        mid = (lo + hi) // 2
-        probe = sorted_rows[rows, np.minimum(mid, last)]
+    count = np.zeros(rows.size, dtype=np.int64)
+    n = n.astype(np.int64)
+    top = int(n.max(initial=0))
+    step = 1 << (top.bit_length() - 1) if top else 0
+    compare = np.less_equal if right else np.less
+    while step:
+        wider = count + step
+        # the value at index wider - 1 is below (right: not above) ``value``: take it
+        probe = sorted_rows[rows, np.minimum(wider, n) - 1]
         with np.errstate(invalid="ignore"):
-            before = (probe <= value) if right else (probe < value)
-        before &= active
-        lo = np.where(before, mid + 1, lo)
-        hi = np.where(active & ~before, mid, hi)
+            take = compare(probe, value)
+        take &= wider <= n
+        count += take * step
+        step >>= 1
+    return count
 
 
 def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
@@ -132,13 +134,13 @@ def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
     """
     k, length = s.shape
     rows = np.arange(k)
-    finite = np.isfinite(s)
-    n = finite.sum(axis=1)
+    # NaNs sort last: rows whose last value is finite are finite throughout
+    finite = None if length == 0 or not np.isnan(s[:, -1]).any() else np.isfinite(s)
+    n = np.full(k, length) if finite is None else finite.sum(axis=1)
     # sums about a value near the median keep E[d^2] - E[d]^2 accurate
     ref = np.where(n > 0, s[rows, np.minimum(n // 2, length - 1)], 0.0)
-    d = s.astype(np.float64)
-    d -= ref[:, None]
-    if not finite.all():
+    d = np.subtract(s, ref[:, None], dtype=np.float64)
+    if finite is not None:
         d[~finite] = 0.0
     total, total2 = d.sum(axis=1), np.einsum("ij,ij->i", d, d)
 
