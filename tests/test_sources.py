@@ -356,6 +356,26 @@ def test_detection_catalog_regression():
     assert (float(sky["x"][0]), float(sky["y"][0])) == (131.0, 244.0)
 
 
+def test_search_rows_equals_searchsorted_on_each_rows_finite_values():
+    from core.background import _search_rows
+
+    rng = np.random.default_rng(8)
+    rows = np.sort(rng.integers(0, 20, (50, 33)).astype(np.float32), axis=1)
+    n = rng.integers(0, 34, 50)
+    n[:3] = (0, 1, 33)
+    for r, k in enumerate(n):
+        rows[r, k:] = np.nan
+    value = rng.integers(-1, 22, 50).astype(np.float64)
+    value[3] = np.nan  # a row without bounds finds nothing below
+    for right in (False, True):
+        side = "right" if right else "left"
+        expected = [
+            np.searchsorted(rows[r, :k], value[r], side=side) if np.isfinite(value[r]) else 0
+            for r, k in enumerate(n)
+        ]
+        np.testing.assert_array_equal(_search_rows(rows, n, value, right), expected)
+
+
 def test_cell_stats_match_astropy():
     rng = np.random.default_rng(5)
     cells = rng.normal(10.0, 2.0, (40, 300))
