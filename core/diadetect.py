@@ -163,15 +163,17 @@ class _Fillers:
             for j, m in blocks:
                 self.canvas[self._where(i, j, m)] = -np.inf
 
-    def draw_near_deblending(self, pixels: np.ndarray, labels: np.ndarray, sign: int) -> None:
+    def draw_near_deblending(
+        self, pixels: np.ndarray, labels: np.ndarray, maxima: np.ndarray, sign: int
+    ) -> None:
         """Exact S/N (times ``sign``, the canvas's) of the fillers a prominence line of
         the footprints could read; ``pixels`` (sorted flat indices) and ``labels``
-        (1..n) are the footprints' pixels."""
+        (1..n) are the footprints' pixels, ``maxima`` those that are the maximum of
+        their 3 x 3 box (sorted flat indices)."""
         if not self.pending:
             return
         nx = self.canvas.shape[1]
-        rows, cols = _local_maxima(self.canvas, pixels, 1)
-        flat = np.searchsorted(pixels, rows * nx + cols)
+        flat = np.searchsorted(pixels, maxima)
         count = np.bincount(labels[flat], minlength=int(labels.max()) + 1)
         of_multi = count[labels] >= 2
         if not of_multi.any():
@@ -297,16 +299,24 @@ def sparse_peaks(
     fillers = _Fillers(canvas, owner, rects, placement, filler_blocks, size, snr_blocks)
     parts = []
     offset = 0
-    for sign in (1, -1):
+    # every other value on the canvas is a filler's (|S/N| below the threshold), 0 or
+    # clipped below it: without a value down to -threshold there is no negative side
+    negative = bool((values <= -threshold).any())
+    for sign in (1, -1) if negative else (1,):
         if sign < 0:
             np.negative(canvas, out=canvas)
             fillers.reset()
         # `_footprints`, keeping its list of the footprints' pixels
         pixels, pixel_labels, n, _ = _footprint_pixels(canvas, threshold, min_pixels)
         if n:
-            fillers.draw_near_deblending(pixels, pixel_labels, sign)
+            # the maxima of 3 x 3 boxes stay so when fillers are drawn (all below them)
+            rows, cols = _local_maxima(canvas, pixels, 1)
+            maxima = rows * cnx + cols
+            fillers.draw_near_deblending(pixels, pixel_labels, maxima, sign)
             # the footprints' pixels stand for their label image (none is made)
-            peaks = _find_peaks(canvas, None, n, sigma, prominence, pixels, pixel_labels)
+            peaks = _find_peaks(
+                canvas, None, n, sigma, prominence, pixels, pixel_labels, near_maxima=maxima
+            )
             row, col, label = peaks[:, 0], peaks[:, 1], peaks[:, 2]
             # footprints renumbered in raster order of their first pixel on the frame
             prow, pcol = np.divmod(pixels, cnx)
@@ -327,8 +337,6 @@ def sparse_peaks(
             count = np.bincount(label, minlength=n + 1)[label]
             parts.append((col, row, np.full(row.size, sign), label + offset, count, value))
             offset += n
-        if sign < 0:
-            np.negative(canvas, out=canvas)
     if not parts:
         empty = np.zeros(0, dtype=int)
         return Peaks(empty, empty, empty, empty, empty, np.zeros(0, dtype=np.float32))
@@ -744,6 +752,20 @@ class DifferenceSnr:
             out = _patches(self._frame, by * s, bx * s, s)
             out /= np.float32(self.factor)
             return out
+        self.compute(by, bx)
+        out = self._store[self._where[by, bx]]
+        out /= np.float32(self.factor)
+        return out
+
+    def compute(self, by: np.ndarray, bx: np.ndarray) -> None:
+        """Compute and keep the S/N of the blocks (block row and column indices) not yet
+        known, on the thread pool; `blocks` then only gathers them (the same values: each
+        block's transforms are its own)."""
+        if self._frame is not None:
+            return
+        s = self.size
+        by = np.asarray(by, dtype=int)
+        bx = np.asarray(bx, dtype=int)
         where = self._where[by, bx]
         todo = np.unique(by[where < 0] * self.grid[1] + bx[where < 0])
         if todo.size:
@@ -756,10 +778,6 @@ class DifferenceSnr:
                 self._store = np.concatenate([self._store, new])
             else:
                 self._store = new
-            where = self._where[by, bx]
-        out = self._store[where]
-        out /= np.float32(self.factor)
-        return out
 
     def _whole_frame(self) -> np.ndarray:
         """Unscaled S/N of the whole frame, 0-padded to whole blocks, kept for `blocks`:
@@ -793,8 +811,13 @@ class DifferenceSnr:
         the detection; the values taken block by block in raster order of the blocks),
         larger ones on a lattice of square windows (256-pixel transforms) holding about
         ``sample_pixels`` pixels."""
-        ny, nx = self.smoothed.shape
         self.factor = 1.0
+        self.factor = _negative_side_sigma(self._noise_sample(sample_pixels))
+        return self.factor
+
+    def _noise_sample(self, sample_pixels: int) -> np.ndarray:
+        """The S/N values (factor 1) `noise_factor` measures, computed on the thread pool."""
+        ny, nx = self.smoothed.shape
         side = 256 - 2 * self.half
         if ny * nx <= 2 * sample_pixels or side < 64 or min(ny, nx) < side:
             frame = self._whole_frame()
@@ -809,8 +832,7 @@ class DifferenceSnr:
             def blockwise(a: np.ndarray) -> np.ndarray:
                 return a.reshape(nby, s, nbx, s).transpose(0, 2, 1, 3)
 
-            self.factor = _negative_side_sigma(blockwise(frame)[blockwise(keep)])
-            return self.factor
+            return blockwise(frame)[blockwise(keep)]
         count = -(-sample_pixels // (side * side))
         gy = max(1, round(math.sqrt(count * ny / nx)))
         gx = -(-count // gy)
@@ -823,14 +845,31 @@ class DifferenceSnr:
             keep = ~_patches(self.no_data, y0, x0, side)
             if not keep.all():
                 values = values[keep]
-        self.factor = _negative_side_sigma(values.reshape(1, -1))
-        return self.factor
+        return values.reshape(1, -1)
 
     def candidates(self, threshold: float) -> np.ndarray:
         """Blocks (nby, nbx) where |S/N| may reach ``threshold`` (see the module docstring)."""
+        top, bound = self._reach()
+        return top >= threshold * self.factor * bound * (1.0 - 1e-5)
+
+    def search(self, threshold: float, sample_pixels: int = NOISE_SAMPLE_PIXELS) -> np.ndarray:
+        """`noise_factor`, then `candidates` (same values): the statistics of the
+        factor run in one thread, so the part of the candidates' test that does not
+        need the factor is computed beside them."""
+        self.factor = 1.0
+        sample = self._noise_sample(sample_pixels)
+        factor, (top, bound) = thread_map(
+            lambda job: job(), [lambda: _negative_side_sigma(sample), self._reach]
+        )
+        self.factor = factor
+        return top >= threshold * self.factor * bound * (1.0 - 1e-5)
+
+    def _reach(self) -> tuple[np.ndarray, np.ndarray]:
+        """Largest |numerator| of every block and the lower bound of its noise (factor
+        1): a block is a candidate where the first reaches the threshold times the
+        second."""
         s, h = self.size, self.half
         ny, nx = self.smoothed.shape
-        nby, nbx = self.grid
         vmin = (
             self.vmin
             if self.vmin is not None
@@ -846,8 +885,7 @@ class DifferenceSnr:
         ey = _inside_energy(rows_energy, ny, h, s)
         ex = _inside_energy(cols_energy, nx, h, s)
         energy = np.clip(ey[:, None] + ex[None, :] - self.energy, 0.0, None)
-        bound = np.sqrt(np.maximum(vmin * energy, float(self.floor)))
-        return top >= threshold * self.factor * bound * (1.0 - 1e-5)
+        return top, np.sqrt(np.maximum(vmin * energy, float(self.floor)))
 
 
 def _inside_energy(profile: np.ndarray, n: int, h: int, s: int) -> np.ndarray:

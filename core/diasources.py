@@ -154,10 +154,10 @@ class SearchedImage:
         return out
 
 
-def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
+def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float, beside):
     """Peaks of the matched-filtered difference (core.diadetect), the image searched and
     the noise factor. The convolution's EDGE band holds no usable difference: it
-    counts as no data."""
+    counts as no data. ``beside()`` is called once the threaded passes are done."""
     psf = exposure.require_psf()
     kernel = psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64)
     kernel = crop_kernel(kernel)
@@ -170,11 +170,16 @@ def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float)
     )
     smoothed = matched_numerator(exposure.image, no_data, kernel)
     snr = DifferenceSnr(smoothed, variance, no_data, kernel, 1e-30 * fill, vmin)
-    factor = snr.noise_factor()
+    candidate = snr.search(config.threshold)
+    factor = snr.factor
+    # the S/N of the candidate blocks (threaded) before the search, which runs in one
+    # thread: work started beside it fills the other cores
+    snr.compute(*np.nonzero(candidate))
+    beside()
     peaks = sparse_peaks(
         exposure.shape,
         snr.size,
-        snr.candidates(config.threshold),
+        candidate,
         snr.blocks,
         config.threshold,
         config.min_pixels,
@@ -184,8 +189,9 @@ def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float)
     return peaks, SearchedImage(exposure, bits), factor
 
 
-def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
-    """Peaks of score / sqrt(variance), the image searched and the noise factor."""
+def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float, beside):
+    """Peaks of score / sqrt(variance), the image searched and the noise factor;
+    ``beside()`` is called once the threaded passes are done."""
     size = 32
     bits = exposure.bitmask([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])
     snr, _, top = prepare_score(
@@ -198,6 +204,7 @@ def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
     def blocks(by, bx):
         return windows(snr, by * size, bx * size, size) / np.float32(factor)
 
+    beside()
     peaks = sparse_peaks(
         snr.shape,
         size,
@@ -212,7 +219,10 @@ def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
 
 
 def detect_dia_sources(
-    exposure: Exposure, config: DiaSourceConfig | None = None, is_score: bool = False
+    exposure: Exposure,
+    config: DiaSourceConfig | None = None,
+    is_score: bool = False,
+    beside: Callable[[], None] | None = None,
 ) -> Detections:
     """Positive and negative peaks above ``config.threshold`` on a difference or score.
 
@@ -223,6 +233,10 @@ def detect_dia_sources(
     config : `DiaSourceConfig` or None
     is_score : bool
         ``exposure`` is a preconvolution score: score / sqrt(variance) is the S/N.
+    beside : callable or None
+        Called once, when the frame-wide (threaded) passes are done and the search
+        of the footprints (one thread) begins: independent work started then runs
+        on the cores that search leaves idle.
 
     Returns
     -------
@@ -232,7 +246,7 @@ def detect_dia_sources(
     config = config or DiaSourceConfig()
     sigma = profile_sigma(exposure.require_psf())
     find = _score_peaks if is_score else _difference_peaks
-    peaks, image, factor = find(exposure, config, sigma)
+    peaks, image, factor = find(exposure, config, sigma, beside or (lambda: None))
     order = np.argsort(-peaks.value, kind="stable")[: config.max_sources]
     return Detections(
         peaks.col[order],
@@ -507,7 +521,7 @@ def measure_dia_sources(
     """Measure detected DIA sources; see `dia_sources` for the columns."""
     return _measure_beside(
         output,
-        lambda: detections,
+        lambda beside: detections,
         config or DiaSourceConfig(),
         matched_science,
         matched_template,
@@ -517,17 +531,24 @@ def measure_dia_sources(
 
 def _measure_beside(
     output: Exposure,
-    detect: Callable[[], Detections],
+    detect: Callable[[Callable[[], None]], Detections],
     config: DiaSourceConfig,
     matched_science: Exposure | None,
     matched_template: Exposure | None,
     kernel_sources: Table | None,
 ) -> Table:
-    """`_measure` of the detections ``detect()`` gives, on a task pool: the output's PSF
-    stamps and noise scale do not need them, so they are made beside ``detect``."""
+    """`_measure` of the detections ``detect(beside)`` gives, on a task pool: the output's
+    PSF stamps and noise scale do not need them, so they are made beside the part of
+    ``detect`` that runs in one thread (it calls ``beside()`` then)."""
     with task_pool() as pool:
-        setup = pool.submit(_output_stamps, output, config.forced)
-        detections = detect()
+        started: list[Future] = []
+
+        def beside() -> None:
+            if not started:
+                started.append(pool.submit(_output_stamps, output, config.forced))
+
+        detections = detect(beside)
+        beside()  # when ``detect`` did not call it
         return _measure(
             output,
             detections,
@@ -535,9 +556,17 @@ def _measure_beside(
             matched_science,
             matched_template,
             kernel_sources,
-            setup,
+            started[0],
             pool,
         )
+
+
+def _shape(det: Detections, peaks: np.ndarray, half: int) -> tuple[np.ndarray, ...]:
+    """Sign-corrected stamps of ``peaks`` (indices into ``det``) and their centroid
+    offsets (dx, dy) from the peak pixels."""
+    sign = det.sign[peaks].astype(float)
+    profile = det.image.stamps(det.col[peaks], det.row[peaks], half) * sign[:, None, None]
+    return (profile, *_centroids(profile, det.psf_sigma))
 
 
 def _measure(
@@ -560,12 +589,15 @@ def _measure(
     in_pair[pairs.ravel()] = True
     single = np.flatnonzero(~in_pair)
 
-    # centroids and moments of single-signed sources, on sign-corrected stamps
+    # centroids and moments of single-signed sources, on sign-corrected stamps; each
+    # source's iterations are its own, so the two halves run on two threads
     half = int(max(5, math.ceil(4.0 * det.psf_sigma)))
-    sign = det.sign[single].astype(float)
-    profile = det.image.stamps(det.col[single], det.row[single], half) * sign[:, None, None]
-    dx, dy = _centroids(profile, det.psf_sigma)
-    moments = pool.submit(_moments, profile, dx, dy, det.psf_sigma)
+    parts = [single[: single.size // 2], single[single.size // 2 :]]
+    later = pool.submit(_shape, det, parts[1], half)
+    shapes = [_shape(det, parts[0], half), later.result()]
+    moments = [pool.submit(_moments, p, dx, dy, det.psf_sigma) for p, dx, dy in shapes]
+    dx = np.concatenate([shape[1] for shape in shapes])
+    dy = np.concatenate([shape[2] for shape in shapes])
     x = det.col[single] + dx
     y = det.row[single] + dy
     fit = pool.submit(
@@ -643,7 +675,7 @@ def _measure(
     single_fit = fit.result()
     columns["psf_flux"][:n_single] = single_fit["flux"]
     columns["psf_flux_err"][:n_single] = single_fit["flux_err"] * scale
-    ixx, iyy, ixy = moments.result()
+    ixx, iyy, ixy = (np.concatenate(m) for m in zip(*(f.result() for f in moments), strict=True))
     columns["ixx"][:n_single], columns["iyy"][:n_single], columns["ixy"][:n_single] = ixx, iyy, ixy
     with np.errstate(invalid="ignore", divide="ignore"):
         columns["snr"] = columns["psf_flux"] / columns["psf_flux_err"]
@@ -761,7 +793,7 @@ def dia_sources(
             matched_template = replace(matched_template, psf=matched_science.psf)
     return _measure_beside(
         measured,
-        lambda: detect_dia_sources(output, config, is_score),
+        lambda beside: detect_dia_sources(output, config, is_score, beside),
         config,
         matched_science,
         matched_template,
