@@ -215,6 +215,7 @@ def sparse_peaks(
     min_pixels: int,
     sigma: float,
     prominence: float,
+    candidate_snr: Callable[[], np.ndarray] | None = None,
 ) -> Peaks:
     """Footprints and peaks above ``threshold`` in an S/N map known block by block.
 
@@ -232,6 +233,9 @@ def sparse_peaks(
         are ignored.
     threshold, min_pixels, sigma, prominence
         As `core.detection._footprints` and `_find_peaks`.
+    candidate_snr : callable () -> (m, size, size) float32, or None
+        ``snr_blocks`` of the candidate blocks in raster order (``np.nonzero``), when
+        made elsewhere (e.g. on other threads while the canvas is laid out here).
     """
     ny, nx = shape
     labels, rects = _groups(candidate)
@@ -260,12 +264,13 @@ def sparse_peaks(
     # blocks that are no candidate only fill their rectangle: every pixel in them is
     # below the threshold, so they stay -inf until their values can matter (`_Fillers`)
     needed = candidate[key_y, key_x]
-    values = snr_blocks(key_y[needed], key_x[needed])
     slot = np.cumsum(needed) - 1  # each needed key's block in `values`
     for i in range(len(rects)):
         y, x, h, w = cy0[i], cx0[i], heights[i], widths[i]
         canvas[y : y + h, x : x + w] = -np.inf
         owner[y : y + h, x : x + w] = i
+    # the needed keys are the candidate blocks in raster order
+    values = candidate_snr() if candidate_snr else snr_blocks(key_y[needed], key_x[needed])
     # another group's blocks inside a rectangle stay below the threshold there (they are
     # searched in their own rectangle); the S/N of all pixels between is exact
     below = np.nextafter(np.float32(threshold), np.float32(0))
@@ -752,20 +757,6 @@ class DifferenceSnr:
             out = _patches(self._frame, by * s, bx * s, s)
             out /= np.float32(self.factor)
             return out
-        self.compute(by, bx)
-        out = self._store[self._where[by, bx]]
-        out /= np.float32(self.factor)
-        return out
-
-    def compute(self, by: np.ndarray, bx: np.ndarray) -> None:
-        """Compute and keep the S/N of the blocks (block row and column indices) not yet
-        known, on the thread pool; `blocks` then only gathers them (the same values: each
-        block's transforms are its own)."""
-        if self._frame is not None:
-            return
-        s = self.size
-        by = np.asarray(by, dtype=int)
-        bx = np.asarray(bx, dtype=int)
         where = self._where[by, bx]
         todo = np.unique(by[where < 0] * self.grid[1] + bx[where < 0])
         if todo.size:
@@ -778,6 +769,10 @@ class DifferenceSnr:
                 self._store = np.concatenate([self._store, new])
             else:
                 self._store = new
+            where = self._where[by, bx]
+        out = self._store[where]
+        out /= np.float32(self.factor)
+        return out
 
     def _whole_frame(self) -> np.ndarray:
         """Unscaled S/N of the whole frame, 0-padded to whole blocks, kept for `blocks`:

@@ -172,20 +172,22 @@ def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float,
     snr = DifferenceSnr(smoothed, variance, no_data, kernel, 1e-30 * fill, vmin)
     candidate = snr.search(config.threshold)
     factor = snr.factor
-    # the S/N of the candidate blocks (threaded) before the search, which runs in one
-    # thread: work started beside it fills the other cores
-    snr.compute(*np.nonzero(candidate))
     beside()
-    peaks = sparse_peaks(
-        exposure.shape,
-        snr.size,
-        candidate,
-        snr.blocks,
-        config.threshold,
-        config.min_pixels,
-        sigma,
-        config.peak_prominence,
-    )
+    with task_pool() as pool:
+        # the candidate blocks' S/N (FFTs on the thread pool) while the search lays
+        # out its canvas
+        values = pool.submit(snr.blocks, *np.nonzero(candidate))
+        peaks = sparse_peaks(
+            exposure.shape,
+            snr.size,
+            candidate,
+            snr.blocks,
+            config.threshold,
+            config.min_pixels,
+            sigma,
+            config.peak_prominence,
+            values.result,
+        )
     return peaks, SearchedImage(exposure, bits), factor
 
 
@@ -569,6 +571,14 @@ def _shape(det: Detections, peaks: np.ndarray, half: int) -> tuple[np.ndarray, .
     return (profile, *_centroids(profile, det.psf_sigma))
 
 
+def _interleave(halves) -> np.ndarray:
+    """The values of every other item (from 0, then from 1) back in item order."""
+    even, odd = halves
+    out = np.empty(even.size + odd.size, dtype=np.result_type(even, odd))
+    out[0::2], out[1::2] = even, odd
+    return out
+
+
 def _measure(
     output: Exposure,
     det: Detections,
@@ -590,14 +600,16 @@ def _measure(
     single = np.flatnonzero(~in_pair)
 
     # centroids and moments of single-signed sources, on sign-corrected stamps; each
-    # source's iterations are its own, so the two halves run on two threads
+    # source's iterations are its own, so two halves run on two threads (every other
+    # source: bright ones converge in fewer iterations)
     half = int(max(5, math.ceil(4.0 * det.psf_sigma)))
-    parts = [single[: single.size // 2], single[single.size // 2 :]]
-    later = pool.submit(_shape, det, parts[1], half)
-    shapes = [_shape(det, parts[0], half), later.result()]
+    later = pool.submit(_shape, det, single[1::2], half)
+    shapes = [_shape(det, single[0::2], half), later.result()]
     moments = [pool.submit(_moments, p, dx, dy, det.psf_sigma) for p, dx, dy in shapes]
-    dx = np.concatenate([shape[1] for shape in shapes])
-    dy = np.concatenate([shape[2] for shape in shapes])
+    dx, dy = (
+        _interleave([shape[1] for shape in shapes]),
+        _interleave([shape[2] for shape in shapes]),
+    )
     x = det.col[single] + dx
     y = det.row[single] + dy
     fit = pool.submit(
@@ -675,7 +687,7 @@ def _measure(
     single_fit = fit.result()
     columns["psf_flux"][:n_single] = single_fit["flux"]
     columns["psf_flux_err"][:n_single] = single_fit["flux_err"] * scale
-    ixx, iyy, ixy = (np.concatenate(m) for m in zip(*(f.result() for f in moments), strict=True))
+    ixx, iyy, ixy = (_interleave(m) for m in zip(*(f.result() for f in moments), strict=True))
     columns["ixx"][:n_single], columns["iyy"][:n_single], columns["ixy"][:n_single] = ixx, iyy, ixy
     with np.errstate(invalid="ignore", divide="ignore"):
         columns["snr"] = columns["psf_flux"] / columns["psf_flux_err"]

@@ -857,3 +857,37 @@ def test_matched_filter_blockwise_inputs_equal_whole_frame_ones(case):
     np.maximum(smoothed_var, np.float32(1e-30 * fill), out=smoothed_var)
     np.testing.assert_array_equal(filtered.smoothed_var, smoothed_var)
     assert ref_no_data.any() == (case == "holes")
+
+
+def test_centroids_and_moments_of_two_halves_equal_the_whole_stack():
+    """`core.diasources._measure` runs `_centroids` and `_moments` on every other source
+    (two threads) and interleaves the results: each source's iterations are its own,
+    so the values are those of the whole stack, bit for bit (converged, slow and
+    failed sources alike)."""
+    from core.diasources import _interleave
+    from core.measure import _centroids, _moments
+
+    rng = np.random.default_rng(17)
+    n, half, sigma = 301, 8, 1.9
+    g = np.arange(-half, half + 1)
+    stamps = np.empty((n, 2 * half + 1, 2 * half + 1), dtype=np.float32)
+    for k in range(n):
+        dx, dy = rng.uniform(-1.5, 1.5, 2)
+        sx, sy = rng.uniform(1.2, 3.5, 2)
+        flux = rng.choice([0.0, 5.0, 50.0, 5000.0])
+        model = np.exp(
+            -((g[None, :] - dx) ** 2) / (2 * sx**2) - (g[:, None] - dy) ** 2 / (2 * sy**2)
+        )
+        stamps[k] = flux * model + rng.normal(size=model.shape)
+    dx, dy = _centroids(stamps, sigma)
+    whole = _moments(stamps, dx, dy, sigma)
+    halves = [_centroids(stamps[0::2], sigma), _centroids(stamps[1::2], sigma)]
+    np.testing.assert_array_equal(_interleave([h[0] for h in halves]), dx)
+    np.testing.assert_array_equal(_interleave([h[1] for h in halves]), dy)
+    parts = [_moments(stamps[p::2], dx[p::2], dy[p::2], sigma) for p in (0, 1)]
+    for got, expected in zip(zip(*parts, strict=True), whole, strict=True):
+        np.testing.assert_array_equal(_interleave(got), expected)
+    assert np.isnan(whole[0]).any() and np.isfinite(whole[0]).sum() > n // 2
+    # an odd count and a single source split the same way
+    assert _interleave([np.arange(3.0), np.arange(2.0)]).tolist() == [0, 0, 1, 1, 2]
+    assert _interleave([np.arange(1.0), np.arange(0.0)]).tolist() == [0]
