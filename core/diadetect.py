@@ -157,12 +157,6 @@ class _Fillers:
         h, w = min(s, heights[i] - y), min(s, widths[i] - x)
         return slice(cy0[i] + y, cy0[i] + y + h), slice(cx0[i] + x, cx0[i] + x + w)
 
-    def reset(self) -> None:
-        """Fillers back to -inf after the canvas changed sign."""
-        for i, blocks in self.pending.items():
-            for j, m in blocks:
-                self.canvas[self._where(i, j, m)] = -np.inf
-
     def draw_near_deblending(
         self, pixels: np.ndarray, labels: np.ndarray, maxima: np.ndarray, sign: int
     ) -> None:
@@ -309,8 +303,8 @@ def sparse_peaks(
     negative = bool((values <= -threshold).any())
     for sign in (1, -1) if negative else (1,):
         if sign < 0:
-            np.negative(canvas, out=canvas)
-            fillers.reset()
+            # fillers still pending stay -inf (the only -inf values): all else negated
+            np.negative(canvas, out=canvas, where=canvas != -np.inf)
         # `_footprints`, keeping its list of the footprints' pixels
         pixels, pixel_labels, n, _ = _footprint_pixels(canvas, threshold, min_pixels)
         if n:

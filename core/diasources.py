@@ -154,10 +154,11 @@ class SearchedImage:
         return out
 
 
-def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float, beside):
+def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future, beside):
     """Peaks of the matched-filtered difference (core.diadetect), the image searched and
     the noise factor. The convolution's EDGE band holds no usable difference: it
-    counts as no data. ``beside()`` is called once the threaded passes are done."""
+    counts as no data. ``width``: a future of the PSF's trace radius; ``beside()`` is
+    called once the threaded passes are done."""
     psf = exposure.require_psf()
     kernel = psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64)
     kernel = crop_kernel(kernel)
@@ -184,16 +185,17 @@ def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float,
             snr.blocks,
             config.threshold,
             config.min_pixels,
-            sigma,
+            width.result(),
             config.peak_prominence,
             values.result,
         )
     return peaks, SearchedImage(exposure, bits), factor
 
 
-def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float, beside):
+def _score_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future, beside):
     """Peaks of score / sqrt(variance), the image searched and the noise factor;
-    ``beside()`` is called once the threaded passes are done."""
+    ``width``: a future of the PSF's trace radius; ``beside()`` is called once the
+    threaded passes are done."""
     size = 32
     bits = exposure.bitmask([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])
     snr, _, top = prepare_score(
@@ -214,7 +216,7 @@ def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float, besi
         blocks,
         config.threshold,
         config.min_pixels,
-        sigma,
+        width.result(),
         config.peak_prominence,
     )
     return peaks, SearchedImage(exposure, 0, after_cast=True), factor
@@ -246,9 +248,13 @@ def detect_dia_sources(
         Peaks sorted by decreasing absolute S/N, at most ``config.max_sources``.
     """
     config = config or DiaSourceConfig()
-    sigma = profile_sigma(exposure.require_psf())
+    psf = exposure.require_psf()
     find = _score_peaks if is_score else _difference_peaks
-    peaks, image, factor = find(exposure, config, sigma, beside or (lambda: None))
+    with task_pool() as pool:
+        # the PSF's width (only the search needs it) beside the frame passes
+        width = pool.submit(profile_sigma, psf)
+        peaks, image, factor = find(exposure, config, width, beside or (lambda: None))
+        sigma = width.result()
     order = np.argsort(-peaks.value, kind="stable")[: config.max_sources]
     return Detections(
         peaks.col[order],
