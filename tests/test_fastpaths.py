@@ -891,3 +891,47 @@ def test_centroids_and_moments_of_two_halves_equal_the_whole_stack():
     # an odd count and a single source split the same way
     assert _interleave([np.arange(3.0), np.arange(2.0)]).tolist() == [0, 0, 1, 1, 2]
     assert _interleave([np.arange(1.0), np.arange(0.0)]).tolist() == [0]
+
+
+def test_psf_stamps_node_rows_kept_equal_a_matrix_per_batch():
+    """`PsfStamps._centred_spectra` keeps the nodes' spectra as rows filled once (from
+    several threads at once too): the blends of a matrix built per batch with only
+    the needed nodes' rows, bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core.forced import PsfStamps
+    from core.psf import GridPsf
+
+    k = 31
+    yy, xx = np.mgrid[:k, :k] - k // 2
+    grid = np.empty((4, 5, k, k))
+    for j in range(4):
+        for i in range(5):
+            sx, sy = 1.5 + 0.2 * i, 1.7 + 0.3 * j
+            grid[j, i] = np.exp(-0.5 * ((xx - 0.1 * j) ** 2 / sx**2 + yy**2 / sy**2))
+    psf = GridPsf(grid, np.linspace(0, 600, 5), np.linspace(0, 450, 4))
+    exposure = Exposure.from_arrays(np.zeros((460, 610)))
+
+    def per_batch(stamps, x, y):
+        size = 2 * stamps._draw_half + 1
+        weights, needed = stamps._weights(x, y)
+        spectra = np.zeros((weights.shape[1], size * (size // 2 + 1)), dtype=complex)
+        n_x = stamps.nodes_x.size
+        for n in needed:
+            spectra[n] = stamps._spectrum(int(n) // n_x, int(n) % n_x).ravel()
+        return (weights @ spectra).reshape(x.size, size, size // 2 + 1)
+
+    rng = np.random.default_rng(5)
+    # batches in one corner first (few nodes), then over the frame
+    batches = [(rng.uniform(0, 100, 40), rng.uniform(0, 80, 40))]
+    batches += [(rng.uniform(-5, 615, 90), rng.uniform(-5, 465, 90)) for _ in range(6)]
+    reference = PsfStamps(psf, exposure)
+    expected = [per_batch(reference, x, y) for x, y in batches]
+    stamps = PsfStamps(psf, exposure)
+    for (x, y), e in zip(batches, expected, strict=True):
+        np.testing.assert_array_equal(stamps._centred_spectra(x, y), e)
+    shared = PsfStamps(psf, exposure)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda b: shared._centred_spectra(*b), batches * 3))
+    for g, e in zip(got, expected * 3, strict=True):
+        np.testing.assert_array_equal(g, e)
