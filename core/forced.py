@@ -164,10 +164,12 @@ class PsfStamps:
             (1, 0, (1 - tx) * ty),
             (1, 1, tx * ty),
         )
-        flat = [((j + dj) * n_x + i + di, weight) for dj, di, weight in bilinear]
-        columns = np.concatenate([f for f, _ in flat])
+        # four entries a row, their columns ascending (n_x >= 2): built as CSR directly,
+        # the matrix a COO construction sorts them into
+        columns = np.stack([(j + dj) * n_x + i + di for dj, di, _ in bilinear], axis=1)
+        values = np.stack([weight for _, _, weight in bilinear], axis=1)
         weights = sparse.csr_matrix(
-            (np.concatenate([w for _, w in flat]), (np.tile(np.arange(x.size), 4), columns)),
+            (values.ravel(), columns.ravel(), np.arange(0, 4 * x.size + 1, 4)),
             shape=(x.size, n_y * n_x),
         )
         return weights, np.unique(columns)

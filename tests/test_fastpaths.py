@@ -935,3 +935,45 @@ def test_psf_stamps_node_rows_kept_equal_a_matrix_per_batch():
         got = list(pool.map(lambda b: shared._centred_spectra(*b), batches * 3))
     for g, e in zip(got, expected * 3, strict=True):
         np.testing.assert_array_equal(g, e)
+
+
+def test_psf_stamps_weights_built_as_csr_equal_the_coo_construction():
+    """`PsfStamps._weights` builds its CSR matrix directly (four ascending columns a
+    row): the same entries, order and explicit zeros (positions on nodes and beyond
+    the grid) as built from coordinates, so the blends are the same bit for bit."""
+    from scipy import sparse
+
+    from core.forced import PsfStamps
+    from core.psf import GridPsf
+
+    k = 21
+    yy, xx = np.mgrid[:k, :k] - k // 2
+    grid = np.exp(-0.5 * (xx**2 + yy**2) / 2.0)[None, None] * np.linspace(1, 2, 12).reshape(
+        3, 4, 1, 1
+    )
+    psf = GridPsf(grid, np.linspace(0, 900, 4), np.linspace(0, 700, 3))
+    stamps = PsfStamps(psf, Exposure.from_arrays(np.zeros((700, 900))))
+    rng = np.random.default_rng(8)
+    x, y = rng.uniform(-50, 950, 200), rng.uniform(-50, 750, 200)
+    x[:5], y[:5] = stamps.nodes_x[[0, 1, 2, 1, 3]], stamps.nodes_y[[0, 1, 2, 2, 1]]
+    weights, needed = stamps._weights(x, y)
+    nx_, ny_ = stamps.nodes_x, stamps.nodes_y
+    i = np.clip(np.searchsorted(nx_, x) - 1, 0, nx_.size - 2)
+    j = np.clip(np.searchsorted(ny_, y) - 1, 0, ny_.size - 2)
+    tx = np.clip((x - nx_[i]) / (nx_[i + 1] - nx_[i]), 0, 1)
+    ty = np.clip((y - ny_[j]) / (ny_[j + 1] - ny_[j]), 0, 1)
+    terms = [
+        (j * nx_.size + i, (1 - tx) * (1 - ty)),
+        (j * nx_.size + i + 1, tx * (1 - ty)),
+        ((j + 1) * nx_.size + i, (1 - tx) * ty),
+        ((j + 1) * nx_.size + i + 1, tx * ty),
+    ]
+    columns = np.concatenate([c for c, _ in terms])
+    coo = sparse.csr_matrix(
+        (np.concatenate([w for _, w in terms]), (np.tile(np.arange(x.size), 4), columns)),
+        shape=weights.shape,
+    )
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(weights, name), getattr(coo, name))
+    np.testing.assert_array_equal(needed, np.unique(columns))
+    assert (weights.data == 0).any()
