@@ -194,10 +194,12 @@ def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future
 
 def _score_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future, beside):
     """Peaks of score / sqrt(variance), the image searched and the noise factor;
-    ``width``: a future of the PSF's trace radius; ``beside()`` is called once the
-    threaded passes are done."""
+    ``width``: a future of the PSF's trace radius; ``beside()`` is called first."""
     size = 32
     bits = exposure.bitmask([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])
+    # the search here is most of the one-thread time but as Python-bound as the work
+    # beside it: that work goes beside the (GIL-free) frame pass instead
+    beside()
     snr, _, top = prepare_score(
         exposure.image, exposure.variance, exposure.mask, bits, size, keep_image=False
     )
@@ -208,7 +210,6 @@ def _score_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future, bes
     def blocks(by, bx):
         return windows(snr, by * size, bx * size, size) / np.float32(factor)
 
-    beside()
     peaks = sparse_peaks(
         snr.shape,
         size,
@@ -238,9 +239,10 @@ def detect_dia_sources(
     is_score : bool
         ``exposure`` is a preconvolution score: score / sqrt(variance) is the S/N.
     beside : callable or None
-        Called once, when the frame-wide (threaded) passes are done and the search
-        of the footprints (one thread) begins: independent work started then runs
-        on the cores that search leaves idle.
+        Called once, when independent (Python-bound) work started then finds the
+        most idle cores beside GIL-free numpy: on a difference when the S/N of the
+        candidate blocks is computed (FFTs) while the search lays out its canvas, on
+        a score at once (beside the frame pass; its search is Python-bound too).
 
     Returns
     -------
@@ -546,8 +548,8 @@ def _measure_beside(
     kernel_sources: Table | None,
 ) -> Table:
     """`_measure` of the detections ``detect(beside)`` gives, on a task pool: the output's
-    PSF stamps and noise scale do not need them, so they are made beside the part of
-    ``detect`` that runs in one thread (it calls ``beside()`` then)."""
+    PSF stamps and noise scale do not need them, so they are made beside ``detect``
+    (started when it calls ``beside()``, see `detect_dia_sources`)."""
     with task_pool() as pool:
         started: list[Future] = []
 
