@@ -494,12 +494,15 @@ def _find_peaks(
     prominence: float,
     pixels: np.ndarray | None = None,
     pixel_labels: np.ndarray | None = None,
+    near_maxima: np.ndarray | None = None,
 ):
     """Peaks (row, col, label) of each footprint: its maximum, plus other local maxima
     that rise ``prominence`` above the lowest S/N on the line to a brighter peak.
 
     ``pixels`` (sorted flat indices) and ``pixel_labels``, the footprints' pixels and
-    labels when known, stand for the label image (``labels`` may then be None)."""
+    labels when known, stand for the label image (``labels`` may then be None).
+    ``near_maxima``, when given, are the footprint pixels (sorted flat indices) that
+    are the maximum of their 3 x 3 box: the local maxima are searched among them."""
     if pixels is None or pixel_labels is None:
         assert labels is not None
         pixels = np.flatnonzero(labels)
@@ -514,7 +517,8 @@ def _find_peaks(
     main_flat = pixels[top[first]]
     main = np.column_stack(np.divmod(main_flat, nx)).astype(int)
     size = max(3, 2 * int(round(sigma)) + 1)
-    rows, cols = _local_maxima(snr, pixels, size // 2)
+    # a maximum of a larger box is one of its 3 x 3 box (same order: that of pixels)
+    rows, cols = _local_maxima(snr, pixels if near_maxima is None else near_maxima, size // 2)
     secondary = ~np.isin(rows * nx + cols, main_flat)
     rows, cols = rows[secondary], cols[secondary]
     plabel = pixel_labels[np.searchsorted(pixels, rows * nx + cols)]

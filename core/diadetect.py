@@ -157,21 +157,17 @@ class _Fillers:
         h, w = min(s, heights[i] - y), min(s, widths[i] - x)
         return slice(cy0[i] + y, cy0[i] + y + h), slice(cx0[i] + x, cx0[i] + x + w)
 
-    def reset(self) -> None:
-        """Fillers back to -inf after the canvas changed sign."""
-        for i, blocks in self.pending.items():
-            for j, m in blocks:
-                self.canvas[self._where(i, j, m)] = -np.inf
-
-    def draw_near_deblending(self, pixels: np.ndarray, labels: np.ndarray, sign: int) -> None:
+    def draw_near_deblending(
+        self, pixels: np.ndarray, labels: np.ndarray, maxima: np.ndarray, sign: int
+    ) -> None:
         """Exact S/N (times ``sign``, the canvas's) of the fillers a prominence line of
         the footprints could read; ``pixels`` (sorted flat indices) and ``labels``
-        (1..n) are the footprints' pixels."""
+        (1..n) are the footprints' pixels, ``maxima`` those that are the maximum of
+        their 3 x 3 box (sorted flat indices)."""
         if not self.pending:
             return
         nx = self.canvas.shape[1]
-        rows, cols = _local_maxima(self.canvas, pixels, 1)
-        flat = np.searchsorted(pixels, rows * nx + cols)
+        flat = np.searchsorted(pixels, maxima)
         count = np.bincount(labels[flat], minlength=int(labels.max()) + 1)
         of_multi = count[labels] >= 2
         if not of_multi.any():
@@ -213,6 +209,7 @@ def sparse_peaks(
     min_pixels: int,
     sigma: float,
     prominence: float,
+    candidate_snr: Callable[[], np.ndarray] | None = None,
 ) -> Peaks:
     """Footprints and peaks above ``threshold`` in an S/N map known block by block.
 
@@ -230,6 +227,9 @@ def sparse_peaks(
         are ignored.
     threshold, min_pixels, sigma, prominence
         As `core.detection._footprints` and `_find_peaks`.
+    candidate_snr : callable () -> (m, size, size) float32, or None
+        ``snr_blocks`` of the candidate blocks in raster order (``np.nonzero``), when
+        made elsewhere (e.g. on other threads while the canvas is laid out here).
     """
     ny, nx = shape
     labels, rects = _groups(candidate)
@@ -258,12 +258,13 @@ def sparse_peaks(
     # blocks that are no candidate only fill their rectangle: every pixel in them is
     # below the threshold, so they stay -inf until their values can matter (`_Fillers`)
     needed = candidate[key_y, key_x]
-    values = snr_blocks(key_y[needed], key_x[needed])
     slot = np.cumsum(needed) - 1  # each needed key's block in `values`
     for i in range(len(rects)):
         y, x, h, w = cy0[i], cx0[i], heights[i], widths[i]
         canvas[y : y + h, x : x + w] = -np.inf
         owner[y : y + h, x : x + w] = i
+    # the needed keys are the candidate blocks in raster order
+    values = candidate_snr() if candidate_snr else snr_blocks(key_y[needed], key_x[needed])
     # another group's blocks inside a rectangle stay below the threshold there (they are
     # searched in their own rectangle); the S/N of all pixels between is exact
     below = np.nextafter(np.float32(threshold), np.float32(0))
@@ -297,16 +298,24 @@ def sparse_peaks(
     fillers = _Fillers(canvas, owner, rects, placement, filler_blocks, size, snr_blocks)
     parts = []
     offset = 0
-    for sign in (1, -1):
+    # every other value on the canvas is a filler's (|S/N| below the threshold), 0 or
+    # clipped below it: without a value down to -threshold there is no negative side
+    negative = bool((values <= -threshold).any())
+    for sign in (1, -1) if negative else (1,):
         if sign < 0:
-            np.negative(canvas, out=canvas)
-            fillers.reset()
+            # fillers still pending stay -inf (the only -inf values): all else negated
+            np.negative(canvas, out=canvas, where=canvas != -np.inf)
         # `_footprints`, keeping its list of the footprints' pixels
         pixels, pixel_labels, n, _ = _footprint_pixels(canvas, threshold, min_pixels)
         if n:
-            fillers.draw_near_deblending(pixels, pixel_labels, sign)
+            # the maxima of 3 x 3 boxes stay so when fillers are drawn (all below them)
+            rows, cols = _local_maxima(canvas, pixels, 1)
+            maxima = rows * cnx + cols
+            fillers.draw_near_deblending(pixels, pixel_labels, maxima, sign)
             # the footprints' pixels stand for their label image (none is made)
-            peaks = _find_peaks(canvas, None, n, sigma, prominence, pixels, pixel_labels)
+            peaks = _find_peaks(
+                canvas, None, n, sigma, prominence, pixels, pixel_labels, near_maxima=maxima
+            )
             row, col, label = peaks[:, 0], peaks[:, 1], peaks[:, 2]
             # footprints renumbered in raster order of their first pixel on the frame
             prow, pcol = np.divmod(pixels, cnx)
@@ -327,8 +336,6 @@ def sparse_peaks(
             count = np.bincount(label, minlength=n + 1)[label]
             parts.append((col, row, np.full(row.size, sign), label + offset, count, value))
             offset += n
-        if sign < 0:
-            np.negative(canvas, out=canvas)
     if not parts:
         empty = np.zeros(0, dtype=int)
         return Peaks(empty, empty, empty, empty, empty, np.zeros(0, dtype=np.float32))
@@ -793,8 +800,13 @@ class DifferenceSnr:
         the detection; the values taken block by block in raster order of the blocks),
         larger ones on a lattice of square windows (256-pixel transforms) holding about
         ``sample_pixels`` pixels."""
-        ny, nx = self.smoothed.shape
         self.factor = 1.0
+        self.factor = _negative_side_sigma(self._noise_sample(sample_pixels))
+        return self.factor
+
+    def _noise_sample(self, sample_pixels: int) -> np.ndarray:
+        """The S/N values (factor 1) `noise_factor` measures, computed on the thread pool."""
+        ny, nx = self.smoothed.shape
         side = 256 - 2 * self.half
         if ny * nx <= 2 * sample_pixels or side < 64 or min(ny, nx) < side:
             frame = self._whole_frame()
@@ -809,8 +821,7 @@ class DifferenceSnr:
             def blockwise(a: np.ndarray) -> np.ndarray:
                 return a.reshape(nby, s, nbx, s).transpose(0, 2, 1, 3)
 
-            self.factor = _negative_side_sigma(blockwise(frame)[blockwise(keep)])
-            return self.factor
+            return blockwise(frame)[blockwise(keep)]
         count = -(-sample_pixels // (side * side))
         gy = max(1, round(math.sqrt(count * ny / nx)))
         gx = -(-count // gy)
@@ -823,14 +834,31 @@ class DifferenceSnr:
             keep = ~_patches(self.no_data, y0, x0, side)
             if not keep.all():
                 values = values[keep]
-        self.factor = _negative_side_sigma(values.reshape(1, -1))
-        return self.factor
+        return values.reshape(1, -1)
 
     def candidates(self, threshold: float) -> np.ndarray:
         """Blocks (nby, nbx) where |S/N| may reach ``threshold`` (see the module docstring)."""
+        top, bound = self._reach()
+        return top >= threshold * self.factor * bound * (1.0 - 1e-5)
+
+    def search(self, threshold: float, sample_pixels: int = NOISE_SAMPLE_PIXELS) -> np.ndarray:
+        """`noise_factor`, then `candidates` (same values): the statistics of the
+        factor run in one thread, so the part of the candidates' test that does not
+        need the factor is computed beside them."""
+        self.factor = 1.0
+        sample = self._noise_sample(sample_pixels)
+        factor, (top, bound) = thread_map(
+            lambda job: job(), [lambda: _negative_side_sigma(sample), self._reach]
+        )
+        self.factor = factor
+        return top >= threshold * self.factor * bound * (1.0 - 1e-5)
+
+    def _reach(self) -> tuple[np.ndarray, np.ndarray]:
+        """Largest |numerator| of every block and the lower bound of its noise (factor
+        1): a block is a candidate where the first reaches the threshold times the
+        second."""
         s, h = self.size, self.half
         ny, nx = self.smoothed.shape
-        nby, nbx = self.grid
         vmin = (
             self.vmin
             if self.vmin is not None
@@ -846,8 +874,7 @@ class DifferenceSnr:
         ey = _inside_energy(rows_energy, ny, h, s)
         ex = _inside_energy(cols_energy, nx, h, s)
         energy = np.clip(ey[:, None] + ex[None, :] - self.energy, 0.0, None)
-        bound = np.sqrt(np.maximum(vmin * energy, float(self.floor)))
-        return top >= threshold * self.factor * bound * (1.0 - 1e-5)
+        return top, np.sqrt(np.maximum(vmin * energy, float(self.floor)))
 
 
 def _inside_energy(profile: np.ndarray, n: int, h: int, s: int) -> np.ndarray:

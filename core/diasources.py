@@ -154,10 +154,11 @@ class SearchedImage:
         return out
 
 
-def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
+def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future, beside):
     """Peaks of the matched-filtered difference (core.diadetect), the image searched and
     the noise factor. The convolution's EDGE band holds no usable difference: it
-    counts as no data."""
+    counts as no data. ``width``: a future of the PSF's trace radius; ``beside()`` is
+    called once the threaded passes are done."""
     psf = exposure.require_psf()
     kernel = psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64)
     kernel = crop_kernel(kernel)
@@ -170,24 +171,35 @@ def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float)
     )
     smoothed = matched_numerator(exposure.image, no_data, kernel)
     snr = DifferenceSnr(smoothed, variance, no_data, kernel, 1e-30 * fill, vmin)
-    factor = snr.noise_factor()
-    peaks = sparse_peaks(
-        exposure.shape,
-        snr.size,
-        snr.candidates(config.threshold),
-        snr.blocks,
-        config.threshold,
-        config.min_pixels,
-        sigma,
-        config.peak_prominence,
-    )
+    candidate = snr.search(config.threshold)
+    factor = snr.factor
+    beside()
+    with task_pool() as pool:
+        # the candidate blocks' S/N (FFTs on the thread pool) while the search lays
+        # out its canvas
+        values = pool.submit(snr.blocks, *np.nonzero(candidate))
+        peaks = sparse_peaks(
+            exposure.shape,
+            snr.size,
+            candidate,
+            snr.blocks,
+            config.threshold,
+            config.min_pixels,
+            width.result(),
+            config.peak_prominence,
+            values.result,
+        )
     return peaks, SearchedImage(exposure, bits), factor
 
 
-def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
-    """Peaks of score / sqrt(variance), the image searched and the noise factor."""
+def _score_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future, beside):
+    """Peaks of score / sqrt(variance), the image searched and the noise factor;
+    ``width``: a future of the PSF's trace radius; ``beside()`` is called first."""
     size = 32
     bits = exposure.bitmask([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])
+    # the search here is most of the one-thread time but as Python-bound as the work
+    # beside it: that work goes beside the (GIL-free) frame pass instead
+    beside()
     snr, _, top = prepare_score(
         exposure.image, exposure.variance, exposure.mask, bits, size, keep_image=False
     )
@@ -205,14 +217,17 @@ def _score_peaks(exposure: Exposure, config: DiaSourceConfig, sigma: float):
         blocks,
         config.threshold,
         config.min_pixels,
-        sigma,
+        width.result(),
         config.peak_prominence,
     )
     return peaks, SearchedImage(exposure, 0, after_cast=True), factor
 
 
 def detect_dia_sources(
-    exposure: Exposure, config: DiaSourceConfig | None = None, is_score: bool = False
+    exposure: Exposure,
+    config: DiaSourceConfig | None = None,
+    is_score: bool = False,
+    beside: Callable[[], None] | None = None,
 ) -> Detections:
     """Positive and negative peaks above ``config.threshold`` on a difference or score.
 
@@ -223,6 +238,11 @@ def detect_dia_sources(
     config : `DiaSourceConfig` or None
     is_score : bool
         ``exposure`` is a preconvolution score: score / sqrt(variance) is the S/N.
+    beside : callable or None
+        Called once, when independent (Python-bound) work started then finds the
+        most idle cores beside GIL-free numpy: on a difference when the S/N of the
+        candidate blocks is computed (FFTs) while the search lays out its canvas, on
+        a score at once (beside the frame pass; its search is Python-bound too).
 
     Returns
     -------
@@ -230,9 +250,13 @@ def detect_dia_sources(
         Peaks sorted by decreasing absolute S/N, at most ``config.max_sources``.
     """
     config = config or DiaSourceConfig()
-    sigma = profile_sigma(exposure.require_psf())
+    psf = exposure.require_psf()
     find = _score_peaks if is_score else _difference_peaks
-    peaks, image, factor = find(exposure, config, sigma)
+    with task_pool() as pool:
+        # the PSF's width (only the search needs it) beside the frame passes
+        width = pool.submit(profile_sigma, psf)
+        peaks, image, factor = find(exposure, config, width, beside or (lambda: None))
+        sigma = width.result()
     order = np.argsort(-peaks.value, kind="stable")[: config.max_sources]
     return Detections(
         peaks.col[order],
@@ -507,7 +531,7 @@ def measure_dia_sources(
     """Measure detected DIA sources; see `dia_sources` for the columns."""
     return _measure_beside(
         output,
-        lambda: detections,
+        lambda beside: detections,
         config or DiaSourceConfig(),
         matched_science,
         matched_template,
@@ -517,17 +541,24 @@ def measure_dia_sources(
 
 def _measure_beside(
     output: Exposure,
-    detect: Callable[[], Detections],
+    detect: Callable[[Callable[[], None]], Detections],
     config: DiaSourceConfig,
     matched_science: Exposure | None,
     matched_template: Exposure | None,
     kernel_sources: Table | None,
 ) -> Table:
-    """`_measure` of the detections ``detect()`` gives, on a task pool: the output's PSF
-    stamps and noise scale do not need them, so they are made beside ``detect``."""
+    """`_measure` of the detections ``detect(beside)`` gives, on a task pool: the output's
+    PSF stamps and noise scale do not need them, so they are made beside ``detect``
+    (started when it calls ``beside()``, see `detect_dia_sources`)."""
     with task_pool() as pool:
-        setup = pool.submit(_output_stamps, output, config.forced)
-        detections = detect()
+        started: list[Future] = []
+
+        def beside() -> None:
+            if not started:
+                started.append(pool.submit(_output_stamps, output, config.forced))
+
+        detections = detect(beside)
+        beside()  # when ``detect`` did not call it
         return _measure(
             output,
             detections,
@@ -535,9 +566,25 @@ def _measure_beside(
             matched_science,
             matched_template,
             kernel_sources,
-            setup,
+            started[0],
             pool,
         )
+
+
+def _shape(det: Detections, peaks: np.ndarray, half: int) -> tuple[np.ndarray, ...]:
+    """Sign-corrected stamps of ``peaks`` (indices into ``det``) and their centroid
+    offsets (dx, dy) from the peak pixels."""
+    sign = det.sign[peaks].astype(float)
+    profile = det.image.stamps(det.col[peaks], det.row[peaks], half) * sign[:, None, None]
+    return (profile, *_centroids(profile, det.psf_sigma))
+
+
+def _interleave(halves) -> np.ndarray:
+    """The values of every other item (from 0, then from 1) back in item order."""
+    even, odd = halves
+    out = np.empty(even.size + odd.size, dtype=np.result_type(even, odd))
+    out[0::2], out[1::2] = even, odd
+    return out
 
 
 def _measure(
@@ -560,12 +607,17 @@ def _measure(
     in_pair[pairs.ravel()] = True
     single = np.flatnonzero(~in_pair)
 
-    # centroids and moments of single-signed sources, on sign-corrected stamps
+    # centroids and moments of single-signed sources, on sign-corrected stamps; each
+    # source's iterations are its own, so two halves run on two threads (every other
+    # source: bright ones converge in fewer iterations)
     half = int(max(5, math.ceil(4.0 * det.psf_sigma)))
-    sign = det.sign[single].astype(float)
-    profile = det.image.stamps(det.col[single], det.row[single], half) * sign[:, None, None]
-    dx, dy = _centroids(profile, det.psf_sigma)
-    moments = pool.submit(_moments, profile, dx, dy, det.psf_sigma)
+    later = pool.submit(_shape, det, single[1::2], half)
+    shapes = [_shape(det, single[0::2], half), later.result()]
+    moments = [pool.submit(_moments, p, dx, dy, det.psf_sigma) for p, dx, dy in shapes]
+    dx, dy = (
+        _interleave([shape[1] for shape in shapes]),
+        _interleave([shape[2] for shape in shapes]),
+    )
     x = det.col[single] + dx
     y = det.row[single] + dy
     fit = pool.submit(
@@ -643,7 +695,7 @@ def _measure(
     single_fit = fit.result()
     columns["psf_flux"][:n_single] = single_fit["flux"]
     columns["psf_flux_err"][:n_single] = single_fit["flux_err"] * scale
-    ixx, iyy, ixy = moments.result()
+    ixx, iyy, ixy = (_interleave(m) for m in zip(*(f.result() for f in moments), strict=True))
     columns["ixx"][:n_single], columns["iyy"][:n_single], columns["ixy"][:n_single] = ixx, iyy, ixy
     with np.errstate(invalid="ignore", divide="ignore"):
         columns["snr"] = columns["psf_flux"] / columns["psf_flux_err"]
@@ -761,7 +813,7 @@ def dia_sources(
             matched_template = replace(matched_template, psf=matched_science.psf)
     return _measure_beside(
         measured,
-        lambda: detect_dia_sources(output, config, is_score),
+        lambda beside: detect_dia_sources(output, config, is_score, beside),
         config,
         matched_science,
         matched_template,

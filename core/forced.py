@@ -122,6 +122,12 @@ class PsfStamps:
         self.nodes_y = self.xy0[1] + np.linspace(0, ny - 1, count_y)
         self._cache: dict[tuple[int, int], np.ndarray] = {}
         self._spectra: dict[tuple[int, int], np.ndarray] = {}
+        # every node's spectrum as a row, filled as batches need them: threads that
+        # draw at once only ever write a row's same values, before they flag it
+        size = 2 * self._draw_half + 1
+        nodes = self.nodes_y.size * self.nodes_x.size
+        self._rows = np.zeros((nodes, size * (size // 2 + 1)), dtype=complex)
+        self._filled = np.zeros(nodes, dtype=bool)
         self.constant = self._is_constant()
 
     def _node(self, j: int, i: int) -> np.ndarray:
@@ -158,10 +164,12 @@ class PsfStamps:
             (1, 0, (1 - tx) * ty),
             (1, 1, tx * ty),
         )
-        flat = [((j + dj) * n_x + i + di, weight) for dj, di, weight in bilinear]
-        columns = np.concatenate([f for f, _ in flat])
+        # four entries a row, their columns ascending (n_x >= 2): built as CSR directly,
+        # the matrix a COO construction sorts them into
+        columns = np.stack([(j + dj) * n_x + i + di for dj, di, _ in bilinear], axis=1)
+        values = np.stack([weight for _, _, weight in bilinear], axis=1)
         weights = sparse.csr_matrix(
-            (np.concatenate([w for _, w in flat]), (np.tile(np.arange(x.size), 4), columns)),
+            (values.ravel(), columns.ravel(), np.arange(0, 4 * x.size + 1, 4)),
             shape=(x.size, n_y * n_x),
         )
         return weights, np.unique(columns)
@@ -176,10 +184,11 @@ class PsfStamps:
             return np.broadcast_to(centre, (x.size, *centre.shape))
         weights, needed = self._weights(x, y)
         n_x = self.nodes_x.size
-        spectra = np.zeros((weights.shape[1], size * (size // 2 + 1)), dtype=complex)
-        for k in needed:
-            spectra[k] = self._spectrum(int(k) // n_x, int(k) % n_x).ravel()
-        return (weights @ spectra).reshape(x.size, size, size // 2 + 1)
+        for k in needed[~self._filled[needed]].tolist():
+            self._rows[k] = self._spectrum(k // n_x, k % n_x).ravel()
+            self._filled[k] = True
+        # the product reads only the rows of the nodes with a weight
+        return (weights @ self._rows).reshape(x.size, size, size // 2 + 1)
 
     def at(self, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stamps centred on parent positions (x, y).

@@ -31,7 +31,7 @@ def _gaussian(sigma: float, half: int) -> np.ndarray:
     return k / k.sum()
 
 
-def _frame(seed: int = 3, shape=(651, 703)):
+def _frame(seed: int = 3, shape=(651, 703), negatives: bool = True):
     """A difference with a varying variance (gradient and bright-star bumps), positive
     and negative sources (some blended, some on the edge), a NO_DATA band and NaNs."""
     rng = np.random.default_rng(seed)
@@ -48,7 +48,7 @@ def _frame(seed: int = 3, shape=(651, 703)):
     points += [(200.0, 300.0, 6000.0), (207.0, 301.0, 5000.0), (2.0, 100.0, 2000.0)]
     points += [(nx - 1.5, ny - 2.0, 2000.0)]
     for k, (x, y, flux) in enumerate(points):
-        sign = -1 if k % 3 == 0 and k < 60 else 1
+        sign = -1 if k % 3 == 0 and k < 60 and negatives else 1
         profile = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.8**2)) / (2 * np.pi * 1.8**2)
         image += sign * flux * profile
     image += rng.normal(size=shape) * np.sqrt(variance)
@@ -396,3 +396,72 @@ def test_snr_batches_on_threads_equal_one_batch():
     for batch in (1, 7, 64, 10**6):
         np.testing.assert_array_equal(snr._snr(y0, x0, size, batch), one)
     assert snr._snr(y0[:0], x0[:0], size, 8).shape == (0, size, size)
+
+
+@pytest.mark.parametrize("negatives", [True, False])
+def test_sparse_detection_without_negative_side_equals_whole_frame(negatives):
+    """Without a value down to -threshold the negative side is not searched: the peaks
+    are still those of the whole-frame map (positive and negative footprints)."""
+    image, variance, mask, psf = _frame(seed=7, negatives=negatives)
+    snr, candidate, peaks, prepared = _fast(image, variance, mask, psf, 2**21)
+    full, expected = _whole_frame(*prepared, snr.factor)
+    assert (full.min() <= -THRESHOLD) == negatives
+    got = list(zip(peaks.col, peaks.row, peaks.sign, peaks.footprint, peaks.n_peaks, strict=True))
+    assert got == [p[:5] for p in expected]
+    assert (np.asarray(peaks.sign) < 0).any() == negatives
+
+
+@pytest.mark.parametrize("sample_pixels", [2**21, 60_000])
+def test_search_equals_noise_factor_then_candidates(sample_pixels):
+    """`DifferenceSnr.search` (the candidates' bound beside the factor's statistics) sets
+    the same factor and finds the same candidate blocks as `noise_factor` and then
+    `candidates`."""
+    image, variance, mask, psf = _frame(seed=11)
+    snr, candidate, _, prepared = _fast(image, variance, mask, psf, sample_pixels)
+    image, variance, no_data, kernel, floor = prepared
+    fresh = DifferenceSnr(snr.smoothed, variance, no_data, kernel, floor, snr.vmin)
+    np.testing.assert_array_equal(fresh.search(THRESHOLD, sample_pixels), candidate)
+    assert fresh.factor == snr.factor
+
+
+def test_sparse_peaks_with_candidate_snr_made_elsewhere():
+    """The candidate blocks' S/N handed in (raster order) gives the peaks of the S/N
+    asked of ``snr_blocks``."""
+    image, variance, mask, psf = _frame(seed=13)
+    snr, candidate, peaks, _ = _fast(image, variance, mask, psf, 2**21)
+    values = snr.blocks(*np.nonzero(candidate))
+    given = sparse_peaks(
+        image.shape,
+        snr.size,
+        candidate,
+        snr.blocks,
+        THRESHOLD,
+        MIN_PIXELS,
+        1.8,
+        PROMINENCE,
+        lambda: values,
+    )
+    for name in ("col", "row", "sign", "footprint", "n_peaks", "value"):
+        np.testing.assert_array_equal(getattr(given, name), getattr(peaks, name))
+
+
+@pytest.mark.parametrize("sigma", [0.8, 1.8, 3.1])
+def test_find_peaks_among_3x3_maxima_equals_all_pixels(sigma):
+    """`_find_peaks` with the footprints' 3 x 3 maxima given searches its (larger) boxes
+    among them: the same peaks, in the same order, as searching every pixel."""
+    from core.detection import _footprint_pixels, _local_maxima
+
+    rng = np.random.default_rng(21)
+    snr = np.zeros((300, 340), dtype=np.float32)
+    yy, xx = np.mgrid[:300, :340]
+    for _ in range(70):
+        x, y, a = rng.uniform(0, 340), rng.uniform(0, 300), rng.uniform(4, 40)
+        snr += a * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 2.2**2)).astype(np.float32)
+    snr += rng.normal(size=snr.shape).astype(np.float32)
+    pixels, labels, n, _ = _footprint_pixels(snr, THRESHOLD, MIN_PIXELS)
+    rows, cols = _local_maxima(snr, pixels, 1)
+    near = rows * snr.shape[1] + cols
+    expected = _find_peaks(snr, None, n, sigma, PROMINENCE, pixels, labels)
+    got = _find_peaks(snr, None, n, sigma, PROMINENCE, pixels, labels, near_maxima=near)
+    assert len(expected) > n  # some footprints were deblended
+    np.testing.assert_array_equal(got, expected)

@@ -863,3 +863,123 @@ def test_matched_filter_blockwise_inputs_equal_whole_frame_ones(case):
     np.maximum(smoothed_var, np.float32(1e-30 * fill), out=smoothed_var)
     np.testing.assert_array_equal(filtered.smoothed_var, smoothed_var)
     assert ref_no_data.any() == (case == "holes")
+
+
+def test_centroids_and_moments_of_two_halves_equal_the_whole_stack():
+    """`core.diasources._measure` runs `_centroids` and `_moments` on every other source
+    (two threads) and interleaves the results: each source's iterations are its own,
+    so the values are those of the whole stack, bit for bit (converged, slow and
+    failed sources alike)."""
+    from core.diasources import _interleave
+    from core.measure import _centroids, _moments
+
+    rng = np.random.default_rng(17)
+    n, half, sigma = 301, 8, 1.9
+    g = np.arange(-half, half + 1)
+    stamps = np.empty((n, 2 * half + 1, 2 * half + 1), dtype=np.float32)
+    for k in range(n):
+        dx, dy = rng.uniform(-1.5, 1.5, 2)
+        sx, sy = rng.uniform(1.2, 3.5, 2)
+        flux = rng.choice([0.0, 5.0, 50.0, 5000.0])
+        model = np.exp(
+            -((g[None, :] - dx) ** 2) / (2 * sx**2) - (g[:, None] - dy) ** 2 / (2 * sy**2)
+        )
+        stamps[k] = flux * model + rng.normal(size=model.shape)
+    dx, dy = _centroids(stamps, sigma)
+    whole = _moments(stamps, dx, dy, sigma)
+    halves = [_centroids(stamps[0::2], sigma), _centroids(stamps[1::2], sigma)]
+    np.testing.assert_array_equal(_interleave([h[0] for h in halves]), dx)
+    np.testing.assert_array_equal(_interleave([h[1] for h in halves]), dy)
+    parts = [_moments(stamps[p::2], dx[p::2], dy[p::2], sigma) for p in (0, 1)]
+    for got, expected in zip(zip(*parts, strict=True), whole, strict=True):
+        np.testing.assert_array_equal(_interleave(got), expected)
+    assert np.isnan(whole[0]).any() and np.isfinite(whole[0]).sum() > n // 2
+    # an odd count and a single source split the same way
+    assert _interleave([np.arange(3.0), np.arange(2.0)]).tolist() == [0, 0, 1, 1, 2]
+    assert _interleave([np.arange(1.0), np.arange(0.0)]).tolist() == [0]
+
+
+def test_psf_stamps_node_rows_kept_equal_a_matrix_per_batch():
+    """`PsfStamps._centred_spectra` keeps the nodes' spectra as rows filled once (from
+    several threads at once too): the blends of a matrix built per batch with only
+    the needed nodes' rows, bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core.forced import PsfStamps
+    from core.psf import GridPsf
+
+    k = 31
+    yy, xx = np.mgrid[:k, :k] - k // 2
+    grid = np.empty((4, 5, k, k))
+    for j in range(4):
+        for i in range(5):
+            sx, sy = 1.5 + 0.2 * i, 1.7 + 0.3 * j
+            grid[j, i] = np.exp(-0.5 * ((xx - 0.1 * j) ** 2 / sx**2 + yy**2 / sy**2))
+    psf = GridPsf(grid, np.linspace(0, 600, 5), np.linspace(0, 450, 4))
+    exposure = Exposure.from_arrays(np.zeros((460, 610)))
+
+    def per_batch(stamps, x, y):
+        size = 2 * stamps._draw_half + 1
+        weights, needed = stamps._weights(x, y)
+        spectra = np.zeros((weights.shape[1], size * (size // 2 + 1)), dtype=complex)
+        n_x = stamps.nodes_x.size
+        for n in needed:
+            spectra[n] = stamps._spectrum(int(n) // n_x, int(n) % n_x).ravel()
+        return (weights @ spectra).reshape(x.size, size, size // 2 + 1)
+
+    rng = np.random.default_rng(5)
+    # batches in one corner first (few nodes), then over the frame
+    batches = [(rng.uniform(0, 100, 40), rng.uniform(0, 80, 40))]
+    batches += [(rng.uniform(-5, 615, 90), rng.uniform(-5, 465, 90)) for _ in range(6)]
+    reference = PsfStamps(psf, exposure)
+    expected = [per_batch(reference, x, y) for x, y in batches]
+    stamps = PsfStamps(psf, exposure)
+    for (x, y), e in zip(batches, expected, strict=True):
+        np.testing.assert_array_equal(stamps._centred_spectra(x, y), e)
+    shared = PsfStamps(psf, exposure)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda b: shared._centred_spectra(*b), batches * 3))
+    for g, e in zip(got, expected * 3, strict=True):
+        np.testing.assert_array_equal(g, e)
+
+
+def test_psf_stamps_weights_built_as_csr_equal_the_coo_construction():
+    """`PsfStamps._weights` builds its CSR matrix directly (four ascending columns a
+    row): the same entries, order and explicit zeros (positions on nodes and beyond
+    the grid) as built from coordinates, so the blends are the same bit for bit."""
+    from scipy import sparse
+
+    from core.forced import PsfStamps
+    from core.psf import GridPsf
+
+    k = 21
+    yy, xx = np.mgrid[:k, :k] - k // 2
+    grid = np.exp(-0.5 * (xx**2 + yy**2) / 2.0)[None, None] * np.linspace(1, 2, 12).reshape(
+        3, 4, 1, 1
+    )
+    psf = GridPsf(grid, np.linspace(0, 900, 4), np.linspace(0, 700, 3))
+    stamps = PsfStamps(psf, Exposure.from_arrays(np.zeros((700, 900))))
+    rng = np.random.default_rng(8)
+    x, y = rng.uniform(-50, 950, 200), rng.uniform(-50, 750, 200)
+    x[:5], y[:5] = stamps.nodes_x[[0, 1, 2, 1, 3]], stamps.nodes_y[[0, 1, 2, 2, 1]]
+    weights, needed = stamps._weights(x, y)
+    nx_, ny_ = stamps.nodes_x, stamps.nodes_y
+    i = np.clip(np.searchsorted(nx_, x) - 1, 0, nx_.size - 2)
+    j = np.clip(np.searchsorted(ny_, y) - 1, 0, ny_.size - 2)
+    tx = np.clip((x - nx_[i]) / (nx_[i + 1] - nx_[i]), 0, 1)
+    ty = np.clip((y - ny_[j]) / (ny_[j + 1] - ny_[j]), 0, 1)
+    terms = [
+        (j * nx_.size + i, (1 - tx) * (1 - ty)),
+        (j * nx_.size + i + 1, tx * (1 - ty)),
+        ((j + 1) * nx_.size + i, (1 - tx) * ty),
+        ((j + 1) * nx_.size + i + 1, tx * ty),
+    ]
+    columns = np.concatenate([c for c, _ in terms])
+    coo = sparse.csr_matrix(
+        (np.concatenate([w for _, w in terms]), (np.tile(np.arange(x.size), 4), columns)),
+        shape=weights.shape,
+    )
+    for name in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(weights, name), getattr(coo, name))
+    np.testing.assert_array_equal(needed, np.unique(columns))
+    assert (weights.data == 0).any()
