@@ -52,6 +52,7 @@ from .parallel import (
     frame_array,
     frame_copy,
     one_blas_thread,
+    release_free_memory,
     split_map,
     thread_map,
 )
@@ -988,6 +989,8 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                         solution = self._fit_template_to_science(
                             template, science, kernel_sources, preconv_kernel
                         )
+                    # the threads' arenas keep what they freed: the frames to come need it
+                    release_free_memory()
                     result = self._score(template, science, made.result(), solution, preconv_kernel)
                 else:
                     matched_science = self._preconvolve(science, preconv_kernel)
