@@ -113,17 +113,18 @@ def split_map(function: Callable[[T], R], items: Iterable[T]):
     if count <= 1:
         return [function(item) for item in items]
     split = _Split(n_threads(), len(items), count)
-
-    def run(item: T) -> R:
-        _local.split = split
-        try:
-            return function(item)
-        finally:
-            _local.split = None
-            split.finished()
-
     with ThreadPoolExecutor(max_workers=count) as pool:
-        return list(pool.map(run, items))
+        return list(pool.map(lambda item: _in_share(split, lambda: function(item)), items))
+
+
+def _in_share(split: _Split, job: Callable[[], R]) -> R:
+    """``job()`` on a pool thread with its share of ``split``'s cores, given back after."""
+    _local.split = split
+    try:
+        return job()
+    finally:
+        _local.split = None
+        split.finished()
 
 
 @contextmanager
@@ -139,17 +140,8 @@ def alongside(function: Callable[[], R]) -> Iterator[Future]:
         return
     split = _Split(n_threads(), 2, 2)
     previous = getattr(_local, "split", None)
-
-    def run() -> R:
-        _local.split = split
-        try:
-            return function()
-        finally:
-            _local.split = None
-            split.finished()
-
     with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(run)
+        future = pool.submit(_in_share, split, function)
         _local.split = split
         try:
             yield future
@@ -217,6 +209,17 @@ _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
 _M_MMAP_THRESHOLD = -3
 
 
+def _glibc(name: str) -> Any:
+    """The C library's function ``name`` on Linux, None where there is none (not glibc:
+    musl has no mallopt or malloc_trim; not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def large_blocks_to_mmap(threshold: int = MMAP_THRESHOLD) -> bool:
     """Make glibc map blocks of ``threshold`` bytes or more (fixed, not adaptive) and
     keep up to twice that much free memory on top of a heap for reuse; True when set
@@ -229,12 +232,8 @@ def large_blocks_to_mmap(threshold: int = MMAP_THRESHOLD) -> bool:
     (1.69 GB -> 1.35 GB for read + auto with a fixed 8 MB threshold), at no time cost
     measurable on a shared machine.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     if not mallopt(_M_MMAP_THRESHOLD, int(threshold)):
@@ -276,11 +275,8 @@ def release_free_memory() -> bool:
     extra threads (a job `alongside` the caller's, with its tile pools) that was ~70 MB
     of a 4096 x 4096 preconvolve subtraction's peak, held through the stages after it.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
+    trim = _glibc("malloc_trim")
+    if trim is None:
         return False
     trim.argtypes = (ctypes.c_size_t,)
     trim(0)
@@ -310,15 +306,12 @@ def frame_array(shape: tuple[int, ...], dtype) -> Any:
     import numpy as np
 
     dtype = np.dtype(dtype)
-    count = 1
-    for n in shape:
-        count *= int(n)
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if count * dtype.itemsize < HUGE_FRAME_BYTES or advice is None:
+    if not _mapped(shape, dtype):
         return np.empty(shape, dtype=dtype)
+    count = math.prod(int(n) for n in shape)
     # private: a shared anonymous mapping is shmem, which takes no huge pages by default
     pages = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    pages.madvise(advice)
+    pages.madvise(mmap.MADV_HUGEPAGE)
     # the array holds the mapping: it is unmapped when the array is freed
     return np.frombuffer(pages, dtype=dtype, count=count).reshape(shape)
 
@@ -340,7 +333,13 @@ def frame_zeros(shape: tuple[int, ...], dtype) -> Any:
     import numpy as np
 
     dtype = np.dtype(dtype)
-    mapped = getattr(mmap, "MADV_HUGEPAGE", None) is not None
-    if not mapped or math.prod(int(n) for n in shape) * dtype.itemsize < HUGE_FRAME_BYTES:
-        return np.zeros(shape, dtype=dtype)  # frame_array would not map it
+    if not _mapped(shape, dtype):
+        return np.zeros(shape, dtype=dtype)
     return frame_array(shape, dtype)
+
+
+def _mapped(shape: tuple[int, ...], dtype: Any) -> bool:
+    """Whether `frame_array` maps a frame of this shape and (numpy) dtype: from
+    `HUGE_FRAME_BYTES` on, where huge pages can be advised."""
+    size = math.prod(int(n) for n in shape) * dtype.itemsize
+    return size >= HUGE_FRAME_BYTES and hasattr(mmap, "MADV_HUGEPAGE")
