@@ -31,9 +31,10 @@ import numpy as np
 import scipy.fft as sfft
 
 from . import order
-from .exposure import Exposure
+from .exposure import DeferredPlane, Exposure
 from .kernel import SpatialKernel, term_degrees
 from .parallel import frame_array, n_threads
+from .stamps import windows
 
 __all__ = ["convolve_exposure", "correlate_image", "or_filter"]
 
@@ -417,6 +418,7 @@ def convolve_exposure(
     preserve_planes=(),
     copy_edge: bool = True,
     workers: int | None = None,
+    defer_variance: bool = False,
 ) -> Exposure:
     """Convolve an exposure (image, variance, mask) by a fixed or spatially varying kernel.
 
@@ -434,6 +436,10 @@ def convolve_exposure(
         False: there image = NaN, mask = NO_DATA, variance = +inf.
     workers : int or None
         Threads for the FFTs (default: all cores).
+    defer_variance : bool
+        Make the variance plane only when it is first read (`Exposure.defer_variance`);
+        its stamps are made without it (`_ConvolvedVariance.stamps`). For a caller
+        that may not need it: it costs about twice the image.
 
     Returns
     -------
@@ -455,19 +461,10 @@ def convolve_exposure(
         sq_images, sq_wx, sq_wy = _squared_chebyshev_parts(kernel, exposure)
     else:
         sq_images, sq_wx, sq_wy = _squared_parts(images, wx, wy)
-    variance, nan_v, inf_v = _correlate_plane(
-        exposure.variance,
-        sq_images,
-        sq_wx,
-        sq_wy,
-        workers=workers,
-        max_range=_MAX_FLOAT32_RANGE_VARIANCE,
+    variance_plane = _ConvolvedVariance(
+        exposure.variance, sq_images, sq_wx, sq_wy, copy_edge, workers
     )
-    if nan_v is not None:
-        variance[inf_v] = np.inf
-        variance[nan_v] = np.nan
-    # a variance is never negative; FFT round-off can dip just below 0 next to zeros
-    np.maximum(variance, 0.0, out=variance)
+    variance = None if defer_variance else variance_plane.compute()
 
     preserved = np.int32(planes.get_bitmask(preserve_planes))
     original = exposure.mask
@@ -479,34 +476,164 @@ def convolve_exposure(
     else:
         mask = np.zeros(original.shape, dtype=original.dtype)
 
-    # the border that cannot be computed, as four strips (cheaper than a boolean frame)
-    strips = [
-        np.s_[: min(hy, ny), :],
-        np.s_[max(ny - hy, 0) :, :],
-        np.s_[:, : min(hx, nx)],
-        np.s_[:, max(nx - hx, 0) :],
-    ]
-    for strip in strips:
+    # the border that cannot be computed
+    for strip in _border((ny, nx), hy, hx):
         if copy_edge:
             image[strip] = exposure.image[strip]
-            variance[strip] = exposure.variance[strip]
             mask[strip] = original[strip] | np.int32(planes.value("EDGE"))
         else:
             image[strip] = np.nan
-            variance[strip] = np.inf
             mask[strip] = np.int32(planes.value("NO_DATA"))
     if preserved:
         # (mask & ~preserved) | (original & preserved), in place a block of rows at a time
         _replace_bits(mask, original, preserved)
 
-    return replace(
-        exposure,
-        image=image.astype(np.float32, copy=False),
-        variance=variance.astype(np.float32, copy=False),
-        mask=mask.astype(np.int32, copy=False),
-        mask_planes=planes,
-        metadata=copy.deepcopy(exposure.metadata),
-    )
+    planes_out = {
+        "image": image.astype(np.float32, copy=False),
+        "mask": mask.astype(np.int32, copy=False),
+        "mask_planes": planes,
+        "metadata": copy.deepcopy(exposure.metadata),
+    }
+    if variance is None:
+        deferred = DeferredPlane(
+            variance_plane.compute, variance_plane.stamps, variance_plane.floors
+        )
+        return exposure.replace_deferred(deferred, **planes_out)
+    return replace(exposure, variance=variance, **planes_out)
+
+
+class _ConvolvedVariance:
+    """The variance plane of `convolve_exposure`: V correlated with the squared kernel
+    (``images``, weights ``wx``, ``wy``), never negative, non-finite inputs spread over
+    the kernel box, and the border of kernel half-width copied from V (``copy_edge``)
+    or +inf. `compute` makes the frame; `stamps` makes stamps of it on their own."""
+
+    def __init__(self, variance, images, wx, wy, copy_edge: bool, workers) -> None:
+        self.variance, self.images, self.wx, self.wy = variance, images, wx, wy
+        self.copy_edge, self.workers = copy_edge, workers
+
+    def compute(self) -> np.ndarray:
+        values = self.variance
+        variance, nan_v, inf_v = _correlate_plane(
+            values,
+            self.images,
+            self.wx,
+            self.wy,
+            workers=self.workers,
+            max_range=_MAX_FLOAT32_RANGE_VARIANCE,
+        )
+        if nan_v is not None:
+            variance[inf_v] = np.inf
+            variance[nan_v] = np.nan
+        # a variance is never negative; FFT round-off can dip just below 0 next to zeros
+        np.maximum(variance, 0.0, out=variance)
+        _, ky, kx = self.images.shape
+        for strip in _border(values.shape, ky // 2, kx // 2):
+            variance[strip] = values[strip] if self.copy_edge else np.inf
+        return variance.astype(np.float32, copy=False)
+
+    def stamps(self, cx: np.ndarray, cy: np.ndarray, half: int, fill: float) -> np.ndarray:
+        """(n, 2h+1, 2h+1) stamps of `compute`'s frame centred on (cx, cy), ``fill`` off
+        the frame: each from a window of V one kernel half-width wider, correlated by
+        small float32 FFTs (equal to the frame's values to float32 round-off)."""
+        values = self.variance
+        ny, nx = values.shape
+        m, ky, kx = self.images.shape
+        hy, hx = ky // 2, kx // 2
+        k = max(hy, hx)
+        side, wide = 2 * half + 1, 2 * half + 1 + 2 * k
+        cx = np.asarray(cx, dtype=np.intp).ravel()
+        cy = np.asarray(cy, dtype=np.intp).ravel()
+        data = windows(values, cy - half - k, cx - half - k, wide).astype(np.float32)
+        finite = np.isfinite(data)
+        all_finite = bool(finite.all())
+        if not all_finite:
+            posinf = np.isposinf(data)
+            data[~finite] = 0.0
+        # correlation = convolution with the flipped kernel, embedded in a (2k+1)^2 box
+        box = np.zeros((m, 2 * k + 1, 2 * k + 1), dtype=np.float32)
+        box[:, k - hy : k + hy + 1, k - hx : k + hx + 1] = self.images
+        length = sfft.next_fast_len(wide, real=True)
+        spectra = sfft.rfft2(box[:, ::-1, ::-1], s=(length, length))
+        data_spectra = sfft.rfft2(data, s=(length, length))
+        rows = np.clip(cy[:, None] + np.arange(-half, half + 1), 0, ny - 1)
+        cols = np.clip(cx[:, None] + np.arange(-half, half + 1), 0, nx - 1)
+        out = np.zeros((cx.size, side, side), dtype=np.float32)
+        for t in range(m):
+            term = sfft.irfft2(data_spectra * spectra[t], s=(length, length))
+            term = term[:, 2 * k : 2 * k + side, 2 * k : 2 * k + side]
+            if self.wx is not None:
+                term *= self.wy[t][rows][:, :, None] * self.wx[t][cols][:, None, :]
+            out += term
+        if not all_finite:
+            # any non-finite input in an output's kernel box: +inf if all are +inf, else NaN
+            out[_box_any(~finite & ~posinf, half, k, hy, hx)] = np.nan
+            touched_inf = _box_any(posinf, half, k, hy, hx)
+            out[touched_inf & ~np.isnan(out)] = np.inf
+        np.maximum(out, 0.0, out=out)
+        # the border copied from V (or +inf), and fill off the frame
+        r = cy[:, None] + np.arange(-half, half + 1)
+        c = cx[:, None] + np.arange(-half, half + 1)
+        border = ((r < hy) | (r >= ny - hy))[:, :, None] | ((c < hx) | (c >= nx - hx))[:, None, :]
+        if border.any():
+            edge = windows(values, cy - half, cx - half, side).astype(np.float32)
+            out[border] = edge[border] if self.copy_edge else np.inf
+        off = ~(((r >= 0) & (r < ny))[:, :, None] & ((c >= 0) & (c < nx))[:, None, :])
+        out[off] = fill
+        return out
+
+    def floors(self, cx: np.ndarray, cy: np.ndarray, half: int) -> np.ndarray:
+        """A lower bound of each stamp's values: every output is sum_u K_X(u)^2 V(X+u)
+        >= (least V within the kernel's reach) x sum_u K_X(u)^2, and that sum is
+        sum_t w_t(X) sum(images[t]); the border copies V itself, hence the bound's
+        factor at most 1. NaN where V is not finite."""
+        m, ky, kx = self.images.shape
+        k = max(ky // 2, kx // 2)
+        cx = np.asarray(cx, dtype=np.intp).ravel()
+        cy = np.asarray(cy, dtype=np.intp).ravel()
+        wide = 2 * half + 1 + 2 * k
+        data = windows(self.variance, cy - half - k, cx - half - k, wide, fill=np.inf)
+        least = data.reshape(cx.size, -1).min(axis=1).astype(np.float64)
+        sums = self.images.sum(axis=(1, 2))
+        if self.wx is None:
+            energy = np.full(cx.size, sums[0])
+        else:
+            ny, nx = self.variance.shape
+            offsets = np.arange(-half, half + 1)
+            rows = np.clip(cy[:, None] + offsets, 0, ny - 1)
+            cols = np.clip(cx[:, None] + offsets, 0, nx - 1)
+            total = np.zeros((cx.size, offsets.size, offsets.size))
+            for t in range(m):
+                total += sums[t] * self.wy[t][rows][:, :, None] * self.wx[t][cols][:, None, :]
+            energy = total.reshape(cx.size, -1).min(axis=1)
+        # float32 round-off of the frame's values is far below this margin
+        return least * np.clip(energy, 0.0, 1.0) * (1.0 - 1e-4)
+
+
+def _box_any(flags: np.ndarray, half: int, k: int, hy: int, hx: int) -> np.ndarray:
+    """(n, 2h+1, 2h+1): whether any of ``flags`` (n, 2h+1+2k, same) lies in each
+    output's (2hy+1) x (2hx+1) box (summed-area table)."""
+    table = np.zeros((flags.shape[0], flags.shape[1] + 1, flags.shape[2] + 1))
+    table[:, 1:, 1:] = flags.cumsum(axis=1).cumsum(axis=2)
+    side = 2 * half + 1
+    y0, x0 = k - hy, k - hx
+    y1, x1 = y0 + 2 * hy + 1, x0 + 2 * hx + 1
+
+    def corner(y: int, x: int) -> np.ndarray:
+        return table[:, y : y + side, x : x + side]
+
+    return (corner(y1, x1) - corner(y0, x1) - corner(y1, x0) + corner(y0, x0)) > 0
+
+
+def _border(shape: tuple[int, int], hy: int, hx: int) -> list[tuple[slice, slice]]:
+    """The border of half-widths (hy, hx) as four strips (cheaper than a boolean frame)."""
+    ny, nx = shape
+    return [
+        np.s_[: min(hy, ny), :],
+        np.s_[max(ny - hy, 0) :, :],
+        np.s_[:, : min(hx, nx)],
+        np.s_[:, max(nx - hx, 0) :],
+    ]
 
 
 def convolved_noise_correlation(

@@ -797,6 +797,9 @@ def decorrelate_difference(
 
     complete = config.complete_var_plane_propagation
     image, bad = _fill_nonfinite(difference.image)
+    # a consumed difference's own variance plane is reused (no fresh frame); a deferred
+    # one is not made for that
+    reuse = consume and not difference.variance_deferred
 
     if not spatially_varying:
         node = _node_filter(kernel_image, v, vt, preconv_image, complete, correlations)
@@ -810,8 +813,7 @@ def decorrelate_difference(
                 np.float32(node.w1),
                 plane2,
                 np.float32(node.w2),
-                # a consumed difference's own variance plane is reused (no fresh frame)
-                out=_reusable(difference.variance, plane1, plane2) if consume else None,
+                out=_reusable(difference.variance, plane1, plane2) if reuse else None,
             )
         psf_stamps = node.psf[None, None]
         nodes_x, nodes_y = np.array([xc]), np.array([yc])
@@ -830,8 +832,7 @@ def decorrelate_difference(
             config.grid_step,
             complete,
             correlations,
-            # a consumed difference's own variance plane is reused (no fresh frame)
-            variance_out=_reusable(difference.variance, plane1, plane2) if consume else None,
+            variance_out=_reusable(difference.variance, plane1, plane2) if reuse else None,
         )
 
     if complete:

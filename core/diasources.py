@@ -461,9 +461,18 @@ def _bright_star(template: Exposure | None, ix, iy, radius: float, limit: float)
     holes = ~np.isfinite(level)
     if holes.any():  # stamps over the frame's edge: the NaN-aware (row by row) median
         level[holes] = np.nanmedian(outside[holes], axis=1)
-    var = _stack(template.variance, ix, iy, r, fill=np.nan).reshape(ix.size, -1)[:, disc]
+    excess = data[:, disc].astype(np.float64) - level[:, None]
+    # where even the least variance the stamp can have keeps every pixel below the
+    # limit, the variance is not needed (a deferred plane's stamps cost small FFTs)
+    with np.errstate(invalid="ignore"):
+        peak = np.max(np.where(np.isfinite(excess), excess, -np.inf), axis=1)
+        need = ~(peak <= limit * np.sqrt(template.variance_floors(ix, iy, r)))
+    var = np.full(excess.shape, np.nan)
+    if need.any():
+        stamps = template.variance_stamps(ix[need], iy[need], r, fill=np.nan)
+        var[need] = stamps.reshape(int(need.sum()), -1)[:, disc]
     with np.errstate(invalid="ignore", divide="ignore"):
-        snr = (data[:, disc].astype(np.float64) - level[:, None]) / np.sqrt(var.astype(np.float64))
+        snr = excess / np.sqrt(var)
     return np.any((snr > limit) & np.isfinite(snr), axis=1)
 
 
@@ -808,9 +817,10 @@ def dia_sources(
         # source in them is that PSF correlated once more with the preconvolution kernel
         science_psf = matched_science.psf
         measured = replace(output, psf=score_profile(output.require_psf(), science_psf))
-        matched_science = replace(matched_science, psf=score_profile(science_psf, science_psf))
+        matched_science = matched_science.with_psf(score_profile(science_psf, science_psf))
         if matched_template is not None:
-            matched_template = replace(matched_template, psf=matched_science.psf)
+            # shares the planes: its deferred variance stays deferred
+            matched_template = matched_template.with_psf(matched_science.psf)
     return _measure_beside(
         measured,
         lambda beside: detect_dia_sources(output, config, is_score, beside),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -16,13 +18,14 @@ import numpy as np
 
 from .errors import InvalidExposureError, PsfError
 from .parallel import frame_array
+from .stamps import stamps as _stack
 
 if TYPE_CHECKING:
     from astropy.wcs import WCS
 
     from .psf import Psf
 
-__all__ = ["MaskPlanes", "PhotoCalib", "Exposure", "DEFAULT_MASK_PLANES"]
+__all__ = ["MaskPlanes", "PhotoCalib", "Exposure", "DeferredPlane", "DEFAULT_MASK_PLANES"]
 
 #: Rubin's default planes and bits (algorithm.md section 0.5).
 DEFAULT_MASK_PLANES = (
@@ -129,6 +132,86 @@ class PhotoCalib:
         return cls(calibration=10 ** ((31.4 - zero_point) / 2.5))
 
 
+class DeferredPlane:
+    """A frame made on first use, once (a lock keeps threads that read it together from
+    making it twice).
+
+    Parameters
+    ----------
+    compute : callable () -> `numpy.ndarray`
+        Makes the whole frame.
+    stamps : callable (cx, cy, half, fill) -> `numpy.ndarray` or None
+        The (n, 2h+1, 2h+1) stamps the frame would give ``core.stamps.stamps``,
+        made without the frame (to float32 round-off): what per-source measurements
+        read while the frame is not made.
+    floors : callable (cx, cy, half) -> `numpy.ndarray` or None
+        A lower bound of each such stamp's values (NaN: none known), cheaper than
+        the stamps: a measurement that needs the values only where they are small
+        enough skips the others.
+    """
+
+    def __init__(
+        self,
+        compute: Callable[[], np.ndarray],
+        stamps: Callable[[np.ndarray, np.ndarray, int, float], np.ndarray] | None = None,
+        floors: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = None,
+    ) -> None:
+        self._compute: Callable[[], np.ndarray] | None = compute
+        self._stamps = stamps
+        self._floors = floors
+        self._array: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def made(self) -> bool:
+        return self._array is not None
+
+    def array(self) -> np.ndarray:
+        with self._lock:
+            if self._array is None:
+                assert self._compute is not None
+                self._array = np.asarray(self._compute(), dtype=np.float32)
+                self._compute = self._stamps = self._floors = None  # frees what they hold
+            return self._array
+
+    def stamps(self, cx, cy, half: int, fill: float) -> np.ndarray:
+        """Stamps of the frame: cut from it once made, else made on their own."""
+        stamps = self._stamps
+        if self._array is not None or stamps is None:
+            return _stack(self.array(), cx, cy, half, fill=fill)
+        return stamps(np.asarray(cx), np.asarray(cy), half, fill)
+
+    def floors(self, cx, cy, half: int) -> np.ndarray:
+        """A lower bound of each stamp's values: its least value once made."""
+        floors = self._floors
+        if self._array is not None or floors is None:
+            return _least(_stack(self.array(), cx, cy, half, fill=np.inf))
+        return floors(np.asarray(cx), np.asarray(cy), half)
+
+
+def _least(stamps: np.ndarray) -> np.ndarray:
+    """Each stamp's least value (NaN if it has one)."""
+    return stamps.reshape(stamps.shape[0], -1).min(axis=1)
+
+
+class _VariancePlane:
+    """`Exposure.variance`: an array, or a `DeferredPlane` made when first read (by
+    `Exposure.defer_variance`). A convolved variance no stage reads (the matched
+    template's, when the decorrelation makes the difference's variance from the
+    inputs' own) then costs nothing unless a product or a caller asks for it."""
+
+    def __get__(self, obj: Exposure | None, owner: Any = None) -> np.ndarray:
+        if obj is None:  # as a plain field without a default
+            raise AttributeError("variance")
+        value = obj.__dict__["_variance"]
+        if isinstance(value, DeferredPlane):
+            value = obj.__dict__["_variance"] = value.array()
+        return value
+
+    def __set__(self, obj: Exposure, value: np.ndarray) -> None:
+        obj.__dict__["_variance"] = value
+
+
 @dataclass
 class Exposure:
     """A calibrated image with its variance, mask, PSF, WCS and metadata.
@@ -158,7 +241,7 @@ class Exposure:
     """
 
     image: np.ndarray
-    variance: np.ndarray
+    variance: np.ndarray  # read through `_VariancePlane` (set below the class)
     mask: np.ndarray
     mask_planes: MaskPlanes = field(default_factory=MaskPlanes)
     psf: Psf | None = None
@@ -182,6 +265,62 @@ class Exposure:
                 f"variance {self.variance.shape}, mask {self.mask.shape}"
             )
         self.xy0 = (int(self.xy0[0]), int(self.xy0[1]))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles hold the variance itself, not what would make it
+        state = self.__dict__.copy()
+        state["_variance"] = self.variance
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "variance" in state:  # pickled before the plane could be deferred
+            state = {**state, "_variance": state["variance"]}
+            del state["variance"]
+        self.__dict__.update(state)
+
+    # deferred variance ---------------------------------------------------------------
+    def defer_variance(self, plane: DeferredPlane) -> None:
+        """Replace the variance plane by ``plane``, made when first read."""
+        self.__dict__["_variance"] = plane
+
+    def with_psf(self, psf: Psf | None) -> Exposure:
+        """This exposure with ``psf``, sharing its planes (no copies; a deferred variance
+        stays deferred and is made once for both)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.psf = psf
+        return clone
+
+    def replace_deferred(self, plane: DeferredPlane, **changes: Any) -> Exposure:
+        """``dataclasses.replace(self, **changes)`` with the variance deferred to ``plane``
+        (neither this exposure's variance nor ``plane`` is made)."""
+        # a zero-stride stand-in passes the shape check until the plane replaces it
+        stand_in = np.broadcast_to(np.float32(0.0), self.shape)
+        exposure = replace(self, variance=stand_in, **changes)
+        exposure.defer_variance(plane)
+        return exposure
+
+    @property
+    def variance_deferred(self) -> bool:
+        """Whether the variance plane is deferred and not made yet."""
+        value = self.__dict__["_variance"]
+        return isinstance(value, DeferredPlane) and not value.made
+
+    def variance_stamps(self, cx, cy, half: int, fill: float = 0.0) -> np.ndarray:
+        """(n, 2h+1, 2h+1) stamps of the variance centred on array indices (cx, cy),
+        ``fill`` off the frame; a deferred plane gives them without being made."""
+        value = self.__dict__["_variance"]
+        if isinstance(value, DeferredPlane):
+            return value.stamps(cx, cy, half, fill)
+        return _stack(value, cx, cy, half, fill=fill)
+
+    def variance_floors(self, cx, cy, half: int) -> np.ndarray:
+        """(n,) lower bounds of the variance in those stamps (NaN: none known); pixels
+        off the frame do not count. A deferred plane gives them without being made."""
+        value = self.__dict__["_variance"]
+        if isinstance(value, DeferredPlane):
+            return value.floors(cx, cy, half)
+        return _least(_stack(value, cx, cy, half, fill=np.inf))
 
     @classmethod
     def from_arrays(cls, image, variance=None, mask=None, **kwargs) -> Exposure:
@@ -337,3 +476,8 @@ class Exposure:
             name: int(np.count_nonzero(flagged & (1 << bit)))
             for name, bit in self.mask_planes.as_dict().items()
         }
+
+
+# the dataclass's field stays a plain required ndarray (its __init__ assigns it); reads
+# and writes go through the descriptor, so a deferred plane is made on first read
+Exposure.variance = _VariancePlane()  # type: ignore[assignment]

@@ -283,7 +283,7 @@ def psf_photometry(
     model, ix, iy = drawn if drawn is not None else stamps.at(x + x0, y + y0)
     h = stamps.half
     data = _stack(exposure.image, ix, iy, h, fill=np.nan).astype(np.float64)
-    var = _stack(exposure.variance, ix, iy, h, fill=np.nan).astype(np.float64)
+    var = exposure.variance_stamps(ix, iy, h, fill=np.nan).astype(np.float64)
     no_data = _stack(exposure.mask, ix, iy, h, fill=-1) & exposure.bitmask(UNUSABLE_PLANES) != 0
     good = np.isfinite(data) & np.isfinite(var) & (var > 0) & ~no_data
     data = np.where(good, data, 0.0)

@@ -38,7 +38,7 @@ from .errors import (
     PsfError,
     TemplateCoverageError,
 )
-from .exposure import Exposure
+from .exposure import DeferredPlane, Exposure
 from .kernel import BackgroundModel, SpatialKernel, chebyshev_terms, fit_psf_matching_kernel
 from .logcapture import collect_warnings
 from .metrics import (
@@ -166,6 +166,14 @@ class _SubtractBase(Task):
         self.sky_correlated: tuple[bool, bool] = (False, False)
         self.make_subtask("makeKernel")
         self.make_subtask("decorrelate")
+
+    @property
+    def _defer_convolved_variance(self) -> bool:
+        """Whether the matched template's variance is deferred (`convolve_exposure`):
+        the decorrelation makes the difference's variance from the unconvolved inputs',
+        so the matched template's is made only for a product or a caller that reads it
+        (its stamps for the DIA sources' template fluxes are made without it)."""
+        return bool(self.config.do_decorrelation)
 
     # progress -------------------------------------------------------------------------
     def _stage(self, name: str) -> None:
@@ -542,9 +550,13 @@ class _SubtractBase(Task):
             )
         return exc
 
-    def _convolve(self, exposure: Exposure, kernel) -> Exposure:
+    def _convolve(self, exposure: Exposure, kernel, defer_variance: bool = False) -> Exposure:
         convolved = convolve_exposure(
-            exposure, kernel, preserve_planes=self.config.preserve_mask_planes, copy_edge=True
+            exposure,
+            kernel,
+            preserve_planes=self.config.preserve_mask_planes,
+            copy_edge=True,
+            defer_variance=defer_variance,
         )
         # the product states its own correlation, not its input's (read back by read_exposure)
         at_centre = kernel if isinstance(kernel, np.ndarray) else kernel.image()
@@ -555,15 +567,21 @@ class _SubtractBase(Task):
 
     def _match_template(self, template: Exposure, science: Exposure, kernel) -> Exposure:
         """K * T on the science box, with the science PSF and calibration."""
-        convolved = self._convolve(template, kernel)
+        convolved = self._convolve(template, kernel, self._defer_convolved_variance)
         # a registered template is already on the science box: no frame-sized copy then
         matched = convolved if convolved.bbox == science.bbox else convolved.cutout(science.bbox)
         matched.psf = science.require_psf()
         matched.photo_calib = science.photo_calib
         return matched
 
-    def _subtract_matched(self, minuend: Exposure, matched: Exposure, background):
-        """minuend - b - matched (b if subtracted), refined; returns (difference, background)."""
+    def _subtract_matched(self, minuend: Exposure, matched: Exposure, background, usable=None):
+        """minuend - b - matched (b if subtracted), refined; returns (difference, background).
+
+        When either variance is deferred, so is the difference's, and the background
+        refinement takes the pixels where ``usable`` (a variance plane; default the
+        minuend's) is positive: a deferred plane is not made for that test (a convolved
+        variance is >= 0 where it is finite, and NaN only next to non-finite inputs).
+        """
         # the difference's planes are written from the operands (no copy of the minuend
         # first): the same numbers as copy, subtract the background, subtract in place
         image = frame_array(minuend.image.shape, minuend.image.dtype)
@@ -572,23 +590,36 @@ class _SubtractBase(Task):
         else:
             np.copyto(image, minuend.image)
         image -= matched.image
-        dtype = np.result_type(minuend.variance, matched.variance)
-        variance = np.add(
-            minuend.variance, matched.variance, out=frame_array(minuend.variance.shape, dtype)
-        )
-        difference = replace(
-            minuend,
-            image=image,
-            variance=variance,
-            mask=frame_copy(minuend.mask),
-            mask_planes=minuend.mask_planes.copy(),
-            metadata=copy.deepcopy(minuend.metadata),
-        )
+
+        def add_variances() -> np.ndarray:
+            dtype = np.result_type(minuend.variance, matched.variance)
+            out = frame_array(minuend.variance.shape, dtype)
+            return np.add(minuend.variance, matched.variance, out=out)
+
+        deferred = minuend.variance_deferred or matched.variance_deferred
+        planes = {
+            "image": image,
+            "mask": frame_copy(minuend.mask),
+            "mask_planes": minuend.mask_planes.copy(),
+            "metadata": copy.deepcopy(minuend.metadata),
+        }
+        if deferred:
+            difference = minuend.replace_deferred(DeferredPlane(add_variances), **planes)
+        else:
+            difference = replace(minuend, variance=add_variances(), **planes)
         difference.or_mask_from(matched)
-        return difference, self._refine_background(difference, background, scale=1.0)
+        if not deferred:
+            usable = difference.variance
+        elif usable is None:
+            usable = minuend.variance
+        return difference, self._refine_background(difference, background, 1.0, usable)
 
     def _refine_background(
-        self, difference: Exposure, background: BackgroundModel, scale: float
+        self,
+        difference: Exposure,
+        background: BackgroundModel,
+        scale: float,
+        usable: np.ndarray | None = None,
     ) -> BackgroundModel:
         """Fit the smooth residual of ``difference`` on sky pixels, subtract it in place.
 
@@ -597,13 +628,15 @@ class _SubtractBase(Task):
         background's own Chebyshev terms to medians of 32 px blocks of sky
         (sources, masked and non-finite pixels left out) and returned folded
         into the background model (``scale`` maps a residual in ``difference``
-        to the model's units and sign).
+        to the model's units and sign). Sky pixels need a positive variance in
+        ``usable`` (default the difference's).
         """
         if not (self.config.do_subtract_background and self.config.refine_background):
             return background
         # every sky pixel constrains the configured order, even where few stamps did not
         background = background.raised(self.config.kernel.spatial_bg_order)
-        x, y, level, weight = self._sky_block_medians(difference)
+        variance = difference.variance if usable is None else usable
+        x, y, level, weight = self._sky_block_medians(difference, variance)
         if len(level) < 2 * background.coefficients.size:
             return background
         x, y = x + difference.xy0[0], y + difference.xy0[1]
@@ -619,7 +652,7 @@ class _SubtractBase(Task):
             background.coefficients + scale * residual, background.order, background.domain
         )
 
-    def _sky_block_medians(self, difference: Exposure):
+    def _sky_block_medians(self, difference: Exposure, variance: np.ndarray):
         """`_block_medians` of the sky pixels of ``difference`` in 32 px blocks, on a 2x2
         subsample (plenty for six smooth terms and 4x cheaper; the masks too are only
         read on it); centres in the difference's pixels.
@@ -635,7 +668,7 @@ class _SubtractBase(Task):
             image = difference.image[rows]
             good = (difference.mask[rows] & bits) == 0
             good &= ~self.source_mask[rows]
-            good &= np.isfinite(image) & (difference.variance[rows] > 0)
+            good &= np.isfinite(image) & (variance[rows] > 0)
             x, y, level, weight = _block_medians(image, good, size)
             return x, y + start, level, weight
 

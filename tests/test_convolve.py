@@ -289,3 +289,46 @@ def test_convolved_noise_correlation_matches_convolved_noise(correlated_input):
     measured = _measured_correlation(convolved, 4)
     inner = predicted[radius - 4 : radius + 5, radius - 4 : radius + 5]
     np.testing.assert_allclose(inner, measured, atol=0.02)
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+@pytest.mark.parametrize("copy_edge", [True, False])
+def test_deferred_variance_plane_and_stamps_equal_the_eager_plane(spatial, copy_edge):
+    """A deferred variance is made on first read as the eager one, and its stamps made
+    without it (near NaN, +inf, the border and off the frame) equal the plane's stamps
+    to float32 round-off."""
+    from core.stamps import stamps
+
+    rng = np.random.default_rng(RNG_SEED + 7)
+    ny, nx = 260, 300
+    variance = rng.uniform(1.0, 50.0, (ny, nx)).astype(np.float32)
+    variance[100, 100] = np.nan
+    variance[150, 40] = np.inf
+    variance[3, 3] = np.nan
+    exposure = Exposure.from_arrays(rng.normal(size=(ny, nx)), variance, xy0=(20, 10))
+    kernel = _varying_kernel((20, 10, 20 + nx - 1, 10 + ny - 1)) if spatial else rng.random((9, 7))
+    eager = convolve_exposure(exposure, kernel, copy_edge=copy_edge)
+    deferred = convolve_exposure(exposure, kernel, copy_edge=copy_edge, defer_variance=True)
+    assert deferred.variance_deferred
+    np.testing.assert_array_equal(deferred.image, eager.image)
+    np.testing.assert_array_equal(deferred.mask, eager.mask)
+    cx = np.array([0, 3, 100, 103, 40, nx - 1, 130, 150, -4, nx + 5])
+    cy = np.array([0, 5, 100, 96, 150, ny - 1, 20, 130, 10, ny + 3])
+    made = deferred.variance_stamps(cx, cy, 8, fill=-1.0)
+    assert deferred.variance_deferred  # stamps do not make the plane
+    expected = stamps(eager.variance, cx, cy, 8, fill=-1.0)
+    np.testing.assert_array_equal(np.isnan(made), np.isnan(expected))
+    np.testing.assert_array_equal(np.isposinf(made), np.isposinf(expected))
+    assert np.isnan(expected).sum() > 20 and np.isposinf(expected).sum() > 20
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(made[finite], expected[finite], rtol=2e-6)
+    assert np.count_nonzero(made == -1.0) == np.count_nonzero(expected == -1.0) > 0
+    # the floors bound every stamp's values from below without making the plane
+    floors = deferred.variance_floors(cx, cy, 8)
+    assert deferred.variance_deferred
+    least = np.where(expected == -1.0, np.inf, expected).reshape(cx.size, -1).min(axis=1)
+    known = np.isfinite(floors) & np.isfinite(least)  # NaN: no bound known
+    assert known.sum() > 3 and np.all(floors[known] <= least[known]) and np.all(floors[known] > 0)
+    np.testing.assert_array_equal(deferred.variance, eager.variance)
+    assert not deferred.variance_deferred
+    np.testing.assert_array_equal(deferred.variance_floors(cx, cy, 8), least)

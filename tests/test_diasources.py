@@ -226,8 +226,8 @@ def test_measurements_beside_detection_equal_one_thread_and_the_two_steps(mode):
         science_psf = result.matched_science.psf
         measured = replace(result.output, psf=score_profile(result.output.psf, science_psf))
         profile = score_profile(science_psf, science_psf)
-        kwargs["matched_science"] = replace(result.matched_science, psf=profile)
-        kwargs["matched_template"] = replace(result.matched_template, psf=profile)
+        kwargs["matched_science"] = result.matched_science.with_psf(profile)
+        kwargs["matched_template"] = result.matched_template.with_psf(profile)
     detections = detect_dia_sources(result.output, config, is_score)
     steps = measure_dia_sources(measured, detections, config, **kwargs)
     assert len(pooled) > 20 and pooled["is_dipole"].sum() >= 3
@@ -313,3 +313,33 @@ def test_score_profile_equals_fftconvolve_of_the_stamp():
         np.testing.assert_allclose(
             profile.kernel_image(x, y), expected / expected.sum(), rtol=0, atol=1e-15
         )
+
+
+def test_deferred_matched_template_variance_gives_the_same_catalog():
+    """With decorrelation the matched template's variance is deferred: the run does not
+    make it, and the bright-star flags and template flux errors made from its stamps
+    and floors equal those from the made plane."""
+    from core.diasources import _bright_star
+    from core.forced import PsfStamps, psf_photometry
+
+    pair = simulate_pair(preset("defects", size=512, seed=9))
+    result = run_subtraction(pair.science, pair.template)
+    template = result.matched_template
+    assert template.variance_deferred
+    catalog = result.dia_sources
+    ix = np.floor(np.asarray(catalog["x"]) + 0.5).astype(int)
+    iy = np.floor(np.asarray(catalog["y"]) + 0.5).astype(int)
+    fwhm = float(catalog.meta["psf_fwhm"])
+    stamps = PsfStamps(template.psf, template)
+    x, y = np.asarray(catalog["x"]), np.asarray(catalog["y"])
+    bright = _bright_star(template, ix, iy, 3.0 * fwhm, 300.0)
+    fit = psf_photometry(template, x, y, stamps, True)
+    assert template.variance_deferred
+    assert bright.sum() >= 3
+    np.testing.assert_array_equal(bright, np.asarray(catalog["flag_bright_star"]))
+    np.testing.assert_allclose(fit["flux_err"], catalog["template_flux_err"], rtol=1e-12)
+    made = template.variance  # now made: the same flags, errors to float32 round-off
+    assert made.dtype == np.float32 and not template.variance_deferred
+    np.testing.assert_array_equal(_bright_star(template, ix, iy, 3.0 * fwhm, 300.0), bright)
+    again = psf_photometry(template, x, y, stamps, True)
+    np.testing.assert_allclose(again["flux_err"], fit["flux_err"], rtol=1e-5)

@@ -86,3 +86,38 @@ def test_masked_and_any_masked_equal_the_per_pixel_bit_test(shape):
         expected = (exposure.mask & bits) != 0
         np.testing.assert_array_equal(exposure.masked(names), expected)
         assert exposure.any_masked(names) == bool(expected.any())
+
+
+def test_deferred_variance_is_made_once_on_first_read_and_by_copies():
+    import copy
+    import pickle
+    import threading
+
+    from core.exposure import DeferredPlane
+
+    calls = []
+
+    def make():
+        calls.append(1)
+        return np.full((4, 5), 3.0)
+
+    exposure = Exposure.from_arrays(np.ones((4, 5)), np.full((4, 5), 2.0))
+    exposure.defer_variance(DeferredPlane(make))
+    assert exposure.variance_deferred and not calls
+    # stamps without a maker of their own are cut from the made plane
+    assert exposure.variance_stamps([1], [1], 1, fill=0.0)[0, 1, 1] == 3.0
+    assert calls == [1] and not exposure.variance_deferred
+    deferred = Exposure.from_arrays(np.ones((4, 5)))
+    deferred.defer_variance(DeferredPlane(make))
+    copied = copy.deepcopy(deferred)  # a copy holds the plane, not its maker
+    assert not copied.variance_deferred and copied.variance[0, 0] == 3.0
+    assert pickle.loads(pickle.dumps(deferred)).variance.dtype == np.float32
+    assert len(calls) == 2
+    shared = Exposure.from_arrays(np.ones((4, 5)))
+    shared.defer_variance(DeferredPlane(make))
+    threads = [threading.Thread(target=lambda: shared.variance) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 3  # made once for all its readers

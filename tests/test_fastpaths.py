@@ -392,7 +392,7 @@ def test_sky_block_medians_in_bands_equal_the_whole_subsample():
     difference.set_plane("SAT", rng.random(shape) < 0.02)
     source_mask = rng.random(shape) < np.linspace(0.0, 0.9, shape[1])
     task = SimpleNamespace(source_mask=source_mask)
-    x, y, level, weight = _SubtractBase._sky_block_medians(task, difference)  # type: ignore[arg-type]
+    x, y, level, weight = _SubtractBase._sky_block_medians(task, difference, variance)  # type: ignore[arg-type]
     sub = np.s_[::2, ::2]
     good = (difference.mask[sub] & difference.bitmask(NOISE_MASK_PLANES)) == 0
     good &= ~source_mask[sub] & np.isfinite(image[sub]) & (variance[sub] > 0)
