@@ -52,9 +52,9 @@ from .forced import (
     sky_positions,
 )
 from .measure import _centroids, _moments, _negative_side_sigma
-from .parallel import InlineExecutor, task_pool
+from .parallel import InlineExecutor, n_threads, task_pool
 from .psf import Psf
-from .stamps import batches, windows
+from .stamps import STAMP_BATCH, batches, windows
 from .stamps import stamps as _stack
 
 __all__ = [
@@ -508,18 +508,41 @@ def _matched_photometry(output, matched_science, matched_template, config):
     # the two share the pixel grid and the PSF: one set of drawn stamps per position
     stamps = PsfStamps(psf, matched_science, config=config)
 
-    def measure(x, y, pool: Executor | None = None) -> list[Future]:
+    def measure(x, y, pool: Executor | None = None) -> list[Any]:
         x0, y0 = matched_science.xy0
-        model = stamps.at(np.asarray(x, dtype=np.float64) + x0, np.asarray(y) + y0)
+        x, y = np.atleast_1d(np.asarray(x, dtype=np.float64)), np.atleast_1d(np.asarray(y))
+        model = stamps.at(x + x0, y + y0)
 
-        def fit(exposure):
-            fit = psf_photometry(exposure, x, y, stamps, True, config.min_psf_coverage, drawn=model)
+        def fit(exposure, part=slice(None)):
+            drawn = (model[0][part], model[1][part], model[2][part])
+            fit = psf_photometry(
+                exposure, x[part], y[part], stamps, True, config.min_psf_coverage, drawn=drawn
+            )
             return fit["flux"], fit["flux_err"]
 
         pool = pool or InlineExecutor()
-        return [pool.submit(fit, exposure) for exposure in (matched_science, matched_template)]
+        futures: list[Any] = [pool.submit(fit, matched_science)]
+        # a deferred variance's stamps cost small FFTs: the template's fit, then the
+        # longest, is split (at whole batches: the same numbers) over the pool's threads
+        parts = batches(x.size, STAMP_BATCH * max(1, -(-x.size // (STAMP_BATCH * n_threads()))))
+        if matched_template.variance_deferred and len(parts) > 1:
+            futures.append(_Joined([pool.submit(fit, matched_template, p) for p in parts]))
+        else:
+            futures.append(pool.submit(fit, matched_template))
+        return futures
 
     return measure
+
+
+class _Joined:
+    """The (flux, error) futures of consecutive parts of the positions, as one."""
+
+    def __init__(self, parts: list[Future]) -> None:
+        self.parts = parts
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        done = [part.result() for part in self.parts]
+        return np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
 
 
 def _output_stamps(output: Exposure, forced) -> tuple[PsfStamps, float]:

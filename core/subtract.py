@@ -167,14 +167,6 @@ class _SubtractBase(Task):
         self.make_subtask("makeKernel")
         self.make_subtask("decorrelate")
 
-    @property
-    def _defer_convolved_variance(self) -> bool:
-        """Whether the matched template's variance is deferred (`convolve_exposure`):
-        the decorrelation makes the difference's variance from the unconvolved inputs',
-        so the matched template's is made only for a product or a caller that reads it
-        (its stamps for the DIA sources' template fluxes are made without it)."""
-        return bool(self.config.do_decorrelation)
-
     # progress -------------------------------------------------------------------------
     def _stage(self, name: str) -> None:
         if self.progress is not None:
@@ -565,9 +557,12 @@ class _SubtractBase(Task):
         )
         return convolved
 
-    def _match_template(self, template: Exposure, science: Exposure, kernel) -> Exposure:
-        """K * T on the science box, with the science PSF and calibration."""
-        convolved = self._convolve(template, kernel, self._defer_convolved_variance)
+    def _match_template(
+        self, template: Exposure, science: Exposure, kernel, defer_variance: bool = False
+    ) -> Exposure:
+        """K * T on the science box, with the science PSF and calibration; its variance
+        deferred if ``defer_variance`` (`convolve_exposure`)."""
+        convolved = self._convolve(template, kernel, defer_variance)
         # a registered template is already on the science box: no frame-sized copy then
         matched = convolved if convolved.bbox == science.bbox else convolved.cutout(science.bbox)
         matched.psf = science.require_psf()
@@ -926,7 +921,14 @@ class AlardLuptonSubtractTask(_SubtractBase):
         self._stage("convolve")
         kernel, background = solution.kernel, solution.background
         with self.timer("convolve"):
-            matched = self._match_template(template, science, kernel)
+            # decorrelating, the difference's variance is made from the unconvolved
+            # inputs': the matched template's is made only for a product or a caller
+            # that reads it (the DIA sources read stamps of it, made on their own).
+            # Not in preconvolve mode: its kernel, matched to P * S, is wide, and the
+            # stamps of ~1000 sources took as long as the plane (4096^2)
+            matched = self._match_template(
+                template, science, kernel, defer_variance=self.config.do_decorrelation
+            )
             difference, background = self._subtract_matched(science, matched, background)
         difference = self.finalize(template, science, difference, kernel, template_matched=True)
         return SubtractionResult(
