@@ -535,7 +535,8 @@ class _ConvolvedVariance:
     def stamps(self, cx: np.ndarray, cy: np.ndarray, half: int, fill: float) -> np.ndarray:
         """(n, 2h+1, 2h+1) stamps of `compute`'s frame centred on (cx, cy), ``fill`` off
         the frame: each from a window of V one kernel half-width wider, correlated by
-        small float32 FFTs (equal to the frame's values to float32 round-off)."""
+        small FFTs (float32 as the frame's, float64 past the same dynamic range: equal
+        to the frame's values to its round-off)."""
         values = self.variance
         ny, nx = values.shape
         m, ky, kx = self.images.shape
@@ -544,21 +545,27 @@ class _ConvolvedVariance:
         side, wide = 2 * half + 1, 2 * half + 1 + 2 * k
         cx = np.asarray(cx, dtype=np.intp).ravel()
         cy = np.asarray(cy, dtype=np.intp).ravel()
-        data = windows(values, cy - half - k, cx - half - k, wide).astype(np.float32)
+        data = windows(values, cy - half - k, cx - half - k, wide).astype(np.float64)
         finite = np.isfinite(data)
         all_finite = bool(finite.all())
         if not all_finite:
             posinf = np.isposinf(data)
             data[~finite] = 0.0
+        # float32 transforms unless one pixel dwarfs the typical one (the frame's rule)
+        typical = float(np.median(data[:, ::4, ::4])) if data.size else 0.0
+        peak = float(np.abs(data).max()) if data.size else 0.0
+        wide_range = peak > _MAX_FLOAT32_RANGE_VARIANCE * max(typical, 1e-38)
+        dtype = np.float64 if wide_range else np.float32
+        data = data.astype(dtype, copy=False)
         # correlation = convolution with the flipped kernel, embedded in a (2k+1)^2 box
-        box = np.zeros((m, 2 * k + 1, 2 * k + 1), dtype=np.float32)
+        box = np.zeros((m, 2 * k + 1, 2 * k + 1), dtype=dtype)
         box[:, k - hy : k + hy + 1, k - hx : k + hx + 1] = self.images
         length = sfft.next_fast_len(wide, real=True)
         spectra = sfft.rfft2(box[:, ::-1, ::-1], s=(length, length))
         data_spectra = sfft.rfft2(data, s=(length, length))
         rows = np.clip(cy[:, None] + np.arange(-half, half + 1), 0, ny - 1)
         cols = np.clip(cx[:, None] + np.arange(-half, half + 1), 0, nx - 1)
-        out = np.zeros((cx.size, side, side), dtype=np.float32)
+        out = np.zeros((cx.size, side, side), dtype=dtype)
         for t in range(m):
             term = sfft.irfft2(data_spectra * spectra[t], s=(length, length))
             term = term[:, 2 * k : 2 * k + side, 2 * k : 2 * k + side]
@@ -571,6 +578,7 @@ class _ConvolvedVariance:
             touched_inf = _box_any(posinf, half, k, hy, hx)
             out[touched_inf & ~np.isnan(out)] = np.inf
         np.maximum(out, 0.0, out=out)
+        out = out.astype(np.float32, copy=False)
         # the border copied from V (or +inf), and fill off the frame
         r = cy[:, None] + np.arange(-half, half + 1)
         c = cx[:, None] + np.arange(-half, half + 1)

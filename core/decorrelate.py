@@ -81,7 +81,7 @@ from .config import DecorrelationConfig
 from .convolve import correlate_image
 from .errors import IncompatibleInputsError, InvalidExposureError
 from .exposure import Exposure
-from .parallel import n_threads, thread_map
+from .parallel import frame_array, frame_zeros, n_threads, thread_map
 from .psf import Psf
 
 __all__ = [
@@ -813,7 +813,9 @@ def decorrelate_difference(
                 np.float32(node.w1),
                 plane2,
                 np.float32(node.w2),
-                out=_reusable(difference.variance, plane1, plane2) if reuse else None,
+                out=_reusable(difference.variance, plane1, plane2)
+                if reuse
+                else frame_array(plane1.shape, np.result_type(plane1, plane2, np.float32)),
             )
         psf_stamps = node.psf[None, None]
         nodes_x, nodes_y = np.array([xc]), np.array([yc])
@@ -954,9 +956,10 @@ def _decorrelate_on_grid(
         sfft.next_fast_len(max(c1 - c0 for c0, c1, _ in cells_y) + 2 * h, real=True),
         sfft.next_fast_len(max(c1 - c0 for c0, c1, _ in cells_x) + 2 * h, real=True),
     )
-    corrected = np.zeros(image.shape, dtype=np.float32)
+    # summed into cell by cell: zeroed frames on huge pages (`frame_zeros`)
+    corrected = frame_zeros(image.shape, np.float32)
     if variance_out is None:
-        variance = np.zeros(image.shape, dtype=np.float32)
+        variance = frame_zeros(image.shape, np.float32)
     else:
         variance = variance_out
         variance.fill(0.0)

@@ -497,7 +497,8 @@ def _outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray
 
 def _matched_photometry(output, matched_science, matched_template, config):
     """PSF photometry function (x, y, pool) -> [(flux, error) on the matched science, on
-    the matched template], each a future of ``pool`` (computed at once without one).
+    the matched template], each as a future of ``pool`` (``.result()``; computed at once
+    without one).
 
     Both are on the science PSF (the template is matched to it); a local constant is
     fitted with the flux since they still carry sky. None when either is missing.
@@ -522,11 +523,12 @@ def _matched_photometry(output, matched_science, matched_template, config):
 
         pool = pool or InlineExecutor()
         futures: list[Any] = [pool.submit(fit, matched_science)]
-        # a deferred variance's stamps cost small FFTs: the template's fit, then the
-        # longest, is split (at whole batches: the same numbers) over the pool's threads
-        parts = batches(x.size, STAMP_BATCH * max(1, -(-x.size // (STAMP_BATCH * n_threads()))))
-        if matched_template.variance_deferred and len(parts) > 1:
-            futures.append(_Joined([pool.submit(fit, matched_template, p) for p in parts]))
+        if matched_template.variance_deferred and x.size > STAMP_BATCH:
+            # its variance stamps cost small FFTs: the template's fit, then the longest,
+            # is split (at whole batches: the same numbers) over the pool's threads
+            size = STAMP_BATCH * -(-x.size // (STAMP_BATCH * n_threads()))
+            parts = [pool.submit(fit, matched_template, p) for p in batches(x.size, size)]
+            futures.append(_Joined(parts))
         else:
             futures.append(pool.submit(fit, matched_template))
         return futures

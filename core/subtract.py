@@ -569,13 +569,13 @@ class _SubtractBase(Task):
         matched.photo_calib = science.photo_calib
         return matched
 
-    def _subtract_matched(self, minuend: Exposure, matched: Exposure, background, usable=None):
+    def _subtract_matched(self, minuend: Exposure, matched: Exposure, background):
         """minuend - b - matched (b if subtracted), refined; returns (difference, background).
 
         When either variance is deferred, so is the difference's, and the background
-        refinement takes the pixels where ``usable`` (a variance plane; default the
-        minuend's) is positive: a deferred plane is not made for that test (a convolved
-        variance is >= 0 where it is finite, and NaN only next to non-finite inputs).
+        refinement takes the pixels where the minuend's variance is positive: a deferred
+        plane is not made for that test (a convolved variance is >= 0 where it is
+        finite, and NaN only next to non-finite inputs).
         """
         # the difference's planes are written from the operands (no copy of the minuend
         # first): the same numbers as copy, subtract the background, subtract in place
@@ -603,10 +603,7 @@ class _SubtractBase(Task):
         else:
             difference = replace(minuend, variance=add_variances(), **planes)
         difference.or_mask_from(matched)
-        if not deferred:
-            usable = difference.variance
-        elif usable is None:
-            usable = minuend.variance
+        usable = minuend.variance if deferred else difference.variance
         return difference, self._refine_background(difference, background, 1.0, usable)
 
     def _refine_background(
