@@ -1335,11 +1335,13 @@ def _working_copy(exposure: Exposure) -> Exposure:
     arrays), so copying them would only cost a frame each; a write raises instead."""
     image = exposure.image.view()
     image.flags.writeable = False
+    # two threads: the copies are bound by first-touch page faults, which run in parallel
+    variance, mask = thread_map(frame_copy, (exposure.variance, exposure.mask))
     return replace(
         exposure,
         image=image,
-        variance=frame_copy(exposure.variance),
-        mask=frame_copy(exposure.mask),
+        variance=variance,
+        mask=mask,
         mask_planes=exposure.mask_planes.copy(),
         metadata=copy.deepcopy(exposure.metadata),
     )
