@@ -92,6 +92,7 @@ def test_deferred_variance_is_made_once_on_first_read_and_by_copies():
     import copy
     import pickle
     import threading
+    import time
 
     from core.exposure import DeferredPlane
 
@@ -113,11 +114,20 @@ def test_deferred_variance_is_made_once_on_first_read_and_by_copies():
     assert not copied.variance_deferred and copied.variance[0, 0] == 3.0
     assert pickle.loads(pickle.dumps(deferred)).variance.dtype == np.float32
     assert len(calls) == 2
+
+    def make_slowly():
+        time.sleep(0.05)  # readers arrive while it is being made
+        return make()
+
     shared = Exposure.from_arrays(np.ones((4, 5)))
-    shared.defer_variance(DeferredPlane(make))
+    shared.defer_variance(DeferredPlane(make_slowly))
+    relabelled = shared.with_psf(None)  # shares the plane, still deferred
+    assert relabelled.variance_deferred
     threads = [threading.Thread(target=lambda: shared.variance) for _ in range(4)]
+    threads.append(threading.Thread(target=lambda: relabelled.variance))
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(calls) == 3  # made once for all its readers
+    assert len(calls) == 3  # made once for all its readers, through either exposure
+    assert relabelled.variance is shared.variance
