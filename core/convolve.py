@@ -552,10 +552,7 @@ class _ConvolvedVariance:
             posinf = np.isposinf(data)
             data[~finite] = 0.0
         # float32 transforms unless one pixel dwarfs the typical one (the frame's rule)
-        typical = float(np.median(data[:, ::4, ::4])) if data.size else 0.0
-        peak = float(np.abs(data).max()) if data.size else 0.0
-        wide_range = peak > _MAX_FLOAT32_RANGE_VARIANCE * max(typical, 1e-38)
-        dtype = np.float64 if wide_range else np.float32
+        dtype = _dynamic_dtype(data.reshape(-1, wide), _MAX_FLOAT32_RANGE_VARIANCE)
         data = data.astype(dtype, copy=False)
         # correlation = convolution with the flipped kernel, embedded in a (2k+1)^2 box
         box = np.zeros((m, 2 * k + 1, 2 * k + 1), dtype=dtype)
@@ -563,8 +560,9 @@ class _ConvolvedVariance:
         length = sfft.next_fast_len(wide, real=True)
         spectra = sfft.rfft2(box[:, ::-1, ::-1], s=(length, length))
         data_spectra = sfft.rfft2(data, s=(length, length))
-        rows = np.clip(cy[:, None] + np.arange(-half, half + 1), 0, ny - 1)
-        cols = np.clip(cx[:, None] + np.arange(-half, half + 1), 0, nx - 1)
+        offsets = np.arange(-half, half + 1)
+        r, c = cy[:, None] + offsets, cx[:, None] + offsets  # the stamps' rows and columns
+        rows, cols = np.clip(r, 0, ny - 1), np.clip(c, 0, nx - 1)
         out = np.zeros((cx.size, side, side), dtype=dtype)
         for t in range(m):
             term = sfft.irfft2(data_spectra * spectra[t], s=(length, length))
@@ -580,8 +578,6 @@ class _ConvolvedVariance:
         np.maximum(out, 0.0, out=out)
         out = out.astype(np.float32, copy=False)
         # the border copied from V (or +inf), and fill off the frame
-        r = cy[:, None] + np.arange(-half, half + 1)
-        c = cx[:, None] + np.arange(-half, half + 1)
         border = ((r < hy) | (r >= ny - hy))[:, :, None] | ((c < hx) | (c >= nx - hx))[:, None, :]
         if border.any():
             edge = windows(values, cy - half, cx - half, side).astype(np.float32)

@@ -604,8 +604,11 @@ def _mean_variance(exposure: Exposure, ignore) -> float:
 
 
 def _weighted_sum(a: np.ndarray, wa, b: np.ndarray, wb, out=None) -> np.ndarray:
-    """a * wa + b * wb into one output array (each product rounded as numpy would)."""
-    out = np.multiply(a, wa, out=out)
+    """a * wa + b * wb into one output array (each product rounded as numpy would); a
+    new one is a frame on huge pages (`frame_array`)."""
+    if out is None:
+        out = frame_array(a.shape, np.result_type(a, wa))
+    np.multiply(a, wa, out=out)
     step = max(1, (1 << 20) // max(out.shape[-1], 1))
     for y in range(0, out.shape[0], step):
         out[y : y + step] += b[y : y + step] * wb
@@ -813,9 +816,7 @@ def decorrelate_difference(
                 np.float32(node.w1),
                 plane2,
                 np.float32(node.w2),
-                out=_reusable(difference.variance, plane1, plane2)
-                if reuse
-                else frame_array(plane1.shape, np.result_type(plane1, plane2, np.float32)),
+                out=_reusable(difference.variance, plane1, plane2) if reuse else None,
             )
         psf_stamps = node.psf[None, None]
         nodes_x, nodes_y = np.array([xc]), np.array([yc])
