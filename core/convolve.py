@@ -602,7 +602,7 @@ class _ConvolvedVariance:
         >= (least V within the kernel's reach) x sum_u K_X(u)^2, and that sum is
         sum_t w_t(X) sum(images[t]); the border copies V itself, hence the bound's
         factor at most 1. NaN where V is not finite."""
-        m, ky, kx = self.images.shape
+        _, ky, kx = self.images.shape
         k = max(ky // 2, kx // 2)
         cx = np.asarray(cx, dtype=np.intp).ravel()
         cy = np.asarray(cy, dtype=np.intp).ravel()
@@ -618,8 +618,9 @@ class _ConvolvedVariance:
             rows = np.clip(cy[:, None] + offsets, 0, ny - 1)
             cols = np.clip(cx[:, None] + offsets, 0, nx - 1)
             total = np.zeros((cx.size, offsets.size, offsets.size))
-            for t in range(m):
-                total += sums[t] * self.wy[t][rows][:, :, None] * self.wx[t][cols][:, None, :]
+            for group in self._x_groups:  # the y factors of terms sharing x weights first
+                along_y = sum(sums[t] * self.wy[t][rows] for t in group)
+                total += along_y[:, :, None] * self.wx[group[0]][cols][:, None, :]
             energy = total.reshape(cx.size, -1).min(axis=1)
         # float32 round-off of the frame's values is far below this margin
         return least * np.clip(energy, 0.0, 1.0) * (1.0 - 1e-4)
