@@ -117,21 +117,8 @@ def _correlate_weighted(
         wx, wy = wx.astype(dtype), wy.astype(dtype)
         unit_x = [bool(np.all(wx[t] == 1)) for t in range(m)]
         unit_y = [bool(np.all(wy[t] == 1)) for t in range(m)]
-    groups: list[list[int]] = []  # terms with the same x weights
-    for t in range(m):
-        same = next(
-            (
-                g
-                for g in groups
-                if unit_x[g[0]] == unit_x[t]
-                and (unit_x[t] or wx is not None and np.array_equal(wx[g[0]], wx[t]))
-            ),
-            None,
-        )
-        if same is None:
-            groups.append([t])
-        else:
-            same.append(t)
+    # terms with the same x weights
+    groups = _equal_rows(wx) if wx is not None else [list(range(m))]
 
     def run(tile):
         (y0, y1), (x0, x1) = tile
@@ -512,7 +499,7 @@ class _ConvolvedVariance:
         self.variance, self.images, self.wx, self.wy = variance, images, wx, wy
         self.copy_edge, self.workers = copy_edge, workers
         # terms with the same x weights, summed before `stamps`' inverse along x
-        self._x_groups = _equal_rows(wx) if wx is not None else [[0]]
+        self._x_groups = _equal_rows(wx) if wx is not None else [list(range(images.shape[0]))]
 
     def compute(self) -> np.ndarray:
         values = self.variance
@@ -566,9 +553,9 @@ class _ConvolvedVariance:
         r, c = cy[:, None] + offsets, cx[:, None] + offsets  # the stamps' rows and columns
         rows, cols = np.clip(r, 0, ny - 1), np.clip(c, 0, nx - 1)
         out = np.zeros((cx.size, side, side), dtype=dtype)
-        # the inverse along y first, kept rows only, times each term's y weights; then
-        # one inverse along x per group of terms sharing x weights (6 terms at spatial
-        # order 1 in 3 groups): about half the inverse transforms of one per term
+        # per term the inverse along y (rows kept) times its y weights; then per group of
+        # terms sharing x weights one inverse along x of the kept rows: at spatial order
+        # 1, 6 terms in 3 groups (inverses 37 -> 23 ms at 4096) instead of 6 2-d inverses
         kept = slice(2 * k, 2 * k + side)
         for group in self._x_groups:
             summed = None
