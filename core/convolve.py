@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -33,7 +34,7 @@ import scipy.fft as sfft
 from . import order
 from .exposure import DeferredPlane, Exposure
 from .kernel import SpatialKernel, term_degrees
-from .parallel import frame_array, n_threads
+from .parallel import frame_array, n_threads, thread_map
 from .stamps import windows
 
 __all__ = ["convolve_exposure", "correlate_image", "or_filter"]
@@ -105,6 +106,16 @@ def _correlate_weighted(
     hy, hx = ky // 2, kx // 2
     py, rows = _axis_plan(ny, hy, tile_fft)
     px, cols = _axis_plan(nx, hx, tile_fft)
+    tiled = len(rows) > 1 and len(cols) > 1
+    if m == 1 and wx is None and dtype == np.float32 and ky == kx and tiled:
+        # the same tiles and values, transformed a band of tiles per call (a 4096 x 4096
+        # frame, two threads: 183 -> 113 ms)
+        def read(band: slice, part: np.ndarray) -> None:
+            np.copyto(part, data[band], casting="unsafe")
+
+        out = correlate_rows(data.shape, read, kernels[0], workers=workers)
+        assert out is not None
+        return out
     transforms = np.stack([_kernel_transform(k, (py, px), dtype) for k in kernels])
     out = frame_array((ny, nx), dtype)  # every tile writes its core
     tiles = [(r, c) for r in rows for c in cols]
@@ -174,6 +185,78 @@ def _correlate_weighted(
         for tile in tiles:
             run(tile)
     return out
+
+
+def correlate_rows(
+    shape: tuple[int, int],
+    read: Callable[[slice, np.ndarray], None],
+    kernel: np.ndarray,
+    tile: int = _TILE_MIN,
+    write: Callable[[slice, np.ndarray], None] | None = None,
+    workers: int | None = None,
+) -> np.ndarray | None:
+    """float32 correlation with ``kernel`` (0 off the frame) of the frame whose rows
+    ``read(rows, part)`` writes into ``part`` (float32, (rows, nx)), in overlap-save
+    tiles: a band of tile rows is padded once and its tiles transformed in one batch
+    (one call per band rather than per tile), bands on the thread pool.
+
+    Returns the correlated frame, or None when each band's rows are handed to
+    ``write(rows, values)`` instead (in the band's thread; ``values`` is scratch)."""
+    ny, nx = shape
+    h = kernel.shape[0] // 2
+    while 2 * h > tile // 4:  # the overlap at most a quarter of the tile, as `_axis_plan`
+        tile *= 2
+    core = tile - 2 * h
+    nty, ntx = -(-ny // core), -(-nx // core)
+    pad = np.zeros((tile, tile))
+    pad[: 2 * h + 1, : 2 * h + 1] = kernel[::-1, ::-1]
+    transform = sfft.rfft2(np.roll(pad, (-h, -h), axis=(0, 1)).astype(np.float32))
+    out = frame_array((ny, nx), np.float32) if write is None else None
+
+    def band(r: int) -> None:
+        y0 = r * core
+        rows = slice(max(y0 - h, 0), min(y0 + core + h, ny))
+        buffer = np.zeros((tile, ntx * core + 2 * h), dtype=np.float32)
+        read(rows, buffer[rows.start - (y0 - h) : rows.stop - (y0 - h), h : h + nx])
+        tiles = np.lib.stride_tricks.sliding_window_view(buffer, tile, axis=1)[:, ::core]
+        y1 = min(y0 + core, ny)
+        if out is None:
+            assert write is not None
+            kept = _correlate_tiles(tiles, transform, h, y1 - y0, core)
+            write(slice(y0, y1), kept.reshape(y1 - y0, ntx * core)[:, :nx])
+            return
+        # a few tiles at a time (`_TILES_AT_ONCE`)
+        for t0 in range(0, ntx, _TILES_AT_ONCE):
+            t1 = min(t0 + _TILES_AT_ONCE, ntx)
+            kept = _correlate_tiles(tiles[:, t0:t1], transform, h, y1 - y0, core)
+            # the tiles' kept columns straight into the frame (no joined copy first)
+            x0, x1 = t0 * core, min(t1 * core, nx)
+            whole = (x1 - x0) // core
+            into = out[y0:y1, x0 : x0 + whole * core].reshape(y1 - y0, whole, core)
+            np.copyto(into, kept[:, :whole])
+            if x0 + whole * core < x1:
+                out[y0:y1, x0 + whole * core : x1] = kept[:, whole, : x1 - x0 - whole * core]
+
+    thread_map(band, range(nty), workers)
+    return out
+
+
+#: Tiles of a `correlate_rows` band transformed together: two 256-px tiles' spectra
+#: (~0.5 MB) stay in a core's cache through the four passes over them, where a whole
+#: band's (18 tiles at 4096) went through memory each time (numerator, 4096 auto pair:
+#: one thread 146 -> 126 ms, two threads 102 -> 89 ms wall, medians of 15).
+_TILES_AT_ONCE = 2
+
+
+def _correlate_tiles(tiles, transform, h: int, rows: int, core: int) -> np.ndarray:
+    """Correlated kept part (rows, tiles, core) of a band's tiles ((tile, m, tile) view);
+    each tile's transforms are its own, so any grouping gives the same values."""
+    spectrum = sfft.rfft2(tiles.transpose(1, 0, 2), workers=1)
+    spectrum *= transform
+    # inverse along y first, then along x for the kept rows only
+    kept_rows = sfft.ifft(spectrum, axis=1, workers=1, overwrite_x=True)[:, h : h + rows]
+    full = sfft.irfft(kept_rows, n=spectrum.shape[1], axis=2, workers=1)
+    return full[:, :, h : h + core].transpose(1, 0, 2)
 
 
 def or_filter(array: np.ndarray, hy: int, hx: int) -> np.ndarray:

@@ -35,6 +35,7 @@ import scipy.fft as sfft
 from scipy import ndimage
 
 from . import order
+from .convolve import correlate_rows
 from .detection import _find_peaks, _footprint_pixels, _local_maxima
 from .measure import _negative_side_sigma
 from .parallel import frame_array, n_threads, thread_map
@@ -433,77 +434,6 @@ def matched_numerator(
     out = correlate_rows(image.shape, read, kernel, tile)
     assert out is not None
     return out
-
-
-def correlate_rows(
-    shape: tuple[int, int],
-    read: Callable[[slice, np.ndarray], None],
-    kernel: np.ndarray,
-    tile: int = 256,
-    write: Callable[[slice, np.ndarray], None] | None = None,
-) -> np.ndarray | None:
-    """float32 correlation with ``kernel`` (0 off the frame) of the frame whose rows
-    ``read(rows, part)`` writes into ``part`` (float32, (rows, nx)), in overlap-save
-    tiles: a band of tile rows is padded once and its tiles transformed in one batch
-    (one call per band rather than per tile), bands on the thread pool.
-
-    Returns the correlated frame, or None when each band's rows are handed to
-    ``write(rows, values)`` instead (in the band's thread; ``values`` is scratch)."""
-    ny, nx = shape
-    h = kernel.shape[0] // 2
-    while 2 * h > tile // 4:  # the overlap at most a quarter of the tile, as correlate_image
-        tile *= 2
-    core = tile - 2 * h
-    nty, ntx = -(-ny // core), -(-nx // core)
-    pad = np.zeros((tile, tile))
-    pad[: 2 * h + 1, : 2 * h + 1] = kernel[::-1, ::-1]
-    transform = sfft.rfft2(np.roll(pad, (-h, -h), axis=(0, 1)).astype(np.float32))
-    out = frame_array((ny, nx), np.float32) if write is None else None
-
-    def band(r: int) -> None:
-        y0 = r * core
-        rows = slice(max(y0 - h, 0), min(y0 + core + h, ny))
-        buffer = np.zeros((tile, ntx * core + 2 * h), dtype=np.float32)
-        read(rows, buffer[rows.start - (y0 - h) : rows.stop - (y0 - h), h : h + nx])
-        tiles = np.lib.stride_tricks.sliding_window_view(buffer, tile, axis=1)[:, ::core]
-        y1 = min(y0 + core, ny)
-        if out is None:
-            assert write is not None
-            kept = _correlate_tiles(tiles, transform, h, y1 - y0, core)
-            write(slice(y0, y1), kept.reshape(y1 - y0, ntx * core)[:, :nx])
-            return
-        # a few tiles at a time (`_TILES_AT_ONCE`)
-        for t0 in range(0, ntx, _TILES_AT_ONCE):
-            t1 = min(t0 + _TILES_AT_ONCE, ntx)
-            kept = _correlate_tiles(tiles[:, t0:t1], transform, h, y1 - y0, core)
-            # the tiles' kept columns straight into the frame (no joined copy first)
-            x0, x1 = t0 * core, min(t1 * core, nx)
-            whole = (x1 - x0) // core
-            into = out[y0:y1, x0 : x0 + whole * core].reshape(y1 - y0, whole, core)
-            np.copyto(into, kept[:, :whole])
-            if x0 + whole * core < x1:
-                out[y0:y1, x0 + whole * core : x1] = kept[:, whole, : x1 - x0 - whole * core]
-
-    thread_map(band, range(nty))
-    return out
-
-
-#: Tiles of a `correlate_rows` band transformed together: two 256-px tiles' spectra
-#: (~0.5 MB) stay in a core's cache through the four passes over them, where a whole
-#: band's (18 tiles at 4096) went through memory each time (numerator, 4096 auto pair:
-#: one thread 146 -> 126 ms, two threads 102 -> 89 ms wall, medians of 15).
-_TILES_AT_ONCE = 2
-
-
-def _correlate_tiles(tiles, transform, h: int, rows: int, core: int) -> np.ndarray:
-    """Correlated kept part (rows, tiles, core) of a band's tiles ((tile, m, tile) view);
-    each tile's transforms are its own, so any grouping gives the same values."""
-    spectrum = sfft.rfft2(tiles.transpose(1, 0, 2), workers=1)
-    spectrum *= transform
-    # inverse along y first, then along x for the kept rows only
-    kept_rows = sfft.ifft(spectrum, axis=1, workers=1, overwrite_x=True)[:, h : h + rows]
-    full = sfft.irfft(kept_rows, n=spectrum.shape[1], axis=2, workers=1)
-    return full[:, :, h : h + core].transpose(1, 0, 2)
 
 
 def _fill_variance(out: np.ndarray, var: np.ndarray, bad: np.ndarray, fill: float, ignore: bool):
