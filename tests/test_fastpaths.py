@@ -112,7 +112,8 @@ def test_noise_statistics_equal_the_boolean_gather(monkeypatch):
 @pytest.mark.parametrize("order", [1, 2])
 def test_grouped_tile_transforms_equal_per_term_correlations(order):
     """The tiled correlation that shares the inverse x transform between terms of equal x
-    weights gives sum_t wy_t wx_t (data correlated with K_t), each term a direct sum."""
+    weights gives sum_t wy_t wx_t (data correlated with K_t), each term a direct sum
+    (Chebyshev terms, their squares, and random weights: every term alone)."""
     from core.convolve import _correlate_weighted, _squared_chebyshev_parts
     from core.kernel import SpatialKernel
 
@@ -125,9 +126,14 @@ def test_grouped_tile_transforms_equal_per_term_correlations(order):
     coefficients[0, 0] = 1.0
     kernel = SpatialKernel(basis.images, coefficients, order, (0, 0, 700, 700))
     exposure = Exposure.from_arrays(data.astype(np.float32), xy0=xy0)
+    spatial = kernel.spatial_images()
+    # random weights: every term alone in its group, with weights along both axes
+    random_weights = (rng.uniform(0.5, 1.5, (len(spatial), shape[1])),)
+    random_weights += (rng.uniform(0.5, 1.5, (len(spatial), shape[0])),)
     for images, wx, wy in (
-        (kernel.spatial_images(), *kernel.axis_terms(*exposure.pixel_grid())),
+        (spatial, *kernel.axis_terms(*exposure.pixel_grid())),
         _squared_chebyshev_parts(kernel, exposure),
+        (spatial, *random_weights),
     ):
         expected = sum(
             wy[t][:, None] * wx[t][None, :] * ndimage.correlate(data, images[t], mode="constant")
