@@ -206,9 +206,15 @@ def _embed(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
+#: Transforms of fewer points than this run on the calling thread: a filter's grid (at
+#: most a few hundred px a side) costs less than the threads' start-up.
+_SMALL_FFT_POINTS = 1 << 18
+
+
 def _spectrum(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     padded = _embed(np.asarray(stamp, dtype=np.float64), shape)
-    return sfft.rfft2(padded, workers=min(_FFT_WORKERS, n_threads()))
+    workers = 1 if padded.size < _SMALL_FFT_POINTS else min(_FFT_WORKERS, n_threads())
+    return sfft.rfft2(padded, workers=workers)
 
 
 def _rfft_mean(power: np.ndarray, shape: tuple[int, int]) -> float:
@@ -945,7 +951,9 @@ def _decorrelate_on_grid(
     # the central node's grid starts the others' search (neighbours' filters are alike)
     n_nodes = nodes_y.size * nodes_x.size
     grid = node_filter(n_nodes // 2).grid
-    filters = thread_map(lambda index: node_filter(index, grid), range(n_nodes))
+    # in this thread: each node is many small numpy calls, and threads only queue for the
+    # GIL between them (4096 pair, 289 nodes: 0.43 s on one thread, 0.70 s on two)
+    filters = [node_filter(index, grid) for index in range(n_nodes)]
     # the cells' margin holds the widest node filter
     h = max(f.half for f in filters)
     filters = [f.padded(h) for f in filters]
