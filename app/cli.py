@@ -252,6 +252,7 @@ def _cmd_subtract(args) -> int:
         _check_output_dir(args.products)
 
     from core.io import read_exposure
+    from core.parallel import thread_map
     from core.products import write_difference, write_products
     from core.sources import read_catalog
     from core.subtract import run_subtraction
@@ -259,8 +260,12 @@ def _cmd_subtract(args) -> int:
     progress = args.progress_display
     t0 = time.perf_counter()
     progress("read", 0.0)
-    science = read_exposure(args.science, **science_planes)
-    template = read_exposure(args.template, **template_planes)
+    # both inputs at once, as the worker reads them: the reader spends its time in numpy
+    # and file reads, which release the GIL (4096 plain pair: 1.38 -> 0.76 s)
+    science, template = thread_map(
+        lambda job: read_exposure(job[0], **job[1]),
+        [(args.science, science_planes), (args.template, template_planes)],
+    )
     sources = read_catalog(args.sources, wcs=science.wcs) if args.sources else None
     result = run_subtraction(science, template, config, sources=sources, progress=progress)
     progress("write", 1.0)
@@ -368,13 +373,13 @@ def _cmd_cutouts(args) -> int:
 
 def _cmd_warp(args) -> int:
     from core.io import read_exposure, write_exposure
+    from core.parallel import thread_map
     from core.register import register_template
 
     config = _load_config(args.config, None)
     if args.registration:
         config.registration.mode = args.registration
-    template = read_exposure(args.template)
-    science = read_exposure(args.onto)
+    template, science = thread_map(read_exposure, [args.template, args.onto])
     warped, figures = register_template(
         template, science, config.registration, config.sources.detection
     )

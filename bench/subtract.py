@@ -161,8 +161,10 @@ def _run_case(
         t0 = time.perf_counter()
         if mode == "plain":
             from core.io import read_exposure
+            from core.parallel import thread_map
 
-            science, template = read_exposure(science_path), read_exposure(template_path)
+            # both at once, as `alsub subtract` and the worker read them
+            science, template = thread_map(read_exposure, [science_path, template_path])
         t_read = time.perf_counter() - t0
         result = run_subtraction(science, template, config)
         wall = time.perf_counter() - t0

@@ -84,18 +84,22 @@ def test_subtract_preconvolve_writes_score(pair_dir, tmp_path, capsys):
     assert score.masked(["EDGE"])[0].all()  # frame outside the inner box
 
 
-def test_bad_input_is_one_line_exit_2_and_no_output(pair_dir, tmp_path):
+@pytest.mark.parametrize("bad_role", ["science", "template"])
+def test_bad_input_is_one_line_exit_2_and_no_output(pair_dir, tmp_path, bad_role):
+    """Either input unreadable (the two are read at once): one line naming it, exit 2."""
     not_fits = tmp_path / "notes.fits"
     not_fits.write_text("this is not a FITS file")
     output = tmp_path / "diff.fits"
+    inputs = {"science": pair_dir / "science.fits", "template": pair_dir / "template.fits"}
+    inputs[bad_role] = not_fits
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
             "app.cli",
             "subtract",
-            str(not_fits),
-            str(pair_dir / "template.fits"),
+            str(inputs["science"]),
+            str(inputs["template"]),
             "-o",
             str(output),
         ],
