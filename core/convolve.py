@@ -114,13 +114,9 @@ def _correlate_weighted(
     py, rows = _axis_plan(ny, hy, tile_fft)
     px, cols = _axis_plan(nx, hx, tile_fft)
     transforms = np.stack([_kernel_transform(k, (py, px), dtype) for k in kernels])
-    # factors equal to 1 everywhere (T0 along that axis) need no multiplication
-    unit_x, unit_y = [True] * m, [True] * m
     if wx is not None:
         assert wy is not None  # the weights come in pairs
         wx, wy = wx.astype(dtype), wy.astype(dtype)
-        unit_x = [bool(np.all(wx[t] == 1)) for t in range(m)]
-        unit_y = [bool(np.all(wy[t] == 1)) for t in range(m)]
     # terms with the same x weights
     groups = _equal_rows(wx) if wx is not None else [list(range(m))]
     if len(rows) > 1 and len(cols) > 1:
@@ -132,6 +128,12 @@ def _correlate_weighted(
         out = _correlate_bands(data.shape, read, terms, workers=workers)
         assert out is not None
         return out
+    # factors equal to 1 everywhere (T0 along that axis) need no multiplication
+    unit_x, unit_y = [True] * m, [True] * m
+    if wx is not None:
+        assert wy is not None
+        unit_x = [bool(np.all(wx[t] == 1)) for t in range(m)]
+        unit_y = [bool(np.all(wy[t] == 1)) for t in range(m)]
     out = frame_array((ny, nx), dtype)  # every tile writes its core
     tiles = [(r, c) for r in rows for c in cols]
     n_threads = min(_workers(workers), len(tiles))
