@@ -267,7 +267,10 @@ def _cmd_subtract(args) -> int:
         [(args.science, science_planes), (args.template, template_planes)],
     )
     sources = read_catalog(args.sources, wcs=science.wcs) if args.sources else None
-    result = run_subtraction(science, template, config, sources=sources, progress=progress)
+    # the inputs were read for this run only: worked on in place, not copied
+    result = run_subtraction(
+        science, template, config, sources=sources, progress=progress, consume_inputs=True
+    )
     progress("write", 1.0)
     write_difference(result, args.output)
     if args.products:

@@ -38,6 +38,7 @@ on all cores: what any FFT-based subtraction of this frame must at least spend).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import multiprocessing as mp
 import os
@@ -157,6 +158,10 @@ def _run_case(
         rss_before = _fresh_peak()
         ffts: list[float] = []
         _count_ffts(ffts, size * size)
+        # handed over, as the CLI and the worker hand over what they read (a baseline
+        # from before the option copies them)
+        handed = "consume_inputs" in inspect.signature(run_subtraction).parameters
+        handover = {"consume_inputs": True} if handed else {}
         cpu0 = time.process_time()
         t0 = time.perf_counter()
         if mode == "plain":
@@ -166,11 +171,11 @@ def _run_case(
             # both at once, as `alsub subtract` and the worker read them
             science, template = thread_map(read_exposure, [science_path, template_path])
         t_read = time.perf_counter() - t0
-        result = run_subtraction(science, template, config)
+        result = run_subtraction(science, template, config, **handover)
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         peak = _peak_gb()
-    if pair is None:  # the same pair again (same seed), now that the peak is read
+    if pair is None or handed:  # the same pair again (same seed), now that the peak is read
         pair = simulate_pair(preset("varying", size=size, seed=seed))
     quality = measure_quality(result, pair)
     # a baseline from before DIA sources existed has neither the config nor the catalog

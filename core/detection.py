@@ -11,7 +11,6 @@ installed here). Labelling, distance transforms and filters are `scipy.ndimage`'
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 from astropy.table import Table
@@ -278,7 +277,6 @@ def detect_sources(
     grow_sigma: float = 2.4,
     background=None,
     measure: bool = True,
-    before_measure: Callable[[], object] | None = None,
 ) -> Table:
     """Detect sources above a threshold in units of the local noise.
 
@@ -313,11 +311,6 @@ def detect_sources(
     measure : bool
         Find peaks and measure them; when False only the footprints are made (mask
         planes and segmentation images) and the table has no rows.
-    before_measure : callable or None
-        Called once, with no arguments, when the mask planes are final and before the
-        peaks are measured: a caller's work that needs the planes (variance scaling)
-        runs there, so that the measurement, the tail of the detection, can use the
-        cores other work has left by then.
 
     Returns
     -------
@@ -340,9 +333,8 @@ def detect_sources(
     if background is None:
         background = background_estimate(exposure, config)
     estimate = background
-    hook = _Once(before_measure)
     if given is not None and config.smooth_with_psf:
-        table = _detect_pass(exposure, config, given, estimate, grow_sigma, set_mask, measure, hook)
+        table = _detect_pass(exposure, config, given, estimate, grow_sigma, set_mask, measure)
     else:
         first = GaussianPsf(_DEFAULT_SMOOTH_SIGMA)
         # the first pass only measures the sources' sizes: on a large frame, the
@@ -353,25 +345,10 @@ def detect_sources(
             sigma = max(0.5, min(sigma, 20.0))
         if table is None or abs(sigma / _DEFAULT_SMOOTH_SIGMA - 1) > 0.15 or set_mask:
             model = GaussianPsf(max(0.5, min(sigma, 20.0)))
-            table = _detect_pass(
-                exposure, config, model, estimate, grow_sigma, set_mask, measure, hook
-            )
+            table = _detect_pass(exposure, config, model, estimate, grow_sigma, set_mask, measure)
         if given is not None:
             table.meta["psf_sigma"] = _psf_sigma(given)
-    hook()  # when the first pass's catalog was kept
     return table
-
-
-class _Once:
-    """A callable that calls ``function`` (if any) the first time only."""
-
-    def __init__(self, function: Callable[[], object] | None) -> None:
-        self._function = function
-
-    def __call__(self) -> None:
-        function, self._function = self._function, None
-        if function is not None:
-            function()
 
 
 def background_estimate(exposure: Exposure, config: DetectionConfig | None = None):
@@ -555,9 +532,9 @@ def _detect_pass(
     grow_sigma,
     set_mask,
     measure: bool = True,
-    before_measure: Callable[[], object] = lambda: None,
 ) -> Table:
-    filtered = _Filtered(exposure, psf, estimate)
+    # without measurements the filtered maps go once the S/N map is made
+    filtered = _Filtered(exposure, psf, estimate, keep_maps=measure)
     sigma = _psf_sigma(psf)
     grow = int(round(grow_sigma * sigma))
     # re-measure the S/N scatter on sky outside every footprint (sources and faint
@@ -592,11 +569,19 @@ def _detect_pass(
         out=frame_zeros(filtered.snr.shape, np.int32),
         out_zeroed=True,
     )
-    # peaks and their S/N first: then the ungrown labels, the S/N map and the no-data
-    # map are no longer needed, and their frames are freed or reused before growing
+    # peaks, their S/N and their measurements first: then the ungrown labels and every
+    # filtered map are no longer needed, and their frames are freed or reused before
+    # growing (4096 x 4096: two frames fewer at the preparation's peak)
     peaks = _find_peaks(filtered.snr, labels, n, sigma, _PEAK_PROMINENCE) if n and measure else None
     peak_snr = filtered.snr[peaks[:, 0], peaks[:, 1]] if peaks is not None else None
+    measured = None
+    if peaks is not None:
+        measured = _measure(
+            filtered, exposure, peaks[:, 1].astype(float), peaks[:, 0].astype(float), True
+        )
     del filtered.snr, filtered.no_data
+    if measure:
+        del filtered.smoothed, filtered.smoothed_var
     # grow positive and negative footprints together (one transform; nearest wins);
     # the label buffers are reused for the grown images
     if n_neg:
@@ -623,7 +608,6 @@ def _detect_pass(
             np.bitwise_or(block, det_bit, out=block, where=grown[rows] > 0)
             if n_neg:
                 np.bitwise_or(block, neg_bit, out=block, where=grown_neg[rows] > 0)
-    before_measure()
     x0, y0 = exposure.xy0
     table = _empty_detection_table()
     table.meta.update(
@@ -640,8 +624,8 @@ def _detect_pass(
     )
     if peaks is None:
         return table
-    prow, pcol, plabel = peaks[:, 0], peaks[:, 1], peaks[:, 2]
-    measured = _measure(filtered, exposure, pcol.astype(float), prow.astype(float), True)
+    assert measured is not None
+    plabel = peaks[:, 2]
     n_peaks = np.bincount(plabel, minlength=n + 1)[plabel]
     # per-footprint sums over the grown footprints' pixels only
     inside = np.flatnonzero(grown)

@@ -83,7 +83,12 @@ class _Filtered:
     full frames, with rounding far below the noise.
     """
 
-    def __init__(self, exposure: Exposure, psf: Psf, estimate: _BackgroundMesh):
+    def __init__(
+        self, exposure: Exposure, psf: Psf, estimate: _BackgroundMesh, keep_maps: bool = True
+    ):
+        """``keep_maps``: keep the filtered image and variance (``smoothed``,
+        ``smoothed_var``) that measurements interpolate; without, only the S/N map is
+        made, in the filtered variance's frame (two frames fewer)."""
         # written whole, block by block: huge pages (`frame_array`)
         image = frame_array(exposure.shape, np.float32)
         no_data = frame_array(image.shape, bool)
@@ -141,8 +146,11 @@ class _Filtered:
         del variance
         np.maximum(self.smoothed_var, np.float32(1e-30 * fill), out=self.smoothed_var)
         # in place: every frame-sized temporary costs page faults on first touch
-        snr = np.sqrt(self.smoothed_var, out=frame_array(self.smoothed_var.shape, np.float32))
+        out = frame_array(self.smoothed_var.shape, np.float32) if keep_maps else None
+        snr = np.sqrt(self.smoothed_var, out=self.smoothed_var if out is None else out)
         np.divide(self.smoothed, snr, out=snr)
+        if not keep_maps:
+            del self.smoothed, self.smoothed_var
         if any_no_data:
             snr[no_data] = 0.0
         # the variance plane may be off by a constant (correlated or mis-scaled noise):

@@ -362,6 +362,30 @@ def test_working_copy_shares_the_image_read_only_and_never_writes_the_input(shap
     assert exposure.image.flags.writeable  # the caller's array keeps its flags
 
 
+@pytest.mark.parametrize("case", ["separate", "shared_mask", "read_only", "not_consumed"])
+def test_working_copies_work_in_place_only_on_planes_handed_over_and_unshared(case):
+    # the CLI and the worker hand their inputs over: their own variance and mask are
+    # worked on, unless a plane is read only or shared (one mask array for both inputs
+    # would take both detections), where they are copied as for any caller
+    from core.subtract import _working_copies
+
+    rng = np.random.default_rng(11)
+    science, template = (
+        Exposure.from_arrays(rng.normal(size=(40, 50)).astype(np.float32)) for _ in range(2)
+    )
+    if case == "shared_mask":
+        template.mask = science.mask
+    if case == "read_only":
+        template.variance.flags.writeable = False
+    work_t, work_s = _working_copies(template, science, consume=case != "not_consumed")
+    in_place = case == "separate"
+    for work, given in ((work_t, template), (work_s, science)):
+        for plane in ("variance", "mask"):
+            assert np.shares_memory(getattr(work, plane), getattr(given, plane)) == in_place
+        assert np.shares_memory(work.image, given.image) and not work.image.flags.writeable
+        assert work.mask_planes is not given.mask_planes
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_block_medians_equal_nanmedian_of_each_block(dtype):
     from core.subtract import _block_medians
@@ -869,6 +893,10 @@ def test_matched_filter_blockwise_inputs_equal_whole_frame_ones(case):
     np.maximum(smoothed_var, np.float32(1e-30 * fill), out=smoothed_var)
     np.testing.assert_array_equal(filtered.smoothed_var, smoothed_var)
     assert ref_no_data.any() == (case == "holes")
+    # without the maps measurements need, the S/N map is the same, made in place
+    bare = _Filtered(exposure, psf, estimate, keep_maps=False)
+    np.testing.assert_array_equal(bare.snr, filtered.snr)
+    assert not hasattr(bare, "smoothed") and not hasattr(bare, "smoothed_var")
 
 
 def test_centroids_and_moments_of_two_halves_equal_the_whole_stack():

@@ -217,45 +217,30 @@ def test_detection_flags():
     )
 
 
-def test_before_measure_runs_once_with_the_final_planes_and_does_not_change_the_catalog(
-    field, monkeypatch
-):
-    # the preparation scales the variance in this hook: it must see DETECTED as the
-    # detection leaves it, run before any source is measured, once on either path
-    # (matched filter; generic first pass then a second pass), and change nothing
-    import core.detection as detection
+def test_preparation_measures_the_unscaled_science_and_scales_on_the_final_planes(field):
+    # the catalog's S/N is against the variance as given (the science's sources are
+    # measured within detection), and the variance scale is measured on DETECTED as
+    # detection leaves it, then applied to the whole plane
+    from core.config import SubtractionConfig
+    from core.subtract import AlardLuptonSubtractTask
+    from core.variance import measure_variance_scale
 
     psf, exposure, x, y, flux = field
-    measure = detection._measure
-    for smooth in (True, False):
-        config = DetectionConfig(smooth_with_psf=smooth)
-        plain, hooked = exposure.copy(), exposure.copy()
-        calls = []
-
-        def counted(*args, calls=calls, **kwargs):
-            calls.append("measure")
-            return measure(*args, **kwargs)
-
-        def hook(work=hooked, calls=calls):
-            calls.append(("hook", work.masked(["DETECTED"]).copy()))
-            work.variance *= np.float32(4.0)  # what variance scaling does
-
-        monkeypatch.setattr(detection, "_measure", measure)
-        table = detect_sources(plain, config, psf=psf)
-        monkeypatch.setattr(detection, "_measure", counted)
-        hooked_table = detect_sources(hooked, config, psf=psf, before_measure=hook)
-        hooks = [c for c in calls if c != "measure"]
-        assert len(hooks) == 1 and calls[-1] == "measure"
-        assert calls.index(hooks[0]) == len(calls) - 2  # right before the last measurement
-        np.testing.assert_array_equal(hooks[0][1], hooked.masked(["DETECTED"]))
-        np.testing.assert_array_equal(hooked.mask, plain.mask)
-        assert hooked_table.colnames == table.colnames
-        for name in table.colnames:
-            np.testing.assert_array_equal(hooked_table[name], table[name])
-    # without measurement the hook still runs, once
-    calls = []
-    detect_sources(exposure.copy(), psf=psf, measure=False, before_measure=lambda: calls.append(1))
-    assert calls == [1]
+    config = SubtractionConfig()
+    reference = exposure.copy()
+    reference.variance *= np.float32(1.7)  # a plane off by a factor, to be scaled back
+    work = reference.copy()
+    work.psf = psf
+    table = detect_sources(reference, config.sources.detection, psf=psf)
+    scale = measure_variance_scale(reference, config.scale_variance)
+    assert scale.factor == pytest.approx(1 / 1.7, rel=0.05)
+    prepared = AlardLuptonSubtractTask(config=config)._prepare_one((work, "science"))
+    assert len(table) > 100 and prepared.detected.colnames == table.colnames
+    for name in table.colnames:
+        np.testing.assert_array_equal(prepared.detected[name], table[name])
+    assert prepared.scale.factor == scale.factor
+    np.testing.assert_array_equal(work.mask, reference.mask)
+    np.testing.assert_array_equal(work.variance, reference.variance * np.float32(scale.factor))
 
 
 def test_measurement_split_among_threads_equals_one_pass(field, monkeypatch):

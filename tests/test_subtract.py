@@ -145,6 +145,25 @@ def test_inputs_not_mutated():
     assert planes == (pair.science.mask_planes.as_dict(), pair.template.mask_planes.as_dict())
 
 
+def test_consumed_inputs_give_the_same_subtraction():
+    # the CLI and the worker hand their inputs over: worked on in place, not copied
+    pair = simulated_pair("equal", 256, 107)
+    copies = pair.science.copy(), pair.template.copy()
+    kept = run_subtraction(pair.science, pair.template)
+    handed = run_subtraction(*copies, consume_inputs=True)
+    for plane in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(
+            getattr(handed.difference, plane), getattr(kept.difference, plane)
+        )
+    center = pair.science.bbox_center()
+    np.testing.assert_array_equal(
+        handed.psf_matching_kernel.image(*center), kept.psf_matching_kernel.image(*center)
+    )
+    # the inputs handed over were worked on: their variance planes were scaled in place
+    for given, original in zip(copies, (pair.science, pair.template), strict=True):
+        assert not np.array_equal(given.variance, original.variance)
+
+
 def test_metadata_and_metrics():
     pair, result = subtracted("sharper_template")
     meta = result.metadata

@@ -224,7 +224,10 @@ def run_job(
             timings["load_inputs"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            result = run_subtraction(science, template, config, sources=sources, progress=progress)
+            # read for this job only: worked on in place, not copied
+            result = run_subtraction(
+                science, template, config, sources=sources, progress=progress, consume_inputs=True
+            )
             timings["subtraction"] = time.perf_counter() - t0
             timings.update({f"stage.{k}": float(v) for k, v in (result.timings or {}).items()})
 
