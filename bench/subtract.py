@@ -175,6 +175,7 @@ def _run_case(
         wall = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         peak = _peak_gb()
+        passes = sum(ffts)  # the run's own (not the quality measurement's or a new pair's)
     if pair is None or handed:  # the same pair again (same seed), now that the peak is read
         pair = simulate_pair(preset("varying", size=size, seed=seed))
     quality = measure_quality(result, pair)
@@ -193,7 +194,7 @@ def _run_case(
             "wall_s": wall,
             "cpu_s": cpu,
             "stages": stages,
-            "fft_passes": sum(ffts),
+            "fft_passes": passes,
             "peak_rss_gb": peak,
             "rss_before_gb": rss_before,
             "quality": quality,
