@@ -7,10 +7,14 @@ FFT passes and quality, beside HOTPANTS and the FFT floor measured in the same r
     python -m bench.subtract --hotpants /path/to/hotpants   # default: `hotpants` on PATH
     python -m bench.subtract --baseline /path/to/main/checkout  # before/after, interleaved
 
-Each case runs in its own process; its peak resident memory is measured from the start of
-the run (the simulation's high-water mark is reset, its truth images dropped; in ``plain``
-mode the process holds no exposure before reading the files): the inputs plus what the
-subtraction allocates, as for a user's process. Modes:
+Each round's pair is simulated once, in a process of its own, and written to files; each
+case then runs in a fresh process that starts as the CLI does, from those files (the
+exposures unpickled before the timed part; in ``plain`` mode the FITS read in it), with
+no simulation before it in the same process: freed memory a run would reuse cheaply is
+not there, as for a user (HOTPANTS, a process of its own, is measured the same way).
+Peak resident memory is measured from the start of the run: the inputs plus what the
+subtraction allocates. The inputs are handed over (``consume_inputs``), as the CLI and
+the worker hand over what they read. Modes:
 ``auto``, ``preconvolve`` (and the other task modes) take the simulated exposures as
 they are (variance planes and PSFs given); ``plain`` writes both images as bare
 single-HDU FITS (GAIN/RDNOISE in the header, no variance, no PSF) and times
@@ -75,10 +79,9 @@ def _count_ffts(counter: list[float], frame_pixels: int) -> None:
 
 
 def _fresh_peak() -> float:
-    """Return what the simulation freed to the system and restart this process's peak
+    """Return what loading the inputs freed to the system and restart this process's peak
     resident memory (Linux ``clear_refs``), so the peak read after the run is the run's:
-    the inputs it is given plus what it allocates, not the simulation's high-water mark.
-    Returns the resident memory now, in GB."""
+    the inputs it is given plus what it allocates. Returns the resident memory now, in GB."""
     import ctypes
     import gc
 
@@ -126,58 +129,80 @@ def _write_plain(pair, directory: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
+def _pair_files(size: int, seed: int, directory: str, queue) -> None:
+    """Simulate a pair once, in a process of its own, into ``directory``: the two
+    exposures a run is given (``inputs.pkl``), the whole pair for the quality figures
+    (``truth.pkl``) and both images as bare FITS for ``plain`` (`_write_plain`)."""
+    import pickle
+
+    from core.simulate import preset, simulate_pair
+
+    t0 = time.perf_counter()
+    pair = simulate_pair(preset("varying", size=size, seed=seed))
+    seconds = time.perf_counter() - t0
+    folder = Path(directory)
+    with open(folder / "truth.pkl", "wb") as handle:
+        pickle.dump(pair, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    with open(folder / "inputs.pkl", "wb") as handle:
+        pickle.dump((pair.science, pair.template), handle, protocol=pickle.HIGHEST_PROTOCOL)
+    _write_plain(pair, folder)
+    queue.put({"simulate_s": seconds})
+
+
 def _run_case(
-    size: int, mode: str, seed: int, spatially_varying: bool, root: str | None, queue
+    size: int, mode: str, pair_dir: str, spatially_varying: bool, root: str | None, queue
 ) -> None:
+    """One subtraction in this (fresh) process, started as the CLI starts: the inputs
+    come from files (``plain``: read in the timed part; else unpickled before it) and
+    no simulation ran here, so the run's fresh memory costs what it costs a user's
+    process (on a VM that hands freed memory back to its host, ~2.5 s of CPU per GB
+    on the development machine)."""
     if root:  # another checkout's core (the baseline of a before/after comparison)
         import sys
 
         sys.path.insert(0, root)
+    import pickle
+
     from core import parallel
     from core.config import SubtractionConfig
     from core.evaluate import measure_quality
-    from core.simulate import preset, simulate_pair
     from core.subtract import run_subtraction
 
     # as the CLI and the worker do at start (a baseline from before it has no such call)
     policy = getattr(parallel, "set_memory_policy", None)
     (policy or getattr(parallel, "large_blocks_to_mmap", lambda: None))()
-    t0 = time.perf_counter()
-    pair = simulate_pair(preset("varying", size=size, seed=seed))
-    t_sim = time.perf_counter() - t0
+    folder = Path(pair_dir)
     config = SubtractionConfig(mode="auto" if mode == "plain" else mode)
     config.decorrelation.spatially_varying = spatially_varying
-    with tempfile.TemporaryDirectory() as tmp:
-        science, template = pair.science, pair.template
-        if mode == "plain":
-            science_path, template_path = _write_plain(pair, Path(tmp))
-            del science, template
-            pair = None  # a user with files holds no exposure before reading them
-        else:
-            pair.science_model = pair.template_model = None  # truth images: not inputs
-        rss_before = _fresh_peak()
-        ffts: list[float] = []
-        _count_ffts(ffts, size * size)
-        # handed over, as the CLI and the worker hand over what they read (a baseline
-        # from before the option copies them)
-        handed = "consume_inputs" in inspect.signature(run_subtraction).parameters
-        handover = {"consume_inputs": True} if handed else {}
-        cpu0 = time.process_time()
-        t0 = time.perf_counter()
-        if mode == "plain":
-            from core.io import read_exposure
-            from core.parallel import thread_map
+    if mode != "plain":
+        with open(folder / "inputs.pkl", "rb") as handle:
+            science, template = pickle.load(handle)
+    rss_before = _fresh_peak()
+    ffts: list[float] = []
+    _count_ffts(ffts, size * size)
+    # handed over, as the CLI and the worker hand over what they read (a baseline
+    # from before the option copies them)
+    handed = "consume_inputs" in inspect.signature(run_subtraction).parameters
+    handover = {"consume_inputs": True} if handed else {}
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    if mode == "plain":
+        from core.io import read_exposure
+        from core.parallel import thread_map
 
-            # both at once, as `alsub subtract` and the worker read them
-            science, template = thread_map(read_exposure, [science_path, template_path])
-        t_read = time.perf_counter() - t0
-        result = run_subtraction(science, template, config, **handover)
-        wall = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0
-        peak = _peak_gb()
-        passes = sum(ffts)  # the run's own (not the quality measurement's or a new pair's)
-    if pair is None or handed:  # the same pair again (same seed), now that the peak is read
-        pair = simulate_pair(preset("varying", size=size, seed=seed))
+        # both at once, as `alsub subtract` and the worker read them
+        science, template = thread_map(
+            read_exposure, [folder / "science.fits", folder / "template.fits"]
+        )
+    t_read = time.perf_counter() - t0
+    result = run_subtraction(science, template, config, **handover)
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    peak = _peak_gb()
+    passes = sum(ffts)  # the run's own (not the quality measurement's)
+    del science, template
+    with open(folder / "truth.pkl", "rb") as handle:
+        pair = pickle.load(handle)
     quality = measure_quality(result, pair)
     # a baseline from before DIA sources existed has neither the config nor the catalog
     dia_config = getattr(config, "dia", None)
@@ -190,7 +215,6 @@ def _run_case(
             "size": size,
             "mode": mode,
             "spatially_varying": spatially_varying,
-            "simulate_s": t_sim,
             "wall_s": wall,
             "cpu_s": cpu,
             "stages": stages,
@@ -353,15 +377,19 @@ def run(
         if hotpants:
             cases.append((_hotpants_case, (size, seed, hotpants)))
         cases.append((_fft_floor_case, (size,)))
-        # rounds interleave the cases, so a busy spell of the machine hits all of them
+        # rounds interleave the cases, so a busy spell of the machine hits all of them;
+        # each round's pair is simulated once, for every case of the round
         runs: list[list[dict]] = [[] for _ in cases]
         for k in range(repeat):
-            for i, (target, args) in enumerate(cases):
-                if target is _run_case:
-                    args = (*args[:2], args[2] + k, *args[3:])
-                elif target is _hotpants_case:
-                    args = (args[0], args[1] + k, args[2])
-                runs[i].append(_in_process(target, *args))
+            with tempfile.TemporaryDirectory(prefix="alsub-bench-") as pair_dir:
+                if any(target is _run_case for target, _ in cases):
+                    _in_process(_pair_files, size, seed + k, pair_dir)
+                for i, (target, args) in enumerate(cases):
+                    if target is _run_case:
+                        args = (*args[:2], pair_dir, *args[3:])
+                    elif target is _hotpants_case:
+                        args = (args[0], args[1] + k, args[2])
+                    runs[i].append(_in_process(target, *args))
         for case_runs in runs:
             row = _median_row(case_runs)
             rows.append(row)
