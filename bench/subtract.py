@@ -53,6 +53,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 
 TASK_MODES = ("auto", "convolveTemplate", "convolveScience", "preconvolve")
 
@@ -329,11 +330,22 @@ def _fft_floor_case(size: int, queue) -> None:
 
 
 def _in_process(target, *args) -> dict:
+    """``target(*args, queue)`` in a fresh process; the row it puts, or RuntimeError when
+    the process ends without one (a crashed case stops the bench instead of hanging it)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    row = queue.get()
+    while True:
+        alive = proc.is_alive()  # before the wait: a row put just before the end is read
+        try:
+            row = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not alive:
+                raise RuntimeError(
+                    f"{target.__name__}{args} ended (exit {proc.exitcode}) without a result"
+                ) from None
     proc.join()
     return row
 
