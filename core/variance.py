@@ -36,7 +36,9 @@ the science PSF, and takes them out of the inputs' estimates before the decorrel
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import fft as sp_fft
@@ -48,7 +50,7 @@ from .config import ScaleVarianceConfig
 from .dilation import dilate_cross
 from .exposure import Exposure
 from .io import PHYSICAL_VARIANCE_PREFIX
-from .parallel import n_threads
+from .parallel import n_threads, thread_map
 
 __all__ = [
     "VarianceScale",
@@ -321,17 +323,25 @@ def measure_variance_scale(
     exposure) so that only sky pixels are used.
     """
     config = config or ScaleVarianceConfig()
-    sky = _sky_estimate(exposure, config)
     gain = second_difference_gain(exposure.noise_correlation)
     # pixel noise needs neighbours, not the whole frame: the central window
     window = _central_window(exposure, config.correlation_window)
     window_good = _good(window, config)  # shared with the noise correlation
-    pixel_scale = _pixel_scale_estimate(window, config, window_good) / gain
+    physical = exposure.variance_source.startswith(PHYSICAL_VARIANCE_PREFIX)
+    # the estimates are independent: on the cores the caller has (the noise correlation,
+    # needed below for any plane not modelled from photon statistics unless the sky
+    # estimate fails, is made beside the two others whenever it may be)
+    jobs: list[Callable[[], Any]] = [
+        lambda: _sky_estimate(exposure, config),
+        lambda: _pixel_scale_estimate(window, config, window_good) / gain,
+    ]
+    if not physical and exposure.noise_correlation is None:
+        jobs.append(lambda: _noise_correlation(window, window_good, config))
+    sky, pixel_scale, *correlation = thread_map(lambda job: job(), jobs)
     warnings: list[str] = []
     notes: list[str] = []
     measured_correlation = None
     method, factor = "sky", sky
-    physical = exposure.variance_source.startswith(PHYSICAL_VARIANCE_PREFIX)
     excess = (
         math.isfinite(sky)
         and math.isfinite(pixel_scale)
@@ -357,7 +367,7 @@ def measure_variance_scale(
         # given or sky-measured planes often belong to resampled or coadded images:
         # per-pixel variances stay right, but sums over pixels (PSF fluxes, the score,
         # the decorrelation) need the correlation
-        measured_correlation = _noise_correlation(window, window_good, config)
+        measured_correlation = correlation[0]
         # the sky's autocorrelation also holds faint sources' wings; it is the noise's
         # only if it predicts how much the pixel-scale differences are suppressed
         consistent = (

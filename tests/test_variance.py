@@ -102,6 +102,32 @@ def test_correlated_noise_is_measured_and_keeps_the_marginal_variance():
     assert measure_variance_scale(exposure).pixel_scale == pytest.approx(1.0, abs=0.08)
 
 
+@pytest.mark.parametrize("physical", [False, True])
+def test_estimates_made_at_once_equal_those_made_one_after_the_other(physical, monkeypatch):
+    # sky, pixel-scale and (for a plane not modelled from photon statistics) the noise
+    # correlation run side by side on the cores there are: the same numbers as in turn
+    from core import parallel
+
+    rng = np.random.default_rng(6)
+    smooth = ndimage.correlate(rng.normal(0.0, 1.0, (600, 600)), np.full((2, 2), 0.5))
+    exposure = Exposure.from_arrays(smooth, np.full(smooth.shape, 0.8))
+    if physical:
+        exposure.variance_source = PHYSICAL_VARIANCE_PREFIX
+    at_once = measure_variance_scale(exposure)
+    monkeypatch.setattr(parallel, "_limit", 1)  # one thread: the estimates in turn
+    assert parallel.n_threads() == 1
+    in_turn = measure_variance_scale(exposure)
+    assert (at_once.factor, at_once.sky, at_once.pixel_scale, at_once.method) == (
+        in_turn.factor,
+        in_turn.sky,
+        in_turn.pixel_scale,
+        in_turn.method,
+    )
+    assert (at_once.noise_correlation is None) == physical
+    if not physical:
+        np.testing.assert_array_equal(at_once.noise_correlation, in_turn.noise_correlation)
+
+
 def test_broad_noise_correlation_is_not_cut_by_the_plateau():
     """Noise correlated out to the last recorded lag keeps it: the sky plateau is taken
     beyond the noise's reach (at the recorded lags it removed real correlation, 20%)."""
