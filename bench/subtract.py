@@ -7,8 +7,9 @@ FFT passes and quality, beside HOTPANTS and the FFT floor measured in the same r
     python -m bench.subtract --hotpants /path/to/hotpants   # default: `hotpants` on PATH
     python -m bench.subtract --baseline /path/to/main/checkout  # before/after, interleaved
 
-Each round's pair is simulated once, in a process of its own, and written to files; each
-case then runs in a fresh process that starts as the CLI does, from those files (the
+Each round's pair is simulated once (per checkout compared), in a process of its own, and
+written to files; each case then runs in a fresh process that starts as the CLI does, from
+those files (the
 exposures unpickled before the timed part; in ``plain`` mode the FITS read in it), with
 no simulation before it in the same process: freed memory a run would reuse cheaply is
 not there, as for a user (HOTPANTS, a process of its own, is measured the same way).
@@ -80,9 +81,10 @@ def _count_ffts(counter: list[float], frame_pixels: int) -> None:
 
 
 def _fresh_peak() -> float:
-    """Return what loading the inputs freed to the system and restart this process's peak
-    resident memory (Linux ``clear_refs``), so the peak read after the run is the run's:
-    the inputs it is given plus what it allocates. Returns the resident memory now, in GB."""
+    """Hand the memory loading the inputs freed back to the system (``malloc_trim``) and
+    restart this process's peak resident memory (Linux ``clear_refs``), so the peak read
+    after the run is the run's: the inputs it is given plus what it allocates. Returns
+    the resident memory now, in GB."""
     import ctypes
     import gc
 
@@ -93,7 +95,7 @@ def _fresh_peak() -> float:
         pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux: the peak stays the process's own, simulation included
+    except OSError:  # not Linux: the peak stays the process's own, loading included
         pass
     return _status_gb("VmRSS")
 
@@ -130,24 +132,27 @@ def _write_plain(pair, directory: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def _pair_files(size: int, seed: int, directory: str, queue) -> None:
-    """Simulate a pair once, in a process of its own, into ``directory``: the two
-    exposures a run is given (``inputs.pkl``), the whole pair for the quality figures
-    (``truth.pkl``) and both images as bare FITS for ``plain`` (`_write_plain`)."""
+def _pair_files(size: int, seed: int, directory: str, root: str | None, queue) -> None:
+    """Simulate a pair once, in a process of its own, into ``directory`` with the core of
+    ``root`` (None: this checkout): the two exposures a run is given (``inputs.pkl``),
+    the whole pair for the quality figures (``truth.pkl``) and both images as bare FITS
+    for ``plain`` and HOTPANTS (`_write_plain`)."""
+    if root:
+        import sys
+
+        sys.path.insert(0, root)
     import pickle
 
     from core.simulate import preset, simulate_pair
 
-    t0 = time.perf_counter()
     pair = simulate_pair(preset("varying", size=size, seed=seed))
-    seconds = time.perf_counter() - t0
     folder = Path(directory)
     with open(folder / "truth.pkl", "wb") as handle:
         pickle.dump(pair, handle, protocol=pickle.HIGHEST_PROTOCOL)
     with open(folder / "inputs.pkl", "wb") as handle:
         pickle.dump((pair.science, pair.template), handle, protocol=pickle.HIGHEST_PROTOCOL)
     _write_plain(pair, folder)
-    queue.put({"simulate_s": seconds})
+    queue.put({})
 
 
 def _run_case(
@@ -158,12 +163,11 @@ def _run_case(
     no simulation ran here, so the run's fresh memory costs what it costs a user's
     process (on a VM that hands freed memory back to its host, ~2.5 s of CPU per GB
     on the development machine)."""
-    if root:  # another checkout's core (the baseline of a before/after comparison)
-        import sys
-
-        sys.path.insert(0, root)
     import pickle
+    import sys
 
+    if root:  # another checkout's core (the baseline of a before/after comparison)
+        sys.path.insert(0, root)
     from core import parallel
     from core.config import SubtractionConfig
     from core.evaluate import measure_quality
@@ -201,6 +205,7 @@ def _run_case(
     cpu = time.process_time() - cpu0
     peak = _peak_gb()
     passes = sum(ffts)  # the run's own (not the quality measurement's)
+    simulated_here = "core.simulate" in sys.modules  # (the truth, unpickled below, is)
     del science, template
     with open(folder / "truth.pkl", "rb") as handle:
         pair = pickle.load(handle)
@@ -224,6 +229,7 @@ def _run_case(
             "rss_before_gb": rss_before,
             "quality": quality,
             "chosen_mode": result.mode,
+            "simulated_in_process": simulated_here,
             "code": root or "this checkout",
             **dia,
         }
@@ -261,23 +267,22 @@ def _dia_share(run: dict) -> float:
     return (detect + run.get("gather_s", 0.0)) / max(run["wall_s"] - detect, 1e-9)
 
 
-def _hotpants_case(size: int, seed: int, binary: str, queue) -> None:
-    """HOTPANTS on the bare FITS of the same simulated pair; wall and peak RSS of its process."""
+def _hotpants_case(size: int, pair_dir: str, binary: str, queue) -> None:
+    """HOTPANTS on the round's bare FITS (`_write_plain`); wall and peak RSS of its process."""
     import numpy as np
+    from astropy.io import fits
 
-    from core.simulate import preset, simulate_pair
-
-    pair = simulate_pair(preset("varying", size=size, seed=seed))
+    folder = Path(pair_dir)
+    science_path, template_path = folder / "science.fits", folder / "template.fits"
     with tempfile.TemporaryDirectory() as tmp:
-        science_path, template_path = _write_plain(pair, Path(tmp))
         args = [binary]
-        for flag, exposure in (("i", pair.science), ("t", pair.template)):
-            meta, image = exposure.metadata, exposure.image
+        for flag, path in (("i", science_path), ("t", template_path)):
+            image, header = fits.getdata(path, header=True)
             args += [
-                f"-{flag}g", str(float(meta.get("GAIN", 1.0))),
-                f"-{flag}r", str(float(meta.get("RDNOISE", 0.0))),
+                f"-{flag}g", str(float(header.get("GAIN", 1.0))),
+                f"-{flag}r", str(float(header.get("RDNOISE", 0.0))),
                 f"-{flag}l", str(float(np.nanmin(image)) - 1.0),
-                f"-{flag}u", str(float(meta.get("SATURATE", np.nanmax(image) + 1.0))),
+                f"-{flag}u", str(float(header.get("SATURATE", np.nanmax(image) + 1.0))),
             ]  # fmt: skip
         args += ["-inim", str(science_path), "-tmplim", str(template_path)]
         args += ["-outim", str(Path(tmp) / "diff.fits"), "-r", "10", "-rss", "15", "-v", "0"]
@@ -380,27 +385,32 @@ def run(
     baseline: str | None = None,
 ) -> list[dict]:
     rows = []
+    trees = [baseline, None] if baseline else [None]
     for size in sizes:
         cases = []
         for mode in modes:
             for spatially_varying in [False, True] if spatial and mode != "plain" else [False]:
-                for root in [baseline, None] if baseline else [None]:
-                    cases.append((_run_case, (size, mode, seed, spatially_varying, root)))
+                for root in trees:
+                    cases.append((_run_case, (size, mode, spatially_varying, root)))
         if hotpants:
-            cases.append((_hotpants_case, (size, seed, hotpants)))
+            cases.append((_hotpants_case, (hotpants,)))
         cases.append((_fft_floor_case, (size,)))
         # rounds interleave the cases, so a busy spell of the machine hits all of them;
-        # each round's pair is simulated once, for every case of the round
+        # each round's pair is simulated once per checkout (a baseline's exposures are
+        # its own classes), in a process of its own, for every case of the round
         runs: list[list[dict]] = [[] for _ in cases]
         for k in range(repeat):
-            with tempfile.TemporaryDirectory(prefix="alsub-bench-") as pair_dir:
-                if any(target is _run_case for target, _ in cases):
-                    _in_process(_pair_files, size, seed + k, pair_dir)
+            with tempfile.TemporaryDirectory(prefix="alsub-bench-") as work:
+                folders = {root: str(Path(work) / str(i)) for i, root in enumerate(trees)}
+                for root, folder in folders.items():
+                    Path(folder).mkdir()
+                    _in_process(_pair_files, size, seed + k, folder, root)
                 for i, (target, args) in enumerate(cases):
                     if target is _run_case:
-                        args = (*args[:2], pair_dir, *args[3:])
+                        size_, mode, spatially_varying, root = args
+                        args = (size_, mode, folders[root], spatially_varying, root)
                     elif target is _hotpants_case:
-                        args = (args[0], args[1] + k, args[2])
+                        args = (size, folders[None], *args)
                     runs[i].append(_in_process(target, *args))
         for case_runs in runs:
             row = _median_row(case_runs)

@@ -1,5 +1,6 @@
-"""Detection of sources: matched-filter S/N, thresholded 8-connected footprints,
-grown by the PSF, split into peaks, measured (`core.measure`) and flagged.
+"""Detection of sources: matched-filter S/N, thresholded 8-connected footprints split
+into peaks, the peaks measured (`core.measure`), the footprints grown by the PSF, the
+sources flagged.
 
 Why not a library: ``sep.extract`` with the same semantics (matched filter with
 the PSF, S/N threshold against the variance plane, deblending) was measured 2-3x

@@ -4,7 +4,8 @@
 the inputs, choose the direction, fit the matching kernel, convolve, subtract,
 decorrelate, measure. `AlardLuptonPreconvolveSubtractTask` (1.4) first
 correlates the science image with its own PSF and returns the score image.
-Inputs are never mutated (decision 7).
+Inputs are never mutated (decision 7), unless the caller hands them over
+(``consume_inputs``).
 """
 
 from __future__ import annotations
@@ -196,7 +197,8 @@ class _SubtractBase(Task):
     def _prepare_inputs(self, template: Exposure, science: Exposure, sources):
         """Validate, check coverage, detect sources, rescale variances, update masks, size PSFs.
 
-        Works in place on the (already copied) inputs; returns the source catalog.
+        Works in place on the task's working inputs (`_working_copies`); returns the
+        source catalog.
         """
         self._validate(template, science)
         coverage = self._template_coverage(template, science)
@@ -1282,8 +1284,11 @@ def run_subtraction(
     consume_inputs : bool
         The caller hands ``science`` and ``template`` over and will not use them again
         (the CLI and the worker, which read them for this run): their variance and mask
-        planes are then worked on in place, not copied (still copied when read only or
-        shared between the inputs). By default the inputs are left as they were.
+        planes are then worked on in place, not copied, and a run that raises may leave
+        them half changed; the result's planes may share memory with them. All four are
+        still copied when any is read only or shares memory with another array of the
+        pair (one mask given for both inputs, a variance that is an image). By default
+        the inputs are left as they were.
 
     Returns
     -------
@@ -1336,10 +1341,10 @@ def check_not_identical(science: Exposure, template: Exposure) -> None:
 
 # helpers ------------------------------------------------------------------------------------
 def _working_copies(template: Exposure, science: Exposure, consume: bool):
-    """`_working_copy` of both inputs, their planes worked on in place when the caller
-    hands them over (``consume``) and no plane shares memory with another array of the
-    pair (one mask array given for both would take both inputs' detections) or is
-    read only."""
+    """`_working_copy` of both inputs. With ``consume`` their variance and mask planes
+    are worked on in place, unless one of the four is read only or shares memory with
+    another array of the pair (a mask given for both inputs would take both inputs'
+    detections): then all are copied, as without ``consume``."""
     exposures = (template, science)
     planes = [plane for e in exposures for plane in (e.variance, e.mask)]
     arrays = planes + [e.image for e in exposures]
@@ -1357,8 +1362,9 @@ def _working_copies(template: Exposure, science: Exposure, consume: bool):
 
 
 def _working_copy(exposure: Exposure, in_place: bool = False) -> Exposure:
-    """The copy a task changes (decision 7): variance, mask and metadata are copied, the
-    image is shared read only. No stage writes the inputs' pixels (they write new
+    """The copy a task changes (decision 7): variance, mask and metadata are copied (the
+    variance and mask are the input's own when ``in_place``), the image is shared read
+    only. No stage writes the inputs' pixels (they write new
     arrays), so copying them would only cost a frame each; a write raises instead.
     ``in_place``: the variance and mask are the input's own (a caller that will not use
     the input again: a 4096 x 4096 pair's four frames, 0.25 GB of fresh pages, are not

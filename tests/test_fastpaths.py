@@ -362,7 +362,9 @@ def test_working_copy_shares_the_image_read_only_and_never_writes_the_input(shap
     assert exposure.image.flags.writeable  # the caller's array keeps its flags
 
 
-@pytest.mark.parametrize("case", ["separate", "shared_mask", "read_only", "not_consumed"])
+@pytest.mark.parametrize(
+    "case", ["separate", "shared_mask", "variance_is_image", "read_only", "not_consumed"]
+)
 def test_working_copies_work_in_place_only_on_planes_handed_over_and_unshared(case):
     # the CLI and the worker hand their inputs over: their own variance and mask are
     # worked on, unless a plane is read only or shared (one mask array for both inputs
@@ -375,6 +377,8 @@ def test_working_copies_work_in_place_only_on_planes_handed_over_and_unshared(ca
     )
     if case == "shared_mask":
         template.mask = science.mask
+    if case == "variance_is_image":  # scaling it in place would scale the image
+        science.variance = science.image
     if case == "read_only":
         template.variance.flags.writeable = False
     work_t, work_s = _working_copies(template, science, consume=case != "not_consumed")
