@@ -146,8 +146,8 @@ class _Filtered:
         del variance
         np.maximum(self.smoothed_var, np.float32(1e-30 * fill), out=self.smoothed_var)
         # in place: every frame-sized temporary costs page faults on first touch
-        out = frame_array(self.smoothed_var.shape, np.float32) if keep_maps else None
-        snr = np.sqrt(self.smoothed_var, out=self.smoothed_var if out is None else out)
+        snr = frame_array(self.smoothed_var.shape, np.float32) if keep_maps else self.smoothed_var
+        np.sqrt(self.smoothed_var, out=snr)
         np.divide(self.smoothed, snr, out=snr)
         if not keep_maps:
             del self.smoothed, self.smoothed_var

@@ -1362,9 +1362,8 @@ def _working_copies(template: Exposure, science: Exposure, consume: bool):
 
 
 def _working_copy(exposure: Exposure, in_place: bool = False) -> Exposure:
-    """The copy a task changes (decision 7): variance, mask and metadata are copied (the
-    variance and mask are the input's own when ``in_place``), the image is shared read
-    only. No stage writes the inputs' pixels (they write new
+    """The copy a task changes (decision 7): variance, mask and metadata are copied, the
+    image is shared read only. No stage writes the inputs' pixels (they write new
     arrays), so copying them would only cost a frame each; a write raises instead.
     ``in_place``: the variance and mask are the input's own (a caller that will not use
     the input again: a 4096 x 4096 pair's four frames, 0.25 GB of fresh pages, are not
