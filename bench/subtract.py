@@ -115,21 +115,32 @@ def _peak_gb() -> float:
     return _status_gb("VmHWM")
 
 
+def _plain_paths(directory: Path) -> tuple[Path, Path]:
+    """The bare FITS of science and template in a round's ``directory``."""
+    return directory / "science.fits", directory / "template.fits"
+
+
+def _use_checkout(root: str | None) -> None:
+    """Import ``core`` from the checkout ``root`` (a baseline), or this one (None)."""
+    if root:
+        import sys
+
+        sys.path.insert(0, root)
+
+
 def _write_plain(pair, directory: Path) -> tuple[Path, Path]:
     """Science and template as bare single-HDU FITS (image and header keywords only)."""
     import numpy as np
     from astropy.io import fits
 
-    paths = []
-    for role, exposure in (("science", pair.science), ("template", pair.template)):
+    paths = _plain_paths(directory)
+    for path, exposure in zip(paths, (pair.science, pair.template), strict=True):
         header = fits.Header()
         for key in ("GAIN", "RDNOISE", "EXPTIME", "FILTER", "SATURATE"):
             if key in exposure.metadata:
                 header[key] = exposure.metadata[key]
-        path = directory / f"{role}.fits"
         fits.writeto(path, np.asarray(exposure.image, dtype=np.float32), header, overwrite=True)
-        paths.append(path)
-    return paths[0], paths[1]
+    return paths
 
 
 def _pair_files(size: int, seed: int, directory: str, root: str | None, queue) -> None:
@@ -137,10 +148,7 @@ def _pair_files(size: int, seed: int, directory: str, root: str | None, queue) -
     ``root`` (None: this checkout): the two exposures a run is given (``inputs.pkl``),
     the whole pair for the quality figures (``truth.pkl``) and both images as bare FITS
     for ``plain`` and HOTPANTS (`_write_plain`)."""
-    if root:
-        import sys
-
-        sys.path.insert(0, root)
+    _use_checkout(root)
     import pickle
 
     from core.simulate import preset, simulate_pair
@@ -166,8 +174,7 @@ def _run_case(
     import pickle
     import sys
 
-    if root:  # another checkout's core (the baseline of a before/after comparison)
-        sys.path.insert(0, root)
+    _use_checkout(root)  # another checkout's core: the baseline of a before/after comparison
     from core import parallel
     from core.config import SubtractionConfig
     from core.evaluate import measure_quality
@@ -196,9 +203,7 @@ def _run_case(
         from core.parallel import thread_map
 
         # both at once, as `alsub subtract` and the worker read them
-        science, template = thread_map(
-            read_exposure, [folder / "science.fits", folder / "template.fits"]
-        )
+        science, template = thread_map(read_exposure, _plain_paths(folder))
     t_read = time.perf_counter() - t0
     result = run_subtraction(science, template, config, **handover)
     wall = time.perf_counter() - t0
@@ -273,7 +278,7 @@ def _hotpants_case(size: int, pair_dir: str, binary: str, queue) -> None:
     from astropy.io import fits
 
     folder = Path(pair_dir)
-    science_path, template_path = folder / "science.fits", folder / "template.fits"
+    science_path, template_path = _plain_paths(folder)
     with tempfile.TemporaryDirectory() as tmp:
         args = [binary]
         for flag, path in (("i", science_path), ("t", template_path)):
