@@ -152,6 +152,50 @@ def test_mef_round_trip_keeps_every_plane(tmp_path):
         assert hdul["PSF"].header["PSFTYPE"] == "GAUSSIAN"
 
 
+def test_planes_read_from_a_path_are_the_readers_own(tmp_path):
+    # files on disk are memory-mapped while read: every plane must be a copy, so that
+    # a file changed afterwards does not change the exposure, nor the exposure the file
+    exposure = make_exposure(psf=ImagePsf(GaussianPsf(1.8).kernel_image()))
+    path = write_exposure(exposure, tmp_path / "exp.fits")
+    original = path.read_bytes()
+    back = read_exposure(path)
+    planes = {name: getattr(back, name) for name in ("image", "variance", "mask")}
+    planes["psf"] = back.psf.kernel_image()
+    kept = {name: plane.copy() for name, plane in planes.items()}
+    with open(path, "r+b") as handle:  # same size, every data byte changed
+        handle.seek(2880)
+        handle.write(bytes(len(original) - 2880 - 2880))
+    for name, plane in planes.items():
+        np.testing.assert_array_equal(plane, kept[name], err_msg=name)
+        assert plane.flags.writeable and plane.flags.owndata, name
+    path.write_bytes(original)
+    again = read_exposure(path)
+    for name in ("image", "variance", "mask"):
+        getattr(again, name)[...] = 7
+    assert path.read_bytes() == original
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64])
+def test_integer_mask_planes_keep_their_low_32_bits(tmp_path, dtype):
+    values = np.array([0, 1, 1 << 7, 255, 1 << 15, 1 << 20, (1 << 31) + 5, (1 << 33) + 3])
+    info = np.iinfo(dtype)
+    values = values[(values >= info.min) & (values <= info.max)]
+    mask = np.zeros((16, 16), dtype=dtype)
+    mask.flat[: values.size] = values.astype(dtype)
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(),
+            fits.ImageHDU(np.ones((16, 16), np.float32), name="IMAGE"),
+            fits.ImageHDU(mask, name="MASK"),
+            fits.ImageHDU(np.ones((16, 16), np.float32), name="VARIANCE"),
+        ]
+    ).writeto(tmp_path / "masked.fits")
+    read = read_exposure(tmp_path / "masked.fits").mask
+    assert read.dtype == np.int32
+    # the straightforward reference: through int64, then its low 32 bits
+    np.testing.assert_array_equal(read, mask.astype(np.int64).astype(np.int32))
+
+
 def test_round_trip_through_bytes_and_file_objects(tmp_path):
     exposure = make_exposure(psf=ImagePsf(GaussianPsf(1.5).kernel_image(), (120.0, 220.0)))
     data = exposure_to_bytes(exposure, extra_header={"PRODUCT": "difference"})
