@@ -1263,12 +1263,14 @@ def exposure_to_hdulist(
     # uncertainty's kind from UTYPE of its HDU (see `to_ccddata` for the documented call).
     unit = image_unit(exposure)
     image_header["BUNIT"] = (_unit_card(unit), "unit of IMAGE")
-    image_hdu = fits.ImageHDU(exposure.image.astype(np.float32), header=image_header, name="IMAGE")
+    # planes copied straight to FITS's big-endian order: astropy writes native-order data
+    # by swapping it in place and back, two more passes (4096^2 difference: 0.34 -> 0.23 s)
+    image_hdu = fits.ImageHDU(exposure.image.astype(">f4"), header=image_header, name="IMAGE")
 
     mask_header = fits.Header()
     for plane, bit in sorted(exposure.mask_planes.as_dict().items(), key=lambda kv: kv[1]):
         mask_header[f"HIERARCH MP_{plane}"] = bit
-    mask_hdu = fits.ImageHDU(exposure.mask.astype(np.int32), header=mask_header, name="MASK")
+    mask_hdu = fits.ImageHDU(exposure.mask.astype(">i4"), header=mask_header, name="MASK")
 
     variance_header = fits.Header()
     source = exposure.variance_source
@@ -1277,7 +1279,7 @@ def exposure_to_hdulist(
     variance_header["BUNIT"] = (_unit_card(unit**2), "unit of VARIANCE")
     variance_header["UTYPE"] = ("VarianceUncertainty", "astropy uncertainty class")
     variance_hdu = fits.ImageHDU(
-        exposure.variance.astype(np.float32), header=variance_header, name="VARIANCE"
+        exposure.variance.astype(">f4"), header=variance_header, name="VARIANCE"
     )
     hdus = [primary, image_hdu, mask_hdu, variance_hdu]
     if exposure.psf is not None:

@@ -208,6 +208,11 @@ def test_round_trip_through_bytes_and_file_objects(tmp_path):
     assert_same_exposure(exposure, back2)
     hdul = exposure_to_hdulist(exposure)
     assert len(hdul) == 5
+    # planes already in FITS byte order (astropy writes them without swapping), as copies
+    for name, dtype, plane in (("IMAGE", ">f4", "image"), ("MASK", ">i4", "mask")):
+        assert hdul[name].data.dtype == np.dtype(dtype)
+        assert not np.shares_memory(hdul[name].data, getattr(exposure, plane))
+    assert hdul["VARIANCE"].data.dtype == np.dtype(">f4")
 
 
 @pytest.mark.parametrize(
