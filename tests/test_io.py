@@ -162,7 +162,7 @@ def test_planes_read_from_a_path_are_the_readers_own(tmp_path):
     planes = {name: getattr(back, name) for name in ("image", "variance", "mask")}
     planes["psf"] = back.psf.kernel_image()
     kept = {name: plane.copy() for name, plane in planes.items()}
-    with open(path, "r+b") as handle:  # same size, every data byte changed
+    with open(path, "r+b") as handle:  # same size, all but the first and last blocks zeroed
         handle.seek(2880)
         handle.write(bytes(len(original) - 2880 - 2880))
     for name, plane in planes.items():
