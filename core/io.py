@@ -890,8 +890,9 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
     info.dtype = str(raw.dtype)
     info.planes["IMAGE"] = f"HDU {index}" + (f" ({image_hdu.name})" if image_hdu.name else "")
 
-    finite = np.isfinite(image)
-    if not finite.any():
+    # None when every pixel is finite (the usual frame: no frame of booleans made)
+    finite = None if _all_finite(image) else np.isfinite(image)
+    if finite is not None and not finite.any():
         raise InvalidExposureError(f"{f.name}: image has no finite pixel (all NaN or inf)")
 
     def check_shape(array: np.ndarray, what: str) -> None:
@@ -930,8 +931,11 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
         if where.any():
             exposure_mask[where] |= np.int32(planes.value(plane))
 
-    set_plane("NO_DATA", ~finite)
-    image[~finite] = 0.0
+    if finite is not None:
+        nonfinite = ~finite
+        set_plane("NO_DATA", nonfinite)
+        image[nonfinite] = 0.0
+        del nonfinite
 
     # saturation --------------------------------------------------------------------------
     level = saturation if saturation is not None else _float_value(headers, _SATURATION_KEYS)
@@ -941,7 +945,8 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
         if np.count_nonzero(raw == top) >= 3 and top > 0:
             level = float(top)
     if level is not None:
-        set_plane("SAT", finite & (image >= level))
+        above = image >= level
+        set_plane("SAT", above if finite is None else finite & above)
         info.saturation = float(level)
 
     # variance ---------------------------------------------------------------------------
@@ -949,18 +954,14 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
         f, opened, index, variance, weight, noise, max_pixels, check_shape, set_plane, info
     )
     alsub = _alsub_json(primary)
-    # a block of rows at a time: no frame-sized int32 temporary
-    unusable = np.empty(image.shape, dtype=bool)
-    unusable_bits = np.int32(planes.get_bitmask(_UNUSABLE_PLANES))
-    for y in range(0, image.shape[0], 256):
-        rows = slice(y, y + 256)
-        np.not_equal(exposure_mask[rows] & unusable_bits, 0, out=unusable[rows])
+    unusable = _Unusable(exposure_mask, planes.get_bitmask(_UNUSABLE_PLANES))
     if variance_array is None:
         gain = _float_value(headers, _GAIN_KEYS)
         read_noise = _float_value(headers, _READ_NOISE_KEYS)
-        valid = finite & ~unusable
+        finite_pixels = np.ones(image.shape, dtype=bool) if finite is None else finite
+        valid = finite_pixels & ~unusable.pixels()
         if not valid.any():
-            valid = finite
+            valid = finite_pixels
         variance_array, variance_source, info.sky, info.sky_sigma = estimate_variance(
             image, valid, gain, read_noise
         )
@@ -973,19 +974,23 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
             vsrc = _header_value([f.hdul[f.index_of(_VARIANCE_NAMES)].header], ("VARSRC",))
             variance_source = str(vsrc) if vsrc else variance_source
 
-    bad_variance = ~np.isfinite(variance_array) | (variance_array < 0)
-    problem = bad_variance & ~unusable
-    if problem.any():
-        j, i = np.argwhere(problem)[0]
-        raise InvalidExposureError(
-            f"{f.name}: variance is negative or NaN at {int(problem.sum())} unmasked pixels "
-            f"(first at x={i}, y={j}: {variance_array[j, i]})"
-        )
-    if bad_variance.any():
-        # masked pixels keep a finite, typical variance so FFT convolutions stay finite
-        good = variance_array[~bad_variance]
-        variance_array = variance_array.copy()
-        variance_array[bad_variance] = np.median(good) if good.size else 1.0
+    # the usual variance is finite and non-negative throughout: its least and largest
+    # values say so (a NaN fails the first test, an infinity one of the two)
+    least, largest = (variance_array.min(), variance_array.max()) if variance_array.size else (0, 0)
+    if not (least >= 0 and largest < np.inf):
+        bad_variance = ~np.isfinite(variance_array) | (variance_array < 0)
+        problem = bad_variance & ~unusable.pixels()
+        if problem.any():
+            j, i = np.argwhere(problem)[0]
+            raise InvalidExposureError(
+                f"{f.name}: variance is negative or NaN at {int(problem.sum())} unmasked "
+                f"pixels (first at x={i}, y={j}: {variance_array[j, i]})"
+            )
+        if bad_variance.any():
+            # masked pixels keep a finite, typical variance so FFT convolutions stay finite
+            good = variance_array[~bad_variance]
+            variance_array = variance_array.copy()
+            variance_array[bad_variance] = np.median(good) if good.size else 1.0
 
     # PSF, WCS, calibration, metadata --------------------------------------------------------
     xy0 = _xy0_from_header(image_header)
@@ -1030,6 +1035,30 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
         noise_correlation=noise_correlation,
     )
     return exposure, info
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """True when every value of ``array`` is finite, from its least and largest values
+    (a NaN comes out of both, an infinity is one of them): two vectorised reductions
+    instead of a frame of booleans (4096 x 4096 float32: ~7 ms against ~30 ms)."""
+    return array.size == 0 or bool(np.isfinite(array.min()) and np.isfinite(array.max()))
+
+
+class _Unusable:
+    """Pixels with any of ``bits`` set in ``mask``, made on first use only."""
+
+    def __init__(self, mask: np.ndarray, bits: int) -> None:
+        self.mask, self.bits = mask, np.int32(bits)
+        self._pixels: np.ndarray | None = None
+
+    def pixels(self) -> np.ndarray:
+        if self._pixels is None:
+            # a block of rows at a time: no frame-sized int32 temporary
+            self._pixels = np.empty(self.mask.shape, dtype=bool)
+            for y in range(0, self.mask.shape[0], 256):
+                rows = slice(y, y + 256)
+                np.not_equal(self.mask[rows] & self.bits, 0, out=self._pixels[rows])
+        return self._pixels
 
 
 def _noise_correlation_from_file(f: _Fits, image_index: int) -> np.ndarray | None:

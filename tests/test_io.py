@@ -394,6 +394,40 @@ def test_sky_statistics_first_pass_subsample_matches_the_full_sample(monkeypatch
     assert sigma == pytest.approx(math.sqrt(800.0), rel=0.02)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, -1.0, -0.0, 0.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_odd_pixel_is_found_in_image_and_variance(tmp_path, value, masked):
+    # the reader tests whole planes by their extreme values first: one odd pixel must
+    # still come out as the straightforward per-pixel tests say
+    rng = np.random.default_rng(4)
+    image = rng.normal(10.0, 1.0, (30, 40)).astype(np.float32)
+    variance = np.full((30, 40), 2.0, np.float32)
+    mask = np.zeros((30, 40), np.int32)
+    image[3, 4] = value
+    variance[5, 6] = value
+    if masked:
+        mask[5, 6] = 1 << MaskPlanes().bit("BAD")
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(),
+            fits.ImageHDU(image, name="IMAGE"),
+            fits.ImageHDU(mask, name="MASK"),
+            fits.ImageHDU(variance, name="VARIANCE"),
+        ]
+    ).writeto(tmp_path / "odd.fits")
+    bad_variance = not (np.isfinite(value) and value >= 0)
+    if bad_variance and not masked:
+        with pytest.raises(InvalidExposureError, match="variance is negative or NaN at 1 "):
+            read_exposure(tmp_path / "odd.fits")
+        return
+    exposure = read_exposure(tmp_path / "odd.fits")
+    no_data = exposure.masked(["NO_DATA"])
+    assert no_data[3, 4] == (not np.isfinite(value)) and no_data.sum() == no_data[3, 4]
+    assert exposure.image[3, 4] == (value if np.isfinite(value) else 0.0)
+    assert exposure.variance[5, 6] == (2.0 if bad_variance else value)
+    assert np.all(np.isfinite(exposure.image)) and np.all(exposure.variance >= 0)
+
+
 def test_nonfinite_pixels_become_no_data_and_saturation_is_masked(tmp_path):
     rng = np.random.default_rng(8)
     image = rng.normal(100.0, 5.0, (40, 50)).astype(np.float32)
