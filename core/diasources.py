@@ -514,8 +514,8 @@ def _matched_photometry(output, matched_science, matched_template, config):
         futures: list[Any] = [pool.submit(fit, matched_science)]
         if matched_template.variance_deferred and x.size > STAMP_BATCH:
             # its variance stamps cost small FFTs: the template's fit, then the longest,
-            # is split (at whole batches: the same numbers) over the pool's threads
-            size = STAMP_BATCH * -(-x.size // (STAMP_BATCH * n_threads()))
+            # is split evenly over the pool's threads (each position's numbers are its own)
+            size = -(-x.size // n_threads())
             parts = [pool.submit(fit, matched_template, p) for p in batches(x.size, size)]
             futures.append(_Joined(parts))
         else:

@@ -196,14 +196,23 @@ def test_misregistered_stars_are_dipoles():
         assert abs(row["psf_flux"]) < 0.2 * row["dipole_pos_flux"]
 
 
+@pytest.mark.parametrize("batch", [None, 8])
 @pytest.mark.parametrize("mode", ["auto", "preconvolve"])
-def test_measurements_beside_detection_equal_one_thread_and_the_two_steps(mode):
+def test_measurements_beside_detection_equal_one_thread_and_the_two_steps(mode, batch, monkeypatch):
     """dia_sources measures on a pool of threads, the output's PSF stamps and noise
     scale beside the detection: the catalog equals, bit for bit, the one made with
     every call in the caller's thread (thread cap 1) and detect then measure (the two
-    public steps). Misregistered stars give dipoles (their lobe fluxes are futures)."""
+    public steps). Misregistered stars give dipoles (their lobe fluxes are futures).
+    With small stamp batches the work runs in many batches and the matched template's
+    fit is split over the threads: the same catalog again."""
+    import core.diasources
+    import core.stamps
     from core.diasources import detect_dia_sources, measure_dia_sources, score_profile
     from core.parallel import set_thread_limit
+
+    if batch is not None:
+        monkeypatch.setattr(core.stamps, "STAMP_BATCH", batch)
+        monkeypatch.setattr(core.diasources, "STAMP_BATCH", batch)
 
     science, template, _, _ = _misregistered_pair(5, 0.5)
     result = run_subtraction(science, template, SubtractionConfig(mode=mode))
