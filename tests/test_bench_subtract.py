@@ -36,6 +36,15 @@ def test_bench_cases_start_from_the_round_files_and_measure_quality(capsys):
     assert "1024 auto" in capsys.readouterr().out
 
 
+def test_the_bench_injects_the_transients_asked_for():
+    # a sparser field than the preset's ~20 per 512 x 512: the DIA cost at another density
+    (auto, _) = run([1024], ["auto"], 1, 1000, False, None, transients=6)
+    assert auto["mode"] == "auto"
+    assert 0 < auto["quality"]["n_transients"] <= 6
+    # the catalog holds the injected transients, not the preset's ~80
+    assert 4 <= auto["n_dia"] < 30
+
+
 def _ends_without_a_row(queue) -> None:  # module level: the spawned process imports it
     raise SystemExit(3)
 
