@@ -278,19 +278,50 @@ def _pair_dipoles(det: Detections, max_separation: float) -> np.ndarray:
     return np.array(pairs, dtype=int).reshape(-1, 2)
 
 
+#: Position tolerance (px) of the dipole fit: far below any use of the positions, where
+#: the default (relative to the coordinates) searched ~280 models per fit on crowded
+#: real frames (SAAO bulge: 8 dipoles took 0.5 s).
+_DIPOLE_XTOL_PX = 1e-3
+#: Most steps (models; the Jacobian's are not counted) of one dipole search: a fit
+#: converges in 15-40 on the real frames, a pair its model cannot describe (lobes held
+#: at the images' fluxes under a large net change) wandered for ~260.
+_DIPOLE_MAX_STEPS = 60
+
+
+#: Step (px) that ends a dipole fit's search: far below any use of its positions; the
+#: default tolerance, relative to the coordinates, made a fit search ~300 models, most
+#: of them along the flat valley of a near-degenerate pair.
+_DIPOLE_XTOL_PX = 1e-3
+#: Most steps (models; the Jacobian's are not counted) of one dipole search: a fit
+#: converges in 15-40 on the real frames, a pair its model cannot describe (lobes held
+#: at the images' fluxes under a large net change) wandered for ~260.
+_DIPOLE_MAX_STEPS = 60
+
+
 def _fit_dipole(
-    exposure: Exposure, stamps: PsfStamps, pos_xy, neg_xy, lobe_fluxes=None
+    exposure: Exposure,
+    stamps: PsfStamps,
+    pos_xy,
+    neg_xy,
+    lobe_fluxes=None,
+    max_separation: float = math.inf,
 ) -> dict[str, float]:
     """Two-PSF fit (positive and negative lobe) of a dipole, positions free.
 
-    The lobe fluxes enter linearly, so only the four coordinates are searched
+    The lobe fluxes enter linearly, so only the coordinates are searched
     (variable projection); the box spans both lobes plus the PSF fitting radius.
     Lobes closer than a PSF FWHM are degenerate (flux times separation is all
-    the data fixes), so when ``lobe_fluxes`` (the science and template fluxes
-    of the star there, both > 0) are given they are held at those values and
-    only the positions are fitted, as Rubin's dipole fit leans on the images
-    before subtraction. The net flux and its error always come from the free
-    linear fit at the final positions (their sum is well determined).
+    the data fixes): the free fit keeps them at least a FWHM apart (it would
+    slide towards coincident lobes of unbounded, opposite fluxes). When it ends
+    there and ``lobe_fluxes`` (the science and template fluxes of the star
+    there, both > 0) are given, they are held at those values and only the
+    positions are fitted, at any separation, as Rubin's dipole fit leans on the
+    images before subtraction; without them the separation and the lobe fluxes
+    are NaN (not measured), the position and the angle stay; so they are when
+    the free fit finds no positive and negative lobe. Lobes stay at most
+    ``max_separation`` apart (the pairing's reach). The net flux and its error
+    always come from the free linear fit at the final positions (their sum is
+    well determined).
     """
     x0, y0 = exposure.xy0
     h = stamps.half
@@ -304,52 +335,106 @@ def _fit_dipole(
     weight = np.where(good, 1.0, 0.0)
     size = 2 * half + 1
 
-    def models(p):
-        placed = np.zeros((2, size, size))
-        model, ix, iy = stamps.at(np.array([p[0], p[2]]) + x0, np.array([p[1], p[3]]) + y0)
-        for k in range(2):
+    def models_of(ps):
+        """Both lobes' PSF stamps placed in the box, (len(ps), 2, size, size): the PSF is
+        drawn at every position of every parameter set in one call."""
+        ps = np.asarray(ps, dtype=float)
+        placed = np.zeros((ps.shape[0] * 2, size, size))
+        model, ix, iy = stamps.at(ps[:, 0::2].ravel() + x0, ps[:, 1::2].ravel() + y0)
+        for k in range(placed.shape[0]):
             j0, i0 = iy[k] - h - (cy - half), ix[k] - h - (cx - half)
             ys = slice(max(j0, 0), min(j0 + 2 * h + 1, size))
             xs = slice(max(i0, 0), min(i0 + 2 * h + 1, size))
             placed[k, ys, xs] = model[k, ys.start - j0 : ys.stop - j0, xs.start - i0 : xs.stop - i0]
-        return placed * weight
+        return (placed * weight).reshape(ps.shape[0], 2, size, size)
+
+    def models(p):
+        return models_of([p])[0]
 
     fixed: list[np.ndarray] = []
 
-    def solve(p):
-        design = models(p).reshape(2, -1).T
+    def solve(p, placed=None):
+        design = (models(p) if placed is None else placed).reshape(2, -1).T
         if fixed:
             return design, fixed[0]
         amplitude, *_ = np.linalg.lstsq(design, data.ravel(), rcond=None)
         return design, amplitude
 
+    def residuals(ps):
+        out = []
+        for placed in models_of(ps):
+            design, amplitude = solve(None, placed)
+            out.append(design @ amplitude - data.ravel())
+        return np.array(out)
+
+    def jacobian(to_p, hi):
+        """Forward differences of the residual in each parameter (the steps of scipy's
+        '2-point' scheme, stepping back at an upper bound), every model drawn in one
+        call instead of one call per parameter."""
+
+        def jac(q):
+            step = np.sqrt(np.finfo(float).eps) * np.maximum(1.0, np.abs(q))
+            step = np.where(q + step > hi, -step, step)
+            sets = [to_p(q)] + [to_p(q + np.eye(q.size)[i] * step[i]) for i in range(q.size)]
+            r = residuals(sets)
+            return ((r[1:] - r[0]) / step[:, None]).T
+
+        return jac
+
     def residual(p):
-        design, amplitude = solve(p)
-        return design @ amplitude - data.ravel()
+        return residuals([p])[0]
 
-    start = np.array([pos_xy[0], pos_xy[1], neg_xy[0], neg_xy[1]], dtype=float)
-    lo = np.array([cx - half, cy - half, cx - half, cy - half], dtype=float) + 1
-    hi = np.array([cx + half, cy + half, cx + half, cy + half], dtype=float) - 1
+    def lobes_of(m):  # (mid x, mid y, separation, angle) -> (pos x, pos y, neg x, neg y)
+        dx, dy = 0.5 * m[2] * math.cos(m[3]), 0.5 * m[2] * math.sin(m[3])
+        return np.array([m[0] + dx, m[1] + dy, m[0] - dx, m[1] - dy])
 
-    def search(begin):
+    def search(fun, begin, lo, hi, method="trf", jac="2-point"):
+        begin = np.clip(begin, lo, hi)
+        # steps of ~_DIPOLE_XTOL_PX end the search (the default is relative to the
+        # coordinates, hundreds to thousands of px)
+        xtol = _DIPOLE_XTOL_PX / max(1.0, float(np.linalg.norm(begin)))
         try:
-            fit = least_squares(residual, np.clip(begin, lo, hi), bounds=(lo, hi), x_scale=1.0)
+            fit = least_squares(
+                fun,
+                begin,
+                bounds=(lo, hi),
+                x_scale=1.0,
+                method=method,
+                jac=jac,
+                xtol=xtol,
+                max_nfev=_DIPOLE_MAX_STEPS,
+            )
             return fit.x
         except (ValueError, np.linalg.LinAlgError):
             return begin
 
-    p = search(start)
+    start = np.array([pos_xy[0], pos_xy[1], neg_xy[0], neg_xy[1]], dtype=float)
+    lo = np.array([cx - half, cy - half, cx - half, cy - half], dtype=float) + 1
+    hi = np.array([cx + half, cy + half, cx + half, cy + half], dtype=float) - 1
+    # the free fit in (midpoint, separation >= FWHM, angle)
+    fwhm = stamps.fwhm
+    spread = start[:2] - start[2:]
+    middle = 0.5 * (start[:2] + start[2:])
+    begin = [*middle, math.hypot(*spread), math.atan2(spread[1], spread[0])]
+    reach = max(min(2.0 * (half - 1), max_separation), fwhm * 1.01)
+    upper = np.array([hi[0], hi[1], reach, 2 * math.pi])
+    free = search(
+        lambda m: residual(lobes_of(m)),
+        np.array(begin),
+        np.array([lo[0], lo[1], fwhm, -2 * math.pi]),
+        upper,
+        method="dogbox",
+        jac=jacobian(lobes_of, upper),
+    )
+    p = lobes_of(free)
+    close = free[2] <= fwhm * (1 + 1e-6)
     lobes = None
-    if (
-        lobe_fluxes is not None
-        and math.hypot(p[0] - p[2], p[1] - p[3]) < stamps.fwhm
-        and all(np.isfinite(f) and f > 0 for f in lobe_fluxes)
-    ):
+    if close and lobe_fluxes is not None and all(np.isfinite(f) and f > 0 for f in lobe_fluxes):
         lobes = (float(lobe_fluxes[0]), -float(lobe_fluxes[1]))
         fixed.append(np.array(lobes))
-        mid = 0.5 * (start[:2] + start[2:])
-        step = 0.1 * (start[:2] - start[2:]) / max(math.hypot(*(start[:2] - start[2:])), 1e-9)
-        p = search(np.concatenate([mid + step, mid - step]))
+        step = 0.1 * spread / max(math.hypot(*spread), 1e-9)
+        begin_fixed = np.concatenate([middle + step, middle - step])
+        p = search(residual, begin_fixed, lo, hi, jac=jacobian(lambda q: q, hi))
         fixed.clear()
     design, amplitude = solve(p)
     normal = design.T @ design
@@ -361,7 +446,16 @@ def _fit_dipole(
     covariance = (estimator * var.ravel().clip(0)[None, :]) @ estimator.T
     total_err = math.sqrt(max(float(np.sum(covariance)), 0.0))
     net = float(amplitude[0] + amplitude[1])
-    pos_flux, neg_flux = lobes if lobes is not None else (float(amplitude[0]), float(amplitude[1]))
+    # direction from the negative lobe to the positive one, degrees from +x to +y
+    angle = math.degrees(math.atan2(p[1] - p[3], p[0] - p[2]))
+    separation = math.hypot(p[0] - p[2], p[1] - p[3])
+    if lobes is not None:
+        pos_flux, neg_flux = lobes
+    elif close or not amplitude[0] > 0 > amplitude[1]:
+        # degenerate, or no positive and negative lobe where the peaks were
+        pos_flux = neg_flux = separation = math.nan
+    else:
+        pos_flux, neg_flux = float(amplitude[0]), float(amplitude[1])
     return {
         "x": 0.5 * (p[0] + p[2]),
         "y": 0.5 * (p[1] + p[3]),
@@ -369,9 +463,8 @@ def _fit_dipole(
         "neg_flux": neg_flux,
         "flux": net,
         "flux_err": total_err,
-        "separation": math.hypot(p[0] - p[2], p[1] - p[3]),
-        # direction from the negative lobe to the positive one, degrees from +x to +y
-        "angle": math.degrees(math.atan2(p[1] - p[3], p[0] - p[2])),
+        "separation": separation,
+        "angle": angle,
     }
 
 
@@ -664,7 +757,12 @@ def _measure(
         if matched is not None:
             lobes = [f.result()[0][0] for f in matched(np.array([mid_x]), np.array([mid_y]))]
         dipole = _fit_dipole(
-            output, stamps, (det.col[ip], det.row[ip]), (det.col[jn], det.row[jn]), lobes
+            output,
+            stamps,
+            (det.col[ip], det.row[ip]),
+            (det.col[jn], det.row[jn]),
+            lobes,
+            config.dipole_max_separation_fwhm * fwhm,
         )
         row = n_single + k
         columns["x"][row], columns["y"][row] = dipole["x"], dipole["y"]
@@ -815,7 +913,10 @@ def dia_sources(
         ``ixx``, ``iyy``, ``ixy`` (px^2); ``is_negative``; ``is_dipole`` with
         ``dipole_separation`` (px), ``dipole_angle`` (degrees from +x towards
         +y, negative lobe to positive lobe), ``dipole_pos_flux`` and
-        ``dipole_neg_flux`` (< 0); ``footprint`` and ``n_peaks`` (deblending);
+        ``dipole_neg_flux`` (< 0), the separation and lobe fluxes NaN where the
+        fit cannot tell them apart (lobes closer than a FWHM with no star under
+        them in the images before subtraction, or no lobe of each sign);
+        ``footprint`` and ``n_peaks`` (deblending);
         ``science_flux``, ``template_flux`` (PSF fluxes with a local background
         on the matched images, science units) and errors; ``flags`` (bits of
         `core.forced.FLAG_BITS`) and one ``flag_<name>`` column per bit.
