@@ -278,16 +278,6 @@ def _pair_dipoles(det: Detections, max_separation: float) -> np.ndarray:
     return np.array(pairs, dtype=int).reshape(-1, 2)
 
 
-#: Position tolerance (px) of the dipole fit: far below any use of the positions, where
-#: the default (relative to the coordinates) searched ~280 models per fit on crowded
-#: real frames (SAAO bulge: 8 dipoles took 0.5 s).
-_DIPOLE_XTOL_PX = 1e-3
-#: Most steps (models; the Jacobian's are not counted) of one dipole search: a fit
-#: converges in 15-40 on the real frames, a pair its model cannot describe (lobes held
-#: at the images' fluxes under a large net change) wandered for ~260.
-_DIPOLE_MAX_STEPS = 60
-
-
 #: Step (px) that ends a dipole fit's search: far below any use of its positions; the
 #: default tolerance, relative to the coordinates, made a fit search ~300 models, most
 #: of them along the flat valley of a near-degenerate pair.
@@ -368,9 +358,9 @@ def _fit_dipole(
         return np.array(out)
 
     def jacobian(to_p, hi):
-        """Forward differences of the residual in each parameter (the steps of scipy's
-        '2-point' scheme, stepping back at an upper bound), every model drawn in one
-        call instead of one call per parameter."""
+        """Forward differences of the residual in each parameter (steps of the size of
+        scipy's '2-point' scheme, backwards at an upper bound), every model drawn in
+        one call instead of one call per parameter."""
 
         def jac(q):
             step = np.sqrt(np.finfo(float).eps) * np.maximum(1.0, np.abs(q))
@@ -388,7 +378,7 @@ def _fit_dipole(
         dx, dy = 0.5 * m[2] * math.cos(m[3]), 0.5 * m[2] * math.sin(m[3])
         return np.array([m[0] + dx, m[1] + dy, m[0] - dx, m[1] - dy])
 
-    def search(fun, begin, lo, hi, method="trf", jac="2-point"):
+    def search(fun, begin, lo, hi, jac, method="trf"):
         begin = np.clip(begin, lo, hi)
         # steps of ~_DIPOLE_XTOL_PX end the search (the default is relative to the
         # coordinates, hundreds to thousands of px)
@@ -423,8 +413,8 @@ def _fit_dipole(
         np.array(begin),
         np.array([lo[0], lo[1], fwhm, -2 * math.pi]),
         upper,
+        jacobian(lobes_of, upper),
         method="dogbox",
-        jac=jacobian(lobes_of, upper),
     )
     p = lobes_of(free)
     close = free[2] <= fwhm * (1 + 1e-6)
@@ -434,7 +424,7 @@ def _fit_dipole(
         fixed.append(np.array(lobes))
         step = 0.1 * spread / max(math.hypot(*spread), 1e-9)
         begin_fixed = np.concatenate([middle + step, middle - step])
-        p = search(residual, begin_fixed, lo, hi, jac=jacobian(lambda q: q, hi))
+        p = search(residual, begin_fixed, lo, hi, jacobian(lambda q: q, hi))
         fixed.clear()
     design, amplitude = solve(p)
     normal = design.T @ design

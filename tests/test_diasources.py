@@ -259,6 +259,28 @@ def test_separated_lobes_without_a_star_are_fitted_freely():
         assert abs(row["dipole_angle"]) < 10, row["dipole_angle"]
 
 
+def test_a_pair_without_a_lobe_of_each_sign_has_no_lobes_or_separation():
+    """The fit of a 'dipole' whose two lobes both come out positive (its negative peak
+    was noise beside a second source): no lobe fluxes or separation are reported (the
+    old fit gave one 41 px away with a positive 'negative' lobe on a real frame)."""
+    from core.diasources import _fit_dipole
+    from core.forced import PsfStamps
+
+    exposure = simulate_pair(preset("sharper_template", size=128, seed=5)).science.copy()
+    exposure.image[...] = 0.0
+    exposure.variance[...] = 1.0
+    exposure.mask[...] = 0
+    psf = exposure.require_psf()
+    for xs in (58.2, 66.2):  # two positive sources 8 px apart
+        stamp, x_min, y_min = psf.image_at(xs, 64.3)
+        h, w = stamp.shape
+        exposure.image[y_min : y_min + h, x_min : x_min + w] += 1e4 * stamp
+    fit = _fit_dipole(exposure, PsfStamps(psf, exposure), (66, 64), (58, 64), None, 20.0)
+    assert np.isnan(fit["separation"])
+    assert np.isnan(fit["pos_flux"]) and np.isnan(fit["neg_flux"])
+    assert fit["flux"] == pytest.approx(2e4, rel=0.05)  # the net flux stays measured
+
+
 @pytest.mark.parametrize("batch", [None, 8])
 @pytest.mark.parametrize("mode", ["auto", "preconvolve"])
 def test_measurements_beside_detection_equal_one_thread_and_the_two_steps(mode, batch, monkeypatch):
