@@ -147,6 +147,20 @@ def test_preconvolve_detects_on_the_score():
     assert abs(np.median(ratio) - 1) < 0.03
 
 
+def _empty_spots(pair, n: int, clearance: float) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` positions spread over a 5 x 5 grid of the 512 px pair, ``clearance`` px from
+    any of its stars (off pixel centres by 0.3 px)."""
+    stars = pair.truth["stars"]
+    tree = cKDTree(np.column_stack([stars["x"], stars["y"]]))
+    grid = np.linspace(60, 452, 5)
+    spots = [
+        (gx, gy) for gy in grid for gx in grid if not tree.query_ball_point([gx, gy], clearance)
+    ]
+    spread = spots[:: max(1, len(spots) // n)][:n]
+    x, y = (np.array(v) + 0.3 for v in zip(*spread, strict=True))
+    return x, y
+
+
 def _misregistered_pair(n_stars: int, shift: float, flux: float = 2e5):
     """A pair with ``n_stars`` extra bright stars placed ``shift`` px further along x in
     the science than in the template (a local misregistration); returns their positions.
@@ -155,12 +169,7 @@ def _misregistered_pair(n_stars: int, shift: float, flux: float = 2e5):
     not learn (absorb) their shift, as with a real local misregistration."""
     pair = simulate_pair(preset("sharper_template", size=512, seed=77))
     science, template = pair.science.copy(), pair.template.copy()
-    stars = pair.truth["stars"]
-    tree = cKDTree(np.column_stack([stars["x"], stars["y"]]))
-    grid = np.linspace(60, 452, 5)
-    spots = [(gx, gy) for gy in grid for gx in grid if not tree.query_ball_point([gx, gy], 12.0)]
-    spread = spots[:: max(1, len(spots) // n_stars)][:n_stars]
-    x, y = (np.array(v) + 0.3 for v in zip(*spread, strict=True))
+    x, y = _empty_spots(pair, n_stars, 12.0)
     for exposure, dx, scale in (
         (science, shift, 1.0),
         (template, 0.0, 1.0 / pair.truth["flux_ratio"]),
@@ -178,14 +187,8 @@ def test_misregistered_stars_are_dipoles():
     """0.5 px misregistration of a few stars: one dipole each, not two sources."""
     science, template, x, y = _misregistered_pair(5, 0.5)
     assert x.size == 5
-    result = run_subtraction(science, template)
-    catalog = result.dia_sources
-    cxy = np.column_stack([catalog["x"], catalog["y"]])
-    fwhm = catalog.meta["psf_fwhm"]
-    for xs, ys in zip(x, y, strict=True):
-        near = np.hypot(cxy[:, 0] - xs, cxy[:, 1] - ys) < 2 * fwhm
-        assert near.sum() == 1, catalog[near]
-        row = catalog[near][0]
+    catalog = run_subtraction(science, template).dia_sources
+    for row in _dipole_rows(catalog, x, y):
         assert row["is_dipole"]
         assert not row["is_negative"]
         # the positive lobe is on the +x side: angle from negative to positive ~ 0 deg
@@ -203,12 +206,7 @@ def _opposite_pairs(n_pairs: int, separation: float, flux: float):
     midpoints."""
     pair = simulate_pair(preset("sharper_template", size=512, seed=78))
     science = pair.science.copy()
-    stars = pair.truth["stars"]
-    tree = cKDTree(np.column_stack([stars["x"], stars["y"]]))
-    grid = np.linspace(60, 452, 5)
-    spots = [(gx, gy) for gy in grid for gx in grid if not tree.query_ball_point([gx, gy], 15.0)]
-    spread = spots[:: max(1, len(spots) // n_pairs)][:n_pairs]
-    x, y = (np.array(v) + 0.3 for v in zip(*spread, strict=True))
+    x, y = _empty_spots(pair, n_pairs, 15.0)
     psf = science.require_psf()
     for xs, ys in zip(x, y, strict=True):
         for dx, sign in ((0.5 * separation, 1.0), (-0.5 * separation, -1.0)):
