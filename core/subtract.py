@@ -1440,23 +1440,38 @@ def _template_is_sharper(template, science, template_fwhm: float, science_fwhm: 
 
 
 def _quiet_edge_band(score: Exposure):
-    """Set the score's unconvolved edge band to its valid median; return (band, old values).
+    """Set the score's unconvolved edge band to the nearest valid values; return (band,
+    old values).
 
     The band the convolutions could not reach holds copied input pixels (P * S minus
     an unconvolved template: unmatched stars, the inputs' own border artefacts). The
-    score's decorrelation filter reaches beyond the band, so it would spread
-    them into valid pixels (a coadd's border: a score 17x its noise 20 px inside the
-    edge). Filtering the band's median instead keeps valid pixels clean; the copied
-    values are put back afterwards, still flagged EDGE. None when there is no band.
+    score's decorrelation filter reaches beyond the band, so it would spread them into
+    valid pixels (a coadd's border: a score 17x its noise 20 px inside the edge). The
+    band takes the value of its nearest valid pixel instead: a constant (the valid
+    median) left a step at the band's border, a sharp edge in the smooth score that
+    the decorrelation, which undoes the smoothing, turned into ringing (the DECam
+    coadd: S/N +-13 to 15 at the first valid pixel, 76 of 84 DIA sources within 3 px
+    of the band; 2 of 7 with the nearest values). The copied values are put back
+    afterwards, still flagged EDGE. None when there is no band.
     """
     band = score.masked(["EDGE", "NO_DATA"]) | ~np.isfinite(score.image)
     if not band.any() or band.all():
         return None
     values = score.image[band].copy()
-    # a 4x4-strided sample gives the median to well within the noise, 16x cheaper
-    sample = score.image[::4, ::4][~band[::4, ::4]]
-    level = order.median(sample, consume=True) if sample.size else np.median(score.image[~band])
-    score.image[band] = np.float32(level)
+    image = score.image
+    rows = np.flatnonzero(~band.all(axis=1))
+    cols = np.flatnonzero(~band.all(axis=0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    if not band[r0:r1, c0:c1].any():
+        # a frame around a valid rectangle (the usual band): the nearest valid pixel is
+        # the nearest one of the rectangle's border, filled in place
+        image[:r0, c0:c1] = image[r0, c0:c1]
+        image[r1:, c0:c1] = image[r1 - 1, c0:c1]
+        image[:, :c0] = image[:, c0 : c0 + 1]
+        image[:, c1:] = image[:, c1 - 1 : c1]
+    else:  # holes inside (NO_DATA regions): nearest valid pixels by distance transform
+        _, (iy, ix) = ndimage.distance_transform_edt(band, return_indices=True)
+        image[band] = image[iy[band], ix[band]]
     return band, values
 
 
