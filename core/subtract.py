@@ -1458,20 +1458,7 @@ def _quiet_edge_band(score: Exposure):
     if not band.any() or band.all():
         return None
     values = score.image[band].copy()
-    image = score.image
-    rows = np.flatnonzero(~band.all(axis=1))
-    cols = np.flatnonzero(~band.all(axis=0))
-    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    if not band[r0:r1, c0:c1].any():
-        # a frame around a valid rectangle (the usual band): the nearest valid pixel is
-        # the nearest one of the rectangle's border, filled in place
-        image[:r0, c0:c1] = image[r0, c0:c1]
-        image[r1:, c0:c1] = image[r1 - 1, c0:c1]
-        image[:, :c0] = image[:, c0 : c0 + 1]
-        image[:, c1:] = image[:, c1 - 1 : c1]
-    else:  # holes inside (NO_DATA regions): nearest valid pixels by distance transform
-        _, (iy, ix) = ndimage.distance_transform_edt(band, return_indices=True)
-        image[band] = image[iy[band], ix[band]]
+    fill_from_nearest(score.image, band, out=score.image)
     return band, values
 
 
@@ -1550,17 +1537,34 @@ def _combine_limits(science_mag: float, template_mag: float) -> float:
 _MAX_FILL_GROUPS = 512
 
 
-def fill_from_nearest(image: np.ndarray, bad: np.ndarray) -> np.ndarray:
-    """A copy of ``image`` whose ``bad`` pixels take the value of the nearest good pixel.
+def fill_from_nearest(
+    image: np.ndarray, bad: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
+    """``image`` whose ``bad`` pixels take the value of the nearest good pixel: a copy, or
+    ``out`` (which may be ``image`` itself: only bad pixels are written, only good ones read).
 
-    Each group of bad pixels is filled within its bounding box grown by one pixel (the
-    box holds its nearest good pixels unless the group spans the frame), so the cost
+    Bad pixels that frame a rectangle of good ones (a convolution's edge band) take
+    the nearest pixel of its border, row and column copies in place. Otherwise each
+    group of bad pixels is filled within its bounding box grown by one pixel (the box
+    holds its nearest good pixels unless the group spans the frame), so the cost
     follows the bad area, not the frame; beyond `_MAX_FILL_GROUPS` groups the smallest
     take the median of the good pixels.
     """
-    out = np.array(image, copy=True)
-    labels, n_groups = ndimage.label(bad)
+    if out is None:
+        out = np.array(image, copy=True)
     ny, nx = bad.shape
+    good_rows = np.flatnonzero(~bad.all(axis=1))
+    good_cols = np.flatnonzero(~bad.all(axis=0))
+    if good_rows.size:
+        r0, r1 = good_rows[0], good_rows[-1] + 1
+        c0, c1 = good_cols[0], good_cols[-1] + 1
+        if not bad[r0:r1, c0:c1].any():
+            out[:r0, c0:c1] = out[r0, c0:c1]
+            out[r1:, c0:c1] = out[r1 - 1, c0:c1]
+            out[:, :c0] = out[:, c0 : c0 + 1]
+            out[:, c1:] = out[:, c1 - 1 : c1]
+            return out
+    labels, n_groups = ndimage.label(bad)
     boxes = ndimage.find_objects(labels)
     order = np.arange(1, n_groups + 1)
     if n_groups > _MAX_FILL_GROUPS:

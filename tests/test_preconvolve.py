@@ -233,6 +233,22 @@ def test_bad_template_pixels_take_their_nearest_good_value():
     assert abs(np.median(filled[isolated])) < 0.1
 
 
+def test_a_frame_of_bad_pixels_takes_the_nearest_border_values():
+    """Bad pixels framing a good rectangle (an edge band) are filled by row and column
+    copies: the distance transform's nearest good pixels, in a copy or in place."""
+    from core.subtract import fill_from_nearest
+
+    image = np.random.default_rng(1).normal(size=(90, 120)).astype(np.float32)
+    bad = np.ones(image.shape, dtype=bool)
+    bad[7:80, 11:101] = False
+    _, (iy, ix) = ndimage.distance_transform_edt(bad, return_indices=True)
+    expected = image[iy, ix]
+    np.testing.assert_array_equal(fill_from_nearest(image, bad), expected)
+    same = image.copy()
+    assert fill_from_nearest(same, bad, out=same) is same
+    np.testing.assert_array_equal(same, expected)
+
+
 def test_score_noise_floor_equals_float64_reference():
     """The noise floor kept in float32 pulls gives the float64 computation's ratio and
     floor to round-off (score scatter 1.6x its propagated noise, a masked corner; wide
