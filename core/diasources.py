@@ -338,13 +338,10 @@ def _fit_dipole(
             placed[k, ys, xs] = model[k, ys.start - j0 : ys.stop - j0, xs.start - i0 : xs.stop - i0]
         return (placed * weight).reshape(ps.shape[0], 2, size, size)
 
-    def models(p):
-        return models_of([p])[0]
-
     fixed: list[np.ndarray] = []
 
-    def solve(p, placed=None):
-        design = (models(p) if placed is None else placed).reshape(2, -1).T
+    def solve(placed):
+        design = placed.reshape(2, -1).T
         if fixed:
             return design, fixed[0]
         amplitude, *_ = np.linalg.lstsq(design, data.ravel(), rcond=None)
@@ -353,7 +350,7 @@ def _fit_dipole(
     def residuals(ps):
         out = []
         for placed in models_of(ps):
-            design, amplitude = solve(None, placed)
+            design, amplitude = solve(placed)
             out.append(design @ amplitude - data.ravel())
         return np.array(out)
 
@@ -365,7 +362,7 @@ def _fit_dipole(
         def jac(q):
             step = np.sqrt(np.finfo(float).eps) * np.maximum(1.0, np.abs(q))
             step = np.where(q + step > hi, -step, step)
-            sets = [to_p(q)] + [to_p(q + np.eye(q.size)[i] * step[i]) for i in range(q.size)]
+            sets = [to_p(q)] + [to_p(q + shift) for shift in np.diag(step)]
             r = residuals(sets)
             return ((r[1:] - r[0]) / step[:, None]).T
 
@@ -426,7 +423,7 @@ def _fit_dipole(
         begin_fixed = np.concatenate([middle + step, middle - step])
         p = search(residual, begin_fixed, lo, hi, jacobian(lambda q: q, hi))
         fixed.clear()
-    design, amplitude = solve(p)
+    design, amplitude = solve(models_of([p])[0])
     normal = design.T @ design
     try:
         inverse = np.linalg.inv(normal)
