@@ -958,10 +958,10 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
     if variance_array is None:
         gain = _float_value(headers, _GAIN_KEYS)
         read_noise = _float_value(headers, _READ_NOISE_KEYS)
-        finite_pixels = np.ones(image.shape, dtype=bool) if finite is None else finite
-        valid = finite_pixels & ~unusable.pixels()
+        usable = ~unusable.pixels()
+        valid = usable if finite is None else finite & usable
         if not valid.any():
-            valid = finite_pixels
+            valid = np.ones(image.shape, dtype=bool) if finite is None else finite
         variance_array, variance_source, info.sky, info.sky_sigma = estimate_variance(
             image, valid, gain, read_noise
         )
