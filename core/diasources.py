@@ -190,6 +190,21 @@ def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future
     return peaks, SearchedImage(exposure, bits), factor
 
 
+def _usable_scatter(snr: np.ndarray, exposure: Exposure, bits: int) -> float:
+    """Empty-sky scatter of a score's S/N (`_negative_side_sigma`) over its usable pixels,
+    on a grid of about a million of them. `prepare_score` leaves the unusable ones at 0,
+    which would narrow it: a mosaic's uncovered 40% made it 0.6, not 1, raising every
+    S/N by 1 / 0.6."""
+    step = max(1, math.isqrt(snr.size // 1_000_000))
+    grid = np.s_[::step, ::step]
+    variance = exposure.variance[grid]
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(exposure.image[grid]) & np.isfinite(variance) & (variance > 0)
+    if bits:
+        usable &= (exposure.mask[grid] & bits) == 0
+    return _negative_side_sigma(snr[grid], usable)
+
+
 def _score_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future):
     """Peaks of score / sqrt(variance), the image searched and the noise factor;
     ``width``: a future of the PSF's trace radius."""
@@ -198,9 +213,7 @@ def _score_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future):
     snr, _, top = prepare_score(
         exposure.image, exposure.variance, exposure.mask, bits, size, keep_image=False
     )
-    # every value is finite: the whole-frame estimate's strided sample is a strided view
-    step = snr.size // 1_000_000 + 1 if snr.size > 1_000_000 else 1
-    factor = _negative_side_sigma(snr.ravel()[::step])
+    factor = _usable_scatter(snr, exposure, bits)
 
     def blocks(by, bx):
         return windows(snr, by * size, bx * size, size) / np.float32(factor)

@@ -213,8 +213,11 @@ def _reference_detect(exposure, config, is_score):
         with np.errstate(invalid="ignore", divide="ignore"):
             snr = np.where(np.isfinite(var) & (var > 0), image / np.sqrt(var), np.float32(0))
         snr = snr.astype(np.float32)
-        snr[exposure.masked(["NO_DATA"])] = 0.0
-        factor = _negative_side_sigma(snr)
+        unusable = exposure.masked(["NO_DATA"]) | ~np.isfinite(exposure.image)
+        with np.errstate(invalid="ignore"):
+            unusable |= ~(np.isfinite(var) & (var > 0))
+        snr[unusable] = 0.0
+        factor = _negative_side_sigma(snr, ~unusable)
         snr /= np.float32(factor)
     else:
         ny, nx = exposure.shape
@@ -258,6 +261,28 @@ def test_detect_dia_sources_equals_whole_frame(is_score):
     got = list(zip(det.col, det.row, det.sign, det.footprint, det.n_peaks, strict=True))
     assert got == [p[:5] for p in expected]
     np.testing.assert_allclose(np.abs(det.peak_snr), [p[5] for p in expected], rtol=1e-3)
+
+
+def test_score_noise_factor_ignores_unusable_pixels():
+    """A score whose frame is 40% no data (a mosaic's uncovered corner) and has a few
+    bad variances: its S/N's noise factor is the scatter of the covered pixels (1 for
+    unit-variance noise), not narrowed by the zeros it holds elsewhere (was 0.6)."""
+    from core.config import DiaSourceConfig
+    from core.diasources import detect_dia_sources
+    from core.exposure import Exposure
+    from core.psf import GaussianPsf
+
+    rng = np.random.default_rng(11)
+    shape = (1200, 1000)
+    image = rng.normal(0.0, 2.0, shape).astype(np.float32)
+    variance = np.full(shape, 4.0, dtype=np.float32)
+    exposure = Exposure.from_arrays(image, variance, psf=GaussianPsf(1.8))
+    exposure.mask[:, :400] |= exposure.bitmask(["NO_DATA"])
+    exposure.image[:, :400] = 0.0
+    exposure.variance[500:520] = 0.0
+    exposure.image[700:710] = np.nan
+    det = detect_dia_sources(exposure, DiaSourceConfig(), is_score=True)
+    assert det.noise_factor == pytest.approx(1.0, abs=0.02)
 
 
 def test_lazy_variance_windows_equal_the_filled_frame():
