@@ -127,6 +127,24 @@ def _pack(heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return ys, xs, y + shelf + 1, width + 1
 
 
+class _Owner:
+    """The rectangle of `_pack`'s canvas pixels that lie in one: (rows, cols) -> indices.
+    Each shelf's rectangles share their top row, so a pixel's is the last rectangle
+    starting at or before it on the last shelf starting at or above it."""
+
+    def __init__(self, cy0: np.ndarray, cx0: np.ndarray, cnx: int) -> None:
+        self.shelves = np.unique(cy0)
+        self.width = cnx + 1
+        key = cy0 * self.width + cx0
+        self.order = np.argsort(key, kind="stable")
+        self.keys = key[self.order]
+
+    def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        top = self.shelves[np.searchsorted(self.shelves, rows, side="right") - 1]
+        at = np.searchsorted(self.keys, top * self.width + cols, side="right") - 1
+        return self.order[at]
+
+
 class _Fillers:
     """The blocks of `sparse_peaks`' rectangles that are no candidate, held at -inf on
     the canvas until their S/N can matter.
@@ -142,7 +160,8 @@ class _Fillers:
 
     def __init__(self, canvas, owner, rects, placement, blocks, size: int, snr_blocks):
         """``blocks`` (k, 3): rectangle, block row and block column of each filler;
-        ``placement``: `sparse_peaks`' canvas origins and sizes of the rectangles."""
+        ``placement``: `sparse_peaks`' canvas origins and sizes of the rectangles;
+        ``owner``: its `_Owner`."""
         self.canvas, self.owner, self.rects, self.size = canvas, owner, rects, size
         self.placement, self.snr_blocks = placement, snr_blocks
         self.pending: dict[int, list[tuple[int, int]]] = {}
@@ -183,11 +202,16 @@ class _Fillers:
         np.maximum.at(box[1], index, prow)
         np.minimum.at(box[2], index, pcol)
         np.maximum.at(box[3], index, pcol)
+        # a footprint lies in one rectangle and the one-pixel gaps around each keep the
+        # box, one pixel wider, out of every other
+        first = np.zeros(multi.size, dtype=np.int64)
+        first[index] = pixels[of_multi]
+        owners = self.owner(*np.divmod(first, nx)).tolist()
         touched: set[int] = set()
-        for r0, r1, c0, c1 in box.T.tolist():
+        for (r0, r1, c0, c1), i in zip(box.T.tolist(), owners, strict=True):
             region = (slice(max(r0 - 1, 0), r1 + 2), slice(max(c0 - 1, 0), c1 + 2))
-            if np.isneginf(self.canvas[region]).any():
-                touched.update(int(i) for i in np.unique(self.owner[region]) if i >= 0)
+            if i not in touched and np.isneginf(self.canvas[region]).any():
+                touched.add(i)
         todo = [(i, j, m) for i in sorted(touched) for j, m in self.pending.pop(i, [])]
         if not todo:
             return
@@ -244,8 +268,7 @@ def sparse_peaks(
     cy0, cx0, cny, cnx = _pack(heights, widths)
     canvas = frame_array((cny, cnx), np.float32)
     canvas.fill(0)
-    owner = frame_array((cny, cnx), np.int32)
-    owner.fill(-1)
+    owner = _Owner(cy0, cx0, cnx)
     # every block of every rectangle (blocks shared by rectangles once in the batch)
     place = [
         (i, j, m)
@@ -263,7 +286,6 @@ def sparse_peaks(
     for i in range(len(rects)):
         y, x, h, w = cy0[i], cx0[i], heights[i], widths[i]
         canvas[y : y + h, x : x + w] = -np.inf
-        owner[y : y + h, x : x + w] = i
     # the needed keys are the candidate blocks in raster order
     values = candidate_snr() if candidate_snr else snr_blocks(key_y[needed], key_x[needed])
     # another group's blocks inside a rectangle stay below the threshold there (they are
@@ -320,7 +342,7 @@ def sparse_peaks(
             row, col, label = peaks[:, 0], peaks[:, 1], peaks[:, 2]
             # footprints renumbered in raster order of their first pixel on the frame
             prow, pcol = np.divmod(pixels, cnx)
-            rid = owner.ravel()[pixels]
+            rid = owner(prow, pcol)
             frame = (prow - cy0[rid] + fy0[rid]) * nx + (pcol - cx0[rid] + fx0[rid])
             first = np.full(n + 1, np.iinfo(np.int64).max, dtype=np.int64)
             np.minimum.at(first, pixel_labels, frame)
@@ -328,7 +350,7 @@ def sparse_peaks(
             rank[0] = 0
             rank[1:][np.argsort(first[1:], kind="stable")] = np.arange(1, n + 1)
             value = canvas[row, col]
-            rid = owner[row, col]
+            rid = owner(row, col)
             row = row - cy0[rid] + fy0[rid]
             col = col - cx0[rid] + fx0[rid]
             label = rank[label]
