@@ -665,11 +665,11 @@ def _measure_beside(
     matched_template: Exposure | None,
     kernel_sources: Table | None,
 ) -> Table:
-    """`_measure` of the detections ``detect()`` gives, on a task pool: the output's PSF
-    stamps and noise scale do not need them, so they are made beside ``detect``, their
-    Python-bound work beside its frame passes, which hold the GIL little (started
-    after them, beside the Python-bound search, they made the 4096 auto pair's DIA
-    sources take 0.392 s instead of 0.379 s; medians of 10 alternating processes)."""
+    """`_measure` of the detections ``detect()`` gives, on a task pool: what does not
+    need them (`_setup`) is made beside ``detect``, its Python-bound work beside its
+    frame passes, which hold the GIL little (the output's stamps started after them,
+    beside the Python-bound search, made the 4096 auto pair's DIA sources take 0.392 s
+    instead of 0.379 s; medians of 10 alternating processes)."""
     with task_pool() as pool:
         setup = pool.submit(_setup, output, config.forced, matched_science, matched_template)
         detections = detect()
