@@ -127,11 +127,15 @@ def test_catalog_columns_and_sky_positions(evaluations):
     assert np.median(np.abs(rows["template_flux"]) / rows["psf_flux"]) < 0.1
 
 
-def test_preconvolve_detects_on_the_score():
-    """Score mode: same completeness and unbiased fluxes with the score's PSF."""
-    pair, result = _subtracted("sharper_template", "preconvolve")
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_preconvolve_detects_on_the_score(name):
+    """Score mode: fluxes of bright transients unbiased (2%) with the profile of a point
+    source in the decorrelated score (with the science PSF in its second factor they
+    were 0.959, 1.022 and 1.016 of the truth); on the sharper template, the same
+    completeness as on the difference."""
+    pair, result = _subtracted(name, "preconvolve")
     assert result.score is not None
-    ev = evaluate(pair, _subtracted("sharper_template")[1])  # expected S/N on the difference
+    ev = evaluate(pair, _subtracted(name)[1])  # expected S/N on the difference
     catalog = result.dia_sources
     x, y, flux = transient_truth(pair)
     distance, index = cKDTree(np.column_stack([catalog["x"], catalog["y"]])).query(
@@ -141,10 +145,16 @@ def test_preconvolve_detects_on_the_score():
         np.asarray(catalog["is_negative"])[index] == (flux < 0)
     )
     bright = (ev["expected_snr"] >= 7) & ev["isolated"]
-    assert found[bright].mean() >= 0.98
+    if name == "sharper_template":
+        assert found[bright].mean() >= 0.98
     strong = found & (ev["expected_snr"] >= 20) & ev["isolated"]
+    assert strong.sum() >= 20
     ratio = np.asarray(catalog["psf_flux"])[index[strong]] / flux[strong]
-    assert abs(np.median(ratio) - 1) < 0.03
+    # a fit with too little of the PSF off the score's EDGE band (wider than the
+    # difference's) is NaN and flagged
+    unmeasured = ~np.isfinite(ratio)
+    assert np.asarray(catalog["flag_edge"])[index[strong]][unmeasured].all()
+    assert abs(np.median(ratio[~unmeasured]) - 1) < 0.02
 
 
 def _empty_spots(pair, n: int, clearance: float) -> tuple[np.ndarray, np.ndarray]:
@@ -316,7 +326,7 @@ def test_measurements_beside_detection_equal_one_thread_and_the_two_steps(mode, 
     measured = result.output
     if is_score:  # as dia_sources does: the profile of a point source in the score
         science_psf = result.matched_science.psf
-        measured = replace(result.output, psf=score_profile(result.output.psf, science_psf))
+        measured = replace(result.output, psf=score_profile(result.output.psf, result.output.psf))
         profile = score_profile(science_psf, science_psf)
         kwargs["matched_science"] = result.matched_science.with_psf(profile)
         kwargs["matched_template"] = result.matched_template.with_psf(profile)
