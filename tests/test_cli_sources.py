@@ -111,6 +111,24 @@ def test_forced_bad_positions_exit_2(run, tmp_path, capsys):
     assert "x,y" in capsys.readouterr().err
 
 
+def test_forced_refuses_a_score_exit_2(run, tmp_path, capsys):
+    """A preconvolve score is not a difference: its fluxes would be biased (as over
+    HTTP, it is refused)."""
+    pair, products, _ = run
+    score = tmp_path / "score.fits"
+    science, template = str(pair / "science.fits"), str(pair / "template.fits")
+    assert main(["subtract", science, template, "-o", str(score), "--mode", "preconvolve"]) == 0
+    positions = tmp_path / "positions.csv"
+    positions.write_text("x,y\n100.0,120.5\n")
+    capsys.readouterr()
+    code = main(
+        ["forced", str(score), "--positions", str(positions), "-o", str(tmp_path / "o.csv")]
+    )
+    assert code == 2
+    assert "score" in capsys.readouterr().err
+    assert not (tmp_path / "o.csv").exists()
+
+
 def test_cutouts_triplets(run, tmp_path):
     _, products, _ = run
     table = Table.read(products / "dia_sources.fits", hdu="DIASOURCES")
