@@ -346,7 +346,7 @@ class ForcedPhotometryConfig(_Config):
         "costs milliseconds and PSFs vary smoothly).",
     )
     n_noise_positions: int = Field(
-        400,
+        2000,
         ge=0,
         le=100_000,
         description="Random positions whose flux scatter calibrates the errors for correlated "

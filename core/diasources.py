@@ -636,9 +636,9 @@ SCORE_FIT_RADIUS_FWHM = 0.2
 
 def _setup(output: Exposure, forced, matched_science, matched_template, is_score: bool):
     """What does not depend on the detections, made beside them: the output's PSF stamps
-    and the noise scale of their fluxes (`noise_scale`), the same for single-signed
-    sources (other stamps on a score) and the matched images' photometry
-    (`_matched_photometry`).
+    and the noise scale of their fluxes (`noise_scale`; on a score None, measured only
+    for dipoles), the same for single-signed sources (other stamps on a score) and the
+    matched images' photometry (`_matched_photometry`).
 
     A score is already matched-filtered: a source's S/N is gathered at its position.
     The profile's wings carry noise correlated with its core's: fitted over the whole
@@ -647,17 +647,13 @@ def _setup(output: Exposure, forced, matched_science, matched_template, is_score
     within 0.7%. Single sources are fitted on the core (`SCORE_FIT_RADIUS_FWHM`),
     dipoles, two lobes, on the whole profile."""
     stamps = PsfStamps(output.require_psf(), output, config=forced)
-    scale = noise_scale(output, stamps, forced)
-    single = stamps, scale
+    matched = _matched_photometry(output, matched_science, matched_template, forced)
     if is_score:
         half = max(1, round(SCORE_FIT_RADIUS_FWHM * stamps.fwhm))
         core = PsfStamps(stamps.psf, output, half=half, config=forced)
-        # the core's fits cost a few per cent of the whole profile's: 10x the positions
-        # measure its scale to ~2% instead of ~5% (4096 test pair, 8 seeds)
-        n = min(10 * forced.n_noise_positions, 100_000)
-        single = core, noise_scale(output, core, forced.model_copy(update={"n_noise_positions": n}))
-    matched = _matched_photometry(output, matched_science, matched_template, forced)
-    return stamps, scale, single, matched
+        return stamps, None, (core, noise_scale(output, core, forced)), matched
+    scale = noise_scale(output, stamps, forced)
+    return stamps, scale, (stamps, scale), matched
 
 
 def measure_dia_sources(
@@ -786,6 +782,8 @@ def _measure(
     columns["footprint"][:n_single] = det.footprint[single]
     columns["n_peaks"][:n_single] = det.n_peaks[single]
 
+    if scale is None and pairs.size:
+        scale = noise_scale(output, stamps, forced)
     for k, (ip, jn) in enumerate(pairs):
         mid_x = 0.5 * (det.col[ip] + det.col[jn])
         mid_y = 0.5 * (det.row[ip] + det.row[jn])

