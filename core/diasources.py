@@ -643,7 +643,7 @@ def _setup(output: Exposure, forced, matched_science, matched_template, is_score
     A score is already matched-filtered: a source's S/N is gathered at its position.
     The profile's wings carry noise correlated with its core's: fitted over the whole
     profile, the S/N was 0.80-0.87 of a PSF fit's on the difference (1024 and 4096
-    test pairs, noise scales from 4000 positions), on the core 0.95-0.98, fluxes
+    test pairs, each noise scale from 4000 positions), on the core 0.95-0.98, fluxes
     within 0.7%. Single sources are fitted on the core (`SCORE_FIT_RADIUS_FWHM`),
     dipoles, two lobes, on the whole profile."""
     stamps = PsfStamps(output.require_psf(), output, config=forced)
@@ -964,9 +964,8 @@ def dia_sources(
         # a point source in the score is its PSF label correlated with the preconvolution
         # kernel, and the decorrelation filtered both by sqrt(phi) (core.decorrelate): it
         # is the label correlated with itself at its average position (the science PSF's
-        # when not decorrelated). The science's was used for the second: fluxes of
-        # bright transients 0.959, 1.022, 1.016 of the truth on the 1024 test pairs
-        # (sharper science, sharper template, varying), now 1.005, 1.005, 0.998
+        # when not decorrelated); with the science PSF as the second, fluxes were off by
+        # up to 4% (bench/README.md, session 16)
         score_psf = output.require_psf()
         measured = replace(output, psf=score_profile(score_psf, score_psf))
         if matched_science is not None and matched_science.psf is not None:

@@ -329,7 +329,7 @@ def noise_scale(exposure: Exposure, stamps: PsfStamps, config: ForcedPhotometryC
     The positions are whole pixels, each fitted with the stamp drawn at the nearest
     node of a `_NOISE_MODEL_GRID` grid over the frame: a few dozen stamps drawn
     instead of one per position. The default 2000 positions give the scale to ~2%
-    (the 400 shifted stamps of before, at about half the cost, to 3-6%).
+    (400 positions with a stamp drawn for each, at about half the cost: 3-6%).
     """
     n = config.n_noise_positions
     ny, nx = exposure.shape
