@@ -321,8 +321,8 @@ def _require_difference(path) -> None:
 
     try:
         mode = fits.getheader(path, 0).get("HIERARCH ALSUB MODE")
-    except (OSError, ValueError):
-        return  # read_exposure names what is wrong with the file
+    except Exception:  # noqa: BLE001 - read_exposure names what is wrong with the file
+        return
     if mode == "preconvolve":
         raise InvalidExposureError(
             f"{path} is a preconvolve score, not a difference; forced photometry needs a "

@@ -742,6 +742,10 @@ def _measure(
     stamps, scale, (single_stamps, single_scale), matched = setup.result()
     fwhm = stamps.fwhm
     pairs = _pair_dipoles(det, config.dipole_max_separation_fwhm * fwhm)
+    # a score's dipoles are fitted on the whole profile: its noise scale, beside the rest
+    whole = None
+    if scale is None and pairs.size:
+        whole = pool.submit(noise_scale, output, stamps, forced)
     in_pair = np.zeros(det.col.size, dtype=bool)
     in_pair[pairs.ravel()] = True
     single = np.flatnonzero(~in_pair)
@@ -782,8 +786,8 @@ def _measure(
     columns["footprint"][:n_single] = det.footprint[single]
     columns["n_peaks"][:n_single] = det.n_peaks[single]
 
-    if scale is None and pairs.size:
-        scale = noise_scale(output, stamps, forced)
+    if whole is not None:
+        scale = whole.result()
     for k, (ip, jn) in enumerate(pairs):
         mid_x = 0.5 * (det.col[ip] + det.col[jn])
         mid_y = 0.5 * (det.row[ip] + det.row[jn])
@@ -944,7 +948,8 @@ def dia_sources(
         (PSF fit on the output with its PSF at the position, science counts;
         errors scaled for correlated noise, meta ``noise_scale``; on a score,
         single-signed sources are fitted on the core of a point source's profile,
-        `SCORE_FIT_RADIUS_FWHM`) and ``snr``; ``detection_snr`` (peak
+        `SCORE_FIT_RADIUS_FWHM`, and the meta scale is theirs, dipoles' on the
+        whole profile having their own) and ``snr``; ``detection_snr`` (peak
         of the detection S/N, negative for negative sources); ``aperture_flux``
         and error (radius ``aperture_radius_fwhm`` FWHM); adaptive moments
         ``ixx``, ``iyy``, ``ixy`` (px^2); ``is_negative``; ``is_dipole`` with

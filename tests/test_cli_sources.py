@@ -125,7 +125,7 @@ def test_forced_refuses_a_score_exit_2(run, tmp_path, capsys):
         ["forced", str(score), "--positions", str(positions), "-o", str(tmp_path / "o.csv")]
     )
     assert code == 2
-    assert "score" in capsys.readouterr().err
+    assert "is a preconvolve score, not a difference" in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()
 
 

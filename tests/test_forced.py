@@ -12,24 +12,46 @@ from core.forced import PsfStamps, noise_scale
 from core.psf import GaussianPsf
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_noise_scale_of_correlated_noise_is_its_analytic_value(seed):
+def test_noise_scale_of_correlated_noise_is_its_analytic_value():
     """White noise smoothed by a Gaussian (sigma 1.2 px), its exact per-pixel variance
     in the variance plane: a PSF flux's true error over its variance-plane error is
     sqrt(sum (P x g)^2 / (sum g^2 sum P^2)) (P the fitted stamp, g the smoothing
-    kernel). The scale measured at the default positions (each config seed draws
-    others) is that within 4%; from 400 shifted stamps it scattered by 3-6%."""
-    rng = np.random.default_rng(100 + seed)
-    shape = (1500, 1400)
+    kernel). Measured at the default positions of 5 seeds (each draws others; the
+    scale scatters by ~3%): each within 6% and their mean within 2% (here +0.3%;
+    400 positions with a stamp drawn for each read 2.4% low on average)."""
     delta = np.zeros((41, 41))
     delta[20, 20] = 1.0
     g = ndimage.gaussian_filter(delta, 1.2, mode="constant", truncate=8.0)
-    image = signal.fftconvolve(rng.normal(size=shape), g, mode="same").astype(np.float32)
-    variance = np.full(shape, (g**2).sum(), dtype=np.float32)
-    exposure = Exposure.from_arrays(image, variance, psf=GaussianPsf(2.0))
-    config = ForcedPhotometryConfig(fit_background=False, seed=seed)
-    stamps = PsfStamps(exposure.psf, exposure, config=config)
-    p = stamps.at(np.array([700.0]), np.array([750.0]))[0][0]
-    expected = np.sqrt((signal.fftconvolve(p, g) ** 2).sum() / ((g**2).sum() * (p**2).sum()))
-    assert expected > 1.5  # the noise is correlated enough to matter
-    assert noise_scale(exposure, stamps, config) == pytest.approx(expected, rel=0.04)
+    shape = (1500, 1400)
+    ratios = []
+    for seed in range(5):
+        rng = np.random.default_rng(100 + seed)
+        image = signal.fftconvolve(rng.normal(size=shape), g, mode="same").astype(np.float32)
+        variance = np.full(shape, (g**2).sum(), dtype=np.float32)
+        exposure = Exposure.from_arrays(image, variance, psf=GaussianPsf(2.0))
+        config = ForcedPhotometryConfig(fit_background=False, seed=seed)
+        stamps = PsfStamps(exposure.psf, exposure, config=config)
+        p = stamps.at(np.array([700.0]), np.array([750.0]))[0][0]
+        expected = np.sqrt((signal.fftconvolve(p, g) ** 2).sum() / ((g**2).sum() * (p**2).sum()))
+        assert expected > 1.5  # the noise is correlated enough to matter
+        ratios.append(noise_scale(exposure, stamps, config) / expected)
+    assert np.all(np.abs(np.array(ratios) - 1) < 0.06), ratios
+    assert abs(np.mean(ratios) - 1) < 0.02, ratios
+
+
+def test_noise_scale_needs_room_for_separate_stamps():
+    """A frame with room for fewer than 30 separate stamps trusts its variance plane
+    (1.0): overlapping fits share their noise (a 16 x 16 frame of white noise read 0.3)."""
+    rng = np.random.default_rng(3)
+    for side, expected in ((16, 1.0), (300, None)):
+        image = rng.normal(size=(side, side)).astype(np.float32)
+        exposure = Exposure.from_arrays(
+            image, np.ones((side, side), np.float32), psf=GaussianPsf(1.5)
+        )
+        config = ForcedPhotometryConfig()
+        stamps = PsfStamps(exposure.psf, exposure, config=config)
+        scale = noise_scale(exposure, stamps, config)
+        if expected is None:  # white noise: the variance plane is right
+            assert scale == pytest.approx(1.0, abs=0.1)
+        else:
+            assert scale == expected
