@@ -583,13 +583,22 @@ def _matched_photometry(output, matched_science, matched_template, config):
     without one).
 
     Both are on the science PSF (the template is matched to it); a local constant is
-    fitted with the flux since they still carry sky. None when either is missing.
+    fitted with the flux since they still carry sky. Errors carry each image's
+    `noise_scale`: the matched template is convolved by the kernel (and both images by
+    the preconvolution kernel for a score), so their noise is correlated; fitted
+    without it, the errors were 3.3x (template) too small on the 4096 test pair, 6.6x
+    and 8.9x in preconvolve mode. None when either image is missing.
     """
     if matched_science is None or matched_template is None:
         return None
     psf = matched_science.psf or output.require_psf()
     # the two share the pixel grid and the PSF: one set of drawn stamps per position
     stamps = PsfStamps(psf, matched_science, config=config)
+    with_sky = config.model_copy(update={"fit_background": True})
+    scale = {
+        id(exposure): noise_scale(exposure, stamps, with_sky)
+        for exposure in (matched_science, matched_template)
+    }
 
     def measure(x, y, pool: Executor | None = None) -> list[Any]:
         x0, y0 = matched_science.xy0
@@ -601,7 +610,7 @@ def _matched_photometry(output, matched_science, matched_template, config):
             fit = psf_photometry(
                 exposure, x[part], y[part], stamps, True, config.min_psf_coverage, drawn=drawn
             )
-            return fit["flux"], fit["flux_err"]
+            return fit["flux"], fit["flux_err"] * scale[id(exposure)]
 
         pool = pool or InlineExecutor()
         futures: list[Any] = [pool.submit(fit, matched_science)]
