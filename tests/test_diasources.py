@@ -448,8 +448,8 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     make it, and the bright-star flags and template flux errors made from its stamps
     and floors equal those from the made plane."""
     from core.config import ForcedPhotometryConfig
-    from core.diasources import _bright_star
-    from core.forced import PsfStamps, noise_scale, psf_photometry
+    from core.diasources import _bright_star, _matched_scale
+    from core.forced import PsfStamps, psf_photometry
 
     pair = simulate_pair(preset("defects", size=512, seed=9))
     result = run_subtraction(pair.science, pair.template)
@@ -464,8 +464,8 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     bright = _bright_star(template, ix, iy, 3.0 * fwhm, 300.0)
     fit = psf_photometry(template, x, y, stamps, True)
     # the catalog's errors carry the matched template's noise scale (its noise is
-    # correlated by the kernel), measured on the same stamps with a local constant
-    scale = noise_scale(template, stamps, ForcedPhotometryConfig(fit_background=True))
+    # correlated by the kernel), measured on the same stamps
+    scale = _matched_scale(template, stamps, ForcedPhotometryConfig())
     assert template.variance_deferred
     assert bright.sum() >= 3
     np.testing.assert_array_equal(bright, np.asarray(catalog["flag_bright_star"]))
