@@ -32,8 +32,10 @@ __all__ = [
     "PsfStamps",
     "flag_columns",
     "forced_photometry",
+    "noise_positions",
     "noise_scale",
     "pixel_flags",
+    "pull_scale",
     "profile_sigma",
     "psf_photometry",
     "sky_positions",
@@ -316,6 +318,30 @@ def psf_photometry(
 _NOISE_MODEL_GRID = 5
 
 
+def noise_positions(shape, half: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``n`` random whole pixels (columns, rows) at least ``half`` inside the frame, or
+    None when fewer than 30 are asked for or the frame holds room for fewer than 30
+    separate (2 half + 1)^2 stamps: measurements there would share their noise (a
+    16 x 16 frame of white noise read a PSF-flux scale of 0.3)."""
+    ny, nx = shape
+    if n < 30 or nx <= 2 * half or ny <= 2 * half:
+        return None
+    if (nx - 2 * half) * (ny - 2 * half) < 30 * (2 * half + 1) ** 2:
+        return None
+    rng = np.random.default_rng(seed)
+    return rng.integers(half, nx - half, n), rng.integers(half, ny - half, n)
+
+
+def pull_scale(pull: np.ndarray) -> float:
+    """Normalised median absolute deviation of the finite ``pull`` values (measured /
+    error at random sky positions): the factor the errors need; 1.0 from fewer than 30."""
+    pull = pull[np.isfinite(pull)]
+    if pull.size < 30:
+        return 1.0
+    scale = float(mad_std(pull))
+    return scale if scale > 0 else 1.0
+
+
 def noise_scale(exposure: Exposure, stamps: PsfStamps, config: ForcedPhotometryConfig) -> float:
     """Robust scatter of flux / error at random positions: the factor errors need.
 
@@ -323,23 +349,20 @@ def noise_scale(exposure: Exposure, stamps: PsfStamps, config: ForcedPhotometryC
     pixels; a PSF fit sums many pixels, so correlated noise makes its true
     error larger. Fitting at ``config.n_noise_positions`` random positions (a
     difference is empty sky almost everywhere) and taking the normalised median
-    absolute deviation of flux / error measures that factor directly. 1.0
-    when fewer than 30 positions give a flux, or the frame holds room for fewer than
-    30 separate stamps (overlapping fits share their noise: a 16 x 16 frame read 0.3).
+    absolute deviation of flux / error measures that factor directly (`pull_scale`;
+    1.0 where `noise_positions` gives none).
 
     The positions are whole pixels, each fitted with the stamp drawn at the nearest
     node of a `_NOISE_MODEL_GRID` grid over the frame: a few dozen stamps drawn
     instead of one per position. The default 2000 positions give the scale to 2-3%
     (400 positions with a stamp drawn for each, at about half the cost: 3-6%).
     """
-    n = config.n_noise_positions
     ny, nx = exposure.shape
     h = stamps.half
-    if n < 30 or nx <= 2 * h or ny <= 2 * h or (nx - 2 * h) * (ny - 2 * h) < 30 * (2 * h + 1) ** 2:
+    positions = noise_positions(exposure.shape, h, config.n_noise_positions, config.seed)
+    if positions is None:
         return 1.0
-    rng = np.random.default_rng(config.seed)
-    ix = rng.integers(h, nx - h, n)
-    iy = rng.integers(h, ny - h, n)
+    ix, iy = positions
     g = _NOISE_MODEL_GRID
     gx = np.rint(np.linspace(h, nx - 1 - h, g)).astype(int)
     gy = np.rint(np.linspace(h, ny - 1 - h, g)).astype(int)
@@ -347,7 +370,7 @@ def noise_scale(exposure: Exposure, stamps: PsfStamps, config: ForcedPhotometryC
     models, _, _ = stamps.at(np.tile(gx, g) + x0, np.repeat(gy, g) + y0)
     node = np.abs(iy[:, None] - gy).argmin(axis=1) * g + np.abs(ix[:, None] - gx).argmin(axis=1)
     pulls = []
-    for part in batches(n):
+    for part in batches(ix.size):
         drawn = (models[node[part]], ix[part], iy[part])
         fit = psf_photometry(
             exposure,
@@ -359,12 +382,7 @@ def noise_scale(exposure: Exposure, stamps: PsfStamps, config: ForcedPhotometryC
             drawn=drawn,
         )
         pulls.append(fit["flux"] / fit["flux_err"])
-    pull = np.concatenate(pulls)
-    pull = pull[np.isfinite(pull)]
-    if pull.size < 30:
-        return 1.0
-    scale = float(mad_std(pull))
-    return scale if scale > 0 else 1.0
+    return pull_scale(np.concatenate(pulls))
 
 
 def pixel_flags(
