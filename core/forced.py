@@ -35,9 +35,9 @@ __all__ = [
     "noise_positions",
     "noise_scale",
     "pixel_flags",
-    "pull_scale",
     "profile_sigma",
     "psf_photometry",
+    "pull_scale",
     "sky_positions",
 ]
 
