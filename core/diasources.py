@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.fft as sfft
@@ -619,33 +619,33 @@ def _matched_photometry(output, matched_science, matched_template, config):
     psf = matched_science.psf or output.require_psf()
     # the two share the pixel grid and the PSF: one set of drawn stamps per position
     stamps = PsfStamps(psf, matched_science, config=config)
-    scale = {
-        id(exposure): _matched_scale(exposure, stamps, config)
-        for exposure in (matched_science, matched_template)
-    }
+    science_scale = _matched_scale(matched_science, stamps, config)
+    template_scale = _matched_scale(matched_template, stamps, config)
 
     def measure(x, y, pool: Executor | None = None) -> list[Any]:
         x0, y0 = matched_science.xy0
         x, y = np.atleast_1d(np.asarray(x, dtype=np.float64)), np.atleast_1d(np.asarray(y))
         model = stamps.at(x + x0, y + y0)
 
-        def fit(exposure, part=slice(None)):
+        def fit(exposure, scale, part=slice(None)):
             drawn = (model[0][part], model[1][part], model[2][part])
             fit = psf_photometry(
                 exposure, x[part], y[part], stamps, True, config.min_psf_coverage, drawn=drawn
             )
-            return fit["flux"], fit["flux_err"] * scale[id(exposure)]
+            return fit["flux"], fit["flux_err"] * scale
 
         pool = pool or InlineExecutor()
-        futures: list[Any] = [pool.submit(fit, matched_science)]
+        futures: list[Any] = [pool.submit(fit, matched_science, science_scale)]
         if matched_template.variance_deferred and x.size > STAMP_BATCH:
             # its variance stamps cost small FFTs: the template's fit, then the longest,
             # is split evenly over the pool's threads (each position's numbers are its own)
             size = -(-x.size // n_threads())
-            parts = [pool.submit(fit, matched_template, p) for p in batches(x.size, size)]
+            parts = [
+                pool.submit(fit, matched_template, template_scale, p) for p in batches(x.size, size)
+            ]
             futures.append(_Joined(parts))
         else:
-            futures.append(pool.submit(fit, matched_template))
+            futures.append(pool.submit(fit, matched_template, template_scale))
         return futures
 
     return measure
@@ -665,6 +665,17 @@ class _Joined:
 #: Half-width of the PSF fit of a single-signed source on a score, in FWHMs of a point
 #: source's profile there (`score_profile`; at least 1 px).
 SCORE_FIT_RADIUS_FWHM = 0.2
+
+
+class _Setup(NamedTuple):
+    """`_setup`'s result. ``scale`` None: a score's, measured only for its dipoles."""
+
+    stamps: PsfStamps
+    scale: float | None
+    single_stamps: PsfStamps
+    single_scale: float
+    matched: Any
+    aperture_scale: float
 
 
 def _setup(output: Exposure, config, matched_science, matched_template, is_score: bool):
@@ -687,9 +698,9 @@ def _setup(output: Exposure, config, matched_science, matched_template, is_score
     if is_score:
         half = max(1, round(SCORE_FIT_RADIUS_FWHM * stamps.fwhm))
         core = PsfStamps(stamps.psf, output, half=half, config=forced)
-        return stamps, None, (core, noise_scale(output, core, forced)), matched, aperture
+        return _Setup(stamps, None, core, noise_scale(output, core, forced), matched, aperture)
     scale = noise_scale(output, stamps, forced)
-    return stamps, scale, (stamps, scale), matched, aperture
+    return _Setup(stamps, scale, stamps, scale, matched, aperture)
 
 
 def measure_dia_sources(
@@ -773,7 +784,7 @@ def _measure(
     """`measure_dia_sources` with what does not need the detections in ``setup`` (a
     future of `_setup`); the independent measurements run on ``pool``."""
     forced = config.forced
-    stamps, scale, (single_stamps, single_scale), matched, aperture_scale = setup.result()
+    stamps, scale, single_stamps, single_scale, matched, aperture_scale = setup.result()
     fwhm = stamps.fwhm
     pairs = _pair_dipoles(det, config.dipole_max_separation_fwhm * fwhm)
     # a score's dipoles are fitted on the whole profile: its noise scale, beside the rest
