@@ -687,7 +687,8 @@ class _ConvolvedVariance:
         side, wide = 2 * half + 1, 2 * half + 1 + 2 * k
         cx = np.asarray(cx, dtype=np.intp).ravel()
         cy = np.asarray(cy, dtype=np.intp).ravel()
-        data = windows(values, cy - half - k, cx - half - k, wide).astype(np.float64)
+        # in the plane's precision (float32): widened only when the range needs it below
+        data = windows(values, cy - half - k, cx - half - k, wide)
         finite = np.isfinite(data)
         all_finite = bool(finite.all())
         if not all_finite:
@@ -710,12 +711,14 @@ class _ConvolvedVariance:
         # terms sharing x weights one inverse along x of the kept rows: at spatial order
         # 1, 6 terms in 3 groups (inverses 37 -> 23 ms at 4096) instead of 6 2-d inverses
         kept = slice(2 * k, 2 * k + side)
+        # every term's y weights on the stamps' rows, gathered once: (m, n, side, 1)
+        wy = None if self.wy is None else self.wy[:, rows].astype(dtype)[..., None]
         for group in self._x_groups:
             summed = None
             for t in group:
                 term = sfft.ifft(data_spectra * spectra[t], axis=1, overwrite_x=True)[:, kept]
-                if self.wy is not None:
-                    term *= self.wy[t][rows].astype(dtype)[:, :, None]
+                if wy is not None:
+                    term *= wy[t]
                 summed = term if summed is None else summed + term
             part = sfft.irfft(summed, n=length, axis=2)[:, :, kept]
             if self.wx is not None:
