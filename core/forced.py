@@ -13,6 +13,7 @@ Positions are 0-based array coordinates: x the column, y the row.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from astropy.stats import mad_std
@@ -38,6 +39,7 @@ __all__ = [
     "profile_sigma",
     "psf_photometry",
     "pull_scale",
+    "ring_levels",
     "sky_positions",
 ]
 
@@ -237,6 +239,8 @@ def psf_photometry(
     fit_background: bool = False,
     min_coverage: float = 0.5,
     drawn: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    unusable: tuple[str, ...] = UNUSABLE_PLANES,
+    sky_ring: int = 0,
 ) -> dict[str, np.ndarray]:
     """Linear PSF fit at array positions, vectorised.
 
@@ -257,6 +261,14 @@ def psf_photometry(
     drawn : tuple or None
         ``stamps.at`` at these positions when already drawn (several exposures on
         one pixel grid and PSF).
+    unusable : tuple of str
+        Mask planes whose pixels the fit leaves out.
+    sky_ring : int
+        Width (px) of a square ring just outside the fitted stamp whose median
+        (`ring_levels`) is subtracted as the local sky before the fit (an image that
+        still carries sky); 0: none. Not with ``fit_background``: a constant fitted
+        inside the stamp takes up a bright neighbour's or host's light, and the PSF
+        amplitude off its peak came out strongly negative (a JWST galaxy: S/N -284).
 
     Returns
     -------
@@ -264,6 +276,8 @@ def psf_photometry(
         ``flux``, ``flux_err`` (counts, variance-plane errors), ``coverage`` and
         ``ix``, ``iy`` (centre pixels).
     """
+    if sky_ring and fit_background:
+        raise ValueError("psf_photometry: a sky ring and a fitted background exclude each other")
     x0, y0 = exposure.xy0
     x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     y = np.atleast_1d(np.asarray(y, dtype=np.float64))
@@ -278,6 +292,8 @@ def psf_photometry(
                 fit_background,
                 min_coverage,
                 None if drawn is None else (drawn[0][part], drawn[1][part], drawn[2][part]),
+                unusable,
+                sky_ring,
             )
             for part in parts
         ]
@@ -286,7 +302,9 @@ def psf_photometry(
     h = stamps.half
     data = _stack(exposure.image, ix, iy, h, fill=np.nan).astype(np.float64)
     var = exposure.variance_stamps(ix, iy, h, fill=np.nan).astype(np.float64)
-    no_data = _stack(exposure.mask, ix, iy, h, fill=-1) & exposure.bitmask(UNUSABLE_PLANES) != 0
+    no_data = _stack(exposure.mask, ix, iy, h, fill=-1) & exposure.bitmask(unusable) != 0
+    if sky_ring:
+        data -= ring_levels(exposure, ix, iy, h, sky_ring, unusable)[:, None, None]
     good = np.isfinite(data) & np.isfinite(var) & (var > 0) & ~no_data
     data = np.where(good, data, 0.0)
     var = np.where(good, var, 0.0)
@@ -318,6 +336,31 @@ def psf_photometry(
 _NOISE_MODEL_GRID = 5
 
 
+def ring_levels(
+    exposure: Exposure, ix, iy, half: int, width: int, unusable: tuple[str, ...] = UNUSABLE_PLANES
+) -> np.ndarray:
+    """Median of the usable pixels in the square ring of ``width`` px around each
+    (2 half + 1)^2 stamp centred on array pixels (ix, iy): a local sky (robust to the
+    stars in it). NaN where the ring has no usable pixel."""
+    outer = half + width
+    offsets = np.abs(np.arange(-outer, outer + 1))
+    ring = (np.maximum(offsets[:, None], offsets[None, :]) > half).ravel()
+    n = np.size(ix)
+    values = _stack(exposure.image, ix, iy, outer, fill=np.nan).reshape(n, -1)[:, ring]
+    bits = exposure.bitmask(unusable)
+    if bits:
+        masked = (_stack(exposure.mask, ix, iy, outer, fill=0).reshape(n, -1)[:, ring] & bits) != 0
+        if masked.any():
+            values = np.where(masked, np.float32(np.nan), values)
+    levels = np.median(values, axis=1)
+    holes = ~np.isfinite(levels)
+    if holes.any():  # rings off the frame or over masked pixels: the NaN-aware median
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rings stay NaN
+            levels[holes] = np.nanmedian(values[holes], axis=1)
+    return levels.astype(np.float64)
+
+
 def noise_positions(shape, half: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
     """``n`` random whole pixels (columns, rows) at least ``half`` inside the frame, or
     None when fewer than 30 are asked for or the frame holds room for fewer than 30
@@ -342,7 +385,13 @@ def pull_scale(pull: np.ndarray) -> float:
     return scale if scale > 0 else 1.0
 
 
-def noise_scale(exposure: Exposure, stamps: PsfStamps, config: ForcedPhotometryConfig) -> float:
+def noise_scale(
+    exposure: Exposure,
+    stamps: PsfStamps,
+    config: ForcedPhotometryConfig,
+    unusable: tuple[str, ...] = UNUSABLE_PLANES,
+    sky_ring: int = 0,
+) -> float:
     """Robust scatter of flux / error at random positions: the factor errors need.
 
     The variance plane describes each pixel, not the covariance between
@@ -356,6 +405,7 @@ def noise_scale(exposure: Exposure, stamps: PsfStamps, config: ForcedPhotometryC
     node of a `_NOISE_MODEL_GRID` grid over the frame: a few dozen stamps drawn
     instead of one per position. The default 2000 positions give the scale to 2-3%
     (400 positions with a stamp drawn for each, at about half the cost: 3-6%).
+    ``unusable`` and ``sky_ring``: as `psf_photometry` is called for the fluxes scaled.
     """
     ny, nx = exposure.shape
     h = stamps.half
@@ -377,9 +427,11 @@ def noise_scale(exposure: Exposure, stamps: PsfStamps, config: ForcedPhotometryC
             ix[part],
             iy[part],
             stamps,
-            config.fit_background,
+            config.fit_background and not sky_ring,
             config.min_psf_coverage,
             drawn=drawn,
+            unusable=unusable,
+            sky_ring=sky_ring,
         )
         pulls.append(fit["flux"] / fit["flux_err"])
     return pull_scale(np.concatenate(pulls))

@@ -236,6 +236,98 @@ def _misregistered_pair(n_stars: int, shift: float, flux: float = 2e5):
     return science, template, x + 0.5 * shift, y
 
 
+def _transients_on_star_wings(n: int, offset_fwhm: float, star: float, transient: float):
+    """A pair with ``n`` bright constant stars on empty spots (in both images) and, in the
+    science only, a transient ``offset_fwhm`` science FWHMs from each along +x; returns
+    the transients' positions."""
+    pair = simulate_pair(preset("sharper_template", size=512, seed=79))
+    science, template = pair.science.copy(), pair.template.copy()
+    x, y = _empty_spots(pair, n, 25.0)
+    offset = offset_fwhm * science.require_psf().fwhm()
+    for exposure, scale, extra in (
+        (science, 1.0, transient),
+        (template, 1.0 / pair.truth["flux_ratio"], 0.0),
+    ):
+        psf = exposure.require_psf()
+        for xs, ys in zip(x, y, strict=True):
+            for dx, flux in ((0.0, star * scale), (offset, extra)):
+                if flux:
+                    stamp, x_min, y_min = psf.image_at(xs + dx, ys)
+                    h, w = stamp.shape
+                    exposure.image[y_min : y_min + h, x_min : x_min + w] += flux * stamp
+                    exposure.variance[y_min : y_min + h, x_min : x_min + w] += flux * stamp / 4
+    return science, template, x + offset, y
+
+
+def test_science_and_template_fluxes_of_a_transient_on_a_star_wing():
+    """A transient 1.5 FWHM from a bright star: the matched images' PSF fluxes there are
+    the light above the ring sky around the fit, so both hold the star's wing (> 0)
+    and their difference is the transient's flux. With a constant fitted inside the
+    stamp the wing's slope was taken up and the fluxes off the star's peak came out
+    negative (the JWST pair: science flux S/N down to -284)."""
+    transient = 2e4
+    science, template, x, y = _transients_on_star_wings(5, 1.5, 2e5, transient)
+    catalog = run_subtraction(science, template).dia_sources
+    tree = cKDTree(np.column_stack([catalog["x"], catalog["y"]]))
+    distance, index = tree.query(np.column_stack([x, y]))
+    assert np.all(distance < 1.0)
+    rows = catalog[index]
+    assert np.all(rows["template_flux"] > 5 * rows["template_flux_err"])
+    assert np.all(rows["science_flux"] > rows["template_flux"])
+    change = (rows["science_flux"] - rows["template_flux"]) / transient
+    np.testing.assert_allclose(change, 1.0, atol=0.1)
+    np.testing.assert_allclose(rows["psf_flux"] / transient, 1.0, atol=0.05)
+
+
+def test_ring_levels_are_the_sky_around_the_stamp():
+    """`ring_levels`: the median of the ring's usable pixels, a bright star inside the
+    stamp and one in the ring notwithstanding; NaN for a ring with no usable pixel."""
+    from core.exposure import Exposure
+    from core.forced import ring_levels
+
+    rng = np.random.default_rng(11)
+    image = 100.0 + rng.normal(0.0, 1.0, (80, 80))
+    image[40, 40] += 5e4  # the source itself
+    image[40, 52] += 5e4  # a star in the ring (half 9, width 4: 10-13 px out)
+    mask = np.zeros(image.shape, dtype=np.int32)
+    exposure = Exposure.from_arrays(image, np.ones_like(image), mask)
+    level = ring_levels(exposure, np.array([40, 2]), np.array([40, 40]), 9, 4)
+    assert abs(level[0] - 100.0) < 0.15
+    assert abs(level[1] - 100.0) < 0.2  # the ring half off the frame
+    mask[26:55, 26:55] = exposure.mask_planes.get_bitmask(["BAD"]) or 1
+    mask[31:50, 31:50] = 0
+    masked = Exposure.from_arrays(
+        image, np.ones_like(image), mask, mask_planes=exposure.mask_planes
+    )
+    assert np.isnan(ring_levels(masked, np.array([40]), np.array([40]), 9, 4, ("BAD",))[0])
+
+
+def test_saturated_pixels_are_left_out_of_the_matched_images_fits():
+    """A clipped (SAT) core fits no PSF: the matched images' fits leave it out, and with
+    too little of the PSF left the flux is NaN, not a clipped star's garbage."""
+    from core.diasources import _MATCHED_UNUSABLE
+    from core.exposure import Exposure
+    from core.forced import PsfStamps, psf_photometry
+    from core.psf import GaussianPsf
+
+    psf = GaussianPsf(1.5)
+    image = np.full((64, 64), 10.0)
+    stamp, x_min, y_min = psf.image_at(32.0, 32.0)
+    h, w = stamp.shape
+    image[y_min : y_min + h, x_min : x_min + w] += np.minimum(1e6 * stamp, 2e4)  # clipped
+    exposure = Exposure.from_arrays(image, np.ones_like(image), psf=psf)
+    sat = exposure.mask_planes.get_bitmask(["SAT"])
+    assert sat
+    exposure.mask[image >= 2e4 + 10.0 - 1e-3] |= sat
+    stamps = PsfStamps(psf, exposure)
+    kept = psf_photometry(exposure, [32.0], [32.0], stamps, True)
+    left_out = psf_photometry(
+        exposure, [32.0], [32.0], stamps, False, unusable=_MATCHED_UNUSABLE, sky_ring=4
+    )
+    assert np.isfinite(kept["flux"][0]) and kept["flux"][0] < 0.5e6  # clipped: far too low
+    assert np.isnan(left_out["flux"][0]) and left_out["coverage"][0] < 0.5
+
+
 def test_misregistered_stars_are_dipoles():
     """0.5 px misregistration of a few stars: one dipole each, not two sources."""
     science, template, x, y = _misregistered_pair(5, 0.5)
@@ -465,7 +557,7 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     make it, and the bright-star flags and template flux errors made from its stamps
     and floors equal those from the made plane."""
     from core.config import ForcedPhotometryConfig
-    from core.diasources import _bright_star, _matched_scale
+    from core.diasources import _MATCHED_UNUSABLE, _bright_star, _matched_scale, _sky_ring
     from core.forced import PsfStamps, psf_photometry
 
     pair = simulate_pair(preset("defects", size=512, seed=9))
@@ -479,7 +571,9 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     stamps = PsfStamps(template.psf, template)
     x, y = np.asarray(catalog["x"]), np.asarray(catalog["y"])
     bright = _bright_star(template, ix, iy, 3.0 * fwhm, 300.0)
-    fit = psf_photometry(template, x, y, stamps, True)
+    # as the catalog fits the matched images: on the ring sky, saturated pixels left out
+    matched = {"unusable": _MATCHED_UNUSABLE, "sky_ring": _sky_ring(stamps)}
+    fit = psf_photometry(template, x, y, stamps, False, **matched)
     # the catalog's errors carry the matched template's noise scale (its noise is
     # correlated by the kernel), measured on the same stamps
     scale = _matched_scale(template, stamps, ForcedPhotometryConfig())
@@ -490,5 +584,5 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     made = template.variance  # now made: the same flags, errors to float32 round-off
     assert made.dtype == np.float32 and not template.variance_deferred
     np.testing.assert_array_equal(_bright_star(template, ix, iy, 3.0 * fwhm, 300.0), bright)
-    again = psf_photometry(template, x, y, stamps, True)
+    again = psf_photometry(template, x, y, stamps, False, **matched)
     np.testing.assert_allclose(again["flux_err"], fit["flux_err"], rtol=1e-5)

@@ -135,9 +135,10 @@ _TABLE_CONTENT = {
     "(science counts), `snr`, `detection_snr`, `aperture_flux`, moments `ixx`, `iyy`, `ixy`, "
     "`is_negative`, `is_dipole`, `dipole_separation`, `dipole_angle`, `dipole_pos_flux`, "
     "`dipole_neg_flux` (separation and lobe fluxes null where the fit cannot tell them: lobes "
-    "closer than a PSF FWHM with no star under them), `science_flux`, `template_flux` (to "
-    "tell a brightening from a new "
-    "source), `flags` (bits: edge 1, saturated 2, bad 4, interpolated 8, no_data 16, "
+    "closer than a PSF FWHM with no star under them), `science_flux`, `template_flux` (PSF "
+    "fluxes on the matched science and template above the median of a ring around the fit, "
+    "to tell a brightening from a new source; null where saturated pixels leave too little "
+    "of the PSF), `flags` (bits: edge 1, saturated 2, bad 4, interpolated 8, no_data 16, "
     "bright_star 32, suspect_kernel 64) and a boolean `flag_<name>` per bit. `format=csv` or "
     "`fits` gives the same rows as a table file.",
     responses={
