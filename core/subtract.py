@@ -621,6 +621,7 @@ class _SubtractBase(Task):
         if not (self.config.do_subtract_background and self.config.refine_background):
             return background
         # every sky pixel constrains the configured order, even where few stamps did not
+        fitted_order = background.order
         background = background.raised(self.config.kernel.spatial_bg_order)
         variance = difference.variance if usable is None else usable
         x, y, level, weight = self._sky_block_medians(difference, variance)
@@ -635,6 +636,11 @@ class _SubtractBase(Task):
         correction = BackgroundModel(residual, background.order, background.domain)
         correction.add_to(difference.image, difference.xy0, scale=-1.0)
         self.metadata["backgroundRefinement"] = [float(c) for c in residual]
+        if background.order > fitted_order:
+            self.notes.append(
+                f"the differential background (order {fitted_order} in the kernel fit) was "
+                f"refitted at order {background.order} on all sky pixels"
+            )
         return BackgroundModel(
             background.coefficients + scale * residual, background.order, background.domain
         )
@@ -773,7 +779,12 @@ class _SubtractBase(Task):
             "diffim_limiting_magnitude": metadata.get("diffimLimitingMagnitude"),
             "spatial_condition_number": self.makeKernel.metadata.get("spatialConditionNum"),
             "spatial_kernel_order": self.makeKernel.metadata.get("spatialKernelOrder"),
-            "spatial_bg_order": self.makeKernel.metadata.get("spatialBgOrder"),
+            # the background subtracted: the kernel fit's, raised when refitted on all sky
+            "spatial_bg_order": (
+                int(result.fitted_background.order)
+                if result.fitted_background is not None
+                else self.makeKernel.metadata.get("spatialBgOrder")
+            ),
         }
         metrics["registration"] = self.registration
         if result.fitted_background is not None:

@@ -109,6 +109,26 @@ def test_same_data_twice_is_bad(real_data):
     assert any("same data" in reason for reason in quality["reasons"])
 
 
+def test_reported_background_order_is_the_subtracted_backgrounds(real_data):
+    """Few DECam stamps lower the kernel fit's background to order 0; the refinement on
+    every sky pixel then fits the configured order 2. The metrics report the order of
+    the background subtracted (they said 0 beside six coefficients) and a note says it
+    was refitted."""
+    from core.kernel import n_spatial_terms
+
+    folder = real_data / "decam_sfft_decorr"
+    result = run_subtraction(
+        read_exposure(folder / "DEC-OBS04a.mini.fits.gz"),
+        read_exposure(folder / "DEC-OBS18a.mini.fits.gz"),
+        SubtractionConfig(),
+    )
+    metrics = result.metrics
+    order = metrics["spatial_bg_order"]
+    assert order == SubtractionConfig().kernel.spatial_bg_order == 2
+    assert len(metrics["background_coefficients"]) == n_spatial_terms(order)
+    assert any("refitted at order 2" in note for note in metrics["notes"])
+
+
 def test_coadd_difference_carries_sffts_flux(real_data):
     """The brightened source in the coadd pair: same sign and flux as SFFT's difference."""
     folder = real_data / "decam_sfft_decorr"
