@@ -123,10 +123,21 @@ def assess_quality(
         dx, dy = dx - reference_shift[0], dy - reference_shift[1]
         shift = math.hypot(dx, dy)
         if math.isfinite(shift) and shift > config.max_kernel_shift:
+            registration = metrics.get("registration")
+            by_wcs = isinstance(registration, dict) and registration.get("method") == "same grid"
+            # WCSs that agree say nothing of the stars (the DECam stamps' are 0.6 px off);
+            # a kernel fitted on galaxies or sized by a wrong PSF wanders as well
+            hint = (
+                "their WCSs put them on one grid: registration.mode 'stars' measures it on "
+                "the stars"
+                if by_wcs
+                else "check the registration"
+            )
             verdict.add(
                 BAD if shift > config.bad_kernel_shift else SUSPECT,
                 f"the kernel shifts the image by {shift:.2f} px (dx {dx:+.2f}, dy {dy:+.2f}): "
-                "the images look misaligned; check the registration",
+                f"the images look misaligned ({hint}), or the kernel follows extended sources "
+                "or wrong PSF sizes (check the PSFs and the kernel stars)",
             )
     condition = metrics.get("spatial_condition_number")
     limit = config.max_condition_number

@@ -1,0 +1,44 @@
+"""The verdict's reasons name the likely cause (core.quality)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.exposure import Exposure
+from core.quality import BAD, GOOD, SUSPECT, assess_quality
+
+
+def _shifted_kernel(dx: float, size: int = 21) -> np.ndarray:
+    """A unit-sum Gaussian kernel whose centroid sits ``dx`` px along +x."""
+    offsets = np.arange(size) - size // 2
+    kernel = np.exp(-((offsets[None, :] - dx) ** 2 + offsets[:, None] ** 2) / 4.0)
+    return kernel / kernel.sum()
+
+
+def _verdict(dx: float, registration: dict | None):
+    image = Exposure.from_arrays(np.zeros((64, 64)))
+    metrics = {"noise_ratio": 1.0, "kernel_sum": 1.0}
+    if registration is not None:
+        metrics["registration"] = registration
+    return assess_quality(metrics, image, image, _shifted_kernel(dx), None, []).as_dict()
+
+
+@pytest.mark.parametrize(("dx", "level"), [(0.2, GOOD), (1.0, SUSPECT), (3.0, BAD)])
+def test_kernel_shift_grades_the_verdict(dx, level):
+    verdict = _verdict(dx, {"method": "stars"})
+    assert verdict["verdict"] == level
+    shifted = [r for r in verdict["reasons"] if "kernel shifts the image" in r]
+    assert bool(shifted) == (level != GOOD)
+    if shifted:
+        assert f"{dx:.2f} px" in shifted[0] and "check the registration" in shifted[0]
+        # a kernel fitted on galaxies or sized by a wrong PSF moves too (plain JWST pair)
+        assert "check the PSFs" in shifted[0]
+
+
+def test_kernel_shift_on_one_wcs_grid_points_at_star_registration():
+    """WCSs that put the images on one grid were not checked on the stars (the DECam
+    stamps' are 0.6 px off): the reason says how to measure it."""
+    reason = _verdict(1.0, {"method": "same grid"})["reasons"][0]
+    assert "registration.mode 'stars'" in reason
+    assert "check the registration" not in reason
