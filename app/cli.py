@@ -280,7 +280,8 @@ def _cmd_subtract(args) -> int:
     quality = m.get("quality", {})
     print(
         f"mode={m.get('mode')} kernel_sum={m.get('kernel_sum', float('nan')):.4f} "
-        f"sources={m.get('n_kernel_sources')} noise_ratio={m.get('noise_ratio', float('nan')):.3f} "
+        f"kernel_sources={m.get('n_kernel_sources')} "
+        f"noise_ratio={m.get('noise_ratio', float('nan')):.3f} "
         f"verdict={quality.get('verdict')} warnings={len(m.get('warnings', []))} "
         f"dia_sources={m.get('n_dia_sources', 'off')} seconds={time.perf_counter() - t0:.2f}"
     )
@@ -302,6 +303,8 @@ def _read_positions(path):
     names = {name.lower(): name for name in table.colnames}
     for pair in (("x", "y"), ("ra", "dec")):
         if all(k in names for k in pair):
+            if len(table) == 0:  # as the HTTP route answers
+                raise InvalidCatalogError(f"{path} has no rows: give at least one position")
             try:
                 return {k: table[names[k]].astype(float) for k in pair}
             except (TypeError, ValueError):
@@ -376,6 +379,12 @@ def _cmd_cutouts(args) -> int:
         except ValueError:
             message = f"--ids must be comma-separated integers, got {args.ids!r}"
             raise InvalidConfigError(message) from None
+        unknown = sorted(wanted - {int(i) for i in catalog["id"]})
+        if unknown:  # the HTTP route answers 404 for an unknown id
+            held = f"ids 0 to {len(catalog) - 1}" if len(catalog) else "it is empty"
+            raise InvalidConfigError(
+                f"no DIA source with id {', '.join(map(str, unknown))} in {catalog_path} ({held})"
+            )
         catalog = catalog[[int(i) in wanted for i in catalog["id"]]]
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -502,11 +511,16 @@ def _parser() -> argparse.ArgumentParser:
         help="subtract a PSF-matched TEMPLATE from SCIENCE",
         description="Subtract a PSF-matched template from a science exposure and write the "
         "difference (or, with --mode preconvolve, the detection score image) as a multi-extension "
-        "FITS file (IMAGE, MASK, VARIANCE; readable with astropy's CCDData). Both images must be "
-        "on the same pixel grid.",
+        "FITS file (IMAGE, MASK, VARIANCE; readable with astropy's CCDData). The template is "
+        "registered onto the science pixel grid first (by the WCSs, corrected on matched stars, "
+        "or by stars alone; the config's registration section). The summary line gives "
+        "the quality verdict (good, suspect or bad), its reasons follow; a bad verdict is "
+        "reported, not an error (exit status 0): read it before using the difference.",
     )
     p.add_argument("science", help="science exposure: FITS file (MEF or a single image)")
-    p.add_argument("template", help="template exposure on the same pixel grid: FITS file")
+    p.add_argument(
+        "template", help="template exposure of the same field: FITS file (registered if needed)"
+    )
     p.add_argument(
         "-o", "--output", required=True, metavar="FILE", help="difference (or score) FITS to write"
     )
@@ -528,7 +542,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--products",
         metavar="DIR",
-        help="directory for all products: matched images, kernel, background, metrics.json",
+        help="directory for all products: matched images, kernel, background, metrics.json "
+        "and the DIA-source catalog dia_sources.fits",
     )
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress line (it shows only on a terminal)"
@@ -553,7 +568,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="SubtractionConfig as JSON (its registration section)")
     p.set_defaults(func=_cmd_warp)
 
-    p = sub.add_parser("forced", help="PSF photometry of a difference at given positions")
+    p = sub.add_parser(
+        "forced",
+        help="PSF photometry of a difference at given positions",
+        description="PSF flux, error, S/N and flags of a difference at each given position "
+        "(one row per input row, in order), with the difference's PSF. Errors carry the "
+        "difference's noise scale (the robust scatter of flux / error at random positions, "
+        "printed as noise_scale: above 1 where the noise is correlated).",
+    )
     p.add_argument("difference", help="difference FITS (with its PSF; not a preconvolve score)")
     p.add_argument(
         "--positions", required=True, help="CSV with columns x,y (0-based pixels) or ra,dec"
@@ -562,9 +584,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="SubtractionConfig JSON (its dia.forced section is used)")
     p.set_defaults(func=_cmd_forced)
 
-    p = sub.add_parser("cutouts", help="science/template/difference stamps of DIA sources")
+    p = sub.add_parser(
+        "cutouts",
+        help="science/template/difference stamps of DIA sources",
+        description="Alert triplets of the DIA sources of a subtraction: stamps of the "
+        "matched science, the matched template and the difference (or score) centred on "
+        "each source, as a FITS file of three image HDUs with WCS and as a PNG strip.",
+    )
     p.add_argument("products", help="the --products directory of `alsub subtract`")
-    p.add_argument("outdir", help="directory for dia_source_<id>.fits / .png")
+    p.add_argument(
+        "outdir", help="directory for dia_source_NNNNNN.fits / .png (the id, six digits)"
+    )
     p.add_argument(
         "--size", type=int, default=None, help="stamp side in pixels (default: dia.cutout_size)"
     )

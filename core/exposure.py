@@ -367,7 +367,10 @@ class Exposure:
     def require_psf(self) -> Psf:
         """The PSF, or a `PsfError` saying the exposure has none."""
         if self.psf is None:
-            raise PsfError("the exposure has no PSF; attach one or let alsub estimate it")
+            raise PsfError(
+                "the exposure has no PSF: give one (a PSF extension or file); a subtraction "
+                "estimates its inputs' PSFs, not that of an exposure read on its own"
+            )
         return self.psf
 
     # copies and cutouts ------------------------------------------------------------

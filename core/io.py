@@ -1101,9 +1101,11 @@ def _variance_plane(
                 break
         else:
             return None, ""
+    # a plane file's text names its kind already ("noise file n.fits")
+    label = text if text.startswith(kind) else f"{kind} {text}"
     if data.ndim != 2:
-        raise InvalidExposureError(f"{f.name}: {kind} {text} is {data.ndim}-D, expected 2-D")
-    check_shape(data, f"{kind} {text}")
+        raise InvalidExposureError(f"{f.name}: {label} is {data.ndim}-D, expected 2-D")
+    check_shape(data, label)
     info.planes["VARIANCE"] = text if kind == "variance" else f"{text} as {kind}"
     if kind == "variance":
         # straight to float32: no float64 round trip of the whole plane

@@ -263,8 +263,8 @@ class _SubtractBase(Task):
             radius=self.config.sources.sky_source_radius,
         )
         self.update_masks(template, science)
-        self.template_fwhm = self._psf_fwhm(template)
-        self.science_fwhm = self._psf_fwhm(science)
+        self.template_fwhm = self._psf_fwhm(template, "template")
+        self.science_fwhm = self._psf_fwhm(science, "science")
         self.metadata["templatePsfSize"] = self.template_fwhm
         self.metadata["sciencePsfSize"] = self.science_fwhm
         sci_lim = limiting_magnitude(science, self.science_fwhm)
@@ -416,7 +416,7 @@ class _SubtractBase(Task):
         if cleared:
             template.mask &= np.int32(~cleared)
 
-    def _psf_fwhm(self, exposure: Exposure) -> float:
+    def _psf_fwhm(self, exposure: Exposure, label: str = "input") -> float:
         """PSF FWHM at the average position, else the mean over a grid (algorithm.md 1.2.6)."""
         psf = exposure.require_psf()
         position = psf.average_position or exposure.bbox_center()
@@ -435,7 +435,11 @@ class _SubtractBase(Task):
             except Exception:  # noqa: BLE001
                 continue
         if not values:
-            raise PsfError("Unable to compute PSF FWHM at any position on the exposure.")
+            raise PsfError(
+                f"Unable to compute PSF FWHM at any position on the exposure: the {label} "
+                "PSF given is no point-source profile (a centred, positive stamp); give "
+                "another, or none to have it estimated from the stars"
+            )
         return float(np.mean(values))
 
     # kernel -------------------------------------------------------------------------------
@@ -592,6 +596,8 @@ class _SubtractBase(Task):
             "mask": frame_copy(minuend.mask),
             "mask_planes": minuend.mask_planes.copy(),
             "metadata": copy.deepcopy(minuend.metadata),
+            # not the minuend's own (a gain model, say): `alsub info` of a product said so
+            "variance_source": "propagated: the sum of the two matched inputs' variances",
         }
         if deferred:
             difference = minuend.replace_deferred(DeferredPlane(add_variances), **planes)

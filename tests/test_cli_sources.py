@@ -111,6 +111,17 @@ def test_forced_bad_positions_exit_2(run, tmp_path, capsys):
     assert "x,y" in capsys.readouterr().err
 
 
+def test_forced_without_positions_exit_2(run, tmp_path, capsys):
+    """A header and no rows: refused, as over HTTP (it wrote an empty table, exit 0)."""
+    _, products, _ = run
+    positions = tmp_path / "empty.csv"
+    positions.write_text("x,y\n")
+    code = _forced(products, positions, tmp_path / "o.csv")
+    assert code == 2
+    assert "at least one position" in capsys.readouterr().err
+    assert not (tmp_path / "o.csv").exists()
+
+
 def test_forced_refuses_a_score_exit_2(run, tmp_path, capsys):
     """A preconvolve score is not a difference: its fluxes would be biased (as over
     HTTP, it is refused)."""
@@ -152,3 +163,16 @@ def test_cutouts_triplets(run, tmp_path):
         np.testing.assert_array_equal(hdul["DIFFERENCE"].data[31, 31], difference[cy, cx])
     with Image.open(outdir / f"dia_source_{ids[0]:06d}.png") as image:
         assert image.size == (3 * 63 + 4, 63)
+
+
+def test_cutouts_of_an_unknown_id_exit_2(run, tmp_path, capsys):
+    """An id the catalog does not hold is named (it was dropped without a word, exit 0);
+    over HTTP it is a 404."""
+    _, products, _ = run
+    n = len(Table.read(products / "dia_sources.fits", hdu="DIASOURCES"))
+    outdir = tmp_path / "cutouts"
+    capsys.readouterr()
+    code = main(["cutouts", str(products), str(outdir), "--ids", f"0,{n + 5}"])
+    assert code == 2
+    assert f"no DIA source with id {n + 5}" in capsys.readouterr().err
+    assert not outdir.exists()

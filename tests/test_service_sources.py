@@ -178,6 +178,10 @@ def test_cutout_triplets(deployment, alice):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     huge = alice.get(f"/v1/subtractions/{job_id}/sources/0/cutouts", params={"size": 100000})
     assert huge.status_code == 422
+    # an even size is the request's fault, said as such (it was "invalid_config")
+    even = alice.get(f"/v1/subtractions/{job_id}/sources/0/cutouts", params={"size": 64})
+    assert even.status_code == 422 and even.json()["error"]["code"] == "invalid_request"
+    assert "odd" in even.json()["error"]["message"]
 
 
 def test_tenant_isolation_and_auth(deployment):

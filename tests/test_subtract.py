@@ -91,6 +91,10 @@ def test_difference_carries_science_calibration_and_matched_psf():
     white = run_subtraction(pair.science, pair.template)
     assert white.difference.psf.fwhm() < raw.difference.psf.fwhm()
     assert white.difference.psf.fwhm() > 0.8 * raw.difference.psf.fwhm()
+    # the difference's variance is propagated, not the science's own (a gain model)
+    for result in (raw, white):
+        assert result.difference.variance_source.startswith("propagated")
+        assert result.difference.variance_source != pair.science.variance_source
 
 
 def test_defects_masked_and_finite():

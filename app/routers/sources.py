@@ -300,6 +300,12 @@ def source_cutouts(
     _finished_job(store, job_id, caller)
     if size > settings.max_cutout_size:
         raise ApiError(422, "invalid_request", f"size must be at most {settings.max_cutout_size}")
+    if size % 2 == 0:  # a query parameter, not the config: the request is what is wrong
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"size must be odd (the source's pixel at the centre), got {size}",
+        )
     table = _catalog(store, job_id)
     match = np.flatnonzero(np.asarray(table["id"]) == source_id)
     if match.size == 0:
