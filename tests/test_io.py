@@ -696,6 +696,9 @@ def test_separate_plane_of_wrong_shape_and_missing_file(tmp_path):
     var_path = write_single(tmp_path / "var.fits", np.ones((10, 13), np.float32))
     with pytest.raises(InvalidExposureError, match="img.fits: planes of different shapes"):
         read_exposure(image_path, variance=var_path)
+    # the file's text names its kind once ("noise noise file" before)
+    with pytest.raises(InvalidExposureError, match=r"but noise file var\.fits \(13, 10\)$"):
+        read_exposure(image_path, noise=var_path)
     with pytest.raises(InvalidExposureError, match="nothere.fits: no such file"):
         read_exposure(tmp_path / "nothere.fits")
     with pytest.raises(InvalidExposureError, match="missing_var.fits: no such file"):

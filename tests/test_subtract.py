@@ -252,6 +252,23 @@ def test_too_few_sources_is_a_typed_error():
         run_subtraction(pair.science, pair.template, sources=catalog)
 
 
+def test_a_psf_that_is_no_point_source_names_the_input():
+    """A decorrelation kernel given as the template's PSF (a delta with a negative ring:
+    no FWHM anywhere) is refused naming the input and what a PSF must be."""
+    from core.errors import PsfError
+    from core.psf import ImagePsf
+
+    pair = simulated_pair("equal", 256, 109)
+    yy, xx = np.mgrid[-10:11, -10:11]
+    ring = np.exp(-(xx**2 + yy**2) / 8.0)
+    kernel = -ring / ring.sum()
+    kernel[10, 10] += 2.0
+    template = pair.template.copy()
+    template.psf = ImagePsf(kernel)
+    with pytest.raises(PsfError, match="the template PSF given is no point-source profile"):
+        run_subtraction(pair.science, template)
+
+
 def _blas_threads() -> set[int]:
     from threadpoolctl import threadpool_info
 
