@@ -346,6 +346,8 @@ def ring_levels(
     offsets = np.abs(np.arange(-outer, outer + 1))
     ring = (np.maximum(offsets[:, None], offsets[None, :]) > half).ravel()
     n = np.size(ix)
+    if n == 0:
+        return np.zeros(0)
     values = _stack(exposure.image, ix, iy, outer, fill=np.nan).reshape(n, -1)[:, ring]
     bits = exposure.bitmask(unusable)
     if bits:

@@ -300,6 +300,7 @@ def test_ring_levels_are_the_sky_around_the_stamp():
         image, np.ones_like(image), mask, mask_planes=exposure.mask_planes
     )
     assert np.isnan(ring_levels(masked, np.array([40]), np.array([40]), 9, 4, ("BAD",))[0])
+    assert ring_levels(exposure, np.array([], int), np.array([], int), 9, 4).shape == (0,)
 
 
 def test_saturated_pixels_are_left_out_of_the_matched_images_fits():
