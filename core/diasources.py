@@ -624,8 +624,8 @@ def _sky_ring(stamps: PsfStamps) -> int:
 
 
 #: Planes the matched images' PSF fits leave out: besides no data, saturated pixels,
-#: whose clipped values no PSF fits (SAAO 0101: science fluxes of -1.8e5 to 1.9e6 at
-#: saturated stars, where a fit of the rest reads NaN for too little coverage).
+#: whose clipped values no PSF fits (a fit of the rest is NaN where they held most of
+#: the PSF: too little coverage).
 _MATCHED_UNUSABLE = (*UNUSABLE_PLANES, "SAT")
 
 
