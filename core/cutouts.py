@@ -49,7 +49,8 @@ class Cutouts:
     origin : `numpy.ndarray` (n, 2), int
         Array column and row of each stamp's pixel [0, 0] in the frame.
     headers : dict
-        Image name -> the frame's WCS as a FITS header, or None without a WCS.
+        Image name -> the frame's WCS as a FITS header (with BUNIT when the product
+        gives one), or None without either.
     """
 
     stamps: dict[str, np.ndarray]
@@ -57,14 +58,16 @@ class Cutouts:
     headers: dict[str, fits.Header | None]
 
     def header(self, name: str, k: int) -> fits.Header:
-        """FITS header with the WCS of stamp ``k`` of image ``name`` (empty without WCS)."""
+        """FITS header with the WCS (and BUNIT) of stamp ``k`` of image ``name`` (empty
+        without either)."""
         base = self.headers.get(name)
         if base is None:
             return fits.Header()
         header = base.copy()
-        # a stamp starting at column x0 sees reference pixel CRPIX1 - x0 (slicing a WCS)
-        header["CRPIX1"] = base.get("CRPIX1", 0.0) - float(self.origin[k, 0])
-        header["CRPIX2"] = base.get("CRPIX2", 0.0) - float(self.origin[k, 1])
+        if "CRPIX1" in base:  # a WCS (a header of BUNIT alone has none)
+            # a stamp starting at column x0 sees reference pixel CRPIX1 - x0 (slicing a WCS)
+            header["CRPIX1"] = base.get("CRPIX1", 0.0) - float(self.origin[k, 0])
+            header["CRPIX2"] = base.get("CRPIX2", 0.0) - float(self.origin[k, 1])
         return header
 
 
@@ -192,7 +195,13 @@ def triplet_from_files(paths: Mapping[str, Path], x, y, size: int) -> Cutouts:
                 wcs = WCS(chosen.header) if chosen.header.get("CTYPE1") else None
             except Exception:  # noqa: BLE001 - an unreadable WCS: stamps without one
                 wcs = None
-            parts.append(cutouts({name: (chosen.data, wcs)}, x, y, size))
+            part = cutouts({name: (chosen.data, wcs)}, x, y, size)
+            unit = chosen.header.get("BUNIT")
+            if unit:  # the stamps' unit, as the product states it
+                header = part.headers[name] or fits.Header()
+                header["BUNIT"] = unit
+                part.headers[name] = header
+            parts.append(part)
     return Cutouts(
         {name: part.stamps[name] for part, name in zip(parts, paths, strict=True)},
         parts[0].origin,

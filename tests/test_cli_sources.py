@@ -158,6 +158,13 @@ def test_cutouts_triplets(run, tmp_path):
                 31 + row["x"] - round(row["x"]), 31 + row["y"] - round(row["y"])
             )
             assert abs(ra - row["ra"]) < 1e-7 and abs(dec - row["dec"]) < 1e-7
+        # each stamp states its unit, as its product does
+        products_of = ("matched_science", "matched_template", "difference")
+        for hdu, product in zip(hdul[1:], products_of, strict=True):
+            assert (
+                hdu.header["BUNIT"]
+                == fits.getheader(products / f"{product}.fits", "IMAGE")["BUNIT"]
+            )
         difference = fits.getdata(products / "difference.fits", "IMAGE")
         cx, cy = int(round(row["x"])), int(round(row["y"]))
         np.testing.assert_array_equal(hdul["DIFFERENCE"].data[31, 31], difference[cy, cx])
