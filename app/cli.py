@@ -713,6 +713,18 @@ def main(argv: list[str] | None = None) -> int:
         args.progress_display.clear()
         print(f"alsub: error: no such file: {exc.filename}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as exc:
+        # a bad ALSUB_* setting of `serve` or `worker`: one line each, no values (tokens)
+        from pydantic import ValidationError
+
+        if not (service and isinstance(exc, ValidationError)):
+            raise
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            name = f"ALSUB_{where.upper()}: " if where and not message.startswith("ALSUB_") else ""
+            print(f"alsub: error: {name}{message}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         args.progress_display.clear()
         return 130

@@ -115,6 +115,11 @@ def serve(
         worker = _EmbeddedWorker(env)
         worker.start()
     log.info("alsub API on http://%s:%d (data in %s)", host, port, settings.data_dir)
+    if not settings.tokens:
+        log.warning(
+            "ALSUB_TOKENS is empty: the API serves every caller without authentication%s",
+            "" if host in ("127.0.0.1", "localhost", "::1") else f" on {host}",
+        )
     try:
         uvicorn.run(
             create_app(settings),

@@ -33,7 +33,10 @@ class Settings(BaseSettings):
     lists are comma-separated.
     """
 
-    model_config = SettingsConfigDict(env_prefix="ALSUB_", extra="ignore")
+    # a bad setting's error must not print the others' values (tokens, a Redis password)
+    model_config = SettingsConfigDict(
+        env_prefix="ALSUB_", extra="ignore", hide_input_in_errors=True
+    )
 
     data_dir: Path = Field(
         Path("alsub-data"),
@@ -179,6 +182,17 @@ class Settings(BaseSettings):
     def _lists_from_text(cls, value):
         return _split_list(value)
 
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _some_token_if_set(cls, value):
+        # "," or " " is a mistake, not a wish to run open (only an empty value says that)
+        if isinstance(value, str) and value.strip() and not _split_list(value):
+            raise ValueError(
+                "ALSUB_TOKENS is set but holds no token (only separators): give tokens, or "
+                "leave it empty to serve without authentication"
+            )
+        return value
+
     @field_validator("allowed_roots")
     @classmethod
     def _absolute_roots(cls, roots: list[Path]) -> list[Path]:
@@ -197,9 +211,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
         if self.soft_time_limit >= self.hard_time_limit:
-            raise ValueError("soft_time_limit must be below hard_time_limit")
+            raise ValueError(
+                f"ALSUB_SOFT_TIME_LIMIT ({self.soft_time_limit:g} s) must be below "
+                f"ALSUB_HARD_TIME_LIMIT ({self.hard_time_limit:g} s): set both"
+            )
         if self.visibility_timeout is not None and self.visibility_timeout <= self.hard_time_limit:
-            raise ValueError("visibility_timeout must exceed hard_time_limit")
+            raise ValueError(
+                f"ALSUB_VISIBILITY_TIMEOUT ({self.visibility_timeout:g} s) must exceed "
+                f"ALSUB_HARD_TIME_LIMIT ({self.hard_time_limit:g} s)"
+            )
         return self
 
     @property

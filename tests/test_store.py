@@ -246,8 +246,31 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert settings.allowed_roots[0] == tmp_path.resolve()
     assert settings.broker_visibility_timeout > settings.hard_time_limit
     monkeypatch.setenv("ALSUB_SOFT_TIME_LIMIT", "120")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ALSUB_SOFT_TIME_LIMIT .* ALSUB_HARD_TIME_LIMIT") as bad:
         Settings()
+    # the error names the settings, never another one's value (a token, a Redis password)
+    assert "three" not in str(bad.value)
+    monkeypatch.setenv("ALSUB_SOFT_TIME_LIMIT", "90")
+    monkeypatch.setenv("ALSUB_TOKENS", " , ")  # separators only: a mistake, not "open"
+    with pytest.raises(ValueError, match="holds no token"):
+        Settings()
+    monkeypatch.setenv("ALSUB_TOKENS", "")  # empty: no authentication, as documented
+    assert Settings().tokens == []
+
+
+def test_service_commands_report_a_bad_setting_in_one_line(monkeypatch, capsys, tmp_path):
+    """`alsub serve` / `alsub worker` with a bad ALSUB_* value: exit 2, the variable named,
+    no traceback and no token in the output (it was a pydantic dump of every input)."""
+    from app.cli import main
+
+    monkeypatch.setenv("ALSUB_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("ALSUB_TOKENS", "s3cr3t-token")
+    monkeypatch.setenv("ALSUB_HARD_TIME_LIMIT", "300")
+    for command in (["serve", "--workers", "0", "--port", "0"], ["worker"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "ALSUB_HARD_TIME_LIMIT" in err and "Traceback" not in err
+        assert "s3cr3t" not in err
 
 
 def test_jobs_waiting_queued_too_long_are_resent_once_per_period(records, tmp_path):
