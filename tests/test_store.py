@@ -313,3 +313,21 @@ def test_empty_or_cut_sidecar_reads_as_missing(tmp_path):
     for broken in ("", '{"size_by', "[1, 2]"):
         blobs.meta_path(blob_id).write_text(broken)
         assert blobs.read_meta(blob_id) is None
+
+
+def test_a_worker_without_the_stored_inputs_blames_the_deployment(tmp_path):
+    """A worker whose ALSUB_DATA_DIR is not the API's finds no input: the job fails as
+    the service's fault, saying why (it was invalid_exposure "no such file", the
+    client's), and the worker's log names its data directory."""
+    from store import open_store
+    from worker.jobs import run_job
+
+    settings = Settings(data_dir=tmp_path / "not-the-apis")
+    store = open_store(settings)
+    record = make_record()
+    store.records.create(record)
+    assert run_job(store, settings, record.id) == "failed"
+    error = store.records.get(record.id).error
+    assert error["code"] == "internal"
+    assert "data directory" in error["message"] and "science and template" in error["message"]
+    assert str(tmp_path) not in error["message"]  # no server path for the client

@@ -205,6 +205,7 @@ def run_job(
         timings["threads"] = threads  # not a time, but how the job ran: kept beside its timings
         try:
             t0 = time.perf_counter()
+            _require_inputs(store, record, settings)
             # Both inputs at once: the reader spends its time in numpy and file reads,
             # which release the GIL, so the two files overlap on two cores.
             science, template = thread_map(
@@ -268,6 +269,9 @@ def run_job(
             final = _fail(store, job_id, token, timings, exc.code, exc.message)
         except UNAVAILABLE_ERRORS:
             raise  # the final state could not be written: the stale-heartbeat sweep reruns it
+        except MissingInputsError as exc:
+            log.error("job %s: %s", job_id, exc.detail)
+            final = _fail(store, job_id, token, timings, "internal", str(exc))
         except Exception as exc:
             log.exception("job %s: unexpected error", job_id)
             final = _fail(
@@ -303,6 +307,33 @@ def _debug_delay(seconds: float, hold_gil: bool) -> None:
             pass
     finally:
         sys.setswitchinterval(interval)
+
+
+class MissingInputsError(Exception):
+    """A job's stored inputs are not where this worker looks: a deployment fault (a worker
+    whose ALSUB_DATA_DIR is not the API's), not the client's."""
+
+    def __init__(self, roles: list[str], data_dir) -> None:
+        super().__init__(
+            f"the service cannot find the stored {' and '.join(roles)} exposure: a worker "
+            "does not share the API's data directory (an operator's fault, not the input's)"
+        )
+        self.detail = (
+            f"{' and '.join(roles)} exposure missing under ALSUB_DATA_DIR={data_dir}: every "
+            "worker must use the API's data directory"
+        )
+
+
+def _require_inputs(store, record, settings) -> None:
+    """Raise `MissingInputsError` when an input the API stored is not in this worker's
+    store (it answered "no such file", an invalid_exposure, blaming the client)."""
+    missing = [
+        role
+        for role in ("science", "template")
+        if not store.exposures.exists(getattr(record, role).exposure_id)
+    ]
+    if missing:
+        raise MissingInputsError(missing, settings.data_dir)
 
 
 def _fail(store, job_id, token, timings, code, message):
