@@ -425,6 +425,42 @@ def test_a_pair_without_a_lobe_of_each_sign_has_no_lobes_or_separation():
     assert fit["flux"] == pytest.approx(2e4, rel=0.05)  # the net flux stays measured
 
 
+@pytest.mark.parametrize(
+    ("lobe_fluxes", "held"),
+    [
+        (((2e4, 100.0), (2e4, 100.0)), True),  # the star's fluxes: the lobes are held
+        (((2e5, 100.0), (3e3, 100.0)), False),  # fluxes that cannot make this dipole
+        (((3e3, 100.0), (2e5, 100.0)), False),
+    ],
+)
+def test_lobes_held_at_the_images_fluxes_stay_on_the_dipole(lobe_fluxes, held):
+    """A close dipole (+-2e4, 0.6 px apart): held at fluxes that describe it, the lobes
+    and separation are measured; held at fluxes that do not, the fit wandered off (2 px,
+    the angle 77-100 deg off, a net flux of 2900 for 0) and reported those lobes: now
+    they are not measured and the position and net flux are the free fit's."""
+    from core.diasources import _fit_dipole
+    from core.forced import PsfStamps
+
+    exposure = simulate_pair(preset("sharper_template", size=128, seed=5)).science.copy()
+    exposure.image[...] = np.random.default_rng(2).normal(0.0, 1.0, exposure.shape)
+    exposure.variance[...] = 1.0
+    exposure.mask[...] = 0
+    psf = exposure.require_psf()
+    for xs, flux in ((64.6, 2e4), (64.0, -2e4)):
+        stamp, x_min, y_min = psf.image_at(xs, 64.3)
+        h, w = stamp.shape
+        exposure.image[y_min : y_min + h, x_min : x_min + w] += flux * stamp
+    fit = _fit_dipole(exposure, PsfStamps(psf, exposure), (65, 64), (64, 64), lobe_fluxes, 20.0)
+    assert abs(fit["x"] - 64.3) < 0.1 and abs(fit["y"] - 64.3) < 0.1
+    assert abs(fit["angle"]) < 30
+    assert abs(fit["flux"]) < 5 * fit["flux_err"]
+    if held:
+        assert fit["pos_flux"] == 2e4 and fit["neg_flux"] == -2e4
+        assert fit["separation"] == pytest.approx(0.6, abs=0.05)
+    else:
+        assert np.isnan(fit["pos_flux"]) and np.isnan(fit["separation"])
+
+
 @pytest.mark.parametrize("batch", [None, 8])
 @pytest.mark.parametrize("mode", ["auto", "preconvolve"])
 def test_measurements_beside_detection_equal_one_thread_and_the_two_steps(mode, batch, monkeypatch):
