@@ -102,23 +102,21 @@ def test_forced_keeps_input_order(run, tmp_path):
     np.testing.assert_allclose(again["psf_flux"], table["psf_flux"], rtol=1e-6, atol=1e-6)
 
 
-def test_forced_bad_positions_exit_2(run, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a,b\n1,2\n", "x,y"),
+        # a header and no rows: refused, as over HTTP (it wrote an empty table, exit 0)
+        ("x,y\n", "at least one position"),
+    ],
+)
+def test_forced_bad_positions_exit_2(run, tmp_path, capsys, text, message):
     _, products, _ = run
-    positions = tmp_path / "bad.csv"
-    positions.write_text("a,b\n1,2\n")
+    positions = tmp_path / "positions.csv"
+    positions.write_text(text)
     code = _forced(products, positions, tmp_path / "o.csv")
     assert code == 2
-    assert "x,y" in capsys.readouterr().err
-
-
-def test_forced_without_positions_exit_2(run, tmp_path, capsys):
-    """A header and no rows: refused, as over HTTP (it wrote an empty table, exit 0)."""
-    _, products, _ = run
-    positions = tmp_path / "empty.csv"
-    positions.write_text("x,y\n")
-    code = _forced(products, positions, tmp_path / "o.csv")
-    assert code == 2
-    assert "at least one position" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()
 
 
