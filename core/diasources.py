@@ -342,11 +342,13 @@ def _fit_dipole(
     slide towards coincident lobes of unbounded, opposite fluxes). When it ends
     there and ``lobe_fluxes`` ((flux, error) of the science and of the template
     there) show a star in both (S/N >= `LOBE_STAR_SNR`), the lobes are held at those
-    fluxes and only the
-    positions are fitted, at any separation, as Rubin's dipole fit leans on the
-    images before subtraction; without them the separation and the lobe fluxes
-    are NaN (not measured), the position and the angle stay; so they are when
-    the free fit finds no positive and negative lobe. Lobes stay at most
+    fluxes and only the positions are fitted, at any separation, as Rubin's dipole
+    fit leans on the images before subtraction; the held fit is kept only while it
+    stays on the free fit's centre and direction (the data fix both whatever the
+    lobes). Without lobe fluxes, or when the held fit leaves the dipole, the
+    separation and the lobe fluxes are NaN (not measured), the position and the
+    angle stay; so they are when the free fit finds no positive and negative lobe.
+    Lobes stay at most
     ``max_separation`` apart (the pairing's reach). The net flux and its error
     always come from the free linear fit at the final positions (their sum is
     well determined).

@@ -314,13 +314,14 @@ class MissingInputsError(Exception):
     whose ALSUB_DATA_DIR is not the API's), not the client's."""
 
     def __init__(self, roles: list[str], data_dir) -> None:
+        what = f"{' and '.join(roles)} exposure{'s' if len(roles) > 1 else ''}"
         super().__init__(
-            f"the service cannot find the stored {' and '.join(roles)} exposure: a worker "
-            "does not share the API's data directory (an operator's fault, not the input's)"
+            f"the service cannot find the stored {what}: a worker does not share the API's "
+            "data directory (an operator's fault, not the input's)"
         )
         self.detail = (
-            f"{' and '.join(roles)} exposure missing under ALSUB_DATA_DIR={data_dir}: every "
-            "worker must use the API's data directory"
+            f"{what} missing under ALSUB_DATA_DIR={data_dir}: every worker must use the "
+            "API's data directory"
         )
 
 
