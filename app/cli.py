@@ -679,7 +679,9 @@ def _parser() -> argparse.ArgumentParser:
         "worker",
         help="run a worker for the distributed deployment",
         description="Run a Celery worker taking jobs from Redis (ALSUB_REDIS_URL) and sharing "
-        "ALSUB_DATA_DIR with the API.",
+        "ALSUB_DATA_DIR with the API. Without ALSUB_REDIS_URL it takes them from the local "
+        "broker in ALSUB_DATA_DIR (an extra worker beside `alsub serve` on this machine) and "
+        "says so when it starts.",
     )
     p.add_argument(
         "celery_args",

@@ -331,3 +331,31 @@ def test_a_worker_without_the_stored_inputs_blames_the_deployment(tmp_path):
     assert error["code"] == "internal"
     assert "data directory" in error["message"] and "science and template" in error["message"]
     assert str(tmp_path) not in error["message"]  # no server path for the client
+
+
+def test_a_worker_without_redis_says_where_it_takes_jobs(tmp_path):
+    """`alsub worker` without ALSUB_REDIS_URL takes jobs from the local broker; it says
+    so (it reported ready on a queue no API fed, and jobs waited forever)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALSUB_") or k == "ALSUB_TOKENS"}
+    env["ALSUB_DATA_DIR"] = str(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from app.cli import main; main(['worker'])"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("ALSUB_REDIS_URL is not" in t for t in seen):
+            time.sleep(0.2)
+        assert any("ALSUB_REDIS_URL is not set" in line for line in seen), seen[-5:]
+        assert any(str(tmp_path) in line for line in seen)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -36,6 +36,15 @@ def run_worker(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(processName)s: %(message)s",
     )
+    if not settings.redis_url and not os.environ.get("ALSUB_EMBEDDED_PARENT"):
+        # a worker meant for Redis but started without it waited on a local queue that no
+        # API fed, reporting ready (an operator's review)
+        logging.getLogger("alsub.worker").warning(
+            "ALSUB_REDIS_URL is not set: taking jobs from the local broker in %s, which only "
+            "an `alsub serve` with that ALSUB_DATA_DIR feeds; set ALSUB_REDIS_URL to take "
+            "them from Redis",
+            settings.data_dir,
+        )
     args = [
         "worker",
         "--loglevel",
