@@ -25,6 +25,21 @@ __all__ = ["serve", "main"]
 log = logging.getLogger("alsub.server")
 
 
+def _warn_without_persistence(url: str) -> None:
+    """Log `store.redis_backend.persistence_warning` of the Redis at ``url`` (if any)."""
+    import redis
+
+    from store.redis_backend import persistence_warning
+
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        message = persistence_warning(client)
+    finally:
+        client.close()
+    if message:
+        log.warning("%s", message)
+
+
 class _EmbeddedWorker:
     """The worker subprocess of `serve`, restarted if it dies, stopped with the server."""
 
@@ -115,6 +130,8 @@ def serve(
         worker = _EmbeddedWorker(env)
         worker.start()
     log.info("alsub API on http://%s:%d (data in %s)", host, port, settings.data_dir)
+    if settings.redis_url:
+        _warn_without_persistence(settings.redis_url)
     if not settings.tokens:
         log.warning(
             "ALSUB_TOKENS is empty: the API serves every caller without authentication%s",

@@ -26,7 +26,7 @@ from .records import (
     time_key,
 )
 
-__all__ = ["RedisRecords"]
+__all__ = ["RedisRecords", "persistence_warning"]
 
 
 class RedisRecords(RecordBackend):
@@ -226,3 +226,21 @@ class RedisRecords(RecordBackend):
 
     def close(self):
         self.redis.close()
+
+
+def persistence_warning(client: redis.Redis) -> str | None:
+    """What an operator should hear when the Redis holding the records keeps nothing on
+    disk (no append-only file, no snapshot rules), else None; None too when the server
+    does not say (CONFIG renamed or refused, as managed services do)."""
+    try:
+        appendonly = client.config_get("appendonly").get("appendonly", "")
+        save = client.config_get("save").get("save", "")
+    except redis.RedisError:
+        return None
+    if str(appendonly).lower() == "yes" or str(save).strip():
+        return None
+    return (
+        "the Redis of ALSUB_REDIS_URL keeps nothing on disk (appendonly no, no save rules): "
+        "a restart forgets every job, and the disk cleaning then deletes their products; "
+        "run it with --appendonly yes"
+    )

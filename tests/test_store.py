@@ -359,3 +359,28 @@ def test_a_worker_without_redis_says_where_it_takes_jobs(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_redis_that_keeps_nothing_on_disk_is_reported(redis_prefix):
+    """The API warns at start when the Redis of its records keeps nothing on disk: a
+    restart would forget every job, and the disk cleaning then deletes their products.
+    Judged on the real server's own settings; a server that does not answer is not
+    judged."""
+    import redis
+
+    from store.redis_backend import persistence_warning
+
+    url, _ = redis_prefix
+    client = redis.Redis.from_url(url)
+    try:
+        appendonly = client.config_get("appendonly")["appendonly"]
+        save = client.config_get("save")["save"]
+        message = persistence_warning(client)
+    finally:
+        client.close()
+    keeps_nothing = appendonly != "yes" and not save.strip()
+    assert (message is not None) == keeps_nothing
+    if message:
+        assert "appendonly" in message and "forgets every job" in message
+    gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
+    assert persistence_warning(gone) is None
