@@ -63,3 +63,21 @@ def test_compose_file_has_no_default_token_and_checks_worker_health():
     assert '"worker.health"' in worker and "healthcheck:" in worker
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     assert "HEALTHCHECK" in dockerfile and "alsub-healthcheck" in dockerfile
+
+
+def test_compose_lets_jobs_finish_and_keeps_flower_private():
+    """A worker's stop grace covers the hard time limit (60 s killed longer jobs on a warm
+    shutdown), and Flower, which asks for no password, is on the host's loopback only."""
+    import re
+
+    from store import Settings
+
+    compose = (REPO / "docker-compose.yml").read_text()
+    worker = compose.split("\n  worker:\n", 1)[1].split("\n  redis:\n", 1)[0]
+    grace = re.search(r"stop_grace_period: (\d+)(m|s)\b", worker)
+    assert grace is not None
+    seconds = int(grace.group(1)) * (60 if grace.group(2) == "m" else 1)
+    assert seconds > Settings().hard_time_limit
+    flower = compose.split("\n  flower:\n", 1)[1].split("\nvolumes:\n", 1)[0]
+    ports = re.findall(r'- "([^"]+):5555"', flower)
+    assert ports and all(p.startswith("127.0.0.1:") for p in ports)
