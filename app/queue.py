@@ -51,9 +51,17 @@ class JobQueue:
                 probe.unlink()
 
     def ping_workers(self) -> list[str]:
-        """Names of the workers that answer a ping within the readiness timeout."""
-        replies = self.celery.control.inspect(timeout=self.settings.readiness_timeout).ping()
-        return sorted(replies or {})
+        """Names of the workers that answer within the readiness timeout and consume this
+        deployment's queue (``queue_name``): a worker of another queue on the same broker
+        takes none of its jobs (counted, it made /readyz say ready while jobs waited)."""
+        inspect = self.celery.control.inspect(timeout=self.settings.readiness_timeout)
+        replies = inspect.active_queues() or {}
+        name = self.settings.queue_name
+        return sorted(
+            worker
+            for worker, queues in replies.items()
+            if any(queue.get("name") == name for queue in queues or [])
+        )
 
     def close(self) -> None:
         """Release broker connections."""

@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+import redis
 
 from .service_fixtures import (
     PrivateRedis,
@@ -156,3 +157,32 @@ def test_redis_restart_loses_no_job_and_the_api_answers_503_meanwhile(
     finally:
         worker.stop()
         server.stop()
+
+
+def test_readyz_counts_only_workers_of_this_queue(tmp_path, redis_prefix):
+    """A worker of another queue on the same broker takes none of this API's jobs: it
+    does not make /readyz say ready (it did: any worker answering a ping counted)."""
+    url, prefix = redis_prefix
+    data_dir = tmp_path / "data"
+    env = redis_service_env(url, prefix, data_dir)
+    other = {**env, "ALSUB_QUEUE_NAME": env["ALSUB_QUEUE_NAME"] + "-other"}
+    server, base = start_server(free_port(), data_dir, env, tmp_path, workers=0)
+    stranger = start_worker(other, tmp_path / "stranger.log")
+    ours = None
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            records = redis.Redis.from_url(url)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not records.zcard(f"{prefix}workers"):
+                time.sleep(0.2)  # the stranger is up once it has registered
+            records.close()
+            ready = client.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert "no worker of queue" in ready.json()["checks"]["workers"]["detail"]
+            ours = start_worker(env, tmp_path / "ours.log")
+            body = wait_ready(client)
+            assert "1 worker(s)" in body["checks"]["workers"]["detail"]
+    finally:
+        for process in (ours, stranger, server):
+            if process is not None:
+                process.stop()

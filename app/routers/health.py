@@ -60,7 +60,7 @@ def readyz(
     def workers_ok() -> str:
         names = queue.ping_workers()
         if not names:
-            raise RuntimeError("no worker answered a ping")
+            raise RuntimeError(f"no worker of queue {settings.queue_name!r} answered")
         return f"{len(names)} worker(s): {', '.join(names)}"
 
     def broker_ok() -> str:
