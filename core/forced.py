@@ -22,6 +22,7 @@ from scipy import fft, sparse
 from .config import ForcedPhotometryConfig
 from .errors import InvalidCatalogError, PsfError
 from .exposure import Exposure
+from .order import row_nanmedians
 from .psf import SIGMA_TO_FWHM, Psf
 from .stamps import batches
 from .stamps import stamps as _stack
@@ -366,8 +367,7 @@ def ring_levels(
     (2 half + 1)^2 stamp centred on array pixels (ix, iy): a local sky (robust to the
     stars in it). NaN where the ring has no usable pixel.
 
-    The rings are sorted row by row (NaN last) and the middle of each row's usable
-    values taken: ~5x faster than ``np.median`` along the rows, and NaN-aware."""
+    Non-finite pixels count as unusable (`core.order.row_nanmedians`)."""
     outer = half + width
     offsets = np.abs(np.arange(-outer, outer + 1))
     ring = (np.maximum(offsets[:, None], offsets[None, :]) > half).ravel()
@@ -379,14 +379,8 @@ def ring_levels(
     if bits:
         masked = (_stack(exposure.mask, ix, iy, outer, fill=0).reshape(n, -1)[:, ring] & bits) != 0
         values[masked] = np.nan
-    usable = np.count_nonzero(np.isfinite(values), axis=1)
-    values[np.isinf(values)] = np.nan  # sorted last with the NaN
-    values.sort(axis=1)
-    rows = np.arange(n)
-    low = values[rows, np.maximum((usable - 1) // 2, 0)].astype(np.float64)
-    levels = 0.5 * (low + values[rows, np.maximum(usable // 2, 0)])
-    levels[usable == 0] = np.nan
-    return levels
+    values[np.isinf(values)] = np.nan
+    return row_nanmedians(values, consume=True)
 
 
 def noise_positions(shape, half: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:

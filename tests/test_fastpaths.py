@@ -819,6 +819,28 @@ def test_row_medians_equal_numpys(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_nanmedians_equal_numpys(dtype):
+    """`row_nanmedians` (the ring skies' median) equals ``np.nanmedian`` of the rows in
+    float64, rows of NaN only NaN, the input left as it was unless consumed."""
+    import warnings
+
+    from core.order import row_nanmedians
+
+    rng = np.random.default_rng(23)
+    for shape in ((5, 1), (5, 2), (40, 368), (40, 367)):
+        values = np.round(rng.normal(100, 3, size=shape) * 2).astype(dtype)  # ties
+        values[::3, : shape[1] // 2] = np.nan
+        values[1] = np.nan
+        before = values.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the all-NaN row
+            expected = np.nanmedian(values.astype(np.float64), axis=1)
+        np.testing.assert_array_equal(row_nanmedians(values), expected)
+        np.testing.assert_array_equal(values, before)
+        np.testing.assert_array_equal(row_nanmedians(values, consume=True), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_selected_median_and_mad_std_equal_numpys_and_astropys(dtype):
     """`core.order`'s medians (one-rank selections, not numpy's several-rank partition)
     and its ``mad_std`` (consumed or not) equal numpy's and astropy's bit for bit, type
