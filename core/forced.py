@@ -427,7 +427,8 @@ def noise_scale(
     node of a `_NOISE_MODEL_GRID` grid over the frame: a few dozen stamps drawn
     instead of one per position. The default 2000 positions give the scale to 2-3%
     (400 positions with a stamp drawn for each, at about half the cost: 3-6%).
-    ``unusable`` and ``sky_ring``: as `psf_photometry` is called for the fluxes scaled.
+    ``unusable`` and ``sky_ring``: as `psf_photometry` is called for the fluxes scaled
+    (a ring needs a ``config`` without ``fit_background``).
     """
     ny, nx = exposure.shape
     h = stamps.half
@@ -449,7 +450,7 @@ def noise_scale(
             ix[part],
             iy[part],
             stamps,
-            config.fit_background and not sky_ring,
+            config.fit_background,
             config.min_psf_coverage,
             drawn=drawn,
             unusable=unusable,
