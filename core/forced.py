@@ -79,9 +79,10 @@ def profile_sigma(psf: Psf) -> float:
     try:
         with np.errstate(all="ignore"):
             ixx, iyy, _ = psf.moments()
-        sigma = math.sqrt(0.5 * (ixx + iyy)) if ixx > 0 and iyy > 0 else math.nan
         # below a pixel's own second moment (1/12 px^2) an axis has collapsed
-        if not (math.isfinite(sigma) and min(ixx, iyy) >= _PIXEL_MOMENT):
+        if _PIXEL_MOMENT <= ixx < math.inf and _PIXEL_MOMENT <= iyy < math.inf:
+            sigma = math.sqrt(0.5 * (ixx + iyy))
+        else:
             sigma = _half_maximum_sigma(np.asarray(psf.kernel_image(), dtype=np.float64))
     except PsfError:
         raise
