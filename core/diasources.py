@@ -41,6 +41,7 @@ from .diadetect import (
     sparse_peaks,
 )
 from .exposure import Exposure
+from .fit_noise import psf_fit_noise_factor
 from .forced import (
     FLAG_BITS,
     UNUSABLE_PLANES,
@@ -631,18 +632,13 @@ def _outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray
     return distance > margin
 
 
-def _matched_scale(exposure: Exposure, stamps: PsfStamps, config) -> float:
-    """`noise_scale` of a matched image's PSF fits (on its ring sky), at half the
-    difference's positions: to ~5% (its stars widen the scatter; a deferred variance
-    costs small FFTs per stamp)."""
-    n = config.n_noise_positions // 2
-    return noise_scale(
-        exposure,
-        stamps,
-        config.model_copy(update={"fit_background": False, "n_noise_positions": n}),
-        _MATCHED_UNUSABLE,
-        _sky_ring(stamps),
-    )
+def _matched_scale(exposure: Exposure, stamps: PsfStamps) -> float:
+    """The factor a matched image's PSF-fit errors need for its correlated noise
+    (`psf_fit_noise_factor` of its ``noise_correlation``, the ring sky's median included):
+    computed, not measured at random positions, which on an image before subtraction land
+    on stars (SAAO bulge: 17-29x the difference's errors for the science fluxes, up to
+    1600x the template's pixel noise)."""
+    return psf_fit_noise_factor(stamps, exposure.noise_correlation, _sky_ring(stamps))
 
 
 def _sky_ring(stamps: PsfStamps) -> int:
@@ -668,18 +664,19 @@ def _matched_photometry(output, matched_science, matched_template, config):
     with the flux inside the stamp took up a bright neighbour's or host's light, and
     the flux off its peak came out strongly negative: on the JWST pair, science flux
     S/N median -13.6, 5% below -284, 36 of 66 sources negative). Errors carry each image's
-    `noise_scale`: the matched template is convolved by the kernel (and both images by
-    the preconvolution kernel for a score), so their noise is correlated; fitted
-    without it, the errors were 3.3x (template) too small on the 4096 test pair, 6.6x
-    and 8.9x in preconvolve mode. None when either image is missing.
+    correlated-noise factor (`_matched_scale`): the matched template is convolved by the
+    kernel (and both images by the preconvolution kernel for a score); fitted without
+    it, the errors were 3.3x (template) too small on the 4096 test pair, 6.6x and 8.9x
+    in preconvolve mode. They are the pixel noise's: in a crowded field the light of
+    unresolved neighbours (confusion) adds to it. None when either image is missing.
     """
     if matched_science is None or matched_template is None:
         return None
     psf = matched_science.psf or output.require_psf()
     # the two share the pixel grid and the PSF: one set of drawn stamps per position
     stamps = PsfStamps(psf, matched_science, config=config)
-    science_scale = _matched_scale(matched_science, stamps, config)
-    template_scale = _matched_scale(matched_template, stamps, config)
+    science_scale = _matched_scale(matched_science, stamps)
+    template_scale = _matched_scale(matched_template, stamps)
 
     def measure(x, y, pool: Executor | None = None) -> list[Any]:
         x0, y0 = matched_science.xy0
@@ -1095,7 +1092,9 @@ def dia_sources(
         ``footprint`` and ``n_peaks`` (deblending);
         ``science_flux``, ``template_flux`` (PSF fluxes on the matched images
         above the median of a ring around the fitted stamp, saturated pixels left
-        out, science units; NaN with too little of the PSF usable) and errors;
+        out, science units; NaN with too little of the PSF usable) and errors
+        (pixel noise, its correlation by the kernels included; in a crowded field
+        the light of unresolved neighbours adds scatter they do not hold);
         ``flags`` (bits of
         `core.forced.FLAG_BITS`) and one ``flag_<name>`` column per bit.
     """

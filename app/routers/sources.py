@@ -138,7 +138,8 @@ _TABLE_CONTENT = {
     "closer than a PSF FWHM with no star under them), `science_flux`, `template_flux` (PSF "
     "fluxes on the matched science and template above the median of a ring around the fit, "
     "to tell a brightening from a new source; null where saturated pixels leave too little "
-    "of the PSF), `flags` (bits: edge 1, saturated 2, bad 4, interpolated 8, no_data 16, "
+    "of the PSF) and their errors (pixel noise, correlations included; not the confusion of a "
+    "crowded field), `flags` (bits: edge 1, saturated 2, bad 4, interpolated 8, no_data 16, "
     "bright_star 32, suspect_kernel 64) and a boolean `flag_<name>` per bit. `format=csv` or "
     "`fits` gives the same rows as a table file.",
     responses={
