@@ -49,6 +49,7 @@ from .forced import (
     flag_columns,
     noise_positions,
     noise_scale,
+    observation_meta,
     pixel_flags,
     profile_sigma,
     psf_photometry,
@@ -807,7 +808,7 @@ def _measure_beside(
     with task_pool() as pool:
         setup = pool.submit(_setup, output, config, matched_science, matched_template, is_score)
         detections = detect()
-        return _measure(
+        table = _measure(
             output,
             detections,
             config,
@@ -817,6 +818,8 @@ def _measure_beside(
             setup,
             pool,
         )
+    table.meta.update(observation_meta(output))
+    return table
 
 
 def _distinct(x, y, sign, strength, radius: float) -> np.ndarray:
@@ -1136,17 +1139,55 @@ _META_KEYS = {
     "n_positive": "NPOS",
     "n_negative": "NNEG",
     "n_dipoles": "NDIPOLE",
+    "mjd_obs": "MJD-OBS",
+    "date_obs": "DATE-OBS",
+    "band": "FILTER",
+    "exptime": "EXPTIME",
+    "bunit": "BUNIT",
 }
+#: Header comments of the cards whose meta name does not say enough.
+_META_COMMENTS = {
+    "mjd_obs": "start of the science exposure (MJD)",
+    "date_obs": "start of the science exposure",
+    "exptime": "science exposure time (s)",
+    "bunit": "pixel unit of the difference: fluxes sum pixels",
+}
+#: Units (FITS TUNIT) of the columns that have them whatever the image's unit.
+_COLUMN_UNITS = {
+    "x": "pix",
+    "y": "pix",
+    "ra": "deg",
+    "dec": "deg",
+    "ixx": "pix2",
+    "iyy": "pix2",
+    "ixy": "pix2",
+    "dipole_separation": "pix",
+    "dipole_angle": "deg",
+}
+#: Pixel units (BUNIT, lower case) that are counts: a sum of such pixels has the same unit.
+_COUNT_UNITS = frozenset({"adu", "count", "counts", "ct", "dn", "electron", "electrons", "e-"})
+_FLUX_SUFFIXES = ("_flux", "_flux_err")
 
 
 def catalog_hdulist(table: Table) -> fits.HDUList:
     """A DIA-source (or forced-photometry) table as FITS: primary + ``DIASOURCES`` binary
-    table; the table's figures and the flag bits (``FLAG_<NAME>``) in its header."""
+    table; the table's figures, the science exposure's epoch, band and pixel unit where
+    known (`observation_meta`) and the flag bits (``FLAG_<NAME>``) in its header. Positions,
+    moments and angles have units (TUNIT); fluxes too when the pixels are counts."""
     hdu = fits.table_to_hdu(Table(table, meta={}))
     hdu.name = "DIASOURCES"
+    # as cards, not astropy units: a count unit such as ADU or DN is the image's own word
+    units = dict(_COLUMN_UNITS)
+    bunit = str(table.meta.get("bunit", "")).strip()
+    if bunit.lower() in _COUNT_UNITS:
+        units.update({name: bunit for name in table.colnames if name.endswith(_FLUX_SUFFIXES)})
+    for index, name in enumerate(table.colnames, start=1):
+        if name in units:
+            hdu.header[f"TUNIT{index}"] = units[name]
     for key, card in _META_KEYS.items():
         if key in table.meta:
-            hdu.header[card] = (table.meta[key], key.replace("_", " "))
+            comment = _META_COMMENTS.get(key, key.replace("_", " "))
+            hdu.header[card] = (table.meta[key], comment)
     for name, (bit, _) in FLAG_BITS.items():
         hdu.header[f"HIERARCH FLAG_{name.upper()}"] = (bit, f"flags bit: {name}")
     return fits.HDUList([fits.PrimaryHDU(), hdu])
@@ -1154,7 +1195,9 @@ def catalog_hdulist(table: Table) -> fits.HDUList:
 
 def read_dia_sources(path) -> Table:
     """Read a catalog written by `catalog_hdulist` (meta restored)."""
-    table = Table.read(path, hdu="DIASOURCES")
+    table = Table.read(path, hdu="DIASOURCES", unit_parse_strict="silent")
     header = {v: k for k, v in _META_KEYS.items()}
     table.meta = {header[k]: v for k, v in table.meta.items() if k in header}
+    for column in table.itercols():  # units belong to the file; the rows are numbers
+        column.unit = None
     return table

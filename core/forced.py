@@ -35,6 +35,7 @@ __all__ = [
     "forced_photometry",
     "noise_positions",
     "noise_scale",
+    "observation_meta",
     "pixel_flags",
     "profile_sigma",
     "psf_photometry",
@@ -563,7 +564,36 @@ def forced_photometry(
         }
     )
     table.meta["noise_scale"] = scale
+    table.meta.update(observation_meta(difference))
     return table
+
+
+#: Table meta -> the exposure's header keywords it comes from (first present wins).
+_OBSERVATION_KEYS = {
+    "mjd_obs": ("MJD-OBS",),
+    "date_obs": ("DATE-OBS",),
+    "band": ("FILTER", "BAND"),
+    "exptime": ("EXPTIME",),
+    "bunit": ("BUNIT",),
+}
+
+
+def observation_meta(exposure: Exposure) -> dict:
+    """When and how the measured image was taken, for a catalog's meta: ``mjd_obs``,
+    ``date_obs``, ``band``, ``exptime`` and ``bunit`` (the unit of its pixels; fluxes
+    are sums of them), those the exposure's header holds (an alert needs the epoch)."""
+    meta = {}
+    header = exposure.metadata
+    for key, cards in _OBSERVATION_KEYS.items():
+        value = exposure.band if key == "band" and exposure.band else None
+        for card in cards:
+            if value is None and isinstance(header.get(card), str | int | float):
+                value = header[card]
+        if isinstance(value, str):
+            value = value.strip()
+        if value is not None and value != "" and not isinstance(value, bool):
+            meta[key] = value
+    return meta
 
 
 def _positions(exposure: Exposure, x, y, ra, dec):

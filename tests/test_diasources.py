@@ -7,6 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
+from astropy.io import fits
 from astropy.stats import mad_std
 from scipy.spatial import cKDTree
 
@@ -674,3 +675,33 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     np.testing.assert_array_equal(_bright_star(template, ix, iy, 3.0 * fwhm, 300.0), bright)
     again = psf_photometry(template, x, y, stamps, False, **matched)
     np.testing.assert_allclose(again["flux_err"], fit["flux_err"], rtol=1e-5)
+
+
+@pytest.mark.parametrize(("bunit", "flux_unit"), [("ADU", "ADU"), ("MJy/sr", None)])
+def test_catalog_file_says_when_in_which_band_and_in_which_units(tmp_path, bunit, flux_unit):
+    """An alert needs the epoch: the science exposure's MJD-OBS, DATE-OBS, FILTER,
+    EXPTIME and BUNIT go into the DIA and forced tables' meta and FITS headers; positions,
+    moments and angles carry TUNIT, fluxes too when the pixels are counts (a sum of
+    MJy/sr pixels is not in MJy/sr)."""
+    from core.diasources import catalog_hdulist, read_dia_sources
+
+    pair = simulate_pair(preset("sharper_template", size=256, seed=4))
+    observed = {"MJD-OBS": 60123.25, "DATE-OBS": "2023-07-09T06:00:00", "EXPTIME": 30.0}
+    pair.science.metadata.update({**observed, "FILTER": "r", "BUNIT": bunit})
+    result = run_subtraction(pair.science, pair.template)
+    x, y = pair.truth["stars"]["x"][:3], pair.truth["stars"]["y"][:3]
+    for table in (result.dia_sources, forced_photometry(result.output, x=x, y=y)):
+        assert table.meta["mjd_obs"] == 60123.25 and table.meta["band"] == "r"
+        path = tmp_path / "table.fits"
+        catalog_hdulist(table).writeto(path, overwrite=True)
+        header = fits.getheader(path, "DIASOURCES")
+        assert header["MJD-OBS"] == 60123.25 and header["DATE-OBS"] == observed["DATE-OBS"]
+        assert header["FILTER"] == "r" and header["EXPTIME"] == 30.0 and header["BUNIT"] == bunit
+        units = {
+            header[f"TTYPE{i}"]: header.get(f"TUNIT{i}") for i in range(1, len(table.columns) + 1)
+        }
+        assert units["x"] == "pix" and units["ra"] == "deg"
+        assert units["psf_flux"] == flux_unit and units["psf_flux_err"] == flux_unit
+        back = read_dia_sources(path)
+        assert back.meta["mjd_obs"] == 60123.25 and back.meta["bunit"] == bunit
+        assert back["psf_flux"].unit is None  # numbers, as written
