@@ -1051,3 +1051,30 @@ def test_warped_psf_of_a_non_affine_map_is_written_as_a_grid(tmp_path):
         pad = (got.shape[0] - expected.shape[0]) // 2
         inner = got[pad : got.shape[0] - pad, pad : got.shape[0] - pad] if pad else got
         np.testing.assert_allclose(inner, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 22, 1000])
+def test_written_file_is_the_hdulist_streamed(tmp_path, monkeypatch, block_bytes):
+    """`write_exposure` converts the planes block by block into one buffer instead of
+    copying them whole: the file is byte for byte `exposure_to_hdulist`'s, whatever the
+    block size (1000 bytes: a block of one row and a last block short), the planes'
+    byte order and the HDUs after them (PSF, noise correlation)."""
+    import core.io as core_io
+
+    monkeypatch.setattr(core_io, "_WRITE_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(8)
+    image = rng.normal(size=(37, 301)).astype(">f4")  # big-endian in memory
+    exposure = Exposure.from_arrays(
+        image, np.abs(image) + 1, rng.integers(0, 9, image.shape), psf=GaussianPsf(1.5)
+    )
+    exposure.image = image  # keep its byte order (the constructor made it native)
+    exposure.noise_correlation = np.outer([0.2, 1.0, 0.2], [0.2, 1.0, 0.2])
+    exposure.metadata.update({"EXPTIME": 30.0, "a long lower-case key": "kept"})
+    header = {"KSUM": 0.98}
+    path = write_exposure(exposure, tmp_path / "streamed.fits", extra_header=header)
+    reference = tmp_path / "whole.fits"
+    exposure_to_hdulist(exposure, header).writeto(reference)
+    assert path.read_bytes() == reference.read_bytes()
+    back = read_exposure(path)
+    np.testing.assert_array_equal(back.image, image)
+    np.testing.assert_array_equal(back.mask, exposure.mask)
