@@ -1,0 +1,46 @@
+"""Streaming an upload into the blob store (`app.ingest._fill`): the batches hashed and
+written on a thread while the next is received give the bytes and id of the upload,
+and a failure at any point leaves no file behind."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+from app.ingest import _BATCH_BYTES, _fill
+from store import BlobStore, UploadTooLargeError
+
+
+async def _chunks(data: bytes, size: int = 65536, fail_after: int | None = None):
+    for start in range(0, len(data), size):
+        if fail_after is not None and start >= fail_after:
+            raise ConnectionResetError("client went away")
+        yield data[start : start + size]
+        await asyncio.sleep(0)
+
+
+def test_batched_upload_keeps_every_byte_in_order(tmp_path):
+    blobs = BlobStore(tmp_path / "exposures", ".fits")
+    data = os.urandom(3 * _BATCH_BYTES + 12345)  # three full batches and a remainder
+    writer = asyncio.run(_fill(blobs.writer(len(data)), _chunks(data)))
+    blob_id = writer.commit()
+    assert blob_id == hashlib.sha256(data).hexdigest()
+    assert blobs.path(blob_id).read_bytes() == data
+    assert list(blobs.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("failure", ["too_large", "client_gone"])
+def test_batched_upload_failing_midway_leaves_nothing(tmp_path, failure):
+    blobs = BlobStore(tmp_path / "exposures", ".fits")
+    data = os.urandom(3 * _BATCH_BYTES)
+    if failure == "too_large":
+        cap, chunks, error = 2 * _BATCH_BYTES, _chunks(data), UploadTooLargeError
+    else:
+        cap, chunks, error = len(data), _chunks(data, fail_after=2 * _BATCH_BYTES + 1), OSError
+    with pytest.raises(error):
+        asyncio.run(_fill(blobs.writer(cap), chunks))
+    assert list(blobs.tmp_dir.iterdir()) == []
+    assert not any(path.is_file() for path in (tmp_path / "exposures").rglob("*"))
