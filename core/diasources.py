@@ -61,6 +61,7 @@ from .parallel import InlineExecutor, n_threads, task_pool
 from .psf import Psf
 from .stamps import STAMP_BATCH, batches, windows
 from .stamps import stamps as _stack
+from .streaks import on_lines
 
 __all__ = [
     "detect_dia_sources",
@@ -990,6 +991,8 @@ def _measure(
     columns["aperture_flux_err"] = aperture_err * aperture_scale
     flags[bright.result()] |= FLAG_BITS["bright_star"][0]
     flags[outside] |= FLAG_BITS["suspect_kernel"][0]
+    # a trail or a saturated star's row artifact, broken into sources along a line
+    flags[on_lines(x_all, y_all, fwhm)] |= FLAG_BITS["streak"][0]
     columns["flags"] = flags
     columns.update(flag_columns(flags))
     for label, result in zip(("science", "template"), fluxes or [None, None], strict=True):
@@ -1099,7 +1102,8 @@ def dia_sources(
         (pixel noise, its correlation by the kernels included; in a crowded field
         the light of unresolved neighbours adds scatter they do not hold);
         ``flags`` (bits of
-        `core.forced.FLAG_BITS`) and one ``flag_<name>`` column per bit.
+        `core.forced.FLAG_BITS`; ``streak``: one of a line of sources, `core.streaks`)
+        and one ``flag_<name>`` column per bit.
     """
     config = config or DiaSourceConfig()
     measured = output

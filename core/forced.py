@@ -54,6 +54,7 @@ FLAG_BITS = {
     "no_data": (16, ("NO_DATA",)),
     "bright_star": (32, ()),
     "suspect_kernel": (64, ("SUSPECT",)),
+    "streak": (128, ("STREAK",)),
 }
 #: Pixels left out of every fit: no data, the convolution's edge band, dead or hot pixels.
 UNUSABLE_PLANES = ("NO_DATA", "EDGE", "BAD")

@@ -705,3 +705,27 @@ def test_catalog_file_says_when_in_which_band_and_in_which_units(tmp_path, bunit
         back = read_dia_sources(path)
         assert back.meta["mjd_obs"] == 60123.25 and back.meta["bunit"] == bunit
         assert back["psf_flux"].unit is None  # numbers, as written
+
+
+def test_sources_along_a_satellite_trail_are_flagged_streak():
+    """A trail across the science image breaks into DIA sources strung along it; they
+    are flagged ``streak``, the transients off it are not."""
+    pair = simulate_pair(preset("sharper_template", size=512, seed=5))
+    science = pair.science
+    yy, xx = np.mgrid[:512, :512]
+    (x0, y0), (x1, y1) = (40.0, 100.0), (470.0, 380.0)
+    length = np.hypot(x1 - x0, y1 - y0)
+    ux, uy = (x1 - x0) / length, (y1 - y0) / length
+    along = (xx - x0) * ux + (yy - y0) * uy
+    across = -(xx - x0) * uy + (yy - y0) * ux
+    trail = 1000.0 * np.exp(-(across**2) / 8.0) / np.sqrt(8.0 * np.pi)
+    trail *= (along > 0) & (along < length)
+    science.image += trail.astype(np.float32)
+    science.variance += (trail / 4.0).astype(np.float32)
+    catalog = run_subtraction(science, pair.template).dia_sources
+    x, y = np.asarray(catalog["x"]), np.asarray(catalog["y"])
+    on_trail = np.abs(-(x - x0) * uy + (y - y0) * ux) < 3
+    streak = np.asarray(catalog["flag_streak"])
+    assert on_trail.sum() >= 8
+    assert streak[on_trail].mean() >= 0.9
+    assert not streak[~on_trail].any()

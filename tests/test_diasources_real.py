@@ -165,3 +165,20 @@ def test_no_source_is_catalogued_twice(subtractions, scores, mode):
         close = cKDTree(xy).query_pairs(0.25 * catalog.meta["psf_fwhm"])
         twice = [(i, j) for i, j in close if negative[i] == negative[j]]
         assert not twice, (name, catalog[single][[i for pair in twice for i in pair]])
+
+
+@pytest.mark.parametrize("mode", ["auto", "preconvolve"])
+def test_row_band_of_a_saturated_star_is_flagged_and_the_target_is_not(subtractions, scores, mode):
+    """Frame 0028: a band along the row of a saturated star of the template gave 11 DIA
+    sources of S/N 5-7 strung along one row, unflagged; they are flagged ``streak``
+    (`core.streaks`). The microlensing target, in every frame, is not."""
+    for name, (result, (x, y), _) in (subtractions if mode == "auto" else scores).items():
+        catalog = result.dia_sources
+        streak = np.asarray(catalog["flag_streak"])
+        target = int(np.argmin(np.hypot(catalog["x"] - x, catalog["y"] - y)))
+        assert not streak[target], (name, catalog[target])
+        if name == "AKB13475I0028.fits" and mode == "auto":
+            rows = np.asarray(catalog["y"])[streak]
+            on_row = np.abs(rows - np.median(rows)) < 1.0
+            assert on_row.sum() >= 8
+            assert np.ptp(np.asarray(catalog["x"])[streak][on_row]) > 200
