@@ -592,8 +592,12 @@ def observation_meta(exposure: Exposure) -> dict:
                 value = header[card]
         if isinstance(value, str):
             value = value.strip()
-        if value is not None and value != "" and not isinstance(value, bool):
-            meta[key] = value
+            # a FITS card holds printable ASCII only
+            if not (value and value.isascii() and value.isprintable()):
+                continue
+        elif isinstance(value, bool) or not (value is not None and math.isfinite(value)):
+            continue
+        meta[key] = value
     return meta
 
 

@@ -8,7 +8,7 @@ from scipy import ndimage, signal
 
 from core.config import ForcedPhotometryConfig
 from core.exposure import Exposure
-from core.forced import PsfStamps, noise_scale
+from core.forced import PsfStamps, forced_photometry, noise_scale
 from core.psf import GaussianPsf
 
 
@@ -89,3 +89,24 @@ def test_profile_sigma_of_sharp_and_ringing_psfs(sigma):
         with np.errstate(all="ignore"):
             ixx, iyy, _ = adaptive_moments(stamp)
         assert min(ixx, iyy) < 1 / 12
+
+
+def test_observation_meta_keeps_only_what_a_fits_card_holds():
+    """The catalog header takes the science exposure's epoch, band, exposure time and
+    unit; a value no FITS card holds (non-ASCII, NaN) is left out, not an error."""
+    from core.diasources import catalog_hdulist
+    from core.forced import observation_meta
+
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(64, 64)).astype(np.float32)
+    exposure = Exposure.from_arrays(image, np.ones_like(image))
+    exposure.metadata.update(
+        {"MJD-OBS": float("nan"), "DATE-OBS": " 2024-01-02 ", "FILTER": "r\u00e9", "EXPTIME": 30}
+    )
+    meta = observation_meta(exposure)
+    assert meta == {"date_obs": "2024-01-02", "exptime": 30}
+    exposure.band = "g"
+    assert observation_meta(exposure)["band"] == "g"  # the exposure's band first
+    table = forced_photometry(exposure.with_psf(GaussianPsf(1.5)), x=[32.0], y=[32.0])
+    header = catalog_hdulist(table)[1].header
+    assert header["DATE-OBS"] == "2024-01-02" and "MJD-OBS" not in header
