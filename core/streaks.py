@@ -28,6 +28,7 @@ __all__ = [
     "FALSE_LINES",
     "GAP_FWHM",
     "MIN_SOURCES",
+    "SEED_FWHM",
     "WIDTH_FWHM",
     "on_lines",
 ]
