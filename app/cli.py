@@ -333,16 +333,44 @@ def _require_difference(path) -> None:
         )
 
 
+def _forced_context(products: Path) -> dict:
+    """The matched template and kernel sources of a --products directory, for the
+    bright_star and suspect_kernel flags of forced photometry."""
+    from core.errors import InvalidConfigError
+    from core.io import read_exposure
+    from core.products import read_kernel_sources
+
+    template, kernel = products / "matched_template.fits", products / "kernel.fits"
+    for path in (template, kernel):
+        if not path.is_file():
+            raise InvalidConfigError(
+                f"{path.name} is missing in {products}: give the --products directory of "
+                "`alsub subtract`"
+            )
+    return {
+        "matched_template": read_exposure(template, name="matched template"),
+        "kernel_sources": read_kernel_sources(kernel),
+    }
+
+
 def _cmd_forced(args) -> int:
     from core.config import ForcedPhotometryConfig
     from core.diasources import catalog_hdulist
     from core.forced import forced_photometry
     from core.io import read_exposure, write_hdulist_atomic
 
-    config = _load_config(args.config, None).dia.forced if args.config else ForcedPhotometryConfig()
+    full = _load_config(args.config, None) if args.config else None
+    config = full.dia.forced if full is not None else ForcedPhotometryConfig()
     _require_difference(args.difference)
     difference = read_exposure(args.difference)
-    table = forced_photometry(difference, config=config, **_read_positions(args.positions))
+    context = _forced_context(Path(args.products)) if args.products else {}
+    table = forced_photometry(
+        difference,
+        config=config,
+        dia=full.dia if full is not None else None,
+        **context,
+        **_read_positions(args.positions),
+    )
     if str(args.output).lower().endswith((".fits", ".fit", ".fts")):
         write_hdulist_atomic(catalog_hdulist(table), args.output)
     else:
@@ -581,7 +609,13 @@ def _parser() -> argparse.ArgumentParser:
         "--positions", required=True, help="CSV with columns x,y (0-based pixels) or ra,dec"
     )
     p.add_argument("-o", "--output", required=True, help="table to write: .csv, or .fits")
-    p.add_argument("--config", help="SubtractionConfig JSON (its dia.forced section is used)")
+    p.add_argument(
+        "--products",
+        help="the --products directory of the `alsub subtract` that made the difference: "
+        "positions near a bright star of its matched template, or far outside its kernel "
+        "sources, are flagged bright_star and suspect_kernel, as in dia_sources.fits",
+    )
+    p.add_argument("--config", help="SubtractionConfig JSON (its dia section is used)")
     p.set_defaults(func=_cmd_forced)
 
     p = sub.add_parser(

@@ -28,7 +28,7 @@ import scipy.fft as sfft
 from astropy.io import fits
 from astropy.table import Table
 from scipy.optimize import least_squares
-from scipy.spatial import ConvexHull, QhullError, cKDTree
+from scipy.spatial import cKDTree
 
 from .config import DiaSourceConfig
 from .diadetect import (
@@ -58,6 +58,7 @@ from .forced import (
 )
 from .measure import _centroids, _moments, _negative_side_sigma
 from .parallel import InlineExecutor, n_threads, task_pool
+from .position_flags import near_bright_star, outside_kernel_hull
 from .psf import Psf
 from .stamps import STAMP_BATCH, batches, windows
 from .stamps import stamps as _stack
@@ -583,57 +584,6 @@ def _aperture_scale(output: Exposure, radius: float, config) -> float:
     return pull_scale(flux / error)
 
 
-def _bright_star(template: Exposure | None, ix, iy, radius: float, limit: float) -> np.ndarray:
-    """True where a matched-template pixel within ``radius`` exceeds ``limit`` S/N."""
-    if template is None or ix.size == 0 or radius <= 0:
-        return np.zeros(ix.size, dtype=bool)
-    parts = batches(ix.size)
-    if len(parts) > 1:  # in batches that stay in the caches (`core.stamps.STAMP_BATCH`)
-        return np.concatenate([_bright_star(template, ix[p], iy[p], radius, limit) for p in parts])
-    r = int(math.ceil(radius))
-    offsets = np.arange(-r, r + 1)
-    disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius).ravel()
-    data = _stack(template.image, ix, iy, r, fill=np.nan).reshape(ix.size, -1)
-    # the level from the pixels around the disc, the S/N on the disc's pixels only
-    outside = data[:, ~disc].astype(np.float64)
-    level = np.median(outside, axis=1)
-    holes = ~np.isfinite(level)
-    if holes.any():  # stamps over the frame's edge: the NaN-aware (row by row) median
-        level[holes] = np.nanmedian(outside[holes], axis=1)
-    excess = data[:, disc].astype(np.float64) - level[:, None]
-    # where even the least variance the stamp can have keeps every pixel below the
-    # limit, the variance is not needed (a deferred plane's stamps cost small FFTs)
-    with np.errstate(invalid="ignore"):
-        peak = np.max(np.where(np.isfinite(excess), excess, -np.inf), axis=1)
-        need = ~(peak <= limit * np.sqrt(template.variance_floors(ix, iy, r)))
-    var = np.full(excess.shape, np.nan)
-    if need.any():
-        stamps = template.variance_stamps(ix[need], iy[need], r, fill=np.nan)
-        var[need] = stamps.reshape(int(need.sum()), -1)[:, disc]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        snr = excess / np.sqrt(var)
-    return np.any((snr > limit) & np.isfinite(snr), axis=1)
-
-
-def _outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray:
-    """True where a position lies more than ``margin`` px outside the kernel sources' hull."""
-    out = np.zeros(x.size, dtype=bool)
-    if kernel_sources is None or x.size == 0 or len(kernel_sources) < 3:
-        return out
-    if "x" not in kernel_sources.colnames or "y" not in kernel_sources.colnames:
-        return out
-    points = np.column_stack(
-        [np.asarray(kernel_sources["x"]) - xy0[0], np.asarray(kernel_sources["y"]) - xy0[1]]
-    )
-    try:
-        hull = ConvexHull(points)
-    except QhullError:
-        return out
-    # signed distance to each facet's line; the largest is the distance outside
-    distance = (hull.equations[:, :2] @ np.vstack([x, y]) + hull.equations[:, 2:3]).max(axis=0)
-    return distance > margin
-
-
 def _matched_scale(exposure: Exposure, stamps: PsfStamps) -> float:
     """The factor a matched image's PSF-fit errors need for its correlated noise
     (`psf_fit_noise_factor` of its ``noise_correlation``, the ring sky's median included):
@@ -967,7 +917,7 @@ def _measure(
     # the measurements at the final positions are independent of each other
     aperture = pool.submit(_aperture, output, x_all, y_all, config.aperture_radius_fwhm * fwhm)
     bright = pool.submit(
-        _bright_star,
+        near_bright_star,
         matched_template,
         ix,
         iy,
@@ -977,7 +927,7 @@ def _measure(
     fluxes = matched(x_all, y_all, pool) if matched is not None else None
     columns["ra"], columns["dec"] = sky_positions(output, x_all, y_all)
     flags = pixel_flags(output, ix, iy, forced.flag_radius_fwhm * fwhm, stamps.half)
-    outside = _outside_kernel_hull(
+    outside = outside_kernel_hull(
         kernel_sources, output.xy0, x_all, y_all, config.suspect_kernel_margin
     )
     single_fit = fit.result()

@@ -19,10 +19,11 @@ from astropy.stats import mad_std
 from astropy.table import Table
 from scipy import fft, sparse
 
-from .config import ForcedPhotometryConfig
+from .config import DiaSourceConfig, ForcedPhotometryConfig
 from .errors import InvalidCatalogError, PsfError
 from .exposure import Exposure
 from .order import row_nanmedians
+from .position_flags import near_bright_star, outside_kernel_hull
 from .psf import SIGMA_TO_FWHM, Psf
 from .stamps import batches
 from .stamps import stamps as _stack
@@ -509,6 +510,9 @@ def forced_photometry(
     dec=None,
     config: ForcedPhotometryConfig | None = None,
     psf: Psf | None = None,
+    matched_template: Exposure | None = None,
+    kernel_sources: Table | None = None,
+    dia: DiaSourceConfig | None = None,
 ) -> Table:
     """PSF photometry of a difference at given positions, one row per position, in order.
 
@@ -523,6 +527,14 @@ def forced_photometry(
     config : `ForcedPhotometryConfig` or None
     psf : `core.psf.Psf` or None
         Overrides the difference's PSF.
+    matched_template : `Exposure` or None
+        The subtraction's matched template: raises ``bright_star`` as the DIA
+        catalog does (``dia``'s radius and S/N).
+    kernel_sources : `astropy.table.Table` or None
+        The subtraction's kernel sources (parent ``x``, ``y``): raises
+        ``suspect_kernel`` beyond ``dia.suspect_kernel_margin`` outside their hull.
+    dia : `DiaSourceConfig` or None
+        The thresholds of those two flags (default: the catalog's defaults).
 
     Returns
     -------
@@ -549,6 +561,14 @@ def forced_photometry(
     flags = pixel_flags(
         difference, fit["ix"], fit["iy"], config.flag_radius_fwhm * stamps.fwhm, stamps.half
     )
+    dia = dia or DiaSourceConfig()
+    radius = dia.bright_star_radius_fwhm * stamps.fwhm
+    bright = near_bright_star(
+        matched_template, fit["ix"], fit["iy"], radius, dia.bright_star_peak_snr
+    )
+    flags[bright] |= FLAG_BITS["bright_star"][0]
+    outside = outside_kernel_hull(kernel_sources, difference.xy0, x, y, dia.suspect_kernel_margin)
+    flags[outside] |= FLAG_BITS["suspect_kernel"][0]
     with np.errstate(invalid="ignore", divide="ignore"):
         snr = fit["flux"] / flux_err
     table = Table(

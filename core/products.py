@@ -15,13 +15,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from astropy.io import fits
+from astropy.table import Table
 
 from .diasources import catalog_hdulist
 from .io import file_mode, write_exposure, write_hdulist_atomic
 from .parallel import thread_map
 
-__all__ = ["write_difference", "write_products", "metrics_header", "json_safe", "PRODUCT_NAMES"]
+__all__ = [
+    "write_difference",
+    "write_products",
+    "read_kernel_sources",
+    "metrics_header",
+    "json_safe",
+    "PRODUCT_NAMES",
+]
 
 #: Products a result can have, besides metrics.json.
 PRODUCT_NAMES = (
@@ -101,6 +110,30 @@ def _write_json_atomic(data: Any, path: Path) -> None:
         raise
 
 
+#: HDU of kernel.fits with the kernel sources' parent positions (`read_kernel_sources`).
+_KERNEL_SOURCES_HDU = "SOURCES"
+
+
+def _kernel_hdulist(result) -> fits.HDUList:
+    """The kernel's product, and the positions of the sources it was fitted on: forced
+    photometry later flags positions far outside their hull as the catalog does."""
+    hdul = result.psf_matching_kernel.to_hdulist()
+    sources = getattr(result, "kernel_sources", None)
+    if sources is not None and {"x", "y"} <= set(sources.colnames):
+        columns = {name: np.asarray(sources[name], dtype=np.float64) for name in ("x", "y")}
+        hdul.append(fits.BinTableHDU(Table(columns), name=_KERNEL_SOURCES_HDU))
+    return hdul
+
+
+def read_kernel_sources(path) -> Table | None:
+    """The kernel sources (parent ``x``, ``y``) of a kernel.fits product; None when it
+    holds none (written before they were kept)."""
+    with fits.open(path) as hdul:
+        if _KERNEL_SOURCES_HDU not in hdul:
+            return None
+        return Table(hdul[_KERNEL_SOURCES_HDU].data)
+
+
 def _background_hdulist(background, exposure) -> fits.HDUList:
     """Coefficient table plus the model evaluated on the output's pixel grid (``IMAGE``)."""
     hdul = background.to_hdulist()
@@ -133,7 +166,10 @@ def write_products(result, outdir, names: Collection[str] | None = None) -> dict
             plan[name] = (path, partial(write_exposure, exposure, path))
     if result.psf_matching_kernel is not None:
         path = outdir / "kernel.fits"
-        plan["kernel"] = (path, partial(result.psf_matching_kernel.write, path))
+        plan["kernel"] = (
+            path,
+            lambda path=path: write_hdulist_atomic(_kernel_hdulist(result), path),
+        )
     if result.fitted_background is not None:
         path = outdir / "background.fits"
         plan["background"] = (

@@ -181,3 +181,38 @@ def test_cutouts_of_an_unknown_id_exit_2(run, tmp_path, capsys):
     assert code == 2
     assert f"no DIA source with id {n + 5}" in capsys.readouterr().err
     assert not outdir.exists()
+
+
+def test_forced_with_products_flags_as_the_catalog(run, tmp_path, capsys):
+    """With --products, forced photometry raises the catalog's bright_star and
+    suspect_kernel flags: at the catalog's positions the same bits, at the brightest
+    stars bright_star (with the config's S/N limit; without --products it never did);
+    a products directory without the matched template exits 2."""
+    pair, products, _ = run
+    catalog = Table.read(products / "dia_sources.fits", hdu="DIASOURCES")
+    single = catalog[~np.asarray(catalog["is_dipole"])]
+    difference = str(products / "difference.fits")
+
+    def forced(x, y, *options) -> np.ndarray:
+        positions, out = tmp_path / "positions.csv", tmp_path / "forced.fits"
+        Table({"x": x, "y": y}).write(positions, format="ascii.csv", overwrite=True)
+        argv = ["forced", difference, "--positions", str(positions), "-o", str(out)]
+        assert main([*argv, *options]) == 0
+        return np.asarray(Table.read(out, hdu="DIASOURCES")["flags"])
+
+    context = 32 | 64  # bright_star, suspect_kernel
+    flags = forced(single["x"], single["y"], "--products", str(products))
+    np.testing.assert_array_equal(flags & context, single["flags"] & context)
+    stars = json.loads((pair / "truth.json").read_text())["stars"]
+    brightest = np.argsort(np.asarray(stars["flux_template"]))[-3:]
+    x, y = np.asarray(stars["x"])[brightest], np.asarray(stars["y"])[brightest]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"dia": {"bright_star_peak_snr": 20}}))
+    assert np.all(forced(x, y, "--products", str(products), "--config", str(config)) & 32)
+    assert not np.any(forced(x, y, "--config", str(config)) & 32)
+    code = main(
+        ["forced", difference, "--positions", str(tmp_path / "positions.csv")]
+        + ["-o", str(tmp_path / "o.csv"), "--products", str(tmp_path)]
+    )
+    assert code == 2
+    assert "matched_template.fits is missing" in capsys.readouterr().err

@@ -646,8 +646,9 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     """With decorrelation the matched template's variance is deferred: the run does not
     make it, and the bright-star flags and template flux errors made from its stamps
     and floors equal those from the made plane."""
-    from core.diasources import _MATCHED_UNUSABLE, _bright_star, _matched_scale, _sky_ring
+    from core.diasources import _MATCHED_UNUSABLE, _matched_scale, _sky_ring
     from core.forced import PsfStamps, psf_photometry
+    from core.position_flags import near_bright_star
 
     pair = simulate_pair(preset("defects", size=512, seed=9))
     result = run_subtraction(pair.science, pair.template)
@@ -659,7 +660,7 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     fwhm = float(catalog.meta["psf_fwhm"])
     stamps = PsfStamps(template.psf, template)
     x, y = np.asarray(catalog["x"]), np.asarray(catalog["y"])
-    bright = _bright_star(template, ix, iy, 3.0 * fwhm, 300.0)
+    bright = near_bright_star(template, ix, iy, 3.0 * fwhm, 300.0)
     # as the catalog fits the matched images: on the ring sky, saturated pixels left out
     matched = {"unusable": _MATCHED_UNUSABLE, "sky_ring": _sky_ring(stamps)}
     fit = psf_photometry(template, x, y, stamps, False, **matched)
@@ -672,7 +673,7 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     np.testing.assert_allclose(fit["flux_err"] * scale, catalog["template_flux_err"], rtol=1e-12)
     made = template.variance  # now made: the same flags, errors to float32 round-off
     assert made.dtype == np.float32 and not template.variance_deferred
-    np.testing.assert_array_equal(_bright_star(template, ix, iy, 3.0 * fwhm, 300.0), bright)
+    np.testing.assert_array_equal(near_bright_star(template, ix, iy, 3.0 * fwhm, 300.0), bright)
     again = psf_photometry(template, x, y, stamps, False, **matched)
     np.testing.assert_allclose(again["flux_err"], fit["flux_err"], rtol=1e-5)
 
@@ -729,3 +730,24 @@ def test_sources_along_a_satellite_trail_are_flagged_streak():
     assert on_trail.sum() >= 8
     assert streak[on_trail].mean() >= 0.9
     assert not streak[~on_trail].any()
+
+
+def test_forced_photometry_flags_as_the_catalog():
+    """Given the subtraction's matched template and kernel sources, forced photometry at
+    the catalog's positions raises the catalog's bright_star and suspect_kernel bits;
+    a position far from the kernel sources given is suspect_kernel."""
+    pair = simulate_pair(preset("defects", size=512, seed=9))
+    result = run_subtraction(pair.science, pair.template)
+    catalog = result.dia_sources
+    single = catalog[~np.asarray(catalog["is_dipole"])]
+    context = {"matched_template": result.matched_template}
+    context["kernel_sources"] = result.kernel_sources
+    forced = forced_photometry(result.output, x=single["x"], y=single["y"], **context)
+    bits = 32 | 64  # bright_star, suspect_kernel
+    assert np.count_nonzero(np.asarray(single["flags"]) & 32) >= 3
+    np.testing.assert_array_equal(forced["flags"] & bits, single["flags"] & bits)
+    sources = result.kernel_sources
+    left = sources[np.asarray(sources["x"]) < 200]
+    far = forced_photometry(result.output, x=[470.0], y=[256.0], kernel_sources=left)
+    assert far["flags"][0] & 64
+    assert not forced_photometry(result.output, x=[470.0], y=[256.0])["flags"][0] & 64

@@ -213,3 +213,45 @@ def test_openapi_documents_the_routes(deployment):
         assert len(operation["description"]) > 100
     forced = schema["paths"]["/v1/subtractions/{job_id}/forced"]["post"]
     assert "example" in forced["responses"]["200"]["content"]["application/json"]
+
+
+def test_forced_flags_match_the_catalog(deployment, alice, tmp_path):
+    """Forced photometry raises bright_star and suspect_kernel from the job's matched
+    template and kernel sources (it never raised either): at the catalog's positions
+    the catalog's bits; at the brightest stars and the corners those the job's products
+    give."""
+    from core.config import DiaSourceConfig
+    from core.io import read_exposure
+    from core.position_flags import near_bright_star, outside_kernel_hull
+    from core.products import read_kernel_sources
+
+    _, job_id, _, truth = deployment
+    catalog = alice.get(f"/v1/subtractions/{job_id}/sources").json()
+    single = [row for row in catalog if not row["is_dipole"]]
+    context = 32 | 64  # bright_star, suspect_kernel
+    positions = [{"x": row["x"], "y": row["y"]} for row in single]
+    forced = alice.post(f"/v1/subtractions/{job_id}/forced", json=positions).json()
+    assert [row["flags"] & context for row in forced] == [row["flags"] & context for row in single]
+
+    stars = truth["stars"]
+    brightest = np.argsort(np.asarray(stars["flux_template"]))[-5:]
+    x = np.r_[np.asarray(stars["x"])[brightest], 2.0, 253.0, 2.0, 253.0]
+    y = np.r_[np.asarray(stars["y"])[brightest], 2.0, 2.0, 253.0, 253.0]
+    positions = [{"x": float(a), "y": float(b)} for a, b in zip(x, y, strict=True)]
+    forced = alice.post(f"/v1/subtractions/{job_id}/forced", json=positions).json()
+    got = np.array([row["flags"] & context for row in forced])
+    for name in ("matched_template", "kernel"):
+        content = alice.get(f"/v1/subtractions/{job_id}/products/{name}").content
+        (tmp_path / f"{name}.fits").write_bytes(content)
+    fits_catalog = alice.get(f"/v1/subtractions/{job_id}/sources", params={"format": "fits"})
+    fwhm = fits.getheader(io.BytesIO(fits_catalog.content), "DIASOURCES")["PSFFWHM"]
+    template = read_exposure(tmp_path / "matched_template.fits")
+    sources = read_kernel_sources(tmp_path / "kernel.fits")
+    assert sources is not None and len(sources) >= 3
+    dia = DiaSourceConfig()
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    radius = dia.bright_star_radius_fwhm * fwhm
+    bright = near_bright_star(template, ix, iy, radius, dia.bright_star_peak_snr)
+    outside = outside_kernel_hull(sources, template.xy0, x, y, dia.suspect_kernel_margin)
+    np.testing.assert_array_equal(got, np.where(bright, 32, 0) | np.where(outside, 64, 0))
+    assert got.any()  # some of these positions raise a flag that needs the products

@@ -191,7 +191,9 @@ def list_sources(
     description="PSF photometry of the job's difference at the given positions (light curves "
     "of known objects): one object per position, in the order given, with `x`, `y`, `ra`, "
     "`dec`, `psf_flux`, `psf_flux_err` (science counts; errors include correlated noise), "
-    f"`snr` and `flags` (bits as for the sources). At most {_MAX_POSITIONS} positions. "
+    f"`snr` and `flags` (bits as for the sources; bright_star and suspect_kernel from the "
+    f"job's matched template and kernel sources, as in its catalog). At most "
+    f"{_MAX_POSITIONS} positions. "
     "`format=csv` or `fits` returns a table file.",
     responses={
         200: {
@@ -232,8 +234,10 @@ def forced(
     caller: Caller = Depends(get_caller),
     store: Store = Depends(get_store),
 ) -> Response:
+    from core.config import SubtractionConfig
     from core.forced import forced_photometry
     from core.io import read_exposure
+    from core.products import read_kernel_sources
 
     record = _finished_job(store, job_id, caller)
     if not positions:
@@ -251,7 +255,19 @@ def forced(
         )
     values = {k: [getattr(p, k) for p in positions] for k in kind}
     difference = read_exposure(path, name="difference")
-    table = forced_photometry(difference, **values)
+    # flagged as the job's catalog is: near its matched template's bright stars, far
+    # outside its kernel sources, with the job's thresholds
+    config = SubtractionConfig.model_validate({**record.config, "mode": record.mode})
+    template = store.products.path(job_id, "matched_template")
+    kernel = store.products.path(job_id, "kernel")
+    table = forced_photometry(
+        difference,
+        config=config.dia.forced,
+        dia=config.dia,
+        matched_template=read_exposure(template, name="matched template") if template else None,
+        kernel_sources=read_kernel_sources(kernel) if kernel else None,
+        **values,
+    )
     return _table_response(table, format, f"{job_id}-forced")
 
 
