@@ -11,6 +11,7 @@ import numpy as np
 from scipy.spatial import ConvexHull, QhullError
 
 from .exposure import Exposure
+from .order import row_nanmedians
 from .stamps import batches
 from .stamps import stamps as _stack
 
@@ -35,8 +36,8 @@ def near_bright_star(template: Exposure | None, ix, iy, radius: float, limit: fl
     outside = data[:, ~disc].astype(np.float64)
     level = np.median(outside, axis=1)
     holes = ~np.isfinite(level)
-    if holes.any():  # stamps over the frame's edge: the NaN-aware (row by row) median
-        level[holes] = np.nanmedian(outside[holes], axis=1)
+    if holes.any():  # stamps over the frame's edge: the NaN-aware median (NaN off it)
+        level[holes] = row_nanmedians(outside[holes], consume=True)
     excess = data[:, disc].astype(np.float64) - level[:, None]
     # where even the least variance the stamp can have keeps every pixel below the
     # limit, the variance is not needed (a deferred plane's stamps cost small FFTs)
