@@ -97,18 +97,20 @@ async def _fill(writer: BlobWriter, chunks: AsyncIterator[bytes]) -> BlobWriter:
             size += len(chunk)
             if size >= _BATCH_BYTES:
                 if pending is not None:
-                    await pending  # one batch in flight: memory stays bounded
+                    # one batch in flight: memory stays bounded. Shielded: cancelling
+                    # the request must not cancel the batch, whose thread runs on
+                    await asyncio.shield(pending)
                 pending = asyncio.ensure_future(run_in_threadpool(_write_all, writer, batch))
                 batch, size = [], 0
         if pending is not None:
-            await pending
+            await asyncio.shield(pending)
         pending = None
         _write_all(writer, batch)
         await run_in_threadpool(writer.close)  # fsync of up to the upload cap: off the loop
     except BaseException:
         if pending is not None:
             # the thread cannot be stopped: let it finish before the file goes
-            await asyncio.gather(pending, return_exceptions=True)
+            await asyncio.wait([pending])
         writer.abort()
         raise
     return writer

@@ -588,8 +588,8 @@ def _matched_scale(exposure: Exposure, stamps: PsfStamps) -> float:
     """The factor a matched image's PSF-fit errors need for its correlated noise
     (`psf_fit_noise_factor` of its ``noise_correlation``, the ring sky's median included):
     computed, not measured at random positions, which on an image before subtraction land
-    on stars (SAAO bulge: 17-29x the difference's errors for the science fluxes, up to
-    1600x the template's pixel noise)."""
+    on stars (SAAO bulge: science and template errors 9-85x the difference's, the
+    template's up to 1600x its pixel noise)."""
     return psf_fit_noise_factor(stamps, exposure.noise_correlation, _sky_ring(stamps))
 
 

@@ -608,8 +608,8 @@ def observation_meta(exposure: Exposure) -> dict:
     for key, cards in _OBSERVATION_KEYS.items():
         value = exposure.band if key == "band" and exposure.band else None
         for card in cards:
-            if value is None and isinstance(header.get(card), str | int | float):
-                value = header[card]
+            if value is None and isinstance(header.get(card), str | int | float | np.number):
+                value = header[card].item() if isinstance(header[card], np.number) else header[card]
         if isinstance(value, str):
             value = value.strip()
             # a FITS card holds printable ASCII only

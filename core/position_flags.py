@@ -64,6 +64,9 @@ def outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray:
     points = np.column_stack(
         [np.asarray(kernel_sources["x"]) - xy0[0], np.asarray(kernel_sources["y"]) - xy0[1]]
     )
+    points = points[np.isfinite(points).all(axis=1)]
+    if len(points) < 3:
+        return out
     try:
         hull = ConvexHull(points)
     except QhullError:

@@ -115,8 +115,9 @@ _KERNEL_SOURCES_HDU = "SOURCES"
 
 
 def _kernel_hdulist(result) -> fits.HDUList:
-    """The kernel's product, and the positions of the sources it was fitted on: forced
-    photometry later flags positions far outside their hull as the catalog does."""
+    """The kernel's product, and the positions of the kernel sources selected for its
+    fit: forced photometry later flags positions far outside their hull as the catalog
+    does."""
     hdul = result.psf_matching_kernel.to_hdulist()
     sources = getattr(result, "kernel_sources", None)
     if sources is not None and {"x", "y"} <= set(sources.colnames):

@@ -44,3 +44,39 @@ def test_batched_upload_failing_midway_leaves_nothing(tmp_path, failure):
         asyncio.run(_fill(blobs.writer(cap), chunks))
     assert list(blobs.tmp_dir.iterdir()) == []
     assert not any(path.is_file() for path in (tmp_path / "exposures").rglob("*"))
+
+
+def test_cancelled_upload_waits_for_the_batch_being_written(tmp_path):
+    """A request cancelled while a batch is written on its thread: the file is deleted
+    only after that thread is done with it (it wrote to a closed file before)."""
+    import threading
+    import time
+
+    events: list[str] = []
+    lock = threading.Lock()
+
+    class SlowWriter:
+        def write(self, chunk: bytes) -> None:
+            time.sleep(0.005)
+            with lock:
+                events.append("write")
+
+        def close(self) -> None:
+            events.append("close")
+
+        def abort(self) -> None:
+            with lock:
+                events.append("abort")
+
+    async def main():
+        data = bytes(3 * _BATCH_BYTES)
+        task = asyncio.ensure_future(_fill(SlowWriter(), _chunks(data)))
+        while "write" not in events:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # the next batch received: waiting for this one
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert events[-1] == "abort" and "close" not in events

@@ -234,6 +234,8 @@ def forced(
     caller: Caller = Depends(get_caller),
     store: Store = Depends(get_store),
 ) -> Response:
+    from pydantic import ValidationError
+
     from core.config import SubtractionConfig
     from core.forced import forced_photometry
     from core.io import read_exposure
@@ -257,7 +259,10 @@ def forced(
     difference = read_exposure(path, name="difference")
     # flagged as the job's catalog is: near its matched template's bright stars, far
     # outside its kernel sources, with the job's thresholds
-    config = SubtractionConfig.model_validate({**record.config, "mode": record.mode})
+    try:
+        config = SubtractionConfig.model_validate({**record.config, "mode": record.mode})
+    except ValidationError:  # a job stored under an older schema: the defaults
+        config = SubtractionConfig()
     template = store.products.path(job_id, "matched_template")
     kernel = store.products.path(job_id, "kernel")
     table = forced_photometry(
