@@ -347,9 +347,16 @@ def _forced_context(products: Path) -> dict:
                 f"{path.name} is missing in {products}: give the --products directory of "
                 "`alsub subtract`"
             )
+    sources = read_kernel_sources(kernel)
+    if sources is None:
+        print(
+            f"alsub: warning: {kernel} holds no kernel sources (written by an older alsub): "
+            "suspect_kernel is not raised",
+            file=sys.stderr,
+        )
     return {
         "matched_template": read_exposure(template, name="matched template"),
-        "kernel_sources": read_kernel_sources(kernel),
+        "kernel_sources": sources,
     }
 
 

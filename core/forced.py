@@ -20,7 +20,7 @@ from astropy.table import Table
 from scipy import fft, sparse
 
 from .config import DiaSourceConfig, ForcedPhotometryConfig
-from .errors import InvalidCatalogError, PsfError
+from .errors import IncompatibleInputsError, InvalidCatalogError, PsfError
 from .exposure import Exposure
 from .order import row_nanmedians
 from .position_flags import near_bright_star, outside_kernel_hull
@@ -548,10 +548,21 @@ def forced_photometry(
     ------
     InvalidCatalogError
         Neither x/y nor ra/dec, lengths differ, or ra/dec without a WCS.
+    IncompatibleInputsError
+        The matched template is not on the difference's grid.
     PsfError
         The difference has no PSF.
     """
     config = config or ForcedPhotometryConfig()
+    if matched_template is not None and (
+        matched_template.shape != difference.shape or matched_template.xy0 != difference.xy0
+    ):
+        raise IncompatibleInputsError(
+            f"the matched template ({matched_template.shape[1]}x{matched_template.shape[0]} "
+            f"at {matched_template.xy0}) is not on the difference's grid "
+            f"({difference.shape[1]}x{difference.shape[0]} at {difference.xy0}): give the "
+            "products of the subtraction that made this difference"
+        )
     x, y, ra, dec = _positions(difference, x, y, ra, dec)
     psf = psf or difference.require_psf()
     stamps = PsfStamps(psf, difference, config=config)

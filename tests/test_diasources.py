@@ -14,6 +14,7 @@ from scipy.spatial import cKDTree
 from bench.diasources import evaluate, transient_truth
 from core.config import DiaSourceConfig, SubtractionConfig
 from core.diasources import dia_sources, score_profile
+from core.errors import IncompatibleInputsError
 from core.exposure import Exposure
 from core.forced import forced_photometry
 from core.simulate import preset, simulate_pair
@@ -751,3 +752,6 @@ def test_forced_photometry_flags_as_the_catalog():
     far = forced_photometry(result.output, x=[470.0], y=[256.0], kernel_sources=left)
     assert far["flags"][0] & 64
     assert not forced_photometry(result.output, x=[470.0], y=[256.0])["flags"][0] & 64
+    other = result.matched_template.cutout((0, 0, 255, 255))  # not the difference's grid
+    with pytest.raises(IncompatibleInputsError, match="not on the difference's grid"):
+        forced_photometry(result.output, x=[10.0], y=[10.0], matched_template=other)
