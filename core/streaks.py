@@ -84,9 +84,11 @@ def on_lines(x: np.ndarray, y: np.ndarray, fwhm: float) -> np.ndarray:
         return found
     gap, width = GAP_FWHM * fwhm, WIDTH_FWHM * fwhm
     done = np.zeros(index.size, dtype=bool)
-    tried = np.zeros(index.size, dtype=bool)  # in a chain already tested
-    for a, b in _collinear_triples(points, SEED_FWHM * fwhm, width):
-        if tried[b]:
+    # the tested chain each source was last in: a triple whose two sources were chained
+    # together already proposes the same line again
+    chained = np.full(index.size, -1)
+    for tested, (a, b) in enumerate(_collinear_triples(points, SEED_FWHM * fwhm, width)):
+        if done[b] or chained[a] == chained[b] >= 0:
             continue
         centre, unit = points[b], points[a] - points[b]
         unit = unit / np.hypot(*unit)
@@ -96,7 +98,7 @@ def on_lines(x: np.ndarray, y: np.ndarray, fwhm: float) -> np.ndarray:
             if chain.size < 3:
                 break
             centre, unit = _fit_line(points[chain])
-        tried[chain] = True
+        chained[chain] = tested
         if chain.size >= MIN_SOURCES and _significant(points, chain, centre, unit, fwhm, width):
             done[chain] = True
     found[index[done]] = True
@@ -105,21 +107,33 @@ def on_lines(x: np.ndarray, y: np.ndarray, fwhm: float) -> np.ndarray:
 
 def _collinear_triples(points: np.ndarray, gap: float, width: float) -> list[tuple[int, int]]:
     """(a, b) for every source b lying between two neighbours a and c (each within
-    ``gap``) and within ``width`` of their line (one triple per b)."""
+    ``gap``) and within ``width`` of their line.
+
+    Vectorised over the sources with the same number of neighbours: a Python loop
+    over the sources cost 6 ms for the dense field's 1100, and 20-28 ms beside the
+    DIA stage's other threads."""
+    pairs = cKDTree(points).query_pairs(gap, output_type="ndarray")
+    if pairs.size == 0:
+        return []
+    # every neighbour of each source, grouped by source
+    edges = np.concatenate([pairs, pairs[:, ::-1]])
+    edges = edges[np.argsort(edges[:, 0], kind="stable")]
+    counts = np.bincount(edges[:, 0], minlength=points.shape[0])
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     seeds = []
-    tree = cKDTree(points)
-    # most sources have fewer than two neighbours: counted first, listed only for the rest
-    crowded = np.flatnonzero(tree.query_ball_point(points, gap, return_length=True) >= 3)
-    for b, near in zip(crowded.tolist(), tree.query_ball_point(points[crowded], gap), strict=True):
-        others = np.array([k for k in near if k != b], dtype=int)
-        v = points[others] - points[b]
-        dot = v @ v.T
-        cross = v[:, None, 0] * v[None, :, 1] - v[:, None, 1] * v[None, :, 0]
-        span = np.hypot(v[:, None, 0] - v[None, :, 0], v[:, None, 1] - v[None, :, 1])
+    for k in np.unique(counts[counts >= 2]).tolist():
+        centres = np.flatnonzero(counts == k)
+        around = edges[starts[centres][:, None] + np.arange(k), 1]  # (m, k)
+        v = points[around] - points[centres][:, None, :]
+        first, second = np.triu_indices(k, 1)
+        vi, vj = v[:, first], v[:, second]
+        dot = np.einsum("mpc,mpc->mp", vi, vj)
+        cross = vi[..., 0] * vj[..., 1] - vi[..., 1] * vj[..., 0]
+        span = np.hypot(*(vi - vj).transpose(2, 0, 1))
         # b's distance from the line a-c is |cross| / span; opposite sides: dot < 0
-        a, _ = np.nonzero(np.triu((dot < 0) & (np.abs(cross) <= width * span), 1))
-        if a.size:
-            seeds.append((int(others[a[0]]), b))
+        ok = (dot < 0) & (np.abs(cross) <= width * span)
+        rows, which = np.nonzero(ok)
+        seeds += zip(around[rows, first[which]].tolist(), centres[rows].tolist(), strict=True)
     return seeds
 
 
