@@ -120,7 +120,7 @@ def _collinear_triples(points: np.ndarray, gap: float, width: float) -> list[tup
     edges = edges[np.argsort(edges[:, 0], kind="stable")]
     counts = np.bincount(edges[:, 0], minlength=points.shape[0])
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    seeds = []
+    seeds: list[tuple[int, int]] = []
     for k in np.unique(counts[counts >= 2]).tolist():
         centres = np.flatnonzero(counts == k)
         around = edges[starts[centres][:, None] + np.arange(k), 1]  # (m, k)
