@@ -99,7 +99,9 @@ def on_lines(x: np.ndarray, y: np.ndarray, fwhm: float) -> np.ndarray:
                 break
             centre, unit = _fit_line(points[chain])
         chained[chain] = tested
-        if chain.size >= MIN_SOURCES and _significant(points, chain, centre, unit, fwhm, width):
+        if chain.size >= MIN_SOURCES and _significant(
+            points, area, chain, centre, unit, fwhm, width
+        ):
             done[chain] = True
     found[index[done]] = True
     return found
@@ -156,11 +158,12 @@ def _chain(points, centre, unit, width: float, gap: float, seed: int) -> np.ndar
     return near[starts[part] : ends[part]]
 
 
-def _significant(points, chain, centre, unit, fwhm: float, width: float) -> bool:
+def _significant(points, area: float, chain, centre, unit, fwhm: float, width: float) -> bool:
     """Whether so many sources so close to one line are unlikely by chance: fewer than
-    `FALSE_LINES` such lines expected among all pairs of sources, were the sources
-    scattered at random with the density found beside the line (within
-    `BESIDE_FWHM` FWHMs of it, the chain left out; a clump of residuals is dense)."""
+    `FALSE_LINES` such lines expected among the pairs of sources (spread over ``area``,
+    their bounding box) no farther apart than the chain is long, were the sources
+    scattered at random with the density found beside the line (within `BESIDE_FWHM`
+    FWHMs of it, the chain left out; a clump of residuals is dense)."""
     offset = points - centre
     along = offset @ unit
     across = np.abs(offset[:, 0] * unit[1] - offset[:, 1] * unit[0])
@@ -184,8 +187,6 @@ def _significant(points, chain, centre, unit, fwhm: float, width: float) -> bool
     # pairs of sources no farther apart than the chain's length
     chance = poisson.sf(distinct - 3, expected)
     n = points.shape[0]
-    extent = np.ptp(points, axis=0)
-    area = max(float(extent[0] * extent[1]), 1.0)
     tests = n * (n - 1) / 2 * min(1.0, math.pi * (hi - lo) ** 2 / area)
     return tests * chance < FALSE_LINES
 
