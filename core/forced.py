@@ -13,6 +13,7 @@ Positions are 0-based array coordinates: x the column, y the row.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from astropy.stats import mad_std
@@ -617,10 +618,11 @@ def observation_meta(exposure: Exposure) -> dict:
     meta = {}
     header = exposure.metadata
     for key, cards in _OBSERVATION_KEYS.items():
-        value = exposure.band if key == "band" and exposure.band else None
-        for card in cards:
-            if value is None and isinstance(header.get(card), str | int | float | np.number):
-                value = header[card].item() if isinstance(header[card], np.number) else header[card]
+        found: list[Any] = [exposure.band] if key == "band" and exposure.band else []
+        found += [header.get(card) for card in cards]
+        value = next((v for v in found if isinstance(v, str | int | float | np.number)), None)
+        if isinstance(value, np.number):
+            value = value.item()
         if isinstance(value, str):
             value = value.strip()
             # a FITS card holds printable ASCII only
