@@ -120,6 +120,12 @@ def test_filters_and_formats(deployment, alice):
     assert all(r["is_negative"] for r in negative)
     clean = alice.get(f"/v1/subtractions/{job_id}/sources", params={"exclude_flags": 1}).json()
     assert all(r["flags"] & 1 == 0 for r in clean)
+    # bits beyond the flags' (the column is int32) filter as the defined ones do
+    wide = alice.get(f"/v1/subtractions/{job_id}/sources", params={"exclude_flags": (1 << 40) | 1})
+    assert wide.status_code == 200, wide.text
+    assert wide.json() == clean
+    unused = alice.get(f"/v1/subtractions/{job_id}/sources", params={"exclude_flags": 1 << 31})
+    assert unused.status_code == 200 and unused.json() == rows
     csv = alice.get(f"/v1/subtractions/{job_id}/sources", params={"format": "csv"})
     assert csv.headers["content-type"].startswith("text/csv")
     table = Table.read(csv.text, format="ascii.csv")

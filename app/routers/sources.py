@@ -177,8 +177,13 @@ def list_sources(
         keep &= np.asarray(table["is_negative"])
     elif sign == "dipole":
         keep &= np.asarray(table["is_dipole"])
-    if exclude_flags:
-        keep &= (np.asarray(table["flags"]) & exclude_flags) == 0
+    from core.forced import FLAG_BITS
+
+    # bits no flag uses cannot match: masked off, a value beyond the column's integer
+    # (2^31 and up) filters as its defined bits do
+    bits = exclude_flags & sum(bit for bit, _ in FLAG_BITS.values())
+    if bits:
+        keep &= (np.asarray(table["flags"], dtype=np.int64) & bits) == 0
     table = table[keep]
     if limit is not None:
         table = table[:limit]
