@@ -66,14 +66,11 @@ _SHIFT_PAD = 4
 
 
 def profile_sigma(psf: Psf) -> float:
-    """Trace radius (px) of a PSF, robust to negative side lobes and undersampling.
-
-    A decorrelated PSF can ring below zero, where the adaptive moments of the
-    stamp diverge; and the moments of a profile barely a pixel wide collapse along
-    an axis (a Gaussian of sigma 0.5 px reads 0; the whitened JWST difference's PSF
-    read ixx 8e-13, a FWHM of 0.81 px against 1.89 at half maximum, and its DIA
-    sources were centroided, deblended and measured with that). Then the width
-    comes from the half-maximum contour (`_half_maximum_sigma`).
+    """Trace radius (px) of a PSF, robust to negative side lobes and undersampling
+    (`core.psf.adaptive_moments`: a decorrelated PSF rings below zero, where the
+    iteration diverges; the whitened JWST difference's PSF, barely a pixel wide, read
+    ixx 8e-13, a FWHM of 0.81 px against 1.89 at half maximum, and its DIA sources were
+    centroided, deblended and measured with that).
 
     Raises
     ------
@@ -82,12 +79,7 @@ def profile_sigma(psf: Psf) -> float:
     """
     try:
         with np.errstate(all="ignore"):
-            ixx, iyy, _ = psf.moments()
-        # below a pixel's own second moment (1/12 px^2) an axis has collapsed
-        if _PIXEL_MOMENT <= ixx < math.inf and _PIXEL_MOMENT <= iyy < math.inf:
-            sigma = math.sqrt(0.5 * (ixx + iyy))
-        else:
-            sigma = _half_maximum_sigma(np.asarray(psf.kernel_image(), dtype=np.float64))
+            sigma = psf.sigma()
     except PsfError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of a user PSF is a PSF error
@@ -95,27 +87,6 @@ def profile_sigma(psf: Psf) -> float:
     if not (math.isfinite(sigma) and sigma > 0):
         raise PsfError("the PSF has no measurable width")
     return sigma
-
-
-#: Second moment (px^2) of a pixel's own extent: no sampled profile has less.
-_PIXEL_MOMENT = 1.0 / 12.0
-#: Upsampling of the stamp whose half-maximum area `_half_maximum_sigma` counts.
-_HALF_MAX_UPSAMPLE = 8
-
-
-def _half_maximum_sigma(stamp: np.ndarray) -> float:
-    """sigma of the Gaussian whose FWHM is the stamp's: 2 sqrt(area / pi) of the region
-    at or above half its peak, counted on a cubic-spline upsampling of the central 21 x
-    21 pixels (Gaussians of sigma 0.8 to 3 px to 2%, of 0.5 px 6% wide)."""
-    from scipy import ndimage
-
-    c = stamp.shape[0] // 2
-    h = min(c, 10)
-    core = stamp[c - h : c + h + 1, c - h : c + h + 1]
-    fine = ndimage.zoom(core, _HALF_MAX_UPSAMPLE, order=3)
-    step = (core.shape[0] - 1) / (fine.shape[0] - 1)  # zoom maps the end pixels onto each other
-    area = np.count_nonzero(fine >= 0.5 * fine.max()) * step * step
-    return 2.0 * math.sqrt(area / math.pi) / SIGMA_TO_FWHM
 
 
 class PsfStamps:

@@ -61,9 +61,11 @@ def limiting_magnitude(exposure: Exposure, fwhm: float) -> float:
         ixx, iyy, _ = psf.moments(*(psf.average_position or exposure.bbox_center()))
         area = math.pi * math.sqrt(ixx * iyy)
     except Exception:  # noqa: BLE001 - documented fallback to the FWHM
-        if not math.isfinite(fwhm):
-            return math.nan
+        area = math.nan
+    if not (math.isfinite(area) and area > 0):
         area = math.pi * (fwhm / 2.0) ** 2
+    if not (math.isfinite(area) and area > 0):
+        return math.nan
     return exposure.photo_calib.zero_point - 2.5 * math.log10(5.0 * math.sqrt(area))
 
 

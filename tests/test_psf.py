@@ -34,6 +34,16 @@ def test_undersampled_gaussian_sigma_close():
     assert GaussianPsf(1.0).sigma() == pytest.approx(1.0, rel=3e-3)
 
 
+@pytest.mark.parametrize("fwhm", [1.5, 1.6, 1.7, 1.8])
+def test_barely_sampled_gaussian_width_does_not_collapse(fwhm):
+    # the adaptive iteration collapsed on these (FWHM read 1e-117 to 0.05 px, and a
+    # subtraction of such images failed or crashed): the half-maximum width instead
+    psf = GaussianPsf(fwhm / SIGMA_TO_FWHM)
+    assert psf.fwhm() == pytest.approx(fwhm, rel=0.03)
+    ixx, iyy, ixy = psf.moments()
+    assert ixx == iyy and ixy == 0.0
+
+
 def test_elliptical_gaussian_moments():
     sigma, e, angle = 2.5, 0.3, 0.6
     psf = GaussianPsf(sigma, ellipticity=e, angle=angle, size=31)
