@@ -320,9 +320,7 @@ def test_centroids_beside_the_edge_band_stay_on_their_sources(mode):
     config = preset("sharper_template", size=512, seed=2)
     config = config.model_copy(
         update={
-            "science_psf": config.science_psf.model_copy(
-                update={"fwhm": 11.0, "ellipticity": 0.0}
-            ),
+            "science_psf": config.science_psf.model_copy(update={"fwhm": 11.0, "ellipticity": 0.0}),
             "template_psf": config.template_psf.model_copy(update={"fwhm": 9.0}),
             "transient_flux_min": 3000.0,
             "transient_flux_max": 4e4,
