@@ -514,12 +514,16 @@ def forced_photometry(
         ``x``, ``y``, ``ra``, ``dec`` (NaN without a WCS), ``psf_flux``,
         ``psf_flux_err`` (counts of the difference, i.e. science units), ``snr``,
         ``flags`` (`FLAG_BITS`) and one boolean ``flag_<name>`` per bit. Meta:
-        ``noise_scale`` applied to the errors.
+        ``noise_scale`` applied to the errors. A position whose fitting box misses
+        the frame, or a sky position the WCS cannot project (x, y NaN), is not
+        measured: NaN fluxes, flagged ``edge`` and ``no_data``.
 
     Raises
     ------
     InvalidCatalogError
-        Neither x/y nor ra/dec, lengths differ, or ra/dec without a WCS.
+        Neither x/y nor ra/dec, lengths differ, ra/dec without a WCS, a NaN or
+        infinite coordinate, or a dec beyond +-90 degrees (the first such position
+        named).
     IncompatibleInputsError
         The matched template is not on the difference's grid.
     PsfError
@@ -539,9 +543,19 @@ def forced_photometry(
     psf = psf or difference.require_psf()
     stamps = PsfStamps(psf, difference, config=config)
     scale = noise_scale(difference, stamps, config)
-    fit = psf_photometry(difference, x, y, stamps, config.fit_background, config.min_psf_coverage)
-    flux_err = fit["flux_err"] * scale
-    flags = pixel_flags(
+    # positions whose fitting box misses the frame (or that no pixel has: a sky position
+    # the WCS cannot project) are not fitted: no data, at the edge
+    ny, nx = difference.shape
+    reach = stamps.half + 1
+    near = (x > -reach) & (x < nx - 1 + reach) & (y > -reach) & (y < ny - 1 + reach)
+    flux = np.full(x.size, np.nan)
+    flux_err = np.full(x.size, np.nan)
+    flags = np.full(x.size, FLAG_BITS["edge"][0] | FLAG_BITS["no_data"][0], dtype=np.int32)
+    fit = psf_photometry(
+        difference, x[near], y[near], stamps, config.fit_background, config.min_psf_coverage
+    )
+    flux[near], flux_err[near] = fit["flux"], fit["flux_err"] * scale
+    flags[near] = pixel_flags(
         difference, fit["ix"], fit["iy"], config.flag_radius_fwhm * stamps.fwhm, stamps.half
     )
     dia = dia or DiaSourceConfig()
@@ -549,18 +563,22 @@ def forced_photometry(
     bright = near_bright_star(
         matched_template, fit["ix"], fit["iy"], radius, dia.bright_star_peak_snr
     )
-    flags[bright] |= FLAG_BITS["bright_star"][0]
-    outside = outside_kernel_hull(kernel_sources, difference.xy0, x, y, dia.suspect_kernel_margin)
+    flags[np.flatnonzero(near)[bright]] |= FLAG_BITS["bright_star"][0]
+    known = np.isfinite(x) & np.isfinite(y)
+    outside = np.zeros(x.size, dtype=bool)
+    outside[known] = outside_kernel_hull(
+        kernel_sources, difference.xy0, x[known], y[known], dia.suspect_kernel_margin
+    )
     flags[outside] |= FLAG_BITS["suspect_kernel"][0]
     with np.errstate(invalid="ignore", divide="ignore"):
-        snr = fit["flux"] / flux_err
+        snr = flux / flux_err
     table = Table(
         {
             "x": x,
             "y": y,
             "ra": ra,
             "dec": dec,
-            "psf_flux": fit["flux"],
+            "psf_flux": flux,
             "psf_flux_err": flux_err,
             "snr": snr,
             "flags": flags,
@@ -622,13 +640,34 @@ def _positions(exposure: Exposure, x, y, ra, dec):
             raise InvalidCatalogError(
                 "positions are given as ra/dec but the difference has no WCS; give x/y instead"
             )
-        pixels = exposure.wcs.world_to_pixel_values(ra, dec)
+        _require_finite(ra, dec, "ra", "dec")
+        beyond = np.flatnonzero(np.abs(dec) > 90)
+        if beyond.size:
+            raise InvalidCatalogError(
+                f"dec must be within -90..90 degrees (position {beyond[0]}, counting from 0: "
+                f"{dec[beyond[0]]:g})"
+            )
+        # a position the projection cannot reach (the far side of a tangent plane) is
+        # NaN: a row of its own, unmeasured, not a refusal of the whole list
+        with np.errstate(invalid="ignore"):
+            pixels = exposure.wcs.world_to_pixel_values(ra, dec)
         x, y = (np.asarray(v, dtype=np.float64) for v in pixels)
+        return x, y, ra, dec
     else:
         raise InvalidCatalogError("give positions as x and y (pixels) or as ra and dec (degrees)")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise InvalidCatalogError("positions must be finite numbers")
+    _require_finite(x, y, "x", "y")
     return x, y, ra, dec
+
+
+def _require_finite(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    """Refuse a list of positions holding a NaN or infinite coordinate, naming the first."""
+    bad = np.flatnonzero(~(np.isfinite(a) & np.isfinite(b)))
+    if bad.size:
+        k = bad[0]
+        raise InvalidCatalogError(
+            f"positions must be finite numbers ({name_a}, {name_b} of position {k}, "
+            f"counting from 0: {a[k]:g}, {b[k]:g})"
+        )
 
 
 def sky_positions(exposure: Exposure, x: np.ndarray, y: np.ndarray):

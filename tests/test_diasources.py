@@ -159,6 +159,34 @@ def test_catalog_columns_and_sky_positions(evaluations):
     assert np.median(np.abs(rows["template_flux"]) / rows["psf_flux"]) < 0.1
 
 
+def test_forced_positions_off_the_frame_or_the_sky_get_rows_of_their_own():
+    """One row per position whatever it is: far off the frame (1e19 px answered a 500
+    over HTTP: the integer pixel overflowed) or a sky position the tangent plane cannot
+    project (it refused the whole list as "not finite") is unmeasured, flagged edge and
+    no_data; a NaN coordinate or a dec beyond 90 is refused naming its position."""
+    from core.errors import InvalidCatalogError
+
+    _, result = _subtracted("varying")
+    difference = result.output
+    x = np.array([1e19, -1e19, 500.0, -60.0])
+    y = np.array([20.0, 20.0, 500.0, 20.0])
+    rows = forced_photometry(difference, x, y)
+    assert len(rows) == 4 and list(rows["x"]) == list(x)
+    off = np.array([True, True, False, True])
+    assert np.all(np.isnan(rows["psf_flux"][off])) and np.isfinite(rows["psf_flux"][2])
+    assert np.all(rows["flag_edge"][off] & rows["flag_no_data"][off])
+    assert not rows["flag_no_data"][2]
+    ra, dec = difference.wcs.pixel_to_world_values(500.0, 500.0)
+    sky = forced_photometry(difference, ra=[ra, ra + 180.0, ra], dec=[dec, -dec, dec])
+    assert len(sky) == 3
+    assert np.isnan(sky["x"][1]) and np.isnan(sky["psf_flux"][1]) and sky["flag_no_data"][1]
+    np.testing.assert_allclose(sky["psf_flux"][[0, 2]], rows["psf_flux"][2], rtol=1e-6)
+    with pytest.raises(InvalidCatalogError, match="position 1"):
+        forced_photometry(difference, [1.0, np.nan], [2.0, 3.0])
+    with pytest.raises(InvalidCatalogError, match="dec must be within"):
+        forced_photometry(difference, ra=[10.0, 20.0], dec=[0.0, 95.0])
+
+
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_preconvolve_detects_on_the_score(name):
     """Score mode: fluxes of bright transients unbiased (2%) with the profile of a point

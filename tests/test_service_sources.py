@@ -158,6 +158,21 @@ def test_forced_photometry_in_order(deployment, alice):
     assert mixed.json()["error"]["code"] == "invalid_positions"
     empty = alice.post(f"/v1/subtractions/{job_id}/forced", json=[])
     assert empty.status_code == 422 and "error" in empty.json()
+    # far off the frame (a 500 before) and beyond the sky's projection: rows of their own
+    far = alice.post(
+        f"/v1/subtractions/{job_id}/forced",
+        json=[{"x": 1e19, "y": 20.0}, {"x": float(x[0]), "y": float(y[0])}],
+    )
+    assert far.status_code == 200, far.text
+    assert far.json()[0]["psf_flux"] is None and far.json()[0]["flags"] & 16
+    assert far.json()[1]["psf_flux"] == pytest.approx(rows[1]["psf_flux"])
+    unreachable = [{"ra": sky[0]["ra"] + 180.0, "dec": -sky[0]["dec"]}, sky[0]]
+    both = alice.post(f"/v1/subtractions/{job_id}/forced", json=unreachable)
+    assert both.status_code == 200, both.text
+    assert both.json()[0]["psf_flux"] is None
+    assert both.json()[1]["psf_flux"] == pytest.approx(rows[0]["psf_flux"])
+    pole = alice.post(f"/v1/subtractions/{job_id}/forced", json=[{"ra": 1.0, "dec": 95.0}])
+    assert pole.status_code == 422 and "dec must be within" in pole.json()["error"]["message"]
 
 
 def test_cutout_triplets(deployment, alice):

@@ -132,7 +132,9 @@ _TABLE_CONTENT = {
     description="The catalog of what changed: one object per DIA source (positive, negative or "
     "dipole), most significant first. Columns: `id`, `x`, `y` (0-based column and row of the "
     "science array), `ra`, `dec` (degrees; null without WCS), `psf_flux`, `psf_flux_err` "
-    "(science counts), `snr`, `detection_snr`, `aperture_flux`, moments `ixx`, `iyy`, `ixy`, "
+    "(science counts), `snr`, `detection_snr`, `aperture_flux` and its error (null where the "
+    "aperture touches no-data, edge or bad pixels), moments `ixx`, `iyy`, `ixy`, `footprint` "
+    "and `n_peaks` (the detection footprint's number and its peaks: more than one, deblended), "
     "`is_negative`, `is_dipole`, `dipole_separation`, `dipole_angle`, `dipole_pos_flux`, "
     "`dipole_neg_flux` (separation and lobe fluxes null where the fit cannot tell them: lobes "
     "closer than a PSF FWHM with no star under them), `science_flux`, `template_flux` (PSF "
@@ -197,8 +199,12 @@ def list_sources(
     "of known objects): one object per position, in the order given, with `x`, `y`, `ra`, "
     "`dec`, `psf_flux`, `psf_flux_err` (science counts; errors include correlated noise), "
     f"`snr` and `flags` (bits as for the sources; bright_star and suspect_kernel from the "
-    f"job's matched template and kernel sources, as in its catalog). At most "
-    f"{_MAX_POSITIONS} positions. "
+    f"job's matched template and kernel sources, as in its catalog) with a boolean "
+    "`flag_<name>` per bit. A position whose fitting box misses the frame, or a sky position "
+    "the WCS cannot project (`x`, `y` null), gets its row with null fluxes, flagged edge and "
+    "no_data. Between 1 and "
+    f"{_MAX_POSITIONS} positions; a non-finite coordinate or a dec beyond 90 degrees is "
+    "refused (422, naming the position). "
     "`format=csv` or `fits` returns a table file.",
     responses={
         200: {
