@@ -1013,6 +1013,12 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
     if is_mef and f.index_of(("IMAGE",)) is None:
         # an image in an extension of a non-Rubin file: its own header holds keywords too
         metadata.update(_metadata_from_header(image_header))
+    elif "BUNIT" in image_header and _ALSUB_JSON_KEY not in primary:
+        # another writer's Rubin layout keeps the pixels' unit on the IMAGE HDU (astropy's
+        # CCDData reads it there): read without it, a difference of nJy images was
+        # labelled adu. (Ours keeps a known unit in the primary too: adu on IMAGE alone
+        # is the label of an unknown one.)
+        metadata.setdefault("BUNIT", image_header["BUNIT"])
     metadata.update(alsub.get("metadata", {}))
     band = alsub["band"] if "band" in alsub else _band_from_headers(headers)
     if "photo_calib" in alsub:

@@ -937,6 +937,22 @@ def test_exposure_without_unit_is_in_adu_for_ccddata(tmp_path):
     assert CCDData.read(path, hdu="IMAGE").unit == u.adu
 
 
+def test_unit_on_the_image_hdu_of_another_writer_is_kept(tmp_path):
+    """A Rubin-layout file from another writer holds its unit on the IMAGE HDU only:
+    read, then written, the unit stays (it was relabelled adu)."""
+    path = write_exposure(make_exposure(), tmp_path / "exp.fits")
+    with fits.open(path) as hdus:
+        del hdus[0].header["ALSUBMD"]
+        hdus["IMAGE"].header["BUNIT"] = "nJy"
+        hdus["VARIANCE"].header["BUNIT"] = "nJy2"
+        hdus.writeto(tmp_path / "other.fits")
+    exposure = read_exposure(tmp_path / "other.fits")
+    assert exposure.metadata["BUNIT"] == "nJy"
+    again = write_exposure(exposure, tmp_path / "again.fits")
+    assert fits.getheader(again, "IMAGE")["BUNIT"] == "nJy"
+    assert CCDData.read(again, hdu="IMAGE").unit == u.nJy
+
+
 def test_to_and_from_ccddata_round_trip():
     exposure = make_exposure()
     exposure.metadata["BUNIT"] = "nJy"
