@@ -173,6 +173,12 @@ def test_forced_photometry_in_order(deployment, alice):
     assert both.json()[1]["psf_flux"] == pytest.approx(rows[0]["psf_flux"])
     pole = alice.post(f"/v1/subtractions/{job_id}/forced", json=[{"ra": 1.0, "dec": 95.0}])
     assert pole.status_code == 422 and "dec must be within" in pole.json()["error"]["message"]
+    text = alice.post(
+        f"/v1/subtractions/{job_id}/forced",
+        content=b'[{"x": 1, "y": 2}]',
+        headers={"Content-Type": "text/plain"},
+    )
+    assert text.status_code == 415 and text.json()["error"]["code"] == "unsupported_media_type"
 
 
 def test_cutout_triplets(deployment, alice):
@@ -199,6 +205,11 @@ def test_cutout_triplets(deployment, alice):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     huge = alice.get(f"/v1/subtractions/{job_id}/sources/0/cutouts", params={"size": 100000})
     assert huge.status_code == 422
+    # the limit said is the largest size that works (it said 1024, which is even)
+    limit = int(huge.json()["error"]["message"].rsplit("at most ", 1)[1].split(",")[0])
+    assert limit % 2 == 1
+    largest = alice.get(f"/v1/subtractions/{job_id}/sources/0/cutouts", params={"size": limit})
+    assert largest.status_code == 200, largest.text
     # an even size is the request's fault, said as such (it was "invalid_config")
     even = alice.get(f"/v1/subtractions/{job_id}/sources/0/cutouts", params={"size": 64})
     assert even.status_code == 422 and even.json()["error"]["code"] == "invalid_request"

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 from astropy.table import Table
-from fastapi import APIRouter, Body, Depends, Query, Response
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -68,6 +68,13 @@ class ForcedPosition(BaseModel):
     y: float | None = Field(None, description="Row (pixels, 0-based).")
     ra: float | None = Field(None, description="Right ascension (degrees).")
     dec: float | None = Field(None, description="Declination (degrees).")
+
+
+def _json_body(request: Request) -> None:
+    """Refuse a body that is not declared JSON (415, as job submission does): read as
+    text, it failed as "Input should be a valid list"."""
+    if not request.headers.get("content-type", "").lower().startswith("application/json"):
+        raise ApiError(415, "unsupported_media_type", "send the positions as application/json")
 
 
 def _catalog(store: Store, job_id: str) -> Table:
@@ -231,11 +238,13 @@ def list_sources(
         **_AUTH,
         **_NOT_FOUND,
         **_NOT_DONE,
+        415: {"model": ErrorResponse, "description": "The body is not JSON."},
         422: {"model": ErrorResponse, "description": "Bad positions, or no difference."},
     },
 )
 def forced(
     job_id: str,
+    _: None = Depends(_json_body),
     positions: list[ForcedPosition] = Body(
         ...,
         description="Positions: all with x and y, or all with ra and dec.",
@@ -334,13 +343,15 @@ def source_cutouts(
     from core.cutouts import TRIPLET, triplet_fits, triplet_from_files, triplet_png
 
     _finished_job(store, job_id, caller)
-    if size > settings.max_cutout_size:
-        raise ApiError(422, "invalid_request", f"size must be at most {settings.max_cutout_size}")
-    if size % 2 == 0:  # a query parameter, not the config: the request is what is wrong
+    # odd: the source's pixel at the centre (a query parameter, not the config: the
+    # request is what is wrong)
+    largest = settings.max_cutout_size - (1 - settings.max_cutout_size % 2)
+    if size % 2 == 0 or size > largest:
         raise ApiError(
             422,
             "invalid_request",
-            f"size must be odd (the source's pixel at the centre), got {size}",
+            f"size must be odd (the source's pixel at the centre) and at most {largest}, "
+            f"got {size}",
         )
     table = _catalog(store, job_id)
     match = np.flatnonzero(np.asarray(table["id"]) == source_id)
