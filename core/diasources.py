@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.fft as sfft
 from astropy.io import fits
-from astropy.table import Table
+from astropy.table import Column, MaskedColumn, Table
 from scipy.optimize import least_squares
 from scipy.spatial import cKDTree
 
@@ -1163,4 +1163,10 @@ def read_dia_sources(path) -> Table:
     table.meta = {header[k]: v for k, v in table.meta.items() if k in header}
     for column in table.itercols():  # units belong to the file; the rows are numbers
         column.unit = None
+    # astropy reads NaN floats back as masked values: NaN again, as written (a CSV of
+    # the catalog had empty cells where the forced rows' have nan)
+    for name in table.colnames:
+        column = table[name]
+        if isinstance(column, MaskedColumn) and column.dtype.kind == "f":
+            table[name] = Column(column.filled(np.nan), name=name)
     return table

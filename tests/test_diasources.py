@@ -825,6 +825,11 @@ def test_catalog_file_says_when_in_which_band_and_in_which_units(tmp_path, bunit
         back = read_dia_sources(path)
         assert back.meta["mjd_obs"] == 60123.25 and back.meta["bunit"] == bunit
         assert back["psf_flux"].unit is None  # numbers, as written
+        # NaN read back as NaN, not as masked values (empty cells in a CSV)
+        table["psf_flux"][0] = np.nan
+        catalog_hdulist(table).writeto(path, overwrite=True)
+        back = read_dia_sources(path)
+        assert not back.has_masked_columns and np.isnan(back["psf_flux"][0])
 
 
 def test_sources_along_a_satellite_trail_are_flagged_streak():
