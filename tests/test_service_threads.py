@@ -113,3 +113,35 @@ def test_workers_are_counted_per_machine_not_per_host_name(tmp_path, redis_prefi
         assert job_threads(records, settings) == max(1, _cores() // 3)
     finally:
         records.close()
+
+
+def test_products_written_after_the_difference_run_at_low_priority():
+    """`at_low_priority`: the function runs on a thread niced by `LOW_PRIORITY` (the
+    threads it starts too), its value or exception comes back to the caller."""
+    import threading
+
+    import pytest
+
+    from worker.threads import LOW_PRIORITY, at_low_priority
+
+    def nice_of_this_thread() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = nice_of_this_thread()
+    assert at_low_priority(nice_of_this_thread) == min(19, mine + LOW_PRIORITY)
+    started: list[int] = []
+
+    def spawns() -> int:
+        child = threading.Thread(target=lambda: started.append(nice_of_this_thread()))
+        child.start()
+        child.join()
+        return started[0]
+
+    assert at_low_priority(spawns) == min(19, mine + LOW_PRIORITY)
+    assert nice_of_this_thread() == mine  # the caller's own priority is untouched
+
+    def fails(name: str) -> None:
+        raise FileNotFoundError(name)
+
+    with pytest.raises(FileNotFoundError, match="kernel.fits"):
+        at_low_priority(fails, "kernel.fits")

@@ -19,10 +19,12 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from threadpoolctl import threadpool_limits
 
@@ -30,9 +32,18 @@ from core.parallel import set_thread_limit, thread_limit
 from store import Settings
 from store.errors import UNAVAILABLE_ERRORS
 
-__all__ = ["job_threads", "thread_share", "workers_on_this_machine", "machine_key", "node_name"]
+__all__ = [
+    "job_threads",
+    "thread_share",
+    "workers_on_this_machine",
+    "machine_key",
+    "node_name",
+    "at_low_priority",
+]
 
 log = logging.getLogger("alsub.worker")
+
+T = TypeVar("T")
 
 
 def machine_key() -> str:
@@ -95,3 +106,38 @@ def thread_share(records, settings: Settings) -> Iterator[int]:
             yield threads
     finally:
         set_thread_limit(previous)
+
+
+#: Nice increment of `at_low_priority`'s thread (Linux: per thread).
+LOW_PRIORITY = 10
+
+
+def at_low_priority(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on a thread of its own at a lower CPU priority (nice +10; the
+    threads it starts inherit it), waited for: work nobody waits on (the products
+    written after the difference is published) yields the cores to work somebody does
+    (the API serving that difference). Raised here what it raised; if this thread is
+    interrupted (a time limit), the work is still waited for: it writes the job's files.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY)
+        except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
+            pass
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="alsub-low-priority")
+    thread.start()
+    try:
+        thread.join()
+    except BaseException:
+        thread.join()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
