@@ -106,7 +106,9 @@ async def _fill(writer: BlobWriter, chunks: AsyncIterator[bytes]) -> BlobWriter:
             await asyncio.shield(pending)
         pending = None
         _write_all(writer, batch)
-        await run_in_threadpool(writer.close)  # fsync of up to the upload cap: off the loop
+        # readable by path now; synced to disk (up to the upload cap) when closed, which
+        # `ingest_exposure` does while the reader validates it
+        writer.flush()
     except BaseException:
         if pending is not None:
             # the thread cannot be stopped: let it finish before the file goes
@@ -182,8 +184,14 @@ async def ingest_exposure(
     if meta is not None:
         writer.abort()  # the same bytes were validated and stored before
     else:
+        # the sync to disk beside the validation, which reads the page cache (a 200 MB
+        # upload: 0.09 s of fsync and 0.13 s of reading, one after the other before)
+        synced = asyncio.ensure_future(run_in_threadpool(writer.close))
         try:
-            description = await run_in_threadpool(_describe, writer.path, settings, label)
+            try:
+                description = await run_in_threadpool(_describe, writer.path, settings, label)
+            finally:
+                await asyncio.wait([synced])
         except AlsubError:
             writer.abort()
             raise
@@ -192,6 +200,13 @@ async def ingest_exposure(
             raise ApiError(
                 422, "invalid_exposure", f"{label}: cannot read as FITS ({type(exc).__name__})"
             ) from None
+        except BaseException:  # cancelled: nothing half-stored stays
+            writer.abort()
+            raise
+        failed = synced.exception()
+        if failed is not None:  # the disk's fault, not the file's: raised as it came
+            writer.abort()
+            raise failed
         meta = {"size_bytes": writer.size, "description": description}
         writer.commit()
         store.exposures.write_meta(sha, meta)

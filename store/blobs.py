@@ -72,8 +72,15 @@ class BlobWriter:
         self._hash.update(chunk)
         self._file.write(chunk)
 
+    def flush(self) -> None:
+        """Hand what was written to the OS (it can then be read by path), not yet to the
+        disk: `close` syncs it, and can run while it is read."""
+        if not self._file.closed:
+            self._file.flush()
+
     def close(self) -> None:
-        """Flush and close the temporary file (it can then be read for validation)."""
+        """Flush, sync to disk and close the temporary file (it can then be read for
+        validation)."""
         if not self._file.closed:
             self._file.flush()
             os.fsync(self._file.fileno())

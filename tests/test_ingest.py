@@ -80,3 +80,60 @@ def test_cancelled_upload_waits_for_the_batch_being_written(tmp_path):
 
     asyncio.run(main())
     assert events[-1] == "abort" and "close" not in events
+
+
+def _store(tmp_path, redis_prefix):
+    from store import Settings, open_store
+
+    url, prefix = redis_prefix
+    settings = Settings(data_dir=tmp_path / "data", redis_url=url, redis_prefix=prefix)
+    return open_store(settings), settings
+
+
+def _fits_bytes(tmp_path) -> bytes:
+    from core.io import write_exposure
+    from core.simulate import preset, simulate_pair
+
+    pair = simulate_pair(preset("sharper_template", size=64, seed=2))
+    return write_exposure(pair.science, tmp_path / "science.fits").read_bytes()
+
+
+def test_upload_is_synced_while_it_is_validated_and_then_stored(tmp_path, redis_prefix):
+    """`_fill` leaves the file flushed, not yet synced; `ingest_exposure` syncs it beside
+    the validation and commits it: stored whole, under its sha256."""
+    from app.ingest import ingest_exposure
+
+    store, settings = _store(tmp_path, redis_prefix)
+    data = _fits_bytes(tmp_path)
+    writer = asyncio.run(_fill(store.exposures.writer(len(data)), _chunks(data)))
+    assert writer.path.read_bytes() == data  # readable by path before the sync
+    sha, meta = asyncio.run(ingest_exposure(writer, store, settings, "alice"))
+    assert sha == hashlib.sha256(data).hexdigest() and meta["size_bytes"] == len(data)
+    assert store.exposures.path(sha).read_bytes() == data
+    assert list(store.exposures.tmp_dir.iterdir()) == []
+
+
+def test_failed_sync_is_the_disks_fault_not_the_files(tmp_path, redis_prefix, monkeypatch):
+    """A disk that fails the sync: raised as the OSError it is (not a 422 about the
+    file), nothing stored; a file the reader cannot read is still the file's 422."""
+    from app.ingest import ingest_exposure
+    from core.errors import InvalidExposureError
+
+    store, settings = _store(tmp_path, redis_prefix)
+    data = _fits_bytes(tmp_path)
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", no_space)
+        writer = asyncio.run(_fill(store.exposures.writer(len(data)), _chunks(data)))
+        with pytest.raises(OSError, match="No space left"):
+            asyncio.run(ingest_exposure(writer, store, settings, "alice"))
+    assert list(store.exposures.tmp_dir.iterdir()) == []
+    assert not store.exposures.exists(hashlib.sha256(data).hexdigest())
+    broken = data[: len(data) // 2]
+    writer = asyncio.run(_fill(store.exposures.writer(len(broken)), _chunks(broken)))
+    with pytest.raises(InvalidExposureError, match="truncated"):  # answered 422
+        asyncio.run(ingest_exposure(writer, store, settings, "alice"))
+    assert list(store.exposures.tmp_dir.iterdir()) == []
