@@ -777,6 +777,7 @@ def _measure_beside(
             kernel_sources,
             setup,
             pool,
+            is_score,
         )
     table.meta.update(observation_meta(output))
     return table
@@ -822,6 +823,7 @@ def _measure(
     kernel_sources: Table | None,
     setup: Future,
     pool: Executor,
+    is_score: bool,
 ) -> Table:
     """`measure_dia_sources` with what does not need the detections in ``setup`` (a
     future of `_setup`); the independent measurements run on ``pool``."""
@@ -862,6 +864,9 @@ def _measure(
         single_stamps,
         forced.fit_background,
         forced.min_psf_coverage,
+        # a cosmic ray or hot pixel in the output is narrower than its PSF; on a score,
+        # already filtered by the PSF, it is not
+        sharpness=not is_score,
     )
     n_single, n_pair = single.size, pairs.shape[0]
     n = n_single + n_pair
@@ -950,6 +955,8 @@ def _measure(
     columns["aperture_flux_err"] = aperture_err * aperture_scale
     flags[bright.result()] |= FLAG_BITS["bright_star"][0]
     flags[outside] |= FLAG_BITS["suspect_kernel"][0]
+    if "sharp" in single_fit:
+        flags[:n_single][single_fit["sharp"]] |= FLAG_BITS["sharp"][0]
     # a trail or a saturated star's row artifact, broken into sources along a line
     flags[on_lines(x_all, y_all, fwhm)] |= FLAG_BITS["streak"][0]
     columns["flags"] = flags
@@ -1061,7 +1068,9 @@ def dia_sources(
         (pixel noise, its correlation by the kernels included; in a crowded field
         the light of unresolved neighbours adds scatter they do not hold);
         ``flags`` (bits of
-        `core.forced.FLAG_BITS`; ``streak``: one of a line of sources, `core.streaks`)
+        `core.forced.FLAG_BITS`; ``streak``: one of a line of sources, `core.streaks`;
+        ``sharp``: narrower than the PSF, a cosmic ray or hot pixel,
+        `core.forced.SHARP_RATIO`, not raised on a score, where the PSF filter widened it)
         and one ``flag_<name>`` column per bit.
     """
     config = config or DiaSourceConfig()

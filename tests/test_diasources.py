@@ -92,6 +92,40 @@ def test_barely_sampled_pair_subtracts_and_finds_its_transients(fwhm):
     assert bright.sum() >= 40
     assert ev["found"][bright].all()
     assert ev["false_sky"] + ev["false_star"] == 0
+    # a PSF barely a pixel wide is no sharper than a point source under it
+    assert not np.asarray(result.dia_sources["flag_sharp"]).any()
+
+
+@pytest.mark.parametrize(("name", "seed"), [("sharper_template", 11), ("varying", 12)])
+def test_cosmic_rays_are_flagged_sharp_and_transients_are_not(name, seed):
+    """Unmasked cosmic rays in the science image pass into the difference as sources
+    narrower than its PSF: flagged ``sharp`` (SAAO frames: 12 of 19 unflagged sources
+    were single hot pixels), the transients never; forced photometry on a ray flags it
+    too."""
+    config = preset(name, size=SIZE, seed=seed).model_copy(
+        update={
+            "n_cosmic_rays": 150,
+            "mask_cosmic_rays": False,
+            "n_transients": N_TRANSIENTS,
+            "n_negative_transients": N_TRANSIENTS,
+        }
+    )
+    pair = simulate_pair(config)
+    result = run_subtraction(pair.science, pair.template)
+    catalog = result.dia_sources
+    rays = pair.truth["cosmic_rays"]["science"]
+    rx = np.array([np.mean(ray["x"]) for ray in rays])
+    ry = np.array([np.mean(ray["y"]) for ray in rays])
+    xy = np.column_stack([catalog["x"], catalog["y"]])
+    on_ray = cKDTree(np.column_stack([rx, ry])).query(xy)[0] < 4
+    x, y, _ = transient_truth(pair)
+    on_transient = (cKDTree(np.column_stack([x, y])).query(xy)[0] < 1.5) & ~on_ray
+    sharp = np.asarray(catalog["flag_sharp"])
+    assert on_ray.sum() >= 100 and on_transient.sum() >= 80
+    assert sharp[on_ray].mean() >= 0.95
+    assert not sharp[on_transient].any()
+    rows = forced_photometry(result.output, catalog["x"][on_ray], catalog["y"][on_ray])
+    assert np.asarray(rows["flag_sharp"]).mean() >= 0.95
 
 
 def test_false_detection_rates(evaluations):

@@ -150,7 +150,8 @@ _TABLE_CONTENT = {
     "of the PSF) and their errors (pixel noise, correlations included; not the confusion of a "
     "crowded field), `flags` (bits: edge 1, saturated 2, bad 4, interpolated 8, no_data 16, "
     "bright_star 32, suspect_kernel 64, streak 128: one of five or more sources strung along "
-    "a line, a trail or a saturated star's row) and a boolean `flag_<name>` per bit. "
+    "a line, a trail or a saturated star's row; sharp 256: narrower than the PSF, a cosmic "
+    "ray or hot pixel, not raised on a preconvolve score) and a boolean `flag_<name>` per bit. "
     "`format=csv` or `fits` gives the same rows as a table file; the FITS header also gives "
     "the science exposure's MJD-OBS, DATE-OBS, FILTER, EXPTIME and BUNIT, and column units "
     "(TUNIT).",
