@@ -25,7 +25,7 @@ from .errors import IncompatibleInputsError, InvalidCatalogError, PsfError
 from .exposure import Exposure
 from .order import row_nanmedians
 from .position_flags import near_bright_star, outside_kernel_hull
-from .psf import SIGMA_TO_FWHM, Psf
+from .psf import _PIXEL_MOMENT, SIGMA_TO_FWHM, Psf, _half_maximum_sigma
 from .stamps import batches
 from .stamps import stamps as _stack
 
@@ -67,11 +67,14 @@ _SHIFT_PAD = 4
 
 
 def profile_sigma(psf: Psf) -> float:
-    """Trace radius (px) of a PSF, robust to negative side lobes and undersampling
-    (`core.psf.adaptive_moments`: a decorrelated PSF rings below zero, where the
-    iteration diverges; the whitened JWST difference's PSF, barely a pixel wide, read
-    ixx 8e-13, a FWHM of 0.81 px against 1.89 at half maximum, and its DIA sources were
-    centroided, deblended and measured with that).
+    """Trace radius (px) of a PSF, robust to negative side lobes and undersampling.
+
+    A decorrelated PSF can ring below zero, where the adaptive moments of the stamp
+    diverge, deeper than `core.psf.adaptive_moments` replaces; and the moments of a
+    profile barely a pixel wide collapse (the whitened JWST difference's PSF read ixx
+    8e-13, a FWHM of 0.81 px against 1.89 at half maximum, and its DIA sources were
+    centroided, deblended and measured with that). Then the width comes from the
+    half-maximum contour (`core.psf._half_maximum_sigma`).
 
     Raises
     ------
@@ -80,7 +83,12 @@ def profile_sigma(psf: Psf) -> float:
     """
     try:
         with np.errstate(all="ignore"):
-            sigma = psf.sigma()
+            ixx, iyy, _ = psf.moments()
+        # below a pixel's own second moment (1/12 px^2) an axis has collapsed
+        if _PIXEL_MOMENT <= ixx < math.inf and _PIXEL_MOMENT <= iyy < math.inf:
+            sigma = math.sqrt(0.5 * (ixx + iyy))
+        else:
+            sigma = _half_maximum_sigma(np.asarray(psf.kernel_image(), dtype=np.float64))
     except PsfError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of a user PSF is a PSF error

@@ -38,17 +38,27 @@ def adaptive_moments(stamp: np.ndarray, max_iter: int = 50, tol: float = 1e-6):
     exact and for wide-winged profiles (Moffat) they stay finite.
 
     The iteration collapses on a profile barely a pixel wide (a sampled Gaussian of
-    FWHM 1.5-1.8 px read 1e-117-0.05 px) and diverges where a profile rings below
-    zero (a decorrelated PSF): there, the round moments of the Gaussian whose
-    half-maximum area is the stamp's (`_half_maximum_sigma`).
+    FWHM 1.5-1.8 px read 1e-117-0.05 px): for a profile with little negative light
+    (`_NEGATIVE_LIGHT`), the round moments of the Gaussian whose half-maximum area is
+    the stamp's (`_half_maximum_sigma`). A stamp with more (a decorrelation kernel, a
+    peak in a deep negative ring) keeps what the iteration gives.
     """
     stamp = np.asarray(stamp, dtype=np.float64)
     ixx, iyy, ixy = _iterated_moments(stamp, max_iter, tol)
     # below a pixel's own second moment an axis has collapsed
     if _PIXEL_MOMENT <= ixx < math.inf and _PIXEL_MOMENT <= iyy < math.inf:
         return ixx, iyy, ixy
+    positive = stamp[stamp > 0].sum()
+    if -stamp[stamp < 0].sum() > _NEGATIVE_LIGHT * positive:
+        return ixx, iyy, ixy
     sigma = _half_maximum_sigma(stamp)
     return sigma * sigma, sigma * sigma, 0.0
+
+
+#: Most negative light (fraction of the positive) of a stamp whose collapsed moments
+#: `adaptive_moments` replaces by its half-maximum width: a sampled PSF has none (or
+#: its noise's), a decorrelation kernel given as a PSF half as much as positive.
+_NEGATIVE_LIGHT = 0.25
 
 
 #: Second moment (px^2) of a pixel's own extent: no sampled profile has less.
