@@ -588,16 +588,46 @@ def _on_bbox(exposure: Exposure, bbox, what: str) -> Exposure:
         ) from exc
 
 
-def _fill_nonfinite(image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Float32 image with NaN/inf replaced by the nan-mean (section 4.3 step 7), and
-    where they were (None when all are finite: no frame-sized boolean kept)."""
+def _fill_nonfinite(
+    image: np.ndarray, masked: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Float32 image with NaN/inf, and the ``masked`` pixels, replaced by the mean of the
+    rest (section 4.3 step 7), and where they were (None when there are none: no
+    frame-sized boolean kept)."""
     data = np.asarray(image, dtype=np.float32)
-    if order.all_finite(data):
+    if order.all_finite(data) and (masked is None or not masked.any()):
         return data, None
-    finite = np.isfinite(data)
-    fill = np.mean(data[finite], dtype=np.float64) if finite.any() else 0.0
-    bad = np.logical_not(finite, out=finite)
+    usable = np.isfinite(data)
+    if masked is not None:
+        usable &= ~masked
+    fill = np.mean(data[usable], dtype=np.float64) if usable.any() else 0.0
+    bad = np.logical_not(usable, out=usable)
     return np.where(bad, np.float32(fill), data), bad
+
+
+#: Mask planes whose pixels hold no difference for the filter to spread: the
+#: convolution's edge band (the science minus the unconvolved template), no data, and
+#: what the detector clipped, lost or was hit by. Rubin's edge band is NaN and its
+#: saturated and cosmic-ray pixels are interpolated before subtraction; here, held at
+#: their values, a template 1000x the science's scale put +43000 (noise 35) into the
+#: pixels beside the edge band, a saturated block -2751 beside it: false DIA sources.
+_FILTER_UNUSABLE = ("EDGE", "NO_DATA", "SAT", "BAD", "CR")
+
+
+def _unusable_pixels(exposure: Exposure) -> np.ndarray | None:
+    """Pixels with any `_FILTER_UNUSABLE` plane set (None when no such plane exists)."""
+    bits = exposure.bitmask([p for p in _FILTER_UNUSABLE if p in exposure.mask_planes])
+    if not bits:
+        return None
+    out = frame_array(exposure.shape, bool)
+    rows = max(1, exposure.shape[0] // (4 * n_threads()))
+
+    def band(start: int) -> None:
+        part = slice(start, min(start + rows, exposure.shape[0]))
+        np.not_equal(exposure.mask[part] & bits, 0, out=out[part])
+
+    thread_map(band, range(0, exposure.shape[0], rows))
+    return out
 
 
 def _mean_variance(exposure: Exposure, ignore) -> float:
@@ -805,7 +835,7 @@ def decorrelate_difference(
         log.warning("Diverging correction: convolved/unconvolved variance ratio %g", vt / v)
 
     complete = config.complete_var_plane_propagation
-    image, bad = _fill_nonfinite(difference.image)
+    image, bad = _fill_nonfinite(difference.image, _unusable_pixels(difference))
     # a consumed difference's own variance plane is reused (no fresh frame); a deferred
     # one is not made for that
     reuse = consume and not difference.variance_deferred
