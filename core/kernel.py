@@ -1136,8 +1136,11 @@ def _stamp(exposure: Exposure, box: Box) -> dict | None:
 _BOX_COLUMNS = ("stamp_x0", "stamp_y0", "stamp_x1", "stamp_y1")
 
 
-def _make_candidates(reference, target, sources, bbox, stamp_size, config, rating_column, half):
-    """Candidates with stamps, grouped in cells of size_cell_x x size_cell_y (section 3.2)."""
+def _make_candidates(
+    reference, target, sources, bbox, stamp_size, config, rating_column, half, pedestal=0.0
+):
+    """Candidates with stamps, grouped in cells of size_cell_x x size_cell_y (section 3.2);
+    the reference's stamps less ``pedestal``."""
     n = len(sources)
     xs = np.asarray(sources["x"], dtype=np.float64) if n else np.zeros(0)
     ys = np.asarray(sources["y"], dtype=np.float64) if n else np.zeros(0)
@@ -1174,7 +1177,7 @@ def _make_candidates(reference, target, sources, bbox, stamp_size, config, ratin
             cand.reject("stamp not fully inside both images")
             continue
         cand.stamps = {
-            "ref": ref["image"],
+            "ref": ref["image"] - pedestal if pedestal else ref["image"],
             "ref_var": ref["variance"],
             "ref_mask": ref["mask"],
             "tgt": tgt["image"],
@@ -1580,8 +1583,14 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
         target.mask_planes.get_bitmask(config.bad_mask_planes),
         reference.mask_planes.get_bitmask(config.bad_mask_planes),
     )
+    # the fit sees the reference less its pedestal: a constant under the stars is what
+    # the background term fits, and the first basis image's column, nearly that constant
+    # times the stamp, made the two near collinear (a template 1e4 above its sky: kernel
+    # sum 0.09 for 0.99, condition number 1e10 for 4e6 on a sky of 1000)
+    # (without a background term nothing could take it up: the reference as it is)
+    pedestal = _pedestal(reference, bad_bits[1]) if config.fit_for_background else 0.0
     candidates, cells = _make_candidates(
-        reference, target, sources, bbox, stamp_size, config, rating_column, basis.half
+        reference, target, sources, bbox, stamp_size, config, rating_column, basis.half, pedestal
     )
     if not cells:
         raise NoKernelCandidatesError(
@@ -1690,9 +1699,50 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
     kernel_sum = kernel.sum(*kernel.domain_center())
     if not np.isfinite(kernel_sum):
         raise KernelSolutionError("The fitted kernel sum is not finite.")
+    background = _with_pedestal(background, kernel, fitter.basis_sums, pedestal)
     return KernelSolution(
         kernel, background, table, n_good, condition, kernel_sum, basis, orders, notes
     )
+
+
+#: Pixels of the reference whose median is its pedestal (every k-th row and column).
+_PEDESTAL_SAMPLE = 1 << 18
+
+
+def _pedestal(reference: Exposure, bad_bits: int) -> float:
+    """The reference's typical level: the median of its usable pixels on a grid of about
+    `_PEDESTAL_SAMPLE` (0 when it has none)."""
+    step = max(1, math.isqrt(reference.image.size // _PEDESTAL_SAMPLE))
+    grid = np.s_[::step, ::step]
+    values = np.asarray(reference.image[grid], dtype=np.float64)
+    usable = np.isfinite(values)
+    if bad_bits:
+        usable &= (reference.mask[grid] & bad_bits) == 0
+    return float(np.median(values[usable])) if usable.any() else 0.0
+
+
+def _with_pedestal(
+    background: BackgroundModel, kernel: SpatialKernel, basis_sums: np.ndarray, pedestal: float
+) -> BackgroundModel:
+    """b of K * reference + b from b' fitted to the reference less ``pedestal``:
+    b = b' - pedestal * sum(K)(x, y) (a constant for an AL kernel, whose sum is)."""
+    if pedestal == 0.0:
+        return background
+    total = basis_sums @ kernel.coefficients  # the kernel sum's Chebyshev coefficients
+    if background.domain != kernel.domain:
+        raise KernelSolutionError("kernel and background fitted on different domains")
+    varying = bool(np.any(total[1:]))
+    order = max(background.order, kernel.order) if varying else background.order
+    out = background.raised(order)
+    out = BackgroundModel(out.coefficients.copy(), out.order, out.domain)
+    if varying:
+        out.coefficients -= (
+            pedestal
+            * BackgroundModel(total, kernel.order, kernel.domain).raised(order).coefficients
+        )
+    else:
+        out.coefficients[0] -= pedestal * total[0]
+    return out
 
 
 def _conditioned_fit(fitter, used, config: KernelConfig, domain: Box, orders):

@@ -518,3 +518,25 @@ def test_fft_design_matrices_match_the_direct_product():
         got = fitter.correlate_basis(stamp)
         assert got.shape == direct.shape
         np.testing.assert_allclose(got, direct, rtol=0, atol=1e-12 * np.abs(direct).max())
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e5])
+def test_a_pedestal_under_the_reference_goes_into_the_background(pair, offset):
+    """A constant under the reference (a template's sky): the kernel is the one fitted
+    without it and the background takes -offset * sum(K) (at 1e4 the kernel sum was 0.09
+    for 1.3: the first basis image's column and the background's were near collinear)."""
+    template, science, sources, _ = pair
+    config = KernelConfig()
+    plain = fit_psf_matching_kernel(template, science, sources, _basis(config), config)
+    raised = template.copy()
+    # in float64: float32 would round the raised pixels (by 0.008 at 1e5)
+    raised.image = raised.image.astype(np.float64) + offset
+    result = fit_psf_matching_kernel(raised, science, sources, _basis(config), config)
+    assert result.kernel_sum == pytest.approx(plain.kernel_sum, rel=1e-6)
+    np.testing.assert_allclose(
+        result.kernel.coefficients, plain.kernel.coefficients, rtol=1e-6, atol=1e-9
+    )
+    expected = plain.background.coefficients.copy()
+    expected[0] -= offset * plain.kernel_sum
+    np.testing.assert_allclose(result.background.coefficients, expected, rtol=1e-6, atol=1e-6)
+    assert result.condition_number == pytest.approx(plain.condition_number, rel=1e-3)
