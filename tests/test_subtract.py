@@ -389,3 +389,27 @@ def test_a_template_pedestal_subtracts_as_without_it(offset):
     assert raised.metrics["kernel_sum"] == pytest.approx(plain.metrics["kernel_sum"], rel=1e-4)
     assert raised.metrics["noise_ratio"] == pytest.approx(plain.metrics["noise_ratio"], abs=0.005)
     assert abs(len(raised.dia_sources) - len(plain.dia_sources)) <= 1
+
+
+def test_kernel_sources_are_stars_the_template_holds():
+    """A sparse field of 5 stars among 20 transients: the transients, new in the science,
+    are not in the template and are no stars to match on. They were kept whenever fewer
+    than 3 sources were in the template, and the kernel (sum -0.77, a 'bad' verdict and
+    a junk catalog) was fitted on them; now the subtraction is refused saying so. In a
+    normal field no kernel source sits on a transient."""
+    from core.simulate import preset, simulate_pair
+
+    sparse = simulate_pair(
+        preset("sharper_template", size=512, seed=4).model_copy(update={"n_stars": 5})
+    )
+    with pytest.raises(InsufficientSourcesError, match="not in the template"):
+        run_subtraction(sparse.science, sparse.template)
+    pair = simulated_pair("varying", 512, 7)
+    result = run_subtraction(pair.science, pair.template)
+    sources = result.kernel_sources
+    transients = pair.truth["transients"]
+    gap = np.hypot(
+        np.asarray(sources["x"])[:, None] - np.asarray(transients["x"])[None, :],
+        np.asarray(sources["y"])[:, None] - np.asarray(transients["y"])[None, :],
+    )
+    assert len(sources) >= 10 and gap.min() > 3.0
