@@ -611,6 +611,7 @@ def _fill_nonfinite(
 #: saturated and cosmic-ray pixels are interpolated before subtraction; here, held at
 #: their values, a template 1000x the science's scale put +43000 (noise 35) into the
 #: pixels beside the edge band, a saturated block -2751 beside it: false DIA sources.
+#: (A difference's mean is ~0, as its pixels beside them are: no step to ring.)
 _FILTER_UNUSABLE = ("EDGE", "NO_DATA", "SAT", "BAD", "CR")
 
 
@@ -835,7 +836,10 @@ def decorrelate_difference(
         log.warning("Diverging correction: convolved/unconvolved variance ratio %g", vt / v)
 
     complete = config.complete_var_plane_propagation
-    image, bad = _fill_nonfinite(difference.image, _unusable_pixels(difference))
+    # a score's band and bad pixels were filled smoothly before it was made (a constant
+    # there rings along the band): only a difference's are its raw values
+    masked = None if preconv_mode else _unusable_pixels(difference)
+    image, bad = _fill_nonfinite(difference.image, masked)
     # a consumed difference's own variance plane is reused (no fresh frame); a deferred
     # one is not made for that
     reuse = consume and not difference.variance_deferred
