@@ -395,6 +395,15 @@ class DiaSourceConfig(_Config):
     bright_star_radius_fwhm: float = Field(
         3.0, ge=0, le=50, description="Radius (PSF FWHM) of the bright-star flag."
     )
+    bright_star_residual_fraction: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="A source whose flux reaches this fraction of the template's light on "
+        "the bright-star disc, with no saturated pixel near, is a change of the star (a "
+        "variable), not its residual, which is a few percent of it (7% at a frame's edge): "
+        "not flagged (0: flagged whatever its flux).",
+    )
     suspect_kernel_margin: float = Field(
         64.0,
         ge=0,

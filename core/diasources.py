@@ -58,7 +58,7 @@ from .forced import (
 )
 from .measure import _centroids, _moments, _negative_side_sigma
 from .parallel import InlineExecutor, n_threads, task_pool
-from .position_flags import near_bright_star, outside_kernel_hull
+from .position_flags import bright_star_light, changed_star, outside_kernel_hull
 from .psf import Psf
 from .stamps import STAMP_BATCH, batches, windows
 from .stamps import stamps as _stack
@@ -931,7 +931,7 @@ def _measure(
     # the measurements at the final positions are independent of each other
     aperture = pool.submit(_aperture, output, x_all, y_all, config.aperture_radius_fwhm * fwhm)
     bright = pool.submit(
-        near_bright_star,
+        bright_star_light,
         matched_template,
         ix,
         iy,
@@ -953,7 +953,13 @@ def _measure(
         columns["snr"] = columns["psf_flux"] / columns["psf_flux_err"]
     columns["aperture_flux"], aperture_err = aperture.result()
     columns["aperture_flux_err"] = aperture_err * aperture_scale
-    flags[bright.result()] |= FLAG_BITS["bright_star"][0]
+    # near a bright star's light, and no brighter than its residual can be (a variable
+    # star's own change is more; a saturated star's residual is any size)
+    near, light = bright.result()
+    saturated = (flags & FLAG_BITS["saturated"][0]) != 0
+    fraction = config.bright_star_residual_fraction
+    near &= ~changed_star(columns["psf_flux"], light, saturated, fraction)
+    flags[near] |= FLAG_BITS["bright_star"][0]
     flags[outside] |= FLAG_BITS["suspect_kernel"][0]
     if "sharp" in single_fit:
         flags[:n_single][single_fit["sharp"]] |= FLAG_BITS["sharp"][0]

@@ -24,7 +24,7 @@ from .config import DiaSourceConfig, ForcedPhotometryConfig
 from .errors import IncompatibleInputsError, InvalidCatalogError, PsfError
 from .exposure import Exposure
 from .order import row_nanmedians
-from .position_flags import near_bright_star, outside_kernel_hull
+from .position_flags import bright_star_light, changed_star, outside_kernel_hull
 from .psf import _PIXEL_MOMENT, SIGMA_TO_FWHM, Psf, _half_maximum_sigma
 from .stamps import batches
 from .stamps import stamps as _stack
@@ -614,9 +614,12 @@ def forced_photometry(
     flags[np.flatnonzero(near)[fit["sharp"]]] |= FLAG_BITS["sharp"][0]
     dia = dia or DiaSourceConfig()
     radius = dia.bright_star_radius_fwhm * stamps.fwhm
-    bright = near_bright_star(
+    # as the catalog: a bright star's light near, and no more than its residual
+    bright, light = bright_star_light(
         matched_template, fit["ix"], fit["iy"], radius, dia.bright_star_peak_snr
     )
+    saturated = (flags[near] & FLAG_BITS["saturated"][0]) != 0
+    bright &= ~changed_star(fit["flux"], light, saturated, dia.bright_star_residual_fraction)
     flags[np.flatnonzero(near)[bright]] |= FLAG_BITS["bright_star"][0]
     known = np.isfinite(x) & np.isfinite(y)
     outside = np.zeros(x.size, dtype=bool)

@@ -15,19 +15,37 @@ from .order import row_nanmedians
 from .stamps import batches
 from .stamps import stamps as _stack
 
-__all__ = ["near_bright_star", "outside_kernel_hull"]
+__all__ = ["near_bright_star", "bright_star_light", "changed_star", "outside_kernel_hull"]
 
 
 def near_bright_star(template: Exposure | None, ix, iy, radius: float, limit: float) -> np.ndarray:
     """True where a matched-template pixel within ``radius`` px of array pixels (ix, iy)
-    exceeds ``limit`` S/N above the level around that disc."""
+    exceeds ``limit`` S/N above the level around that disc: a bright star's light there,
+    whose residual can fake a source."""
+    return bright_star_light(template, ix, iy, radius, limit)[0]
+
+
+def changed_star(flux, light, saturated, fraction: float) -> np.ndarray:
+    """Sources on a bright star (`bright_star_light`) that are a change of the star, not
+    its residual: ``|flux|`` reaches ``fraction`` of the template's ``light`` on the
+    disc (a variable star), and no pixel near is ``saturated`` (a clipped core leaves
+    a residual of any size). None when ``fraction`` is 0."""
+    with np.errstate(invalid="ignore"):
+        change = np.abs(np.asarray(flux, dtype=np.float64)) >= fraction * light
+    return change & ~np.asarray(saturated, dtype=bool) & (fraction > 0)
+
+
+def bright_star_light(
+    template: Exposure | None, ix, iy, radius: float, limit: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """`near_bright_star`'s test, and the template's light (sum above the level around
+    the disc) under each position where that is a star's core (NaN elsewhere)."""
     if template is None or ix.size == 0 or radius <= 0:
-        return np.zeros(ix.size, dtype=bool)
+        return np.zeros(ix.size, dtype=bool), np.zeros(ix.size)
     parts = batches(ix.size)
     if len(parts) > 1:  # in batches that stay in the caches (`core.stamps.STAMP_BATCH`)
-        return np.concatenate(
-            [near_bright_star(template, ix[p], iy[p], radius, limit) for p in parts]
-        )
+        done = [bright_star_light(template, ix[p], iy[p], radius, limit) for p in parts]
+        return np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
     r = int(math.ceil(radius))
     offsets = np.arange(-r, r + 1)
     disc = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius).ravel()
@@ -39,6 +57,17 @@ def near_bright_star(template: Exposure | None, ix, iy, radius: float, limit: fl
     if holes.any():  # stamps over the frame's edge: the NaN-aware median (NaN off it)
         level[holes] = row_nanmedians(outside[holes], consume=True)
     excess = data[:, disc].astype(np.float64) - level[:, None]
+    # the light under the source itself (within a third of the radius: a PSF FWHM at
+    # the default), not its neighbours' in a crowded field; NaN unless its brightest
+    # pixel is inside it, off its rim (the source is on a star's core, not on the
+    # wings, rings or spikes of one beside it, whose residuals are any fraction of
+    # their light there)
+    r2 = (offsets[:, None] ** 2 + offsets[None, :] ** 2).ravel()[disc]
+    core = radius / 3.0
+    under = r2 <= core * core
+    light = np.where(np.isfinite(excess) & under, excess, 0.0).sum(axis=1)
+    brightest = np.where(np.isfinite(excess) & under, excess, -np.inf).argmax(axis=1)
+    light[r2[brightest] > max(core - 1.0, 0.0) ** 2] = np.nan
     # where even the least variance the stamp can have keeps every pixel below the
     # limit, the variance is not needed (a deferred plane's stamps cost small FFTs)
     with np.errstate(invalid="ignore"):
@@ -50,7 +79,7 @@ def near_bright_star(template: Exposure | None, ix, iy, radius: float, limit: fl
         var[need] = stamps.reshape(int(need.sum()), -1)[:, disc]
     with np.errstate(invalid="ignore", divide="ignore"):
         snr = excess / np.sqrt(var)
-    return np.any((snr > limit) & np.isfinite(snr), axis=1)
+    return np.any((snr > limit) & np.isfinite(snr), axis=1), light
 
 
 def outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray:

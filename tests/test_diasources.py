@@ -801,7 +801,7 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     and floors equal those from the made plane."""
     from core.diasources import _MATCHED_UNUSABLE, _matched_scale, _sky_ring
     from core.forced import PsfStamps, psf_photometry
-    from core.position_flags import near_bright_star
+    from core.position_flags import bright_star_light, changed_star
 
     pair = simulate_pair(preset("defects", size=512, seed=9))
     result = run_subtraction(pair.science, pair.template)
@@ -813,7 +813,16 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     fwhm = float(catalog.meta["psf_fwhm"])
     stamps = PsfStamps(template.psf, template)
     x, y = np.asarray(catalog["x"]), np.asarray(catalog["y"])
-    bright = near_bright_star(template, ix, iy, 3.0 * fwhm, 300.0)
+    config = DiaSourceConfig()
+    radius, limit = config.bright_star_radius_fwhm * fwhm, config.bright_star_peak_snr
+
+    def flagged():  # as the catalog flags: a bright star's light near, no more than its residual
+        near, light = bright_star_light(template, ix, iy, radius, limit)
+        saturated = np.asarray(catalog["flag_saturated"])
+        fraction = config.bright_star_residual_fraction
+        return near & ~changed_star(catalog["psf_flux"], light, saturated, fraction)
+
+    bright = flagged()
     # as the catalog fits the matched images: on the ring sky, saturated pixels left out
     matched = {"unusable": _MATCHED_UNUSABLE, "sky_ring": _sky_ring(stamps)}
     fit = psf_photometry(template, x, y, stamps, False, **matched)
@@ -826,7 +835,7 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     np.testing.assert_allclose(fit["flux_err"] * scale, catalog["template_flux_err"], rtol=1e-12)
     made = template.variance  # now made: the same flags, errors to float32 round-off
     assert made.dtype == np.float32 and not template.variance_deferred
-    np.testing.assert_array_equal(near_bright_star(template, ix, iy, 3.0 * fwhm, 300.0), bright)
+    np.testing.assert_array_equal(flagged(), bright)
     again = psf_photometry(template, x, y, stamps, False, **matched)
     np.testing.assert_allclose(again["flux_err"], fit["flux_err"], rtol=1e-5)
 
@@ -912,3 +921,55 @@ def test_forced_photometry_flags_as_the_catalog():
     other = result.matched_template.cutout((0, 0, 255, 255))  # not the difference's grid
     with pytest.raises(IncompatibleInputsError, match="not on the difference's grid"):
         forced_photometry(result.output, x=[10.0], y=[10.0], matched_template=other)
+
+
+def test_a_variable_star_is_not_its_own_residual():
+    """On a bright star's core, a source brighter than `bright_star_residual_fraction`
+    of the template's light there is a change of the star (a variable: the SAAO
+    microlensing source, -50% and more, was flagged bright_star in 3 of 5 frames, as
+    these two were); a fainter one may be its residual and stays flagged, as one beside
+    the star's core does whatever its flux; forced photometry says the same."""
+    from core.position_flags import bright_star_light, changed_star
+
+    pair = simulate_pair(preset("sharper_template", size=512, seed=21))
+    stars = pair.truth["stars"]
+    flux, x, y = (np.asarray(stars[k]) for k in ("flux_science", "x", "y"))
+    inside = (x > 40) & (x < 472) & (y > 40) & (y < 472) & ~np.asarray(stars["saturated"])
+    first, second = np.argsort(-np.where(inside, flux, -1.0))[:2]
+    science = pair.science
+    for k, change in ((first, 0.25), (second, -0.4)):
+        stamp, x0, y0 = science.psf.image_at(x[k], y[k])
+        h, w = stamp.shape
+        science.image[y0 : y0 + h, x0 : x0 + w] += np.float32(change * flux[k]) * stamp
+    result = run_subtraction(science, pair.template)
+    catalog = result.dia_sources
+    rows = [
+        int(np.argmin(np.hypot(catalog["x"] - x[k], catalog["y"] - y[k]))) for k in (first, second)
+    ]
+    at = catalog[rows]
+    assert np.all(np.hypot(at["x"] - x[[first, second]], at["y"] - y[[first, second]]) < 0.5)
+    assert not np.any(at["flag_bright_star"])
+    template = result.matched_template
+    ix = np.floor(np.asarray(at["x"]) + 0.5).astype(int)
+    iy = np.floor(np.asarray(at["y"]) + 0.5).astype(int)
+    config = DiaSourceConfig()
+    radius = config.bright_star_radius_fwhm * catalog.meta["psf_fwhm"]
+    near, light = bright_star_light(template, ix, iy, radius, config.bright_star_peak_snr)
+    assert near.all() and np.all(light > 0.9 * np.asarray(stars["flux_template"])[[first, second]])
+    fraction, clear = config.bright_star_residual_fraction, np.zeros(2, dtype=bool)
+    # the same sources at a tenth of the fraction: residual-like, flagged
+    assert not changed_star(0.1 * fraction * light, light, clear, fraction).any()
+    assert changed_star(at["psf_flux"], light, clear, fraction).all()
+    # beside the core (its wing, 1.5 FWHM out) the light is no star's own: flagged
+    beside, light_beside = bright_star_light(
+        template, ix + 5, iy, radius, config.bright_star_peak_snr
+    )
+    assert beside.all() and np.isnan(light_beside).all()
+    forced = forced_photometry(
+        result.output,
+        at["x"],
+        at["y"],
+        matched_template=template,
+        kernel_sources=result.kernel_sources,
+    )
+    assert not np.any(forced["flag_bright_star"])
