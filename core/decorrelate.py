@@ -892,6 +892,11 @@ def decorrelate_difference(
         difference,
         image=np.ascontiguousarray(corrected, dtype=np.float32),
         variance=variance,
+        # it still read "the sum of the two matched inputs' variances": a decorrelated
+        # coadd pair's pixels scatter 3.7x what that sum says (alsub info shows it)
+        variance_source="propagated through the decorrelation: the matched inputs' "
+        "variances weighted by its filter (white noise: per pixel above their sum where "
+        "the inputs' noise was correlated)",
         # a consumed difference gives up its mask: no frame-sized copy
         mask=difference.mask if consume else difference.mask.copy(),
         mask_planes=difference.mask_planes.copy(),
