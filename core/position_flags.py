@@ -29,7 +29,7 @@ def changed_star(flux, light, saturated, fraction: float) -> np.ndarray:
     """Sources on a bright star (`bright_star_light`) that are a change of the star, not
     its residual: ``|flux|`` reaches ``fraction`` of the template's ``light`` on the
     disc (a variable star), and no pixel near is ``saturated`` (a clipped core leaves
-    a residual of any size). None when ``fraction`` is 0."""
+    a residual of any size). All False when ``fraction`` is 0."""
     with np.errstate(invalid="ignore"):
         change = np.abs(np.asarray(flux, dtype=np.float64)) >= fraction * light
     return change & ~np.asarray(saturated, dtype=bool) & (fraction > 0)
