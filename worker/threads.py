@@ -123,7 +123,10 @@ def at_low_priority(function: Callable[..., T], *args: Any) -> T:
 
     def run() -> None:
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY)
+            me = threading.get_native_id()  # its nice, inherited: the caller's
+            os.setpriority(
+                os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + LOW_PRIORITY)
+            )
         except (AttributeError, OSError):  # not Linux, or not allowed: normal priority
             pass
         try:
