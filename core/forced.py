@@ -374,8 +374,9 @@ def _sharper_than_psf(data, var, good, model, flux) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         excess = (value - fitted) / np.sqrt(np.where(good[core], var[core], np.inf))
         sharp = (excess > SHARP_EXCESS_SIGMA) & (value > SHARP_RATIO * fitted)
-    brightest = value.reshape(value.shape[0], -1).argmax(axis=1)
-    chosen = sharp.reshape(sharp.shape[0], -1)[np.arange(brightest.size), brightest]
+    n = value.shape[0]  # (none: a catalog without single sources)
+    brightest = value.reshape(n, 9).argmax(axis=1)
+    chosen = sharp.reshape(n, 9)[np.arange(n), brightest]
     return chosen & np.isfinite(flux)
 
 

@@ -112,3 +112,16 @@ def test_observation_meta_keeps_only_what_a_fits_card_holds():
     table = forced_photometry(exposure.with_psf(GaussianPsf(1.5)), x=[32.0], y=[32.0])
     header = catalog_hdulist(table)[1].header
     assert header["DATE-OBS"] == "2024-01-02" and "MJD-OBS" not in header
+
+
+def test_sharpness_of_no_positions_is_empty():
+    """`psf_photometry` asked for sharpness at no position (a catalog without single
+    sources: two identical images) answers an empty array (it raised on the reshape)."""
+    from core.exposure import Exposure
+    from core.forced import PsfStamps, psf_photometry
+    from core.psf import GaussianPsf
+
+    exposure = Exposure.from_arrays(np.zeros((64, 64)), np.ones((64, 64)), psf=GaussianPsf(1.5))
+    stamps = PsfStamps(exposure.psf, exposure)
+    fit = psf_photometry(exposure, np.zeros(0), np.zeros(0), stamps, sharpness=True)
+    assert fit["sharp"].shape == (0,) and fit["flux"].shape == (0,)
