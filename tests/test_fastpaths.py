@@ -1049,8 +1049,8 @@ def test_psf_stamps_weights_built_as_csr_equal_the_coo_construction():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_all_finite_from_the_extremes_equals_the_per_pixel_test(dtype):
     """`core.order.all_finite` (least and largest values) against ``np.isfinite(...).all()``,
-    one odd value anywhere; and decorrelation's fill of non-finite pixels, which asks it
-    first, against the straightforward fill."""
+    one odd value anywhere; and decorrelation's fill of non-finite pixels (`_fill_unusable`)
+    against the straightforward fill."""
     from core.order import all_finite
 
     rng = np.random.default_rng(12)
@@ -1062,13 +1062,15 @@ def test_all_finite_from_the_extremes_equals_the_per_pixel_test(dtype):
             odd.flat[index] = value
             assert all_finite(odd) == bool(np.isfinite(odd).all()), (value, index)
             with np.errstate(over="ignore"):  # float64's largest is inf in float32
-                data, bad = dmod._fill_nonfinite(odd)
+                data, where, held = dmod._fill_unusable(odd)
                 single = odd.astype(np.float32)
             finite = np.isfinite(single)
             if finite.all():
-                assert bad is None
+                assert where is None and held is None
                 np.testing.assert_array_equal(data, single)
             else:
                 fill = np.float32(np.mean(single[finite], dtype=np.float64))
-                np.testing.assert_array_equal(bad, ~finite)
-                np.testing.assert_array_equal(data, np.where(finite, single, fill))
+                np.testing.assert_array_equal(where, np.flatnonzero(~finite))
+                np.testing.assert_array_equal(held, single[~finite])
+                np.testing.assert_allclose(data, np.where(finite, single, fill), rtol=1e-6)
+                assert np.isfinite(data).all()
