@@ -11,13 +11,14 @@ origin, the same as slicing the WCS.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.wcs import WCS
+from astropy.wcs import WCS, FITSFixedWarning
 
 from .display import png_bytes
 from .errors import InvalidConfigError
@@ -192,7 +193,11 @@ def triplet_from_files(paths: Mapping[str, Path], x, y, size: int) -> Cutouts:
                 raise InvalidConfigError(f"{Path(path).name} has no 2-D image for a cutout")
             chosen = (named or hdus)[0]
             try:
-                wcs = WCS(chosen.header) if chosen.header.get("CTYPE1") else None
+                # astropy's notes on cards it fixed (a JWST header: "Set OBSGEO-H to ...")
+                # were printed bare by `alsub cutouts`; the reader keeps them quiet too
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FITSFixedWarning)
+                    wcs = WCS(chosen.header) if chosen.header.get("CTYPE1") else None
             except Exception:  # noqa: BLE001 - an unreadable WCS: stamps without one
                 wcs = None
             part = cutouts({name: (chosen.data, wcs)}, x, y, size)

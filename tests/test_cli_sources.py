@@ -216,3 +216,26 @@ def test_forced_with_products_flags_as_the_catalog(run, tmp_path, capsys):
     )
     assert code == 2
     assert "matched_template.fits is missing" in capsys.readouterr().err
+
+
+def test_cutouts_keep_astropys_header_fixes_quiet(run, tmp_path, capsys):
+    """A product whose WCS header astropy fixes on reading (OBSGEO-X/Y/Z, as JWST's
+    carry) had astropy's note printed bare ("Set OBSGEO-H to ...") by `alsub cutouts`."""
+    import shutil
+    import warnings
+
+    _, products, _ = run
+    copy = tmp_path / "products"
+    shutil.copytree(products, copy)
+    with fits.open(copy / "difference.fits", mode="update") as hdul:
+        header = hdul["IMAGE"].header
+        header["OBSGEO-X"], header["OBSGEO-Y"], header["OBSGEO-Z"] = 1.0e6, 2.0e6, 3.0e6
+        header["MJD-OBS"] = 60000.0
+    table = Table.read(copy / "dia_sources.fits", hdu="DIASOURCES")
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["cutouts", str(copy), str(tmp_path / "out"), "--ids", str(table["id"][0])])
+    assert code == 0
+    assert not [w for w in caught if "OBSGEO" in str(w.message)]
+    assert "OBSGEO" not in capsys.readouterr().err
