@@ -25,7 +25,7 @@ from .errors import IncompatibleInputsError, InvalidCatalogError, PsfError
 from .exposure import Exposure
 from .order import row_nanmedians
 from .position_flags import bright_star_light, changed_star, outside_kernel_hull
-from .psf import _PIXEL_MOMENT, SIGMA_TO_FWHM, Psf, _half_maximum_sigma
+from .psf import SIGMA_TO_FWHM, Psf, _collapsed, _half_maximum_sigma
 from .stamps import batches
 from .stamps import stamps as _stack
 
@@ -84,11 +84,10 @@ def profile_sigma(psf: Psf) -> float:
     try:
         with np.errstate(all="ignore"):
             ixx, iyy, _ = psf.moments()
-        # below a pixel's own second moment (1/12 px^2) an axis has collapsed
-        if _PIXEL_MOMENT <= ixx < math.inf and _PIXEL_MOMENT <= iyy < math.inf:
-            sigma = math.sqrt(0.5 * (ixx + iyy))
-        else:
+        if _collapsed(ixx, iyy):
             sigma = _half_maximum_sigma(np.asarray(psf.kernel_image(), dtype=np.float64))
+        else:
+            sigma = math.sqrt(0.5 * (ixx + iyy))
     except PsfError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of a user PSF is a PSF error

@@ -45,8 +45,7 @@ def adaptive_moments(stamp: np.ndarray, max_iter: int = 50, tol: float = 1e-6):
     """
     stamp = np.asarray(stamp, dtype=np.float64)
     ixx, iyy, ixy = _iterated_moments(stamp, max_iter, tol)
-    # below a pixel's own second moment an axis has collapsed
-    if _PIXEL_MOMENT <= ixx < math.inf and _PIXEL_MOMENT <= iyy < math.inf:
+    if not _collapsed(ixx, iyy):
         return ixx, iyy, ixy
     positive = stamp[stamp > 0].sum()
     if -stamp[stamp < 0].sum() > _NEGATIVE_LIGHT * positive:
@@ -63,6 +62,14 @@ _NEGATIVE_LIGHT = 0.25
 
 #: Second moment (px^2) of a pixel's own extent: no sampled profile has less.
 _PIXEL_MOMENT = 1.0 / 12.0
+
+
+def _collapsed(ixx: float, iyy: float) -> bool:
+    """Moments whose iteration collapsed or ran off: an axis below a pixel's own second
+    moment, or not finite."""
+    return not (_PIXEL_MOMENT <= ixx < math.inf and _PIXEL_MOMENT <= iyy < math.inf)
+
+
 #: Upsampling of the stamp whose half-maximum area `_half_maximum_sigma` counts.
 _HALF_MAX_UPSAMPLE = 8
 
