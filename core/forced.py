@@ -611,7 +611,8 @@ def forced_photometry(
     flags[near] = pixel_flags(
         difference, fit["ix"], fit["iy"], config.flag_radius_fwhm * stamps.fwhm, stamps.half
     )
-    flags[np.flatnonzero(near)[fit["sharp"]]] |= FLAG_BITS["sharp"][0]
+    fitted = np.flatnonzero(near)
+    flags[fitted[fit["sharp"]]] |= FLAG_BITS["sharp"][0]
     dia = dia or DiaSourceConfig()
     radius = dia.bright_star_radius_fwhm * stamps.fwhm
     # as the catalog: a bright star's light near, and no more than its residual
@@ -620,7 +621,7 @@ def forced_photometry(
     )
     saturated = (flags[near] & FLAG_BITS["saturated"][0]) != 0
     bright &= ~changed_star(fit["flux"], light, saturated, dia.bright_star_residual_fraction)
-    flags[np.flatnonzero(near)[bright]] |= FLAG_BITS["bright_star"][0]
+    flags[fitted[bright]] |= FLAG_BITS["bright_star"][0]
     known = np.isfinite(x) & np.isfinite(y)
     outside = np.zeros(x.size, dtype=bool)
     outside[known] = outside_kernel_hull(

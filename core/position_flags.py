@@ -64,14 +64,15 @@ def bright_star_light(
     # their light there)
     r2 = (offsets[:, None] ** 2 + offsets[None, :] ** 2).ravel()[disc]
     core = radius / 3.0
-    under = r2 <= core * core
-    light = np.where(np.isfinite(excess) & under, excess, 0.0).sum(axis=1)
-    brightest = np.where(np.isfinite(excess) & under, excess, -np.inf).argmax(axis=1)
+    finite = np.isfinite(excess)
+    under = finite & (r2 <= core * core)
+    light = np.where(under, excess, 0.0).sum(axis=1)
+    brightest = np.where(under, excess, -np.inf).argmax(axis=1)
     light[r2[brightest] > max(core - 1.0, 0.0) ** 2] = np.nan
     # where even the least variance the stamp can have keeps every pixel below the
     # limit, the variance is not needed (a deferred plane's stamps cost small FFTs)
     with np.errstate(invalid="ignore"):
-        peak = np.max(np.where(np.isfinite(excess), excess, -np.inf), axis=1)
+        peak = np.max(np.where(finite, excess, -np.inf), axis=1)
         need = ~(peak <= limit * np.sqrt(template.variance_floors(ix, iy, r)))
     var = np.full(excess.shape, np.nan)
     if need.any():
