@@ -81,7 +81,8 @@ def limited_request(request: Request, limit: int) -> Request:
 
 
 async def _fill(writer: BlobWriter, chunks: AsyncIterator[bytes]) -> BlobWriter:
-    """Write ``chunks`` into ``writer`` and close it; delete its file on any failure.
+    """Write ``chunks`` into ``writer`` and flush it (readable by path; `ingest_exposure`
+    or `BlobWriter.commit` syncs and closes it); delete its file on any failure.
 
     The chunks are handed over in batches of about `_BATCH_BYTES`, hashed and written on
     a thread while the next batch is received: on the loop, the sha256 and the page
