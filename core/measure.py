@@ -13,6 +13,7 @@ sources at once.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from astropy.table import Table
@@ -30,7 +31,7 @@ from .exposure import Exposure
 from .parallel import frame_array, n_threads, thread_map
 from .psf import GaussianPsf, Psf
 
-__all__ = ["measure_sources", "MASKED_FLAG_PLANES"]
+__all__ = ["measure_sources", "star_offset", "MASKED_FLAG_PLANES", "StarOffset"]
 
 #: Planes that set ``flag_masked`` when present in a source's footprint.
 MASKED_FLAG_PLANES = ("BAD", "NO_DATA", "SAT", "CR")
@@ -533,3 +534,58 @@ def measure_sources(
         },
         meta={"psf_sigma": _psf_sigma(psf), "noise_factor": filtered.noise_factor},
     )
+
+
+# --------------------------------------------------------------------------------------
+# the same stars in two images
+#: Fewest stars whose centroids give `star_offset` a median offset.
+_MIN_OFFSET_STARS = 3
+
+
+@dataclass(frozen=True)
+class StarOffset:
+    """Median centroid offset (dx, dy) of the same stars, second image minus first (px),
+    its standard error per axis and the number of stars it comes from."""
+
+    dx: float
+    dy: float
+    error: float
+    n: int
+
+    @property
+    def significant(self) -> bool:
+        """True when the offset stands 3 standard errors clear of zero."""
+        return math.hypot(self.dx, self.dy) > 3.0 * self.error
+
+
+def star_offset(
+    first: Exposure, second: Exposure, x: np.ndarray, y: np.ndarray, fwhm: float
+) -> StarOffset | None:
+    """Where the stars at parent positions (``x``, ``y``) sit in ``second`` relative to
+    ``first``, two images of one pixel grid: Gaussian-weighted centroids of width
+    ``fwhm`` (the same weight on both, so different PSF widths do not bias it) about
+    each star's local sky. None with fewer than `_MIN_OFFSET_STARS` clean stars."""
+    sigma = max(fwhm, 1.0) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    half = int(math.ceil(3.0 * sigma)) + 1
+    rim = np.ones((2 * half + 1, 2 * half + 1), dtype=bool)
+    rim[1:-1, 1:-1] = False
+    offsets = []
+    for exposure in (first, second):
+        cx = np.floor(np.asarray(x, float) - exposure.xy0[0] + 0.5).astype(int)
+        cy = np.floor(np.asarray(y, float) - exposure.xy0[1] + 0.5).astype(int)
+        stamps = _stack(exposure.image, cx, cy, half, fill=np.nan).astype(np.float64)
+        # about the local sky: a pedestal would pull the weighted centroid to the window
+        stamps -= np.median(stamps[:, rim], axis=1)[:, None, None]
+        clean = np.asarray(np.isfinite(stamps).all(axis=(1, 2)), dtype=bool)
+        dx, dy = _centroids(np.where(clean[:, None, None], stamps, 0.0), sigma)
+        offsets.append((dx, dy, clean))
+    (dx1, dy1, clean1), (dx2, dy2, clean2) = offsets
+    use = clean1 & clean2
+    if np.count_nonzero(use) < _MIN_OFFSET_STARS:
+        return None
+    ddx, ddy = (dx2 - dx1)[use], (dy2 - dy1)[use]
+    n = int(use.sum())
+    # a median's standard error is sqrt(pi / 2) times the mean's
+    scale = math.sqrt(math.pi / 2.0 / n)
+    error = scale * math.hypot(float(order.mad_std(ddx)), float(order.mad_std(ddy))) / math.sqrt(2)
+    return StarOffset(float(np.median(ddx)), float(np.median(ddy)), error, n)

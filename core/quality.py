@@ -72,6 +72,51 @@ def kernel_centroid(kernel_image: np.ndarray) -> tuple[float, float]:
     return float((image * xx).sum() / total), float((image * yy).sum() / total)
 
 
+def _kernel_shift(verdict, metrics, kernel_image, reference_shift, star_shift, config) -> None:
+    """The kernel's centroid shift beyond its design (``reference_shift``) and beyond the
+    stars' offset (``star_shift``, when measured): misalignment or a kernel that follows
+    something other than the stars."""
+    dx, dy = kernel_centroid(kernel_image)
+    dx, dy = dx - reference_shift[0], dy - reference_shift[1]
+    sx, sy = star_shift if star_shift is not None else (0.0, 0.0)
+    shift = math.hypot(dx - sx, dy - sy)
+    if math.isfinite(shift) and shift > config.max_kernel_shift:
+        if star_shift is not None:
+            cause = (
+                f"the kernel stars are {math.hypot(sx, sy):.2f} px apart in the two images: "
+                "the kernel follows extended sources or wrong PSF sizes, not the stars (check "
+                "the PSFs and the kernel stars)"
+            )
+        else:
+            registration = metrics.get("registration")
+            by_wcs = isinstance(registration, dict) and registration.get("method") == "same grid"
+            # WCSs that agree say nothing of the stars (the DECam stamps' are 0.6 px off);
+            # a kernel fitted on galaxies or sized by a wrong PSF wanders as well
+            hint = (
+                "their WCSs put them on one grid: registration.mode 'stars' measures it on "
+                "the stars"
+                if by_wcs
+                else "check the registration"
+            )
+            cause = (
+                f"the images look misaligned ({hint}), or the kernel follows extended "
+                "sources or wrong PSF sizes (check the PSFs and the kernel stars)"
+            )
+        verdict.add(
+            BAD if shift > config.bad_kernel_shift else SUSPECT,
+            f"the kernel shifts the image by {math.hypot(dx, dy):.2f} px "
+            f"(dx {dx:+.2f}, dy {dy:+.2f}): {cause}",
+        )
+    elif star_shift is not None and math.hypot(sx, sy) > config.bad_kernel_shift:
+        # a kernel stretched this far to follow the stars may not hold their shape
+        verdict.add(
+            SUSPECT,
+            f"the kernel stars are {math.hypot(sx, sy):.2f} px apart in the two images and "
+            "the kernel absorbed it: registration.mode 'stars' resamples the template onto "
+            "the stars",
+        )
+
+
 def _stamp_coverage(x: np.ndarray, y: np.ndarray, bbox, cells: int) -> float:
     """Fraction of a cells x cells grid over ``bbox`` holding at least one stamp."""
     if x.size == 0:
@@ -91,6 +136,7 @@ def assess_quality(
     warnings: list[str],
     config: QualityConfig | None = None,
     reference_shift: tuple[float, float] = (0.0, 0.0),
+    star_shift: tuple[float, float] | None = None,
 ) -> Verdict:
     """The verdict on one subtraction.
 
@@ -112,6 +158,10 @@ def assess_quality(
     reference_shift : (dx, dy)
         Centroid offset the kernel has by design (the preconvolution PSF's, which the
         matched science shares); only the rest means misalignment.
+    star_shift : (dx, dy) or None
+        The shift that moves the convolved image's stars onto the other's, measured on
+        the kernel stars (None: not measured). A kernel that follows
+        it absorbs a misalignment of the inputs; one that does not follows something else.
     """
     config = config or QualityConfig()
     verdict = Verdict()
@@ -119,26 +169,7 @@ def assess_quality(
     _kernel_sum(verdict, metrics, science, template, config)
     _stamps(verdict, metrics, stamps, science.bbox, config)
     if kernel_image is not None:
-        dx, dy = kernel_centroid(kernel_image)
-        dx, dy = dx - reference_shift[0], dy - reference_shift[1]
-        shift = math.hypot(dx, dy)
-        if math.isfinite(shift) and shift > config.max_kernel_shift:
-            registration = metrics.get("registration")
-            by_wcs = isinstance(registration, dict) and registration.get("method") == "same grid"
-            # WCSs that agree say nothing of the stars (the DECam stamps' are 0.6 px off);
-            # a kernel fitted on galaxies or sized by a wrong PSF wanders as well
-            hint = (
-                "their WCSs put them on one grid: registration.mode 'stars' measures it on "
-                "the stars"
-                if by_wcs
-                else "check the registration"
-            )
-            verdict.add(
-                BAD if shift > config.bad_kernel_shift else SUSPECT,
-                f"the kernel shifts the image by {shift:.2f} px (dx {dx:+.2f}, dy {dy:+.2f}): "
-                f"the images look misaligned ({hint}), or the kernel follows extended sources "
-                "or wrong PSF sizes (check the PSFs and the kernel stars)",
-            )
+        _kernel_shift(verdict, metrics, kernel_image, reference_shift, star_shift, config)
     condition = metrics.get("spatial_condition_number")
     limit = config.max_condition_number
     if isinstance(condition, int | float) and not (0 <= condition <= limit):

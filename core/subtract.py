@@ -42,6 +42,7 @@ from .errors import (
 from .exposure import DeferredPlane, Exposure
 from .kernel import BackgroundModel, SpatialKernel, chebyshev_terms, fit_psf_matching_kernel
 from .logcapture import collect_warnings
+from .measure import StarOffset, star_offset
 from .metrics import (
     NOISE_MASK_PLANES,
     compute_difference_metrics,
@@ -80,6 +81,10 @@ Progress = Callable[[str, float], None]
 
 #: Header keywords giving a PSF FWHM in pixels, used when no PSF can be estimated.
 _HEADER_FWHM_KEYS = ("FWHM", "PFWHM", "PSF_FWHM", "FWHM_PIX")
+
+#: A star offset between the inputs (px) worth a note: registrations are routinely
+#: better than this, and the kernel absorbs far larger ones.
+_NOTED_STAR_OFFSET = 0.1
 
 #: Stage names reported to progress callbacks, with the fraction done when they start.
 STAGES = {
@@ -157,6 +162,8 @@ class _SubtractBase(Task):
         self.warnings: list[str] = []
         #: centroid offset (dx, dy) the matching kernel has by design (preconvolution)
         self.kernel_reference_shift: tuple[float, float] = (0.0, 0.0)
+        #: where the kernel stars sit in the template relative to the science
+        self.star_offset: StarOffset | None = None
         #: what the run found and handled (confusion, correlated noise, lowered orders)
         self.notes: list[str] = []
         self.registration: dict[str, Any] = {}
@@ -458,6 +465,30 @@ class _SubtractBase(Task):
         selected = self._reject_variable_sources(selected, science, template)
         self.metadata["nPsfSources"] = len(selected)
         return selected
+
+    def _measure_star_offset(self, template, science, kernel_sources) -> None:
+        """Where the kernel stars sit in the template relative to the science (metrics):
+        images on one grid whose stars are not (the DECam stamps' WCSs agree, their
+        stars are 0.5 px apart) get a kernel that absorbs the offset, and the verdict
+        judges the kernel's shift against it (`assess_quality`)."""
+        offset = star_offset(
+            science,
+            template,
+            np.asarray(kernel_sources["x"], float),
+            np.asarray(kernel_sources["y"], float),
+            max(self.science_fwhm, self.template_fwhm),
+        )
+        if offset is None:
+            return
+        self.star_offset = offset
+        self.metadata["starOffset"] = [offset.dx, offset.dy]
+        self.metadata["starOffsetError"] = offset.error
+        if offset.significant and math.hypot(offset.dx, offset.dy) >= _NOTED_STAR_OFFSET:
+            self.notes.append(
+                f"the kernel stars sit {offset.dx:+.2f}, {offset.dy:+.2f} px (x, y; "
+                f"+-{offset.error:.2f}, median of {offset.n}) apart in the template and the "
+                "science: the matching kernel absorbs the offset"
+            )
 
     def _reject_variable_sources(self, selected, science, template):
         """Drop kernel sources whose flux changed between template and science.
@@ -780,6 +811,8 @@ class _SubtractBase(Task):
             "n_kernel_sources": int(metadata.get("nPsfSources", 0)),
             "n_good_kernel_candidates": int(self.makeKernel.metadata.get("nGoodCandidates", 0)),
             "kernel_size": int(kernel.size) if kernel else 0,
+            "star_offset_px": metadata.get("starOffset"),
+            "star_offset_error_px": metadata.get("starOffsetError"),
             "science_psf_fwhm": metadata.get("sciencePsfSize"),
             "template_psf_fwhm": metadata.get("templatePsfSize"),
             "template_coverage_percent": metadata.get("templateCoveragePercent"),
@@ -845,8 +878,19 @@ class _SubtractBase(Task):
             self.warnings,
             self.config.quality,
             reference_shift=self.kernel_reference_shift,
+            star_shift=self._star_shift(),
         )
         return verdict.as_dict()
+
+    def _star_shift(self) -> tuple[float, float] | None:
+        """The centroid shift the kernel needs to follow the stars' offset: the template's
+        stars moved onto the science's when the template is convolved, the other way
+        round when the science is."""
+        offset = self.star_offset
+        if offset is None:
+            return None
+        sign = -1.0 if self.metadata.get("convolvedExposure") == "Science" else 1.0
+        return sign * offset.dx, sign * offset.dy
 
     def _finish(self, result: SubtractionResult, science, template) -> SubtractionResult:
         result.metrics["warnings"] = list(self.warnings)
@@ -889,6 +933,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
             try:
                 with self.timer("select"):
                     kernel_sources = self._select_sources(template, science, sources, matched_psf)
+                    self._measure_star_offset(template, science, kernel_sources)
                 with self.timer("fit"):
                     solution = self.run_make_kernel(
                         template, science, kernel_sources, convolve_template
@@ -1042,6 +1087,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                             kernel_sources = self._select_sources(
                                 template, science, sources, self.science_fwhm
                             )
+                            self._measure_star_offset(template, science, kernel_sources)
                         solution = self._fit_template_to_science(
                             template, science, kernel_sources, preconv_kernel
                         )
@@ -1065,6 +1111,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                             math.sqrt(2.0) * self.science_fwhm,
                             edge_buffer=half,
                         )
+                        self._measure_star_offset(template, science, kernel_sources)
                     result = self.run_preconvolve(
                         template, science, matched_science, kernel_sources, preconv_kernel
                     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -42,3 +44,29 @@ def test_kernel_shift_on_one_wcs_grid_points_at_star_registration():
     reason = _verdict(1.0, {"method": "same grid"})["reasons"][0]
     assert "registration.mode 'stars'" in reason
     assert "check the registration" not in reason
+
+
+@pytest.mark.parametrize(
+    ("dx", "stars", "level"),
+    [
+        (0.9, (0.9, 0.0), GOOD),
+        (0.9, (0.1, 0.0), SUSPECT),
+        (0.1, (0.9, 0.0), SUSPECT),
+        (2.6, (2.6, 0.0), SUSPECT),
+        (3.0, (0.0, 0.0), BAD),
+    ],
+)
+def test_kernel_shift_is_judged_against_the_stars_offset(dx, stars, level):
+    """A kernel that follows the kernel stars' offset absorbs a misalignment (good); one
+    that moves where the stars do not, or stays where they moved, follows something else;
+    a shift beyond `bad_kernel_shift` is not trusted to hold the stars' shape."""
+    image = Exposure.from_arrays(np.zeros((64, 64)))
+    metrics = {"noise_ratio": 1.0, "kernel_sum": 1.0, "registration": {"method": "same grid"}}
+    verdict = assess_quality(
+        metrics, image, image, _shifted_kernel(dx), None, [], star_shift=stars
+    ).as_dict()
+    assert verdict["verdict"] == level, verdict["reasons"]
+    if level != GOOD:
+        reason = verdict["reasons"][0]
+        assert f"kernel stars are {math.hypot(*stars):.2f} px apart" in reason
+        assert "registration.mode 'stars'" in reason or "not the stars" in reason

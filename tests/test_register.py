@@ -298,3 +298,31 @@ def test_cli_misregistration_exits_2_and_warp_writes_the_warped_template(tmp_pat
     missing = ["warp", str(tmp_path / "missing.fits"), "--onto", str(warped_path)]
     assert main([*missing, "-o", str(tmp_path / "x.fits")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["auto", "preconvolve"])
+def test_one_wcs_grid_with_offset_stars_is_absorbed_and_noted(mode):
+    """WCSs that put the images on one grid while the stars are 0.6 px apart (the DECam
+    stamps' WCSs were copied from one frame): nothing is resampled, the kernel absorbs
+    the offset, the run measures it on the kernel stars and the verdict stays good,
+    where a kernel shifted by that much without the stars to explain it is suspect."""
+    shift = (0.5, -0.35)
+    pair = simulate_pair(
+        preset("sharper_template", size=384, seed=24).model_copy(update={"template_shift": shift})
+    )
+    template = pair.template.copy()
+    template.wcs = pair.science.wcs  # one grid as far as the WCSs know
+    result = run_subtraction(pair.science, template, SubtractionConfig(mode=mode))
+    metrics = result.metrics
+    assert metrics["registration"]["method"] == "same grid"
+    assert metrics["registration"]["resampled"] is False
+    measured = metrics["star_offset_px"]
+    assert math.hypot(measured[0] - shift[0], measured[1] - shift[1]) < 0.1
+    assert metrics["star_offset_error_px"] < 0.05
+    assert metrics["quality"]["verdict"] == "good", metrics["quality"]["reasons"]
+    assert any("kernel stars sit +0.5" in note for note in metrics["notes"])
+    quality = measure_quality(result, pair)
+    assert 0.9 <= quality["noise_ratio"] <= 1.1
+    # the stars subtract cleanly: the kernel did absorb the offset
+    assert quality.get("star_chi2_median", 1.0) <= 1.3
+    assert quality.get("transient_detected_fraction", 1.0) >= 0.9

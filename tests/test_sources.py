@@ -27,7 +27,7 @@ from core.detection import (
 )
 from core.errors import InsufficientSourcesError, InvalidCatalogError
 from core.exposure import Exposure
-from core.measure import _interp_at, _negative_side_sigma, measure_sources
+from core.measure import _interp_at, _negative_side_sigma, measure_sources, star_offset
 from core.psf import GaussianPsf
 from core.sources import read_catalog, select_kernel_sources, sky_sources
 
@@ -737,3 +737,35 @@ def test_disc_dilate_matches_distance_transform_on_word_widths():
         for radius in (1, 2, 4, 7):
             distance = ndimage.distance_transform_edt(~mask)
             np.testing.assert_array_equal(_disc_dilate(mask, radius), distance <= radius)
+
+
+def _gaussian_stars(shape, x, y, fwhm, sky, rng, flux=2e4):
+    sigma = fwhm / 2.3548
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    image = np.full(shape, sky, dtype=np.float64)
+    for cx, cy in zip(x, y, strict=True):
+        r2 = (xx - cx) ** 2 + (yy - cy) ** 2
+        image += flux / (2 * np.pi * sigma**2) * np.exp(-r2 / (2 * sigma**2))
+    return Exposure.from_arrays((image + rng.normal(0, 5, shape)).astype(np.float32))
+
+
+def test_star_offset_measures_the_shift_of_the_same_stars():
+    """Stars 0.37, -0.52 px apart in two images of different PSF widths and skies: the
+    median offset within 0.03 px and 3 errors, which are about as small; fewer than three
+    clean stars give none."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(20, 180, 12)
+    y = rng.uniform(20, 180, 12)
+    first = _gaussian_stars((200, 200), x, y, 3.0, 100.0, rng)
+    second = _gaussian_stars((200, 200), x + 0.37, y - 0.52, 4.5, 2000.0, rng)
+    offset = star_offset(first, second, x, y, 4.5)
+    assert offset is not None and offset.n == 12 and offset.significant
+    assert abs(offset.dx - 0.37) < 0.03 and abs(offset.dy + 0.52) < 0.03
+    assert abs(offset.dx - 0.37) < 3 * offset.error + 0.01 and offset.error < 0.03
+    # the same image twice: no offset, and not significant
+    alike = star_offset(first, first, x, y, 4.5)
+    assert alike is not None and not alike.significant
+    # stars off the frame or on non-finite pixels are left out
+    second.image[int(y[0]) - 2 : int(y[0]) + 3, int(x[0]) - 2 : int(x[0]) + 3] = np.nan
+    assert star_offset(first, second, x, y, 4.5).n == 11
+    assert star_offset(first, second, x[1:3], y[1:3], 4.5) is None
