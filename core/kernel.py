@@ -1429,7 +1429,8 @@ def _spatial_fit(
 
 
 def _spatial_warnings(n_good, n_bad, config, condition, orders, planned, supported) -> list[str]:
-    """What a user should know about the spatial solution (logged and returned).
+    """What a user should know about the spatial solution (returned; logged as warnings
+    but for routinely lowered orders).
 
     ``orders`` were fitted, ``planned`` chosen before the conditioning check,
     ``supported`` what the stamps allow. The conditioning itself is judged by the
@@ -1440,14 +1441,6 @@ def _spatial_warnings(n_good, n_bad, config, condition, orders, planned, support
         notes.append(f"spatial kernel condition number {condition:.3g} is large or negative")
     if n_bad > 2 * n_good:
         notes.append(f"many more kernel candidates rejected ({n_bad}) than accepted ({n_good})")
-    # below the nominal orders the kernel or background may not follow real variation;
-    # a cap between the nominal kernel order and max_spatial_kernel_order is routine
-    configured = (config.spatial_kernel_order, config.spatial_bg_order)
-    if supported[0] < configured[0] or supported[1] < configured[1]:
-        notes.append(
-            f"{n_good} kernel stamps support spatial orders {supported[0]} (kernel) and "
-            f"{supported[1]} (background), lowered from {configured[0]} and {configured[1]}"
-        )
     if tuple(orders) != tuple(planned):
         notes.append(
             f"the spatial solution at orders {planned[0]} (kernel) and {planned[1]} "
@@ -1455,6 +1448,18 @@ def _spatial_warnings(n_good, n_bad, config, condition, orders, planned, support
         )
     for note in notes:
         _log.warning("%s", note)
+    # below the nominal orders the kernel may not follow real variation, but few stamps
+    # (a small frame) routinely support no more: a note, not a warning (the background
+    # is refitted at its configured order on all sky pixels afterwards)
+    configured = (config.spatial_kernel_order, config.spatial_bg_order)
+    if supported[0] < configured[0] or supported[1] < configured[1]:
+        lowered = (
+            f"{n_good} kernel stamps support spatial orders {supported[0]} (kernel) and "
+            f"{supported[1]} (background) in the kernel fit, lowered from {configured[0]} "
+            f"and {configured[1]}"
+        )
+        _log.info("%s", lowered)
+        notes.append(lowered)
     return notes
 
 

@@ -302,13 +302,24 @@ def test_identical_inputs_exit_2(pair_dir, tmp_path, capsys):
 
 
 def test_warnings_are_logged_in_one_format_and_kept_in_metrics(tmp_path):
-    # A small sparse field leaves the spatial kernel fit poorly constrained: it warns.
+    # a spatial condition-number limit no solution meets: the kernel fit warns (a sparse
+    # field's lowered spatial orders are a note, not a warning)
     pair = tmp_path / "pair"
     assert main(["simulate", str(pair), "--size", "256", "--seed", "2"]) == 0
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"kernel": {"max_spatial_condition_number": 1}}))
     products = tmp_path / "prod"
     science, template = str(pair / "science.fits"), str(pair / "template.fits")
     proc = _run_cli(
-        "subtract", science, template, "-o", str(tmp_path / "d.fits"), "--products", str(products)
+        "subtract",
+        science,
+        template,
+        "-o",
+        str(tmp_path / "d.fits"),
+        "--products",
+        str(products),
+        "--config",
+        str(config),
     )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((products / "metrics.json").read_text())
@@ -318,6 +329,7 @@ def test_warnings_are_logged_in_one_format_and_kept_in_metrics(tmp_path):
     logged = [line.removeprefix("alsub: warning: ") for line in lines]
     assert logged and set(logged) <= set(metrics["warnings"])
     assert f"warnings={len(metrics['warnings'])}" in proc.stdout
+    assert any("kernel stamps support spatial orders" in n for n in metrics["notes"])
 
 
 def test_all_products_share_one_mode_from_the_umask(pair_dir, tmp_path):

@@ -58,14 +58,15 @@ def test_collects_core_warnings_of_this_thread_only():
 
 
 def test_run_subtraction_keeps_its_warnings_in_the_metrics():
-    # A sparse 256x256 field gives the kernel fit too few stamps: it warns.
+    # a spatial condition-number limit no solution meets: the kernel fit warns
     pair = simulated_pair("sharper_template", 256, 2)
     logged = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: logged.append(record.getMessage())
     logging.getLogger().addHandler(handler)
     try:
-        result = run_subtraction(pair.science, pair.template, SubtractionConfig())
+        config = SubtractionConfig(kernel={"max_spatial_condition_number": 1})
+        result = run_subtraction(pair.science, pair.template, config)
     finally:
         logging.getLogger().removeHandler(handler)
     warnings = result.metrics["warnings"]
