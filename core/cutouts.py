@@ -27,6 +27,7 @@ from .stamps import stamps
 
 __all__ = [
     "TRIPLET",
+    "TRIPLET_PANEL",
     "Cutouts",
     "cutouts",
     "result_images",
@@ -165,10 +166,19 @@ def triplet_fits(cut: Cutouts, k: int = 0, header: Mapping | None = None) -> byt
     return buffer.getvalue()
 
 
+#: Smallest panel (px) of a triplet PNG: a 63 px stamp drawn pixel for pixel is a
+#: thumbnail on a dashboard; whole-pixel zoom keeps each pixel a visible square.
+TRIPLET_PANEL = 180
+
+
 def triplet_png(cut: Cutouts, k: int = 0) -> bytes:
     """PNG of source ``k``'s stamps side by side (science, template, difference), each
-    stretched on its own."""
-    return png_bytes([stack[k] for stack in cut.stamps.values()])
+    stretched on its own, enlarged to `TRIPLET_PANEL` and labelled with its name."""
+    return png_bytes(
+        [stack[k] for stack in cut.stamps.values()],
+        labels=[name.lower() for name in cut.stamps],
+        min_panel=TRIPLET_PANEL,
+    )
 
 
 def triplet_from_files(paths: Mapping[str, Path], x, y, size: int) -> Cutouts:

@@ -11,7 +11,7 @@ import io
 
 import numpy as np
 from astropy.visualization import AsinhStretch, ZScaleInterval
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 __all__ = ["png_bytes", "stretch_8bit", "block_mean"]
 
@@ -39,14 +39,25 @@ def stretch_8bit(image: np.ndarray) -> np.ndarray:
     return (AsinhStretch(0.1)(unit, clip=True) * 255).astype(np.uint8)
 
 
-def png_bytes(image: np.ndarray | list[np.ndarray], max_size: int = 1024) -> bytes:
+def png_bytes(
+    image: np.ndarray | list[np.ndarray],
+    max_size: int = 1024,
+    labels: list[str] | None = None,
+    min_panel: int = 0,
+) -> bytes:
     """8-bit PNG of ``image`` with a zscale + asinh stretch, row 0 at the bottom.
 
     ``image`` may be a list of equally tall images: each is stretched on its
     own and they are drawn side by side, 2 px apart (a cutout triplet).
+    ``min_panel``: small images are enlarged by the whole factor that makes them at
+    least this tall (each pixel a square of pixels, nothing interpolated);
+    ``labels``: one per image, written in a strip above it.
     """
     images = image if isinstance(image, list | tuple) else [image]
     panels = [stretch_8bit(block_mean(np.asarray(i, dtype=np.float32), max_size)) for i in images]
+    zoom = max(1, -(-min_panel // panels[0].shape[0]))
+    if zoom > 1:
+        panels = [np.kron(panel, np.ones((zoom, zoom), dtype=np.uint8)) for panel in panels]
     gap = np.zeros((panels[0].shape[0], 2), dtype=np.uint8) if len(panels) > 1 else None
     row: list[np.ndarray] = []
     for k, panel in enumerate(panels):
@@ -54,6 +65,26 @@ def png_bytes(image: np.ndarray | list[np.ndarray], max_size: int = 1024) -> byt
             row.append(gap)
         row.append(panel)
     scaled = np.concatenate(row, axis=1) if len(row) > 1 else row[0]
+    picture = Image.fromarray(np.ascontiguousarray(scaled[::-1]))
+    if labels:
+        picture = _with_labels(picture, [panel.shape[1] for panel in panels], labels)
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(scaled[::-1])).save(buffer, format="PNG", optimize=False)
+    picture.save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
+
+
+#: Height (px) of the strip `png_bytes` writes labels in (Pillow's default font is ~11 px).
+_LABEL_STRIP = 14
+
+
+def _with_labels(picture: Image.Image, widths: list[int], labels: list[str]) -> Image.Image:
+    """``picture`` below a black strip holding each panel's label at its left edge."""
+    out = Image.new("L", (picture.width, picture.height + _LABEL_STRIP), 0)
+    out.paste(picture, (0, _LABEL_STRIP))
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    left = 0
+    for width, label in zip(widths, labels, strict=True):
+        draw.text((left + 2, 1), label, fill=255, font=font)
+        left += width + 2
+    return out

@@ -14,6 +14,7 @@ from astropy.wcs import WCS
 from PIL import Image
 
 from app.cli import main
+from core.cutouts import TRIPLET_PANEL
 
 REQUIRED = ("id", "x", "y", "ra", "dec", "psf_flux", "psf_flux_err", "snr")
 REQUIRED += ("is_negative", "is_dipole", "flags")
@@ -167,7 +168,35 @@ def test_cutouts_triplets(run, tmp_path):
         cx, cy = int(round(row["x"])), int(round(row["y"]))
         np.testing.assert_array_equal(hdul["DIFFERENCE"].data[31, 31], difference[cy, cx])
     with Image.open(outdir / f"dia_source_{ids[0]:06d}.png") as image:
-        assert image.size == (3 * 63 + 4, 63)
+        side = 63 * -(-TRIPLET_PANEL // 63)  # enlarged by a whole factor, labelled above
+        assert image.size == (3 * side + 4, side + 14)
+
+
+def test_triplet_png_is_enlarged_pixel_for_pixel_and_labelled():
+    """A 63 px stamp is a thumbnail on a dashboard: each panel is drawn at a whole
+    multiple of its pixels (no interpolation: a stamp pixel stays a square of equal
+    values) under a strip naming it."""
+    from core.cutouts import cutouts, triplet_png
+    from core.display import stretch_8bit
+
+    rng = np.random.default_rng(4)
+    image = rng.normal(0.0, 1.0, (120, 120)).astype(np.float32)
+    image[60, 60] = 40.0
+    names = ("SCIENCE", "TEMPLATE", "DIFFERENCE")
+    cut = cutouts({name: (image * (k + 1), None) for k, name in enumerate(names)}, [60], [60], 63)
+    zoom = -(-TRIPLET_PANEL // 63)
+    with Image.open(io.BytesIO(triplet_png(cut, 0))) as png:
+        drawn = np.asarray(png)
+    side = 63 * zoom
+    assert drawn.shape == (side + 14, 3 * side + 4)
+    for k, name in enumerate(names):
+        panel = drawn[14:, k * (side + 2) : k * (side + 2) + side][::-1]  # row 0 at the bottom
+        expected = stretch_8bit(cut.stamps[name][0])
+        np.testing.assert_array_equal(panel[::zoom, ::zoom], expected)
+        np.testing.assert_array_equal(panel, np.kron(expected, np.ones((zoom, zoom), np.uint8)))
+        strip = drawn[:14, k * (side + 2) : k * (side + 2) + side]
+        assert (strip > 128).sum() > 20  # the label's lit pixels
+    assert not drawn[:14, side : side + 2].any()  # the gap between labels stays dark
 
 
 def test_cutouts_of_an_unknown_id_exit_2(run, tmp_path, capsys):

@@ -18,6 +18,8 @@ from astropy.io import fits
 from astropy.table import Table
 from PIL import Image
 
+from core.cutouts import TRIPLET_PANEL
+
 from .service_fixtures import (
     REDIS_TEST_DB,
     free_port,
@@ -200,7 +202,8 @@ def test_cutout_triplets(deployment, alice):
     )
     assert png.headers["content-type"] == "image/png"
     with Image.open(io.BytesIO(png.content)) as image:
-        assert image.size == (3 * 31 + 4, 31)
+        side = 31 * -(-TRIPLET_PANEL // 31)  # enlarged by a whole factor, labelled above
+        assert image.size == (3 * side + 4, side + 14)
     missing = alice.get(f"/v1/subtractions/{job_id}/sources/99999/cutouts")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     huge = alice.get(f"/v1/subtractions/{job_id}/sources/0/cutouts", params={"size": 100000})

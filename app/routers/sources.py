@@ -316,7 +316,8 @@ def _position_kind(positions: list[ForcedPosition]) -> tuple[str, str]:
     description="Science (matched), template (matched) and difference (or score) stamps of "
     "`size` x `size` pixels centred on the source, as in alert packets: `format=fits` gives "
     "three image HDUs SCIENCE, TEMPLATE, DIFFERENCE with their WCS (NaN beyond the frame); "
-    "`format=png` the three side by side (zscale + asinh each).",
+    "`format=png` the three side by side (zscale + asinh each), each enlarged by a whole "
+    "factor to at least 180 px and labelled above.",
     response_class=Response,
     responses={
         200: {
