@@ -320,8 +320,16 @@ def _gunzip_limit(max_pixels: int) -> int:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    """The exception's first line, or after a wcslib "ERROR n in f() at line ..." line
+    (where in wcslib's C) the line that says what is wrong."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[1] if len(lines) > 1 and _WCSLIB_WHERE.match(lines[0]) else lines[0]
     return text[:200]
+
+
+_WCSLIB_WHERE = re.compile(r"ERROR \d+ in \w+\(\) at line \d+ of file ")
 
 
 def _is_image(hdu) -> bool:

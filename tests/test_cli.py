@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy import units as u
+from astropy.io import fits
 from astropy.nddata import CCDData, VarianceUncertainty
 
 from app.cli import _parser, main
@@ -330,6 +331,27 @@ def test_warnings_are_logged_in_one_format_and_kept_in_metrics(tmp_path):
     assert logged and set(logged) <= set(metrics["warnings"])
     assert f"warnings={len(metrics['warnings'])}" in proc.stdout
     assert any("kernel stamps support spatial orders" in n for n in metrics["notes"])
+
+
+def test_warnings_said_while_reading_are_the_runs_too(tmp_path):
+    """A template WCS that cannot be parsed is ignored with a warning: it was printed
+    beside `warnings=0` and lost from metrics.json, and named wcslib's C source line
+    instead of the problem."""
+    pair = tmp_path / "pair"
+    assert main(["simulate", str(pair), "--size", "256", "--seed", "2"]) == 0
+    with fits.open(pair / "template.fits", mode="update") as hdul:
+        hdul["IMAGE"].header["CTYPE1"] = "RA---FOO"
+    products = tmp_path / "prod"
+    science, template = str(pair / "science.fits"), str(pair / "template.fits")
+    proc = _run_cli(
+        "subtract", science, template, "-o", str(tmp_path / "d.fits"), "--products", str(products)
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((products / "metrics.json").read_text())
+    said = [w for w in metrics["warnings"] if "WCS ignored" in w]
+    assert len(said) == 1 and "Unrecognized projection code (FOO in CTYPE1)" in said[0]
+    assert said[0] in proc.stderr and "wcs.c" not in proc.stderr
+    assert f"warnings={len(metrics['warnings'])}" in proc.stdout
 
 
 def test_all_products_share_one_mode_from_the_umask(pair_dir, tmp_path):
