@@ -160,8 +160,8 @@ def assess_quality(
         matched science shares); only the rest means misalignment.
     star_shift : (dx, dy) or None
         The shift that moves the convolved image's stars onto the other's, measured on
-        the kernel stars (None: not measured). A kernel that follows
-        it absorbs a misalignment of the inputs; one that does not follows something else.
+        the kernel stars (None: not measured). A kernel that follows it absorbs a
+        misalignment of the inputs; one that does not follows something else.
     """
     config = config or QualityConfig()
     verdict = Verdict()
