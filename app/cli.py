@@ -773,6 +773,11 @@ def main(argv: list[str] | None = None) -> int:
         # a bad ALSUB_* setting of `serve` or `worker`: one line each, no values (tokens)
         from pydantic import ValidationError
 
+        from store.errors import SettingsError
+
+        if service and isinstance(exc, SettingsError):
+            print(f"alsub: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
         if not (service and isinstance(exc, ValidationError)):
             raise
         for error in exc.errors():

@@ -2,7 +2,8 @@
 
 Core's typed errors (`core.errors.AlsubError`) map to 422 with their own code;
 store errors map to 413 (upload too large) and 409 (idempotency conflict); an
-unreachable store or broker maps to 503 with ``Retry-After``.
+unreachable store or broker maps to 503 and a full data directory to 507, both with
+``Retry-After``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import AlsubError
 from store import IdempotencyConflictError, UploadTooLargeError
-from store.errors import UNAVAILABLE_ERRORS
+from store.errors import STORAGE_FULL_MESSAGE, UNAVAILABLE_ERRORS, storage_full
 
 __all__ = ["ApiError", "install_error_handlers", "error_body", "RETRY_AFTER_SECONDS"]
 
 #: Retry-After of a 503 while the store or broker is unreachable (seconds).
 RETRY_AFTER_SECONDS = 5
+#: Retry-After of a 507 while the data directory is full (seconds): an operator must act.
+STORAGE_FULL_RETRY_AFTER_SECONDS = 60
 
 log = logging.getLogger("alsub.api")
 
@@ -89,7 +92,26 @@ def install_error_handlers(app: FastAPI) -> None:
             "request; use a new key",
         )
 
+    def _storage_full(request: Request, exc: Exception) -> JSONResponse:
+        log.error("data directory full on %s %s: %r", request.method, request.url.path, exc)
+        return _answer(
+            507,
+            "insufficient_storage",
+            STORAGE_FULL_MESSAGE,
+            {"Retry-After": str(STORAGE_FULL_RETRY_AFTER_SECONDS)},
+        )
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError):
+        # a full disk answered 500 "unexpected server error" to every upload
+        if storage_full(exc):
+            return _storage_full(request, exc)
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _answer(500, "internal", "unexpected server error; the service logs have the trace")
+
     async def _unavailable(request: Request, exc: Exception):
+        if storage_full(exc):  # SQLite's "database or disk is full": not a restart
+            return _storage_full(request, exc)
         log.warning(
             "store or broker unavailable on %s %s: %r", request.method, request.url.path, exc
         )

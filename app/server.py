@@ -102,6 +102,7 @@ def serve(
     import uvicorn
 
     from store import Settings, open_store
+    from store.redis_backend import check_redis
     from store.sweeper import requeue_all
 
     from .main import create_app
@@ -116,6 +117,8 @@ def serve(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.redis_url:
+        check_redis(settings.redis_url)  # a refusal stops here, in one line (exit 2)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     worker = None
     if workers != 0:

@@ -2,16 +2,20 @@
 
 Redis down, restarting or still loading its append-only file, or SQLite busy
 past its timeout: a transient condition, not a bug, so the API answers 503
-with ``Retry-After`` and workers retry instead of failing the job.
+with ``Retry-After`` and workers retry instead of failing the job. A full data
+directory is not transient: the API answers 507 and a job fails as
+``insufficient_storage`` (`storage_full`). A setting the service cannot run with is a
+`SettingsError` at start-up.
 """
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 
 import redis
 
-__all__ = ["UNAVAILABLE_ERRORS"]
+__all__ = ["UNAVAILABLE_ERRORS", "SettingsError", "storage_full", "STORAGE_FULL_MESSAGE"]
 
 #: Exceptions meaning "try again shortly" (redis-py reconnects by itself on the next call).
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -21,3 +25,27 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.ReadOnlyError,
     sqlite3.OperationalError,
 )
+
+
+#: errno of a full disk, a disk quota or a file-size limit: the service's storage, not the
+#: client's input, is at fault.
+_STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+#: What a client hears when the data directory is full (no server path, no errno text).
+STORAGE_FULL_MESSAGE = (
+    "the service's disk is full: nothing was stored; try again later (its operator must "
+    "free space in the data directory)"
+)
+
+
+def storage_full(exc: BaseException) -> bool:
+    """True when ``exc`` says the data directory's disk is full (or a quota or file-size
+    limit is reached): a file write's `OSError`, or SQLite's ``database or disk is full``."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_FULL_ERRNOS
+
+
+class SettingsError(Exception):
+    """A setting the service cannot run with, found when it starts (`alsub serve` and
+    `alsub worker` print it as one line and exit 2); the message quotes no value."""

@@ -3,7 +3,8 @@
 Uploads stream into ``<store>/.tmp`` and products are built in ``.tmp-*``
 folders; a process killed mid-way leaves them behind. A job whose record was
 lost (a Redis without persistence, a deleted record) leaves its product
-folder behind. `clean_disk` removes each of these once it is older than
+folder behind, and so does a job that failed after an attempt published (its worker
+lost). `clean_disk` removes each of these once it is older than
 ``tmp_max_age``, so files being written right now are never touched; the API
 runs it at start-up and every worker every ``maintenance_interval`` seconds.
 """
@@ -33,7 +34,8 @@ def clean_disk(store: Store, settings: Settings) -> dict[str, int]:
     Returns
     -------
     removed : `dict`
-        Number of upload temp files, staging folders and orphan job folders removed.
+        Number of upload temp files, staging folders and orphan job folders (no record,
+        or a failed one) removed.
     """
     age = settings.tmp_max_age
     removed = {
@@ -42,7 +44,10 @@ def clean_disk(store: Store, settings: Settings) -> dict[str, int]:
         "orphans": 0,
     }
     for job_id in store.products.job_ids(older_than=age):
-        if store.records.get(job_id) is None:
+        record = store.records.get(job_id)
+        # a failed job serves no product: an attempt lost after publishing (worker_lost)
+        # left its folder for good
+        if record is None or record.state == "failed":
             store.products.delete(job_id)
             removed["orphans"] += 1
     if any(removed.values()):

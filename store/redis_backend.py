@@ -11,6 +11,7 @@ import time
 
 import redis
 
+from .errors import SettingsError
 from .records import (
     DURATION_BUCKETS,
     JOB_STATES,
@@ -26,7 +27,7 @@ from .records import (
     time_key,
 )
 
-__all__ = ["RedisRecords", "persistence_warning"]
+__all__ = ["RedisRecords", "persistence_warning", "refusal", "check_redis"]
 
 
 class RedisRecords(RecordBackend):
@@ -244,3 +245,30 @@ def persistence_warning(client: redis.Redis) -> str | None:
         "a restart forgets every job, and the disk cleaning then deletes their products; "
         "run it with --appendonly yes"
     )
+
+
+def refusal(url: str) -> str | None:
+    """Why the Redis at ``url`` refuses this deployment (wrong user or password, a database
+    number it does not have), else None. None too while it cannot be reached: the service
+    waits out an outage, but a refusal is a setting to change (it was a 503 "unreachable"
+    or a 500 on every request, and a worker retrying forever)."""
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
+        return str(exc)  # ConnectionErrors by their class, refusals by their meaning
+    except (redis.ConnectionError, redis.TimeoutError):
+        return None
+    except redis.ResponseError as exc:
+        return str(exc)
+    finally:
+        client.close()
+    return None
+
+
+def check_redis(url: str) -> None:
+    """Raise `store.errors.SettingsError` when the Redis at ``url`` refuses it (`refusal`);
+    `alsub serve` and `alsub worker` call it at start-up."""
+    reason = refusal(url)
+    if reason:
+        raise SettingsError(f"ALSUB_REDIS_URL: the Redis server refuses it: {reason}")

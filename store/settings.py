@@ -12,11 +12,15 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "settings_markdown"]
+
+#: Levels both the standard logging and uvicorn know (``alsub serve`` passes it to both).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _split_list(value):
@@ -53,7 +57,10 @@ class Settings(BaseSettings):
         description="Prefix of the Celery broker's Redis keys (tools such as Flower must use "
         "the same); empty: Celery's own key names.",
     )
-    queue_name: str = Field("alsub", description="Celery queue the subtraction jobs go to.")
+    # empty, the API sent jobs to a queue no worker took (and /readyz said not ready)
+    queue_name: str = Field(
+        "alsub", min_length=1, description="Celery queue the subtraction jobs go to."
+    )
     tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Bearer tokens the API accepts (comma-separated). Empty: no authentication.",
@@ -203,6 +210,32 @@ class Settings(BaseSettings):
     def _cidr_networks(cls, networks: list[str]) -> list[str]:
         return [str(ipaddress.ip_network(text, strict=False)) for text in networks]
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, url: str | None) -> str | None:
+        # checked here, not by the first connection: a bad URL was a traceback at start-up.
+        # The message never quotes the URL (it may hold a password).
+        if url:
+            from redis.connection import parse_url
+
+            try:
+                parse_url(url)
+            except ValueError as exc:
+                raise ValueError(f"ALSUB_REDIS_URL is not a Redis URL: {exc}") from None
+            database = urlsplit(url).path.strip("/")
+            if not url.startswith("unix:") and database and not database.isdigit():
+                # redis-py took /abc for database 0, the broker refused it
+                raise ValueError("ALSUB_REDIS_URL: the path must be a database number (/0)")
+        return url
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, level: str) -> str:
+        name = level.strip().upper()
+        if name not in LOG_LEVELS:
+            raise ValueError(f"ALSUB_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        return name
+
     @field_validator("data_dir")
     @classmethod
     def _absolute_data_dir(cls, path: Path) -> Path:
@@ -219,6 +252,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"ALSUB_VISIBILITY_TIMEOUT ({self.visibility_timeout:g} s) must exceed "
                 f"ALSUB_HARD_TIME_LIMIT ({self.hard_time_limit:g} s)"
+            )
+        if self.heartbeat_timeout < 2 * self.heartbeat_interval:
+            # a heartbeat older than the timeout requeues the job: with fewer than two beats
+            # per timeout, every stage longer than it was requeued mid-run (worker_lost)
+            raise ValueError(
+                f"ALSUB_HEARTBEAT_TIMEOUT ({self.heartbeat_timeout:g} s) must be at least twice "
+                f"ALSUB_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g} s), or running jobs are "
+                "requeued as lost between two heartbeats"
             )
         return self
 

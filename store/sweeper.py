@@ -50,6 +50,7 @@ def fail_worker_lost(record: JobRecord, reason: str, now: float | None = None) -
         "try a smaller image or a longer time limit",
     }
     record.progress = {"stage": "failed", "fraction": record.progress.get("fraction", 0.0)}
+    record.products = []  # a lost attempt's products are not this job's result
     record.worker = None
     record.heartbeat_at = None
 
@@ -60,6 +61,7 @@ def _recover(record: JobRecord, settings: Settings, reason: str) -> None:
         return
     record.state = "queued"
     record.progress = {"stage": "requeued", "fraction": 0.0}
+    record.products = []  # the lost attempt's links answered 409 while the job waited
     record.worker = None
     record.heartbeat_at = None
 

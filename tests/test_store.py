@@ -216,7 +216,9 @@ def test_owners_rate_counters_workers_and_durations(records):
 
 
 def test_sweeper_requeues_stale_jobs_then_fails_them(records, tmp_path):
-    settings = Settings(data_dir=tmp_path, heartbeat_timeout=5, max_attempts=2)
+    settings = Settings(
+        data_dir=tmp_path, heartbeat_interval=1, heartbeat_timeout=5, max_attempts=2
+    )
     stale = make_record(state="running", attempts=1, heartbeat_at=time.time() - 60)
     fresh = make_record(state="running", attempts=1, heartbeat_at=time.time())
     worn_out = make_record(state="running", attempts=2, heartbeat_at=time.time() - 60)

@@ -30,7 +30,7 @@ from core.products import PRODUCT_NAMES, json_safe, write_products
 from core.sources import read_catalog
 from core.subtract import run_subtraction
 from store import FINAL_STATES, JobRecord, Settings, Store
-from store.errors import UNAVAILABLE_ERRORS
+from store.errors import STORAGE_FULL_MESSAGE, UNAVAILABLE_ERRORS, storage_full
 from store.sweeper import fail_worker_lost, is_stale
 
 from .heartbeat import Heartbeat
@@ -278,17 +278,28 @@ def run_job(
             log.error("job %s: %s", job_id, exc.detail)
             final = _fail(store, job_id, token, timings, "internal", str(exc))
         except Exception as exc:
-            log.exception("job %s: unexpected error", job_id)
-            final = _fail(
-                store,
-                job_id,
-                token,
-                timings,
-                "internal",
-                f"unexpected {type(exc).__name__}; the service logs have the trace",
-            )
+            if storage_full(exc):
+                # the service's disk, not the input: said so (it was "unexpected OSError")
+                log.error("job %s: the data directory is full: %s", job_id, exc)
+                final = _fail(
+                    store, job_id, token, timings, "insufficient_storage", STORAGE_FULL_MESSAGE
+                )
+            else:
+                log.exception("job %s: unexpected error", job_id)
+                final = _fail(
+                    store,
+                    job_id,
+                    token,
+                    timings,
+                    "internal",
+                    f"unexpected {type(exc).__name__}; the service logs have the trace",
+                )
 
     if final is not None:
+        if final.state == "failed":
+            # a failed job serves no product: the ones published before it failed (the
+            # difference, its catalog) only held disk space, the scarcest when it was full
+            store.products.delete(job_id)
         if on_final is not None:
             on_final(final)
         return final.state
@@ -349,6 +360,7 @@ def _fail(store, job_id, token, timings, code, message):
         token,
         state="failed",
         error={"code": code, "message": message},
+        products=[],  # none is served: no links (they answered 409)
         progress={"stage": "failed", "fraction": 1.0},
         timings={k: round(v, 4) for k, v in timings.items()},
     )

@@ -36,6 +36,10 @@ def run_worker(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(processName)s: %(message)s",
     )
+    if settings.redis_url:
+        from store.redis_backend import check_redis
+
+        check_redis(settings.redis_url)
     if not settings.redis_url and not os.environ.get("ALSUB_EMBEDDED_PARENT"):
         # a worker meant for Redis but started without it waited on a local queue that no
         # API fed, reporting ready (an operator's review)

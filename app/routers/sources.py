@@ -25,7 +25,7 @@ from store import Settings, Store
 from ..deps import Caller, get_caller, get_settings, get_store
 from ..errors import ApiError
 from ..schemas import ErrorResponse
-from .subtractions import _finished_job
+from .subtractions import _finished_job, _job_with_product
 
 __all__ = ["router"]
 
@@ -156,7 +156,8 @@ _TABLE_CONTENT = {
     "ray or hot pixel, not raised on a preconvolve score) and a boolean `flag_<name>` per bit. "
     "`format=csv` or `fits` gives the same rows as a table file; the FITS header also gives "
     "the science exposure's MJD-OBS, DATE-OBS, FILTER, EXPTIME and BUNIT, and column units "
-    "(TUNIT).",
+    "(TUNIT). Served as soon as `dia_sources` is in the job's `products`, while the job still "
+    "writes its matched images.",
     responses={
         200: {"content": _TABLE_CONTENT, "description": "The DIA sources."},
         **_AUTH,
@@ -178,7 +179,9 @@ def list_sources(
     caller: Caller = Depends(get_caller),
     store: Store = Depends(get_store),
 ) -> Response:
-    _finished_job(store, job_id, caller)
+    # as soon as the catalog is published (the job still running): it answered 409 while
+    # /products/dia_sources served the same file
+    _job_with_product(store, job_id, caller, "dia_sources")
     table = _catalog(store, job_id)
     keep = np.ones(len(table), dtype=bool)
     if min_snr is not None:

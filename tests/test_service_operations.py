@@ -1,0 +1,323 @@
+"""What an operator and an alert broker meet in production: a full disk, a Redis that
+refuses the deployment's URL, settings that cannot work, and the DIA catalog read while
+the job still writes its matched images.
+
+Real processes on the real Redis (test database, private prefix): ``alsub serve
+--workers 0`` and ``alsub worker``. A full disk is a file-size limit (RLIMIT_FSIZE) on
+the process: its writes fail with EFBIG past it, as they fail with ENOSPC on a full
+disk, with no root and no extra mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from store import ExposureRef, JobRecord, Settings, open_store
+from store.maintenance import clean_disk
+from store.records import new_job_id
+
+from .service_fixtures import (
+    FINAL,
+    REPO,
+    Process,
+    free_port,
+    redis_service_env,
+    service_env,
+    start_server,
+    start_worker,
+    upload,
+    wait_job,
+    wait_ready,
+)
+
+TOKEN = "operations-token-1"
+
+#: Bytes a capped process may write to one file: less than a 256 x 256 product or upload.
+FILE_SIZE_CAP = 200_000
+
+
+def _client(base: str) -> httpx.Client:
+    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+
+
+def _capped(command: list[str], env: dict[str, str], log_path) -> Process:
+    """``alsub COMMAND`` whose writes fail past `FILE_SIZE_CAP` bytes a file (EFBIG)."""
+    code = (
+        "import resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({FILE_SIZE_CAP}, {FILE_SIZE_CAP})); "
+        "from app.cli import main; "
+        f"sys.exit(main({command!r}))"
+    )
+    return Process([sys.executable, "-c", code], env, log_path)
+
+
+def _wait_healthy(base: str, process: Process) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.alive(), process.log_tail()
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(process.log_tail())
+
+
+def test_a_full_disk_is_a_507_and_a_failed_job_that_keeps_nothing(tmp_path, redis_prefix, sim_pair):
+    """Uploads into a full data directory answer 507 insufficient_storage (they answered
+    500 "unexpected server error"); a job that cannot write its products fails with
+    that code (it was "internal: unexpected OSError") and leaves no folder behind."""
+    url, prefix = redis_prefix
+    data_dir = tmp_path / "data"
+    env = redis_service_env(url, prefix, data_dir, tokens=TOKEN)
+    server, base = start_server(free_port(), data_dir, env, tmp_path, workers=0)
+    full_port = free_port()
+    full_api = _capped(
+        ["serve", "--workers", "0", "--port", str(full_port)], env, tmp_path / "full-api.log"
+    )
+    worker = _capped(["worker"], env, tmp_path / "worker.log")
+    try:
+        _wait_healthy(f"http://127.0.0.1:{full_port}", full_api)
+        with _client(f"http://127.0.0.1:{full_port}") as full:
+            refused = full.post(
+                "/v1/exposures",
+                content=sim_pair["science"].read_bytes(),
+                headers={"Content-Type": "application/fits"},
+            )
+            assert refused.status_code == 507, refused.text
+            assert refused.json()["error"]["code"] == "insufficient_storage"
+            assert "disk is full" in refused.json()["error"]["message"]
+            assert str(data_dir) not in refused.text  # no server path
+            assert int(refused.headers["retry-after"]) > 0
+        assert list((data_dir / "exposures" / ".tmp").iterdir()) == []  # nothing half-written
+
+        with _client(base) as client:
+            wait_ready(client)
+            science, template = (
+                upload(client, sim_pair["science"]),
+                upload(client, sim_pair["template"]),
+            )
+            submitted = client.post(
+                "/v1/subtractions",
+                json={"science": {"exposure_id": science}, "template": {"exposure_id": template}},
+            )
+            assert submitted.status_code == 202, submitted.text
+            job_id = submitted.json()["id"]
+            record = wait_job(client, job_id, timeout=120)
+            assert record["state"] == "failed", (record, worker.log_tail())
+            assert record["error"]["code"] == "insufficient_storage", record["error"]
+            assert "disk is full" in record["error"]["message"]
+            assert record["products"] == {}
+            assert record["attempts"] == 1
+        jobs = data_dir / "jobs"
+        assert not (jobs / job_id).exists()
+        assert [p.name for p in jobs.iterdir()] == []  # no staging folder either
+    finally:
+        worker.stop()
+        full_api.stop()
+        server.stop()
+
+
+def test_a_job_failing_after_its_first_products_lists_and_keeps_none(
+    tmp_path, redis_prefix, sim_pair, monkeypatch
+):
+    """The disk fills while the matched images are written, after the difference and
+    its catalog were published: the failed job listed those three (each link answered
+    409) and their folder stayed on the full disk until the job was deleted."""
+    from worker.jobs import run_job
+
+    url, prefix = redis_prefix
+    settings = Settings(data_dir=tmp_path / "data", redis_url=url, redis_prefix=prefix)
+    store = open_store(settings)
+    ids = {
+        role: store.exposures.put_bytes(sim_pair[role].read_bytes())
+        for role in ("science", "template")
+    }
+    record = JobRecord(
+        id=new_job_id(),
+        owner="operator-test",
+        science=ExposureRef(exposure_id=ids["science"]),
+        template=ExposureRef(exposure_id=ids["template"]),
+    )
+    store.records.create(record)
+    published = []
+
+    def full_disk(job_id, build):
+        published.extend(store.products.names(job_id))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.products, "add", full_disk)
+    try:
+        assert run_job(store, settings, record.id) == "failed"
+        assert {"difference", "kernel", "dia_sources"} <= set(published)  # published first
+        failed = store.records.get(record.id)
+        assert failed.error["code"] == "insufficient_storage", failed.error
+        assert failed.products == []
+        assert not store.products.job_dir(record.id).exists()
+    finally:
+        store.records.close()
+
+
+def test_disk_cleaning_removes_the_products_of_failed_jobs(tmp_path, redis_prefix):
+    """A job that failed after a lost attempt had published (worker_lost) kept its
+    folder for good: only folders without a record were cleaned."""
+    url, prefix = redis_prefix
+    settings = Settings(
+        data_dir=tmp_path / "data", redis_url=url, redis_prefix=prefix, tmp_max_age=1
+    )
+    store = open_store(settings)
+    try:
+        records = {}
+        for state in ("failed", "succeeded"):
+            record = JobRecord(
+                id=new_job_id(),
+                owner="operator-test",
+                science=ExposureRef(exposure_id="a" * 64),
+                template=ExposureRef(exposure_id="b" * 64),
+                state=state,
+            )
+            store.records.create(record)
+            store.products.publish(record.id, lambda d: (d / "difference.fits").write_bytes(b"x"))
+            records[state] = record.id
+        time.sleep(1.5)
+        clean_disk(store, settings)
+        assert not store.products.job_dir(records["failed"]).exists()
+        assert store.products.names(records["succeeded"]) == ["difference"]
+    finally:
+        store.records.close()
+
+
+def test_sources_are_served_as_soon_as_the_catalog_is_published(tmp_path, redis_prefix, sim_pair):
+    """/sources answered 409 "products exist once it has succeeded" while the job wrote its
+    matched images, though the record listed dia_sources and /products/dia_sources
+    served it: an alert broker waited for frame-sized files it does not read."""
+    url, prefix = redis_prefix
+    data_dir = tmp_path / "data"
+    env = redis_service_env(url, prefix, data_dir, tokens=TOKEN, test_stage_delay=2.0)
+    server, base = start_server(free_port(), data_dir, env, tmp_path, workers=0)
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        with _client(base) as client:
+            wait_ready(client)
+            science, template = (
+                upload(client, sim_pair["science"]),
+                upload(client, sim_pair["template"]),
+            )
+            submitted = client.post(
+                "/v1/subtractions",
+                json={"science": {"exposure_id": science}, "template": {"exposure_id": template}},
+            )
+            job_id = submitted.json()["id"]
+            early = client.get(f"/v1/subtractions/{job_id}/sources")
+            assert early.status_code == 409, early.text
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                record = client.get(f"/v1/subtractions/{job_id}").json()
+                if "dia_sources" in record["products"] or record["state"] in FINAL:
+                    break
+                time.sleep(0.05)
+            assert record["state"] == "running", record
+            sources = client.get(f"/v1/subtractions/{job_id}/sources")
+            assert sources.status_code == 200, sources.text
+            assert len(sources.json()) >= 3  # the pair's three bright transients at least
+            record = wait_job(client, job_id, timeout=120)
+            assert record["state"] == "succeeded", record
+            assert client.get(f"/v1/subtractions/{job_id}/sources").json() == sources.json()
+    finally:
+        worker.stop()
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"log_level": "verbose"}, "ALSUB_LOG_LEVEL"),
+        ({"redis_url": "http://127.0.0.1:6379/0"}, "ALSUB_REDIS_URL"),
+        ({"redis_url": "redis://127.0.0.1:6379/first"}, "ALSUB_REDIS_URL"),
+        ({"queue_name": ""}, "ALSUB_QUEUE_NAME"),
+        ({"heartbeat_interval": 30, "heartbeat_timeout": 20}, "ALSUB_HEARTBEAT_TIMEOUT"),
+    ],
+)
+def test_settings_that_cannot_work_stop_both_commands_in_one_line(tmp_path, settings, named):
+    """A log level neither logging nor uvicorn knows, a URL that is not Redis's, an empty
+    queue (jobs waited forever) and a heartbeat timeout under two intervals (every long
+    stage was requeued as lost, then failed worker_lost): exit 2 and one line naming the
+    variable, from both `alsub serve` and `alsub worker` (it was a traceback, or a
+    service that started and never ran a job)."""
+    env = service_env(data_dir=tmp_path, tokens="s3cr3t-token", **settings)
+    for command in (["serve", "--workers", "0", "--port", "0"], ["worker"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "app.cli", *command],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (command, done.stderr[-2000:])
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"alsub: error: {named}"), lines
+        assert "s3cr3t" not in done.stderr
+
+
+def test_a_redis_that_refuses_the_url_stops_both_commands_in_one_line(tmp_path, redis_prefix):
+    """Wrong credentials: the API answered 503 "unreachable (restarting?)" to every call
+    and the worker retried forever; a refusal is a setting to fix, said at start-up.
+    (An unreachable Redis is still waited for: tests/test_service_faults.py.)"""
+    url, prefix = redis_prefix
+    refused = url.replace("redis://", "redis://no-such-user:no-such-password@", 1)
+    env = redis_service_env(refused, prefix, tmp_path, tokens=TOKEN)
+    for command in (["serve", "--workers", "0", "--port", "0"], ["worker"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "app.cli", *command],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (command, done.stderr[-2000:])
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("alsub: error: ALSUB_REDIS_URL"), lines
+        assert "no-such-password" not in done.stderr
+
+
+def test_a_requeued_job_lists_none_of_the_lost_attempts_products(redis_prefix, tmp_path):
+    """A worker lost after publishing the difference: the requeued job (state queued, or
+    failed worker_lost) kept listing it, and the link answered 409 until a worker took it."""
+    from store.redis_backend import RedisRecords
+    from store.sweeper import sweep_stale_jobs
+
+    url, prefix = redis_prefix
+    records = RedisRecords(url, prefix)
+    settings = Settings(data_dir=tmp_path, heartbeat_interval=1, heartbeat_timeout=5)
+    try:
+        lost = {}
+        for attempts in (1, settings.max_attempts):
+            record = JobRecord(
+                id=new_job_id(),
+                owner="operator-test",
+                science=ExposureRef(exposure_id="a" * 64),
+                template=ExposureRef(exposure_id="b" * 64),
+                state="running",
+                attempts=attempts,
+                heartbeat_at=time.time() - 60,
+                products=["difference", "kernel", "dia_sources"],
+            )
+            records.create(record)
+            lost[attempts] = record.id
+        enqueued: list[str] = []
+        sweep_stale_jobs(records, settings, enqueued.append)
+        requeued, failed = records.get(lost[1]), records.get(lost[settings.max_attempts])
+        assert requeued.state == "queued" and requeued.products == []
+        assert failed.state == "failed" and failed.products == []
+        assert enqueued == [lost[1]]
+    finally:
+        records.close()
