@@ -74,7 +74,8 @@ def test_compose_lets_jobs_finish_and_keeps_flower_private():
 
     compose = (REPO / "docker-compose.yml").read_text()
     worker = compose.split("\n  worker:\n", 1)[1].split("\n  redis:\n", 1)[0]
-    grace = re.search(r"stop_grace_period: (\d+)(m|s)\b", worker)
+    # the default of the variable an operator raises with ALSUB_HARD_TIME_LIMIT
+    grace = re.search(r"stop_grace_period: \$\{ALSUB_STOP_GRACE_PERIOD:-(\d+)(m|s)\}", worker)
     assert grace is not None
     seconds = int(grace.group(1)) * (60 if grace.group(2) == "m" else 1)
     assert seconds > Settings().hard_time_limit
