@@ -165,6 +165,51 @@ def test_a_job_failing_after_its_first_products_lists_and_keeps_none(
         store.records.close()
 
 
+def test_a_job_deleted_while_writing_products_stops_without_an_error(
+    tmp_path, redis_prefix, sim_pair, monkeypatch, caplog
+):
+    """DELETE of a running job while its worker writes the matched images removes its
+    folder under the writer: the write's FileNotFoundError was logged as an unexpected
+    error with its trace, for a job that ended as the client asked."""
+    import logging
+
+    from worker.jobs import run_job
+
+    url, prefix = redis_prefix
+    settings = Settings(data_dir=tmp_path / "data", redis_url=url, redis_prefix=prefix)
+    store = open_store(settings)
+    ids = {
+        role: store.exposures.put_bytes(sim_pair[role].read_bytes())
+        for role in ("science", "template")
+    }
+    record = JobRecord(
+        id=new_job_id(),
+        owner="operator-test",
+        science=ExposureRef(exposure_id=ids["science"]),
+        template=ExposureRef(exposure_id=ids["template"]),
+    )
+    store.records.create(record)
+    write_rest = store.products.add
+
+    def deleted_first(job_id, build):
+        # what the API's DELETE does to a running job, then the real write
+        store.products.delete(job_id)
+        store.records.delete(job_id)
+        return write_rest(job_id, build)
+
+    monkeypatch.setattr(store.products, "add", deleted_first)
+    try:
+        with caplog.at_level(logging.INFO, logger="alsub"):
+            assert run_job(store, settings, record.id) == "skipped"
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == [], [r.getMessage() for r in errors]
+        assert any("deleted or cancelled while running" in r.getMessage() for r in caplog.records)
+        assert store.records.get(record.id) is None
+        assert not store.products.job_dir(record.id).exists()
+    finally:
+        store.records.close()
+
+
 def test_disk_cleaning_removes_the_products_of_failed_jobs(tmp_path, redis_prefix):
     """A job that failed after a lost attempt had published (worker_lost) kept its
     folder for good: only folders without a record were cleaned."""

@@ -110,6 +110,12 @@ def _show_products(store: Store, job_id: str, token: str, names: list[str]) -> N
         raise JobCancelled(job_id)
 
 
+def _still_ours(store: Store, job_id: str, token: str) -> bool:
+    """True while this run owns the job (its record running under ``token``)."""
+    record = store.records.get(job_id)
+    return record is not None and record.state == "running" and record.worker == token
+
+
 def _finish(store: Store, job_id: str, token: str, **fields) -> JobRecord | None:
     """Write the final state if this run still owns the job; return the record if written."""
 
@@ -284,6 +290,10 @@ def run_job(
                 final = _fail(
                     store, job_id, token, timings, "insufficient_storage", STORAGE_FULL_MESSAGE
                 )
+            elif not _still_ours(store, job_id, token):
+                # deleted or cancelled while it wrote: its folder went, and a write into it
+                # failed (a FileNotFoundError logged as an unexpected error with its trace)
+                log.info("job %s: deleted or cancelled while running, stopping", job_id)
             else:
                 log.exception("job %s: unexpected error", job_id)
                 final = _fail(
