@@ -231,7 +231,8 @@ class SourcesConfig(_Config):
         gt=0,
         le=1000,
         description="Reject kernel sources whose science/template flux ratio departs "
-        "from the median by more than this many sigma (transients, variables).",
+        "from the better-measured half's median by more than this many times its error, "
+        "widened by the ensemble's scatter beyond the errors (transients, variables).",
     )
     variability_floor: float = Field(
         0.05, ge=0, le=10, description="...and by more than this fraction of the median ratio."
