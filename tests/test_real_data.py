@@ -146,3 +146,23 @@ def test_coadd_difference_carries_sffts_flux(real_data):
     assert ours == pytest.approx(theirs, rel=0.3)
     flux, error = psf_flux(result.difference, col, row)
     assert flux / error > 5 and math.isfinite(flux)
+
+
+def test_a_gaussian_standing_in_for_the_psf_is_said(real_data):
+    """DECam epoch c has 4 usable PSF stars (5 needed): a Gaussian of its FWHM keyword
+    stands in, whose PSF fluxes of real stars read 0.82-0.86 of theirs (a review's
+    injections). The verdict said good without a word of it; epoch a, whose PSF is
+    estimated, says nothing of the kind."""
+    folder = real_data / "decam_sfft_decorr"
+    verdicts = {}
+    for epoch in ("a", "c"):
+        result = run_subtraction(
+            read_exposure(folder / f"DEC-OBS04{epoch}.mini.fits.gz"),
+            read_exposure(folder / f"DEC-OBS18{epoch}.mini.fits.gz"),
+            SubtractionConfig(),
+        )
+        verdicts[epoch] = result.metrics["quality"]
+    said = [r for r in verdicts["c"]["reasons"] if "a Gaussian of its FWHM stands in" in r]
+    assert verdicts["c"]["verdict"] == "suspect" and len(said) == 1
+    assert said[0].startswith("suspect: science: no PSF given") and "4 suitable stars" in said[0]
+    assert not any("Gaussian" in r for r in verdicts["a"]["reasons"])
