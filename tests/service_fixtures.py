@@ -173,6 +173,19 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 90.0, until=FIN
     raise AssertionError(f"job {job_id} still {record.get('state')}: {record}")
 
 
+def wait_listed(client: httpx.Client, job_id: str, product: str, timeout: float = 120.0) -> dict:
+    """Poll a job until ``product`` is in its record's products or it ends (polled every
+    50 ms: a product is listed a stage before the job ends); return the record."""
+    deadline = time.monotonic() + timeout
+    record: dict = {}
+    while time.monotonic() < deadline:
+        record = client.get(f"/v1/subtractions/{job_id}").json()
+        if product in record["products"] or record["state"] in FINAL:
+            break
+        time.sleep(0.05)
+    return record
+
+
 def upload(client: httpx.Client, path: Path) -> str:
     """Upload a FITS file as the raw body; return its id."""
     response = client.post(

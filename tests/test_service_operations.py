@@ -23,7 +23,6 @@ from store.maintenance import clean_disk
 from store.records import new_job_id
 
 from .service_fixtures import (
-    FINAL,
     REPO,
     Process,
     free_port,
@@ -31,8 +30,9 @@ from .service_fixtures import (
     service_env,
     start_server,
     start_worker,
-    upload,
+    submit_sim_pair,
     wait_job,
+    wait_listed,
     wait_ready,
 )
 
@@ -100,14 +100,7 @@ def test_a_full_disk_is_a_507_and_a_failed_job_that_keeps_nothing(tmp_path, redi
 
         with _client(base) as client:
             wait_ready(client)
-            science, template = (
-                upload(client, sim_pair["science"]),
-                upload(client, sim_pair["template"]),
-            )
-            submitted = client.post(
-                "/v1/subtractions",
-                json={"science": {"exposure_id": science}, "template": {"exposure_id": template}},
-            )
+            submitted = submit_sim_pair(client, sim_pair)
             assert submitted.status_code == 202, submitted.text
             job_id = submitted.json()["id"]
             record = wait_job(client, job_id, timeout=120)
@@ -125,14 +118,9 @@ def test_a_full_disk_is_a_507_and_a_failed_job_that_keeps_nothing(tmp_path, redi
         server.stop()
 
 
-def test_a_job_failing_after_its_first_products_lists_and_keeps_none(
-    tmp_path, redis_prefix, sim_pair, monkeypatch
-):
-    """The disk fills while the matched images are written, after the difference and
-    its catalog were published: the failed job listed those three (each link answered
-    409) and their folder stayed on the full disk until the job was deleted."""
-    from worker.jobs import run_job
-
+def _stored_job(tmp_path, redis_prefix, sim_pair):
+    """(settings, store, record) of a queued job of the simulated pair, stored as the API
+    stores one, for `worker.jobs.run_job` to run in this process."""
     url, prefix = redis_prefix
     settings = Settings(data_dir=tmp_path / "data", redis_url=url, redis_prefix=prefix)
     store = open_store(settings)
@@ -147,6 +135,18 @@ def test_a_job_failing_after_its_first_products_lists_and_keeps_none(
         template=ExposureRef(exposure_id=ids["template"]),
     )
     store.records.create(record)
+    return settings, store, record
+
+
+def test_a_job_failing_after_its_first_products_lists_and_keeps_none(
+    tmp_path, redis_prefix, sim_pair, monkeypatch
+):
+    """The disk fills while the matched images are written, after the difference and
+    its catalog were published: the failed job listed those three (each link answered
+    409) and their folder stayed on the full disk until the job was deleted."""
+    from worker.jobs import run_job
+
+    settings, store, record = _stored_job(tmp_path, redis_prefix, sim_pair)
     published = []
 
     def full_disk(job_id, build):
@@ -175,20 +175,7 @@ def test_a_job_deleted_while_writing_products_stops_without_an_error(
 
     from worker.jobs import run_job
 
-    url, prefix = redis_prefix
-    settings = Settings(data_dir=tmp_path / "data", redis_url=url, redis_prefix=prefix)
-    store = open_store(settings)
-    ids = {
-        role: store.exposures.put_bytes(sim_pair[role].read_bytes())
-        for role in ("science", "template")
-    }
-    record = JobRecord(
-        id=new_job_id(),
-        owner="operator-test",
-        science=ExposureRef(exposure_id=ids["science"]),
-        template=ExposureRef(exposure_id=ids["template"]),
-    )
-    store.records.create(record)
+    settings, store, record = _stored_job(tmp_path, redis_prefix, sim_pair)
     write_rest = store.products.add
 
     def deleted_first(job_id, build):
@@ -251,23 +238,11 @@ def test_sources_are_served_as_soon_as_the_catalog_is_published(tmp_path, redis_
     try:
         with _client(base) as client:
             wait_ready(client)
-            science, template = (
-                upload(client, sim_pair["science"]),
-                upload(client, sim_pair["template"]),
-            )
-            submitted = client.post(
-                "/v1/subtractions",
-                json={"science": {"exposure_id": science}, "template": {"exposure_id": template}},
-            )
+            submitted = submit_sim_pair(client, sim_pair)
             job_id = submitted.json()["id"]
             early = client.get(f"/v1/subtractions/{job_id}/sources")
             assert early.status_code == 409, early.text
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                record = client.get(f"/v1/subtractions/{job_id}").json()
-                if "dia_sources" in record["products"] or record["state"] in FINAL:
-                    break
-                time.sleep(0.05)
+            record = wait_listed(client, job_id, "dia_sources")
             assert record["state"] == "running", record
             sources = client.get(f"/v1/subtractions/{job_id}/sources")
             assert sources.status_code == 200, sources.text
@@ -278,6 +253,24 @@ def test_sources_are_served_as_soon_as_the_catalog_is_published(tmp_path, redis_
     finally:
         worker.stop()
         server.stop()
+
+
+def _both_commands_stop_in_one_line(env: dict[str, str], named: str, secret: str) -> None:
+    """`alsub serve` and `alsub worker` under ``env`` exit 2 with one line naming the
+    variable ``named``, and without the ``secret`` it holds."""
+    for command in (["serve", "--workers", "0", "--port", "0"], ["worker"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "app.cli", *command],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (command, done.stderr[-2000:])
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"alsub: error: {named}"), lines
+        assert secret not in done.stderr
 
 
 @pytest.mark.parametrize(
@@ -297,19 +290,7 @@ def test_settings_that_cannot_work_stop_both_commands_in_one_line(tmp_path, sett
     variable, from both `alsub serve` and `alsub worker` (it was a traceback, or a
     service that started and never ran a job)."""
     env = service_env(data_dir=tmp_path, tokens="s3cr3t-token", **settings)
-    for command in (["serve", "--workers", "0", "--port", "0"], ["worker"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "app.cli", *command],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 2, (command, done.stderr[-2000:])
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"alsub: error: {named}"), lines
-        assert "s3cr3t" not in done.stderr
+    _both_commands_stop_in_one_line(env, named, "s3cr3t")
 
 
 def test_a_redis_that_refuses_the_url_stops_both_commands_in_one_line(tmp_path, redis_prefix):
@@ -319,19 +300,7 @@ def test_a_redis_that_refuses_the_url_stops_both_commands_in_one_line(tmp_path, 
     url, prefix = redis_prefix
     refused = url.replace("redis://", "redis://no-such-user:no-such-password@", 1)
     env = redis_service_env(refused, prefix, tmp_path, tokens=TOKEN)
-    for command in (["serve", "--workers", "0", "--port", "0"], ["worker"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "app.cli", *command],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 2, (command, done.stderr[-2000:])
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("alsub: error: ALSUB_REDIS_URL"), lines
-        assert "no-such-password" not in done.stderr
+    _both_commands_stop_in_one_line(env, "ALSUB_REDIS_URL", "no-such-password")
 
 
 def test_a_requeued_job_lists_none_of_the_lost_attempts_products(redis_prefix, tmp_path):

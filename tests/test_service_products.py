@@ -8,18 +8,16 @@ job in each state long enough to look at it.
 
 from __future__ import annotations
 
-import time
-
 import httpx
 
 from .service_fixtures import (
-    FINAL,
     difference_quality,
     free_port,
     service_env,
     start_server,
     submit_sim_pair,
     wait_job,
+    wait_listed,
     wait_ready,
 )
 
@@ -38,12 +36,7 @@ def test_difference_is_downloadable_while_the_rest_is_written(tmp_path, sim_pair
             early = client.get(f"/v1/subtractions/{job_id}/products/difference")
             assert early.status_code == 409, early.text
 
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                record = client.get(f"/v1/subtractions/{job_id}").json()
-                if "difference" in record["products"] or record["state"] in FINAL:
-                    break
-                time.sleep(0.05)
+            record = wait_listed(client, job_id, "difference")
             # The job is still running, writing the rest; the difference is there already.
             assert record["state"] == "running", record
             assert record["progress"]["stage"] == "writing products", record
