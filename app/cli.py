@@ -251,6 +251,8 @@ def _cmd_subtract(args) -> int:
     if args.products:
         _check_output_dir(args.products)
 
+    from core.io import read_exposure
+    from core.logcapture import said_first, saying
     from core.parallel import thread_map
     from core.products import write_difference, write_products
     from core.sources import read_catalog
@@ -262,7 +264,7 @@ def _cmd_subtract(args) -> int:
     # both inputs at once, as the worker reads them: the reader spends its time in numpy
     # and file reads, which release the GIL (4096 plain pair: 1.38 -> 0.76 s)
     (science, said), (template, said_too) = thread_map(
-        _read_saying,
+        lambda job: saying(read_exposure, job[0], **job[1]),
         [(args.science, science_planes), (args.template, template_planes)],
     )
     sources = read_catalog(args.sources, wcs=science.wcs) if args.sources else None
@@ -271,8 +273,7 @@ def _cmd_subtract(args) -> int:
         science, template, config, sources=sources, progress=progress, consume_inputs=True
     )
     # what reading said (a WCS ignored) is the run's too: counted and kept in metrics.json
-    said = list(dict.fromkeys(said + said_too))
-    result.metrics["warnings"] = said + [w for w in result.metrics["warnings"] if w not in said]
+    result.metrics["warnings"] = said_first(said + said_too, result.metrics["warnings"])
     progress("write", 1.0)
     write_difference(result, args.output)
     if args.products:
@@ -290,17 +291,6 @@ def _cmd_subtract(args) -> int:
     for reason in quality.get("reasons", []):
         print(f"  {reason}")
     return 0
-
-
-def _read_saying(job):
-    """(`core.io.read_exposure` of ``job`` = (path, planes), the warnings it logged)."""
-    from core.io import read_exposure
-    from core.logcapture import collect_warnings
-
-    path, planes = job
-    with collect_warnings() as said:
-        exposure = read_exposure(path, **planes)
-    return exposure, said
 
 
 def _read_positions(path):

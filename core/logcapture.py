@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
-__all__ = ["collect_warnings"]
+__all__ = ["collect_warnings", "saying", "said_first"]
+
+T = TypeVar("T")
 
 _CORE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -60,3 +63,18 @@ def collect_warnings() -> Iterator[list[str]]:
         yield collector.messages
     finally:
         root.removeHandler(collector)
+
+
+def saying(call: Callable[..., T], *args, **kwargs) -> tuple[T, list[str]]:
+    """``call(*args, **kwargs)`` and the warnings core logged in this thread meanwhile
+    (reading an input in a thread of its own: a WCS it ignored)."""
+    with collect_warnings() as said:
+        result = call(*args, **kwargs)
+    return result, said
+
+
+def said_first(said: list[str], warnings: list[str]) -> list[str]:
+    """``said`` (deduplicated) then the ``warnings`` it does not hold: a run's warnings
+    behind what reading its inputs said."""
+    first = list(dict.fromkeys(said))
+    return first + [w for w in warnings if w not in first]

@@ -368,6 +368,23 @@ def test_core_error_fails_the_job_with_its_code(alice, alice_inputs, other_field
     )
 
 
+def test_what_reading_an_input_said_is_in_the_job_metrics(alice, alice_inputs, sim_pair, tmp_path):
+    """A template whose WCS cannot be parsed is read without it, with a warning: the
+    worker logged it and the job's metrics did not hold it (the CLI's metrics.json
+    does)."""
+    broken = tmp_path / "template-bad-wcs.fits"
+    with fits.open(sim_pair["template"]) as hdul:
+        hdul["IMAGE"].header["CTYPE1"] = "RA---FOO"
+        hdul.writeto(broken)
+    response = submit(alice, alice_inputs[0], upload(alice, broken))
+    assert response.status_code == 202, response.text
+    record = wait_job(alice, response.json()["id"])
+    assert record["state"] == "succeeded", record
+    said = [w for w in record["metrics"]["warnings"] if "WCS ignored" in w]
+    assert len(said) == 1 and said[0].startswith("template exposure: WCS ignored"), said
+    assert "Unrecognized projection code (FOO in CTYPE1)" in said[0]
+
+
 def test_registered_job_records_its_figures_and_serves_the_warped_template(alice, tmp_path_factory):
     """A template on its own grid (10 deg, 2%, WCS 0.4 px off): registered by the worker."""
     from core.io import read_exposure

@@ -25,6 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from core.config import SubtractionConfig
 from core.errors import AlsubError
 from core.io import read_exposure
+from core.logcapture import said_first, saying
 from core.parallel import thread_map
 from core.products import PRODUCT_NAMES, json_safe, write_products
 from core.sources import read_catalog
@@ -214,8 +215,9 @@ def run_job(
             _require_inputs(store, record, settings)
             # Both inputs at once: the reader spends its time in numpy and file reads,
             # which release the GIL, so the two files overlap on two cores.
-            science, template = thread_map(
-                lambda role: read_exposure(
+            (science, said), (template, said_too) = thread_map(
+                lambda role: saying(
+                    read_exposure,
                     store.exposures.path(getattr(record, role).exposure_id),
                     max_pixels=settings.max_pixels,
                     name=f"{role} exposure",
@@ -236,6 +238,8 @@ def run_job(
                 science, template, config, sources=sources, progress=progress, consume_inputs=True
             )
             timings["subtraction"] = time.perf_counter() - t0
+            # what reading said (a WCS ignored) is the job's too
+            result.metrics["warnings"] = said_first(said + said_too, result.metrics["warnings"])
             timings.update({f"stage.{k}": float(v) for k, v in (result.timings or {}).items()})
 
             t0 = time.perf_counter()
