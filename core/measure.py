@@ -1,5 +1,6 @@
 """Measurement of sources on a matched-filtered exposure: centroids, adaptive moments,
-PSF fluxes and their S/N, vectorised over sources; `measure_sources` at given positions.
+PSF fluxes and their S/N, vectorised over sources; `measure_sources` at given positions;
+`star_offset`, where the same stars sit in two images of one grid (their centroids).
 
 `_Filtered` (background-subtracted image, its PSF-correlated S/N and variance) is
 shared with detection (`core.detection`), which measures the peaks it finds here.
