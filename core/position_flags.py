@@ -15,14 +15,7 @@ from .order import row_nanmedians
 from .stamps import batches
 from .stamps import stamps as _stack
 
-__all__ = ["near_bright_star", "bright_star_light", "changed_star", "outside_kernel_hull"]
-
-
-def near_bright_star(template: Exposure | None, ix, iy, radius: float, limit: float) -> np.ndarray:
-    """True where a matched-template pixel within ``radius`` px of array pixels (ix, iy)
-    exceeds ``limit`` S/N above the level around that disc: a bright star's light there,
-    whose residual can fake a source."""
-    return bright_star_light(template, ix, iy, radius, limit)[0]
+__all__ = ["bright_star_light", "changed_star", "outside_kernel_hull"]
 
 
 def changed_star(flux, light, saturated, fraction: float) -> np.ndarray:
@@ -38,8 +31,10 @@ def changed_star(flux, light, saturated, fraction: float) -> np.ndarray:
 def bright_star_light(
     template: Exposure | None, ix, iy, radius: float, limit: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`near_bright_star`'s test, and the template's light (sum above the level around
-    the disc) under each position where that is a star's core (NaN elsewhere)."""
+    """True where a matched-template pixel within ``radius`` px of array pixels (ix, iy)
+    exceeds ``limit`` S/N above the level around that disc (a bright star's light there,
+    whose residual can fake a source); and the template's light (sum above that level)
+    under each position where that is a star's core (NaN elsewhere)."""
     if template is None or ix.size == 0 or radius <= 0:
         return np.zeros(ix.size, dtype=bool), np.zeros(ix.size)
     parts = batches(ix.size)

@@ -733,7 +733,7 @@ def _plain_bright_star(template, ix, iy, radius, limit):
 
 
 def test_bright_star_on_disc_pixels_equals_the_masked_stamp():
-    from core.position_flags import near_bright_star
+    from core.position_flags import bright_star_light
 
     rng = np.random.default_rng(15)
     shape = (150, 170)
@@ -748,7 +748,7 @@ def test_bright_star_on_disc_pixels_equals_the_masked_stamp():
     template = Exposure.from_arrays(image, variance)
     ix, iy = rng.integers(0, 170, 400), rng.integers(0, 150, 400)
     for radius, limit in ((6.5, 30.0), (13.2, 100.0), (3.0, 5.0)):
-        got = near_bright_star(template, ix, iy, radius, limit)
+        got = bright_star_light(template, ix, iy, radius, limit)[0]
         np.testing.assert_array_equal(got, _plain_bright_star(template, ix, iy, radius, limit))
         assert 0 < got.sum() < got.size
 
@@ -760,7 +760,7 @@ def test_stamp_work_in_batches_equals_one_batch_of_all(monkeypatch):
     import core.stamps
     from core.diasources import _aperture
     from core.forced import PsfStamps, psf_photometry
-    from core.position_flags import near_bright_star
+    from core.position_flags import bright_star_light
     from core.psf import GridPsf
 
     rng = np.random.default_rng(21)
@@ -789,7 +789,11 @@ def test_stamp_work_in_batches_equals_one_batch_of_all(monkeypatch):
     def measure():
         stamps = PsfStamps(psf, exposure)
         drawn = stamps.at(x, y)
-        out = [drawn[0], *_aperture(exposure, x, y, 5.3), near_bright_star(exposure, ix, iy, 5, 20)]
+        out = [
+            drawn[0],
+            *_aperture(exposure, x, y, 5.3),
+            bright_star_light(exposure, ix, iy, 5, 20)[0],
+        ]
         for background in (True, False):
             out += list(psf_photometry(exposure, x, y, stamps, background).values())
         out += list(psf_photometry(exposure, x, y, stamps, True, drawn=drawn).values())
