@@ -1201,11 +1201,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
             ]
         )
         upper = float(order.median(sample, consume=True)) * ratio**2 if sample.size else 1.0
-        for _ in range(60):
-            if excess(upper) <= 0.0:
-                break
-            upper *= 4.0
-        floor = float(optimize.brentq(excess, 0.0, upper, xtol=1e-9 * upper))
+        floor = _root_from_zero(excess, upper, 4.0, 1e-9)
         score.variance += np.float32(floor)
         self.metadata["scoreNoiseFloor"] = floor
         self.notes.append(
@@ -1542,12 +1538,20 @@ def _excess_scatter(deviation: np.ndarray, sigma: np.ndarray) -> float:
     if not excess(0.0) > 0.0:
         return 0.0
     # decreasing in e: bracketed by 0 and about the deviations' own spread
-    upper = float(mad_std(deviation))
+    return _root_from_zero(excess, float(mad_std(deviation)), 2.0, 1e-6)
+
+
+def _root_from_zero(
+    decreasing: Callable[[float], float], upper: float, grow: float, rtol: float
+) -> float:
+    """The root of ``decreasing`` (positive at 0) in [0, upper], ``upper`` first grown by
+    ``grow`` until the function is <= 0 there (at most 60 times); Brent's method to
+    ``rtol`` times that bound (the score's noise floor, the kernel stars' excess scatter)."""
     for _ in range(60):
-        if excess(upper) <= 0.0:
+        if decreasing(upper) <= 0.0:
             break
-        upper *= 2.0
-    return float(optimize.brentq(excess, 0.0, upper, xtol=1e-6 * upper))
+        upper *= grow
+    return float(optimize.brentq(decreasing, 0.0, upper, xtol=rtol * upper))
 
 
 def _template_is_sharper(template, science, template_fwhm: float, science_fwhm: float) -> bool:
