@@ -28,7 +28,7 @@ from scipy import ndimage
 from .exposure import Exposure
 from .parallel import thread_map
 
-__all__ = ["background_map", "background_image", "BACKGROUND_IGNORE_PLANES"]
+__all__ = ["background_map", "background_image", "background_images", "BACKGROUND_IGNORE_PLANES"]
 
 #: Planes whose pixels do not enter the background and noise estimate.
 BACKGROUND_IGNORE_PLANES = (
@@ -341,7 +341,35 @@ def background_image(
     return _background_mesh(exposure, mesh, ignore_planes).background()
 
 
+def background_images(
+    exposures: list[Exposure], mesh: int = 64, ignore_planes=BACKGROUND_IGNORE_PLANES
+) -> list[np.ndarray]:
+    """`background_image` of each of ``exposures`` (windows of one frame, say), their
+    cells reduced together: one clipping pass over all cells instead of one per window,
+    whose fixed cost (a few ms) outweighs a small window's sorting. The maps equal
+    `background_image`'s (every cell's statistics are its own)."""
+    parts = [_mesh_cells(exposure, mesh, ignore_planes) for exposure in exposures]
+    if not parts:
+        return []
+    rows = [cells.reshape(-1, cells.shape[2] * cells.shape[3]) for _, cells, _ in parts]
+    stats = _cell_stats(np.concatenate(rows) if len(rows) > 1 else rows[0])
+    out, start = [], 0
+    for (image, cells, valid), block in zip(parts, rows, strict=True):
+        stop = start + block.shape[0]
+        cell = tuple(v[start:stop] for v in stats)
+        out.append(_mesh_from_stats(image, valid, cells.shape, cell).background())
+        start = stop
+    return out
+
+
 def _background_mesh(exposure: Exposure, mesh: int, ignore_planes) -> _BackgroundMesh:
+    image, cells, valid = _mesh_cells(exposure, mesh, ignore_planes)
+    return _mesh_from_stats(image, valid, cells.shape, _cell_stats(cells))
+
+
+def _mesh_cells(exposure: Exposure, mesh: int, ignore_planes):
+    """The image (float32), its cells as an (nby, nbx, mesh, mesh) view (invalid pixels
+    and the padding beyond the frame NaN) and the valid-pixel plane."""
     image = np.asarray(exposure.image, dtype=np.float32)
     ny, nx = image.shape
     valid = np.empty((ny, nx), dtype=bool)
@@ -356,8 +384,14 @@ def _background_mesh(exposure: Exposure, mesh: int, ignore_planes) -> _Backgroun
     else:
         padded = np.full((nby * mesh, nbx * mesh), np.nan, dtype=np.float32)
         padded[:ny, :nx] = np.where(valid, image, np.float32(np.nan))
-    cells = padded.reshape(nby, mesh, nbx, mesh).transpose(0, 2, 1, 3)
-    median, std, counts = (v.reshape(nby, nbx) for v in _cell_stats(cells))
+    return image, padded.reshape(nby, mesh, nbx, mesh).transpose(0, 2, 1, 3), valid
+
+
+def _mesh_from_stats(image, valid, cells_shape, stats) -> _BackgroundMesh:
+    """The despiked, interpolable mesh from the cells' clipped (median, std, count)."""
+    ny, nx = image.shape
+    nby, nbx, mesh, _ = cells_shape
+    median, std, counts = (v.reshape(nby, nbx) for v in stats)
     good = (counts >= _MIN_CELL_FRACTION * mesh * mesh) & np.isfinite(median) & np.isfinite(std)
     if not good.any():
         # nothing usable cell by cell: one global estimate

@@ -278,6 +278,7 @@ def detect_sources(
     grow_sigma: float = 2.4,
     background=None,
     measure: bool = True,
+    segmentation: bool = True,
 ) -> Table:
     """Detect sources above a threshold in units of the local noise.
 
@@ -312,6 +313,10 @@ def detect_sources(
     measure : bool
         Find peaks and measure them; when False only the footprints are made (mask
         planes and segmentation images) and the table has no rows.
+    segmentation : bool
+        Put the segmentation images in ``meta``. False without ``measure``: the
+        mask planes are made without labelling the grown footprints where it can
+        be (it costs a frame-wide labelling and a nearest-footprint pass).
 
     Returns
     -------
@@ -325,9 +330,9 @@ def detect_sources(
         (adaptive moments, px^2), ``size`` (trace radius, px), ``roundness``
         (minor/major axis ratio), ``flag_saturated``, ``flag_edge``,
         ``flag_masked``, ``flag_blended``. ``meta`` holds ``segmentation``
-        (int32 label image of grown positive footprints, array indices),
-        ``segmentation_negative``, ``n_negative``, ``threshold``,
-        ``noise_factor``, ``psf_sigma`` and ``xy0``.
+        (int32 label image of grown positive footprints, array indices) and
+        ``segmentation_negative`` (with ``segmentation``), ``n_footprints``,
+        ``n_negative``, ``threshold``, ``noise_factor``, ``psf_sigma`` and ``xy0``.
     """
     config = config or DetectionConfig()
     given = _resolve_psf(exposure, psf)
@@ -335,7 +340,9 @@ def detect_sources(
         background = background_estimate(exposure, config)
     estimate = background
     if given is not None and config.smooth_with_psf:
-        table = _detect_pass(exposure, config, given, estimate, grow_sigma, set_mask, measure)
+        table = _detect_pass(
+            exposure, config, given, estimate, grow_sigma, set_mask, measure, segmentation
+        )
     else:
         first = GaussianPsf(_DEFAULT_SMOOTH_SIGMA)
         # the first pass only measures the sources' sizes: on a large frame, the
@@ -346,7 +353,9 @@ def detect_sources(
             sigma = max(0.5, min(sigma, 20.0))
         if table is None or abs(sigma / _DEFAULT_SMOOTH_SIGMA - 1) > 0.15 or set_mask:
             model = GaussianPsf(max(0.5, min(sigma, 20.0)))
-            table = _detect_pass(exposure, config, model, estimate, grow_sigma, set_mask, measure)
+            table = _detect_pass(
+                exposure, config, model, estimate, grow_sigma, set_mask, measure, segmentation
+            )
         if given is not None:
             table.meta["psf_sigma"] = _psf_sigma(given)
     return table
@@ -533,6 +542,7 @@ def _detect_pass(
     grow_sigma,
     set_mask,
     measure: bool = True,
+    segmentation: bool = True,
 ) -> Table:
     # without measurements the filtered maps go once the S/N map is made
     filtered = _Filtered(exposure, psf, estimate, keep_maps=measure)
@@ -557,6 +567,15 @@ def _detect_pass(
         filtered.snr /= factor
         filtered.noise_factor *= factor
     del footprints, sky
+    if not (measure or segmentation):
+        masks = _grown_masks(filtered.snr, config.threshold, config.min_pixels, grow)
+        if masks is not None:
+            grown, grown_neg, n, n_neg = masks
+            if set_mask:
+                _set_detected(exposure, grown, grown_neg)
+            table = _empty_detection_table()
+            table.meta.update(_detection_meta(exposure, config, n, n_neg, filtered, sigma))
+            return table
     # fresh (calloc'd) label images: a sparse labelling writes only the pages its
     # footprints touch, so most of such a frame costs no memory
     labels, n = _footprints(filtered.snr, config.threshold, config.min_pixels)
@@ -600,29 +619,13 @@ def _detect_pass(
         grown = _grow(labels, grow, out=neg_labels)
         grown_neg = np.zeros(grown.shape, dtype=grown.dtype)  # calloc: no pages touched
     if set_mask:
-        # both planes replaced in one pass over the mask, a block of rows at a time
-        det_bit = np.int32(exposure.mask_planes.value("DETECTED"))
-        neg_bit = np.int32(exposure.mask_planes.value("DETECTED_NEGATIVE"))
-        for rows in _row_blocks(grown.shape[0]):
-            block = exposure.mask[rows]
-            block &= ~(det_bit | neg_bit)
-            np.bitwise_or(block, det_bit, out=block, where=grown[rows] > 0)
-            if n_neg:
-                np.bitwise_or(block, neg_bit, out=block, where=grown_neg[rows] > 0)
+        _set_detected(exposure, grown, grown_neg if n_neg else None)
     x0, y0 = exposure.xy0
     table = _empty_detection_table()
-    table.meta.update(
-        {
-            "segmentation": grown.astype(np.int32, copy=False),
-            "segmentation_negative": grown_neg.astype(np.int32, copy=False),
-            "n_footprints": n,
-            "n_negative": n_neg,
-            "threshold": float(config.threshold),
-            "noise_factor": float(filtered.noise_factor),
-            "psf_sigma": float(sigma),
-            "xy0": (x0, y0),
-        }
-    )
+    table.meta.update(_detection_meta(exposure, config, n, n_neg, filtered, sigma))
+    if segmentation:
+        table.meta["segmentation"] = grown.astype(np.int32, copy=False)
+        table.meta["segmentation_negative"] = grown_neg.astype(np.int32, copy=False)
     if peaks is None:
         return table
     assert measured is not None
@@ -696,6 +699,51 @@ def _detect_pass(
     }
     # copy=False: the meta's segmentation images are fresh, no need to deep-copy them
     return Table(columns, meta=table.meta, copy=False)
+
+
+def _detection_meta(exposure, config, n: int, n_neg: int, filtered, sigma: float) -> dict:
+    """A detection table's meta besides the segmentation images."""
+    return {
+        "n_footprints": n,
+        "n_negative": n_neg,
+        "threshold": float(config.threshold),
+        "noise_factor": float(filtered.noise_factor),
+        "psf_sigma": float(sigma),
+        "xy0": tuple(exposure.xy0),
+    }
+
+
+def _set_detected(exposure, positive: np.ndarray, negative: np.ndarray | None) -> None:
+    """Replace the DETECTED and DETECTED_NEGATIVE planes by where ``positive`` and
+    ``negative`` (grown footprints: labels or booleans) are set, in one pass over the
+    mask, a block of rows at a time."""
+    det_bit = np.int32(exposure.mask_planes.value("DETECTED"))
+    neg_bit = np.int32(exposure.mask_planes.value("DETECTED_NEGATIVE"))
+    for rows in _row_blocks(positive.shape[0]):
+        block = exposure.mask[rows]
+        block &= ~(det_bit | neg_bit)
+        np.bitwise_or(block, det_bit, out=block, where=positive[rows] > 0)
+        if negative is not None:
+            np.bitwise_or(block, neg_bit, out=block, where=negative[rows] > 0)
+
+
+def _grown_masks(snr: np.ndarray, threshold: float, min_pixels: int, grow: int):
+    """Where `_grow` puts positive and negative labels, and the footprint counts, made
+    without label images: every pixel within ``grow`` of a footprint takes the nearest
+    one's label, so when no pixel is within reach of both signs the grown planes are
+    the two signs' disc dilations. None when some pixel is (the nearest must be found)."""
+    reach, counts = [], []
+    for negative in (False, True):
+        where, _, n, _ = _footprint_pixels(snr, threshold, min_pixels, negative)
+        seeds = np.zeros(snr.shape, dtype=bool)
+        seeds.ravel()[where] = True
+        reach.append(_disc_dilate(seeds, grow) if n else seeds)
+        counts.append(n)
+    if all(counts):
+        for rows in _row_blocks(snr.shape[0]):
+            if np.any(reach[0][rows] & reach[1][rows]):
+                return None
+    return reach[0], (reach[1] if counts[1] else None), counts[0], counts[1]
 
 
 _DETECTION_COLUMNS = {

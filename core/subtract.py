@@ -311,13 +311,15 @@ class _SubtractBase(Task):
         # detection on both images sets DETECTED, which variance scaling, sky sources and
         # the noise metrics rely on, so it runs even when the caller gives the catalog;
         # only the science catalog is used, so the template's sources are not measured
-        # (the catalog's S/N is against the unscaled variance: it is measured before)
+        # nor labelled, only masked (the catalog's S/N is against the unscaled
+        # variance: it is measured before)
         detected = detect_sources(
             exposure,
             detection,
             psf=exposure.psf,
             background=mesh,
             measure=label == "science",
+            segmentation=False,
         )
         # drop its segmentation images now: the other input's preparation may still run
         detected = _without_frame_meta(detected)

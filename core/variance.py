@@ -45,7 +45,7 @@ from scipy import fft as sp_fft
 from scipy import ndimage, signal
 
 from . import order
-from .background import background_image
+from .background import background_images
 from .config import ScaleVarianceConfig
 from .dilation import dilate_cross
 from .exposure import Exposure
@@ -170,15 +170,18 @@ def _good(exposure: Exposure, config: ScaleVarianceConfig) -> np.ndarray:
 
 
 def _sky_estimate(exposure: Exposure, config: ScaleVarianceConfig) -> float:
-    pieces = []
+    views, goods = [], []
     for tile in _sky_tiles(exposure.shape, config.background_bin_size):
         view = _view(exposure, tile)
         good = _good(view, config)
-        if not good.any():
-            continue
-        background = background_image(
-            view, config.background_bin_size, ignore_planes=config.mask_planes
-        )
+        if good.any():
+            views.append(view)
+            goods.append(good)
+    backgrounds = background_images(
+        views, config.background_bin_size, ignore_planes=config.mask_planes
+    )
+    pieces = []
+    for view, good, background in zip(views, goods, backgrounds, strict=True):
         residual = (view.image - background)[good]
         residual /= np.sqrt(view.variance[good])
         pieces.append(residual)

@@ -14,7 +14,8 @@ from astropy.wcs import WCS
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from core.background import _cell_stats, background_map
+from core import detection
+from core.background import _cell_stats, background_image, background_images, background_map
 from core.config import DetectionConfig, SourcesConfig
 from core.detection import (
     _disc_dilate,
@@ -146,6 +147,41 @@ def test_detection_without_measurement_sets_the_same_planes(field):
             np.testing.assert_array_equal(bare.meta[key], table.meta[key])
         for key in ("n_footprints", "n_negative", "noise_factor", "psf_sigma"):
             assert bare.meta[key] == table.meta[key]
+
+
+@pytest.mark.parametrize("beside_a_star", [False, True])
+def test_detection_of_mask_planes_alone_sets_the_labelled_planes(field, monkeypatch, beside_a_star):
+    # segmentation=False grows footprints as disc dilations of each sign, unless some
+    # pixel is within reach of both (a hole beside a star: the nearest footprint is
+    # found as with labels); either way the planes are those of the labelled growth
+    psf, exposure, x, y, flux = field
+    star = int(np.argmax(flux))
+    # else the point of the frame's inner part farthest from every star
+    grid = np.mgrid[40:472, 40:472].reshape(2, -1).T
+    far = grid[np.argmax(cKDTree(np.column_stack([y, x])).query(grid)[0])]
+    hole_at = (x[star] + 6.0, y[star]) if beside_a_star else (far[1] + 0.5, far[0] + 0.5)
+    taken = []
+    grown_masks = detection._grown_masks
+    monkeypatch.setattr(
+        detection,
+        "_grown_masks",
+        lambda *args: taken.append(grown_masks(*args)) or taken[-1],
+    )
+    labelled, bare = exposure.copy(), exposure.copy()
+    hole = np.zeros(exposure.shape)
+    add_star(hole, psf, *hole_at, -3000.0)
+    for work in (labelled, bare):
+        work.image += hole.astype(np.float32)
+    table = detect_sources(labelled, psf=psf, measure=False)
+    masks_only = detect_sources(bare, psf=psf, measure=False, segmentation=False)
+    assert table.meta["n_negative"] >= 1 and len(taken) == 1
+    # the far hole takes the dilations, the one beside a star the nearest-label growth
+    assert (taken[0] is None) == beside_a_star
+    assert bare.masked(["DETECTED_NEGATIVE"]).any()
+    np.testing.assert_array_equal(bare.mask, labelled.mask)
+    assert "segmentation" not in masks_only.meta
+    for key in ("n_footprints", "n_negative", "noise_factor", "psf_sigma", "xy0"):
+        assert masks_only.meta[key] == table.meta[key]
 
 
 def test_detection_sets_planes_and_negative(field):
@@ -385,6 +421,23 @@ def test_cell_stats_match_astropy():
     block_median, block_std, _ = _cell_stats(blocks, chunk=10)
     np.testing.assert_array_equal(block_median, median)
     np.testing.assert_array_equal(block_std, std)
+
+
+def test_background_images_of_windows_equal_each_windows_own(field):
+    # the windows' cells reduced together give each window the map it has alone
+    psf, exposure, x, y, flux = field
+    work = exposure.copy()
+    work.image[40:60, 200:230] = np.nan  # cells with few valid pixels, filled from others
+    windows = [np.s_[0:128, 0:128], np.s_[200:328, 64:192], np.s_[384:512, 300:428]]
+    views = [
+        Exposure(work.image[w], work.variance[w], work.mask[w], mask_planes=work.mask_planes)
+        for w in windows
+    ]
+    together = background_images(views, 32)
+    assert len(together) == 3
+    for view, image in zip(views, together, strict=True):
+        np.testing.assert_array_equal(image, background_image(view, 32))
+    assert background_images([], 32) == []
 
 
 def test_grow_matches_nearest_label_transform():
