@@ -221,15 +221,21 @@ def _cell_stats(cells: np.ndarray, sigma: float = 3.0, maxiters: int = 5, chunk:
         chunk = max(1, _CHUNK_BYTES // (8 * max(size, 1)))
     if cells.ndim == 4:
         step = max(1, chunk // max(cells.shape[1], 1))
-        size = cells.shape[2] * cells.shape[3]
-        parts = [cells[i : i + step].reshape(-1, size) for i in range(0, cells.shape[0], step)]
+        parts = [cells[i : i + step] for i in range(0, cells.shape[0], step)]
     else:
         parts = [cells[i : i + chunk] for i in range(0, cells.shape[0], chunk)]
     if not parts:
         return np.zeros(0), np.zeros(0), np.zeros(0, dtype=int)
 
     def reduce(part: np.ndarray):
-        return _clipped_stats_sorted(np.sort(part, axis=1), sigma, maxiters)
+        # a block view's rows are gathered here, on the worker's core, into a copy
+        # that is then sorted in place (not copied again by np.sort)
+        rows = part.reshape(part.shape[0] * part.shape[1], -1) if part.ndim == 4 else part
+        if np.may_share_memory(rows, part):
+            rows = np.sort(rows, axis=1)
+        else:
+            rows.sort(axis=1)
+        return _clipped_stats_sorted(rows, sigma, maxiters)
 
     # sorting and the clipping passes release the GIL: chunks run on all cores
     median, std, count = zip(*thread_map(reduce, parts), strict=True)

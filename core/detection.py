@@ -12,6 +12,7 @@ installed here). Labelling, distance transforms and filters are `scipy.ndimage`'
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 from astropy.table import Table
@@ -31,7 +32,7 @@ from .measure import (
     _psf_sigma,
     _resolve_psf,
 )
-from .parallel import frame_array, frame_zeros
+from .parallel import alongside, frame_array, frame_zeros
 from .psf import GaussianPsf, Psf, stellar_locus
 
 __all__ = ["detect_sources", "background_estimate", "DetectionMemo"]
@@ -589,35 +590,25 @@ def _detect_pass(
         out=frame_zeros(filtered.snr.shape, np.int32),
         out_zeroed=True,
     )
-    # peaks, their S/N and their measurements first: then the ungrown labels and every
-    # filtered map are no longer needed, and their frames are freed or reused before
-    # growing (4096 x 4096: two frames fewer at the preparation's peak)
+    # peaks and their S/N first: then the S/N map is no longer needed, and the
+    # measurements (on the filtered maps) are made while the footprints grow (the
+    # label buffers reused for the grown images), a core each
     peaks = _find_peaks(filtered.snr, labels, n, sigma, _PEAK_PROMINENCE) if n and measure else None
     peak_snr = filtered.snr[peaks[:, 0], peaks[:, 1]] if peaks is not None else None
+    del filtered.snr, filtered.no_data
+
+    grown_labels = partial(_grow_both, labels, neg_labels, n, n_neg, grow)
     measured = None
     if peaks is not None:
-        measured = _measure(
-            filtered, exposure, peaks[:, 1].astype(float), peaks[:, 0].astype(float), True
-        )
-    del filtered.snr, filtered.no_data
+        with alongside(grown_labels) as growing:
+            measured = _measure(
+                filtered, exposure, peaks[:, 1].astype(float), peaks[:, 0].astype(float), True
+            )
+        grown, grown_neg = growing.result()
+    else:
+        grown, grown_neg = grown_labels()
     if measure:
         del filtered.smoothed, filtered.smoothed_var
-    # grow positive and negative footprints together (one transform; nearest wins);
-    # the label buffers are reused for the grown images
-    if n_neg:
-        both = labels  # negative labels folded in place, after the positive ones
-        for rows in _row_blocks(both.shape[0]):
-            neg = neg_labels[rows]
-            np.copyto(both[rows], neg + np.int32(n), where=neg > 0)
-        result = _grow(both, grow, out=neg_labels)
-        grown, grown_neg = both, neg_labels
-        for rows in _row_blocks(result.shape[0]):
-            block = result[rows]
-            grown[rows] = np.where(block <= n, block, 0)
-            grown_neg[rows] = np.where(block > n, block - n, 0)
-    else:
-        grown = _grow(labels, grow, out=neg_labels)
-        grown_neg = np.zeros(grown.shape, dtype=grown.dtype)  # calloc: no pages touched
     if set_mask:
         _set_detected(exposure, grown, grown_neg if n_neg else None)
     x0, y0 = exposure.xy0
@@ -699,6 +690,26 @@ def _detect_pass(
     }
     # copy=False: the meta's segmentation images are fresh, no need to deep-copy them
     return Table(columns, meta=table.meta, copy=False)
+
+
+def _grow_both(labels, neg_labels, n: int, n_neg: int, grow: int):
+    """Positive and negative footprints grown together (one transform; the nearest
+    wins), in the buffers of ``labels`` and ``neg_labels`` (negative labels folded in
+    after the positive ones, split again after)."""
+    if not n_neg:
+        grown = _grow(labels, grow, out=neg_labels)
+        return grown, np.zeros(grown.shape, dtype=grown.dtype)  # calloc: no pages touched
+    both = labels
+    for rows in _row_blocks(both.shape[0]):
+        neg = neg_labels[rows]
+        np.copyto(both[rows], neg + np.int32(n), where=neg > 0)
+    result = _grow(both, grow, out=neg_labels)
+    grown, grown_neg = both, neg_labels
+    for rows in _row_blocks(result.shape[0]):
+        block = result[rows]
+        grown[rows] = np.where(block <= n, block, 0)
+        grown_neg[rows] = np.where(block > n, block - n, 0)
+    return grown, grown_neg
 
 
 def _detection_meta(exposure, config, n: int, n_neg: int, filtered, sigma: float) -> dict:

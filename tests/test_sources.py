@@ -421,6 +421,18 @@ def test_cell_stats_match_astropy():
     block_median, block_std, _ = _cell_stats(blocks, chunk=10)
     np.testing.assert_array_equal(block_median, median)
     np.testing.assert_array_equal(block_std, std)
+    # the block rows are sorted in a copy, never in the image, also where a block of
+    # one cell per row reshapes without a copy
+    image = cells.astype(np.float32).reshape(40, 1, 300).copy()
+    kept = image.copy()
+    cell_view = image.reshape(40, 1, 300, 1).transpose(0, 1, 3, 2)
+    column_median, _, _ = _cell_stats(cell_view, chunk=10)
+    np.testing.assert_array_equal(column_median, median)
+    np.testing.assert_array_equal(image, kept)
+    as_blocks = cells.astype(np.float32)
+    kept = as_blocks.copy()
+    _cell_stats(as_blocks.reshape(8, 5, 15, 20), chunk=10)
+    np.testing.assert_array_equal(as_blocks, kept)
 
 
 def test_background_images_of_windows_equal_each_windows_own(field):
