@@ -121,6 +121,13 @@ _SATURATION_KEYS = ("SATURATE", "SATLEVEL")
 _BAND_KEYS = ("BAND", "FILTER", "FILTNAME", "FILTNAM")
 _ZERO_POINT_KEYS = ("MAGZERO", "MAGZPT", "MAGZP", "ZEROPT", "PHOTZP", "ZP")
 
+#: Exact zeros in solid blocks (every pixel in a ``_FILL_BLOCK`` square of zeros) making
+#: up pieces of at least ``_MIN_FILL_PIXELS`` are no data: the fill of a coadd or drizzled
+#: image outside its coverage, a dithered frame's border. Noise never repeats one value
+#: over a block; sky-subtracted integer frames hold scattered zeros, not solid blocks.
+_FILL_BLOCK = 5
+_MIN_FILL_PIXELS = 500
+
 # masked pixels (these planes) may carry any variance; elsewhere it must be finite and >= 0
 _UNUSABLE_PLANES = ("NO_DATA", "BAD", "SAT")
 
@@ -374,6 +381,39 @@ def _require_2d(f: _Fits, shape: tuple[int, ...], what: str, index: int) -> None
 def _to_float32(data: np.ndarray) -> np.ndarray:
     # astropy applies BZERO/BSCALE on access, so uint16 arrays already hold true counts
     return np.array(data, dtype=np.float32, copy=True)
+
+
+def _zero_fill(image: np.ndarray) -> np.ndarray | None:
+    """Pixels of ``image`` that are zero fill, not data (`_MIN_FILL_PIXELS`); None if none.
+
+    The solid blocks of exact zeros large enough, grown back over the zeros within a
+    block of them (a dithered border's ragged edge). Nothing when every finite pixel
+    would be fill (an image of zeros is refused as empty elsewhere, not hidden here).
+    """
+    from scipy import ndimage
+
+    from .convolve import or_filter
+
+    zero = image == 0
+    if np.count_nonzero(zero) < _MIN_FILL_PIXELS:
+        return None
+    h = _FILL_BLOCK // 2
+    # centres of solid blocks: no nonzero pixel in the block (the box filters' ORs, a few
+    # whole-array passes; pixels off the frame count as zero, as the frame's edge pixels
+    # would, which lie in the same block)
+    centres = ~or_filter(~zero, h, h)
+    if not centres.any():
+        return None
+    labels, n = ndimage.label(or_filter(centres, h, h), structure=np.ones((3, 3), bool))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    large = sizes >= _MIN_FILL_PIXELS
+    if not large.any():
+        return None
+    fill = zero & or_filter(large[labels], h, h)
+    if np.count_nonzero(fill) >= np.count_nonzero(np.isfinite(image)):
+        return None
+    return fill
 
 
 def _header_value(headers: list[fits.Header], keys: tuple[str, ...]):
@@ -940,6 +980,11 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
         if where.any():
             exposure_mask[where] |= np.int32(planes.value(plane))
 
+    fill = _zero_fill(image)
+    if fill is not None:
+        set_plane("NO_DATA", fill)
+        log.info("%s: %d pixels of zero fill marked NO_DATA", f.name, np.count_nonzero(fill))
+        finite = ~fill if finite is None else finite & ~fill
     if finite is not None:
         nonfinite = ~finite
         set_plane("NO_DATA", nonfinite)

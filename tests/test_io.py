@@ -444,6 +444,47 @@ def test_nonfinite_pixels_become_no_data_and_saturation_is_masked(tmp_path):
     assert sat.sum() == 6 and sat[20:22, 30:33].all()
 
 
+def test_zero_fill_of_a_dithered_border_is_no_data(tmp_path):
+    """A coadd or drizzled frame fills what it did not cover with exact zeros: no data,
+    not sky at 0 (read as sky, a 10% zero border made the difference 2x noisier than its
+    variance, verdict bad, and hid every transient)."""
+    rng = np.random.default_rng(11)
+    image = rng.normal(1000.0, 30.0, (200, 240)).astype(np.float32)
+    image[:20, :] = 0.0
+    image[:, :24] = 0.0
+    image[100:104, 200:202] = 0.0  # a small dead patch is data to judge by its variance
+    exposure = read_exposure(write_single(tmp_path / "fill.fits", image))
+    no_data = exposure.masked(["NO_DATA"])
+    assert no_data[:20, :].all() and no_data[:, :24].all()
+    assert no_data.sum() == 20 * 240 + 24 * 180
+    # the variance is estimated on the data, not pulled down by the fill
+    assert np.median(exposure.variance[~no_data]) == pytest.approx(900.0, rel=0.05)
+    # a sky-subtracted integer frame holds scattered zeros, never solid blocks
+    counts = np.round(rng.normal(0.0, 3.0, (200, 240))).astype(np.int16)
+    assert np.count_nonzero(counts == 0) > 5000
+    sky = read_exposure(write_single(tmp_path / "sky.fits", counts))
+    assert not sky.masked(["NO_DATA"]).any()
+
+
+def test_zero_filled_border_subtracts_like_a_nan_border(tmp_path):
+    from core.config import SubtractionConfig
+    from core.simulate import SimulationConfig, simulate_pair
+    from core.subtract import run_subtraction
+
+    pair = simulate_pair(SimulationConfig(size=384, seed=2, n_transients=10, star_density=2000))
+    science = pair.science.image.copy()
+    science[:38, :] = 0.0
+    science[:, -38:] = 0.0
+    science_path = write_single(tmp_path / "science.fits", science)
+    template_path = write_single(tmp_path / "template.fits", pair.template.image)
+    result = run_subtraction(
+        read_exposure(science_path), read_exposure(template_path), SubtractionConfig()
+    )
+    assert result.metrics["noise_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert result.metrics["quality"]["verdict"] == "good"
+    assert result.difference.masked(["NO_DATA"])[:38, :].all()
+
+
 def test_uint16_image_with_bzero_becomes_float32(tmp_path):
     rng = np.random.default_rng(9)
     counts = rng.integers(500, 3000, (32, 32)).astype(np.uint16)
