@@ -38,6 +38,19 @@ def test_kernel_shift_grades_the_verdict(dx, level):
         assert "check the PSFs" in shifted[0]
 
 
+@pytest.mark.parametrize("resampled", [True, False])
+def test_registration_residual_counts_where_a_map_was_applied(resampled):
+    """Stars found on one grid leave the template unresampled: their scatter about the
+    identity is centroid noise, no misregistration (aligned pairs of faint or wide
+    stars read 0.31-0.43 px)."""
+    registration = {"method": "stars", "rms_px": 0.4, "resampled": resampled}
+    if not resampled:
+        registration["method"] = "stars: same grid"
+    verdict = _verdict(0.0, registration)
+    assert (verdict["verdict"] == SUSPECT) == resampled
+    assert any("registration residual is 0.40 px" in r for r in verdict["reasons"]) == resampled
+
+
 def test_kernel_shift_on_one_wcs_grid_points_at_star_registration():
     """WCSs that put the images on one grid were not checked on the stars (the DECam
     stamps' are 0.6 px off): the reason says how to measure it."""
