@@ -253,6 +253,22 @@ def test_different_fields_are_a_misregistration():
         run_subtraction(science, template)
 
 
+def test_cosmic_rays_among_the_brightest_detections_do_not_hide_the_stars():
+    """A single exposure's cosmic rays outshine most stars: no triangle of the brightest
+    detections finds the stars' transform, but the images' own grid (the prior) does."""
+    pair = simulated_pair("equal", 512, 5)
+    science, template = pair.science.copy(), pair.template.copy()
+    science.wcs = template.wcs = None
+    rng = np.random.default_rng(1)
+    for y, x in zip(rng.integers(5, 507, 200), rng.integers(5, 507, 200), strict=True):
+        science.image[y, x] += rng.uniform(3e3, 5e4)
+        if rng.random() < 0.5:  # some two pixels long
+            science.image[y, x + 1] += rng.uniform(1e3, 2e4)
+    figures = register(template, science).metrics
+    assert figures["method"] == "stars: same grid" and not figures["resampled"]
+    assert figures["n_matched"] >= 20
+
+
 def test_too_few_stars_are_a_misregistration():
     config = preset("equal", size=256, seed=33).model_copy(
         update={"n_stars": 3, "n_transients": 0, "template_shift": (4.2, 1.1)}
