@@ -367,7 +367,34 @@ class DiaSourceConfig(_Config):
         5.0, gt=0, le=1000, description="Detection threshold in S/N of the matched filter."
     )
     min_pixels: int = Field(
-        3, ge=1, le=10_000, description="Fewest connected pixels above threshold."
+        1,
+        ge=1,
+        le=10_000,
+        description="Fewest connected pixels above threshold, whatever the PSF (the floor of "
+        "``min_area_fraction``'s count).",
+    )
+    min_area_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=10,
+        description="Fewest connected pixels above threshold as a fraction of the PSF's "
+        "noise-equivalent area (to the nearest pixel): a point source's footprint is about "
+        "that area times ln(peak S/N / threshold), so this asks for a peak e^fraction above "
+        "the threshold at any sampling (0.05: 3 px at a 4.7 px FWHM, 1 px at 2 px).",
+    )
+    drop_psf_sidelobes: bool = Field(
+        True,
+        description="Drop detections that brighter sources' PSF (its rings, wings and "
+        "side lobes, through the matched filter) explains (`sidelobe_model_error`).",
+    )
+    sidelobe_model_error: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        description="Fractional error allowed on the PSF model's prediction of brighter "
+        "sources' light at a detection: a detection is dropped when its S/N, less that "
+        "prediction, is below the threshold in units of the noise and this error together "
+        "(a bright source's PSF rings and wings are not new sources).",
     )
     peak_prominence: float = Field(
         3.0,

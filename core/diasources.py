@@ -4,11 +4,14 @@ In the ordinary modes the difference is correlated with its own PSF (matched
 filter) and divided by the equally filtered noise, renormalised so that its
 empty-sky scatter is 1 (correlated noise widens it); in preconvolve mode the
 score divided by the square root of its variance already is that S/N.
-Positive and negative footprints above the threshold are labelled, their
-peaks found and close peaks deblended (core.detection does the pixel work).
+Positive and negative footprints above the threshold, of at least a fraction
+of the PSF's area (`footprint_min_pixels`), are labelled, their peaks found and
+close peaks deblended (core.detection does the pixel work).
 The noise of the filtered difference is computed only on the blocks where
 the S/N can reach the threshold, and labelling runs on those blocks alone
-(core.diadetect): the result is that of the whole-frame map. A
+(core.diadetect): the result is that of the whole-frame map. Peaks that the
+PSF of brighter ones explains (its rings and wings through the matched filter,
+core.sidelobes) are dropped; then a
 positive and a negative peak that are each other's nearest within a couple of
 PSF widths are one dipole (a misregistered or moving star), fitted with two
 PSFs. Every source gets a centroid, PSF and aperture fluxes on the difference,
@@ -60,12 +63,14 @@ from .measure import _centroids, _moments, _negative_side_sigma
 from .parallel import InlineExecutor, n_threads, task_pool
 from .position_flags import bright_star_light, changed_star, outside_kernel_hull
 from .psf import Psf
+from .sidelobes import FilteredPsf, close_pairs, explained
 from .stamps import STAMP_BATCH, batches, windows
 from .stamps import stamps as _stack
 from .streaks import on_lines
 
 __all__ = [
     "detect_dia_sources",
+    "footprint_min_pixels",
     "measure_dia_sources",
     "dia_sources",
     "score_profile",
@@ -139,6 +144,22 @@ class Detections:
         self.footprint, self.n_peaks, self.peak_snr = footprint, n_peaks, peak_snr
         self.image, self.noise_factor, self.psf_sigma = image, noise_factor, sigma
 
+    def subset(self, keep: np.ndarray) -> Detections:
+        """The detections at indices ``keep``, in that order; ``n_peaks`` counts the kept."""
+        footprint = self.footprint[keep]
+        _, where, count = np.unique(footprint, return_inverse=True, return_counts=True)
+        return Detections(
+            self.col[keep],
+            self.row[keep],
+            self.sign[keep],
+            footprint,
+            count[where].astype(self.n_peaks.dtype),
+            self.peak_snr[keep],
+            self.image,
+            self.noise_factor,
+            self.psf_sigma,
+        )
+
 
 class SearchedImage:
     """Stamps of an exposure's image as float32 with non-finite pixels and those with
@@ -170,10 +191,11 @@ class SearchedImage:
 _SEARCH_UNUSABLE = ("NO_DATA", "EDGE", "BAD", "SAT", "SAT_TEMPLATE", "CR")
 
 
-def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future):
+def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future, min_pixels: int):
     """Peaks of the matched-filtered difference (core.diadetect), the image searched and
     the noise factor. The convolution's EDGE band holds no usable difference: it
-    counts as no data. ``width``: a future of the PSF's trace radius."""
+    counts as no data. ``width``: a future of the PSF's trace radius; ``min_pixels``:
+    `footprint_min_pixels`."""
     psf = exposure.require_psf()
     kernel = psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64)
     kernel = crop_kernel(kernel)
@@ -198,7 +220,7 @@ def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future
             candidate,
             snr.blocks,
             config.threshold,
-            config.min_pixels,
+            min_pixels,
             width.result(),
             config.peak_prominence,
             values.result,
@@ -221,9 +243,9 @@ def _usable_scatter(snr: np.ndarray, exposure: Exposure, bits: int) -> float:
     return _negative_side_sigma(snr[grid], usable)
 
 
-def _score_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future):
+def _score_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future, min_pixels: int):
     """Peaks of score / sqrt(variance), the image searched and the noise factor;
-    ``width``: a future of the PSF's trace radius."""
+    ``width``: a future of the PSF's trace radius; ``min_pixels``: `footprint_min_pixels`."""
     size = 32
     bits = exposure.bitmask([p for p in ("NO_DATA", "EDGE") if p in exposure.mask_planes])
     snr, _, top = prepare_score(
@@ -240,7 +262,7 @@ def _score_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future):
         top >= config.threshold * factor * (1.0 - 1e-6),
         blocks,
         config.threshold,
-        config.min_pixels,
+        min_pixels,
         width.result(),
         config.peak_prominence,
     )
@@ -248,6 +270,23 @@ def _score_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future):
     # EDGE band's values (mean 52, sky noise 7 on a 512 px pair with 11 px PSFs) drew
     # the centroids of sources beside it 6-11 px into it
     return peaks, SearchedImage(exposure, bits, after_cast=True), factor
+
+
+def footprint_min_pixels(psf: Psf, config: DiaSourceConfig) -> int:
+    """Fewest pixels above threshold a DIA footprint needs: ``config.min_area_fraction``
+    of the PSF's noise-equivalent area (at its average position, to the nearest pixel),
+    at least ``config.min_pixels``.
+
+    A point source's profile in the S/N map (the difference matched-filtered by its PSF,
+    or a score) is the PSF's autocorrelation; for a Gaussian PSF its area above the
+    threshold t at peak S/N v is NEA ln(v / t), and near that for any compact PSF. A
+    fixed count of pixels is then a cut on S/N that depends on the sampling: 3 px asked
+    v >= 5.3 at a 4.7 px FWHM (NEA 60 px) but v >= 8 at 2 px (NEA 6 px, JWST's
+    decorrelated difference), which lost half the sources of S/N 7-10 there. A fraction
+    of the NEA asks the same margin, v >= t e^fraction, at every sampling.
+    """
+    area = psf.noise_equivalent_area(*(psf.average_position or (None, None)))
+    return max(int(config.min_pixels), math.floor(config.min_area_fraction * area + 0.5), 1)
 
 
 def detect_dia_sources(
@@ -273,10 +312,11 @@ def detect_dia_sources(
     config = config or DiaSourceConfig()
     psf = exposure.require_psf()
     find = _score_peaks if is_score else _difference_peaks
+    min_pixels = footprint_min_pixels(psf, config)
     with task_pool() as pool:
         # the PSF's width (only the search needs it) beside the frame passes
         width = pool.submit(profile_sigma, psf)
-        peaks, image, factor = find(exposure, config, width)
+        peaks, image, factor = find(exposure, config, width, min_pixels)
         sigma = width.result()
     order = np.argsort(-peaks.value, kind="stable")[: config.max_sources]
     return Detections(
@@ -710,6 +750,7 @@ class _Setup(NamedTuple):
     single_scale: float
     matched: Any
     aperture_scale: float
+    response: FilteredPsf | None
 
 
 def _setup(output: Exposure, config, matched_science, matched_template, is_score: bool):
@@ -729,12 +770,26 @@ def _setup(output: Exposure, config, matched_science, matched_template, is_score
     stamps = PsfStamps(output.require_psf(), output, config=forced)
     matched = _matched_photometry(output, matched_science, matched_template, forced)
     aperture = _aperture_scale(output, config.aperture_radius_fwhm * stamps.fwhm, forced)
+    response = _filtered_psf(output, config, is_score) if config.drop_psf_sidelobes else None
     if is_score:
         half = max(1, round(SCORE_FIT_RADIUS_FWHM * stamps.fwhm))
         core = PsfStamps(stamps.psf, output, half=half, config=forced)
-        return _Setup(stamps, None, core, noise_scale(output, core, forced), matched, aperture)
+        scale = noise_scale(output, core, forced)
+        return _Setup(stamps, None, core, scale, matched, aperture, response)
     scale = noise_scale(output, stamps, forced)
-    return _Setup(stamps, scale, stamps, scale, matched, aperture)
+    return _Setup(stamps, scale, stamps, scale, matched, aperture, response)
+
+
+def _filtered_psf(output: Exposure, config: DiaSourceConfig, is_score: bool) -> FilteredPsf:
+    """What a point source puts in the detection's filtered image (`core.sidelobes`): its
+    PSF (cropped as the detection crops it) correlated with the detection's matched
+    filter, that PSF on a difference and none on a score, which is already filtered
+    (``output`` then carries a point source's profile in it, `score_profile`)."""
+    psf = output.require_psf()
+    stamp = np.asarray(psf.kernel_image(*(psf.average_position or (None, None))), np.float64)
+    profile = crop_kernel(stamp)
+    kernel = np.ones((1, 1)) if is_score else profile
+    return FilteredPsf(psf, output, kernel, profile.shape[0] // 2, config.forced)
 
 
 def measure_dia_sources(
@@ -792,6 +847,50 @@ def _measure_beside(
     return table
 
 
+def _without_sidelobes(
+    output: Exposure,
+    det: Detections,
+    config: DiaSourceConfig,
+    fit_stamps: PsfStamps,
+    response: FilteredPsf,
+) -> Detections:
+    """``det`` without the detections that brighter ones' PSF explains (`core.sidelobes`).
+
+    Each detection with a fainter one within the reach of ``response`` (`_filtered_psf`)
+    is centroided and PSF-fitted as the single sources are (``fit_stamps``), and
+    predicts the filtered image at the fainter peaks.
+    """
+    kernel = response.kernel
+    order = np.argsort(-np.abs(det.peak_snr), kind="stable")
+    col, row = det.col[order], det.row[order]
+    fainter, brighter = close_pairs(col, row, response.reach)
+    if fainter.size == 0:
+        return det
+    models = np.unique(brighter)
+    _, dx, dy = _shape(det, order[models], _shape_half(det))
+    x, y = det.col[order[models]] + dx, det.row[order[models]] + dy
+    forced = config.forced
+    fit = psf_photometry(output, x, y, fit_stamps, forced.fit_background, forced.min_psf_coverage)
+    model = np.searchsorted(models, brighter)
+    predicted = fit["flux"][model] * response.values(x, y, model, col[fainter], row[fainter])
+    observed = np.zeros(order.size)
+    tested = np.unique(fainter)
+    h = kernel.shape[0] // 2
+    observed[tested] = np.einsum(
+        "nij,ij->n", det.image.stamps(col[tested], row[tested], h).astype(np.float64), kernel
+    )
+    gone = explained(
+        det.peak_snr[order],
+        observed,
+        fainter,
+        brighter,
+        predicted,
+        config.threshold,
+        config.sidelobe_model_error,
+    )
+    return det.subset(np.sort(order[~gone]))
+
+
 def _distinct(x, y, sign, strength, radius: float) -> np.ndarray:
     """Mask of the positions to keep: of same-signed ones closer than ``radius``, the
     strongest (the others are the same source seen through two peaks)."""
@@ -813,6 +912,11 @@ def _shape(det: Detections, peaks: np.ndarray, half: int) -> tuple[np.ndarray, .
     sign = det.sign[peaks].astype(float)
     profile = det.image.stamps(det.col[peaks], det.row[peaks], half) * sign[:, None, None]
     return (profile, *_centroids(profile, det.psf_sigma))
+
+
+def _shape_half(det: Detections) -> int:
+    """Half-width (px) of the stamps `_shape` centroids: 4 PSF sigma, at least 5 px."""
+    return int(max(5, math.ceil(4.0 * det.psf_sigma)))
 
 
 def _interleave(halves) -> np.ndarray:
@@ -837,8 +941,12 @@ def _measure(
     """`measure_dia_sources` with what does not need the detections in ``setup`` (a
     future of `_setup`); the independent measurements run on ``pool``."""
     forced = config.forced
-    stamps, scale, single_stamps, single_scale, matched, aperture_scale = setup.result()
+    stamps, scale, single_stamps, single_scale, matched, aperture_scale, response = setup.result()
     fwhm = stamps.fwhm
+    found = det.col.size
+    if response is not None:
+        # before the pairing: a ring's peaks of both signs made dipoles of each other
+        det = _without_sidelobes(output, det, config, single_stamps, response)
     pairs = _pair_dipoles(det, config.dipole_max_separation_fwhm * fwhm)
     # a score's dipoles are fitted on the whole profile: its noise scale, beside the rest
     whole = None
@@ -851,7 +959,7 @@ def _measure(
     # centroids and moments of single-signed sources, on sign-corrected stamps; each
     # source's iterations are its own, so two halves run on two threads (every other
     # source: bright ones converge in fewer iterations)
-    half = int(max(5, math.ceil(4.0 * det.psf_sigma)))
+    half = _shape_half(det)
     later = pool.submit(_shape, det, single[1::2], half)
     shapes = [_shape(det, single[0::2], half), later.result()]
     moments = [pool.submit(_moments, p, dx, dy, det.psf_sigma) for p, dx, dy in shapes]
@@ -994,6 +1102,7 @@ def _measure(
             "n_positive": int(np.count_nonzero(~table["is_negative"] & ~table["is_dipole"])),
             "n_negative": int(np.count_nonzero(table["is_negative"])),
             "n_dipoles": int(n_pair),
+            "n_sidelobes": int(found - det.col.size),
         }
     )
     return table
@@ -1086,7 +1195,8 @@ def dia_sources(
         `core.forced.FLAG_BITS`; ``streak``: one of a line of sources, `core.streaks`;
         ``sharp``: narrower than the PSF, a cosmic ray or hot pixel,
         `core.forced.SHARP_RATIO`, not raised on a score, where the PSF filter widened it)
-        and one ``flag_<name>`` column per bit.
+        and one ``flag_<name>`` column per bit. Meta ``n_sidelobes``: detections
+        dropped as brighter sources' PSF rings and wings (``drop_psf_sidelobes``).
     """
     config = config or DiaSourceConfig()
     measured = output
@@ -1126,6 +1236,7 @@ _META_KEYS = {
     "n_positive": "NPOS",
     "n_negative": "NNEG",
     "n_dipoles": "NDIPOLE",
+    "n_sidelobes": "NSIDELOB",
     "mjd_obs": "MJD-OBS",
     "date_obs": "DATE-OBS",
     "band": "FILTER",
@@ -1138,6 +1249,7 @@ _META_COMMENTS = {
     "date_obs": "start of the science exposure",
     "exptime": "science exposure time (s)",
     "bunit": "pixel unit of the difference: fluxes sum pixels",
+    "n_sidelobes": "detections dropped as PSF side lobes",
 }
 #: Units (FITS TUNIT) of the columns that have them whatever the image's unit.
 _COLUMN_UNITS = {

@@ -197,6 +197,7 @@ def _reference_detect(exposure, config, is_score):
     from dataclasses import replace
 
     from core.background import _BackgroundMesh
+    from core.diasources import footprint_min_pixels
     from core.forced import profile_sigma
     from core.measure import _Filtered
 
@@ -227,7 +228,7 @@ def _reference_detect(exposure, config, is_score):
     offset = 0
     for sign in (1, -1):
         signed = snr * sign
-        labels, n = _footprints(signed, config.threshold, config.min_pixels)
+        labels, n = _footprints(signed, config.threshold, footprint_min_pixels(psf, config))
         if n:
             peaks = _find_peaks(signed, labels, n, sigma, config.peak_prominence)
             count = np.bincount(peaks[:, 2], minlength=n + 1)[peaks[:, 2]]
