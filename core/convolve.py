@@ -32,6 +32,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from . import order
+from .dilation import or_filter
 from .exposure import DeferredPlane, Exposure
 from .kernel import SpatialKernel, term_degrees
 from .parallel import frame_array, n_threads, thread_map
@@ -327,49 +328,6 @@ def _correlate_tiles(tiles, terms: _Terms, y0: int, y1: int, first: int) -> np.n
             total += values
     assert total is not None
     return total.transpose(1, 0, 2)
-
-
-def or_filter(array: np.ndarray, hy: int, hx: int) -> np.ndarray:
-    """Bitwise OR of ``array`` over a (2hy+1) x (2hx+1) box around each pixel (zero outside).
-
-    Works on integer or boolean arrays; separable, with windows built by doubling,
-    so the cost is O(log h) whole-array ORs per axis whatever the bits. Integer
-    arrays whose set bits fit in 8 or 16 bits are filtered in that narrower type.
-    """
-    narrow = array
-    if array.dtype.kind in "iu" and array.dtype.itemsize > 1:
-        present = int(np.bitwise_or.reduce(array, axis=None))
-        if present >= 0:
-            if present < 1 << 8:
-                narrow = array.astype(np.uint8)
-            elif present < 1 << 16 and array.dtype.itemsize > 2:
-                narrow = array.astype(np.uint16)
-    out = _or_filter_1d(_or_filter_1d(narrow, hx, 1), hy, 0)
-    return out.astype(array.dtype, copy=False)
-
-
-def _or_filter_1d(array: np.ndarray, h: int, axis: int) -> np.ndarray:
-    if h <= 0:
-        return array.copy()
-    n = array.shape[axis]
-    window = 2 * h + 1
-
-    def take(start, stop):
-        index = [slice(None)] * array.ndim
-        index[axis] = slice(start, stop)
-        return tuple(index)
-
-    shape = list(array.shape)
-    shape[axis] = n + 2 * h
-    w = np.zeros(shape, dtype=array.dtype)
-    w[take(h, h + n)] = array
-    total = shape[axis]
-    # after each step w[i] = OR of the `length` values starting at i
-    length = 1
-    while 2 * length <= window:
-        w[take(0, total - length)] |= w[take(length, total)]
-        length *= 2
-    return w[take(0, n)] | w[take(window - length, window - length + n)]
 
 
 def _replace_bits(mask: np.ndarray, source: np.ndarray, bits) -> None:

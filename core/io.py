@@ -72,7 +72,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from . import order
 from .clipping import sigma_clipped_median_std
-from .dilation import dilate_cross
+from .dilation import dilate_cross, or_filter
 from .errors import InvalidExposureError, PsfError
 from .exposure import Exposure, MaskPlanes, PhotoCalib
 from .fits_structure import check_fits_structure
@@ -391,8 +391,6 @@ def _zero_fill(image: np.ndarray) -> np.ndarray | None:
     would be fill (an image of zeros is refused as empty elsewhere, not hidden here).
     """
     from scipy import ndimage
-
-    from .convolve import or_filter
 
     zero = image == 0
     if np.count_nonzero(zero) < _MIN_FILL_PIXELS:
