@@ -390,8 +390,6 @@ def _zero_fill(image: np.ndarray) -> np.ndarray | None:
     block of them (a dithered border's ragged edge). Nothing when every finite pixel
     would be fill (an image of zeros is refused as empty elsewhere, not hidden here).
     """
-    from scipy import ndimage
-
     zero = image == 0
     if np.count_nonzero(zero) < _MIN_FILL_PIXELS:
         return None
@@ -402,6 +400,8 @@ def _zero_fill(image: np.ndarray) -> np.ndarray | None:
     centres = ~or_filter(~zero, h, h)
     if not centres.any():
         return None
+    from scipy import ndimage  # only now: reading a frame (`alsub info`) needs no scipy
+
     labels, n = ndimage.label(or_filter(centres, h, h), structure=np.ones((3, 3), bool))
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     sizes[0] = 0
