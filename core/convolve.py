@@ -593,9 +593,7 @@ def convolve_exposure(
         "metadata": copy.deepcopy(exposure.metadata),
     }
     if variance is None:
-        deferred = DeferredPlane(
-            variance_plane.compute, variance_plane.stamps, variance_plane.floors
-        )
+        deferred = DeferredPlane(variance_plane.compute, variance_plane.stamps)
         return exposure.replace_deferred(deferred, **planes_out)
     return replace(exposure, variance=variance, **planes_out)
 
@@ -697,34 +695,6 @@ class _ConvolvedVariance:
         off = ~(((r >= 0) & (r < ny))[:, :, None] & ((c >= 0) & (c < nx))[:, None, :])
         out[off] = fill
         return out
-
-    def floors(self, cx: np.ndarray, cy: np.ndarray, half: int) -> np.ndarray:
-        """A lower bound of each stamp's values: every output is sum_u K_X(u)^2 V(X+u)
-        >= (least V within the kernel's reach) x sum_u K_X(u)^2, and that sum is
-        sum_t w_t(X) sum(images[t]); the border copies V itself, hence the bound's
-        factor at most 1. NaN where V is not finite."""
-        _, ky, kx = self.images.shape
-        k = max(ky // 2, kx // 2)
-        cx = np.asarray(cx, dtype=np.intp).ravel()
-        cy = np.asarray(cy, dtype=np.intp).ravel()
-        wide = 2 * half + 1 + 2 * k
-        data = windows(self.variance, cy - half - k, cx - half - k, wide, fill=np.inf)
-        least = data.reshape(cx.size, -1).min(axis=1).astype(np.float64)
-        sums = self.images.sum(axis=(1, 2))
-        if self.wx is None:
-            energy = np.full(cx.size, sums[0])
-        else:
-            ny, nx = self.variance.shape
-            offsets = np.arange(-half, half + 1)
-            rows = np.clip(cy[:, None] + offsets, 0, ny - 1)
-            cols = np.clip(cx[:, None] + offsets, 0, nx - 1)
-            total = np.zeros((cx.size, offsets.size, offsets.size))
-            for group in self._x_groups:  # the y factors of terms sharing x weights first
-                along_y = sum(sums[t] * self.wy[t][rows] for t in group)
-                total += along_y[:, :, None] * self.wx[group[0]][cols][:, None, :]
-            energy = total.reshape(cx.size, -1).min(axis=1)
-        # float32 round-off of the frame's values is far below this margin
-        return least * np.clip(energy, 0.0, 1.0) * (1.0 - 1e-4)
 
 
 def _equal_rows(weights: np.ndarray) -> list[list[int]]:

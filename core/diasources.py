@@ -61,8 +61,13 @@ from .forced import (
 )
 from .measure import _centroids, _moments, _negative_side_sigma
 from .parallel import InlineExecutor, n_threads, task_pool
-from .position_flags import bright_star_light, changed_star, outside_kernel_hull
-from .psf import Psf
+from .position_flags import (
+    bright_star_light,
+    bright_star_limit,
+    changed_star,
+    outside_kernel_hull,
+)
+from .psf import SIGMA_TO_FWHM, Psf
 from .sidelobes import FilteredPsf, close_pairs, explained
 from .stamps import STAMP_BATCH, batches, windows
 from .stamps import stamps as _stack
@@ -829,6 +834,9 @@ def _measure_beside(
     frame passes, which hold the GIL little (the output's stamps started after them,
     beside the Python-bound search, made the 4096 auto pair's DIA sources take 0.392 s
     instead of 0.379 s; medians of 10 alternating processes)."""
+    if matched_template is not None and matched_template.psf is None:
+        # a star in it has the output's profile: the subtraction matched it so
+        matched_template = matched_template.with_psf(output.require_psf())
     with task_pool() as pool:
         setup = pool.submit(_setup, output, config, matched_science, matched_template, is_score)
         detections = detect()
@@ -1047,14 +1055,6 @@ def _measure(
     iy = np.floor(y_all + 0.5).astype(int)
     # the measurements at the final positions are independent of each other
     aperture = pool.submit(_aperture, output, x_all, y_all, config.aperture_radius_fwhm * fwhm)
-    bright = pool.submit(
-        bright_star_light,
-        matched_template,
-        ix,
-        iy,
-        config.bright_star_radius_fwhm * fwhm,
-        config.bright_star_peak_snr,
-    )
     fluxes = matched(x_all, y_all, pool) if matched is not None else None
     columns["ra"], columns["dec"] = sky_positions(output, x_all, y_all)
     flags = pixel_flags(output, ix, iy, forced.flag_radius_fwhm * fwhm, stamps.half)
@@ -1068,6 +1068,21 @@ def _measure(
     columns["ixx"][:n_single], columns["iyy"][:n_single], columns["ixy"][:n_single] = ixx, iyy, ixy
     with np.errstate(invalid="ignore", divide="ignore"):
         columns["snr"] = columns["psf_flux"] / columns["psf_flux_err"]
+    # near a star whose residual can reach the threshold in the source's noise (a
+    # saturated one's in the typical source's), in the difference's widths on a score
+    # too (a residual is where the star is in both modes)
+    limits = bright_star_limit(
+        columns["psf_flux_err"], config.threshold, config.bright_star_residual
+    )
+    bright = pool.submit(
+        bright_star_light,
+        matched_template,
+        ix,
+        iy,
+        config.bright_star_radius_fwhm * _difference_fwhm(stamps, is_score),
+        limits,
+        float(np.median(limits)) if n else None,
+    )
     columns["aperture_flux"], aperture_err = aperture.result()
     columns["aperture_flux_err"] = aperture_err * aperture_scale
     # near a bright star's light, and no brighter than its residual can be (a variable
@@ -1106,6 +1121,14 @@ def _measure(
         }
     )
     return table
+
+
+def _difference_fwhm(stamps: PsfStamps, is_score: bool) -> float:
+    """FWHM (px) of a point source in the difference: on a score, of the PSF its profile
+    was made from (`score_profile`), not of the profile the preconvolution widened."""
+    if is_score and isinstance(stamps.psf, _CorrelatedPsf):
+        return SIGMA_TO_FWHM * profile_sigma(stamps.psf.psf)
+    return stamps.fwhm
 
 
 class _CorrelatedPsf(Psf):
@@ -1163,7 +1186,8 @@ def dia_sources(
         For the science and template fluxes at each position and the bright-star flag.
     kernel_sources : `astropy.table.Table` or None
         The kernel sources (parent x, y); sources far outside their hull are flagged
-        ``suspect_kernel``.
+        ``suspect_kernel``, unless their meta says the solution fitted on them is
+        constant (`core.position_flags.EXTRAPOLATED_ORDER` 0, set by the subtraction).
 
     Returns
     -------
@@ -1216,6 +1240,9 @@ def dia_sources(
             if matched_template is not None:
                 # shares the planes: its deferred variance stays deferred
                 matched_template = matched_template.with_psf(matched_science.psf)
+        elif matched_template is not None and matched_template.psf is not None:
+            template_psf = matched_template.psf
+            matched_template = matched_template.with_psf(score_profile(template_psf, template_psf))
     return _measure_beside(
         measured,
         lambda: detect_dia_sources(output, config, is_score),

@@ -144,21 +144,15 @@ class DeferredPlane:
         The (n, 2h+1, 2h+1) stamps the frame would give ``core.stamps.stamps``,
         made without the frame (to float32 round-off): what per-source measurements
         read while the frame is not made.
-    floors : callable (cx, cy, half) -> `numpy.ndarray` or None
-        A lower bound of each such stamp's values (NaN: none known), cheaper than
-        the stamps: a measurement that needs the values only where they are small
-        enough skips the others.
     """
 
     def __init__(
         self,
         compute: Callable[[], np.ndarray],
         stamps: Callable[[np.ndarray, np.ndarray, int, float], np.ndarray] | None = None,
-        floors: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = None,
     ) -> None:
         self._compute: Callable[[], np.ndarray] | None = compute
         self._stamps = stamps
-        self._floors = floors
         self._array: np.ndarray | None = None
         self._lock = threading.Lock()
 
@@ -171,7 +165,7 @@ class DeferredPlane:
             if self._array is None:
                 assert self._compute is not None
                 self._array = np.asarray(self._compute(), dtype=np.float32)
-                self._compute = self._stamps = self._floors = None  # frees what they hold
+                self._compute = self._stamps = None  # frees what they hold
             return self._array
 
     def stamps(self, cx, cy, half: int, fill: float) -> np.ndarray:
@@ -180,18 +174,6 @@ class DeferredPlane:
         if self._array is not None or stamps is None:
             return _stack(self.array(), cx, cy, half, fill=fill)
         return stamps(np.asarray(cx), np.asarray(cy), half, fill)
-
-    def floors(self, cx, cy, half: int) -> np.ndarray:
-        """A lower bound of each stamp's values: its least value once made."""
-        floors = self._floors
-        if self._array is not None or floors is None:
-            return _least(_stack(self.array(), cx, cy, half, fill=np.inf))
-        return floors(np.asarray(cx), np.asarray(cy), half)
-
-
-def _least(stamps: np.ndarray) -> np.ndarray:
-    """Each stamp's least value (NaN if it has one)."""
-    return stamps.reshape(stamps.shape[0], -1).min(axis=1)
 
 
 class _VariancePlane:
@@ -313,14 +295,6 @@ class Exposure:
         if isinstance(value, DeferredPlane):
             return value.stamps(cx, cy, half, fill)
         return _stack(value, cx, cy, half, fill=fill)
-
-    def variance_floors(self, cx, cy, half: int) -> np.ndarray:
-        """(n,) lower bounds of the variance in those stamps (NaN: none known); pixels
-        off the frame do not count. A deferred plane gives them without being made."""
-        value = self.__dict__["_variance"]
-        if isinstance(value, DeferredPlane):
-            return value.floors(cx, cy, half)
-        return _least(_stack(value, cx, cy, half, fill=np.inf))
 
     @classmethod
     def from_arrays(cls, image, variance=None, mask=None, **kwargs) -> Exposure:

@@ -24,7 +24,12 @@ from .config import DiaSourceConfig, ForcedPhotometryConfig
 from .errors import IncompatibleInputsError, InvalidCatalogError, PsfError
 from .exposure import Exposure
 from .order import row_nanmedians
-from .position_flags import bright_star_light, changed_star, outside_kernel_hull
+from .position_flags import (
+    bright_star_light,
+    bright_star_limit,
+    changed_star,
+    outside_kernel_hull,
+)
 from .psf import SIGMA_TO_FWHM, Psf, _collapsed, _half_maximum_sigma
 from .stamps import batches
 from .stamps import stamps as _stack
@@ -547,11 +552,15 @@ def forced_photometry(
     psf : `core.psf.Psf` or None
         Overrides the difference's PSF.
     matched_template : `Exposure` or None
-        The subtraction's matched template: raises ``bright_star`` as the DIA
-        catalog does (``dia``'s radius and S/N).
+        The subtraction's matched template (its PSF; without one, the difference's):
+        raises ``bright_star`` as the DIA catalog does (``dia``'s radius, residual
+        fraction and detection threshold, in each position's flux error).
     kernel_sources : `astropy.table.Table` or None
         The subtraction's kernel sources (parent ``x``, ``y``): raises
-        ``suspect_kernel`` beyond ``dia.suspect_kernel_margin`` outside their hull.
+        ``suspect_kernel`` beyond ``dia.suspect_kernel_margin`` outside their hull,
+        unless their meta says the solution fitted on them is constant
+        (`core.position_flags.EXTRAPOLATED_ORDER` 0, as `core.products.read_kernel_sources`
+        restores it).
     dia : `DiaSourceConfig` or None
         The thresholds of those two flags (default: the catalog's defaults).
 
@@ -615,9 +624,16 @@ def forced_photometry(
     flags[fitted[fit["sharp"]]] |= FLAG_BITS["sharp"][0]
     dia = dia or DiaSourceConfig()
     radius = dia.bright_star_radius_fwhm * stamps.fwhm
-    # as the catalog: a bright star's light near, and no more than its residual
+    if matched_template is not None and matched_template.psf is None:
+        # a star in it has the difference's PSF: the subtraction matched it so
+        matched_template = matched_template.with_psf(psf)
+    # as the catalog: near a star whose residual can reach the detection threshold in
+    # the position's noise (a saturated one's in the typical position's), and no more
+    # than its residual
+    limits = bright_star_limit(flux_err[near], dia.threshold, dia.bright_star_residual)
+    typical = float(np.median(limits)) if limits.size else None
     bright, light = bright_star_light(
-        matched_template, fit["ix"], fit["iy"], radius, dia.bright_star_peak_snr
+        matched_template, fit["ix"], fit["iy"], radius, limits, typical
     )
     saturated = (flags[near] & FLAG_BITS["saturated"][0]) != 0
     bright &= ~changed_star(fit["flux"], light, saturated, dia.bright_star_residual_fraction)

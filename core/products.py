@@ -22,6 +22,7 @@ from astropy.table import Table
 from .diasources import catalog_hdulist
 from .io import file_mode, write_exposure, write_hdulist_atomic
 from .parallel import thread_map
+from .position_flags import EXTRAPOLATED_ORDER
 
 __all__ = [
     "write_difference",
@@ -112,27 +113,39 @@ def _write_json_atomic(data: Any, path: Path) -> None:
 
 #: HDU of kernel.fits with the kernel sources' parent positions (`read_kernel_sources`).
 _KERNEL_SOURCES_HDU = "SOURCES"
+#: Its header card of the spatial order fitted on them alone (`EXTRAPOLATED_ORDER`).
+_EXTRAPOLATED_ORDER_CARD = "EXTORDER"
 
 
 def _kernel_hdulist(result) -> fits.HDUList:
     """The kernel's product, and the positions of the kernel sources selected for its
-    fit: forced photometry later flags positions far outside their hull as the catalog
-    does."""
+    fit with the spatial order fitted on them alone: forced photometry later flags
+    positions far outside their hull as the catalog does."""
     hdul = result.psf_matching_kernel.to_hdulist()
     sources = getattr(result, "kernel_sources", None)
     if sources is not None and {"x", "y"} <= set(sources.colnames):
         columns = {name: np.asarray(sources[name], dtype=np.float64) for name in ("x", "y")}
-        hdul.append(fits.BinTableHDU(Table(columns), name=_KERNEL_SOURCES_HDU))
+        hdu = fits.BinTableHDU(Table(columns), name=_KERNEL_SOURCES_HDU)
+        order = sources.meta.get(EXTRAPOLATED_ORDER)
+        if order is not None:
+            comment = "spatial order fitted on these sources alone"
+            hdu.header[_EXTRAPOLATED_ORDER_CARD] = (int(order), comment)
+        hdul.append(hdu)
     return hdul
 
 
 def read_kernel_sources(path) -> Table | None:
-    """The kernel sources (parent ``x``, ``y``) of a kernel.fits product; None when it
-    holds none (written before they were kept)."""
+    """The kernel sources (parent ``x``, ``y``) of a kernel.fits product, with the
+    spatial order fitted on them alone in meta (`EXTRAPOLATED_ORDER`, when written);
+    None when it holds none (written before they were kept)."""
     with fits.open(path) as hdul:
         if _KERNEL_SOURCES_HDU not in hdul:
             return None
-        return Table(hdul[_KERNEL_SOURCES_HDU].data)
+        hdu = hdul[_KERNEL_SOURCES_HDU]
+        table = Table(hdu.data)
+        if _EXTRAPOLATED_ORDER_CARD in hdu.header:
+            table.meta[EXTRAPOLATED_ORDER] = int(hdu.header[_EXTRAPOLATED_ORDER_CARD])
+        return table
 
 
 def _background_hdulist(background, exposure) -> fits.HDUList:

@@ -59,6 +59,7 @@ from .parallel import (
     thread_map,
 )
 from .photometry import psf_fluxes
+from .position_flags import EXTRAPOLATED_ORDER
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf, Psf
 from .psf_estimate import estimate_psf
 from .quality import assess_quality, kernel_centroid
@@ -174,6 +175,8 @@ class _SubtractBase(Task):
         self._memo: DetectionMemo | None = None
         #: whether each input's (science, template) noise correlation was measured on sky
         self.sky_correlated: tuple[bool, bool] = (False, False)
+        #: whether the subtracted background was refitted on every sky pixel
+        self.background_refitted = False
         self.make_subtask("makeKernel")
         self.make_subtask("decorrelate")
 
@@ -567,6 +570,22 @@ class _SubtractBase(Task):
         self.solution = solution
         return solution
 
+    def _keep_kernel_sources(self, result: SubtractionResult, kernel_sources) -> None:
+        """The kernel sources into the result, with the highest spatial order of what
+        was fitted on them alone and applied to the whole frame (meta
+        `EXTRAPOLATED_ORDER`, for ``suspect_kernel``): the kernel's, and the subtracted
+        background's unless it was refitted on every sky pixel, where the sky across
+        the frame and not the stamps constrain it. The solution's orders, not the
+        configured ones: too few stamps lower them."""
+        solution = self.solution
+        order = solution.kernel.order
+        config = self.config
+        stamps_only = not self.background_refitted and config.kernel.fit_for_background
+        if config.do_subtract_background and stamps_only:
+            order = max(order, solution.background.order)
+        kernel_sources.meta[EXTRAPOLATED_ORDER] = int(order)
+        result.kernel_sources = kernel_sources
+
     def _coverage_guard(self, template, science, exc):
         """Report a kernel failure as a coverage failure when coverage is low (1.3 step 3)."""
         coverage = self._template_coverage(template, science)
@@ -680,6 +699,7 @@ class _SubtractBase(Task):
         correction = BackgroundModel(residual, background.order, background.domain)
         correction.add_to(difference.image, difference.xy0, scale=-1.0)
         self.metadata["backgroundRefinement"] = [float(c) for c in residual]
+        self.background_refitted = True
         if background.order > fitted_order:
             self.notes.append(
                 f"the differential background (order {fitted_order} in the kernel fit) was "
@@ -946,7 +966,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
                 result = self.run_convolve_template(template, science, solution)
             else:
                 result = self.run_convolve_science(template, science, solution)
-            result.kernel_sources = kernel_sources
+            self._keep_kernel_sources(result, kernel_sources)
             self._stage("metrics")
             with self.timer("metrics"):
                 result.metrics = self.compute_image_metrics(science, result, sources)
@@ -1119,7 +1139,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                     )
             except (InsufficientSourcesError, NoKernelCandidatesError, KernelSolutionError) as exc:
                 raise self._coverage_guard(template, science, exc) from None
-            result.kernel_sources = kernel_sources
+            self._keep_kernel_sources(result, kernel_sources)
             self._stage("metrics")
             with self.timer("metrics"):
                 result.metrics = self._base_metrics(result, science)

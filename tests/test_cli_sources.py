@@ -215,7 +215,8 @@ def test_cutouts_of_an_unknown_id_exit_2(run, tmp_path, capsys):
 def test_forced_with_products_flags_as_the_catalog(run, tmp_path, capsys):
     """With --products, forced photometry raises the catalog's bright_star and
     suspect_kernel flags: at the catalog's positions the same bits, at the brightest
-    stars bright_star (with the config's S/N limit; without --products it never did);
+    stars bright_star (with the config's residual fraction, half a star's light, any of
+    them is bright; without --products it never did);
     a products directory without the matched template exits 2."""
     pair, products, _ = run
     catalog = Table.read(products / "dia_sources.fits", hdu="DIASOURCES")
@@ -236,7 +237,7 @@ def test_forced_with_products_flags_as_the_catalog(run, tmp_path, capsys):
     brightest = np.argsort(np.asarray(stars["flux_template"]))[-3:]
     x, y = np.asarray(stars["x"])[brightest], np.asarray(stars["y"])[brightest]
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"dia": {"bright_star_peak_snr": 20}}))
+    config.write_text(json.dumps({"dia": {"bright_star_residual": 0.5}}))
     assert np.all(forced(x, y, "--products", str(products), "--config", str(config)) & 32)
     assert not np.any(forced(x, y, "--config", str(config)) & 32)
     code = main(

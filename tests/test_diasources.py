@@ -104,7 +104,9 @@ def test_barely_sampled_pair_subtracts_and_finds_its_transients(fwhm):
 
 def _false_beyond_bright_stars(pair, result, ev) -> int:
     """False detections farther than the matching kernel's half-width plus a FWHM from
-    every star above the bright-star S/N (`DiaSourceConfig.bright_star_peak_snr`)."""
+    every bright star (`core.position_flags.bright_star_limit` at the typical noise)."""
+    from core.position_flags import bright_star_limit
+
     catalog = ev["catalog"]
     fwhm = catalog.meta["psf_fwhm"]
     x, y, _ = transient_truth(pair)
@@ -112,7 +114,9 @@ def _false_beyond_bright_stars(pair, result, ev) -> int:
     false = cKDTree(np.column_stack([x, y])).query(cxy)[0] >= 0.5 * fwhm
     stars = pair.truth["stars"]
     noise = np.median(np.asarray(ev["forced"]["psf_flux_err"]))
-    bright = np.asarray(stars["flux_science"]) >= DiaSourceConfig().bright_star_peak_snr * noise
+    dia = DiaSourceConfig()
+    limit = bright_star_limit(noise, dia.threshold, dia.bright_star_residual)
+    bright = np.asarray(stars["flux_science"]) >= limit
     if bright.any():
         where = np.column_stack([np.asarray(stars["x"])[bright], np.asarray(stars["y"])[bright]])
         reach = result.psf_matching_kernel.half + fwhm
@@ -1023,11 +1027,11 @@ def test_score_profile_equals_fftconvolve_of_the_stamp():
 
 def test_deferred_matched_template_variance_gives_the_same_catalog():
     """With decorrelation the matched template's variance is deferred: the run does not
-    make it, and the bright-star flags and template flux errors made from its stamps
-    and floors equal those from the made plane."""
+    make it, and the bright-star flags (from its image) and template flux errors made
+    from its stamps equal those from the made plane."""
     from core.diasources import _MATCHED_UNUSABLE, _matched_scale, _sky_ring
     from core.forced import PsfStamps, psf_photometry
-    from core.position_flags import bright_star_light, changed_star
+    from core.position_flags import bright_star_light, bright_star_limit, changed_star
 
     pair = simulate_pair(preset("defects", size=512, seed=9))
     result = run_subtraction(pair.science, pair.template)
@@ -1040,7 +1044,9 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     stamps = PsfStamps(template.psf, template)
     x, y = np.asarray(catalog["x"]), np.asarray(catalog["y"])
     config = DiaSourceConfig()
-    radius, limit = config.bright_star_radius_fwhm * fwhm, config.bright_star_peak_snr
+    radius = config.bright_star_radius_fwhm * fwhm
+    errors = catalog["psf_flux_err"]
+    limit = bright_star_limit(errors, config.threshold, config.bright_star_residual)
 
     def flagged():  # as the catalog flags: a bright star's light near, no more than its residual
         near, light = bright_star_light(template, ix, iy, radius, limit)
@@ -1055,8 +1061,11 @@ def test_deferred_matched_template_variance_gives_the_same_catalog():
     px = np.floor(np.asarray(stars["x"])[brightest] + 2.5).astype(int)
     py = np.floor(np.asarray(stars["y"])[brightest] + 0.5).astype(int)
 
+    # (at the catalog's typical noise)
+    typical = bright_star_limit([np.median(errors)], config.threshold, config.bright_star_residual)
+
     def beside():
-        return bright_star_light(template, px, py, radius, limit)[0]
+        return bright_star_light(template, px, py, radius, typical)[0]
 
     bright, bright_beside = flagged(), beside()
     assert bright_beside.sum() >= 3
@@ -1139,7 +1148,10 @@ def test_sources_along_a_satellite_trail_are_flagged_streak():
 def test_forced_photometry_flags_as_the_catalog():
     """Given the subtraction's matched template and kernel sources, forced photometry at
     the catalog's positions raises the catalog's bright_star and suspect_kernel bits;
-    a position far from the kernel sources given is suspect_kernel."""
+    a position far from the kernel sources given is suspect_kernel when the solution
+    fitted on them varies over the frame, not under this run's constant one."""
+    from core.position_flags import EXTRAPOLATED_ORDER
+
     pair = simulate_pair(preset("defects", size=512, seed=9))
     result = run_subtraction(pair.science, pair.template)
     catalog = result.dia_sources
@@ -1148,7 +1160,6 @@ def test_forced_photometry_flags_as_the_catalog():
     context["kernel_sources"] = result.kernel_sources
     forced = forced_photometry(result.output, x=single["x"], y=single["y"], **context)
     bits = 32 | 64  # bright_star, suspect_kernel
-    assert np.count_nonzero(np.asarray(single["flags"]) & 32) >= 1
     np.testing.assert_array_equal(forced["flags"] & bits, single["flags"] & bits)
     # beside the brightest template stars (few catalog sources are, now that saturated
     # cores are left out of the search) bright_star is raised as well
@@ -1162,7 +1173,12 @@ def test_forced_photometry_flags_as_the_catalog():
     )
     assert np.count_nonzero(beside["flags"] & 32) >= 3
     sources = result.kernel_sources
+    # a constant kernel, the background refitted on every sky pixel: nothing extrapolated
+    assert sources.meta[EXTRAPOLATED_ORDER] == 0
     left = sources[np.asarray(sources["x"]) < 200]
+    far = forced_photometry(result.output, x=[470.0], y=[256.0], kernel_sources=left)
+    assert not far["flags"][0] & 64
+    left.meta[EXTRAPOLATED_ORDER] = 1  # as a linearly varying solution's sources say
     far = forced_photometry(result.output, x=[470.0], y=[256.0], kernel_sources=left)
     assert far["flags"][0] & 64
     assert not forced_photometry(result.output, x=[470.0], y=[256.0])["flags"][0] & 64
@@ -1177,7 +1193,7 @@ def test_a_variable_star_is_not_its_own_residual():
     microlensing source, -50% and more, was flagged bright_star in 3 of 5 frames, as
     these two were); a fainter one may be its residual and stays flagged, as one beside
     the star's core does whatever its flux; forced photometry says the same."""
-    from core.position_flags import bright_star_light, changed_star
+    from core.position_flags import bright_star_light, bright_star_limit, changed_star
 
     pair = simulate_pair(preset("sharper_template", size=512, seed=21))
     stars = pair.truth["stars"]
@@ -1202,16 +1218,21 @@ def test_a_variable_star_is_not_its_own_residual():
     iy = np.floor(np.asarray(at["y"]) + 0.5).astype(int)
     config = DiaSourceConfig()
     radius = config.bright_star_radius_fwhm * catalog.meta["psf_fwhm"]
-    near, light = bright_star_light(template, ix, iy, radius, config.bright_star_peak_snr)
-    assert near.all() and np.all(light > 0.9 * np.asarray(stars["flux_template"])[[first, second]])
+    # the first is bright by the catalog's limit (2% of its light reaches 5 sigma in the
+    # source's noise); on their cores both are stars of at least half their own light,
+    # the light under them within 5% of true (the PSF's fraction in the core made up)
+    limit = bright_star_limit(at["psf_flux_err"], config.threshold, config.bright_star_residual)
+    assert bright_star_light(template, ix, iy, radius, limit)[0][0]
+    true_light = np.asarray(stars["flux_template"])[[first, second]]
+    near, light = bright_star_light(template, ix, iy, radius, 0.5 * true_light)
+    assert near.all()
+    np.testing.assert_allclose(light, true_light, rtol=0.05)
     fraction, clear = config.bright_star_residual_fraction, np.zeros(2, dtype=bool)
     # the same sources at a tenth of the fraction: residual-like, flagged
     assert not changed_star(0.1 * fraction * light, light, clear, fraction).any()
     assert changed_star(at["psf_flux"], light, clear, fraction).all()
     # beside the core (its wing, 1.5 FWHM out) the light is no star's own: flagged
-    beside, light_beside = bright_star_light(
-        template, ix + 5, iy, radius, config.bright_star_peak_snr
-    )
+    beside, light_beside = bright_star_light(template, ix + 5, iy, radius, 0.5 * true_light)
     assert beside.all() and np.isnan(light_beside).all()
     forced = forced_photometry(
         result.output,
@@ -1221,3 +1242,155 @@ def test_a_variable_star_is_not_its_own_residual():
         kernel_sources=result.kernel_sources,
     )
     assert not np.any(forced["flag_bright_star"])
+
+
+def _plant(exposure: Exposure, x: float, y: float, flux: float, rng) -> None:
+    """A point source of ``flux`` at (x, y) with its photon noise (gain 1) in the image
+    and variance."""
+    stamp, x0, y0 = exposure.psf.image_at(x, y)
+    h, w = stamp.shape
+    light = np.clip(flux * stamp, 0.0, None)
+    noisy = light + rng.normal(size=light.shape) * np.sqrt(light)
+    exposure.image[y0 : y0 + h, x0 : x0 + w] += noisy.astype(np.float32)
+    exposure.variance[y0 : y0 + h, x0 : x0 + w] += light.astype(np.float32)
+
+
+def test_bright_star_light_is_judged_the_same_on_a_smoothed_template():
+    """A star's light, not its pixels' S/N: the same template smoothed further (as the
+    preconvolve mode's matched template is, by the science PSF) has 3.5x the per-pixel
+    S/N on a star's peak, where the old per-pixel limit flagged around 3x fainter stars.
+    By their light, the same positions are near a bright star in both: beside its core
+    (1.5 and 2.5 FWHM), not 3.5 FWHM out (the smoothed star's wider wing reaches in),
+    nor beside a star of 40% of the limit; the light under the star within 3% of true."""
+    from core.convolve import convolve_exposure
+    from core.position_flags import bright_star_light
+    from core.psf import GaussianPsf
+
+    rng = np.random.default_rng(31)
+    template = Exposure.from_arrays(
+        rng.normal(0.0, 10.0, (200, 200)), np.full((200, 200), 100.0), psf=GaussianPsf(1.5)
+    )
+    fwhm = 1.5 * 2.3548
+    bright, moderate, limit = (60.3, 100.4), (140.6, 100.2), 5.0e4
+    _plant(template, *bright, 1.0e5, rng)
+    _plant(template, *moderate, 0.4 * limit, rng)
+    smoothing = GaussianPsf(2.0).kernel_image()
+    smoothed = convolve_exposure(template, smoothing / smoothing.sum())
+    smoothed.psf = GaussianPsf(2.5)
+    x = np.array([bright[0] + 1.5 * fwhm, bright[0], bright[0] - 3.5 * fwhm, moderate[0], 30.0])
+    y = np.array([bright[1], bright[1] + 2.5 * fwhm, bright[1], moderate[1] + 2 * fwhm, 30.0])
+    ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
+    expected = [True, True, False, False, False]
+    centre = (np.array([60]), np.array([100]))
+    peak_snr = []
+    for image in (template, smoothed):
+        near, _ = bright_star_light(image, ix, iy, 3.0 * fwhm, limit)
+        assert near.tolist() == expected
+        _, light = bright_star_light(image, *centre, 3.0 * fwhm, limit)
+        assert light[0] == pytest.approx(1.0e5, rel=0.03)
+        peak_snr.append(image.image[100, 60] / np.sqrt(image.variance[100, 60]))
+    assert peak_snr[1] > 3.0 * peak_snr[0]
+
+
+def test_bright_star_flags_the_same_neighbourhood_in_auto_and_preconvolve_modes():
+    """Transients planted around a bright template star (300000 counts: its 2% residual
+    is 26 sigma in their noise, the threshold 5) and a fainter one (42000: 3.6 sigma)
+    are flagged alike in both modes: within 3 difference-PSF FWHM of the bright star's
+    core, not 3.6 FWHM out, nor beside the fainter star or on empty sky. On the score
+    the catalog's PSF is the preconvolved profile, 1.4x wider: its radius and the
+    matched template's extra smoothing flagged the 3.6 FWHM one there."""
+    pair = simulate_pair(
+        preset("sharper_template", size=256, seed=3).model_copy(update={"n_transients": 0})
+    )
+    rng = np.random.default_rng(1)
+    fwhm = 4.0  # the science PSF's
+    bright, fainter = (80.5, 120.3), (180.2, 70.6)
+    for (x, y), flux in ((bright, 3.0e5), (fainter, 4.2e4)):
+        _plant(pair.science, x, y, flux, rng)
+        _plant(pair.template, x, y, flux, rng)
+    planted = np.array(
+        [
+            (bright[0] + 1.5 * fwhm, bright[1]),
+            (bright[0], bright[1] - 2.5 * fwhm),
+            (bright[0] - 3.6 * fwhm, bright[1] + 1.0),
+            (fainter[0] + 2.0 * fwhm, fainter[1]),
+            (200.0, 200.0),
+        ]
+    )
+    for x, y in planted:
+        _plant(pair.science, x, y, 8000.0, rng)
+    expected = [True, True, False, False, False]
+    widths = []
+    for mode in ("auto", "preconvolve"):
+        result = run_subtraction(pair.science, pair.template, SubtractionConfig(mode=mode))
+        catalog = result.dia_sources
+        distance, row = cKDTree(np.column_stack([catalog["x"], catalog["y"]])).query(planted)
+        assert np.all(distance < 1.0), mode
+        assert np.all(np.asarray(catalog["snr"])[row] > 25), mode
+        assert np.asarray(catalog["flag_bright_star"])[row].tolist() == expected, mode
+        widths.append(catalog.meta["psf_fwhm"])
+    assert widths[1] > 1.3 * widths[0]
+
+
+def test_outside_kernel_hull_only_where_the_solution_varies():
+    """Far outside the kernel sources' hull is suspect only where a polynomial fitted on
+    them is extrapolated: their meta's `EXTRAPOLATED_ORDER` 0 (a constant solution)
+    raises nothing, 1 raises beyond the margin, and none known raises as before."""
+    from astropy.table import Table
+
+    from core.position_flags import EXTRAPOLATED_ORDER, outside_kernel_hull
+
+    x, y = np.array([10.0, 45.0, 80.0, 300.0]), np.array([10.0, 10.0, 10.0, 300.0])
+    corner = Table({"x": [100.0, 140.0, 100.0], "y": [100.0, 100.0, 140.0]})  # parent
+    xy0 = (90, 90)  # array (10, 10) is parent (100, 100)
+    expected = [False, False, True, True]  # 0, 35 (the edge of the hull) and 70 px out
+    assert outside_kernel_hull(corner, xy0, x, y, 20.0).tolist() == expected
+    corner.meta[EXTRAPOLATED_ORDER] = 1
+    assert outside_kernel_hull(corner, xy0, x, y, 20.0).tolist() == expected
+    corner.meta[EXTRAPOLATED_ORDER] = 0
+    assert not outside_kernel_hull(corner, xy0, x, y, 20.0).any()
+
+
+@pytest.mark.parametrize(
+    ("size", "overrides", "kernel_order", "order"),
+    [
+        # order 1 asked, 7 stamps support 0: the solution's order counts, not the config's
+        (256, {"kernel": {"spatial_kernel_order": 1}}, 0, 0),
+        (512, {}, 0, 0),  # constant kernel, the background refitted on every sky pixel
+        (512, {"kernel": {"spatial_kernel_order": 1}}, 1, 1),
+        (512, {"refine_background": False}, 0, 1),  # the background fitted on the stamps
+    ],
+)
+def test_suspect_kernel_from_the_order_of_the_solution_used(
+    tmp_path, size, overrides, kernel_order, order
+):
+    """The subtraction records the highest spatial order fitted on the kernel sources
+    alone (kernel; background unless refitted on all sky), kernel.fits keeps it, and the
+    catalog and forced photometry raise suspect_kernel beyond the hull of the leftmost
+    third of them only when it is above 0."""
+    from core.position_flags import EXTRAPOLATED_ORDER
+    from core.products import read_kernel_sources, write_products
+
+    pair = simulate_pair(preset("sharper_template", size=size, seed=3))
+    config = SubtractionConfig.model_validate(overrides)
+    result = run_subtraction(pair.science, pair.template, config)
+    assert result.psf_matching_kernel.order == kernel_order
+    sources = result.kernel_sources
+    assert sources.meta[EXTRAPOLATED_ORDER] == order
+    write_products(result, tmp_path, names=["kernel"])
+    assert read_kernel_sources(tmp_path / "kernel.fits").meta[EXTRAPOLATED_ORDER] == order
+    left = sources[np.argsort(np.asarray(sources["x"]))[: max(3, len(sources) // 3)]]
+    edge = float(np.max(left["x"])) - result.output.xy0[0]
+    catalog = dia_sources(
+        result.output,
+        config.dia,
+        matched_science=result.matched_science,
+        matched_template=result.matched_template,
+        kernel_sources=left,
+    )
+    far = np.asarray(catalog["x"]) > edge + config.dia.suspect_kernel_margin + 1
+    assert far.sum() >= 2
+    assert np.all(np.asarray(catalog["flag_suspect_kernel"])[far] == (order > 0))
+    at = (size - 10.0, size / 2)
+    forced = forced_photometry(result.output, x=[at[0]], y=[at[1]], kernel_sources=left)
+    assert bool(forced["flag_suspect_kernel"][0]) == (order > 0)

@@ -715,42 +715,60 @@ def test_cutouts_equal_one_gather_per_image():
         cutouts(images, [10.0, 97.6], [5.0, 5.0], 21)
 
 
-def _plain_bright_star(template, ix, iy, radius, limit):
-    """The bright-star test as first written: the whole stamp's S/N, masked to the disc."""
-    from core.measure import _stack
+def _plain_bright_star(template, ix, iy, radius, limit, saturated_limit):
+    """The bright-star test written plainly on the whole frame: the local maxima (stars'
+    cores) on each position's disc, their excess over the median of the rest of its box
+    against ``limit`` times the PSF's peak (the smaller of it and ``saturated_limit``'s
+    for a saturated core)."""
+    from scipy import ndimage
 
+    image = template.image.astype(np.float64)
+    known = np.where(np.isfinite(image), image, -np.inf)
+    cores = known >= ndimage.maximum_filter(known, size=3, mode="constant", cval=-np.inf)
+    saturated = template.masked(["SAT"])
+    peak = template.psf.kernel_image().max()
+    least = np.where(saturated, min(limit, saturated_limit), limit) * peak
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
     r = int(math.ceil(radius))
-    offsets = np.arange(-r, r + 1)
-    disc = offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius * radius
-    data = _stack(template.image, ix, iy, r, fill=np.nan).astype(np.float64)
-    var = _stack(template.variance, ix, iy, r, fill=np.nan).astype(np.float64)
-    outside = np.where(disc, np.nan, data).reshape(ix.size, -1)[:, ~disc.ravel()]
-    level = np.nanmedian(outside, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        snr = (data - level[:, None, None]) / np.sqrt(var)
-    snr = np.where(disc & np.isfinite(snr), snr, -np.inf)
-    return snr.reshape(ix.size, -1).max(axis=1) > limit
+    bright = []
+    for x, y in zip(ix, iy, strict=True):
+        box = (np.abs(xx - x) <= r) & (np.abs(yy - y) <= r)
+        disc = box & ((xx - x) ** 2 + (yy - y) ** 2 <= radius * radius)
+        level = np.nanmedian(image[box & ~disc])
+        star = cores & ((image - level) > least)
+        bright.append(bool(np.any(star[disc])))
+    return np.array(bright)
 
 
-def test_bright_star_on_disc_pixels_equals_the_masked_stamp():
+def test_bright_star_on_disc_pixels_equals_the_plain_frame_test():
+    """The bright-star test on stamps, in batches, equals it written on the whole frame
+    (NaN pixels and positions at the frame's edge included)."""
     from core.position_flags import bright_star_light
+    from core.psf import GaussianPsf
 
     rng = np.random.default_rng(15)
     shape = (150, 170)
     image = rng.normal(50.0, 5.0, shape).astype(np.float32)
-    variance = np.full(shape, 25.0, dtype=np.float32)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
-    for x, y, f in rng.uniform([0, 0, 2e2], [170, 150, 2e4], (25, 3)):
+    stars = rng.uniform([0, 0, 2e2], [170, 150, 2e4], (25, 3))
+    for x, y, f in stars:
         image += (f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)).astype(np.float32)
     image[70:73, 20:25] = np.nan
-    variance[30, 30] = 0.0
-    variance[90:92, 100:140] = np.inf
-    template = Exposure.from_arrays(image, variance)
+    template = Exposure.from_arrays(image, psf=GaussianPsf(2.0))
+    # the cores of stars of 600-3000 peak saturated: bright by the lower limit only
+    for x, y, _ in stars[(stars[:, 2] > 600) & (stars[:, 2] < 3000)]:
+        cx, cy = int(x + 0.5), int(y + 0.5)
+        template.mask[max(cy - 2, 0) : cy + 3, max(cx - 2, 0) : cx + 3] = template.bitmask(["SAT"])
     ix, iy = rng.integers(0, 170, 400), rng.integers(0, 150, 400)
-    for radius, limit in ((6.5, 30.0), (13.2, 100.0), (3.0, 5.0)):
-        got = bright_star_light(template, ix, iy, radius, limit)[0]
-        np.testing.assert_array_equal(got, _plain_bright_star(template, ix, iy, radius, limit))
+    peak = template.psf.kernel_image().max()
+    by_saturation = 0
+    for radius, limit in ((6.5, 3.0e3 / peak), (13.2, 1.0e4 / peak), (3.0, 5.0e2 / peak)):
+        got = bright_star_light(template, ix, iy, radius, limit, 0.2 * limit)[0]
+        plain = _plain_bright_star(template, ix, iy, radius, limit, 0.2 * limit)
+        np.testing.assert_array_equal(got, plain)
         assert 0 < got.sum() < got.size
+        by_saturation += got.sum() - bright_star_light(template, ix, iy, radius, limit)[0].sum()
+    assert by_saturation > 0
 
 
 def test_stamp_work_in_batches_equals_one_batch_of_all(monkeypatch):
@@ -792,7 +810,7 @@ def test_stamp_work_in_batches_equals_one_batch_of_all(monkeypatch):
         out = [
             drawn[0],
             *_aperture(exposure, x, y, 5.3),
-            bright_star_light(exposure, ix, iy, 5, 20)[0],
+            bright_star_light(exposure.with_psf(psf), ix, iy, 5, 2000.0)[0],
         ]
         for background in (True, False):
             out += list(psf_photometry(exposure, x, y, stamps, background).values())

@@ -257,7 +257,7 @@ def test_forced_flags_match_the_catalog(deployment, alice, tmp_path):
     give."""
     from core.config import DiaSourceConfig
     from core.io import read_exposure
-    from core.position_flags import bright_star_light, outside_kernel_hull
+    from core.position_flags import bright_star_light, bright_star_limit, outside_kernel_hull
     from core.products import read_kernel_sources
 
     _, job_id, _, truth = deployment
@@ -286,7 +286,9 @@ def test_forced_flags_match_the_catalog(deployment, alice, tmp_path):
     dia = DiaSourceConfig()
     ix, iy = np.floor(x + 0.5).astype(int), np.floor(y + 0.5).astype(int)
     radius = dia.bright_star_radius_fwhm * fwhm
-    bright = bright_star_light(template, ix, iy, radius, dia.bright_star_peak_snr)[0]
+    errors = [np.nan if row["psf_flux_err"] is None else row["psf_flux_err"] for row in forced]
+    limits = bright_star_limit(errors, dia.threshold, dia.bright_star_residual)
+    bright = bright_star_light(template, ix, iy, radius, limits, float(np.median(limits)))[0]
     outside = outside_kernel_hull(sources, template.xy0, x, y, dia.suspect_kernel_margin)
     np.testing.assert_array_equal(got, np.where(bright, 32, 0) | np.where(outside, 64, 0))
     assert got.any()  # some of these positions raise a flag that needs the products
