@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from .exposure import Exposure
@@ -137,6 +136,20 @@ def _psf_peak_and_core(template: Exposure, ix, iy, core: float) -> tuple:
     return peak, fraction
 
 
+def _local_maxima(stack: np.ndarray) -> np.ndarray:
+    """Pixels of each stamp inside its one-pixel border that are >= their 8 neighbours:
+    ``scipy.ndimage.maximum_filter`` (3 x 3 in each stamp) of the inner pixels, as a
+    maximum of nine shifted views (no padding, no per-pixel window; 2-3x faster)."""
+    n, ny, nx = stack.shape
+    inner = stack[:, 1 : ny - 1, 1 : nx - 1]
+    top = inner.copy()
+    for dy in range(3):
+        for dx in range(3):
+            if dy != 1 or dx != 1:
+                np.maximum(top, stack[:, dy : ny - 2 + dy, dx : nx - 2 + dx], out=top)
+    return inner >= top
+
+
 def _bright_part(template: Exposure, ix, iy, radius: float, least: tuple, fraction) -> tuple:
     """`bright_star_light` of one batch of positions: ``least``, the excess of a bright
     star's core and of a bright saturated one; ``fraction``, the PSF's light within a
@@ -148,8 +161,7 @@ def _bright_part(template: Exposure, ix, iy, radius: float, least: tuple, fracti
     # a pixel wider, for the local maxima: stars' cores (off the frame: none)
     wider = _stack(template.image, ix, iy, r + 1, fill=np.nan).astype(np.float64)
     known = np.where(np.isfinite(wider), wider, -np.inf)
-    top = ndimage.maximum_filter(known, size=(1, 3, 3), mode="constant", cval=-np.inf)
-    cores = (known >= top)[:, 1:-1, 1:-1].reshape(ix.size, -1)[:, disc]
+    cores = _local_maxima(known).reshape(ix.size, -1)[:, disc]
     data = wider[:, 1:-1, 1:-1].reshape(ix.size, -1)
     clipped = np.zeros(cores.shape, dtype=bool)
     bits = template.bitmask(_SATURATED_PLANES)

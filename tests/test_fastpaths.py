@@ -1096,3 +1096,20 @@ def test_all_finite_from_the_extremes_equals_the_per_pixel_test(dtype):
                 np.testing.assert_array_equal(held, single[~finite])
                 np.testing.assert_allclose(data, np.where(finite, single, fill), rtol=1e-6)
                 assert np.isfinite(data).all()
+
+
+def test_local_maxima_of_stamps_equal_scipys_maximum_filter():
+    """The bright-star test's stars' cores: nine shifted views give the pixels that
+    `scipy.ndimage.maximum_filter` (3 x 3 per stamp) says are >= their neighbours,
+    ties and -inf (pixels off the frame) included."""
+    from scipy import ndimage
+
+    from core.position_flags import _local_maxima
+
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        n, ny, nx = rng.integers(1, 12), rng.integers(3, 35), rng.integers(3, 35)
+        stack = np.round(rng.normal(size=(n, ny, nx)), 1)  # ties
+        stack[rng.random(stack.shape) < 0.1] = -np.inf
+        top = ndimage.maximum_filter(stack, size=(1, 3, 3), mode="constant", cval=-np.inf)
+        np.testing.assert_array_equal(_local_maxima(stack), (stack >= top)[:, 1:-1, 1:-1])
