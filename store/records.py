@@ -98,6 +98,10 @@ class JobRecord(BaseModel):
             return None
         return self.finished_at - self.started_at
 
+    def run_by(self, token: str) -> bool:
+        """True while the worker run ``token`` owns the job (running, claimed by it)."""
+        return self.state == "running" and self.worker == token
+
     def to_json(self) -> str:
         return self.model_dump_json()
 

@@ -29,7 +29,7 @@ def beat_once(records, job_id: str, token: str) -> bool:
     """Refresh ``heartbeat_at`` if run ``token`` still owns the job; False when it does not."""
 
     def mutate(record: JobRecord) -> bool:
-        if record.state != "running" or record.worker != token:
+        if not record.run_by(token):
             return False
         record.heartbeat_at = time.time()
         return True

@@ -83,7 +83,7 @@ def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobReco
     if record is None:
         log.warning("job %s: no record, message dropped", job_id)
         return None
-    if not written or record.state != "running" or record.worker != token:
+    if not written or not record.run_by(token):
         log.info("job %s: not run here (%s)", job_id, outcome.get("skip", "not claimed"))
         return None
     return record
@@ -99,7 +99,7 @@ def _show_products(store: Store, job_id: str, token: str, names: list[str]) -> N
     downloaded from now on); raise `JobCancelled` if this run no longer owns the job."""
 
     def mutate(record: JobRecord) -> bool:
-        if record.state != "running" or record.worker != token:
+        if not record.run_by(token):
             return False
         record.products = names
         record.progress = {"stage": "writing products", "fraction": 0.99}
@@ -111,17 +111,11 @@ def _show_products(store: Store, job_id: str, token: str, names: list[str]) -> N
         raise JobCancelled(job_id)
 
 
-def _still_ours(store: Store, job_id: str, token: str) -> bool:
-    """True while this run owns the job (its record running under ``token``)."""
-    record = store.records.get(job_id)
-    return record is not None and record.state == "running" and record.worker == token
-
-
 def _finish(store: Store, job_id: str, token: str, **fields) -> JobRecord | None:
     """Write the final state if this run still owns the job; return the record if written."""
 
     def mutate(record: JobRecord) -> bool:
-        if record.state != "running" or record.worker != token:
+        if not record.run_by(token):
             return False
         now = time.time()
         for name, value in fields.items():
@@ -188,7 +182,7 @@ def run_job(
 
     def progress(stage: str, fraction: float) -> None:
         def mutate(current: JobRecord) -> bool:
-            if current.state != "running" or current.worker != token:
+            if not current.run_by(token):
                 return False
             current.progress = {"stage": stage, "fraction": round(float(fraction), 4)}
             current.heartbeat_at = time.time()
@@ -294,7 +288,7 @@ def run_job(
                 final = _fail(
                     store, job_id, token, timings, "insufficient_storage", STORAGE_FULL_MESSAGE
                 )
-            elif not _still_ours(store, job_id, token):
+            elif (owned := store.records.get(job_id)) is None or not owned.run_by(token):
                 # deleted or cancelled while it wrote: its folder went, and a write into it
                 # failed (a FileNotFoundError logged as an unexpected error with its trace)
                 log.info("job %s: deleted or cancelled while running, stopping", job_id)
