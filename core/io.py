@@ -979,8 +979,7 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
             exposure_mask[where] |= np.int32(planes.value(plane))
 
     fill = _zero_fill(image)
-    if fill is not None:
-        set_plane("NO_DATA", fill)
+    if fill is not None:  # no data as non-finite pixels are: marked just below
         log.info("%s: %d pixels of zero fill marked NO_DATA", f.name, np.count_nonzero(fill))
         finite = ~fill if finite is None else finite & ~fill
     if finite is not None:
