@@ -196,14 +196,18 @@ class SearchedImage:
 _SEARCH_UNUSABLE = ("NO_DATA", "EDGE", "BAD", "SAT", "SAT_TEMPLATE", "CR")
 
 
+def _search_kernel(psf: Psf) -> np.ndarray:
+    """The difference's matched filter: its PSF at the average position, float64, cropped
+    to all but `core.diadetect.KERNEL_ENERGY_LOSS` of its energy (`crop_kernel`)."""
+    return crop_kernel(psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64))
+
+
 def _difference_peaks(exposure: Exposure, config: DiaSourceConfig, width: Future, min_pixels: int):
     """Peaks of the matched-filtered difference (core.diadetect), the image searched and
     the noise factor. The convolution's EDGE band holds no usable difference: it
     counts as no data. ``width``: a future of the PSF's trace radius; ``min_pixels``:
     `footprint_min_pixels`."""
-    psf = exposure.require_psf()
-    kernel = psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64)
-    kernel = crop_kernel(kernel)
+    kernel = _search_kernel(exposure.require_psf())
     size = block_size(kernel.shape[0] // 2)
     bits = exposure.bitmask([p for p in _SEARCH_UNUSABLE if p in exposure.mask_planes])
     # the variance is filled block by block as the S/N needs it, and unusable pixels are
@@ -791,8 +795,7 @@ def _filtered_psf(output: Exposure, config: DiaSourceConfig, is_score: bool) -> 
     filter, that PSF on a difference and none on a score, which is already filtered
     (``output`` then carries a point source's profile in it, `score_profile`)."""
     psf = output.require_psf()
-    stamp = np.asarray(psf.kernel_image(*(psf.average_position or (None, None))), np.float64)
-    profile = crop_kernel(stamp)
+    profile = _search_kernel(psf)
     kernel = np.ones((1, 1)) if is_score else profile
     return FilteredPsf(psf, output, kernel, profile.shape[0] // 2, config.forced)
 
