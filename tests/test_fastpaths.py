@@ -22,7 +22,6 @@ from core.decorrelate import clipped_mean, decorrelate_difference
 from core.exposure import Exposure
 from core.kernel import _Candidate, _Fitter
 from core.metrics import footprint_means
-from core.photometry import psf_flux, psf_fluxes
 from core.psf import GaussianPsf, MoffatPsf
 from core.subtract import _working_copy
 
@@ -144,33 +143,6 @@ def test_grouped_tile_transforms_equal_per_term_correlations(order):
             np.testing.assert_allclose(out, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
         single = _correlate_weighted(data.astype(np.float32), images, wx, wy, workers=2)
         assert np.abs(single - expected).max() < 1e-5 * np.abs(expected).max()
-
-
-@pytest.mark.parametrize("fit_background", [True, False])
-@pytest.mark.parametrize("psf", [GaussianPsf(1.7), MoffatPsf(4.0, 3.0)])
-def test_batched_psf_fluxes_equal_the_one_source_fit(psf, fit_background):
-    rng = np.random.default_rng(5)
-    shape = (160, 140)
-    image = rng.normal(10.0, 3.0, shape)
-    variance = np.full(shape, 9.0) + rng.random(shape)
-    image[40:44, 60:62] = np.nan  # a star with bad pixels
-    variance[100, 30] = 0.0
-    exposure = Exposure.from_arrays(image, variance, psf=psf, xy0=(7, -3))
-    n = 150
-    x = rng.uniform(-5, 150, n) + 7
-    y = rng.uniform(-5, 165, n) - 3
-    x[:3] = np.floor(x[:3])  # whole-pixel positions (no shift)
-    y[:3] = np.floor(y[:3])
-    x[3], y[3] = 61.0 + 7, 42.0 - 3
-    flux, error = psf_fluxes(exposure, x, y, fit_background=fit_background)
-    reference = np.array(
-        [psf_flux(exposure, a, b, None, fit_background) for a, b in zip(x, y, strict=True)]
-    )
-    np.testing.assert_array_equal(np.isnan(flux), np.isnan(reference[:, 0]))
-    assert np.isnan(flux).sum() > 5 and np.isfinite(flux).sum() > 50  # both kinds tested
-    ok = np.isfinite(flux)
-    np.testing.assert_allclose(flux[ok], reference[ok, 0], rtol=1e-9, atol=1e-9 * error[ok].max())
-    np.testing.assert_allclose(error[ok], reference[ok, 1], rtol=1e-9)
 
 
 def test_kernel_fit_variance_through_k_equals_the_direct_sum():
