@@ -20,10 +20,12 @@ from core.config import DecorrelationConfig, KernelConfig
 from core.convolve import convolve_exposure
 from core.decorrelate import clipped_mean, decorrelate_difference
 from core.exposure import Exposure
+from core.forced import PsfStamps, psf_photometry
 from core.kernel import _Candidate, _Fitter
 from core.metrics import footprint_means
+from core.photometry import psf_flux
 from core.psf import GaussianPsf, MoffatPsf
-from core.subtract import _working_copy
+from core.subtract import _psf_fluxes, _working_copy
 
 
 def _or_mask_reference(target: Exposure, other: Exposure) -> None:
@@ -1085,3 +1087,36 @@ def test_local_maxima_of_stamps_equal_scipys_maximum_filter():
         stack[rng.random(stack.shape) < 0.1] = -np.inf
         top = ndimage.maximum_filter(stack, size=(1, 3, 3), mode="constant", cval=-np.inf)
         np.testing.assert_array_equal(_local_maxima(stack), (stack >= top)[:, 1:-1, 1:-1])
+
+
+@pytest.mark.parametrize("fit_background", [True, False])
+@pytest.mark.parametrize("psf", [GaussianPsf(1.7), MoffatPsf(4.0, 3.0)])
+def test_batched_psf_fit_on_the_whole_stamp_equals_the_one_source_fit(psf, fit_background):
+    """`psf_photometry` on the PSF's whole stamp (the variability test of the kernel
+    sources, `_psf_fluxes`) against `psf_flux`, source by source."""
+    rng = np.random.default_rng(5)
+    shape = (160, 140)
+    image = rng.normal(10.0, 3.0, shape)
+    variance = np.full(shape, 9.0) + rng.random(shape)
+    image[40:44, 60:62] = np.nan  # a star with bad pixels
+    exposure = Exposure.from_arrays(image, variance, psf=psf, xy0=(7, -3))
+    n = 150
+    x = rng.uniform(20, 125, n) + 7
+    y = rng.uniform(20, 145, n) - 3
+    x[:3], y[:3] = np.floor(x[:3]), np.floor(y[:3])  # whole-pixel positions (no shift)
+    x[3], y[3] = 61.0 + 7, 42.0 - 3
+    whole = PsfStamps(psf, exposure, half=psf.kernel_image().shape[0] // 2)
+    fit = psf_photometry(exposure, x - 7, y + 3, whole, fit_background)
+    reference = np.array(
+        [psf_flux(exposure, a, b, None, fit_background) for a, b in zip(x, y, strict=True)]
+    )
+    ok = np.isfinite(fit["flux"])
+    assert ok.sum() > 140
+    np.testing.assert_allclose(
+        fit["flux"][ok], reference[ok, 0], rtol=1e-9, atol=1e-9 * fit["flux_err"][ok].max()
+    )
+    np.testing.assert_allclose(fit["flux_err"][ok], reference[ok, 1], rtol=1e-9)
+    if fit_background:
+        flux, error = _psf_fluxes(exposure, x, y)
+        np.testing.assert_array_equal(flux, fit["flux"])
+        np.testing.assert_array_equal(error, fit["flux_err"])
