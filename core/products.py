@@ -118,8 +118,8 @@ _EXTRAPOLATED_ORDER_CARD = "EXTORDER"
 
 
 def _kernel_hdulist(result) -> fits.HDUList:
-    """The kernel's product, and the positions of the kernel sources selected for its
-    fit with the spatial order fitted on them alone: forced photometry later flags
+    """The kernel's product, and the positions of the kernel sources its fit used with
+    the spatial order fitted on them alone: forced photometry later flags
     positions far outside their hull as the catalog does."""
     hdul = result.psf_matching_kernel.to_hdulist()
     sources = getattr(result, "kernel_sources", None)

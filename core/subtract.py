@@ -576,8 +576,13 @@ class _SubtractBase(Task):
         `EXTRAPOLATED_ORDER`, for ``suspect_kernel``): the kernel's, and the subtracted
         background's unless it was refitted on every sky pixel, where the sky across
         the frame and not the stamps constrain it. The solution's orders, not the
-        configured ones: too few stamps lower them."""
+        configured ones: too few stamps lower them. Only the sources whose stamps the
+        final fit used: the kernel is constrained where they are, not where rejected
+        candidates were."""
         solution = self.solution
+        status = np.asarray(solution.candidates["status"])
+        if status.size == len(kernel_sources):  # a candidate per source, in their order
+            kernel_sources = kernel_sources[status == "GOOD"]
         order = solution.kernel.order
         config = self.config
         stamps_only = not self.background_refitted and config.kernel.fit_for_background

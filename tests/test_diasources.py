@@ -1394,3 +1394,21 @@ def test_suspect_kernel_from_the_order_of_the_solution_used(
     at = (size - 10.0, size / 2)
     forced = forced_photometry(result.output, x=[at[0]], y=[at[1]], kernel_sources=left)
     assert bool(forced["flag_suspect_kernel"][0]) == (order > 0)
+
+
+def test_kernel_sources_kept_are_the_stamps_the_final_fit_used():
+    """The hull of suspect_kernel (and kernel.fits) is the used stamps': sources whose
+    stamps the fit rejected (a variable, a blend) constrain nothing. The `defects`
+    pair rejects some; before, every selected source was kept."""
+    from core.subtract import AlardLuptonSubtractTask
+
+    pair = simulate_pair(preset("defects", size=512, seed=2))
+    task = AlardLuptonSubtractTask(config=SubtractionConfig())
+    result = task.run(pair.template, pair.science, None, False)
+    candidates = task.solution.candidates
+    good = np.asarray(candidates["status"]) == "GOOD"
+    assert 0 < good.sum() < len(candidates)  # some were rejected
+    kept = result.kernel_sources
+    assert len(kept) == good.sum()
+    np.testing.assert_array_equal(np.asarray(kept["x"]), np.asarray(candidates["x"])[good])
+    np.testing.assert_array_equal(np.asarray(kept["y"]), np.asarray(candidates["y"])[good])
