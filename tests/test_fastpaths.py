@@ -1101,8 +1101,8 @@ def test_batched_psf_fit_on_the_whole_stamp_equals_the_one_source_fit(psf, fit_b
     image[40:44, 60:62] = np.nan  # a star with bad pixels
     exposure = Exposure.from_arrays(image, variance, psf=psf, xy0=(7, -3))
     n = 150
-    x = rng.uniform(20, 125, n) + 7
-    y = rng.uniform(20, 145, n) - 3
+    x = rng.uniform(5, 135, n) + 7
+    y = rng.uniform(5, 155, n) - 3
     x[:3], y[:3] = np.floor(x[:3]), np.floor(y[:3])  # whole-pixel positions (no shift)
     x[3], y[3] = 61.0 + 7, 42.0 - 3
     whole = PsfStamps(psf, exposure, half=psf.kernel_image().shape[0] // 2)
@@ -1110,13 +1110,16 @@ def test_batched_psf_fit_on_the_whole_stamp_equals_the_one_source_fit(psf, fit_b
     reference = np.array(
         [psf_flux(exposure, a, b, None, fit_background) for a, b in zip(x, y, strict=True)]
     )
-    ok = np.isfinite(fit["flux"])
-    assert ok.sum() > 140
+    ok = np.isfinite(fit["flux"]) & np.isfinite(reference[:, 0])
+    assert ok.sum() > 100
     np.testing.assert_allclose(
         fit["flux"][ok], reference[ok, 0], rtol=1e-9, atol=1e-9 * fit["flux_err"][ok].max()
     )
     np.testing.assert_allclose(fit["flux_err"][ok], reference[ok, 1], rtol=1e-9)
-    if fit_background:
+    if fit_background:  # and NaN where the stamp leaves the image, as psf_flux
         flux, error = _psf_fluxes(exposure, x, y)
-        np.testing.assert_array_equal(flux, fit["flux"])
-        np.testing.assert_array_equal(error, fit["flux_err"])
+        np.testing.assert_array_equal(np.isnan(flux), np.isnan(reference[:, 0]))
+        assert np.isnan(flux).sum() >= 3  # both kinds tested
+        ok = np.isfinite(flux)
+        np.testing.assert_array_equal(flux[ok], fit["flux"][ok])
+        np.testing.assert_array_equal(error[ok], fit["flux_err"][ok])
