@@ -82,7 +82,7 @@ from .convolve import correlate_image
 from .errors import IncompatibleInputsError, InvalidExposureError
 from .exposure import Exposure
 from .parallel import frame_array, frame_zeros, n_threads, thread_map
-from .psf import Psf
+from .psf import DrawnOncePsf, Psf
 
 __all__ = [
     "decorrelate_difference",
@@ -423,7 +423,7 @@ def _interp_stamps(stamps: np.ndarray, nodes_x, nodes_y, x: float, y: float) -> 
 
 # ----------------------------------------------------------------------------------------
 # corrected PSF
-class DecorrelatedPsf(Psf):
+class DecorrelatedPsf(DrawnOncePsf):
     """PSF of a decorrelated image: an input PSF convolved with the decorrelation kernel.
 
     Parameters
@@ -454,7 +454,7 @@ class DecorrelatedPsf(Psf):
         self.extra_size = int(extra_size) // 2 * 2
         self.average_position = base.average_position
 
-    def kernel_image(self, x: float | None = None, y: float | None = None) -> np.ndarray:
+    def _draw(self, x: float | None, y: float | None) -> np.ndarray:
         if x is None or y is None:
             if self.average_position is not None:
                 x, y = self.average_position

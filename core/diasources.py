@@ -67,7 +67,7 @@ from .position_flags import (
     changed_star,
     outside_kernel_hull,
 )
-from .psf import SIGMA_TO_FWHM, Psf
+from .psf import SIGMA_TO_FWHM, DrawnOncePsf, Psf
 from .sidelobes import FilteredPsf, close_pairs, explained
 from .stamps import STAMP_BATCH, batches, windows
 from .stamps import stamps as _stack
@@ -1134,7 +1134,7 @@ def _difference_fwhm(stamps: PsfStamps, is_score: bool) -> float:
     return stamps.fwhm
 
 
-class _CorrelatedPsf(Psf):
+class _CorrelatedPsf(DrawnOncePsf):
     """A PSF correlated with a fixed kernel, normalised to unit sum: the steps of
     ``scipy.signal.fftconvolve(stamp, flipped kernel, "full")`` with the kernel's
     transform made once per stamp shape (PSF photometry draws a stamp at every node of
@@ -1146,7 +1146,7 @@ class _CorrelatedPsf(Psf):
         self.average_position = psf.average_position
         self._spectra: dict[tuple[int, ...], tuple[list[int], list[int], np.ndarray]] = {}
 
-    def kernel_image(self, x=None, y=None) -> np.ndarray:
+    def _draw(self, x, y) -> np.ndarray:
         stamp = np.asarray(self.psf.kernel_image(x, y))
         if stamp.shape not in self._spectra:
             shape = [a + b - 1 for a, b in zip(stamp.shape, self.kernel.shape, strict=True)]

@@ -21,6 +21,7 @@ __all__ = [
     "ImagePsf",
     "GridPsf",
     "KernelMatchedPsf",
+    "DrawnOncePsf",
     "SIGMA_TO_FWHM",
     "adaptive_moments",
     "shift_stamp",
@@ -470,7 +471,34 @@ def stellar_locus(sizes: np.ndarray) -> float:
     return float(np.exp(np.median(log_size[np.abs(log_size - centre) < 0.08])))
 
 
-class KernelMatchedPsf(Psf):
+class DrawnOncePsf(Psf):
+    """A PSF whose stamp costs a convolution: each position's is drawn once (`_draw`)
+    and copied out after. The measurements of one catalog ask for the same grid nodes
+    in turn (the 4096 preconvolve pair's score PSF: 102 stamps at 42 positions, 0.23 s
+    of the catalog's CPU). At most `MEMO_STAMPS` are kept; pickles leave them out."""
+
+    MEMO_STAMPS = 64
+
+    @abstractmethod
+    def _draw(self, x: float | None, y: float | None) -> np.ndarray:
+        """The stamp at (x, y), as `kernel_image`."""
+
+    def kernel_image(self, x: float | None = None, y: float | None = None) -> np.ndarray:
+        memo = self.__dict__.setdefault("_memo", {})
+        stamp = memo.get((x, y))
+        if stamp is None:
+            stamp = self._draw(x, y)
+            if len(memo) < self.MEMO_STAMPS:  # threads may both draw one: the same stamp
+                memo[(x, y)] = stamp
+        return stamp.copy()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_memo", None)
+        return state
+
+
+class KernelMatchedPsf(DrawnOncePsf):
     """PSF of an image after correlation with a (spatially varying) matching kernel.
 
     The image K * S has, at (x, y), the PSF P_S(x, y) correlated with K(x, y),
@@ -490,7 +518,7 @@ class KernelMatchedPsf(Psf):
         self.kernel = kernel
         self.average_position = psf.average_position
 
-    def kernel_image(self, x=None, y=None) -> np.ndarray:
+    def _draw(self, x, y) -> np.ndarray:
         stamp = self.psf.kernel_image(x, y)
         if x is None or y is None:
             x, y = self.average_position or (None, None)

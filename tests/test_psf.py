@@ -359,3 +359,31 @@ def test_estimate_real_jwst_against_webbpsf():
     # locus must be found (not the galaxies, 3x wider) and be a little broader than
     # the WebbPSF model (measured 2.55 vs 2.03 px)
     assert 1.0 < estimated.fwhm() / webb.fwhm() < 1.35
+
+
+def test_a_psf_costly_to_draw_is_drawn_once_per_position():
+    """KernelMatchedPsf (and the decorrelated and score PSFs) convolve at every call:
+    the catalog's measurements ask for the same nodes in turn. Each position is drawn
+    once; callers get copies (writing into one changes no other); pickles carry no
+    stamps."""
+    import pickle
+
+    from core.kernel import SpatialKernel
+    from core.psf import GaussianPsf, KernelMatchedPsf
+
+    kernel = SpatialKernel.constant(GaussianPsf(1.5).kernel_image())
+    psf = KernelMatchedPsf(GaussianPsf(2.0), kernel)
+    drawn = []
+    draw = psf._draw
+    psf._draw = lambda x, y: drawn.append((x, y)) or draw(x, y)
+    first = psf.kernel_image(10.0, 20.0)
+    first[...] = 0.0
+    again = psf.kernel_image(10.0, 20.0)
+    other = psf.kernel_image(30.0, 20.0)
+    assert drawn == [(10.0, 20.0), (30.0, 20.0)]
+    np.testing.assert_array_equal(again, draw(10.0, 20.0))
+    assert again.sum() == pytest.approx(1.0) and other.sum() == pytest.approx(1.0)
+    del psf._draw
+    copy = pickle.loads(pickle.dumps(psf))
+    assert "_memo" not in vars(copy)
+    np.testing.assert_array_equal(copy.kernel_image(10.0, 20.0), again)
