@@ -435,6 +435,26 @@ class DiaSourceConfig(_Config):
         "variable), not its residual, which is a few percent of it (7% at a frame's edge): "
         "not flagged (0: flagged whatever its flux).",
     )
+    saturated_star_residual: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="Fraction of a saturated star's light (fitted on its unsaturated wings) "
+        "at a source's position, through the detection filter, that its residual may be: "
+        "its clipped core is left out and its kernel matched on other stars. Sources where "
+        "that reaches the detection threshold in their noise, and no brighter, are flagged "
+        "bright_star at any distance (0: off).",
+    )
+    saturated_star_halo: float = Field(
+        0.004,
+        ge=0,
+        le=1,
+        description="Fraction of a saturated star's light its residual may hold anywhere "
+        "within the matching kernel's reach plus a FWHM of it (the kernel, matched on "
+        "fainter stars, left 0.02-0.3% of such stars' light there on simulated pairs): "
+        "sources there where it reaches the detection threshold, and no brighter, are "
+        "flagged bright_star (0: off; needs the kernel's reach, from the kernel sources).",
+    )
     suspect_kernel_margin: float = Field(
         64.0,
         ge=0,

@@ -62,10 +62,14 @@ from .forced import (
 from .measure import _centroids, _moments, _negative_side_sigma
 from .parallel import InlineExecutor, n_threads, task_pool
 from .position_flags import (
+    bright_star,
     bright_star_light,
     bright_star_limit,
-    changed_star,
+    halo_reach,
     outside_kernel_hull,
+    response_profile,
+    saturated_stars,
+    saturated_stars_reach,
 )
 from .psf import SIGMA_TO_FWHM, DrawnOncePsf, Psf
 from .sidelobes import FilteredPsf, close_pairs, explained
@@ -1086,14 +1090,30 @@ def _measure(
         limits,
         float(np.median(limits)) if n else None,
     )
+    # the saturated stars in reach of the sources (their clipped cores and bleed trails)
+    profile = response_profile(output.require_psf(), filtered=is_score)
+    reach = halo_reach(kernel_sources, fwhm)
+    search = saturated_stars_reach(profile, reach)
+    ruled = config.saturated_star_residual > 0 or config.saturated_star_halo > 0
+    template = matched_template if ruled else None  # none: no saturated stars looked for
+    saturated = pool.submit(saturated_stars, output, template, ix, iy, search)
     columns["aperture_flux"], aperture_err = aperture.result()
     columns["aperture_flux_err"] = aperture_err * aperture_scale
-    # near a bright star's light, and no brighter than its residual can be (a variable
-    # star's own change is more; a saturated star's residual is any size)
-    near, light = bright.result()
-    saturated = (flags & FLAG_BITS["saturated"][0]) != 0
-    fraction = config.bright_star_residual_fraction
-    near &= ~changed_star(columns["psf_flux"], light, saturated, fraction)
+    # the fit's S/N or the detection's, the less: a fit reads saturated pixels, which the
+    # search leaves out
+    near = bright_star(
+        ix,
+        iy,
+        columns["psf_flux"],
+        columns["psf_flux_err"],
+        np.fmin(np.abs(columns["snr"]), np.abs(columns["detection_snr"])),
+        (flags & FLAG_BITS["saturated"][0]) != 0,
+        bright.result(),
+        saturated.result(),
+        profile,
+        reach,
+        config,
+    )
     flags[near] |= FLAG_BITS["bright_star"][0]
     flags[outside] |= FLAG_BITS["suspect_kernel"][0]
     if "sharp" in single_fit:
@@ -1219,7 +1239,9 @@ def dia_sources(
         (pixel noise, its correlation by the kernels included; in a crowded field
         the light of unresolved neighbours adds scatter they do not hold);
         ``flags`` (bits of
-        `core.forced.FLAG_BITS`; ``streak``: one of a line of sources, `core.streaks`;
+        `core.forced.FLAG_BITS`; ``bright_star``: a star's residual may be the source,
+        near a bright star or within reach of a saturated one's light, docs/DIA_FLAGS.md;
+        ``streak``: one of a line of sources, `core.streaks`;
         ``sharp``: narrower than the PSF, a cosmic ray or hot pixel,
         `core.forced.SHARP_RATIO`, not raised on a score, where the PSF filter widened it)
         and one ``flag_<name>`` column per bit. Meta ``n_sidelobes``: detections

@@ -25,10 +25,14 @@ from .errors import IncompatibleInputsError, InvalidCatalogError, PsfError
 from .exposure import Exposure
 from .order import row_nanmedians
 from .position_flags import (
+    bright_star,
     bright_star_light,
     bright_star_limit,
-    changed_star,
+    halo_reach,
     outside_kernel_hull,
+    response_profile,
+    saturated_stars,
+    saturated_stars_reach,
 )
 from .psf import SIGMA_TO_FWHM, Psf, _collapsed, _half_maximum_sigma
 from .stamps import batches
@@ -632,11 +636,28 @@ def forced_photometry(
     # than its residual
     limits = bright_star_limit(flux_err[near], dia.threshold, dia.bright_star_residual)
     typical = float(np.median(limits)) if limits.size else None
-    bright, light = bright_star_light(
-        matched_template, fit["ix"], fit["iy"], radius, limits, typical
+    light = bright_star_light(matched_template, fit["ix"], fit["iy"], radius, limits, typical)
+    profile = response_profile(psf)
+    halo = halo_reach(kernel_sources, stamps.fwhm)
+    search = saturated_stars_reach(profile, halo)
+    ruled = dia.saturated_star_residual > 0 or dia.saturated_star_halo > 0
+    template = matched_template if ruled else None  # none: no saturated stars looked for
+    saturated = saturated_stars(difference, template, fit["ix"], fit["iy"], search)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        position_snr = np.abs(fit["flux"] / flux_err[near])
+    bright = bright_star(
+        fit["ix"],
+        fit["iy"],
+        fit["flux"],
+        flux_err[near],
+        position_snr,
+        (flags[near] & FLAG_BITS["saturated"][0]) != 0,
+        light,
+        saturated,
+        profile,
+        halo,
+        dia,
     )
-    saturated = (flags[near] & FLAG_BITS["saturated"][0]) != 0
-    bright &= ~changed_star(fit["flux"], light, saturated, dia.bright_star_residual_fraction)
     flags[fitted[bright]] |= FLAG_BITS["bright_star"][0]
     known = np.isfinite(x) & np.isfinite(y)
     outside = np.zeros(x.size, dtype=bool)

@@ -263,6 +263,16 @@ class SpatialKernel:
         x, y = self._position(x, y)
         return np.tensordot(self.coefficients_at(x, y), self.basis_images, axes=(0, 0))
 
+    def reach(self, fraction: float) -> int:
+        """Half-width (px) of the smallest centred square outside which the kernel image at
+        the domain centre stays below ``fraction`` of its largest absolute value."""
+        image = np.abs(self.image())
+        rows, cols = np.nonzero(image >= fraction * image.max())
+        if rows.size == 0:
+            return 0
+        h = self.half
+        return int(max(np.abs(rows - h).max(), np.abs(cols - h).max()))
+
     def sum(self, x: float | None = None, y: float | None = None) -> float:
         """Sum of the kernel image at (x, y) (the flux ratio); the domain centre by default."""
         x, y = self._position(x, y)

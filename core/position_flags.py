@@ -1,17 +1,23 @@
 """Flags of positions that need more than the image measured: near a bright star of
-the matched template (its residuals fake sources there), outside the hull of the kernel
+the matched template or within reach of a saturated one's light, measured on its
+unsaturated wings (their residuals fake sources there), outside the hull of the kernel
 sources (the matching kernel is extrapolated there). The DIA catalog and forced
-photometry at given positions raise them alike (`core.forced.FLAG_BITS`)."""
+photometry at given positions raise them alike (`core.forced.FLAG_BITS`; the rules:
+docs/DIA_FLAGS.md)."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from scipy.spatial import ConvexHull, QhullError
+from scipy import signal, sparse
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import ConvexHull, QhullError, cKDTree
 
+from .config import DiaSourceConfig
 from .exposure import Exposure
 from .order import row_nanmedians
+from .psf import Psf
 from .stamps import batches
 from .stamps import stamps as _stack
 
@@ -21,6 +27,14 @@ __all__ = [
     "bright_star_limit",
     "changed_star",
     "outside_kernel_hull",
+    "KERNEL_REACH",
+    "bright_star",
+    "halo_reach",
+    "residual_snr",
+    "response_profile",
+    "saturated_residual",
+    "saturated_stars",
+    "saturated_stars_reach",
 ]
 
 #: Mask planes of the matched template's saturated pixels (the template's own, renamed).
@@ -30,6 +44,10 @@ _SATURATED_PLANES = ("SAT", "SAT_TEMPLATE")
 #: spatial order of what was fitted on those sources alone and applied to the whole
 #: frame (0: a constant kernel and background, nothing to extrapolate beyond them).
 EXTRAPOLATED_ORDER = "extrapolated_order"
+#: Meta key of a kernel-source table (`core.subtract`, kept in kernel.fits): the reach (px)
+#: of the matching kernel applied, as far as a star's residual reaches beyond its PSF
+#: (`halo_reach`; `core.kernel.SpatialKernel.reach`).
+KERNEL_REACH = "kernel_reach"
 
 
 def changed_star(flux, light, saturated, fraction: float) -> np.ndarray:
@@ -109,7 +127,7 @@ def bright_star_light(
     return np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
 
 
-#: Cells per axis in each of which `bright_star_light` takes the PSF as constant (a PSF
+#: Cells per axis in each of which the bright-star flags take the PSF as constant (a PSF
 #: varies smoothly, and its peak sets a flag's limit, not a measurement).
 _PSF_CELLS = 4
 
@@ -117,22 +135,13 @@ _PSF_CELLS = 4
 def _psf_peak_and_core(template: Exposure, ix, iy, core: float) -> tuple:
     """(n,) peak (largest pixel) of the template's unit-sum PSF and its fraction within
     ``core`` px of the centre, at array positions (ix, iy): from the PSF's image at the
-    centre of the position's cell (`_PSF_CELLS` x `_PSF_CELLS` over the frame)."""
-    psf = template.require_psf()
-    ny, nx = template.shape
-    cells_x = np.clip(np.asarray(ix) * _PSF_CELLS // max(nx, 1), 0, _PSF_CELLS - 1)
-    cells_y = np.clip(np.asarray(iy) * _PSF_CELLS // max(ny, 1), 0, _PSF_CELLS - 1)
-    cell = cells_y * _PSF_CELLS + cells_x
-    peak, fraction = np.empty(cell.size), np.empty(cell.size)
-    for k in np.unique(cell).tolist():
-        x = template.xy0[0] + (k % _PSF_CELLS + 0.5) * nx / _PSF_CELLS - 0.5
-        y = template.xy0[1] + (k // _PSF_CELLS + 0.5) * ny / _PSF_CELLS - 0.5
-        stamp = np.asarray(psf.kernel_image(x, y), dtype=np.float64)
-        stamp = stamp / stamp.sum()
+    centre of the position's cell (`_cell_models`)."""
+    peak, fraction = np.empty(np.size(ix)), np.empty(np.size(ix))
+    for at, stamp in _cell_models(template, ix, iy):
         h, w = stamp.shape[0] // 2, stamp.shape[1] // 2
         squared = np.arange(-h, h + 1)[:, None] ** 2 + np.arange(-w, w + 1)[None, :] ** 2
-        peak[cell == k] = stamp.max()
-        fraction[cell == k] = stamp[squared <= core * core].sum()
+        peak[at] = stamp.max()
+        fraction[at] = stamp[squared <= core * core].sum()
     return peak, fraction
 
 
@@ -198,6 +207,298 @@ def _bright_part(template: Exposure, ix, iy, radius: float, least: tuple, fracti
         star |= clipped & (excess > least[1][:, None])
         bright = np.any(cores & star, axis=1)
     return bright, light
+
+
+#: Fraction of a point source's S/N-map peak below which its profile is cropped
+#: (`response_profile`): a star's light there reaches a 5 sigma threshold only from an
+#: S/N of 5 million.
+_RESPONSE_FLOOR = 1e-6
+#: Planes of a matched template's pixels that its saturated stars' wing fits leave out:
+#: clipped (or spread from clipped ones by the matching kernel) and no data.
+_WING_UNUSABLE = (*_SATURATED_PLANES, "NO_DATA", "EDGE", "BAD", "CR")
+#: Least share of a saturated star's PSF on usable pixels for a wing fit of its light.
+_WING_MIN_SHARE = 0.01
+
+
+def response_profile(psf: Psf, filtered: bool = False) -> np.ndarray:
+    """A point source's profile in the detection S/N map, 1 at its centre, cropped where it
+    stays below `_RESPONSE_FLOOR` of that: ``psf`` (at its average position) correlated
+    with itself, a difference's matched filter, or ``psf`` itself when ``filtered`` (a
+    preconvolution score, already filtered). Odd square, float64."""
+    stamp = np.asarray(psf.kernel_image(*(psf.average_position or (None, None))), np.float64)
+    if not filtered:
+        stamp = signal.fftconvolve(stamp, stamp[::-1, ::-1], mode="full")
+    cy, cx = stamp.shape[0] // 2, stamp.shape[1] // 2
+    peak = stamp[cy, cx] if stamp[cy, cx] > 0 else np.abs(stamp).max()
+    stamp = stamp / peak
+    # the smallest centred square holding every value above the floor
+    rows, cols = np.nonzero(np.abs(stamp) >= _RESPONSE_FLOOR)
+    half = int(max(np.abs(rows - cy).max(), np.abs(cols - cx).max())) if rows.size else 0
+    half = min(half, cy, cx)
+    return stamp[cy - half : cy + half + 1, cx - half : cx + half + 1]
+
+
+def saturated_stars(
+    difference: Exposure, template: Exposure | None, ix, iy, reach: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The saturated stars within ``reach`` px (either axis) of positions: centres and light.
+
+    A saturated star is a group of 8-connected ``SAT`` / ``SAT_TEMPLATE`` pixels of the
+    difference (either image's clipped core and bleed trail, spread by the kernel); its
+    centre is the matched template's brightest pixel among them and its light a PSF fit
+    of the matched template's usable pixels around them (`_wing_light`): its unsaturated
+    wings, where the clipped peak understates it by the factor the star saturated by.
+
+    Parameters
+    ----------
+    difference : `Exposure`
+        The difference or score, whose mask holds both images' saturated pixels.
+    template : `Exposure` or None
+        The matched template (on the difference's grid, with the PSF of a star in it).
+    ix, iy : `numpy.ndarray` (n,), int
+        Array column and row of the positions.
+    reach : int
+        Half-width (px) of the square searched around each position.
+
+    Returns
+    -------
+    rows, cols : `numpy.ndarray` (m,), int
+        Array row and column of each star's centre.
+    light : `numpy.ndarray` (m,), float64
+        Its light (the template's units).
+    """
+    ix, iy = np.asarray(ix, dtype=np.intp), np.asarray(iy, dtype=np.intp)
+    none = np.zeros(0, dtype=np.intp)
+    bits = difference.bitmask([p for p in _SATURATED_PLANES if p in difference.mask_planes])
+    if template is None or ix.size == 0 or not bits:
+        return none, none, np.zeros(0)
+    nx = difference.shape[1]
+    found = []
+    for part in batches(ix.size):
+        stack = _stack(difference.mask, ix[part], iy[part], reach, fill=0)
+        # the stamps holding one first (an OR of each: 1128 sources of the 4096 test pair
+        # in 65 x 65 stamps, 6 ms; locating the pixels in all of them took 28 ms)
+        either = np.bitwise_or.reduce(stack.reshape(stack.shape[0], -1), axis=1)
+        hit = np.flatnonzero(either & bits)
+        if hit.size:
+            k, dy, dx = np.nonzero(stack[hit] & np.int32(bits))
+            rows, cols = iy[part][hit[k]] + dy - reach, ix[part][hit[k]] + dx - reach
+            found.append(rows.astype(np.int64) * nx + cols)
+    if not found:
+        return none, none, np.zeros(0)
+    rows, cols = np.divmod(np.unique(np.concatenate(found)), nx)
+    rows, cols = _saturated_cores(template, rows, cols)
+    return rows, cols, _wing_light(template, rows, cols)
+
+
+def residual_snr(
+    stars: tuple[np.ndarray, np.ndarray, np.ndarray],
+    ix,
+    iy,
+    flux_err,
+    profile: np.ndarray,
+    residual: float,
+    halo: float = 0.0,
+    halo_reach: float = 0.0,
+) -> np.ndarray:
+    """The largest S/N the residual of stars can reach at each position: a star of light
+    F (``stars``: rows, cols, light, as `saturated_stars` gives them) leaves up to
+    ``residual`` of its light at the offset through the detection's filter (F times
+    ``profile``, a point source's `response_profile`) and up to ``halo`` of F anywhere
+    within ``halo_reach`` px of its centre (the matching kernel's errors, spread that
+    far), over the position's point-source flux error ``flux_err``; 0 out of reach."""
+    ix, iy = np.asarray(ix, dtype=np.intp), np.asarray(iy, dtype=np.intp)
+    out = np.zeros(ix.size)
+    rows, cols, light = (np.asarray(v) for v in stars)
+    if rows.size == 0 or ix.size == 0:
+        return out
+    reach = profile.shape[0] // 2
+    near = cKDTree(np.column_stack([cols, rows])).query_ball_point(
+        np.column_stack([ix, iy]), max(reach, halo_reach), p=np.inf, return_sorted=False
+    )
+    source = np.repeat(np.arange(ix.size), [len(s) for s in near])
+    if source.size == 0:
+        return out
+    star = np.concatenate([np.asarray(s, dtype=np.intp) for s in near])
+    dy, dx = iy[source] - rows[star], ix[source] - cols[star]
+    inside = (np.abs(dy) <= reach) & (np.abs(dx) <= reach)
+    share = np.zeros(source.size)
+    share[inside] = residual * profile[dy[inside] + reach, dx[inside] + reach]
+    in_halo = np.hypot(dx, dy) <= halo_reach
+    share[in_halo] = np.maximum(share[in_halo], halo)
+    error = np.asarray(flux_err, dtype=np.float64)[source]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = light[star] * share / error
+    np.maximum.at(out, source, np.where(np.isfinite(snr), snr, 0.0))
+    return out
+
+
+def halo_reach(kernel_sources, fwhm: float) -> float:
+    """Distance (px) from a saturated star's centre within which its residual can hold
+    ``saturated_star_halo`` of its light: the matching kernel's reach (meta
+    `KERNEL_REACH` of the kernel sources, set by the subtraction) plus the PSF's ``fwhm``
+    (on simulated pairs, the false detections around stars 3-30x over saturation that
+    their own light does not bound lay 5-10 px from them, under a kernel reaching 9-10
+    px at FWHM 2); 0 where that is not known."""
+    reach = None if kernel_sources is None else kernel_sources.meta.get(KERNEL_REACH)
+    return 0.0 if reach is None else float(reach) + fwhm
+
+
+def saturated_stars_reach(profile: np.ndarray, reach: float) -> int:
+    """Half-width (px) of the square `saturated_stars` searches: the profile's and the
+    halo's reach, the more."""
+    return int(max(profile.shape[0] // 2, math.ceil(reach)))
+
+
+def bright_star(
+    ix,
+    iy,
+    flux,
+    flux_err,
+    source_snr,
+    saturated_pixels,
+    bright: tuple[np.ndarray, np.ndarray],
+    stars: tuple[np.ndarray, np.ndarray, np.ndarray],
+    profile: np.ndarray,
+    reach: float,
+    config: DiaSourceConfig,
+) -> np.ndarray:
+    """Positions flagged ``bright_star`` (the DIA catalog's and forced photometry's rule).
+
+    Near a bright star's light (``bright``: `bright_star_light`) and no brighter than its
+    residual can be (`changed_star`: a variable's own change is more), or where a
+    saturated star's residual (`residual_snr`: ``config.saturated_star_residual`` of its
+    light there, ``config.saturated_star_halo`` of it within ``reach``, `halo_reach`;
+    ``stars``: `saturated_stars`) reaches the threshold in the position's noise and the
+    source's ``source_snr`` is no more (`saturated_residual`).
+
+    ``flux``, ``flux_err``: the positions' PSF fluxes and errors on the difference;
+    ``saturated_pixels``: a saturated pixel near (the ``saturated`` flag); ``profile``:
+    `response_profile` of the difference.
+    """
+    near, light = bright
+    fraction = config.bright_star_residual_fraction
+    near = near & ~changed_star(flux, light, saturated_pixels, fraction)
+    if config.saturated_star_residual > 0 or config.saturated_star_halo > 0:
+        bound = residual_snr(
+            stars,
+            ix,
+            iy,
+            flux_err,
+            profile,
+            config.saturated_star_residual,
+            config.saturated_star_halo,
+            reach,
+        )
+        near |= saturated_residual(bound, source_snr, config.threshold)
+    return near
+
+
+def saturated_residual(residual, source_snr, threshold: float) -> np.ndarray:
+    """Positions whose source a saturated star's residual may be: the S/N that residual
+    can reach there (``residual``, `residual_snr`) reaches ``threshold`` and the
+    source's own S/N (``source_snr``, >= 0) is no more (NaN: not measured, flagged)."""
+    residual = np.asarray(residual, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return (residual >= threshold) & ~(np.asarray(source_snr) > residual)
+
+
+def _saturated_cores(template: Exposure, rows: np.ndarray, cols: np.ndarray) -> tuple:
+    """Centres (rows, columns) of the connected groups of the saturated pixels at (rows,
+    cols): each group's brightest matched-template pixel, a clipped core spread by
+    the kernel peaking in its middle; where several share the top value (a core clipped
+    flat and its bleed trail, unconvolved), the middle of the row they fill most widely
+    (the core: a trail is a column or two wide, whichever way it ran)."""
+    # connected 2 x 2 blocks of them (pixels 8-connected are in the same or neighbouring
+    # blocks; gaps of a pixel or two join too): a kernel-spread core holds hundreds of
+    # pixels, 4x fewer blocks (154 stars of a 4096 pair: 24 -> 8 ms)
+    span = int(cols.max()) // 2 + 1
+    blocks, member = np.unique((rows // 2) * span + cols // 2, return_inverse=True)
+    block_rows, block_cols = np.divmod(blocks, span)
+    pairs = cKDTree(np.column_stack([block_rows, block_cols])).query_pairs(
+        1.5, output_type="ndarray"
+    )
+    graph = sparse.coo_matrix(
+        (np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(blocks.size, blocks.size)
+    )
+    count, block_group = connected_components(graph, directed=False)
+    group = block_group[member.ravel()]
+    values = np.asarray(template.image[rows, cols], dtype=np.float64)
+    values[~np.isfinite(values)] = -np.inf
+    top = np.full(count, -np.inf)
+    np.maximum.at(top, group, values)
+    tied = np.flatnonzero(values == top[group])
+    # each group's tied pixels by row: the row holding most (the middle one of several)
+    g, r = group[tied], rows[tied]
+    keys, first, width = np.unique(
+        g * (int(rows.max()) + 1) + r, return_index=True, return_counts=True
+    )
+    row_group = g[first]
+    widest = np.zeros(count, dtype=np.int64)
+    np.maximum.at(widest, row_group, width)
+    best = np.flatnonzero(width == widest[row_group])  # keys sorted by group, then row
+    starts = np.r_[0, np.flatnonzero(np.diff(row_group[best])) + 1]
+    ends = np.r_[starts[1:], best.size]
+    chosen = best[(starts + ends - 1) // 2]
+    centre_rows = np.empty(count, dtype=np.intp)
+    centre_rows[row_group[chosen]] = r[first[chosen]]
+    # the mean column of the tied pixels on that row
+    on_row = r == centre_rows[g]
+    total = np.bincount(g[on_row], weights=cols[tied][on_row], minlength=count)
+    number = np.bincount(g[on_row], minlength=count)
+    centre_cols = np.round(total / np.maximum(number, 1)).astype(np.intp)
+    return centre_rows, centre_cols
+
+
+def _wing_light(template: Exposure, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Light (the template's units) of the stars centred on pixels (rows, cols): the
+    amplitude of the template's PSF (at the centre of the star's cell, `_PSF_CELLS`)
+    fitted (unweighted) to its usable pixels around each, over the median of the square
+    ring around the fitted stamp (the local sky).
+
+    Saturated pixels and those the kernel spread them to (`_WING_UNUSABLE`) are left out
+    of the fit: it reads the unsaturated wings. Where the usable pixels hold less than
+    `_WING_MIN_SHARE` of the PSF, the light above the sky in the stamp, a lower bound."""
+    bits = np.int32(template.bitmask([p for p in _WING_UNUSABLE if p in template.mask_planes]))
+    light = np.zeros(rows.size)
+    for cell, model in _cell_models(template, cols, rows):
+        half = model.shape[0] // 2
+        ring = max(4, half // 2)
+        data = _stack(template.image, cols[cell], rows[cell], half + ring, fill=np.nan)
+        data = data.astype(np.float64)
+        usable = np.isfinite(data)
+        if bits:
+            mask = _stack(template.mask, cols[cell], rows[cell], half + ring, fill=0)
+            usable &= (mask & bits) == 0
+        inner = (slice(None), *(slice(ring, ring + 2 * half + 1),) * 2)
+        outer = np.ones(data.shape[1:], dtype=bool)
+        outer[inner[1:]] = False
+        sky_values = np.where(usable, data, np.nan)[:, outer]
+        sky = np.nan_to_num(row_nanmedians(sky_values, consume=True))
+        stamp = data[inner] - sky[:, None, None]
+        weight = np.where(usable[inner], model, 0.0)
+        fitted = np.sum(np.where(usable[inner], stamp, 0.0) * weight, axis=(1, 2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fitted /= np.sum(weight**2, axis=(1, 2))
+        bound = np.nansum(stamp, axis=(1, 2))
+        light[cell] = np.where(weight.sum(axis=(1, 2)) >= _WING_MIN_SHARE, fitted, bound)
+    return light
+
+
+def _cell_models(template: Exposure, x, y):
+    """(indices, unit-sum PSF stamp) of the positions (array x, y) in each of the
+    `_PSF_CELLS` x `_PSF_CELLS` cells over the frame that holds any: the template's PSF
+    at the cell's centre."""
+    psf = template.require_psf()
+    ny, nx = template.shape
+    cells_x = np.clip(np.asarray(x) * _PSF_CELLS // max(nx, 1), 0, _PSF_CELLS - 1)
+    cells_y = np.clip(np.asarray(y) * _PSF_CELLS // max(ny, 1), 0, _PSF_CELLS - 1)
+    cell = cells_y * _PSF_CELLS + cells_x
+    for k in np.unique(cell).tolist():
+        cx = template.xy0[0] + (k % _PSF_CELLS + 0.5) * nx / _PSF_CELLS - 0.5
+        cy = template.xy0[1] + (k // _PSF_CELLS + 0.5) * ny / _PSF_CELLS - 0.5
+        model = np.asarray(psf.kernel_image(cx, cy), dtype=np.float64)
+        yield np.flatnonzero(cell == k), model / model.sum()
 
 
 def outside_kernel_hull(kernel_sources, xy0, x, y, margin: float) -> np.ndarray:

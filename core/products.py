@@ -22,7 +22,7 @@ from astropy.table import Table
 from .diasources import catalog_hdulist
 from .io import file_mode, write_exposure, write_hdulist_atomic
 from .parallel import thread_map
-from .position_flags import EXTRAPOLATED_ORDER
+from .position_flags import EXTRAPOLATED_ORDER, KERNEL_REACH
 
 __all__ = [
     "write_difference",
@@ -115,12 +115,15 @@ def _write_json_atomic(data: Any, path: Path) -> None:
 _KERNEL_SOURCES_HDU = "SOURCES"
 #: Its header card of the spatial order fitted on them alone (`EXTRAPOLATED_ORDER`).
 _EXTRAPOLATED_ORDER_CARD = "EXTORDER"
+#: And of the kernel's reach (`KERNEL_REACH`).
+_KERNEL_REACH_CARD = "KREACH"
 
 
 def _kernel_hdulist(result) -> fits.HDUList:
     """The kernel's product, and the positions of the kernel sources its fit used with
-    the spatial order fitted on them alone: forced photometry later flags
-    positions far outside their hull as the catalog does."""
+    the spatial order fitted on them alone and the kernel's reach: forced photometry
+    later flags positions far outside their hull, and around saturated stars, as the
+    catalog does."""
     hdul = result.psf_matching_kernel.to_hdulist()
     sources = getattr(result, "kernel_sources", None)
     if sources is not None and {"x", "y"} <= set(sources.colnames):
@@ -130,14 +133,18 @@ def _kernel_hdulist(result) -> fits.HDUList:
         if order is not None:
             comment = "spatial order fitted on these sources alone"
             hdu.header[_EXTRAPOLATED_ORDER_CARD] = (int(order), comment)
+        reach = sources.meta.get(KERNEL_REACH)
+        if reach is not None:
+            hdu.header[_KERNEL_REACH_CARD] = (int(reach), "kernel reach (px): saturated stars")
         hdul.append(hdu)
     return hdul
 
 
 def read_kernel_sources(path) -> Table | None:
     """The kernel sources (parent ``x``, ``y``) of a kernel.fits product, with the
-    spatial order fitted on them alone in meta (`EXTRAPOLATED_ORDER`, when written);
-    None when it holds none (written before they were kept)."""
+    spatial order fitted on them alone in meta (`EXTRAPOLATED_ORDER`, when written) and
+    the kernel's reach (`KERNEL_REACH`); None when it holds none (written before
+    they were kept)."""
     with fits.open(path) as hdul:
         if _KERNEL_SOURCES_HDU not in hdul:
             return None
@@ -145,6 +152,8 @@ def read_kernel_sources(path) -> Table | None:
         table = Table(hdu.data)
         if _EXTRAPOLATED_ORDER_CARD in hdu.header:
             table.meta[EXTRAPOLATED_ORDER] = int(hdu.header[_EXTRAPOLATED_ORDER_CARD])
+        if _KERNEL_REACH_CARD in hdu.header:
+            table.meta[KERNEL_REACH] = int(hdu.header[_KERNEL_REACH_CARD])
         return table
 
 

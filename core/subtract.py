@@ -59,7 +59,7 @@ from .parallel import (
     split_map,
     thread_map,
 )
-from .position_flags import EXTRAPOLATED_ORDER
+from .position_flags import EXTRAPOLATED_ORDER, KERNEL_REACH
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf, Psf
 from .psf_estimate import estimate_psf
 from .quality import assess_quality, kernel_centroid
@@ -86,6 +86,11 @@ _HEADER_FWHM_KEYS = ("FWHM", "PFWHM", "PSF_FWHM", "FWHM_PIX")
 #: A star offset between the inputs (px) worth a note: registrations are routinely
 #: better than this, and the kernel absorbs far larger ones.
 _NOTED_STAR_OFFSET = 0.1
+#: Fraction of the matching kernel's peak (absolute) beyond which it is out of reach
+#: (`core.kernel.SpatialKernel.reach`): where a saturated star's residual, the kernel's
+#: errors times its light, can still be; the full half-width on auto kernels (9-10 px
+#: of 10), half of it or less on preconvolve ones (JWST: 52 px of 112).
+_KERNEL_REACH_FRACTION = 1e-4
 
 #: Stage names reported to progress callbacks, with the fraction done when they start.
 STAGES = {
@@ -571,14 +576,15 @@ class _SubtractBase(Task):
         return solution
 
     def _keep_kernel_sources(self, result: SubtractionResult, kernel_sources) -> None:
-        """The kernel sources into the result, with the highest spatial order of what
-        was fitted on them alone and applied to the whole frame (meta
-        `EXTRAPOLATED_ORDER`, for ``suspect_kernel``): the kernel's, and the subtracted
-        background's unless it was refitted on every sky pixel, where the sky across
-        the frame and not the stamps constrain it. The solution's orders, not the
-        configured ones: too few stamps lower them. Only the sources whose stamps the
-        final fit used: the kernel is constrained where they are, not where rejected
-        candidates were."""
+        """The kernel sources into the result, with the matching kernel's reach (meta
+        `KERNEL_REACH`: how far a saturated star's residual reaches, for ``bright_star``)
+        and the highest spatial order of what was fitted on them alone and applied to
+        the whole frame (meta `EXTRAPOLATED_ORDER`, for ``suspect_kernel``): the
+        kernel's, and the subtracted background's unless it was refitted on every sky
+        pixel, where the sky across the frame and not the stamps constrain it. The
+        solution's orders, not the configured ones: too few stamps lower them. Only the
+        sources whose stamps the final fit used: the kernel is constrained where they
+        are, not where rejected candidates were."""
         solution = self.solution
         status = np.asarray(solution.candidates["status"])
         if status.size == len(kernel_sources):  # a candidate per source, in their order
@@ -589,6 +595,9 @@ class _SubtractBase(Task):
         if config.do_subtract_background and stamps_only:
             order = max(order, solution.background.order)
         kernel_sources.meta[EXTRAPOLATED_ORDER] = int(order)
+        if result.psf_matching_kernel is not None:
+            reach = result.psf_matching_kernel.reach(_KERNEL_REACH_FRACTION)
+            kernel_sources.meta[KERNEL_REACH] = reach
         result.kernel_sources = kernel_sources
 
     def _coverage_guard(self, template, science, exc):

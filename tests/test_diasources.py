@@ -1368,7 +1368,7 @@ def test_suspect_kernel_from_the_order_of_the_solution_used(
     alone (kernel; background unless refitted on all sky), kernel.fits keeps it, and the
     catalog and forced photometry raise suspect_kernel beyond the hull of the leftmost
     third of them only when it is above 0."""
-    from core.position_flags import EXTRAPOLATED_ORDER
+    from core.position_flags import EXTRAPOLATED_ORDER, KERNEL_REACH
     from core.products import read_kernel_sources, write_products
 
     pair = simulate_pair(preset("sharper_template", size=size, seed=3))
@@ -1378,7 +1378,9 @@ def test_suspect_kernel_from_the_order_of_the_solution_used(
     sources = result.kernel_sources
     assert sources.meta[EXTRAPOLATED_ORDER] == order
     write_products(result, tmp_path, names=["kernel"])
-    assert read_kernel_sources(tmp_path / "kernel.fits").meta[EXTRAPOLATED_ORDER] == order
+    read = read_kernel_sources(tmp_path / "kernel.fits")
+    assert read.meta[EXTRAPOLATED_ORDER] == order
+    assert read.meta[KERNEL_REACH] == sources.meta[KERNEL_REACH] > 0
     left = sources[np.argsort(np.asarray(sources["x"]))[: max(3, len(sources) // 3)]]
     edge = float(np.max(left["x"])) - result.output.xy0[0]
     catalog = dia_sources(
@@ -1412,3 +1414,115 @@ def test_kernel_sources_kept_are_the_stamps_the_final_fit_used():
     assert len(kept) == good.sum()
     np.testing.assert_array_equal(np.asarray(kept["x"]), np.asarray(candidates["x"])[good])
     np.testing.assert_array_equal(np.asarray(kept["y"]), np.asarray(candidates["y"])[good])
+
+
+def _saturated_stars_pair(seed: int):
+    """A 512 px pair (Gaussian PSFs, science FWHM 2.0, template 1.6) with four stars at fixed
+    spots whose science peaks are 5-20x its saturation level: clipped there and bled
+    along their columns (charge kept), marked SAT; drawn whole on pixel centres (wings to
+    30 px, no sub-pixel shift) in both images. Returns science, template, the stars'
+    (x, y), their light and the transients' (x, y)."""
+    from core.psf import SIGMA_TO_FWHM, GaussianPsf
+
+    config = preset("sharper_template", size=512, seed=seed)
+    config = config.model_copy(
+        update={
+            "science_psf": config.science_psf.model_copy(update={"fwhm": 2.0, "ellipticity": 0}),
+            "template_psf": config.template_psf.model_copy(update={"fwhm": 1.6}),
+        }
+    )
+    pair = simulate_pair(config)
+    rng = np.random.default_rng(seed)
+    level = 30000.0
+    x, y = np.array([128, 384, 128, 384]), np.array([128, 128, 384, 384])
+    light = None
+    for exposure, fwhm, gain in ((pair.science, 2.0, 1.0), (pair.template, 1.6, 4.0)):
+        stamp = GaussianPsf(fwhm / SIGMA_TO_FWHM, size=61).kernel_image()
+        if light is None:  # science peaks 5-20x the level
+            light = level * np.array([5.0, 8.0, 12.0, 20.0]) / stamp.max()
+        for xs, ys, flux in zip(x, y, light, strict=True):
+            star = flux * stamp
+            noisy = star + rng.normal(size=star.shape) * np.sqrt(star / gain)
+            box = np.s_[ys - 30 : ys + 31, xs - 30 : xs + 31]
+            exposure.image[box] += noisy.astype(np.float32)
+            exposure.variance[box] += (star / gain).astype(np.float32)
+    science = pair.science
+    image = science.image
+    clipped = image >= level
+    for column in np.unique(np.nonzero(clipped)[1]):
+        rows = np.flatnonzero(clipped[:, column])
+        spill = int(np.ceil(np.sum(image[rows, column] - level) / level / 2.0))
+        clipped[max(rows.min() - spill, 0) : rows.max() + spill + 1, column] = True
+    image[clipped] = level
+    science.set_plane("SAT", clipped)
+    science.metadata["SATURATE"] = level
+    transients = transient_truth(pair)[:2]
+    return science, pair.template, x.astype(float), y.astype(float), light, transients
+
+
+def test_saturated_stars_residuals_are_flagged_as_far_as_their_light_reaches():
+    """Four stars 5-20x over the science's saturation level (the template unclipped, FWHM
+    2 px): their residuals beyond the clipped cores, which the kernel matched on fainter
+    stars leaves (0.1-0.3% of their light out to its half-width, 6-9 px here), made 7
+    false detections of S/N 5-17 outside the 3-FWHM bright-star disc, unflagged; each
+    saturated star's light (fitted on the matched template's unsaturated pixels) now
+    bounds them. A transient 15 px from each, brighter than any such residual, stays
+    unflagged; forced photometry at the catalog's positions flags the same rows."""
+    from core.position_flags import KERNEL_REACH
+
+    science, template, x, y, light, (tx, ty) = _saturated_stars_pair(0)
+    rng = np.random.default_rng(1)
+    for xs, ys in zip(x, y, strict=True):
+        _plant(science, xs + 15.3, ys + 0.2, 2.0e4, rng)
+    result = run_subtraction(science, template)
+    assert result.metrics["quality"]["verdict"] == "good"
+    assert 5 <= result.kernel_sources.meta[KERNEL_REACH] <= result.psf_matching_kernel.half
+    catalog = result.dia_sources
+    cxy = np.column_stack([catalog["x"], catalog["y"]])
+    to_star = cKDTree(np.column_stack([x, y])).query(cxy)[0]
+    planted = cKDTree(np.column_stack([x + 15.3, y + 0.2])).query(cxy)[0] < 1.0
+    others = cKDTree(np.column_stack([tx, ty])).query(cxy)[0] < 2.0
+    residual = (to_star < 25.0) & ~planted & ~others
+    assert residual.sum() >= 10
+    assert np.all(np.asarray(catalog["flags"])[residual] != 0)
+    assert planted.sum() == 4
+    assert not np.any(np.asarray(catalog["flags"])[planted])
+    single = ~np.asarray(catalog["is_dipole"])
+    forced = forced_photometry(
+        result.output,
+        x=catalog["x"][single],
+        y=catalog["y"][single],
+        matched_template=result.matched_template,
+        kernel_sources=result.kernel_sources,
+    )
+    np.testing.assert_array_equal(
+        forced["flag_bright_star"][planted[single]], catalog["flag_bright_star"][single & planted]
+    )
+
+
+def test_a_clipped_stars_light_is_fitted_on_its_wings():
+    """A Moffat star clipped at a 20th of its peak (SAT), beside an unclipped one: its
+    light from the unsaturated pixels around the clipped core within 3% of true, where
+    the clipped peak implies a 20th of it."""
+    from core.position_flags import saturated_stars
+    from core.psf import MoffatPsf
+
+    rng = np.random.default_rng(3)
+    shape = (160, 160)
+    psf = MoffatPsf(3.0, 2.5, size=61)
+    exposure = Exposure.from_arrays(
+        rng.normal(100.0, 5.0, shape), np.full(shape, 25.0), psf=MoffatPsf(3.0, 2.5, size=31)
+    )
+    light = 2.0e6
+    stamp = psf.kernel_image()
+    level = light * stamp.max() / 20.0
+    exposure.image[50:111, 20:81] += (light * stamp).astype(np.float32)
+    exposure.image[50:111, 80:141] += (light * stamp).astype(np.float32)
+    clipped = np.zeros(shape, dtype=bool)
+    clipped[:, :80] = exposure.image[:, :80] >= level
+    exposure.image[clipped] = level
+    exposure.set_plane("SAT", clipped)
+    rows, cols, fitted = saturated_stars(exposure, exposure, np.array([62]), np.array([80]), 20)
+    assert (rows.tolist(), cols.tolist()) == ([80], [50])
+    assert fitted[0] == pytest.approx(light, rel=0.03)
+    assert level / stamp.max() == pytest.approx(light / 20.0)
