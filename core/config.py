@@ -91,7 +91,13 @@ class KernelConfig(_Config):
     cross_validation_folds: int = Field(
         5, ge=2, le=20, description="Folds of the kernel stamps for the order choice."
     )
-    spatial_bg_order: int = Field(2, ge=0, le=4, description="Chebyshev order of the background.")
+    spatial_bg_order: int = Field(
+        2,
+        ge=0,
+        le=4,
+        description="Chebyshev order of the background (fitted at every pixel of the kernel "
+        "stamps; each stamp's own fit takes its plane).",
+    )
     fit_for_background: bool = Field(True, description="Fit a differential background.")
     size_cell_x: int = Field(128, ge=16, le=8192, description="Spatial cell width (pixels).")
     size_cell_y: int = Field(128, ge=16, le=8192, description="Spatial cell height (pixels).")
@@ -138,16 +144,19 @@ class KernelConfig(_Config):
         3.0,
         ge=1,
         le=100,
-        description="Good stamps needed per Chebyshev term (order 1: 9, order 2: 18); fewer "
-        "lower the spatial orders (down to 0: a constant kernel and background). Each "
-        "term multiplies every basis coefficient, so a few stamps per term overfit.",
+        description="Good stamps needed per Chebyshev term of the kernel (order 1: 9, "
+        "order 2: 18); fewer lower its spatial order (down to 0: a constant kernel). Each "
+        "term multiplies every basis coefficient, so a few stamps per term overfit. (The "
+        "background's terms enter at every pixel of the stamps, each stamp constraining "
+        "a plane: only max_spatial_design_condition limits their order.)",
     )
     max_spatial_design_condition: float = Field(
         100.0,
         gt=1,
         le=1e12,
         description="Stamps whose Chebyshev design matrix is worse conditioned than this "
-        "(too clustered or in a line) lower the spatial order.",
+        "(too clustered or in a line) lower the spatial order: the kernel's terms at the "
+        "stamp positions, the background's at every pixel of the stamps.",
     )
 
     @model_validator(mode="before")

@@ -122,6 +122,11 @@ def _axis_terms(coords: np.ndarray, low: int, high: int, order: int) -> np.ndarr
     return chebyshev.chebvander(_normalised(coords, low, high), order).T
 
 
+def _local_monomials(u: np.ndarray, v: np.ndarray, order: int) -> np.ndarray:
+    """Monomials u^a v^b of total degree <= order at the points: (n_terms, n_points)."""
+    return np.stack([u**a * v**b for a, b in term_degrees(order)])
+
+
 def _atomic_write(hdul: fits.HDUList, path: str | os.PathLike) -> None:
     """Write to a temporary file beside ``path`` and rename, so readers never see half a file."""
     path = os.fspath(path)
@@ -691,11 +696,16 @@ def _condition_number(matrix: np.ndarray) -> float:
 
 
 class _Candidate:
-    """One kernel source: its stamps, single-kernel fit and status."""
+    """One kernel source: its stamps, single-kernel fit and status.
 
-    def __init__(self, index, x, y, rating, cell, stamps):
+    ``centre`` is the parent position of the stamp's central pixel (default the source's),
+    the origin of the stamp's local background terms.
+    """
+
+    def __init__(self, index, x, y, rating, cell, stamps, centre=None):
         self.index, self.x, self.y, self.rating, self.cell = index, x, y, rating, cell
         self.stamps = stamps  # dict of reference/target image/variance/mask stamps
+        self.centre = (float(x), float(y)) if centre is None else centre
         self.status = ""
         self.reason = ""
         self.built = False
@@ -705,6 +715,8 @@ class _Candidate:
         self.design: np.ndarray | None = None
         self.normal: np.ndarray | None = None
         self.rhs: np.ndarray | None = None
+        # (domain, normal, rhs) with the background unknowns the global terms (`_stamp_systems`)
+        self.system: tuple[Box, np.ndarray, np.ndarray] | None = None
 
     def reject(self, reason: str) -> None:
         self.status, self.reason = _BAD, reason
@@ -725,6 +737,26 @@ class _Fitter:
         self.flat_basis = basis.images.reshape(self.nb, -1)
         self.basis_sums = basis.images.sum(axis=(1, 2))
         self.with_bg = config.fit_for_background
+        # Each stamp's background is a polynomial of the background's order in the
+        # stamp's own coordinates, not Rubin's one constant: its normal equations then
+        # hold the global background exactly at every pixel (`_stamp_systems`), and a
+        # sky gradient in one image only no longer leaks into the kernel (a ramp of
+        # +-1500 counts over 512 px moved the kernel 5 px, or took its sum to 0.05 for 1
+        # when the ramp was in the convolved image). The single-kernel solve, which
+        # feeds the clipping, takes the plane of those terms (constant, x, y): with a
+        # constant the ramp still spoilt it in the convolved image.
+        bg_order = config.spatial_bg_order
+        self.n_local = n_spatial_terms(bg_order) if self.with_bg else 0
+        self.n_stamp_bg = n_spatial_terms(min(1, bg_order)) if self.with_bg else 0
+        self.n_solved = self.nb + self.n_stamp_bg  # the leading unknowns of each stamp
+        # principal lattice of the local order (unisolvent for its polynomials) and the
+        # inverse of the local terms there: global Chebyshev terms sampled on it give
+        # their local coefficients exactly
+        lattice = 2.0 * np.array(term_degrees(bg_order), dtype=np.float64) / max(bg_order, 1)
+        self._lattice = lattice - 1.0
+        self._lattice_inverse = np.linalg.inv(
+            _local_monomials(self._lattice[:, 0], self._lattice[:, 1], bg_order).T
+        )
         self.mean_centre = 0.0
         self.mean_limit = self.mean_floor
         self.std_limit = config.candidate_residual_std_max
@@ -732,6 +764,42 @@ class _Fitter:
         self._spectra: dict[tuple[int, ...], tuple[tuple[int, ...], np.ndarray]] = {}
         # band matrices of the separable design passes, for `_toeplitz`
         self._bands: dict[tuple, np.ndarray] = {}
+        # local background terms per side of the fitted region, for `local_background`
+        self._local: dict[int, np.ndarray] = {}
+
+    def local_background(self, good: int) -> np.ndarray:
+        """(n_local, good^2): the stamp's background terms u^a v^b over its fitted region
+        (u, v from -1 to 1 across it, in the order of `term_degrees`)."""
+        cached = self._local.get(good)
+        if cached is None:
+            offsets = np.arange(good) - 0.5 * (good - 1)
+            axis = offsets / max(0.5 * (good - 1), 1.0)
+            u, v = np.meshgrid(axis, axis)  # rows y, columns x
+            cached = _local_monomials(u.ravel(), v.ravel(), self.config.spatial_bg_order)
+            self._local[good] = cached
+        return cached
+
+    def background_maps(self, cands: list[_Candidate], domain: Box, order: int) -> np.ndarray:
+        """(n, n_local, n_terms(order)): column t of stamp i holds the global Chebyshev
+        term T_t over that stamp in its local terms (exact: both are polynomials of
+        degree <= order, which is at most the configured background order)."""
+        centres = np.array([c.centre for c in cands], dtype=np.float64).reshape(-1, 2)
+        scale = np.array(
+            [max(0.5 * (c.stamps["ref"].shape[0] - self.k), 1.0) for c in cands]
+        ).reshape(-1, 1)
+        x = centres[:, :1] + scale * self._lattice[:, 0]  # (n, lattice points)
+        y = centres[:, 1:] + scale * self._lattice[:, 1]
+        terms = chebyshev_terms(x, y, order, domain)  # (n_terms, n, lattice points)
+        return self._lattice_inverse @ terms.transpose(1, 2, 0)
+
+    def background_in_stamps(
+        self, cands: list[_Candidate], background: BackgroundModel
+    ) -> np.ndarray:
+        """(n, n_local): the local background coefficients of ``background`` in each stamp."""
+        if not self.with_bg:
+            return np.zeros((len(cands), 0))
+        maps = self.background_maps(cands, background.domain, background.order)
+        return maps @ background.coefficients
 
     def _convolved_variance(self, cand: _Candidate, kernel: np.ndarray) -> np.ndarray:
         """The reference variance correlated with K^2 over the fitted pixels, by FFT.
@@ -778,13 +846,15 @@ class _Fitter:
         return stamp[h : stamp.shape[0] - h, h : stamp.shape[1] - h].ravel()
 
     def build(self, cand: _Candidate, bad_bits: tuple[int, int]) -> None:
-        """Single-kernel least squares for one candidate (section 3.3)."""
+        """Single-kernel least squares for one candidate (section 3.3), with the stamp's
+        background plane (its normal equations keep every local background term)."""
         cand.built = True
         s = cand.stamps
         target = self._inner(s["tgt"])
         design = self.correlate_basis(s["ref"])
         if self.with_bg:
-            design = np.hstack([design, np.ones((design.shape[0], 1))])
+            good = s["ref"].shape[0] - self.k + 1
+            design = np.hstack([design, self.local_background(good).T])
         if not (np.all(np.isfinite(design)) and np.all(np.isfinite(target))):
             cand.reject("non-finite pixels in the stamp")
             return
@@ -801,18 +871,20 @@ class _Fitter:
             weighted = design / variance[:, np.newaxis]
             normal = design.T @ weighted
             rhs = weighted.T @ target
-        solution = _solve_normal(normal, rhs)
+        m = self.n_solved
+        solution = _solve_normal(normal[:m, :m], rhs[:m])
         if not np.all(np.isfinite(solution)):
             cand.reject(f"Unable to determine kernel solution {cand.index} (nan)")
             return
         if self.config.check_condition_number:
-            condition = _condition_number(normal)
+            condition = _condition_number(normal[:m, :m])
             if not condition <= self.config.max_condition_number:
                 cand.reject(f"condition number {condition:.3g} too large")
                 return
         cand.design, cand.normal, cand.rhs = design, normal, rhs
         coefficients = solution[: self.nb]
-        background = float(solution[self.nb]) if self.with_bg else 0.0
+        background = np.zeros(self.n_local)
+        background[: self.n_stamp_bg] = solution[self.nb :]
         cand.ksum = float(self.basis_sums @ coefficients)
         # pixels with a bad plane in the target, or in the reference under the kernel
         tgt_bad = (s["tgt_mask"] & bad_bits[0]) != 0
@@ -823,11 +895,14 @@ class _Fitter:
         self.assess(cand, coefficients, background, clip=False)
 
     def assess(self, cand: _Candidate, coefficients, background, clip: bool) -> bool:
-        """Residual statistics of D/sigma on the stamp (section 3.3.7); True if rejected."""
+        """Residual statistics of D/sigma on the stamp (section 3.3.7); True if rejected.
+
+        ``background`` holds the stamp's local background coefficients (n_local,).
+        """
         s = cand.stamps
         assert cand.design is not None  # set by build() before any assessment
         kernel = coefficients @ self.flat_basis
-        model = cand.design[:, : self.nb] @ coefficients + background
+        model = cand.design @ np.concatenate([coefficients, background])
         diff = self._inner(s["tgt"]) - model
         variance = self._inner(s["tgt_var"]) + self._convolved_variance(cand, kernel)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -873,10 +948,12 @@ class _Fitter:
             out[o : o + k, o, :] = factors.T
         return out.reshape(side, good * m)
 
-    def design_matrices(self, stamps: np.ndarray, extra_ones: bool = False) -> np.ndarray:
+    def design_matrices(
+        self, stamps: np.ndarray, extra_rows: np.ndarray | None = None
+    ) -> np.ndarray:
         """(n, nb, good^2): `correlate_basis` of each of a stack of (n, S, S) stamps,
-        transposed (one row per basis image, the layout the normal equations use), with
-        a last row of ones when ``extra_ones`` (the background column).
+        transposed (one row per basis image, the layout the normal equations use),
+        followed by ``extra_rows`` (m, good^2) when given (the background terms).
 
         The AL basis is a fixed linear mix (``basis.transform``) of separable images
         g(v) v^q g(u) u^p, so each row is two 1-D correlation passes, each pass one
@@ -888,8 +965,8 @@ class _Fitter:
         nb = self.nb
         if transform is None or stamps.shape[2] != side or not _renormalisation(transform):
             rows = [self.correlate_basis(stamp).T for stamp in stamps]
-            if extra_ones:
-                rows = [np.vstack([r, np.ones((1, r.shape[1]))]) for r in rows]
+            if extra_rows is not None:
+                rows = [np.vstack([r, extra_rows]) for r in rows]
             return np.stack(rows)
         good = side - self.k + 1
         # rows y, then stamps, then columns x: both passes are plain 2-D matrix products
@@ -911,15 +988,16 @@ class _Fitter:
                 order.extend(column + powers.index((px, py)) for py in range(q))
             column += len(powers)
         position = np.argsort(order)  # basis raw index -> where it was computed
-        out = np.empty((n, nb + (1 if extra_ones else 0), good, good))
+        n_extra = 0 if extra_rows is None else extra_rows.shape[0]
+        out = np.empty((n, nb + n_extra, good, good))
         view = out[:, :nb].transpose(1, 2, 0, 3)  # (nb, y, stamp, x)
         # the renormalisation rescales each raw image and subtracts a multiple of the first
         for k in range(nb):
             np.multiply(raw[position[k]], transform[k, k], out=view[k])
             if k > 0 and transform[k, 0] != 0.0:
                 view[k] += transform[k, 0] * raw[position[0]]
-        if extra_ones:
-            out[:, nb] = 1.0
+        if extra_rows is not None:
+            out[:, nb:] = extra_rows.reshape(n_extra, good, good)
         return out.reshape(n, out.shape[1], good * good)
 
     def _convolved_variances(self, cands: list[_Candidate], kernels: np.ndarray) -> np.ndarray:
@@ -960,9 +1038,10 @@ class _Fitter:
         for cand in cands:
             cand.built = True
         target = np.stack([self._inner(c.stamps["tgt"]) for c in cands])
-        # (n, nb [+ 1], pixels): one row per design column
+        # (n, nb [+ n_local], pixels): one row per design column
         stamps = np.stack([c.stamps["ref"] for c in cands])
-        rows = self.design_matrices(stamps, self.with_bg)
+        good = stamps.shape[1] - self.k + 1
+        rows = self.design_matrices(stamps, self.local_background(good) if self.with_bg else None)
         # a non-finite reference pixel spoils the FFT design of `build` everywhere; the
         # band products may leave it where a Gaussian tail underflows: tested directly
         finite = (
@@ -996,9 +1075,10 @@ class _Fitter:
                 normal = rows @ weighted.transpose(0, 2, 1)
                 rhs = (weighted @ target[:, :, None])[:, :, 0]
         solvable = finite & positive
-        solution = np.full(rhs.shape, np.nan)
+        m = self.n_solved
+        solution = np.full((n, m), np.nan)
         if solvable.any():
-            solution[solvable] = _solve_normal_many(normal[solvable], rhs[solvable])
+            solution[solvable] = _solve_normal_many(normal[solvable, :m, :m], rhs[solvable, :m])
         fitted = []
         for i, cand in enumerate(cands):
             if not finite[i]:
@@ -1011,7 +1091,7 @@ class _Fitter:
                 cand.reject(f"Unable to determine kernel solution {cand.index} (nan)")
                 continue
             if self.config.check_condition_number:
-                condition = _condition_number(normal[i])
+                condition = _condition_number(normal[i, :m, :m])
                 if not condition <= self.config.max_condition_number:
                     cand.reject(f"condition number {condition:.3g} too large")
                     continue
@@ -1025,11 +1105,13 @@ class _Fitter:
             s["bad"] = self._inner(tgt_bad | ref_bad)
             fitted.append(i)
         if fitted:
-            background = solution[fitted, self.nb] if self.with_bg else np.zeros(len(fitted))
+            background = np.zeros((len(fitted), self.n_local))
+            background[:, : self.n_stamp_bg] = solution[fitted, self.nb :]
             self._assess_chunk([cands[i] for i in fitted], solution[fitted, : self.nb], background)
 
     def assess_many(self, cands: list[_Candidate], coefficients, backgrounds) -> None:
-        """`assess` (clip=False) for every candidate: (n, nb) coefficients, (n,) backgrounds."""
+        """`assess` (clip=False) for every candidate: (n, nb) coefficients, (n, n_local)
+        local background coefficients."""
         position = {id(c): i for i, c in enumerate(cands)}
         coefficients = np.asarray(coefficients, dtype=np.float64)
         backgrounds = np.asarray(backgrounds, dtype=np.float64)
@@ -1043,15 +1125,11 @@ class _Fitter:
     def _assess_chunk(self, cands: list[_Candidate], coefficients, backgrounds) -> None:
         kernels = coefficients @ self.flat_basis
         convolved = self._convolved_variances(cands, kernels)
+        unknowns = np.hstack([coefficients, backgrounds])
         model = np.stack(
-            [
-                cast(np.ndarray, c.design)[:, : self.nb] @ a
-                for c, a in zip(cands, coefficients, strict=True)
-            ]
+            [cast(np.ndarray, c.design) @ a for c, a in zip(cands, unknowns, strict=True)]
         )
-        diff = np.stack([self._inner(c.stamps["tgt"]) for c in cands]) - (
-            model + backgrounds[:, None]
-        )
+        diff = np.stack([self._inner(c.stamps["tgt"]) for c in cands]) - model
         variance = np.stack([self._inner(c.stamps["tgt_var"]) for c in cands]) + convolved
         with np.errstate(divide="ignore", invalid="ignore"):
             z = diff / np.sqrt(variance)
@@ -1194,6 +1272,7 @@ def _make_candidates(
             "tgt_var": tgt["variance"],
             "tgt_mask": tgt["mask"],
         }
+        cand.centre = (0.5 * (box[0] + box[2]), 0.5 * (box[1] + box[3]))
         cand.cell = ((ix - bbox[0]) // config.size_cell_x, (iy - bbox[1]) // config.size_cell_y)
         cells.setdefault(cand.cell, []).append(cand)
     for members in cells.values():
@@ -1241,14 +1320,43 @@ def _kernel_order_cap(config: KernelConfig) -> int:
     return config.spatial_kernel_order
 
 
-def _spatial_orders(used: list[_Candidate], config: KernelConfig, domain: Box) -> tuple[int, int]:
+def _supported_background_order(fitter: _Fitter, used: list[_Candidate], domain: Box) -> int:
+    """Highest background order <= the configured one the stamps' pixels determine.
+
+    The background terms enter the fit at every pixel of the stamps (`_stamp_systems`),
+    so each stamp constrains its own plane, not one value: an order is supported when
+    the design of its terms over those pixels is conditioned within
+    ``max_spatial_design_condition``, however few the stamps. (Lowered by the stamp
+    count, as the kernel's order is, a curved sky on 8 stamps was fitted with a
+    constant that the kernel absorbed: kernel sum -5.9 for 1.)
+    """
+    order = fitter.config.spatial_bg_order
+    if not fitter.with_bg or order == 0:
+        return 0
+    maps = fitter.background_maps(used, domain, order)  # (n, n_local, n_terms)
+    sides = np.array([c.stamps["ref"].shape[0] - fitter.k + 1 for c in used])
+    gram = np.zeros((maps.shape[2], maps.shape[2]))
+    for good in np.unique(sides):  # sum over stamps of (terms at its pixels)^2
+        local = fitter.local_background(int(good))
+        same = maps[sides == good]
+        gram += np.tensordot(same, (local @ local.T) @ same, axes=([0, 1], [0, 1]))
+    while order > 0:
+        values = scipy.linalg.eigvalsh(gram[: n_spatial_terms(order), : n_spatial_terms(order)])
+        if values[0] > 0 and values[-1] < fitter.config.max_spatial_design_condition**2 * values[0]:
+            return order
+        order -= 1
+    return 0
+
+
+def _spatial_orders(fitter: _Fitter, used: list[_Candidate], domain: Box) -> tuple[int, int]:
     """Kernel and background orders the good stamps support (at most the configured ones)."""
+    config = fitter.config
     x = np.array([c.x for c in used])
     y = np.array([c.y for c in used])
     per, cond = config.min_stamps_per_spatial_term, config.max_spatial_design_condition
     return (
         _supported_order(x, y, _kernel_order_cap(config), domain, per, cond),
-        _supported_order(x, y, config.spatial_bg_order, domain, per, cond),
+        _supported_background_order(fitter, used, domain),
     )
 
 
@@ -1271,10 +1379,9 @@ def _held_out_scores(fitter, used, domain, orders, folds) -> dict[int, np.ndarra
     total_rhs = sum(rhs for _, rhs in systems)
     xs = np.array([c.x for c in used])
     ys = np.array([c.y for c in used])
-    normals = np.stack([cast(np.ndarray, c.normal) for c in used])
-    rhs_single = np.stack([cast(np.ndarray, c.rhs) for c in used])
+    # the stamps' systems in the global background terms: a fit's own coefficients
+    normals, rhs_single = _stamp_systems(fitter, used, domain, bg_order)
     n_bg = n_spatial_terms(bg_order) if fitter.with_bg else 0
-    bg_terms = chebyshev_terms(xs, ys, bg_order, domain).T if n_bg else None
     scores: dict[int, np.ndarray] = {}
     for order in range(top + 1):
         n_sp = n_spatial_terms(order)
@@ -1296,8 +1403,7 @@ def _held_out_scores(fitter, used, domain, orders, folds) -> dict[int, np.ndarra
             kernel = solution[1 : 1 + (nb - 1) * n_sp].reshape(nb - 1, n_sp)
             predicted = [np.full((test.size, 1), solution[0]), terms[test] @ kernel.T]
             if n_bg:
-                assert bg_terms is not None
-                predicted.append(bg_terms[test] @ solution[-n_bg:][:, None])
+                predicted.append(np.broadcast_to(solution[-n_bg:], (test.size, n_bg)))
             a = np.hstack(predicted)
             score[test] = np.einsum("ij,ijk,ik->i", a, normals[test], a) - 2.0 * np.einsum(
                 "ij,ij->i", a, rhs_single[test]
@@ -1319,7 +1425,7 @@ def _chosen_orders(fitter, used, config: KernelConfig, domain: Box, previous=Non
     so it was wide and kept order 0 where order 1 took 76 from 22 stamps' held-out chi^2
     and halved the residuals at bright stars.)
     """
-    supported = _spatial_orders(used, config, domain)
+    supported = _spatial_orders(fitter, used, domain)
     kernel_order, bg_order = supported
     if not config.choose_spatial_kernel_order or kernel_order == 0:
         return supported, supported, None
@@ -1346,6 +1452,36 @@ def _chosen_orders(fitter, used, config: KernelConfig, domain: Box, previous=Non
     return (chosen, bg_order), supported, note
 
 
+def _stamp_systems(fitter: _Fitter, used: list[_Candidate], domain: Box, bg_order: int):
+    """Each stamp's normal equations with its background unknowns the global background's
+    Chebyshev terms at ``bg_order``, evaluated at every pixel: (n, m, m) and (n, m), m =
+    nb + n_terms(bg_order) (nb without a background).
+
+    Rubin evaluates the background terms at the stamp centre (one constant per stamp);
+    a differential sky gradient is then left in every stamp for the kernel to absorb.
+    Each stamp's system is transformed once, at the configured order, and kept with it:
+    a lower order's terms come first, so its system is a leading block.
+    """
+    nb = fitter.nb
+    missing = [c for c in used if c.system is None or c.system[0] != domain]
+    if missing:
+        # fitted candidates all carry their normal equations (set by _Fitter.build)
+        normals = np.stack([cast(np.ndarray, c.normal) for c in missing])
+        rhs = np.stack([cast(np.ndarray, c.rhs) for c in missing])
+        if fitter.with_bg:
+            maps = fitter.background_maps(missing, domain, fitter.config.spatial_bg_order)
+            to_local = maps.transpose(0, 2, 1)
+            normals[:, :nb, nb:] = normals[:, :nb, nb:] @ maps
+            normals[:, nb:, :nb] = normals[:, :nb, nb:].transpose(0, 2, 1)
+            normals[:, nb:, nb:] = to_local @ normals[:, nb:, nb:] @ maps
+            rhs[:, nb:] = (to_local @ rhs[:, nb:, None])[:, :, 0]
+        for cand, normal, vector in zip(missing, normals, rhs, strict=True):
+            cand.system = (domain, normal, vector)
+    m = nb + n_spatial_terms(bg_order) if fitter.with_bg else nb
+    systems = [cast(tuple, c.system) for c in used]
+    return np.stack([s[1][:m, :m] for s in systems]), np.stack([s[2][:m] for s in systems])
+
+
 def _spatial_system(fitter: _Fitter, used: list[_Candidate], domain: Box, orders):
     """Normal matrix and right-hand side of the global fit at ``orders`` (section 3.5).
 
@@ -1357,30 +1493,31 @@ def _spatial_system(fitter: _Fitter, used: list[_Candidate], domain: Box, orders
     x = np.array([c.x for c in used])
     y = np.array([c.y for c in used])
     p = chebyshev_terms(x, y, kernel_order, domain).T  # (n, n_sp)
-    # Single-kernel unknown k of candidate n stands for the global unknowns w_n^k times
-    # its coefficient: a_0 is constant (w = 1), a_k varies as the kernel terms p_n,
-    # the background as its own terms. The global normal matrix sum_n E_n^T N_n E_n is
-    # then, block by block, sum_n N_n[k, l] w_n^k (w_n^l)^T: one small matrix product
-    # per pair of kinds instead of a (n, n_single, n_unknown) expansion.
-    kinds = [(np.arange(1), np.ones((len(used), 1)))]
-    if nb > 1:
-        kinds.append((np.arange(1, nb), p))
-    if fitter.with_bg:
-        kinds.append((np.array([nb]), chebyshev_terms(x, y, bg_order, domain).T))
-    # fitted candidates all carry their normal equations (set by _Fitter.build)
-    normals = np.stack([cast(np.ndarray, c.normal) for c in used])
-    rhs_single = np.stack([cast(np.ndarray, c.rhs) for c in used])
+    normals, rhs_single = _stamp_systems(fitter, used, domain, bg_order)
     n = len(used)
+    # Single-kernel unknown k of candidate n stands for the global unknowns w_n^k times
+    # its coefficient: a_0 is constant (w = 1), a_k varies as the kernel terms p_n, and
+    # the background unknowns of `_stamp_systems` are the global ones (w = 1). The
+    # global normal matrix sum_n E_n^T N_n E_n is then, block by block,
+    # sum_n N_n[k, l] w_n^k (w_n^l)^T: one small matrix product per pair of kinds
+    # instead of a (n, n_single, n_unknown) expansion.
+    kinds = [(slice(0, 1), np.ones((n, 1)))]
+    if nb > 1:
+        kinds.append((slice(1, nb), p))
+    if fitter.with_bg:
+        kinds.append((slice(nb, normals.shape[1]), np.ones((n, 1))))
     blocks = []
     rhs_parts = []
     for rows_a, wa in kinds:
+        size_a = rows_a.stop - rows_a.start
         rhs_parts.append((rhs_single[:, rows_a].T @ wa).ravel())
         row = []
         for rows_b, wb in kinds:
-            pair = normals[:, rows_a][:, :, rows_b].reshape(n, -1)
+            size_b = rows_b.stop - rows_b.start
+            pair = normals[:, rows_a, rows_b].reshape(n, -1)
             outer = (wa[:, :, np.newaxis] * wb[:, np.newaxis, :]).reshape(n, -1)
-            block = (pair.T @ outer).reshape(rows_a.size, rows_b.size, wa.shape[1], wb.shape[1])
-            row.append(block.transpose(0, 2, 1, 3).reshape(rows_a.size * wa.shape[1], -1))
+            block = (pair.T @ outer).reshape(size_a, size_b, wa.shape[1], wb.shape[1])
+            row.append(block.transpose(0, 2, 1, 3).reshape(size_a * wa.shape[1], -1))
         blocks.append(row)
     return np.block(blocks), np.concatenate(rhs_parts)
 
@@ -1517,7 +1654,10 @@ def fit_psf_matching_kernel(
     Sections 3.2-3.5: candidates in cells of ``size_cell_x`` x ``size_cell_y``,
     single-kernel weighted least squares per stamp with residual clipping,
     kernel-sum clipping, then a global spatial fit from the per-stamp normal
-    equations with spatial assessment, up to ``max_spatial_iterations``.
+    equations with spatial assessment, up to ``max_spatial_iterations``. Unlike
+    Rubin's, the background's terms are evaluated at every pixel of the stamps (and
+    each single-kernel fit has a plane, not a constant), so a smooth sky in one image
+    only is the background's and does not bend the kernel.
 
     Parameters
     ----------
@@ -1654,7 +1794,7 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
         xs = np.array([c.x for c in used])
         ys = np.array([c.y for c in used])
         fitter.assess_many(
-            used, kernel.coefficients_at(xs, ys).T, np.atleast_1d(background.evaluate(xs, ys))
+            used, kernel.coefficients_at(xs, ys).T, fitter.background_in_stamps(used, background)
         )
         if config.spatial_kernel_clipping:
             fitter.set_limits(used)

@@ -559,6 +559,24 @@ class StarOffset:
         return math.hypot(self.dx, self.dy) > 3.0 * self.error
 
 
+def _rim_plane(stamps: np.ndarray) -> np.ndarray:
+    """The local sky of square stamps (n, w, w): a plane whose slopes join the medians of
+    opposite sides of the rim and whose level is the rim's median about them (medians:
+    a neighbour on the rim does not tilt it). NaN where the rim has a NaN."""
+    w = stamps.shape[1]
+    offsets = np.arange(w, dtype=np.float64) - w // 2
+    left, right = np.median(stamps[:, :, 0], axis=1), np.median(stamps[:, :, -1], axis=1)
+    bottom, top = np.median(stamps[:, 0, :], axis=1), np.median(stamps[:, -1, :], axis=1)
+    span = float(w - 1)
+    plane = ((right - left) / span)[:, None, None] * offsets[None, None, :] + (
+        (top - bottom) / span
+    )[:, None, None] * offsets[None, :, None]
+    rim = np.ones((w, w), dtype=bool)
+    rim[1:-1, 1:-1] = False
+    level = np.median((stamps - plane)[:, rim], axis=1)
+    return plane + level[:, None, None]
+
+
 def star_offset(
     first: Exposure, second: Exposure, x: np.ndarray, y: np.ndarray, fwhm: float
 ) -> StarOffset | None:
@@ -568,15 +586,15 @@ def star_offset(
     each star's local sky. None with fewer than `_MIN_OFFSET_STARS` clean stars."""
     sigma = max(fwhm, 1.0) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
     half = int(math.ceil(3.0 * sigma)) + 1
-    rim = np.ones((2 * half + 1, 2 * half + 1), dtype=bool)
-    rim[1:-1, 1:-1] = False
     offsets = []
     for exposure in (first, second):
         cx = np.floor(np.asarray(x, float) - exposure.xy0[0] + 0.5).astype(int)
         cy = np.floor(np.asarray(y, float) - exposure.xy0[1] + 0.5).astype(int)
         stamps = _stack(exposure.image, cx, cy, half, fill=np.nan).astype(np.float64)
-        # about the local sky: a pedestal would pull the weighted centroid to the window
-        stamps -= np.median(stamps[:, rim], axis=1)[:, None, None]
+        # about the local sky: a pedestal would pull the weighted centroid to the window,
+        # a sky gradient in one image only (moonlight, twilight) to its bright side (a
+        # ramp of +-1500 counts over 512 px moved the stars 0.33 px)
+        stamps -= _rim_plane(stamps)
         clean = np.asarray(np.isfinite(stamps).all(axis=(1, 2)), dtype=bool)
         dx, dy = _centroids(np.where(clean[:, None, None], stamps, 0.0), sigma)
         offsets.append((dx, dy, clean))

@@ -1358,7 +1358,8 @@ def test_outside_kernel_hull_only_where_the_solution_varies():
         (256, {"kernel": {"spatial_kernel_order": 1}}, 0, 0),
         (512, {}, 0, 0),  # constant kernel, the background refitted on every sky pixel
         (512, {"kernel": {"spatial_kernel_order": 1}}, 1, 1),
-        (512, {"refine_background": False}, 0, 1),  # the background fitted on the stamps
+        # the background fitted on the stamps, at every pixel of them: its configured order
+        (512, {"refine_background": False}, 0, 2),
     ],
 )
 def test_suspect_kernel_from_the_order_of_the_solution_used(

@@ -20,6 +20,7 @@ from core.kernel import (
     clipped_mean_std,
     fit_psf_matching_kernel,
 )
+from core.quality import kernel_centroid
 from core.task import Task
 
 SHAPE = (512, 512)
@@ -429,7 +430,9 @@ def test_held_out_scores_equal_refits_without_each_fold():
             kernel, background, _ = kmod._spatial_fit(fitter, train, config, DOMAIN, (order, 2))
             for i in range(fold, len(used), folds):
                 c = used[i]
-                a = np.append(kernel.coefficients_at(c.x, c.y), background.evaluate(c.x, c.y))
+                # the background over the stamp, in its local terms
+                local = fitter.background_in_stamps([c], background)[0]
+                a = np.append(kernel.coefficients_at(c.x, c.y), local)
                 reference[i] = a @ c.normal @ a - 2 * a @ c.rhs
         np.testing.assert_allclose(
             fast[order], reference, rtol=1e-6, atol=1e-6 * np.abs(reference).max()
@@ -540,3 +543,90 @@ def test_a_pedestal_under_the_reference_goes_into_the_background(pair, offset):
     expected[0] -= offset * plain.kernel_sum
     np.testing.assert_allclose(result.background.coefficients, expected, rtol=1e-6, atol=1e-6)
     assert result.condition_number == pytest.approx(plain.condition_number, rel=1e-3)
+
+
+@pytest.mark.parametrize("image", ["target", "reference"])
+@pytest.mark.parametrize(
+    "sky",
+    [(0.0, 1500.0, -1000.0, 0.0, 0.0, 0.0), (0.0, 900.0, -600.0, 500.0, 300.0, -400.0)],
+    ids=["ramp", "curved"],
+)
+def test_a_sky_gradient_in_one_image_leaves_the_kernel(image, sky):
+    """A smooth sky in one image only (moonlight, twilight, scattered light; order 2 at
+    most): the kernel is the one fitted without it. With the background's terms taken at
+    each stamp's centre (one constant per stamp, as Rubin) the kernel absorbed the slope
+    inside the stamps: kernel sums 1.25 (ramp in the target) and 0.27 (in the reference)
+    for 1.3, centroids moved 1.5 and 2.6 px."""
+    template, science, sources, _ = _make_pair(n_stars=60)
+    config = KernelConfig()
+    plain = fit_psf_matching_kernel(template, science, sources, _basis(config), config)
+    sky_image = BackgroundModel(np.array(sky), 2, DOMAIN).image(SHAPE)
+    if image == "target":
+        science = science.copy()
+        science.image = science.image + sky_image
+    else:
+        template = template.copy()
+        template.image = template.image + sky_image
+    result = fit_psf_matching_kernel(template, science, sources, _basis(config), config)
+    assert result.kernel_sum == pytest.approx(KERNEL_SUM, rel=0.005)
+    assert result.kernel_sum == pytest.approx(plain.kernel_sum, rel=0.002)
+    moved = np.subtract(
+        kernel_centroid(result.kernel.image()), kernel_centroid(plain.kernel.image())
+    )
+    assert np.hypot(*moved) < 0.02
+    if image == "target":  # the background took the sky
+        np.testing.assert_allclose(
+            result.background.coefficients, plain.background.coefficients + sky, atol=0.5
+        )
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 4])
+def test_stamp_background_terms_are_the_global_terms_at_every_pixel(order):
+    """The stamps' local background terms carry the global Chebyshev terms exactly (the
+    kernel fit's background is evaluated at every pixel, not at the stamp centre)."""
+    from core import kernel as kmod
+
+    config = KernelConfig(spatial_bg_order=order)
+    basis = _basis(config)
+    fitter = kmod._Fitter(basis, config)
+    side = 2 * basis.size + 1
+    good = side - basis.size + 1
+    domain = (100, 50, 2147, 1073)
+    cands = [
+        kmod._Candidate(i, 0.0, 0.0, 1.0, (0, 0), {"ref": np.zeros((side, side))}, centre)
+        for i, centre in enumerate([(130.0, 90.0), (1500.0, 700.0), (2100.0, 1050.0)])
+    ]
+    maps = fitter.background_maps(cands, domain, order)
+    local = fitter.local_background(good)
+    offsets = np.arange(good) - (good - 1) / 2
+    for cand, stamp_map in zip(cands, maps, strict=True):
+        x = cand.centre[0] + offsets[None, :]
+        y = cand.centre[1] + offsets[:, None]
+        direct = chebyshev_terms(x, y, order, domain).reshape(-1, good * good)
+        np.testing.assert_allclose(stamp_map.T @ local, direct, rtol=0, atol=1e-12)
+
+
+def test_background_order_follows_what_the_stamps_pixels_determine():
+    """The background's terms enter at every pixel of the stamps, so its order is limited
+    by how well those pixels determine them, not by the stamp count (three stamps per
+    term, the kernel's rule, lowered a curved sky on 8 stamps to a constant the kernel
+    absorbed): four spread stamps on 512 px carry order 2, one stamp its plane, and on
+    4096 px one stamp only a constant."""
+    from core import kernel as kmod
+
+    config = KernelConfig()
+    basis = _basis(config)
+    fitter = kmod._Fitter(basis, config)
+    side = 2 * basis.size + 1
+
+    def order(centres, width):
+        cands = [
+            kmod._Candidate(i, x, y, 1.0, (0, 0), {"ref": np.zeros((side, side))}, (x, y))
+            for i, (x, y) in enumerate(centres)
+        ]
+        return kmod._supported_background_order(fitter, cands, (0, 0, width - 1, width - 1))
+
+    spread = [(100.0, 100.0), (410.0, 130.0), (150.0, 410.0), (380.0, 360.0)]
+    assert order(spread, 512) == 2
+    assert order(spread[:1], 512) == 1
+    assert order(spread[:1], 4096) == 0

@@ -56,9 +56,11 @@ def test_design_matrices_without_a_separable_form_use_the_fft():
     got = fitter.design_matrices(stamps)
     for stamp, rows in zip(stamps, got, strict=True):
         np.testing.assert_array_equal(rows.T, fitter.correlate_basis(stamp))
-    with_ones = fitter.design_matrices(stamps, extra_ones=True)
-    np.testing.assert_array_equal(with_ones[:, :-1], got)
-    assert np.all(with_ones[:, -1] == 1.0)
+    good = stamps.shape[1] - basis.size + 1
+    extra = np.random.default_rng(5).normal(size=(3, good * good))
+    with_rows = fitter.design_matrices(stamps, extra)
+    np.testing.assert_array_equal(with_rows[:, :-3], got)
+    assert np.all(with_rows[:, -3:] == extra)
 
 
 def test_batched_solves_equal_single_solves():
@@ -86,7 +88,7 @@ def test_batched_solves_equal_single_solves():
 
 
 def _candidates(basis, n, rng):
-    """Star stamps: the reference star blurred by a Gaussian, plus noise and a background,
+    """Star stamps: the reference star blurred by a Gaussian, plus noise and a sloped background,
     with a NaN stamp, a zero-variance stamp and masked pixels among them."""
     side = 2 * basis.size + 1
     o = np.arange(side) - side // 2
@@ -96,7 +98,8 @@ def _candidates(basis, n, rng):
         r2 = (o[None, :] - dx) ** 2 + (o[:, None] - dy) ** 2
         flux = rng.uniform(1e3, 1e5)
         ref = flux * np.exp(-r2 / (2 * 1.5**2)) / (2 * math.pi * 1.5**2)
-        tgt = 1.2 * ndimage.gaussian_filter(ref, 1.3) + 7.0
+        # a background with a gradient: the stamp's plane
+        tgt = 1.2 * ndimage.gaussian_filter(ref, 1.3) + 7.0 + 0.3 * o[None, :] - 0.2 * o[:, None]
         ref_var = np.full((side, side), 4.0) + 0.01 * np.abs(ref)
         tgt_var = np.full((side, side), 25.0) + 0.01 * np.abs(tgt)
         ref = ref + rng.normal(size=ref.shape) * np.sqrt(ref_var)
@@ -163,7 +166,8 @@ def test_batched_builds_and_assessments_equal_the_per_stamp_ones(constant, core_
     fitted = [i for i, c in enumerate(cands) if c.design is not None]
     coefficients = rng.normal(size=(len(fitted), basis.n_basis)) * 0.01
     coefficients[:, 0] = 1.2
-    backgrounds = rng.normal(size=len(fitted)) + 7.0
+    backgrounds = rng.normal(size=(len(fitted), batched.n_local))  # local terms
+    backgrounds[:, 0] += 7.0
     batched.assess_many([cands[i] for i in fitted], coefficients, backgrounds)
     for row, i in enumerate(fitted):
         single.assess(reference[i], coefficients[row], backgrounds[row], clip=False)

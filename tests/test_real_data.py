@@ -110,17 +110,19 @@ def test_same_data_twice_is_bad(real_data):
 
 
 def test_reported_background_order_is_the_subtracted_backgrounds(real_data):
-    """Few DECam stamps lower the kernel fit's background to order 0; the refinement on
-    every sky pixel then fits the configured order 2. The metrics report the order of
-    the background subtracted (they said 0 beside six coefficients) and a note says it
-    was refitted."""
+    """Stamps that do not determine the background's terms lower the kernel fit's
+    background to order 0 (few DECam stamps did when the terms were taken at the stamp
+    centres; here a design-condition limit of 1.01 forces it); the refinement on every
+    sky pixel then fits the configured order 2. The metrics report the order of the
+    background subtracted (they said 0 beside six coefficients) and a note says it was
+    refitted."""
     from core.kernel import n_spatial_terms
 
     folder = real_data / "decam_sfft_decorr"
     result = run_subtraction(
         read_exposure(folder / "DEC-OBS04a.mini.fits.gz"),
         read_exposure(folder / "DEC-OBS18a.mini.fits.gz"),
-        SubtractionConfig(),
+        SubtractionConfig(kernel={"max_spatial_design_condition": 1.01}),
     )
     metrics = result.metrics
     order = metrics["spatial_bg_order"]

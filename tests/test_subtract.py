@@ -499,3 +499,24 @@ def test_a_flux_change_is_judged_on_the_stars_own_error():
         [0.004] * 7 + [0.005] * 7 + [0.006] * 8 + [0.008, 0.012, 0.014, 0.015, 0.026, 0.060],
     )
     assert changed(*saao_0015) == [25, 26, 27]
+
+
+@pytest.mark.parametrize("name, seed", [("sharper_template", 101), ("sharper_science", 102)])
+def test_a_sky_ramp_in_the_science_only_leaves_a_good_subtraction(name, seed):
+    """A linear sky of +-1500 counts across a 512 px science frame (sky 1000; moonlight,
+    twilight), the template flat: the kernel still matches the PSFs. It followed the ramp
+    inside the kernel stamps once: kernel shifted 1.3 px (convolveTemplate, suspect) or
+    its sum 0.03 for 1 (convolveScience, bad)."""
+    pair = simulated_pair(name, 512, seed)
+    science = pair.science.copy()
+    ny, nx = science.shape
+    x = 2.0 * (np.arange(nx) - (nx - 1) / 2.0) / nx
+    y = 2.0 * (np.arange(ny) - (ny - 1) / 2.0) / ny
+    science.image += (1500.0 * (0.6 * x[None, :] - 0.8 * y[:, None])).astype(np.float32)
+    result = run_subtraction(science, pair.template)
+    ratio = pair.truth["flux_ratio"]
+    expected = ratio if result.mode == "convolveTemplate" else 1.0 / ratio
+    assert result.metrics["kernel_sum"] == pytest.approx(expected, rel=0.02)
+    quality = measure_quality(result, pair)
+    assert 0.9 <= quality["noise_ratio"] <= 1.1, quality
+    assert result.metrics["quality"]["verdict"] == "good", result.metrics["quality"]
