@@ -131,6 +131,12 @@ class KernelConfig(_Config):
         ["NO_DATA", "EDGE", "SAT"], description="Ignored in candidate residual statistics."
     )
     constant_variance_weighting: bool = Field(True, description="Weight stamps by median var.")
+    correct_reference_noise: bool = Field(
+        True,
+        description="Remove from the global fit's normal equations the part the convolved "
+        "image's own noise adds (errors in variables; its variance plane and noise "
+        "correlation): left in, it biases the kernel towards broader kernels of smaller sum.",
+    )
     check_condition_number: bool = Field(False, description="Reject ill-conditioned stamps.")
     max_condition_number: float = Field(5.0e7, gt=0, le=1e20, description="Stamp condition limit.")
     max_spatial_condition_number: float = Field(
@@ -564,6 +570,16 @@ class QualityConfig(_Config):
     )
     max_registration_rms: float = Field(
         0.3, gt=0, le=100, description="Registration residual rms (px) above which: suspect."
+    )
+    max_star_residual: float = Field(
+        0.05,
+        gt=0,
+        le=10,
+        description="Fraction of their PSF flux the kernel stars keep in the difference (median, "
+        "either sign) above which, and above star_residual_sigma errors, the fit is suspect.",
+    )
+    star_residual_sigma: float = Field(
+        3.0, gt=0, le=100, description="...in standard errors of that median."
     )
 
 

@@ -1,8 +1,9 @@
 """Quality metrics of a difference image (algorithm.md 6.1) and of its noise.
 
 The footprint ratios follow Rubin's `computeDifferenceImageMetrics`; the noise
-figures (``noise_ratio``: robust std of D/sqrt(V) on empty sky) and the star
-residual chi^2 are what the acceptance tests and dashboards read.
+figures (``noise_ratio``: robust std of D/sqrt(V) on empty sky), the star
+residual chi^2 and the flux the kernel stars keep (`star_residual_fraction`) are
+what the acceptance tests, the quality verdict and dashboards read.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from scipy.special import erfinv
 
 from . import order
 from .exposure import Exposure
+from .forced import whole_stamp_fluxes
 from .parallel import thread_map
+from .psf import ImagePsf, Psf
 
 __all__ = [
     "limiting_magnitude",
@@ -22,6 +25,7 @@ __all__ = [
     "robust_sigma_median",
     "footprint_means",
     "compute_difference_metrics",
+    "star_residual_fraction",
     "NOISE_MASK_PLANES",
 ]
 
@@ -67,6 +71,81 @@ def limiting_magnitude(exposure: Exposure, fwhm: float) -> float:
     if not (math.isfinite(area) and area > 0):
         return math.nan
     return exposure.photo_calib.zero_point - 2.5 * math.log10(5.0 * math.sqrt(area))
+
+
+#: Most kernel stars (the highest rated) whose residual `star_residual_fraction` measures:
+#: the median of 200 is known to a few tenths of a percent, and each star costs a PSF
+#: model evaluation or two.
+_RESIDUAL_STARS = 200
+#: Standard error of the median of n normal values, times sqrt(n) / sigma.
+_MEDIAN_ERROR = math.sqrt(math.pi / 2.0)
+
+
+def star_residual_fraction(
+    output: Exposure,
+    minuend: Exposure,
+    x,
+    y,
+    output_psf: Psf | None = None,
+    minuend_psf: Psf | None = None,
+    rating=None,
+) -> dict[str, float]:
+    """The fraction of the kernel stars' flux a difference (or score) keeps.
+
+    A constant star vanishes from a good difference. Where the matching kernel gets
+    the stars' flux or core wrong (a kernel sum off, a kernel broader or sharper than
+    the PSFs need), every star leaves the same fraction of its flux, of one sign: the
+    PSF-fit flux of each star in ``output`` over its PSF-fit flux in ``minuend`` (the
+    image whose stars the difference keeps when nothing is subtracted: the science, or
+    the matched science), local backgrounds fitted. Unlike a chi^2 at the stars it
+    does not grow with their brightness: the same 1% mismatch reads 1% on a faint
+    field and on a bright one (SAAO's bulge stars: chi^2 4-5 at residuals of 0.0-0.3%).
+
+    Parameters
+    ----------
+    output, minuend : `Exposure`
+        The difference (or score) and the image it was made from.
+    x, y : array-like
+        Parent positions of the stars (the kernel stars of the fit).
+    output_psf, minuend_psf : `Psf` or None
+        Profiles fitted in each (default: each exposure's own PSF), drawn at the
+        centre of ``output``.
+    rating : array-like or None
+        With more than `_RESIDUAL_STARS` stars, the highest rated are measured.
+
+    Returns
+    -------
+    dict
+        ``star_residual_fraction`` (median of the stars' ratios), its standard error
+        ``star_residual_fraction_error`` (from their robust scatter) and
+        ``n_residual_stars``; NaN for both below 3 measured stars.
+    """
+    xs, ys = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if rating is not None and xs.size > _RESIDUAL_STARS:
+        keep = np.argsort(-np.asarray(rating, dtype=np.float64), kind="stable")[:_RESIDUAL_STARS]
+        xs, ys = xs[keep], ys[keep]
+    out = {"star_residual_fraction": math.nan, "star_residual_fraction_error": math.nan}
+    ratios = np.zeros(0)
+    if xs.size:
+        # each profile drawn once, at the frame centre: a ratio of two fits with the same
+        # (or the matched) profile hardly feels its variation, and a matched or
+        # decorrelated PSF drawn per star cost a second on 200 stars
+        centre = output.bbox_center()
+        star_psf, left_psf = (
+            ImagePsf(np.asarray((psf or exposure.require_psf()).kernel_image(*centre)))
+            for psf, exposure in ((minuend_psf, minuend), (output_psf, output))
+        )
+        star_flux, _ = whole_stamp_fluxes(minuend, xs, ys, star_psf)
+        left, _ = whole_stamp_fluxes(output, xs, ys, left_psf)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = left / star_flux
+        ratios = ratios[np.isfinite(ratios) & (star_flux > 0)]
+    out["n_residual_stars"] = int(ratios.size)
+    if ratios.size >= 3:
+        sigma, median = robust_sigma_median(ratios)
+        out["star_residual_fraction"] = median
+        out["star_residual_fraction_error"] = _MEDIAN_ERROR * sigma / math.sqrt(ratios.size)
+    return out
 
 
 #: Footprints measured together by `footprint_means`.

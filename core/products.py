@@ -57,6 +57,7 @@ _HEADER_KEYS = {
     "noise_ratio": "NOISERAT",
     "noise_mean": "NOISEMEA",
     "star_residual_chi2_median": "STARCHI2",
+    "star_residual_fraction": "STARRES",
     "differenceFootprintRatioMean": "FPRATIO",
     "differenceFootprintSkyRatioMean": "FPSKYRAT",
     "diffim_limiting_magnitude": "MAGLIM",

@@ -2,9 +2,10 @@
 
 A subtraction that ran to the end is not necessarily a good one: a kernel fitted
 on three stars, a kernel sum of 5 between two calibrated images, a variance plane
-that does not describe the noise. This module is the one place that knows the
-thresholds (`core.config.QualityConfig`); it reads the metrics a run computed and
-the warnings it collected, and says what a careful astronomer would say.
+that does not describe the noise, constant stars that do not vanish. This module
+is the one place that knows the thresholds (`core.config.QualityConfig`); it reads
+the metrics a run computed and the warnings it collected, and says what a careful
+astronomer would say.
 
 ``bad``: the difference should not be used (noise wildly off its variance, the
 same data twice, a kernel sum far from any plausible flux ratio).
@@ -144,7 +145,8 @@ def assess_quality(
     ----------
     metrics : dict
         The run's metrics (``noise_ratio``, ``kernel_sum``, ``n_good_kernel_candidates``,
-        ``spatial_condition_number``, ``mode``, ``registration`` when registered).
+        ``spatial_condition_number``, ``mode``, ``star_residual_fraction`` and its error,
+        ``registration`` when registered).
     science, template : `Exposure`
         The inputs (for calibrations and exposure times).
     kernel_image : `numpy.ndarray` or None
@@ -167,6 +169,7 @@ def assess_quality(
     verdict = Verdict()
     _noise(verdict, metrics, config)
     _kernel_sum(verdict, metrics, science, template, config)
+    _star_residuals(verdict, metrics, config)
     _stamps(verdict, metrics, stamps, science.bbox, config)
     if kernel_image is not None:
         _kernel_shift(verdict, metrics, kernel_image, reference_shift, star_shift, config)
@@ -251,6 +254,35 @@ def _kernel_sum(verdict, metrics, science, template, config: QualityConfig) -> N
             SUSPECT,
             f"kernel sum {ksum:.3f} where the exposure times predict {value:.3f}",
         )
+
+
+def _star_residuals(verdict: Verdict, metrics: dict, config: QualityConfig) -> None:
+    """Constant stars that do not vanish: the kernel stars keep a fraction of their flux
+    beyond what a matched pair leaves, and beyond its own error."""
+    fraction = metrics.get("star_residual_fraction")
+    error = metrics.get("star_residual_fraction_error")
+    if not (isinstance(fraction, int | float) and isinstance(error, int | float)):
+        return
+    if not (math.isfinite(fraction) and math.isfinite(error)):
+        return
+    if abs(fraction) <= max(config.max_star_residual, config.star_residual_sigma * error):
+        return
+    output = "score" if metrics.get("mode") == "preconvolve" else "difference"
+    chi2 = metrics.get("star_residual_chi2_median")
+    at_stars = (
+        f", residual chi^2 {chi2:.1f} at the stars"
+        if isinstance(chi2, int | float) and math.isfinite(chi2)
+        else ""
+    )
+    ksum = metrics.get("kernel_sum")
+    kernel = f" (kernel sum {ksum:.3f})" if isinstance(ksum, int | float) else ""
+    verdict.add(
+        SUSPECT,
+        f"the kernel stars keep {100 * fraction:+.1f}% (+-{100 * error:.1f}%, median of "
+        f"{metrics.get('n_residual_stars')}) of their flux in the {output}{at_stars}: the "
+        f"kernel does not match the stars' flux or core{kernel}, so constant stars leave "
+        "residuals; check the PSFs and the kernel stars",
+    )
 
 
 def _stamps(verdict, metrics, stamps, bbox, config: QualityConfig) -> None:

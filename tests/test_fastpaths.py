@@ -20,12 +20,12 @@ from core.config import DecorrelationConfig, KernelConfig
 from core.convolve import convolve_exposure
 from core.decorrelate import clipped_mean, decorrelate_difference
 from core.exposure import Exposure
-from core.forced import PsfStamps, psf_photometry
+from core.forced import PsfStamps, psf_photometry, whole_stamp_fluxes
 from core.kernel import _Candidate, _Fitter
 from core.metrics import footprint_means
 from core.photometry import psf_flux
 from core.psf import GaussianPsf, MoffatPsf
-from core.subtract import _psf_fluxes, _working_copy
+from core.subtract import _working_copy
 
 
 def _or_mask_reference(target: Exposure, other: Exposure) -> None:
@@ -1093,7 +1093,7 @@ def test_local_maxima_of_stamps_equal_scipys_maximum_filter():
 @pytest.mark.parametrize("psf", [GaussianPsf(1.7), MoffatPsf(4.0, 3.0)])
 def test_batched_psf_fit_on_the_whole_stamp_equals_the_one_source_fit(psf, fit_background):
     """`psf_photometry` on the PSF's whole stamp (the variability test of the kernel
-    sources, `_psf_fluxes`) against `psf_flux`, source by source."""
+    sources, `whole_stamp_fluxes`) against `psf_flux`, source by source."""
     rng = np.random.default_rng(5)
     shape = (160, 140)
     image = rng.normal(10.0, 3.0, shape)
@@ -1117,7 +1117,7 @@ def test_batched_psf_fit_on_the_whole_stamp_equals_the_one_source_fit(psf, fit_b
     )
     np.testing.assert_allclose(fit["flux_err"][ok], reference[ok, 1], rtol=1e-9)
     if fit_background:  # and NaN where the stamp leaves the image, as psf_flux
-        flux, error = _psf_fluxes(exposure, x, y)
+        flux, error = whole_stamp_fluxes(exposure, x, y)
         np.testing.assert_array_equal(np.isnan(flux), np.isnan(reference[:, 0]))
         assert np.isnan(flux).sum() >= 3  # both kinds tested
         ok = np.isfinite(flux)

@@ -630,3 +630,48 @@ def test_background_order_follows_what_the_stamps_pixels_determine():
     assert order(spread, 512) == 2
     assert order(spread[:1], 512) == 1
     assert order(spread[:1], 4096) == 0
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+def test_noise_grams_are_what_the_reference_noise_adds_to_the_normal_matrix(correlated):
+    """`_Fitter.noise_grams` (errors in variables) is the mean of the normal matrix a
+    stamp of pure reference noise makes: its variance plane, varying across the stamp,
+    and its noise correlation (a resampled template's) included."""
+    from scipy.signal import correlate
+
+    from core.kernel import _Fitter
+
+    config = KernelConfig()
+    basis = make_kernel_basis(2.0, 3.0, config)
+    k = basis.size
+    side = 2 * k + 1
+    rng = np.random.default_rng(7)
+    filt = np.array([[0.05, 0.1, 0.05], [0.1, 1.0, 0.1], [0.05, 0.1, 0.05]])
+    rho = None
+    if correlated:
+        rho = correlate(filt, filt, mode="full") / np.sum(filt**2)
+    fitter = _Fitter(basis, config, noise_correlation=rho)
+    # per-pixel variance rising across the stamp (a star's Poisson noise, a gradient)
+    yy, xx = np.mgrid[:side, :side]
+    variance = 4.0 + 0.2 * xx + 0.1 * yy
+    weight = 0.25
+    total = np.zeros((basis.n_basis, basis.n_basis))
+    draws = 300
+    for _ in range(draws):
+        white = rng.normal(size=(side + 2, side + 2))
+        noise = correlate(white, filt, mode="valid") / math.sqrt(np.sum(filt**2))
+        if not correlated:
+            noise = white[1:-1, 1:-1]
+        design = fitter.correlate_basis(noise * np.sqrt(variance))
+        total += weight * design.T @ design
+    measured = total / draws
+    expected = fitter.noise_grams(variance[None], np.array([weight]))[0]
+    scale = np.sqrt(np.outer(np.diag(expected), np.diag(expected)))
+    # 300 draws of 23 x 23 fitted pixels: a few percent of sampling noise
+    np.testing.assert_allclose(np.diag(measured), np.diag(expected), rtol=0.08)
+    assert np.max(np.abs(measured - expected) / scale) < 0.1
+    # the correlation matters: white noise of that variance would miss it
+    if correlated:
+        white_fitter = _Fitter(basis, config)
+        white = white_fitter.noise_grams(variance[None], np.array([weight]))[0]
+        assert expected[0, 0] > 1.2 * white[0, 0]

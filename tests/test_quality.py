@@ -83,3 +83,90 @@ def test_kernel_shift_is_judged_against_the_stars_offset(dx, stars, level):
         reason = verdict["reasons"][0]
         assert f"kernel stars are {math.hypot(*stars):.2f} px apart" in reason
         assert "registration.mode 'stars'" in reason or "not the stars" in reason
+
+
+def _star_residual_verdict(fraction: float, error: float, mode: str = "convolveScience"):
+    image = Exposure.from_arrays(np.zeros((64, 64)))
+    metrics = {
+        "noise_ratio": 1.0,
+        "kernel_sum": 0.922,
+        "mode": mode,
+        "star_residual_fraction": fraction,
+        "star_residual_fraction_error": error,
+        "n_residual_stars": 35,
+        "star_residual_chi2_median": 3.7,
+    }
+    return assess_quality(metrics, image, image, None, None, []).as_dict()
+
+
+@pytest.mark.parametrize(
+    ("fraction", "error", "level"),
+    [
+        # the undersampled pair (science 1.4 px, template 1.7 px, 512 px, seed 1) as
+        # alsub 6c18615 fitted it: kernel sum 0.922 within the calibration tolerance
+        (-0.154, 0.022, SUSPECT),
+        # a template twice as noisy as the science (1024 px): kernel sum 0.957
+        (0.091, 0.010, SUSPECT),
+        # the JWST NIRCam pair: compact sources' cores sharper than the matched template's
+        (0.147, 0.041, SUSPECT),
+        # the extremes of 96 matched simulated pairs (bright stars within 2% of vanishing):
+        # beyond the floor at 2.4 errors (19 stars), 3.6 errors under it (3 stars)
+        (-0.067, 0.028, GOOD),
+        (0.040, 0.011, GOOD),
+        # SAAO's bulge stars: a third of a percent at 3 errors (their chi^2 is 4-5)
+        (0.0032, 0.0010, GOOD),
+    ],
+)
+def test_kernel_stars_left_in_the_difference_make_it_suspect(fraction, error, level):
+    """Constant stars that do not vanish: the star residual was not part of the verdict,
+    and a kernel 8% short of the stars' flux was reported good."""
+    verdict = _star_residual_verdict(fraction, error)
+    assert verdict["verdict"] == level, verdict["reasons"]
+    named = [r for r in verdict["reasons"] if "kernel stars keep" in r]
+    assert bool(named) == (level == SUSPECT)
+    if named:
+        assert f"{100 * fraction:+.1f}%" in named[0]
+        assert "of their flux in the difference" in named[0]
+        assert "residual chi^2 3.7 at the stars" in named[0]
+        assert "kernel sum 0.922" in named[0]
+
+
+def test_star_residual_of_a_score_names_the_score():
+    verdict = _star_residual_verdict(0.29, 0.01, mode="preconvolve")
+    assert verdict["verdict"] == SUSPECT
+    assert "of their flux in the score" in verdict["reasons"][0]
+
+
+def test_star_residual_fraction_measures_what_the_stars_keep():
+    """The metric the verdict reads: PSF flux in the difference over PSF flux in the
+    image it was made from, median over the stars, with the error of that median."""
+    from core.metrics import star_residual_fraction
+    from core.psf import GaussianPsf
+
+    rng = np.random.default_rng(3)
+    psf = GaussianPsf(1.5)
+    shape = (160, 160)
+    xs = rng.uniform(20, 140, 30)
+    ys = rng.uniform(20, 140, 30)
+    fluxes = rng.uniform(2e3, 2e4, 30)
+    stars = np.zeros(shape)
+    for x, y, f in zip(xs, ys, fluxes, strict=True):
+        stamp, x0, y0 = psf.image_at(x, y)
+        n = stamp.shape[0]
+        stars[y0 : y0 + n, x0 : x0 + n] += f * stamp
+    variance = np.full(shape, 100.0)
+    science = Exposure.from_arrays(
+        stars + 1000.0 + rng.normal(0, 10, shape), variance=variance, psf=psf
+    )
+    for kept in (0.0, 0.08, -0.12):
+        difference = Exposure.from_arrays(
+            kept * stars + rng.normal(0, 10, shape), variance=variance, psf=psf
+        )
+        figures = star_residual_fraction(difference, science, xs, ys)
+        assert figures["n_residual_stars"] == 30
+        error = figures["star_residual_fraction_error"]
+        assert 0 < error < 0.01
+        assert figures["star_residual_fraction"] == pytest.approx(kept, abs=3 * error)
+    # fewer than 3 stars give no figure
+    few = star_residual_fraction(difference, science, xs[:2], ys[:2])
+    assert math.isnan(few["star_residual_fraction"]) and few["n_residual_stars"] == 2
