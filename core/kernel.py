@@ -1291,13 +1291,6 @@ def _correlated_basis(images: np.ndarray, correlation: np.ndarray | None) -> np.
     return np.stack([ndimage.correlate(image, rho, mode="constant") for image in images])
 
 
-def _noise_normal(fitter: _Fitter, cand: _Candidate) -> np.ndarray:
-    """The candidate's noise gram in the layout of its normal matrix (zero background rows)."""
-    out = np.zeros_like(cast(np.ndarray, cand.normal))
-    out[: fitter.nb, : fitter.nb] = cast(np.ndarray, cand.noise_gram)
-    return out
-
-
 #: Least share of the normal matrix kept in any direction by `_without_noise`. Where the
 #: reference's noise makes much of it, the data hold little of that direction's signal
 #: (a wide kernel's faint wings) and a full correction divides by a difference of
