@@ -65,11 +65,9 @@ from .position_flags import (
     bright_star,
     bright_star_light,
     bright_star_limit,
-    halo_reach,
     outside_kernel_hull,
-    response_profile,
+    saturated_search,
     saturated_stars,
-    saturated_stars_reach,
 )
 from .psf import SIGMA_TO_FWHM, DrawnOncePsf, Psf
 from .sidelobes import FilteredPsf, close_pairs, explained
@@ -1091,11 +1089,9 @@ def _measure(
         float(np.median(limits)) if n else None,
     )
     # the saturated stars in reach of the sources (their clipped cores and bleed trails)
-    profile = response_profile(output.require_psf(), filtered=is_score)
-    reach = halo_reach(kernel_sources, fwhm)
-    search = saturated_stars_reach(profile, reach)
-    ruled = config.saturated_star_residual > 0 or config.saturated_star_halo > 0
-    template = matched_template if ruled else None  # none: no saturated stars looked for
+    profile, reach, search, template = saturated_search(
+        output.require_psf(), kernel_sources, fwhm, matched_template, config, filtered=is_score
+    )
     saturated = pool.submit(saturated_stars, output, template, ix, iy, search)
     columns["aperture_flux"], aperture_err = aperture.result()
     columns["aperture_flux_err"] = aperture_err * aperture_scale

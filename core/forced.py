@@ -28,11 +28,9 @@ from .position_flags import (
     bright_star,
     bright_star_light,
     bright_star_limit,
-    halo_reach,
     outside_kernel_hull,
-    response_profile,
+    saturated_search,
     saturated_stars,
-    saturated_stars_reach,
 )
 from .psf import SIGMA_TO_FWHM, Psf, _collapsed, _half_maximum_sigma
 from .stamps import batches
@@ -662,11 +660,9 @@ def forced_photometry(
     limits = bright_star_limit(flux_err[near], dia.threshold, dia.bright_star_residual)
     typical = float(np.median(limits)) if limits.size else None
     light = bright_star_light(matched_template, fit["ix"], fit["iy"], radius, limits, typical)
-    profile = response_profile(psf)
-    halo = halo_reach(kernel_sources, stamps.fwhm)
-    search = saturated_stars_reach(profile, halo)
-    ruled = dia.saturated_star_residual > 0 or dia.saturated_star_halo > 0
-    template = matched_template if ruled else None  # none: no saturated stars looked for
+    profile, halo, search, template = saturated_search(
+        psf, kernel_sources, stamps.fwhm, matched_template, dia
+    )
     saturated = saturated_stars(difference, template, fit["ix"], fit["iy"], search)
     with np.errstate(invalid="ignore", divide="ignore"):
         position_snr = np.abs(fit["flux"] / flux_err[near])

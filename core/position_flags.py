@@ -35,6 +35,7 @@ __all__ = [
     "saturated_residual",
     "saturated_stars",
     "saturated_stars_reach",
+    "saturated_search",
 ]
 
 #: Mask planes of the matched template's saturated pixels (the template's own, renamed).
@@ -350,6 +351,29 @@ def saturated_stars_reach(profile: np.ndarray, reach: float) -> int:
     return int(max(profile.shape[0] // 2, math.ceil(reach)))
 
 
+def _saturated_rules_on(config: DiaSourceConfig) -> bool:
+    return config.saturated_star_residual > 0 or config.saturated_star_halo > 0
+
+
+def saturated_search(
+    psf: Psf,
+    kernel_sources,
+    fwhm: float,
+    matched_template: Exposure | None,
+    config: DiaSourceConfig,
+    filtered: bool = False,
+) -> tuple[np.ndarray, float, int, Exposure | None]:
+    """What the catalog and forced photometry search saturated stars with: the
+    `response_profile` of ``psf`` (``filtered``: a score's), the halo's reach
+    (`halo_reach`), the half-width `saturated_stars` searches (`saturated_stars_reach`)
+    and the template it reads, None when ``config`` rules nothing on saturated stars
+    (none are looked for)."""
+    profile = response_profile(psf, filtered=filtered)
+    reach = halo_reach(kernel_sources, fwhm)
+    template = matched_template if _saturated_rules_on(config) else None
+    return profile, reach, saturated_stars_reach(profile, reach), template
+
+
 def bright_star(
     ix,
     iy,
@@ -379,7 +403,7 @@ def bright_star(
     near, light = bright
     fraction = config.bright_star_residual_fraction
     near = near & ~changed_star(flux, light, saturated_pixels, fraction)
-    if config.saturated_star_residual > 0 or config.saturated_star_halo > 0:
+    if _saturated_rules_on(config):
         bound = residual_snr(
             stars,
             ix,
