@@ -24,7 +24,7 @@ from core.forced import PsfStamps, psf_photometry, whole_stamp_fluxes
 from core.kernel import _Candidate, _Fitter
 from core.metrics import footprint_means
 from core.photometry import psf_flux
-from core.psf import GaussianPsf, MoffatPsf
+from core.psf import GaussianPsf, MoffatPsf, Psf
 from core.subtract import _working_copy
 
 
@@ -474,12 +474,13 @@ def _plain_psf_stamps(stamps, x, y):
             + tx * ty * stamps._node(j + 1, i + 1)
         )
     blended = np.array(blended)
-    size = blended.shape[1]
+    # shifted on the blended stamp zero-padded to `padded` px (periodic on that grid)
+    size, padded = blended.shape[1], stamps._size
     dx, dy = x - ix, y - iy
-    spectrum = fft.rfft2(blended, axes=(1, 2))
-    ramp_y = np.exp(-2j * np.pi * dy[:, None] * fft.fftfreq(size)[None, :])[:, :, None]
-    ramp_x = np.exp(-2j * np.pi * dx[:, None] * fft.rfftfreq(size)[None, :])[:, None, :]
-    shifted = fft.irfft2(spectrum * ramp_y * ramp_x, s=(size, size), axes=(1, 2))
+    spectrum = fft.rfft2(blended, s=(padded, padded), axes=(1, 2))
+    ramp_y = np.exp(-2j * np.pi * dy[:, None] * fft.fftfreq(padded)[None, :])[:, :, None]
+    ramp_x = np.exp(-2j * np.pi * dx[:, None] * fft.rfftfreq(padded)[None, :])[:, None, :]
+    shifted = fft.irfft2(spectrum * ramp_y * ramp_x, s=(padded, padded), axes=(1, 2))
     c, h = size // 2, stamps.half
     return shifted[:, c - h : c + h + 1, c - h : c + h + 1], ix, iy
 
@@ -976,7 +977,7 @@ def test_psf_stamps_node_rows_kept_equal_a_matrix_per_batch():
     exposure = Exposure.from_arrays(np.zeros((460, 610)))
 
     def per_batch(stamps, x, y):
-        size = 2 * stamps._draw_half + 1
+        size = stamps._size  # the transform's (padded) grid
         weights, needed = stamps._weights(x, y)
         spectra = np.zeros((weights.shape[1], size * (size // 2 + 1)), dtype=complex)
         n_x = stamps.nodes_x.size
@@ -1089,6 +1090,29 @@ def test_local_maxima_of_stamps_equal_scipys_maximum_filter():
         np.testing.assert_array_equal(_local_maxima(stack), (stack >= top)[:, 1:-1, 1:-1])
 
 
+class _PaddedShiftPsf(Psf):
+    """A PSF whose `image_at` shifts its stamp on a grid zero-padded to ``size`` px,
+    cropped back and not renormalised (as `core.forced.PsfStamps` draws it)."""
+
+    def __init__(self, psf, size):
+        self.psf, self.size = psf, size
+
+    def kernel_image(self, x=None, y=None):
+        return self.psf.kernel_image(x, y)
+
+    def image_at(self, x, y):
+        from scipy import fft
+
+        stamp = np.asarray(self.kernel_image(x, y), dtype=np.float64)
+        k, half = stamp.shape[0], stamp.shape[0] // 2
+        ix, iy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+        ramp_y = np.exp(-2j * np.pi * (y - iy) * fft.fftfreq(self.size))[:, None]
+        ramp_x = np.exp(-2j * np.pi * (x - ix) * fft.rfftfreq(self.size))[None, :]
+        spectrum = fft.rfft2(stamp, s=(self.size, self.size)) * ramp_y * ramp_x
+        shifted = fft.irfft2(spectrum, s=(self.size, self.size))[:k, :k]
+        return shifted, ix - half, iy - half
+
+
 @pytest.mark.parametrize("fit_background", [True, False])
 @pytest.mark.parametrize("psf", [GaussianPsf(1.7), MoffatPsf(4.0, 3.0)])
 def test_batched_psf_fit_on_the_whole_stamp_equals_the_one_source_fit(psf, fit_background):
@@ -1107,8 +1131,11 @@ def test_batched_psf_fit_on_the_whole_stamp_equals_the_one_source_fit(psf, fit_b
     x[3], y[3] = 61.0 + 7, 42.0 - 3
     whole = PsfStamps(psf, exposure, half=psf.kernel_image().shape[0] // 2)
     fit = psf_photometry(exposure, x - 7, y + 3, whole, fit_background)
+    # the one-source fit of the PSF shifted as PsfStamps shifts it (on a zero-padded
+    # grid, the light shifted past the stamp's edge lost) ...
+    padded = _PaddedShiftPsf(psf, whole._size)
     reference = np.array(
-        [psf_flux(exposure, a, b, None, fit_background) for a, b in zip(x, y, strict=True)]
+        [psf_flux(exposure, a, b, padded, fit_background) for a, b in zip(x, y, strict=True)]
     )
     ok = np.isfinite(fit["flux"]) & np.isfinite(reference[:, 0])
     assert ok.sum() > 100
@@ -1116,6 +1143,12 @@ def test_batched_psf_fit_on_the_whole_stamp_equals_the_one_source_fit(psf, fit_b
         fit["flux"][ok], reference[ok, 0], rtol=1e-9, atol=1e-9 * fit["flux_err"][ok].max()
     )
     np.testing.assert_allclose(fit["flux_err"][ok], reference[ok, 1], rtol=1e-9)
+    # ... and within 1% of an error of the fit with the PSF's own (periodic) shift
+    exact = np.array(
+        [psf_flux(exposure, a, b, None, fit_background) for a, b in zip(x, y, strict=True)]
+    )
+    np.testing.assert_array_equal(np.isfinite(exact[:, 0]), np.isfinite(reference[:, 0]))
+    assert np.max(np.abs(fit["flux"][ok] - exact[ok, 0]) / exact[ok, 1]) < 0.01
     if fit_background:  # and NaN where the stamp leaves the image, as psf_flux
         flux, error = whole_stamp_fluxes(exposure, x, y)
         np.testing.assert_array_equal(np.isnan(flux), np.isnan(reference[:, 0]))
