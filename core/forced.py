@@ -23,7 +23,6 @@ from scipy import fft, sparse
 from .config import DiaSourceConfig, ForcedPhotometryConfig
 from .errors import IncompatibleInputsError, InvalidCatalogError, PsfError
 from .exposure import Exposure
-from .order import row_nanmedians
 from .position_flags import (
     bright_star,
     bright_star_light,
@@ -33,6 +32,7 @@ from .position_flags import (
     saturated_stars,
 )
 from .psf import SIGMA_TO_FWHM, Psf, _collapsed, _half_maximum_sigma
+from .rings import ring_levels
 from .stamps import batches
 from .stamps import stamps as _stack
 
@@ -49,7 +49,6 @@ __all__ = [
     "profile_sigma",
     "psf_photometry",
     "pull_scale",
-    "ring_levels",
     "sky_positions",
     "whole_stamp_fluxes",
 ]
@@ -427,29 +426,6 @@ def _sharper_than_psf(data, var, good, model, flux) -> np.ndarray:
 
 #: Positions per axis of the grid whose drawn stamps `noise_scale` fits with.
 _NOISE_MODEL_GRID = 5
-
-
-def ring_levels(
-    exposure: Exposure, ix, iy, half: int, width: int, unusable: tuple[str, ...] = UNUSABLE_PLANES
-) -> np.ndarray:
-    """Median of the usable pixels in the square ring of ``width`` px around each
-    (2 half + 1)^2 stamp centred on array pixels (ix, iy): a local sky (robust to the
-    stars in it). NaN where the ring has no usable pixel.
-
-    Non-finite pixels count as unusable (`core.order.row_nanmedians`)."""
-    outer = half + width
-    offsets = np.abs(np.arange(-outer, outer + 1))
-    ring = (np.maximum(offsets[:, None], offsets[None, :]) > half).ravel()
-    n = np.size(ix)
-    if n == 0:
-        return np.zeros(0)
-    values = _stack(exposure.image, ix, iy, outer, fill=np.nan).reshape(n, -1)[:, ring]
-    bits = exposure.bitmask(unusable)
-    if bits:
-        masked = (_stack(exposure.mask, ix, iy, outer, fill=0).reshape(n, -1)[:, ring] & bits) != 0
-        values[masked] = np.nan
-    values[np.isinf(values)] = np.nan
-    return row_nanmedians(values, consume=True)
 
 
 def noise_positions(shape, half: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:

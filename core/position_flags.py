@@ -18,6 +18,7 @@ from .config import DiaSourceConfig
 from .exposure import Exposure
 from .order import row_nanmedians
 from .psf import Psf
+from .rings import ring_levels
 from .stamps import batches
 from .stamps import stamps as _stack
 
@@ -483,25 +484,22 @@ def _wing_light(template: Exposure, rows: np.ndarray, cols: np.ndarray) -> np.nd
     Saturated pixels and those the kernel spread them to (`_WING_UNUSABLE`) are left out
     of the fit: it reads the unsaturated wings. Where the usable pixels hold less than
     `_WING_MIN_SHARE` of the PSF, the light above the sky in the stamp, a lower bound."""
-    bits = np.int32(template.bitmask([p for p in _WING_UNUSABLE if p in template.mask_planes]))
+    planes = [p for p in _WING_UNUSABLE if p in template.mask_planes]
+    bits = np.int32(template.bitmask(planes))
     light = np.zeros(rows.size)
     for cell, model in _cell_models(template, cols, rows):
         half = model.shape[0] // 2
-        ring = max(4, half // 2)
-        data = _stack(template.image, cols[cell], rows[cell], half + ring, fill=np.nan)
+        data = _stack(template.image, cols[cell], rows[cell], half, fill=np.nan)
         data = data.astype(np.float64)
         usable = np.isfinite(data)
         if bits:
-            mask = _stack(template.mask, cols[cell], rows[cell], half + ring, fill=0)
+            mask = _stack(template.mask, cols[cell], rows[cell], half, fill=0)
             usable &= (mask & bits) == 0
-        inner = (slice(None), *(slice(ring, ring + 2 * half + 1),) * 2)
-        outer = np.ones(data.shape[1:], dtype=bool)
-        outer[inner[1:]] = False
-        sky_values = np.where(usable, data, np.nan)[:, outer]
-        sky = np.nan_to_num(row_nanmedians(sky_values, consume=True))
-        stamp = data[inner] - sky[:, None, None]
-        weight = np.where(usable[inner], model, 0.0)
-        fitted = np.sum(np.where(usable[inner], stamp, 0.0) * weight, axis=(1, 2))
+        ring = max(4, half // 2)
+        sky = np.nan_to_num(ring_levels(template, cols[cell], rows[cell], half, ring, planes))
+        stamp = data - sky[:, None, None]
+        weight = np.where(usable, model, 0.0)
+        fitted = np.sum(np.where(usable, stamp, 0.0) * weight, axis=(1, 2))
         with np.errstate(invalid="ignore", divide="ignore"):
             fitted /= np.sum(weight**2, axis=(1, 2))
         bound = np.nansum(stamp, axis=(1, 2))

@@ -710,7 +710,7 @@ def test_ring_levels_are_the_sky_around_the_stamp():
     """`ring_levels`: the median of the ring's usable pixels, a bright star inside the
     stamp and one in the ring notwithstanding; NaN for a ring with no usable pixel."""
     from core.exposure import Exposure
-    from core.forced import ring_levels
+    from core.rings import ring_levels
 
     rng = np.random.default_rng(11)
     image = 100.0 + rng.normal(0.0, 1.0, (80, 80))
@@ -718,7 +718,7 @@ def test_ring_levels_are_the_sky_around_the_stamp():
     image[40, 52] += 5e4  # a star in the ring (half 9, width 4: 10-13 px out)
     mask = np.zeros(image.shape, dtype=np.int32)
     exposure = Exposure.from_arrays(image, np.ones_like(image), mask)
-    level = ring_levels(exposure, np.array([40, 2]), np.array([40, 40]), 9, 4)
+    level = ring_levels(exposure, np.array([40, 2]), np.array([40, 40]), 9, 4, ("BAD",))
     assert abs(level[0] - 100.0) < 0.15
     assert abs(level[1] - 100.0) < 0.2  # the ring half off the frame
     mask[26:55, 26:55] = exposure.mask_planes.get_bitmask(["BAD"]) or 1
@@ -727,7 +727,7 @@ def test_ring_levels_are_the_sky_around_the_stamp():
         image, np.ones_like(image), mask, mask_planes=exposure.mask_planes
     )
     assert np.isnan(ring_levels(masked, np.array([40]), np.array([40]), 9, 4, ("BAD",))[0])
-    assert ring_levels(exposure, np.array([], int), np.array([], int), 9, 4).shape == (0,)
+    assert ring_levels(exposure, np.array([], int), np.array([], int), 9, 4, ()).shape == (0,)
 
 
 def test_saturated_pixels_are_left_out_of_the_matched_images_fits():
