@@ -144,7 +144,8 @@ class KernelConfig(_Config):
         gt=0,
         le=1e30,
         description="Above this the spatial solution is refitted at lower orders (Rubin: a "
-        "warning only).",
+        "warning only). The condition number is that of the spatial normal matrix scaled to a "
+        "unit diagonal, which does not change with the images' units.",
     )
     min_stamps_per_spatial_term: float = Field(
         3.0,
@@ -559,7 +560,8 @@ class QualityConfig(_Config):
         1.0e10,
         gt=0,
         le=1e30,
-        description="Spatial condition number above which the fit is suspect.",
+        description="Spatial condition number (of the normal matrix scaled to a unit "
+        "diagonal: unit-free) above which the fit is suspect.",
     )
     max_score_excess: float = Field(
         1.5,

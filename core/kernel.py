@@ -584,7 +584,8 @@ class KernelSolution:
     n_good : int
         Candidates used in the final spatial fit.
     condition_number : float
-        max/min eigenvalue of the spatial normal matrix.
+        max/min eigenvalue of the spatial normal matrix scaled to a unit diagonal
+        (`_scaled_condition_number`; Rubin's is of the matrix as it is, in mixed units).
     kernel_sum : float
         Kernel sum at the centre of the fit region (the flux ratio target/reference).
     basis : `core.basis.KernelBasis`
@@ -693,6 +694,20 @@ def _condition_number(matrix: np.ndarray) -> float:
     if values.min() == 0:
         return math.inf
     return float(values.max() / values.min())
+
+
+def _scaled_condition_number(matrix: np.ndarray) -> float:
+    """`_condition_number` of ``matrix`` scaled to a unit diagonal (each unknown in its
+    own unit). The spatial fit's unknowns are in different units: the kernel's are
+    pure numbers, the background's the image's, so the raw eigenvalue ratio grows with
+    the square of the image's scale (a pair in counts x 1000 read 1e12 for 1e7, and was
+    refitted with a constant kernel and sky). Scaled, the number measures only how near
+    the columns come to collinear (a pedestal under the stars, stamps in a line)."""
+    diagonal = np.diagonal(matrix)
+    if not np.all(diagonal > 0):
+        return math.inf
+    scale = 1.0 / np.sqrt(diagonal)
+    return _condition_number(matrix * scale[:, None] * scale[None, :])
 
 
 class _Candidate:
@@ -1679,7 +1694,7 @@ def _spatial_fit(
         else:
             matrix = 0.5 * (corrected + corrected.T)
     solution = _solve_normal(matrix, rhs)
-    condition = _condition_number(matrix) if np.all(np.isfinite(matrix)) else math.nan
+    condition = _scaled_condition_number(matrix) if np.all(np.isfinite(matrix)) else math.nan
     if not np.all(np.isfinite(solution[: n_unknown - n_bg])):
         raise KernelSolutionError(
             f"Unable to determine spatial kernel solution (nan). Condition number = "
@@ -1878,7 +1893,7 @@ def _solve(reference, target, sources, basis, config, bbox, stamp_size, rating_c
     # the fit sees the reference less its pedestal: a constant under the stars is what
     # the background term fits, and the first basis image's column, nearly that constant
     # times the stamp, made the two near collinear (a template 1e4 above its sky: kernel
-    # sum 0.09 for 0.99, condition number 1e10 for 4e6 on a sky of 1000)
+    # sum 0.09 for 0.99, raw condition number 1e10 for 4e6 on a sky of 1000)
     # (without a background term nothing could take it up: the reference as it is)
     pedestal = _pedestal(reference, bad_bits[1]) if config.fit_for_background else 0.0
     candidates, cells = _make_candidates(

@@ -545,6 +545,36 @@ def test_a_pedestal_under_the_reference_goes_into_the_background(pair, offset):
     assert result.condition_number == pytest.approx(plain.condition_number, rel=1e-3)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_the_fit_does_not_depend_on_the_images_units(pair, scale):
+    """Both images (and their variances) in other units, as a pair in electrons instead
+    of counts or in MJy/sr: the same kernel at the same spatial orders, the background
+    in the new units, the same condition number (the raw eigenvalue ratio went from
+    1e7 to 1e12 at x1000, and the fit was refitted with a constant kernel and sky)."""
+    template, science, sources, _ = pair
+    config = KernelConfig()
+    plain = fit_psf_matching_kernel(template, science, sources, _basis(config), config)
+    scaled = []
+    for exposure in (template, science):
+        copy = exposure.copy()
+        copy.image = exposure.image.astype(np.float64) * scale
+        copy.variance = exposure.variance.astype(np.float64) * scale**2
+        scaled.append(copy)
+    result = fit_psf_matching_kernel(*scaled, sources, _basis(config), config)
+    assert result.orders == plain.orders
+    assert result.kernel_sum == pytest.approx(plain.kernel_sum, rel=1e-6)
+    np.testing.assert_allclose(
+        result.kernel.coefficients, plain.kernel.coefficients, rtol=1e-5, atol=1e-9
+    )
+    np.testing.assert_allclose(
+        result.background.coefficients,
+        plain.background.coefficients * scale,
+        rtol=1e-5,
+        atol=1e-6 * scale * np.abs(plain.background.coefficients).max(),
+    )
+    assert result.condition_number == pytest.approx(plain.condition_number, rel=1e-3)
+
+
 @pytest.mark.parametrize("image", ["target", "reference"])
 @pytest.mark.parametrize(
     "sky",
