@@ -68,8 +68,9 @@ FLAG_BITS = {
 }
 #: Pixels left out of every fit: no data, the convolution's edge band, dead or hot pixels.
 UNUSABLE_PLANES = ("NO_DATA", "EDGE", "BAD")
-#: Extra margin (px) of the drawn stamps beyond the fitted box, so that the Fourier
-#: sub-pixel shift wraps only the far wings into the box.
+#: Extra margin (px) of the drawn stamps beyond the fitted box, so that what the Fourier
+#: sub-pixel shift moves across the drawn stamp's edge (lost in its zero padding, or
+#: wrapped where the stamp is already a fast length) is only the far wings.
 _SHIFT_PAD = 4
 
 
