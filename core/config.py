@@ -583,6 +583,16 @@ class QualityConfig(_Config):
     star_residual_sigma: float = Field(
         3.0, gt=0, le=100, description="...in standard errors of that median."
     )
+    max_kernel_psf_width_ratio: float = Field(
+        1.3,
+        gt=1,
+        le=100,
+        description="The convolved image's PSF model seen through the kernel this many times "
+        "wider or narrower than the PSF it should match: a PSF model is wrong, suspect.",
+    )
+    bad_kernel_psf_width_ratio: float = Field(
+        2.0, gt=1, le=1000, description="...and beyond this factor the fit is bad."
+    )
 
 
 class WarpConfig(_Config):

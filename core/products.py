@@ -58,6 +58,7 @@ _HEADER_KEYS = {
     "noise_mean": "NOISEMEA",
     "star_residual_chi2_median": "STARCHI2",
     "star_residual_fraction": "STARRES",
+    "kernel_psf_width_ratio": "KPSFWID",
     "differenceFootprintRatioMean": "FPRATIO",
     "differenceFootprintSkyRatioMean": "FPSKYRAT",
     "diffim_limiting_magnitude": "MAGLIM",

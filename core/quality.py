@@ -146,7 +146,7 @@ def assess_quality(
     metrics : dict
         The run's metrics (``noise_ratio``, ``kernel_sum``, ``n_good_kernel_candidates``,
         ``spatial_condition_number``, ``mode``, ``star_residual_fraction`` and its error,
-        ``registration`` when registered).
+        ``kernel_psf_width_ratio``, ``registration`` when registered).
     science, template : `Exposure`
         The inputs (for calibrations and exposure times).
     kernel_image : `numpy.ndarray` or None
@@ -171,6 +171,7 @@ def assess_quality(
     _kernel_sum(verdict, metrics, science, template, config)
     _star_residuals(verdict, metrics, config)
     _stamps(verdict, metrics, stamps, science.bbox, config)
+    _psf_consistency(verdict, metrics, config)
     if kernel_image is not None:
         _kernel_shift(verdict, metrics, kernel_image, reference_shift, star_shift, config)
     condition = metrics.get("spatial_condition_number")
@@ -282,6 +283,36 @@ def _star_residuals(verdict: Verdict, metrics: dict, config: QualityConfig) -> N
         f"{metrics.get('n_residual_stars')}) of their flux in the {output}{at_stars}: the "
         f"kernel does not match the stars' flux or core{kernel}, so constant stars leave "
         "residuals; check the PSFs and the kernel stars",
+    )
+
+
+def _psf_consistency(verdict: Verdict, metrics: dict, config: QualityConfig) -> None:
+    """A kernel that does not turn one PSF model into the other: a model is wrong, and the
+    kernel's basis and stamps were sized from it (`core.psf_consistency`)."""
+    ratio = metrics.get("kernel_psf_width_ratio")
+    if not (isinstance(ratio, int | float) and math.isfinite(ratio) and ratio > 0):
+        return
+    factor = max(ratio, 1.0 / ratio)
+    if factor <= config.max_kernel_psf_width_ratio:
+        return
+    mode = metrics.get("mode")
+    convolved, target = "template", "science"
+    if mode == "convolveScience":
+        convolved, target = "science", "template"
+    elif mode == "preconvolve":
+        target = "preconvolved science"
+    sizes = ""
+    fwhm_s, fwhm_t = metrics.get("science_psf_fwhm"), metrics.get("template_psf_fwhm")
+    if isinstance(fwhm_s, int | float) and isinstance(fwhm_t, int | float):
+        sizes = f" (PSF FWHM science {fwhm_s:.2f} px, template {fwhm_t:.2f} px)"
+    ksum = metrics.get("kernel_sum")
+    kernel = f", kernel sum {ksum:.3f}" if isinstance(ksum, int | float) else ""
+    verdict.add(
+        BAD if factor > config.bad_kernel_psf_width_ratio else SUSPECT,
+        f"the kernel makes the {convolved} PSF model {ratio:.2f}x as wide as the {target} "
+        f"PSF it should match{sizes}: a PSF model is wrong, and the kernel's basis and stamps "
+        f"were sized from it, so its flux and shape are unreliable{kernel}; check the PSFs "
+        "(supply them, or a FWHM)",
     )
 
 

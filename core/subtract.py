@@ -62,6 +62,7 @@ from .parallel import (
 )
 from .position_flags import EXTRAPOLATED_ORDER, KERNEL_REACH
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf, Psf
+from .psf_consistency import kernel_psf_width_ratio
 from .psf_estimate import estimate_psf
 from .quality import assess_quality, kernel_centroid
 from .register import register_template
@@ -171,6 +172,8 @@ class _SubtractBase(Task):
         self.warnings: list[str] = []
         #: centroid offset (dx, dy) the matching kernel has by design (preconvolution)
         self.kernel_reference_shift: tuple[float, float] = (0.0, 0.0)
+        #: the unit-sum preconvolution kernel P (preconvolve mode)
+        self.preconv_kernel: np.ndarray | None = None
         #: where the kernel stars sit in the template relative to the science
         self.star_offset: StarOffset | None = None
         #: what the run found and handled (confusion, correlated noise, lowered orders)
@@ -920,6 +923,10 @@ class _SubtractBase(Task):
         """The verdict (core.quality) from the metrics, the kernel and the warnings."""
         kernel = result.psf_matching_kernel
         kernel_image = kernel.image(*science.bbox_center()) if kernel is not None else None
+        if kernel_image is not None:
+            result.metrics["kernel_psf_width_ratio"] = self._kernel_psf_width_ratio(
+                kernel_image, science, template
+            )
         stamps = None
         solution = getattr(self, "solution", None)
         if solution is not None:
@@ -940,6 +947,27 @@ class _SubtractBase(Task):
             star_shift=self._star_shift(),
         )
         return verdict.as_dict()
+
+    def _kernel_psf_width_ratio(self, kernel_image, science, template) -> float:
+        """The convolved image's PSF model seen through the kernel, in width over the PSF
+        it should match (`core.psf_consistency`), at the science centre; NaN without PSFs."""
+        convolved, target = template, science
+        if self.metadata.get("convolvedExposure") == "Science":
+            convolved, target = science, template
+        centre = science.bbox_center()
+        try:
+            target_psf = (
+                _preconvolved_psf(science, self.preconv_kernel)
+                if self.preconv_kernel is not None
+                else target.require_psf()
+            )
+            return kernel_psf_width_ratio(
+                kernel_image,
+                convolved.require_psf().kernel_image(*centre),
+                target_psf.kernel_image(*centre),
+            )
+        except PsfError:
+            return math.nan
 
     def _star_shift(self) -> tuple[float, float] | None:
         """The centroid shift the kernel needs to follow the stars' offset: the template's
@@ -1288,7 +1316,8 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         self.metadata["preconvolutionKernelSize"] = int(stamp.shape[0])
         # K * T matches P * S, so K carries P's own centroid offset besides any misalignment
         self.kernel_reference_shift = kernel_centroid(stamp)
-        return stamp / stamp.sum()
+        self.preconv_kernel = stamp / stamp.sum()
+        return self.preconv_kernel
 
     def _fill_bad(self, exposure: Exposure) -> Exposure:
         """The exposure with bad-plane pixels replaced by their nearest good pixel's value

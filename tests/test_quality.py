@@ -170,3 +170,66 @@ def test_star_residual_fraction_measures_what_the_stars_keep():
     # fewer than 3 stars give no figure
     few = star_residual_fraction(difference, science, xs[:2], ys[:2])
     assert math.isnan(few["star_residual_fraction"]) and few["n_residual_stars"] == 2
+
+
+def _width_verdict(ratio: float, mode: str = "preconvolve"):
+    image = Exposure.from_arrays(np.zeros((64, 64)))
+    metrics = {
+        "noise_ratio": 1.0,
+        "kernel_sum": 0.949,
+        "mode": mode,
+        "kernel_psf_width_ratio": ratio,
+        "science_psf_fwhm": 2.64,
+        "template_psf_fwhm": 7.87,
+    }
+    return assess_quality(metrics, image, image, None, None, []).as_dict()
+
+
+@pytest.mark.parametrize(
+    ("ratio", "level"),
+    [
+        # good fits: 304 simulated (the six presets and an undersampled pair, seeds 0-11,
+        # PSFs given or estimated, both modes) spanned 0.865-1.160, the real pairs
+        # 0.937-1.183 (DECam c)
+        (1.0, GOOD),
+        (1.18, GOOD),
+        (0.9, GOOD),
+        # JWST without its PSFs, preconvolve: the template PSF estimated 3.9x too wide
+        (1.76, SUSPECT),
+        (1 / 1.5, SUSPECT),
+        # ... and auto (the science convolved): 0.30
+        (0.30, BAD),
+        (2.5, BAD),
+        (math.nan, GOOD),
+    ],
+)
+def test_kernel_that_does_not_match_the_psf_models_grades_the_verdict(ratio, level):
+    """A kernel that turns the convolved image's PSF model into one much wider or
+    narrower than the PSF it should match: a PSF model is wrong, and the basis and
+    stamps sized from it (JWST's score kept ~9% of its constant sources, called good)."""
+    verdict = _width_verdict(ratio)
+    assert verdict["verdict"] == level, verdict["reasons"]
+    named = [r for r in verdict["reasons"] if "PSF model" in r]
+    assert bool(named) == (level != GOOD)
+    if named:
+        assert f"{ratio:.2f}x as wide as the preconvolved science PSF" in named[0]
+        assert "template 7.87 px" in named[0] and "kernel sum 0.949" in named[0]
+
+
+def test_kernel_psf_width_ratio_measures_the_models_agreement():
+    """1 when the kernel turns one Gaussian PSF into the other; the wrong model's width
+    ratio when a model is wrong (Gaussian widths add in quadrature)."""
+    from core.psf import GaussianPsf
+    from core.psf_consistency import effective_width, kernel_psf_width_ratio
+
+    template, science = GaussianPsf(1.5), GaussianPsf(2.5)
+    kernel = GaussianPsf(2.0).kernel_image()  # sqrt(2.5^2 - 1.5^2)
+    assert effective_width(science.kernel_image()) == pytest.approx(
+        2 * math.sqrt(math.pi) * 2.5, rel=0.01
+    )
+    right = kernel_psf_width_ratio(kernel, template.kernel_image(), science.kernel_image())
+    assert right == pytest.approx(1.0, abs=0.01)
+    # a template model 3x too wide: the kernel fitted on the stars makes it wider still
+    wrong = kernel_psf_width_ratio(kernel, GaussianPsf(4.5).kernel_image(), science.kernel_image())
+    assert wrong == pytest.approx(math.hypot(4.5, 2.0) / 2.5, rel=0.02)
+    assert math.isnan(kernel_psf_width_ratio(-kernel, template.kernel_image(), kernel))
