@@ -1239,7 +1239,7 @@ def dia_sources(
         near a bright star or within reach of a saturated one's light, docs/DIA_FLAGS.md;
         ``streak``: one of a line of sources, `core.streaks`;
         ``sharp``: narrower than the PSF, a cosmic ray or hot pixel,
-        `core.forced.SHARP_RATIO`, not raised on a score, where the PSF filter widened it)
+        `core.sharpness`, not raised on a score, where the PSF filter widened it)
         and one ``flag_<name>`` column per bit. Meta ``n_sidelobes``: detections
         dropped as brighter sources' PSF rings and wings (``drop_psf_sidelobes``).
     """

@@ -33,6 +33,7 @@ from .position_flags import (
 )
 from .psf import SIGMA_TO_FWHM, Psf, _collapsed, _half_maximum_sigma
 from .rings import ring_levels
+from .sharpness import contrast_bounds, sharper_than_psf
 from .stamps import batches
 from .stamps import stamps as _stack
 
@@ -145,6 +146,8 @@ class PsfStamps:
         self.nodes_y = self.xy0[1] + np.linspace(0, ny - 1, count_y)
         self._cache: dict[tuple[int, int], np.ndarray] = {}
         self._spectra: dict[tuple[int, int], np.ndarray] = {}
+        #: per node, the PSF's contrast bounds (`core.sharpness.contrast_bounds`)
+        self.contrasts: dict[tuple[int, int], np.ndarray] = {}
         # every node's spectrum as a row, filled as batches need them: threads that
         # draw at once only ever write a row's same values, before they flag it
         size = self._size
@@ -292,7 +295,8 @@ def psf_photometry(
         inside the stamp takes up a bright neighbour's or host's light, and the PSF
         amplitude off its peak came out strongly negative (a JWST galaxy: S/N -284).
     sharpness : bool
-        Also return ``sharp``: the source is narrower than the PSF (`_sharper_than_psf`).
+        Also return ``sharp``: the source is narrower than the PSF
+        (`core.sharpness.sharper_than_psf`).
 
     Returns
     -------
@@ -367,7 +371,8 @@ def psf_photometry(
     flux_err[bad] = np.nan
     out = {"flux": flux, "flux_err": flux_err, "coverage": coverage, "ix": ix, "iy": iy}
     if sharpness:
-        out["sharp"] = _sharper_than_psf(data - level[:, None, None], var, good, model, flux)
+        bounds = contrast_bounds(stamps, x + x0, y + y0)
+        out["sharp"] = sharper_than_psf(data - level[:, None, None], var, good, bounds, flux)
     return out
 
 
@@ -393,36 +398,6 @@ def whole_stamp_fluxes(exposure: Exposure, x, y, psf: Psf | None = None):
     ny, nx = exposure.shape
     inside = (ix >= h) & (iy >= h) & (ix + h < nx) & (iy + h < ny)
     return np.where(inside, fit["flux"], np.nan), np.where(inside, fit["flux_err"], np.nan)
-
-
-#: A source is sharper than the PSF when, among the 3 x 3 pixels at its centre, its
-#: brightest (in the sign of its flux) stands this many sigma above the fitted PSF there
-#: (noise alone: ~1e-6 per source) ...
-SHARP_EXCESS_SIGMA = 5.0
-#: ... and at least this many times the fitted PSF's value there: a point source's
-#: brightest pixel is the PSF's (a model 50% off in its core stays below), where a
-#: cosmic ray or hot pixel holds several times what a PSF of its fitted flux puts there
-#: (x12 for one pixel under a 4.8 px FWHM; x1.75 under 1.5 px, which cannot tell them).
-SHARP_RATIO = 2.0
-
-
-def _sharper_than_psf(data, var, good, model, flux) -> np.ndarray:
-    """Stamps (n, k, k; sky off, unusable pixels False in ``good``) whose brightest of
-    the central 3 x 3 pixels, in the sign of the fitted ``flux``, exceeds the fitted PSF
-    ``flux * model`` there by `SHARP_EXCESS_SIGMA` sigma and `SHARP_RATIO` times: a
-    cosmic ray, hot pixel or other artefact narrower than the PSF, not a point source."""
-    h = data.shape[1] // 2
-    core = np.s_[:, h - 1 : h + 2, h - 1 : h + 2]
-    sign = np.where(flux < 0, -1.0, 1.0)[:, None, None]
-    value = np.where(good[core], sign * data[core], -np.inf)
-    fitted = np.abs(flux)[:, None, None] * model[core]
-    with np.errstate(invalid="ignore"):
-        excess = (value - fitted) / np.sqrt(np.where(good[core], var[core], np.inf))
-        sharp = (excess > SHARP_EXCESS_SIGMA) & (value > SHARP_RATIO * fitted)
-    n = value.shape[0]  # (none: a catalog without single sources)
-    brightest = value.reshape(n, 9).argmax(axis=1)
-    chosen = sharp.reshape(n, 9)[np.arange(n), brightest]
-    return chosen & np.isfinite(flux)
 
 
 #: Positions per axis of the grid whose drawn stamps `noise_scale` fits with.
