@@ -25,6 +25,7 @@ __all__ = [
     "SIGMA_TO_FWHM",
     "adaptive_moments",
     "shift_stamp",
+    "minor_axis_sigma",
     "stellar_locus",
 ]
 
@@ -456,6 +457,15 @@ class GridPsf(Psf):
 
 
 #: Smallest adaptive sigma (px) a star may have; below are hot pixels and cosmic rays.
+def minor_axis_sigma(ixx, iyy, ixy) -> np.ndarray:
+    """sqrt of the smaller eigenvalue of the second-moment matrices [[ixx, ixy], [ixy, iyy]]
+    (px): the source's width across its narrowest direction."""
+    ixx, iyy, ixy = (np.asarray(v, dtype=np.float64) for v in (ixx, iyy, ixy))
+    half_trace = 0.5 * (ixx + iyy)
+    spread = np.hypot(0.5 * (ixx - iyy), ixy)
+    return np.sqrt(np.maximum(half_trace - spread, 0.0))
+
+
 def stellar_locus(sizes: np.ndarray) -> float:
     """Size of the tightest cluster of sizes (stars share one size; galaxies scatter).
 
