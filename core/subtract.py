@@ -84,6 +84,12 @@ Progress = Callable[[str, float], None]
 
 #: Header keywords giving a PSF FWHM in pixels, used when no PSF can be estimated.
 _HEADER_FWHM_KEYS = ("FWHM", "PFWHM", "PSF_FWHM", "FWHM_PIX")
+#: Without one, the typical size of the sources detection measured stands in (a plain
+#: image of a sparse or galaxy-rich field was refused for want of a FWHM keyword), when
+#: at least this many sources gave it.
+_SOURCE_SIZE_MIN_SOURCES = 5
+#: `_Prepared.psf_header_key` of a PSF from the sources' typical size.
+_SOURCE_SIZE = "sources' typical size"
 
 #: A star offset between the inputs (px) worth a note: registrations are routinely
 #: better than this, and the kernel absorbs far larger ones.
@@ -247,7 +253,10 @@ class _SubtractBase(Task):
         for label in ("science", "template"):
             key = prepared[label].psf_header_key
             if key is not None:
-                self.metadata[f"{label}PsfFromHeader"] = key
+                if key == _SOURCE_SIZE:
+                    self.metadata[f"{label}PsfFromSourceSize"] = True
+                else:
+                    self.metadata[f"{label}PsfFromHeader"] = key
                 # a real profile's wings hold ~15% of a DECam star's light beyond the
                 # Gaussian's (a review's injections on decam_c: fluxes 0.82-0.86 of true)
                 self.warnings.append(
@@ -369,6 +378,15 @@ class _SubtractBase(Task):
                         value,
                     )
                     return GaussianPsf(float(value) / SIGMA_TO_FWHM), key, exc.message
+            sigma = _typical_source_sigma(exposure, background, detected)
+            if sigma is not None:
+                log.info(
+                    "%s PSF: %s; using a Gaussian of its sources' typical size (FWHM %.2f px)",
+                    label,
+                    exc.message,
+                    sigma * SIGMA_TO_FWHM,
+                )
+                return GaussianPsf(sigma), _SOURCE_SIZE, exc.message
             raise PsfError(
                 f"the {label} image has no PSF and none could be estimated: "
                 f"{exc.message}; or add a FWHM keyword (pixels)"
@@ -1541,6 +1559,22 @@ def _working_copy(exposure: Exposure, in_place: bool = False) -> Exposure:
         mask_planes=exposure.mask_planes.copy(),
         metadata=copy.deepcopy(exposure.metadata),
     )
+
+
+def _typical_source_sigma(exposure: Exposure, background, detected) -> float | None:
+    """The Gaussian sigma (px) of the sources' typical size that detection without a PSF
+    smooths with (the smallest well-populated cluster of sizes, `core.psf.stellar_locus`),
+    from ``detected`` (that detection) or a new one; None from fewer than
+    `_SOURCE_SIZE_MIN_SOURCES` sources."""
+    from .detection import detect_sources
+
+    table = detected
+    if table is None:
+        table = detect_sources(exposure, set_mask=False, background=background)
+    sigma = table.meta.get("psf_sigma")
+    if len(table) < _SOURCE_SIZE_MIN_SOURCES or not isinstance(sigma, int | float):
+        return None
+    return float(sigma) if math.isfinite(sigma) and sigma > 0 else None
 
 
 def _without_frame_meta(sources):

@@ -188,3 +188,24 @@ def test_a_gaussian_standing_in_for_the_psf_is_said(real_data):
     assert verdicts["c"]["verdict"] == "suspect" and len(said) == 1
     assert said[0].startswith("suspect: science: no PSF given") and "4 suitable stars" in said[0]
     assert not any("Gaussian" in r for r in verdicts["a"]["reasons"])
+
+
+@pytest.mark.parametrize("name", ["decam_c", "decam_coadd"])
+def test_plain_images_without_a_fwhm_keyword_are_subtracted(name):
+    """Too few stars for a PSF estimate (4 of the 5 needed) and no FWHM keyword: a
+    Gaussian of the sources' typical size stands in (it was refused: "the science image
+    has no PSF and none could be estimated"), within 5% of the header's FWHM, and the
+    verdict says so."""
+    from core.subtract import _HEADER_FWHM_KEYS
+
+    pair = load_pair(name)
+    header_fwhm = pair.science.metadata["FWHM"]
+    for exposure in (pair.science, pair.template):
+        for key in _HEADER_FWHM_KEYS:
+            exposure.metadata.pop(key, None)
+    result = run_subtraction(pair.science, pair.template, SubtractionConfig())
+    assert result.metrics["science_psf_fwhm"] == pytest.approx(header_fwhm, rel=0.05)
+    quality = result.metrics["quality"]
+    assert quality["verdict"] == "suspect", quality
+    assert any("typical size stands in" in reason for reason in quality["reasons"]), quality
+    assert abs(result.metrics["noise_ratio"] - 1.0) < 0.1
