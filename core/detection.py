@@ -33,7 +33,7 @@ from .measure import (
     _resolve_psf,
 )
 from .parallel import alongside, frame_array, frame_zeros
-from .psf import GaussianPsf, Psf, stellar_locus
+from .psf import GaussianPsf, Psf, star_shaped, stellar_locus
 
 __all__ = ["detect_sources", "background_estimate", "DetectionMemo"]
 
@@ -446,7 +446,7 @@ def _clean_sizes(table: Table) -> np.ndarray:
         & ~table["flag_edge"]
         & ~table["flag_blended"]
         & np.isfinite(table["size"])
-        & (table["size"] > 0.6)
+        & star_shaped(table)
     )
     return np.asarray(table["size"][ok])
 

@@ -26,6 +26,7 @@ __all__ = [
     "adaptive_moments",
     "shift_stamp",
     "minor_axis_sigma",
+    "star_shaped",
     "stellar_locus",
 ]
 
@@ -457,6 +458,25 @@ class GridPsf(Psf):
 
 
 #: Smallest adaptive sigma (px) a star may have; below are hot pixels and cosmic rays.
+#: Least trace radius (px) of a star's adaptive moments: below, hot pixels.
+MIN_STAR_SIGMA = 0.6
+#: Least minor-axis sigma (px, pixel included) of a star: no source is narrower than the
+#: PSF along any axis, where a cosmic-ray track one pixel wide is ~0.2-0.5 px across
+#: whatever its length (a 512 px frame with 10+ of them: the tracks of a star's trace
+#: size formed the stellar locus, and the science PSF came out 2.0 px for 4.0).
+MIN_STAR_MINOR_SIGMA = 0.5
+
+
+def star_shaped(table) -> np.ndarray:
+    """Sources of a measured catalog (``size``, ``ixx``, ``iyy``, ``ixy``) that could be
+    stars by their shape: wider than a hot pixel and, across, than a cosmic-ray track
+    (`MIN_STAR_SIGMA`, `MIN_STAR_MINOR_SIGMA`); the stellar locus picks among them."""
+    size = np.asarray(table["size"], dtype=np.float64)
+    minor = minor_axis_sigma(table["ixx"], table["iyy"], table["ixy"])
+    with np.errstate(invalid="ignore"):
+        return (size > MIN_STAR_SIGMA) & (minor > MIN_STAR_MINOR_SIGMA)
+
+
 def minor_axis_sigma(ixx, iyy, ixy) -> np.ndarray:
     """sqrt of the smaller eigenvalue of the second-moment matrices [[ixx, ixy], [ixy, iyy]]
     (px): the source's width across its narrowest direction."""

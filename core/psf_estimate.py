@@ -20,18 +20,12 @@ from .psf import (
     Psf,
     _odd,
     _shift_raw,
-    minor_axis_sigma,
+    star_shaped,
     stellar_locus,
 )
 
 __all__ = ["estimate_psf", "PSF_STAMP_BAD_PLANES"]
 
-_MIN_STAR_SIGMA = 0.6
-#: Least minor-axis sigma (px, pixel included) of a star: no source is narrower than the
-#: PSF along any axis, where a cosmic-ray track one pixel wide is ~0.2-0.5 px across
-#: whatever its length (a 512 px frame with 10+ of them: the tracks of a star's trace
-#: size formed the stellar locus, and the science PSF came out 2.0 px for 4.0).
-_MIN_STAR_MINOR_SIGMA = 0.5
 #: A candidate's trace size within this fraction of the stellar locus.
 _LOCUS_TOLERANCE = 0.15
 #: Mask planes that disqualify a star's stamp from PSF estimation.
@@ -55,8 +49,8 @@ def estimate_psf(
     or from `core.detection.detect_sources`. A star is used when it is not
     flagged (saturated, edge, masked, blended), its S/N is at least 20, its
     adaptive size is within 15% of the stellar locus (the densest cluster of
-    sizes: rejects galaxies, cosmic rays and blends), its minor axis is wider than
-    a cosmic-ray track's (`_MIN_STAR_MINOR_SIGMA`), no other detected source
+    sizes: rejects galaxies, cosmic rays and blends), its shape is a star's
+    (`core.psf.star_shaped`: wider across than a cosmic-ray track), no other detected source
     with over 2% of its flux lies within the stamp radius, and its stamp holds
     no pixel of `PSF_STAMP_BAD_PLANES`. The
     brightest ``max_stars`` are cut out with a margin, background subtracted
@@ -132,8 +126,7 @@ def estimate_psf(
         & np.isfinite(stars["size"])
     )
     size = np.asarray(stars["size"], dtype=np.float64)
-    minor = minor_axis_sigma(stars["ixx"], stars["iyy"], stars["ixy"])
-    ok &= (size > _MIN_STAR_SIGMA) & (minor > _MIN_STAR_MINOR_SIGMA)
+    ok &= star_shaped(stars)
     if ok.sum() >= 3:
         typical = stellar_locus(size[ok])
         ok &= np.abs(size / typical - 1.0) < _LOCUS_TOLERANCE
