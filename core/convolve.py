@@ -231,7 +231,7 @@ def correlate_rows(
     workers: int | None = None,
 ) -> np.ndarray | None:
     """float32 correlation with ``kernel`` (0 off the frame) of the frame whose rows
-    ``read(rows, part)`` writes into ``part`` (float32, (rows, nx)), in overlap-save
+    ``read(rows, part)`` writes into ``part`` (float32, (rows, nx), every value), in overlap-save
     tiles: a band of tile rows is padded once and its tiles transformed in one batch
     (one call per band rather than per tile), bands on the thread pool.
 
@@ -256,8 +256,15 @@ def _correlate_bands(shape, read, terms: _Terms, write=None, workers=None):
     def band(r: int) -> None:
         y0 = r * core_y
         rows = slice(max(y0 - hy, 0), min(y0 + core_y + hy, ny))
-        buffer = np.zeros((py, ntx * core_x + 2 * hx), dtype=terms.dtype)
-        read(rows, buffer[rows.start - (y0 - hy) : rows.stop - (y0 - hy), hx : hx + nx])
+        r0, r1 = rows.start - (y0 - hy), rows.stop - (y0 - hy)
+        # ``read`` writes the frame's part whole: only the margins around it are zeroed
+        # (a zeroed buffer wrote every band's ~4 MB twice)
+        buffer = np.empty((py, ntx * core_x + 2 * hx), dtype=terms.dtype)
+        buffer[:r0] = 0
+        buffer[r1:] = 0
+        buffer[r0:r1, :hx] = 0
+        buffer[r0:r1, hx + nx :] = 0
+        read(rows, buffer[r0:r1, hx : hx + nx])
         tiles = np.lib.stride_tricks.sliding_window_view(buffer, px, axis=1)[:, ::core_x]
         y1 = min(y0 + core_y, ny)
         if out is None:

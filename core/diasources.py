@@ -610,6 +610,15 @@ def _aperture_weights(fx, fy, half: int, radius: float) -> np.ndarray:
     return weight
 
 
+def _shared_aperture_weights(fx, fy, half: int, radius: float) -> np.ndarray:
+    """`_aperture_weights`, made once when every position has the same offset (the
+    noise scale's whole pixels): each offset's weights are its own."""
+    fx, fy = np.asarray(fx, dtype=np.float64), np.asarray(fy, dtype=np.float64)
+    if fx.size > 1 and np.all(fx == fx[0]) and np.all(fy == fy[0]):
+        return np.repeat(_aperture_weights(fx[:1], fy[:1], half, radius), fx.size, axis=0)
+    return _aperture_weights(fx, fy, half, radius)
+
+
 def _aperture(exposure: Exposure, x, y, radius: float) -> tuple[np.ndarray, np.ndarray]:
     """Circular aperture sums and errors with fractional pixel coverage (sub-sampled);
     NaN where the aperture touches a pixel off the frame, not finite, or in a plane the
@@ -624,7 +633,7 @@ def _aperture(exposure: Exposure, x, y, radius: float) -> tuple[np.ndarray, np.n
     half = int(math.ceil(radius)) + 1
     ix = np.floor(x + 0.5).astype(int)
     iy = np.floor(y + 0.5).astype(int)
-    weight = _aperture_weights(x - ix, y - iy, half, radius)
+    weight = _shared_aperture_weights(x - ix, y - iy, half, radius)
     data = _stack(exposure.image, ix, iy, half, fill=np.nan).astype(np.float64)
     var = _stack(exposure.variance, ix, iy, half, fill=np.nan).astype(np.float64)
     good = np.isfinite(data) & np.isfinite(var)

@@ -1156,3 +1156,125 @@ def test_batched_psf_fit_on_the_whole_stamp_equals_the_one_source_fit(psf, fit_b
         ok = np.isfinite(flux)
         np.testing.assert_array_equal(flux[ok], fit["flux"][ok])
         np.testing.assert_array_equal(error[ok], fit["flux_err"][ok])
+
+
+def test_aperture_weights_shared_by_equal_offsets_equal_each_positions_own():
+    """`_shared_aperture_weights` (one set for positions of one offset: the noise scale's
+    whole pixels) equals `_aperture_weights` made for every position."""
+    from core.diasources import _aperture_weights, _shared_aperture_weights
+
+    rng = np.random.default_rng(31)
+    cases = [
+        (np.zeros(40), np.zeros(40)),
+        (np.full(40, 0.3), np.full(40, -0.2)),
+        (np.full(40, 0.3), np.concatenate([np.full(39, -0.2), [0.1]])),
+        (rng.uniform(-0.5, 0.5, 40), rng.uniform(-0.5, 0.5, 40)),
+        (np.zeros(1), np.zeros(1)),
+    ]
+    for radius in (1.3, 6.62):
+        half = int(np.ceil(radius)) + 1
+        for fx, fy in cases:
+            expected = _aperture_weights(fx, fy, half, radius)
+            got = _shared_aperture_weights(fx, fy, half, radius)
+            assert got.shape == expected.shape
+            np.testing.assert_array_equal(got, expected)
+
+
+def _bright_part_reference(template, ix, iy, radius, least, fraction):
+    """`core.position_flags._bright_part` as first written: float64 maxima, numpy's median
+    of each ring, the brightest core pixel by an argmax over the whole disc."""
+    from core.order import row_nanmedians
+    from core.position_flags import _SATURATED_PLANES, _local_maxima
+    from core.stamps import stamps as _stack
+
+    r = int(math.ceil(radius))
+    offsets = np.arange(-r, r + 1)
+    squared = (offsets[:, None] ** 2 + offsets[None, :] ** 2).ravel()
+    disc = squared <= radius * radius
+    wider = _stack(template.image, ix, iy, r + 1, fill=np.nan).astype(np.float64)
+    known = np.where(np.isfinite(wider), wider, -np.inf)
+    cores = _local_maxima(known).reshape(ix.size, -1)[:, disc]
+    data = wider[:, 1:-1, 1:-1].reshape(ix.size, -1)
+    bits = template.bitmask(_SATURATED_PLANES)
+    mask = _stack(template.mask, ix, iy, r, fill=0).reshape(ix.size, -1)[:, disc]
+    clipped = (mask & np.int32(bits)) != 0
+    outside = data[:, ~disc]
+    level = np.median(outside, axis=1)
+    holes = ~np.isfinite(level)
+    if holes.any():
+        level[holes] = row_nanmedians(outside[holes], consume=True)
+    excess = data[:, disc] - level[:, None]
+    core = radius / 3.0
+    r2 = squared[disc]
+    under = np.isfinite(excess) & (r2 <= core * core)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        light = np.where(under, excess, 0.0).sum(axis=1) / fraction
+    brightest = np.where(under, excess, -np.inf).argmax(axis=1)
+    light[r2[brightest] > max(core - 1.0, 0.0) ** 2] = np.nan
+    with np.errstate(invalid="ignore"):
+        star = excess > least[0][:, None]
+        star |= clipped & (excess > least[1][:, None])
+        bright = np.any(cores & star, axis=1)
+    return bright, light
+
+
+def test_bright_part_equals_its_plain_form():
+    """The bright-star stamps' work (maxima in the image's precision, row medians by a
+    sort, the brightest core pixel among the core's columns) equals it written plainly:
+    NaN and infinite pixels, stamps over the edge, cores without a finite pixel."""
+    from core.position_flags import _bright_part
+    from core.psf import GaussianPsf
+
+    rng = np.random.default_rng(33)
+    shape = (120, 140)
+    image = rng.normal(50.0, 5.0, shape).astype(np.float32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for x, y, f in rng.uniform([0, 0, 2e2], [140, 120, 2e4], (20, 3)):
+        image += (f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 8.0)).astype(np.float32)
+    image[60:66, 20:26] = np.nan  # a core of no finite pixel at (23, 63)
+    image[30, 100:104] = np.inf
+    image[90, 50] = -np.inf
+    image[::7, 80] = np.round(image[::7, 80])  # ties
+    template = Exposure.from_arrays(image, psf=GaussianPsf(2.0))
+    template.mask[40:45, 40:45] = template.bitmask(["SAT"])
+    ix = np.concatenate([rng.integers(0, 140, 300), [23, 0, 139, 101, 50]])
+    iy = np.concatenate([rng.integers(0, 120, 300), [63, 0, 119, 30, 90]])
+    for radius in (0.9, 2.5, 6.5, 13.2):
+        least = (rng.uniform(50, 500, ix.size), rng.uniform(10, 100, ix.size))
+        fraction = rng.uniform(0.3, 0.9, ix.size)
+        got = _bright_part(template, ix, iy, radius, least, fraction)
+        expected = _bright_part_reference(template, ix, iy, radius, least, fraction)
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+        assert np.isfinite(expected[1]).any()
+        if radius > 2:  # discs of several pixels: stars on some, light off the rim NaN
+            assert 0 < expected[0].sum() < ix.size and np.isnan(expected[1]).any()
+
+
+def test_overlap_save_bands_zero_their_margins_whatever_the_buffer_held(monkeypatch):
+    """`core.convolve._correlate_bands` zeroes only the margins around the part ``read``
+    writes: with every fresh buffer full of NaN the banded correlation still equals the
+    direct sum (the frame's edges, a last band past the frame, a width of partial tiles)."""
+    import types
+
+    import core.convolve
+    from core.convolve import correlate_rows
+
+    class _NanEmpty(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(shape, dtype=float, **kwargs):
+            return np.full(shape, np.nan, dtype=dtype)
+
+    monkeypatch.setattr(core.convolve, "np", _NanEmpty("numpy"))
+    rng = np.random.default_rng(37)
+    image = rng.normal(10.0, 3.0, size=(530, 610)).astype(np.float32)
+    kernel = rng.random((15, 15))
+    out = correlate_rows(
+        image.shape, lambda rows, part: np.copyto(part, image[rows]), kernel, tile=64
+    )
+    expected = ndimage.correlate(image.astype(np.float64), kernel, mode="constant")
+    assert np.isfinite(out).all()
+    assert np.abs(out - expected).max() < 2e-6 * np.abs(expected).max()
