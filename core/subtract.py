@@ -1566,8 +1566,6 @@ def _typical_source_sigma(exposure: Exposure, background, detected) -> float | N
     smooths with (the smallest well-populated cluster of sizes, `core.psf.stellar_locus`),
     from ``detected`` (that detection) or a new one; None from fewer than
     `_SOURCE_SIZE_MIN_SOURCES` sources."""
-    from .detection import detect_sources
-
     table = detected
     if table is None:
         table = detect_sources(exposure, set_mask=False, background=background)
