@@ -85,18 +85,21 @@ def test_kernel_shift_is_judged_against_the_stars_offset(dx, stars, level):
         assert "registration.mode 'stars'" in reason or "not the stars" in reason
 
 
-def _star_residual_verdict(fraction: float, error: float, mode: str = "convolveScience"):
+def _verdict_of(**metrics):
+    """The verdict of these metrics (noise ratio 1) on blank 64 x 64 inputs."""
     image = Exposure.from_arrays(np.zeros((64, 64)))
-    metrics = {
-        "noise_ratio": 1.0,
-        "kernel_sum": 0.922,
-        "mode": mode,
-        "star_residual_fraction": fraction,
-        "star_residual_fraction_error": error,
-        "n_residual_stars": 35,
-        "star_residual_chi2_median": 3.7,
-    }
-    return assess_quality(metrics, image, image, None, None, []).as_dict()
+    return assess_quality({"noise_ratio": 1.0, **metrics}, image, image, None, None, []).as_dict()
+
+
+def _star_residual_verdict(fraction: float, error: float, mode: str = "convolveScience"):
+    return _verdict_of(
+        kernel_sum=0.922,
+        mode=mode,
+        star_residual_fraction=fraction,
+        star_residual_fraction_error=error,
+        n_residual_stars=35,
+        star_residual_chi2_median=3.7,
+    )
 
 
 @pytest.mark.parametrize(
@@ -173,16 +176,13 @@ def test_star_residual_fraction_measures_what_the_stars_keep():
 
 
 def _width_verdict(ratio: float, mode: str = "preconvolve"):
-    image = Exposure.from_arrays(np.zeros((64, 64)))
-    metrics = {
-        "noise_ratio": 1.0,
-        "kernel_sum": 0.949,
-        "mode": mode,
-        "kernel_psf_width_ratio": ratio,
-        "science_psf_fwhm": 2.64,
-        "template_psf_fwhm": 7.87,
-    }
-    return assess_quality(metrics, image, image, None, None, []).as_dict()
+    return _verdict_of(
+        kernel_sum=0.949,
+        mode=mode,
+        kernel_psf_width_ratio=ratio,
+        science_psf_fwhm=2.64,
+        template_psf_fwhm=7.87,
+    )
 
 
 @pytest.mark.parametrize(
