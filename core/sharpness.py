@@ -62,14 +62,17 @@ def _bounds_of(kernel: np.ndarray) -> np.ndarray:
     (a tilted elliptical PSF's brightest pixel can lie beyond the half pixel); infinite
     where the neighbours can sum to nothing."""
     size, c = kernel.shape[0], kernel.shape[0] // 2
-    dy, dx = (a.ravel() for a in np.meshgrid(_OFFSETS, _OFFSETS, indexing="ij"))
+    n = _OFFSETS.size
     # only the central 3 x 3 of each shifted stamp: its inverse transform's three rows
-    # and columns (f (m - shift) the phase of output pixel m), not whole transforms
+    # and columns (f (m - shift) the phase of output pixel m), not whole transforms;
+    # the rows' product with the spectrum depends on the row shift alone, so it is made
+    # once per row shift and paired with every column shift in one product
     freq = np.fft.fftfreq(size)
     pixels = np.arange(c - 1, c + 2)
-    rows = np.exp(2j * np.pi * freq * (pixels[None, :, None] - dy[:, None, None]))
-    cols = np.exp(2j * np.pi * freq * (pixels[None, :, None] - dx[:, None, None]))
-    core = ((rows @ np.fft.fft2(kernel)) @ cols.transpose(0, 2, 1)).real / size**2
+    phases = np.exp(2j * np.pi * freq * (pixels[None, :, None] - _OFFSETS[:, None, None]))
+    rows = (phases.reshape(3 * n, size) @ np.fft.fft2(kernel)).reshape(n, 3, size)
+    core = np.einsum("iaf,jbf->ijab", rows, phases).real.reshape(n * n, 3, 3) / size**2
+    dy, dx = (a.ravel() for a in np.meshgrid(_OFFSETS, _OFFSETS, indexing="ij"))
     nearest = (np.abs(dy) <= 0.5) & (np.abs(dx) <= 0.5)
     brightest = core.reshape(-1, 9).argmax(axis=1) == 4
     core = core[nearest | brightest]

@@ -106,3 +106,32 @@ def test_forced_photometry_on_empty_sky_is_not_sharp(fwhm):
     exposure = _exposure(image, GaussianPsf(fwhm / 2.3548), 1.0)
     x, y = rng.uniform(20, 580, 20000), rng.uniform(20, 580, 20000)
     assert not np.asarray(forced_photometry(exposure, x, y)["flag_sharp"]).any()
+
+
+def _plain_bounds(kernel: np.ndarray) -> np.ndarray:
+    """`sharpness._bounds_of` written plainly: the whole stamp shifted to each offset (a
+    periodic Fourier shift), its central 3 x 3 read, each test's largest contrast."""
+    from core.psf import _shift_raw
+
+    c = kernel.shape[0] // 2
+    best = np.full(len(sharpness._TESTS), -np.inf)
+    for dy in sharpness._OFFSETS:
+        for dx in sharpness._OFFSETS:
+            core = _shift_raw(kernel, dx, dy)[c - 1 : c + 2, c - 1 : c + 2]
+            if not (abs(dy) <= 0.5 and abs(dx) <= 0.5) and core.argmax() != 4:
+                continue
+            for t, offsets in enumerate(sharpness._TESTS):
+                mean = np.mean([core[1 + oy, 1 + ox] for oy, ox in offsets])
+                best[t] = max(best[t], core[1, 1] / mean if mean > 0 else np.inf)
+    return best
+
+
+@pytest.mark.parametrize(
+    "psf",
+    [GaussianPsf(0.7), GaussianPsf(1.5, ellipticity=0.3, angle=0.5), MoffatPsf(4.0, 3.0)],
+)
+def test_contrast_bounds_equal_the_shifted_stamps(psf):
+    """The bounds from three rows and columns of the inverse transform, each row shift's
+    product made once, equal those of whole shifted stamps."""
+    kernel = np.asarray(psf.kernel_image(), dtype=np.float64)
+    np.testing.assert_allclose(sharpness._bounds_of(kernel), _plain_bounds(kernel), rtol=1e-10)
