@@ -38,6 +38,7 @@ from .exposure import Exposure
 from .io import file_mode
 from .order import percentiles, row_medians
 from .parallel import one_blas_thread, thread_map
+from .stamps import centred_reach
 from .task import Task
 
 __all__ = [
@@ -271,12 +272,8 @@ class SpatialKernel:
     def reach(self, fraction: float) -> int:
         """Half-width (px) of the smallest centred square outside which the kernel image at
         the domain centre stays below ``fraction`` of its largest absolute value."""
-        image = np.abs(self.image())
-        rows, cols = np.nonzero(image >= fraction * image.max())
-        if rows.size == 0:
-            return 0
-        h = self.half
-        return int(max(np.abs(rows - h).max(), np.abs(cols - h).max()))
+        image = self.image()
+        return centred_reach(image, fraction * np.abs(image).max())
 
     def sum(self, x: float | None = None, y: float | None = None) -> float:
         """Sum of the kernel image at (x, y) (the flux ratio); the domain centre by default."""

@@ -19,7 +19,7 @@ from .exposure import Exposure
 from .order import row_medians, row_nanmedians
 from .psf import Psf
 from .rings import ring_levels
-from .stamps import batches
+from .stamps import batches, centred_reach
 from .stamps import stamps as _stack
 
 __all__ = [
@@ -251,10 +251,7 @@ def response_profile(psf: Psf, filtered: bool = False) -> np.ndarray:
     cy, cx = stamp.shape[0] // 2, stamp.shape[1] // 2
     peak = stamp[cy, cx] if stamp[cy, cx] > 0 else np.abs(stamp).max()
     stamp = stamp / peak
-    # the smallest centred square holding every value above the floor
-    rows, cols = np.nonzero(np.abs(stamp) >= _RESPONSE_FLOOR)
-    half = int(max(np.abs(rows - cy).max(), np.abs(cols - cx).max())) if rows.size else 0
-    half = min(half, cy, cx)
+    half = min(centred_reach(stamp, _RESPONSE_FLOOR), cy, cx)
     return stamp[cy - half : cy + half + 1, cx - half : cx + half + 1]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["windows", "stamps", "batches", "STAMP_BATCH"]
+__all__ = ["windows", "stamps", "batches", "centred_reach", "STAMP_BATCH"]
 
 #: Positions per batch of per-source stamp work (PSF fits, apertures): a batch's
 #: stamps, spectra and temporaries stay in the CPU's caches, where whole-catalog ones
@@ -57,3 +57,13 @@ def batches(n: int, size: int | None = None) -> list[slice]:
     """Consecutive slices of at most ``size`` (default `STAMP_BATCH`) covering ``range(n)``."""
     size = size or STAMP_BATCH
     return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def centred_reach(image: np.ndarray, level: float) -> int:
+    """Half-width (px) of the smallest square centred on ``image``'s central pixel that
+    holds every pixel whose absolute value reaches ``level``; 0 when none does."""
+    rows, cols = np.nonzero(np.abs(image) >= level)
+    if rows.size == 0:
+        return 0
+    cy, cx = image.shape[0] // 2, image.shape[1] // 2
+    return int(max(np.abs(rows - cy).max(), np.abs(cols - cx).max()))
