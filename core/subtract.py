@@ -178,8 +178,9 @@ class _SubtractBase(Task):
         self.warnings: list[str] = []
         #: centroid offset (dx, dy) the matching kernel has by design (preconvolution)
         self.kernel_reference_shift: tuple[float, float] = (0.0, 0.0)
-        #: the unit-sum preconvolution kernel P (preconvolve mode)
-        self.preconv_kernel: np.ndarray | None = None
+        #: the science PSF seen through the preconvolution kernel P (preconvolve mode): a
+        #: star's profile in P * S and in the score
+        self.preconvolved_psf: ImagePsf | None = None
         #: where the kernel stars sit in the template relative to the science
         self.star_offset: StarOffset | None = None
         #: what the run found and handled (confusion, correlated noise, lowered orders)
@@ -974,11 +975,7 @@ class _SubtractBase(Task):
             convolved, target = science, template
         centre = science.bbox_center()
         try:
-            target_psf = (
-                _preconvolved_psf(science, self.preconv_kernel)
-                if self.preconv_kernel is not None
-                else target.require_psf()
-            )
+            target_psf = self.preconvolved_psf or target.require_psf()
             return kernel_psf_width_ratio(
                 kernel_image,
                 convolved.require_psf().kernel_image(*centre),
@@ -1207,9 +1204,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                         # stars in P * S have the PSF seen through P: the variability
                         # filter compares their PSF fluxes with the template's (the
                         # matched science itself keeps the science PSF, as results do)
-                        seen_through_p = replace(
-                            matched_science, psf=_preconvolved_psf(science, preconv_kernel)
-                        )
+                        seen_through_p = replace(matched_science, psf=self.preconvolved_psf)
                         kernel_sources = self._select_sources(
                             template,
                             seen_through_p,
@@ -1232,9 +1227,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                     "scoreNoiseRatioPropagated"
                 )
                 # a star in the score and in P * S has the science PSF seen through P
-                result.metrics.update(
-                    self._kernel_star_residuals(result, _preconvolved_psf(science, preconv_kernel))
-                )
+                result.metrics.update(self._kernel_star_residuals(result, self.preconvolved_psf))
             self.detect(result)
         return self._finish(result, science, template)
 
@@ -1334,8 +1327,9 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         self.metadata["preconvolutionKernelSize"] = int(stamp.shape[0])
         # K * T matches P * S, so K carries P's own centroid offset besides any misalignment
         self.kernel_reference_shift = kernel_centroid(stamp)
-        self.preconv_kernel = stamp / stamp.sum()
-        return self.preconv_kernel
+        kernel = stamp / stamp.sum()
+        self.preconvolved_psf = _preconvolved_psf(science, kernel)
+        return kernel
 
     def _fill_bad(self, exposure: Exposure) -> Exposure:
         """The exposure with bad-plane pixels replaced by their nearest good pixel's value
