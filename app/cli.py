@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -369,6 +370,7 @@ def _cmd_forced(args) -> int:
     from core.forced import forced_photometry
     from core.io import read_exposure, write_hdulist_atomic
 
+    _check_output_file(args.output)
     full = _load_config(args.config, None) if args.config else None
     config = full.dia.forced if full is not None else ForcedPhotometryConfig()
     _require_difference(args.difference)
@@ -446,6 +448,7 @@ def _cmd_warp(args) -> int:
     from core.parallel import thread_map
     from core.register import register_template
 
+    _check_output_file(args.output)
     config = _load_config(args.config, None)
     if args.registration:
         config.registration.mode = args.registration
@@ -593,7 +596,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_plane_options(p, "template")
     p.set_defaults(func=_cmd_subtract)
 
-    p = sub.add_parser("warp", help="register TEMPLATE and resample it onto the grid of SCIENCE")
+    p = sub.add_parser(
+        "warp",
+        help="register TEMPLATE and resample it onto the grid of SCIENCE",
+        description="Register the template onto the pixel grid of another exposure (by the two "
+        "WCSs corrected on matched stars, or by stars alone) and resample it with Lanczos-3, as "
+        "`alsub subtract` does before subtracting; the summary line gives the shift, rotation, "
+        "scale and matched-star rms.",
+    )
     p.add_argument("template", help="template FITS to register and resample")
     p.add_argument("--onto", required=True, help="the exposure whose pixel grid is the output")
     p.add_argument("-o", "--output", required=True, help="warped template FITS to write")
@@ -759,6 +769,11 @@ def main(argv: list[str] | None = None) -> int:
         args.progress_display.clear()
         print(f"alsub: error: no such file: {exc.filename}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        # the reader left early (`alsub config --list | head`): stop as a tool SIGPIPE stops,
+        # with stdout on devnull so the flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as exc:
         # a bad ALSUB_* setting of `serve` or `worker`: one line each, no values (tokens)
         from pydantic import ValidationError

@@ -63,6 +63,10 @@ def _answer(status: int, code: str, message: str, headers: dict | None = None) -
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
+        if err.get("type") == "json_invalid":  # its loc holds the character offset, not a field
+            detail = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"body: Invalid JSON: {detail} at character {err['loc'][-1]}")
+            continue
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
     return "; ".join(parts) or "invalid request"

@@ -139,7 +139,10 @@ class SubtractionRequest(BaseModel):
     )
 
     science: InputRef = Field(description="The new (science) exposure.")
-    template: InputRef = Field(description="The reference (template) exposure, same pixel grid.")
+    template: InputRef = Field(
+        description="The reference (template) exposure of the same field; registered onto the "
+        "science pixel grid when it is on another (config.registration)."
+    )
     mode: Mode | None = Field(
         None,
         description="Direction of convolution, or preconvolve (score image). Overrides "

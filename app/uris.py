@@ -122,7 +122,11 @@ def open_uri(uri: str, settings: Settings) -> BinaryIO:
     """
     path = _path_of(uri)
     if not settings.allowed_roots:
-        raise _refuse("uri_not_allowed", "file:// URIs are disabled (no allowed roots)")
+        raise _refuse(
+            "uri_not_allowed",
+            "file:// URIs are disabled on this server (ALSUB_ALLOWED_ROOTS is empty): upload "
+            "the file to POST /v1/exposures and give its exposure_id",
+        )
     for root in settings.allowed_roots:
         root_parts = PurePosixPath(root).parts
         if path.parts[: len(root_parts)] == root_parts and len(path.parts) > len(root_parts):

@@ -851,8 +851,9 @@ def read_exposure(
     ------
     InvalidExposureError
         Not a FITS file, truncated, no image data, not 2-D, planes of different
-        shapes, no finite pixel, negative or NaN variance on unmasked pixels,
-        too many pixels. The message names the file.
+        shapes, no finite pixel, negative or NaN variance on unmasked pixels, a
+        noise or weight plane with no positive finite pixel, too many pixels. The
+        message names the file.
     """
     exposure, _ = _read(
         source,
@@ -1169,10 +1170,17 @@ def _variance_plane(
         return np.array(data, dtype=np.float32), text
     data = np.asarray(data, dtype=np.float64)
     usable = np.isfinite(data) & (data > 0)
+    if not usable.any():
+        # else every pixel is NO_DATA and the subtraction fails later, blaming the coverage
+        what = "inverse-variance weight" if kind == "weight" else "1-sigma noise"
+        raise InvalidExposureError(
+            f"{f.name}: {label} has no positive finite pixel, so no pixel would have data; "
+            f"give a {what} map, positive where the image has data"
+        )
     set_plane("NO_DATA", ~usable)
     safe = np.where(usable, data, 1.0)
     result = 1.0 / safe if kind == "weight" else safe * safe
-    fill = np.median(result[usable]) if usable.any() else 1.0
+    fill = np.median(result[usable])
     result = np.where(usable, result, fill)
     label = "inverse of weight" if kind == "weight" else "square of 1-sigma noise"
     return result.astype(np.float32), f"{label}: {text}"

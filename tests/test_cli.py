@@ -295,6 +295,28 @@ def test_missing_output_directory_fails_before_reading(tmp_path, capsys):
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["warp", "forced"])
+def test_missing_output_directory_of_warp_and_forced_fails_before_reading(
+    command, tmp_path, capsys
+):
+    not_fits = tmp_path / "broken.fits"
+    not_fits.write_text("not FITS")  # reading it would fail: the output must be checked first
+    positions = tmp_path / "positions.csv"
+    positions.write_text("x,y\n10,10\n")
+    out = tmp_path / "missing" / "dir" / "x.fits"
+    inputs = {
+        "warp": [str(not_fits), "--onto", str(not_fits)],
+        "forced": [str(not_fits), "--positions", str(positions)],
+    }
+    code = main([command, *inputs[command], "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    # the directory to create, not a temporary file the user never named
+    assert f"output directory {tmp_path / 'missing' / 'dir'} does not exist" in err, err
+    assert "broken" not in err and ".tmp" not in err
+    assert err.count("\n") == 1
+
+
 def test_identical_inputs_exit_2(pair_dir, tmp_path, capsys):
     science = str(pair_dir / "science.fits")
     assert main(["subtract", science, science, "-o", str(tmp_path / "d.fits")]) == 2
@@ -458,3 +480,20 @@ def test_plane_flags_must_name_files(pair_dir, tmp_path, capsys):
     code = _subtract(pair_dir, tmp_path / "d.fits", "--template-noise", str(tmp_path / "no.fits"))
     assert code == 2
     assert "--template-noise" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["config", "--list"], ["config"]])
+def test_a_reader_that_leaves_early_gets_no_traceback(args):
+    # `alsub config --list | head` closes the pipe before alsub has written everything
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first write: deterministic
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+    )
+    os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141  # 128 + SIGPIPE, as a tool the signal stopped

@@ -746,6 +746,18 @@ def test_separate_plane_of_wrong_shape_and_missing_file(tmp_path):
         read_exposure(image_path, variance=str(tmp_path / "missing_var.fits"))
 
 
+@pytest.mark.parametrize("kind", ["noise", "weight"])
+def test_noise_or_weight_without_a_usable_pixel_is_refused_naming_the_plane(tmp_path, kind):
+    # every pixel NO_DATA: the subtraction failed later blaming the template's coverage
+    image_path = write_single(tmp_path / "img.fits", np.ones((10, 12), np.float32))
+    plane_path = write_single(tmp_path / "plane.fits", np.zeros((10, 12), np.float32))
+    with pytest.raises(InvalidExposureError, match=rf"img\.fits: {kind} file plane\.fits has no "):
+        read_exposure(image_path, **{kind: plane_path})
+    negative = write_single(tmp_path / "negative.fits", np.full((10, 12), -1.0, np.float32))
+    with pytest.raises(InvalidExposureError, match="no positive finite pixel"):
+        read_exposure(image_path, **{kind: negative})
+
+
 def test_pixel_limit_is_checked_before_loading(tmp_path):
     path = write_single(tmp_path / "big.fits", np.zeros((100, 120), np.float32))
     with pytest.raises(InvalidExposureError, match=r"big.fits: image has 12000 pixels"):

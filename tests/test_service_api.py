@@ -452,6 +452,19 @@ def test_invalid_requests_are_422(alice, alice_inputs):
     )
 
 
+def test_form_config_that_is_not_json_names_the_field(alice, sim_pair):
+    response = alice.post(
+        "/v1/subtractions",
+        files={
+            "science": ("science.fits", sim_pair["science"].read_bytes()),
+            "template": ("template.fits", sim_pair["template"].read_bytes()),
+        },
+        data={"config": "do_decorrelation=true"},
+    )
+    message = assert_error(response, 422, "invalid_request")["message"]
+    assert message.startswith("config: not valid JSON"), message
+
+
 # idempotency, listing, cancel, isolation, limits ---------------------------------------------
 def test_idempotency_key_gives_the_same_job(alice, bob, alice_inputs, sim_pair):
     key = "visit-1234-ccd-17"

@@ -183,6 +183,18 @@ def test_forced_photometry_in_order(deployment, alice):
     assert text.status_code == 415 and text.json()["error"]["code"] == "unsupported_media_type"
 
 
+def test_forced_body_that_is_not_json_says_so(deployment, alice):
+    _, job_id, _, _ = deployment
+    answer = alice.post(
+        f"/v1/subtractions/{job_id}/forced",
+        content=b'[{"x": 311.4, "y": 87.0},]',
+        headers={"Content-Type": "application/json"},
+    )
+    assert answer.status_code == 422, answer.text
+    message = answer.json()["error"]["message"]
+    assert message.startswith("body: Invalid JSON") and "at character 25" in message, message
+
+
 def test_cutout_triplets(deployment, alice):
     _, job_id, _, _ = deployment
     rows = alice.get(f"/v1/subtractions/{job_id}/sources").json()

@@ -165,6 +165,14 @@ async def _read_form(
         config_text = form.get("config")
     try:
         config = json.loads(config_text) if isinstance(config_text, str) and config_text else {}
+    except ValueError as exc:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"config: not valid JSON ({exc}); send the SubtractionConfig as JSON text, "
+            'e.g. {"do_decorrelation": true}',
+        ) from None
+    try:
         req = SubtractionRequest.model_validate(
             {
                 "science": {"exposure_id": ids["science"]},
@@ -173,12 +181,8 @@ async def _read_form(
                 **fields,
             }
         )
-    except (ValueError, ValidationError) as exc:
-        # ValidationError subclasses ValueError: test it first.
-        message = (
-            _first_error(exc) if isinstance(exc, ValidationError) else str(exc).splitlines()[0]
-        )
-        raise ApiError(422, "invalid_request", message) from None
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_request", _first_error(exc)) from None
     return req, catalog
 
 
@@ -435,7 +439,8 @@ class _ProductFile(FileResponse):
     "/{job_id}/products/{name}",
     summary="Download a product",
     description="The product as FITS (MEF layout), or `format=png` for a preview (zscale + asinh "
-    "stretch). With `x` and `y` (parent pixel coordinates) a `size`-pixel cutout, FITS or PNG. "
+    "stretch). With `x` and `y` (parent pixel coordinates) a `size`-pixel cutout, FITS or PNG, "
+    "clipped at the frame's edges (the DIA-source cutouts pad with NaN instead). "
     "A product can be downloaded as soon as its link is in the job's `products`: the "
     "difference (or score) is published while the job is still `running` and writes the "
     "matched images and background.",
