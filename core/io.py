@@ -11,9 +11,12 @@ Variance of a single image without a variance plane (`estimate_variance`)
 -------------------------------------------------------------------------
 The sky level ``sky`` and sky noise ``sigma`` are measured with
 `astropy.stats.sigma_clipped_stats` (3 sigma, MAD-based width; computed from one sort by
-`core.clipping`). Then:
+`core.clipping`), the noise about a smooth map of the sky (cell medians), so that a
+twilight or moonlight gradient is not taken for noise. The gain is that of the pixel
+values: BUNIT in electrons makes it 1 and a rate (per second) multiplies it by EXPTIME,
+whatever GAIN card the file kept. Then:
 
-* GAIN known, sky present (``sky > 3 sigma``: the sky was not subtracted):
+* GAIN known, sky present (``sky > 3 sigma`` everywhere: the sky was not subtracted):
   the CCD model ``max(image, 0) / gain + (rdnoise / gain)**2`` (ADU**2, RDNOISE in
   electrons). The measured sigma is *not* used here because in crowded fields
   it is dominated by unresolved stars, not noise (SAAO bulge frames: measured
@@ -24,7 +27,7 @@ The sky level ``sky`` and sky noise ``sigma`` are measured with
 * GAIN known, sky subtracted (median near 0, e.g. DECam community-pipeline
   cutouts): the sky's Poisson noise cannot be predicted from the pixels, so the
   sky term is ``max(sigma**2, (rdnoise / gain)**2)`` plus the source Poisson term
-  ``max(image - sky, 0) / gain``.
+  ``max(image - sky map, 0) / gain``.
 * No GAIN: sky term ``sigma**2``; if a sky is present an effective gain
   ``sky / sigma**2`` (all sky noise taken as Poisson, a conservative choice)
   gives the source Poisson term, otherwise there is none.
@@ -77,6 +80,7 @@ from .errors import InvalidExposureError, PsfError
 from .exposure import Exposure, MaskPlanes, PhotoCalib
 from .fits_structure import check_fits_structure
 from .psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf, Psf
+from .units import rate_and_electrons
 
 __all__ = [
     "read_exposure",
@@ -435,27 +439,84 @@ def _float_value(headers, keys) -> float | None:
 
 
 # ---------------------------------------------------------------------------- variance
+def _data_gain(headers) -> float | None:
+    """Electrons per unit of the pixel values, for the variance model.
+
+    The GAIN keyword is electrons per ADU; a pipeline that converts the pixels to
+    electrons or to a rate (HST and many coadds: BUNIT 'ELECTRONS/S') usually keeps
+    the card. Taken as it is, it makes the photon and read noise of a rate image
+    ~EXPTIME/GAIN times too large (a difference that looks far quieter than its
+    variance), so the unit decides: electrons -> 1, per second -> times EXPTIME.
+    """
+    rate, electrons = rate_and_electrons(_header_value(headers, ("BUNIT",)))
+    gain = 1.0 if electrons else _float_value(headers, _GAIN_KEYS)
+    if rate and gain is not None:
+        exptime = _float_value(headers, ("EXPTIME", "EXPOSURE"))
+        return gain * exptime if exptime and exptime > 0 else None
+    return gain
+
+
 _STATS_MAX_SIDE = 2048
 #: The first (masking) pass of `_sky_statistics` takes every this-many-th value, when
 #: that leaves at least `_FIRST_PASS_MIN` of them.
 _FIRST_PASS_STEP = 4
 _FIRST_PASS_MIN = 250_000
+#: Cells of the sky mesh: about this many along the shorter side, and at least
+#: `_SKY_CELL_MIN` px, so a gradient is followed while a cell still holds sky.
+_SKY_CELLS = 8
+_SKY_CELL_MIN = 32
 
 
-def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
-    """Sky level and robust sky noise, with sources and their wings masked.
+def _sky_mesh(image: np.ndarray, keep: np.ndarray) -> np.ndarray | None:
+    """The sky as a smooth map: medians of ``keep`` pixels in cells, bilinear between
+    cell centres (extrapolated linearly to the edges); a cell without enough sky (a
+    mosaic's empty region) takes its nearest cell's. None when the image holds fewer
+    than two cells or none has sky (then one level describes it)."""
+    from scipy import ndimage
+
+    from .background import _interp_matrix  # needs scipy: only when a sky is measured
+
+    ny, nx = image.shape
+    cell = max(_SKY_CELL_MIN, min(ny, nx) // _SKY_CELLS)
+    nby, nbx = ny // cell, nx // cell
+    if nby * nbx < 2:
+        return None
+    mesh = np.empty((nby, nbx))
+    for j in range(nby):
+        for i in range(nbx):
+            window = (slice(j * cell, (j + 1) * cell), slice(i * cell, (i + 1) * cell))
+            values = image[window][keep[window]]
+            mesh[j, i] = np.median(values) if values.size >= cell * cell // 4 else np.nan
+    empty = np.isnan(mesh)
+    if empty.all():
+        return None
+    if empty.any():
+        nearest = ndimage.distance_transform_edt(empty, return_distances=False, return_indices=True)
+        mesh = mesh[tuple(nearest)]
+    # the cells start at pixel 0: their centres are (cell - 1) / 2 + k cell
+    wy = _interp_matrix(ny, (cell - 1) / 2.0, cell, nby)
+    wx = _interp_matrix(nx, (cell - 1) / 2.0, cell, nbx)
+    return (wy @ mesh @ wx.T).astype(np.float32)
+
+
+def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float, np.ndarray | None]:
+    """Sky level, robust sky noise and the smooth sky map (or None), sources masked.
 
     A first sigma-clipped pass (on every 4th value of large samples) gives a
     threshold; pixels above it after a 3x3 smoothing, grown by 3 pixels, are masked
-    so that star wings (which clipping keeps) do not inflate the noise. Large images
-    use a central block.
+    so that star wings (which clipping keeps) do not inflate the noise. The noise is
+    then measured about a smooth sky (`_sky_mesh`): a twilight or moonlight gradient
+    would otherwise count as noise, hundreds of times the true variance. Large images
+    use a central block (and no map is returned).
     """
     ny, nx = image.shape
+    whole = True
     if ny > _STATS_MAX_SIDE or nx > _STATS_MAX_SIDE:
         j0, i0 = max(0, (ny - _STATS_MAX_SIDE) // 2), max(0, (nx - _STATS_MAX_SIDE) // 2)
         block = (slice(j0, j0 + _STATS_MAX_SIDE), slice(i0, i0 + _STATS_MAX_SIDE))
         if valid[block].sum() > 1000:
             image, valid = image[block], valid[block]
+            whole = False
     # Imported here: reading a file that has its variance (and `alsub info`) needs no scipy,
     # half of this module's import time.
     from scipy import ndimage
@@ -468,18 +529,29 @@ def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]
     # values gives it to ~0.1% (of a 1-sigma cut) at a quarter of the sort
     step = _FIRST_PASS_STEP if values.size >= _FIRST_PASS_STEP * _FIRST_PASS_MIN else 1
     sky, sigma = sigma_clipped_median_std(values[::step], sigma=3.0, maxiters=10)
+    smooth_sky = None
     if math.isfinite(sigma) and sigma > 0:
-        filled = np.where(valid, image, sky)
+        # the sky as a map of cell medians (robust to the few sources of a cell), and the
+        # noise about it: a smooth gradient is neither noise nor a source
+        smooth_sky = _sky_mesh(image, valid)
+        if smooth_sky is not None:
+            flat = image - smooth_sky
+            _, sigma = sigma_clipped_median_std(flat[valid][::step], sigma=3.0, maxiters=10)
+        else:
+            flat = image - np.float32(sky)
+        filled = np.where(valid, flat, 0.0)
         # a 3x3 mean has noise sigma/3, so 1 sigma of the raw image is a 3-sigma cut
         smooth = ndimage.uniform_filter(filled, size=3)
-        sources = dilate_cross(smooth - sky > sigma, 3)
+        sources = dilate_cross(smooth > sigma, 3)
         keep = valid & ~sources
         if keep.sum() > max(100, 0.1 * valid.sum()):
             sky, sigma = sigma_clipped_median_std(image[keep], sigma=3.0, maxiters=10)
+            if smooth_sky is not None:
+                _, sigma = sigma_clipped_median_std(flat[keep], sigma=3.0, maxiters=10)
     sky, sigma = float(sky), float(sigma)
     if not math.isfinite(sigma) or sigma <= 0:
         sigma = float(np.std(values, dtype=np.float64)) or 1.0
-    return sky, sigma
+    return sky, sigma, smooth_sky if whole else None
 
 
 def estimate_variance(
@@ -518,9 +590,15 @@ def estimate_variance(
     image = np.asarray(image, dtype=np.float32)
     if valid is None:
         valid = np.isfinite(image)
-    sky, sigma = _sky_statistics(image, valid)
+    sky, sigma, sky_map = _sky_statistics(image, valid)
     measured = sigma * sigma
-    sky_present = sky > 3.0 * sigma
+    # present everywhere: a pedestal subtracted as one constant leaves a gradient
+    # whose low side has no sky, and the CCD model would miss its photon noise there
+    low = sky if sky_map is None else min(sky, float(sky_map.min()))
+    sky_present = low > 3.0 * sigma
+    # sources stand above the local sky: a gradient's photon noise is in the measured
+    # sigma already and must not be counted again as source light
+    local_sky = np.float32(sky) if sky_map is None else sky_map
     rn = read_noise or 0.0
     if gain is not None and gain > 0:
         read_var = (rn / gain) ** 2
@@ -539,7 +617,7 @@ def estimate_variance(
             )
         else:
             sky_var = max(measured, read_var)
-            variance = sky_var + np.maximum(image - sky, 0.0) / gain
+            variance = sky_var + np.maximum(image - local_sky, 0.0) / gain
             text = (
                 f"sky-subtracted image: sky noise max(measured {sigma:.4g}, read noise "
                 f"{math.sqrt(read_var):.4g}) + Poisson term (GAIN={gain:.4g})"
@@ -1008,7 +1086,7 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
     alsub = _alsub_json(primary)
     unusable = _Unusable(exposure_mask, planes.get_bitmask(_UNUSABLE_PLANES))
     if variance_array is None:
-        gain = _float_value(headers, _GAIN_KEYS)
+        gain = _data_gain(headers)
         read_noise = _float_value(headers, _READ_NOISE_KEYS)
         usable = ~unusable.pixels()
         valid = usable if finite is None else finite & usable

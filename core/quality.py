@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import QualityConfig
 from .exposure import Exposure
+from .units import rate_and_electrons
 
 __all__ = ["Verdict", "assess_quality", "expected_kernel_sum", "kernel_centroid"]
 
@@ -58,8 +59,30 @@ def expected_kernel_sum(science: Exposure, template: Exposure) -> tuple[float, s
             return ratio, "calibration"
     t_sci, t_tpl = science.metadata.get("EXPTIME"), template.metadata.get("EXPTIME")
     if isinstance(t_sci, int | float) and isinstance(t_tpl, int | float) and t_sci > 0 < t_tpl:
-        return float(t_sci) / float(t_tpl), "exposure time"
+        science_scale, template_scale = _unit_scales(science, template)
+        ratio = float(t_sci) / float(t_tpl) * science_scale / template_scale
+        return ratio, "exposure time"
     return None
+
+
+def _unit_scales(science: Exposure, template: Exposure) -> tuple[float, float]:
+    """Factors from the ADU totals the exposure-time ratio assumes to each image's
+    units (BUNIT): 1/EXPTIME for a rate; 1/GAIN for an ADU image beside one in
+    electrons. Between two ADU images the gains stay out, as before: the tolerance
+    is wide (transparency) and a gain card may describe the raw frame only."""
+    kinds = [rate_and_electrons(e.metadata.get("BUNIT")) for e in (science, template)]
+    with_gain = kinds[0][1] != kinds[1][1]
+    scales = []
+    for exposure, (rate, electrons) in zip((science, template), kinds, strict=True):
+        scale = 1.0
+        if rate:
+            scale /= float(exposure.metadata["EXPTIME"])
+        gain = exposure.metadata.get("GAIN")
+        if with_gain and not electrons:
+            # ADU = electrons / GAIN: the electron image's values are GAIN times larger
+            scale /= float(gain) if isinstance(gain, int | float) and gain > 0 else 1.0
+        scales.append(scale)
+    return scales[0], scales[1]
 
 
 def kernel_centroid(kernel_image: np.ndarray) -> tuple[float, float]:
