@@ -27,11 +27,10 @@ import re
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-from bench.service import PY, REPO, _env, _load, make_pair
+from bench.service import PY, REPO, _env, bench_folder, make_pair
 
 _SECONDS = re.compile(r"seconds=([0-9.]+)")
 
@@ -116,15 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="ABBA rounds per size")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR (pairs kept between runs)")
     args = parser.parse_args(argv)
-    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="alsub-bench-dia-"))
-    root.mkdir(parents=True, exist_ok=True)
-    print(f"start: {_load()}", flush=True)
-    try:
+    with bench_folder(args.keep, "alsub-bench-dia-") as root:
         run(args.sizes, args.rounds, root)
-    finally:
-        print(f"end: {_load()}")
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

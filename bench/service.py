@@ -50,6 +50,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +61,21 @@ PY = sys.executable
 def _load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+@contextmanager
+def bench_folder(keep: str | None, prefix: str) -> Iterator[Path]:
+    """The folder a bench works in: ``keep`` (kept), else a fresh temporary one deleted
+    after; the load average printed at the start and the end."""
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix=prefix))
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"start: {_load()}", flush=True)
+    try:
+        yield root
+    finally:
+        print(f"end: {_load()}")
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _env(repo: Path = REPO, **alsub) -> dict[str, str]:
@@ -501,20 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (and SIGINT, which a shell's background job ignores) end the run through the
     # finally blocks below, which stop the API and workers and delete their Redis keys.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="alsub-bench-svc-"))
-    root.mkdir(parents=True, exist_ok=True)
-    print(f"start: {_load()}", flush=True)
-    try:
+    with bench_folder(args.keep, "alsub-bench-svc-") as root:
         if not args.skip_startup:
             run_startup(args, root)
         if not args.skip_latency:
             run_latency(args, root)
         if not args.skip_throughput:
             run_throughput(args, root)
-    finally:
-        print(f"end: {_load()}")
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
