@@ -86,19 +86,50 @@ def _interp_matrix(n_out: int, first: float, step: float, n: int) -> np.ndarray:
 
 
 def _despike(mesh: np.ndarray, floor: float) -> np.ndarray:
-    """Replace cells that stand out from their 3x3 median (bright halos) by that median.
+    """Replace cells that stand out from their neighbours (bright halos) by what the
+    neighbours predict.
 
-    Only departures above ``floor`` count, so a smooth gradient (whose corner
-    cells differ from their median by about one cell's change) is left alone.
+    A cell's prediction is the median, over the directions (rows, columns, diagonals),
+    of the mean of its two opposite neighbours, or at an edge of the straight line
+    through the next two cells inward: a sloped or curved sky (moonlight) is followed,
+    where the 3x3 median took a bowl's corners, one cell's change above it, for spikes.
+    Only departures above ``floor`` (and 3 robust scatters of all departures) count.
+    Meshes under 3 cells along a side use the median of the 3x3 neighbourhood.
     """
-    size = (min(3, mesh.shape[0]), min(3, mesh.shape[1]))
-    if size == (1, 1):
-        return mesh
-    smooth = ndimage.median_filter(mesh, size=size, mode="nearest")
+    if min(mesh.shape) < 3:
+        size = (min(3, mesh.shape[0]), min(3, mesh.shape[1]))
+        if size == (1, 1):
+            return mesh
+        smooth = ndimage.median_filter(mesh, size=size, mode="nearest")
+    else:
+        smooth = _neighbour_prediction(mesh)
     diff = mesh - smooth
     scatter = 1.4826 * np.median(np.abs(diff))
     outlier = np.abs(diff) > max(3.0 * scatter, floor)
     return np.where(outlier, smooth, mesh)
+
+
+def _neighbour_prediction(mesh: np.ndarray) -> np.ndarray:
+    """Median over directions of the straight-line prediction of each cell from its
+    neighbours (`_despike`); a mesh of at least 3 x 3 cells."""
+    ny, nx = mesh.shape
+    padded = np.full((ny + 4, nx + 4), np.nan)
+    padded[2:-2, 2:-2] = mesh
+
+    def at(dy: int, dx: int) -> np.ndarray:
+        return padded[2 + dy : 2 + dy + ny, 2 + dx : 2 + dx + nx]
+
+    predictions = []
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        between = 0.5 * (at(dy, dx) + at(-dy, -dx))
+        ahead = 2.0 * at(dy, dx) - at(2 * dy, 2 * dx)
+        behind = 2.0 * at(-dy, -dx) - at(-2 * dy, -2 * dx)
+        # between the neighbours where both exist, else from the side that has two
+        predictions.append(np.where(np.isfinite(between), between, ahead))
+        predictions.append(np.where(np.isfinite(between), np.nan, behind))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN only off a 3x3 mesh
+        return np.nanmedian(np.stack(predictions), axis=0)
 
 
 def _search_rows(sorted_rows: np.ndarray, n: np.ndarray, value: np.ndarray, right: bool):

@@ -27,7 +27,9 @@ whatever GAIN card the file kept. Then:
 * GAIN known, sky subtracted (median near 0, e.g. DECam community-pipeline
   cutouts): the sky's Poisson noise cannot be predicted from the pixels, so the
   sky term is ``max(sigma**2, (rdnoise / gain)**2)`` plus the source Poisson term
-  ``max(image - sky map, 0) / gain``.
+  ``max(image - sky map, 0) / gain``. Sky left above the map's lowest level (moonlight
+  over a constant subtraction) is light: its photon noise ``(sky map - lowest) / gain``
+  is added where it is, and its mean taken out of ``sigma**2``, which held it.
 * No GAIN: sky term ``sigma**2``; if a sky is present an effective gain
   ``sky / sigma**2`` (all sky noise taken as Poisson, a conservative choice)
   gives the source Poisson term, otherwise there is none.
@@ -616,8 +618,14 @@ def estimate_variance(
                 f"{math.sqrt(model_sky):.4g}) + Poisson term (GAIN={gain:.4g})"
             )
         else:
-            sky_var = max(measured, read_var)
+            # sky left above its lowest level (moonlight over a constant subtraction) is
+            # light, with its photon noise there; the measured noise is its mean
+            residual = None if sky_map is None else (sky_map - np.float32(low)) / np.float32(gain)
+            mean_residual = 0.0 if residual is None else float(np.mean(residual[valid]))
+            sky_var = max(measured - mean_residual, read_var)
             variance = sky_var + np.maximum(image - local_sky, 0.0) / gain
+            if residual is not None:
+                variance += residual
             text = (
                 f"sky-subtracted image: sky noise max(measured {sigma:.4g}, read noise "
                 f"{math.sqrt(read_var):.4g}) + Poisson term (GAIN={gain:.4g})"

@@ -191,6 +191,10 @@ class _SubtractBase(Task):
         self._memo: DetectionMemo | None = None
         #: whether each input's (science, template) noise correlation was measured on sky
         self.sky_correlated: tuple[bool, bool] = (False, False)
+        # the static-structure correction's input correlations, and whether it refitted
+        self.static_correlations: tuple[np.ndarray | None, np.ndarray | None] | None = None
+        self.static_refitted = False
+        self.static_removed = (0.0, 0.0)
         #: whether the subtracted background was refitted on every sky pixel
         self.background_refitted = False
         self.make_subtask("makeKernel")
@@ -836,12 +840,14 @@ class _SubtractBase(Task):
         box = difference.bbox
         inputs = (science.cutout(box), template.cutout(box))
         correction = static_structure_correction(
-            difference.image, sky, *inputs, kernel_image, preconv, measured
+            difference.image, sky, *inputs, kernel_image, preconv, measured, self._floors()
         )
         if correction is None:
             return science, template
         self.metadata["staticStructureRatio"] = correction.ratio
         self.metadata["staticStructureFactors"] = list(correction.factors)
+        self.static_correlations = correction.correlations
+        self.static_removed = correction.removed
         self.notes.append(
             f"the difference is {correction.ratio:.2f}x as noisy on sky as the inputs' "
             "sky-measured noise predicts (static faint structure in those estimates): "
@@ -860,6 +866,61 @@ class _SubtractBase(Task):
                 )
             )
         return out[0], out[1]
+
+    def _static_refit(self, template: Exposure, science: Exposure, notes: int) -> bool:
+        """Whether to fit again: the static-structure correction found an input's
+        sky-measured variance more than `excess_ratio` times its noise (confusion, not
+        noise). Its corrected variance and correlation are then put on the working input
+        (it is no longer sky-measured) and the first fit's notes dropped."""
+        factors = self.metadata.get("staticStructureFactors")
+        correlations = self.static_correlations
+        if factors is None or correlations is None or self.static_refitted:
+            return False
+        excess = self.config.scale_variance.excess_ratio
+        if not min(factors) * excess < 1.0:
+            return False
+        self.static_refitted = True
+        static_note = self.notes[-1]
+        del self.notes[notes:]
+        labels = [
+            label for label, f in zip(("science", "template"), factors, strict=True) if f < 1.0
+        ]
+        self.notes.append(
+            f"{static_note}; so the {' and '.join(labels)} sky noise was mostly static "
+            "structure (unresolved sources), not correlated noise: taken off the sky's "
+            "variance, and the kernel fitted again"
+        )
+        for exposure, removed, factor, rho, name in zip(
+            (science, template),
+            self.static_removed,
+            factors,
+            correlations,
+            ("Science", "Template"),
+            strict=True,
+        ):
+            if removed > 0:
+                # static structure added to the sky's variance, not to the sources' photon
+                # noise: taken off as a sky term (scaling the plane would shrink the latter)
+                lowered = exposure.variance - np.float32(removed)
+                # a pixel quieter than the sky it was measured on: scaled instead
+                exposure.variance = np.where(
+                    lowered > 0, lowered, exposure.variance * np.float32(factor)
+                ).astype(np.float32)
+                exposure.noise_correlation = rho
+                self.metadata[f"staticStructure{name}Removed"] = removed
+        self.sky_correlated = (False, False)
+        del self.metadata["staticStructureFactors"]
+        return True
+
+    def _floors(self) -> tuple[float, float]:
+        """Each input's pixel-scale noise over its scaled plane (NaN: not measured):
+        static structure cannot inflate it and correlated noise only lowers it."""
+        floors = []
+        for name in ("Science", "Template"):
+            factor = self.metadata.get(f"scale{name}VarianceFactor", 1.0)
+            _, pixel_scale = self.metadata.get(f"scale{name}VarianceEstimates", (math.nan,) * 2)
+            floors.append(pixel_scale / factor if factor > 0 else math.nan)
+        return floors[0], floors[1]
 
     def _base_metrics(self, result: SubtractionResult, science: Exposure) -> dict[str, Any]:
         kernel = result.psf_matching_kernel
@@ -1032,20 +1093,32 @@ class AlardLuptonSubtractTask(_SubtractBase):
                 sources = _without_frame_meta(self._prepare_inputs(template, science, sources))
                 convolve_template = self._choose_mode(template, science)
             matched_psf = self.science_fwhm if convolve_template else self.template_fwhm
-            try:
-                with self.timer("select"):
-                    kernel_sources = self._select_sources(template, science, sources, matched_psf)
-                    self._measure_star_offset(template, science, kernel_sources)
-                with self.timer("fit"):
-                    solution = self.run_make_kernel(
-                        template, science, kernel_sources, convolve_template
-                    )
-            except (InsufficientSourcesError, NoKernelCandidatesError, KernelSolutionError) as exc:
-                raise self._coverage_guard(template, science, exc) from None
-            if convolve_template:
-                result = self.run_convolve_template(template, science, solution)
-            else:
-                result = self.run_convolve_science(template, science, solution)
+            # fitted again, once, when the difference shows an input's sky-measured noise
+            # was mostly static structure: the fit weighted the pixels by that noise too
+            for _ in range(2):
+                notes = len(self.notes)
+                try:
+                    with self.timer("select"):
+                        kernel_sources = self._select_sources(
+                            template, science, sources, matched_psf
+                        )
+                        self._measure_star_offset(template, science, kernel_sources)
+                    with self.timer("fit"):
+                        solution = self.run_make_kernel(
+                            template, science, kernel_sources, convolve_template
+                        )
+                except (
+                    InsufficientSourcesError,
+                    NoKernelCandidatesError,
+                    KernelSolutionError,
+                ) as exc:
+                    raise self._coverage_guard(template, science, exc) from None
+                if convolve_template:
+                    result = self.run_convolve_template(template, science, solution)
+                else:
+                    result = self.run_convolve_science(template, science, solution)
+                if not self._static_refit(template, science, notes):
+                    break
             self._keep_kernel_sources(result, kernel_sources)
             self._stage("metrics")
             with self.timer("metrics"):

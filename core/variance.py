@@ -31,6 +31,11 @@ A sky-measured noise and autocorrelation also hold the faint static sources that
 keeps; one image cannot tell them from correlated noise, the difference can (they
 cancel there): `static_structure_correction` measures them on the difference, through
 the science PSF, and takes them out of the inputs' estimates before the decorrelation.
+It takes out no more than the pixel-scale noise allows (static structure cannot inflate
+that, correlated noise only lowers it), and what it takes out is a sky term, not a
+scale on the sources' photon noise; when it is most of an input's estimate the caller
+fits the kernel again (a crowded frame sky-subtracted upstream: its sky spread is ~4x
+its noise).
 """
 
 from __future__ import annotations
@@ -440,12 +445,16 @@ class StaticCorrection:
         Factors the science and template variance planes are multiplied by.
     correlations : (array or None, array or None)
         Corrected noise autocorrelations of science and template.
+    removed : (float, float)
+        Variance (the planes' units) static structure added to each input's sky: a sky
+        term, which the sources' photon noise in a plane does not share.
     """
 
     ratio: float
     power: float
     factors: tuple[float, float]
     correlations: tuple[np.ndarray | None, np.ndarray | None]
+    removed: tuple[float, float] = (0.0, 0.0)
 
 
 def _autocorrelate(stamp: np.ndarray, radius: int) -> np.ndarray:
@@ -504,7 +513,7 @@ def static_structure_correction(
     kernel_image: np.ndarray,
     preconv_image: np.ndarray | None,
     measured: tuple[bool, bool],
-    max_correction: float = 0.5,
+    floors: tuple[float, float] = (math.nan, math.nan),
 ) -> StaticCorrection | None:
     """Remove from the inputs' sky-measured noise what static structure put in it.
 
@@ -518,7 +527,11 @@ def static_structure_correction(
     the template). The one unknown ``c`` follows from the difference's robust variance
     on sky (``raw_sky``: no source on either input), and is removed from the inputs
     whose autocorrelation was measured on sky (``measured``); the others were not
-    fooled. Returns None when nothing is to correct (the difference is not quieter than
+    fooled. ``floors`` are each input's pixel-scale noise over its plane, which static
+    structure cannot inflate and correlated noise only lowers: the correction leaves at
+    least that much lag-0 variance (half when NaN, unknown), and keeps the corrected
+    correlation only if it predicts that noise better than white noise does.
+    Returns None when nothing is to correct (the difference is not quieter than
     predicted, no input was measured on sky, or the PSFs are unknown).
     """
     if not any(measured) or science.psf is None or template.psf is None:
@@ -568,19 +581,29 @@ def static_structure_correction(
     if not static_unit > 0:
         return None
     power = (1.0 - ratio) * (weights[0] * means[0] + weights[1] * means[1]) / static_unit
-    # the corrected lag-0 variance stays at least (1 - max_correction) of the estimate
-    for v, s in zip(means, statics, strict=True):
+    # the corrected lag-0 variance stays at least its floor: no correction makes the
+    # noise quieter than its pixel-scale differences show it is
+    for v, s, floor in zip(means, statics, floors, strict=True):
         c = s.shape[0] // 2
+        least = min(max(floor, 0.0), 1.0) if math.isfinite(floor) else 0.5
         if s[c, c] > 0:
-            power = min(power, max_correction * v / s[c, c])
-    factors, corrected = [], []
+            power = min(power, (1.0 - least) * v / s[c, c])
+    factors, corrected, removed = [], [], []
     for v, rho, s in zip(means, correlations, statics, strict=True):
         acf = v * rho - power * s
         c = acf.shape[0] // 2
         factors.append(float(acf[c, c] / v))
         corrected.append(acf / acf[c, c])
-    out = [
-        None if e.noise_correlation is None and r.shape == (1, 1) else r
-        for e, r in zip((science, template), corrected, strict=True)
-    ]
-    return StaticCorrection(ratio, float(power), (factors[0], factors[1]), (out[0], out[1]))
+        removed.append(float(power * s[c, c]))
+    out: list[np.ndarray | None] = []
+    for e, r, f, floor in zip((science, template), corrected, factors, floors, strict=True):
+        white = e.noise_correlation is None and r.shape == (1, 1)
+        if not white and math.isfinite(floor) and f > 0:
+            # the correlation left is the noise's only if it explains the pixel-scale
+            # noise (floor / f of the corrected pixels') better than white noise does
+            kept = abs(second_difference_gain(r) - floor / f)
+            white = abs(1.0 - floor / f) < kept
+        out.append(None if white else r)
+    return StaticCorrection(
+        ratio, float(power), (factors[0], factors[1]), (out[0], out[1]), (removed[0], removed[1])
+    )

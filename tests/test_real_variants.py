@@ -49,6 +49,16 @@ def _gradient(data, header):
     return data + ramp + rng.normal(0.0, np.sqrt(ramp / header["GAIN"]))
 
 
+def _glow(data, header):
+    # a curved moonlight glow (+50% of the subtracted sky at the corners) with its noise
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[: data.shape[0], : data.shape[1]]
+    centre = (data.shape[1] - 1) / 2.0
+    r2 = ((xx - centre) ** 2 + (yy - centre) ** 2) / (2 * centre**2)
+    glow = 0.5 * header["AVSKY"] * r2
+    return data + glow + rng.normal(0.0, np.sqrt(glow / header["GAIN"]))
+
+
 def _sky_ratio(exposure: Exposure) -> float:
     """Measured sky noise^2 over the variance plane's median, away from sources."""
     image = exposure.image.astype(np.float64)
@@ -81,6 +91,16 @@ def test_sky_gradient_is_not_counted_as_noise(tmp_path, empty):
     assert 0.9 < ratio < 1.5
 
 
+def test_residual_sky_glow_keeps_its_photon_noise_where_it_is(tmp_path):
+    # a sky-subtracted frame: the glow's noise is its own at the corners, not an average
+    science = read_exposure(_variant(tmp_path, "DEC-OBS04a", _glow))
+    gain, glow = science.metadata["GAIN"], 0.5 * science.metadata["AVSKY"]
+    variance = science.variance
+    corners = np.median(np.concatenate([variance[:24, :24].ravel(), variance[-24:, -24:].ravel()]))
+    centre = np.median(variance[116:140, 116:140])
+    assert corners - centre == pytest.approx(glow / gain, rel=0.25)
+
+
 def test_expected_kernel_sum_follows_the_units(tmp_path):
     science = read_exposure(_variant(tmp_path, "DEC-OBS04a", _per_second))
     template = read_exposure(DECAM / "DEC-OBS18a.mini.fits.gz")
@@ -94,7 +114,9 @@ def test_expected_kernel_sum_follows_the_units(tmp_path):
     assert value == pytest.approx(exptime / gain, rel=1e-6)
 
 
-@pytest.mark.parametrize("change", [_per_second, _gradient], ids=["per_second", "gradient"])
+@pytest.mark.parametrize(
+    "change", [_per_second, _gradient, _glow], ids=["per_second", "gradient", "glow"]
+)
 def test_variant_subtracts_with_an_honest_verdict(tmp_path, change):
     science = read_exposure(_variant(tmp_path, "DEC-OBS04a", change))
     template = read_exposure(DECAM / "DEC-OBS18a.mini.fits.gz")
@@ -104,3 +126,24 @@ def test_variant_subtracts_with_an_honest_verdict(tmp_path, change):
     assert 0.85 < metrics["noise_ratio"] < 1.15
     assert metrics["quality"]["verdict"] != "bad", metrics["quality"]["reasons"]
     assert not any("kernel sum" in r for r in metrics["quality"]["reasons"])
+
+
+SAAO = Path(__file__).parent / "data" / "real" / "saao_bulge_kb13475"
+
+
+def test_sky_subtracted_crowded_frame_is_not_taken_for_correlated_noise(tmp_path):
+    # a crowded bulge frame whose sky was subtracted upstream (float, GAIN kept): its
+    # measured sky spread holds unresolved stars, which a single image cannot tell from
+    # correlated noise; the difference, where they cancel, must
+    with fits.open(SAAO / "AKB13475I0101.fits.gz") as hdul:
+        data, header = hdul[0].data.astype(np.float64), hdul[0].header.copy()
+    path = tmp_path / "sky_subtracted.fits"
+    fits.PrimaryHDU((data - np.median(data)).astype(np.float32), header).writeto(path)
+    template = read_exposure(SAAO / "AKB13475I0100.fits.gz")
+    plain = run_subtraction(
+        read_exposure(SAAO / "AKB13475I0101.fits.gz"), template, SubtractionConfig()
+    ).metrics
+    metrics = run_subtraction(read_exposure(path), template, SubtractionConfig()).metrics
+    # before: noise ratio 1.18 and 163 DIA sources, "good" (after 0.97, 47; plain pair 0.98, 54)
+    assert 0.9 < metrics["noise_ratio"] < 1.1
+    assert metrics["n_dia_sources"] < 1.5 * plain["n_dia_sources"]
