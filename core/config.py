@@ -45,9 +45,17 @@ class KernelConfig(_Config):
     """Alard-Lupton basis and solver (algorithm.md section 9.3)."""
 
     kernel_size: int = Field(
-        21, ge=3, le=_MAX_KERNEL, description="Kernel width when not scaling by FWHM (odd)."
+        21,
+        ge=3,
+        le=_MAX_KERNEL,
+        description="Kernel width when not scaling by FWHM (odd; giving it without "
+        "scale_by_fwhm turns the scaling off).",
     )
-    scale_by_fwhm: bool = Field(True, description="Size the basis from the two PSF widths.")
+    scale_by_fwhm: bool = Field(
+        True,
+        description="Size the basis from the two PSF widths (kernel_size_fwhm_scaling, "
+        "clipped to kernel_size_min..kernel_size_max), not kernel_size.",
+    )
     kernel_size_fwhm_scaling: float = Field(
         6.0, gt=0, le=20, description="Kernel size in widest sigma."
     )
@@ -169,13 +177,15 @@ class KernelConfig(_Config):
     @model_validator(mode="before")
     @classmethod
     def _explicit_order_is_fixed(cls, data):
-        # a caller who names the kernel's spatial order wants that order, not a choice
-        if (
-            isinstance(data, dict)
-            and "spatial_kernel_order" in data
-            and "choose_spatial_kernel_order" not in data
-        ):
-            data = {**data, "choose_spatial_kernel_order": False}
+        # a caller who names the kernel's spatial order wants that order, not a choice;
+        # one who names its size wants that size, not one scaled from the PSFs
+        if isinstance(data, dict):
+            for given, choice in (
+                ("spatial_kernel_order", "choose_spatial_kernel_order"),
+                ("kernel_size", "scale_by_fwhm"),
+            ):
+                if given in data and choice not in data:
+                    data = {**data, choice: False}
         return data
 
     @model_validator(mode="after")

@@ -25,7 +25,19 @@ if TYPE_CHECKING:
 
     from .psf import Psf
 
-__all__ = ["MaskPlanes", "PhotoCalib", "Exposure", "DeferredPlane", "DEFAULT_MASK_PLANES"]
+__all__ = [
+    "MaskPlanes",
+    "PhotoCalib",
+    "Exposure",
+    "DeferredPlane",
+    "DEFAULT_MASK_PLANES",
+    "UNIT_VARIANCE",
+]
+
+#: ``variance_source`` of a plane of ones that `Exposure.from_arrays` made for want of a
+#: variance: it holds no noise level, so the subtraction scales it to the measured sky
+#: noise whatever the factor (`core.variance.measure_variance_scale`).
+UNIT_VARIANCE = "unit variance (none given): scaled to the measured sky noise"
 
 #: Rubin's default planes and bits (algorithm.md section 0.5).
 DEFAULT_MASK_PLANES = (
@@ -201,6 +213,9 @@ class Exposure:
     Parameters
     ----------
     image : `numpy.ndarray` (ny, nx), float32
+        Other real dtypes and byte orders are converted; a `numpy.ma.MaskedArray`'s
+        masked pixels are set BAD. Arrays already float32 (int32 for the mask) are
+        kept, not copied: the in-place methods (`set_plane`, ...) change them.
     variance : `numpy.ndarray` (ny, nx), float32, counts squared
     mask : `numpy.ndarray` (ny, nx), int32 bit planes named by ``mask_planes``
     mask_planes : `MaskPlanes`
@@ -236,7 +251,13 @@ class Exposure:
     noise_correlation: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.image = np.asarray(self.image, dtype=np.float32)
+        # numpy's masked pixels are unusable, not data: asarray alone drops the mask
+        masked = self.image.mask if isinstance(self.image, np.ma.MaskedArray) else False
+        for name in ("image", "variance"):
+            if np.iscomplexobj(getattr(self, name)):
+                # float32 of a complex array keeps the real part with only a ComplexWarning
+                raise InvalidExposureError(f"{name} is complex: give real pixel values")
+        self.image = np.asarray(np.ma.getdata(self.image), dtype=np.float32)
         self.variance = np.asarray(self.variance, dtype=np.float32)
         self.mask = np.asarray(self.mask, dtype=np.int32)
         if self.image.ndim != 2:
@@ -247,6 +268,10 @@ class Exposure:
                 f"variance {self.variance.shape}, mask {self.mask.shape}"
             )
         self.xy0 = (int(self.xy0[0]), int(self.xy0[1]))
+        if np.any(masked):
+            # on a copy: the caller's mask array is theirs
+            self.mask = self.mask.copy()
+            self.set_plane("BAD", np.broadcast_to(masked, self.shape))
 
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles hold the variance itself, not what would make it
@@ -298,12 +323,32 @@ class Exposure:
 
     @classmethod
     def from_arrays(cls, image, variance=None, mask=None, **kwargs) -> Exposure:
-        """Build an exposure; a missing variance is 1, a missing mask is 0."""
-        image = np.asarray(image, dtype=np.float32)
+        """Build an exposure from arrays (no FITS file).
+
+        Parameters
+        ----------
+        image : array-like (ny, nx)
+            Any real dtype or byte order; copied to float32 (a float32 array in native
+            order is kept, not copied). A `numpy.ma.MaskedArray`'s masked pixels are
+            set BAD in the mask.
+        variance : array-like (ny, nx), optional
+            Image units squared. Missing: a plane of ones marked `UNIT_VARIANCE`, which a
+            subtraction scales to the measured sky noise (no photon noise of the sources;
+            for that give one, e.g. from `core.io.estimate_variance` with the gain).
+        mask : array-like (ny, nx), optional
+            Integer bit planes (`DEFAULT_MASK_PLANES`: bit 0 BAD, 1 SAT, ...); a boolean
+            mask is True -> BAD. Missing: 0.
+        **kwargs
+            The other `Exposure` fields: ``psf`` (e.g. ``core.psf.ImagePsf(stamp)``),
+            ``wcs``, ``metadata``, ``xy0``, ... An exposure without a PSF or WCS is
+            fine for a subtraction: PSFs are estimated from the stars and the pair is
+            registered on stars.
+        """
         if variance is None:
-            variance = np.ones_like(image)
+            variance = np.ones(np.shape(image), dtype=np.float32)
+            kwargs.setdefault("variance_source", UNIT_VARIANCE)
         if mask is None:
-            mask = np.zeros(image.shape, dtype=np.int32)
+            mask = np.zeros(np.shape(image), dtype=np.int32)
         return cls(image=image, variance=variance, mask=mask, **kwargs)
 
     # geometry -----------------------------------------------------------------

@@ -152,7 +152,7 @@ _WCS_KEYS = re.compile(
 )
 _STANDARD_KEY = re.compile(r"^[A-Z0-9_-]{1,8}$")
 
-Source = str | os.PathLike | bytes | bytearray | IO[bytes]
+Source = str | os.PathLike | bytes | bytearray | IO[bytes]  # or an astropy HDUList
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -174,6 +174,8 @@ def _source_name(source: Any, name: str | None = None) -> str:
         return os.fspath(source)
     if isinstance(source, bytes | bytearray):
         return "<uploaded bytes>"
+    if isinstance(source, fits.HDUList):
+        return str(source.filename() or "<HDUList>")
     return str(getattr(source, "name", "<file object>"))
 
 
@@ -183,6 +185,19 @@ class _Fits:
     def __init__(self, source: Source, name: str, max_bytes: int):
         self.name = name
         self.warnings: list[str] = []
+        if isinstance(source, fits.HDUList):
+            # a notebook's open file: as its bytes, so every check of a file applies
+            buffer = io.BytesIO()
+            source.writeto(buffer, output_verify="silentfix")
+            source = buffer.getvalue()
+        elif not isinstance(source, bytes | bytearray | str | os.PathLike) and not hasattr(
+            source, "read"
+        ):
+            hint = " (an array: use Exposure.from_arrays)" if hasattr(source, "shape") else ""
+            raise InvalidExposureError(
+                f"cannot read a {type(source).__name__} as FITS{hint}: give a path, bytes, "
+                "a binary file object or an astropy HDUList"
+            )
         if not isinstance(source, bytes | bytearray | str | os.PathLike) and not (
             hasattr(source, "seekable") and source.seekable()
         ):
@@ -904,8 +919,9 @@ def read_exposure(
 
     Parameters
     ----------
-    source : str, `os.PathLike`, bytes or binary file object
-        The FITS file.
+    source : str, `os.PathLike`, bytes, binary file object or `astropy.io.fits.HDUList`
+        The FITS file (an HDUList is read from its bytes: the same checks apply). For
+        numpy arrays use `core.exposure.Exposure.from_arrays`.
     variance, weight, noise : optional
         A separate variance plane, inverse-variance weight or 1-sigma noise map:
         a path, bytes, file object, the name of an extension of ``source``, or

@@ -189,6 +189,13 @@ class SpatialKernel:
     domain: Box
     basis_info: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        # the dataclass's repr printed every basis image: pages of numbers in a notebook
+        return (
+            f"SpatialKernel(size={self.size}, n_basis={self.n_basis}, order={self.order}, "
+            f"sum={self.sum():.6g}, domain={self.domain})"
+        )
+
     def __post_init__(self) -> None:
         self.basis_images = np.asarray(self.basis_images, dtype=np.float64)
         if self.basis_images.ndim == 2:

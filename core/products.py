@@ -20,6 +20,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from .diasources import catalog_hdulist
+from .errors import InvalidConfigError
 from .io import file_mode, write_exposure, write_hdulist_atomic
 from .parallel import thread_map
 from .position_flags import EXTRAPOLATED_ORDER, KERNEL_REACH
@@ -176,8 +177,20 @@ def write_products(result, outdir, names: Collection[str] | None = None) -> dict
     ``dia_sources.fits`` when DIA sources were measured, and ``warped_template.fits``
     when the result keeps it (``registration.write_warped_template``). ``names``
     (product names, ``metrics`` included) lets a caller write the products in turns,
-    e.g. the difference first.
+    e.g. the difference first; a name that is no product raises.
+
+    Raises
+    ------
+    InvalidConfigError
+        A name in ``names`` that is neither in `PRODUCT_NAMES` nor ``metrics``.
     """
+    unknown = sorted(set(names or ()) - {*PRODUCT_NAMES, "metrics"})
+    if unknown:
+        # a misspelt name was skipped without a word: the file was simply missing
+        raise InvalidConfigError(
+            f"no product named {', '.join(map(repr, unknown))}: the names are "
+            f"{', '.join(PRODUCT_NAMES)} and metrics"
+        )
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     # name -> (file, writer); each writer builds its HDUs only when it runs

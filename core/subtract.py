@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,6 +34,7 @@ from .errors import (
     IdenticalInputsError,
     IncompatibleInputsError,
     InsufficientSourcesError,
+    InvalidExposureError,
     KernelSolutionError,
     NoKernelCandidatesError,
     PsfError,
@@ -128,10 +129,43 @@ class _Prepared:
 class SubtractionResult:
     """Products of a subtraction (field names follow Rubin's result struct).
 
-    ``difference`` is set by the AL task, ``score`` by the preconvolution task.
-    ``background_model`` is the background that was subtracted (None unless
-    ``do_subtract_background``; always the fitted one for the score, as Rubin
-    does); ``fitted_background`` is always the fitted model.
+    ``difference`` is set by the AL task, ``score`` by the preconvolution task
+    (``output`` is whichever is set). ``background_model`` is the background that was
+    subtracted (None unless ``do_subtract_background``; always the fitted one for the
+    score, as Rubin does); ``fitted_background`` is always the fitted model
+    (`core.kernel.BackgroundModel`: ``.image(shape, xy0)`` evaluates it).
+
+    Attributes
+    ----------
+    difference, score : `Exposure` or None
+        On the science grid, in science units, with its PSF. ``score`` / sqrt(variance)
+        is the detection S/N (the science correlated with its PSF minus the matched
+        template); its pixels are not fluxes.
+    matched_template, matched_science : `Exposure`
+        The inputs as subtracted (the template warped onto the science grid, the one
+        convolved by the kernel).
+    psf_matching_kernel : `core.kernel.SpatialKernel`
+        ``.image(x, y)`` is the kernel at parent position (x, y) (its centre without
+        arguments), ``.sum()`` its flux ratio, ``.size`` its width in pixels.
+    kernel_sources : `astropy.table.Table`
+        The stars the kernel was fitted on: ``x``, ``y`` in **parent** pixels (array
+        column and row plus ``xy0``).
+    dia_sources : `astropy.table.Table` or None
+        What changed (`core.diasources.dia_sources` lists the columns): ``x``, ``y`` are
+        0-based **array** column and row of the output (no ``xy0``), as
+        `core.forced.forced_photometry` and `core.cutouts.cutouts` take them. None
+        when ``dia.enabled`` is off.
+    warped_template : `Exposure` or None
+        Kept when ``registration.write_warped_template``.
+    mode : str
+        The mode run (``auto`` resolved): ``convolveTemplate``, ``convolveScience`` or
+        ``preconvolve``.
+    metrics : dict
+        JSON-ready figures: ``quality`` (``verdict`` good/suspect/bad and its
+        ``reasons``), ``noise_ratio``, ``kernel_sum``, ``registration``, ``warnings``,
+        ``notes``, ... (README; ``metrics.json`` of the products).
+    metadata, timings : dict
+        The tasks' own figures; seconds per stage.
     """
 
     difference: Exposure | None = None
@@ -1507,7 +1541,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
 def run_subtraction(
     science: Exposure,
     template: Exposure,
-    config: SubtractionConfig | None = None,
+    config: SubtractionConfig | Mapping[str, Any] | None = None,
     sources=None,
     progress: Progress | None = None,
     consume_inputs: bool = False,
@@ -1519,9 +1553,13 @@ def run_subtraction(
     science, template : `Exposure`
         The template is registered and warped onto the science grid first
         (``config.registration``).
-    config : `SubtractionConfig` or None
+    config : `SubtractionConfig`, dict or None
+        A dict is the JSON form (``{"kernel": {"kernel_size": 15}}``, as ``alsub config``
+        prints it), validated into a `SubtractionConfig` (`pydantic.ValidationError`,
+        not an `AlsubError`, on a bad value). None: the defaults.
     sources : `astropy.table.Table` or None
-        Catalog with x, y (and optionally flux); detected on the science image if None.
+        Catalog with x, y in parent pixels (array column and row plus ``xy0``, 0-based),
+        optionally flux; detected on the science image if None.
     progress : callable(stage, fraction) or None
         Called as each stage starts.
     consume_inputs : bool
@@ -1543,8 +1581,16 @@ def run_subtraction(
     ------
     IdenticalInputsError
         Science and template hold the same pixels (the difference would be empty).
+    InvalidExposureError
+        An input is no `Exposure`, or its variance is negative or NaN on unmasked pixels
+        (`read_exposure` refuses such a file; an exposure built from arrays is checked
+        here).
     """
+    if isinstance(config, Mapping):  # the JSON form the CLI and HTTP take
+        config = SubtractionConfig.model_validate(config)
     config = config or SubtractionConfig()
+    for exposure, label in ((science, "science"), (template, "template")):
+        check_variance(exposure, label)
     check_not_identical(science, template)
     task_class = (
         AlardLuptonPreconvolveSubtractTask
@@ -1579,6 +1625,35 @@ def check_not_identical(science: Exposure, template: Exposure) -> None:
         raise IdenticalInputsError(
             "science and template are the same image (identical pixels): give a template "
             "taken at another time"
+        )
+
+
+#: Planes whose pixels no stage reads: a variance there may be anything.
+_UNUSED_PLANES = ("NO_DATA", "BAD", "SAT")
+
+
+def check_variance(exposure: Exposure, label: str) -> None:
+    """Raise `InvalidExposureError` when ``exposure`` is no `Exposure` or its variance is
+    negative or NaN on a pixel not marked NO_DATA, BAD or SAT (the kernel fit's solver
+    failed on them with a bare ``LinAlgError``, a negative plane as too few sources)."""
+    if not isinstance(exposure, Exposure):
+        raise InvalidExposureError(
+            f"the {label} is a {type(exposure).__name__}, not an Exposure: read it with "
+            "core.io.read_exposure(path) or build it with Exposure.from_arrays(image, ...)"
+        )
+    if exposure.variance_deferred:  # made by core from checked planes
+        return
+    variance = exposure.variance
+    # a NaN fails the first test, an infinity one of the two: one pass when all is well
+    if variance.min() >= 0 and variance.max() < np.inf:
+        return
+    problem = ~(np.isfinite(variance) & (variance >= 0)) & ~exposure.masked(_UNUSED_PLANES)
+    if problem.any():
+        j, i = np.argwhere(problem)[0]
+        raise InvalidExposureError(
+            f"{label}: variance is negative or not finite at {int(problem.sum())} unmasked "
+            f"pixels (first at array x={i}, y={j}: {variance[j, i]}); fix it or set those "
+            "pixels BAD or NO_DATA in the mask"
         )
 
 

@@ -53,7 +53,7 @@ from . import order
 from .background import background_images
 from .config import ScaleVarianceConfig
 from .dilation import dilate_cross
-from .exposure import Exposure
+from .exposure import UNIT_VARIANCE, Exposure
 from .io import PHYSICAL_VARIANCE_PREFIX
 from .parallel import n_threads, thread_map
 
@@ -394,7 +394,16 @@ def measure_variance_scale(
     if not math.isfinite(sky):
         method, factor = ("pixel_scale", pixel_scale) if math.isfinite(pixel_scale) else ("none", 1)
     limit = config.limit
-    if not (math.isfinite(factor) and 1.0 / limit <= factor <= limit):
+    unit = exposure.variance_source.startswith(UNIT_VARIANCE)  # also once warped
+    if unit and math.isfinite(factor) and factor > 0:
+        # a plane of ones says nothing of the noise: any factor is plausible for it, but
+        # the sources' photon noise is missing (bright stars' residuals read as sources)
+        warnings.append(
+            f"no variance was given: the plane of ones was scaled by {factor:.4g} to the "
+            "sky noise, without the sources' photon noise; give a variance (e.g. "
+            "core.io.estimate_variance(image, gain=...)[0])"
+        )
+    elif not (math.isfinite(factor) and 1.0 / limit <= factor <= limit):
         warnings.append(
             f"the variance plane is off from the pixel noise by an implausible factor "
             f"{factor:.3g} (limit {limit}); it was left unscaled: check the gain/read-noise "

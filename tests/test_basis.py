@@ -37,7 +37,8 @@ def test_worked_table(s_conv, s_match, mode, sigmas, size):
 
 
 def test_config_fallback_uses_configured_size():
-    config = KernelConfig(kernel_size=25)
+    # scaling named on: kernel_size alone would turn it off (the size is then the caller's)
+    config = KernelConfig(kernel_size=25, scale_by_fwhm=True)
     basis = make_kernel_basis(None, 3.0, config)
     assert basis.mode == "config"
     assert basis.size == 25
@@ -117,3 +118,15 @@ def test_separable_factors_and_transform_rebuild_the_images():
     np.testing.assert_allclose(rebuilt, basis.images, atol=1e-12)
     # raw term 1 is G1 * (u/h): odd in the column offset
     assert raw[1][basis.half, -1] > 0 > raw[1][basis.half, 0]
+
+
+def test_a_given_kernel_size_is_the_size_used():
+    # {"kernel": {"kernel_size": 15}} was silently replaced by the size scaled from the
+    # PSFs (scale_by_fwhm stayed on): a library user's kernel stayed 21 px
+    config = KernelConfig(kernel_size=15)
+    assert not config.scale_by_fwhm
+    assert kernel_size_for(4.0, 3.0, config) == 15
+    assert make_kernel_basis(4.0, 3.0, config).images.shape[1:] == (15, 15)
+    # both named: the caller's choice stands (the dump of `alsub config` names both)
+    assert KernelConfig(kernel_size=15, scale_by_fwhm=True).scale_by_fwhm
+    assert kernel_size_for(4.0, 3.0, KernelConfig()) != 15

@@ -131,3 +131,29 @@ def test_deferred_variance_is_made_once_on_first_read_and_by_copies():
         thread.join()
     assert len(calls) == 3  # made once for all its readers, through either exposure
     assert relabelled.variance is shared.variance
+
+
+def test_a_masked_array_image_sets_its_masked_pixels_bad():
+    # np.asarray alone drops a masked array's mask: its masked pixels were used as data
+    image = np.ma.masked_array(np.ones((6, 6)), mask=np.zeros((6, 6), bool))
+    image[2, 3] = np.ma.masked
+    mask = np.zeros((6, 6), np.int32)
+    for exposure in (Exposure.from_arrays(image), Exposure(image, np.ones((6, 6)), mask)):
+        assert exposure.masked(["BAD"])[2, 3]
+        assert exposure.masked(["BAD"]).sum() == 1
+        assert type(exposure.image) is np.ndarray
+    assert not mask.any()  # the caller's mask is not changed
+
+
+def test_from_arrays_marks_a_missing_variance_as_unit():
+    from core.exposure import UNIT_VARIANCE
+
+    assert Exposure.from_arrays(np.zeros((4, 4))).variance_source == UNIT_VARIANCE
+    given = Exposure.from_arrays(np.zeros((4, 4)), np.full((4, 4), 2.0))
+    assert given.variance_source == "given"
+
+
+def test_a_complex_plane_is_refused():
+    # float32 of a complex array silently kept the real part (a ComplexWarning only)
+    with pytest.raises(InvalidExposureError, match="image is complex"):
+        Exposure.from_arrays(np.ones((8, 8), complex))

@@ -215,6 +215,17 @@ def test_round_trip_through_bytes_and_file_objects(tmp_path):
     assert hdul["VARIANCE"].data.dtype == np.dtype(">f4")
 
 
+def test_an_open_hdulist_reads_and_an_array_is_refused_with_a_hint(tmp_path):
+    # a notebook's fits.open(...) or getdata(...) gave a bare AttributeError ('read')
+    exposure = make_exposure(psf=GaussianPsf(1.5))
+    path = tmp_path / "e.fits"
+    write_exposure(exposure, path)
+    with fits.open(path) as hdul:
+        assert_same_exposure(exposure, read_exposure(hdul))
+    with pytest.raises(InvalidExposureError, match="ndarray.*Exposure.from_arrays"):
+        read_exposure(exposure.image)
+
+
 @pytest.mark.parametrize(
     "psf",
     [

@@ -166,6 +166,13 @@ def test_constant_kernel():
     assert kernel.sum() == pytest.approx(1.0)
 
 
+def test_spatial_kernel_repr_is_a_line_not_its_basis_images():
+    # the dataclass repr printed every basis image: screens of numbers in a notebook
+    text = repr(SpatialKernel.constant(_gauss(2.0, half=7)))
+    assert "\n" not in text and len(text) < 200
+    assert "size=15" in text and "sum=1" in text
+
+
 def test_background_model(tmp_path):
     model = BackgroundModel(TRUE_BACKGROUND, 2, (10, 0, 73, 39))
     image = model.image((40, 64), xy0=(10, 0))

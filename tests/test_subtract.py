@@ -569,3 +569,64 @@ def test_a_kernel_that_misses_the_stars_flux_is_not_reported_good():
     ksum = result.metrics["kernel_sum"]
     assert "of their flux in the difference" in reason and f"kernel sum {ksum:.3f}" in reason
     assert result.metrics["star_residual_fraction"] < -0.1
+
+
+def test_arrays_without_a_variance_subtract_on_the_measured_sky_noise():
+    # Exposure.from_arrays(image) made a variance of ones, which the variance scaling
+    # refused as an implausible factor: a library user's pair came out "bad" (noise 31x)
+    from core.exposure import Exposure
+
+    pair = simulated_pair("equal", 512, 103)
+    science = Exposure.from_arrays(pair.science.image, wcs=pair.science.wcs)
+    template = Exposure.from_arrays(pair.template.image, wcs=pair.template.wcs)
+    result = run_subtraction(science, template)
+    assert 0.85 <= result.metrics["noise_ratio"] <= 1.2
+    warnings = result.metrics["warnings"]
+    assert not any("implausible factor" in w for w in warnings)
+    assert any("no variance was given" in w for w in warnings)  # suspect: no photon noise
+    assert result.metrics["quality"]["verdict"] != "bad"
+
+
+def test_write_products_refuses_a_name_that_is_no_product(tmp_path):
+    # names=["dia_source"] (for "dia_sources") wrote nothing and said nothing
+    from core.errors import InvalidConfigError
+    from core.products import write_products
+
+    _, result = subtracted("equal")
+    with pytest.raises(InvalidConfigError, match="dia_source'.*dia_sources"):
+        write_products(result, tmp_path, names=["difference", "dia_source"])
+    assert not list(tmp_path.iterdir())
+    written = write_products(result, tmp_path, names=["difference", "metrics"])
+    assert sorted(written) == ["difference", "metrics"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, -1.0])
+def test_a_bad_variance_from_arrays_is_a_typed_error_naming_the_input(bad):
+    # read_exposure refuses such a file; an exposure built from arrays reached the
+    # kernel solver (a bare LinAlgError for NaN, "too few sources" for negative)
+    from core.errors import InvalidExposureError
+    from core.exposure import Exposure
+
+    pair = simulated_pair("equal", 512, 103)
+    variance = pair.science.variance.copy()
+    variance[100:110, 200:210] = bad
+    science = Exposure.from_arrays(pair.science.image, variance, wcs=pair.science.wcs)
+    with pytest.raises(InvalidExposureError, match="science: variance is negative or not"):
+        run_subtraction(science, pair.template)
+    # on pixels masked BAD the variance is not read: no error there
+    mask = np.zeros(science.shape, np.int32)
+    mask[100:110, 200:210] = science.mask_planes.value("BAD")
+    masked = Exposure.from_arrays(pair.science.image, variance, mask, wcs=pair.science.wcs)
+    from core.subtract import check_variance
+
+    check_variance(masked, "science")
+
+
+def test_run_subtraction_takes_a_config_dict_and_names_a_wrong_input():
+    from core.errors import InvalidExposureError
+
+    pair = simulated_pair("equal", 512, 103)
+    result = run_subtraction(pair.science, pair.template, {"dia": {"enabled": False}})
+    assert result.dia_sources is None
+    with pytest.raises(InvalidExposureError, match="science is a str.*read_exposure"):
+        run_subtraction("science.fits", pair.template)  # type: ignore[arg-type]
