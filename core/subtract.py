@@ -229,6 +229,7 @@ class _SubtractBase(Task):
         self.static_correlations: tuple[np.ndarray | None, np.ndarray | None] | None = None
         self.static_refitted = False
         self.static_removed = (0.0, 0.0)
+        self.static_note = ""
         #: whether the subtracted background was refitted on every sky pixel
         self.background_refitted = False
         self.make_subtask("makeKernel")
@@ -882,12 +883,13 @@ class _SubtractBase(Task):
         self.metadata["staticStructureFactors"] = list(correction.factors)
         self.static_correlations = correction.correlations
         self.static_removed = correction.removed
-        self.notes.append(
+        self.static_note = (
             f"the difference is {correction.ratio:.2f}x as noisy on sky as the inputs' "
             "sky-measured noise predicts (static faint structure in those estimates): "
             f"their variances were scaled by {correction.factors[0]:.2f} (science) and "
             f"{correction.factors[1]:.2f} (template) for the decorrelation"
         )
+        self.notes.append(self.static_note)
         out = []
         for exposure, factor, rho in zip(
             (science, template), correction.factors, correction.correlations, strict=True
@@ -914,7 +916,8 @@ class _SubtractBase(Task):
         if not min(factors) * excess < 1.0:
             return False
         self.static_refitted = True
-        static_note = self.notes[-1]
+        # not the last note: a score's noise floor may follow it
+        static_note = self.static_note
         del self.notes[notes:]
         labels = [
             label for label, f in zip(("science", "template"), factors, strict=True) if f < 1.0
@@ -1286,45 +1289,56 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 preconv_kernel = self._preconvolution_kernel(science)
                 self.metadata["convolvedExposure"] = "Preconvolution"
             self.metadata["preconvolvedSciencePsfSize"] = math.sqrt(2.0) * self.science_fwhm
-            try:
-                if self.config.preconvolve_via_difference and _template_is_sharper(
-                    template, science, self.template_fwhm, self.science_fwhm
-                ):
-                    # the fit is between the images as they are: P * S is made beside the
-                    # selection and the fit, which leave a core mostly idle
-                    with alongside(lambda: self._preconvolve(science, preconv_kernel)) as made:
+            # fitted again, once, as the default task is (`_static_refit`)
+            for _ in range(2):
+                notes = len(self.notes)
+                try:
+                    if self.config.preconvolve_via_difference and _template_is_sharper(
+                        template, science, self.template_fwhm, self.science_fwhm
+                    ):
+                        # the fit is between the images as they are: P * S is made beside the
+                        # selection and the fit, which leave a core mostly idle
+                        with alongside(lambda: self._preconvolve(science, preconv_kernel)) as made:
+                            with self.timer("select"):
+                                kernel_sources = self._select_sources(
+                                    template, science, sources, self.science_fwhm
+                                )
+                                self._measure_star_offset(template, science, kernel_sources)
+                            solution = self._fit_template_to_science(
+                                template, science, kernel_sources, preconv_kernel
+                            )
+                        # the threads' arenas keep what they freed: the frames to come need it
+                        release_free_memory()
+                        result = self._score(
+                            template, science, made.result(), solution, preconv_kernel
+                        )
+                    else:
+                        matched_science = self._preconvolve(science, preconv_kernel)
                         with self.timer("select"):
+                            half = preconv_kernel.shape[0] // 2
+                            # stars in P * S have the PSF seen through P: the variability
+                            # filter compares their PSF fluxes with the template's (the
+                            # matched science itself keeps the science PSF, as results do)
+                            seen_through_p = replace(matched_science, psf=self.preconvolved_psf)
                             kernel_sources = self._select_sources(
-                                template, science, sources, self.science_fwhm
+                                template,
+                                seen_through_p,
+                                sources,
+                                math.sqrt(2.0) * self.science_fwhm,
+                                edge_buffer=half,
                             )
                             self._measure_star_offset(template, science, kernel_sources)
-                        solution = self._fit_template_to_science(
-                            template, science, kernel_sources, preconv_kernel
+                        result = self.run_preconvolve(
+                            template, science, matched_science, kernel_sources, preconv_kernel
                         )
-                    # the threads' arenas keep what they freed: the frames to come need it
-                    release_free_memory()
-                    result = self._score(template, science, made.result(), solution, preconv_kernel)
-                else:
-                    matched_science = self._preconvolve(science, preconv_kernel)
-                    with self.timer("select"):
-                        half = preconv_kernel.shape[0] // 2
-                        # stars in P * S have the PSF seen through P: the variability
-                        # filter compares their PSF fluxes with the template's (the
-                        # matched science itself keeps the science PSF, as results do)
-                        seen_through_p = replace(matched_science, psf=self.preconvolved_psf)
-                        kernel_sources = self._select_sources(
-                            template,
-                            seen_through_p,
-                            sources,
-                            math.sqrt(2.0) * self.science_fwhm,
-                            edge_buffer=half,
-                        )
-                        self._measure_star_offset(template, science, kernel_sources)
-                    result = self.run_preconvolve(
-                        template, science, matched_science, kernel_sources, preconv_kernel
-                    )
-            except (InsufficientSourcesError, NoKernelCandidatesError, KernelSolutionError) as exc:
-                raise self._coverage_guard(template, science, exc) from None
+                except (
+                    InsufficientSourcesError,
+                    NoKernelCandidatesError,
+                    KernelSolutionError,
+                ) as exc:
+                    raise self._coverage_guard(template, science, exc) from None
+                if not self._static_refit(template, science, notes):
+                    break
             self._keep_kernel_sources(result, kernel_sources)
             self._stage("metrics")
             with self.timer("metrics"):
@@ -1394,6 +1408,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
 
         ratio = float(order.mad_std(pulls(0.0), consume=True))
         self.metadata["scoreNoiseRatioPropagated"] = ratio
+        self.metadata.pop("scoreNoiseFloor", None)  # a first fit's, when fitted again
         if not ratio > self.config.score_noise_tolerance:
             return
 

@@ -487,6 +487,41 @@ def _autocorrelate(stamp: np.ndarray, radius: int) -> np.ndarray:
 _PROBE_WINDOW = 1024
 
 
+#: Fewest sky pixels the static-structure probe is measured on.
+_PROBE_MIN_SKY = 1000
+
+#: Share of the probe's weight that must fall on sky alone when a crowded field leaves
+#: too few pixels whose whole probe stamp does (`_probe_sky`).
+_PROBE_CORE_WEIGHT = 0.99
+
+
+def _probe_sky(sky: np.ndarray, probe: np.ndarray) -> np.ndarray:
+    """Pixels where the probe sees sky alone: over its whole stamp or, in a field too
+    crowded to leave `_PROBE_MIN_SKY` of those (a bulge frame: under 0.1% of its
+    pixels), over the largest centred box that does, down to the box holding
+    `_PROBE_CORE_WEIGHT` of the probe's weight (what lies beyond enters through its
+    faint wing: SAAO bulge, a ratio 6% off the whole stamp's where both are measurable)."""
+    half = probe.shape[0] // 2
+    # chessboard distance to the nearest pixel that is not sky (off the frame is not):
+    # the box of half-width h about a pixel is all sky where it exceeds h
+    reach = ndimage.distance_transform_cdt(np.pad(sky, 1), metric="chessboard")[1:-1, 1:-1]
+    total = float(probe.sum())
+    least = next(
+        (
+            h
+            for h in range(half + 1)
+            if probe[half - h : half + h + 1, half - h : half + h + 1].sum()
+            >= _PROBE_CORE_WEIGHT * total
+        ),
+        half,
+    )
+    # pixels whose reach exceeds h, for each h: a reversed cumulative count
+    counts = np.bincount(np.minimum(reach, half + 1).ravel(), minlength=half + 2)
+    beyond = np.cumsum(counts[::-1])[::-1]
+    side = next((h for h in range(half, least, -1) if beyond[h + 1] >= _PROBE_MIN_SKY), least)
+    return reach > side
+
+
 def _central_box(shape: tuple[int, ...], size: int) -> tuple[slice, slice]:
     ny, nx = shape[0], shape[1]
     y0, x0 = max(0, (ny - size) // 2), max(0, (nx - size) // 2)
@@ -573,13 +608,10 @@ def static_structure_correction(
     planes = (science.variance[window], template.variance[window])
     finite = np.isfinite(raw)
     filtered = signal.fftconvolve(np.where(finite, raw, 0.0), probe, mode="same")
-    # only where the probe sees sky alone
-    half = probe.shape[0] // 2
-    sky = (raw_sky & finite).astype(np.uint8)
-    good = ndimage.minimum_filter(sky, size=2 * half + 1, mode="constant", cval=0) > 0
+    good = _probe_sky(raw_sky & finite, probe)
     predicted = weights[0] * planes[0][good] + weights[1] * planes[1][good]
     use = predicted > 0
-    if np.count_nonzero(use) < 1000:
+    if np.count_nonzero(use) < _PROBE_MIN_SKY:
         return None
     pulls = filtered[good][use] / np.sqrt(predicted[use])
     ratio = float(order.mad_std(pulls - order.median(pulls), consume=True) ** 2)
