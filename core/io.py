@@ -501,9 +501,12 @@ def _sky_mesh(image: np.ndarray, keep: np.ndarray) -> np.ndarray | None:
     mesh = np.empty((nby, nbx))
     for j in range(nby):
         for i in range(nbx):
-            window = (slice(j * cell, (j + 1) * cell), slice(i * cell, (i + 1) * cell))
+            # every other row and column: a cell's median to ~1% of the noise from a
+            # quarter of its pixels (the whole cells' medians doubled a 2048 px read)
+            window = (slice(j * cell, (j + 1) * cell, 2), slice(i * cell, (i + 1) * cell, 2))
             values = image[window][keep[window]]
-            mesh[j, i] = np.median(values) if values.size >= cell * cell // 4 else np.nan
+            enough = values.size >= image[window].size // 4
+            mesh[j, i] = np.median(values) if enough else np.nan
     empty = np.isnan(mesh)
     if empty.all():
         return None
@@ -562,9 +565,14 @@ def _sky_statistics(image: np.ndarray, valid: np.ndarray) -> tuple[float, float,
         sources = dilate_cross(smooth > sigma, 3)
         keep = valid & ~sources
         if keep.sum() > max(100, 0.1 * valid.sum()):
-            sky, sigma = sigma_clipped_median_std(image[keep], sigma=3.0, maxiters=10)
-            if smooth_sky is not None:
-                _, sigma = sigma_clipped_median_std(flat[keep], sigma=3.0, maxiters=10)
+            if smooth_sky is None:
+                sky, sigma = sigma_clipped_median_std(image[keep], sigma=3.0, maxiters=10)
+            else:
+                # the level (the least of it and the map's says whether a sky is
+                # present) and the noise about the map from a regular sample: a million
+                # values give the noise to ~0.1%
+                sky, _ = sigma_clipped_median_std(image[keep][::step], sigma=3.0, maxiters=10)
+                _, sigma = sigma_clipped_median_std(flat[keep][::step], sigma=3.0, maxiters=10)
     sky, sigma = float(sky), float(sigma)
     if not math.isfinite(sigma) or sigma <= 0:
         sigma = float(np.std(values, dtype=np.float64)) or 1.0
