@@ -295,7 +295,8 @@ def _cmd_subtract(args) -> int:
 
 
 def _read_positions(path):
-    """x,y (or ra,dec) columns of a positions CSV (or FITS table), in file order."""
+    """x,y (or ra,dec) columns of a positions CSV (or FITS table), in file order, and the
+    table's other columns (an id, a name: carried into the output)."""
     from astropy.table import Table
 
     from core.errors import InvalidCatalogError
@@ -310,9 +311,11 @@ def _read_positions(path):
             if len(table) == 0:  # as the HTTP route answers
                 raise InvalidCatalogError(f"{path} has no rows: give at least one position")
             try:
-                return {k: table[names[k]].astype(float) for k in pair}
+                positions = {k: table[names[k]].astype(float) for k in pair}
             except (TypeError, ValueError):
                 raise InvalidCatalogError(f"{path}: columns {pair} must be numbers") from None
+            others = [c for c in table.colnames if c.lower() not in {"x", "y", "ra", "dec"}]
+            return positions, Table([table[c] for c in others])
     raise InvalidCatalogError(
         f"{path} needs columns x,y (pixels, 0-based) or ra,dec (degrees); has {table.colnames}"
     )
@@ -376,13 +379,19 @@ def _cmd_forced(args) -> int:
     _require_difference(args.difference)
     difference = read_exposure(args.difference)
     context = _forced_context(Path(args.products)) if args.products else {}
+    positions, carried = _read_positions(args.positions)
     table = forced_photometry(
         difference,
         config=config,
         dia=full.dia if full is not None else None,
         **context,
-        **_read_positions(args.positions),
+        **positions,
     )
+    # the caller's own columns first, as given (renamed where the output has the name):
+    # a light curve is matched to its objects by their ids, not by row numbers alone
+    for index, name in enumerate(carried.colnames):
+        label = f"input_{name}" if name in table.colnames else name
+        table.add_column(carried[name], name=label, index=index)
     if str(args.output).lower().endswith((".fits", ".fit", ".fts")):
         write_hdulist_atomic(catalog_hdulist(table), args.output)
     else:
@@ -620,7 +629,8 @@ def _parser() -> argparse.ArgumentParser:
         "forced",
         help="PSF photometry of a difference at given positions",
         description="PSF flux, error, S/N and flags of a difference at each given position "
-        "(one row per input row, in order), with the difference's PSF. Errors carry the "
+        "(one row per input row, in order, the input's other columns such as an id kept "
+        "in front), with the difference's PSF. Errors carry the "
         "difference's noise scale (the robust scatter of flux / error at random positions, "
         "printed as noise_scale: above 1 where the noise is correlated).",
     )

@@ -103,6 +103,22 @@ def test_forced_keeps_input_order(run, tmp_path):
     np.testing.assert_allclose(again["psf_flux"], table["psf_flux"], rtol=1e-6, atol=1e-6)
 
 
+def test_forced_keeps_the_inputs_own_columns(run, tmp_path):
+    # a broker's ids: the light curve is joined to its objects by them (they were dropped)
+    _, products, _ = run
+    positions = tmp_path / "positions.csv"
+    positions.write_text("name,X,y,snr\nSN-b,40.5,30.0,7\nSN-a,200.0,100.5,9\n")
+    for out in (tmp_path / "forced.csv", tmp_path / "forced.fits"):
+        assert _forced(products, positions, out) == 0
+        table = Table.read(out, hdu="DIASOURCES") if out.suffix == ".fits" else Table.read(out)
+        # first, in input order; a name the output has is kept under input_<name>
+        assert table.colnames[:2] == ["name", "input_snr"]
+        assert [str(v) for v in table["name"]] == ["SN-b", "SN-a"]
+        assert list(table["input_snr"]) == [7, 9]
+        np.testing.assert_allclose(table["x"], [40.5, 200.0])
+        assert "X" not in table.colnames and "snr" in table.colnames
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -183,6 +183,24 @@ def test_forced_photometry_in_order(deployment, alice):
     assert text.status_code == 415 and text.json()["error"]["code"] == "unsupported_media_type"
 
 
+def test_forced_positions_may_carry_ids(deployment, alice):
+    # a broker joins the light curve to its objects by its own ids
+    _, job_id, _, _ = deployment
+    url = f"/v1/subtractions/{job_id}/forced"
+    named = [{"x": 40.5, "y": 30.0, "id": "ZTF21abc"}, {"x": 200.0, "y": 100.5, "id": 7}]
+    rows = alice.post(url, json=named).json()
+    assert [r["id"] for r in rows] == ["ZTF21abc", "7"]
+    numbered = alice.post(url, json=[{"x": 40.5, "y": 30.0, "id": 3}]).json()
+    assert numbered[0]["id"] == 3 and numbered[0]["x"] == 40.5
+    text = alice.post(f"{url}?format=csv", json=named).text
+    assert text.splitlines()[0].startswith("id,") and "ZTF21abc" in text
+    # without ids the rows have none; with some only, the request is refused
+    assert "id" not in alice.post(url, json=[{"x": 40.5, "y": 30.0}]).json()[0]
+    partial = alice.post(url, json=[named[0], {"x": 1.0, "y": 2.0}])
+    assert partial.status_code == 422
+    assert "position 1 has no id" in partial.json()["error"]["message"]
+
+
 def test_forced_body_that_is_not_json_says_so(deployment, alice):
     _, job_id, _, _ = deployment
     answer = alice.post(

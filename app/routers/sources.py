@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from astropy.table import Table
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from core.config import DiaSourceConfig
 from store import Settings, Store
@@ -68,6 +68,11 @@ class ForcedPosition(BaseModel):
     y: float | None = Field(None, description="Row (pixels, 0-based).")
     ra: float | None = Field(None, description="Right ascension (degrees).")
     dec: float | None = Field(None, description="Declination (degrees).")
+    id: int | Annotated[str, StringConstraints(max_length=200)] | None = Field(
+        None,
+        description="The caller's id of the object, returned in its row as `id` (every "
+        "position with one, or none).",
+    )
 
 
 def _json_body(request: Request) -> None:
@@ -215,7 +220,8 @@ def list_sources(
     "/{job_id}/forced",
     summary="Forced photometry on the difference",
     description="PSF photometry of the job's difference at the given positions (light curves "
-    "of known objects): one object per position, in the order given, with `x`, `y`, `ra`, "
+    "of known objects): one object per position, in the order given (with its `id` when the "
+    "positions carry one), with `x`, `y`, `ra`, "
     "`dec`, `psf_flux`, `psf_flux_err` (science counts; errors include correlated noise), "
     f"`snr` and `flags` (bits as for the sources; bright_star and suspect_kernel from the "
     f"job's matched template and kernel sources, as in its catalog) with a boolean "
@@ -288,6 +294,7 @@ def forced(
             "needs a difference (submit with another mode)",
         )
     values = {k: [getattr(p, k) for p in positions] for k in kind}
+    ids = _ids(positions)
     difference = read_exposure(path, name="difference")
     # flagged as the job's catalog is: near its matched template's bright stars, far
     # outside its kernel sources, with the job's thresholds
@@ -305,7 +312,24 @@ def forced(
         kernel_sources=read_kernel_sources(kernel) if kernel else None,
         **values,
     )
+    if ids is not None:  # a light curve is joined to its objects by their ids
+        table.add_column(ids, name="id", index=0)
     return _table_response(table, format, f"{job_id}-forced")
+
+
+def _ids(positions: list[ForcedPosition]) -> list | None:
+    """The positions' ids (all integers, else all as text), or None when none has one."""
+    ids = [p.id for p in positions]
+    if all(i is None for i in ids):
+        return None
+    if any(i is None for i in ids):
+        missing = next(k for k, i in enumerate(ids) if i is None)
+        raise ApiError(
+            422,
+            "invalid_positions",
+            f"position {missing} has no id: give an id for every position or for none",
+        )
+    return ids if all(isinstance(i, int) for i in ids) else [str(i) for i in ids]
 
 
 def _position_kind(positions: list[ForcedPosition]) -> tuple[str, str]:
