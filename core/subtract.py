@@ -69,7 +69,12 @@ from .quality import assess_quality, kernel_centroid
 from .register import register_template
 from .sources import detect_sources, select_kernel_sources, sky_sources
 from .task import Task
-from .variance import VarianceScale, scale_variance, static_structure_correction
+from .variance import (
+    CORRELATED_NOISE_NOTE,
+    VarianceScale,
+    scale_variance,
+    static_structure_correction,
+)
 
 __all__ = [
     "SubtractionResult",
@@ -936,6 +941,20 @@ class _SubtractBase(Task):
             strict=True,
         ):
             if removed > 0:
+                # the setup's note took that sky for correlated noise: dropped, or told
+                # what is left of the correlation
+                setup_note = f"{name.lower()}: {CORRELATED_NOISE_NOTE}"
+                left = (
+                    []
+                    if rho is None
+                    else [
+                        f"{name.lower()}: the noise correlation left once the static "
+                        "structure is taken off is used by the decorrelation"
+                    ]
+                )
+                self.notes[:] = [
+                    kept for note in self.notes for kept in (left if note == setup_note else [note])
+                ]
                 # static structure added to the sky's variance, not to the sources' photon
                 # noise: taken off as a sky term (scaling the plane would shrink the latter)
                 lowered = exposure.variance - np.float32(removed)

@@ -150,3 +150,7 @@ def test_sky_subtracted_crowded_frame_is_not_taken_for_correlated_noise(tmp_path
     # and 215, "good" (after 1.08, 57; plain pair 1.09, 85)
     assert 0.9 < metrics["noise_ratio"] < 1.1
     assert metrics["n_dia_sources"] < 1.5 * plain.metrics["n_dia_sources"]
+    # once that sky is found to be unresolved stars, the setup's note calling it
+    # correlated noise goes (it stayed beside the refit's note saying the opposite)
+    assert any("static structure" in note for note in metrics["notes"]), metrics["notes"]
+    assert not any("noise is correlated" in note for note in metrics["notes"]), metrics["notes"]
