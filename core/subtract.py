@@ -968,6 +968,25 @@ class _SubtractBase(Task):
         del self.metadata["staticStructureFactors"]
         return True
 
+    def _fitted(
+        self,
+        template: Exposure,
+        science: Exposure,
+        attempt: Callable[[], tuple[SubtractionResult, Table]],
+    ) -> tuple[SubtractionResult, Table]:
+        """``attempt()`` (select the kernel sources, fit, subtract): run again, once, when
+        the difference shows an input's sky-measured noise was mostly static structure
+        (`_static_refit`: the fit weighted the pixels by that noise too). A kernel failure
+        is reported as a coverage failure where coverage is low (`_coverage_guard`)."""
+        while True:
+            notes = len(self.notes)
+            try:
+                result, kernel_sources = attempt()
+            except (InsufficientSourcesError, NoKernelCandidatesError, KernelSolutionError) as exc:
+                raise self._coverage_guard(template, science, exc) from None
+            if not self._static_refit(template, science, notes):
+                return result, kernel_sources
+
     def _floors(self) -> tuple[float, float]:
         """Each input's pixel-scale noise over its scaled plane (NaN: not measured):
         static structure cannot inflate it and correlated noise only lowers it."""
@@ -1149,32 +1168,20 @@ class AlardLuptonSubtractTask(_SubtractBase):
                 sources = _without_frame_meta(self._prepare_inputs(template, science, sources))
                 convolve_template = self._choose_mode(template, science)
             matched_psf = self.science_fwhm if convolve_template else self.template_fwhm
-            # fitted again, once, when the difference shows an input's sky-measured noise
-            # was mostly static structure: the fit weighted the pixels by that noise too
-            for _ in range(2):
-                notes = len(self.notes)
-                try:
-                    with self.timer("select"):
-                        kernel_sources = self._select_sources(
-                            template, science, sources, matched_psf
-                        )
-                        self._measure_star_offset(template, science, kernel_sources)
-                    with self.timer("fit"):
-                        solution = self.run_make_kernel(
-                            template, science, kernel_sources, convolve_template
-                        )
-                except (
-                    InsufficientSourcesError,
-                    NoKernelCandidatesError,
-                    KernelSolutionError,
-                ) as exc:
-                    raise self._coverage_guard(template, science, exc) from None
+
+            def attempt() -> tuple[SubtractionResult, Table]:
+                with self.timer("select"):
+                    kernel_sources = self._select_sources(template, science, sources, matched_psf)
+                    self._measure_star_offset(template, science, kernel_sources)
+                with self.timer("fit"):
+                    solution = self.run_make_kernel(
+                        template, science, kernel_sources, convolve_template
+                    )
                 if convolve_template:
-                    result = self.run_convolve_template(template, science, solution)
-                else:
-                    result = self.run_convolve_science(template, science, solution)
-                if not self._static_refit(template, science, notes):
-                    break
+                    return self.run_convolve_template(template, science, solution), kernel_sources
+                return self.run_convolve_science(template, science, solution), kernel_sources
+
+            result, kernel_sources = self._fitted(template, science, attempt)
             self._keep_kernel_sources(result, kernel_sources)
             self._stage("metrics")
             with self.timer("metrics"):
@@ -1308,56 +1315,47 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 preconv_kernel = self._preconvolution_kernel(science)
                 self.metadata["convolvedExposure"] = "Preconvolution"
             self.metadata["preconvolvedSciencePsfSize"] = math.sqrt(2.0) * self.science_fwhm
-            # fitted again, once, as the default task is (`_static_refit`)
-            for _ in range(2):
-                notes = len(self.notes)
-                try:
-                    if self.config.preconvolve_via_difference and _template_is_sharper(
-                        template, science, self.template_fwhm, self.science_fwhm
-                    ):
-                        # the fit is between the images as they are: P * S is made beside the
-                        # selection and the fit, which leave a core mostly idle
-                        with alongside(lambda: self._preconvolve(science, preconv_kernel)) as made:
-                            with self.timer("select"):
-                                kernel_sources = self._select_sources(
-                                    template, science, sources, self.science_fwhm
-                                )
-                                self._measure_star_offset(template, science, kernel_sources)
-                            solution = self._fit_template_to_science(
-                                template, science, kernel_sources, preconv_kernel
-                            )
-                        # the threads' arenas keep what they freed: the frames to come need it
-                        release_free_memory()
-                        result = self._score(
-                            template, science, made.result(), solution, preconv_kernel
-                        )
-                    else:
-                        matched_science = self._preconvolve(science, preconv_kernel)
+
+            def attempt() -> tuple[SubtractionResult, Table]:
+                if self.config.preconvolve_via_difference and _template_is_sharper(
+                    template, science, self.template_fwhm, self.science_fwhm
+                ):
+                    # the fit is between the images as they are: P * S is made beside the
+                    # selection and the fit, which leave a core mostly idle
+                    with alongside(lambda: self._preconvolve(science, preconv_kernel)) as made:
                         with self.timer("select"):
-                            half = preconv_kernel.shape[0] // 2
-                            # stars in P * S have the PSF seen through P: the variability
-                            # filter compares their PSF fluxes with the template's (the
-                            # matched science itself keeps the science PSF, as results do)
-                            seen_through_p = replace(matched_science, psf=self.preconvolved_psf)
                             kernel_sources = self._select_sources(
-                                template,
-                                seen_through_p,
-                                sources,
-                                math.sqrt(2.0) * self.science_fwhm,
-                                edge_buffer=half,
+                                template, science, sources, self.science_fwhm
                             )
                             self._measure_star_offset(template, science, kernel_sources)
-                        result = self.run_preconvolve(
-                            template, science, matched_science, kernel_sources, preconv_kernel
+                        solution = self._fit_template_to_science(
+                            template, science, kernel_sources, preconv_kernel
                         )
-                except (
-                    InsufficientSourcesError,
-                    NoKernelCandidatesError,
-                    KernelSolutionError,
-                ) as exc:
-                    raise self._coverage_guard(template, science, exc) from None
-                if not self._static_refit(template, science, notes):
-                    break
+                    # the threads' arenas keep what they freed: the frames to come need it
+                    release_free_memory()
+                    result = self._score(template, science, made.result(), solution, preconv_kernel)
+                    return result, kernel_sources
+                matched_science = self._preconvolve(science, preconv_kernel)
+                with self.timer("select"):
+                    half = preconv_kernel.shape[0] // 2
+                    # stars in P * S have the PSF seen through P: the variability filter
+                    # compares their PSF fluxes with the template's (the matched science
+                    # itself keeps the science PSF, as results do)
+                    seen_through_p = replace(matched_science, psf=self.preconvolved_psf)
+                    kernel_sources = self._select_sources(
+                        template,
+                        seen_through_p,
+                        sources,
+                        math.sqrt(2.0) * self.science_fwhm,
+                        edge_buffer=half,
+                    )
+                    self._measure_star_offset(template, science, kernel_sources)
+                result = self.run_preconvolve(
+                    template, science, matched_science, kernel_sources, preconv_kernel
+                )
+                return result, kernel_sources
+
+            result, kernel_sources = self._fitted(template, science, attempt)
             self._keep_kernel_sources(result, kernel_sources)
             self._stage("metrics")
             with self.timer("metrics"):
