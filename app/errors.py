@@ -67,9 +67,22 @@ def _validation_message(exc: RequestValidationError) -> str:
             detail = (err.get("ctx") or {}).get("error", "")
             parts.append(f"body: Invalid JSON: {detail} at character {err['loc'][-1]}")
             continue
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        where = _location(err.get("loc", ()))
         parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
     return "; ".join(parts) or "invalid request"
+
+
+def _location(loc) -> str:
+    """A validation error's place as a caller writes it: ``mode``, ``query.size``, and
+    list items by index (``body[0].x``, the first forced position, where a dotted
+    ``0.x`` left the caller guessing)."""
+    where = ""
+    for part in loc:
+        if isinstance(part, int):
+            where = f"{where or 'body'}[{part}]"
+        elif part != "body":
+            where = f"{where}.{part}" if where else str(part)
+    return where
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -201,6 +201,17 @@ def test_forced_positions_may_carry_ids(deployment, alice):
     assert "position 1 has no id" in partial.json()["error"]["message"]
 
 
+def test_a_bad_forced_position_is_named_by_its_index(deployment, alice):
+    # the message said "0.x: ..." and left the caller guessing which list item was meant
+    _, job_id, _, _ = deployment
+    answer = alice.post(
+        f"/v1/subtractions/{job_id}/forced", json=[{"x": 1.0, "y": 2.0}, {"x": "left", "y": 3}]
+    )
+    assert answer.status_code == 422, answer.text
+    message = answer.json()["error"]["message"]
+    assert message.startswith("body[1].x: "), message
+
+
 def test_forced_body_that_is_not_json_says_so(deployment, alice):
     _, job_id, _, _ = deployment
     answer = alice.post(
