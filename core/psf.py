@@ -457,7 +457,6 @@ class GridPsf(Psf):
         )
 
 
-#: Smallest adaptive sigma (px) a star may have; below are hot pixels and cosmic rays.
 #: Least trace radius (px) of a star's adaptive moments: below, hot pixels.
 MIN_STAR_SIGMA = 0.6
 #: Least minor-axis sigma (px, pixel included) of a star: no source is narrower than the
