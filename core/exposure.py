@@ -32,12 +32,23 @@ __all__ = [
     "DeferredPlane",
     "DEFAULT_MASK_PLANES",
     "UNIT_VARIANCE",
+    "invalid_variance",
 ]
 
 #: ``variance_source`` of a plane of ones that `Exposure.from_arrays` made for want of a
 #: variance: it holds no noise level, so the subtraction scales it to the measured sky
 #: noise whatever the factor (`core.variance.measure_variance_scale`).
 UNIT_VARIANCE = "unit variance (none given): scaled to the measured sky noise"
+
+
+def invalid_variance(variance: np.ndarray) -> np.ndarray | None:
+    """Pixels whose variance is negative or not finite, or None when there is none: the
+    usual plane says so by its least and largest values (a NaN fails the first test, an
+    infinity one of the two), one pass each instead of the mask's several."""
+    if variance.min() >= 0 and variance.max() < np.inf:
+        return None
+    return ~np.isfinite(variance) | (variance < 0)
+
 
 #: Rubin's default planes and bits (algorithm.md section 0.5).
 DEFAULT_MASK_PLANES = (

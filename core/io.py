@@ -79,7 +79,7 @@ from . import order
 from .clipping import sigma_clipped_median_std
 from .dilation import dilate_cross, or_filter
 from .errors import InvalidExposureError, PsfError
-from .exposure import Exposure, MaskPlanes, PhotoCalib
+from .exposure import Exposure, MaskPlanes, PhotoCalib, invalid_variance
 from .fits_structure import check_fits_structure
 from .psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf, Psf
 from .units import rate_and_electrons
@@ -1136,11 +1136,8 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
             vsrc = _header_value([f.hdul[f.index_of(_VARIANCE_NAMES)].header], ("VARSRC",))
             variance_source = str(vsrc) if vsrc else variance_source
 
-    # the usual variance is finite and non-negative throughout: its least and largest
-    # values say so (a NaN fails the first test, an infinity one of the two)
-    least, largest = variance_array.min(), variance_array.max()  # the image's shape: not empty
-    if not (least >= 0 and largest < np.inf):
-        bad_variance = ~np.isfinite(variance_array) | (variance_array < 0)
+    bad_variance = invalid_variance(variance_array)  # the image's shape: not empty
+    if bad_variance is not None:
         problem = bad_variance & ~unusable.pixels()
         if problem.any():
             j, i = np.argwhere(problem)[0]
@@ -1148,11 +1145,10 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
                 f"{f.name}: variance is negative or NaN at {int(problem.sum())} unmasked "
                 f"pixels (first at x={i}, y={j}: {variance_array[j, i]})"
             )
-        if bad_variance.any():
-            # masked pixels keep a finite, typical variance so FFT convolutions stay finite
-            good = variance_array[~bad_variance]
-            variance_array = variance_array.copy()
-            variance_array[bad_variance] = np.median(good) if good.size else 1.0
+        # masked pixels keep a finite, typical variance so FFT convolutions stay finite
+        good = variance_array[~bad_variance]
+        variance_array = variance_array.copy()
+        variance_array[bad_variance] = np.median(good) if good.size else 1.0
 
     # PSF, WCS, calibration, metadata --------------------------------------------------------
     xy0 = _xy0_from_header(image_header)

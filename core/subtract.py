@@ -40,7 +40,7 @@ from .errors import (
     PsfError,
     TemplateCoverageError,
 )
-from .exposure import DeferredPlane, Exposure
+from .exposure import DeferredPlane, Exposure, invalid_variance
 from .forced import whole_stamp_fluxes
 from .kernel import BackgroundModel, SpatialKernel, chebyshev_terms, fit_psf_matching_kernel
 from .logcapture import collect_warnings
@@ -1676,10 +1676,10 @@ def check_variance(exposure: Exposure, label: str) -> None:
     if exposure.variance_deferred:  # made by core from checked planes
         return
     variance = exposure.variance
-    # a NaN fails the first test, an infinity one of the two: one pass when all is well
-    if variance.min() >= 0 and variance.max() < np.inf:
+    bad = invalid_variance(variance)
+    if bad is None:
         return
-    problem = ~(np.isfinite(variance) & (variance >= 0)) & ~exposure.masked(_UNUSED_PLANES)
+    problem = bad & ~exposure.masked(_UNUSED_PLANES)
     if problem.any():
         j, i = np.argwhere(problem)[0]
         raise InvalidExposureError(
