@@ -33,7 +33,7 @@ from .measure import (
     _resolve_psf,
 )
 from .parallel import alongside, frame_array, frame_zeros
-from .psf import GaussianPsf, Psf, star_shaped, stellar_locus
+from .psf import LOCUS_SNR, GaussianPsf, Psf, point_like, star_size
 
 __all__ = ["detect_sources", "background_estimate", "DetectionMemo"]
 
@@ -348,8 +348,8 @@ def detect_sources(
         first = GaussianPsf(_DEFAULT_SMOOTH_SIGMA)
         # the first pass only measures the sources' sizes: on a large frame, the
         # central quarter holds stars enough for their locus (else the whole frame)
-        sizes, table = _first_pass_sizes(exposure, config, first, estimate, grow_sigma)
-        sigma = stellar_locus(sizes) if sizes.size >= 3 else _DEFAULT_SMOOTH_SIGMA
+        locus, table = _first_pass_locus(exposure, config, first, estimate, grow_sigma)
+        sigma = locus if locus is not None else _DEFAULT_SMOOTH_SIGMA
         if not config.smooth_with_psf:
             sigma = max(0.5, min(sigma, 20.0))
         if table is None or abs(sigma / _DEFAULT_SMOOTH_SIGMA - 1) > 0.15 or set_mask:
@@ -416,9 +416,10 @@ _SIZE_WINDOW_MIN_SIDE = 2048
 _SIZE_WINDOW_MIN_STARS = 30
 
 
-def _first_pass_sizes(exposure, config, psf, estimate, grow_sigma):
-    """Clean source sizes from a detection pass with a generic PSF, and that pass's
-    catalog when it covered the whole frame (None when it covered the central quarter)."""
+def _first_pass_locus(exposure, config, psf, estimate, grow_sigma):
+    """The stars' size (`core.psf.star_size`, None without enough bright clean sources)
+    from a detection pass with a generic PSF, and that pass's catalog when it covered
+    the whole frame (None when it covered the central quarter)."""
     ny, nx = exposure.shape
     if min(ny, nx) >= _SIZE_WINDOW_MIN_SIDE:
         rows = slice(ny // 4, ny // 4 + ny // 2)
@@ -431,24 +432,11 @@ def _first_pass_sizes(exposure, config, psf, estimate, grow_sigma):
             metadata=exposure.metadata,
         )
         table = _detect_pass(window, config, psf, estimate.window(rows, cols), grow_sigma, False)
-        sizes = _clean_sizes(table)
-        if sizes.size >= _SIZE_WINDOW_MIN_STARS:
-            return sizes, None
+        clean = point_like(table)
+        if (clean & (np.asarray(table["snr"]) >= LOCUS_SNR)).sum() >= _SIZE_WINDOW_MIN_STARS:
+            return star_size(table, clean), None
     table = _detect_pass(exposure, config, psf, estimate, grow_sigma, False)
-    return _clean_sizes(table), table
-
-
-def _clean_sizes(table: Table) -> np.ndarray:
-    ok = (
-        (table["snr"] > 20)
-        & ~table["flag_saturated"]
-        & ~table["flag_masked"]
-        & ~table["flag_edge"]
-        & ~table["flag_blended"]
-        & np.isfinite(table["size"])
-        & star_shaped(table)
-    )
-    return np.asarray(table["size"][ok])
+    return star_size(table, point_like(table)), table
 
 
 def _local_maxima(snr: np.ndarray, pixels: np.ndarray, half: int):

@@ -28,6 +28,8 @@ __all__ = [
     "minor_axis_sigma",
     "star_shaped",
     "stellar_locus",
+    "point_like",
+    "star_size",
 ]
 
 SIGMA_TO_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -474,6 +476,51 @@ def star_shaped(table) -> np.ndarray:
     minor = minor_axis_sigma(table["ixx"], table["iyy"], table["ixy"])
     with np.errstate(invalid="ignore"):
         return (size > MIN_STAR_SIGMA) & (minor > MIN_STAR_MINOR_SIGMA)
+
+
+#: Sources at or above this S/N define the stellar locus, and down to `LOCUS_FAINT_SNR`
+#: when the bright ones' locus is galaxies (`star_size`).
+LOCUS_SNR = 20.0
+LOCUS_FAINT_SNR = 10.0
+#: A star's trace size lies within this fraction of the locus.
+LOCUS_TOLERANCE = 0.15
+
+
+def point_like(table) -> np.ndarray:
+    """Sources of a measured catalog that could be stars: not saturated, at the edge,
+    masked nor blended, with a finite size and S/N, and `star_shaped`."""
+    return (
+        ~np.asarray(table["flag_saturated"])
+        & ~np.asarray(table["flag_edge"])
+        & ~np.asarray(table["flag_masked"])
+        & ~np.asarray(table["flag_blended"])
+        & np.isfinite(np.asarray(table["snr"], dtype=np.float64))
+        & np.isfinite(np.asarray(table["size"], dtype=np.float64))
+        & star_shaped(table)
+    )
+
+
+def star_size(table, usable: np.ndarray) -> float | None:
+    """The stars' trace size (px) among the ``usable`` sources of a measured catalog.
+
+    The `stellar_locus` of those with S/N >= `LOCUS_SNR`, unless those down to
+    `LOCUS_FAINT_SNR` form one smaller by over `LOCUS_TOLERANCE`: the bright compact
+    sources are then galaxies (a galaxy cluster; a shallow image with few bright
+    stars) and the faint stars, which outnumber them, show the PSF. None from fewer
+    than 3 bright sources.
+    """
+    size = np.asarray(table["size"], dtype=np.float64)
+    snr = np.asarray(table["snr"], dtype=np.float64)
+    bright = usable & (snr >= LOCUS_SNR)
+    if bright.sum() < 3:
+        return None
+    locus = stellar_locus(size[bright])
+    fainter = usable & (snr >= LOCUS_FAINT_SNR)
+    if fainter.sum() > bright.sum():
+        small = stellar_locus(size[fainter])
+        if small < (1.0 - LOCUS_TOLERANCE) * locus:
+            return small
+    return locus
 
 
 def minor_axis_sigma(ixx, iyy, ixy) -> np.ndarray:

@@ -14,20 +14,20 @@ from .detection import background_estimate, detect_sources
 from .errors import PsfError
 from .measure import measure_sources
 from .psf import (
+    LOCUS_SNR,
+    LOCUS_TOLERANCE,
     SIGMA_TO_FWHM,
     GridPsf,
     ImagePsf,
     Psf,
     _odd,
     _shift_raw,
-    star_shaped,
-    stellar_locus,
+    point_like,
+    star_size,
 )
 
 __all__ = ["estimate_psf", "PSF_STAMP_BAD_PLANES"]
 
-#: A candidate's trace size within this fraction of the stellar locus.
-_LOCUS_TOLERANCE = 0.15
 #: Mask planes that disqualify a star's stamp from PSF estimation.
 PSF_STAMP_BAD_PLANES = ("BAD", "SAT", "NO_DATA", "CR", "EDGE", "SUSPECT", "INTRP")
 
@@ -48,8 +48,8 @@ def estimate_psf(
     Stars come from ``catalog`` (parent ``x``, ``y``; measured on the exposure)
     or from `core.detection.detect_sources`. A star is used when it is not
     flagged (saturated, edge, masked, blended), its S/N is at least 20, its
-    adaptive size is within 15% of the stellar locus (the densest cluster of
-    sizes: rejects galaxies, cosmic rays and blends), its shape is a star's
+    adaptive size is within 15% of the stars' (`core.psf.star_size`: rejects
+    galaxies, cosmic rays and blends), its shape is a star's
     (`core.psf.star_shaped`: wider across than a cosmic-ray track), no other detected source
     with over 2% of its flux lies within the stamp radius, and its stamp holds
     no pixel of `PSF_STAMP_BAD_PLANES`. The
@@ -116,20 +116,12 @@ def estimate_psf(
     need = f"need at least {min_stars}"
     if n_found == 0:
         raise PsfError(f"found 0 suitable stars, {need} (no source detected) to estimate a PSF")
-    ok = (
-        ~np.asarray(stars["flag_saturated"])
-        & ~np.asarray(stars["flag_edge"])
-        & ~np.asarray(stars["flag_masked"])
-        & ~np.asarray(stars["flag_blended"])
-        & np.isfinite(stars["snr"])
-        & (np.asarray(stars["snr"]) >= 20.0)
-        & np.isfinite(stars["size"])
-    )
+    usable = point_like(stars)
     size = np.asarray(stars["size"], dtype=np.float64)
-    ok &= star_shaped(stars)
-    if ok.sum() >= 3:
-        typical = stellar_locus(size[ok])
-        ok &= np.abs(size / typical - 1.0) < _LOCUS_TOLERANCE
+    ok = usable & (np.asarray(stars["snr"], dtype=np.float64) >= LOCUS_SNR)
+    locus = star_size(stars, usable)
+    if locus is not None:
+        ok &= np.abs(size / locus - 1.0) < LOCUS_TOLERANCE
     if ok.sum() == 0:
         raise PsfError(
             f"found 0 suitable stars among {n_found} sources, {need}: none is bright "

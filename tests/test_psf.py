@@ -315,6 +315,36 @@ def test_estimate_among_cosmic_rays(seed):
     assert estimate_psf(science).fwhm() == pytest.approx(truth, rel=0.03)
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_stars_size_in_a_galaxy_cluster_field(seed):
+    """Bright compact galaxies of one size (a cluster) and stars all fainter than S/N 20:
+    the bright sources' locus is the galaxies' (1.37x the PSF's sigma); the fainter
+    sources, stars in numbers, show the stars' size, and detection smooths with it."""
+    from core.detection import detect_sources
+    from core.simulate import SimulationConfig, simulate_pair
+
+    config = SimulationConfig(
+        size=512,
+        seed=seed,
+        n_stars=200,
+        star_flux_min=1500.0,
+        star_flux_max=3000.0,
+        n_galaxies=60,
+        galaxy_flux_min=2e4,
+        galaxy_flux_max=5e4,
+        galaxy_radius_min=1.5,
+        galaxy_radius_max=1.7,
+        galaxy_sersic_indices=[1.0],
+        science_psf={"fwhm": 3.0},
+    )
+    science = simulate_pair(config).science
+    truth = science.psf.fwhm() / SIGMA_TO_FWHM
+    table = detect_sources(science.with_psf(None), set_mask=False)
+    # faint stars read a little small (noise peaks select them): within 15%, where the
+    # galaxies' locus is 35% wide
+    assert table.meta["psf_sigma"] == pytest.approx(truth, rel=0.15)
+
+
 def test_subtraction_of_plain_images_among_cosmic_rays():
     """The same pair as plain images (no PSFs): subtracted, and called good (it raised
     "Only 0 sources were selected for PSF matching")."""

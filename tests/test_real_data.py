@@ -88,24 +88,21 @@ def test_every_result_carries_a_verdict_with_reasons(measured, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_plain_jwst_without_its_psfs_is_not_called_good(mode):
-    """The template PSF estimated from a cluster field is wrong (FWHM 7.9 px for WebbPSF's
-    2.0): the verdict must say so in both modes. Preconvolve was called good: its score
-    kept ~9% of every constant compact source (kernel sum 0.949 where the stars' flux
-    ratio is 1.05 and the kernel fitted with the PSFs sums to 1.06) and the DIA catalog
-    held 110 sources, 55 positive, where the same pair with its PSFs gives 47, 8 positive
-    (bench/README.md); the kernel makes the template PSF model 1.76x as wide as P * S's."""
+def test_plain_jwst_template_psf_comes_from_its_faint_stars(mode):
+    """The template of the cluster field without its WebbPSF model: its few stars bright
+    enough for S/N 20 were two, and the galaxies' sizes (3x a star's) made the stellar
+    locus, so its PSF came out 7.9 px wide for the science's 2.6 and the verdict said
+    bad (auto, kernel sum 0.79) or suspect. The fainter stars (S/N 10-20) show the
+    locus (`core.psf.star_size`): the template PSF is as wide as the science's (the same
+    camera and filter), the kernel turns one into the other and the stars vanish."""
     pair = load_pair("jwst_plain")
     result = run_subtraction(pair.science, pair.template, SubtractionConfig(mode=mode))
-    quality = result.metrics["quality"]
-    assert quality["verdict"] != "good", quality
-    assert any("kernel" in reason and "PSF" in reason for reason in quality["reasons"]), quality
-    if abs(result.metrics["kernel_sum"] - 1.0) > 0.1:
-        assert any("kernel sum" in reason for reason in quality["reasons"])
-    # the kernel does not turn the template's PSF model into the science's
-    ratio = result.metrics["kernel_psf_width_ratio"]
-    assert max(ratio, 1 / ratio) > SubtractionConfig().quality.max_kernel_psf_width_ratio
-    assert any("PSF model" in reason for reason in quality["reasons"]), quality
+    metrics = result.metrics
+    assert metrics["template_psf_fwhm"] == pytest.approx(metrics["science_psf_fwhm"], rel=0.15)
+    ratio = metrics["kernel_psf_width_ratio"]
+    assert max(ratio, 1 / ratio) < SubtractionConfig().quality.max_kernel_psf_width_ratio
+    reasons = metrics["quality"]["reasons"]
+    assert not any("PSF model" in reason or "keep" in reason for reason in reasons), reasons
 
 
 def test_jwst_with_its_psfs_has_a_kernel_that_matches_them():
