@@ -154,3 +154,37 @@ def test_sky_subtracted_crowded_frame_is_not_taken_for_correlated_noise(tmp_path
     # correlated noise goes (it stayed beside the refit's note saying the opposite)
     assert any("static structure" in note for note in metrics["notes"]), metrics["notes"]
     assert not any("noise is correlated" in note for note in metrics["notes"]), metrics["notes"]
+
+
+def _ramp(amplitude: float, seed: int):
+    def change(data, header):
+        # a sky rising by ``amplitude`` x the subtracted sky across the frame, with its noise
+        rng = np.random.default_rng(seed)
+        ramp = amplitude * header["AVSKY"] * np.arange(data.shape[1]) / (data.shape[1] - 1)
+        ramp = np.broadcast_to(ramp, data.shape)
+        return data + ramp + rng.normal(0.0, np.sqrt(ramp / header["GAIN"]))
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("role", "amplitude"),
+    [("science", 0.5), ("science", 1.0), ("template", 1.0)],
+    ids=["science_50", "science_100", "template_100"],
+)
+def test_sky_ramp_keeps_the_noise_ratio_of_the_plain_pair(tmp_path, role, amplitude):
+    stems = {"science": "DEC-OBS04a", "template": "DEC-OBS18a"}
+    plain = {r: read_exposure(DECAM / f"{s}.mini.fits.gz") for r, s in stems.items()}
+    ramped = dict(plain)
+    ramped[role] = read_exposure(_variant(tmp_path, stems[role], _ramp(amplitude, 7)))
+    config = SubtractionConfig()
+    expected = run_subtraction(plain["science"], plain["template"], config).metrics
+    metrics = run_subtraction(ramped["science"], ramped["template"], config).metrics
+    # before: noise ratio 0.95 (science +50%) and 0.84 (+100%, "suspect") for the plain
+    # pair's 0.995, the template's plane scaled by 1.61 for 1.03 (+100%): the variance
+    # scaling took the ramp, within its mesh cells, for noise
+    assert metrics["noise_ratio"] == pytest.approx(expected["noise_ratio"], abs=0.03)
+    assert metrics[f"{role}_variance_scale"] == pytest.approx(
+        expected[f"{role}_variance_scale"], abs=0.05
+    )
+    assert metrics["n_dia_sources"] <= expected["n_dia_sources"]
