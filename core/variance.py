@@ -181,23 +181,33 @@ def _good(exposure: Exposure, config: ScaleVarianceConfig) -> np.ndarray:
     )
 
 
-#: Pixels between the samples of a background map that `_smooth_surface` fits.
-_SURFACE_STEP = 4
+#: A sky whose smooth part changes by less than this fraction of the noise across a cell
+#: cannot move a cell's median measurably (flat skies keep the one mesh: no second pass).
+_SLOPE_NOISE_FRACTION = 0.1
 
 
-def _smooth_surface(background: np.ndarray) -> np.ndarray:
+def _smooth_surface(background: np.ndarray, step: int) -> np.ndarray:
     """The least-squares quadratic surface through a background map (float32), fitted
-    to every `_SURFACE_STEP`-th pixel of it (the map is smooth)."""
+    to every ``step``-th pixel of it (the map is smooth on the mesh's scale)."""
     ny, nx = background.shape
     y, x = np.linspace(-1.0, 1.0, ny), np.linspace(-1.0, 1.0, nx)
-    ys, xs = np.meshgrid(y[::_SURFACE_STEP], x[::_SURFACE_STEP], indexing="ij")
+    ys, xs = np.meshgrid(y[::step], x[::step], indexing="ij")
     design = np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=-1)
-    sample = background[::_SURFACE_STEP, ::_SURFACE_STEP]
+    sample = background[::step, ::step]
     c = np.linalg.lstsq(design.reshape(-1, 6), sample.ravel(), rcond=None)[0]
     # separable: rows and columns, and the cross term as an outer product
     surface = (c[0] + c[1] * x + c[3] * x * x)[None, :] + (c[2] * y + c[5] * y * y)[:, None]
     surface += c[4] * np.outer(y, x)
     return surface.astype(np.float32)
+
+
+def _sloped(surface: np.ndarray, variance: np.ndarray, good: np.ndarray, cell: int) -> bool:
+    """Whether ``surface`` changes across a ``cell`` by a `_SLOPE_NOISE_FRACTION` of the
+    sky noise or more."""
+    coarse = surface[::cell, ::cell]
+    change = max(float(np.abs(np.diff(coarse, axis=axis)).max(initial=0.0)) for axis in (0, 1))
+    noise = math.sqrt(float(np.median(variance[good][::16])))
+    return change >= _SLOPE_NOISE_FRACTION * noise
 
 
 def _sky_estimate(exposure: Exposure, config: ScaleVarianceConfig) -> float:
@@ -208,29 +218,26 @@ def _sky_estimate(exposure: Exposure, config: ScaleVarianceConfig) -> float:
         if good.any():
             views.append(view)
             goods.append(good)
-    backgrounds = background_images(
-        views, config.background_bin_size, ignore_planes=config.mask_planes
-    )
+    cell = config.background_bin_size
+    backgrounds = background_images(views, cell, ignore_planes=config.mask_planes)
     # a cell's median on a sloped sky moves along the slope with the pixels masked in it
     # (a source off the cell's centre), which the spread then counts as noise (a +50%
     # ramp over 8 cells: 1.16 for 1.04): the mesh is made again once the smooth part of
     # the first one (a quadratic surface: ramps, glows) is off the pixels
-    flats = [
-        Exposure(
-            view.image - _smooth_surface(background),
-            view.variance,
-            view.mask,
-            mask_planes=view.mask_planes,
-        )
-        for view, background in zip(views, backgrounds, strict=True)
-    ]
-    residuals = background_images(
-        flats, config.background_bin_size, ignore_planes=config.mask_planes
-    )
+    surfaces = [_smooth_surface(b, max(1, cell // 4)) for b in backgrounds]
+    if any(
+        _sloped(surface, view.variance, good, cell)
+        for surface, view, good in zip(surfaces, views, goods, strict=True)
+    ):
+        views = [
+            Exposure(view.image - surface, view.variance, view.mask, mask_planes=view.mask_planes)
+            for view, surface in zip(views, surfaces, strict=True)
+        ]
+        backgrounds = background_images(views, cell, ignore_planes=config.mask_planes)
     pieces = []
-    for flat, good, background in zip(flats, goods, residuals, strict=True):
-        residual = (flat.image - background)[good]
-        residual /= np.sqrt(flat.variance[good])
+    for view, good, background in zip(views, goods, backgrounds, strict=True):
+        residual = (view.image - background)[good]
+        residual /= np.sqrt(view.variance[good])
         pieces.append(residual)
     residual = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
     if residual.size < 2:
