@@ -541,7 +541,12 @@ def stellar_locus(sizes: np.ndarray) -> float:
     Its median is returned.
     """
     log_size = np.log(sizes)
-    counts = (np.abs(log_size[:, None] - log_size[None, :]) < 0.08).sum(axis=1)
+    # the counts from the sorted sizes: a crowded frame's thousands of sources made an
+    # n x n matrix of differences (S/N >= 10 on a dense 4096 frame: 2590, 107 MB)
+    ordered = np.sort(log_size)
+    counts = np.searchsorted(ordered, log_size + 0.08, side="left") - np.searchsorted(
+        ordered, log_size - 0.08, side="right"
+    )
     best = counts >= min(counts.max(), max(4, 0.3 * counts.max()))
     centre = log_size[best].min()
     return float(np.exp(np.median(log_size[np.abs(log_size - centre) < 0.08])))

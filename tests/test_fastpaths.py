@@ -1278,3 +1278,23 @@ def test_overlap_save_bands_zero_their_margins_whatever_the_buffer_held(monkeypa
     expected = ndimage.correlate(image.astype(np.float64), kernel, mode="constant")
     assert np.isfinite(out).all()
     assert np.abs(out - expected).max() < 2e-6 * np.abs(expected).max()
+
+
+def test_stellar_locus_counts_from_sorted_sizes_like_every_pair():
+    """`core.psf.stellar_locus` counts each size's neighbours from the sorted sizes; the
+    straightforward n x n matrix of log differences gives the same locus."""
+    from core.psf import stellar_locus
+
+    def every_pair(sizes):
+        log_size = np.log(sizes)
+        counts = (np.abs(log_size[:, None] - log_size[None, :]) < 0.08).sum(axis=1)
+        best = counts >= min(counts.max(), max(4, 0.3 * counts.max()))
+        centre = log_size[best].min()
+        return float(np.exp(np.median(log_size[np.abs(log_size - centre) < 0.08])))
+
+    rng = np.random.default_rng(41)
+    for _ in range(300):
+        n = int(rng.integers(3, 300))
+        stars = rng.normal(1.5, 0.05, int(rng.integers(1, n + 1)))
+        sizes = np.concatenate([stars, rng.uniform(0.6, 6.0, n), np.round(stars[:3], 2)])
+        assert stellar_locus(sizes) == every_pair(sizes)
