@@ -7,7 +7,8 @@ Each scenario (sharper template, sharper science, varying Moffat PSF on a sky
 gradient) gets positive and negative transients; the catalog of every
 subtraction is matched to the truth. Printed per scenario and in total:
 completeness of isolated transients with expected S/N >= 7 (expected S/N = true
-flux over the forced-photometry error at the true position), false detections
+flux over the forced-photometry error at the true position) and how many of those found
+are flagged ``sharp`` (a broker drops them as cosmic rays), false detections
 per million pixels on empty sky and within 2 FWHM of a constant star, median
 flux ratio and position rms of detections with S/N >= 20, and forced photometry
 at the true positions (median flux ratio at expected S/N >= 20, robust std of
@@ -102,6 +103,9 @@ def summarise(evaluations: list[dict]) -> dict[str, float]:
         [np.abs(np.asarray(e["catalog"]["snr"]))[e["index"]] for e in evaluations]
     )
     distance = cat("distance")
+    sharp = np.concatenate(
+        [np.asarray(e["catalog"]["flag_sharp"])[e["index"]] for e in evaluations]
+    )
     forced_flux = np.concatenate([np.asarray(e["forced"]["psf_flux"]) for e in evaluations])
     forced_err = np.concatenate([np.asarray(e["forced"]["psf_flux_err"]) for e in evaluations])
     mpx = sum(e["pixels"] for e in evaluations) / 1e6
@@ -114,6 +118,7 @@ def summarise(evaluations: list[dict]) -> dict[str, float]:
         "completeness_pos": float(found[bright & (flux > 0)].mean()),
         "n_bright_neg": int(np.count_nonzero(bright & (flux < 0))),
         "completeness_neg": float(found[bright & (flux < 0)].mean()),
+        "n_found_sharp": int(np.count_nonzero(found & bright & sharp)),
         "false_sky_per_mpx": sum(e["false_sky"] for e in evaluations) / mpx,
         "false_star_per_mpx": sum(e["false_star"] for e in evaluations) / mpx,
         "flux_ratio_snr20": float(np.median(measured_flux[strong] / flux[strong])),
@@ -136,7 +141,8 @@ def _pair(name: str, size: int, seed: int):
 def _print(label: str, s: dict) -> None:
     print(
         f"{label:<18} {s['mpx']:6.1f} Mpx | completeness + {s['completeness_pos']:.3f} "
-        f"(n={s['n_bright_pos']}) - {s['completeness_neg']:.3f} (n={s['n_bright_neg']}) | "
+        f"(n={s['n_bright_pos']}) - {s['completeness_neg']:.3f} (n={s['n_bright_neg']}) "
+        f"sharp {s['n_found_sharp']} | "
         f"false/Mpx sky {s['false_sky_per_mpx']:.2f} star {s['false_star_per_mpx']:.2f} | "
         f"flux {s['flux_ratio_snr20']:.4f} pos_rms {s['position_rms_snr20']:.3f} | "
         f"forced {s['forced_ratio']:.4f} pull {s['forced_pull_std']:.3f}",

@@ -59,6 +59,7 @@ from .forced import (
     pull_scale,
     sky_positions,
 )
+from .input_rays import sharp_in_inputs
 from .measure import _centroids, _moments, _negative_side_sigma
 from .parallel import InlineExecutor, n_threads, task_pool
 from .position_flags import (
@@ -842,6 +843,7 @@ def _measure_beside(
     matched_template: Exposure | None,
     kernel_sources: Table | None,
     is_score: bool,
+    inputs: tuple[Exposure | None, Exposure | None] | None = None,
 ) -> Table:
     """`_measure` of the detections ``detect()`` gives, on a task pool: what does not
     need them (`_setup`) is made beside ``detect``, its Python-bound work beside its
@@ -864,6 +866,7 @@ def _measure_beside(
             setup,
             pool,
             is_score,
+            inputs,
         )
     table.meta.update(observation_meta(output))
     return table
@@ -959,6 +962,7 @@ def _measure(
     setup: Future,
     pool: Executor,
     is_score: bool,
+    inputs: tuple[Exposure | None, Exposure | None] | None = None,
 ) -> Table:
     """`measure_dia_sources` with what does not need the detections in ``setup`` (a
     future of `_setup`); the independent measurements run on ``pool``."""
@@ -1125,12 +1129,21 @@ def _measure(
         flags[:n_single][single_fit["sharp"]] |= FLAG_BITS["sharp"][0]
     # a trail or a saturated star's row artifact, broken into sources along a line
     flags[on_lines(x_all, y_all, fwhm)] |= FLAG_BITS["streak"][0]
-    columns["flags"] = flags
-    columns.update(flag_columns(flags))
     for label, result in zip(("science", "template"), fluxes or [None, None], strict=True):
         flux, error = result.result() if result is not None else (np.nan, np.nan)
         columns[f"{label}_flux"][:] = flux
         columns[f"{label}_flux_err"][:] = error
+    if inputs is not None and n_single:
+        # a ray the preconvolution or the matching kernel widened is still narrow there
+        negative = det.sign[single] < 0
+        signed = np.copysign(np.abs(columns["psf_flux"][:n_single]), np.where(negative, -1, 1))
+        light = np.where(
+            negative, columns["template_flux"][:n_single], columns["science_flux"][:n_single]
+        )
+        in_inputs = sharp_in_inputs(output, x, y, signed, light, inputs[0], inputs[1], forced)
+        flags[:n_single][in_inputs] |= FLAG_BITS["sharp"][0]
+    columns["flags"] = flags
+    columns.update(flag_columns(flags))
 
     # most significant first; ids follow that order
     order = np.argsort(-np.abs(columns["detection_snr"]), kind="stable")
@@ -1200,6 +1213,7 @@ def dia_sources(
     matched_science: Exposure | None = None,
     matched_template: Exposure | None = None,
     kernel_sources: Table | None = None,
+    inputs: tuple[Exposure | None, Exposure | None] | None = None,
 ) -> Table:
     """Detect and measure the DIA sources of a subtraction.
 
@@ -1216,6 +1230,10 @@ def dia_sources(
         The kernel sources (parent x, y); sources far outside their hull are flagged
         ``suspect_kernel``, unless their meta says the solution fitted on them is
         constant (`core.position_flags.EXTRAPOLATED_ORDER` 0, set by the subtraction).
+    inputs : (science, template) or None
+        The inputs as read, before any convolution (the template on the science grid;
+        either may be None): single-signed sources narrower than the PSF there are
+        flagged ``sharp`` too (`core.input_rays`), rays a convolution widened.
 
     Returns
     -------
@@ -1248,7 +1266,8 @@ def dia_sources(
         near a bright star or within reach of a saturated one's light, docs/DIA_FLAGS.md;
         ``streak``: one of a line of sources, `core.streaks`;
         ``sharp``: narrower than the PSF, a cosmic ray or hot pixel,
-        `core.sharpness`, not raised on a score, where the PSF filter widened it)
+        `core.sharpness`: on the output, not on a score, where the PSF filter widened
+        it, and in the ``inputs`` as read)
         and one ``flag_<name>`` column per bit. Meta ``n_sidelobes``: detections
         dropped as brighter sources' PSF rings and wings (``drop_psf_sidelobes``).
     """
@@ -1281,6 +1300,7 @@ def dia_sources(
         matched_template,
         kernel_sources,
         is_score,
+        inputs,
     )
 
 

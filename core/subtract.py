@@ -1055,8 +1055,10 @@ class _SubtractBase(Task):
         except PsfError:  # a matched profile with no positive flux: no figure, no verdict
             return {}
 
-    def detect(self, result: SubtractionResult) -> None:
-        """DIA sources on the difference or score (``config.dia``); counts into the metrics."""
+    def detect(self, result: SubtractionResult, science: Exposure, template: Exposure) -> None:
+        """DIA sources on the difference or score (``config.dia``); counts into the metrics.
+        ``science`` and ``template`` (registered) as they were before any convolution: a
+        cosmic ray a convolution widened is told there (`core.input_rays`)."""
         if not self.config.dia.enabled:
             return
         self._stage("detect")
@@ -1068,6 +1070,7 @@ class _SubtractBase(Task):
                 matched_science=result.matched_science,
                 matched_template=result.matched_template,
                 kernel_sources=result.kernel_sources,
+                inputs=(science, template),
             )
         meta = result.dia_sources.meta
         result.metrics["n_dia_sources"] = len(result.dia_sources)
@@ -1186,7 +1189,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
             self._stage("metrics")
             with self.timer("metrics"):
                 result.metrics = self.compute_image_metrics(science, result, sources)
-            self.detect(result)
+            self.detect(result, science, template)
         return self._finish(result, science, template)
 
     def _choose_mode(self, template: Exposure, science: Exposure) -> bool:
@@ -1366,7 +1369,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 )
                 # a star in the score and in P * S has the science PSF seen through P
                 result.metrics.update(self._kernel_star_residuals(result, self.preconvolved_psf))
-            self.detect(result)
+            self.detect(result, science, template)
         return self._finish(result, science, template)
 
     def _add_score_noise_floor(self, score: Exposure) -> None:
