@@ -186,27 +186,34 @@ def _good(exposure: Exposure, config: ScaleVarianceConfig) -> np.ndarray:
 _SLOPE_NOISE_FRACTION = 0.1
 
 
-def _smooth_surface(background: np.ndarray, step: int) -> np.ndarray:
-    """The least-squares quadratic surface through a background map (float32), fitted
-    to every ``step``-th pixel of it (the map is smooth on the mesh's scale)."""
+def _quadratic_fit(background: np.ndarray, step: int) -> np.ndarray:
+    """Coefficients of the least-squares quadratic surface through a background map,
+    fitted to every ``step``-th pixel of it (the map is smooth on the mesh's scale), in
+    coordinates -1..1 over each axis (`_quadratic_at`)."""
     ny, nx = background.shape
-    y, x = np.linspace(-1.0, 1.0, ny), np.linspace(-1.0, 1.0, nx)
-    ys, xs = np.meshgrid(y[::step], x[::step], indexing="ij")
+    y, x = np.linspace(-1.0, 1.0, ny)[::step], np.linspace(-1.0, 1.0, nx)[::step]
+    ys, xs = np.meshgrid(y, x, indexing="ij")
     design = np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=-1)
     sample = background[::step, ::step]
-    c = np.linalg.lstsq(design.reshape(-1, 6), sample.ravel(), rcond=None)[0]
+    return np.linalg.lstsq(design.reshape(-1, 6), sample.ravel(), rcond=None)[0]
+
+
+def _quadratic_at(c: np.ndarray, shape: tuple[int, int], step: int = 1) -> np.ndarray:
+    """The surface of `_quadratic_fit` at every ``step``-th pixel of a ``shape`` map."""
+    ny, nx = shape
+    y, x = np.linspace(-1.0, 1.0, ny)[::step], np.linspace(-1.0, 1.0, nx)[::step]
     # separable: rows and columns, and the cross term as an outer product
     surface = (c[0] + c[1] * x + c[3] * x * x)[None, :] + (c[2] * y + c[5] * y * y)[:, None]
     surface += c[4] * np.outer(y, x)
     return surface.astype(np.float32)
 
 
-def _sloped(surface: np.ndarray, variance: np.ndarray, good: np.ndarray, cell: int) -> bool:
-    """Whether ``surface`` changes across a ``cell`` by a `_SLOPE_NOISE_FRACTION` of the
-    sky noise or more."""
-    coarse = surface[::cell, ::cell]
+def _sloped(c: np.ndarray, view: Exposure, good: np.ndarray, cell: int) -> bool:
+    """Whether the surface ``c`` changes across a ``cell`` by a `_SLOPE_NOISE_FRACTION`
+    of the sky noise or more."""
+    coarse = _quadratic_at(c, view.shape, cell)
     change = max(float(np.abs(np.diff(coarse, axis=axis)).max(initial=0.0)) for axis in (0, 1))
-    noise = math.sqrt(float(np.median(variance[good][::16])))
+    noise = math.sqrt(float(np.median(view.variance[good][::16])))
     return change >= _SLOPE_NOISE_FRACTION * noise
 
 
@@ -224,14 +231,16 @@ def _sky_estimate(exposure: Exposure, config: ScaleVarianceConfig) -> float:
     # (a source off the cell's centre), which the spread then counts as noise (a +50%
     # ramp over 8 cells: 1.16 for 1.04): the mesh is made again once the smooth part of
     # the first one (a quadratic surface: ramps, glows) is off the pixels
-    surfaces = [_smooth_surface(b, max(1, cell // 4)) for b in backgrounds]
-    if any(
-        _sloped(surface, view.variance, good, cell)
-        for surface, view, good in zip(surfaces, views, goods, strict=True)
-    ):
+    fits = [_quadratic_fit(b, max(1, cell // 4)) for b in backgrounds]
+    if any(_sloped(c, view, good, cell) for c, view, good in zip(fits, views, goods, strict=True)):
         views = [
-            Exposure(view.image - surface, view.variance, view.mask, mask_planes=view.mask_planes)
-            for view, surface in zip(views, surfaces, strict=True)
+            Exposure(
+                view.image - _quadratic_at(c, view.shape),
+                view.variance,
+                view.mask,
+                mask_planes=view.mask_planes,
+            )
+            for view, c in zip(views, fits, strict=True)
         ]
         backgrounds = background_images(views, cell, ignore_planes=config.mask_planes)
     pieces = []
