@@ -32,7 +32,7 @@ from .position_flags import (
     saturated_stars,
 )
 from .psf import SIGMA_TO_FWHM, Psf, _collapsed, _half_maximum_sigma
-from .rings import ring_levels
+from .rings import ring_stamps
 from .sharpness import contrast_bounds, sharper_than_psf
 from .stamps import batches
 from .stamps import stamps as _stack
@@ -331,15 +331,24 @@ def psf_photometry(
     h = stamps.half
     # in place where it can be: the whole-stamp fits of the verdict hold 200 stamps of
     # 101 x 101 px, and each further array of them costs as much as a reduction
-    data = _stack(exposure.image, ix, iy, h, fill=np.nan).astype(np.float64)
+    wide_mask = None
+    if sky_ring:
+        # the fitted stamps are the centres of the ring's: cut, not gathered again
+        sky, wide, wide_mask = ring_stamps(exposure, ix, iy, h, sky_ring, unusable)
+        inner = np.s_[:, sky_ring : sky_ring + 2 * h + 1, sky_ring : sky_ring + 2 * h + 1]
+        data = wide[inner].astype(np.float64)
+    else:
+        data = _stack(exposure.image, ix, iy, h, fill=np.nan).astype(np.float64)
     var = exposure.variance_stamps(ix, iy, h, fill=np.nan).astype(np.float64, copy=False)
     if sky_ring:
-        data -= ring_levels(exposure, ix, iy, h, sky_ring, unusable)[:, None, None]
+        data -= sky[:, None, None]
     with np.errstate(invalid="ignore"):
         good = np.isfinite(data) & np.isfinite(var) & (var > 0)
     bitmask = exposure.bitmask(unusable)
     if bitmask:
-        good &= _stack(exposure.mask, ix, iy, h, fill=-1) & bitmask == 0
+        # off the frame the ring's mask is 0, not -1, but the image there is NaN: unusable
+        mask = _stack(exposure.mask, ix, iy, h, fill=-1) if wide_mask is None else wide_mask[inner]
+        good &= mask & bitmask == 0
     bad_pixel = ~good
     data[bad_pixel] = 0.0
     var[bad_pixel] = 0.0

@@ -176,11 +176,6 @@ def _bright_part(template: Exposure, ix, iy, radius: float, least: tuple, fracti
     known = np.where(np.isfinite(stack), stack, -np.inf)
     cores = _local_maxima(known).reshape(ix.size, -1)[:, disc]
     data = wider[:, 1:-1, 1:-1].reshape(ix.size, -1)
-    clipped = np.zeros(cores.shape, dtype=bool)
-    bits = template.bitmask(_SATURATED_PLANES)
-    if bits:
-        mask = _stack(template.mask, ix, iy, r, fill=0).reshape(ix.size, -1)[:, disc]
-        clipped = (mask & np.int32(bits)) != 0
     # the level from the pixels around the disc, the excess on the disc's pixels only
     outside = data[:, ~disc]
     level = _ring_medians(outside)
@@ -211,9 +206,17 @@ def _bright_part(template: Exposure, ix, iy, radius: float, least: tuple, fracti
     # limit: always bright was no answer, the mask marking every peak the kernel (the
     # wider on a score) spread the clipped pixels to (1.5-3x the SAAO positions there)
     with np.errstate(invalid="ignore"):
-        star = excess > least[0][:, None]
-        star |= clipped & (excess > least[1][:, None])
-        bright = np.any(cores & star, axis=1)
+        star = cores & (excess > least[0][:, None])
+        bright = np.any(star, axis=1)
+        # a clipped core's own limit decides only cores below the ordinary one, of
+        # positions not bright already: only their mask stamps are read
+        lower = cores & ~star & (excess > least[1][:, None])
+    bits = template.bitmask(_SATURATED_PLANES)
+    need = np.flatnonzero(lower.any(axis=1) & ~bright) if bits else np.zeros(0, dtype=int)
+    if need.size:
+        mask = _stack(template.mask, ix[need], iy[need], r, fill=0).reshape(need.size, -1)
+        clipped = (mask[:, disc] & np.int32(bits)) != 0
+        bright[need] = np.any(lower[need] & clipped, axis=1)
     return bright, light
 
 

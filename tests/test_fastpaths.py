@@ -1298,3 +1298,198 @@ def test_stellar_locus_counts_from_sorted_sizes_like_every_pair():
         stars = rng.normal(1.5, 0.05, int(rng.integers(1, n + 1)))
         sizes = np.concatenate([stars, rng.uniform(0.6, 6.0, n), np.round(stars[:3], 2)])
         assert stellar_locus(sizes) == every_pair(sizes)
+
+
+def test_bracketed_selection_reads_a_large_array_only_and_equals_a_sort():
+    """`core.order` on an array of `_BRACKET_MIN` values or more: each rank is bracketed by
+    a sorted strided sample and only the values in the bracket are selected among, so
+    the array itself is read, not partitioned (``consume`` leaves it as it was), and
+    the values are a full sort's. A sample unlike the array (every k-th value an
+    outlier), ranks at both ends and ranks in more brackets than are worth the passes
+    fall back to partitioning it, still exactly."""
+    from core import order
+
+    rng = np.random.default_rng(21)
+    n = 2**19 + 12_345  # above `_BRACKET_MIN`
+    percents = (15.865525393145708, 50.0)
+    for kind in range(4):
+        if kind == 0:
+            values = rng.normal(size=n).astype(np.float32)
+        elif kind == 1:
+            values = rng.standard_cauchy(size=n)  # far tails
+        elif kind == 2:
+            values = np.round(rng.normal(size=n) * 30).astype(np.float32)  # ties
+        else:
+            values = rng.normal(size=n)
+            values[::64] = 1e3  # the sample (every `_BRACKET_STEP`-th) sees only outliers
+        expected = np.sort(values)
+        below = int(math.floor((n - 1) * percents[0] / 100))
+        ranks = np.array([(n - 1) // 2, n // 2, below, below + 1])
+        kept = values.copy()
+        got = order.order_statistics(values, ranks, consume=True)
+        np.testing.assert_array_equal(got, expected[ranks])
+        if kind < 3:  # bracketed: the array only read
+            np.testing.assert_array_equal(values, kept)
+        median, lower = order.median_and_percentile(kept.copy(), percents[0], consume=True)
+        assert median == np.median(kept) and lower == np.percentile(kept, percents[0])
+        # ranks at the ends, and in more brackets than `_BRACKET_MAX`
+        many = np.linspace(0, n - 1, 7).astype(int)
+        np.testing.assert_array_equal(order.order_statistics(kept, many), expected[many])
+
+
+def _windows_counter(monkeypatch, arrays):
+    """Count the `core.stamps.windows` gathers of each array of ``arrays`` (by identity)
+    and how many stamps each gathered."""
+    import core.stamps
+
+    counts = {id(a): [0, 0] for a in arrays}
+    original = core.stamps.windows
+
+    def counted(array, y0, x0, side, fill=0):
+        if id(array) in counts:
+            counts[id(array)][0] += 1
+            counts[id(array)][1] += np.size(y0)
+        return original(array, y0, x0, side, fill)
+
+    monkeypatch.setattr(core.stamps, "windows", counted)
+    return counts
+
+
+def test_sky_ring_fit_cuts_its_stamps_from_the_rings_and_equals_separate_gathers(monkeypatch):
+    """`psf_photometry` with a sky ring (the matched images' fluxes) fits the centres of
+    the ring's image and mask stamps, gathered once (`core.rings.ring_stamps`), and
+    gives the numbers of the fit on stamps gathered on their own (NaN image and -1
+    mask off the frame) minus `ring_levels`: positions near every edge, masked and
+    non-finite pixels in stamps and rings."""
+    from core.rings import ring_levels
+    from core.stamps import stamps as gather
+
+    rng = np.random.default_rng(22)
+    ny, nx = 90, 110
+    image = rng.normal(50.0, 5.0, (ny, nx)).astype(np.float32)
+    variance = np.full((ny, nx), 25.0, dtype=np.float32)
+    mask = np.zeros((ny, nx), dtype=np.int32)
+    exposure = Exposure.from_arrays(image, variance, mask, psf=GaussianPsf(2.0))
+    bad, sat = exposure.mask_planes.value("BAD"), exposure.mask_planes.value("SAT")
+    exposure.mask[rng.random((ny, nx)) < 0.03] |= bad
+    exposure.mask[rng.random((ny, nx)) < 0.02] |= sat
+    exposure.image[rng.random((ny, nx)) < 0.01] = np.nan
+    exposure.variance[rng.random((ny, nx)) < 0.01] = 0.0
+    exposure.mask[10:30, 60:80] |= bad  # a position there has too little coverage
+    x = np.concatenate([rng.uniform(0, nx - 1, 60), [0.2, nx - 1.3, 3.0, 55.0, 70.0]])
+    y = np.concatenate([rng.uniform(0, ny - 1, 60), [44.0, 2.6, ny - 0.7, 0.1, 20.0]])
+    stamps = PsfStamps(exposure.psf, exposure, half=6)
+    unusable, ring = ("NO_DATA", "BAD", "SAT"), 4
+    counts = _windows_counter(monkeypatch, [exposure.image, exposure.mask])
+    fit = psf_photometry(exposure, x, y, stamps, False, 0.5, unusable=unusable, sky_ring=ring)
+    # the image and the mask each gathered once, for the rings
+    assert counts[id(exposure.image)][0] == 1 and counts[id(exposure.mask)][0] == 1
+
+    model, ix, iy = stamps.at(x, y)
+    h = stamps.half
+    data = gather(exposure.image, ix, iy, h, fill=np.nan).astype(np.float64)
+    data -= ring_levels(exposure, ix, iy, h, ring, unusable)[:, None, None]
+    var = gather(exposure.variance, ix, iy, h, fill=np.nan).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        good = np.isfinite(data) & np.isfinite(var) & (var > 0)
+    good &= (gather(exposure.mask, ix, iy, h, fill=-1) & exposure.bitmask(unusable)) == 0
+    p = np.where(good, model, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        spp = np.einsum("nij,nij->n", p, p)
+        flux = np.einsum("nij,nij->n", p, np.where(good, data, 0.0)) / spp
+        error = np.sqrt(np.einsum("nij,nij->n", p * np.where(good, var, 0.0), p)) / spp
+        coverage = p.sum(axis=(1, 2)) / model.sum(axis=(1, 2))
+    bad_fit = ~(coverage >= 0.5) | ~np.isfinite(flux) | ~np.isfinite(error)
+    flux[bad_fit], error[bad_fit] = np.nan, np.nan
+    np.testing.assert_array_equal(fit["flux"], flux)
+    np.testing.assert_array_equal(fit["flux_err"], error)
+    np.testing.assert_array_equal(fit["coverage"], coverage)
+    assert np.isfinite(flux).sum() > 40 and np.isnan(flux).any()
+
+
+def test_bright_star_light_reads_mask_stamps_only_where_a_clipped_core_can_decide(monkeypatch):
+    """`core.position_flags.bright_star_light`: a saturated core's lower limit decides only
+    positions with a star's core between the two limits and no core above the ordinary
+    one; the template's mask stamps are gathered for those alone, and the flags are the
+    rule's on every position (a core above the ordinary limit, or a clipped one above
+    the saturated limit)."""
+    from core.position_flags import _SATURATED_PLANES, bright_star_light
+
+    rng = np.random.default_rng(23)
+    ny, nx, fwhm = 160, 200, 4.0
+    psf = GaussianPsf(fwhm / 2.3548)
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    image = rng.normal(0.0, 1.0, (ny, nx))
+    stars = [
+        (30 + 35 * (k % 5), 25 + 30 * (k // 5), 10.0 ** rng.uniform(0.9, 3.5)) for k in range(20)
+    ]
+    for sx, sy, light in stars:
+        image += light * np.exp(-((xx - sx) ** 2 + (yy - sy) ** 2) / (2 * psf.sigma() ** 2))
+    template = Exposure.from_arrays(image.astype(np.float32), psf=psf)
+    sat = template.bitmask(["SAT"])
+    for sx, sy, _ in stars[::2]:  # half the stars clipped at their cores
+        template.mask[sy - 1 : sy + 2, sx - 1 : sx + 2] |= sat
+    ix = np.concatenate([[s[0] + 2 for s in stars], rng.integers(5, nx - 5, 40)])
+    iy = np.concatenate([[s[1] - 1 for s in stars], rng.integers(5, ny - 5, 40)])
+    limit = np.full(ix.size, 3000.0)
+    counts = _windows_counter(monkeypatch, [template.mask])
+    bright, light = bright_star_light(template, ix, iy, 3 * fwhm, limit, 100.0)
+    monkeypatch.undo()
+
+    # the rule on every position, from stamps of every position
+    from core.position_flags import _local_maxima, _psf_peak_and_core, _ring_medians
+    from core.stamps import stamps as gather
+
+    radius = 3 * fwhm
+    r = int(math.ceil(radius))
+    offsets = np.arange(-r, r + 1)
+    squared = (offsets[:, None] ** 2 + offsets[None, :] ** 2).ravel()
+    disc = squared <= radius * radius
+    peak, _ = _psf_peak_and_core(template, ix, iy, radius / 3.0)
+    least, clipped_least = limit * peak, np.minimum(limit * peak, 100.0 * peak)
+    stack = gather(template.image, ix, iy, r + 1, fill=np.nan)
+    cores = _local_maxima(np.where(np.isfinite(stack), stack, -np.inf)).reshape(ix.size, -1)
+    data = stack.astype(np.float64)[:, 1:-1, 1:-1].reshape(ix.size, -1)
+    excess = data[:, disc] - _ring_medians(data[:, ~disc])[:, None]
+    mask = gather(template.mask, ix, iy, r, fill=0).reshape(ix.size, -1)[:, disc]
+    clipped = (mask & np.int32(template.bitmask(_SATURATED_PLANES))) != 0
+    star = (excess > least[:, None]) | (clipped & (excess > clipped_least[:, None]))
+    expected = np.any(cores[:, disc] & star, axis=1)
+    np.testing.assert_array_equal(bright, expected)
+    by_clipped = expected & ~np.any(cores[:, disc] & (excess > least[:, None]), axis=1)
+    assert by_clipped.sum() >= 2 and (expected & ~by_clipped).sum() >= 2
+    # mask stamps for the positions a clipped core could decide, not for all
+    assert 0 < counts[id(template.mask)][1] < ix.size
+    assert np.isfinite(light).any()
+
+
+def test_dia_catalog_with_bracketed_selections_equals_the_partitioned_one(monkeypatch):
+    """The DIA catalog (every column, the meta) of a simulated auto subtraction with
+    `core.order`'s bracketed selections on arrays of a few thousand values up (its noise
+    factor, the fills and medians) equals the catalog with whole-array partitions."""
+    from core import order
+    from core.diasources import dia_sources
+    from core.simulate import preset, simulate_pair
+    from core.subtract import run_subtraction
+
+    config = preset("varying", size=512, seed=31).model_copy(
+        update={"n_transients": 40, "n_negative_transients": 20}
+    )
+    pair = simulate_pair(config)
+    result = run_subtraction(pair.science, pair.template)
+
+    def catalog(least: int):
+        monkeypatch.setattr(order, "_BRACKET_MIN", least)
+        return dia_sources(
+            result.output,
+            matched_science=result.matched_science,
+            matched_template=result.matched_template,
+            kernel_sources=result.kernel_sources,
+        )
+
+    partitioned, bracketed = catalog(1 << 40), catalog(4096)
+    assert len(partitioned) >= 40
+    assert partitioned.colnames == bracketed.colnames
+    for name in partitioned.colnames:
+        np.testing.assert_array_equal(bracketed[name], partitioned[name], err_msg=name)
+    assert dict(bracketed.meta) == dict(partitioned.meta)
