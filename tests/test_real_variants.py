@@ -41,12 +41,19 @@ def _per_second(data, header):
     return data * header["GAIN"] / header["EXPTIME"]
 
 
-def _gradient(data, header):
-    # +50% of the (already subtracted) sky across the frame, with its photon noise
-    rng = np.random.default_rng(3)
-    ramp = 0.5 * header["AVSKY"] * np.arange(data.shape[1]) / (data.shape[1] - 1)
-    ramp = np.broadcast_to(ramp, data.shape)
-    return data + ramp + rng.normal(0.0, np.sqrt(ramp / header["GAIN"]))
+def _ramp(amplitude: float, seed: int):
+    def change(data, header):
+        # a sky rising by ``amplitude`` x the subtracted sky across the frame, with its noise
+        rng = np.random.default_rng(seed)
+        ramp = amplitude * header["AVSKY"] * np.arange(data.shape[1]) / (data.shape[1] - 1)
+        ramp = np.broadcast_to(ramp, data.shape)
+        return data + ramp + rng.normal(0.0, np.sqrt(ramp / header["GAIN"]))
+
+    return change
+
+
+#: +50% of the (already subtracted) sky across the frame, with its photon noise
+_gradient = _ramp(0.5, 3)
 
 
 def _glow(data, header):
@@ -154,17 +161,6 @@ def test_sky_subtracted_crowded_frame_is_not_taken_for_correlated_noise(tmp_path
     # correlated noise goes (it stayed beside the refit's note saying the opposite)
     assert any("static structure" in note for note in metrics["notes"]), metrics["notes"]
     assert not any("noise is correlated" in note for note in metrics["notes"]), metrics["notes"]
-
-
-def _ramp(amplitude: float, seed: int):
-    def change(data, header):
-        # a sky rising by ``amplitude`` x the subtracted sky across the frame, with its noise
-        rng = np.random.default_rng(seed)
-        ramp = amplitude * header["AVSKY"] * np.arange(data.shape[1]) / (data.shape[1] - 1)
-        ramp = np.broadcast_to(ramp, data.shape)
-        return data + ramp + rng.normal(0.0, np.sqrt(ramp / header["GAIN"]))
-
-    return change
 
 
 @pytest.mark.parametrize(
