@@ -427,7 +427,8 @@ class DiaSourceConfig(_Config):
         gt=0,
         le=1000,
         description="A second peak in a footprint is its own source when it rises this many "
-        "S/N above the saddle towards a brighter peak (deblending).",
+        "S/N, plus the dip the pixel grid alone leaves on a crest (`core.saddles`), above "
+        "its saddle: the highest path inside the footprint to higher ground (deblending).",
     )
     dipole_max_separation_fwhm: float = Field(
         2.0,

@@ -39,6 +39,7 @@ from .convolve import correlate_rows
 from .detection import _find_peaks, _footprint_pixels, _local_maxima
 from .measure import _negative_side_sigma
 from .parallel import frame_array, frame_zeros, n_threads, thread_map
+from .saddles import prominent
 from .stamps import windows as _patches
 
 __all__ = [
@@ -97,12 +98,14 @@ class Peaks:
 
     Attributes: ``col``, ``row``, ``sign``, ``footprint`` (numbered in raster order
     of their first pixel, negative footprints after the positive ones),
-    ``n_peaks``, ``value`` (|S/N| at the peak).
+    ``n_peaks``, ``value`` (|S/N| at the peak); ``merged`` (2, m): column and row of
+    the local maxima the saddle test (`core.saddles`) folded into a brighter peak.
     """
 
-    def __init__(self, col, row, sign, footprint, n_peaks, value):
+    def __init__(self, col, row, sign, footprint, n_peaks, value, merged=None):
         self.col, self.row, self.sign = col, row, sign
         self.footprint, self.n_peaks, self.value = footprint, n_peaks, value
+        self.merged = np.zeros((2, 0), dtype=int) if merged is None else merged
 
 
 def _grid_blocks(shape: tuple[int, int], size: int) -> tuple[int, int]:
@@ -173,7 +176,8 @@ class _Fillers:
     reads values between pixels (bilinearly, on a line inside its footprint's
     bounding box): for footprints with two or more local maxima in 3 x 3 boxes (a
     superset of `_find_peaks`' candidates), the filler blocks of every rectangle
-    their box, one pixel wider, touches get their exact S/N first.
+    their box, one pixel wider, touches get their exact S/N first. The saddle test
+    after it (`core.saddles`) reads footprint pixels only.
     """
 
     def __init__(self, canvas, owner, rects, placement, blocks, size: int, snr_blocks):
@@ -331,6 +335,7 @@ def sparse_peaks(
     filler_blocks = index[~on]
     fillers = _Fillers(canvas, owner, rects, placement, filler_blocks, size, snr_blocks)
     parts = []
+    merged: list[tuple[np.ndarray, np.ndarray]] = []
     offset = 0
     # every other value on the canvas is a filler's (|S/N| below the threshold), 0 or
     # clipped below it: without a value down to -threshold there is no negative side
@@ -350,6 +355,14 @@ def sparse_peaks(
             peaks = _find_peaks(
                 canvas, None, n, sigma, prominence, pixels, pixel_labels, near_maxima=maxima
             )
+            # the line test passes peaks of a bent or lumpy footprint whose line leaves
+            # it; the highest path between them decides (`core.saddles`)
+            keep = prominent(canvas, pixels, pixel_labels, peaks, prominence, sigma)
+            gone = peaks[~keep]
+            rid = owner(gone[:, 0], gone[:, 1])
+            # kept for the streak finder: a trail's ridge folds into a few peaks
+            merged.append((gone[:, 1] - cx0[rid] + fx0[rid], gone[:, 0] - cy0[rid] + fy0[rid]))
+            peaks = peaks[keep]
             row, col, label = peaks[:, 0], peaks[:, 1], peaks[:, 2]
             # footprints renumbered in raster order of their first pixel on the frame
             prow, pcol = np.divmod(pixels, cnx)
@@ -376,7 +389,8 @@ def sparse_peaks(
     col, row, sign_, footprint, n_peaks, value = (
         np.concatenate(p) for p in zip(*parts, strict=True)
     )
-    return Peaks(col, row, sign_, footprint, n_peaks, value)
+    lost = np.array([np.concatenate(m) for m in zip(*merged, strict=True)]).reshape(2, -1)
+    return Peaks(col, row, sign_, footprint, n_peaks, value, lost)
 
 
 def _bands(ny: int, size: int) -> list[slice]:

@@ -145,12 +145,17 @@ class Detections:
         Measured empty-sky scatter of the S/N before renormalisation.
     psf_sigma : float
         Trace radius (px) of the profile of a point source in ``image``.
+    merged : `numpy.ndarray` (2, m), int
+        Column and row of local maxima folded into brighter peaks (`core.saddles`).
     """
 
-    def __init__(self, col, row, sign, footprint, n_peaks, peak_snr, image, noise_factor, sigma):
+    def __init__(
+        self, col, row, sign, footprint, n_peaks, peak_snr, image, noise_factor, sigma, merged
+    ):
         self.col, self.row, self.sign = col, row, sign
         self.footprint, self.n_peaks, self.peak_snr = footprint, n_peaks, peak_snr
         self.image, self.noise_factor, self.psf_sigma = image, noise_factor, sigma
+        self.merged = merged
 
     def subset(self, keep: np.ndarray) -> Detections:
         """The detections at indices ``keep``, in that order; ``n_peaks`` counts the kept."""
@@ -166,6 +171,7 @@ class Detections:
             self.image,
             self.noise_factor,
             self.psf_sigma,
+            self.merged,
         )
 
 
@@ -341,6 +347,7 @@ def detect_dia_sources(
         image,
         factor,
         sigma,
+        peaks.merged,
     )
 
 
@@ -1127,8 +1134,10 @@ def _measure(
     flags[outside] |= FLAG_BITS["suspect_kernel"][0]
     if "sharp" in single_fit:
         flags[:n_single][single_fit["sharp"]] |= FLAG_BITS["sharp"][0]
-    # a trail or a saturated star's row artifact, broken into sources along a line
-    flags[on_lines(x_all, y_all, fwhm)] |= FLAG_BITS["streak"][0]
+    # a trail or a saturated star's row artifact, broken into sources along a line; the
+    # maxima folded into them still mark where its ridge ran
+    along = np.concatenate([x_all, det.merged[0]]), np.concatenate([y_all, det.merged[1]])
+    flags[on_lines(*along, fwhm)[: x_all.size]] |= FLAG_BITS["streak"][0]
     for label, result in zip(("science", "template"), fluxes or [None, None], strict=True):
         flux, error = result.result() if result is not None else (np.nan, np.nan)
         columns[f"{label}_flux"][:] = flux

@@ -1172,8 +1172,9 @@ def test_catalog_file_says_when_in_which_band_and_in_which_units(tmp_path, bunit
 
 
 def test_sources_along_a_satellite_trail_are_flagged_streak():
-    """A trail across the science image breaks into DIA sources strung along it; they
-    are flagged ``streak``, the transients off it are not."""
+    """A trail across the science image is one footprint, a ridge whose local maxima the
+    saddle test folds into a few sources (11 before it); those are flagged ``streak``
+    (the folded maxima still trace the line), the transients off it are not."""
     pair = simulate_pair(preset("sharper_template", size=512, seed=5))
     science = pair.science
     yy, xx = np.mgrid[:512, :512]
@@ -1190,8 +1191,8 @@ def test_sources_along_a_satellite_trail_are_flagged_streak():
     x, y = np.asarray(catalog["x"]), np.asarray(catalog["y"])
     on_trail = np.abs(-(x - x0) * uy + (y - y0) * ux) < 3
     streak = np.asarray(catalog["flag_streak"])
-    assert on_trail.sum() >= 8
-    assert streak[on_trail].mean() >= 0.9
+    assert 1 <= on_trail.sum() < 8
+    assert streak[on_trail].all()
     assert not streak[~on_trail].any()
 
 
