@@ -128,6 +128,9 @@ class _Prepared:
     scale: VarianceScale | None
     psf_header_key: str | None
     psf_not_estimated: str | None = None
+    #: its detections (both signs) on the science grid grown by `_SOURCE_MASK_GROWTH`
+    #: (None when the job gave no window)
+    near_sources: np.ndarray | None = None
 
 
 @dataclass
@@ -287,11 +290,15 @@ class _SubtractBase(Task):
         # GIL. Under a one-thread cap (a service worker beside another) they run one after
         # the other: two threads there only contend for the GIL and the core the other
         # worker needs (2 workers on 2 cores, 1024 pairs: 1.31 -> 1.23 CPU s per subtraction)
-        jobs = [(science, "science"), (template, "template")]
+        x0, y0 = science.xy0[0] - template.xy0[0], science.xy0[1] - template.xy0[1]
+        window = np.s_[y0 : y0 + science.height, x0 : x0 + science.width]
+        jobs = [(science, "science", np.s_[:, :]), (template, "template", window)]
         try:
             prepared = {
                 label: done
-                for (_, label), done in zip(jobs, split_map(self._prepare_one, jobs), strict=True)
+                for (_, label, _), done in zip(
+                    jobs, split_map(self._prepare_one, jobs), strict=True
+                )
             }
         finally:
             self._memo = None  # frees registration's catalogs and meshes
@@ -333,14 +340,14 @@ class _SubtractBase(Task):
             if sources is detected and "snr_pixel" in sources.colnames:
                 factor = self.metadata["scaleScienceVarianceFactor"]
                 sources["snr_pixel"] = sources["snr_pixel"] / math.sqrt(factor)
-        # remember where sources are before update_masks clears DETECTED: metrics need
+        # where sources are, remembered before update_masks clears DETECTED: metrics need
         # empty sky for noise figures and sky-source footprints (on either image, since
-        # a source on the template only leaves a residual too)
-        detected = science.masked(["DETECTED", "DETECTED_NEGATIVE"])
-        x0, y0 = science.xy0[0] - template.xy0[0], science.xy0[1] - template.xy0[1]
-        window = np.s_[y0 : y0 + science.height, x0 : x0 + science.width]
-        detected |= template.masked(["DETECTED", "DETECTED_NEGATIVE"])[window]
-        self.source_mask = dilate_cross(detected, 3)
+        # a source on the template only leaves a residual too). Each job grew its own
+        # (a dilation of a union is the union of the dilations), on its core
+        source_mask = prepared["science"].near_sources
+        assert source_mask is not None
+        np.logical_or(source_mask, prepared["template"].near_sources, out=source_mask)
+        self.source_mask = source_mask
         self.sky = sky_sources(
             science,
             n=self.config.sources.n_sky_sources,
@@ -358,10 +365,14 @@ class _SubtractBase(Task):
         self.metadata["diffimLimitingMagnitude"] = _combine_limits(sci_lim, tmpl_lim)
         return sources
 
-    def _prepare_one(self, job: tuple[Exposure, str]) -> _Prepared:
+    def _prepare_one(self, job: tuple) -> _Prepared:
         """PSF (estimated if missing), detection (sets DETECTED) and variance scale of one
-        input; touches only that exposure, so science and template can run at once."""
-        exposure, label = job
+        input; touches only that exposure, so science and template can run at once.
+
+        ``job``: (exposure, label) or (exposure, label, window), ``window`` the slices of
+        the exposure on the science grid: its grown detections there are then made too
+        (`_Prepared.near_sources`)."""
+        exposure, label, *rest = job
         header_key = why = None
         detection = self.config.sources.detection
         # the masks do not change before detection: PSF estimation (its own detection
@@ -393,7 +404,10 @@ class _SubtractBase(Task):
         scale = None
         if self.config.do_scale_variance:
             scale = scale_variance(exposure, self.config.scale_variance)
-        return _Prepared(detected, scale, header_key, why)
+        near = None
+        if rest:
+            near = near_sources(exposure, rest[0])
+        return _Prepared(detected, scale, header_key, why, near)
 
     def _find_psf(
         self, exposure: Exposure, label: str, background=None, detected=None
@@ -476,17 +490,19 @@ class _SubtractBase(Task):
         window = np.s_[y0 : y0 + science.height, x0 : x0 + science.width]
         t_mask, t_image = template.mask[window], template.image[window]
         t_bits, s_bits = template.bitmask(["NO_DATA"]), science.bitmask(["NO_DATA"])
-        missing = 0
-        # a block of rows at a time: no frame-sized integer or boolean temporaries
-        for y in range(0, science.height, 256):
-            rows = slice(y, y + 256)
+
+        def missing(rows: slice) -> int:
             no_data = ~np.isfinite(t_image[rows])
             if t_bits:
                 no_data |= (t_mask[rows] & t_bits) != 0
             if s_bits:
                 no_data |= (science.mask[rows] & s_bits) != 0
-            missing += int(np.count_nonzero(no_data))
-        return 1.0 - missing / (science.height * science.width)
+            return int(np.count_nonzero(no_data))
+
+        # a block of rows at a time: no frame-sized integer or boolean temporaries; the
+        # blocks on all cores (this pass runs before the inputs' preparation shares them)
+        blocks = [slice(y, y + 256) for y in range(0, science.height, 256)]
+        return 1.0 - sum(thread_map(missing, blocks)) / (science.height * science.width)
 
     def update_masks(self, template: Exposure, science: Exposure) -> None:
         """Clear science detections and rename/clear template planes (algorithm.md 5.1)."""
@@ -1735,6 +1751,18 @@ def _working_copy(exposure: Exposure, in_place: bool = False) -> Exposure:
         mask=mask,
         mask_planes=exposure.mask_planes.copy(),
         metadata=copy.deepcopy(exposure.metadata),
+    )
+
+
+#: Growth (px, city-block) of the detections into the source mask the noise metrics avoid.
+_SOURCE_MASK_GROWTH = 3
+
+
+def near_sources(exposure: Exposure, window=np.s_[:, :]) -> np.ndarray:
+    """Pixels of ``exposure[window]`` within `_SOURCE_MASK_GROWTH` (4-connected steps,
+    nothing beyond the window's border) of a DETECTED or DETECTED_NEGATIVE pixel."""
+    return dilate_cross(
+        exposure.masked(["DETECTED", "DETECTED_NEGATIVE"])[window], _SOURCE_MASK_GROWTH
     )
 
 

@@ -1493,3 +1493,59 @@ def test_dia_catalog_with_bracketed_selections_equals_the_partitioned_one(monkey
     for name in partitioned.colnames:
         np.testing.assert_array_equal(bracketed[name], partitioned[name], err_msg=name)
     assert dict(bracketed.meta) == dict(partitioned.meta)
+
+
+def test_source_mask_from_each_input_equals_growing_their_union():
+    """Each input's preparation grows its own detections on the science grid
+    (`core.subtract.near_sources`); their union must be the grown union of the two
+    inputs' DETECTED / DETECTED_NEGATIVE planes, as the source mask was first made.
+    The template is larger than the science and offset: its detections just outside
+    the science window must not leak in (cropped before growing, as the union was)."""
+    from core.dilation import dilate_cross
+    from core.subtract import near_sources
+
+    rng = np.random.default_rng(11)
+    shape, big = (203, 157), (231, 190)
+    science = Exposure.from_arrays(np.zeros(shape, np.float32), np.ones(shape, np.float32))
+    template = Exposure.from_arrays(np.zeros(big, np.float32), np.ones(big, np.float32))
+    science.xy0, template.xy0 = (40, 30), (27, 12)
+    x0, y0 = 40 - 27, 30 - 12
+    window = np.s_[y0 : y0 + shape[0], x0 : x0 + shape[1]]
+    for exposure in (science, template):
+        for plane in ("DETECTED", "DETECTED_NEGATIVE"):
+            exposure.set_plane(plane, rng.random(exposure.shape) < 0.005)
+        exposure.set_plane("SAT", rng.random(exposure.shape) < 0.05)  # not a detection
+    # template detections on the rows and columns just outside the window
+    edge = np.zeros(big, dtype=bool)
+    edge[y0 - 1, x0 : x0 + shape[1]] = edge[y0 + shape[0], x0 : x0 + shape[1]] = True
+    edge[y0 : y0 + shape[0], x0 - 1] = edge[y0 : y0 + shape[0], x0 + shape[1]] = True
+    template.set_plane("DETECTED", edge)
+    planes = ["DETECTED", "DETECTED_NEGATIVE"]
+    reference = dilate_cross(science.masked(planes) | template.masked(planes)[window], 3)
+    got = near_sources(science) | near_sources(template, window)
+    assert got.shape == shape and 0.05 < reference.mean() < 0.8
+    np.testing.assert_array_equal(got, reference)
+
+
+def test_template_coverage_counted_on_threads_equals_one_pass():
+    """`_template_coverage` counts its blocks of rows on threads: the same fraction as
+    one whole-frame count of science pixels where either input has no data (NO_DATA
+    on either, NaN on the template), on a frame whose rows are no multiple of a block."""
+    from core.subtract import _SubtractBase
+
+    rng = np.random.default_rng(5)
+    shape, big = (1001, 300), (1040, 333)
+    science = Exposure.from_arrays(np.zeros(shape, np.float32), np.ones(shape, np.float32))
+    image = rng.normal(size=big).astype(np.float32)
+    image[rng.random(big) < 0.03] = np.nan
+    template = Exposure.from_arrays(image, np.ones(big, np.float32))
+    science.xy0, template.xy0 = (10, 20), (4, 1)
+    # the science's last rows: the partial block must count too
+    science.set_plane("NO_DATA", (rng.random(shape) < 0.02) | (np.arange(shape[0]) > 990)[:, None])
+    template.set_plane("NO_DATA", rng.random(big) < 0.02)
+    window = np.s_[19 : 19 + shape[0], 6 : 6 + shape[1]]
+    missing = (~np.isfinite(image[window]) | template.masked(["NO_DATA"])[window]) | science.masked(
+        ["NO_DATA"]
+    )
+    expected = 1.0 - np.count_nonzero(missing) / missing.size
+    assert _SubtractBase._template_coverage(template, science) == expected
