@@ -55,6 +55,7 @@ from .config import ScaleVarianceConfig
 from .dilation import dilate_cross
 from .exposure import UNIT_VARIANCE, Exposure
 from .io import PHYSICAL_VARIANCE_PREFIX
+from .kernel import BackgroundModel, chebyshev_terms, n_spatial_terms
 from .parallel import n_threads, thread_map
 
 __all__ = [
@@ -186,32 +187,23 @@ def _good(exposure: Exposure, config: ScaleVarianceConfig) -> np.ndarray:
 _SLOPE_NOISE_FRACTION = 0.1
 
 
-def _quadratic_fit(background: np.ndarray, step: int) -> np.ndarray:
-    """Coefficients of the least-squares quadratic surface through a background map,
-    fitted to every ``step``-th pixel of it (the map is smooth on the mesh's scale), in
-    coordinates -1..1 over each axis (`_quadratic_at`)."""
+def _smooth_part(background: np.ndarray, step: int) -> BackgroundModel:
+    """The least-squares quadratic surface through a background map, fitted to every
+    ``step``-th pixel of it (the map is smooth on the mesh's scale): the differential
+    background's Chebyshev model over the map's pixels."""
     ny, nx = background.shape
-    y, x = np.linspace(-1.0, 1.0, ny)[::step], np.linspace(-1.0, 1.0, nx)[::step]
-    ys, xs = np.meshgrid(y, x, indexing="ij")
-    design = np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=-1)
-    sample = background[::step, ::step]
-    return np.linalg.lstsq(design.reshape(-1, 6), sample.ravel(), rcond=None)[0]
+    domain = (0, 0, nx - 1, ny - 1)
+    y, x = np.mgrid[0:ny:step, 0:nx:step]
+    design = chebyshev_terms(x, y, 2, domain).reshape(n_spatial_terms(2), -1).T
+    sample = background[::step, ::step].ravel()
+    return BackgroundModel(np.linalg.lstsq(design, sample, rcond=None)[0], 2, domain)
 
 
-def _quadratic_at(c: np.ndarray, shape: tuple[int, int], step: int = 1) -> np.ndarray:
-    """The surface of `_quadratic_fit` at every ``step``-th pixel of a ``shape`` map."""
-    ny, nx = shape
-    y, x = np.linspace(-1.0, 1.0, ny)[::step], np.linspace(-1.0, 1.0, nx)[::step]
-    # separable: rows and columns, and the cross term as an outer product
-    surface = (c[0] + c[1] * x + c[3] * x * x)[None, :] + (c[2] * y + c[5] * y * y)[:, None]
-    surface += c[4] * np.outer(y, x)
-    return surface.astype(np.float32)
-
-
-def _sloped(c: np.ndarray, view: Exposure, good: np.ndarray, cell: int) -> bool:
-    """Whether the surface ``c`` changes across a ``cell`` by a `_SLOPE_NOISE_FRACTION`
-    of the sky noise or more."""
-    coarse = _quadratic_at(c, view.shape, cell)
+def _sloped(surface: BackgroundModel, view: Exposure, good: np.ndarray, cell: int) -> bool:
+    """Whether ``surface`` changes across a ``cell`` by a `_SLOPE_NOISE_FRACTION` of the
+    sky noise or more."""
+    y, x = np.mgrid[0 : view.shape[0] : cell, 0 : view.shape[1] : cell]
+    coarse = np.asarray(surface.evaluate(x, y))
     change = max(float(np.abs(np.diff(coarse, axis=axis)).max(initial=0.0)) for axis in (0, 1))
     noise = math.sqrt(float(np.median(view.variance[good][::16])))
     return change >= _SLOPE_NOISE_FRACTION * noise
@@ -231,17 +223,14 @@ def _sky_estimate(exposure: Exposure, config: ScaleVarianceConfig) -> float:
     # (a source off the cell's centre), which the spread then counts as noise (a +50%
     # ramp over 8 cells: 1.16 for 1.04): the mesh is made again once the smooth part of
     # the first one (a quadratic surface: ramps, glows) is off the pixels
-    fits = [_quadratic_fit(b, max(1, cell // 4)) for b in backgrounds]
-    if any(_sloped(c, view, good, cell) for c, view, good in zip(fits, views, goods, strict=True)):
-        views = [
-            Exposure(
-                view.image - _quadratic_at(c, view.shape),
-                view.variance,
-                view.mask,
-                mask_planes=view.mask_planes,
-            )
-            for view, c in zip(views, fits, strict=True)
-        ]
+    surfaces = [_smooth_part(b, max(1, cell // 4)) for b in backgrounds]
+    if any(_sloped(*args, cell) for args in zip(surfaces, views, goods, strict=True)):
+        flats = []
+        for view, surface in zip(views, surfaces, strict=True):
+            flat = np.empty_like(view.image)
+            surface.add_to(flat, scale=-1.0, source=view.image)
+            flats.append(Exposure(flat, view.variance, view.mask, mask_planes=view.mask_planes))
+        views = flats
         backgrounds = background_images(views, cell, ignore_planes=config.mask_planes)
     pieces = []
     for view, good, background in zip(views, goods, backgrounds, strict=True):
