@@ -127,10 +127,9 @@ class _Prepared:
     detected: Table
     scale: VarianceScale | None
     psf_header_key: str | None
-    psf_not_estimated: str | None = None
+    psf_not_estimated: str | None
     #: its detections (both signs) on the science grid grown by `_SOURCE_MASK_GROWTH`
-    #: (None when the job gave no window)
-    near_sources: np.ndarray | None = None
+    near_sources: np.ndarray
 
 
 @dataclass
@@ -345,7 +344,6 @@ class _SubtractBase(Task):
         # a source on the template only leaves a residual too). Each job grew its own
         # (a dilation of a union is the union of the dilations), on its core
         source_mask = prepared["science"].near_sources
-        assert source_mask is not None
         np.logical_or(source_mask, prepared["template"].near_sources, out=source_mask)
         self.source_mask = source_mask
         self.sky = sky_sources(
@@ -365,14 +363,14 @@ class _SubtractBase(Task):
         self.metadata["diffimLimitingMagnitude"] = _combine_limits(sci_lim, tmpl_lim)
         return sources
 
-    def _prepare_one(self, job: tuple) -> _Prepared:
-        """PSF (estimated if missing), detection (sets DETECTED) and variance scale of one
-        input; touches only that exposure, so science and template can run at once.
+    def _prepare_one(self, job: tuple[Exposure, str, tuple[slice, slice]]) -> _Prepared:
+        """PSF (estimated if missing), detection (sets DETECTED), variance scale and grown
+        detections (`_Prepared.near_sources`) of one input; touches only that exposure,
+        so science and template can run at once.
 
-        ``job``: (exposure, label) or (exposure, label, window), ``window`` the slices of
-        the exposure on the science grid: its grown detections there are then made too
-        (`_Prepared.near_sources`)."""
-        exposure, label, *rest = job
+        ``job``: (exposure, label, window), ``window`` the slices of the exposure on the
+        science grid."""
+        exposure, label, window = job
         header_key = why = None
         detection = self.config.sources.detection
         # the masks do not change before detection: PSF estimation (its own detection
@@ -404,10 +402,7 @@ class _SubtractBase(Task):
         scale = None
         if self.config.do_scale_variance:
             scale = scale_variance(exposure, self.config.scale_variance)
-        near = None
-        if rest:
-            near = near_sources(exposure, rest[0])
-        return _Prepared(detected, scale, header_key, why, near)
+        return _Prepared(detected, scale, header_key, why, near_sources(exposure, window))
 
     def _find_psf(
         self, exposure: Exposure, label: str, background=None, detected=None

@@ -285,7 +285,7 @@ def test_preparation_measures_the_unscaled_science_and_scales_on_the_final_plane
     table = detect_sources(reference, config.sources.detection, psf=psf)
     scale = measure_variance_scale(reference, config.scale_variance)
     assert scale.factor == pytest.approx(1 / 1.7, rel=0.05)
-    prepared = AlardLuptonSubtractTask(config=config)._prepare_one((work, "science"))
+    prepared = AlardLuptonSubtractTask(config=config)._prepare_one((work, "science", np.s_[:, :]))
     assert len(table) > 100 and prepared.detected.colnames == table.colnames
     for name in table.colnames:
         np.testing.assert_array_equal(prepared.detected[name], table[name])
