@@ -96,6 +96,8 @@ _HEADER_FWHM_KEYS = ("FWHM", "PFWHM", "PSF_FWHM", "FWHM_PIX")
 _SOURCE_SIZE_MIN_SOURCES = 5
 #: `_Prepared.psf_header_key` of a PSF from the sources' typical size.
 _SOURCE_SIZE = "sources' typical size"
+#: `_SubtractBase.psf_sources` of a science PSF derived from the template's and the kernel.
+_KERNEL_MATCHED = "kernel-matched template PSF"
 
 #: A star offset between the inputs (px) worth a note: registrations are routinely
 #: better than this, and the kernel absorbs far larger ones.
@@ -122,7 +124,8 @@ STAGES = {
 @dataclass
 class _Prepared:
     """What preparing one input gave: its detections, variance scale, PSF provenance
-    (the header keyword of a Gaussian PSF's FWHM, and why none was estimated)."""
+    (the header keyword of a Gaussian PSF's FWHM, why none was estimated, where it came
+    from)."""
 
     detected: Table
     scale: VarianceScale | None
@@ -130,6 +133,8 @@ class _Prepared:
     psf_not_estimated: str | None
     #: its detections (both signs) on the science grid grown by `_SOURCE_MASK_GROWTH`
     near_sources: np.ndarray
+    #: where its PSF came from (`_SubtractBase.psf_sources`)
+    psf_source: str
 
 
 @dataclass
@@ -217,6 +222,15 @@ class _SubtractBase(Task):
         self.progress = progress
         #: concerns about this run: each makes the quality verdict suspect
         self.warnings: list[str] = []
+        #: where each input's PSF came from ("given", "estimated", "Gaussian of <its
+        #: FWHM keyword or the sources' typical size>"; the science's may become the
+        #: "kernel-matched template PSF" once the kernel is fitted)
+        self.psf_sources: dict[str, str] = {}
+        #: the warning of each input whose PSF is a Gaussian standing in
+        self.psf_stand_ins: dict[str, str] = {}
+        #: the science PSF after the fit when derived from the kernel (convolveTemplate
+        #: with a stand-in science PSF: `_science_psf_through_kernel`)
+        self.derived_science_psf: Psf | None = None
         #: centroid offset (dx, dy) the matching kernel has by design (preconvolution)
         self.kernel_reference_shift: tuple[float, float] = (0.0, 0.0)
         #: the science PSF seen through the preconvolution kernel P (preconvolve mode): a
@@ -301,6 +315,7 @@ class _SubtractBase(Task):
         finally:
             self._memo = None  # frees registration's catalogs and meshes
         for label in ("science", "template"):
+            self.psf_sources[label] = prepared[label].psf_source
             key = prepared[label].psf_header_key
             if key is not None:
                 if key == _SOURCE_SIZE:
@@ -309,12 +324,14 @@ class _SubtractBase(Task):
                     self.metadata[f"{label}PsfFromHeader"] = key
                 # a real profile's wings hold ~15% of a DECam star's light beyond the
                 # Gaussian's (a review's injections on decam_c: fluxes 0.82-0.86 of true)
-                self.warnings.append(
+                warning = (
                     f"{label}: no PSF given and none could be estimated "
                     f"({prepared[label].psf_not_estimated}); a Gaussian of its {key} stands "
                     "in: PSF fluxes (DIA sources, forced photometry) miss the light a real "
                     "star has beyond a Gaussian core"
                 )
+                self.psf_stand_ins[label] = warning
+                self.warnings.append(warning)
         detected = prepared["science"].detected
         if sources is None:
             sources = detected
@@ -371,6 +388,7 @@ class _SubtractBase(Task):
         science grid."""
         exposure, label, window = job
         header_key = why = None
+        source = "given" if exposure.psf is not None else "estimated"
         detection = self.config.sources.detection
         # the masks do not change before detection: PSF estimation (its own detection
         # and stamps) and detection share one background mesh when its size agrees, and
@@ -382,6 +400,8 @@ class _SubtractBase(Task):
             exposure.psf, header_key, why = self._find_psf(
                 exposure, label, mesh if same else None, memo.generic(exposure)
             )
+            if header_key is not None:
+                source = f"Gaussian of {header_key}"
         # detection on both images sets DETECTED, which variance scaling, sky sources and
         # the noise metrics rely on, so it runs even when the caller gives the catalog;
         # only the science catalog is used, so the template's sources are not measured
@@ -401,7 +421,7 @@ class _SubtractBase(Task):
         scale = None
         if self.config.do_scale_variance:
             scale = scale_variance(exposure, self.config.scale_variance)
-        return _Prepared(detected, scale, header_key, why, near_sources(exposure, window))
+        return _Prepared(detected, scale, header_key, why, near_sources(exposure, window), source)
 
     def _find_psf(
         self, exposure: Exposure, label: str, background=None, detected=None
@@ -1018,6 +1038,8 @@ class _SubtractBase(Task):
             "star_offset_px": metadata.get("starOffset"),
             "star_offset_error_px": metadata.get("starOffsetError"),
             "science_psf_fwhm": metadata.get("sciencePsfSize"),
+            "science_psf_source": self.psf_sources.get("science"),
+            "template_psf_source": self.psf_sources.get("template"),
             "template_psf_fwhm": metadata.get("templatePsfSize"),
             "template_coverage_percent": metadata.get("templateCoveragePercent"),
             "science_variance_scale": metadata.get("scaleScienceVarianceFactor", 1.0),
@@ -1067,9 +1089,12 @@ class _SubtractBase(Task):
     def detect(self, result: SubtractionResult, science: Exposure, template: Exposure) -> None:
         """DIA sources on the difference or score (``config.dia``); counts into the metrics.
         ``science`` and ``template`` (registered) as they were before any convolution: a
-        cosmic ray a convolution widened is told there (`core.input_rays`)."""
+        cosmic ray a convolution widened is told there (`core.input_rays`), against the
+        science PSF the kernel gave when it did (`derived_science_psf`)."""
         if not self.config.dia.enabled:
             return
+        if self.derived_science_psf is not None:
+            science = science.with_psf(self.derived_science_psf)
         self._stage("detect")
         with self.timer("detect"):
             result.dia_sources = dia_sources(
@@ -1232,6 +1257,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
         """D = S - (K * T + b): the template is matched to the science PSF."""
         self._stage("convolve")
         kernel, background = solution.kernel, solution.background
+        science = self._science_psf_through_kernel(template, science, kernel)
         with self.timer("convolve"):
             # decorrelating, the difference's variance is made from the unconvolved
             # inputs': the matched template's is made only for a product or a caller
@@ -1252,6 +1278,34 @@ class AlardLuptonSubtractTask(_SubtractBase):
             psf_matching_kernel=kernel,
             mode="convolveTemplate",
         )
+
+    def _science_psf_through_kernel(self, template: Exposure, science: Exposure, kernel):
+        """The science as subtracted: with the template's PSF seen through the fitted
+        kernel when its own is a Gaussian standing in and the template's is not.
+
+        K * P_T = P_S is what the fit solved for on the kernel stars: a real profile
+        with its wings, where the stand-in has none (copies of a real star injected
+        into decam_c / decam_coadd: forced PSF fluxes 0.82 / 0.82 of their light with
+        the Gaussian, 0.98 / 0.94 with this). The difference, its decorrelation (the
+        static-structure correction's profile of faint sources), the matched template,
+        the DIA sources, the star residuals and the products take it; the stand-in's
+        warning goes. The stand-in stays where the kernel is checked against a science
+        PSF it did not make (`_kernel_psf_width_ratio`: against its own output the
+        check would always pass). In preconvolve mode the science PSF is needed before
+        the fit; convolving the science, K maps it onto the template and says nothing
+        of P_S on its own."""
+        if "science" not in self.psf_stand_ins or "template" in self.psf_stand_ins:
+            return science
+        self.derived_science_psf = KernelMatchedPsf(template.require_psf(), kernel)
+        self.psf_sources["science"] = _KERNEL_MATCHED
+        stand_in = self.psf_stand_ins["science"]
+        self.warnings = [w for w in self.warnings if w != stand_in]
+        self.notes.append(
+            "science: the Gaussian standing in for its PSF (none could be estimated) "
+            "sized the kernel fit only: after the fit its PSF is the template's seen "
+            "through the matching kernel"
+        )
+        return science.with_psf(self.derived_science_psf)
 
     def run_convolve_science(self, template, science, solution) -> SubtractionResult:
         """D = (K * S + b - T) / sum(K): the science is matched to the template PSF.
