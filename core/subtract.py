@@ -1293,19 +1293,27 @@ class AlardLuptonSubtractTask(_SubtractBase):
         PSF it did not make (`_kernel_psf_width_ratio`: against its own output the
         check would always pass). In preconvolve mode the science PSF is needed before
         the fit; convolving the science, K maps it onto the template and says nothing
-        of P_S on its own."""
-        if "science" not in self.psf_stand_ins or "template" in self.psf_stand_ins:
+        of P_S on its own (the difference takes P_T, `run_convolve_science`)."""
+        if not self._science_stand_in_only():
             return science
         self.derived_science_psf = KernelMatchedPsf(template.require_psf(), kernel)
         self.psf_sources["science"] = _KERNEL_MATCHED
+        self._stand_in_gives_way("its PSF is the template's seen through the matching kernel")
+        return science.with_psf(self.derived_science_psf)
+
+    def _science_stand_in_only(self) -> bool:
+        """The science's PSF is a Gaussian standing in and the template's is not."""
+        return "science" in self.psf_stand_ins and "template" not in self.psf_stand_ins
+
+    def _stand_in_gives_way(self, after_fit: str) -> None:
+        """The science stand-in's warning goes (it no longer makes PSF fluxes); a note
+        says what took its place after the fit."""
         stand_in = self.psf_stand_ins["science"]
         self.warnings = [w for w in self.warnings if w != stand_in]
         self.notes.append(
             "science: the Gaussian standing in for its PSF (none could be estimated) "
-            "sized the kernel fit only: after the fit its PSF is the template's seen "
-            "through the matching kernel"
+            f"sized the kernel fit only: after the fit {after_fit}"
         )
-        return science.with_psf(self.derived_science_psf)
 
     def run_convolve_science(self, template, science, solution) -> SubtractionResult:
         """D = (K * S + b - T) / sum(K): the science is matched to the template PSF.
@@ -1319,8 +1327,14 @@ class AlardLuptonSubtractTask(_SubtractBase):
         with self.timer("convolve"):
             matched_science = self._convolve(science, kernel)
             # a transient's profile in K * S is the science PSF seen through K, exactly;
-            # the template PSF is only what K approximates
+            # the template PSF is only what K approximates. A Gaussian standing in for
+            # the science's is further off than that: K made the stars' real profile
+            # into P_T (simulated Moffat science, 6 stars: transients' forced fluxes
+            # 0.78 of theirs through the stand-in, 1.00 with the true PSF or P_T)
             matched_science.psf = KernelMatchedPsf(science.psf, kernel)
+            if self._science_stand_in_only():
+                matched_science.psf = template.require_psf()
+                self._stand_in_gives_way("the difference's PSF is the template's, K's target")
             _scale(matched_science, 1.0 / norm)
             matched_template = template.cutout(science.bbox)
             matched_template.photo_calib = science.photo_calib

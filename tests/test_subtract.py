@@ -632,10 +632,12 @@ def test_run_subtraction_takes_a_config_dict_and_names_a_wrong_input():
         run_subtraction("science.fits", pair.template)  # type: ignore[arg-type]
 
 
-def _moffat_science_with_few_stars(n_transients: int, keep_psf: bool = False):
-    """Science PSF a Moffat (beta 3, FWHM 4 px: wings a Gaussian lacks) with too few
-    stars to estimate it (6 stars; a FWHM keyword instead, unless ``keep_psf`` leaves
-    the true PSF given); the template's (Gaussian, 2.5 px) given."""
+def _moffat_science_with_few_stars(
+    n_transients: int, keep_psf: bool = False, science_fwhm: float = 4.0, template_fwhm: float = 2.5
+):
+    """Science PSF a Moffat (beta 3: wings a Gaussian lacks) with too few stars to
+    estimate it (6 stars; a FWHM keyword instead, unless ``keep_psf`` leaves the true PSF
+    given); the template's (Gaussian) given. The sharper of the two is convolved."""
     from core.simulate import SimulationConfig, simulate_pair
 
     config = SimulationConfig(
@@ -645,8 +647,8 @@ def _moffat_science_with_few_stars(n_transients: int, keep_psf: bool = False):
         star_flux_min=1e4,
         star_flux_max=4e4,
         noise="gaussian",
-        science_psf={"type": "moffat", "fwhm": 4.0, "beta": 3.0},
-        template_psf={"fwhm": 2.5},
+        science_psf={"type": "moffat", "fwhm": science_fwhm, "beta": 3.0},
+        template_psf={"fwhm": template_fwhm},
         n_transients=n_transients,
         transient_flux_min=1000.0,
         transient_flux_max=1000.0,
@@ -654,17 +656,19 @@ def _moffat_science_with_few_stars(n_transients: int, keep_psf: bool = False):
     pair = simulate_pair(config)
     if not keep_psf:
         pair.science.psf = None
-        pair.science.metadata["FWHM"] = 4.0
+        pair.science.metadata["FWHM"] = science_fwhm
     return pair
 
 
-def _transient_flux_ratio(keep_psf: bool = False) -> tuple[float, dict]:
+def _transient_flux_ratio(keep_psf: bool = False, **fwhms) -> tuple[float, dict]:
     """Median forced PSF flux over true flux of the transients, the same pair without
     them (same noise draw) subtracted, so that the noise leaves the ratio; and the
     metrics."""
     from core.forced import forced_photometry
 
-    with_transients, without = (_moffat_science_with_few_stars(n, keep_psf) for n in (25, 0))
+    with_transients, without = (
+        _moffat_science_with_few_stars(n, keep_psf, **fwhms) for n in (25, 0)
+    )
     result = run_subtraction(with_transients.science, with_transients.template)
     empty = run_subtraction(without.science, without.template)
     truth = with_transients.truth["transients"]
@@ -688,3 +692,19 @@ def test_a_stand_in_science_psf_gives_way_to_the_kernel_matched_template_psf():
     assert not any("stands in" in w for w in metrics["warnings"])
     assert metrics["science_psf_source"] == "kernel-matched template PSF"
     assert metrics["template_psf_source"] == "given"
+
+
+def test_a_stand_in_science_psf_gives_way_to_the_template_psf_when_the_science_is_convolved():
+    """Convolving the (sharper) science, K * S has the template's PSF on the stars, what
+    K was fitted to; seen through K, a Gaussian standing in for the science's Moffat
+    made the difference's PSF too narrow-winged: transients' forced fluxes read 0.78 of
+    theirs, 1.00 with the true PSF given. P_T takes its place, and the stand-in's
+    warning goes."""
+    fwhms = {"science_fwhm": 2.5, "template_fwhm": 4.0}
+    ratio, metrics = _transient_flux_ratio(**fwhms)
+    true_ratio, _ = _transient_flux_ratio(keep_psf=True, **fwhms)
+    assert metrics["mode"] == "convolveScience"
+    assert ratio == pytest.approx(true_ratio, abs=0.03)
+    assert ratio == pytest.approx(1.0, abs=0.03)
+    assert not any("stands in" in w for w in metrics["warnings"])
+    assert any("the difference's PSF is the template's" in n for n in metrics["notes"])
