@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import signal
+from scipy import ndimage, signal
 
-__all__ = ["effective_width", "kernel_psf_width_ratio"]
+__all__ = ["effective_width", "half_maximum_width", "kernel_psf_width_ratio"]
 
 
 def effective_width(stamp: np.ndarray) -> float:
@@ -32,18 +32,42 @@ def effective_width(stamp: np.ndarray) -> float:
     return math.sqrt(total * total / power)
 
 
+#: Sub-pixels per pixel side where `half_maximum_width` counts the area above half peak.
+_HALF_MAXIMUM_ZOOM = 4
+
+
+def half_maximum_width(stamp: np.ndarray) -> float:
+    """Diameter (px) of the disc as large as the area above half the peak: the FWHM of
+    a round profile, whatever its wings. Counted on the stamp interpolated to a quarter
+    pixel (pixel-integrated Gaussians of FWHM 2-6 px read 1-3% wider)."""
+    p = np.asarray(stamp, dtype=np.float64)
+    if not (p.size and np.all(np.isfinite(p)) and p.max() > 0):
+        return math.nan
+    fine = ndimage.zoom(p, _HALF_MAXIMUM_ZOOM, order=3, grid_mode=True, mode="grid-constant")
+    area = np.count_nonzero(fine >= 0.5 * fine.max()) / _HALF_MAXIMUM_ZOOM**2
+    return 2.0 * math.sqrt(area / math.pi)
+
+
 def kernel_psf_width_ratio(
-    kernel_image: np.ndarray, convolved_psf: np.ndarray, target_psf: np.ndarray
+    kernel_image: np.ndarray,
+    convolved_psf: np.ndarray,
+    target_psf: np.ndarray,
+    target_is_stand_in: bool = False,
 ) -> float:
     """Width of the convolved PSF model seen through the kernel over the target's.
 
     1 when kernel and PSF models agree; the kernel is applied by correlation, as
     `core.psf.KernelMatchedPsf` draws it (the width does not depend on the flip).
-    NaN when a stamp has no positive sum.
+    NaN when a stamp has no positive sum. ``target_is_stand_in``: the target is a
+    Gaussian of a measured FWHM standing in for a PSF nobody estimated; only its half
+    maximum is known, so the widths compared are those (`half_maximum_width`): a real
+    star's wings made the effective width of the kernel-matched model 1.46x a
+    stand-in's for a Moffat (beta 2) of its FWHM.
     """
     kernel = np.asarray(kernel_image, dtype=np.float64)
     if not float(kernel.sum()) > 0:
         return math.nan
     seen = signal.correlate(np.asarray(convolved_psf, np.float64), kernel, method="auto")
-    width, target = effective_width(seen), effective_width(target_psf)
+    measure = half_maximum_width if target_is_stand_in else effective_width
+    width, target = measure(seen), measure(target_psf)
     return width / target if target > 0 else math.nan

@@ -1143,9 +1143,9 @@ class _SubtractBase(Task):
     def _kernel_psf_width_ratio(self, kernel_image, science, template) -> float:
         """The convolved image's PSF model seen through the kernel, in width over the PSF
         it should match (`core.psf_consistency`), at the science centre; NaN without PSFs."""
-        convolved, target = template, science
+        convolved, target, label = template, science, "science"
         if self.metadata.get("convolvedExposure") == "Science":
-            convolved, target = science, template
+            convolved, target, label = science, template, "template"
         centre = science.bbox_center()
         try:
             target_psf = self.preconvolved_psf or target.require_psf()
@@ -1153,6 +1153,7 @@ class _SubtractBase(Task):
                 kernel_image,
                 convolved.require_psf().kernel_image(*centre),
                 target_psf.kernel_image(*centre),
+                target_is_stand_in=self.preconvolved_psf is None and label in self.psf_stand_ins,
             )
         except PsfError:
             return math.nan

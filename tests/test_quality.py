@@ -233,3 +233,56 @@ def test_kernel_psf_width_ratio_measures_the_models_agreement():
     wrong = kernel_psf_width_ratio(kernel, GaussianPsf(4.5).kernel_image(), science.kernel_image())
     assert wrong == pytest.approx(math.hypot(4.5, 2.0) / 2.5, rel=0.02)
     assert math.isnan(kernel_psf_width_ratio(-kernel, template.kernel_image(), kernel))
+
+
+def test_a_stand_in_target_psf_is_compared_at_half_maximum():
+    """A Gaussian standing in for the science PSF knows only the FWHM it was given: the
+    kernel-matched template PSF (a real star's profile, wings and all) is compared with
+    it at half maximum. A Moffat (beta 2) of the stand-in's FWHM read 1.46x as wide by
+    effective width (suspect for a model that is as right as a stand-in can be); a
+    stand-in of twice the FWHM is still found out."""
+    from core.psf import GaussianPsf, MoffatPsf
+    from core.psf_consistency import effective_width, half_maximum_width, kernel_psf_width_ratio
+
+    for fwhm in (2.5, 4.0, 6.0):
+        assert half_maximum_width(GaussianPsf(fwhm / 2.3548).kernel_image()) == pytest.approx(
+            fwhm, rel=0.04
+        )
+    star, stand_in = MoffatPsf(fwhm=4.0, beta=2.0).kernel_image(), GaussianPsf(4.0 / 2.3548)
+    delta = np.zeros((3, 3))
+    delta[1, 1] = 1.0  # the kernel of a template already matched: its PSF is the star's
+    by_area = kernel_psf_width_ratio(delta, star, stand_in.kernel_image())
+    assert by_area > 1.3
+    assert effective_width(star) / effective_width(stand_in.kernel_image()) == pytest.approx(
+        by_area
+    )
+    at_half = kernel_psf_width_ratio(delta, star, stand_in.kernel_image(), target_is_stand_in=True)
+    assert at_half == pytest.approx(1.0, abs=0.05)
+    too_wide = GaussianPsf(8.0 / 2.3548).kernel_image()
+    assert kernel_psf_width_ratio(delta, star, too_wide, target_is_stand_in=True) < 0.55
+
+
+def test_a_stand_in_science_psf_does_not_make_a_real_profile_look_wrong():
+    """End to end: a Moffat (beta 2) science with too few stars for a PSF, its FWHM
+    keyword standing in; the kernel-matched template PSF reads its FWHM (the check's
+    ratio 1.46 by effective width said "a PSF model is wrong")."""
+    from core.simulate import SimulationConfig, simulate_pair
+    from core.subtract import run_subtraction
+
+    config = SimulationConfig(
+        size=256,
+        seed=2,
+        n_stars=6,
+        star_flux_min=1e4,
+        star_flux_max=4e4,
+        noise="gaussian",
+        science_psf={"type": "moffat", "fwhm": 4.0, "beta": 2.0},
+        template_psf={"fwhm": 2.5},
+    )
+    pair = simulate_pair(config)
+    pair.science.psf = None
+    pair.science.metadata["FWHM"] = 4.0
+    metrics = run_subtraction(pair.science, pair.template).metrics
+    assert metrics["mode"] == "convolveTemplate"
+    assert metrics["kernel_psf_width_ratio"] == pytest.approx(1.0, abs=0.1)
+    assert not any("PSF model" in r for r in metrics["quality"]["reasons"])
