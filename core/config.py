@@ -728,8 +728,16 @@ class SubtractionConfig(_Config):
         le=1,
         description="Cut the preconvolution kernel (science PSF) to the box holding this "
         "fraction of its squared sum (matched-filter S/N kept: its square root); 1: no cut. "
-        "A cut makes huge PSF stamps cheap, but the score's PSF then no longer is the "
-        "matched filter's and score photometry is biased by the flux cut away.",
+        "The catalog's fluxes use the kernel as cut (a point source's profile in the score "
+        "is the PSF correlated with it): a cut costs S/N, not flux.",
+    )
+    preconvolution_width_fwhm: float | None = Field(
+        8.0,
+        gt=0,
+        description="Cut the preconvolution kernel to at most this many science PSF FWHMs "
+        "either side of its centre (a stamp already smaller is kept whole); None: no cut. "
+        "The score's EDGE band is the kernel's half-width: a 205 px JWST PSF stamp (2 px "
+        "FWHM) lost 44% of a 900 px frame to wings holding 2e-5 of its power.",
     )
     preconvolve_via_difference: bool = Field(
         True,

@@ -236,6 +236,8 @@ class _SubtractBase(Task):
         #: the science PSF seen through the preconvolution kernel P (preconvolve mode): a
         #: star's profile in P * S and in the score
         self.preconvolved_psf: ImagePsf | None = None
+        #: P as applied when cut from the science PSF's stamp (preconvolve mode), else None
+        self.preconvolution_cut: np.ndarray | None = None
         #: where the kernel stars sit in the template relative to the science
         self.star_offset: StarOffset | None = None
         #: what the run found and handled (confusion, correlated noise, lowered orders)
@@ -1105,6 +1107,7 @@ class _SubtractBase(Task):
                 matched_template=result.matched_template,
                 kernel_sources=result.kernel_sources,
                 inputs=(science, template),
+                preconvolution_kernel=self.preconvolution_cut,
             )
         meta = result.dia_sources.meta
         result.metrics["n_dia_sources"] = len(result.dia_sources)
@@ -1543,12 +1546,17 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
                 f"Preconvolution requires an odd-sized PSF kernel, got "
                 f"{stamp.shape[1]}x{stamp.shape[0]}."
             )
+        whole = stamp.shape
         stamp = _trim_to_power(stamp, self.config.preconvolution_power_fraction)
+        stamp = _trim_to_width(stamp, self.config.preconvolution_width_fwhm, self.science_fwhm)
         self.metadata["preconvolutionKernelSize"] = int(stamp.shape[0])
         # K * T matches P * S, so K carries P's own centroid offset besides any misalignment
         self.kernel_reference_shift = kernel_centroid(stamp)
         kernel = stamp / stamp.sum()
         self.preconvolved_psf = _preconvolved_psf(science, kernel)
+        # a cut P is no longer the science PSF: a point source in the score is the PSF
+        # correlated with the P applied, which the catalog's profiles must be too
+        self.preconvolution_cut = kernel if stamp.shape != whole else None
         return kernel
 
     def _fill_bad(self, exposure: Exposure) -> Exposure:
@@ -2002,6 +2010,24 @@ def _trim_to_power(stamp: np.ndarray, fraction: float) -> np.ndarray:
         if power[cy - half : cy + half + 1, cx - half : cx + half + 1].sum() >= fraction * total:
             return stamp[cy - half : cy + half + 1, cx - half : cx + half + 1]
     return stamp
+
+
+def _trim_to_width(stamp: np.ndarray, width_fwhm: float | None, fwhm: float) -> np.ndarray:
+    """The centred odd square of ``stamp`` reaching ``width_fwhm`` FWHMs from its centre
+    (the whole stamp when smaller, or with no width).
+
+    The EDGE band of a score is P's half-width: a 205 px WebbPSF of 2 px FWHM lost 44% of
+    a 900 px frame to wings holding 2e-5 of its power beyond 8 FWHM (17 px; the matched
+    filter keeps the square root of the power kept). Stamps estimated here (6 FWHM wide,
+    at least 15 px) and the simulation presets' (up to 5.6 FWHM) are kept whole.
+    """
+    cy, cx = stamp.shape[0] // 2, stamp.shape[1] // 2
+    if width_fwhm is None or not fwhm > 0:
+        return stamp
+    half = max(1, math.ceil(width_fwhm * fwhm))
+    if half >= min(cy, cx):
+        return stamp
+    return stamp[cy - half : cy + half + 1, cx - half : cx + half + 1]
 
 
 def _noise_area(exposure: Exposure) -> float:
