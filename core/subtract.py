@@ -41,7 +41,7 @@ from .errors import (
     TemplateCoverageError,
 )
 from .exposure import DeferredPlane, Exposure, invalid_variance
-from .forced import whole_stamp_fluxes
+from .forced import WHOLE_STAMP_MISSING_LIGHT, whole_stamp_fluxes
 from .kernel import BackgroundModel, SpatialKernel, chebyshev_terms, fit_psf_matching_kernel
 from .logcapture import collect_warnings
 from .measure import StarOffset, star_offset
@@ -639,9 +639,8 @@ class _SubtractBase(Task):
         if len(kept) < cfg.min_kernel_sources:
             raise InsufficientSourcesError(
                 f"Only {len(kept)} sources were selected for PSF matching, but "
-                f"{cfg.min_kernel_sources} are required ({int((~detected).sum())} of the "
-                f"{len(selected)} selected on the science image are not in the template at "
-                f"S/N 5, {int((detected & ~keep).sum())} changed flux between the two). "
+                f"{cfg.min_kernel_sources} are required (of the {len(selected)} selected on "
+                f"the science image, {_unmatched(f_s, f_t, detected, keep)}). "
                 "Supply a source catalog or lower sources.min_kernel_sources."
             )
         return kept
@@ -1903,6 +1902,22 @@ def _block_medians(image: np.ndarray, good: np.ndarray, size: int):
 #: Standard error of the MAD-based std of n unit-normal values, times sqrt(n) (its
 #: efficiency is 37%): the robust std of 60 pulls scatters by 0.15 about 1
 _MAD_STD_ERROR = 1.166
+
+
+def _unmatched(f_s, f_t, detected, keep) -> str:
+    """Why kernel sources were dropped by the variability test, in words: a flux that
+    cannot be measured in an image (which one) is not a star missing from the template."""
+    lost_science = ~np.isfinite(f_s)
+    lost_template = ~lost_science & ~np.isfinite(f_t)
+    faint = ~detected & ~lost_science & ~lost_template
+    why = f"over {WHOLE_STAMP_MISSING_LIGHT:.0%} of its PSF's light off the frame or on no data"
+    parts = [
+        (lost_science, f"have no flux measurable in the science ({why})"),
+        (lost_template, f"have none measurable in the template ({why})"),
+        (faint, "are not in the template at S/N 5"),
+    ]
+    words = [f"{int(which.sum())} {text}" for which, text in parts if which.any()]
+    return ", ".join([*words, f"{int((detected & ~keep).sum())} changed flux between the two"])
 
 
 def _changed_flux(ratio, sigma, detected, config) -> np.ndarray:

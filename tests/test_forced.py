@@ -8,8 +8,8 @@ from scipy import ndimage, signal
 
 from core.config import ForcedPhotometryConfig
 from core.exposure import Exposure
-from core.forced import PsfStamps, forced_photometry, noise_scale
-from core.psf import GaussianPsf
+from core.forced import PsfStamps, forced_photometry, noise_scale, whole_stamp_fluxes
+from core.psf import GaussianPsf, ImagePsf
 
 
 def test_noise_scale_of_correlated_noise_is_its_analytic_value():
@@ -125,3 +125,31 @@ def test_sharpness_of_no_positions_is_empty():
     stamps = PsfStamps(exposure.psf, exposure)
     fit = psf_photometry(exposure, np.zeros(0), np.zeros(0), stamps, sharpness=True)
     assert fit["sharp"].shape == (0,) and fit["flux"].shape == (0,)
+
+
+def test_whole_stamp_flux_where_the_psf_light_is_on_the_frame():
+    """A Moffat (beta 2, FWHM 4 px) drawn 151 px wide on a 200 px frame: a star 50 px
+    from the edge has 99.6% of its light on the frame, and its whole-stamp flux was NaN
+    because the drawn stamp left the frame (a 256 px simulated pair kept 1 of 6 stars and
+    refused to subtract). Now it is measured as the centred star is; one 3 px from the
+    edge (over a third of its light off the frame) is not."""
+    r = np.hypot(*np.mgrid[-75:76, -75:76])
+    alpha = 4.0 / (2.0 * np.sqrt(np.sqrt(2.0) - 1.0))
+    stamp = (1.0 + (r / alpha) ** 2) ** -2.0
+    stamp /= stamp.sum()
+    flux = 2.0e4
+    rng = np.random.default_rng(0)
+    measured = []
+    for x, y in ((100, 100), (50, 120), (3, 60)):  # one star a frame: no neighbour's wings
+        image = 5.0 + rng.normal(0.0, 1.0, (200, 200))
+        rows, cols = np.arange(y - 75, y + 76), np.arange(x - 75, x + 76)
+        keep_r, keep_c = (rows >= 0) & (rows < 200), (cols >= 0) & (cols < 200)
+        image[np.ix_(rows[keep_r], cols[keep_c])] += flux * stamp[np.ix_(keep_r, keep_c)]
+        exposure = Exposure.from_arrays(
+            image.astype(np.float32), np.ones(image.shape, np.float32), psf=ImagePsf(stamp)
+        )
+        measured.append(whole_stamp_fluxes(exposure, [float(x)], [float(y)]))
+    fluxes, errors = (np.concatenate(v) for v in zip(*measured, strict=True))
+    assert fluxes[:2] == pytest.approx(flux, rel=0.003)
+    assert np.all(errors[:2] < 0.003 * flux)
+    assert np.isnan(fluxes[2]) and np.isnan(errors[2])

@@ -27,6 +27,7 @@ from bench.real_data import (
     run_alsub,
 )
 from core.config import SubtractionConfig
+from core.errors import InsufficientSourcesError
 from core.io import read_exposure
 from core.photometry import psf_flux
 from core.subtract import run_subtraction
@@ -112,6 +113,27 @@ def test_jwst_with_its_psfs_has_a_kernel_that_matches_them():
     result = run_subtraction(pair.science, pair.template, SubtractionConfig(mode="preconvolve"))
     assert result.metrics["kernel_psf_width_ratio"] == pytest.approx(1.0, abs=0.05)
     assert not any("PSF model" in r for r in result.metrics["quality"]["reasons"])
+
+
+def test_a_jwst_cut_smaller_than_its_psf_light_needs_no_more_frame():
+    """A 640 px cut of the JWST pair with its WebbPSF models (205 px stamps): the
+    variability test's fluxes were NaN wherever a stamp left the cut, 5 of its 11 kernel
+    candidates though each had 99.3-99.9% of its light on it; 2 were left and the
+    subtraction was refused as if the 9 were not in the template. A 300 px cut has 3
+    candidates: the refusal says which flux could not be measured, and in which image."""
+    pair = load_pair("jwst_noise")
+    x0, y0 = pair.science.xy0
+    for side, start in ((640, 130), (300, 300)):
+        box = (x0 + start, y0 + start, x0 + start + side - 1, y0 + start + side - 1)
+        science, template = pair.science.cutout(box), pair.template.cutout(box)
+        if side == 300:
+            with pytest.raises(InsufficientSourcesError, match="measurable in the science"):
+                run_subtraction(science, template)
+            continue
+        result = run_subtraction(science, template)
+        assert result.metrics["n_kernel_sources"] >= 5
+        assert result.metrics["kernel_sum"] == pytest.approx(1.0, abs=0.05)
+        assert result.metrics["quality"]["verdict"] == "good"
 
 
 def test_jwst_correlated_noise_is_not_taken_for_static_structure():

@@ -418,6 +418,57 @@ def test_kernel_sources_are_stars_the_template_holds():
     assert len(sources) >= 10 and gap.min() > 3.0
 
 
+def test_a_psf_stamp_drawn_wider_than_the_frame_leaves_its_stars_to_match_on():
+    """A Moffat science PSF (beta 2, FWHM 4 px) is drawn 151 px wide, on a 256 px frame:
+    the variability test's whole-stamp fluxes were NaN for every star whose stamp left
+    the frame, 5 of 6 though each had 98-99.9% of its light on it, and the subtraction
+    was refused saying they were not in the template. Where the light lies decides
+    now: the pair subtracts, its noise as predicted, the transients at their flux."""
+    from core.forced import forced_photometry
+    from core.simulate import SimulationConfig, simulate_pair
+
+    pair = simulate_pair(
+        SimulationConfig(
+            size=256,
+            seed=2,
+            n_stars=6,
+            star_flux_min=1e4,
+            star_flux_max=4e4,
+            n_transients=3,
+            transient_flux_min=2e4,
+            transient_flux_max=4e4,
+            noise="gaussian",
+            science_psf={"type": "moffat", "fwhm": 4.0, "beta": 2.0},
+            template_psf={"fwhm": 2.5},
+        )
+    )
+    assert pair.science.psf.kernel_image().shape == (151, 151)
+    result = run_subtraction(pair.science, pair.template)
+    assert result.metrics["n_kernel_sources"] >= 3
+    assert measure_quality(result, pair)["noise_ratio"] == pytest.approx(1.0, abs=0.05)
+    transients = pair.truth["transients"]
+    fluxes = forced_photometry(result.difference, x=transients["x"], y=transients["y"])
+    ratio = np.asarray(fluxes["psf_flux"]) / np.asarray(transients["flux_science"])
+    assert np.all(np.abs(ratio - 1.0) < 0.05), ratio
+
+
+def test_a_refusal_names_the_image_a_flux_could_not_be_measured_in():
+    """Kernel sources the variability test drops: a flux NaN in the science (its PSF's
+    light off the frame) is not a star missing from the template, as the refusal said
+    of every one."""
+    from core.subtract import _unmatched
+
+    f_s = np.array([np.nan, 1.0, 1.0, 1.0, 2.0])
+    f_t = np.array([1.0, np.nan, 0.1, 1.0, 1.0])
+    detected = np.array([False, False, False, True, True])
+    keep = np.array([False, False, False, True, False])
+    words = _unmatched(f_s, f_t, detected, keep)
+    assert "1 have no flux measurable in the science" in words
+    assert "1 have none measurable in the template" in words
+    assert "1 are not in the template at S/N 5" in words
+    assert words.endswith("1 changed flux between the two")
+
+
 @pytest.mark.parametrize("mode", ["auto", "preconvolve"])
 @pytest.mark.parametrize("change", [0.15, -0.15])
 def test_a_bright_star_that_varied_is_no_kernel_source(mode, change):
