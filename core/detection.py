@@ -203,8 +203,12 @@ def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
             elif dy < ny:
                 out[dy:] |= current[:-dy]
                 out[:-dy] |= current[dy:]
-    bits = np.unpackbits(out.view(np.uint8), axis=1, count=nx, bitorder="little")
-    return bits.view(bool)
+    # unpacked a block of rows at a time into a frame on huge pages (`frame_array`)
+    grown = frame_array((ny, nx), bool)
+    for rows in _row_blocks(ny):
+        bits = np.unpackbits(out[rows].view(np.uint8), axis=1, count=nx, bitorder="little")
+        grown[rows] = bits.view(bool)
+    return grown
 
 
 def _grow(labels: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -220,7 +224,7 @@ def _grow(labels: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.
     """
     if radius <= 0 or labels.max() == 0:
         return labels
-    seeds = labels > 0
+    seeds = np.greater(labels, 0, out=frame_array(labels.shape, bool))
     reach = _disc_dilate(seeds, radius)
     structure = np.ones((3, 3), dtype=bool)
     if out is None:
@@ -540,7 +544,7 @@ def _detect_pass(
     # re-measure the S/N scatter on sky outside every footprint (sources and faint
     # wings inflate the first estimate), then detect again; the first pass needs only
     # which pixels its footprints cover, not label images
-    footprints = np.zeros(filtered.snr.shape, dtype=bool)
+    footprints = frame_zeros(filtered.snr.shape, bool)  # read whole by the dilation
     for negative in (False, True):
         where, values, _, _ = _footprint_pixels(
             filtered.snr, config.threshold, config.min_pixels, negative
@@ -734,7 +738,7 @@ def _grown_masks(snr: np.ndarray, threshold: float, min_pixels: int, grow: int):
     reach, counts = [], []
     for negative in (False, True):
         where, _, n, _ = _footprint_pixels(snr, threshold, min_pixels, negative)
-        seeds = np.zeros(snr.shape, dtype=bool)
+        seeds = frame_zeros(snr.shape, bool)  # read whole by the dilation
         seeds.ravel()[where] = True
         reach.append(_disc_dilate(seeds, grow) if n else seeds)
         counts.append(n)

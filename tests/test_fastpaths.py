@@ -1559,3 +1559,81 @@ def test_template_coverage_counted_on_threads_equals_one_pass():
     )
     expected = 1.0 - np.count_nonzero(missing) / missing.size
     assert _SubtractBase._template_coverage(template, science) == expected
+
+
+def _neighbour_prediction_reference(mesh: np.ndarray) -> np.ndarray:
+    """The despike's prediction as first written: numpy's nanmedian over the eight
+    straight-line predictions (between the two neighbours, else from either side)."""
+    import warnings
+
+    ny, nx = mesh.shape
+    padded = np.full((ny + 4, nx + 4), np.nan)
+    padded[2:-2, 2:-2] = mesh
+
+    def at(dy: int, dx: int) -> np.ndarray:
+        return padded[2 + dy : 2 + dy + ny, 2 + dx : 2 + dx + nx]
+
+    predictions = []
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        between = 0.5 * (at(dy, dx) + at(-dy, -dx))
+        predictions.append(
+            np.where(np.isfinite(between), between, 2.0 * at(dy, dx) - at(2 * dy, 2 * dx))
+        )
+        predictions.append(
+            np.where(np.isfinite(between), np.nan, 2.0 * at(-dy, -dx) - at(-2 * dy, -2 * dx))
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(np.stack(predictions), axis=0)
+
+
+def test_despike_prediction_is_numpys_nanmedian_over_the_directions():
+    """The background mesh's despike prediction (a median over directions by sorting
+    each cell's predictions) is numpy's nanmedian of them, bit for bit: odd and even
+    counts of finite predictions (edges, corners, holes), ties, all-NaN cells."""
+    from core.background import _neighbour_prediction
+
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        shape = tuple(int(n) for n in rng.integers(3, 14, 2))
+        mesh = rng.normal(rng.uniform(-1e4, 1e4), rng.uniform(1e-3, 1e3), shape)
+        if trial % 3 == 0:
+            mesh = np.round(mesh)  # ties between directions
+        if trial % 4 == 0:
+            mesh[rng.random(shape) < 0.3] = np.nan  # cells with few or no predictions
+        expected = _neighbour_prediction_reference(mesh)
+        np.testing.assert_array_equal(_neighbour_prediction(mesh), expected, err_msg=str(trial))
+
+
+def test_frames_past_the_huge_page_size_are_grown_and_padded_like_numpys():
+    """Boolean frames and meshes made on huge pages (`frame_array`: from 4 MB, a block
+    of rows at a time) hold numpy's whole-frame values: the cross dilation is
+    scipy's, the disc dilation the distance transform's, the mesh's padded cells the
+    image where valid and NaN elsewhere, on a frame whose rows are no multiple of a
+    block."""
+    from core.background import _mesh_cells
+    from core.detection import _disc_dilate
+    from core.dilation import dilate_cross
+    from core.parallel import HUGE_FRAME_BYTES
+
+    rng = np.random.default_rng(17)
+    shape = (2100, 2050)  # bool: past HUGE_FRAME_BYTES; 2100 rows: a partial last block
+    assert shape[0] * shape[1] >= HUGE_FRAME_BYTES
+    mask = rng.random(shape) < 0.002
+    mask[0, 7] = mask[-1, -1] = mask[1000, 0] = True  # on the border
+    grown = ndimage.binary_dilation(mask, iterations=3)
+    np.testing.assert_array_equal(dilate_cross(mask, 3), grown)
+    distance = ndimage.distance_transform_edt(~mask)
+    np.testing.assert_array_equal(_disc_dilate(mask, 5), distance <= 5)
+
+    image = rng.normal(100.0, 5.0, shape).astype(np.float32)
+    image[rng.random(shape) < 0.001] = np.nan
+    exposure = Exposure.from_arrays(image, np.ones(shape, np.float32))
+    exposure.set_plane("BAD", rng.random(shape) < 0.01)
+    _, cells, valid = _mesh_cells(exposure, 64, ("BAD",))
+    np.testing.assert_array_equal(valid, np.isfinite(image) & ~exposure.masked(["BAD"]))
+    nby, nbx = cells.shape[:2]
+    expected = np.full((nby * 64, nbx * 64), np.nan, dtype=np.float32)
+    expected[: shape[0], : shape[1]] = np.where(valid, image, np.float32(np.nan))
+    padded = cells.transpose(0, 2, 1, 3).reshape(expected.shape)
+    np.testing.assert_array_equal(padded, expected)
