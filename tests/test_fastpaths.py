@@ -1563,28 +1563,14 @@ def test_template_coverage_counted_on_threads_equals_one_pass():
 
 def _neighbour_prediction_reference(mesh: np.ndarray) -> np.ndarray:
     """The despike's prediction as first written: numpy's nanmedian over the eight
-    straight-line predictions (between the two neighbours, else from either side)."""
+    straight-line predictions."""
     import warnings
 
-    ny, nx = mesh.shape
-    padded = np.full((ny + 4, nx + 4), np.nan)
-    padded[2:-2, 2:-2] = mesh
+    from core.background import _directional_predictions
 
-    def at(dy: int, dx: int) -> np.ndarray:
-        return padded[2 + dy : 2 + dy + ny, 2 + dx : 2 + dx + nx]
-
-    predictions = []
-    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        between = 0.5 * (at(dy, dx) + at(-dy, -dx))
-        predictions.append(
-            np.where(np.isfinite(between), between, 2.0 * at(dy, dx) - at(2 * dy, 2 * dx))
-        )
-        predictions.append(
-            np.where(np.isfinite(between), np.nan, 2.0 * at(-dy, -dx) - at(-2 * dy, -2 * dx))
-        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(np.stack(predictions), axis=0)
+        return np.nanmedian(_directional_predictions(mesh), axis=0)
 
 
 def test_despike_prediction_is_numpys_nanmedian_over_the_directions():

@@ -425,23 +425,8 @@ def test_a_psf_stamp_drawn_wider_than_the_frame_leaves_its_stars_to_match_on():
     was refused saying they were not in the template. Where the light lies decides
     now: the pair subtracts, its noise as predicted, the transients at their flux."""
     from core.forced import forced_photometry
-    from core.simulate import SimulationConfig, simulate_pair
 
-    pair = simulate_pair(
-        SimulationConfig(
-            size=256,
-            seed=2,
-            n_stars=6,
-            star_flux_min=1e4,
-            star_flux_max=4e4,
-            n_transients=3,
-            transient_flux_min=2e4,
-            transient_flux_max=4e4,
-            noise="gaussian",
-            science_psf={"type": "moffat", "fwhm": 4.0, "beta": 2.0},
-            template_psf={"fwhm": 2.5},
-        )
-    )
+    pair = _moffat_science_with_few_stars(3, keep_psf=True, beta=2.0, transient_flux=(2e4, 4e4))
     assert pair.science.psf.kernel_image().shape == (151, 151)
     result = run_subtraction(pair.science, pair.template)
     assert result.metrics["n_kernel_sources"] >= 3
@@ -684,11 +669,16 @@ def test_run_subtraction_takes_a_config_dict_and_names_a_wrong_input():
 
 
 def _moffat_science_with_few_stars(
-    n_transients: int, keep_psf: bool = False, science_fwhm: float = 4.0, template_fwhm: float = 2.5
+    n_transients: int,
+    keep_psf: bool = False,
+    science_fwhm: float = 4.0,
+    template_fwhm: float = 2.5,
+    beta: float = 3.0,
+    transient_flux: tuple[float, float] = (1000.0, 1000.0),
 ):
-    """Science PSF a Moffat (beta 3: wings a Gaussian lacks) with too few stars to
-    estimate it (6 stars; a FWHM keyword instead, unless ``keep_psf`` leaves the true PSF
-    given); the template's (Gaussian) given. The sharper of the two is convolved."""
+    """Science PSF a Moffat (wings a Gaussian lacks) with too few stars to estimate it
+    (6 stars; a FWHM keyword instead, unless ``keep_psf`` leaves the true PSF given);
+    the template's (Gaussian) given. The sharper of the two is convolved."""
     from core.simulate import SimulationConfig, simulate_pair
 
     config = SimulationConfig(
@@ -698,11 +688,11 @@ def _moffat_science_with_few_stars(
         star_flux_min=1e4,
         star_flux_max=4e4,
         noise="gaussian",
-        science_psf={"type": "moffat", "fwhm": science_fwhm, "beta": 3.0},
+        science_psf={"type": "moffat", "fwhm": science_fwhm, "beta": beta},
         template_psf={"fwhm": template_fwhm},
         n_transients=n_transients,
-        transient_flux_min=1000.0,
-        transient_flux_max=1000.0,
+        transient_flux_min=transient_flux[0],
+        transient_flux_max=transient_flux[1],
     )
     pair = simulate_pair(config)
     if not keep_psf:
@@ -759,3 +749,14 @@ def test_a_stand_in_science_psf_gives_way_to_the_template_psf_when_the_science_i
     assert ratio == pytest.approx(1.0, abs=0.03)
     assert not any("stands in" in w for w in metrics["warnings"])
     assert any("the difference's PSF is the template's" in n for n in metrics["notes"])
+
+
+def test_a_stand_in_science_psf_does_not_make_a_real_profile_look_wrong():
+    """End to end: a Moffat (beta 2) science with too few stars for a PSF, its FWHM
+    keyword standing in; the kernel-matched template PSF reads its FWHM (the check's
+    ratio 1.46 by effective width said "a PSF model is wrong")."""
+    pair = _moffat_science_with_few_stars(0, beta=2.0)
+    metrics = run_subtraction(pair.science, pair.template).metrics
+    assert metrics["mode"] == "convolveTemplate"
+    assert metrics["kernel_psf_width_ratio"] == pytest.approx(1.0, abs=0.1)
+    assert not any("PSF model" in r for r in metrics["quality"]["reasons"])
