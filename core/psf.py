@@ -592,11 +592,15 @@ class KernelMatchedPsf(DrawnOncePsf):
         PSF of the image before matching.
     kernel : object with ``image(x, y)``
         The matching kernel (e.g. `core.kernel.SpatialKernel`), correlation semantics.
+    shift : (dx, dy)
+        Moves the drawn stamp (px): a kernel that absorbed an offset between the images'
+        stars centres the matched PSF where the other image's stars are not.
     """
 
-    def __init__(self, psf: Psf, kernel):
+    def __init__(self, psf: Psf, kernel, shift: tuple[float, float] = (0.0, 0.0)):
         self.psf = psf
         self.kernel = kernel
+        self.shift = shift
         self.average_position = psf.average_position
 
     def _draw(self, x, y) -> np.ndarray:
@@ -614,6 +618,8 @@ class KernelMatchedPsf(DrawnOncePsf):
         total = out.sum()
         if not np.isfinite(total) or total <= 0:
             raise PsfError("the matching kernel leaves the PSF with no positive flux")
+        if self.shift != (0.0, 0.0):
+            return shift_stamp(out / total, *self.shift)
         return out / total
 
     def __repr__(self) -> str:

@@ -30,6 +30,7 @@ from core.config import SubtractionConfig
 from core.errors import InsufficientSourcesError
 from core.io import read_exposure
 from core.photometry import psf_flux
+from core.psf import SIGMA_TO_FWHM, GaussianPsf
 from core.subtract import run_subtraction
 
 MODES = ("auto", "preconvolve")
@@ -205,15 +206,17 @@ def test_coadd_difference_carries_sffts_flux(real_data):
 def test_a_gaussian_standing_in_for_the_psf_is_said(real_data):
     """DECam epoch c has 4 usable PSF stars (5 needed): a Gaussian of its FWHM keyword
     stands in, whose PSF fluxes of real stars read 0.82-0.86 of theirs (a review's
-    injections). In preconvolve mode the score is made with it, and the verdict says
-    so; epoch a, whose PSF is estimated, says nothing of the kind."""
+    injections). Preconvolving before the fit (K * T ~ P * S) the score is made with
+    it, and the verdict says so; epoch a, whose PSF is estimated, says nothing of the
+    kind."""
     folder = real_data / "decam_sfft_decorr"
     verdicts = {}
+    config = SubtractionConfig(mode="preconvolve", preconvolve_via_difference=False)
     for epoch in ("a", "c"):
         result = run_subtraction(
             read_exposure(folder / f"DEC-OBS04{epoch}.mini.fits.gz"),
             read_exposure(folder / f"DEC-OBS18{epoch}.mini.fits.gz"),
-            SubtractionConfig(mode="preconvolve"),
+            config,
         )
         verdicts[epoch] = result.metrics["quality"]
     said = [r for r in verdicts["c"]["reasons"] if "a Gaussian of its FWHM stands in" in r]
@@ -245,12 +248,33 @@ def test_the_kernel_gives_the_science_psf_the_stars_did_not(name):
 
 
 @pytest.mark.parametrize("name", ["decam_c", "decam_coadd"])
+def test_the_kernel_gives_the_score_its_preconvolution_kernel(name):
+    """The same pairs in preconvolve mode, K fitted between the images as they are (the
+    template is sharper): K * P_T, not the Gaussian of the header FWHM, is the science
+    PSF after the fit and the preconvolution kernel P, cut to the stand-in's stamp (the
+    score's EDGE band stays what it was). The verdict was suspect for the stand-in
+    alone."""
+    pair = load_pair(name)
+    result = run_subtraction(pair.science, pair.template, SubtractionConfig(mode="preconvolve"))
+    metrics, metadata = result.metrics, result.metadata
+    assert metadata["alardLuptonPreconvolveSubtract.preconvolveKernelFit"] == "templateToScience"
+    assert metrics["quality"]["verdict"] == "good", metrics["quality"]
+    assert not any("stands in" in w for w in metrics["warnings"])
+    assert metrics["science_psf_source"] == "kernel-matched template PSF"
+    assert any("and the preconvolution kernel" in note for note in metrics["notes"])
+    assert "KernelMatchedPsf" in repr(result.matched_science.psf)
+    assert "KernelMatchedPsf" in repr(result.score.psf)
+    stand_in = GaussianPsf(pair.fwhm / SIGMA_TO_FWHM).size
+    assert metadata["alardLuptonPreconvolveSubtract.preconvolutionKernelSize"] == stand_in
+
+
+@pytest.mark.parametrize("name", ["decam_c", "decam_coadd"])
 def test_plain_images_without_a_fwhm_keyword_are_subtracted(name):
     """Too few stars for a PSF estimate (4 of the 5 needed) and no FWHM keyword: a
     Gaussian of the sources' typical size stands in (it was refused: "the science image
     has no PSF and none could be estimated"), within 5% of the header's FWHM; convolving
-    the template, only to size the fit (the kernel then gives the PSF); in preconvolve
-    mode, where the score is made with it, the verdict says so."""
+    the template, only to size the fit (the kernel then gives the PSF); preconvolving
+    before the fit, where the score is made with it, the verdict says so."""
     from core.subtract import _HEADER_FWHM_KEYS
 
     pair = load_pair(name)
@@ -263,7 +287,8 @@ def test_plain_images_without_a_fwhm_keyword_are_subtracted(name):
     # convolving the template, the stand-in only sizes the fit: the kernel gives the PSF
     assert result.metrics["science_psf_source"] == "kernel-matched template PSF"
     assert abs(result.metrics["noise_ratio"] - 1.0) < 0.1
-    result = run_subtraction(pair.science, pair.template, SubtractionConfig(mode="preconvolve"))
+    config = SubtractionConfig(mode="preconvolve", preconvolve_via_difference=False)
+    result = run_subtraction(pair.science, pair.template, config)
     assert result.metrics["science_psf_source"] == "Gaussian of sources' typical size"
     quality = result.metrics["quality"]
     assert quality["verdict"] == "suspect", quality
