@@ -454,6 +454,11 @@ class DecorrelatedPsf(DrawnOncePsf):
         self.extra_size = int(extra_size) // 2 * 2
         self.average_position = base.average_position
 
+    def with_base(self, base: Psf) -> DecorrelatedPsf:
+        """``base`` seen through the same decorrelation filter."""
+        filters = (self.filter_stamps, self.nodes_x, self.nodes_y)
+        return DecorrelatedPsf(base, *filters, self.extra_size)
+
     def _draw(self, x: float | None, y: float | None) -> np.ndarray:
         if x is None or y is None:
             if self.average_position is not None:

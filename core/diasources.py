@@ -1228,9 +1228,7 @@ def _applied_kernel(psf: Psf, kernel: np.ndarray | None) -> Psf:
     if kernel is None:
         return psf
     stamp = ImagePsf(kernel, average_position=psf.average_position)
-    if isinstance(psf, DecorrelatedPsf):
-        return DecorrelatedPsf(stamp, psf.filter_stamps, psf.nodes_x, psf.nodes_y, psf.extra_size)
-    return stamp
+    return psf.with_base(stamp) if isinstance(psf, DecorrelatedPsf) else stamp
 
 
 def dia_sources(
