@@ -87,112 +87,18 @@ def n_threads(workers: int | None = None) -> int:
 
 
 class _Split:
-    """The cores of a `split_map` call, shared among its jobs still running.
-
-    A core a finished job frees is lent at once to a `thread_map` a running job makes on
-    its one core (`_OpenMap`): the map's items left are then run on two, instead of the
-    core idling until that job's next map (2048 pair, preparation: the template's job
-    ends while the science's variance estimates run, one after the other)."""
+    """The cores of a `split_map` call, shared among its jobs still running."""
 
     def __init__(self, cores: int, jobs: int, workers: int) -> None:
         self.cores, self.running, self.workers = cores, jobs, workers
-        #: cores lent to open maps
-        self.helpers = 0
-        self._open: list[_OpenMap] = []
         self._lock = threading.Lock()
 
     def share(self) -> int:
-        free = self.cores - self.helpers
-        return max(1, free // max(1, min(self.running, self.workers)))
+        return max(1, self.cores // max(1, min(self.running, self.workers)))
 
     def finished(self) -> None:
         with self._lock:
             self.running -= 1
-        self._lend()
-
-    def open(self, work: _OpenMap) -> None:
-        with self._lock:
-            self._open.append(work)
-        self._lend()
-
-    def close(self, work: _OpenMap) -> None:
-        with self._lock:
-            self._open.remove(work)
-
-    def _lend(self) -> None:
-        """A helper thread on the newest open map with items left, for each idle core."""
-        while True:
-            with self._lock:
-                idle = self.cores - min(self.running, self.workers) - self.helpers
-                work = next((m for m in reversed(self._open) if m.left()), None)
-                if idle <= 0 or work is None:
-                    return
-                self.helpers += 1
-            threading.Thread(target=self._help, args=(work,), daemon=True).start()
-
-    def _help(self, work: _OpenMap) -> None:
-        _local.split = _ONE_CORE  # the helper holds one core: its own maps run inline
-        try:
-            work.run()
-        finally:
-            with self._lock:
-                self.helpers -= 1
-            self._lend()
-
-
-class _OneCore:
-    """The share of a helper thread (`_Split._help`): one core, nothing lent to it."""
-
-    def share(self) -> int:
-        return 1
-
-
-_ONE_CORE = _OneCore()
-
-
-class _OpenMap:
-    """A `thread_map` a `split_map` job runs on its one core, whose items a core freed
-    meanwhile takes too (`_Split._lend`); each item runs once, on either thread."""
-
-    def __init__(self, function: Callable[[Any], Any], items: list) -> None:
-        self.function, self.items = function, items
-        self.results: list[Any] = [None] * len(items)
-        self.errors: dict[int, BaseException] = {}
-        self._next = 0
-        self._busy = 0
-        self._idle = threading.Condition()
-
-    def left(self) -> bool:
-        with self._idle:
-            return not self.errors and self._next < len(self.items)
-
-    def run(self) -> None:
-        """Run items until none is left (or one raised)."""
-        while True:
-            with self._idle:
-                if self.errors or self._next >= len(self.items):
-                    return
-                index = self._next
-                self._next += 1
-                self._busy += 1
-            try:
-                self.results[index] = self.function(self.items[index])
-            except BaseException as exc:  # noqa: BLE001 - raised by the caller
-                with self._idle:
-                    self.errors[index] = exc
-            finally:
-                with self._idle:
-                    self._busy -= 1
-                    self._idle.notify_all()
-
-    def wait(self) -> list[Any]:
-        """The results in item order, once the items other threads took are done."""
-        with self._idle:
-            while self._busy:
-                self._idle.wait()
-        if self.errors:
-            raise self.errors[min(self.errors)]
-        return self.results
 
 
 def split_map(function: Callable[[T], R], items: Iterable[T]):
@@ -247,22 +153,10 @@ def alongside(function: Callable[[], R]) -> Iterator[Future]:
 def thread_map(function: Callable[[T], R], items: Iterable[T], workers: int | None = None):
     """``[function(item) for item in items]``, run on a short-lived pool of threads.
 
-    A fresh pool per call (about 0.1 ms) keeps nested calls free of deadlock. On a
-    `split_map` job's one core the items run in the caller's thread, joined by a core
-    another job frees meanwhile (`_Split`); the results are the same, in item order.
+    A fresh pool per call (about 0.1 ms) keeps nested calls free of deadlock.
     """
     items = list(items)
     count = min(n_threads(workers), len(items))
-    split = getattr(_local, "split", None)
-    if count <= 1 and len(items) > 1 and workers != 1 and isinstance(split, _Split):
-        # on a `split_map` job's one core: a core freed meanwhile joins in
-        work = _OpenMap(function, items)
-        split.open(work)
-        try:
-            work.run()
-        finally:
-            split.close(work)
-        return work.wait()
     if count <= 1:
         return [function(item) for item in items]
     with ThreadPoolExecutor(max_workers=count) as pool:

@@ -119,65 +119,6 @@ def test_split_map_gives_the_last_job_running_all_the_cores():
     assert second == [max(1, cores // 2), cores]
 
 
-def test_a_finished_jobs_core_joins_the_map_a_running_job_makes_on_its_one_core():
-    """split_map on 2 cores: a job ends while the other's thread_map runs its items one
-    by one on its one core; the freed core takes the map's items left (the 2048 pair's
-    science variance estimates after the template's preparation). Every item runs once,
-    the results come back in order, and the share of the job's new maps counts the lent
-    core."""
-    if _cores() != 2:
-        pytest.skip("a split of 2 cores: on more each job's maps get threads of their own")
-    started, helped = threading.Event(), threading.Event()
-    caller: list[int] = []
-    runs: list[int] = []
-
-    def item(k: int) -> tuple[int, int]:
-        runs.append(k)
-        share = n_threads()
-        if k == 0:
-            started.set()
-            helped.wait(timeout=10)  # the first item lasts until another thread joined
-        elif threading.get_ident() != caller[0]:
-            helped.set()
-        return k * k, share
-
-    def job(i: int):
-        if i == 0:
-            started.wait(timeout=10)
-            return None  # ends while the other job's map runs
-        caller.append(threading.get_ident())
-        return thread_map(item, range(6))
-
-    _, out = split_map(job, range(2))
-    assert helped.is_set()
-    assert [v for v, _ in out] == [k * k for k in range(6)]
-    assert sorted(runs) == list(range(6))
-    # item 0 started on the job's one core while the other job ran; the lent core's
-    # items run on it alone
-    assert out[0][1] == 1
-    assert all(share == 1 for _, share in out[1:])
-
-
-def test_a_map_on_a_jobs_one_core_raises_its_first_items_error():
-    """A map a split_map job runs on its one core raises what its first failing item
-    raised (as thread_map's pool does) and starts no item after it; the other job's
-    result is kept to the end."""
-
-    def job(i: int):
-        if i == 0:
-            return "done"
-
-        def item(k: int) -> int:
-            if k in (2, 4):
-                raise ValueError(k)
-            return k
-
-        return thread_map(item, range(8))
-
-    with pytest.raises(ValueError, match="^2$"):
-        split_map(job, range(2))
-
-
 def test_alongside_shares_the_cores_with_the_callers_block():
     """alongside: the function runs on another thread while the caller's block runs on
     the calling thread, each with its share of the cores; once the block has ended the
