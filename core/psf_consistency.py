@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage, signal
+from scipy import signal
+
+from .psf import SIGMA_TO_FWHM, _half_maximum_sigma
 
 __all__ = ["effective_width", "half_maximum_width", "kernel_psf_width_ratio"]
 
@@ -32,20 +34,13 @@ def effective_width(stamp: np.ndarray) -> float:
     return math.sqrt(total * total / power)
 
 
-#: Sub-pixels per pixel side where `half_maximum_width` counts the area above half peak.
-_HALF_MAXIMUM_ZOOM = 4
-
-
 def half_maximum_width(stamp: np.ndarray) -> float:
     """Diameter (px) of the disc as large as the area above half the peak: the FWHM of
-    a round profile, whatever its wings. Counted on the stamp interpolated to a quarter
-    pixel (pixel-integrated Gaussians of FWHM 2-6 px read 1-3% wider)."""
+    a round profile, whatever its wings (`core.psf._half_maximum_sigma`'s count)."""
     p = np.asarray(stamp, dtype=np.float64)
     if not (p.size and np.all(np.isfinite(p)) and p.max() > 0):
         return math.nan
-    fine = ndimage.zoom(p, _HALF_MAXIMUM_ZOOM, order=3, grid_mode=True, mode="grid-constant")
-    area = np.count_nonzero(fine >= 0.5 * fine.max()) / _HALF_MAXIMUM_ZOOM**2
-    return 2.0 * math.sqrt(area / math.pi)
+    return SIGMA_TO_FWHM * _half_maximum_sigma(p)
 
 
 def kernel_psf_width_ratio(
