@@ -798,3 +798,43 @@ def test_a_stand_in_science_psf_gives_way_to_the_kernel_matched_template_psf_in_
     assert not any("stands in" in w for w in metrics["warnings"])
     assert metrics["science_psf_source"] == "kernel-matched template PSF"
     assert metrics["template_psf_source"] == "given"
+
+
+def _comparable(metrics: dict) -> dict:
+    """The metrics a run's timing cannot change."""
+    out = {k: v for k, v in metrics.items() if k != "timings" and not k.startswith("n_dia_")}
+    out["registration"] = {k: v for k, v in out["registration"].items() if k != "seconds"}
+    return out
+
+
+@pytest.mark.parametrize("mode", ["auto", "preconvolve"])
+def test_metrics_measured_beside_the_dia_sources_are_those_of_a_run_without(mode):
+    """The metrics are measured on another thread while the DIA sources are found: the
+    same figures as with the catalog off and as on one thread, the catalog's counts
+    added after, and progress still reports the metrics before the detection."""
+    from core.parallel import set_thread_limit
+
+    pair = simulated_pair("sharper_template", 512, 113)
+    stages: list[str] = []
+    beside = run_subtraction(
+        pair.science,
+        pair.template,
+        SubtractionConfig(mode=mode),
+        progress=lambda stage, fraction: stages.append(stage),
+    )
+    off = SubtractionConfig(mode=mode)
+    off.dia.enabled = False
+    alone = run_subtraction(pair.science, pair.template, off)
+    try:
+        set_thread_limit(1)
+        one_thread = run_subtraction(pair.science, pair.template, SubtractionConfig(mode=mode))
+    finally:
+        set_thread_limit(None)
+    assert _comparable(beside.metrics) == _comparable(alone.metrics)
+    assert _comparable(beside.metrics) == _comparable(one_thread.metrics)
+    catalog = beside.dia_sources
+    assert len(catalog) > 0
+    assert beside.metrics["n_dia_sources"] == len(catalog)
+    assert beside.metrics["n_dia_negative"] == int(np.sum(catalog["is_negative"]))
+    assert "n_dia_sources" not in alone.metrics and alone.dia_sources is None
+    assert stages.index("metrics") < stages.index("detect")
