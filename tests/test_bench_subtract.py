@@ -13,7 +13,7 @@ from bench.subtract import run
 def test_bench_cases_start_from_the_round_files_and_measure_quality(capsys):
     # this checkout as its own baseline: each checkout's cases start from its own files
     here = str(Path(__file__).resolve().parents[1])
-    rows = run([1024], ["auto", "plain"], 1, 1000, False, None, baseline=here)
+    rows = run([1024], ["auto", "plain"], 1, 1000, False, None, baseline=here, dia_off=False)
     cases = {(row["mode"], row.get("code")): row for row in rows}
     assert set(cases) == {
         (mode, code) for mode in ("auto", "plain") for code in (here, "this checkout")
@@ -38,11 +38,16 @@ def test_bench_cases_start_from_the_round_files_and_measure_quality(capsys):
 
 def test_the_bench_injects_the_transients_asked_for():
     # a sparser field than the preset's ~20 per 512 x 512: the DIA cost at another density
-    (auto, _) = run([1024], ["auto"], 1, 1000, False, None, transients=6)
+    (auto, off, _) = run([1024], ["auto"], 1, 1000, False, None, transients=6)
     assert auto["mode"] == "auto"
     assert 0 < auto["quality"]["n_transients"] <= 6
     # the catalog holds the injected transients, not the preset's ~80
     assert 4 <= auto["n_dia"] < 30
+    # the same run without the catalog, on the same pair: what the catalog adds
+    assert off["mode"] == "auto" and off["dia"] is False and "n_dia" not in off
+    assert off["quality"] == auto["quality"]
+    assert auto["dia_off_wall_s"] == off["wall_s"]
+    assert auto["dia_added"] == pytest.approx(auto["wall_s"] / off["wall_s"] - 1.0)
 
 
 def _ends_without_a_row(queue) -> None:  # module level: the spawned process imports it
