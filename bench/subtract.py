@@ -35,8 +35,9 @@ wall without it (a ``[DIA off]`` case of each mode, same pair, interleaved; skip
 with ``--no-dia-off``), minus 1: what the DIA products add to a subtraction (issue 10:
 <= 10%). ``detect/rest%`` = (detect + gather) / (wall - detect) was that figure while
 every stage ran after the other; the metrics now run beside the detection, inside its
-time. The measurement grows with the sources measured: ``--transients N`` injects N instead of
-the preset's dense test field (about 20 per 512 x 512, ~1100 DIA sources at 4096).
+time. The measurement grows with the sources measured: ``--transients N`` injects N
+instead of the preset's dense test field (about 20 per 512 x 512, ~1100 DIA sources at
+4096).
 
 Reference rows measured in the same run: ``hotpants`` (HOTPANTS on the same bare
 FITS, -r 10 -rss 15, its default kernel and background orders; wall and peak memory
@@ -259,7 +260,7 @@ def _run_case(
             "chosen_mode": result.mode,
             "simulated_in_process": simulated_here,
             "code": root or "this checkout",
-            "dia": dia_config is not None and dia_config.enabled,
+            "dia": dia,
             **dia_costs,
         }
     )
@@ -465,7 +466,7 @@ def _added_by_dia(row: dict, rows: list[dict]) -> None:
     if not row.get("dia") or row.get("code") != "this checkout" or row["spatially_varying"]:
         return
     for off in rows:
-        if off.get("dia") is False and off["mode"] == row["mode"]:
+        if off.get("dia") is False and off["mode"] == row["mode"] and off["code"] == row["code"]:
             row["dia_off_wall_s"] = off["wall_s"]
             row["dia_added"] = row["wall_s"] / off["wall_s"] - 1.0
 
