@@ -1090,47 +1090,18 @@ class _SubtractBase(Task):
         except PsfError:  # a matched profile with no positive flux: no figure, no verdict
             return {}
 
-    def measure_and_detect(
-        self,
-        result: SubtractionResult,
-        science: Exposure,
-        template: Exposure,
-        metrics: Callable[[], dict[str, Any]],
-    ) -> None:
-        """``result.metrics = metrics()`` on another thread while `detect` finds the DIA
-        sources: both only read the finished result (neither logs warnings, which
-        `collect_warnings` takes from the calling thread only), and the metrics' frame
-        passes fill the cores the measurement's Python leaves idle (4096 auto, ABBA
-        medians of 10: 5.00 -> 4.76 s)."""
-        self._stage("metrics")
-
-        def timed() -> dict[str, Any]:
-            with self.timer("metrics"):
-                return metrics()
-
-        with alongside(timed) as measured:
-            catalog = self.detect(result, science, template)
-        result.metrics = measured.result()
-        if catalog is not None:
-            result.dia_sources = catalog
-            result.metrics["n_dia_sources"] = len(catalog)
-            for key in ("positive", "negative", "dipoles"):
-                result.metrics[f"n_dia_{key}"] = catalog.meta[f"n_{key}"]
-
-    def detect(
-        self, result: SubtractionResult, science: Exposure, template: Exposure
-    ) -> Table | None:
-        """DIA sources on the difference or score (``config.dia``; None when off).
+    def detect(self, result: SubtractionResult, science: Exposure, template: Exposure) -> None:
+        """DIA sources on the difference or score (``config.dia``); counts into the metrics.
         ``science`` and ``template`` (registered) as they were before any convolution: a
         cosmic ray a convolution widened is told there (`core.input_rays`), against the
         science PSF the kernel gave when it did (`derived_science_psf`)."""
         if not self.config.dia.enabled:
-            return None
+            return
         if self.derived_science_psf is not None:
             science = science.with_psf(self.derived_science_psf)
         self._stage("detect")
         with self.timer("detect"):
-            return dia_sources(
+            result.dia_sources = dia_sources(
                 result.output,
                 self.config.dia,
                 is_score=result.score is not None,
@@ -1140,6 +1111,10 @@ class _SubtractBase(Task):
                 inputs=(science, template),
                 preconvolution_kernel=self.preconvolution_cut,
             )
+        meta = result.dia_sources.meta
+        result.metrics["n_dia_sources"] = len(result.dia_sources)
+        for key in ("positive", "negative", "dipoles"):
+            result.metrics[f"n_dia_{key}"] = meta[f"n_{key}"]
 
     def assess_quality(self, result: SubtractionResult, science, template) -> dict[str, Any]:
         """The verdict (core.quality) from the metrics, the kernel and the warnings."""
@@ -1268,12 +1243,10 @@ class AlardLuptonSubtractTask(_SubtractBase):
 
             result, kernel_sources = self._fitted(template, science, attempt)
             self._keep_kernel_sources(result, kernel_sources)
-            self.measure_and_detect(
-                result,
-                science,
-                template,
-                lambda: self.compute_image_metrics(science, result, sources),
-            )
+            self._stage("metrics")
+            with self.timer("metrics"):
+                result.metrics = self.compute_image_metrics(science, result, sources)
+            self.detect(result, science, template)
         return self._finish(result, science, template)
 
     def _choose_mode(self, template: Exposure, science: Exposure) -> bool:
@@ -1490,18 +1463,17 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
 
             result, kernel_sources = self._fitted(template, science, attempt)
             self._keep_kernel_sources(result, kernel_sources)
-            self.measure_and_detect(
-                result, science, template, lambda: self._score_metrics(result, science)
-            )
+            self._stage("metrics")
+            with self.timer("metrics"):
+                result.metrics = self._base_metrics(result, science)
+                result.metrics["n_interpolated"] = int(self.metadata.get("nInterpolated", 0))
+                result.metrics["score_noise_ratio_propagated"] = self.metadata.get(
+                    "scoreNoiseRatioPropagated"
+                )
+                # a star in the score and in P * S has the science PSF seen through P
+                result.metrics.update(self._kernel_star_residuals(result, self.preconvolved_psf))
+            self.detect(result, science, template)
         return self._finish(result, science, template)
-
-    def _score_metrics(self, result: SubtractionResult, science: Exposure) -> dict[str, Any]:
-        metrics = self._base_metrics(result, science)
-        metrics["n_interpolated"] = int(self.metadata.get("nInterpolated", 0))
-        metrics["score_noise_ratio_propagated"] = self.metadata.get("scoreNoiseRatioPropagated")
-        # a star in the score and in P * S has the science PSF seen through P
-        metrics.update(self._kernel_star_residuals(result, self.preconvolved_psf))
-        return metrics
 
     def _add_score_noise_floor(self, score: Exposure) -> None:
         """Add to the score's variance the sky scatter its propagation does not explain.

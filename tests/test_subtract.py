@@ -808,10 +808,10 @@ def _comparable(metrics: dict) -> dict:
 
 
 @pytest.mark.parametrize("mode", ["auto", "preconvolve"])
-def test_metrics_measured_beside_the_dia_sources_are_those_of_a_run_without(mode):
-    """The metrics are measured on another thread while the DIA sources are found: the
-    same figures as with the catalog off and as on one thread, the catalog's counts
-    added after, and progress still reports the metrics before the detection."""
+def test_the_dia_catalog_changes_no_metric_but_its_counts(mode):
+    """The DIA sources are found after the metrics, on the same result: the same figures
+    as with the catalog off and as on one thread, the catalog's counts added, and
+    progress reports the metrics before the detection."""
     from core.parallel import set_thread_limit
 
     pair = simulated_pair("sharper_template", 512, 113)
