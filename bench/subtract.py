@@ -35,9 +35,9 @@ wall without it (a ``[DIA off]`` case of each mode, same pair, interleaved; skip
 with ``--no-dia-off``), minus 1: what the DIA products add to a subtraction (issue 10:
 <= 10%). ``detect/rest%`` = (detect + gather) / (wall - detect), the figure quoted
 before session 27, reads less: 15.5% on the 4096 auto pair where runs without the
-catalog gave +19% (session 27, 8 alternating rounds). The measurement grows with the sources measured: ``--transients N`` injects N
-instead of the preset's dense test field (about 20 per 512 x 512, ~1100 DIA sources at
-4096).
+catalog gave +19% (session 27, 8 alternating rounds). The measurement grows with the
+sources measured: ``--transients N`` injects N instead of the preset's dense test field
+(about 20 per 512 x 512, ~1100 DIA sources at 4096).
 
 Reference rows measured in the same run: ``hotpants`` (HOTPANTS on the same bare
 FITS, -r 10 -rss 15, its default kernel and background orders; wall and peak memory
