@@ -1216,19 +1216,21 @@ def score_profile(psf: Psf, preconvolution_psf: Psf) -> Psf:
     return _CorrelatedPsf(psf, stamp / stamp.sum())
 
 
-def _applied_kernel(psf: Psf, kernel: np.ndarray | None) -> Psf:
-    """The preconvolution kernel a point source labelled ``psf`` was correlated with, as
-    ``psf`` is seen: ``psf`` itself when the kernel was the whole science PSF (None),
-    else ``kernel`` (cut from it), through the same decorrelation filter as ``psf``.
+def _point_source_in_score(psf: Psf, kernel: np.ndarray | None) -> Psf:
+    """`score_profile` of ``psf`` with the preconvolution kernel a point source labelled
+    ``psf`` was correlated with, as ``psf`` is seen: ``psf`` itself when the kernel was
+    the whole science PSF (None), else ``kernel`` (cut from it), through the same
+    decorrelation filter as ``psf``.
 
     A cut kernel P' keeps the fraction f of P's flux in its box and is scaled to unit
     sum: a point source's score profile P (x) P' then holds its core 1/f higher than
     P (x) P, and fitted with the latter its flux came out 21% high (JWST, P cut to the
     power fraction 0.999: 9 of 205 px)."""
     if kernel is None:
-        return psf
+        return score_profile(psf, psf)
     stamp = ImagePsf(kernel, average_position=psf.average_position)
-    return psf.with_base(stamp) if isinstance(psf, DecorrelatedPsf) else stamp
+    applied = psf.with_base(stamp) if isinstance(psf, DecorrelatedPsf) else stamp
+    return score_profile(psf, applied)
 
 
 def dia_sources(
@@ -1311,23 +1313,19 @@ def dia_sources(
         # up to 4% (bench/README.md, session 16)
         # (a cut kernel: the label correlated with that kernel, decorrelated as it is)
         kernel = preconvolution_kernel
-        score_psf = output.require_psf()
-        profile = score_profile(score_psf, _applied_kernel(score_psf, kernel))
-        measured = replace(output, psf=profile)
+        measured = replace(output, psf=_point_source_in_score(output.require_psf(), kernel))
         if matched_science is not None and matched_science.psf is not None:
             # both matched images, not decorrelated, carry the science PSF's label: a
             # point source in them is that PSF correlated with the preconvolution kernel
-            science_psf = matched_science.psf
             matched_science = matched_science.with_psf(
-                score_profile(science_psf, _applied_kernel(science_psf, kernel))
+                _point_source_in_score(matched_science.psf, kernel)
             )
             if matched_template is not None:
                 # shares the planes: its deferred variance stays deferred
                 matched_template = matched_template.with_psf(matched_science.psf)
         elif matched_template is not None and matched_template.psf is not None:
-            template_psf = matched_template.psf
             matched_template = matched_template.with_psf(
-                score_profile(template_psf, _applied_kernel(template_psf, kernel))
+                _point_source_in_score(matched_template.psf, kernel)
             )
     return _measure_beside(
         measured,
