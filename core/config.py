@@ -723,13 +723,16 @@ class SubtractionConfig(_Config):
         "this factor, the excess is added to its variance as a constant floor.",
     )
     preconvolution_power_fraction: float = Field(
-        1.0,
+        0.99999,
         gt=0.5,
         le=1,
         description="Cut the preconvolution kernel (science PSF) to the box holding this "
         "fraction of its squared sum (matched-filter S/N kept: its square root); 1: no cut. "
         "The catalog's fluxes use the kernel as cut (a point source's profile in the score "
-        "is the PSF correlated with it): a cut costs S/N, not flux.",
+        "is the PSF correlated with it): a cut costs S/N, not flux. The default keeps S/N "
+        "0.999995 and makes the score's EDGE band (the kernel's half-width) the core's, not "
+        "the stamp's: a Moffat (beta 3, FWHM 4.5 px) drawn on 51 px is cut to 23, and "
+        "transients 12-25 px from the border are searched.",
     )
     preconvolution_width_fwhm: float | None = Field(
         8.0,

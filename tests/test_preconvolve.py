@@ -278,3 +278,59 @@ def test_score_noise_floor_equals_float64_reference():
         low, high = (floor, high) if mad_std(data / np.sqrt(var + floor)) > 1.0 else (low, floor)
     assert task.metadata["scoreNoiseFloor"] == pytest.approx(high, rel=1e-5)
     assert np.allclose(score.variance, variance + np.float32(high))
+
+
+def _with_border_sources(pair, distances, flux: float):
+    """Copies of the pair's exposures with point sources of ``flux`` added to the science,
+    drawn from its PSF, at the given distances (px) from the four borders in turn;
+    returns them and the sources' x, y."""
+    science, template = pair.science.copy(), pair.template.copy()
+    ny, nx = science.shape
+    # along each border 60 px from the corners, spread out (not blended with each other)
+    along = np.linspace(60, min(nx, ny) - 60, -(-len(distances) // 4))
+    xs, ys = [], []
+    for k, d in enumerate(distances):
+        t = along[k // 4]
+        x, y = [(d, t), (nx - 1 - d, t), (t, d), (t, ny - 1 - d)][k % 4]
+        stamp, x0, y0 = science.require_psf().image_at(x, y)
+        h, w = stamp.shape
+        # the stamp clipped to the frame (it reaches past a border it sits near)
+        ya, xa = max(y0, 0), max(x0, 0)
+        yb, xb = min(y0 + h, ny), min(x0 + w, nx)
+        light = flux * stamp[ya - y0 : yb - y0, xa - x0 : xb - x0]
+        science.image[ya:yb, xa:xb] += light.astype(np.float32)
+        science.variance[ya:yb, xa:xb] += light.astype(np.float32) / science.metadata.get(
+            "GAIN", 1.0
+        )
+        xs.append(x)
+        ys.append(y)
+    return science, template, np.array(xs), np.array(ys)
+
+
+def test_border_transients_of_a_moffat_psf_are_searched():
+    """A Moffat (beta 3) drawn on a 51 px stamp: the preconvolution kernel is cut to the
+    box holding all but 1e-5 of its power (23 px), so the score's EDGE band (its
+    half-width and the matching kernel's) is 21 px wide and sources 23-33 px from a
+    border are found; the whole stamp's band (35 px) held them all."""
+    pair = simulated_pair("varying", 512, 7)
+    assert pair.science.require_psf().kernel_image().shape[0] == 51
+    distances = np.linspace(23, 33, 12)
+    science, template, x, y = _with_border_sources(pair, distances, 20000.0)
+    found = {}
+    for fraction in (None, 1.0):
+        config = SubtractionConfig(mode="preconvolve")
+        if fraction is not None:
+            config.preconvolution_power_fraction = fraction
+        result = run_subtraction(science.copy(), template.copy(), config)
+        edge = result.output.masked(["EDGE"])[np.round(y).astype(int), np.round(x).astype(int)]
+        catalog = result.dia_sources
+        positive = ~np.asarray(catalog["is_negative"]) & ~np.asarray(catalog["is_dipole"])
+        cx, cy = np.asarray(catalog["x"])[positive], np.asarray(catalog["y"])[positive]
+        near = np.hypot(cx[None, :] - x[:, None], cy[None, :] - y[:, None]).min(axis=1) < 2.0
+        size = result.metadata["alardLuptonPreconvolveSubtract.preconvolutionKernelSize"]
+        found[fraction] = (size, edge, near)
+    size, edge, near = found[None]
+    assert size < 51
+    assert not edge.any() and near.all(), (size, edge, near)
+    whole, edge_whole, near_whole = found[1.0]
+    assert whole == 51 and edge_whole.all() and not near_whole.any()

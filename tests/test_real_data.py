@@ -251,9 +251,9 @@ def test_the_kernel_gives_the_science_psf_the_stars_did_not(name):
 def test_the_kernel_gives_the_score_its_preconvolution_kernel(name):
     """The same pairs in preconvolve mode, K fitted between the images as they are (the
     template is sharper): K * P_T, not the Gaussian of the header FWHM, is the science
-    PSF after the fit and the preconvolution kernel P, cut to the stand-in's stamp (the
-    score's EDGE band stays what it was). The verdict was suspect for the stand-in
-    alone."""
+    PSF after the fit and the preconvolution kernel P, cut to the stand-in's stamp at
+    most (the score's EDGE band no wider than it was; the default power cut makes it
+    narrower). The verdict was suspect for the stand-in alone."""
     pair = load_pair(name)
     result = run_subtraction(pair.science, pair.template, SubtractionConfig(mode="preconvolve"))
     metrics, metadata = result.metrics, result.metadata
@@ -265,7 +265,8 @@ def test_the_kernel_gives_the_score_its_preconvolution_kernel(name):
     assert "KernelMatchedPsf" in repr(result.matched_science.psf)
     assert "KernelMatchedPsf" in repr(result.score.psf)
     stand_in = GaussianPsf(pair.fwhm / SIGMA_TO_FWHM).size
-    assert metadata["alardLuptonPreconvolveSubtract.preconvolutionKernelSize"] == stand_in
+    size = metadata["alardLuptonPreconvolveSubtract.preconvolutionKernelSize"]
+    assert 2 * pair.fwhm < size <= stand_in, (size, stand_in)
 
 
 @pytest.mark.parametrize("name", ["decam_c", "decam_coadd"])
