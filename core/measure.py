@@ -32,7 +32,7 @@ from .exposure import Exposure
 from .parallel import frame_array, n_threads, thread_map
 from .psf import GaussianPsf, Psf
 
-__all__ = ["measure_sources", "star_offset", "MASKED_FLAG_PLANES", "StarOffset"]
+__all__ = ["measure_sources", "star_offset", "star_shifts", "MASKED_FLAG_PLANES", "StarOffset"]
 
 #: Planes that set ``flag_masked`` when present in a source's footprint.
 MASKED_FLAG_PLANES = ("BAD", "NO_DATA", "SAT", "CR")
@@ -577,13 +577,14 @@ def _rim_plane(stamps: np.ndarray) -> np.ndarray:
     return plane + level[:, None, None]
 
 
-def star_offset(
+def star_shifts(
     first: Exposure, second: Exposure, x: np.ndarray, y: np.ndarray, fwhm: float
-) -> StarOffset | None:
-    """Where the stars at parent positions (``x``, ``y``) sit in ``second`` relative to
-    ``first``, two images of one pixel grid: Gaussian-weighted centroids of width
-    ``fwhm`` (the same weight on both, so different PSF widths do not bias it) about
-    each star's local sky. None with fewer than `_MIN_OFFSET_STARS` clean stars."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How far each star at parent positions (``x``, ``y``) sits in ``second`` from where
+    it sits in ``first``, two images of one pixel grid: (dx, dy, clean), differences of
+    Gaussian-weighted centroids of width ``fwhm`` (the same weight on both, so different
+    PSF widths do not bias them) about each star's local sky; ``clean``: both stamps
+    whole and finite (dx, dy are meaningless elsewhere)."""
     sigma = max(fwhm, 1.0) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
     half = int(math.ceil(3.0 * sigma)) + 1
     offsets = []
@@ -599,10 +600,19 @@ def star_offset(
         dx, dy = _centroids(np.where(clean[:, None, None], stamps, 0.0), sigma)
         offsets.append((dx, dy, clean))
     (dx1, dy1, clean1), (dx2, dy2, clean2) = offsets
-    use = clean1 & clean2
+    return dx2 - dx1, dy2 - dy1, clean1 & clean2
+
+
+def star_offset(
+    first: Exposure, second: Exposure, x: np.ndarray, y: np.ndarray, fwhm: float
+) -> StarOffset | None:
+    """Where the stars at parent positions (``x``, ``y``) sit in ``second`` relative to
+    ``first`` (`star_shifts`): their median offset. None with fewer than
+    `_MIN_OFFSET_STARS` clean stars."""
+    shift_x, shift_y, use = star_shifts(first, second, x, y, fwhm)
     if np.count_nonzero(use) < _MIN_OFFSET_STARS:
         return None
-    ddx, ddy = (dx2 - dx1)[use], (dy2 - dy1)[use]
+    ddx, ddy = shift_x[use], shift_y[use]
     n = int(use.sum())
     # a median's standard error is sqrt(pi / 2) times the mean's
     scale = math.sqrt(math.pi / 2.0 / n)

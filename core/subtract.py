@@ -44,7 +44,7 @@ from .exposure import DeferredPlane, Exposure, invalid_variance
 from .forced import WHOLE_STAMP_MISSING_LIGHT, whole_stamp_fluxes
 from .kernel import BackgroundModel, SpatialKernel, chebyshev_terms, fit_psf_matching_kernel
 from .logcapture import collect_warnings
-from .measure import StarOffset, star_offset
+from .measure import StarOffset, star_offset, star_shifts
 from .metrics import (
     NOISE_MASK_PLANES,
     compute_difference_metrics,
@@ -68,6 +68,7 @@ from .psf_estimate import estimate_psf
 from .quality import assess_quality, kernel_centroid
 from .register import register_template
 from .sources import detect_sources, select_kernel_sources, sky_sources
+from .stamp_neighbours import bright_neighbours, holders_of, moved
 from .task import Task
 from .variance import (
     CORRELATED_NOISE_NOTE,
@@ -584,7 +585,7 @@ class _SubtractBase(Task):
             psf_fwhm=self.science_fwhm,
             edge_buffer=edge_buffer,
         )
-        selected = self._reject_variable_sources(selected, science, template)
+        selected = self._reject_variable_sources(selected, science, template, sources)
         self.metadata["nPsfSources"] = len(selected)
         return selected
 
@@ -612,16 +613,33 @@ class _SubtractBase(Task):
                 "science: the matching kernel absorbs the offset"
             )
 
-    def _reject_variable_sources(self, selected, science, template):
-        """Drop kernel sources whose flux changed between template and science.
+    def _reject_variable_sources(self, selected, science, template, catalog=None):
+        """Drop kernel sources whose flux changed between template and science or that
+        moved, and those whose stamp holds a star too bright to be a kernel source that
+        did either (`core.stamp_neighbours`; ``catalog``: the sources the selection
+        chose from).
 
         Transients and variables have no (or a different) counterpart in the
         template. Rubin leaves them to kernel-sum clipping, which a field with
-        many of them biases; comparing PSF fluxes first keeps them out.
+        many of them biases; comparing PSF fluxes first keeps them out. A moved star
+        (proper motion, a misregistered one) keeps its flux: its centroid tells it.
         """
         if len(selected) < 3:
             return selected
-        x, y = np.asarray(selected["x"], float), np.asarray(selected["y"], float)
+        cfg = self.config.sources
+        n = len(selected)
+        has_pixel_snr = catalog is not None and "snr_pixel" in catalog.colnames
+        snr_column = "snr_pixel" if has_pixel_snr else "snr"
+        rows, held = (
+            bright_neighbours(selected, catalog, cfg.max_snr, snr_column)
+            if catalog is not None
+            else (np.zeros(0, dtype=int), [])
+        )
+        x = np.asarray(selected["x"], float)
+        y = np.asarray(selected["y"], float)
+        if rows.size:
+            x = np.concatenate([x, np.asarray(catalog["x"], float)[rows]])
+            y = np.concatenate([y, np.asarray(catalog["y"], float)[rows]])
         # the two images' fits are independent: on two threads (numpy releases the GIL)
         (f_s, e_s), (f_t, e_t) = thread_map(
             lambda exposure: whole_stamp_fluxes(exposure, x, y), [science, template]
@@ -630,23 +648,49 @@ class _SubtractBase(Task):
             ratio = f_s / f_t
             detected = np.isfinite(ratio) & (f_t > 5.0 * e_t)
             sigma = np.abs(ratio) * np.hypot(e_s / f_s, e_t / f_t)
-        cfg = self.config.sources
-        keep = detected
+        keep = detected[:n]
         # a source the template does not hold is no star to match on (a transient): kept
         # all when fewer than 3 were in it, 5 stars among 20 transients fitted a kernel
         # of sum -0.77 on the transients
-        if detected.sum() >= 3:
-            keep = detected & ~_changed_flux(ratio, sigma, detected, cfg)
+        if keep.sum() >= 3:
+            keep = keep & ~_changed_flux(ratio[:n], sigma[:n], keep, cfg)
         self.metadata["nVariableSourcesRejected"] = int(np.count_nonzero(~keep))
+        if keep.sum() >= 3:
+            # the neighbours judged against the kernel sources kept
+            changed = _changed_flux(
+                ratio[n:], sigma[n:], detected[n:], cfg, (ratio[:n][keep], sigma[:n][keep])
+            )
+            snr = np.asarray(selected[snr_column if snr_column in selected.colnames else "snr"])
+            if rows.size:
+                snr = np.concatenate([snr, np.asarray(catalog[snr_column])[rows]])
+            shifted = self._moved(science, template, x, y, snr, keep)
+            moved_here = shifted[:n] & keep
+            self.metadata["nMovedSourcesRejected"] = int(moved_here.sum())
+            keep = keep & ~moved_here
+            beside = holders_of(changed | shifted[n:], held, n) & keep
+            self.metadata["nChangedNeighbourStampsRejected"] = int(beside.sum())
+            keep = keep & ~beside
         kept = selected[keep]
         if len(kept) < cfg.min_kernel_sources:
             raise InsufficientSourcesError(
                 f"Only {len(kept)} sources were selected for PSF matching, but "
                 f"{cfg.min_kernel_sources} are required (of the {len(selected)} selected on "
-                f"the science image, {_unmatched(f_s, f_t, detected, keep)}). "
+                f"the science image, {_unmatched(f_s[:n], f_t[:n], detected[:n], keep)}). "
                 "Supply a source catalog or lower sources.min_kernel_sources."
             )
         return kept
+
+    def _moved(self, science, template, x, y, snr, reference) -> np.ndarray:
+        """Stars at (x, y) that moved between the images (`core.stamp_neighbours.moved`)
+        against the first ones flagged in ``reference``; none when fewer than 3 of those
+        have clean stamps and a finite S/N."""
+        fwhm = max(self.science_fwhm, self.template_fwhm)
+        dx, dy, clean = star_shifts(science, template, x, y, fwhm)
+        n = reference.size
+        ensemble = np.flatnonzero(reference & clean[:n] & np.isfinite(snr[:n]))
+        if ensemble.size < 3:
+            return np.zeros(x.size, dtype=bool)
+        return moved(dx, dy, clean, snr, ensemble, fwhm, self.config.sources.variability_sigma)
 
     def _fit_kernel(
         self, reference, target, kernel_sources, reference_fwhm, target_fwhm, bbox, noise_area=None
@@ -1981,8 +2025,9 @@ def _unmatched(f_s, f_t, detected, keep) -> str:
     return ", ".join([*words, f"{int((detected & ~keep).sum())} changed flux between the two"])
 
 
-def _changed_flux(ratio, sigma, detected, config) -> np.ndarray:
-    """Sources whose science/template flux ratio departs from the ensemble's.
+def _changed_flux(ratio, sigma, detected, config, reference=None) -> np.ndarray:
+    """Sources whose science/template flux ratio departs from the ensemble's (that of
+    ``reference``, (ratios, errors) of other sources, when given).
 
     The centre is the median ratio of the better-measured half: fainter stars' ratios
     are biased (a ratio of noisy fluxes, cut on the template's S/N; on DECam the faint
@@ -1993,7 +2038,7 @@ def _changed_flux(ratio, sigma, detected, config) -> np.ndarray:
     errors: it let a bright star's 15% change through, and that star, the heaviest in
     the fit, pulled the kernel sum 12%.
     """
-    r, s = ratio[detected], sigma[detected]
+    r, s = (ratio[detected], sigma[detected]) if reference is None else reference
     centre = float(np.median(r[s <= np.median(s)]))
     excess = _excess_scatter(r - centre, s) if r.size >= 5 else 0.0
     deviation = np.abs(ratio - centre)

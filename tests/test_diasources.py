@@ -689,13 +689,19 @@ def _empty_spots(pair, n: int, clearance: float) -> tuple[np.ndarray, np.ndarray
     return x, y
 
 
-def _misregistered_pair(n_stars: int, shift: float, flux: float = 2e5):
+def _misregistered_pair(
+    n_stars: int, shift: float, flux: float = 2e5, name: str = "sharper_template", seed: int = 77
+):
     """A pair with ``n_stars`` extra bright stars placed ``shift`` px further along x in
     the science than in the template (a local misregistration); returns their positions.
 
-    They are brighter than the kernel sources' S/N cap, so the matching kernel does
-    not learn (absorb) their shift, as with a real local misregistration."""
-    pair = simulate_pair(preset("sharper_template", size=512, seed=77))
+    They are brighter than the kernel sources' S/N cap in the default pair, so the
+    matching kernel does not learn (absorb) their shift, as with a real local
+    misregistration; in others they may be in the window (`core.stamp_neighbours`)."""
+    config = preset(name, size=512, seed=seed)
+    if name != "sharper_template":
+        config = config.model_copy(update={"n_transients": 0})
+    pair = simulate_pair(config)
     science, template = pair.science.copy(), pair.template.copy()
     x, y = _empty_spots(pair, n_stars, 12.0)
     for exposure, dx, scale in (
@@ -818,6 +824,22 @@ def test_misregistered_stars_are_dipoles():
         assert abs(row["dipole_separation"] - 0.5) < 0.2, row["dipole_separation"]
         # net flux ~ 0 compared with a lobe
         assert abs(row["psf_flux"]) < 0.2 * row["dipole_pos_flux"]
+
+
+def test_misregistered_stars_in_the_kernel_sources_window_are_dipoles():
+    """The same stars in the varying pair (Moffat PSF): there they are within the kernel
+    sources' S/N window, and two were kernel sources whose shift the kernel learnt (3 of
+    the 5 dipoles found). A kernel source that moved against the others' median shift by
+    more than 0.05 FWHM (and its error) is left out: none is a kernel source, 5 dipoles."""
+    science, template, x, y = _misregistered_pair(5, 0.5, name="varying", seed=2)
+    result = run_subtraction(science, template)
+    used = result.kernel_sources
+    distance = cKDTree(np.column_stack([used["x"], used["y"]])).query(np.column_stack([x, y]))[0]
+    assert np.all(distance > 2.0)
+    assert result.metadata["alardLuptonSubtract.nMovedSourcesRejected"] >= 1
+    for row in _dipole_rows(result.dia_sources, x, y):
+        assert row["is_dipole"]
+        assert abs(row["dipole_separation"] - 0.5) < 0.2, row["dipole_separation"]
 
 
 def _opposite_pairs(n_pairs: int, separation: float, flux: float):

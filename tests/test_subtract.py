@@ -505,6 +505,97 @@ def test_a_bright_star_that_varied_is_no_kernel_source(mode, change):
     assert result.metrics["quality"]["verdict"] == "good"
 
 
+def test_a_moved_bright_star_beside_a_kernel_star_leaves_the_kernel_alone():
+    """A star too bright to be a kernel source (S/N > 500), 0.5 px further along x in the
+    science, 13 px from a kernel source of 1/46 its flux: inside that source's stamp it
+    outweighed the source, and the kernel learnt its shift: kernel sum 0.948 for 1.015
+    on the pair without it, spatial order 0 -> 1, no dipole, a 'good' verdict. Its shift
+    against the kernel sources' (`core.stamp_neighbours`) leaves that stamp out."""
+    from core.simulate import SimulationConfig, simulate_pair
+
+    pair = simulate_pair(
+        SimulationConfig(
+            size=512,
+            seed=0,
+            n_stars=300,
+            star_flux_min=500.0,
+            star_flux_max=1e5,
+            science_psf={"fwhm": 4.0},
+            template_psf={"fwhm": 3.0},
+        )
+    )
+    clean = run_subtraction(pair.science.copy(), pair.template.copy())
+    stars = pair.truth["stars"]
+    sx, sy = np.asarray(stars["x"]), np.asarray(stars["y"])
+    hosts = clean.kernel_sources
+    # the first kernel source with no star near the spot 13 px along x from it
+    for host in hosts:
+        px, py = host["x"] + 13.0, host["y"] + 0.3
+        if np.hypot(sx - px, sy - py).min() > 8 and 40 < px < 472 and 40 < py < 472:
+            break
+    science, template = pair.science.copy(), pair.template.copy()
+    ratio = pair.truth["flux_ratio"]
+    for exposure, dx, flux in ((science, 0.5, 4e5), (template, 0.0, 4e5 / ratio)):
+        stamp, x0, y0 = exposure.require_psf().image_at(px + dx, py)
+        h, w = stamp.shape
+        exposure.image[y0 : y0 + h, x0 : x0 + w] += np.float32(flux) * stamp
+        exposure.variance[y0 : y0 + h, x0 : x0 + w] += np.float32(flux / 4.0) * stamp
+    result = run_subtraction(science, template)
+    assert result.metadata["alardLuptonSubtract.nChangedNeighbourStampsRejected"] >= 1
+    used = result.kernel_sources
+    assert np.hypot(used["x"] - host["x"], used["y"] - host["y"]).min() > 2.0
+    assert result.metrics["kernel_sum"] == pytest.approx(clean.metrics["kernel_sum"], abs=0.005)
+    catalog = result.dia_sources
+    k = int(np.argmin(np.hypot(catalog["x"] - px - 0.25, catalog["y"] - py)))
+    assert catalog["is_dipole"][k]
+    assert abs(catalog["dipole_separation"][k] - 0.5) < 0.2
+
+
+def test_bright_neighbours_and_moved_stars():
+    """`bright_neighbours`: catalog rows at or above the S/N cap centred in another row's
+    stamp box (edges inclusive), with the boxes holding each; `moved`: a shift from the
+    ensemble's median beyond 0.05 FWHM, 0.25 px and 5 times its error (the ensemble's
+    scatter at the star's S/N), clean stamps only."""
+    from astropy.table import Table
+
+    from core.stamp_neighbours import bright_neighbours, holders_of, moved
+
+    selected = Table(
+        {
+            "x": [100.0, 140.0, 300.0],
+            "y": [100.0, 100.0, 300.0],
+            "stamp_x0": [79, 119, 279],
+            "stamp_y0": [79, 79, 279],
+            "stamp_x1": [121, 161, 321],
+            "stamp_y1": [121, 161, 321],
+        }
+    )
+    catalog = Table(
+        {
+            # in both of the first two boxes; on the third's edge; too faint; far away;
+            # the third source itself
+            "x": [120.4, 321.0, 105.0, 500.0, 300.0],
+            "y": [110.0, 300.0, 100.0, 500.0, 300.0],
+            "snr": [900.0, 600.0, 400.0, 2000.0, 800.0],
+        }
+    )
+    rows, held = bright_neighbours(selected, catalog, 500.0, "snr")
+    assert rows.tolist() == [0, 1]
+    assert [h.tolist() for h in held] == [[0, 1], [2]]
+    assert holders_of(np.array([False, True]), held, 3).tolist() == [False, False, True]
+    # an ensemble whose centroids scatter 2 / (S/N) px per axis about a shift of +0.3 in x
+    rng = np.random.default_rng(4)
+    snr = np.concatenate([rng.uniform(10.0, 400.0, 40), [1000.0, 10.0, 1000.0, 1000.0]])
+    shift_x = 0.3 + rng.normal(0.0, 2.0 / snr)
+    shift_y = rng.normal(0.0, 2.0 / snr)
+    shift_x[40:] = 0.3 + np.array([0.3, 0.6, 0.15, 0.5])  # bright, faint, bright, bright
+    clean = np.ones(snr.size, dtype=bool)
+    clean[43] = False
+    # FWHM 4: the floor is 0.25 px (0.2 by the FWHM); at S/N 10 the error is ~0.2 px
+    flagged = moved(shift_x, shift_y, clean, snr, np.arange(40), 4.0, 5.0)
+    assert np.flatnonzero(flagged).tolist() == [40]
+
+
 def test_a_flux_change_is_judged_on_the_stars_own_error():
     """The variability test on three ensembles of (flux ratio, error). A bright star's
     15% change stands out of its own error (0.7%) whatever the faint stars' (2-12%).
