@@ -258,7 +258,10 @@ class SourcesConfig(_Config):
         le=1000,
         description="Reject kernel sources whose science/template flux ratio departs "
         "from the better-measured half's median by more than this many times its error, "
-        "widened by the ensemble's scatter beyond the errors (transients, variables).",
+        "widened by the ensemble's scatter beyond the errors (transients, variables), or "
+        "whose shift between the images departs from the others' by more than this many "
+        "times its error (moved stars); and those whose stamp holds a star above max_snr "
+        "that did either (core.stamp_neighbours).",
     )
     variability_floor: float = Field(
         0.05, ge=0, le=10, description="...and by more than this fraction of the median ratio."
@@ -731,8 +734,8 @@ class SubtractionConfig(_Config):
         "The catalog's fluxes use the kernel as cut (a point source's profile in the score "
         "is the PSF correlated with it): a cut costs S/N, not flux. The default keeps S/N "
         "0.999995 and makes the score's EDGE band (the kernel's half-width) the core's, not "
-        "the stamp's: a Moffat (beta 3, FWHM 4.5 px) drawn on 51 px is cut to 23, and "
-        "transients 12-25 px from the border are searched.",
+        "the stamp's: a Moffat (beta 3, FWHM 4.5 px) drawn on 51 px is cut to 23, and the "
+        "band (with the matching kernel's half-width) narrows from 35 px to 21.",
     )
     preconvolution_width_fwhm: float | None = Field(
         8.0,

@@ -1,4 +1,5 @@
-"""Stars too bright to be kernel sources inside the kernel sources' stamps.
+"""Stars that moved between the images, and stars too bright to be kernel sources
+inside the kernel sources' stamps.
 
 A kernel source's stamp is fitted whole, and a neighbour brighter than the source
 outweighs it there. A star above the S/N window (`SourcesConfig.max_snr`) is never
@@ -7,7 +8,8 @@ misregistered star) went into the fit unseen: one moved by 0.5 px, 13 px from a 
 star of 1/60 its flux, took the frame's kernel sum from 0.999 to 0.91-0.95 (spatial
 order 0 to 2) and the verdict stayed good. The subtraction judges such neighbours as it
 judges the kernel sources, against their ensemble (`core.subtract`): their flux ratio
-and, here, their position (`moved`).
+and their position (`moved`), which it now judges for the kernel sources too (a moved
+star keeps its flux, and the kernel learnt the shift of bright ones in the window).
 """
 
 from __future__ import annotations

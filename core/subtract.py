@@ -655,6 +655,7 @@ class _SubtractBase(Task):
         if keep.sum() >= 3:
             keep = keep & ~_changed_flux(ratio[:n], sigma[:n], keep, cfg)
         self.metadata["nVariableSourcesRejected"] = int(np.count_nonzero(~keep))
+        steady = keep  # by their fluxes
         if keep.sum() >= 3:
             # the neighbours judged against the kernel sources kept
             changed = _changed_flux(
@@ -675,7 +676,8 @@ class _SubtractBase(Task):
             raise InsufficientSourcesError(
                 f"Only {len(kept)} sources were selected for PSF matching, but "
                 f"{cfg.min_kernel_sources} are required (of the {len(selected)} selected on "
-                f"the science image, {_unmatched(f_s[:n], f_t[:n], detected[:n], keep)}). "
+                f"the science image, {_unmatched(f_s[:n], f_t[:n], detected[:n], steady)}"
+                f"{_moved_words(steady & ~keep, self.metadata)}). "
                 "Supply a source catalog or lower sources.min_kernel_sources."
             )
         return kept
@@ -2023,6 +2025,18 @@ def _unmatched(f_s, f_t, detected, keep) -> str:
     ]
     words = [f"{int(which.sum())} {text}" for which, text in parts if which.any()]
     return ", ".join([*words, f"{int((detected & ~keep).sum())} changed flux between the two"])
+
+
+def _moved_words(dropped: np.ndarray, metadata) -> str:
+    """The kernel sources the shift tests dropped (`_reject_variable_sources`), in words."""
+    if not dropped.any():
+        return ""
+    moved_here = int(metadata.get("nMovedSourcesRejected", 0))
+    beside = int(metadata.get("nChangedNeighbourStampsRejected", 0))
+    return (
+        f", {moved_here} moved between the two, {beside} held a brighter star in their "
+        "stamp that changed"
+    )
 
 
 def _changed_flux(ratio, sigma, detected, config, reference=None) -> np.ndarray:

@@ -452,6 +452,15 @@ def test_a_refusal_names_the_image_a_flux_could_not_be_measured_in():
     assert "1 have none measurable in the template" in words
     assert "1 are not in the template at S/N 5" in words
     assert words.endswith("1 changed flux between the two")
+    # the shift tests' drops are named beside them, not counted as changed fluxes
+    from core.subtract import _moved_words
+
+    counts = {"nMovedSourcesRejected": 2, "nChangedNeighbourStampsRejected": 1}
+    assert _moved_words(np.zeros(5, dtype=bool), counts) == ""
+    moved_words = _moved_words(np.array([True, True, True, False, False]), counts)
+    assert moved_words == (
+        ", 2 moved between the two, 1 held a brighter star in their stamp that changed"
+    )
 
 
 @pytest.mark.parametrize("mode", ["auto", "preconvolve"])
