@@ -37,6 +37,7 @@ __all__ = [
     "measure_sources",
     "read_catalog",
     "select_kernel_sources",
+    "kernel_snr_column",
     "sky_sources",
     "BACKGROUND_IGNORE_PLANES",
     "MASKED_FLAG_PLANES",
@@ -246,6 +247,13 @@ def _spread_order(x: np.ndarray, y: np.ndarray, snr: np.ndarray, bbox, n_keep: i
     return final[:n_keep]
 
 
+def kernel_snr_column(table: Table) -> str:
+    """The S/N column the kernel sources' window (``min_snr`` < S/N < ``max_snr``) judges:
+    the kernel fit sees pixel noise, so the variance plane's S/N (``snr_pixel``) where the
+    catalog has it, else ``snr``."""
+    return "snr_pixel" if "snr_pixel" in table.colnames else "snr"
+
+
 def select_kernel_sources(
     catalog: Table,
     science: Exposure,
@@ -335,9 +343,7 @@ def select_kernel_sources(
     if "snr" not in table.colnames:
         with np.errstate(divide="ignore", invalid="ignore"):
             table["snr"] = np.asarray(table["flux"], float) / np.asarray(table["flux_err"], float)
-    # the kernel fit sees pixel noise, so its S/N window is on the variance plane's S/N
-    snr_column = "snr_pixel" if "snr_pixel" in table.colnames else "snr"
-    snr = np.asarray(table[snr_column], dtype=np.float64)
+    snr = np.asarray(table[kernel_snr_column(table)], dtype=np.float64)
     keep = np.ones(n_input, dtype=bool)
     rejected: dict[str, int] = {}
 

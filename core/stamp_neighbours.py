@@ -30,6 +30,9 @@ MOVED_FLOOR_FWHM = 0.05
 #: off the median was taken for moved, and the kernel sum went from 0.987 to 1.049).
 MOVED_FLOOR_PX = 0.25
 
+#: Median of a 2-D Gaussian offset's length in units of its per-axis sigma (Rayleigh).
+_RAYLEIGH_MEDIAN = math.sqrt(2.0 * math.log(2.0))
+
 
 def bright_neighbours(
     selected, catalog, max_snr: float, snr_column: str
@@ -101,10 +104,6 @@ def moved(
         floor = max(MOVED_FLOOR_FWHM * fwhm, MOVED_FLOOR_PX)
         limit = np.maximum(floor, n_sigma * noise / snr)
     return np.asarray(clean, dtype=bool) & np.isfinite(distance) & (distance > limit)
-
-
-#: Median of a 2-D Gaussian offset's length in units of its per-axis sigma (Rayleigh).
-_RAYLEIGH_MEDIAN = math.sqrt(2.0 * math.log(2.0))
 
 
 def holders_of(changed: np.ndarray, held: list[np.ndarray], n: int) -> np.ndarray:

@@ -67,7 +67,7 @@ from .psf_consistency import kernel_psf_width_ratio
 from .psf_estimate import estimate_psf
 from .quality import assess_quality, kernel_centroid
 from .register import register_template
-from .sources import detect_sources, select_kernel_sources, sky_sources
+from .sources import detect_sources, kernel_snr_column, select_kernel_sources, sky_sources
 from .stamp_neighbours import bright_neighbours, holders_of, moved
 from .task import Task
 from .variance import (
@@ -613,7 +613,7 @@ class _SubtractBase(Task):
                 "science: the matching kernel absorbs the offset"
             )
 
-    def _reject_variable_sources(self, selected, science, template, catalog=None):
+    def _reject_variable_sources(self, selected, science, template, catalog):
         """Drop kernel sources whose flux changed between template and science or that
         moved, and those whose stamp holds a star too bright to be a kernel source that
         did either (`core.stamp_neighbours`; ``catalog``: the sources the selection
@@ -628,13 +628,8 @@ class _SubtractBase(Task):
             return selected
         cfg = self.config.sources
         n = len(selected)
-        has_pixel_snr = catalog is not None and "snr_pixel" in catalog.colnames
-        snr_column = "snr_pixel" if has_pixel_snr else "snr"
-        rows, held = (
-            bright_neighbours(selected, catalog, cfg.max_snr, snr_column)
-            if catalog is not None
-            else (np.zeros(0, dtype=int), [])
-        )
+        snr_column = kernel_snr_column(catalog)  # the selection's: ``selected`` has it too
+        rows, held = bright_neighbours(selected, catalog, cfg.max_snr, snr_column)
         x = np.asarray(selected["x"], float)
         y = np.asarray(selected["y"], float)
         if rows.size:
@@ -658,10 +653,14 @@ class _SubtractBase(Task):
         steady = keep  # by their fluxes
         if keep.sum() >= 3:
             # the neighbours judged against the kernel sources kept
-            changed = _changed_flux(
-                ratio[n:], sigma[n:], detected[n:], cfg, (ratio[:n][keep], sigma[:n][keep])
+            changed = (
+                _changed_flux(
+                    ratio[n:], sigma[n:], detected[n:], cfg, (ratio[:n][keep], sigma[:n][keep])
+                )
+                if rows.size
+                else np.zeros(0, dtype=bool)
             )
-            snr = np.asarray(selected[snr_column if snr_column in selected.colnames else "snr"])
+            snr = np.asarray(selected[snr_column])
             if rows.size:
                 snr = np.concatenate([snr, np.asarray(catalog[snr_column])[rows]])
             shifted = self._moved(science, template, x, y, snr, keep)
