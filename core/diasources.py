@@ -1116,6 +1116,27 @@ def _measure(
     saturated = pool.submit(saturated_stars, output, template, ix, iy, search)
     columns["aperture_flux"], aperture_err = aperture.result()
     columns["aperture_flux_err"] = aperture_err * aperture_scale
+    for label, result in zip(("science", "template"), fluxes or [None, None], strict=True):
+        flux, error = result.result() if result is not None else (np.nan, np.nan)
+        columns[f"{label}_flux"][:] = flux
+        columns[f"{label}_flux_err"][:] = error
+    # the flags that need neither the bright stars nor the saturated ones, made here
+    # while those two run on the pool (this thread would wait for them)
+    if "sharp" in single_fit:
+        flags[:n_single][single_fit["sharp"]] |= FLAG_BITS["sharp"][0]
+    # a trail or a saturated star's row artifact, broken into sources along a line; the
+    # maxima folded into them still mark where its ridge ran
+    along = np.concatenate([x_all, det.merged[0]]), np.concatenate([y_all, det.merged[1]])
+    flags[on_lines(*along, fwhm)[: x_all.size]] |= FLAG_BITS["streak"][0]
+    if inputs is not None and n_single:
+        # a ray the preconvolution or the matching kernel widened is still narrow there
+        negative = det.sign[single] < 0
+        signed = np.copysign(np.abs(columns["psf_flux"][:n_single]), np.where(negative, -1, 1))
+        light = np.where(
+            negative, columns["template_flux"][:n_single], columns["science_flux"][:n_single]
+        )
+        in_inputs = sharp_in_inputs(output, x, y, signed, light, inputs[0], inputs[1], forced)
+        flags[:n_single][in_inputs] |= FLAG_BITS["sharp"][0]
     # the fit's S/N or the detection's, the less: a fit reads saturated pixels, which the
     # search leaves out
     near = bright_star(
@@ -1133,25 +1154,6 @@ def _measure(
     )
     flags[near] |= FLAG_BITS["bright_star"][0]
     flags[outside] |= FLAG_BITS["suspect_kernel"][0]
-    if "sharp" in single_fit:
-        flags[:n_single][single_fit["sharp"]] |= FLAG_BITS["sharp"][0]
-    # a trail or a saturated star's row artifact, broken into sources along a line; the
-    # maxima folded into them still mark where its ridge ran
-    along = np.concatenate([x_all, det.merged[0]]), np.concatenate([y_all, det.merged[1]])
-    flags[on_lines(*along, fwhm)[: x_all.size]] |= FLAG_BITS["streak"][0]
-    for label, result in zip(("science", "template"), fluxes or [None, None], strict=True):
-        flux, error = result.result() if result is not None else (np.nan, np.nan)
-        columns[f"{label}_flux"][:] = flux
-        columns[f"{label}_flux_err"][:] = error
-    if inputs is not None and n_single:
-        # a ray the preconvolution or the matching kernel widened is still narrow there
-        negative = det.sign[single] < 0
-        signed = np.copysign(np.abs(columns["psf_flux"][:n_single]), np.where(negative, -1, 1))
-        light = np.where(
-            negative, columns["template_flux"][:n_single], columns["science_flux"][:n_single]
-        )
-        in_inputs = sharp_in_inputs(output, x, y, signed, light, inputs[0], inputs[1], forced)
-        flags[:n_single][in_inputs] |= FLAG_BITS["sharp"][0]
     columns["flags"] = flags
     columns.update(flag_columns(flags))
 
