@@ -64,6 +64,14 @@ from queue import Empty
 
 TASK_MODES = ("auto", "convolveTemplate", "convolveScience", "preconvolve")
 
+#: Seconds between a round's simulation and its first case. Without, the 4096 auto case
+#: with the DIA catalog, first in its round, prepared in 1.95 s against 1.61 s for the
+#: catalog-off case after it (5 rounds; the code before detection is the same), and the
+#: catalog read as +32%; with the rounds alternating in order and a flush alone, 1.87 /
+#: 1.70 s over 5 rounds; with 5 s more, 1.80 / 1.92 s and walls of 3.24-3.51 / 2.90-3.28 s
+#: (6 rounds, session 29).
+_SETTLE_S = 5.0
+
 
 def _count_ffts(counter: list[float], frame_pixels: int) -> None:
     """Wrap scipy.fft's transforms so every call adds its pixels / frame pixels."""
@@ -441,11 +449,11 @@ def run(
                 for root, folder in folders.items():
                     Path(folder).mkdir()
                     _in_process(_pair_files, size, seed + k, folder, root, transients)
-                # the pair's files (~1.3 GB at 4096) written back to disk before any
-                # case is timed: their write-back ran into the round's first case (4096
-                # auto with the catalog: prepare 1.95 s against 1.61 s without it, in
-                # the case after it; 5 rounds, session 29)
+                # the pair's files (~1.3 GB at 4096) written back and the simulating
+                # process's memory handed back before any case is timed: both ran into
+                # the round's first case (`_SETTLE_S`)
                 os.sync()
+                time.sleep(_SETTLE_S)
                 # every other round the other way round: what a case's place in the
                 # round costs or gains falls on every case alike in the medians
                 order = range(len(cases)) if k % 2 == 0 else reversed(range(len(cases)))
