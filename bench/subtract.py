@@ -64,12 +64,13 @@ from queue import Empty
 
 TASK_MODES = ("auto", "convolveTemplate", "convolveScience", "preconvolve")
 
-#: Seconds between a round's simulation and its first case. Without, the 4096 auto case
-#: with the DIA catalog, first in its round, prepared in 1.95 s against 1.61 s for the
-#: catalog-off case after it (5 rounds; the code before detection is the same), and the
-#: catalog read as +32%; with the rounds alternating in order and a flush alone, 1.87 /
-#: 1.70 s over 5 rounds; with 5 s more, 1.80 / 1.92 s and walls of 3.24-3.51 / 2.90-3.28 s
-#: (6 rounds, session 29).
+#: Seconds between a round's simulation and its first case at 4096 x 4096, in proportion
+#: to the pixels at other sizes (as the files and the memory are). Without, the 4096 auto
+#: case with the DIA catalog, first in its round, prepared in 1.95 s against 1.61 s for
+#: the catalog-off case after it (5 rounds; the code before detection is the same), and
+#: the catalog read as +32%; with the rounds alternating in order and a flush alone, 1.87
+#: / 1.70 s over 5 rounds; with 5 s more, 1.80 / 1.92 s and walls of 3.24-3.51 /
+#: 2.90-3.28 s (6 rounds, session 29).
 _SETTLE_S = 5.0
 
 
@@ -453,7 +454,7 @@ def run(
                 # process's memory handed back before any case is timed: both ran into
                 # the round's first case (`_SETTLE_S`)
                 os.sync()
-                time.sleep(_SETTLE_S)
+                time.sleep(_SETTLE_S * (size / 4096) ** 2)
                 # every other round the other way round: what a case's place in the
                 # round costs or gains falls on every case alike in the medians
                 order = range(len(cases)) if k % 2 == 0 else reversed(range(len(cases)))
