@@ -13,6 +13,8 @@ those files (the
 exposures unpickled before the timed part; in ``plain`` mode the FITS read in it), with
 no simulation before it in the same process: freed memory a run would reuse cheaply is
 not there, as for a user (HOTPANTS, a process of its own, is measured the same way).
+A round's cases start after its files are flushed and a pause (`_SETTLE_S`), every other
+round in reverse order, so that no case pays for the simulation before it.
 Peak resident memory is measured from the start of the run: the inputs plus what the
 subtraction allocates. The inputs are handed over (``consume_inputs``), as the CLI and
 the worker hand over what they read. Modes:
