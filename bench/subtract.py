@@ -9,9 +9,8 @@ FFT passes and quality, beside HOTPANTS and the FFT floor measured in the same r
 
 Each round's pair is simulated once (per checkout compared), in a process of its own, and
 written to files; each case then runs in a fresh process that starts as the CLI does, from
-those files (the
-exposures unpickled before the timed part; in ``plain`` mode the FITS read in it), with
-no simulation before it in the same process: freed memory a run would reuse cheaply is
+those files (the exposures unpickled before the timed part; in ``plain`` mode the FITS
+read in it), with no simulation before it in the same process: freed memory a run would reuse cheaply is
 not there, as for a user (HOTPANTS, a process of its own, is measured the same way).
 A round's cases start after its files are flushed and a pause (`_SETTLE_S`), every other
 round in reverse order, so that no case pays for the simulation before it.
