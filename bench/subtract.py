@@ -10,10 +10,11 @@ FFT passes and quality, beside HOTPANTS and the FFT floor measured in the same r
 Each round's pair is simulated once (per checkout compared), in a process of its own, and
 written to files; each case then runs in a fresh process that starts as the CLI does, from
 those files (the exposures unpickled before the timed part; in ``plain`` mode the FITS
-read in it), with no simulation before it in the same process: freed memory a run would reuse cheaply is
-not there, as for a user (HOTPANTS, a process of its own, is measured the same way).
-A round's cases start after its files are flushed and a pause (`_SETTLE_S`), every other
-round in reverse order, so that no case pays for the simulation before it.
+read in it), with no simulation before it in the same process: freed memory a run would
+reuse cheaply is not there, as for a user (HOTPANTS, a process of its own, is measured the
+same way). A round's cases start after its files are flushed and a pause (`_SETTLE_S`),
+every other round in reverse order, so that no case pays for the simulation before it
+(an even ``--repeat`` puts each case as often early as late).
 Peak resident memory is measured from the start of the run: the inputs plus what the
 subtraction allocates. The inputs are handed over (``consume_inputs``), as the CLI and
 the worker hand over what they read. Modes:
@@ -456,8 +457,8 @@ def run(
                 # the round's first case (`_SETTLE_S`)
                 os.sync()
                 time.sleep(_SETTLE_S * (size / 4096) ** 2)
-                # every other round the other way round: what a case's place in the
-                # round costs or gains falls on every case alike in the medians
+                # every other round the other way round: with an even --repeat, what a
+                # case's place in the round costs or gains falls on every case alike
                 order = range(len(cases)) if k % 2 == 0 else reversed(range(len(cases)))
                 for i in order:
                     target, args = cases[i]

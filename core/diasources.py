@@ -1116,12 +1116,12 @@ def _measure(
     saturated = pool.submit(saturated_stars, output, template, ix, iy, search)
     columns["aperture_flux"], aperture_err = aperture.result()
     columns["aperture_flux_err"] = aperture_err * aperture_scale
+    # the matched images' fluxes and the flags that need neither the bright stars nor the
+    # saturated ones, made here while those two run on the pool (this thread would wait)
     for label, result in zip(("science", "template"), fluxes or [None, None], strict=True):
         flux, error = result.result() if result is not None else (np.nan, np.nan)
         columns[f"{label}_flux"][:] = flux
         columns[f"{label}_flux_err"][:] = error
-    # the flags that need neither the bright stars nor the saturated ones, made here
-    # while those two run on the pool (this thread would wait for them)
     if "sharp" in single_fit:
         flags[:n_single][single_fit["sharp"]] |= FLAG_BITS["sharp"][0]
     # a trail or a saturated star's row artifact, broken into sources along a line; the
