@@ -188,17 +188,16 @@ class SearchedImage:
         self.shape = exposure.shape
 
     def stamps(self, cx, cy, half: int) -> np.ndarray:
-        return self._cut(cx, cy, half, False)[0]
+        return self._cut(cx, cy, half, False)
 
-    def mirrored_stamps(self, cx, cy, half: int) -> tuple[np.ndarray, np.ndarray]:
+    def mirrored_stamps(self, cx, cy, half: int) -> np.ndarray:
         """`stamps` with every pixel whose mirror through the stamp's centre is unusable
-        or off the frame at 0 too, and whether each stamp lost any pixel: a profile cut
-        on one side (the frame's or a convolution's edge, a saturated core) is cut alike
-        on the other, so that its weighted centroid leans less away from the cut."""
-        out, bad = self._cut(cx, cy, half, True)
-        return out, bad.any(axis=(1, 2))
+        or off the frame at 0 too: a profile cut on one side (the frame's or a
+        convolution's edge, a saturated core) is cut alike on the other, so that its
+        weighted centroid leans less away from the cut."""
+        return self._cut(cx, cy, half, True)
 
-    def _cut(self, cx, cy, half: int, mirrored: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _cut(self, cx, cy, half: int, mirrored: bool) -> np.ndarray:
         raw = _stack(self.exposure.image, cx, cy, half)
         out = raw.astype(np.float32)
         bad = ~np.isfinite(out if self.after_cast else raw)
@@ -213,7 +212,7 @@ class SearchedImage:
             bad |= ~(on_rows[:, :, None] & on_cols[:, None, :])
             bad |= bad[:, ::-1, ::-1]
         out[bad] = 0.0
-        return out, bad
+        return out
 
 
 #: Difference pixels the matched filter leaves out (0, their variance filled): no data,
@@ -970,7 +969,7 @@ def _shape(det: Detections, peaks: np.ndarray, half: int) -> tuple[np.ndarray, .
     px) 1.46 px -> 0.30 px.
     """
     sign = det.sign[peaks].astype(float)[:, None, None]
-    stamps, _ = det.image.mirrored_stamps(det.col[peaks], det.row[peaks], half)
+    stamps = det.image.mirrored_stamps(det.col[peaks], det.row[peaks], half)
     profile = stamps * sign
     return (profile, *_centroids(profile, det.psf_sigma))
 
