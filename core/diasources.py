@@ -198,18 +198,13 @@ class SearchedImage:
         return self._cut(cx, cy, half, True)
 
     def _cut(self, cx, cy, half: int, mirrored: bool) -> np.ndarray:
-        raw = _stack(self.exposure.image, cx, cy, half)
+        # off the frame NaN, so unusable as a non-finite pixel is (0 in the stamps)
+        raw = _stack(self.exposure.image, cx, cy, half, fill=np.nan)
         out = raw.astype(np.float32)
         bad = ~np.isfinite(out if self.after_cast else raw)
         if self.bits:
             bad |= (_stack(self.exposure.mask, cx, cy, half) & self.bits) != 0
         if mirrored:
-            ny, nx = self.shape
-            offsets = np.arange(-half, half + 1)
-            rows = np.asarray(cy)[:, None] + offsets
-            cols = np.asarray(cx)[:, None] + offsets
-            on_rows, on_cols = (rows >= 0) & (rows < ny), (cols >= 0) & (cols < nx)
-            bad |= ~(on_rows[:, :, None] & on_cols[:, None, :])
             bad |= bad[:, ::-1, ::-1]
         out[bad] = 0.0
         return out
