@@ -66,8 +66,11 @@ _FILL_SAMPLE = 1 << 18
 NOISE_SAMPLE_PIXELS = 2**21
 
 
-def crop_kernel(kernel: np.ndarray, loss: float = KERNEL_ENERGY_LOSS) -> np.ndarray:
-    """The smallest centred square of ``kernel`` holding all but ``loss`` of its sum of squares."""
+def crop_kernel(
+    kernel: np.ndarray, loss: float = KERNEL_ENERGY_LOSS, min_half: int = 0
+) -> np.ndarray:
+    """The smallest centred square of ``kernel``, of half-width ``min_half`` at least,
+    holding all but ``loss`` of its sum of squares."""
     k2 = np.asarray(kernel, dtype=np.float64) ** 2
     total = k2.sum()
     c = kernel.shape[0] // 2
@@ -79,7 +82,7 @@ def crop_kernel(kernel: np.ndarray, loss: float = KERNEL_ENERGY_LOSS) -> np.ndar
         np.abs(np.arange(kernel.shape[1]) - kernel.shape[1] // 2)[None, :],
     )
     inside = np.cumsum(np.bincount(ring.ravel(), weights=k2.ravel()))
-    half = int(np.searchsorted(inside, (1.0 - loss) * total))
+    half = max(int(np.searchsorted(inside, (1.0 - loss) * total)), min_half)
     half = min(half, c, kernel.shape[1] // 2)
     cx = kernel.shape[1] // 2
     return kernel[c - half : c + half + 1, cx - half : cx + half + 1]

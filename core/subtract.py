@@ -28,6 +28,7 @@ from .config import DetectionConfig, SubtractionConfig
 from .convolve import convolve_exposure, convolved_noise_correlation
 from .decorrelate import _kernel_at, decorrelate_difference
 from .detection import DetectionMemo
+from .diadetect import crop_kernel
 from .diasources import dia_sources
 from .dilation import dilate_cross
 from .errors import (
@@ -2128,22 +2129,13 @@ def _quiet_edge_band(score: Exposure):
 
 
 def _trim_to_power(stamp: np.ndarray, fraction: float) -> np.ndarray:
-    """The smallest centred odd square holding ``fraction`` of sum(stamp^2).
+    """The smallest centred 3 x 3 or larger square holding ``fraction`` of sum(stamp^2).
 
     A matched filter cut to the box holding a fraction f of the PSF's power keeps
     sqrt(f) of its S/N, while far wings (a 205 px WebbPSF) make every convolution and
     the decorrelation margins large.
     """
-    ny, nx = stamp.shape
-    cy, cx = ny // 2, nx // 2
-    if fraction >= 1.0:
-        return stamp
-    power = stamp.astype(np.float64) ** 2
-    total = power.sum()
-    for half in range(1, min(cy, cx) + 1):
-        if power[cy - half : cy + half + 1, cx - half : cx + half + 1].sum() >= fraction * total:
-            return stamp[cy - half : cy + half + 1, cx - half : cx + half + 1]
-    return stamp
+    return stamp if fraction >= 1.0 else crop_kernel(stamp, 1.0 - fraction, min_half=1)
 
 
 def _trim_to_width(stamp: np.ndarray, width_fwhm: float | None, fwhm: float) -> np.ndarray:
