@@ -101,6 +101,12 @@ _SOURCE_SIZE = "sources' typical size"
 #: `_SubtractBase.psf_sources` of a science PSF derived from the template's and the kernel.
 _KERNEL_MATCHED = "kernel-matched template PSF"
 
+#: Metadata counts of the kernel sources `_reject_variable_sources` dropped, and why.
+_REJECTION_COUNTS = (
+    "nVariableSourcesRejected",
+    "nMovedSourcesRejected",
+    "nChangedNeighbourStampsRejected",
+)
 #: A star offset between the inputs (px) worth a note: registrations are routinely
 #: better than this, and the kernel absorbs far larger ones.
 _NOTED_STAR_OFFSET = 0.1
@@ -625,6 +631,9 @@ class _SubtractBase(Task):
         many of them biases; comparing PSF fluxes first keeps them out. A moved star
         (proper motion, a misregistered one) keeps its flux: its centroid tells it.
         """
+        # a fit made again (`_fitted`) reports this selection's counts, not the first's
+        for key in _REJECTION_COUNTS:
+            self.metadata.pop(key, None)
         if len(selected) < 3:
             return selected
         cfg = self.config.sources

@@ -554,6 +554,24 @@ def test_a_moved_bright_star_beside_a_kernel_star_leaves_the_kernel_alone():
     assert abs(catalog["dipole_separation"][k] - 0.5) < 0.2
 
 
+def test_a_fit_made_again_reports_its_own_kernel_source_rejections():
+    """`_reject_variable_sources` counts the kernel sources it drops into the metadata; a
+    fit made again (`_fitted`) on a selection too small to test left the first fit's
+    counts there, reported as the final fit's."""
+    from core.subtract import _REJECTION_COUNTS
+
+    pair = _star_field()
+    task = AlardLuptonSubtractTask(SubtractionConfig())
+    task.science_fwhm, task.template_fwhm = 4.0, 3.0  # the pair's, as preparation sets them
+    sources = run_subtraction(pair.science.copy(), pair.template.copy()).kernel_sources
+    kept = task._reject_variable_sources(sources, pair.science, pair.template, sources)
+    assert len(kept) >= 3
+    assert set(_REJECTION_COUNTS) <= set(task.metadata)
+    few = sources[:2]
+    assert len(task._reject_variable_sources(few, pair.science, pair.template, sources)) == 2
+    assert not set(_REJECTION_COUNTS) & set(task.metadata)
+
+
 def test_bright_neighbours_and_moved_stars():
     """`bright_neighbours`: catalog rows at or above the S/N cap centred in another row's
     stamp box (edges inclusive), with the boxes holding each; `moved`: a shift from the
