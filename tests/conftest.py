@@ -1,10 +1,12 @@
-"""Shared fixtures: simulated pairs (cached per session) and the real-data fixtures folder."""
+"""Shared fixtures: simulated pairs (cached per session), point sources drawn into an
+image and the real-data fixtures folder."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest_plugins = ["tests.service_fixtures"]
@@ -19,6 +21,18 @@ def simulated_pair(name: str, size: int, seed: int):
     from core.simulate import preset, simulate_pair
 
     return simulate_pair(preset(name, size=size, seed=seed))
+
+
+def add_point_source(image: np.ndarray, psf, x: float, y: float, flux) -> None:
+    """Add ``flux`` times ``psf``'s stamp at array position (x, y) (`Psf.image_at`) to
+    ``image``, in place; the stamp cut by the frame."""
+    stamp, x_min, y_min = psf.image_at(x, y)
+    h, w = stamp.shape
+    ny, nx = image.shape
+    r0, c0 = max(y_min, 0), max(x_min, 0)
+    r1, c1 = min(y_min + h, ny), min(x_min + w, nx)
+    if r0 < r1 and c0 < c1:
+        image[r0:r1, c0:c1] += flux * stamp[r0 - y_min : r1 - y_min, c0 - x_min : c1 - x_min]
 
 
 @pytest.fixture(scope="session")

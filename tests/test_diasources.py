@@ -20,6 +20,7 @@ from core.exposure import Exposure
 from core.forced import forced_photometry
 from core.simulate import preset, simulate_pair
 from core.subtract import run_subtraction
+from tests.conftest import add_point_source
 
 #: The three scenarios of the acceptance: sharper template, sharper science, and a
 #: Moffat PSF varying 25% across the frame on a sky gradient.
@@ -227,9 +228,7 @@ def test_bright_sources_make_no_detections_of_their_psf_rings():
     for x, y, flux in zip(
         np.r_[bx, fx], np.r_[by, fy], np.r_[bright_flux, faint_flux], strict=True
     ):
-        stamp, x_min, y_min = psf.image_at(x, y)
-        h, w = stamp.shape
-        image[y_min : y_min + h, x_min : x_min + w] += flux * stamp
+        add_point_source(image, psf, x, y, flux)
     difference = Exposure.from_arrays(image, psf=psf)
     catalog = dia_sources(difference)
     truth = np.column_stack([np.r_[bx, fx], np.r_[by, fy]])
@@ -270,16 +269,6 @@ def _empty_sky(result, fwhm: float, n: int, seed: int) -> tuple[np.ndarray, np.n
     return picked[:, 0], picked[:, 1]
 
 
-def _add_point_source(image: np.ndarray, psf, x: float, y: float, flux: float) -> None:
-    """Add ``flux`` times ``psf`` at array position (x, y); the stamp cut by the frame."""
-    stamp, x_min, y_min = psf.image_at(x, y)
-    h, w = stamp.shape
-    ny, nx = image.shape
-    r0, c0 = max(y_min, 0), max(x_min, 0)
-    r1, c1 = min(y_min + h, ny), min(x_min + w, nx)
-    image[r0:r1, c0:c1] += flux * stamp[r0 - y_min : r1 - y_min, c0 - x_min : c1 - x_min]
-
-
 @pytest.mark.slow
 def test_bright_sources_on_jwst_make_no_ring_detections(real_data):
     """PSF-shaped sources injected into JWST NIRCam's science on empty sky (its WebbPSF
@@ -299,7 +288,7 @@ def test_bright_sources_on_jwst_make_no_ring_detections(real_data):
     flux = target * error * rng.choice([-1, 1], x.size)
     science = pair.science.copy()
     for xs, ys, f in zip(x, y, flux, strict=True):
-        _add_point_source(science.image, pair.science.psf, xs, ys, f)
+        add_point_source(science.image, pair.science.psf, xs, ys, f)
     result = run_subtraction(science, pair.template.copy())
     catalog = result.dia_sources
     expected = np.abs(flux) / np.asarray(forced_photometry(result.output, x, y)["psf_flux_err"])
@@ -624,9 +613,7 @@ def test_aperture_sums_leave_no_data_out():
     psf = GaussianPsf(1.5)
     image = rng.normal(0.0, 10.0, (200, 200))
     for cx, cy in ((100.0, 100.0), (40.0, 60.0)):
-        stamp, x_min, y_min = psf.image_at(cx, cy)
-        h, w = stamp.shape
-        image[y_min : y_min + h, x_min : x_min + w] += 1e4 * stamp
+        add_point_source(image, psf, cx, cy, 1e4)
     exposure = Exposure.from_arrays(image, np.full(image.shape, 100.0), psf=psf)
     exposure.mask[:, 104:144] |= exposure.bitmask(["NO_DATA"])
     exposure.image[:, 104:144] = -500.0
@@ -710,10 +697,8 @@ def _misregistered_pair(
     ):
         psf = exposure.require_psf()
         for xs, ys in zip(x, y, strict=True):
-            stamp, x_min, y_min = psf.image_at(xs + dx, ys)
-            h, w = stamp.shape
-            exposure.image[y_min : y_min + h, x_min : x_min + w] += flux * scale * stamp
-            exposure.variance[y_min : y_min + h, x_min : x_min + w] += flux * scale * stamp / 4.0
+            add_point_source(exposure.image, psf, xs + dx, ys, flux * scale)
+            add_point_source(exposure.variance, psf, xs + dx, ys, flux * scale / 4.0)
     return science, template, x + 0.5 * shift, y
 
 
@@ -733,10 +718,8 @@ def _transients_on_star_wings(n: int, offset_fwhm: float, star: float, transient
         for xs, ys in zip(x, y, strict=True):
             for dx, flux in ((0.0, star * scale), (offset, extra)):
                 if flux:
-                    stamp, x_min, y_min = psf.image_at(xs + dx, ys)
-                    h, w = stamp.shape
-                    exposure.image[y_min : y_min + h, x_min : x_min + w] += flux * stamp
-                    exposure.variance[y_min : y_min + h, x_min : x_min + w] += flux * stamp / 4
+                    add_point_source(exposure.image, psf, xs + dx, ys, flux)
+                    add_point_source(exposure.variance, psf, xs + dx, ys, flux / 4)
     return science, template, x + offset, y
 
 
@@ -858,7 +841,7 @@ def test_a_profile_an_unusable_band_cuts_is_cut_alike_on_its_other_side():
     x = band + np.array([2.3, 3.6, 5.1, 6.7])
     y = np.array([30.2, 65.7, 100.4, 135.9])
     for xs, ys in zip(x, y, strict=True):
-        _add_point_source(image, psf, xs, ys, 4e4)  # S/N ~380
+        add_point_source(image, psf, xs, ys, 4e4)  # S/N ~380
     exposure = Exposure.from_arrays(image, np.full(image.shape, 100.0), psf=psf)
     exposure.mask[:, :band] |= exposure.mask_planes.get_bitmask(["EDGE"])
     catalog = dia_sources(exposure)
@@ -879,9 +862,7 @@ def _opposite_pairs(n_pairs: int, separation: float, flux: float):
     psf = science.require_psf()
     for xs, ys in zip(x, y, strict=True):
         for dx, sign in ((0.5 * separation, 1.0), (-0.5 * separation, -1.0)):
-            stamp, x_min, y_min = psf.image_at(xs + dx, ys)
-            h, w = stamp.shape
-            science.image[y_min : y_min + h, x_min : x_min + w] += sign * flux * stamp
+            add_point_source(science.image, psf, xs + dx, ys, sign * flux)
     return science, pair.template.copy(), x, y
 
 
@@ -939,9 +920,7 @@ def test_a_pair_without_a_lobe_of_each_sign_has_no_lobes_or_separation():
     exposure.mask[...] = 0
     psf = exposure.require_psf()
     for xs in (58.2, 66.2):  # two positive sources 8 px apart
-        stamp, x_min, y_min = psf.image_at(xs, 64.3)
-        h, w = stamp.shape
-        exposure.image[y_min : y_min + h, x_min : x_min + w] += 1e4 * stamp
+        add_point_source(exposure.image, psf, xs, 64.3, 1e4)
     fit = _fit_dipole(exposure, PsfStamps(psf, exposure), (66, 64), (58, 64), None, 20.0)
     assert np.isnan(fit["separation"])
     assert np.isnan(fit["pos_flux"]) and np.isnan(fit["neg_flux"])
@@ -970,9 +949,7 @@ def test_lobes_held_at_the_images_fluxes_stay_on_the_dipole(lobe_fluxes, held):
     exposure.mask[...] = 0
     psf = exposure.require_psf()
     for xs, flux in ((64.6, 2e4), (64.0, -2e4)):
-        stamp, x_min, y_min = psf.image_at(xs, 64.3)
-        h, w = stamp.shape
-        exposure.image[y_min : y_min + h, x_min : x_min + w] += flux * stamp
+        add_point_source(exposure.image, psf, xs, 64.3, flux)
     fit = _fit_dipole(exposure, PsfStamps(psf, exposure), (65, 64), (64, 64), lobe_fluxes, 20.0)
     assert abs(fit["x"] - 64.3) < 0.1 and abs(fit["y"] - 64.3) < 0.1
     assert abs(fit["angle"]) < 30
@@ -1301,9 +1278,7 @@ def test_a_variable_star_is_not_its_own_residual():
     first, second = np.argsort(-np.where(inside, flux, -1.0))[:2]
     science = pair.science
     for k, change in ((first, 0.25), (second, -0.4)):
-        stamp, x0, y0 = science.psf.image_at(x[k], y[k])
-        h, w = stamp.shape
-        science.image[y0 : y0 + h, x0 : x0 + w] += np.float32(change * flux[k]) * stamp
+        add_point_source(science.image, science.psf, x[k], y[k], np.float32(change * flux[k]))
     result = run_subtraction(science, pair.template)
     catalog = result.dia_sources
     rows = [

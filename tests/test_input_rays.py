@@ -8,6 +8,7 @@ from core.config import ForcedPhotometryConfig
 from core.exposure import Exposure
 from core.input_rays import sharp_in_inputs
 from core.psf import GaussianPsf
+from tests.conftest import add_point_source
 
 SIZE = 96
 SKY, NOISE = 500.0, 10.0
@@ -21,9 +22,7 @@ def _image(seed: int, psf=None, positions=(), flux: float = 0.0, ray=None) -> Ex
     rng = np.random.default_rng(seed)
     image = SKY + rng.normal(0.0, NOISE, (SIZE, SIZE))
     for x, y in positions:
-        stamp, x0, y0 = psf.image_at(x, y)
-        h, w = stamp.shape
-        image[y0 : y0 + h, x0 : x0 + w] += flux * stamp
+        add_point_source(image, psf, x, y, flux)
     if ray is not None:
         image[ray[1], ray[0]] += ray[2]
     exposure = Exposure.from_arrays(image, np.full((SIZE, SIZE), NOISE**2))

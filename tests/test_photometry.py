@@ -8,14 +8,14 @@ import pytest
 from core.exposure import Exposure
 from core.photometry import psf_flux
 from core.psf import GaussianPsf
+from tests.conftest import add_point_source
 
 
 def _field(fluxes, positions, sky=10.0, sigma=2.0, seed=0):
     psf = GaussianPsf(2.0)
     image = np.full((128, 128), sky)
     for flux, (x, y) in zip(fluxes, positions, strict=True):
-        stamp, x0, y0 = psf.image_at(x, y)
-        image[y0 : y0 + stamp.shape[0], x0 : x0 + stamp.shape[1]] += flux * stamp
+        add_point_source(image, psf, x, y, flux)
     image += np.random.default_rng(seed).normal(0, sigma, image.shape)
     return Exposure.from_arrays(image, np.full(image.shape, sigma**2), psf=psf)
 

@@ -17,6 +17,7 @@ from core.psf import (
     adaptive_moments,
     shift_stamp,
 )
+from tests.conftest import add_point_source
 
 
 # --------------------------------------------------------------------------------------
@@ -173,11 +174,7 @@ def _star_field(psf, size=384, n=120, seed=3, sky=100.0, read_noise=5.0):
     flux = 10 ** rng.uniform(2.5, 5.0, n)
     model = np.zeros((size, size))
     for xi, yi, fi in zip(x, y, flux, strict=True):
-        stamp, x_min, y_min = psf.image_at(xi, yi)
-        k = stamp.shape[0]
-        j0, i0 = max(y_min, 0), max(x_min, 0)
-        j1, i1 = min(y_min + k, size), min(x_min + k, size)
-        model[j0:j1, i0:i1] += fi * stamp[j0 - y_min : j1 - y_min, i0 - x_min : i1 - x_min]
+        add_point_source(model, psf, xi, yi, fi)
     variance = sky + read_noise**2 + model
     image = rng.normal(model + sky, np.sqrt(variance))
     return Exposure.from_arrays(image, variance), x, y

@@ -9,6 +9,7 @@ import pytest
 
 from core.exposure import Exposure
 from core.quality import BAD, GOOD, SUSPECT, assess_quality
+from tests.conftest import add_point_source
 
 
 def _shifted_kernel(dx: float, size: int = 21) -> np.ndarray:
@@ -154,9 +155,7 @@ def test_star_residual_fraction_measures_what_the_stars_keep():
     fluxes = rng.uniform(2e3, 2e4, 30)
     stars = np.zeros(shape)
     for x, y, f in zip(xs, ys, fluxes, strict=True):
-        stamp, x0, y0 = psf.image_at(x, y)
-        n = stamp.shape[0]
-        stars[y0 : y0 + n, x0 : x0 + n] += f * stamp
+        add_point_source(stars, psf, x, y, f)
     variance = np.full(shape, 100.0)
     science = Exposure.from_arrays(
         stars + 1000.0 + rng.normal(0, 10, shape), variance=variance, psf=psf

@@ -31,17 +31,9 @@ from core.exposure import Exposure
 from core.measure import _interp_at, _negative_side_sigma, measure_sources, star_offset
 from core.psf import GaussianPsf
 from core.sources import read_catalog, select_kernel_sources, sky_sources
+from tests.conftest import add_point_source
 
 SKY, READ_NOISE = 100.0, 5.0
-
-
-def add_star(image: np.ndarray, psf, x: float, y: float, flux: float) -> None:
-    stamp, x_min, y_min = psf.image_at(x, y)
-    k = stamp.shape[0]
-    ny, nx = image.shape
-    j0, i0 = max(y_min, 0), max(x_min, 0)
-    j1, i1 = min(y_min + k, ny), min(x_min + k, nx)
-    image[j0:j1, i0:i1] += flux * stamp[j0 - y_min : j1 - y_min, i0 - x_min : i1 - x_min]
 
 
 def star_field(psf, size=512, spacing=24, seed=1, flux_range=(2.0, 4.7)):
@@ -54,7 +46,7 @@ def star_field(psf, size=512, spacing=24, seed=1, flux_range=(2.0, 4.7)):
     flux = 10 ** rng.uniform(*flux_range, x.size)
     model = np.zeros((size, size))
     for xi, yi, fi in zip(x, y, flux, strict=True):
-        add_star(model, psf, xi, yi, fi)
+        add_point_source(model, psf, xi, yi, fi)
     variance = SKY + READ_NOISE**2 + model
     image = rng.normal(model + SKY, np.sqrt(variance))
     return Exposure.from_arrays(image, variance), x, y, flux
@@ -184,7 +176,7 @@ def test_detection_of_mask_planes_alone_sets_the_labelled_planes(field, monkeypa
     )
     labelled, bare = exposure.copy(), exposure.copy()
     hole = np.zeros(exposure.shape)
-    add_star(hole, psf, *hole_at, -3000.0)
+    add_point_source(hole, psf, *hole_at, -3000.0)
     for work in (labelled, bare):
         work.image += hole.astype(np.float32)
     table = detect_sources(labelled, psf=psf, measure=False)
@@ -204,7 +196,7 @@ def test_detection_sets_planes_and_negative(field):
     work = exposure.copy()
     # a negative PSF-shaped hole
     hole = np.zeros(work.shape)
-    add_star(hole, psf, 100.5, 300.5, -20000.0)
+    add_point_source(hole, psf, 100.5, 300.5, -20000.0)
     # away from the grid stars: put it between grid nodes
     work.image += hole.astype(np.float32)
     table = detect_sources(work, psf=psf)
@@ -233,12 +225,12 @@ def test_detection_flags():
     psf = GaussianPsf(1.8)
     rng = np.random.default_rng(7)
     model = np.zeros((200, 200))
-    add_star(model, psf, 50.0, 50.0, 30000.0)  # saturated below
-    add_star(model, psf, 2.0, 120.0, 30000.0)  # at the edge
-    add_star(model, psf, 140.0, 60.0, 20000.0)  # blended pair, 10 px apart
-    add_star(model, psf, 150.0, 60.0, 15000.0)
-    add_star(model, psf, 100.0, 150.0, 20000.0)  # masked by a bad column
-    add_star(model, psf, 150.0, 150.0, 20000.0)  # clean
+    add_point_source(model, psf, 50.0, 50.0, 30000.0)  # saturated below
+    add_point_source(model, psf, 2.0, 120.0, 30000.0)  # at the edge
+    add_point_source(model, psf, 140.0, 60.0, 20000.0)  # blended pair, 10 px apart
+    add_point_source(model, psf, 150.0, 60.0, 15000.0)
+    add_point_source(model, psf, 100.0, 150.0, 20000.0)  # masked by a bad column
+    add_point_source(model, psf, 150.0, 150.0, 20000.0)  # clean
     variance = SKY + READ_NOISE**2 + model
     exposure = Exposure.from_arrays(rng.normal(model + SKY, np.sqrt(variance)), variance)
     sat = np.zeros(exposure.shape, dtype=bool)
@@ -352,8 +344,8 @@ def regression_field():
     yy, xx = np.mgrid[0:320, 0:320]
     exposure.image += (3.0 + 0.01 * xx - 0.006 * yy).astype(np.float32)
     model = np.zeros(exposure.shape)
-    add_star(model, psf, 200.5, 110.5, -8000.0)
-    add_star(model, psf, 61.0, 250.0, 6000.0)
+    add_point_source(model, psf, 200.5, 110.5, -8000.0)
+    add_point_source(model, psf, 61.0, 250.0, 6000.0)
     exposure.image += model.astype(np.float32)
     exposure.image[300:304, 10:40] = np.nan
     return psf, exposure, x, y, flux

@@ -16,7 +16,7 @@ from core.errors import (
 from core.evaluate import measure_quality, sky_mask
 from core.photometry import psf_flux
 from core.subtract import AlardLuptonSubtractTask, run_subtraction
-from tests.conftest import simulated_pair
+from tests.conftest import add_point_source, simulated_pair
 
 # seeds differ from the simulator's own tests
 SCENARIOS = {
@@ -497,9 +497,9 @@ def test_a_bright_star_that_varied_is_no_kernel_source(mode, change):
     inside = (x > 40) & (x < 472) & (y > 40) & (y < 472)
     varied, *others = np.argsort(-np.where(inside, flux, -1.0))[:6]
     science = pair.science
-    stamp, x0, y0 = science.psf.image_at(x[varied], y[varied])
-    h, w = stamp.shape
-    science.image[y0 : y0 + h, x0 : x0 + w] += np.float32(change * flux[varied]) * stamp
+    add_point_source(
+        science.image, science.psf, x[varied], y[varied], np.float32(change * flux[varied])
+    )
     result = run_subtraction(science, pair.template, SubtractionConfig(mode=mode))
 
     used = result.kernel_sources
@@ -539,10 +539,10 @@ def test_a_moved_bright_star_beside_a_kernel_star_leaves_the_kernel_alone():
     science, template = pair.science.copy(), pair.template.copy()
     ratio = pair.truth["flux_ratio"]
     for exposure, dx, flux in ((science, 0.5, 4e5), (template, 0.0, 4e5 / ratio)):
-        stamp, x0, y0 = exposure.require_psf().image_at(px + dx, py)
-        h, w = stamp.shape
-        exposure.image[y0 : y0 + h, x0 : x0 + w] += np.float32(flux) * stamp
-        exposure.variance[y0 : y0 + h, x0 : x0 + w] += np.float32(flux / 4.0) * stamp
+        add_point_source(exposure.image, exposure.require_psf(), px + dx, py, np.float32(flux))
+        add_point_source(
+            exposure.variance, exposure.require_psf(), px + dx, py, np.float32(flux / 4.0)
+        )
     result = run_subtraction(science, template)
     assert result.metadata["alardLuptonSubtract.nChangedNeighbourStampsRejected"] >= 1
     used = result.kernel_sources

@@ -18,6 +18,7 @@ from core.warp import (
     warp_exposure,
     warp_noise_correlation,
 )
+from tests.conftest import add_point_source
 
 
 def _rotation(degrees: float, scale: float = 1.0) -> np.ndarray:
@@ -94,9 +95,7 @@ def test_translation_moves_stars_and_conserves_flux():
     image = np.zeros((200, 220), dtype=np.float32)
     stars = [(60.3, 70.8, 1000.0), (150.6, 120.2, 5000.0)]
     for x, y, flux in stars:
-        stamp, x0, y0 = psf.image_at(x, y)
-        n = stamp.shape[0]
-        image[y0 : y0 + n, x0 : x0 + n] += flux * stamp
+        add_point_source(image, psf, x, y, flux)
     template = Exposure.from_arrays(image, psf=psf)
     # output pixel (x, y) sits at template (x + 12.37, y - 5.61)
     pixel_map = PixelMap.affine(np.eye(2), (12.37, -5.61))
@@ -116,9 +115,7 @@ def test_rotated_scaled_grid_conserves_flux_and_positions_and_transforms_psf():
     image = np.zeros((300, 300), dtype=np.float32)
     stars = [(120.4, 130.7, 3000.0), (180.2, 170.9, 8000.0), (140.6, 190.1, 2000.0)]
     for x, y, flux in stars:
-        stamp, x0, y0 = psf.image_at(x, y)
-        n = stamp.shape[0]
-        image[y0 : y0 + n, x0 : x0 + n] += flux * stamp
+        add_point_source(image, psf, x, y, flux)
     template = Exposure.from_arrays(image, psf=psf)
     matrix = _rotation(30.0, 1.0 / 1.02)  # template pixels 2% larger, grid turned 30 deg
     offset = np.array([150.0, 150.0]) - matrix @ np.array([128.0, 128.0])
@@ -195,9 +192,7 @@ def test_non_affine_wcs_pair_is_followed_exactly():
     for x, y in grid:
         sky = science_wcs.pixel_to_world_values(x, y)
         u, v = (float(c) for c in template_wcs.world_to_pixel_values(*sky))
-        stamp, x0, y0 = psf.image_at(u, v)
-        n = stamp.shape[0]
-        image[y0 : y0 + n, x0 : x0 + n] += 1000.0 * stamp
+        add_point_source(image, psf, u, v, 1000.0)
         targets.append((x, y))
     template = Exposure.from_arrays(image, wcs=template_wcs, psf=psf)
     pixel_map = PixelMap.from_wcs(science, template)
