@@ -107,6 +107,7 @@ _REJECTION_COUNTS = (
     "nMovedSourcesRejected",
     "nChangedNeighbourStampsRejected",
 )
+
 #: A star offset between the inputs (px) worth a note: registrations are routinely
 #: better than this, and the kernel absorbs far larger ones.
 _NOTED_STAR_OFFSET = 0.1
