@@ -69,8 +69,9 @@ NOISE_SAMPLE_PIXELS = 2**21
 def crop_kernel(
     kernel: np.ndarray, loss: float = KERNEL_ENERGY_LOSS, min_half: int = 0
 ) -> np.ndarray:
-    """The smallest centred square of ``kernel``, of half-width ``min_half`` at least,
-    holding all but ``loss`` of its sum of squares."""
+    """The smallest centred square of ``kernel`` holding all but the fraction ``loss`` of
+    its sum of squares, of half-width ``min_half`` at least (as far as the kernel
+    reaches); a kernel with no power is returned whole."""
     k2 = np.asarray(kernel, dtype=np.float64) ** 2
     total = k2.sum()
     c = kernel.shape[0] // 2

@@ -632,7 +632,8 @@ class _SubtractBase(Task):
         many of them biases; comparing PSF fluxes first keeps them out. A moved star
         (proper motion, a misregistered one) keeps its flux: its centroid tells it.
         """
-        # a fit made again (`_fitted`) reports this selection's counts, not the first's
+        # absent when not tested: a fit made again (`_fitted`) reports this selection's
+        # counts, not the first's
         for key in _REJECTION_COUNTS:
             self.metadata.pop(key, None)
         if len(selected) < 3:
@@ -2139,7 +2140,8 @@ def _quiet_edge_band(score: Exposure):
 
 
 def _trim_to_power(stamp: np.ndarray, fraction: float) -> np.ndarray:
-    """The smallest centred 3 x 3 or larger square holding ``fraction`` of sum(stamp^2).
+    """The smallest centred odd square, 3 x 3 at least, holding ``fraction`` of
+    sum(stamp^2) (`crop_kernel`); the whole stamp when ``fraction`` is 1.
 
     A matched filter cut to the box holding a fraction f of the PSF's power keeps
     sqrt(f) of its S/N, while far wings (a 205 px WebbPSF) make every convolution and

@@ -23,9 +23,9 @@ def simulated_pair(name: str, size: int, seed: int):
     return simulate_pair(preset(name, size=size, seed=seed))
 
 
-def add_point_source(image: np.ndarray, psf, x: float, y: float, flux) -> None:
+def add_point_source(image: np.ndarray, psf, x: float, y: float, flux: float | np.floating) -> None:
     """Add ``flux`` times ``psf``'s stamp at array position (x, y) (`Psf.image_at`) to
-    ``image``, in place; the stamp cut by the frame."""
+    ``image``, in place; the stamp cut by the frame (nothing added off it)."""
     stamp, x_min, y_min = psf.image_at(x, y)
     h, w = stamp.shape
     ny, nx = image.shape

@@ -153,6 +153,16 @@ def test_crop_kernel_keeps_energy():
     assert 1 - (smaller**2).sum() / (psf**2).sum() > 1e-6
 
 
+def test_crop_kernel_keeps_its_least_half_width():
+    """A point-like kernel (all its power in the centre pixel) is cut to that pixel, or to
+    ``min_half`` around it (the preconvolution kernel's 3 x 3), as far as it reaches."""
+    delta = np.zeros((9, 9))
+    delta[4, 4] = 1.0
+    assert crop_kernel(delta).shape == (1, 1)
+    assert crop_kernel(delta, min_half=1).shape == (3, 3)
+    assert crop_kernel(delta, min_half=6).shape == (9, 9)
+
+
 @pytest.mark.parametrize("shape", [(128, 96), (100, 77)])
 def test_block_reduce(shape):
     a = np.random.default_rng(0).normal(size=shape).astype(np.float32)

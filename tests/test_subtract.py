@@ -554,10 +554,10 @@ def test_a_moved_bright_star_beside_a_kernel_star_leaves_the_kernel_alone():
     assert abs(catalog["dipole_separation"][k] - 0.5) < 0.2
 
 
-def test_a_fit_made_again_reports_its_own_kernel_source_rejections():
-    """`_reject_variable_sources` counts the kernel sources it drops into the metadata; a
-    fit made again (`_fitted`) on a selection too small to test left the first fit's
-    counts there, reported as the final fit's."""
+def test_a_selection_too_small_to_test_reports_no_rejection_counts():
+    """`_reject_variable_sources` clears its counts first: a later selection too small to
+    test (a fit made again, `_fitted`, with ``sources.min_kernel_sources`` below 3)
+    reports none (the keys absent: not tested), not the previous selection's."""
     from core.subtract import _REJECTION_COUNTS
 
     pair = _star_field()
