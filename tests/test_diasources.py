@@ -1601,3 +1601,70 @@ def test_a_clipped_stars_light_is_fitted_on_its_wings():
     assert (rows.tolist(), cols.tolist()) == ([80], [50])
     assert fitted[0] == pytest.approx(light, rel=0.03)
     assert level / stamp.max() == pytest.approx(light / 20.0)
+
+
+def test_the_peak_of_a_tilted_gaussian_is_found_from_its_central_pixels():
+    """`_peak_offsets`: the vertex of the quadratic through the logarithms of the
+    central 3 x 3 is a Gaussian's peak exactly, elliptical and tilted; a stamp with a
+    pixel at or below 0 there, or a peak farther than a pixel, has none."""
+    from core.diasources import _peak_offsets
+
+    yy, xx = np.mgrid[-7:8, -7:8].astype(float)
+    truth = [(0.37, -0.21), (-0.48, 0.45), (0.0, 0.0), (0.9, -0.8)]
+    angle = np.radians(30.0)
+    c, s = np.cos(angle), np.sin(angle)
+    stamps = []
+    for dx, dy in truth:
+        u, v = c * (xx - dx) + s * (yy - dy), -s * (xx - dx) + c * (yy - dy)
+        stamps.append(np.exp(-0.5 * ((u / 2.5) ** 2 + (v / 1.6) ** 2)))
+    stamps.append(np.where(xx == 1, 0.0, stamps[0]))  # a zeroed (unusable) neighbour
+    stamps.append(np.exp(-0.5 * ((xx - 2.5) ** 2 + yy**2) / 4.0))  # peak 2.5 px off
+    dx, dy, ok = _peak_offsets(np.array(stamps))
+    assert ok.tolist() == [True] * 4 + [False, False]
+    np.testing.assert_allclose(np.column_stack([dx, dy])[:4], truth, atol=1e-9)
+
+
+def test_score_positions_are_its_peaks():
+    """On a score (the difference already filtered by the PSF) a source sits at its
+    profile's peak: point sources of S/N 25 on white noise, filtered by a Gaussian PSF of
+    FWHM 4.7 px, are placed closer to the truth than by the Gaussian-weighted centroid of
+    their profile (the estimator of an unfiltered difference, which the filter widened):
+    0.165 px rms against 0.191 (the bound for this S/N and PSF, 2 sqrt(2) / 25 per axis:
+    0.16)."""
+    from scipy import signal
+
+    from core.measure import _centroids
+    from core.psf import GaussianPsf
+
+    rng = np.random.default_rng(11)
+    psf = GaussianPsf(2.0)
+    kernel = psf.kernel_image(0.0, 0.0)
+    size, sigma, snr = 480, 10.0, 25.0
+    flux = snr * sigma * np.sqrt(1.0 / (kernel**2).sum())  # PSF-fit S/N on white noise
+    grid = np.arange(30.0, size - 30.0, 30.0)
+    x = (grid[None, :] + rng.uniform(-0.5, 0.5, (grid.size, grid.size))).ravel()
+    y = (grid[:, None] + rng.uniform(-0.5, 0.5, (grid.size, grid.size))).ravel()
+    image = rng.normal(0.0, sigma, (size, size))
+    for xs, ys in zip(x, y, strict=True):
+        add_point_source(image, psf, xs, ys, flux)
+    score = signal.fftconvolve(image, kernel[::-1, ::-1], mode="same")
+    variance = np.full(score.shape, sigma**2 * (kernel**2).sum())
+    exposure = Exposure.from_arrays(score, variance, psf=psf)
+    catalog = dia_sources(exposure, is_score=True)
+    cxy = np.column_stack([catalog["x"], catalog["y"]])
+    distance, index = cKDTree(cxy).query(np.column_stack([x, y]))
+    assert (distance < 1.0).all()
+    # the weighted centroid of the same profiles, about the same peak pixels
+    ix = np.floor(cxy[index, 0] + 0.5).astype(int)
+    iy = np.floor(cxy[index, 1] + 0.5).astype(int)
+    half = 8
+    stamps = np.array(
+        [
+            score[j - half : j + half + 1, i - half : i + half + 1]
+            for i, j in zip(ix, iy, strict=True)
+        ]
+    )
+    cx, cy = _centroids(stamps, 2.0)
+    centroid = np.hypot(ix + cx - x, iy + cy - y)
+    rms, rms_centroid = np.sqrt(np.mean(distance**2)), np.sqrt(np.mean(centroid**2))
+    assert rms < 0.9 * rms_centroid, (rms, rms_centroid)
