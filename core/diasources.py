@@ -917,7 +917,7 @@ def _without_sidelobes(
     if fainter.size == 0:
         return det
     models = np.unique(brighter)
-    _, dx, dy = _shape(det, order[models], _shape_half(det))
+    _, dx, dy, _, _ = _shape(det, order[models], _shape_half(det))
     x, y = det.col[order[models]] + dx, det.row[order[models]] + dy
     forced = config.forced
     fit = psf_photometry(output, x, y, fit_stamps, forced.fit_background, forced.min_psf_coverage)
@@ -957,8 +957,15 @@ def _distinct(x, y, sign, strength, radius: float) -> np.ndarray:
 
 
 def _shape(det: Detections, peaks: np.ndarray, half: int) -> tuple[np.ndarray, ...]:
-    """Sign-corrected stamps of ``peaks`` (indices into ``det``) and their centroid
-    offsets (dx, dy) from the peak pixels.
+    """Sign-corrected stamps of ``peaks`` (indices into ``det``), their centroid offsets
+    (dx, dy) from the peak pixels and the offsets of their positions (px, py): on a score
+    the profile's peak (`_peak_offsets`) where its 3 x 3 gives one, else the centroid.
+
+    The peak of a matched-filtered image is where the PSF fits best: on the test presets'
+    scores, position rms at S/N >= 20 0.088-0.132 -> 0.081-0.120 px, FWHM 7 px 0.205 ->
+    0.178 (the weighted centroid of a profile the filter already widened scatters more).
+    The centroids still tell deblended peaks of one flat-topped profile (`_distinct`),
+    whose peaks stay apart.
 
     A profile that unusable pixels or the frame's edge cut is cut alike through the peak
     pixel (`SearchedImage.mirrored_stamps`). Point sources of FWHM 7 px 2.3 / 3.6 / 5.1 px
@@ -971,14 +978,11 @@ def _shape(det: Detections, peaks: np.ndarray, half: int) -> tuple[np.ndarray, .
     stamps = det.image.mirrored_stamps(det.col[peaks], det.row[peaks], half)
     profile = stamps * sign
     dx, dy = _centroids(profile, det.psf_sigma)
+    px, py = dx, dy
     if det.image.filtered:
-        # the peak of a matched-filtered image is where the PSF fits best: on the test
-        # presets' scores, position rms at S/N >= 20 0.088-0.132 -> 0.082-0.118 px, FWHM 7
-        # px 0.205 -> 0.178 (the weighted centroid of a profile already widened by the
-        # filter scatters more); the centroid where the peak's 3 x 3 is not all usable
         peak_x, peak_y, ok = _peak_offsets(profile)
-        dx, dy = np.where(ok, peak_x, dx), np.where(ok, peak_y, dy)
-    return profile, dx, dy
+        px, py = np.where(ok, peak_x, dx), np.where(ok, peak_y, dy)
+    return profile, dx, dy, px, py
 
 
 def _peak_offsets(profile: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1051,17 +1055,19 @@ def _measure(
     half = _shape_half(det)
     later = pool.submit(_shape, det, single[1::2], half)
     shapes = [_shape(det, single[0::2], half), later.result()]
-    moments = [pool.submit(_moments, p, dx, dy, det.psf_sigma) for p, dx, dy in shapes]
-    dx, dy = (
-        _interleave([shape[1] for shape in shapes]),
-        _interleave([shape[2] for shape in shapes]),
-    )
-    x = det.col[single] + dx
-    y = det.row[single] + dy
+    moments = [pool.submit(_moments, p, dx, dy, det.psf_sigma) for p, dx, dy, _, _ in shapes]
+    dx, dy, px, py = (_interleave([shape[k] for shape in shapes]) for k in range(1, 5))
     # deblended peaks of one source whose centroids meet (a score's flat-topped profile:
     # 0.001-0.2 px apart on SAAO 0028) are one source: the strongest stays
-    kept = _distinct(x, y, det.sign[single], np.abs(det.peak_snr[single]), 0.25 * fwhm)
-    single, x, y = single[kept], x[kept], y[kept]
+    kept = _distinct(
+        det.col[single] + dx,
+        det.row[single] + dy,
+        det.sign[single],
+        np.abs(det.peak_snr[single]),
+        0.25 * fwhm,
+    )
+    single = single[kept]
+    x, y = det.col[single] + px[kept], det.row[single] + py[kept]
     fit = pool.submit(
         psf_photometry,
         output,
