@@ -14,7 +14,8 @@ PSF of brighter ones explains (its rings and wings through the matched filter,
 core.sidelobes) are dropped; then a
 positive and a negative peak that are each other's nearest within a couple of
 PSF widths are one dipole (a misregistered or moving star), fitted with two
-PSFs. Every source gets a centroid, PSF and aperture fluxes on the difference,
+PSFs. Every source gets a position (a centroid, or on a score its profile's peak), PSF
+and aperture fluxes on the difference,
 moments, flags, and the science and template fluxes at its position.
 """
 
@@ -907,8 +908,9 @@ def _without_sidelobes(
     """``det`` without the detections that brighter ones' PSF explains (`core.sidelobes`).
 
     Each detection with a fainter one within the reach of ``response`` (`_filtered_psf`)
-    is centroided and PSF-fitted as the single sources are (``fit_stamps``), and
-    predicts the filtered image at the fainter peaks.
+    is centroided (`_shape`; on a score too: at the peaks of bright, flat-topped SAAO
+    profiles the fits explained fewer rings, 1-2 more rows a frame) and PSF-fitted
+    (``fit_stamps``), and predicts the filtered image at the fainter peaks.
     """
     kernel = response.kernel
     order = np.argsort(-np.abs(det.peak_snr), kind="stable")
@@ -1049,7 +1051,7 @@ def _measure(
     in_pair[pairs.ravel()] = True
     single = np.flatnonzero(~in_pair)
 
-    # centroids and moments of single-signed sources, on sign-corrected stamps; each
+    # centroids, positions and moments of single-signed sources, on sign-corrected stamps; each
     # source's iterations are its own, so two halves run on two threads (every other
     # source: bright ones converge in fewer iterations)
     half = _shape_half(det)
@@ -1335,7 +1337,8 @@ def dia_sources(
     `astropy.table.Table`
         One row per DIA source, most significant first (`DIA_COLUMNS`): ``id``;
         ``x``, ``y`` (0-based column and row of the science array: the Gaussian-weighted
-        centroid on a difference, the profile's peak on a score, `_shape`); ``ra``,
+        centroid on a difference, the profile's peak on a score where its central 3 x 3
+        gives one, `_shape`); ``ra``,
         ``dec`` (degrees, NaN without WCS); ``psf_flux``, ``psf_flux_err``
         (PSF fit on the output with its PSF at the position, science counts;
         errors scaled for correlated noise, meta ``noise_scale``; on a score,

@@ -1629,8 +1629,8 @@ def test_score_positions_are_its_peaks():
     profile's peak: point sources of S/N 25 on white noise, filtered by a Gaussian PSF of
     FWHM 4.7 px, are placed closer to the truth than by the Gaussian-weighted centroid of
     their profile (the estimator of an unfiltered difference, which the filter widened):
-    0.165 px rms against 0.191 (the bound for this S/N and PSF, 2 sqrt(2) / 25 per axis:
-    0.16)."""
+    0.165 px rms against 0.191 (the bound for this S/N and PSF: sqrt(2) sigma / S/N = 0.113
+    px per axis, 0.16 in radius; 0.86-0.92 of the centroid's on nine seeds)."""
     from scipy import signal
 
     from core.measure import _centroids
@@ -1667,4 +1667,4 @@ def test_score_positions_are_its_peaks():
     cx, cy = _centroids(stamps, 2.0)
     centroid = np.hypot(ix + cx - x, iy + cy - y)
     rms, rms_centroid = np.sqrt(np.mean(distance**2)), np.sqrt(np.mean(centroid**2))
-    assert rms < 0.9 * rms_centroid, (rms, rms_centroid)
+    assert rms < 0.95 * rms_centroid, (rms, rms_centroid)
