@@ -14,9 +14,9 @@ PSF of brighter ones explains (its rings and wings through the matched filter,
 core.sidelobes) are dropped; then a
 positive and a negative peak that are each other's nearest within a couple of
 PSF widths are one dipole (a misregistered or moving star), fitted with two
-PSFs. Every source gets a position (a centroid, or on a score its profile's peak), PSF
-and aperture fluxes on the difference,
-moments, flags, and the science and template fluxes at its position.
+PSFs. Every source gets a position (a centroid, or on a score its profile's peak),
+PSF and aperture fluxes on the difference, moments, flags, and the science and
+template fluxes at its position.
 """
 
 from __future__ import annotations
@@ -185,7 +185,9 @@ class SearchedImage:
     ``filtered``: the image is matched-filtered already (a score), so a source's
     position is its profile's peak (`_shape`)."""
 
-    def __init__(self, exposure: Exposure, bits: int, after_cast: bool = False, filtered=False):
+    def __init__(
+        self, exposure: Exposure, bits: int, after_cast: bool = False, filtered: bool = False
+    ):
         # after_cast: non-finite tested on the float32 values (the score's copy), else
         # on the image's own (the difference's)
         self.exposure, self.bits, self.after_cast = exposure, bits, after_cast
@@ -1051,9 +1053,9 @@ def _measure(
     in_pair[pairs.ravel()] = True
     single = np.flatnonzero(~in_pair)
 
-    # centroids, positions and moments of single-signed sources, on sign-corrected stamps; each
-    # source's iterations are its own, so two halves run on two threads (every other
-    # source: bright ones converge in fewer iterations)
+    # centroids, positions and moments of single-signed sources, on sign-corrected
+    # stamps; each source's iterations are its own, so two halves run on two threads
+    # (every other source: bright ones converge in fewer iterations)
     half = _shape_half(det)
     later = pool.submit(_shape, det, single[1::2], half)
     shapes = [_shape(det, single[0::2], half), later.result()]
