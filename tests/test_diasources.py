@@ -1635,6 +1635,7 @@ def test_score_positions_are_its_peaks():
 
     from core.measure import _centroids
     from core.psf import GaussianPsf
+    from core.stamps import stamps
 
     rng = np.random.default_rng(11)
     psf = GaussianPsf(2.0)
@@ -1657,14 +1658,7 @@ def test_score_positions_are_its_peaks():
     # the weighted centroid of the same profiles, about the same peak pixels
     ix = np.floor(cxy[index, 0] + 0.5).astype(int)
     iy = np.floor(cxy[index, 1] + 0.5).astype(int)
-    half = 8
-    stamps = np.array(
-        [
-            score[j - half : j + half + 1, i - half : i + half + 1]
-            for i, j in zip(ix, iy, strict=True)
-        ]
-    )
-    cx, cy = _centroids(stamps, 2.0)
+    cx, cy = _centroids(stamps(score, ix, iy, 8), 2.0)
     centroid = np.hypot(ix + cx - x, iy + cy - y)
     rms, rms_centroid = np.sqrt(np.mean(distance**2)), np.sqrt(np.mean(centroid**2))
     assert rms < 0.95 * rms_centroid, (rms, rms_centroid)
