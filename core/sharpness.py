@@ -56,13 +56,20 @@ _TESTS = (
 _OFFSETS = np.linspace(-1.0, 1.0, 17)
 
 
-def _bounds_of(kernel: np.ndarray) -> np.ndarray:
+def _bounds_of(kernels: np.ndarray) -> np.ndarray:
     """The largest contrast (centre over neighbours' mean) of each test over the shifts
     of a PSF stamp that keep the centre pixel the nearest or the brightest of its 3 x 3
     (a tilted elliptical PSF's brightest pixel can lie beyond the half pixel); infinite
-    where the neighbours can sum to nothing."""
-    size, c = kernel.shape[0], kernel.shape[0] // 2
-    n = _OFFSETS.size
+    where the neighbours can sum to nothing. ``kernels``: one stamp (size, size), or a
+    stack (m, size, size) of them (bounds (m, tests)), done together: a PSF's nodes
+    share the phases and two matrix products each replace an einsum (the 25 nodes of a
+    2048 px frame's PSF: 11.5 -> 2.2 ms; bounds equal to 1e-15)."""
+    stack = np.asarray(kernels, dtype=np.float64)
+    single = stack.ndim == 2
+    if single:
+        stack = stack[np.newaxis]
+    m, size = stack.shape[0], stack.shape[1]
+    c, n = size // 2, _OFFSETS.size
     # only the central 3 x 3 of each shifted stamp: its inverse transform's three rows
     # and columns (f (m - shift) the phase of output pixel m), not whole transforms;
     # the rows' product with the spectrum depends on the row shift alone, so it is made
@@ -70,51 +77,67 @@ def _bounds_of(kernel: np.ndarray) -> np.ndarray:
     freq = np.fft.fftfreq(size)
     pixels = np.arange(c - 1, c + 2)
     phases = np.exp(2j * np.pi * freq * (pixels[None, :, None] - _OFFSETS[:, None, None]))
-    rows = (phases.reshape(3 * n, size) @ np.fft.fft2(kernel)).reshape(n, 3, size)
-    core = np.einsum("iaf,jbf->ijab", rows, phases).real.reshape(n * n, 3, 3) / size**2
+    flat = phases.reshape(3 * n, size)
+    # (row shift, row) x (column shift, column) of every stamp: one matrix product each
+    products = (flat @ np.fft.fft2(stack)) @ flat.T
+    core = products.real.reshape(m, n, 3, n, 3).transpose(0, 1, 3, 2, 4) / size**2
+    core = core.reshape(m, n * n, 3, 3)
     dy, dx = (a.ravel() for a in np.meshgrid(_OFFSETS, _OFFSETS, indexing="ij"))
     nearest = (np.abs(dy) <= 0.5) & (np.abs(dx) <= 0.5)
-    brightest = core.reshape(-1, 9).argmax(axis=1) == 4
-    core = core[nearest | brightest]
-    bounds = np.empty(len(_TESTS))
+    kept = nearest | (core.reshape(m, n * n, 9).argmax(axis=2) == 4)
+    bounds = np.empty((m, len(_TESTS)))
     for t, offsets in enumerate(_TESTS):
-        mean = np.mean([core[:, 1 + oy, 1 + ox] for oy, ox in offsets], axis=0)
+        mean = np.mean([core[:, :, 1 + oy, 1 + ox] for oy, ox in offsets], axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            bounds[t] = np.where(mean > 0, core[:, 1, 1] / mean, np.inf).max()
-    return bounds
+            contrast = np.where(mean > 0, core[:, :, 1, 1] / mean, np.inf)
+        bounds[:, t] = np.where(kept, contrast, -np.inf).max(axis=1)
+    return bounds[0] if single else bounds
 
 
 def contrast_bounds(stamps, x, y) -> np.ndarray:
     """(n, 5) contrast bounds of `_TESTS` at parent positions (x, y) of a
     `core.forced.PsfStamps`: the largest of the four PSF nodes around each (the bounds
-    of a node are computed once)."""
+    of a node are computed once, those of the nodes first needed together)."""
     x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     y = np.atleast_1d(np.asarray(y, dtype=np.float64))
-    cache = stamps.contrasts
-
-    def node(j: int, i: int) -> np.ndarray:
-        if (j, i) not in cache:
-            kernel = stamps.psf.kernel_image(float(stamps.nodes_x[i]), float(stamps.nodes_y[j]))
-            # cropped as the fit's stamps are drawn: the far wings move no core pixel
-            c, h = kernel.shape[0] // 2, min(kernel.shape[0] // 2, stamps.half + 4)
-            core = np.asarray(kernel[c - h : c + h + 1, c - h : c + h + 1], dtype=np.float64)
-            cache[(j, i)] = _bounds_of(core)
-        return cache[(j, i)]
-
     if stamps.constant:
         last_j, last_i = stamps.nodes_y.size - 1, stamps.nodes_x.size - 1
-        return np.broadcast_to(node(last_j // 2, last_i // 2), (x.size, len(_TESTS)))
+        key = (last_j // 2, last_i // 2)
+        _fill_nodes(stamps, [key])
+        return np.broadcast_to(stamps.contrasts[key], (x.size, len(_TESTS)))
     i = np.clip(np.searchsorted(stamps.nodes_x, x) - 1, 0, stamps.nodes_x.size - 2)
     j = np.clip(np.searchsorted(stamps.nodes_y, y) - 1, 0, stamps.nodes_y.size - 2)
+    keys = sorted(
+        {
+            (int(b + dj), int(a + di))
+            for b, a in zip(j, i, strict=True)
+            for dj in (0, 1)
+            for di in (0, 1)
+        }
+    )
+    _fill_nodes(stamps, keys)
     grid = np.full((stamps.nodes_y.size, stamps.nodes_x.size, len(_TESTS)), np.nan)
-    for jj, ii in {
-        (int(b + dj), int(a + di))
-        for b, a in zip(j, i, strict=True)
-        for dj in (0, 1)
-        for di in (0, 1)
-    }:
-        grid[jj, ii] = node(jj, ii)
+    for key in keys:
+        grid[key] = stamps.contrasts[key]
     return np.max([grid[j + dj, i + di] for dj in (0, 1) for di in (0, 1)], axis=0)
+
+
+def _fill_nodes(stamps, keys) -> None:
+    """The contrast bounds of the nodes ``keys`` ((row, column) of the grid) not yet in
+    ``stamps.contrasts``, in one `_bounds_of` call per stamp size."""
+    by_shape: dict[tuple[int, ...], list] = {}
+    for j, i in keys:
+        if (j, i) in stamps.contrasts:
+            continue
+        kernel = stamps.psf.kernel_image(float(stamps.nodes_x[i]), float(stamps.nodes_y[j]))
+        # cropped as the fit's stamps are drawn: the far wings move no core pixel
+        c, h = kernel.shape[0] // 2, min(kernel.shape[0] // 2, stamps.half + 4)
+        core = np.asarray(kernel[c - h : c + h + 1, c - h : c + h + 1], dtype=np.float64)
+        by_shape.setdefault(core.shape, []).append(((j, i), core))
+    for group in by_shape.values():
+        bounds = _bounds_of(np.stack([core for _, core in group]))
+        for (key, _), values in zip(group, bounds, strict=True):
+            stamps.contrasts[key] = values
 
 
 def sharper_than_psf(data, var, good, bounds, flux) -> np.ndarray:

@@ -135,3 +135,17 @@ def test_contrast_bounds_equal_the_shifted_stamps(psf):
     product made once, equal those of whole shifted stamps."""
     kernel = np.asarray(psf.kernel_image(), dtype=np.float64)
     np.testing.assert_allclose(sharpness._bounds_of(kernel), _plain_bounds(kernel), rtol=1e-10)
+
+
+def test_contrast_bounds_of_a_stack_equal_each_stamps():
+    """The bounds of PSF stamps done together (a grid PSF's nodes) are each stamp's own."""
+    psfs = [GaussianPsf(0.7), GaussianPsf(1.5, ellipticity=0.3, angle=0.5), MoffatPsf(4.0, 3.0)]
+    kernels = [np.asarray(psf.kernel_image(), dtype=np.float64) for psf in psfs]
+    stamps = [
+        k[k.shape[0] // 2 - 7 : k.shape[0] // 2 + 8, k.shape[1] // 2 - 7 : k.shape[1] // 2 + 8]
+        for k in kernels
+    ]
+    together = sharpness._bounds_of(np.stack(stamps))
+    assert together.shape == (3, len(sharpness._TESTS))
+    for stamp, bounds in zip(stamps, together, strict=True):
+        np.testing.assert_allclose(bounds, _plain_bounds(stamp), rtol=1e-10)
