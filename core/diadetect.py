@@ -755,7 +755,8 @@ class DifferenceSnr:
         transformed pixels than block by block)."""
         ny, nx = self.smoothed.shape
         nby, nbx = self.grid
-        frame = np.zeros((nby * self.size, nbx * self.size), dtype=np.float32)
+        # fresh zero pages on huge pages: the padding is never written
+        frame = frame_zeros((nby * self.size, nbx * self.size), np.float32)
         variance = self.variance
         read = (
             variance.read
@@ -800,7 +801,9 @@ class DifferenceSnr:
             s = self.size
 
             def blockwise(a: np.ndarray) -> np.ndarray:
-                return a.reshape(nby, s, nbx, s).transpose(0, 2, 1, 3)
+                # copied in block order first: a boolean index of the transposed view
+                # took 1.7x as long (2048 px frame: 10 -> 6 ms)
+                return np.ascontiguousarray(a.reshape(nby, s, nbx, s).transpose(0, 2, 1, 3))
 
             return blockwise(frame)[blockwise(keep)]
         count = -(-sample_pixels // (side * side))
