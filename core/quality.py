@@ -47,7 +47,8 @@ class Verdict:
 
 
 def expected_kernel_sum(science: Exposure, template: Exposure) -> tuple[float, str] | None:
-    """Flux ratio template -> science the calibrations predict, and where it comes from.
+    """Flux ratio template -> science the calibrations predict, and where it comes from
+    (a kernel that convolves the science should sum to its inverse).
 
     Both photometric calibrations (nJy per count): ``cal_template / cal_science``.
     Otherwise both exposure times: their ratio (transparency can change it, so the
@@ -257,7 +258,11 @@ def _kernel_sum(verdict, metrics, science, template, config: QualityConfig) -> N
     if expected is None:
         return
     value, source = expected
-    # flux ratio of the difference's direction: the sum maps template -> science
+    # the sum maps the convolved image onto the other: template -> science, but
+    # science -> template when the science is convolved (a 1.2x brighter science
+    # gave 0.834, correct, read as "where the calibrations predict 1.200")
+    if metrics.get("mode") == "convolveScience":
+        value = 1.0 / value
     off = ksum / value
     if source == "calibration":
         tolerance, bad_factor = config.kernel_sum_tolerance, config.kernel_sum_bad_factor

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from core.exposure import Exposure
+from core.exposure import Exposure, PhotoCalib
 from core.quality import BAD, GOOD, SUSPECT, assess_quality
 from tests.conftest import add_point_source
 
@@ -259,3 +259,22 @@ def test_a_stand_in_target_psf_is_compared_at_half_maximum():
     assert at_half == pytest.approx(1.0, abs=0.05)
     too_wide = GaussianPsf(8.0 / 2.3548).kernel_image()
     assert kernel_psf_width_ratio(delta, star, too_wide, target_is_stand_in=True) < 0.55
+
+
+@pytest.mark.parametrize(
+    ("mode", "ksum", "flagged"),
+    [
+        ("convolveTemplate", 1.2, False),
+        ("convolveScience", 1 / 1.2, False),
+        ("convolveScience", 1.2, True),
+        ("preconvolve", 1.2, False),
+    ],
+)
+def test_kernel_sum_is_judged_in_the_direction_the_kernel_maps(mode, ksum, flagged):
+    """A science 1.2x the template (calibrations): a kernel on the template sums to 1.2,
+    one on the science to 1/1.2 (README), and each is right in its own direction."""
+    science = Exposure.from_arrays(np.zeros((64, 64)), photo_calib=PhotoCalib(1.0))
+    template = Exposure.from_arrays(np.zeros((64, 64)), photo_calib=PhotoCalib(1.2))
+    metrics = {"noise_ratio": 1.0, "kernel_sum": ksum, "mode": mode}
+    reasons = assess_quality(metrics, science, template, None, None, []).as_dict()["reasons"]
+    assert any("calibrations predict" in reason for reason in reasons) == flagged
