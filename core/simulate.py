@@ -223,7 +223,8 @@ class SimulationConfig(_Model):
     n_negative_transients: int = Field(
         0,
         ge=0,
-        description="Point sources in the template only (faded by the science epoch); "
+        description="Point sources in the template only (faded by the science epoch; "
+        "positions on the science grid, placed on the template through its geometry); "
         "fluxes drawn like the transients' (science counts).",
     )
     # labels and geometry ---------------------------------------------------------------
@@ -819,11 +820,14 @@ def simulate_pair(config: SimulationConfig | None = None) -> SimulatedPair:
     _render_points(
         science_model, science_field, transients["x"], transients["y"], transients["flux_science"]
     )
+    # drawn (and recorded) on the science grid, as everything else: placed through the
+    # template's geometry like the stars
+    template_faded = _to_template(faded, geometry, cfg)
     _render_points(
         template_model,
         template_field,
-        faded["x"],
-        faded["y"],
+        template_faded["x"],
+        template_faded["y"],
         faded["flux_science"] * inverse_ratio,
     )
     science_model = science_model.astype(np.float32)

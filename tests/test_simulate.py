@@ -385,3 +385,30 @@ def test_transients_near_defects_are_flagged(defects):
         ix, iy = int(round(x)), int(round(y))
         if bad[iy - 3 : iy + 4, ix - 3 : ix + 4].any():
             assert flag
+
+
+def test_faded_sources_follow_the_template_geometry():
+    """Template-only (faded) sources are recorded on the science grid, as the truth's
+    other positions are, and sit on the template where its geometry maps them."""
+    base = _config(
+        preset("sharper_template", 256, seed=3),
+        noise="none",
+        n_transients=0,
+        n_negative_transients=6,
+        template_shift=(7.37, -4.61),
+        template_rotation=0.35,
+    )
+    with_faded = simulate_pair(base)
+    without = simulate_pair(_config(base, n_negative_transients=0))
+    added = with_faded.template_model.astype(np.float64) - without.template_model
+    matrix, offset = base.template_geometry
+    faded = with_faded.truth["negative_transients"]
+    inverse_ratio = 1.0 / base.flux_ratio
+    for x, y, flux in zip(faded["x"], faded["y"], faded["flux_science"], strict=True):
+        tx, ty = matrix @ np.array([x, y]) + offset
+        ix, iy = int(round(tx)), int(round(ty))
+        box = added[iy - 8 : iy + 9, ix - 8 : ix + 9]
+        yy, xx = np.mgrid[iy - 8 : iy + 9, ix - 8 : ix + 9]
+        assert box.sum() == pytest.approx(flux * inverse_ratio, rel=0.02)
+        assert abs((box * xx).sum() / box.sum() - tx) < 0.05
+        assert abs((box * yy).sum() / box.sum() - ty) < 0.05
