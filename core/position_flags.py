@@ -26,6 +26,7 @@ __all__ = [
     "EXTRAPOLATED_ORDER",
     "bright_star_light",
     "bright_star_limit",
+    "neighbour_share",
     "changed_star",
     "outside_kernel_hull",
     "KERNEL_REACH",
@@ -62,6 +63,15 @@ def changed_star(flux, light, saturated, fraction: float) -> np.ndarray:
     return change & ~np.asarray(saturated, dtype=bool) & (fraction > 0)
 
 
+def neighbour_share(config) -> float:
+    """`bright_star_light`'s ``neighbour_share`` of a `DiaSourceConfig`: a change of a star
+    beside a brighter one is more than the brighter one's residual
+    (``bright_star_residual`` of its light) besides ``bright_star_residual_fraction`` of
+    its own light."""
+    fraction = config.bright_star_residual_fraction
+    return config.bright_star_residual / fraction if fraction > 0 else 0.0
+
+
 def bright_star_limit(flux_err, threshold: float, residual: float) -> np.ndarray:
     """The light (flux units) from which a star is bright at each position: its
     ``residual`` (a fraction of its light) reaches ``threshold`` times the position's
@@ -75,7 +85,13 @@ def bright_star_limit(flux_err, threshold: float, residual: float) -> np.ndarray
 
 
 def bright_star_light(
-    template: Exposure | None, ix, iy, radius: float, limit, saturated_limit: float | None = None
+    template: Exposure | None,
+    ix,
+    iy,
+    radius: float,
+    limit,
+    saturated_limit: float | None = None,
+    neighbour_share: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Where a star at least ``limit`` bright has light near, and the light under each
     position.
@@ -95,6 +111,11 @@ def bright_star_light(
         peak understates its light and whose residual is of any size: a limit at the
         frame's typical noise, not at positions beside it, whose noise the star's own
         inflates (default ``limit``).
+    neighbour_share : float
+        ``light`` is at least this share of the light of the brightest star core on the
+        disc (by its peak): a source on a fainter star beside a bright one is a change of
+        that star only if also more than the bright one's residual (`changed_star` with
+        ``bright_star_residual / bright_star_residual_fraction``).
 
     Returns
     -------
@@ -105,8 +126,8 @@ def bright_star_light(
         at least that light sits there.
     light : `numpy.ndarray` (n,), float64
         The template's light under the position (its excess within a third of
-        ``radius``, over the PSF's fraction there) where that is a star's core; NaN
-        elsewhere.
+        ``radius``, over the PSF's fraction there) where a star's core (a local
+        maximum of the template) lies within it, off its rim; NaN elsewhere.
     """
     if template is None or ix.size == 0 or radius <= 0:
         return np.zeros(ix.size, dtype=bool), np.zeros(ix.size)
@@ -126,7 +147,12 @@ def bright_star_light(
         _bright_part(template, ix[p], iy[p], radius, (least[p], at_saturated[p]), fraction[p])
         for p in batches(ix.size)
     ]
-    return np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
+    bright, light, top = (np.concatenate([d[k] for d in done]) for k in range(3))
+    if neighbour_share > 0:
+        with np.errstate(invalid="ignore"):
+            # NaN stays NaN: no star's core under the position
+            light = np.where(np.isnan(light), light, np.fmax(light, neighbour_share * top / peak))
+    return bright, light
 
 
 #: Cells per axis in each of which the bright-star flags take the PSF as constant (a PSF
@@ -162,9 +188,10 @@ def _local_maxima(stack: np.ndarray) -> np.ndarray:
 
 
 def _bright_part(template: Exposure, ix, iy, radius: float, least: tuple, fraction) -> tuple:
-    """`bright_star_light` of one batch of positions: ``least``, the excess of a bright
-    star's core and of a bright saturated one; ``fraction``, the PSF's light within a
-    third of ``radius``."""
+    """`bright_star_light` of one batch of positions (and the excess of the brightest star
+    core on each disc, NaN without one): ``least``, the excess of a bright star's core
+    and of a bright saturated one; ``fraction``, the PSF's light within a third of
+    ``radius``."""
     r = int(math.ceil(radius))
     offsets = np.arange(-r, r + 1)
     squared = (offsets[:, None] ** 2 + offsets[None, :] ** 2).ravel()
@@ -184,22 +211,22 @@ def _bright_part(template: Exposure, ix, iy, radius: float, least: tuple, fracti
         level[holes] = row_nanmedians(outside[holes], consume=True)
     excess = data[:, disc] - level[:, None]
     # the light under the source itself (within a third of the radius: a PSF FWHM at
-    # the default), not its neighbours' in a crowded field; NaN unless its brightest
-    # pixel is inside it, off its rim (the source is on a star's core, not on the
-    # wings, rings or spikes of one beside it, whose residuals are any fraction of
-    # their light there)
+    # the default), not its neighbours' in a crowded field; NaN unless a star's core
+    # lies inside it, off its rim (the source is on a star, not on the wings, rings or
+    # spikes of one beside it, whose residuals are any fraction of their light there).
+    # Not the brightest pixel there: a brighter neighbour's wing outshone the SAAO
+    # microlensing star's own core 1.2 FWHM from it in 7 px seeing
     core = radius / 3.0
     r2 = squared[disc]
     finite = np.isfinite(excess)
     under = finite & (r2 <= core * core)
     with np.errstate(invalid="ignore", divide="ignore"):
         light = np.where(under, excess, 0.0).sum(axis=1) / fraction
-    # the argmax over the core's columns alone (the only ones `under` holds); a row
-    # without any reads the first column, as the argmax of a row of -inf does
-    in_core = np.flatnonzero(r2 <= core * core)
-    brightest = in_core[np.where(under[:, in_core], excess[:, in_core], -np.inf).argmax(axis=1)]
-    brightest[~under.any(axis=1)] = 0
-    light[r2[brightest] > max(core - 1.0, 0.0) ** 2] = np.nan
+    own = cores & under & (r2 <= max(core - 1.0, 0.0) ** 2)
+    light[~own.any(axis=1)] = np.nan
+    with np.errstate(invalid="ignore"):
+        top = np.where(cores & finite, excess, -np.inf).max(axis=1, initial=-np.inf)
+    top[~np.isfinite(top)] = np.nan
     # a star's core on the disc, not any pixel: the wing of a star beyond it holds more
     # of its peak the wider the PSF, and judged by its light there it flagged 2x the
     # positions on a score of the poor-seeing SAAO frames. A saturated core by its own
@@ -217,7 +244,7 @@ def _bright_part(template: Exposure, ix, iy, radius: float, least: tuple, fracti
         mask = _stack(template.mask, ix[need], iy[need], r, fill=0).reshape(need.size, -1)
         clipped = (mask[:, disc] & np.int32(bits)) != 0
         bright[need] = np.any(lower[need] & clipped, axis=1)
-    return bright, light
+    return bright, light, top
 
 
 def _ring_medians(values: np.ndarray) -> np.ndarray:
