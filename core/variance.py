@@ -445,7 +445,8 @@ def measure_variance_scale(
         warnings.append(
             f"no variance was given: the plane of ones was scaled by {factor:.4g} to the "
             "sky noise, without the sources' photon noise; give a variance (e.g. "
-            "core.io.estimate_variance(image, gain=...)[0])"
+            "variance, source, *_ = core.io.estimate_variance(image, gain=...), then "
+            "Exposure.from_arrays(image, variance, variance_source=source))"
         )
     elif not (math.isfinite(factor) and 1.0 / limit <= factor <= limit):
         warnings.append(

@@ -32,7 +32,9 @@ def _block(marker: str) -> str:
 
 @pytest.fixture(scope="module")
 def pair():
-    return simulate_pair(preset("sharper_template", size=384, seed=5))
+    # with sources that faded: the walkthrough keeps both signs
+    config = preset("sharper_template", size=384, seed=5)
+    return simulate_pair(config.model_copy(update={"n_negative_transients": 6}))
 
 
 def test_notebook_walkthrough_runs(pair, tmp_path, monkeypatch):
@@ -55,7 +57,15 @@ def test_notebook_walkthrough_runs(pair, tmp_path, monkeypatch):
     assert len(names["real"]) > 0, "the walkthrough's selection of real sources is empty"
     assert np.isfinite(names["forced"]["psf_flux"]).all()
     assert names["cut"].stamps["DIFFERENCE"].shape[1:] == (63, 63)
-    assert names["png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(names["pngs"]) == len(names["real"])
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in names["pngs"])
+    # both signs kept: the sources that faded are among the real ones where any are
+    catalog = names["cat"]
+    faded = (catalog["snr"] < -10) & (catalog["flags"] == 0) & ~catalog["is_dipole"]
+    assert np.count_nonzero(names["real"]["snr"] < 0) == np.count_nonzero(faded) > 0
+    # the template's variance says how it was modelled
+    assert names["template"].variance_source == names["source"]
+    assert "GAIN=1.9" in names["source"]
     assert (tmp_path / "prod" / "difference.fits").is_file()
 
 
