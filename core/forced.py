@@ -23,6 +23,7 @@ from scipy import fft, sparse
 from .config import DiaSourceConfig, ForcedPhotometryConfig
 from .errors import IncompatibleInputsError, InvalidCatalogError, PsfError
 from .exposure import Exposure
+from .io import bunit_card
 from .position_flags import (
     bright_star,
     bright_star_light,
@@ -713,8 +714,9 @@ _OBSERVATION_KEYS = {
 
 def observation_meta(exposure: Exposure) -> dict:
     """When and how the measured image was taken, for a catalog's meta: ``mjd_obs``,
-    ``date_obs``, ``band``, ``exptime`` and ``bunit`` (the unit of its pixels; fluxes
-    are sums of them), those the exposure's header holds (an alert needs the epoch)."""
+    ``date_obs``, ``band`` and ``exptime``, those the exposure's header holds (an alert
+    needs the epoch), and ``bunit``, the unit of its pixels (fluxes are sums of them):
+    the header's, else the one the products write for the image (`core.io.bunit_card`)."""
     meta = {}
     header = exposure.metadata
     for key, cards in _OBSERVATION_KEYS.items():
@@ -731,6 +733,8 @@ def observation_meta(exposure: Exposure) -> dict:
         elif isinstance(value, bool) or not (value is not None and math.isfinite(value)):
             continue
         meta[key] = value
+    # none in the header: the unit the products write for the image (adu)
+    meta.setdefault("bunit", bunit_card(exposure))
     return meta
 
 

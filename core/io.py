@@ -96,6 +96,7 @@ __all__ = [
     "to_ccddata",
     "from_ccddata",
     "image_unit",
+    "bunit_card",
     "DEFAULT_MAX_PIXELS",
     "MIN_IMAGE_SIDE",
 ]
@@ -1473,7 +1474,7 @@ def _exposure_hdus(
     # astropy's CCDData/NDData readers take the unit from BUNIT of the data HDU and the
     # uncertainty's kind from UTYPE of its HDU (see `to_ccddata` for the documented call).
     unit = image_unit(exposure)
-    image_header["BUNIT"] = (_unit_card(unit), "unit of IMAGE")
+    image_header["BUNIT"] = (bunit_card(exposure), "unit of IMAGE")
     mask_header = fits.Header()
     for plane, bit in sorted(exposure.mask_planes.as_dict().items(), key=lambda kv: kv[1]):
         mask_header[f"HIERARCH MP_{plane}"] = bit
@@ -1688,6 +1689,12 @@ def image_unit(exposure: Exposure) -> Any:
         if not isinstance(unit, u.UnrecognizedUnit):
             return unit
     return u.Unit(_DEFAULT_UNIT)
+
+
+def bunit_card(exposure: Exposure) -> str:
+    """The BUNIT the products give ``exposure``'s pixels (`image_unit`, FITS spelling):
+    an image and a catalog measured on it say the same unit."""
+    return _unit_card(image_unit(exposure))
 
 
 def _unit_card(unit: Any) -> str:

@@ -1196,6 +1196,23 @@ def test_catalog_file_says_when_in_which_band_and_in_which_units(tmp_path, bunit
         assert not back.has_masked_columns and np.isnan(back["psf_flux"][0])
 
 
+def test_catalog_file_of_an_image_without_bunit_says_the_image_files_unit(tmp_path):
+    """No BUNIT in the science header: the catalog says the unit the difference file
+    says (adu, raw counts), and its fluxes carry it."""
+    from core.diasources import catalog_hdulist
+    from core.products import write_products
+
+    pair = simulate_pair(preset("sharper_template", size=256, seed=4))
+    pair.science.metadata.pop("BUNIT", None)
+    result = run_subtraction(pair.science, pair.template)
+    write_products(result, tmp_path, names=["difference"])
+    catalog_hdulist(result.dia_sources).writeto(tmp_path / "dia.fits")
+    header = fits.getheader(tmp_path / "dia.fits", "DIASOURCES")
+    assert header["BUNIT"] == fits.getheader(tmp_path / "difference.fits", "IMAGE")["BUNIT"]
+    units = {header[f"TTYPE{i}"]: header.get(f"TUNIT{i}") for i in range(1, header["TFIELDS"] + 1)}
+    assert units["psf_flux"] == header["BUNIT"] == "adu"
+
+
 def test_sources_along_a_satellite_trail_are_flagged_streak():
     """A trail across the science image is one footprint, a ridge whose local maxima the
     saddle test folds into a few sources (11 before it); those are flagged ``streak``

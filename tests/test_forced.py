@@ -106,7 +106,8 @@ def test_observation_meta_keeps_only_what_a_fits_card_holds():
         {"MJD-OBS": float("nan"), "DATE-OBS": " 2024-01-02 ", "FILTER": "r\u00e9", "EXPTIME": 30}
     )
     meta = observation_meta(exposure)
-    assert meta == {"date_obs": "2024-01-02", "exptime": 30}
+    # no BUNIT in the header: the image file's unit (raw counts)
+    assert meta == {"date_obs": "2024-01-02", "exptime": 30, "bunit": "adu"}
     exposure.band = "g"
     assert observation_meta(exposure)["band"] == "g"  # the exposure's band first
     table = forced_photometry(exposure.with_psf(GaussianPsf(1.5)), x=[32.0], y=[32.0])
