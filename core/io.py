@@ -1841,6 +1841,13 @@ _INFO_KEYS = (
 )
 
 
+def _ctypes(wcs) -> list[str]:
+    """The axis types as a header would give them: astropy holds a TPV projection as TAN
+    plus its distortion (DECam frames read RA---TAN), its header writes TPV again."""
+    header = wcs.to_header(relax=True)
+    return [str(header.get(f"CTYPE{i + 1}", c)) for i, c in enumerate(wcs.wcs.ctype)]
+
+
 def _json_number(value: float | None, digits: int = 6) -> float | None:
     if value is None or not math.isfinite(value):
         return None
@@ -1905,7 +1912,7 @@ def describe_exposure(source: Source, **kwargs: Any) -> dict[str, Any]:
             center_ra=_json_number(float(ra), 10),
             center_dec=_json_number(float(dec), 10),
             pixel_scale_arcsec=_json_number(float(np.mean(scales)) * 3600, 5),
-            ctype=list(exposure.wcs.wcs.ctype),
+            ctype=_ctypes(exposure.wcs),
         )
     # the sky figures describe, they do not measure: a regular sub-grid of at most
     # `_DESCRIBE_MAX_PIXELS` gives the medians to ~1e-3 sigma at a fraction of the sort

@@ -1161,3 +1161,27 @@ def test_written_file_is_the_hdulist_streamed(tmp_path, monkeypatch, block_bytes
     back = read_exposure(path)
     np.testing.assert_array_equal(back.image, image)
     np.testing.assert_array_equal(back.mask, exposure.mask)
+
+
+def test_describe_names_a_tpv_projection_as_its_header_does(tmp_path):
+    """astropy holds TPV (DECam's) as TAN plus its distortion; the description says TPV."""
+    header = fits.Header()
+    header.update(
+        {
+            "CTYPE1": "RA---TPV",
+            "CTYPE2": "DEC--TPV",
+            "CRPIX1": 32.0,
+            "CRPIX2": 32.0,
+            "CRVAL1": 150.0,
+            "CRVAL2": 2.0,
+            "CD1_1": -7.3e-5,
+            "CD2_2": 7.3e-5,
+            "PV1_1": 1.0,
+            "PV2_1": 1.0,
+            "PV1_4": 1e-3,
+        }
+    )
+    image = np.random.default_rng(1).normal(100.0, 5.0, (64, 64)).astype(np.float32)
+    path = tmp_path / "tpv.fits"
+    fits.PrimaryHDU(image, header).writeto(path)
+    assert describe_exposure(path)["wcs"]["ctype"] == ["RA---TPV", "DEC--TPV"]

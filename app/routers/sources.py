@@ -142,7 +142,9 @@ _TABLE_CONTENT = {
     "/{job_id}/sources",
     summary="DIA sources of a subtraction",
     description="The catalog of what changed: one object per DIA source (positive, negative or "
-    "dipole), most significant first. Columns: `id`, `x`, `y` (0-based column and row of the "
+    "dipole), most significant first (by |detection_snr|, the S/N the detection found; "
+    "`min_snr` filters on |snr|, the PSF fit's, which a dipole's lobes or an edge can set "
+    "apart from it). Columns: `id`, `x`, `y` (0-based column and row of the "
     "science array), `ra`, `dec` (degrees; null without WCS), `psf_flux`, `psf_flux_err` "
     "(science counts), `snr`, `detection_snr`, `aperture_flux` and its error (null where the "
     "aperture touches no-data, edge or bad pixels), moments `ixx`, `iyy`, `ixy`, `footprint` "
@@ -179,14 +181,21 @@ _TABLE_CONTENT = {
 def list_sources(
     job_id: str,
     format: Literal["json", "csv", "fits"] = Query("json", description="json, csv or fits."),
-    min_snr: float | None = Query(None, ge=0, description="Keep sources with |snr| >= this."),
+    min_snr: float | None = Query(
+        None, ge=0, description="Keep sources with |snr| (the PSF fit's) >= this."
+    ),
     sign: Literal["positive", "negative", "dipole"] | None = Query(
         None, description="Keep only positive, negative or dipole sources."
     ),
     exclude_flags: int = Query(
         0, ge=0, description="Drop sources with any of these flag bits (e.g. 1 = edge)."
     ),
-    limit: int | None = Query(None, ge=1, description="At most this many (most significant)."),
+    limit: int | None = Query(
+        None,
+        ge=1,
+        description="At most this many, the first in the catalog's order (largest "
+        "|detection_snr| first).",
+    ),
     caller: Caller = Depends(get_caller),
     store: Store = Depends(get_store),
 ) -> Response:
