@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -239,6 +240,15 @@ def _planes(args, role: str) -> dict[str, str]:
     given = [k for k in ("variance", "noise", "weight") if k in planes]
     if len(given) > 1:
         raise UsageError(f"give only one of --{role}-{given[0]} and --{role}-{given[1]}")
+    gain = getattr(args, f"{role}_gain", None)
+    if gain is not None:
+        if given:
+            raise UsageError(
+                f"--{role}-gain models the variance: it has no use with --{role}-{given[0]}"
+            )
+        if not (math.isfinite(gain) and gain > 0):
+            raise UsageError(f"--{role}-gain must be a positive number, got {gain}")
+        planes["gain"] = gain
     return planes
 
 
@@ -530,6 +540,14 @@ def _add_plane_options(p: argparse.ArgumentParser, role: str) -> None:
         f"--{role}-psf",
         metavar="FILE",
         help=f"{role} PSF image (2-D stamp, centred; or a 4-D grid with PSF_NODES)",
+    )
+    group.add_argument(
+        f"--{role}-gain",
+        metavar="E_PER_UNIT",
+        type=float,
+        help=f"{role} gain (electrons per pixel unit) for the variance model of a file with "
+        "no variance plane, instead of its GAIN card: a coadd whose card is one exposure's "
+        "(a mean of N exposures has N times its gain)",
     )
 
 

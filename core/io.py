@@ -921,6 +921,7 @@ def read_exposure(
     psf: Any = None,
     hdu: int | str | None = None,
     saturation: float | None = None,
+    gain: float | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     name: str | None = None,
 ) -> Exposure:
@@ -947,6 +948,10 @@ def read_exposure(
         else the first HDU holding image data.
     saturation : float, optional
         Saturation level; overrides the SATURATE keyword.
+    gain : float, optional
+        Electrons per unit of the pixel values, for the variance model of a file with
+        no variance plane; overrides the GAIN keyword (a coadd whose GAIN card is one
+        exposure's: a mean of N exposures has N times its gain).
     max_pixels : int
         Refuse planes with more pixels (checked from headers before loading).
     name : str, optional
@@ -975,14 +980,21 @@ def read_exposure(
         psf=psf,
         hdu=hdu,
         saturation=saturation,
+        gain=gain,
         max_pixels=max_pixels,
         name=name,
     )
     return exposure
 
 
-def _read(source, *, variance, weight, noise, mask, psf, hdu, saturation, max_pixels, name):
+def _read(
+    source, *, variance, weight, noise, mask, psf, hdu, saturation, max_pixels, name, gain=None
+):
     display = _source_name(source, name)
+    if gain is not None and not (math.isfinite(gain) and gain > 0):
+        raise InvalidExposureError(
+            f"{display}: the gain must be a positive number (electrons per pixel unit), got {gain}"
+        )
     options = (("variance", variance), ("weight", weight), ("noise", noise))
     given = [k for k, v in options if v is not None]
     if len(given) > 1:
@@ -991,7 +1003,7 @@ def _read(source, *, variance, weight, noise, mask, psf, hdu, saturation, max_pi
     opened: list[_Fits] = []
     try:
         return _read_open(
-            f, opened, variance, weight, noise, mask, psf, hdu, saturation, max_pixels
+            f, opened, variance, weight, noise, mask, psf, hdu, saturation, max_pixels, gain
         )
     except InvalidExposureError:
         raise
@@ -1029,7 +1041,9 @@ def _find_image_hdu(f: _Fits, hdu) -> int:
     raise f.problem("no image data (no image HDU with pixels)")
 
 
-def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, max_pixels):
+def _read_open(
+    f, opened, variance, weight, noise, mask, psf, hdu, saturation, max_pixels, gain=None
+):
     info = _ReadInfo()
     index = _find_image_hdu(f, hdu)
     image_hdu = f.hdul[index]
@@ -1119,7 +1133,8 @@ def _read_open(f, opened, variance, weight, noise, mask, psf, hdu, saturation, m
     alsub = _alsub_json(primary)
     unusable = _Unusable(exposure_mask, planes.get_bitmask(_UNUSABLE_PLANES))
     if variance_array is None:
-        gain = _data_gain(headers)
+        if gain is None:
+            gain = _data_gain(headers)
         read_noise = _float_value(headers, _READ_NOISE_KEYS)
         usable = ~unusable.pixels()
         valid = usable if finite is None else finite & usable
@@ -1886,6 +1901,7 @@ def describe_exposure(source: Source, **kwargs: Any) -> dict[str, Any]:
         psf=kwargs.pop("psf", None),
         hdu=kwargs.pop("hdu", None),
         saturation=kwargs.pop("saturation", None),
+        gain=kwargs.pop("gain", None),
         max_pixels=kwargs.pop("max_pixels", DEFAULT_MAX_PIXELS),
         name=kwargs.pop("name", None),
     )

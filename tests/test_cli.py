@@ -317,6 +317,24 @@ def test_missing_output_directory_of_warp_and_forced_fails_before_reading(
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (["--science-gain", "-2"], "--science-gain must be a positive number"),
+        (["--template-gain", "nan"], "--template-gain must be a positive number"),
+        (["--science-gain", "4", "--science-noise", "n.fits"], "no use with --science-noise"),
+    ],
+)
+def test_a_gain_that_cannot_model_the_variance_is_a_user_error(
+    pair_dir, tmp_path, capsys, options, said
+):
+    (tmp_path / "n.fits").write_bytes((pair_dir / "science.fits").read_bytes())
+    options = [str(tmp_path / o) if o == "n.fits" else o for o in options]
+    assert _subtract(pair_dir, tmp_path / "d.fits", *options) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "d.fits").exists()
+
+
 def test_identical_inputs_exit_2(pair_dir, tmp_path, capsys):
     science = str(pair_dir / "science.fits")
     assert main(["subtract", science, science, "-o", str(tmp_path / "d.fits")]) == 2

@@ -1185,3 +1185,24 @@ def test_describe_names_a_tpv_projection_as_its_header_does(tmp_path):
     path = tmp_path / "tpv.fits"
     fits.PrimaryHDU(image, header).writeto(path)
     assert describe_exposure(path)["wcs"]["ctype"] == ["RA---TPV", "DEC--TPV"]
+
+
+def test_a_given_gain_models_the_variance_instead_of_the_gain_card(tmp_path):
+    """A coadd whose GAIN card is one exposure's: a gain given to the reader replaces it in
+    the variance model; bad ones are refused."""
+    rng = np.random.default_rng(5)
+    image = (1000.0 + rng.normal(0.0, 10.0, (64, 64))).astype(np.float32)
+    image[30:34, 30:34] += 20000.0
+    path = tmp_path / "coadd.fits"
+    fits.PrimaryHDU(image, fits.Header({"GAIN": 2.0, "RDNOISE": 5.0})).writeto(path)
+    card = read_exposure(path)
+    given = read_exposure(path, gain=10.0)
+    # the card's gain predicts 2.3x the sky's noise: measured instead; the given one
+    # predicts it, and its photon-noise model is the plane
+    assert "below the gain model" in card.variance_source
+    assert given.variance_source.startswith("gain/read-noise model (GAIN=10 ")
+    expected = np.maximum(image, 0.0) / 10.0 + (5.0 / 10.0) ** 2
+    np.testing.assert_allclose(given.variance, expected, rtol=1e-6)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(InvalidExposureError, match="gain must be a positive number"):
+            read_exposure(path, gain=bad)
