@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from core.display import png_bytes
+from core.display import BLANK_PLANES, blanked, png_bytes
 
 from .errors import ApiError
 
@@ -29,15 +29,21 @@ EXPOSURE_PRODUCTS = (
 
 
 def image_plane(path: Path) -> np.ndarray:
-    """The image plane of a product file: the IMAGE HDU, else the first 2-D image HDU."""
+    """The image plane of a product file to preview: the IMAGE HDU, else the first 2-D
+    image HDU; NaN (drawn blank) where its MASK HDU has `BLANK_PLANES`."""
+    from core.io import mask_bits
+
     with fits.open(path, memmap=False) as hdul:
-        # Chosen from the headers, so only the chosen HDU's data is read (not mask, variance...).
+        # Chosen from the headers, so only the chosen HDU's data is read (not variance...).
         hdus = [h for h in hdul if h.is_image and h.size > 0]
         named = [h for h in hdus if h.name == "IMAGE"]
         chosen = (named or [h for h in hdus if len(h.shape) == 2] or [None])[0]
         if chosen is None:
             raise ApiError(422, "no_image", f"{path.name} has no 2-D image to preview")
-        return np.asarray(chosen.data, dtype=np.float32)
+        image = np.asarray(chosen.data, dtype=np.float32)
+        mask = next((h for h in hdus if h.name == "MASK" and h.shape == image.shape), None)
+        bits = mask_bits(mask.header, BLANK_PLANES) if mask is not None else 0
+        return blanked(image, (mask.data & bits) != 0 if bits else None)
 
 
 def _box(x: int, y: int, size: int, bbox) -> tuple[int, int, int, int]:
@@ -71,5 +77,6 @@ def cutout_fits(path: Path, x: int, y: int, size: int) -> bytes:
 
 
 def cutout_png(path: Path, x: int, y: int, size: int) -> bytes:
-    """PNG preview of the same cutout as `cutout_fits`."""
-    return png_bytes(_exposure_cutout(path, x, y, size).image)
+    """PNG preview of the same cutout as `cutout_fits` (`BLANK_PLANES` drawn blank)."""
+    cut = _exposure_cutout(path, x, y, size)
+    return png_bytes(blanked(cut.image, cut.masked(BLANK_PLANES)))

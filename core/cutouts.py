@@ -13,15 +13,16 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from .display import png_bytes
+from .display import BLANK_PLANES, blanked, png_bytes
 from .errors import InvalidConfigError
+from .io import mask_bits
 from .parallel import frame_array, thread_map
 from .stamps import stamps
 
@@ -53,11 +54,15 @@ class Cutouts:
     headers : dict
         Image name -> the frame's WCS as a FITS header (with BUNIT when the product
         gives one), or None without either.
+    blank : dict
+        Image name -> (n, size, size) bool, the stamp pixels a picture leaves blank
+        (`core.display.BLANK_PLANES` of the product's mask); images without one: none.
     """
 
     stamps: dict[str, np.ndarray]
     origin: np.ndarray
     headers: dict[str, fits.Header | None]
+    blank: dict[str, np.ndarray] = field(default_factory=dict)
 
     def header(self, name: str, k: int) -> fits.Header:
         """FITS header with the WCS (and BUNIT) of stamp ``k`` of image ``name`` (empty
@@ -105,7 +110,13 @@ def _gather_edge(data: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) ->
     return out
 
 
-def cutouts(images: Mapping[str, tuple[np.ndarray, WCS | None]], x, y, size: int) -> Cutouts:
+def cutouts(
+    images: Mapping[str, tuple[np.ndarray, WCS | None]],
+    x,
+    y,
+    size: int,
+    masks: Mapping[str, tuple[np.ndarray, int]] | None = None,
+) -> Cutouts:
     """Stamps of ``size`` x ``size`` px (odd) centred on the pixels nearest (x, y).
 
     Parameters
@@ -116,6 +127,9 @@ def cutouts(images: Mapping[str, tuple[np.ndarray, WCS | None]], x, y, size: int
         0-based columns and rows of the sources.
     size : int
         Odd stamp side, so the source's pixel is the centre pixel.
+    masks : mapping, optional
+        Name -> (integer mask (ny, nx), bits): where its stamps have any of the bits,
+        their pictures are blank (`Cutouts.blank`).
 
     Raises
     ------
@@ -136,12 +150,17 @@ def cutouts(images: Mapping[str, tuple[np.ndarray, WCS | None]], x, y, size: int
     # the images on the thread pool: their stamps' copies and first writes release the GIL
     names = list(images)
     stacks = thread_map(lambda name: _gather(images[name][0], ix, iy, half), names)
-    stamps = dict(zip(names, stacks, strict=True))
+    by_name = dict(zip(names, stacks, strict=True))
     headers = {
         name: wcs.to_header(relax=True) if wcs is not None else None
         for name, (_, wcs) in images.items()
     }
-    return Cutouts(stamps, np.column_stack([ix - half, iy - half]), headers)
+    blank = {
+        name: (stamps(mask, ix, iy, half) & np.int64(bits)) != 0
+        for name, (mask, bits) in (masks or {}).items()
+        if bits
+    }
+    return Cutouts(by_name, np.column_stack([ix - half, iy - half]), headers, blank)
 
 
 def result_images(result) -> dict[str, tuple[np.ndarray, WCS | None]]:
@@ -173,9 +192,14 @@ TRIPLET_PANEL = 180
 
 def triplet_png(cut: Cutouts, k: int = 0) -> bytes:
     """PNG of source ``k``'s stamps side by side (science, template, difference), each
-    stretched on its own, enlarged to `TRIPLET_PANEL` and labelled with its name."""
+    stretched on its own, enlarged to `TRIPLET_PANEL` and labelled with its name; pixels
+    in `Cutouts.blank` drawn blank."""
+    blank = cut.blank
     return png_bytes(
-        [stack[k] for stack in cut.stamps.values()],
+        [
+            blanked(stack[k], blank[name][k] if name in blank else None)
+            for name, stack in cut.stamps.items()
+        ],
         labels=[name.lower() for name in cut.stamps],
         min_panel=TRIPLET_PANEL,
     )
@@ -193,6 +217,8 @@ def triplet_from_files(paths: Mapping[str, Path], x, y, size: int) -> Cutouts:
         0-based columns and rows.
     size : int
         Odd stamp side.
+
+    A product's ``MASK`` HDU marks the pixels its pictures leave blank (`Cutouts.blank`).
     """
     parts = []
     for name, path in paths.items():
@@ -210,7 +236,10 @@ def triplet_from_files(paths: Mapping[str, Path], x, y, size: int) -> Cutouts:
                     wcs = WCS(chosen.header) if chosen.header.get("CTYPE1") else None
             except Exception:  # noqa: BLE001 - an unreadable WCS: stamps without one
                 wcs = None
-            part = cutouts({name: (chosen.data, wcs)}, x, y, size)
+            # its mask's unusable pixels are left blank in pictures
+            mask = next((h for h in hdul if h.name == "MASK" and h.header.get("NAXIS") == 2), None)
+            masks = {name: (mask.data, mask_bits(mask.header, BLANK_PLANES))} if mask else None
+            part = cutouts({name: (chosen.data, wcs)}, x, y, size, masks)
             unit = chosen.header.get("BUNIT")
             if unit:  # the stamps' unit, as the product states it
                 header = part.headers[name] or fits.Header()
@@ -221,4 +250,5 @@ def triplet_from_files(paths: Mapping[str, Path], x, y, size: int) -> Cutouts:
         {name: part.stamps[name] for part, name in zip(parts, paths, strict=True)},
         parts[0].origin,
         {name: part.headers[name] for part, name in zip(parts, paths, strict=True)},
+        {name: part.blank[name] for part, name in zip(parts, paths, strict=True) if part.blank},
     )

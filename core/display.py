@@ -13,7 +13,20 @@ import numpy as np
 from astropy.visualization import AsinhStretch, ZScaleInterval
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["png_bytes", "stretch_8bit", "block_mean"]
+__all__ = ["png_bytes", "stretch_8bit", "block_mean", "BLANK_PLANES", "blanked"]
+
+#: Mask planes whose pixels a picture leaves blank (drawn as NaN, at the median): they
+#: hold no difference, only input values copied there (the convolutions' unreachable
+#: band, no template coverage: a strip of science stars on the SAAO frames' previews).
+BLANK_PLANES = ("NO_DATA", "EDGE")
+
+
+def blanked(image: np.ndarray, blank: np.ndarray | None) -> np.ndarray:
+    """float32 ``image`` with NaN where ``blank`` (None: as it is)."""
+    image = np.asarray(image, dtype=np.float32)
+    if blank is None or not blank.any():
+        return image
+    return np.where(blank, np.float32(np.nan), image)
 
 
 def block_mean(image: np.ndarray, max_size: int) -> np.ndarray:

@@ -97,6 +97,7 @@ __all__ = [
     "from_ccddata",
     "image_unit",
     "bunit_card",
+    "mask_bits",
     "DEFAULT_MAX_PIXELS",
     "MIN_IMAGE_SIDE",
 ]
@@ -713,6 +714,12 @@ def _mask_planes_from_header(header: fits.Header | None) -> MaskPlanes | None:
         if key.upper().startswith("MP_") and len(key) > 3:
             planes[key[3:].upper()] = int(value)
     return MaskPlanes(planes) if planes else None
+
+
+def mask_bits(header: fits.Header | None, names) -> int:
+    """Bits of the named planes in a MASK HDU with header ``header``: its ``MP_<NAME>``
+    cards, else alsub's (Rubin's) default planes."""
+    return (_mask_planes_from_header(header) or MaskPlanes()).get_bitmask(names)
 
 
 def _mask_from_plane(

@@ -15,6 +15,7 @@ from PIL import Image
 
 from app.cli import main
 from core.cutouts import TRIPLET_PANEL
+from core.exposure import Exposure
 
 REQUIRED = ("id", "x", "y", "ra", "dec", "psf_flux", "psf_flux_err", "snr")
 REQUIRED += ("is_negative", "is_dipole", "flags")
@@ -285,3 +286,37 @@ def test_cutouts_keep_astropys_header_fixes_quiet(run, tmp_path, capsys):
     assert code == 0
     assert not [w for w in caught if "OBSGEO" in str(w.message)]
     assert "OBSGEO" not in capsys.readouterr().err
+
+
+def test_pictures_leave_pixels_without_a_difference_blank(tmp_path):
+    """Pixels of a product's NO_DATA or EDGE planes hold input values copied there (a
+    strip of science stars where the template has no coverage): its preview and its
+    cutout pictures draw them blank (at the stamp's median, as NaN), the FITS stamps
+    keep the values."""
+    from app.imaging import image_plane
+    from core.cutouts import triplet_from_files, triplet_png
+    from core.display import blanked
+    from core.io import write_exposure
+
+    rng = np.random.default_rng(6)
+    image = rng.normal(0.0, 1.0, (80, 80)).astype(np.float32)
+    image[:, :20] += 500.0  # the strip without a template: the science's own light
+    exposure = Exposure.from_arrays(image, np.ones_like(image))
+    strip = np.zeros(image.shape, dtype=bool)
+    strip[:, :20] = True
+    exposure.mask[strip] |= exposure.mask_planes.value("NO_DATA")
+    exposure.mask[:, 20] |= exposure.mask_planes.value("EDGE")
+    path = tmp_path / "difference.fits"
+    write_exposure(exposure, path)
+    preview = image_plane(path)
+    assert np.isnan(preview[:, :21]).all() and np.isfinite(preview[:, 21:]).all()
+    cut = triplet_from_files({"DIFFERENCE": path}, [25.0], [40.0], 21)
+    np.testing.assert_array_equal(cut.stamps["DIFFERENCE"][0], image[30:51, 15:36])
+    expected = np.zeros((21, 21), dtype=bool)
+    expected[:, :6] = True
+    np.testing.assert_array_equal(cut.blank["DIFFERENCE"][0], expected)
+    drawn = triplet_png(cut, 0)
+    cut.blank.clear()
+    assert triplet_png(cut, 0) != drawn  # the strip was drawn before
+    cut.stamps["DIFFERENCE"][0] = blanked(image[30:51, 15:36], expected)
+    assert triplet_png(cut, 0) == drawn
