@@ -28,6 +28,7 @@ from scipy import ndimage
 from . import order
 from .exposure import Exposure
 from .parallel import frame_array, thread_map
+from .stamps import clipped_rows
 
 __all__ = ["background_map", "background_image", "background_images", "BACKGROUND_IGNORE_PLANES"]
 
@@ -143,25 +144,37 @@ def _directional_predictions(mesh: np.ndarray) -> np.ndarray:
     return np.stack(predictions)
 
 
-def _search_rows(sorted_rows: np.ndarray, n: np.ndarray, value: np.ndarray, right: bool):
+def _search_rows(
+    sorted_rows: np.ndarray,
+    n: np.ndarray,
+    value: np.ndarray,
+    right: bool,
+    rows: np.ndarray | None = None,
+):
     """Per-row `numpy.searchsorted` on rows sorted ascending with NaNs last (``n`` finite
     values each): a vectorised binary search over all rows at once, by powers of two
-    (the count below ``value`` is built bit by bit: a fixed number of steps, few calls)."""
-    rows = np.arange(sorted_rows.shape[0])
+    (the count below ``value`` is built bit by bit: a fixed number of steps, few calls).
+
+    ``rows``: the rows searched (``value`` one per row given), default all."""
+    if rows is None:
+        rows = np.arange(sorted_rows.shape[0])
+    n = n[rows].astype(np.int64)
     count = np.zeros(rows.size, dtype=np.int64)
-    n = n.astype(np.int64)
     top = int(n.max(initial=0))
     step = 1 << (top.bit_length() - 1) if top else 0
     compare = np.less_equal if right else np.less
-    while step:
-        wider = count + step
-        # the value at index wider - 1 is below (right: not above) ``value``: take it
-        probe = sorted_rows[rows, np.minimum(wider, n) - 1]
-        with np.errstate(invalid="ignore"):
+    # probes gathered by flat index: cheaper than a two-index gather
+    flat = sorted_rows.reshape(-1)
+    start = rows * sorted_rows.shape[1] - 1
+    with np.errstate(invalid="ignore"):  # NaN probes (past a row's n) are not taken
+        while step:
+            wider = count + step
+            # the value at index wider - 1 is below (right: not above) ``value``: take it
+            probe = flat[start + np.minimum(wider, n)]
             take = compare(probe, value)
-        take &= wider <= n
-        count += take * step
-        step >>= 1
+            take &= wider <= n
+            count += take * step
+            step >>= 1
     return count
 
 
@@ -186,35 +199,37 @@ def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
         d[~finite] = 0.0
     total, total2 = d.sum(axis=1), np.einsum("ij,ij->i", d, d)
 
-    def end_sums(a, b):
-        # sums of d and d^2 over [0, a) and [b, n) of every row, over only as many
+    def end_sums(a, b, of):
+        # sums of d and d^2 over [0, a) and [b, n) of rows ``of``, over only as many
         # columns as the longest clipped end (masked per row; the upper ends end at
         # each row's n), summed in order (cumsum) so that the masked zeros leave each
         # row's sums as they would be alone; returns sum and sum of squares, both ends
-        sums = np.zeros((2, k))
+        sums = np.zeros((2, of.size))
         wide = int(a.max(initial=0))
         if wide:
-            head = np.where(np.arange(wide) < a[:, None], d[:, :wide], 0.0)
+            head = np.where(np.arange(wide) < a[:, None], d[of, :wide], 0.0)
             sums[0] += head.cumsum(axis=1)[:, -1]
             sums[1] += np.square(head, out=head).cumsum(axis=1)[:, -1]
-        wide = int((n - b).max(initial=0))
+        end = n[of]
+        wide = int((end - b).max(initial=0))
         if wide:
-            cols = n[:, None] - wide + np.arange(wide)  # the last `wide` of [0, n)
-            tail = np.where(cols >= b[:, None], d[rows[:, None], np.maximum(cols, 0)], 0.0)
+            cols = end[:, None] - wide + np.arange(wide)  # the last `wide` of [0, n)
+            tail = np.where(cols >= b[:, None], d[of[:, None], np.maximum(cols, 0)], 0.0)
             sums[0] += tail.cumsum(axis=1)[:, -1]
             sums[1] += np.square(tail, out=tail).cumsum(axis=1)[:, -1]
         return sums
 
-    def stats(a, b):
+    def stats(a, b, of=rows):
+        # clipped median and std of rows ``of`` (their bounds ``a``, ``b``)
         count = b - a
         safe = np.maximum(count, 1)
         mid = a + count // 2
-        upper = s[rows, np.clip(mid, 0, length - 1)].astype(np.float64)
-        lower = s[rows, np.clip(mid - 1, 0, length - 1)].astype(np.float64)
+        upper = s[of, np.clip(mid, 0, length - 1)].astype(np.float64)
+        lower = s[of, np.clip(mid - 1, 0, length - 1)].astype(np.float64)
         median = np.where(count % 2 == 1, upper, 0.5 * (upper + lower))
-        ends, ends2 = end_sums(a, b)
-        mean = (total - ends) / safe
-        var = (total2 - ends2) / safe - mean * mean
+        ends, ends2 = end_sums(a, b, of)
+        mean = (total[of] - ends) / safe
+        var = (total2[of] - ends2) / safe - mean * mean
         empty = count == 0
         median[empty] = np.nan
         std = np.sqrt(np.maximum(var, 0.0))
@@ -223,23 +238,24 @@ def _clipped_stats_sorted(s: np.ndarray, sigma: float, maxiters: int):
 
     a = np.zeros(k, dtype=np.int64)
     b = n.astype(np.int64)
-    done = n == 0
     lower = np.full(k, np.nan)
     upper = np.full(k, np.nan)
+    # only the rows still clipping are worked on: most stop after two or three passes,
+    # a few (bright sources) take all of them
+    active = np.flatnonzero(n > 0)
     for _ in range(maxiters):
-        median, std = stats(a, b)
-        lower = np.where(done, lower, median - sigma * std)
-        upper = np.where(done, upper, median + sigma * std)
-        new_a = np.maximum(a, _search_rows(s, n, lower, right=False))
-        new_b = np.minimum(b, _search_rows(s, n, upper, right=True))
-        count = np.maximum(new_b - new_a, 0)
-        stop = (count == b - a) | (count == 0)
-        update = ~done & ~stop
-        a = np.where(update, new_a, a)
-        b = np.where(update, new_b, b)
-        done |= stop
-        if done.all():
+        if active.size == 0:
             break
+        a_on, b_on = a[active], b[active]
+        median, std = stats(a_on, b_on, active)
+        lower[active] = median - sigma * std
+        upper[active] = median + sigma * std
+        new_a = np.maximum(a_on, _search_rows(s, n, lower[active], False, active))
+        new_b = np.minimum(b_on, _search_rows(s, n, upper[active], True, active))
+        count = np.maximum(new_b - new_a, 0)
+        going = (count != b_on - a_on) & (count != 0)
+        active = active[going]
+        a[active], b[active] = new_a[going], new_b[going]
     # the final bounds select from all values, as astropy's final mask does
     a = _search_rows(s, n, lower, right=False)
     b = np.maximum(_search_rows(s, n, upper, right=True), a)
@@ -340,6 +356,18 @@ class _BackgroundMesh:
         out = along_x[self.lo[rows], cols]
         out *= 1.0 - frac
         out += along_x[self.hi[rows], cols] * frac
+        return out
+
+    def background_rows(self, rows: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
+        """`background_at` of array rows ``rows`` (m, h) at the columns x0[k] .. x0[k] +
+        side - 1 of each, clipped to the frame: the same values, each stamp row copied
+        out of the x-interpolated mesh rows (`core.stamps.clipped_rows`)."""
+        self._rows("median", slice(0, 0))  # the x-interpolated mesh rows, cached
+        along_x = self._along_x["median"]
+        frac = self.frac[:, 0][rows][:, :, None]
+        out = clipped_rows(along_x, self.lo[rows], x0, side)
+        out *= 1.0 - frac
+        out += clipped_rows(along_x, self.hi[rows], x0, side) * frac
         return out
 
     def noise(self, rows: slice = slice(None)) -> np.ndarray:

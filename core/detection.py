@@ -211,7 +211,9 @@ def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return grown
 
 
-def _grow(labels: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.ndarray:
+def _grow(
+    labels: np.ndarray, radius: int, out: np.ndarray | None = None, out_zeroed: bool = False
+) -> np.ndarray:
     """Grow labelled footprints by ``radius`` pixels (nearest label wins contested pixels).
 
     The grown area is a disc dilation of all footprints; its connected pieces
@@ -220,18 +222,36 @@ def _grow(labels: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.
     their own bounding box. A footprint pixel from another piece lies farther
     than ``radius`` from every pixel of this one, so the result equals a
     whole-frame nearest-label transform (up to ties between equidistant pixels).
-    ``out`` (int32, not ``labels``) receives the result when given.
+    ``out`` (int32, not ``labels``) receives the result when given (``out_zeroed``:
+    it holds zeros).
     """
     if radius <= 0 or labels.max() == 0:
         return labels
     seeds = np.greater(labels, 0, out=frame_array(labels.shape, bool))
     reach = _disc_dilate(seeds, radius)
-    structure = np.ones((3, 3), dtype=bool)
-    if out is None:
-        pieces, n_pieces = ndimage.label(reach, structure=structure)
-    else:
-        pieces, n_pieces = out, ndimage.label(reach, structure=structure, output=out)
     where = np.flatnonzero(seeds)
+    del seeds
+    if np.count_nonzero(reach) <= _SPARSE_GROW_FRACTION * reach.size:
+        # few pixels: the pieces labelled as a graph of runs, and only their pixels
+        # written (no whole-frame labelling, nor a lookup over every pixel)
+        area = np.flatnonzero(reach)
+        del reach
+        area_pieces, n_pieces = _label_pixels(area, labels.shape)
+        if out is None:
+            pieces = np.zeros(labels.shape, dtype=np.int32)  # calloc: only touched pages cost
+        else:
+            pieces = out
+            if not out_zeroed:
+                pieces.fill(0)
+        pieces.ravel()[area] = area_pieces
+    else:
+        structure = np.ones((3, 3), dtype=bool)
+        area = area_pieces = None
+        if out is None:
+            pieces, n_pieces = ndimage.label(reach, structure=structure)
+        else:
+            pieces, n_pieces = out, ndimage.label(reach, structure=structure, output=out)
+        del reach
     seed_labels = labels.ravel()[where]
     seed_pieces = pieces.ravel()[where]
     # a piece holds one footprint when all its seeds carry the label one of them has
@@ -242,7 +262,6 @@ def _grow(labels: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.
     single = mixed == 0
     lookup = np.where(single, some, 0).astype(labels.dtype)
     lookup[0] = 0
-    del reach, seeds
     shared = np.flatnonzero(~single[1:]) + 1
     # a piece is its seeds dilated by the disc: its box is theirs grown by the radius
     ny, nx = labels.shape
@@ -260,10 +279,13 @@ def _grow(labels: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.
         for piece in shared
     }
     insides = [pieces[boxes[piece]] == piece for piece in shared]
-    # the piece image becomes the grown label image, a block at a time
+    # the piece image becomes the grown label image
     grown = pieces
-    for rows in _row_blocks(grown.shape[0]):
-        grown[rows] = lookup[grown[rows]]
+    if area is not None:
+        grown.ravel()[area] = lookup[area_pieces]
+    else:
+        for rows in _row_blocks(grown.shape[0]):
+            grown[rows] = lookup[grown[rows]]
     if shared.size:
         for piece, inside in zip(shared, insides, strict=True):
             box = boxes[piece]
@@ -273,6 +295,13 @@ def _grow(labels: np.ndarray, radius: int, out: np.ndarray | None = None) -> np.
             )
             grown[box][inside] = window[iy, ix][inside]
     return grown
+
+
+#: The grown area of `_grow` is labelled as a graph of runs (`_label_pixels`) when it
+#: covers at most this fraction of the frame, else by `scipy.ndimage.label` over the
+#: whole frame (4096 x 4096, radius 5: the same cost near 12%; the 4096 pair's 5%
+#: 122 -> 76 ms).
+_SPARSE_GROW_FRACTION = 0.1
 
 
 def detect_sources(
@@ -689,7 +718,7 @@ def _grow_both(labels, neg_labels, n: int, n_neg: int, grow: int):
     wins), in the buffers of ``labels`` and ``neg_labels`` (negative labels folded in
     after the positive ones, split again after)."""
     if not n_neg:
-        grown = _grow(labels, grow, out=neg_labels)
+        grown = _grow(labels, grow, out=neg_labels, out_zeroed=True)
         return grown, np.zeros(grown.shape, dtype=grown.dtype)  # calloc: no pages touched
     both = labels
     for rows in _row_blocks(both.shape[0]):

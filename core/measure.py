@@ -31,6 +31,7 @@ from .convolve import correlate_image
 from .exposure import Exposure
 from .parallel import frame_array, n_threads, thread_map
 from .psf import GaussianPsf, Psf
+from .stamps import clipped_rows
 
 __all__ = ["measure_sources", "star_offset", "star_shifts", "MASKED_FLAG_PLANES", "StarOffset"]
 
@@ -168,16 +169,20 @@ class _Filtered:
         exposure = self._exposure
         ny, nx = self.shape
         offsets = np.arange(-half, half + 1)
-        rows = np.clip(np.asarray(cy)[:, None] + offsets, 0, ny - 1)[:, :, None]
-        cols = np.clip(np.asarray(cx)[:, None] + offsets, 0, nx - 1)[:, None, :]
-        stamps = np.empty((len(cx), offsets.size, offsets.size), dtype=np.float32)
+        side = offsets.size
+        # clipped to the frame: the pixels beyond it are zeroed below
+        rows = np.clip(np.asarray(cy)[:, None] + offsets, 0, ny - 1)
+        x0 = np.asarray(cx) - half
+        stamps = np.empty((len(cx), side, side), dtype=np.float32)
         np.subtract(
-            exposure.image[rows, cols], self._estimate.background_at(rows, cols), out=stamps
+            clipped_rows(exposure.image, rows, x0, side),
+            self._estimate.background_rows(rows, x0, side),
+            out=stamps,
         )
         bad = ~np.isfinite(stamps)
         bits = exposure.bitmask(["NO_DATA"])
         if bits:
-            bad |= (exposure.mask[rows, cols] & bits) != 0
+            bad |= (clipped_rows(exposure.mask, rows, x0, side) & bits) != 0
         stamps[bad] = 0.0
         rows_all = np.asarray(cy)[:, None] + offsets
         cols_all = np.asarray(cx)[:, None] + offsets
@@ -342,8 +347,7 @@ def _interp_at(array: np.ndarray, col: np.ndarray, row: np.ndarray) -> np.ndarra
     h = _SPLINE_MARGIN
     offsets = np.arange(-h, h + 2)
     rows = np.clip(ir[:, None] + offsets, 0, ny - 1)
-    cols = np.clip(ic[:, None] + offsets, 0, nx - 1)
-    stamps = array[rows[:, :, None], cols[:, None, :]].astype(np.float64)
+    stamps = clipped_rows(array, rows, ic - h, offsets.size).astype(np.float64)
     # the filter is separable: along y for every column, then along x only for the
     # four rows whose coefficients the cubic B-spline at floor - 1 .. floor + 2 uses
     coeffs = ndimage.spline_filter1d(stamps, 3, axis=1, mode="nearest")[:, h - 1 : h + 3]

@@ -476,6 +476,63 @@ def test_grow_matches_nearest_label_transform():
             assert own == pytest.approx(distance[j, i])
 
 
+def test_grow_by_runs_equals_grow_by_whole_frame_labelling(monkeypatch):
+    # the grown area labelled as a graph of runs (sparse) or by ndimage.label (dense)
+    rng = np.random.default_rng(4)
+    labels, _ = ndimage.label(ndimage.gaussian_filter(rng.normal(size=(300, 260)), 2) > 0.35)
+    labels = labels.astype(np.int32)
+    assert labels.max() > 20
+    for radius in (1, 4):
+        grown = {}
+        for fraction in (0.0, 1.0):
+            monkeypatch.setattr(detection, "_SPARSE_GROW_FRACTION", fraction)
+            grown[fraction] = _grow(labels, radius)
+            # into a buffer holding other labels, or zeros it is told of
+            out = rng.integers(0, 9, labels.shape).astype(np.int32)
+            np.testing.assert_array_equal(_grow(labels, radius, out=out), grown[fraction])
+            zeros = np.zeros(labels.shape, dtype=np.int32)
+            grown_zeros = _grow(labels, radius, out=zeros, out_zeroed=True)
+            np.testing.assert_array_equal(grown_zeros, grown[fraction])
+        np.testing.assert_array_equal(grown[0.0], grown[1.0])
+
+
+def test_clipped_rows_equal_the_per_pixel_gather():
+    from core.background import _BackgroundMesh, _interp_matrix, _interp_nodes
+    from core.stamps import clipped_rows
+
+    rng = np.random.default_rng(12)
+    array = rng.normal(size=(70, 50)).astype(np.float32)
+    side = 9
+    y0 = rng.integers(-12, 70, 300)
+    x0 = np.concatenate([rng.integers(-12, 50, 296), [-8, 41, 45, 0]])
+    rows = np.clip(y0[:, None] + np.arange(side), 0, 69)
+    cols = np.clip(x0[:, None] + np.arange(side), 0, 49)
+    expected = array[rows[:, :, None], cols[:, None, :]]
+    np.testing.assert_array_equal(clipped_rows(array, rows, x0, side), expected)
+    inside = (x0 >= 0) & (x0 + side <= 50)
+    np.testing.assert_array_equal(
+        clipped_rows(array, rows[inside], x0[inside], side), expected[inside]
+    )
+    np.testing.assert_array_equal(
+        clipped_rows(array, rows[~inside], x0[~inside], side), expected[~inside]
+    )
+    # wider than the frame, and no rows
+    wide = np.clip(x0[:, None] + np.arange(60), 0, 49)
+    np.testing.assert_array_equal(
+        clipped_rows(array, rows, x0, 60), array[rows[:, :, None], wide[:, None, :]]
+    )
+    assert clipped_rows(array, rows[:0], x0[:0], side).shape == (0, side, side)
+    # a mesh's background at the same pixels, as `background_at` gives it
+    median = rng.normal(100.0, 3.0, (4, 3))
+    mesh = _BackgroundMesh(
+        median, median, _interp_nodes(70, 8.5, 18, 4), _interp_matrix(50, 8.5, 18, 3)
+    )
+    np.testing.assert_array_equal(
+        mesh.background_rows(rows, x0, side),
+        mesh.background_at(rows[:, :, None], cols[:, None, :]),
+    )
+
+
 def test_interp_at_matches_full_frame_spline():
     rng = np.random.default_rng(2)
     smooth = ndimage.gaussian_filter(rng.normal(size=(120, 90)), 2.5) * 100 + 20
