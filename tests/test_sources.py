@@ -496,6 +496,28 @@ def test_grow_by_runs_equals_grow_by_whole_frame_labelling(monkeypatch):
         np.testing.assert_array_equal(grown[0.0], grown[1.0])
 
 
+@pytest.mark.parametrize("with_negative", [False, True])
+def test_grow_both_lists_the_grown_positive_pixels(monkeypatch, with_negative):
+    # the pixels the sparse path lists are those of the grown positive image
+    rng = np.random.default_rng(6)
+    smooth = ndimage.gaussian_filter(rng.normal(size=(240, 280)), 2)
+    labels, n = ndimage.label(smooth > 0.35, structure=np.ones((3, 3)))
+    neg, n_neg = ndimage.label(smooth < -0.35, structure=np.ones((3, 3)))
+    if not with_negative:
+        neg[:], n_neg = 0, 0
+    results = {}
+    for fraction in (0.0, 1.0):
+        monkeypatch.setattr(detection, "_SPARSE_GROW_FRACTION", fraction)
+        args = (labels.astype(np.int32), neg.astype(np.int32), n, n_neg, 3)
+        results[fraction] = detection._grow_both(*args)
+    (dense, dense_neg, none), (grown, grown_neg, inside) = results[0.0], results[1.0]
+    assert none is None
+    np.testing.assert_array_equal(grown, dense)
+    np.testing.assert_array_equal(grown_neg, dense_neg)
+    np.testing.assert_array_equal(inside, np.flatnonzero(grown))
+    assert grown_neg.any() == with_negative
+
+
 def test_clipped_rows_equal_the_per_pixel_gather():
     from core.background import _BackgroundMesh, _interp_matrix, _interp_nodes
     from core.stamps import clipped_rows
