@@ -38,7 +38,7 @@ from .kernel import SpatialKernel, term_degrees
 from .parallel import frame_array, n_threads, thread_map
 from .stamps import windows
 
-__all__ = ["convolve_exposure", "correlate_image", "or_filter"]
+__all__ = ["convolve_exposure", "correlate_image", "correlate_finite_rows", "or_filter"]
 
 # Frames whose side plus kernel margins fits this are one transform (no tiles).
 _TILE_FFT = 512
@@ -514,6 +514,33 @@ def correlate_image(
         out[touched_inf] = np.inf
         out[touched_nan] = np.nan
     return out
+
+
+def correlate_finite_rows(
+    shape: tuple[int, int],
+    read: Callable[[slice, np.ndarray], None],
+    kernel: np.ndarray,
+    write: Callable[[slice, np.ndarray], None] | None = None,
+    workers: int | None = None,
+) -> np.ndarray | None:
+    """``correlate_image(frame, kernel, single=True)`` of a finite float32 frame whose
+    rows ``read(rows, part)`` writes (as `correlate_rows`), the same values: in
+    `correlate_rows`' bands when the frame is tiled along both axes (they then share
+    its tiles), so no frame of the input is made; else of the frame read whole.
+    ``write`` as in `correlate_rows` (None returned)."""
+    kernel = np.asarray(kernel, dtype=np.float64)
+    ny, nx = shape
+    ky, kx = kernel.shape
+    if ky == kx and len(_axis_plan(ny, ky // 2, _TILE_FFT)[1]) > 1:
+        if len(_axis_plan(nx, kx // 2, _TILE_FFT)[1]) > 1:
+            return correlate_rows(shape, read, kernel, write=write, workers=workers)
+    frame = np.empty(shape, dtype=np.float32)
+    read(slice(0, ny), frame)
+    out = correlate_image(frame, kernel, workers=workers, single=True)
+    if write is None:
+        return out
+    write(slice(0, ny), out)
+    return None
 
 
 def convolve_exposure(

@@ -27,7 +27,7 @@ from .background import (
     _BackgroundMesh,
     _row_blocks,
 )
-from .convolve import correlate_image
+from .convolve import correlate_finite_rows
 from .exposure import Exposure
 from .parallel import frame_array, n_threads, thread_map
 from .psf import GaussianPsf, Psf
@@ -91,19 +91,19 @@ class _Filtered:
     ):
         """``keep_maps``: keep the filtered image and variance (``smoothed``,
         ``smoothed_var``) that measurements interpolate; without, only the S/N map is
-        made, in the filtered variance's frame (two frames fewer)."""
+        made, in the filtered image's frame (two frames fewer)."""
         # written whole, block by block: huge pages (`frame_array`)
-        image = frame_array(exposure.shape, np.float32)
-        no_data = frame_array(image.shape, bool)
+        no_data = frame_array(exposure.shape, bool)
         variance = np.asarray(exposure.variance, dtype=np.float32)
         no_data_bits = exposure.bitmask(["NO_DATA"])
+        self._exposure = exposure
+        self._estimate = estimate
         # usable variances are only counted here: their frame is made only when some
         # are not (finite and positive: NaN fails both comparisons)
         n_ok = 0
-        for rows in _row_blocks(image.shape[0]):
-            block, bad = image[rows], no_data[rows]
-            np.subtract(exposure.image[rows], estimate.background(rows), out=block)
-            np.isfinite(block, out=bad)
+        for rows in _row_blocks(no_data.shape[0]):
+            bad = no_data[rows]
+            np.isfinite(self._subtracted(rows), out=bad)
             np.logical_not(bad, out=bad)
             if no_data_bits:
                 bad |= (exposure.mask[rows] & no_data_bits) != 0
@@ -113,15 +113,13 @@ class _Filtered:
             ok &= ~bad
             n_ok += int(np.count_nonzero(ok))
         any_no_data = bool(no_data.any())
-        if any_no_data:
-            image[no_data] = 0.0
         var_ok = None
-        if n_ok < 0.5 * image.size:
+        if n_ok < 0.5 * no_data.size:
             # unusable variance plane: the mesh noise is the local variance
             variance = np.square(estimate.noise(), dtype=np.float32)
             var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
             n_ok = int(np.count_nonzero(var_ok))
-        all_ok = n_ok == image.size
+        all_ok = n_ok == no_data.size
         if not all_ok and var_ok is None:
             var_ok = np.isfinite(variance) & (variance > 0) & ~no_data
         good = variance.ravel() if var_ok is None else variance[var_ok]
@@ -130,30 +128,50 @@ class _Filtered:
         if var_ok is not None and not all_ok:
             variance = np.where(var_ok, variance, np.float32(fill))
         del var_ok, good
-        # the variance plane is only needed for the filtered variance below, and the
-        # background-subtracted image only for its correlation: measurements recompute
-        # their stamps of it (`image_stamps`), so no frame of it outlives this
-        self.shape = image.shape
-        self._exposure = exposure
-        self._estimate = estimate
+        self.shape = no_data.shape
         self.no_data = no_data
         self.psf = psf
         kernel = psf.kernel_image(*(psf.average_position or (None, None))).astype(np.float64)
         self.kernel = kernel
         self.psf_sum_sq = float(np.sum(kernel**2))
+
+        def image_rows(rows: slice, part: np.ndarray) -> None:
+            # the background-subtracted image, no-data pixels 0, made a band at a time
+            # in the correlation's own buffer: no frame of it (a fresh frame's pages
+            # cost more than making the rows twice)
+            self._subtracted(rows, out=part)
+            if any_no_data:
+                np.copyto(part, np.float32(0.0), where=no_data[rows])
+
+        def variance_rows(rows: slice, part: np.ndarray) -> None:
+            np.copyto(part, variance[rows])
+
         # single precision: the matched filter feeds a threshold and fluxes quoted far
         # above 1e-5; tiled and threaded like the kernel convolution
-        self.smoothed = correlate_image(image, kernel, single=True)
-        del image
-        self.smoothed_var = correlate_image(variance, kernel**2, single=True)
-        del variance
-        np.maximum(self.smoothed_var, np.float32(1e-30 * fill), out=self.smoothed_var)
-        # in place: every frame-sized temporary costs page faults on first touch
-        snr = frame_array(self.smoothed_var.shape, np.float32) if keep_maps else self.smoothed_var
-        np.sqrt(self.smoothed_var, out=snr)
-        np.divide(self.smoothed, snr, out=snr)
-        if not keep_maps:
-            del self.smoothed, self.smoothed_var
+        smoothed = correlate_finite_rows(self.shape, image_rows, kernel)
+        assert smoothed is not None
+        floor = np.float32(1e-30 * fill)
+        if keep_maps:
+            self.smoothed = smoothed
+            self.smoothed_var = correlate_finite_rows(self.shape, variance_rows, kernel**2)
+            assert self.smoothed_var is not None
+            np.maximum(self.smoothed_var, floor, out=self.smoothed_var)
+            # in place: every frame-sized temporary costs page faults on first touch
+            snr = frame_array(self.shape, np.float32)
+            np.sqrt(self.smoothed_var, out=snr)
+            np.divide(self.smoothed, snr, out=snr)
+        else:
+            # the S/N made in the filtered image's frame, from each band of the filtered
+            # variance as it is made (no frame of that either)
+            snr = smoothed
+
+            def to_snr(rows: slice, var_rows: np.ndarray) -> None:
+                np.maximum(var_rows, floor, out=var_rows)
+                np.sqrt(var_rows, out=var_rows)
+                np.divide(snr[rows], var_rows, out=snr[rows])
+
+            correlate_finite_rows(self.shape, variance_rows, kernel**2, write=to_snr)
+        del smoothed
         if any_no_data:
             snr[no_data] = 0.0
         # the variance plane may be off by a constant (correlated or mis-scaled noise):
@@ -161,6 +179,10 @@ class _Filtered:
         self.noise_factor = _negative_side_sigma(snr, ~no_data if any_no_data else None)
         snr /= np.float32(self.noise_factor)
         self.snr = snr
+
+    def _subtracted(self, rows: slice, out: np.ndarray | None = None) -> np.ndarray:
+        """The background-subtracted image's ``rows`` (no-data pixels as they are)."""
+        return np.subtract(self._exposure.image[rows], self._estimate.background(rows), out=out)
 
     def image_stamps(self, cx: np.ndarray, cy: np.ndarray, half: int) -> np.ndarray:
         """Stamps (n, 2h+1, 2h+1) of the background-subtracted image (no-data pixels 0)

@@ -336,3 +336,26 @@ def test_deferred_variance_plane_and_stamps_equal_the_eager_plane(spatial, copy_
     assert np.count_nonzero(made == -1.0) == np.count_nonzero(expected == -1.0) > 0
     np.testing.assert_array_equal(deferred.variance, eager.variance)
     assert not deferred.variance_deferred
+
+
+@pytest.mark.parametrize("shape", [(700, 900), (300, 420)])
+def test_correlate_finite_rows_equals_correlate_image_single(shape):
+    # bands of a frame tiled both ways, or the frame read whole: correlate_image's values
+    from core.convolve import correlate_finite_rows
+
+    rng = np.random.default_rng(3)
+    frame = rng.normal(100.0, 10.0, shape).astype(np.float32)
+    kernel = np.outer(np.hanning(23), np.hanning(23))[1:-1, 1:-1]
+    expected = correlate_image(frame, kernel, single=True)
+
+    def read(rows, part):
+        np.copyto(part, frame[rows])
+
+    np.testing.assert_array_equal(correlate_finite_rows(shape, read, kernel), expected)
+    written = np.full(shape, np.nan, dtype=np.float32)
+
+    def write(rows, values):
+        written[rows] = values
+
+    assert correlate_finite_rows(shape, read, kernel, write=write) is None
+    np.testing.assert_array_equal(written, expected)
