@@ -608,15 +608,12 @@ def _detect_pass(
             table = _empty_detection_table()
             table.meta.update(_detection_meta(exposure, config, n, n_neg, filtered, sigma))
             return table
-    # fresh (calloc'd) label images: a sparse labelling writes only the pages its
-    # footprints touch, so most of such a frame costs no memory. The footprints' pixels
-    # are kept for the peaks: a scan of that frame would fault in every untouched page
-    # (4096 pair: ~30 ms)
+    # the footprints as pixel lists while the S/N map is needed (the peaks): a label
+    # image is made of the positive ones only then, in the S/N map's frame, whose
+    # pages are in use (a fresh frame's first touch costs more than clearing it)
     pixels, pixel_labels, n, labels = _footprint_pixels(
         filtered.snr, config.threshold, config.min_pixels
     )
-    if labels is None:
-        labels = _label_image(pixels, pixel_labels, filtered.snr.shape)
     # the negative labels' buffer is written whole later (the grown labels): on huge
     # pages, fresh (zero) ones, which its few negative footprints leave mostly untouched
     neg_labels, n_neg = _footprints(
@@ -633,9 +630,10 @@ def _detect_pass(
     peaks = None
     if n and measure:
         peaks = _find_peaks(filtered.snr, labels, n, sigma, _PEAK_PROMINENCE, pixels, pixel_labels)
-    del pixels, pixel_labels
     peak_snr = filtered.snr[peaks[:, 0], peaks[:, 1]] if peaks is not None else None
-    del filtered.snr, filtered.no_data
+    if labels is None:
+        labels = _label_image(pixels, pixel_labels, filtered.snr.shape, filtered.snr.view(np.int32))
+    del pixels, pixel_labels, filtered.snr, filtered.no_data
 
     grown_labels = partial(_grow_both, labels, neg_labels, n, n_neg, grow)
     measured = None
