@@ -176,6 +176,22 @@ def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """
     if radius <= 0:
         return mask.copy()
+    return _packed_dilate(mask, [math.isqrt(radius * radius - dy * dy) for dy in range(radius + 1)])
+
+
+def _diamond_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within city-block distance ``radius`` of a True pixel of ``mask``, none
+    beyond its border: ``core.dilation.dilate_cross(mask, radius)``, made as
+    `_disc_dilate` (half-width radius - dy at row offset dy), ~2x faster on full frames."""
+    if radius <= 0:
+        return np.array(mask, dtype=bool, copy=True)
+    return _packed_dilate(mask, [radius - dy for dy in range(radius + 1)])
+
+
+def _packed_dilate(mask: np.ndarray, widths: list[int]) -> np.ndarray:
+    """``mask`` dilated by the symmetric shape whose rows at vertical offsets +-dy reach
+    ``widths[dy]`` pixels either side (non-increasing), in rows packed 64 pixels to a
+    word (`_disc_dilate`)."""
     ny, nx = mask.shape
     padded = mask
     if nx % 64:
@@ -184,7 +200,7 @@ def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     # bit k of word w is pixel 64 w + k (little bit order on little-endian words)
     packed = np.packbits(padded, axis=1, bitorder="little").view("<u8")
     del padded
-    widths = [int(math.isqrt(radius * radius - dy * dy)) for dy in range(radius + 1)]
+    radius = len(widths) - 1
     out = np.zeros_like(packed)
     current = packed
     one, top = np.uint64(1), np.uint64(63)

@@ -27,10 +27,9 @@ from .basis import kernel_size_for, make_kernel_basis
 from .config import DetectionConfig, SubtractionConfig
 from .convolve import convolve_exposure, convolved_noise_correlation
 from .decorrelate import _kernel_at, decorrelate_difference
-from .detection import DetectionMemo
+from .detection import DetectionMemo, _diamond_dilate
 from .diadetect import crop_kernel
 from .diasources import dia_sources
-from .dilation import dilate_cross
 from .errors import (
     IdenticalInputsError,
     IncompatibleInputsError,
@@ -1954,7 +1953,7 @@ _SOURCE_MASK_GROWTH = 3
 def near_sources(exposure: Exposure, window=np.s_[:, :]) -> np.ndarray:
     """Pixels of ``exposure[window]`` within `_SOURCE_MASK_GROWTH` (4-connected steps,
     nothing beyond the window's border) of a DETECTED or DETECTED_NEGATIVE pixel."""
-    return dilate_cross(
+    return _diamond_dilate(
         exposure.masked(["DETECTED", "DETECTED_NEGATIVE"])[window], _SOURCE_MASK_GROWTH
     )
 
