@@ -42,6 +42,10 @@ MASKED_FLAG_PLANES = ("BAD", "NO_DATA", "SAT", "CR")
 _NOISE_SAMPLE = 1_000_000
 #: Fewest sources per thread when a measurement is split among threads.
 _SOURCES_PER_THREAD = 1000
+#: Most sources measured at once: their float64 stacks then stay under glibc's mmap
+#: threshold (`core.parallel.MMAP_THRESHOLD`), reused from the heap, where a whole
+#: catalog's were mapped afresh by every step (3347 sources, one thread: 170 -> 130 ms).
+_MEASURE_BATCH = 1024
 #: Smoothing Gaussian sigma (pixels) for a first detection pass when no PSF is known.
 _DEFAULT_SMOOTH_SIGMA = 1.0
 
@@ -403,7 +407,8 @@ def _measure(
     """Centroid, PSF flux, S/N, peak, adaptive size of sources near array positions.
 
     Every source is measured on its own stamp, so many sources are split among the
-    threads (the numpy work releases the GIL); the numbers do not depend on the split.
+    threads (the numpy work releases the GIL), and measured in batches of at most
+    `_MEASURE_BATCH`; the numbers do not depend on the split.
     """
     sigma = _psf_sigma(filtered.psf)
     half = int(max(5, math.ceil(4.0 * sigma)))
@@ -411,15 +416,15 @@ def _measure(
     cx = np.clip(np.floor(col + 0.5).astype(int), 0, nx - 1)
     cy = np.clip(np.floor(row + 0.5).astype(int), 0, ny - 1)
     stamps = filtered.image_stamps(cx, cy, half)
-    workers = min(n_threads(), len(col) // _SOURCES_PER_THREAD)
-    if workers <= 1:
+    batches = -(-len(col) // _MEASURE_BATCH)
+    if batches <= 1:
         return _measure_stamps(filtered, stamps, cx, cy, col, row, recentroid, sigma, half)
     parts = thread_map(
         lambda i: _measure_stamps(
             filtered, stamps[i], cx[i], cy[i], col[i], row[i], recentroid, sigma, half
         ),
-        np.array_split(np.arange(len(col)), workers),
-        workers,
+        np.array_split(np.arange(len(col)), batches),
+        max(1, min(n_threads(), len(col) // _SOURCES_PER_THREAD)),
     )
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
