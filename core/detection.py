@@ -22,6 +22,7 @@ from scipy.sparse.csgraph import connected_components
 
 from .background import BACKGROUND_IGNORE_PLANES, _background_mesh, _row_blocks
 from .config import DetectionConfig
+from .dilation import packed_dilate
 from .exposure import Exposure
 from .measure import (
     _DEFAULT_SMOOTH_SIGMA,
@@ -176,55 +177,7 @@ def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """
     if radius <= 0:
         return mask.copy()
-    return _packed_dilate(mask, [math.isqrt(radius * radius - dy * dy) for dy in range(radius + 1)])
-
-
-def _diamond_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Pixels within city-block distance ``radius`` of a True pixel of ``mask``, none
-    beyond its border: ``core.dilation.dilate_cross(mask, radius)``, made as
-    `_disc_dilate` (half-width radius - dy at row offset dy), ~2x faster on full frames."""
-    if radius <= 0:
-        return np.array(mask, dtype=bool, copy=True)
-    return _packed_dilate(mask, [radius - dy for dy in range(radius + 1)])
-
-
-def _packed_dilate(mask: np.ndarray, widths: list[int]) -> np.ndarray:
-    """``mask`` dilated by the symmetric shape whose rows at vertical offsets +-dy reach
-    ``widths[dy]`` pixels either side (non-increasing), in rows packed 64 pixels to a
-    word (`_disc_dilate`)."""
-    ny, nx = mask.shape
-    padded = mask
-    if nx % 64:
-        padded = np.zeros((ny, nx + 64 - nx % 64), dtype=bool)
-        padded[:, :nx] = mask
-    # bit k of word w is pixel 64 w + k (little bit order on little-endian words)
-    packed = np.packbits(padded, axis=1, bitorder="little").view("<u8")
-    del padded
-    radius = len(widths) - 1
-    out = np.zeros_like(packed)
-    current = packed
-    one, top = np.uint64(1), np.uint64(63)
-    for w in range(widths[0] + 1):
-        if w:
-            # one more pixel either side: shift by one bit, carrying across words
-            wider = current | (current << one) | (current >> one)
-            wider[:, 1:] |= current[:, :-1] >> top
-            wider[:, :-1] |= current[:, 1:] << top
-            current = wider
-        for dy in range(radius + 1):
-            if widths[dy] != w:
-                continue
-            if dy == 0:
-                out |= current
-            elif dy < ny:
-                out[dy:] |= current[:-dy]
-                out[:-dy] |= current[dy:]
-    # unpacked a block of rows at a time into a frame on huge pages (`frame_array`)
-    grown = frame_array((ny, nx), bool)
-    for rows in _row_blocks(ny):
-        bits = np.unpackbits(out[rows].view(np.uint8), axis=1, count=nx, bitorder="little")
-        grown[rows] = bits.view(bool)
-    return grown
+    return packed_dilate(mask, [math.isqrt(radius * radius - dy * dy) for dy in range(radius + 1)])
 
 
 def _grow(
@@ -255,6 +208,8 @@ def _grow_area(
     reach = _disc_dilate(seeds, radius)
     where = np.flatnonzero(seeds)
     del seeds
+    area: np.ndarray | None = None
+    pieces: np.ndarray
     if np.count_nonzero(reach) <= _SPARSE_GROW_FRACTION * reach.size:
         # few pixels: the pieces labelled as a graph of runs, and only their pixels
         # written (no whole-frame labelling, nor a lookup over every pixel)
@@ -270,7 +225,6 @@ def _grow_area(
         pieces.ravel()[area] = area_pieces
     else:
         structure = np.ones((3, 3), dtype=bool)
-        area = area_pieces = None
         if out is None:
             pieces, n_pieces = ndimage.label(reach, structure=structure)
         else:

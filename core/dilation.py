@@ -1,8 +1,9 @@
-"""Binary dilation of full-frame masks by in-place shifted ORs: the same pixels as
-``scipy.ndimage.binary_dilation`` with its default (4-connected) structure, about 5x
-faster on full frames (25x on a 2048^2 source mask grown by 3), and the bitwise OR over
-a box (`or_filter`, the convolution's mask spreading). numpy only, so the reader
-(`core.io`) can use them without the convolution module above it."""
+"""Binary dilation of full-frame masks by shifted ORs of bit-packed rows: the same pixels
+as ``scipy.ndimage.binary_dilation`` with its default (4-connected) structure, about 10x
+faster on full frames (`dilate_cross`), or by any symmetric shape of non-increasing rows
+(`packed_dilate`: detection's discs), and the bitwise OR over a box (`or_filter`, the
+convolution's mask spreading). numpy only, so the reader (`core.io`) can use them
+without the convolution module above it."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import numpy as np
 
 from .parallel import frame_array
 
-__all__ = ["dilate_cross", "or_filter"]
+__all__ = ["dilate_cross", "packed_dilate", "or_filter"]
 
 
 def dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
     """``scipy.ndimage.binary_dilation(mask, iterations=iterations)`` (4-connected cross,
-    nothing beyond the border), as in-place shifted ORs: about 5x faster on full frames.
+    nothing beyond the border): the pixels within city-block distance ``iterations``, a
+    diamond (`packed_dilate`, ~2x faster than in-place shifted ORs of bytes, ~10x than
+    scipy's on full frames).
 
     Parameters
     ----------
@@ -27,18 +30,58 @@ def dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
     -------
     grown : `numpy.ndarray` (ny, nx), bool (a new array)
     """
-    # written whole: on huge pages (a 4096^2 boolean frame is past the heap's mmap
-    # threshold, and its 4 kB pages took ~12 ms of faults, the two a third of the call)
-    out = frame_array(np.shape(mask), bool)
-    np.copyto(out, mask, casting="unsafe")
-    previous = frame_array(out.shape, bool)
-    for _ in range(max(0, int(iterations))):
-        np.copyto(previous, out)
-        out[1:] |= previous[:-1]
-        out[:-1] |= previous[1:]
-        out[:, 1:] |= previous[:, :-1]
-        out[:, :-1] |= previous[:, 1:]
-    return out
+    radius = max(0, int(iterations))
+    if radius == 0:
+        return np.array(mask, dtype=bool, copy=True)
+    return packed_dilate(mask, [radius - dy for dy in range(radius + 1)])
+
+
+#: Rows per block of `packed_dilate`'s unpacking (a few MB of temporaries).
+_UNPACK_ROWS = 256
+
+
+def packed_dilate(mask: np.ndarray, widths: list[int]) -> np.ndarray:
+    """``mask`` dilated by the symmetric shape whose rows at vertical offsets +-dy reach
+    ``widths[dy]`` pixels either side (non-increasing), nothing beyond the border.
+
+    Rows of the shape are horizontal dilations of increasing half-width, each made
+    from the previous one and OR-ed in at the vertical offsets that use it; the rows
+    are packed 64 pixels to a word, so each OR touches 1/8 of the bytes.
+    """
+    ny, nx = mask.shape
+    padded = mask
+    if nx % 64:
+        padded = np.zeros((ny, nx + 64 - nx % 64), dtype=bool)
+        padded[:, :nx] = mask
+    # bit k of word w is pixel 64 w + k (little bit order on little-endian words)
+    packed = np.packbits(padded, axis=1, bitorder="little").view("<u8")
+    del padded
+    radius = len(widths) - 1
+    out = np.zeros_like(packed)
+    current = packed
+    one, top = np.uint64(1), np.uint64(63)
+    for w in range(widths[0] + 1):
+        if w:
+            # one more pixel either side: shift by one bit, carrying across words
+            wider = current | (current << one) | (current >> one)
+            wider[:, 1:] |= current[:, :-1] >> top
+            wider[:, :-1] |= current[:, 1:] << top
+            current = wider
+        for dy in range(radius + 1):
+            if widths[dy] != w:
+                continue
+            if dy == 0:
+                out |= current
+            elif dy < ny:
+                out[dy:] |= current[:-dy]
+                out[:-dy] |= current[dy:]
+    # unpacked a block of rows at a time into a frame on huge pages (`frame_array`)
+    grown = frame_array((ny, nx), bool)
+    for y in range(0, ny, _UNPACK_ROWS):
+        rows = slice(y, min(y + _UNPACK_ROWS, ny))
+        bits = np.unpackbits(out[rows].view(np.uint8), axis=1, count=nx, bitorder="little")
+        grown[rows] = bits.view(bool)
+    return grown
 
 
 def or_filter(array: np.ndarray, hy: int, hx: int) -> np.ndarray:

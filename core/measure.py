@@ -157,8 +157,9 @@ class _Filtered:
         floor = np.float32(1e-30 * fill)
         if keep_maps:
             self.smoothed = smoothed
-            self.smoothed_var = correlate_finite_rows(self.shape, variance_rows, kernel**2)
-            assert self.smoothed_var is not None
+            smoothed_var = correlate_finite_rows(self.shape, variance_rows, kernel**2)
+            assert smoothed_var is not None
+            self.smoothed_var = smoothed_var
             np.maximum(self.smoothed_var, floor, out=self.smoothed_var)
             # in place: every frame-sized temporary costs page faults on first touch
             snr = frame_array(self.shape, np.float32)

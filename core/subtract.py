@@ -27,9 +27,10 @@ from .basis import kernel_size_for, make_kernel_basis
 from .config import DetectionConfig, SubtractionConfig
 from .convolve import convolve_exposure, convolved_noise_correlation
 from .decorrelate import _kernel_at, decorrelate_difference
-from .detection import DetectionMemo, _diamond_dilate
+from .detection import DetectionMemo
 from .diadetect import crop_kernel
 from .diasources import dia_sources
+from .dilation import dilate_cross
 from .errors import (
     IdenticalInputsError,
     IncompatibleInputsError,
@@ -1953,7 +1954,7 @@ _SOURCE_MASK_GROWTH = 3
 def near_sources(exposure: Exposure, window=np.s_[:, :]) -> np.ndarray:
     """Pixels of ``exposure[window]`` within `_SOURCE_MASK_GROWTH` (4-connected steps,
     nothing beyond the window's border) of a DETECTED or DETECTED_NEGATIVE pixel."""
-    return _diamond_dilate(
+    return dilate_cross(
         exposure.masked(["DETECTED", "DETECTED_NEGATIVE"])[window], _SOURCE_MASK_GROWTH
     )
 

@@ -261,12 +261,15 @@ def test_even_kernel_rejected():
 
 
 def test_dilate_cross_matches_binary_dilation():
+    # bit-packed rows: widths on and off 64-pixel words, views of a larger mask (a
+    # window, as near_sources passes the template's), sources on the border
     rng = np.random.default_rng(RNG_SEED + 2)
-    mask = rng.random((300, 241)) < 0.01
-    mask[0, 5] = mask[-1, -1] = mask[150, 0] = True  # sources on the border
-    for iterations in (0, 1, 3):
-        expected = ndimage.binary_dilation(mask, iterations=iterations) if iterations else mask
-        np.testing.assert_array_equal(dilate_cross(mask, iterations), expected)
+    whole = rng.random((300, 241)) < 0.01
+    whole[0, 5] = whole[-1, -1] = whole[150, 0] = True
+    for mask in (whole, whole[:64, :128], whole[3:-4, 7:-2], whole[:33, :61]):
+        for iterations in (0, 1, 3, 5):
+            expected = ndimage.binary_dilation(mask, iterations=iterations) if iterations else mask
+            np.testing.assert_array_equal(dilate_cross(mask, iterations), expected)
 
 
 def _measured_correlation(noise: np.ndarray, radius: int) -> np.ndarray:

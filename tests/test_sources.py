@@ -902,23 +902,6 @@ def _gaussian_stars(shape, x, y, fwhm, sky, rng, flux=2e4):
     return Exposure.from_arrays((image + rng.normal(0, 5, shape)).astype(np.float32))
 
 
-def test_diamond_dilate_equals_dilate_cross():
-    from core.detection import _diamond_dilate
-    from core.dilation import dilate_cross
-
-    rng = np.random.default_rng(13)
-    for shape in ((70, 200), (64, 128), (33, 61)):
-        mask = rng.random(shape) < 0.02
-        mask[0, 0] = mask[-1, -1] = mask[5, -1] = True  # at the borders
-        for radius in (0, 1, 3, 5):
-            np.testing.assert_array_equal(_diamond_dilate(mask, radius), dilate_cross(mask, radius))
-        # a window of a larger mask (a view), as near_sources passes the template's
-        window = np.s_[3:-4, 7:-2]
-        np.testing.assert_array_equal(
-            _diamond_dilate(mask[window], 3), dilate_cross(mask[window], 3)
-        )
-
-
 def test_star_offset_measures_the_shift_of_the_same_stars():
     """Stars 0.37, -0.52 px apart in two images of different PSF widths and skies: the
     median offset within 0.03 px and 3 errors, which are about as small; fewer than three
