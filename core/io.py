@@ -1496,7 +1496,7 @@ def _exposure_hdus(
     # astropy's CCDData/NDData readers take the unit from BUNIT of the data HDU and the
     # uncertainty's kind from UTYPE of its HDU (see `to_ccddata` for the documented call).
     unit = image_unit(exposure)
-    image_header["BUNIT"] = (bunit_card(exposure), "unit of IMAGE")
+    image_header["BUNIT"] = (_unit_card(unit), "unit of IMAGE")  # `bunit_card`'s value
     mask_header = fits.Header()
     for plane, bit in sorted(exposure.mask_planes.as_dict().items(), key=lambda kv: kv[1]):
         mask_header[f"HIERARCH MP_{plane}"] = bit
