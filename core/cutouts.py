@@ -32,6 +32,7 @@ __all__ = [
     "Cutouts",
     "cutouts",
     "result_images",
+    "result_masks",
     "triplet_fits",
     "triplet_png",
     "triplet_from_files",
@@ -166,8 +167,19 @@ def cutouts(
 def result_images(result) -> dict[str, tuple[np.ndarray, WCS | None]]:
     """`TRIPLET` name -> (image, WCS) of a `core.subtract.SubtractionResult`: the matched
     science, the matched template and the difference (or score)."""
+    return {name: (e.image, e.wcs) for name, e in _triplet(result).items()}
+
+
+def result_masks(result) -> dict[str, tuple[np.ndarray, int]]:
+    """`cutouts`' ``masks`` of the same images (`result_images`): each one's mask and the
+    bits of its `core.display.BLANK_PLANES`, so that its pictures leave them blank as
+    those cut from the product files do."""
+    return {name: (e.mask, e.bitmask(BLANK_PLANES)) for name, e in _triplet(result).items()}
+
+
+def _triplet(result) -> dict:
     exposures = (result.matched_science, result.matched_template, result.output)
-    return {name: (e.image, e.wcs) for name, e in zip(TRIPLET, exposures, strict=True)}
+    return dict(zip(TRIPLET, exposures, strict=True))
 
 
 def triplet_fits(cut: Cutouts, k: int = 0, header: Mapping | None = None) -> bytes:

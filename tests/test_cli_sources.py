@@ -320,3 +320,32 @@ def test_pictures_leave_pixels_without_a_difference_blank(tmp_path):
     assert triplet_png(cut, 0) != drawn  # the strip was drawn before
     cut.stamps["DIFFERENCE"][0] = blanked(image[30:51, 15:36], expected)
     assert triplet_png(cut, 0) == drawn
+
+
+def test_cutouts_of_a_result_in_memory_blank_what_the_product_files_do(tmp_path):
+    """The library's triplet (`result_images` with `result_masks`) leaves the same pixels
+    blank as the one cut from the written products."""
+    from core.cutouts import cutouts, result_images, result_masks, triplet_from_files
+    from core.products import write_products
+    from core.simulate import preset, simulate_pair
+    from core.subtract import run_subtraction
+
+    pair = simulate_pair(preset("sharper_template", size=384, seed=5))
+    pair.template.mask[:, :20] |= pair.template.mask_planes.value("NO_DATA")
+    result = run_subtraction(pair.science, pair.template)
+    write_products(result, tmp_path)
+    x, y = [20.0, 192.0], [100.0, 192.0]
+    memory = cutouts(result_images(result), x, y, 31, masks=result_masks(result))
+    files = triplet_from_files(
+        {
+            "SCIENCE": tmp_path / "matched_science.fits",
+            "TEMPLATE": tmp_path / "matched_template.fits",
+            "DIFFERENCE": tmp_path / "difference.fits",
+        },
+        x,
+        y,
+        31,
+    )
+    assert memory.blank["DIFFERENCE"][0].any() and not memory.blank["DIFFERENCE"][1].any()
+    for name in ("SCIENCE", "TEMPLATE", "DIFFERENCE"):
+        np.testing.assert_array_equal(memory.blank[name], files.blank[name])

@@ -57,6 +57,7 @@ def test_notebook_walkthrough_runs(pair, tmp_path, monkeypatch):
     assert len(names["real"]) > 0, "the walkthrough's selection of real sources is empty"
     assert np.isfinite(names["forced"]["psf_flux"]).all()
     assert names["cut"].stamps["DIFFERENCE"].shape[1:] == (63, 63)
+    assert names["cut"].blank["DIFFERENCE"].shape == names["cut"].stamps["DIFFERENCE"].shape
     assert len(names["pngs"]) == len(names["real"])
     assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in names["pngs"])
     # both signs kept: the sources that faded are among the real ones where any are
