@@ -68,7 +68,6 @@ from .position_flags import (
     bright_star,
     bright_star_light,
     bright_star_limit,
-    neighbour_share,
     outside_kernel_hull,
     saturated_search,
     saturated_stars,
@@ -1174,7 +1173,6 @@ def _measure(
         config.bright_star_radius_fwhm * _difference_fwhm(stamps, is_score),
         limits,
         float(np.median(limits)) if n else None,
-        neighbour_share(config),
     )
     # the saturated stars in reach of the sources (their clipped cores and bleed trails)
     profile, reach, search, template = saturated_search(

@@ -28,7 +28,6 @@ from .position_flags import (
     bright_star,
     bright_star_light,
     bright_star_limit,
-    neighbour_share,
     outside_kernel_hull,
     saturated_search,
     saturated_stars,
@@ -653,9 +652,7 @@ def forced_photometry(
     # than its residual
     limits = bright_star_limit(flux_err[near], dia.threshold, dia.bright_star_residual)
     typical = float(np.median(limits)) if limits.size else None
-    light = bright_star_light(
-        matched_template, fit["ix"], fit["iy"], radius, limits, typical, neighbour_share(dia)
-    )
+    light = bright_star_light(matched_template, fit["ix"], fit["iy"], radius, limits, typical)
     profile, halo, search, template = saturated_search(
         psf, kernel_sources, stamps.fwhm, matched_template, dia
     )

@@ -26,7 +26,6 @@ __all__ = [
     "EXTRAPOLATED_ORDER",
     "bright_star_light",
     "bright_star_limit",
-    "neighbour_share",
     "changed_star",
     "outside_kernel_hull",
     "KERNEL_REACH",
@@ -63,15 +62,6 @@ def changed_star(flux, light, saturated, fraction: float) -> np.ndarray:
     return change & ~np.asarray(saturated, dtype=bool) & (fraction > 0)
 
 
-def neighbour_share(config) -> float:
-    """`bright_star_light`'s ``neighbour_share`` of a `DiaSourceConfig`: a change of a star
-    beside a brighter one is more than the brighter one's residual
-    (``bright_star_residual`` of its light) besides ``bright_star_residual_fraction`` of
-    its own light."""
-    fraction = config.bright_star_residual_fraction
-    return config.bright_star_residual / fraction if fraction > 0 else 0.0
-
-
 def bright_star_limit(flux_err, threshold: float, residual: float) -> np.ndarray:
     """The light (flux units) from which a star is bright at each position: its
     ``residual`` (a fraction of its light) reaches ``threshold`` times the position's
@@ -91,7 +81,6 @@ def bright_star_light(
     radius: float,
     limit,
     saturated_limit: float | None = None,
-    neighbour_share: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Where a star at least ``limit`` bright has light near, and the light under each
     position.
@@ -111,11 +100,6 @@ def bright_star_light(
         peak understates its light and whose residual is of any size: a limit at the
         frame's typical noise, not at positions beside it, whose noise the star's own
         inflates (default ``limit``).
-    neighbour_share : float
-        ``light`` is at least this share of the light of the brightest star core on the
-        disc (by its peak): a source on a fainter star beside a bright one is a change of
-        that star only if also more than the bright one's residual (`changed_star` with
-        ``bright_star_residual / bright_star_residual_fraction``).
 
     Returns
     -------
@@ -127,7 +111,11 @@ def bright_star_light(
     light : `numpy.ndarray` (n,), float64
         The template's light under the position (its excess within a third of
         ``radius``, over the PSF's fraction there) where a star's core (a local
-        maximum of the template) lies within it, off its rim; NaN elsewhere.
+        maximum of the template) lies within it, off its rim, and at least the light of
+        the brightest star whose core is on the disc (by its peak): a change of a star
+        beside a brighter one must also be more than that one's residual could be
+        (`changed_star`), whatever a noise bump on its wing makes of the core; NaN
+        elsewhere.
     """
     if template is None or ix.size == 0 or radius <= 0:
         return np.zeros(ix.size, dtype=bool), np.zeros(ix.size)
@@ -148,10 +136,9 @@ def bright_star_light(
         for p in batches(ix.size)
     ]
     bright, light, top = (np.concatenate([d[k] for d in done]) for k in range(3))
-    if neighbour_share > 0:
-        with np.errstate(invalid="ignore"):
-            # NaN stays NaN: no star's core under the position
-            light = np.where(np.isnan(light), light, np.fmax(light, neighbour_share * top / peak))
+    with np.errstate(invalid="ignore"):
+        # NaN stays NaN: no star's core under the position
+        light = np.where(np.isnan(light), light, np.fmax(light, top / peak))
     return bright, light
 
 
