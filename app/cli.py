@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from core.errors import AlsubError
 from core.parallel import set_memory_policy
@@ -229,8 +230,9 @@ def _load_config(path, mode):
         raise InvalidConfigError(f"config {where}: {first['msg']}") from None
 
 
-def _planes(args, role: str) -> dict[str, str]:
-    """The per-input plane files given for ``role`` (science or template), checked to exist."""
+def _planes(args, role: str) -> dict[str, Any]:
+    """The per-input plane files given for ``role`` (science or template), checked to exist,
+    and its gain when given."""
     planes = {}
     for kind in _PLANE_KINDS:
         value = getattr(args, f"{role}_{kind}")

@@ -31,7 +31,7 @@ EXPOSURE_PRODUCTS = (
 def image_plane(path: Path) -> np.ndarray:
     """The image plane of a product file to preview: the IMAGE HDU, else the first 2-D
     image HDU; NaN (drawn blank) where its MASK HDU has `BLANK_PLANES`."""
-    from core.io import mask_bits
+    from core.cutouts import product_blank
 
     with fits.open(path, memmap=False) as hdul:
         # Chosen from the headers, so only the chosen HDU's data is read (not variance...).
@@ -41,9 +41,8 @@ def image_plane(path: Path) -> np.ndarray:
         if chosen is None:
             raise ApiError(422, "no_image", f"{path.name} has no 2-D image to preview")
         image = np.asarray(chosen.data, dtype=np.float32)
-        mask = next((h for h in hdus if h.name == "MASK" and h.shape == image.shape), None)
-        bits = mask_bits(mask.header, BLANK_PLANES) if mask is not None else 0
-        return blanked(image, (mask.data & bits) != 0 if bits else None)
+        mask, bits = product_blank(hdul, image.shape) or (None, 0)
+        return blanked(image, (mask & bits) != 0 if bits else None)
 
 
 def _box(x: int, y: int, size: int, bbox) -> tuple[int, int, int, int]:

@@ -33,6 +33,7 @@ __all__ = [
     "cutouts",
     "result_images",
     "result_masks",
+    "product_blank",
     "triplet_fits",
     "triplet_png",
     "triplet_from_files",
@@ -177,6 +178,15 @@ def result_masks(result) -> dict[str, tuple[np.ndarray, int]]:
     return {name: (e.mask, e.bitmask(BLANK_PLANES)) for name, e in _triplet(result).items()}
 
 
+def product_blank(hdul: fits.HDUList, shape: tuple[int, ...]) -> tuple[np.ndarray, int] | None:
+    """A product file's ``MASK`` plane of its image's ``shape`` and the bits of its
+    `core.display.BLANK_PLANES` (pictures leave those pixels blank); None without one."""
+    mask = next((h for h in hdul if h.name == "MASK" and h.is_image and h.shape == shape), None)
+    if mask is None:
+        return None
+    return mask.data, mask_bits(mask.header, BLANK_PLANES)
+
+
 def _triplet(result) -> dict:
     exposures = (result.matched_science, result.matched_template, result.output)
     return dict(zip(TRIPLET, exposures, strict=True))
@@ -249,8 +259,8 @@ def triplet_from_files(paths: Mapping[str, Path], x, y, size: int) -> Cutouts:
             except Exception:  # noqa: BLE001 - an unreadable WCS: stamps without one
                 wcs = None
             # its mask's unusable pixels are left blank in pictures
-            mask = next((h for h in hdul if h.name == "MASK" and h.header.get("NAXIS") == 2), None)
-            masks = {name: (mask.data, mask_bits(mask.header, BLANK_PLANES))} if mask else None
+            blank = product_blank(hdul, chosen.shape)
+            masks = {name: blank} if blank is not None else None
             part = cutouts({name: (chosen.data, wcs)}, x, y, size, masks)
             unit = chosen.header.get("BUNIT")
             if unit:  # the stamps' unit, as the product states it

@@ -1139,6 +1139,11 @@ def _read_open(
     )
     alsub = _alsub_json(primary)
     unusable = _Unusable(exposure_mask, planes.get_bitmask(_UNUSABLE_PLANES))
+    if variance_array is not None and gain is not None:
+        raise f.problem(
+            f"a gain models the variance of a file without one, and this one has it "
+            f"({info.planes.get('VARIANCE', 'a variance plane')}): give one or the other"
+        )
     if variance_array is None:
         if gain is None:
             gain = _data_gain(headers)

@@ -1206,3 +1206,8 @@ def test_a_given_gain_models_the_variance_instead_of_the_gain_card(tmp_path):
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(InvalidExposureError, match="gain must be a positive number"):
             read_exposure(path, gain=bad)
+    # a file with its own variance plane: the gain would be dropped unsaid
+    with_plane = tmp_path / "with_variance.fits"
+    write_exposure(given, with_plane)
+    with pytest.raises(InvalidExposureError, match="a gain models the variance"):
+        read_exposure(with_plane, gain=10.0)
