@@ -323,12 +323,17 @@ class _BackgroundMesh:
         nodes = (np.zeros(ny, dtype=int), np.zeros(ny))
         return cls(np.array([[level]]), np.array([[noise]]), nodes, np.ones((nx, 1)))
 
-    def _rows(self, name: str, rows: slice) -> np.ndarray:
+    def _mesh_rows(self, name: str) -> np.ndarray:
+        """The mesh rows of ``name`` (median or std) interpolated along x, made once."""
         along_x = self._along_x.get(name)
         if along_x is None:
             mesh = self.median if name == "median" else self.std
             along_x = (mesh @ self.wx_t).astype(np.float32)
             self._along_x[name] = along_x
+        return along_x
+
+    def _rows(self, name: str, rows: slice) -> np.ndarray:
+        along_x = self._mesh_rows(name)
         frac = self.frac[rows]
         out = along_x[self.lo[rows]]
         out *= 1.0 - frac
@@ -350,8 +355,7 @@ class _BackgroundMesh:
     def background_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """The background at array indices (broadcast ``rows``, ``cols``): the same
         float32 operations as `background`, so the values are identical to its map's."""
-        self._rows("median", slice(0, 0))  # the x-interpolated mesh rows, cached
-        along_x = self._along_x["median"]
+        along_x = self._mesh_rows("median")
         frac = self.frac[:, 0][rows]
         out = along_x[self.lo[rows], cols]
         out *= 1.0 - frac
@@ -359,11 +363,11 @@ class _BackgroundMesh:
         return out
 
     def background_rows(self, rows: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
-        """`background_at` of array rows ``rows`` (m, h) at the columns x0[k] .. x0[k] +
-        side - 1 of each, clipped to the frame: the same values, each stamp row copied
-        out of the x-interpolated mesh rows (`core.stamps.clipped_rows`)."""
-        self._rows("median", slice(0, 0))  # the x-interpolated mesh rows, cached
-        along_x = self._along_x["median"]
+        """The background of array rows ``rows`` (m, h) at the columns x0[k] .. x0[k] +
+        side - 1 of each, clipped to the frame: the same float32 operations as
+        `background`, so its map's values, each stamp row copied out of the
+        x-interpolated mesh rows (`core.stamps.clipped_rows`)."""
+        along_x = self._mesh_rows("median")
         frac = self.frac[:, 0][rows][:, :, None]
         out = clipped_rows(along_x, self.lo[rows], x0, side)
         out *= 1.0 - frac

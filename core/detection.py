@@ -216,13 +216,7 @@ def _grow_area(
         area = np.flatnonzero(reach)
         del reach
         area_pieces, n_pieces = _label_pixels(area, labels.shape)
-        if out is None:
-            pieces = np.zeros(labels.shape, dtype=np.int32)  # calloc: only touched pages cost
-        else:
-            pieces = out
-            if not out_zeroed:
-                pieces.fill(0)
-        pieces.ravel()[area] = area_pieces
+        pieces = _label_image(area, area_pieces, labels.shape, out, out_zeroed)
     else:
         structure = np.ones((3, 3), dtype=bool)
         if out is None:

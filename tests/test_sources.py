@@ -546,14 +546,14 @@ def test_clipped_rows_equal_the_per_pixel_gather():
         clipped_rows(array, rows, x0, 60), array[rows[:, :, None], wide[:, None, :]]
     )
     assert clipped_rows(array, rows[:0], x0[:0], side).shape == (0, side, side)
-    # a mesh's background at the same pixels, as `background_at` gives it
+    # a mesh's background at the same pixels, as its whole map holds it
     median = rng.normal(100.0, 3.0, (4, 3))
     mesh = _BackgroundMesh(
         median, median, _interp_nodes(70, 8.5, 18, 4), _interp_matrix(50, 8.5, 18, 3)
     )
     np.testing.assert_array_equal(
         mesh.background_rows(rows, x0, side),
-        mesh.background_at(rows[:, :, None], cols[:, None, :]),
+        mesh.background()[rows[:, :, None], cols[:, None, :]],
     )
 
 
