@@ -56,18 +56,15 @@ _TESTS = (
 _OFFSETS = np.linspace(-1.0, 1.0, 17)
 
 
-def _bounds_of(kernels: np.ndarray) -> np.ndarray:
+def _bounds_of(stack: np.ndarray) -> np.ndarray:
     """The largest contrast (centre over neighbours' mean) of each test over the shifts
     of a PSF stamp that keep the centre pixel the nearest or the brightest of its 3 x 3
     (a tilted elliptical PSF's brightest pixel can lie beyond the half pixel); infinite
-    where the neighbours can sum to nothing. ``kernels``: one stamp (size, size), or a
-    stack (m, size, size) of them (bounds (m, tests)), done together: a PSF's nodes
-    share the phases and two matrix products each replace an einsum (the 25 nodes of a
-    2048 px frame's PSF: 11.5 -> 2.2 ms; bounds equal to 1e-15)."""
-    stack = np.asarray(kernels, dtype=np.float64)
-    single = stack.ndim == 2
-    if single:
-        stack = stack[np.newaxis]
+    where the neighbours can sum to nothing. ``stack``: (m, size, size) stamps, bounds
+    (m, tests), done together: a PSF's nodes share the phases and two matrix products
+    each replace an einsum (the 25 nodes of a 2048 px frame's PSF: 11.5 -> 2.2 ms;
+    bounds equal to 1e-15)."""
+    stack = np.asarray(stack, dtype=np.float64)
     m, size = stack.shape[0], stack.shape[1]
     c, n = size // 2, _OFFSETS.size
     # only the central 3 x 3 of each shifted stamp: its inverse transform's three rows
@@ -91,7 +88,7 @@ def _bounds_of(kernels: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             contrast = np.where(mean > 0, core[:, :, 1, 1] / mean, np.inf)
         bounds[:, t] = np.where(kept, contrast, -np.inf).max(axis=1)
-    return bounds[0] if single else bounds
+    return bounds
 
 
 def contrast_bounds(stamps, x, y) -> np.ndarray:
