@@ -1704,15 +1704,20 @@ def image_unit(exposure: Exposure) -> Any:
     `astropy.units.UnitBase`
     """
     from astropy import units as u
-    from astropy.nddata import CCDData
 
     text = next((v for k, v in exposure.metadata.items() if str(k).upper() == "BUNIT"), None)
     if isinstance(text, str) and text.strip():
-        # FITS writes ADU upper case; astropy spells it adu. Common invalid spellings
-        # ("ELECTRONS/S") are mapped as CCDData's reader maps them.
+        # FITS writes ADU upper case; astropy spells it adu
         text = text.strip().lower() if text.strip().lower() == "adu" else text.strip()
-        text = CCDData.known_invalid_fits_unit_strings.get(text, text)
         unit = u.Unit(text, parse_strict="silent")
+        if isinstance(unit, u.UnrecognizedUnit):
+            # common invalid spellings ("ELECTRONS/S") mapped as CCDData's reader maps
+            # them; none of them parses, so they are looked up only then (astropy.nddata
+            # costs 30 ms to import, in every run)
+            from astropy.nddata import CCDData
+
+            mapped = CCDData.known_invalid_fits_unit_strings.get(text)
+            unit = mapped if mapped is not None else unit
         if not isinstance(unit, u.UnrecognizedUnit):
             return unit
     return u.Unit(_DEFAULT_UNIT)
