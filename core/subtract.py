@@ -60,6 +60,7 @@ from .parallel import (
     one_blas_thread,
     release_free_memory,
     split_map,
+    task_pool,
     thread_map,
 )
 from .position_flags import EXTRAPOLATED_ORDER, KERNEL_REACH
@@ -1147,18 +1148,48 @@ class _SubtractBase(Task):
         except PsfError:  # a matched profile with no positive flux: no figure, no verdict
             return {}
 
-    def detect(self, result: SubtractionResult, science: Exposure, template: Exposure) -> None:
-        """DIA sources on the difference or score (``config.dia``); counts into the metrics.
+    def measure_and_detect(
+        self,
+        result: SubtractionResult,
+        science: Exposure,
+        template: Exposure,
+        metrics: Callable[[], dict[str, Any]],
+    ) -> None:
+        """``result.metrics`` from ``metrics()`` and the DIA sources (`detect`) at once:
+        both only read the products and neither reads what the other makes, and each
+        leaves a core idle much of its time (2048 auto pair: metrics 1.1 cores busy, DIA
+        sources 1.5): the metrics run on a thread of their own beside the DIA sources,
+        which keep their pool (split between the two, the DIA sources ran on one thread
+        and the pair was no faster: 0.30 s at 2048 against 0.34 s in turn), or first, in
+        turn, when one thread is allowed."""
+        self._stage("metrics")
+
+        def timed() -> dict[str, Any]:
+            with self.timer("metrics"):
+                return metrics()
+
+        with task_pool() as pool:
+            made = pool.submit(timed)
+            table = self.detect(result, science, template)
+        result.metrics = made.result()
+        if table is not None:
+            result.dia_sources = table
+            result.metrics["n_dia_sources"] = len(table)
+            for key in ("positive", "negative", "dipoles"):
+                result.metrics[f"n_dia_{key}"] = table.meta[f"n_{key}"]
+
+    def detect(self, result: SubtractionResult, science: Exposure, template: Exposure):
+        """The DIA sources on the difference or score (``config.dia``; None when off).
         ``science`` and ``template`` (registered) as they were before any convolution: a
         cosmic ray a convolution widened is told there (`core.input_rays`), against the
         science PSF the kernel gave when it did (`derived_science_psf`)."""
         if not self.config.dia.enabled:
-            return
+            return None
         if self.derived_science_psf is not None:
             science = science.with_psf(self.derived_science_psf)
         self._stage("detect")
         with self.timer("detect"):
-            result.dia_sources = dia_sources(
+            return dia_sources(
                 result.output,
                 self.config.dia,
                 is_score=result.score is not None,
@@ -1168,10 +1199,6 @@ class _SubtractBase(Task):
                 inputs=(science, template),
                 preconvolution_kernel=self.preconvolution_cut,
             )
-        meta = result.dia_sources.meta
-        result.metrics["n_dia_sources"] = len(result.dia_sources)
-        for key in ("positive", "negative", "dipoles"):
-            result.metrics[f"n_dia_{key}"] = meta[f"n_{key}"]
 
     def assess_quality(self, result: SubtractionResult, science, template) -> dict[str, Any]:
         """The verdict (core.quality) from the metrics, the kernel and the warnings."""
@@ -1300,10 +1327,12 @@ class AlardLuptonSubtractTask(_SubtractBase):
 
             result, kernel_sources = self._fitted(template, science, attempt)
             self._keep_kernel_sources(result, kernel_sources)
-            self._stage("metrics")
-            with self.timer("metrics"):
-                result.metrics = self.compute_image_metrics(science, result, sources)
-            self.detect(result, science, template)
+            self.measure_and_detect(
+                result,
+                science,
+                template,
+                lambda: self.compute_image_metrics(science, result, sources),
+            )
         return self._finish(result, science, template)
 
     def _choose_mode(self, template: Exposure, science: Exposure) -> bool:
@@ -1520,17 +1549,20 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
 
             result, kernel_sources = self._fitted(template, science, attempt)
             self._keep_kernel_sources(result, kernel_sources)
-            self._stage("metrics")
-            with self.timer("metrics"):
-                result.metrics = self._base_metrics(result, science)
-                result.metrics["n_interpolated"] = int(self.metadata.get("nInterpolated", 0))
-                result.metrics["score_noise_ratio_propagated"] = self.metadata.get(
-                    "scoreNoiseRatioPropagated"
-                )
-                # a star in the score and in P * S has the science PSF seen through P
-                result.metrics.update(self._kernel_star_residuals(result, self.preconvolved_psf))
-            self.detect(result, science, template)
+            self.measure_and_detect(
+                result, science, template, lambda: self._score_metrics(result, science)
+            )
         return self._finish(result, science, template)
+
+    def _score_metrics(self, result: SubtractionResult, science: Exposure) -> dict[str, Any]:
+        """The base metrics of a score, its interpolated pixels and propagated noise ratio,
+        and its kernel stars' residuals."""
+        metrics = self._base_metrics(result, science)
+        metrics["n_interpolated"] = int(self.metadata.get("nInterpolated", 0))
+        metrics["score_noise_ratio_propagated"] = self.metadata.get("scoreNoiseRatioPropagated")
+        # a star in the score and in P * S has the science PSF seen through P
+        metrics.update(self._kernel_star_residuals(result, self.preconvolved_psf))
+        return metrics
 
     def _add_score_noise_floor(self, score: Exposure) -> None:
         """Add to the score's variance the sky scatter its propagation does not explain.

@@ -920,12 +920,27 @@ def _comparable(metrics: dict) -> dict:
 
 
 @pytest.mark.parametrize("mode", ["auto", "preconvolve"])
-def test_the_dia_catalog_changes_no_metric_but_its_counts(mode):
-    """The DIA sources are found after the metrics, on the same result: the same figures
-    as with the catalog off and as on one thread, the catalog's counts added, and
-    progress reports the metrics before the detection."""
+def test_the_dia_catalog_changes_no_metric_but_its_counts(mode, monkeypatch):
+    """The metrics are made on a thread of their own beside the DIA sources, on the same
+    result (on the caller's thread, first, under a one-thread cap): the same figures as
+    with the catalog off and as on one thread, the catalog's counts added, the same
+    catalog as on one thread, and progress reports the metrics before the detection."""
+    import threading
+
+    import core.subtract
     from core.parallel import set_thread_limit
 
+    threads: list[tuple[str, int]] = []
+
+    def on_thread(name, function):
+        def recorded(*args, **kwargs):
+            threads.append((name, threading.get_ident()))
+            return function(*args, **kwargs)
+
+        monkeypatch.setattr(core.subtract, name, recorded)
+
+    on_thread("noise_statistics", core.subtract.noise_statistics)  # one call, in the metrics
+    on_thread("dia_sources", core.subtract.dia_sources)
     pair = simulated_pair("sharper_template", 512, 113)
     stages: list[str] = []
     beside = run_subtraction(
@@ -934,19 +949,26 @@ def test_the_dia_catalog_changes_no_metric_but_its_counts(mode):
         SubtractionConfig(mode=mode),
         progress=lambda stage, fraction: stages.append(stage),
     )
+    assert dict(threads)["noise_statistics"] != dict(threads)["dia_sources"]
     off = SubtractionConfig(mode=mode)
     off.dia.enabled = False
     alone = run_subtraction(pair.science, pair.template, off)
+    threads.clear()
     try:
         set_thread_limit(1)
         one_thread = run_subtraction(pair.science, pair.template, SubtractionConfig(mode=mode))
     finally:
         set_thread_limit(None)
+    assert [name for name, _ in threads] == ["noise_statistics", "dia_sources"]
+    assert {ident for _, ident in threads} == {threading.get_ident()}
     assert _comparable(beside.metrics) == _comparable(alone.metrics)
     assert _comparable(beside.metrics) == _comparable(one_thread.metrics)
     catalog = beside.dia_sources
     assert len(catalog) > 0
     assert beside.metrics["n_dia_sources"] == len(catalog)
     assert beside.metrics["n_dia_negative"] == int(np.sum(catalog["is_negative"]))
+    assert one_thread.dia_sources.meta == catalog.meta
+    for name in catalog.colnames:
+        np.testing.assert_array_equal(one_thread.dia_sources[name], catalog[name])
     assert "n_dia_sources" not in alone.metrics and alone.dia_sources is None
     assert stages.index("metrics") < stages.index("detect")
