@@ -1148,7 +1148,7 @@ class _SubtractBase(Task):
         except PsfError:  # a matched profile with no positive flux: no figure, no verdict
             return {}
 
-    def measure_and_detect(
+    def metrics_and_dia_sources(
         self,
         result: SubtractionResult,
         science: Exposure,
@@ -1156,12 +1156,12 @@ class _SubtractBase(Task):
         metrics: Callable[[], dict[str, Any]],
     ) -> None:
         """``result.metrics`` from ``metrics()`` and the DIA sources (`detect`) at once:
-        both only read the products and neither reads what the other makes, and each
-        leaves a core idle much of its time (2048 auto pair: metrics 1.1 cores busy, DIA
-        sources 1.5): the metrics run on a thread of their own beside the DIA sources,
-        which keep their pool (split between the two, the DIA sources ran on one thread
-        and the pair was no faster: 0.30 s at 2048 against 0.34 s in turn), or first, in
-        turn, when one thread is allowed."""
+        both only read the products, neither reads what the other makes, and each leaves
+        a core idle much of its time (2048 auto pair: metrics 1.1 cores busy, DIA sources
+        1.5). The metrics run on a thread of their own beside the DIA sources, which keep
+        their pool (the two 0.34 -> 0.30 s at 2048; with the cores split between them the
+        DIA sources had one thread, and at 4096 the two took longer than in turn); first,
+        on the caller's thread, when one thread is allowed."""
         self._stage("metrics")
 
         def timed() -> dict[str, Any]:
@@ -1178,7 +1178,9 @@ class _SubtractBase(Task):
             for key in ("positive", "negative", "dipoles"):
                 result.metrics[f"n_dia_{key}"] = table.meta[f"n_{key}"]
 
-    def detect(self, result: SubtractionResult, science: Exposure, template: Exposure):
+    def detect(
+        self, result: SubtractionResult, science: Exposure, template: Exposure
+    ) -> Table | None:
         """The DIA sources on the difference or score (``config.dia``; None when off).
         ``science`` and ``template`` (registered) as they were before any convolution: a
         cosmic ray a convolution widened is told there (`core.input_rays`), against the
@@ -1327,7 +1329,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
 
             result, kernel_sources = self._fitted(template, science, attempt)
             self._keep_kernel_sources(result, kernel_sources)
-            self.measure_and_detect(
+            self.metrics_and_dia_sources(
                 result,
                 science,
                 template,
@@ -1549,7 +1551,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
 
             result, kernel_sources = self._fitted(template, science, attempt)
             self._keep_kernel_sources(result, kernel_sources)
-            self.measure_and_detect(
+            self.metrics_and_dia_sources(
                 result, science, template, lambda: self._score_metrics(result, science)
             )
         return self._finish(result, science, template)
