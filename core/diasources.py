@@ -1216,6 +1216,8 @@ def _measure(
         profile,
         reach,
         config,
+        # a dipole's lobes have both signs: its net flux is judged whole
+        np.where(columns["is_dipole"], 0.0, np.sign(columns["detection_snr"])),
     )
     flags[near] |= FLAG_BITS["bright_star"][0]
     flags[outside] |= FLAG_BITS["suspect_kernel"][0]

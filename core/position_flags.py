@@ -52,13 +52,21 @@ EXTRAPOLATED_ORDER = "extrapolated_order"
 KERNEL_REACH = "kernel_reach"
 
 
-def changed_star(flux, light, saturated, fraction: float) -> np.ndarray:
+def changed_star(flux, light, saturated, fraction: float, sign=None) -> np.ndarray:
     """Sources on a bright star (`bright_star_light`) that are a change of the star, not
-    its residual: ``|flux|`` reaches ``fraction`` of the template's ``light`` on the
-    disc (a variable star), and no pixel near is ``saturated`` (a clipped core leaves
-    a residual of any size). All False when ``fraction`` is 0."""
+    its residual: the flux in the source's ``sign`` (+-1 per position, the detection's;
+    0 or None: the flux's own) reaches ``fraction`` of the template's ``light`` on the
+    disc (a variable star), and no pixel near is ``saturated`` (a clipped core leaves a
+    residual of any size). A fit of the other sign is not the source's change: it read
+    a neighbour's light (a +5 sigma crescent of kernel residual 3.5 px from a faded
+    star fitted -86000 counts, S/N -404). All False when ``fraction`` is 0."""
+    flux = np.asarray(flux, dtype=np.float64)
+    signed = np.abs(flux)
+    if sign is not None:
+        sign = np.sign(np.asarray(sign, dtype=np.float64))
+        signed = np.where(sign == 0, signed, flux * sign)
     with np.errstate(invalid="ignore"):
-        change = np.abs(np.asarray(flux, dtype=np.float64)) >= fraction * light
+        change = signed >= fraction * light
     return change & ~np.asarray(saturated, dtype=bool) & (fraction > 0)
 
 
@@ -419,6 +427,7 @@ def bright_star(
     profile: np.ndarray,
     reach: float,
     config: DiaSourceConfig,
+    sign=None,
 ) -> np.ndarray:
     """Positions flagged ``bright_star`` (the DIA catalog's and forced photometry's rule).
 
@@ -431,11 +440,11 @@ def bright_star(
 
     ``flux``, ``flux_err``: the positions' PSF fluxes and errors on the difference;
     ``saturated_pixels``: a saturated pixel near (the ``saturated`` flag); ``profile``:
-    `response_profile` of the difference.
+    `response_profile` of the difference; ``sign``: the detections' (`changed_star`).
     """
     near, light = bright
     fraction = config.bright_star_residual_fraction
-    near = near & ~changed_star(flux, light, saturated_pixels, fraction)
+    near = near & ~changed_star(flux, light, saturated_pixels, fraction, sign)
     if _saturated_rules_on(config):
         bound = residual_snr(
             stars,

@@ -1378,6 +1378,41 @@ def test_a_variable_star_beside_a_brighter_one_is_not_its_residual():
         assert not changed_star(residual, under, np.zeros(2, dtype=bool), fraction).any()
 
 
+def test_a_fit_of_the_other_sign_is_no_change_of_the_star():
+    """A source's change of a star has the detection's sign: a +5 sigma crescent of
+    kernel residual beside a bright faded source fitted that source's wing (-86000
+    counts, S/N -404) and passed for the star's change, unflagged. Fluxes of the
+    detection's sign are judged as before; without a sign (forced photometry), or a
+    dipole's (0), the flux's own."""
+    from core.position_flags import changed_star
+    from core.simulate import SimulationConfig
+
+    light, clear = np.array([1e5, 1e5]), np.zeros(2, dtype=bool)
+    flux = np.array([-5e4, 5e4])
+    assert changed_star(flux, light, clear, 0.2).all()
+    assert not changed_star(flux, light, clear, 0.2, sign=[1, -1]).any()
+    assert changed_star(flux, light, clear, 0.2, sign=[-1, 1]).all()
+    assert changed_star(flux, light, clear, 0.2, sign=[0, 0]).all()
+    # transients of 2e5-1e6 counts, half of them faded: crescents beside the faded ones
+    config = SimulationConfig(
+        size=1024,
+        seed=9111,
+        n_transients=30,
+        n_negative_transients=30,
+        transient_flux_min=2e5,
+        transient_flux_max=1e6,
+    )
+    pair = simulate_pair(config)
+    catalog = run_subtraction(pair.science, pair.template).dia_sources
+    opposite = (
+        (np.sign(catalog["psf_flux"]) != np.sign(catalog["detection_snr"]))
+        & ~catalog["is_dipole"]
+        & (np.abs(catalog["snr"]) > 5)
+    )
+    assert opposite.sum() >= 2
+    assert catalog["flag_bright_star"][opposite].all()
+
+
 def _plant(exposure: Exposure, x: float, y: float, flux: float, rng) -> None:
     """A point source of ``flux`` at (x, y) with its photon noise (gain 1) in the image
     and variance."""
