@@ -152,9 +152,10 @@ def _cmd_simulate(args) -> int:
         raise UsageError(f"--set is not valid JSON: {exc}") from None
     if not isinstance(overrides, dict):
         raise UsageError("--set must be a JSON object, e.g. '{\"n_transients\": 10}'")
-    paths = simulate_command(
-        args.outdir, size=args.size, seed=args.seed, preset=args.preset, **overrides
-    )
+    # size and seed are SimulationConfig fields too: given in --set, they win over the
+    # flags (a non-square frame has no flag: '{"size": [1536, 768]}')
+    size, seed = overrides.pop("size", args.size), overrides.pop("seed", args.seed)
+    paths = simulate_command(args.outdir, size=size, seed=seed, preset=args.preset, **overrides)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -698,7 +699,12 @@ def _parser() -> argparse.ArgumentParser:
         "transients injected into the science image, with their fluxes).",
     )
     p.add_argument("outdir", help="directory to write into (created)")
-    p.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=512,
+        help="image side in pixels (default 512; not square: --set '{\"size\": [nx, ny]}')",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--preset",

@@ -64,9 +64,13 @@ def evaluate(pair, result, reference=None) -> dict:
     radius = 0.5 * fwhm
     cxy = np.column_stack([catalog["x"], catalog["y"]])
     txy = np.column_stack([x, y])
-    distance, index = cKDTree(cxy).query(txy)
-    sign_ok = np.asarray(catalog["is_negative"])[index] == (flux < 0)
-    found = (distance < radius) & sign_ok & ~np.asarray(catalog["is_dipole"])[index]
+    if len(catalog):
+        distance, index = cKDTree(cxy).query(txy)
+        sign_ok = np.asarray(catalog["is_negative"])[index] == (flux < 0)
+        found = (distance < radius) & sign_ok & ~np.asarray(catalog["is_dipole"])[index]
+    else:  # nothing found (an empty tree's query points past the end)
+        distance, index = np.full(len(x), np.inf), np.zeros(len(x), dtype=int)
+        found = np.zeros(len(x), dtype=bool)
     tree = cKDTree(txy)
     isolated = tree.query(txy, k=2)[0][:, 1] > 3.0 * fwhm
     near_transient = tree.query(cxy)[0] < radius
@@ -96,16 +100,22 @@ def summarise(evaluations: list[dict]) -> dict[str, float]:
     flux, snr_expected, isolated, found = (
         cat(k) for k in ("flux", "expected_snr", "isolated", "found")
     )
-    measured_flux = np.concatenate(
-        [np.asarray(e["catalog"]["psf_flux"])[e["index"]] for e in evaluations]
-    )
-    measured_snr = np.concatenate(
-        [np.abs(np.asarray(e["catalog"]["snr"]))[e["index"]] for e in evaluations]
-    )
+
+    def nearest(column):
+        """``column`` of each transient's nearest source (NaN or False: an empty catalog)."""
+        parts = []
+        for e in evaluations:
+            values = np.asarray(e["catalog"][column])
+            if values.size:
+                parts.append(values[e["index"]])
+            else:
+                parts.append(np.full(len(e["index"]), False if values.dtype == bool else np.nan))
+        return np.concatenate(parts)
+
+    measured_flux = nearest("psf_flux")
+    measured_snr = np.abs(nearest("snr"))
     distance = cat("distance")
-    sharp = np.concatenate(
-        [np.asarray(e["catalog"]["flag_sharp"])[e["index"]] for e in evaluations]
-    )
+    sharp = nearest("flag_sharp").astype(bool)
     forced_flux = np.concatenate([np.asarray(e["forced"]["psf_flux"]) for e in evaluations])
     forced_err = np.concatenate([np.asarray(e["forced"]["psf_flux_err"]) for e in evaluations])
     mpx = sum(e["pixels"] for e in evaluations) / 1e6

@@ -1115,12 +1115,12 @@ def simulate_command(
     InvalidConfigError
         Unknown preset or field, or a value out of range.
     """
-    if preset:
-        base = _preset(preset, size, seed)
-    else:
-        base = SimulationConfig(size=size, seed=seed)
-        base = base.model_copy(update={"n_transients": demo_transients(base)})
     try:
+        if preset:
+            base = _preset(preset, size, seed)
+        else:
+            base = SimulationConfig(size=size, seed=seed)
+            base = base.model_copy(update={"n_transients": demo_transients(base)})
         config = SimulationConfig.model_validate(_merge(base.model_dump(), overrides))
     except ValidationError as exc:
         first = exc.errors()[0]

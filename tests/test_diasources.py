@@ -46,6 +46,25 @@ def evaluations():
     return {name: evaluate(*_subtracted(name)) for name in SCENARIOS}
 
 
+def test_evaluation_of_an_empty_catalog_finds_nothing():
+    """The acceptance bench's matching on a run that found nothing (too faint transients):
+    no transient found, no false detection, no flux figure (an empty tree's query
+    pointed past the end of the catalog)."""
+    import copy
+
+    from bench.diasources import summarise
+
+    pair, result = _subtracted(SCENARIOS[0])
+    empty = copy.copy(result)
+    empty.dia_sources = result.dia_sources[:0]
+    ev = evaluate(pair, empty)
+    assert ev["found"].size == len(transient_truth(pair)[0]) and not ev["found"].any()
+    assert ev["false_sky"] == ev["false_star"] == 0
+    figures = summarise([ev])
+    assert figures["completeness_pos"] == 0.0 and figures["n_bright_pos"] > 0
+    assert np.isnan(figures["flux_ratio_snr20"]) and figures["n_found_sharp"] == 0
+
+
 def test_completeness_positive_and_negative(evaluations):
     """>= 98% of isolated transients with expected S/N >= 7 found with their sign, pooled
     over the scenarios (one scenario's ~45 per sign cannot resolve 98%: at expected S/N 7
