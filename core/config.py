@@ -607,6 +607,17 @@ class QualityConfig(_Config):
     bad_kernel_psf_width_ratio: float = Field(
         2.0, gt=1, le=1000, description="...and beyond this factor the fit is bad."
     )
+    max_preconvolve_width_ratio: float = Field(
+        1.05,
+        gt=1,
+        le=100,
+        description="Preconvolve mode: the template's PSF FWHM this many times the science's "
+        "seen through the preconvolution (the PSF the kernel matches the template to): the "
+        "kernel would have to sharpen the template, suspect.",
+    )
+    bad_preconvolve_width_ratio: float = Field(
+        1.1, gt=1, le=100, description="...and beyond this factor the fit is bad."
+    )
 
 
 class WarpConfig(_Config):

@@ -1562,9 +1562,24 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         metrics = self._base_metrics(result, science)
         metrics["n_interpolated"] = int(self.metadata.get("nInterpolated", 0))
         metrics["score_noise_ratio_propagated"] = self.metadata.get("scoreNoiseRatioPropagated")
+        metrics["template_preconvolved_width_ratio"] = self._template_preconvolved_width_ratio(
+            science
+        )
         # a star in the score and in P * S has the science PSF seen through P
         metrics.update(self._kernel_star_residuals(result, self.preconvolved_psf))
         return metrics
+
+    def _template_preconvolved_width_ratio(self, science: Exposure) -> float:
+        """The template's PSF FWHM over that of the science seen through the preconvolution
+        applied (the PSF the kernel matched the template to; `core.quality` judges it)."""
+        psf = self.preconvolved_psf
+        if psf is None:
+            return math.nan
+        try:
+            fwhm = float(psf.fwhm(*(psf.average_position or science.bbox_center())))
+        except Exception:  # noqa: BLE001 - no FWHM, no figure
+            return math.nan
+        return self.template_fwhm / fwhm if fwhm > 0 else math.nan
 
     def _add_score_noise_floor(self, score: Exposure) -> None:
         """Add to the score's variance the sky scatter its propagation does not explain.
