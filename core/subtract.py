@@ -70,7 +70,7 @@ from .psf_estimate import estimate_psf
 from .quality import assess_quality, kernel_centroid
 from .register import register_template
 from .sources import detect_sources, kernel_snr_column, select_kernel_sources, sky_sources
-from .stamp_neighbours import bright_neighbours, holders_of, moved
+from .stamp_neighbours import bright_neighbours, holders_of, moved, template_only_peaks
 from .task import Task
 from .variance import (
     CORRELATED_NOISE_NOTE,
@@ -643,11 +643,15 @@ class _SubtractBase(Task):
         n = len(selected)
         snr_column = kernel_snr_column(catalog)  # the selection's: ``selected`` has it too
         rows, held = bright_neighbours(selected, catalog, cfg.max_snr, snr_column)
-        x = np.asarray(selected["x"], float)
-        y = np.asarray(selected["y"], float)
-        if rows.size:
-            x = np.concatenate([x, np.asarray(catalog["x"], float)[rows]])
-            y = np.concatenate([y, np.asarray(catalog["y"], float)[rows]])
+        # and the template's stars the science catalog lacks (faded ones), judged alike
+        fwhm = max(self.science_fwhm, self.template_fwhm)
+        lost_x, lost_y, lost_held = template_only_peaks(selected, catalog, template, fwhm)
+        x = np.concatenate(
+            [np.asarray(selected["x"], float), np.asarray(catalog["x"], float)[rows], lost_x]
+        )
+        y = np.concatenate(
+            [np.asarray(selected["y"], float), np.asarray(catalog["y"], float)[rows], lost_y]
+        )
         # the two images' fits are independent: on two threads (numpy releases the GIL)
         (f_s, e_s), (f_t, e_t) = thread_map(
             lambda exposure: whole_stamp_fluxes(exposure, x, y), [science, template]
@@ -656,6 +660,10 @@ class _SubtractBase(Task):
             ratio = f_s / f_t
             detected = np.isfinite(ratio) & (f_t > 5.0 * e_t)
             sigma = np.abs(ratio) * np.hypot(e_s / f_s, e_t / f_t)
+            # as bright in the template as a catalog neighbour is in the science
+            lost = slice(n + rows.size, None)
+            detected[lost] &= f_t[lost] >= cfg.max_snr * e_t[lost]
+        held = held + lost_held
         keep = detected[:n]
         # a source the template does not hold is no star to match on (a transient): kept
         # all when fewer than 3 were in it, 5 stars among 20 transients fitted a kernel
@@ -670,13 +678,17 @@ class _SubtractBase(Task):
                 _changed_flux(
                     ratio[n:], sigma[n:], detected[n:], cfg, (ratio[:n][keep], sigma[:n][keep])
                 )
-                if rows.size
+                if x.size > n
                 else np.zeros(0, dtype=bool)
             )
             snr = np.asarray(selected[snr_column])
             if rows.size:
                 snr = np.concatenate([snr, np.asarray(catalog[snr_column])[rows]])
-            shifted = self._moved(science, template, x, y, snr, keep)
+            # a lost star has no shift: it is judged by its flux alone
+            shifted = np.zeros(x.size, dtype=bool)
+            shifted[: snr.size] = self._moved(
+                science, template, x[: snr.size], y[: snr.size], snr, keep
+            )
             moved_here = shifted[:n] & keep
             self.metadata["nMovedSourcesRejected"] = int(moved_here.sum())
             keep = keep & ~moved_here

@@ -554,6 +554,58 @@ def test_a_moved_bright_star_beside_a_kernel_star_leaves_the_kernel_alone():
     assert abs(catalog["dipole_separation"][k] - 0.5) < 0.2
 
 
+def test_faded_bright_stars_beside_kernel_stars_are_judged_as_neighbours():
+    """Stars in the template only (faded: transients of the template's epoch) beside
+    kernel sources: the neighbour test read the science catalog, which lacks them, so
+    they went into the kernel stamps unseen. 30 faded transients of 2e5-1e6 counts on a
+    1024 px pair left 6 constant stars as DIA sources (3 unflagged) and no stamp was
+    left out. The template's peaks the catalog lacks (`template_only_peaks`) are now
+    judged as its neighbours are: no constant star is a DIA source. On a 512 px field
+    with every star known, a faded star of 4e5 counts 13 px from a kernel source is the
+    only such peak, in that source's box."""
+    from astropy.table import Table
+    from scipy.spatial import cKDTree
+
+    from bench.diasources import transient_truth
+    from core.simulate import SimulationConfig, simulate_pair
+    from core.stamp_neighbours import template_only_peaks
+
+    config = SimulationConfig(
+        size=1024,
+        seed=9111,
+        n_transients=0,
+        n_negative_transients=30,
+        transient_flux_min=2e5,
+        transient_flux_max=1e6,
+    )
+    pair = simulate_pair(config)
+    result = run_subtraction(pair.science, pair.template)
+    assert result.metadata["alardLuptonSubtract.nChangedNeighbourStampsRejected"] >= 1
+    catalog = result.dia_sources
+    where = np.column_stack([catalog["x"], catalog["y"]])
+    fwhm = catalog.meta["psf_fwhm"]
+    stars = pair.truth["stars"]
+    at_star = cKDTree(np.column_stack([stars["x"], stars["y"]])).query(where)[0] < 2 * fwhm
+    fx, fy, _ = transient_truth(pair)
+    beside = cKDTree(np.column_stack([fx, fy])).query(where)[0] < 5 * fwhm
+    assert not (at_star & ~beside).any()
+
+    field = _star_field()
+    hosts = run_subtraction(field.science.copy(), field.template.copy()).kernel_sources
+    sx, sy = np.asarray(field.truth["stars"]["x"]), np.asarray(field.truth["stars"]["y"])
+    for k, host in enumerate(hosts):  # noqa: B007 - the host found is used below
+        px, py = host["x"] + 13.0, host["y"] + 0.3
+        if np.hypot(sx - px, sy - py).min() > 8 and 40 < px < 472 and 40 < py < 472:
+            break
+    template = field.template.copy()
+    add_point_source(template.image, template.require_psf(), px, py, np.float32(4e5))
+    add_point_source(template.variance, template.require_psf(), px, py, np.float32(1e5))
+    known = Table({"x": sx, "y": sy})
+    tx, ty, held = template_only_peaks(hosts, known, template, 4.0)
+    assert tx.size == 1 and np.hypot(tx[0] - px, ty[0] - py) < 1.0 and k in held[0]
+    assert template_only_peaks(hosts, known, field.template, 4.0)[0].size == 0
+
+
 def test_a_selection_too_small_to_test_reports_no_rejection_counts():
     """`_reject_variable_sources` clears its counts first: a later selection too small to
     test (a fit made again, `_fitted`, with ``sources.min_kernel_sources`` below 3)
