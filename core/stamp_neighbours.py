@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
 from scipy.spatial import cKDTree
+
+from .stamps import windows
 
 __all__ = [
     "bright_neighbours",
@@ -94,48 +95,70 @@ def template_only_peaks(selected, catalog, template, radius: float):
     fit unseen (30 faded transients of 2.5e5-4.1e5 counts beside kernel stars: 6 constant
     stars came out as DIA sources, none with the transients brightening instead).
 
-    A peak is a local maximum of its 3 x 3 at `_PEAK_PIXEL_SNR` above the box's median.
+    A peak is a local maximum of its 3 x 3 at `_PEAK_PIXEL_SNR` above the median of its
+    box's border (the sky around the box's own star). The boxes are cut as one stack per
+    size, and only pixels above that level are tested for a maximum (a loop over the
+    1000 boxes of a 4096 px frame took 220 ms, a stack of whole-box statistics 167 ms).
     Returns parent (x, y) of the peaks and, for each, the rows of ``selected`` whose box
     holds it."""
     none = np.zeros(0)
     if len(selected) == 0:
         return none, none, []
     x0, y0 = template.xy0
-    ny, nx = template.shape
+    bx0 = np.asarray(selected["stamp_x0"], dtype=int) - x0
+    by0 = np.asarray(selected["stamp_y0"], dtype=int) - y0
+    side = np.asarray(selected["stamp_x1"], dtype=int) - x0 - bx0 + 1
+    holders: dict[tuple[int, int], list[int]] = {}
+    for size in np.unique(side):
+        boxes = np.flatnonzero(side == size)
+        k, j, i = _box_peaks(template, by0[boxes], bx0[boxes], int(size))
+        for box, row, col in zip(
+            boxes[k].tolist(),
+            (by0[boxes][k] + j).tolist(),
+            (bx0[boxes][k] + i).tolist(),
+            strict=True,
+        ):
+            holders.setdefault((row, col), []).append(box)
+    if not holders:
+        return none, none, []
     own = np.column_stack([np.asarray(selected["x"], float), np.asarray(selected["y"], float)])
     known = own
     if len(catalog):
         others = np.column_stack([np.asarray(catalog["x"], float), np.asarray(catalog["y"], float)])
         known = np.concatenate([own, others])
-    tree = cKDTree(known)
-    holders: dict[tuple[int, int], list[int]] = {}
-    boxes = zip(
-        *(
-            np.asarray(selected[c], dtype=int)
-            for c in ("stamp_x0", "stamp_y0", "stamp_x1", "stamp_y1")
-        ),
-        strict=True,
-    )
-    for k, (bx0, by0, bx1, by1) in enumerate(boxes):
-        cols = slice(max(bx0 - x0, 0), min(bx1 - x0 + 1, nx))
-        rows = slice(max(by0 - y0, 0), min(by1 - y0 + 1, ny))
-        image = np.asarray(template.image[rows, cols], dtype=np.float64)
-        variance = np.asarray(template.variance[rows, cols], dtype=np.float64)
-        if image.size == 0:
-            continue
-        with np.errstate(invalid="ignore", divide="ignore"):
-            pulls = (image - np.nanmedian(image)) / np.sqrt(variance)
-        pulls = np.where(np.isfinite(pulls), pulls, -np.inf)
-        top = (pulls >= _PEAK_PIXEL_SNR) & (pulls == ndimage.maximum_filter(pulls, size=3))
-        for j, i in zip(*np.nonzero(top), strict=True):
-            holders.setdefault((rows.start + int(j), cols.start + int(i)), []).append(k)
-    if not holders:
-        return none, none, []
     peaks = np.array(list(holders), dtype=np.float64)  # (row, column) on the array
     px, py = peaks[:, 1] + x0, peaks[:, 0] + y0
-    alone = np.isinf(tree.query(np.column_stack([px, py]), distance_upper_bound=radius)[0])
+    distance = cKDTree(known).query(np.column_stack([px, py]), distance_upper_bound=radius)[0]
+    alone = np.isinf(distance)
     held = [np.array(k, dtype=int) for k, a in zip(holders.values(), alone, strict=True) if a]
     return px[alone], py[alone], held
+
+
+def _box_peaks(template, y0: np.ndarray, x0: np.ndarray, side: int):
+    """(box, row, column) in the boxes of corners (y0, x0) of the pixels at
+    `_PEAK_PIXEL_SNR` above their box's border median that no pixel of their 3 x 3 in
+    the box exceeds (off the frame and non-finite pixels are never peaks)."""
+    image = windows(template.image, y0, x0, side, fill=np.nan)
+    sigma = np.sqrt(windows(template.variance, y0, x0, side, fill=np.nan))
+    border = np.concatenate(
+        [image[:, 0, :], image[:, -1, :], image[:, 1:-1, 0], image[:, 1:-1, -1]], axis=1
+    )
+    with np.errstate(invalid="ignore"):
+        level = (
+            np.nanmedian(border, axis=1) if np.isnan(border).any() else np.median(border, axis=1)
+        )
+        above = image - level[:, None, None]
+        k, j, i = np.nonzero(above >= _PEAK_PIXEL_SNR * sigma)
+    # each candidate against its 8 neighbours within the box (-inf beyond its edges)
+    padded = np.pad(above, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    value = above[k, j, i]
+    peak = np.ones(k.size, dtype=bool)
+    for dj in (-1, 0, 1):
+        for di in (-1, 0, 1):
+            if dj or di:
+                with np.errstate(invalid="ignore"):
+                    peak &= ~(padded[k, j + 1 + dj, i + 1 + di] > value)
+    return k[peak], j[peak], i[peak]
 
 
 def moved(
