@@ -195,7 +195,7 @@ def assess_quality(
     _kernel_sum(verdict, metrics, science, template, config)
     _star_residuals(verdict, metrics, config)
     _stamps(verdict, metrics, stamps, science.bbox, config)
-    if not _preconvolution_too_sharp(verdict, metrics, config):
+    if not _template_wider_than_preconvolved(verdict, metrics, config):
         _psf_consistency(verdict, metrics, config)
     if kernel_image is not None:
         _kernel_shift(verdict, metrics, kernel_image, reference_shift, star_shift, config)
@@ -315,7 +315,9 @@ def _star_residuals(verdict: Verdict, metrics: dict, config: QualityConfig) -> N
     )
 
 
-def _preconvolution_too_sharp(verdict: Verdict, metrics: dict, config: QualityConfig) -> bool:
+def _template_wider_than_preconvolved(
+    verdict: Verdict, metrics: dict, config: QualityConfig
+) -> bool:
     """Preconvolve mode with a template wider than the science seen through its
     preconvolution (``template_preconvolved_width_ratio``): the kernel would have to
     sharpen the template, which a sum of Gaussians cannot (science 2.5 px: a 4 px

@@ -9,7 +9,9 @@ star of 1/60 its flux, took the frame's kernel sum from 0.999 to 0.91-0.95 (spat
 order 0 to 2) and the verdict stayed good. The subtraction judges such neighbours as it
 judges the kernel sources, against their ensemble (`core.subtract`): their flux ratio
 and their position (`moved`), which it now judges for the kernel sources too (a moved
-star keeps its flux, and the kernel learnt the shift of bright ones in the window).
+star keeps its flux, and the kernel learnt the shift of bright ones in the window). A
+star the science lost is in no science catalog: the template's peaks that none of its
+sources explains are judged by their flux too (`template_only_peaks`).
 """
 
 from __future__ import annotations
@@ -81,9 +83,9 @@ def bright_neighbours(
     return np.array(rows, dtype=int), held
 
 
-#: Pixel S/N (above the stamp box's median) from which a template peak is measured as a
-#: neighbour: far below any star of `SourcesConfig.max_snr`, whose PSF flux the test
-#: then reads.
+#: Pixel S/N (above the median of the stamp box's border) from which a template peak is
+#: measured as a neighbour: far below any star of `SourcesConfig.max_snr`, whose PSF
+#: flux the test then reads.
 _PEAK_PIXEL_SNR = 20.0
 
 

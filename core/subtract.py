@@ -625,8 +625,8 @@ class _SubtractBase(Task):
     def _reject_variable_sources(self, selected, science, template, catalog):
         """Drop kernel sources whose flux changed between template and science or that
         moved, and those whose stamp holds a star too bright to be a kernel source that
-        did either (`core.stamp_neighbours`; ``catalog``: the sources the selection
-        chose from).
+        did either, or a bright star of the template the science lost
+        (`core.stamp_neighbours`; ``catalog``: the sources the selection chose from).
 
         Transients and variables have no (or a different) counterpart in the
         template. Rubin leaves them to kernel-sum clipping, which a field with
