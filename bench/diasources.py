@@ -20,6 +20,7 @@ auto subtraction of the same pair (a score is no difference).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -122,19 +123,24 @@ def summarise(evaluations: list[dict]) -> dict[str, float]:
     bright = (snr_expected >= 7) & isolated
     strong = found & isolated & (measured_snr >= 20)
     forced_strong = isolated & (snr_expected >= 20)
+
+    def of(function, values) -> float:
+        """``function(values)``; NaN for none (a pair without such transients)."""
+        return float(function(values)) if values.size else math.nan
+
     return {
         "mpx": mpx,
         "n_bright_pos": int(np.count_nonzero(bright & (flux > 0))),
-        "completeness_pos": float(found[bright & (flux > 0)].mean()),
+        "completeness_pos": of(np.mean, found[bright & (flux > 0)]),
         "n_bright_neg": int(np.count_nonzero(bright & (flux < 0))),
-        "completeness_neg": float(found[bright & (flux < 0)].mean()),
+        "completeness_neg": of(np.mean, found[bright & (flux < 0)]),
         "n_found_sharp": int(np.count_nonzero(found & bright & sharp)),
         "false_sky_per_mpx": sum(e["false_sky"] for e in evaluations) / mpx,
         "false_star_per_mpx": sum(e["false_star"] for e in evaluations) / mpx,
-        "flux_ratio_snr20": float(np.median(measured_flux[strong] / flux[strong])),
-        "position_rms_snr20": float(np.sqrt(np.mean(distance[strong] ** 2))),
-        "forced_ratio": float(np.median(forced_flux[forced_strong] / flux[forced_strong])),
-        "forced_pull_std": float(mad_std(((forced_flux - flux) / forced_err)[isolated])),
+        "flux_ratio_snr20": of(np.median, measured_flux[strong] / flux[strong]),
+        "position_rms_snr20": of(lambda d: np.sqrt(np.mean(d**2)), distance[strong]),
+        "forced_ratio": of(np.median, forced_flux[forced_strong] / flux[forced_strong]),
+        "forced_pull_std": of(mad_std, ((forced_flux - flux) / forced_err)[isolated]),
     }
 
 
