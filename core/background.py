@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from . import order
 from .exposure import Exposure
-from .parallel import frame_array, thread_map
+from .parallel import frame_array, row_blocks, thread_map
 from .stamps import clipped_rows
 
 __all__ = ["background_map", "background_image", "background_images", "BACKGROUND_IGNORE_PLANES"]
@@ -44,14 +44,6 @@ BACKGROUND_IGNORE_PLANES = (
 )
 #: Fewest valid pixels (fraction of a mesh cell) for a cell to count in the background.
 _MIN_CELL_FRACTION = 0.25
-#: Rows per block for frame-wide elementwise work: temporaries stay a few MB (reused
-#: by the allocator) instead of frame-sized arrays that each cost fresh page faults.
-_BLOCK_ROWS = 256
-
-
-def _row_blocks(ny: int):
-    """Row slices covering 0..ny in blocks of `_BLOCK_ROWS`."""
-    return [slice(y, min(y + _BLOCK_ROWS, ny)) for y in range(0, ny, _BLOCK_ROWS)]
 
 
 def _plane_hits(exposure: Exposure, names, rows: slice) -> np.ndarray:
@@ -454,7 +446,7 @@ def _mesh_cells(exposure: Exposure, mesh: int, ignore_planes):
     ny, nx = image.shape
     # frames written whole, a block of rows at a time: on huge pages (`frame_array`)
     valid = frame_array((ny, nx), bool)
-    for rows in _row_blocks(ny):
+    for rows in row_blocks(ny):
         np.logical_and(
             np.isfinite(image[rows]), ~_plane_hits(exposure, ignore_planes, rows), out=valid[rows]
         )
@@ -466,7 +458,7 @@ def _mesh_cells(exposure: Exposure, mesh: int, ignore_planes):
         padded = frame_array((nby * mesh, nbx * mesh), np.float32)
         padded[ny:] = np.nan
         padded[:ny, nx:] = np.nan
-        for rows in _row_blocks(ny):
+        for rows in row_blocks(ny):
             np.copyto(padded[rows, :nx], image[rows])
             np.copyto(padded[rows, :nx], np.float32(np.nan), where=~valid[rows])
     return image, padded.reshape(nby, mesh, nbx, mesh).transpose(0, 2, 1, 3), valid

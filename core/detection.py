@@ -20,7 +20,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .background import BACKGROUND_IGNORE_PLANES, _background_mesh, _row_blocks
+from .background import BACKGROUND_IGNORE_PLANES, _background_mesh
 from .config import DetectionConfig
 from .dilation import packed_dilate
 from .exposure import Exposure
@@ -33,7 +33,7 @@ from .measure import (
     _psf_sigma,
     _resolve_psf,
 )
-from .parallel import alongside, frame_array, frame_zeros
+from .parallel import alongside, frame_array, frame_zeros, row_blocks
 from .psf import LOCUS_SNR, GaussianPsf, Psf, point_like, star_size
 
 __all__ = ["detect_sources", "background_estimate", "DetectionMemo"]
@@ -92,7 +92,7 @@ def _footprint_pixels(snr, threshold, min_pixels, negative=False, out=None):
         [
             np.flatnonzero(snr[rows] <= -threshold if negative else snr[rows] >= threshold)
             + rows.start * ncols
-            for rows in _row_blocks(snr.shape[0])
+            for rows in row_blocks(snr.shape[0])
         ]
     )
     if where.size == 0:
@@ -256,7 +256,7 @@ def _grow_area(
     if area is not None:
         grown.ravel()[area] = lookup[area_pieces]
     else:
-        for rows in _row_blocks(grown.shape[0]):
+        for rows in row_blocks(grown.shape[0]):
             grown[rows] = lookup[grown[rows]]
     if shared.size:
         for piece, inside in zip(shared, insides, strict=True):
@@ -556,7 +556,7 @@ def _detect_pass(
         del where, values
     sky = _disc_dilate(footprints, grow) if grow > 0 else footprints
     np.logical_not(sky, out=sky)
-    for rows in _row_blocks(sky.shape[0]):
+    for rows in row_blocks(sky.shape[0]):
         sky[rows] &= ~filtered.no_data[rows]
     if np.count_nonzero(sky) > 1000:
         factor = _negative_side_sigma(filtered.snr, sky)
@@ -704,14 +704,14 @@ def _grow_both(labels, neg_labels, n: int, n_neg: int, grow: int):
         grown, area = _grow_area(labels, grow, out=neg_labels, out_zeroed=True)
         return grown, np.zeros(grown.shape, dtype=grown.dtype), area  # calloc: no pages touched
     both = labels
-    for rows in _row_blocks(both.shape[0]):
+    for rows in row_blocks(both.shape[0]):
         neg = neg_labels[rows]
         np.copyto(both[rows], neg + np.int32(n), where=neg > 0)
     result, area = _grow_area(both, grow, out=neg_labels)
     if area is not None:
         area = area[result.ravel()[area] <= n]
     grown, grown_neg = both, neg_labels
-    for rows in _row_blocks(result.shape[0]):
+    for rows in row_blocks(result.shape[0]):
         block = result[rows]
         grown[rows] = np.where(block <= n, block, 0)
         grown_neg[rows] = np.where(block > n, block - n, 0)
@@ -736,7 +736,7 @@ def _set_detected(exposure, positive: np.ndarray, negative: np.ndarray | None) -
     mask, a block of rows at a time."""
     det_bit = np.int32(exposure.mask_planes.value("DETECTED"))
     neg_bit = np.int32(exposure.mask_planes.value("DETECTED_NEGATIVE"))
-    for rows in _row_blocks(positive.shape[0]):
+    for rows in row_blocks(positive.shape[0]):
         block = exposure.mask[rows]
         block &= ~(det_bit | neg_bit)
         np.bitwise_or(block, det_bit, out=block, where=positive[rows] > 0)
@@ -757,7 +757,7 @@ def _grown_masks(snr: np.ndarray, threshold: float, min_pixels: int, grow: int):
         reach.append(_disc_dilate(seeds, grow) if n else seeds)
         counts.append(n)
     if all(counts):
-        for rows in _row_blocks(snr.shape[0]):
+        for rows in row_blocks(snr.shape[0]):
             if np.any(reach[0][rows] & reach[1][rows]):
                 return None
     return reach[0], (reach[1] if counts[1] else None), counts[0], counts[1]

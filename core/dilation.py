@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .parallel import frame_array
+from .parallel import frame_array, row_blocks
 
 __all__ = ["dilate_cross", "packed_dilate", "or_filter"]
 
@@ -34,10 +34,6 @@ def dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
     if radius == 0:
         return np.array(mask, dtype=bool, copy=True)
     return packed_dilate(mask, [radius - dy for dy in range(radius + 1)])
-
-
-#: Rows per block of `packed_dilate`'s unpacking (a few MB of temporaries).
-_UNPACK_ROWS = 256
 
 
 def packed_dilate(mask: np.ndarray, widths: list[int]) -> np.ndarray:
@@ -77,8 +73,7 @@ def packed_dilate(mask: np.ndarray, widths: list[int]) -> np.ndarray:
                 out[:-dy] |= current[dy:]
     # unpacked a block of rows at a time into a frame on huge pages (`frame_array`)
     grown = frame_array((ny, nx), bool)
-    for y in range(0, ny, _UNPACK_ROWS):
-        rows = slice(y, min(y + _UNPACK_ROWS, ny))
+    for rows in row_blocks(ny):
         bits = np.unpackbits(out[rows].view(np.uint8), axis=1, count=nx, bitorder="little")
         grown[rows] = bits.view(bool)
     return grown

@@ -21,15 +21,10 @@ from astropy.table import Table
 from scipy import ndimage
 
 from . import order
-from .background import (
-    BACKGROUND_IGNORE_PLANES,
-    _background_mesh,
-    _BackgroundMesh,
-    _row_blocks,
-)
+from .background import BACKGROUND_IGNORE_PLANES, _background_mesh, _BackgroundMesh
 from .convolve import correlate_finite_rows
 from .exposure import Exposure
-from .parallel import frame_array, n_threads, thread_map
+from .parallel import frame_array, n_threads, row_blocks, thread_map
 from .psf import GaussianPsf, Psf
 from .stamps import clipped_rows
 
@@ -105,7 +100,7 @@ class _Filtered:
         # usable variances are only counted here: their frame is made only when some
         # are not (finite and positive: NaN fails both comparisons)
         n_ok = 0
-        for rows in _row_blocks(no_data.shape[0]):
+        for rows in row_blocks(no_data.shape[0]):
             bad = no_data[rows]
             np.isfinite(self._subtracted(rows), out=bad)
             np.logical_not(bad, out=bad)

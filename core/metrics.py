@@ -16,7 +16,7 @@ from scipy.special import erfinv
 from . import order
 from .exposure import Exposure
 from .forced import whole_stamp_fluxes
-from .parallel import thread_map
+from .parallel import row_blocks, thread_map
 from .psf import ImagePsf, Psf
 
 __all__ = [
@@ -33,8 +33,6 @@ __all__ = [
 _IQR_NORMAL = float(2.0 * math.sqrt(2.0) * erfinv(0.5))
 #: Most pixels whose z = D/sqrt(V) enter the noise quantiles (an even stride beyond).
 _NOISE_SAMPLE = 1 << 22
-#: Rows per block for frame-wide passes (block temporaries stay a few MB).
-_BLOCK_ROWS = 256
 #: Pixels left out of the noise statistics.
 NOISE_MASK_PLANES = (
     "BAD",
@@ -164,7 +162,7 @@ def noise_statistics(exposure: Exposure, exclude: np.ndarray | None = None) -> d
     """
     bits = exposure.bitmask(NOISE_MASK_PLANES)
     ny = exposure.shape[0]
-    blocks = [slice(y, min(y + _BLOCK_ROWS, ny)) for y in range(0, ny, _BLOCK_ROWS)]
+    blocks = row_blocks(ny)
 
     def good(rows: slice) -> np.ndarray:
         var = exposure.variance[rows]

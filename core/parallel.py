@@ -38,6 +38,7 @@ __all__ = [
     "frame_array",
     "frame_copy",
     "frame_zeros",
+    "row_blocks",
     "HUGE_FRAME_BYTES",
     "MMAP_THRESHOLD",
 ]
@@ -294,6 +295,16 @@ def set_memory_policy() -> None:
 #: used pages at its ends are a small share. Smaller arrays come from the heap, but
 #: heap blocks of MBs are trimmed and faulted in again between calls as often as not.
 HUGE_FRAME_BYTES = 4 << 20
+
+
+#: Rows per block for frame-wide elementwise work: temporaries stay a few MB (reused
+#: by the allocator) instead of frame-sized arrays that each cost fresh page faults.
+BLOCK_ROWS = 256
+
+
+def row_blocks(ny: int) -> list[slice]:
+    """Row slices covering 0..ny in blocks of `BLOCK_ROWS`."""
+    return [slice(y, min(y + BLOCK_ROWS, ny)) for y in range(0, ny, BLOCK_ROWS)]
 
 
 def frame_array(shape: tuple[int, ...], dtype) -> Any:

@@ -23,12 +23,13 @@ from astropy.table import Table
 from scipy.spatial import cKDTree
 from scipy.stats import qmc
 
-from .background import BACKGROUND_IGNORE_PLANES, _row_blocks, background_map
+from .background import BACKGROUND_IGNORE_PLANES, background_map
 from .config import SourcesConfig
 from .detection import detect_sources
 from .errors import InsufficientSourcesError, InvalidCatalogError
 from .exposure import Exposure
 from .measure import MASKED_FLAG_PLANES, measure_sources
+from .parallel import row_blocks
 from .psf import SIGMA_TO_FWHM, GaussianPsf
 
 __all__ = [
@@ -480,7 +481,7 @@ def sky_sources(
         avoid = work.masked(avoid_planes)
     else:
         avoid = exposure.masked(avoid_planes)
-    for rows in _row_blocks(avoid.shape[0]):  # no frame-sized temporary
+    for rows in row_blocks(avoid.shape[0]):  # no frame-sized temporary
         avoid[rows] |= ~np.isfinite(exposure.image[rows])
     ny, nx = exposure.shape
     x0, y0 = exposure.xy0
