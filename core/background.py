@@ -344,16 +344,6 @@ class _BackgroundMesh:
     def background(self, rows: slice = slice(None)) -> np.ndarray:
         return self._rows("median", rows)
 
-    def background_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """The background at array indices (broadcast ``rows``, ``cols``): the same
-        float32 operations as `background`, so the values are identical to its map's."""
-        along_x = self._mesh_rows("median")
-        frac = self.frac[:, 0][rows]
-        out = along_x[self.lo[rows], cols]
-        out *= 1.0 - frac
-        out += along_x[self.hi[rows], cols] * frac
-        return out
-
     def background_rows(self, rows: np.ndarray, x0: np.ndarray, side: int) -> np.ndarray:
         """The background of array rows ``rows`` (m, h) at the columns x0[k] .. x0[k] +
         side - 1 of each, clipped to the frame: the same float32 operations as

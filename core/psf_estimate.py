@@ -168,9 +168,8 @@ def estimate_psf(
         if bad[ir - half : ir + half + 1, ic - half : ic + half + 1].any():
             continue
         box = np.s_[ir - big : ir + big + 1, ic - big : ic + big + 1]
-        sky = mesh.background_at(
-            np.arange(ir - big, ir + big + 1)[:, None], np.arange(ic - big, ic + big + 1)[None, :]
-        )
+        rows = np.arange(ir - big, ir + big + 1)
+        sky = mesh.background_rows(rows[None, :], np.array([ic - big]), 2 * big + 1)[0]
         cut = exposure.image[box].astype(np.float64) - sky
         # recentre: move the centroid (col, row) onto the central pixel
         shifted = _shift_raw(cut, ic - col, ir - row)[pad:-pad, pad:-pad]
