@@ -23,6 +23,22 @@ def simulated_pair(name: str, size: int, seed: int):
     return simulate_pair(preset(name, size=size, seed=seed))
 
 
+def bright_transient_pair(n_positive: int, n_negative: int):
+    """The 1024 px pair (seed 9111) of a review's bright transients, 2e5-1e6 counts, that
+    brighten (``n_positive``) or fade (``n_negative``: in the template only)."""
+    from core.simulate import SimulationConfig, simulate_pair
+
+    config = SimulationConfig(
+        size=1024,
+        seed=9111,
+        n_transients=n_positive,
+        n_negative_transients=n_negative,
+        transient_flux_min=2e5,
+        transient_flux_max=1e6,
+    )
+    return simulate_pair(config)
+
+
 def add_point_source(image: np.ndarray, psf, x: float, y: float, flux: float | np.floating) -> None:
     """Add ``flux`` times ``psf``'s stamp at array position (x, y) (`Psf.image_at`) to
     ``image``, in place; the stamp cut by the frame (nothing added off it)."""

@@ -20,7 +20,7 @@ from core.exposure import Exposure
 from core.forced import forced_photometry
 from core.simulate import preset, simulate_pair
 from core.subtract import run_subtraction
-from tests.conftest import add_point_source
+from tests.conftest import add_point_source, bright_transient_pair
 
 #: The three scenarios of the acceptance: sharper template, sharper science, and a
 #: Moffat PSF varying 25% across the frame on a sky gradient.
@@ -1407,7 +1407,6 @@ def test_a_fit_of_the_other_sign_is_no_change_of_the_star(monkeypatch):
     removed these crescents, off)."""
     import core.subtract
     from core.position_flags import changed_star
-    from core.simulate import SimulationConfig
 
     light, clear = np.array([1e5, 1e5]), np.zeros(2, dtype=bool)
     flux = np.array([-5e4, 5e4])
@@ -1416,15 +1415,7 @@ def test_a_fit_of_the_other_sign_is_no_change_of_the_star(monkeypatch):
     assert changed_star(flux, light, clear, 0.2, sign=[-1, 1]).all()
     assert changed_star(flux, light, clear, 0.2, sign=[0, 0]).all()
     # transients of 2e5-1e6 counts, half of them faded: crescents beside the faded ones
-    config = SimulationConfig(
-        size=1024,
-        seed=9111,
-        n_transients=30,
-        n_negative_transients=30,
-        transient_flux_min=2e5,
-        transient_flux_max=1e6,
-    )
-    pair = simulate_pair(config)
+    pair = bright_transient_pair(30, 30)
     none = (np.zeros(0), np.zeros(0), [])
     monkeypatch.setattr(core.subtract, "template_only_peaks", lambda *args: none)
     catalog = run_subtraction(pair.science, pair.template).dia_sources

@@ -16,7 +16,7 @@ from core.errors import (
 from core.evaluate import measure_quality, sky_mask
 from core.photometry import psf_flux
 from core.subtract import AlardLuptonSubtractTask, run_subtraction
-from tests.conftest import add_point_source, simulated_pair
+from tests.conftest import add_point_source, bright_transient_pair, simulated_pair
 
 # seeds differ from the simulator's own tests
 SCENARIOS = {
@@ -567,18 +567,9 @@ def test_faded_bright_stars_beside_kernel_stars_are_judged_as_neighbours():
     from scipy.spatial import cKDTree
 
     from bench.diasources import transient_truth
-    from core.simulate import SimulationConfig, simulate_pair
     from core.stamp_neighbours import template_only_peaks
 
-    config = SimulationConfig(
-        size=1024,
-        seed=9111,
-        n_transients=0,
-        n_negative_transients=30,
-        transient_flux_min=2e5,
-        transient_flux_max=1e6,
-    )
-    pair = simulate_pair(config)
+    pair = bright_transient_pair(0, 30)
     result = run_subtraction(pair.science, pair.template)
     assert result.metadata["alardLuptonSubtract.nChangedNeighbourStampsRejected"] >= 1
     catalog = result.dia_sources
