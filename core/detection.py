@@ -182,8 +182,10 @@ def _disc_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 def _grow(
     labels: np.ndarray, radius: int, out: np.ndarray | None = None, out_zeroed: bool = False
-) -> np.ndarray:
-    """Grow labelled footprints by ``radius`` pixels (nearest label wins contested pixels).
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Grow labelled footprints by ``radius`` pixels (nearest label wins contested pixels);
+    also the sorted flat indices of the grown image's labelled pixels when they were
+    listed (a sparse grown area), else None.
 
     The grown area is a disc dilation of all footprints; its connected pieces
     that hold a single footprint take that label outright, and only pieces
@@ -194,14 +196,6 @@ def _grow(
     ``out`` (int32, not ``labels``) receives the result when given (``out_zeroed``:
     it holds zeros).
     """
-    return _grow_area(labels, radius, out, out_zeroed)[0]
-
-
-def _grow_area(
-    labels: np.ndarray, radius: int, out: np.ndarray | None = None, out_zeroed: bool = False
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """`_grow`, and the sorted flat indices of the grown image's labelled pixels when
-    they were listed (a sparse grown area), else None."""
     if radius <= 0 or labels.max() == 0:
         return labels, None
     seeds = np.greater(labels, 0, out=frame_array(labels.shape, bool))
@@ -699,15 +693,15 @@ def _grow_both(labels, neg_labels, n: int, n_neg: int, grow: int):
     """Positive and negative footprints grown together (one transform; the nearest
     wins), in the buffers of ``labels`` and ``neg_labels`` (negative labels folded in
     after the positive ones, split again after); with the flat indices of the grown
-    positive pixels when `_grow_area` knew them (else None)."""
+    positive pixels when `_grow` knew them (else None)."""
     if not n_neg:
-        grown, area = _grow_area(labels, grow, out=neg_labels, out_zeroed=True)
+        grown, area = _grow(labels, grow, out=neg_labels, out_zeroed=True)
         return grown, np.zeros(grown.shape, dtype=grown.dtype), area  # calloc: no pages touched
     both = labels
     for rows in row_blocks(both.shape[0]):
         neg = neg_labels[rows]
         np.copyto(both[rows], neg + np.int32(n), where=neg > 0)
-    result, area = _grow_area(both, grow, out=neg_labels)
+    result, area = _grow(both, grow, out=neg_labels)
     if area is not None:
         area = area[result.ravel()[area] <= n]
     grown, grown_neg = both, neg_labels

@@ -468,7 +468,7 @@ def test_grow_matches_nearest_label_transform():
     for radius in (1, 3, 6):
         distance, (iy, ix) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
         np.testing.assert_array_equal(_disc_dilate(labels > 0, radius), distance <= radius)
-        grown = _grow(labels, radius)
+        grown = _grow(labels, radius)[0]
         ref = np.where(distance <= radius, labels[iy, ix], 0)
         differ = grown != ref
         # only pixels equidistant from two footprints may go either way
@@ -488,12 +488,12 @@ def test_grow_by_runs_equals_grow_by_whole_frame_labelling(monkeypatch):
         grown = {}
         for fraction in (0.0, 1.0):
             monkeypatch.setattr(detection, "_SPARSE_GROW_FRACTION", fraction)
-            grown[fraction] = _grow(labels, radius)
+            grown[fraction] = _grow(labels, radius)[0]
             # into a buffer holding other labels, or zeros it is told of
             out = rng.integers(0, 9, labels.shape).astype(np.int32)
-            np.testing.assert_array_equal(_grow(labels, radius, out=out), grown[fraction])
+            np.testing.assert_array_equal(_grow(labels, radius, out=out)[0], grown[fraction])
             zeros = np.zeros(labels.shape, dtype=np.int32)
-            grown_zeros = _grow(labels, radius, out=zeros, out_zeroed=True)
+            grown_zeros = _grow(labels, radius, out=zeros, out_zeroed=True)[0]
             np.testing.assert_array_equal(grown_zeros, grown[fraction])
         np.testing.assert_array_equal(grown[0.0], grown[1.0])
 
