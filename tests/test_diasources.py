@@ -126,6 +126,36 @@ def test_barely_sampled_pair_subtracts_and_finds_its_transients(fwhm):
     assert not sharp[ev["index"][ev["found"]]].any()
 
 
+def test_elongated_science_psf_against_a_round_template():
+    """A science PSF elongated by tracking or wind (ellipticity 0.4, 5 px along its major
+    axis at 30 degrees) against a round 2.5 px template: the kernel must carry the
+    elongation, or every star leaves a quadrupole of residuals that passes for pairs of
+    sources. Measured (1024 px, seeds 11-13): 0 false rows at stars, completeness 1.000,
+    flux ratio 1.001."""
+    config = preset("sharper_template", size=SIZE, seed=11)
+    config = config.model_copy(
+        update={
+            "n_transients": N_TRANSIENTS,
+            "n_negative_transients": N_TRANSIENTS,
+            "science_psf": config.science_psf.model_copy(
+                update={"fwhm": 5.0, "ellipticity": 0.4, "angle": 30.0}
+            ),
+            "template_psf": config.template_psf.model_copy(update={"fwhm": 2.5}),
+        }
+    )
+    pair = simulate_pair(config)
+    result = run_subtraction(pair.science, pair.template)
+    assert result.metrics["quality"]["verdict"] == "good"
+    ev = evaluate(pair, result)
+    bright = (ev["expected_snr"] >= 7) & ev["isolated"]
+    assert bright.sum() >= 40
+    assert ev["found"][bright].mean() >= 0.98
+    assert ev["false_star"] <= 3 and ev["false_sky"] <= 1
+    strong = ev["found"] & ev["isolated"] & (ev["expected_snr"] >= 20)
+    ratio = np.asarray(ev["catalog"]["psf_flux"])[ev["index"][strong]] / ev["flux"][strong]
+    assert abs(np.median(ratio) - 1) < 0.02
+
+
 def _false_beyond_bright_stars(pair, result, ev) -> int:
     """False detections farther than the matching kernel's half-width plus a FWHM from
     every bright star (`core.position_flags.bright_star_limit` at the typical noise)."""
