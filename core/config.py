@@ -607,13 +607,24 @@ class QualityConfig(_Config):
     bad_kernel_psf_width_ratio: float = Field(
         2.0, gt=1, le=1000, description="...and beyond this factor the fit is bad."
     )
+    max_sharpening_ratio: float = Field(
+        1.3,
+        gt=1,
+        le=100,
+        description="The convolved image's PSF this many times as wide as the target's along "
+        "some direction (psf_sharpening_ratio: PSFs of different elongation): the kernel "
+        "would have to sharpen it there, suspect.",
+    )
+    bad_sharpening_ratio: float = Field(
+        1.5, gt=1, le=100, description="...and beyond this factor the fit is bad."
+    )
     max_preconvolve_width_ratio: float = Field(
         1.05,
         gt=1,
         le=100,
-        description="Preconvolve mode: the template's PSF FWHM this many times the science's "
-        "seen through the preconvolution (the PSF the kernel matches the template to): the "
-        "kernel would have to sharpen the template, suspect.",
+        description="Preconvolve mode: psf_sharpening_ratio, the template's PSF against the "
+        "science's seen through the preconvolution (the PSF the kernel matches the template "
+        "to), beyond which the kernel would have to sharpen the template, suspect.",
     )
     bad_preconvolve_width_ratio: float = Field(
         1.1, gt=1, le=100, description="...and beyond this factor the fit is bad."

@@ -60,6 +60,7 @@ _HEADER_KEYS = {
     "star_residual_chi2_median": "STARCHI2",
     "star_residual_fraction": "STARRES",
     "kernel_psf_width_ratio": "KPSFWID",
+    "psf_sharpening_ratio": "SHARPRAT",
     "differenceFootprintRatioMean": "FPRATIO",
     "differenceFootprintSkyRatioMean": "FPSKYRAT",
     "diffim_limiting_magnitude": "MAGLIM",

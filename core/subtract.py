@@ -65,7 +65,7 @@ from .parallel import (
 )
 from .position_flags import EXTRAPOLATED_ORDER, KERNEL_REACH
 from .psf import SIGMA_TO_FWHM, GaussianPsf, ImagePsf, KernelMatchedPsf, Psf
-from .psf_consistency import kernel_psf_width_ratio
+from .psf_consistency import kernel_psf_width_ratio, sharpening_ratio
 from .psf_estimate import estimate_psf
 from .quality import assess_quality, kernel_centroid
 from .register import register_template
@@ -1218,10 +1218,12 @@ class _SubtractBase(Task):
         """The verdict (core.quality) from the metrics, the kernel and the warnings."""
         kernel = result.psf_matching_kernel
         kernel_image = kernel.image(*science.bbox_center()) if kernel is not None else None
+        pair = self._matched_psfs(science, template)
         if kernel_image is not None:
-            result.metrics["kernel_psf_width_ratio"] = self._kernel_psf_width_ratio(
-                kernel_image, science, template
+            result.metrics["kernel_psf_width_ratio"] = (
+                kernel_psf_width_ratio(kernel_image, *pair) if pair else math.nan
             )
+        result.metrics["psf_sharpening_ratio"] = sharpening_ratio(*pair[:2]) if pair else math.nan
         stamps = None
         solution = getattr(self, "solution", None)
         if solution is not None:
@@ -1243,9 +1245,11 @@ class _SubtractBase(Task):
         )
         return verdict.as_dict()
 
-    def _kernel_psf_width_ratio(self, kernel_image, science, template) -> float:
-        """The convolved image's PSF model seen through the kernel, in width over the PSF
-        it should match (`core.psf_consistency`), at the science centre; NaN without PSFs."""
+    def _matched_psfs(self, science, template) -> tuple[np.ndarray, np.ndarray, bool] | None:
+        """The convolved image's PSF model and the one the kernel should turn it into (the
+        other input's, or the preconvolved science's), drawn at the science centre, and
+        whether that target is a Gaussian standing in for a PSF nobody estimated; None
+        without PSFs. What `core.psf_consistency` compares."""
         convolved, target, label = template, science, "science"
         if self.metadata.get("convolvedExposure") == "Science":
             convolved, target, label = science, template, "template"
@@ -1255,14 +1259,13 @@ class _SubtractBase(Task):
             stand_in = self.preconvolved_psf is None and label in self.psf_stand_ins
             if self.preconvolved_stand_in is not None:
                 target_psf, stand_in = self.preconvolved_stand_in, True
-            return kernel_psf_width_ratio(
-                kernel_image,
+            return (
                 convolved.require_psf().kernel_image(*centre),
                 target_psf.kernel_image(*centre),
-                target_is_stand_in=stand_in,
+                stand_in,
             )
         except PsfError:
-            return math.nan
+            return None
 
     def _science_stand_in_only(self) -> bool:
         """The science's PSF is a Gaussian standing in and the template's is not."""
@@ -1413,7 +1416,7 @@ class AlardLuptonSubtractTask(_SubtractBase):
         static-structure correction's profile of faint sources), the matched template,
         the DIA sources, the star residuals and the products take it; the stand-in's
         warning goes. The stand-in stays where the kernel is checked against a science
-        PSF it did not make (`_kernel_psf_width_ratio`: against its own output the
+        PSF it did not make (`_matched_psfs`: against its own output the
         check would always pass). Preconvolve mode does the same when K is fitted
         between the images as they are (`_preconvolution_through_kernel`); fitting
         K * T ~ P * S needs P before the fit. Convolving the science, K maps it onto the
@@ -1574,24 +1577,9 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         metrics = self._base_metrics(result, science)
         metrics["n_interpolated"] = int(self.metadata.get("nInterpolated", 0))
         metrics["score_noise_ratio_propagated"] = self.metadata.get("scoreNoiseRatioPropagated")
-        metrics["template_preconvolved_width_ratio"] = self._template_preconvolved_width_ratio(
-            science
-        )
         # a star in the score and in P * S has the science PSF seen through P
         metrics.update(self._kernel_star_residuals(result, self.preconvolved_psf))
         return metrics
-
-    def _template_preconvolved_width_ratio(self, science: Exposure) -> float:
-        """The template's PSF FWHM over that of the science seen through the preconvolution
-        applied (the PSF the kernel matched the template to; `core.quality` judges it)."""
-        psf = self.preconvolved_psf
-        if psf is None:
-            return math.nan
-        try:
-            fwhm = float(psf.fwhm(*(psf.average_position or science.bbox_center())))
-        except Exception:  # noqa: BLE001 - no FWHM, no figure
-            return math.nan
-        return self.template_fwhm / fwhm if fwhm > 0 else math.nan
 
     def _add_score_noise_floor(self, score: Exposure) -> None:
         """Add to the score's variance the sky scatter its propagation does not explain.
@@ -1787,7 +1775,7 @@ class AlardLuptonPreconvolveSubtractTask(_SubtractBase):
         )
         matched = science.with_psf(self.derived_science_psf)
         # the kernel is checked against the stand-in seen through the P applied: against
-        # its own output the check would always pass (`_kernel_psf_width_ratio`)
+        # its own output the check would always pass (`_matched_psfs`)
         kernel_image = self._preconvolution_kernel(matched, size)
         self.preconvolved_stand_in = _preconvolved_psf(science, kernel_image)
         return matched, kernel_image

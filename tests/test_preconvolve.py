@@ -353,10 +353,10 @@ def test_a_template_wider_than_the_preconvolved_science_is_judged_bad():
         result = run_subtraction(pair.science, pair.template, SubtractionConfig(mode="preconvolve"))
         verdicts[fwhm] = result.metrics["quality"], result.metrics
     quality, metrics = verdicts[5.0]
-    assert metrics["template_preconvolved_width_ratio"] == pytest.approx(5.0 / 3.54, rel=0.05)
+    assert metrics["psf_sharpening_ratio"] == pytest.approx(5.0 / 3.54, rel=0.05)
     assert quality["verdict"] == "bad"
     assert any("sharpen the template" in r and "mode auto" in r for r in quality["reasons"])
     assert not any("a PSF model is wrong" in r for r in quality["reasons"])
     quality, metrics = verdicts[3.0]
-    assert metrics["template_preconvolved_width_ratio"] < 0.9
+    assert metrics["psf_sharpening_ratio"] < 0.9
     assert quality["verdict"] == "good"

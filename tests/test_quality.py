@@ -215,6 +215,94 @@ def test_kernel_that_does_not_match_the_psf_models_grades_the_verdict(ratio, lev
         assert "template 7.87 px" in named[0] and "kernel sum 0.949" in named[0]
 
 
+def _gaussian(sigma_major: float, sigma_minor: float, angle: float) -> np.ndarray:
+    """A unit-sum elliptical Gaussian stamp (41 px), major axis at ``angle`` radians."""
+    y, x = np.mgrid[-20:21, -20:21].astype(float)
+    c, s = math.cos(angle), math.sin(angle)
+    u, v = c * x + s * y, -s * x + c * y
+    stamp = np.exp(-0.5 * ((u / sigma_major) ** 2 + (v / sigma_minor) ** 2))
+    return stamp / stamp.sum()
+
+
+def test_sharpening_ratio_is_the_width_ratio_along_the_worst_direction():
+    """Round profiles: their width ratio. A round template against a science trailed to 5
+    x 1.5 px (ellipticity 0.7): the template is wider across the trail by 1.06 / 0.64,
+    though narrower on average; the same ellipse turned 90 degrees: 2."""
+    from core.psf_consistency import sharpening_ratio
+
+    assert sharpening_ratio(_gaussian(2, 2, 0), _gaussian(1.5, 1.5, 0)) == pytest.approx(4 / 3)
+    trailed = _gaussian(2.12, 0.64, 0.5)
+    assert sharpening_ratio(_gaussian(1.06, 1.06, 0), trailed) == pytest.approx(1.06 / 0.64, 0.01)
+    assert sharpening_ratio(_gaussian(1.06, 1.06, 0), _gaussian(2.12, 1.27, 1.0)) < 1
+    turned = sharpening_ratio(_gaussian(2, 1, 0.3), _gaussian(2, 1, 0.3 + math.pi / 2))
+    assert turned == pytest.approx(2.0, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("mode", "ratio", "level"),
+    [
+        # the real pairs, auto: 0.48-0.997 (jwst_noise's nearly equal PSFs the highest)
+        ("convolveTemplate", 0.997, GOOD),
+        # ellipticity 0.6 science, round template: 3-4 false rows per Mpx at stars
+        ("convolveTemplate", 1.25, GOOD),
+        ("convolveTemplate", 1.43, SUSPECT),
+        ("convolveScience", 1.43, SUSPECT),
+        ("convolveTemplate", 1.67, BAD),
+        ("preconvolve", 1.04, GOOD),
+        ("preconvolve", 1.09, SUSPECT),
+        ("preconvolve", 1.13, BAD),
+        ("convolveTemplate", math.nan, GOOD),
+    ],
+)
+def test_a_kernel_asked_to_sharpen_grades_the_verdict(mode, ratio, level):
+    verdict = _verdict_of(
+        mode=mode,
+        psf_sharpening_ratio=ratio,
+        kernel_sum=1.0,
+        kernel_psf_width_ratio=1.6,  # says nothing of the models when sharpening is asked
+        science_psf_fwhm=3.69,
+        template_psf_fwhm=2.5,
+    )
+    named = [r for r in verdict["reasons"] if "sharpen" in r]
+    assert bool(named) == (level != GOOD)
+    assert verdict["verdict"] == (SUSPECT if level == GOOD else level), verdict["reasons"]
+    if named:
+        assert f"{ratio:.2f}x as wide" in named[0] and "science 3.69 px" in named[0]
+        assert not any("a PSF model is wrong" in r for r in verdict["reasons"])
+        convolved = "science" if mode == "convolveScience" else "template"
+        assert f"the kernel would have to sharpen the {convolved}" in named[0]
+        if mode != "preconvolve":
+            assert "elongated" in named[0]
+        # a template narrower than the science: auto would not convolve the science
+        assert "mode auto" not in named[0]
+
+
+def test_a_trailed_science_against_a_round_template_is_not_called_good():
+    """A science PSF trailed to ellipticity 0.7 (5 px along the trail) against a round
+    2.5 px template: wider on average, so the template is convolved, but the kernel would
+    have to sharpen it across the trail (1.67x). 1024 px, seeds 11-13: 8-49 false rows
+    per Mpx at stars, 3-21 of them unflagged, with every other figure as a good fit's
+    (noise 0.999, star residual 3-5%): it was called good."""
+    from core.simulate import preset, simulate_pair
+    from core.subtract import run_subtraction
+
+    config = preset("sharper_template", size=512, seed=12)
+    config = config.model_copy(
+        update={
+            "science_psf": config.science_psf.model_copy(
+                update={"fwhm": 5.0, "ellipticity": 0.7, "angle": 30.0}
+            ),
+            "template_psf": config.template_psf.model_copy(update={"fwhm": 2.5}),
+        }
+    )
+    pair = simulate_pair(config)
+    metrics = run_subtraction(pair.science, pair.template).metrics
+    assert metrics["mode"] == "convolveTemplate"
+    assert metrics["psf_sharpening_ratio"] == pytest.approx(1.67, rel=0.03)
+    assert metrics["quality"]["verdict"] == BAD
+    assert any("elongated" in r for r in metrics["quality"]["reasons"])
+
+
 def test_kernel_psf_width_ratio_measures_the_models_agreement():
     """1 when the kernel turns one Gaussian PSF into the other; the wrong model's width
     ratio when a model is wrong (Gaussian widths add in quadrature)."""
