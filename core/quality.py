@@ -335,30 +335,33 @@ def _sharpening(verdict: Verdict, metrics: dict, config: QualityConfig) -> bool:
     if not (isinstance(ratio, int | float) and ratio > limits[0]):
         return False
     fwhm_s, fwhm_t = metrics.get("science_psf_fwhm"), metrics.get("template_psf_fwhm")
-    sizes = ""
-    if isinstance(fwhm_s, int | float) and isinstance(fwhm_t, int | float):
-        sizes = f" (PSF FWHM science {fwhm_s:.2f} px, template {fwhm_t:.2f} px)"
+    widths = (
+        (fwhm_s, fwhm_t)
+        if isinstance(fwhm_s, int | float) and isinstance(fwhm_t, int | float)
+        else None
+    )
+    sizes = f" (PSF FWHM science {fwhm_s:.2f} px, template {fwhm_t:.2f} px)" if widths else ""
     if mode == "preconvolve":
         what = (
-            "the template's PSF is {r:.2f}x as wide as the science's seen through its "
+            f"the template's PSF is {ratio:.2f}x as wide as the science's seen through its "
             "preconvolution (which the kernel matches the template to) along the direction "
-            "where they differ most{sizes}: the kernel would have to sharpen the template, "
+            f"where they differ most{sizes}: the kernel would have to sharpen the template, "
             "so stars leave residuals and fluxes are biased"
         )
-        if isinstance(fwhm_s, int | float) and isinstance(fwhm_t, int | float) and fwhm_t > fwhm_s:
+        if widths and widths[1] > widths[0]:
             what += "; mode auto convolves the science instead"
     else:
         convolved, target = (
             ("science", "template") if mode == "convolveScience" else ("template", "science")
         )
         what = (
-            f"the {convolved}'s PSF is {{r:.2f}}x as wide as the {target}'s along the "
-            "direction where they differ most{sizes}: the PSFs differ in shape (one is "
+            f"the {convolved}'s PSF is {ratio:.2f}x as wide as the {target}'s along the "
+            f"direction where they differ most{sizes}: the PSFs differ in shape (one is "
             "elongated, trailed, across where the other is not), the kernel would have to "
             f"sharpen the {convolved} there, and constant stars leave residuals (pairs of "
             "opposite-sign sources)"
         )
-    verdict.add(BAD if ratio > limits[1] else SUSPECT, what.format(r=ratio, sizes=sizes))
+    verdict.add(BAD if ratio > limits[1] else SUSPECT, what)
     return True
 
 
