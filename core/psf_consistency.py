@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import signal
+from scipy import ndimage, signal
 
+from .errors import PsfError
 from .psf import SIGMA_TO_FWHM, _half_maximum_sigma, adaptive_moments
 
 __all__ = ["effective_width", "half_maximum_width", "kernel_psf_width_ratio", "sharpening_ratio"]
@@ -68,22 +69,40 @@ def kernel_psf_width_ratio(
     return width / target if target > 0 else math.nan
 
 
+#: Upsampling (cubic spline) of the stamps `sharpening_ratio` takes moments of: a trailed
+#: PSF's short axis (1.5 px FWHM) along a pixel axis collapsed the adaptive moments of the
+#: stamp as drawn, which then read round (ellipticity 0.7 against a round template at 0 /
+#: 10 / 15 / 30 degrees: 0.91 / 0.93 / 1.71 / 1.67; twice upsampled 1.67 / 1.60 / 1.58 /
+#: 1.60, four times the same to 0.005).
+_MOMENT_UPSAMPLE = 2
+
+
+def _moment_matrix(stamp: np.ndarray) -> np.ndarray:
+    """Adaptive second moments of ``stamp`` as a matrix (px^2), measured upsampled."""
+    p = np.asarray(stamp, dtype=np.float64)
+    fine = ndimage.zoom(p, _MOMENT_UPSAMPLE, order=3)
+    # zoom maps the end pixels onto each other
+    sy, sx = ((n - 1) / max(m - 1, 1) for n, m in zip(p.shape, fine.shape, strict=True))
+    ixx, iyy, ixy = adaptive_moments(fine)
+    return np.array([[ixx * sx * sx, ixy * sx * sy], [ixy * sx * sy, iyy * sy * sy]])
+
+
 def sharpening_ratio(convolved_psf: np.ndarray, target_psf: np.ndarray) -> float:
     """How much wider the convolved image's PSF is than the target's along the direction
     where it is widest relative to it: > 1 asks the kernel to sharpen there, which a
     convolution cannot (a sum of Gaussians only approaches it).
 
-    From the two profiles' adaptive second moments C and T: the square root of the
-    largest eigenvalue of T^-1 C, the width ratio along that direction. For round
-    profiles it is their FWHM ratio; a science PSF elongated by trailing against a
-    round template has it above 1 across the trail however wide the science is on
-    average (ellipticity 0.7, 5 px, against 2.5 px: 1.67). NaN for a degenerate profile.
+    From the two profiles' adaptive second moments C and T (`_MOMENT_UPSAMPLE`): the
+    square root of the largest eigenvalue of T^-1 C, the width ratio along that
+    direction. For round profiles it is their FWHM ratio; a science PSF elongated by
+    trailing against a round template has it above 1 across the trail however wide the
+    science is on average (ellipticity 0.7, 5 px, against 2.5 px: 1.60). NaN for a
+    degenerate profile.
     """
-    moments = []
-    for stamp in (convolved_psf, target_psf):
-        ixx, iyy, ixy = adaptive_moments(stamp)
-        moments.append(np.array([[ixx, ixy], [ixy, iyy]], dtype=np.float64))
-    convolved, target = moments
+    try:
+        convolved, target = (_moment_matrix(p) for p in (convolved_psf, target_psf))
+    except PsfError:  # no positive flux
+        return math.nan
     if not (np.all(np.isfinite(target)) and np.linalg.det(target) > 0):
         return math.nan
     eigen = np.linalg.eigvals(np.linalg.solve(target, convolved)).real

@@ -324,7 +324,7 @@ def _sharpening(verdict: Verdict, metrics: dict, config: QualityConfig) -> bool:
     judged tighter (science 2.5 px: a 4 px template, 1.13, left 34 false sources per Mpx
     at stars, a 5 px one 88 and fluxes 14% low); a difference tolerates more (a science
     PSF of ellipticity 0.6 / 0.65 / 0.7 and 5 px against a round 2.5 px template, 1024
-    px, 3 seeds: ratio 1.25 / 1.43 / 1.67, false rows at stars 3-4 / 5-14 / 8-49; a round
+    px, 3 seeds: ratio 1.24 / 1.41 / 1.60, false rows at stars 3-4 / 5-14 / 8-49; a round
     template 1.25x the science's width in mode convolveTemplate: 0-2). True when it is
     so: the kernel's width against the PSF models then says nothing of the models."""
     ratio = metrics.get("psf_sharpening_ratio")
