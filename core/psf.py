@@ -79,17 +79,23 @@ def _collapsed(ixx: float, iyy: float) -> bool:
 _HALF_MAX_UPSAMPLE = 8
 
 
+def upsampled(stamp: np.ndarray, factor: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """``stamp`` upsampled ``factor`` times by a cubic spline, and the (row, column)
+    spacing of its pixels in the stamp's (zoom maps the end pixels onto each other)."""
+    from scipy import ndimage
+
+    fine = ndimage.zoom(stamp, factor, order=3)
+    rows, cols = ((n - 1) / max(m - 1, 1) for n, m in zip(stamp.shape, fine.shape, strict=True))
+    return fine, (rows, cols)
+
+
 def _half_maximum_sigma(stamp: np.ndarray) -> float:
     """sigma of the Gaussian whose FWHM is the stamp's: 2 sqrt(area / pi) of the region
     at or above half its peak, counted on a cubic-spline upsampling of the central 21 x
     21 pixels (Gaussians of sigma 0.8 to 3 px to 2%, of 0.5 px 6% wide)."""
-    from scipy import ndimage
-
     c = stamp.shape[0] // 2
     h = min(c, 10)
-    core = stamp[c - h : c + h + 1, c - h : c + h + 1]
-    fine = ndimage.zoom(core, _HALF_MAX_UPSAMPLE, order=3)
-    step = (core.shape[0] - 1) / (fine.shape[0] - 1)  # zoom maps the end pixels onto each other
+    fine, (step, _) = upsampled(stamp[c - h : c + h + 1, c - h : c + h + 1], _HALF_MAX_UPSAMPLE)
     area = np.count_nonzero(fine >= 0.5 * fine.max()) * step * step
     return 2.0 * math.sqrt(area / math.pi) / SIGMA_TO_FWHM
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage, signal
+from scipy import signal
 
 from .errors import PsfError
-from .psf import SIGMA_TO_FWHM, _half_maximum_sigma, adaptive_moments
+from .psf import SIGMA_TO_FWHM, _half_maximum_sigma, adaptive_moments, upsampled
 
 __all__ = ["effective_width", "half_maximum_width", "kernel_psf_width_ratio", "sharpening_ratio"]
 
@@ -79,10 +79,7 @@ _MOMENT_UPSAMPLE = 2
 
 def _moment_matrix(stamp: np.ndarray) -> np.ndarray:
     """Adaptive second moments of ``stamp`` as a matrix (px^2), measured upsampled."""
-    p = np.asarray(stamp, dtype=np.float64)
-    fine = ndimage.zoom(p, _MOMENT_UPSAMPLE, order=3)
-    # zoom maps the end pixels onto each other
-    sy, sx = ((n - 1) / max(m - 1, 1) for n, m in zip(p.shape, fine.shape, strict=True))
+    fine, (sy, sx) = upsampled(np.asarray(stamp, dtype=np.float64), _MOMENT_UPSAMPLE)
     ixx, iyy, ixy = adaptive_moments(fine)
     return np.array([[ixx * sx * sx, ixy * sx * sy], [ixy * sx * sy, iyy * sy * sy]])
 
