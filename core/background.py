@@ -437,11 +437,12 @@ def _background_mesh(exposure: Exposure, mesh: int, ignore_planes) -> _Backgroun
     return _mesh_from_stats(image, valid, cells.shape, _cell_stats(cells))
 
 
-def _mesh_cells(exposure: Exposure, mesh: int, ignore_planes, leave_out=None):
+def _mesh_cells(exposure: Exposure, mesh: int, ignore_planes, leave_out=None, image=None):
     """The image (float32), its cells as an (nby, nbx, mesh, mesh) view (invalid pixels
     and the padding beyond the frame NaN) and the valid-pixel plane. ``leave_out``: a
-    boolean frame of more pixels to treat as invalid."""
-    image = np.asarray(exposure.image, dtype=np.float32)
+    boolean frame of more pixels to treat as invalid; ``image``: a frame to read in
+    place of the exposure's (with its masks)."""
+    image = np.asarray(exposure.image if image is None else image, dtype=np.float32)
     ny, nx = image.shape
     # frames written whole, a block of rows at a time: on huge pages (`frame_array`)
     valid = frame_array((ny, nx), bool)
@@ -502,33 +503,53 @@ def background_off_sources(
     fallback: _BackgroundMesh,
     mesh: int = 64,
 ) -> _BackgroundMesh:
-    """The mesh background with a disc of ``radius`` around each source (array column
-    ``x``, row ``y``) left out of its cells, as Rubin re-estimates the background with
-    its detections masked. A star's wings below the clipping level raise its cell's
-    median, so a star cut out on that background loses part of its wings (Moffat beta
-    3, FWHM 4 px: about 0.6 count, and PSF fluxes with the PSF made from such stamps
-    2% low). Cells left with under a quarter of their pixels (a crowded field) take
-    ``fallback``'s background at their centre.
+    """``fallback`` (a mesh background of ``exposure``) corrected cell by cell by the
+    clipped median of ``image - fallback`` off a disc of ``radius`` around each source
+    (array column ``x``, row ``y``), as Rubin re-estimates its background with its
+    detections masked. A star's wings below the clipping level raise its cell's median,
+    so a star cut out on that background loses part of its wings (Moffat beta 3, FWHM
+    4 px: about 0.6 count, and PSF fluxes with the PSF made from such stamps 2% low).
+    The correction is measured on the residual so that a sky gradient, which the
+    fallback carries, does not leak in through the discs' uneven cover of a cell.
+    Cells left with under a quarter of their pixels (a crowded field) keep the fallback.
     """
     ny, nx = exposure.shape
-    centres = np.zeros((ny, nx), dtype=bool)
-    cols = np.clip(np.floor(np.asarray(x) + 0.5).astype(int), 0, nx - 1)
-    rows = np.clip(np.floor(np.asarray(y) + 0.5).astype(int), 0, ny - 1)
-    centres[rows, cols] = True
     r = max(0, int(math.floor(radius)))
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    # sources off the frame by more than the radius reach none of its pixels
+    near = np.isfinite(x) & np.isfinite(y) & (x > -r - 1) & (x < nx + r) & (y > -r - 1)
+    near &= y < ny + r
+    centres = np.zeros((ny, nx), dtype=bool)
+    centres[
+        np.clip(np.floor(y[near] + 0.5).astype(int), 0, ny - 1),
+        np.clip(np.floor(x[near] + 0.5).astype(int), 0, nx - 1),
+    ] = True
     discs = packed_dilate(centres, [math.isqrt(r * r - dy * dy) for dy in range(r + 1)])
     del centres
-    image, cells, valid = _mesh_cells(exposure, mesh, BACKGROUND_IGNORE_PLANES, discs)
-    del discs
+    residual = frame_array((ny, nx), np.float32)
+    for block in row_blocks(ny):
+        np.subtract(exposure.image[block], fallback.background(block), out=residual[block])
+    _, cells, _ = _mesh_cells(exposure, mesh, BACKGROUND_IGNORE_PLANES, discs, residual)
+    del discs, residual
     nby, nbx, size, _ = cells.shape
-    median, std, count = (v.reshape(nby, nbx) for v in _cell_stats(cells))
-    few = ~(count >= _MIN_CELL_FRACTION * size * size)
-    if few.any():
-        # the fallback's map at the centres of those cells
-        cy = np.minimum(np.arange(nby) * size + (size - 1) // 2, ny - 1)
-        cx = np.minimum(np.arange(nbx) * size + (size - 1) // 2, nx - 1)
-        median = np.where(few, fallback.background(cy)[:, cx], median)
-        std = np.where(few, fallback.noise(cy)[:, cx], std)
-        count = np.where(few, size * size, count)
-    stats = (median.ravel(), std.ravel(), count.ravel())
-    return _mesh_from_stats(image, valid, cells.shape, stats)
+    correction, _, count = (v.reshape(nby, nbx) for v in _cell_stats(cells))
+    correction = np.where(count >= _MIN_CELL_FRACTION * size * size, correction, 0.0)
+    # the fallback at the nodes (cell centres, between pixels: the mean of the four
+    # pixels around, exact for its linear interpolation)
+    centre = (size - 1) / 2.0
+    cy = np.arange(nby) * size + int(centre)
+    cx = np.arange(nbx) * size + int(centre)
+    rows = np.minimum(np.concatenate([cy, cy + 1]), ny - 1)
+    cols = np.minimum(np.concatenate([cx, cx + 1]), nx - 1)
+    level = fallback.background(rows)[:, cols].astype(np.float64)
+    noise = fallback.noise(rows)[:, cols].astype(np.float64)
+
+    def at_nodes(values: np.ndarray) -> np.ndarray:
+        return 0.25 * (
+            values[:nby, :nbx] + values[nby:, :nbx] + values[:nby, nbx:] + values[nby:, nbx:]
+        )
+
+    median, std = at_nodes(level) + correction, at_nodes(noise)
+    full = np.full(median.shape, size * size)
+    image = np.asarray(exposure.image, dtype=np.float32)
+    return _mesh_from_stats(image, np.ones((1, 1), bool), cells.shape, (median, std, full))

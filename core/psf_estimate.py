@@ -56,8 +56,8 @@ def estimate_psf(
     with over 2% of its flux lies within the stamp radius, and its stamp holds
     no pixel of `PSF_STAMP_BAD_PLANES`. The
     brightest ``max_stars`` are cut out with a margin, background subtracted
-    (the detection's mesh, measured again off a stamp-sized disc around every detected
-    source: `core.background.background_off_sources`), shifted by a Fourier
+    (the detection's mesh, corrected off a stamp-sized disc around every source of the
+    catalog or detection: `core.background.background_off_sources`), shifted by a Fourier
     phase ramp so the weighted centroid falls on the central pixel, cropped,
     normalised by their flux within 2 FWHM and combined by a per-pixel
     3-sigma clipped mean weighted by each star's S/N; with many stars, those
@@ -155,8 +155,9 @@ def estimate_psf(
 
     # stamps are cut and their background (the float32 map's values, evaluated on the
     # stamp alone: no frame of it) subtracted in float64; that background is measured
-    # off every detected source's stamp-sized disc, else the stars' own wings raise it
-    # and the stacked wings come out too faint (PSF fluxes low by 2-6%)
+    # off a stamp-sized disc around every star of the catalog or detection, else the
+    # stars' own wings raise it and the stacked wings come out too faint (PSF fluxes
+    # low by 2-6%)
     bad = exposure.masked(PSF_STAMP_BAD_PLANES) | ~np.isfinite(exposure.image)
     x0, y0 = exposure.xy0
     if len(candidates):
