@@ -529,8 +529,8 @@ def background_off_sources(
     residual = frame_array((ny, nx), np.float32)
     for block in row_blocks(ny):
         np.subtract(exposure.image[block], fallback.background(block), out=residual[block])
-    _, cells, _ = _mesh_cells(exposure, mesh, BACKGROUND_IGNORE_PLANES, discs, residual)
-    del discs, residual
+    residual, cells, valid = _mesh_cells(exposure, mesh, BACKGROUND_IGNORE_PLANES, discs, residual)
+    del discs
     nby, nbx, size, _ = cells.shape
     correction, _, count = (v.reshape(nby, nbx) for v in _cell_stats(cells))
     correction = np.where(count >= _MIN_CELL_FRACTION * size * size, correction, 0.0)
@@ -551,5 +551,4 @@ def background_off_sources(
 
     median, std = at_nodes(level) + correction, at_nodes(noise)
     full = np.full(median.shape, size * size)
-    image = np.asarray(exposure.image, dtype=np.float32)
-    return _mesh_from_stats(image, np.ones((1, 1), bool), cells.shape, (median, std, full))
+    return _mesh_from_stats(residual, valid, cells.shape, (median, std, full))
