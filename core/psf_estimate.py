@@ -259,9 +259,9 @@ def _chosen_order(cube, variances, xs, ys, weights, bbox, top: int) -> int:
     mean; each star predicted by the fit to the other folds).
 
     Each held-out stamp (unit flux within the aperture) is PSF-fitted with its
-    prediction, weighted by its pixel variances; the fitted light in the aperture, the fit's
-    flux times the model's aperture sum, is the same for every star wherever it lies
-    when the model follows the field. The loss is its inverse-variance weighted scatter.
+    prediction, weighted by its pixel variances; the fitted flux is the same for every
+    star wherever it lies when the model follows the field. The loss is its
+    inverse-variance weighted scatter.
     Pixel chi^2 does not tell: a PSF whose FWHM varies by +-10% over the field changes
     it by less than the fits' own noise, yet moves PSF fluxes by +-5% (the `varying`
     preset without PSFs: the chi^2 criterion kept a constant PSF, and transients' fluxes
@@ -272,7 +272,8 @@ def _chosen_order(cube, variances, xs, ys, weights, bbox, top: int) -> int:
     cube, variances, xs, ys, weights = (a[keep] for a in (cube, variances, xs, ys, weights))
     n = len(cube)
     values = cube.reshape(n, -1)
-    inverse = 1.0 / variances.reshape(n, -1)
+    variances = variances.reshape(n, -1)
+    inverse = np.where(variances > 0, 1.0 / np.where(variances > 0, variances, 1.0), 0.0)
     capped = _capped(weights)
     fold = np.arange(n) % min(_FOLDS, n)
     blend = _node_weights(xs, ys, bbox)
@@ -287,18 +288,18 @@ def _chosen_order(cube, variances, xs, ys, weights, bbox, top: int) -> int:
             coeffs = _weighted_fit(design[train], values[train], capped[train])
             # as the estimate is used: sampled on its nodes and blended between them
             predicted[test] = blend[test] @ (nodes @ coeffs)
+        # a prediction sums to 1 over the aperture as every stamp does (the fit's constant
+        # term), so the fitted flux is the fitted light there; `energy` its inverse variance
         energy = np.sum(inverse * predicted**2, axis=1)
-        total = predicted.sum(axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            light = np.sum(inverse * predicted * values, axis=1) / energy * total
-            weight = energy / total**2  # 1 / the fitted light's variance
-        weight = np.where(np.isfinite(light) & np.isfinite(weight), weight, 0.0)
-        light = np.where(weight > 0, light, 0.0)
-        mean = np.sum(weight * light) / max(np.sum(weight), 1e-300)
-        loss[order] = weight * (light - mean) ** 2
+            flux = np.sum(inverse * predicted * values, axis=1) / energy
+        weight = np.where(np.isfinite(flux) & (energy > 0), energy, 0.0)
+        flux = np.where(weight > 0, flux, 0.0)
+        mean = np.sum(weight * flux) / max(np.sum(weight), 1e-300)
+        loss[order] = weight * (flux - mean) ** 2
     totals = loss.sum(axis=1)
     best = int(totals.argmin())
-    error = np.sqrt(n) * np.std(loss - loss[best], axis=1)
+    error = np.sqrt(n) * np.std(loss - loss[best], axis=1, ddof=1 if n > 1 else 0)
     return next(o for o in range(top + 1) if totals[o] <= totals[best] + error[o])
 
 

@@ -300,19 +300,23 @@ def test_the_psf_order_is_chosen_by_cross_validation():
     assert isinstance(estimate_psf(steady, spatial_order=None), ImagePsf)
 
 
-@pytest.mark.parametrize("seed", [11, 12])
-def test_a_field_whose_psf_width_varies_by_a_tenth_gets_a_varying_estimate(seed):
+def test_fields_whose_psf_width_varies_by_a_tenth_get_varying_estimates():
     """The `varying` preset's science PSF (Moffat, FWHM 4.0-4.9 px over the field): its
     pixels' chi^2 hardly tells a constant estimate from a varying one, but PSF fluxes
     do (transients 1.04 on one side, 0.93 on the other with the constant one); the order
-    is chosen on the held-out stars' PSF fluxes."""
+    is chosen on the held-out stars' PSF fluxes. Seeds 1-16: 14 varying (the chi^2
+    criterion: none), each within 4% of the true FWHM at three places."""
     from core.simulate import preset, simulate_pair
 
-    science = simulate_pair(preset("varying", size=1024, seed=seed)).science
-    estimated = estimate_psf(science.with_psf(None), spatial_order=None)
-    assert isinstance(estimated, GridPsf)
-    for x, y in [(100, 100), (512, 512), (924, 924)]:
-        assert estimated.fwhm(x, y) == pytest.approx(science.psf.fwhm(x, y), rel=0.04)
+    varying = 0
+    for seed in range(1, 17):
+        science = simulate_pair(preset("varying", size=1024, seed=seed)).science
+        estimated = estimate_psf(science.with_psf(None), spatial_order=None)
+        if isinstance(estimated, GridPsf):
+            varying += 1
+            for x, y in [(100, 100), (512, 512), (924, 924)]:
+                assert estimated.fwhm(x, y) == pytest.approx(science.psf.fwhm(x, y), rel=0.04)
+    assert varying >= 12, varying
 
 
 @pytest.mark.parametrize("seed", [1, 2, 5])
