@@ -178,12 +178,24 @@ def test_task_pool_runs_beside_the_caller_or_in_its_thread_when_capped():
         return i * i, threading.get_ident()
 
     me = threading.get_ident()
+    if n_threads() > 1:
+        # a call that waits for the caller's signal: it can only end if it runs beside it
+        started, go = threading.Event(), threading.Event()
+
+        def handshake() -> int:
+            started.set()
+            assert go.wait(timeout=10)
+            return threading.get_ident()
+
+        with task_pool() as pool:
+            made = pool.submit(handshake)
+            assert started.wait(timeout=10)
+            go.set()
+        assert made.result() != me
     with task_pool() as pool:
         futures = [pool.submit(where, i) for i in range(6)]
         failed = pool.submit(where, -1)
     assert [f.result()[0] for f in futures] == [i * i for i in range(6)]
-    if n_threads() > 1:
-        assert all(f.result()[1] != me for f in futures)
     with pytest.raises(ValueError, match="negative"):
         failed.result()
     try:
@@ -197,6 +209,51 @@ def test_task_pool_runs_beside_the_caller_or_in_its_thread_when_capped():
     assert [f.result() for f in futures] == [(i * i, me) for i in range(6)]
     with pytest.raises(ValueError, match="negative"):
         failed.result()
+
+
+def test_nested_calls_on_a_busy_shared_pool_finish():
+    """Calls nested in jobs that hold every thread of the shared pool finish: a call no
+    thread is free for runs in the thread that needs it (with fresh pools per call this
+    was free of deadlock by construction; the shared pool must stay so)."""
+    from core.parallel import _POOL_THREADS_PER_CORE
+
+    jobs = 3 * _POOL_THREADS_PER_CORE * max(1, os.cpu_count() or 1)
+    release = threading.Event()
+
+    def inner(k: int) -> int:
+        with task_pool() as pool:
+            made = pool.submit(lambda: k + 1)
+            doubled = thread_map(lambda v: 2 * v, range(k % 5))
+            return made.result() + sum(doubled)
+
+    def outer(i: int) -> int:
+        release.wait(timeout=10)  # every job holds its thread until all are queued
+        return sum(thread_map(inner, range(i, i + 6)))
+
+    done: list[int] = []
+    runner = threading.Thread(target=lambda: done.extend(thread_map(outer, range(jobs), jobs)))
+    runner.start()
+    time.sleep(0.2)
+    release.set()
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "nested calls on a busy pool deadlocked"
+
+    def expected(i: int) -> int:
+        return sum(k + 1 + sum(2 * v for v in range(k % 5)) for k in range(i, i + 6))
+
+    assert done == [expected(i) for i in range(jobs)]
+
+
+def test_thread_map_keeps_the_order_and_raises_the_first_items_error():
+    def job(i: int) -> int:
+        if i in (5, 9):
+            raise ValueError(f"item {i}")
+        time.sleep(0.001 * (i % 3))
+        return i * i
+
+    assert thread_map(lambda i: i * i, range(50), 4) == [i * i for i in range(50)]
+    with pytest.raises(ValueError, match="item 5"):
+        thread_map(job, range(12), 4)
 
 
 _FREED_BLOCK_SCRIPT = """
