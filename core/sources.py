@@ -81,8 +81,9 @@ def _load_bytes(data: bytes, name: str) -> Table:
                 return Table.read(io.BytesIO(data), format="fits")
         if head in (b"{", b"["):
             return _table_from_json(json.loads(data.decode("utf-8")), name)
-        text = data.decode("utf-8")
-        return Table.read(text, format="ascii.csv")
+        # as lines: a one-line string is taken by astropy for a file name or a URL, and
+        # an uploaded catalog "/etc/passwd" or "http://..." was read or fetched
+        return Table.read(data.decode("utf-8").splitlines(), format="ascii.csv")
     except InvalidCatalogError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parser failure becomes a typed error

@@ -938,3 +938,39 @@ def test_star_offset_ignores_a_sky_gradient_in_one_image():
     offset = star_offset(first, second, x, y, 4.5)
     assert offset is not None and offset.n == 12
     assert np.hypot(offset.dx, offset.dy) < 0.05, offset
+
+
+def test_catalog_bytes_are_parsed_as_content_never_as_a_path_or_url(tmp_path):
+    """An uploaded or inline catalog of one line is CSV text: astropy takes a lone string
+    for a file name or URL, and the service read server files and fetched URLs so."""
+    import http.server
+    import threading
+
+    secret = tmp_path / "secret.csv"
+    secret.write_text("x,y\n1,2\n3,4\n")
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the handler's name
+            requests.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"x,y\n5,6\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cat.csv"
+        for text in (str(secret), url, "garbage"):
+            with pytest.raises(InvalidCatalogError, match="x, y|ra, dec|column"):
+                read_catalog(text.encode())
+    finally:
+        server.shutdown()
+    assert requests == []
+    # real CSV text still reads, CRLF line ends too
+    table = read_catalog(b"x,y\r\n10.5,20.25\r\n30,40\r\n")
+    assert list(table["x"]) == [10.5, 30.0] and list(table["y"]) == [20.25, 40.0]
