@@ -212,6 +212,26 @@ def test_a_bad_forced_position_is_named_by_its_index(deployment, alice):
     assert message.startswith("body[1].x: "), message
 
 
+def test_forced_positions_refuse_what_they_cannot_hold(deployment, alice):
+    """A review's 500s and silent choices: ids a FITS table cannot hold (beyond 64 bits,
+    non-ASCII text) answered 500 for format=fits; x/y and ra/dec together measured at x/y
+    and dropped ra/dec; a coordinate `true` was read as 1.0. Each is a 422 naming it."""
+    _, job_id, _, _ = deployment
+    url = f"/v1/subtractions/{job_id}/forced?format=fits"
+    for bad_id in (2**70, -(2**63) - 1, "é-ü"):
+        answer = alice.post(url, json=[{"x": 100.0, "y": 100.0, "id": bad_id}])
+        assert answer.status_code == 422, (bad_id, answer.status_code, answer.text)
+        assert answer.json()["error"]["message"].startswith("body[0].id"), answer.text
+    fine = alice.post(url, json=[{"x": 100.0, "y": 100.0, "id": 2**63 - 1}])
+    assert fine.status_code == 200 and fine.content.startswith(b"SIMPLE")
+    both = alice.post(url, json=[{"x": 1.0, "y": 2.0}, {"x": 1.0, "y": 2.0, "ra": 150, "dec": 2}])
+    assert both.status_code == 422
+    assert "position 1 gives both x/y and ra/dec" in both.json()["error"]["message"]
+    boolean = alice.post(url, json=[{"x": True, "y": 2.0}])
+    assert boolean.status_code == 422
+    assert "not a boolean" in boolean.json()["error"]["message"]
+
+
 def test_forced_body_that_is_not_json_says_so(deployment, alice):
     _, job_id, _, _ = deployment
     answer = alice.post(

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from astropy.table import Table
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from core.config import DiaSourceConfig
 from store import Settings, Store
@@ -68,11 +68,24 @@ class ForcedPosition(BaseModel):
     y: float | None = Field(None, description="Row (pixels, 0-based).")
     ra: float | None = Field(None, description="Right ascension (degrees).")
     dec: float | None = Field(None, description="Declination (degrees).")
-    id: int | Annotated[str, StringConstraints(max_length=200)] | None = Field(
+    id: (
+        Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+        | Annotated[str, StringConstraints(max_length=200, pattern=r"^[ -~]*$")]
+        | None
+    ) = Field(
         None,
         description="The caller's id of the object, returned in its row as `id` (every "
-        "position with one, or none).",
+        "position with one, or none): an integer of 64 bits or printable ASCII text, as "
+        "a FITS table holds them.",
     )
+
+    @field_validator("x", "y", "ra", "dec", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        # lax floats take true as 1.0: a position of `true` is a client's mistake
+        if isinstance(value, bool):
+            raise ValueError("a coordinate must be a number, not a boolean")
+        return value
 
 
 def _json_body(request: Request) -> None:
@@ -342,6 +355,14 @@ def _ids(positions: list[ForcedPosition]) -> list | None:
 
 
 def _position_kind(positions: list[ForcedPosition]) -> tuple[str, str]:
+    both = [i for i, p in enumerate(positions) if p.x is not None and p.ra is not None]
+    if both:
+        # which of the two to measure at would be a guess: they rarely agree exactly
+        raise ApiError(
+            422,
+            "invalid_positions",
+            f"position {both[0]} gives both x/y and ra/dec: give one kind per position",
+        )
     for kind in (("x", "y"), ("ra", "dec")):
         if all(None not in (getattr(p, kind[0]), getattr(p, kind[1])) for p in positions):
             return kind
