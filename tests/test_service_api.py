@@ -355,6 +355,41 @@ def test_one_shot_multipart_form_with_a_source_catalog(alice, sim_pair):
     assert record["metrics"]["n_kernel_sources"] >= 3
 
 
+def test_one_shot_form_refuses_unknown_fields_and_reads_config_and_sources_either_way(
+    alice, sim_pair
+):
+    """A review's silent drops: a misspelt plane field, a mode sent as a file and stray
+    fields were ignored (202, the job ran without them); a config sent as a file part
+    (`-F config=@cfg.json`) and a catalog sent as text were ignored too."""
+    pair = {
+        "science": ("science.fits", sim_pair["science"].read_bytes()),
+        "template": ("template.fits", sim_pair["template"].read_bytes()),
+    }
+    misspelt = alice.post("/v1/subtractions", files={**pair, "science_nosie": ("n.fits", b"x")})
+    assert_error(misspelt, 422, "invalid_request")
+    assert "science_nosie" in misspelt.json()["error"]["message"]
+    stray = alice.post("/v1/subtractions", files=pair, data={"bogus": "1"})
+    assert_error(stray, 422, "invalid_request")
+    as_file = alice.post("/v1/subtractions", files={**pair, "mode": ("m.txt", b"preconvolve")})
+    assert_error(as_file, 422, "invalid_request")
+    assert "'mode' must be text" in as_file.json()["error"]["message"]
+    stars = sim_pair["truth"]["stars"]
+    brightest = np.argsort(stars["flux_science"])[::-1][:60]
+    catalog = "x,y\n" + "".join(f"{stars['x'][i]:.2f},{stars['y'][i]:.2f}\n" for i in brightest)
+    config = json.dumps({"dia": {"threshold": 7.0}}).encode()
+    response = alice.post(
+        "/v1/subtractions",
+        files={**pair, "config": ("cfg.json", config)},
+        data={"sources": catalog},
+    )
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    record = alice.get(f"/v1/subtractions/{job_id}?include=config").json()
+    assert record["config"]["dia"]["threshold"] == 7.0
+    assert record["sources_id"] == hashlib.sha256(catalog.encode()).hexdigest()
+    assert wait_job(alice, job_id)["state"] == "succeeded"
+
+
 def test_core_error_fails_the_job_with_its_code(alice, alice_inputs, other_field_template):
     template_id = upload(alice, other_field_template)
     response = submit(alice, alice_inputs[0], template_id)

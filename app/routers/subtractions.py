@@ -55,7 +55,8 @@ _SUBMIT_BODY = {
         "description": "JSON SubtractionRequest, or a one-shot multipart/form-data form with the "
         "two FITS files and the config JSON. Per-input planes go with either: as `planes` "
         "(file:// URIs) of an input in JSON, as `science_noise`, `template_psf`, ... file fields "
-        "in the form, or uploaded with the image to POST /v1/exposures beforehand.",
+        "in the form, or uploaded with the image to POST /v1/exposures beforehand. A form "
+        "field of another name, or a text field sent as a file, is refused (422).",
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/SubtractionRequest"}},
             "multipart/form-data": {
@@ -68,11 +69,12 @@ _SUBMIT_BODY = {
                         "sources": {
                             "type": "string",
                             "format": "binary",
-                            "description": "Optional catalog (FITS table, CSV or JSON).",
+                            "description": "Optional catalog (FITS table, CSV or JSON), as a file "
+                            "or as text.",
                         },
                         "config": {
                             "type": "string",
-                            "description": "SubtractionConfig as JSON text.",
+                            "description": "SubtractionConfig as JSON (text or a file).",
                             "example": '{"do_decorrelation": true}',
                         },
                         "mode": {
@@ -136,6 +138,41 @@ async def _read_json(request: Request) -> SubtractionRequest:
         raise ApiError(422, "invalid_request", _first_error(exc)) from None
 
 
+#: Text fields of a one-shot submission form; `_FORM_FILES` and their planes are files.
+_FORM_TEXT = ("mode", "idempotency_key", "callback_url")
+_FORM_FILES = ("science", "template")
+
+
+def _check_form_fields(form) -> None:
+    """Refuse a form field the submission does not know, or a text field sent as a file:
+    a misspelt plane (``science_nosie``) or a mode sent as a file was dropped without a
+    word and the job ran without it."""
+    planes = {f"{role}_{kind}" for role in _FORM_FILES for kind in PLANE_KINDS}
+    known = {*_FORM_TEXT, *_FORM_FILES, *planes, "sources", "config"}
+    unknown = sorted(set(form.keys()) - known)
+    if unknown:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"unknown form field(s) {', '.join(unknown)}: expected science and template "
+            f"(files), optionally their planes ({', '.join(sorted(planes))}), sources and "
+            f"config (file or text), {', '.join(_FORM_TEXT)} (text)",
+        )
+    for key in _FORM_TEXT:
+        if form.get(key) is not None and not isinstance(form.get(key), str):
+            raise ApiError(422, "invalid_request", f"form field {key!r} must be text, not a file")
+
+
+async def _form_text(part, cap: int, what: str) -> bytes | None:
+    """A form field given as a file or as text, as bytes (None when absent or empty)."""
+    if part is None:
+        return None
+    data = part.encode() if isinstance(part, str) else await part.read(cap + 1)
+    if len(data) > cap:
+        raise ApiError(413, "upload_too_large", f"{what} exceeds {cap} bytes")
+    return data or None
+
+
 async def _read_form(
     request: Request, caller: Caller, settings: Settings, store: Store
 ) -> tuple[SubtractionRequest, bytes | None]:
@@ -143,6 +180,7 @@ async def _read_form(
     n_files = 3 + 2 * len(PLANE_KINDS)
     limited = limited_request(request, n_files * cap + 1024 * 1024)
     async with limited.form(max_files=n_files, max_fields=10) as form:
+        _check_form_fields(form)
         ids = {}
         for role in ("science", "template"):
             upload = form.get(role)
@@ -151,20 +189,11 @@ async def _read_form(
             writer = await writer_from_upload(upload, store.exposures, cap)
             writer = await with_form_planes(writer, form, f"{role}_", store, settings, role)
             ids[role], _ = await ingest_exposure(writer, store, settings, caller.owner, role)
-        sources = form.get("sources")
-        catalog = None
-        if sources is not None and not isinstance(sources, str):
-            catalog = await sources.read(cap + 1)
-            if len(catalog) > cap:
-                raise ApiError(413, "upload_too_large", f"the catalog exceeds {cap} bytes")
-        fields = {
-            key: form.get(key)
-            for key in ("mode", "idempotency_key", "callback_url")
-            if isinstance(form.get(key), str) and form.get(key)
-        }
-        config_text = form.get("config")
+        catalog = await _form_text(form.get("sources"), cap, "the catalog")
+        fields = {key: form.get(key) for key in _FORM_TEXT if form.get(key)}
+        config_text = await _form_text(form.get("config"), cap, "the config")
     try:
-        config = json.loads(config_text) if isinstance(config_text, str) and config_text else {}
+        config = json.loads(config_text) if config_text else {}
     except ValueError as exc:
         raise ApiError(
             422,
