@@ -222,9 +222,15 @@ def triplet_png(cut: Cutouts, k: int = 0) -> bytes:
             blanked(stack[k], blank[name][k] if name in blank else None)
             for name, stack in cut.stamps.items()
         ],
-        labels=[name.lower() for name in cut.stamps],
+        labels=[_label(cut, name) for name in cut.stamps],
         min_panel=TRIPLET_PANEL,
     )
+
+
+def _label(cut: Cutouts, name: str) -> str:
+    """A panel's label: its name, or "score" for a score cut where a difference goes."""
+    header = cut.headers.get(name)
+    return "score" if header is not None and header.get("PRODUCT") == "score" else name.lower()
 
 
 def triplet_from_files(paths: Mapping[str, Path], x, y, size: int) -> Cutouts:
@@ -262,11 +268,13 @@ def triplet_from_files(paths: Mapping[str, Path], x, y, size: int) -> Cutouts:
             blank = product_blank(hdul, chosen.shape)
             masks = {name: blank} if blank is not None else None
             part = cutouts({name: (chosen.data, wcs)}, x, y, size, masks)
+            header = part.headers[name] or fits.Header()
             unit = chosen.header.get("BUNIT")
             if unit:  # the stamps' unit, as the product states it
-                header = part.headers[name] or fits.Header()
                 header["BUNIT"] = unit
-                part.headers[name] = header
+            # the third stamp of a preconvolve job is its score, not a difference
+            header["PRODUCT"] = (Path(path).stem, "product the stamp is cut from")
+            part.headers[name] = header
             parts.append(part)
     return Cutouts(
         {name: part.stamps[name] for part, name in zip(parts, paths, strict=True)},

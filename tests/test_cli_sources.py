@@ -349,3 +349,29 @@ def test_cutouts_of_a_result_in_memory_blank_what_the_product_files_do(tmp_path)
     assert memory.blank["DIFFERENCE"][0].any() and not memory.blank["DIFFERENCE"][1].any()
     for name in ("SCIENCE", "TEMPLATE", "DIFFERENCE"):
         np.testing.assert_array_equal(memory.blank[name], files.blank[name])
+
+
+def test_a_score_in_a_triplet_says_so(tmp_path, monkeypatch):
+    """A preconvolve job's third stamp is its score: the triplet's HDU keeps the name
+    DIFFERENCE (the stamp's place in an alert), its PRODUCT card says score and the PNG
+    panel is labelled score (a review: both said difference)."""
+    from core import cutouts as module
+
+    image = np.zeros((50, 50), np.float32)
+    for stem in ("score", "difference"):
+        fits.PrimaryHDU(image).writeto(tmp_path / f"{stem}.fits")
+    seen: list[list[str]] = []
+    drawn = module.png_bytes
+
+    def recorded(panels, labels=None, **kw):
+        seen.append(labels)
+        return drawn(panels, labels=labels, **kw)
+
+    monkeypatch.setattr(module, "png_bytes", recorded)
+    for stem in ("score", "difference"):
+        path = tmp_path / f"{stem}.fits"
+        cut = module.triplet_from_files({"DIFFERENCE": path}, [25.0], [25.0], 21)
+        module.triplet_png(cut, 0)
+        with fits.open(io.BytesIO(module.triplet_fits(cut, 0))) as hdul:
+            assert hdul["DIFFERENCE"].header["PRODUCT"] == stem
+    assert seen == [["score"], ["difference"]]

@@ -378,7 +378,9 @@ def _position_kind(positions: list[ForcedPosition]) -> tuple[str, str]:
     summary="Cutout triplet of a DIA source",
     description="Science (matched), template (matched) and difference (or score) stamps of "
     "`size` x `size` pixels centred on the source, as in alert packets: `format=fits` gives "
-    "three image HDUs SCIENCE, TEMPLATE, DIFFERENCE with their WCS (NaN beyond the frame); "
+    "three image HDUs SCIENCE, TEMPLATE, DIFFERENCE with their WCS (NaN beyond the frame; "
+    "each one's PRODUCT card names the product it is cut from: a preconvolve job's third "
+    "stamp is its score, and its PNG panel says so); "
     "`format=png` the three side by side (zscale + asinh each), each enlarged by a whole "
     "factor to at least 180 px and labelled above.",
     response_class=Response,
