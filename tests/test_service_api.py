@@ -398,9 +398,11 @@ def test_core_error_fails_the_job_with_its_code(alice, alice_inputs, other_field
     assert record["state"] == "failed"
     # its stars do not match the science's where the WCSs say the two overlap
     assert record["error"]["code"] == "misregistration", record["error"]
-    assert_error(
-        alice.get(f"/v1/subtractions/{record['id']}/products/difference"), 409, "job_not_succeeded"
-    )
+    # a code of its own: the product will never come (a poller stops), the job's code named
+    refused = alice.get(f"/v1/subtractions/{record['id']}/products/difference")
+    assert_error(refused, 409, "job_failed")
+    assert "(misregistration)" in refused.json()["error"]["message"]
+    assert_error(alice.get(f"/v1/subtractions/{record['id']}/sources"), 409, "job_failed")
 
 
 def test_what_reading_an_input_said_is_in_the_job_metrics(alice, alice_inputs, sim_pair, tmp_path):
@@ -549,6 +551,8 @@ def test_cursor_listing_newest_first(service, sim_pair):
         assert [i for page in pages for i in page] == created[::-1]
         cancelled = dave.get("/v1/subtractions", params={"state": "cancelled"}).json()["items"]
         assert len(cancelled) == 5
+        gone = dave.get(f"/v1/subtractions/{created[0]}/products/difference")
+        assert_error(gone, 409, "job_cancelled")
         assert dave.get("/v1/subtractions", params={"state": "succeeded"}).json()["items"] == []
         since = dave.get(f"/v1/subtractions/{created[3]}").json()["created_at"]
         recent = dave.get("/v1/subtractions", params={"since": since}).json()["items"]

@@ -25,7 +25,7 @@ from store import Settings, Store
 from ..deps import Caller, get_caller, get_settings, get_store
 from ..errors import ApiError
 from ..schemas import ErrorResponse
-from .subtractions import _finished_job, _job_with_product
+from .subtractions import NOT_DONE, _finished_job, _job_with_product
 
 __all__ = ["router"]
 
@@ -36,7 +36,7 @@ _MAX_POSITIONS = 10_000
 
 _AUTH = {401: {"model": ErrorResponse, "description": "Missing or invalid bearer token."}}
 _NOT_FOUND = {404: {"model": ErrorResponse, "description": "Unknown job or source, or not yours."}}
-_NOT_DONE = {409: {"model": ErrorResponse, "description": "The job has not succeeded."}}
+_NOT_DONE = {409: {"model": ErrorResponse, "description": NOT_DONE}}
 
 _SOURCE_EXAMPLE = {
     "id": 0,

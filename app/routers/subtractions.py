@@ -430,14 +430,34 @@ def get_subtraction(
     return _job_out(record, include)
 
 
+#: The 409 of a product asked for before it exists (`_no_products_yet`), for the docs.
+NOT_DONE = (
+    "The job has not succeeded: `job_not_succeeded` while it is queued or running, "
+    "`job_failed` or `job_cancelled` when it never will."
+)
+
+
+def _no_products_yet(record: JobRecord, what: str) -> ApiError:
+    """409 for a job without ``what``: ``job_not_succeeded`` while it may still come
+    (queued, running), ``job_failed`` or ``job_cancelled`` when it never will, so that a
+    poller knows to stop."""
+    if record.state in ("failed", "cancelled"):
+        code = (record.error or {}).get("code") if record.state == "failed" else None
+        why = f" ({code})" if code else ""
+        return ApiError(
+            409,
+            f"job_{record.state}",
+            f"job {record.id} {record.state}{why}: it has no {what} and never will; "
+            "see its error, then resubmit",
+        )
+    message = f"job {record.id} is {record.state}; its {what} is not written yet"
+    return ApiError(409, "job_not_succeeded", message)
+
+
 def _finished_job(store: Store, job_id: str, caller: Caller) -> JobRecord:
     record = _owned_job(store, job_id, caller)
     if record.state != "succeeded":
-        raise ApiError(
-            409,
-            "job_not_succeeded",
-            f"job {job_id} is {record.state}; products exist once it has succeeded",
-        )
+        raise _no_products_yet(record, "products")
     return record
 
 
@@ -449,11 +469,7 @@ def _job_with_product(store: Store, job_id: str, caller: Caller, name: str) -> J
     if record.state == "running" and name in record.products:
         return record
     if record.state != "succeeded":
-        raise ApiError(
-            409,
-            "job_not_succeeded",
-            f"job {job_id} is {record.state}; its {name} product is not written yet",
-        )
+        raise _no_products_yet(record, f"{name} product")
     return record
 
 
@@ -484,7 +500,7 @@ class _ProductFile(FileResponse):
         },
         **_AUTH,
         **_NOT_FOUND,
-        409: {"model": ErrorResponse, "description": "The job has not succeeded."},
+        409: {"model": ErrorResponse, "description": NOT_DONE},
         422: {"model": ErrorResponse, "description": "Bad cutout request."},
     },
 )
