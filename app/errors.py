@@ -75,14 +75,15 @@ def _validation_message(exc: RequestValidationError) -> str:
 def _location(loc) -> str:
     """A validation error's place as a caller writes it: ``mode``, ``query.size``, and
     list items by index (``body[0].x``, the first forced position, where a dotted
-    ``0.x`` left the caller guessing)."""
+    ``0.x`` left the caller guessing); the body itself as ``body`` (a missing or
+    mistyped body said only "Field required")."""
     where = ""
     for part in loc:
         if isinstance(part, int):
             where = f"{where or 'body'}[{part}]"
         elif part != "body":
             where = f"{where}.{part}" if where else str(part)
-    return where
+    return where or ("body" if "body" in loc else "")
 
 
 def install_error_handlers(app: FastAPI) -> None:

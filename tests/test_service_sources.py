@@ -232,6 +232,16 @@ def test_forced_positions_refuse_what_they_cannot_hold(deployment, alice):
     assert "not a boolean" in boolean.json()["error"]["message"]
 
 
+def test_a_forced_body_of_the_wrong_kind_is_named_body(deployment, alice):
+    # "Input should be a valid list" and "Field required" said nothing of where
+    _, job_id, _, _ = deployment
+    url = f"/v1/subtractions/{job_id}/forced"
+    for body in (b"{}", b""):
+        answer = alice.post(url, content=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["message"].startswith("body: "), answer.text
+
+
 def test_forced_body_that_is_not_json_says_so(deployment, alice):
     _, job_id, _, _ = deployment
     answer = alice.post(
