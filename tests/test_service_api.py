@@ -158,6 +158,12 @@ def test_upload_is_content_addressed(service, alice, bob, sim_pair):
     assert "file" not in description
     # bob has not uploaded it: he cannot see it, nor use it.
     assert_error(bob.get(f"/v1/exposures/{exposure_id}"), 404, "not_found")
+    # a body declared JSON or text is no FITS file (it was stored whatever it said)
+    for declared in ("application/json", "text/plain"):
+        wrong = alice.post("/v1/exposures", content=data, headers={"Content-Type": declared})
+        assert_error(wrong, 415, "unsupported_media_type")
+    plain = alice.post("/v1/exposures", content=data)  # an HTTP client's default: accepted
+    assert plain.status_code == 201 and plain.json()["id"] == exposure_id
     assert_error(submit(bob, exposure_id, exposure_id), 404, "not_found")
 
 

@@ -26,6 +26,7 @@ router = APIRouter(prefix="/v1/exposures", tags=["exposures"])
 _ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or invalid bearer token."},
     413: {"model": ErrorResponse, "description": "Upload larger than ALSUB_MAX_UPLOAD_BYTES."},
+    415: {"model": ErrorResponse, "description": "Sent as JSON or text, not FITS."},
     422: {"model": ErrorResponse, "description": "Not a readable exposure (reader's message)."},
     429: {"model": ErrorResponse, "description": "Rate limit exceeded."},
 }
@@ -97,6 +98,15 @@ async def upload_exposure(
             writer = await writer_from_upload(upload, store.exposures, settings.max_upload_bytes)
             writer = await with_form_planes(writer, form, "", store, settings, "upload")
     else:
+        if content_type.startswith(("application/json", "text/")):
+            # a FITS file is neither (the body is checked as FITS anyway; other types,
+            # e.g. curl's default form encoding for --data-binary, are let through)
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"an exposure is FITS: send it as application/fits (or multipart/form-data), "
+                f"not {content_type.split(';')[0]}",
+            )
         writer = await stream_body(request, store, settings)
     sha, meta = await ingest_exposure(writer, store, settings, caller.owner)
     response.headers["Location"] = f"/v1/exposures/{sha}"
