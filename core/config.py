@@ -687,7 +687,11 @@ class RegistrationConfig(_Config):
         6, ge=3, le=1000, description="Fewest matched stars to accept a registration."
     )
     max_rms: float = Field(
-        0.5, gt=0, le=10, description="Largest residual rms (px) of matched stars accepted."
+        0.5,
+        gt=0,
+        le=10,
+        description="Largest residual rms (px) of matched stars accepted, each star weighted "
+        "by its centroid precision (S/N squared) when the S/N are known.",
     )
     min_snr: float = Field(
         10.0, gt=0, le=1e6, description="Faintest star (detection S/N) used for registration."

@@ -342,3 +342,48 @@ def test_one_wcs_grid_with_offset_stars_is_absorbed_and_noted(mode):
     # the stars subtract cleanly: the kernel did absorb the offset
     assert quality.get("star_chi2_median", 1.0) <= 1.3
     assert quality.get("transient_detected_fraction", 1.0) >= 0.9
+
+
+def _star_lists(rng, n: int = 150, size: float = 2000.0):
+    """Star positions on a frame and S/N of a power law (S/N 10 to ~1000)."""
+    xy = rng.uniform(50, size - 50, (n, 2))
+    snr = 10.0 * (1.0 - rng.uniform(0, 1, n)) ** -0.8
+    return xy, np.minimum(snr, 1000.0)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_centroid_noise_of_wide_psfs_is_no_misregistration(seed):
+    """Aligned stars whose centroids scatter as FWHM 10 px PSFs' do (sigma ~ 0.6 FWHM /
+    S/N per axis, each image): the plain rms is over 0.5 px, set by the faint stars, and
+    the pair was refused as misregistered (plain FITS of FWHM 10 / 9 px). Weighted by
+    S/N the scatter is the bright stars' few hundredths of a pixel."""
+    from core.config import RegistrationConfig
+    from core.register import match_stars
+
+    rng = np.random.default_rng(seed)
+    xy, snr = _star_lists(rng)
+    error = 0.6 * 10.0 / snr
+    src = xy + rng.normal(size=xy.shape) * error[:, None]
+    dst = xy + rng.normal(size=xy.shape) * error[:, None]
+    order = np.argsort(-snr)
+    config = RegistrationConfig()
+    match = match_stars(src[order], dst[order], config, snr[order], snr[order])
+    assert match.rms > config.max_rms  # what the old test refused on
+    assert match.n_matched >= 100
+
+
+def test_a_distortion_the_bright_stars_show_stays_a_misregistration():
+    """A template distorted differently (a quadratic term moving stars by up to ~2 px) is
+    still refused: the bright stars carry the misfit, whatever their S/N."""
+    from core.config import RegistrationConfig
+    from core.register import match_stars
+
+    rng = np.random.default_rng(5)
+    xy, snr = _star_lists(rng)
+    error = 0.6 * 4.0 / snr
+    src = xy + rng.normal(size=xy.shape) * error[:, None]
+    bent = xy + 2.0 * ((xy - 1000.0) / 1000.0) ** 2
+    dst = bent + rng.normal(size=xy.shape) * error[:, None]
+    order = np.argsort(-snr)
+    with pytest.raises(RegistrationError, match="misregistration: matched stars scatter"):
+        match_stars(src[order], dst[order], RegistrationConfig(), snr[order], snr[order])
