@@ -13,7 +13,7 @@ from core.errors import RegistrationError
 from core.evaluate import measure_quality
 from core.io import read_exposure
 from core.register import register
-from core.simulate import preset, simulate_pair, write_pair
+from core.simulate import PsfModelConfig, preset, simulate_pair, write_pair
 from core.subtract import run_subtraction
 from core.warp import PixelMap, warp_exposure
 from tests.conftest import REAL_DATA, simulated_pair
@@ -387,3 +387,18 @@ def test_a_distortion_the_bright_stars_show_stays_a_misregistration():
     order = np.argsort(-snr)
     with pytest.raises(RegistrationError, match="misregistration: matched stars scatter"):
         match_stars(src[order], dst[order], RegistrationConfig(), snr[order], snr[order])
+
+
+def test_an_aligned_pair_of_wide_psfs_without_wcs_registers():
+    """Plain images (no WCS, no PSF) of FWHM 10 / 9 px on one grid: refused as
+    misregistered before (0.52-0.59 px rms of centroid noise); found aligned now."""
+    config = preset("equal", size=768, seed=7000)
+    config.science_psf = PsfModelConfig(type="gaussian", fwhm=10.0)
+    config.template_psf = PsfModelConfig(type="gaussian", fwhm=9.0)
+    pair = simulate_pair(config)
+    science, template = pair.science.copy(), pair.template.copy()
+    science.wcs = template.wcs = science.psf = template.psf = None
+    found = register(template, science).metrics
+    assert found["rms_px"] > 0.5  # what was refused: centroid noise, no misfit
+    assert found["n_matched"] >= 12 and found["method"] == "stars: same grid"
+    assert np.allclose(found["offset"], 0.0, atol=0.1)
