@@ -847,13 +847,15 @@ def simulate_pair(config: SimulationConfig | None = None) -> SimulatedPair:
             cfg.n_cosmic_rays,
         ),
         # a template of `depth` times the exposure, scaled back to one exposure's counts:
-        # effective gain x depth, read noise (electrons) x sqrt(depth)
+        # effective gain x depth, read noise (electrons) x sqrt(depth), and the exposure
+        # time of the counts (depth x it made plain files' exposure times predict a kernel
+        # sum of 1 / depth, and the verdict said suspect)
         "template": _ImageSpec(
             "template",
             cfg.template_sky,
             cfg.gain * depth,
             cfg.read_noise * math.sqrt(depth),
-            cfg.exposure_time * depth,
+            cfg.exposure_time,
             calibration * cfg.flux_ratio,
             cfg.n_bad_columns_template,
             cfg.n_cosmic_rays_template,

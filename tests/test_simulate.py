@@ -412,3 +412,14 @@ def test_faded_sources_follow_the_template_geometry():
         assert box.sum() == pytest.approx(flux * inverse_ratio, rel=0.02)
         assert abs((box * xx).sum() / box.sum() - tx) < 0.05
         assert abs((box * yy).sum() / box.sum() - ty) < 0.05
+
+
+def test_a_deeper_templates_exposure_time_is_that_of_its_counts():
+    """The template of `template_depth` exposures is scaled back to one exposure's counts,
+    so its EXPTIME is one exposure's: with depth x that, plain files' exposure times
+    predicted a kernel sum of 1 / depth and every plain pair's verdict was suspect."""
+    config = preset("sharper_template", size=128, seed=3)
+    config.template_depth = 4.0
+    pair = simulate_pair(config)
+    assert pair.template.metadata["EXPTIME"] == pair.science.metadata["EXPTIME"]
+    assert pair.template.metadata["GAIN"] == 4.0 * pair.science.metadata["GAIN"]
