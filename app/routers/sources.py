@@ -402,7 +402,10 @@ def source_cutouts(
     job_id: str,
     source_id: int,
     size: int = Query(
-        DiaSourceConfig().cutout_size, ge=5, description="Stamp side in pixels (odd)."
+        DiaSourceConfig().cutout_size,
+        ge=5,
+        description="Stamp side in pixels: odd (the source's pixel at the centre), at most "
+        "ALSUB_MAX_CUTOUT_SIZE (the largest odd number up to it).",
     ),
     format: Literal["fits", "png"] = Query("fits", description="fits or png."),
     caller: Caller = Depends(get_caller),

@@ -510,7 +510,7 @@ def get_product(
     format: Literal["fits", "png"] = Query("fits", description="fits or png."),
     x: int | None = Query(None, description="Cutout centre column (parent pixels)."),
     y: int | None = Query(None, description="Cutout centre row (parent pixels)."),
-    size: int = Query(64, ge=1, description="Cutout side (pixels)."),
+    size: int = Query(64, ge=1, description="Cutout side (pixels), at most ALSUB_MAX_CUTOUT_SIZE."),
     caller: Caller = Depends(get_caller),
     settings: Settings = Depends(get_settings),
     store: Store = Depends(get_store),
