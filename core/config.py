@@ -690,8 +690,9 @@ class RegistrationConfig(_Config):
         0.5,
         gt=0,
         le=10,
-        description="Largest residual rms (px) of matched stars accepted, each star weighted "
-        "by its centroid precision (S/N squared) when the S/N are known.",
+        description="Largest position error (px) of the fitted transform at the matched "
+        "stars: the rms a star without centroid noise would show (the residuals regressed on "
+        "1/S/N^2), or the plain residual rms when the stars' S/N are unknown.",
     )
     min_snr: float = Field(
         10.0, gt=0, le=1e6, description="Faintest star (detection S/N) used for registration."
