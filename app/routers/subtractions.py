@@ -182,7 +182,7 @@ async def _read_form(
     async with limited.form(max_files=n_files, max_fields=10) as form:
         _check_form_fields(form)
         ids = {}
-        for role in ("science", "template"):
+        for role in _FORM_FILES:
             upload = form.get(role)
             if upload is None or isinstance(upload, str):
                 raise ApiError(422, "invalid_request", f"the form needs a file field {role!r}")
