@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from store import Settings, open_store
 from store.maintenance import clean_disk
@@ -48,6 +49,27 @@ Alard-Lupton image subtraction as a service.
 When tokens are configured every `/v1` call needs `Authorization: Bearer <token>`; each
 token sees only its own exposures and jobs. Errors are `{"error": {"code", "message"}}`.
 """
+
+
+class _HeadAsGet:
+    """HEAD on every GET route, as HTTP asks (a client checking a product or a job
+    without its body; FastAPI routes answered 405): routed and answered as a GET, its
+    headers (Content-Length included) sent and its body not. The GET's work is done."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -101,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
 
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(_HeadAsGet)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -286,6 +286,17 @@ def test_end_to_end_difference_noise_and_transient_flux(service, alice, alice_in
     difference = alice.get(record["products"]["difference"])
     assert difference.status_code == 200
     assert difference.headers["content-type"] == "application/fits"
+    # HEAD answers every GET route with its headers alone (it was 405)
+    head = alice.head(record["products"]["difference"])
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) == len(difference.content)
+    job_head = alice.head(f"/v1/subtractions/{job_id}")
+    assert job_head.status_code == 200 and job_head.content == b""
+    for url in (f"/v1/subtractions/{job_id}/products/nothing", "/v1/subtractions/no-such-job"):
+        assert alice.head(url).status_code == alice.get(url).status_code >= 400  # as GET
+    assert client_for(service, None).head(f"/v1/subtractions/{job_id}").status_code == 401
+    paths = alice.get("/openapi.json").json()["paths"]
+    assert not any("head" in operations for operations in paths.values())  # one operation each
     noise, flux_ratios = difference_quality(difference.content, sim_pair["truth"])
     assert 0.9 < noise < 1.1, noise
     assert np.allclose(flux_ratios, 1.0, atol=0.10), flux_ratios
