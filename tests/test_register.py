@@ -355,8 +355,8 @@ def _star_lists(rng, n: int = 150, size: float = 2000.0):
 def test_centroid_noise_of_wide_psfs_is_no_misregistration(seed):
     """Aligned stars whose centroids scatter as FWHM 10 px PSFs' do (sigma ~ 0.6 FWHM /
     S/N per axis, each image): the plain rms is over 0.5 px, set by the faint stars, and
-    the pair was refused as misregistered (plain FITS of FWHM 10 / 9 px). Weighted by
-    S/N the scatter is the bright stars' few hundredths of a pixel."""
+    the pair was refused as misregistered (plain FITS of FWHM 10 / 9 px). Beyond the
+    centroid noise (the residuals regressed on 1 / S/N^2) there is no scatter left."""
     from core.config import RegistrationConfig
     from core.register import match_stars
 
