@@ -61,11 +61,11 @@ def _load_table(source: Any) -> Table:
     if isinstance(source, Table):
         return source.copy()
     if isinstance(source, list | tuple):
-        return _table_from_records(list(source), "list")
+        return _table_from_records(list(source), "(list)")
     if isinstance(source, dict):
-        return _table_from_json(source, "dict")
+        return _table_from_json(source, "(dict)")
     if isinstance(source, bytes | bytearray):
-        return _load_bytes(bytes(source), "uploaded catalog")
+        return _load_bytes(bytes(source), "(uploaded)")
     path = Path(source)
     if not path.is_file():
         raise InvalidCatalogError(f"catalog file {str(path)!r} does not exist")
@@ -169,7 +169,14 @@ def read_catalog(source, wcs=None) -> Table:
         Missing or unreadable file, no position columns, non-numeric or
         non-finite positions, ra/dec without a WCS.
     """
-    name = str(source) if isinstance(source, str | Path) else "catalog"
+    # the file's name, or what kind of catalog (messages read "catalog <name> ...")
+    name = (
+        str(source)
+        if isinstance(source, str | Path)
+        else "(uploaded)"
+        if isinstance(source, bytes | bytearray)
+        else "(given)"
+    )
     table = _load_table(source)
     xcol, ycol = _find(table, "x"), _find(table, "y")
     racol, deccol = _find(table, "ra"), _find(table, "dec")

@@ -971,6 +971,9 @@ def test_catalog_bytes_are_parsed_as_content_never_as_a_path_or_url(tmp_path):
     finally:
         server.shutdown()
     assert requests == []
+    # named once ("catalog uploaded catalog ..." before)
+    with pytest.raises(InvalidCatalogError, match=r"^catalog \(uploaded\) has no position"):
+        read_catalog(b"garbage")
     # real CSV text still reads, CRLF line ends too
     table = read_catalog(b"x,y\r\n10.5,20.25\r\n30,40\r\n")
     assert list(table["x"]) == [10.5, 30.0] and list(table["y"]) == [20.25, 40.0]
