@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from store import Settings, open_store
 from store.maintenance import clean_disk
@@ -22,6 +21,7 @@ from store.sweeper import sweep_stale_jobs
 
 from .docs import install_docs
 from .errors import install_error_handlers
+from .head import HeadAsGet
 from .metrics import RequestMetricsMiddleware, ServiceMetrics
 from .queue import JobQueue
 from .routers import exposures, health, sources, subtractions
@@ -49,27 +49,6 @@ Alard-Lupton image subtraction as a service.
 When tokens are configured every `/v1` call needs `Authorization: Bearer <token>`; each
 token sees only its own exposures and jobs. Errors are `{"error": {"code", "message"}}`.
 """
-
-
-class _HeadAsGet:
-    """HEAD on every GET route, as HTTP asks (a client checking a product or a job
-    without its body; FastAPI routes answered 405): routed and answered as a GET, its
-    headers (Content-Length included) sent and its body not. The GET's work is done."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD":
-            await self.app(scope, receive, send)
-            return
-
-        async def headers_only(message: Message) -> None:
-            if message["type"] == "http.response.body":
-                message = {**message, "body": b""}
-            await send(message)
-
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -123,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
 
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
-    app.add_middleware(_HeadAsGet)
+    app.add_middleware(HeadAsGet)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

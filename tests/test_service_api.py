@@ -677,3 +677,35 @@ def test_callback_url_receives_the_final_record(alice, alice_inputs):
     finally:
         server.shutdown()
     assert_error(submit(alice, *alice_inputs, callback_url="ftp://x/y"), 422, "invalid_request")
+
+
+def test_a_head_routed_as_get_does_not_read_the_product_file(tmp_path):
+    """HEAD is answered as a GET (app.head), whose body is dropped: a product file, up to
+    hundreds of MB, is not read for it; a GET still streams it."""
+    import asyncio
+
+    from app.head import HEAD_AS_GET
+    from app.routers.subtractions import _ProductFile
+
+    path = tmp_path / "difference.fits"
+    path.write_bytes(b"x" * 3_000_000)
+
+    def sent(extra: dict) -> tuple[int, int]:
+        scope = {"type": "http", "method": "GET", "headers": [], **extra}
+        messages: list[dict] = []
+
+        async def receive() -> dict:  # no disconnect: waits until the response is sent
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            messages.append(message)
+
+        asyncio.run(_ProductFile(path)(scope, receive, send))
+        start = next(m for m in messages if m["type"] == "http.response.start")
+        length = int(dict(start["headers"])[b"content-length"])
+        body = sum(len(m.get("body", b"")) for m in messages if m["type"] == "http.response.body")
+        return length, body
+
+    assert sent({HEAD_AS_GET: True}) == (3_000_000, 0)
+    assert sent({}) == (3_000_000, 3_000_000)

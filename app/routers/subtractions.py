@@ -21,6 +21,7 @@ from store.sweeper import is_stale, requeue_if_stale
 
 from ..deps import Caller, get_caller, get_queue, get_settings, get_store
 from ..errors import ApiError
+from ..head import HEAD_AS_GET
 from ..imaging import EXPOSURE_PRODUCTS, cutout_fits, cutout_png, image_plane, png_bytes
 from ..ingest import (
     PLANE_KINDS,
@@ -475,9 +476,15 @@ def _job_with_product(store: Store, job_id: str, caller: Caller, name: str) -> J
 
 class _ProductFile(FileResponse):
     """A product file sent in 1 MiB chunks: each chunk is a thread hop, and Starlette's
-    64 KiB default made a 200 MB difference take twice as long to download."""
+    64 KiB default made a 200 MB difference take twice as long to download. A HEAD routed
+    as a GET (`app.head.HEAD_AS_GET`) gets the headers without the file being read."""
 
     chunk_size = 1 << 20
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope.get(HEAD_AS_GET):
+            scope = {**scope, "method": "HEAD"}
+        await super().__call__(scope, receive, send)
 
 
 @router.get(
