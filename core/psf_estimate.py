@@ -395,12 +395,10 @@ def _node_weights(x: np.ndarray, y: np.ndarray, bbox) -> np.ndarray:
 
     def along(nodes: np.ndarray, values: np.ndarray) -> np.ndarray:
         out = np.zeros((values.size, 3))
-        t = np.clip(values, nodes[0], nodes[-1])
-        hi = np.clip(np.searchsorted(nodes, t, side="right"), 1, 2)
-        frac = (t - nodes[hi - 1]) / (nodes[hi] - nodes[hi - 1])
-        rows = np.arange(values.size)
-        out[rows, hi - 1] = 1.0 - frac
-        out[rows, hi] += frac
+        for row, value in enumerate(values.tolist()):
+            lo, hi, upper = GridPsf._bracket(nodes, value)
+            out[row, lo] += 1.0 - upper
+            out[row, hi] += upper
         return out
 
     wx, wy = along(x_nodes, np.asarray(x, np.float64)), along(y_nodes, np.asarray(y, np.float64))
