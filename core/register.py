@@ -303,12 +303,11 @@ def match_stars(
         raise RegistrationError(
             f"misregistration: only {len(pairs)} stars match after refinement ({need} needed)"
         )
-    weights = pairs_snr = None
+    weights = None
     if src_snr is not None and dst_snr is not None:
-        pairs_snr = np.column_stack([src_snr[pairs[:, 0]], dst_snr[pairs[:, 1]]])
-        weights = 1.0 / np.sum(1.0 / pairs_snr**2, axis=1)
+        weights = 1.0 / (1.0 / src_snr[pairs[:, 0]] ** 2 + 1.0 / dst_snr[pairs[:, 1]] ** 2)
         weights = weights / weights.mean()
-    return _select_model(src[pairs[:, 0]], dst[pairs[:, 1]], pairs, config, weights, pairs_snr)
+    return _select_model(src[pairs[:, 0]], dst[pairs[:, 1]], pairs, config, weights)
 
 
 def _chance_matches(src: np.ndarray, dst: np.ndarray, radius: float) -> float:
@@ -318,17 +317,17 @@ def _chance_matches(src: np.ndarray, dst: np.ndarray, radius: float) -> float:
     return len(src) * min(1.0, len(dst) * math.pi * radius**2 / area)
 
 
-def _select_model(
-    src, dst, pairs, config: RegistrationConfig, weights=None, pairs_snr=None
-) -> StarMatch:
+def _select_model(src, dst, pairs, config: RegistrationConfig, weights=None) -> StarMatch:
     """Fit the configured model, or the simplest the matches support (BIC); clip outliers.
-    ``pairs_snr`` (n, 2): each pair's S/N in both images, for the misfit test."""
+    ``weights``: each pair's centroid precision (1 / (1/S/N_src^2 + 1/S/N_dst^2), to a
+    common scale), when the S/N are known: the misfit test then discounts centroid noise."""
     models = (
         [config.transform]
         if config.transform != "auto"
         else [m for m in _MODEL_PARAMETERS if len(src) >= _MODEL_PARAMETERS[m] + 2]
     )
     keep = np.ones(len(src), bool)
+    precision = weights
     if weights is None:
         weights = np.ones(len(src))
     best: tuple | None = None
@@ -355,10 +354,10 @@ def _select_model(
     n = int(keep.sum())
     residual = src[keep] @ matrix.T + offset - dst[keep]
     rms = math.sqrt(float(np.mean(np.sum(residual**2, axis=1))))
-    if pairs_snr is None:
+    if precision is None:
         scatter, what = rms, "rms"
     else:
-        scatter, what = _misfit(src, dst, pairs_snr, model, keep), "rms beyond centroid noise"
+        scatter, what = _misfit(src, dst, 1.0 / precision, model, keep), "rms beyond centroid noise"
     if scatter > config.max_rms:
         raise RegistrationError(
             f"misregistration: matched stars scatter by {scatter:.2f} px {what} about the "
@@ -372,19 +371,19 @@ def _select_model(
 _MISFIT_PAIRS = 1000
 
 
-def _misfit(src, dst, pairs_snr, model: str, keep: np.ndarray) -> float:
+def _misfit(src, dst, variance, model: str, keep: np.ndarray) -> float:
     """The transform's position error apart from centroid noise: fitted unweighted on
     the kept pairs (a fit weighted by S/N bends to its few brightest stars and hides a
     distortion in the faint ones), each matched pair's squared residual is regressed
-    (Theil-Sen: robust to mismatches) on its centroid variance per unit PSF width,
-    1 / S/N_src^2 + 1 / S/N_dst^2; the intercept is the squared error of a star measured
-    without noise. Faint stars' centroid noise (~FWHM / S/N) is no misregistration: with
-    FWHM 10 px PSFs it alone made the rms of an aligned pair 0.55 px."""
+    (Theil-Sen: robust to mismatches) on its centroid ``variance`` (1 / S/N_src^2 + 1 /
+    S/N_dst^2 to any scale: the intercept does not depend on it); the intercept is the
+    squared error of a star measured without noise. Faint stars' centroid noise (~FWHM /
+    S/N) is no misregistration: with FWHM 10 px PSFs it alone made the rms of an aligned
+    pair 0.55 px."""
     from scipy.stats import theilslopes
 
     matrix, offset, _, _ = _fit(src[keep], dst[keep], model)
     squared = np.sum((src @ matrix.T + offset - dst) ** 2, axis=1)
-    variance = np.sum(1.0 / pairs_snr**2, axis=1)
     # Theil-Sen takes every pair of points: at most ~1000 of them (4 ms; 5000 took 2 s)
     every = slice(None, None, -(-len(squared) // _MISFIT_PAIRS))
     _, intercept, _, _ = theilslopes(squared[every], variance[every])
