@@ -81,11 +81,16 @@ def n_threads(workers: int | None = None) -> int:
     if workers:
         workers = max(1, int(workers))
         return min(workers, limit) if limit else workers
-    try:
-        cores = max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        cores = max(1, os.cpu_count() or 1)
+    cores = _cores()
     return min(cores, limit) if limit else cores
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 class _Split:
@@ -179,9 +184,8 @@ def _shared_pool() -> ThreadPoolExecutor:
     if _pool is None:
         with _pool_lock:
             if _pool is None:
-                cores = max(1, os.cpu_count() or 1)
                 _pool = ThreadPoolExecutor(
-                    max_workers=_POOL_THREADS_PER_CORE * cores, thread_name_prefix="alsub"
+                    max_workers=_POOL_THREADS_PER_CORE * _cores(), thread_name_prefix="alsub"
                 )
     return _pool
 
