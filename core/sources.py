@@ -57,15 +57,16 @@ _ALIASES = {
 }
 
 
-def _load_table(source: Any) -> Table:
+def _load_table(source: Any, name: str) -> Table:
+    """The catalog ``source`` as a table; ``name`` is how messages call it."""
     if isinstance(source, Table):
         return source.copy()
     if isinstance(source, list | tuple):
-        return _table_from_records(list(source), "(list)")
+        return _table_from_records(list(source), name)
     if isinstance(source, dict):
-        return _table_from_json(source, "(dict)")
+        return _table_from_json(source, name)
     if isinstance(source, bytes | bytearray):
-        return _load_bytes(bytes(source), "(uploaded)")
+        return _load_bytes(bytes(source), name)
     path = Path(source)
     if not path.is_file():
         raise InvalidCatalogError(f"catalog file {str(path)!r} does not exist")
@@ -177,7 +178,7 @@ def read_catalog(source, wcs=None) -> Table:
         if isinstance(source, bytes | bytearray)
         else "(given)"
     )
-    table = _load_table(source)
+    table = _load_table(source, name)
     xcol, ycol = _find(table, "x"), _find(table, "y")
     racol, deccol = _find(table, "ra"), _find(table, "dec")
     out = Table(meta=dict(table.meta))
