@@ -382,7 +382,7 @@ def _forced_context(products: Path) -> dict:
 
 def _cmd_forced(args) -> int:
     from core.config import ForcedPhotometryConfig
-    from core.diasources import catalog_hdulist
+    from core.diasources import FORCED_EXTNAME, catalog_hdulist
     from core.forced import forced_photometry
     from core.io import read_exposure, write_hdulist_atomic
 
@@ -406,7 +406,7 @@ def _cmd_forced(args) -> int:
         label = f"input_{name}" if name in table.colnames else name
         table.add_column(carried[name], name=label, index=index)
     if str(args.output).lower().endswith((".fits", ".fit", ".fts")):
-        write_hdulist_atomic(catalog_hdulist(table), args.output)
+        write_hdulist_atomic(catalog_hdulist(table, FORCED_EXTNAME), args.output)
     else:
         table.write(args.output, format="ascii.csv", overwrite=True)
     print(f"positions={len(table)} noise_scale={table.meta['noise_scale']:.3f} -> {args.output}")
@@ -659,7 +659,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--positions", required=True, help="CSV with columns x,y (0-based pixels) or ra,dec"
     )
-    p.add_argument("-o", "--output", required=True, help="table to write: .csv, or .fits")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="table to write: .csv, or .fits (the rows in its FORCED extension)",
+    )
     p.add_argument(
         "--products",
         help="the --products directory of the `alsub subtract` that made the difference: "

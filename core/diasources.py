@@ -1451,13 +1451,18 @@ _COUNT_UNITS = frozenset({"adu", "count", "counts", "ct", "dn", "electron", "ele
 _FLUX_SUFFIXES = ("_flux", "_flux_err")
 
 
-def catalog_hdulist(table: Table) -> fits.HDUList:
-    """A DIA-source (or forced-photometry) table as FITS: primary + ``DIASOURCES`` binary
-    table; the table's figures, the science exposure's epoch, band and pixel unit where
-    known (`observation_meta`) and the flag bits (``FLAG_<NAME>``) in its header. Positions,
-    moments and angles have units (TUNIT); fluxes too when the pixels are counts."""
+#: EXTNAME of a written forced-photometry table (a DIA catalog's is ``DIASOURCES``).
+FORCED_EXTNAME = "FORCED"
+
+
+def catalog_hdulist(table: Table, extname: str = "DIASOURCES") -> fits.HDUList:
+    """A DIA-source (or forced-photometry, ``extname`` `FORCED_EXTNAME`) table as FITS:
+    primary + ``extname`` binary table; the table's figures, the science exposure's epoch,
+    band and pixel unit where known (`observation_meta`) and the flag bits
+    (``FLAG_<NAME>``) in its header. Positions, moments and angles have units (TUNIT);
+    fluxes too when the pixels are counts."""
     hdu = fits.table_to_hdu(Table(table, meta={}))
-    hdu.name = "DIASOURCES"
+    hdu.name = extname
     # as cards, not astropy units: a count unit such as ADU or DN is the image's own word
     units = dict(_COLUMN_UNITS)
     bunit = str(table.meta.get("bunit", "")).strip()

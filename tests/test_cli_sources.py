@@ -111,7 +111,7 @@ def test_forced_keeps_the_inputs_own_columns(run, tmp_path):
     positions.write_text("name,X,y,snr\nSN-b,40.5,30.0,7\nSN-a,200.0,100.5,9\n")
     for out in (tmp_path / "forced.csv", tmp_path / "forced.fits"):
         assert _forced(products, positions, out) == 0
-        table = Table.read(out, hdu="DIASOURCES") if out.suffix == ".fits" else Table.read(out)
+        table = Table.read(out, hdu="FORCED") if out.suffix == ".fits" else Table.read(out)
         # first, in input order; a name the output has is kept under input_<name>
         assert table.colnames[:2] == ["name", "input_snr"]
         assert [str(v) for v in table["name"]] == ["SN-b", "SN-a"]
@@ -245,7 +245,7 @@ def test_forced_with_products_flags_as_the_catalog(run, tmp_path, capsys):
         Table({"x": x, "y": y}).write(positions, format="ascii.csv", overwrite=True)
         argv = ["forced", difference, "--positions", str(positions), "-o", str(out)]
         assert main([*argv, *options]) == 0
-        return np.asarray(Table.read(out, hdu="DIASOURCES")["flags"])
+        return np.asarray(Table.read(out, hdu="FORCED")["flags"])
 
     context = 32 | 64  # bright_star, suspect_kernel
     flags = forced(single["x"], single["y"], "--products", str(products))

@@ -224,6 +224,8 @@ def test_forced_positions_refuse_what_they_cannot_hold(deployment, alice):
         assert answer.json()["error"]["message"].startswith("body[0].id"), answer.text
     fine = alice.post(url, json=[{"x": 100.0, "y": 100.0, "id": 2**63 - 1}])
     assert fine.status_code == 200 and fine.content.startswith(b"SIMPLE")
+    # a light curve's table, named as one (it was DIASOURCES, the catalog's name)
+    assert list(Table.read(io.BytesIO(fine.content), hdu="FORCED")["id"]) == [2**63 - 1]
     both = alice.post(url, json=[{"x": 1.0, "y": 2.0}, {"x": 1.0, "y": 2.0, "ra": 150, "dec": 2}])
     assert both.status_code == 422
     assert "position 1 gives both x/y and ra/dec" in both.json()["error"]["message"]

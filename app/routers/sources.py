@@ -122,7 +122,7 @@ def _rows(table: Table) -> list[dict]:
     return out
 
 
-def _table_response(table: Table, format: str, filename: str) -> Response:
+def _table_response(table: Table, format: str, filename: str, extname: str) -> Response:
     from core.diasources import catalog_hdulist
 
     if format == "csv":
@@ -135,7 +135,7 @@ def _table_response(table: Table, format: str, filename: str) -> Response:
         )
     if format == "fits":
         buffer = io.BytesIO()
-        catalog_hdulist(table).writeto(buffer)
+        catalog_hdulist(table, extname).writeto(buffer)
         return Response(
             buffer.getvalue(),
             media_type="application/fits",
@@ -180,7 +180,8 @@ _TABLE_CONTENT = {
     "of five or more sources strung along "
     "a line, a trail or a saturated star's row; sharp 256: narrower than the PSF, a cosmic "
     "ray or hot pixel, not raised on a preconvolve score) and a boolean `flag_<name>` per bit. "
-    "`format=csv` or `fits` gives the same rows as a table file; the FITS header also gives "
+    "`format=csv` or `fits` gives the same rows as a table file (FITS: the `DIASOURCES` "
+    "extension); its header also gives "
     "the science exposure's MJD-OBS, DATE-OBS, FILTER, EXPTIME and BUNIT, and column units "
     "(TUNIT). Served as soon as `dia_sources` is in the job's `products`, while the job still "
     "writes its matched images.",
@@ -235,7 +236,7 @@ def list_sources(
     table = table[keep]
     if limit is not None:
         table = table[:limit]
-    return _table_response(table, format, f"{job_id}-dia_sources")
+    return _table_response(table, format, f"{job_id}-dia_sources", "DIASOURCES")
 
 
 @router.post(
@@ -252,7 +253,8 @@ def list_sources(
     "no_data. Between 1 and "
     f"{_MAX_POSITIONS} positions; a non-finite coordinate or a dec beyond 90 degrees is "
     "refused (422, naming the position). "
-    "`format=csv` or `fits` returns a table file.",
+    "`format=csv` or `fits` returns a table file (FITS: the rows in the `FORCED` "
+    "extension; the catalog's is `DIASOURCES`).",
     responses={
         200: {
             "content": {
@@ -297,6 +299,7 @@ def forced(
     from pydantic import ValidationError
 
     from core.config import SubtractionConfig
+    from core.diasources import FORCED_EXTNAME
     from core.forced import forced_photometry
     from core.io import read_exposure
     from core.products import read_kernel_sources
@@ -336,7 +339,7 @@ def forced(
     )
     if ids is not None:  # a light curve is joined to its objects by their ids
         table.add_column(ids, name="id", index=0)
-    return _table_response(table, format, f"{job_id}-forced")
+    return _table_response(table, format, f"{job_id}-forced", FORCED_EXTNAME)
 
 
 def _ids(positions: list[ForcedPosition]) -> list | None:
