@@ -35,6 +35,7 @@ from .position_flags import (
 from .psf import SIGMA_TO_FWHM, Psf, _collapsed, _half_maximum_sigma
 from .rings import ring_stamps
 from .sharpness import contrast_bounds, sharper_than_psf
+from .sky import pixel_to_radec, radec_to_pixel
 from .stamps import batches
 from .stamps import stamps as _stack
 
@@ -761,9 +762,7 @@ def _positions(exposure: Exposure, x, y, ra, dec):
             )
         # a position the projection cannot reach (the far side of a tangent plane) is
         # NaN: a row of its own, unmeasured, not a refusal of the whole list
-        with np.errstate(invalid="ignore"):
-            pixels = exposure.wcs.world_to_pixel_values(ra, dec)
-        x, y = (np.asarray(v, dtype=np.float64) for v in pixels)
+        x, y = radec_to_pixel(exposure.wcs, ra, dec)
         return x, y, ra, dec
     else:
         raise InvalidCatalogError("give positions as x and y (pixels) or as ra and dec (degrees)")
@@ -787,5 +786,4 @@ def sky_positions(exposure: Exposure, x: np.ndarray, y: np.ndarray):
     if exposure.wcs is None or x.size == 0:
         nan = np.full(x.size, np.nan)
         return nan, nan.copy()
-    ra, dec = exposure.wcs.pixel_to_world_values(x, y)
-    return np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64)
+    return pixel_to_radec(exposure.wcs, x, y)

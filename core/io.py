@@ -82,6 +82,7 @@ from .errors import InvalidExposureError, PsfError
 from .exposure import Exposure, MaskPlanes, PhotoCalib, invalid_variance
 from .fits_structure import check_fits_structure
 from .psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf, Psf
+from .sky import pixel_to_radec
 from .units import rate_and_electrons
 
 __all__ = [
@@ -1939,7 +1940,7 @@ def describe_exposure(source: Source, **kwargs: Any) -> dict[str, Any]:
     wcs_info: dict[str, Any] = {"present": exposure.wcs is not None}
     if exposure.wcs is not None:
         ny, nx = exposure.shape
-        ra, dec = exposure.wcs.pixel_to_world_values((nx - 1) / 2.0, (ny - 1) / 2.0)
+        ra, dec = pixel_to_radec(exposure.wcs, (nx - 1) / 2.0, (ny - 1) / 2.0)
         scales = np.abs(proj_plane_pixel_scales(exposure.wcs.celestial))  # degrees
         wcs_info.update(
             center_ra=_json_number(float(ra), 10),

@@ -31,6 +31,7 @@ from .exposure import Exposure
 from .measure import MASKED_FLAG_PLANES, measure_sources
 from .parallel import row_blocks
 from .psf import SIGMA_TO_FWHM, GaussianPsf
+from .sky import radec_to_pixel
 
 __all__ = [
     "background_map",
@@ -192,8 +193,7 @@ def read_catalog(source, wcs=None) -> Table:
             )
         ra = _numeric(table, racol, name)
         dec = _numeric(table, deccol, name)
-        x, y = wcs.all_world2pix(ra, dec, 0) if len(ra) else (ra.copy(), dec.copy())
-        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        x, y = radec_to_pixel(wcs, ra, dec) if len(ra) else (ra.copy(), dec.copy())
     else:
         raise InvalidCatalogError(
             f"catalog {name} has no position columns: need x and y (pixels) or ra and dec "

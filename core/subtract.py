@@ -69,6 +69,7 @@ from .psf_consistency import kernel_psf_width_ratio, sharpening_ratio
 from .psf_estimate import estimate_psf
 from .quality import assess_quality, kernel_centroid
 from .register import register_template
+from .sky import pixel_to_pixel
 from .sources import detect_sources, kernel_snr_column, select_kernel_sources, sky_sources
 from .stamp_neighbours import bright_neighbours, holders_of, moved, template_only_peaks
 from .task import Task
@@ -500,8 +501,7 @@ class _SubtractBase(Task):
             # same sky position for the same parent pixel, to 1% of a pixel
             xs = np.array([sx0, sx1, sx0, sx1, (sx0 + sx1) / 2])
             ys = np.array([sy0, sy0, sy1, sy1, (sy0 + sy1) / 2])
-            sky_s = science.wcs.pixel_to_world_values(xs - sx0, ys - sy0)
-            pix_t = template.wcs.world_to_pixel_values(*sky_s)
+            pix_t = pixel_to_pixel(science.wcs, template.wcs, xs - sx0, ys - sy0)
             err = np.hypot(pix_t[0] + tx0 - xs, pix_t[1] + ty0 - ys)
             if not np.all(np.isfinite(err)) or err.max() > 0.01:
                 raise IncompatibleInputsError(

@@ -38,6 +38,7 @@ from .errors import IncompatibleInputsError, InvalidExposureError, PsfError
 from .exposure import Exposure
 from .parallel import n_threads, thread_map
 from .psf import Psf
+from .sky import pixel_to_pixel
 
 __all__ = [
     "PixelMap",
@@ -129,9 +130,8 @@ class PixelMap:
         xs = _nodes(min_x, max_x, config.grid_step)
         ys = _nodes(min_y, max_y, config.grid_step)
         gx, gy = np.meshgrid(xs, ys)
-        sky = output_wcs.pixel_to_world_values(gx - output.xy0[0], gy - output.xy0[1])
-        u, v = input_wcs.world_to_pixel_values(*sky)
-        u, v = np.asarray(u) + input.xy0[0], np.asarray(v) + input.xy0[1]
+        u, v = pixel_to_pixel(output_wcs, input_wcs, gx - output.xy0[0], gy - output.xy0[1])
+        u, v = u + input.xy0[0], v + input.xy0[1]
         if not (np.all(np.isfinite(u)) and np.all(np.isfinite(v))):
             raise IncompatibleInputsError(
                 "the science sky does not project onto the template's pixels (different "
