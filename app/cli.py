@@ -310,14 +310,13 @@ def _cmd_subtract(args) -> int:
 def _read_positions(path):
     """x,y (or ra,dec) columns of a positions CSV (or FITS table), in file order, and the
     table's other columns (an id, a name: carried into the output)."""
+    import numpy as np
     from astropy.table import Table
 
     from core.errors import InvalidCatalogError
+    from core.sources import read_table
 
-    try:
-        table = Table.read(path, format="fits" if str(path).endswith(".fits") else "ascii.csv")
-    except (OSError, ValueError) as exc:
-        raise InvalidCatalogError(f"cannot read positions {path}: {exc}") from None
+    table = read_table(path)
     names = {name.lower(): name for name in table.colnames}
     for pair in (("x", "y"), ("ra", "dec")):
         if all(k in names for k in pair):
@@ -327,6 +326,14 @@ def _read_positions(path):
                 positions = {k: table[names[k]].astype(float) for k in pair}
             except (TypeError, ValueError):
                 raise InvalidCatalogError(f"{path}: columns {pair} must be numbers") from None
+            for k, column in positions.items():
+                # an empty cell is masked, and the value under its mask (0) was measured
+                blank = np.flatnonzero(np.ma.getmaskarray(column))
+                if blank.size:
+                    raise InvalidCatalogError(
+                        f"{path}: position {blank[0]} (counting from 0) has no {k}: an empty "
+                        "cell (every position needs both coordinates)"
+                    )
             others = [c for c in table.colnames if c.lower() not in {"x", "y", "ra", "dec"}]
             return positions, Table([table[c] for c in others])
     raise InvalidCatalogError(

@@ -37,6 +37,7 @@ __all__ = [
     "background_map",
     "detect_sources",
     "measure_sources",
+    "read_table",
     "read_catalog",
     "select_kernel_sources",
     "kernel_snr_column",
@@ -68,24 +69,32 @@ def _load_table(source: Any, name: str) -> Table:
         return _table_from_json(source, name)
     if isinstance(source, bytes | bytearray):
         return _load_bytes(bytes(source), name)
-    path = Path(source)
+    return read_table(source)
+
+
+def read_table(path: str | Path) -> Table:
+    """A user's table file as it is: FITS (told by its first bytes, whatever the file's
+    extension), JSON (a list of objects or ``{"sources": [...]}``) or CSV with a header
+    line; a UTF-8 byte-order mark is ignored."""
+    path = Path(path)
     if not path.is_file():
         raise InvalidCatalogError(f"catalog file {str(path)!r} does not exist")
     return _load_bytes(path.read_bytes(), str(path))
 
 
 def _load_bytes(data: bytes, name: str) -> Table:
-    head = data.lstrip()[:1]
     try:
         if data.startswith(b"SIMPLE"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return Table.read(io.BytesIO(data), format="fits")
-        if head in (b"{", b"["):
-            return _table_from_json(json.loads(data.decode("utf-8")), name)
+        # a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
+        text = data.decode("utf-8-sig")
+        if text.lstrip()[:1] in ("{", "["):
+            return _table_from_json(json.loads(text), name)
         # as lines: a one-line string is taken by astropy for a file name or a URL, and
         # an uploaded catalog "/etc/passwd" or "http://..." was read or fetched
-        return Table.read(data.decode("utf-8").splitlines(), format="ascii.csv")
+        return Table.read(text.splitlines(), format="ascii.csv")
     except InvalidCatalogError:
         raise
     except Exception as exc:  # noqa: BLE001 - any parser failure becomes a typed error

@@ -126,6 +126,9 @@ def test_forced_keeps_the_inputs_own_columns(run, tmp_path):
         ("a,b\n1,2\n", "x,y"),
         # a header and no rows: refused, as over HTTP (it wrote an empty table, exit 0)
         ("x,y\n", "at least one position"),
+        # an empty cell: the 0 under its mask was measured, flagged edge (a review)
+        ("id,x,y\n1,100.0,120.0\n2,,120.0\n", "position 1 (counting from 0) has no x"),
+        ("ra,dec\n150.0,\n", "position 0 (counting from 0) has no dec"),
     ],
 )
 def test_forced_bad_positions_exit_2(run, tmp_path, capsys, text, message):
@@ -136,6 +139,36 @@ def test_forced_bad_positions_exit_2(run, tmp_path, capsys, text, message):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_forced_reads_a_byte_order_mark_and_fits_tables_by_their_content(run, tmp_path):
+    """A review's finds: Excel's "CSV UTF-8" starts with a byte-order mark, which became
+    part of the first column's name ('\\ufeffx': refused; '\\ufeffid': written so); a
+    positions table named .FITS or .fit was parsed as CSV."""
+    _, products, _ = run
+    expected = None
+    for name, write in (
+        ("plain.csv", lambda p: p.write_text("id,x,y\n7,100.0,120.0\n")),
+        ("marked.csv", lambda p: p.write_bytes(b"\xef\xbb\xbfid,x,y\r\n7,100.0,120.0\r\n")),
+        (
+            "table.FITS",
+            lambda p: Table({"id": [7], "x": [100.0], "y": [120.0]}).write(p, format="fits"),
+        ),
+        (
+            "table.fit",
+            lambda p: Table({"id": [7], "x": [100.0], "y": [120.0]}).write(p, format="fits"),
+        ),
+    ):
+        positions = tmp_path / name
+        write(positions)
+        out = tmp_path / f"{name}.csv"
+        assert _forced(products, positions, out) == 0, name
+        table = Table.read(out)
+        assert table.colnames[:3] == ["id", "x", "y"], (name, table.colnames)
+        assert int(table["id"][0]) == 7
+        if expected is None:
+            expected = float(table["psf_flux"][0])
+        assert float(table["psf_flux"][0]) == expected, name
 
 
 def test_forced_refuses_a_score_exit_2(run, tmp_path, capsys):

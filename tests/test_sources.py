@@ -616,7 +616,11 @@ def test_read_catalog_formats(tmp_path):
     jdict.write_text(json.dumps({"sources": rows}))
     fits_path = tmp_path / "cat.fits"
     Table({"x": [10.5, 30.0], "y": [20.0, 40.25], "flux": [100.0, 5.0]}).write(fits_path)
-    for source in (csv, jlist, jdict, fits_path, str(csv), rows, fits_path.read_bytes()):
+    # Excel's "CSV UTF-8" and a JSON editor's byte-order mark ('\ufeffX' was no x column)
+    marked = b"\xef\xbb\xbf" + csv.read_bytes()
+    marked_json = b"\xef\xbb\xbf" + jlist.read_bytes()
+    sources = (csv, jlist, jdict, fits_path, str(csv), rows, fits_path.read_bytes())
+    for source in (*sources, marked, marked_json):
         table = read_catalog(source)
         np.testing.assert_allclose(table["x"], [10.5, 30.0])
         np.testing.assert_allclose(table["y"], [20.0, 40.25])
