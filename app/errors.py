@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError as KombuOperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from core.errors import AlsubError
 from store import IdempotencyConflictError, UploadTooLargeError
@@ -28,6 +29,10 @@ RETRY_AFTER_SECONDS = 5
 STORAGE_FULL_RETRY_AFTER_SECONDS = 60
 
 log = logging.getLogger("alsub.api")
+
+#: Status of a request whose client closed the connection before the answer (nginx's
+#: "client closed request"): no one reads it, and it is no server error.
+CLIENT_CLOSED = 499
 
 _STATUS_CODES = {
     400: "bad_request",
@@ -152,6 +157,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
         return _answer(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect):
+        # an upload dropped half-way was logged with a traceback and counted as a 500,
+        # the status operators alert on
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return _answer(CLIENT_CLOSED, "client_closed_request", "the client closed the connection")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

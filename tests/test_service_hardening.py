@@ -197,6 +197,66 @@ def test_hostile_config_and_empty_catalog_are_422_at_submit(ann, ann_inputs):
     assert ann.get("/v1/subtractions").json()["items"] == []  # nothing was queued
 
 
+def test_empty_catalogs_and_nested_configs_are_422_whichever_way_they_come(
+    ann, ann_inputs, sim_pair
+):
+    """A review's finds: an empty catalog (inline "", an empty file in the form) was
+    dropped and the job ran on detected sources; a form config nested 2000 deep answered
+    500 (RecursionError is no ValueError)."""
+    body = {"science": {"exposure_id": ann_inputs[0]}, "template": {"exposure_id": ann_inputs[1]}}
+    response = ann.post("/v1/subtractions", json={**body, "sources": {"inline": ""}})
+    assert "empty" in assert_error(response, 422, "invalid_catalog")
+    files = {
+        "science": ("science.fits", sim_pair["science"].read_bytes()),
+        "template": ("template.fits", sim_pair["template"].read_bytes()),
+    }
+    response = ann.post("/v1/subtractions", files={**files, "sources": ("empty.csv", b"")})
+    assert "empty" in assert_error(response, 422, "invalid_catalog")
+    deep = '{"x":' + "[" * 2000 + "]" * 2000 + "}"
+    response = ann.post("/v1/subtractions", files=files, data={"config": deep})
+    assert "not valid JSON" in assert_error(response, 422, "invalid_request")
+    assert ann.get("/v1/subtractions").json()["items"] == []  # nothing was queued
+
+
+def _status_count(metrics: str, status: int) -> float:
+    lines = [line for line in metrics.splitlines() if line.startswith("alsub_http_requests_total")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if f'status="{status}"' in line)
+
+
+def test_a_client_dropping_an_upload_is_no_server_error(service, ann, sim_pair):
+    """A review's find: an upload cut off by its client was logged as an unexpected error
+    with a traceback and counted as a 500 (the status operators alert on)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    before = ann.get("/metrics").text
+    data = sim_pair["science"].read_bytes()
+    where = urlsplit(service["base"])
+    for path in ("/v1/exposures", "/v1/subtractions"):
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {where.hostname}\r\n"
+            f"Authorization: Bearer {TOKENS['ann']}\r\nContent-Type: application/fits\r\n"
+            f"Content-Length: {len(data) + 1000}\r\n\r\n"  # under the upload cap
+        )
+        part = b""
+        if path == "/v1/subtractions":
+            head = head.replace("application/fits", "multipart/form-data; boundary=b0")
+            part = (
+                b"--b0\r\nContent-Disposition: form-data; name=science; filename=s.fits\r\n"
+                b"Content-Type: application/fits\r\n\r\n"
+            )
+        with socket.create_connection((where.hostname, where.port)) as connection:
+            connection.sendall(head.encode() + part + data[: len(data) // 2])
+        time.sleep(0.5)
+    deadline = time.time() + 10
+    while _status_count(ann.get("/metrics").text, 499) < _status_count(before, 499) + 2:
+        assert time.time() < deadline, "the dropped uploads were not counted"
+        time.sleep(0.2)
+    after = ann.get("/metrics").text
+    assert _status_count(after, 500) == _status_count(before, 500)
+    assert "ClientDisconnect" not in service["process"].log_tail(20000)
+
+
 # 4. callbacks ---------------------------------------------------------------------------------
 def test_callback_to_internal_or_malformed_url_is_422(ann, ann_inputs):
     from .test_callbacks import FORBIDDEN

@@ -165,13 +165,17 @@ def _check_form_fields(form) -> None:
 
 
 async def _form_text(part, cap: int, what: str) -> bytes | None:
-    """A form field given as a file or as text, as bytes (None when absent or empty)."""
+    """A form field given as a file or as text, as bytes: None when absent, left blank
+    (empty text) or no file chosen (an empty part without a file name, as a browser sends
+    it); a chosen file that is empty is b"" (the caller refuses what must hold data)."""
     if part is None:
         return None
     data = part.encode() if isinstance(part, str) else await part.read(cap + 1)
     if len(data) > cap:
         raise ApiError(413, "upload_too_large", f"{what} exceeds {cap} bytes")
-    return data or None
+    if not data and (isinstance(part, str) or not part.filename):
+        return None
+    return data
 
 
 async def _read_form(
@@ -195,7 +199,7 @@ async def _read_form(
         config_text = await _form_text(form.get("config"), cap, "the config")
     try:
         config = json.loads(config_text) if config_text else {}
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # nesting beyond the parser's depth: 500
         raise ApiError(
             422,
             "invalid_request",
@@ -326,8 +330,11 @@ async def submit_subtraction(
     if catalog is None:
         catalog = await _resolve_sources(req, settings)
     catalog_uri = req.sources.uri if req.sources is not None else None
+    # an empty catalog given (a file, an inline text, a URI) is refused there, not dropped
     sources_id = (
-        await ingest_catalog(catalog, store, caller.owner, catalog_uri) if catalog else None
+        await ingest_catalog(catalog, store, caller.owner, catalog_uri)
+        if catalog is not None
+        else None
     )
     mode = req.mode or req.config.mode
     config = req.config.model_dump(mode="json")
@@ -445,11 +452,11 @@ def _no_products_yet(record: JobRecord, what: str) -> ApiError:
     if record.state in ("failed", "cancelled"):
         code = (record.error or {}).get("code") if record.state == "failed" else None
         why = f" ({code})" if code else ""
+        then = "see its error, then resubmit" if record.state == "failed" else "resubmit it"
         return ApiError(
             409,
             f"job_{record.state}",
-            f"job {record.id} {record.state}{why}: it has no {what} and never will; "
-            "see its error, then resubmit",
+            f"job {record.id} {record.state}{why}: it has no {what} and never will; {then}",
         )
     message = f"job {record.id} is {record.state}; its {what} is not written yet"
     return ApiError(409, "job_not_succeeded", message)
