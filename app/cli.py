@@ -497,7 +497,8 @@ def _cmd_warp(args) -> int:
     print(
         f"method={figures.get('method')} resampled={figures.get('resampled')} "
         f"shift=({shift[0]:.3f}, {shift[1]:.3f}) px rotation={figures.get('rotation_deg', 0):.4f} "
-        f"deg scale={figures.get('scale', 1):.5f} rms={figures.get('rms_px', float('nan')):.3f} px "
+        f"deg{' mirrored' if figures.get('mirrored') else ''} "
+        f"scale={figures.get('scale', 1):.5f} rms={figures.get('rms_px', float('nan')):.3f} px "
         f"matched={figures.get('n_matched', 0)}"
     )
     return 0

@@ -663,15 +663,23 @@ def _match_figures(match: StarMatch) -> dict[str, Any]:
 
 
 def _map_figures(pixel_map: PixelMap, science: Exposure) -> dict[str, Any]:
-    """Matrix, offset, shift at the centre, rotation and scale of the map (affine part)."""
+    """Matrix, offset, shift at the centre, rotation and scale of the map (affine part);
+    ``mirrored`` when it reverses handedness, its rotation then that of the matrix with
+    x reversed first (an x flip reads 0 deg, a y flip 180: the angle of a matrix with a
+    negative determinant read as a rotation was noise, 45 deg on a review's flip)."""
     m = pixel_map.matrix
+    mirrored = bool(np.linalg.det(m) < 0)
+    proper = m @ np.diag([-1.0, 1.0]) if mirrored else m
     centre = science.bbox_center()
     u, v = pixel_map(*centre)
     return {
         "matrix": m.tolist(),
         "offset": pixel_map.offset.tolist(),
         "shift_at_centre": [float(u - centre[0]), float(v - centre[1])],
-        "rotation_deg": math.degrees(math.atan2(m[1, 0] - m[0, 1], m[0, 0] + m[1, 1])),
+        "rotation_deg": math.degrees(
+            math.atan2(proper[1, 0] - proper[0, 1], proper[0, 0] + proper[1, 1])
+        ),
+        "mirrored": mirrored,
         "scale": math.sqrt(abs(np.linalg.det(m))),
         "affine": pixel_map.is_affine,
     }

@@ -402,3 +402,23 @@ def test_an_aligned_pair_of_wide_psfs_without_wcs_registers():
     assert found["rms_px"] > 0.5  # what was refused: centroid noise, no misfit
     assert found["n_matched"] >= 12 and found["method"] == "stars: same grid"
     assert np.allclose(found["offset"], 0.0, atol=0.1)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "rotation", "mirrored"),
+    [
+        ([[1.0, 0.0], [0.0, 1.0]], 0.0, False),
+        ([[0.866, -0.5], [0.5, 0.866]], 30.0, False),
+        ([[-1.0, 0.0], [0.0, 1.0]], 0.0, True),  # x reversed (a review's pair: 45 deg, noise)
+        ([[1.0, 0.0], [0.0, -1.0]], 180.0, True),  # y reversed: x reversed and turned
+        ([[-0.866, -0.5], [-0.5, 0.866]], 30.0, True),  # x reversed, then turned 30 deg
+    ],
+)
+def test_a_mirrored_map_says_so_and_its_rotation_is_its_turn(matrix, rotation, mirrored):
+    from core.register import _map_figures
+
+    science = simulated_pair("sharper_template", size=128, seed=1).science
+    figures = _map_figures(PixelMap.affine(np.array(matrix), np.zeros(2)), science)
+    assert figures["mirrored"] is mirrored
+    assert abs(figures["rotation_deg"]) == pytest.approx(rotation, abs=0.01)
+    assert figures["scale"] == pytest.approx(1.0, abs=1e-3)
