@@ -1155,7 +1155,11 @@ def _measure(
     aperture = pool.submit(_aperture, output, x_all, y_all, config.aperture_radius_fwhm * fwhm)
     fluxes = matched(x_all, y_all, pool) if matched is not None else None
     columns["ra"], columns["dec"] = sky_positions(output, x_all, y_all)
-    flags = pixel_flags(output, ix, iy, forced.flag_radius_fwhm * fwhm, stamps.half)
+    # the flags' reach in the difference's FWHM in both modes (a score's profile is
+    # sqrt(2) wider: an INTRP pixel 5 px away flagged the score's source, not the
+    # difference's)
+    difference_fwhm = _difference_fwhm(stamps, is_score)
+    flags = pixel_flags(output, ix, iy, forced.flag_radius_fwhm * difference_fwhm, stamps.half)
     outside = outside_kernel_hull(
         kernel_sources, output.xy0, x_all, y_all, config.suspect_kernel_margin
     )
@@ -1177,7 +1181,7 @@ def _measure(
         matched_template,
         ix,
         iy,
-        config.bright_star_radius_fwhm * _difference_fwhm(stamps, is_score),
+        config.bright_star_radius_fwhm * difference_fwhm,
         limits,
         float(np.median(limits)) if n else None,
     )

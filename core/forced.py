@@ -66,9 +66,12 @@ FLAG_BITS = {
     "interpolated": (8, ("INTRP",)),
     "no_data": (16, ("NO_DATA",)),
     "bright_star": (32, ()),
-    "suspect_kernel": (64, ("SUSPECT",)),
+    "suspect_kernel": (64, ()),
     "streak": (128, ("STREAK",)),
     "sharp": (256, ()),
+    # Rubin's SUSPECT plane (pixels past the linearity limit): it raised suspect_kernel,
+    # which says the kernel is extrapolated there
+    "suspect": (512, ("SUSPECT",)),
 }
 #: Pixels left out of every fit: no data, the convolution's edge band, dead or hot pixels.
 UNUSABLE_PLANES = ("NO_DATA", "EDGE", "BAD")

@@ -1134,6 +1134,64 @@ def test_disabled_and_threshold():
     assert np.all(np.abs(strict["detection_snr"]) >= 10.0)
 
 
+def test_suspect_and_streak_planes_raise_their_own_bits():
+    """A review's find: Rubin's SUSPECT plane (past the linearity limit) raised
+    suspect_kernel, which says the kernel is extrapolated; it raises `suspect` now. A
+    STREAK pixel (a trail masked in the inputs) raises `streak`, as documented."""
+    from core.forced import FLAG_BITS
+    from core.psf import GaussianPsf
+
+    rng = np.random.default_rng(4)
+    image = rng.normal(0.0, 10.0, (256, 256)).astype(np.float32)
+    psf = GaussianPsf(1.5)
+    add_point_source(image, psf, 100.0, 120.0, 5000.0)
+    exposure = Exposure.from_arrays(image, np.full(image.shape, 100.0, np.float32), psf=psf)
+    for plane, (row, col) in (("SUSPECT", (120, 101)), ("STREAK", (60, 61))):
+        marked = np.zeros(image.shape, bool)
+        marked[row, col] = True
+        exposure.set_plane(plane, marked)
+    forced = forced_photometry(exposure, x=[100.0, 60.0, 200.0], y=[120.0, 60.0, 200.0])
+    suspect, streak = FLAG_BITS["suspect"][0], FLAG_BITS["streak"][0]
+    assert list(forced["flags"]) == [suspect, streak, 0]
+    assert not forced["flag_suspect_kernel"].any()
+    catalog = dia_sources(exposure)
+    assert len(catalog) == 1 and catalog["flags"][0] == suspect
+
+
+def test_pixel_flags_reach_one_difference_fwhm_in_both_modes():
+    """A review's find: on a score the pixel flags reached 1 FWHM of the score's profile
+    (sqrt(2) wider than the difference's PSF): an INTRP pixel 5 px from a transient
+    flagged it in preconvolve mode, not in auto. Now the reach is the difference's in
+    both; a pixel inside it flags both."""
+    pair = simulate_pair(preset("sharper_template", size=512, seed=1))
+    flagged = {}
+    for mode in ("auto", "preconvolve"):
+        result = run_subtraction(pair.science, pair.template, {"mode": mode})
+        catalog = result.dia_sources
+        k = int(np.argmin(np.hypot(catalog["x"] - 256, catalog["y"] - 256)))
+        x, y = float(catalog["x"][k]), float(catalog["y"][k])
+        reach = catalog.meta["psf_fwhm"] / (np.sqrt(2.0) if mode == "preconvolve" else 1.0)
+        for distance in (0.6 * reach, 1.4 * reach):
+            output = result.output.copy()
+            marked = np.zeros(output.shape, bool)
+            marked[int(np.floor(y + 0.5)), int(np.floor(x + distance + 0.5))] = True
+            output.set_plane("INTRP", marked)
+            again = dia_sources(
+                output,
+                is_score=mode == "preconvolve",
+                matched_science=result.matched_science,
+                matched_template=result.matched_template,
+            )
+            j = int(np.argmin(np.hypot(again["x"] - x, again["y"] - y)))
+            flagged[mode, distance < reach] = bool(again["flag_interpolated"][j])
+    assert flagged == {
+        ("auto", True): True,
+        ("auto", False): False,
+        ("preconvolve", True): True,
+        ("preconvolve", False): False,
+    }
+
+
 def test_flags_from_masks_kernel_hull_and_bright_stars():
     """Mask planes near a source raise its flags; so do bright template stars and
     positions far outside the kernel sources' hull."""
