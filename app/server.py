@@ -81,6 +81,10 @@ class _EmbeddedWorker:
             pass
 
 
+def _exit_quietly(signum, frame) -> None:
+    raise SystemExit(0)
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -103,7 +107,7 @@ def serve(
 
     from store import Settings, open_store
     from store.redis_backend import check_redis
-    from store.sweeper import requeue_all
+    from store.sweeper import release_running, requeue_all
 
     from .main import create_app
     from .queue import JobQueue
@@ -140,6 +144,10 @@ def serve(
             "ALSUB_TOKENS is empty: the API serves every caller without authentication%s",
             "" if host in ("127.0.0.1", "localhost", "::1") else f" on {host}",
         )
+    # uvicorn re-raises the SIGTERM it shut down on once it is done: with the default
+    # handler the process ended there, and the worker's stop below never ran (the worker
+    # left only as its parent died, its running job counted as a crash on restart)
+    signal.signal(signal.SIGTERM, _exit_quietly)
     try:
         uvicorn.run(
             create_app(settings),
@@ -154,6 +162,10 @@ def serve(
     finally:
         if worker is not None:
             worker.stop()
+            if not settings.redis_url:  # its worker was the only one: its jobs wait for the next
+                released = release_running(open_store(settings).records)
+                if released:
+                    log.warning("stopped with %d job(s) running: queued again", len(released))
 
 
 def main(argv: list[str] | None = None) -> int:

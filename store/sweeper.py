@@ -23,6 +23,7 @@ __all__ = [
     "requeue_if_stale",
     "sweep_stale_jobs",
     "requeue_all",
+    "release_running",
     "resend_waiting_jobs",
 ]
 
@@ -40,6 +41,12 @@ def is_stale(record: JobRecord, timeout: float, now: float | None = None) -> boo
     return now - last > timeout
 
 
+#: What `fail_worker_lost` advises, by reason (else `_LOST_ADVICE`): a restart of the
+#: service is no sign of a job too large for its worker.
+_ADVICE = {"service restarted": "resubmit it once the service runs steadily"}
+_LOST_ADVICE = "try a smaller image or a longer time limit"
+
+
 def fail_worker_lost(record: JobRecord, reason: str, now: float | None = None) -> None:
     """Mark ``record`` failed as ``worker_lost`` after too many interrupted deliveries."""
     record.state = "failed"
@@ -47,7 +54,7 @@ def fail_worker_lost(record: JobRecord, reason: str, now: float | None = None) -
     record.error = {
         "code": "worker_lost",
         "message": f"the job was interrupted {record.attempts} times ({reason}); "
-        "try a smaller image or a longer time limit",
+        + _ADVICE.get(reason, _LOST_ADVICE),
     }
     record.progress = {"stage": "failed", "fraction": record.progress.get("fraction", 0.0)}
     record.products = []  # a lost attempt's products are not this job's result
@@ -145,4 +152,30 @@ def requeue_all(records: RecordBackend, settings: Settings, enqueue: Enqueue) ->
     for record in records.in_state("queued"):
         enqueue(record.id)
         ids.append(record.id)
+    return ids
+
+
+def release_running(records: RecordBackend) -> list[str]:
+    """Orderly stop of an embedded service, its worker stopped: every running job goes back
+    to queued, the interrupted attempt not counted (the service stopped, the job did not
+    fail; three restarts of `alsub serve` failed a job as ``worker_lost``). A service that
+    dies without this (killed) leaves them running: `requeue_all` counts those attempts,
+    so a job that brings the whole service down is not retried forever. Returns the ids."""
+    ids = []
+    for record in records.in_state("running"):
+
+        def mutate(current: JobRecord) -> bool:
+            if current.state != "running":
+                return False
+            current.state = "queued"
+            current.attempts = max(0, current.attempts - 1)
+            current.progress = {"stage": "requeued", "fraction": 0.0}
+            current.products = []
+            current.worker = None
+            current.heartbeat_at = None
+            return True
+
+        _, written = records.update(record.id, mutate)
+        if written:
+            ids.append(record.id)
     return ids

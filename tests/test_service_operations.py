@@ -248,7 +248,7 @@ def test_sources_are_served_as_soon_as_the_catalog_is_published(tmp_path, redis_
             assert sources.status_code == 200, sources.text
             assert len(sources.json()) >= 3  # the pair's three bright transients at least
             record = wait_job(client, job_id, timeout=120)
-            assert record["state"] == "succeeded", record
+            assert record["state"] == "succeeded", (record["error"], record["progress"])
             assert client.get(f"/v1/subtractions/{job_id}/sources").json() == sources.json()
     finally:
         worker.stop()
@@ -335,3 +335,34 @@ def test_a_requeued_job_lists_none_of_the_lost_attempts_products(redis_prefix, t
         assert enqueued == [lost[1]]
     finally:
         records.close()
+
+
+def test_an_orderly_stop_of_serve_does_not_use_up_a_running_jobs_attempts(sim_pair, tmp_path):
+    """A review's find: three orderly restarts of `alsub serve` (SIGTERM) failed a running
+    job as worker_lost ("try a smaller image"). Stopped in order, the service puts its
+    running job back in the queue without counting the attempt: with a single attempt
+    allowed, the job still runs to the end after a restart."""
+    data_dir, logs = tmp_path / "data", tmp_path / "logs"
+    logs.mkdir()
+    # stages long enough that the job is still running when the worker's grace ends
+    env = service_env(tokens=TOKEN, test_stage_delay=2.0, max_attempts=1)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    process, base = start_server(free_port(), data_dir, env, logs)
+    try:
+        with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
+            wait_ready(client)
+            response = submit_sim_pair(client, sim_pair)
+            assert response.status_code == 202, response.text
+            job_id = response.json()["id"]
+            wait_job(client, job_id, until={"running"})
+        process.stop()
+        assert "stopped with 1 job(s) running: queued again" in process.log_tail(), "not cut off"
+        # the rerun at full speed (the delays only had to outlast the worker's grace)
+        env = service_env(tokens=TOKEN, max_attempts=1)
+        process, base = start_server(free_port(), data_dir, env, logs)
+        with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
+            record = wait_job(client, job_id, timeout=180)
+        assert record["state"] == "succeeded", (record["error"], record["progress"])
+        assert record["attempts"] == 1
+    finally:
+        process.stop()

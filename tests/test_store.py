@@ -17,7 +17,7 @@ from store import BlobStore, ExposureRef, JobRecord, ProductStore, Settings, Upl
 from store.records import IdempotencyConflictError, new_job_id
 from store.redis_backend import RedisRecords
 from store.sqlite_backend import SqliteRecords
-from store.sweeper import requeue_all, resend_waiting_jobs, sweep_stale_jobs
+from store.sweeper import release_running, requeue_all, resend_waiting_jobs, sweep_stale_jobs
 
 
 # blobs and products -------------------------------------------------------------------------
@@ -236,6 +236,34 @@ def test_sweeper_requeues_stale_jobs_then_fails_them(records, tmp_path):
     # Embedded restart: every unfinished job goes back to the queue.
     assert sorted(requeue_all(records, settings, enqueued.append)) == sorted([stale.id, fresh.id])
     assert records.get(fresh.id).state == "queued"
+
+
+def test_an_orderly_stop_requeues_running_jobs_without_counting_the_attempt(records, tmp_path):
+    """A review's find: three orderly restarts of `alsub serve` failed a running job as
+    worker_lost, advising a smaller image. An orderly stop releases its jobs; a restart
+    after a crash still counts the attempt, and the message says what happened."""
+    settings = Settings(data_dir=tmp_path, max_attempts=2)
+    running = make_record(state="running", attempts=2, heartbeat_at=time.time())
+    done = make_record(state="succeeded", attempts=1)
+    for record in (running, done):
+        records.create(record)
+    assert release_running(records) == [running.id]
+    released = records.get(running.id)
+    assert (released.state, released.attempts, released.worker) == ("queued", 1, None)
+    assert records.get(done.id).state == "succeeded"
+    assert release_running(records) == []  # nothing twice
+
+    # killed, not stopped: the restart counts the attempt, and then fails it
+    def crashed(record) -> bool:
+        record.state, record.attempts = "running", 2
+        return True
+
+    records.update(running.id, crashed)
+    requeue_all(records, settings, lambda job_id: None)
+    failed = records.get(running.id)
+    assert failed.state == "failed" and failed.error["code"] == "worker_lost"
+    assert "service restarted" in failed.error["message"]
+    assert "smaller image" not in failed.error["message"]
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):
