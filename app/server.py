@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 __all__ = ["serve", "main"]
@@ -43,13 +45,16 @@ def _warn_without_persistence(url: str) -> None:
 class _EmbeddedWorker:
     """The worker subprocess of `serve`, restarted if it dies, stopped with the server."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], before_spawn: Callable[[], object] = lambda: None):
+        """``before_spawn`` runs before each start of the worker process (none alive)."""
         self.env = env
+        self.before_spawn = before_spawn
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._watch = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
 
     def _spawn(self) -> None:
+        self.before_spawn()
         # Own process group, so stopping it also stops its pool children.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker.main"], env=self.env, start_new_session=True
@@ -108,6 +113,7 @@ def serve(
     from store import Settings, open_store
     from store.redis_backend import check_redis
     from store.sweeper import release_running, requeue_all
+    from worker.celery_app import clear_broadcasts
 
     from .main import create_app
     from .queue import JobQueue
@@ -134,7 +140,8 @@ def serve(
                 log.info("re-enqueued %d unfinished job(s)", len(requeued))
             queue.close()
         env = {**os.environ, "ALSUB_EMBEDDED_PARENT": str(os.getpid())}
-        worker = _EmbeddedWorker(env)
+        # its broker is this data directory's alone: the broadcast queues of workers gone
+        worker = _EmbeddedWorker(env, partial(clear_broadcasts, settings))
         worker.start()
     log.info("alsub API on http://%s:%d (data in %s)", host, port, settings.data_dir)
     if settings.redis_url:

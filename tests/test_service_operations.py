@@ -11,6 +11,7 @@ disk, with no root and no extra mount.
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 import sys
 import time
@@ -341,7 +342,9 @@ def test_an_orderly_stop_of_serve_does_not_use_up_a_running_jobs_attempts(sim_pa
     """A review's find: three orderly restarts of `alsub serve` (SIGTERM) failed a running
     job as worker_lost ("try a smaller image"). Stopped in order, the service puts its
     running job back in the queue without counting the attempt: with a single attempt
-    allowed, the job still runs to the end after a restart."""
+    allowed, the job still runs to the end after a restart. The restart also forgets
+    the broadcast queue of the worker gone: each ping wrote a file for every worker ever
+    started into the job queue's folder, never read."""
     data_dir, logs = tmp_path / "data", tmp_path / "logs"
     logs.mkdir()
     # stages long enough that the job is still running when the worker's grace ends
@@ -362,7 +365,15 @@ def test_an_orderly_stop_of_serve_does_not_use_up_a_running_jobs_attempts(sim_pa
         process, base = start_server(free_port(), data_dir, env, logs)
         with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
             record = wait_job(client, job_id, timeout=180)
+            for _ in range(3):
+                assert client.get("/readyz").status_code == 200
         assert record["state"] == "succeeded", (record["error"], record["progress"])
         assert record["attempts"] == 1
+        broker = data_dir / "broker"
+        bound = json.loads((broker / "control" / "celery.pidbox.exchange").read_text())
+        assert len(bound) == 1, bound  # the live worker's queue alone
+        live = bound[0][2]
+        stale = [p.name for p in (broker / "queue").glob("*.pidbox.msg") if live not in p.name]
+        assert not stale
     finally:
         process.stop()

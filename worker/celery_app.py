@@ -13,7 +13,14 @@ from celery import Celery
 
 from store import Settings
 
-__all__ = ["make_celery", "enqueue_job", "enqueue_callback", "RUN_TASK", "CALLBACK_TASK"]
+__all__ = [
+    "make_celery",
+    "enqueue_job",
+    "enqueue_callback",
+    "clear_broadcasts",
+    "RUN_TASK",
+    "CALLBACK_TASK",
+]
 
 #: Registered names of the tasks (the API sends them by name, without importing core).
 RUN_TASK = "alsub.run_subtraction_job"
@@ -38,6 +45,26 @@ def _broker(settings: Settings) -> tuple[str, dict]:
         "processed_folder": str(processed),
         "polling_interval": 0.2,
     }
+
+
+def clear_broadcasts(settings: Settings) -> int:
+    """Embedded (filesystem) broker, no worker running on it: forget every worker's
+    broadcast queue and the messages waiting in them; returns how many were dropped.
+
+    Each worker start binds a queue of its own (a new node name) to the broadcast exchange
+    and nothing unbound it: every ping (``/readyz``) and cancel then wrote one file per
+    worker ever started, never read, into the folder the job queue is listed from every
+    0.2 s (a review: 18 files per three pings after six restarts). A starting worker binds
+    its own again; the job queue's messages stay."""
+    if settings.redis_url:
+        return 0
+    folder = settings.data_dir / "broker"
+    (folder / "control" / "celery.pidbox.exchange").unlink(missing_ok=True)
+    dropped = 0
+    for path in (folder / "queue").glob("*.pidbox.msg"):
+        path.unlink(missing_ok=True)
+        dropped += 1
+    return dropped
 
 
 def make_celery(settings: Settings) -> Celery:
