@@ -1211,3 +1211,36 @@ def test_a_given_gain_models_the_variance_instead_of_the_gain_card(tmp_path):
     write_exposure(given, with_plane)
     with pytest.raises(InvalidExposureError, match="a gain models the variance"):
         read_exposure(with_plane, gain=10.0)
+
+
+def test_a_lower_case_keyword_astropy_fixes_says_nothing_gzipped_or_not(tmp_path):
+    """A review's find: a gzipped file with a card `exptime =` printed three astropy
+    verification warnings (the WCS reading the header as text), none counted in the run's
+    warnings; the same file uncompressed printed nothing. The card is read either way."""
+    import warnings
+
+    from astropy.io.fits.verify import VerifyWarning
+
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [150.0, 2.0]
+    wcs.wcs.crpix = [16.5, 16.5]
+    wcs.wcs.cdelt = [-5e-5, 5e-5]
+    header = wcs.to_header()
+    header["GAIN"] = 2.0
+    header["BUNIT"] = "adu"
+    image = np.random.default_rng(1).normal(100.0, 5.0, (64, 64)).astype(np.float32)
+    plain = tmp_path / "lower.fits"
+    fits.PrimaryHDU(image, header).writeto(plain)
+    raw = bytearray(plain.read_bytes())
+    at = raw.find(b"BUNIT   =")
+    raw[at : at + 80] = b"exptime =                  30. / lower-case keyword".ljust(80)
+    plain.write_bytes(bytes(raw))
+    zipped = tmp_path / "lower.fits.gz"
+    zipped.write_bytes(gzip.compress(bytes(raw)))
+    for path in (plain, zipped):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exposure = read_exposure(path)
+        assert not [w for w in caught if issubclass(w.category, VerifyWarning)], path
+        assert exposure.wcs is not None and exposure.shape == (64, 64)
