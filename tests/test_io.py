@@ -1244,3 +1244,36 @@ def test_a_lower_case_keyword_astropy_fixes_says_nothing_gzipped_or_not(tmp_path
             exposure = read_exposure(path)
         assert not [w for w in caught if issubclass(w.category, VerifyWarning)], path
         assert exposure.wcs is not None and exposure.shape == (64, 64)
+
+
+@pytest.mark.parametrize("telescope", ["HST", "JWST"])
+def test_a_dq_extension_is_the_mask_when_there_is_no_mask(tmp_path, telescope):
+    """HST and JWST files carry SCI, ERR and DQ: the DQ was ignored (a review: two hot
+    columns flagged there made 39 DIA sources, verdict good). JWST's bits are named by
+    its pipeline (1 do not use: BAD, 2 saturated: SAT, 4 a jump fitted out: usable); any
+    other telescope's non-zero DQ is BAD."""
+    image = np.random.default_rng(2).normal(100.0, 5.0, (64, 64)).astype(np.float32)
+    dq = np.zeros(image.shape, np.int32)
+    dq[10, :] = 1
+    dq[20, :] = 2
+    dq[30, :] = 4
+    hdus = fits.HDUList(
+        [
+            fits.PrimaryHDU(header=fits.Header({"TELESCOP": telescope, "GAIN": 1.0})),
+            fits.ImageHDU(image, name="SCI"),
+            fits.ImageHDU(np.full(image.shape, 5.0, np.float32), name="ERR"),
+            fits.ImageHDU(dq, name="DQ"),
+        ]
+    )
+    path = tmp_path / "sci_err_dq.fits"
+    hdus.writeto(path)
+    exposure = read_exposure(path)
+    bad, sat = exposure.masked(["BAD"]), exposure.masked(["SAT"])
+    assert bad[10].all()
+    if telescope == "JWST":
+        assert sat[20].all() and not bad[20].any()
+        assert not (bad[30].any() or sat[30].any())
+        assert (bad.sum(), sat.sum()) == (64, 64)
+    else:
+        assert bad[20].all() and bad[30].all()
+        assert (bad.sum(), sat.sum()) == (3 * 64, 0)
