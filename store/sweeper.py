@@ -62,15 +62,35 @@ def fail_worker_lost(record: JobRecord, reason: str, now: float | None = None) -
     record.heartbeat_at = None
 
 
-def _recover(record: JobRecord, settings: Settings, reason: str) -> None:
-    if record.attempts >= settings.max_attempts:
-        fail_worker_lost(record, reason)
-        return
+def _requeue(record: JobRecord) -> None:
     record.state = "queued"
     record.progress = {"stage": "requeued", "fraction": 0.0}
     record.products = []  # the lost attempt's links answered 409 while the job waited
     record.worker = None
     record.heartbeat_at = None
+
+
+def _recover(record: JobRecord, settings: Settings, reason: str) -> None:
+    if record.attempts >= settings.max_attempts:
+        fail_worker_lost(record, reason)
+        return
+    _requeue(record)
+
+
+def _each_running(records: RecordBackend, change: Callable[[JobRecord], None]) -> list[str]:
+    """``change`` every job still running when its record is written; their ids."""
+    ids = []
+    for record in records.in_state("running"):
+
+        def mutate(current: JobRecord) -> bool:
+            if current.state != "running":
+                return False
+            change(current)
+            return True
+
+        if records.update(record.id, mutate)[1]:
+            ids.append(record.id)
+    return ids
 
 
 def requeue_if_stale(
@@ -139,16 +159,8 @@ def requeue_all(records: RecordBackend, settings: Settings, enqueue: Enqueue) ->
     was taken by a worker that died (a duplicate message is harmless: the task
     skips jobs that are already running or finished).
     """
+    _each_running(records, lambda record: _recover(record, settings, "service restarted"))
     ids = []
-    for record in records.in_state("running"):
-
-        def mutate(current: JobRecord) -> bool:
-            if current.state != "running":
-                return False
-            _recover(current, settings, "service restarted")
-            return True
-
-        records.update(record.id, mutate)
     for record in records.in_state("queued"):
         enqueue(record.id)
         ids.append(record.id)
@@ -161,21 +173,9 @@ def release_running(records: RecordBackend) -> list[str]:
     fail; three restarts of `alsub serve` failed a job as ``worker_lost``). A service that
     dies without this (killed) leaves them running: `requeue_all` counts those attempts,
     so a job that brings the whole service down is not retried forever. Returns the ids."""
-    ids = []
-    for record in records.in_state("running"):
 
-        def mutate(current: JobRecord) -> bool:
-            if current.state != "running":
-                return False
-            current.state = "queued"
-            current.attempts = max(0, current.attempts - 1)
-            current.progress = {"stage": "requeued", "fraction": 0.0}
-            current.products = []
-            current.worker = None
-            current.heartbeat_at = None
-            return True
+    def release(record: JobRecord) -> None:
+        record.attempts = max(0, record.attempts - 1)
+        _requeue(record)
 
-        _, written = records.update(record.id, mutate)
-        if written:
-            ids.append(record.id)
-    return ids
+    return _each_running(records, release)

@@ -199,7 +199,7 @@ async def _read_form(
         config_text = await _form_text(form.get("config"), cap, "the config")
     try:
         config = json.loads(config_text) if config_text else {}
-    except (ValueError, RecursionError) as exc:  # nesting beyond the parser's depth: 500
+    except (ValueError, RecursionError) as exc:  # too deep a nesting (it answered 500)
         raise ApiError(
             422,
             "invalid_request",
