@@ -99,7 +99,7 @@ def test_forced_keeps_input_order(run, tmp_path):
     out_fits = tmp_path / "forced.fits"
     code = _forced(products, sky, out_fits)
     assert code == 0
-    again = Table.read(out_fits, hdu="DIASOURCES")
+    again = Table.read(out_fits, hdu="FORCED")
     np.testing.assert_allclose(again["x"], x, atol=1e-6)
     np.testing.assert_allclose(again["psf_flux"], table["psf_flux"], rtol=1e-6, atol=1e-6)
 
