@@ -612,6 +612,10 @@ def test_tokens_see_only_their_own_jobs(alice, bob, alice_inputs):
     assert job_id not in [j["id"] for j in bob.get("/v1/subtractions").json()["items"]]
     assert alice.get(f"/v1/subtractions/{job_id}").json()["state"] != "cancelled"
     alice.delete(f"/v1/subtractions/{job_id}")
+    # a made-up id of any length is not quoted whole (a review's 5000 characters were)
+    for route in ("/v1/subtractions/", "/v1/exposures/"):
+        message = assert_error(bob.get(route + "x" * 5000), 404, "not_found")["message"]
+        assert len(message) < 200, len(message)
 
 
 def test_concurrent_jobs_per_token_are_limited(bob, sim_pair):

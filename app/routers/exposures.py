@@ -8,7 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from store import Settings, Store
 
 from ..deps import Caller, get_caller, get_settings, get_store
-from ..errors import ApiError
+from ..errors import ApiError, shown
 from ..ingest import (
     PLANE_KINDS,
     ingest_exposure,
@@ -134,7 +134,7 @@ def get_exposure(
 def _owned_meta(store: Store, exposure_id: str, caller: Caller) -> dict:
     meta = store.exposures.read_meta(exposure_id) if store.exposures.exists(exposure_id) else None
     if meta is None or not store.records.is_owner("exposure", exposure_id, caller.owner):
-        raise ApiError(404, "not_found", f"no exposure {exposure_id}")
+        raise ApiError(404, "not_found", f"no exposure {shown(exposure_id)}")
     return meta
 
 

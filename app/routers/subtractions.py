@@ -20,7 +20,7 @@ from store.records import decode_cursor, job_view
 from store.sweeper import is_stale, requeue_if_stale
 
 from ..deps import Caller, get_caller, get_queue, get_settings, get_store
-from ..errors import ApiError
+from ..errors import ApiError, shown
 from ..head import HEAD_AS_GET
 from ..imaging import EXPOSURE_PRODUCTS, cutout_fits, cutout_png, image_plane, png_bytes
 from ..ingest import (
@@ -119,7 +119,7 @@ _INCLUDE = Query(None, description="`config` to add the job's full SubtractionCo
 def _owned_job(store: Store, job_id: str, caller: Caller) -> JobRecord:
     record = store.records.get(job_id) if len(job_id) <= 64 else None
     if record is None or record.owner != caller.owner:
-        raise ApiError(404, "not_found", f"no subtraction job {job_id}")
+        raise ApiError(404, "not_found", f"no subtraction job {shown(job_id)}")
     return record
 
 
