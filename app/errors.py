@@ -34,6 +34,7 @@ log = logging.getLogger("alsub.api")
 #: "client closed request"): no one reads it, and it is no server error.
 CLIENT_CLOSED = 499
 
+
 def shown(text: str, limit: int = 80) -> str:
     """``text`` as a message quotes it: at most ``limit`` characters (an id a client made
     up may be any length: a review's 5000-character id came back whole in the 404)."""
