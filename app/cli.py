@@ -231,14 +231,33 @@ def _load_config(path, mode):
         raise InvalidConfigError(f"config {where}: {first['msg']}") from None
 
 
+def _extension_names(path: str) -> set[str]:
+    """Names of the HDUs of the FITS file ``path`` (upper case; none if it cannot be read)."""
+    from astropy.io import fits
+
+    try:
+        with fits.open(path) as hdul:
+            return {hdu.name.upper() for hdu in hdul}
+    except (OSError, ValueError):
+        return set()
+
+
 def _planes(args, role: str) -> dict[str, Any]:
-    """The per-input plane files given for ``role`` (science or template), checked to exist,
-    and its gain when given."""
+    """The per-input planes given for ``role`` (science or template): files checked to
+    exist, or the name of an extension of the input itself (``--science-mask DQ``), and
+    its gain when given."""
     planes = {}
     for kind in _PLANE_KINDS:
         value = getattr(args, f"{role}_{kind}")
         if value is not None:
-            _check_input(value, f"--{role}-{kind}")
+            source = getattr(args, role)
+            if not Path(value).is_file() and value.upper() in _extension_names(source):
+                planes[kind] = value  # read from the input's own extension
+                continue
+            if not Path(value).is_file():
+                raise UsageError(
+                    f"--{role}-{kind} {value}: no such file, nor an extension of {source}"
+                )
             planes[kind] = value
     given = [k for k in ("variance", "noise", "weight") if k in planes]
     if len(given) > 1:
@@ -531,7 +550,8 @@ def _add_plane_options(p: argparse.ArgumentParser, role: str) -> None:
     group = p.add_argument_group(
         f"{role} planes",
         f"separate files for the {role} exposure (an image HDU each; they override the "
-        "planes of the file itself). At most one of variance, noise and weight.",
+        "planes of the file itself), or the name of an extension of the file itself "
+        f"(--{role}-mask DQ). At most one of variance, noise and weight.",
     )
     group.add_argument(
         f"--{role}-variance", metavar="FILE", help=f"{role} variance map (image units squared)"

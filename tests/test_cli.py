@@ -517,6 +517,23 @@ def test_plane_flags_must_name_files(pair_dir, tmp_path, capsys):
     assert "--template-noise" in capsys.readouterr().err
 
 
+def test_a_plane_flag_may_name_an_extension_of_the_input(pair_dir, tmp_path, capsys):
+    """`--science-mask FLAGS` reads the science file's own FLAGS extension (a review: an
+    extension name was refused as 'no such file', though the library reads it)."""
+    with fits.open(pair_dir / "science.fits") as hdul:
+        flags = np.zeros(hdul["IMAGE"].data.shape, np.int16)
+        flags[:, 300] = 1
+        hdul.append(fits.ImageHDU(flags, name="FLAGS"))
+        hdul.writeto(tmp_path / "science.fits")
+    template = str(pair_dir / "template.fits")
+    argv = ["subtract", str(tmp_path / "science.fits"), template, "-o", str(tmp_path / "d.fits")]
+    assert main([*argv, "--science-mask", "FLAGS"]) == 0
+    difference = read_exposure(tmp_path / "d.fits")
+    assert difference.masked(["BAD"])[:, 300].all()
+    assert main([*argv, "--science-mask", "NOPE"]) == 2
+    assert "nor an extension of" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args", [["config", "--list"], ["config"]])
 def test_a_reader_that_leaves_early_gets_no_traceback(args):
     # `alsub config --list | head` closes the pipe before alsub has written everything
