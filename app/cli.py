@@ -251,10 +251,7 @@ def _planes(args, role: str) -> dict[str, Any]:
         value = getattr(args, f"{role}_{kind}")
         if value is not None:
             source = getattr(args, role)
-            if not Path(value).is_file() and value.upper() in _extension_names(source):
-                planes[kind] = value  # read from the input's own extension
-                continue
-            if not Path(value).is_file():
+            if not Path(value).is_file() and value.upper() not in _extension_names(source):
                 raise UsageError(
                     f"--{role}-{kind} {value}: no such file, nor an extension of {source}"
                 )
