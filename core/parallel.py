@@ -31,6 +31,7 @@ __all__ = [
     "InlineExecutor",
     "set_thread_limit",
     "thread_limit",
+    "available_cores",
     "large_blocks_to_mmap",
     "small_pages_for_arrays",
     "set_memory_policy",
@@ -81,11 +82,11 @@ def n_threads(workers: int | None = None) -> int:
     if workers:
         workers = max(1, int(workers))
         return min(workers, limit) if limit else workers
-    cores = _cores()
+    cores = available_cores()
     return min(cores, limit) if limit else cores
 
 
-def _cores() -> int:
+def available_cores() -> int:
     """The cores this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -185,7 +186,8 @@ def _shared_pool() -> ThreadPoolExecutor:
         with _pool_lock:
             if _pool is None:
                 _pool = ThreadPoolExecutor(
-                    max_workers=_POOL_THREADS_PER_CORE * _cores(), thread_name_prefix="alsub"
+                    max_workers=_POOL_THREADS_PER_CORE * available_cores(),
+                    thread_name_prefix="alsub",
                 )
     return _pool
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from threadpoolctl import threadpool_limits
 
-from core.parallel import set_thread_limit, thread_limit
+from core.parallel import available_cores, set_thread_limit, thread_limit
 from store import Settings
 from store.errors import UNAVAILABLE_ERRORS
 
@@ -60,13 +60,6 @@ def node_name() -> str:
     return f"alsub-{uuid.uuid4().hex[:8]}.{machine_key()}@%h"
 
 
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def workers_on_this_machine(records, settings: Settings) -> int:
     """Live worker processes on this machine (by `machine_key`, else host name); at least 1."""
     max_age = 3 * min(settings.heartbeat_interval, settings.heartbeat_timeout / 3)
@@ -85,7 +78,7 @@ def job_threads(records, settings: Settings) -> int:
     if settings.worker_threads:
         return settings.worker_threads
     jobs = workers_on_this_machine(records, settings) * settings.worker_concurrency
-    return max(1, _cores() // jobs)
+    return max(1, available_cores() // jobs)
 
 
 @contextmanager
@@ -95,7 +88,7 @@ def thread_share(records, settings: Settings) -> Iterator[int]:
         threads = job_threads(records, settings)
     except UNAVAILABLE_ERRORS:  # neighbours unknown for now: all cores, as without a cap
         log.warning("worker liveness unavailable; this job uses every core")
-        threads = settings.worker_threads or _cores()
+        threads = settings.worker_threads or available_cores()
     previous = thread_limit()
     set_thread_limit(threads)
     try:
