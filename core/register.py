@@ -668,7 +668,8 @@ def _map_figures(pixel_map: PixelMap, science: Exposure) -> dict[str, Any]:
     x reversed first (an x flip reads 0 deg, a y flip 180: the angle of a matrix with a
     negative determinant read as a rotation was noise, 45 deg on a review's flip)."""
     m = pixel_map.matrix
-    mirrored = bool(np.linalg.det(m) < 0)
+    det = float(np.linalg.det(m))
+    mirrored = det < 0
     proper = m @ np.diag([-1.0, 1.0]) if mirrored else m
     centre = science.bbox_center()
     u, v = pixel_map(*centre)
@@ -680,6 +681,6 @@ def _map_figures(pixel_map: PixelMap, science: Exposure) -> dict[str, Any]:
             math.atan2(proper[1, 0] - proper[0, 1], proper[0, 0] + proper[1, 1])
         ),
         "mirrored": mirrored,
-        "scale": math.sqrt(abs(np.linalg.det(m))),
+        "scale": math.sqrt(abs(det)),
         "affine": pixel_map.is_affine,
     }
