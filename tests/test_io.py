@@ -1221,12 +1221,7 @@ def test_a_lower_case_keyword_astropy_fixes_says_nothing_gzipped_or_not(tmp_path
 
     from astropy.io.fits.verify import VerifyWarning
 
-    wcs = WCS(naxis=2)
-    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-    wcs.wcs.crval = [150.0, 2.0]
-    wcs.wcs.crpix = [16.5, 16.5]
-    wcs.wcs.cdelt = [-5e-5, 5e-5]
-    header = wcs.to_header()
+    header = make_wcs(64, 64).to_header()
     header["GAIN"] = 2.0
     header["BUNIT"] = "adu"
     image = np.random.default_rng(1).normal(100.0, 5.0, (64, 64)).astype(np.float32)
