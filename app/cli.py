@@ -507,6 +507,10 @@ def _cmd_warp(args) -> int:
     }
     if "rms_px" in figures:
         header["HIERARCH ALSUB REGRMS"] = (float(figures["rms_px"]), "matched-star rms (px)")
+        header["HIERARCH ALSUB REGERR"] = (
+            float(figures["misfit_px"]),
+            "map error beyond centroid noise (px)",
+        )
         header["HIERARCH ALSUB REGNSTAR"] = (int(figures["n_matched"]), "matched stars")
     write_exposure(warped, args.output, extra_header=header)
     shift = figures.get("shift_at_centre", [0.0, 0.0])
@@ -515,6 +519,7 @@ def _cmd_warp(args) -> int:
         f"shift=({shift[0]:.3f}, {shift[1]:.3f}) px rotation={figures.get('rotation_deg', 0):.4f} "
         f"deg{' mirrored' if figures.get('mirrored') else ''} "
         f"scale={figures.get('scale', 1):.5f} rms={figures.get('rms_px', float('nan')):.3f} px "
+        f"error={figures.get('misfit_px', float('nan')):.3f} px "
         f"matched={figures.get('n_matched', 0)}"
     )
     return 0

@@ -585,7 +585,11 @@ class QualityConfig(_Config):
         "(before the noise floor was added): suspect.",
     )
     max_registration_rms: float = Field(
-        0.3, gt=0, le=100, description="Registration residual rms (px) above which: suspect."
+        0.3,
+        gt=0,
+        le=100,
+        description="Registration error (px rms, beyond the matched stars' centroid noise) "
+        "above which: suspect.",
     )
     max_star_residual: float = Field(
         0.05,

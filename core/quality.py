@@ -215,13 +215,21 @@ def assess_quality(
             "PSF mismatch); its variance includes that floor, so faint detections are fewer",
         )
     registration = metrics.get("registration")
-    # the residual of a map that was applied; where the stars showed one grid nothing
-    # was resampled and their scatter is their centroids' noise (0.31-0.43 px for faint
-    # or wide stars on aligned synthetic pairs): the kernel's shift against theirs
-    # judges the alignment then
+    # the error of a map that was applied; where the stars showed one grid nothing was
+    # resampled and the kernel's shift against theirs judges the alignment. The map's
+    # error is its stars' scatter beyond their centroids' noise (``misfit_px``): the
+    # raw rms of faint or wide stars is that noise (0.31-0.43 px on aligned pairs; a
+    # 6 px seeing epoch beside an exact transform read 0.30)
     if isinstance(registration, dict) and registration.get("resampled", True):
+        misfit = registration.get("misfit_px")
         rms = registration.get("rms_px", registration.get("rms"))
-        if isinstance(rms, int | float) and rms > config.max_registration_rms:
+        if isinstance(misfit, int | float) and misfit > config.max_registration_rms:
+            verdict.add(
+                SUSPECT,
+                f"the registration's error beyond the stars' centroid noise is {misfit:.2f} "
+                "px rms (misregistration)",
+            )
+        elif misfit is None and isinstance(rms, int | float) and rms > config.max_registration_rms:
             verdict.add(SUSPECT, f"the registration residual is {rms:.2f} px rms (misregistration)")
     for text in warnings:
         if not any(text in reason for reason in verdict.reasons):

@@ -54,6 +54,8 @@ class StarMatch:
     """A transform fitted on matched stars: (u, v) = matrix @ (x, y) + offset.
 
     ``covariance`` is that of the six affine parameters (u: a, b, c; v: d, e, f).
+    ``misfit`` is the transform's error apart from the centroids' noise (`_misfit`;
+    the rms when the stars' S/N are unknown).
     """
 
     model: str
@@ -65,6 +67,7 @@ class StarMatch:
     pairs: np.ndarray  # (n, 2) indices into (source, destination)
     n_source: int = 0
     n_destination: int = 0
+    misfit: float = math.nan
 
     def apply(self, x, y) -> tuple[np.ndarray, np.ndarray]:
         m, t = self.matrix, self.offset
@@ -364,7 +367,7 @@ def _select_model(src, dst, pairs, config: RegistrationConfig, weights=None) -> 
             f"best {model} transform (at most {config.max_rms} px accepted; {rms:.2f} px "
             "rms in all); the images may be distorted differently or show different fields"
         )
-    return StarMatch(model, matrix, offset, rms, n, cov, pairs[keep])
+    return StarMatch(model, matrix, offset, rms, n, cov, pairs[keep], misfit=scatter)
 
 
 #: Most matched pairs `_misfit`'s regression takes (evenly spaced in brightness order).
@@ -656,6 +659,7 @@ def _match_figures(match: StarMatch) -> dict[str, Any]:
     return {
         "model": match.model,
         "rms_px": match.rms,
+        "misfit_px": match.misfit,
         "n_matched": match.n_matched,
         "n_science_stars": match.n_source,
         "n_template_stars": match.n_destination,

@@ -52,6 +52,19 @@ def test_registration_residual_counts_where_a_map_was_applied(resampled):
     assert any("registration residual is 0.40 px" in r for r in verdict["reasons"]) == resampled
 
 
+@pytest.mark.parametrize(("misfit", "level"), [(0.05, GOOD), (0.4, SUSPECT)])
+def test_registration_is_judged_by_its_error_beyond_centroid_noise(misfit, level):
+    """Broad, faint stars scatter 0.5 px about an exact map: their centroids' noise,
+    no misregistration; the map's error beyond that noise grades the verdict."""
+    registration = {"method": "stars", "rms_px": 0.5, "misfit_px": misfit, "resampled": True}
+    verdict = _verdict(0.0, registration)
+    assert verdict["verdict"] == level
+    named = [r for r in verdict["reasons"] if "misregistration" in r]
+    assert bool(named) == (level == SUSPECT)
+    if named:
+        assert "beyond the stars' centroid noise is 0.40 px" in named[0]
+
+
 def test_kernel_shift_on_one_wcs_grid_points_at_star_registration():
     """WCSs that put the images on one grid were not checked on the stars (the DECam
     stamps' are 0.6 px off): the reason says how to measure it."""

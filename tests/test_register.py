@@ -305,7 +305,11 @@ def test_cli_misregistration_exits_2_and_warp_writes_the_warped_template(tmp_pat
     warped_path = tmp_path / "warped.fits"
     args = [str(SAAO / "AKB13475I0100.fits.gz"), "--onto", str(SAAO / "AKB13475I0028.fits.gz")]
     assert main(["warp", *args, "-o", str(warped_path)]) == 0
-    assert "method=stars resampled=True" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "method=stars resampled=True" in printed
+    error = float(printed.split(" error=")[1].split()[0])
+    assert 0 <= error < 0.3
+    assert error == pytest.approx(fits.getval(warped_path, "ALSUB REGERR"), abs=1e-3)
     warped = read_exposure(warped_path)
     science = read_exposure(SAAO / "AKB13475I0028.fits.gz")
     good = (warped.mask == 0) & (science.mask == 0)
@@ -402,6 +406,25 @@ def test_an_aligned_pair_of_wide_psfs_without_wcs_registers():
     assert found["rms_px"] > 0.5  # what was refused: centroid noise, no misfit
     assert found["n_matched"] >= 12 and found["method"] == "stars: same grid"
     assert np.allclose(found["offset"], 0.0, atol=0.1)
+
+
+def test_a_shifted_pair_of_wide_psfs_reports_its_error_apart_from_centroid_noise():
+    """Plain images of FWHM 10 / 9 px, the template shifted (so resampled): the stars'
+    scatter is their centroids' noise (the rms that made a 6 px seeing epoch beside an
+    exact transform suspect, as "misregistration"); the map's error beyond it is what
+    the verdict judges."""
+    config = preset("equal", size=768, seed=7000)
+    config.science_psf = PsfModelConfig(type="gaussian", fwhm=10.0)
+    config.template_psf = PsfModelConfig(type="gaussian", fwhm=9.0)
+    config.template_shift = (3.4, -2.6)
+    pair = simulate_pair(config)
+    science, template = pair.science.copy(), pair.template.copy()
+    science.wcs = template.wcs = science.psf = template.psf = None
+    found = register(template, science).metrics
+    assert found["method"] == "stars" and found["resampled"]
+    assert found["rms_px"] > 0.4  # centroid noise
+    assert found["misfit_px"] < 0.15
+    assert np.allclose(found["shift_at_centre"], (3.4, -2.6), atol=0.1)
 
 
 @pytest.mark.parametrize(
