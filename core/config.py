@@ -372,8 +372,23 @@ class ForcedPhotometryConfig(_Config):
         5,
         ge=2,
         le=100,
-        description="Most nodes per axis (large frames get a wider spacing: drawing a PSF "
-        "costs milliseconds and PSFs vary smoothly).",
+        description="Most nodes per axis at first (large frames get a wider spacing: drawing "
+        "a PSF costs milliseconds and most PSFs vary smoothly).",
+    )
+    psf_blend_tolerance: float = Field(
+        0.005,
+        gt=0,
+        le=1,
+        description="Largest PSF-flux error the blend of four nodes may make at a cell's "
+        "centre (a narrow profile blended with a broad one is broader than the PSF "
+        "between them); the grid is refined while it is exceeded.",
+    )
+    psf_grid_refined_nodes: int = Field(
+        17,
+        ge=2,
+        le=257,
+        description="Most nodes per axis the refinement may reach (17: cells of 128 px on "
+        "a 2048 px frame). Products store a varying PSF on a grid refined the same way.",
     )
     n_noise_positions: int = Field(
         2000,

@@ -33,6 +33,7 @@ from .position_flags import (
     saturated_stars,
 )
 from .psf import SIGMA_TO_FWHM, Psf, _collapsed, _half_maximum_sigma
+from .psf_sampling import is_constant, memo, refined_nodes
 from .rings import ring_stamps
 from .sharpness import contrast_bounds, sharper_than_psf
 from .sky import pixel_to_radec, radec_to_pixel
@@ -152,8 +153,16 @@ class PsfStamps:
         step, most = config.psf_grid_step, config.psf_grid_max_nodes
         count_x = min(most, max(2, math.ceil((nx - 1) / step) + 1))
         count_y = min(most, max(2, math.ceil((ny - 1) / step) + 1))
-        self.nodes_x = self.xy0[0] + np.linspace(0, nx - 1, count_x)
-        self.nodes_y = self.xy0[1] + np.linspace(0, ny - 1, count_y)
+        self._draw = memo(psf.kernel_image)
+        self.nodes_x, self.nodes_y = refined_nodes(
+            psf,
+            (self.xy0[0], self.xy0[1], self.xy0[0] + nx - 1, self.xy0[1] + ny - 1),
+            count_x,
+            count_y,
+            max(most, config.psf_grid_refined_nodes),
+            config.psf_blend_tolerance,
+            draw=self._draw,
+        )
         self._cache: dict[tuple[int, int], np.ndarray] = {}
         self._spectra: dict[tuple[int, int], np.ndarray] = {}
         #: per node, the PSF's contrast bounds (`core.sharpness.contrast_bounds`)
@@ -164,21 +173,15 @@ class PsfStamps:
         nodes = self.nodes_y.size * self.nodes_x.size
         self._rows = np.zeros((nodes, size * (size // 2 + 1)), dtype=complex)
         self._filled = np.zeros(nodes, dtype=bool)
-        self.constant = self._is_constant()
+        self.constant = is_constant(self._draw, self.nodes_x, self.nodes_y)
 
     def _node(self, j: int, i: int) -> np.ndarray:
         key = (j, i)
         if key not in self._cache:
-            stamp = self.psf.kernel_image(float(self.nodes_x[i]), float(self.nodes_y[j]))
+            stamp = self._draw(self.nodes_x[i], self.nodes_y[j])
             c, h = stamp.shape[0] // 2, self._draw_half
             self._cache[key] = np.asarray(stamp[c - h : c + h + 1, c - h : c + h + 1], float)
         return self._cache[key]
-
-    def _is_constant(self) -> bool:
-        last_j, last_i = self.nodes_y.size - 1, self.nodes_x.size - 1
-        centre = self._node(last_j // 2, last_i // 2)
-        corners = [(0, 0), (0, last_i), (last_j, 0), (last_j, last_i)]
-        return all(np.allclose(self._node(j, i), centre, rtol=0, atol=1e-7) for j, i in corners)
 
     def _spectrum(self, j: int, i: int) -> np.ndarray:
         key = (j, i)

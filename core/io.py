@@ -79,11 +79,13 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from . import order
 from .clipping import sigma_clipped_median_std
+from .config import ForcedPhotometryConfig
 from .dilation import dilate_cross, or_filter
 from .errors import InvalidExposureError, PsfError
 from .exposure import Exposure, MaskPlanes, PhotoCalib, invalid_variance
 from .fits_structure import check_fits_structure
 from .psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf, Psf
+from .psf_sampling import memo, refined_nodes
 from .sky import pixel_to_radec
 from .units import rate_and_electrons
 
@@ -1412,11 +1414,13 @@ def _psf_hdus(psf: Psf, exposure: Exposure) -> list:
         if psf.average_position is not None:
             header["PSFAVGX"], header["PSFAVGY"] = map(float, psf.average_position)
     else:
-        # any other model: sample it on a 3x3 grid; keep one stamp if it does not vary
-        min_x, min_y, max_x, max_y = exposure.bbox
-        xs = np.array([min_x, (min_x + max_x) / 2.0, max_x])
-        ys = np.array([min_y, (min_y + max_y) / 2.0, max_y])
-        stamps = _common_size([[psf.kernel_image(x, y) for x in xs] for y in ys])
+        # any other model: sampled on a grid fine enough for its blends (3 x 3 at least,
+        # refined as photometry refines it); one stamp if it does not vary
+        sampling = ForcedPhotometryConfig()
+        draw = memo(psf.kernel_image)
+        most, tolerance = sampling.psf_grid_refined_nodes, sampling.psf_blend_tolerance
+        xs, ys = refined_nodes(psf, exposure.bbox, 3, 3, most, tolerance, draw=draw)
+        stamps = _common_size([[draw(x, y) for x in xs] for y in ys])
         if np.allclose(stamps, stamps[1, 1], rtol=0, atol=1e-12):
             header["PSFTYPE"] = "IMAGE"
             data = stamps[1, 1]

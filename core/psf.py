@@ -465,6 +465,71 @@ class GridPsf(Psf):
         )
 
 
+class PolynomialPsf(Psf):
+    """Spatially varying PSF: each pixel a polynomial in (x, y), as fitted over stars.
+
+    Parameters
+    ----------
+    coefficients : `numpy.ndarray` (terms, k, k)
+        Coefficients of the monomials `polynomial_terms` gives, k odd.
+    order : int
+        Total degree of the polynomial.
+    bbox : tuple
+        (min_x, min_y, max_x, max_y) parent bounds the positions are scaled over.
+
+    Notes
+    -----
+    Evaluated exactly at each position and renormalised to unit sum: a grid of stamps
+    blended bilinearly between them mixes a narrow profile with a broad one where the
+    width changes fast (FWHM 2.5 px at the centre, 5 px in the corners: the blend was
+    10% wider than the PSF midway), and biases PSF fluxes.
+    """
+
+    def __init__(self, coefficients, order: int, bbox):
+        coefficients = np.asarray(coefficients, dtype=np.float64)
+        k = coefficients.shape[-1]
+        if coefficients.ndim != 3 or coefficients.shape[1] != k or k % 2 == 0:
+            raise PsfError(f"PolynomialPsf stamps must be odd and square, got {coefficients.shape}")
+        if coefficients.shape[0] != (order + 1) * (order + 2) // 2:
+            raise PsfError(f"order {order} needs {(order + 1) * (order + 2) // 2} terms")
+        self.coefficients = coefficients
+        self.order = int(order)
+        self.bbox = tuple(float(b) for b in bbox)
+        min_x, min_y, max_x, max_y = self.bbox
+        self.average_position = (0.5 * (min_x + max_x), 0.5 * (min_y + max_y))
+
+    def kernel_image(self, x=None, y=None) -> np.ndarray:
+        ax, ay = self.average_position
+        # clamped to the frame the stars were on: a polynomial grows wild beyond them
+        min_x, min_y, max_x, max_y = self.bbox
+        x = ax if x is None else min(max(float(x), min_x), max_x)
+        y = ay if y is None else min(max(float(y), min_y), max_y)
+        terms = polynomial_terms([x], [y], self.order, self.bbox)[0]
+        stamp = np.tensordot(terms, self.coefficients, axes=1)
+        total = stamp.sum()
+        if not total > 0:
+            raise PsfError(f"the PSF model has no positive flux at ({x:.1f}, {y:.1f})")
+        return stamp / total
+
+    def __repr__(self) -> str:
+        return f"PolynomialPsf(order={self.order}, size={self.coefficients.shape[1]})"
+
+
+def polynomial_terms(x, y, order: int, bbox) -> np.ndarray:
+    """Monomials of total degree <= ``order`` in (x, y) scaled to [-1, 1] over ``bbox``
+    (rows: positions; columns: x^i y^j in `numpy.polynomial` order, i + j <= order)."""
+    from numpy.polynomial import polynomial as npoly
+
+    min_x, min_y, max_x, max_y = bbox
+    cx, cy = 0.5 * (min_x + max_x), 0.5 * (min_y + max_y)
+    sx, sy = max(0.5 * (max_x - min_x), 1.0), max(0.5 * (max_y - min_y), 1.0)
+    keep = [
+        i * (order + 1) + j for i in range(order + 1) for j in range(order + 1) if i + j <= order
+    ]
+    vander = npoly.polyvander2d((np.asarray(x) - cx) / sx, (np.asarray(y) - cy) / sy, [order] * 2)
+    return vander[:, keep]
+
+
 #: Least trace radius (px) of a star's adaptive moments: below, hot pixels.
 MIN_STAR_SIGMA = 0.6
 #: Least minor-axis sigma (px, pixel included) of a star: no source is narrower than the
@@ -527,6 +592,71 @@ def star_size(table, usable: np.ndarray) -> float | None:
         if small < (1.0 - LOCUS_TOLERANCE) * locus:
             return small
     return locus
+
+
+#: Bright usable stars per cell a local locus (`local_star_size`) needs, and the most
+#: cells per axis: a wide-field camera's PSF may double in width from centre to corner.
+LOCAL_LOCUS_STARS = 10
+LOCAL_LOCUS_MAX_CELLS = 5
+
+
+def local_star_size(table, usable: np.ndarray, locus: float, bbox) -> np.ndarray | None:
+    """The stars' trace size (px) at each source of a measured catalog, where it varies
+    over the field; None where it does not (the field's `star_size` serves then).
+
+    The field is cut into cells holding `LOCAL_LOCUS_STARS` bright (S/N >= `LOCUS_SNR`)
+    ``usable`` sources each on average (2 to `LOCAL_LOCUS_MAX_CELLS` per axis); each
+    cell's `stellar_locus` is taken where it has that many, and a quadratic (a plane
+    from 2 x 2 cells) in log size is fitted to them, weighted by their counts. When the
+    fit stays within half of `LOCUS_TOLERANCE` of ``locus`` everywhere the size is one
+    over the field. A PSF whose width doubles towards the corners otherwise keeps every
+    star beyond 15% of the centre's out of the PSF and the kernel stars.
+    """
+    size = np.asarray(table["size"], dtype=np.float64)
+    bright = usable & (np.asarray(table["snr"], dtype=np.float64) >= LOCUS_SNR)
+    cells = min(LOCAL_LOCUS_MAX_CELLS, int(math.sqrt(bright.sum() / LOCAL_LOCUS_STARS)))
+    if cells < 2:
+        return None
+    min_x, min_y, max_x, max_y = bbox
+    x, y = np.asarray(table["x"], np.float64), np.asarray(table["y"], np.float64)
+    # positions scaled to [-1, 1] over the frame
+    u = (x - 0.5 * (min_x + max_x)) / max(0.5 * (max_x - min_x), 1.0)
+    v = (y - 0.5 * (min_y + max_y)) / max(0.5 * (max_y - min_y), 1.0)
+    col = np.clip(((u + 1) * 0.5 * cells).astype(int), 0, cells - 1)
+    row = np.clip(((v + 1) * 0.5 * cells).astype(int), 0, cells - 1)
+    centres_u, centres_v, logs, counts = [], [], [], []
+    for j in range(cells):
+        for i in range(cells):
+            inside = bright & (col == i) & (row == j)
+            if inside.sum() >= LOCAL_LOCUS_STARS:
+                centres_u.append(float(np.median(u[inside])))
+                centres_v.append(float(np.median(v[inside])))
+                logs.append(math.log(stellar_locus(size[inside])))
+                counts.append(float(inside.sum()))
+    order = 2 if cells >= 3 else 1
+    terms = (order + 1) * (order + 2) // 2
+    if len(logs) < terms + 1:
+        return None
+
+    def design(a, b) -> np.ndarray:
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        columns = [np.ones_like(a), a, b] + ([a * a, a * b, b * b] if order == 2 else [])
+        return np.column_stack(columns)
+
+    root = np.sqrt(np.asarray(counts))
+    coeffs = np.linalg.lstsq(
+        design(centres_u, centres_v) * root[:, None], np.asarray(logs) * root, rcond=None
+    )[0]
+    # judged over the frame's corners, edge midpoints and centre
+    grid = np.array([-1.0, 0.0, 1.0])
+    gu, gv = np.meshgrid(grid, grid)
+    fitted = np.exp(design(gu.ravel(), gv.ravel()) @ coeffs)
+    if np.all(np.abs(fitted / locus - 1.0) < 0.5 * LOCUS_TOLERANCE):
+        return None
+    # within the frame, and no further than the cells' loci reach
+    low, high = math.exp(min(logs)), math.exp(max(logs))
+    at = np.exp(design(np.clip(u, -1, 1), np.clip(v, -1, 1)) @ coeffs)
+    return np.clip(at, low / (1 + LOCUS_TOLERANCE), high * (1 + LOCUS_TOLERANCE))
 
 
 def minor_axis_sigma(ixx, iyy, ixy) -> np.ndarray:

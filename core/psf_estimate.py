@@ -19,12 +19,14 @@ from .psf import (
     LOCUS_SNR,
     LOCUS_TOLERANCE,
     SIGMA_TO_FWHM,
-    GridPsf,
     ImagePsf,
+    PolynomialPsf,
     Psf,
     _odd,
     _shift_raw,
+    local_star_size,
     point_like,
+    polynomial_terms,
     star_size,
 )
 
@@ -50,8 +52,9 @@ def estimate_psf(
     Stars come from ``catalog`` (parent ``x``, ``y``; measured on the exposure)
     or from `core.detection.detect_sources`. A star is used when it is not
     flagged (saturated, edge, masked, blended), its S/N is at least 20, its
-    adaptive size is within 15% of the stars' (`core.psf.star_size`: rejects
-    galaxies, cosmic rays and blends), its shape is a star's
+    adaptive size is within 15% of the stars' there (`core.psf.star_size`, or
+    `core.psf.local_star_size` where it varies over the field: rejects galaxies,
+    cosmic rays and blends), its shape is a star's
     (`core.psf.star_shaped`: wider across than a cosmic-ray track), no other detected source
     with over 2% of its flux lies within the stamp radius, and its stamp holds
     no pixel of `PSF_STAMP_BAD_PLANES`. The
@@ -77,11 +80,13 @@ def estimate_psf(
     min_stars : int
         Fewest usable stars; fewer raises `PsfError`.
     spatial_order : int or None
-        0 gives an `ImagePsf`. 1 or 2 fits each pixel as a polynomial of that
+        0 gives an `ImagePsf`. 1 to 4 fits each pixel as a polynomial of that
         order in (x, y) over the stars (weighted as the mean; stars with outlying
-        residuals are rejected) and returns a `GridPsf` of 3x3 nodes spanning the
-        exposure; with too few stars for the order (fewer than 3 per term) the order
-        is lowered. None chooses the order (0 to 2) by cross-validation over the
+        residuals are rejected) and returns it as a `PolynomialPsf`, evaluated
+        exactly where it is drawn; with too few stars for the order (fewer than 3
+        per term) the order is lowered. None chooses the order (0 to
+        `_MAX_CHOSEN_ORDER`, 4: a PSF twice as wide in the corners as at the centre
+        needs it) by cross-validation over the
         stars: the lowest whose fits measure the held-out stars' PSF fluxes as
         consistently as the best order's, within one standard error (a PSF that varies
         over the field and is taken as constant biases PSF fluxes by position).
@@ -95,7 +100,7 @@ def estimate_psf(
 
     Returns
     -------
-    `ImagePsf` (average position at the exposure centre) or `GridPsf`.
+    `ImagePsf` (average position at the exposure centre) or `PolynomialPsf`.
 
     Raises
     ------
@@ -123,13 +128,16 @@ def estimate_psf(
     size = np.asarray(stars["size"], dtype=np.float64)
     ok = usable & (np.asarray(stars["snr"], dtype=np.float64) >= LOCUS_SNR)
     locus = star_size(stars, usable)
+    local = None
     if locus is not None:
-        ok &= np.abs(size / locus - 1.0) < LOCUS_TOLERANCE
+        local = local_star_size(stars, usable, locus, exposure.bbox)
+        ok &= np.abs(size / (locus if local is None else local) - 1.0) < LOCUS_TOLERANCE
     if ok.sum() == 0:
         raise PsfError(
             f"found 0 suitable stars among {n_found} sources, {need}: none is bright "
             "(S/N >= 20), unflagged and point-like"
         )
+    # a varying PSF's stamps and flux aperture are sized for its widest stars
     typical = float(np.median(size[ok]))
     fwhm = SIGMA_TO_FWHM * typical
     if stamp_size is None:
@@ -225,26 +233,12 @@ def estimate_psf(
         keep = _consistent(cube, weights_)
         combined = _clipped_mean(cube[keep], _capped(weights_[keep]))
         return ImagePsf(_clean_stamp(combined), average_position=centre)
-    return _fit_grid_psf(cube, xs_, ys_, order, exposure.bbox, weights_)
+    return _fit_polynomial_psf(cube, xs_, ys_, order, exposure.bbox, weights_)
 
 
 #: Highest PSF order `estimate_psf` chooses from, and the folds of its cross-validation.
-_MAX_CHOSEN_ORDER = 2
+_MAX_CHOSEN_ORDER = 4
 _FOLDS = 5
-
-
-def _design(x, y, order: int, bbox) -> np.ndarray:
-    """Monomials of total degree <= ``order`` in (x, y) scaled to [-1, 1] over ``bbox``."""
-    from numpy.polynomial import polynomial as npoly
-
-    min_x, min_y, max_x, max_y = bbox
-    cx, cy = 0.5 * (min_x + max_x), 0.5 * (min_y + max_y)
-    sx, sy = max(0.5 * (max_x - min_x), 1.0), max(0.5 * (max_y - min_y), 1.0)
-    keep = [
-        i * (order + 1) + j for i in range(order + 1) for j in range(order + 1) if i + j <= order
-    ]
-    vander = npoly.polyvander2d((np.asarray(x) - cx) / sx, (np.asarray(y) - cy) / sy, [order] * 2)
-    return vander[:, keep]
 
 
 def _weighted_fit(design: np.ndarray, values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -276,18 +270,14 @@ def _chosen_order(cube, variances, xs, ys, weights, bbox, top: int) -> int:
     inverse = np.where(variances > 0, 1.0 / np.where(variances > 0, variances, 1.0), 0.0)
     capped = _capped(weights)
     fold = np.arange(n) % min(_FOLDS, n)
-    blend = _node_weights(xs, ys, bbox)
-    gx, gy = np.meshgrid(*_nodes(bbox))
     loss = np.empty((top + 1, n))
     for order in range(top + 1):
-        design = _design(xs, ys, order, bbox)
-        nodes = _design(gx.ravel(), gy.ravel(), order, bbox)
+        design = polynomial_terms(xs, ys, order, bbox)
         predicted = np.empty_like(values)
         for f in np.unique(fold):
             train, test = fold != f, fold == f
             coeffs = _weighted_fit(design[train], values[train], capped[train])
-            # as the estimate is used: sampled on its nodes and blended between them
-            predicted[test] = blend[test] @ (nodes @ coeffs)
+            predicted[test] = design[test] @ coeffs
         # a prediction sums to 1 over the aperture as every stamp does (the fit's constant
         # term), so the fitted flux is the fitted light there; `energy` its inverse variance
         energy = np.sum(inverse * predicted**2, axis=1)
@@ -368,7 +358,7 @@ def _fitted_stars(cube, xs, ys, weights, bbox, order: int) -> np.ndarray:
     n = len(cube)
     values = cube.reshape(n, -1)
     capped = _capped(weights)
-    design = _design(xs, ys, order, bbox)
+    design = polynomial_terms(xs, ys, order, bbox)
     use = np.ones(n, dtype=bool)
     for _ in range(3):
         coeffs = _weighted_fit(design[use], values[use], capped[use])
@@ -380,33 +370,8 @@ def _fitted_stars(cube, xs, ys, weights, bbox, order: int) -> np.ndarray:
     return use
 
 
-def _nodes(bbox) -> tuple[np.ndarray, np.ndarray]:
-    """The 3 x 3 nodes (x, y) a varying estimate is sampled on: the frame's edges and centre."""
-    min_x, min_y, max_x, max_y = bbox
-    x_nodes = np.array([min_x, 0.5 * (min_x + max_x), max_x], dtype=np.float64)
-    y_nodes = np.array([min_y, 0.5 * (min_y + max_y), max_y], dtype=np.float64)
-    return x_nodes, y_nodes
-
-
-def _node_weights(x: np.ndarray, y: np.ndarray, bbox) -> np.ndarray:
-    """(m, 9) weights of the `_nodes` (raster order) in `GridPsf`'s bilinear blend at
-    positions (x, y): a prediction there is ``weights @ node_values``."""
-    x_nodes, y_nodes = _nodes(bbox)
-
-    def along(nodes: np.ndarray, values: np.ndarray) -> np.ndarray:
-        out = np.zeros((values.size, 3))
-        for row, value in enumerate(values.tolist()):
-            lo, hi, upper = GridPsf._bracket(nodes, value)
-            out[row, lo] += 1.0 - upper
-            out[row, hi] += upper
-        return out
-
-    wx, wy = along(x_nodes, np.asarray(x, np.float64)), along(y_nodes, np.asarray(y, np.float64))
-    return (wy[:, :, None] * wx[:, None, :]).reshape(-1, 9)
-
-
-def _fit_grid_psf(cube, xs, ys, order, bbox, weights) -> GridPsf:
-    """Per-pixel polynomial in (x, y) over the stars, sampled on 3x3 nodes.
+def _fit_polynomial_psf(cube, xs, ys, order, bbox, weights) -> PolynomialPsf:
+    """Per-pixel polynomial in (x, y) over the stars, evaluated where the PSF is drawn.
 
     ``weights`` (the stamps' inverse variances; capped as for the mean) weight the
     fit; stars whose residual chi^2 is an outlier are rejected (`_fitted_stars`).
@@ -414,12 +379,8 @@ def _fit_grid_psf(cube, xs, ys, order, bbox, weights) -> GridPsf:
     k = cube.shape[1]
     use = _fitted_stars(cube, xs, ys, weights, bbox, order)
     coeffs = _weighted_fit(
-        _design(xs[use], ys[use], order, bbox),
+        polynomial_terms(xs[use], ys[use], order, bbox),
         cube[use].reshape(use.sum(), -1),
         _capped(weights)[use],
     )
-    x_nodes, y_nodes = _nodes(bbox)
-    gx, gy = np.meshgrid(x_nodes, y_nodes)
-    model = (_design(gx.ravel(), gy.ravel(), order, bbox) @ coeffs).reshape(3, 3, k, k)
-    stamps = np.array([[_clean_stamp(model[j, i]) for i in range(3)] for j in range(3)])
-    return GridPsf(stamps, x_nodes, y_nodes)
+    return PolynomialPsf(coeffs.reshape(-1, k, k), order, bbox)

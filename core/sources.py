@@ -30,7 +30,8 @@ from .errors import InsufficientSourcesError, InvalidCatalogError
 from .exposure import Exposure
 from .measure import MASKED_FLAG_PLANES, measure_sources
 from .parallel import row_blocks
-from .psf import SIGMA_TO_FWHM, GaussianPsf
+from .psf import SIGMA_TO_FWHM, GaussianPsf, adaptive_moments
+from .psf_sampling import is_constant, memo
 from .sky import radec_to_pixel
 
 __all__ = [
@@ -273,6 +274,37 @@ def kernel_snr_column(table: Table) -> str:
     return "snr_pixel" if "snr_pixel" in table.colnames else "snr"
 
 
+#: Draws per axis of a varying PSF's width for the size cut, and the spread of widths
+#: over them (fraction of the mean) below which the PSF counts as one width.
+_WIDTH_NODES = 5
+_WIDTH_SPREAD = 0.05
+
+
+def _local_sigma(psf, bbox, x: np.ndarray, y: np.ndarray, sigma: float):
+    """The PSF's trace radius at each position (bilinear between a `_WIDTH_NODES` grid
+    of draws) where its width varies over the field, else ``sigma``: a wide-field PSF
+    twice as wide in the corners as at the centre had every corner star cut as resolved
+    by the centre's width, and the kernel was extrapolated there."""
+    if psf is None:
+        return sigma
+    min_x, min_y, max_x, max_y = bbox
+    xs, ys = np.linspace(min_x, max_x, _WIDTH_NODES), np.linspace(min_y, max_y, _WIDTH_NODES)
+    draw = memo(psf.kernel_image)
+    try:
+        if is_constant(draw, xs, ys):
+            return sigma
+        moments = [[adaptive_moments(draw(u, v)) for u in xs] for v in ys]
+        widths = np.sqrt(0.5 * np.array([[m[0] + m[1] for m in row] for row in moments]))
+    except Exception:  # noqa: BLE001 - a profile without moments somewhere: one width
+        return sigma
+    if not np.all(np.isfinite(widths)) or np.ptp(widths) <= _WIDTH_SPREAD * widths.mean():
+        return sigma
+    from scipy.interpolate import RegularGridInterpolator
+
+    at = RegularGridInterpolator((ys, xs), widths)
+    return at(np.column_stack([np.clip(y, min_y, max_y), np.clip(x, min_x, max_x)]))
+
+
 def select_kernel_sources(
     catalog: Table,
     science: Exposure,
@@ -379,7 +411,7 @@ def select_kernel_sources(
     cut("flags", flags)
     if fwhm and "size" in table.colnames:
         size = np.asarray(table["size"], dtype=np.float64)
-        sigma = fwhm / SIGMA_TO_FWHM
+        sigma = _local_sigma(science.psf, science.bbox, x_all, y_all, fwhm / SIGMA_TO_FWHM)
         cut("resolved", ~np.isfinite(size) | (size > config.max_size_ratio * sigma))
     else:
         rejected["resolved"] = 0

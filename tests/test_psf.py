@@ -14,6 +14,7 @@ from core.psf import (
     GridPsf,
     ImagePsf,
     MoffatPsf,
+    PolynomialPsf,
     adaptive_moments,
     shift_stamp,
 )
@@ -263,7 +264,7 @@ def test_estimate_spatially_varying():
     truth = GridPsf(stamps, [0.0, 511.0], [0.0, 511.0])
     exposure, *_ = _star_field(truth, size=512, n=260, seed=5)
     estimated = estimate_psf(exposure, spatial_order=1)
-    assert isinstance(estimated, GridPsf)
+    assert isinstance(estimated, PolynomialPsf)
     for x, y in [(60, 60), (256, 256), (450, 450), (450, 60)]:
         assert estimated.fwhm(x, y) == pytest.approx(truth.fwhm(x, y), rel=0.04)
     # order 0 averages the field: between the narrowest and widest PSF
@@ -289,7 +290,7 @@ def test_the_psf_order_is_chosen_by_cross_validation():
     varying = GridPsf(stamps, [0.0, 511.0], [0.0, 511.0])
     exposure, *_ = _star_field(varying, size=512, n=260, seed=5)
     chosen = estimate_psf(exposure, spatial_order=None)
-    assert isinstance(chosen, GridPsf)
+    assert isinstance(chosen, PolynomialPsf)
     points = [(60, 60), (256, 256), (450, 450), (450, 60), (60, 450)]
     factors = _flux_factors(chosen, varying, points)
     constant = _flux_factors(estimate_psf(exposure), varying, points)
@@ -312,7 +313,7 @@ def test_fields_whose_psf_width_varies_by_a_tenth_get_varying_estimates():
     for seed in range(1, 17):
         science = simulate_pair(preset("varying", size=1024, seed=seed)).science
         estimated = estimate_psf(science.with_psf(None), spatial_order=None)
-        if isinstance(estimated, GridPsf):
+        if isinstance(estimated, PolynomialPsf):
             varying += 1
             for x, y in [(100, 100), (512, 512), (924, 924)]:
                 assert estimated.fwhm(x, y) == pytest.approx(science.psf.fwhm(x, y), rel=0.04)
@@ -478,3 +479,92 @@ def test_a_psf_costly_to_draw_is_drawn_once_per_position():
     copy = pickle.loads(pickle.dumps(psf))
     assert "_memo" not in vars(copy)
     np.testing.assert_array_equal(copy.kernel_image(10.0, 20.0), again)
+
+
+def test_the_stellar_locus_follows_a_psf_that_widens_over_the_field():
+    """Stars' trace sizes doubling from the centre to the corners (a wide-field camera):
+    one locus kept only the stars within 15% of the centre's (none beyond mid-radius on
+    a review's field); the local locus follows them, and galaxies stay out."""
+    from astropy.table import Table
+
+    from core.psf import local_star_size, star_size
+
+    rng = np.random.default_rng(3)
+    n_stars, n_galaxies = 600, 150
+    x, y = rng.uniform(0, 2047, n_stars + n_galaxies), rng.uniform(0, 2047, n_stars + n_galaxies)
+    r2 = ((x - 1023.5) ** 2 + (y - 1023.5) ** 2) / (2 * 1023.5**2)
+    truth = 1.1 * (1.0 + r2)
+    size = truth * (1.0 + 0.02 * rng.normal(size=x.size))
+    size[n_stars:] *= rng.uniform(1.6, 3.0, n_galaxies)
+    table = Table({"x": x, "y": y, "size": size, "snr": np.full(x.size, 50.0)})
+    usable = np.ones(x.size, dtype=bool)
+    bbox = (0.0, 0.0, 2047.0, 2047.0)
+    local = local_star_size(table, usable, star_size(table, usable), bbox)
+    assert local is not None
+    stars = slice(0, n_stars)
+    within = np.abs(size[stars] / local[stars] - 1.0) < 0.15
+    assert within.mean() > 0.97
+    assert np.mean(np.abs(size[n_stars:] / local[n_stars:] - 1.0) < 0.15) < 0.05
+    one = Table({"x": x, "y": y, "size": np.where(np.arange(x.size) < n_stars, 1.1, size)})
+    one["snr"] = np.full(x.size, 50.0)
+    assert local_star_size(one, usable, star_size(one, usable), bbox) is None
+    few = np.arange(x.size) < 30
+    assert local_star_size(table, few, star_size(table, few), bbox) is None
+
+
+def test_a_polynomial_psf_is_evaluated_at_each_position_within_its_frame():
+    from core.errors import PsfError
+    from core.psf import polynomial_terms
+
+    narrow = GaussianPsf(1.0, size=15).kernel_image()
+    wide = GaussianPsf(2.5, size=15).kernel_image()
+    # order 1 in x (terms 1, y, x): narrow at x = 0, wide at x = 100
+    coefficients = np.array([(narrow + wide) / 2, np.zeros_like(narrow), (wide - narrow) / 2])
+    psf = PolynomialPsf(coefficients, 1, (0.0, 0.0, 100.0, 100.0))
+    assert psf.kernel_image(0, 50) == pytest.approx(narrow, abs=1e-12)
+    assert psf.kernel_image(100, 50) == pytest.approx(wide, abs=1e-12)
+    assert psf.kernel_image(1000, 50) == pytest.approx(wide, abs=1e-12)  # clamped
+    mid = (narrow + wide) / 2
+    assert psf.kernel_image() == pytest.approx(mid / mid.sum(), abs=1e-12)
+    assert polynomial_terms([0.0], [100.0], 1, (0.0, 0.0, 100.0, 100.0)).tolist() == [[1, 1, -1]]
+    with pytest.raises(PsfError, match="needs 3 terms"):
+        PolynomialPsf(coefficients[:2], 1, (0.0, 0.0, 100.0, 100.0))
+
+
+def test_plain_files_of_a_field_whose_psf_widens_give_true_dia_fluxes_everywhere():
+    """A science PSF whose FWHM runs 2.4 -> 6 px across the field (Moffat, no PSF given):
+    the estimate kept only stars near the narrow side's size, and DIA fluxes read
+    0.99 / 0.92 / 0.59 of the truth from the narrow third to the wide one."""
+    from scipy.spatial import cKDTree
+
+    from bench.diasources import transient_truth
+    from core.simulate import PsfModelConfig, preset, simulate_pair
+    from core.subtract import run_subtraction
+
+    size = 1024
+    config = preset("varying", size=size, seed=11)
+    config.science_psf = PsfModelConfig(
+        type="moffat", fwhm=3.6, beta=3.0, variation=0.9, variation_angle=45.0
+    )
+    config.template_psf = PsfModelConfig(type="moffat", fwhm=2.2, beta=3.5)
+    config.psf_node_spacing = 64.0
+    config.n_transients, config.n_negative_transients = 150, 50
+    config.transient_flux_min, config.transient_flux_max = 4e3, 4e4
+    pair = simulate_pair(config)
+    science, template = pair.science.with_psf(None), pair.template.with_psf(None)
+    result = run_subtraction(science, template)
+    x, y, flux = transient_truth(pair)
+    catalog = result.dia_sources
+    distance, index = cKDTree(np.column_stack([catalog["x"], catalog["y"]])).query(
+        np.column_stack([x, y])
+    )
+    bright = (distance < 1.5) & (np.abs(np.asarray(catalog["snr"])[index]) >= 20)
+    ratio = np.asarray(catalog["psf_flux"])[index] / flux
+    along = (x + y) / (2.0 * (size - 1))  # 0 on the narrow corner, 1 on the wide one
+    for third in range(3):
+        here = bright & (along >= third / 3) & (along < (third + 1) / 3)
+        assert here.sum() >= 20
+        assert np.median(ratio[here]) == pytest.approx(1.0, abs=0.03), third
+    kernel = result.kernel_sources
+    wide = (np.asarray(kernel["x"]) + np.asarray(kernel["y"])) / (2.0 * (size - 1)) > 2 / 3
+    assert wide.sum() >= 5
