@@ -413,7 +413,9 @@ def _cmd_forced(args) -> int:
     full = _load_config(args.config, None) if args.config else None
     config = full.dia.forced if full is not None else ForcedPhotometryConfig()
     _require_difference(args.difference)
-    difference = read_exposure(args.difference)
+    if args.psf is not None and not Path(args.psf).is_file():
+        raise UsageError(f"--psf {args.psf}: no such file")
+    difference = read_exposure(args.difference, psf=args.psf)
     context = _forced_context(Path(args.products)) if args.products else {}
     positions, carried = _read_positions(args.positions)
     table = forced_photometry(
@@ -433,6 +435,11 @@ def _cmd_forced(args) -> int:
     else:
         table.write(args.output, format="ascii.csv", overwrite=True)
     print(f"positions={len(table)} noise_scale={table.meta['noise_scale']:.3f} -> {args.output}")
+    if table.meta.get("sky_found"):
+        print(
+            "  note: the image has a sky level (no difference?): a local background was "
+            "fitted with each flux"
+        )
     return 0
 
 
@@ -700,6 +707,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the --products directory of the `alsub subtract` that made the difference: "
         "positions near a bright star of its matched template, or far outside its kernel "
         "sources, are flagged bright_star and suspect_kernel, as in dia_sources.fits",
+    )
+    p.add_argument(
+        "--psf",
+        metavar="FILE",
+        help="PSF image (2-D stamp, centred; or a 4-D grid with PSF_NODES) of an image "
+        "without one, e.g. the template for its baseline fluxes (an image with a sky level "
+        "gets a local background fitted with each flux)",
     )
     p.add_argument("--config", help="SubtractionConfig JSON (its dia section is used)")
     p.set_defaults(func=_cmd_forced)

@@ -485,11 +485,22 @@ def noise_scale(
     ``unusable`` and ``sky_ring``: as `psf_photometry` is called for the fluxes scaled
     (a ring needs a ``config`` without ``fit_background``).
     """
+    return pull_scale(random_pulls(exposure, stamps, config, unusable, sky_ring))
+
+
+def random_pulls(
+    exposure: Exposure,
+    stamps: PsfStamps,
+    config: ForcedPhotometryConfig,
+    unusable: tuple[str, ...] = UNUSABLE_PLANES,
+    sky_ring: int = 0,
+) -> np.ndarray:
+    """flux / error at `noise_scale`'s random positions (empty without them)."""
     ny, nx = exposure.shape
     h = stamps.half
     positions = noise_positions(exposure.shape, h, config.n_noise_positions, config.seed)
     if positions is None:
-        return 1.0
+        return np.zeros(0)
     ix, iy = positions
     g = _NOISE_MODEL_GRID
     gx = np.rint(np.linspace(h, nx - 1 - h, g)).astype(int)
@@ -512,7 +523,19 @@ def noise_scale(
             sky_ring=sky_ring,
         )
         pulls.append(fit["flux"] / fit["flux_err"])
-    return pull_scale(np.concatenate(pulls))
+    return np.concatenate(pulls)
+
+
+#: Median flux / error at random positions beyond which an image has a sky level a PSF
+#: fit without a background takes for flux (a difference reads a few hundredths; a
+#: matched template with its sky, about a hundred).
+SKY_PULL = 2.0
+
+
+def has_sky(pulls: np.ndarray) -> bool:
+    """True when random positions' `random_pulls` say the image is no sky-free difference."""
+    pulls = pulls[np.isfinite(pulls)]
+    return pulls.size >= 30 and abs(float(np.median(pulls))) > SKY_PULL
 
 
 def pixel_flags(
@@ -597,7 +620,10 @@ def forced_photometry(
         ``x``, ``y``, ``ra``, ``dec`` (NaN without a WCS), ``psf_flux``,
         ``psf_flux_err`` (counts of the difference, i.e. science units), ``snr``,
         ``flags`` (`FLAG_BITS`) and one boolean ``flag_<name>`` per bit. Meta:
-        ``noise_scale`` applied to the errors. A position whose fitting box misses
+        ``noise_scale`` applied to the errors; ``fit_background``, True also when the
+        image turned out to have a sky level (``sky_found``: random positions' fluxes
+        a median `SKY_PULL` errors from zero, as on a matched template), which a fit
+        without a background would have measured as flux. A position whose fitting box misses
         the frame, or a sky position the WCS cannot project (x, y NaN), is not
         measured: NaN fluxes, flagged ``edge`` and ``no_data``.
 
@@ -625,7 +651,14 @@ def forced_photometry(
     x, y, ra, dec = _positions(difference, x, y, ra, dec)
     psf = psf or difference.require_psf()
     stamps = PsfStamps(psf, difference, config=config)
-    scale = noise_scale(difference, stamps, config)
+    pulls = random_pulls(difference, stamps, config)
+    sky = not config.fit_background and has_sky(pulls)
+    if sky:
+        # not a difference (a matched template, a science frame): a local background
+        # fitted with each flux, or its sky would be measured as the flux
+        config = config.model_copy(update={"fit_background": True})
+        pulls = random_pulls(difference, stamps, config)
+    scale = pull_scale(pulls)
     # positions whose fitting box misses the frame (or that no pixel has: a sky position
     # the WCS cannot project) are not fitted: no data, at the edge
     ny, nx = difference.shape
@@ -702,6 +735,8 @@ def forced_photometry(
         }
     )
     table.meta["noise_scale"] = scale
+    table.meta["fit_background"] = config.fit_background
+    table.meta["sky_found"] = sky
     table.meta.update(observation_meta(difference))
     return table
 

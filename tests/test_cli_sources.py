@@ -408,3 +408,32 @@ def test_a_score_in_a_triplet_says_so(tmp_path, monkeypatch):
         with fits.open(io.BytesIO(module.triplet_fits(cut, 0))) as hdul:
             assert hdul["DIFFERENCE"].header["PRODUCT"] == stem
     assert seen == [["score"], ["difference"]]
+
+
+def test_forced_measures_a_template_given_its_psf_file(run, tmp_path, capsys):
+    """The template's baseline fluxes: an image without a PSF extension and with a sky
+    (`--psf` gives its PSF; the message pointed at a PSF file no option took), measured
+    with a local background fitted, as the note says."""
+    pair, _, _ = run
+    with fits.open(pair / "template.fits") as hdul:
+        image, psf = hdul["IMAGE"].data, hdul["PSF"].data
+        header = hdul["IMAGE"].header
+    plain, psf_file = tmp_path / "template.fits", tmp_path / "psf.fits"
+    fits.PrimaryHDU(image, header=header).writeto(plain)
+    fits.PrimaryHDU(psf).writeto(psf_file)
+    truth = json.loads((pair / "truth.json").read_text())["stars"]
+    x, y, flux = (np.asarray(truth[k], dtype=float) for k in ("x", "y", "flux_template"))
+    bright = np.argsort(-flux)[3:13]  # bright, below the brightest (saturation)
+    positions = tmp_path / "p.csv"
+    Table({"x": x[bright], "y": y[bright]}).write(positions, format="ascii.csv")
+    out = tmp_path / "f.csv"
+    assert main(["forced", str(plain), "--positions", str(positions), "-o", str(out)]) == 2
+    assert "no PSF" in capsys.readouterr().err
+    argv = ["forced", str(plain), "--psf", str(psf_file), "--positions", str(positions)]
+    assert main([*argv, "-o", str(out)]) == 0
+    assert "a local background was fitted" in capsys.readouterr().out
+    measured = Table.read(out, format="ascii.csv")
+    assert np.median(np.asarray(measured["psf_flux"]) / flux[bright]) == pytest.approx(1, abs=0.03)
+    missing = [*argv[:3], str(tmp_path / "none.fits"), *argv[4:], "-o", str(out)]
+    assert main(missing) == 2
+    assert "--psf" in capsys.readouterr().err

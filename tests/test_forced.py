@@ -151,3 +151,32 @@ def test_whole_stamp_flux_where_the_psf_light_is_on_the_frame():
     assert fluxes[:2] == pytest.approx(flux, rel=0.003)
     assert np.all(errors[:2] < 0.003 * flux)
     assert np.isnan(fluxes[2]) and np.isnan(errors[2])
+
+
+def test_forced_photometry_of_an_image_with_a_sky_level_fits_a_background():
+    """An image that is no difference (a science frame, a matched template: sky ~1000
+    counts here) was measured as one: its sky read as flux, silently (a review's variable
+    on a matched template: 50211 +- 3354 for 8500). The sky is found at random positions
+    and a local background fitted with each flux; a difference is measured as before."""
+    from scipy.spatial import cKDTree
+
+    from tests.conftest import simulated_pair
+
+    pair = simulated_pair("sharper_template", 1024, 3)
+    stars = pair.truth["stars"]
+    x, y, flux = (np.asarray(stars[k], dtype=float) for k in ("x", "y", "flux_science"))
+    alone = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=2)[0][:, 1] > 12
+    inside = (x > 20) & (x < 1003) & (y > 20) & (y < 1003)
+    pick = alone & inside & (flux > 3e3) & ~np.asarray(stars["saturated"], dtype=bool)
+    assert pick.sum() >= 8
+    measured = forced_photometry(pair.science, x[pick], y[pick])
+    assert measured.meta["sky_found"] and measured.meta["fit_background"]
+    ratio = np.asarray(measured["psf_flux"]) / flux[pick]
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.03)
+    # the same pixels without their sky: no background needed, none fitted
+    level = float(np.median(pair.science.image))
+    flat = Exposure.from_arrays(
+        pair.science.image - level, variance=pair.science.variance, psf=pair.science.psf
+    )
+    steady = forced_photometry(flat, x[pick], y[pick])
+    assert not steady.meta["sky_found"] and not steady.meta["fit_background"]
