@@ -1436,9 +1436,13 @@ _META_KEYS = {
     "band": "FILTER",
     "exptime": "EXPTIME",
     "bunit": "BUNIT",
+    "photcal": "PHOTCAL",
+    "flux_ratio": "FLUXRAT",
 }
 #: Header comments of the cards whose meta name does not say enough.
 _META_COMMENTS = {
+    "photcal": "nJy per count of the fluxes",
+    "flux_ratio": "science / template flux ratio (the kernel's)",
     "mjd_obs": "start of the science exposure (MJD)",
     "date_obs": "start of the science exposure",
     "exptime": "science exposure time (s)",

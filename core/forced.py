@@ -748,14 +748,18 @@ _OBSERVATION_KEYS = {
     "band": ("FILTER", "BAND"),
     "exptime": ("EXPTIME",),
     "bunit": ("BUNIT",),
+    "flux_ratio": ("ALSUB FLUXRAT",),
 }
 
 
 def observation_meta(exposure: Exposure) -> dict:
     """When and how the measured image was taken, for a catalog's meta: ``mjd_obs``,
-    ``date_obs``, ``band`` and ``exptime``, those the exposure's header holds (an alert
-    needs the epoch), and ``bunit``, the unit of its pixels (fluxes are sums of them):
-    the header's, else the one the products write for the image (`core.io.bunit_card`)."""
+    ``date_obs`` (from ``mjd_obs`` when the header has only that), ``band`` and
+    ``exptime``, those the exposure's header holds (an alert needs the epoch);
+    ``flux_ratio`` (a difference product's ``ALSUB FLUXRAT``) and ``photcal`` (nJy per
+    count) where known, which put epochs on one scale; and ``bunit``, the unit of its
+    pixels (fluxes are sums of them): the header's, else the one the products write for
+    the image (`core.io.bunit_card`)."""
     meta = {}
     header = exposure.metadata
     for key, cards in _OBSERVATION_KEYS.items():
@@ -772,6 +776,13 @@ def observation_meta(exposure: Exposure) -> dict:
         elif isinstance(value, bool) or not (value is not None and math.isfinite(value)):
             continue
         meta[key] = value
+    if "mjd_obs" in meta and "date_obs" not in meta:
+        # as the image's own WCS header writes it: an alert's epoch both ways
+        from astropy.time import Time
+
+        meta["date_obs"] = Time(meta["mjd_obs"], format="mjd", scale="utc").isot
+    if exposure.photo_calib is not None:
+        meta["photcal"] = float(exposure.photo_calib.calibration)
     # none in the header: the unit the products write for the image (adu)
     meta.setdefault("bunit", bunit_card(exposure))
     return meta

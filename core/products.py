@@ -50,6 +50,7 @@ PRODUCT_NAMES = (
 _HEADER_KEYS = {
     "mode": "MODE",
     "kernel_sum": "KSUM",
+    "flux_ratio": "FLUXRAT",
     "n_kernel_sources": "NKSRC",
     "kernel_size": "KSIZE",
     "science_psf_fwhm": "SCIFWHM",

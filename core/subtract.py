@@ -1106,6 +1106,7 @@ class _SubtractBase(Task):
         metrics = {
             "mode": result.mode,
             "kernel_sum": float(kernel.sum(*science.bbox_center())) if kernel else math.nan,
+            "flux_ratio": _flux_ratio(kernel, science, result.mode),
             "n_kernel_sources": int(metadata.get("nPsfSources", 0)),
             "n_good_kernel_candidates": int(self.makeKernel.metadata.get("nGoodCandidates", 0)),
             "kernel_size": int(kernel.size) if kernel else 0,
@@ -1186,6 +1187,10 @@ class _SubtractBase(Task):
         result.metrics = made.result()
         if table is not None:
             result.dia_sources = table
+            # what turns the fluxes of epochs measured against one template into a curve
+            ratio = result.metrics.get("flux_ratio")
+            if isinstance(ratio, float) and math.isfinite(ratio):
+                table.meta["flux_ratio"] = ratio
             result.metrics["n_dia_sources"] = len(table)
             for key in ("positive", "negative", "dipoles"):
                 result.metrics[f"n_dia_{key}"] = table.meta[f"n_{key}"]
@@ -1304,6 +1309,15 @@ class _SubtractBase(Task):
         result.metrics["timings"] = result.timings
         result.metadata = self.get_full_metadata()
         return result
+
+
+def _flux_ratio(kernel, science: Exposure, mode: str) -> float:
+    """Science / template flux ratio the kernel measured, whichever image it convolved:
+    its sum maps the convolved image's fluxes onto the other's."""
+    if not kernel:
+        return math.nan
+    total = float(kernel.sum(*science.bbox_center()))
+    return 1.0 / total if mode == "convolveScience" and total != 0 else total
 
 
 class AlardLuptonSubtractTask(_SubtractBase):

@@ -68,6 +68,10 @@ def test_subtract_writes_the_catalog(run):
             assert bool(table["is_negative"][k]) is negative
     header = fits.getheader(products / "dia_sources.fits", "DIASOURCES")
     assert header["THRESH"] == 5.0 and header["FLAG_EDGE"] == 1
+    # the epoch's scale for a light curve, as the metrics give it
+    metrics = json.loads((products / "metrics.json").read_text())
+    assert header["FLUXRAT"] == pytest.approx(metrics["flux_ratio"])
+    assert header["PHOTCAL"] > 0
 
 
 def _forced(products, positions, output) -> int:
@@ -102,6 +106,12 @@ def test_forced_keeps_input_order(run, tmp_path):
     again = Table.read(out_fits, hdu="FORCED")
     np.testing.assert_allclose(again["x"], x, atol=1e-6)
     np.testing.assert_allclose(again["psf_flux"], table["psf_flux"], rtol=1e-6, atol=1e-6)
+    # the epoch's scale and calibration, read from the difference's header
+    header = fits.getheader(out_fits, "FORCED")
+    assert header["FLUXRAT"] == pytest.approx(
+        fits.getval(products / "difference.fits", "ALSUB FLUXRAT")
+    )
+    assert header["PHOTCAL"] > 0
 
 
 def test_forced_keeps_the_inputs_own_columns(run, tmp_path):

@@ -113,6 +113,9 @@ def test_observation_meta_keeps_only_what_a_fits_card_holds():
     table = forced_photometry(exposure.with_psf(GaussianPsf(1.5)), x=[32.0], y=[32.0])
     header = catalog_hdulist(table)[1].header
     assert header["DATE-OBS"] == "2024-01-02" and "MJD-OBS" not in header
+    # only the MJD: the date written from it, as the image's WCS header has it
+    exposure.metadata.update({"MJD-OBS": 60000.5, "DATE-OBS": None})
+    assert observation_meta(exposure)["date_obs"] == "2023-02-25T12:00:00.000"
 
 
 def test_sharpness_of_no_positions_is_empty():

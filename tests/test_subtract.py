@@ -1015,3 +1015,29 @@ def test_the_dia_catalog_changes_no_metric_but_its_counts(mode, monkeypatch):
         np.testing.assert_array_equal(one_thread.dia_sources[name], catalog[name])
     assert "n_dia_sources" not in alone.metrics and alone.dia_sources is None
     assert stages.index("metrics") < stages.index("detect")
+
+
+@pytest.mark.parametrize(
+    ("mode", "name"),
+    [("convolveTemplate", "sharper_template"), ("convolveScience", "sharper_science")],
+)
+def test_the_flux_ratio_is_science_over_template_whichever_image_is_convolved(mode, name):
+    """A light curve puts epochs on one scale with the science / template flux ratio: the
+    kernel sum is it when the template is convolved and its inverse when the science is
+    (a review's user had to invert it by mode). The catalogs carry it with PHOTCAL."""
+
+    from core.diasources import catalog_hdulist
+    from core.simulate import preset, simulate_pair
+
+    config = preset(name, size=384, seed=5)
+    config.flux_ratio = 1.3
+    config.n_transients = 10
+    pair = simulate_pair(config)
+    result = run_subtraction(pair.science, pair.template, {"mode": mode})
+    ratio = result.metrics["flux_ratio"]
+    assert ratio == pytest.approx(1.3, rel=0.08)  # 7-17 kernel stars at 384 px: +-5%
+    ksum = result.metrics["kernel_sum"]
+    assert ratio == pytest.approx(ksum if mode == "convolveTemplate" else 1 / ksum)
+    header = catalog_hdulist(result.dia_sources)[1].header
+    assert header["FLUXRAT"] == pytest.approx(ratio)
+    assert header["PHOTCAL"] == pytest.approx(pair.science.photo_calib.calibration)
