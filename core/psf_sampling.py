@@ -17,12 +17,11 @@ from .psf import Psf
 __all__ = ["blend_flux_bias", "is_constant", "memo", "refined_nodes"]
 
 
-def blend_flux_bias(psf: Psf, x0: float, x1: float, y0: float, y1: float, draw=None) -> float:
+def blend_flux_bias(draw, x0: float, x1: float, y0: float, y1: float) -> float:
     """Fractional PSF-flux error at the centre of the cell (x0..x1, y0..y1) when the
     profile fitted is the even blend of the cell's four corner stamps: the fitted flux
     of a source of the true profile t with profile b (sky-limited) is sum(b t) / sum(b b).
-    ``draw(x, y)`` gives a stamp (default ``psf.kernel_image``)."""
-    draw = draw or psf.kernel_image
+    ``draw(x, y)`` gives the PSF's stamp at a position (``psf.kernel_image``)."""
     corners = [draw(x, y) for y in (y0, y1) for x in (x0, x1)]
     truth = draw(0.5 * (x0 + x1), 0.5 * (y0 + y1))
     size = max(stamp.shape[0] for stamp in [*corners, truth])
@@ -56,7 +55,7 @@ def refined_nodes(
             for j in range(count_y - 1)
             for i in range(count_x - 1)
         )
-        if all(abs(blend_flux_bias(psf, *cell, draw=draw)) <= tolerance for cell in cells):
+        if all(abs(blend_flux_bias(draw, *cell)) <= tolerance for cell in cells):
             return xs, ys
         count_x = min(most, 2 * count_x - 1) if count_x > 1 else 1
         count_y = min(most, 2 * count_y - 1) if count_y > 1 else 1
