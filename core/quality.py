@@ -369,8 +369,18 @@ def _sharpening(verdict: Verdict, metrics: dict, config: QualityConfig) -> bool:
             f"sharpen the {convolved} there, and constant stars leave residuals (pairs of "
             "opposite-sign sources)"
         )
-    verdict.add(BAD if ratio > limits[1] else SUSPECT, what)
+    verdict.add(BAD if ratio > limits[1] else SUSPECT, what + _where(metrics, "psf_sharpening"))
     return True
+
+
+def _where(metrics: dict, check: str) -> str:
+    """Where on the field a check read its worst, and its value at the centre, when its PSF
+    models vary (``<check>_where``, ``<check>_ratio_centre``); empty otherwise."""
+    where, centre = metrics.get(f"{check}_where"), metrics.get(f"{check}_ratio_centre")
+    if not where or where == "centre":
+        return ""
+    at_centre = f", {centre:.2f} at the centre" if isinstance(centre, int | float) else ""
+    return f" (worst at the {where}{at_centre}: the PSFs vary over the field)"
 
 
 def _psf_consistency(verdict: Verdict, metrics: dict, config: QualityConfig) -> None:
@@ -399,7 +409,7 @@ def _psf_consistency(verdict: Verdict, metrics: dict, config: QualityConfig) -> 
         f"the kernel makes the {convolved} PSF model {ratio:.2f}x as wide as the {target} "
         f"PSF it should match{sizes}: a PSF model is wrong, and the kernel's basis and stamps "
         f"were sized from it, so its flux and shape are unreliable{kernel}; check the PSFs "
-        "(supply them, or a FWHM)",
+        "(supply them, or a FWHM)" + _where(metrics, "kernel_psf_width"),
     )
 
 

@@ -331,6 +331,56 @@ def test_a_trailed_science_against_a_round_template_is_not_called_good():
     assert metrics["quality"]["verdict"] == BAD
 
 
+def _opposite_psf_gradients(variation: float):
+    """512 px pair whose PSFs vary in opposite directions along x (true grids given): the
+    science 3.0 px at the centre, narrower towards x = 0; the template 2.8 px there and
+    wider towards x = 0, so the two cross near the centre."""
+    from core.simulate import preset, simulate_pair
+
+    config = preset("sharper_template", size=512, seed=4)
+    config = config.model_copy(
+        update={
+            "science_psf": config.science_psf.model_copy(
+                update={"fwhm": 3.0, "variation": variation, "variation_angle": 0.0}
+            ),
+            "template_psf": config.template_psf.model_copy(
+                update={"fwhm": 2.8, "variation": variation, "variation_angle": 180.0}
+            ),
+            "psf_node_spacing": 128.0,
+        }
+    )
+    return simulate_pair(config)
+
+
+def test_psf_checks_judge_the_worst_place_on_the_field():
+    """PSFs that vary over the field are checked at the centre, edge midpoints and
+    corners, and judged at the worst. Here the template matches the science at the
+    centre (0.98) and is 1.46x as wide as it at x = 0 (science 2.4 px, template 3.4 px):
+    checked at the centre only, the pair was called good (the reviewer's 2048 px pair,
+    template sharper at the centre and broader in the corners: 0.92 at the centre, 1.70
+    in the corners, where the noise was 1.05-1.065x its variance and bright stars left
+    chi^2 2-5)."""
+    from core.psf import ImagePsf
+    from core.subtract import run_subtraction
+
+    pair = _opposite_psf_gradients(0.4)
+    metrics = run_subtraction(pair.science, pair.template).metrics
+    assert metrics["mode"] == "convolveTemplate"
+    assert metrics["psf_sharpening_ratio_centre"] == pytest.approx(0.98, abs=0.03)
+    assert metrics["psf_sharpening_ratio"] == pytest.approx(1.46, abs=0.04)
+    assert metrics["psf_sharpening_where"] == "edge (0, 256)"
+    assert 0.9 < metrics["kernel_psf_width_ratio_centre"] < 1.1
+    assert metrics["quality"]["verdict"] == SUSPECT
+    (reason,) = metrics["quality"]["reasons"]
+    assert "1.46x as wide" in reason and "worst at the edge (0, 256), 0.98 at the centre" in reason
+    # constant PSFs are drawn once, at the centre, as before: no place is named
+    science, template = (
+        exposure.with_psf(ImagePsf(exposure.psf.kernel_image()))
+        for exposure in (pair.science, pair.template)
+    )
+    assert "psf_sharpening_where" not in run_subtraction(science, template).metrics
+
+
 def test_kernel_psf_width_ratio_measures_the_models_agreement():
     """1 when the kernel turns one Gaussian PSF into the other; the wrong model's width
     ratio when a model is wrong (Gaussian widths add in quadrature)."""
