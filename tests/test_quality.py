@@ -148,6 +148,97 @@ def test_kernel_stars_left_in_the_difference_make_it_suspect(fraction, error, le
         assert "kernel sum 0.922" in named[0]
 
 
+def _cell(x, y, fraction: float, error: float, n: int = 22) -> dict:
+    return {"x": list(x), "y": list(y), "fraction": fraction, "error": error, "n": n}
+
+
+#: a 3x3 grid over 2048 px, each cell's pixel range
+_THIRDS = ((0, 682), (683, 1365), (1366, 2047))
+
+
+@pytest.mark.parametrize(
+    ("centre", "corner", "level"),
+    [
+        # a constant kernel under a PSF 2.5 px at the centre and 5 px in the corners
+        # (2048 px): the stars kept +10.0% +- 0.5% at the centre, -8.4% to -9.2% +- 2-3%
+        # in the corners, a median of +1.0% +- 0.9% over the field
+        ((0.100, 0.005), (-0.087, 0.022), SUSPECT),
+        ((0.010, 0.010), (-0.087, 0.022), SUSPECT),
+        # beyond the floor, within 3 of its error: noise of a few stars
+        ((0.010, 0.010), (-0.087, 0.030), GOOD),
+        # within the floor however well measured: what a matched pair leaves
+        ((0.045, 0.005), (-0.040, 0.005), GOOD),
+    ],
+)
+def test_kernel_stars_left_in_part_of_the_field_make_it_suspect(centre, corner, level):
+    """The star residual is judged per cell of a 3x3 grid too: one median over the
+    field was +1.0% where the stars kept +10% at the centre and -9% in the corners,
+    and 232 false sources sat at stars."""
+    cells = [_cell(x, y, 0.0, 0.01) for y in _THIRDS for x in _THIRDS]
+    cells[4] = _cell(_THIRDS[1], _THIRDS[1], *centre)
+    cells[6] = _cell(_THIRDS[0], _THIRDS[2], *corner)
+    verdict = _verdict_of(
+        kernel_sum=1.0,
+        star_residual_fraction=0.0097,
+        star_residual_fraction_error=0.0086,
+        n_residual_stars=200,
+        star_residual_cells=cells,
+    )
+    assert verdict["verdict"] == level, verdict["reasons"]
+    if level == SUSPECT:
+        (reason,) = verdict["reasons"]
+        worst = cells[4] if centre[0] > 0.05 else cells[6]
+        place = f"x {worst['x'][0]}-{worst['x'][1]}, y {worst['y'][0]}-{worst['y'][1]}"
+        assert f"the kernel stars at {place} keep {100 * worst['fraction']:+.1f}%" in reason
+        assert "over the field +1.0%" in reason
+
+
+def test_a_constant_kernel_under_a_varying_psf_is_not_called_good():
+    """1024 px, science PSF 2.45-4.55 px corner to corner, template 2.5 px: with the
+    kernel held constant the stars kept +20% in one corner and -23% in the other, +2.6%
+    +- 0.9% over the field (good before); the kernel's default spatial order follows the
+    PSF (every cell within 2.1%) and stays good."""
+    from core.simulate import preset, simulate_pair
+    from core.subtract import run_subtraction
+
+    config = preset("sharper_template", size=1024, seed=1)
+    config = config.model_copy(
+        update={
+            "science_psf": config.science_psf.model_copy(
+                update={"fwhm": 3.5, "variation": 0.6, "variation_angle": 45.0}
+            ),
+            "template_psf": config.template_psf.model_copy(update={"fwhm": 2.5}),
+            "psf_node_spacing": 128.0,
+            "star_density": 3000.0,
+        }
+    )
+    pair = simulate_pair(config)
+    constant = run_subtraction(pair.science, pair.template, {"kernel": {"spatial_kernel_order": 0}})
+    metrics = constant.metrics
+    assert abs(metrics["star_residual_fraction"]) < 0.05
+    fractions = [cell["fraction"] for cell in metrics["star_residual_cells"]]
+    assert len(fractions) == 9 and max(fractions) > 0.15 and min(fractions) < -0.15
+    assert metrics["quality"]["verdict"] == SUSPECT
+    assert any("kernel stars at x" in r for r in metrics["quality"]["reasons"])
+    metrics = run_subtraction(pair.science, pair.template).metrics
+    assert max(abs(cell["fraction"]) for cell in metrics["star_residual_cells"]) < 0.03
+    assert metrics["quality"]["verdict"] == GOOD, metrics["quality"]["reasons"]
+
+
+def test_star_residual_over_the_field_is_told_once():
+    """Residuals that fail over the field are told as before, not again per cell."""
+    cells = [_cell(x, y, 0.09, 0.01) for y in _THIRDS for x in _THIRDS]
+    verdict = _verdict_of(
+        kernel_sum=1.0,
+        star_residual_fraction=0.09,
+        star_residual_fraction_error=0.004,
+        n_residual_stars=200,
+        star_residual_cells=cells,
+    )
+    assert verdict["verdict"] == SUSPECT
+    assert len(verdict["reasons"]) == 1 and "(+-0.4%, median of 200)" in verdict["reasons"][0]
+
+
 def test_star_residual_of_a_score_names_the_score():
     verdict = _star_residual_verdict(0.29, 0.01, mode="preconvolve")
     assert verdict["verdict"] == SUSPECT
@@ -182,9 +273,51 @@ def test_star_residual_fraction_measures_what_the_stars_keep():
         error = figures["star_residual_fraction_error"]
         assert 0 < error < 0.01
         assert figures["star_residual_fraction"] == pytest.approx(kept, abs=3 * error)
+    # each cell of the 3x3 grid with 8 stars or more has its own median
+    assert [cell["n"] for cell in figures["star_residual_cells"]] == [
+        n for n in _cell_counts(xs, ys, 160) if n >= 8
+    ]
     # fewer than 3 stars give no figure
     few = star_residual_fraction(difference, science, xs[:2], ys[:2])
     assert math.isnan(few["star_residual_fraction"]) and few["n_residual_stars"] == 2
+
+
+def _cell_counts(xs, ys, size: int) -> list[int]:
+    """Stars per cell of a 3x3 grid over a ``size`` px square, rows of cells from y = 0."""
+    column, row = (np.minimum((np.asarray(v) * 3 / size).astype(int), 2) for v in (xs, ys))
+    return [int(np.sum((row == j) & (column == i))) for j in range(3) for i in range(3)]
+
+
+def test_star_residual_cells_find_what_stars_keep_in_part_of_the_field():
+    """Stars that keep 10% of their flux in the central cell only: the median over the
+    field hardly moves, the central cell's says 10%, the others 0."""
+    from core.metrics import star_residual_fraction
+    from core.psf import GaussianPsf
+
+    rng = np.random.default_rng(5)
+    psf, size = GaussianPsf(1.5), 300
+    xs, ys = rng.uniform(12, size - 12, 180), rng.uniform(12, size - 12, 180)
+    fluxes = rng.uniform(5e3, 3e4, 180)
+    centre = (xs >= 100) & (xs < 200) & (ys >= 100) & (ys < 200)
+    stars, kept = np.zeros((size, size)), np.zeros((size, size))
+    for x, y, f, inside in zip(xs, ys, fluxes, centre, strict=True):
+        add_point_source(stars, psf, x, y, f)
+        if inside:
+            add_point_source(kept, psf, x, y, 0.10 * f)
+    variance = np.full((size, size), 100.0)
+    science = Exposure.from_arrays(stars + rng.normal(0, 10, stars.shape), variance, psf=psf)
+    difference = Exposure.from_arrays(kept + rng.normal(0, 10, stars.shape), variance, psf=psf)
+    figures = star_residual_fraction(difference, science, xs, ys)
+    assert abs(figures["star_residual_fraction"]) < 0.01
+    cells = {(cell["x"][0], cell["y"][0]): cell for cell in figures["star_residual_cells"]}
+    assert set(cells) == {(x, y) for y in (0, 100, 200) for x in (0, 100, 200)}
+    middle = cells[(100, 100)]
+    assert (middle["x"], middle["y"], middle["n"]) == ([100, 199], [100, 199], centre.sum())
+    assert middle["fraction"] == pytest.approx(0.10, abs=3 * middle["error"])
+    assert 0 < middle["error"] < 0.01
+    for place, cell in cells.items():
+        if place != (100, 100):
+            assert abs(cell["fraction"]) < max(0.005, 3 * cell["error"])
 
 
 def _width_verdict(ratio: float, mode: str = "preconvolve"):
