@@ -189,7 +189,9 @@ class Quality(BaseModel):
         description="good; suspect: usable with care; bad: do not use.", examples=["suspect"]
     )
     reasons: list[str] = Field(
-        description="Why it is not good, each 'level: what to check'.",
+        description="Why it is not good, each 'level: what to check'; a 'note: ...' "
+        "reason tells what the user should know and does not lower the verdict (exposure "
+        "times that disagree with the flux ratio the kernel stars measured).",
         examples=[["suspect: only 4 kernel stamps were fitted (fewer than 5)"]],
     )
 

@@ -10,6 +10,8 @@ astronomer would say.
 ``bad``: the difference should not be used (noise wildly off its variance, the
 same data twice, a kernel sum far from any plausible flux ratio).
 ``suspect``: usable with care; each reason says what to check.
+``note``: a reason that does not lower the verdict, something the user should know
+(exposure times that disagree with the flux ratio the stars measured).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from .config import QualityConfig
 from .exposure import Exposure
 from .units import rate_and_electrons
 
-__all__ = ["Verdict", "assess_quality", "expected_kernel_sum", "kernel_centroid"]
+__all__ = ["NOTE", "Verdict", "assess_quality", "expected_kernel_sum", "kernel_centroid"]
 
 GOOD, SUSPECT, BAD = "good", "suspect", "bad"
-_RANK = {GOOD: 0, SUSPECT: 1, BAD: 2}
+#: the level of a reason that is told but leaves the verdict as it is
+NOTE = "note"
+_RANK = {NOTE: -1, GOOD: 0, SUSPECT: 1, BAD: 2}
 
 
 @dataclass
@@ -289,10 +293,33 @@ def _kernel_sum(verdict, metrics, science, template, config: QualityConfig) -> N
                 f"(more than {100 * tolerance:.0f}% off): check the PSFs and the kernel stars",
             )
     elif off > config.exposure_time_factor or off < 1 / config.exposure_time_factor:
-        verdict.add(
-            SUSPECT,
-            f"kernel sum {ksum:.3f} where the exposure times predict {value:.3f}",
-        )
+        what = f"kernel sum {ksum:.3f} where the exposure times predict {value:.3f}"
+        if _stars_confirm_kernel_sum(metrics, config):
+            # the stars measured the ratio: the headers (a stack's total EXPTIME beside one
+            # exposure's pixels) or clouds differ, not the fit, which every epoch would fail
+            fraction = metrics["star_residual_fraction"]
+            error = metrics["star_residual_fraction_error"]
+            verdict.add(
+                NOTE,
+                f"{what}, but the kernel stars vanish with it ({100 * fraction:+.1f}% "
+                f"+-{100 * error:.1f}% of their flux left): the flux ratio is the stars'; "
+                "check the EXPTIME cards (a stack's total beside one exposure's pixel scale?) "
+                "or the transparency",
+            )
+        else:
+            verdict.add(SUSPECT, what)
+
+
+def _stars_confirm_kernel_sum(metrics: dict, config: QualityConfig) -> bool:
+    """The kernel stars measured the flux ratio the kernel sum gives: what they keep is
+    within the star residual floor and so is three times its error (a residual known
+    only to +-10% confirms no ratio)."""
+    fraction = metrics.get("star_residual_fraction")
+    error = metrics.get("star_residual_fraction_error")
+    if not (isinstance(fraction, int | float) and isinstance(error, int | float)):
+        return False
+    limit = config.max_star_residual
+    return abs(fraction) <= limit and 0 <= config.star_residual_sigma * error <= limit
 
 
 def _star_residuals(verdict: Verdict, metrics: dict, config: QualityConfig) -> None:

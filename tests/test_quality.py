@@ -577,3 +577,52 @@ def test_kernel_sum_is_judged_in_the_direction_the_kernel_maps(mode, ksum, flagg
     metrics = {"noise_ratio": 1.0, "kernel_sum": ksum, "mode": mode}
     reasons = assess_quality(metrics, science, template, None, None, []).as_dict()["reasons"]
     assert any("calibrations predict" in reason for reason in reasons) == flagged
+
+
+@pytest.mark.parametrize(
+    ("residual", "level"),
+    [
+        # the stars vanish with the kernel's ratio, measured to +-0.3%
+        ((0.002, 0.003), GOOD),
+        # no star residual measured, or measured too loosely to confirm any ratio
+        (None, SUSPECT),
+        ((0.002, 0.03), SUSPECT),
+        # the stars keep their light: the kernel's ratio is not theirs
+        ((0.08, 0.003), SUSPECT),
+    ],
+)
+def test_exposure_times_that_the_stars_contradict_are_told_not_judged(residual, level):
+    """A template whose EXPTIME is a stack's total (900 s) while its pixels keep one 30 s
+    exposure's scale: every epoch read "kernel sum 0.999 where the exposure times predict
+    30.000" and was suspect. When the kernel stars measured the ratio, it stands and the
+    mismatch is a note; otherwise the exposure times still judge it."""
+    science = Exposure.from_arrays(np.zeros((64, 64)), metadata={"EXPTIME": 30.0})
+    template = Exposure.from_arrays(np.zeros((64, 64)), metadata={"EXPTIME": 900.0})
+    metrics = {"noise_ratio": 1.0, "kernel_sum": 0.999, "mode": "convolveScience"}
+    if residual is not None:
+        metrics["star_residual_fraction"], metrics["star_residual_fraction_error"] = residual
+        metrics["n_residual_stars"] = 150
+    verdict = assess_quality(metrics, science, template, None, None, []).as_dict()
+    assert verdict["verdict"] == level, verdict["reasons"]
+    told = [r for r in verdict["reasons"] if "exposure times predict 30.000" in r]
+    assert len(told) == 1
+    assert told[0].startswith("note: " if level == GOOD else "suspect: ")
+    if level == GOOD:
+        assert "+0.2% +-0.3% of their flux left" in told[0] and "EXPTIME" in told[0]
+
+
+def test_calibrations_still_judge_the_kernel_sum_whatever_the_stars_say():
+    """The calibration branch is unchanged: calibrations that disagree with the kernel sum
+    make the verdict suspect even when the stars vanish."""
+    science = Exposure.from_arrays(np.zeros((64, 64)), photo_calib=PhotoCalib(1.0))
+    template = Exposure.from_arrays(np.zeros((64, 64)), photo_calib=PhotoCalib(1.5))
+    metrics = {
+        "noise_ratio": 1.0,
+        "kernel_sum": 1.0,
+        "mode": "convolveTemplate",
+        "star_residual_fraction": 0.002,
+        "star_residual_fraction_error": 0.003,
+    }
+    verdict = assess_quality(metrics, science, template, None, None, []).as_dict()
+    assert verdict["verdict"] == SUSPECT
+    assert verdict["reasons"][0].startswith("suspect: kernel sum 1.000 where the calibrations")
