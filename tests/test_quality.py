@@ -626,3 +626,26 @@ def test_calibrations_still_judge_the_kernel_sum_whatever_the_stars_say():
     verdict = assess_quality(metrics, science, template, None, None, []).as_dict()
     assert verdict["verdict"] == SUSPECT
     assert verdict["reasons"][0].startswith("suspect: kernel sum 1.000 where the calibrations")
+
+
+@pytest.mark.parametrize(
+    ("corner", "level"),
+    [
+        # the reviewer's PSFs crossing over the field: corners 1.05-1.065, within the range
+        (1.065, GOOD),
+        # a part of the field the variance does not describe, the whole within its range
+        (1.30, SUSPECT),
+        (0.80, SUSPECT),
+    ],
+)
+def test_noise_of_part_of_the_field_is_judged_by_the_same_range(corner, level):
+    cells = [
+        {"x": list(x), "y": list(y), "noise_ratio": 1.0, "n": 1e5} for y in _THIRDS for x in _THIRDS
+    ]
+    cells[2]["noise_ratio"] = corner
+    verdict = _verdict_of(kernel_sum=1.0, noise_ratio=1.04, noise_ratio_cells=cells)
+    assert verdict["verdict"] == level, verdict["reasons"]
+    if level == SUSPECT:
+        (reason,) = verdict["reasons"]
+        assert f"the noise at x 1366-2047, y 0-682 is {corner:.2f}x" in reason
+        assert "1.04 over the field" in reason
