@@ -514,6 +514,33 @@ def test_psf_checks_judge_the_worst_place_on_the_field():
     assert "psf_sharpening_where" not in run_subtraction(science, template).metrics
 
 
+@pytest.mark.parametrize(
+    ("check", "worst", "centre", "level"),
+    [
+        # the reviewer's crossing PSFs: 1.70 in a corner, 0.92 at the centre
+        ("psf_sharpening", 1.70, 0.92, SUSPECT),
+        ("psf_sharpening", 1.70, 1.60, BAD),
+        ("psf_sharpening", 1.70, None, BAD),
+        # estimated PSF models wrong in the corners only (C_cross without its PSFs)
+        ("kernel_psf_width", 0.34, 1.10, SUSPECT),
+        ("kernel_psf_width", 0.34, 0.45, BAD),
+        ("kernel_psf_width", 0.34, None, BAD),
+    ],
+)
+def test_a_psf_mismatch_in_part_of_the_field_is_suspect_not_bad(check, worst, centre, level):
+    """Bad is judged where it was, at the centre: the worst place on the field makes the
+    verdict suspect (the crossing PSFs' corners left 16-24 false sources at bright stars
+    per ninth of the field against 1-7 elsewhere, and fluxes within 2-5%)."""
+    metrics = {"kernel_sum": 1.0, "mode": "convolveTemplate", f"{check}_ratio": worst}
+    if centre is not None:
+        metrics.update({f"{check}_ratio_centre": centre, f"{check}_where": "corner (0, 2047)"})
+    verdict = _verdict_of(**metrics)
+    assert verdict["verdict"] == level, verdict["reasons"]
+    (reason,) = verdict["reasons"]
+    assert f"{worst:.2f}x as wide" in reason
+    assert ("worst at the corner (0, 2047)" in reason) == (centre is not None)
+
+
 def test_kernel_psf_width_ratio_measures_the_models_agreement():
     """1 when the kernel turns one Gaussian PSF into the other; the wrong model's width
     ratio when a model is wrong (Gaussian widths add in quadrature)."""
