@@ -676,3 +676,8 @@ def test_noise_of_part_of_the_field_is_judged_by_the_same_range(corner, level):
         (reason,) = verdict["reasons"]
         assert f"the noise at x 1366-2047, y 0-682 is {corner:.2f}x" in reason
         assert "1.04 over the field" in reason
+    # a score's variance holds one floor for the field: its cells are not judged
+    score = _verdict_of(
+        kernel_sum=1.0, noise_ratio=1.04, noise_ratio_cells=cells, mode="preconvolve"
+    )
+    assert score["verdict"] == GOOD, score["reasons"]
