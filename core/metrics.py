@@ -104,7 +104,7 @@ def star_residual_fraction(
     output_psf: Psf | None = None,
     minuend_psf: Psf | None = None,
     rating=None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The fraction of the kernel stars' flux a difference (or score) keeps.
 
     A constant star vanishes from a good difference. Where the matching kernel gets
@@ -142,7 +142,10 @@ def star_residual_fraction(
     if rating is not None and xs.size > _RESIDUAL_STARS:
         keep = np.argsort(-np.asarray(rating, dtype=np.float64), kind="stable")[:_RESIDUAL_STARS]
         xs, ys = xs[keep], ys[keep]
-    out = {"star_residual_fraction": math.nan, "star_residual_fraction_error": math.nan}
+    out: dict[str, Any] = {
+        "star_residual_fraction": math.nan,
+        "star_residual_fraction_error": math.nan,
+    }
     ratios = np.zeros(0)
     if xs.size:
         # each profile drawn once, at the frame centre: a ratio of two fits with the same

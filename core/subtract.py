@@ -1275,10 +1275,10 @@ class _SubtractBase(Task):
             if self.preconvolved_stand_in is not None:
                 target_psf, stand_in = self.preconvolved_stand_in, True
             target_stamp = target_psf.kernel_image(*at)
-            if position is not None and self.preconvolved_stand_in is None:
-                if self.preconvolved_psf is not None:
-                    # the preconvolved PSF was drawn once: draw P_S here through P
-                    target_stamp = _preconvolved_stamp(science, self.preconvolution_kernel, at)
+            kernel = self.preconvolution_kernel
+            if position is not None and self.preconvolved_stand_in is None and kernel is not None:
+                # the preconvolved PSF was drawn once: draw P_S here through P
+                target_stamp = _preconvolved_stamp(science, kernel, at)
             return convolved.require_psf().kernel_image(*at), target_stamp, stand_in
         except PsfError:
             return None
