@@ -506,6 +506,12 @@ def test_psf_checks_judge_the_worst_place_on_the_field():
     assert metrics["quality"]["verdict"] == SUSPECT
     (reason,) = metrics["quality"]["reasons"]
     assert "1.46x as wide" in reason and "worst at the edge (0, 256), 0.98 at the centre" in reason
+    # preconvolve: the target is the science PSF at each place seen through P (3.0 px at
+    # the centre: 4.2 px there, 3.8 px at x = 0 against the template's 3.4)
+    metrics = run_subtraction(pair.science, pair.template, {"mode": "preconvolve"}).metrics
+    assert metrics["psf_sharpening_ratio_centre"] == pytest.approx(0.70, abs=0.03)
+    assert metrics["psf_sharpening_ratio"] == pytest.approx(0.92, abs=0.03)
+    assert metrics["psf_sharpening_where"] == "edge (0, 256)"
     # constant PSFs are drawn once, at the centre, as before: no place is named
     science, template = (
         exposure.with_psf(ImagePsf(exposure.psf.kernel_image()))
