@@ -1631,3 +1631,22 @@ def test_frames_past_the_huge_page_size_are_grown_and_padded_like_numpys():
     expected[: shape[0], : shape[1]] = np.where(valid, image, np.float32(np.nan))
     padded = cells.transpose(0, 2, 1, 3).reshape(expected.shape)
     np.testing.assert_array_equal(padded, expected)
+
+
+def test_the_kernel_matched_psf_is_the_direct_correlation_of_the_psf_with_the_kernel():
+    """Drawn by FFT (a 41 px kernel on a 23 px stamp: 43 ms directly, 0.25 ms so)."""
+    from core.psf import GaussianPsf, KernelMatchedPsf
+
+    class Kernel:
+        def __init__(self, image):
+            self._image = image
+
+        def image(self, x=None, y=None):
+            return self._image
+
+    rng = np.random.default_rng(4)
+    kernel = rng.random((41, 41)) * GaussianPsf(5.0, size=41).kernel_image()
+    psf = GaussianPsf(2.0, ellipticity=0.3, angle=20.0, size=23)
+    drawn = KernelMatchedPsf(psf, Kernel(kernel)).kernel_image(100.0, 200.0)
+    reference = ndimage.correlate(np.pad(psf.kernel_image(), 20), kernel, mode="constant")
+    np.testing.assert_allclose(drawn, reference / reference.sum(), rtol=0, atol=1e-14)
