@@ -36,17 +36,29 @@ def block_mean(image: np.ndarray, max_size: int) -> np.ndarray:
         return image
     ny, nx = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
     blocks = image[:ny, :nx].reshape(ny // factor, factor, nx // factor, factor)
-    return np.nanmean(blocks, axis=(1, 3))
+    # sum over count, not np.nanmean: a block wholly off the frame or blank is NaN
+    # without "Mean of empty slice" on every such block
+    finite = np.isfinite(blocks)
+    count = finite.sum(axis=(1, 3))
+    total = np.where(finite, blocks, 0).sum(axis=(1, 3), dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / count, np.nan).astype(np.float32)
 
 
 def stretch_8bit(image: np.ndarray) -> np.ndarray:
-    """uint8 display values of ``image`` (zscale + asinh); NaNs drawn at the median."""
+    """uint8 display values of ``image`` (zscale + asinh); NaNs drawn at the median.
+
+    The interval is taken from the finite pixels alone: blanks filled first (a stamp
+    half off the frame, a no-template strip) made zscale's sorted samples a plateau
+    whose narrow slope clipped most real pixels to black or white.
+    """
     image = np.asarray(image, dtype=np.float32)
     finite = np.isfinite(image)
     if not finite.any():
         return np.zeros(image.shape, dtype=np.uint8)
-    filled = np.where(finite, image, np.nanmedian(image[finite]))
-    vmin, vmax = ZScaleInterval().get_limits(filled)
+    real = image[finite]
+    filled = np.where(finite, image, np.median(real))
+    vmin, vmax = ZScaleInterval().get_limits(real)
     span = vmax - vmin if vmax > vmin else 1.0
     unit = np.clip((filled - vmin) / span, 0.0, 1.0)
     return (AsinhStretch(0.1)(unit, clip=True) * 255).astype(np.uint8)

@@ -447,3 +447,37 @@ def test_forced_measures_a_template_given_its_psf_file(run, tmp_path, capsys):
     missing = [*argv[:3], str(tmp_path / "none.fits"), *argv[4:], "-o", str(out)]
     assert main(missing) == 2
     assert "--psf" in capsys.readouterr().err
+
+
+def test_stretch_of_a_stamp_off_the_frame_comes_from_its_real_pixels():
+    """A 63 px stamp at a frame corner is three quarters NaN: filled with the median
+    before zscale, its sorted samples were a plateau and every on-frame pixel was
+    clipped to 0 or 255 (a review: 95% of a corner stamp's template). The interval
+    comes from the finite pixels; blanks are still drawn at their median."""
+    import warnings
+
+    from astropy.visualization import AsinhStretch, ZScaleInterval
+
+    from core.display import block_mean, stretch_8bit
+
+    rng = np.random.default_rng(2)
+    stamp = np.full((63, 63), np.nan, np.float32)
+    stamp[31:, 31:] = rng.normal(1000.0, 10.0, (32, 32))
+    drawn = stretch_8bit(stamp)
+    on = np.isfinite(stamp)
+    assert ((drawn == 0) | (drawn == 255))[on].mean() < 0.01  # was 1.0
+    assert np.ptp(drawn[~on]) == 0 and 0 < drawn[~on][0] < 255  # one grey, as before
+    # a stamp without blanks stretches as before: the same samples, the same interval
+    whole = rng.normal(0.0, 1.0, (63, 63)).astype(np.float32)
+    lo, hi = ZScaleInterval().get_limits(whole)
+    unit = np.clip((whole - lo) / (hi - lo), 0.0, 1.0)
+    expected = (AsinhStretch(0.1)(unit, clip=True) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(stretch_8bit(whole), expected)
+    # a preview of 1025 px halves it: its blocks wholly off the data are NaN, unwarned
+    image = np.full((1025, 1025), np.nan, np.float32)
+    image[:600, :600] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was "Mean of empty slice"
+        blocks = block_mean(image, 1024)
+    assert blocks.shape == (512, 512)
+    assert np.all(blocks[:300, :300] == 1.0) and np.isnan(blocks[300:, :]).all()
