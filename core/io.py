@@ -87,7 +87,7 @@ from .fits_structure import check_fits_structure
 from .psf import GaussianPsf, GridPsf, ImagePsf, MoffatPsf, Psf
 from .psf_sampling import memo, refined_nodes
 from .sky import pixel_to_radec
-from .units import rate_and_electrons
+from .units import GAIN_KEYS, SATURATION_KEYS, ZERO_POINT_KEYS, rate_and_electrons
 
 __all__ = [
     "read_exposure",
@@ -130,14 +130,14 @@ _PSF_NODES_NAME = "PSF_NODES"
 #: Normalised noise autocorrelation of a resampled image (`Exposure.noise_correlation`).
 _NOISECORR_NAME = "NOISECORR"
 
-_GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN", "EFFGAIN")
+_GAIN_KEYS = GAIN_KEYS
 #: How `Exposure.variance_source` starts for planes modelled from gain and read noise
 #: (photon statistics: white noise, unlike resampled or measured planes; core.variance).
 PHYSICAL_VARIANCE_PREFIX = "gain/read-noise model"
 _READ_NOISE_KEYS = ("RDNOISE", "READNOIS", "READNOISE", "RON")
-_SATURATION_KEYS = ("SATURATE", "SATLEVEL")
+_SATURATION_KEYS = SATURATION_KEYS
 _BAND_KEYS = ("BAND", "FILTER", "FILTNAME", "FILTNAM")
-_ZERO_POINT_KEYS = ("MAGZERO", "MAGZPT", "MAGZP", "ZEROPT", "PHOTZP", "ZP")
+_ZERO_POINT_KEYS = ZERO_POINT_KEYS
 
 #: Exact zeros in solid blocks (every pixel in a ``_FILL_BLOCK`` square of zeros) making
 #: up pieces of at least ``_MIN_FILL_PIXELS`` are no data: the fill of a coadd or drizzled

@@ -78,6 +78,7 @@ from .sky import pixel_to_pixel
 from .sources import detect_sources, kernel_snr_column, select_kernel_sources, sky_sources
 from .stamp_neighbours import bright_neighbours, holders_of, moved, template_only_peaks
 from .task import Task
+from .units import in_units_of
 from .variance import (
     CORRELATED_NOISE_NOTE,
     VarianceScale,
@@ -807,13 +808,16 @@ class _SubtractBase(Task):
     def _match_template(
         self, template: Exposure, science: Exposure, kernel, defer_variance: bool = False
     ) -> Exposure:
-        """K * T on the science box, with the science PSF and calibration; its variance
-        deferred if ``defer_variance`` (`convolve_exposure`)."""
+        """K * T on the science box, with the science PSF, calibration and units (BUNIT,
+        gain, zero point: `in_units_of`); its variance deferred if ``defer_variance``
+        (`convolve_exposure`)."""
         convolved = self._convolve(template, kernel, defer_variance)
         # a registered template is already on the science box: no frame-sized copy then
         matched = convolved if convolved.bbox == science.bbox else convolved.cutout(science.bbox)
         matched.psf = science.require_psf()
         matched.photo_calib = science.photo_calib
+        # K carries the flux ratio: K * T is in science units, not the template's
+        matched.metadata = in_units_of(matched.metadata, science.metadata)
         return matched
 
     def _subtract_matched(self, minuend: Exposure, matched: Exposure, background):
@@ -1526,6 +1530,8 @@ class AlardLuptonSubtractTask(_SubtractBase):
             matched_template = template.cutout(science.bbox)
             matched_template.photo_calib = science.photo_calib
             _scale(matched_template, 1.0 / norm)
+            # T / sum(K) is in science units: the science's BUNIT, gain and zero point
+            matched_template.metadata = in_units_of(matched_template.metadata, science.metadata)
             difference = matched_science.copy()
             if self.config.do_subtract_background:
                 background.add_to(difference.image, difference.xy0, scale=1.0 / norm)

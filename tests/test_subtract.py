@@ -1041,3 +1041,41 @@ def test_the_flux_ratio_is_science_over_template_whichever_image_is_convolved(mo
     header = catalog_hdulist(result.dia_sources)[1].header
     assert header["FLUXRAT"] == pytest.approx(ratio)
     assert header["PHOTCAL"] == pytest.approx(pair.science.photo_calib.calibration)
+
+
+@pytest.mark.parametrize(
+    "scenario, mode",
+    [
+        ("sharper_template", "convolveTemplate"),
+        ("sharper_science", "convolveScience"),
+        ("sharper_template", "preconvolve"),
+    ],
+)
+def test_the_matched_template_states_the_science_units(scenario, mode, tmp_path):
+    """K * T (and T / sum(K)) is in science units: its BUNIT, gain and zero point are the
+    science's (a review: matched_template.fits said the raw template's 'electron' over
+    pixels in adu); its saturation level, in the template's old units, is dropped; its
+    epoch stays the template's."""
+    from astropy.io import fits
+
+    from core.products import write_products
+
+    pair = simulated_pair(scenario, 512, 121)
+    science, template = pair.science.copy(), pair.template.copy()
+    science.metadata.update({"BUNIT": "adu", "GAIN": 2.0, "MAGZERO": 25.0, "MJD-OBS": 60000.5})
+    template.metadata.update(
+        {"BUNIT": "electron", "GAIN": 1.0, "MAGZERO": 26.0, "SATURATE": 5.0e4, "MJD-OBS": 59000.5}
+    )
+    template.metadata.pop("EGAIN", None)
+    raw_template = dict(template.metadata)
+    config = SubtractionConfig(mode=mode, do_decorrelation=False, dia={"enabled": False})
+    result = run_subtraction(science, template, config)
+    meta = result.matched_template.metadata
+    assert (meta["BUNIT"], meta["GAIN"], meta["MAGZERO"]) == ("adu", 2.0, 25.0)  # was electron
+    assert "SATURATE" not in meta
+    assert meta["MJD-OBS"] == 59000.5  # its own epoch
+    assert template.metadata == raw_template  # the input is left alone
+    write_products(result, tmp_path, names=["matched_template"])
+    with fits.open(tmp_path / "matched_template.fits") as hdul:
+        assert hdul["IMAGE"].header["BUNIT"] == "adu"
+        assert "SATURATE" not in hdul[0].header
