@@ -444,7 +444,13 @@ def _cmd_forced(args) -> int:
 
 
 def _cmd_cutouts(args) -> int:
-    from core.cutouts import TRIPLET, triplet_fits, triplet_from_files, triplet_png
+    from core.cutouts import (
+        TRIPLET,
+        source_header,
+        triplet_fits,
+        triplet_from_files,
+        triplet_png,
+    )
     from core.diasources import read_dia_sources
     from core.errors import InvalidConfigError
 
@@ -487,7 +493,7 @@ def _cmd_cutouts(args) -> int:
     for k, row in enumerate(catalog):
         stem = outdir / f"dia_source_{int(row['id']):06d}"
         if args.format in ("fits", "both"):
-            header = {"DIASRCID": int(row["id"]), "X": float(row["x"]), "Y": float(row["y"])}
+            header = source_header(row, catalog.meta)
             stem.with_suffix(".fits").write_bytes(triplet_fits(stamps, k, header))
         if args.format in ("png", "both"):
             stem.with_suffix(".png").write_bytes(triplet_png(stamps, k))

@@ -2,8 +2,9 @@
 
 As in ZTF and Rubin alert packets, each DIA source gets a triplet of stamps
 centred on its pixel: a FITS file of three image HDUs (SCIENCE, TEMPLATE,
-DIFFERENCE, each with its WCS) and a PNG of the three side by side for
-dashboards. Stamps of all sources are gathered at once (core.stamps, NaN
+DIFFERENCE, each with its WCS, unit and its own image's epoch) and a MASK HDU
+(the product's mask bits, invalid pixels of any stamp), and a PNG of the three side
+by side for dashboards. Stamps of all sources are gathered at once (core.stamps, NaN
 beyond the frame); a stamp's WCS is the frame's with CRPIX moved to the stamp's
 origin, the same as slicing the WCS.
 """
@@ -22,7 +23,8 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from .display import BLANK_PLANES, blanked, png_bytes
 from .errors import InvalidConfigError
-from .io import mask_bits
+from .exposure import MaskPlanes
+from .io import mask_planes
 from .parallel import frame_array, thread_map
 from .stamps import stamps
 
@@ -34,6 +36,8 @@ __all__ = [
     "result_images",
     "result_masks",
     "product_blank",
+    "product_mask",
+    "source_header",
     "triplet_fits",
     "triplet_png",
     "triplet_from_files",
@@ -41,6 +45,15 @@ __all__ = [
 
 #: HDU names of a triplet, in order.
 TRIPLET = ("SCIENCE", "TEMPLATE", "DIFFERENCE")
+
+#: Cards of an image's own epoch that its stamps carry (from the image's metadata or
+#: its product's primary header).
+EPOCH_KEYS = ("MJD-OBS", "DATE-OBS")
+#: Epoch cards astropy's WCS writes. The matched template lies on the science grid
+#: and its WCS is the science's, epoch included: given an image's own cards, a stamp
+#: keeps none of these from the WCS (the TEMPLATE stamp said the science's MJD-OBS).
+_WCS_EPOCH_KEYS = ("MJD-OBS", "DATE-OBS", "MJD-BEG", "DATE-BEG", "MJD-AVG", "DATE-AVG")
+_WCS_EPOCH_KEYS += ("MJD-END", "DATE-END")
 
 
 @dataclass
@@ -54,17 +67,21 @@ class Cutouts:
     origin : `numpy.ndarray` (n, 2), int
         Array column and row of each stamp's pixel [0, 0] in the frame.
     headers : dict
-        Image name -> the frame's WCS as a FITS header (with BUNIT when the product
-        gives one), or None without either.
+        Image name -> the frame's WCS as a FITS header with the image's own cards
+        (BUNIT, PRODUCT, MJD-OBS, DATE-OBS where known), or None without either.
     blank : dict
         Image name -> (n, size, size) bool, the stamp pixels a picture leaves blank
         (`core.display.BLANK_PLANES` of the product's mask); images without one: none.
+    masks : dict
+        Image name -> ((n, size, size) int32 mask stamps, `core.exposure.MaskPlanes`),
+        for images whose mask planes are named; off the frame NO_DATA.
     """
 
     stamps: dict[str, np.ndarray]
     origin: np.ndarray
     headers: dict[str, fits.Header | None]
     blank: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, tuple[np.ndarray, MaskPlanes]] = field(default_factory=dict)
 
     def header(self, name: str, k: int) -> fits.Header:
         """FITS header with the WCS (and BUNIT) of stamp ``k`` of image ``name`` (empty
@@ -78,6 +95,22 @@ class Cutouts:
             header["CRPIX1"] = base.get("CRPIX1", 0.0) - float(self.origin[k, 0])
             header["CRPIX2"] = base.get("CRPIX2", 0.0) - float(self.origin[k, 1])
         return header
+
+    def mask(self, k: int) -> tuple[np.ndarray, MaskPlanes] | None:
+        """Stamp ``k`` of every image's mask ORed into one, bits mapped by plane name onto
+        the last image's (the difference's, itself the OR of both inputs' masks); None
+        without named masks. A pixel is invalid in some stamp where it has a bit of
+        `core.display.BLANK_PLANES` (NO_DATA also off the frame)."""
+        if not self.masks:
+            return None
+        *_, (last, planes) = self.masks.values()
+        planes = planes.copy()
+        out = np.array(last[k], dtype=np.int32)
+        for stack, other in list(self.masks.values())[:-1]:
+            for name, bit in other.as_dict().items():
+                target = planes.bit(name)
+                out |= ((stack[k] >> np.int32(bit)) & np.int32(1)) << np.int32(target)
+        return out, planes
 
 
 def _gather(data: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
@@ -104,34 +137,35 @@ def _gather_edge(data: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int) ->
     if np.issubdtype(data.dtype, np.floating):
         return stamps(data, ix, iy, half, fill=np.nan).astype(np.float32, copy=False)
     out = stamps(data, ix, iy, half).astype(np.float32)
-    ny, nx = data.shape
-    offsets = np.arange(-half, half + 1)
-    rows_in = ((iy[:, None] + offsets) >= 0) & ((iy[:, None] + offsets) < ny)
-    cols_in = ((ix[:, None] + offsets) >= 0) & ((ix[:, None] + offsets) < nx)
-    out[~(rows_in[:, :, None] & cols_in[:, None, :])] = np.nan
+    out[_off_frame(data.shape, ix, iy, half)] = np.nan
     return out
 
 
 def cutouts(
-    images: Mapping[str, tuple[np.ndarray, WCS | None]],
+    images: Mapping[str, tuple],
     x,
     y,
     size: int,
-    masks: Mapping[str, tuple[np.ndarray, int]] | None = None,
+    masks: Mapping[str, tuple] | None = None,
 ) -> Cutouts:
     """Stamps of ``size`` x ``size`` px (odd) centred on the pixels nearest (x, y).
 
     Parameters
     ----------
     images : mapping
-        Name (e.g. `TRIPLET`) -> (image (ny, nx), WCS or None), one pixel grid.
+        Name (e.g. `TRIPLET`) -> (image (ny, nx), WCS or None[, cards]), one pixel grid.
+        ``cards``, a mapping of header cards (BUNIT, PRODUCT, MJD-OBS, DATE-OBS, ...),
+        go on the image's stamps; given, they replace the WCS's epoch cards (only the
+        image's own epoch is stated: its MJD-OBS and DATE-OBS among the cards, else none).
     x, y : array-like (n,)
         0-based columns and rows of the sources.
     size : int
         Odd stamp side, so the source's pixel is the centre pixel.
     masks : mapping, optional
-        Name -> (integer mask (ny, nx), bits): where its stamps have any of the bits,
-        their pictures are blank (`Cutouts.blank`).
+        Name -> (integer mask (ny, nx), planes): ``planes`` a mapping of plane name to
+        bit (`core.exposure.MaskPlanes.as_dict`), whose `core.display.BLANK_PLANES`
+        pictures leave blank (`Cutouts.blank`) and `triplet_fits` writes as its MASK
+        HDU (`Cutouts.mask`); or (mask, bits), an int of the bits to leave blank only.
 
     Raises
     ------
@@ -145,7 +179,7 @@ def cutouts(
     ix = np.floor(x + 0.5).astype(int)
     iy = np.floor(y + 0.5).astype(int)
     half = size // 2
-    for data, _ in images.values():
+    for data, *_ in images.values():
         ny, nx = data.shape
         if np.any((ix < 0) | (ix >= nx) | (iy < 0) | (iy >= ny)):
             raise InvalidConfigError(f"a cutout centre is outside the {nx}x{ny} image")
@@ -153,38 +187,115 @@ def cutouts(
     names = list(images)
     stacks = thread_map(lambda name: _gather(images[name][0], ix, iy, half), names)
     by_name = dict(zip(names, stacks, strict=True))
-    headers = {
-        name: wcs.to_header(relax=True) if wcs is not None else None
-        for name, (_, wcs) in images.items()
+    headers = {name: _stamp_header(*spec[1:]) for name, spec in images.items()}
+    blank, named = {}, {}
+    for name, (mask, planes) in (masks or {}).items():
+        if isinstance(planes, Mapping | MaskPlanes):
+            planes = MaskPlanes(planes.as_dict() if isinstance(planes, MaskPlanes) else planes)
+            # the stamps' rows only, then int32 (a file's mask is big-endian, memory-mapped)
+            stack = stamps(mask, ix, iy, half).astype(np.int32)
+            stack[_off_frame(mask.shape, ix, iy, half)] |= np.int32(planes.value("NO_DATA"))
+            named[name] = (stack, planes)
+            bits = planes.get_bitmask(BLANK_PLANES)
+        else:
+            stack, bits = stamps(mask, ix, iy, half), int(planes)
+        if bits:
+            blank[name] = (stack & np.int64(bits)) != 0
+    return Cutouts(by_name, np.column_stack([ix - half, iy - half]), headers, blank, named)
+
+
+def _stamp_header(wcs: WCS | None, cards: Mapping | None = None) -> fits.Header | None:
+    """The frame's WCS header with an image's own ``cards``; None without either."""
+    if wcs is None and not cards:
+        return None
+    header = wcs.to_header(relax=True) if wcs is not None else fits.Header()
+    if cards is not None:
+        for key in _WCS_EPOCH_KEYS:
+            header.remove(key, ignore_missing=True)
+        for key, value in cards.items():
+            if value is not None:
+                header[key] = value
+    return header
+
+
+def _off_frame(shape: tuple[int, ...], ix: np.ndarray, iy: np.ndarray, half: int) -> np.ndarray:
+    """(n, size, size) bool: stamp pixels beyond a frame of ``shape``."""
+    ny, nx = shape
+    offsets = np.arange(-half, half + 1)
+    rows = ((iy[:, None] + offsets) >= 0) & ((iy[:, None] + offsets) < ny)
+    cols = ((ix[:, None] + offsets) >= 0) & ((ix[:, None] + offsets) < nx)
+    return ~(rows[:, :, None] & cols[:, None, :])
+
+
+def result_images(result) -> dict[str, tuple[np.ndarray, WCS | None, dict]]:
+    """`TRIPLET` name -> (image, WCS, cards) of a `core.subtract.SubtractionResult`: the
+    matched science, the matched template and the difference (or score), each with the
+    cards its product file gives its stamps (BUNIT, PRODUCT, its own MJD-OBS, DATE-OBS)."""
+    from .io import bunit_card
+
+    names = ("matched_science", "matched_template", result.output_name)
+    return {
+        name: (e.image, e.wcs, {"BUNIT": bunit_card(e), **_product_card(product), **_epoch(e)})
+        for (name, e), product in zip(_triplet(result).items(), names, strict=True)
     }
-    blank = {
-        name: (stamps(mask, ix, iy, half) & np.int64(bits)) != 0
-        for name, (mask, bits) in (masks or {}).items()
-        if bits
-    }
-    return Cutouts(by_name, np.column_stack([ix - half, iy - half]), headers, blank)
 
 
-def result_images(result) -> dict[str, tuple[np.ndarray, WCS | None]]:
-    """`TRIPLET` name -> (image, WCS) of a `core.subtract.SubtractionResult`: the matched
-    science, the matched template and the difference (or score)."""
-    return {name: (e.image, e.wcs) for name, e in _triplet(result).items()}
+def result_masks(result) -> dict[str, tuple[np.ndarray, dict[str, int]]]:
+    """`cutouts`' ``masks`` of the same images (`result_images`): each one's mask and its
+    planes, so that its pictures leave its `core.display.BLANK_PLANES` blank and its
+    FITS triplet carries the MASK HDU, as those cut from the product files do."""
+    return {name: (e.mask, e.mask_planes.as_dict()) for name, e in _triplet(result).items()}
 
 
-def result_masks(result) -> dict[str, tuple[np.ndarray, int]]:
-    """`cutouts`' ``masks`` of the same images (`result_images`): each one's mask and the
-    bits of its `core.display.BLANK_PLANES`, so that its pictures leave them blank as
-    those cut from the product files do."""
-    return {name: (e.mask, e.bitmask(BLANK_PLANES)) for name, e in _triplet(result).items()}
+def _product_card(product: str) -> dict:
+    # the third stamp of a preconvolve job is its score, not a difference
+    return {"PRODUCT": (product, "product the stamp is cut from")}
+
+
+def _epoch(exposure) -> dict:
+    """An exposure's own MJD-OBS and DATE-OBS, where its metadata has them."""
+    upper = {str(k).upper(): v for k, v in exposure.metadata.items()}
+    return _full_epoch({key: upper.get(key) for key in EPOCH_KEYS})
+
+
+def _full_epoch(cards: dict) -> dict:
+    """MJD-OBS and DATE-OBS, each known one giving the other (as astropy's WCS writes
+    DATE-OBS from MJD-OBS); unreadable or unknown ones left out."""
+    from astropy.time import Time
+
+    mjd, date = cards.get("MJD-OBS"), cards.get("DATE-OBS")
+    mjd = float(mjd) if isinstance(mjd, int | float) and np.isfinite(mjd) else None
+    date = date.strip() if isinstance(date, str) and date.strip() else None
+    try:
+        if mjd is None and date is not None:
+            mjd = float(Time(date, scale="utc").mjd)
+        elif date is None and mjd is not None:
+            date = Time(mjd, format="mjd", scale="utc").isot
+    except ValueError:  # a date astropy cannot read: stated as it is, nothing derived
+        pass
+    out = {"MJD-OBS": mjd, "DATE-OBS": date}
+    return {key: value for key, value in out.items() if value is not None}
 
 
 def product_blank(hdul: fits.HDUList, shape: tuple[int, ...]) -> tuple[np.ndarray, int] | None:
     """A product file's ``MASK`` plane of its image's ``shape`` and the bits of its
     `core.display.BLANK_PLANES` (pictures leave those pixels blank); None without one."""
+    found = product_mask(hdul, shape)
+    if found is None:
+        return None
+    mask, planes = found
+    return mask, planes.get_bitmask(BLANK_PLANES)
+
+
+def product_mask(
+    hdul: fits.HDUList, shape: tuple[int, ...]
+) -> tuple[np.ndarray, MaskPlanes] | None:
+    """A product file's ``MASK`` plane of its image's ``shape`` and its planes (its
+    ``MP_<NAME>`` cards, else the default ones); None without one."""
     mask = next((h for h in hdul if h.name == "MASK" and h.is_image and h.shape == shape), None)
     if mask is None:
         return None
-    return mask.data, mask_bits(mask.header, BLANK_PLANES)
+    return mask.data, mask_planes(mask.header)
 
 
 def _triplet(result) -> dict:
@@ -193,18 +304,76 @@ def _triplet(result) -> dict:
 
 
 def triplet_fits(cut: Cutouts, k: int = 0, header: Mapping | None = None) -> bytes:
-    """FITS bytes of source ``k``: empty primary HDU (``header`` cards) and one image HDU
-    per image, named as in ``cut.stamps``, with the stamp's WCS."""
+    """FITS bytes of source ``k``: empty primary HDU (``header`` cards, e.g.
+    `source_header`), one image HDU per image, named as in ``cut.stamps``, with the
+    stamp's WCS and cards, and with named masks a ``MASK`` HDU (`Cutouts.mask`).
+
+    The stamps keep the values of pixels without a difference (the EDGE band, NO_DATA
+    where the template has no coverage), as the products do; MASK says which they are,
+    int32 with the products' ``MP_<NAME>`` bit cards: a pixel is usable in every stamp
+    where ``MASK & (NO_DATA | EDGE)`` is 0 (off the frame: NO_DATA, and NaN).
+    """
     primary = fits.PrimaryHDU()
     for key, value in (header or {}).items():
         primary.header[key] = value
     hdus: list = [primary]
     for name, stack in cut.stamps.items():
         hdus.append(fits.ImageHDU(stack[k], header=cut.header(name, k), name=name))
+    combined = cut.mask(k)
+    if combined is not None:
+        mask, planes = combined
+        cards = fits.Header()
+        for plane, bit in sorted(planes.as_dict().items(), key=lambda kv: kv[1]):
+            cards[f"HIERARCH MP_{plane}"] = bit
+        # one plane for the triplet, as an alert consumer masks one stamp grid
+        cards["COMMENT"] = "OR of the stamps' masks; off the frame NO_DATA"
+        hdus.append(fits.ImageHDU(mask, header=cards, name="MASK"))
     buffer = io.BytesIO()
     # the headers are built here, not read: nothing to verify
     fits.HDUList(hdus).writeto(buffer, output_verify="ignore")
     return buffer.getvalue()
+
+
+#: Catalog meta -> primary card of a triplet (the science exposure's, `core.diasources`).
+_SOURCE_META = {
+    "mjd_obs": ("MJD-OBS", "start of the science exposure (MJD)"),
+    "date_obs": ("DATE-OBS", "start of the science exposure"),
+    "band": ("FILTER", "filter of the science exposure"),
+}
+
+
+def source_header(row, meta: Mapping | None = None) -> dict:
+    """Primary-header cards of a DIA source's triplet (`triplet_fits`' ``header``).
+
+    Parameters
+    ----------
+    row : `astropy.table.Row`
+        The source's catalog row: its ``id``, ``x``, ``y`` and, where finite, ``ra``
+        and ``dec`` become DIASRCID, X, Y, RA, DEC.
+    meta : mapping, optional
+        The catalog's meta: the science's ``mjd_obs``, ``date_obs`` and ``band`` become
+        MJD-OBS, DATE-OBS and FILTER where known.
+
+    Returns
+    -------
+    dict
+        Keyword -> (value, comment).
+    """
+    cards = {
+        "DIASRCID": (int(row["id"]), "DIA source id in the catalog"),
+        "X": (float(row["x"]), "column of the source, 0-based (science array)"),
+        "Y": (float(row["y"]), "row of the source, 0-based (science array)"),
+    }
+    sky = (("ra", "RA", "right ascension (deg)"), ("dec", "DEC", "declination (deg)"))
+    for column, key, comment in sky:
+        value = float(row[column]) if column in row.colnames else np.nan
+        if np.isfinite(value):
+            cards[key] = (value, comment)
+    for name, (key, comment) in _SOURCE_META.items():
+        value = (meta or {}).get(name)
+        if value is not None and not (isinstance(value, float) and not np.isfinite(value)):
+            cards[key] = (value, comment)
+    return cards
 
 
 #: Smallest panel (px) of a triplet PNG: a 63 px stamp drawn pixel for pixel is a
@@ -246,7 +415,11 @@ def triplet_from_files(paths: Mapping[str, Path], x, y, size: int) -> Cutouts:
     size : int
         Odd stamp side.
 
-    A product's ``MASK`` HDU marks the pixels its pictures leave blank (`Cutouts.blank`).
+    A product's ``MASK`` HDU marks the pixels its pictures leave blank (`Cutouts.blank`)
+    and goes into the triplet's MASK (`Cutouts.mask`). Each image's stamps carry its
+    product's BUNIT, PRODUCT (the file's stem) and its own epoch (`EPOCH_KEYS` of an
+    alsub product's primary header, else of the image's HDU; a matched template's WCS
+    is the science's, epoch included).
     """
     parts = []
     for name, path in paths.items():
@@ -265,20 +438,29 @@ def triplet_from_files(paths: Mapping[str, Path], x, y, size: int) -> Cutouts:
             except Exception:  # noqa: BLE001 - an unreadable WCS: stamps without one
                 wcs = None
             # its mask's unusable pixels are left blank in pictures
-            blank = product_blank(hdul, chosen.shape)
-            masks = {name: blank} if blank is not None else None
-            part = cutouts({name: (chosen.data, wcs)}, x, y, size, masks)
-            header = part.headers[name] or fits.Header()
+            mask = product_mask(hdul, chosen.shape)
+            masks = {name: mask} if mask is not None else None
+            cards = {**_file_epoch(hdul, chosen), **_product_card(Path(path).stem)}
             unit = chosen.header.get("BUNIT")
             if unit:  # the stamps' unit, as the product states it
-                header["BUNIT"] = unit
-            # the third stamp of a preconvolve job is its score, not a difference
-            header["PRODUCT"] = (Path(path).stem, "product the stamp is cut from")
-            part.headers[name] = header
-            parts.append(part)
+                cards["BUNIT"] = unit
+            parts.append(cutouts({name: (chosen.data, wcs, cards)}, x, y, size, masks))
+    pairs = list(zip(parts, paths, strict=True))
     return Cutouts(
-        {name: part.stamps[name] for part, name in zip(parts, paths, strict=True)},
+        {name: part.stamps[name] for part, name in pairs},
         parts[0].origin,
-        {name: part.headers[name] for part, name in zip(parts, paths, strict=True)},
-        {name: part.blank[name] for part, name in zip(parts, paths, strict=True) if part.blank},
+        {name: part.headers[name] for part, name in pairs},
+        {name: part.blank[name] for part, name in pairs if name in part.blank},
+        {name: part.masks[name] for part, name in pairs if name in part.masks},
+    )
+
+
+def _file_epoch(hdul: fits.HDUList, chosen) -> dict:
+    """`EPOCH_KEYS` of a product file's image: an alsub product's primary header holds
+    the image's own metadata (its IMAGE HDU's WCS may carry the science's epoch); another
+    file's, the primary's, else the image HDU's."""
+    primary = hdul[0].header
+    sources = [primary] if "ALSUBMD" in primary else [primary, chosen.header]
+    return _full_epoch(
+        {key: next((h[key] for h in sources if h.get(key) is not None), None) for key in EPOCH_KEYS}
     )

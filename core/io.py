@@ -103,6 +103,7 @@ __all__ = [
     "image_unit",
     "bunit_card",
     "mask_bits",
+    "mask_planes",
     "DEFAULT_MAX_PIXELS",
     "MIN_IMAGE_SIDE",
 ]
@@ -726,10 +727,15 @@ def _mask_planes_from_header(header: fits.Header | None) -> MaskPlanes | None:
     return MaskPlanes(planes) if planes else None
 
 
+def mask_planes(header: fits.Header | None) -> MaskPlanes:
+    """The planes of a MASK HDU with header ``header``: its ``MP_<NAME>`` cards, else
+    alsub's (Rubin's) default planes."""
+    return _mask_planes_from_header(header) or MaskPlanes()
+
+
 def mask_bits(header: fits.Header | None, names) -> int:
-    """Bits of the named planes in a MASK HDU with header ``header``: its ``MP_<NAME>``
-    cards, else alsub's (Rubin's) default planes."""
-    return (_mask_planes_from_header(header) or MaskPlanes()).get_bitmask(names)
+    """Bits of the named planes in a MASK HDU with header ``header`` (`mask_planes`)."""
+    return mask_planes(header).get_bitmask(names)
 
 
 def _mask_from_plane(

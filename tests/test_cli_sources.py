@@ -19,6 +19,7 @@ from core.exposure import Exposure
 
 REQUIRED = ("id", "x", "y", "ra", "dec", "psf_flux", "psf_flux_err", "snr")
 REQUIRED += ("is_negative", "is_dipole", "flags")
+TRIPLET_NAMES = ("SCIENCE", "TEMPLATE", "DIFFERENCE")
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +210,8 @@ def test_cutouts_triplets(run, tmp_path):
     assert len(list(outdir.glob("*.fits"))) == 3 and len(list(outdir.glob("*.png"))) == 3
     row = table[0]
     with fits.open(outdir / f"dia_source_{ids[0]:06d}.fits") as hdul:
-        assert [h.name for h in hdul[1:]] == ["SCIENCE", "TEMPLATE", "DIFFERENCE"]
-        for hdu in hdul[1:]:
+        assert [h.name for h in hdul[1:]] == ["SCIENCE", "TEMPLATE", "DIFFERENCE", "MASK"]
+        for hdu in hdul[1:4]:
             assert hdu.data.shape == (63, 63)
             # the centre pixel of each stamp is the source's pixel, on the sky too
             ra, dec = WCS(hdu.header).pixel_to_world_values(
@@ -219,7 +220,7 @@ def test_cutouts_triplets(run, tmp_path):
             assert abs(ra - row["ra"]) < 1e-7 and abs(dec - row["dec"]) < 1e-7
         # each stamp states its unit, as its product does
         products_of = ("matched_science", "matched_template", "difference")
-        for hdu, product in zip(hdul[1:], products_of, strict=True):
+        for hdu, product in zip(hdul[1:4], products_of, strict=True):
             assert (
                 hdu.header["BUNIT"]
                 == fits.getheader(products / f"{product}.fits", "IMAGE")["BUNIT"]
@@ -481,3 +482,83 @@ def test_stretch_of_a_stamp_off_the_frame_comes_from_its_real_pixels():
         blocks = block_mean(image, 1024)
     assert blocks.shape == (512, 512)
     assert np.all(blocks[:300, :300] == 1.0) and np.isnan(blocks[300:, :]).all()
+
+
+def _triplet_result():
+    """A result of three 80 px images on one grid whose WCS states the science's epoch
+    (as a template resampled onto the science grid has it); the template lacks a strip
+    (NO_DATA) and the difference has an EDGE band beside it."""
+    from core.subtract import SubtractionResult
+
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval, wcs.wcs.crpix, wcs.wcs.cdelt = [150.0, 2.0], [40.5, 40.5], [-7e-5, 7e-5]
+    wcs.wcs.mjdobs = 60000.5
+    rng = np.random.default_rng(8)
+    made = []
+    for epoch in (60000.5, 59000.5, 60000.5):
+        image = rng.normal(0.0, 1.0, (80, 80)).astype(np.float32)
+        exposure = Exposure.from_arrays(image, np.ones_like(image), wcs=wcs.deepcopy())
+        exposure.metadata.update({"BUNIT": "adu", "MJD-OBS": epoch})
+        made.append(exposure)
+    science, template, difference = made
+    no_data, edge = template.mask_planes.value("NO_DATA"), difference.mask_planes.value("EDGE")
+    template.mask[:, :20] |= no_data
+    difference.mask[:, :20] |= no_data
+    difference.mask[:, 20:22] |= edge
+    return SubtractionResult(
+        difference=difference, matched_template=template, matched_science=science
+    )
+
+
+def test_triplet_stamps_carry_their_own_epoch_unit_and_a_mask(tmp_path):
+    """A triplet's TEMPLATE stamp said the science's MJD-OBS (its WCS is the science
+    grid's) and its library cut had no BUNIT or PRODUCT; the FITS marked no invalid pixel
+    (EDGE and NO_DATA hold input values) and its primary gave the id, x and y only. Cut
+    from memory (the README's path) and from the product files alike: each stamp its own
+    image's epoch, unit and product, a MASK HDU with the products' bits (NO_DATA off the
+    frame too) and the source's sky position and the science's epoch and filter."""
+    from core.cutouts import (
+        cutouts,
+        result_images,
+        result_masks,
+        source_header,
+        triplet_fits,
+        triplet_from_files,
+    )
+    from core.io import write_exposure
+
+    result = _triplet_result()
+    stems = ("matched_science", "matched_template", "difference")
+    paths = {}
+    exposures = (result.matched_science, result.matched_template, result.output)
+    for name, stem, exposure in zip(TRIPLET_NAMES, stems, exposures, strict=True):
+        paths[name] = tmp_path / f"{stem}.fits"
+        write_exposure(exposure, paths[name])
+    catalog = Table({"id": [7], "x": [5.2], "y": [40.0], "ra": [150.0025], "dec": [2.0]})
+    catalog.meta = {"mjd_obs": 60000.5, "date_obs": None, "band": "r"}
+    memory = cutouts(result_images(result), [5.2], [40.0], 21, masks=result_masks(result))
+    files = triplet_from_files(paths, [5.2], [40.0], 21)
+    for cut in (memory, files):
+        with fits.open(
+            io.BytesIO(triplet_fits(cut, 0, source_header(catalog[0], catalog.meta)))
+        ) as hdul:
+            epochs = [hdul[name].header.get("MJD-OBS") for name in TRIPLET_NAMES]
+            assert epochs == [60000.5, 59000.5, 60000.5]  # TEMPLATE was 60000.5
+            assert hdul["TEMPLATE"].header["DATE-OBS"] == "2020-05-31T12:00:00.000"
+            assert [hdul[name].header.get("BUNIT") for name in TRIPLET_NAMES] == ["adu"] * 3
+            assert [hdul[name].header.get("PRODUCT") for name in TRIPLET_NAMES] == list(stems)
+            primary = hdul[0].header
+            assert (primary["DIASRCID"], primary["X"], primary["Y"]) == (7, 5.2, 40.0)
+            assert (primary["RA"], primary["DEC"], primary["FILTER"]) == (150.0025, 2.0, "r")
+            assert primary["MJD-OBS"] == 60000.5 and "DATE-OBS" not in primary
+            mask = hdul["MASK"].data
+            no_data, edge = (
+                1 << hdul["MASK"].header["MP_NO_DATA"],
+                1 << hdul["MASK"].header["MP_EDGE"],
+            )
+            # stamp columns 0-4 off the frame, 5-24 the template's strip, 25-26 EDGE
+            assert np.all(mask[:, :25] & no_data) and not np.any(mask[:, 25:] & no_data)
+            assert np.all(mask[:, 25:27] & edge) and not np.any(mask[:, 27:] & edge)
+            assert np.isnan(hdul["DIFFERENCE"].data[:, :5]).all()
+            assert np.isfinite(hdul["DIFFERENCE"].data[:, 5:]).all()  # the values are kept

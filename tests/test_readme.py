@@ -7,6 +7,7 @@ checks what the block says it gives.
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -60,6 +61,13 @@ def test_notebook_walkthrough_runs(pair, tmp_path, monkeypatch):
     assert names["cut"].blank["DIFFERENCE"].shape == names["cut"].stamps["DIFFERENCE"].shape
     assert len(names["pngs"]) == len(names["real"])
     assert all(png[:8] == b"\x89PNG\r\n\x1a\n" for png in names["pngs"])
+    # the library's FITS triplets carry what the CLI's do: unit, product, a MASK HDU
+    from astropy.io import fits
+
+    with fits.open(io.BytesIO(names["fitses"][0])) as hdul:
+        assert [h.name for h in hdul[1:]] == ["SCIENCE", "TEMPLATE", "DIFFERENCE", "MASK"]
+        assert hdul["TEMPLATE"].header["PRODUCT"] == "matched_template"
+        assert hdul["DIFFERENCE"].header["BUNIT"] and "RA" in hdul[0].header
     # both signs kept: the sources that faded are among the real ones where any are
     catalog = names["cat"]
     faded = (catalog["snr"] < -10) & (catalog["flags"] == 0) & ~catalog["is_dipole"]

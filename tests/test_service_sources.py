@@ -263,8 +263,10 @@ def test_cutout_triplets(deployment, alice):
     answer = alice.get(f"/v1/subtractions/{job_id}/sources/{source['id']}/cutouts")
     assert answer.status_code == 200, answer.text
     with fits.open(io.BytesIO(answer.content)) as hdul:
-        assert [h.name for h in hdul[1:]] == ["SCIENCE", "TEMPLATE", "DIFFERENCE"]
+        assert [h.name for h in hdul[1:]] == ["SCIENCE", "TEMPLATE", "DIFFERENCE", "MASK"]
         assert all(h.data.shape == (63, 63) for h in hdul[1:])
+        # the source's sky position with its id (the primary said id, x and y only)
+        assert (hdul[0].header["DIASRCID"], hdul[0].header["RA"]) == (source["id"], source["ra"])
         difference = hdul["DIFFERENCE"].data
         # the source sits on the centre pixel of the difference stamp
         assert difference[31, 31] > 0.6 * np.nanmax(difference)

@@ -385,7 +385,14 @@ def _position_kind(positions: list[ForcedPosition]) -> tuple[str, str]:
     "`size` x `size` pixels centred on the source, as in alert packets: `format=fits` gives "
     "three image HDUs SCIENCE, TEMPLATE, DIFFERENCE with their WCS (NaN beyond the frame; "
     "each one's PRODUCT card names the product it is cut from: a preconvolve job's third "
-    "stamp is its score, and its PNG panel says so); "
+    "stamp is its score, and its PNG panel says so; BUNIT its unit, the template's the "
+    "science's as its pixels are; MJD-OBS and DATE-OBS its own image's epoch, the "
+    "template's on TEMPLATE, none where unknown), then a MASK HDU: one int32 plane for "
+    "the three stamps with the products' mask bits (`MP_<NAME>` cards), the OR of their "
+    "masks, NO_DATA also beyond the frame. The EDGE band and NO_DATA pixels (no template "
+    "coverage) keep the values copied there, as in the products: mask "
+    "`MASK & (NO_DATA | EDGE)` before using a stamp. The primary header gives the source's "
+    "DIASRCID, X, Y, RA, DEC and the science's MJD-OBS, DATE-OBS and FILTER where known; "
     "`format=png` the three side by side (zscale + asinh each), each enlarged by a whole "
     "factor to at least 180 px and labelled above.",
     response_class=Response,
@@ -417,7 +424,13 @@ def source_cutouts(
     settings: Settings = Depends(get_settings),
     store: Store = Depends(get_store),
 ) -> Response:
-    from core.cutouts import TRIPLET, triplet_fits, triplet_from_files, triplet_png
+    from core.cutouts import (
+        TRIPLET,
+        source_header,
+        triplet_fits,
+        triplet_from_files,
+        triplet_png,
+    )
 
     _finished_job(store, job_id, caller)
     # odd: the source's pixel at the centre (a query parameter, not the config: the
@@ -445,9 +458,8 @@ def source_cutouts(
     stamps = triplet_from_files(paths, [float(row["x"])], [float(row["y"])], size)
     if format == "png":
         return Response(triplet_png(stamps), media_type="image/png")
-    header = {"DIASRCID": int(row["id"]), "X": float(row["x"]), "Y": float(row["y"])}
     return Response(
-        triplet_fits(stamps, 0, header),
+        triplet_fits(stamps, 0, source_header(row, table.meta)),
         media_type="application/fits",
         headers={"Content-Disposition": f'attachment; filename="{job_id}-source-{source_id}.fits"'},
     )
