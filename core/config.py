@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "KernelConfig",
@@ -25,12 +25,18 @@ __all__ = [
     "RegistrationConfig",
     "WarpConfig",
     "Mode",
+    "MIN_CUTOUT_SIZE",
+    "MAX_CUTOUT_SIZE",
 ]
 
 Mode = Literal["auto", "convolveTemplate", "convolveScience", "preconvolve"]
 
 #: Widest kernel basis (pixels): 99 px is over 16 sigma of a 14 px FWHM PSF.
 _MAX_KERNEL = 99
+#: Sides (px) of an alert cutout: odd, so the source's pixel is the centre; at most the
+#: odd number below the service's default ALSUB_MAX_CUTOUT_SIZE (1024), the same limits
+#: as the HTTP route's `size` (a 10001 px triplet was a 1.2 GB file).
+MIN_CUTOUT_SIZE, MAX_CUTOUT_SIZE = 5, 1023
 #: A mask-plane list: at most 64 names of at most 32 characters.
 PlaneList = Annotated[list[Annotated[str, Field(max_length=32)]], Field(max_length=64)]
 #: A noise ratio (robust std of D/sqrt(V)) in a verdict range.
@@ -508,7 +514,11 @@ class DiaSourceConfig(_Config):
         "sit where the matching kernel is extrapolated (flagged).",
     )
     cutout_size: int = Field(
-        63, ge=5, le=1001, description="Side (px) of the alert cutout stamps (odd centres them)."
+        63,
+        ge=MIN_CUTOUT_SIZE,
+        le=MAX_CUTOUT_SIZE,
+        description="Side (px) of the alert cutout stamps, odd (the source's pixel at the "
+        "centre); the default size of the run's cutouts (`alsub cutouts`, the HTTP route).",
     )
     max_sources: int = Field(
         20_000,
@@ -520,6 +530,16 @@ class DiaSourceConfig(_Config):
     forced: ForcedPhotometryConfig = Field(
         default_factory=ForcedPhotometryConfig, description="PSF photometry settings."
     )
+
+    @field_validator("cutout_size")
+    @classmethod
+    def _odd_cutout(cls, value: int) -> int:
+        # an even side has no centre pixel: the route refused it where the config took it
+        if value % 2 == 0:
+            raise ValueError(
+                f"cutout_size must be odd (the source's pixel at the centre), got {value}"
+            )
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -1242,6 +1242,8 @@ def _measure(
     table.meta.update(
         {
             "threshold": float(config.threshold),
+            # the run's cutout side goes with its catalog: `alsub cutouts`' default
+            "cutout_size": int(config.cutout_size),
             "noise_factor": float(det.noise_factor),
             "noise_scale": float(single_scale),
             "psf_fwhm": float(fwhm),
@@ -1424,6 +1426,7 @@ def dia_sources(
 #: Table meta -> FITS header keyword of a written catalog.
 _META_KEYS = {
     "threshold": "THRESH",
+    "cutout_size": "CUTSIZE",
     "noise_factor": "NOISEFAC",
     "noise_scale": "NOISESCL",
     "psf_fwhm": "PSFFWHM",
@@ -1448,6 +1451,7 @@ _META_COMMENTS = {
     "exptime": "science exposure time (s)",
     "bunit": "pixel unit of the difference: fluxes sum pixels",
     "n_sidelobes": "detections dropped as PSF side lobes",
+    "cutout_size": "alert cutout side (px), dia.cutout_size",
 }
 #: Units (FITS TUNIT) of the columns that have them whatever the image's unit.
 _COLUMN_UNITS = {

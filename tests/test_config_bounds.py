@@ -69,3 +69,12 @@ def test_cli_refuses_them_with_exit_2(overrides, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "config" in err and "Traceback" not in err
+
+
+def test_cutout_size_is_odd_and_within_the_routes_limits():
+    """dia.cutout_size 64 was accepted (a cutout has no centre pixel then; the route
+    refused 64) and 1023, the route's largest, refused (le=1001)."""
+    assert SubtractionConfig(dia={"cutout_size": 1023}).dia.cutout_size == 1023
+    for bad in (64, 3, 1025):
+        with pytest.raises(ValidationError, match="cutout_size"):
+            SubtractionConfig(dia={"cutout_size": bad})

@@ -59,7 +59,12 @@ def deployment(redis_server, sim_pair, tmp_path_factory):
             template = upload(client, sim_pair["template"])
             submitted = client.post(
                 "/v1/subtractions",
-                json={"science": {"exposure_id": science}, "template": {"exposure_id": template}},
+                json={
+                    "science": {"exposure_id": science},
+                    "template": {"exposure_id": template},
+                    # the cutouts' default size is the job's (test_cutout_triplets)
+                    "config": {"dia": {"cutout_size": 31}},
+                },
             )
             assert submitted.status_code == 202, submitted.text
             job_id = submitted.json()["id"]
@@ -260,7 +265,14 @@ def test_cutout_triplets(deployment, alice):
     _, job_id, _, _ = deployment
     rows = alice.get(f"/v1/subtractions/{job_id}/sources").json()
     source = rows[0]
-    answer = alice.get(f"/v1/subtractions/{job_id}/sources/{source['id']}/cutouts")
+    # without a size, the job's dia.cutout_size (31; it was the class default, 63)
+    default = alice.get(f"/v1/subtractions/{job_id}/sources/{source['id']}/cutouts")
+    assert default.status_code == 200, default.text
+    with fits.open(io.BytesIO(default.content)) as hdul:
+        assert all(h.data.shape == (31, 31) for h in hdul[1:])
+    answer = alice.get(
+        f"/v1/subtractions/{job_id}/sources/{source['id']}/cutouts", params={"size": 63}
+    )
     assert answer.status_code == 200, answer.text
     with fits.open(io.BytesIO(answer.content)) as hdul:
         assert [h.name for h in hdul[1:]] == ["SCIENCE", "TEMPLATE", "DIFFERENCE", "MASK"]

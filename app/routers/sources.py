@@ -359,6 +359,13 @@ def _ids(positions: list[ForcedPosition]) -> list | None:
     return ids if all(isinstance(i, int) for i in ids) else [str(i) for i in ids]
 
 
+def _job_cutout_size(config: dict) -> int:
+    """dia.cutout_size of a job's stored config; the default where it has none (a job of
+    an older schema)."""
+    value = (config.get("dia") or {}).get("cutout_size")
+    return value if isinstance(value, int) and value > 0 else DiaSourceConfig().cutout_size
+
+
 def _position_kind(positions: list[ForcedPosition]) -> tuple[str, str]:
     both = [i for i, p in enumerate(positions) if p.x is not None and p.ra is not None]
     if both:
@@ -413,11 +420,12 @@ def _position_kind(positions: list[ForcedPosition]) -> tuple[str, str]:
 def source_cutouts(
     job_id: str,
     source_id: int,
-    size: int = Query(
-        DiaSourceConfig().cutout_size,
+    size: int | None = Query(
+        None,
         ge=5,
         description="Stamp side in pixels: odd (the source's pixel at the centre), at most "
-        "ALSUB_MAX_CUTOUT_SIZE (the largest odd number up to it).",
+        "ALSUB_MAX_CUTOUT_SIZE (the largest odd number up to it). Default: the job's "
+        "dia.cutout_size.",
     ),
     format: Literal["fits", "png"] = Query("fits", description="fits or png."),
     caller: Caller = Depends(get_caller),
@@ -432,16 +440,20 @@ def source_cutouts(
         triplet_png,
     )
 
-    _finished_job(store, job_id, caller)
+    record = _finished_job(store, job_id, caller)
+    what = "size"
+    if size is None:  # the job's own dia.cutout_size (it was the class default, always 63)
+        size, what = _job_cutout_size(record.config), "the job's dia.cutout_size"
     # odd: the source's pixel at the centre (a query parameter, not the config: the
     # request is what is wrong)
     largest = settings.max_cutout_size - (1 - settings.max_cutout_size % 2)
-    if size % 2 == 0 or size > largest:
+    if size % 2 == 0 or not 5 <= size <= largest:
+        give = "" if what == "size" else "; give size"
         raise ApiError(
             422,
             "invalid_request",
-            f"size must be odd (the source's pixel at the centre) and at most {largest}, "
-            f"got {size}",
+            f"{what} must be odd (the source's pixel at the centre) and at most {largest}, "
+            f"got {size}{give}",
         )
     table = _catalog(store, job_id)
     match = np.flatnonzero(np.asarray(table["id"]) == source_id)
