@@ -125,16 +125,29 @@ def _check_output_file(path: str) -> None:
         raise UsageError(f"output {path} is a directory: give a file name")
 
 
-def _check_output_dir(path: str) -> None:
+def _check_output_dir(path: str, what: str = "products directory") -> None:
     """Exit 2 at once when ``path`` is a file or cannot be created under its nearest parent."""
     target = Path(path).expanduser().absolute()
     if target.exists() and not target.is_dir():
-        raise UsageError(f"products directory {target} is a file")
+        raise UsageError(f"{what} {target} is a file")
     existing = target
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"products directory {target} cannot be written (in {existing})")
+    if not existing.is_dir():
+        raise UsageError(f"{what} {target} cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {target} cannot be written (in {existing})")
+
+
+def _check_cutout_size(size: int, what: str) -> None:
+    """Exit 2 unless ``size`` is a cutout side the HTTP route takes (odd, 5 to 1023)."""
+    from core.config import MAX_CUTOUT_SIZE, MIN_CUTOUT_SIZE
+
+    if size % 2 == 0 or not MIN_CUTOUT_SIZE <= size <= MAX_CUTOUT_SIZE:
+        raise UsageError(
+            f"{what} must be an odd number from {MIN_CUTOUT_SIZE} to {MAX_CUTOUT_SIZE} "
+            f"(the source's pixel at the centre), got {size}"
+        )
 
 
 def _check_input(path: str | None, what: str) -> None:
@@ -444,6 +457,7 @@ def _cmd_forced(args) -> int:
 
 
 def _cmd_cutouts(args) -> int:
+    from core.config import DiaSourceConfig
     from core.cutouts import (
         TRIPLET,
         source_header,
@@ -454,6 +468,9 @@ def _cmd_cutouts(args) -> int:
     from core.diasources import read_dia_sources
     from core.errors import InvalidConfigError
 
+    if args.size is not None:  # refused before any reading (0 was the default, 10001 1.2 GB)
+        _check_cutout_size(args.size, "--size")
+    _check_output_dir(args.outdir, "output directory")
     products = Path(args.products)
     output = "score" if (products / "score.fits").is_file() else "difference"
     paths = dict(
@@ -464,6 +481,12 @@ def _cmd_cutouts(args) -> int:
         )
     )
     catalog_path = products / "dia_sources.fits"
+    if not catalog_path.is_file() and (products / f"{output}.fits").is_file():
+        # the --products directory it is, of a run that made no catalog
+        raise InvalidConfigError(
+            f"{products} has no dia_sources.fits: the run that made it had the DIA catalog "
+            "off (dia.enabled = false); rerun `alsub subtract` with it on to cut out sources"
+        )
     for path in (catalog_path, *paths.values()):
         if not path.is_file():
             raise InvalidConfigError(
@@ -484,11 +507,13 @@ def _cmd_cutouts(args) -> int:
                 f"no DIA source with id {', '.join(map(str, unknown))} in {catalog_path} ({held})"
             )
         catalog = catalog[[int(i) in wanted for i in catalog["id"]]]
+    # the run's own dia.cutout_size (its catalog's CUTSIZE), not the class default
+    size = args.size
+    if size is None:
+        size = int(catalog.meta.get("cutout_size", DiaSourceConfig().cutout_size))
+        _check_cutout_size(size, f"the run's dia.cutout_size (CUTSIZE of {catalog_path.name})")
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    from core.config import DiaSourceConfig
-
-    size = args.size or DiaSourceConfig().cutout_size
     stamps = triplet_from_files(paths, catalog["x"], catalog["y"], size)
     for k, row in enumerate(catalog):
         stem = outdir / f"dia_source_{int(row['id']):06d}"
@@ -736,7 +761,11 @@ def _parser() -> argparse.ArgumentParser:
         "outdir", help="directory for dia_source_NNNNNN.fits / .png (the id, six digits)"
     )
     p.add_argument(
-        "--size", type=int, default=None, help="stamp side in pixels (default: dia.cutout_size)"
+        "--size",
+        type=int,
+        default=None,
+        help="stamp side in pixels, odd, 5 to 1023 (default: the run's dia.cutout_size, "
+        "as its catalog records it)",
     )
     p.add_argument(
         "--format",

@@ -562,3 +562,59 @@ def test_triplet_stamps_carry_their_own_epoch_unit_and_a_mask(tmp_path):
             assert np.all(mask[:, 25:27] & edge) and not np.any(mask[:, 27:] & edge)
             assert np.isnan(hdul["DIFFERENCE"].data[:, :5]).all()
             assert np.isfinite(hdul["DIFFERENCE"].data[:, 5:]).all()  # the values are kept
+
+
+def test_cutouts_default_to_the_runs_cutout_size(run, tmp_path):
+    """`alsub cutouts` without --size took the class default (63) whatever the run's
+    dia.cutout_size; the run's catalog now records it (CUTSIZE) and the cutouts take it."""
+    pair, _, _ = run
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"dia": {"cutout_size": 31}}))
+    products, outdir = tmp_path / "products", tmp_path / "cutouts"
+    science, template = str(pair / "science.fits"), str(pair / "template.fits")
+    argv = ["subtract", science, template, "-o", str(tmp_path / "d.fits")]
+    assert main([*argv, "--products", str(products), "--config", str(config)]) == 0
+    assert fits.getheader(products / "dia_sources.fits", "DIASOURCES")["CUTSIZE"] == 31
+    assert main(["cutouts", str(products), str(outdir), "--ids", "0", "--format", "fits"]) == 0
+    with fits.open(outdir / "dia_source_000000.fits") as hdul:
+        assert hdul["DIFFERENCE"].data.shape == (31, 31)  # was (63, 63)
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 64, 1025, 10001])
+def test_cutouts_refuse_a_size_the_route_refuses(run, tmp_path, capsys, size):
+    """--size 0 became the default, 1 and 3 were cut and 10001 wrote a 1.2 GB file; the
+    route takes odd sizes from 5 to 1023: anything else exits 2 with one line, before
+    anything is written."""
+    _, products, _ = run
+    outdir = tmp_path / "cutouts"
+    capsys.readouterr()
+    assert main(["cutouts", str(products), str(outdir), "--size", str(size), "--ids", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alsub: error: --size must be an odd number from 5 to 1023")
+    assert err.count("\n") == 1 and f"got {size}" in err
+    assert not outdir.exists()
+
+
+def test_cutouts_name_an_output_directory_that_cannot_be_one(run, tmp_path, capsys):
+    """An output directory that is a file, or under one, was a traceback (exit 1); a
+    products directory of a run without the DIA catalog was told to give the products
+    directory it was."""
+    import shutil
+
+    _, products, _ = run
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for outdir, said in ((afile, "is a file"), (afile / "sub", f"{afile} is a file")):
+        capsys.readouterr()
+        assert main(["cutouts", str(products), str(outdir), "--ids", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("alsub: error: output directory") and said in err, err
+        assert err.count("\n") == 1
+    nodia = tmp_path / "nodia"
+    shutil.copytree(products, nodia)
+    (nodia / "dia_sources.fits").unlink()
+    capsys.readouterr()
+    assert main(["cutouts", str(nodia), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "had the DIA catalog off (dia.enabled = false)" in err, err
+    assert "give the --products directory" not in err
