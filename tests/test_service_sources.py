@@ -379,3 +379,27 @@ def test_forced_flags_match_the_catalog(deployment, alice, tmp_path):
     outside = outside_kernel_hull(sources, template.xy0, x, y, dia.suspect_kernel_margin)
     np.testing.assert_array_equal(got, np.where(bright, 32, 0) | np.where(outside, 64, 0))
     assert got.any()  # some of these positions raise a flag that needs the products
+
+
+def test_a_forced_list_too_long_is_refused_before_its_items_are_read(deployment, alice):
+    """A million positions were validated one by one (7 s of the API's CPU, its health
+    check stalled) before the 10000 limit refused them: the count is checked first, with
+    the same answer (an invalid item past the limit was named instead of the limit)."""
+    import time
+
+    _, job_id, _, _ = deployment
+    url = f"/v1/subtractions/{job_id}/forced"
+    over = [{"x": 1.0, "y": 2.0}] * 10_000 + [{"x": "left", "y": 2.0}]
+    answer = alice.post(url, json=over)
+    assert answer.status_code == 422
+    assert answer.json()["error"] == {
+        "code": "invalid_request",
+        "message": "at most 10000 positions per request",
+    }  # was "body[10000].x: Input should be a valid number, ..."
+    content = b"[" + b",".join([b'{"x": 1.0, "y": 2.0}'] * 1_000_000) + b"]"
+    start = time.perf_counter()
+    answer = alice.post(url, content=content, headers={"Content-Type": "application/json"})
+    elapsed = time.perf_counter() - start
+    assert answer.status_code == 422 and "at most 10000" in answer.json()["error"]["message"]
+    assert elapsed < 3.0, elapsed  # parsing alone; with every item validated, 7 s
+    assert len(alice.post(url, json=[{"x": 1.0, "y": 2.0}] * 10_000).json()) == 10_000

@@ -95,6 +95,19 @@ def _json_body(request: Request) -> None:
         raise ApiError(415, "unsupported_media_type", "send the positions as application/json")
 
 
+async def _not_too_many(request: Request) -> None:
+    """Refuse a list of more than `_MAX_POSITIONS` before its items are validated: a
+    million positions took 7 s of the API's CPU in pydantic (its health check stalled
+    with it) to be refused for their number. The body is parsed once: FastAPI parsed it
+    already and the request keeps it."""
+    try:
+        body = await request.json()
+    except ValueError:  # empty or not JSON: the body's validation names it
+        return
+    if isinstance(body, list) and len(body) > _MAX_POSITIONS:
+        raise ApiError(422, "invalid_request", f"at most {_MAX_POSITIONS} positions per request")
+
+
 def _catalog(store: Store, job_id: str) -> Table:
     from core.diasources import read_dia_sources
 
@@ -289,6 +302,7 @@ def list_sources(
 def forced(
     job_id: str,
     _: None = Depends(_json_body),
+    __: None = Depends(_not_too_many),
     positions: list[ForcedPosition] = Body(
         ...,
         description="Positions: all with x and y, or all with ra and dec.",
