@@ -754,7 +754,10 @@ def _parser() -> argparse.ArgumentParser:
         help="science/template/difference stamps of DIA sources",
         description="Alert triplets of the DIA sources of a subtraction: stamps of the "
         "matched science, the matched template and the difference (or score) centred on "
-        "each source, as a FITS file of three image HDUs with WCS and as a PNG strip.",
+        "each source, as a FITS file of three image HDUs with WCS (and a MASK HDU) and as a "
+        "PNG strip. The PNG is in pixel order as ds9 shows the FITS: row 0 (y = 0) at the "
+        "bottom, column 0 at the left, not turned north up (the WCS gives the sky's "
+        "orientation).",
     )
     p.add_argument("products", help="the --products directory of `alsub subtract`")
     p.add_argument(

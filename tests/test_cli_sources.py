@@ -618,3 +618,16 @@ def test_cutouts_name_an_output_directory_that_cannot_be_one(run, tmp_path, caps
     err = capsys.readouterr().err
     assert "had the DIA catalog off (dia.enabled = false)" in err, err
     assert "give the --products directory" not in err
+
+
+def test_cutouts_help_and_readme_say_how_the_png_is_oriented(capsys):
+    """The PNG is drawn in pixel order, row 0 at the bottom, not north up: a broker
+    comparing it with a sky survey's picture has to know (nothing said it)."""
+    from pathlib import Path
+
+    with pytest.raises(SystemExit):
+        main(["cutouts", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert "row 0 (y = 0) at the bottom" in said and "not turned north up" in said
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    assert "row 0 (y = 0) at the bottom, column 0 at the left, not turned north up" in readme

@@ -335,6 +335,10 @@ def test_openapi_documents_the_routes(deployment):
         assert len(operation["description"]) > 100
     forced = schema["paths"]["/v1/subtractions/{job_id}/forced"]["post"]
     assert "example" in forced["responses"]["200"]["content"]["application/json"]
+    # the PNG's orientation is said: pixel order, row 0 at the bottom, not north up
+    cutout = schema["paths"]["/v1/subtractions/{job_id}/sources/{source_id}/cutouts"]["get"]
+    assert "row 0 (y = 0) at the bottom" in cutout["description"]
+    assert "not turned north up" in cutout["description"]
 
 
 def test_forced_flags_match_the_catalog(deployment, alice, tmp_path):

@@ -415,7 +415,9 @@ def _position_kind(positions: list[ForcedPosition]) -> tuple[str, str]:
     "`MASK & (NO_DATA | EDGE)` before using a stamp. The primary header gives the source's "
     "DIASRCID, X, Y, RA, DEC and the science's MJD-OBS, DATE-OBS and FILTER where known; "
     "`format=png` the three side by side (zscale + asinh each), each enlarged by a whole "
-    "factor to at least 180 px and labelled above.",
+    "factor to at least 180 px and labelled above, in pixel order as ds9 shows the FITS: "
+    "row 0 (y = 0) at the bottom, column 0 at the left, not turned north up (the FITS "
+    "stamps' WCS gives the sky's orientation).",
     response_class=Response,
     responses={
         200: {
