@@ -8,6 +8,7 @@ __all__ = [
     "AlsubError",
     "InvalidExposureError",
     "InvalidCatalogError",
+    "InvalidPositionsError",
     "InvalidConfigError",
     "IncompatibleInputsError",
     "IdenticalInputsError",
@@ -43,6 +44,13 @@ class InvalidCatalogError(AlsubError):
     """A source catalog cannot be read or lacks the required columns."""
 
     code = "invalid_catalog"
+
+
+class InvalidPositionsError(InvalidCatalogError):
+    """Positions for forced photometry that cannot be measured at: of neither or both
+    kinds, non-finite, off the sky (dec beyond +-90, ra outside [0, 360))."""
+
+    code = "invalid_positions"
 
 
 class InvalidConfigError(AlsubError):

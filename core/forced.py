@@ -21,7 +21,7 @@ from astropy.table import Table
 from scipy import fft, sparse
 
 from .config import DiaSourceConfig, ForcedPhotometryConfig
-from .errors import IncompatibleInputsError, InvalidCatalogError, PsfError
+from .errors import IncompatibleInputsError, InvalidPositionsError, PsfError
 from .exposure import Exposure
 from .io import bunit_card
 from .position_flags import (
@@ -629,10 +629,10 @@ def forced_photometry(
 
     Raises
     ------
-    InvalidCatalogError
-        Neither x/y nor ra/dec, lengths differ, ra/dec without a WCS, a NaN or
-        infinite coordinate, or a dec beyond +-90 degrees (the first such position
-        named).
+    InvalidPositionsError
+        (an `InvalidCatalogError`, code ``invalid_positions``) Neither x/y nor ra/dec,
+        lengths differ, ra/dec without a WCS, a NaN or infinite coordinate, a dec beyond
+        +-90 degrees or an ra outside [0, 360) (the first such position named).
     IncompatibleInputsError
         The matched template is not on the difference's grid.
     PsfError
@@ -794,30 +794,37 @@ def _positions(exposure: Exposure, x, y, ra, dec):
         x = np.atleast_1d(np.asarray(x, dtype=np.float64))
         y = np.atleast_1d(np.asarray(y, dtype=np.float64))
         if x.shape != y.shape or x.ndim != 1:
-            raise InvalidCatalogError(f"x and y differ in length ({x.size} vs {y.size})")
+            raise InvalidPositionsError(f"x and y differ in length ({x.size} vs {y.size})")
         ra, dec = sky_positions(exposure, x, y)
     elif ra is not None and dec is not None:
         ra = np.atleast_1d(np.asarray(ra, dtype=np.float64))
         dec = np.atleast_1d(np.asarray(dec, dtype=np.float64))
         if ra.shape != dec.shape or ra.ndim != 1:
-            raise InvalidCatalogError(f"ra and dec differ in length ({ra.size} vs {dec.size})")
+            raise InvalidPositionsError(f"ra and dec differ in length ({ra.size} vs {dec.size})")
         if exposure.wcs is None:
-            raise InvalidCatalogError(
+            raise InvalidPositionsError(
                 "positions are given as ra/dec but the difference has no WCS; give x/y instead"
             )
         _require_finite(ra, dec, "ra", "dec")
         beyond = np.flatnonzero(np.abs(dec) > 90)
         if beyond.size:
-            raise InvalidCatalogError(
+            raise InvalidPositionsError(
                 f"dec must be within -90..90 degrees (position {beyond[0]}, counting from 0: "
                 f"{dec[beyond[0]]:g})"
+            )
+        # as dec is: an ra of 510 is a mistake the projection would wrap to 150 unsaid
+        outside = np.flatnonzero((ra < 0) | (ra >= 360))
+        if outside.size:
+            raise InvalidPositionsError(
+                f"ra must be within 0..360 degrees, 360 excluded (position {outside[0]}, "
+                f"counting from 0: {ra[outside[0]]:g})"
             )
         # a position the projection cannot reach (the far side of a tangent plane) is
         # NaN: a row of its own, unmeasured, not a refusal of the whole list
         x, y = radec_to_pixel(exposure.wcs, ra, dec)
         return x, y, ra, dec
     else:
-        raise InvalidCatalogError("give positions as x and y (pixels) or as ra and dec (degrees)")
+        raise InvalidPositionsError("give positions as x and y (pixels) or as ra and dec (degrees)")
     _require_finite(x, y, "x", "y")
     return x, y, ra, dec
 
@@ -827,7 +834,7 @@ def _require_finite(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> N
     bad = np.flatnonzero(~(np.isfinite(a) & np.isfinite(b)))
     if bad.size:
         k = bad[0]
-        raise InvalidCatalogError(
+        raise InvalidPositionsError(
             f"positions must be finite numbers ({name_a}, {name_b} of position {k}, "
             f"counting from 0: {a[k]:g}, {b[k]:g})"
         )

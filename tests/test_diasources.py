@@ -559,6 +559,17 @@ def test_forced_positions_off_the_frame_or_the_sky_get_rows_of_their_own():
         forced_photometry(difference, [1.0, np.nan], [2.0, 3.0])
     with pytest.raises(InvalidCatalogError, match="dec must be within"):
         forced_photometry(difference, ra=[10.0, 20.0], dec=[0.0, 95.0])
+    # one code for bad positions (dec 95 said invalid_catalog), and an ra of 510 or -10
+    # is refused as a dec of 95 is (it was wrapped to 150, or 350, unsaid)
+    from core.errors import InvalidPositionsError
+
+    for bad in ([ra, 510.0], [ra, -10.0], [ra, 360.0]):
+        with pytest.raises(InvalidPositionsError, match="ra must be within 0..360") as caught:
+            forced_photometry(difference, ra=bad, dec=[dec, dec])
+        assert caught.value.code == "invalid_positions" and "position 1" in str(caught.value)
+    with pytest.raises(InvalidPositionsError):
+        forced_photometry(difference, ra=[10.0, 20.0], dec=[0.0, 95.0])
+    assert len(forced_photometry(difference, ra=[ra, 0.0], dec=[dec, dec])) == 2
 
 
 @pytest.mark.parametrize("name", SCENARIOS)

@@ -8,6 +8,7 @@ the job, as in tests/test_service_redis.py.
 from __future__ import annotations
 
 import io
+import json
 import uuid
 
 import httpx
@@ -397,7 +398,7 @@ def test_a_forced_list_too_long_is_refused_before_its_items_are_read(deployment,
     answer = alice.post(url, json=over)
     assert answer.status_code == 422
     assert answer.json()["error"] == {
-        "code": "invalid_request",
+        "code": "invalid_positions",  # one code for bad positions (test_forced_position_codes)
         "message": "at most 10000 positions per request",
     }  # was "body[10000].x: Input should be a valid number, ..."
     content = b"[" + b",".join([b'{"x": 1.0, "y": 2.0}'] * 1_000_000) + b"]"
@@ -407,3 +408,29 @@ def test_a_forced_list_too_long_is_refused_before_its_items_are_read(deployment,
     assert answer.status_code == 422 and "at most 10000" in answer.json()["error"]["message"]
     assert elapsed < 3.0, elapsed  # parsing alone; with every item validated, 7 s
     assert len(alice.post(url, json=[{"x": 1.0, "y": 2.0}] * 10_000).json()) == 10_000
+
+
+def test_forced_position_codes_are_one_and_ra_is_range_checked(deployment, alice):
+    """The same mistake answered three codes: NaN or dec 91 invalid_catalog, mixed kinds
+    invalid_positions, none or too many invalid_request; and an ra of 510 was wrapped to
+    150 without a word. All are 422 invalid_positions naming what is wrong."""
+    _, job_id, _, _ = deployment
+    url = f"/v1/subtractions/{job_id}/forced"
+    fine = {"ra": 150.0, "dec": 2.0}
+    bodies = {
+        "ra must be within 0..360 degrees": [fine, {"ra": 510.0, "dec": 2.0}],  # was 200
+        "ra must be within": [{"ra": -10.0, "dec": 2.0}],
+        "dec must be within": [fine, {"ra": 150.0, "dec": 91.0}],  # was invalid_catalog
+        "must be finite": [{"x": 1.0, "y": 2.0}, {"x": 1.0, "y": float("nan")}],
+        "every position needs": [{"x": 1.0, "y": 2.0}, {"ra": 1.0, "dec": 2.0}],
+        "at least one position": [],  # was invalid_request
+    }
+    headers = {"Content-Type": "application/json"}
+    for said, body in bodies.items():
+        # as Python's json writes NaN (httpx's json= refuses it)
+        answer = alice.post(url, content=json.dumps(body).encode(), headers=headers)
+        assert answer.status_code == 422, (said, answer.text)
+        assert answer.json()["error"]["code"] == "invalid_positions", (said, answer.text)
+        assert said in answer.json()["error"]["message"], (said, answer.text)
+    named = alice.post(url, json=[fine, {"ra": 510.0, "dec": 2.0}]).json()["error"]["message"]
+    assert "position 1" in named and "510" in named

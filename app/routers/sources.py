@@ -105,7 +105,7 @@ async def _not_too_many(request: Request) -> None:
     except ValueError:  # empty or not JSON: the body's validation names it
         return
     if isinstance(body, list) and len(body) > _MAX_POSITIONS:
-        raise ApiError(422, "invalid_request", f"at most {_MAX_POSITIONS} positions per request")
+        raise ApiError(422, "invalid_positions", f"at most {_MAX_POSITIONS} positions per request")
 
 
 def _catalog(store: Store, job_id: str) -> Table:
@@ -266,8 +266,11 @@ def list_sources(
     "`flag_<name>` per bit. A position whose fitting box misses the frame, or a sky position "
     "the WCS cannot project (`x`, `y` null), gets its row with null fluxes, flagged edge and "
     "no_data. Between 1 and "
-    f"{_MAX_POSITIONS} positions; a non-finite coordinate or a dec beyond 90 degrees is "
-    "refused (422, naming the position). "
+    f"{_MAX_POSITIONS} positions; no positions or more, positions of neither or both kinds, "
+    "a non-finite coordinate, a dec beyond 90 degrees or an ra outside [0, 360) (not "
+    "wrapped) are refused with 422 `invalid_positions`, naming the position; a body "
+    "that is not a list of such objects (a coordinate that is no number) with 422 "
+    "`invalid_request`. "
     "`format=csv` or `fits` returns a table file (FITS: the rows in the `FORCED` "
     "extension; the catalog's is `DIASOURCES`).",
     responses={
@@ -322,9 +325,9 @@ def forced(
 
     record = _finished_job(store, job_id, caller)
     if not positions:
-        raise ApiError(422, "invalid_request", "give at least one position")
+        raise ApiError(422, "invalid_positions", "give at least one position")
     if len(positions) > _MAX_POSITIONS:
-        raise ApiError(422, "invalid_request", f"at most {_MAX_POSITIONS} positions per request")
+        raise ApiError(422, "invalid_positions", f"at most {_MAX_POSITIONS} positions per request")
     kind = _position_kind(positions)
     path = store.products.path(job_id, "difference")
     if path is None:
