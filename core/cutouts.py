@@ -352,7 +352,7 @@ def source_header(row, meta: Mapping | None = None) -> dict:
         and ``dec`` become DIASRCID, X, Y, RA, DEC.
     meta : mapping, optional
         The catalog's meta: the science's ``mjd_obs``, ``date_obs`` and ``band`` become
-        MJD-OBS, DATE-OBS and FILTER where known.
+        MJD-OBS, DATE-OBS (either one giving the other) and FILTER where known.
 
     Returns
     -------
@@ -369,8 +369,12 @@ def source_header(row, meta: Mapping | None = None) -> dict:
         value = float(row[column]) if column in row.colnames else np.nan
         if np.isfinite(value):
             cards[key] = (value, comment)
+    meta = meta or {}
+    # the epoch complete, as each stamp's: DATE-OBS from MJD-OBS or the other way round
+    given = _full_epoch({"MJD-OBS": meta.get("mjd_obs"), "DATE-OBS": meta.get("date_obs")})
+    known = {**meta, "mjd_obs": given.get("MJD-OBS"), "date_obs": given.get("DATE-OBS")}
     for name, (key, comment) in _SOURCE_META.items():
-        value = (meta or {}).get(name)
+        value = known.get(name)
         if value is not None and not (isinstance(value, float) and not np.isfinite(value)):
             cards[key] = (value, comment)
     return cards

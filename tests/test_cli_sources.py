@@ -551,7 +551,7 @@ def test_triplet_stamps_carry_their_own_epoch_unit_and_a_mask(tmp_path):
             primary = hdul[0].header
             assert (primary["DIASRCID"], primary["X"], primary["Y"]) == (7, 5.2, 40.0)
             assert (primary["RA"], primary["DEC"], primary["FILTER"]) == (150.0025, 2.0, "r")
-            assert primary["MJD-OBS"] == 60000.5 and "DATE-OBS" not in primary
+            assert (primary["MJD-OBS"], primary["DATE-OBS"]) == (60000.5, "2023-02-25T12:00:00.000")
             mask = hdul["MASK"].data
             no_data, edge = (
                 1 << hdul["MASK"].header["MP_NO_DATA"],
