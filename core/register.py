@@ -30,7 +30,7 @@ from .detection import DetectionMemo, detect_sources
 from .errors import IncompatibleInputsError, InsufficientSourcesError, RegistrationError
 from .exposure import Exposure
 from .parallel import split_map
-from .warp import PixelMap, warp_exposure
+from .warp import PixelMap, warp_exposure, wcs_with_epoch_of
 
 __all__ = [
     "Registration",
@@ -520,7 +520,7 @@ def _on_science_box(template: Exposure, science: Exposure) -> Exposure:
         variance=variance,
         mask=mask,
         mask_planes=planes,
-        wcs=science.wcs,
+        wcs=wcs_with_epoch_of(science.wcs, template.wcs),
         xy0=science.xy0,
         metadata=dict(template.metadata),
     )

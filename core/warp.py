@@ -48,6 +48,7 @@ __all__ = [
     "warp_onto",
     "warp_noise_correlation",
     "WarpedPsf",
+    "wcs_with_epoch_of",
 ]
 
 _ORDER = 3  # Lanczos-3, as Rubin warps templates
@@ -311,6 +312,38 @@ def warp_onto(
     return warp_exposure(template, pixel_map, science.shape, science.xy0, science.wcs, config)
 
 
+#: Epoch attributes of astropy's `Wcsprm` (MJD-OBS, DATE-OBS, ... cards): the grid's WCS
+#: given to an image resampled onto it says when the grid's image was taken; the
+#: resampled image keeps its own (a matched template's said the science's MJD-OBS).
+_EPOCH_MJDS = ("mjdobs", "mjdavg", "mjdbeg", "mjdend")
+_EPOCH_DATES = ("dateobs", "dateavg", "datebeg", "dateend")
+
+
+def wcs_with_epoch_of(wcs, source):
+    """A copy of ``wcs`` (a grid's) with the epoch cards of ``source``.
+
+    Parameters
+    ----------
+    wcs : `astropy.wcs.WCS` or None
+        The WCS of the grid an image is resampled onto.
+    source : `astropy.wcs.WCS` or None
+        The image's own WCS; None: the copy states no epoch.
+
+    Returns
+    -------
+    `astropy.wcs.WCS` or None
+        None when ``wcs`` is None; ``wcs`` itself is not changed.
+    """
+    if wcs is None:
+        return None
+    out = wcs.deepcopy()
+    for name in _EPOCH_MJDS:
+        setattr(out.wcs, name, getattr(source.wcs, name) if source is not None else np.nan)
+    for name in _EPOCH_DATES:
+        setattr(out.wcs, name, getattr(source.wcs, name) if source is not None else "")
+    return out
+
+
 def warp_exposure(
     exposure: Exposure,
     pixel_map: PixelMap,
@@ -382,7 +415,7 @@ def warp_exposure(
         mask=mask,
         mask_planes=planes,
         psf=psf,
-        wcs=wcs,
+        wcs=wcs_with_epoch_of(wcs, exposure.wcs),
         metadata=metadata,
         xy0=(int(xy0[0]), int(xy0[1])),
         variance_source=f"{exposure.variance_source}, warped",

@@ -541,3 +541,21 @@ def test_mask_scatter_and_gather_equal_a_per_pixel_or(kind, monkeypatch):
         monkeypatch.undo()
     np.testing.assert_array_equal(results["scatter"], expected)
     np.testing.assert_array_equal(results["gather"], expected)
+
+
+def test_a_warped_image_keeps_its_own_epoch_on_the_grids_wcs():
+    """The warped template took the science grid's WCS with the science's MJD-OBS and
+    DATE-OBS: matched_template.fits said the science's epoch in its IMAGE header (its
+    primary, the template's). The grid's transform, its own epoch."""
+    science_wcs, template_wcs = _tangent_points_apart()
+    science_wcs.wcs.mjdobs, template_wcs.wcs.mjdobs = 60000.5, 59000.5
+    science = Exposure.from_arrays(np.zeros((64, 64)), wcs=science_wcs)
+    template = Exposure.from_arrays(np.zeros((400, 400)), wcs=template_wcs, psf=GaussianPsf(1.5))
+    pixel_map = PixelMap.from_wcs(science, template)
+    warped = warp_exposure(template, pixel_map, science.shape, wcs=science_wcs)
+    header = warped.wcs.to_header(relax=True)
+    assert header["MJD-OBS"] == 59000.5  # was 60000.5
+    assert header["CRVAL1"] == 150.0 and science_wcs.wcs.mjdobs == 60000.5
+    template.wcs = None  # no epoch of its own: none stated
+    warped = warp_exposure(template, pixel_map, science.shape, wcs=science_wcs)
+    assert "MJD-OBS" not in warped.wcs.to_header(relax=True)
