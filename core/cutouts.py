@@ -52,8 +52,8 @@ EPOCH_KEYS = ("MJD-OBS", "DATE-OBS")
 #: Epoch cards astropy's WCS writes. The matched template lies on the science grid
 #: and its WCS is the science's, epoch included: given an image's own cards, a stamp
 #: keeps none of these from the WCS (the TEMPLATE stamp said the science's MJD-OBS).
-_WCS_EPOCH_KEYS = ("MJD-OBS", "DATE-OBS", "MJD-BEG", "DATE-BEG", "MJD-AVG", "DATE-AVG")
-_WCS_EPOCH_KEYS += ("MJD-END", "DATE-END")
+_WCS_EPOCH_KEYS: tuple[str, ...] = ("MJD-OBS", "DATE-OBS", "MJD-BEG", "DATE-BEG", "MJD-AVG")
+_WCS_EPOCH_KEYS += ("DATE-AVG", "MJD-END", "DATE-END")
 
 
 @dataclass
@@ -191,7 +191,8 @@ def cutouts(
     blank, named = {}, {}
     for name, (mask, planes) in (masks or {}).items():
         if isinstance(planes, Mapping | MaskPlanes):
-            planes = MaskPlanes(planes.as_dict() if isinstance(planes, MaskPlanes) else planes)
+            given = planes.as_dict() if isinstance(planes, MaskPlanes) else dict(planes)
+            planes = MaskPlanes(given)
             # the stamps' rows only, then int32 (a file's mask is big-endian, memory-mapped)
             stack = stamps(mask, ix, iy, half).astype(np.int32)
             stack[_off_frame(mask.shape, ix, iy, half)] |= np.int32(planes.value("NO_DATA"))
@@ -374,9 +375,9 @@ def source_header(row, meta: Mapping | None = None) -> dict:
     given = _full_epoch({"MJD-OBS": meta.get("mjd_obs"), "DATE-OBS": meta.get("date_obs")})
     known = {**meta, "mjd_obs": given.get("MJD-OBS"), "date_obs": given.get("DATE-OBS")}
     for name, (key, comment) in _SOURCE_META.items():
-        value = known.get(name)
-        if value is not None and not (isinstance(value, float) and not np.isfinite(value)):
-            cards[key] = (value, comment)
+        card = known.get(name)
+        if card is not None and not (isinstance(card, float) and not np.isfinite(card)):
+            cards[key] = (card, comment)
     return cards
 
 

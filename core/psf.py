@@ -499,6 +499,7 @@ class PolynomialPsf(Psf):
         self.average_position = (0.5 * (min_x + max_x), 0.5 * (min_y + max_y))
 
     def kernel_image(self, x=None, y=None) -> np.ndarray:
+        assert self.average_position is not None  # set in __init__
         ax, ay = self.average_position
         # clamped to the frame the stars were on: a polynomial grows wild beyond them
         min_x, min_y, max_x, max_y = self.bbox

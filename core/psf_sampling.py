@@ -25,7 +25,7 @@ def blend_flux_bias(draw, x0: float, x1: float, y0: float, y1: float) -> float:
     corners = [draw(x, y) for y in (y0, y1) for x in (x0, x1)]
     truth = draw(0.5 * (x0 + x1), 0.5 * (y0 + y1))
     size = max(stamp.shape[0] for stamp in [*corners, truth])
-    blend = sum(_padded(stamp, size) for stamp in corners)
+    blend = np.sum([_padded(stamp, size) for stamp in corners], axis=0)
     blend = blend / blend.sum()
     truth = _padded(truth, size)
     return float(np.sum(blend * truth) / np.sum(blend * blend) - 1.0)
