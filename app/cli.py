@@ -632,6 +632,7 @@ SIMULATE_PRESETS = (
     "varying",
     "defects",
     "noisy_template",
+    "wide_field",
 )
 
 

@@ -29,7 +29,7 @@ from scipy.spatial import cKDTree
 
 __all__ = ["evaluate", "summarise", "transient_truth", "SCENARIOS"]
 
-SCENARIOS = ("sharper_template", "sharper_science", "varying")
+SCENARIOS = ("sharper_template", "sharper_science", "varying", "wide_field")
 #: Transients of each sign per million pixels.
 TRANSIENTS_PER_MPX = 57
 

@@ -55,6 +55,7 @@ PRESETS = (
     "varying",
     "defects",
     "noisy_template",
+    "wide_field",
 )
 
 _CHUNK = 512  # stars rendered per vectorised batch (bounds the temporary memory)
@@ -1038,8 +1039,10 @@ def preset(name: str, size: int | tuple[int, int] = 512, seed: int = 0) -> Simul
     ``sharper_template`` (template FWHM 3.0 < science 4.0), ``sharper_science`` (the
     reverse), ``equal`` (nearly equal: 3.5 and 3.4), ``varying`` (science Moffat whose
     FWHM changes 25% across the frame, a sky gradient, flux ratio 0.8), ``defects`` (bad
-    columns, cosmic rays, saturated stars) and ``noisy_template`` (template depth 0.25,
-    twice the science noise). All have transients (about 20 per 512x512).
+    columns, cosmic rays, saturated stars), ``noisy_template`` (template depth 0.25,
+    twice the science noise) and ``wide_field`` (science Moffat whose FWHM runs 2.4-6 px
+    from one corner to the other, as on a wide-field camera). All have transients (about
+    20 per 512x512).
     """
     if name not in PRESETS:
         raise InvalidConfigError(f"unknown simulation preset {name!r}; choose from {PRESETS}")
@@ -1087,6 +1090,19 @@ def preset(name: str, size: int | tuple[int, int] = 512, seed: int = 0) -> Simul
         }
     elif name == "noisy_template":
         settings |= {"template_depth": 0.25}
+    elif name == "wide_field":
+        # a wide-field camera's PSF: 2.5x wider on one corner than on the other
+        settings |= {
+            "science_psf": {
+                "type": "moffat",
+                "fwhm": 3.6,
+                "beta": 3.0,
+                "variation": 0.9,
+                "variation_angle": 45.0,
+            },
+            "template_psf": {"type": "moffat", "fwhm": 2.2, "beta": 3.5},
+            "psf_node_spacing": 64.0,
+        }
     return SimulationConfig.model_validate(_merge(base.model_dump(), settings))
 
 

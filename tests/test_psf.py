@@ -538,16 +538,11 @@ def test_plain_files_of_a_field_whose_psf_widens_give_true_dia_fluxes_everywhere
     from scipy.spatial import cKDTree
 
     from bench.diasources import transient_truth
-    from core.simulate import PsfModelConfig, preset, simulate_pair
+    from core.simulate import preset, simulate_pair
     from core.subtract import run_subtraction
 
     size = 1024
-    config = preset("varying", size=size, seed=11)
-    config.science_psf = PsfModelConfig(
-        type="moffat", fwhm=3.6, beta=3.0, variation=0.9, variation_angle=45.0
-    )
-    config.template_psf = PsfModelConfig(type="moffat", fwhm=2.2, beta=3.5)
-    config.psf_node_spacing = 64.0
+    config = preset("wide_field", size=size, seed=11)
     config.n_transients, config.n_negative_transients = 150, 50
     config.transient_flux_min, config.transient_flux_max = 4e3, 4e4
     pair = simulate_pair(config)
