@@ -6,18 +6,29 @@ When the heartbeat is older than ``heartbeat_timeout`` the worker is gone
 or failed as ``worker_lost`` once it has used ``max_attempts`` deliveries.
 Updates are conditional, so several sweepers (every worker, the API) can run
 at once and a job is requeued only once.
+
+While the store is unreachable no heartbeat lands, so its age says nothing about the
+worker over that time: each process judges staleness only from when it last regained
+the store (`reach`, `StoreWatch`). An outage longer than the timeout requeued live jobs
+a second after Redis came back, before their workers' next beat.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
+from typing import TypeVar
 
+from .errors import UNAVAILABLE_ERRORS
 from .records import JobRecord, RecordBackend
 from .settings import Settings
 
 __all__ = [
+    "StoreWatch",
+    "reach",
+    "judged_from",
     "is_stale",
     "fail_worker_lost",
     "requeue_if_stale",
@@ -30,15 +41,71 @@ __all__ = [
 log = logging.getLogger("alsub.sweeper")
 
 Enqueue = Callable[[str], None]
+T = TypeVar("T")
 
 
-def is_stale(record: JobRecord, timeout: float, now: float | None = None) -> bool:
-    """True when ``record`` is running but its heartbeat is older than ``timeout`` seconds."""
+class StoreWatch:
+    """Since when this process has had the store in view without a break.
+
+    A break is a call that found the store unreachable, or a silence longer than
+    ``gap`` (an idle API cannot tell whether the store was away meanwhile). The first
+    call of a process is no break: it has nothing to compare with.
+    """
+
+    def __init__(self) -> None:
+        self.since = 0.0
+        self._last: float | None = None  # the last call that reached the store
+
+    def lost(self) -> None:
+        self._last = float("-inf")
+
+    def judged_from(self, now: float, gap: float) -> float:
+        """``since`` as it stands if the store is reached at ``now``."""
+        if self._last is not None and now - self._last > gap:
+            return now
+        return self.since
+
+    def reached(self, now: float, gap: float) -> None:
+        self.since = self.judged_from(now, gap)
+        self._last = now
+
+
+_watches: weakref.WeakKeyDictionary[RecordBackend, StoreWatch] = weakref.WeakKeyDictionary()
+
+
+def _watch(records: RecordBackend) -> StoreWatch:
+    return _watches.setdefault(records, StoreWatch())
+
+
+def reach(records: RecordBackend, settings: Settings, call: Callable[[], T]) -> T:
+    """``call()`` (a use of ``records``), noting in this process's `StoreWatch` whether
+    it reached the store; unavailable errors propagate."""
+    try:
+        result = call()
+    except UNAVAILABLE_ERRORS:
+        _watch(records).lost()
+        raise
+    _watch(records).reached(time.time(), settings.heartbeat_timeout)
+    return result
+
+
+def judged_from(records: RecordBackend, settings: Settings, now: float | None = None) -> float:
+    """Earliest time a heartbeat's age counts from in this process: heartbeats could not be
+    written before this process last regained the store (0.0 when it never lost it)."""
+    now = time.time() if now is None else now
+    return _watch(records).judged_from(now, settings.heartbeat_timeout)
+
+
+def is_stale(
+    record: JobRecord, timeout: float, now: float | None = None, since: float = 0.0
+) -> bool:
+    """True when ``record`` is running but its heartbeat is older than ``timeout`` seconds,
+    its age counted from ``since`` at the earliest (`judged_from`)."""
     if record.state != "running":
         return False
     now = time.time() if now is None else now
     last = record.heartbeat_at or record.started_at or record.updated_at
-    return now - last > timeout
+    return now - max(last, since) > timeout
 
 
 #: What `fail_worker_lost` advises, by reason (else `_LOST_ADVICE`): a restart of the
@@ -99,12 +166,14 @@ def requeue_if_stale(
     """Requeue (or fail) ``job_id`` when its heartbeat is stale; return the record after."""
 
     def mutate(record: JobRecord) -> bool:
-        if not is_stale(record, settings.heartbeat_timeout):
+        now = time.time()
+        since = judged_from(records, settings, now)
+        if not is_stale(record, settings.heartbeat_timeout, now, since):
             return False
         _recover(record, settings, "worker lost")
         return True
 
-    record, written = records.update(job_id, mutate)
+    record, written = reach(records, settings, lambda: records.update(job_id, mutate))
     if written and record is not None:
         if record.state == "queued":
             log.warning("job %s: worker lost, requeued (attempt %d)", job_id, record.attempts)
@@ -144,8 +213,10 @@ def resend_waiting_jobs(records: RecordBackend, settings: Settings, enqueue: Enq
 def sweep_stale_jobs(records: RecordBackend, settings: Settings, enqueue: Enqueue) -> list[str]:
     """Requeue or fail every stale running job, resend long-waiting ones; return their ids."""
     swept = resend_waiting_jobs(records, settings, enqueue)
-    for record in records.in_state("running"):
-        if is_stale(record, settings.heartbeat_timeout):
+    running = reach(records, settings, lambda: records.in_state("running"))
+    since = judged_from(records, settings)
+    for record in running:
+        if is_stale(record, settings.heartbeat_timeout, since=since):
             after = requeue_if_stale(records, record.id, settings, enqueue)
             if after is not None and after.state != "running":
                 swept.append(record.id)

@@ -14,10 +14,19 @@ import time
 import pytest
 
 from store import BlobStore, ExposureRef, JobRecord, ProductStore, Settings, UploadTooLargeError
+from store.errors import UNAVAILABLE_ERRORS
 from store.records import IdempotencyConflictError, new_job_id
 from store.redis_backend import RedisRecords
 from store.sqlite_backend import SqliteRecords
-from store.sweeper import release_running, requeue_all, resend_waiting_jobs, sweep_stale_jobs
+from store.sweeper import (
+    StoreWatch,
+    release_running,
+    requeue_all,
+    requeue_if_stale,
+    resend_waiting_jobs,
+    sweep_stale_jobs,
+)
+from tests.service_fixtures import PrivateRedis
 
 
 # blobs and products -------------------------------------------------------------------------
@@ -236,6 +245,51 @@ def test_sweeper_requeues_stale_jobs_then_fails_them(records, tmp_path):
     # Embedded restart: every unfinished job goes back to the queue.
     assert sorted(requeue_all(records, settings, enqueued.append)) == sorted([stale.id, fresh.id])
     assert records.get(fresh.id).state == "queued"
+
+
+def test_a_redis_outage_longer_than_the_timeout_does_not_make_a_live_job_lost(tmp_path):
+    """Review (operations): a minute-long Redis outage, then the sweeper requeued a running
+    job a second after Redis came back, before its live worker's next heartbeat (it ran
+    again from scratch; three outages failed it as worker_lost). The outage's time no longer
+    counts against the worker; a worker really gone is still found a timeout later."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    settings = Settings(data_dir=tmp_path, heartbeat_interval=0.5, heartbeat_timeout=1.0)
+    records = RedisRecords(server.url, "outage:")
+    live = make_record(state="running", attempts=1, heartbeat_at=time.time())
+    records.create(live)
+    enqueued: list[str] = []
+    try:
+        assert sweep_stale_jobs(records, settings, enqueued.append) == []
+        server.stop()
+        with pytest.raises(UNAVAILABLE_ERRORS):
+            sweep_stale_jobs(records, settings, enqueued.append)
+        time.sleep(1.5)  # longer than the timeout: no heartbeat can land
+        server.start()
+        back = time.monotonic()
+        assert requeue_if_stale(records, live.id, settings, enqueued.append).state == "running"
+        # polled as a worker's sweeper does; the heartbeat stays as it was before the outage
+        while not sweep_stale_jobs(records, settings, enqueued.append):
+            assert time.monotonic() - back < 3.0
+            time.sleep(0.2)
+        assert time.monotonic() - back > settings.heartbeat_timeout
+        assert enqueued == [live.id] and records.get(live.id).state == "queued"
+    finally:
+        records.close()
+        server.stop()
+
+
+def test_a_long_silence_counts_as_a_break_but_a_first_call_does_not():
+    """An idle API cannot tell whether the store was away while it made no call."""
+    watch = StoreWatch()
+    assert watch.judged_from(now=1000.0, gap=60.0) == 0.0  # a new process judges at once
+    watch.reached(1000.0, gap=60.0)
+    watch.reached(1030.0, gap=60.0)
+    assert watch.since == 0.0
+    assert watch.judged_from(now=1100.0, gap=60.0) == 1100.0
+    watch.lost()
+    watch.reached(1101.0, gap=60.0)
+    assert watch.since == 1101.0
 
 
 def test_an_orderly_stop_requeues_running_jobs_without_counting_the_attempt(records, tmp_path):

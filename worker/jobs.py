@@ -32,7 +32,7 @@ from core.sources import read_catalog
 from core.subtract import run_subtraction
 from store import FINAL_STATES, JobRecord, Settings, Store
 from store.errors import STORAGE_FULL_MESSAGE, UNAVAILABLE_ERRORS, storage_full
-from store.sweeper import fail_worker_lost, is_stale
+from store.sweeper import fail_worker_lost, is_stale, judged_from, reach
 
 from .heartbeat import Heartbeat
 from .threads import at_low_priority, thread_share
@@ -59,7 +59,10 @@ def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobReco
         if record.state in FINAL_STATES:
             outcome["skip"] = f"already {record.state}"
             return False
-        if record.state == "running" and not is_stale(record, settings.heartbeat_timeout, now):
+        since = judged_from(store.records, settings, now)
+        if record.state == "running" and not is_stale(
+            record, settings.heartbeat_timeout, now, since
+        ):
             # Another worker holds it (a duplicate delivery): leave it alone.
             outcome["skip"] = f"running on {record.worker}"
             return False
@@ -79,7 +82,7 @@ def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobReco
         record.error = None
         return True
 
-    record, written = store.records.update(job_id, mutate)
+    record, written = reach(store.records, settings, lambda: store.records.update(job_id, mutate))
     if record is None:
         log.warning("job %s: no record, message dropped", job_id)
         return None

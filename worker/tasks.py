@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 
 import httpx
 from celery.signals import worker_ready, worker_shutdown
@@ -24,7 +25,7 @@ from store import JobRecord, Settings, Store, open_store
 from store.callbacks import CallbackRefusedError, resolve_callback
 from store.maintenance import clean_disk
 from store.records import job_view
-from store.sweeper import sweep_stale_jobs
+from store.sweeper import reach, sweep_stale_jobs
 
 from .celery_app import CALLBACK_TASK, RUN_TASK, enqueue_callback, enqueue_job, make_celery
 from .jobs import run_job
@@ -133,7 +134,8 @@ class _Sweeper(threading.Thread):
                 # Opened inside the loop: a store that cannot be opened yet must not end the
                 # thread (no liveness, no sweeping) without a retry.
                 store = store or open_store(settings)
-                store.records.worker_seen(self.worker_name)
+                # through `reach`: a pass that finds the store away holds off the judging
+                reach(store.records, settings, partial(store.records.worker_seen, self.worker_name))
                 sweep_stale_jobs(store.records, settings, lambda i: enqueue_job(app, settings, i))
                 if time.monotonic() >= next_clean:
                     clean_disk(store, settings)

@@ -17,7 +17,7 @@ from core.products import PRODUCT_NAMES
 from store import ACTIVE_STATES, ExposureRef, JobRecord, Settings, Store, new_job_id
 from store.callbacks import CallbackRefusedError, resolve_callback
 from store.records import decode_cursor, job_view
-from store.sweeper import is_stale, requeue_if_stale
+from store.sweeper import is_stale, judged_from, reach, requeue_if_stale
 
 from ..deps import Caller, get_caller, get_queue, get_settings, get_store
 from ..errors import ApiError, shown
@@ -430,8 +430,9 @@ def get_subtraction(
     store: Store = Depends(get_store),
     queue: JobQueue = Depends(get_queue),
 ) -> JobOut:
-    record = _owned_job(store, job_id, caller)
-    if is_stale(record, settings.heartbeat_timeout):
+    # through `reach`: after an outage (or a long silence) heartbeats are judged later
+    record = reach(store.records, settings, lambda: _owned_job(store, job_id, caller))
+    if is_stale(record, settings.heartbeat_timeout, since=judged_from(store.records, settings)):
         # Sweep on read: a job whose worker died is requeued (or failed) right here. Checked
         # first so polling a live job costs no write transaction.
         record = requeue_if_stale(store.records, job_id, settings, queue.enqueue) or record
