@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
+import re
 import subprocess
 import sys
 import time
@@ -162,6 +164,66 @@ def test_a_job_failing_after_its_first_products_lists_and_keeps_none(
         assert failed.error["code"] == "insufficient_storage", failed.error
         assert failed.products == []
         assert not store.products.job_dir(record.id).exists()
+    finally:
+        store.records.close()
+
+
+def _end_lines(caplog, job_id: str) -> list[tuple[int, str]]:
+    """(level, message) of the worker's lines about ``job_id`` that give a duration."""
+    pattern = re.compile(rf"job {job_id}: (.+) in \d+\.\d\d s \(attempt \d+\)$")
+    return [
+        (r.levelno, match.group(1))
+        for r in caplog.records
+        if r.name == "alsub.worker" and (match := pattern.match(r.getMessage()))
+    ]
+
+
+def test_every_run_of_a_job_ends_with_one_line_of_its_outcome_and_duration(
+    tmp_path, redis_prefix, sim_pair, monkeypatch, caplog
+):
+    """Review (operations): the worker logged only "attempt 1 on <node>"; the end was
+    Celery's "Task ... succeeded in 18.65s: 'failed'" with the Celery task id, and at
+    ALSUB_LOG_LEVEL=WARNING nothing. Each run now ends with one line: the job id, the
+    outcome (failed with its code, at WARNING; cancelled; requeued) and its duration."""
+    from worker.jobs import run_job
+
+    settings, store, record = _stored_job(tmp_path, redis_prefix, sim_pair)
+    write_rest = store.products.add
+
+    def change_state(state: str):
+        def write(job_id, build):
+            def mutate(current: JobRecord) -> bool:
+                current.state = state  # what a DELETE or the sweeper does meanwhile
+                current.worker = None if state == "queued" else current.worker
+                return True
+
+            store.records.update(job_id, mutate)
+            return write_rest(job_id, build)
+
+        return write
+
+    try:
+        with caplog.at_level(logging.INFO, logger="alsub"):
+            assert run_job(store, settings, record.id) == "succeeded"
+            assert _end_lines(caplog, record.id) == [(logging.INFO, "succeeded")]
+
+            caplog.clear()
+            failing = record.model_copy(update={"id": new_job_id(), "template": record.science})
+            store.records.create(failing)
+            assert run_job(store, settings, failing.id) == "failed"
+            code = store.records.get(failing.id).error["code"]
+            assert _end_lines(caplog, failing.id) == [(logging.WARNING, f"failed ({code})")]
+
+            for state, outcome, level in [
+                ("cancelled", "cancelled", logging.INFO),
+                ("queued", "requeued", logging.WARNING),
+            ]:
+                caplog.clear()
+                job = record.model_copy(update={"id": new_job_id(), "state": "queued"})
+                store.records.create(job)
+                monkeypatch.setattr(store.products, "add", change_state(state))
+                assert run_job(store, settings, job.id) == state
+                assert _end_lines(caplog, job.id) == [(level, outcome)]
     finally:
         store.records.close()
 

@@ -86,6 +86,9 @@ def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobReco
     if record is None:
         log.warning("job %s: no record, message dropped", job_id)
         return None
+    if written and record.state == "failed":  # the end of the job: said like a run's end
+        log.warning("job %s: failed (worker_lost) after %d attempts", job_id, record.attempts)
+        return None
     if not written or not record.run_by(token):
         log.info("job %s: not run here (%s)", job_id, outcome.get("skip", "not claimed"))
         return None
@@ -182,6 +185,8 @@ def run_job(
     if record is None:
         return "skipped"
     log.info("job %s: attempt %d on %s", job_id, record.attempts, token)
+    started = time.monotonic()
+    end = partial(_log_end, job_id, record.attempts, started)
 
     def progress(stage: str, fraction: float) -> None:
         def mutate(current: JobRecord) -> bool:
@@ -280,7 +285,9 @@ def run_job(
             log.info("job %s: failed: %s: %s", job_id, exc.code, exc.message)
             final = _fail(store, job_id, token, timings, exc.code, exc.message)
         except UNAVAILABLE_ERRORS:
-            raise  # the final state could not be written: the stale-heartbeat sweep reruns it
+            # the final state could not be written: the stale-heartbeat sweep reruns it
+            end("interrupted (store unavailable)")
+            raise
         except MissingInputsError as exc:
             log.error("job %s: %s", job_id, exc.detail)
             final = _fail(store, job_id, token, timings, "internal", str(exc))
@@ -307,6 +314,7 @@ def run_job(
                 )
 
     if final is not None:
+        end(_outcome(final))
         if final.state == "failed":
             # a failed job serves no product: the ones published before it failed (the
             # difference, its catalog) only held disk space, the scarcest when it was full
@@ -315,9 +323,32 @@ def run_job(
             on_final(final)
         return final.state
     after = store.records.get(job_id)
+    end(_outcome(after))
     if after is None or after.state == "cancelled":
         store.products.delete(job_id)  # cancelled or deleted while the job ran
     return "skipped" if after is None else after.state
+
+
+#: Ends of a run said at INFO; every other (failed, requeued, interrupted) is a WARNING.
+_QUIET_ENDS = ("succeeded", "cancelled", "deleted")
+
+
+def _outcome(record: JobRecord | None) -> str:
+    """What came of a run, from the record after it (None: deleted meanwhile)."""
+    if record is None:
+        return "deleted"
+    if record.state == "failed":
+        return f"failed ({(record.error or {}).get('code', 'unknown')})"
+    # a run that did not write the end: another run holds the job, or it waits again
+    return {"queued": "requeued", "running": "taken over"}.get(record.state, record.state)
+
+
+def _log_end(job_id: str, attempt: int, started: float, outcome: str) -> None:
+    """The one line that ends every run of a job (Celery's own says "succeeded" for a job
+    that failed and names its task id, not the job)."""
+    level = logging.INFO if outcome in _QUIET_ENDS else logging.WARNING
+    seconds = time.monotonic() - started
+    log.log(level, "job %s: %s in %.2f s (attempt %d)", job_id, outcome, seconds, attempt)
 
 
 def _debug_delay(seconds: float, hold_gil: bool) -> None:
