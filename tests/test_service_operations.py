@@ -13,10 +13,12 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -225,6 +227,58 @@ def test_every_run_of_a_job_ends_with_one_line_of_its_outcome_and_duration(
                 assert run_job(store, settings, job.id) == state
                 assert _end_lines(caplog, job.id) == [(level, outcome)]
     finally:
+        store.records.close()
+
+
+def _token_of(process_code: str) -> tuple[subprocess.Popen, str]:
+    """A process that prints the run token it would write, then runs ``process_code``."""
+    code = "from worker.jobs import _run_token; print(_run_token(), flush=True)\n" + process_code
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
+    )
+    return process, process.stdout.readline().strip()
+
+
+def test_a_job_whose_process_was_killed_is_taken_over_at_once_and_only_then(
+    tmp_path, redis_prefix, sim_pair
+):
+    """Review (operations): a pool child killed with -9, Celery redelivered at once, and the
+    job refused it ("not run here (running on <node>)"), waiting a heartbeat timeout (60 s).
+    A run whose process is gone on this machine is taken over at once, the attempt counted;
+    a live one, or one another machine's pids name, is still left alone."""
+    from worker.jobs import run_job
+
+    settings, store, record = _stored_job(tmp_path, redis_prefix, sim_pair)
+    live, live_token = _token_of("import time; time.sleep(60)")
+    zombie, zombie_token = _token_of("import time; time.sleep(60)")
+    dead, dead_token = _token_of("")
+    dead.wait()
+    zombie.kill()  # not waited for: killed, not yet reaped
+    elsewhere = dead_token.rsplit(":", 1)[0] + ":0123456789abcdef-4026531836"
+
+    def running_on(token: str) -> str:
+        job = record.model_copy(update={"id": new_job_id()})
+        job.state, job.attempts, job.worker, job.heartbeat_at = "running", 1, token, time.time()
+        store.records.create(job)
+        return job.id
+
+    try:
+        for token in (live_token, elsewhere):
+            job_id = running_on(token)
+            assert run_job(store, settings, job_id) == "skipped"
+            left = store.records.get(job_id)
+            assert (left.state, left.attempts, left.worker) == ("running", 1, token)
+        for token in (dead_token, zombie_token):
+            job_id = running_on(token)
+            started = time.monotonic()
+            assert run_job(store, settings, job_id) == "succeeded"
+            assert time.monotonic() - started < settings.heartbeat_timeout / 2
+            assert store.records.get(job_id).attempts == 2
+    finally:
+        for process in (live, zombie):
+            process.kill()
+            process.wait()
         store.records.close()
 
 

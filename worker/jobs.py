@@ -5,7 +5,9 @@ own plumbing. A job is *claimed* by a conditional update of its record (state
 ``running``, attempt count, a token naming this run); every later write
 (progress, heartbeat, final state) only applies while the record still carries
 that token, so a cancelled job or a job taken over by another worker after a
-lost heartbeat is never overwritten by a stale run.
+lost heartbeat is never overwritten by a stale run. The token names the process of the
+run: a redelivery seeing that process gone on its own machine (a pool child killed)
+takes the job over at once instead of waiting for the heartbeat to go stale.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -46,8 +49,52 @@ class JobCancelled(Exception):
     """The job's record no longer belongs to this run (cancelled or taken over)."""
 
 
+def _pid_space() -> str | None:
+    """This machine's boot and this process's pid namespace, None where /proc cannot say:
+    a pid in a token is checked only by a process that sees the same pids."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return f"{boot[:16]}-{namespace}"
+
+
+_PID_SPACE = _pid_space()
+
+
 def _run_token() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{_PID_SPACE}"
+
+
+def _runner_gone(token: str | None) -> bool:
+    """True when run ``token`` was a process that this one can see and that no longer runs
+    (a pool child killed with -9): nothing of that run can write again, so its job is taken
+    over at once instead of after the heartbeat timeout. Any doubt (another machine or
+    container, a pid reused) leaves the job to the heartbeat."""
+    parts = (token or "").rsplit(":", 3)
+    if _PID_SPACE is None or len(parts) != 4 or parts[3] != _PID_SPACE:
+        return False
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    return not _process_runs(pid)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: the pid was reused
+        return True
+    try:
+        # a zombie (killed, not yet reaped by its parent) runs nothing either
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobRecord | None:
@@ -56,6 +103,7 @@ def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobReco
     outcome: dict[str, str] = {}
 
     def mutate(record: JobRecord) -> bool:
+        outcome.clear()  # called again when a concurrent write came first
         if record.state in FINAL_STATES:
             outcome["skip"] = f"already {record.state}"
             return False
@@ -63,9 +111,11 @@ def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobReco
         if record.state == "running" and not is_stale(
             record, settings.heartbeat_timeout, now, since
         ):
-            # Another worker holds it (a duplicate delivery): leave it alone.
-            outcome["skip"] = f"running on {record.worker}"
-            return False
+            if not _runner_gone(record.worker):
+                # Another worker holds it (a duplicate delivery): leave it alone.
+                outcome["skip"] = f"running on {record.worker}"
+                return False
+            outcome["gone"] = str(record.worker)
         if record.attempts >= settings.max_attempts:
             fail_worker_lost(record, "worker lost or hard time limit", now)
             outcome["skip"] = "too many attempts"
@@ -92,6 +142,9 @@ def _claim(store: Store, settings: Settings, job_id: str, token: str) -> JobReco
     if not written or not record.run_by(token):
         log.info("job %s: not run here (%s)", job_id, outcome.get("skip", "not claimed"))
         return None
+    if "gone" in outcome:
+        gone = outcome["gone"]
+        log.warning("job %s: its run %s ended with its process, taken over", job_id, gone)
     return record
 
 
