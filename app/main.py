@@ -45,6 +45,9 @@ Alard-Lupton image subtraction as a service.
 4. Read what changed: `GET /v1/subtractions/{id}/sources` (DIA sources, JSON/CSV/FITS),
    `POST /v1/subtractions/{id}/forced` (photometry at your positions) and
    `GET /v1/subtractions/{id}/sources/{source_id}/cutouts` (alert triplets).
+5. Free disk space: `DELETE /v1/subtractions/{id}` (a finished job and its products) and
+   `DELETE /v1/exposures/{id}` (409 while a queued or running job of yours uses it); an
+   operator can also set `ALSUB_RETENTION_DAYS`.
 
 When tokens are configured every `/v1` call needs `Authorization: Bearer <token>`; each
 token sees only its own exposures and jobs. Errors are `{"error": {"code", "message"}}`.

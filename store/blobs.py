@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -171,6 +171,7 @@ class BlobStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             tmp_path.unlink(missing_ok=True)  # same bytes already stored: keep one copy
+            os.utime(final)  # uploaded again: its age for ALSUB_RETENTION_DAYS starts anew
         else:
             os.replace(tmp_path, final)
             fsync_dir(final.parent)
@@ -212,6 +213,18 @@ class BlobStore:
         if self.valid_id(blob_id):
             self.path(blob_id).unlink(missing_ok=True)
             self.meta_path(blob_id).unlink(missing_ok=True)
+
+    def stored(self) -> Iterator[tuple[str, float]]:
+        """(id, time of the last upload) of every stored blob."""
+        for folder in self.root.glob("[0-9a-f][0-9a-f]"):
+            for path in folder.glob(f"*{self.suffix}"):
+                blob_id = path.name.removesuffix(self.suffix)
+                if not self.valid_id(blob_id):
+                    continue
+                try:
+                    yield blob_id, path.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # deleted meanwhile
 
     def clean_tmp(self, older_than: float) -> int:
         """Remove temporary files not modified for ``older_than`` seconds; return how many.

@@ -216,6 +216,14 @@ class RecordBackend(ABC):
         """True when ``owner`` uploaded blob ``blob_id`` of ``kind``."""
 
     @abstractmethod
+    def remove_owner(self, kind: str, blob_id: str, owner: str) -> int:
+        """Forget that ``owner`` uploaded blob ``blob_id``; return how many owners are left."""
+
+    @abstractmethod
+    def forget_blob(self, kind: str, blob_id: str) -> None:
+        """Forget every owner of blob ``blob_id`` (its file was removed)."""
+
+    @abstractmethod
     def hit(self, key: str, window: float) -> int:
         """Count one request for ``key`` in the current fixed window; return the count."""
 

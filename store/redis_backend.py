@@ -199,6 +199,17 @@ class RedisRecords(RecordBackend):
     def is_owner(self, kind, blob_id, owner):
         return bool(self.redis.sismember(f"{self.prefix}blob:{kind}:{blob_id}", owner))
 
+    def remove_owner(self, kind, blob_id, owner):
+        key = f"{self.prefix}blob:{kind}:{blob_id}"
+        with self.redis.pipeline() as pipe:
+            pipe.srem(key, owner)
+            pipe.scard(key)
+            _, left = pipe.execute()
+        return int(left)
+
+    def forget_blob(self, kind, blob_id):
+        self.redis.delete(f"{self.prefix}blob:{kind}:{blob_id}")
+
     def hit(self, key, window):
         current = int(time.time() // window)
         counter = f"{self.prefix}rate:{key}:{current}"

@@ -169,6 +169,12 @@ class Settings(BaseSettings):
     maintenance_interval: float = Field(
         300.0, gt=0, description="Seconds between a worker's disk clean-up passes."
     )
+    retention_days: float = Field(
+        0.0,
+        ge=0,
+        description="Days finished jobs (records and products) and exposures and catalogs no "
+        "job uses are kept; the workers' disk clean-up removes older ones. 0: kept forever.",
+    )
     log_level: str = Field("INFO", description="Log level of the API and workers.")
     test_stage_delay: float = Field(
         0.0,

@@ -227,6 +227,21 @@ class SqliteRecords(RecordBackend):
                 (kind, blob_id, owner),
             )
 
+    def remove_owner(self, kind, blob_id, owner):
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM blob_owners WHERE kind = ? AND blob_id = ? AND owner = ?",
+                (kind, blob_id, owner),
+            )
+            row = db.execute(
+                "SELECT COUNT(*) FROM blob_owners WHERE kind = ? AND blob_id = ?", (kind, blob_id)
+            ).fetchone()
+        return int(row[0])
+
+    def forget_blob(self, kind, blob_id):
+        with self._transaction() as db:
+            db.execute("DELETE FROM blob_owners WHERE kind = ? AND blob_id = ?", (kind, blob_id))
+
     def is_owner(self, kind, blob_id, owner):
         row = (
             self._connection()

@@ -600,6 +600,38 @@ def test_cancel_running_job_and_delete_finished(service, alice, alice_inputs):
     assert_error(alice.get(f"/v1/subtractions/{done['id']}"), 404, "not_found")
 
 
+def test_an_exposure_is_deleted_by_its_owners_once_no_job_of_theirs_runs_on_it(
+    service, alice, bob, alice_inputs, sim_pair, tmp_path
+):
+    """Review (operations): an exposure could never be deleted (no route). DELETE removes
+    the caller's exposure (404 for anyone else), refuses with 409 while a queued or running
+    job of the caller uses it, and removes the file only once no other tenant uploaded it."""
+    with fits.open(sim_pair["science"]) as hdus:
+        hdus[0].header["OBSERVER"] = "retention test"  # bytes of this test alone
+        unique = tmp_path / "science.fits"
+        hdus.writeto(unique)
+    exposure_id = upload(alice, unique)
+    stored = service["data"] / "exposures" / exposure_id[:2] / f"{exposure_id}.fits"
+    assert stored.is_file()
+    assert_error(bob.delete(f"/v1/exposures/{exposure_id}"), 404, "not_found")
+    with client_for(service, None) as anonymous:
+        assert anonymous.delete(f"/v1/exposures/{exposure_id}").status_code == 401
+
+    job_id = submit(alice, exposure_id, alice_inputs[1]).json()["id"]
+    wait_job(alice, job_id, until=("running",), timeout=60)
+    assert_error(alice.delete(f"/v1/exposures/{exposure_id}"), 409, "exposure_in_use")
+    assert upload(bob, unique) == exposure_id  # the same bytes, now bob's too
+    assert wait_job(alice, job_id)["state"] == "succeeded"
+
+    assert alice.delete(f"/v1/exposures/{exposure_id}").status_code == 204
+    assert_error(alice.get(f"/v1/exposures/{exposure_id}"), 404, "not_found")
+    assert stored.is_file() and bob.get(f"/v1/exposures/{exposure_id}").status_code == 200
+    assert bob.delete(f"/v1/exposures/{exposure_id}").status_code == 204
+    assert not stored.exists() and not stored.with_suffix(".json").exists()
+    assert_error(bob.delete(f"/v1/exposures/{exposure_id}"), 404, "not_found")
+    assert alice.get(f"/v1/subtractions/{job_id}").json()["state"] == "succeeded"
+
+
 def test_tokens_see_only_their_own_jobs(alice, bob, alice_inputs):
     job_id = submit(alice, *alice_inputs).json()["id"]
     for response in (

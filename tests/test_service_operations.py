@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from store import ExposureRef, JobRecord, Settings, open_store
-from store.maintenance import clean_disk
+from store.maintenance import clean_disk, expire_old
 from store.records import new_job_id
 
 from .service_fixtures import (
@@ -339,6 +339,57 @@ def test_disk_cleaning_removes_the_products_of_failed_jobs(tmp_path, redis_prefi
         clean_disk(store, settings)
         assert not store.products.job_dir(records["failed"]).exists()
         assert store.products.names(records["succeeded"]) == ["difference"]
+    finally:
+        store.records.close()
+
+
+def test_retention_removes_old_finished_jobs_and_inputs_no_job_uses(tmp_path, redis_prefix):
+    """Review (operations): nothing was ever removed by age, so the disk only grew.
+    With ALSUB_RETENTION_DAYS the workers' clean-up removes finished jobs older than
+    that (record and products), then exposures and catalogs last uploaded before then
+    that no job left uses; by default everything is kept, as before."""
+    url, prefix = redis_prefix
+    keep = Settings(data_dir=tmp_path / "data", redis_url=url, redis_prefix=prefix)
+    settings = keep.model_copy(update={"retention_days": 1.0})
+    store = open_store(settings)
+    now, days_ago = time.time(), lambda days: time.time() - days * 86400
+    exposures = {name: store.exposures.put_bytes(name.encode() * 100) for name in "abcde"}
+    catalogs = {name: store.catalogs.put_bytes(name.encode() * 50) for name in "xy"}
+    for blobs, ids in ((store.exposures, exposures), (store.catalogs, catalogs)):
+        for blob_id in ids.values():
+            os.utime(blobs.path(blob_id), (days_ago(3), days_ago(3)))
+    store.exposures.put_bytes(b"e" * 100)  # uploaded again today: young again
+
+    def job(state, finished_days_ago, science, template, sources=None) -> str:
+        record = JobRecord(
+            id=new_job_id(),
+            owner="operator-test",
+            science=ExposureRef(exposure_id=exposures[science]),
+            template=ExposureRef(exposure_id=exposures[template]),
+            sources_id=catalogs.get(sources),
+            state=state,
+            finished_at=None if finished_days_ago is None else days_ago(finished_days_ago),
+        )
+        store.records.create(record)
+        store.products.publish(record.id, lambda d: (d / "difference.fits").write_bytes(b"x"))
+        return record.id
+
+    try:
+        old = job("succeeded", 2, "a", "b", sources="x")  # removed, and so are a, b and x
+        recent = job("failed", 0.5, "c", "c")  # kept, and keeps c
+        running = job("running", None, "d", "d")  # kept whatever its age, and keeps d
+        expected_expired = {"expired_jobs": 1, "expired_exposures": 2, "expired_catalogs": 2}
+        assert not any(expire_old(store, keep, now).values())  # default: kept forever
+        removed = clean_disk(store, settings)
+        assert {k: removed[k] for k in expected_expired} == expected_expired
+        assert store.records.get(old) is None and not store.products.job_dir(old).exists()
+        for job_id in (recent, running):
+            assert store.records.get(job_id) is not None
+            assert store.products.names(job_id) == ["difference"]
+        gone = {name for name, blob_id in exposures.items() if not store.exposures.exists(blob_id)}
+        assert gone == {"a", "b"}  # c and d are used, e was uploaded again
+        assert not store.catalogs.exists(catalogs["x"]) and not store.catalogs.exists(catalogs["y"])
+        assert not any(expire_old(store, settings).values())  # nothing twice
     finally:
         store.records.close()
 

@@ -205,6 +205,19 @@ def test_listing_is_newest_first_with_cursor_and_filters(records):
     assert records.count_active("alice") == 6 and records.count_active("bob") == 1
 
 
+def test_owners_are_forgotten_one_by_one_or_all_at_once(records):
+    """What DELETE /v1/exposures and the retention clean-up need of both backends."""
+    for owner in ("alice", "bob"):
+        records.add_owner("exposure", "d" * 64, owner)
+    assert records.remove_owner("exposure", "d" * 64, "alice") == 1
+    assert not records.is_owner("exposure", "d" * 64, "alice")
+    assert records.is_owner("exposure", "d" * 64, "bob")
+    assert records.remove_owner("exposure", "d" * 64, "alice") == 1  # twice: no change
+    records.add_owner("catalog", "e" * 64, "alice")
+    records.forget_blob("catalog", "e" * 64)
+    assert not records.is_owner("catalog", "e" * 64, "alice")
+
+
 def test_owners_rate_counters_workers_and_durations(records):
     records.add_owner("exposure", "c" * 64, "alice")
     assert records.is_owner("exposure", "c" * 64, "alice")

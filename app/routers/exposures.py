@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from store import Settings, Store
+from store import ACTIVE_STATES, Settings, Store
 
 from ..deps import Caller, get_caller, get_settings, get_store
 from ..errors import ApiError, shown
@@ -128,6 +128,52 @@ def get_exposure(
     meta = _owned_meta(store, exposure_id, caller)
     return ExposureOut(
         id=exposure_id, size_bytes=meta["size_bytes"], description=meta["description"]
+    )
+
+
+@router.delete(
+    "/{exposure_id}",
+    status_code=204,
+    summary="Delete an exposure",
+    description="Forgets that you uploaded the exposure; its file is removed once no one else "
+    "did. Refused with 409 `exposure_in_use` while one of your queued or running jobs uses "
+    "it; finished jobs keep their products. `ALSUB_RETENTION_DAYS` removes old exposures "
+    "without this call.",
+    responses={
+        204: {"description": "Deleted."},
+        401: _ERRORS[401],
+        404: {"model": ErrorResponse, "description": "Unknown or not yours."},
+        409: {"model": ErrorResponse, "description": "A queued or running job of yours uses it."},
+        429: _ERRORS[429],
+    },
+)
+def delete_exposure(
+    exposure_id: str,
+    caller: Caller = Depends(get_caller),
+    store: Store = Depends(get_store),
+) -> Response:
+    _owned_meta(store, exposure_id, caller)
+    if _active_jobs_using(store, exposure_id, caller.owner):
+        raise ApiError(
+            409,
+            "exposure_in_use",
+            f"exposure {shown(exposure_id)} is an input of a queued or running job of yours: "
+            "cancel the job or wait for it to finish, then delete the exposure",
+        )
+    left = store.records.remove_owner("exposure", exposure_id, caller.owner)
+    # the same bytes uploaded by another tenant, or an input of any running job, stay
+    if left == 0 and not _active_jobs_using(store, exposure_id):
+        store.exposures.delete(exposure_id)
+    return Response(status_code=204)
+
+
+def _active_jobs_using(store: Store, exposure_id: str, owner: str | None = None) -> bool:
+    """True when a queued or running job (of ``owner``, or anyone's) has the exposure as input."""
+    return any(
+        exposure_id in (record.science.exposure_id, record.template.exposure_id)
+        and (owner is None or record.owner == owner)
+        for state in ACTIVE_STATES
+        for record in store.records.in_state(state)
     )
 
 
