@@ -111,6 +111,7 @@ def serve(
     import uvicorn
 
     from store import Settings, open_store
+    from store.datadir import check_data_dir
     from store.redis_backend import check_redis
     from store.sweeper import release_running, requeue_all
     from worker.celery_app import clear_broadcasts
@@ -129,7 +130,7 @@ def serve(
     )
     if settings.redis_url:
         check_redis(settings.redis_url)  # a refusal stops here, in one line (exit 2)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    check_data_dir(settings)  # unusable: one line naming ALSUB_DATA_DIR (exit 2)
     worker = None
     if workers != 0:
         if not settings.redis_url:

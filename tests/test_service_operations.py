@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -423,12 +424,15 @@ def test_sources_are_served_as_soon_as_the_catalog_is_published(tmp_path, redis_
         server.stop()
 
 
-def _both_commands_stop_in_one_line(env: dict[str, str], named: str, secret: str) -> None:
+def _both_commands_stop_in_one_line(
+    env: dict[str, str], named: str, secret: str, wrapper: tuple[str, ...] = ()
+) -> list[str]:
     """`alsub serve` and `alsub worker` under ``env`` exit 2 with one line naming the
-    variable ``named``, and without the ``secret`` it holds."""
+    variable ``named``, and without the ``secret`` it holds; their lines."""
+    said = []
     for command in (["serve", "--workers", "0", "--port", "0"], ["worker"]):
         done = subprocess.run(
-            [sys.executable, "-m", "app.cli", *command],
+            [*wrapper, sys.executable, "-m", "app.cli", *command],
             env=env,
             cwd=REPO,
             capture_output=True,
@@ -439,6 +443,8 @@ def _both_commands_stop_in_one_line(env: dict[str, str], named: str, secret: str
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"alsub: error: {named}"), lines
         assert secret not in done.stderr
+        said.append(lines[0])
+    return said
 
 
 @pytest.mark.parametrize(
@@ -459,6 +465,54 @@ def test_settings_that_cannot_work_stop_both_commands_in_one_line(tmp_path, sett
     service that started and never ran a job)."""
     env = service_env(data_dir=tmp_path, tokens="s3cr3t-token", **settings)
     _both_commands_stop_in_one_line(env, named, "s3cr3t")
+
+
+#: Runs a command without root's power to ignore permission bits (CAP_DAC_OVERRIDE), so a
+#: read-only directory refuses its writes as it refuses an operator's service user.
+_NO_DAC = (
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+)
+
+
+def _unusable_data_dirs() -> list[str]:
+    """The cases this machine can show: a read-only directory needs a user that permission
+    bits bind (not root, or root through setpriv)."""
+    cases = ["a file", "under a file"]
+    if os.geteuid() != 0 or shutil.which("setpriv"):
+        cases.append("read-only")
+    return cases
+
+
+@pytest.mark.parametrize("case", _unusable_data_dirs())
+@pytest.mark.parametrize("distributed", [False, True])
+def test_an_unusable_data_directory_stops_both_commands_in_one_line(
+    tmp_path, redis_prefix, case, distributed
+):
+    """ALSUB_DATA_DIR a plain file, a path under one, or a directory without write
+    permission: `alsub serve` died with a traceback (FileExistsError, PermissionError,
+    sqlite3.OperationalError; exit 1) and `alsub worker` said "ready", then logged a
+    traceback every 5 s. Both stop with one line naming ALSUB_DATA_DIR and why (exit 2)."""
+    plain = tmp_path / "plain"
+    plain.write_text("not a directory")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    data_dir, reason, wrapper = {
+        "a file": (plain, "a file stands where a directory must be", ()),
+        "under a file": (plain / "data", "a file stands where a directory must be", ()),
+        "read-only": (read_only, "permission denied", _NO_DAC if os.geteuid() == 0 else ()),
+    }[case]
+    if distributed:
+        url, prefix = redis_prefix
+        env = redis_service_env(url, prefix, data_dir, tokens=TOKEN)
+    else:
+        env = service_env(data_dir=data_dir, tokens=TOKEN)
+    for line in _both_commands_stop_in_one_line(env, "ALSUB_DATA_DIR", TOKEN, wrapper):
+        assert reason in line, line
+        assert str(tmp_path) not in line  # no server path
+    assert plain.read_text() == "not a directory"
+    assert list(read_only.iterdir()) == []
 
 
 def test_a_redis_that_refuses_the_url_stops_both_commands_in_one_line(tmp_path, redis_prefix):

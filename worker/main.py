@@ -29,6 +29,11 @@ def run_worker(argv: list[str] | None = None) -> int:
     status : `int`
         Exit status (0 on a clean shutdown).
     """
+    from store import Settings
+    from store.datadir import check_data_dir
+
+    # before worker.tasks, whose Celery app creates the local broker's folders in it
+    check_data_dir(Settings())
     from .tasks import app, settings
     from .threads import node_name
 
