@@ -2,7 +2,8 @@
 
 Core's typed errors (`core.errors.AlsubError`) map to 422 with their own code;
 store errors map to 413 (upload too large) and 409 (idempotency conflict); an
-unreachable store or broker maps to 503 and a full data directory to 507, both with
+unreachable store or broker maps to 503, a full data directory to 507 and one that
+refuses writes (read-only, permissions) to 503 ``storage_unavailable``, all with
 ``Retry-After``.
 """
 
@@ -19,13 +20,20 @@ from starlette.requests import ClientDisconnect
 
 from core.errors import AlsubError
 from store import IdempotencyConflictError, UploadTooLargeError
-from store.errors import STORAGE_FULL_MESSAGE, UNAVAILABLE_ERRORS, storage_full
+from store.errors import (
+    STORAGE_FULL_MESSAGE,
+    STORAGE_UNAVAILABLE_MESSAGE,
+    UNAVAILABLE_ERRORS,
+    storage_full,
+    storage_unavailable,
+)
 
 __all__ = ["ApiError", "install_error_handlers", "error_body", "RETRY_AFTER_SECONDS"]
 
 #: Retry-After of a 503 while the store or broker is unreachable (seconds).
 RETRY_AFTER_SECONDS = 5
-#: Retry-After of a 507 while the data directory is full (seconds): an operator must act.
+#: Retry-After of a 507 while the data directory is full, or a 503 while it refuses writes
+#: (seconds): an operator must act.
 STORAGE_FULL_RETRY_AFTER_SECONDS = 60
 
 log = logging.getLogger("alsub.api")
@@ -131,17 +139,32 @@ def install_error_handlers(app: FastAPI) -> None:
             {"Retry-After": str(STORAGE_FULL_RETRY_AFTER_SECONDS)},
         )
 
+    def _storage_refused(request: Request, exc: Exception) -> JSONResponse:
+        log.error(
+            "data directory refuses writes on %s %s: %r", request.method, request.url.path, exc
+        )
+        return _answer(
+            503,
+            "storage_unavailable",
+            STORAGE_UNAVAILABLE_MESSAGE,
+            {"Retry-After": str(STORAGE_FULL_RETRY_AFTER_SECONDS)},
+        )
+
     @app.exception_handler(OSError)
     async def _os_error(request: Request, exc: OSError):
         # a full disk answered 500 "unexpected server error" to every upload
         if storage_full(exc):
             return _storage_full(request, exc)
+        if storage_unavailable(exc):  # read-only or permissions: 500 "unexpected" too
+            return _storage_refused(request, exc)
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return _answer(500, "internal", "unexpected server error; the service logs have the trace")
 
     async def _unavailable(request: Request, exc: Exception):
         if storage_full(exc):  # SQLite's "database or disk is full": not a restart
             return _storage_full(request, exc)
+        if storage_unavailable(exc):  # SQLite's "readonly database": nor is this
+            return _storage_refused(request, exc)
         log.warning(
             "store or broker unavailable on %s %s: %r", request.method, request.url.path, exc
         )

@@ -4,7 +4,9 @@ Redis down, restarting or still loading its append-only file, or SQLite busy
 past its timeout: a transient condition, not a bug, so the API answers 503
 with ``Retry-After`` and workers retry instead of failing the job. A full data
 directory is not transient: the API answers 507 and a job fails as
-``insufficient_storage`` (`storage_full`). A setting the service cannot run with is a
+``insufficient_storage`` (`storage_full`). A data directory that refuses writes (a
+read-only file system, permissions) is no client's fault either: 503 and a job failed as
+``storage_unavailable`` (`storage_unavailable`). A setting the service cannot run with is a
 `SettingsError` at start-up.
 """
 
@@ -15,7 +17,14 @@ import sqlite3
 
 import redis
 
-__all__ = ["UNAVAILABLE_ERRORS", "SettingsError", "storage_full", "STORAGE_FULL_MESSAGE"]
+__all__ = [
+    "UNAVAILABLE_ERRORS",
+    "SettingsError",
+    "storage_full",
+    "storage_unavailable",
+    "STORAGE_FULL_MESSAGE",
+    "STORAGE_UNAVAILABLE_MESSAGE",
+]
 
 #: Exceptions meaning "try again shortly" (redis-py reconnects by itself on the next call).
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -44,6 +53,25 @@ def storage_full(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.OperationalError):
         return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
     return isinstance(exc, OSError) and exc.errno in _STORAGE_FULL_ERRNOS
+
+
+#: errno of a data directory that refuses writes although it has room: a read-only file
+#: system (a remount after disk errors), or permissions changed under the service.
+_STORAGE_REFUSED_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+#: What a client hears then (no server path, no errno text).
+STORAGE_UNAVAILABLE_MESSAGE = (
+    "the service's storage refuses writes (read-only or permission denied): nothing was "
+    "stored; try again later (its operator must make the data directory writable)"
+)
+
+
+def storage_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` says the data directory refuses writes (`_STORAGE_REFUSED_ERRNOS`),
+    or SQLite's ``attempt to write a readonly database``."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_REFUSED_ERRNOS
 
 
 class SettingsError(Exception):

@@ -231,6 +231,33 @@ def test_every_run_of_a_job_ends_with_one_line_of_its_outcome_and_duration(
         store.records.close()
 
 
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.EPERM])
+def test_a_job_whose_storage_refuses_writes_fails_as_storage_unavailable(
+    tmp_path, redis_prefix, sim_pair, monkeypatch, code
+):
+    """The data directory turns read-only (a remount after disk errors) or its
+    permissions change while a job writes its matched images: the job failed as
+    "internal: unexpected OSError"; it fails as storage_unavailable, keeping nothing."""
+    from worker.jobs import run_job
+
+    settings, store, record = _stored_job(tmp_path, redis_prefix, sim_pair)
+
+    def refused(job_id, build):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(store.products, "add", refused)
+    try:
+        assert run_job(store, settings, record.id) == "failed"
+        failed = store.records.get(record.id)
+        assert failed.error["code"] == "storage_unavailable", failed.error
+        assert "refuses writes" in failed.error["message"]
+        assert str(tmp_path) not in failed.error["message"]
+        assert failed.products == []
+        assert not store.products.job_dir(record.id).exists()
+    finally:
+        store.records.close()
+
+
 def _token_of(process_code: str) -> tuple[subprocess.Popen, str]:
     """A process that prints the run token it would write, then runs ``process_code``."""
     code = "from worker.jobs import _run_token; print(_run_token(), flush=True)\n" + process_code
@@ -513,6 +540,47 @@ def test_an_unusable_data_directory_stops_both_commands_in_one_line(
         assert str(tmp_path) not in line  # no server path
     assert plain.read_text() == "not a directory"
     assert list(read_only.iterdir()) == []
+
+
+def _api_bound_by_permissions(env: dict[str, str], tmp_path) -> tuple[Process, str]:
+    """``alsub serve --workers 0`` that permission bits bind (through setpriv as root)."""
+    port = free_port()
+    wrapper = _NO_DAC if os.geteuid() == 0 else ()
+    command = [*wrapper, sys.executable, "-m", "app.cli", "serve", "--workers", "0"]
+    api = Process([*command, "--port", str(port)], env, tmp_path / f"api-{port}.log")
+    base = f"http://127.0.0.1:{port}"
+    _wait_healthy(base, api)
+    return api, base
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0 and not shutil.which("setpriv"), reason="root ignores permission bits"
+)
+def test_an_upload_into_a_read_only_data_directory_is_a_503(tmp_path, redis_prefix, sim_pair):
+    """Uploads into a data directory whose permissions changed under the running API
+    answered 500 "internal" (an unexpected PermissionError): they answer 503
+    storage_unavailable with Retry-After, and say no server path."""
+    url, prefix = redis_prefix
+    data_dir = tmp_path / "data"
+    env = redis_service_env(url, prefix, data_dir, tokens=TOKEN)
+    api, base = _api_bound_by_permissions(env, tmp_path)
+    uploads = data_dir / "exposures" / ".tmp"
+    uploads.chmod(0o555)
+    try:
+        with _client(base) as client:
+            refused = client.post(
+                "/v1/exposures",
+                content=sim_pair["science"].read_bytes(),
+                headers={"Content-Type": "application/fits"},
+            )
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "storage_unavailable"
+        assert "refuses writes" in refused.json()["error"]["message"]
+        assert str(data_dir) not in refused.text
+        assert int(refused.headers["retry-after"]) > 0
+    finally:
+        uploads.chmod(0o755)
+        api.stop()
 
 
 def test_a_redis_that_refuses_the_url_stops_both_commands_in_one_line(tmp_path, redis_prefix):

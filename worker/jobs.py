@@ -34,7 +34,13 @@ from core.products import PRODUCT_NAMES, json_safe, write_products
 from core.sources import read_catalog
 from core.subtract import run_subtraction
 from store import FINAL_STATES, JobRecord, Settings, Store
-from store.errors import STORAGE_FULL_MESSAGE, UNAVAILABLE_ERRORS, storage_full
+from store.errors import (
+    STORAGE_FULL_MESSAGE,
+    STORAGE_UNAVAILABLE_MESSAGE,
+    UNAVAILABLE_ERRORS,
+    storage_full,
+    storage_unavailable,
+)
 from store.sweeper import fail_worker_lost, is_stale, judged_from, reach
 
 from .heartbeat import Heartbeat
@@ -350,6 +356,17 @@ def run_job(
                 log.error("job %s: the data directory is full: %s", job_id, exc)
                 final = _fail(
                     store, job_id, token, timings, "insufficient_storage", STORAGE_FULL_MESSAGE
+                )
+            elif storage_unavailable(exc):
+                # read-only or permissions: the service's storage too, not "unexpected"
+                log.error("job %s: the data directory refuses writes: %s", job_id, exc)
+                final = _fail(
+                    store,
+                    job_id,
+                    token,
+                    timings,
+                    "storage_unavailable",
+                    STORAGE_UNAVAILABLE_MESSAGE,
                 )
             elif (owned := store.records.get(job_id)) is None or not owned.run_by(token):
                 # deleted or cancelled while it wrote: its folder went, and a write into it
