@@ -8,9 +8,12 @@ job records in SQLite (embedded) or Redis (``ALSUB_REDIS_URL`` set).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import errno
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .blobs import BlobStore, BlobWriter, UploadTooLargeError
+from .datadir import data_folders, free_bytes, probe_folders
 from .products import PRODUCT_FILES, ProductStore
 from .records import (
     ACTIVE_STATES,
@@ -53,12 +56,22 @@ class Store:
     catalogs: BlobStore
     products: ProductStore
     records: RecordBackend
+    #: every folder the service writes under the data directory (`store.datadir`)
+    folders: list[Path] = field(default_factory=list)
 
-    def check_writable(self) -> None:
-        """Raise OSError when the data directory cannot be written."""
-        probe = self.exposures.tmp_dir / ".probe"
-        probe.write_bytes(b"ok")
-        probe.unlink()
+    def check_writable(self, min_free_bytes: int = 0) -> None:
+        """Raise `OSError` when a folder the service writes cannot be written, or when fewer
+        than ``min_free_bytes`` are free on the data directory's disk (``/readyz``)."""
+        # every folder: jobs/ read-only beside writable uploads said ready, and every job failed
+        probe_folders(self.folders or [self.exposures.tmp_dir])
+        free = free_bytes(self.products.root)
+        if free < min_free_bytes:
+            # a disk this full fails the next upload or job with 507: not ready before that
+            raise OSError(
+                errno.ENOSPC,
+                f"{free} bytes free on the data directory's disk, below "
+                f"ALSUB_MIN_FREE_BYTES ({min_free_bytes})",
+            )
 
 
 def open_records(settings: Settings) -> RecordBackend:
@@ -91,4 +104,5 @@ def open_store(settings: Settings) -> Store:
         catalogs=BlobStore(root / "catalogs", ".cat"),
         products=ProductStore(root / "jobs"),
         records=records,
+        folders=data_folders(root, embedded=not settings.distributed),
     )

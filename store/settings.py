@@ -166,6 +166,12 @@ class Settings(BaseSettings):
         description="Seconds after which abandoned upload temp files, product staging folders "
         "and product folders of jobs without a record are deleted.",
     )
+    min_free_bytes: int = Field(
+        256 * 1024**2,
+        ge=0,
+        description="Free bytes on the data directory's disk below which /readyz says not "
+        "ready (uploads and products would soon fail with 507); 0 disables.",
+    )
     maintenance_interval: float = Field(
         300.0, gt=0, description="Seconds between a worker's disk clean-up passes."
     )

@@ -583,6 +583,47 @@ def test_an_upload_into_a_read_only_data_directory_is_a_503(tmp_path, redis_pref
         api.stop()
 
 
+@pytest.mark.skipif(
+    os.geteuid() == 0 and not shutil.which("setpriv"), reason="root ignores permission bits"
+)
+def test_readyz_is_not_ready_while_the_products_folder_refuses_writes(tmp_path, redis_prefix):
+    """/readyz probed only the uploads' folder: with jobs/ read-only it said ready while
+    every job failed writing its products."""
+    url, prefix = redis_prefix
+    data_dir = tmp_path / "data"
+    env = redis_service_env(url, prefix, data_dir, tokens=TOKEN)
+    api, base = _api_bound_by_permissions(env, tmp_path)
+    (data_dir / "jobs").chmod(0o555)
+    try:
+        with _client(base) as client:
+            ready = client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        store = ready.json()["checks"]["store"]
+        assert store["ok"] is False and "jobs" in store["detail"], store
+    finally:
+        (data_dir / "jobs").chmod(0o755)
+        api.stop()
+
+
+def test_readyz_is_not_ready_below_the_free_space_floor(tmp_path, redis_prefix):
+    """A disk too full for the next upload (every one answered 507) read as ready:
+    below ALSUB_MIN_FREE_BYTES the store check fails and says why."""
+    url, prefix = redis_prefix
+    data_dir = tmp_path / "data"
+    env = redis_service_env(url, prefix, data_dir, tokens=TOKEN, min_free_bytes=10**18)
+    server, base = start_server(free_port(), data_dir, env, tmp_path, workers=0)
+    try:
+        with _client(base) as client:
+            ready = client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        body = ready.json()
+        assert body["status"] == "not_ready"
+        store = body["checks"]["store"]
+        assert store["ok"] is False and "ALSUB_MIN_FREE_BYTES" in store["detail"], store
+    finally:
+        server.stop()
+
+
 def test_a_redis_that_refuses_the_url_stops_both_commands_in_one_line(tmp_path, redis_prefix):
     """Wrong credentials: the API answered 503 "unreachable (restarting?)" to every call
     and the worker retried forever; a refusal is a setting to fix, said at start-up.

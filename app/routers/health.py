@@ -54,7 +54,7 @@ def readyz(
 ):
     def store_ok() -> str:
         store.records.ping()
-        store.check_writable()
+        store.check_writable(settings.min_free_bytes)
         return "records and data directory reachable"
 
     def workers_ok() -> str:
