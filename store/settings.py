@@ -23,6 +23,11 @@ __all__ = ["Settings", "settings_markdown"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+#: Ceilings of the time settings (seconds): beyond them a value is a slip (an extra digit,
+#: "inf"), and some became an OverflowError in a wait or turned a safeguard off for good.
+_HOUR, _DAY, _WEEK = 3600.0, 86400.0, 7 * 86400.0
+
+
 def _split_list(value):
     # Environment variables carry lists as comma- or whitespace-separated text.
     if isinstance(value, str):
@@ -38,8 +43,10 @@ class Settings(BaseSettings):
     """
 
     # a bad setting's error must not print the others' values (tokens, a Redis password)
+    # no float setting may be inf or nan: "inf" made /readyz raise OverflowError forever and
+    # ALSUB_HEARTBEAT_TIMEOUT=inf turned lost-job recovery off without a word
     model_config = SettingsConfigDict(
-        env_prefix="ALSUB_", extra="ignore", hide_input_in_errors=True
+        env_prefix="ALSUB_", extra="ignore", hide_input_in_errors=True, allow_inf_nan=False
     )
 
     data_dir: Path = Field(
@@ -108,27 +115,40 @@ class Settings(BaseSettings):
         "Empty: URIs are refused.",
     )
     soft_time_limit: float = Field(
-        540.0, gt=0, description="Seconds after which a job stops and fails as time_limit_exceeded."
+        540.0,
+        gt=0,
+        le=_WEEK,
+        description="Seconds after which a job stops and fails as time_limit_exceeded.",
     )
     hard_time_limit: float = Field(
-        600.0, gt=0, description="Seconds after which the worker process running a job is killed."
+        600.0,
+        gt=0,
+        le=_WEEK,
+        description="Seconds after which the worker process running a job is killed.",
     )
     visibility_timeout: float | None = Field(
         None,
+        gt=0,
+        le=2 * _WEEK,
         description="Seconds before Redis redelivers an unacked job; default hard limit + 300.",
     )
     heartbeat_interval: float = Field(
-        5.0, gt=0, description="Seconds between heartbeats a running job writes to its record."
+        5.0,
+        gt=0,
+        le=_HOUR,
+        description="Seconds between heartbeats a running job writes to its record.",
     )
     heartbeat_timeout: float = Field(
         60.0,
         gt=0,
+        le=_DAY,
         description="A running job whose heartbeat is older than this is requeued (its worker is "
         "considered lost).",
     )
     queued_resend_after: float = Field(
         300.0,
         gt=0,
+        le=_WEEK,
         description="Seconds a job may wait queued before its message is sent again (the broker "
         "can lose one taken by a worker killed or cut off mid-fetch); a duplicate is skipped.",
     )
@@ -150,19 +170,28 @@ class Settings(BaseSettings):
         description="CIDR networks callback_url may reach although they are not public "
         "(comma-separated, e.g. 10.0.0.0/8 for internal hooks). Empty: only global addresses.",
     )
-    webhook_retries: int = Field(5, ge=0, description="Retries of a failed callback_url POST.")
-    webhook_backoff: float = Field(
-        2.0, ge=0, description="Seconds before the first callback retry; doubles each retry."
+    # the backoff doubles each retry: 30 doublings of 2 s wait 68 years already
+    webhook_retries: int = Field(
+        5, ge=0, le=30, description="Retries of a failed callback_url POST."
     )
-    webhook_timeout: float = Field(10.0, gt=0, description="Timeout of one callback POST (s).")
+    webhook_backoff: float = Field(
+        2.0,
+        ge=0,
+        le=_HOUR,
+        description="Seconds before the first callback retry; doubles each retry.",
+    )
+    webhook_timeout: float = Field(
+        10.0, gt=0, le=_HOUR, description="Timeout of one callback POST (s)."
+    )
     max_cutout_size: int = Field(1024, ge=8, description="Largest cutout side (pixels).")
     max_list_limit: int = Field(200, ge=1, description="Largest page of a job listing.")
     readiness_timeout: float = Field(
-        1.5, gt=0, description="Seconds /readyz waits for a worker to answer a ping."
+        1.5, gt=0, le=60.0, description="Seconds /readyz waits for a worker to answer a ping."
     )
     tmp_max_age: float = Field(
         3600.0,
         gt=0,
+        le=30 * _DAY,
         description="Seconds after which abandoned upload temp files, product staging folders "
         "and product folders of jobs without a record are deleted.",
     )
@@ -173,7 +202,7 @@ class Settings(BaseSettings):
         "ready (uploads and products would soon fail with 507); 0 disables.",
     )
     maintenance_interval: float = Field(
-        300.0, gt=0, description="Seconds between a worker's disk clean-up passes."
+        300.0, gt=0, le=_DAY, description="Seconds between a worker's disk clean-up passes."
     )
     retention_days: float = Field(
         0.0,
@@ -185,6 +214,7 @@ class Settings(BaseSettings):
     test_stage_delay: float = Field(
         0.0,
         ge=0,
+        le=_HOUR,
         description="Debug only, off by default: seconds a worker sleeps at every progress report, "
         "so tests can interrupt or cancel a job mid-run.",
     )

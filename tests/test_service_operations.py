@@ -482,6 +482,9 @@ def _both_commands_stop_in_one_line(
         ({"redis_url": "redis://127.0.0.1:6379/first"}, "ALSUB_REDIS_URL"),
         ({"queue_name": ""}, "ALSUB_QUEUE_NAME"),
         ({"heartbeat_interval": 30, "heartbeat_timeout": 20}, "ALSUB_HEARTBEAT_TIMEOUT"),
+        ({"readiness_timeout": "inf"}, "ALSUB_READINESS_TIMEOUT"),
+        ({"heartbeat_timeout": "inf"}, "ALSUB_HEARTBEAT_TIMEOUT"),
+        ({"readiness_timeout": "1e300"}, "ALSUB_READINESS_TIMEOUT"),
     ],
 )
 def test_settings_that_cannot_work_stop_both_commands_in_one_line(tmp_path, settings, named):
@@ -489,7 +492,9 @@ def test_settings_that_cannot_work_stop_both_commands_in_one_line(tmp_path, sett
     queue (jobs waited forever) and a heartbeat timeout under two intervals (every long
     stage was requeued as lost, then failed worker_lost): exit 2 and one line naming the
     variable, from both `alsub serve` and `alsub worker` (it was a traceback, or a
-    service that started and never ran a job)."""
+    service that started and never ran a job); so do infinite and absurd time settings
+    (/readyz raised OverflowError forever, an infinite heartbeat timeout turned lost-job
+    recovery off)."""
     env = service_env(data_dir=tmp_path, tokens="s3cr3t-token", **settings)
     _both_commands_stop_in_one_line(env, named, "s3cr3t")
 

@@ -355,6 +355,29 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert Settings().tokens == []
 
 
+def test_no_time_setting_takes_infinity_nan_or_an_absurd_value(monkeypatch, tmp_path):
+    """ALSUB_READINESS_TIMEOUT=inf made /readyz fail forever (OverflowError) and
+    ALSUB_HEARTBEAT_TIMEOUT=inf turned lost-job recovery off: every float setting refuses
+    inf, nan and values past its ceiling, the error on that variable alone."""
+    from pydantic import ValidationError
+
+    floats = [
+        name
+        for name, field in Settings.model_fields.items()
+        if field.annotation in (float, float | None)
+    ]
+    assert {"readiness_timeout", "heartbeat_timeout", "soft_time_limit"} <= set(floats)
+    monkeypatch.setenv("ALSUB_DATA_DIR", str(tmp_path))
+    for name in floats:
+        for text in ("inf", "-inf", "nan", "1e300"):
+            monkeypatch.setenv(f"ALSUB_{name.upper()}", text)
+            with pytest.raises(ValidationError) as bad:
+                Settings()
+            assert [error["loc"] for error in bad.value.errors()] == [(name,)], (name, text)
+        monkeypatch.delenv(f"ALSUB_{name.upper()}")
+    assert Settings().readiness_timeout == 1.5
+
+
 def test_service_commands_report_a_bad_setting_in_one_line(monkeypatch, capsys, tmp_path):
     """`alsub serve` / `alsub worker` with a bad ALSUB_* value: exit 2, the variable named,
     no traceback and no token in the output (it was a pydantic dump of every input)."""
