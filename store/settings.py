@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "settings_markdown"]
@@ -249,8 +249,18 @@ class Settings(BaseSettings):
 
     @field_validator("callback_allowed_networks", "trusted_proxies")
     @classmethod
-    def _cidr_networks(cls, networks: list[str]) -> list[str]:
-        return [str(ipaddress.ip_network(text, strict=False)) for text in networks]
+    def _cidr_networks(cls, networks: list[str], info: ValidationInfo) -> list[str]:
+        parsed = []
+        for number, text in enumerate(networks, 1):
+            try:
+                parsed.append(str(ipaddress.ip_network(text, strict=False)))
+            except ValueError:
+                # ipaddress's message quoted the entry: errors show no values
+                raise ValueError(
+                    f"ALSUB_{info.field_name.upper()}: entry {number} is not a CIDR network "
+                    "(e.g. 10.0.0.0/8 or 192.168.1.5)"
+                ) from None
+        return parsed
 
     @field_validator("redis_url")
     @classmethod

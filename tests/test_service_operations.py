@@ -485,6 +485,8 @@ def _both_commands_stop_in_one_line(
         ({"readiness_timeout": "inf"}, "ALSUB_READINESS_TIMEOUT"),
         ({"heartbeat_timeout": "inf"}, "ALSUB_HEARTBEAT_TIMEOUT"),
         ({"readiness_timeout": "1e300"}, "ALSUB_READINESS_TIMEOUT"),
+        ({"trusted_proxies": "10.0.0.0/8, s3cr3t-proxy"}, "ALSUB_TRUSTED_PROXIES"),
+        ({"callback_allowed_networks": "s3cr3t-hook"}, "ALSUB_CALLBACK_ALLOWED_NETWORKS"),
     ],
 )
 def test_settings_that_cannot_work_stop_both_commands_in_one_line(tmp_path, settings, named):
