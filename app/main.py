@@ -13,9 +13,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from kombu.exceptions import OperationalError as KombuOperationalError
 from starlette.concurrency import run_in_threadpool
 
 from store import Settings, open_store
+from store.errors import expected_outage
 from store.maintenance import clean_disk
 from store.sweeper import sweep_stale_jobs
 
@@ -54,6 +56,13 @@ token sees only its own exposures and jobs. Errors are `{"error": {"code", "mess
 """
 
 
+def _log_failure(what: str, exc: Exception) -> None:
+    """One line for an outage the service waits out (a wrong Redis port printed a whole
+    trace at start-up), the trace for anything unexpected."""
+    outage = expected_outage(exc) or isinstance(exc, KombuOperationalError)
+    log.warning("%s: %r", what, exc, exc_info=None if outage else exc)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the alsub API.
 
@@ -74,12 +83,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             swept = sweep_stale_jobs(app.state.store.records, settings, app.state.queue.enqueue)
             if swept:
                 log.warning("requeued %d job(s) of lost workers at start-up", len(swept))
-        except Exception:
-            log.warning("start-up sweep failed", exc_info=True)
+        except Exception as exc:
+            _log_failure("start-up sweep failed", exc)
         try:
             await run_in_threadpool(clean_disk, app.state.store, settings)
-        except Exception:
-            log.warning("start-up disk clean-up failed", exc_info=True)
+        except Exception as exc:
+            _log_failure("start-up disk clean-up failed", exc)
         yield
         app.state.queue.close()
         app.state.store.records.close()

@@ -22,6 +22,7 @@ __all__ = [
     "SettingsError",
     "storage_full",
     "storage_unavailable",
+    "expected_outage",
     "STORAGE_FULL_MESSAGE",
     "STORAGE_UNAVAILABLE_MESSAGE",
 ]
@@ -72,6 +73,13 @@ def storage_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.OperationalError):
         return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY
     return isinstance(exc, OSError) and exc.errno in _STORAGE_REFUSED_ERRNOS
+
+
+def expected_outage(exc: BaseException) -> bool:
+    """True when ``exc`` is an outage the service is built to wait out (the store
+    unreachable, the disk full or refusing writes): worth one log line, not a trace
+    (a Redis outage logged a full traceback every 5 s from each worker)."""
+    return isinstance(exc, UNAVAILABLE_ERRORS) or storage_full(exc) or storage_unavailable(exc)
 
 
 class SettingsError(Exception):

@@ -159,6 +159,58 @@ def test_redis_restart_loses_no_job_and_the_api_answers_503_meanwhile(
         server.stop()
 
 
+def _said_in_one_line(log: str, what: str) -> int:
+    """How often ``what`` was logged; asserts none of them came with a trace."""
+    lines = log.splitlines()
+    said = [number for number, line in enumerate(lines) if what in line]
+    for number in said:
+        following = lines[number + 1] if number + 1 < len(lines) else ""
+        assert not following.startswith("Traceback"), "\n".join(lines[number : number + 8])
+    return len(said)
+
+
+def test_a_redis_outage_is_one_line_per_sweeper_pass(tmp_path, private_redis):
+    """While Redis was down each worker logged a full traceback every sweeper pass ("sweeper
+    pass failed"): an outage the worker waits out is one line each time."""
+    env = redis_env(
+        private_redis.url, "alsub:", tmp_path / "data", heartbeat_interval=0.5, heartbeat_timeout=10
+    )
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        records = redis.Redis.from_url(private_redis.url)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not records.zcard("alsub:workers"):
+            time.sleep(0.2)  # its sweeper runs once it has registered
+        records.close()
+        private_redis.stop()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and worker.log_tail().count("sweeper pass failed") < 3:
+            time.sleep(0.2)
+        log = worker.log_path.read_text(errors="replace")
+        assert _said_in_one_line(log, "sweeper pass failed") >= 3, log[-3000:]
+        assert "onnection" in log  # what failed is still said
+    finally:
+        worker.kill()
+
+
+def test_a_wrong_redis_port_at_start_is_one_line(tmp_path):
+    """`alsub serve` with nothing answering at ALSUB_REDIS_URL printed a full traceback
+    under "start-up sweep failed"; it waits for Redis, saying so in one line."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    data_dir = tmp_path / "data"
+    env = redis_env(url, "alsub:", data_dir)
+    server, _ = start_server(free_port(), data_dir, env, tmp_path, workers=0)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "start-up sweep" not in server.log_tail():
+            time.sleep(0.2)
+        log = server.log_path.read_text(errors="replace")
+        assert _said_in_one_line(log, "start-up sweep failed") == 1, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        server.stop()
+
+
 def test_readyz_counts_only_workers_of_this_queue(tmp_path, redis_prefix):
     """A worker of another queue on the same broker takes none of this API's jobs: it
     does not make /readyz say ready (it did: any worker answering a ping counted)."""

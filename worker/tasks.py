@@ -19,10 +19,12 @@ from functools import partial
 
 import httpx
 from celery.signals import worker_ready, worker_shutdown
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from core.parallel import set_memory_policy
 from store import JobRecord, Settings, Store, open_store
 from store.callbacks import CallbackRefusedError, resolve_callback
+from store.errors import expected_outage
 from store.maintenance import clean_disk
 from store.records import job_view
 from store.sweeper import reach, sweep_stale_jobs
@@ -117,6 +119,13 @@ def _post_record(record: JobRecord) -> tuple[int | None, bool]:
         return None, False
 
 
+def _log_failure(what: str, exc: Exception) -> None:
+    """One line for an outage the sweeper waits out (a Redis outage logged a full trace
+    every 5 s from each worker), the trace for anything unexpected."""
+    outage = expected_outage(exc) or isinstance(exc, KombuOperationalError)
+    log.warning("%s: %r", what, exc, exc_info=None if outage else exc)
+
+
 class _Sweeper(threading.Thread):
     """Main-process thread: mark this worker alive, requeue jobs of lost workers, clean disk."""
 
@@ -140,16 +149,16 @@ class _Sweeper(threading.Thread):
                 if time.monotonic() >= next_clean:
                     clean_disk(store, settings)
                     next_clean = time.monotonic() + settings.maintenance_interval
-            except Exception:
-                log.warning("sweeper pass failed", exc_info=True)
+            except Exception as exc:
+                _log_failure("sweeper pass failed", exc)
             if self.stop.wait(period):
                 break
         # Shut down: stop counting as alive at once, so the workers left take this one's
         # share of the cores from their next job (worker.threads), not a liveness period later.
         try:
             (store or open_store(settings)).records.worker_gone(self.worker_name)
-        except Exception:
-            log.warning("could not record this worker's shutdown", exc_info=True)
+        except Exception as exc:
+            _log_failure("could not record this worker's shutdown", exc)
 
 
 _sweeper: _Sweeper | None = None
