@@ -113,6 +113,7 @@ def serve(
     from store import Settings, open_store
     from store.datadir import check_data_dir
     from store.redis_backend import check_redis
+    from store.settings import missing_roots, unknown_variables
     from store.sweeper import release_running, requeue_all
     from worker.celery_app import clear_broadcasts
 
@@ -128,6 +129,8 @@ def serve(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for warning in unknown_variables(dict(os.environ)) + missing_roots(settings):
+        log.warning("%s", warning)
     if settings.redis_url:
         check_redis(settings.redis_url)  # a refusal stops here, in one line (exit 2)
     check_data_dir(settings)  # unusable: one line naming ALSUB_DATA_DIR (exit 2)

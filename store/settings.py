@@ -8,6 +8,7 @@ import the other's framework.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "settings_markdown"]
+__all__ = ["Settings", "settings_markdown", "unknown_variables", "missing_roots"]
 
 #: Levels both the standard logging and uvicorn know (``alsub serve`` passes it to both).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -326,6 +327,42 @@ class Settings(BaseSettings):
     def distributed(self) -> bool:
         """True when Redis carries the queue and the job records."""
         return bool(self.redis_url)
+
+
+#: ALSUB_* variables read elsewhere: docker/entrypoint.sh and docker-compose.yml, and the one
+#: `alsub serve` gives its embedded worker.
+_NOT_SETTINGS = frozenset(
+    {"ALSUB_PORT", "ALSUB_WORKER_REPLICAS", "ALSUB_STOP_GRACE_PERIOD", "ALSUB_EMBEDDED_PARENT"}
+)
+
+
+def unknown_variables(environ: dict[str, str]) -> list[str]:
+    """A warning for each ``ALSUB_*`` variable of ``environ`` that is no setting (a
+    misspelling such as ``ALSUB_TOKEN`` was silently ignored), naming the closest known
+    one; never the value (it may be a token)."""
+    known = {f"ALSUB_{name.upper()}" for name in Settings.model_fields} | _NOT_SETTINGS
+    # compared without the prefix, which every name shares (ALSUB_ZZZ was "like" ALSUB_PORT)
+    suffixes = sorted(name.removeprefix("ALSUB_") for name in known)
+    warnings = []
+    for name in sorted(environ):
+        upper = name.upper()  # pydantic-settings reads the names in any case
+        if not upper.startswith("ALSUB_") or upper in known:
+            continue
+        close = difflib.get_close_matches(upper.removeprefix("ALSUB_"), suffixes, n=1)
+        hint = f"; did you mean ALSUB_{close[0]}?" if close else ""
+        warnings.append(f"{name} is not an alsub setting and is ignored{hint}")
+    return warnings
+
+
+def missing_roots(settings: Settings) -> list[str]:
+    """A warning for each ``ALSUB_ALLOWED_ROOTS`` directory that does not exist (yet): the
+    API opens each root per request, so one mounted later serves from then on."""
+    return [
+        f"ALSUB_ALLOWED_ROOTS: {root} is not a directory: file:// URIs under it are refused "
+        "until it is"
+        for root in settings.allowed_roots
+        if not root.is_dir()
+    ]
 
 
 def settings_markdown() -> str:

@@ -631,6 +631,33 @@ def test_readyz_is_not_ready_below_the_free_space_floor(tmp_path, redis_prefix):
         server.stop()
 
 
+def test_unknown_variables_and_missing_roots_are_warned_about_at_start(tmp_path, redis_prefix):
+    """A misspelt setting (ALSUB_TOKEN for ALSUB_TOKENS: the API ran without
+    authentication) and an allowed root that does not exist were ignored without a word:
+    `alsub serve` and `alsub worker` warn, naming the variable and the closest setting,
+    never its value."""
+    url, prefix = redis_prefix
+    data_dir = tmp_path / "data"
+    missing = tmp_path / "no-such-root"
+    env = redis_service_env(url, prefix, data_dir, allowed_roots=missing)
+    env["ALSUB_TOKEN"] = "misspelt-s3cr3t"
+    hint = "ALSUB_TOKEN is not an alsub setting and is ignored; did you mean ALSUB_TOKENS?"
+    server, _ = start_server(free_port(), data_dir, env, tmp_path, workers=0)
+    server.stop()
+    log = server.log_path.read_text(errors="replace")
+    assert hint in log, log[-3000:]
+    assert f"ALSUB_ALLOWED_ROOTS: {missing} is not a directory" in log, log[-3000:]
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and hint not in worker.log_tail():
+            time.sleep(0.2)
+        assert hint in worker.log_tail(), worker.log_tail()
+    finally:
+        worker.stop()
+    assert "misspelt-s3cr3t" not in log + worker.log_path.read_text(errors="replace")
+
+
 def test_a_redis_that_refuses_the_url_stops_both_commands_in_one_line(tmp_path, redis_prefix):
     """Wrong credentials: the API answered 503 "unreachable (restarting?)" to every call
     and the worker retried forever; a refusal is a setting to fix, said at start-up.

@@ -378,6 +378,30 @@ def test_no_time_setting_takes_infinity_nan_or_an_absurd_value(monkeypatch, tmp_
     assert Settings().readiness_timeout == 1.5
 
 
+def test_unknown_variables_name_the_closest_setting(tmp_path):
+    """Misspelt ALSUB_* names were ignored silently; the deployment's own (compose,
+    the embedded worker's) and other programs' variables are not warned about."""
+    from store.settings import unknown_variables
+
+    environ = {
+        "ALSUB_TOKEN": "s3cr3t",
+        "alsub_heartbeat_timout": "30",
+        "ALSUB_ZZZ": "1",
+        "ALSUB_TOKENS": "a",
+        "ALSUB_PORT": "8000",
+        "ALSUB_EMBEDDED_PARENT": "1",
+        "HOME": "/root",
+    }
+    warnings = unknown_variables(environ)
+    assert warnings == [
+        "ALSUB_TOKEN is not an alsub setting and is ignored; did you mean ALSUB_TOKENS?",
+        "ALSUB_ZZZ is not an alsub setting and is ignored",
+        "alsub_heartbeat_timout is not an alsub setting and is ignored; did you mean "
+        "ALSUB_HEARTBEAT_TIMEOUT?",
+    ], warnings
+    assert "s3cr3t" not in " ".join(warnings)
+
+
 def test_service_commands_report_a_bad_setting_in_one_line(monkeypatch, capsys, tmp_path):
     """`alsub serve` / `alsub worker` with a bad ALSUB_* value: exit 2, the variable named,
     no traceback and no token in the output (it was a pydantic dump of every input)."""

@@ -41,6 +41,11 @@ def run_worker(argv: list[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(processName)s: %(message)s",
     )
+    if not os.environ.get("ALSUB_EMBEDDED_PARENT"):  # else `alsub serve` said it already
+        from store.settings import unknown_variables
+
+        for warning in unknown_variables(dict(os.environ)):
+            logging.getLogger("alsub.worker").warning("%s", warning)
     if settings.redis_url:
         from store.redis_backend import check_redis
 
