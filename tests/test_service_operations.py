@@ -658,6 +658,37 @@ def test_unknown_variables_and_missing_roots_are_warned_about_at_start(tmp_path,
     assert "misspelt-s3cr3t" not in log + worker.log_path.read_text(errors="replace")
 
 
+@pytest.mark.skipif(
+    os.geteuid() == 0 and not shutil.which("setpriv"), reason="root ignores permission bits"
+)
+def test_a_worker_whose_data_directory_refuses_writes_is_unhealthy(tmp_path, redis_prefix):
+    """`python -m worker.health` called a worker healthy while every job it took failed
+    writing its products: the data directory must take a file in every folder."""
+    url, prefix = redis_prefix
+    data_dir = tmp_path / "data"
+    env = redis_service_env(url, prefix, data_dir, tokens=TOKEN)
+    wrapper = _NO_DAC if os.geteuid() == 0 else ()
+    worker = Process([*wrapper, sys.executable, "-m", "app.cli", "worker"], env, tmp_path / "w.log")
+
+    def health() -> subprocess.CompletedProcess:
+        command = [*wrapper, sys.executable, "-m", "worker.health", "2"]
+        return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+
+    try:
+        deadline = time.monotonic() + 60
+        while (checked := health()).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert checked.returncode == 0, (checked.stderr, worker.log_tail())
+        (data_dir / "jobs").chmod(0o555)
+        checked = health()
+        assert checked.returncode == 1, checked.stdout
+        assert checked.stderr.strip().startswith("worker unhealthy: ALSUB_DATA_DIR"), checked.stderr
+        assert "jobs" in checked.stderr and "permission denied" in checked.stderr
+    finally:
+        (data_dir / "jobs").chmod(0o755)
+        worker.stop()
+
+
 def test_a_redis_that_refuses_the_url_stops_both_commands_in_one_line(tmp_path, redis_prefix):
     """Wrong credentials: the API answered 503 "unreachable (restarting?)" to every call
     and the worker retried forever; a refusal is a setting to fix, said at start-up.
