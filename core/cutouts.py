@@ -22,6 +22,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
 from .display import BLANK_PLANES, blanked, png_bytes
+from .epoch import full_epoch
 from .errors import InvalidConfigError
 from .exposure import MaskPlanes
 from .io import mask_planes
@@ -256,26 +257,7 @@ def _product_card(product: str) -> dict:
 def _epoch(exposure) -> dict:
     """An exposure's own MJD-OBS and DATE-OBS, where its metadata has them."""
     upper = {str(k).upper(): v for k, v in exposure.metadata.items()}
-    return _full_epoch({key: upper.get(key) for key in EPOCH_KEYS})
-
-
-def _full_epoch(cards: dict) -> dict:
-    """MJD-OBS and DATE-OBS, each known one giving the other (as astropy's WCS writes
-    DATE-OBS from MJD-OBS); unreadable or unknown ones left out."""
-    from astropy.time import Time
-
-    mjd, date = cards.get("MJD-OBS"), cards.get("DATE-OBS")
-    mjd = float(mjd) if isinstance(mjd, int | float) and np.isfinite(mjd) else None
-    date = date.strip() if isinstance(date, str) and date.strip() else None
-    try:
-        if mjd is None and date is not None:
-            mjd = float(Time(date, scale="utc").mjd)
-        elif date is None and mjd is not None:
-            date = Time(mjd, format="mjd", scale="utc").isot
-    except ValueError:  # a date astropy cannot read: stated as it is, nothing derived
-        pass
-    out = {"MJD-OBS": mjd, "DATE-OBS": date}
-    return {key: value for key, value in out.items() if value is not None}
+    return full_epoch(upper.get("MJD-OBS"), upper.get("DATE-OBS"))
 
 
 def product_blank(hdul: fits.HDUList, shape: tuple[int, ...]) -> tuple[np.ndarray, int] | None:
@@ -372,7 +354,7 @@ def source_header(row, meta: Mapping | None = None) -> dict:
             cards[key] = (value, comment)
     meta = meta or {}
     # the epoch complete, as each stamp's: DATE-OBS from MJD-OBS or the other way round
-    given = _full_epoch({"MJD-OBS": meta.get("mjd_obs"), "DATE-OBS": meta.get("date_obs")})
+    given = full_epoch(meta.get("mjd_obs"), meta.get("date_obs"))
     known = {**meta, "mjd_obs": given.get("MJD-OBS"), "date_obs": given.get("DATE-OBS")}
     for name, (key, comment) in _SOURCE_META.items():
         card = known.get(name)
@@ -466,6 +448,7 @@ def _file_epoch(hdul: fits.HDUList, chosen) -> dict:
     file's, the primary's, else the image HDU's."""
     primary = hdul[0].header
     sources = [primary] if "ALSUBMD" in primary else [primary, chosen.header]
-    return _full_epoch(
-        {key: next((h[key] for h in sources if h.get(key) is not None), None) for key in EPOCH_KEYS}
-    )
+    found = {
+        key: next((h[key] for h in sources if h.get(key) is not None), None) for key in EPOCH_KEYS
+    }
+    return full_epoch(found["MJD-OBS"], found["DATE-OBS"])

@@ -21,6 +21,7 @@ from astropy.table import Table
 from scipy import fft, sparse
 
 from .config import DiaSourceConfig, ForcedPhotometryConfig
+from .epoch import full_epoch
 from .errors import IncompatibleInputsError, InvalidPositionsError, PsfError
 from .exposure import Exposure
 from .io import bunit_card
@@ -778,9 +779,7 @@ def observation_meta(exposure: Exposure) -> dict:
         meta[key] = value
     if "mjd_obs" in meta and "date_obs" not in meta:
         # as the image's own WCS header writes it: an alert's epoch both ways
-        from astropy.time import Time
-
-        meta["date_obs"] = Time(meta["mjd_obs"], format="mjd", scale="utc").isot
+        meta["date_obs"] = full_epoch(meta["mjd_obs"], None)["DATE-OBS"]
     if exposure.photo_calib is not None:
         meta["photcal"] = float(exposure.photo_calib.calibration)
     # none in the header: the unit the products write for the image (adu)
