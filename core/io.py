@@ -131,14 +131,11 @@ _PSF_NODES_NAME = "PSF_NODES"
 #: Normalised noise autocorrelation of a resampled image (`Exposure.noise_correlation`).
 _NOISECORR_NAME = "NOISECORR"
 
-_GAIN_KEYS = GAIN_KEYS
 #: How `Exposure.variance_source` starts for planes modelled from gain and read noise
 #: (photon statistics: white noise, unlike resampled or measured planes; core.variance).
 PHYSICAL_VARIANCE_PREFIX = "gain/read-noise model"
 _READ_NOISE_KEYS = ("RDNOISE", "READNOIS", "READNOISE", "RON")
-_SATURATION_KEYS = SATURATION_KEYS
 _BAND_KEYS = ("BAND", "FILTER", "FILTNAME", "FILTNAM")
-_ZERO_POINT_KEYS = ZERO_POINT_KEYS
 
 #: Exact zeros in solid blocks (every pixel in a ``_FILL_BLOCK`` square of zeros) making
 #: up pieces of at least ``_MIN_FILL_PIXELS`` are no data: the fill of a coadd or drizzled
@@ -479,7 +476,7 @@ def _data_gain(headers) -> float | None:
     variance), so the unit decides: electrons -> 1, per second -> times EXPTIME.
     """
     rate, electrons = rate_and_electrons(_header_value(headers, ("BUNIT",)))
-    gain = 1.0 if electrons else _float_value(headers, _GAIN_KEYS)
+    gain = 1.0 if electrons else _float_value(headers, GAIN_KEYS)
     if rate and gain is not None:
         exptime = _float_value(headers, ("EXPTIME", "EXPOSURE"))
         return gain * exptime if exptime and exptime > 0 else None
@@ -903,7 +900,7 @@ def _photo_calib_from_headers(headers) -> PhotoCalib | None:
     flux_mag0 = _float_value(headers, ("FLUXMAG0",))
     if flux_mag0 and flux_mag0 > 0:
         return PhotoCalib.from_zero_point(2.5 * math.log10(flux_mag0))
-    zero_point = _float_value(headers, _ZERO_POINT_KEYS)
+    zero_point = _float_value(headers, ZERO_POINT_KEYS)
     if zero_point is not None:
         return PhotoCalib.from_zero_point(zero_point)
     bunit = str(_header_value(headers, ("BUNIT",)) or "").strip().lower().replace(" ", "")
@@ -1168,7 +1165,7 @@ def _read_open(
         del nonfinite
 
     # saturation --------------------------------------------------------------------------
-    level = saturation if saturation is not None else _float_value(headers, _SATURATION_KEYS)
+    level = saturation if saturation is not None else _float_value(headers, SATURATION_KEYS)
     if level is None and np.issubdtype(raw.dtype, np.integer):
         # integer frames without SATURATE: pixels piled up at the maximum are the ceiling
         top = raw.max()
