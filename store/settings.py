@@ -208,6 +208,7 @@ class Settings(BaseSettings):
     retention_days: float = Field(
         0.0,
         ge=0,
+        le=36500.0,  # a century: a larger number is a slip, as for the time settings
         description="Days finished jobs (records and products) and exposures and catalogs no "
         "job uses are kept; the workers' disk clean-up removes older ones. 0: kept forever.",
     )
