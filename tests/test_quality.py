@@ -156,6 +156,24 @@ def _cell(x, y, fraction: float, error: float, n: int = 22) -> dict:
 _THIRDS = ((0, 682), (683, 1365), (1366, 2047))
 
 
+@pytest.mark.parametrize(("n", "level"), [(9, GOOD), (40, SUSPECT)])
+def test_a_cell_of_few_stars_is_judged_with_the_uncertainty_of_its_own_error(n, level):
+    """A good 'equal' pair from plain files (1024 px) had a cell of 9 stars at -5.6% +-
+    1.7% beside +1.1% over the field and was called suspect: an error from 9 stars'
+    scatter is itself uncertain, so the cell's limit takes Student's t of its count (9:
+    4.3 errors, 7.3%); the same residual measured on 40 stars is one."""
+    cells = [_cell(x, y, 0.01, 0.017, n) for y in _THIRDS for x in _THIRDS]
+    cells[7] = _cell(_THIRDS[1], _THIRDS[2], -0.056, 0.017, n)
+    verdict = _verdict_of(
+        kernel_sum=1.0,
+        star_residual_fraction=0.011,
+        star_residual_fraction_error=0.006,
+        n_residual_stars=9 * n,
+        star_residual_cells=cells,
+    )
+    assert verdict["verdict"] == level, verdict["reasons"]
+
+
 @pytest.mark.parametrize(
     ("centre", "corner", "level"),
     [
